@@ -1,0 +1,1 @@
+"""Headless DINOv2 / RedDino pretraining for napari-reddino (``reddino-train``)."""

@@ -1,0 +1,137 @@
+"""Multi-crop augmentation: two global crops and N local crops of one image, normalised.
+
+``dinov2``: DINOv2's pipeline. Random resized crops (bicubic) with horizontal flips; colour
+jitter (p 0.8) and grayscale (p 0.2) on every crop; Gaussian blur on global crop 2 (p 0.9)
+and the local crops (p 0.5); solarisation on global crop 2 (p 0.2). These blur probabilities
+are the ones DINOv2's released models were trained with: its GaussianBlur inverts p, so the
+written 1.0 / 0.1 / 0.5 of DINO act as 0.0 / 0.9 / 0.5 (facebookresearch/dinov2 PR 411,
+facebookresearch/dinov3 issue 286).
+
+``rbc``: RedDino's scheme in torchvision terms. Blood cells have no preferred orientation, so
+every crop gets a uniformly random flip/quarter-turn (one of the 8 symmetries of the square),
+and each crop draws 4 pixel augmentations from a pool, each applied with probability 0.85.
+RedDino drew from 33 Albumentations transforms; the pool here holds the torchvision ones
+that cover the same kinds (colour, contrast, blur, sharpness, histogram, channel, tone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from .config import CropsConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RBC_PIXEL_AUGMENTATIONS_PER_CROP = 4
+RBC_PIXEL_AUGMENTATION_PROBABILITY = 0.85
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class RandomQuarterTurn(nn.Module):
+    """Rotate by 0, 90, 180 or 270 degrees, uniformly; exact (no interpolation)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        turns = int(torch.randint(4, ()))
+        return torch.rot90(image, turns, dims=(-2, -1))
+
+
+class RandomSubset(nn.Module):
+    """Apply ``n`` distinct transforms of ``pool`` in random order, each with probability ``p``."""
+
+    def __init__(self, pool: Sequence[Transform], n: int, p: float) -> None:
+        super().__init__()
+        self.pool, self.n, self.p = list(pool), n, p
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        for index in torch.randperm(len(self.pool))[: self.n].tolist():
+            if torch.rand(()) < self.p:
+                image = self.pool[index](image)
+        return image
+
+
+@dataclass(frozen=True)
+class MultiCrop:
+    """``image`` (PIL or uint8 tensor C x H x W) -> {"global_crops": [2], "local_crops": [N]}."""
+
+    global_transforms: tuple[Transform, Transform]
+    local_transform: Transform
+    n_local: int
+
+    def __call__(self, image) -> dict[str, list[torch.Tensor]]:
+        image = v2.functional.to_image(image)
+        return {
+            "global_crops": [transform(image) for transform in self.global_transforms],
+            "local_crops": [self.local_transform(image) for _ in range(self.n_local)],
+        }
+
+
+def make_multicrop(crops: CropsConfig) -> MultiCrop:
+    builders = {"dinov2": _dinov2_multicrop, "rbc": _rbc_multicrop}
+    return builders[crops.augmentation](crops)
+
+
+def geometry(size: int, scale: tuple[float, float], all_symmetries: bool) -> v2.Compose:
+    """Random resized crop plus horizontal flip, or plus all 8 flips/quarter-turns."""
+    steps: list[Transform] = [
+        v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(0.5),
+    ]
+    if all_symmetries:
+        steps += [v2.RandomVerticalFlip(0.5), RandomQuarterTurn()]
+    return v2.Compose(steps)
+
+
+def _normalize() -> v2.Compose:
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _blur(p: float) -> v2.RandomApply:
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
+
+
+def _dinov2_multicrop(crops: CropsConfig) -> MultiCrop:
+    colour = v2.Compose([
+        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ])
+    global_geometry = geometry(crops.global_size, crops.global_scale, all_symmetries=False)
+    first = v2.Compose([global_geometry, colour, _normalize()])  # blur p 0.0 as trained
+    second = v2.Compose([global_geometry, colour, _blur(0.9), v2.RandomSolarize(128, p=0.2), _normalize()])
+    local = v2.Compose([
+        geometry(crops.local_size, crops.local_scale, all_symmetries=False), colour, _blur(0.5), _normalize(),
+    ])
+    return MultiCrop((first, second), local, crops.local_number)
+
+
+def _rbc_pixel_pool() -> list[Transform]:
+    return [
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
+        v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0)),
+        v2.RandomAdjustSharpness(sharpness_factor=2.0, p=1.0),
+        v2.RandomAutocontrast(p=1.0),
+        v2.RandomEqualize(p=1.0),
+        v2.RandomPosterize(bits=4, p=1.0),
+        v2.RandomSolarize(threshold=128, p=1.0),
+        v2.RandomInvert(p=1.0),
+        v2.RandomChannelPermutation(),
+        v2.RandomGrayscale(p=1.0),
+    ]
+
+
+def _rbc_multicrop(crops: CropsConfig) -> MultiCrop:
+    pixels = RandomSubset(
+        _rbc_pixel_pool(), RBC_PIXEL_AUGMENTATIONS_PER_CROP, RBC_PIXEL_AUGMENTATION_PROBABILITY
+    )
+    global_crop = v2.Compose([
+        geometry(crops.global_size, crops.global_scale, all_symmetries=True), pixels, _normalize(),
+    ])
+    local = v2.Compose([
+        geometry(crops.local_size, crops.local_scale, all_symmetries=True), pixels, _normalize(),
+    ])
+    return MultiCrop((global_crop, global_crop), local, crops.local_number)

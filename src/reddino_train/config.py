@@ -1,0 +1,310 @@
+"""Typed training configuration: YAML recipes plus ``key=value`` overrides.
+
+A recipe may start from another with ``base: NAME`` (a shipped recipe such as
+``dinov2-vits14``, or a path relative to the file) and then list only what it changes, so
+every shipped recipe reads as a diff of the one it builds on. Every key is checked against
+the dataclasses below; an unknown key is an error that names the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+BASE_KEY = "base"
+
+Centering = Literal["softmax_center", "sinkhorn_knopp"]
+Augmentation = Literal["dinov2", "rbc"]
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    arch: str  # timm architecture, e.g. vit_small_patch14_dinov2
+    patch_size: int
+    depth: int | None  # None keeps the architecture's depth; tests use a shallow model
+    drop_path_rate: float
+    layerscale: float  # LayerScale init value
+    pretrained: str  # "" random init, "timm" timm's weights for `arch`, else a weights file
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    n_prototypes: int
+    hidden_dim: int
+    bottleneck_dim: int
+    n_layers: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadsConfig:
+    dino: HeadConfig
+    ibot: HeadConfig  # used only when ibot_separate is true
+    ibot_separate: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    dino_weight: float
+    ibot_weight: float
+    koleo_weight: float
+    student_temp: float
+    centering: Centering
+    center_momentum: float  # EMA of the softmax centre
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskingConfig:
+    sample_probability: float  # fraction of global crops that get an iBOT mask
+    ratio_min_max: tuple[float, float]  # masked fraction of patches in a masked crop
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    momentum: float
+    final_momentum: float
+    temp: float
+    warmup_temp: float
+    warmup_temp_epochs: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    epochs: int
+    base_lr: float  # for a global batch of 1024; scaled by sqrt(batch / 1024)
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    weight_decay_end: float
+    clip_grad: float
+    freeze_last_layer_epochs: float
+    layerwise_decay: float
+    patch_embed_lr_mult: float
+    adamw_betas: tuple[float, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CropsConfig:
+    global_size: int
+    global_scale: tuple[float, float]
+    local_number: int
+    local_size: int
+    local_scale: tuple[float, float]
+    augmentation: Augmentation
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    batch_size_per_gpu: int
+    iterations_per_epoch: int  # an "epoch" is a fixed number of iterations, as in DINOv2
+    seed: int
+    num_workers: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: ModelConfig
+    heads: HeadsConfig
+    loss: LossConfig
+    masking: MaskingConfig
+    teacher: TeacherConfig
+    optim: OptimConfig
+    crops: CropsConfig
+    train: LoopConfig
+
+    def __post_init__(self) -> None:
+        for key, size in (("crops.global_size", self.crops.global_size),
+                          ("crops.local_size", self.crops.local_size)):
+            if size % self.model.patch_size:
+                raise ConfigError(
+                    f"{key}={size} is not a multiple of model.patch_size={self.model.patch_size}"
+                )
+        for key, (low, high) in (("masking.ratio_min_max", self.masking.ratio_min_max),
+                                 ("crops.global_scale", self.crops.global_scale),
+                                 ("crops.local_scale", self.crops.local_scale)):
+            if not 0 <= low <= high <= 1:
+                raise ConfigError(f"{key}=({low}, {high}) must satisfy 0 <= min <= max <= 1")
+        if not 0 <= self.masking.sample_probability <= 1:
+            raise ConfigError("masking.sample_probability must lie in [0, 1]")
+
+
+def shipped_configs() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config section."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def load_config(source: str | os.PathLike, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Load a shipped recipe (by name) or a YAML file, then apply ``key=value`` overrides."""
+    data = _read_recipe(_resolve(source), seen=())
+    override_data = parse_overrides(overrides)
+    _check_keys(override_data, TrainConfig, "", "overrides")
+    return _build(TrainConfig, _merge(data, override_data), "")
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["optim.base_lr=1e-3"]`` -> ``{"optim": {"base_lr": "1e-3"}}``; values parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        *sections, leaf = key.strip().split(".")
+        node = nested
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[leaf] = yaml.safe_load(text)
+    return nested
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain dicts, lists and scalars, ready for YAML or JSON."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [config_to_dict(item) for item in cfg]
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically; ``load_config(path)`` reads it back unchanged."""
+    path = Path(path)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _resolve(source: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    candidate = Path(source)
+    if relative_to is not None and not candidate.is_absolute():
+        candidate = relative_to / candidate
+    if candidate.is_file():
+        return candidate
+    shipped = CONFIG_DIR / f"{source}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"no config file {str(source)!r}; shipped configs: {', '.join(shipped_configs())}"
+    )
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} inherits from itself via {BASE_KEY}:")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections")
+    base = data.pop(BASE_KEY, None)
+    _check_keys(data, TrainConfig, "", str(path))
+    if base is None:
+        return data
+    parent = _read_recipe(_resolve(base, relative_to=path.parent), seen + (path.resolve(),))
+    return _merge(parent, data)
+
+
+def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _check_keys(data: Mapping[str, Any], cls: type, prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            section = prefix.rstrip(".") or "top level"
+            valid = valid_keys(cls, prefix) if prefix else list(hints)
+            close = difflib.get_close_matches(f"{prefix}{key}", valid, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown key {prefix}{key} in {source}{hint}; valid keys in {section}: "
+                + ", ".join(valid)
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"{prefix}{key} in {source} is a section; set its keys: "
+                    + ", ".join(valid_keys(tp, f"{prefix}{key}."))
+                )
+            _check_keys(value, tp, f"{prefix}{key}.", source)
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    missing = [f"{prefix}{name}" for name in hints if name not in data]
+    if missing:
+        raise ConfigError(f"missing config keys: {', '.join(missing)}")
+    return cls(**{name: _coerce(data[name], tp, f"{prefix}{name}") for name, tp in hints.items()})
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r}; expected a list of {len(args)} values")
+        return tuple(_coerce(item, arg, key) for item, arg in zip(value, args))
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: type, key: str) -> Any:
+    if tp is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp in (bool, str) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}={value!r}; expected {tp.__name__}")

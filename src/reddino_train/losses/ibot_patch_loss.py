@@ -1,0 +1,43 @@
+"""iBOT loss on masked patch tokens: the student, seeing a crop with some patches masked,
+predicts the teacher's targets for those patches of the unmasked crop."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Centering
+from .teacher_targets import make_teacher_targets
+
+
+class IbotPatchLoss(nn.Module):
+    def __init__(
+        self,
+        n_prototypes: int,
+        centering: Centering = "softmax_center",
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.teacher_targets = make_teacher_targets(centering, n_prototypes, center_momentum)
+
+    def teacher_probs(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
+        """Targets for the teacher head outputs of the masked patches, (masked patches, prototypes)."""
+        return self.teacher_targets(teacher_logits, temp)
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy per masked patch, averaged within each crop, then over all crops.
+
+        Each crop weighs the same however many of its patches are masked; crops without a mask
+        count as zero in the mean, as in DINOv2. masks: (crops, patches) bool; the logits and
+        targets hold one row per True entry in row-major order (``tokens[masks]``).
+        """
+        log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+        patch_loss = -(teacher_probs * log_probs).sum(dim=-1)
+        crop_of_patch = masks.nonzero()[:, 0]
+        n_masked = masks.sum(dim=1).clamp_min(1)
+        return (patch_loss / n_masked[crop_of_patch]).sum() / len(masks)

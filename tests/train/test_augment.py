@@ -1,0 +1,59 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reddino_train.augment import RandomQuarterTurn, RandomSubset, geometry, make_multicrop
+from reddino_train.config import load_config
+
+
+@pytest.mark.parametrize("augmentation", ["dinov2", "rbc"])
+def test_multicrop_shapes(augmentation):
+    crops = dataclasses.replace(load_config("tiny").crops, augmentation=augmentation)
+    torch.manual_seed(0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    views = make_multicrop(crops)(image)
+    assert [tuple(c.shape) for c in views["global_crops"]] == [(3, 56, 56)] * 2
+    assert [tuple(c.shape) for c in views["local_crops"]] == [(3, 28, 28)] * crops.local_number
+    for crop in views["global_crops"] + views["local_crops"]:
+        assert crop.dtype == torch.float32 and torch.isfinite(crop).all()
+
+
+def test_random_subset_applies_n_distinct_transforms_with_probability_p():
+    calls = []
+    pool = [lambda x, i=i: calls.append(i) or x + 10**i for i in range(5)]
+    torch.manual_seed(0)
+    for _ in range(50):
+        calls.clear()
+        out = RandomSubset(pool, n=2, p=1.0)(torch.tensor(0))
+        assert len(set(calls)) == 2 and out.item() == sum(10**i for i in calls)
+    calls.clear()
+    RandomSubset(pool, n=2, p=0.0)(torch.tensor(0))
+    assert calls == []
+
+
+def test_quarter_turns_are_exact_and_all_occur():
+    image = torch.arange(6, dtype=torch.uint8).reshape(1, 2, 3)
+    turn = RandomQuarterTurn()
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(60):
+        out = turn(image)
+        k = next(k for k in range(4) if torch.rot90(image, k, dims=(-2, -1)).shape == out.shape
+                 and torch.rot90(image, k, dims=(-2, -1)).equal(out))
+        seen.add(k)
+    assert seen == {0, 1, 2, 3}
+
+
+def _distinct_outputs(transform, image, n=200):
+    return {tuple(transform(image).flatten().tolist()) for _ in range(n)}
+
+
+def test_rbc_geometry_covers_all_symmetries_of_the_square():
+    # full-image crops of an asymmetric image: only the flips and turns change it
+    image = torch.arange(16, dtype=torch.uint8).reshape(1, 4, 4)
+    torch.manual_seed(0)
+    assert len(_distinct_outputs(geometry(4, (1.0, 1.0), all_symmetries=True), image)) == 8
+    assert len(_distinct_outputs(geometry(4, (1.0, 1.0), all_symmetries=False), image)) == 2

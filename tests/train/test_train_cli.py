@@ -1,0 +1,24 @@
+import yaml
+
+from reddino_train.cli import main
+from reddino_train.config import shipped_configs
+
+
+def test_no_command_prints_the_commands(capsys):
+    assert main([]) == 0
+    assert "{config}" in capsys.readouterr().out
+
+
+def test_config_lists_and_resolves_recipes(capsys):
+    assert main(["config"]) == 0
+    assert capsys.readouterr().out.split() == shipped_configs()
+    assert main(["config", "reddino-vitb14", "train.seed=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["arch"] == "vit_base_patch14_dinov2"
+    assert printed["train"]["seed"] == 3
+
+
+def test_config_error_exits_2_with_the_valid_keys(capsys):
+    assert main(["config", "tiny", "crops.size=3"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown key crops.size" in error and "crops.global_size" in error

@@ -1,0 +1,147 @@
+import pytest
+
+from reddino_train.config import (
+    ConfigError,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    save_config,
+    shipped_configs,
+    valid_keys,
+)
+
+
+def test_shipped_configs_all_load():
+    names = shipped_configs()
+    assert names == [
+        "dinov2-vitb14", "dinov2-vitl14", "dinov2-vits14",
+        "reddino-vitb14", "reddino-vitl14", "reddino-vits14", "tiny",
+    ]
+    for name in names:
+        assert isinstance(load_config(name), TrainConfig)
+
+
+def test_dinov2_default_recipe_numbers():
+    # facebookresearch/dinov2, dinov2/configs/ssl_default_config.yaml
+    cfg = load_config("dinov2-vits14")
+    assert (cfg.heads.dino.n_prototypes, cfg.heads.dino.bottleneck_dim) == (65536, 256)
+    assert (cfg.heads.dino.hidden_dim, cfg.heads.dino.n_layers) == (2048, 3)
+    assert cfg.heads.ibot_separate is False
+    assert (cfg.loss.koleo_weight, cfg.loss.ibot_weight, cfg.loss.centering) == (0.1, 1.0, "softmax_center")
+    assert (cfg.masking.sample_probability, cfg.masking.ratio_min_max) == (0.5, (0.1, 0.5))
+    assert (cfg.teacher.momentum, cfg.teacher.final_momentum) == (0.992, 1.0)
+    assert (cfg.teacher.warmup_temp, cfg.teacher.temp, cfg.teacher.warmup_temp_epochs) == (0.04, 0.07, 30)
+    o = cfg.optim
+    assert (o.epochs, o.base_lr, o.min_lr, o.warmup_epochs) == (100, 4e-3, 1e-6, 10)
+    assert (o.weight_decay, o.weight_decay_end, o.clip_grad) == (0.04, 0.4, 3.0)
+    assert (o.freeze_last_layer_epochs, o.layerwise_decay, o.patch_embed_lr_mult) == (1, 0.9, 0.2)
+    c = cfg.crops
+    assert (c.global_size, c.global_scale, c.local_number, c.local_scale) == (224, (0.32, 1.0), 8, (0.05, 0.32))
+    assert (cfg.train.batch_size_per_gpu, cfg.train.iterations_per_epoch) == (64, 1250)
+
+
+def test_dinov2_vitl14_numbers():
+    # facebookresearch/dinov2, dinov2/configs/train/vitl14.yaml
+    cfg = load_config("dinov2-vitl14")
+    assert cfg.model.arch == "vit_large_patch14_dinov2"
+    assert cfg.model.drop_path_rate == 0.4
+    for head in (cfg.heads.dino, cfg.heads.ibot):
+        assert (head.n_prototypes, head.bottleneck_dim) == (131072, 384)
+    assert cfg.heads.ibot_separate and cfg.loss.centering == "sinkhorn_knopp"
+    assert cfg.teacher.momentum == 0.994
+    o = cfg.optim
+    assert (o.epochs, o.base_lr, o.warmup_epochs, o.weight_decay_end, o.layerwise_decay) == (
+        500, 2e-4, 80, 0.2, 1.0)
+    assert (cfg.crops.local_size, cfg.train.batch_size_per_gpu) == (98, 32)
+
+
+@pytest.mark.parametrize(
+    ("name", "arch", "batch", "epoch_length"),
+    [
+        ("reddino-vits14", "vit_small_patch14_dinov2", 280, 3200),
+        ("reddino-vitb14", "vit_base_patch14_dinov2", 196, 7300),
+        ("reddino-vitl14", "vit_large_patch14_dinov2", 64, 21800),
+    ],
+)
+def test_reddino_recipes(name, arch, batch, epoch_length):
+    # Snarci/RedDino, train/dinov2/configs/train/deployment/1_gpu/{s,b,l}.yaml
+    cfg = load_config(name)
+    assert (cfg.model.arch, cfg.train.batch_size_per_gpu, cfg.train.iterations_per_epoch) == (
+        arch, batch, epoch_length)
+    assert cfg.model.pretrained == "timm"
+    assert cfg.loss.koleo_weight == 0.0 and cfg.loss.centering == "sinkhorn_knopp"
+    assert cfg.heads.dino.n_prototypes == 131072 and not cfg.heads.ibot_separate
+    assert cfg.crops.augmentation == "rbc" and cfg.crops.local_number == 1
+    o = cfg.optim
+    assert (o.epochs, o.base_lr, o.warmup_epochs, o.freeze_last_layer_epochs) == (10, 2e-4, 0.1, 0)
+    assert (o.weight_decay_end, o.layerwise_decay, cfg.teacher.momentum) == (0.2, 1.0, 0.994)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        "tiny",
+        ["optim.base_lr=1e-3", "masking.ratio_min_max=[0.2, 0.4]", "model.depth=null",
+         "heads.ibot_separate=true", "loss.centering=softmax_center", "train.seed=7"],
+    )
+    assert cfg.optim.base_lr == 0.001 and isinstance(cfg.optim.base_lr, float)
+    assert cfg.masking.ratio_min_max == (0.2, 0.4)
+    assert cfg.model.depth is None
+    assert cfg.heads.ibot_separate is True
+    assert cfg.loss.centering == "softmax_center"
+    assert cfg.train.seed == 7
+
+
+def test_unknown_override_lists_valid_keys():
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", ["optim.lr=1e-3"])
+    message = str(error.value)
+    assert "unknown key optim.lr in overrides" in message
+    for key in valid_keys(TrainConfig):
+        assert (key in message) == key.startswith("optim.")
+
+
+def test_unknown_section_lists_sections(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("base: tiny\noptimizer:\n  base_lr: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key optimizer in .*mine.yaml .*did you mean optim") as error:
+        load_config(recipe)
+    assert "model, heads, loss, masking, teacher, optim, crops, train" in str(error.value)
+
+
+def test_bad_values_are_errors():
+    with pytest.raises(ConfigError, match="train.batch_size_per_gpu=2.5; expected int"):
+        load_config("tiny", ["train.batch_size_per_gpu=2.5"])
+    with pytest.raises(ConfigError, match="choose one of: softmax_center, sinkhorn_knopp"):
+        load_config("tiny", ["loss.centering=center"])
+    with pytest.raises(ConfigError, match="crops.local_size=96 is not a multiple of model.patch_size=14"):
+        load_config("tiny", ["crops.local_size=96"])
+    with pytest.raises(ConfigError, match="optim in overrides is a section; set its keys: optim.epochs"):
+        load_config("tiny", ["optim=1"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config("tiny", ["optim.base_lr"])
+
+
+def test_user_recipe_inherits_and_round_trips(tmp_path):
+    recipe = tmp_path / "smears.yaml"
+    recipe.write_text("base: reddino-vitb14\ntrain:\n  batch_size_per_gpu: 128\n")
+    cfg = load_config(recipe, ["optim.epochs=3"])
+    assert (cfg.model.arch, cfg.train.batch_size_per_gpu, cfg.optim.epochs) == (
+        "vit_base_patch14_dinov2", 128, 3)
+    saved = tmp_path / "run" / "config.yaml"
+    saved.parent.mkdir()
+    save_config(cfg, saved)
+    assert load_config(saved) == cfg
+    assert config_to_dict(cfg)["masking"]["ratio_min_max"] == [0.1, 0.5]
+
+
+def test_incomplete_and_cyclic_recipes(tmp_path):
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("optim:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="missing config keys: model,"):
+        load_config(partial)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="inherits from itself"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="shipped configs: dinov2-vitb14"):
+        load_config("no-such-recipe")
