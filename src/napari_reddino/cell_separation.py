@@ -23,6 +23,11 @@ MAX_PALLOR_AREA = 0.6  # holes up to this fraction of a cell are its pale centre
 MARKER_SPACING = 0.3  # watershed seeds at least this many radii apart
 MARKER_HEIGHT = 0.3  # seeds at least this many radii from the cell edge
 MIN_CELL_AREA = 0.2  # smaller pieces (platelets, debris) are dropped
+CLUMP_AREA = 1.2  # regions larger than this many cells are checked for hidden neighbours
+CLUMP_SEED_SPACING = 0.7  # radii between the centres found inside a clump
+CLUMP_SEED_MIN_VOTES = 0.3  # a centre needs this share of the clump's strongest vote
+VOTING_EDGE_PERCENTILE = 80  # only the strongest 20 % of edges vote
+VOTING_REACH = (0.6, 1.1)  # radii inside an edge where it votes
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,40 @@ class ForegroundLevels:
 
     threshold: float
     contrast: float
+    background: float
+    noise: float
+
+
+BACKGROUND_BLOCK = 2.0  # diameters per block of the background estimate
+BACKGROUND_PERCENTILE = 20
+BACKGROUND_MAX_SHARE = 0.25  # the local background never rises above this share of the contrast
 
 
 def smooth_density(density: np.ndarray) -> np.ndarray:
     return ndi.gaussian_filter(density, SMOOTHING_SIGMA)
+
+
+def flatten_background(smoothed: np.ndarray, diameter: float) -> np.ndarray:
+    """Subtract uneven illumination: a low percentile per block, minimum over 3x3 blocks.
+
+    Blocks are two cells wide and the minimum spans six, so a block covered by cells takes
+    its neighbours' slide level; the cap keeps a crowded smear from being flattened away.
+    """
+    block = max(4, int(BACKGROUND_BLOCK * diameter))
+    rows, cols = -(-smoothed.shape[0] // block), -(-smoothed.shape[1] // block)
+    if rows * cols < 4:
+        return smoothed
+    padded = np.pad(smoothed, ((0, rows * block - smoothed.shape[0]), (0, cols * block - smoothed.shape[1])), mode="reflect")
+    tiles = padded.reshape(rows, block, cols, block).transpose(0, 2, 1, 3).reshape(rows, cols, -1)
+    k = int(tiles.shape[-1] * BACKGROUND_PERCENTILE / 100)
+    level = np.partition(tiles, k, axis=-1)[..., k]
+    level = ndi.minimum_filter(level, size=3, mode="nearest")
+    low = float(np.median(level))
+    otsu = otsu_threshold(smoothed)
+    cap = low + BACKGROUND_MAX_SHARE * 2 * max(otsu - low, 0.0)
+    level = np.minimum(level, cap) - low
+    field = ndi.zoom(level, (smoothed.shape[0] / rows, smoothed.shape[1] / cols), order=1, mode="nearest", grid_mode=True)
+    return smoothed - field[: smoothed.shape[0], : smoothed.shape[1]].astype(np.float32)
 
 
 def foreground_levels(smoothed: np.ndarray) -> ForegroundLevels | None:
@@ -45,7 +80,8 @@ def foreground_levels(smoothed: np.ndarray) -> ForegroundLevels | None:
     background, cells = smoothed[smoothed <= otsu], smoothed[smoothed > otsu]
     low, high = float(background.mean()), float(cells.mean())
     noise_floor = min(low + NOISE_SIGMAS * float(background.std()), otsu)
-    return ForegroundLevels(max(low + CONTRAST_FRACTION * (high - low), noise_floor), high - low)
+    threshold = max(low + CONTRAST_FRACTION * (high - low), noise_floor)
+    return ForegroundLevels(threshold, high - low, low, float(background.std()))
 
 
 def fill_holes(mask: np.ndarray, max_area: float = np.inf) -> np.ndarray:
@@ -67,11 +103,156 @@ def separate_cells(smoothed: np.ndarray, levels: ForegroundLevels, diameter: flo
     """Label image of the cells in one working-scale tile (ids 1..n, 0 background)."""
     radius = diameter / 2
     cell_area = np.pi * radius**2
-    mask = fill_holes(smoothed > levels.threshold, MAX_PALLOR_AREA * cell_area)
+    mask = smoothed > levels.threshold
+    if CLOSE:
+        mask = ndi.binary_closing(mask, structure=_DISK3, border_value=0) | mask
+    mask = fill_holes(mask, MAX_PALLOR_AREA * cell_area)
     distance = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0)
     markers = _seeds(distance, radius)
+    if SEED_ALL:
+        markers = _seed_every_component(markers, mask, distance)
     labels = watershed(-distance, markers, mask=mask)
-    return _drop_small(labels, MIN_CELL_AREA * cell_area)
+    labels = split_clumps(labels, smoothed, distance, radius)
+    labels = _drop_small(labels, MIN_CELL_AREA * cell_area)
+    if PALE:
+        labels = add_pale_cells(labels, smoothed, levels, radius)
+    return labels
+
+
+PALE = True
+PALE_SIGMAS = 1.5
+PALE_SOLIDITY = 0.85
+PALE_AREA = (0.5, 1.8)
+
+
+def add_pale_cells(labels, smoothed, levels, radius):
+    """Hypochromic and ghost cells: faint round outlines missed by the main threshold."""
+    cell_area = np.pi * radius**2
+    faint = ndi.gaussian_filter(smoothed, 1.0) > levels.background + PALE_SIGMAS * levels.noise
+    taken = ndi.binary_dilation(labels > 0, iterations=2)
+    candidates = fill_holes(faint & ~taken, 1.5 * cell_area)
+    candidates = ndi.binary_opening(candidates, iterations=2)
+    parts, n = ndi.label(candidates)
+    if n == 0:
+        return labels
+    ids = np.arange(1, n + 1)
+    area = np.bincount(parts.ravel(), minlength=n + 1)[1:]
+    ok = (area >= PALE_AREA[0] * cell_area) & (area <= PALE_AREA[1] * cell_area)
+    out = labels.copy()
+    next_id = int(labels.max()) + 1
+    from skimage.measure import regionprops
+    for region in regionprops(parts):
+        if not ok[region.label - 1] or region.solidity < PALE_SOLIDITY:
+            continue
+        sl = region.slice
+        out[sl][region.image] = next_id
+        next_id += 1
+    return out
+
+
+def radial_votes(smoothed: np.ndarray, radius: float) -> np.ndarray:
+    """Radial-symmetry map: every strong edge votes for the centre one radius inside it.
+
+    An overlapped cell still shows most of its outline, so its centre still collects the
+    votes even where its neighbour hides part of it; the distance transform cannot see that.
+    """
+    gy = ndi.sobel(smoothed, 0)
+    gx = ndi.sobel(smoothed, 1)
+    magnitude = np.hypot(gx, gy)
+    ys, xs = np.nonzero(magnitude > np.percentile(magnitude, VOTING_EDGE_PERCENTILE))
+    strength = magnitude[ys, xs]
+    uy, ux = gy[ys, xs] / strength, gx[ys, xs] / strength
+    height, width = smoothed.shape
+    votes = np.zeros(height * width)
+    for reach in np.linspace(VOTING_REACH[0] * radius, VOTING_REACH[1] * radius, 6):
+        vy = np.round(ys + reach * uy).astype(np.intp)
+        vx = np.round(xs + reach * ux).astype(np.intp)
+        inside = (vy >= 0) & (vy < height) & (vx >= 0) & (vx < width)
+        votes += np.bincount(vy[inside] * width + vx[inside], weights=strength[inside], minlength=votes.size)
+    return ndi.gaussian_filter(votes.reshape(height, width), 0.2 * radius)
+
+
+def split_clumps(labels: np.ndarray, smoothed: np.ndarray, distance: np.ndarray, radius: float) -> np.ndarray:
+    """Re-split regions larger than one cell along the valleys of the radial-symmetry map."""
+    sizes = np.bincount(labels.ravel())
+    clumps = np.flatnonzero(sizes > CLUMP_AREA * np.pi * radius**2)
+    clumps = clumps[clumps > 0]
+    if clumps.size == 0:
+        return labels
+    votes = radial_votes(smoothed, radius)
+    size = 2 * max(1, int(CLUMP_SEED_SPACING * radius)) + 1
+    is_peak = votes == ndi.maximum_filter(votes, size=size)
+    objects = ndi.find_objects(labels)
+    out = labels.copy()
+    next_id = int(labels.max()) + 1
+    for clump in clumps:
+        box = objects[clump - 1]
+        region = labels[box] == clump
+        local_votes = votes[box]
+        seeds = (
+            is_peak[box] & region
+            & (local_votes > CLUMP_SEED_MIN_VOTES * local_votes[region].max())
+            & (distance[box] > MARKER_HEIGHT * radius)
+        )
+        markers, n = ndi.label(seeds, structure=np.ones((3, 3), bool))
+        if n < 2:
+            continue
+        parts = watershed(-local_votes, markers, mask=region)[region]
+        out[box][region] = np.where(parts == 1, clump, parts - 2 + next_id)
+        next_id += n - 1
+    return out
+
+
+CLOSE = False
+SEED_ALL = True
+_DISK3 = np.array([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], bool)
+
+
+NUCLEUS_RATIO_EXCESS = 0.4  # red/green absorbance above the smear's typical red cell
+NUCLEUS_MIN_DENSITY = 0.5  # only judge cells at least half as dense as the typical one
+
+
+def drop_nuclei(labels: np.ndarray, red_density: np.ndarray, green_density: np.ndarray) -> np.ndarray:
+    """Remove segments that absorb red far more than the smear's red cells do.
+
+    White-cell nuclei, platelet clumps and stain precipitate are blue-violet: they absorb red
+    light almost as much as green, while haemoglobin absorbs mostly green. The comparison is
+    against the median cell of this smear, so lilac and grey stains are judged fairly, and a
+    segment goes only when most of its pixels are violet: a red cell under a hair stays.
+    """
+    n = int(labels.max()) + 1
+    if n < 4:
+        return labels
+    flat = labels.ravel()
+    count = np.maximum(np.bincount(flat, minlength=n), 1)
+    red = np.bincount(flat, red_density.ravel(), n) / count
+    green = np.bincount(flat, green_density.ravel(), n) / count
+    ratio = red / np.maximum(green, 1e-6)
+    typical_ratio, typical_green = np.median(ratio[1:]), np.median(green[1:])
+    spread = np.median(np.abs(ratio[1:] - typical_ratio))
+    limit = typical_ratio + max(NUCLEUS_RATIO_EXCESS, 6 * spread)
+    violet_pixels = (red_density > limit * green_density) & (green_density > NUCLEUS_MIN_DENSITY * typical_green)
+    violet_share = np.bincount(flat, violet_pixels.ravel(), n) / count
+    keep = violet_share < 0.5
+    keep[0] = True
+    if keep.all():
+        return labels
+    relabel = np.zeros(n, np.int32)
+    relabel[keep] = np.arange(int(keep.sum()), dtype=np.int32)
+    return relabel[labels]
+
+
+def _seed_every_component(markers, mask, distance):
+    components, n = ndi.label(mask)
+    seeded = np.zeros(n + 1, bool)
+    seeded[components[markers > 0]] = True
+    unseeded = np.flatnonzero(~seeded[1:]) + 1
+    if unseeded.size == 0:
+        return markers
+    next_id = int(markers.max()) + 1
+    for k, (y, x) in enumerate(ndi.maximum_position(distance, components, unseeded)):
+        markers[y, x] = next_id + k
+    return markers
 
 
 def _seeds(distance: np.ndarray, radius: float) -> np.ndarray:

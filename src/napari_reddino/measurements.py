@@ -9,7 +9,7 @@ from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import perimeter_crofton
 from skimage.segmentation import find_boundaries
 
-from .image_input import check_smear, colour_planes, stain_channels
+from .image_input import check_smear, colour_planes, fit_stain_model
 
 _LENGTHS_PX = ["perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px"]
 # Pixel squares, not pixel centres, make up a cell's convex hull (as in scikit-image).
@@ -49,7 +49,7 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
     names = ["mean_gray"] if len(planes) == 1 else ["mean_red", "mean_green", "mean_blue"]
     for name, plane in zip(names, planes):
         table[name] = ndi.mean(plane, labels, ids) if ids.size else []
-    table["central_pallor"] = central_pallor(labels, stain_channels(image).density, ids)
+    table["central_pallor"] = central_pallor(labels, fit_stain_model(image).density(image), ids)
     height, width = labels.shape
     table["touches_border"] = (
         (table["bbox_min_y"] == 0) | (table["bbox_min_x"] == 0)

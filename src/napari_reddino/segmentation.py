@@ -20,6 +20,8 @@ from skimage.transform import resize
 from .cell_separation import (
     WORKING_DIAMETER_PX,
     ForegroundLevels,
+    drop_nuclei,
+    flatten_background,
     foreground_levels,
     separate_cells,
     smooth_density,
@@ -89,7 +91,7 @@ def iter_segment_cells(
         return labels
     tiles = list(plan_tiles(array.shape[:2], calibration))
     if len(tiles) == 1 and smoothed_whole is not None:
-        labels = _separate_at_input_scale(smoothed_whole, array.shape[:2], calibration)
+        labels = _separate_at_input_scale(smoothed_whole, array, calibration)
         yield 1, 1
         return labels
     next_id = 1
@@ -126,7 +128,7 @@ def _calibrate(
     if cell_diameter is None:
         cell_diameter = _estimate_diameter(density)
     scale = min(1.0, WORKING_DIAMETER_PX / cell_diameter)
-    smoothed = smooth_density(_rescale(density, scale))
+    smoothed = flatten_background(smooth_density(_rescale(density, scale)), WORKING_DIAMETER_PX * min(1.0, cell_diameter / WORKING_DIAMETER_PX))
     calibration = Calibration(stain, float(cell_diameter), scale, foreground_levels(smoothed))
     return calibration, smoothed if whole else None
 
@@ -204,12 +206,17 @@ def cell_centres(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _segment_tile(array: np.ndarray, tile: Tile, calibration: Calibration) -> np.ndarray:
-    density = calibration.stain.density(array[tile.window])
-    return _separate_at_input_scale(smooth_density(_rescale(density, calibration.scale)), density.shape, calibration)
+    window = array[tile.window]
+    density = calibration.stain.density(window)
+    smoothed = flatten_background(smooth_density(_rescale(density, calibration.scale)), calibration.working_diameter)
+    return _separate_at_input_scale(smoothed, window, calibration)
 
 
-def _separate_at_input_scale(smoothed: np.ndarray, shape: tuple[int, int], calibration: Calibration) -> np.ndarray:
+def _separate_at_input_scale(smoothed: np.ndarray, window: np.ndarray, calibration: Calibration) -> np.ndarray:
     labels = separate_cells(smoothed, calibration.levels, calibration.working_diameter)
     if calibration.scale < 1.0:
-        labels = resize(labels, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+        labels = resize(labels, window.shape[:2], order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+    if window.ndim == 3:
+        red, green, _ = calibration.stain.optical_densities(window)
+        labels = drop_nuclei(labels, red, green)
     return labels

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (if needed) and open napari with the Chula sample smear and the RedDino widgets docked.
+# Extra arguments go to `python -m napari_reddino` (e.g. --sample aslan, --image my_smear.png).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m napari_reddino "$@"

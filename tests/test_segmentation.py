@@ -1,0 +1,196 @@
+"""segment_cells on real smears: annotated cells found, sizes followed, bad input refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from skimage.io import imread
+from skimage.measure import regionprops
+from skimage.transform import rescale
+
+import napari_reddino.segmentation as segmentation
+from napari_reddino import ImageInputError, cells_at_points, iter_segment_cells, segment_cells
+from napari_reddino.segmentation import _calibrate
+
+DATA = Path(__file__).parent / "data"
+
+
+def chula(number: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Chula RBC-12 smear and its annotated cell centres as (row, col, class)."""
+    image = imread(DATA / "chula_rbc12" / f"{number}.jpg")
+    x, y, cls = np.loadtxt(DATA / "chula_rbc12" / f"{number}.txt", dtype=int, ndmin=2).T
+    return image, np.stack([y, x, cls], axis=1)
+
+
+def recall(labels: np.ndarray, centres: np.ndarray) -> float:
+    return float((cells_at_points(labels, centres[:, :2]) > 0).mean())
+
+
+def aslan_f1(name: str, iou_threshold: float = 0.5) -> float:
+    """Box F1 of the segmentation of one Aslan smear against its RBC boxes (greedy by IoU)."""
+    image = imread(DATA / "aslan_bcd" / name)
+    table = pd.read_csv(DATA / "aslan_bcd" / "annotations.csv")
+    rows = table[(table["image"] == name) & (table["label"] == "rbc")]
+    h, w = image.shape[:2]
+    truth = np.stack([rows.ymin * h, rows.xmin * w, rows.ymax * h, rows.xmax * w], axis=1)
+    pred = np.array([r.bbox for r in regionprops(segment_cells(image))], float)
+    top = np.maximum(pred[:, None, :2], truth[None, :, :2])
+    bottom = np.minimum(pred[:, None, 2:], truth[None, :, 2:])
+    inter = np.prod(np.clip(bottom - top, 0, None), axis=-1)
+    area = lambda b: np.prod(b[:, 2:] - b[:, :2], axis=-1)  # noqa: E731
+    iou = inter / (area(pred)[:, None] + area(truth)[None, :] - inter)
+    matched = 0
+    while iou.size and iou.max() >= iou_threshold:
+        i, j = np.unravel_index(iou.argmax(), iou.shape)
+        matched += 1
+        iou[i, :] = 0
+        iou[:, j] = 0
+    return 2 * matched / (len(pred) + len(truth))
+
+
+def test_finds_the_annotated_cells_of_a_normal_smear():
+    image, centres = chula(1)
+    labels = segment_cells(image)
+    assert labels.dtype == np.int32 and labels.shape == image.shape[:2]
+    assert recall(labels, centres) >= 0.95
+    # 117 annotated, a few more unannotated at the border: a count, not an over-segmentation.
+    assert 110 <= labels.max() <= 135
+    assert set(np.unique(labels)) == set(range(labels.max() + 1))
+
+
+def test_finds_pale_target_cells_and_hypochromic_cells():
+    image, centres = chula(26)
+    labels = segment_cells(image)
+    pale = np.isin(centres[:, 2], [4, 11])  # target cell, hypochromia
+    assert pale.sum() > 50
+    assert recall(labels, centres[pale]) >= 0.75
+
+
+@pytest.mark.parametrize(("name", "minimum_f1"), [("image-1.png", 0.8), ("image-10.png", 0.9)])
+def test_aslan_boxes_match_at_iou_one_half(name, minimum_f1):
+    assert aslan_f1(name) >= minimum_f1
+
+
+def test_the_white_cell_is_not_a_red_cell():
+    image = imread(DATA / "aslan_bcd" / "image-1.png")
+    labels = segment_cells(image)
+    # The neutrophil's nucleus lies around row 40-95, col 105-160 (its annotated box).
+    nucleus = labels[55:80, 115:150]
+    assert (nucleus > 0).mean() < 0.2
+
+
+def test_cell_size_is_estimated_from_the_image():
+    image, _ = chula(1)
+    assert 32 <= _calibrate(image, None, None)[0].cell_diameter <= 44
+    aslan = imread(DATA / "aslan_bcd" / "image-10.png")
+    assert 45 <= _calibrate(aslan, None, None)[0].cell_diameter <= 65
+
+
+def test_one_default_follows_the_magnification():
+    image, centres = chula(1)
+    zoomed = (rescale(image, 2.5, order=1, channel_axis=-1) * 255).astype(np.uint8)
+    assert _calibrate(zoomed, None, None)[0].cell_diameter == pytest.approx(
+        2.5 * _calibrate(image, None, None)[0].cell_diameter, rel=0.15
+    )
+    labels = segment_cells(zoomed)
+    assert recall(labels, np.column_stack([centres[:, :2] * 2.5, centres[:, 2]])) >= 0.93
+
+
+def test_pixel_size_and_diameter_override_the_estimate():
+    image, centres = chula(1)
+    assert _calibrate(image, None, 0.2)[0].cell_diameter == pytest.approx(7.5 / 0.2)
+    assert _calibrate(image, 50.0, 0.2)[0].cell_diameter == 50.0
+    assert recall(segment_cells(image, pixel_size_um=0.2), centres) >= 0.93
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda im: im.astype(np.uint16) * 257,
+        lambda im: im / 255.0,
+        lambda im: (im / 255.0).astype(np.float32),
+        lambda im: np.dstack([im, np.full(im.shape[:2], 255, np.uint8)]),
+    ],
+    ids=["uint16", "float64", "float32", "rgba"],
+)
+def test_dtypes_and_alpha_give_the_same_cells(convert):
+    image, _ = chula(1)
+    reference = segment_cells(image)
+    labels = segment_cells(convert(image))
+    assert abs(int(labels.max()) - int(reference.max())) <= 2
+    assert ((labels > 0) == (reference > 0)).mean() > 0.99
+
+
+def test_grayscale_smears_are_segmented():
+    image, centres = chula(1)
+    gray = (image.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    assert recall(segment_cells(gray), centres) >= 0.9
+
+
+def test_uniform_and_blank_images_give_no_cells():
+    for blank in (np.zeros((64, 80, 3), np.uint8), np.full((300, 200), 0.7), np.full((50, 50, 3), 200, np.uint16)):
+        labels = segment_cells(blank)
+        assert labels.shape == blank.shape[:2] and labels.max() == 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        (np.zeros((4, 32, 32, 3), np.uint8), "shape"),
+        (np.zeros((32, 32, 2), np.uint8), "2 channels"),
+        (np.zeros((0, 10, 3), np.uint8), "empty"),
+        (np.full((16, 16), np.nan), "NaN"),
+        (np.zeros((16, 16), bool), "dtype"),
+        (np.zeros((16,), np.uint8), "shape"),
+    ],
+)
+def test_bad_images_are_refused_with_what_is_accepted(bad, words):
+    with pytest.raises(ImageInputError, match=words) as error:
+        segment_cells(bad)
+    assert "RGB" in str(error.value) or "NaN" in str(error.value)
+
+
+def test_bad_parameters_are_refused():
+    image, _ = chula(1)
+    with pytest.raises(ValueError, match="cell_diameter"):
+        segment_cells(image, cell_diameter=-3)
+    with pytest.raises(ValueError, match="pixel_size_um"):
+        segment_cells(image, pixel_size_um=0)
+
+
+def test_large_smears_are_tiled_without_seams(monkeypatch):
+    image, _ = chula(1)
+    mosaic = np.concatenate([np.concatenate([image, image[:, ::-1]], 1)] * 2, 0)
+    whole = segment_cells(mosaic)
+    monkeypatch.setattr(segmentation, "TILE_CORE", 300)  # working-scale px: a 3 x 4 grid here
+    progress = []
+    tiled = segment_cells(mosaic, progress=lambda done, total: progress.append((done, total)))
+    assert len(progress) > 4 and progress[-1][0] == progress[-1][1]
+    # Every cell of the untiled result appears whole in the tiled one.
+    same = [
+        np.bincount(tiled[whole == i]).argmax() for i in range(1, whole.max() + 1)
+    ]
+    overlap = np.array([((whole == i) & (tiled == j)).sum() / (whole == i).sum() for i, j in enumerate(same, 1)])
+    assert np.mean(overlap > 0.9) >= 0.97
+    assert abs(int(tiled.max()) - int(whole.max())) <= 0.03 * whole.max()
+
+
+def test_iteration_can_be_cancelled_between_tiles(monkeypatch):
+    image, _ = chula(1)
+    monkeypatch.setattr(segmentation, "TILE_CORE", 200)
+    steps = iter_segment_cells(np.concatenate([image, image], 0))
+    done, total = next(steps)
+    assert done == 1 and total > 2
+    steps.close()  # what a napari worker's quit does; must not hang or raise
+
+
+def test_cells_at_points_is_one_to_one():
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:8, 2:8] = 3
+    labels[10:18, 10:18] = 5
+    points = [(5, 5), (3, 3), (14, 14), (0, 19), (40, 40)]
+    # (5,5) is nearer cell 3's centre than (3,3), so it keeps the cell; outside points get 0.
+    assert cells_at_points(labels, points).tolist() == [3, 0, 5, 0, 0]
