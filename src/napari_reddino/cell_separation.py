@@ -103,51 +103,15 @@ def separate_cells(smoothed: np.ndarray, levels: ForegroundLevels, diameter: flo
     """Label image of the cells in one working-scale tile (ids 1..n, 0 background)."""
     radius = diameter / 2
     cell_area = np.pi * radius**2
-    mask = smoothed > levels.threshold
-    if CLOSE:
-        mask = ndi.binary_closing(mask, structure=_DISK3, border_value=0) | mask
-    mask = fill_holes(mask, MAX_PALLOR_AREA * cell_area)
+    mask = fill_holes(smoothed > levels.threshold, MAX_PALLOR_AREA * cell_area)
+    if RING_GAP:
+        mask |= _inside_open_rings(mask, max(1, int(RING_GAP * radius)), MAX_PALLOR_AREA * cell_area)
     distance = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0)
-    markers = _seeds(distance, radius)
-    if SEED_ALL:
-        markers = _seed_every_component(markers, mask, distance)
+    markers = _seed_every_component(_seeds(distance, radius), mask, distance)
     labels = watershed(-distance, markers, mask=mask)
     labels = split_clumps(labels, smoothed, distance, radius)
-    labels = _drop_small(labels, MIN_CELL_AREA * cell_area)
-    if PALE:
-        labels = add_pale_cells(labels, smoothed, levels, radius)
-    return labels
+    return _drop_small(labels, MIN_CELL_AREA * cell_area)
 
-
-PALE = True
-PALE_SIGMAS = 1.5
-PALE_SOLIDITY = 0.85
-PALE_AREA = (0.5, 1.8)
-
-
-def add_pale_cells(labels, smoothed, levels, radius):
-    """Hypochromic and ghost cells: faint round outlines missed by the main threshold."""
-    cell_area = np.pi * radius**2
-    faint = ndi.gaussian_filter(smoothed, 1.0) > levels.background + PALE_SIGMAS * levels.noise
-    taken = ndi.binary_dilation(labels > 0, iterations=2)
-    candidates = fill_holes(faint & ~taken, 1.5 * cell_area)
-    candidates = ndi.binary_opening(candidates, iterations=2)
-    parts, n = ndi.label(candidates)
-    if n == 0:
-        return labels
-    ids = np.arange(1, n + 1)
-    area = np.bincount(parts.ravel(), minlength=n + 1)[1:]
-    ok = (area >= PALE_AREA[0] * cell_area) & (area <= PALE_AREA[1] * cell_area)
-    out = labels.copy()
-    next_id = int(labels.max()) + 1
-    from skimage.measure import regionprops
-    for region in regionprops(parts):
-        if not ok[region.label - 1] or region.solidity < PALE_SOLIDITY:
-            continue
-        sl = region.slice
-        out[sl][region.image] = next_id
-        next_id += 1
-    return out
 
 
 def radial_votes(smoothed: np.ndarray, radius: float) -> np.ndarray:
@@ -203,11 +167,6 @@ def split_clumps(labels: np.ndarray, smoothed: np.ndarray, distance: np.ndarray,
     return out
 
 
-CLOSE = False
-SEED_ALL = True
-_DISK3 = np.array([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], bool)
-
-
 NUCLEUS_RATIO_EXCESS = 0.4  # red/green absorbance above the smear's typical red cell
 NUCLEUS_MIN_DENSITY = 0.5  # only judge cells at least half as dense as the typical one
 
@@ -240,6 +199,19 @@ def drop_nuclei(labels: np.ndarray, red_density: np.ndarray, green_density: np.n
     relabel = np.zeros(n, np.int32)
     relabel[keep] = np.arange(int(keep.sum()), dtype=np.int32)
     return relabel[labels]
+
+
+RING_GAP = 0.15
+
+
+def _inside_open_rings(mask: np.ndarray, gap: int, max_area: float) -> np.ndarray:
+    """The pale insides of outlines broken by small gaps (hypochromic and target cells).
+
+    The outline is closed morphologically only to find what it encloses; the bridge pixels
+    themselves are not added, so neighbouring cells do not fuse.
+    """
+    closed = ndi.binary_erosion(ndi.binary_dilation(mask, iterations=gap), iterations=gap, border_value=1)
+    return fill_holes(closed, max_area) & ~closed
 
 
 def _seed_every_component(markers, mask, distance):

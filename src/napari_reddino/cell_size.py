@@ -17,7 +17,7 @@ DEFAULT_DIAMETER_PX = 40.0
 MIN_DIAMETER_PX = 6.0
 
 
-def estimate_cell_diameter(foreground: np.ndarray) -> float:
+def diameter_from_foreground(foreground: np.ndarray) -> float:
     """Typical cell diameter (px) of a foreground mask; the default when nothing is there."""
     filled = fill_holes(foreground)
     distance = ndi.distance_transform_edt(filled)

@@ -26,7 +26,7 @@ from .cell_separation import (
     separate_cells,
     smooth_density,
 )
-from .cell_size import estimate_cell_diameter
+from .cell_size import diameter_from_foreground
 from .image_input import StainModel, check_smear, fit_stain_model
 
 RBC_DIAMETER_UM = 7.5  # a normal red cell; turns a pixel size into an expected diameter
@@ -101,10 +101,19 @@ def iter_segment_cells(
             for done, (tile, future) in enumerate(zip(tiles, pending), start=1):
                 next_id = tile.paste(future.result(), labels, next_id)
                 yield done, len(tiles)
-        finally:
-            for future in pending:
-                future.cancel()
+        finally:  # closed early (cancelled): drop queued tiles, do not wait for them
+            pool.shutdown(wait=False, cancel_futures=True)
     return labels
+
+
+def estimate_cell_diameter(image) -> float:
+    """Typical red-cell diameter (px) of a smear, as :func:`segment_cells` estimates it.
+
+    Pass the result on as ``cell_diameter`` to record it and not estimate twice.
+    """
+    array = check_smear(image)
+    window = array[_central_window(array.shape[0]), _central_window(array.shape[1])]
+    return _estimate_diameter(fit_stain_model(array).density(window))
 
 
 def _calibrate(
@@ -128,7 +137,7 @@ def _calibrate(
     if cell_diameter is None:
         cell_diameter = _estimate_diameter(density)
     scale = min(1.0, WORKING_DIAMETER_PX / cell_diameter)
-    smoothed = flatten_background(smooth_density(_rescale(density, scale)), WORKING_DIAMETER_PX * min(1.0, cell_diameter / WORKING_DIAMETER_PX))
+    smoothed = flatten_background(smooth_density(_rescale(density, scale)), cell_diameter * scale)
     calibration = Calibration(stain, float(cell_diameter), scale, foreground_levels(smoothed))
     return calibration, smoothed if whole else None
 
@@ -141,7 +150,7 @@ def _estimate_diameter(density: np.ndarray) -> float:
     half = density[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
     smoothed = ndi.gaussian_filter(half, 1.0)
     levels = foreground_levels(smoothed)
-    return 2 * estimate_cell_diameter(smoothed > levels.threshold) if levels else WORKING_DIAMETER_PX
+    return 2 * diameter_from_foreground(smoothed > levels.threshold) if levels else WORKING_DIAMETER_PX
 
 
 def _central_window(length: int) -> slice:

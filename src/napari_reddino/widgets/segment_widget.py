@@ -1,0 +1,236 @@
+"""Plugins > RedDino > Segment cells: an image layer in, a cells Labels layer with its table out."""
+
+import time
+from dataclasses import dataclass
+
+import napari
+import numpy as np
+import pandas as pd
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
+from napari.layers import Image, Labels
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_warning
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import QVBoxLayout, QWidget
+
+from ..image_input import ACCEPTED, ImageInputError, check_smear
+from ..measurements import measure_cells
+from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a run needs, once its worker returns, to build the cells layer."""
+
+    image_name: str
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    cell_diameter: float | None
+    pixel_size_um: float | None
+    started: float
+
+    @property
+    def layer_name(self) -> str:
+        return f"{self.image_name} cells"
+
+
+def smear_pixels(layer: Image) -> np.ndarray:
+    """The layer's pixels as one 2-D smear, or :class:`ImageInputError`.
+
+    napari's ``rgb`` flag, not the array's shape, says whether a last axis of 3 or 4 is colour:
+    a layer napari shows as a stack of planes is refused, whatever its channel count.
+    """
+    if layer.multiscale:
+        raise ImageInputError(
+            f"{layer.name!r} is a multiscale (pyramid) image; open its full-resolution level "
+            f"as a plain image layer; expected {ACCEPTED}."
+        )
+    if layer.ndim != 2:
+        raise ImageInputError(
+            f"{layer.name!r} of shape {layer.data.shape} is a {layer.ndim}-D stack of planes in napari, "
+            f"not one smear; expected {ACCEPTED}."
+        )
+    return check_smear(layer.data)
+
+
+@thread_worker
+def _segment_and_measure(pixels: np.ndarray, cell_diameter: float | None, pixel_size_um: float | None):
+    if cell_diameter is None:
+        cell_diameter = RBC_DIAMETER_UM / pixel_size_um if pixel_size_um else estimate_cell_diameter(pixels)
+    labels = yield from iter_segment_cells(pixels, cell_diameter=cell_diameter)
+    return labels, measure_cells(labels, pixels, pixel_size_um=pixel_size_um), cell_diameter
+
+
+def _diameter_source(job: _Job) -> str:
+    if job.cell_diameter is not None:
+        return "given"
+    return "pixel size" if job.pixel_size_um is not None else "estimated from the image"
+
+
+class SegmentCellsWidget(QWidget):
+    """Segment the red cells of an image layer; hovering a cell shows its measurements."""
+
+    segmented = Signal(object)  # the cells Labels layer, added or updated
+    finished = Signal()  # a run ended: with cells, without, on bad input, on error or cancelled
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        self._viewer = napari_viewer
+        self._worker = None
+        self._job: _Job | None = None
+        self._result: tuple[np.ndarray, pd.DataFrame, float] | None = None
+        self._progress: progress | None = None
+
+        self.image = ComboBox(label="Image", choices=self._image_layers)
+        self.cell_diameter = FloatSpinBox(
+            label="Cell diameter (px)", min=0, max=1000, step=1,
+            tooltip="Typical red-cell diameter in pixels; auto (0) estimates it from the image.",
+        )
+        self.pixel_size = FloatSpinBox(
+            label="Pixel size (µm)", min=0, max=100, step=0.01,
+            tooltip="Micrometres per pixel: sets the cell size and adds µm columns to the table.",
+        )
+        self.cell_diameter.native.setSpecialValueText("auto")
+        self.pixel_size.native.setSpecialValueText("unknown")
+        self.pixel_size.native.setDecimals(4)
+        self._run_button = PushButton(text="Run")
+        self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label()
+        self.status.native.setWordWrap(True)
+        form = Container(widgets=[self.image, self.cell_diameter, self.pixel_size])
+        buttons = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
+
+        layout = QVBoxLayout(self)
+        for part in (form, buttons, self.status):
+            layout.addWidget(part.native)
+        layout.addStretch()
+
+        self.image.changed.connect(self._prefill_pixel_size)
+        self._run_button.changed.connect(self.run)
+        self._cancel_button.changed.connect(self.cancel)
+        self._prefill_pixel_size(self.image.value)
+
+    def reset_choices(self, *_) -> None:
+        """Follow the viewer's image layers (napari calls this when layers change)."""
+        self.image.reset_choices()
+
+    def run(self) -> None:
+        """Segment the chosen image in a worker; the result arrives on the main thread."""
+        if self._worker is not None:  # one run at a time (the Run button is disabled meanwhile)
+            return
+        layer = self.image.value
+        if layer is None:
+            self._refuse("Open a smear first: File > Open, or File > Open Sample > RedDino.")
+            return
+        try:
+            pixels = smear_pixels(layer)
+        except ImageInputError as error:
+            self._refuse(str(error))
+            return
+        self._job = _Job(
+            image_name=layer.name,
+            scale=tuple(layer.scale),
+            translate=tuple(layer.translate),
+            cell_diameter=self.cell_diameter.value or None,
+            pixel_size_um=self.pixel_size.value or None,
+            started=time.perf_counter(),
+        )
+        self._set_running(True)
+        self.status.value = f"Segmenting {layer.name}…"
+        self._worker = _segment_and_measure(
+            pixels,
+            self._job.cell_diameter,
+            self._job.pixel_size_um,
+            _connect={
+                "yielded": self._on_progress,
+                "returned": self._on_returned,
+                "errored": self._on_errored,
+                "finished": self._on_finished,
+            },
+        )
+
+    def cancel(self) -> None:
+        """Stop at the next tile; nothing in the viewer changes."""
+        if self._worker is not None:
+            self._worker.quit()
+            self._cancel_button.enabled = False
+            self.status.value = "Cancelling…"
+
+    def _image_layers(self, _widget=None) -> list[Image]:
+        return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _prefill_pixel_size(self, layer: Image | None) -> None:
+        if layer is not None:
+            self.pixel_size.value = layer.metadata.get("pixel_size_um") or 0.0
+
+    def _refuse(self, message: str) -> None:
+        show_error(message)
+        self.status.value = message
+        self.finished.emit()
+
+    def _set_running(self, running: bool) -> None:
+        self._run_button.enabled = not running
+        self._cancel_button.enabled = running
+
+    def _on_progress(self, tiles: tuple[int, int]) -> None:
+        # Made at the first tile, when the total is known; no bar (and no busy animation in
+        # napari's status bar) while the smear is calibrated, which is most of a small run.
+        done, total = tiles
+        if self._progress is None:
+            self._progress = progress(total=total, desc=f"Segmenting {self._job.image_name}")
+        self._progress.update(done - self._progress.n)
+
+    def _on_returned(self, result: tuple[np.ndarray, pd.DataFrame, float]) -> None:
+        self._result = result
+
+    def _on_errored(self, error: Exception) -> None:
+        # napari's worker already shows the error (with its traceback) as a notification
+        self.status.value = f"Segmentation failed: {error}"
+
+    def _on_finished(self) -> None:
+        """Show the outcome once the worker is done, so a new run can start from any signal."""
+        worker, self._worker = self._worker, None
+        result, self._result = self._result, None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._set_running(False)
+        if worker.abort_requested:  # also when cancelled while the result was on its way
+            self.status.value = "Cancelled; nothing was changed."
+        elif result is not None:
+            self._show_result(*result)
+        self.finished.emit()
+
+    def _show_result(self, labels: np.ndarray, table: pd.DataFrame, cell_diameter: float) -> None:
+        job = self._job
+        if table.empty:
+            message = f"No cells found in {job.image_name}: is it a blood smear? Try setting the cell diameter."
+            show_warning(message)
+            self.status.value = message
+            return
+        layer = self._show_cells(labels, table, job, cell_diameter)
+        self.status.value = f"{len(table)} cells found in {time.perf_counter() - job.started:.1f} s"
+        self.segmented.emit(layer)
+
+    def _show_cells(self, labels: np.ndarray, table: pd.DataFrame, job: _Job, cell_diameter: float) -> Labels:
+        """Add the cells layer, or replace the data and table of the one from an earlier run."""
+        metadata = {
+            "source_image": job.image_name,
+            "cell_diameter_px": cell_diameter,
+            "cell_diameter_from": _diameter_source(job),
+            "pixel_size_um": job.pixel_size_um,
+        }
+        layers = self._viewer.layers
+        if job.layer_name in layers and isinstance(layers[job.layer_name], Labels):
+            layer = layers[job.layer_name]
+            layer.data = labels
+            layer.features = table
+            layer.metadata = metadata
+            layer.scale, layer.translate = job.scale, job.translate
+            return layer
+        layer = self._viewer.add_labels(
+            labels, name=job.layer_name, features=table, metadata=metadata, scale=job.scale, translate=job.translate
+        )
+        layer.contour = 2
+        return layer

@@ -1,0 +1,147 @@
+"""The Segment cells widget, docked through the manifest in a real viewer, on real smears."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from napari.layers import Labels
+from napari.utils.notifications import NotificationSeverity, notification_manager
+from skimage.io import imread
+
+DATA = Path(__file__).parent / "data"
+CHULA_1 = DATA / "chula_rbc12" / "1.jpg"
+RUN_TIMEOUT_MS = 60_000
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+@pytest.fixture
+def widget(viewer):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Segment cells")
+    return widget
+
+
+@pytest.fixture
+def chula(viewer):
+    """Chula RBC-12 image 1 as the plugin's sample opens it: 0.2 µm pixels, 117 annotated cells."""
+    (layer,) = viewer.open_sample("napari-reddino", "chula-smear")
+    np.testing.assert_array_equal(layer.data, imread(CHULA_1))
+    return layer
+
+
+def annotated_centres() -> np.ndarray:
+    """(row, col) of every annotated cell; the file lists ``x y class``."""
+    return np.loadtxt(DATA / "chula_rbc12" / "1.txt", usecols=(1, 0))
+
+
+def labels_layers(viewer) -> list[Labels]:
+    return [layer for layer in viewer.layers if isinstance(layer, Labels)]
+
+
+def run(widget, qtbot):
+    """Run the widget and wait for the end of the run, whatever its outcome."""
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+
+
+def assert_one_row_per_cell(cells: Labels) -> None:
+    ids = np.unique(cells.data)
+    np.testing.assert_array_equal(cells.features["label"], ids[ids > 0])
+    np.testing.assert_array_equal(cells.features["index"], cells.features["label"])
+
+
+def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, chula, qtbot):
+    assert widget.image.value.name == chula.name
+    assert widget.pixel_size.value == pytest.approx(0.2)  # prefilled from the layer's metadata
+
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+
+    (cells,) = labels_layers(viewer)
+    assert result.args[0].name == cells.name == "smear (chula) cells"
+    assert_one_row_per_cell(cells)
+    count = len(cells.features)
+    assert 100 <= count <= 140
+    assert widget.status.value.startswith(f"{count} cells found in ")
+    np.testing.assert_allclose(cells.scale, (0.2, 0.2))
+    np.testing.assert_allclose(cells.translate, chula.translate)
+    assert cells.contour == 2
+    assert cells.metadata["source_image"] == chula.name
+    assert cells.metadata["pixel_size_um"] == pytest.approx(0.2)
+    assert cells.metadata["cell_diameter_px"] == pytest.approx(37.5)  # a red cell is ~7.5 µm
+    assert cells.metadata["cell_diameter_from"] == "pixel size"
+    assert "area_um2" in cells.features
+
+    # Hovering: the world position of an annotated centre finds its cell and that cell's row.
+    rows = cells.features.set_index("label")
+    hits = [cells.get_value(centre * 0.2, world=True) for centre in annotated_centres()]
+    found = [label for label in hits if label]
+    assert len(found) >= 0.9 * len(hits)
+    assert all(rows.loc[label, "index"] == label for label in found)
+    status = cells.get_status(annotated_centres()[0] * 0.2, world=True)
+    assert f"label: {hits[0]}, " in status["coordinates"]
+
+    widget.cell_diameter.value = 30
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+
+    assert labels_layers(viewer) == [cells]
+    assert cells.metadata["cell_diameter_px"] == 30
+    assert cells.metadata["cell_diameter_from"] == "given"
+    assert_one_row_per_cell(cells)
+
+
+def test_blank_image_gives_a_notice_and_no_layer(viewer, widget, qtbot):
+    viewer.add_image(np.full((256, 256, 3), 230, np.uint8), rgb=True, name="blank")
+
+    run(widget, qtbot)
+
+    assert labels_layers(viewer) == []
+    notice = "No cells found in blank: is it a blood smear? Try setting the cell diameter."
+    assert widget.status.value == notice
+    assert notification_manager.records[-1].message == notice
+
+
+BAD_LAYERS = {
+    "two channels": ((np.arange(64 * 64 * 2) % 251).astype(np.uint8).reshape(64, 64, 2), "(64, 64, 2)"),
+    "stack": ((np.arange(3 * 64 * 64) % 251).astype(np.uint8).reshape(3, 64, 64), "(3, 64, 64)"),
+    "nan": (np.where(np.eye(64, dtype=bool), np.nan, 0.5).astype(np.float32), "NaN"),
+}
+
+
+def test_bad_images_give_a_clear_error_and_leave_the_cells_layer_untouched(viewer, widget, chula, qtbot):
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    (cells,) = labels_layers(viewer)
+    data, features, metadata = cells.data.copy(), cells.features.copy(), dict(cells.metadata)
+    viewer.add_image([chula.data, chula.data[::2, ::2]], multiscale=True, rgb=True, name="pyramid")
+    for name, (pixels, _) in BAD_LAYERS.items():
+        viewer.add_image(pixels, name=name)
+    expected = {name: detail for name, (_, detail) in BAD_LAYERS.items()} | {"pyramid": "multiscale"}
+
+    for name, detail in expected.items():
+        widget.image.value = viewer.layers[name]
+        run(widget, qtbot)
+
+        assert detail in widget.status.value
+        assert "RGB (H, W, 3)" in widget.status.value or "NaN" in widget.status.value
+        notification = notification_manager.records[-1]
+        assert notification.severity == NotificationSeverity.ERROR
+        assert notification.message == widget.status.value
+
+    assert labels_layers(viewer) == [cells]
+    np.testing.assert_array_equal(cells.data, data)
+    assert cells.features.equals(features)
+    assert cells.metadata == metadata
+
+
+def test_cancel_leaves_no_layer(viewer, widget, chula, qtbot):
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+        widget.cancel()
+
+    assert labels_layers(viewer) == []
+    assert widget.status.value == "Cancelled; nothing was changed."
