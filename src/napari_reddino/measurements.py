@@ -12,8 +12,6 @@ from skimage.segmentation import find_boundaries
 from .image_input import check_smear, colour_planes, fit_stain_model
 
 _LENGTHS_PX = ["perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px"]
-# Pixel squares, not pixel centres, make up a cell's convex hull (as in scikit-image).
-_PIXEL_CORNERS = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
 
 
 def check_labels(labels, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -135,11 +133,10 @@ def shape_table(labels: np.ndarray) -> pd.DataFrame:
 
 
 def _convex_area(mask: np.ndarray) -> float:
-    """Pixels whose centres lie in the convex hull of the cell's pixel squares."""
+    """Pixels (centres) inside or on the convex hull of the cell's pixel centres."""
     edge = mask & ~ndi.binary_erosion(mask)
-    corners = (np.argwhere(edge)[:, None, :] + _PIXEL_CORNERS[None]).reshape(-1, 2)
     try:
-        facets = ConvexHull(corners).equations
+        facets = ConvexHull(np.argwhere(edge)).equations
     except QhullError:  # a line of pixels is its own hull
         return float(mask.sum())
     grid = np.argwhere(np.ones_like(mask))

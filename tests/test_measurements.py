@@ -1,0 +1,132 @@
+"""measure_cells: known shapes give their known numbers; real smears give a sane table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.draw import disk, ellipse
+from skimage.io import imread
+
+from napari_reddino import measure_cells, segment_cells
+
+DATA = Path(__file__).parent / "data"
+SLIDE = (225, 230, 228)
+CELL = (200, 110, 130)
+
+
+def painted(labels: np.ndarray, colour_of=lambda label: CELL) -> np.ndarray:
+    image = np.empty(labels.shape + (3,), np.uint8)
+    image[:] = SLIDE
+    for label in np.unique(labels[labels > 0]):
+        image[labels == label] = colour_of(label)
+    return image
+
+
+def test_a_disc_has_its_known_area_diameter_and_circularity():
+    labels = np.zeros((200, 200), np.int32)
+    labels[disk((80, 90), 30)] = 4
+    row = measure_cells(labels, painted(labels)).iloc[0]
+    assert row["label"] == row["index"] == 4
+    assert row["area_px"] == pytest.approx(np.pi * 30**2, rel=0.01)
+    assert row["equivalent_diameter_px"] == pytest.approx(60, rel=0.01)
+    assert row["perimeter_px"] == pytest.approx(2 * np.pi * 30, rel=0.02)
+    assert row["circularity"] == pytest.approx(1.0, abs=0.03)
+    assert row["major_axis_px"] == pytest.approx(60, rel=0.01)
+    assert row["minor_axis_px"] == pytest.approx(60, rel=0.01)
+    assert row["eccentricity"] < 0.05
+    assert row["solidity"] > 0.98
+    assert (row["centroid_y"], row["centroid_x"]) == pytest.approx((80, 90), abs=0.01)
+    assert (row["bbox_min_y"], row["bbox_min_x"], row["bbox_max_y"], row["bbox_max_x"]) == (51, 61, 110, 120)
+    assert (row["mean_red"], row["mean_green"], row["mean_blue"]) == CELL
+    assert not row["touches_border"]
+
+
+def test_an_ellipse_has_its_axes_and_eccentricity():
+    labels = np.zeros((200, 200), np.int32)
+    labels[ellipse(100, 100, 20, 40, rotation=0.6)] = 1
+    row = measure_cells(labels, painted(labels)).iloc[0]
+    assert row["major_axis_px"] == pytest.approx(80, rel=0.02)
+    assert row["minor_axis_px"] == pytest.approx(40, rel=0.02)
+    assert row["eccentricity"] == pytest.approx(np.sqrt(1 - 0.25), abs=0.01)
+    assert row["circularity"] < 0.9
+
+
+def test_micrometre_columns_follow_the_pixel_size():
+    labels = np.zeros((100, 100), np.int32)
+    labels[disk((50, 50), 20)] = 1
+    table = measure_cells(labels, painted(labels), pixel_size_um=0.25)
+    row = table.iloc[0]
+    assert row["area_um2"] == pytest.approx(row["area_px"] * 0.0625)
+    for name in ("perimeter", "equivalent_diameter", "major_axis", "minor_axis"):
+        assert row[f"{name}_um"] == pytest.approx(row[f"{name}_px"] * 0.25)
+    assert "area_um2" not in measure_cells(labels, painted(labels)).columns
+    with pytest.raises(ValueError, match="pixel_size_um"):
+        measure_cells(labels, painted(labels), pixel_size_um=-1)
+
+
+def test_central_pallor_tells_a_pale_centre_from_a_full_one():
+    labels = np.zeros((120, 240), np.int32)
+    labels[disk((60, 60), 40)] = 1
+    labels[disk((60, 180), 40)] = 2
+    image = painted(labels)
+    image[disk((60, 60), 15)] = (215, 190, 200)  # cell 1: a pale centre (a normal discocyte)
+    table = measure_cells(labels, image).set_index("label")
+    assert table.loc[1, "central_pallor"] > 0.4
+    assert abs(table.loc[2, "central_pallor"]) < 0.05  # uniform (a spherocyte)
+
+
+def test_border_cells_are_flagged():
+    labels = np.zeros((100, 100), np.int32)
+    labels[disk((0, 50), 15, shape=labels.shape)] = 1
+    labels[disk((50, 50), 15)] = 2
+    labels[disk((70, 99), 10, shape=labels.shape)] = 3
+    table = measure_cells(labels, painted(labels)).set_index("label")
+    assert table["touches_border"].to_dict() == {1: True, 2: False, 3: True}
+
+
+def test_grayscale_images_get_a_mean_gray_column():
+    labels = np.zeros((60, 60), np.int32)
+    labels[disk((30, 30), 10)] = 1
+    gray = np.full((60, 60), 220, np.uint8)
+    gray[labels > 0] = 120
+    table = measure_cells(labels, gray)
+    assert table["mean_gray"].tolist() == [120]
+    assert "mean_red" not in table.columns
+
+
+def test_rows_follow_label_ids_not_their_order():
+    labels = np.zeros((60, 120), np.int32)
+    labels[disk((30, 30), 10)] = 9
+    labels[disk((30, 90), 12)] = 2
+    table = measure_cells(labels, painted(labels))
+    assert table["label"].tolist() == [2, 9]
+    assert table.set_index("label").loc[9, "centroid_x"] == pytest.approx(30)
+
+
+def test_no_cells_give_an_empty_table_with_the_columns():
+    table = measure_cells(np.zeros((30, 30), np.int32), np.full((30, 30, 3), 200, np.uint8))
+    assert table.empty
+    assert {"label", "index", "area_px", "central_pallor", "touches_border"} <= set(table.columns)
+
+
+def test_labels_must_match_the_image():
+    with pytest.raises(ValueError, match="do not match"):
+        measure_cells(np.zeros((30, 30), np.int32), np.zeros((31, 30, 3), np.uint8))
+    with pytest.raises(ValueError, match="integer"):
+        measure_cells(np.zeros((30, 30), np.float32), np.zeros((30, 30, 3), np.uint8))
+
+
+def test_real_smear_table_is_sane():
+    image = imread(DATA / "chula_rbc12" / "1.jpg")
+    labels = segment_cells(image)
+    table = measure_cells(labels, image, pixel_size_um=0.2)
+    assert len(table) == labels.max()
+    # Chula smears are ~0.2 µm/px: red cells come out at 6-9 µm across.
+    assert 6.0 < table["equivalent_diameter_um"].median() < 9.0
+    assert table["circularity"].between(0, 1).all() and table["solidity"].between(0, 1).all()
+    assert table["circularity"].median() > 0.8
+    # Normal discocytes of this smear have pale centres.
+    assert table["central_pallor"].median() > 0.1
+    assert table["touches_border"].sum() >= 5
