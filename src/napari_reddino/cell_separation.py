@@ -23,6 +23,7 @@ MAX_PALLOR_AREA = 0.6  # holes up to this fraction of a cell are its pale centre
 MARKER_SPACING = 0.3  # watershed seeds at least this many radii apart
 MARKER_HEIGHT = 0.3  # seeds at least this many radii from the cell edge
 MIN_CELL_AREA = 0.2  # smaller pieces (platelets, debris) are dropped
+MIN_HALF_WIDTH = 0.12  # ... and so are pieces nowhere wider than this (radii from the edge)
 CLUMP_AREA = 1.2  # regions larger than this many cells are checked for hidden neighbours
 CLUMP_SEED_SPACING = 0.7  # radii between the centres found inside a clump
 CLUMP_SEED_MIN_VOTES = 0.3  # a centre needs this share of the clump's strongest vote
@@ -110,6 +111,7 @@ def separate_cells(smoothed: np.ndarray, levels: ForegroundLevels, diameter: flo
     markers = _seed_every_component(_seeds(distance, radius), mask)
     labels = watershed(-distance, markers, mask=mask)
     labels = split_clumps(labels, smoothed, distance, radius)
+    labels = _drop_thin(labels, distance, MIN_HALF_WIDTH * radius)
     return _drop_small(labels, MIN_CELL_AREA * cell_area)
 
 
@@ -217,6 +219,16 @@ def _inside_open_rings(mask: np.ndarray, gap: int, max_area: float) -> np.ndarra
     """
     closed = ndi.binary_erosion(ndi.binary_dilation(mask, iterations=gap), iterations=gap, border_value=1)
     return fill_holes(closed, max_area) & ~closed
+
+
+def _drop_thin(labels: np.ndarray, distance: np.ndarray, min_half_width: float) -> np.ndarray:
+    """Drop segments nowhere thicker than a line: scale bars, arrows, hairs, fibres."""
+    thick = np.bincount(labels[distance >= min_half_width], minlength=int(labels.max()) + 1)
+    keep = thick > 0
+    keep[0] = False
+    relabel = np.zeros(keep.size, np.int32)
+    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return relabel[labels]
 
 
 def _seed_every_component(markers: np.ndarray, mask: np.ndarray) -> np.ndarray:

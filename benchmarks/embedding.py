@@ -1,0 +1,251 @@
+"""Cells per second of napari-reddino's Embedder against the RedDino model card's loop.
+
+The model card embeds one image at a time: PIL crop, torchvision Resize((224, 224)) +
+ToTensor + Normalize, ``model(x)`` (autograd left on). This script runs that loop, the same
+loop under ``torch.no_grad()``, and ``Embedder.embed``, on the same cells of real smears
+(Chula RBC-12, segmented with ``napari_reddino.segment_cells`` and tiled into one mosaic
+smear), in the same process. The cells are taken in chunks; every method runs on every
+chunk in turn, for several rounds, and each keeps its best time per chunk, so other
+processes on a shared machine slow no method more than another.
+
+Weights cannot be downloaded here, so each ViT size is a randomly initialised timm DINOv2
+ViT at 224 px (the compute of RedDino), saved in the Hub layout and loaded through
+``load_embedder``. Layer scale is set to 1 (DINOv2 initialises it at 1e-5, which makes a
+random network's blocks nearly no-ops and its reduced-precision error look tiny).
+
+    python benchmarks/embedding.py                     # CPU, ViT-S, 48 cells in chunks of 16
+    python benchmarks/embedding.py --sizes small base --cells 96
+    python benchmarks/embedding.py --device cuda --sizes small base large --cells 4000 --chunk 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from skimage.io import imread
+from timm.models import save_for_hf
+from torchvision import transforms
+
+from napari_reddino import segment_cells
+from napari_reddino.crops import DEFAULT_MARGIN, cell_windows
+from napari_reddino.embedding import Embedder, load_embedder
+
+SMEARS = "/work/shared/data/chula_rbc12/Dataset/*.jpg"
+ARCHITECTURES = {size: f"vit_{size}_patch14_dinov2" for size in ("small", "base", "large")}
+
+
+def mosaic_smear(pattern: str, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segmented smears tiled into one image with ``cells`` labelled cells (surplus unlabelled)."""
+    tiles, total = [], 0
+    for path in sorted(glob.glob(pattern), key=lambda p: int(Path(p).stem) if Path(p).stem.isdigit() else 0):
+        image = imread(path)[..., :3]
+        labels = segment_cells(image)
+        tiles.append((image, labels))
+        total += len(np.unique(labels[labels > 0]))
+        if total >= cells:
+            break
+    else:
+        raise SystemExit(f"only {total} cells in {pattern}")
+    height, width = max(t[0].shape[0] for t in tiles), max(t[0].shape[1] for t in tiles)
+    columns = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    image = np.zeros((rows * height, columns * width, 3), np.uint8)
+    labels = np.zeros(image.shape[:2], np.int32)
+    for index, (tile, tile_labels) in enumerate(tiles):
+        top, left = index // columns * height, index % columns * width
+        image[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
+        offset = np.where(tile_labels > 0, tile_labels + labels.max(), 0)
+        labels[top : top + tile.shape[0], left : left + tile.shape[1]] = offset
+    kept = np.unique(labels[labels > 0])[:cells]
+    return image, np.where(np.isin(labels, kept), labels, 0)
+
+
+def chunks(image: np.ndarray, labels: np.ndarray, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The smear once per group of ``size`` cells (all cells when ``size`` is 0)."""
+    ids = np.unique(labels[labels > 0])
+    groups = [ids] if size == 0 else [ids[start : start + size] for start in range(0, len(ids), size)]
+    return [(image, np.where(np.isin(labels, group), labels, 0)) for group in groups]
+
+
+def model_card_loop(model: torch.nn.Module, smears, *, no_grad: bool) -> np.ndarray:
+    """The RedDino model card's preprocessing and forward, one cell at a time."""
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize((224, 224)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
+    outputs = []
+    with torch.no_grad() if no_grad else torch.enable_grad():
+        for image, labels in smears:
+            picture = Image.fromarray(image)
+            for box in cell_windows(labels, DEFAULT_MARGIN).boxes:
+                crop = picture.crop(tuple(int(round(v)) for v in box))
+                x = preprocess(crop).unsqueeze(0).to(next(model.parameters()).device)
+                outputs.append(model(x).detach().float().cpu().numpy()[0])
+    return np.stack(outputs)
+
+
+class ForwardTimer:
+    """Wall time spent inside a module's forward (CUDA: measured with events, no extra syncs)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.device, self.seconds, self._events, self._started = device, 0.0, [], 0.0
+        module.register_forward_pre_hook(self._before)
+        module.register_forward_hook(self._after)
+
+    def _before(self, *_):
+        if self.device.type == "cuda":
+            self._events.append(torch.cuda.Event(enable_timing=True))
+            self._events[-1].record()
+        else:
+            self._started = time.perf_counter()
+
+    def _after(self, *_):
+        if self.device.type == "cuda":
+            self._events.append(torch.cuda.Event(enable_timing=True))
+            self._events[-1].record()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+    def take(self) -> float:
+        """Seconds since the last take."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            pairs = zip(self._events[::2], self._events[1::2], strict=True)
+            self.seconds = sum(start.elapsed_time(end) for start, end in pairs) / 1000
+            self._events = []
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def embed_all(embedder: Embedder, smears, batch_size: int | None) -> np.ndarray:
+    return np.concatenate([embedder.embed(image, labels, batch_size=batch_size)[1] for image, labels in smears])
+
+
+def timed(run, argument, device: torch.device):
+    """(wall seconds, result) of ``run(argument)``, waiting for the GPU to finish."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = run(argument)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, result
+
+
+def relative_error(values: np.ndarray, reference: np.ndarray) -> float:
+    return float((np.linalg.norm(values - reference, axis=1) / np.linalg.norm(reference, axis=1)).max())
+
+
+def benchmark_size(size: str, parts, args, folder: Path) -> list[dict]:
+    torch.manual_seed(0)
+    network = timm.create_model(ARCHITECTURES[size], img_size=224, num_classes=0, init_values=1.0).eval()
+    save_for_hf(network, folder / size, safe_serialization=True)
+    embedder = load_embedder(folder / size, device=args.device, dtype=args.dtype)
+    fp32 = load_embedder(folder / size, device=args.device, dtype="float32")
+    card_model = copy.deepcopy(network).to(embedder.device)  # what the user's own loop would hold
+    ours = f"Embedder.embed ({str(embedder.dtype).removeprefix('torch.')})"
+    methods = {
+        "model card loop": lambda part: model_card_loop(card_model, [part], no_grad=False),
+        "model card loop + no_grad": lambda part: model_card_loop(card_model, [part], no_grad=True),
+        ours: lambda part: embed_all(embedder, [part], args.batch_size),
+    }
+    if embedder is not fp32:  # the reduced precision against fp32, in the same run
+        methods["Embedder.embed (float32)"] = lambda part: embed_all(fp32, [part], args.batch_size)
+    if args.skip_autograd_loop:
+        del methods["model card loop"]
+    timer = ForwardTimer(embedder.model, embedder.device)  # times the forward of ``ours`` only
+    embed_all(embedder, parts[:1], args.batch_size)  # warm up allocators and kernels
+    timer.take()
+    best = {name: [(np.inf, 0.0, None)] * len(parts) for name in methods}  # (seconds, in forward, result)
+    for round_ in range(args.rounds):
+        for index, part in enumerate(parts):
+            names = list(methods)
+            shift = (round_ + index) % len(names)  # vary which method runs first
+            for name in names[shift:] + names[:shift]:
+                seconds, result = timed(methods[name], part, embedder.device)
+                inside = timer.take()
+                if seconds < best[name][index][0]:
+                    best[name][index] = (seconds, inside, result)
+    n_cells = sum(len(np.unique(labels[labels > 0])) for _, labels in parts)
+    totals = {name: sum(run[0] for run in runs) for name, runs in best.items()}
+    ours_result = np.concatenate([run[2] for run in best[ours]])
+    reference = np.concatenate([run[2] for run in best.get("Embedder.embed (float32)", best[ours])])
+    rows = []
+    for name, runs in best.items():
+        result = np.concatenate([run[2] for run in runs])
+        in_forward = sum(run[1] for run in runs)
+        rows.append(
+            dict(
+                model=f"ViT-{size[0].upper()}/14",
+                method=name,
+                cells=n_cells,
+                cells_per_s=n_cells / totals[name],
+                speedup={
+                    base: totals[base] / totals[name]
+                    for base in ("model card loop", "model card loop + no_grad")
+                    if base in totals
+                },
+                outside=1 - in_forward / totals[name] if name == ours else np.nan,
+                error=relative_error(ours_result, reference) if name == ours else np.nan,
+                card_difference=np.median(
+                    np.linalg.norm(result - ours_result, axis=1) / np.linalg.norm(ours_result, axis=1)
+                ),
+            )
+        )
+    return rows
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    print(
+        "| model | method | cells | cells/s | vs card loop | vs card loop + no_grad | time outside forward "
+        "| max rel. error vs fp32 | median rel. diff. vs Embedder |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        outside = "" if np.isnan(row["outside"]) else f"{row['outside']:.1%}"
+        error = "" if np.isnan(row["error"]) else f"{row['error']:.1e}"
+        speedups = [row["speedup"].get(base) for base in ("model card loop", "model card loop + no_grad")]
+        speedups = " | ".join("" if ratio is None else f"{ratio:.2f}x" for ratio in speedups)
+        print(
+            f"| {row['model']} | {row['method']} | {row['cells']} | {row['cells_per_s']:.2f} | {speedups} | "
+            f"{outside} | {error} | {row['card_difference']:.1e} |"
+        )
+    print(f"\ndevice: {device}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto")
+    parser.add_argument("--dtype", default=None, help="auto (default), float32, bfloat16")
+    parser.add_argument("--sizes", nargs="+", default=["small"], choices=list(ARCHITECTURES))
+    parser.add_argument("--cells", type=int, default=48, help="embed at least this many cells per method")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the Embedder's own choice")
+    parser.add_argument("--chunk", type=int, default=16, help="cells per timed call; 0: all in one call")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per method and chunk; the best is kept")
+    parser.add_argument("--smears", default=SMEARS, help="glob of smear images")
+    parser.add_argument("--skip-autograd-loop", action="store_true", help="leave out the slowest method")
+    args = parser.parse_args()
+    parts = chunks(*mosaic_smear(args.smears, args.cells), args.chunk)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.sizes:
+            rows += benchmark_size(size, parts, args, Path(folder))
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print_table(rows, f"{args.device} ({name})")
+
+
+if __name__ == "__main__":
+    main()

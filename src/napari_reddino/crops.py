@@ -1,0 +1,212 @@
+"""Cut one square model input per cell from a smear and its label image.
+
+Each cell gets a square window centred on its bounding box, ``1 + 2 * margin`` times the
+box's longer side, so the cell fills the same share of every crop whatever its size, and
+the window is resampled to the model's input size. Two modes:
+
+``"context"``
+    the window as it is in the smear, neighbours included;
+``"masked"``
+    pixels of other labelled cells replaced by the smear's background colour (the median
+    colour of unlabelled pixels), so touching neighbours do not leak into the embedding.
+
+A window that reaches past the image edge is never shifted: the part outside is the
+background colour. Sampling is bilinear (``roi_align``), averaging several samples per
+output pixel when a window is larger than the model input, and runs batched with torch ops
+on the model's device from one upload of the smear, so a GPU is not kept waiting on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torchvision.ops import roi_align
+
+from .image_input import check_smear, colour_planes
+
+CropMode = Literal["context", "masked"]
+CROP_MODES: tuple[CropMode, ...] = ("context", "masked")
+DEFAULT_MARGIN = 0.25
+_BACKGROUND_SAMPLES = 1_000_000
+_MAX_WINDOW_PIXELS = 2**24  # per batch of crops: 200 MB of float32 RGB
+
+
+class CropInputError(ValueError):
+    """The labels do not fit the image, or a crop setting is invalid."""
+
+
+def as_rgb(image) -> np.ndarray:
+    """Any accepted smear (grayscale, RGB, RGBA; integer or float) as float32 RGB in [0, 1].
+
+    The model saw 8-bit photographs divided by 255. Wider integers are divided by the largest
+    value of the bit depth in use (12-bit cameras store in uint16); floats already in [0, 1]
+    are kept, floats up to 255 are divided by 255, anything else is stretched to [0, 1].
+    """
+    array = check_smear(image)
+    planes = colour_planes(array)
+    rgb = np.stack(planes * 3 if len(planes) == 1 else planes, axis=-1)
+    black, white = _black_and_white(array.dtype, rgb)
+    if (black, white) != (0.0, 1.0):
+        rgb -= np.float32(black)
+        rgb *= np.float32(1.0 / (white - black))
+    return rgb
+
+
+def _black_and_white(dtype: np.dtype, rgb: np.ndarray) -> tuple[float, float]:
+    """The pixel values that stand for black and white in this image's encoding."""
+    high = float(rgb.max())
+    if np.issubdtype(dtype, np.integer):
+        bits = 8 if dtype == np.uint8 else math.ceil(math.log2(max(high, 1.0) + 1))
+        return 0.0, float(2**bits - 1)
+    low = float(rgb.min())
+    if low >= 0 and high <= 1:
+        return 0.0, 1.0
+    if low >= 0 and high <= 255:
+        return 0.0, 255.0
+    return low, max(high, low + 1e-12)
+
+
+def check_labels(labels, image_shape: tuple[int, ...]) -> np.ndarray:
+    """``labels`` as an integer array of the image's (H, W), or :class:`CropInputError`."""
+    array = np.asarray(labels)
+    if array.shape != tuple(image_shape[:2]):
+        raise CropInputError(
+            f"The labels have shape {array.shape} but the image is {tuple(image_shape[:2])} (H, W): "
+            "they must be the label image of this smear, pixel for pixel."
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        raise CropInputError(f"Labels must be integers (a label image), not {array.dtype}.")
+    if array.size and array.min() < 0:
+        raise CropInputError("Labels must not be negative (0 is background, 1, 2, ... are cells).")
+    return array
+
+
+def background_colour(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Median RGB of the unlabelled pixels (of all pixels when every pixel is labelled),
+    from a regular grid of at most about a million pixels."""
+    step = max(1, math.isqrt(labels.size // _BACKGROUND_SAMPLES))
+    grid, grid_labels = rgb[::step, ::step], labels[::step, ::step]
+    pixels = grid[grid_labels == 0] if (grid_labels == 0).any() else grid.reshape(-1, 3)
+    return np.median(pixels, axis=0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CellWindows:
+    """Label ids in ascending order and their square windows as (x0, y0, x1, y1) pixel edges."""
+
+    ids: np.ndarray
+    boxes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def cell_windows(labels: np.ndarray, margin: float = DEFAULT_MARGIN) -> CellWindows:
+    """One square window per label, centred on its bounding box (pixel i spans [i, i + 1))."""
+    if not margin >= 0:
+        raise CropInputError(f"margin must be >= 0 (a fraction of the cell size), not {margin}.")
+    slices = ndimage.find_objects(labels) if labels.size else []
+    ids = np.array([i + 1 for i, found in enumerate(slices) if found is not None], dtype=np.int64)
+    bounds = np.array(
+        [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in slices if s is not None], dtype=np.float64
+    ).reshape(-1, 4)
+    centre_x = (bounds[:, 0] + bounds[:, 2]) / 2
+    centre_y = (bounds[:, 1] + bounds[:, 3]) / 2
+    half = np.maximum(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1]) * (0.5 + margin)
+    boxes = np.stack([centre_x - half, centre_y - half, centre_x + half, centre_y + half], axis=1)
+    return CellWindows(ids, boxes)
+
+
+class CropSampler:
+    """Holds one smear on a device and cuts normalised, resized crops of it in batches.
+
+    Each crop is sampled from its own copy of the pixels under its window, in which pixels
+    outside the image, and in ``"masked"`` mode pixels of other cells, are set to the
+    background colour *before* resampling, so no neighbour bleeds in through interpolation.
+    """
+
+    def __init__(
+        self,
+        image,
+        labels,
+        *,
+        size: tuple[int, int],
+        mode: CropMode = "context",
+        device: torch.device | str = "cpu",
+        mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        std: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ):
+        if mode not in CROP_MODES:
+            raise CropInputError(f"Unknown crop mode {mode!r}; use one of {', '.join(CROP_MODES)}.")
+        rgb = as_rgb(image)
+        labels = check_labels(labels, rgb.shape)
+        self.size, self.mode, self.device = tuple(size), mode, torch.device(device)
+        background = torch.from_numpy(background_colour(rgb, labels)).view(3, 1, 1)
+        # Working on (image - background) makes 0 the background colour: padding and blanking
+        # are multiplications by 0, and roi_align's zeros outside its input are background too.
+        self._smear = (torch.from_numpy(rgb).permute(2, 0, 1) - background).to(self.device).contiguous()
+        label_type = np.int32 if labels.max(initial=0) < 2**31 else np.int64
+        self._labels = torch.from_numpy(labels.astype(label_type)).to(self.device) if mode == "masked" else None
+        mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
+        # (shifted + background - mean) / std == shifted * scale + offset
+        self._scale = (1.0 / std_t).to(self.device)
+        self._offset = ((background[None] - mean_t) / std_t).to(self.device)
+
+    def __call__(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        """Crops of the cells ``ids`` in ``boxes`` (x0, y0, x1, y1): float32 (n, 3, H, W)."""
+        parts = [self._cut(ids[part], boxes[part]) for part in _parts_within(boxes, _MAX_WINDOW_PIXELS)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _cut(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        # one pixel more on each side than the window, for the bilinear neighbours of its edge
+        corner = np.floor(boxes[:, :2]).astype(np.int64) - 1
+        side = int(np.ceil((boxes[:, 2:] - corner).max())) + 2
+        steps = torch.arange(side, device=self.device)
+        cols = torch.as_tensor(corner[:, 0], device=self.device)[:, None] + steps
+        rows = torch.as_tensor(corner[:, 1], device=self.device)[:, None] + steps
+        _, height, width = self._smear.shape
+        keep = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+        rows, cols = rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]
+        if self._labels is not None:
+            under = self._labels[rows, cols]
+            keep &= (under == 0) | (under == torch.as_tensor(ids, device=self.device)[:, None, None])
+        windows = self._smear[:, rows, cols].transpose(0, 1) * keep[:, None]
+        local = torch.as_tensor(boxes - np.tile(corner, 2), dtype=torch.float32, device=self.device)
+        indexed = torch.cat([torch.arange(len(local), device=self.device, dtype=torch.float32)[:, None], local], 1)
+        crops = roi_align(windows, indexed, self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        return crops * self._scale + self._offset
+
+
+def _parts_within(boxes: np.ndarray, max_pixels: int) -> list[slice]:
+    """Consecutive runs of windows whose padded copies hold at most ``max_pixels`` together."""
+    sides = np.ceil(boxes[:, 2] - boxes[:, 0]) + 3
+    parts, start, largest = [], 0, 0.0
+    for index, side in enumerate(sides):
+        largest = max(largest, side)
+        if index > start and (index - start + 1) * largest**2 > max_pixels:
+            parts.append(slice(start, index))
+            start, largest = index, side
+    return [*parts, slice(start, len(sides))]
+
+
+def cell_crops(
+    image,
+    labels,
+    size: int | tuple[int, int] = 224,
+    *,
+    mode: CropMode = "context",
+    margin: float = DEFAULT_MARGIN,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(label_ids, crops)``: what the model sees for each cell, as float32 RGB (n, H, W, 3) in [0, 1]."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    sampler = CropSampler(image, labels, size=size, mode=mode)
+    windows = cell_windows(np.asarray(labels), margin)
+    if not len(windows):
+        return windows.ids, np.zeros((0, *size, 3), dtype=np.float32)
+    crops = sampler(windows.ids, windows.boxes)
+    return windows.ids, crops.permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,296 @@
+"""Embed every cell of a smear: one vector per label id, from a RedDino-style model.
+
+:func:`list_devices` says where a model can run here (and why not elsewhere);
+:func:`load_embedder` loads a model once per (model, device, dtype) and returns an
+:class:`Embedder`. ``Embedder.embed(image, labels)`` cuts one crop per cell (see
+:mod:`napari_reddino.crops`), runs the model in batches and returns the label ids in
+ascending order with their embeddings: for RedDino the class token after the final norm.
+
+While the model runs on one batch, a worker thread cuts the next, so the model never waits
+for crops. The batch size follows the free memory of the device and halves when a CUDA
+batch runs out of memory. Work can be cancelled between batches, and
+:meth:`Embedder.embed_steps` is a generator that yields progress, fit for a napari
+``thread_worker``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .crops import DEFAULT_MARGIN, CropMode, CropSampler, cell_windows
+from .models import DownloadProgress, LoadedModel, canonical_id, hub_id, load_model, local_path
+
+Progress = Callable[[int, int], None]
+"""``(cells_done, cells_total)``, called after every batch."""
+
+# Peak activation memory of one image in a ViT forward, as a multiple of its input tensor's
+# bytes; generous so the first batch fits, and a CUDA out-of-memory error halves it anyway.
+_ACTIVATION_FACTOR = 64
+# Larger CPU batches were no faster (ViT-S, 2 cores; benchmarks/embedding.py) and report
+# progress less often.
+_MAX_BATCH = {"cuda": 512, "mps": 64, "cpu": 8}
+
+
+# --- devices and precision -----------------------------------------------------------------
+
+
+class DeviceError(ValueError):
+    """The requested device does not exist or cannot be used here."""
+
+
+@dataclass(frozen=True)
+class DeviceOption:
+    """One device a model could run on; ``detail`` names it, or says why it is unavailable."""
+
+    name: str
+    available: bool
+    detail: str
+
+
+def list_devices() -> list[DeviceOption]:
+    """Every device kind this machine might offer, the unavailable ones with the reason."""
+    options = [DeviceOption("cpu", True, f"{torch.get_num_threads()} threads")]
+    if not torch.backends.cuda.is_built():
+        options.append(DeviceOption("cuda", False, "this PyTorch was built without CUDA"))
+    elif torch.cuda.device_count() == 0:
+        options.append(DeviceOption("cuda", False, "no NVIDIA GPU or driver found"))
+    else:
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            options.append(DeviceOption(f"cuda:{index}", True, f"{props.name}, {props.total_memory / 2**30:.0f} GiB"))
+    if not torch.backends.mps.is_built():
+        options.append(DeviceOption("mps", False, "Apple GPUs (MPS) need PyTorch on macOS with Apple silicon"))
+    elif not torch.backends.mps.is_available():
+        options.append(DeviceOption("mps", False, "MPS is built in but unavailable (macOS 12.3+ needed)"))
+    else:
+        options.append(DeviceOption("mps", True, "Apple GPU"))
+    return options
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then the CPU; other names must exist here."""
+    options = list_devices()
+    available = [option.name for option in options if option.available]
+    if str(device) == "auto":
+        preferred = next((name for name in available if name.startswith("cuda")), None)
+        return torch.device(preferred or ("mps" if "mps" in available else "cpu"))
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise DeviceError(f"{device!r} is not a device name; available here: {', '.join(available)}.") from error
+    if chosen.type == "cuda" and chosen.index is None and torch.cuda.device_count() > 0:
+        chosen = torch.device("cuda", torch.cuda.current_device())
+    name = chosen.type if chosen.index is None else f"{chosen.type}:{chosen.index}"
+    if name in available or (chosen.type == "mps" and "mps" in available):
+        return chosen
+    reasons = [f"{option.name}: {option.detail}" for option in options if not option.available]
+    raise DeviceError(
+        f"Device {name!r} is not available. Available here: {', '.join(available)}."
+        + (f" ({'; '.join(reasons)})" if reasons else "")
+    )
+
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The compute precision: ``None``/``"auto"`` is bf16 on CUDA GPUs that have it, else fp32.
+
+    On CPUs fp32 is chosen even where bf16 is native: bf16 was measured slower on a CPU
+    without native bf16 and has not been measured faster on one with it (benchmarks/RESULTS.md).
+    """
+    if dtype is None or dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    raise ValueError(f"Unsupported dtype {dtype!r}; use 'auto' or one of {', '.join(DTYPE_NAMES)}.")
+
+
+# --- embedding ------------------------------------------------------------------------------
+
+
+class EmbeddingCancelled(Exception):
+    """Raised by :meth:`Embedder.embed` when ``should_stop()`` turned true between batches."""
+
+
+class Embedder:
+    """A loaded model on a device, turning (image, labels) into one embedding per cell."""
+
+    def __init__(self, loaded: LoadedModel, *, device: torch.device, dtype: torch.dtype):
+        self.model_id = loaded.model_id
+        self.input_size = loaded.input_size
+        self.mean, self.std = loaded.mean, loaded.std
+        self.device, self.dtype = device, dtype
+        self.model = loaded.module.to(device)
+        self.dim = int(self.model.num_features)
+        self._fitting_batch: int | None = None  # set after an out-of-memory error
+
+    def __repr__(self) -> str:
+        return (
+            f"Embedder({self.model_id!r}, dim={self.dim}, device={self.device}, dtype={self.dtype}, "
+            f"input_size={self.input_size})"
+        )
+
+    def embed(
+        self,
+        image,
+        labels,
+        *,
+        mode: CropMode = "context",
+        margin: float = DEFAULT_MARGIN,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(label_ids, embeddings)``: int64 ids ascending, float32 (n_cells, dim) in the same order.
+
+        ``should_stop`` (e.g. ``threading.Event().is_set``) is asked before every batch; when it
+        answers true, :class:`EmbeddingCancelled` is raised.
+        """
+        steps = self.embed_steps(image, labels, mode=mode, margin=margin, batch_size=batch_size)
+        while True:
+            if should_stop is not None and should_stop():
+                steps.close()
+                raise EmbeddingCancelled(f"Embedding with {self.model_id} was cancelled.")
+            try:
+                done, total = next(steps)
+            except StopIteration as finished:
+                return finished.value
+            if progress is not None:
+                progress(done, total)
+
+    def embed_steps(
+        self,
+        image,
+        labels,
+        *,
+        mode: CropMode = "context",
+        margin: float = DEFAULT_MARGIN,
+        batch_size: int | None = None,
+    ) -> Generator[tuple[int, int], None, tuple[np.ndarray, np.ndarray]]:
+        """Like :meth:`embed`, as a generator: yields ``(done, total)`` after each batch and
+        returns ``(label_ids, embeddings)``. Closing it stops the work after the current batch."""
+        sampler = CropSampler(
+            image, labels, size=self.input_size, mode=mode, device=self.device, mean=self.mean, std=self.std
+        )
+        windows = cell_windows(np.asarray(labels), margin)
+        embeddings = np.zeros((len(windows), self.dim), dtype=np.float32)
+        if not len(windows):
+            return windows.ids, embeddings
+        batch = batch_size or self.auto_batch_size()
+        starts = range(0, len(windows), batch)
+
+        def cut(start: int) -> torch.Tensor:
+            return sampler(windows.ids[start : start + batch], windows.boxes[start : start + batch])
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reddino-crops") as cutter:
+            upcoming = cutter.submit(cut, starts[0])
+            for start in starts:
+                crops = upcoming.result()
+                if start + batch < len(windows):
+                    upcoming = cutter.submit(cut, start + batch)
+                embeddings[start : start + len(crops)] = self.embed_crops(crops).cpu().numpy()
+                yield start + len(crops), len(windows)
+        return windows.ids, embeddings
+
+    def embed_crops(self, crops: torch.Tensor) -> torch.Tensor:
+        """Embeddings (float32, on the device) of normalised model inputs (n, 3, H, W).
+
+        On CUDA an out-of-memory error halves the batch instead of failing; the smaller size
+        is kept for later batches.
+        """
+        outputs, start = [], 0
+        while start < len(crops):
+            chunk = min(len(crops) - start, self._fitting_batch or len(crops))
+            try:
+                outputs.append(self._forward(crops[start : start + chunk]))
+                start += chunk
+            except torch.cuda.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                self._fitting_batch = chunk // 2
+                torch.cuda.empty_cache()
+        return torch.cat(outputs)
+
+    def _forward(self, crops: torch.Tensor) -> torch.Tensor:
+        reduced = self.dtype != torch.float32
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if reduced else nullcontext()
+        with torch.inference_mode(), autocast:
+            return self.model(crops.to(self.device, non_blocking=True).contiguous()).float()
+
+    def auto_batch_size(self) -> int:
+        """Cells per batch: what half the free device memory holds, up to a per-device cap."""
+        height, width = self.input_size
+        per_image = 3 * height * width * 4 * _ACTIVATION_FACTOR
+        cap = _MAX_BATCH.get(self.device.type, 8)
+        free = _free_memory(self.device)
+        return cap if free is None else int(np.clip(free // 2 // per_image, 1, cap))
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device``, or None where that cannot be asked."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+_EMBEDDERS: dict[tuple, Embedder] = {}
+_EMBEDDERS_LOCK = threading.Lock()
+
+
+def load_embedder(
+    model: str | os.PathLike = "reddino-small",
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    architecture: str | None = None,
+    download_progress: DownloadProgress | None = None,
+) -> Embedder:
+    """Load ``model`` (or reuse it, cached per model, device and dtype) as an :class:`Embedder`.
+
+    ``model``: ``"reddino-small"``, ``"reddino-base"``, ``"reddino-large"``; ``"hf_hub:org/name"``
+    (optionally ``@revision``); a folder with ``config.json`` + ``model.safetensors``; or a
+    ``.safetensors`` file with ``architecture`` set to its timm name, e.g.
+    ``load_embedder("w.safetensors", architecture="vit_small_patch14_dinov2")``.
+    ``device``: ``"auto"`` (CUDA, then Apple MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    ``dtype``: ``None``/``"auto"`` (bf16 on CUDA, else fp32), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+    ``download_progress(filename, bytes_done, bytes_total)`` follows a download, if one is needed.
+    A local model that changed on disk since it was cached is loaded again.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    key = (canonical_id(model, architecture), _modified_ns(model), str(torch_device), torch_dtype)
+    with _EMBEDDERS_LOCK:
+        if key not in _EMBEDDERS:
+            loaded = load_model(model, architecture=architecture, download_progress=download_progress)
+            _EMBEDDERS[key] = Embedder(loaded, device=torch_device, dtype=torch_dtype)
+        return _EMBEDDERS[key]
+
+
+def clear_embedder_cache() -> None:
+    """Forget every cached model (frees its memory once no one else holds it)."""
+    with _EMBEDDERS_LOCK:
+        _EMBEDDERS.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _modified_ns(model: str | os.PathLike) -> int | None:
+    """When a local model last changed (a folder changes when a file in it is replaced)."""
+    if hub_id(model):
+        return None
+    path = local_path(model)
+    return path.stat().st_mtime_ns if path.exists() else None

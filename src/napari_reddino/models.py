@@ -1,0 +1,432 @@
+"""Model registry and loading: which models exist, where their files are, how they are built.
+
+A model is named in one of four ways (see :func:`load_model`): a RedDino name
+(``"reddino-small"``), any timm model on the Hugging Face Hub (``"hf_hub:org/name"``), a local
+folder in timm's ``save_for_hf`` layout (``config.json`` + ``model.safetensors``), or a single
+weights file plus the timm architecture it belongs to.
+
+Hub files are taken from the local Hugging Face cache without contacting the Hub whenever
+they are there. Only when they are missing does loading go online, after a one-second check
+that the Hub (or the proxy) answers at all: huggingface_hub itself retries an unreachable
+host for about 20 seconds before it gives up, which reads as a frozen plugin.
+
+Weights are read only with safetensors or ``torch.load(weights_only=True)`` and loaded
+strictly, so a wrong or damaged file fails with the file's name and what did not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import huggingface_hub
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from timm.models import PretrainedCfg
+
+DownloadProgress = Callable[[str, int, int], None]
+"""``(filename, bytes_done, bytes_total)``, called as a download advances."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    repo_id: str
+    architecture: str
+    dim: int
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    known.name: known
+    for known in (
+        KnownModel("reddino-small", "Snarcy/RedDino-small", "vit_small_patch14_dinov2", 384),
+        KnownModel("reddino-base", "Snarcy/RedDino-base", "vit_base_patch14_dinov2", 768),
+        KnownModel("reddino-large", "Snarcy/RedDino-large", "vit_large_patch14_dinov2", 1024),
+    )
+}
+HUB_PREFIXES = ("hf_hub:", "hf-hub:")
+LOCAL_PREFIX = "local-dir:"
+CONFIG_FILE = "config.json"
+# In the order they are preferred; pickled weights are read with torch.load(weights_only=True).
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
+HUB_PROBE_TIMEOUT_S = 1.0
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+class UnknownModelError(ModelLoadError, ValueError):
+    """The name is neither a known model, a Hub id, nor an existing file or folder."""
+
+
+class ModelNotAvailableError(ModelLoadError):
+    """The model is not in the local cache and cannot be downloaded now."""
+
+
+class CheckpointError(ModelLoadError):
+    """A weights or config file is unreadable or does not fit its architecture."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where one model's weights are and how to build the network they belong to."""
+
+    model_id: str
+    weights: Path
+    architecture: str
+    model_args: dict = field(default_factory=dict)
+    pretrained_cfg: dict | None = None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A timm model with its weights, in eval mode, returning pooled features (no classifier)."""
+
+    model_id: str
+    module: torch.nn.Module
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def describe_names() -> str:
+    """One line listing every way to name a model, for error messages and help texts."""
+    known = ", ".join(KNOWN_MODELS)
+    return (
+        f"known models: {known}; or 'hf_hub:org/name' for a timm model on the Hugging Face Hub; "
+        f"or a folder with {CONFIG_FILE} + {WEIGHT_FILES[0]} (timm save_for_hf layout); "
+        "or a .safetensors file with architecture='vit_small_patch14_dinov2' (or another timm name)"
+    )
+
+
+def hub_id(model: str | os.PathLike) -> str | None:
+    """``org/name[@revision]`` for a known or ``hf_hub:`` name; None for local files."""
+    name = os.fspath(model)
+    if name in KNOWN_MODELS:
+        return KNOWN_MODELS[name].repo_id
+    prefix = next((prefix for prefix in HUB_PREFIXES if name.startswith(prefix)), None)
+    return name.removeprefix(prefix) if prefix else None
+
+
+def local_path(model: str | os.PathLike) -> Path:
+    """The file or folder a non-Hub model name points at."""
+    return Path(os.fspath(model).removeprefix(LOCAL_PREFIX)).expanduser()
+
+
+def canonical_id(model: str | os.PathLike, architecture: str | None = None) -> str:
+    """The identity of a model name without reading any file: equal ids load equal models."""
+    if hub := hub_id(model):
+        return f"hf-hub:{hub}"
+    path = local_path(model).resolve()
+    return f"{path}:{architecture}" if architecture else str(path)
+
+
+def find_model_files(
+    model: str | os.PathLike,
+    *,
+    architecture: str | None = None,
+    download_progress: DownloadProgress | None = None,
+) -> ModelFiles:
+    """Locate (downloading if needed and possible) the files of ``model``."""
+    name = os.fspath(model)
+    if hub := hub_id(name):
+        return _folder_files(_hub_snapshot(hub, name, download_progress), name)
+    path = local_path(name)
+    if path.is_dir():
+        if architecture:
+            raise ValueError(
+                f"architecture={architecture!r} is only for a single weights file; the folder {path} "
+                f"names its architecture in {CONFIG_FILE}."
+            )
+        return _folder_files(path, str(path.resolve()))
+    if path.is_file():
+        return _single_file(path, architecture)
+    if name.startswith(LOCAL_PREFIX) or path.suffix in (".safetensors", *PICKLE_SUFFIXES) or os.sep in name:
+        raise UnknownModelError(f"No such model file or folder: {path}. ({describe_names()})")
+    raise UnknownModelError(f"Unknown model {name!r}: {describe_names()}.")
+
+
+def load_model(
+    model: str | os.PathLike = "reddino-small",
+    *,
+    architecture: str | None = None,
+    download_progress: DownloadProgress | None = None,
+) -> LoadedModel:
+    """Build a timm model from its files, load its weights strictly, and drop its classifier.
+
+    ``architecture`` is needed (and only allowed) when ``model`` is a single weights file.
+    The input size of a ViT is read from its position embeddings, so a DINOv2 checkpoint
+    trained at 224 px gives a 224 px model rather than timm's 518 px default.
+    """
+    files = find_model_files(model, architecture=architecture, download_progress=download_progress)
+    state = read_weights(files.weights)
+    trained_size = _trained_image_size(state)
+    # Built on the meta device (no memory, no random init: ViT-L's init takes ~20 s on a CPU),
+    # then given the file's tensors. Models that compute a buffer in __init__ are built for real.
+    module = _build(files, trained_size, device="meta")
+    load_strict(module, state, files.weights, files.architecture)
+    if any(tensor.is_meta for tensor in (*module.parameters(), *module.buffers())):
+        module = _build(files, trained_size, device="cpu")
+        load_strict(module, state, files.weights, files.architecture)
+    module.reset_classifier(0)
+    module.eval().requires_grad_(False)
+    data = timm.data.resolve_model_data_config(module)
+    return LoadedModel(
+        model_id=files.model_id,
+        module=module,
+        input_size=tuple(data["input_size"][1:]),
+        mean=tuple(float(v) for v in data["mean"]),
+        std=tuple(float(v) for v in data["std"]),
+    )
+
+
+def _build(files: ModelFiles, trained_size: int | None, device: str) -> torch.nn.Module:
+    """The network ``files`` describe, at the input size its weights were trained at."""
+    sized = {}
+    if trained_size and "img_size" not in files.model_args:
+        sized = {"img_size": trained_size, "pretrained_cfg_overlay": {"input_size": (3, trained_size, trained_size)}}
+    try:
+        with torch.device(device):
+            return timm.create_model(
+                files.architecture, pretrained=False, pretrained_cfg=files.pretrained_cfg, **files.model_args, **sized
+            )
+    except (TypeError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(
+            f"Cannot build {files.architecture} with {files.model_args} for {files.weights}: {error}"
+        ) from error
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a flat state dict with safetensors, or torch.load(weights_only=True) for pickles."""
+    try:
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(path, device="cpu")
+        elif path.suffix in PICKLE_SUFFIXES:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise CheckpointError(f"{path}: weights must be .safetensors or {'/'.join(PICKLE_SUFFIXES)}.")
+    except CheckpointError:
+        raise
+    except Exception as error:  # each reader raises its own error types for damaged files
+        raise CheckpointError(f"Cannot read weights from {path} (damaged or not a weights file): {error}") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict (parameter name -> tensor).")
+    return state
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, architecture: str) -> None:
+    """Load ``state`` into ``module`` or say exactly which names and shapes do not fit."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong_shape = [
+        f"{name}: file {tuple(state[name].shape)}, model {tuple(expected[name].shape)}"
+        for name in sorted(expected.keys() & state.keys())
+        if state[name].shape != expected[name].shape
+    ]
+    found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatch": wrong_shape}
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
+        for label, items in found.items()
+        if items
+    ]
+    if problems:
+        raise CheckpointError(f"The weights in {path} do not fit {architecture}: " + "; ".join(problems))
+    # assign=True keeps the file's tensors (no copy, and fills a meta-built module); in the
+    # module's dtype, so fp16 or bf16 files still give an fp32 model.
+    state = {name: tensor.to(expected[name].dtype) for name, tensor in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def _trained_image_size(state: dict[str, torch.Tensor]) -> int | None:
+    """Square input size a ViT checkpoint was trained at, from its position embeddings."""
+    pos_embed, patch_weight = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    if pos_embed is None or patch_weight is None or pos_embed.ndim != 3:
+        return None
+    tokens = pos_embed.shape[1]
+    for prefix_tokens in (0, 1):  # position embeddings with or without the class token
+        grid = math.isqrt(tokens - prefix_tokens)
+        if grid * grid == tokens - prefix_tokens:
+            return grid * patch_weight.shape[-1]
+    return None
+
+
+def _folder_files(folder: Path, model_id: str) -> ModelFiles:
+    config_path = folder / CONFIG_FILE
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if not config_path.is_file() or weights is None:
+        raise CheckpointError(
+            f"{folder} is not a model folder: it needs {CONFIG_FILE} and one of {', '.join(WEIGHT_FILES)} "
+            "(timm.models.save_for_hf writes this layout)."
+        )
+    architecture, model_args, pretrained_cfg = _read_config(config_path)
+    return ModelFiles(model_id, weights, architecture, model_args, pretrained_cfg)
+
+
+def _read_config(path: Path) -> tuple[str, dict, dict]:
+    """(architecture, model_args, pretrained_cfg) from a timm Hub config, current or legacy layout."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if "pretrained_cfg" in config:
+            pretrained_cfg = dict(config["pretrained_cfg"])
+            architecture = config["architecture"]
+        else:  # legacy layout: one flat dict
+            pretrained_cfg = dict(config)
+            architecture = pretrained_cfg.pop("architecture")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"Cannot read {path}: {error!r} (expected a timm config with 'architecture').") from error
+    if not timm.is_model(architecture):
+        raise CheckpointError(f"{path} names architecture {architecture!r}, which this timm {timm.__version__} lacks.")
+    if "num_classes" in config:
+        pretrained_cfg["num_classes"] = config["num_classes"]
+    known_fields = PretrainedCfg.__dataclass_fields__
+    pretrained_cfg = {key: value for key, value in pretrained_cfg.items() if key in known_fields}
+    pretrained_cfg["architecture"] = architecture
+    return architecture, dict(config.get("model_args", {})), pretrained_cfg
+
+
+def _single_file(path: Path, architecture: str | None) -> ModelFiles:
+    if not architecture:
+        raise ValueError(
+            f"{path} is a bare weights file: say which timm architecture it belongs to, e.g. "
+            f"load_embedder({str(path)!r}, architecture='vit_small_patch14_dinov2')."
+        )
+    if not timm.is_model(architecture):
+        examples = ", ".join(known.architecture for known in KNOWN_MODELS.values())
+        raise UnknownModelError(f"Unknown timm architecture {architecture!r} (RedDino uses {examples}).")
+    return ModelFiles(canonical_id(path, architecture), path, architecture)
+
+
+# --- the Hugging Face Hub ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """Hub settings read from the environment when a model is loaded, not when Python started."""
+
+    cache_dir: Path
+    offline: bool
+    endpoint: str
+
+    @classmethod
+    def from_environment(cls) -> HubSettings:
+        env = os.environ
+        if env.get("HF_HUB_CACHE"):
+            cache_dir = Path(env["HF_HUB_CACHE"])
+        elif env.get("HF_HOME"):
+            cache_dir = Path(env["HF_HOME"]) / "hub"
+        else:
+            cache_dir = Path(huggingface_hub.constants.HF_HUB_CACHE)
+        flag = env.get("HF_HUB_OFFLINE", "").strip().lower()
+        offline = flag in ("1", "true", "yes", "on") or (not flag and huggingface_hub.constants.HF_HUB_OFFLINE)
+        endpoint = env.get("HF_ENDPOINT") or huggingface_hub.constants.ENDPOINT
+        return cls(cache_dir.expanduser(), offline, endpoint.rstrip("/"))
+
+
+def _hub_snapshot(hub_id: str, name: str, download_progress: DownloadProgress | None) -> Path:
+    """The snapshot folder holding ``config.json`` and the weights of ``hub_id`` (``org/name[@rev]``)."""
+    repo_id, _, revision = hub_id.partition("@")
+    revision = revision or None
+    settings = HubSettings.from_environment()
+    config = _cached(repo_id, CONFIG_FILE, revision, settings)
+    if config is not None and any(_cached(repo_id, w, revision, settings) for w in WEIGHT_FILES):
+        return config.parent
+    unreachable = "HF_HUB_OFFLINE is set" if settings.offline else _hub_unreachable_reason(settings.endpoint)
+    if unreachable:
+        raise ModelNotAvailableError(
+            f"Model {name!r} (Hugging Face repo {repo_id}) is not in the local cache {settings.cache_dir} "
+            f"and cannot be downloaded: {unreachable}. Download it once on a machine with internet "
+            f"(it is then cached), copy that cache folder here (or set HF_HUB_CACHE to it), or put "
+            f"{CONFIG_FILE} and {WEIGHT_FILES[0]} from https://huggingface.co/{repo_id} in a folder and "
+            f"load that folder: load_embedder('/path/to/folder')."
+        )
+    config = _download(repo_id, CONFIG_FILE, revision, settings, download_progress)
+    for weights_name in WEIGHT_FILES:
+        try:
+            _download(repo_id, weights_name, revision, settings, download_progress)
+            return config.parent
+        except EntryNotFoundError:
+            continue
+    raise CheckpointError(f"Hugging Face repo {repo_id} has none of {', '.join(WEIGHT_FILES)}.")
+
+
+def _cached(repo_id: str, filename: str, revision: str | None, settings: HubSettings) -> Path | None:
+    found = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=settings.cache_dir, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _hub_unreachable_reason(endpoint: str) -> str | None:
+    """None if the Hub (or the configured HTTPS proxy) accepts a connection within a second."""
+    target = urllib.request.getproxies().get("https") or endpoint
+    url = urllib.parse.urlsplit(target if "://" in target else f"http://{target}")
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:  # getaddrinfo ignores socket timeouts, hence the thread
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(error)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(HUB_PROBE_TIMEOUT_S)
+    if not outcome:
+        return f"{host}:{port} did not answer within {HUB_PROBE_TIMEOUT_S:g} s"
+    return None if outcome[0] is None else f"cannot connect to {host}:{port} ({outcome[0]})"
+
+
+def _download(
+    repo_id: str,
+    filename: str,
+    revision: str | None,
+    settings: HubSettings,
+    download_progress: DownloadProgress | None,
+) -> Path:
+    try:
+        return Path(
+            huggingface_hub.hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                cache_dir=settings.cache_dir,
+                endpoint=settings.endpoint,
+                tqdm_class=_reporting_tqdm(filename, download_progress) if download_progress else None,
+            )
+        )
+    except EntryNotFoundError as error:
+        if isinstance(error, LocalEntryNotFoundError):  # a network failure after the probe
+            raise ModelNotAvailableError(f"Download of {filename} from {repo_id} failed: {error}") from error
+        raise
+    except HfHubHTTPError as error:
+        raise ModelNotAvailableError(f"Cannot download {filename} from Hugging Face repo {repo_id}: {error}") from error
+
+
+def _reporting_tqdm(filename: str, report: DownloadProgress) -> type:
+    """A huggingface_hub progress bar class that also calls ``report(filename, done, total)``,
+    counting bytes itself because a disabled bar (HF_HUB_DISABLE_PROGRESS_BARS) does not."""
+
+    class ReportingTqdm(huggingface_hub.utils.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.bytes_done = int(kwargs.get("initial", 0))
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.bytes_done += int(n or 0)
+            report(filename, self.bytes_done, int(self.total or 0))
+            return super().update(n)
+
+    return ReportingTqdm

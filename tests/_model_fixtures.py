@@ -1,0 +1,113 @@
+"""Small real models on disk, in the layouts users meet: a save_for_hf folder and a Hub cache.
+
+Weights cannot be downloaded in tests, so every model here is made in the test session and
+written the way timm and huggingface_hub write them; the loading code under test then reads
+them through its ordinary path with ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from timm.models import save_for_hf
+
+TINY_ARGS = dict(img_size=56, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+TINY_DIM = 32
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+# The config.json of Snarcy/RedDino-small as published: no model_args, so timm sizes the
+# model from pretrained_cfg (input_size with fixed_input_size).
+REDDINO_SMALL_CONFIG = {
+    "architecture": "vit_small_patch14_dinov2",
+    "num_classes": 0,
+    "num_features": 384,
+    "global_pool": "token",
+    "pretrained_cfg": {
+        "tag": "lvd142m",
+        "custom_load": False,
+        "input_size": [3, 224, 224],
+        "fixed_input_size": True,
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "num_classes": 0,
+        "pool_size": None,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "cc-by-nc-4.0",
+    },
+}
+
+
+def tiny_vit(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A DINOv2-style ViT small enough for tests (56 px input, 32-d), with seeded weights.
+
+    Layer scale starts at 1 rather than DINOv2's 1e-5 so the blocks change the output.
+    """
+    torch.manual_seed(seed)
+    return timm.create_model("vit_small_patch14_dinov2", init_values=1.0, **{**TINY_ARGS, **overrides}).eval()
+
+
+def save_folder(model: torch.nn.Module, folder: Path) -> Path:
+    """``model`` in timm's Hub layout: config.json + model.safetensors."""
+    save_for_hf(model, folder, safe_serialization=True)
+    return folder
+
+
+def publish_to_cache(folder: Path, cache: Path, repo_id: str) -> Path:
+    """Lay ``folder``'s files out as huggingface_hub caches a download of ``repo_id``.
+
+    ``models--org--name/blobs/<sha256>`` holds the content, ``snapshots/<revision>/<file>`` links
+    to it and ``refs/main`` names the revision.
+    """
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / REVISION
+    for directory in (repo / "blobs", repo / "refs", snapshot):
+        directory.mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(REVISION)
+    for file in folder.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+def vit_small_224_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with the shapes of RedDino-small (ViT-S/14 at 224 px, 384-d)."""
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_small_patch14_dinov2", img_size=224, num_classes=0, init_values=1.0)
+    return {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, offline, as the loading code will find it."""
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def reddino_small_files(tmp_path_factory) -> Path:
+    """A folder with RedDino-small's published config.json and random ViT-S/14 224 px weights."""
+    folder = tmp_path_factory.mktemp("reddino_small")
+    safetensors.torch.save_file(vit_small_224_state(), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(REDDINO_SMALL_CONFIG))
+    return folder
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> tuple[torch.nn.Module, Path]:
+    model = tiny_vit()
+    return model, save_folder(model, tmp_path / "tiny_model")

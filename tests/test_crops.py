@@ -1,0 +1,147 @@
+"""Cell crops: geometry, masking, borders and input formats, against known answers."""
+
+from importlib.resources import files
+
+import numpy as np
+import pytest
+from skimage.io import imread
+
+from napari_reddino.crops import (
+    CropInputError,
+    as_rgb,
+    background_colour,
+    cell_crops,
+    cell_windows,
+)
+
+BACKGROUND = (200, 190, 210)
+CELL = (150, 40, 90)
+NEIGHBOUR = (20, 160, 20)
+
+
+def disc(shape, centre, radius):
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def smear(cells, shape=(100, 120)):
+    """An RGB image and labels with discs ``{label: (centre, radius, colour)}`` on a flat background."""
+    image = np.empty((*shape, 3), np.uint8)
+    image[:] = BACKGROUND
+    labels = np.zeros(shape, np.int32)
+    for label, (centre, radius, colour) in cells.items():
+        inside = disc(shape, centre, radius)
+        image[inside], labels[inside] = colour, label
+    return image, labels
+
+
+def centroid(mask):
+    rows, cols = np.nonzero(mask)
+    return rows.mean(), cols.mean()
+
+
+def near(crop, colour, tolerance=0.02):
+    return np.abs(crop - np.array(colour) / 255).max(axis=-1) < tolerance
+
+
+def is_cell(crop):
+    """Pixels closer to the cell colour than to the background (half-way through the edge)."""
+    to_cell = np.abs(crop - np.array(CELL) / 255).sum(axis=-1)
+    return to_cell < np.abs(crop - np.array(BACKGROUND) / 255).sum(axis=-1)
+
+
+def test_window_is_a_square_around_the_bounding_box_with_the_margin():
+    _, labels = smear({4: ((40, 60), 10, CELL)})
+    windows = cell_windows(labels, margin=0.5)
+    # bounding box: rows and columns 30..50 inclusive = [30, 51) -> 21 px, centred on 40.5
+    np.testing.assert_array_equal(windows.ids, [4])
+    np.testing.assert_allclose(windows.boxes, [[60.5 - 21, 40.5 - 21, 60.5 + 21, 40.5 + 21]])
+
+
+def test_a_cell_ends_up_centred_in_its_crop():
+    image, labels = smear({1: ((37, 71), 9, CELL)})
+    _, crops = cell_crops(image, labels, 64, margin=0.3)
+    assert crops.shape == (1, 64, 64, 3)
+    np.testing.assert_allclose(centroid(near(crops[0], CELL, 0.1)), (31.5, 31.5), atol=0.25)
+
+
+def test_small_and_large_cells_fill_their_crops_as_they_fill_their_windows():
+    image, labels = smear({1: ((30, 30), 6, CELL), 2: ((60, 80), 15, CELL)})
+    _, crops = cell_crops(image, labels, 64, margin=0.25)
+    shares = [is_cell(crop).mean() for crop in crops]
+    # window side = 1.5 x bounding box side (2 r + 1)
+    expected = [(labels == 1).sum() / (1.5 * 13) ** 2, (labels == 2).sum() / (1.5 * 31) ** 2]
+    np.testing.assert_allclose(shares, expected, rtol=0.03)
+
+
+def test_masked_mode_blanks_the_neighbour_exactly_as_if_it_was_not_there():
+    image, labels = smear({3: ((40, 60), 10, CELL), 5: ((40, 80), 8, NEIGHBOUR)})  # touching
+    alone, alone_labels = smear({3: ((40, 60), 10, CELL)})
+    _, context = cell_crops(image, labels, 56, mode="context", margin=0.5)
+    _, masked = cell_crops(image, labels, 56, mode="masked", margin=0.5)
+    _, reference = cell_crops(alone, alone_labels, 56, mode="context", margin=0.5)
+    assert near(context[0], NEIGHBOUR).sum() > 50
+    np.testing.assert_allclose(masked[0], reference[0], atol=1e-6)
+
+
+def test_crops_at_the_border_are_padded_with_background_not_shifted():
+    image, labels = smear({1: ((50, 11), 10, CELL)})  # 1 px from the left edge
+    # the same cell 30 px further from the edge, on a wider background
+    wide, wide_labels = smear({1: ((50, 41), 10, CELL)}, shape=(100, 150))
+    _, crops = cell_crops(image, labels, 42, margin=0.5)
+    _, reference = cell_crops(wide, wide_labels, 42, margin=0.5)
+    np.testing.assert_allclose(crops, reference, atol=1e-6)
+    np.testing.assert_allclose(centroid(is_cell(crops[0])), (20.5, 20.5), atol=0.25)
+
+
+def test_background_colour_is_the_median_of_unlabelled_pixels():
+    image, labels = smear({1: ((40, 60), 30, CELL)})
+    image[:5, :5] = 0  # a few dark specks do not move a median
+    np.testing.assert_allclose(background_colour(as_rgb(image), labels), np.array(BACKGROUND) / 255, atol=1e-6)
+
+
+def test_grayscale_rgba_uint16_and_float_images_give_the_same_crops():
+    image, labels = smear({1: ((40, 60), 10, CELL), 2: ((70, 30), 12, NEIGHBOUR)})
+    _, reference = cell_crops(image, labels, 32)
+    rgba = np.concatenate([image, np.full((*image.shape[:2], 1), 255, np.uint8)], axis=-1)
+    np.testing.assert_array_equal(cell_crops(rgba, labels, 32)[1], reference)
+    np.testing.assert_allclose(cell_crops(image / 255.0, labels, 32)[1], reference, atol=1e-6)
+    twelve_bit = image.astype(np.uint16) * 16 + 15  # 255 -> 4095
+    np.testing.assert_allclose(cell_crops(twelve_bit, labels, 32)[1], reference, atol=1e-2)
+    gray = image[..., 1]
+    _, gray_crops = cell_crops(gray, labels, 32)
+    np.testing.assert_allclose(gray_crops, np.repeat(reference[..., 1:2], 3, axis=-1), atol=1e-6)
+
+
+def test_labels_of_another_shape_or_type_are_refused():
+    image, labels = smear({1: ((40, 60), 10, CELL)})
+    with pytest.raises(CropInputError, match=r"labels have shape \(100, 119\) but the image is \(100, 120\)"):
+        cell_crops(image, labels[:, 1:])
+    with pytest.raises(CropInputError, match="integers"):
+        cell_crops(image, labels.astype(float))
+    with pytest.raises(CropInputError, match="Unknown crop mode"):
+        cell_crops(image, labels, mode="cutout")
+    with pytest.raises(CropInputError, match="margin"):
+        cell_crops(image, labels, margin=-0.1)
+
+
+def test_no_cells_give_no_crops():
+    image, labels = smear({})
+    ids, crops = cell_crops(image, labels, 16)
+    assert ids.shape == (0,) and crops.shape == (0, 16, 16, 3)
+
+
+def test_real_smear_gives_one_centred_crop_per_cell_in_label_order():
+    image = imread(files("napari_reddino") / "data" / "chula_rbc12" / "1.jpg")
+    labels = np.zeros(image.shape[:2], np.int32)
+    # three hand-placed cells of a real smear, labelled out of order
+    for label, (centre, radius) in {9: ((240, 320), 25), 2: ((100, 100), 20), 5: ((400, 600), 30)}.items():
+        labels[disc(labels.shape, centre, radius)] = label
+    ids, crops = cell_crops(image, labels, 56, mode="masked", margin=0.25)
+    np.testing.assert_array_equal(ids, [2, 5, 9])
+    assert crops.shape == (3, 56, 56, 3) and np.isfinite(crops).all()
+    assert crops.min() >= 0 and crops.max() <= 1
+    # every crop shows exactly its own label's pixels in the middle: compare to a direct cut
+    row0, col0 = 240 - 25, 320 - 25  # label 9: bbox side 51 = window 76.5 at margin .25
+    direct = image[row0 + 10 : row0 + 41, col0 + 10 : col0 + 41].astype(np.float32).mean(axis=(0, 1)) / 255
+    np.testing.assert_allclose(crops[2][16:40, 16:40].mean(axis=(0, 1)), direct, atol=0.03)

@@ -1,0 +1,177 @@
+"""Embedding cells with a tiny real ViT loaded through load_embedder."""
+
+import threading
+from importlib.resources import files
+
+import numpy as np
+import pytest
+import torch
+from _model_fixtures import TINY_DIM, save_folder, tiny_folder, tiny_vit  # noqa: F401  (fixtures)
+from skimage.io import imread
+
+from napari_reddino import segment_cells
+from napari_reddino.crops import CropInputError, cell_crops
+from napari_reddino.embedding import EmbeddingCancelled, clear_embedder_cache, load_embedder
+from napari_reddino.models import LoadedModel
+
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    clear_embedder_cache()
+    yield
+    clear_embedder_cache()
+
+
+@pytest.fixture
+def embedder(tiny_folder):
+    return load_embedder(tiny_folder[1], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def real_smear():
+    image = imread(files("napari_reddino") / "data" / "chula_rbc12" / "1.jpg")
+    return image, segment_cells(image)
+
+
+def three_cells():
+    """Cells labelled 7, 2, 5 (not in order) on a flat background."""
+    image = np.full((90, 120, 3), 210, np.uint8)
+    labels = np.zeros((90, 120), np.int32)
+    rows, cols = np.ogrid[:90, :120]
+    for label, (row, col, radius, colour) in {
+        7: (20, 20, 9, (150, 40, 90)),
+        2: (60, 50, 12, (120, 60, 110)),
+        5: (30, 95, 7, (170, 30, 80)),
+    }.items():
+        inside = (rows - row) ** 2 + (cols - col) ** 2 <= radius**2
+        image[inside], labels[inside] = colour, label
+    return image, labels
+
+
+def test_embedder_describes_its_model(embedder, tiny_folder):
+    assert embedder.model_id == str(tiny_folder[1].resolve())
+    assert (embedder.dim, embedder.input_size) == (TINY_DIM, (56, 56))
+    assert embedder.device == torch.device("cpu") and embedder.dtype == torch.float32
+    np.testing.assert_allclose(embedder.mean, MEAN)
+    np.testing.assert_allclose(embedder.std, STD)
+
+
+def test_embeddings_are_the_class_token_of_each_cells_crop_in_label_order(embedder, tiny_folder):
+    image, labels = three_cells()
+    ids, embeddings = embedder.embed(image, labels, batch_size=2)
+    np.testing.assert_array_equal(ids, [2, 5, 7])
+    assert ids.dtype == np.int64 and embeddings.dtype == np.float32 and embeddings.shape == (3, TINY_DIM)
+    # known answer: the saved model's class token, on the documented crops, normalised by hand
+    _, crops = cell_crops(image, labels, 56)
+    inputs = torch.from_numpy(((crops - MEAN) / STD).astype(np.float32)).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        expected = tiny_folder[0].forward_features(inputs)[:, 0].numpy()
+    np.testing.assert_allclose(embeddings, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_same_input_gives_identical_embeddings_and_batching_does_not_matter(embedder):
+    image, labels = three_cells()
+    first = embedder.embed(image, labels)[1]
+    np.testing.assert_array_equal(embedder.embed(image, labels)[1], first)
+    np.testing.assert_allclose(embedder.embed(image, labels, batch_size=1)[1], first, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_mode_changes_only_cells_with_neighbours_in_their_window(embedder):
+    image, labels = three_cells()
+    context = embedder.embed(image, labels, mode="context", margin=0.1)[1]
+    masked = embedder.embed(image, labels, mode="masked", margin=0.1)[1]
+    np.testing.assert_allclose(masked, context, atol=1e-6)  # at a 10 % margin no window holds a neighbour
+    wide = embedder.embed(image, labels, mode="context", margin=2.0)[1]
+    assert np.abs(embedder.embed(image, labels, mode="masked", margin=2.0)[1] - wide).max() > 1e-3
+
+
+def test_no_cells_give_an_empty_result_of_the_right_width(embedder):
+    image, labels = three_cells()
+    ids, embeddings = embedder.embed(image, np.zeros_like(labels))
+    assert ids.shape == (0,) and embeddings.shape == (0, TINY_DIM) and embeddings.dtype == np.float32
+
+
+def test_labels_that_do_not_match_the_image_are_refused(embedder):
+    image, labels = three_cells()
+    with pytest.raises(CropInputError, match="labels have shape"):
+        embedder.embed(image, labels[:-1])
+
+
+def test_progress_counts_cells_and_should_stop_cancels_between_batches(embedder):
+    image, labels = three_cells()
+    seen = []
+    embedder.embed(image, labels, batch_size=2, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 3), (3, 3)]
+
+    stop, seen = threading.Event(), []
+
+    def stop_after_first_batch(done, total):
+        seen.append(done)
+        stop.set()
+
+    with pytest.raises(EmbeddingCancelled):
+        embedder.embed(image, labels, batch_size=1, progress=stop_after_first_batch, should_stop=stop.is_set)
+    assert seen == [1]
+
+
+def test_closing_the_step_generator_stops_the_work(embedder):
+    image, labels = three_cells()
+    steps = embedder.embed_steps(image, labels, batch_size=1)
+    assert next(steps) == (1, 3)
+    steps.close()
+    with pytest.raises(StopIteration):
+        next(steps)
+
+
+def test_models_are_cached_per_model_device_and_dtype_and_reloaded_when_changed(tiny_folder, tmp_path):
+    model, folder = tiny_folder
+    first = load_embedder(folder, device="cpu")
+    assert load_embedder(folder, device="cpu", dtype="float32") is first
+    assert load_embedder(folder, device="cpu", dtype="bfloat16") is not first
+    save_folder(tiny_vit(seed=1), tmp_path / "retrained")
+    (tmp_path / "retrained" / "model.safetensors").replace(folder / "model.safetensors")
+    assert load_embedder(folder, device="cpu") is not first
+
+
+def test_bfloat16_stays_within_one_percent_of_float32(tiny_folder, real_smear):
+    image, labels = real_smear
+    fp32 = load_embedder(tiny_folder[1], device="cpu").embed(image, labels)[1]
+    bf16 = load_embedder(tiny_folder[1], device="cpu", dtype="bfloat16").embed(image, labels)[1]
+    error = np.linalg.norm(bf16 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert error.max() < 1e-2
+
+
+class RunsOutOfMemoryAbove(torch.nn.Module):
+    """A real model on a device that can hold only ``limit`` images at once."""
+
+    def __init__(self, model, limit):
+        super().__init__()
+        self.model, self.limit, self.batches = model, limit, []
+        self.num_features = model.num_features
+
+    def forward(self, x):
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.batches.append(len(x))
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_batch_instead_of_failing(embedder):
+    image, labels = three_cells()
+    expected = embedder.embed(image, labels)[1]
+    small = RunsOutOfMemoryAbove(embedder.model, limit=1)
+    loaded = LoadedModel(embedder.model_id, small, embedder.input_size, embedder.mean, embedder.std)
+    limited = type(embedder)(loaded, device=embedder.device, dtype=embedder.dtype)
+    np.testing.assert_allclose(limited.embed(image, labels, batch_size=3)[1], expected, rtol=1e-5, atol=1e-6)
+    assert small.batches == [1, 1, 1]
+
+
+def test_real_smear_gives_one_embedding_per_segmented_cell(embedder, real_smear):
+    image, labels = real_smear
+    ids, embeddings = embedder.embed(image, labels, mode="masked")
+    np.testing.assert_array_equal(ids, np.unique(labels)[1:])
+    assert embeddings.shape == (len(ids), TINY_DIM) and np.isfinite(embeddings).all()
+    # distinct cells give distinct embeddings
+    assert len(np.unique(embeddings.round(5), axis=0)) == len(ids)

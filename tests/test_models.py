@@ -1,0 +1,202 @@
+"""Model registry and loading, through the real loading code, offline, on models made here."""
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from _model_fixtures import (  # noqa: F401  (pytest fixtures)
+    TINY_DIM,
+    hub_cache,
+    publish_to_cache,
+    reddino_small_files,
+    save_folder,
+    tiny_folder,
+    tiny_vit,
+)
+
+from napari_reddino.embedding import DeviceError, list_devices, resolve_device, resolve_dtype
+from napari_reddino.models import (
+    KNOWN_MODELS,
+    CheckpointError,
+    ModelNotAvailableError,
+    UnknownModelError,
+    _reporting_tqdm,
+    load_model,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+def class_token_after_norm(model, x):
+    """The RedDino embedding contract, computed the long way."""
+    with torch.inference_mode():
+        return model.forward_features(x)[:, 0]
+
+
+def features(loaded, x):
+    with torch.inference_mode():
+        return loaded.module(x)
+
+
+def test_folder_in_save_for_hf_layout_loads_and_embeds_class_token(tiny_folder):
+    model, folder = tiny_folder
+    loaded = load_model(folder)
+    x = torch.randn(3, 3, 56, 56)
+    assert loaded.input_size == (56, 56)
+    assert loaded.mean == pytest.approx(IMAGENET_MEAN)
+    assert loaded.module.num_features == TINY_DIM
+    torch.testing.assert_close(features(loaded, x), class_token_after_norm(model, x), rtol=0, atol=1e-6)
+    # The same folder is what timm itself loads as local-dir:
+    reference = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    torch.testing.assert_close(features(loaded, x), class_token_after_norm(reference, x), rtol=0, atol=1e-6)
+
+
+def test_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):
+    model = tiny_vit(seed=3)
+    publish_to_cache(save_folder(model, tmp_path / "tiny"), hub_cache, "lab/tiny-rbc")
+    started = time.perf_counter()
+    loaded = load_model("hf_hub:lab/tiny-rbc")
+    assert time.perf_counter() - started < 5
+    assert loaded.model_id == "hf_hub:lab/tiny-rbc"
+    x = torch.randn(2, 3, 56, 56)
+    torch.testing.assert_close(features(loaded, x), class_token_after_norm(model, x), rtol=0, atol=1e-6)
+
+
+def test_reddino_name_loads_the_published_config_at_224_px(hub_cache, reddino_small_files):
+    publish_to_cache(reddino_small_files, hub_cache, KNOWN_MODELS["reddino-small"].repo_id)
+    loaded = load_model("reddino-small")
+    assert loaded.input_size == (224, 224)
+    assert loaded.module.pos_embed.shape == (1, 257, 384)  # 16 x 16 patches + class token
+    assert loaded.module.num_features == KNOWN_MODELS["reddino-small"].dim == 384
+    assert loaded.mean == pytest.approx(IMAGENET_MEAN)
+
+
+def test_bare_safetensors_file_with_architecture_gets_its_trained_224_px_size(reddino_small_files):
+    """timm builds vit_small_patch14_dinov2 at 518 px unless told; the weights say 224."""
+    loaded = load_model(reddino_small_files / "model.safetensors", architecture="vit_small_patch14_dinov2")
+    assert loaded.input_size == (224, 224)
+    assert loaded.module.patch_embed.img_size == (224, 224)
+    published = load_model(reddino_small_files)
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(features(loaded, x), features(published, x), rtol=0, atol=0)
+
+
+def test_bare_file_without_architecture_asks_for_one(tiny_folder):
+    _, folder = tiny_folder
+    with pytest.raises(ValueError, match="architecture="):
+        load_model(folder / "model.safetensors")
+
+
+def test_offline_and_not_cached_fails_within_a_second_saying_what_to_do(hub_cache):
+    started = time.perf_counter()
+    with pytest.raises(ModelNotAvailableError) as error:
+        load_model("reddino-small")
+    assert time.perf_counter() - started < 1.0
+    message = str(error.value)
+    for expected in ("'reddino-small'", "Snarcy/RedDino-small", str(hub_cache), "HF_HUB_OFFLINE"):
+        assert expected in message
+    assert "load_embedder('/path/to/folder')" in message
+
+
+def test_unreachable_hub_fails_within_a_second_without_retrying(hub_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    started = time.perf_counter()
+    with pytest.raises(ModelNotAvailableError, match="cannot connect to 127.0.0.1:9"):
+        load_model("hf_hub:lab/never-downloaded")
+    assert time.perf_counter() - started < 1.5
+
+
+def test_download_progress_reports_bytes_even_with_progress_bars_disabled():
+    seen = []
+    bar_class = _reporting_tqdm("model.safetensors", lambda *update: seen.append(update))
+    with bar_class(total=300, disable=True) as bar:
+        bar.update(100)
+        bar.update(200)
+    assert seen == [("model.safetensors", 100, 300), ("model.safetensors", 300, 300)]
+
+
+def test_corrupt_weights_name_the_file(tiny_folder):
+    _, folder = tiny_folder
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
+    with pytest.raises(CheckpointError, match=str(weights)):
+        load_model(folder)
+
+
+def test_weights_of_another_depth_list_missing_and_unexpected_keys(tmp_path):
+    folder = save_folder(tiny_vit(), tmp_path / "config_from_depth_2")
+    deeper = save_folder(tiny_vit(depth=3), tmp_path / "weights_from_depth_3")
+    shutil.copy(deeper / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(\d+\): blocks\.2\.") as error:
+        load_model(folder)
+    assert str(folder / "model.safetensors") in str(error.value)
+
+
+def test_weights_of_another_width_report_the_shapes(tmp_path):
+    folder = save_folder(tiny_vit(), tmp_path / "config_32")
+    wider = save_folder(tiny_vit(embed_dim=48), tmp_path / "weights_48")
+    shutil.copy(wider / "model.safetensors", folder / "model.safetensors")
+    first_mismatch = r"shape mismatch \(\d+\): blocks\.0\.attn\.proj\.bias: file \(48,\), model \(32,\)"
+    with pytest.raises(CheckpointError, match=first_mismatch):
+        load_model(folder)
+
+
+def test_config_naming_an_unknown_architecture_is_refused(tiny_folder):
+    _, folder = tiny_folder
+    config = json.loads((folder / "config.json").read_text())
+    config["architecture"] = "vit_made_up"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="vit_made_up"):
+        load_model(folder)
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(UnknownModelError) as error:
+        load_model("reddino-huge")
+    for name in ("reddino-small", "reddino-base", "reddino-large", "hf_hub:"):
+        assert name in str(error.value)
+
+
+def test_missing_path_is_reported_as_such(tmp_path):
+    with pytest.raises(UnknownModelError, match="No such model file or folder"):
+        load_model(tmp_path / "nothing.safetensors", architecture="vit_small_patch14_dinov2")
+
+
+def test_cpu_is_always_listed_and_unavailable_devices_say_why():
+    options = {option.name: option for option in list_devices()}
+    assert options["cpu"].available
+    assert all(option.detail for option in options.values())
+    assert "mps" in options and any(name.startswith("cuda") for name in options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
+def test_auto_device_falls_back_to_cpu_and_missing_gpus_are_refused():
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="cuda:1.*Available here: cpu"):
+        resolve_device("cuda:1")
+    with pytest.raises(DeviceError, match="not a device name"):
+        resolve_device("gpu-please")
+
+
+def test_dtype_auto_is_fp32_on_cpu_and_names_are_checked():
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu) == resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+        resolve_dtype("int8", cpu)
+
+
+def test_known_models_are_the_three_reddino_sizes():
+    assert {name: (m.repo_id, m.dim) for name, m in KNOWN_MODELS.items()} == {
+        "reddino-small": ("Snarcy/RedDino-small", 384),
+        "reddino-base": ("Snarcy/RedDino-base", 768),
+        "reddino-large": ("Snarcy/RedDino-large", 1024),
+    }
+    assert np.all([timm.is_model(m.architecture) for m in KNOWN_MODELS.values()])
