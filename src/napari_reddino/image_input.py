@@ -76,12 +76,14 @@ class StainModel:
         ]
 
     def density(self, array: np.ndarray) -> np.ndarray:
-        densities = self.optical_densities(array)
+        return self.combine(self.optical_densities(array))
+
+    def combine(self, densities: list[np.ndarray]) -> np.ndarray:
+        """Red-cell density from per-channel optical densities (see the module docstring)."""
         if len(densities) == 1:
-            return np.maximum(densities[0], 0, out=densities[0])
+            return np.maximum(densities[0], 0)
         red, green, _ = densities
-        green -= np.float32(self.red_weight) * red
-        return np.maximum(green, 0, out=green)
+        return np.maximum(green - np.float32(self.red_weight) * red, 0)
 
 
 def fit_stain_model(image) -> StainModel:
@@ -97,8 +99,8 @@ def fit_stain_model(image) -> StainModel:
     background = tuple(max(float(np.median(plane[bright])), 1e-6) for plane in planes)
     if len(planes) == 1:
         return StainModel(background, 0.0)
-    coarse = subsample(sample, _SAMPLE_PIXELS // 4)
-    separations = {weight: _class_separation(StainModel(background, weight).density(coarse))
+    coarse = StainModel(background, 0.0).optical_densities(subsample(sample, _SAMPLE_PIXELS // 4))
+    separations = {weight: _class_separation(StainModel(background, weight).combine(coarse))
                    for weight in RED_WEIGHTS}
     return StainModel(background, max(separations, key=separations.get))
 

@@ -15,7 +15,6 @@ from math import ceil
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.transform import resize
 
 from .cell_separation import (
     WORKING_DIAMETER_PX,
@@ -159,10 +158,22 @@ def _central_window(length: int) -> slice:
 
 
 def _rescale(plane: np.ndarray, scale: float) -> np.ndarray:
+    """Shrink by ``scale`` <= 1: a box filter one output pixel wide, then linear sampling."""
     if scale >= 1.0:
         return plane
     shape = (max(1, round(plane.shape[0] * scale)), max(1, round(plane.shape[1] * scale)))
-    return resize(plane, shape, order=1, anti_aliasing=True).astype(np.float32)
+    box = ndi.uniform_filter(plane, size=max(1, round(1 / scale)))
+    return _sample(box, shape, order=1)
+
+
+def _sample(plane: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    """``plane`` resampled onto ``shape`` (pixel centres aligned), nearest or linear."""
+    if order == 0:
+        rows = ((np.arange(shape[0]) + 0.5) * plane.shape[0] / shape[0]).astype(np.intp)
+        cols = ((np.arange(shape[1]) + 0.5) * plane.shape[1] / shape[1]).astype(np.intp)
+        return plane[rows[:, None], cols[None, :]]
+    zoom = (shape[0] / plane.shape[0], shape[1] / plane.shape[1])
+    return ndi.zoom(plane, zoom, order=1, mode="nearest", grid_mode=True)[: shape[0], : shape[1]]
 
 
 @dataclass(frozen=True)
@@ -230,8 +241,8 @@ def _upsample_labels(
     interpolated density decides (same threshold), so areas and perimeters are measured on the
     cell, not on blocks of up to 1/scale pixels. Filled pale centres are left as they are.
     """
-    labels = resize(labels, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
-    fine = resize(smoothed, shape, order=1, anti_aliasing=False) > calibration.levels.threshold
+    labels = _sample(labels, shape, order=0)
+    fine = _sample(smoothed, shape, order=1) > calibration.levels.threshold
     near_slide = ndi.binary_dilation(labels == 0, iterations=int(ceil(1 / calibration.scale)))
     labels[near_slide & ~fine] = 0
     return labels
