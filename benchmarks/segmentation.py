@@ -141,7 +141,7 @@ def main() -> None:
     if not args.skip_chula:
         c = chula(args.data / "chula_rbc12", args.limit)
         print(f"\nChula RBC-12 ({c['images']} images)")
-        print(f"| metric | value |\n|---|---|")
+        print("| metric | value |\n|---|---|")
         print(f"| recall of annotated centres | {c['recall']:.4f} |")
         print(f"| precision (images with >= 60 annotations) | {c['precision_dense']:.4f} |")
         print(f"| precision, cells cut by the border left out (same images) | {c['precision_dense_interior']:.4f} |")

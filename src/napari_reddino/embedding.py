@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from .crops import DEFAULT_MARGIN, CropMode, CropSampler, cell_windows
+from .steps import Progress, StepsCancelled, run_steps
 from .models import DownloadProgress, LoadedModel, canonical_id, hub_id, load_model, local_path
 
-Progress = Callable[[int, int], None]
-"""``(cells_done, cells_total)``, called after every batch."""
 
 # Peak activation memory of one image in a ViT forward, as a multiple of its input tensor's
 # bytes; generous so the first batch fits, and a CUDA out-of-memory error halves it anyway.
@@ -120,7 +119,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 # --- embedding ------------------------------------------------------------------------------
 
 
-class EmbeddingCancelled(Exception):
+class EmbeddingCancelled(StepsCancelled):
     """Raised by :meth:`Embedder.embed` when ``should_stop()`` turned true between batches."""
 
 
@@ -159,16 +158,10 @@ class Embedder:
         answers true, :class:`EmbeddingCancelled` is raised.
         """
         steps = self.embed_steps(image, labels, mode=mode, margin=margin, batch_size=batch_size)
-        while True:
-            if should_stop is not None and should_stop():
-                steps.close()
-                raise EmbeddingCancelled(f"Embedding with {self.model_id} was cancelled.")
-            try:
-                done, total = next(steps)
-            except StopIteration as finished:
-                return finished.value
-            if progress is not None:
-                progress(done, total)
+        try:
+            return run_steps(steps, progress, should_stop)
+        except StepsCancelled:
+            raise EmbeddingCancelled(f"Embedding with {self.model_id} was cancelled.") from None
 
     def embed_steps(
         self,

@@ -8,7 +8,7 @@ and the stitched result has no seams. Memory is bounded by the tile size, not th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import ceil
@@ -27,13 +27,12 @@ from .cell_separation import (
 )
 from .cell_size import diameter_from_foreground
 from .image_input import StainModel, check_smear, fit_stain_model
+from .steps import Progress, run_steps
 
 RBC_DIAMETER_UM = 7.5  # a normal red cell; turns a pixel size into an expected diameter
 CALIBRATION_SIZE = 1024  # px side of the central window used to calibrate large smears
 TILE_CORE = 1536  # px side of a tile's core at working scale
 TILE_MARGIN_DIAMETERS = 1.5
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -65,14 +64,8 @@ def segment_cells(
     otherwise it is estimated from the image. White cells, platelets, debris and overlays are
     left out. ``progress(done, total)`` is called after each tile.
     """
-    generator = iter_segment_cells(image, cell_diameter=cell_diameter, pixel_size_um=pixel_size_um, workers=workers)
-    while True:
-        try:
-            done, total = next(generator)
-        except StopIteration as finished:
-            return finished.value
-        if progress is not None:
-            progress(done, total)
+    steps = iter_segment_cells(image, cell_diameter=cell_diameter, pixel_size_um=pixel_size_um, workers=workers)
+    return run_steps(steps, progress)
 
 
 def iter_segment_cells(
