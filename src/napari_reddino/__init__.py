@@ -2,6 +2,7 @@
 
 from importlib import import_module
 
+from .cell_embeddings import embeddings_of
 from .cell_lookup import cells_at_points
 from .image_input import ImageInputError
 from .measurements import measure_cells
@@ -20,6 +21,7 @@ _LAZY = {
 __all__ = [
     "ImageInputError",
     "cells_at_points",
+    "embeddings_of",
     "estimate_cell_diameter",
     "iter_segment_cells",
     "measure_cells",

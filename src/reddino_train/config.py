@@ -26,6 +26,8 @@ BASE_KEY = "base"
 
 Centering = Literal["softmax_center", "sinkhorn_knopp"]
 Augmentation = Literal["dinov2", "rbc"]
+Precision = Literal["fp32", "bf16"]
+Parallel = Literal["ddp", "fsdp"]
 
 
 class ConfigError(ValueError):
@@ -113,6 +115,10 @@ class LoopConfig:
     iterations_per_epoch: int  # an "epoch" is a fixed number of iterations, as in DINOv2
     seed: int
     num_workers: int
+    precision: Precision  # bf16 runs the forward passes under autocast
+    log_every: int  # iterations between rows of log.csv
+    checkpoint_every: int  # iterations between periodic checkpoints
+    parallel: Parallel  # under torchrun: replicate (ddp) or shard (fsdp, FSDP2) the models
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +170,12 @@ def load_config(source: str | os.PathLike, overrides: Iterable[str] = ()) -> Tra
     override_data = parse_overrides(overrides)
     _check_keys(override_data, TrainConfig, "", "overrides")
     return _build(TrainConfig, _merge(data, override_data), "")
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "a saved config") -> TrainConfig:
+    """The inverse of ``config_to_dict``, with the same checks as a recipe."""
+    _check_keys(data, TrainConfig, "", source)
+    return _build(TrainConfig, data, "")
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -12,6 +17,42 @@ def is_distributed() -> bool:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+@contextmanager
+def distributed_session() -> Iterator[torch.device]:
+    """Join the torchrun process group when launched by torchrun (``RANK`` set) and yield this
+    rank's device: its GPU with NCCL, else the CPU with gloo.
+
+    The closing barrier keeps a rank from tearing the group down while another still talks
+    to it (gloo otherwise aborts at exit now and then).
+    """
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ or is_distributed():
+        yield device
+        return
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield device
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def all_gather_objects(item: Any) -> list[Any]:
+    """Every rank's ``item``, in rank order."""
+    if not is_distributed():
+        return [item]
+    items: list[Any] = [None] * world_size()
+    dist.all_gather_object(items, item)
+    return items
 
 
 def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:

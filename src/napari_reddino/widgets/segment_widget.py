@@ -214,23 +214,32 @@ class SegmentCellsWidget(QWidget):
         self.segmented.emit(layer)
 
     def _show_cells(self, labels: np.ndarray, table: pd.DataFrame, job: _Job, cell_diameter: float) -> Labels:
-        """Add the cells layer, or replace the data and table of the one from an earlier run."""
-        metadata = {
-            "source_image": job.image_name,
-            "cell_diameter_px": cell_diameter,
-            "cell_diameter_from": _diameter_source(job),
-            "pixel_size_um": job.pixel_size_um,
-        }
-        layers = self._viewer.layers
-        if job.layer_name in layers and isinstance(layers[job.layer_name], Labels):
-            layer = layers[job.layer_name]
-            layer.data = labels
-            layer.features = table
-            layer.metadata = metadata
-            layer.scale, layer.translate = job.scale, job.translate
-            return layer
-        layer = self._viewer.add_labels(
-            labels, name=job.layer_name, features=table, metadata=metadata, scale=job.scale, translate=job.translate
-        )
-        layer.contour = 2
+        return add_cells_layer(self._viewer, labels, table, job, cell_diameter)
+
+
+def add_cells_layer(
+    viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.DataFrame, job: _Job, cell_diameter: float
+) -> Labels:
+    """Add the cells layer, or replace the data and table of the one from an earlier run.
+
+    Shared by the Segment and Embed widgets, so both make the same cells layer.
+    """
+    metadata = {
+        "source_image": job.image_name,
+        "cell_diameter_px": cell_diameter,
+        "cell_diameter_from": _diameter_source(job),
+        "pixel_size_um": job.pixel_size_um,
+    }
+    layers = viewer.layers
+    if job.layer_name in layers and isinstance(layers[job.layer_name], Labels):
+        layer = layers[job.layer_name]
+        layer.data = labels
+        layer.features = table
+        layer.metadata = metadata
+        layer.scale, layer.translate = job.scale, job.translate
         return layer
+    layer = viewer.add_labels(
+        labels, name=job.layer_name, features=table, metadata=metadata, scale=job.scale, translate=job.translate
+    )
+    layer.contour = 2
+    return layer

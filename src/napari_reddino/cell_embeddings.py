@@ -1,0 +1,110 @@
+"""Cell embeddings kept on the cells Labels layer, keyed by label id, with what they came from.
+
+Embeddings are not feature columns (napari shows every column on hover; 384-1024 of them would
+drown the table). They live in the cells layer's metadata under one key::
+
+    cells.metadata["reddino_embeddings"] = {
+        "label_ids":   int64 array (n,), ascending: the cells' label ids,
+        "embeddings":  float32 array (n, dim): row i belongs to label_ids[i],
+        "model_id":    the model's id (Embedder.model_id, e.g. "reddino-small" or a folder),
+        "fingerprint": hex digest of the inputs (see :func:`fingerprint`),
+        "model", "crop_mode", "margin", "device": how they were computed, for people.
+    }
+
+So they travel with the layer: closing and reopening a widget finds them, and a layer removed
+takes its embeddings with it. Read them with :func:`embeddings_of`; look a cell up by its
+label id (``np.searchsorted(label_ids, label)``), never by row order.
+
+The fingerprint digests the image (shape, dtype and all pixels, or a strided sample of at most
+:data:`IMAGE_SAMPLE_ELEMENTS` values for bigger images), the whole label image, the model's
+identity (its canonical id, plus the modification time of a local model) and the crop
+settings. Embeddings are up to date when the stored fingerprint equals the current one. The
+device and precision are not part of it: switching CPU for GPU does not recompute.
+
+No Qt, no napari: ``layer`` is anything with a ``metadata`` dict (a napari Labels layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+import numpy as np
+
+METADATA_KEY = "reddino_embeddings"
+IMAGE_SAMPLE_ELEMENTS = 2**24  # hashed whole below this (16 MB of uint8 takes ~20 ms)
+
+
+def _digest_array(digest, array: np.ndarray) -> None:
+    digest.update(repr((array.shape, array.dtype.str)).encode())
+    digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+def image_digest(image) -> str:
+    """Shape, dtype and pixels of ``image``; above IMAGE_SAMPLE_ELEMENTS a strided sample of rows and columns."""
+    array = np.asarray(image)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(array.shape).encode())
+    if array.size > IMAGE_SAMPLE_ELEMENTS:
+        step = math.ceil(math.sqrt(array.size / IMAGE_SAMPLE_ELEMENTS))
+        array = array[::step, ::step]
+    _digest_array(digest, array)
+    return digest.hexdigest()
+
+
+def model_key(model: str | os.PathLike) -> str:
+    """What names a model's weights: its canonical id, plus when a local model last changed."""
+    from .models import canonical_id, hub_id, local_path  # torch and timm, imported on first use
+
+    key = canonical_id(model)
+    if not hub_id(model):
+        path = local_path(model)
+        key += f"@{path.stat().st_mtime_ns}" if path.exists() else ""
+    return key
+
+
+def fingerprint(image, labels, model: str | os.PathLike, *, mode: str, margin: float) -> str:
+    """A digest of everything the embeddings of ``labels`` in ``image`` with ``model`` depend on."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(image_digest(image).encode())
+    _digest_array(digest, np.asarray(labels))
+    digest.update(repr((model_key(model), mode, float(margin))).encode())
+    return digest.hexdigest()
+
+
+def store_embeddings(
+    layer, label_ids: np.ndarray, embeddings: np.ndarray, *, model_id: str, fingerprint: str, **about
+) -> dict:
+    """Put the embeddings on ``layer`` (replacing earlier ones) and return the stored record."""
+    label_ids = np.asarray(label_ids, dtype=np.int64)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or len(embeddings) != len(label_ids):
+        raise ValueError(f"{len(label_ids)} label ids but embeddings of shape {embeddings.shape}.")
+    record = {
+        "label_ids": label_ids,
+        "embeddings": embeddings,
+        "model_id": str(model_id),
+        "fingerprint": fingerprint,
+        **about,
+    }
+    layer.metadata[METADATA_KEY] = record
+    return record
+
+
+def stored_fingerprint(layer) -> str | None:
+    """The fingerprint of the embeddings on ``layer``, or None when it has none."""
+    record = getattr(layer, "metadata", {}).get(METADATA_KEY)
+    return record.get("fingerprint") if isinstance(record, dict) else None
+
+
+def embeddings_of(layer) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """``(label_ids, embeddings, model_id)`` stored on a cells layer, or None when it has none.
+
+    ``label_ids`` are int64 ascending; row i of the float32 ``embeddings`` is the cell labelled
+    ``label_ids[i]``.
+    """
+    record = getattr(layer, "metadata", {}).get(METADATA_KEY)
+    if not isinstance(record, dict):
+        return None
+    return record["label_ids"], record["embeddings"], record["model_id"]

@@ -1,0 +1,351 @@
+"""Plugins > RedDino > Embed cells: one RedDino embedding per cell, kept on the cells layer.
+
+The embeddings are stored in the cells Labels layer's metadata, keyed by label id, together
+with a fingerprint of the image, the labels, the model and the crop settings (the layout is
+described in :mod:`napari_reddino.cell_embeddings`). They therefore outlive the widget, and a
+Run whose fingerprint equals the stored one says the embeddings are up to date and does
+nothing. Read them with :func:`embeddings_of`::
+
+    label_ids, embeddings, model_id = embeddings_of(viewer.layers["smear cells"])
+
+When the image has no cells layer yet, "segment first" runs the Segment widget's worker and
+adds the cells layer exactly as that widget does, then embeds its cells. The model is loaded
+(cached per model, device and dtype) and the cells embedded in one worker; a model that
+cannot be loaded is reported and changes nothing.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import napari
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
+from napari.layers import Image, Labels
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import QComboBox, QFileDialog, QVBoxLayout, QWidget
+
+from ..cell_embeddings import embeddings_of, fingerprint, store_embeddings, stored_fingerprint
+from ..crops import CROP_MODES, DEFAULT_MARGIN
+from ..embedding import DeviceError, Embedder, list_devices, load_embedder
+from ..image_input import ImageInputError
+from ..models import KNOWN_MODELS, ModelLoadError
+from .segment_widget import _Job, _segment_and_measure, add_cells_layer, smear_pixels
+
+__all__ = ["EmbedCellsWidget", "embeddings_of"]
+
+SEGMENT_FIRST = "segment first"
+
+
+@dataclass(frozen=True)
+class _EmbedJob:
+    """What a run needs, once its worker returns, to store the embeddings."""
+
+    cells: Labels
+    model: str
+    mode: str
+    margin: float
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class _LoadFailure:
+    message: str
+
+
+@thread_worker
+def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, mode: str, margin: float):
+    """Yields the loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(ids, embeddings)``."""
+    try:
+        embedder = load_embedder(model, device=device)
+    except (ModelLoadError, DeviceError) as error:  # said to the user plainly, without a traceback
+        return _LoadFailure(str(error))
+    yield embedder
+    return (yield from embedder.embed_steps(pixels, labels, mode=mode, margin=margin))
+
+
+class EmbedCellsWidget(QWidget):
+    """Embed every cell of a cells layer with a RedDino model; the result stays on the layer."""
+
+    embedded = Signal(object)  # the cells Labels layer whose embeddings were (re)computed
+    finished = Signal()  # a run ended: computed, up to date, refused, failed or cancelled
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        self._viewer = napari_viewer
+        self._worker = None
+        self._result = None
+        self._progress: progress | None = None
+        self._segment_job: _Job | None = None
+        self._embed_job: _EmbedJob | None = None
+        self._embedder: Embedder | None = None
+        self._embed_started = 0.0
+
+        self.image = ComboBox(label="Image", choices=self._image_layers)
+        self.cells = ComboBox(
+            label="Cells", choices=self._cells_choices,
+            tooltip="The cells Labels layer; 'segment first' segments the image as the Segment cells widget does.",
+        )
+        self.model = ComboBox(
+            label="Model", choices=list(KNOWN_MODELS),
+            tooltip="A RedDino model, 'hf_hub:org/name', or a folder with config.json + model.safetensors.",
+        )
+        self.model.native.setEditable(True)
+        self.model.native.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self._browse_button = PushButton(text="Browse…", tooltip="Choose a local model folder")
+        self.device = ComboBox(label="Device", choices=["auto", *(option.name for option in list_devices())])
+        self._describe_devices()
+        self.crop_mode = ComboBox(
+            label="Crop", choices=list(CROP_MODES),
+            tooltip="context: each cell with its surroundings; masked: neighbouring cells painted out.",
+        )
+        self.margin = FloatSpinBox(
+            label="Margin", value=DEFAULT_MARGIN, min=0, max=2, step=0.05,
+            tooltip="Room around each cell in its crop, as a share of the cell's size on each side.",
+        )
+        self._run_button = PushButton(text="Run")
+        self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label()
+        self.status.native.setWordWrap(True)
+        model_row = Container(widgets=[self.model, self._browse_button], layout="horizontal", labels=False)
+        model_row.label = "Model"
+        model_row.margins = (0, 0, 0, 0)
+        form = Container(widgets=[self.image, self.cells, model_row, self.device, self.crop_mode, self.margin])
+        buttons = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
+
+        layout = QVBoxLayout(self)
+        for part in (form, buttons, self.status):
+            layout.addWidget(part.native)
+        layout.addStretch()
+
+        self.image.changed.connect(self._pick_cells)
+        self._browse_button.changed.connect(self._browse)
+        self._run_button.changed.connect(self.run)
+        self._cancel_button.changed.connect(self.cancel)
+        self._pick_cells(self.image.value)
+
+    @property
+    def model_name(self) -> str:
+        """The model as typed or chosen: a known name, ``hf_hub:org/name`` or a local folder."""
+        return self.model.native.currentText().strip()
+
+    @model_name.setter
+    def model_name(self, name: str) -> None:
+        self.model.native.setEditText(str(name))
+
+    def reset_choices(self, *_) -> None:
+        """Follow the viewer's layers (napari calls this when layers change)."""
+        self.image.reset_choices()
+        self.cells.reset_choices()
+        if self.cells.value == SEGMENT_FIRST:  # a cells layer may have appeared for the image
+            self._pick_cells(self.image.value)
+
+    def run(self) -> None:
+        """Segment first if asked, then load the model and embed the cells in a worker."""
+        if self._worker is not None:  # one run at a time (the Run button is disabled meanwhile)
+            return
+        layer = self.image.value
+        if layer is None:
+            self._refuse("Open a smear first: File > Open, or File > Open Sample > RedDino.")
+            return
+        if not self.model_name:
+            self._refuse("Choose a model: reddino-small, -base, -large, hf_hub:org/name or a local folder.")
+            return
+        try:
+            pixels = smear_pixels(layer)
+        except ImageInputError as error:
+            self._refuse(str(error))
+            return
+        if self.cells.value == SEGMENT_FIRST:
+            self._segment_first(layer, pixels)
+        else:
+            self._embed(layer, pixels, self.cells.value)
+
+    def cancel(self) -> None:
+        """Stop after the current batch of cells; embeddings already stored stay as they were."""
+        if self._worker is not None:
+            self._worker.quit()
+            self._cancel_button.enabled = False
+            self.status.value = "Cancelling…"
+
+    # --- choices ---------------------------------------------------------------------------
+
+    def _image_layers(self, _widget=None) -> list[Image]:
+        return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _cells_choices(self, _widget=None) -> list[tuple[str, object]]:
+        labels = [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Labels)]
+        return [*labels, (SEGMENT_FIRST, SEGMENT_FIRST)]
+
+    def _pick_cells(self, image: Image | None) -> None:
+        """The image's own cells layer (made by the Segment widget), else 'segment first'."""
+        if image is None:
+            return
+        for layer in self._viewer.layers:
+            if isinstance(layer, Labels) and (
+                layer.metadata.get("source_image") == image.name or layer.name == f"{image.name} cells"
+            ):
+                self.cells.value = layer
+                return
+        self.cells.value = SEGMENT_FIRST
+
+    def _describe_devices(self) -> None:
+        """Unavailable devices stay listed, greyed out, with the reason as their tooltip."""
+        combo = self.device.native
+        combo.setItemData(0, "CUDA, then Apple MPS, then the CPU", Qt.ItemDataRole.ToolTipRole)
+        for option in list_devices():
+            index = combo.findText(option.name)
+            combo.setItemData(index, option.detail, Qt.ItemDataRole.ToolTipRole)
+            if not option.available:
+                combo.model().item(index).setEnabled(False)
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Model folder (config.json + model.safetensors)")
+        if folder:
+            self.model_name = folder
+
+    # --- running ---------------------------------------------------------------------------
+
+    def _refuse(self, message: str, *, notify=show_error) -> None:
+        notify(message)
+        self.status.value = message
+        self.finished.emit()
+
+    def _set_running(self, running: bool) -> None:
+        self._run_button.enabled = not running
+        self._cancel_button.enabled = running
+
+    def _handlers(self) -> dict:
+        self._set_running(True)
+        return {
+            "yielded": self._on_progress,
+            "returned": self._on_returned,
+            "errored": self._on_errored,
+            "finished": self._on_finished,
+        }
+
+    def _segment_first(self, layer: Image, pixels: np.ndarray) -> None:
+        """The Segment widget's worker with its defaults (cell size from the pixel size or the image)."""
+        self._segment_job = _Job(
+            image_name=layer.name,
+            scale=tuple(layer.scale),
+            translate=tuple(layer.translate),
+            cell_diameter=None,
+            pixel_size_um=layer.metadata.get("pixel_size_um") or None,
+            started=time.perf_counter(),
+        )
+        self.status.value = f"Segmenting {layer.name}…"
+        self._worker = _segment_and_measure(pixels, None, self._segment_job.pixel_size_um, _connect=self._handlers())
+
+    def _embed(self, image: Image, pixels: np.ndarray, cells: Labels) -> None:
+        labels = np.asarray(cells.data)
+        if labels.shape != pixels.shape[:2]:
+            self._refuse(
+                f"The cells layer {cells.name!r} ({labels.shape[0]}x{labels.shape[1]}) does not match "
+                f"the image {image.name!r} ({pixels.shape[0]}x{pixels.shape[1]}); choose its own cells layer."
+            )
+            return
+        if not labels.any():
+            self._refuse(f"No cells in {cells.name} to embed.", notify=show_warning)
+            return
+        model, mode, margin = self.model_name, self.crop_mode.value, float(self.margin.value)
+        try:
+            current = fingerprint(pixels, labels, model, mode=mode, margin=margin)
+        except OSError as error:
+            self._refuse(f"Cannot read the model {model!r}: {error}")
+            return
+        if stored_fingerprint(cells) == current:
+            ids, _, model_id = embeddings_of(cells)
+            self._refuse(
+                f"The {len(ids):,} embeddings of {cells.name} ({model_id}) are up to date; nothing to do.",
+                notify=show_info,
+            )
+            return
+        self._embed_job = _EmbedJob(cells, model, mode, margin, current)
+        self.status.value = f"Loading {model}…"
+        labels = labels.copy()  # painting during the run must not change what is embedded
+        self._worker = _load_and_embed(
+            model, self.device.value, pixels, labels, mode, margin, _connect=self._handlers()
+        )
+
+    def _on_progress(self, item) -> None:
+        if isinstance(item, Embedder):  # loaded: the embedding starts now
+            self._embedder, self._embed_started = item, time.perf_counter()
+            self.status.value = f"Embedding {self._embed_job.cells.name} with {self._embed_job.model} on {item.device}…"
+            return
+        done, total = item
+        if self._progress is None:
+            desc = f"Embedding {self._embed_job.cells.name}" if self._embed_job else f"Segmenting {self._segment_job.image_name}"
+            self._progress = progress(total=total, desc=desc)
+        self._progress.update(done - self._progress.n)
+        if self._embed_job is not None:
+            rate = done / max(time.perf_counter() - self._embed_started, 1e-9)
+            self.status.value = f"Embedding {self._embed_job.cells.name}: {done:,} of {total:,} cells ({rate:,.0f} cells/s)…"
+
+    def _on_returned(self, result) -> None:
+        self._result = result
+
+    def _on_errored(self, error: Exception) -> None:
+        # napari's worker already shows the error (with its traceback) as a notification
+        what = "Embedding" if self._embed_job is not None else "Segmentation"
+        self.status.value = f"{what} failed: {error}"
+
+    def _on_finished(self) -> None:
+        """Show the outcome once the worker is done; after segmenting, go on to embed."""
+        worker, self._worker = self._worker, None
+        result, self._result = self._result, None
+        segment_job, self._segment_job = self._segment_job, None
+        embed_job, self._embed_job = self._embed_job, None
+        embedder, self._embedder = self._embedder, None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._set_running(False)
+        if worker.abort_requested:
+            self.status.value = "Cancelled; the embeddings were not changed."
+        elif result is not None and segment_job is not None:
+            self._segmented(segment_job, *result)
+            return  # _segmented goes on to embed, or ends the run
+        elif isinstance(result, _LoadFailure):
+            show_error(result.message)
+            self.status.value = f"Could not load the model; nothing was changed. {result.message}"
+        elif result is not None:
+            self._store(embed_job, embedder, *result)
+        self.finished.emit()
+
+    def _segmented(self, job: _Job, labels: np.ndarray, table, cell_diameter: float) -> None:
+        if table.empty:
+            self._refuse(f"No cells found in {job.image_name}: is it a blood smear? Try the Segment cells widget.", notify=show_warning)
+            return
+        if job.image_name not in self._viewer.layers:
+            self._refuse(f"{job.image_name} was removed while it was segmented; nothing was changed.")
+            return
+        cells = add_cells_layer(self._viewer, labels, table, job, cell_diameter)
+        self.reset_choices()
+        self.cells.value = cells
+        image = self._viewer.layers[job.image_name]
+        try:
+            pixels = smear_pixels(image)
+        except ImageInputError as error:  # the image changed while it was segmented
+            self._refuse(str(error))
+            return
+        self._embed(image, pixels, cells)
+
+    def _store(self, job: _EmbedJob, embedder: Embedder, ids: np.ndarray, embeddings: np.ndarray) -> None:
+        if job.cells not in self._viewer.layers:
+            self.status.value = f"{job.cells.name} was removed while its cells were embedded; nothing was stored."
+            return
+        seconds = time.perf_counter() - self._embed_started
+        store_embeddings(
+            job.cells, ids, embeddings, model_id=embedder.model_id, fingerprint=job.fingerprint,
+            model=job.model, crop_mode=job.mode, margin=job.margin, device=str(embedder.device),
+        )
+        shown = Path(job.model).expanduser().name if Path(job.model).expanduser().exists() else job.model
+        self.status.value = (
+            f"{len(ids):,} cells embedded in {seconds:.1f} s ({len(ids) / max(seconds, 1e-9):,.0f} cells/s) "
+            f"with {shown} on {embedder.device}"
+        )
+        self.embedded.emit(job.cells)

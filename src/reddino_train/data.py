@@ -1,0 +1,118 @@
+"""Training data: every image under a folder, multi-cropped, in a deterministic resumable order.
+
+Augmentation randomness is seeded per sample from its position in the sample stream, so a
+run that resumes (or uses another number of loader workers) sees exactly the same crops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+log = logging.getLogger(__name__)
+
+
+class EmptyDatasetError(ValueError):
+    """The data folder holds no readable image."""
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Image files under ``root``, recursively, in a stable (sorted) order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EmptyDatasetError(f"data folder {root} does not exist")
+    images = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise EmptyDatasetError(
+            f"no images under {root}; expected files ending in {', '.join(IMAGE_SUFFIXES)}"
+        )
+    return images
+
+
+class ImageFolder(Dataset):
+    """Images under ``root`` as transformed RGB images, indexed by (image index, sample seed).
+
+    A file that cannot be read is reported once (logging warning) and replaced by the next
+    readable image, so one corrupt file in a million does not stop a run.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable) -> None:
+        self.root = Path(root)
+        self.paths = find_images(root)
+        self.transform = transform
+        self.skipped: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        image = self._first_readable(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
+
+    def _first_readable(self, index: int) -> Image.Image:
+        for offset in range(len(self.paths)):
+            path = self.paths[(index + offset) % len(self.paths)]
+            if path in self.skipped:
+                continue
+            try:
+                with Image.open(path) as image:
+                    return image.convert("RGB")
+            except (OSError, ValueError) as error:
+                self.skipped.add(path)
+                log.warning("skipping unreadable image %s: %s", path, error)
+        raise EmptyDatasetError(f"none of the {len(self.paths)} images under {self.root} is readable")
+
+
+class ResumableSampler(Sampler):
+    """An endless stream of (image index, sample seed) for one rank.
+
+    The global stream concatenates one seeded permutation of the images per epoch; rank r of
+    W takes global positions r, r + W, r + 2W, ...  ``start`` is the number of samples this
+    rank has already consumed, so a resumed run continues exactly where it stopped.
+    """
+
+    def __init__(self, n_images: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        self.n_images, self.seed = n_images, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, permutation = -1, None
+        position = self.start
+        while True:
+            global_position = position * self.world_size + self.rank
+            if global_position // self.n_images != epoch:
+                epoch = global_position // self.n_images
+                permutation = self.permutation(epoch)
+            yield int(permutation[global_position % self.n_images]), self.sample_seed(global_position)
+            position += 1
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_images, generator=generator)
+
+    def sample_seed(self, global_position: int) -> int:
+        return (self.seed * 2_654_435_761 + global_position) % 2**63
+
+
+def collate_crops(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Stack MultiCrop outputs crop-major: all images' crop 0, then all images' crop 1, ...
+
+    global_crops: (2 * batch, C, H, W); local_crops: (n_local * batch, C, h, w), empty when
+    there are no local crops.
+    """
+    stacked = {}
+    for key in ("global_crops", "local_crops"):
+        crops = [crop for index in range(len(samples[0][key])) for crop in (s[key][index] for s in samples)]
+        stacked[key] = torch.stack(crops) if crops else torch.empty(0)
+    return stacked

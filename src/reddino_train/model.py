@@ -1,0 +1,143 @@
+"""Student and EMA teacher: a timm ViT backbone with an iBOT mask token, and DINO/iBOT heads."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import timm
+import torch
+from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import nn
+
+from .config import ModelConfig, TrainConfig
+from .heads import DinoHead
+
+
+def vit_architecture_args(model: ModelConfig, img_size: int) -> dict:
+    """The timm arguments that fix the backbone's weights' shapes and initialisation."""
+    args = {"img_size": img_size, "init_values": model.layerscale, "num_classes": 0}
+    if model.depth is not None:
+        args["depth"] = model.depth
+    return args
+
+
+def create_vit(cfg: TrainConfig) -> nn.Module:
+    """The training backbone: any input size (global and local crops), stochastic depth, and
+    the weights named by ``model.pretrained``."""
+    model = cfg.model
+    vit = timm.create_model(
+        model.arch,
+        pretrained=model.pretrained == "timm",
+        dynamic_img_size=True,
+        drop_path_rate=model.drop_path_rate,
+        **vit_architecture_args(model, cfg.crops.global_size),
+    )
+    if model.pretrained not in ("", "timm"):
+        load_vit_weights(vit, model.pretrained)
+    return vit
+
+
+def load_vit_weights(vit: nn.Module, path: str | Path) -> None:
+    """Load a timm ViT state dict (safetensors, or a tensors-only torch file); the position
+    embedding is resampled when the file was trained at another input size."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = safetensors.torch.load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    vit.load_state_dict(checkpoint_filter_fn(state, vit))
+
+
+class MaskableViT(nn.Module):
+    """A timm ViT whose masked patch embeddings are replaced by a learned mask token (iBOT)."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.mask_token = nn.Parameter(torch.zeros(vit.embed_dim))
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, C, H, W) images -> (batch, prefix + patches, dim) tokens after the final norm.
+
+        masks: (batch, patches) bool, True where the student sees the mask token.
+        """
+        vit = self.vit
+        x = vit.patch_embed(images)  # (batch, rows, cols, dim) with dynamic_img_size
+        if masks is not None:
+            x = torch.where(masks.view(x.shape[:-1]).unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        return vit.norm(vit.blocks(x))
+
+
+@dataclass
+class StudentOutputs:
+    cls_logits: torch.Tensor  # (crops * batch, prototypes): global crops first, crop-major
+    global_cls_tokens: torch.Tensor  # (2 * batch, dim), for KoLeo
+    patch_logits: torch.Tensor  # (masked patches, prototypes), in tokens[masks] order
+
+
+class DinoModel(nn.Module):
+    """Backbone plus heads. ``forward`` is the student's pass, ``targets`` the teacher's."""
+
+    def __init__(self, backbone: MaskableViT, dino_head: DinoHead, ibot_head: DinoHead | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head  # None: iBOT shares the DINO head
+
+    def forward(
+        self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor
+    ) -> StudentOutputs:
+        """One call for all crops, so DDP sees a single forward per backward."""
+        tokens = self.backbone(global_crops, masks)
+        cls_tokens = tokens[:, 0]
+        if local_crops.numel():
+            cls_tokens = torch.cat([cls_tokens, self.backbone(local_crops)[:, 0]])
+        return StudentOutputs(
+            cls_logits=self.dino_head(cls_tokens),
+            global_cls_tokens=tokens[:, 0],
+            patch_logits=self._ibot_logits(tokens, masks),
+        )
+
+    @torch.no_grad()
+    def targets(self, global_crops: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher logits of the unmasked global crops: CLS (2 * batch, prototypes) and the
+        patches the student sees masked (masked patches, prototypes)."""
+        tokens = self.backbone(global_crops)
+        return self.dino_head(tokens[:, 0]), self._ibot_logits(tokens, masks)
+
+    def _ibot_logits(self, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, self.backbone.n_prefix_tokens :][masks]
+        return (self.ibot_head or self.dino_head)(patches)
+
+
+def _head(cfg: TrainConfig, which: str, in_dim: int) -> DinoHead:
+    head = getattr(cfg.heads, which)
+    return DinoHead(in_dim, head.n_prototypes, head.hidden_dim, head.bottleneck_dim, head.n_layers)
+
+
+def build_student(cfg: TrainConfig) -> DinoModel:
+    backbone = MaskableViT(create_vit(cfg))
+    dim = backbone.vit.embed_dim
+    ibot_head = _head(cfg, "ibot", dim) if cfg.heads.ibot_separate else None
+    return DinoModel(backbone, _head(cfg, "dino", dim), ibot_head)
+
+
+def make_teacher(student: DinoModel) -> DinoModel:
+    """A frozen copy in eval mode (no stochastic depth), updated only by ``update_teacher``."""
+    teacher = copy.deepcopy(student).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def update_teacher(teacher: DinoModel, student: DinoModel, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum)

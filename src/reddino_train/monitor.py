@@ -1,0 +1,94 @@
+"""What a run reports while it trains: log.csv rows and warnings of teacher collapse."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+LOG_NAME = "log.csv"
+
+
+class CsvLog:
+    """Rows appended to a CSV file and synced to disk one by one, so a crash loses nothing.
+
+    Opening it keeps only the rows up to ``resume_step``: a run that resumes from a checkpoint
+    logs the later steps again, exactly as a run without the interruption would.
+    """
+
+    def __init__(self, path: Path, columns: Sequence[str], resume_step: int) -> None:
+        self.path, self.columns = path, list(columns)
+        kept = []
+        if path.exists():
+            with path.open(newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.columns)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
+
+    def write(self, row: dict[str, float]) -> None:
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, self.columns).writerow({key: repr(value) for key, value in row.items()})
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_log(path: Path) -> list[dict[str, float]]:
+    with Path(path).open(newline="") as handle:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row of ``probs`` (..., prototypes)."""
+    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(dim=-1)
+
+
+class CollapseWarning(UserWarning):
+    pass
+
+
+class CollapseDetector:
+    """Warns when the teacher's targets stay collapsed for ``patience`` logging steps.
+
+    Uniform collapse: every image's target is close to uniform over the prototypes (mean
+    per-image entropy near log K). One-prototype collapse: all images of the batch put their
+    mass on the same prototype (entropy of the batch-mean target near 0). The per-image
+    entropy alone cannot show the latter: sharp targets on different prototypes are healthy.
+    """
+
+    def __init__(self, n_prototypes: int, patience: int = 5, tolerance: float = 0.02) -> None:
+        self.max_entropy = math.log(n_prototypes)
+        self.patience, self.tolerance = patience, tolerance
+        self.kind, self.streak = None, 0
+
+    def update(self, step: int, teacher_entropy: float, batch_entropy: float) -> str | None:
+        """Record one logging step; returns (and warns with) a message when a collapse has
+        just lasted ``patience`` logging steps."""
+        kind = None
+        if teacher_entropy >= (1 - self.tolerance) * self.max_entropy:
+            kind = "uniform"
+        elif batch_entropy <= self.tolerance * self.max_entropy:
+            kind = "one-prototype"
+        self.streak = self.streak + 1 if kind is not None and kind == self.kind else int(kind is not None)
+        self.kind = kind
+        if kind is None or self.streak != self.patience:
+            return None
+        message = f"step {step}: the teacher has collapsed ({kind}) for {self.patience} logging steps; " + (
+            f"its targets are near uniform (entropy {teacher_entropy:.3f} of at most "
+            f"{self.max_entropy:.3f} nats). Likely cause: a teacher temperature too high for "
+            "the centering, or a learning rate so high the head stopped separating prototypes."
+            if kind == "uniform"
+            else f"every image maps to the same prototype (batch entropy {batch_entropy:.3f} "
+            "nats). Likely cause: too weak centering (softmax centre momentum too high; try "
+            "sinkhorn_knopp), a teacher temperature too low, or a learning rate too high."
+        )
+        warnings.warn(message, CollapseWarning, stacklevel=2)
+        return message

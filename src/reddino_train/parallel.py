@@ -1,0 +1,63 @@
+"""How student and teacher spread over ranks: DDP keeps a full copy on each rank; FSDP2
+(``fully_shard``) shards parameters, gradients and optimizer state, block by block, for
+models whose copies do not fit one GPU each.
+
+Checkpoints always hold full (unsharded) state dicts keyed by parameter name, whichever
+strategy wrote them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import Parallel
+from .distributed import world_size
+from .model import DinoModel
+
+FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FULL = StateDictOptions(full_state_dict=True)
+
+
+def distribute(student: DinoModel, teacher: DinoModel, parallel: Parallel, device: torch.device) -> torch.nn.Module:
+    """Spread the models over the ranks (in place for FSDP) and return the module whose call
+    is the student's forward pass. Build the optimizer afterwards: FSDP swaps in new parameters."""
+    if world_size() == 1:
+        return student
+    if parallel == "ddp":
+        return DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    for model in (student, teacher):
+        for block in model.backbone.vit.blocks:
+            fully_shard(block)
+        # the teacher never runs backward, so its root must free the gathered weights itself
+        fully_shard(model, reshard_after_forward=model is teacher)
+    register_fsdp_forward_method(teacher, "targets")
+    return student
+
+
+def full_state(student: DinoModel, teacher: DinoModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Full state dicts on rank 0 (empty on the others); every rank must call it."""
+    return {
+        "student": get_model_state_dict(student, options=FULL_ON_RANK0),
+        "teacher": get_model_state_dict(teacher, options=FULL_ON_RANK0),
+        "optimizer": get_optimizer_state_dict(student, optimizer, options=FULL_ON_RANK0),
+    }
+
+
+def load_full_state(
+    student: DinoModel, teacher: DinoModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load full state dicts (as ``full_state`` saved them) into replicated or sharded models."""
+    set_model_state_dict(student, state["student"], options=FULL)
+    set_model_state_dict(teacher, state["teacher"], options=FULL)
+    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=FULL)

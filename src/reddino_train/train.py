@@ -1,0 +1,282 @@
+"""The DINOv2 training loop: one process, or one per rank under torchrun with DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .augment import make_multicrop
+from .checkpoint import CHECKPOINT_NAME, architecture, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, config_to_dict, save_config
+from .data import ImageFolder, ResumableSampler, collate_crops
+from .distributed import all_gather_objects, all_reduce, distributed_session, rank, world_size
+from .losses import DinoClsLoss, IbotPatchLoss, koleo_loss
+from .masking import BlockMaskGenerator, sample_masks
+from .model import DinoModel, build_student, make_teacher, update_teacher
+from .monitor import LOG_NAME, CollapseDetector, CsvLog, entropy
+from .parallel import distribute, full_state, load_full_state
+from .param_groups import apply_schedule, build_param_groups
+from .schedules import ScheduleValues, build_schedules
+
+LOSS_TERMS = ("dino", "ibot", "koleo")
+STATS = (*LOSS_TERMS, "teacher_entropy", "teacher_batch_entropy")
+LOG_COLUMNS = (
+    "step", "loss", *LOSS_TERMS, "lr", "last_layer_lr", "weight_decay", "teacher_momentum",
+    "teacher_temp", "teacher_entropy", "teacher_batch_entropy", "student_teacher_kl", "images_per_s",
+)
+
+
+class TrainingDivergedError(FloatingPointError):
+    def __init__(self, step: int, term: str, value: float) -> None:
+        super().__init__(
+            f"training diverged at step {step}: the {term} loss is {value}. Lower optim.base_lr, "
+            "raise optim.warmup_epochs or lower optim.clip_grad, then resume from the last checkpoint."
+        )
+        self.step, self.term, self.value = step, term, value
+
+
+@dataclass(frozen=True)
+class FitResult:
+    iterations_done: int
+    stopped_by_signal: bool
+    student: DinoModel
+    teacher: DinoModel
+
+
+@dataclass
+class Losses:
+    dino: DinoClsLoss
+    ibot: IbotPatchLoss
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Losses:
+        loss = cfg.loss
+        ibot_head = cfg.heads.ibot if cfg.heads.ibot_separate else cfg.heads.dino
+        return cls(
+            DinoClsLoss(cfg.heads.dino.n_prototypes, loss.centering, loss.student_temp, loss.center_momentum),
+            IbotPatchLoss(ibot_head.n_prototypes, loss.centering, loss.student_temp, loss.center_momentum),
+        )
+
+
+def fit(
+    cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_steps: int | None = None
+) -> FitResult:
+    """Train (or resume from ``out_dir/checkpoint.pt``) until the configured number of
+    iterations, or ``max_steps`` iterations in all. SIGTERM/SIGINT end the run after the
+    current step with a checkpoint. Under torchrun every rank calls ``fit``."""
+    out = Path(out_dir)
+    with distributed_session() as device, _stop_requests() as stop:
+        return _Run(cfg, Path(data_dir), out, device).train(max_steps, stop)
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, data_dir: Path, out: Path, device: torch.device) -> None:
+        self.cfg, self.out, self.device = cfg, out, device
+        self.rank, self.world_size = rank(), world_size()
+        out.mkdir(parents=True, exist_ok=True)
+        self.dataset = ImageFolder(data_dir, make_multicrop(cfg.crops))
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.student = build_student(cfg).to(device)
+        self.teacher = make_teacher(self.student)
+        self.distributed_student = distribute(self.student, self.teacher, cfg.train.parallel, device)
+        self.losses = Losses.from_config(cfg)
+        self.losses.dino.to(device)
+        self.losses.ibot.to(device)
+        groups = build_param_groups(self.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+        self.optimizer = torch.optim.AdamW(groups, betas=cfg.optim.adamw_betas)
+        self.schedules = build_schedules(cfg, self.world_size)
+        grid = cfg.crops.global_size // cfg.model.patch_size
+        self.mask_generator = BlockMaskGenerator((grid, grid))
+        self.iteration = 0
+        self.samples_consumed = 0  # by this rank: where its sampler resumes
+        _seed_process(cfg.train.seed + self.rank)  # distinct stochastic depth per rank
+        if (out / CHECKPOINT_NAME).exists():
+            self._resume(load_checkpoint(out / CHECKPOINT_NAME, cfg))
+        if self.rank == 0:
+            save_config(cfg, out / "config.yaml")
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train(self, max_steps: int | None, stop: threading.Event) -> FitResult:
+        train = self.cfg.train
+        end = min(self.schedules.lr.total_iters, max_steps or self.schedules.lr.total_iters)
+        log = CsvLog(self.out / LOG_NAME, LOG_COLUMNS, self.iteration) if self.rank == 0 else None
+        collapse = CollapseDetector(self.cfg.heads.dino.n_prototypes)
+        batches = self._batches()
+        stopped = False
+        last_log = (self.iteration, time.perf_counter())
+        with tqdm(total=end, initial=self.iteration, disable=self.rank != 0, desc="reddino-train") as bar:
+            while self.iteration < end and not stopped:
+                values = self.schedules.at(self.iteration)
+                stats, stopped = self._step(next(batches), values, stop)
+                self.iteration += 1
+                self.samples_consumed += train.batch_size_per_gpu
+                bar.update()
+                if self.iteration % train.log_every == 0:
+                    images = (self.iteration - last_log[0]) * train.batch_size_per_gpu * self.world_size
+                    row = self._log_row(stats, values, images / (time.perf_counter() - last_log[1]))
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    if log is not None:
+                        log.write(row)
+                    collapse.update(self.iteration, stats["teacher_entropy"], stats["teacher_batch_entropy"])
+                    last_log = (self.iteration, time.perf_counter())
+                if self.iteration % train.checkpoint_every == 0 or self.iteration == end or stopped:
+                    self._save()
+        if stopped and self.rank == 0:
+            tqdm.write(f"reddino-train: stopped by signal after step {self.iteration}; checkpoint saved")
+        return FitResult(self.iteration, stopped, self.student, self.teacher)
+
+    def _step(self, batch: dict[str, torch.Tensor], values: ScheduleValues, stop: threading.Event):
+        """One optimisation step; returns the global-mean statistics and whether any rank
+        asked to stop."""
+        cfg, device = self.cfg, self.device
+        apply_schedule(self.optimizer, values.lr, values.weight_decay, values.last_layer_lr)
+        global_crops = batch["global_crops"].to(device, non_blocking=True)
+        local_crops = batch["local_crops"].to(device, non_blocking=True)
+        masks = self._masks(len(global_crops)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            teacher_cls, teacher_patches = self.teacher.targets(global_crops, masks)
+            student = self.distributed_student(global_crops, local_crops, masks)
+        batch_size = len(global_crops) // 2
+        teacher_probs = self.losses.dino.teacher_probs(teacher_cls.view(2, batch_size, -1), values.teacher_temp)
+        terms = {
+            "dino": self.losses.dino(student.cls_logits.view(-1, batch_size, teacher_probs.shape[-1]), teacher_probs),
+            "ibot": self.losses.ibot(
+                student.patch_logits, self.losses.ibot.teacher_probs(teacher_patches, values.teacher_temp), masks
+            ),
+            "koleo": sum(koleo_loss(tokens) for tokens in student.global_cls_tokens.chunk(2)),
+        }
+        reduced = torch.stack([
+            *(term.detach().float() for term in terms.values()),
+            entropy(teacher_probs).mean(),
+            entropy(teacher_probs.flatten(0, 1).mean(dim=0)),
+            torch.tensor(float(stop.is_set()), device=device),
+        ])
+        all_reduce(reduced)
+        *means, stop_votes = (reduced / self.world_size).tolist()
+        stats = dict(zip(STATS, means))
+        for term in LOSS_TERMS:
+            if not np.isfinite(stats[term]):
+                raise TrainingDivergedError(self.iteration + 1, term, stats[term])
+        weights = {"dino": cfg.loss.dino_weight, "ibot": cfg.loss.ibot_weight, "koleo": cfg.loss.koleo_weight}
+        total = sum(weights[name] * term for name, term in terms.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.clip_grad)
+        self.optimizer.step()
+        update_teacher(self.teacher, self.student, values.teacher_momentum)
+        stats["loss"] = sum(weights[name] * stats[name] for name in LOSS_TERMS)
+        return stats, stop_votes > 0
+
+    def _log_row(self, stats: dict[str, float], values: ScheduleValues, images_per_s: float) -> dict[str, float]:
+        return {
+            "step": self.iteration,
+            "loss": stats["loss"],
+            **{term: stats[term] for term in LOSS_TERMS},
+            "lr": values.lr,
+            "last_layer_lr": values.last_layer_lr,
+            "weight_decay": values.weight_decay,
+            "teacher_momentum": values.teacher_momentum,
+            "teacher_temp": values.teacher_temp,
+            "teacher_entropy": stats["teacher_entropy"],
+            "teacher_batch_entropy": stats["teacher_batch_entropy"],
+            # mean cross-entropy minus mean teacher entropy over the same crop pairs
+            "student_teacher_kl": stats["dino"] - stats["teacher_entropy"],
+            "images_per_s": images_per_s,
+        }
+
+    # -- data -------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        train = self.cfg.train
+        sampler = ResumableSampler(
+            len(self.dataset), train.seed, self.rank, self.world_size, start=self.samples_consumed
+        )
+        loader = DataLoader(
+            self.dataset,
+            batch_size=train.batch_size_per_gpu,
+            sampler=sampler,
+            num_workers=train.num_workers,
+            collate_fn=collate_crops,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=train.num_workers > 0,
+            generator=torch.Generator(),  # leaves the global RNG, which the checkpoint restores, alone
+            worker_init_fn=_ignore_stop_signals,
+        )
+        return iter(loader)
+
+    def _masks(self, n_crops: int) -> torch.Tensor:
+        rng = np.random.default_rng((self.cfg.train.seed, self.iteration, self.rank))
+        masking = self.cfg.masking
+        return sample_masks(self.mask_generator, n_crops, masking.ratio_min_max, masking.sample_probability, rng)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        rng_states = all_gather_objects(rng_state())
+        models = full_state(self.student, self.teacher, self.optimizer)
+        if self.rank == 0:
+            save_checkpoint(self.out / CHECKPOINT_NAME, {
+                "architecture": architecture(self.cfg),
+                "config": config_to_dict(self.cfg),
+                "iteration": self.iteration,
+                **models,
+                "dino_loss": self.losses.dino.state_dict(),
+                "ibot_loss": self.losses.ibot.state_dict(),
+                "sampler": {"samples_consumed": self.samples_consumed, "world_size": self.world_size},
+                "rng": rng_states,
+            })
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        load_full_state(self.student, self.teacher, self.optimizer, state)
+        self.losses.dino.load_state_dict(state["dino_loss"])
+        self.losses.ibot.load_state_dict(state["ibot_loss"])
+        self.iteration = state["iteration"]
+        sampler = state["sampler"]  # the same global stream position on another number of ranks
+        self.samples_consumed = sampler["samples_consumed"] * sampler["world_size"] // self.world_size
+        if len(state["rng"]) == self.world_size:  # else keep the fresh per-rank seeds
+            set_rng_state(state["rng"][self.rank])
+        if self.rank == 0:
+            tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
+
+
+def _seed_process(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT (sent to the whole process group by Ctrl-C or a
+    scheduler) to the main process, which finishes its step and shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+    """An event set by SIGTERM or SIGINT while training (main thread only)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,226 @@
+"""The Embed cells widget, docked through the manifest, with a tiny real ViT loaded by load_embedder."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _model_fixtures import TINY_DIM, hub_cache, tiny_folder  # noqa: F401  (fixtures)
+from napari.layers import Labels
+from napari.utils.notifications import notification_manager
+from qtpy.QtCore import Qt
+from skimage.io import imread
+
+from napari_reddino import embeddings_of, segment_cells
+from napari_reddino.cell_embeddings import METADATA_KEY, fingerprint, store_embeddings
+from napari_reddino.embedding import clear_embedder_cache, list_devices
+from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
+
+CHULA_1 = Path(__file__).parent / "data" / "chula_rbc12" / "1.jpg"
+RUN_TIMEOUT_MS = 60_000
+DONE = re.compile(r"^([\d,]+) cells embedded in \d+\.\d s \([\d,]+ cells/s\) with tiny_model on cpu$")
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    clear_embedder_cache()
+    yield
+    clear_embedder_cache()
+
+
+@pytest.fixture(scope="module")
+def chula_pixels_and_cells():
+    image = imread(CHULA_1)
+    return image, segment_cells(image, cell_diameter=37.5)
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+@pytest.fixture
+def widget(viewer, tiny_folder):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
+    widget.model_name = str(tiny_folder[1])
+    widget.device.value = "cpu"
+    return widget
+
+
+def run(widget, qtbot):
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+
+
+def label_ids(cells: Labels) -> np.ndarray:
+    ids = np.unique(cells.data)
+    return ids[ids > 0]
+
+
+def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
+    viewer, widget, chula_pixels_and_cells, qtbot
+):
+    image, labels = chula_pixels_and_cells
+    viewer.add_image(image, rgb=True, name="smear")
+    cells = viewer.add_labels(labels.copy(), name="smear cells", metadata={"source_image": "smear"})
+    widget.reset_choices()
+    assert widget.cells.value is cells
+    assert embeddings_of(cells) is None
+
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+
+    assert result.args[0] is cells
+    ids, embeddings, model_id = embeddings_of(cells)
+    np.testing.assert_array_equal(ids, label_ids(cells))
+    assert ids.dtype == np.int64 and embeddings.dtype == np.float32
+    assert embeddings.shape == (len(ids), TINY_DIM) and np.isfinite(embeddings).all()
+    assert len(np.unique(embeddings.round(5), axis=0)) == len(ids)  # one vector per cell, not one for all
+    assert model_id == str(Path(widget.model_name).resolve())
+    assert DONE.match(widget.status.value).group(1) == f"{len(ids):,}"
+    assert not any(str(column).startswith("emb") for column in cells.features.columns)
+
+    # Unchanged: nothing is recomputed, also from a fresh widget (the embeddings live on the layer).
+    stored = cells.metadata[METADATA_KEY]["embeddings"]
+    with qtbot.assertNotEmitted(widget.embedded):
+        run(widget, qtbot)
+    assert widget.status.value == (
+        f"The {len(ids):,} embeddings of smear cells ({model_id}) are up to date; nothing to do."
+    )
+    reopened = EmbedCellsWidget(viewer)
+    reopened.model_name, reopened.device.value = widget.model_name, "cpu"
+    assert reopened.cells.value is cells
+    with qtbot.assertNotEmitted(reopened.embedded):
+        run(reopened, qtbot)
+    assert "up to date" in reopened.status.value
+    assert cells.metadata[METADATA_KEY]["embeddings"] is stored
+
+    # A deleted cell: recomputed, without that cell.
+    gone = ids[len(ids) // 2]
+    cells.data[cells.data == gone] = 0
+    cells.refresh()
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    new_ids, new_embeddings, _ = embeddings_of(cells)
+    assert new_embeddings is not stored
+    np.testing.assert_array_equal(new_ids, ids[ids != gone])
+    np.testing.assert_allclose(new_embeddings, embeddings[ids != gone], atol=1e-5)  # context crops: the rest unchanged
+
+    # Another crop mode is another fingerprint too.
+    widget.crop_mode.value = "masked"
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert cells.metadata[METADATA_KEY]["crop_mode"] == "masked"
+
+
+def test_segment_first_adds_the_cells_layer_then_embeds_it(viewer, widget, qtbot):
+    (image,) = viewer.open_sample("napari-reddino", "chula-smear")
+    widget.reset_choices()
+    assert widget.image.value is image
+    assert widget.cells.value == SEGMENT_FIRST
+
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+
+    (cells,) = [layer for layer in viewer.layers if isinstance(layer, Labels)]
+    # the widget sees the viewer (and its layers) through napari's public-only proxy
+    assert result.args[0].name == widget.cells.value.name == cells.name
+    # the layer the Segment cells widget makes: same name, metadata, scale and table
+    assert cells.name == f"{image.name} cells"
+    assert cells.metadata["source_image"] == image.name
+    assert cells.metadata["cell_diameter_from"] == "pixel size"
+    np.testing.assert_allclose(cells.scale, image.scale)
+    np.testing.assert_array_equal(cells.features["label"], label_ids(cells))
+    ids, embeddings, _ = embeddings_of(cells)
+    np.testing.assert_array_equal(ids, label_ids(cells))
+    assert embeddings.shape == (len(ids), TINY_DIM)
+    assert DONE.match(widget.status.value)
+
+
+def corrupt_copy(folder: Path, tmp_path: Path) -> str:
+    damaged = tmp_path / "damaged_model"
+    damaged.mkdir()
+    (damaged / "config.json").write_bytes((folder / "config.json").read_bytes())
+    (damaged / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    return str(damaged)
+
+
+@pytest.mark.parametrize(
+    "model, says",
+    [
+        ("reddino-small", "Model 'reddino-small' (Hugging Face repo Snarcy/RedDino-small) is not in the local cache"),
+        ("no-such-model", "Unknown model 'no-such-model': known models: reddino-small"),
+        (corrupt_copy, "(damaged or not a weights file)"),
+    ],
+    ids=["offline-not-cached", "unknown-name", "corrupt-checkpoint"],
+)
+def test_a_model_that_cannot_load_gives_a_clear_error_and_changes_nothing(
+    viewer, widget, hub_cache, tiny_folder, tmp_path, model, says, qtbot
+):
+    image = imread(CHULA_1)[:96, :96]
+    labels = np.zeros(image.shape[:2], np.int32)
+    labels[10:30, 10:30], labels[50:70, 40:60] = 3, 8
+    viewer.add_image(image, rgb=True, name="patch")
+    cells = viewer.add_labels(labels, name="patch cells")
+    record = store_embeddings(cells, [3, 8], np.ones((2, 4)), model_id="earlier", fingerprint="old")
+    widget.reset_choices()
+    widget.model_name = model if isinstance(model, str) else model(tiny_folder[1], tmp_path)
+
+    with qtbot.assertNotEmitted(widget.embedded):
+        run(widget, qtbot)
+
+    assert widget.status.value.startswith("Could not load the model; nothing was changed. ")
+    assert says in widget.status.value
+    assert says in notification_manager.records[-1].message
+    assert cells.metadata[METADATA_KEY] is record
+    assert len(viewer.layers) == 2
+    assert widget._run_button.enabled
+
+
+def test_no_cells_gives_a_notice_and_nothing_else(viewer, widget, qtbot):
+    viewer.add_image(imread(CHULA_1)[:64, :64], rgb=True, name="patch")
+    cells = viewer.add_labels(np.zeros((64, 64), np.int32), name="patch cells")
+    widget.reset_choices()
+
+    run(widget, qtbot)
+
+    assert widget.status.value == "No cells in patch cells to embed."
+    assert notification_manager.records[-1].message == widget.status.value
+    assert embeddings_of(cells) is None
+
+
+def test_unavailable_devices_are_listed_disabled_with_the_reason(widget):
+    combo = widget.device.native
+    options = list_devices()
+    assert [combo.itemText(index) for index in range(combo.count())] == ["auto", *(o.name for o in options)]
+    for option in options:
+        index = combo.findText(option.name)
+        assert combo.model().item(index).isEnabled() == option.available
+        assert combo.itemData(index, Qt.ItemDataRole.ToolTipRole) == option.detail
+    cuda = next(option for option in options if option.name.startswith("cuda"))
+    if not cuda.available:  # this CPU machine
+        assert not combo.model().item(combo.findText("cuda")).isEnabled()
+
+
+def test_the_fingerprint_follows_image_labels_model_and_crop_settings(tiny_folder, tmp_path):
+    image = imread(CHULA_1)[:64, :80]
+    labels = np.zeros(image.shape[:2], np.int32)
+    labels[5:20, 5:20] = 4
+    model = str(tiny_folder[1])
+    base = fingerprint(image, labels, model, mode="context", margin=0.25)
+    assert fingerprint(image.copy(), labels.copy(), model, mode="context", margin=0.25) == base
+    brighter = image.copy()
+    brighter[40, 70, 1] += 1
+    relabelled = labels.copy()
+    relabelled[5, 5] = 0
+    other = tmp_path / "other"
+    other.mkdir()
+    assert len({
+        base,
+        fingerprint(brighter, labels, model, mode="context", margin=0.25),
+        fingerprint(image, relabelled, model, mode="context", margin=0.25),
+        fingerprint(image, labels, str(other), mode="context", margin=0.25),
+        fingerprint(image, labels, "reddino-small", mode="context", margin=0.25),
+        fingerprint(image, labels, model, mode="masked", margin=0.25),
+        fingerprint(image, labels, model, mode="context", margin=0.5),
+    }) == 7

@@ -1,0 +1,41 @@
+"""Run ``fit`` on the tiny recipe and write this rank's model checksums; for the tests that
+need a separate process (torchrun, signals).
+
+usage: fit_and_checksum.py DATA_DIR OUT_DIR MAX_STEPS [KEY=VALUE ...]
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from reddino_train.config import load_config
+from reddino_train.train import fit
+
+
+def checksum(module: torch.nn.Module) -> str:
+    """Of this rank's copy: the whole model with DDP, its own shards with FSDP."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        digest.update(name.encode())
+        digest.update(local.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    data_dir, out_dir, max_steps, *overrides = sys.argv[1:]
+    torch.set_num_threads(1)
+    result = fit(load_config("tiny", overrides), data_dir, out_dir, max_steps=int(max_steps))
+    summary = {
+        "iterations_done": result.iterations_done,
+        "stopped_by_signal": result.stopped_by_signal,
+        "student": checksum(result.student),
+        "teacher": checksum(result.teacher),
+    }
+    rank = os.environ.get("RANK", "0")
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump(summary, handle)

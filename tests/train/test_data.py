@@ -1,0 +1,82 @@
+import logging
+import shutil
+
+import pytest
+import torch
+
+from reddino_train.augment import make_multicrop
+from reddino_train.config import load_config
+from reddino_train.data import EmptyDatasetError, ImageFolder, ResumableSampler, collate_crops, find_images
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_find_images_recurses_sorted_and_ignores_other_files(smear_images, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(smear_images, root)
+    (root / "notes.txt").write_text("not an image")
+    (root / "smear0" / "deep").mkdir()
+    (root / "smear0" / "deep" / "UPPER.TIF").write_bytes(b"")
+    images = find_images(root)
+    assert len(images) == 17
+    assert images == sorted(images)
+    assert {path.suffix for path in images} == {".jpg", ".png", ".TIF"}
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(EmptyDatasetError, match=r"no images under .*\.png, \.jpg"):
+        ImageFolder(tmp_path, transform=lambda image: image)
+    with pytest.raises(EmptyDatasetError, match="does not exist"):
+        find_images(tmp_path / "missing")
+
+
+def test_unreadable_image_is_reported_and_replaced_by_the_next(smear_images, tmp_path, caplog):
+    root = tmp_path / "data"
+    shutil.copytree(smear_images, root)
+    corrupt = find_images(root)[0]
+    corrupt.write_bytes(b"\x89PNG truncated")
+    dataset = ImageFolder(root, transform=lambda image: image)
+    with caplog.at_level(logging.WARNING):
+        image = dataset[(0, 0)]
+    assert image.size == (64, 64)
+    assert dataset.skipped == {corrupt}
+    assert f"skipping unreadable image {corrupt}" in caplog.text
+    for path in dataset.paths[1:]:
+        path.write_bytes(b"junk")
+    with pytest.raises(EmptyDatasetError, match="none of the 16 images"):
+        dataset[(0, 0)]
+
+
+def test_sampler_epochs_are_permutations_and_ranks_share_the_stream():
+    whole = take(iter(ResumableSampler(10, seed=3)), 30)
+    for epoch in range(3):
+        assert sorted(index for index, _ in whole[epoch * 10 : (epoch + 1) * 10]) == list(range(10))
+    assert whole[:10] != whole[10:20]
+    rank0 = take(iter(ResumableSampler(10, seed=3, rank=0, world_size=2)), 15)
+    rank1 = take(iter(ResumableSampler(10, seed=3, rank=1, world_size=2)), 15)
+    assert rank0 == whole[0::2] and rank1 == whole[1::2]
+    assert len({seed for _, seed in whole}) == 30  # every sample draws its own augmentation
+
+
+def test_sampler_resumes_at_its_position():
+    full = take(iter(ResumableSampler(7, seed=1, rank=1, world_size=2)), 20)
+    resumed = take(iter(ResumableSampler(7, seed=1, rank=1, world_size=2, start=13)), 7)
+    assert resumed == full[13:]
+
+
+def test_same_sample_seed_gives_the_same_crops_and_collate_is_crop_major(smear_images):
+    cfg = load_config("tiny")
+    dataset = ImageFolder(smear_images, make_multicrop(cfg.crops))
+    first, again, other = dataset[(2, 11)], dataset[(2, 11)], dataset[(2, 12)]
+    assert torch.equal(first["global_crops"][0], again["global_crops"][0])
+    assert torch.equal(first["local_crops"][1], again["local_crops"][1])
+    assert not torch.equal(first["global_crops"][0], other["global_crops"][0])
+    samples = [dataset[(index, index)] for index in range(3)]
+    batch = collate_crops(samples)
+    assert batch["global_crops"].shape == (2 * 3, 3, 56, 56)
+    assert batch["local_crops"].shape == (cfg.crops.local_number * 3, 3, 28, 28)
+    assert torch.equal(batch["global_crops"][3 + 2], samples[2]["global_crops"][1])
+    assert torch.equal(batch["local_crops"][3 + 1], samples[1]["local_crops"][1])

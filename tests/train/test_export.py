@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import timm
+import torch
+
+from reddino_train.cli import main
+from reddino_train.config import load_config
+from reddino_train.export import export_teacher
+from reddino_train.train import fit
+
+TINY = ["model.layerscale=1.0"]
+
+
+def test_export_loads_in_timm_with_the_teachers_features(smear_images, tmp_path):
+    result = fit(load_config("tiny", TINY), smear_images, tmp_path / "run", max_steps=2)
+    folder = export_teacher(tmp_path / "run", tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "vit_small_patch14_dinov2" and config["num_features"] == 384
+    assert config["pretrained_cfg"]["input_size"] == [3, 56, 56]
+    assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
+    assert config["pretrained_cfg"]["std"] == [0.229, 0.224, 0.225]
+    assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.safetensors"]
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    images = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        expected = result.teacher.backbone(images)[:, 0]
+        assert torch.equal(model.forward_features(images)[:, 0], expected)
+        assert not torch.equal(result.student.backbone(images)[:, 0], expected)
+
+
+def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsys):
+    run, model = str(tmp_path / "run"), str(tmp_path / "model")
+    assert main(["fit", "tiny", str(smear_images), "--out", run, *TINY, "--max-steps", "1"]) == 0
+    assert "1 iterations done" in capsys.readouterr().out
+    assert main(["export", run, "--out", model]) == 0
+    assert f'local-dir:{model}' in capsys.readouterr().out
+    weights = (tmp_path / "model" / "model.safetensors").read_bytes()
+    assert main(["export", run, "--out", model]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", run, "--out", model, "--overwrite"]) == 0
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == weights
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit", "tiny", "{empty}", "--out", "{out}"], "no images under"),
+    (["fit", "tiny", "{empty}", "--out", "{out}", "crops.size=3"], "unknown key crops.size"),
+    (["export", "{empty}", "--out", "{out}"], "no checkpoint.pt"),
+])
+def test_cli_errors_exit_2_with_the_reason(tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    paths = {"empty": str(tmp_path / "empty"), "out": str(tmp_path / "out")}
+    assert main([arg.format(**paths) for arg in args]) == 2
+    assert message in capsys.readouterr().err

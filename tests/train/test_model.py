@@ -1,0 +1,68 @@
+import safetensors.torch
+import torch
+
+from reddino_train.config import load_config
+from reddino_train.model import build_student, make_teacher, update_teacher
+
+# LayerScale 1 so the blocks, not just the embeddings, shape the outputs of the tiny model
+TINY = ["model.layerscale=1.0", "model.drop_path_rate=0.0"]
+
+
+def test_masked_patches_see_only_the_mask_token():
+    torch.manual_seed(0)
+    student = build_student(load_config("tiny", TINY)).eval()
+    torch.nn.init.normal_(student.backbone.mask_token)
+    images = torch.randn(2, 3, 56, 56)
+    everything = torch.ones(2, 16, dtype=torch.bool)
+    masked = student.backbone(images, everything)
+    assert torch.allclose(masked[0], masked[1], atol=1e-5)  # the two images became the same input
+    unmasked = student.backbone(images)
+    assert (unmasked[0] - unmasked[1]).abs().max() > 0.1
+    assert unmasked.shape == (2, 1 + 16, 384)
+
+
+def test_student_outputs_follow_crops_and_masks():
+    torch.manual_seed(0)
+    cfg = load_config("tiny", TINY)
+    student = build_student(cfg)
+    masks = torch.zeros(4, 16, dtype=torch.bool)
+    masks[1, :5] = masks[3, 7:9] = True
+    out = student(torch.randn(4, 3, 56, 56), torch.randn(6, 3, 28, 28), masks)
+    assert out.cls_logits.shape == (4 + 6, 64)
+    assert out.global_cls_tokens.shape == (4, 384)
+    assert out.patch_logits.shape == (7, 64)
+    teacher_cls, teacher_patches = make_teacher(student).targets(torch.randn(4, 3, 56, 56), masks)
+    assert teacher_cls.shape == (4, 64) and teacher_patches.shape == (7, 64)
+
+
+def test_separate_ibot_head_has_its_own_prototypes():
+    cfg = load_config("tiny", [*TINY, "heads.ibot_separate=true", "heads.ibot.n_prototypes=48"])
+    student = build_student(cfg)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, :3] = True
+    out = student(torch.randn(2, 3, 56, 56), torch.randn(0), masks)
+    assert out.patch_logits.shape == (3, 48) and out.cls_logits.shape == (2, 64)
+
+
+def test_teacher_is_a_frozen_copy_updated_by_ema():
+    student = build_student(load_config("tiny"))
+    teacher = make_teacher(student)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    before = teacher.backbone.mask_token.detach().clone()
+    with torch.no_grad():
+        student.backbone.mask_token.fill_(1.0)
+    update_teacher(teacher, student, momentum=0.75)
+    assert torch.allclose(teacher.backbone.mask_token, 0.75 * before + 0.25)
+    assert torch.equal(teacher.dino_head.last_layer.weight, student.dino_head.last_layer.weight)
+
+
+def test_pretrained_weights_load_from_safetensors_and_torch_files(tmp_path):
+    torch.manual_seed(1)
+    source = build_student(load_config("tiny")).backbone.vit.state_dict()
+    safetensors.torch.save_file(source, tmp_path / "vit.safetensors")
+    torch.save(source, tmp_path / "vit.pth")
+    for name in ("vit.safetensors", "vit.pth"):
+        torch.manual_seed(2)
+        loaded = build_student(load_config("tiny", [f"model.pretrained={tmp_path / name}"]))
+        state = loaded.backbone.vit.state_dict()
+        assert all(torch.equal(state[key], source[key]) for key in source)

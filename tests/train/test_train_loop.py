@@ -1,0 +1,119 @@
+import math
+import warnings
+
+import pytest
+import torch
+
+from reddino_train.checkpoint import CheckpointMismatchError
+from reddino_train.config import load_config
+from reddino_train.data import EmptyDatasetError
+from reddino_train.monitor import CollapseDetector, CollapseWarning, read_log
+from reddino_train.schedules import build_schedules
+from reddino_train.train import LOG_COLUMNS, TrainingDivergedError, fit
+
+# LayerScale 1 lets the images reach the CLS token of the randomly initialised tiny model
+# (with DINOv2's 1e-5 every image gives the same teacher output: a uniform collapse).
+# Softmax centering and KoLeo put the centre and KoLeo into the runs as well.
+TINY = ["model.layerscale=1.0", "loss.centering=softmax_center", "loss.koleo_weight=0.1"]
+
+
+def test_a_few_steps_log_every_column_with_finite_losses(smear_images, tmp_path):
+    cfg = load_config("tiny", TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CollapseWarning)
+        result = fit(cfg, smear_images, tmp_path, max_steps=3)
+    assert result.iterations_done == 3 and not result.stopped_by_signal
+    header = (tmp_path / "log.csv").read_text().splitlines()[0]
+    assert header.split(",") == list(LOG_COLUMNS)
+    rows = read_log(tmp_path / "log.csv")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    schedules = build_schedules(cfg, world_size=1)
+    for row in rows:
+        assert all(math.isfinite(value) for value in row.values())
+        values = schedules.at(int(row["step"]) - 1)
+        assert (row["lr"], row["teacher_temp"], row["teacher_momentum"]) == (
+            values.lr, values.teacher_temp, values.teacher_momentum,
+        )
+        assert row["loss"] == pytest.approx(row["dino"] + row["ibot"] + 0.1 * row["koleo"], rel=1e-12)
+        assert 0 < row["teacher_entropy"] < math.log(64)
+        assert row["student_teacher_kl"] == pytest.approx(row["dino"] - row["teacher_entropy"], rel=1e-12)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["iteration"] == 3
+    assert checkpoint["sampler"] == {"samples_consumed": 3 * 4, "world_size": 1}
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_resumed_run_repeats_the_uninterrupted_one_exactly(smear_images, tmp_path):
+    cfg = load_config("tiny", TINY)
+    straight = fit(cfg, smear_images, tmp_path / "straight", max_steps=6)
+    fit(cfg, smear_images, tmp_path / "resumed", max_steps=3)
+    resumed = fit(cfg, smear_images, tmp_path / "resumed", max_steps=6)
+    expected, got = read_log(tmp_path / "straight/log.csv"), read_log(tmp_path / "resumed/log.csv")
+    assert [row["step"] for row in got] == [1, 2, 3, 4, 5, 6]
+    losses = ["loss", "dino", "ibot", "koleo", "teacher_entropy", "student_teacher_kl"]
+    for before, after in zip(expected[3:], got[3:]):
+        assert [before[key] for key in losses] == [after[key] for key in losses]
+    for name, tensor in straight.teacher.state_dict().items():
+        assert torch.equal(tensor, resumed.teacher.state_dict()[name]), name
+
+
+def test_divergence_stops_with_the_step_and_the_term(smear_images, tmp_path):
+    cfg = load_config("tiny", [*TINY, "optim.base_lr=1e35", "optim.warmup_epochs=0"])
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step (\d+): the (dino|ibot|koleo) loss") as error:
+        fit(cfg, smear_images, tmp_path, max_steps=6)
+    assert error.value.step == 2 and not math.isfinite(error.value.value)
+    assert [row["step"] for row in read_log(tmp_path / "log.csv")] == [1]
+
+
+def test_checkpoint_of_another_architecture_is_refused_and_kept(smear_images, tmp_path):
+    fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointMismatchError, match=r"another architecture \(depth: checkpoint 2 vs config 1\)"):
+        fit(load_config("tiny", [*TINY, "model.depth=1"]), smear_images, tmp_path, max_steps=2)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(EmptyDatasetError, match="no images under"):
+        fit(load_config("tiny"), tmp_path / "data", tmp_path / "out")
+
+
+def test_collapse_warns_once_the_streak_lasts(smear_images, tmp_path):
+    # DINOv2's LayerScale 1e-5 on a random model: identical CLS tokens, uniform targets
+    with pytest.warns(CollapseWarning, match=r"step 5: the teacher has collapsed \(uniform\)"):
+        fit(load_config("tiny"), smear_images, tmp_path, max_steps=5)
+    rows = read_log(tmp_path / "log.csv")
+    assert all(row["teacher_entropy"] == pytest.approx(math.log(64), abs=1e-4) for row in rows)
+
+
+def test_collapse_detector_kinds_and_streaks():
+    detector = CollapseDetector(n_prototypes=100, patience=3)
+    uniform, healthy = math.log(100) - 0.01, 2.0
+    assert [detector.update(step, uniform, 4.6) for step in (1, 2)] == [None, None]
+    assert detector.update(3, healthy, 4.6) is None  # the streak breaks
+    with pytest.warns(CollapseWarning):
+        messages = [detector.update(step, uniform, 4.6) for step in (4, 5, 6, 7)]
+    assert messages[:2] == [None, None] and messages[3] is None
+    assert messages[2].startswith("step 6: the teacher has collapsed (uniform)")
+    with pytest.warns(CollapseWarning):
+        one_prototype = [detector.update(step, 0.001, 0.05) for step in (8, 9, 10)]
+    assert one_prototype[2].startswith("step 10: the teacher has collapsed (one-prototype)")
+    assert "centering" in one_prototype[2]
+
+
+def test_bf16_autocast_trains_with_finite_losses_close_to_fp32(smear_images, tmp_path):
+    fp32 = fit(load_config("tiny", TINY), smear_images, tmp_path / "fp32", max_steps=1)
+    bf16 = fit(load_config("tiny", [*TINY, "train.precision=bf16"]), smear_images, tmp_path / "bf16", max_steps=1)
+    assert fp32.iterations_done == bf16.iterations_done == 1
+    (exact,), (low,) = read_log(tmp_path / "fp32/log.csv"), read_log(tmp_path / "bf16/log.csv")
+    assert math.isfinite(low["loss"]) and low["loss"] != exact["loss"]
+    assert low["dino"] == pytest.approx(exact["dino"], rel=0.05)
+
+
+def test_loader_workers_give_the_same_run_as_the_main_process(smear_images, tmp_path):
+    for workers in (0, 2):
+        fit(load_config("tiny", [*TINY, f"train.num_workers={workers}"]), smear_images, tmp_path / f"w{workers}",
+            max_steps=2)
+    in_main, in_workers = read_log(tmp_path / "w0/log.csv"), read_log(tmp_path / "w2/log.csv")
+    assert [row["loss"] for row in in_main] == [row["loss"] for row in in_workers]

@@ -1,0 +1,77 @@
+"""Training in separate processes: two ranks under torchrun, and a run stopped by SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from reddino_train.monitor import read_log
+
+SCRIPT = Path(__file__).with_name("fit_and_checksum.py")
+TINY = ["model.layerscale=1.0", "loss.centering=softmax_center", "loss.koleo_weight=0.1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_fit(data_dir: Path, out_dir: Path, steps: int, *overrides: str) -> Path:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(SCRIPT), str(data_dir), str(out_dir), str(steps), *TINY, *overrides,
+    ]
+    subprocess.run(command, check=True, env=ENV, timeout=120, capture_output=True)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def ddp_run(smear_images, tmp_path_factory) -> Path:
+    return torchrun_fit(smear_images, tmp_path_factory.mktemp("ddp"), 4)
+
+
+def test_two_gloo_ranks_keep_student_and_teacher_identical(ddp_run):
+    rank0, rank1 = (json.loads((ddp_run / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["iterations_done"] == rank1["iterations_done"] == 4
+    assert rank0["student"] == rank1["student"] and rank0["teacher"] == rank1["teacher"]
+    assert rank0["student"] != rank0["teacher"]
+    checkpoint = torch.load(ddp_run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["sampler"] == {"samples_consumed": 4 * 4, "world_size": 2}
+    assert len(checkpoint["rng"]) == 2
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+    assert [row["step"] for row in read_log(ddp_run / "log.csv")] == [1, 2, 3, 4]
+
+
+def test_fsdp_shards_and_resumes_yet_trains_like_ddp(ddp_run, smear_images, tmp_path):
+    torchrun_fit(smear_images, tmp_path, 3, "train.parallel=fsdp")
+    fsdp_run = torchrun_fit(smear_images, tmp_path, 4, "train.parallel=fsdp")  # resumes at 3
+    rank0, rank1 = (json.loads((fsdp_run / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["teacher"] != rank1["teacher"]  # each rank holds its own shards
+    ddp, fsdp = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (ddp_run, fsdp_run))
+    for model in ("student", "teacher"):
+        assert ddp[model].keys() == fsdp[model].keys()
+        for name, tensor in ddp[model].items():
+            assert torch.allclose(fsdp[model][name], tensor, rtol=1e-4, atol=1e-5), (model, name)
+    ddp_log, fsdp_log = read_log(ddp_run / "log.csv"), read_log(fsdp_run / "log.csv")
+    assert [row["step"] for row in fsdp_log] == [1, 2, 3, 4]
+    assert [row["loss"] for row in fsdp_log] == pytest.approx([row["loss"] for row in ddp_log], rel=1e-5)
+
+
+def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint(smear_images, tmp_path):
+    command = [sys.executable, str(SCRIPT), str(smear_images), str(tmp_path), "1000", *TINY, "optim.epochs=200"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "log.csv"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    summary = json.loads((tmp_path / "rank0.json").read_text())
+    assert summary["stopped_by_signal"] and 2 <= summary["iterations_done"] < 1000
+    assert f"stopped by signal after step {summary['iterations_done']}" in output
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["iteration"] == summary["iterations_done"]
+    assert read_log(log)[-1]["step"] == summary["iterations_done"]
