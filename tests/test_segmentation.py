@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage as ndi
 from skimage.io import imread
 from skimage.measure import regionprops
 from skimage.transform import rescale
@@ -166,15 +167,28 @@ def test_large_smears_are_tiled_without_seams(monkeypatch):
     mosaic = np.concatenate([np.concatenate([image, image[:, ::-1]], 1)] * 2, 0)
     whole = segment_cells(mosaic)
     monkeypatch.setattr(segmentation, "TILE_CORE", 300)  # working-scale px: a 3 x 4 grid here
+    tiles = list(segmentation.plan_tiles(mosaic.shape[:2], _calibrate(mosaic, None, None)[0]))
+    seams_y = {t.core[0].start for t in tiles} - {0}
+    seams_x = {t.core[1].start for t in tiles} - {0}
+    assert len(seams_y) >= 2 and len(seams_x) >= 3
     progress = []
     tiled = segment_cells(mosaic, progress=lambda done, total: progress.append((done, total)))
-    assert len(progress) > 4 and progress[-1][0] == progress[-1][1]
-    # Every cell of the untiled result appears whole in the tiled one.
-    same = [
-        np.bincount(tiled[whole == i]).argmax() for i in range(1, whole.max() + 1)
-    ]
-    overlap = np.array([((whole == i) & (tiled == j)).sum() / (whole == i).sum() for i, j in enumerate(same, 1)])
-    assert np.mean(overlap > 0.9) >= 0.97
+    assert progress[-1] == (len(tiles), len(tiles))
+
+    # Each tile flattens its own background, so a few cells differ anywhere; a seam would
+    # cut the cells that straddle a tile border, so those must be as whole as the others.
+    whole_again = {True: [], False: []}
+    for i, box in enumerate(ndi.find_objects(whole), start=1):
+        cell = whole == i
+        best = np.bincount(tiled[cell]).argmax()
+        straddles = any(box[0].start < y < box[0].stop for y in seams_y) or any(
+            box[1].start < x < box[1].stop for x in seams_x
+        )
+        whole_again[straddles].append(best > 0 and (cell & (tiled == best)).sum() > 0.9 * cell.sum())
+    assert len(whole_again[True]) > 50
+    assert np.mean(whole_again[True]) >= 0.93
+    assert np.mean(whole_again[True]) >= np.mean(whole_again[False]) - 0.03
+    assert ((whole > 0) == (tiled > 0)).mean() > 0.97
     assert abs(int(tiled.max()) - int(whole.max())) <= 0.03 * whole.max()
 
 

@@ -31,7 +31,7 @@ from .steps import Progress, run_steps
 
 RBC_DIAMETER_UM = 7.5  # a normal red cell; turns a pixel size into an expected diameter
 CALIBRATION_SIZE = 1024  # px side of the central window used to calibrate large smears
-TILE_CORE = 1536  # px side of a tile's core at working scale
+TILE_CORE = 1536  # px side of a tile's core at working scale, at most
 TILE_MARGIN_DIAMETERS = 1.5
 
 
@@ -197,16 +197,19 @@ class Tile:
 
 
 def plan_tiles(shape: tuple[int, int], calibration: Calibration) -> Iterator[Tile]:
-    """Tiles covering the image, cores of ``TILE_CORE`` working-scale px, margins of 1.5 cells."""
-    core = max(1, int(TILE_CORE / calibration.scale))
+    """Equal tiles covering the image, cores of at most ``TILE_CORE`` working-scale px,
+    margins of 1.5 cells (equal, so parallel workers finish together)."""
+    longest = max(1, int(TILE_CORE / calibration.scale))
     margin = int(ceil(TILE_MARGIN_DIAMETERS * calibration.cell_diameter))
-    for top in range(0, shape[0], core):
-        for left in range(0, shape[1], core):
-            core_slices = (slice(top, min(top + core, shape[0])), slice(left, min(left + core, shape[1])))
+    counts = [max(1, ceil(length / longest)) for length in shape]
+    steps = [ceil(length / count) for length, count in zip(shape, counts)]
+    for top in range(0, shape[0], steps[0]):
+        for left in range(0, shape[1], steps[1]):
+            core = (slice(top, min(top + steps[0], shape[0])), slice(left, min(left + steps[1], shape[1])))
             window = tuple(
-                slice(max(0, s.start - margin), min(length, s.stop + margin)) for s, length in zip(core_slices, shape)
+                slice(max(0, s.start - margin), min(length, s.stop + margin)) for s, length in zip(core, shape)
             )
-            yield Tile(core_slices, window)
+            yield Tile(core, window)
 
 
 def cell_centres(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
