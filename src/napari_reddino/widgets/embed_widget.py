@@ -20,19 +20,19 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, PushButton
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QFileDialog
 
 from ..cell_embeddings import embeddings_of, fingerprint, store_embeddings, stored_fingerprint
 from ..crops import CROP_MODES, DEFAULT_MARGIN
 from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError
 from ..models import KNOWN_MODELS, ModelLoadError
+from .job_widget import JobWidget
 from .segment_widget import _Job, _segment_and_measure, add_cells_layer, smear_pixels
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
@@ -67,18 +67,13 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     return (yield from embedder.embed_steps(pixels, labels, mode=mode, margin=margin))
 
 
-class EmbedCellsWidget(QWidget):
+class EmbedCellsWidget(JobWidget):
     """Embed every cell of a cells layer with a RedDino model; the result stays on the layer."""
 
     embedded = Signal(object)  # the cells Labels layer whose embeddings were (re)computed
-    finished = Signal()  # a run ended: computed, up to date, refused, failed or cancelled
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__()
-        self._viewer = napari_viewer
-        self._worker = None
-        self._result = None
-        self._progress: progress | None = None
+        super().__init__(napari_viewer)
         self._segment_job: _Job | None = None
         self._embed_job: _EmbedJob | None = None
         self._embedder: Embedder | None = None
@@ -106,25 +101,12 @@ class EmbedCellsWidget(QWidget):
             label="Margin", value=DEFAULT_MARGIN, min=0, max=2, step=0.05,
             tooltip="Room around each cell in its crop, as a share of the cell's size on each side.",
         )
-        self._run_button = PushButton(text="Run")
-        self._cancel_button = PushButton(text="Cancel", enabled=False)
-        self.status = Label()
-        self.status.native.setWordWrap(True)
         model_row = Container(widgets=[self.model, self._browse_button], layout="horizontal", labels=False)
         model_row.label = "Model"
         model_row.margins = (0, 0, 0, 0)
-        form = Container(widgets=[self.image, self.cells, model_row, self.device, self.crop_mode, self.margin])
-        buttons = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
-
-        layout = QVBoxLayout(self)
-        for part in (form, buttons, self.status):
-            layout.addWidget(part.native)
-        layout.addStretch()
-
+        self._lay_out(Container(widgets=[self.image, self.cells, model_row, self.device, self.crop_mode, self.margin]))
         self.image.changed.connect(self._pick_cells)
         self._browse_button.changed.connect(self._browse)
-        self._run_button.changed.connect(self.run)
-        self._cancel_button.changed.connect(self.cancel)
         self._pick_cells(self.image.value)
 
     @property
@@ -164,17 +146,7 @@ class EmbedCellsWidget(QWidget):
         else:
             self._embed(layer, pixels, self.cells.value)
 
-    def cancel(self) -> None:
-        """Stop after the current batch of cells; embeddings already stored stay as they were."""
-        if self._worker is not None:
-            self._worker.quit()
-            self._cancel_button.enabled = False
-            self.status.value = "Cancelling…"
-
     # --- choices ---------------------------------------------------------------------------
-
-    def _image_layers(self, _widget=None) -> list[Image]:
-        return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
 
     def _cells_choices(self, _widget=None) -> list[tuple[str, object]]:
         labels = [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Labels)]
@@ -209,24 +181,6 @@ class EmbedCellsWidget(QWidget):
 
     # --- running ---------------------------------------------------------------------------
 
-    def _refuse(self, message: str, *, notify=show_error) -> None:
-        notify(message)
-        self.status.value = message
-        self.finished.emit()
-
-    def _set_running(self, running: bool) -> None:
-        self._run_button.enabled = not running
-        self._cancel_button.enabled = running
-
-    def _handlers(self) -> dict:
-        self._set_running(True)
-        return {
-            "yielded": self._on_progress,
-            "returned": self._on_returned,
-            "errored": self._on_errored,
-            "finished": self._on_finished,
-        }
-
     def _segment_first(self, layer: Image, pixels: np.ndarray) -> None:
         """The Segment widget's worker with its defaults (cell size from the pixel size or the image)."""
         self._segment_job = _Job(
@@ -238,7 +192,7 @@ class EmbedCellsWidget(QWidget):
             started=time.perf_counter(),
         )
         self.status.value = f"Segmenting {layer.name}…"
-        self._worker = _segment_and_measure(pixels, None, self._segment_job.pixel_size_um, _connect=self._handlers())
+        self._start(_segment_and_measure, pixels, None, self._segment_job.pixel_size_um)
 
     def _embed(self, image: Image, pixels: np.ndarray, cells: Labels) -> None:
         labels = np.asarray(cells.data)
@@ -267,9 +221,7 @@ class EmbedCellsWidget(QWidget):
         self._embed_job = _EmbedJob(cells, model, mode, margin, current)
         self.status.value = f"Loading {model}…"
         labels = labels.copy()  # painting during the run must not change what is embedded
-        self._worker = _load_and_embed(
-            model, self.device.value, pixels, labels, mode, margin, _connect=self._handlers()
-        )
+        self._start(_load_and_embed, model, self.device.value, pixels, labels, mode, margin)
 
     def _on_progress(self, item) -> None:
         if isinstance(item, Embedder):  # loaded: the embedding starts now
@@ -277,16 +229,11 @@ class EmbedCellsWidget(QWidget):
             self.status.value = f"Embedding {self._embed_job.cells.name} with {self._embed_job.model} on {item.device}…"
             return
         done, total = item
-        if self._progress is None:
-            desc = f"Embedding {self._embed_job.cells.name}" if self._embed_job else f"Segmenting {self._segment_job.image_name}"
-            self._progress = progress(total=total, desc=desc)
-        self._progress.update(done - self._progress.n)
+        desc = f"Embedding {self._embed_job.cells.name}" if self._embed_job else f"Segmenting {self._segment_job.image_name}"
+        self._count(done, total, desc)
         if self._embed_job is not None:
             rate = done / max(time.perf_counter() - self._embed_started, 1e-9)
             self.status.value = f"Embedding {self._embed_job.cells.name}: {done:,} of {total:,} cells ({rate:,.0f} cells/s)…"
-
-    def _on_returned(self, result) -> None:
-        self._result = result
 
     def _on_errored(self, error: Exception) -> None:
         # napari's worker already shows the error (with its traceback) as a notification
@@ -295,15 +242,10 @@ class EmbedCellsWidget(QWidget):
 
     def _on_finished(self) -> None:
         """Show the outcome once the worker is done; after segmenting, go on to embed."""
-        worker, self._worker = self._worker, None
-        result, self._result = self._result, None
+        worker, result = self._end_run()
         segment_job, self._segment_job = self._segment_job, None
         embed_job, self._embed_job = self._embed_job, None
         embedder, self._embedder = self._embedder, None
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self._set_running(False)
         if worker.abort_requested:
             self.status.value = "Cancelled; the embeddings were not changed."
         elif result is not None and segment_job is not None:

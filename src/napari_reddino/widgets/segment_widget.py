@@ -6,17 +6,16 @@ from dataclasses import dataclass
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
+from magicgui.widgets import ComboBox, Container, FloatSpinBox
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
-from napari.utils import progress
-from napari.utils.notifications import show_error, show_warning
+from napari.utils.notifications import show_warning
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..image_input import ACCEPTED, ImageInputError, check_smear
 from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
+from .job_widget import JobWidget
 
 
 @dataclass(frozen=True)
@@ -68,19 +67,14 @@ def _diameter_source(job: _Job) -> str:
     return "pixel size" if job.pixel_size_um is not None else "estimated from the image"
 
 
-class SegmentCellsWidget(QWidget):
+class SegmentCellsWidget(JobWidget):
     """Segment the red cells of an image layer; hovering a cell shows its measurements."""
 
     segmented = Signal(object)  # the cells Labels layer, added or updated
-    finished = Signal()  # a run ended: with cells, without, on bad input, on error or cancelled
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        super().__init__()
-        self._viewer = napari_viewer
-        self._worker = None
+        super().__init__(napari_viewer)
         self._job: _Job | None = None
-        self._result: tuple[np.ndarray, pd.DataFrame, float] | None = None
-        self._progress: progress | None = None
 
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.cell_diameter = FloatSpinBox(
@@ -94,21 +88,8 @@ class SegmentCellsWidget(QWidget):
         self.cell_diameter.native.setSpecialValueText("auto")
         self.pixel_size.native.setSpecialValueText("unknown")
         self.pixel_size.native.setDecimals(4)
-        self._run_button = PushButton(text="Run")
-        self._cancel_button = PushButton(text="Cancel", enabled=False)
-        self.status = Label()
-        self.status.native.setWordWrap(True)
-        form = Container(widgets=[self.image, self.cell_diameter, self.pixel_size])
-        buttons = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
-
-        layout = QVBoxLayout(self)
-        for part in (form, buttons, self.status):
-            layout.addWidget(part.native)
-        layout.addStretch()
-
+        self._lay_out(Container(widgets=[self.image, self.cell_diameter, self.pixel_size]))
         self.image.changed.connect(self._prefill_pixel_size)
-        self._run_button.changed.connect(self.run)
-        self._cancel_button.changed.connect(self.cancel)
         self._prefill_pixel_size(self.image.value)
 
     def reset_choices(self, *_) -> None:
@@ -136,53 +117,15 @@ class SegmentCellsWidget(QWidget):
             pixel_size_um=self.pixel_size.value or None,
             started=time.perf_counter(),
         )
-        self._set_running(True)
         self.status.value = f"Segmenting {layer.name}…"
-        self._worker = _segment_and_measure(
-            pixels,
-            self._job.cell_diameter,
-            self._job.pixel_size_um,
-            _connect={
-                "yielded": self._on_progress,
-                "returned": self._on_returned,
-                "errored": self._on_errored,
-                "finished": self._on_finished,
-            },
-        )
-
-    def cancel(self) -> None:
-        """Stop at the next tile; nothing in the viewer changes."""
-        if self._worker is not None:
-            self._worker.quit()
-            self._cancel_button.enabled = False
-            self.status.value = "Cancelling…"
-
-    def _image_layers(self, _widget=None) -> list[Image]:
-        return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
+        self._start(_segment_and_measure, pixels, self._job.cell_diameter, self._job.pixel_size_um)
 
     def _prefill_pixel_size(self, layer: Image | None) -> None:
         if layer is not None:
             self.pixel_size.value = layer.metadata.get("pixel_size_um") or 0.0
 
-    def _refuse(self, message: str) -> None:
-        show_error(message)
-        self.status.value = message
-        self.finished.emit()
-
-    def _set_running(self, running: bool) -> None:
-        self._run_button.enabled = not running
-        self._cancel_button.enabled = running
-
     def _on_progress(self, tiles: tuple[int, int]) -> None:
-        # Made at the first tile, when the total is known; no bar (and no busy animation in
-        # napari's status bar) while the smear is calibrated, which is most of a small run.
-        done, total = tiles
-        if self._progress is None:
-            self._progress = progress(total=total, desc=f"Segmenting {self._job.image_name}")
-        self._progress.update(done - self._progress.n)
-
-    def _on_returned(self, result: tuple[np.ndarray, pd.DataFrame, float]) -> None:
-        self._result = result
+        self._count(*tiles, f"Segmenting {self._job.image_name}")
 
     def _on_errored(self, error: Exception) -> None:
         # napari's worker already shows the error (with its traceback) as a notification
@@ -190,12 +133,7 @@ class SegmentCellsWidget(QWidget):
 
     def _on_finished(self) -> None:
         """Show the outcome once the worker is done, so a new run can start from any signal."""
-        worker, self._worker = self._worker, None
-        result, self._result = self._result, None
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self._set_running(False)
+        worker, result = self._end_run()
         if worker.abort_requested:  # also when cancelled while the result was on its way
             self.status.value = "Cancelled; nothing was changed."
         elif result is not None:

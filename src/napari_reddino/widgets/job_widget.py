@@ -1,0 +1,96 @@
+"""What every RedDino dock widget shares: Run and Cancel, a status line, one worker at a time,
+and a napari progress bar made at the first step (no busy animation while nothing is counted)."""
+
+import napari
+from magicgui.widgets import Container, Label, PushButton
+from napari.layers import Image
+from napari.utils import progress
+from napari.utils.notifications import show_error
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import QVBoxLayout, QWidget
+
+
+class JobWidget(QWidget):
+    """Base of the dock widgets: subclasses build a form, implement ``run`` and ``_on_finished``."""
+
+    finished = Signal()  # a run ended, whatever the outcome: done, refused, failed or cancelled
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        self._viewer = napari_viewer
+        self._worker = None
+        self._result = None
+        self._progress: progress | None = None
+        self._run_button = PushButton(text="Run")
+        self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label()
+        self.status.native.setWordWrap(True)
+        self._run_button.changed.connect(self.run)
+        self._cancel_button.changed.connect(self.cancel)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """Stop at the worker's next step; what is already in the viewer stays as it was."""
+        if self._worker is not None:
+            self._worker.quit()
+            self._cancel_button.enabled = False
+            self.status.value = "Cancelling…"
+
+    def _lay_out(self, form: Container) -> None:
+        buttons = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
+        layout = QVBoxLayout(self)
+        for part in (form, buttons, self.status):
+            layout.addWidget(part.native)
+        layout.addStretch()
+
+    def _image_layers(self, _widget=None) -> list[Image]:
+        return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _refuse(self, message: str, *, notify=show_error) -> None:
+        notify(message)
+        self.status.value = message
+        self.finished.emit()
+
+    def _start(self, worker_function, *args) -> None:
+        """Run ``worker_function(*args)`` (a napari ``thread_worker``) with this widget's handlers."""
+        self._run_button.enabled = False
+        self._cancel_button.enabled = True
+        self._worker = worker_function(
+            *args,
+            _connect={
+                "yielded": self._on_progress,
+                "returned": self._on_returned,
+                "errored": self._on_errored,
+                "finished": self._on_finished,
+            },
+        )
+
+    def _count(self, done: int, total: int, description: str) -> None:
+        if self._progress is None:
+            self._progress = progress(total=total, desc=description)
+        self._progress.update(done - self._progress.n)
+
+    def _on_returned(self, result) -> None:
+        self._result = result
+
+    def _end_run(self):
+        """Close the bar and re-enable Run; return ``(worker, result)`` of the run that ended."""
+        worker, self._worker = self._worker, None
+        result, self._result = self._result, None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._run_button.enabled = True
+        self._cancel_button.enabled = False
+        return worker, result
+
+    def _on_progress(self, item) -> None:
+        raise NotImplementedError
+
+    def _on_errored(self, error: Exception) -> None:
+        raise NotImplementedError
+
+    def _on_finished(self) -> None:
+        raise NotImplementedError
