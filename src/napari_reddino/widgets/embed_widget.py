@@ -32,8 +32,8 @@ from ..crops import CROP_MODES, DEFAULT_MARGIN
 from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError
 from ..models import KNOWN_MODELS, ModelLoadError
-from .job_widget import JobWidget
-from .segment_widget import _Job, _segment_and_measure, add_cells_layer, smear_pixels
+from .job_widget import JobWidget, smear_pixels
+from .segment_widget import _Job, _segment_and_measure, add_cells_layer
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
 
@@ -129,17 +129,12 @@ class EmbedCellsWidget(JobWidget):
         """Segment first if asked, then load the model and embed the cells in a worker."""
         if self._worker is not None:  # one run at a time (the Run button is disabled meanwhile)
             return
-        layer = self.image.value
-        if layer is None:
-            self._refuse("Open a smear first: File > Open, or File > Open Sample > RedDino.")
-            return
         if not self.model_name:
             self._refuse("Choose a model: reddino-small, -base, -large, hf_hub:org/name or a local folder.")
             return
-        try:
-            pixels = smear_pixels(layer)
-        except ImageInputError as error:
-            self._refuse(str(error))
+        layer = self.image.value
+        pixels = self._chosen_smear(layer)
+        if pixels is None:
             return
         if self.cells.value == SEGMENT_FIRST:
             self._segment_first(layer, pixels)

@@ -2,12 +2,34 @@
 and a napari progress bar made at the first step (no busy animation while nothing is counted)."""
 
 import napari
+import numpy as np
 from magicgui.widgets import Container, Label, PushButton
 from napari.layers import Image
 from napari.utils import progress
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QVBoxLayout, QWidget
+
+from ..image_input import ACCEPTED, ImageInputError, check_smear
+
+
+def smear_pixels(layer: Image) -> np.ndarray:
+    """The layer's pixels as one 2-D smear, or :class:`ImageInputError`.
+
+    napari's ``rgb`` flag, not the array's shape, says whether a last axis of 3 or 4 is colour:
+    a layer napari shows as a stack of planes is refused, whatever its channel count.
+    """
+    if layer.multiscale:
+        raise ImageInputError(
+            f"{layer.name!r} is a multiscale (pyramid) image; open its full-resolution level "
+            f"as a plain image layer; expected {ACCEPTED}."
+        )
+    if layer.ndim != 2:
+        raise ImageInputError(
+            f"{layer.name!r} of shape {layer.data.shape} is a {layer.ndim}-D stack of planes in napari, "
+            f"not one smear; expected {ACCEPTED}."
+        )
+    return check_smear(layer.data)
 
 
 class JobWidget(QWidget):
@@ -44,6 +66,17 @@ class JobWidget(QWidget):
         for part in (form, buttons, self.status):
             layout.addWidget(part.native)
         layout.addStretch()
+
+    def _chosen_smear(self, layer: Image | None) -> np.ndarray | None:
+        """The chosen image layer's pixels, or None after telling the user why not."""
+        if layer is None:
+            self._refuse("Open a smear first: File > Open, or File > Open Sample > RedDino.")
+            return None
+        try:
+            return smear_pixels(layer)
+        except ImageInputError as error:
+            self._refuse(str(error))
+            return None
 
     def _image_layers(self, _widget=None) -> list[Image]:
         return [layer for layer in self._viewer.layers if isinstance(layer, Image)]

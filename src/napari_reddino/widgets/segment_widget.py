@@ -12,7 +12,6 @@ from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_warning
 from qtpy.QtCore import Signal
 
-from ..image_input import ACCEPTED, ImageInputError, check_smear
 from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
 from .job_widget import JobWidget
@@ -32,25 +31,6 @@ class _Job:
     @property
     def layer_name(self) -> str:
         return f"{self.image_name} cells"
-
-
-def smear_pixels(layer: Image) -> np.ndarray:
-    """The layer's pixels as one 2-D smear, or :class:`ImageInputError`.
-
-    napari's ``rgb`` flag, not the array's shape, says whether a last axis of 3 or 4 is colour:
-    a layer napari shows as a stack of planes is refused, whatever its channel count.
-    """
-    if layer.multiscale:
-        raise ImageInputError(
-            f"{layer.name!r} is a multiscale (pyramid) image; open its full-resolution level "
-            f"as a plain image layer; expected {ACCEPTED}."
-        )
-    if layer.ndim != 2:
-        raise ImageInputError(
-            f"{layer.name!r} of shape {layer.data.shape} is a {layer.ndim}-D stack of planes in napari, "
-            f"not one smear; expected {ACCEPTED}."
-        )
-    return check_smear(layer.data)
 
 
 @thread_worker
@@ -101,13 +81,8 @@ class SegmentCellsWidget(JobWidget):
         if self._worker is not None:  # one run at a time (the Run button is disabled meanwhile)
             return
         layer = self.image.value
-        if layer is None:
-            self._refuse("Open a smear first: File > Open, or File > Open Sample > RedDino.")
-            return
-        try:
-            pixels = smear_pixels(layer)
-        except ImageInputError as error:
-            self._refuse(str(error))
+        pixels = self._chosen_smear(layer)
+        if pixels is None:
             return
         self._job = _Job(
             image_name=layer.name,

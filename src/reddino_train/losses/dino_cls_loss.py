@@ -5,23 +5,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..config import Centering
-from .teacher_targets import make_teacher_targets
+from .teacher_targets import StudentTeacherLoss
 
 
-class DinoClsLoss(nn.Module):
-    def __init__(
-        self,
-        n_prototypes: int,
-        centering: Centering = "softmax_center",
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-    ) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.teacher_targets = make_teacher_targets(centering, n_prototypes, center_momentum)
+class DinoClsLoss(StudentTeacherLoss):
 
     def teacher_probs(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
         """Targets for teacher head outputs of shape (global crops, batch, prototypes)."""

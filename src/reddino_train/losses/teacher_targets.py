@@ -76,3 +76,18 @@ def make_teacher_targets(centering: Centering, n_prototypes: int, center_momentu
     if centering == "sinkhorn_knopp":
         return SinkhornKnopp()
     raise ValueError(f"unknown centering {centering!r}; use softmax_center or sinkhorn_knopp")
+
+
+class StudentTeacherLoss(nn.Module):
+    """Shared by the DINO and iBOT losses: a student temperature and the teacher's targets."""
+
+    def __init__(
+        self,
+        n_prototypes: int,
+        centering: Centering = "softmax_center",
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.teacher_targets = make_teacher_targets(centering, n_prototypes, center_momentum)
