@@ -29,6 +29,9 @@ CLUMP_SEED_SPACING = 0.7  # radii between the centres found inside a clump
 CLUMP_SEED_MIN_VOTES = 0.3  # a centre needs this share of the clump's strongest vote
 VOTING_EDGE_PERCENTILE = 80  # only the strongest 20 % of edges vote
 VOTING_REACH = (0.6, 1.1)  # radii inside an edge where it votes
+RING_GAP = 0.15  # outline gaps up to this many radii are bridged to find a pale centre
+NUCLEUS_RATIO_EXCESS = 0.4  # red/green absorbance above the smear's typical red cell
+NUCLEUS_MIN_DENSITY = 0.5  # only judge cells at least half as dense as the typical one
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,7 @@ def separate_cells(smoothed: np.ndarray, levels: ForegroundLevels, diameter: flo
     radius = diameter / 2
     cell_area = np.pi * radius**2
     mask = fill_holes(smoothed > levels.threshold, MAX_PALLOR_AREA * cell_area)
-    if RING_GAP:
-        mask |= _inside_open_rings(mask, max(1, int(RING_GAP * radius)), MAX_PALLOR_AREA * cell_area)
+    mask |= _inside_open_rings(mask, max(1, int(RING_GAP * radius)), MAX_PALLOR_AREA * cell_area)
     distance = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0)
     markers = _seed_every_component(_seeds(distance, radius), mask)
     labels = watershed(-distance, markers, mask=mask)
@@ -207,10 +209,6 @@ def _touching_another(labels: np.ndarray) -> np.ndarray:
     return touching
 
 
-NUCLEUS_RATIO_EXCESS = 0.4  # red/green absorbance above the smear's typical red cell
-NUCLEUS_MIN_DENSITY = 0.5  # only judge cells at least half as dense as the typical one
-
-
 def drop_nuclei(
     labels: np.ndarray, red_density: np.ndarray, green_density: np.ndarray, sampled_labels: np.ndarray
 ) -> np.ndarray:
@@ -236,15 +234,7 @@ def drop_nuclei(
     violet_pixels = (red_density > limit * green_density) & (green_density > NUCLEUS_MIN_DENSITY * typical_green)
     violet_share = np.bincount(flat, violet_pixels.ravel(), n) / count
     keep = violet_share < 0.5
-    keep[0] = True
-    if keep.all():
-        return labels
-    relabel = np.zeros(n, np.int32)
-    relabel[keep] = np.arange(int(keep.sum()), dtype=np.int32)
-    return relabel[labels]
-
-
-RING_GAP = 0.15
+    return labels if keep[1:].all() else keep_segments(labels, keep)
 
 
 def _inside_open_rings(mask: np.ndarray, gap: int, max_area: float) -> np.ndarray:
@@ -260,11 +250,7 @@ def _inside_open_rings(mask: np.ndarray, gap: int, max_area: float) -> np.ndarra
 def _drop_thin(labels: np.ndarray, distance: np.ndarray, min_half_width: float) -> np.ndarray:
     """Drop segments nowhere thicker than a line: scale bars, arrows, hairs, fibres."""
     thick = np.bincount(labels[distance >= min_half_width], minlength=int(labels.max()) + 1)
-    keep = thick > 0
-    keep[0] = False
-    relabel = np.zeros(keep.size, np.int32)
-    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return relabel[labels]
+    return keep_segments(labels, thick > 0)
 
 
 def _seed_every_component(markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -289,9 +275,13 @@ def _seeds(distance: np.ndarray, radius: float) -> np.ndarray:
 
 
 def _drop_small(labels: np.ndarray, min_area: float) -> np.ndarray:
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_area
+    return keep_segments(labels, np.bincount(labels.ravel()) >= min_area)
+
+
+def keep_segments(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Labels with only the ids where ``keep[id]`` is true, renumbered 1..k in order."""
+    keep = keep.copy()
     keep[0] = False
-    relabel = np.zeros(sizes.size, np.int32)
+    relabel = np.zeros(keep.size, np.int32)
     relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return relabel[labels]
