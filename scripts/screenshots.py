@@ -15,6 +15,7 @@ def segmented_view(sample: str, path: Path) -> None:
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1400, 800)
     viewer.open_sample("napari-reddino", sample)
+    viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Segment cells")
     done = []
     widget.finished.connect(lambda: done.append(True))

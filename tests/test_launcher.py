@@ -1,5 +1,7 @@
 """``python -m napari_reddino``: the smear it opens and the widgets it docks."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 from npe2 import PluginManager
@@ -37,3 +39,23 @@ def test_opens_a_users_smear(make_napari_viewer):
 
 def test_defaults_to_the_chula_sample():
     assert parse_args([]).sample == "chula"
+
+
+def test_docking_the_embed_widget_after_opengl_is_up_does_not_crash():
+    """A fresh napari with a visible (software-GL) window, then the torch-importing widget.
+
+    Mesa's llvmpipe puts libLLVM in the process; without the triton guard, torchvision's import
+    of triton loads a second LLVM and the process dies with a segmentation fault.
+    """
+    script = (
+        "import napari\n"
+        "viewer = napari.Viewer(show=True)\n"
+        "viewer.open_sample('napari-reddino', 'chula-smear')\n"
+        "viewer.window.add_plugin_dock_widget('napari-reddino', 'Embed cells')\n"
+        "import torch, sys\n"
+        "print('docked', torch.ones(2).sum().item(), sys.modules.get('triton', 'loaded') is None)\n"
+        "viewer.close()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "docked 2.0" in done.stdout
