@@ -6,7 +6,7 @@
 from pathlib import Path
 
 import napari
-from qtpy.QtWidgets import QApplication
+from qtpy.QtCore import QEventLoop
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -17,11 +17,10 @@ def segmented_view(sample: str, path: Path) -> None:
     viewer.open_sample("napari-reddino", sample)
     viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Segment cells")
-    done = []
-    widget.finished.connect(lambda: done.append(True))
+    waiting = QEventLoop()  # an idle event loop, not a busy one that starves the worker thread
+    widget.finished.connect(waiting.quit)
     widget.run()
-    while not done:
-        QApplication.processEvents()
+    waiting.exec()
     cells = viewer.layers[-1]
     viewer.layers.selection.active = cells
     cells.selected_label = int(cells.features["label"].iloc[len(cells.features) // 2])
