@@ -7,8 +7,6 @@ cell radius and the running time independent of magnification.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
@@ -32,16 +30,6 @@ VOTING_REACH = (0.6, 1.1)  # radii inside an edge where it votes
 RING_GAP = 0.15  # outline gaps up to this many radii are bridged to find a pale centre
 NUCLEUS_RATIO_EXCESS = 0.4  # red/green absorbance above the smear's typical red cell
 NUCLEUS_MIN_DENSITY = 0.5  # only judge cells at least half as dense as the typical one
-
-
-@dataclass(frozen=True)
-class ForegroundLevels:
-    """Where cells begin, in smoothed density at working scale, and the cell/background contrast."""
-
-    threshold: float
-    contrast: float
-    background: float
-    noise: float
 
 
 BACKGROUND_BLOCK = 2.0  # diameters per block of the background estimate
@@ -91,16 +79,15 @@ def _linear_weights(length: int, blocks: int) -> np.ndarray:
     return weights
 
 
-def foreground_levels(smoothed: np.ndarray) -> ForegroundLevels | None:
-    """Threshold between slide and cells; None when the image holds no contrast at all."""
+def foreground_threshold(smoothed: np.ndarray) -> float | None:
+    """Smoothed density where cells begin; None when the image holds no contrast at all."""
     if float(smoothed.max()) - float(smoothed.min()) < 1e-4:
         return None
     otsu = otsu_threshold(smoothed)
     background, cells = smoothed[smoothed <= otsu], smoothed[smoothed > otsu]
     low, high = float(background.mean()), float(cells.mean())
     noise_floor = min(low + NOISE_SIGMAS * float(background.std()), otsu)
-    threshold = max(low + CONTRAST_FRACTION * (high - low), noise_floor)
-    return ForegroundLevels(threshold, high - low, low, float(background.std()))
+    return max(low + CONTRAST_FRACTION * (high - low), noise_floor)
 
 
 def fill_holes(mask: np.ndarray, max_area: float = np.inf) -> np.ndarray:
@@ -118,11 +105,11 @@ def fill_holes(mask: np.ndarray, max_area: float = np.inf) -> np.ndarray:
     return mask | small[gaps]
 
 
-def separate_cells(smoothed: np.ndarray, levels: ForegroundLevels, diameter: float) -> np.ndarray:
+def separate_cells(smoothed: np.ndarray, threshold: float, diameter: float) -> np.ndarray:
     """Label image of the cells in one working-scale tile (ids 1..n, 0 background)."""
     radius = diameter / 2
     cell_area = np.pi * radius**2
-    mask = fill_holes(smoothed > levels.threshold, MAX_PALLOR_AREA * cell_area)
+    mask = fill_holes(smoothed > threshold, MAX_PALLOR_AREA * cell_area)
     mask |= _inside_open_rings(mask, max(1, int(RING_GAP * radius)), MAX_PALLOR_AREA * cell_area)
     distance = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0)
     markers = _seed_every_component(_seeds(distance, radius), mask)

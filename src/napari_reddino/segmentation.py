@@ -18,10 +18,9 @@ from scipy import ndimage as ndi
 
 from .cell_separation import (
     WORKING_DIAMETER_PX,
-    ForegroundLevels,
     drop_nuclei,
     flatten_background,
-    foreground_levels,
+    foreground_threshold,
     separate_cells,
     smooth_density,
 )
@@ -42,7 +41,7 @@ class Calibration:
     stain: StainModel
     cell_diameter: float  # px in the input image
     scale: float  # working scale / input scale (<= 1)
-    levels: ForegroundLevels | None  # None: the image has no contrast at all
+    threshold: float | None  # foreground, in smoothed working-scale density; None: no contrast
 
     @property
     def working_diameter(self) -> float:
@@ -78,7 +77,7 @@ def iter_segment_cells(
     array = check_smear(image)
     calibration, smoothed_whole = _calibrate(array, cell_diameter, pixel_size_um)
     labels = np.zeros(array.shape[:2], np.int32)
-    if calibration.levels is None:
+    if calibration.threshold is None:
         yield 1, 1
         return labels
     tiles = list(plan_tiles(array.shape[:2], calibration))
@@ -129,8 +128,8 @@ def _calibrate(
     if cell_diameter is None:
         cell_diameter = _estimate_diameter(density)
     scale = min(1.0, WORKING_DIAMETER_PX / cell_diameter)
-    smoothed = flatten_background(smooth_density(_rescale(density, scale)), cell_diameter * scale)
-    calibration = Calibration(stain, float(cell_diameter), scale, foreground_levels(smoothed))
+    smoothed = _working_density(density, scale, cell_diameter * scale)
+    calibration = Calibration(stain, float(cell_diameter), scale, foreground_threshold(smoothed))
     return calibration, smoothed if whole else None
 
 
@@ -141,8 +140,8 @@ def _estimate_diameter(density: np.ndarray) -> float:
         return WORKING_DIAMETER_PX
     half = density[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
     smoothed = ndi.gaussian_filter(half, 1.0)
-    levels = foreground_levels(smoothed)
-    return 2 * diameter_from_foreground(smoothed > levels.threshold) if levels else WORKING_DIAMETER_PX
+    threshold = foreground_threshold(smoothed)
+    return WORKING_DIAMETER_PX if threshold is None else 2 * diameter_from_foreground(smoothed > threshold)
 
 
 def _central_window(length: int) -> slice:
@@ -223,9 +222,13 @@ def cell_centres(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _segment_tile(array: np.ndarray, tile: Tile, calibration: Calibration) -> np.ndarray:
     window = array[tile.window]
-    density = calibration.stain.density(window)
-    smoothed = flatten_background(smooth_density(_rescale(density, calibration.scale)), calibration.working_diameter)
+    smoothed = _working_density(calibration.stain.density(window), calibration.scale, calibration.working_diameter)
     return _separate_at_input_scale(smoothed, window, calibration)
+
+
+def _working_density(density: np.ndarray, scale: float, working_diameter: float) -> np.ndarray:
+    """Density as the separation sees it: shrunk to working scale, smoothed, evenly lit."""
+    return flatten_background(smooth_density(_rescale(density, scale)), working_diameter)
 
 
 def _upsample_labels(
@@ -238,14 +241,14 @@ def _upsample_labels(
     cell, not on blocks of up to 1/scale pixels. Filled pale centres are left as they are.
     """
     labels = _sample(labels, shape, order=0)
-    fine = _sample(smoothed, shape, order=1) > calibration.levels.threshold
+    fine = _sample(smoothed, shape, order=1) > calibration.threshold
     near_slide = ndi.binary_dilation(labels == 0, iterations=int(ceil(1 / calibration.scale)))
     labels[near_slide & ~fine] = 0
     return labels
 
 
 def _separate_at_input_scale(smoothed: np.ndarray, window: np.ndarray, calibration: Calibration) -> np.ndarray:
-    labels = separate_cells(smoothed, calibration.levels, calibration.working_diameter)
+    labels = separate_cells(smoothed, calibration.threshold, calibration.working_diameter)
     if calibration.scale < 1.0:
         labels = _upsample_labels(labels, smoothed, window.shape[:2], calibration)
     if window.ndim == 3:
