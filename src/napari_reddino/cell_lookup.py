@@ -1,9 +1,8 @@
-"""Map point annotations (cell centres) to segmented cells, one cell per point at most."""
+"""Cells and positions: each cell's centroid, and the cell under each annotated point."""
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
 
 def cells_at_points(labels: np.ndarray, points) -> np.ndarray:
@@ -20,8 +19,8 @@ def cells_at_points(labels: np.ndarray, points) -> np.ndarray:
     claimed = np.unique(ids[ids > 0])
     if claimed.size == 0:
         return ids
-    centroids = np.array(ndi.center_of_mass(np.ones(labels.shape, bool), labels, claimed)).reshape(-1, 2)
-    centre_of = dict(zip(claimed.tolist(), centroids))
+    rows, cols = cell_centres(labels)
+    centre_of = {cell: np.array([rows[cell - 1], cols[cell - 1]]) for cell in claimed.tolist()}
     best: dict[int, int] = {}
     for i in np.flatnonzero(ids):
         distance = np.hypot(*(points[i] - centre_of[ids[i]]))
@@ -32,3 +31,12 @@ def cells_at_points(labels: np.ndarray, points) -> np.ndarray:
     keep = np.fromiter(best.values(), dtype=int)
     unique[keep] = ids[keep]
     return unique
+
+
+def cell_centres(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid rows and columns of cells 1..max(labels) (NaN for ids not present)."""
+    flat = labels.ravel()
+    count = np.bincount(flat)
+    rows, cols = np.indices(labels.shape, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.bincount(flat, rows.ravel())[1:] / count[1:], np.bincount(flat, cols.ravel())[1:] / count[1:])

@@ -24,6 +24,7 @@ from .cell_separation import (
     separate_cells,
     smooth_density,
 )
+from .cell_lookup import cell_centres
 from .cell_size import diameter_from_foreground
 from .image_input import StainModel, check_smear, fit_stain_model
 from .steps import Progress, run_steps
@@ -209,15 +210,6 @@ def plan_tiles(shape: tuple[int, int], calibration: Calibration) -> Iterator[Til
                 slice(max(0, s.start - margin), min(length, s.stop + margin)) for s, length in zip(core, shape)
             )
             yield Tile(core, window)
-
-
-def cell_centres(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centroid rows and columns of cells 1..max(labels) (NaN for ids not present)."""
-    flat = labels.ravel()
-    count = np.bincount(flat)
-    rows, cols = np.indices(labels.shape, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (np.bincount(flat, rows.ravel())[1:] / count[1:], np.bincount(flat, cols.ravel())[1:] / count[1:])
 
 
 def _segment_tile(array: np.ndarray, tile: Tile, calibration: Calibration) -> np.ndarray:
