@@ -10,15 +10,18 @@ from .segmentation import estimate_cell_diameter, iter_segment_cells, segment_ce
 
 __version__ = "0.1.0"
 
-# Imported on first use: they pull in torch, which segmentation alone does not need.
+# Imported on first use: they pull in torch or umap, which segmentation alone does not need.
 _LAZY = {
     "Embedder": "embedding",
     "load_embedder": "embedding",
     "list_devices": "embedding",
     "cell_crops": "crops",
+    "fit_umap": "umap_layout",
+    "CellClassifier": "cell_classifier",
+    "export_cells_csv": "cell_export",
 }
 
-__all__ = [
+__all__ = [  # noqa: RUF022  (eager names, then the lazy ones)
     "ImageInputError",
     "cells_at_points",
     "embeddings_of",
@@ -26,8 +29,15 @@ __all__ = [
     "iter_segment_cells",
     "measure_cells",
     "segment_cells",
-    *_LAZY,
+    "Embedder",
+    "load_embedder",
+    "list_devices",
+    "cell_crops",
+    "fit_umap",
+    "CellClassifier",
+    "export_cells_csv",
 ]
+assert set(_LAZY) <= set(__all__)
 
 
 def __getattr__(name: str):

@@ -55,7 +55,11 @@ def image_digest(image) -> str:
 
 def model_key(model: str | os.PathLike) -> str:
     """What names a model's weights: its canonical id, plus when a local model last changed."""
-    from .models import canonical_id, hub_id, local_path  # torch and timm, imported on first use
+    from .models import (  # torch and timm, imported on first use
+        canonical_id,
+        hub_id,
+        local_path,
+    )
 
     key = canonical_id(model)
     if not hub_id(model):

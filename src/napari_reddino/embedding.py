@@ -26,9 +26,15 @@ import numpy as np
 import torch
 
 from .crops import DEFAULT_MARGIN, CropMode, CropSampler, cell_windows
+from .models import (
+    DownloadProgress,
+    LoadedModel,
+    canonical_id,
+    hub_id,
+    load_model,
+    local_path,
+)
 from .steps import Progress, StepsCancelled, run_steps
-from .models import DownloadProgress, LoadedModel, canonical_id, hub_id, load_model, local_path
-
 
 # Peak activation memory of one image in a ViT forward, as a multiple of its input tensor's
 # bytes; generous so the first batch fits, and a CUDA out-of-memory error halves it anyway.

@@ -31,7 +31,11 @@ import huggingface_hub
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+)
 from timm.models import PretrainedCfg
 
 DownloadProgress = Callable[[str, int, int], None]

@@ -16,6 +16,7 @@ from math import ceil
 import numpy as np
 from scipy import ndimage as ndi
 
+from .cell_lookup import cell_centres
 from .cell_separation import (
     WORKING_DIAMETER_PX,
     drop_nuclei,
@@ -24,7 +25,6 @@ from .cell_separation import (
     separate_cells,
     smooth_density,
 )
-from .cell_lookup import cell_centres
 from .cell_size import diameter_from_foreground
 from .image_input import StainModel, check_smear, fit_stain_model
 from .steps import Progress, run_steps

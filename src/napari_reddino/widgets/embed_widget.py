@@ -27,7 +27,12 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog
 
-from ..cell_embeddings import embeddings_of, fingerprint, store_embeddings, stored_fingerprint
+from ..cell_embeddings import (
+    embeddings_of,
+    fingerprint,
+    store_embeddings,
+    stored_fingerprint,
+)
 from ..crops import CROP_MODES, DEFAULT_MARGIN
 from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError

@@ -1,0 +1,149 @@
+"""One CSV row per cell of one or more cells layers, and optionally their embeddings.
+
+Columns: ``image``, ``label``, then the layer's feature columns in their order (napari's
+``index``, a copy of ``label``, is left out), the analysis columns of
+:data:`ANALYSIS_COLUMNS` that a layer lacks (empty, so scripts can rely on them), and
+``model_id`` (empty for cells that were not embedded). Layers with different columns are
+stacked on the union of their columns, in order of first appearance; ``p_<class>``
+probabilities appear only when a head has predicted.
+
+``pandas.read_csv`` reads the file back unchanged: floats are written in full (float32 values
+as their exact float64 value), booleans as ``True``/``False``; an unlabelled cell's empty
+``manual_label`` reads back as NaN (``fillna("")`` restores it), and an image named like a
+number ("1" from ``1.jpg``) as a number unless read with ``dtype={"image": str}``.
+
+The embeddings file is an ``.npz`` (no pickle; ``np.load(path)`` reads it) of ``image``,
+``label``, ``model_id`` (one per cell) and ``embedding`` (float32, cells x dim), in the CSV's
+row order, of the cells that have embeddings.
+
+No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pandas as pd
+
+from .cell_embeddings import embeddings_of
+
+ANALYSIS_COLUMNS = ("umap_x", "umap_y", "manual_label", "predicted_class", "prediction_probability")
+
+
+def export_cells_csv(path, cells, *, embeddings_path=None, overwrite: bool = False) -> Path:
+    """Write the cells of ``cells`` (one cells layer or a list of them) to the CSV ``path``.
+
+    With ``embeddings_path`` (``.npz``) their embeddings are written too. Both files are
+    written atomically, and only after every check passed; without ``overwrite`` an existing
+    file raises FileExistsError and nothing is written.
+    """
+    layers = [cells] if hasattr(cells, "features") else list(cells)
+    if not layers:
+        raise ValueError("No cells layers to export.")
+    path = Path(path)
+    writers: dict[Path, Callable[[IO[bytes]], object]] = {}
+    table = cells_table(layers)
+    writers[path] = lambda handle: _float32_as_float64(table).to_csv(handle, index=False)
+    if embeddings_path is not None:
+        embeddings_path = Path(embeddings_path)
+        if embeddings_path.suffix != ".npz":
+            raise ValueError(f"The embeddings file must end in .npz; got {embeddings_path.name}.")
+        arrays = embedding_arrays(layers)
+        writers[embeddings_path] = lambda handle: np.savez(handle, **arrays)
+    if not overwrite:
+        for target in writers:
+            if target.exists():
+                raise FileExistsError(errno.EEXIST, "File exists; pass overwrite=True to replace it", str(target))
+    write_files_atomically(writers)
+    return path
+
+
+def image_name(layer) -> str:
+    """The smear a cells layer belongs to: ``metadata["source_image"]``, else the layer's name less " cells"."""
+    name = layer.metadata.get("source_image")
+    return str(name) if name else str(layer.name).removesuffix(" cells")
+
+
+def cells_table(layers: Sequence) -> pd.DataFrame:
+    """The rows the CSV holds, one per cell of each layer, in the layers' feature order."""
+    parts = []
+    for layer in layers:
+        features = pd.DataFrame(layer.features)
+        if "label" not in features:
+            raise ValueError(f"{layer.name!r} has no cell table with a label column; segment its image first.")
+        if "index" in features and features["index"].equals(features["label"]):
+            features = features.drop(columns="index")
+        record = embeddings_of(layer)
+        features = features.drop(columns=["image", "model_id"], errors="ignore")
+        features.insert(0, "image", image_name(layer))
+        features["model_id"] = record[2] if record else ""
+        parts.append(features)
+    table = pd.concat(parts, ignore_index=True, sort=False)
+    middle = [c for c in table.columns if c not in ("image", "label", "model_id")]
+    for column in ANALYSIS_COLUMNS:
+        if column not in table:
+            table[column] = "" if column.endswith(("label", "class")) else np.nan
+            middle.append(column)
+    return table[["image", "label", *middle, "model_id"]]
+
+
+def embedding_arrays(layers: Sequence) -> dict[str, np.ndarray]:
+    """``image``, ``label``, ``model_id`` and ``embedding`` of the embedded cells, in table order."""
+    records = [(layer, embeddings_of(layer)) for layer in layers]
+    missing = [layer.name for layer, record in records if record is None]
+    if missing:
+        raise ValueError(f"No embeddings on {', '.join(map(repr, missing))}: run Embed cells first, or export without embeddings.")
+    dims = {record[1].shape[1] for _, record in records}
+    if len(dims) > 1:
+        raise ValueError(f"The layers' embeddings differ in size ({sorted(dims)}) and cannot share one file.")
+    images, labels, models, embeddings = [], [], [], []
+    for layer, (label_ids, vectors, model_id) in records:
+        wanted = np.asarray(pd.DataFrame(layer.features)["label"], dtype=np.int64)
+        rows = np.searchsorted(label_ids, wanted)
+        embedded = rows < len(label_ids)
+        embedded[embedded] = label_ids[rows[embedded]] == wanted[embedded]
+        found, rows = wanted[embedded], rows[embedded]
+        images.append(np.full(len(found), image_name(layer)))
+        labels.append(found)
+        models.append(np.full(len(found), model_id))
+        embeddings.append(vectors[rows])
+    return {
+        "image": np.concatenate(images).astype(str),
+        "label": np.concatenate(labels),
+        "model_id": np.concatenate(models).astype(str),
+        "embedding": np.concatenate(embeddings).astype(np.float32, copy=False),
+    }
+
+
+def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[bytes]], object]]) -> None:
+    """Write each file with its ``writer(binary_handle)`` beside its target, then rename them all.
+
+    A failing writer leaves every target as it was (and no temporary file behind).
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for target, write in writers.items():
+            target = Path(target)
+            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            staged.append((temporary, target))
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+        while staged:
+            temporary, target = staged[0]
+            os.replace(temporary, target)
+            staged.pop(0)
+    finally:
+        for temporary, _ in staged:
+            Path(temporary).unlink(missing_ok=True)
+
+
+def _float32_as_float64(table: pd.DataFrame) -> pd.DataFrame:
+    """float32 columns as float64, so the CSV holds their exact values, not a shortest float32 repr."""
+    narrow = [c for c in table.columns if table[c].dtype == np.float32]
+    return table.astype(dict.fromkeys(narrow, np.float64)) if narrow else table

@@ -1,0 +1,195 @@
+"""The pooled cell map: every embedded cell of one or more smears as one point, and back.
+
+A :class:`PooledCells` lists the cells of several cells layers in one order (point ``i`` is
+cell ``label_ids[i]`` of ``layers[layer_index[i]]``), so a selection made on the map maps
+back to the right smear and a click on a smear finds its point. Colours are computed here
+as arrays; the widget only hands them to napari.
+
+No Qt, no napari: a "layer" is anything with ``name``, ``data``, ``features`` and
+``metadata`` (a napari Labels layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from skimage.measure import points_in_poly
+
+from .cell_embeddings import embeddings_of
+
+LUT_SIZE = 2**16  # napari draws uint16 labels through a 65,536-colour lookup table on the GPU
+UNLABELLED = ""
+MUTED = np.array([0.6, 0.6, 0.6, 0.35], dtype=np.float32)  # cells without a class
+DIM_FACTOR = 0.2  # alpha of the cells outside a selection, relative to their own (smear)
+MAP_DIM_FACTOR = 0.45  # the same on the map, on a black canvas: still visible as context
+
+
+class PoolingError(ValueError):
+    """The chosen cells layers cannot share one map (no embeddings, or different models)."""
+
+
+@dataclass(frozen=True)
+class PooledCells:
+    """Point ``i`` is cell ``label_ids[i]`` of ``layers[layer_index[i]]``; a layer's points are contiguous."""
+
+    layers: tuple
+    offsets: np.ndarray  # (len(layers) + 1,): layer p owns points offsets[p]:offsets[p + 1]
+    label_ids: np.ndarray  # (n,) int64, ascending within each layer
+    embeddings: np.ndarray  # (n, dim) float32
+    model_id: str
+
+    @classmethod
+    def from_layers(cls, layers: Sequence) -> PooledCells:
+        """Pool the embedded cells of ``layers``; all must be embedded with the same model."""
+        records = [(layer, embeddings_of(layer)) for layer in layers]
+        missing = [layer.name for layer, record in records if record is None]
+        if missing or not records:
+            raise PoolingError(
+                f"No embeddings on {', '.join(map(repr, missing)) or 'any cells layer'}: "
+                "run Plugins > RedDino > Embed cells first."
+            )
+        models = {record[2] for _, record in records}
+        if len(models) > 1:
+            raise PoolingError(
+                f"The cells layers were embedded with different models ({', '.join(sorted(models))}); "
+                "embed them all with one model to compare them in one map."
+            )
+        crowded = [layer.name for layer, record in records if len(record[0]) >= LUT_SIZE]
+        if crowded:
+            raise PoolingError(
+                f"{', '.join(map(repr, crowded))} holds {LUT_SIZE - 1:,} cells or more, more than one "
+                "map layer can colour; crop the smear into parts and embed each."
+            )
+        counts = [len(record[0]) for _, record in records]
+        return cls(
+            layers=tuple(layer for layer, _ in records),
+            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            label_ids=np.concatenate([record[0] for _, record in records]).astype(np.int64),
+            embeddings=np.concatenate([record[1] for _, record in records]).astype(np.float32, copy=False),
+            model_id=models.pop(),
+        )
+
+    def __len__(self) -> int:
+        return len(self.label_ids)
+
+    @property
+    def layer_index(self) -> np.ndarray:
+        """(n,) which of ``layers`` each point comes from."""
+        return np.repeat(np.arange(len(self.layers)), np.diff(self.offsets))
+
+    def span(self, position: int) -> slice:
+        """The points of ``layers[position]``."""
+        return slice(int(self.offsets[position]), int(self.offsets[position + 1]))
+
+    def points_of(self, position: int, label_ids) -> np.ndarray:
+        """Point indices of the given cells of ``layers[position]``; cells without a point are skipped."""
+        ids = self.label_ids[self.span(position)]
+        wanted = np.asarray(label_ids, dtype=np.int64).ravel()
+        found = np.clip(np.searchsorted(ids, wanted), 0, max(len(ids) - 1, 0))
+        hit = (ids[found] == wanted) if len(ids) else np.zeros(len(wanted), dtype=bool)
+        return self.offsets[position] + found[hit]
+
+    def rank_image(self, position: int) -> np.ndarray:
+        """uint16 image of ``layers[position]``: 1 + the cell's place among the layer's points, 0 elsewhere.
+
+        napari colours uint16 labels through a GPU lookup table, so recolouring every cell is one
+        65,536-row table upload however large the smear; label ids themselves may be any int.
+        """
+        ids = self.label_ids[self.span(position)]
+        labels = np.asarray(self.layers[position].data)
+        ranks = np.zeros(int(max(labels.max(initial=0), ids.max(initial=0))) + 1, dtype=np.uint16)
+        ranks[ids] = np.arange(1, len(ids) + 1, dtype=np.uint16)
+        ranks[0] = 0
+        return ranks[np.clip(labels, 0, None)]
+
+    def column(self, name: str, default=np.nan) -> np.ndarray:
+        """One feature column for every point, in point order (``default`` where a layer lacks it)."""
+        parts = []
+        for position, layer in enumerate(self.layers):
+            ids = self.label_ids[self.span(position)]
+            table = layer.features
+            if name in table and "label" in table:
+                parts.append(table.set_index("label")[name].reindex(ids).fillna(default).to_numpy())
+            else:
+                parts.append(np.full(len(ids), default, dtype=object if isinstance(default, str) else float))
+        return np.concatenate(parts) if parts else np.empty(0)
+
+    def table(self) -> pd.DataFrame:
+        """Every point's row of its layer's features, in point order, with the layer's name as ``image``.
+
+        (The head compares each cell's size with the cells of its own smear through ``image``.)
+        """
+        return pd.concat(
+            [layer.features.set_index("label").reindex(self.label_ids[self.span(p)]).reset_index()
+             .assign(image=layer.name) for p, layer in enumerate(self.layers)],
+            ignore_index=True,
+        )
+
+    def write(self, name: str, values, points=None, *, empty="") -> None:
+        """Set feature ``name`` of the cells at ``points`` (all by default) on their own layers.
+
+        A layer without the column gets it, filled with ``empty`` for its other cells.
+        """
+        points = np.arange(len(self)) if points is None else np.asarray(points, dtype=np.int64)
+        values = np.broadcast_to(np.asarray(values, dtype=object if isinstance(empty, str) else float), points.shape)
+        for position, layer in enumerate(self.layers):
+            span = self.span(position)
+            inside = (points >= span.start) & (points < span.stop)
+            if not inside.any() and name in layer.features:
+                continue
+            table = layer.features.copy()
+            if name not in table:
+                table[name] = empty
+            rows = pd.Index(table["label"]).get_indexer(self.label_ids[points[inside]])
+            table.iloc[rows, table.columns.get_loc(name)] = values[inside]
+            layer.features = table
+
+
+def points_in_polygon(coords: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Boolean mask of the (n, 2) ``coords`` inside the (m, 2) ``polygon`` (same axis order)."""
+    polygon = np.asarray(polygon, dtype=float)
+    if len(coords) == 0 or len(polygon) < 3:
+        return np.zeros(len(coords), dtype=bool)
+    return points_in_poly(np.asarray(coords, dtype=float), polygon)
+
+
+def class_colours(classes: np.ndarray, palette: dict[str, np.ndarray]) -> np.ndarray:
+    """(n, 4) RGBA per cell from its class name; unlabelled or unknown classes are muted grey."""
+    colours = np.tile(MUTED, (len(classes), 1))
+    for name, rgba in palette.items():
+        colours[classes == name] = rgba
+    return colours
+
+
+def value_colours(values: np.ndarray, colormap) -> np.ndarray:
+    """(n, 4) RGBA per cell from a measurement, scaled between its 2nd and 98th percentile."""
+    values = np.asarray(values, dtype=float)
+    finite = np.isfinite(values)
+    colours = np.tile(MUTED, (len(values), 1))
+    if finite.any():
+        low, high = np.percentile(values[finite], [2, 98])
+        scaled = np.clip((values[finite] - low) / (high - low if high > low else 1.0), 0, 1)
+        colours[finite] = colormap.map(scaled)
+    return colours
+
+
+def emphasise(colours: np.ndarray, selected: np.ndarray, dim: float = DIM_FACTOR) -> np.ndarray:
+    """Dim every cell outside ``selected`` (a boolean mask) to ``dim`` of its alpha; the selection opaque.
+
+    With nothing selected, nothing changes.
+    """
+    colours = colours.copy()
+    if selected.any():
+        colours[~selected, 3] *= dim
+        colours[selected, 3] = 1.0
+    return colours
+
+
+def rank_lut(colours: np.ndarray) -> np.ndarray:
+    """A (65536, 4) lookup table for a :meth:`PooledCells.rank_image`: row 1 + i is colour i, row 0 clear."""
+    lut = np.zeros((LUT_SIZE, 4), dtype=np.float32)
+    lut[1 : len(colours) + 1] = colours
+    return lut

@@ -1,0 +1,434 @@
+"""Plugins > RedDino > Cell map: the cells' RedDino embeddings as a UMAP, linked both ways to the smears.
+
+Compute map pools the embedded cells of every cells layer (one model), lays them out with
+UMAP in a worker and shows one point per cell in the map's own canvas. A lasso on the map
+or a click on a smear selects cells; they are highlighted in both places and the rest are
+dimmed. Number keys (or Assign) give the selection a class; Train fits the linear head on
+the labelled cells and predicts every cell; Review uncertain steps through the least certain
+ones. Everything a cell gets (``umap_x/y``, ``manual_label``, ``predicted_class``,
+``prediction_probability``, ``p_<class>``) is a column of its cells layer's ``features``, so
+hovering shows it and Export writes it.
+
+The smear colours live in one extra Labels layer per cells layer ("<cells> map colours"),
+holding the cells' place in the map as uint16: napari draws uint16 labels through a GPU
+lookup table, so recolouring 50,000 cells is one table upload, not a pass over the smear.
+"""
+
+import time
+import weakref
+from pathlib import Path
+
+import napari
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
+from napari.layers import Labels
+from napari.qt.threading import thread_worker
+from napari.utils.colormaps import CyclicLabelColormap, ensure_colormap
+from napari.utils.notifications import show_info
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QKeySequence, QShortcut
+from qtpy.QtWidgets import QFileDialog, QMessageBox, QSplitter, QVBoxLayout, QWidget
+
+from ..cell_classifier import CellClassifier, uncertainty_order
+from ..cell_embeddings import embeddings_of
+from ..cell_export import export_cells_csv
+from ..cell_map import (
+    MAP_DIM_FACTOR,
+    UNLABELLED,
+    PooledCells,
+    PoolingError,
+    class_colours,
+    emphasise,
+    rank_lut,
+    value_colours,
+)
+from ..umap_layout import fit_umap, warm_up_umap
+from .class_list import ClassList
+from .job_widget import JobWidget
+from .map_canvas import MapCanvas
+
+MANUAL, PREDICTED = "manual label", "predicted class"
+SMEAR_FILL_ALPHA = 0.55  # class colours over the smear stay see-through
+MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size
+
+
+@thread_worker
+def _lay_out(embeddings: np.ndarray):
+    yield 0, 0  # an indeterminate bar: umap reports no progress of its own
+    return fit_umap(embeddings)
+
+
+def _weakly(method):
+    """A mouse callback that calls ``method`` while its widget lives, and keeps the widget from nothing.
+
+    The viewer outlives dock widgets; a bound method in its callbacks would keep a closed widget
+    (and the map's canvas) alive.
+    """
+    reference = weakref.WeakMethod(method)
+
+    def callback(viewer, event):
+        bound = reference()
+        if bound is not None:
+            yield from bound(viewer, event)
+
+    return callback
+
+
+def embedded_cells_layers(viewer) -> list[Labels]:
+    return [layer for layer in viewer.layers if isinstance(layer, Labels) and embeddings_of(layer) is not None]
+
+
+class CellMapWidget(JobWidget):
+    """UMAP of the embedded cells, lasso and click selection, labelling, linear head, export."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(napari_viewer)
+        warm_up_umap()  # numba compiles in the background while the user segments and embeds
+        self.pool: PooledCells | None = None
+        self._pending: PooledCells | None = None  # the cells a running UMAP lays out
+        self.xy: np.ndarray | None = None
+        self.selected = np.zeros(0, dtype=bool)
+        self.classifier: CellClassifier | None = None
+        self._overlays: list[Labels] = []
+        self._review: list[int] = []  # points still to review, the least certain last
+        self._uncertain = np.zeros(0, dtype=int)
+        self._started = 0.0
+
+        self.canvas = MapCanvas()
+        self.canvas.lassoed.connect(self.select)
+        self.canvas.point_clicked.connect(self._on_point_clicked)
+        self.class_list = ClassList()
+        self.class_list.changed.connect(self.recolour)
+        self.class_list.renamed.connect(self._rename_class)
+        self.colour_by = ComboBox(label="Colour by", choices=self._colour_choices)
+        self.colour_by.changed.connect(self.recolour)
+        self.centre_on_click = CheckBox(text="Centre the map on a clicked cell", value=True)
+        self.selection_count = Label(value="No map yet.")
+        self.with_embeddings = CheckBox(text="Also write the embeddings (.npz)", value=False)
+        self._run_button.text = "Compute map"
+
+        actions = {
+            "Assign": lambda: self.assign(self.class_list.current_class),
+            "Clear label": lambda: self.assign(UNLABELLED),
+            "Clear selection": lambda: self.select(np.zeros(len(self.selected), dtype=bool)),
+            "Train head": self.train,
+            "Review uncertain": self.review_next,
+            "Save head…": self._save_head_dialog,
+            "Apply saved head…": self._apply_head_dialog,
+            "Export CSV…": self._export_dialog,
+        }
+        self.buttons = {text: PushButton(text=text) for text in actions}
+        for text, action in actions.items():
+            self.buttons[text].changed.connect(action)
+        self._lay_out_map_widget()
+        self._bind_keys()
+        napari_viewer.mouse_drag_callbacks.append(_weakly(self._on_smear_press))
+
+    def _lay_out_map_widget(self) -> None:
+        run = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
+        controls = Container(
+            widgets=[
+                run, self.colour_by, self.centre_on_click, self.selection_count,
+                self._row("Assign", "Clear label", "Clear selection"),
+            ],
+        )
+        head = Container(
+            widgets=[self._row("Train head", "Review uncertain"), self._row("Save head…", "Apply saved head…"),
+                     self.with_embeddings, self._row("Export CSV…"), self.status],
+            labels=False,
+        )
+        panel = QWidget()
+        panel_layout = QVBoxLayout(panel)
+        for part in (controls.native, self.class_list, head.native):
+            panel_layout.addWidget(part)
+        splitter = QSplitter(Qt.Orientation.Vertical)
+        splitter.addWidget(self.canvas)
+        splitter.addWidget(panel)
+        QVBoxLayout(self).addWidget(splitter)
+
+    def _row(self, *names: str) -> Container:
+        return Container(widgets=[self.buttons[name] for name in names], layout="horizontal", labels=False)
+
+    def _bind_keys(self) -> None:
+        """Digits assign the class with that key, Backspace/Delete clear; on the map and in this panel."""
+        self.canvas.key_pressed.connect(self.press_key)
+        for key in (*"1234567890", "Backspace", "Delete"):
+            shortcut = QShortcut(QKeySequence(key), self, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
+            shortcut.activated.connect(lambda key=key: self.press_key(key))
+
+    def press_key(self, key: str) -> None:
+        self.assign(UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key))
+
+    # --- the map --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            pool = PooledCells.from_layers(embedded_cells_layers(self._viewer))
+        except PoolingError as error:
+            self._refuse(str(error))
+            return
+        self._pending = pool
+        self._started = time.perf_counter()
+        self.status.value = f"UMAP of {len(pool):,} cells from {len(pool.layers)} smear(s)…"
+        self._start(_lay_out, pool.embeddings)
+
+    def _on_progress(self, step) -> None:
+        self._count(*step, "UMAP")
+
+    def _on_errored(self, error: Exception) -> None:
+        self._end_run()
+        self._refuse(f"The map failed: {error}")
+
+    def _on_finished(self) -> None:
+        worker, xy = self._end_run()
+        if xy is None or (worker is not None and worker.abort_requested):
+            self.status.value = "Cancelled; the map is as it was."
+        else:
+            self.show_map(self._pending, xy)
+            self.status.value = f"Map of {len(xy):,} cells in {time.perf_counter() - self._started:.1f} s."
+        self.finished.emit()
+
+    def show_map(self, pool: PooledCells, xy: np.ndarray) -> None:
+        """Show ``xy`` (one UMAP point per pooled cell) in the map and colour the smears."""
+        self.pool, self.xy = pool, np.asarray(xy, dtype=np.float32)
+        self.selected = np.zeros(len(pool), dtype=bool)
+        pool.write("umap_x", self.xy[:, 0], empty=np.nan)
+        pool.write("umap_y", self.xy[:, 1], empty=np.nan)
+        features = {"image": [pool.layers[i].name for i in pool.layer_index], "label": pool.label_ids}
+        self.canvas.show_points(self.xy, features)
+        self._make_overlays()
+        self.colour_by.reset_choices()
+        self.recolour()
+
+    def _make_overlays(self) -> None:
+        for overlay in self._overlays:
+            if overlay in self._viewer.layers:
+                self._viewer.layers.remove(overlay)
+        self._overlays = []
+        for position, cells in enumerate(self.pool.layers):
+            overlay = self._viewer.add_labels(
+                self.pool.rank_image(position), name=f"{cells.name} map colours",
+                scale=cells.scale, translate=cells.translate, opacity=1.0,
+            )
+            overlay.editable = False
+            self._overlays.append(overlay)
+        self._viewer.layers.selection.active = self.pool.layers[0]
+
+    def _colour_choices(self, _widget=None) -> list[str]:
+        numeric = []
+        if self.pool is not None:
+            table = self.pool.layers[0].features
+            numeric = [c for c in table.columns if c not in ("label", "index") and table[c].dtype.kind in "fiu"]
+        return [MANUAL, PREDICTED, *numeric]
+
+    def point_colours(self) -> np.ndarray:
+        """(n, 4) colour of every point, by the chosen column, before selection dimming."""
+        mode = self.colour_by.value
+        if mode in (MANUAL, PREDICTED):
+            column = "manual_label" if mode == MANUAL else "predicted_class"
+            return class_colours(self.pool.column(column, UNLABELLED), self.class_list.colours)
+        return value_colours(self.pool.column(mode), ensure_colormap("viridis"))
+
+    def recolour(self, *_) -> None:
+        """Colour the map's points and the smears' cells; the selection bright, the rest dimmed."""
+        if self.pool is None:
+            return
+        colours = self.point_colours()
+        self.canvas.set_colours(emphasise(colours, self.selected, MAP_DIM_FACTOR), self.selected)
+        fill = emphasise(colours, self.selected) * [1, 1, 1, SMEAR_FILL_ALPHA]
+        for position, overlay in enumerate(self._overlays):
+            overlay.colormap = CyclicLabelColormap(colors=rank_lut(fill[self.pool.span(position)]))
+        self._show_counts()
+
+    def _show_counts(self) -> None:
+        count = int(self.selected.sum())
+        self.selection_count.value = f"{count:,} of {len(self.pool):,} cells selected" if count else (
+            f"{len(self.pool):,} cells; lasso on the map or click a cell to select")
+        tally = lambda name: dict(zip(*np.unique(self.pool.column(name, UNLABELLED), return_counts=True)))
+        self.class_list.set_counts(tally("manual_label"), tally("predicted_class"))
+
+    # --- selection ------------------------------------------------------------------------
+
+    def select(self, mask: np.ndarray) -> None:
+        """Make the points in ``mask`` (a boolean array over the map's points) the selection."""
+        if self.pool is None:
+            return
+        self.selected = np.asarray(mask, dtype=bool).copy()
+        self.recolour()
+
+    def select_cell(self, layer: Labels, label: int, *, add: bool = False) -> int | None:
+        """Select the cell ``label`` of ``layer`` (shift-click: add it); return its point, or None."""
+        if self.pool is None or layer not in self.pool.layers:
+            return None
+        points = self.pool.points_of(self.pool.layers.index(layer), [label])
+        if not len(points):
+            return None
+        mask = self.selected.copy() if add else np.zeros(len(self.pool), dtype=bool)
+        mask[points[0]] = not (add and self.selected[points[0]])
+        self.select(mask)
+        if self.centre_on_click.value:
+            self.canvas.centre_on(int(points[0]))
+        return int(points[0])
+
+    def _on_smear_press(self, viewer, event):
+        """A click on a smear (press and release without a drag, pan/zoom mode) selects that cell."""
+        active = viewer.layers.selection.active
+        if self.pool is None or getattr(active, "mode", "pan_zoom") != "pan_zoom":
+            return
+        yield
+        if event.type == "mouse_move":
+            return
+        for position, overlay in enumerate(self._overlays):
+            rank = overlay.get_value(event.position, world=True)
+            if rank:
+                label = self.pool.label_ids[self.pool.offsets[position] + int(rank) - 1]
+                self.select_cell(self.pool.layers[position], int(label), add="Shift" in event.modifiers)
+                return
+
+    def _on_point_clicked(self, point: int, add: bool) -> None:
+        position = int(self.pool.layer_index[point])
+        self.select_cell(self.pool.layers[position], int(self.pool.label_ids[point]), add=add)
+        self._show_cell_in_smear(point)
+
+    def _show_cell_in_smear(self, point: int) -> None:
+        position = int(self.pool.layer_index[point])
+        cells = self.pool.layers[position]
+        row = cells.features.set_index("label").loc[int(self.pool.label_ids[point])]
+        self._viewer.camera.center = tuple(cells.data_to_world([row["centroid_y"], row["centroid_x"]]))
+        diameter = float(row["equivalent_diameter_px"]) * float(np.max(cells.scale))
+        self._viewer.camera.zoom = max(self._viewer.camera.zoom, MIN_CELL_ON_SCREEN_PX / max(diameter, 1e-6))
+
+    # --- labels and the head --------------------------------------------------------------
+
+    def assign(self, name: str | None) -> None:
+        """Give the selected cells class ``name`` ("" clears their label)."""
+        if self.pool is None or name is None or not self.selected.any():
+            return
+        self.pool.write("manual_label", name, np.flatnonzero(self.selected))
+        self.recolour()
+        if self._review:  # labelling a reviewed cell moves on to the next one
+            self.review_next()
+
+    def _rename_class(self, old: str, new: str) -> None:
+        if self.pool is None:
+            return
+        for column in ("manual_label", "predicted_class"):
+            values = self.pool.column(column, UNLABELLED)
+            self.pool.write(column, new, np.flatnonzero(values == old))
+
+    def train(self) -> None:
+        """Fit the linear head on the labelled cells and predict every cell of the map."""
+        if self.pool is None:
+            self._refuse("Compute the map first.", notify=show_info)
+            return
+        started = time.perf_counter()
+        table = self.pool.table()
+        labels = table["manual_label"].fillna(UNLABELLED).to_numpy() if "manual_label" in table else None
+        classifier = CellClassifier(self.class_list.classes, self.class_list.hex_colours, model_id=self.pool.model_id)
+        try:
+            classifier.fit(self.pool.embeddings, labels if labels is not None else [], measurements=table)
+        except ValueError as error:
+            self._refuse(str(error), notify=show_info)
+            return
+        self.classifier = classifier
+        self._predict(self.pool)
+        taught = int((labels != UNLABELLED).sum())
+        self.status.value = (f"Head trained on {taught:,} labelled cells in {time.perf_counter() - started:.2f} s; "
+                             f"every cell has a predicted class.")
+
+    def _predict(self, pool: PooledCells) -> None:
+        """Write the head's prediction for every cell of ``pool`` into the cells layers' features."""
+        proba = self.classifier.predict_proba(pool.embeddings, measurements=pool.table())
+        classes = np.asarray(self.classifier.classes, dtype=object)
+        pool.write("predicted_class", classes[proba.argmax(axis=1)])
+        pool.write("prediction_probability", proba.max(axis=1), empty=np.nan)
+        for column, name in enumerate(classes):
+            pool.write(f"p_{name}", proba[:, column], empty=np.nan)
+        if pool is self.pool:
+            self._uncertain = uncertainty_order(proba)
+            self._review = []
+            self.colour_by.reset_choices()
+            self.colour_by.value = PREDICTED
+            self.recolour()
+
+    def review_next(self) -> None:
+        """Select the next least-certain unlabelled cell and show it in its smear and on the map."""
+        if self.classifier is None:
+            self._refuse("Train the head first; review steps through its least certain cells.", notify=show_info)
+            return
+        if not self._review:
+            labelled = self.pool.column("manual_label", UNLABELLED) != UNLABELLED
+            self._review = [int(i) for i in self._uncertain if not labelled[i]][::-1]
+        if not self._review:
+            self.status.value = "Every cell is labelled; nothing to review."
+            return
+        point = self._review.pop()
+        mask = np.zeros(len(self.pool), dtype=bool)
+        mask[point] = True
+        self.select(mask)
+        self.canvas.centre_on(point)
+        self._show_cell_in_smear(point)
+        predicted = self.pool.column("predicted_class", UNLABELLED)[point]
+        certainty = self.pool.column("prediction_probability")[point]
+        self.status.value = (f"Uncertain cell {self.pool.label_ids[point]} of "
+                             f"{self.pool.layers[self.pool.layer_index[point]].name}: predicted {predicted} "
+                             f"(p = {certainty:.2f}). Press its class's number key, or Review uncertain to skip.")
+
+    def save_head(self, path: str | Path) -> None:
+        if self.classifier is None:
+            self._refuse("Train the head first.", notify=show_info)
+            return
+        self.classifier.save(path)
+        self.status.value = f"Head saved to {path}."
+
+    def apply_head(self, path: str | Path) -> None:
+        """Load a saved head and predict every embedded cell in the viewer with it (one click)."""
+        layers = embedded_cells_layers(self._viewer)
+        try:
+            pool = self.pool if self.pool is not None and set(self.pool.layers) == set(layers) else (
+                PooledCells.from_layers(layers))
+            classifier = CellClassifier.load(path, model_id=pool.model_id)
+        except (PoolingError, OSError, ValueError) as error:  # HeadMismatchError is a ValueError
+            self._refuse(str(error))
+            return
+        for name in classifier.classes:
+            self.class_list.add_class(name, classifier.colours.get(name, "#999999"))
+        self.classifier = classifier
+        self._predict(pool)
+        mapped = "" if pool is self.pool else " Compute map to see them on the map."
+        self.status.value = f"Head {Path(path).name} applied to {len(pool):,} cells.{mapped}"
+
+    def export_csv(self, path: str | Path) -> Path | None:
+        """Write one row per cell of the map's smears; asks before replacing an existing file."""
+        if self.pool is None:
+            self._refuse("Compute the map first.", notify=show_info)
+            return None
+        path = Path(path)
+        if path.exists() and not self._confirm_overwrite(path):
+            return None
+        embeddings = path.with_suffix(".npz") if self.with_embeddings.value else None
+        written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, overwrite=True)
+        self.status.value = f"{len(self.pool):,} cells written to {written}."
+        return written
+
+    def _confirm_overwrite(self, path: Path) -> bool:
+        answer = QMessageBox.question(self, "Replace file?", f"{path.name} exists. Replace it?")
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _save_head_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save head", "head.safetensors", "Heads (*.safetensors)")
+        if path:
+            self.save_head(path)
+
+    def _apply_head_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Apply saved head", "", "Heads (*.safetensors)")
+        if path:
+            self.apply_head(path)
+
+    def _export_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export cells", "cells.csv", "CSV (*.csv)", options=QFileDialog.Option.DontConfirmOverwrite
+        )
+        if path:
+            self.export_csv(path)
+

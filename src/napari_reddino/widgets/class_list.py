@@ -1,0 +1,165 @@
+"""The editable list of morphology classes: name, colour, key, and how many cells each holds."""
+
+import numpy as np
+from napari.utils.colormaps.standardize_color import transform_color
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QColorDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+# The Chula RBC-12 classes a hematology lab names most often, with colours far apart.
+DEFAULT_CLASSES = {
+    "normal": "#4daf4a",
+    "macrocyte": "#377eb8",
+    "microcyte": "#a6cee3",
+    "spherocyte": "#e41a1c",
+    "target cell": "#ff7f00",
+    "stomatocyte": "#984ea3",
+    "ovalocyte": "#f781bf",
+    "teardrop": "#a65628",
+    "burr cell": "#ffff33",
+    "schistocyte": "#000000",
+    "hypochromia": "#b2df8a",
+    "elliptocyte": "#fb9a99",
+    "other": "#999999",
+}
+KEY, NAME, LABELLED, PREDICTED = range(4)
+
+
+def key_of(row: int) -> str:
+    """Keys 1-9 then 0 assign the first ten classes."""
+    return str((row + 1) % 10) if row < 10 else ""
+
+
+class ClassList(QWidget):
+    changed = Signal()  # a class was added, removed, renamed or recoloured
+    renamed = Signal(str, str)  # old name, new name
+
+    def __init__(self, classes: dict[str, str] = DEFAULT_CLASSES, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.table = QTableWidget(0, 4)
+        self.table.setHorizontalHeaderLabels(["Key", "Class", "Labelled", "Predicted"])
+        self.table.horizontalHeader().setSectionResizeMode(NAME, QHeaderView.ResizeMode.Stretch)
+        self.table.verticalHeader().setVisible(False)
+        self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
+        self._names: list[str] = []  # what the names were before an edit
+        self.table.cellDoubleClicked.connect(self._on_double_click)
+        self.table.itemChanged.connect(self._on_item_changed)
+        for name, colour in classes.items():
+            self.add_class(name, colour)
+        self.table.selectRow(0)
+
+        add, remove = QPushButton("Add class"), QPushButton("Remove class")
+        add.clicked.connect(lambda: self.add_class(self._new_name(), "#999999"))
+        remove.clicked.connect(self.remove_current)
+        buttons = QHBoxLayout()
+        buttons.addWidget(add)
+        buttons.addWidget(remove)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.table)
+        layout.addLayout(buttons)
+
+    @property
+    def classes(self) -> list[str]:
+        return [self.table.item(row, NAME).text() for row in range(self.table.rowCount())]
+
+    @property
+    def hex_colours(self) -> dict[str, str]:
+        """``#rrggbb`` of every class, by name."""
+        return {
+            self.table.item(row, NAME).text(): self.table.item(row, KEY).background().color().name()
+            for row in range(self.table.rowCount())
+        }
+
+    @property
+    def colours(self) -> dict[str, np.ndarray]:
+        """RGBA (float32) of every class, by name."""
+        return {name: transform_color(colour)[0] for name, colour in self.hex_colours.items()}
+
+    @property
+    def current_class(self) -> str | None:
+        row = self.table.currentRow()
+        return self.table.item(row, NAME).text() if row >= 0 else None
+
+    def class_for_key(self, key: str) -> str | None:
+        rows = [row for row in range(self.table.rowCount()) if key_of(row) == key]
+        return self.table.item(rows[0], NAME).text() if rows else None
+
+    def add_class(self, name: str, colour: str) -> None:
+        if name in self.classes:
+            return
+        self.table.blockSignals(True)
+        row = self.table.rowCount()
+        self.table.insertRow(row)
+        key = QTableWidgetItem(key_of(row))
+        key.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
+        key.setBackground(QColor(colour))
+        key.setToolTip("Double-click to change the colour")
+        self.table.setItem(row, KEY, key)
+        self.table.setItem(row, NAME, QTableWidgetItem(name))
+        self._names.append(name)
+        for column in (LABELLED, PREDICTED):
+            count = QTableWidgetItem("0")
+            count.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
+            self.table.setItem(row, column, count)
+        self.table.blockSignals(False)
+        self.changed.emit()
+
+    def remove_current(self) -> None:
+        row = self.table.currentRow()
+        if row >= 0 and self.table.rowCount() > 1:
+            self.table.removeRow(row)
+            del self._names[row]
+            self._renumber_keys()
+            self.changed.emit()
+
+    def set_colour(self, name: str, colour: str) -> None:
+        self.table.item(self.classes.index(name), KEY).setBackground(QColor(colour))
+        self.changed.emit()
+
+    def set_counts(self, labelled: dict[str, int], predicted: dict[str, int]) -> None:
+        self.table.blockSignals(True)
+        for row, name in enumerate(self.classes):
+            self.table.item(row, LABELLED).setText(str(labelled.get(name, 0)))
+            self.table.item(row, PREDICTED).setText(str(predicted.get(name, 0)))
+        self.table.blockSignals(False)
+
+    def _renumber_keys(self) -> None:
+        for row in range(self.table.rowCount()):
+            self.table.item(row, KEY).setText(key_of(row))
+
+    def _new_name(self) -> str:
+        number = 1
+        while f"class {number}" in self.classes:
+            number += 1
+        return f"class {number}"
+
+    def _on_double_click(self, row: int, column: int) -> None:
+        if column == KEY:
+            colour = QColorDialog.getColor(self.table.item(row, KEY).background().color(), self, "Class colour")
+            if colour.isValid():
+                self.set_colour(self.table.item(row, NAME).text(), colour.name())
+
+    def _on_item_changed(self, item: QTableWidgetItem) -> None:
+        if item.column() != NAME:
+            return
+        row, new = item.row(), item.text().strip()
+        old = self._names[row]
+        if not new or new in self._names[:row] + self._names[row + 1 :]:
+            self.table.blockSignals(True)
+            item.setText(old)  # empty or taken: keep the old name
+            self.table.blockSignals(False)
+            return
+        self._names[row] = new
+        self.renamed.emit(old, new)
+        self.changed.emit()

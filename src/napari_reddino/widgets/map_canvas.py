@@ -1,0 +1,158 @@
+"""The cell map's own canvas: a second napari canvas (``napari.qt.QtViewer``) docked beside the smear.
+
+It holds two layers of its own ``ViewerModel``: the "cell map" Points layer (one point per
+cell, ``features`` = image and label id) and a "lasso" Shapes layer in which a free-hand
+polygon selects points. A canvas of its own keeps its own camera: zooming into a cell of the
+smear does not throw the map out of view, and the map's points never overlap the smear.
+"""
+
+import weakref
+
+import numpy as np
+import pandas as pd
+from napari.components import ViewerModel
+from napari.qt import QtViewer
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+
+from ..cell_map import points_in_polygon
+
+POINT_SIZE_FRACTION = 1 / 50  # point diameter relative to the map's extent
+CLICK_RADIUS_POINTS = 1.5  # a click this many point diameters from a point picks it
+LABEL_KEYS = {getattr(Qt.Key, f"Key_{digit}"): str(digit) for digit in range(10)} | {
+    Qt.Key.Key_Backspace: "Backspace", Qt.Key.Key_Delete: "Delete"}
+SELECTED_BORDER = np.array([1.0, 1.0, 1.0, 1.0], dtype=np.float32)
+
+
+def map_coordinates(xy: np.ndarray) -> np.ndarray:
+    """UMAP (x, y) to napari (row, column), with y pointing up as in a plot."""
+    xy = np.asarray(xy, dtype=np.float32)
+    return np.column_stack([-xy[:, 1], xy[:, 0]]) if len(xy) else np.empty((0, 2), np.float32)
+
+
+def _forgetter(canvas: "MapCanvas"):
+    """When Qt deletes the map's QtViewer (its window closed), drop the Python reference too.
+
+    napari's main window keeps its dock widgets' Python objects; without this the map's QtViewer
+    would outlive its window (napari's test fixture counts that as a leak).
+    """
+    reference = weakref.ref(canvas)
+
+    def forget(*_):
+        canvas = reference()
+        if canvas is not None:
+            canvas.qt_viewer = None
+
+    return forget
+
+
+class MapCanvas(QWidget):
+    """The UMAP view: show points, colour them, lasso them, click them."""
+
+    lassoed = Signal(object)  # bool mask over the points inside the drawn polygon
+    point_clicked = Signal(int, bool)  # point index, whether shift was held
+    key_pressed = Signal(str)  # a digit, Backspace or Delete typed on the map
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.model = ViewerModel(title="Cell map")
+        self.qt_viewer = QtViewer(self.model)
+        self.points = None
+        self.lasso = self.model.add_shapes(
+            name="lasso", ndim=2, edge_color="yellow", face_color=[1, 1, 0, 0.15], edge_width=0.02
+        )
+        self.lasso.events.data.connect(self._on_lasso_drawn)
+        self.model.mouse_drag_callbacks.append(self._on_press)
+        self.qt_viewer.canvas.native.installEventFilter(self)
+        self.qt_viewer.destroyed.connect(_forgetter(self))
+
+        self.lasso_button = QPushButton("Lasso")
+        self.lasso_button.setCheckable(True)
+        self.lasso_button.setToolTip("Draw around points to select their cells (free-hand polygon)")
+        self.lasso_button.toggled.connect(self._set_lasso_mode)
+        self.fit_button = QPushButton("Fit view")
+        self.fit_button.clicked.connect(self.model.reset_view)
+        tools = QHBoxLayout()
+        tools.addWidget(self.lasso_button)
+        tools.addWidget(self.fit_button)
+        tools.addStretch()
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(tools)
+        layout.addWidget(self.qt_viewer, stretch=1)
+        self.setMinimumHeight(280)
+
+    @property
+    def coordinates(self) -> np.ndarray:
+        return self.points.data if self.points is not None else np.empty((0, 2))
+
+    def show_points(self, xy: np.ndarray, features: pd.DataFrame) -> None:
+        """Replace the map's points by ``xy`` (UMAP x, y per cell), one row of ``features`` each."""
+        data = map_coordinates(xy)
+        extent = float(np.ptp(data, axis=0).max()) if len(data) > 1 else 1.0
+        if self.points is not None:
+            self.model.layers.remove(self.points)
+        self.points = self.model.add_points(
+            data, name="cell map", features=features, size=max(extent, 1e-6) * POINT_SIZE_FRACTION,
+            border_width=0.15, border_color="transparent", face_color="gray", canvas_size_limits=(4, 40),
+        )
+        self.model.layers.move(self.model.layers.index(self.points), 0)  # the lasso stays on top
+        self.model.reset_view()
+        self.model.layers.selection.active = self.lasso
+
+    def set_colours(self, colours: np.ndarray, selected: np.ndarray) -> None:
+        """Face colour per point; the selected points get a white ring."""
+        if self.points is None:
+            return
+        borders = np.zeros((len(colours), 4), dtype=np.float32)
+        borders[selected] = SELECTED_BORDER
+        self.points.face_color = colours
+        self.points.border_color = borders
+
+    def centre_on(self, index: int) -> None:
+        self.model.camera.center = tuple(self.coordinates[index])
+
+    def screenshot(self) -> np.ndarray:
+        return self.qt_viewer.screenshot(flash=False)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        """Digits, Backspace and Delete on the map are labelling keys, not napari's layer-mode keys."""
+        if event.type() in (QEvent.Type.ShortcutOverride, QEvent.Type.KeyPress):
+            key = LABEL_KEYS.get(event.key())
+            if key is not None and not event.modifiers():
+                if event.type() == QEvent.Type.KeyPress:
+                    self.key_pressed.emit(key)
+                event.accept()
+                return True
+        return super().eventFilter(watched, event)
+
+    def _set_lasso_mode(self, on: bool) -> None:
+        self.model.layers.selection.active = self.lasso
+        self.lasso.mode = "add_polygon_lasso" if on else "pan_zoom"
+
+    def select_polygon(self, polygon: np.ndarray) -> None:
+        """Select the points inside ``polygon`` ((m, 2) in map row/column), as a drawn lasso does."""
+        self.lassoed.emit(points_in_polygon(self.coordinates, polygon))
+
+    def _on_lasso_drawn(self, event) -> None:
+        if getattr(event, "action", "added") != "added" or not len(self.lasso.data):
+            return
+        polygon = np.asarray(self.lasso.data[-1])
+        QTimer.singleShot(0, self._clear_lasso)  # not while the Shapes layer is still handling its event
+        self.select_polygon(polygon)
+
+    def _clear_lasso(self) -> None:
+        if len(self.lasso.data):
+            self.lasso.data = []
+
+    def _on_press(self, model, event):
+        """A click (press and release without dragging) in pan/zoom mode picks the nearest point."""
+        if self.points is None or self.lasso.mode != "pan_zoom" or not len(self.coordinates):
+            return
+        yield
+        if event.type == "mouse_move":
+            return  # a drag pans the map
+        distances = np.linalg.norm(self.coordinates - np.asarray(event.position)[-2:], axis=1)
+        nearest = int(np.argmin(distances))
+        if distances[nearest] <= CLICK_RADIUS_POINTS * float(np.mean(self.points.size)):
+            self.point_clicked.emit(nearest, "Shift" in event.modifiers)

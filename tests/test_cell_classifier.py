@@ -1,0 +1,202 @@
+"""CellClassifier: known answers on constructed embeddings and a real smear's measurements."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import norm
+from skimage.io import imread
+from sklearn.linear_model import LogisticRegression
+
+from napari_reddino import measure_cells, segment_cells
+from napari_reddino.cell_classifier import (
+    DEFAULT_MEASUREMENTS,
+    CellClassifier,
+    HeadMismatchError,
+    head_paths,
+    measurement_features,
+    uncertainty_order,
+)
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def smear_table() -> pd.DataFrame:
+    image = imread(DATA / "chula_rbc12" / "1.jpg")
+    return measure_cells(segment_cells(image), image)
+
+
+def separable(per_class: int = 30, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    names = np.repeat(np.array(["normal", "spherocyte", "target cell"], dtype=object), per_class)
+    centres = {name: rng.normal(scale=5, size=dim) for name in set(names)}
+    return np.stack([centres[n] for n in names]) + rng.normal(size=(len(names), dim)), names
+
+
+def test_separable_classes_are_learned_from_a_few_labels_each():
+    embeddings, truth = separable()
+    labels = truth.copy()
+    labels[1::3], labels[2::3] = "", None  # a third of the cells labelled
+    head = CellClassifier().fit(embeddings, labels)
+    assert head.classes == ["normal", "spherocyte", "target cell"]
+    assert (head.predict(embeddings) == truth).all()
+    proba = head.predict_proba(embeddings)
+    assert proba.dtype == np.float32 and proba.shape == (90, 3)
+    np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-6)
+
+
+def test_unlabelled_cells_take_no_part_in_training():
+    embeddings, labels = separable(seed=1)
+    labels[::2] = ""
+    labels[1::4] = np.nan  # as a pandas column of missing labels holds them
+    trained_on_all = CellClassifier().fit(embeddings, labels)
+    taught = np.array([isinstance(name, str) and name != "" for name in labels])
+    trained_on_labelled = CellClassifier().fit(embeddings[taught], labels[taught])
+    np.testing.assert_array_equal(trained_on_all.predict_proba(embeddings), trained_on_labelled.predict_proba(embeddings))
+
+
+def test_balancing_moves_the_boundary_towards_the_minority_class():
+    # 180 "normal" cells around 0 and 20 "spherocyte" around 2 on one axis, with unit spread.
+    normal = norm.ppf((np.arange(180) + 0.5) / 180)
+    spherocyte = 2 + norm.ppf((np.arange(20) + 0.5) / 20)
+    x = np.concatenate([normal, spherocyte])[:, None]
+    labels = np.array(["normal"] * 180 + ["spherocyte"] * 20, dtype=object)
+    head = CellClassifier().fit(x, labels)
+    # Balanced, the classes weigh the same: the boundary is near the midpoint, 1.
+    p_midpoint = head.predict_proba([[1.0]])[0, 1]
+    assert 0.4 < p_midpoint < 0.6
+    # Unweighted, the 9:1 prior pushes it to about 1 + ln(9) / 2 = 2.1: a cell at 1.3 would be normal.
+    unweighted = LogisticRegression(C=1e4).fit(x, labels)
+    assert unweighted.predict([[1.3]])[0] == "normal"
+    assert head.predict([[1.3]])[0] == "spherocyte"
+
+
+def test_classes_follow_the_given_class_list():
+    embeddings, labels = separable()
+    labels[labels == "spherocyte"] = ""
+    head = CellClassifier(["target cell", "spherocyte", "normal", "other"], {"normal": "#00ff00"}).fit(embeddings, labels)
+    assert head.classes == ["target cell", "normal"]
+    assert set(head.predict(embeddings)) == {"target cell", "normal"}
+    assert head.predict(embeddings[:1])[0] == "normal"
+
+
+@pytest.mark.parametrize("labels", [["normal"] * 90, [""] * 90, []])
+def test_fewer_than_two_classes_are_refused(labels):
+    embeddings, _ = separable()
+    with pytest.raises(ValueError, match="at least two classes"):
+        CellClassifier().fit(embeddings, labels)
+
+
+def test_labels_outside_the_class_list_are_refused():
+    embeddings, labels = separable()
+    with pytest.raises(ValueError, match="'target cell'"):
+        CellClassifier(["normal", "spherocyte"]).fit(embeddings, labels)
+
+
+def test_a_head_learns_from_measurements_of_a_real_smear(smear_table):
+    circularity = smear_table["circularity"].to_numpy()
+    labels = np.where(circularity > np.median(circularity), "round", "irregular").astype(object)
+    noise = np.random.default_rng(0).normal(size=(len(labels), 8))  # embeddings that know nothing
+    head = CellClassifier().fit(noise, labels, measurements=smear_table, measurement_columns=["circularity"])
+    assert head.measurement_columns == ["circularity"]
+    assert (head.predict(noise, measurements=smear_table) == labels).mean() > 0.9
+
+
+def test_default_measurements_are_the_scale_free_ones_the_table_allows(smear_table):
+    noise = np.random.default_rng(0).normal(size=(len(smear_table), 8))
+    labels = np.where(np.arange(len(smear_table)) % 2, "a", "b").astype(object)
+    assert CellClassifier().fit(noise, labels, measurements=smear_table).measurement_columns == list(DEFAULT_MEASUREMENTS)
+    gray = smear_table.drop(columns=["mean_red", "mean_green", "mean_blue"]).assign(mean_gray=100.0)
+    columns = CellClassifier().fit(noise, labels, measurements=gray).measurement_columns
+    assert columns == [c for c in DEFAULT_MEASUREMENTS if not c.endswith("_fraction")]
+    assert CellClassifier().fit(noise, labels).measurement_columns == []
+
+
+def test_measurements_ignore_magnification_and_exposure(smear_table):
+    other_scope = smear_table.copy()
+    other_scope["equivalent_diameter_px"] *= 2.5
+    other_scope[["mean_red", "mean_green", "mean_blue"]] *= 0.7
+    np.testing.assert_allclose(
+        measurement_features(other_scope, DEFAULT_MEASUREMENTS, len(smear_table)),
+        measurement_features(smear_table, DEFAULT_MEASUREMENTS, len(smear_table)),
+    )
+
+
+def test_relative_diameter_is_against_the_whole_cells_of_each_smear():
+    table = pd.DataFrame({
+        "image": ["a", "a", "a", "a", "b", "b"],
+        "equivalent_diameter_px": [10.0, 20, 30, 40, 5, 15],
+        "touches_border": [False, False, False, True, True, True],
+    })
+    relative = measurement_features(table, ["relative_diameter"], 6)[:, 0]
+    np.testing.assert_allclose(relative, [0.5, 1, 1.5, 2, 0.5, 1.5])  # a: median of 10, 20, 30; b: all touch
+
+
+def test_prediction_refuses_missing_measurements_and_other_embedding_sizes(smear_table):
+    noise = np.random.default_rng(0).normal(size=(len(smear_table), 8))
+    labels = np.where(np.arange(len(smear_table)) % 2, "a", "b").astype(object)
+    head = CellClassifier().fit(noise, labels, measurements=smear_table)
+    with pytest.raises(ValueError, match="central_pallor"):
+        head.predict_proba(noise, measurements=smear_table.drop(columns="central_pallor"))
+    with pytest.raises(ValueError, match="relative_diameter"):
+        head.predict_proba(noise)
+    with pytest.raises(ValueError, match="8-d"):
+        head.predict_proba(noise[:, :5], measurements=smear_table)
+
+
+def trained_head(smear_table) -> tuple[CellClassifier, np.ndarray]:
+    noise = np.random.default_rng(0).normal(size=(len(smear_table), 8))
+    labels = np.where(smear_table["circularity"] > 0.8, "normal", "schistocyte").astype(object)
+    head = CellClassifier(["normal", "schistocyte"], {"normal": "#00ff00", "schistocyte": "#ff0000"}, "reddino-small")
+    return head.fit(noise, labels, measurements=smear_table), noise
+
+
+@pytest.mark.parametrize("name", ["head", "head.safetensors", "head.json"])
+def test_a_saved_head_predicts_the_same(tmp_path, smear_table, name):
+    head, noise = trained_head(smear_table)
+    head.save(tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == ["head.json", "head.safetensors"]  # no temporary file left
+    loaded = CellClassifier.load(tmp_path / "head", model_id="reddino-small")
+    assert (loaded.classes, loaded.colours, loaded.model_id) == (head.classes, head.colours, "reddino-small")
+    assert (loaded.embedding_dim, loaded.measurement_columns) == (8, head.measurement_columns)
+    np.testing.assert_array_equal(
+        loaded.predict_proba(noise, measurements=smear_table), head.predict_proba(noise, measurements=smear_table)
+    )
+
+
+def test_a_head_of_another_model_is_refused(tmp_path, smear_table):
+    head, _ = trained_head(smear_table)
+    head.save(tmp_path / "head")
+    with pytest.raises(HeadMismatchError, match="reddino-small.*reddino-base"):
+        CellClassifier.load(tmp_path / "head", model_id="reddino-base")
+    assert CellClassifier.load(tmp_path / "head").model_id == "reddino-small"  # no model given: no check
+
+
+def test_damaged_or_missing_files_are_refused_by_name(tmp_path, smear_table):
+    head, _ = trained_head(smear_table)
+    head.save(tmp_path / "head")
+    weights, about = head_paths(tmp_path / "head")
+    weights.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="head.safetensors"):
+        CellClassifier.load(weights)
+    fields = json.loads(about.read_text())
+    about.write_text(json.dumps(fields | {"weights_sha256": hashlib.sha256(b"\x00" * 64).hexdigest()}))
+    with pytest.raises(ValueError, match="head.safetensors is not a readable head"):
+        CellClassifier.load(weights)
+    about.write_text("{not json")
+    with pytest.raises(ValueError, match="head.json"):
+        CellClassifier.load(weights)
+    with pytest.raises(FileNotFoundError, match="other.json"):
+        CellClassifier.load(tmp_path / "other")
+
+
+def test_review_order_starts_with_the_smallest_margin():
+    proba = np.array([[0.9, 0.1, 0.0], [0.5, 0.45, 0.05], [0.4, 0.3, 0.3], [0.6, 0.4, 0.0], [0.3, 0.4, 0.3]])
+    assert uncertainty_order(proba).tolist() == [1, 2, 4, 3, 0]  # margins .8 .05 .1 .2 .1; ties keep row order

@@ -1,0 +1,122 @@
+"""export_cells_csv: a real smear's table goes out and comes back with pandas unchanged."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from skimage.io import imread
+
+from napari_reddino import measure_cells, segment_cells
+from napari_reddino.cell_embeddings import store_embeddings
+from napari_reddino.cell_export import ANALYSIS_COLUMNS, export_cells_csv
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def smear_table() -> pd.DataFrame:
+    image = imread(DATA / "chula_rbc12" / "1.jpg")
+    return measure_cells(segment_cells(image), image)
+
+
+def analysed_layer(table: pd.DataFrame, name: str = "1 cells", **metadata) -> SimpleNamespace:
+    """A cells layer as the map widget leaves it: measured, embedded, mapped, labelled, predicted."""
+    rng = np.random.default_rng(0)
+    n = len(table)
+    features = table.copy()
+    features["umap_x"] = rng.normal(size=n).astype(np.float32)
+    features["umap_y"] = rng.normal(size=n).astype(np.float32)
+    features["manual_label"] = np.where(np.arange(n) % 3 == 0, "target cell", "")
+    features["predicted_class"] = np.where(np.arange(n) % 2 == 0, "target cell", "normal")
+    features["prediction_probability"] = rng.uniform(0.5, 1, size=n).astype(np.float32)
+    features["p_normal"] = rng.uniform(size=n).astype(np.float32)
+    layer = SimpleNamespace(name=name, features=features, metadata=dict(metadata))
+    ids = np.sort(table["label"].to_numpy())  # embeddings are stored in ascending label order
+    store_embeddings(layer, ids, rng.normal(size=(n, 16)), model_id="reddino-small", fingerprint="f")
+    return layer
+
+
+def test_the_csv_reads_back_column_by_column(tmp_path, smear_table):
+    layer = analysed_layer(smear_table)
+    written = export_cells_csv(tmp_path / "cells.csv", layer)
+    assert written == tmp_path / "cells.csv"
+    back = pd.read_csv(written)
+    features = layer.features.drop(columns="index")
+    assert list(back.columns) == ["image", "label", *features.columns.drop("label"), "model_id"]
+    assert (back["image"].astype(str) == "1").all()  # "1" (from 1.jpg) reads back as a number
+    assert (back["model_id"] == "reddino-small").all()
+    for column in features.columns:
+        original, read = features[column], back[column]
+        if column == "manual_label":  # an unlabelled cell is an empty field: NaN to pandas
+            assert read.fillna("").tolist() == original.tolist()
+        else:
+            assert read.dtype.kind == original.dtype.kind or original.dtype == np.float32, column
+            np.testing.assert_array_equal(read.to_numpy(), original.to_numpy(), err_msg=column)
+
+
+def test_layers_are_stacked_with_every_analysis_column(tmp_path, smear_table):
+    mapped = analysed_layer(smear_table, source_image="smear 1.jpg")
+    measured_only = SimpleNamespace(name="26 cells", features=smear_table.head(5), metadata={})
+    back = pd.read_csv(export_cells_csv(tmp_path / "cells.csv", [mapped, measured_only]))
+    assert len(back) == len(smear_table) + 5
+    assert back["image"].tolist() == ["smear 1.jpg"] * len(smear_table) + ["26"] * 5
+    tail = back.tail(5)
+    assert tail[list(ANALYSIS_COLUMNS) + ["p_normal", "model_id"]].isna().all().all()
+    assert tail["label"].tolist() == smear_table["label"].head(5).tolist()
+    only_measured = pd.read_csv(export_cells_csv(tmp_path / "one.csv", measured_only))
+    assert list(only_measured.columns[-6:]) == [*ANALYSIS_COLUMNS, "model_id"]
+
+
+def test_an_existing_file_is_replaced_only_when_asked(tmp_path, smear_table):
+    path = tmp_path / "cells.csv"
+    path.write_text("keep me")
+    layer = analysed_layer(smear_table)
+    with pytest.raises(FileExistsError, match="cells.csv"):
+        export_cells_csv(path, layer)
+    assert path.read_text() == "keep me"
+    export_cells_csv(path, layer, overwrite=True)
+    assert len(pd.read_csv(path)) == len(smear_table)
+
+
+def test_a_failing_write_leaves_the_old_file(tmp_path, smear_table, monkeypatch):
+    path = tmp_path / "cells.csv"
+    path.write_text("keep me")
+
+    def write_half_then_fail(self, handle, **_):
+        handle.write(b"image,label\n1,")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_cells_csv(path, analysed_layer(smear_table), overwrite=True)
+    assert path.read_text() == "keep me"
+    assert os.listdir(tmp_path) == ["cells.csv"]
+
+
+def test_embeddings_go_out_in_csv_order_with_their_ids(tmp_path, smear_table):
+    first = analysed_layer(smear_table)
+    second = analysed_layer(smear_table.iloc[::-1].head(4), name="26 cells")  # rows not in label order
+    export_cells_csv(tmp_path / "cells.csv", [first, second], embeddings_path=tmp_path / "cells.npz")
+    table = pd.read_csv(tmp_path / "cells.csv")
+    with np.load(tmp_path / "cells.npz", allow_pickle=False) as saved:
+        assert saved["image"].tolist() == table["image"].astype(str).tolist()
+        assert saved["label"].tolist() == table["label"].tolist()
+        assert set(saved["model_id"]) == {"reddino-small"}
+        for layer, rows in ((first, saved["image"] == "1"), (second, saved["image"] == "26")):
+            record = layer.metadata["reddino_embeddings"]
+            expected = record["embeddings"][np.searchsorted(record["label_ids"], saved["label"][rows])]
+            np.testing.assert_array_equal(saved["embedding"][rows], expected)
+
+
+def test_embeddings_need_every_layer_embedded_and_an_npz_name(tmp_path, smear_table):
+    bare = SimpleNamespace(name="26 cells", features=smear_table, metadata={})
+    with pytest.raises(ValueError, match="'26 cells'"):
+        export_cells_csv(tmp_path / "cells.csv", [analysed_layer(smear_table), bare], embeddings_path=tmp_path / "e.npz")
+    with pytest.raises(ValueError, match=".npz"):
+        export_cells_csv(tmp_path / "cells.csv", analysed_layer(smear_table), embeddings_path=tmp_path / "e.npy")
+    assert os.listdir(tmp_path) == []

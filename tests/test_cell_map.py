@@ -1,0 +1,87 @@
+"""The pooled cell map without Qt: which point is which cell, selections, colours, feature writes."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_reddino.cell_embeddings import store_embeddings
+from napari_reddino.cell_map import (
+    DIM_FACTOR,
+    MUTED,
+    PooledCells,
+    PoolingError,
+    class_colours,
+    emphasise,
+    points_in_polygon,
+    rank_lut,
+)
+
+
+def cells_layer(name: str, labels: np.ndarray, *, model_id="m", dim=4, embed=True):
+    ids = np.unique(labels[labels > 0]).astype(np.int64)
+    layer = SimpleNamespace(name=name, data=labels, metadata={}, features=pd.DataFrame({"label": ids, "area": ids * 10.0}))
+    if embed:
+        store_embeddings(layer, ids, np.arange(len(ids) * dim, dtype=np.float32).reshape(-1, dim),
+                         model_id=model_id, fingerprint="f")
+    return layer
+
+
+@pytest.fixture
+def two_smears():
+    first = np.zeros((6, 6), dtype=np.int32)
+    first[0:2, 0:2], first[3:5, 3:5] = 7, 70_000  # label ids beyond uint16 are fine
+    second = np.zeros((4, 4), dtype=np.int32)
+    second[0:2, 0:2], second[2:4, 2:4], second[0, 3] = 1, 2, 3
+    return cells_layer("a cells", first), cells_layer("b cells", second)
+
+
+def test_points_are_cells_of_the_right_layer(two_smears):
+    pool = PooledCells.from_layers(two_smears)
+    assert len(pool) == 5 and pool.model_id == "m"
+    np.testing.assert_array_equal(pool.label_ids, [7, 70_000, 1, 2, 3])
+    np.testing.assert_array_equal(pool.layer_index, [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(pool.points_of(1, [3, 1, 99]), [4, 2])  # 99 has no point
+    np.testing.assert_array_equal(pool.points_of(0, [70_000]), [1])
+    np.testing.assert_array_equal(pool.column("area"), [70.0, 700_000.0, 10.0, 20.0, 30.0])
+
+    ranks = pool.rank_image(0)
+    assert ranks.dtype == np.uint16
+    np.testing.assert_array_equal(np.unique(ranks), [0, 1, 2])
+    assert ranks[0, 0] == 1 and ranks[4, 4] == 2  # 1 + the cell's place in its layer
+    lut = rank_lut(np.eye(4, dtype=np.float32)[:2])
+    np.testing.assert_array_equal(lut[ranks[4, 4]], [0, 1, 0, 0])
+    assert not lut[0].any() and not lut[3:].any()
+
+
+def test_writes_land_on_the_cells_own_rows(two_smears):
+    first, second = two_smears
+    pool = PooledCells.from_layers(two_smears)
+    pool.write("manual_label", "normal", [1, 3])
+    assert list(first.features["manual_label"]) == ["", "normal"]
+    assert list(second.features["manual_label"]) == ["", "normal", ""]
+    pool.write("umap_x", np.arange(5.0), empty=np.nan)
+    np.testing.assert_array_equal(second.features["umap_x"], [2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(pool.table()["umap_x"], np.arange(5.0))
+
+
+def test_pooling_refuses_layers_it_cannot_compare(two_smears):
+    with pytest.raises(PoolingError, match="Embed cells"):
+        PooledCells.from_layers([two_smears[0], cells_layer("raw", np.ones((2, 2), np.int32), embed=False)])
+    with pytest.raises(PoolingError, match="different models"):
+        PooledCells.from_layers([two_smears[0], cells_layer("c", np.ones((2, 2), np.int32), model_id="other")])
+
+
+def test_polygon_selection_and_colours():
+    coords = np.array([[0.5, 0.5], [2.0, 2.0], [0.9, 0.1], [-1.0, 0.5]])
+    square = np.array([[0, 0], [0, 1], [1, 1], [1, 0]])
+    np.testing.assert_array_equal(points_in_polygon(coords, square), [True, False, True, False])
+    assert not points_in_polygon(coords, square[:2]).any()  # two vertices enclose nothing
+
+    red = np.array([1, 0, 0, 1], dtype=np.float32)
+    colours = class_colours(np.array(["spherocyte", "", "other"], dtype=object), {"spherocyte": red})
+    np.testing.assert_array_equal(colours, [red, MUTED, MUTED])
+    dimmed = emphasise(colours, np.array([True, False, False]))
+    np.testing.assert_allclose(dimmed[:, 3], [1.0, MUTED[3] * DIM_FACTOR, MUTED[3] * DIM_FACTOR])
+    np.testing.assert_array_equal(emphasise(colours, np.zeros(3, bool)), colours)

@@ -1,0 +1,200 @@
+"""The Cell map widget end to end in a real viewer: segment, embed (tiny real ViT), UMAP, lasso,
+smear colours, labels, linear head, review, CSV export, head saved and applied to another smear."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
+from qtpy.QtWidgets import QMessageBox
+
+from napari_reddino import CellClassifier, embeddings_of
+from napari_reddino.cell_map import DIM_FACTOR
+from napari_reddino.embedding import clear_embedder_cache
+from napari_reddino.widgets.cell_map_widget import MANUAL, PREDICTED, SMEAR_FILL_ALPHA
+
+DATA = Path(__file__).parent / "data"
+CHULA_1 = DATA / "chula_rbc12" / "1.jpg"
+ASLAN_1 = DATA / "aslan_bcd" / "image-1.png"
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    clear_embedder_cache()
+    yield make_napari_viewer(show=True)
+    clear_embedder_cache()
+
+
+def embed(viewer, qtbot, model: Path, image_path: Path):
+    """Open a smear and run Embed cells with "segment first", as a user does; return the cells layer."""
+    (image,) = viewer.open(image_path)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
+    widget.reset_choices()
+    widget.image.value = image
+    widget.reset_choices()
+    widget.model_name, widget.device.value = str(model), "cpu"
+    with qtbot.waitSignal(widget.embedded, timeout=TIMEOUT_MS) as done:
+        widget.run()
+    return done.args[0]
+
+
+def compute_map(widget, qtbot):
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS):
+        widget.run()
+    assert widget.pool is not None, widget.status.value
+
+
+def click(callback, target, position, *, shift=False):
+    """Drive a napari press/release mouse-callback generator with a click at ``position``."""
+    event = SimpleNamespace(type="mouse_press", position=position, modifiers=("Shift",) if shift else ())
+    steps = callback(target, event)
+    if steps is None:
+        return
+    next(steps, None)
+    event.type = "mouse_release"
+    next(steps, None)
+
+
+def overlay_alpha(widget, cells, ids) -> np.ndarray:
+    """Alpha with which the smear shows each cell of ``ids`` (through the map-colour layer)."""
+    overlay = widget._viewer.layers[f"{cells.name} map colours"]
+    ranks = np.array([overlay.data[cells.data == label][0] for label in ids])
+    return overlay.colormap.map(ranks.astype(overlay.data.dtype))[:, 3]
+
+
+def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, monkeypatch):  # noqa: F811
+    model = tiny_folder[1]
+    cells = embed(viewer, qtbot, model, CHULA_1)
+    ids = embeddings_of(cells)[0]
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+
+    # One point per cell, carrying its image and label id; its UMAP position is in the table.
+    points = widget.canvas.points
+    assert len(points.data) == len(ids) > 40
+    np.testing.assert_array_equal(points.features["label"], ids)
+    assert set(points.features["image"]) == {cells.name}
+    table = cells.features.set_index("label").loc[ids]
+    np.testing.assert_allclose(points.data[:, 1], table["umap_x"], rtol=1e-6)
+    np.testing.assert_allclose(points.data[:, 0], -table["umap_y"], rtol=1e-6)
+
+    # A lasso given as a polygon selects exactly the points inside (a rectangle: checked by hand here).
+    rows, cols = points.data[:, 0], points.data[:, 1]
+    top, bottom = np.percentile(rows, [10, 60])
+    left, right = np.percentile(cols, [20, 90])
+    inside = (rows > top) & (rows < bottom) & (cols > left) & (cols < right)
+    assert 0 < inside.sum() < len(ids)
+    widget.canvas.select_polygon(np.array([[top, left], [top, right], [bottom, right], [bottom, left]]))
+    np.testing.assert_array_equal(widget.selected, inside)
+    assert widget.selection_count.value.startswith(f"{inside.sum():,} of {len(ids):,} cells selected")
+
+    # The smear shows exactly those cells brightly; the others are dimmed.
+    alpha = overlay_alpha(widget, cells, ids)
+    np.testing.assert_allclose(alpha[inside], SMEAR_FILL_ALPHA, rtol=1e-5)
+    assert np.all(alpha[~inside] <= SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
+    # ...and so does the map: selected points opaque with a white ring, the rest faded.
+    assert np.all(points.face_color[inside, 3] == 1) and np.all(points.face_color[~inside, 3] < 0.5)
+    np.testing.assert_array_equal(points.border_color[:, 3] > 0, inside)
+
+    # Labels: by button for the lasso, by number key for a clicked cell.
+    widget.class_list.table.selectRow(widget.class_list.classes.index("spherocyte"))
+    widget.buttons["Assign"].native.click()
+    manual = cells.features.set_index("label").loc[ids, "manual_label"].to_numpy()
+    np.testing.assert_array_equal(manual == "spherocyte", inside)
+    assert np.all(manual[~inside] == "")
+
+    outside = ids[~inside]
+    row, col = table.loc[outside[0], ["centroid_y", "centroid_x"]]
+    click(widget._on_smear_press, viewer, (row, col))  # a click on the smear selects that cell...
+    np.testing.assert_array_equal(ids[widget.selected], [outside[0]])
+    click(widget._on_smear_press, viewer, tuple(table.loc[outside[1], ["centroid_y", "centroid_x"]]), shift=True)
+    np.testing.assert_array_equal(ids[widget.selected], outside[:2])  # ...shift adds to the selection
+    np.testing.assert_allclose(widget.canvas.model.camera.center[-2:], points.data[~inside][1], rtol=1e-5)
+    qtbot.keyClick(widget.canvas.qt_viewer.canvas.native, "1")  # key 1 = the first class, "normal"
+    manual = cells.features.set_index("label")["manual_label"]
+    assert list(manual.loc[outside[:2]]) == ["normal", "normal"]
+    widget.select(~inside & (np.arange(len(ids)) % 2 == 0))
+    widget.assign("normal")
+    counts = widget.class_list.table
+    assert counts.item(0, 2).text() == str((cells.features["manual_label"] == "normal").sum())
+
+    # The head trains on the labelled cells and predicts every cell; smear and map follow it.
+    widget.train()
+    assert widget.colour_by.value == PREDICTED
+    predicted = cells.features.set_index("label").loc[ids]
+    assert set(predicted["predicted_class"]) <= {"normal", "spherocyte"}
+    probabilities = predicted[["p_normal", "p_spherocyte"]].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(predicted["prediction_probability"], probabilities.max(axis=1), rtol=1e-6)
+    widget.select(np.zeros(len(ids), dtype=bool))
+    spherocyte_rgba = widget.class_list.colours["spherocyte"]
+    is_spherocyte = predicted["predicted_class"].to_numpy() == "spherocyte"
+    np.testing.assert_allclose(points.face_color[is_spherocyte], np.tile(spherocyte_rgba, (is_spherocyte.sum(), 1)))
+
+    # Review uncertain: the least certain unlabelled cell first; labelling it moves on.
+    widget.review_next()
+    unlabelled = predicted["manual_label"].to_numpy() == ""
+    first = np.flatnonzero(widget.selected)
+    assert len(first) == 1 and unlabelled[first[0]]
+    margin = np.abs(probabilities[:, 0] - probabilities[:, 1])
+    assert margin[first[0]] == pytest.approx(margin[unlabelled].min(), abs=1e-6)
+    widget.assign("spherocyte")
+    assert cells.features.set_index("label").loc[ids[first[0]], "manual_label"] == "spherocyte"
+    assert widget.selected.sum() == 1 and not widget.selected[first[0]]
+
+    # Colour by a measurement.
+    widget.colour_by.value = "circularity"
+    assert not np.allclose(points.face_color[:, :3], points.face_color[0, :3])
+
+    # Export: written, read back column by column; an existing file is replaced only when confirmed.
+    widget.with_embeddings.value = True
+    csv = widget.export_csv(tmp_path / "cells.csv")
+    back = pd.read_csv(csv, dtype={"image": str})  # "1" (from 1.jpg) would otherwise read as a number
+    assert len(back) == len(ids)
+    assert list(back["image"].unique()) == [viewer.layers[0].name]
+    features = cells.features.set_index("label").loc[back["label"]].reset_index()
+    for column in ("centroid_x", "area_px", "circularity", "umap_x", "umap_y", "prediction_probability", "p_normal"):
+        np.testing.assert_allclose(back[column], features[column], rtol=1e-9, err_msg=column)
+    for column in ("predicted_class",):
+        assert list(back[column]) == list(features[column])
+    assert list(back["manual_label"].fillna("")) == list(features["manual_label"])
+    assert set(back["model_id"]) == {embeddings_of(cells)[2]}
+    saved = np.load(csv.with_suffix(".npz"))
+    np.testing.assert_array_equal(saved["label"], ids)
+    np.testing.assert_allclose(saved["embedding"], embeddings_of(cells)[1])
+    before = csv.stat().st_mtime_ns
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
+    assert widget.export_csv(csv) is None and csv.stat().st_mtime_ns == before
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    assert widget.export_csv(csv) == csv
+
+    # The map's own canvas is docked and shows the points.
+    shot = widget.canvas.screenshot()
+    assert shot.ndim == 3 and shot[..., :3].std() > 5
+    assert len(np.unique(shot[..., :3].reshape(-1, 3), axis=0)) > 10
+
+    # The head is saved, then applied in one call to a second smear; a head of another model is refused.
+    widget.save_head(tmp_path / "head")
+    aslan = embed(viewer, qtbot, model, ASLAN_1)
+    widget.apply_head(tmp_path / "head.safetensors")
+    aslan_predicted = aslan.features["predicted_class"]
+    assert len(aslan_predicted) == len(embeddings_of(aslan)[0]) and set(aslan_predicted) <= {"normal", "spherocyte"}
+    other = CellClassifier(["a", "b"], model_id="someone-else/vit")
+    rng = np.random.default_rng(0)
+    other.fit(rng.normal(size=(20, embeddings_of(cells)[1].shape[1])), np.repeat(["a", "b"], 10))
+    other.save(tmp_path / "other")
+    widget.apply_head(tmp_path / "other.safetensors")
+    assert "someone-else/vit" in widget.status.value
+
+    # Both smears in one pooled map; a selection maps back to the right image.
+    compute_map(widget, qtbot)
+    pool = widget.pool
+    assert len(pool) == len(ids) + len(embeddings_of(aslan)[0])
+    widget.select(pool.layer_index == 1)
+    aslan_ids = embeddings_of(aslan)[0]
+    assert np.all(overlay_alpha(widget, aslan, aslan_ids) > SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
+    assert np.all(overlay_alpha(widget, cells, ids) <= SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
+    assert widget.colour_by.value in (MANUAL, PREDICTED, "circularity")

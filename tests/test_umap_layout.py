@@ -1,0 +1,98 @@
+"""fit_umap: separated clusters stay separated; small and bad inputs are handled without umap."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestNeighbors
+
+from napari_reddino import umap_layout
+from napari_reddino.umap_layout import fit_umap, warm_up_umap
+
+N_CLUSTERS, PER_CLUSTER, DIM = 3, 100, 384
+
+
+def clustered(per_cluster: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Clusters around orthogonal directions (cosine 0 apart), each point within ~0.3 rad of its centre."""
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.normal(size=(DIM, N_CLUSTERS)))[0].T * 10
+    membership = np.repeat(np.arange(N_CLUSTERS), per_cluster)
+    points = centres[membership] + rng.normal(scale=0.15, size=(len(membership), DIM))
+    return points.astype(np.float32), membership
+
+
+@pytest.fixture(scope="session")
+def layout() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    points, membership = clustered(PER_CLUSTER)
+    return points, membership, fit_umap(points)
+
+
+def test_separated_clusters_stay_separated_in_the_map(layout):
+    points, membership, xy = layout
+    assert xy.shape == (len(points), 2) and xy.dtype == np.float32 and np.isfinite(xy).all()
+    centroids = np.stack([xy[membership == c].mean(axis=0) for c in range(N_CLUSTERS)])
+    to_centroids = np.linalg.norm(xy[:, None, :] - centroids[None], axis=2)
+    assert (to_centroids.argmin(axis=1) == membership).all()
+    radius = max(to_centroids[membership == c, c].max() for c in range(N_CLUSTERS))
+    gap = min(np.linalg.norm(centroids[a] - centroids[b]) for a in range(N_CLUSTERS) for b in range(a))
+    assert gap > 2 * radius
+
+
+def test_the_same_seed_gives_the_same_map(layout):
+    points, _, xy = layout
+    np.testing.assert_array_equal(fit_umap(points), xy)
+
+
+def test_n_neighbors_is_clamped_for_few_cells(layout):  # after the fixture: umap is compiled
+    points, _, _ = layout
+    xy = fit_umap(points[::25], n_neighbors=15)  # 12 cells
+    assert xy.shape == (12, 2) and np.isfinite(xy).all()
+
+
+def test_the_exact_search_finds_the_cosine_neighbours():
+    points, _ = clustered(20, seed=1)
+    indices, distances = umap_layout._knn(umap_layout._unit_rows(points), 5, 0)
+    expected = NearestNeighbors(n_neighbors=5, metric="cosine", algorithm="brute").fit(points).kneighbors(points)
+    np.testing.assert_array_equal(np.sort(indices, axis=1), np.sort(expected[1], axis=1))
+    np.testing.assert_allclose(distances, np.sqrt(2 * expected[0]), atol=1e-3)  # |a - b| = sqrt(2 - 2 cos)
+    assert indices.dtype == np.int32 and distances.dtype == np.float32
+    # Each cell is its own nearest neighbour at exactly 0: umap reads the first nonzero distance as the nearest.
+    assert (indices[:, 0] == np.arange(len(points))).all() and (distances[:, 0] == 0).all()
+
+
+def test_tiny_inputs_are_laid_out_without_umap():
+    assert fit_umap(np.zeros((0, 8))).shape == (0, 2)
+    np.testing.assert_array_equal(fit_umap(np.ones((1, 8))), np.zeros((1, 2), np.float32))
+    points, membership = clustered(3)  # 9 cells: below MIN_UMAP_POINTS
+    xy = fit_umap(points)
+    assert xy.shape == (9, 2) and xy.dtype == np.float32
+    nearest = np.linalg.norm(xy[:, None] - xy[None], axis=2) + np.eye(9) * 1e9
+    assert (membership[nearest.argmin(axis=1)] == membership).all()
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "message"),
+    [(np.zeros(5), "2-D"), (np.zeros((2, 3, 4)), "2-D"), (np.array([[0.0, np.nan]] * 3), "NaN"),
+     (np.array([[np.inf, 1.0]] * 3), "infinite")],
+)
+def test_bad_embeddings_are_refused(embeddings, message):
+    with pytest.raises(ValueError, match=message):
+        fit_umap(embeddings)
+
+
+def test_too_few_neighbours_are_refused():
+    with pytest.raises(ValueError, match="n_neighbors"):
+        fit_umap(np.ones((20, 4)), n_neighbors=1)
+
+
+def test_warm_up_starts_one_daemon_thread_per_process(monkeypatch):
+    ran = []
+    monkeypatch.setattr(umap_layout, "_warm_up", None)
+    monkeypatch.setattr(umap_layout, "_compile", lambda: ran.append(threading.current_thread().name))
+    thread = warm_up_umap()
+    assert isinstance(thread, threading.Thread) and thread.daemon
+    assert warm_up_umap() is thread
+    thread.join(5)
+    assert ran == [thread.name]
