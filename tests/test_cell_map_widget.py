@@ -95,9 +95,9 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     alpha = overlay_alpha(widget, cells, ids)
     np.testing.assert_allclose(alpha[inside], SMEAR_FILL_ALPHA, rtol=1e-5)
     assert np.all(alpha[~inside] <= SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
-    # ...and so does the map: selected points opaque with a white ring, the rest faded.
-    assert np.all(points.face_color[inside, 3] == 1) and np.all(points.face_color[~inside, 3] < 0.5)
-    np.testing.assert_array_equal(points.border_color[:, 3] > 0, inside)
+    # ...and so does the map: the selected points ringed, the rest faded.
+    np.testing.assert_array_equal(widget.canvas.selection.data, points.data[inside])
+    assert points.opacity < 0.5
 
     # Labels: by button for the lasso, by number key for a clicked cell.
     widget.class_list.table.selectRow(widget.class_list.classes.index("spherocyte"))

@@ -23,8 +23,7 @@ from .cell_embeddings import embeddings_of
 LUT_SIZE = 2**16  # napari draws uint16 labels through a 65,536-colour lookup table on the GPU
 UNLABELLED = ""
 MUTED = np.array([0.6, 0.6, 0.6, 0.35], dtype=np.float32)  # cells without a class
-DIM_FACTOR = 0.2  # alpha of the cells outside a selection, relative to their own (smear)
-MAP_DIM_FACTOR = 0.45  # the same on the map, on a black canvas: still visible as context
+DIM_FACTOR = 0.2  # alpha of the cells outside a selection, relative to their own
 
 
 class PoolingError(ValueError):
@@ -158,10 +157,9 @@ def points_in_polygon(coords: np.ndarray, polygon: np.ndarray) -> np.ndarray:
 
 def class_colours(classes: np.ndarray, palette: dict[str, np.ndarray]) -> np.ndarray:
     """(n, 4) RGBA per cell from its class name; unlabelled or unknown classes are muted grey."""
-    colours = np.tile(MUTED, (len(classes), 1))
-    for name, rgba in palette.items():
-        colours[classes == name] = rgba
-    return colours
+    table = np.vstack([*palette.values(), MUTED]).astype(np.float32) if palette else MUTED[None]
+    codes = pd.Index(list(palette)).get_indexer(classes)  # -1 (not in the palette) picks MUTED, the last row
+    return table[codes]
 
 
 def value_colours(values: np.ndarray, colormap) -> np.ndarray:
@@ -176,14 +174,11 @@ def value_colours(values: np.ndarray, colormap) -> np.ndarray:
     return colours
 
 
-def emphasise(colours: np.ndarray, selected: np.ndarray, dim: float = DIM_FACTOR) -> np.ndarray:
-    """Dim every cell outside ``selected`` (a boolean mask) to ``dim`` of its alpha; the selection opaque.
-
-    With nothing selected, nothing changes.
-    """
+def emphasise(colours: np.ndarray, selected: np.ndarray) -> np.ndarray:
+    """Dim every cell outside ``selected`` (a boolean mask); the selection opaque; no selection, no change."""
     colours = colours.copy()
     if selected.any():
-        colours[~selected, 3] *= dim
+        colours[~selected, 3] *= DIM_FACTOR
         colours[selected, 3] = 1.0
     return colours
 

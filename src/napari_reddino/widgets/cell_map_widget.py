@@ -20,6 +20,7 @@ from pathlib import Path
 
 import napari
 import numpy as np
+import pandas as pd
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
 from napari.layers import Labels
 from napari.qt.threading import thread_worker
@@ -33,7 +34,6 @@ from ..cell_classifier import CellClassifier, uncertainty_order
 from ..cell_embeddings import embeddings_of
 from ..cell_export import export_cells_csv
 from ..cell_map import (
-    MAP_DIM_FACTOR,
     UNLABELLED,
     PooledCells,
     PoolingError,
@@ -92,6 +92,7 @@ class CellMapWidget(JobWidget):
         self._overlays: list[Labels] = []
         self._review: list[int] = []  # points still to review, the least certain last
         self._uncertain = np.zeros(0, dtype=int)
+        self._colours = np.zeros((0, 4), dtype=np.float32)  # every point's colour before dimming
         self._started = 0.0
 
         self.canvas = MapCanvas()
@@ -230,22 +231,25 @@ class CellMapWidget(JobWidget):
         return value_colours(self.pool.column(mode), ensure_colormap("viridis"))
 
     def recolour(self, *_) -> None:
-        """Colour the map's points and the smears' cells; the selection bright, the rest dimmed."""
+        """Recompute every cell's colour (colour-by, classes or labels changed) and the class counts."""
         if self.pool is None:
             return
-        colours = self.point_colours()
-        self.canvas.set_colours(emphasise(colours, self.selected, MAP_DIM_FACTOR), self.selected)
-        fill = emphasise(colours, self.selected) * [1, 1, 1, SMEAR_FILL_ALPHA]
+        self._colours = self.point_colours()
+        self.canvas.set_colours(self._colours)
+        self._paint()
+        manual, predicted = (pd.Series(self.pool.column(name, UNLABELLED)).value_counts().to_dict()
+                             for name in ("manual_label", "predicted_class"))
+        self.class_list.set_counts(manual, predicted)
+
+    def _paint(self) -> None:
+        """Show the selection on the map and the smears: bright, the rest dimmed."""
+        self.canvas.show_selection(self.selected)
+        fill = emphasise(self._colours, self.selected) * [1, 1, 1, SMEAR_FILL_ALPHA]
         for position, overlay in enumerate(self._overlays):
             overlay.colormap = CyclicLabelColormap(colors=rank_lut(fill[self.pool.span(position)]))
-        self._show_counts()
-
-    def _show_counts(self) -> None:
         count = int(self.selected.sum())
         self.selection_count.value = f"{count:,} of {len(self.pool):,} cells selected" if count else (
             f"{len(self.pool):,} cells; lasso on the map or click a cell to select")
-        tally = lambda name: dict(zip(*np.unique(self.pool.column(name, UNLABELLED), return_counts=True)))
-        self.class_list.set_counts(tally("manual_label"), tally("predicted_class"))
 
     # --- selection ------------------------------------------------------------------------
 
@@ -254,7 +258,7 @@ class CellMapWidget(JobWidget):
         if self.pool is None:
             return
         self.selected = np.asarray(mask, dtype=bool).copy()
-        self.recolour()
+        self._paint()
 
     def select_cell(self, layer: Labels, label: int, *, add: bool = False) -> int | None:
         """Select the cell ``label`` of ``layer`` (shift-click: add it); return its point, or None."""

@@ -17,11 +17,11 @@ from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
 from ..cell_map import points_in_polygon
 
-POINT_SIZE_FRACTION = 1 / 50  # point diameter relative to the map's extent
+POINT_SIZE_FRACTION = 1 / 50
+MAP_DIM_OPACITY = 0.35  # the points outside a selection, still visible as context  # point diameter relative to the map's extent
 CLICK_RADIUS_POINTS = 1.5  # a click this many point diameters from a point picks it
 LABEL_KEYS = {getattr(Qt.Key, f"Key_{digit}"): str(digit) for digit in range(10)} | {
     Qt.Key.Key_Backspace: "Backspace", Qt.Key.Key_Delete: "Delete"}
-SELECTED_BORDER = np.array([1.0, 1.0, 1.0, 1.0], dtype=np.float32)
 
 
 def map_coordinates(xy: np.ndarray) -> np.ndarray:
@@ -58,6 +58,7 @@ class MapCanvas(QWidget):
         self.model = ViewerModel(title="Cell map")
         self.qt_viewer = QtViewer(self.model)
         self.points = None
+        self.selection = None
         self.lasso = self.model.add_shapes(
             name="lasso", ndim=2, edge_color="yellow", face_color=[1, 1, 0, 0.15], edge_width=0.02
         )
@@ -90,24 +91,35 @@ class MapCanvas(QWidget):
         """Replace the map's points by ``xy`` (UMAP x, y per cell), one row of ``features`` each."""
         data = map_coordinates(xy)
         extent = float(np.ptp(data, axis=0).max()) if len(data) > 1 else 1.0
-        if self.points is not None:
-            self.model.layers.remove(self.points)
-        self.points = self.model.add_points(
-            data, name="cell map", features=features, size=max(extent, 1e-6) * POINT_SIZE_FRACTION,
-            border_width=0.15, border_color="transparent", face_color="gray", canvas_size_limits=(4, 40),
+        for layer in (self.points, self.selection):
+            if layer is not None:
+                self.model.layers.remove(layer)
+        style = dict(size=max(extent, 1e-6) * POINT_SIZE_FRACTION, canvas_size_limits=(4, 40))
+        self.points = self.model.add_points(data, name="cell map", features=features, border_width=0, **style)
+        self.selection = self.model.add_points(
+            np.empty((0, 2)), name="selected cells", face_color="transparent", border_width=0.3,
+            border_color="white", **style
         )
-        self.model.layers.move(self.model.layers.index(self.points), 0)  # the lasso stays on top
+        for layer in (self.selection, self.points):  # the lasso stays on top
+            self.model.layers.move(self.model.layers.index(layer), 0)
         self.model.reset_view()
         self.model.layers.selection.active = self.lasso
 
-    def set_colours(self, colours: np.ndarray, selected: np.ndarray) -> None:
-        """Face colour per point; the selected points get a white ring."""
+    def set_colours(self, colours: np.ndarray) -> None:
+        """Face colour of every point (a full Points update: only when the colours change)."""
+        if self.points is not None:
+            self.points.face_color = colours
+
+    def show_selection(self, selected: np.ndarray) -> None:
+        """Ring the selected points in white and fade the map's colours (one opacity, not n colours).
+
+        napari rebuilds every point of a layer on any per-point change (~0.1 s at 50,000 points), so
+        a selection only replaces the rings' positions and the big layer's opacity.
+        """
         if self.points is None:
             return
-        borders = np.zeros((len(colours), 4), dtype=np.float32)
-        borders[selected] = SELECTED_BORDER
-        self.points.face_color = colours
-        self.points.border_color = borders
+        self.selection.data = self.points.data[selected]
+        self.points.opacity = MAP_DIM_OPACITY if selected.any() else 1.0
 
     def centre_on(self, index: int) -> None:
         self.model.camera.center = tuple(self.coordinates[index])
