@@ -28,7 +28,14 @@ from napari.utils.colormaps import CyclicLabelColormap, ensure_colormap
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QKeySequence, QShortcut
-from qtpy.QtWidgets import QFileDialog, QMessageBox, QSplitter, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QMessageBox,
+    QScrollArea,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..cell_classifier import CellClassifier, uncertainty_order
 from ..cell_embeddings import embeddings_of
@@ -49,6 +56,7 @@ from .map_canvas import MapCanvas
 
 MANUAL, PREDICTED = "manual label", "predicted class"
 SMEAR_FILL_ALPHA = 0.55  # class colours over the smear stay see-through
+MIN_WIDTH, CLASS_TABLE_MIN_HEIGHT = 420, 260  # px: room for the map and seven classes at once
 MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size
 
 
@@ -126,26 +134,32 @@ class CellMapWidget(JobWidget):
         napari_viewer.mouse_drag_callbacks.append(_weakly(self._on_smear_press))
 
     def _lay_out_map_widget(self) -> None:
+        """The map on top; below it, in a scroll area, the controls, the class list and the head."""
         run = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
-        controls = Container(
-            widgets=[
-                run, self.colour_by, self.centre_on_click, self.selection_count,
-                self._row("Assign", "Clear label", "Clear selection"),
-            ],
-        )
+        controls = Container(widgets=[run, self.colour_by, self.centre_on_click])
+        labelling = Container(widgets=[self.selection_count, self._row("Assign", "Clear label", "Clear selection")],
+                              labels=False)
         head = Container(
             widgets=[self._row("Train head", "Review uncertain"), self._row("Save head…", "Apply saved head…"),
                      self.with_embeddings, self._row("Export CSV…"), self.status],
             labels=False,
         )
+        self.selection_count.native.setMinimumWidth(MIN_WIDTH - 60)
+        self.class_list.table.setMinimumHeight(CLASS_TABLE_MIN_HEIGHT)
         panel = QWidget()
         panel_layout = QVBoxLayout(panel)
-        for part in (controls.native, self.class_list, head.native):
+        for part in (controls.native, labelling.native, self.class_list, head.native):
             panel_layout.addWidget(part)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(panel)
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(self.canvas)
-        splitter.addWidget(panel)
+        splitter.addWidget(scroll)
+        splitter.setStretchFactor(0, 3)
+        splitter.setStretchFactor(1, 2)
         QVBoxLayout(self).addWidget(splitter)
+        self.setMinimumWidth(MIN_WIDTH)
 
     def _row(self, *names: str) -> Container:
         return Container(widgets=[self.buttons[name] for name in names], layout="horizontal", labels=False)
