@@ -200,7 +200,7 @@ def plan_tiles(shape: tuple[int, int], calibration: Calibration) -> Iterator[Til
     """Equal tiles covering the image, cores of at most ``TILE_CORE`` working-scale px,
     margins of 1.5 cells (equal, so parallel workers finish together)."""
     longest = max(1, int(TILE_CORE / calibration.scale))
-    margin = int(ceil(TILE_MARGIN_DIAMETERS * calibration.cell_diameter))
+    margin = ceil(TILE_MARGIN_DIAMETERS * calibration.cell_diameter)
     counts = [max(1, ceil(length / longest)) for length in shape]
     steps = [ceil(length / count) for length, count in zip(shape, counts)]
     for top in range(0, shape[0], steps[0]):
@@ -234,7 +234,7 @@ def _upsample_labels(
     """
     labels = _sample(labels, shape, order=0)
     fine = _sample(smoothed, shape, order=1) > calibration.threshold
-    near_slide = ndi.binary_dilation(labels == 0, iterations=int(ceil(1 / calibration.scale)))
+    near_slide = ndi.binary_dilation(labels == 0, iterations=ceil(1 / calibration.scale))
     labels[near_slide & ~fine] = 0
     return labels
 

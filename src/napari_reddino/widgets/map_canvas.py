@@ -94,7 +94,7 @@ class MapCanvas(QWidget):
         for layer in (self.points, self.selection):
             if layer is not None:
                 self.model.layers.remove(layer)
-        style = dict(size=max(extent, 1e-6) * POINT_SIZE_FRACTION, canvas_size_limits=(4, 40))
+        style = {"size": max(extent, 1e-6) * POINT_SIZE_FRACTION, "canvas_size_limits": (4, 40)}
         self.points = self.model.add_points(data, name="cell map", features=features, border_width=0, **style)
         self.selection = self.model.add_points(
             np.empty((0, 2)), name="selected cells", face_color="transparent", border_width=0.3,
