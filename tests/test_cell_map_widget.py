@@ -198,3 +198,9 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert np.all(overlay_alpha(widget, aslan, aslan_ids) > SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
     assert np.all(overlay_alpha(widget, cells, ids) <= SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
     assert widget.colour_by.value in (MANUAL, PREDICTED, "circularity")
+
+    # New labels (here: one cell deleted) make the map stale: it is removed and says why.
+    aslan.data = np.where(aslan.data == aslan_ids[0], 0, aslan.data)
+    assert widget.pool is None and widget.canvas.points is None
+    assert not any(layer.name.endswith("map colours") for layer in viewer.layers)
+    assert widget.status.value.startswith(f"The cells of {aslan.name} changed")

@@ -205,6 +205,7 @@ class CellMapWidget(JobWidget):
 
     def show_map(self, pool: PooledCells, xy: np.ndarray) -> None:
         """Show ``xy`` (one UMAP point per pooled cell) in the map and colour the smears."""
+        self.forget_map()
         self.pool, self.xy = pool, np.asarray(xy, dtype=np.float32)
         self.selected = np.zeros(len(pool), dtype=bool)
         pool.write("umap_x", self.xy[:, 0], empty=np.nan)
@@ -212,14 +213,31 @@ class CellMapWidget(JobWidget):
         features = {"image": [pool.layers[i].name for i in pool.layer_index], "label": pool.label_ids}
         self.canvas.show_points(self.xy, features)
         self._make_overlays()
+        for cells in pool.layers:  # new labels (a re-segmentation, an edit) make the map stale
+            cells.events.data.connect(self._on_cells_changed)
         self.colour_by.reset_choices()
         self.recolour()
 
-    def _make_overlays(self) -> None:
+    def forget_map(self) -> None:
+        """Remove the map's points and smear colours; the cells keep their labels and predictions."""
+        if self.pool is not None:
+            for cells in self.pool.layers:
+                cells.events.data.disconnect(self._on_cells_changed)
         for overlay in self._overlays:
             if overlay in self._viewer.layers:
                 self._viewer.layers.remove(overlay)
         self._overlays = []
+        self.canvas.clear()
+        self.pool, self.xy, self._review = None, None, []
+        self.selected = np.zeros(0, dtype=bool)
+
+    def _on_cells_changed(self, event=None) -> None:
+        name = getattr(getattr(event, "source", None), "name", "a cells layer")
+        self.forget_map()
+        self.status.value = f"The cells of {name} changed; embed them again, then Compute map."
+        self.selection_count.value = "No map yet."
+
+    def _make_overlays(self) -> None:
         for position, cells in enumerate(self.pool.layers):
             overlay = self._viewer.add_labels(
                 self.pool.rank_image(position), name=f"{cells.name} map colours",

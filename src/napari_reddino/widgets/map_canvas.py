@@ -87,13 +87,17 @@ class MapCanvas(QWidget):
     def coordinates(self) -> np.ndarray:
         return self.points.data if self.points is not None else np.empty((0, 2))
 
+    def clear(self) -> None:
+        for layer in (self.points, self.selection):
+            if layer is not None:
+                self.model.layers.remove(layer)
+        self.points = self.selection = None
+
     def show_points(self, xy: np.ndarray, features: pd.DataFrame) -> None:
         """Replace the map's points by ``xy`` (UMAP x, y per cell), one row of ``features`` each."""
         data = map_coordinates(xy)
         extent = float(np.ptp(data, axis=0).max()) if len(data) > 1 else 1.0
-        for layer in (self.points, self.selection):
-            if layer is not None:
-                self.model.layers.remove(layer)
+        self.clear()
         style = {"size": max(extent, 1e-6) * POINT_SIZE_FRACTION, "canvas_size_limits": (4, 40)}
         self.points = self.model.add_points(data, name="cell map", features=features, border_width=0, **style)
         self.selection = self.model.add_points(
