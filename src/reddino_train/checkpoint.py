@@ -25,6 +25,9 @@ def architecture(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "arch": cfg.model.arch,
         "depth": cfg.model.depth,
+        "patch_size": cfg.model.patch_size,
+        "embed_dim": cfg.model.embed_dim,
+        "num_heads": cfg.model.num_heads,
         "global_size": cfg.crops.global_size,
         "heads": config_to_dict(cfg.heads),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
@@ -27,7 +28,10 @@ def _config_command(args: argparse.Namespace) -> int:
 
 
 def _fit_command(args: argparse.Namespace) -> int:
-    from .train import TrainingDivergedError, fit  # torch and timm load only when training
+    from .train import (  # torch and timm load only when training
+        TrainingDivergedError,
+        fit,
+    )
 
     try:
         cfg = load_config(args.recipe, args.overrides)
@@ -52,6 +56,59 @@ def _export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_command(args: argparse.Namespace) -> int:
+    from .prepare import PrepareError, PrepareSettings, prepare
+
+    try:
+        settings = PrepareSettings(
+            mode=args.mode, size=args.size, patch_size=args.patch_size, margin=args.margin,
+            crop_mode=args.crop_mode, pixel_size_um=args.pixel_size_um,
+        )
+        report = prepare(args.sources, args.out, settings)
+    except PrepareError as error:
+        print(f"reddino-train prepare: {error}", file=sys.stderr)
+        return 2
+    print(f"reddino-train prepare: {len(report.written)} smears done now ({report.samples_written} images), "
+          f"{len(report.already_done)} done before; {report.samples_total} images listed in {args.out}/index.csv")
+    if report.skipped:
+        print(f"reddino-train prepare: skipped {len(report.skipped)} files (listed in {args.out}/skipped.txt):",
+              file=sys.stderr)
+        for path, reason in report.skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    from napari_reddino.models import ModelLoadError
+
+    from .eval_data import EvalDataError
+    from .eval_run import EvalRequest, run_evaluation
+    from .evaluate import EvaluationError
+
+    if args.json is not None and Path(args.json).exists() and not args.overwrite:
+        print(f"reddino-train eval: {args.json} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    feature_sets = ["cls"] * (not args.no_cls) + ["random-init"] * args.random_init
+    feature_sets += ["measurements"] * args.with_measurements
+    request = EvalRequest(
+        model=args.model, data=Path(args.data), format=args.format, split=args.split, feature_sets=feature_sets,
+        limit_images=args.limit_images, max_per_class=args.max_per_class, seed=args.seed,
+        pixel_size_um=args.pixel_size_um, device=args.device, architecture=args.architecture,
+        batch_size=args.batch_size, json_out=None if args.json is None else Path(args.json),
+    )
+    try:
+        report = run_evaluation(request)
+    except (EvalDataError, EvaluationError, ModelLoadError, ValueError) as error:
+        # ModelLoadError and ValueError: the plugin's model and device errors (unknown name,
+        # no network, bad checkpoint, no such device)
+        print(f"reddino-train eval: {error}", file=sys.stderr)
+        return 2
+    print(report.text())
+    if args.json is not None:
+        print(f"\nreddino-train eval: wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reddino-train", description="DINOv2 / RedDino pretraining.")
     commands = parser.add_subparsers(title="commands", dest="command")
@@ -64,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("recipe", nargs="?", metavar="RECIPE")
     config.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     config.set_defaults(handler=_config_command)
+    _add_prepare_parser(commands)
     fit = commands.add_parser(
         "fit",
         help="pretrain (or resume) a model on a folder of images",
@@ -86,7 +144,70 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR")
     export.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     export.set_defaults(handler=_export_command)
+    _add_eval_parser(commands)
     return parser
+
+
+def _add_prepare_parser(commands) -> None:
+    prepare = commands.add_parser(
+        "prepare",
+        help="turn folders of smear images into a training set of cell crops or smear patches",
+        description="Segment every smear image under SRC (folders, searched recursively, or files) and write "
+        "one PNG per cell (--mode cells: a square crop around the cell with a context margin; cells touching "
+        "the border are left out) or per tile (--mode patches) to DIR/<smear>/<n>.png, listed in "
+        "DIR/index.csv (file, source image, label, centroid, bounding box). Run it again to resume: smears "
+        "recorded in DIR/done.txt are skipped. Unreadable files are skipped and listed in DIR/skipped.txt.",
+    )
+    prepare.add_argument("sources", nargs="+", metavar="SRC")
+    prepare.add_argument("--out", required=True, metavar="DIR")
+    prepare.add_argument("--mode", choices=("cells", "patches"), default="cells")
+    prepare.add_argument("--size", type=int, metavar="N",
+                         help="side of the written images in px (default: 224 for cells; patches keep their size)")
+    prepare.add_argument("--patch-size", type=int, default=224, metavar="N", help="tile side in smear px (patches)")
+    prepare.add_argument("--margin", type=float, default=0.25,
+                         help="context around a cell, a fraction of its box's longer side (default 0.25, as the plugin)")
+    prepare.add_argument("--crop-mode", choices=("context", "masked"), default="context",
+                         help="masked: other cells' pixels set to the background colour")
+    prepare.add_argument("--pixel-size-um", type=float, metavar="UM",
+                         help="pixel size, to fix the expected cell size instead of estimating it per smear")
+    prepare.set_defaults(handler=_prepare_command)
+
+
+def _add_eval_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a model's frozen features on labelled cells (kNN k=1/20, logistic regression)",
+        description="The RedDino paper's protocol on any model the plugin loads (reddino-small, hf_hub:org/name, "
+        "a folder from 'reddino-train export', or a .safetensors file with --architecture): frozen CLS "
+        "features at the model's input size; kNN k=1 and k=20 (cosine) and logistic regression (standardised, "
+        "balanced class weights) in 5-fold stratified CV or folds grouped by image; balanced accuracy, "
+        "accuracy, weighted F1 and per-class recall. DATA is a folder of crops by class (DATA/<class>/*.png) "
+        "or smears with Chula-format point labels (Dataset/<n>.jpg + Label/<n>.txt, lines 'x y class_id'), "
+        "which are segmented and matched to cells.",
+    )
+    evaluate.add_argument("model", metavar="MODEL")
+    evaluate.add_argument("--data", required=True, metavar="PATH")
+    evaluate.add_argument("--format", choices=("crops", "points"),
+                          help="layout of DATA (default: points when it has label files, else crops)")
+    evaluate.add_argument("--split", choices=("by-image", "5-fold"),
+                          help="folds grouped by smear (default for points) or 5-fold stratified (default for crops)")
+    evaluate.add_argument("--random-init", action="store_true",
+                          help="also score MODEL's architecture with random weights (the baseline)")
+    evaluate.add_argument("--with-measurements", action="store_true",
+                          help="also score logistic regression on the plugin's shape/colour measurements (points)")
+    evaluate.add_argument("--no-cls", action="store_true", help="skip MODEL's own features (baselines only)")
+    evaluate.add_argument("--limit-images", type=int, metavar="N", help="only the first N annotated smears")
+    evaluate.add_argument("--max-per-class", type=int, metavar="N", help="at most N random samples per class")
+    evaluate.add_argument("--json", metavar="OUT",
+                          help="write the numbers to OUT; features are cached beside it (OUT.<features>.npz) "
+                          "and reused by a later run on the same model and data")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    evaluate.add_argument("--seed", type=int, default=0, help="for folds, subsampling and the random init")
+    evaluate.add_argument("--pixel-size-um", type=float, metavar="UM", help="pixel size, for segmentation (points)")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:1, mps")
+    evaluate.add_argument("--architecture", metavar="ARCH", help="timm architecture of a bare .safetensors MODEL")
+    evaluate.add_argument("--batch-size", type=int, metavar="N", help="cells per forward pass (default: automatic)")
+    evaluate.set_defaults(handler=_eval_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

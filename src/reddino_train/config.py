@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from .files import write_atomic
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BASE_KEY = "base"
@@ -39,6 +40,8 @@ class ModelConfig:
     arch: str  # timm architecture, e.g. vit_small_patch14_dinov2
     patch_size: int
     depth: int | None  # None keeps the architecture's depth; tests use a shallow model
+    embed_dim: int | None  # None keeps the architecture's width
+    num_heads: int | None  # None keeps the architecture's number of attention heads
     drop_path_rate: float
     layerscale: float  # LayerScale init value
     pretrained: str  # "" random init, "timm" timm's weights for `arch`, else a weights file
@@ -206,16 +209,7 @@ def config_to_dict(cfg: Any) -> Any:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config atomically; ``load_config(path)`` reads it back unchanged."""
-    path = Path(path)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _resolve(source: str | os.PathLike, relative_to: Path | None = None) -> Path:
@@ -315,8 +309,8 @@ def _coerce_scalar(value: Any, tp: type, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif tp in (bool, str) and isinstance(value, tp):
+    elif (tp is int and isinstance(value, int) and not isinstance(value, bool)) or (
+        tp in (bool, str) and isinstance(value, tp)
+    ):
         return value
     raise ConfigError(f"{key}={value!r}; expected {tp.__name__}")

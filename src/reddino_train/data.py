@@ -11,8 +11,10 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+from skimage.io import imread
 from torch.utils.data import Dataset, Sampler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -35,6 +37,20 @@ def find_images(root: str | os.PathLike) -> list[Path]:
             f"no images under {root}; expected files ending in {', '.join(IMAGE_SUFFIXES)}"
         )
     return images
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """The pixels of an image file as skimage reads them (any bit depth, TIFF included)."""
+    try:
+        return np.asarray(imread(path))
+    # decoders of untrusted files raise many kinds of error (OSError, ValueError, SyntaxError
+    # from PIL's PNG parser, struct.error, ...): each means "unreadable", nothing more
+    except Exception as error:  # noqa: BLE001
+        raise UnreadableImageError(f"unreadable: {type(error).__name__}: {error}") from None
 
 
 class ImageFolder(Dataset):

@@ -32,7 +32,7 @@ def distributed_session() -> Iterator[torch.device]:
     to it (gloo otherwise aborts at exit now and then).
     """
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if "RANK" not in os.environ or is_distributed():

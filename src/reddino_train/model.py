@@ -18,9 +18,10 @@ from .heads import DinoHead
 
 def vit_architecture_args(model: ModelConfig, img_size: int) -> dict:
     """The timm arguments that fix the backbone's weights' shapes and initialisation."""
-    args = {"img_size": img_size, "init_values": model.layerscale, "num_classes": 0}
-    if model.depth is not None:
-        args["depth"] = model.depth
+    args = {"img_size": img_size, "patch_size": model.patch_size, "init_values": model.layerscale, "num_classes": 0}
+    for name in ("depth", "embed_dim", "num_heads"):
+        if getattr(model, name) is not None:
+            args[name] = getattr(model, name)
     return args
 
 

@@ -19,10 +19,23 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .augment import make_multicrop
-from .checkpoint import CHECKPOINT_NAME, architecture, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    architecture,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig, config_to_dict, save_config
 from .data import ImageFolder, ResumableSampler, collate_crops
-from .distributed import all_gather_objects, all_reduce, distributed_session, rank, world_size
+from .distributed import (
+    all_gather_objects,
+    all_reduce,
+    distributed_session,
+    rank,
+    world_size,
+)
 from .losses import DinoClsLoss, IbotPatchLoss, koleo_loss
 from .masking import BlockMaskGenerator, sample_masks
 from .model import DinoModel, build_student, make_teacher, update_teacher
@@ -79,10 +92,13 @@ def fit(
     current step with a checkpoint. Under torchrun every rank calls ``fit``."""
     out = Path(out_dir)
     with distributed_session() as device, _stop_requests() as stop:
-        return _Run(cfg, Path(data_dir), out, device).train(max_steps, stop)
+        return Trainer(cfg, Path(data_dir), out, device).train(max_steps, stop)
 
 
-class _Run:
+class Trainer:
+    """One rank's training state (models, optimiser, losses, schedules, data position) and its
+    loop; :func:`fit` is the way to use it, benchmarks drive :meth:`step` directly."""
+
     def __init__(self, cfg: TrainConfig, data_dir: Path, out: Path, device: torch.device) -> None:
         self.cfg, self.out, self.device = cfg, out, device
         self.rank, self.world_size = rank(), world_size()
@@ -121,7 +137,7 @@ class _Run:
         with tqdm(total=end, initial=self.iteration, disable=self.rank != 0, desc="reddino-train") as bar:
             while self.iteration < end and not stopped:
                 values = self.schedules.at(self.iteration)
-                stats, stopped = self._step(next(batches), values, stop)
+                stats, stopped = self.step(next(batches), values, stop)
                 self.iteration += 1
                 self.samples_consumed += train.batch_size_per_gpu
                 bar.update()
@@ -139,7 +155,7 @@ class _Run:
             tqdm.write(f"reddino-train: stopped by signal after step {self.iteration}; checkpoint saved")
         return FitResult(self.iteration, stopped, self.student, self.teacher)
 
-    def _step(self, batch: dict[str, torch.Tensor], values: ScheduleValues, stop: threading.Event):
+    def step(self, batch: dict[str, torch.Tensor], values: ScheduleValues, stop: threading.Event):
         """One optimisation step; returns the global-mean statistics and whether any rank
         asked to stop."""
         cfg, device = self.cfg, self.device

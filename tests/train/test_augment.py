@@ -5,7 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from reddino_train.augment import RandomQuarterTurn, RandomSubset, geometry, make_multicrop
+from reddino_train.augment import (
+    RandomQuarterTurn,
+    RandomSubset,
+    geometry,
+    make_multicrop,
+)
 from reddino_train.config import load_config
 
 

@@ -6,7 +6,13 @@ import torch
 
 from reddino_train.augment import make_multicrop
 from reddino_train.config import load_config
-from reddino_train.data import EmptyDatasetError, ImageFolder, ResumableSampler, collate_crops, find_images
+from reddino_train.data import (
+    EmptyDatasetError,
+    ImageFolder,
+    ResumableSampler,
+    collate_crops,
+    find_images,
+)
 
 
 def take(iterator, n):

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -16,7 +17,7 @@ def test_warmup_cosine_endpoints_are_exact():
     # halfway through the cosine (iteration 100 + 899 / 2) the value is halfway
     assert schedule(100 + 899 / 2) == pytest.approx((3e-4 + 1e-6) / 2)
     values = [schedule(i) for i in range(100, 1000)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_frozen_iterations_are_zero_then_follow_the_schedule():

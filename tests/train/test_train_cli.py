@@ -6,7 +6,7 @@ from reddino_train.config import shipped_configs
 
 def test_no_command_prints_the_commands(capsys):
     assert main([]) == 0
-    assert "{config,fit,export}" in capsys.readouterr().out
+    assert "{config,prepare,fit,export,eval}" in capsys.readouterr().out
 
 
 def test_config_lists_and_resolves_recipes(capsys):

@@ -15,7 +15,7 @@ def test_shipped_configs_all_load():
     names = shipped_configs()
     assert names == [
         "dinov2-vitb14", "dinov2-vitl14", "dinov2-vits14",
-        "reddino-vitb14", "reddino-vitl14", "reddino-vits14", "tiny",
+        "reddino-cpu-small", "reddino-vitb14", "reddino-vitl14", "reddino-vits14", "tiny",
     ]
     for name in names:
         assert isinstance(load_config(name), TrainConfig)
@@ -145,3 +145,11 @@ def test_incomplete_and_cyclic_recipes(tmp_path):
         load_config(tmp_path / "a.yaml")
     with pytest.raises(ConfigError, match="shipped configs: dinov2-vitb14"):
         load_config("no-such-recipe")
+
+
+def test_cpu_small_recipe_builds_its_narrow_vit():
+    from reddino_train.model import build_student
+
+    vit = build_student(load_config("reddino-cpu-small")).backbone.vit
+    assert vit.patch_embed.patch_size == (8, 8) and vit.embed_dim == 192 and len(vit.blocks) == 6
+    assert vit.blocks[0].attn.num_heads == 3 and vit.patch_embed.grid_size == (6, 6)

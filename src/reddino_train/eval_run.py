@@ -1,0 +1,199 @@
+"""``reddino-train eval``: features of a labelled data set, cached, through the protocol of
+:mod:`.evaluate`, into a table and a JSON record.
+
+Feature sets: ``cls`` (the model's frozen CLS embedding), ``random-init`` (the same
+architecture with fresh weights, the baseline pretraining must beat) and ``measurements``
+(the plugin's hand-made shape and colour measurements; points data only). With ``json_out``
+each feature set is kept in ``<json stem>.<set>.npz`` beside it, tagged with a digest of the
+model and the data, so a re-run (another split, say) skips the embedding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .eval_data import (
+    DataSummary,
+    EmbeddingFeatures,
+    EvalDataError,
+    FeatureSet,
+    Format,
+    MeasurementFeatures,
+    crops_features,
+    data_key,
+    detect_format,
+    points_features,
+    random_init,
+)
+from .evaluate import (
+    EvaluationError,
+    Scores,
+    Split,
+    evaluate,
+    format_per_class,
+    format_table,
+    make_folds,
+)
+from .files import write_atomic
+
+FEATURE_SETS = ("cls", "random-init", "measurements")
+METHODS = {"cls": ("knn1", "knn20", "logreg"), "random-init": ("knn1", "knn20", "logreg"), "measurements": ("logreg",)}
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    model: str
+    data: Path
+    format: Format | None = None  # None: detected from the folder
+    split: Split | None = None  # None: by image for points, 5-fold for crops
+    feature_sets: Sequence[str] = ("cls",)
+    limit_images: int | None = None
+    max_per_class: int | None = None
+    seed: int = 0
+    pixel_size_um: float | None = None
+    device: str = "auto"
+    architecture: str | None = None  # for a bare .safetensors file
+    batch_size: int | None = None
+    json_out: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class EvalReport:
+    request: EvalRequest
+    format: Format
+    split: Split
+    n_folds: int
+    results: dict[str, dict[str, Scores]]
+    class_counts: dict[str, int]
+    summary: DataSummary | None  # None when every feature set came from the cache
+    cached: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        request = self.request
+        return {
+            "model": request.model,
+            "data": str(request.data),
+            "format": self.format,
+            "split": self.split,
+            "folds": self.n_folds,
+            "samples": sum(self.class_counts.values()),
+            "classes": self.class_counts,
+            "limit_images": request.limit_images,
+            "max_per_class": request.max_per_class,
+            "seed": request.seed,
+            "data_summary": None if self.summary is None else {
+                "images": self.summary.images, "points": self.summary.points, "matched": self.summary.matched,
+                "skipped": [[str(path), reason] for path, reason in self.summary.skipped],
+            },
+            "results": {name: {m: s.to_dict() for m, s in by.items()} for name, by in self.results.items()},
+        }
+
+    def text(self) -> str:
+        lines = [
+            (f"{sum(self.class_counts.values())} samples in {len(self.class_counts)} classes; "
+            f"{self.format} data, split {self.split} ({self.n_folds} folds)"),
+        ]
+        if self.summary is not None and self.format == "points":
+            summary = self.summary
+            lines.append(f"{summary.images} smears; {summary.matched} of {summary.points} point labels "
+                         "matched to a segmented cell")
+        if self.summary is not None and self.summary.skipped:
+            lines.append(f"skipped {len(self.summary.skipped)} unreadable files: "
+                         + "; ".join(f"{path} ({reason})" for path, reason in self.summary.skipped))
+        if self.cached:
+            lines.append(f"features from the cache: {', '.join(self.cached)}")
+        return "\n".join([*lines, "", format_table(self.results), "", format_per_class(self.results)])
+
+
+def run_evaluation(request: EvalRequest) -> EvalReport:
+    unknown = set(request.feature_sets) - set(FEATURE_SETS)
+    if unknown or not request.feature_sets:
+        raise ValueError(f"feature sets {sorted(unknown)}; choose from {', '.join(FEATURE_SETS)}")
+    data_format = request.format or detect_format(request.data)
+    split = request.split or ("by-image" if data_format == "points" else "5-fold")
+    if data_format == "crops" and split == "by-image":
+        raise EvaluationError("a split by image needs to know each sample's image: use points data, or --split 5-fold")
+    if data_format == "crops" and "measurements" in request.feature_sets:
+        raise EvalDataError("measurements need smears with point labels (--format points), not crops")
+    if request.json_out is not None:
+        request.json_out.parent.mkdir(parents=True, exist_ok=True)
+    sets, summary, cached = _feature_sets(request, data_format)
+    first = next(iter(sets.values()))
+    folds = make_folds(first.targets, split, first.groups, request.seed)
+    results = {
+        name: evaluate(sets[name].features, sets[name].targets, sets[name].class_names, folds, METHODS[name])
+        for name in request.feature_sets
+    }
+    counts = np.bincount(first.targets, minlength=len(first.class_names))
+    report = EvalReport(request, data_format, split, len(folds), results,
+                        dict(zip(first.class_names, map(int, counts))), summary, cached)
+    if request.json_out is not None:
+        write_atomic(request.json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _feature_sets(request: EvalRequest, data_format: Format) -> tuple[dict[str, FeatureSet], DataSummary | None,
+                                                                       list[str]]:
+    """Every requested feature set, from the cache where it is there, the rest in one pass."""
+    keys = _cache_keys(request, data_format) if request.json_out is not None else {}
+    sets: dict[str, FeatureSet] = {}
+    for name, key in keys.items():
+        if (loaded := FeatureSet.load(_cache_path(request.json_out, name), key)) is not None:
+            sets[name] = loaded
+    cached = list(sets)
+    missing = [name for name in request.feature_sets if name not in sets]
+    summary = None
+    if missing:
+        extractors = _extractors(request, missing)
+        if data_format == "points":
+            computed, summary = points_features(
+                request.data, extractors, limit_images=request.limit_images, max_per_class=request.max_per_class,
+                seed=request.seed, pixel_size_um=request.pixel_size_um, progress=request.progress,
+            )
+        else:
+            computed, summary = crops_features(
+                request.data, extractors, max_per_class=request.max_per_class, seed=request.seed,
+                progress=request.progress,
+            )
+        for name, features in computed.items():
+            sets[name] = features
+            if name in keys:
+                features.save(_cache_path(request.json_out, name), keys[name])
+    return {name: sets[name] for name in request.feature_sets}, summary, cached
+
+
+def _extractors(request: EvalRequest, names: Sequence[str]) -> dict:
+    embedder = None
+    if "cls" in names or "random-init" in names:
+        from napari_reddino import load_embedder
+
+        embedder = load_embedder(request.model, device=request.device, architecture=request.architecture)
+    builders = {
+        "cls": lambda: EmbeddingFeatures(embedder, request.batch_size),
+        "random-init": lambda: EmbeddingFeatures(random_init(embedder, request.seed), request.batch_size),
+        "measurements": MeasurementFeatures,
+    }
+    return {name: builders[name]() for name in names}
+
+
+def _cache_keys(request: EvalRequest, data_format: Format) -> dict[str, str]:
+    from napari_reddino.cell_embeddings import model_key
+
+    data = data_key(request.data, format=data_format, limit_images=request.limit_images,
+                    max_per_class=request.max_per_class, seed=request.seed, pixel_size_um=request.pixel_size_um)
+    model = f"{model_key(request.model)}:{request.architecture}"
+    return {
+        "cls": f"cls|{model}|{data}",
+        "random-init": f"random-init|{model}|seed {request.seed}|{data}",
+        "measurements": f"measurements|{data}",
+    }
+
+
+def _cache_path(json_out: Path, name: str) -> Path:
+    return Path(json_out).with_name(f"{Path(json_out).stem}.{name}.npz")

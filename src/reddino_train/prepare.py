@@ -1,0 +1,298 @@
+"""``reddino-train prepare``: from folders of smear images to a training set of image files.
+
+Two kinds of sample, as PNG files in one folder per smear, ``OUT/<smear>/<n>.png``:
+
+``cells``
+    one square crop per red cell (segmented with :func:`napari_reddino.segment_cells`, cut
+    with :func:`napari_reddino.cell_crops`: the cell's box plus a context margin, resampled to
+    ``size``); cells touching the image border are left out, their crops would be partial.
+    ``<n>`` is the cell's label id.
+``patches``
+    non-overlapping ``patch_size`` tiles of the smear, as RedDino was trained (resampled to
+    ``size`` when given); the partial tiles along the right and bottom edges are left out.
+    ``<n>`` is the tile's number in row-major order.
+
+``OUT/index.csv`` lists every sample (file, source image, label, centroid, bounding box in
+source pixels). The run is resumable: a smear is recorded in the journal ``OUT/done.txt``
+after its files and its rows (``OUT/<smear>/index.csv``) are written, a re-run skips it, and
+a smear cut short is redone from scratch. ``index.csv`` is assembled from the per-smear rows
+at the end of every run, interrupted or not. Files that cannot be read are skipped, listed in
+``OUT/skipped.txt`` and retried on the next run. ``OUT/prepare.json`` keeps the settings, so
+a re-run with other settings cannot mix two kinds of sample in one folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from .data import EmptyDatasetError, UnreadableImageError, find_images, read_image
+from .files import write_atomic
+
+Mode = Literal["cells", "patches"]
+MODES: tuple[Mode, ...] = ("cells", "patches")
+INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME = "index.csv", "done.txt", "skipped.txt", "prepare.json"
+INDEX_COLUMNS = (
+    "file", "source", "label", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x",
+)
+
+
+class PrepareError(ValueError):
+    """Settings or folders that cannot make a training set."""
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    mode: Mode = "cells"
+    size: int | None = None  # output side in px; None: 224 for cells, patch_size for patches
+    patch_size: int = 224
+    margin: float = 0.25  # context around a cell, as a fraction of its box's longer side
+    crop_mode: Literal["context", "masked"] = "context"
+    pixel_size_um: float | None = None  # fixes the expected cell size for segmentation
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise PrepareError(f"mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if (self.size is not None and self.size < 1) or self.patch_size < 1:
+            raise PrepareError("size and patch size must be positive numbers of pixels")
+
+    @property
+    def output_size(self) -> int | None:
+        """Side of the written images; None keeps the tiles as they are."""
+        return self.size if self.size is not None or self.mode == "patches" else 224
+
+
+@dataclass
+class PrepareReport:
+    written: list[str] = field(default_factory=list)  # smears processed in this run
+    already_done: list[str] = field(default_factory=list)  # smears found in the journal
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
+    samples_written: int = 0
+    samples_total: int = 0  # rows of index.csv
+
+
+@dataclass(frozen=True)
+class Smear:
+    key: str  # its folder name under OUT, unique among the sources
+    path: Path
+
+
+@dataclass(frozen=True)
+class Samples:
+    """What one smear gives: uint8 RGB images (n, h, w, 3) and their index rows."""
+
+    names: list[int]
+    images: np.ndarray
+    centroids: np.ndarray  # (n, 2) row, col
+    boxes: np.ndarray  # (n, 4) min row, min col, max row, max col (max exclusive)
+
+
+def find_smears(sources: Iterable[str | os.PathLike], out: Path) -> list[Smear]:
+    """Every image file under the sources (files count as themselves), except those in ``out``.
+
+    A smear's key is its file stem; stems found more than once are made unique with the
+    source folder's name and the path below it.
+    """
+    found: list[tuple[Path, Path]] = []  # (source root, file)
+    out = out.resolve()
+    for source in map(Path, sources):
+        if source.is_file():
+            found.append((source.parent, source))
+            continue
+        try:
+            images = find_images(source)
+        except EmptyDatasetError as error:
+            raise PrepareError(str(error)) from None
+        found += [(source, path) for path in images if out not in path.resolve().parents]
+    if not found:
+        raise PrepareError("no smear images in the sources")
+    stems = [path.stem for _, path in found]
+    smears = []
+    for root, path in found:
+        key = path.stem
+        if stems.count(key) > 1:
+            key = "__".join((root.resolve().name, *path.relative_to(root).parts)).replace(".", "_")
+        smears.append(Smear(key, path))
+    return smears
+
+
+def prepare(
+    sources: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    settings: PrepareSettings = PrepareSettings(),
+    *,
+    progress: bool = True,
+) -> PrepareReport:
+    """Write the training set of ``sources`` to ``out`` (resuming a previous run there)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, settings)
+    smears = find_smears(sources, out)
+    done = _read_journal(out)
+    report = PrepareReport()
+    cut = _cell_samples if settings.mode == "cells" else _patch_samples
+    try:
+        with tqdm(smears, desc="prepare", unit="smear", disable=not progress) as bar:
+            for smear in bar:
+                if smear.key in done and (out / smear.key / INDEX_NAME).is_file():
+                    report.already_done.append(smear.key)
+                    continue
+                try:
+                    image = _read(smear.path)
+                    samples = cut(image, settings)
+                except _Unusable as error:
+                    report.skipped.append((smear.path, str(error)))
+                    continue
+                _write_smear(out, smear, samples)
+                done.append(smear.key)
+                write_atomic(out / JOURNAL_NAME, "".join(f"{key}\n" for key in done))
+                report.written.append(smear.key)
+                report.samples_written += len(samples.names)
+                bar.set_postfix(samples=report.samples_written, skipped=len(report.skipped))
+    finally:
+        report.samples_total = _write_index(out, done)
+        write_atomic(out / SKIPPED_NAME, "".join(f"{path}\t{reason}\n" for path, reason in report.skipped))
+    return report
+
+
+class _Unusable(Exception):
+    """A smear file that cannot be read or is not a smear image."""
+
+
+def _read(path: Path) -> np.ndarray:
+    try:
+        return read_image(path)
+    except UnreadableImageError as error:
+        raise _Unusable(str(error)) from None
+
+
+def _cell_samples(image: np.ndarray, settings: PrepareSettings) -> Samples:
+    from napari_reddino import (  # torch loads here
+        ImageInputError,
+        cell_crops,
+        segment_cells,
+    )
+    from napari_reddino.cell_lookup import cell_centres
+
+    try:
+        labels = segment_cells(image, pixel_size_um=settings.pixel_size_um)
+    except ImageInputError as error:
+        raise _Unusable(str(error)) from None
+    ids, crops = cell_crops(image, labels, settings.output_size, mode=settings.crop_mode, margin=settings.margin)
+    slices = ndimage.find_objects(labels)
+    boxes = np.array(
+        [(s[0].start, s[1].start, s[0].stop, s[1].stop) for s in (slices[i - 1] for i in ids)], dtype=np.int64
+    ).reshape(-1, 4)
+    height, width = labels.shape
+    inside = (boxes[:, 0] > 0) & (boxes[:, 1] > 0) & (boxes[:, 2] < height) & (boxes[:, 3] < width)
+    rows, cols = cell_centres(labels)
+    centroids = np.stack([rows[ids - 1], cols[ids - 1]], axis=1)
+    pixels = np.clip(np.rint(crops[inside] * 255), 0, 255).astype(np.uint8)
+    return Samples(ids[inside].tolist(), pixels, centroids[inside], boxes[inside])
+
+
+def _patch_samples(image: np.ndarray, settings: PrepareSettings) -> Samples:
+    from napari_reddino.crops import as_rgb
+
+    try:
+        rgb = as_rgb(image)
+    except ValueError as error:
+        raise _Unusable(str(error)) from None
+    side = settings.patch_size
+    rows, cols = rgb.shape[0] // side, rgb.shape[1] // side
+    tops, lefts = (grid.ravel() * side for grid in np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"))
+    boxes = np.stack([tops, lefts, tops + side, lefts + side], axis=1).reshape(-1, 4)
+    rgb8 = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
+    size = settings.output_size or side
+    tiles = [rgb8[top : top + side, left : left + side] for top, left in boxes[:, :2]]
+    if size != side:
+        tiles = [_resized(tile, size) for tile in tiles]
+    pixels = np.stack(tiles) if tiles else np.zeros((0, size, size, 3), np.uint8)
+    centroids = (boxes[:, :2] + boxes[:, 2:]) / 2 - 0.5  # pixel centres, as cell centroids are
+    return Samples(list(range(len(boxes))), pixels, centroids, boxes)
+
+
+def _resized(tile: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(tile).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
+
+
+def _write_smear(out: Path, smear: Smear, samples: Samples) -> None:
+    """The smear's images and rows, in a folder emptied first (a cut-short run may have left
+    some)."""
+    folder = out / smear.key
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    for name, pixels in zip(samples.names, samples.images):
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+    rows = [
+        {
+            "file": f"{smear.key}/{name}.png",
+            "source": str(smear.path),
+            "label": name,
+            "centroid_y": round(float(centroid[0]), 2),
+            "centroid_x": round(float(centroid[1]), 2),
+            **dict(zip(INDEX_COLUMNS[5:], map(int, box))),
+        }
+        for name, centroid, box in zip(samples.names, samples.centroids, samples.boxes)
+    ]
+    write_atomic(folder / INDEX_NAME, _csv_text(rows))
+
+
+def _csv_text(rows: list[dict]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, INDEX_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def _write_index(out: Path, done: list[str]) -> int:
+    """``out/index.csv``: the rows of every finished smear, in journal order; returns their number."""
+    lines = [",".join(INDEX_COLUMNS) + "\n"]
+    for key in done:
+        part = out / key / INDEX_NAME
+        if part.is_file():
+            lines += part.read_text(encoding="utf-8").splitlines(keepends=True)[1:]
+    write_atomic(out / INDEX_NAME, "".join(lines))
+    return len(lines) - 1
+
+
+def _read_journal(out: Path) -> list[str]:
+    path = out / JOURNAL_NAME
+    return path.read_text(encoding="utf-8").split() if path.is_file() else []
+
+
+def _check_settings(out: Path, settings: PrepareSettings) -> None:
+    path = out / SETTINGS_NAME
+    wanted = asdict(settings)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != wanted:
+            changed = ", ".join(f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items()
+                                if saved.get(key) != value)
+            raise PrepareError(
+                f"{out} was prepared with other settings ({changed}); use another output folder, or "
+                "delete this one to start afresh"
+            )
+    else:
+        write_atomic(path, json.dumps(wanted, indent=2) + "\n")
+
+
+def read_index(out: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of ``out/index.csv``."""
+    with (Path(out) / INDEX_NAME).open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+

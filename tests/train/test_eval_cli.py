@@ -1,0 +1,113 @@
+"""``reddino-train eval`` end to end: a tiny model from ``fit`` + ``export``, on a crops folder
+made by ``prepare`` and on the Chula point labels of the test smears."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.io import imread
+
+from napari_reddino import cells_at_points, load_embedder, segment_cells
+from napari_reddino.crops import cell_windows
+from reddino_train.cli import main
+from reddino_train.config import load_config
+from reddino_train.eval_data import read_point_labels
+from reddino_train.export import export_teacher
+from reddino_train.prepare import PrepareSettings, prepare
+from reddino_train.train import fit
+
+DATA = Path(__file__).parents[1] / "data"
+CHULA = DATA / "chula_rbc12"
+
+
+@pytest.fixture(scope="module")
+def model(smear_images, tmp_path_factory) -> Path:
+    """The teacher of a 1-step tiny run, exported for the plugin (56 px input, 384-d)."""
+    root = tmp_path_factory.mktemp("model")
+    fit(load_config("tiny", ["model.layerscale=1.0"]), smear_images, root / "run", max_steps=1)
+    return export_teacher(root / "run", root / "model")
+
+
+@pytest.fixture(scope="module")
+def crops_by_smear(tmp_path_factory) -> Path:
+    """Cell crops of a Chula and an Aslan smear: one class per smear, as prepare writes them."""
+    sources = tmp_path_factory.mktemp("sources")
+    shutil.copy(CHULA / "1.jpg", sources)
+    shutil.copy(DATA / "aslan_bcd" / "image-1.png", sources)
+    out = tmp_path_factory.mktemp("crops") / "cells"
+    prepare([sources], out, PrepareSettings(size=32), progress=False)
+    return out
+
+
+def test_eval_on_crops_by_class(model, crops_by_smear, tmp_path, capsys):
+    out = tmp_path / "crops.json"
+    assert main(["eval", str(model), "--data", str(crops_by_smear), "--random-init", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for method in ("kNN k=1", "kNN k=20", "logistic regression"):
+        assert f"| cls | {method} |" in printed and f"| random-init | {method} |" in printed
+    report = json.loads(out.read_text())
+    n_crops = len(list(crops_by_smear.rglob("*.png")))
+    assert report["format"] == "crops" and report["split"] == "5-fold" and report["folds"] == 5
+    assert report["samples"] == n_crops and set(report["classes"]) == {"1", "image-1"}
+    for features in ("cls", "random-init"):
+        for scores in report["results"][features].values():
+            assert 0 <= scores["balanced_accuracy"] <= 1 and len(scores["fold_balanced_accuracy"]) == 5
+            assert sum(c["support"] for c in scores["per_class"].values()) == n_crops
+    # a Chula cell and an Aslan cell differ in stain and size: any features tell them apart
+    assert report["results"]["cls"]["logreg"]["balanced_accuracy"] > 0.8
+    cached = np.load(tmp_path / "crops.cls.npz")
+    assert cached["features"].shape == (n_crops, 384)
+    random = np.load(tmp_path / "crops.random-init.npz")["features"]
+    assert not np.allclose(random, cached["features"])
+
+
+def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
+    out = tmp_path / "points.json"
+    args = ["eval", str(model), "--data", str(CHULA), "--random-init", "--with-measurements", "--json", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| measurements | logistic regression |" in printed and "split by-image (2 folds)" in printed
+    report = json.loads(out.read_text())
+    n_points = sum(len(read_point_labels(CHULA / f"{n}.txt")[1]) for n in (1, 26))
+    summary = report["data_summary"]
+    assert report["format"] == "points" and report["split"] == "by-image" and report["folds"] == 2
+    assert summary["images"] == 2 and summary["points"] == n_points and 0.8 * n_points < summary["matched"] <= n_points
+    assert report["samples"] == summary["matched"] and "normal" in report["classes"]
+    assert set(report["results"]) == {"cls", "random-init", "measurements"}
+    assert set(report["results"]["measurements"]) == {"logreg"}
+    cached = np.load(tmp_path / "points.cls.npz")
+    assert sorted(set(cached["groups"].tolist())) == ["1.jpg", "26.jpg"]
+    measurements = np.load(tmp_path / "points.measurements.npz")["features"]
+    assert measurements.shape[0] == summary["matched"] and 8 <= measurements.shape[1] <= 20
+
+    # the cells' features are the plugin's embeddings of those cells
+    image = imread(CHULA / "1.jpg")
+    labels = segment_cells(image)
+    points, _ = read_point_labels(CHULA / "1.txt")
+    ids = cells_at_points(labels, points)
+    ids = ids[ids > 0]
+    all_ids, embeddings = load_embedder(str(model), device="cpu").embed(image, labels)
+    windows = cell_windows(labels)
+    boxes = windows.boxes[np.searchsorted(windows.ids, ids)]
+    inside = (boxes[:, :2] >= 0).all(axis=1) & (boxes[:, 2] <= image.shape[1]) & (boxes[:, 3] <= image.shape[0])
+    expected = embeddings[np.searchsorted(all_ids, ids)]
+    np.testing.assert_allclose(cached["features"][: len(ids)][inside], expected[inside], rtol=1e-4, atol=1e-5)
+
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0  # again: from the cache, with the same numbers
+    assert "features from the cache: cls, random-init, measurements" in capsys.readouterr().out
+    assert json.loads(out.read_text())["results"] == report["results"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}", "--data", "{crops}"], "No such model"),
+    (["{model}", "--data", "{crops}", "--split", "by-image"], "needs to know each sample's image"),
+    (["{model}", "--data", "{crops}", "--with-measurements"], "need smears with point labels"),
+])
+def test_eval_errors_exit_2_with_the_reason(model, crops_by_smear, tmp_path, capsys, args, message):
+    paths = {"missing": str(tmp_path / "nope"), "model": str(model), "crops": str(crops_by_smear)}
+    assert main(["eval", *(arg.format(**paths) for arg in args)]) == 2
+    assert message in capsys.readouterr().err

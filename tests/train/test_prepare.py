@@ -1,0 +1,131 @@
+"""``reddino-train prepare`` on real smears: crops and index, resume, bad files, patches."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reddino_train.cli import main
+from reddino_train.prepare import (
+    PrepareError,
+    PrepareSettings,
+    find_smears,
+    prepare,
+    read_index,
+)
+
+DATA = Path(__file__).parents[1] / "data"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Two real smears (JPEG and PNG) and a truncated JPEG."""
+    folder = tmp_path_factory.mktemp("sources")
+    shutil.copy(DATA / "chula_rbc12" / "1.jpg", folder / "1.jpg")
+    shutil.copy(DATA / "aslan_bcd" / "image-1.png", folder / "image-1.png")
+    (folder / "broken.jpg").write_bytes((DATA / "chula_rbc12" / "26.jpg").read_bytes()[:2000])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(sources, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "cells"
+    report = prepare([sources], out, PrepareSettings(size=SIZE), progress=False)
+    return out, report
+
+
+def test_cells_become_crops_listed_in_the_index(prepared, sources):
+    out, report = prepared
+    assert report.written == ["1", "image-1"] and report.already_done == []
+    rows = read_index(out)
+    assert len(rows) == report.samples_written == report.samples_total > 20
+    files = sorted(str(path.relative_to(out)) for path in out.rglob("*.png"))
+    assert sorted(row["file"] for row in rows) == files
+    assert {row["source"] for row in rows} == {str(sources / "1.jpg"), str(sources / "image-1.png")}
+    for row in rows:
+        assert row["file"] == f"{row['file'].split('/')[0]}/{row['label']}.png"
+        with Image.open(out / row["file"]) as crop:
+            assert crop.size == (SIZE, SIZE) and crop.mode == "RGB"
+        with Image.open(row["source"]) as smear:
+            width, height = smear.size
+        top, left, bottom, right = (int(row[key]) for key in ("bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"))
+        assert 0 < top < bottom < height and 0 < left < right < width  # border cells left out
+        assert top <= float(row["centroid_y"]) < bottom and left <= float(row["centroid_x"]) < right
+    assert (out / "done.txt").read_text().split() == ["1", "image-1"]
+
+
+def test_the_crop_shows_its_cell(prepared):
+    out, _ = prepared
+    row = read_index(out)[0]
+    with Image.open(out / row["file"]) as crop:
+        pixels = np.asarray(crop, dtype=float)
+    centre, corner = pixels[12:20, 12:20].mean(axis=(0, 1)), pixels[:3, :3].mean(axis=(0, 1))
+    assert centre[1] < corner[1] - 10  # the cell absorbs green; the slide around it does not
+
+
+def test_unreadable_files_are_skipped_and_reported(prepared, sources):
+    out, report = prepared
+    assert [path for path, _ in report.skipped] == [sources / "broken.jpg"]
+    assert "unreadable" in report.skipped[0][1]
+    assert (out / "skipped.txt").read_text().startswith(f"{sources / 'broken.jpg'}\tunreadable")
+
+
+def test_rerun_skips_the_smears_done(sources, tmp_path):
+    out = tmp_path / "cells"
+    prepare([sources / "1.jpg"], out, PrepareSettings(size=SIZE), progress=False)
+    first = {path: path.stat().st_mtime_ns for path in out.rglob("*.png")}
+    report = prepare([sources], out, PrepareSettings(size=SIZE), progress=False)
+    assert report.already_done == ["1"] and report.written == ["image-1"]
+    assert {path: path.stat().st_mtime_ns for path in first} == first  # not rewritten
+    assert {row["file"].split("/")[0] for row in read_index(out)} == {"1", "image-1"}
+    again = prepare([sources], out, PrepareSettings(size=SIZE), progress=False)
+    assert again.written == [] and again.samples_written == 0 and again.samples_total == report.samples_total
+
+
+def test_a_smear_cut_short_is_redone(sources, tmp_path):
+    out = tmp_path / "cells"
+    prepare([sources / "1.jpg"], out, PrepareSettings(size=SIZE), progress=False)
+    (out / "done.txt").write_text("")  # as if killed before the journal was written
+    (out / "1" / "stale.png").write_bytes(b"left over")
+    report = prepare([sources / "1.jpg"], out, PrepareSettings(size=SIZE), progress=False)
+    assert report.written == ["1"] and not (out / "1" / "stale.png").exists()
+    assert len(read_index(out)) == report.samples_written
+
+
+def test_other_settings_in_the_same_folder_are_refused(prepared, sources):
+    out, _ = prepared
+    with pytest.raises(PrepareError, match="other settings.*size: 32 -> 48"):
+        prepare([sources], out, PrepareSettings(size=48), progress=False)
+
+
+def test_patches_tile_the_smear(sources, tmp_path):
+    out = tmp_path / "patches"
+    report = prepare([sources / "1.jpg"], out, PrepareSettings(mode="patches", patch_size=200), progress=False)
+    rows = read_index(out)
+    assert len(rows) == report.samples_written == (480 // 200) * (640 // 200)
+    assert [(int(r["bbox_min_y"]), int(r["bbox_min_x"])) for r in rows[:4]] == [(0, 0), (0, 200), (0, 400), (200, 0)]
+    with Image.open(out / rows[1]["file"]) as tile, Image.open(sources / "1.jpg") as smear:
+        assert np.array_equal(np.asarray(tile), np.asarray(smear)[0:200, 200:400])
+
+
+def test_same_stems_in_two_folders_get_distinct_folders(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "1.jpg").write_bytes(b"")
+    keys = [smear.key for smear in find_smears([tmp_path / "a", tmp_path / "b"], tmp_path / "out")]
+    assert keys == ["a__1_jpg", "b__1_jpg"]
+
+
+def test_cli_prepares_resumes_and_reports(sources, tmp_path, capsys):
+    out = str(tmp_path / "cells")
+    args = ["prepare", str(sources / "1.jpg"), str(sources / "broken.jpg"), "--out", out, "--size", str(SIZE)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "1 smears done now" in captured.out and "broken.jpg" in captured.err
+    assert main(args) == 0
+    assert "0 smears done now (0 images), 1 done before" in capsys.readouterr().out
+    assert main([*args[:-1], "48"]) == 2
+    assert "other settings" in capsys.readouterr().err
