@@ -67,7 +67,7 @@ def _lay_out(embeddings: np.ndarray):
 
 
 def _weakly(method):
-    """A mouse callback that calls ``method`` while its widget lives, and keeps the widget from nothing.
+    """A mouse callback that calls ``method`` while its widget lives, without keeping the widget alive.
 
     The viewer outlives dock widgets; a bound method in its callbacks would keep a closed widget
     (and the map's canvas) alive.
