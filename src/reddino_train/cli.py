@@ -94,7 +94,8 @@ def _eval_command(args: argparse.Namespace) -> int:
         model=args.model, data=Path(args.data), format=args.format, split=args.split, feature_sets=feature_sets,
         limit_images=args.limit_images, max_per_class=args.max_per_class, seed=args.seed,
         pixel_size_um=args.pixel_size_um, device=args.device, architecture=args.architecture,
-        batch_size=args.batch_size, json_out=None if args.json is None else Path(args.json),
+        batch_size=args.batch_size, crop_mode=args.crop_mode, margin=args.margin,
+        json_out=None if args.json is None else Path(args.json),
     )
     try:
         report = run_evaluation(request)
@@ -207,6 +208,9 @@ def _add_eval_parser(commands) -> None:
     evaluate.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:1, mps")
     evaluate.add_argument("--architecture", metavar="ARCH", help="timm architecture of a bare .safetensors MODEL")
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="cells per forward pass (default: automatic)")
+    evaluate.add_argument("--crop-mode", choices=("context", "masked"), default="context",
+                          help="cell crops with their surroundings, or with the neighbouring cells blanked")
+    evaluate.add_argument("--margin", type=float, metavar="F", help="context around a cell's box (default: the plugin's)")
     evaluate.set_defaults(handler=_eval_command)
 
 

@@ -111,19 +111,22 @@ def only_cells(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 class EmbeddingFeatures:
-    """A model's CLS embeddings, as the plugin computes them (context crops, its margin).
+    """A model's CLS embeddings, as the plugin computes them (its crop mode and margin).
 
-    Only the requested cells are embedded. The crop of a cell is the same as when every cell
-    is embedded, except where its window crosses the image edge: the padding takes the
-    smear's background colour, estimated from the unlabelled pixels, of which there are then
-    a few more.
+    In ``context`` mode only the requested cells are embedded. The crop of a cell is the same
+    as when every cell is embedded, except where its window crosses the image edge: the padding
+    takes the smear's background colour, estimated from the unlabelled pixels, of which there
+    are then a few more. ``masked`` mode blanks the neighbours, so it needs every cell's label.
     """
 
-    def __init__(self, embedder, batch_size: int | None = None) -> None:
+    def __init__(self, embedder, batch_size: int | None = None, *, mode: str = "context",
+                 margin: float | None = None) -> None:
         self.embedder, self.batch_size = embedder, batch_size
+        self.options = {"mode": mode} | ({} if margin is None else {"margin": margin})
 
     def cells(self, image: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        embedded_ids, embeddings = self.embedder.embed(image, only_cells(labels, ids), batch_size=self.batch_size)
+        shown = labels if self.options["mode"] == "masked" else only_cells(labels, ids)
+        embedded_ids, embeddings = self.embedder.embed(image, shown, batch_size=self.batch_size, **self.options)
         return embeddings[np.searchsorted(embedded_ids, ids)]
 
     def crops(self, images: Sequence[np.ndarray]) -> np.ndarray:

@@ -59,6 +59,8 @@ class EvalRequest:
     device: str = "auto"
     architecture: str | None = None  # for a bare .safetensors file
     batch_size: int | None = None
+    crop_mode: str = "context"  # how cells become model inputs (napari_reddino.crops)
+    margin: float | None = None  # None: the plugin's default
     json_out: Path | None = None
     progress: bool = True
 
@@ -175,8 +177,9 @@ def _extractors(request: EvalRequest, names: Sequence[str]) -> dict:
 
         embedder = load_embedder(request.model, device=request.device, architecture=request.architecture)
     builders = {
-        "cls": lambda: EmbeddingFeatures(embedder, request.batch_size),
-        "random-init": lambda: EmbeddingFeatures(random_init(embedder, request.seed), request.batch_size),
+        "cls": lambda: EmbeddingFeatures(embedder, request.batch_size, mode=request.crop_mode, margin=request.margin),
+        "random-init": lambda: EmbeddingFeatures(random_init(embedder, request.seed), request.batch_size,
+                                                 mode=request.crop_mode, margin=request.margin),
         "measurements": MeasurementFeatures,
     }
     return {name: builders[name]() for name in names}
@@ -187,7 +190,7 @@ def _cache_keys(request: EvalRequest, data_format: Format) -> dict[str, str]:
 
     data = data_key(request.data, format=data_format, limit_images=request.limit_images,
                     max_per_class=request.max_per_class, seed=request.seed, pixel_size_um=request.pixel_size_um)
-    model = f"{model_key(request.model)}:{request.architecture}"
+    model = f"{model_key(request.model)}:{request.architecture}:{request.crop_mode}:{request.margin}"
     return {
         "cls": f"cls|{model}|{data}",
         "random-init": f"random-init|{model}|seed {request.seed}|{data}",

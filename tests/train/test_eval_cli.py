@@ -101,6 +101,14 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     assert "features from the cache: cls, random-init, measurements" in capsys.readouterr().out
     assert json.loads(out.read_text())["results"] == report["results"]
 
+    # masked crops (neighbours blanked) are the plugin's masked embeddings, and not from the cache
+    masked_out = tmp_path / "masked.json"
+    assert main(["eval", str(model), "--data", str(CHULA), "--crop-mode", "masked", "--json", str(masked_out)]) == 0
+    masked_ids, masked = load_embedder(str(model), device="cpu").embed(image, labels, mode="masked")
+    features = np.load(tmp_path / "masked.cls.npz")["features"][: len(ids)]
+    np.testing.assert_allclose(features, masked[np.searchsorted(masked_ids, ids)], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(features[inside], expected[inside], atol=1e-3)
+
 
 @pytest.mark.parametrize("args, message", [
     (["{missing}", "--data", "{crops}"], "No such model"),
