@@ -66,6 +66,8 @@ def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
     widget.reset_choices()
     assert widget.cells.value is cells
     assert embeddings_of(cells) is None
+    assert widget.crop_mode.value == "masked"  # the default: it classified Chula cells best
+    widget.crop_mode.value = "context"
 
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
@@ -88,7 +90,7 @@ def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
         f"The {len(ids):,} embeddings of smear cells ({model_id}) are up to date; nothing to do."
     )
     reopened = EmbedCellsWidget(viewer)
-    reopened.model_name, reopened.device.value = widget.model_name, "cpu"
+    reopened.model_name, reopened.device.value, reopened.crop_mode.value = widget.model_name, "cpu", "context"
     assert reopened.cells.value is cells
     with qtbot.assertNotEmitted(reopened.embedded):
         run(reopened, qtbot)

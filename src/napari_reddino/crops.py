@@ -31,6 +31,9 @@ from .image_input import check_smear, colour_planes
 
 CropMode = Literal["context", "masked"]
 CROP_MODES: tuple[CropMode, ...] = ("context", "masked")
+# Masked crops classified Chula cells better than context crops for every model that runs here
+# (linear probe and kNN, split by image; benchmarks/RESULTS.md, "Crop mode").
+DEFAULT_CROP_MODE: CropMode = "masked"
 DEFAULT_MARGIN = 0.25
 _BACKGROUND_SAMPLES = 1_000_000
 _MAX_WINDOW_PIXELS = 2**24  # per batch of crops: 200 MB of float32 RGB
@@ -136,7 +139,7 @@ class CropSampler:
         labels,
         *,
         size: tuple[int, int],
-        mode: CropMode = "context",
+        mode: CropMode = DEFAULT_CROP_MODE,
         device: torch.device | str = "cpu",
         mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
         std: tuple[float, float, float] = (1.0, 1.0, 1.0),
@@ -199,7 +202,7 @@ def cell_crops(
     labels,
     size: int | tuple[int, int] = 224,
     *,
-    mode: CropMode = "context",
+    mode: CropMode = DEFAULT_CROP_MODE,
     margin: float = DEFAULT_MARGIN,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(label_ids, crops)``: what the model sees for each cell, as float32 RGB (n, H, W, 3) in [0, 1]."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .crops import DEFAULT_MARGIN, CropMode, CropSampler, cell_windows
+from .crops import DEFAULT_CROP_MODE, DEFAULT_MARGIN, CropMode, CropSampler, cell_windows
 from .models import (
     DownloadProgress,
     LoadedModel,
@@ -152,7 +152,7 @@ class Embedder:
         image,
         labels,
         *,
-        mode: CropMode = "context",
+        mode: CropMode = DEFAULT_CROP_MODE,
         margin: float = DEFAULT_MARGIN,
         batch_size: int | None = None,
         progress: Progress | None = None,
@@ -174,7 +174,7 @@ class Embedder:
         image,
         labels,
         *,
-        mode: CropMode = "context",
+        mode: CropMode = DEFAULT_CROP_MODE,
         margin: float = DEFAULT_MARGIN,
         batch_size: int | None = None,
     ) -> Generator[tuple[int, int], None, tuple[np.ndarray, np.ndarray]]:

@@ -208,8 +208,9 @@ def _add_eval_parser(commands) -> None:
     evaluate.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:1, mps")
     evaluate.add_argument("--architecture", metavar="ARCH", help="timm architecture of a bare .safetensors MODEL")
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="cells per forward pass (default: automatic)")
-    evaluate.add_argument("--crop-mode", choices=("context", "masked"), default="context",
-                          help="cell crops with their surroundings, or with the neighbouring cells blanked")
+    evaluate.add_argument("--crop-mode", choices=("context", "masked"),
+                          help="cells with their neighbours blanked (masked) or with their surroundings (context); "
+                          "default: the plugin's (masked)")
     evaluate.add_argument("--margin", type=float, metavar="F", help="context around a cell's box (default: the plugin's)")
     evaluate.set_defaults(handler=_eval_command)
 

@@ -119,10 +119,12 @@ class EmbeddingFeatures:
     are then a few more. ``masked`` mode blanks the neighbours, so it needs every cell's label.
     """
 
-    def __init__(self, embedder, batch_size: int | None = None, *, mode: str = "context",
+    def __init__(self, embedder, batch_size: int | None = None, *, mode: str | None = None,
                  margin: float | None = None) -> None:
+        from napari_reddino.crops import DEFAULT_CROP_MODE
+
         self.embedder, self.batch_size = embedder, batch_size
-        self.options = {"mode": mode} | ({} if margin is None else {"margin": margin})
+        self.options = {"mode": mode or DEFAULT_CROP_MODE} | ({} if margin is None else {"margin": margin})
 
     def cells(self, image: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
         shown = labels if self.options["mode"] == "masked" else only_cells(labels, ids)

@@ -59,7 +59,7 @@ class EvalRequest:
     device: str = "auto"
     architecture: str | None = None  # for a bare .safetensors file
     batch_size: int | None = None
-    crop_mode: str = "context"  # how cells become model inputs (napari_reddino.crops)
+    crop_mode: str | None = None  # how cells become model inputs; None: the plugin's default
     margin: float | None = None  # None: the plugin's default
     json_out: Path | None = None
     progress: bool = True
@@ -190,7 +190,10 @@ def _cache_keys(request: EvalRequest, data_format: Format) -> dict[str, str]:
 
     data = data_key(request.data, format=data_format, limit_images=request.limit_images,
                     max_per_class=request.max_per_class, seed=request.seed, pixel_size_um=request.pixel_size_um)
-    model = f"{model_key(request.model)}:{request.architecture}:{request.crop_mode}:{request.margin}"
+    from napari_reddino.crops import DEFAULT_CROP_MODE
+
+    crops = f"{request.crop_mode or DEFAULT_CROP_MODE}:{request.margin}"
+    model = f"{model_key(request.model)}:{request.architecture}:{crops}"
     return {
         "cls": f"cls|{model}|{data}",
         "random-init": f"random-init|{model}|seed {request.seed}|{data}",

@@ -33,7 +33,7 @@ from ..cell_embeddings import (
     store_embeddings,
     stored_fingerprint,
 )
-from ..crops import CROP_MODES, DEFAULT_MARGIN
+from ..crops import CROP_MODES, DEFAULT_CROP_MODE, DEFAULT_MARGIN
 from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError
 from ..models import KNOWN_MODELS, ModelLoadError
@@ -99,8 +99,8 @@ class EmbedCellsWidget(JobWidget):
         self.device = ComboBox(label="Device", choices=["auto", *(option.name for option in list_devices())])
         self._describe_devices()
         self.crop_mode = ComboBox(
-            label="Crop", choices=list(CROP_MODES),
-            tooltip="context: each cell with its surroundings; masked: neighbouring cells painted out.",
+            label="Crop", choices=list(CROP_MODES), value=DEFAULT_CROP_MODE,
+            tooltip="masked: neighbouring cells painted out (classifies better); context: each cell with its surroundings.",
         )
         self.margin = FloatSpinBox(
             label="Margin", value=DEFAULT_MARGIN, min=0, max=2, step=0.05,
