@@ -30,6 +30,7 @@ import pandas as pd
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from .cell_embeddings import check_embeddings
 from .cell_export import write_files_atomically
 
 DEFAULT_MEASUREMENTS = (
@@ -85,7 +86,7 @@ class CellClassifier:
             raise ValueError(
                 f"Label cells of at least two classes to train the head (labelled: {', '.join(classes) or 'none'})."
             )
-        embeddings = _check_embeddings(embeddings)
+        embeddings = check_embeddings(embeddings)
         if len(names) != len(embeddings):
             raise ValueError(f"{len(names)} labels for {len(embeddings)} embedded cells.")
         if measurement_columns is None:
@@ -109,7 +110,7 @@ class CellClassifier:
         """Class probabilities, float32 (cells x classes), columns in ``classes`` order."""
         if not self.fitted:
             raise ValueError("The head is not trained yet: label cells of two classes and train it.")
-        embeddings = _check_embeddings(embeddings)
+        embeddings = check_embeddings(embeddings)
         if embeddings.shape[1] != self.embedding_dim:
             raise ValueError(
                 f"The head takes {self.embedding_dim}-d embeddings (model {self.model_id or 'unknown'}); "
@@ -245,15 +246,6 @@ def _fraction(channel: str):
         total = table[list(_COLOURS)].to_numpy(float).sum(axis=1)
         return np.divide(table[f"mean_{channel}"].to_numpy(float), total, out=np.full(len(table), 1 / 3), where=total > 0)
     return chromaticity
-
-
-def _check_embeddings(embeddings) -> np.ndarray:
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    if embeddings.ndim != 2:
-        raise ValueError(f"Embeddings must be a 2-D array (cells x features); got shape {embeddings.shape}.")
-    if not np.isfinite(embeddings).all():
-        raise ValueError("Embeddings contain NaN or infinite values; embed the cells again.")
-    return embeddings
 
 
 def _read_about(path: Path) -> dict:

@@ -77,6 +77,16 @@ def fingerprint(image, labels, model: str | os.PathLike, *, mode: str, margin: f
     return digest.hexdigest()
 
 
+def check_embeddings(embeddings) -> np.ndarray:
+    """``embeddings`` as a finite float32 (cells x features) array, or a ValueError that says what is wrong."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2:
+        raise ValueError(f"Embeddings must be a 2-D array (cells x features); got shape {embeddings.shape}.")
+    if not np.isfinite(embeddings).all():
+        raise ValueError("Embeddings contain NaN or infinite values; embed the cells again.")
+    return embeddings
+
+
 def store_embeddings(
     layer, label_ids: np.ndarray, embeddings: np.ndarray, *, model_id: str, fingerprint: str, **about
 ) -> dict:

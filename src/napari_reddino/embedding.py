@@ -25,7 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .crops import DEFAULT_CROP_MODE, DEFAULT_MARGIN, CropMode, CropSampler, cell_windows
+from .crops import (
+    DEFAULT_CROP_MODE,
+    DEFAULT_MARGIN,
+    CropMode,
+    CropSampler,
+    cell_windows,
+)
 from .models import (
     DownloadProgress,
     LoadedModel,

@@ -24,6 +24,8 @@ import warnings
 
 import numpy as np
 
+from .cell_embeddings import check_embeddings
+
 N_EPOCHS = 200
 EXACT_KNN_MAX = 4096  # above this NNDescent is faster than the exact search
 MIN_UMAP_POINTS = 10  # below this the layout is PCA: umap's spectral start needs more points
@@ -85,11 +87,7 @@ def _compile() -> None:
 
 
 def _unit_rows(embeddings) -> np.ndarray:
-    x = np.asarray(embeddings, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"Embeddings must be a 2-D array (cells x features); got shape {x.shape}.")
-    if not np.isfinite(x).all():
-        raise ValueError("Embeddings contain NaN or infinite values; embed the cells again.")
+    x = check_embeddings(embeddings)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x / np.maximum(norms, np.finfo(np.float32).tiny))
 
