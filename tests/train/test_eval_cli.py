@@ -108,3 +108,14 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     features = np.load(tmp_path / "context.cls.npz")["features"][: len(ids)]
     np.testing.assert_allclose(features[inside], context[np.searchsorted(context_ids, ids)][inside], rtol=1e-4, atol=1e-5)
     assert not np.allclose(features[inside], expected[inside], atol=1e-3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}", "--data", "{crops}"], "No such model"),
+    (["{model}", "--data", "{crops}", "--split", "by-image"], "needs to know each sample's image"),
+    (["{model}", "--data", "{crops}", "--with-measurements"], "need smears with point labels"),
+])
+def test_eval_errors_exit_2_with_the_reason(model, crops_by_smear, tmp_path, capsys, args, message):
+    paths = {"missing": str(tmp_path / "nope"), "model": str(model), "crops": str(crops_by_smear)}
+    assert main(["eval", *(arg.format(**paths) for arg in args)]) == 2
+    assert message in capsys.readouterr().err
