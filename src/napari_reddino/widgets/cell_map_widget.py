@@ -367,14 +367,14 @@ class CellMapWidget(JobWidget):
             self._refuse(str(error), notify=show_info)
             return
         self.classifier = classifier
-        self._predict(self.pool)
+        self._predict(self.pool, table)
         taught = int((labels != UNLABELLED).sum())
         self.status.value = (f"Head trained on {taught:,} labelled cells in {time.perf_counter() - started:.2f} s; "
                              f"every cell has a predicted class.")
 
-    def _predict(self, pool: PooledCells) -> None:
-        """Write the head's prediction for every cell of ``pool`` into the cells layers' features."""
-        proba = self.classifier.predict_proba(pool.embeddings, measurements=pool.table())
+    def _predict(self, pool: PooledCells, table: pd.DataFrame) -> None:
+        """Write the head's prediction for every cell of ``pool`` (``table``: its cells' features)."""
+        proba = self.classifier.predict_proba(pool.embeddings, measurements=table)
         classes = np.asarray(self.classifier.classes, dtype=object)
         pool.write("predicted_class", classes[proba.argmax(axis=1)])
         pool.write("prediction_probability", proba.max(axis=1), empty=np.nan)
@@ -430,7 +430,7 @@ class CellMapWidget(JobWidget):
         for name in classifier.classes:
             self.class_list.add_class(name, classifier.colours.get(name, "#999999"))
         self.classifier = classifier
-        self._predict(pool)
+        self._predict(pool, pool.table())
         mapped = "" if pool is self.pool else " Compute map to see them on the map."
         self.status.value = f"Head {Path(path).name} applied to {len(pool):,} cells.{mapped}"
 
