@@ -24,7 +24,7 @@ def clustered(per_cluster: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def layout() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def layout(umap_compiled) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     points, membership = clustered(PER_CLUSTER)
     return points, membership, fit_umap(points)
 

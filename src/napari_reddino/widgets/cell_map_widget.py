@@ -330,9 +330,9 @@ class CellMapWidget(JobWidget):
         position = int(self.pool.layer_index[point])
         cells = self.pool.layers[position]
         row = cells.features.set_index("label").loc[int(self.pool.label_ids[point])]
-        self._viewer.camera.center = tuple(cells.data_to_world([row["centroid_y"], row["centroid_x"]]))
+        self._viewer.scene.camera.center = tuple(cells.data_to_world([row["centroid_y"], row["centroid_x"]]))
         diameter = float(row["equivalent_diameter_px"]) * float(np.max(cells.scale))
-        self._viewer.camera.zoom = max(self._viewer.camera.zoom, MIN_CELL_ON_SCREEN_PX / max(diameter, 1e-6))
+        self._viewer.scene.camera.zoom = max(self._viewer.scene.camera.zoom, MIN_CELL_ON_SCREEN_PX / max(diameter, 1e-6))
 
     # --- labels and the head --------------------------------------------------------------
 

@@ -126,7 +126,7 @@ class MapCanvas(QWidget):
         self.points.opacity = MAP_DIM_OPACITY if selected.any() else 1.0
 
     def centre_on(self, index: int) -> None:
-        self.model.camera.center = tuple(self.coordinates[index])
+        self.model.scene.camera.center = tuple(self.coordinates[index])
 
     def screenshot(self) -> np.ndarray:
         return self.qt_viewer.screenshot(flash=False)
