@@ -19,6 +19,7 @@ from napari_reddino.cell_classifier import (
     DEFAULT_MEASUREMENTS,
     CellClassifier,
     HeadMismatchError,
+    available_measurements,
     head_paths,
     measurement_features,
     uncertainty_order,
@@ -117,6 +118,21 @@ def test_default_measurements_are_the_scale_free_ones_the_table_allows(smear_tab
     columns = CellClassifier().fit(noise, labels, measurements=gray).measurement_columns
     assert columns == [c for c in DEFAULT_MEASUREMENTS if not c.endswith("_fraction")]
     assert CellClassifier().fit(noise, labels).measurement_columns == []
+    # A map pooling a colour and a gray smear: no colour for half the cells, so no colour features.
+    pooled = pd.concat([smear_table, gray], ignore_index=True)
+    assert available_measurements(pooled) == [c for c in DEFAULT_MEASUREMENTS if not c.endswith("_fraction")]
+    colour_head = CellClassifier().fit(noise, labels, measurements=smear_table)
+    with pytest.raises(ValueError, match="red_fraction, blue_fraction, which some of these cells lack"):
+        colour_head.predict_proba(noise, measurements=gray)
+
+
+def test_a_renamed_class_keeps_its_weights_and_colour(smear_table):
+    head, noise = trained_head(smear_table)
+    before = head.predict_proba(noise, measurements=smear_table)
+    head.rename_class("schistocyte", "fragment")
+    assert head.classes == ["normal", "fragment"] and head.colours == {"normal": "#00ff00", "fragment": "#ff0000"}
+    np.testing.assert_array_equal(head.predict_proba(noise, measurements=smear_table), before)
+    assert set(head.predict(noise, measurements=smear_table)) == {"normal", "fragment"}
 
 
 def test_measurements_ignore_magnification_and_exposure(smear_table):

@@ -83,6 +83,14 @@ def test_an_existing_file_is_replaced_only_when_asked(tmp_path, smear_table):
     assert len(pd.read_csv(path)) == len(smear_table)
 
 
+def test_written_files_are_readable_like_any_new_file_not_private(tmp_path, smear_table):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    written = export_cells_csv(tmp_path / "cells.csv", analysed_layer(smear_table), embeddings_path=tmp_path / "cells.npz")
+    for path in (written, tmp_path / "cells.npz"):  # mkstemp alone would make them 0600
+        assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~umask)
+
+
 def test_a_failing_write_leaves_the_old_file(tmp_path, smear_table, monkeypatch):
     path = tmp_path / "cells.csv"
     path.write_text("keep me")

@@ -73,6 +73,16 @@ def test_pooling_refuses_layers_it_cannot_compare(two_smears):
         PooledCells.from_layers([two_smears[0], cells_layer("c", np.ones((2, 2), np.int32), model_id="other")])
 
 
+def test_embedded_cells_without_a_row_in_the_cell_table_are_refused(two_smears):
+    first, second = two_smears
+    second.features = second.features[second.features["label"] != 3]  # say, a cell painted after segmenting
+    with pytest.raises(PoolingError, match="'b cells' have no row in the layer's cell table"):
+        PooledCells.from_layers([first, second])
+    first.features = pd.DataFrame({"area": [1.0, 2.0]})  # a table without label ids
+    with pytest.raises(PoolingError, match="'a cells'"):
+        PooledCells.from_layers([first])
+
+
 def test_polygon_selection_and_colours():
     coords = np.array([[0.5, 0.5], [2.0, 2.0], [0.9, 0.1], [-1.0, 0.5]])
     square = np.array([[0, 0], [0, 1], [1, 1], [1, 0]])

@@ -8,12 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
+from napari.utils.notifications import notification_manager
 from qtpy.QtWidgets import QMessageBox
 
 from napari_reddino import CellClassifier, embeddings_of
 from napari_reddino.cell_map import DIM_FACTOR
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.widgets.cell_map_widget import MANUAL, PREDICTED, SMEAR_FILL_ALPHA
+from napari_reddino.widgets.class_list import NAME
 
 DATA = Path(__file__).parent / "data"
 CHULA_1 = DATA / "chula_rbc12" / "1.jpg"
@@ -198,9 +200,50 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert np.all(overlay_alpha(widget, aslan, aslan_ids) > SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
     assert np.all(overlay_alpha(widget, cells, ids) <= SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
     assert widget.colour_by.value in (MANUAL, PREDICTED, "circularity")
+    # The head predicted the first smear's map, not this one: review waits for a head on this map.
+    widget.review_next()
+    assert widget.status.value.startswith("Train the head (or apply a saved one) on this map first")
+
+    # Retrained on two other classes, every cell carries only the new head's probabilities.
+    widget.select(pool.layer_index == 0)
+    widget.assign("target cell")
+    widget.select(pool.layer_index == 1)
+    widget.assign("ovalocyte")
+    widget.train()
+    columns = sorted(c for c in aslan.features.columns if c.startswith("p_"))
+    assert columns == ["p_ovalocyte", "p_target cell"]
+    assert sorted(c for c in cells.features.columns if c.startswith("p_")) == columns
+    # A renamed class is renamed in the table, its probability column and the head.
+    widget.class_list.table.item(widget.class_list.classes.index("ovalocyte"), NAME).setText("oval")
+    assert "p_oval" in aslan.features and "p_ovalocyte" not in aslan.features
+    assert set(aslan.features["manual_label"]) == {"oval"}
+    assert widget.classifier.classes == ["target cell", "oval"]
 
     # New labels (here: one cell deleted) make the map stale: it is removed and says why.
     aslan.data = np.where(aslan.data == aslan_ids[0], 0, aslan.data)
     assert widget.pool is None and widget.canvas.points is None
     assert not any(layer.name.endswith("map colours") for layer in viewer.layers)
     assert widget.status.value.startswith(f"The cells of {aslan.name} changed")
+
+    # So does painting a cell with the brush, and removing a smear's cells layer.
+    compute_map(widget, qtbot)
+    cells.paint(tuple(table.loc[ids[0], ["centroid_y", "centroid_x"]]), 0)
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name} changed")
+    compute_map(widget, qtbot)
+    assert widget.pool is not None
+    viewer.layers.remove(aslan)
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {aslan.name} changed or were removed")
+
+
+def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  # noqa: F811
+    cells = embed(viewer, qtbot, tiny_folder[1], ASLAN_1)
+    embeddings_of(cells)[1][0, 0] = np.nan  # a damaged embedding
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    ended = []
+    widget.finished.connect(lambda: ended.append(widget.status.value))
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS):
+        widget.run()
+    qtbot.wait(100)
+    says = "The map failed: Embeddings contain NaN or infinite values; embed the cells again."
+    assert ended == [says] and notification_manager.records[-1].message == says
+    assert widget.pool is None and widget._pending is None and widget._run_button.enabled

@@ -68,6 +68,13 @@ class CellClassifier:
     def fitted(self) -> bool:
         return self._weight is not None
 
+    def rename_class(self, old: str, new: str) -> None:
+        """Call class ``old`` ``new`` from now on (its weights and colour stay)."""
+        self.classes, self._class_order = ([new if c == old else c for c in names]
+                                           for names in (self.classes, self._class_order))
+        if old in self.colours:
+            self.colours[new] = self.colours.pop(old)
+
     def fit(self, embeddings, labels, *, measurements: pd.DataFrame | None = None, measurement_columns=None):
         """Train on the rows whose label is a class name ("" or None: unlabelled, ignored).
 
@@ -215,7 +222,10 @@ def measurement_features(table: pd.DataFrame | None, columns: Sequence[str], n_c
         return np.zeros((n_cells, 0))
     missing = list(columns) if table is None else _missing(table, columns)
     if missing:
-        raise ValueError(f"The head needs the measurements {', '.join(missing)}; measure the cells (Segment cells) first.")
+        raise ValueError(
+            f"The head needs the measurements {', '.join(missing)}, which some of these cells lack: a head "
+            "trained with colour cannot read gray smears, and cells need Segment cells' measurements."
+        )
     if len(table) != n_cells:
         raise ValueError(f"Measurements of {len(table)} cells for {n_cells} embedded cells.")
     derived = {"relative_diameter": _relative_diameter, "red_fraction": _fraction("red"), "blue_fraction": _fraction("blue")}
@@ -228,8 +238,14 @@ def measurement_features(table: pd.DataFrame | None, columns: Sequence[str], n_c
 
 
 def _missing(table: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """The ``columns`` that ``table`` neither holds nor can derive for every cell (a map pooling
+    colour and gray smears has no colour for the gray smear's cells)."""
     sources = {"relative_diameter": ["equivalent_diameter_px"], "red_fraction": _COLOURS, "blue_fraction": _COLOURS}
-    return [c for c in columns if c not in table and not (c in sources and all(s in table for s in sources[c]))]
+
+    def complete(name: str) -> bool:
+        return name in table and bool(table[name].notna().all())
+
+    return [c for c in columns if not complete(c) and not (c in sources and all(map(complete, sources[c])))]
 
 
 def _relative_diameter(table: pd.DataFrame) -> np.ndarray:

@@ -33,6 +33,9 @@ import pandas as pd
 
 from .cell_embeddings import embeddings_of
 
+_UMASK = os.umask(0o022)  # os.umask can only be read by setting it
+os.umask(_UMASK)
+
 ANALYSIS_COLUMNS = ("umap_x", "umap_y", "manual_label", "predicted_class", "prediction_probability")
 
 
@@ -132,6 +135,7 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
             target = Path(target)
             fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
             staged.append((temporary, target))
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from the rest of the lab
             with os.fdopen(fd, "wb") as handle:
                 write(handle)
         while staged:

@@ -56,6 +56,14 @@ class PooledCells:
                 f"The cells layers were embedded with different models ({', '.join(sorted(models))}); "
                 "embed them all with one model to compare them in one map."
             )
+        unmeasured = [layer.name for layer, (ids, *_) in records
+                      if "label" not in layer.features or not np.isin(ids, layer.features["label"]).all()]
+        if unmeasured:
+            raise PoolingError(
+                f"Some embedded cells of {', '.join(map(repr, unmeasured))} have no row in the layer's cell table "
+                "(new or edited cells?): segment the smear again with Plugins > RedDino > Segment cells "
+                "(or Embed cells with 'segment first'), then embed it."
+            )
         crowded = [layer.name for layer, record in records if len(record[0]) >= LUT_SIZE]
         if crowded:
             raise PoolingError(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, config_to_dict
+from .files import write_atomic_with
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -36,9 +36,7 @@ def architecture(cfg: TrainConfig) -> dict[str, Any]:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` next to ``path`` and rename it into place, so a crash mid-write
     leaves the previous checkpoint intact."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic_with(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def _fit_command(args: argparse.Namespace) -> int:
 
 
 def _export_command(args: argparse.Namespace) -> int:
-    from .export import export_teacher
+    from .export import PushError, export_teacher, push_to_hub
 
     try:
         folder = export_teacher(args.run_dir, args.out, overwrite=args.overwrite)
@@ -53,6 +53,13 @@ def _export_command(args: argparse.Namespace) -> int:
         return 2
     print(f'reddino-train export: wrote {folder}; load it with timm.create_model("local-dir:{folder}", '
           "pretrained=True)")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(folder, args.push_to_hub, private=args.private)
+        except PushError as error:
+            print(f"reddino-train export: {error}", file=sys.stderr)
+            return 2
+        print(f'reddino-train export: pushed to {url}; load it with load_embedder("hf_hub:{args.push_to_hub}")')
     return 0
 
 
@@ -144,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN")
     export.add_argument("--out", required=True, metavar="DIR")
     export.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    export.add_argument("--push-to-hub", metavar="REPO", help="then upload DIR to this Hub model repo (org/name)")
+    export.add_argument("--private", action="store_true", help="create the Hub repo as private")
     export.set_defaults(handler=_export_command)
     _add_eval_parser(commands)
     return parser

@@ -11,11 +11,18 @@ from pathlib import Path
 
 import timm
 import torch
+from huggingface_hub import HfApi
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+)
 from timm.models import save_for_hf
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import CHECKPOINT_NAME
 from .config import config_from_dict
+from .files import UMASK
 from .model import vit_architecture_args
 
 TEACHER_BACKBONE_PREFIX = "backbone.vit."
@@ -34,6 +41,9 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
         raise FileNotFoundError(f"no {CHECKPOINT_NAME} in {run_dir}; is it a reddino-train output folder?")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    if run_dir.resolve().is_relative_to(out_dir.resolve()):
+        raise FileExistsError(f"{out_dir} holds the run {run_dir}; export to another folder, replacing it "
+                              "would delete the run")
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     cfg = config_from_dict(state["config"], source=str(checkpoint_path))
     vit = timm.create_model(cfg.model.arch, **vit_architecture_args(cfg.model, cfg.crops.global_size))
@@ -44,6 +54,7 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
     })
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp's 0700 would hide the model from the rest of the lab
     try:
         save_for_hf(
             vit.eval(),
@@ -52,10 +63,48 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
             model_config={"pretrained_cfg": {"tag": EXPORT_TAG}},
             data_config={"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 1.0},
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        _replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target``; an old ``target`` is moved aside first and deleted only
+    once ``new`` is in place, so a failure leaves the old one."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / target.name, target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class PushError(RuntimeError):
+    """The exported folder could not be uploaded to the Hub; the folder itself is intact."""
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload an exported model folder to the Hub model repo ``repo_id`` (created when missing).
+
+    Returns the commit's URL. Users then load it with ``load_embedder("hf_hub:REPO")``.
+    """
+    folder = Path(folder)
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                                   commit_message=f"{EXPORT_TAG} export")
+    except (HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled, OSError, ValueError) as error:
+        raise PushError(
+            f"could not push {folder} to the Hub repo {repo_id}: {str(error).rstrip('.')}. "
+            f"The exported model is intact; log in (`hf auth login`) or go online, then run `hf upload {repo_id} {folder}`."
+        ) from error
+    return commit.commit_url

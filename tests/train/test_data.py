@@ -73,6 +73,16 @@ def test_sampler_resumes_at_its_position():
     assert resumed == full[13:]
 
 
+def test_a_stream_left_by_two_ranks_goes_on_in_one_or_three_processes():
+    whole = take(iter(ResumableSampler(7, seed=1)), 40)
+    consumed = 2 * 5  # each of two ranks took 5 samples: global positions 0-9
+    continued = take(iter(ResumableSampler(7, seed=1, start=consumed)), 12)
+    assert continued == whole[10:22]
+    # 10 samples do not split over 3 ranks: they go back to position 9, which is seen twice.
+    three = [take(iter(ResumableSampler(7, seed=1, rank=r, world_size=3, start=consumed // 3)), 4) for r in range(3)]
+    assert [sample for step in zip(*three) for sample in step] == whole[9:21]
+
+
 def test_same_sample_seed_gives_the_same_crops_and_collate_is_crop_major(smear_images):
     cfg = load_config("tiny")
     dataset = ImageFolder(smear_images, make_multicrop(cfg.crops))

@@ -1,5 +1,6 @@
 import json
 
+import huggingface_hub
 import pytest
 import timm
 import torch
@@ -41,6 +42,21 @@ def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsy
     assert main(["export", run, "--out", model, "--overwrite"]) == 0
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == weights
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+    assert main(["export", run, "--out", str(tmp_path), "--overwrite"]) == 2  # the folder holding the run
+    assert "would delete the run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_a_failed_push_to_the_hub_says_why_and_keeps_the_export(smear_images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    run, model = str(tmp_path / "run"), tmp_path / "model"
+    fit(load_config("tiny", TINY), smear_images, run, max_steps=1)
+    assert main(["export", run, "--out", str(model), "--push-to-hub", "lab/rbc-model"]) == 2
+    captured = capsys.readouterr()
+    assert f"wrote {model}" in captured.out
+    assert "lab/rbc-model" in captured.err and "offline mode" in captured.err
+    assert f"hf upload lab/rbc-model {model}" in captured.err
+    timm.create_model(f"local-dir:{model}", pretrained=True)  # the export is whole
 
 
 @pytest.mark.parametrize("args, message", [

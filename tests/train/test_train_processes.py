@@ -32,6 +32,13 @@ def ddp_run(smear_images, tmp_path_factory) -> Path:
     return torchrun_fit(smear_images, tmp_path_factory.mktemp("ddp"), 4)
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(smear_images, tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    torchrun_fit(smear_images, out_dir, 3, "train.parallel=fsdp")
+    return torchrun_fit(smear_images, out_dir, 4, "train.parallel=fsdp")  # resumes at 3
+
+
 def test_two_gloo_ranks_keep_student_and_teacher_identical(ddp_run):
     rank0, rank1 = (json.loads((ddp_run / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank0["iterations_done"] == rank1["iterations_done"] == 4
@@ -44,9 +51,7 @@ def test_two_gloo_ranks_keep_student_and_teacher_identical(ddp_run):
     assert [row["step"] for row in read_log(ddp_run / "log.csv")] == [1, 2, 3, 4]
 
 
-def test_fsdp_shards_and_resumes_yet_trains_like_ddp(ddp_run, smear_images, tmp_path):
-    torchrun_fit(smear_images, tmp_path, 3, "train.parallel=fsdp")
-    fsdp_run = torchrun_fit(smear_images, tmp_path, 4, "train.parallel=fsdp")  # resumes at 3
+def test_fsdp_shards_and_resumes_yet_trains_like_ddp(ddp_run, fsdp_run):
     rank0, rank1 = (json.loads((fsdp_run / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank0["teacher"] != rank1["teacher"]  # each rank holds its own shards
     ddp, fsdp = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (ddp_run, fsdp_run))
@@ -57,6 +62,23 @@ def test_fsdp_shards_and_resumes_yet_trains_like_ddp(ddp_run, smear_images, tmp_
     ddp_log, fsdp_log = read_log(ddp_run / "log.csv"), read_log(fsdp_run / "log.csv")
     assert [row["step"] for row in fsdp_log] == [1, 2, 3, 4]
     assert [row["loss"] for row in fsdp_log] == pytest.approx([row["loss"] for row in ddp_log], rel=1e-5)
+
+
+@pytest.mark.parametrize("two_process_run", ["ddp_run", "fsdp_run"])
+def test_a_two_process_checkpoint_resumes_in_one_process_where_the_data_left_off(
+    two_process_run, smear_images, tmp_path, request
+):
+    run = request.getfixturevalue(two_process_run)
+    for name in ("checkpoint.pt", "log.csv"):
+        (tmp_path / name).write_bytes((run / name).read_bytes())
+    subprocess.run([sys.executable, str(SCRIPT), str(smear_images), str(tmp_path), "6", *TINY],
+                   check=True, env=ENV, timeout=120, capture_output=True)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["iteration"] == 6
+    # The two ranks took 4 batches of 4 from one shared order; one process goes on after those 32.
+    assert checkpoint["sampler"] == {"samples_consumed": 2 * 4 * 4 + 2 * 4, "world_size": 1}
+    assert len(checkpoint["rng"]) == 1
+    assert [row["step"] for row in read_log(tmp_path / "log.csv")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint(smear_images, tmp_path):

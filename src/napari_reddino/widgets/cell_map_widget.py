@@ -132,6 +132,7 @@ class CellMapWidget(JobWidget):
         self._lay_out_map_widget()
         self._bind_keys()
         napari_viewer.mouse_drag_callbacks.append(_weakly(self._on_smear_press))
+        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
 
     def _lay_out_map_widget(self) -> None:
         """The map on top; below it, in a scroll area, the controls, the class list and the head."""
@@ -190,18 +191,32 @@ class CellMapWidget(JobWidget):
     def _on_progress(self, step) -> None:
         self._count(*step, "UMAP")
 
-    def _on_errored(self, error: Exception) -> None:
-        self._end_run()
-        self._refuse(f"The map failed: {error}")
+    def _failed_job(self) -> str:
+        return "The map"
 
     def _on_finished(self) -> None:
         worker, xy = self._end_run()
-        if xy is None or (worker is not None and worker.abort_requested):
+        pool, self._pending = self._pending, None
+        if worker is not None and worker.abort_requested:
             self.status.value = "Cancelled; the map is as it was."
+        elif xy is None:
+            pass  # failed: _on_errored said why
+        elif changed := self._changed_since_pooled(pool):
+            self.status.value = f"The cells of {changed} changed while the map was computed; compute it again."
         else:
-            self.show_map(self._pending, xy)
+            self.show_map(pool, xy)
             self.status.value = f"Map of {len(xy):,} cells in {time.perf_counter() - self._started:.1f} s."
         self.finished.emit()
+
+    def _changed_since_pooled(self, pool: PooledCells) -> str | None:
+        """The name of a pooled cells layer that was removed or re-embedded since ``pool`` was made."""
+        for position, cells in enumerate(pool.layers):
+            record = embeddings_of(cells)
+            if cells not in self._viewer.layers or record is None or not np.array_equal(
+                record[0], pool.label_ids[pool.span(position)]
+            ):
+                return cells.name
+        return None
 
     def show_map(self, pool: PooledCells, xy: np.ndarray) -> None:
         """Show ``xy`` (one UMAP point per pooled cell) in the map and colour the smears."""
@@ -213,8 +228,9 @@ class CellMapWidget(JobWidget):
         features = {"image": [pool.layers[i].name for i in pool.layer_index], "label": pool.label_ids}
         self.canvas.show_points(self.xy, features)
         self._make_overlays()
-        for cells in pool.layers:  # new labels (a re-segmentation, an edit) make the map stale
+        for cells in pool.layers:  # new labels (a re-segmentation, a brush edit) make the map stale
             cells.events.data.connect(self._on_cells_changed)
+            cells.events.paint.connect(self._on_cells_changed)
         self.colour_by.reset_choices()
         self.recolour()
 
@@ -223,18 +239,26 @@ class CellMapWidget(JobWidget):
         if self.pool is not None:
             for cells in self.pool.layers:
                 cells.events.data.disconnect(self._on_cells_changed)
+                cells.events.paint.disconnect(self._on_cells_changed)
         for overlay in self._overlays:
             if overlay in self._viewer.layers:
                 self._viewer.layers.remove(overlay)
         self._overlays = []
         self.canvas.clear()
         self.pool, self.xy, self._review = None, None, []
+        self._uncertain = np.zeros(0, dtype=int)
         self.selected = np.zeros(0, dtype=bool)
 
+    def _on_layer_removed(self, event) -> None:
+        if self.pool is not None and event.value in self.pool.layers:
+            self._map_is_stale(event.value.name)
+
     def _on_cells_changed(self, event=None) -> None:
-        name = getattr(getattr(event, "source", None), "name", "a cells layer")
+        self._map_is_stale(getattr(getattr(event, "source", None), "name", "a cells layer"))
+
+    def _map_is_stale(self, name: str) -> None:
         self.forget_map()
-        self.status.value = f"The cells of {name} changed; embed them again, then Compute map."
+        self.status.value = f"The cells of {name} changed or were removed; embed them again, then Compute map."
         self.selection_count.value = "No map yet."
 
     def _make_overlays(self) -> None:
@@ -314,7 +338,10 @@ class CellMapWidget(JobWidget):
         yield
         if event.type == "mouse_move":
             return
-        for position, overlay in enumerate(self._overlays):
+        shown = [p for p, overlay in enumerate(self._overlays)
+                 if overlay in viewer.layers and overlay.visible and self.pool.layers[p].visible]
+        for position in sorted(shown, key=lambda p: -viewer.layers.index(self._overlays[p])):  # the top smear first
+            overlay = self._overlays[position]
             rank = overlay.get_value(event.position, world=True)
             if rank:
                 label = self.pool.label_ids[self.pool.offsets[position] + int(rank) - 1]
@@ -346,11 +373,17 @@ class CellMapWidget(JobWidget):
             self.review_next()
 
     def _rename_class(self, old: str, new: str) -> None:
+        if self.classifier is not None:
+            self.classifier.rename_class(old, new)
         if self.pool is None:
             return
         for column in ("manual_label", "predicted_class"):
             values = self.pool.column(column, UNLABELLED)
             self.pool.write(column, new, np.flatnonzero(values == old))
+        for cells in self.pool.layers:
+            if f"p_{old}" in cells.features:
+                cells.features = cells.features.rename(columns={f"p_{old}": f"p_{new}"})
+        self.colour_by.reset_choices()
 
     def train(self) -> None:
         """Fit the linear head on the labelled cells and predict every cell of the map."""
@@ -366,31 +399,41 @@ class CellMapWidget(JobWidget):
         except ValueError as error:
             self._refuse(str(error), notify=show_info)
             return
-        self.classifier = classifier
-        self._predict(self.pool, table)
+        self._predict(classifier, self.pool, classifier.predict_proba(self.pool.embeddings, measurements=table))
         taught = int((labels != UNLABELLED).sum())
         self.status.value = (f"Head trained on {taught:,} labelled cells in {time.perf_counter() - started:.2f} s; "
                              f"every cell has a predicted class.")
 
-    def _predict(self, pool: PooledCells, table: pd.DataFrame) -> None:
-        """Write the head's prediction for every cell of ``pool`` (``table``: its cells' features)."""
-        proba = self.classifier.predict_proba(pool.embeddings, measurements=table)
-        classes = np.asarray(self.classifier.classes, dtype=object)
+    def _predict(self, classifier: CellClassifier, pool: PooledCells, proba: np.ndarray) -> None:
+        """Make ``classifier`` the head and write its probabilities ``proba`` for every cell of ``pool``.
+
+        A cell's ``p_<class>`` columns are those of this head only: a previous head's are dropped.
+        """
+        self.classifier = classifier
+        for cells in pool.layers:
+            stale = [c for c in cells.features.columns if c.startswith("p_")]
+            if stale:
+                cells.features = cells.features.drop(columns=stale)
+        classes = np.asarray(classifier.classes, dtype=object)
         pool.write("predicted_class", classes[proba.argmax(axis=1)])
         pool.write("prediction_probability", proba.max(axis=1), empty=np.nan)
         for column, name in enumerate(classes):
             pool.write(f"p_{name}", proba[:, column], empty=np.nan)
-        if pool is self.pool:
-            self._uncertain = uncertainty_order(proba)
-            self._review = []
-            self.colour_by.reset_choices()
-            self.colour_by.value = PREDICTED
-            self.recolour()
+        self._review = []
+        if self.pool is None:
+            return
+        # The map's cells may have got new predictions (all of them, or some, from a head applied
+        # to other smears too): review follows this head only when it predicted the whole map.
+        self._uncertain = uncertainty_order(proba) if pool is self.pool else np.zeros(0, dtype=int)
+        self.colour_by.reset_choices()
+        self.colour_by.value = PREDICTED
+        self.recolour()
 
     def review_next(self) -> None:
         """Select the next least-certain unlabelled cell and show it in its smear and on the map."""
-        if self.classifier is None:
-            self._refuse("Train the head first; review steps through its least certain cells.", notify=show_info)
+        if self.pool is None or len(self._uncertain) != len(self.pool):
+            self._refuse("Train the head (or apply a saved one) on this map first; review steps through its "
+                         "least certain cells.", notify=show_info)
             return
         if not self._review:
             labelled = self.pool.column("manual_label", UNLABELLED) != UNLABELLED
@@ -414,7 +457,11 @@ class CellMapWidget(JobWidget):
         if self.classifier is None:
             self._refuse("Train the head first.", notify=show_info)
             return
-        self.classifier.save(path)
+        try:
+            self.classifier.save(path)
+        except (OSError, ValueError) as error:
+            self._refuse(f"The head was not saved: {error}")
+            return
         self.status.value = f"Head saved to {path}."
 
     def apply_head(self, path: str | Path) -> None:
@@ -424,13 +471,13 @@ class CellMapWidget(JobWidget):
             pool = self.pool if self.pool is not None and set(self.pool.layers) == set(layers) else (
                 PooledCells.from_layers(layers))
             classifier = CellClassifier.load(path, model_id=pool.model_id)
+            proba = classifier.predict_proba(pool.embeddings, measurements=pool.table())
         except (PoolingError, OSError, ValueError) as error:  # HeadMismatchError is a ValueError
             self._refuse(str(error))
             return
         for name in classifier.classes:
             self.class_list.add_class(name, classifier.colours.get(name, "#999999"))
-        self.classifier = classifier
-        self._predict(pool, pool.table())
+        self._predict(classifier, pool, proba)
         mapped = "" if pool is self.pool else " Compute map to see them on the map."
         self.status.value = f"Head {Path(path).name} applied to {len(pool):,} cells.{mapped}"
 
@@ -440,15 +487,21 @@ class CellMapWidget(JobWidget):
             self._refuse("Compute the map first.", notify=show_info)
             return None
         path = Path(path)
-        if path.exists() and not self._confirm_overwrite(path):
-            return None
         embeddings = path.with_suffix(".npz") if self.with_embeddings.value else None
-        written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, overwrite=True)
+        existing = [file for file in (path, embeddings) if file is not None and file.exists()]
+        if existing and not self._confirm_overwrite(existing):
+            return None
+        try:
+            written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, overwrite=True)
+        except (OSError, ValueError) as error:
+            self._refuse(f"Nothing was written: {error}")
+            return None
         self.status.value = f"{len(self.pool):,} cells written to {written}."
         return written
 
-    def _confirm_overwrite(self, path: Path) -> bool:
-        answer = QMessageBox.question(self, "Replace file?", f"{path.name} exists. Replace it?")
+    def _confirm_overwrite(self, paths: list[Path]) -> bool:
+        names = " and ".join(path.name for path in paths)
+        answer = QMessageBox.question(self, "Replace?", f"{names} {'exist' if len(paths) > 1 else 'exists'}. Replace?")
         return answer == QMessageBox.StandardButton.Yes
 
     def _save_head_dialog(self) -> None:

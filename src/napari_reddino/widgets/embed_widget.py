@@ -235,10 +235,8 @@ class EmbedCellsWidget(JobWidget):
             rate = done / max(time.perf_counter() - self._embed_started, 1e-9)
             self.status.value = f"Embedding {self._embed_job.cells.name}: {done:,} of {total:,} cells ({rate:,.0f} cells/s)…"
 
-    def _on_errored(self, error: Exception) -> None:
-        # napari's worker already shows the error (with its traceback) as a notification
-        what = "Embedding" if self._embed_job is not None else "Segmentation"
-        self.status.value = f"{what} failed: {error}"
+    def _failed_job(self) -> str:
+        return "Embedding" if self._embed_job is not None else "Segmentation"
 
     def _on_finished(self) -> None:
         """Show the outcome once the worker is done; after segmenting, go on to embed."""

@@ -123,6 +123,14 @@ class JobWidget(QWidget):
         raise NotImplementedError
 
     def _on_errored(self, error: Exception) -> None:
+        """Say why the run failed, as a notification and in the status line (a worker whose
+        ``errored`` signal has a handler does not re-raise the error itself)."""
+        message = f"{self._failed_job()} failed: {error}"
+        show_error(message)
+        self.status.value = message
+
+    def _failed_job(self) -> str:
+        """What the running worker was doing, for the failure message ("Segmentation", ...)."""
         raise NotImplementedError
 
     def _on_finished(self) -> None:

@@ -102,9 +102,8 @@ class SegmentCellsWidget(JobWidget):
     def _on_progress(self, tiles: tuple[int, int]) -> None:
         self._count(*tiles, f"Segmenting {self._job.image_name}")
 
-    def _on_errored(self, error: Exception) -> None:
-        # napari's worker already shows the error (with its traceback) as a notification
-        self.status.value = f"Segmentation failed: {error}"
+    def _failed_job(self) -> str:
+        return "Segmentation"
 
     def _on_finished(self) -> None:
         """Show the outcome once the worker is done, so a new run can start from any signal."""
