@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from _model_fixtures import TINY_DIM, hub_cache, tiny_folder  # noqa: F401  (fixtures)
 from napari.layers import Labels
@@ -11,7 +12,7 @@ from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt
 from skimage.io import imread
 
-from napari_reddino import embeddings_of, segment_cells
+from napari_reddino import embeddings_of, measure_cells, segment_cells
 from napari_reddino.cell_embeddings import METADATA_KEY, fingerprint, store_embeddings
 from napari_reddino.embedding import clear_embedder_cache, list_devices
 from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
@@ -226,3 +227,20 @@ def test_the_fingerprint_follows_image_labels_model_and_crop_settings(tiny_folde
         fingerprint(image, labels, model, mode="masked", margin=0.25),
         fingerprint(image, labels, model, mode="context", margin=0.5),
     }) == 7
+
+
+def test_cells_from_another_tool_are_measured_when_embedded(viewer, widget, chula_pixels_and_cells, qtbot):
+    image, labels = chula_pixels_and_cells
+    viewer.add_image(image, rgb=True, name="smear")
+    cells = viewer.add_labels(labels.copy(), name="masks from another tool")
+    ids = label_ids(cells)
+    cells.features = pd.DataFrame({"label": ids[:3], "note": ["mine", "", "ok"]})  # a table of its own, partial
+    widget.reset_choices()
+    widget.cells.value = cells
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    features = cells.features
+    expected = measure_cells(labels, image)
+    pd.testing.assert_frame_equal(features[expected.columns], expected)
+    np.testing.assert_array_equal(np.sort(features["label"]), embeddings_of(cells)[0])
+    assert list(features["note"].iloc[:3]) == ["mine", "", "ok"] and features["note"].iloc[3:].isna().all()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import napari
 import numpy as np
+import pandas as pd
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, PushButton
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
@@ -36,6 +37,7 @@ from ..cell_embeddings import (
 from ..crops import CROP_MODES, DEFAULT_CROP_MODE, DEFAULT_MARGIN
 from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError
+from ..measurements import measure_cells
 from ..models import KNOWN_MODELS, ModelLoadError
 from .job_widget import JobWidget, smear_pixels
 from .segment_widget import _Job, _segment_and_measure, add_cells_layer
@@ -62,14 +64,20 @@ class _LoadFailure:
 
 
 @thread_worker
-def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, mode: str, margin: float):
-    """Yields the loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(ids, embeddings)``."""
+def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, mode: str, margin: float,
+                    measured_ids: np.ndarray | None, pixel_size_um: float | None):
+    """Yields the loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(ids, embeddings,
+    table)``, ``table`` the cells' measurements when a cell is missing from ``measured_ids`` (labels
+    made by another tool, or cells painted after segmenting), else None."""
     try:
         embedder = load_embedder(model, device=device)
     except (ModelLoadError, DeviceError) as error:  # said to the user plainly, without a traceback
         return _LoadFailure(str(error))
     yield embedder
-    return (yield from embedder.embed_steps(pixels, labels, mode=mode, margin=margin))
+    ids, embeddings = yield from embedder.embed_steps(pixels, labels, mode=mode, margin=margin)
+    complete = measured_ids is not None and np.isin(ids, measured_ids).all()
+    table = None if complete else measure_cells(labels, pixels, pixel_size_um=pixel_size_um)
+    return ids, embeddings, table
 
 
 class EmbedCellsWidget(JobWidget):
@@ -221,7 +229,9 @@ class EmbedCellsWidget(JobWidget):
         self._embed_job = _EmbedJob(cells, model, mode, margin, current)
         self.status.value = f"Loading {model}…"
         labels = labels.copy()  # painting during the run must not change what is embedded
-        self._start(_load_and_embed, model, self.device.value, pixels, labels, mode, margin)
+        measured = cells.features["label"].to_numpy() if "label" in cells.features else None
+        pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
+        self._start(_load_and_embed, model, self.device.value, pixels, labels, mode, margin, measured, pixel_size)
 
     def _on_progress(self, item) -> None:
         if isinstance(item, Embedder):  # loaded: the embedding starts now
@@ -274,10 +284,15 @@ class EmbedCellsWidget(JobWidget):
             return
         self._embed(image, pixels, cells)
 
-    def _store(self, job: _EmbedJob, embedder: Embedder, ids: np.ndarray, embeddings: np.ndarray) -> None:
+    def _store(self, job: _EmbedJob, embedder: Embedder, ids: np.ndarray, embeddings: np.ndarray,
+               table: pd.DataFrame | None) -> None:
         if job.cells not in self._viewer.layers:
             self.status.value = f"{job.cells.name} was removed while its cells were embedded; nothing was stored."
             return
+        if table is not None:  # measured now: the layer's own columns (labels, notes) stay with their cells
+            old = job.cells.features
+            own = [c for c in old.columns if c not in table.columns]
+            job.cells.features = table.merge(old[["label", *own]], on="label", how="left") if "label" in old else table
         seconds = time.perf_counter() - self._embed_started
         store_embeddings(
             job.cells, ids, embeddings, model_id=embedder.model_id, fingerprint=job.fingerprint,
