@@ -30,8 +30,8 @@ import pandas as pd
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from .atomic_files import write_files_atomically
 from .cell_embeddings import check_embeddings
-from .cell_export import write_files_atomically
 
 DEFAULT_MEASUREMENTS = (
     "circularity", "eccentricity", "solidity", "central_pallor", "relative_diameter", "red_fraction", "blue_fraction",

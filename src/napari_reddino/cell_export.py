@@ -22,19 +22,15 @@ No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata
 from __future__ import annotations
 
 import errno
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 import pandas as pd
 
+from .atomic_files import write_files_atomically
 from .cell_embeddings import embeddings_of
-
-_UMASK = os.umask(0o022)  # os.umask can only be read by setting it
-os.umask(_UMASK)
 
 ANALYSIS_COLUMNS = ("umap_x", "umap_y", "manual_label", "predicted_class", "prediction_probability")
 
@@ -122,29 +118,6 @@ def embedding_arrays(layers: Sequence) -> dict[str, np.ndarray]:
         "model_id": np.concatenate(models).astype(str),
         "embedding": np.concatenate(embeddings).astype(np.float32, copy=False),
     }
-
-
-def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[bytes]], object]]) -> None:
-    """Write each file with its ``writer(binary_handle)`` beside its target, then rename them all.
-
-    A failing writer leaves every target as it was (and no temporary file behind).
-    """
-    staged: list[tuple[str, Path]] = []
-    try:
-        for target, write in writers.items():
-            target = Path(target)
-            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            staged.append((temporary, target))
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from the rest of the lab
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-        while staged:
-            temporary, target = staged[0]
-            os.replace(temporary, target)
-            staged.pop(0)
-    finally:
-        for temporary, _ in staged:
-            Path(temporary).unlink(missing_ok=True)
 
 
 def _float32_as_float64(table: pd.DataFrame) -> pd.DataFrame:

@@ -19,10 +19,11 @@ from huggingface_hub.errors import (
 )
 from timm.models import save_for_hf
 
+from napari_reddino.atomic_files import UMASK
+
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import CHECKPOINT_NAME
 from .config import config_from_dict
-from .files import UMASK
 from .model import vit_architecture_args
 
 TEACHER_BACKBONE_PREFIX = "backbone.vit."

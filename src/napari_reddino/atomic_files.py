@@ -1,0 +1,40 @@
+"""Atomic file writes: temporary files beside the targets, then renames, so a reader (or a
+resumed run) sees either the old file or the whole new one, never half of it.
+
+Shared by the plugin and ``reddino_train``. Files get the permissions any new file gets here:
+``mkstemp`` alone makes them 0600, unreadable to the rest of a lab's group.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO
+
+UMASK = os.umask(0o022)  # read once: os.umask can only be read by setting it
+os.umask(UMASK)
+
+
+def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[bytes]], object]]) -> None:
+    """Write each file with its ``writer(binary_handle)`` beside its target, then rename them all.
+
+    A failing writer leaves every target as it was (and no temporary file behind).
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for target, write in writers.items():
+            target = Path(target)
+            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            staged.append((temporary, target))
+            os.fchmod(fd, 0o666 & ~UMASK)
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+        while staged:
+            temporary, target = staged[0]
+            os.replace(temporary, target)
+            staged.pop(0)
+    finally:
+        for temporary, _ in staged:
+            Path(temporary).unlink(missing_ok=True)
