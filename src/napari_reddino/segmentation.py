@@ -19,14 +19,16 @@ from scipy import ndimage as ndi
 from .cell_lookup import cell_centres
 from .cell_separation import (
     WORKING_DIAMETER_PX,
+    Thresholds,
     drop_nuclei,
     flatten_background,
-    foreground_threshold,
+    foreground_thresholds,
     separate_cells,
     smooth_density,
 )
 from .cell_size import diameter_from_foreground
 from .image_input import StainModel, check_smear, fit_stain_model
+from .resampling import resize_linear, resize_nearest
 from .steps import Progress, run_steps
 
 RBC_DIAMETER_UM = 7.5  # a normal red cell; turns a pixel size into an expected diameter
@@ -42,7 +44,7 @@ class Calibration:
     stain: StainModel
     cell_diameter: float  # px in the input image
     scale: float  # working scale / input scale (<= 1)
-    threshold: float | None  # foreground, in smoothed working-scale density; None: no contrast
+    thresholds: Thresholds | None  # in smoothed working-scale density; None: no contrast
 
     @property
     def working_diameter(self) -> float:
@@ -78,7 +80,7 @@ def iter_segment_cells(
     array = check_smear(image)
     calibration, smoothed_whole = _calibrate(array, cell_diameter, pixel_size_um)
     labels = np.zeros(array.shape[:2], np.int32)
-    if calibration.threshold is None:
+    if calibration.thresholds is None:
         yield 1, 1
         return labels
     tiles = list(plan_tiles(array.shape[:2], calibration))
@@ -130,7 +132,7 @@ def _calibrate(
         cell_diameter = _estimate_diameter(density)
     scale = min(1.0, WORKING_DIAMETER_PX / cell_diameter)
     smoothed = _working_density(density, scale, cell_diameter * scale)
-    calibration = Calibration(stain, float(cell_diameter), scale, foreground_threshold(smoothed))
+    calibration = Calibration(stain, float(cell_diameter), scale, foreground_thresholds(smoothed))
     return calibration, smoothed if whole else None
 
 
@@ -139,10 +141,12 @@ def _estimate_diameter(density: np.ndarray) -> float:
     height, width = (density.shape[0] // 2) * 2, (density.shape[1] // 2) * 2
     if min(height, width) < 2:
         return WORKING_DIAMETER_PX
-    half = density[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+    half = 0.25 * sum(density[i:height:2, j:width:2] for i in (0, 1) for j in (0, 1))
     smoothed = ndi.gaussian_filter(half, 1.0)
-    threshold = foreground_threshold(smoothed)
-    return WORKING_DIAMETER_PX if threshold is None else 2 * diameter_from_foreground(smoothed > threshold)
+    thresholds = foreground_thresholds(smoothed)
+    if thresholds is None:
+        return WORKING_DIAMETER_PX
+    return 2 * diameter_from_foreground(smoothed > thresholds.cell)
 
 
 def _central_window(length: int) -> slice:
@@ -156,17 +160,7 @@ def _rescale(plane: np.ndarray, scale: float) -> np.ndarray:
         return plane
     shape = (max(1, round(plane.shape[0] * scale)), max(1, round(plane.shape[1] * scale)))
     box = ndi.uniform_filter(plane, size=max(1, round(1 / scale)))
-    return _sample(box, shape, order=1)
-
-
-def _sample(plane: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
-    """``plane`` resampled onto ``shape`` (pixel centres aligned), nearest or linear."""
-    if order == 0:
-        rows = ((np.arange(shape[0]) + 0.5) * plane.shape[0] / shape[0]).astype(np.intp)
-        cols = ((np.arange(shape[1]) + 0.5) * plane.shape[1] / shape[1]).astype(np.intp)
-        return plane[rows[:, None], cols[None, :]]
-    zoom = (shape[0] / plane.shape[0], shape[1] / plane.shape[1])
-    return ndi.zoom(plane, zoom, order=1, mode="nearest", grid_mode=True)[: shape[0], : shape[1]]
+    return resize_linear(box, shape)
 
 
 @dataclass(frozen=True)
@@ -232,15 +226,15 @@ def _upsample_labels(
     interpolated density decides (same threshold), so areas and perimeters are measured on the
     cell, not on blocks of up to 1/scale pixels. Filled pale centres are left as they are.
     """
-    labels = _sample(labels, shape, order=0)
-    fine = _sample(smoothed, shape, order=1) > calibration.threshold
+    labels = resize_nearest(labels, shape)
+    fine = resize_linear(smoothed, shape) > calibration.thresholds.cell
     near_slide = ndi.binary_dilation(labels == 0, iterations=ceil(1 / calibration.scale))
     labels[near_slide & ~fine] = 0
     return labels
 
 
 def _separate_at_input_scale(smoothed: np.ndarray, window: np.ndarray, calibration: Calibration) -> np.ndarray:
-    labels = separate_cells(smoothed, calibration.threshold, calibration.working_diameter)
+    labels = separate_cells(smoothed, calibration.thresholds, calibration.working_diameter)
     if calibration.scale < 1.0:
         labels = _upsample_labels(labels, smoothed, window.shape[:2], calibration)
     if window.ndim == 3:
