@@ -66,6 +66,31 @@ def test_writes_land_on_the_cells_own_rows(two_smears):
     np.testing.assert_array_equal(pool.table()["umap_x"], np.arange(5.0))
 
 
+def test_several_columns_are_written_with_one_table_per_layer(two_smears):
+    replaced = {}
+
+    class Counted:  # a cells layer that counts how often its table is replaced
+        def __init__(self, layer):
+            self.name, self.data, self.metadata, self._features = layer.name, layer.data, layer.metadata, layer.features
+
+        @property
+        def features(self):
+            return self._features
+
+        @features.setter
+        def features(self, table):
+            replaced[self.name] = replaced.get(self.name, 0) + 1
+            self._features = table
+
+    first, second = (Counted(layer) for layer in two_smears)
+    pool = PooledCells.from_layers([first, second])
+    pool.write_columns({"p_a": [0.25, 0.75], "p_b": [0.75, 0.25], "prediction_probability": 0.75}, [1, 4], empty=np.nan)
+    assert replaced == {"a cells": 1, "b cells": 1}
+    np.testing.assert_array_equal(first.features["p_a"], [np.nan, 0.25])
+    np.testing.assert_array_equal(second.features["p_b"], [np.nan, np.nan, 0.25])
+    np.testing.assert_array_equal(pool.table()["prediction_probability"], [np.nan, 0.75, np.nan, np.nan, 0.75])
+
+
 def test_pooling_refuses_layers_it_cannot_compare(two_smears):
     with pytest.raises(PoolingError, match="Embed cells"):
         PooledCells.from_layers([two_smears[0], cells_layer("raw", np.ones((2, 2), np.int32), embed=False)])

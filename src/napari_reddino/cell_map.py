@@ -140,18 +140,25 @@ class PooledCells:
 
         A layer without the column gets it, filled with ``empty`` for its other cells.
         """
+        self.write_columns({name: values}, points, empty=empty)
+
+    def write_columns(self, columns: dict, points=None, *, empty="") -> None:
+        """:meth:`write` for several columns at once: each layer's table is copied and
+        replaced once (each replacement re-validates the table and repaints in napari)."""
         points = np.arange(len(self)) if points is None else np.asarray(points, dtype=np.int64)
-        values = np.broadcast_to(np.asarray(values, dtype=object if isinstance(empty, str) else float), points.shape)
+        dtype = object if isinstance(empty, str) else float
+        columns = {name: np.broadcast_to(np.asarray(v, dtype=dtype), points.shape) for name, v in columns.items()}
         for position, layer in enumerate(self.layers):
             span = self.span(position)
             inside = (points >= span.start) & (points < span.stop)
-            if not inside.any() and name in layer.features:
+            if not inside.any() and all(name in layer.features for name in columns):
                 continue
             table = layer.features.copy()
-            if name not in table:
-                table[name] = empty
             rows = pd.Index(table["label"]).get_indexer(self.label_ids[points[inside]])
-            table.iloc[rows, table.columns.get_loc(name)] = values[inside]
+            for name, values in columns.items():
+                if name not in table:
+                    table[name] = empty
+                table.iloc[rows, table.columns.get_loc(name)] = values[inside]
             layer.features = table
 
 

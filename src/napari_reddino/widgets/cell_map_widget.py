@@ -223,8 +223,7 @@ class CellMapWidget(JobWidget):
         self.forget_map()
         self.pool, self.xy = pool, np.asarray(xy, dtype=np.float32)
         self.selected = np.zeros(len(pool), dtype=bool)
-        pool.write("umap_x", self.xy[:, 0], empty=np.nan)
-        pool.write("umap_y", self.xy[:, 1], empty=np.nan)
+        pool.write_columns({"umap_x": self.xy[:, 0], "umap_y": self.xy[:, 1]}, empty=np.nan)
         features = {"image": [pool.layers[i].name for i in pool.layer_index], "label": pool.label_ids}
         self.canvas.show_points(self.xy, features)
         self._make_overlays()
@@ -416,9 +415,8 @@ class CellMapWidget(JobWidget):
                 cells.features = cells.features.drop(columns=stale)
         classes = np.asarray(classifier.classes, dtype=object)
         pool.write("predicted_class", classes[proba.argmax(axis=1)])
-        pool.write("prediction_probability", proba.max(axis=1), empty=np.nan)
-        for column, name in enumerate(classes):
-            pool.write(f"p_{name}", proba[:, column], empty=np.nan)
+        probabilities = {f"p_{name}": proba[:, column] for column, name in enumerate(classes)}
+        pool.write_columns({"prediction_probability": proba.max(axis=1), **probabilities}, empty=np.nan)
         self._review = []
         if self.pool is None:
             return
