@@ -14,7 +14,8 @@ from skimage.transform import rescale
 
 import napari_reddino.segmentation as segmentation
 from napari_reddino import ImageInputError, cells_at_points, iter_segment_cells, segment_cells
-from napari_reddino.cell_separation import Thresholds, separate_cells
+from napari_reddino.cell_separation import Thresholds, distance_to_background, separate_cells
+from napari_reddino.cell_size import DEFAULT_DIAMETER_PX, diameter_from_foreground
 from napari_reddino.segmentation import _calibrate
 
 DATA = Path(__file__).parent / "data"
@@ -151,6 +152,23 @@ def test_dtypes_and_alpha_give_the_same_cells(convert):
     labels = segment_cells(convert(image))
     assert abs(int(labels.max()) - int(reference.max())) <= 2
     assert ((labels > 0) == (reference > 0)).mean() > 0.99
+
+
+def test_a_black_frame_around_the_field_does_not_hide_the_cells():
+    # A dark frame or vignette encloses the whole field; it used to outweigh every cell in the
+    # threshold (one segment: the frame) and then to give an infinite cell diameter.
+    image, centres = chula(1)
+    framed = image.copy()
+    framed[:4], framed[-4:], framed[:, :4], framed[:, -4:] = 0, 0, 0, 0
+    labels = segment_cells(framed)
+    assert recall(labels, centres) >= 0.93
+    assert 110 <= labels.max() <= 135
+
+
+def test_distances_of_a_mask_without_background_reach_the_border():
+    distance = distance_to_background(np.ones((5, 7), bool))
+    assert np.isfinite(distance).all() and distance[2, 3] == 3.0
+    assert diameter_from_foreground(np.ones((50, 50), bool)) == DEFAULT_DIAMETER_PX
 
 
 def test_grayscale_smears_are_segmented():

@@ -143,8 +143,9 @@ class PooledCells:
         self.write_columns({name: values}, points, empty=empty)
 
     def write_columns(self, columns: dict, points=None, *, empty="") -> None:
-        """:meth:`write` for several columns at once: each layer's table is copied and
-        replaced once (each replacement re-validates the table and repaints in napari)."""
+        """:meth:`write` for several columns of one kind at once (text when ``empty`` is a
+        string, numbers otherwise): each layer's table is copied and replaced once, since each
+        replacement re-validates the table and repaints in napari."""
         points = np.arange(len(self)) if points is None else np.asarray(points, dtype=np.int64)
         dtype = object if isinstance(empty, str) else float
         columns = {name: np.broadcast_to(np.asarray(v, dtype=dtype), points.shape) for name, v in columns.items()}

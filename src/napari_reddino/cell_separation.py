@@ -25,7 +25,7 @@ NOISE_SIGMAS = 3.0  # ... and this many background standard deviations above bac
 FAINT_LEVEL = 0.5  # a faint outline: this far from background towards the cell threshold
 MAX_PALLOR_AREA = 0.6  # holes up to this fraction of a cell are its pale centre
 MIN_PALLOR_AREA = 0.02  # ... and, inside a faint outline, at least this fraction
-PALLOR_ROUNDNESS = 2.0  # a pale centre's area is at most this many discs of its inner radius
+PALLOR_ROUNDNESS = 3.5  # ... and compact: at most this many discs of its inscribed radius (slits fail)
 FAINT_RIM_REACH = 1.0  # radii around a pale centre whose faint pixels join it
 MARKER_SPACING = 0.3  # watershed seeds at least this many radii apart
 MARKER_HEIGHT = 0.3  # seeds at least this many radii from the cell edge
@@ -96,9 +96,10 @@ def distance_to_background(mask: np.ndarray) -> np.ndarray:
     """Euclidean distance (float32) from each foreground pixel to the nearest background pixel.
 
     Exact, like ``scipy.ndimage.distance_transform_edt``, and about 3x faster (no feature
-    transform); one thread, since tiles already run in parallel.
+    transform); one thread, since tiles already run in parallel. A mask with no background
+    at all measures to the image border (``edt`` would give infinity).
     """
-    return edt.edt(mask, black_border=False, parallel=1)
+    return edt.edt(mask, black_border=bool(mask.all()), parallel=1)
 
 
 def fill_holes(mask: np.ndarray, max_area: float = np.inf) -> np.ndarray:
@@ -273,11 +274,13 @@ def _around_faint_pale_centres(
         if np.median(smoothed[box][hole_pixels]) <= thresholds.slide:
             continue
         centre = fill_holes(hole_pixels)
-        inner_radius = max(float(distance_to_background(centre).max()), 0.5)
+        # The distance is to the nearest outside pixel's centre: half a pixel beyond the edge.
+        inner_radius = max(float(distance_to_background(centre).max()) - 0.5, 0.5)
         if centre.sum() > PALLOR_ROUNDNESS * np.pi * inner_radius**2:
             continue
-        rim = faint[box] & (distance_to_background(~centre) <= reach)
-        added[box] |= centre | rim
+        near = centre | (faint[box] & (distance_to_background(~centre) <= reach))
+        pieces, _ = ndi.label(near)
+        added[box] |= np.isin(pieces, pieces[centre])  # the rim that touches the centre, not stray blobs
     return added
 
 
@@ -314,6 +317,7 @@ def _flood(distance: np.ndarray, markers: np.ndarray, components: np.ndarray, n:
     shared = lowest < highest
     shared[0] = False
     single_id = np.where(shared, 0, highest).astype(np.int32)
+    single_id[0] = 0
     labels = single_id[components]
     if shared.any():
         crowded = shared[components]

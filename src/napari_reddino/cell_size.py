@@ -20,6 +20,8 @@ MIN_DIAMETER_PX = 6.0
 def diameter_from_foreground(foreground: np.ndarray) -> float:
     """Typical cell diameter (px) of a foreground mask; the default when nothing is there."""
     filled = fill_holes(foreground)
+    if filled.all():  # e.g. a dark frame around the smear encloses everything: no cells to measure
+        return DEFAULT_DIAMETER_PX
     distance = distance_to_background(filled)
     peaks = (distance == ndi.maximum_filter(distance, size=7)) & (distance > MIN_DIAMETER_PX / 2)
     radii = np.sort(distance[peaks])

@@ -22,6 +22,7 @@ ACCEPTED = (
 )
 RED_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 _SAMPLE_PIXELS = 250_000
+OPAQUE_DENSITY = 1.0  # optical density of 10 % transmission: darker in every channel is not sample
 
 
 class ImageInputError(ValueError):
@@ -57,7 +58,8 @@ def colour_planes(array: np.ndarray) -> list[np.ndarray]:
 
 
 def subsample(array: np.ndarray, pixels: int = _SAMPLE_PIXELS) -> np.ndarray:
-    """A strided view with about ``pixels`` pixels: enough for levels and histograms."""
+    """A strided view with at most ``pixels`` pixels (and at least a quarter of that, for
+    images larger than ``pixels``): enough for levels and histograms."""
     step = max(1, ceil(np.sqrt(array.shape[0] * array.shape[1] / pixels)))
     return array[::step, ::step]
 
@@ -85,11 +87,19 @@ class StainModel:
         return self.combine(self.optical_densities(array))
 
     def combine(self, densities: list[np.ndarray]) -> np.ndarray:
-        """Red-cell density from per-channel optical densities (see the module docstring)."""
+        """Red-cell density from per-channel optical densities (see the module docstring).
+
+        Pixels that pass under a tenth of the slide's light in every channel (a black frame or
+        vignette around the field, black ink) are not stained sample: they get density 0, or
+        a frame would outweigh every cell when the threshold is chosen.
+        """
         if len(densities) == 1:
-            return np.maximum(densities[0], 0)
-        red, green, _ = densities
-        return np.maximum(green - np.float32(self.red_weight) * red, 0)
+            density = np.maximum(densities[0], 0)
+        else:
+            red, green, _ = densities
+            density = np.maximum(green - np.float32(self.red_weight) * red, 0)
+        density[np.minimum.reduce(densities) > OPAQUE_DENSITY] = 0
+        return density
 
 
 def fit_stain_model(image) -> StainModel:

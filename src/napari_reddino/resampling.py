@@ -10,13 +10,17 @@ import numpy as np
 
 
 def resize_nearest(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``plane`` (any dtype, e.g. labels) sampled at the pixel nearest each output centre."""
     rows = ((np.arange(shape[0]) + 0.5) * plane.shape[0] / shape[0]).astype(np.intp)
     cols = ((np.arange(shape[1]) + 0.5) * plane.shape[1] / shape[1]).astype(np.intp)
     return plane[rows[:, None], cols[None, :]]
 
 
 def resize_linear(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """``plane`` (float) linearly resampled onto ``shape``; edges repeat the border pixel."""
+    """``plane`` linearly resampled onto ``shape`` (float; integers become float32); edges
+    repeat the border pixel."""
+    if not np.issubdtype(plane.dtype, np.floating):
+        plane = plane.astype(np.float32)
     for axis, length in enumerate(shape):
         source_length = plane.shape[axis]
         if length == source_length:
