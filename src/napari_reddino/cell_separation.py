@@ -280,7 +280,7 @@ def _around_faint_pale_centres(
             continue
         near = centre | (faint[box] & (distance_to_background(~centre) <= reach))
         pieces, _ = ndi.label(near)
-        added[box] |= np.isin(pieces, pieces[centre])  # the rim that touches the centre, not stray blobs
+        added[box] |= fill_holes(np.isin(pieces, pieces[centre]))  # the rim touching the centre, not stray blobs
     return added
 
 
