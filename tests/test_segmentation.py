@@ -14,7 +14,7 @@ from skimage.transform import rescale
 
 import napari_reddino.segmentation as segmentation
 from napari_reddino import ImageInputError, cells_at_points, iter_segment_cells, segment_cells
-from napari_reddino.cell_separation import Thresholds, distance_to_background, separate_cells
+from napari_reddino.cell_separation import Thresholds, distance_to_background, fill_enclosed_gaps, separate_cells
 from napari_reddino.cell_size import DEFAULT_DIAMETER_PX, diameter_from_foreground
 from napari_reddino.segmentation import _calibrate
 
@@ -169,6 +169,19 @@ def test_distances_of_a_mask_without_background_reach_the_border():
     distance = distance_to_background(np.ones((5, 7), bool))
     assert np.isfinite(distance).all() and distance[2, 3] == 3.0
     assert diameter_from_foreground(np.ones((50, 50), bool)) == DEFAULT_DIAMETER_PX
+
+
+def test_pinholes_inside_one_cell_are_filled_and_other_gaps_kept():
+    labels = np.zeros((12, 14), np.int32)
+    labels[1:11, 1:7], labels[1:11, 7:13] = 3, 4  # two touching cells
+    labels[3, 3] = 0  # a pinhole inside cell 3
+    labels[3:8, 9:12] = 0  # a large hole inside cell 4
+    labels[8:10, 6:8] = 0  # a small gap where the cells meet: both surround it
+    labels[1:3, 5] = 0  # a notch open to the slide
+    filled = fill_enclosed_gaps(labels, max_area=5)
+    assert filled[3, 3] == 3
+    assert (filled[3:8, 9:12] == 0).all() and (filled[8:10, 6:8] == 0).all() and (filled[1:3, 5] == 0).all()
+    assert (filled != labels).sum() == 1
 
 
 def test_grayscale_smears_are_segmented():

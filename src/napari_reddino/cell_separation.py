@@ -130,7 +130,8 @@ def separate_cells(smoothed: np.ndarray, thresholds: Thresholds, diameter: float
     labels = _flood(distance, markers, components, n)
     labels = split_clumps(labels, smoothed, distance, radius)
     labels = _drop_thin(labels, distance, MIN_HALF_WIDTH * radius)
-    return _drop_small(labels, MIN_CELL_AREA * cell_area)
+    labels = _drop_small(labels, MIN_CELL_AREA * cell_area)
+    return fill_enclosed_gaps(labels, MAX_PALLOR_AREA * cell_area)
 
 
 
@@ -282,6 +283,29 @@ def _around_faint_pale_centres(
         pieces, _ = ndi.label(near)
         added[box] |= fill_holes(np.isin(pieces, pieces[centre]))  # the rim touching the centre, not stray blobs
     return added
+
+
+def fill_enclosed_gaps(labels: np.ndarray, max_area: float) -> np.ndarray:
+    """Give each background gap smaller than ``max_area`` that only one cell surrounds to that cell.
+
+    Such pinholes appear where a sliver inside a cell was dropped (clump-split borders, tiny
+    pieces) or an outline was trimmed; left open they add their edge to the cell's perimeter.
+    """
+    gaps, n = ndi.label(labels == 0)
+    small = np.bincount(gaps.ravel(), minlength=n + 1) < max_area
+    small[np.unique(np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]]))] = False
+    small[0] = False
+    if not small.any():
+        return labels
+    labels = labels.copy()
+    boxes = ndi.find_objects(gaps)
+    for gap in np.flatnonzero(small):  # few
+        box = tuple(slice(max(0, side.start - 1), side.stop + 1) for side in boxes[gap - 1])
+        inside = gaps[box] == gap
+        around = np.unique(labels[box][ndi.binary_dilation(inside) & ~inside])
+        if around.size == 1:
+            labels[box][inside] = around[0]
+    return labels
 
 
 def _drop_thin(labels: np.ndarray, distance: np.ndarray, min_half_width: float) -> np.ndarray:

@@ -21,6 +21,7 @@ from .cell_separation import (
     WORKING_DIAMETER_PX,
     Thresholds,
     drop_nuclei,
+    fill_enclosed_gaps,
     flatten_background,
     foreground_thresholds,
     separate_cells,
@@ -228,9 +229,10 @@ def _upsample_labels(
     """
     labels = resize_nearest(labels, shape)
     fine = resize_linear(smoothed, shape) > calibration.thresholds.cell
-    near_slide = ndi.binary_dilation(labels == 0, iterations=ceil(1 / calibration.scale))
+    reach = ceil(1 / calibration.scale)
+    near_slide = ndi.binary_dilation(labels == 0, iterations=reach)
     labels[near_slide & ~fine] = 0
-    return labels
+    return fill_enclosed_gaps(labels, (2 * reach) ** 2)  # pinholes trimmed inside an outline
 
 
 def _separate_at_input_scale(smoothed: np.ndarray, window: np.ndarray, calibration: Calibration) -> np.ndarray:
