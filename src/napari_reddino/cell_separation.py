@@ -257,10 +257,11 @@ def _around_faint_pale_centres(
     In a pale smear the rim of a hypochromic or target cell is only partly above the cell
     threshold, so its centre is never enclosed and the cell ends up as a crescent, or as
     nothing. Above the faint threshold the rim closes. An enclosed hole counts as a pale
-    centre when it is round (a target cell's central spot included) and denser than the bare
-    slide, since it still holds some haemoglobin; the gaps between touching cells are angular
-    or bare slide, and filling them would fuse the cells. Only faint pixels within a cell
-    radius of an accepted centre join it, so the result stays local (tiles agree).
+    centre when it is compact (a target cell's central spot included) and denser than the
+    bare slide, since it still holds some haemoglobin; the gaps between touching cells are
+    bare slide or slits, and filling them would fuse the cells. Only the faint rim within a
+    cell radius of an accepted centre, and touching it, joins, so the result stays local
+    (tiles agree).
     """
     faint = smoothed > thresholds.faint
     pale = fill_holes(faint, MAX_PALLOR_AREA * cell_area) & ~faint & ~mask
