@@ -107,14 +107,23 @@ def fill_holes(mask: np.ndarray, max_area: float = np.inf) -> np.ndarray:
 
     Labels the background once instead of scipy's iterative fill: several times faster.
     """
-    gaps, n = ndi.label(~mask)
-    if n == 0:
-        return mask
-    open_to_border = np.unique(np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]]))
-    small = np.bincount(gaps.ravel(), minlength=n + 1) < max_area
-    small[open_to_border] = False
-    small[0] = False
+    gaps, small = _enclosed_gaps(~mask, max_area)
     return mask | small[gaps]
+
+
+def _enclosed_gaps(background: np.ndarray, max_area: float) -> tuple[np.ndarray, np.ndarray]:
+    """The connected regions of ``background`` (labels) and, per region id, whether it is
+    smaller than ``max_area`` and closed off from the image border (False for id 0)."""
+    gaps, n = ndi.label(background)
+    small = np.bincount(gaps.ravel(), minlength=n + 1) < max_area
+    small[np.unique(np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]]))] = False
+    small[0] = False
+    return gaps, small
+
+
+def _padded(box: tuple[slice, ...], pad: int) -> tuple[slice, ...]:
+    """``box`` (from ``ndimage.find_objects``) grown by ``pad`` pixels on every side, clipped at 0."""
+    return tuple(slice(max(0, side.start - pad), side.stop + pad) for side in box)
 
 
 def separate_cells(smoothed: np.ndarray, thresholds: Thresholds, diameter: float) -> np.ndarray:
@@ -271,7 +280,7 @@ def _around_faint_pale_centres(
     added = np.zeros_like(pale)
     boxes = ndi.find_objects(holes)
     for hole in np.flatnonzero(area[1:] >= MIN_PALLOR_AREA * cell_area) + 1:
-        box = tuple(slice(max(0, side.start - reach), side.stop + reach) for side in boxes[hole - 1])
+        box = _padded(boxes[hole - 1], reach)
         hole_pixels = holes[box] == hole
         if np.median(smoothed[box][hole_pixels]) <= thresholds.slide:
             continue
@@ -292,16 +301,13 @@ def fill_enclosed_gaps(labels: np.ndarray, max_area: float) -> np.ndarray:
     Such pinholes appear where a sliver inside a cell was dropped (clump-split borders, tiny
     pieces) or an outline was trimmed; left open they add their edge to the cell's perimeter.
     """
-    gaps, n = ndi.label(labels == 0)
-    small = np.bincount(gaps.ravel(), minlength=n + 1) < max_area
-    small[np.unique(np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]]))] = False
-    small[0] = False
+    gaps, small = _enclosed_gaps(labels == 0, max_area)
     if not small.any():
         return labels
     labels = labels.copy()
     boxes = ndi.find_objects(gaps)
     for gap in np.flatnonzero(small):  # few
-        box = tuple(slice(max(0, side.start - 1), side.stop + 1) for side in boxes[gap - 1])
+        box = _padded(boxes[gap - 1], 1)
         inside = gaps[box] == gap
         around = np.unique(labels[box][ndi.binary_dilation(inside) & ~inside])
         if around.size == 1:

@@ -51,10 +51,14 @@ def check_smear(image) -> np.ndarray:
     return array
 
 
+def channels(array: np.ndarray) -> list[np.ndarray]:
+    """Views of the image's R, G, B planes (or its one gray plane); alpha is dropped."""
+    return [array] if array.ndim == 2 else [array[..., c] for c in range(3)]
+
+
 def colour_planes(array: np.ndarray) -> list[np.ndarray]:
     """The image as float32 planes (R, G, B, or one gray plane); alpha is dropped."""
-    planes = [array] if array.ndim == 2 else [array[..., c] for c in range(3)]
-    return [plane.astype(np.float32) for plane in planes]
+    return [plane.astype(np.float32) for plane in channels(array)]
 
 
 def subsample(array: np.ndarray, pixels: int = _SAMPLE_PIXELS) -> np.ndarray:
@@ -73,7 +77,7 @@ class StainModel:
 
     def optical_densities(self, array: np.ndarray) -> list[np.ndarray]:
         floor = np.float32(1e-3 * max(self.background))
-        planes = [array] if array.ndim == 2 else [array[..., c] for c in range(3)]
+        planes = channels(array)
         if array.dtype in (np.uint8, np.uint16):
             # A table per channel turns one log per pixel into one lookup: ~5x faster.
             values = np.maximum(np.arange(np.iinfo(array.dtype).max + 1, dtype=np.float32), floor)
