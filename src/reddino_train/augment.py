@@ -9,9 +9,10 @@ facebookresearch/dinov3 issue 286).
 
 ``rbc``: RedDino's scheme in torchvision terms. Blood cells have no preferred orientation, so
 every crop gets a uniformly random flip/quarter-turn (one of the 8 symmetries of the square),
-and each crop draws 4 pixel augmentations from a pool, each applied with probability 0.85.
-RedDino drew from 33 Albumentations transforms; the pool here holds the torchvision ones
-that cover the same kinds (colour, contrast, blur, sharpness, histogram, channel, tone).
+and each crop draws ``crops.pixel_augmentations_per_crop`` pixel augmentations from the
+``crops.pixel_augmentations`` pool, each applied with probability 0.85. RedDino drew 4 from
+33 Albumentations transforms; the full pool here holds the torchvision ones that cover the
+same kinds (colour, contrast, blur, sharpness, histogram, channel, tone).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from .config import CropsConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RBC_PIXEL_AUGMENTATIONS_PER_CROP = 4
 RBC_PIXEL_AUGMENTATION_PROBABILITY = 0.85
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -109,24 +109,25 @@ def _dinov2_multicrop(crops: CropsConfig) -> MultiCrop:
     return MultiCrop((first, second), local, crops.local_number)
 
 
-def _rbc_pixel_pool() -> list[Transform]:
-    return [
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
-        v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0)),
-        v2.RandomAdjustSharpness(sharpness_factor=2.0, p=1.0),
-        v2.RandomAutocontrast(p=1.0),
-        v2.RandomEqualize(p=1.0),
-        v2.RandomPosterize(bits=4, p=1.0),
-        v2.RandomSolarize(threshold=128, p=1.0),
-        v2.RandomInvert(p=1.0),
-        v2.RandomChannelPermutation(),
-        v2.RandomGrayscale(p=1.0),
-    ]
+RBC_PIXEL_POOL: dict[str, Callable[[], Transform]] = {
+    "colour_jitter": lambda: v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
+    "blur": lambda: v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0)),
+    "sharpness": lambda: v2.RandomAdjustSharpness(sharpness_factor=2.0, p=1.0),
+    "autocontrast": lambda: v2.RandomAutocontrast(p=1.0),
+    "equalize": lambda: v2.RandomEqualize(p=1.0),
+    "posterize": lambda: v2.RandomPosterize(bits=4, p=1.0),
+    "solarize": lambda: v2.RandomSolarize(threshold=128, p=1.0),
+    "invert": lambda: v2.RandomInvert(p=1.0),
+    "channel_permutation": lambda: v2.RandomChannelPermutation(),
+    "grayscale": lambda: v2.RandomGrayscale(p=1.0),
+}
 
 
 def _rbc_multicrop(crops: CropsConfig) -> MultiCrop:
     pixels = RandomSubset(
-        _rbc_pixel_pool(), RBC_PIXEL_AUGMENTATIONS_PER_CROP, RBC_PIXEL_AUGMENTATION_PROBABILITY
+        [RBC_PIXEL_POOL[name]() for name in crops.pixel_augmentations],
+        crops.pixel_augmentations_per_crop,
+        RBC_PIXEL_AUGMENTATION_PROBABILITY,
     )
     global_crop = v2.Compose([
         geometry(crops.global_size, crops.global_scale, all_symmetries=True), pixels, _normalize(),

@@ -27,6 +27,16 @@ BASE_KEY = "base"
 
 Centering = Literal["softmax_center", "sinkhorn_knopp"]
 Augmentation = Literal["dinov2", "rbc"]
+PixelAugmentation = Literal[
+    "colour_jitter", "blur", "sharpness", "autocontrast", "equalize",
+    "posterize", "solarize", "invert", "channel_permutation", "grayscale",
+]
+# what every config drew from before the pool was configurable (RedDino's: 4 of these 10)
+POOL_BEFORE_IT_WAS_CONFIGURABLE = (
+    "colour_jitter", "blur", "sharpness", "autocontrast", "equalize",
+    "posterize", "solarize", "invert", "channel_permutation", "grayscale",
+)
+DRAWS_BEFORE_IT_WAS_CONFIGURABLE = 4
 Precision = Literal["fp32", "bf16"]
 Parallel = Literal["ddp", "fsdp"]
 
@@ -110,6 +120,8 @@ class CropsConfig:
     local_size: int
     local_scale: tuple[float, float]
     augmentation: Augmentation
+    pixel_augmentations: tuple[PixelAugmentation, ...]  # the rbc pool; dinov2's pipeline is fixed
+    pixel_augmentations_per_crop: int  # how many of the rbc pool each crop draws
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,6 +161,14 @@ class TrainConfig:
                 raise ConfigError(f"{key}=({low}, {high}) must satisfy 0 <= min <= max <= 1")
         if not 0 <= self.masking.sample_probability <= 1:
             raise ConfigError("masking.sample_probability must lie in [0, 1]")
+        crops = self.crops
+        if len(set(crops.pixel_augmentations)) != len(crops.pixel_augmentations):
+            raise ConfigError(f"crops.pixel_augmentations={list(crops.pixel_augmentations)} names one twice")
+        if not 0 <= crops.pixel_augmentations_per_crop <= len(crops.pixel_augmentations):
+            raise ConfigError(
+                f"crops.pixel_augmentations_per_crop={crops.pixel_augmentations_per_crop} must "
+                f"lie between 0 and the {len(crops.pixel_augmentations)} pixel_augmentations"
+            )
 
 
 def shipped_configs() -> list[str]:
@@ -172,13 +192,25 @@ def load_config(source: str | os.PathLike, overrides: Iterable[str] = ()) -> Tra
     data = _read_recipe(_resolve(source), seen=())
     override_data = parse_overrides(overrides)
     _check_keys(override_data, TrainConfig, "", "overrides")
-    return _build(TrainConfig, _merge(data, override_data), "")
+    return _build(TrainConfig, _with_keys_added_later(_merge(data, override_data)), "")
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "a saved config") -> TrainConfig:
     """The inverse of ``config_to_dict``, with the same checks as a recipe."""
     _check_keys(data, TrainConfig, "", source)
-    return _build(TrainConfig, data, "")
+    return _build(TrainConfig, _with_keys_added_later(data), "")
+
+
+def _with_keys_added_later(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A config saved before the pixel-augmentation pool was configurable, as it then ran."""
+    crops = data.get("crops")
+    if not isinstance(crops, Mapping) or "pixel_augmentations" in crops:
+        return data
+    return {**data, "crops": {
+        "pixel_augmentations": list(POOL_BEFORE_IT_WAS_CONFIGURABLE),
+        "pixel_augmentations_per_crop": DRAWS_BEFORE_IT_WAS_CONFIGURABLE,
+        **crops,
+    }}
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -293,6 +325,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         (inner,) = [arg for arg in args if arg is not type(None)]
         return _coerce(value, inner, key)
+    if origin is tuple and args[-1:] == (Ellipsis,):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}; expected a list")
+        return tuple(_coerce(item, args[0], key) for item in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}={value!r}; expected a list of {len(args)} values")

@@ -1,4 +1,5 @@
 import dataclasses
+import typing
 
 import numpy as np
 import pytest
@@ -6,12 +7,13 @@ import torch
 from PIL import Image
 
 from reddino_train.augment import (
+    RBC_PIXEL_POOL,
     RandomQuarterTurn,
     RandomSubset,
     geometry,
     make_multicrop,
 )
-from reddino_train.config import load_config
+from reddino_train.config import PixelAugmentation, load_config
 
 
 @pytest.mark.parametrize("augmentation", ["dinov2", "rbc"])
@@ -62,3 +64,27 @@ def test_rbc_geometry_covers_all_symmetries_of_the_square():
     torch.manual_seed(0)
     assert len(_distinct_outputs(geometry(4, (1.0, 1.0), all_symmetries=True), image)) == 8
     assert len(_distinct_outputs(geometry(4, (1.0, 1.0), all_symmetries=False), image)) == 2
+
+
+def test_pixel_pool_names_match_the_config_schema():
+    assert tuple(RBC_PIXEL_POOL) == typing.get_args(PixelAugmentation)
+
+
+def _crop_colours(crops, n=40):
+    """The distinct colours of the first global crop of a plain-colour image, over n draws."""
+    image = Image.new("RGB", (64, 64), (200, 100, 50))
+    multicrop = make_multicrop(crops)
+    torch.manual_seed(0)
+    return {tuple(multicrop(image)["global_crops"][0][:, 0, 0].round(decimals=4).tolist()) for _ in range(n)}
+
+
+def test_rbc_pixel_augmentations_come_from_the_configured_pool():
+    base = load_config("tiny").crops
+    geometry_only = dataclasses.replace(base, pixel_augmentations=(), pixel_augmentations_per_crop=0)
+    assert len(_crop_colours(geometry_only)) == 1  # flips and turns leave a plain colour as it is
+    none_drawn = dataclasses.replace(base, pixel_augmentations=("grayscale",), pixel_augmentations_per_crop=0)
+    assert _crop_colours(none_drawn) == _crop_colours(geometry_only)
+    greys = dataclasses.replace(base, pixel_augmentations=("grayscale",), pixel_augmentations_per_crop=1)
+    colours = _crop_colours(greys)
+    assert len(colours) == 2  # kept (p 0.15) or made grey (p 0.85), nothing else
+    assert _crop_colours(geometry_only) < colours

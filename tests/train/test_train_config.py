@@ -1,8 +1,10 @@
 import pytest
+import yaml
 
 from reddino_train.config import (
     ConfigError,
     TrainConfig,
+    config_from_dict,
     config_to_dict,
     load_config,
     save_config,
@@ -72,6 +74,7 @@ def test_reddino_recipes(name, arch, batch, epoch_length):
     assert cfg.loss.koleo_weight == 0.0 and cfg.loss.centering == "sinkhorn_knopp"
     assert cfg.heads.dino.n_prototypes == 131072 and not cfg.heads.ibot_separate
     assert cfg.crops.augmentation == "rbc" and cfg.crops.local_number == 1
+    assert len(cfg.crops.pixel_augmentations) == 10 and cfg.crops.pixel_augmentations_per_crop == 4
     o = cfg.optim
     assert (o.epochs, o.base_lr, o.warmup_epochs, o.freeze_last_layer_epochs) == (10, 2e-4, 0.1, 0)
     assert (o.weight_decay_end, o.layerwise_decay, cfg.teacher.momentum) == (0.2, 1.0, 0.994)
@@ -119,6 +122,35 @@ def test_bad_values_are_errors():
         load_config("tiny", ["optim=1"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config("tiny", ["optim.base_lr"])
+
+
+def test_pixel_augmentation_pool_is_checked():
+    cfg = load_config("tiny", ["crops.pixel_augmentations=[blur, grayscale]",
+                               "crops.pixel_augmentations_per_crop=1"])
+    assert cfg.crops.pixel_augmentations == ("blur", "grayscale")
+    with pytest.raises(ConfigError, match="pixel_augmentations='rotate'; choose one of: colour_jitter, blur"):
+        load_config("tiny", ["crops.pixel_augmentations=[blur, rotate]"])
+    with pytest.raises(ConfigError, match="per_crop=4 must lie between 0 and the 2 pixel_augmentations"):
+        load_config("tiny", ["crops.pixel_augmentations=[blur, grayscale]"])  # tiny draws 4
+    with pytest.raises(ConfigError, match="expected a list"):
+        load_config("tiny", ["crops.pixel_augmentations=blur"])
+    with pytest.raises(ConfigError, match=r"\['blur', 'blur'\] names one twice"):
+        load_config("tiny", ["crops.pixel_augmentations=[blur, blur]", "crops.pixel_augmentations_per_crop=1"])
+    # one override switches to dinov2's fixed pipeline, which ignores the pool
+    assert load_config("tiny", ["crops.augmentation=dinov2"]).crops.augmentation == "dinov2"
+
+
+@pytest.mark.parametrize("name", ["reddino-vits14", "dinov2-vits14"])
+def test_configs_saved_before_the_pool_was_configurable_still_load(name, tmp_path):
+    # checkpoints and config.yaml of earlier versions hold no pixel_augmentations: they drew 4
+    # from the whole pool
+    cfg = load_config(name)
+    saved = config_to_dict(cfg)
+    del saved["crops"]["pixel_augmentations"], saved["crops"]["pixel_augmentations_per_crop"]
+    assert config_from_dict(saved) == cfg
+    old_file = tmp_path / "config.yaml"
+    old_file.write_text(yaml.safe_dump(saved))
+    assert load_config(old_file) == cfg
 
 
 def test_user_recipe_inherits_and_round_trips(tmp_path):
