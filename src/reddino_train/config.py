@@ -213,6 +213,18 @@ def _with_keys_added_later(data: Mapping[str, Any]) -> Mapping[str, Any]:
     }}
 
 
+def changed_settings(before: TrainConfig, after: TrainConfig) -> list[str]:
+    """``["optim.epochs: 10 -> 20", ...]``: the leaf keys whose values differ."""
+    old, new = _leaves(config_to_dict(before)), _leaves(config_to_dict(after))
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in old if old[key] != new[key]]
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    return {key: value for name, item in data.items() for key, value in _leaves(item, f"{prefix}{name}.").items()}
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """``["optim.base_lr=1e-3"]`` -> ``{"optim": {"base_lr": "1e-3"}}``; values parsed as YAML."""
     nested: dict[str, Any] = {}

@@ -8,6 +8,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,13 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig, config_to_dict, save_config
+from .config import (
+    TrainConfig,
+    changed_settings,
+    config_from_dict,
+    config_to_dict,
+    save_config,
+)
 from .data import ImageFolder, ResumableSampler, collate_crops
 from .distributed import (
     all_gather_objects,
@@ -50,6 +57,10 @@ LOG_COLUMNS = (
     "step", "loss", *LOSS_TERMS, "lr", "last_layer_lr", "weight_decay", "teacher_momentum",
     "teacher_temp", "teacher_entropy", "teacher_batch_entropy", "student_teacher_kl", "images_per_s",
 )
+
+
+class ResumeSettingsWarning(UserWarning):
+    """A run resumed with a config that differs from the one it was started with."""
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -268,6 +279,13 @@ class Trainer:
             set_rng_state(state["rng"][self.rank])
         if self.rank == 0:
             tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
+            changed = changed_settings(config_from_dict(state["config"]), self.cfg)
+            if changed:
+                warnings.warn(
+                    f"resuming {self.out} with settings other than its own, which apply from step "
+                    f"{self.iteration} on: {'; '.join(changed)}",
+                    ResumeSettingsWarning, stacklevel=2,
+                )
 
 
 def _seed_process(seed: int) -> None:

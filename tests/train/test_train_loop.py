@@ -9,7 +9,7 @@ from reddino_train.config import load_config
 from reddino_train.data import EmptyDatasetError
 from reddino_train.monitor import CollapseDetector, CollapseWarning, read_log
 from reddino_train.schedules import build_schedules
-from reddino_train.train import LOG_COLUMNS, TrainingDivergedError, fit
+from reddino_train.train import LOG_COLUMNS, ResumeSettingsWarning, TrainingDivergedError, fit
 
 # LayerScale 1 lets the images reach the CLS token of the randomly initialised tiny model
 # (with DINOv2's 1e-5 every image gives the same teacher output: a uniform collapse).
@@ -55,6 +55,17 @@ def test_resumed_run_repeats_the_uninterrupted_one_exactly(smear_images, tmp_pat
         assert [before[key] for key in losses] == [after[key] for key in losses]
     for name, tensor in straight.teacher.state_dict().items():
         assert torch.equal(tensor, resumed.teacher.state_dict()[name]), name
+
+
+def test_resuming_with_other_settings_names_them(smear_images, tmp_path):
+    fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeSettingsWarning)
+        fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=2)  # same settings: silent
+    changed = load_config("tiny", [*TINY, "optim.base_lr=1e-3", "crops.pixel_augmentations_per_crop=1"])
+    with pytest.warns(ResumeSettingsWarning, match=r"from step 2 on: optim.base_lr: 0.0002 -> 0.001; "
+                                                   r"crops.pixel_augmentations_per_crop: 4 -> 1$"):
+        fit(changed, smear_images, tmp_path, max_steps=3)
 
 
 def test_divergence_stops_with_the_step_and_the_term(smear_images, tmp_path):
