@@ -11,7 +11,7 @@ from skimage.io import imread
 
 from napari_reddino import segment_cells
 from napari_reddino.crops import CropInputError, cell_crops
-from napari_reddino.embedding import EmbeddingCancelled, clear_embedder_cache, load_embedder
+from napari_reddino.embedding import EmbeddingCancelled, clear_embedder_cache, load_embedder, resolve_dtype
 from napari_reddino.models import LoadedModel
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -26,7 +26,8 @@ def fresh_cache():
 
 @pytest.fixture
 def embedder(tiny_folder):
-    return load_embedder(tiny_folder[1], device="cpu")
+    """fp32 on every machine ("auto" is bf16 on CPUs with native bf16)."""
+    return load_embedder(tiny_folder[1], device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -127,17 +128,19 @@ def test_closing_the_step_generator_stops_the_work(embedder):
 
 def test_models_are_cached_per_model_device_and_dtype_and_reloaded_when_changed(tiny_folder, tmp_path):
     model, folder = tiny_folder
-    first = load_embedder(folder, device="cpu")
-    assert load_embedder(folder, device="cpu", dtype="float32") is first
+    first = load_embedder(folder, device="cpu", dtype="float32")
+    assert load_embedder(folder, device="cpu", dtype=torch.float32) is first
     assert load_embedder(folder, device="cpu", dtype="bfloat16") is not first
+    auto = resolve_dtype("auto", torch.device("cpu"))
+    assert load_embedder(folder, device="cpu") is load_embedder(folder, device="cpu", dtype=auto)
     save_folder(tiny_vit(seed=1), tmp_path / "retrained")
     (tmp_path / "retrained" / "model.safetensors").replace(folder / "model.safetensors")
-    assert load_embedder(folder, device="cpu") is not first
+    assert load_embedder(folder, device="cpu", dtype="float32") is not first
 
 
 def test_bfloat16_stays_within_one_percent_of_float32(tiny_folder, real_smear):
     image, labels = real_smear
-    fp32 = load_embedder(tiny_folder[1], device="cpu").embed(image, labels)[1]
+    fp32 = load_embedder(tiny_folder[1], device="cpu", dtype="float32").embed(image, labels)[1]
     bf16 = load_embedder(tiny_folder[1], device="cpu", dtype="bfloat16").embed(image, labels)[1]
     error = np.linalg.norm(bf16 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
     assert error.max() < 1e-2

@@ -18,6 +18,7 @@ from _model_fixtures import (  # noqa: F401  (pytest fixtures)
     tiny_vit,
 )
 
+from napari_reddino import native_bf16
 from napari_reddino.embedding import DeviceError, list_devices, resolve_device, resolve_dtype
 from napari_reddino.models import (
     KNOWN_MODELS,
@@ -185,9 +186,14 @@ def test_auto_device_falls_back_to_cpu_and_missing_gpus_are_refused():
         resolve_device("gpu-please")
 
 
-def test_dtype_auto_is_fp32_on_cpu_and_names_are_checked():
+@pytest.mark.parametrize(("cpu_features", "auto"), [
+    ({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True}, torch.bfloat16), ({"avx2": True}, torch.float32),
+])
+def test_dtype_auto_is_bf16_only_on_a_cpu_with_native_bf16_and_names_are_checked(monkeypatch, cpu_features, auto):
+    monkeypatch.setattr(native_bf16, "cpu_features", lambda: cpu_features)
     cpu = torch.device("cpu")
-    assert resolve_dtype(None, cpu) == resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype(None, cpu) == resolve_dtype("auto", cpu) == auto
+    assert resolve_dtype("float32", cpu) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="float32, bfloat16, float16"):
         resolve_dtype("int8", cpu)

@@ -189,9 +189,10 @@ def _add_eval_parser(commands) -> None:
         help="score a model's frozen features on labelled cells (kNN k=1/20, logistic regression)",
         description="The RedDino paper's protocol on any model the plugin loads (reddino-small, hf_hub:org/name, "
         "a folder from 'reddino-train export', or a .safetensors file with --architecture): frozen CLS "
-        "features at the model's input size; kNN k=1 and k=20 (cosine) and logistic regression (standardised, "
-        "balanced class weights) in 5-fold stratified CV or folds grouped by image; balanced accuracy, "
-        "accuracy, weighted F1 and per-class recall. DATA is a folder of crops by class (DATA/<class>/*.png) "
+        "features at the model's input size, in fp32 on every machine; kNN k=1 and k=20 (cosine) and "
+        "logistic regression (standardised, balanced class weights) in 5-fold stratified CV or folds "
+        "grouped by image; balanced accuracy, accuracy, weighted F1 and per-class recall. DATA is a folder "
+        "of crops by class (DATA/<class>/*.png) "
         "or smears with Chula-format point labels (Dataset/<n>.jpg + Label/<n>.txt, lines 'x y class_id'), "
         "which are segmented and matched to cells.",
     )

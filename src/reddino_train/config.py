@@ -37,7 +37,7 @@ POOL_BEFORE_IT_WAS_CONFIGURABLE = (
     "posterize", "solarize", "invert", "channel_permutation", "grayscale",
 )
 DRAWS_BEFORE_IT_WAS_CONFIGURABLE = 4
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "auto"]
 Parallel = Literal["ddp", "fsdp"]
 
 
@@ -130,7 +130,7 @@ class LoopConfig:
     iterations_per_epoch: int  # an "epoch" is a fixed number of iterations, as in DINOv2
     seed: int
     num_workers: int
-    precision: Precision  # bf16 runs the forward passes under autocast
+    precision: Precision  # bf16: forward passes under autocast; auto: bf16 where native
     log_every: int  # iterations between rows of log.csv
     checkpoint_every: int  # iterations between periodic checkpoints
     parallel: Parallel  # under torchrun: replicate (ddp) or shard (fsdp, FSDP2) the models

@@ -175,7 +175,10 @@ def _extractors(request: EvalRequest, names: Sequence[str]) -> dict:
     if "cls" in names or "random-init" in names:
         from napari_reddino import load_embedder
 
-        embedder = load_embedder(request.model, device=request.device, architecture=request.architecture)
+        # fp32 on every machine: the plugin's "auto" is bf16 on some CPUs, and the protocol's
+        # numbers (and its feature cache) must not depend on which CPU ran it
+        embedder = load_embedder(request.model, device=request.device, dtype="float32",
+                                 architecture=request.architecture)
     builders = {
         "cls": lambda: EmbeddingFeatures(embedder, request.batch_size, mode=request.crop_mode, margin=request.margin),
         "random-init": lambda: EmbeddingFeatures(random_init(embedder, request.seed), request.batch_size,

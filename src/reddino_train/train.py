@@ -127,6 +127,7 @@ class Trainer:
         self.schedules = build_schedules(cfg, self.world_size)
         grid = cfg.crops.global_size // cfg.model.patch_size
         self.mask_generator = BlockMaskGenerator((grid, grid))
+        self.bf16 = uses_bf16(cfg.train.precision, device)
         self.iteration = 0
         self.samples_consumed = 0  # by this rank: where its sampler resumes
         _seed_process(cfg.train.seed + self.rank)  # distinct stochastic depth per rank
@@ -174,7 +175,7 @@ class Trainer:
         global_crops = batch["global_crops"].to(device, non_blocking=True)
         local_crops = batch["local_crops"].to(device, non_blocking=True)
         masks = self._masks(len(global_crops)).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             teacher_cls, teacher_patches = self.teacher.targets(global_crops, masks)
             student = self.distributed_student(global_crops, local_crops, masks)
         batch_size = len(global_crops) // 2
@@ -286,6 +287,15 @@ class Trainer:
                     f"{self.iteration} on: {'; '.join(changed)}",
                     ResumeSettingsWarning, stacklevel=2,
                 )
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """``auto``: bf16 where the device computes it natively (CUDA, AVX512-BF16/AMX CPUs)."""
+    if precision == "auto":
+        from napari_reddino.native_bf16 import native_bf16
+
+        return native_bf16(device)
+    return precision == "bf16"
 
 
 def _seed_process(seed: int) -> None:

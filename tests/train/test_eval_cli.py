@@ -88,7 +88,7 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     points, _ = read_point_labels(CHULA / "1.txt")
     ids = cells_at_points(labels, points)
     ids = ids[ids > 0]
-    all_ids, embeddings = load_embedder(str(model), device="cpu").embed(image, labels)
+    all_ids, embeddings = load_embedder(str(model), device="cpu", dtype="float32").embed(image, labels)
     windows = cell_windows(labels)
     boxes = windows.boxes[np.searchsorted(windows.ids, ids)]
     inside = (boxes[:, :2] >= 0).all(axis=1) & (boxes[:, 2] <= image.shape[1]) & (boxes[:, 3] <= image.shape[0])
@@ -104,7 +104,7 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     # context crops (neighbours kept) on request: the plugin's context embeddings, not from the cache
     context_out = tmp_path / "context.json"
     assert main(["eval", str(model), "--data", str(CHULA), "--crop-mode", "context", "--json", str(context_out)]) == 0
-    context_ids, context = load_embedder(str(model), device="cpu").embed(image, labels, mode="context")
+    context_ids, context = load_embedder(str(model), device="cpu", dtype="float32").embed(image, labels, mode="context")
     features = np.load(tmp_path / "context.cls.npz")["features"][: len(ids)]
     np.testing.assert_allclose(features[inside], context[np.searchsorted(context_ids, ids)][inside], rtol=1e-4, atol=1e-5)
     assert not np.allclose(features[inside], expected[inside], atol=1e-3)

@@ -4,6 +4,7 @@ import warnings
 import pytest
 import torch
 
+from napari_reddino import native_bf16
 from reddino_train.checkpoint import CheckpointMismatchError
 from reddino_train.config import load_config
 from reddino_train.data import EmptyDatasetError
@@ -120,6 +121,17 @@ def test_bf16_autocast_trains_with_finite_losses_close_to_fp32(smear_images, tmp
     (exact,), (low,) = read_log(tmp_path / "fp32/log.csv"), read_log(tmp_path / "bf16/log.csv")
     assert math.isfinite(low["loss"]) and low["loss"] != exact["loss"]
     assert low["dino"] == pytest.approx(exact["dino"], rel=0.05)
+
+
+@pytest.mark.parametrize(("cpu_features", "same_as"), [({"avx512_bf16": True}, "bf16"), ({"avx2": True}, "fp32")])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(smear_images, tmp_path, monkeypatch, cpu_features,
+                                                              same_as):
+    monkeypatch.setattr(native_bf16, "cpu_features", lambda: cpu_features)
+    for precision in ("auto", same_as):
+        fit(load_config("tiny", [*TINY, f"train.precision={precision}"]), smear_images, tmp_path / precision,
+            max_steps=1)
+    (auto,), (explicit,) = read_log(tmp_path / "auto/log.csv"), read_log(tmp_path / f"{same_as}/log.csv")
+    assert auto["loss"] == explicit["loss"]
 
 
 def test_loader_workers_give_the_same_run_as_the_main_process(smear_images, tmp_path):
