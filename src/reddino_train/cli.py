@@ -192,9 +192,8 @@ def _add_eval_parser(commands) -> None:
         "features at the model's input size, in fp32 on every machine; kNN k=1 and k=20 (cosine) and "
         "logistic regression (standardised, balanced class weights) in 5-fold stratified CV or folds "
         "grouped by image; balanced accuracy, accuracy, weighted F1 and per-class recall. DATA is a folder "
-        "of crops by class (DATA/<class>/*.png) "
-        "or smears with Chula-format point labels (Dataset/<n>.jpg + Label/<n>.txt, lines 'x y class_id'), "
-        "which are segmented and matched to cells.",
+        "of crops by class (DATA/<class>/*.png) or smears with Chula-format point labels (Dataset/<n>.jpg + "
+        "Label/<n>.txt, lines 'x y class_id'), which are segmented and matched to cells.",
     )
     evaluate.add_argument("model", metavar="MODEL")
     evaluate.add_argument("--data", required=True, metavar="PATH")
