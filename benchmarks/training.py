@@ -182,7 +182,7 @@ def run_step_benchmark(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "recipe": recipe, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
-        "precision": cfg.train.precision, "batch_per_gpu": per_gpu,
+        "precision": "bf16" if trainer.bf16 else "fp32", "batch_per_gpu": per_gpu,  # what "auto" became
         "global_size": cfg.crops.global_size, "local_crops": f"{cfg.crops.local_number} x {cfg.crops.local_size}",
         "prototypes": cfg.heads.dino.n_prototypes, "steps": args.steps,
         "seconds_per_step": seconds, "steps_per_s": 1 / seconds, "images_per_s_per_gpu": per_gpu / seconds,
