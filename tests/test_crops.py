@@ -52,7 +52,7 @@ def is_cell(crop):
 
 def test_window_is_a_square_around_the_bounding_box_with_the_margin():
     _, labels = smear({4: ((40, 60), 10, CELL)})
-    windows = cell_windows(labels, margin=0.5)
+    windows = cell_windows(labels, margin=0.5, scale="cell")
     # bounding box: rows and columns 30..50 inclusive = [30, 51) -> 21 px, centred on 40.5
     np.testing.assert_array_equal(windows.ids, [4])
     np.testing.assert_allclose(windows.boxes, [[60.5 - 21, 40.5 - 21, 60.5 + 21, 40.5 + 21]])
@@ -60,26 +60,55 @@ def test_window_is_a_square_around_the_bounding_box_with_the_margin():
 
 def test_a_cell_ends_up_centred_in_its_crop():
     image, labels = smear({1: ((37, 71), 9, CELL)})
-    _, crops = cell_crops(image, labels, 64, margin=0.3)
+    _, crops = cell_crops(image, labels, 64, margin=0.3, scale="cell")
     assert crops.shape == (1, 64, 64, 3)
     np.testing.assert_allclose(centroid(near(crops[0], CELL, 0.1)), (31.5, 31.5), atol=0.25)
 
 
 def test_small_and_large_cells_fill_their_crops_as_they_fill_their_windows():
     image, labels = smear({1: ((30, 30), 6, CELL), 2: ((60, 80), 15, CELL)})
-    _, crops = cell_crops(image, labels, 64, margin=0.25)
+    _, crops = cell_crops(image, labels, 64, margin=0.25, scale="cell")
     shares = [is_cell(crop).mean() for crop in crops]
     # window side = 1.5 x bounding box side (2 r + 1)
     expected = [(labels == 1).sum() / (1.5 * 13) ** 2, (labels == 2).sum() / (1.5 * 31) ** 2]
     np.testing.assert_allclose(shares, expected, rtol=0.03)
 
 
+def test_smear_scale_gives_every_cell_the_window_of_a_cell_a_quarter_larger_than_the_median():
+    # boxes of 13, 21 (the median) and 41 px; 1.25 x 21 = 26.25 px
+    _, labels = smear({1: ((25, 25), 6, CELL), 2: ((25, 80), 10, CELL), 3: ((80, 50), 20, CELL)}, shape=(130, 130))
+    windows = cell_windows(labels, margin=0.25, scale="smear")
+    sides = windows.boxes[:, 2] - windows.boxes[:, 0]
+    np.testing.assert_allclose(sides, [1.5 * 26.25] * 2 + [1.5 * 41])  # the largest keeps its own
+    centres = (windows.boxes[:, :2] + windows.boxes[:, 2:]) / 2
+    by_cell = cell_windows(labels, scale="cell").boxes
+    np.testing.assert_allclose(centres, (by_cell[:, :2] + by_cell[:, 2:]) / 2)
+
+
+def test_smear_scale_crops_show_how_big_each_cell_is():
+    image, labels = smear({1: ((30, 30), 6, CELL), 2: ((60, 80), 10, CELL), 3: ((30, 95), 10, CELL)})
+    _, by_cell = cell_crops(image, labels, 64, scale="cell")
+    _, by_smear = cell_crops(image, labels, 64, scale="smear")
+    small_to_large = [is_cell(crops[0]).mean() / is_cell(crops[1]).mean() for crops in (by_cell, by_smear)]
+    assert small_to_large[0] > 0.9  # each cell fills its own window alike
+    assert small_to_large[1] < 0.4  # about the ratio of the areas, (13 / 21)^2
+    window = 1.5 * 1.25 * 21  # the median box is 21 px
+    expected = [(labels == label).sum() / window**2 for label in (1, 2)]
+    np.testing.assert_allclose([is_cell(crop).mean() for crop in by_smear[:2]], expected, rtol=0.03)
+
+
+def test_an_unknown_crop_scale_is_refused_with_the_known_ones():
+    _, labels = smear({1: ((40, 60), 10, CELL)})
+    with pytest.raises(CropInputError, match="cell, smear"):
+        cell_windows(labels, scale="image")
+
+
 def test_masked_mode_blanks_the_neighbour_exactly_as_if_it_was_not_there():
     image, labels = smear({3: ((40, 60), 10, CELL), 5: ((40, 80), 8, NEIGHBOUR)})  # touching
     alone, alone_labels = smear({3: ((40, 60), 10, CELL)})
-    _, context = cell_crops(image, labels, 56, mode="context", margin=0.5)
-    _, masked = cell_crops(image, labels, 56, mode="masked", margin=0.5)
-    _, reference = cell_crops(alone, alone_labels, 56, mode="context", margin=0.5)
+    _, context = cell_crops(image, labels, 56, mode="context", margin=0.5, scale="cell")
+    _, masked = cell_crops(image, labels, 56, mode="masked", margin=0.5, scale="cell")
+    _, reference = cell_crops(alone, alone_labels, 56, mode="context", margin=0.5, scale="cell")
     assert near(context[0], NEIGHBOUR).sum() > 50
     np.testing.assert_allclose(masked[0], reference[0], atol=1e-6)
 
@@ -137,7 +166,7 @@ def test_real_smear_gives_one_centred_crop_per_cell_in_label_order():
     # three hand-placed cells of a real smear, labelled out of order
     for label, (centre, radius) in {9: ((240, 320), 25), 2: ((100, 100), 20), 5: ((400, 600), 30)}.items():
         labels[disc(labels.shape, centre, radius)] = label
-    ids, crops = cell_crops(image, labels, 56, mode="masked", margin=0.25)
+    ids, crops = cell_crops(image, labels, 56, mode="masked", margin=0.25, scale="cell")
     np.testing.assert_array_equal(ids, [2, 5, 9])
     assert crops.shape == (3, 56, 56, 3) and np.isfinite(crops).all()
     assert crops.min() >= 0 and crops.max() <= 1

@@ -67,8 +67,10 @@ def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
     widget.reset_choices()
     assert widget.cells.value is cells
     assert embeddings_of(cells) is None
-    assert widget.crop_mode.value == "masked"  # the default: it classified Chula cells best
-    widget.crop_mode.value = "context"
+    # the defaults, which classified Chula cells best; context crops at cell scale first, where
+    # removing a cell leaves the other cells' crops as they were
+    assert (widget.crop_mode.value, widget.crop_scale.value) == ("masked", "smear")
+    widget.crop_mode.value, widget.crop_scale.value = "context", "cell"
 
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
@@ -91,7 +93,8 @@ def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
         f"The {len(ids):,} embeddings of smear cells ({model_id}) are up to date; nothing to do."
     )
     reopened = EmbedCellsWidget(viewer)
-    reopened.model_name, reopened.device.value, reopened.crop_mode.value = widget.model_name, "cpu", "context"
+    reopened.model_name, reopened.device.value = widget.model_name, "cpu"
+    reopened.crop_mode.value, reopened.crop_scale.value = "context", "cell"
     assert reopened.cells.value is cells
     with qtbot.assertNotEmitted(reopened.embedded):
         run(reopened, qtbot)
@@ -114,6 +117,16 @@ def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
         widget.run()
     assert cells.metadata[METADATA_KEY]["crop_mode"] == "masked"
+
+    # So is another crop scale; at smear scale each crop shows its cell's size, so the cells'
+    # embeddings differ from those at cell scale.
+    masked = cells.metadata[METADATA_KEY]["embeddings"]
+    widget.crop_scale.value = "smear"
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    record = cells.metadata[METADATA_KEY]
+    assert (record["crop_mode"], record["crop_scale"]) == ("masked", "smear")
+    assert not np.allclose(record["embeddings"], masked, atol=1e-3)
 
 
 def test_segment_first_adds_the_cells_layer_then_embeds_it(viewer, widget, qtbot):
@@ -210,8 +223,8 @@ def test_the_fingerprint_follows_image_labels_model_and_crop_settings(tiny_folde
     labels = np.zeros(image.shape[:2], np.int32)
     labels[5:20, 5:20] = 4
     model = str(tiny_folder[1])
-    base = fingerprint(image, labels, model, mode="context", margin=0.25)
-    assert fingerprint(image.copy(), labels.copy(), model, mode="context", margin=0.25) == base
+    base = fingerprint(image, labels, model, mode="context", scale="cell", margin=0.25)
+    assert fingerprint(image.copy(), labels.copy(), model, mode="context", scale="cell", margin=0.25) == base
     brighter = image.copy()
     brighter[40, 70, 1] += 1
     relabelled = labels.copy()
@@ -220,13 +233,14 @@ def test_the_fingerprint_follows_image_labels_model_and_crop_settings(tiny_folde
     other.mkdir()
     assert len({
         base,
-        fingerprint(brighter, labels, model, mode="context", margin=0.25),
-        fingerprint(image, relabelled, model, mode="context", margin=0.25),
-        fingerprint(image, labels, str(other), mode="context", margin=0.25),
-        fingerprint(image, labels, "reddino-small", mode="context", margin=0.25),
-        fingerprint(image, labels, model, mode="masked", margin=0.25),
-        fingerprint(image, labels, model, mode="context", margin=0.5),
-    }) == 7
+        fingerprint(brighter, labels, model, mode="context", scale="cell", margin=0.25),
+        fingerprint(image, relabelled, model, mode="context", scale="cell", margin=0.25),
+        fingerprint(image, labels, str(other), mode="context", scale="cell", margin=0.25),
+        fingerprint(image, labels, "reddino-small", mode="context", scale="cell", margin=0.25),
+        fingerprint(image, labels, model, mode="masked", scale="cell", margin=0.25),
+        fingerprint(image, labels, model, mode="context", scale="cell", margin=0.5),
+        fingerprint(image, labels, model, mode="context", scale="smear", margin=0.25),
+    }) == 8
 
 
 def test_cells_from_another_tool_are_measured_when_embedded(viewer, widget, chula_pixels_and_cells, qtbot):

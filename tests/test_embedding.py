@@ -81,8 +81,8 @@ def test_same_input_gives_identical_embeddings_and_batching_does_not_matter(embe
 
 def test_masked_mode_changes_only_cells_with_neighbours_in_their_window(embedder):
     image, labels = three_cells()
-    context = embedder.embed(image, labels, mode="context", margin=0.1)[1]
-    masked = embedder.embed(image, labels, mode="masked", margin=0.1)[1]
+    context = embedder.embed(image, labels, mode="context", margin=0.1, scale="cell")[1]
+    masked = embedder.embed(image, labels, mode="masked", margin=0.1, scale="cell")[1]
     np.testing.assert_allclose(masked, context, atol=1e-6)  # at a 10 % margin no window holds a neighbour
     wide = embedder.embed(image, labels, mode="context", margin=2.0)[1]
     assert np.abs(embedder.embed(image, labels, mode="masked", margin=2.0)[1] - wide).max() > 1e-3

@@ -8,7 +8,7 @@ drown the table). They live in the cells layer's metadata under one key::
         "embeddings":  float32 array (n, dim): row i belongs to label_ids[i],
         "model_id":    the model's id (Embedder.model_id, e.g. "reddino-small" or a folder),
         "fingerprint": hex digest of the inputs (see :func:`fingerprint`),
-        "model", "crop_mode", "margin", "device": how they were computed, for people.
+        "model", "crop_mode", "crop_scale", "margin", "device": how they were computed, for people.
     }
 
 So they travel with the layer: closing and reopening a widget finds them, and a layer removed
@@ -68,12 +68,12 @@ def model_key(model: str | os.PathLike) -> str:
     return key
 
 
-def fingerprint(image, labels, model: str | os.PathLike, *, mode: str, margin: float) -> str:
+def fingerprint(image, labels, model: str | os.PathLike, *, mode: str, scale: str, margin: float) -> str:
     """A digest of everything the embeddings of ``labels`` in ``image`` with ``model`` depend on."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(image_digest(image).encode())
     _digest_array(digest, np.asarray(labels))
-    digest.update(repr((model_key(model), mode, float(margin))).encode())
+    digest.update(repr((model_key(model), mode, scale, float(margin))).encode())
     return digest.hexdigest()
 
 

@@ -1,8 +1,16 @@
 """Cut one square model input per cell from a smear and its label image.
 
-Each cell gets a square window centred on its bounding box, ``1 + 2 * margin`` times the
-box's longer side, so the cell fills the same share of every crop whatever its size, and
-the window is resampled to the model's input size. Two modes:
+Each cell gets a square window centred on its bounding box, ``1 + 2 * margin`` times a
+side that depends on the crop scale, and the window is resampled to the model's input size:
+
+``"cell"``
+    the box's longer side: the cell fills the same share of every crop whatever its size;
+``"smear"``
+    the same side for every cell of the smear, that of a cell ``SMEAR_SCALE_CELLS`` times the
+    smear's median box (a larger cell keeps its own), so a crop shows how big its cell is
+    next to the others: micro- and macrocytes are defined by size.
+
+Two modes decide what else the window shows:
 
 ``"context"``
     the window as it is in the smear, neighbours included;
@@ -31,6 +39,13 @@ from .image_input import check_smear, colour_planes
 
 CropMode = Literal["context", "masked"]
 CROP_MODES: tuple[CropMode, ...] = ("context", "masked")
+CropScale = Literal["cell", "smear"]
+CROP_SCALES: tuple[CropScale, ...] = ("cell", "smear")
+# Smear-scale crops classified Chula cells better than cell-scale ones, at random init and
+# pretrained on each (benchmarks/RESULTS.md, "Crop scale").
+DEFAULT_CROP_SCALE: CropScale = "smear"
+# Cells up to this many times the median size show their size in a "smear"-scale crop.
+SMEAR_SCALE_CELLS = 1.25
 # Masked crops classified Chula cells better than context crops for every model that runs here
 # (linear probe and kNN, split by image; benchmarks/RESULTS.md, "Crop mode").
 DEFAULT_CROP_MODE: CropMode = "masked"
@@ -109,10 +124,14 @@ class CellWindows:
         return len(self.ids)
 
 
-def cell_windows(labels: np.ndarray, margin: float = DEFAULT_MARGIN) -> CellWindows:
+def cell_windows(
+    labels: np.ndarray, margin: float = DEFAULT_MARGIN, scale: CropScale = DEFAULT_CROP_SCALE
+) -> CellWindows:
     """One square window per label, centred on its bounding box (pixel i spans [i, i + 1))."""
     if not margin >= 0:
         raise CropInputError(f"margin must be >= 0 (a fraction of the cell size), not {margin}.")
+    if scale not in CROP_SCALES:
+        raise CropInputError(f"Unknown crop scale {scale!r}; use one of {', '.join(CROP_SCALES)}.")
     slices = ndimage.find_objects(labels) if labels.size else []
     ids = np.array([i + 1 for i, found in enumerate(slices) if found is not None], dtype=np.int64)
     bounds = np.array(
@@ -120,7 +139,10 @@ def cell_windows(labels: np.ndarray, margin: float = DEFAULT_MARGIN) -> CellWind
     ).reshape(-1, 4)
     centre_x = (bounds[:, 0] + bounds[:, 2]) / 2
     centre_y = (bounds[:, 1] + bounds[:, 3]) / 2
-    half = np.maximum(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1]) * (0.5 + margin)
+    sides = np.maximum(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1])
+    if scale == "smear" and len(sides):
+        sides = np.maximum(sides, SMEAR_SCALE_CELLS * np.median(sides))
+    half = sides * (0.5 + margin)
     boxes = np.stack([centre_x - half, centre_y - half, centre_x + half, centre_y + half], axis=1)
     return CellWindows(ids, boxes)
 
@@ -204,11 +226,12 @@ def cell_crops(
     *,
     mode: CropMode = DEFAULT_CROP_MODE,
     margin: float = DEFAULT_MARGIN,
+    scale: CropScale = DEFAULT_CROP_SCALE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(label_ids, crops)``: what the model sees for each cell, as float32 RGB (n, H, W, 3) in [0, 1]."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     sampler = CropSampler(image, labels, size=size, mode=mode)
-    windows = cell_windows(np.asarray(labels), margin)
+    windows = cell_windows(np.asarray(labels), margin, scale)
     if not len(windows):
         return windows.ids, np.zeros((0, *size, 3), dtype=np.float32)
     crops = sampler(windows.ids, windows.boxes)

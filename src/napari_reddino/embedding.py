@@ -27,8 +27,10 @@ import torch
 
 from .crops import (
     DEFAULT_CROP_MODE,
+    DEFAULT_CROP_SCALE,
     DEFAULT_MARGIN,
     CropMode,
+    CropScale,
     CropSampler,
     cell_windows,
 )
@@ -162,6 +164,7 @@ class Embedder:
         *,
         mode: CropMode = DEFAULT_CROP_MODE,
         margin: float = DEFAULT_MARGIN,
+        scale: CropScale = DEFAULT_CROP_SCALE,
         batch_size: int | None = None,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
@@ -171,7 +174,7 @@ class Embedder:
         ``should_stop`` (e.g. ``threading.Event().is_set``) is asked before every batch; when it
         answers true, :class:`EmbeddingCancelled` is raised.
         """
-        steps = self.embed_steps(image, labels, mode=mode, margin=margin, batch_size=batch_size)
+        steps = self.embed_steps(image, labels, mode=mode, margin=margin, scale=scale, batch_size=batch_size)
         try:
             return run_steps(steps, progress, should_stop)
         except StepsCancelled:
@@ -184,6 +187,7 @@ class Embedder:
         *,
         mode: CropMode = DEFAULT_CROP_MODE,
         margin: float = DEFAULT_MARGIN,
+        scale: CropScale = DEFAULT_CROP_SCALE,
         batch_size: int | None = None,
     ) -> Generator[tuple[int, int], None, tuple[np.ndarray, np.ndarray]]:
         """Like :meth:`embed`, as a generator: yields ``(done, total)`` after each batch and
@@ -191,7 +195,7 @@ class Embedder:
         sampler = CropSampler(
             image, labels, size=self.input_size, mode=mode, device=self.device, mean=self.mean, std=self.std
         )
-        windows = cell_windows(np.asarray(labels), margin)
+        windows = cell_windows(np.asarray(labels), margin, scale)
         embeddings = np.zeros((len(windows), self.dim), dtype=np.float32)
         if not len(windows):
             return windows.ids, embeddings

@@ -69,7 +69,7 @@ def _prepare_command(args: argparse.Namespace) -> int:
     try:
         settings = PrepareSettings(
             mode=args.mode, size=args.size, patch_size=args.patch_size, margin=args.margin,
-            crop_mode=args.crop_mode, pixel_size_um=args.pixel_size_um,
+            crop_mode=args.crop_mode, crop_scale=args.crop_scale, pixel_size_um=args.pixel_size_um,
         )
         report = prepare(args.sources, args.out, settings)
     except PrepareError as error:
@@ -101,7 +101,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         model=args.model, data=Path(args.data), format=args.format, split=args.split, feature_sets=feature_sets,
         limit_images=args.limit_images, max_per_class=args.max_per_class, seed=args.seed,
         pixel_size_um=args.pixel_size_um, device=args.device, architecture=args.architecture,
-        batch_size=args.batch_size, crop_mode=args.crop_mode, margin=args.margin,
+        batch_size=args.batch_size, crop_mode=args.crop_mode, crop_scale=args.crop_scale, margin=args.margin,
         json_out=None if args.json is None else Path(args.json),
     )
     try:
@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CROP_SCALE_HELP = ("cell: each window sized to its cell; smear: one window size for the whole smear "
+                    "(that of a cell 1.25x the median), so a crop shows its cell's size")
+
+
 def _add_prepare_parser(commands) -> None:
     prepare = commands.add_parser(
         "prepare",
@@ -178,6 +182,8 @@ def _add_prepare_parser(commands) -> None:
                          help="context around a cell, a fraction of its box's longer side (default 0.25, as the plugin)")
     prepare.add_argument("--crop-mode", choices=("context", "masked"), default="context",
                          help="masked: other cells' pixels set to the background colour")
+    prepare.add_argument("--crop-scale", choices=("cell", "smear"), default="cell",
+                         help=f"{_CROP_SCALE_HELP} (default cell)")
     prepare.add_argument("--pixel-size-um", type=float, metavar="UM",
                          help="pixel size, to fix the expected cell size instead of estimating it per smear")
     prepare.set_defaults(handler=_prepare_command)
@@ -220,6 +226,8 @@ def _add_eval_parser(commands) -> None:
     evaluate.add_argument("--crop-mode", choices=("context", "masked"),
                           help="cells with their neighbours blanked (masked) or with their surroundings (context); "
                           "default: the plugin's (masked)")
+    evaluate.add_argument("--crop-scale", choices=("cell", "smear"),
+                          help=f"{_CROP_SCALE_HELP}; default: the plugin's")
     evaluate.add_argument("--margin", type=float, metavar="F", help="context around a cell's box (default: the plugin's)")
     evaluate.set_defaults(handler=_eval_command)
 

@@ -60,9 +60,18 @@ class EvalRequest:
     architecture: str | None = None  # for a bare .safetensors file
     batch_size: int | None = None
     crop_mode: str | None = None  # how cells become model inputs; None: the plugin's default
+    crop_scale: str | None = None  # window per cell or per smear; None: the plugin's default
     margin: float | None = None  # None: the plugin's default
     json_out: Path | None = None
     progress: bool = True
+
+    @property
+    def crops(self) -> dict:
+        """Crop mode, scale and margin, the plugin's defaults filled in."""
+        from napari_reddino.crops import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN
+
+        return {"mode": self.crop_mode or DEFAULT_CROP_MODE, "scale": self.crop_scale or DEFAULT_CROP_SCALE,
+                "margin": DEFAULT_MARGIN if self.margin is None else self.margin}
 
 
 @dataclass
@@ -89,6 +98,7 @@ class EvalReport:
             "limit_images": request.limit_images,
             "max_per_class": request.max_per_class,
             "seed": request.seed,
+            "crops": request.crops if self.format == "points" else None,
             "data_summary": None if self.summary is None else {
                 "images": self.summary.images, "points": self.summary.points, "matched": self.summary.matched,
                 "skipped": [[str(path), reason] for path, reason in self.summary.skipped],
@@ -179,10 +189,10 @@ def _extractors(request: EvalRequest, names: Sequence[str]) -> dict:
         # numbers (and its feature cache) must not depend on which CPU ran it
         embedder = load_embedder(request.model, device=request.device, dtype="float32",
                                  architecture=request.architecture)
+    crops = request.crops
     builders = {
-        "cls": lambda: EmbeddingFeatures(embedder, request.batch_size, mode=request.crop_mode, margin=request.margin),
-        "random-init": lambda: EmbeddingFeatures(random_init(embedder, request.seed), request.batch_size,
-                                                 mode=request.crop_mode, margin=request.margin),
+        "cls": lambda: EmbeddingFeatures(embedder, request.batch_size, **crops),
+        "random-init": lambda: EmbeddingFeatures(random_init(embedder, request.seed), request.batch_size, **crops),
         "measurements": MeasurementFeatures,
     }
     return {name: builders[name]() for name in names}
@@ -193,9 +203,7 @@ def _cache_keys(request: EvalRequest, data_format: Format) -> dict[str, str]:
 
     data = data_key(request.data, format=data_format, limit_images=request.limit_images,
                     max_per_class=request.max_per_class, seed=request.seed, pixel_size_um=request.pixel_size_um)
-    from napari_reddino.crops import DEFAULT_CROP_MODE
-
-    crops = f"{request.crop_mode or DEFAULT_CROP_MODE}:{request.margin}"
+    crops = ":".join(str(value) for value in request.crops.values())
     model = f"{model_key(request.model)}:{request.architecture}:{crops}"
     return {
         "cls": f"cls|{model}|{data}",

@@ -60,6 +60,7 @@ class PrepareSettings:
     patch_size: int = 224
     margin: float = 0.25  # context around a cell, as a fraction of its box's longer side
     crop_mode: Literal["context", "masked"] = "context"
+    crop_scale: Literal["cell", "smear"] = "cell"  # window per cell, or one per smear (cell size shows)
     pixel_size_um: float | None = None  # fixes the expected cell size for segmentation
 
     def __post_init__(self) -> None:
@@ -190,7 +191,9 @@ def _cell_samples(image: np.ndarray, settings: PrepareSettings) -> Samples:
         labels = segment_cells(image, pixel_size_um=settings.pixel_size_um)
     except ImageInputError as error:
         raise _Unusable(str(error)) from None
-    ids, crops = cell_crops(image, labels, settings.output_size, mode=settings.crop_mode, margin=settings.margin)
+    ids, crops = cell_crops(
+        image, labels, settings.output_size, mode=settings.crop_mode, margin=settings.margin, scale=settings.crop_scale
+    )
     slices = ndimage.find_objects(labels)
     boxes = np.array(
         [(s[0].start, s[1].start, s[0].stop, s[1].stop) for s in (slices[i - 1] for i in ids)], dtype=np.int64
@@ -279,7 +282,8 @@ def _check_settings(out: Path, settings: PrepareSettings) -> None:
     path = out / SETTINGS_NAME
     wanted = asdict(settings)
     if path.is_file():
-        saved = json.loads(path.read_text())
+        # a setting added since the folder was made had its default then
+        saved = asdict(PrepareSettings()) | json.loads(path.read_text())
         if saved != wanted:
             changed = ", ".join(f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items()
                                 if saved.get(key) != value)

@@ -63,6 +63,13 @@ def test_eval_on_crops_by_class(model, crops_by_smear, tmp_path, capsys):
     assert not np.allclose(random, cached["features"])
 
 
+def windows_inside_image(labels, ids, **crops):
+    """Whether each cell's window (the plugin's, with these crop settings) lies inside the smear."""
+    windows = cell_windows(labels, **crops)
+    boxes = windows.boxes[np.searchsorted(windows.ids, ids)]
+    return (boxes[:, :2] >= 0).all(axis=1) & (boxes[:, 2] <= labels.shape[1]) & (boxes[:, 3] <= labels.shape[0])
+
+
 def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     out = tmp_path / "points.json"
     args = ["eval", str(model), "--data", str(CHULA), "--random-init", "--with-measurements", "--json", str(out)]
@@ -75,6 +82,7 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     assert report["format"] == "points" and report["split"] == "by-image" and report["folds"] == 2
     assert summary["images"] == 2 and summary["points"] == n_points and 0.8 * n_points < summary["matched"] <= n_points
     assert report["samples"] == summary["matched"] and "normal" in report["classes"]
+    assert report["crops"] == {"mode": "masked", "scale": "smear", "margin": 0.25}  # the plugin's defaults
     assert set(report["results"]) == {"cls", "random-init", "measurements"}
     assert set(report["results"]["measurements"]) == {"logreg"}
     cached = np.load(tmp_path / "points.cls.npz")
@@ -89,9 +97,7 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     ids = cells_at_points(labels, points)
     ids = ids[ids > 0]
     all_ids, embeddings = load_embedder(str(model), device="cpu", dtype="float32").embed(image, labels)
-    windows = cell_windows(labels)
-    boxes = windows.boxes[np.searchsorted(windows.ids, ids)]
-    inside = (boxes[:, :2] >= 0).all(axis=1) & (boxes[:, 2] <= image.shape[1]) & (boxes[:, 3] <= image.shape[0])
+    inside = windows_inside_image(labels, ids)
     expected = embeddings[np.searchsorted(all_ids, ids)]
     np.testing.assert_allclose(cached["features"][: len(ids)][inside], expected[inside], rtol=1e-4, atol=1e-5)
 
@@ -101,13 +107,26 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     assert "features from the cache: cls, random-init, measurements" in capsys.readouterr().out
     assert json.loads(out.read_text())["results"] == report["results"]
 
-    # context crops (neighbours kept) on request: the plugin's context embeddings, not from the cache
+    # context crops (neighbours kept) on request: the plugin's context embeddings, not from the
+    # cache; smear-scale windows (the default) are sized from all the smear's cells, so every
+    # feature is the plugin's, border cells included
+    embedder = load_embedder(str(model), device="cpu", dtype="float32")
     context_out = tmp_path / "context.json"
     assert main(["eval", str(model), "--data", str(CHULA), "--crop-mode", "context", "--json", str(context_out)]) == 0
-    context_ids, context = load_embedder(str(model), device="cpu", dtype="float32").embed(image, labels, mode="context")
+    context_ids, context = embedder.embed(image, labels, mode="context")
     features = np.load(tmp_path / "context.cls.npz")["features"][: len(ids)]
-    np.testing.assert_allclose(features[inside], context[np.searchsorted(context_ids, ids)][inside], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(features, context[np.searchsorted(context_ids, ids)], rtol=1e-4, atol=1e-5)
     assert not np.allclose(features[inside], expected[inside], atol=1e-3)
+
+    # at cell scale in context mode only the annotated cells are embedded: the plugin's features
+    # wherever a window stays inside the image (outside, the padding's colour may differ a little)
+    cell_out = tmp_path / "cell.json"
+    args = ["eval", str(model), "--data", str(CHULA), "--crop-mode", "context", "--crop-scale", "cell"]
+    assert main([*args, "--json", str(cell_out)]) == 0
+    cell_ids, by_cell = embedder.embed(image, labels, mode="context", scale="cell")
+    inside = windows_inside_image(labels, ids, scale="cell")
+    features = np.load(tmp_path / "cell.cls.npz")["features"][: len(ids)]
+    np.testing.assert_allclose(features[inside], by_cell[np.searchsorted(cell_ids, ids)][inside], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [

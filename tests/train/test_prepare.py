@@ -1,12 +1,15 @@
 """``reddino-train prepare`` on real smears: crops and index, resume, bad files, patches."""
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from skimage.io import imread
 
+from napari_reddino import cell_crops, segment_cells
 from reddino_train.cli import main
 from reddino_train.prepare import (
     PrepareError,
@@ -99,6 +102,29 @@ def test_other_settings_in_the_same_folder_are_refused(prepared, sources):
     out, _ = prepared
     with pytest.raises(PrepareError, match="other settings.*size: 32 -> 48"):
         prepare([sources], out, PrepareSettings(size=48), progress=False)
+
+
+def test_a_folder_from_before_a_setting_existed_takes_its_default(sources, tmp_path):
+    out = tmp_path / "cells"
+    prepare([sources / "1.jpg"], out, PrepareSettings(size=SIZE), progress=False)
+    saved = json.loads((out / "prepare.json").read_text())
+    del saved["crop_scale"]
+    (out / "prepare.json").write_text(json.dumps(saved))
+    assert prepare([sources], out, PrepareSettings(size=SIZE), progress=False).already_done == ["1"]
+    with pytest.raises(PrepareError, match="crop_scale: 'cell' -> 'smear'"):
+        prepare([sources], out, PrepareSettings(size=SIZE, crop_scale="smear"), progress=False)
+
+
+def test_smear_scale_crops_are_the_plugins_smear_scale_crops(sources, tmp_path):
+    out = tmp_path / "cells"
+    assert main(["prepare", str(sources / "1.jpg"), "--out", str(out), "--size", str(SIZE), "--crop-scale", "smear"]) == 0
+    assert json.loads((out / "prepare.json").read_text())["crop_scale"] == "smear"
+    image = imread(sources / "1.jpg")
+    ids, crops = cell_crops(image, segment_cells(image), SIZE, mode="context", scale="smear")
+    for row in read_index(out)[:5]:
+        with Image.open(out / row["file"]) as written:
+            expected = np.rint(crops[np.searchsorted(ids, int(row["label"]))] * 255)
+            np.testing.assert_array_equal(np.asarray(written), expected)
 
 
 def test_patches_tile_the_smear(sources, tmp_path):

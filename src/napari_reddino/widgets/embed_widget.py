@@ -34,7 +34,7 @@ from ..cell_embeddings import (
     store_embeddings,
     stored_fingerprint,
 )
-from ..crops import CROP_MODES, DEFAULT_CROP_MODE, DEFAULT_MARGIN
+from ..crops import CROP_MODES, CROP_SCALES, DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN
 from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError
 from ..measurements import measure_cells
@@ -53,8 +53,7 @@ class _EmbedJob:
 
     cells: Labels
     model: str
-    mode: str
-    margin: float
+    crops: dict  # mode, scale and margin, as Embedder.embed takes them
     fingerprint: str
 
 
@@ -64,7 +63,7 @@ class _LoadFailure:
 
 
 @thread_worker
-def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, mode: str, margin: float,
+def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, crops: dict,
                     measured_ids: np.ndarray | None, pixel_size_um: float | None):
     """Yields the loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(ids, embeddings,
     table)``, ``table`` the cells' measurements when a cell is missing from ``measured_ids`` (labels
@@ -74,7 +73,7 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     except (ModelLoadError, DeviceError) as error:  # said to the user plainly, without a traceback
         return _LoadFailure(str(error))
     yield embedder
-    ids, embeddings = yield from embedder.embed_steps(pixels, labels, mode=mode, margin=margin)
+    ids, embeddings = yield from embedder.embed_steps(pixels, labels, **crops)
     complete = measured_ids is not None and np.isin(ids, measured_ids).all()
     table = None if complete else measure_cells(labels, pixels, pixel_size_um=pixel_size_um)
     return ids, embeddings, table
@@ -110,6 +109,11 @@ class EmbedCellsWidget(JobWidget):
             label="Crop", choices=list(CROP_MODES), value=DEFAULT_CROP_MODE,
             tooltip="masked: neighbouring cells painted out (classifies better); context: each cell with its surroundings.",
         )
+        self.crop_scale = ComboBox(
+            label="Scale", choices=list(CROP_SCALES), value=DEFAULT_CROP_SCALE,
+            tooltip="cell: each crop sized to its cell; smear: one crop size for the whole smear, so a crop shows "
+            "its cell's size next to the others (micro- and macrocytes).",
+        )
         self.margin = FloatSpinBox(
             label="Margin", value=DEFAULT_MARGIN, min=0, max=2, step=0.05,
             tooltip="Room around each cell in its crop, as a share of the cell's size on each side.",
@@ -117,7 +121,8 @@ class EmbedCellsWidget(JobWidget):
         model_row = Container(widgets=[self.model, self._browse_button], layout="horizontal", labels=False)
         model_row.label = "Model"
         model_row.margins = (0, 0, 0, 0)
-        self._lay_out(Container(widgets=[self.image, self.cells, model_row, self.device, self.crop_mode, self.margin]))
+        crop_settings = [self.crop_mode, self.crop_scale, self.margin]
+        self._lay_out(Container(widgets=[self.image, self.cells, model_row, self.device, *crop_settings]))
         self.image.changed.connect(self._pick_cells)
         self._browse_button.changed.connect(self._browse)
         self._pick_cells(self.image.value)
@@ -213,9 +218,10 @@ class EmbedCellsWidget(JobWidget):
         if not labels.any():
             self._refuse(f"No cells in {cells.name} to embed.", notify=show_warning)
             return
-        model, mode, margin = self.model_name, self.crop_mode.value, float(self.margin.value)
+        model = self.model_name
+        crops = {"mode": self.crop_mode.value, "scale": self.crop_scale.value, "margin": float(self.margin.value)}
         try:
-            current = fingerprint(pixels, labels, model, mode=mode, margin=margin)
+            current = fingerprint(pixels, labels, model, **crops)
         except OSError as error:
             self._refuse(f"Cannot read the model {model!r}: {error}")
             return
@@ -226,12 +232,12 @@ class EmbedCellsWidget(JobWidget):
                 notify=show_info,
             )
             return
-        self._embed_job = _EmbedJob(cells, model, mode, margin, current)
+        self._embed_job = _EmbedJob(cells, model, crops, current)
         self.status.value = f"Loading {model}…"
         labels = labels.copy()  # painting during the run must not change what is embedded
         measured = cells.features["label"].to_numpy() if "label" in cells.features else None
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
-        self._start(_load_and_embed, model, self.device.value, pixels, labels, mode, margin, measured, pixel_size)
+        self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size)
 
     def _on_progress(self, item) -> None:
         if isinstance(item, Embedder):  # loaded: the embedding starts now
@@ -296,7 +302,8 @@ class EmbedCellsWidget(JobWidget):
         seconds = time.perf_counter() - self._embed_started
         store_embeddings(
             job.cells, ids, embeddings, model_id=embedder.model_id, fingerprint=job.fingerprint,
-            model=job.model, crop_mode=job.mode, margin=job.margin, device=str(embedder.device),
+            model=job.model, crop_mode=job.crops["mode"], crop_scale=job.crops["scale"], margin=job.crops["margin"],
+            device=str(embedder.device),
         )
         shown = Path(job.model).expanduser().name if Path(job.model).expanduser().exists() else job.model
         self.status.value = (
