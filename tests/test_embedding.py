@@ -88,6 +88,21 @@ def test_masked_mode_changes_only_cells_with_neighbours_in_their_window(embedder
     assert np.abs(embedder.embed(image, labels, mode="masked", margin=2.0)[1] - wide).max() > 1e-3
 
 
+@pytest.mark.parametrize(("mode", "scale"), [("masked", "smear"), ("context", "cell")])
+def test_embedding_some_cells_gives_their_rows_of_embedding_every_cell(embedder, mode, scale):
+    image, labels = three_cells()
+    every_id, every = embedder.embed(image, labels, mode=mode, scale=scale, margin=2.0)
+    ids, chosen = embedder.embed(image, labels, mode=mode, scale=scale, margin=2.0, ids=[7, 2])
+    np.testing.assert_array_equal(ids, [2, 7])
+    np.testing.assert_allclose(chosen, every[np.isin(every_id, [2, 7])], rtol=1e-5, atol=1e-6)
+
+
+def test_asking_for_cells_that_are_not_in_the_labels_names_them(embedder):
+    image, labels = three_cells()
+    with pytest.raises(CropInputError, match=r"No cell has label 3, 4 \(2 of the 3 asked for\)"):
+        embedder.embed(image, labels, ids=[2, 3, 4])
+
+
 def test_no_cells_give_an_empty_result_of_the_right_width(embedder):
     image, labels = three_cells()
     ids, embeddings = embedder.embed(image, np.zeros_like(labels))

@@ -123,6 +123,16 @@ class CellWindows:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def of(self, ids) -> CellWindows:
+        """The windows of the cells ``ids`` (in ascending order), sized as among all cells."""
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        where = np.searchsorted(self.ids, wanted).clip(max=max(len(self.ids) - 1, 0))
+        missing = wanted[self.ids[where] != wanted] if len(self.ids) else wanted
+        if len(missing):
+            shown = ", ".join(str(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise CropInputError(f"No cell has label {shown} ({len(missing)} of the {len(wanted)} asked for).")
+        return CellWindows(wanted, self.boxes[where])
+
 
 def cell_windows(
     labels: np.ndarray, margin: float = DEFAULT_MARGIN, scale: CropScale = DEFAULT_CROP_SCALE

@@ -165,16 +165,21 @@ class Embedder:
         mode: CropMode = DEFAULT_CROP_MODE,
         margin: float = DEFAULT_MARGIN,
         scale: CropScale = DEFAULT_CROP_SCALE,
+        ids=None,
         batch_size: int | None = None,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(label_ids, embeddings)``: int64 ids ascending, float32 (n_cells, dim) in the same order.
 
+        ``ids`` embeds only those cells; their crops are the same as when every cell is embedded
+        (windows sized, neighbours blanked and padding coloured from all of ``labels``).
+
         ``should_stop`` (e.g. ``threading.Event().is_set``) is asked before every batch; when it
         answers true, :class:`EmbeddingCancelled` is raised.
         """
-        steps = self.embed_steps(image, labels, mode=mode, margin=margin, scale=scale, batch_size=batch_size)
+        steps = self.embed_steps(image, labels, mode=mode, margin=margin, scale=scale, ids=ids,
+                                 batch_size=batch_size)
         try:
             return run_steps(steps, progress, should_stop)
         except StepsCancelled:
@@ -188,6 +193,7 @@ class Embedder:
         mode: CropMode = DEFAULT_CROP_MODE,
         margin: float = DEFAULT_MARGIN,
         scale: CropScale = DEFAULT_CROP_SCALE,
+        ids=None,
         batch_size: int | None = None,
     ) -> Generator[tuple[int, int], None, tuple[np.ndarray, np.ndarray]]:
         """Like :meth:`embed`, as a generator: yields ``(done, total)`` after each batch and
@@ -196,6 +202,8 @@ class Embedder:
             image, labels, size=self.input_size, mode=mode, device=self.device, mean=self.mean, std=self.std
         )
         windows = cell_windows(np.asarray(labels), margin, scale)
+        if ids is not None:
+            windows = windows.of(ids)
         embeddings = np.zeros((len(windows), self.dim), dtype=np.float32)
         if not len(windows):
             return windows.ids, embeddings

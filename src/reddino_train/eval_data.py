@@ -111,23 +111,16 @@ def only_cells(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 class EmbeddingFeatures:
-    """A model's CLS embeddings, as the plugin computes them (its crop mode, scale and margin).
-
-    In ``context`` mode at ``cell`` scale only the requested cells are embedded. The crop of a
-    cell is the same as when every cell is embedded, except where its window crosses the image
-    edge: the padding takes the smear's background colour, estimated from the unlabelled
-    pixels, of which there are then a few more. ``masked`` mode blanks the neighbours and
-    ``smear`` scale sizes windows from all cells, so both need every cell's label.
-    """
+    """A model's CLS embeddings, as the plugin computes them (its crop mode, scale and margin):
+    only the annotated cells go through the model, their crops cut as among all cells."""
 
     def __init__(self, embedder, batch_size: int | None = None, *, mode: str, scale: str, margin: float) -> None:
         self.embedder, self.batch_size = embedder, batch_size
         self.options = {"mode": mode, "scale": scale, "margin": margin}
 
     def cells(self, image: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        needs_all = self.options["mode"] == "masked" or self.options["scale"] == "smear"
-        shown = labels if needs_all else only_cells(labels, ids)
-        embedded_ids, embeddings = self.embedder.embed(image, shown, batch_size=self.batch_size, **self.options)
+        embedded_ids, embeddings = self.embedder.embed(image, labels, ids=ids, batch_size=self.batch_size,
+                                                       **self.options)
         return embeddings[np.searchsorted(embedded_ids, ids)]
 
     def crops(self, images: Sequence[np.ndarray]) -> np.ndarray:
