@@ -2,7 +2,9 @@
 
 Classifiers: kNN with k = 1 and k = 20 (majority vote of the nearest neighbours by cosine
 similarity, i.e. Euclidean distance between L2-normalised features) and logistic regression
-(standardised features, balanced class weights). Splits: 5-fold stratified CV, or folds
+(standardised features, balanced class weights; RedDino's own script fits raw, unweighted
+features, which seldom predicts the rare classes and fails on unscaled measurements:
+benchmarks/RESULTS.md, "CPU pretraining", eleventh session). Splits: 5-fold stratified CV, or folds
 grouped by image (``StratifiedGroupKFold``), so no smear has cells on both sides of a split:
 cells of one smear share its staining and focus, and a split by cell lets a classifier
 recognise the smear instead of the morphology.
