@@ -126,12 +126,11 @@ class CellWindows:
     def of(self, ids) -> CellWindows:
         """The windows of the cells ``ids`` (in ascending order), sized as among all cells."""
         wanted = np.unique(np.asarray(ids, dtype=np.int64))
-        where = np.searchsorted(self.ids, wanted).clip(max=max(len(self.ids) - 1, 0))
-        missing = wanted[self.ids[where] != wanted] if len(self.ids) else wanted
+        missing = np.setdiff1d(wanted, self.ids)
         if len(missing):
             shown = ", ".join(str(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise CropInputError(f"No cell has label {shown} ({len(missing)} of the {len(wanted)} asked for).")
-        return CellWindows(wanted, self.boxes[where])
+        return CellWindows(wanted, self.boxes[np.searchsorted(self.ids, wanted)])
 
 
 def cell_windows(

@@ -51,8 +51,8 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.scale = 1.0 / (255.0 * torch.tensor(std).view(-1, 1, 1))
-        self.shift = torch.tensor(mean).view(-1, 1, 1) / torch.tensor(std).view(-1, 1, 1)
+        mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std), mean / std
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(image).float().mul_(self.scale).sub_(self.shift)
