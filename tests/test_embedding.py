@@ -101,6 +101,8 @@ def test_asking_for_cells_that_are_not_in_the_labels_names_them(embedder):
     image, labels = three_cells()
     with pytest.raises(CropInputError, match=r"No cell has label 3, 4 \(2 of the 3 asked for\)"):
         embedder.embed(image, labels, ids=[2, 3, 4])
+    with pytest.raises(CropInputError, match=r"No cell has label 9 \(1 of the 2 asked for\)"):
+        embedder.embed(image, labels, ids=[7, 9])  # above the largest label
 
 
 def test_no_cells_give_an_empty_result_of_the_right_width(embedder):
