@@ -1,6 +1,7 @@
 """Model registry and loading, through the real loading code, offline, on models made here."""
 
 import json
+import math
 import shutil
 import time
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from _cpu_precision import CPUS, pretend_cpu
 from _model_fixtures import (  # noqa: F401  (pytest fixtures)
     TINY_DIM,
     hub_cache,
@@ -18,7 +20,7 @@ from _model_fixtures import (  # noqa: F401  (pytest fixtures)
     tiny_vit,
 )
 
-from napari_reddino import native_bf16
+from napari_reddino import bf16_speed
 from napari_reddino.embedding import DeviceError, list_devices, resolve_device, resolve_dtype
 from napari_reddino.models import (
     KNOWN_MODELS,
@@ -186,17 +188,24 @@ def test_auto_device_falls_back_to_cpu_and_missing_gpus_are_refused():
         resolve_device("gpu-please")
 
 
-@pytest.mark.parametrize(("cpu_features", "auto"), [
-    ({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True}, torch.bfloat16), ({"avx2": True}, torch.float32),
-])
-def test_dtype_auto_is_bf16_only_on_a_cpu_with_native_bf16_and_names_are_checked(monkeypatch, cpu_features, auto):
-    monkeypatch.setattr(native_bf16, "cpu_features", lambda: cpu_features)
+@pytest.mark.parametrize(("cpu_features", "bf16_speedup", "auto"), CPUS)
+def test_dtype_auto_is_bf16_only_where_the_cpu_computes_it_faster_and_names_are_checked(
+        monkeypatch, cpu_features, bf16_speedup, auto):
+    pretend_cpu(monkeypatch, cpu_features, bf16_speedup)
     cpu = torch.device("cpu")
     assert resolve_dtype(None, cpu) == resolve_dtype("auto", cpu) == auto
     assert resolve_dtype("float32", cpu) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="float32, bfloat16, float16"):
         resolve_dtype("int8", cpu)
+
+
+def test_the_bf16_probe_times_this_cpu_once_per_process():
+    bf16_speed.cpu_bf16_speedup.cache_clear()
+    speedup = bf16_speed.cpu_bf16_speedup()
+    assert math.isfinite(speedup) and speedup > 0
+    assert bf16_speed.cpu_bf16_speedup() == speedup
+    assert bf16_speed.cpu_bf16_speedup.cache_info().misses == 1
 
 
 def test_known_models_are_the_three_reddino_sizes():

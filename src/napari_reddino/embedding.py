@@ -42,7 +42,7 @@ from .models import (
     load_model,
     local_path,
 )
-from .native_bf16 import native_bf16
+from .bf16_speed import bf16_saves_time
 from .steps import Progress, StepsCancelled, run_steps
 
 # Peak activation memory of one image in a ViT forward, as a multiple of its input tensor's
@@ -116,15 +116,16 @@ DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The compute precision: ``None``/``"auto"`` is bf16 where the device computes it natively
-    (CUDA GPUs; CPUs with AVX512-BF16 or AMX), else fp32.
+    """The compute precision: ``None``/``"auto"`` is bf16 where it saves time (CUDA GPUs; CPUs
+    with AVX512-BF16 or AMX whose bf16 matrix products time faster, see :mod:`.bf16_speed`),
+    else fp32.
 
-    Measured on CPUs (benchmarks/RESULTS.md): with AVX512-BF16, bf16 embeds 1.6x (ViT-S) and
-    1.9x (ViT-B) as many cells per second as fp32, within 7.6e-3 relative error; without it,
-    1.9x fewer.
+    Measured on CPUs (benchmarks/RESULTS.md): where bf16 is fast (Zen 4), bf16 embeds 1.6x
+    (ViT-S) and 1.9x (ViT-B) as many cells per second as fp32, within 7.6e-3 relative error;
+    without bf16 instructions 1.9x fewer, and on a Sapphire Rapids VM without AMX 1.5x fewer.
     """
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
+        return torch.bfloat16 if bf16_saves_time(device) else torch.float32
     if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPE_NAMES:
@@ -285,7 +286,7 @@ def load_embedder(
     ``.safetensors`` file with ``architecture`` set to its timm name, e.g.
     ``load_embedder("w.safetensors", architecture="vit_small_patch14_dinov2")``.
     ``device``: ``"auto"`` (CUDA, then Apple MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-    ``dtype``: ``None``/``"auto"`` (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32),
+    ``dtype``: ``None``/``"auto"`` (bf16 where it saves time: CUDA, CPUs timed faster; else fp32),
     ``"float32"``, ``"bfloat16"``, ``"float16"``.
     ``download_progress(filename, bytes_done, bytes_total)`` follows a download, if one is needed.
     A local model that changed on disk since it was cached is loaded again.

@@ -290,11 +290,11 @@ class Trainer:
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
-    """``auto``: bf16 where the device computes it natively (CUDA, AVX512-BF16/AMX CPUs)."""
+    """``auto``: bf16 where it saves time (CUDA; CPUs whose bf16 matrix products time faster)."""
     if precision == "auto":
-        from napari_reddino.native_bf16 import native_bf16
+        from napari_reddino.bf16_speed import bf16_saves_time
 
-        return native_bf16(device)
+        return bf16_saves_time(device)
     return precision == "bf16"
 
 

@@ -3,8 +3,8 @@ import warnings
 
 import pytest
 import torch
+from _cpu_precision import CPUS, pretend_cpu
 
-from napari_reddino import native_bf16
 from reddino_train.checkpoint import CheckpointMismatchError
 from reddino_train.config import load_config
 from reddino_train.data import EmptyDatasetError
@@ -123,10 +123,11 @@ def test_bf16_autocast_trains_with_finite_losses_close_to_fp32(smear_images, tmp
     assert low["dino"] == pytest.approx(exact["dino"], rel=0.05)
 
 
-@pytest.mark.parametrize(("cpu_features", "same_as"), [({"avx512_bf16": True}, "bf16"), ({"avx2": True}, "fp32")])
-def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(smear_images, tmp_path, monkeypatch, cpu_features,
-                                                              same_as):
-    monkeypatch.setattr(native_bf16, "cpu_features", lambda: cpu_features)
+@pytest.mark.parametrize(("cpu_features", "bf16_speedup", "picks"), CPUS)
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_faster(smear_images, tmp_path, monkeypatch,
+                                                                    cpu_features, bf16_speedup, picks):
+    pretend_cpu(monkeypatch, cpu_features, bf16_speedup)
+    same_as = "bf16" if picks == torch.bfloat16 else "fp32"
     for precision in ("auto", same_as):
         fit(load_config("tiny", [*TINY, f"train.precision={precision}"]), smear_images, tmp_path / precision,
             max_steps=1)

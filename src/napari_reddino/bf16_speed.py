@@ -1,0 +1,56 @@
+"""Whether bfloat16 autocast saves time on a device: what "auto" precision means.
+
+CUDA GPUs since Ampere compute bf16 in hardware. On a CPU the instruction set does not settle
+it: a Zen 4 machine with AVX512-BF16 embedded 1.6x as many cells per second in bf16 (ViT-S),
+while a Sapphire Rapids virtual machine that reports AVX512-BF16 but no AMX multiplied bf16
+matrices at half its fp32 speed (benchmarks/RESULTS.md). So where a CPU has bf16 instructions
+a ViT-sized matrix product is timed once per process in both precisions, and bf16 is chosen
+only where it clearly wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+MIN_CPU_SPEEDUP = 1.15  # a smaller gain is not worth bf16's rounding
+PROBE_REPEATS = 8
+
+
+def bf16_saves_time(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        has_instructions = any(cpu_features().get(name, False) for name in CPU_BF16_FEATURES)
+        return has_instructions and cpu_bf16_speedup() >= MIN_CPU_SPEEDUP
+    return False
+
+
+def cpu_features() -> dict[str, object]:
+    """The instruction sets torch found on this CPU (empty where this torch cannot tell)."""
+    query = getattr(torch.cpu, "get_capabilities", None)
+    return dict(query()) if query is not None else {}
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """fp32 time over bf16-autocast time for a ViT-S MLP product (1024 tokens, 384 -> 1536).
+
+    The two precisions alternate and each keeps its fastest repeat, so other work on the
+    machine slows neither more than the other; it takes about 0.3 s on 2 cores.
+    """
+    tokens, weight = torch.randn(1024, 384), torch.randn(384, 1536)
+    best = {False: float("inf"), True: float("inf")}
+    with torch.inference_mode():
+        for repeat in range(PROBE_REPEATS + 1):
+            for bf16 in best:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    start = time.perf_counter()
+                    tokens @ weight
+                    elapsed = time.perf_counter() - start
+                if repeat:  # the first round only warms the kernels up
+                    best[bf16] = min(best[bf16], elapsed)
+    return best[False] / best[True]
