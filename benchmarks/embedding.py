@@ -37,7 +37,7 @@ from timm.models import save_for_hf
 from torchvision import transforms
 
 from napari_reddino import segment_cells
-from napari_reddino.bf16_speed import CPU_BF16_FEATURES, bf16_saves_time, cpu_bf16_speedup, cpu_features
+from napari_reddino.bf16_speed import bf16_saves_time, cpu_bf16_instructions, cpu_bf16_speedup
 from napari_reddino.crops import DEFAULT_MARGIN, cell_windows
 from napari_reddino.embedding import Embedder, load_embedder
 
@@ -226,8 +226,8 @@ def print_table(rows: list[dict], device: str) -> None:
         )
     print(f"\ndevice: {device}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if device.startswith("cpu"):
-        features = [name for name in CPU_BF16_FEATURES if cpu_features().get(name)]
-        print(f"CPU bf16 instructions: {', '.join(features) or 'none'}; a bf16 matrix product runs "
+        instructions = ", ".join(cpu_bf16_instructions()) or "none"
+        print(f"CPU bf16 instructions: {instructions}; a bf16 matrix product runs "
               f"{cpu_bf16_speedup():.2f}x fp32's speed; dtype auto here: "
               f"{'bfloat16' if bf16_saves_time(torch.device('cpu')) else 'float32'}")
 

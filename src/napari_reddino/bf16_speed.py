@@ -24,9 +24,14 @@ def bf16_saves_time(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        has_instructions = any(cpu_features().get(name, False) for name in CPU_BF16_FEATURES)
-        return has_instructions and cpu_bf16_speedup() >= MIN_CPU_SPEEDUP
+        return bool(cpu_bf16_instructions()) and cpu_bf16_speedup() >= MIN_CPU_SPEEDUP
     return False
+
+
+def cpu_bf16_instructions() -> list[str]:
+    """Which of the bf16 instruction sets this CPU has (empty: bf16 is emulated through fp32)."""
+    features = cpu_features()
+    return [name for name in CPU_BF16_FEATURES if features.get(name, False)]
 
 
 def cpu_features() -> dict[str, object]:

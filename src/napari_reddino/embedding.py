@@ -122,7 +122,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
     Measured on CPUs (benchmarks/RESULTS.md): where bf16 is fast (Zen 4), bf16 embeds 1.6x
     (ViT-S) and 1.9x (ViT-B) as many cells per second as fp32, within 7.6e-3 relative error;
-    without bf16 instructions 1.9x fewer, and on a Sapphire Rapids VM without AMX 1.5x fewer.
+    without bf16 instructions 1.9x fewer, and on a Sapphire Rapids VM without AMX 1.6x fewer.
     """
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if bf16_saves_time(device) else torch.float32
