@@ -131,6 +131,19 @@ def build_student(cfg: TrainConfig) -> DinoModel:
     return DinoModel(backbone, _head(cfg, "dino", dim), ibot_head)
 
 
+def use_explicit_attention(model: nn.Module) -> None:
+    """Attention as two matrix products around a softmax instead of torch's fused kernel.
+
+    For training on a CPU under bf16 autocast: there the fused kernel's backward runs 7-9x
+    slower than the explicit form at cell-crop lengths (10-37 tokens) and 2x at 257 tokens,
+    and took 40% of a ``reddino-cpu-small`` step (benchmarks/RESULTS.md); in fp32, and on
+    GPUs, the fused kernel is as fast or faster.
+    """
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+
+
 def make_teacher(student: DinoModel) -> DinoModel:
     """A frozen copy in eval mode (no stochastic depth), updated only by ``update_teacher``."""
     teacher = copy.deepcopy(student).eval()

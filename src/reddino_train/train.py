@@ -45,7 +45,7 @@ from .distributed import (
 )
 from .losses import DinoClsLoss, IbotPatchLoss, koleo_loss
 from .masking import BlockMaskGenerator, sample_masks
-from .model import DinoModel, build_student, make_teacher, update_teacher
+from .model import DinoModel, build_student, make_teacher, update_teacher, use_explicit_attention
 from .monitor import LOG_NAME, CollapseDetector, CsvLog, entropy
 from .parallel import distribute, full_state, load_full_state
 from .param_groups import apply_schedule, build_param_groups
@@ -117,6 +117,9 @@ class Trainer:
         self.dataset = ImageFolder(data_dir, make_multicrop(cfg.crops))
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.student = build_student(cfg).to(device)
+        self.bf16 = uses_bf16(cfg.train.precision, device)
+        if self.bf16 and device.type == "cpu":
+            use_explicit_attention(self.student)
         self.teacher = make_teacher(self.student)
         self.distributed_student = distribute(self.student, self.teacher, cfg.train.parallel, device)
         self.losses = Losses.from_config(cfg)
@@ -127,7 +130,6 @@ class Trainer:
         self.schedules = build_schedules(cfg, self.world_size)
         grid = cfg.crops.global_size // cfg.model.patch_size
         self.mask_generator = BlockMaskGenerator((grid, grid))
-        self.bf16 = uses_bf16(cfg.train.precision, device)
         self.iteration = 0
         self.samples_consumed = 0  # by this rank: where its sampler resumes
         _seed_process(cfg.train.seed + self.rank)  # distinct stochastic depth per rank

@@ -2,7 +2,7 @@ import safetensors.torch
 import torch
 
 from reddino_train.config import load_config
-from reddino_train.model import build_student, make_teacher, update_teacher
+from reddino_train.model import build_student, make_teacher, update_teacher, use_explicit_attention
 
 # LayerScale 1 so the blocks, not just the embeddings, shape the outputs of the tiny model
 TINY = ["model.layerscale=1.0", "model.drop_path_rate=0.0"]
@@ -42,6 +42,28 @@ def test_separate_ibot_head_has_its_own_prototypes():
     masks[0, :3] = True
     out = student(torch.randn(2, 3, 56, 56), torch.randn(0), masks)
     assert out.patch_logits.shape == (3, 48) and out.cls_logits.shape == (2, 64)
+
+
+def test_explicit_attention_gives_the_fused_kernels_outputs_and_gradients():
+    torch.manual_seed(0)
+    student = build_student(load_config("tiny", TINY))
+    images, masks = torch.randn(3, 3, 56, 56), torch.zeros(3, 16, dtype=torch.bool)
+    masks[0, :4] = True
+
+    def outputs_and_gradients():
+        student.zero_grad()
+        out = student(images, torch.randn(0), masks)
+        (out.cls_logits.square().mean() + out.patch_logits.square().mean()).backward()
+        grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+        return out.cls_logits.detach(), grads
+
+    fused = outputs_and_gradients()
+    use_explicit_attention(student)
+    attentions = [module for module in student.modules() if hasattr(module, "fused_attn")]
+    assert len(attentions) == 2 and not any(module.fused_attn for module in attentions)
+    explicit = outputs_and_gradients()
+    for a, b in zip(fused, explicit):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_teacher_is_a_frozen_copy_updated_by_ema():

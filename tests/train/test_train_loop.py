@@ -121,6 +121,13 @@ def test_bf16_autocast_trains_with_finite_losses_close_to_fp32(smear_images, tmp
     (exact,), (low,) = read_log(tmp_path / "fp32/log.csv"), read_log(tmp_path / "bf16/log.csv")
     assert math.isfinite(low["loss"]) and low["loss"] != exact["loss"]
     assert low["dino"] == pytest.approx(exact["dino"], rel=0.05)
+    # on a CPU, bf16 training computes attention explicitly (the fused backward is slow there)
+    assert fused_attention_flags(bf16.student) == fused_attention_flags(bf16.teacher) == {False}
+    assert fused_attention_flags(fp32.student) == {True}
+
+
+def fused_attention_flags(model: torch.nn.Module) -> set[bool]:
+    return {module.fused_attn for module in model.modules() if hasattr(module, "fused_attn")}
 
 
 @pytest.mark.parametrize(("cpu_features", "bf16_speedup", "picks"), CPUS)
