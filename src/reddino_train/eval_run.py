@@ -42,7 +42,8 @@ from .evaluate import (
 from .files import write_atomic
 
 FEATURE_SETS = ("cls", "random-init", "measurements")
-METHODS = {"cls": ("knn1", "knn20", "logreg"), "random-init": ("knn1", "knn20", "logreg"), "measurements": ("logreg",)}
+EMBEDDING_METHODS = ("knn1", "knn20", "knn20w", "logreg")
+METHODS = {"cls": EMBEDDING_METHODS, "random-init": EMBEDDING_METHODS, "measurements": ("logreg",)}
 
 
 @dataclass(frozen=True)

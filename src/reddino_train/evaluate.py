@@ -1,7 +1,8 @@
 """The RedDino paper's evaluation protocol on frozen features: pure numpy and scikit-learn.
 
 Classifiers: kNN with k = 1 and k = 20 (majority vote of the nearest neighbours by cosine
-similarity, i.e. Euclidean distance between L2-normalised features) and logistic regression
+similarity, i.e. Euclidean distance between L2-normalised features), DINOv2's kNN (k = 20,
+each neighbour's vote weighted by exp(similarity / 0.07)) and logistic regression
 (standardised features, balanced class weights; RedDino's own script fits raw, unweighted
 features, which seldom predicts the rare classes and fails on unscaled measurements:
 benchmarks/RESULTS.md, "CPU pretraining", eleventh session). Splits: 5-fold stratified CV, or folds
@@ -46,9 +47,21 @@ class EvaluationError(ValueError):
     """Data that the protocol cannot be run on."""
 
 
-def knn(k: int) -> Callable[[int], ClassifierMixin]:
-    """kNN by cosine similarity, majority vote; k shrinks to the training set's size."""
-    return lambda n_train: make_pipeline(Normalizer(), KNeighborsClassifier(min(k, n_train), algorithm="brute"))
+DINOV2_KNN_TEMPERATURE = 0.07
+
+
+def similarity_weights(distances: np.ndarray) -> np.ndarray:
+    """DINOv2's kNN vote: each neighbour counts exp(cosine similarity / 0.07). Between
+    L2-normalised features at Euclidean distance d the cosine similarity is 1 - d^2 / 2."""
+    return np.exp((1 - distances**2 / 2) / DINOV2_KNN_TEMPERATURE)
+
+
+def knn(k: int, weights: str | Callable[[np.ndarray], np.ndarray] = "uniform") -> Callable[[int], ClassifierMixin]:
+    """kNN by cosine similarity, a majority vote unless ``weights`` says otherwise; k shrinks to
+    the training set's size."""
+    return lambda n_train: make_pipeline(
+        Normalizer(), KNeighborsClassifier(min(k, n_train), weights=weights, algorithm="brute")
+    )
 
 
 def logistic_regression(n_train: int) -> ClassifierMixin:
@@ -58,9 +71,12 @@ def logistic_regression(n_train: int) -> ClassifierMixin:
 CLASSIFIERS: dict[str, Callable[[int], ClassifierMixin]] = {
     "knn1": knn(1),
     "knn20": knn(20),
+    "knn20w": knn(20, similarity_weights),
     "logreg": logistic_regression,
 }
-METHOD_NAMES = {"knn1": "kNN k=1", "knn20": "kNN k=20", "logreg": "logistic regression"}
+METHOD_NAMES = {
+    "knn1": "kNN k=1", "knn20": "kNN k=20", "knn20w": "kNN k=20 weighted", "logreg": "logistic regression",
+}
 
 
 def make_folds(targets: np.ndarray, split: Split, groups: np.ndarray | None = None, seed: int = 0) -> Folds:

@@ -10,6 +10,7 @@ from reddino_train.evaluate import (
     make_folds,
     out_of_fold_predictions,
     score,
+    similarity_weights,
 )
 from reddino_train.evaluate import knn as knn_classifier
 
@@ -65,13 +66,25 @@ def test_knn20_votes_among_all_when_fewer_samples_are_there():
     assert out_of_fold_predictions(features, targets, folds, knn_classifier(20))[5] == 0
 
 
+def test_weighted_knn_lets_a_very_close_neighbour_outvote_several_far_ones():
+    # the query at 0 degrees; one class-1 neighbour at 5 degrees (similarity 0.996), three
+    # class-0 neighbours at 60 degrees (0.5): exp(0.996 / 0.07) = 1.5e6 > 3 exp(0.5 / 0.07) = 3.8e3
+    angles = np.radians([5, 60, -60, 60, 0])
+    features = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    targets = np.array([1, 0, 0, 0, 1])
+    folds = [(np.arange(4), np.array([4]))]
+    assert out_of_fold_predictions(features, targets, folds, knn_classifier(20))[4] == 0
+    assert out_of_fold_predictions(features, targets, folds, knn_classifier(20, similarity_weights))[4] == 1
+    assert similarity_weights(np.array([0.0, np.sqrt(2)])) == pytest.approx([np.exp(1 / 0.07), 1.0])
+
+
 def test_logistic_regression_separates_separable_classes():
     rng = np.random.default_rng(0)
     targets = np.repeat([0, 1, 2], 20)
     features = rng.normal(size=(60, 8)) + 5 * np.eye(8)[targets]
     folds = make_folds(targets, "5-fold", seed=1)
     results = evaluate(features, targets, ["a", "b", "c"], folds)
-    assert set(results) == {"knn1", "knn20", "logreg"}
+    assert set(results) == {"knn1", "knn20", "knn20w", "logreg"}
     assert results["logreg"].accuracy == 1.0 and results["logreg"].fold_balanced_accuracy == (1.0,) * 5
 
 
