@@ -123,10 +123,12 @@ def test_crops_at_the_border_are_padded_with_background_not_shifted():
     np.testing.assert_allclose(centroid(is_cell(crops[0])), (20.5, 20.5), atol=0.25)
 
 
-def test_background_colour_is_the_median_of_unlabelled_pixels():
+def test_background_colour_is_the_median_of_unlabelled_pixels_in_the_images_own_levels():
     image, labels = smear({1: ((40, 60), 30, CELL)})
     image[:5, :5] = 0  # a few dark specks do not move a median
+    np.testing.assert_array_equal(background_colour(image, labels), BACKGROUND)
     np.testing.assert_allclose(background_colour(as_rgb(image), labels), np.array(BACKGROUND) / 255, atol=1e-6)
+    np.testing.assert_array_equal(background_colour(image[..., 1], labels), [BACKGROUND[1]] * 3)
 
 
 def test_grayscale_rgba_uint16_and_float_images_give_the_same_crops():

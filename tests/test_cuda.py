@@ -1,0 +1,79 @@
+"""Cropping and embedding on an NVIDIA GPU, against the CPU's answers.
+
+Skipped where there is no CUDA device (as on CI); ``benchmarks/gpu.sh`` runs them on a lent
+GPU machine.
+"""
+
+from importlib.resources import files
+
+import numpy as np
+import pytest
+import torch
+from _model_fixtures import reddino_small_files  # noqa: F401  (fixture)
+from skimage.io import imread
+
+from napari_reddino import segment_cells
+from napari_reddino.crops import CROP_MODES, CropSampler, cell_windows
+from napari_reddino.embedding import clear_embedder_cache, load_embedder
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def real_smear():
+    image = imread(files("napari_reddino") / "data" / "chula_rbc12" / "1.jpg")
+    return image, segment_cells(image)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    clear_embedder_cache()
+    yield
+    clear_embedder_cache()
+
+
+@pytest.mark.parametrize("mode", CROP_MODES)
+def test_crops_cut_on_the_gpu_equal_the_cpus(real_smear, mode):
+    image, labels = real_smear
+    windows = cell_windows(labels)
+    crops = {
+        device: CropSampler(image, labels, size=(224, 224), mode=mode, device=device, mean=MEAN, std=STD)(
+            windows.ids, windows.boxes
+        )
+        for device in ("cpu", "cuda")
+    }
+    assert crops["cuda"].device.type == "cuda"
+    np.testing.assert_allclose(crops["cuda"].cpu().numpy(), crops["cpu"].numpy(), atol=1e-5)
+
+
+def test_auto_precision_on_the_gpu_is_bf16_within_one_percent_of_fp32_on_the_cpu(reddino_small_files, real_smear):
+    image, labels = real_smear
+    gpu = load_embedder(reddino_small_files, device="cuda")
+    assert gpu.dtype == torch.bfloat16 and gpu.device.type == "cuda"
+    ids, on_gpu = gpu.embed(image, labels)
+    cpu_ids, on_cpu = load_embedder(reddino_small_files, device="cpu", dtype="float32").embed(image, labels)
+    np.testing.assert_array_equal(ids, cpu_ids)
+    error = np.linalg.norm(on_gpu - on_cpu, axis=1) / np.linalg.norm(on_cpu, axis=1)
+    assert error.max() < 1e-2
+
+
+def test_a_real_out_of_memory_error_halves_the_batch(reddino_small_files, real_smear):
+    """Memory capped at 400 MB above what the model holds: a batch of 512 ViT-S inputs does not
+    fit, a smaller one does, and the embeddings are those of the unconstrained run."""
+    image, labels = real_smear
+    embedder = load_embedder(reddino_small_files, device="cuda")
+    windows = cell_windows(labels)
+    sampler = CropSampler(image, labels, size=embedder.input_size, mean=embedder.mean, std=embedder.std)
+    crops = sampler(windows.ids, windows.boxes).repeat(512 // len(windows) + 1, 1, 1, 1)[:512]
+    expected = embedder.embed_crops(crops[:8]).cpu().numpy()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 400 * 2**20) / total)
+    try:
+        capped = embedder.embed_crops(crops).cpu().numpy()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert embedder._fitting_batch is not None and embedder._fitting_batch < 512
+    error = np.linalg.norm(capped[:8] - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert error.max() < 1e-2
