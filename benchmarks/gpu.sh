@@ -3,16 +3,31 @@
 # the CUDA tests, embedding cells/s for ViT-S/B/L against the model card loop, and
 # pretraining steps/s and model FLOP utilisation for ViT-S and ViT-L.
 #
-#     bash benchmarks/gpu.sh            # logs in $OUT (the device tool's folder) or /tmp/gpu-checks
+#     bash benchmarks/gpu.sh --fetch-wheels   # first, here: wheels of what that machine lacks, in .whl/
+#     bash benchmarks/gpu.sh                  # there, with .whl carried; logs in $OUT or /tmp/gpu-checks
 #
-# Such a machine has python3 with torch, torchvision, timm, scikit-image and pytest, but not
-# this package, napari or ../shared/data: the package runs from src/, the smears come from
-# tests/data, and every model is a randomly initialised ViT of RedDino's sizes (the speed is
-# the same). Each step has its own time limit, so one that fails leaves the others their time.
+# Such a machine has python3 (3.12) with torch, torchvision, timm, scikit-image, pandas and
+# pytest, but not edt, this package, napari or ../shared/data, and reaches no package index:
+# edt comes as a wheel, the package runs from src/, the smears come from tests/data, and every
+# model is a randomly initialised ViT of RedDino's sizes (the speed is the same). Each step has
+# its own time limit, so one that fails leaves the others their time.
 set -u
 cd "$(dirname "$0")/.."
+WHEELS="edt==3.1.2"
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+    python=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
+    exec "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl $WHEELS
+fi
+
 out=${OUT:-/tmp/gpu-checks}
 mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 step() {  # step NAME SECONDS COMMAND...: run, keep the log, go on whatever it returns
