@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs an NVIDIA GPU, in one call of a lent GPU machine (about 8 minutes):
+# Every check that needs an NVIDIA GPU, in one call of a lent GPU machine (at most 9 minutes):
 # the CUDA tests, embedding cells/s for ViT-S/B/L against the model card loop, and
 # pretraining steps/s and model FLOP utilisation for ViT-S and ViT-L.
 #
@@ -28,6 +28,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi
+if ! python3 -c 'import edt' 2>/dev/null; then
+    echo "edt is missing: run 'bash benchmarks/gpu.sh --fetch-wheels' here first and carry .whl" >&2
+    exit 2
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 step() {  # step NAME SECONDS COMMAND...: run, keep the log, go on whatever it returns
@@ -43,8 +47,8 @@ python3 -c 'import sys, torch, torchvision, timm; print(sys.version.split()[0], 
     torchvision.__version__, timm.__version__, torch.cuda.get_device_name())'
 
 # -o filterwarnings=: pyproject's filters name pydantic, which such a machine need not have.
-step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= tests/test_cuda.py
-step embedding 300 python3 benchmarks/embedding.py --device cuda --sizes small base large \
+step cuda_tests 100 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= tests/test_cuda.py
+step embedding 240 python3 benchmarks/embedding.py --device cuda --sizes small base large \
     --cells 4000 --chunk 0 --card-cells 256 --smears 'tests/data/chula_rbc12/*.jpg'
-step training_vits14 90 python3 benchmarks/training.py --device cuda --model vits14 --json "$out/training_vits14.json"
-step training_vitl14 90 python3 benchmarks/training.py --device cuda --model vitl14 --json "$out/training_vitl14.json"
+step training_vits14 80 python3 benchmarks/training.py --device cuda --model vits14 --json "$out/training_vits14.json"
+step training_vitl14 80 python3 benchmarks/training.py --device cuda --model vitl14 --json "$out/training_vitl14.json"

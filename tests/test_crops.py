@@ -4,10 +4,12 @@ from importlib.resources import files
 
 import numpy as np
 import pytest
+import torch
 from skimage.io import imread
 
 from napari_reddino.crops import (
     CropInputError,
+    CropSampler,
     as_rgb,
     background_colour,
     cell_crops,
@@ -150,6 +152,8 @@ def test_labels_of_another_shape_or_type_are_refused():
         cell_crops(image, labels[:, 1:])
     with pytest.raises(CropInputError, match="integers"):
         cell_crops(image, labels.astype(float))
+    with pytest.raises(CropInputError, match=r"Label ids go up to 1,000,000,000 in a 100x120 image; number"):
+        cell_crops(image, np.where(labels > 0, 10**9, 0))
     with pytest.raises(CropInputError, match="Unknown crop mode"):
         cell_crops(image, labels, mode="cutout")
     with pytest.raises(CropInputError, match="margin"):
@@ -176,3 +180,33 @@ def test_real_smear_gives_one_centred_crop_per_cell_in_label_order():
     row0, col0 = 240 - 25, 320 - 25  # label 9: bbox side 51 = window 76.5 at margin .25
     direct = image[row0 + 10 : row0 + 41, col0 + 10 : col0 + 41].astype(np.float32).mean(axis=(0, 1)) / 255
     np.testing.assert_allclose(crops[2][16:40, 16:40].mean(axis=(0, 1)), direct, atol=0.03)
+
+
+def test_flipped_views_of_the_smear_and_labels_give_the_crops_of_their_copies():
+    image, labels = smear({1: ((40, 60), 10, CELL), 2: ((70, 30), 12, NEIGHBOUR)})
+    flipped_image, flipped_labels = image[::-1, ::-1], labels[::-1]  # negative strides, as np.flipud gives
+    expected = cell_crops(flipped_image.copy(), flipped_labels.copy(), 32)[1]
+    np.testing.assert_array_equal(cell_crops(flipped_image, flipped_labels, 32)[1], expected)
+
+
+class OutOfMemoryAbove(CropSampler):
+    """A real sampler on a device whose memory holds the windows of only ``limit`` cells at once."""
+
+    def __init__(self, *args, limit, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.limit, self.cuts = limit, []
+
+    def _cut(self, ids, boxes):
+        if len(ids) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.cuts.append(len(ids))
+        return super()._cut(ids, boxes)
+
+
+def test_running_out_of_memory_while_cutting_cuts_in_halves():
+    image, labels = smear({1: ((20, 20), 8, CELL), 2: ((50, 60), 9, CELL), 3: ((80, 100), 7, NEIGHBOUR)})
+    windows = cell_windows(labels)
+    whole = CropSampler(image, labels, size=(24, 24))(windows.ids, windows.boxes)
+    halved = OutOfMemoryAbove(image, labels, size=(24, 24), limit=1)
+    np.testing.assert_array_equal(halved(windows.ids, windows.boxes), whole)
+    assert halved.cuts == [1, 1, 1]

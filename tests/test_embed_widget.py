@@ -167,8 +167,9 @@ def corrupt_copy(folder: Path, tmp_path: Path) -> str:
         ("reddino-small", "Model 'reddino-small' (Hugging Face repo Snarcy/RedDino-small) is not in the local cache"),
         ("no-such-model", "Unknown model 'no-such-model': known models: reddino-small"),
         (corrupt_copy, "(damaged or not a weights file)"),
+        (lambda folder, _: str(folder / "model.safetensors"), "widget takes a model folder with config.json"),
     ],
-    ids=["offline-not-cached", "unknown-name", "corrupt-checkpoint"],
+    ids=["offline-not-cached", "unknown-name", "corrupt-checkpoint", "bare-weights-file"],
 )
 def test_a_model_that_cannot_load_gives_a_clear_error_and_changes_nothing(
     viewer, widget, hub_cache, tiny_folder, tmp_path, model, says, qtbot
@@ -191,6 +192,20 @@ def test_a_model_that_cannot_load_gives_a_clear_error_and_changes_nothing(
     assert cells.metadata[METADATA_KEY] is record
     assert len(viewer.layers) == 2
     assert widget._run_button.enabled
+
+
+def test_a_multiscale_cells_layer_is_refused_with_what_to_do(viewer, widget, qtbot):
+    viewer.add_image(imread(CHULA_1)[:64, :64], rgb=True, name="patch")
+    labels = np.zeros((64, 64), np.int32)
+    labels[10:30, 10:30] = 1
+    cells = viewer.add_labels([labels, labels[::2, ::2]], multiscale=True, name="pyramid cells")
+    widget.reset_choices()
+    widget.cells.value = cells
+
+    run(widget, qtbot)
+
+    assert widget.status.value.startswith("'pyramid cells' is a multiscale (pyramid) labels layer; open its")
+    assert embeddings_of(cells) is None and widget._run_button.enabled
 
 
 def test_no_cells_gives_a_notice_and_nothing_else(viewer, widget, qtbot):

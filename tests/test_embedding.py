@@ -1,6 +1,8 @@
 """Embedding cells with a tiny real ViT loaded through load_embedder."""
 
+import gc
 import threading
+import weakref
 from importlib.resources import files
 
 import numpy as np
@@ -105,6 +107,11 @@ def test_asking_for_cells_that_are_not_in_the_labels_names_them(embedder):
         embedder.embed(image, labels, ids=[7, 9])  # above the largest label
 
 
+def test_a_batch_size_below_one_is_refused_with_the_reason(embedder):
+    with pytest.raises(ValueError, match="batch_size must be a positive number of cells, not 0"):
+        embedder.embed(*three_cells(), batch_size=0)
+
+
 def test_no_cells_give_an_empty_result_of_the_right_width(embedder):
     image, labels = three_cells()
     ids, embeddings = embedder.embed(image, np.zeros_like(labels))
@@ -152,7 +159,16 @@ def test_models_are_cached_per_model_device_and_dtype_and_reloaded_when_changed(
     assert load_embedder(folder, device="cpu") is load_embedder(folder, device="cpu", dtype=auto)
     save_folder(tiny_vit(seed=1), tmp_path / "retrained")
     (tmp_path / "retrained" / "model.safetensors").replace(folder / "model.safetensors")
-    assert load_embedder(folder, device="cpu", dtype="float32") is not first
+    second = load_embedder(folder, device="cpu", dtype="float32")
+    assert second is not first
+    first = weakref.ref(first)
+    gc.collect()
+    assert first() is None  # the older weights were let go, not kept beside the new ones
+    save_folder(tiny_vit(seed=2), folder)  # rewritten in place: the folder's own time stays
+    third = load_embedder(folder, device="cpu", dtype="float32")
+    assert third is not second
+    image, labels = three_cells()
+    assert not np.allclose(third.embed(image, labels)[1], second.embed(image, labels)[1])
 
 
 def test_bfloat16_stays_within_one_percent_of_float32(tiny_folder, real_smear):

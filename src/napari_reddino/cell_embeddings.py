@@ -55,17 +55,10 @@ def image_digest(image) -> str:
 
 def model_key(model: str | os.PathLike) -> str:
     """What names a model's weights: its canonical id, plus when a local model last changed."""
-    from .models import (  # torch and timm, imported on first use
-        canonical_id,
-        hub_id,
-        local_path,
-    )
+    from .models import canonical_id, local_version  # torch and timm, imported on first use
 
-    key = canonical_id(model)
-    if not hub_id(model):
-        path = local_path(model)
-        key += f"@{path.stat().st_mtime_ns}" if path.exists() else ""
-    return key
+    version = local_version(model)
+    return canonical_id(model) + (f"@{version}" if version else "")
 
 
 def fingerprint(image, labels, model: str | os.PathLike, *, mode: str, scale: str, margin: float) -> str:

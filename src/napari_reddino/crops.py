@@ -53,6 +53,7 @@ DEFAULT_CROP_MODE: CropMode = "masked"
 DEFAULT_MARGIN = 0.25
 _BACKGROUND_SAMPLES = 250_000  # gave the same medians as a million on Chula mosaics, 4x sooner
 _MAX_WINDOW_PIXELS = 2**24  # per batch of crops: 200 MB of float32 RGB
+_MAX_SPARSE_LABEL = 2**24  # ids above this and the pixel count are sparse: a slot per id takes GBs
 
 
 class CropInputError(ValueError):
@@ -108,6 +109,12 @@ def check_labels(labels, image_shape: tuple[int, ...]) -> np.ndarray:
         raise CropInputError(f"Labels must be integers (a label image), not {array.dtype}.")
     if array.size and array.min() < 0:
         raise CropInputError("Labels must not be negative (0 is background, 1, 2, ... are cells).")
+    top = int(array.max(initial=0))
+    if top > max(array.size, _MAX_SPARSE_LABEL):
+        raise CropInputError(
+            f"Label ids go up to {top:,} in a {array.shape[0]}x{array.shape[1]} image; number the cells "
+            "1, 2, ... first (skimage.segmentation.relabel_sequential keeps their order)."
+        )
     return array
 
 
@@ -209,8 +216,19 @@ class CropSampler:
 
     def __call__(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
         """Crops of the cells ``ids`` in ``boxes`` (x0, y0, x1, y1): float32 (n, 3, H, W)."""
-        parts = [self._cut(ids[part], boxes[part]) for part in _parts_within(boxes, _MAX_WINDOW_PIXELS)]
+        parts = [self._cut_in_memory(ids[part], boxes[part]) for part in _parts_within(boxes, _MAX_WINDOW_PIXELS)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _cut_in_memory(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        """:meth:`_cut`, in halves while a CUDA device runs out of memory for all of them."""
+        try:
+            return self._cut(ids, boxes)
+        except torch.cuda.OutOfMemoryError:
+            if len(ids) == 1:
+                raise
+        torch.cuda.empty_cache()  # after the except block, whose traceback held the failed cut's tensors
+        half = len(ids) // 2
+        return torch.cat([self._cut_in_memory(ids[:half], boxes[:half]), self._cut_in_memory(ids[half:], boxes[half:])])
 
     def _cut(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
         # one pixel more on each side than the window, for the bilinear neighbours of its edge
@@ -239,6 +257,8 @@ class CropSampler:
 def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """``array`` as a tensor on ``device``; on the CPU it shares the array's memory, which is
     only read, so a read-only array (napari's, a memory map) needs no copy."""
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)  # a flipped view, which torch cannot share
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(array).to(device)

@@ -38,9 +38,8 @@ from .models import (
     DownloadProgress,
     LoadedModel,
     canonical_id,
-    hub_id,
     load_model,
-    local_path,
+    local_version,
 )
 from .bf16_speed import bf16_saves_time
 from .steps import Progress, StepsCancelled, run_steps
@@ -199,6 +198,8 @@ class Embedder:
     ) -> Generator[tuple[int, int], None, tuple[np.ndarray, np.ndarray]]:
         """Like :meth:`embed`, as a generator: yields ``(done, total)`` after each batch and
         returns ``(label_ids, embeddings)``. Closing it stops the work after the current batch."""
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of cells, not {batch_size}.")
         sampler = CropSampler(
             image, labels, size=self.input_size, mode=mode, device=self.device, mean=self.mean, std=self.std
         )
@@ -236,11 +237,12 @@ class Embedder:
             try:
                 outputs.append(self._forward(crops[start : start + chunk]))
                 start += chunk
+                continue
             except torch.cuda.OutOfMemoryError:
                 if chunk == 1:
                     raise
-                self._fitting_batch = chunk // 2
-                torch.cuda.empty_cache()
+            self._fitting_batch = chunk // 2
+            torch.cuda.empty_cache()  # after the except block, whose traceback held the activations
         return torch.cat(outputs)
 
     def _forward(self, crops: torch.Tensor) -> torch.Tensor:
@@ -293,10 +295,12 @@ def load_embedder(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    key = (canonical_id(model, architecture), _modified_ns(model), str(torch_device), torch_dtype)
+    key = (canonical_id(model, architecture), local_version(model), str(torch_device), torch_dtype)
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
             loaded = load_model(model, architecture=architecture, download_progress=download_progress)
+            for stale in [k for k in _EMBEDDERS if (k[0], k[2], k[3]) == (key[0], key[2], key[3])]:
+                del _EMBEDDERS[stale]  # an older version of the same files: free its memory
             _EMBEDDERS[key] = Embedder(loaded, device=torch_device, dtype=torch_dtype)
         return _EMBEDDERS[key]
 
@@ -307,11 +311,3 @@ def clear_embedder_cache() -> None:
         _EMBEDDERS.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _modified_ns(model: str | os.PathLike) -> int | None:
-    """When a local model last changed (a folder changes when a file in it is replaced)."""
-    if hub_id(model):
-        return None
-    path = local_path(model)
-    return path.stat().st_mtime_ns if path.exists() else None

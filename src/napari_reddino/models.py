@@ -129,6 +129,23 @@ def local_path(model: str | os.PathLike) -> Path:
     return Path(os.fspath(model).removeprefix(LOCAL_PREFIX)).expanduser()
 
 
+def local_version(model: str | os.PathLike) -> str | None:
+    """A stamp that changes when a local model's files change; None for Hub models and missing paths.
+
+    It reads every file of a model folder: a file rewritten in place (as ``save_for_hf`` and
+    safetensors' ``save_file`` do) leaves the folder's own modification time as it was.
+    """
+    if hub_id(model):
+        return None
+    path = local_path(model)
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else [file for file in path.iterdir() if file.is_file()]
+    stats = [file.stat() for file in files]
+    newest = max([path.stat().st_mtime_ns, *(stat.st_mtime_ns for stat in stats)])
+    return f"{newest}:{sum(stat.st_size for stat in stats)}"
+
+
 def canonical_id(model: str | os.PathLike, architecture: str | None = None) -> str:
     """The identity of a model name without reading any file: equal ids load equal models."""
     if hub := hub_id(model):
@@ -303,9 +320,10 @@ def _read_config(path: Path) -> tuple[str, dict, dict]:
 
 def _single_file(path: Path, architecture: str | None) -> ModelFiles:
     if not architecture:
-        raise ValueError(
+        raise UnknownModelError(
             f"{path} is a bare weights file: say which timm architecture it belongs to, e.g. "
-            f"load_embedder({str(path)!r}, architecture='vit_small_patch14_dinov2')."
+            f"load_embedder({str(path)!r}, architecture='vit_small_patch14_dinov2'); the Embed cells "
+            f"widget takes a model folder with {CONFIG_FILE} beside the weights (as reddino-train export writes)."
         )
     if not timm.is_model(architecture):
         examples = ", ".join(known.architecture for known in KNOWN_MODELS.values())

@@ -1,7 +1,8 @@
 """Long jobs as generators: they yield ``(done, total)`` and return their result.
 
 A napari ``thread_worker`` runs such a generator directly (``yield from``) and cancels it by
-closing it; scripts and notebooks use :func:`run_steps` with plain callbacks.
+asking for no further step (the generator is closed when it is collected); scripts and
+notebooks use :func:`run_steps` with plain callbacks, which closes it at once.
 """
 
 from __future__ import annotations

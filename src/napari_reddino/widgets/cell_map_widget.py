@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
 from napari.layers import Labels
-from napari.qt.threading import thread_worker
 from napari.utils.colormaps import CyclicLabelColormap, ensure_colormap
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
@@ -51,7 +50,7 @@ from ..cell_map import (
 )
 from ..umap_layout import fit_umap, warm_up_umap
 from .class_list import ClassList
-from .job_widget import JobWidget
+from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
 
 MANUAL, PREDICTED = "manual label", "predicted class"
@@ -60,7 +59,7 @@ MIN_WIDTH, CLASS_TABLE_MIN_HEIGHT = 420, 260  # px: room for the map and seven c
 MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size
 
 
-@thread_worker
+@job_worker
 def _lay_out(embeddings: np.ndarray):
     yield 0, 0  # an indeterminate bar: umap reports no progress of its own
     return fit_umap(embeddings)

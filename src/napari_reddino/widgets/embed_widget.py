@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, PushButton
 from napari.layers import Image, Labels
-from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog
@@ -39,7 +38,7 @@ from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError
 from ..measurements import measure_cells
 from ..models import KNOWN_MODELS, ModelLoadError
-from .job_widget import JobWidget, smear_pixels
+from .job_widget import JobWidget, job_worker, smear_pixels
 from .segment_widget import _Job, _segment_and_measure, add_cells_layer
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
@@ -62,7 +61,7 @@ class _LoadFailure:
     message: str
 
 
-@thread_worker
+@job_worker
 def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, crops: dict,
                     measured_ids: np.ndarray | None, pixel_size_um: float | None):
     """Yields the loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(ids, embeddings,
@@ -208,6 +207,10 @@ class EmbedCellsWidget(JobWidget):
         self._start(_segment_and_measure, pixels, None, self._segment_job.pixel_size_um)
 
     def _embed(self, image: Image, pixels: np.ndarray, cells: Labels) -> None:
+        if cells.multiscale:
+            self._refuse(f"{cells.name!r} is a multiscale (pyramid) labels layer; open its full-resolution "
+                         "level as a plain labels layer, or segment the image here.")
+            return
         labels = np.asarray(cells.data)
         if labels.shape != pixels.shape[:2]:
             self._refuse(

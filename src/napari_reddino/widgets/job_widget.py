@@ -1,10 +1,13 @@
 """What every RedDino dock widget shares: Run and Cancel, a status line, one worker at a time,
 and a napari progress bar made at the first step (no busy animation while nothing is counted)."""
 
+import functools
+
 import napari
 import numpy as np
 from magicgui.widgets import Container, Label, PushButton
 from napari.layers import Image
+from napari.qt.threading import thread_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Signal
@@ -30,6 +33,25 @@ def smear_pixels(layer: Image) -> np.ndarray:
             f"not one smear; expected {ACCEPTED}."
         )
     return check_smear(layer.data)
+
+
+class WorkerFailed(Exception):
+    """A RuntimeError raised inside a worker (a CUDA error, torch out of memory), passed on as
+    an error the worker reports: superqt takes a RuntimeError out of a generator worker for a
+    sign that its Qt object was deleted, and emits neither ``errored`` nor ``finished``."""
+
+
+def job_worker(generator_function):
+    """napari's ``thread_worker`` for a generator function, reporting every error it raises."""
+
+    @functools.wraps(generator_function)
+    def reporting(*args, **kwargs):
+        try:
+            return (yield from generator_function(*args, **kwargs))
+        except RuntimeError as error:
+            raise WorkerFailed(f"{type(error).__name__}: {error}") from error
+
+    return thread_worker(reporting)
 
 
 class JobWidget(QWidget):
@@ -87,7 +109,7 @@ class JobWidget(QWidget):
         self.finished.emit()
 
     def _start(self, worker_function, *args) -> None:
-        """Run ``worker_function(*args)`` (a napari ``thread_worker``) with this widget's handlers."""
+        """Run ``worker_function(*args)`` (made by :func:`job_worker`) with this widget's handlers."""
         self._run_button.enabled = False
         self._cancel_button.enabled = True
         self._worker = worker_function(
@@ -102,7 +124,11 @@ class JobWidget(QWidget):
 
     def _count(self, done: int, total: int, description: str) -> None:
         if self._progress is None:
-            self._progress = progress(total=total, desc=description)
+            bar = progress(total=total, desc=description)
+            if self._worker is None:  # making the bar ran Qt events, and the run ended in them
+                bar.close()
+                return
+            self._progress = bar
         self._progress.update(done - self._progress.n)
 
     def _on_returned(self, result) -> None:

@@ -8,13 +8,12 @@ import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox, Container, FloatSpinBox
 from napari.layers import Image, Labels
-from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_warning
 from qtpy.QtCore import Signal
 
 from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
-from .job_widget import JobWidget
+from .job_widget import JobWidget, job_worker
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class _Job:
         return f"{self.image_name} cells"
 
 
-@thread_worker
+@job_worker
 def _segment_and_measure(pixels: np.ndarray, cell_diameter: float | None, pixel_size_um: float | None):
     if cell_diameter is None:
         cell_diameter = RBC_DIAMETER_UM / pixel_size_um if pixel_size_um else estimate_cell_diameter(pixels)
