@@ -31,10 +31,24 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
             os.fchmod(fd, 0o666 & ~UMASK)
             with os.fdopen(fd, "wb") as handle:
                 write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())  # on disk before the rename: a power cut leaves old or new
         while staged:
             temporary, target = staged[0]
             os.replace(temporary, target)
             staged.pop(0)
+            _sync_folder(target.parent)
     finally:
         for temporary, _ in staged:
             Path(temporary).unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; Windows cannot open a folder for this)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,16 @@ from .files import write_atomic_with
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the file is left as it is."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint made for another model than the one the config describes."""
+
+
+# What every reddino-train checkpoint holds; a file without them was written by something else.
+_REQUIRED = ("architecture", "config", "iteration", "student", "teacher")
 
 
 def architecture(cfg: TrainConfig) -> dict[str, Any]:
@@ -39,9 +48,25 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_atomic_with(path, lambda handle: torch.save(state, handle))
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A reddino-train checkpoint's contents, or :class:`CheckpointError` saying why not."""
+    advice = "It was left untouched; restore a backup, or move it away to start afresh."
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} cannot be read (damaged or cut short: {reason}). {advice}") from error
+    missing = [key for key in _REQUIRED if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a reddino-train checkpoint (it has no {', '.join(missing)}). {advice}"
+        )
+    return state
+
+
 def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Read a checkpoint and check it was made for the architecture of ``cfg``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     saved, wanted = state["architecture"], architecture(cfg)
     if saved != wanted:
         differences = ", ".join(
@@ -61,7 +86,8 @@ def rng_state() -> dict[str, Any]:
     name, keys, position, has_gauss, cached_gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's own GPU only: a resume may see another number of GPUs per node
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
         "python": list(random.getstate()),
     }
@@ -69,8 +95,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"][0])
     name, keys, position, has_gauss, cached_gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     version, internal, gauss = state["python"]

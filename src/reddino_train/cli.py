@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import CheckpointMismatchError
+from .checkpoint import CheckpointError
 from .config import ConfigError, config_to_dict, load_config, shipped_configs
 from .data import EmptyDatasetError
 
@@ -29,6 +29,7 @@ def _config_command(args: argparse.Namespace) -> int:
 
 def _fit_command(args: argparse.Namespace) -> int:
     from .train import (  # torch and timm load only when training
+        RanksDisagreeError,
         TrainingDivergedError,
         fit,
     )
@@ -36,7 +37,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         result = fit(cfg, args.data_dir, args.out, max_steps=args.max_steps)
-    except (ConfigError, EmptyDatasetError, CheckpointMismatchError, TrainingDivergedError) as error:
+    except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError) as error:
         print(f"reddino-train fit: {error}", file=sys.stderr)
         return 2
     print(f"reddino-train fit: {result.iterations_done} iterations done; checkpoint in {args.out}")
@@ -48,7 +49,7 @@ def _export_command(args: argparse.Namespace) -> int:
 
     try:
         folder = export_teacher(args.run_dir, args.out, overwrite=args.overwrite)
-    except (FileExistsError, FileNotFoundError, CheckpointMismatchError) as error:
+    except (FileExistsError, FileNotFoundError, CheckpointError) as error:
         print(f"reddino-train export: {error}", file=sys.stderr)
         return 2
     print(f'reddino-train export: wrote {folder}; load it with timm.create_model("local-dir:{folder}", '

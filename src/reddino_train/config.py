@@ -161,6 +161,9 @@ class TrainConfig:
                 raise ConfigError(f"{key}=({low}, {high}) must satisfy 0 <= min <= max <= 1")
         if not 0 <= self.masking.sample_probability <= 1:
             raise ConfigError("masking.sample_probability must lie in [0, 1]")
+        for key in ("batch_size_per_gpu", "iterations_per_epoch", "log_every", "checkpoint_every"):
+            if getattr(self.train, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self.train, key)} must be at least 1")
         crops = self.crops
         if len(set(crops.pixel_augmentations)) != len(crops.pixel_augmentations):
             raise ConfigError(f"crops.pixel_augmentations={list(crops.pixel_augmentations)} names one twice")

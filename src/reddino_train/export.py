@@ -22,7 +22,7 @@ from timm.models import save_for_hf
 from napari_reddino.atomic_files import UMASK
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoint import CHECKPOINT_NAME
+from .checkpoint import CHECKPOINT_NAME, read_checkpoint
 from .config import config_from_dict
 from .model import vit_architecture_args
 
@@ -45,7 +45,7 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
     if run_dir.resolve().is_relative_to(out_dir.resolve()):
         raise FileExistsError(f"{out_dir} holds the run {run_dir}; export to another folder, replacing it "
                               "would delete the run")
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(checkpoint_path)
     cfg = config_from_dict(state["config"], source=str(checkpoint_path))
     vit = timm.create_model(cfg.model.arch, **vit_architecture_args(cfg.model, cfg.crops.global_size))
     vit.load_state_dict({

@@ -275,7 +275,7 @@ def _write_index(out: Path, done: list[str]) -> int:
 
 def _read_journal(out: Path) -> list[str]:
     path = out / JOURNAL_NAME
-    return path.read_text(encoding="utf-8").split() if path.is_file() else []
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []  # names may hold spaces
 
 
 def _check_settings(out: Path, settings: PrepareSettings) -> None:

@@ -115,9 +115,12 @@ class Trainer:
         self.rank, self.world_size = rank(), world_size()
         out.mkdir(parents=True, exist_ok=True)
         self.dataset = ImageFolder(data_dir, make_multicrop(cfg.crops))
+        _same_on_every_rank("the number of training images", len(self.dataset),
+                            "is the data folder still being filled, or different on each node?")
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.student = build_student(cfg).to(device)
-        self.bf16 = uses_bf16(cfg.train.precision, device)
+        # "auto" times a product on each rank; one precision for all (bf16 only where all chose it)
+        self.bf16 = all(all_gather_objects(uses_bf16(cfg.train.precision, device)))
         if self.bf16 and device.type == "cpu":
             use_explicit_attention(self.student)
         self.teacher = make_teacher(self.student)
@@ -133,7 +136,9 @@ class Trainer:
         self.iteration = 0
         self.samples_consumed = 0  # by this rank: where its sampler resumes
         _seed_process(cfg.train.seed + self.rank)  # distinct stochastic depth per rank
-        if (out / CHECKPOINT_NAME).exists():
+        resuming = _same_on_every_rank(f"whether {out / CHECKPOINT_NAME} exists", (out / CHECKPOINT_NAME).exists(),
+                                       "--out must be a folder that every node shares")
+        if resuming:
             self._resume(load_checkpoint(out / CHECKPOINT_NAME, cfg))
         if self.rank == 0:
             save_config(cfg, out / "config.yaml")
@@ -142,7 +147,7 @@ class Trainer:
 
     def train(self, max_steps: int | None, stop: threading.Event) -> FitResult:
         train = self.cfg.train
-        end = min(self.schedules.lr.total_iters, max_steps or self.schedules.lr.total_iters)
+        end = self.schedules.lr.total_iters if max_steps is None else min(self.schedules.lr.total_iters, max_steps)
         log = CsvLog(self.out / LOG_NAME, LOG_COLUMNS, self.iteration) if self.rank == 0 else None
         collapse = CollapseDetector(self.cfg.heads.dino.n_prototypes)
         batches = self._batches()
@@ -289,6 +294,19 @@ class Trainer:
                     f"{self.iteration} on: {'; '.join(changed)}",
                     ResumeSettingsWarning, stacklevel=2,
                 )
+
+
+class RanksDisagreeError(RuntimeError):
+    """The processes of a distributed run see different data or output folders."""
+
+
+def _same_on_every_rank(what: str, value, hint: str):
+    """``value``, or :class:`RanksDisagreeError` on every rank when another rank has another."""
+    values = all_gather_objects(value)
+    if any(other != values[0] for other in values):
+        seen = ", ".join(f"rank {index}: {other}" for index, other in enumerate(values))
+        raise RanksDisagreeError(f"the ranks disagree on {what} ({seen}); {hint}")
+    return value
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:

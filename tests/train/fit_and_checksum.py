@@ -2,6 +2,8 @@
 need a separate process (torchrun, signals).
 
 usage: fit_and_checksum.py DATA_DIR OUT_DIR MAX_STEPS [KEY=VALUE ...]
+
+``{rank}`` in OUT_DIR becomes the rank, as when each node writes to its own disk.
 """
 
 import hashlib
@@ -28,6 +30,8 @@ def checksum(module: torch.nn.Module) -> str:
 
 if __name__ == "__main__":
     data_dir, out_dir, max_steps, *overrides = sys.argv[1:]
+    rank = os.environ.get("RANK", "0")
+    out_dir = out_dir.format(rank=rank)
     torch.set_num_threads(1)
     result = fit(load_config("tiny", overrides), data_dir, out_dir, max_steps=int(max_steps))
     summary = {
@@ -36,6 +40,5 @@ if __name__ == "__main__":
         "student": checksum(result.student),
         "teacher": checksum(result.teacher),
     }
-    rank = os.environ.get("RANK", "0")
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(summary, handle)

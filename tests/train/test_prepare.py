@@ -155,3 +155,12 @@ def test_cli_prepares_resumes_and_reports(sources, tmp_path, capsys):
     assert "0 smears done now (0 images), 1 done before" in capsys.readouterr().out
     assert main([*args[:-1], "48"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_smear_with_a_space_in_its_name_counts_as_done_on_the_next_run(tmp_path):
+    source = tmp_path / "sources" / "Slide 1.jpg"
+    source.parent.mkdir()
+    shutil.copy(DATA / "chula_rbc12" / "1.jpg", source)
+    first = prepare([source.parent], tmp_path / "cells", PrepareSettings(size=SIZE), progress=False)
+    again = prepare([source.parent], tmp_path / "cells", PrepareSettings(size=SIZE), progress=False)
+    assert (first.written, again.written, again.already_done) == (["Slide 1"], [], ["Slide 1"])

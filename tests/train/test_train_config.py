@@ -122,6 +122,9 @@ def test_bad_values_are_errors():
         load_config("tiny", ["optim=1"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config("tiny", ["optim.base_lr"])
+    for key in ("log_every", "checkpoint_every", "batch_size_per_gpu"):
+        with pytest.raises(ConfigError, match=rf"train.{key}=0 must be at least 1"):
+            load_config("tiny", [f"train.{key}=0"])
 
 
 def test_pixel_augmentation_pool_is_checked():

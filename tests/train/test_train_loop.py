@@ -1,13 +1,15 @@
 import math
+import re
 import warnings
 
 import pytest
 import torch
 from _cpu_precision import CPUS, pretend_cpu
 
-from reddino_train.checkpoint import CheckpointMismatchError
+from reddino_train.checkpoint import CheckpointError, CheckpointMismatchError
 from reddino_train.config import load_config
 from reddino_train.data import EmptyDatasetError
+from reddino_train.export import export_teacher
 from reddino_train.monitor import CollapseDetector, CollapseWarning, read_log
 from reddino_train.schedules import build_schedules
 from reddino_train.train import LOG_COLUMNS, ResumeSettingsWarning, TrainingDivergedError, fit
@@ -83,6 +85,31 @@ def test_checkpoint_of_another_architecture_is_refused_and_kept(smear_images, tm
     with pytest.raises(CheckpointMismatchError, match=r"another architecture \(depth: checkpoint 2 vs config 1\)"):
         fit(load_config("tiny", [*TINY, "model.depth=1"]), smear_images, tmp_path, max_steps=2)
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda data: data[: len(data) // 2], r"cannot be read \(damaged or cut short: "),
+        (lambda data: b"", r"cannot be read \(damaged or cut short: "),
+        (lambda data: None, r"is not a reddino-train checkpoint \(it has no architecture, config, iteration"),
+    ],
+    ids=["cut-short", "empty", "another-tool"],
+)
+def test_a_damaged_or_foreign_checkpoint_is_refused_by_name_and_kept(smear_images, tmp_path, damage, says):
+    path = tmp_path / "checkpoint.pt"
+    fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
+    damaged = damage(path.read_bytes())
+    if damaged is None:
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)  # a checkpoint of some other trainer
+        damaged = path.read_bytes()
+    path.write_bytes(damaged)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} {says}.*left untouched"):
+        fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=2)
+    assert path.read_bytes() == damaged
+    with pytest.raises(CheckpointError, match=says):
+        export_teacher(tmp_path, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
 
 
 def test_empty_data_folder_is_a_clear_error(tmp_path):

@@ -18,13 +18,13 @@ TINY = ["model.layerscale=1.0", "loss.centering=softmax_center", "loss.koleo_wei
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun_fit(data_dir: Path, out_dir: Path, steps: int, *overrides: str) -> Path:
+def torchrun_fit(data_dir: Path, out_dir: Path | str, steps: int, *overrides: str, check: bool = True):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(SCRIPT), str(data_dir), str(out_dir), str(steps), *TINY, *overrides,
     ]
-    subprocess.run(command, check=True, env=ENV, timeout=120, capture_output=True)
-    return out_dir
+    finished = subprocess.run(command, check=check, env=ENV, timeout=120, capture_output=True, text=True)
+    return out_dir if check else finished
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,14 @@ def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint(smear_images, tmp
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["iteration"] == summary["iterations_done"]
     assert read_log(log)[-1]["step"] == summary["iterations_done"]
+
+
+def test_ranks_that_see_different_checkpoints_stop_together_saying_why(smear_images, tmp_path):
+    """Each node writing to its own disk: rank 0 finds a checkpoint, rank 1 none."""
+    subprocess.run([sys.executable, str(SCRIPT), str(smear_images), str(tmp_path / "rank0"), "1", *TINY],
+                   check=True, env=ENV, timeout=120, capture_output=True)
+    finished = torchrun_fit(smear_images, f"{tmp_path}/rank{{rank}}", 2, check=False)
+    assert finished.returncode != 0
+    assert (f"the ranks disagree on whether {tmp_path}/rank0/checkpoint.pt exists (rank 0: True, rank 1: False); "
+            "--out must be a folder that every node shares") in finished.stderr
+    assert not (tmp_path / "rank1" / "checkpoint.pt").exists()
