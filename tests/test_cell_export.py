@@ -83,6 +83,12 @@ def test_an_existing_file_is_replaced_only_when_asked(tmp_path, smear_table):
     assert len(pd.read_csv(path)) == len(smear_table)
 
 
+def test_a_table_named_like_its_embeddings_file_is_refused_before_writing(tmp_path, smear_table):
+    with pytest.raises(ValueError, match=r"the embeddings would both be cells.npz; name the table .csv"):
+        export_cells_csv(tmp_path / "cells.npz", analysed_layer(smear_table), embeddings_path=tmp_path / "cells.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_written_files_are_readable_like_any_new_file_not_private(tmp_path, smear_table):
     umask = os.umask(0o022)
     os.umask(umask)

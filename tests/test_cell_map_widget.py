@@ -12,6 +12,7 @@ from napari.utils.notifications import notification_manager
 from qtpy.QtWidgets import QMessageBox
 
 from napari_reddino import CellClassifier, embeddings_of
+from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_map import DIM_FACTOR
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.widgets.cell_map_widget import MANUAL, PREDICTED, SMEAR_FILL_ALPHA
@@ -118,6 +119,11 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     qtbot.keyClick(widget.canvas.qt_viewer.canvas.native, "1")  # key 1 = the first class, "normal"
     manual = cells.features.set_index("label")["manual_label"]
     assert list(manual.loc[outside[:2]]) == ["normal", "normal"]
+    # Over the smear too, the number keys label: napari's own keys there would switch to a brush.
+    click(widget._on_smear_press, viewer, tuple(table.loc[outside[2], ["centroid_y", "centroid_x"]]))
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, "1")  # napari's: the eraser
+    assert cells.features.set_index("label").loc[outside[2], "manual_label"] == "normal"
+    assert cells.mode == "pan_zoom"
     widget.select(~inside & (np.arange(len(ids)) % 2 == 0))
     widget.assign("normal")
     counts = widget.class_list.table
@@ -180,6 +186,10 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
 
     # The head is saved, then applied in one call to a second smear; a head of another model is refused.
     widget.save_head(tmp_path / "head")
+    about = (tmp_path / "head.json").read_bytes()
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
+    widget.save_head(tmp_path / "head.safetensors")  # both files exist: replaced only when confirmed
+    assert (tmp_path / "head.json").read_bytes() == about
     aslan = embed(viewer, qtbot, model, ASLAN_1)
     widget.apply_head(tmp_path / "head.safetensors")
     aslan_predicted = aslan.features["predicted_class"]
@@ -214,7 +224,8 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert columns == ["p_ovalocyte", "p_target cell"]
     assert sorted(c for c in cells.features.columns if c.startswith("p_")) == columns
     # A renamed class is renamed in the table, its probability column and the head.
-    widget.class_list.table.item(widget.class_list.classes.index("ovalocyte"), NAME).setText("oval")
+    widget.class_list.table.item(widget.class_list.classes.index("ovalocyte"), NAME).setText("oval ")
+    assert "oval" in widget.class_list.classes  # the name as typed, without the trailing space
     assert "p_oval" in aslan.features and "p_ovalocyte" not in aslan.features
     assert set(aslan.features["manual_label"]) == {"oval"}
     assert widget.classifier.classes == ["target cell", "oval"]
@@ -224,6 +235,13 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert widget.pool is None and widget.canvas.points is None
     assert not any(layer.name.endswith("map colours") for layer in viewer.layers)
     assert widget.status.value.startswith(f"The cells of {aslan.name} changed")
+
+    # So does embedding the cells again (other crops, another model) before a train or an export.
+    compute_map(widget, qtbot)
+    ids_now, vectors, model_id = embeddings_of(cells)
+    store_embeddings(cells, ids_now, vectors[:, ::-1], model_id=model_id, fingerprint="re-embedded")
+    widget.train()
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name} changed")
 
     # So does painting a cell with the brush, and removing a smear's cells layer.
     compute_map(widget, qtbot)

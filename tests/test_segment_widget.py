@@ -93,6 +93,17 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     assert cells.metadata["cell_diameter_from"] == "given"
     assert_one_row_per_cell(cells)
 
+    # Once its cells carry the user's labels, a cells layer is kept and the new one goes beside it.
+    cells.features = cells.features.assign(manual_label=["normal"] + [""] * (len(cells.features) - 1))
+    kept = cells.data.copy()
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    assert labels_layers(viewer) == [cells, result.args[0]]
+    assert result.args[0].name == "smear (chula) cells [1]"
+    np.testing.assert_array_equal(cells.data, kept)
+    assert list(cells.features["manual_label"][:2]) == ["normal", ""]
+    assert_one_row_per_cell(result.args[0])
+
 
 def test_blank_image_gives_a_notice_and_no_layer(viewer, widget, qtbot):
     viewer.add_image(np.full((256, 256, 3), 230, np.uint8), rgb=True, name="blank")

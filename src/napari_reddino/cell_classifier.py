@@ -276,6 +276,12 @@ def _read_about(path: Path) -> dict:
         raise ValueError(f"{path} is not a saved napari-reddino head.")
     if about.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is a head of format version {about.get('version')}; this version reads {FORMAT_VERSION}.")
+    types = {"classes": list, "colours": dict, "model_id": str, "embedding_dim": int, "measurement_columns": list,
+             "weights_sha256": str}
+    wrong = [f"{key} ({type(about[key]).__name__}, not {kind.__name__})" for key, kind in types.items()
+             if not isinstance(about[key], kind) or isinstance(about[key], bool)]
+    if wrong:
+        raise ValueError(f"{path} is not a readable head: wrong types for {', '.join(wrong)} (edited by hand?).")
     return about
 
 

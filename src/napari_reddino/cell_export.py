@@ -53,6 +53,8 @@ def export_cells_csv(path, cells, *, embeddings_path=None, overwrite: bool = Fal
         embeddings_path = Path(embeddings_path)
         if embeddings_path.suffix != ".npz":
             raise ValueError(f"The embeddings file must end in .npz; got {embeddings_path.name}.")
+        if embeddings_path.resolve() == path.resolve():
+            raise ValueError(f"The table and the embeddings would both be {path.name}; name the table .csv.")
         arrays = embedding_arrays(layers)
         writers[embeddings_path] = lambda handle: np.savez(handle, **arrays)
     if not overwrite:

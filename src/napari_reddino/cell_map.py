@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from skimage.measure import points_in_poly
 
-from .cell_embeddings import embeddings_of
+from .cell_embeddings import embeddings_of, stored_fingerprint
 
 LUT_SIZE = 2**16  # napari draws uint16 labels through a 65,536-colour lookup table on the GPU
 UNLABELLED = ""
@@ -39,6 +39,7 @@ class PooledCells:
     label_ids: np.ndarray  # (n,) int64, ascending within each layer
     embeddings: np.ndarray  # (n, dim) float32
     model_id: str
+    fingerprints: tuple  # each layer's stored_fingerprint when pooled: a re-embedding changes it
 
     @classmethod
     def from_layers(cls, layers: Sequence) -> PooledCells:
@@ -77,6 +78,7 @@ class PooledCells:
             label_ids=np.concatenate([record[0] for _, record in records]).astype(np.int64),
             embeddings=np.concatenate([record[1] for _, record in records]).astype(np.float32, copy=False),
             model_id=models.pop(),
+            fingerprints=tuple(stored_fingerprint(layer) for layer, _ in records),
         )
 
     def __len__(self) -> int:

@@ -36,8 +36,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..cell_classifier import CellClassifier, uncertainty_order
-from ..cell_embeddings import embeddings_of
+from ..cell_classifier import CellClassifier, head_paths, uncertainty_order
+from ..cell_embeddings import embeddings_of, stored_fingerprint
 from ..cell_export import export_cells_csv
 from ..cell_map import (
     UNLABELLED,
@@ -57,6 +57,7 @@ MANUAL, PREDICTED = "manual label", "predicted class"
 SMEAR_FILL_ALPHA = 0.55  # class colours over the smear stay see-through
 MIN_WIDTH, CLASS_TABLE_MIN_HEIGHT = 420, 260  # px: room for the map and seven classes at once
 MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size
+LABEL_KEYS = (*"1234567890", "Backspace", "Delete")  # a class's key assigns it; the last two clear
 
 
 @job_worker
@@ -103,7 +104,7 @@ class CellMapWidget(JobWidget):
         self._started = 0.0
 
         self.canvas = MapCanvas()
-        self.canvas.lassoed.connect(self.select)
+        self.canvas.lassoed.connect(self._on_lasso)
         self.canvas.point_clicked.connect(self._on_point_clicked)
         self.class_list = ClassList()
         self.class_list.changed.connect(self.recolour)
@@ -165,11 +166,28 @@ class CellMapWidget(JobWidget):
         return Container(widgets=[self.buttons[name] for name in names], layout="horizontal", labels=False)
 
     def _bind_keys(self) -> None:
-        """Digits assign the class with that key, Backspace/Delete clear; on the map and in this panel."""
+        """Digits assign the class with that key, Backspace/Delete clear; on the map and in this panel
+        (and on the map's cells layers, see :meth:`_bind_layer_keys`)."""
         self.canvas.key_pressed.connect(self.press_key)
-        for key in (*"1234567890", "Backspace", "Delete"):
+        for key in LABEL_KEYS:
             shortcut = QShortcut(QKeySequence(key), self, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
             shortcut.activated.connect(lambda key=key: self.press_key(key))
+
+    def _bind_layer_keys(self, layers, *, bind: bool) -> None:
+        """While a map is shown, the label keys also work over its smears: napari's own keys
+        for a labels layer (1 erase, 2 paint, ...) would otherwise turn a labelling key press
+        into a brush that edits the cells."""
+        press = weakref.WeakMethod(self.press_key)  # the layers may outlive this widget
+
+        def label(key):
+            def on_layer(_layer):
+                if (pressed := press()) is not None:
+                    pressed(key)
+            return on_layer
+
+        for layer in layers:
+            for key in LABEL_KEYS:
+                layer.bind_key(key, label(key) if bind else None, overwrite=True)
 
     def press_key(self, key: str) -> None:
         self.assign(UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key))
@@ -210,12 +228,17 @@ class CellMapWidget(JobWidget):
     def _changed_since_pooled(self, pool: PooledCells) -> str | None:
         """The name of a pooled cells layer that was removed or re-embedded since ``pool`` was made."""
         for position, cells in enumerate(pool.layers):
-            record = embeddings_of(cells)
-            if cells not in self._viewer.layers or record is None or not np.array_equal(
-                record[0], pool.label_ids[pool.span(position)]
-            ):
+            if cells not in self._viewer.layers or stored_fingerprint(cells) != pool.fingerprints[position]:
                 return cells.name
         return None
+
+    def _map_is_current(self) -> bool:
+        """False, after saying so, when the map's cells were re-embedded or removed since it was made."""
+        if self.pool is not None and (changed := self._changed_since_pooled(self.pool)):
+            self._map_is_stale(changed)
+            self.finished.emit()
+            return False
+        return True
 
     def show_map(self, pool: PooledCells, xy: np.ndarray) -> None:
         """Show ``xy`` (one UMAP point per pooled cell) in the map and colour the smears."""
@@ -226,6 +249,7 @@ class CellMapWidget(JobWidget):
         features = {"image": [pool.layers[i].name for i in pool.layer_index], "label": pool.label_ids}
         self.canvas.show_points(self.xy, features)
         self._make_overlays()
+        self._bind_layer_keys(pool.layers, bind=True)
         for cells in pool.layers:  # new labels (a re-segmentation, a brush edit) make the map stale
             cells.events.data.connect(self._on_cells_changed)
             cells.events.paint.connect(self._on_cells_changed)
@@ -238,6 +262,7 @@ class CellMapWidget(JobWidget):
             for cells in self.pool.layers:
                 cells.events.data.disconnect(self._on_cells_changed)
                 cells.events.paint.disconnect(self._on_cells_changed)
+            self._bind_layer_keys(self.pool.layers, bind=False)
         for overlay in self._overlays:
             if overlay in self._viewer.layers:
                 self._viewer.layers.remove(overlay)
@@ -314,10 +339,15 @@ class CellMapWidget(JobWidget):
         self.selected = np.asarray(mask, dtype=bool).copy()
         self._paint()
 
+    def _on_lasso(self, mask: np.ndarray) -> None:
+        self._review = []  # the user chose cells: labelling them does not jump to a reviewed one
+        self.select(mask)
+
     def select_cell(self, layer: Labels, label: int, *, add: bool = False) -> int | None:
         """Select the cell ``label`` of ``layer`` (shift-click: add it); return its point, or None."""
         if self.pool is None or layer not in self.pool.layers:
             return None
+        self._review = []  # as for a lasso
         points = self.pool.points_of(self.pool.layers.index(layer), [label])
         if not len(points):
             return None
@@ -385,6 +415,8 @@ class CellMapWidget(JobWidget):
 
     def train(self) -> None:
         """Fit the linear head on the labelled cells and predict every cell of the map."""
+        if not self._map_is_current():
+            return
         if self.pool is None:
             self._refuse("Compute the map first.", notify=show_info)
             return
@@ -451,8 +483,12 @@ class CellMapWidget(JobWidget):
                              f"(p = {certainty:.2f}). Press its class's number key, or Review uncertain to skip.")
 
     def save_head(self, path: str | Path) -> None:
+        """Save the head as ``<name>.safetensors`` + ``<name>.json``; asks before replacing either."""
         if self.classifier is None:
             self._refuse("Train the head first.", notify=show_info)
+            return
+        existing = [file for file in head_paths(path) if file.exists()]
+        if existing and not self._confirm_overwrite(existing):
             return
         try:
             self.classifier.save(path)
@@ -463,6 +499,8 @@ class CellMapWidget(JobWidget):
 
     def apply_head(self, path: str | Path) -> None:
         """Load a saved head and predict every embedded cell in the viewer with it (one click)."""
+        if not self._map_is_current():
+            return
         layers = embedded_cells_layers(self._viewer)
         try:
             pool = self.pool if self.pool is not None and set(self.pool.layers) == set(layers) else (
@@ -480,6 +518,8 @@ class CellMapWidget(JobWidget):
 
     def export_csv(self, path: str | Path) -> Path | None:
         """Write one row per cell of the map's smears; asks before replacing an existing file."""
+        if not self._map_is_current():
+            return None
         if self.pool is None:
             self._refuse("Compute the map first.", notify=show_info)
             return None
@@ -502,7 +542,8 @@ class CellMapWidget(JobWidget):
         return answer == QMessageBox.StandardButton.Yes
 
     def _save_head_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save head", "head.safetensors", "Heads (*.safetensors)")
+        path, _ = QFileDialog.getSaveFileName(self, "Save head", "head.safetensors", "Heads (*.safetensors)",
+                                              options=QFileDialog.Option.DontConfirmOverwrite)
         if path:
             self.save_head(path)
 

@@ -160,6 +160,10 @@ class ClassList(QWidget):
             item.setText(old)  # empty or taken: keep the old name
             self.table.blockSignals(False)
             return
+        if item.text() != new:  # the name as used everywhere else: without surrounding spaces
+            self.table.blockSignals(True)
+            item.setText(new)
+            self.table.blockSignals(False)
         self._names[row] = new
         self.renamed.emit(old, new)
         self.changed.emit()

@@ -131,7 +131,9 @@ class SegmentCellsWidget(JobWidget):
 def add_cells_layer(
     viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.DataFrame, job: _Job, cell_diameter: float
 ) -> Labels:
-    """Add the cells layer, or replace the data and table of the one from an earlier run.
+    """Add the cells layer, or replace the data and table of the one from an earlier run, unless
+    that one holds labels the user gave its cells: then the new layer goes beside it, named by
+    napari with a number, and the labelled one is left as it was.
 
     Shared by the Segment and Embed widgets, so both make the same cells layer.
     """
@@ -142,8 +144,9 @@ def add_cells_layer(
         "pixel_size_um": job.pixel_size_um,
     }
     layers = viewer.layers
-    if job.layer_name in layers and isinstance(layers[job.layer_name], Labels):
-        layer = layers[job.layer_name]
+    earlier = layers[job.layer_name] if job.layer_name in layers else None
+    if isinstance(earlier, Labels) and not _has_manual_labels(earlier):
+        layer = earlier
         layer.data = labels
         layer.features = table
         layer.metadata = metadata
@@ -154,3 +157,8 @@ def add_cells_layer(
     )
     layer.contour = 2
     return layer
+
+
+def _has_manual_labels(layer: Labels) -> bool:
+    labels = layer.features.get("manual_label")
+    return labels is not None and bool((labels.fillna("") != "").any())
