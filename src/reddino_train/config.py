@@ -53,6 +53,7 @@ class ModelConfig:
     embed_dim: int | None  # None keeps the architecture's width
     num_heads: int | None  # None keeps the architecture's number of attention heads
     drop_path_rate: float
+    drop_path_uniform: bool  # DINOv2's: the rate in every block (false: timm's ramp from 0 to it)
     layerscale: float  # LayerScale init value
     pretrained: str  # "" random init, "timm" timm's weights for `arch`, else a weights file
 
@@ -205,15 +206,18 @@ def config_from_dict(data: Mapping[str, Any], source: str = "a saved config") ->
 
 
 def _with_keys_added_later(data: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A config saved before the pixel-augmentation pool was configurable, as it then ran."""
-    crops = data.get("crops")
-    if not isinstance(crops, Mapping) or "pixel_augmentations" in crops:
-        return data
-    return {**data, "crops": {
-        "pixel_augmentations": list(POOL_BEFORE_IT_WAS_CONFIGURABLE),
-        "pixel_augmentations_per_crop": DRAWS_BEFORE_IT_WAS_CONFIGURABLE,
-        **crops,
-    }}
+    """A config saved before a key existed, with the value that then applied."""
+    data = dict(data)
+    crops, model = data.get("crops"), data.get("model")
+    if isinstance(crops, Mapping) and "pixel_augmentations" not in crops:
+        data["crops"] = {
+            "pixel_augmentations": list(POOL_BEFORE_IT_WAS_CONFIGURABLE),
+            "pixel_augmentations_per_crop": DRAWS_BEFORE_IT_WAS_CONFIGURABLE,
+            **crops,
+        }
+    if isinstance(model, Mapping) and "drop_path_uniform" not in model:
+        data["model"] = {"drop_path_uniform": False, **model}  # timm's ramp was all there was
+    return data
 
 
 def changed_settings(before: TrainConfig, after: TrainConfig) -> list[str]:

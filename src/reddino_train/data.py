@@ -53,6 +53,23 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise UnreadableImageError(f"unreadable: {type(error).__name__}: {error}") from None
 
 
+_EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def _rgb8(path: Path) -> Image.Image:
+    """An image file as 8-bit RGB. 16-bit and float images are scaled by their bit depth as the
+    plugin scales them: PIL's own conversion clips a 16-bit gray smear to white, and keeps only
+    the high byte of 16-bit RGB (a 12-bit camera's smear comes out nearly black)."""
+    with Image.open(path) as image:
+        raw = [tile[3][0] if isinstance(tile[3], tuple) else tile[3] for tile in image.tile]  # raw modes
+        if image.mode in _EIGHT_BIT_MODES and not any("16" in str(mode) for mode in raw):
+            return image.convert("RGB")
+    from napari_reddino.crops import as_rgb
+
+    rgb = as_rgb(read_image(path))
+    return Image.fromarray(np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8))
+
+
 class ImageFolder(Dataset):
     """Images under ``root`` as transformed RGB images, indexed by (image index, sample seed).
 
@@ -84,9 +101,8 @@ class ImageFolder(Dataset):
             if path in self.skipped:
                 continue
             try:
-                with Image.open(path) as image:
-                    return image.convert("RGB")
-            except (OSError, ValueError) as error:
+                return _rgb8(path)
+            except Exception as error:  # noqa: BLE001  (decoders raise many kinds; each means unreadable)
                 self.skipped.add(path)
                 log.warning("skipping unreadable image %s: %s", path, error)
         raise EmptyDatasetError(f"none of the {len(self.paths)} images under {self.root} is readable")

@@ -9,6 +9,7 @@ from pathlib import Path
 import safetensors.torch
 import timm
 import torch
+from timm.layers import DropPath
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
@@ -36,6 +37,9 @@ def create_vit(cfg: TrainConfig) -> nn.Module:
         drop_path_rate=model.drop_path_rate,
         **vit_architecture_args(model, cfg.crops.global_size),
     )
+    if model.drop_path_uniform and model.drop_path_rate > 0:
+        for block in vit.blocks:
+            block.drop_path1, block.drop_path2 = DropPath(model.drop_path_rate), DropPath(model.drop_path_rate)
     if model.pretrained not in ("", "timm"):
         load_vit_weights(vit, model.pretrained)
     return vit
@@ -129,6 +133,14 @@ def build_student(cfg: TrainConfig) -> DinoModel:
     dim = backbone.vit.embed_dim
     ibot_head = _head(cfg, "ibot", dim) if cfg.heads.ibot_separate else None
     return DinoModel(backbone, _head(cfg, "dino", dim), ibot_head)
+
+
+def clip_gradients(student: DinoModel, max_norm: float) -> None:
+    """DINOv2's clipping: the backbone's and each head's gradient norm on its own, so a spike in
+    a head's gradients does not shrink the backbone's update."""
+    for part in (student.backbone, student.dino_head, student.ibot_head):
+        if part is not None:
+            torch.nn.utils.clip_grad_norm_(part.parameters(), max_norm)
 
 
 def use_explicit_attention(model: nn.Module) -> None:

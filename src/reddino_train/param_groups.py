@@ -1,5 +1,6 @@
 """Optimiser parameter groups: layer-wise lr decay, patch-embedding lr multiplier, no weight
-decay on biases/norms/LayerScale/tokens, and the head's last layer on its own lr schedule."""
+decay on biases, norms and LayerScale (DINOv2's rule: names ending in ``.bias`` or holding
+``norm`` or ``gamma``), and the head's last layer on its own lr schedule."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from .heads import PrototypeLayer
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _EMBEDDING = re.compile(r"(?:^|\.)(patch_embed|pos_embed|cls_token|reg_token|mask_token)(?:\.|$)")
-_TOKEN = re.compile(r"(?:^|\.)(pos_embed|cls_token|reg_token|mask_token)$")
 
 
 def build_param_groups(
@@ -24,8 +24,8 @@ def build_param_groups(
     With n blocks, the embeddings (patch/pos embedding, cls/register/mask tokens) get
     ``layer_decay ** (n + 1)``, block i gets ``layer_decay ** (n - i)`` and everything after
     the blocks (final norm, heads) gets 1; patch-embedding parameters are further scaled by
-    ``patch_embed_lr_mult``. Parameters of 1 dimension and the tokens/position embedding get
-    no weight decay.
+    ``patch_embed_lr_mult``. Biases, norms and LayerScale get no weight decay; the tokens and
+    the position embedding do, as in DINOv2.
     """
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     block_ids = [int(match[1]) for name, _ in named if (match := _BLOCK.search(name))]
@@ -48,7 +48,7 @@ def build_param_groups(
         lr_multiplier = layer_decay ** (n_blocks + 1 - depth)
         if embedding and embedding[1] == "patch_embed":
             lr_multiplier *= patch_embed_lr_mult
-        wd_multiplier = 0.0 if param.ndim <= 1 or _TOKEN.search(name) else 1.0
+        wd_multiplier = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0
         key = (lr_multiplier, wd_multiplier, id(param) in last_layer)
         group = groups.setdefault(
             key,

@@ -45,7 +45,7 @@ from .distributed import (
 )
 from .losses import DinoClsLoss, IbotPatchLoss, koleo_loss
 from .masking import BlockMaskGenerator, sample_masks
-from .model import DinoModel, build_student, make_teacher, update_teacher, use_explicit_attention
+from .model import DinoModel, build_student, clip_gradients, make_teacher, update_teacher, use_explicit_attention
 from .monitor import LOG_NAME, CollapseDetector, CsvLog, entropy
 from .parallel import distribute, full_state, load_full_state
 from .param_groups import apply_schedule, build_param_groups
@@ -211,7 +211,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.clip_grad)
+            clip_gradients(self.student, cfg.optim.clip_grad)
         self.optimizer.step()
         update_teacher(self.teacher, self.student, values.teacher_momentum)
         stats["loss"] = sum(weights[name] * stats[name] for name in LOSS_TERMS)

@@ -1,8 +1,11 @@
 import logging
 import shutil
 
+import numpy as np
 import pytest
+import tifffile
 import torch
+from PIL import Image
 
 from reddino_train.augment import make_multicrop
 from reddino_train.config import load_config
@@ -54,6 +57,16 @@ def test_unreadable_image_is_reported_and_replaced_by_the_next(smear_images, tmp
         path.write_bytes(b"junk")
     with pytest.raises(EmptyDatasetError, match="none of the 16 images"):
         dataset[(0, 0)]
+
+
+def test_a_twelve_bit_smear_in_sixteen_bit_files_trains_as_its_eight_bit_self(smear_images, tmp_path):
+    source = find_images(smear_images)[0]
+    rgb8 = np.asarray(Image.open(source).convert("RGB"))
+    (tmp_path / "data").mkdir()
+    tifffile.imwrite(tmp_path / "data" / "camera.tif", rgb8.astype(np.uint16) * 16 + 15)  # 255 -> 4095
+    image = ImageFolder(tmp_path / "data", transform=lambda image: image)[(0, 0)]
+    assert image.mode == "RGB"
+    np.testing.assert_allclose(np.asarray(image), rgb8, atol=1)  # PIL's own conversion: all 255
 
 
 def test_sampler_epochs_are_permutations_and_ranks_share_the_stream():

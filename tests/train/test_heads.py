@@ -58,11 +58,12 @@ def test_param_group_multipliers():
     named = dict(student.named_parameters())
     assert sum(len(g["params"]) for g in groups) == len(group_of) == len(named) - 2
 
-    # 3 blocks: embeddings 0.5^4, block i 0.5^(3 - i), after the blocks 1
+    # 3 blocks: embeddings 0.5^4, block i 0.5^(3 - i), after the blocks 1; weight decay on all
+    # but biases, norms and LayerScale (DINOv2: tokens and the weight-norm gain are decayed)
     expected = {  # name: (lr multiplier, weight decay multiplier, last layer)
-        "backbone.cls_token": (0.0625, 0.0, False),
-        "backbone.pos_embed": (0.0625, 0.0, False),
-        "backbone.mask_token": (0.0625, 0.0, False),
+        "backbone.cls_token": (0.0625, 1.0, False),
+        "backbone.pos_embed": (0.0625, 1.0, False),
+        "backbone.mask_token": (0.0625, 1.0, False),
         "backbone.patch_embed.proj.weight": (0.0125, 1.0, False),
         "backbone.patch_embed.proj.bias": (0.0125, 0.0, False),
         "backbone.blocks.0.attn.qkv.weight": (0.125, 1.0, False),
@@ -73,7 +74,7 @@ def test_param_group_multipliers():
         "backbone.norm.weight": (1.0, 0.0, False),
         "head.mlp.0.weight": (1.0, 1.0, False),
         "head.last_layer.weight": (1.0, 1.0, True),
-        "head.last_layer.gain": (1.0, 0.0, True),
+        "head.last_layer.gain": (1.0, 1.0, True),
     }
     for name, (lr_mult, wd_mult, last) in expected.items():
         group = group_of[id(named[name])]

@@ -1,8 +1,17 @@
+import pytest
 import safetensors.torch
 import torch
 
 from reddino_train.config import load_config
-from reddino_train.model import build_student, make_teacher, update_teacher, use_explicit_attention
+from reddino_train.config import config_from_dict, config_to_dict
+from reddino_train.model import (
+    build_student,
+    clip_gradients,
+    create_vit,
+    make_teacher,
+    update_teacher,
+    use_explicit_attention,
+)
 
 # LayerScale 1 so the blocks, not just the embeddings, shape the outputs of the tiny model
 TINY = ["model.layerscale=1.0", "model.drop_path_rate=0.0"]
@@ -88,3 +97,26 @@ def test_pretrained_weights_load_from_safetensors_and_torch_files(tmp_path):
         loaded = build_student(load_config("tiny", [f"model.pretrained={tmp_path / name}"]))
         state = loaded.backbone.vit.state_dict()
         assert all(torch.equal(state[key], source[key]) for key in source)
+
+
+def test_stochastic_depth_drops_at_the_same_rate_in_every_block_as_dinov2_does():
+    uniform = create_vit(load_config("tiny", ["model.drop_path_rate=0.2", "model.depth=3"]))
+    assert [(block.drop_path1.drop_prob, block.drop_path2.drop_prob) for block in uniform.blocks] == [(0.2, 0.2)] * 3
+    ramp = create_vit(load_config("tiny", ["model.drop_path_rate=0.2", "model.depth=3", "model.drop_path_uniform=false"]))
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in ramp.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+    saved = config_to_dict(load_config("tiny"))
+    del saved["model"]["drop_path_uniform"]  # a run saved before the key existed ran timm's ramp
+    assert config_from_dict(saved).model.drop_path_uniform is False
+
+
+def test_gradients_are_clipped_per_part_so_a_head_spike_spares_the_backbone():
+    student = build_student(load_config("tiny"))
+    for name, param in student.named_parameters():
+        param.grad = torch.full_like(param, 1e3 if name.startswith("dino_head") else 1e-4)
+    backbone_before = [param.grad.clone() for param in student.backbone.parameters()]
+    clip_gradients(student, 3.0)
+    for param, before in zip(student.backbone.parameters(), backbone_before):
+        assert torch.equal(param.grad, before)  # its own norm is far below 3
+    head_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.dino_head.parameters()]))
+    assert head_norm == pytest.approx(3.0, rel=1e-4)
