@@ -11,6 +11,7 @@ from torch import nn
 
 from .heads import PrototypeLayer
 
+GROUP_SETTINGS = ("lr_multiplier", "wd_multiplier", "is_last_layer")  # what a group is built with
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _EMBEDDING = re.compile(r"(?:^|\.)(patch_embed|pos_embed|cls_token|reg_token|mask_token)(?:\.|$)")
 

@@ -12,7 +12,9 @@ from reddino_train.data import EmptyDatasetError
 from reddino_train.export import export_teacher
 from reddino_train.monitor import CollapseDetector, CollapseWarning, read_log
 from reddino_train.schedules import build_schedules
-from reddino_train.train import LOG_COLUMNS, ResumeSettingsWarning, TrainingDivergedError, fit
+from reddino_train.model import build_student
+from reddino_train.param_groups import build_param_groups
+from reddino_train.train import LOG_COLUMNS, ResumeSettingsWarning, Trainer, TrainingDivergedError, fit
 
 # LayerScale 1 lets the images reach the CLS token of the randomly initialised tiny model
 # (with DINOv2's 1e-5 every image gives the same teacher output: a uniform collapse).
@@ -69,6 +71,18 @@ def test_resuming_with_other_settings_names_them(smear_images, tmp_path):
     with pytest.warns(ResumeSettingsWarning, match=r"from step 2 on: optim.base_lr: 0.0002 -> 0.001; "
                                                    r"crops.pixel_augmentations_per_crop: 4 -> 1$"):
         fit(changed, smear_images, tmp_path, max_steps=3)
+
+
+def test_a_resumed_run_takes_the_layerwise_decay_of_its_config_not_of_the_checkpoint(smear_images, tmp_path):
+    fit(load_config("tiny", [*TINY, "optim.layerwise_decay=0.9"]), smear_images, tmp_path, max_steps=1)
+    changed = load_config("tiny", [*TINY, "optim.layerwise_decay=0.5"])
+    with pytest.warns(ResumeSettingsWarning, match="optim.layerwise_decay: 0.9 -> 0.5"):
+        resumed = Trainer(changed, smear_images, tmp_path, torch.device("cpu"))
+    fresh = build_param_groups(build_student(changed), 0.5, changed.optim.patch_embed_lr_mult)
+    assert resumed.iteration == 1
+    assert sorted(g["lr_multiplier"] for g in resumed.optimizer.param_groups) == sorted(
+        g["lr_multiplier"] for g in fresh
+    )
 
 
 def test_divergence_stops_with_the_step_and_the_term(smear_images, tmp_path):
