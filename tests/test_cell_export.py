@@ -12,6 +12,7 @@ import pytest
 from skimage.io import imread
 
 from napari_reddino import measure_cells, segment_cells
+from napari_reddino.atomic_files import PartlyWrittenError
 from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_export import ANALYSIS_COLUMNS, export_cells_csv
 
@@ -134,3 +135,21 @@ def test_embeddings_need_every_layer_embedded_and_an_npz_name(tmp_path, smear_ta
     with pytest.raises(ValueError, match=".npz"):
         export_cells_csv(tmp_path / "cells.csv", analysed_layer(smear_table), embeddings_path=tmp_path / "e.npy")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_second_file_that_cannot_be_replaced_is_named_with_the_one_that_was(tmp_path, smear_table, monkeypatch):
+    csv, npz = tmp_path / "cells.csv", tmp_path / "cells.npz"
+    npz.write_bytes(b"locked by another program")
+    replace = os.replace
+
+    def refuse_the_npz(source, target):
+        if Path(target) == npz:
+            raise PermissionError(13, "Permission denied")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refuse_the_npz)
+    with pytest.raises(PartlyWrittenError, match=r"cells.csv was written, but cells.npz could not be replaced "
+                                                 r"\(Permission denied\); it is as it was before"):
+        export_cells_csv(csv, analysed_layer(smear_table), embeddings_path=npz, overwrite=True)
+    assert len(pd.read_csv(csv)) == len(smear_table) and npz.read_bytes() == b"locked by another program"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.csv", "cells.npz"]  # no temporary left

@@ -252,6 +252,22 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     viewer.layers.remove(aslan)
     assert widget.pool is None and widget.status.value.startswith(f"The cells of {aslan.name} changed or were removed")
 
+    # Without a map, a renamed class is renamed on the cells layers all the same.
+    widget.class_list.table.item(widget.class_list.classes.index("target cell"), NAME).setText("target")
+    assert "target" in set(cells.features["manual_label"]) and "target cell" not in set(cells.features["manual_label"])
+    assert "p_target" in cells.features and "p_target cell" not in cells.features
+
+    # Removing a class asks first when cells carry it, then unlabels them.
+    labelled = int((cells.features["manual_label"] == "target").sum())
+    widget.class_list.table.selectRow(widget.class_list.classes.index("target"))
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
+    widget.class_list.remove_current()
+    assert "target" in widget.class_list.classes and (cells.features["manual_label"] == "target").sum() == labelled
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    widget.class_list.remove_current()
+    assert "target" not in widget.class_list.classes and "target" not in set(cells.features["manual_label"])
+    assert widget.status.value == f"Class 'target' removed; its {labelled:,} cells are unlabelled."
+
 
 def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  # noqa: F811
     cells = embed(viewer, qtbot, tiny_folder[1], ASLAN_1)

@@ -17,12 +17,24 @@ UMASK = os.umask(0o022)  # read once: os.umask can only be read by setting it
 os.umask(UMASK)
 
 
+class PartlyWrittenError(OSError):
+    """Some files of one atomic write were replaced before another could not be."""
+
+    def __init__(self, written: list[Path], failed: Path, error: OSError):
+        names = ", ".join(path.name for path in written)
+        super().__init__(f"{names} {'was' if len(written) == 1 else 'were'} written, but {failed.name} could not "
+                         f"be replaced ({error.strerror or error}); it is as it was before")
+        self.written, self.failed = written, failed
+
+
 def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[bytes]], object]]) -> None:
     """Write each file with its ``writer(binary_handle)`` beside its target, then rename them all.
 
-    A failing writer leaves every target as it was (and no temporary file behind).
+    A failing writer leaves every target as it was (and no temporary file behind). Should a
+    rename fail after others succeeded, :class:`PartlyWrittenError` names the files replaced.
     """
     staged: list[tuple[str, Path]] = []
+    renamed: list[Path] = []
     try:
         for target, write in writers.items():
             target = Path(target)
@@ -35,8 +47,14 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
                 os.fsync(handle.fileno())  # on disk before the rename: a power cut leaves old or new
         while staged:
             temporary, target = staged[0]
-            os.replace(temporary, target)
+            try:
+                os.replace(temporary, target)
+            except OSError as error:
+                if renamed:
+                    raise PartlyWrittenError(renamed, target, error) from error
+                raise
             staged.pop(0)
+            renamed.append(target)
             _sync_folder(target.parent)
     finally:
         for temporary, _ in staged:

@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 
 from ..cell_classifier import CellClassifier, head_paths, uncertainty_order
 from ..cell_embeddings import embeddings_of, stored_fingerprint
+from ..atomic_files import PartlyWrittenError
 from ..cell_export import export_cells_csv
 from ..cell_map import (
     UNLABELLED,
@@ -109,6 +110,7 @@ class CellMapWidget(JobWidget):
         self.class_list = ClassList()
         self.class_list.changed.connect(self.recolour)
         self.class_list.renamed.connect(self._rename_class)
+        self.class_list.remove_requested.connect(self._remove_class)
         self.colour_by = ComboBox(label="Colour by", choices=self._colour_choices)
         self.colour_by.changed.connect(self.recolour)
         self.centre_on_click = CheckBox(text="Centre the map on a clicked cell", value=True)
@@ -180,9 +182,12 @@ class CellMapWidget(JobWidget):
         press = weakref.WeakMethod(self.press_key)  # the layers may outlive this widget
 
         def label(key):
-            def on_layer(_layer):
+            def on_layer(layer):
                 if (pressed := press()) is not None:
                     pressed(key)
+                else:  # the widget was closed: napari's keys come back from the next press on
+                    for each in LABEL_KEYS:
+                        layer.bind_key(each, None)
             return on_layer
 
         for layer in layers:
@@ -204,6 +209,12 @@ class CellMapWidget(JobWidget):
         self._started = time.perf_counter()
         self.status.value = f"UMAP of {len(pool):,} cells from {len(pool.layers)} smear(s)…"
         self._start(_lay_out, pool.embeddings)
+
+    def cancel(self) -> None:
+        """umap's fit cannot be stopped midway: its result is dropped when it ends."""
+        super().cancel()
+        if self._worker is not None:
+            self.status.value = "Cancelling: the UMAP fit runs to its end, then its result is dropped…"
 
     def _on_progress(self, step) -> None:
         self._count(*step, "UMAP")
@@ -401,17 +412,38 @@ class CellMapWidget(JobWidget):
             self.review_next()
 
     def _rename_class(self, old: str, new: str) -> None:
+        """Rename the class in the head and on every cells layer of the viewer, mapped or not,
+        so no cell keeps a label that the class list no longer has."""
         if self.classifier is not None:
             self.classifier.rename_class(old, new)
-        if self.pool is None:
-            return
-        for column in ("manual_label", "predicted_class"):
-            values = self.pool.column(column, UNLABELLED)
-            self.pool.write(column, new, np.flatnonzero(values == old))
-        for cells in self.pool.layers:
-            if f"p_{old}" in cells.features:
-                cells.features = cells.features.rename(columns={f"p_{old}": f"p_{new}"})
+        for cells in self._viewer.layers:
+            if not isinstance(cells, Labels):
+                continue
+            table = cells.features
+            renamed = table.rename(columns={f"p_{old}": f"p_{new}"})
+            for column in ("manual_label", "predicted_class"):
+                if column in renamed:
+                    renamed[column] = renamed[column].where(renamed[column] != old, new)
+            if not renamed.equals(table):
+                cells.features = renamed
         self.colour_by.reset_choices()
+
+    def _remove_class(self, name: str) -> None:
+        """Remove a class from the list; cells labelled with it lose that label, once confirmed."""
+        layers = [cells for cells in self._viewer.layers
+                  if isinstance(cells, Labels) and "manual_label" in cells.features]
+        labelled = sum(int((cells.features["manual_label"] == name).sum()) for cells in layers)
+        if labelled and QMessageBox.question(
+            self, "Remove class?", f"{labelled:,} cells are labelled {name!r}; they will be unlabelled. Remove it?"
+        ) != QMessageBox.StandardButton.Yes:
+            return
+        for cells in layers:
+            table = cells.features
+            if (table["manual_label"] == name).any():
+                cells.features = table.assign(manual_label=table["manual_label"].where(table["manual_label"] != name, ""))
+        self.class_list.remove(name)
+        if labelled:
+            self.status.value = f"Class {name!r} removed; its {labelled:,} cells are unlabelled."
 
     def train(self) -> None:
         """Fit the linear head on the labelled cells and predict every cell of the map."""
@@ -530,6 +562,9 @@ class CellMapWidget(JobWidget):
             return None
         try:
             written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, overwrite=True)
+        except PartlyWrittenError as error:
+            self._refuse(f"Only partly written: {error}.")
+            return None
         except (OSError, ValueError) as error:
             self._refuse(f"Nothing was written: {error}")
             return None

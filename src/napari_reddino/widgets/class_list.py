@@ -42,6 +42,7 @@ def key_of(row: int) -> str:
 class ClassList(QWidget):
     changed = Signal()  # a class was added, removed, renamed or recoloured
     renamed = Signal(str, str)  # old name, new name
+    remove_requested = Signal(str)  # Remove was clicked on this class; the owner decides (remove())
 
     def __init__(self, classes: dict[str, str] = DEFAULT_CLASSES, parent: QWidget | None = None):
         super().__init__(parent)
@@ -116,12 +117,17 @@ class ClassList(QWidget):
         self.changed.emit()
 
     def remove_current(self) -> None:
+        """Ask to remove the selected class (the last one stays): see :attr:`remove_requested`."""
         row = self.table.currentRow()
         if row >= 0 and self.table.rowCount() > 1:
-            self.table.removeRow(row)
-            del self._names[row]
-            self._renumber_keys()
-            self.changed.emit()
+            self.remove_requested.emit(self._names[row])
+
+    def remove(self, name: str) -> None:
+        row = self._names.index(name)
+        self.table.removeRow(row)
+        del self._names[row]
+        self._renumber_keys()
+        self.changed.emit()
 
     def set_colour(self, name: str, colour: str) -> None:
         self.table.item(self.classes.index(name), KEY).setBackground(QColor(colour))
