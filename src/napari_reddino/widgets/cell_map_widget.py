@@ -416,31 +416,33 @@ class CellMapWidget(JobWidget):
         so no cell keeps a label that the class list no longer has."""
         if self.classifier is not None:
             self.classifier.rename_class(old, new)
+        self._replace_class(old, new, ("manual_label", "predicted_class"), {f"p_{old}": f"p_{new}"})
+        self.colour_by.reset_choices()
+
+    def _replace_class(self, old: str, new: str, columns: tuple[str, ...], renamed_columns=None) -> None:
+        """Write ``new`` where ``columns`` say ``old`` in the table of every cells layer of the
+        viewer (and rename ``renamed_columns``): one assignment per table that changes, since
+        each one re-validates the table and repaints."""
         for cells in self._viewer.layers:
             if not isinstance(cells, Labels):
                 continue
             table = cells.features
-            renamed = table.rename(columns={f"p_{old}": f"p_{new}"})
-            for column in ("manual_label", "predicted_class"):
-                if column in renamed:
-                    renamed[column] = renamed[column].where(renamed[column] != old, new)
-            if not renamed.equals(table):
-                cells.features = renamed
-        self.colour_by.reset_choices()
+            changed = table.rename(columns=renamed_columns or {})
+            for column in columns:
+                if column in changed:
+                    changed[column] = changed[column].where(changed[column] != old, new)
+            if not changed.equals(table):
+                cells.features = changed
 
     def _remove_class(self, name: str) -> None:
         """Remove a class from the list; cells labelled with it lose that label, once confirmed."""
-        layers = [cells for cells in self._viewer.layers
-                  if isinstance(cells, Labels) and "manual_label" in cells.features]
-        labelled = sum(int((cells.features["manual_label"] == name).sum()) for cells in layers)
+        labelled = sum(int((cells.features["manual_label"] == name).sum()) for cells in self._viewer.layers
+                       if isinstance(cells, Labels) and "manual_label" in cells.features)
         if labelled and QMessageBox.question(
             self, "Remove class?", f"{labelled:,} cells are labelled {name!r}; they will be unlabelled. Remove it?"
         ) != QMessageBox.StandardButton.Yes:
             return
-        for cells in layers:
-            table = cells.features
-            if (table["manual_label"] == name).any():
-                cells.features = table.assign(manual_label=table["manual_label"].where(table["manual_label"] != name, ""))
+        self._replace_class(name, UNLABELLED, ("manual_label",))
         self.class_list.remove(name)
         if labelled:
             self.status.value = f"Class {name!r} removed; its {labelled:,} cells are unlabelled."
