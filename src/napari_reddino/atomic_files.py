@@ -7,6 +7,7 @@ Shared by the plugin and ``reddino_train``. Files get the permissions any new fi
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -38,7 +39,7 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
     try:
         for target, write in writers.items():
             target = Path(target)
-            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=_prefix(target), suffix=".tmp")
             staged.append((temporary, target))
             os.fchmod(fd, 0o666 & ~UMASK)
             with os.fdopen(fd, "wb") as handle:
@@ -59,6 +60,25 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
     finally:
         for temporary, _ in staged:
             Path(temporary).unlink(missing_ok=True)
+
+
+def remove_leftovers(target: str | os.PathLike) -> list[tuple[Path, int]]:
+    """Delete the temporary files of writes of ``target`` that a killed process left behind.
+
+    Returns each removed file with its size. Only for a writer that knows no other process
+    writes ``target`` now (a training run's rank 0 for its own checkpoint).
+    """
+    target = Path(target)
+    removed = []
+    for leftover in target.parent.glob(f"{glob.escape(_prefix(target))}*.tmp"):
+        size = leftover.stat().st_size
+        leftover.unlink(missing_ok=True)
+        removed.append((leftover, size))
+    return removed
+
+
+def _prefix(target: Path) -> str:
+    return f".{target.name}."
 
 
 def _sync_folder(folder: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO
 
 
@@ -22,3 +23,10 @@ def write_atomic_with(path: str | os.PathLike, write: Callable[[IO[bytes]], obje
     from napari_reddino.atomic_files import write_files_atomically
 
     write_files_atomically({path: write})
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[tuple[Path, int]]:
+    """Delete what writes of ``path`` by a killed process left behind; each removed file and its size."""
+    from napari_reddino.atomic_files import remove_leftovers as remove
+
+    return remove(path)

@@ -43,6 +43,7 @@ from .distributed import (
     rank,
     world_size,
 )
+from .files import remove_leftovers
 from .losses import DinoClsLoss, IbotPatchLoss, koleo_loss
 from .masking import BlockMaskGenerator, sample_masks
 from .model import DinoModel, build_student, clip_gradients, make_teacher, update_teacher, use_explicit_attention
@@ -141,6 +142,9 @@ class Trainer:
         if resuming:
             self._resume(load_checkpoint(out / CHECKPOINT_NAME, cfg))
         if self.rank == 0:
+            for leftover, size in remove_leftovers(out / CHECKPOINT_NAME):
+                tqdm.write(f"reddino-train: removed {leftover.name} ({size / 2**20:,.0f} MiB), "
+                           "a checkpoint whose save was interrupted")
             save_config(cfg, out / "config.yaml")
 
     # -- the loop ---------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 import math
 import re
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -99,6 +102,36 @@ def test_checkpoint_of_another_architecture_is_refused_and_kept(smear_images, tm
     with pytest.raises(CheckpointMismatchError, match=r"another architecture \(depth: checkpoint 2 vs config 1\)"):
         fit(load_config("tiny", [*TINY, "model.depth=1"]), smear_images, tmp_path, max_steps=2)
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
+def test_a_save_killed_midway_keeps_the_checkpoint_and_the_next_start_removes_its_leftover(
+        smear_images, tmp_path, capsys):
+    cfg = load_config("tiny", TINY)
+    path = tmp_path / "checkpoint.pt"
+    fit(cfg, smear_images, tmp_path, max_steps=1)
+    saved = path.read_bytes()
+    stalled_save = textwrap.dedent("""
+        import sys, time
+        from reddino_train.files import write_atomic_with
+        def write(handle):
+            handle.write(bytes(1_000_000))
+            handle.flush()
+            print("writing", flush=True)
+            time.sleep(120)
+        write_atomic_with(sys.argv[1], write)
+    """)
+    with subprocess.Popen([sys.executable, "-c", stalled_save, str(path)], stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout.readline() == "writing\n"
+        child.kill()
+    [leftover] = tmp_path.glob(".checkpoint.pt.*.tmp")
+    assert leftover.stat().st_size == 1_000_000 and path.read_bytes() == saved
+    unrelated = tmp_path / ".checkpoint.pt.notes"
+    unrelated.write_text("not a temporary file")
+    capsys.readouterr()
+    assert fit(cfg, smear_images, tmp_path, max_steps=2).iterations_done == 2
+    assert f"removed {leftover.name} (1 MiB), a checkpoint whose save was interrupted" in capsys.readouterr().out
+    assert not leftover.exists() and unrelated.exists()
+    assert torch.load(path, weights_only=True)["iteration"] == 2
 
 
 @pytest.mark.parametrize(
