@@ -14,7 +14,8 @@ from skimage.io import imread
 from napari_reddino import measure_cells, segment_cells
 from napari_reddino.atomic_files import PartlyWrittenError
 from napari_reddino.cell_embeddings import store_embeddings
-from napari_reddino.cell_export import ANALYSIS_COLUMNS, export_cells_csv
+from napari_reddino.cell_export import export_cells_csv
+from napari_reddino.cell_table import ANALYSIS_COLUMNS
 
 DATA = Path(__file__).parent / "data"
 

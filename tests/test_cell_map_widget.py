@@ -170,6 +170,15 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
         assert list(back[column]) == list(features[column])
     assert list(back["manual_label"].fillna("")) == list(features["manual_label"])
     assert set(back["model_id"]) == {embeddings_of(cells)[2]}
+    summary = pd.read_csv(tmp_path / "cells_summary.csv", dtype={"image": str}).iloc[0]
+    whole = features[~features["touches_border"]]
+    classes = np.where(whole["manual_label"] != "", whole["manual_label"], whole["predicted_class"])
+    assert (summary["image"], summary["cells"], summary["whole_cells"]) == (viewer.layers[0].name, len(ids), len(whole))
+    assert [column for column in summary.index if column.startswith("n_")] == [
+        f"n_{name}" for name in widget.class_list.classes]  # every class of the list, in its order
+    assert summary["n_spherocyte"] == (classes == "spherocyte").sum() > 0
+    assert summary["pct_normal"] == pytest.approx(100 * (classes == "normal").mean())
+    assert summary["diameter_mean_px"] == pytest.approx(whole["equivalent_diameter_px"].mean())
     saved = np.load(csv.with_suffix(".npz"))
     np.testing.assert_array_equal(saved["label"], ids)
     np.testing.assert_allclose(saved["embedding"], embeddings_of(cells)[1])

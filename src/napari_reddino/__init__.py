@@ -3,10 +3,12 @@
 from importlib import import_module
 
 from .cell_embeddings import embeddings_of
+from .cell_export import export_cells_csv
 from .cell_lookup import cells_at_points
 from .image_input import ImageInputError
 from .measurements import measure_cells
 from .segmentation import estimate_cell_diameter, iter_segment_cells, segment_cells
+from .smear_summary import summarise_smears
 
 __version__ = "0.1.0"
 
@@ -18,7 +20,6 @@ _LAZY = {
     "cell_crops": "crops",
     "fit_umap": "umap_layout",
     "CellClassifier": "cell_classifier",
-    "export_cells_csv": "cell_export",
 }
 
 __all__ = [  # noqa: RUF022  (eager names, then the lazy ones)
@@ -26,16 +27,17 @@ __all__ = [  # noqa: RUF022  (eager names, then the lazy ones)
     "cells_at_points",
     "embeddings_of",
     "estimate_cell_diameter",
+    "export_cells_csv",
     "iter_segment_cells",
     "measure_cells",
     "segment_cells",
+    "summarise_smears",
     "Embedder",
     "load_embedder",
     "list_devices",
     "cell_crops",
     "fit_umap",
     "CellClassifier",
-    "export_cells_csv",
 ]
 assert set(_LAZY) <= set(__all__)
 

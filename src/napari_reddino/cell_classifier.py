@@ -8,8 +8,9 @@ head carries over to smears taken at another magnification or stained a shade da
 
 - ``circularity``, ``eccentricity``, ``solidity``, ``central_pallor`` from ``measure_cells``;
 - ``relative_diameter``: equivalent diameter over the median of the smear's whole (not
-  border-touching) cells. Crops are scaled to the cell, so embeddings do not see size;
-  this gives microcytes and macrocytes back without needing the pixel size. "The smear" is
+  border-touching) cells. At the default crop scale ("smear") embeddings see a cell's size
+  too; at "cell" scale they do not, and larger-than-usual cells keep their own window at
+  either, so this names microcytes and macrocytes in every case without a pixel size. "The smear" is
   the table passed in, or each ``image`` of it when it has an ``image`` column;
 - ``red_fraction``, ``blue_fraction``: mean colour as chromaticity, R / (R + G + B) and
   B / (R + G + B), which a brighter or dimmer exposure leaves unchanged.

@@ -1,11 +1,6 @@
 """One CSV row per cell of one or more cells layers, and optionally their embeddings.
 
-Columns: ``image``, ``label``, then the layer's feature columns in their order (napari's
-``index``, a copy of ``label``, is left out), the analysis columns of
-:data:`ANALYSIS_COLUMNS` that a layer lacks (empty, so scripts can rely on them), and
-``model_id`` (empty for cells that were not embedded). Layers with different columns are
-stacked on the union of their columns, in order of first appearance; ``p_<class>``
-probabilities appear only when a head has predicted.
+Columns: those of :func:`napari_reddino.cell_table.cells_table`.
 
 ``pandas.read_csv`` reads the file back unchanged: floats are written in full (float32 values
 as their exact float64 value), booleans as ``True``/``False``; an unlabelled cell's empty
@@ -31,16 +26,19 @@ import pandas as pd
 
 from .atomic_files import write_files_atomically
 from .cell_embeddings import embeddings_of
+from .cell_table import cells_table, image_name
+from .smear_summary import summarise_smears
 
-ANALYSIS_COLUMNS = ("umap_x", "umap_y", "manual_label", "predicted_class", "prediction_probability")
 
-
-def export_cells_csv(path, cells, *, embeddings_path=None, overwrite: bool = False) -> Path:
+def export_cells_csv(path, cells, *, embeddings_path=None, summary_path=None, classes=None,
+                     overwrite: bool = False) -> Path:
     """Write the cells of ``cells`` (one cells layer or a list of them) to the CSV ``path``.
 
-    With ``embeddings_path`` (``.npz``) their embeddings are written too. Both files are
-    written atomically, and only after every check passed; without ``overwrite`` an existing
-    file raises FileExistsError and nothing is written.
+    With ``embeddings_path`` (``.npz``) their embeddings are written too, with ``summary_path``
+    (``.csv``) one row per smear (:func:`~napari_reddino.smear_summary.summarise_smears`, its
+    class columns in the order of ``classes``). All files are written atomically, and only
+    after every check passed; without ``overwrite`` an existing file raises FileExistsError
+    and nothing is written.
     """
     layers = [cells] if hasattr(cells, "features") else list(cells)
     if not layers:
@@ -57,6 +55,12 @@ def export_cells_csv(path, cells, *, embeddings_path=None, overwrite: bool = Fal
             raise ValueError(f"The table and the embeddings would both be {path.name}; name the table .csv.")
         arrays = embedding_arrays(layers)
         writers[embeddings_path] = lambda handle: np.savez(handle, **arrays)
+    if summary_path is not None:
+        summary_path = Path(summary_path)
+        if summary_path.resolve() in {target.resolve() for target in writers}:
+            raise ValueError(f"The summary would overwrite the export's other file {summary_path.name}; name it apart.")
+        summary = summarise_smears(layers, classes)
+        writers[summary_path] = lambda handle: summary.to_csv(handle, index=False)
     if not overwrite:
         for target in writers:
             if target.exists():
@@ -65,33 +69,10 @@ def export_cells_csv(path, cells, *, embeddings_path=None, overwrite: bool = Fal
     return path
 
 
-def image_name(layer) -> str:
-    """The smear a cells layer belongs to: ``metadata["source_image"]``, else the layer's name less " cells"."""
-    name = layer.metadata.get("source_image")
-    return str(name) if name else str(layer.name).removesuffix(" cells")
-
-
-def cells_table(layers: Sequence) -> pd.DataFrame:
-    """The rows the CSV holds, one per cell of each layer, in the layers' feature order."""
-    parts = []
-    for layer in layers:
-        features = pd.DataFrame(layer.features)
-        if "label" not in features:
-            raise ValueError(f"{layer.name!r} has no cell table with a label column; segment its image first.")
-        if "index" in features and features["index"].equals(features["label"]):
-            features = features.drop(columns="index")
-        record = embeddings_of(layer)
-        features = features.drop(columns=["image", "model_id"], errors="ignore")
-        features.insert(0, "image", image_name(layer))
-        features["model_id"] = record[2] if record else ""
-        parts.append(features)
-    table = pd.concat(parts, ignore_index=True, sort=False)
-    middle = [c for c in table.columns if c not in ("image", "label", "model_id")]
-    for column in ANALYSIS_COLUMNS:
-        if column not in table:
-            table[column] = "" if column.endswith(("label", "class")) else np.nan
-            middle.append(column)
-    return table[["image", "label", *middle, "model_id"]]
+def summary_path(path: str | Path) -> Path:
+    """Where the smear summary of the export ``path`` goes: ``cells.csv`` -> ``cells_summary.csv``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_summary.csv")
 
 
 def embedding_arrays(layers: Sequence) -> dict[str, np.ndarray]:

@@ -1,8 +1,8 @@
 """Cells from a density image at working scale: threshold, fill pallor, split touching cells.
 
-Everything here works on images rescaled so that a red cell is about
-``WORKING_DIAMETER_PX`` across, which makes every size parameter a fixed fraction of the
-cell radius and the running time independent of magnification.
+Everything here works on images shrunk so that a red cell is about ``WORKING_DIAMETER_PX``
+across (smears whose cells are smaller stay as they are), which makes every size parameter a
+fraction of the cell radius and the running time independent of magnification above that.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Red-cell segmentation of a whole smear: one label per red cell, 0 for background.
 
 The smear is calibrated once (stain, background, threshold, cell size), then segmented in
-overlapping tiles at a working scale where a cell is ~30 px across. A tile keeps the cells
+overlapping tiles at a working scale where a cell is at most ~30 px across (shrunk, never
+enlarged). A tile keeps the cells
 whose centre lies in its core; its margin is wider than a cell, so each kept cell is whole
 and the stitched result has no seams. Memory is bounded by the tile size, not the image.
 """

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("recipe", metavar="RECIPE")
     fit.add_argument("data_dir", metavar="DATA_DIR")
     fit.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    fit.add_argument("--out", required=True, metavar="DIR", help="output folder: log.csv, checkpoint.pt")
+    fit.add_argument("--out", required=True, metavar="DIR", help="output folder: config.yaml, log.csv, checkpoint.pt")
     fit.add_argument("--max-steps", type=int, metavar="N", help="stop after N iterations in all")
     fit.set_defaults(handler=_fit_command)
     export = commands.add_parser(
@@ -216,7 +216,7 @@ def _add_eval_parser(commands) -> None:
     evaluate.add_argument("--limit-images", type=int, metavar="N", help="only the first N annotated smears")
     evaluate.add_argument("--max-per-class", type=int, metavar="N", help="at most N random samples per class")
     evaluate.add_argument("--json", metavar="OUT",
-                          help="write the numbers to OUT; features are cached beside it (OUT.<features>.npz) "
+                          help="write the numbers to OUT; features are cached beside it (<OUT less .json>.<features>.npz) "
                           "and reused by a later run on the same model and data")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     evaluate.add_argument("--seed", type=int, default=0, help="for folds, subsampling and the random init")

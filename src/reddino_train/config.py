@@ -131,7 +131,7 @@ class LoopConfig:
     iterations_per_epoch: int  # an "epoch" is a fixed number of iterations, as in DINOv2
     seed: int
     num_workers: int
-    precision: Precision  # bf16: forward passes under autocast; auto: bf16 where native
+    precision: Precision  # bf16: forward passes under autocast; auto: bf16 where timed faster
     log_every: int  # iterations between rows of log.csv
     checkpoint_every: int  # iterations between periodic checkpoints
     parallel: Parallel  # under torchrun: replicate (ddp) or shard (fsdp, FSDP2) the models

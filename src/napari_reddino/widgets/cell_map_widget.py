@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
 from ..cell_classifier import CellClassifier, head_paths, uncertainty_order
 from ..cell_embeddings import embeddings_of, stored_fingerprint
 from ..atomic_files import PartlyWrittenError
-from ..cell_export import export_cells_csv
+from ..cell_export import export_cells_csv, summary_path
 from ..cell_map import (
     UNLABELLED,
     PooledCells,
@@ -116,6 +116,9 @@ class CellMapWidget(JobWidget):
         self.centre_on_click = CheckBox(text="Centre the map on a clicked cell", value=True)
         self.selection_count = Label(value="No map yet.")
         self.with_embeddings = CheckBox(text="Also write the embeddings (.npz)", value=False)
+        self.with_summary = CheckBox(text="Also write a summary per smear (_summary.csv)", value=True)
+        self.with_summary.tooltip = ("Per smear: cells, diameter mean, SD and CV, central pallor, and the count "
+                                     "and % of each class (manual label, else prediction), without cut cells")
         self._run_button.text = "Compute map"
 
         actions = {
@@ -144,7 +147,7 @@ class CellMapWidget(JobWidget):
                               labels=False)
         head = Container(
             widgets=[self._row("Train head", "Review uncertain"), self._row("Save head…", "Apply saved head…"),
-                     self.with_embeddings, self._row("Export CSV…"), self.status],
+                     self.with_embeddings, self.with_summary, self._row("Export CSV…"), self.status],
             labels=False,
         )
         self.selection_count.native.setMinimumWidth(MIN_WIDTH - 60)
@@ -559,22 +562,25 @@ class CellMapWidget(JobWidget):
             return None
         path = Path(path)
         embeddings = path.with_suffix(".npz") if self.with_embeddings.value else None
-        existing = [file for file in (path, embeddings) if file is not None and file.exists()]
+        summary = summary_path(path) if self.with_summary.value else None
+        existing = [file for file in (path, embeddings, summary) if file is not None and file.exists()]
         if existing and not self._confirm_overwrite(existing):
             return None
         try:
-            written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, overwrite=True)
+            written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, summary_path=summary,
+                                       classes=self.class_list.classes, overwrite=True)
         except PartlyWrittenError as error:
             self._refuse(f"Only partly written: {error}.")
             return None
         except (OSError, ValueError) as error:
             self._refuse(f"Nothing was written: {error}")
             return None
-        self.status.value = f"{len(self.pool):,} cells written to {written}."
+        with_summary = f", one row per smear to {summary.name}" if summary else ""
+        self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}."
         return written
 
     def _confirm_overwrite(self, paths: list[Path]) -> bool:
-        names = " and ".join(path.name for path in paths)
+        names = ", ".join(path.name for path in paths[:-1]) + (" and " if len(paths) > 1 else "") + paths[-1].name
         answer = QMessageBox.question(self, "Replace?", f"{names} {'exist' if len(paths) > 1 else 'exists'}. Replace?")
         return answer == QMessageBox.StandardButton.Yes
 

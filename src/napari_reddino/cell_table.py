@@ -1,0 +1,52 @@
+"""The per-cell table of one or more cells layers: what the CSV export writes and the smear
+summary counts.
+
+Columns: ``image``, ``label``, then the layer's feature columns in their order (napari's
+``index``, a copy of ``label``, is left out), the analysis columns of
+:data:`ANALYSIS_COLUMNS` that a layer lacks (empty, so scripts can rely on them), and
+``model_id`` (empty for cells that were not embedded). Layers with different columns are
+stacked on the union of their columns, in order of first appearance; ``p_<class>``
+probabilities appear only when a head has predicted.
+
+No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .cell_embeddings import embeddings_of
+
+ANALYSIS_COLUMNS = ("umap_x", "umap_y", "manual_label", "predicted_class", "prediction_probability")
+
+
+def image_name(layer) -> str:
+    """The smear a cells layer belongs to: ``metadata["source_image"]``, else the layer's name less " cells"."""
+    name = layer.metadata.get("source_image")
+    return str(name) if name else str(layer.name).removesuffix(" cells")
+
+
+def cells_table(layers: Sequence) -> pd.DataFrame:
+    """The rows the CSV holds, one per cell of each layer, in the layers' feature order."""
+    parts = []
+    for layer in layers:
+        features = pd.DataFrame(layer.features)
+        if "label" not in features:
+            raise ValueError(f"{layer.name!r} has no cell table with a label column; segment its image first.")
+        if "index" in features and features["index"].equals(features["label"]):
+            features = features.drop(columns="index")
+        record = embeddings_of(layer)
+        features = features.drop(columns=["image", "model_id"], errors="ignore")
+        features.insert(0, "image", image_name(layer))
+        features["model_id"] = record[2] if record else ""
+        parts.append(features)
+    table = pd.concat(parts, ignore_index=True, sort=False)
+    middle = [c for c in table.columns if c not in ("image", "label", "model_id")]
+    for column in ANALYSIS_COLUMNS:
+        if column not in table:
+            table[column] = "" if column.endswith(("label", "class")) else np.nan
+            middle.append(column)
+    return table[["image", "label", *middle, "model_id"]]

@@ -1,0 +1,94 @@
+"""summarise_smears: counts, sizes and class shares per smear, against hand-counted answers and a real smear."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from skimage.io import imread
+
+from napari_reddino import measure_cells, segment_cells
+from napari_reddino.cell_embeddings import store_embeddings
+from napari_reddino.cell_export import export_cells_csv
+from napari_reddino.smear_summary import summarise_smears
+
+DATA = Path(__file__).parent / "data"
+
+
+def counted_layer(name: str = "A cells") -> SimpleNamespace:
+    """Six cells worked out by hand: the last touches the border and counts only in ``cells``."""
+    features = pd.DataFrame({
+        "label": [1, 2, 3, 4, 5, 6],
+        "equivalent_diameter_px": [30.0, 35.0, 40.0, 45.0, 50.0, 20.0],
+        "equivalent_diameter_um": [6.0, 7.0, 8.0, 9.0, 10.0, 4.0],
+        "central_pallor": [0.1, 0.2, 0.3, 0.4, 0.5, -1.0],
+        "touches_border": [False, False, False, False, False, True],
+        "manual_label": ["spherocyte", "", "", "", "", "spherocyte"],
+        "predicted_class": ["normal", "normal", "spherocyte", "target cell", "", "normal"],
+    })
+    return SimpleNamespace(name=name, features=features, metadata={})
+
+
+def test_a_hand_counted_smear():
+    [row] = summarise_smears(counted_layer(), classes=["normal", "spherocyte", "schistocyte"]).to_dict("records")
+    assert (row["image"], row["cells"], row["whole_cells"]) == ("A", 6, 5)
+    assert row["diameter_mean_um"] == pytest.approx(8.0) and row["diameter_mean_px"] == pytest.approx(40.0)
+    assert row["diameter_sd_um"] == pytest.approx(np.sqrt(2.5))  # sample SD of 6..10
+    assert row["diameter_cv_pct"] == pytest.approx(100 * np.sqrt(2.5) / 8)
+    assert row["central_pallor_median"] == pytest.approx(0.3)
+    # the manual label wins over the prediction; cell 5 has neither; cell 6 touches the border
+    assert (row["labelled"], row["classified"]) == (1, 4)
+    assert (row["n_normal"], row["n_spherocyte"], row["n_schistocyte"], row["n_target cell"]) == (1, 2, 0, 1)
+    assert (row["pct_normal"], row["pct_spherocyte"], row["pct_schistocyte"], row["pct_target cell"]) == (
+        25.0, 50.0, 0.0, 25.0)
+    assert row["model_id"] == ""
+
+
+def test_class_columns_follow_the_given_order_then_the_rest_by_name():
+    table = summarise_smears([counted_layer("A cells"), counted_layer("B cells")], classes=["spherocyte"])
+    assert [c for c in table.columns if c.startswith("n_")] == ["n_spherocyte", "n_normal", "n_target cell"]
+    assert table["image"].tolist() == ["A", "B"]
+    unordered = summarise_smears(counted_layer())
+    assert [c for c in unordered.columns if c.startswith("pct_")] == ["pct_normal", "pct_spherocyte", "pct_target cell"]
+
+
+def test_cells_without_a_pixel_size_labels_or_whole_cells_give_empty_values_not_errors():
+    features = counted_layer().features.drop(columns=["equivalent_diameter_um", "manual_label", "predicted_class"])
+    [row] = summarise_smears(SimpleNamespace(name="bare", features=features, metadata={})).to_dict("records")
+    assert np.isnan(row["diameter_mean_um"]) and row["diameter_mean_px"] == pytest.approx(40.0)
+    assert (row["labelled"], row["classified"]) == (0, 0)
+    edge = features.assign(touches_border=True)
+    [row] = summarise_smears(SimpleNamespace(name="edge", features=edge, metadata={})).to_dict("records")
+    assert (row["cells"], row["whole_cells"]) == (6, 0)
+    assert np.isnan(row["diameter_mean_px"]) and np.isnan(row["diameter_cv_pct"]) and np.isnan(row["central_pallor_median"])
+
+
+def test_a_real_smear_has_red_cells_of_a_red_cells_size():
+    image = imread(DATA / "chula_rbc12" / "1.jpg")
+    table = measure_cells(segment_cells(image, pixel_size_um=0.2), image, pixel_size_um=0.2)
+    layer = SimpleNamespace(name="1 cells", features=table, metadata={})
+    store_embeddings(layer, np.sort(table["label"].to_numpy()), np.zeros((len(table), 4)), model_id="reddino-small",
+                     fingerprint="f")
+    [row] = summarise_smears(layer).to_dict("records")
+    assert row["whole_cells"] == int((~table["touches_border"]).sum()) > 20
+    assert 6.0 < row["diameter_mean_um"] < 9.0  # a red cell is 6-8 µm across (Chula is 0.2 µm/px)
+    assert 3 < row["diameter_cv_pct"] < 30
+    assert row["model_id"] == "reddino-small"
+
+
+def test_the_export_writes_the_summary_beside_the_cells_and_refuses_to_replace_it(tmp_path):
+    cells, summary = tmp_path / "cells.csv", tmp_path / "cells_summary.csv"
+    export_cells_csv(cells, counted_layer(), summary_path=summary, classes=["normal", "spherocyte"])
+    back = pd.read_csv(summary, dtype={"image": str, "model_id": str}).fillna({"model_id": ""})  # "" reads as NaN
+    pd.testing.assert_frame_equal(back, summarise_smears(counted_layer(), ["normal", "spherocyte"]),
+                                  check_dtype=False)
+    summary.write_text("keep me")
+    cells.unlink()
+    with pytest.raises(FileExistsError, match="cells_summary.csv"):
+        export_cells_csv(cells, counted_layer(), summary_path=summary)
+    assert summary.read_text() == "keep me" and not cells.exists()
+    with pytest.raises(ValueError, match="overwrite the export's other file cells.csv"):
+        export_cells_csv(cells, counted_layer(), summary_path=cells, overwrite=True)
