@@ -15,6 +15,7 @@ from napari_reddino import CellClassifier, embeddings_of
 from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_map import DIM_FACTOR
 from napari_reddino.embedding import clear_embedder_cache
+from napari_reddino.umap_layout import N_EPOCHS
 from napari_reddino.widgets.cell_map_widget import MANUAL, PREDICTED, SMEAR_FILL_ALPHA
 from napari_reddino.widgets.class_list import NAME
 
@@ -73,7 +74,10 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     cells = embed(viewer, qtbot, model, CHULA_1)
     ids = embeddings_of(cells)[0]
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    epochs = []
+    widget._umap_epoch.connect(lambda done, total: epochs.append((done, total)))
     compute_map(widget, qtbot)
+    assert epochs[0] == (0, N_EPOCHS) and epochs[-1] == (N_EPOCHS, N_EPOCHS)  # the bar follows umap's epochs
 
     # One point per cell, carrying its image and label id; its UMAP position is in the table.
     points = widget.canvas.points
@@ -290,3 +294,28 @@ def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  #
     says = "The map failed: Embeddings contain NaN or infinite values; embed the cells again."
     assert ended == [says] and notification_manager.records[-1].message == says
     assert widget.pool is None and widget._pending is None and widget._run_button.enabled
+
+
+def test_a_map_cancelled_during_its_layout_is_dropped_and_the_next_one_is_shown(viewer, qtbot):
+    n = 5_000
+    ids = np.arange(1, n + 1)
+    cells = viewer.add_labels(ids.reshape(50, 100).astype(np.int32), name="many cells",
+                              features=pd.DataFrame({"label": ids}))
+    vectors = np.random.default_rng(0).normal(size=(n, 16)).astype(np.float32)
+    store_embeddings(cells, ids, vectors, model_id="m", fingerprint="f")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    epochs = []
+
+    def cancel_at_the_first_epoch(done, total):
+        epochs.append(done)
+        if len(epochs) == 1:
+            widget.cancel()
+
+    widget._umap_epoch.connect(cancel_at_the_first_epoch)
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS):
+        widget.run()
+    assert widget.status.value == "Cancelled; the map is as it was."
+    assert widget.pool is None and widget._progress is None and widget._run_button.enabled
+    widget._umap_epoch.disconnect(cancel_at_the_first_epoch)
+    compute_map(widget, qtbot)  # nothing of the cancelled run is left in the way
+    assert len(widget.canvas.points.data) == n

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import threading
 
 import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
+from tqdm import tqdm
 
 from napari_reddino import umap_layout
-from napari_reddino.umap_layout import fit_umap, warm_up_umap
+from napari_reddino.steps import StepsCancelled
+from napari_reddino.umap_layout import N_EPOCHS, fit_umap, warm_up_umap
 
 N_CLUSTERS, PER_CLUSTER, DIM = 3, 100, 384
 
@@ -43,6 +46,37 @@ def test_separated_clusters_stay_separated_in_the_map(layout):
 def test_the_same_seed_gives_the_same_map(layout):
     points, _, xy = layout
     np.testing.assert_array_equal(fit_umap(points), xy)
+
+
+def test_progress_follows_the_epochs_and_leaves_the_map_as_it_is(layout):
+    points, _, xy = layout
+    reports = []
+    np.testing.assert_array_equal(fit_umap(points, progress=lambda *step: reports.append(step)), xy)
+    done = [step[0] for step in reports]
+    assert reports[0] == (0, N_EPOCHS) and reports[-1] == (N_EPOCHS, N_EPOCHS)
+    assert done == sorted(done) and {total for _, total in reports} == {N_EPOCHS}
+
+
+def test_a_stop_before_the_layout_ends_the_fit_there(layout):
+    points, _, _ = layout
+    reports = []
+    with pytest.raises(StepsCancelled):
+        fit_umap(points, progress=lambda *step: reports.append(step), should_stop=lambda: True)
+    assert reports == []
+
+
+def test_a_failing_progress_callback_fails_the_fit_after_the_layout_and_frees_tqdm(layout):
+    points, _, _ = layout
+
+    def broken(done, total):
+        raise RuntimeError("widget deleted")
+
+    with pytest.raises(RuntimeError, match="widget deleted"):
+        fit_umap(points, progress=broken)
+    another_bar = threading.Thread(target=lambda: list(tqdm(range(3), file=io.StringIO())), daemon=True)
+    another_bar.start()  # from another thread: tqdm's lock is reentrant for this one
+    another_bar.join(timeout=10)
+    assert not another_bar.is_alive(), "tqdm's lock was left held"
 
 
 def test_n_neighbors_is_clamped_for_few_cells(layout):  # after the fixture: umap is compiled

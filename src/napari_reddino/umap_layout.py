@@ -13,18 +13,27 @@ above) and handed to umap as ``precomputed_knn``, so one code path serves every 
 umap's own default above 10,000 points (its 500 below that more than doubles the time for
 10,000 cells; 200 already separates their clusters cleanly).
 
+Progress rides on umap's own epoch bar (umap has no callback): its tqdm writes ``done/total``
+to a file object of ours, at most every 0.1 s. A stop is honoured before the layout starts,
+not inside it: tqdm writes while holding its process-wide lock and does not release it when
+the file raises, so raising there would hang every later tqdm bar. Where ``tqdm.auto`` picks
+its notebook bar (Jupyter with ipywidgets) the file is not written and nothing is reported.
+
 umap and pynndescent are imported on first use: importing them takes seconds, which the
 warm-up thread then spends in the background.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
 from .cell_embeddings import check_embeddings
+from .steps import Progress, StepsCancelled
 
 N_EPOCHS = 200
 EXACT_KNN_MAX = 4096  # above this NNDescent is faster than the exact search
@@ -35,12 +44,23 @@ _warm_up: threading.Thread | None = None
 _warm_up_lock = threading.Lock()
 
 
-def fit_umap(embeddings, *, n_neighbors: int = 15, min_dist: float = 0.1, random_state: int | None = 0) -> np.ndarray:
+def fit_umap(
+    embeddings,
+    *,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    random_state: int | None = 0,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
     """UMAP of ``embeddings`` (n, dim) to float32 (n, 2); row i is the point of embedding i.
 
     ``n_neighbors`` is clamped to n - 1 for small n; fewer than :data:`MIN_UMAP_POINTS` points
     are laid out by PCA instead (n = 1 gives the origin). ``random_state=None`` lets umap run
     its epochs in parallel, at the cost of a layout that differs from run to run.
+    ``progress(epochs_done, epochs)`` follows the layout's epochs; ``should_stop()`` is asked
+    after the neighbour search, before the layout, and a true answer raises
+    :class:`~napari_reddino.steps.StepsCancelled` there.
     """
     x = _unit_rows(embeddings)
     if n_neighbors < 2:
@@ -51,6 +71,9 @@ def fit_umap(embeddings, *, n_neighbors: int = 15, min_dist: float = 0.1, random
 
     k = min(n_neighbors, len(x) - 1)
     indices, distances = _knn(x, k, random_state)
+    if should_stop is not None and should_stop():
+        raise StepsCancelled("Stopped on request.")
+    epochs = _EpochReports(progress)
     reducer = umap.UMAP(
         n_neighbors=k,
         min_dist=min_dist,
@@ -58,11 +81,48 @@ def fit_umap(embeddings, *, n_neighbors: int = 15, min_dist: float = 0.1, random
         random_state=random_state,
         n_jobs=1 if random_state is not None else -1,  # a seed makes umap serial; say so, not warn
         precomputed_knn=(indices, distances, None),
+        tqdm_kwds=epochs.tqdm_settings(),
     )
     with warnings.catch_warnings():
         # umap warns that transform() needs a search index; a cell map never calls it.
         warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
-        return reducer.fit_transform(x).astype(np.float32, copy=False)
+        xy = reducer.fit_transform(x).astype(np.float32, copy=False)
+    if epochs.error is not None:
+        raise epochs.error
+    return xy
+
+
+class _EpochReports:
+    """The file umap's epoch bar writes ``done/total`` to; passes it on to ``progress``.
+
+    Never raises into tqdm (see the module notes): an error of ``progress`` is kept, reports
+    stop, and :func:`fit_umap` raises it once the layout is done.
+    """
+
+    _COUNT = re.compile(r"(\d+)/(\d+)")
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.error: Exception | None = None
+
+    def tqdm_settings(self) -> dict:
+        if self.progress is None:
+            return {"disable": True}
+        # only the count, at most every 0.1 s; a fixed miniters keeps tqdm's monitor thread out
+        return {"disable": False, "file": self, "bar_format": "{n}/{total}", "mininterval": 0.1, "miniters": 1}
+
+    def write(self, text: str) -> int:
+        counts = self._COUNT.findall(text)
+        if counts and self.progress is not None:
+            done, total = counts[-1]
+            try:
+                self.progress(int(done), int(total))
+            except Exception as error:  # noqa: BLE001  (kept, raised after the layout)
+                self.error, self.progress = error, None
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def warm_up_umap() -> threading.Thread:

@@ -14,6 +14,7 @@ holding the cells' place in the map as uint16: napari draws uint16 labels throug
 lookup table, so recolouring 50,000 cells is one table upload, not a pass over the smear.
 """
 
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -25,7 +26,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
 from napari.layers import Labels
 from napari.utils.colormaps import CyclicLabelColormap, ensure_colormap
 from napari.utils.notifications import show_info
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QKeySequence, QShortcut
 from qtpy.QtWidgets import (
     QFileDialog,
@@ -49,6 +50,7 @@ from ..cell_map import (
     rank_lut,
     value_colours,
 )
+from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
@@ -62,9 +64,15 @@ LABEL_KEYS = (*"1234567890", "Backspace", "Delete")  # a class's key assigns it;
 
 
 @job_worker
-def _lay_out(embeddings: np.ndarray):
-    yield 0, 0  # an indeterminate bar: umap reports no progress of its own
-    return fit_umap(embeddings)
+def _lay_out(embeddings: np.ndarray, report_epoch: Progress, stop: threading.Event):
+    """The map's UMAP; epochs are reported through ``report_epoch`` (a signal: this generator
+    cannot yield from inside umap's loop); a ``stop`` set during the neighbour search ends it
+    there, a layout under way runs to its end."""
+    yield 0, 0  # an indeterminate bar while the neighbours and the start layout are computed
+    try:
+        return fit_umap(embeddings, progress=report_epoch, should_stop=stop.is_set)
+    except StepsCancelled:
+        return None
 
 
 def _weakly(method):
@@ -90,11 +98,15 @@ def embedded_cells_layers(viewer) -> list[Labels]:
 class CellMapWidget(JobWidget):
     """UMAP of the embedded cells, lasso and click selection, labelling, linear head, export."""
 
+    _umap_epoch = Signal(int, int)  # (done, total) from the UMAP worker's thread
+
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
         warm_up_umap()  # numba compiles in the background while the user segments and embeds
         self.pool: PooledCells | None = None
         self._pending: PooledCells | None = None  # the cells a running UMAP lays out
+        self._stop_umap = threading.Event()
+        self._umap_epoch.connect(self._on_epoch)
         self.xy: np.ndarray | None = None
         self.selected = np.zeros(0, dtype=bool)
         self.classifier: CellClassifier | None = None
@@ -211,16 +223,23 @@ class CellMapWidget(JobWidget):
         self._pending = pool
         self._started = time.perf_counter()
         self.status.value = f"UMAP of {len(pool):,} cells from {len(pool.layers)} smear(s)…"
-        self._start(_lay_out, pool.embeddings)
+        self._stop_umap = threading.Event()
+        self._start(_lay_out, pool.embeddings, self._umap_epoch.emit, self._stop_umap)
 
     def cancel(self) -> None:
-        """umap's fit cannot be stopped midway: its result is dropped when it ends."""
+        """Stop before the layout; a layout under way cannot be stopped (umap has no hook for it)
+        and is dropped when it ends."""
+        self._stop_umap.set()
         super().cancel()
         if self._worker is not None:
-            self.status.value = "Cancelling: the UMAP fit runs to its end, then its result is dropped…"
+            self.status.value = "Cancelling: a layout under way runs to its end, then it is dropped…"
 
     def _on_progress(self, step) -> None:
-        self._count(*step, "UMAP")
+        self._on_epoch(*step)
+
+    def _on_epoch(self, done: int, total: int) -> None:
+        if self._worker is not None:  # else a report queued before the run ended
+            self._count(done, total, "UMAP")
 
     def _failed_job(self) -> str:
         return "The map"

@@ -65,6 +65,7 @@ class JobWidget(QWidget):
         self._worker = None
         self._result = None
         self._progress: progress | None = None
+        self._making_bar = False  # making a napari progress bar runs Qt events, reports among them
         self._run_button = PushButton(text="Run")
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label()
@@ -124,11 +125,19 @@ class JobWidget(QWidget):
 
     def _count(self, done: int, total: int, description: str) -> None:
         if self._progress is None:
-            bar = progress(total=total, desc=description)
+            if self._making_bar:  # a report handled while the bar is made: the next one counts
+                return
+            self._making_bar = True
+            try:
+                bar = progress(total=total, desc=description)
+            finally:
+                self._making_bar = False
             if self._worker is None:  # making the bar ran Qt events, and the run ended in them
                 bar.close()
                 return
             self._progress = bar
+        if self._progress.total != total:  # an indeterminate start (0) became a count
+            self._progress.total = total
         self._progress.update(done - self._progress.n)
 
     def _on_returned(self, result) -> None:
