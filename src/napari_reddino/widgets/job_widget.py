@@ -136,9 +136,10 @@ class JobWidget(QWidget):
                 bar.close()
                 return
             self._progress = bar
-        if self._progress.total != total:  # an indeterminate start (0) became a count
-            self._progress.total = total
-        self._progress.update(done - self._progress.n)
+        bar = self._progress  # drawing the bar runs Qt events; the run may end (and close it) in them
+        if bar.total != total:  # an indeterminate start (0) became a count
+            bar.total = total
+        bar.update(done - bar.n)
 
     def _on_returned(self, result) -> None:
         self._result = result
