@@ -14,6 +14,7 @@ from napari_reddino.crops import (
     background_colour,
     cell_crops,
     cell_windows,
+    smear_home,
 )
 
 BACKGROUND = (200, 190, 210)
@@ -210,3 +211,10 @@ def test_running_out_of_memory_while_cutting_cuts_in_halves():
     halved = OutOfMemoryAbove(image, labels, size=(24, 24), limit=1)
     np.testing.assert_array_equal(halved(windows.ids, windows.boxes), whole)
     assert halved.cuts == [1, 1, 1]
+
+
+def test_a_smear_stays_on_a_gpu_only_within_a_quarter_of_its_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4_000, 8_000))  # free, total bytes
+    cuda = torch.device("cuda")
+    assert smear_home(cuda, 1_000) == cuda and smear_home(cuda, 1_001) == torch.device("cpu")
+    assert smear_home(torch.device("cpu"), 10**12) == torch.device("cpu")

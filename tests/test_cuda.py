@@ -13,7 +13,7 @@ from _model_fixtures import reddino_small_files  # noqa: F401  (fixture)
 from skimage.io import imread
 
 from napari_reddino import segment_cells
-from napari_reddino.crops import CROP_MODES, CropSampler, cell_windows
+from napari_reddino.crops import CROP_MODES, CropSampler, cell_windows, smear_home
 from napari_reddino.embedding import clear_embedder_cache, load_embedder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -45,6 +45,26 @@ def test_crops_cut_on_the_gpu_equal_the_cpus(real_smear, mode):
     }
     assert crops["cuda"].device.type == "cuda"
     np.testing.assert_allclose(crops["cuda"].cpu().numpy(), crops["cpu"].numpy(), atol=1e-5)
+
+
+def test_a_smear_the_gpu_cannot_hold_is_cut_on_the_cpu_into_the_same_crops(real_smear):
+    image, labels = real_smear
+    cuda = torch.device("cuda")
+    free = torch.cuda.mem_get_info(cuda)[0]
+    assert smear_home(cuda, free // 8) == cuda and smear_home(cuda, free // 2) == torch.device("cpu")
+    windows = cell_windows(labels)
+    expected = CropSampler(image, labels, size=(224, 224), device="cpu", mean=MEAN, std=STD)(windows.ids, windows.boxes)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    # room for less than the smear's pixels: the upload itself runs out of memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + image.nbytes // 2) / total)
+    try:
+        sampler = CropSampler(image, labels, size=(224, 224), device="cuda", mean=MEAN, std=STD)
+        crops = sampler(windows.ids, windows.boxes)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert sampler.home == torch.device("cpu") and sampler.device == cuda
+    np.testing.assert_array_equal(crops.numpy(), expected.numpy())
 
 
 def test_auto_precision_on_the_gpu_is_bf16_within_one_percent_of_fp32_on_the_cpu(reddino_small_files, real_smear):

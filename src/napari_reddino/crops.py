@@ -22,6 +22,8 @@ A window that reaches past the image edge is never shifted: the part outside is 
 background colour. Sampling is bilinear (``roi_align``), averaging several samples per
 output pixel when a window is larger than the model input, and runs batched with torch ops
 on the model's device from one upload of the smear, so a GPU is not kept waiting on the CPU.
+A smear too large for a GPU (more than a quarter of its free memory, or an upload that runs
+out of memory) stays in CPU memory; its crops are cut there and moved, slower but whole.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ DEFAULT_MARGIN = 0.25
 _BACKGROUND_SAMPLES = 250_000  # gave the same medians as a million on Chula mosaics, 4x sooner
 _MAX_WINDOW_PIXELS = 2**24  # per batch of crops: 200 MB of float32 RGB
 _MAX_SPARSE_LABEL = 2**24  # ids above this and the pixel count are sparse: a slot per id takes GBs
+_SMEAR_SHARE_OF_FREE_MEMORY = 0.25  # a GPU keeps the rest for the model's batches
 
 
 class CropInputError(ValueError):
@@ -200,22 +203,35 @@ class CropSampler:
         # The smear travels to the device as it is (8-bit stays 8-bit: a quarter of float32's
         # bytes, and no pass over the whole image here); only the windows become float.
         pixels = colour if colour.dtype == np.uint8 else colour.astype(np.float32)
-        self._pixels = _on_device(pixels, self.device)
+        label_type = np.int32 if labels.max(initial=0) < 2**31 else np.int64
+        labels = labels.astype(label_type, copy=False) if mode == "masked" else None
         # Pixels become (pixel - black) * gain - background: 0 is the background colour, so
         # padding and blanking are multiplications by 0, and roi_align's zeros outside its
         # input are background too.
-        self._gain = torch.tensor(gain, device=self.device)
-        self._shift = torch.from_numpy(-black * gain - background).to(self.device)
-        label_type = np.int32 if labels.max(initial=0) < 2**31 else np.int64
-        masked = mode == "masked"
-        self._labels = _on_device(labels.astype(label_type, copy=False), self.device) if masked else None
         mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
-        # (shifted + background - mean) / std == shifted * scale + offset
-        self._scale = (1.0 / std_t).to(self.device)
-        self._offset = ((torch.from_numpy(background).view(1, 3, 1, 1) - mean_t) / std_t).to(self.device)
+        constants = {
+            "gain": torch.tensor(gain),
+            "shift": torch.from_numpy(-black * gain - background),
+            # (shifted + background - mean) / std == shifted * scale + offset
+            "scale": 1.0 / std_t,
+            "offset": (torch.from_numpy(background).view(1, 3, 1, 1) - mean_t) / std_t,
+        }
+        self.home = smear_home(self.device, pixels.nbytes + (labels.nbytes if labels is not None else 0))
+        try:
+            self._keep_on(self.home, pixels, labels, constants)
+        except torch.cuda.OutOfMemoryError:
+            self.home = torch.device("cpu")
+            self._keep_on(self.home, pixels, labels, constants)
+            torch.cuda.empty_cache()
+
+    def _keep_on(self, device: torch.device, pixels: np.ndarray, labels: np.ndarray | None, constants: dict) -> None:
+        self._pixels = _on_device(pixels, device)
+        self._labels = _on_device(labels, device) if labels is not None else None
+        self._gain, self._shift, self._scale, self._offset = (
+            constants[name].to(device) for name in ("gain", "shift", "scale", "offset"))
 
     def __call__(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
-        """Crops of the cells ``ids`` in ``boxes`` (x0, y0, x1, y1): float32 (n, 3, H, W)."""
+        """Crops of the cells ``ids`` in ``boxes`` (x0, y0, x1, y1): float32 (n, 3, H, W) on :attr:`home`."""
         parts = [self._cut_in_memory(ids[part], boxes[part]) for part in _parts_within(boxes, _MAX_WINDOW_PIXELS)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -234,24 +250,33 @@ class CropSampler:
         # one pixel more on each side than the window, for the bilinear neighbours of its edge
         corner = np.floor(boxes[:, :2]).astype(np.int64) - 1
         side = int(np.ceil((boxes[:, 2:] - corner).max())) + 2
-        steps = torch.arange(side, device=self.device)
-        cols = torch.as_tensor(corner[:, 0], device=self.device)[:, None] + steps
-        rows = torch.as_tensor(corner[:, 1], device=self.device)[:, None] + steps
+        steps = torch.arange(side, device=self.home)
+        cols = torch.as_tensor(corner[:, 0], device=self.home)[:, None] + steps
+        rows = torch.as_tensor(corner[:, 1], device=self.home)[:, None] + steps
         height, width = self._pixels.shape[:2]
         keep = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
         rows, cols = rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]
         if self._labels is not None:
             under = self._labels[rows, cols]
-            keep &= (under == 0) | (under == torch.as_tensor(ids, device=self.device)[:, None, None])
+            keep &= (under == 0) | (under == torch.as_tensor(ids, device=self.home)[:, None, None])
         pixels = self._pixels[rows, cols]  # (n, side, side) gray or (n, side, side, 3)
         if pixels.ndim == 3:
             pixels = pixels[..., None]
         windows = (pixels.float() * self._gain + self._shift) * keep[..., None]
-        local = torch.as_tensor(boxes - np.tile(corner, 2), dtype=torch.float32, device=self.device)
-        indexed = torch.cat([torch.arange(len(local), device=self.device, dtype=torch.float32)[:, None], local], 1)
+        local = torch.as_tensor(boxes - np.tile(corner, 2), dtype=torch.float32, device=self.home)
+        indexed = torch.cat([torch.arange(len(local), device=self.home, dtype=torch.float32)[:, None], local], 1)
         channels_first = windows.permute(0, 3, 1, 2).contiguous()
         crops = roi_align(channels_first, indexed, self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         return crops * self._scale + self._offset
+
+
+def smear_home(device: torch.device, nbytes: int) -> torch.device:
+    """Where a smear of ``nbytes`` is kept for cutting crops for ``device``: there, unless it
+    is a GPU that it would fill beyond a quarter of its free memory; then the CPU."""
+    if device.type != "cuda":
+        return device
+    free = torch.cuda.mem_get_info(device)[0]
+    return device if nbytes <= _SMEAR_SHARE_OF_FREE_MEMORY * free else torch.device("cpu")
 
 
 def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
