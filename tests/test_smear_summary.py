@@ -33,18 +33,31 @@ def counted_layer(name: str = "A cells") -> SimpleNamespace:
 
 
 def test_a_hand_counted_smear():
-    [row] = summarise_smears(counted_layer(), classes=["normal", "spherocyte", "schistocyte"]).to_dict("records")
-    assert (row["image"], row["cells"], row["whole_cells"]) == ("A", 6, 5)
+    layer = counted_layer()
+    layer.features.loc[4, "predicted_class"] = "normal"  # every whole cell has a class
+    [row] = summarise_smears(layer, classes=["normal", "spherocyte", "schistocyte"]).to_dict("records")
+    assert (row["layer"], row["image"], row["cells"], row["whole_cells"]) == ("A cells", "A", 6, 5)
+    assert row["pixel_size_um"] == pytest.approx(0.2)
     assert row["diameter_mean_um"] == pytest.approx(8.0) and row["diameter_mean_px"] == pytest.approx(40.0)
     assert row["diameter_sd_um"] == pytest.approx(np.sqrt(2.5))  # sample SD of 6..10
     assert row["diameter_cv_pct"] == pytest.approx(100 * np.sqrt(2.5) / 8)
     assert row["central_pallor_median"] == pytest.approx(0.3)
-    # the manual label wins over the prediction; cell 5 has neither; cell 6 touches the border
-    assert (row["labelled"], row["classified"]) == (1, 4)
-    assert (row["n_normal"], row["n_spherocyte"], row["n_schistocyte"], row["n_target cell"]) == (1, 2, 0, 1)
+    # the manual label wins over the prediction; cell 6 touches the border
+    assert (row["labelled"], row["classified"], row["unclassified"]) == (1, 5, 0)
+    assert (row["n_normal"], row["n_spherocyte"], row["n_schistocyte"], row["n_target cell"]) == (2, 2, 0, 1)
     assert (row["pct_normal"], row["pct_spherocyte"], row["pct_schistocyte"], row["pct_target cell"]) == (
-        25.0, 50.0, 0.0, 25.0)
+        40.0, 40.0, 0.0, 20.0)
     assert row["model_id"] == ""
+
+
+def test_shares_wait_until_every_whole_cell_has_a_class():
+    """Before a head predicted every cell, a share would be one of the hand-picked examples."""
+    [row] = summarise_smears(counted_layer(), classes=["normal"]).to_dict("records")  # cell 5 has no class
+    assert (row["classified"], row["unclassified"], row["n_normal"]) == (4, 1, 1)
+    assert np.isnan(row["pct_normal"]) and np.isnan(row["pct_spherocyte"])
+    categorical = counted_layer()
+    categorical.features["manual_label"] = categorical.features["manual_label"].astype("category")
+    assert summarise_smears(categorical).loc[0, "n_spherocyte"] == 2
 
 
 def test_class_columns_follow_the_given_order_then_the_rest_by_name():
@@ -59,7 +72,7 @@ def test_cells_without_a_pixel_size_labels_or_whole_cells_give_empty_values_not_
     features = counted_layer().features.drop(columns=["equivalent_diameter_um", "manual_label", "predicted_class"])
     [row] = summarise_smears(SimpleNamespace(name="bare", features=features, metadata={})).to_dict("records")
     assert np.isnan(row["diameter_mean_um"]) and row["diameter_mean_px"] == pytest.approx(40.0)
-    assert (row["labelled"], row["classified"]) == (0, 0)
+    assert (row["labelled"], row["classified"]) == (0, 0) and np.isnan(row["pixel_size_um"])
     edge = features.assign(touches_border=True)
     [row] = summarise_smears(SimpleNamespace(name="edge", features=edge, metadata={})).to_dict("records")
     assert (row["cells"], row["whole_cells"]) == (6, 0)

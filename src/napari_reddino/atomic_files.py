@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -69,10 +70,17 @@ def remove_leftovers(target: str | os.PathLike) -> list[tuple[Path, int]]:
     writes ``target`` now (a training run's rank 0 for its own checkpoint).
     """
     target = Path(target)
+    # exactly mkstemp's names for this target: its prefix, 8 random characters, the suffix
+    ours = re.compile(re.escape(_prefix(target)) + r"[a-z0-9_]{8}\.tmp")
     removed = []
     for leftover in target.parent.glob(f"{glob.escape(_prefix(target))}*.tmp"):
-        size = leftover.stat().st_size
-        leftover.unlink(missing_ok=True)
+        try:
+            if not ours.fullmatch(leftover.name) or not leftover.is_file() or leftover.is_symlink():
+                continue
+            size = leftover.stat().st_size
+            leftover.unlink()
+        except FileNotFoundError:  # gone since the listing
+            continue
         removed.append((leftover, size))
     return removed
 

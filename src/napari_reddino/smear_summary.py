@@ -1,16 +1,21 @@
 """One row per smear: how many red cells, how large and how varied, and what share of them
 falls in each morphology class (the numbers a smear report grades).
 
-Cells touching the image border are counted in ``cells`` and left out of everything else, as
-a person counting at the microscope leaves out cut cells: they look smaller and misshapen. A
-cell's class is its manual label where it has one, else the head's prediction; percentages are
-of the whole cells that have a class.
+Cells touching the image border (``touches_border``; a table without it counts every cell
+as whole) are counted in ``cells`` and left out of everything else, as a person counting at
+the microscope leaves out cut cells: they look smaller and misshapen. A cell's class is its
+manual label where it has one, else the head's prediction. Percentages are given only when
+every whole cell has a class (after a head predicted them all): before that they would be
+shares of the hand-picked training examples, not of the smear.
 
-Columns: ``image``, ``cells``, ``whole_cells``, ``diameter_mean_um``, ``diameter_sd_um`` (empty
-without a pixel size), ``diameter_mean_px``, ``diameter_sd_px``, ``diameter_cv_pct`` (the
-spread of sizes, anisocytosis; the same in px and µm), ``central_pallor_median``, ``labelled``
-(manual labels), ``classified``, then ``n_<class>`` and ``pct_<class>`` for every class, and
-``model_id``. No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata``.
+Columns: ``layer``, ``image`` (two layers of one smear give two rows), ``cells``,
+``whole_cells``, ``pixel_size_um`` and ``diameter_mean_um``, ``diameter_sd_um`` (empty without
+a pixel size), ``diameter_mean_px``, ``diameter_sd_px``, ``diameter_cv_pct`` (the spread of the
+area-equivalent diameter, a measure of anisocytosis; not the analyser's RDW, a spread of
+volumes), ``central_pallor_median`` (the unitless index of ``measure_cells``: 1 - centre /
+rim density), ``labelled`` (manual labels), ``classified``, ``unclassified``, then
+``n_<class>`` and ``pct_<class>`` for every class, and ``model_id``. No Qt, no napari: a layer
+is anything with ``name``, ``features`` and ``metadata``.
 """
 
 from __future__ import annotations
@@ -38,43 +43,49 @@ def summarise_smears(cells, classes: Sequence[str] | None = None) -> pd.DataFram
     found = sorted(set().union(*(set(names) for names in cell_classes)) - {""})
     given = list(classes or [])
     columns = given + [name for name in found if name not in given]
-    return pd.DataFrame([_summary_row(image_name(layer), table, whole_cells, names, columns)
+    return pd.DataFrame([_summary_row(layer, table, whole_cells, names, columns)
                          for layer, table, whole_cells, names in zip(layers, tables, whole, cell_classes)])
 
 
 def _class_of_each_cell(table: pd.DataFrame) -> np.ndarray:
-    manual = table["manual_label"].fillna("").astype(str).to_numpy()
-    predicted = table["predicted_class"].fillna("").astype(str).to_numpy()
+    manual = table["manual_label"].astype(object).fillna("").astype(str).to_numpy()
+    predicted = table["predicted_class"].astype(object).fillna("").astype(str).to_numpy()
     return np.where(manual != "", manual, predicted)
 
 
-def _summary_row(image: str, table: pd.DataFrame, whole: pd.DataFrame, names: np.ndarray,
-                 classes: list[str]) -> dict:
-    row: dict[str, object] = {"image": image, "cells": len(table), "whole_cells": len(whole)}
+def _summary_row(layer, table: pd.DataFrame, whole: pd.DataFrame, names: np.ndarray, classes: list[str]) -> dict:
+    row: dict[str, object] = {"layer": str(layer.name), "image": image_name(layer), "cells": len(table),
+                              "whole_cells": len(whole)}
     diameter_px = _column(whole, "equivalent_diameter_px")
     diameter_um = _column(whole, "equivalent_diameter_um")
+    ratio = _column(whole, "equivalent_diameter_um", per="equivalent_diameter_px")
+    row["pixel_size_um"] = float(np.median(ratio)) if len(ratio) else np.nan
     row["diameter_mean_um"], row["diameter_sd_um"] = _mean(diameter_um), _sd(diameter_um)
     row["diameter_mean_px"], row["diameter_sd_px"] = _mean(diameter_px), _sd(diameter_px)
     row["diameter_cv_pct"] = 100 * row["diameter_sd_px"] / row["diameter_mean_px"]
     pallor = _column(whole, "central_pallor")
     row["central_pallor_median"] = float(np.median(pallor)) if len(pallor) else np.nan
-    row["labelled"] = int((whole["manual_label"].fillna("").astype(str) != "").sum())
+    row["labelled"] = int((whole["manual_label"].astype(object).fillna("").astype(str) != "").sum())
     classified = int((names != "").sum())
-    row["classified"] = classified
+    row["classified"], row["unclassified"] = classified, len(whole) - classified
+    every_cell_classified = classified > 0 and classified == len(whole)
     for name in classes:
         count = int((names == name).sum())
         row[f"n_{name}"] = count
-        row[f"pct_{name}"] = 100 * count / classified if classified else np.nan
+        row[f"pct_{name}"] = 100 * count / classified if every_cell_classified else np.nan
     models = sorted(set(table["model_id"].astype(str)) - {""})
     row["model_id"] = ";".join(models)
     return row
 
 
-def _column(table: pd.DataFrame, name: str) -> np.ndarray:
-    """The column's finite values as float64; none when the table lacks it."""
-    if name not in table:
+def _column(table: pd.DataFrame, name: str, *, per: str | None = None) -> np.ndarray:
+    """The column's finite values as float64 (divided by the column ``per``); none when the table lacks it."""
+    if name not in table or (per is not None and per not in table):
         return np.zeros(0)
     values = pd.to_numeric(table[name], errors="coerce").to_numpy(dtype=np.float64)
+    if per is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = values / pd.to_numeric(table[per], errors="coerce").to_numpy(dtype=np.float64)
     return values[np.isfinite(values)]
 
 

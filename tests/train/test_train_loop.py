@@ -125,12 +125,15 @@ def test_a_save_killed_midway_keeps_the_checkpoint_and_the_next_start_removes_it
         child.kill()
     [leftover] = tmp_path.glob(".checkpoint.pt.*.tmp")
     assert leftover.stat().st_size == 1_000_000 and path.read_bytes() == saved
-    unrelated = tmp_path / ".checkpoint.pt.notes"
-    unrelated.write_text("not a temporary file")
+    unrelated = [tmp_path / ".checkpoint.pt.notes", tmp_path / ".checkpoint.pt.old.abcdefgh.tmp"]
+    for path_not_ours in unrelated:
+        path_not_ours.write_text("not a temporary file of this checkpoint")
+    (tmp_path / ".checkpoint.pt.abcdefgh.tmp").mkdir()  # a folder of that name is left alone too
     capsys.readouterr()
     assert fit(cfg, smear_images, tmp_path, max_steps=2).iterations_done == 2
     assert f"removed {leftover.name} (1 MiB), a checkpoint whose save was interrupted" in capsys.readouterr().out
-    assert not leftover.exists() and unrelated.exists()
+    assert not leftover.exists() and all(path.exists() for path in unrelated)
+    assert (tmp_path / ".checkpoint.pt.abcdefgh.tmp").is_dir()
     assert torch.load(path, weights_only=True)["iteration"] == 2
 
 

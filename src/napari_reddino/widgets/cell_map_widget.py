@@ -595,6 +595,10 @@ class CellMapWidget(JobWidget):
             self._refuse(f"Nothing was written: {error}")
             return None
         with_summary = f", one row per smear to {summary.name}" if summary else ""
+        named = ((self.pool.column("manual_label", UNLABELLED) != UNLABELLED)
+                 | (self.pool.column("predicted_class", UNLABELLED) != UNLABELLED))
+        if summary and not named.all():
+            with_summary += " (class shares left empty until every cell has a class: train or apply a head)"
         self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}."
         return written
 
