@@ -48,9 +48,13 @@ def summarise_smears(cells, classes: Sequence[str] | None = None) -> pd.DataFram
 
 
 def _class_of_each_cell(table: pd.DataFrame) -> np.ndarray:
-    manual = table["manual_label"].astype(object).fillna("").astype(str).to_numpy()
-    predicted = table["predicted_class"].astype(object).fillna("").astype(str).to_numpy()
-    return np.where(manual != "", manual, predicted)
+    manual = _names(table, "manual_label")
+    return np.where(manual != "", manual, _names(table, "predicted_class"))
+
+
+def _names(table: pd.DataFrame, column: str) -> np.ndarray:
+    """A class column as strings, "" where empty (categorical columns too)."""
+    return table[column].astype(object).fillna("").astype(str).to_numpy()
 
 
 def _summary_row(layer, table: pd.DataFrame, whole: pd.DataFrame, names: np.ndarray, classes: list[str]) -> dict:
@@ -65,7 +69,7 @@ def _summary_row(layer, table: pd.DataFrame, whole: pd.DataFrame, names: np.ndar
     row["diameter_cv_pct"] = 100 * row["diameter_sd_px"] / row["diameter_mean_px"]
     pallor = _column(whole, "central_pallor")
     row["central_pallor_median"] = float(np.median(pallor)) if len(pallor) else np.nan
-    row["labelled"] = int((whole["manual_label"].astype(object).fillna("").astype(str) != "").sum())
+    row["labelled"] = int((_names(whole, "manual_label") != "").sum())
     classified = int((names != "").sum())
     row["classified"], row["unclassified"] = classified, len(whole) - classified
     every_cell_classified = classified > 0 and classified == len(whole)
