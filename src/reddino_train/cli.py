@@ -28,6 +28,7 @@ def _config_command(args: argparse.Namespace) -> int:
 
 
 def _fit_command(args: argparse.Namespace) -> int:
+    from .run_lock import RunFolderBusyError
     from .train import (  # torch and timm load only when training
         RanksDisagreeError,
         TrainingDivergedError,
@@ -37,7 +38,8 @@ def _fit_command(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         result = fit(cfg, args.data_dir, args.out, max_steps=args.max_steps)
-    except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError) as error:
+    except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError,
+            RunFolderBusyError) as error:
         print(f"reddino-train fit: {error}", file=sys.stderr)
         return 2
     print(f"reddino-train fit: {result.iterations_done} iterations done; checkpoint in {args.out}")

@@ -50,6 +50,7 @@ from .model import DinoModel, build_student, clip_gradients, make_teacher, updat
 from .monitor import LOG_NAME, CollapseDetector, CsvLog, entropy
 from .parallel import distribute, full_state, load_full_state
 from .param_groups import apply_schedule, build_param_groups
+from .run_lock import hold_run_folder
 from .schedules import ScheduleValues, build_schedules
 
 LOSS_TERMS = ("dino", "ibot", "koleo")
@@ -101,9 +102,10 @@ def fit(
 ) -> FitResult:
     """Train (or resume from ``out_dir/checkpoint.pt``) until the configured number of
     iterations, or ``max_steps`` iterations in all. SIGTERM/SIGINT end the run after the
-    current step with a checkpoint. Under torchrun every rank calls ``fit``."""
+    current step with a checkpoint. Under torchrun every rank calls ``fit``. A folder another
+    run is writing to is refused with :class:`RunFolderBusyError`."""
     out = Path(out_dir)
-    with distributed_session() as device, _stop_requests() as stop:
+    with distributed_session() as device, hold_run_folder(out), _stop_requests() as stop:
         return Trainer(cfg, Path(data_dir), out, device).train(max_steps, stop)
 
 

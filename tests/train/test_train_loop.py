@@ -1,4 +1,6 @@
+import errno
 import math
+import os
 import re
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import torch
 from _cpu_precision import CPUS, pretend_cpu
 
 from reddino_train.checkpoint import CheckpointError, CheckpointMismatchError
+from reddino_train.cli import main
 from reddino_train.config import load_config
 from reddino_train.data import EmptyDatasetError
 from reddino_train.export import export_teacher
@@ -17,6 +20,8 @@ from reddino_train.monitor import CollapseDetector, CollapseWarning, read_log
 from reddino_train.schedules import build_schedules
 from reddino_train.model import build_student
 from reddino_train.param_groups import build_param_groups
+from reddino_train import run_lock
+from reddino_train.run_lock import LOCK_NAME, RunFolderBusyError
 from reddino_train.train import LOG_COLUMNS, ResumeSettingsWarning, Trainer, TrainingDivergedError, fit
 
 # LayerScale 1 lets the images reach the CLS token of the randomly initialised tiny model
@@ -135,6 +140,40 @@ def test_a_save_killed_midway_keeps_the_checkpoint_and_the_next_start_removes_it
     assert not leftover.exists() and all(path.exists() for path in unrelated)
     assert (tmp_path / ".checkpoint.pt.abcdefgh.tmp").is_dir()
     assert torch.load(path, weights_only=True)["iteration"] == 2
+
+
+def test_a_folder_another_run_holds_is_refused_untouched_until_that_run_ends(smear_images, tmp_path, capsys):
+    cfg = load_config("tiny", TINY)
+    fit(cfg, smear_images, tmp_path, max_steps=1)
+    files_before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.name != LOCK_NAME}
+    other_run = textwrap.dedent("""
+        import sys, time
+        from reddino_train.run_lock import hold_run_folder
+        with hold_run_folder(sys.argv[1]):
+            print("holding", flush=True)
+            time.sleep(120)
+    """)
+    with subprocess.Popen([sys.executable, "-c", other_run, str(tmp_path)], stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout.readline() == "holding\n"
+        refusal = (rf"{re.escape(str(tmp_path))} is in use by another reddino-train fit \(pid {child.pid} on \S+, "
+                   r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\); wait for it to end, or give this run another --out")
+        with pytest.raises(RunFolderBusyError, match=refusal):
+            fit(cfg, smear_images, tmp_path, max_steps=2)
+        assert main(["fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "--max-steps", "2"]) == 2
+        assert re.search(refusal, capsys.readouterr().err)
+        files_after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.name != LOCK_NAME}
+        assert files_after == files_before
+        child.kill()  # a run that dies, however, frees the folder
+    assert fit(cfg, smear_images, tmp_path, max_steps=2).iterations_done == 2
+
+
+def test_a_file_system_without_locks_trains_with_a_warning(smear_images, tmp_path, monkeypatch):
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match=rf"cannot lock {re.escape(str(tmp_path))} \(Function not implemented\)"):
+        assert fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1).iterations_done == 1
 
 
 @pytest.mark.parametrize(

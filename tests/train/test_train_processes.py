@@ -1,4 +1,4 @@
-"""Training in separate processes: two ranks under torchrun, and a run stopped by SIGTERM."""
+"""Training in separate processes: two ranks under torchrun, a run stopped by SIGTERM, and a\nsecond run refused the folder of one under way."""
 
 import json
 import os
@@ -81,13 +81,16 @@ def test_a_two_process_checkpoint_resumes_in_one_process_where_the_data_left_off
     assert [row["step"] for row in read_log(tmp_path / "log.csv")] == [1, 2, 3, 4, 5, 6]
 
 
-def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint(smear_images, tmp_path):
+def test_a_second_run_on_the_folder_is_refused_and_sigterm_ends_the_first_with_a_checkpoint(smear_images, tmp_path):
     command = [sys.executable, str(SCRIPT), str(smear_images), str(tmp_path), "1000", *TINY, "optim.epochs=200"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "log.csv"
     deadline = time.monotonic() + 60
     while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
         time.sleep(0.1)
+    second = torchrun_fit(smear_images, tmp_path, 2000, check=False)  # refused on both ranks, the run goes on
+    assert second.returncode != 0
+    assert second.stderr.count(f"{tmp_path} is in use by another reddino-train fit (pid {process.pid} on ") >= 2
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
