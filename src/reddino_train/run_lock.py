@@ -42,18 +42,17 @@ def hold_run_folder(out: str | os.PathLike) -> Iterator[None]:
         handle = open(out / LOCK_NAME, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as error:
             handle.seek(0)
             holder = handle.read().strip() or "a process that has not yet said which"
             handle.close()
             handle = None
-            refusal = (f"{out} is in use by another reddino-train fit ({holder}); wait for it to end, "
-                       "or give this run another --out")
-        except OSError as error:  # a file system without locks (Lustre mounted without flock)
-            handle.close()
-            handle = None
-            warnings.warn(f"cannot lock {out} ({error.strerror}); nothing stops a second run from writing "
-                          "to this folder at the same time", RuntimeWarning, stacklevel=3)
+            if isinstance(error, BlockingIOError):
+                refusal = (f"{out} is in use by another reddino-train fit ({holder}); wait for it to end, "
+                           "or give this run another --out")
+            else:  # a file system without locks (Lustre mounted without flock)
+                warnings.warn(f"cannot lock {out} ({error.strerror}); nothing stops a second run from "
+                              "writing to this folder at the same time", RuntimeWarning, stacklevel=3)
         else:
             handle.truncate(0)
             started = time.strftime("%Y-%m-%d %H:%M:%S")
