@@ -153,6 +153,12 @@ def test_relative_diameter_is_against_the_whole_cells_of_each_smear():
     })
     relative = measurement_features(table, ["relative_diameter"], 6)[:, 0]
     np.testing.assert_allclose(relative, [0.5, 1, 1.5, 2, 0.5, 1.5])  # a: median of 10, 20, 30; b: all touch
+    # two segmentations of one smear (an exported table): each layer's own cells
+    table = table.assign(image="a", layer=["a cells"] * 4 + ["a cells [1]"] * 2)
+    relative = measurement_features(table, ["relative_diameter"], 6)[:, 0]
+    np.testing.assert_allclose(relative, [0.5, 1, 1.5, 2, 0.5, 1.5])
+    np.testing.assert_allclose(measurement_features(table.drop(columns=["image", "layer"]), ["relative_diameter"], 6)[:, 0],
+                               np.array([10, 20, 30, 40, 5, 15]) / 20)  # one smear: median of 10, 20, 30
 
 
 def test_prediction_refuses_missing_measurements_and_other_embedding_sizes(smear_table):

@@ -49,7 +49,8 @@ def test_the_csv_reads_back_column_by_column(tmp_path, smear_table):
     assert written == tmp_path / "cells.csv"
     back = pd.read_csv(written)
     features = layer.features.drop(columns="index")
-    assert list(back.columns) == ["image", "label", *features.columns.drop("label"), "model_id"]
+    assert list(back.columns) == ["layer", "image", "label", *features.columns.drop("label"), "model_id"]
+    assert (back["layer"] == "1 cells").all()
     assert (back["image"].astype(str) == "1").all()  # "1" (from 1.jpg) reads back as a number
     assert (back["model_id"] == "reddino-small").all()
     for column in features.columns:
@@ -120,6 +121,7 @@ def test_embeddings_go_out_in_csv_order_with_their_ids(tmp_path, smear_table):
     export_cells_csv(tmp_path / "cells.csv", [first, second], embeddings_path=tmp_path / "cells.npz")
     table = pd.read_csv(tmp_path / "cells.csv")
     with np.load(tmp_path / "cells.npz", allow_pickle=False) as saved:
+        assert saved["layer"].tolist() == table["layer"].tolist()
         assert saved["image"].tolist() == table["image"].astype(str).tolist()
         assert saved["label"].tolist() == table["label"].tolist()
         assert set(saved["model_id"]) == {"reddino-small"}
@@ -154,3 +156,20 @@ def test_a_second_file_that_cannot_be_replaced_is_named_with_the_one_that_was(tm
         export_cells_csv(csv, analysed_layer(smear_table), embeddings_path=npz, overwrite=True)
     assert len(pd.read_csv(csv)) == len(smear_table) and npz.read_bytes() == b"locked by another program"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.csv", "cells.npz"]  # no temporary left
+
+
+def test_two_layers_of_one_smear_keep_their_cells_apart_by_layer(tmp_path, smear_table):
+    """A smear re-segmented beside its labelled layer: the same label ids, one image."""
+    first = analysed_layer(smear_table)
+    again = analysed_layer(smear_table.head(3), name="1 cells [1]", source_image="1")
+    export_cells_csv(tmp_path / "cells.csv", [first, again], embeddings_path=tmp_path / "cells.npz")
+    table = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str})
+    assert set(table["image"]) == {"1"} and table["label"].duplicated().sum() == 3
+    assert not table.duplicated(["layer", "label"]).any()
+    assert table["layer"].tolist() == ["1 cells"] * len(smear_table) + ["1 cells [1]"] * 3
+    with np.load(tmp_path / "cells.npz", allow_pickle=False) as saved:
+        assert saved["layer"].tolist() == table["layer"].tolist()
+        rows = saved["layer"] == "1 cells [1]"
+        record = again.metadata["reddino_embeddings"]
+        expected = record["embeddings"][np.searchsorted(record["label_ids"], saved["label"][rows])]
+        np.testing.assert_array_equal(saved["embedding"][rows], expected)

@@ -83,7 +83,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     points = widget.canvas.points
     assert len(points.data) == len(ids) > 40
     np.testing.assert_array_equal(points.features["label"], ids)
-    assert set(points.features["image"]) == {cells.name}
+    assert set(points.features["layer"]) == {cells.name}
     table = cells.features.set_index("label").loc[ids]
     np.testing.assert_allclose(points.data[:, 1], table["umap_x"], rtol=1e-6)
     np.testing.assert_allclose(points.data[:, 0], -table["umap_y"], rtol=1e-6)
@@ -133,6 +133,15 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     counts = widget.class_list.table
     assert counts.item(0, 2).text() == str((cells.features["manual_label"] == "normal").sum())
 
+    # Exported before a head: the summary counts the labels, and leaves the class shares empty.
+    early = widget.export_csv(tmp_path / "early.csv")
+    labelled = cells.features.set_index("label").loc[ids]
+    unclassified = ((labelled["manual_label"] == "") & ~labelled["touches_border"]).sum()
+    assert f"class shares left empty: {unclassified:,} whole cells have no class yet" in widget.status.value
+    early_summary = pd.read_csv(tmp_path / "early_summary.csv").iloc[0]
+    assert early_summary["unclassified"] == unclassified > 0 and np.isnan(early_summary["pct_normal"])
+    assert early == tmp_path / "early.csv"
+
     # The head trains on the labelled cells and predicts every cell; smear and map follow it.
     widget.train()
     assert widget.colour_by.value == PREDICTED
@@ -174,6 +183,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
         assert list(back[column]) == list(features[column])
     assert list(back["manual_label"].fillna("")) == list(features["manual_label"])
     assert set(back["model_id"]) == {embeddings_of(cells)[2]}
+    assert widget.status.value == f"{len(ids):,} cells written to {csv}, one row per smear to cells_summary.csv."
     summary = pd.read_csv(tmp_path / "cells_summary.csv", dtype={"image": str}).iloc[0]
     whole = features[~features["touches_border"]]
     classes = np.where(whole["manual_label"] != "", whole["manual_label"], whole["predicted_class"])

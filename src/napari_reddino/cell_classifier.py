@@ -11,7 +11,8 @@ head carries over to smears taken at another magnification or stained a shade da
   border-touching) cells. At the default crop scale ("smear") embeddings see a cell's size
   too; at "cell" scale they do not, and larger-than-usual cells keep their own window at
   either, so this names microcytes and macrocytes in every case without a pixel size. "The smear" is
-  the table passed in, or each ``image`` of it when it has an ``image`` column;
+  each ``layer`` of the table (one segmentation of a smear; the map's and the CSV's tables
+  have it), else each ``image``, else the whole table;
 - ``red_fraction``, ``blue_fraction``: mean colour as chromaticity, R / (R + G + B) and
   B / (R + G + B), which a brighter or dimmer exposure leaves unchanged.
 
@@ -251,7 +252,8 @@ def _missing(table: pd.DataFrame, columns: Sequence[str]) -> list[str]:
 
 def _relative_diameter(table: pd.DataFrame) -> np.ndarray:
     diameter = table["equivalent_diameter_px"].astype(float)
-    smear = table["image"] if "image" in table else pd.Series(0, index=table.index)
+    key = next((column for column in ("layer", "image") if column in table), None)
+    smear = table[key] if key else pd.Series(0, index=table.index)
     whole = ~table["touches_border"].astype(bool) if "touches_border" in table else True
     typical = diameter.where(whole).groupby(smear).transform("median")
     typical = typical.fillna(diameter.groupby(smear).transform("median"))  # every cell touches the border

@@ -7,8 +7,8 @@ as their exact float64 value), booleans as ``True``/``False``; an unlabelled cel
 ``manual_label`` reads back as NaN (``fillna("")`` restores it), and an image named like a
 number ("1" from ``1.jpg``) as a number unless read with ``dtype={"image": str}``.
 
-The embeddings file is an ``.npz`` (no pickle; ``np.load(path)`` reads it) of ``image``,
-``label``, ``model_id`` (one per cell) and ``embedding`` (float32, cells x dim), in the CSV's
+The embeddings file is an ``.npz`` (no pickle; ``np.load(path)`` reads it) of ``layer``,
+``image``, ``label``, ``model_id`` (one per cell) and ``embedding`` (float32, cells x dim), in the CSV's
 row order, of the cells that have embeddings.
 
 No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata``.
@@ -76,7 +76,7 @@ def summary_path(path: str | Path) -> Path:
 
 
 def embedding_arrays(layers: Sequence) -> dict[str, np.ndarray]:
-    """``image``, ``label``, ``model_id`` and ``embedding`` of the embedded cells, in table order."""
+    """``layer``, ``image``, ``label``, ``model_id`` and ``embedding`` of the embedded cells, in table order."""
     records = [(layer, embeddings_of(layer)) for layer in layers]
     missing = [layer.name for layer, record in records if record is None]
     if missing:
@@ -84,18 +84,20 @@ def embedding_arrays(layers: Sequence) -> dict[str, np.ndarray]:
     dims = {record[1].shape[1] for _, record in records}
     if len(dims) > 1:
         raise ValueError(f"The layers' embeddings differ in size ({sorted(dims)}) and cannot share one file.")
-    images, labels, models, embeddings = [], [], [], []
+    names, images, labels, models, embeddings = [], [], [], [], []
     for layer, (label_ids, vectors, model_id) in records:
         wanted = np.asarray(pd.DataFrame(layer.features)["label"], dtype=np.int64)
         rows = np.searchsorted(label_ids, wanted)
         embedded = rows < len(label_ids)
         embedded[embedded] = label_ids[rows[embedded]] == wanted[embedded]
         found, rows = wanted[embedded], rows[embedded]
+        names.append(np.full(len(found), str(layer.name)))
         images.append(np.full(len(found), image_name(layer)))
         labels.append(found)
         models.append(np.full(len(found), model_id))
         embeddings.append(vectors[rows])
     return {
+        "layer": np.concatenate(names).astype(str),
         "image": np.concatenate(images).astype(str),
         "label": np.concatenate(labels),
         "model_id": np.concatenate(models).astype(str),

@@ -127,13 +127,11 @@ class PooledCells:
         return np.concatenate(parts) if parts else np.empty(0)
 
     def table(self) -> pd.DataFrame:
-        """Every point's row of its layer's features, in point order, with the layer's name as ``image``.
-
-        (The head compares each cell's size with the cells of its own smear through ``image``.)
-        """
+        """Every point's row of its layer's features, in point order, with the layer's name as
+        ``layer`` (through which the head compares each cell's size with its own layer's cells)."""
         return pd.concat(
             [layer.features.set_index("label").reindex(self.label_ids[self.span(p)]).reset_index()
-             .assign(image=layer.name) for p, layer in enumerate(self.layers)],
+             .assign(layer=layer.name) for p, layer in enumerate(self.layers)],
             ignore_index=True,
         )
 

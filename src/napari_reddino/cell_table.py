@@ -1,7 +1,8 @@
 """The per-cell table of one or more cells layers: what the CSV export writes and the smear
 summary counts.
 
-Columns: ``image``, ``label``, then the layer's feature columns in their order (napari's
+Columns: ``layer`` (the cells layer's name: with ``label`` the key of a cell, also when two
+layers segment one smear), ``image``, ``label``, then the layer's feature columns in their order (napari's
 ``index``, a copy of ``label``, is left out), the analysis columns of
 :data:`ANALYSIS_COLUMNS` that a layer lacks (empty, so scripts can rely on them), and
 ``model_id`` (empty for cells that were not embedded). Layers with different columns are
@@ -39,14 +40,15 @@ def cells_table(layers: Sequence) -> pd.DataFrame:
         if "index" in features and features["index"].equals(features["label"]):
             features = features.drop(columns="index")
         record = embeddings_of(layer)
-        features = features.drop(columns=["image", "model_id"], errors="ignore")
-        features.insert(0, "image", image_name(layer))
+        features = features.drop(columns=["layer", "image", "model_id"], errors="ignore")
+        features.insert(0, "layer", str(layer.name))
+        features.insert(1, "image", image_name(layer))
         features["model_id"] = record[2] if record else ""
         parts.append(features)
     table = pd.concat(parts, ignore_index=True, sort=False)
-    middle = [c for c in table.columns if c not in ("image", "label", "model_id")]
+    middle = [c for c in table.columns if c not in ("layer", "image", "label", "model_id")]
     for column in ANALYSIS_COLUMNS:
         if column not in table:
             table[column] = "" if column.endswith(("label", "class")) else np.nan
             middle.append(column)
-    return table[["image", "label", *middle, "model_id"]]
+    return table[["layer", "image", "label", *middle, "model_id"]]

@@ -279,7 +279,7 @@ class CellMapWidget(JobWidget):
         self.pool, self.xy = pool, np.asarray(xy, dtype=np.float32)
         self.selected = np.zeros(len(pool), dtype=bool)
         pool.write_columns({"umap_x": self.xy[:, 0], "umap_y": self.xy[:, 1]}, empty=np.nan)
-        features = {"image": [pool.layers[i].name for i in pool.layer_index], "label": pool.label_ids}
+        features = {"layer": [pool.layers[i].name for i in pool.layer_index], "label": pool.label_ids}
         self.canvas.show_points(self.xy, features)
         self._make_overlays()
         self._bind_layer_keys(pool.layers, bind=True)
@@ -595,10 +595,10 @@ class CellMapWidget(JobWidget):
             self._refuse(f"Nothing was written: {error}")
             return None
         with_summary = f", one row per smear to {summary.name}" if summary else ""
-        named = ((self.pool.column("manual_label", UNLABELLED) != UNLABELLED)
-                 | (self.pool.column("predicted_class", UNLABELLED) != UNLABELLED))
-        if summary and not named.all():
-            with_summary += " (class shares left empty until every cell has a class: train or apply a head)"
+        unclassified = int(pd.read_csv(summary)["unclassified"].sum()) if summary else 0
+        if unclassified:
+            with_summary += (f" (class shares left empty: {unclassified:,} whole cells have no class yet; "
+                             "train or apply a head)")
         self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}."
         return written
 
