@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import numpy as np
@@ -209,26 +209,26 @@ class CropSampler:
         # padding and blanking are multiplications by 0, and roi_align's zeros outside its
         # input are background too.
         mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
-        constants = {
-            "gain": torch.tensor(gain),
-            "shift": torch.from_numpy(-black * gain - background),
+        normalisation = _Normalisation(
+            gain=torch.tensor(gain),
+            shift=torch.from_numpy(-black * gain - background),
             # (shifted + background - mean) / std == shifted * scale + offset
-            "scale": 1.0 / std_t,
-            "offset": (torch.from_numpy(background).view(1, 3, 1, 1) - mean_t) / std_t,
-        }
+            scale=1.0 / std_t,
+            offset=(torch.from_numpy(background).view(1, 3, 1, 1) - mean_t) / std_t,
+        )
         self.home = smear_home(self.device, pixels.nbytes + (labels.nbytes if labels is not None else 0))
         try:
-            self._keep_on(self.home, pixels, labels, constants)
+            self._keep_on(self.home, pixels, labels, normalisation)
         except torch.cuda.OutOfMemoryError:
             self.home = torch.device("cpu")
-            self._keep_on(self.home, pixels, labels, constants)
+            self._keep_on(self.home, pixels, labels, normalisation)
             torch.cuda.empty_cache()
 
-    def _keep_on(self, device: torch.device, pixels: np.ndarray, labels: np.ndarray | None, constants: dict) -> None:
+    def _keep_on(self, device: torch.device, pixels: np.ndarray, labels: np.ndarray | None,
+                 normalisation: _Normalisation) -> None:
         self._pixels = _on_device(pixels, device)
         self._labels = _on_device(labels, device) if labels is not None else None
-        self._gain, self._shift, self._scale, self._offset = (
-            constants[name].to(device) for name in ("gain", "shift", "scale", "offset"))
+        self._normalisation = normalisation.to(device)
 
     def __call__(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
         """Crops of the cells ``ids`` in ``boxes`` (x0, y0, x1, y1): float32 (n, 3, H, W) on :attr:`home`."""
@@ -262,12 +262,27 @@ class CropSampler:
         pixels = self._pixels[rows, cols]  # (n, side, side) gray or (n, side, side, 3)
         if pixels.ndim == 3:
             pixels = pixels[..., None]
-        windows = (pixels.float() * self._gain + self._shift) * keep[..., None]
+        norm = self._normalisation
+        windows = (pixels.float() * norm.gain + norm.shift) * keep[..., None]
         local = torch.as_tensor(boxes - np.tile(corner, 2), dtype=torch.float32, device=self.home)
         indexed = torch.cat([torch.arange(len(local), device=self.home, dtype=torch.float32)[:, None], local], 1)
         channels_first = windows.permute(0, 3, 1, 2).contiguous()
         crops = roi_align(channels_first, indexed, self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        return crops * self._scale + self._offset
+        return crops * norm.scale + norm.offset
+
+
+@dataclass(frozen=True)
+class _Normalisation:
+    """How a smear pixel becomes a model input: ``pixel * gain + shift`` in its window (0 is the
+    smear's background colour), then ``* scale + offset`` after resampling."""
+
+    gain: torch.Tensor
+    shift: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    def to(self, device: torch.device) -> _Normalisation:
+        return _Normalisation(*(getattr(self, field.name).to(device) for field in fields(self)))
 
 
 def smear_home(device: torch.device, nbytes: int) -> torch.device:
