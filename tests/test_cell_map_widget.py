@@ -202,6 +202,23 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
     assert widget.export_csv(csv) == csv
 
+    # Labels cleared by mistake come back from the export; a cell labelled since keeps its label.
+    exported = cells.features.set_index("label").loc[ids, "manual_label"].to_numpy()
+    widget.select(exported != "")
+    widget.assign("")
+    newer = np.flatnonzero(exported == "spherocyte")[0]
+    widget.select(np.arange(len(ids)) == newer)
+    widget.assign("normal")
+    widget.import_labels(csv)
+    restored = cells.features.set_index("label").loc[ids, "manual_label"].to_numpy()
+    assert restored[newer] == "normal"
+    np.testing.assert_array_equal(np.delete(restored, newer), np.delete(exported, newer))
+    imported = (exported != "").sum() - 1
+    assert widget.status.value == (f"{imported:,} labels imported from cells.csv onto {cells.name}; "
+                                   "1 cell labelled otherwise since the export kept that label.")
+    row = widget.class_list.classes.index("spherocyte")
+    assert widget.class_list.table.item(row, 2).text() == str((restored == "spherocyte").sum())
+
     # The map's own canvas is docked and shows the points.
     shot = widget.canvas.screenshot()
     assert shot.ndim == 3 and shot[..., :3].std() > 5

@@ -6,6 +6,7 @@ from .cell_embeddings import embeddings_of
 from .cell_export import export_cells_csv
 from .cell_lookup import cells_at_points
 from .image_input import ImageInputError
+from .label_import import import_manual_labels
 from .measurements import measure_cells
 from .segmentation import estimate_cell_diameter, iter_segment_cells, segment_cells
 from .smear_summary import summarise_smears
@@ -28,6 +29,7 @@ __all__ = [  # noqa: RUF022  (eager names, then the lazy ones)
     "embeddings_of",
     "estimate_cell_diameter",
     "export_cells_csv",
+    "import_manual_labels",
     "iter_segment_cells",
     "measure_cells",
     "segment_cells",

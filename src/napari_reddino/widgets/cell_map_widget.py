@@ -41,6 +41,7 @@ from ..cell_classifier import CellClassifier, head_paths, uncertainty_order
 from ..cell_embeddings import embeddings_of, stored_fingerprint
 from ..atomic_files import PartlyWrittenError
 from ..cell_export import export_cells_csv, summary_path
+from ..label_import import LabelImportError, import_manual_labels
 from ..cell_map import (
     UNLABELLED,
     PooledCells,
@@ -89,6 +90,10 @@ def _weakly(method):
             yield from bound(viewer, event)
 
     return callback
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def embedded_cells_layers(viewer) -> list[Labels]:
@@ -142,6 +147,7 @@ class CellMapWidget(JobWidget):
             "Save head…": self._save_head_dialog,
             "Apply saved head…": self._apply_head_dialog,
             "Export CSV…": self._export_dialog,
+            "Import labels…": self._import_dialog,
         }
         self.buttons = {text: PushButton(text=text) for text in actions}
         for text, action in actions.items():
@@ -159,7 +165,7 @@ class CellMapWidget(JobWidget):
                               labels=False)
         head = Container(
             widgets=[self._row("Train head", "Review uncertain"), self._row("Save head…", "Apply saved head…"),
-                     self.with_embeddings, self.with_summary, self._row("Export CSV…"), self.status],
+                     self.with_embeddings, self.with_summary, self._row("Export CSV…", "Import labels…"), self.status],
             labels=False,
         )
         self.selection_count.native.setMinimumWidth(MIN_WIDTH - 60)
@@ -602,6 +608,29 @@ class CellMapWidget(JobWidget):
         self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}."
         return written
 
+    def import_labels(self, path: str | Path) -> None:
+        """Give the viewer's cells layers the manual labels of an exported cells CSV (yesterday's
+        work, a colleague's), where they are the same cells; a newer label of a cell is kept."""
+        layers = [layer for layer in self._viewer.layers
+                  if isinstance(layer, Labels) and layer not in self._overlays and "label" in layer.features]
+        try:
+            report = import_manual_labels(path, layers)
+        except (LabelImportError, OSError) as error:
+            self._refuse(f"No labels were imported: {error}")
+            return
+        for name in report.classes:
+            self.class_list.add_class(name, "#999999")
+        self.recolour()
+        parts = [f"{_count(sum(report.written.values()), 'label')} imported from {Path(path).name} "
+                 f"onto {', '.join(report.written)}"]
+        if report.already:
+            parts.append(f"{_count(report.already, 'cell')} had them already")
+        if report.kept:
+            parts.append(f"{_count(report.kept, 'cell')} labelled otherwise since the export kept that label")
+        if report.unmatched:
+            parts.append(f"not imported: the cells of {', '.join(report.unmatched)} (open and segment those smears)")
+        self.status.value = "; ".join(parts) + "."
+
     def _confirm_overwrite(self, paths: list[Path]) -> bool:
         names = ", ".join(path.name for path in paths[:-1]) + (" and " if len(paths) > 1 else "") + paths[-1].name
         answer = QMessageBox.question(self, "Replace?", f"{names} {'exist' if len(paths) > 1 else 'exists'}. Replace?")
@@ -617,6 +646,11 @@ class CellMapWidget(JobWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Apply saved head", "", "Heads (*.safetensors)")
         if path:
             self.apply_head(path)
+
+    def _import_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import labels from an exported CSV", "", "CSV (*.csv)")
+        if path:
+            self.import_labels(path)
 
     def _export_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(
