@@ -239,6 +239,16 @@ def measurement_features(table: pd.DataFrame | None, columns: Sequence[str], n_c
     return values
 
 
+def prediction_table(classes: Sequence[str], proba: np.ndarray) -> pd.DataFrame:
+    """``predicted_class``, ``prediction_probability`` and ``p_<class>`` for each row of ``proba``
+    (the columns a head's prediction adds to a cells table)."""
+    proba = np.asarray(proba)
+    names = np.asarray(classes, dtype=object)
+    columns = {"predicted_class": names[proba.argmax(axis=1)], "prediction_probability": proba.max(axis=1)}
+    columns.update({f"p_{name}": proba[:, column] for column, name in enumerate(names)})
+    return pd.DataFrame(columns)
+
+
 def _missing(table: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     """The ``columns`` that ``table`` neither holds nor can derive for every cell (a map pooling
     colour and gray smears has no colour for the gray smear's cells)."""

@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..cell_classifier import CellClassifier, head_paths, uncertainty_order
+from ..cell_classifier import CellClassifier, head_paths, prediction_table, uncertainty_order
 from ..cell_embeddings import embeddings_of, stored_fingerprint
 from ..atomic_files import PartlyWrittenError
 from ..cell_export import export_cells_csv, summary_path
@@ -53,6 +53,7 @@ from ..cell_map import (
 )
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
+from ..wording import counted
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
@@ -91,9 +92,6 @@ def _weakly(method):
 
     return callback
 
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def embedded_cells_layers(viewer) -> list[Labels]:
@@ -506,10 +504,9 @@ class CellMapWidget(JobWidget):
             stale = [c for c in cells.features.columns if c.startswith("p_")]
             if stale:
                 cells.features = cells.features.drop(columns=stale)
-        classes = np.asarray(classifier.classes, dtype=object)
-        pool.write("predicted_class", classes[proba.argmax(axis=1)])
-        probabilities = {f"p_{name}": proba[:, column] for column, name in enumerate(classes)}
-        pool.write_columns({"prediction_probability": proba.max(axis=1), **probabilities}, empty=np.nan)
+        predictions = prediction_table(classifier.classes, proba)
+        pool.write("predicted_class", predictions.pop("predicted_class").to_numpy())
+        pool.write_columns({name: column.to_numpy() for name, column in predictions.items()}, empty=np.nan)
         self._review = []
         if self.pool is None:
             return
@@ -621,12 +618,12 @@ class CellMapWidget(JobWidget):
         for name in report.classes:
             self.class_list.add_class(name, "#999999")
         self.recolour()
-        parts = [f"{_count(sum(report.written.values()), 'label')} imported from {Path(path).name} "
+        parts = [f"{counted(sum(report.written.values()), 'label')} imported from {Path(path).name} "
                  f"onto {', '.join(report.written)}"]
         if report.already:
-            parts.append(f"{_count(report.already, 'cell')} had them already")
+            parts.append(f"{counted(report.already, 'cell')} had them already")
         if report.kept:
-            parts.append(f"{_count(report.kept, 'cell')} labelled otherwise since the export kept that label")
+            parts.append(f"{counted(report.kept, 'cell')} labelled otherwise since the export kept that label")
         if report.unmatched:
             parts.append(f"not imported: the cells of {', '.join(report.unmatched)} (open and segment those smears)")
         self.status.value = "; ".join(parts) + "."

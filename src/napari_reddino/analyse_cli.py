@@ -1,0 +1,148 @@
+"""``reddino-analyse``: many smears at once without the GUI (a day's smears with a head trained
+in the Cell map widget), written as the widget's export: ``cells.csv`` and ``cells_summary.csv``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .batch_analysis import SmearAnalysis, list_smears, read_smear, smear_names
+from .cell_export import export_cells_csv, summary_path
+from .wording import counted
+
+INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reddino-analyse",
+        description="Segment, measure, embed and classify the red cells of many smears, as the napari "
+                    "widgets do, and write one row per cell (DIR/cells.csv) and one per smear "
+                    "(DIR/cells_summary.csv).",
+    )
+    parser.add_argument("smears", nargs="+", metavar="SMEAR", help="image files, or folders searched for "
+                        "png/jpg/jpeg/tif/tiff at any depth")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (made if missing)")
+    parser.add_argument("--model", default="reddino-small", help="reddino-small|base|large, hf_hub:org/name, or a "
+                        "local model folder (default: reddino-small)")
+    parser.add_argument("--head", metavar="PATH", help="a head saved by the Cell map widget for this model: "
+                        "every cell gets a predicted class and its probabilities, the summary class counts and %%")
+    parser.add_argument("--measure-only", action="store_true", help="segment and measure only; no model")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--pixel-size-um", type=float, metavar="UM", help="µm per pixel, for sizes in µm")
+    parser.add_argument("--with-embeddings", action="store_true", help="also write the embeddings to DIR/cells.npz")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in DIR")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _analyse(args)
+    except _Refused as refusal:
+        print(f"reddino-analyse: {refusal}", file=sys.stderr)
+        return 2
+
+
+class _Refused(Exception):
+    """Nothing can be done with these arguments; said before any smear is read."""
+
+
+def _analyse(args: argparse.Namespace) -> int:
+    _check_options(args)
+    out = Path(args.out)
+    table = out / "cells.csv"
+    embeddings = table.with_suffix(".npz") if args.with_embeddings else None
+    targets = [file for file in (table, summary_path(table), embeddings) if file is not None]
+    existing = [str(file) for file in targets if file.exists()]
+    if existing and not args.overwrite:
+        raise _Refused(f"{', '.join(existing)} exist; pass --overwrite to replace them, or choose another --out.")
+    smears = list_smears(args.smears)
+    missing = [str(path) for path in smears if not path.is_file()]
+    if missing or not smears:
+        raise _Refused(f"no such file: {', '.join(missing)}" if missing else f"no images in {', '.join(args.smears)}")
+    analysis = _analysis(args)
+
+    done, skipped = [], []
+    interrupted = False
+    names = smear_names(smears)
+    for number, (path, name) in enumerate(zip(smears, names), 1):
+        started = time.perf_counter()
+        try:
+            with tqdm(desc=f"embedding {name}", unit="cells", leave=False, disable=analysis.embedder is None) as bar:
+                cells = analysis(read_smear(path), name, progress=lambda n, total, bar=bar: _advance(bar, n, total))
+        except KeyboardInterrupt:
+            interrupted = True
+            break
+        except (OSError, ValueError) as error:  # unreadable files, images that are not smears
+            skipped.append(path)
+            print(f"[{number}/{len(smears)}] {path}: skipped: {error}", file=sys.stderr)
+            continue
+        done.append(cells)
+        found = f"{len(cells.features):,} cells" if len(cells.features) else "no cells found (is it a blood smear?)"
+        print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)")
+
+    if not done:
+        print("reddino-analyse: no smear was analysed; nothing written", file=sys.stderr)
+        return INTERRUPTED if interrupted else 1
+    classes = analysis.head.classes if analysis.head is not None else None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        export_cells_csv(table, done, embeddings_path=embeddings, summary_path=summary_path(table), classes=classes,
+                         overwrite=args.overwrite)
+    except OSError as error:  # FileExistsError: written by someone else meanwhile
+        print(f"reddino-analyse: nothing written: {error}", file=sys.stderr)
+        return 1
+    print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
+          f"{', '.join(str(file) for file in targets)}")
+    if interrupted:
+        left = len(smears) - len(done) - len(skipped)
+        print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files", file=sys.stderr)
+        return INTERRUPTED
+    if skipped:
+        print(f"reddino-analyse: {len(skipped)} of {len(smears)} smears skipped (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.measure_only and (args.head or args.with_embeddings):
+        raise _Refused("--measure-only runs no model, so it cannot take --head or --with-embeddings.")
+    if args.pixel_size_um is not None and not args.pixel_size_um > 0:
+        raise _Refused(f"--pixel-size-um must be positive; got {args.pixel_size_um}.")
+
+
+def _analysis(args: argparse.Namespace) -> SmearAnalysis:
+    """The settings for every smear, with the model and head loaded (or refused) up front."""
+    if args.measure_only:
+        return SmearAnalysis(pixel_size_um=args.pixel_size_um)
+    from .cell_classifier import CellClassifier  # torch and timm load only when a model runs
+    from .embedding import load_embedder
+    from .models import ModelLoadError
+
+    try:
+        embedder = load_embedder(args.model, device=args.device)
+    except (ModelLoadError, ValueError) as error:  # DeviceError is a ValueError
+        raise _Refused(f"cannot load the model {args.model!r}: {error}") from error
+    head = None
+    if args.head:
+        try:
+            head = CellClassifier.load(args.head, model_id=embedder.model_id)
+        except (OSError, ValueError) as error:  # HeadMismatchError is a ValueError
+            raise _Refused(f"cannot use the head {args.head}: {error}") from error
+    return SmearAnalysis(embedder=embedder, model=args.model, head=head, pixel_size_um=args.pixel_size_um)
+
+
+
+def _advance(bar: tqdm, done: int, total: int) -> None:
+    bar.total = total
+    bar.update(done - bar.n)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

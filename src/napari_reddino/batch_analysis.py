@@ -1,0 +1,96 @@
+"""Many smears without the GUI: each is segmented, measured, embedded and classified with a
+saved head exactly as the widgets do it, and comes out shaped like a cells layer, so the
+export writes the same cells CSV and smear summary as the Cell map widget
+(``reddino-analyse`` is the command line of it).
+
+No Qt, no napari.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from skimage.io import imread
+
+from .cell_classifier import prediction_table
+from .cell_embeddings import fingerprint, store_embeddings
+from .measurements import measure_cells
+from .segmentation import segment_cells
+from .steps import Progress
+
+SMEAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+@dataclass
+class SmearCells:
+    """The cells of one smear, as export and summary read a cells layer."""
+
+    name: str  # "<smear> cells", as Segment cells names its layer
+    features: pd.DataFrame
+    metadata: dict = field(default_factory=dict)
+
+
+def list_smears(sources: Sequence[str | os.PathLike]) -> list[Path]:
+    """Every smear named: files as given, folders searched for images (any depth, sorted)."""
+    found = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            found.extend(sorted(path for path in source.rglob("*")
+                                if path.is_file() and path.suffix.lower() in SMEAR_SUFFIXES))
+        else:
+            found.append(source)
+    return list(dict.fromkeys(found))
+
+
+def read_smear(path: str | os.PathLike) -> np.ndarray:
+    """The pixels of the image file ``path``; a file that is no image says so in a sentence
+    (imageio's own message suggests installing video plugins)."""
+    try:
+        return imread(path)
+    except (OSError, ValueError) as error:
+        raise OSError("not an image that can be read (PNG, JPEG or TIFF), or a damaged one") from error
+
+
+def smear_names(paths: Sequence[Path]) -> list[str]:
+    """A name per smear: its file name without suffix, as napari names the image layer; with
+    its folder where two smears would otherwise share a name."""
+    stems = [path.stem for path in paths]
+    return [f"{path.parent.name}/{path.stem}" if stems.count(path.stem) > 1 else path.stem for path in paths]
+
+
+class SmearAnalysis:
+    """One set of settings for every smear: the pixel size, and optionally a model (an
+    :class:`~napari_reddino.embedding.Embedder` loaded from ``model``) and a head for it."""
+
+    def __init__(self, *, embedder=None, model: str | os.PathLike | None = None, head=None,
+                 pixel_size_um: float | None = None):
+        if head is not None and embedder is None:
+            raise ValueError("A head classifies embeddings; give the model it was trained on too.")
+        self.embedder, self.model, self.head, self.pixel_size_um = embedder, model, head, pixel_size_um
+
+    def __call__(self, image, name: str, *, progress: Progress | None = None) -> SmearCells:
+        """Segment, measure and (with a model) embed and classify the cells of ``image``."""
+        labels = segment_cells(image, pixel_size_um=self.pixel_size_um)
+        table = measure_cells(labels, image, pixel_size_um=self.pixel_size_um)
+        cells = SmearCells(f"{name} cells", table, {"source_image": name, "pixel_size_um": self.pixel_size_um})
+        if self.embedder is None or table.empty:
+            return cells
+        from .crops import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN  # torch, only to embed
+
+        embedder, model = self.embedder, self.model or self.embedder.model_id
+        crops = {"mode": DEFAULT_CROP_MODE, "scale": DEFAULT_CROP_SCALE, "margin": DEFAULT_MARGIN}
+        ids, vectors = embedder.embed(image, labels, **crops, progress=progress)
+        store_embeddings(cells, ids, vectors, model_id=embedder.model_id, fingerprint=fingerprint(image, labels, model, **crops),
+                         model=str(model), crop_mode=crops["mode"], crop_scale=crops["scale"],
+                         margin=crops["margin"], device=str(embedder.device))
+        if self.head is not None:
+            rows = np.searchsorted(ids, table["label"].to_numpy())  # both ascending, the same cells
+            proba = self.head.predict_proba(vectors[rows], measurements=table)
+            predictions = prediction_table(self.head.classes, proba).set_axis(table.index)
+            cells.features = pd.concat([table, predictions], axis=1)
+        return cells

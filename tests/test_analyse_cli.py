@@ -1,0 +1,159 @@
+"""reddino-analyse: the real test smears through segmentation, a tiny saved model and a saved
+head, against the same steps run one by one through the Python API."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
+from skimage.io import imread, imsave
+
+from napari_reddino import CellClassifier, load_embedder, measure_cells, segment_cells
+from napari_reddino.analyse_cli import main
+from napari_reddino.batch_analysis import list_smears, smear_names
+
+DATA = Path(__file__).parent / "data"
+CHULA = DATA / "chula_rbc12"
+
+
+@pytest.fixture
+def smears(tmp_path) -> Path:
+    """Two Chula smears in a folder, one of them in a sub-folder."""
+    folder = tmp_path / "smears"
+    (folder / "day2").mkdir(parents=True)
+    shutil.copy(CHULA / "1.jpg", folder / "1.jpg")
+    shutil.copy(CHULA / "26.jpg", folder / "day2" / "26.jpg")
+    return folder
+
+
+def read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"image": str}, keep_default_na=False, na_values={"pct_spherocyte": [""]})
+
+
+def test_measure_only_writes_every_cell_and_a_summary_per_smear(smears, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(smears), "--out", str(out), "--measure-only", "--pixel-size-um", "0.2"]) == 0
+    cells = read(out / "cells.csv")
+    for name, path in (("1", smears / "1.jpg"), ("26", smears / "day2" / "26.jpg")):
+        image = imread(path)
+        expected = measure_cells(segment_cells(image, pixel_size_um=0.2), image, pixel_size_um=0.2)
+        mine = cells[cells["image"] == name]
+        assert mine["layer"].unique().tolist() == [f"{name} cells"]
+        np.testing.assert_array_equal(mine["label"], expected["label"])
+        np.testing.assert_allclose(mine["equivalent_diameter_um"], expected["equivalent_diameter_um"])
+    summary = read(out / "cells_summary.csv")
+    assert summary["image"].tolist() == ["1", "26"]
+    assert summary["cells"].tolist() == [(cells["image"] == "1").sum(), (cells["image"] == "26").sum()]
+    assert summary["diameter_mean_um"].between(6, 9).all()  # red cells at 0.2 µm/px
+    printed = capsys.readouterr().out
+    assert "[1/2] 1: " in printed and "[2/2] 26: " in printed and f"{len(cells):,} cells of 2 smears" in printed
+
+
+def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, tiny_folder):  # noqa: F811
+    model = str(tiny_folder[1])
+    embedder = load_embedder(model, device="cpu")
+    image = imread(smears / "1.jpg")
+    labels = segment_cells(image)
+    table = measure_cells(labels, image)
+    ids, vectors = embedder.embed(image, labels)
+    taught = np.where(table["circularity"] > table["circularity"].median(), "normal", "spherocyte")
+    head = CellClassifier(["normal", "spherocyte"], model_id=embedder.model_id)
+    head.fit(vectors, taught, measurements=table)
+    head.save(tmp_path / "head")
+
+    out = tmp_path / "out"
+    argv = [str(smears / "1.jpg"), "--out", str(out), "--model", model, "--head", str(tmp_path / "head"),
+            "--device", "cpu", "--with-embeddings"]
+    assert main(argv) == 0
+    cells = read(out / "cells.csv")
+    proba = head.predict_proba(vectors, measurements=table)
+    np.testing.assert_allclose(cells[["p_normal", "p_spherocyte"]], proba, rtol=1e-5, atol=1e-6)
+    assert cells["predicted_class"].tolist() == np.asarray(head.classes)[proba.argmax(axis=1)].tolist()
+    with np.load(out / "cells.npz") as saved:
+        np.testing.assert_array_equal(saved["label"], ids)
+        np.testing.assert_allclose(saved["embedding"], vectors, rtol=1e-5, atol=1e-6)
+    summary = read(out / "cells_summary.csv").iloc[0]
+    assert summary["unclassified"] == 0
+    assert summary["pct_normal"] + summary["pct_spherocyte"] == pytest.approx(100)
+    assert summary["model_id"] == embedder.model_id
+
+
+def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_up_front(smears, tmp_path, capsys,
+                                                                                        tiny_folder):  # noqa: F811
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cells_summary.csv").write_text("yesterday's")
+    assert main([str(smears), "--out", str(out), "--measure-only"]) == 2
+    assert "cells_summary.csv exist; pass --overwrite" in capsys.readouterr().err
+    assert (out / "cells_summary.csv").read_text() == "yesterday's" and not (out / "cells.csv").exists()
+    assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 0
+    assert len(read(out / "cells_summary.csv")) == 2
+
+    other = tmp_path / "other"
+    refusals = [
+        ([str(smears), "--out", str(other), "--measure-only", "--head", "h"], "cannot take --head"),
+        ([str(smears), "--out", str(other), "--measure-only", "--pixel-size-um", "0"], "must be positive"),
+        ([str(tmp_path / "nothing.jpg"), "--out", str(other), "--measure-only"], "no such file"),
+        ([str(smears), "--out", str(other), "--model", "reddino-tiny"], "cannot load the model 'reddino-tiny'"),
+        ([str(smears), "--out", str(other), "--model", str(tiny_folder[1]), "--head", str(tmp_path / "none")],
+         "cannot use the head"),
+    ]
+    for argv, says in refusals:
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err
+    assert not other.exists()
+
+
+def test_an_unreadable_smear_is_skipped_and_the_others_are_written(smears, tmp_path, capsys):
+    (smears / "broken.png").write_bytes(b"not a png")
+    blank = np.full((200, 300, 3), 235, dtype=np.uint8)  # a bright empty field: no cells
+    imsave(smears / "empty.png", blank, check_contrast=False)
+    out = tmp_path / "out"
+    assert main([str(smears), "--out", str(out), "--measure-only"]) == 1
+    captured = capsys.readouterr()
+    assert "broken.png: skipped" in captured.err and "1 of 4 smears skipped" in captured.err
+    assert "empty: no cells found (is it a blood smear?)" in captured.out
+    summary = read(out / "cells_summary.csv")
+    assert summary["image"].tolist() == ["1", "26", "empty"]  # in path order: day2/26.jpg before empty.png
+    assert summary.set_index("image").loc["empty", "cells"] == 0
+
+
+def test_smears_are_listed_and_named_as_napari_names_their_layers(tmp_path):
+    for relative in ("a/1.jpg", "b/1.JPG", "b/2.tif", "b/notes.txt"):
+        (tmp_path / relative).parent.mkdir(exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    found = list_smears([tmp_path / "a", tmp_path / "b", tmp_path / "a" / "1.jpg"])
+    assert [path.relative_to(tmp_path).as_posix() for path in found] == ["a/1.jpg", "b/1.JPG", "b/2.tif"]
+    assert smear_names(found) == ["a/1", "b/1", "2"]
+
+
+def test_the_console_command_is_installed():
+    finished = subprocess.run([Path(sys.executable).with_name("reddino-analyse"), "--help"], capture_output=True,
+                              text=True, check=True)
+    assert "--head PATH" in finished.stdout
+
+
+def test_ctrl_c_writes_the_smears_finished_so_far(tmp_path):
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    for number in range(20):
+        shutil.copy(CHULA / "1.jpg", folder / f"{number:02d}.jpg")
+    out = tmp_path / "out"
+    command = [Path(sys.executable).with_name("reddino-analyse"), str(folder), "--out", str(out), "--measure-only"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        first = run.stdout.readline()
+        assert first.startswith("[1/20] 00: ")
+        run.send_signal(signal.SIGINT)
+        printed, errors = run.communicate(timeout=60)
+    assert run.returncode == 130, errors
+    finished = 1 + sum(line.startswith("[") for line in printed.splitlines())
+    assert 1 <= finished < 20
+    assert f"interrupted; {20 - finished} smear" in errors
+    assert read(out / "cells_summary.csv")["image"].tolist() == [f"{n:02d}" for n in range(finished)]
