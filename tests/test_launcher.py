@@ -8,7 +8,7 @@ from npe2 import PluginManager
 
 from napari_reddino.__main__ import PLUGIN, open_smear_and_widgets, parse_args
 
-CHULA_26 = Path(__file__).parent / "data" / "chula_rbc12" / "26.jpg"
+CHULA_1, CHULA_26 = (Path(__file__).parent / "data" / "chula_rbc12" / f"{n}.jpg" for n in (1, 26))
 
 
 def declared_widgets() -> set[str]:
@@ -27,14 +27,13 @@ def test_opens_the_chosen_sample_and_docks_every_widget(make_napari_viewer):
     assert declared_widgets() <= set(viewer.window.dock_widgets)
 
 
-def test_opens_a_users_smear(make_napari_viewer):
+def test_opens_a_users_smears_one_layer_each(make_napari_viewer):
     viewer = make_napari_viewer()
 
-    open_smear_and_widgets(viewer, parse_args(["--image", str(CHULA_26)]))
+    open_smear_and_widgets(viewer, parse_args(["--image", str(CHULA_26), str(CHULA_1)]))
 
-    (layer,) = viewer.layers
-    assert layer.name == "26"
-    assert layer.rgb and layer.data.shape == (480, 640, 3)
+    assert [layer.name for layer in viewer.layers] == ["26", "1"]
+    assert all(layer.rgb and layer.data.shape == (480, 640, 3) for layer in viewer.layers)
 
 
 def test_defaults_to_the_chula_sample():

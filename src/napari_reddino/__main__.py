@@ -12,13 +12,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m napari_reddino", description="Open napari with a blood smear and every RedDino widget docked.")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--sample", choices=("chula", "aslan"), default="chula", help="bundled smear to open (default: chula)")
-    source.add_argument("--image", metavar="PATH", help="open this smear instead of a sample")
+    source.add_argument("--image", metavar="PATH", nargs="+", help="open these smears (one layer each) instead of a sample")
     return parser.parse_args(argv)
 
 
 def open_smear_and_widgets(viewer: napari.Viewer, args: argparse.Namespace) -> None:
     if args.image:
-        viewer.open(args.image)
+        viewer.open(args.image, stack=False)
     else:
         viewer.open_sample(PLUGIN, f"{args.sample}-smear")
     for widget in PluginManager.instance().get_manifest(PLUGIN).contributions.widgets:
