@@ -28,7 +28,7 @@ def _config_command(args: argparse.Namespace) -> int:
 
 
 def _fit_command(args: argparse.Namespace) -> int:
-    from .run_lock import RunFolderBusyError
+    from .run_lock import RunFolderError
     from .train import (  # torch and timm load only when training
         RanksDisagreeError,
         TrainingDivergedError,
@@ -39,7 +39,7 @@ def _fit_command(args: argparse.Namespace) -> int:
         cfg = load_config(args.recipe, args.overrides)
         result = fit(cfg, args.data_dir, args.out, max_steps=args.max_steps)
     except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError,
-            RunFolderBusyError) as error:
+            RunFolderError) as error:
         print(f"reddino-train fit: {error}", file=sys.stderr)
         return 2
     print(f"reddino-train fit: {result.iterations_done} iterations done; checkpoint in {args.out}")

@@ -2,13 +2,18 @@
 
 Two ``reddino-train fit`` runs on one ``--out`` would overwrite each other's checkpoint, log
 and config, and each would delete the other's checkpoint in the middle of its save. Rank 0
-holds an exclusive ``flock`` on ``OUT/.reddino-train.lock`` for the whole run; a second run
-is refused on every one of its ranks before it touches the folder. The kernel releases the
-lock when the process ends, however it ends, so a killed run never leaves a stale lock.
+holds an exclusive lock on ``OUT/.reddino-train.lock`` for the whole run; a second run is
+refused on every one of its ranks before it touches the folder.
+
+The lock is a POSIX record lock (``lockf``), not ``flock``: an ``flock`` is shared with forked
+children, so the data loader's workers would keep the folder locked after a killed run; a
+record lock belongs to the process alone and the kernel drops it when that process ends,
+however it ends. It also works across the nodes of a shared NFS folder.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -16,53 +21,67 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from .distributed import all_gather_objects, rank
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; runs there are not guarded
+except ImportError:  # Windows: no record locks; runs there are not guarded
     fcntl = None
 
 LOCK_NAME = ".reddino-train.lock"
 
 
-class RunFolderBusyError(RuntimeError):
+class RunFolderError(RuntimeError):
+    """The output folder cannot be used by this run."""
+
+
+class RunFolderBusyError(RunFolderError):
     """Another training run is writing to the output folder."""
 
 
 @contextmanager
 def hold_run_folder(out: str | os.PathLike) -> Iterator[None]:
-    """Hold ``out`` for this run, or raise :class:`RunFolderBusyError` on every rank when
-    another run holds it. Under torchrun every rank enters; only rank 0 locks."""
+    """Hold ``out`` for this run, or raise :class:`RunFolderBusyError` (another run holds it) or
+    :class:`RunFolderError` (it cannot be made or written) on every rank. Under torchrun every
+    rank enters; only rank 0 locks."""
     out = Path(out)
     handle, refusal = None, None
     if rank() == 0 and fcntl is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK_NAME, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            handle.seek(0)
-            holder = handle.read().strip() or "a process that has not yet said which"
-            handle.close()
-            handle = None
-            if isinstance(error, BlockingIOError):
-                refusal = (f"{out} is in use by another reddino-train fit ({holder}); wait for it to end, "
-                           "or give this run another --out")
-            else:  # a file system without locks (Lustre mounted without flock)
-                warnings.warn(f"cannot lock {out} ({error.strerror}); nothing stops a second run from "
-                              "writing to this folder at the same time", RuntimeWarning, stacklevel=3)
-        else:
-            handle.truncate(0)
-            started = time.strftime("%Y-%m-%d %H:%M:%S")
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
-            handle.flush()
+            handle, refusal = _lock(out)
+        except OSError as error:  # a read-only folder, --out naming a file
+            refusal = (RunFolderError, f"cannot use {out} as the output folder: {error}")
     refusal = all_gather_objects(refusal)[0]  # rank 0's answer, on every rank
     if refusal is not None:
-        raise RunFolderBusyError(refusal)
+        kind, message = refusal
+        raise kind(message)
     try:
         yield
     finally:
         if handle is not None:
             handle.close()  # closing releases the lock
+
+
+def _lock(out: Path) -> tuple[IO[str] | None, tuple[type, str] | None]:
+    """The open, locked lock file, or None and why the run must not go on (None: it may, unguarded)."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not yet said which"
+        handle.close()
+        if error.errno in (errno.EACCES, errno.EAGAIN):
+            return None, (RunFolderBusyError, f"{out} is in use by another reddino-train fit ({holder}); "
+                                              "wait for it to end, or give this run another --out")
+        # a file system without locks (Lustre mounted without them)
+        warnings.warn(f"cannot lock {out} ({error.strerror}); nothing stops a second run from writing to this "
+                      "folder at the same time", RuntimeWarning, stacklevel=4)
+        return None, None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle, None

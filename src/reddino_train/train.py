@@ -103,7 +103,7 @@ def fit(
     """Train (or resume from ``out_dir/checkpoint.pt``) until the configured number of
     iterations, or ``max_steps`` iterations in all. SIGTERM/SIGINT end the run after the
     current step with a checkpoint. Under torchrun every rank calls ``fit``. A folder another
-    run is writing to is refused with :class:`RunFolderBusyError`."""
+    run is writing to is refused with :class:`~reddino_train.run_lock.RunFolderBusyError`."""
     out = Path(out_dir)
     with distributed_session() as device, hold_run_folder(out), _stop_requests() as stop:
         return Trainer(cfg, Path(data_dir), out, device).train(max_steps, stop)

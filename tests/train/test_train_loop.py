@@ -1,6 +1,7 @@
 import errno
 import math
 import os
+import signal
 import re
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from reddino_train.schedules import build_schedules
 from reddino_train.model import build_student
 from reddino_train.param_groups import build_param_groups
 from reddino_train import run_lock
-from reddino_train.run_lock import LOCK_NAME, RunFolderBusyError
+from reddino_train.run_lock import LOCK_NAME, RunFolderBusyError, RunFolderError
 from reddino_train.train import LOG_COLUMNS, ResumeSettingsWarning, Trainer, TrainingDivergedError, fit
 
 # LayerScale 1 lets the images reach the CLS token of the randomly initialised tiny model
@@ -167,11 +168,40 @@ def test_a_folder_another_run_holds_is_refused_untouched_until_that_run_ends(sme
     assert fit(cfg, smear_images, tmp_path, max_steps=2).iterations_done == 2
 
 
+def test_a_killed_run_frees_its_folder_while_its_forked_workers_live_on(smear_images, tmp_path):
+    """Data loader workers are forked from rank 0 and outlive a SIGKILL of it by seconds."""
+    killed_run = textwrap.dedent("""
+        import os, sys, time
+        from reddino_train.run_lock import hold_run_folder
+        with hold_run_folder(sys.argv[1]):
+            worker = os.fork()
+            if worker == 0:
+                time.sleep(60)
+                os._exit(0)
+            print(worker, flush=True)
+            time.sleep(120)
+    """)
+    with subprocess.Popen([sys.executable, "-c", killed_run, str(tmp_path)], stdout=subprocess.PIPE, text=True) as child:
+        worker = int(child.stdout.readline())
+        child.kill()
+    try:
+        os.kill(worker, 0)  # the worker still lives...
+        assert fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1).iterations_done == 1  # ...yet
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused(smear_images, tmp_path):
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(RunFolderError, match=r"cannot use .*a file as the output folder"):
+        fit(load_config("tiny", TINY), smear_images, tmp_path / "a file", max_steps=1)
+
+
 def test_a_file_system_without_locks_trains_with_a_warning(smear_images, tmp_path, monkeypatch):
     def no_locks(handle, operation):
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
-    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    monkeypatch.setattr(run_lock.fcntl, "lockf", no_locks)
     with pytest.warns(RuntimeWarning, match=rf"cannot lock {re.escape(str(tmp_path))} \(Function not implemented\)"):
         assert fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1).iterations_done == 1
 

@@ -1,4 +1,5 @@
-"""Training in separate processes: two ranks under torchrun, a run stopped by SIGTERM, and a\nsecond run refused the folder of one under way."""
+"""Training in separate processes: two ranks under torchrun, a run stopped by SIGTERM, and a
+second run refused the folder of one under way."""
 
 import json
 import os
