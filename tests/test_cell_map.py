@@ -45,6 +45,9 @@ def test_points_are_cells_of_the_right_layer(two_smears):
     np.testing.assert_array_equal(pool.points_of(1, [3, 1, 99]), [4, 2])  # 99 has no point
     np.testing.assert_array_equal(pool.points_of(0, [70_000]), [1])
     np.testing.assert_array_equal(pool.column("area"), [70.0, 700_000.0, 10.0, 20.0, 30.0])
+    table = pool.table()  # each point's row, with its layer: the head compares a cell's size within it
+    assert table["layer"].tolist() == ["a cells"] * 2 + ["b cells"] * 3
+    np.testing.assert_array_equal(table["label"], pool.label_ids)
 
     ranks = pool.rank_image(0)
     assert ranks.dtype == np.uint16

@@ -17,7 +17,7 @@ from napari_reddino.cell_map import DIM_FACTOR
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
 from napari_reddino.widgets.cell_map_widget import MANUAL, PREDICTED, SMEAR_FILL_ALPHA
-from napari_reddino.widgets.class_list import NAME
+from napari_reddino.widgets.class_list import DEFAULT_CLASSES, NAME, NEW_CLASS_COLOURS
 
 DATA = Path(__file__).parent / "data"
 CHULA_1 = DATA / "chula_rbc12" / "1.jpg"
@@ -137,7 +137,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     early = widget.export_csv(tmp_path / "early.csv")
     labelled = cells.features.set_index("label").loc[ids]
     unclassified = ((labelled["manual_label"] == "") & ~labelled["touches_border"]).sum()
-    assert f"class shares left empty: {unclassified:,} whole cells have no class yet" in widget.status.value
+    assert f"class shares left empty: {unclassified:,} whole cells without a class yet" in widget.status.value
     early_summary = pd.read_csv(tmp_path / "early_summary.csv").iloc[0]
     assert early_summary["unclassified"] == unclassified > 0 and np.isnan(early_summary["pct_normal"])
     assert early == tmp_path / "early.csv"
@@ -218,6 +218,16 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
                                    "1 cell labelled otherwise since the export kept that label.")
     row = widget.class_list.classes.index("spherocyte")
     assert widget.class_list.table.item(row, 2).text() == str((restored == "spherocyte").sum())
+    # A colleague's class joins the list in a colour of its own.
+    colleague = pd.read_csv(csv, dtype={"image": str}, keep_default_na=False)
+    unlabelled = np.flatnonzero(colleague["manual_label"] == "")[0]
+    colleague.loc[unlabelled, "manual_label"] = " acanthocyte "
+    colleague.to_csv(tmp_path / "colleague.csv", index=False)
+    widget.import_labels(tmp_path / "colleague.csv")
+    assert cells.features.set_index("label").loc[colleague.loc[unlabelled, "label"], "manual_label"] == "acanthocyte"
+    assert widget.class_list.classes[-1] == "acanthocyte"
+    colours = widget.class_list.hex_colours
+    assert colours["acanthocyte"] == NEW_CLASS_COLOURS[0] not in [colours[name] for name in DEFAULT_CLASSES]
 
     # The map's own canvas is docked and shows the points.
     shot = widget.canvas.screenshot()

@@ -81,7 +81,8 @@ def test_cells_segmented_otherwise_are_refused_and_nothing_is_written(smear, tmp
     export_cells_csv(tmp_path / "cells.csv", yesterday)
     shifted = cells_layer(smear[6:])  # the same name, other cells: 6 rows cut off the top
     other_smear = cells_layer(smear, name="2 cells")
-    with pytest.raises(LabelImportError, match=r"of the \d+ labelled cells of cells.csv are not cells of '1 cells'"):
+    with pytest.raises(LabelImportError, match=r"of the \d+ labelled cells of cells.csv from '1 cells' are not cells "
+                                               r"of '1 cells' \(no cell of that id, or one elsewhere\)"):
         import_manual_labels(tmp_path / "cells.csv", [shifted])
     assert "manual_label" not in shifted.features
     with pytest.raises(LabelImportError, match="None of the labelled cells of cells.csv belong to '2 cells'; "
@@ -90,9 +91,45 @@ def test_cells_segmented_otherwise_are_refused_and_nothing_is_written(smear, tmp
     assert "manual_label" not in other_smear.features
 
 
+def test_nothing_is_written_unless_every_layer_of_the_csv_matches(smear, tmp_path):
+    first, second = labelled(cells_layer(smear)), labelled(cells_layer(smear, name="26 cells"), every=4)
+    export_cells_csv(tmp_path / "cells.csv", [first, second])
+    good, shifted = cells_layer(smear), cells_layer(smear[6:], name="26 cells")
+    with pytest.raises(LabelImportError, match="from '26 cells' are not cells of '26 cells'"):
+        import_manual_labels(tmp_path / "cells.csv", [good, shifted])
+    assert "manual_label" not in good.features and "manual_label" not in shifted.features
+
+
+def test_of_two_layers_of_the_image_the_one_whose_cells_match_takes_the_labels(smear, tmp_path):
+    yesterday = labelled(cells_layer(smear))
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    wrong = cells_layer(smear[6:], name="1 cells (other settings)", source_image="1")
+    right = cells_layer(smear, name="1 cells (again)", source_image="1")
+    report = import_manual_labels(tmp_path / "cells.csv", [wrong, right])
+    assert report.written == {"1 cells (again)": (yesterday.features["manual_label"] != "").sum()}
+    assert "manual_label" not in wrong.features
+    with pytest.raises(LabelImportError, match=r"are not cells of '1 cells \(other settings\)' \("):
+        import_manual_labels(tmp_path / "cells.csv", [wrong])
+
+
+def test_a_csv_from_before_the_layer_column_is_read_by_image(smear, tmp_path):
+    yesterday = labelled(cells_layer(smear))
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    old = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False).drop(columns="layer")
+    old["manual_label"] = " " + old["manual_label"] + " "  # stray spaces, as in a hand-edited file
+    old.to_csv(tmp_path / "old.csv", index=False)
+    today = cells_layer(smear)
+    report = import_manual_labels(tmp_path / "old.csv", today)
+    assert today.features["manual_label"].tolist() == yesterday.features["manual_label"].tolist()
+    assert report.classes == ["spherocyte", "target cell", "NA"]
+
+
 @pytest.mark.parametrize("content, says", [
+    ("layer,image,label,manual_label,centroid_x,centroid_y\n1 cells,1,abc,normal,10,10\n1 cells,1,2,,x,1\n",
+     r"cells.csv has 1 labelled row without a whole-number label or a centroid \(lines 2\)"),
+    ("layer,image,cells,whole_cells\n1 cells,1,3,2\n", "is a smear summary; import the cells CSV written beside it"),
+    ("layer,image,label,centroid_x\n1 cells,1,1,10\n", "lacks the columns manual_label, centroid_y"),
     ("layer,image,label,manual_label,centroid_x,centroid_y\n1 cells,1,1,,10,10\n", "holds no manual labels"),
-    ("layer,image,label,centroid_x,centroid_y\n1 cells,1,1,10,10\n", "has no manual_label column"),
     ("", "is not a readable CSV"),
 ])
 def test_a_csv_that_cannot_give_labels_says_why(smear, tmp_path, content, says):

@@ -26,7 +26,7 @@ import pandas as pd
 
 from .atomic_files import write_files_atomically
 from .cell_embeddings import embeddings_of
-from .cell_table import cells_table, image_name
+from .cell_table import as_layers, cells_table, image_name
 from .smear_summary import summarise_smears
 
 
@@ -40,7 +40,7 @@ def export_cells_csv(path, cells, *, embeddings_path=None, summary_path=None, cl
     after every check passed; without ``overwrite`` an existing file raises FileExistsError
     and nothing is written.
     """
-    layers = [cells] if hasattr(cells, "features") else list(cells)
+    layers = as_layers(cells)
     if not layers:
         raise ValueError("No cells layers to export.")
     path = Path(path)

@@ -24,6 +24,11 @@ from .cell_embeddings import embeddings_of
 ANALYSIS_COLUMNS = ("umap_x", "umap_y", "manual_label", "predicted_class", "prediction_probability")
 
 
+def as_layers(cells) -> list:
+    """``cells`` as a list of layers: one layer (anything with ``features``) or an iterable of them."""
+    return [cells] if hasattr(cells, "features") else list(cells)
+
+
 def image_name(layer) -> str:
     """The smear a cells layer belongs to: ``metadata["source_image"]``, else the layer's name less " cells"."""
     name = layer.metadata.get("source_image")

@@ -271,7 +271,7 @@ class CropSampler:
         return crops * norm.scale + norm.offset
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors do not compare to a bool
 class _Normalisation:
     """How a smear pixel becomes a model input: ``pixel * gain + shift`` in its window (0 is the
     smear's background colour), then ``* scale + offset`` after resampling."""

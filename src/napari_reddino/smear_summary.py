@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .cell_table import cells_table, image_name
+from .cell_table import as_layers, cells_table, image_name
 
 
 def summarise_smears(cells, classes: Sequence[str] | None = None) -> pd.DataFrame:
@@ -35,7 +35,7 @@ def summarise_smears(cells, classes: Sequence[str] | None = None) -> pd.DataFram
     states too); classes the cells carry beyond them follow, by name. Without it: the classes
     the cells carry, by name.
     """
-    layers = [cells] if hasattr(cells, "features") else list(cells)
+    layers = as_layers(cells)
     tables = [cells_table([layer]) for layer in layers]
     whole = [table[~table["touches_border"].astype(bool)] if "touches_border" in table else table
              for table in tables]

@@ -41,7 +41,7 @@ from ..cell_classifier import CellClassifier, head_paths, prediction_table, unce
 from ..cell_embeddings import embeddings_of, stored_fingerprint
 from ..atomic_files import PartlyWrittenError
 from ..cell_export import export_cells_csv, summary_path
-from ..label_import import LabelImportError, import_manual_labels
+from ..label_import import import_manual_labels
 from ..cell_map import (
     UNLABELLED,
     PooledCells,
@@ -570,7 +570,7 @@ class CellMapWidget(JobWidget):
             self._refuse(str(error))
             return
         for name in classifier.classes:
-            self.class_list.add_class(name, classifier.colours.get(name, "#999999"))
+            self.class_list.add_class(name, classifier.colours.get(name))
         self._predict(classifier, pool, proba)
         mapped = "" if pool is self.pool else " Compute map to see them on the map."
         self.status.value = f"Head {Path(path).name} applied to {len(pool):,} cells.{mapped}"
@@ -600,8 +600,8 @@ class CellMapWidget(JobWidget):
         with_summary = f", one row per smear to {summary.name}" if summary else ""
         unclassified = int(pd.read_csv(summary)["unclassified"].sum()) if summary else 0
         if unclassified:
-            with_summary += (f" (class shares left empty: {unclassified:,} whole cells have no class yet; "
-                             "train or apply a head)")
+            with_summary += (f" (class shares left empty: {counted(unclassified, 'whole cell')} without a class "
+                             "yet; train or apply a head)")
         self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}."
         return written
 
@@ -612,11 +612,11 @@ class CellMapWidget(JobWidget):
                   if isinstance(layer, Labels) and layer not in self._overlays and "label" in layer.features]
         try:
             report = import_manual_labels(path, layers)
-        except (LabelImportError, OSError) as error:
+        except (OSError, ValueError) as error:  # LabelImportError is a ValueError
             self._refuse(f"No labels were imported: {error}")
             return
         for name in report.classes:
-            self.class_list.add_class(name, "#999999")
+            self.class_list.add_class(name)
         self.recolour()
         parts = [f"{counted(sum(report.written.values()), 'label')} imported from {Path(path).name} "
                  f"onto {', '.join(report.written)}"]

@@ -31,6 +31,10 @@ DEFAULT_CLASSES = {
     "elliptocyte": "#fb9a99",
     "other": "#999999",
 }
+# For classes added later (a new class, a colleague's labels, a saved head's): apart from the
+# defaults, from each other, and from the grey of unlabelled cells; then grey.
+NEW_CLASS_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#17becf", "#8c564b",
+                     "#bcbd22", "#9edae5", "#c5b0d5", "#ffbb78")
 KEY, NAME, LABELLED, PREDICTED = range(4)
 
 
@@ -60,7 +64,7 @@ class ClassList(QWidget):
         self.table.selectRow(0)
 
         add, remove = QPushButton("Add class"), QPushButton("Remove class")
-        add.clicked.connect(lambda: self.add_class(self._new_name(), "#999999"))
+        add.clicked.connect(lambda: self.add_class(self._new_name()))
         remove.clicked.connect(self.remove_current)
         buttons = QHBoxLayout()
         buttons.addWidget(add)
@@ -96,9 +100,14 @@ class ClassList(QWidget):
         rows = [row for row in range(self.table.rowCount()) if key_of(row) == key]
         return self.table.item(rows[0], NAME).text() if rows else None
 
-    def add_class(self, name: str, colour: str) -> None:
+    def add_class(self, name: str, colour: str | None = None) -> None:
+        """Add ``name`` at the end (nothing if it is there); without ``colour``, the first of
+        :data:`NEW_CLASS_COLOURS` no class has yet."""
         if name in self.classes:
             return
+        if colour is None:
+            taken = set(self.hex_colours.values())
+            colour = next((c for c in NEW_CLASS_COLOURS if c not in taken), "#999999")
         self.table.blockSignals(True)
         row = self.table.rowCount()
         self.table.insertRow(row)

@@ -1,7 +1,7 @@
 """The cell map's own canvas: a second napari canvas (``napari.qt.QtViewer``) docked beside the smear.
 
 It holds two layers of its own ``ViewerModel``: the "cell map" Points layer (one point per
-cell, ``features`` = image and label id) and a "lasso" Shapes layer in which a free-hand
+cell, ``features`` = its cells layer and label id) and a "lasso" Shapes layer in which a free-hand
 polygon selects points. A canvas of its own keeps its own camera: zooming into a cell of the
 smear does not throw the map out of view, and the map's points never overlap the smear.
 """
