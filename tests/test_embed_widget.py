@@ -17,7 +17,7 @@ from napari_reddino.cell_embeddings import METADATA_KEY, fingerprint, store_embe
 from napari_reddino.embedding import clear_embedder_cache, list_devices
 from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
 
-CHULA_1 = Path(__file__).parent / "data" / "chula_rbc12" / "1.jpg"
+CHULA_1, CHULA_26 = (Path(__file__).parent / "data" / "chula_rbc12" / f"{n}.jpg" for n in (1, 26))
 RUN_TIMEOUT_MS = 60_000
 DONE = re.compile(r"^([\d,]+) cells embedded in \d+\.\d s \([\d,]+ cells/s\) with tiny_model on cpu$")
 
@@ -273,3 +273,46 @@ def test_cells_from_another_tool_are_measured_when_embedded(viewer, widget, chul
     pd.testing.assert_frame_equal(features[expected.columns], expected)
     np.testing.assert_array_equal(np.sort(features["label"]), embeddings_of(cells)[0])
     assert list(features["note"].iloc[:3]) == ["mine", "", "ok"] and features["note"].iloc[3:].isna().all()
+
+
+def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbot):
+    first = viewer.open(CHULA_1)[0]
+    second = viewer.open(CHULA_26)[0]
+    own = viewer.add_labels(segment_cells(first.data), name="1 cells", metadata={"source_image": first.name})
+    widget.reset_choices()
+    widget.every_smear.value = True
+    assert not widget.image.enabled and not widget.cells.enabled
+
+    with qtbot.waitSignal(widget.every_smear_done, timeout=2 * RUN_TIMEOUT_MS):
+        widget.run()
+
+    made = viewer.layers["26 cells"]  # segmented first: it had no cells layer
+    assert [layer.name for layer in viewer.layers if isinstance(layer, Labels)] == ["1 cells", "26 cells"]
+    counts = []
+    for cells in (own, made):
+        ids, embeddings, _ = embeddings_of(cells)
+        np.testing.assert_array_equal(ids, label_ids(cells))
+        counts.append(len(ids))
+    assert widget.status.value == f"Every open smear: 2 of 2 embedded ({sum(counts):,} cells)."
+
+    with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
+        widget.run()  # nothing changed: each is up to date
+    assert widget.status.value.startswith("Every open smear: 0 of 2 embedded (0 cells). Not embedded: "
+                                          f"1: The {counts[0]:,} embeddings of 1 cells")
+    assert f"26: The {counts[1]:,} embeddings of 26 cells" in widget.status.value
+
+
+def test_a_cancel_stops_every_open_smear_before_the_next(viewer, widget, qtbot):
+    for path in (CHULA_1, CHULA_26):
+        viewer.open(path)
+    widget.reset_choices()
+    widget.every_smear.value = True
+
+    with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+        widget.cancel()
+
+    assert widget.status.value == ("Every open smear: 0 of 2 embedded (0 cells). Not embedded: 1: Cancelled; the "
+                                   "embeddings were not changed. Stopped (cancelled) before 26.")
+    assert not [layer for layer in viewer.layers if isinstance(layer, Labels)]
+    assert widget._run_button.enabled

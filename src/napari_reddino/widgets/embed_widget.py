@@ -9,22 +9,24 @@ nothing. Read them with :func:`embeddings_of`::
     label_ids, embeddings, model_id = embeddings_of(viewer.layers["smear cells"])
 
 When the image has no cells layer yet, "segment first" runs the Segment widget's worker and
-adds the cells layer exactly as that widget does, then embeds its cells. The model is loaded
+adds the cells layer exactly as that widget does, then embeds its cells. "Every open smear"
+does this for each image layer in turn (its own cells layer, else segmented first) and sums
+up at the end; a cancel or a model that does not load stops the rest. The model is loaded
 (cached per model, device and dtype) and the cells embedded in one worker; a model that
 cannot be loaded is reported and changes nothing.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog
 
 from ..cell_embeddings import (
@@ -56,6 +58,19 @@ class _EmbedJob:
     fingerprint: str
 
 
+@dataclass
+class _Batch:
+    """An "every open smear" run: the smears still to do, and what became of the others."""
+
+    waiting: list[Image]
+    total: int
+    current: Image | None = None
+    current_embedded: bool = False
+    embedded: dict[str, int] = field(default_factory=dict)  # image name: cells embedded
+    not_embedded: list[str] = field(default_factory=list)  # "<image>: <why>"
+    stopped: str | None = None  # why the smears still waiting were not run
+
+
 @dataclass(frozen=True)
 class _LoadFailure:
     message: str
@@ -82,6 +97,7 @@ class EmbedCellsWidget(JobWidget):
     """Embed every cell of a cells layer with a RedDino model; the result stays on the layer."""
 
     embedded = Signal(object)  # the cells Labels layer whose embeddings were (re)computed
+    every_smear_done = Signal()  # an "every open smear" run ended, all its smears done or stopped
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
@@ -89,6 +105,7 @@ class EmbedCellsWidget(JobWidget):
         self._embed_job: _EmbedJob | None = None
         self._embedder: Embedder | None = None
         self._embed_started = 0.0
+        self._batch: _Batch | None = None
 
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.cells = ComboBox(
@@ -121,7 +138,15 @@ class EmbedCellsWidget(JobWidget):
         model_row.label = "Model"
         model_row.margins = (0, 0, 0, 0)
         crop_settings = [self.crop_mode, self.crop_scale, self.margin]
-        self._lay_out(Container(widgets=[self.image, self.cells, model_row, self.device, *crop_settings]))
+        self.every_smear = CheckBox(
+            text="Every open smear", value=False,
+            tooltip="Embed each image layer in turn: its own cells layer, or segmented first when it has none.",
+        )
+        self.every_smear.changed.connect(self._on_every_smear)
+        self._lay_out(Container(widgets=[self.image, self.cells, self.every_smear, model_row, self.device,
+                                         *crop_settings]))
+        self.embedded.connect(self._on_embedded)
+        self.finished.connect(self._after_run)
         self.image.changed.connect(self._pick_cells)
         self._browse_button.changed.connect(self._browse)
         self._pick_cells(self.image.value)
@@ -144,10 +169,18 @@ class EmbedCellsWidget(JobWidget):
 
     def run(self) -> None:
         """Segment first if asked, then load the model and embed the cells in a worker."""
-        if self._worker is not None:  # one run at a time (the Run button is disabled meanwhile)
+        if self._worker is not None or self._batch is not None:  # one run at a time
             return
         if not self.model_name:
             self._refuse("Choose a model: reddino-small, -base, -large, hf_hub:org/name or a local folder.")
+            return
+        if self.every_smear.value:
+            images = self._image_layers()
+            if not images:
+                self._refuse("Open a smear first: File > Open, or File > Open Sample > RedDino.")
+                return
+            self._batch = _Batch(waiting=images, total=len(images))
+            self._run_next_smear()
             return
         layer = self.image.value
         pixels = self._chosen_smear(layer)
@@ -166,15 +199,19 @@ class EmbedCellsWidget(JobWidget):
 
     def _pick_cells(self, image: Image | None) -> None:
         """The image's own cells layer (made by the Segment widget), else 'segment first'."""
-        if image is None:
-            return
+        if image is not None:
+            self.cells.value = self._own_cells(image) or SEGMENT_FIRST
+
+    def _own_cells(self, image: Image) -> Labels | None:
         for layer in self._viewer.layers:
             if isinstance(layer, Labels) and (
                 layer.metadata.get("source_image") == image.name or layer.name == f"{image.name} cells"
             ):
-                self.cells.value = layer
-                return
-        self.cells.value = SEGMENT_FIRST
+                return layer
+        return None
+
+    def _on_every_smear(self, every: bool) -> None:
+        self.image.enabled = self.cells.enabled = not every
 
     def _describe_devices(self) -> None:
         """Unavailable devices stay listed, greyed out, with the reason as their tooltip."""
@@ -192,6 +229,54 @@ class EmbedCellsWidget(JobWidget):
             self.model_name = folder
 
     # --- running ---------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        if self._batch is not None:
+            self._batch.stopped = "cancelled"
+        super().cancel()
+
+    def _run_next_smear(self) -> None:
+        """Start on the next smear of an "every open smear" run (from the event loop, after the last one ended)."""
+        batch = self._batch
+        batch.current, batch.current_embedded = batch.waiting.pop(0), False
+        image = batch.current
+        if image not in self._viewer.layers:
+            self._refuse(f"{image.name} was closed before its turn.", notify=show_info)
+            return
+        pixels = self._chosen_smear(image)
+        if pixels is None:
+            return
+        cells = self._own_cells(image)
+        if cells is None:
+            self._segment_first(image, pixels)
+        else:
+            self._embed(image, pixels, cells)
+
+    def _on_embedded(self, cells: Labels) -> None:
+        if self._batch is not None:
+            self._batch.current_embedded = True
+            self._batch.embedded[self._batch.current.name] = len(embeddings_of(cells)[0])
+
+    def _after_run(self) -> None:
+        """Note how the smear of an "every open smear" run ended; go on to the next, or sum up."""
+        batch = self._batch
+        if batch is None or batch.current is None:
+            return
+        if not batch.current_embedded:
+            batch.not_embedded.append(f"{batch.current.name}: {self.status.value}")
+        batch.current = None
+        if batch.waiting and batch.stopped is None:
+            QTimer.singleShot(0, self._run_next_smear)  # after this run's handlers have all run
+            return
+        self._batch = None
+        cells = sum(batch.embedded.values())
+        summary = [f"Every open smear: {len(batch.embedded)} of {batch.total} embedded ({cells:,} cells)."]
+        if batch.not_embedded:
+            summary.append("Not embedded: " + "; ".join(batch.not_embedded))
+        if batch.waiting:
+            summary.append(f"Stopped ({batch.stopped}) before {', '.join(image.name for image in batch.waiting)}.")
+        self.status.value = " ".join(summary)
+        self.every_smear_done.emit()
 
     def _segment_first(self, layer: Image, pixels: np.ndarray) -> None:
         """The Segment widget's worker with its defaults (cell size from the pixel size or the image)."""
@@ -269,6 +354,8 @@ class EmbedCellsWidget(JobWidget):
             self._segmented(segment_job, *result)
             return  # _segmented goes on to embed, or ends the run
         elif isinstance(result, _LoadFailure):
+            if self._batch is not None:
+                self._batch.stopped = "the model did not load"
             show_error(result.message)
             self.status.value = f"Could not load the model; nothing was changed. {result.message}"
         elif result is not None:
