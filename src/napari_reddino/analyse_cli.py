@@ -74,7 +74,7 @@ def _analyse(args: argparse.Namespace) -> int:
     for number, (path, name) in enumerate(zip(smears, names), 1):
         started = time.perf_counter()
         try:
-            with tqdm(desc=f"embedding {name}", unit="cells", leave=False, disable=analysis.embedder is None) as bar:
+            with tqdm(desc=f"embedding {name}", unit=" cells", leave=False, disable=analysis.embedder is None) as bar:
                 cells = analysis(read_smear(path), name, progress=lambda n, total, bar=bar: _advance(bar, n, total))
         except KeyboardInterrupt:
             interrupted = True
