@@ -141,6 +141,9 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     early_summary = pd.read_csv(tmp_path / "early_summary.csv").iloc[0]
     assert early_summary["unclassified"] == unclassified > 0 and np.isnan(early_summary["pct_normal"])
     assert early == tmp_path / "early.csv"
+    whole_labelled = labelled[~labelled["touches_border"]]
+    labelled_spherocytes = f"{(whole_labelled['manual_label'] == 'spherocyte').sum():,}"
+    qtbot.waitUntil(lambda: widget.smear_table.text("spherocyte", 0) == labelled_spherocytes)
 
     # The head trains on the labelled cells and predicts every cell; smear and map follow it.
     widget.train()
@@ -193,6 +196,15 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert summary["n_spherocyte"] == (classes == "spherocyte").sum() > 0
     assert summary["pct_normal"] == pytest.approx(100 * (classes == "normal").mean())
     assert summary["diameter_mean_px"] == pytest.approx(whole["equivalent_diameter_px"].mean())
+    # The panel shows the same per-smear numbers, shares included now that every cell has a class.
+    panel = widget.smear_table
+    spherocytes = (classes == "spherocyte").sum()
+    shares = f"{spherocytes:,} ({100 * spherocytes / len(whole):.1f} %)"
+    qtbot.waitUntil(lambda: panel.text("spherocyte", 0) == shares)  # a moment after the last change
+    assert panel.horizontalHeaderItem(0).text() == viewer.layers[0].name
+    assert panel.text("whole cells", 0) == f"{len(whole):,}"
+    shown = [panel.verticalHeaderItem(row).text() for row in range(panel.rowCount())]
+    assert "microcyte" not in shown  # no cell has it
     saved = np.load(csv.with_suffix(".npz"))
     np.testing.assert_array_equal(saved["label"], ids)
     np.testing.assert_allclose(saved["embedding"], embeddings_of(cells)[1])

@@ -1,0 +1,74 @@
+"""The Cell map's per-smear summary at a glance: one column per smear, one row per number a
+smear report gives (whole cells, diameter, its CV, pallor, then the count and share of each
+class), from :func:`~napari_reddino.smear_summary.summarise_smears`, as the export writes it."""
+
+import numpy as np
+import pandas as pd
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QHeaderView, QTableWidget, QTableWidgetItem
+
+
+class SmearTable(QTableWidget):
+    """Read-only; :meth:`show_summary` replaces what it shows."""
+
+    def __init__(self):
+        super().__init__(0, 0)
+        self.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.setToolTip("Per smear, without the cells cut by the image border. A class's share "
+                        "appears once every whole cell has a class (train or apply a head).")
+
+    def show_summary(self, summary: pd.DataFrame) -> None:
+        """Show ``summary`` (as :func:`summarise_smears` gives it); classes that no cell of any
+        smear has are left out, the others keep the summary's order."""
+        classes = [column[2:] for column in summary.columns if column.startswith("n_") and summary[column].sum() > 0]
+        rows = _rows(summary, classes)
+        self.clear()
+        self.setRowCount(len(rows))
+        self.setColumnCount(len(summary))
+        names = summary["image"].astype(str)
+        headers = summary["layer"].astype(str) if names.duplicated().any() else names
+        self.setHorizontalHeaderLabels(list(headers))
+        self.setVerticalHeaderLabels([name for name, _ in rows])
+        for row, (_, texts) in enumerate(rows):
+            for column, text in enumerate(texts):
+                item = QTableWidgetItem(text)
+                item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.setItem(row, column, item)
+
+    def forget(self) -> None:
+        self.setRowCount(0)
+        self.setColumnCount(0)
+
+    def text(self, row_name: str, column: int) -> str:
+        """What the cell of the row named ``row_name`` and the smear in ``column`` shows ("" when
+        there is no such row)."""
+        rows = [self.verticalHeaderItem(row).text() for row in range(self.rowCount())]
+        return self.item(rows.index(row_name), column).text() if row_name in rows else ""
+
+
+def _rows(summary: pd.DataFrame, classes: list[str]) -> list[tuple[str, list[str]]]:
+    in_um = summary["diameter_mean_um"].notna().all()
+    unit, suffix = ("µm", "um") if in_um else ("px", "px")
+    rows = [
+        ("whole cells", [f"{n:,}" for n in summary["whole_cells"]]),
+        (f"diameter ({unit})", [_mean_sd(mean, sd) for mean, sd in
+                                zip(summary[f"diameter_mean_{suffix}"], summary[f"diameter_sd_{suffix}"])]),
+        ("diameter CV", [_number(cv, "{:.1f} %") for cv in summary["diameter_cv_pct"]]),
+        ("central pallor", [_number(value, "{:.2f}") for value in summary["central_pallor_median"]]),
+        ("with a class", [f"{done:,} of {whole:,}" for done, whole in zip(summary["classified"], summary["whole_cells"])]),
+    ]
+    for name in classes:
+        rows.append((name, [f"{n:,}" if np.isnan(pct) else f"{n:,} ({pct:.1f} %)"
+                            for n, pct in zip(summary[f"n_{name}"], summary[f"pct_{name}"])]))
+    return rows
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    if np.isnan(mean):
+        return ""
+    return f"{mean:.2f}" if np.isnan(sd) else f"{mean:.2f} ± {sd:.2f}"
+
+
+def _number(value: float, form: str) -> str:
+    return "" if np.isnan(value) else form.format(value)
