@@ -3,6 +3,7 @@ head, against the same steps run one by one through the Python API."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -69,17 +70,21 @@ def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, ti
     head.save(tmp_path / "head")
 
     out = tmp_path / "out"
-    argv = [str(smears / "1.jpg"), "--out", str(out), "--model", model, "--head", str(tmp_path / "head"),
-            "--device", "cpu", "--with-embeddings"]
+    imsave(tmp_path / "empty.png", np.full((200, 300, 3), 235, dtype=np.uint8), check_contrast=False)  # no cells
+    argv = [str(smears / "1.jpg"), str(tmp_path / "empty.png"), "--out", str(out), "--model", model,
+            "--head", str(tmp_path / "head"), "--device", "cpu", "--with-embeddings"]
     assert main(argv) == 0
     cells = read(out / "cells.csv")
+    assert set(cells["image"]) == {"1"}
     proba = head.predict_proba(vectors, measurements=table)
     np.testing.assert_allclose(cells[["p_normal", "p_spherocyte"]], proba, rtol=1e-5, atol=1e-6)
     assert cells["predicted_class"].tolist() == np.asarray(head.classes)[proba.argmax(axis=1)].tolist()
     with np.load(out / "cells.npz") as saved:
         np.testing.assert_array_equal(saved["label"], ids)
         np.testing.assert_allclose(saved["embedding"], vectors, rtol=1e-5, atol=1e-6)
-    summary = read(out / "cells_summary.csv").iloc[0]
+    summaries = pd.read_csv(out / "cells_summary.csv", dtype={"image": str})
+    assert summaries["image"].tolist() == ["1", "empty"] and summaries["cells"].iloc[1] == 0
+    summary = summaries.iloc[0]
     assert summary["unclassified"] == 0
     assert summary["pct_normal"] + summary["pct_spherocyte"] == pytest.approx(100)
     assert summary["model_id"] == embedder.model_id
@@ -99,9 +104,10 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
     other = tmp_path / "other"
     refusals = [
         ([str(smears), "--out", str(other), "--measure-only", "--head", "h"], "cannot take --head"),
-        ([str(smears), "--out", str(other), "--measure-only", "--pixel-size-um", "0"], "must be positive"),
+        ([str(smears), "--out", str(other), "--measure-only", "--pixel-size-um", "0"], "between 0.01 and 10"),
         ([str(tmp_path / "nothing.jpg"), "--out", str(other), "--measure-only"], "no such file"),
         ([str(smears), "--out", str(other), "--model", "reddino-tiny"], "cannot load the model 'reddino-tiny'"),
+        ([str(smears), "--out", str(out / "cells.csv"), "--measure-only"], "cannot make the output folder"),
         ([str(smears), "--out", str(other), "--model", str(tiny_folder[1]), "--head", str(tmp_path / "none")],
          "cannot use the head"),
     ]
@@ -126,12 +132,14 @@ def test_an_unreadable_smear_is_skipped_and_the_others_are_written(smears, tmp_p
 
 
 def test_smears_are_listed_and_named_as_napari_names_their_layers(tmp_path):
-    for relative in ("a/1.jpg", "b/1.JPG", "b/2.tif", "b/notes.txt"):
-        (tmp_path / relative).parent.mkdir(exist_ok=True)
+    for relative in ("a/1.jpg", "b/1.JPG", "b/2.tif", "b/notes.txt", "b/._2.tif", "c/x/3.png", "d/x/3.png", "d/x/3.jpg"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(b"")
-    found = list_smears([tmp_path / "a", tmp_path / "b", tmp_path / "a" / "1.jpg"])
-    assert [path.relative_to(tmp_path).as_posix() for path in found] == ["a/1.jpg", "b/1.JPG", "b/2.tif"]
-    assert smear_names(found) == ["a/1", "b/1", "2"]
+    found = list_smears([tmp_path / "a", tmp_path / "b", tmp_path / "a" / ".." / "a" / "1.jpg", tmp_path / "c",
+                         tmp_path / "d"])
+    assert [path.relative_to(tmp_path).as_posix() for path in found] == [
+        "a/1.jpg", "b/1.JPG", "b/2.tif", "c/x/3.png", "d/x/3.jpg", "d/x/3.png"]  # hidden ._ files left out
+    assert smear_names(found) == ["a/1.jpg", "b/1.JPG", "2", "c/x/3.png", "x/3.jpg", "d/x/3.png"]
 
 
 def test_the_console_command_is_installed():
@@ -147,7 +155,8 @@ def test_ctrl_c_writes_the_smears_finished_so_far(tmp_path):
         shutil.copy(CHULA / "1.jpg", folder / f"{number:02d}.jpg")
     out = tmp_path / "out"
     command = [Path(sys.executable).with_name("reddino-analyse"), str(folder), "--out", str(out), "--measure-only"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # as in CI: the CLI flushes
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as run:
         first = run.stdout.readline()
         assert first.startswith("[1/20] 00: ")
         run.send_signal(signal.SIGINT)

@@ -4,6 +4,7 @@ in the Cell map widget), written as the widget's export: ``cells.csv`` and ``cel
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -47,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Refused as refusal:
         print(f"reddino-analyse: {refusal}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while the model loads, before any smear: nothing to write
+        print("reddino-analyse: interrupted; nothing written", file=sys.stderr)
+        return INTERRUPTED
 
 
 class _Refused(Exception):
@@ -67,6 +71,12 @@ def _analyse(args: argparse.Namespace) -> int:
     if missing or not smears:
         raise _Refused(f"no such file: {', '.join(missing)}" if missing else f"no images in {', '.join(args.smears)}")
     analysis = _analysis(args)
+    try:  # said now, not after hours of smears
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _Refused(f"cannot make the output folder {out}: {error}") from error
+    if not os.access(out, os.W_OK):
+        raise _Refused(f"the output folder {out} is not writable")
 
     done, skipped = [], []
     interrupted = False
@@ -79,20 +89,20 @@ def _analyse(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             interrupted = True
             break
-        except (OSError, ValueError) as error:  # unreadable files, images that are not smears
+        except Exception as error:  # one smear's failure (unreadable, too large, out of memory) skips it alone
             skipped.append(path)
-            print(f"[{number}/{len(smears)}] {path}: skipped: {error}", file=sys.stderr)
+            reason = str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
+            print(f"[{number}/{len(smears)}] {path}: skipped: {reason}", file=sys.stderr, flush=True)
             continue
         done.append(cells)
-        found = f"{len(cells.features):,} cells" if len(cells.features) else "no cells found (is it a blood smear?)"
-        print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)")
+        found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
+        print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)", flush=True)
 
     if not done:
         print("reddino-analyse: no smear was analysed; nothing written", file=sys.stderr)
         return INTERRUPTED if interrupted else 1
     classes = analysis.head.classes if analysis.head is not None else None
     try:
-        out.mkdir(parents=True, exist_ok=True)
         export_cells_csv(table, done, embeddings_path=embeddings, summary_path=summary_path(table), classes=classes,
                          overwrite=args.overwrite)
     except OSError as error:  # FileExistsError: written by someone else meanwhile
@@ -105,7 +115,7 @@ def _analyse(args: argparse.Namespace) -> int:
         print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files", file=sys.stderr)
         return INTERRUPTED
     if skipped:
-        print(f"reddino-analyse: {len(skipped)} of {len(smears)} smears skipped (see above)", file=sys.stderr)
+        print(f"reddino-analyse: {len(skipped)} of {counted(len(smears), 'smear')} skipped (see above)", file=sys.stderr)
         return 1
     return 0
 
@@ -113,8 +123,8 @@ def _analyse(args: argparse.Namespace) -> int:
 def _check_options(args: argparse.Namespace) -> None:
     if args.measure_only and (args.head or args.with_embeddings):
         raise _Refused("--measure-only runs no model, so it cannot take --head or --with-embeddings.")
-    if args.pixel_size_um is not None and not args.pixel_size_um > 0:
-        raise _Refused(f"--pixel-size-um must be positive; got {args.pixel_size_um}.")
+    if args.pixel_size_um is not None and not 0.01 <= args.pixel_size_um <= 10:
+        raise _Refused(f"--pixel-size-um is µm per pixel, between 0.01 and 10 for a blood smear; got {args.pixel_size_um}.")
 
 
 def _analysis(args: argparse.Namespace) -> SmearAnalysis:

@@ -40,11 +40,16 @@ def list_smears(sources: Sequence[str | os.PathLike]) -> list[Path]:
     found = []
     for source in map(Path, sources):
         if source.is_dir():
-            found.extend(sorted(path for path in source.rglob("*")
-                                if path.is_file() and path.suffix.lower() in SMEAR_SUFFIXES))
+            found.extend(sorted(path for path in source.rglob("*") if path.is_file() and not path.name.startswith(".")
+                                and path.suffix.lower() in SMEAR_SUFFIXES))
         else:
             found.append(source)
-    return list(dict.fromkeys(found))
+    unique, seen = [], set()
+    for path in found:  # a file named twice (a/1.jpg and a/../a/1.jpg) once
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    return unique
 
 
 def read_smear(path: str | os.PathLike) -> np.ndarray:
@@ -52,15 +57,26 @@ def read_smear(path: str | os.PathLike) -> np.ndarray:
     (imageio's own message suggests installing video plugins)."""
     try:
         return imread(path)
+    except (FileNotFoundError, PermissionError):
+        raise
     except (OSError, ValueError) as error:
         raise OSError("not an image that can be read (PNG, JPEG or TIFF), or a damaged one") from error
 
 
 def smear_names(paths: Sequence[Path]) -> list[str]:
-    """A name per smear: its file name without suffix, as napari names the image layer; with
-    its folder where two smears would otherwise share a name."""
-    stems = [path.stem for path in paths]
-    return [f"{path.parent.name}/{path.stem}" if stems.count(path.stem) > 1 else path.stem for path in paths]
+    """A name per smear: its file name without suffix, as napari names the image layer; where
+    two smears would share it, their file names with as many of their folders as tell them apart."""
+    def name(path: Path, depth: int) -> str:
+        return path.stem if depth == 0 else "/".join(path.parts[-depth - 1:])
+
+    names = []
+    for index, path in enumerate(paths):
+        depth = 0
+        while depth < len(path.parts) - 1 and any(
+                name(other, depth) == name(path, depth) for other in paths[:index] + paths[index + 1:]):
+            depth += 1
+        names.append(name(path, depth))
+    return names
 
 
 class SmearAnalysis:
@@ -78,17 +94,20 @@ class SmearAnalysis:
         labels = segment_cells(image, pixel_size_um=self.pixel_size_um)
         table = measure_cells(labels, image, pixel_size_um=self.pixel_size_um)
         cells = SmearCells(f"{name} cells", table, {"source_image": name, "pixel_size_um": self.pixel_size_um})
-        if self.embedder is None or table.empty:
+        if self.embedder is None:
             return cells
         from .crops import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN  # torch, only to embed
 
         embedder, model = self.embedder, self.model or self.embedder.model_id
         crops = {"mode": DEFAULT_CROP_MODE, "scale": DEFAULT_CROP_SCALE, "margin": DEFAULT_MARGIN}
-        ids, vectors = embedder.embed(image, labels, **crops, progress=progress)
+        if table.empty:  # no cells: none to embed, and an empty record so the export can pool it
+            ids, vectors = np.zeros(0, np.int64), np.zeros((0, embedder.dim), np.float32)
+        else:
+            ids, vectors = embedder.embed(image, labels, **crops, progress=progress)
         store_embeddings(cells, ids, vectors, model_id=embedder.model_id, fingerprint=fingerprint(image, labels, model, **crops),
                          model=str(model), crop_mode=crops["mode"], crop_scale=crops["scale"],
                          margin=crops["margin"], device=str(embedder.device))
-        if self.head is not None:
+        if self.head is not None and not table.empty:
             rows = np.searchsorted(ids, table["label"].to_numpy())  # both ascending, the same cells
             proba = self.head.predict_proba(vectors[rows], measurements=table)
             predictions = prediction_table(self.head.classes, proba).set_axis(table.index)
