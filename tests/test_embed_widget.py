@@ -294,6 +294,7 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
         np.testing.assert_array_equal(ids, label_ids(cells))
         counts.append(len(ids))
     assert widget.status.value == f"Every open smear: 2 of 2 embedded ({sum(counts):,} cells)."
+    assert widget.model.enabled and widget.margin.enabled  # frozen for the run only
 
     with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
         widget.run()  # nothing changed: each is up to date

@@ -180,6 +180,7 @@ class EmbedCellsWidget(JobWidget):
                 self._refuse("Open a smear first: File > Open, or File > Open Sample > RedDino.")
                 return
             self._batch = _Batch(waiting=images, total=len(images))
+            self._freeze_settings(True)
             self._run_next_smear()
             return
         layer = self.image.value
@@ -213,6 +214,12 @@ class EmbedCellsWidget(JobWidget):
     def _on_every_smear(self, every: bool) -> None:
         self.image.enabled = self.cells.enabled = not every
 
+    def _freeze_settings(self, frozen: bool) -> None:
+        """Model, device and crops stay as they were for every smear of one run."""
+        for setting in (self.every_smear, self.model, self._browse_button, self.device, self.crop_mode,
+                        self.crop_scale, self.margin):
+            setting.enabled = not frozen
+
     def _describe_devices(self) -> None:
         """Unavailable devices stay listed, greyed out, with the reason as their tooltip."""
         combo = self.device.native
@@ -238,6 +245,9 @@ class EmbedCellsWidget(JobWidget):
     def _run_next_smear(self) -> None:
         """Start on the next smear of an "every open smear" run (from the event loop, after the last one ended)."""
         batch = self._batch
+        if batch.stopped is not None:  # cancelled between two smears
+            self._sum_up(batch)
+            return
         batch.current, batch.current_embedded = batch.waiting.pop(0), False
         image = batch.current
         if image not in self._viewer.layers:
@@ -268,7 +278,11 @@ class EmbedCellsWidget(JobWidget):
         if batch.waiting and batch.stopped is None:
             QTimer.singleShot(0, self._run_next_smear)  # after this run's handlers have all run
             return
+        self._sum_up(batch)
+
+    def _sum_up(self, batch: _Batch) -> None:
         self._batch = None
+        self._freeze_settings(False)
         cells = sum(batch.embedded.values())
         summary = [f"Every open smear: {len(batch.embedded)} of {batch.total} embedded ({cells:,} cells)."]
         if batch.not_embedded:
@@ -311,6 +325,8 @@ class EmbedCellsWidget(JobWidget):
         try:
             current = fingerprint(pixels, labels, model, **crops)
         except OSError as error:
+            if self._batch is not None:
+                self._batch.stopped = "the model cannot be read"
             self._refuse(f"Cannot read the model {model!r}: {error}")
             return
         if stored_fingerprint(cells) == current:
