@@ -57,7 +57,7 @@ def job_worker(generator_function):
 class JobWidget(QWidget):
     """Base of the dock widgets: subclasses build a form, implement ``run`` and ``_on_finished``."""
 
-    finished = Signal()  # a run ended, whatever the outcome: done, refused, failed or cancelled
+    finished = Signal()  # a run ended, whatever the outcome (Embed cells: once per smear of "every open smear")
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
