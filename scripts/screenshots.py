@@ -3,7 +3,8 @@
     xvfb-run -a .venv/bin/python scripts/screenshots.py [--model MODEL]   # writes docs/*.png
 
 With ``--model`` (anything load_embedder takes; a Hub name needs the Hub), the Cell map is shown
-too: both samples embedded, mapped, a lasso drawn and the head trained on it.
+too: two Chula smears embedded and mapped, half of their annotated cells labelled with the
+annotators' classes, the head trained, and a lasso drawn around the cells it calls target cells.
 """
 
 import argparse
@@ -12,8 +13,14 @@ from pathlib import Path
 import napari
 import numpy as np
 from qtpy.QtCore import QEventLoop
+from qtpy.QtWidgets import QApplication, QScrollArea, QSplitter
+from scipy.spatial import ConvexHull
+from skimage.io import imread
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+CHULA = ROOT / "tests" / "data" / "chula_rbc12"
+CHULA_PIXEL_SIZE_UM = 0.2
 
 
 def run_and_wait(widget, signal=None) -> None:
@@ -37,31 +44,67 @@ def segmented_view(sample: str, path: Path) -> None:
     viewer.close()
 
 
-def cell_map_view(model: str, path: Path) -> None:
+def open_chula_smear(viewer, number: int):
+    """A Chula RBC-12 smear from tests/data with its pixel size, as a lab would open it."""
+    image = imread(CHULA / f"{number}.jpg")
+    metadata = {"pixel_size_um": CHULA_PIXEL_SIZE_UM, "source": "Chula RBC-12 dataset (MIT licence)"}
+    return viewer.add_image(image, name=f"smear {number} (chula)", rgb=True, metadata=metadata,
+                            scale=(CHULA_PIXEL_SIZE_UM, CHULA_PIXEL_SIZE_UM))
+
+
+def label_like_the_annotators(cell_map, share: int = 2) -> None:
+    """Give every ``share``-th annotated cell its Chula class by hand, as a lab member would,
+    leaving the rest for the head."""
+    # Imported here, after the plugin's widgets: torch imported before them would load triton
+    # next to Mesa's LLVM, which crashes (see napari_reddino.triton_guard).
+    from reddino_train.eval_data import CHULA_CLASSES, read_point_labels
+
+    pool = cell_map.pool
+    for position, cells in enumerate(pool.layers):
+        number = cells.metadata["source_image"].split()[1]
+        points, classes = read_point_labels(CHULA / f"{number}.txt")
+        rows, cols = np.round(points[::share]).astype(int).T
+        label_ids = np.asarray(cells.data)[rows, cols]
+        for name in np.unique(np.array(CHULA_CLASSES)[classes[::share]]):
+            if name not in cell_map.class_list.classes:
+                continue
+            wanted = label_ids[(np.array(CHULA_CLASSES)[classes[::share]] == name) & (label_ids > 0)]
+            mask = np.zeros(len(pool), dtype=bool)
+            mask[pool.points_of(position, wanted)] = True
+            cell_map.select(mask)
+            cell_map.assign(name)
+
+
+def cell_map_view(model: str, path: Path, panel_path: Path) -> None:
+    """Two Chula smears embedded, mapped, half their annotated cells labelled, the head trained,
+    and the cells it calls target cells lassoed on the map."""
     viewer = napari.Viewer(show=True)
-    viewer.window.resize(1600, 900)
+    viewer.window.resize(1800, 1100)
+    for number in (1, 26):
+        open_chula_smear(viewer, number)
     _, embed = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
     embed.model_name, embed.device.value = model, "cpu"
-    for sample in ("aslan-smear", "chula-smear"):
-        (image,) = viewer.open_sample("napari-reddino", sample)
-        embed.reset_choices()
-        embed.image.value = image
-        embed.reset_choices()
-        run_and_wait(embed, embed.embedded)
+    embed.every_smear.value = True
+    run_and_wait(embed, embed.every_smear_done)
     _, cell_map = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map", tabify=True)
     run_and_wait(cell_map)
-    points = cell_map.canvas.points.data
-    low, high = np.percentile(points, [5, 50], axis=0)
-    cell_map.canvas.select_polygon(np.array([low, [low[0], high[1]], high, [high[0], low[1]]]))
-    cell_map.assign("spherocyte")
-    cell_map.select(~cell_map.selected & (np.arange(len(points)) % 3 == 0))
-    cell_map.assign("normal")
+    label_like_the_annotators(cell_map)
     cell_map.train()
-    cell_map.canvas.select_polygon(np.array([low, [low[0], high[1]], high, [high[0], low[1]]]))
-    for layer in viewer.layers:  # the Chula smear with its map colours
-        layer.visible = "chula" in layer.name and not layer.name.endswith(" cells")
+    xy = cell_map.canvas.points.data
+    targets = xy[cell_map.pool.column("predicted_class", "") == "target cell"]
+    hull = ConvexHull(targets)
+    cell_map.canvas.select_polygon(targets[hull.vertices])
+    for layer in viewer.layers:  # smear 26 with its map colours
+        layer.visible = "26" in layer.name and not layer.name.endswith(" cells")
+    viewer.layers.selection.active = next(layer for layer in viewer.layers if layer.visible and "map" in layer.name)
+    cell_map.findChild(QSplitter).setSizes([450, 550])  # dragged down, as a user would, to show the tables
     viewer.reset_view()
+    QApplication.processEvents()
     viewer.screenshot(str(path), canvas_only=False)
+    scroll = cell_map.findChild(QScrollArea)
+    scroll.verticalScrollBar().setValue(scroll.verticalScrollBar().maximum())  # the per-smear table
+    QApplication.processEvents()
+    scroll.grab().save(str(panel_path))
     viewer.close()
 
 
@@ -73,4 +116,4 @@ if __name__ == "__main__":
     segmented_view("chula-smear", DOCS / "segment_chula.png")
     segmented_view("aslan-smear", DOCS / "segment_aslan.png")
     if args.model:
-        cell_map_view(args.model, DOCS / "cell_map.png")
+        cell_map_view(args.model, DOCS / "cell_map.png", DOCS / "cell_map_tables.png")

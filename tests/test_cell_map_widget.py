@@ -9,14 +9,15 @@ import pandas as pd
 import pytest
 from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
 from napari.utils.notifications import notification_manager
-from qtpy.QtWidgets import QMessageBox
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QMessageBox, QScrollArea
 
 from napari_reddino import CellClassifier, embeddings_of
 from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_map import DIM_FACTOR
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
-from napari_reddino.widgets.cell_map_widget import MANUAL, PREDICTED, SMEAR_FILL_ALPHA
+from napari_reddino.widgets.cell_map_widget import MANUAL, MIN_WIDTH, PREDICTED, SMEAR_FILL_ALPHA
 from napari_reddino.widgets.class_list import DEFAULT_CLASSES, NAME, NEW_CLASS_COLOURS
 
 DATA = Path(__file__).parent / "data"
@@ -174,6 +175,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert not np.allclose(points.face_color[:, :3], points.face_color[0, :3])
 
     # Export: written, read back column by column; an existing file is replaced only when confirmed.
+    assert widget.with_summary.native.text().endswith("(_summary.csv)")  # the name it writes, as it writes it
     widget.with_embeddings.value = True
     csv = widget.export_csv(tmp_path / "cells.csv")
     back = pd.read_csv(csv, dtype={"image": str})  # "1" (from 1.jpg) would otherwise read as a number
@@ -368,3 +370,15 @@ def test_a_map_cancelled_during_its_layout_is_dropped_and_the_next_one_is_shown(
     widget._umap_epoch.disconnect(cancel_at_the_first_epoch)
     compute_map(widget, qtbot)  # nothing of the cancelled run is left in the way
     assert len(widget.canvas.points.data) == n
+
+
+def test_at_its_narrowest_the_panel_shows_every_control_and_whole_class_names(viewer, qtbot):
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    dock.parent().resizeDocks([dock], [MIN_WIDTH], Qt.Orientation.Horizontal)  # dragged as narrow as it goes
+    qtbot.waitUntil(lambda: widget.width() == MIN_WIDTH)
+    scroll = widget.findChild(QScrollArea)
+    assert scroll.widget().minimumSizeHint().width() <= scroll.viewport().width()
+    assert not scroll.horizontalScrollBar().isVisible()
+    table = widget.class_list.table
+    widest_name = max(table.fontMetrics().horizontalAdvance(name) for name in DEFAULT_CLASSES)
+    assert table.columnWidth(NAME) > widest_name

@@ -140,7 +140,8 @@ class CellMapWidget(JobWidget):
         self.centre_on_click = CheckBox(text="Centre the map on a clicked cell", value=True)
         self.selection_count = Label(value="No map yet.")
         self.with_embeddings = CheckBox(text="Also write the embeddings (.npz)", value=False)
-        self.with_summary = CheckBox(text="Also write a summary per smear (_summary.csv)", value=True)
+        self.with_summary = CheckBox(value=True)
+        self.with_summary.text = "Also write a summary per smear (_summary.csv)"  # the constructor drops "_"
         self.with_summary.tooltip = ("Per smear: cells, diameter mean, SD and CV, central pallor, and the count "
                                      "and % of each class (manual label, else prediction), without cut cells")
         self._run_button.text = "Compute map"
@@ -175,11 +176,11 @@ class CellMapWidget(JobWidget):
                      self.with_embeddings, self.with_summary, self._row("Export CSV…", "Import labels…"), self.status],
             labels=False,
         )
-        self.selection_count.native.setMinimumWidth(MIN_WIDTH - 60)
         self.class_list.table.setMinimumHeight(CLASS_TABLE_MIN_HEIGHT)
         panel = QWidget()
         panel_layout = QVBoxLayout(panel)
         per_smear = Label(value="Per smear (cells cut by the image border left out)")
+        per_smear.native.setWordWrap(True)  # rather than widen the panel past the dock
         self.smear_table.setMinimumHeight(SMEAR_TABLE_MIN_HEIGHT)
         for part in (controls.native, labelling.native, self.class_list, per_smear.native, self.smear_table, head.native):
             panel_layout.addWidget(part)
@@ -383,7 +384,7 @@ class CellMapWidget(JobWidget):
             overlay.colormap = CyclicLabelColormap(colors=rank_lut(fill[self.pool.span(position)]))
         count = int(self.selected.sum())
         self.selection_count.value = f"{count:,} of {len(self.pool):,} cells selected" if count else (
-            f"{len(self.pool):,} cells; lasso on the map or click a cell to select")
+            f"{len(self.pool):,} cells; lasso or click cells to select")
 
     # --- selection ------------------------------------------------------------------------
 

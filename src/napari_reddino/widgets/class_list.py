@@ -52,7 +52,9 @@ class ClassList(QWidget):
         super().__init__(parent)
         self.table = QTableWidget(0, 4)
         self.table.setHorizontalHeaderLabels(["Key", "Class", "Labelled", "Predicted"])
-        self.table.horizontalHeader().setSectionResizeMode(NAME, QHeaderView.ResizeMode.Stretch)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(NAME, QHeaderView.ResizeMode.Stretch)  # the name gets the room left
         self.table.verticalHeader().setVisible(False)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
