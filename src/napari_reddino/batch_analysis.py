@@ -18,7 +18,7 @@ import pandas as pd
 from skimage.io import imread
 
 from .cell_classifier import prediction_table
-from .cell_embeddings import fingerprint, store_embeddings
+from .cell_embeddings import fingerprint, store_run
 from .measurements import measure_cells
 from .segmentation import segment_cells
 from .steps import Progress
@@ -104,9 +104,8 @@ class SmearAnalysis:
             ids, vectors = np.zeros(0, np.int64), np.zeros((0, embedder.dim), np.float32)
         else:
             ids, vectors = embedder.embed(image, labels, **crops, progress=progress)
-        store_embeddings(cells, ids, vectors, model_id=embedder.model_id, fingerprint=fingerprint(image, labels, model, **crops),
-                         model=str(model), crop_mode=crops["mode"], crop_scale=crops["scale"],
-                         margin=crops["margin"], device=str(embedder.device))
+        store_run(cells, ids, vectors, embedder=embedder, model=model, crops=crops,
+                  fingerprint=fingerprint(image, labels, model, **crops))
         if self.head is not None and not table.empty:
             rows = np.searchsorted(ids, table["label"].to_numpy())  # both ascending, the same cells
             proba = self.head.predict_proba(vectors[rows], measurements=table)

@@ -99,6 +99,16 @@ def store_embeddings(
     return record
 
 
+def store_run(layer, label_ids: np.ndarray, embeddings: np.ndarray, *, embedder, model: str | os.PathLike,
+              crops: dict, fingerprint: str) -> dict:
+    """:func:`store_embeddings` with what every embedding run records: the model as it was named,
+    the crop settings (``crops``: mode, scale, margin, as ``Embedder.embed`` takes them) and the
+    device. The Embed widget and ``reddino-analyse`` both store through here, so their records match."""
+    return store_embeddings(layer, label_ids, embeddings, model_id=embedder.model_id, fingerprint=fingerprint,
+                            model=str(model), crop_mode=crops["mode"], crop_scale=crops["scale"],
+                            margin=crops["margin"], device=str(embedder.device))
+
+
 def stored_fingerprint(layer) -> str | None:
     """The fingerprint of the embeddings on ``layer``, or None when it has none."""
     record = getattr(layer, "metadata", {}).get(METADATA_KEY)

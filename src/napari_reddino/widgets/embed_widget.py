@@ -32,7 +32,7 @@ from qtpy.QtWidgets import QComboBox, QFileDialog
 from ..cell_embeddings import (
     embeddings_of,
     fingerprint,
-    store_embeddings,
+    store_run,
     stored_fingerprint,
 )
 from ..crops import CROP_MODES, CROP_SCALES, DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN
@@ -406,11 +406,8 @@ class EmbedCellsWidget(JobWidget):
             own = [c for c in old.columns if c not in table.columns]
             job.cells.features = table.merge(old[["label", *own]], on="label", how="left") if "label" in old else table
         seconds = time.perf_counter() - self._embed_started
-        store_embeddings(
-            job.cells, ids, embeddings, model_id=embedder.model_id, fingerprint=job.fingerprint,
-            model=job.model, crop_mode=job.crops["mode"], crop_scale=job.crops["scale"], margin=job.crops["margin"],
-            device=str(embedder.device),
-        )
+        store_run(job.cells, ids, embeddings, embedder=embedder, model=job.model, crops=job.crops,
+                  fingerprint=job.fingerprint)
         shown = Path(job.model).expanduser().name if Path(job.model).expanduser().exists() else job.model
         self.status.value = (
             f"{len(ids):,} cells embedded in {seconds:.1f} s ({len(ids) / max(seconds, 1e-9):,.0f} cells/s) "
