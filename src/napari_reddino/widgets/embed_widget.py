@@ -67,6 +67,7 @@ class _Batch:
     current: Image | None = None
     current_embedded: bool = False
     embedded: dict[str, int] = field(default_factory=dict)  # image name: cells embedded
+    up_to_date: list[str] = field(default_factory=list)  # images whose embeddings were already current
     not_embedded: list[str] = field(default_factory=list)  # "<image>: <why>"
     stopped: str | None = None  # why the smears still waiting were not run
 
@@ -272,7 +273,7 @@ class EmbedCellsWidget(JobWidget):
         batch = self._batch
         if batch is None or batch.current is None:
             return
-        if not batch.current_embedded:
+        if not batch.current_embedded and batch.current.name not in batch.up_to_date:
             batch.not_embedded.append(f"{batch.current.name}: {self.status.value}")
         batch.current = None
         if batch.waiting and batch.stopped is None:
@@ -284,7 +285,8 @@ class EmbedCellsWidget(JobWidget):
         self._batch = None
         self._freeze_settings(False)
         cells = sum(batch.embedded.values())
-        summary = [f"Every open smear: {len(batch.embedded)} of {batch.total} embedded ({cells:,} cells)."]
+        up_to_date = f"; already up to date: {', '.join(batch.up_to_date)}" if batch.up_to_date else ""
+        summary = [f"Every open smear: {len(batch.embedded)} of {batch.total} embedded ({cells:,} cells){up_to_date}."]
         if batch.not_embedded:
             summary.append("Not embedded: " + "; ".join(batch.not_embedded))
         if batch.waiting:
@@ -330,6 +332,8 @@ class EmbedCellsWidget(JobWidget):
             self._refuse(f"Cannot read the model {model!r}: {error}")
             return
         if stored_fingerprint(cells) == current:
+            if self._batch is not None:
+                self._batch.up_to_date.append(image.name)
             ids, _, model_id = embeddings_of(cells)
             self._refuse(
                 f"The {len(ids):,} embeddings of {cells.name} ({model_id}) are up to date; nothing to do.",
