@@ -156,3 +156,21 @@ def test_cancel_leaves_no_layer(viewer, widget, chula, qtbot):
 
     assert labels_layers(viewer) == []
     assert widget.status.value == "Cancelled; nothing was changed."
+
+
+def test_a_pixel_size_typed_for_a_smear_stays_with_that_smear(viewer, widget):
+    first = viewer.open(CHULA_1)[0]
+    second = viewer.add_image(imread(CHULA_1)[::2, ::2], rgb=True, name="half")
+    widget.reset_choices()
+    widget.image.value = first
+    assert widget.pixel_size.value == 0  # a file says nothing of its pixel size
+    widget.pixel_size.value = 0.25
+    widget.image.value = second
+    assert widget.pixel_size.value == 0
+    widget.pixel_size.value = 0.5
+    widget.image.value = first
+    assert widget.pixel_size.value == pytest.approx(0.25)
+    # kept on the layers, where Embed cells reads it when it segments a smear first
+    assert (first.metadata["pixel_size_um"], second.metadata["pixel_size_um"]) == (0.25, 0.5)
+    widget.pixel_size.value = 0  # back to unknown
+    assert first.metadata["pixel_size_um"] is None

@@ -70,6 +70,7 @@ class SegmentCellsWidget(JobWidget):
         self._lay_out(Container(widgets=[self.image, self.cell_diameter, self.pixel_size]))
         self.image.changed.connect(self._prefill_pixel_size)
         self._prefill_pixel_size(self.image.value)
+        self.pixel_size.changed.connect(self._remember_pixel_size)
 
     def reset_choices(self, *_) -> None:
         """Follow the viewer's image layers (napari calls this when layers change)."""
@@ -97,6 +98,13 @@ class SegmentCellsWidget(JobWidget):
     def _prefill_pixel_size(self, layer: Image | None) -> None:
         if layer is not None:
             self.pixel_size.value = layer.metadata.get("pixel_size_um") or 0.0
+
+    def _remember_pixel_size(self, value: float) -> None:
+        """Keep the pixel size on the image layer: it comes back when the image is chosen again,
+        and Embed cells uses it when it segments that image first."""
+        layer = self.image.value
+        if layer is not None:
+            layer.metadata["pixel_size_um"] = value or None
 
     def _on_progress(self, tiles: tuple[int, int]) -> None:
         self._count(*tiles, f"Segmenting {self._job.image_name}")
