@@ -9,9 +9,8 @@ ones. Everything a cell gets (``umap_x/y``, ``manual_label``, ``predicted_class`
 ``prediction_probability``, ``p_<class>``) is a column of its cells layer's ``features``, so
 hovering shows it and Export writes it.
 
-The smear colours live in one extra Labels layer per cells layer ("<cells> map colours"),
-holding the cells' place in the map as uint16: napari draws uint16 labels through a GPU
-lookup table, so recolouring 50,000 cells is one table upload, not a pass over the smear.
+The smear colours live in one extra Labels layer per cells layer ("<cells> map colours",
+see :mod:`.smear_colours`).
 """
 
 import threading
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
 from napari.layers import Labels
-from napari.utils.colormaps import CyclicLabelColormap, ensure_colormap
+from napari.utils.colormaps import ensure_colormap
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtGui import QKeySequence, QShortcut
@@ -47,7 +46,6 @@ from ..cell_map import (
     PoolingError,
     class_colours,
     emphasise,
-    rank_lut,
     value_colours,
 )
 from ..label_import import import_manual_labels
@@ -58,6 +56,7 @@ from ..wording import counted
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
+from .smear_colours import SmearColours
 from .smear_table import SmearTable
 
 MANUAL, PREDICTED = "manual label", "predicted class"
@@ -117,7 +116,7 @@ class CellMapWidget(JobWidget):
         self.xy: np.ndarray | None = None
         self.selected = np.zeros(0, dtype=bool)
         self.classifier: CellClassifier | None = None
-        self._overlays: list[Labels] = []
+        self._smear_colours: SmearColours | None = None
         self._review: list[int] = []  # points still to review, the least certain last
         self._uncertain = np.zeros(0, dtype=int)
         self._colours = np.zeros((0, 4), dtype=np.float32)  # every point's colour before dimming
@@ -297,7 +296,8 @@ class CellMapWidget(JobWidget):
         pool.write_columns({"umap_x": self.xy[:, 0], "umap_y": self.xy[:, 1]}, empty=np.nan)
         features = {"layer": [pool.layers[i].name for i in pool.layer_index], "label": pool.label_ids}
         self.canvas.show_points(self.xy, features)
-        self._make_overlays()
+        self._smear_colours = SmearColours(self._viewer, pool)
+        self._viewer.layers.selection.active = pool.layers[0]
         self._bind_layer_keys(pool.layers, bind=True)
         for cells in pool.layers:  # new labels (a re-segmentation, a brush edit) make the map stale
             cells.events.data.connect(self._on_cells_changed)
@@ -312,10 +312,9 @@ class CellMapWidget(JobWidget):
                 cells.events.data.disconnect(self._on_cells_changed)
                 cells.events.paint.disconnect(self._on_cells_changed)
             self._bind_layer_keys(self.pool.layers, bind=False)
-        for overlay in self._overlays:
-            if overlay in self._viewer.layers:
-                self._viewer.layers.remove(overlay)
-        self._overlays = []
+        if self._smear_colours is not None:
+            self._smear_colours.remove()
+            self._smear_colours = None
         self.canvas.clear()
         self._smear_table_timer.stop()
         self.smear_table.forget()
@@ -334,16 +333,6 @@ class CellMapWidget(JobWidget):
         self.forget_map()
         self.status.value = f"The cells of {name} changed or were removed; embed them again, then Compute map."
         self.selection_count.value = "No map yet."
-
-    def _make_overlays(self) -> None:
-        for position, cells in enumerate(self.pool.layers):
-            overlay = self._viewer.add_labels(
-                self.pool.rank_image(position), name=f"{cells.name} map colours",
-                scale=cells.scale, translate=cells.translate, opacity=1.0,
-            )
-            overlay.editable = False
-            self._overlays.append(overlay)
-        self._viewer.layers.selection.active = self.pool.layers[0]
 
     def _colour_choices(self, _widget=None) -> list[str]:
         numeric = []
@@ -379,9 +368,7 @@ class CellMapWidget(JobWidget):
     def _paint(self) -> None:
         """Show the selection on the map and the smears: bright, the rest dimmed."""
         self.canvas.show_selection(self.selected)
-        fill = emphasise(self._colours, self.selected) * [1, 1, 1, SMEAR_FILL_ALPHA]
-        for position, overlay in enumerate(self._overlays):
-            overlay.colormap = CyclicLabelColormap(colors=rank_lut(fill[self.pool.span(position)]))
+        self._smear_colours.paint(emphasise(self._colours, self.selected) * [1, 1, 1, SMEAR_FILL_ALPHA])
         count = int(self.selected.sum())
         self.selection_count.value = f"{count:,} of {len(self.pool):,} cells selected" if count else (
             f"{len(self.pool):,} cells; lasso or click cells to select")
@@ -420,17 +407,11 @@ class CellMapWidget(JobWidget):
         if self.pool is None or getattr(active, "mode", "pan_zoom") != "pan_zoom":
             return
         yield
-        if event.type == "mouse_move":
+        if event.type == "mouse_move" or self._smear_colours is None:  # a drag, or the map went meanwhile
             return
-        shown = [p for p, overlay in enumerate(self._overlays)
-                 if overlay in viewer.layers and overlay.visible and self.pool.layers[p].visible]
-        for position in sorted(shown, key=lambda p: -viewer.layers.index(self._overlays[p])):  # the top smear first
-            overlay = self._overlays[position]
-            rank = overlay.get_value(event.position, world=True)
-            if rank:
-                label = self.pool.label_ids[self.pool.offsets[position] + int(rank) - 1]
-                self.select_cell(self.pool.layers[position], int(label), add="Shift" in event.modifiers)
-                return
+        hit = self._smear_colours.cell_at(event.position)
+        if hit is not None:
+            self.select_cell(*hit, add="Shift" in event.modifiers)
 
     def _on_point_clicked(self, point: int, add: bool) -> None:
         position = int(self.pool.layer_index[point])
@@ -628,7 +609,8 @@ class CellMapWidget(JobWidget):
         """Give the viewer's cells layers the manual labels of an exported cells CSV (yesterday's
         work, a colleague's), where they are the same cells; a newer label of a cell is kept."""
         layers = [layer for layer in self._viewer.layers
-                  if isinstance(layer, Labels) and layer not in self._overlays and "label" in layer.features]
+                  if isinstance(layer, Labels) and "label" in layer.features
+                  and (self._smear_colours is None or layer not in self._smear_colours.layers)]
         try:
             report = import_manual_labels(path, layers)
         except (OSError, ValueError) as error:  # LabelImportError is a ValueError

@@ -1,0 +1,51 @@
+"""The Cell map's colours over the smears: one extra Labels layer per mapped cells layer.
+
+Each "<cells> map colours" layer holds every cell's place in the map as uint16 (see
+:meth:`~napari_reddino.cell_map.PooledCells.rank_image`): napari draws uint16 labels through a
+GPU lookup table, so recolouring 50,000 cells is one table upload, not a pass over the smear.
+The same layers answer which cell a click on a smear hit.
+"""
+
+import numpy as np
+from napari.layers import Labels
+from napari.utils.colormaps import CyclicLabelColormap
+
+from ..cell_map import PooledCells, rank_lut
+
+
+class SmearColours:
+    """The colour layers of one map's smears, added to ``viewer`` and removed with :meth:`remove`."""
+
+    def __init__(self, viewer, pool: PooledCells):
+        self._viewer, self._pool = viewer, pool
+        self.layers: list[Labels] = []
+        for position, cells in enumerate(pool.layers):
+            overlay = viewer.add_labels(
+                pool.rank_image(position), name=f"{cells.name} map colours",
+                scale=cells.scale, translate=cells.translate, opacity=1.0,
+            )
+            overlay.editable = False
+            self.layers.append(overlay)
+
+    def paint(self, fill: np.ndarray) -> None:
+        """Colour every cell: ``fill`` is (n_points, 4) RGBA in the map's point order."""
+        for position, overlay in enumerate(self.layers):
+            overlay.colormap = CyclicLabelColormap(colors=rank_lut(fill[self._pool.span(position)]))
+
+    def cell_at(self, world_position) -> tuple[Labels, int] | None:
+        """The cells layer and label id of the cell shown at ``world_position``: the top one of
+        the visible smears, or None."""
+        layers = self._viewer.layers
+        shown = [p for p, overlay in enumerate(self.layers)
+                 if overlay in layers and overlay.visible and self._pool.layers[p].visible]
+        for position in sorted(shown, key=lambda p: -layers.index(self.layers[p])):
+            rank = self.layers[position].get_value(world_position, world=True)
+            if rank:
+                return self._pool.layers[position], int(self._pool.label_ids[self._pool.offsets[position] + int(rank) - 1])
+        return None
+
+    def remove(self) -> None:
+        for overlay in self.layers:
+            if overlay in self._viewer.layers:
+                self._viewer.layers.remove(overlay)
+        self.layers = []
