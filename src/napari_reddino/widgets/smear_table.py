@@ -48,12 +48,9 @@ class SmearTable(QTableWidget):
 
 
 def _rows(summary: pd.DataFrame, classes: list[str]) -> list[tuple[str, list[str]]]:
-    in_um = summary["diameter_mean_um"].notna().all()
-    unit, suffix = ("µm", "um") if in_um else ("px", "px")
     rows = [
         ("whole cells", [f"{n:,}" for n in summary["whole_cells"]]),
-        (f"diameter ({unit})", [_mean_sd(mean, sd) for mean, sd in
-                                zip(summary[f"diameter_mean_{suffix}"], summary[f"diameter_sd_{suffix}"])]),
+        _diameter_row(summary),
         ("diameter CV", [_number(cv, "{:.1f} %") for cv in summary["diameter_cv_pct"]]),
         ("central pallor", [_number(value, "{:.2f}") for value in summary["central_pallor_median"]]),
         ("with a class", [f"{done:,} of {whole:,}" for done, whole in zip(summary["classified"], summary["whole_cells"])]),
@@ -62,6 +59,17 @@ def _rows(summary: pd.DataFrame, classes: list[str]) -> list[tuple[str, list[str
         rows.append((name, [f"{n:,}" if np.isnan(pct) else f"{n:,} ({pct:.1f} %)"
                             for n, pct in zip(summary[f"n_{name}"], summary[f"pct_{name}"])]))
     return rows
+
+
+def _diameter_row(summary: pd.DataFrame) -> tuple[str, list[str]]:
+    """In µm where the smear's pixel size is known, else in px; the unit goes in the row's name
+    when all smears share it, else beside each number."""
+    in_um = summary["diameter_mean_um"].notna().to_numpy()
+    texts = [_mean_sd(row[f"diameter_mean_{suffix}"], row[f"diameter_sd_{suffix}"])
+             for suffix, (_, row) in zip(np.where(in_um, "um", "px"), summary.iterrows())]
+    if in_um.all() or not in_um.any():
+        return f"diameter ({'µm' if in_um.all() else 'px'})", texts
+    return "diameter", [f"{text} {'µm' if um else 'px'}" if text else "" for text, um in zip(texts, in_um)]
 
 
 def _mean_sd(mean: float, sd: float) -> str:

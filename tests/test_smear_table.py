@@ -1,0 +1,38 @@
+"""The Cell map's per-smear table, from summarise_smears of hand-counted smears."""
+
+import numpy as np
+from test_smear_summary import counted_layer
+
+from napari_reddino.smear_summary import summarise_smears
+from napari_reddino.widgets.smear_table import SmearTable
+
+
+def test_each_smear_is_shown_in_micrometres_where_its_pixel_size_is_known(qtbot):
+    known, unknown = counted_layer("A cells"), counted_layer("B cells")
+    unknown.features = unknown.features.drop(columns="equivalent_diameter_um")
+    table = SmearTable()
+    qtbot.addWidget(table)
+
+    table.show_summary(summarise_smears([known, known]))
+    assert table.text("diameter (µm)", 0) == f"8.00 ± {np.std([6, 7, 8, 9, 10], ddof=1):.2f}"  # whole cells only
+
+    table.show_summary(summarise_smears([known, unknown]))
+    assert table.text("diameter", 0) == f"8.00 ± {np.std([6, 7, 8, 9, 10], ddof=1):.2f} µm"
+    assert table.text("diameter", 1) == f"40.00 ± {np.std([30, 35, 40, 45, 50], ddof=1):.2f} px"
+
+    table.show_summary(summarise_smears([unknown]))
+    assert table.text("diameter (px)", 0) == f"40.00 ± {np.std([30, 35, 40, 45, 50], ddof=1):.2f}"
+
+
+def test_shares_appear_once_every_whole_cell_has_a_class(qtbot):
+    layer = counted_layer()
+    table = SmearTable()
+    qtbot.addWidget(table)
+    table.show_summary(summarise_smears(layer, classes=["normal", "spherocyte", "schistocyte"]))
+    assert table.text("with a class", 0) == "4 of 5"
+    assert table.text("spherocyte", 0) == "2"  # a manual label and a prediction; no share yet
+    assert table.text("schistocyte", 0) == ""  # no cell has it: no row
+    layer.features.loc[4, "predicted_class"] = "normal"
+    table.show_summary(summarise_smears(layer, classes=["normal", "spherocyte"]))
+    shown = {name: table.text(name, 0) for name in ("normal", "spherocyte", "target cell")}
+    assert shown == {"normal": "2 (40.0 %)", "spherocyte": "2 (40.0 %)", "target cell": "1 (20.0 %)"}
