@@ -79,6 +79,12 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     widget._umap_epoch.connect(lambda done, total: epochs.append((done, total)))
     compute_map(widget, qtbot)
     assert epochs[0] == (0, N_EPOCHS) and epochs[-1] == (N_EPOCHS, N_EPOCHS)  # the bar follows umap's epochs
+    embed_widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")[1]
+    embed_widget.reset_choices()
+    names = [layer.name for layer in viewer.layers]
+    assert names.index(f"{cells.name} map colours") == names.index(cells.name) + 1  # the map's colours over the smear ...
+    assert sorted(getattr(choice, "name", choice) for choice in embed_widget.cells.choices) == [
+        cells.name, "segment first"]  # ... are no cells to embed
 
     # One point per cell, carrying its image and label id; its UMAP position is in the table.
     points = widget.canvas.points

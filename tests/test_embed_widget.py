@@ -13,7 +13,7 @@ from qtpy.QtCore import Qt
 from skimage.io import imread
 
 from napari_reddino import embeddings_of, measure_cells, segment_cells
-from napari_reddino.cell_embeddings import METADATA_KEY, fingerprint, store_embeddings
+from napari_reddino.cell_embeddings import METADATA_KEY, fingerprint, store_embeddings, stored_fingerprint
 from napari_reddino.embedding import clear_embedder_cache, list_devices
 from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
 
@@ -287,7 +287,7 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
         widget.run()
 
     made = viewer.layers["26 cells"]  # segmented first: it had no cells layer
-    assert [layer.name for layer in viewer.layers if isinstance(layer, Labels)] == ["1 cells", "26 cells"]
+    assert [layer.name for layer in viewer.layers] == ["1", "26", "26 cells", "1 cells"]  # made: above its smear
     counts = []
     for cells in (own, made):
         ids, embeddings, _ = embeddings_of(cells)
@@ -299,6 +299,17 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
     with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
         widget.run()  # nothing changed: each is up to date
     assert widget.status.value == "Every open smear: 0 of 2 embedded (0 cells); already up to date: 1, 26."
+
+    widget.every_smear.value = False  # back to one smear: its own cells layer, not the last one made
+    widget.image.value = first
+    assert widget.cells.value is own
+    widget.cells.value = made  # the other smear's cells, of the same size: refused, not embedded
+    fingerprints = stored_fingerprint(made)
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert widget.status.value == ("The cells layer '26 cells' was segmented from '26', not from '1'; "
+                                   "choose its own cells layer, or 'segment first'.")
+    assert stored_fingerprint(made) == fingerprints
 
 
 def test_a_cancel_stops_every_open_smear_before_the_next(viewer, widget, qtbot):

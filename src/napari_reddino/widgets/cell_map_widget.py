@@ -56,7 +56,7 @@ from ..wording import counted
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
-from .smear_colours import SmearColours
+from .smear_colours import SmearColours, is_map_colours
 from .smear_table import SmearTable
 
 MANUAL, PREDICTED = "manual label", "predicted class"
@@ -609,8 +609,7 @@ class CellMapWidget(JobWidget):
         """Give the viewer's cells layers the manual labels of an exported cells CSV (yesterday's
         work, a colleague's), where they are the same cells; a newer label of a cell is kept."""
         layers = [layer for layer in self._viewer.layers
-                  if isinstance(layer, Labels) and "label" in layer.features
-                  and (self._smear_colours is None or layer not in self._smear_colours.layers)]
+                  if isinstance(layer, Labels) and not is_map_colours(layer) and "label" in layer.features]
         try:
             report = import_manual_labels(path, layers)
         except (OSError, ValueError) as error:  # LabelImportError is a ValueError

@@ -42,6 +42,7 @@ from ..measurements import measure_cells
 from ..models import KNOWN_MODELS, ModelLoadError
 from .job_widget import JobWidget, job_worker, smear_pixels
 from .segment_widget import _Job, _segment_and_measure, add_cells_layer
+from .smear_colours import is_map_colours
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
 
@@ -196,7 +197,8 @@ class EmbedCellsWidget(JobWidget):
     # --- choices ---------------------------------------------------------------------------
 
     def _cells_choices(self, _widget=None) -> list[tuple[str, object]]:
-        labels = [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Labels)]
+        labels = [(layer.name, layer) for layer in self._viewer.layers
+                  if isinstance(layer, Labels) and not is_map_colours(layer)]
         return [*labels, (SEGMENT_FIRST, SEGMENT_FIRST)]
 
     def _pick_cells(self, image: Image | None) -> None:
@@ -214,6 +216,9 @@ class EmbedCellsWidget(JobWidget):
 
     def _on_every_smear(self, every: bool) -> None:
         self.image.enabled = self.cells.enabled = not every
+        if not every:  # the run has added cells layers: the chosen image's own comes first again
+            self.reset_choices()
+            self._pick_cells(self.image.value)
 
     def _freeze_settings(self, frozen: bool) -> None:
         """Model, device and crops stay as they were for every smear of one run."""
@@ -311,6 +316,11 @@ class EmbedCellsWidget(JobWidget):
         if cells.multiscale:
             self._refuse(f"{cells.name!r} is a multiscale (pyramid) labels layer; open its full-resolution "
                          "level as a plain labels layer, or segment the image here.")
+            return
+        source = cells.metadata.get("source_image")
+        if source != image.name and source in self._viewer.layers:
+            self._refuse(f"The cells layer {cells.name!r} was segmented from {source!r}, not from {image.name!r}; "
+                         "choose its own cells layer, or 'segment first'.")
             return
         labels = np.asarray(cells.data)
         if labels.shape != pixels.shape[:2]:

@@ -164,7 +164,18 @@ def add_cells_layer(
         labels, name=job.layer_name, features=table, metadata=metadata, scale=job.scale, translate=job.translate
     )
     layer.contour = 2
+    own = [other for other in layers if other.name != layer.name and (  # names, not identity: plugins get proxies
+        other.name == job.image_name or other.metadata.get("source_image") == job.image_name)]
+    if own:  # right above its smear (and its earlier cells), not over the other smears open
+        place_above(layers, layer, own[-1])
     return layer
+
+
+def place_above(layers, layer, below) -> None:
+    """Move ``layer`` in the layer list to just above ``below`` (found by name: a plugin's
+    viewer hands out proxies of its layers, not the layers)."""
+    names = [each.name for each in layers]
+    layers.move(names.index(layer.name), names.index(below.name) + 1)
 
 
 def _has_manual_labels(layer: Labels) -> bool:

@@ -11,6 +11,13 @@ from napari.layers import Labels
 from napari.utils.colormaps import CyclicLabelColormap
 
 from ..cell_map import PooledCells, rank_lut
+from .segment_widget import place_above
+
+MARK = "reddino_map_colours"  # metadata key of a colour layer: it holds map ranks, not cells
+
+
+def is_map_colours(layer) -> bool:
+    return bool(getattr(layer, "metadata", {}).get(MARK))
 
 
 class SmearColours:
@@ -22,9 +29,10 @@ class SmearColours:
         for position, cells in enumerate(pool.layers):
             overlay = viewer.add_labels(
                 pool.rank_image(position), name=f"{cells.name} map colours",
-                scale=cells.scale, translate=cells.translate, opacity=1.0,
+                scale=cells.scale, translate=cells.translate, opacity=1.0, metadata={MARK: True},
             )
             overlay.editable = False
+            place_above(viewer.layers, overlay, cells)
             self.layers.append(overlay)
 
     def paint(self, fill: np.ndarray) -> None:
