@@ -137,6 +137,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert cells.mode == "pan_zoom"
     widget.select(~inside & (np.arange(len(ids)) % 2 == 0))
     widget.assign("normal")
+    assert widget.status.value == f"{widget.selected.sum()} cells labelled 'normal'."
     counts = widget.class_list.table
     assert counts.item(0, 2).text() == str((cells.features["manual_label"] == "normal").sum())
 
@@ -219,6 +220,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     before = csv.stat().st_mtime_ns
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
     assert widget.export_csv(csv) is None and csv.stat().st_mtime_ns == before
+    assert widget.status.value == "Nothing was written: cells.csv, cells.npz and cells_summary.csv kept as they were."
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
     assert widget.export_csv(csv) == csv
 
@@ -226,6 +228,10 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     exported = cells.features.set_index("label").loc[ids, "manual_label"].to_numpy()
     widget.select(exported != "")
     widget.assign("")
+    assert widget.status.value.startswith(f"Label cleared from {(exported != '').sum()} cells. Uncertain cell ")
+    widget.select(np.zeros(len(ids), dtype=bool))
+    widget.assign("normal")  # nothing selected: says how to select
+    assert widget.status.value == "No cells selected: lasso them on the map, or click them in the smear."
     newer = np.flatnonzero(exported == "spherocyte")[0]
     widget.select(np.arange(len(ids)) == newer)
     widget.assign("normal")

@@ -430,12 +430,19 @@ class CellMapWidget(JobWidget):
 
     def assign(self, name: str | None) -> None:
         """Give the selected cells class ``name`` ("" clears their label)."""
-        if self.pool is None or name is None or not self.selected.any():
+        if self.pool is None or name is None:
             return
+        if not self.selected.any():
+            self.status.value = "No cells selected: lasso them on the map, or click them in the smear."
+            return
+        count = counted(int(self.selected.sum()), "cell")
         self.pool.write("manual_label", name, np.flatnonzero(self.selected))
+        done = f"{count} labelled {name!r}." if name else f"Label cleared from {count}."
         self.recolour()
+        self.status.value = done
         if self._review:  # labelling a reviewed cell moves on to the next one
             self.review_next()
+            self.status.value = f"{done} {self.status.value}"
 
     def _rename_class(self, old: str, new: str) -> None:
         """Rename the class in the head and on every cells layer of the viewer, mapped or not,
@@ -631,7 +638,10 @@ class CellMapWidget(JobWidget):
     def _confirm_overwrite(self, paths: list[Path]) -> bool:
         names = ", ".join(path.name for path in paths[:-1]) + (" and " if len(paths) > 1 else "") + paths[-1].name
         answer = QMessageBox.question(self, "Replace?", f"{names} {'exist' if len(paths) > 1 else 'exists'}. Replace?")
-        return answer == QMessageBox.StandardButton.Yes
+        if answer != QMessageBox.StandardButton.Yes:
+            self.status.value = f"Nothing was written: {names} kept as {'they were' if len(paths) > 1 else 'it was'}."
+            return False
+        return True
 
     def _save_head_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save head", "head.safetensors", "Heads (*.safetensors)",
