@@ -384,13 +384,14 @@ def test_a_map_cancelled_during_its_layout_is_dropped_and_the_next_one_is_shown(
     assert len(widget.canvas.points.data) == n
 
 
-def test_at_its_narrowest_the_panel_shows_every_control_and_whole_class_names(viewer, qtbot):
+def test_at_its_narrowest_the_panel_shows_every_control_whole_class_names_and_the_status(viewer, qtbot):
     dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
     dock.parent().resizeDocks([dock], [MIN_WIDTH], Qt.Orientation.Horizontal)  # dragged as narrow as it goes
     qtbot.waitUntil(lambda: widget.width() == MIN_WIDTH)
     scroll = widget.findChild(QScrollArea)
     assert scroll.widget().minimumSizeHint().width() <= scroll.viewport().width()
     assert not scroll.horizontalScrollBar().isVisible()
+    assert widget.status.native.isVisible() and not scroll.isAncestorOf(widget.status.native)  # never scrolled away
     table = widget.class_list.table
     widest_name = max(table.fontMetrics().horizontalAdvance(name) for name in DEFAULT_CLASSES)
     assert table.columnWidth(NAME) > widest_name

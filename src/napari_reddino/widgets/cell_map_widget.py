@@ -165,14 +165,15 @@ class CellMapWidget(JobWidget):
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
 
     def _lay_out_map_widget(self) -> None:
-        """The map on top; below it, in a scroll area, the controls, the class list and the head."""
+        """The map on top; below it, in a scroll area, the controls, the class list and the head;
+        the status line under both."""
         run = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
         controls = Container(widgets=[run, self.colour_by, self.centre_on_click])
         labelling = Container(widgets=[self.selection_count, self._row("Assign", "Clear label", "Clear selection")],
                               labels=False)
         head = Container(
             widgets=[self._row("Train head", "Review uncertain"), self._row("Save head…", "Apply saved head…"),
-                     self.with_embeddings, self.with_summary, self._row("Export CSV…", "Import labels…"), self.status],
+                     self.with_embeddings, self.with_summary, self._row("Export CSV…", "Import labels…")],
             labels=False,
         )
         self.class_list.table.setMinimumHeight(CLASS_TABLE_MIN_HEIGHT)
@@ -189,9 +190,11 @@ class CellMapWidget(JobWidget):
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(self.canvas)
         splitter.addWidget(scroll)
-        splitter.setStretchFactor(0, 3)
-        splitter.setStretchFactor(1, 2)
-        QVBoxLayout(self).addWidget(splitter)
+        splitter.setStretchFactor(0, 1)  # on a laptop screen, the class list shows too
+        splitter.setStretchFactor(1, 1)
+        layout = QVBoxLayout(self)
+        layout.addWidget(splitter)
+        layout.addWidget(self.status.native)  # outside the scroll area: what just happened is always in view
         self.setMinimumWidth(MIN_WIDTH)
 
     def _row(self, *names: str) -> Container:
