@@ -228,7 +228,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     exported = cells.features.set_index("label").loc[ids, "manual_label"].to_numpy()
     widget.select(exported != "")
     widget.assign("")
-    assert widget.status.value.startswith(f"Label cleared from {(exported != '').sum()} cells. Uncertain cell ")
+    assert widget.status.value.startswith(f"Label cleared from {(exported != '').sum()} cells. Least certain unlabelled cell: ")
     widget.select(np.zeros(len(ids), dtype=bool))
     widget.assign("normal")  # nothing selected: says how to select
     assert widget.status.value == "No cells selected: lasso them on the map, or click them in the smear."
@@ -310,23 +310,23 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     aslan.data = np.where(aslan.data == aslan_ids[0], 0, aslan.data)
     assert widget.pool is None and widget.canvas.points is None
     assert not any(layer.name.endswith("map colours") for layer in viewer.layers)
-    assert widget.status.value.startswith(f"The cells of {aslan.name} changed")
+    assert widget.status.value.startswith(f"The cells of {aslan.name!r} changed")
 
     # So does embedding the cells again (other crops, another model) before a train or an export.
     compute_map(widget, qtbot)
     ids_now, vectors, model_id = embeddings_of(cells)
     store_embeddings(cells, ids_now, vectors[:, ::-1], model_id=model_id, fingerprint="re-embedded")
     widget.train()
-    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name} changed")
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
 
     # So does painting a cell with the brush, and removing a smear's cells layer.
     compute_map(widget, qtbot)
     cells.paint(tuple(table.loc[ids[0], ["centroid_y", "centroid_x"]]), 0)
-    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name} changed")
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
     compute_map(widget, qtbot)
     assert widget.pool is not None
     viewer.layers.remove(aslan)
-    assert widget.pool is None and widget.status.value.startswith(f"The cells of {aslan.name} changed or were removed")
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {aslan.name!r} changed or were removed")
 
     # Without a map, a renamed class is renamed on the cells layers all the same.
     widget.class_list.table.item(widget.class_list.classes.index("target cell"), NAME).setText("target")

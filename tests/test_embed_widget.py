@@ -90,7 +90,7 @@ def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
     with qtbot.assertNotEmitted(widget.embedded):
         run(widget, qtbot)
     assert widget.status.value == (
-        f"The {len(ids):,} embeddings of smear cells ({model_id}) are up to date; nothing to do."
+        f"The {len(ids):,} embeddings of 'smear cells' ({model_id}) are up to date; nothing to do."
     )
     reopened = EmbedCellsWidget(viewer)
     reopened.model_name, reopened.device.value = widget.model_name, "cpu"
@@ -215,7 +215,7 @@ def test_no_cells_gives_a_notice_and_nothing_else(viewer, widget, qtbot):
 
     run(widget, qtbot)
 
-    assert widget.status.value == "No cells in patch cells to embed."
+    assert widget.status.value == "No cells in 'patch cells' to embed."
     assert notification_manager.records[-1].message == widget.status.value
     assert embeddings_of(cells) is None
 
@@ -298,7 +298,7 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
 
     with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
         widget.run()  # nothing changed: each is up to date
-    assert widget.status.value == "Every open smear: 0 of 2 embedded (0 cells); already up to date: 1, 26."
+    assert widget.status.value == "Every open smear: 0 of 2 embedded (0 cells); already up to date: '1', '26'."
 
     widget.every_smear.value = False  # back to one smear: its own cells layer, not the last one made
     widget.image.value = first
@@ -322,7 +322,7 @@ def test_a_cancel_stops_every_open_smear_before_the_next(viewer, widget, qtbot):
         widget.run()
         widget.cancel()
 
-    assert widget.status.value == ("Every open smear: 0 of 2 embedded (0 cells). Not embedded: 1: Cancelled; the "
-                                   "embeddings were not changed. Stopped (cancelled) before 26.")
+    assert widget.status.value == ("Every open smear: 0 of 2 embedded (0 cells). Not embedded: '1': Cancelled; the "
+                                   "embeddings were not changed. Stopped (cancelled) before '26'.")
     assert not [layer for layer in viewer.layers if isinstance(layer, Labels)]
     assert widget._run_button.enabled

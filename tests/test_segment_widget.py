@@ -111,7 +111,7 @@ def test_blank_image_gives_a_notice_and_no_layer(viewer, widget, qtbot):
     run(widget, qtbot)
 
     assert labels_layers(viewer) == []
-    notice = "No cells found in blank: is it a blood smear? Try setting the cell diameter."
+    notice = "No cells found in 'blank': is it a blood smear? Try setting the cell diameter."
     assert widget.status.value == notice
     assert notification_manager.records[-1].message == notice
 

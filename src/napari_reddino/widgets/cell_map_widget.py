@@ -270,7 +270,7 @@ class CellMapWidget(JobWidget):
         elif xy is None:
             pass  # failed: _on_errored said why
         elif changed := self._changed_since_pooled(pool):
-            self.status.value = f"The cells of {changed} changed while the map was computed; compute it again."
+            self.status.value = f"The cells of {changed!r} changed while the map was computed; compute it again."
         else:
             self.show_map(pool, xy)
             self.status.value = f"Map of {len(xy):,} cells in {time.perf_counter() - self._started:.1f} s."
@@ -334,7 +334,7 @@ class CellMapWidget(JobWidget):
 
     def _map_is_stale(self, name: str) -> None:
         self.forget_map()
-        self.status.value = f"The cells of {name} changed or were removed; embed them again, then Compute map."
+        self.status.value = f"The cells of {name!r} changed or were removed; embed them again, then Compute map."
         self.selection_count.value = "No map yet."
 
     def _colour_choices(self, _widget=None) -> list[str]:
@@ -547,8 +547,8 @@ class CellMapWidget(JobWidget):
         self._show_cell_in_smear(point)
         predicted = self.pool.column("predicted_class", UNLABELLED)[point]
         certainty = self.pool.column("prediction_probability")[point]
-        self.status.value = (f"Uncertain cell {self.pool.label_ids[point]} of "
-                             f"{self.pool.layers[self.pool.layer_index[point]].name}: predicted {predicted} "
+        self.status.value = (f"Least certain unlabelled cell: {self.pool.label_ids[point]} of "
+                             f"{self.pool.layers[self.pool.layer_index[point]].name!r}, predicted {predicted!r} "
                              f"(p = {certainty:.2f}). Press its class's number key, or Review uncertain to skip.")
 
     def save_head(self, path: str | Path) -> None:

@@ -257,7 +257,7 @@ class EmbedCellsWidget(JobWidget):
         batch.current, batch.current_embedded = batch.waiting.pop(0), False
         image = batch.current
         if image not in self._viewer.layers:
-            self._refuse(f"{image.name} was closed before its turn.", notify=show_info)
+            self._refuse(f"{image.name!r} was closed before its turn.", notify=show_info)
             return
         pixels = self._chosen_smear(image)
         if pixels is None:
@@ -279,7 +279,7 @@ class EmbedCellsWidget(JobWidget):
         if batch is None or batch.current is None:
             return
         if not batch.current_embedded and batch.current.name not in batch.up_to_date:
-            batch.not_embedded.append(f"{batch.current.name}: {self.status.value}")
+            batch.not_embedded.append(f"{batch.current.name!r}: {self.status.value}")
         batch.current = None
         if batch.waiting and batch.stopped is None:
             QTimer.singleShot(0, self._run_next_smear)  # after this run's handlers have all run
@@ -290,12 +290,12 @@ class EmbedCellsWidget(JobWidget):
         self._batch = None
         self._freeze_settings(False)
         cells = sum(batch.embedded.values())
-        up_to_date = f"; already up to date: {', '.join(batch.up_to_date)}" if batch.up_to_date else ""
+        up_to_date = f"; already up to date: {', '.join(map(repr, batch.up_to_date))}" if batch.up_to_date else ""
         summary = [f"Every open smear: {len(batch.embedded)} of {batch.total} embedded ({cells:,} cells){up_to_date}."]
         if batch.not_embedded:
             summary.append("Not embedded: " + "; ".join(batch.not_embedded))
         if batch.waiting:
-            summary.append(f"Stopped ({batch.stopped}) before {', '.join(image.name for image in batch.waiting)}.")
+            summary.append(f"Stopped ({batch.stopped}) before {', '.join(repr(image.name) for image in batch.waiting)}.")
         self.status.value = " ".join(summary)
         self.every_smear_done.emit()
 
@@ -309,7 +309,7 @@ class EmbedCellsWidget(JobWidget):
             pixel_size_um=layer.metadata.get("pixel_size_um") or None,
             started=time.perf_counter(),
         )
-        self.status.value = f"Segmenting {layer.name}…"
+        self.status.value = f"Segmenting {layer.name!r}…"
         self._start(_segment_and_measure, pixels, None, self._segment_job.pixel_size_um)
 
     def _embed(self, image: Image, pixels: np.ndarray, cells: Labels) -> None:
@@ -330,7 +330,7 @@ class EmbedCellsWidget(JobWidget):
             )
             return
         if not labels.any():
-            self._refuse(f"No cells in {cells.name} to embed.", notify=show_warning)
+            self._refuse(f"No cells in {cells.name!r} to embed.", notify=show_warning)
             return
         model = self.model_name
         crops = {"mode": self.crop_mode.value, "scale": self.crop_scale.value, "margin": float(self.margin.value)}
@@ -346,7 +346,7 @@ class EmbedCellsWidget(JobWidget):
                 self._batch.up_to_date.append(image.name)
             ids, _, model_id = embeddings_of(cells)
             self._refuse(
-                f"The {len(ids):,} embeddings of {cells.name} ({model_id}) are up to date; nothing to do.",
+                f"The {len(ids):,} embeddings of {cells.name!r} ({model_id}) are up to date; nothing to do.",
                 notify=show_info,
             )
             return
@@ -360,14 +360,14 @@ class EmbedCellsWidget(JobWidget):
     def _on_progress(self, item) -> None:
         if isinstance(item, Embedder):  # loaded: the embedding starts now
             self._embedder, self._embed_started = item, time.perf_counter()
-            self.status.value = f"Embedding {self._embed_job.cells.name} with {self._embed_job.model} on {item.device}…"
+            self.status.value = f"Embedding {self._embed_job.cells.name!r} with {self._embed_job.model} on {item.device}…"
             return
         done, total = item
-        desc = f"Embedding {self._embed_job.cells.name}" if self._embed_job else f"Segmenting {self._segment_job.image_name}"
+        desc = f"Embedding {self._embed_job.cells.name!r}" if self._embed_job else f"Segmenting {self._segment_job.image_name!r}"
         self._count(done, total, desc)
         if self._embed_job is not None:
             rate = done / max(time.perf_counter() - self._embed_started, 1e-9)
-            self.status.value = f"Embedding {self._embed_job.cells.name}: {done:,} of {total:,} cells ({rate:,.0f} cells/s)…"
+            self.status.value = f"Embedding {self._embed_job.cells.name!r}: {done:,} of {total:,} cells ({rate:,.0f} cells/s)…"
 
     def _failed_job(self) -> str:
         return "Embedding" if self._embed_job is not None else "Segmentation"
@@ -394,10 +394,10 @@ class EmbedCellsWidget(JobWidget):
 
     def _segmented(self, job: _Job, labels: np.ndarray, table, cell_diameter: float) -> None:
         if table.empty:
-            self._refuse(f"No cells found in {job.image_name}: is it a blood smear? Try the Segment cells widget.", notify=show_warning)
+            self._refuse(f"No cells found in {job.image_name!r}: is it a blood smear? Try the Segment cells widget.", notify=show_warning)
             return
         if job.image_name not in self._viewer.layers:
-            self._refuse(f"{job.image_name} was removed while it was segmented; nothing was changed.")
+            self._refuse(f"{job.image_name!r} was removed while it was segmented; nothing was changed.")
             return
         cells = add_cells_layer(self._viewer, labels, table, job, cell_diameter)
         self.reset_choices()
@@ -413,7 +413,7 @@ class EmbedCellsWidget(JobWidget):
     def _store(self, job: _EmbedJob, embedder: Embedder, ids: np.ndarray, embeddings: np.ndarray,
                table: pd.DataFrame | None) -> None:
         if job.cells not in self._viewer.layers:
-            self.status.value = f"{job.cells.name} was removed while its cells were embedded; nothing was stored."
+            self.status.value = f"{job.cells.name!r} was removed while its cells were embedded; nothing was stored."
             return
         if table is not None:  # measured now: the layer's own columns (labels, notes) stay with their cells
             old = job.cells.features

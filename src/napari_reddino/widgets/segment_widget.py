@@ -92,7 +92,7 @@ class SegmentCellsWidget(JobWidget):
             pixel_size_um=self.pixel_size.value or None,
             started=time.perf_counter(),
         )
-        self.status.value = f"Segmenting {layer.name}…"
+        self.status.value = f"Segmenting {layer.name!r}…"
         self._start(_segment_and_measure, pixels, self._job.cell_diameter, self._job.pixel_size_um)
 
     def _prefill_pixel_size(self, layer: Image | None) -> None:
@@ -107,7 +107,7 @@ class SegmentCellsWidget(JobWidget):
             layer.metadata["pixel_size_um"] = value or None
 
     def _on_progress(self, tiles: tuple[int, int]) -> None:
-        self._count(*tiles, f"Segmenting {self._job.image_name}")
+        self._count(*tiles, f"Segmenting {self._job.image_name!r}")
 
     def _failed_job(self) -> str:
         return "Segmentation"
@@ -124,7 +124,7 @@ class SegmentCellsWidget(JobWidget):
     def _show_result(self, labels: np.ndarray, table: pd.DataFrame, cell_diameter: float) -> None:
         job = self._job
         if table.empty:
-            message = f"No cells found in {job.image_name}: is it a blood smear? Try setting the cell diameter."
+            message = f"No cells found in {job.image_name!r}: is it a blood smear? Try setting the cell diameter."
             show_warning(message)
             self.status.value = message
             return
