@@ -174,3 +174,17 @@ def test_a_pixel_size_typed_for_a_smear_stays_with_that_smear(viewer, widget):
     assert (first.metadata["pixel_size_um"], second.metadata["pixel_size_um"]) == (0.25, 0.5)
     widget.pixel_size.value = 0  # back to unknown
     assert first.metadata["pixel_size_um"] is None
+
+
+def test_a_long_message_wraps_in_the_panel_without_widening_the_dock(make_napari_viewer, qtbot):
+    shown = make_napari_viewer(show=True)
+    shown.window.resize(1280, 800)
+    _, widget = shown.window.add_plugin_dock_widget("napari-reddino", "Segment cells")
+    qtbot.wait(50)
+    width = widget.width()
+    widget.status.value = "A model that cannot load explains at length what to do. " * 10
+    qtbot.wait(50)
+    assert widget.width() == width
+    widget.status.value = "118 cells found in 0.8 s"
+    qtbot.wait(50)
+    assert widget.status.native.height() < 2 * widget.status.native.fontMetrics().height()  # one line, not two

@@ -11,7 +11,7 @@ from napari.qt.threading import thread_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QVBoxLayout, QWidget
+from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from ..image_input import ACCEPTED, ImageInputError, check_smear
 
@@ -70,6 +70,8 @@ class JobWidget(QWidget):
         self._cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label()
         self.status.native.setWordWrap(True)
+        # The panel's width decides where the status wraps; a long message must not widen the dock.
+        self.status.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self._run_button.changed.connect(self.run)
         self._cancel_button.changed.connect(self.cancel)
 
