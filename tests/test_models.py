@@ -102,7 +102,7 @@ def test_offline_and_not_cached_fails_within_a_second_saying_what_to_do(hub_cach
     message = str(error.value)
     for expected in ("'reddino-small'", "Snarcy/RedDino-small", str(hub_cache), "HF_HUB_OFFLINE"):
         assert expected in message
-    assert "load_embedder('/path/to/folder')" in message
+    assert "(Embed cells: Browse…; Python: load_embedder('/path/to/folder'))" in message
 
 
 def test_unreachable_hub_fails_within_a_second_without_retrying(hub_cache, monkeypatch):

@@ -372,7 +372,7 @@ def _hub_snapshot(hub_id: str, name: str, download_progress: DownloadProgress | 
             f"and cannot be downloaded: {unreachable}. Download it once on a machine with internet "
             f"(it is then cached), copy that cache folder here (or set HF_HUB_CACHE to it), or put "
             f"{CONFIG_FILE} and {WEIGHT_FILES[0]} from https://huggingface.co/{repo_id} in a folder and "
-            f"load that folder: load_embedder('/path/to/folder')."
+            f"load that folder (Embed cells: Browse…; Python: load_embedder('/path/to/folder'))."
         )
     config = _download(repo_id, CONFIG_FILE, revision, settings, download_progress)
     for weights_name in WEIGHT_FILES:
