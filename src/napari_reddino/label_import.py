@@ -67,7 +67,8 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
             raise LabelImportError(
                 f"{min(moved):,} of the {len(rows):,} labelled cells of {path.name} from {source!r} are not cells "
                 f"of {' or '.join(repr(layer.name) for layer in candidates)} (no cell of that id, or one "
-                "elsewhere): the smear was segmented with other settings or edited since the export.")
+                "elsewhere): the smear was segmented with other settings (pixel size, cell diameter) or edited since "
+                "the export; segment it as it was then and import again.")
         plans.append((candidates[moved.index(0)], pd.Series(rows["manual_label"].to_numpy(), index=rows["label"])))
     if not plans:
         raise LabelImportError(
