@@ -438,7 +438,8 @@ class CellMapWidget(JobWidget):
         if not self.selected.any():
             self.status.value = "No cells selected: lasso them on the map, or click them in the smear."
             return
-        count = counted(int(self.selected.sum()), "cell")
+        had_label = self.pool.column("manual_label", UNLABELLED)[self.selected] != UNLABELLED
+        count = counted(int(self.selected.sum() if name else had_label.sum()), "cell")
         self.pool.write("manual_label", name, np.flatnonzero(self.selected))
         done = f"{count} labelled {name!r}." if name else f"Label cleared from {count}."
         self.recolour()
