@@ -97,7 +97,8 @@ class SegmentCellsWidget(JobWidget):
 
     def _prefill_pixel_size(self, layer: Image | None) -> None:
         if layer is not None:
-            self.pixel_size.value = layer.metadata.get("pixel_size_um") or 0.0
+            with self.pixel_size.changed.blocked():  # shown, not typed: the layer's own value stays unrounded
+                self.pixel_size.value = layer.metadata.get("pixel_size_um") or 0.0
 
     def _remember_pixel_size(self, value: float) -> None:
         """Keep the pixel size on the image layer: it comes back when the image is chosen again,
