@@ -8,6 +8,8 @@ from napari.layers import Labels
 from napari.utils.notifications import NotificationSeverity, notification_manager
 from skimage.io import imread
 
+from napari_reddino.widgets.smear_colours import MARK
+
 DATA = Path(__file__).parent / "data"
 CHULA_1 = DATA / "chula_rbc12" / "1.jpg"
 RUN_TIMEOUT_MS = 60_000
@@ -93,12 +95,15 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     assert cells.metadata["cell_diameter_from"] == "given"
     assert_one_row_per_cell(cells)
 
-    # Once its cells carry the user's labels, a cells layer is kept and the new one goes beside it.
+    # Once its cells carry the user's labels, a cells layer is kept and the new one goes beside it,
+    # above the old one's map colours (and below a smear opened later).
     cells.features = cells.features.assign(manual_label=["normal"] + [""] * (len(cells.features) - 1))
     kept = cells.data.copy()
+    colours = viewer.add_labels(np.zeros_like(kept), name=f"{cells.name} map colours", metadata={MARK: cells.name})
+    later = viewer.add_image(chula.data, name="a later smear")
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
-    assert labels_layers(viewer) == [cells, result.args[0]]
+    assert list(viewer.layers) == [chula, cells, colours, result.args[0], later]
     assert result.args[0].name == "smear (chula) cells [1]"
     np.testing.assert_array_equal(cells.data, kept)
     assert list(cells.features["manual_label"][:2]) == ["normal", ""]

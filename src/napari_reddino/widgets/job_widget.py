@@ -41,6 +41,13 @@ class WorkerFailed(Exception):
     sign that its Qt object was deleted, and emits neither ``errored`` nor ``finished``."""
 
 
+def place_above(layers, layer, below) -> None:
+    """Move ``layer`` in the layer list to just above ``below`` (found by name: a plugin's
+    viewer hands out proxies of its layers, not the layers)."""
+    names = [each.name for each in layers]
+    layers.move(names.index(layer.name), names.index(below.name) + 1)
+
+
 def job_worker(generator_function):
     """napari's ``thread_worker`` for a generator function, reporting every error it raises."""
 

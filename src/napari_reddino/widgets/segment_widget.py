@@ -13,7 +13,8 @@ from qtpy.QtCore import Signal
 
 from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
-from .job_widget import JobWidget, job_worker
+from .job_widget import JobWidget, job_worker, place_above
+from .smear_colours import map_colours_of
 
 
 @dataclass(frozen=True)
@@ -165,18 +166,14 @@ def add_cells_layer(
         labels, name=job.layer_name, features=table, metadata=metadata, scale=job.scale, translate=job.translate
     )
     layer.contour = 2
-    own = [other for other in layers if other.name != layer.name and (  # names, not identity: plugins get proxies
-        other.name == job.image_name or other.metadata.get("source_image") == job.image_name)]
-    if own:  # right above its smear (and its earlier cells), not over the other smears open
-        place_above(layers, layer, own[-1])
+    # Right above its smear, its earlier cells and their map colours, not over the other smears.
+    # By name, not identity: a plugin's viewer hands out proxies of its layers.
+    own = {other.name for other in layers if other.name != layer.name and (
+        other.name == job.image_name or other.metadata.get("source_image") == job.image_name)}
+    own |= {other.name for other in layers if map_colours_of(other) in own}
+    if own:
+        place_above(layers, layer, [other for other in layers if other.name in own][-1])
     return layer
-
-
-def place_above(layers, layer, below) -> None:
-    """Move ``layer`` in the layer list to just above ``below`` (found by name: a plugin's
-    viewer hands out proxies of its layers, not the layers)."""
-    names = [each.name for each in layers]
-    layers.move(names.index(layer.name), names.index(below.name) + 1)
 
 
 def _has_manual_labels(layer: Labels) -> bool:

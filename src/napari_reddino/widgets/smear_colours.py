@@ -11,13 +11,18 @@ from napari.layers import Labels
 from napari.utils.colormaps import CyclicLabelColormap
 
 from ..cell_map import PooledCells, rank_lut
-from .segment_widget import place_above
+from .job_widget import place_above
 
-MARK = "reddino_map_colours"  # metadata key of a colour layer: it holds map ranks, not cells
+MARK = "reddino_map_colours"  # metadata key of a colour layer (it holds map ranks, not cells): its cells' name
+
+
+def map_colours_of(layer) -> str | None:
+    """The name of the cells layer whose map colours ``layer`` shows, or None if it shows none."""
+    return getattr(layer, "metadata", {}).get(MARK)
 
 
 def is_map_colours(layer) -> bool:
-    return bool(getattr(layer, "metadata", {}).get(MARK))
+    return bool(map_colours_of(layer))
 
 
 class SmearColours:
@@ -29,7 +34,7 @@ class SmearColours:
         for position, cells in enumerate(pool.layers):
             overlay = viewer.add_labels(
                 pool.rank_image(position), name=f"{cells.name} map colours",
-                scale=cells.scale, translate=cells.translate, opacity=1.0, metadata={MARK: True},
+                scale=cells.scale, translate=cells.translate, opacity=1.0, metadata={MARK: cells.name},
             )
             overlay.editable = False
             place_above(viewer.layers, overlay, cells)
