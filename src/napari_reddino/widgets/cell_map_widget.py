@@ -534,8 +534,10 @@ class CellMapWidget(JobWidget):
             self._refuse("Train the head (or apply a saved one) on this map first; review steps through its "
                          "least certain cells.", notify=show_info)
             return
+        labelled = self.pool.column("manual_label", UNLABELLED) != UNLABELLED
+        while self._review and labelled[self._review[-1]]:  # labelled since the queue was made (an import)
+            self._review.pop()
         if not self._review:
-            labelled = self.pool.column("manual_label", UNLABELLED) != UNLABELLED
             self._review = [int(i) for i in self._uncertain if not labelled[i]][::-1]
         if not self._review:
             self.status.value = "Every cell is labelled; nothing to review."
