@@ -300,8 +300,8 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
         widget.run()  # nothing changed: each is up to date
     assert widget.status.value == "Every open smear: 0 of 2 embedded (0 cells); already up to date: '1', '26'."
 
-    widget.every_smear.value = False  # back to one smear: its own cells layer, not the last one made
-    widget.image.value = first
+    assert widget.image.value is first and widget.cells.value is own  # its own cells layer, not the last one made
+    widget.every_smear.value = False  # back to one smear
     assert widget.cells.value is own
     widget.cells.value = made  # the other smear's cells, of the same size: refused, not embedded
     fingerprints = stored_fingerprint(made)
@@ -310,6 +310,13 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
     assert widget.status.value == ("The cells layer '26 cells' was segmented from '26', not from '1'; "
                                    "choose its own cells layer, or 'segment first'.")
     assert stored_fingerprint(made) == fingerprints
+
+    # Ticked and unticked again without a run: the cells layer chosen by hand stays chosen.
+    mine = viewer.add_labels(own.data.copy(), name="1 cells (mine)", metadata={"source_image": first.name})
+    widget.cells.value = mine
+    widget.every_smear.value = True
+    widget.every_smear.value = False
+    assert widget.cells.value is mine
 
 
 def test_a_cancel_stops_every_open_smear_before_the_next(viewer, widget, qtbot):

@@ -216,9 +216,6 @@ class EmbedCellsWidget(JobWidget):
 
     def _on_every_smear(self, every: bool) -> None:
         self.image.enabled = self.cells.enabled = not every
-        if not every:  # the run has added cells layers: the chosen image's own comes first again
-            self.reset_choices()
-            self._pick_cells(self.image.value)
 
     def _freeze_settings(self, frozen: bool) -> None:
         """Model, device and crops stay as they were for every smear of one run."""
@@ -289,6 +286,7 @@ class EmbedCellsWidget(JobWidget):
     def _sum_up(self, batch: _Batch) -> None:
         self._batch = None
         self._freeze_settings(False)
+        self._pick_cells(self.image.value)  # the run added cells layers: the chosen image's own comes first again
         cells = sum(batch.embedded.values())
         up_to_date = f"; already up to date: {', '.join(map(repr, batch.up_to_date))}" if batch.up_to_date else ""
         summary = [f"Every open smear: {len(batch.embedded)} of {batch.total} embedded ({cells:,} cells){up_to_date}."]
