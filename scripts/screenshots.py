@@ -92,6 +92,9 @@ def cell_map_view(model: str, path: Path, panel_path: Path) -> None:
     cell_map.train()
     xy = cell_map.canvas.points.data
     targets = xy[cell_map.pool.column("predicted_class", "") == "target cell"]
+    if len(targets) < 3:
+        raise SystemExit(f"The head predicts {len(targets)} target cells, too few to lasso: use a model "
+                         "that separates them (RedDino, or a longer reddino-train run).")
     hull = ConvexHull(targets)
     cell_map.canvas.select_polygon(targets[hull.vertices])
     for layer in viewer.layers:  # smear 26 with its map colours

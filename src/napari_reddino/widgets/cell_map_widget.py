@@ -329,8 +329,8 @@ class CellMapWidget(JobWidget):
         if self.pool is not None and event.value in self.pool.layers:
             self._map_is_stale(event.value.name)
 
-    def _on_cells_changed(self, event=None) -> None:
-        self._map_is_stale(getattr(getattr(event, "source", None), "name", "a cells layer"))
+    def _on_cells_changed(self, event) -> None:
+        self._map_is_stale(event.source.name)  # the cells layer whose data or paint event this is
 
     def _map_is_stale(self, name: str) -> None:
         self.forget_map()
