@@ -256,8 +256,12 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     colleague = pd.read_csv(csv, dtype={"image": str}, keep_default_na=False)
     unlabelled = np.flatnonzero(colleague["manual_label"] == "")[0]
     colleague.loc[unlabelled, "manual_label"] = " acanthocyte "
+    moved = np.flatnonzero(colleague["manual_label"] == "spherocyte")[0]  # a cell the colleague saw elsewhere
+    colleague.loc[moved, "centroid_x"] += 5
     colleague.to_csv(tmp_path / "colleague.csv", index=False)
     widget.import_labels(tmp_path / "colleague.csv")
+    assert widget.status.value.endswith(f"; 1 labelled cell of {cells.name!r} not imported: no cell is at their place "
+                                        "now (segmented with other settings, or edited since the export).")
     assert cells.features.set_index("label").loc[colleague.loc[unlabelled, "label"], "manual_label"] == "acanthocyte"
     assert widget.class_list.classes[-1] == "acanthocyte"
     colours = widget.class_list.hex_colours

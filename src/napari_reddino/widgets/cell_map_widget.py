@@ -637,6 +637,10 @@ class CellMapWidget(JobWidget):
             parts.append(f"{counted(report.already, 'cell')} had them already")
         if report.kept:
             parts.append(f"{counted(report.kept, 'cell')} labelled otherwise since the export kept that label")
+        if report.missed:
+            missed = " and ".join(f"{counted(count, 'labelled cell')} of {name!r}" for name, count in report.missed.items())
+            parts.append(f"{missed} not imported: no cell is at their place now (segmented with other settings, "
+                         "or edited since the export)")
         if report.unmatched:
             parts.append(f"not imported: the cells of {', '.join(report.unmatched)} (open and segment those smears)")
         self.status.value = "; ".join(parts) + "."
