@@ -36,6 +36,7 @@ DEFAULT_CLASSES = {
 NEW_CLASS_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#17becf", "#8c564b",
                      "#bcbd22", "#9edae5", "#c5b0d5", "#ffbb78")
 KEY, NAME, LABELLED, PREDICTED = range(4)
+KEY_TIP = "Double-click to change the colour"
 
 
 def key_of(row: int) -> str:
@@ -68,9 +69,14 @@ class ClassList(QWidget):
         add, remove = QPushButton("Add class"), QPushButton("Remove class")
         add.clicked.connect(lambda: self.add_class(self._new_name()))
         remove.clicked.connect(self.remove_current)
+        up, down = QPushButton("Up"), QPushButton("Down")
+        up.setToolTip("Move the selected class up: the first ten classes have keys 1-9, 0")
+        down.setToolTip("Move the selected class down")
+        up.clicked.connect(lambda: self.move_current(-1))
+        down.clicked.connect(lambda: self.move_current(+1))
         buttons = QHBoxLayout()
-        buttons.addWidget(add)
-        buttons.addWidget(remove)
+        for button in (add, remove, up, down):
+            buttons.addWidget(button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.table)
@@ -116,7 +122,6 @@ class ClassList(QWidget):
         key = QTableWidgetItem(key_of(row))
         key.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
         key.setBackground(QColor(colour))
-        key.setToolTip("Double-click to change the colour")
         self.table.setItem(row, KEY, key)
         self.table.setItem(row, NAME, QTableWidgetItem(name))
         self._names.append(name)
@@ -124,6 +129,7 @@ class ClassList(QWidget):
             count = QTableWidgetItem("0")
             count.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
             self.table.setItem(row, column, count)
+        self._renumber_keys()
         self.table.blockSignals(False)
         self.changed.emit()
 
@@ -132,6 +138,23 @@ class ClassList(QWidget):
         row = self.table.currentRow()
         if row >= 0 and self.table.rowCount() > 1:
             self.remove_requested.emit(self._names[row])
+
+    def move_current(self, step: int) -> None:
+        """Move the selected class ``step`` rows (-1 up, +1 down); keys follow the rows."""
+        row = self.table.currentRow()
+        other = row + step
+        if row < 0 or not 0 <= other < self.table.rowCount():
+            return
+        self.table.blockSignals(True)
+        for column in range(self.table.columnCount()):
+            mine, theirs = self.table.takeItem(row, column), self.table.takeItem(other, column)
+            self.table.setItem(row, column, theirs)
+            self.table.setItem(other, column, mine)
+        self.table.blockSignals(False)
+        self._names[row], self._names[other] = self._names[other], self._names[row]
+        self._renumber_keys()
+        self.table.selectRow(other)
+        self.changed.emit()
 
     def remove(self, name: str) -> None:
         row = self._names.index(name)
@@ -153,7 +176,10 @@ class ClassList(QWidget):
 
     def _renumber_keys(self) -> None:
         for row in range(self.table.rowCount()):
-            self.table.item(row, KEY).setText(key_of(row))
+            key = self.table.item(row, KEY)
+            key.setText(key_of(row))
+            key.setToolTip(KEY_TIP if key_of(row) else f"{KEY_TIP}. No key: only the first ten classes have one "
+                           "(1-9, 0); move this class Up to give it one")
 
     def _new_name(self) -> str:
         number = 1
