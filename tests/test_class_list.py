@@ -1,0 +1,31 @@
+"""The class list of the Cell map: keys follow the rows, and a class moved up gets a key."""
+
+from napari_reddino.widgets.class_list import DEFAULT_CLASSES, KEY, LABELLED, ClassList
+
+
+def test_a_class_moved_up_takes_the_key_of_its_new_row_with_its_colour_and_counts(qtbot):
+    classes = ClassList()
+    qtbot.addWidget(classes)
+    changes = []
+    classes.changed.connect(lambda: changes.append(classes.classes))
+    row = classes.classes.index("hypochromia")
+    assert row == 10 and classes.table.item(row, KEY).text() == ""  # the eleventh class has no key ...
+    assert "move this class Up to give it one" in classes.table.item(row, KEY).toolTip()
+    classes.set_counts({"hypochromia": 7}, {})
+
+    classes.table.selectRow(row)
+    classes.move_current(-1)  # ... until it is moved up
+    assert classes.classes[9:11] == ["hypochromia", "schistocyte"]
+    assert classes.class_for_key("0") == "hypochromia" and classes.current_class == "hypochromia"
+    assert classes.table.item(10, KEY).text() == "" and classes.table.item(9, LABELLED).text() == "7"
+    assert classes.hex_colours == DEFAULT_CLASSES  # every class keeps its colour
+    assert len(changes) == 1
+
+    classes.table.selectRow(0)
+    classes.move_current(-1)  # the first cannot go higher
+    assert classes.classes[0] == "normal" and len(changes) == 1
+    classes.move_current(+1)
+    assert classes.classes[:2] == ["macrocyte", "normal"] and classes.class_for_key("2") == "normal"
+    # A name typed after a move renames the class of that row, not the one that was there.
+    classes.table.item(1, 1).setText("normal cell")
+    assert classes.classes[:2] == ["macrocyte", "normal cell"]
