@@ -17,7 +17,7 @@ from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_map import DIM_FACTOR
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
-from napari_reddino.widgets.cell_map_widget import MANUAL, MIN_WIDTH, PREDICTED, SMEAR_FILL_ALPHA
+from napari_reddino.widgets.cell_map_widget import LABEL_KEYS_HELP, MANUAL, MIN_WIDTH, PREDICTED, SMEAR_FILL_ALPHA
 from napari_reddino.widgets.class_list import DEFAULT_CLASSES, NAME, NEW_CLASS_COLOURS
 
 DATA = Path(__file__).parent / "data"
@@ -135,6 +135,10 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, "1")  # napari's: the eraser
     assert cells.features.set_index("label").loc[outside[2], "manual_label"] == "normal"
     assert cells.mode == "pan_zoom"
+    assert cells.help == LABEL_KEYS_HELP  # the status bar's hint says what the keys do now ...
+    cells.mode = "paint"
+    assert cells.help == LABEL_KEYS_HELP  # ... in every mode: napari rewrites it on a mode change
+    cells.mode = "pan_zoom"
     widget.select(~inside & (np.arange(len(ids)) % 2 == 0))
     widget.assign("normal")
     assert widget.status.value == f"{widget.selected.sum()} cells labelled 'normal'."
@@ -335,6 +339,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     compute_map(widget, qtbot)
     cells.paint(tuple(table.loc[ids[0], ["centroid_y", "centroid_x"]]), 0)
     assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
+    assert "label eraser" in cells.help  # no map: napari's keys and hint are back
     compute_map(widget, qtbot)
     assert widget.pool is not None
     viewer.layers.remove(aslan)

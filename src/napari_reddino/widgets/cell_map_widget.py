@@ -66,6 +66,7 @@ SMEAR_TABLE_MIN_HEIGHT = 280  # px: the five measures and three classes
 SMEAR_TABLE_DELAY_MS = 250
 MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size
 LABEL_KEYS = (*"1234567890", "Backspace", "Delete")  # a class's key assigns it; the last two clear
+LABEL_KEYS_HELP = "use <1>-<9>, <0> to give the selected cells a class (Cell map), <Backspace> to clear it"
 
 
 @job_worker
@@ -211,7 +212,7 @@ class CellMapWidget(JobWidget):
     def _bind_layer_keys(self, layers, *, bind: bool) -> None:
         """While a map is shown, the label keys also work over its smears: napari's own keys
         for a labels layer (1 erase, 2 paint, ...) would otherwise turn a labelling key press
-        into a brush that edits the cells."""
+        into a brush that edits the cells. The layer's hint in the status bar says so."""
         press = weakref.WeakMethod(self.press_key)  # the layers may outlive this widget
 
         def label(key):
@@ -219,13 +220,17 @@ class CellMapWidget(JobWidget):
                 if (pressed := press()) is not None:
                     pressed(key)
                 else:  # the widget was closed: napari's keys come back from the next press on
-                    for each in LABEL_KEYS:
-                        layer.bind_key(each, None)
+                    _release_label_keys(layer)
             return on_layer
 
         for layer in layers:
+            if not bind:
+                _release_label_keys(layer)
+                continue
             for key in LABEL_KEYS:
-                layer.bind_key(key, label(key) if bind else None, overwrite=True)
+                layer.bind_key(key, label(key), overwrite=True)
+            layer.help = LABEL_KEYS_HELP
+            layer.events.mode.connect(_show_label_keys_help, position="last")  # after napari writes its own
 
     def press_key(self, key: str) -> None:
         self.assign(UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key))
@@ -676,3 +681,14 @@ class CellMapWidget(JobWidget):
         if path:
             self.export_csv(path)
 
+
+def _show_label_keys_help(event) -> None:
+    event.source.help = LABEL_KEYS_HELP
+
+
+def _release_label_keys(layer) -> None:
+    """Give napari back its keys on ``layer`` and, through a mode event, its own hint."""
+    for key in LABEL_KEYS:
+        layer.bind_key(key, None)
+    layer.events.mode.disconnect(_show_label_keys_help)
+    layer.events.mode(mode=layer.mode)
