@@ -14,7 +14,7 @@ import napari
 import numpy as np
 from qtpy.QtCore import QEventLoop
 from qtpy.QtWidgets import QApplication, QScrollArea, QSplitter
-from scipy.spatial import ConvexHull
+from scipy.spatial import ConvexHull, QhullError
 from skimage.io import imread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,10 +92,11 @@ def cell_map_view(model: str, path: Path, panel_path: Path) -> None:
     cell_map.train()
     xy = cell_map.canvas.points.data
     targets = xy[cell_map.pool.column("predicted_class", "") == "target cell"]
-    if len(targets) < 3:
-        raise SystemExit(f"The head predicts {len(targets)} target cells, too few to lasso: use a model "
-                         "that separates them (RedDino, or a longer reddino-train run).")
-    hull = ConvexHull(targets)
+    try:
+        hull = ConvexHull(targets)
+    except (QhullError, ValueError) as error:  # fewer than 3 target cells, or all on one line
+        raise SystemExit(f"The head predicts {len(targets)} target cells, too few to lasso (or all in a line): use a "
+                         "model that separates them (RedDino, or a longer reddino-train run).") from error
     cell_map.canvas.select_polygon(targets[hull.vertices])
     for layer in viewer.layers:  # smear 26 with its map colours
         layer.visible = "26" in layer.name and not layer.name.endswith(" cells")

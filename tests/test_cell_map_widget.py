@@ -17,8 +17,9 @@ from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_map import DIM_FACTOR
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
-from napari_reddino.widgets.cell_map_widget import LABEL_KEYS_HELP, MANUAL, MIN_WIDTH, PREDICTED, SMEAR_FILL_ALPHA
+from napari_reddino.widgets.cell_map_widget import MANUAL, MIN_WIDTH, PREDICTED, SMEAR_FILL_ALPHA
 from napari_reddino.widgets.class_list import DEFAULT_CLASSES, NAME, NEW_CLASS_COLOURS
+from napari_reddino.widgets.smear_keys import LABEL_KEYS_HELP
 
 DATA = Path(__file__).parent / "data"
 CHULA_1 = DATA / "chula_rbc12" / "1.jpg"
@@ -135,9 +136,10 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, "1")  # napari's: the eraser
     assert cells.features.set_index("label").loc[outside[2], "manual_label"] == "normal"
     assert cells.mode == "pan_zoom"
-    assert cells.help == LABEL_KEYS_HELP  # the status bar's hint says what the keys do now ...
+    assert viewer.layers.selection.active.name == cells.name
+    assert cells.help == viewer.help == LABEL_KEYS_HELP  # the status bar's hint says what the keys do now ...
     cells.mode = "paint"
-    assert cells.help == LABEL_KEYS_HELP  # ... in every mode: napari rewrites it on a mode change
+    assert cells.help == viewer.help == LABEL_KEYS_HELP  # ... in every mode: napari rewrites it on a mode change
     cells.mode = "pan_zoom"
     widget.select(~inside & (np.arange(len(ids)) % 2 == 0))
     widget.assign("normal")
@@ -182,12 +184,13 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     (second,) = np.flatnonzero(widget.selected)
     assert unlabelled[second] and second != first[0]
     # Cells labelled meanwhile by other means (an import) are skipped, not shown as unlabelled.
-    next_ones = [int(i) for i in np.argsort(margin, kind="stable") if unlabelled[i] and i not in (first[0], second)][:4]
+    queue = list(widget._review)  # the least certain last
+    next_ones, after_them = queue[-4:], queue[-5]
     table = cells.features
     cells.features = table.assign(manual_label=table["manual_label"].where(~table["label"].isin(ids[next_ones]), "normal"))
     widget.review_next()
-    (third,) = np.flatnonzero(widget.selected)
-    assert cells.features.set_index("label").loc[ids[third], "manual_label"] == ""
+    assert list(np.flatnonzero(widget.selected)) == [after_them]
+    assert cells.features.set_index("label").loc[ids[after_them], "manual_label"] == ""
 
     # Colour by a measurement.
     widget.colour_by.value = "circularity"
@@ -252,7 +255,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert restored[newer] == "normal"
     np.testing.assert_array_equal(np.delete(restored, newer), np.delete(exported, newer))
     imported = (exported != "").sum() - 1
-    assert widget.status.value == (f"{imported:,} labels imported from cells.csv onto {cells.name}; "
+    assert widget.status.value == (f"{imported:,} labels imported from cells.csv onto {cells.name!r}; "
                                    "1 cell labelled otherwise since the export kept that label.")
     row = widget.class_list.classes.index("spherocyte")
     assert widget.class_list.table.item(row, 2).text() == str((restored == "spherocyte").sum())
@@ -264,7 +267,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     colleague.loc[moved, "centroid_x"] += 5
     colleague.to_csv(tmp_path / "colleague.csv", index=False)
     widget.import_labels(tmp_path / "colleague.csv")
-    assert widget.status.value.endswith(f"; 1 labelled cell of {cells.name!r} not imported: no cell is at their place "
+    assert widget.status.value.endswith(f"; 1 labelled cell from {cells.name!r} not imported: no cell is at its place "
                                         "now (segmented with other settings, or edited since the export).")
     assert cells.features.set_index("label").loc[colleague.loc[unlabelled, "label"], "manual_label"] == "acanthocyte"
     assert widget.class_list.classes[-1] == "acanthocyte"
@@ -339,7 +342,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     compute_map(widget, qtbot)
     cells.paint(tuple(table.loc[ids[0], ["centroid_y", "centroid_x"]]), 0)
     assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
-    assert "label eraser" in cells.help  # no map: napari's keys and hint are back
+    assert "label eraser" in cells.help and "label eraser" in viewer.help  # no map: napari's keys and hint are back
     compute_map(widget, qtbot)
     assert widget.pool is not None
     viewer.layers.remove(aslan)

@@ -1,5 +1,7 @@
 """The class list of the Cell map: keys follow the rows, and a class moved up gets a key."""
 
+from qtpy.QtWidgets import QApplication, QLineEdit
+
 from napari_reddino.widgets.class_list import DEFAULT_CLASSES, KEY, LABELLED, ClassList
 
 
@@ -29,3 +31,16 @@ def test_a_class_moved_up_takes_the_key_of_its_new_row_with_its_colour_and_count
     # A name typed after a move renames the class of that row, not the one that was there.
     classes.table.item(1, 1).setText("normal cell")
     assert classes.classes[:2] == ["macrocyte", "normal cell"]
+    # A name still being typed when the class is moved goes with its class.
+    classes.show()
+    classes.activateWindow()
+    qtbot.waitUntil(classes.isActiveWindow)  # focus moves only in the active window
+    renamed = []
+    classes.renamed.connect(lambda old, new: renamed.append((old, new)))
+    classes.table.setCurrentCell(1, 1)
+    classes.table.editItem(classes.table.item(1, 1))
+    editor = QApplication.focusWidget()
+    assert isinstance(editor, QLineEdit) and classes.table.isAncestorOf(editor)
+    editor.setText("normocyte")
+    classes.move_current(-1)
+    assert classes.classes[:2] == ["normocyte", "macrocyte"] and renamed == [("normal cell", "normocyte")]

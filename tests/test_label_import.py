@@ -12,7 +12,7 @@ from skimage.io import imread
 
 from napari_reddino import measure_cells, segment_cells
 from napari_reddino.cell_export import export_cells_csv
-from napari_reddino.label_import import LabelImportError, import_manual_labels
+from napari_reddino.label_import import CENTROID_TOLERANCE_PX, LabelImportError, import_manual_labels
 
 DATA = Path(__file__).parent / "data"
 
@@ -115,15 +115,37 @@ def test_cells_found_nowhere_are_refused_and_nothing_is_written(smear, tmp_path)
     export_cells_csv(tmp_path / "cells.csv", yesterday)
     shifted = cells_layer(smear[6:])  # the same name, other cells: 6 rows cut off the top
     other_smear = cells_layer(smear, name="2 cells")
-    with pytest.raises(LabelImportError, match=r"No labelled cell of cells.csv belongs to '1 cells': none of the \d+ "
-                                               r"labelled cells of '1 cells' is a cell of '1 cells' \(no cell at its "
-                                               r"centroid\)\. Was the smear cropped or edited since the export\?"):
+    with pytest.raises(LabelImportError, match=r"No label of cells.csv could be given to a cell: its \d+ labelled "
+                                               r"cells from '1 cells' are at no cell's centroid in '1 cells' \(was the "
+                                               r"smear cropped or edited since the export\?\)\.$"):
         import_manual_labels(tmp_path / "cells.csv", [shifted])
     assert "manual_label" not in shifted.features
-    with pytest.raises(LabelImportError, match="No labelled cell of cells.csv belongs to '2 cells': its cells come "
-                                               "from '1 cells'; open and segment those smears first"):
+    with pytest.raises(LabelImportError, match=r"No label of cells.csv could be given to a cell: the cells from "
+                                               r"'1 cells' are of smears with no cells layer among '2 cells' \(open "
+                                               r"and segment those smears first\)\.$"):
         import_manual_labels(tmp_path / "cells.csv", other_smear)
     assert "manual_label" not in other_smear.features
+
+
+def test_a_cell_at_the_tolerance_is_found_one_claimed_twice_or_unmeasured_is_not(smear, tmp_path):
+    yesterday = labelled(cells_layer(smear), every=1)
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    exported = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
+    exported.loc[0, "centroid_x"] += CENTROID_TOLERANCE_PX  # exactly at the tolerance: still that cell
+    exported.loc[2, ["centroid_x", "centroid_y"]] = exported.loc[1, ["centroid_x", "centroid_y"]].to_numpy()
+    exported.to_csv(tmp_path / "edited.csv", index=False)
+    today = cells_layer(smear)
+    today.features.loc[3, "centroid_x"] = np.nan  # a cell whose centroid could not be measured
+    report = import_manual_labels(tmp_path / "edited.csv", today)
+    back = today.features["manual_label"]
+    assert back[0] == yesterday.features["manual_label"][0]
+    assert list(back[1:4]) == ["", "", ""]  # rows 1 and 2 both claim cell 1; cell 3 has no centroid
+    assert report.missed == {"1 cells": 3} and report.written == {"1 cells": len(today.features) - 3}
+    exported.loc[5, "centroid_y"] = np.inf
+    exported.to_csv(tmp_path / "inf.csv", index=False)
+    with pytest.raises(LabelImportError, match=r"inf.csv has 1 labelled row without a whole-number label or a "
+                                               r"centroid \(lines 7\)"):
+        import_manual_labels(tmp_path / "inf.csv", today)
 
 
 def test_a_layer_whose_cells_moved_is_counted_and_the_others_get_their_labels(smear, tmp_path):
@@ -134,6 +156,7 @@ def test_a_layer_whose_cells_moved_is_counted_and_the_others_get_their_labels(sm
     assert good.features["manual_label"].tolist() == first.features["manual_label"].tolist()
     assert "manual_label" not in shifted.features
     assert report.missed == {"26 cells": (second.features["manual_label"] != "").sum()}
+    assert report.written == {"1 cells": (first.features["manual_label"] != "").sum()}
 
 
 def test_of_two_layers_of_the_image_the_one_whose_cells_match_takes_the_labels(smear, tmp_path):
@@ -144,7 +167,7 @@ def test_of_two_layers_of_the_image_the_one_whose_cells_match_takes_the_labels(s
     report = import_manual_labels(tmp_path / "cells.csv", [wrong, right])
     assert report.written == {"1 cells (again)": (yesterday.features["manual_label"] != "").sum()}
     assert report.missed == {} and "manual_label" not in wrong.features
-    with pytest.raises(LabelImportError, match=r"is a cell of '1 cells \(other settings\)' \("):
+    with pytest.raises(LabelImportError, match=r"are at no cell's centroid in '1 cells \(other settings\)' \("):
         import_manual_labels(tmp_path / "cells.csv", [wrong])
 
 

@@ -99,12 +99,17 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     # above the old one's map colours (and below a smear opened later).
     cells.features = cells.features.assign(manual_label=["normal"] + [""] * (len(cells.features) - 1))
     kept = cells.data.copy()
-    colours = viewer.add_labels(np.zeros_like(kept), name=f"{cells.name} map colours", metadata={MARK: cells.name})
+    colours = viewer.add_labels(np.zeros_like(kept), name=f"{cells.name} map colours", metadata={MARK: chula.name})
     later = viewer.add_image(chula.data, name="a later smear")
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
     assert list(viewer.layers) == [chula, cells, colours, result.args[0], later]
     assert result.args[0].name == "smear (chula) cells [1]"
+    viewer.layers.remove(result.args[0])
+    cells.name = "mine"  # renamed while mapped: still its smear's, and so are its map colours
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    assert list(viewer.layers) == [chula, cells, colours, result.args[0], later]
     np.testing.assert_array_equal(cells.data, kept)
     assert list(cells.features["manual_label"][:2]) == ["normal", ""]
     assert_one_row_per_cell(result.args[0])

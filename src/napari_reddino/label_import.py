@@ -45,7 +45,7 @@ class LabelImport:
     already: int = 0  # cells that had the CSV's label already
     kept: int = 0  # cells whose own, different label was kept
     classes: list[str] = field(default_factory=list)  # the classes imported, in order of first appearance
-    missed: dict[str, int] = field(default_factory=dict)  # layer name: labelled rows whose cell is not in it
+    missed: dict[str, int] = field(default_factory=dict)  # CSV layer: its labelled rows with no cell at their place
     unmatched: list[str] = field(default_factory=list)  # CSV layers with labels that no given layer took
 
 
@@ -70,22 +70,21 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
         cells = [_cells_at(rows, layer) for layer in candidates]
         found = [int((ids >= 0).sum()) for ids in cells]
         best = int(np.argmax(found))
-        if found[best] == 0:
-            report.missed[str(candidates[best].name)] = len(rows)
-            refused.append(f"none of the {len(rows):,} labelled cells of {source!r} is a cell of "
-                           f"{' or '.join(repr(layer.name) for layer in candidates)} (no cell at its centroid)")
-            continue
         matched = cells[best] >= 0
-        plans.append((candidates[best], pd.Series(rows["manual_label"].to_numpy()[matched], index=cells[best][matched])))
         if not matched.all():
-            report.missed[str(candidates[best].name)] = int((~matched).sum())
+            report.missed[source] = int((~matched).sum())
+        if found[best] == 0:
+            refused.append(f"its {counted(len(rows), 'labelled cell')} from {source!r} "
+                           f"{'is' if len(rows) == 1 else 'are'} at no cell's centroid in "
+                           f"{' or '.join(repr(layer.name) for layer in candidates)} (was the smear cropped or "
+                           "edited since the export?)")
+            continue
+        plans.append((candidates[best], pd.Series(rows["manual_label"].to_numpy()[matched], index=cells[best][matched])))
     if not plans:
-        reasons = refused + ([f"its cells come from {', '.join(map(repr, report.unmatched))}; open and segment "
-                              "those smears first"] if report.unmatched else [])
-        raise LabelImportError(
-            f"No labelled cell of {path.name} belongs to "
-            f"{', '.join(repr(layer.name) for layer in layers) or 'any cells layer'}: {'; '.join(reasons)}."
-            + (" Was the smear cropped or edited since the export?" if refused else ""))
+        reasons = refused + ([f"the cells from {', '.join(map(repr, report.unmatched))} are of smears with no cells "
+                              f"layer among {', '.join(repr(layer.name) for layer in layers) or 'none'} (open and "
+                              "segment those smears first)"] if report.unmatched else [])
+        raise LabelImportError(f"No label of {path.name} could be given to a cell: {'; '.join(reasons)}.")
     for layer, labels in plans:
         _write(layer, labels, report)
     report.classes = list(dict.fromkeys(label for _, labels in plans for label in labels))
@@ -112,7 +111,7 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
         raise LabelImportError(f"{path.name} holds no manual labels.")
     for column in ("label", "centroid_x", "centroid_y"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
-    broken = table[["label", "centroid_x", "centroid_y"]].isna().any(axis=1) | (table["label"] % 1 != 0)
+    broken = ~np.isfinite(table[["label", "centroid_x", "centroid_y"]]).all(axis=1) | (table["label"] % 1 != 0)
     if broken.any():
         lines = ", ".join(str(index + 2) for index in table.index[broken][:5])
         raise LabelImportError(f"{path.name} has {counted(int(broken.sum()), 'labelled row')} without a "
@@ -129,14 +128,18 @@ def _cells_at(rows: pd.DataFrame, layer) -> np.ndarray:
     """For each of ``rows``, the label id of the cell of ``layer`` whose centroid is within
     :data:`CENTROID_TOLERANCE_PX` of the row's, or -1 (none, or a cell two rows claim)."""
     features = pd.DataFrame(layer.features)
-    if len(features) == 0 or not {"label", "centroid_x", "centroid_y"} <= set(features):
-        return np.full(len(rows), -1)  # not a measured cells layer
-    centroids = features[["centroid_x", "centroid_y"]].to_numpy(dtype=float)
-    distance, nearest = cKDTree(centroids).query(rows[["centroid_x", "centroid_y"]].to_numpy(dtype=float),
-                                                 distance_upper_bound=CENTROID_TOLERANCE_PX)
     ids = np.full(len(rows), -1)
+    if not {"label", "centroid_x", "centroid_y"} <= set(features):
+        return ids  # not a measured cells layer
+    centroids = features[["centroid_x", "centroid_y"]].to_numpy(dtype=float)
+    measured = np.isfinite(centroids).all(axis=1)
+    if not measured.any():
+        return ids
+    distance, nearest = cKDTree(centroids[measured]).query(
+        rows[["centroid_x", "centroid_y"]].to_numpy(dtype=float),
+        distance_upper_bound=np.nextafter(CENTROID_TOLERANCE_PX, np.inf))  # the bound itself is excluded
     found = np.isfinite(distance)
-    ids[found] = features["label"].to_numpy()[nearest[found]]
+    ids[found] = features["label"].to_numpy()[measured][nearest[found]]
     claimed, counts = np.unique(ids[found], return_counts=True)
     ids[np.isin(ids, claimed[counts > 1])] = -1
     return ids

@@ -57,6 +57,7 @@ from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
 from .smear_colours import SmearColours, is_map_colours
+from .smear_keys import LABEL_KEYS, SmearKeys
 from .smear_table import SmearTable
 
 MANUAL, PREDICTED = "manual label", "predicted class"
@@ -65,8 +66,6 @@ MIN_WIDTH, CLASS_TABLE_MIN_HEIGHT = 420, 260  # px: room for the map and seven c
 SMEAR_TABLE_MIN_HEIGHT = 280  # px: the five measures and three classes
 SMEAR_TABLE_DELAY_MS = 250
 MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size
-LABEL_KEYS = (*"1234567890", "Backspace", "Delete")  # a class's key assigns it; the last two clear
-LABEL_KEYS_HELP = "use <1>-<9>, <0> to give the selected cells a class (Cell map), <Backspace> to clear it"
 
 
 @job_worker
@@ -118,6 +117,7 @@ class CellMapWidget(JobWidget):
         self.selected = np.zeros(0, dtype=bool)
         self.classifier: CellClassifier | None = None
         self._smear_colours: SmearColours | None = None
+        self._smear_keys = SmearKeys(napari_viewer, self.press_key)
         self._review: list[int] = []  # points still to review, the least certain last
         self._uncertain = np.zeros(0, dtype=int)
         self._colours = np.zeros((0, 4), dtype=np.float32)  # every point's colour before dimming
@@ -203,34 +203,11 @@ class CellMapWidget(JobWidget):
 
     def _bind_keys(self) -> None:
         """Digits assign the class with that key, Backspace/Delete clear; on the map and in this panel
-        (and on the map's cells layers, see :meth:`_bind_layer_keys`)."""
+        (and on the map's cells layers, see :class:`.SmearKeys`)."""
         self.canvas.key_pressed.connect(self.press_key)
         for key in LABEL_KEYS:
             shortcut = QShortcut(QKeySequence(key), self, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
             shortcut.activated.connect(lambda key=key: self.press_key(key))
-
-    def _bind_layer_keys(self, layers, *, bind: bool) -> None:
-        """While a map is shown, the label keys also work over its smears: napari's own keys
-        for a labels layer (1 erase, 2 paint, ...) would otherwise turn a labelling key press
-        into a brush that edits the cells. The layer's hint in the status bar says so."""
-        press = weakref.WeakMethod(self.press_key)  # the layers may outlive this widget
-
-        def label(key):
-            def on_layer(layer):
-                if (pressed := press()) is not None:
-                    pressed(key)
-                else:  # the widget was closed: napari's keys come back from the next press on
-                    _release_label_keys(layer)
-            return on_layer
-
-        for layer in layers:
-            if not bind:
-                _release_label_keys(layer)
-                continue
-            for key in LABEL_KEYS:
-                layer.bind_key(key, label(key), overwrite=True)
-            layer.help = LABEL_KEYS_HELP
-            layer.events.mode.connect(_show_label_keys_help, position="last")  # after napari writes its own
 
     def press_key(self, key: str) -> None:
         self.assign(UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key))
@@ -306,7 +283,7 @@ class CellMapWidget(JobWidget):
         self.canvas.show_points(self.xy, features)
         self._smear_colours = SmearColours(self._viewer, pool)
         self._viewer.layers.selection.active = pool.layers[0]
-        self._bind_layer_keys(pool.layers, bind=True)
+        self._smear_keys.bind(pool.layers)
         for cells in pool.layers:  # new labels (a re-segmentation, a brush edit) make the map stale
             cells.events.data.connect(self._on_cells_changed)
             cells.events.paint.connect(self._on_cells_changed)
@@ -319,7 +296,7 @@ class CellMapWidget(JobWidget):
             for cells in self.pool.layers:
                 cells.events.data.disconnect(self._on_cells_changed)
                 cells.events.paint.disconnect(self._on_cells_changed)
-            self._bind_layer_keys(self.pool.layers, bind=False)
+            self._smear_keys.release()
         if self._smear_colours is not None:
             self._smear_colours.remove()
             self._smear_colours = None
@@ -637,17 +614,18 @@ class CellMapWidget(JobWidget):
             self.class_list.add_class(name)
         self.recolour()
         parts = [f"{counted(sum(report.written.values()), 'label')} imported from {Path(path).name} "
-                 f"onto {', '.join(report.written)}"]
+                 f"onto {', '.join(map(repr, report.written))}"]
         if report.already:
             parts.append(f"{counted(report.already, 'cell')} had them already")
         if report.kept:
             parts.append(f"{counted(report.kept, 'cell')} labelled otherwise since the export kept that label")
         if report.missed:
-            missed = " and ".join(f"{counted(count, 'labelled cell')} of {name!r}" for name, count in report.missed.items())
-            parts.append(f"{missed} not imported: no cell is at their place now (segmented with other settings, "
-                         "or edited since the export)")
+            missed = " and ".join(f"{counted(count, 'labelled cell')} from {name!r}" for name, count in report.missed.items())
+            parts.append(f"{missed} not imported: no cell is at {'its' if sum(report.missed.values()) == 1 else 'their'} "
+                         "place now (segmented with other settings, or edited since the export)")
         if report.unmatched:
-            parts.append(f"not imported: the cells of {', '.join(report.unmatched)} (open and segment those smears)")
+            parts.append(f"not imported: the cells from {', '.join(map(repr, report.unmatched))} (open and segment "
+                         "those smears)")
         self.status.value = "; ".join(parts) + "."
 
     def _confirm_overwrite(self, paths: list[Path]) -> bool:
@@ -681,14 +659,3 @@ class CellMapWidget(JobWidget):
         if path:
             self.export_csv(path)
 
-
-def _show_label_keys_help(event) -> None:
-    event.source.help = LABEL_KEYS_HELP
-
-
-def _release_label_keys(layer) -> None:
-    """Give napari back its keys on ``layer`` and, through a mode event, its own hint."""
-    for key in LABEL_KEYS:
-        layer.bind_key(key, None)
-    layer.events.mode.disconnect(_show_label_keys_help)
-    layer.events.mode(mode=layer.mode)

@@ -141,6 +141,7 @@ class ClassList(QWidget):
 
     def move_current(self, step: int) -> None:
         """Move the selected class ``step`` rows (-1 up, +1 down); keys follow the rows."""
+        self.table.setFocus()  # a name still being typed is committed to its own row first
         row = self.table.currentRow()
         other = row + step
         if row < 0 or not 0 <= other < self.table.rowCount():

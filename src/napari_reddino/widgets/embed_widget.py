@@ -286,7 +286,8 @@ class EmbedCellsWidget(JobWidget):
     def _sum_up(self, batch: _Batch) -> None:
         self._batch = None
         self._freeze_settings(False)
-        self._pick_cells(self.image.value)  # the run added cells layers: the chosen image's own comes first again
+        self.reset_choices()  # the run added cells layers: the chosen image's own comes first again
+        self._pick_cells(self.image.value)
         cells = sum(batch.embedded.values())
         up_to_date = f"; already up to date: {', '.join(map(repr, batch.up_to_date))}" if batch.up_to_date else ""
         summary = [f"Every open smear: {len(batch.embedded)} of {batch.total} embedded ({cells:,} cells){up_to_date}."]

@@ -14,7 +14,7 @@ from qtpy.QtCore import Signal
 from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
 from .job_widget import JobWidget, job_worker, place_above
-from .smear_colours import map_colours_of
+from .smear_colours import coloured_smear
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def add_cells_layer(
     # By name, not identity: a plugin's viewer hands out proxies of its layers.
     own = {other.name for other in layers if other.name != layer.name and (
         other.name == job.image_name or other.metadata.get("source_image") == job.image_name)}
-    own |= {other.name for other in layers if map_colours_of(other) in own}
+    own |= {other.name for other in layers if coloured_smear(other) in own | {job.image_name}}
     if own:
         place_above(layers, layer, [other for other in layers if other.name in own][-1])
     return layer

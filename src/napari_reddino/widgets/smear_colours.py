@@ -13,16 +13,18 @@ from napari.utils.colormaps import CyclicLabelColormap
 from ..cell_map import PooledCells, rank_lut
 from .job_widget import place_above
 
-MARK = "reddino_map_colours"  # metadata key of a colour layer (it holds map ranks, not cells): its cells' name
+MARK = "reddino_map_colours"  # metadata key of a colour layer (it holds map ranks, not cells): see coloured_smear
 
 
-def map_colours_of(layer) -> str | None:
-    """The name of the cells layer whose map colours ``layer`` shows, or None if it shows none."""
+def coloured_smear(layer) -> str | None:
+    """The smear whose cells ``layer`` colours (the image layer's name, or the cells layer's for
+    cells from no known image), or None if it is no colour layer. The smear, not the cells
+    layer: a cells layer can be renamed while its map is shown."""
     return getattr(layer, "metadata", {}).get(MARK)
 
 
 def is_map_colours(layer) -> bool:
-    return bool(map_colours_of(layer))
+    return bool(coloured_smear(layer))
 
 
 class SmearColours:
@@ -34,7 +36,7 @@ class SmearColours:
         for position, cells in enumerate(pool.layers):
             overlay = viewer.add_labels(
                 pool.rank_image(position), name=f"{cells.name} map colours",
-                scale=cells.scale, translate=cells.translate, opacity=1.0, metadata={MARK: cells.name},
+                scale=cells.scale, translate=cells.translate, opacity=1.0, metadata={MARK: cells.metadata.get("source_image") or cells.name},
             )
             overlay.editable = False
             place_above(viewer.layers, overlay, cells)
