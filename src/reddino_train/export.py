@@ -27,6 +27,7 @@ from .config import config_from_dict
 from .model import vit_architecture_args
 
 TEACHER_BACKBONE_PREFIX = "backbone.vit."
+EXPORT_FILES = ("config.json", "model.safetensors")  # what save_for_hf writes, and all an export holds
 EXPORT_TAG = "reddino-train"  # replaces timm's tag of the weights a run may have started from
 
 
@@ -41,10 +42,13 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"no {CHECKPOINT_NAME} in {run_dir}; is it a reddino-train output folder?")
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{out_dir} exists; replace it with --overwrite (Python: overwrite=True)")
     if run_dir.resolve().is_relative_to(out_dir.resolve()):
         raise FileExistsError(f"{out_dir} holds the run {run_dir}; export to another folder, replacing it "
                               "would delete the run")
+    if out_dir.exists() and not _is_export(out_dir):
+        raise FileExistsError(f"{out_dir} is not an earlier export (a folder of {' and '.join(EXPORT_FILES)} "
+                              "alone), so it is not replaced; export to a new folder")
     state = read_checkpoint(checkpoint_path)
     cfg = config_from_dict(state["config"], source=str(checkpoint_path))
     vit = timm.create_model(cfg.model.arch, **vit_architecture_args(cfg.model, cfg.crops.global_size))
@@ -64,11 +68,17 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
             model_config={"pretrained_cfg": {"tag": EXPORT_TAG}},
             data_config={"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 1.0},
         )
+        for file in staging.iterdir():  # safetensors writes 0600: the lab could not load the weights
+            os.chmod(file, 0o666 & ~UMASK)
         _replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _is_export(folder: Path) -> bool:
+    return folder.is_dir() and sorted(path.name for path in folder.iterdir()) == sorted(EXPORT_FILES)
 
 
 def _replace_folder(new: Path, target: Path) -> None:

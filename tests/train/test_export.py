@@ -7,6 +7,7 @@ import torch
 
 from reddino_train.cli import main
 from reddino_train.config import load_config
+from napari_reddino.atomic_files import UMASK
 from reddino_train.export import export_teacher
 from reddino_train.train import fit
 
@@ -22,6 +23,7 @@ def test_export_loads_in_timm_with_the_teachers_features(smear_images, tmp_path)
     assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
     assert config["pretrained_cfg"]["std"] == [0.229, 0.224, 0.225]
     assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert {path.stat().st_mode & 0o777 for path in folder.iterdir()} == {0o666 & ~UMASK}  # the lab can read it
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     images = torch.randn(3, 3, 56, 56)
     with torch.no_grad():
@@ -45,6 +47,15 @@ def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsy
     assert main(["export", run, "--out", str(tmp_path), "--overwrite"]) == 2  # the folder holding the run
     assert "would delete the run" in capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    smears = tmp_path / "smears"  # a mistyped --out: a folder that is no export is never replaced
+    smears.mkdir()
+    (smears / "1.jpg").write_bytes(b"a smear")
+    assert main(["export", run, "--out", str(smears), "--overwrite"]) == 2
+    assert "is not an earlier export (a folder of config.json and model.safetensors alone)" in capsys.readouterr().err
+    assert (smears / "1.jpg").read_bytes() == b"a smear"
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["export", run, "--out", str(tmp_path / "notes.txt"), "--overwrite"]) == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_a_failed_push_to_the_hub_says_why_and_keeps_the_export(smear_images, tmp_path, capsys, monkeypatch):
