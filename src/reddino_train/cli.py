@@ -27,6 +27,12 @@ def _config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of iterations of 1 or more")
+    return int(text)
+
+
 def _fit_command(args: argparse.Namespace) -> int:
     from .run_lock import RunFolderError
     from .train import (  # torch and timm load only when training
@@ -42,6 +48,10 @@ def _fit_command(args: argparse.Namespace) -> int:
             RunFolderError) as error:
         print(f"reddino-train fit: {error}", file=sys.stderr)
         return 2
+    if result.stopped_by_signal:  # not finished: a script or scheduler must see that
+        print(f"reddino-train fit: stopped after {result.iterations_done} iterations; checkpoint in {args.out}; "
+              "the same command resumes it", file=sys.stderr)
+        return 130
     print(f"reddino-train fit: {result.iterations_done} iterations done; checkpoint in {args.out}")
     return 0
 
@@ -138,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrain (or resume) a model on a folder of images",
         description="Train with RECIPE (a shipped name or a YAML file) on every image under DATA_DIR, "
         "resuming from OUT/checkpoint.pt when it exists. Run it under torchrun for several GPUs. "
-        "SIGTERM or Ctrl-C stops after the current step with a checkpoint.",
+        "SIGTERM or Ctrl-C stops after the current step with a checkpoint (exit status 130).",
     )
     fit.add_argument("recipe", metavar="RECIPE")
     fit.add_argument("data_dir", metavar="DATA_DIR")
     fit.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     fit.add_argument("--out", required=True, metavar="DIR", help="output folder: config.yaml, log.csv, checkpoint.pt")
-    fit.add_argument("--max-steps", type=int, metavar="N", help="stop after N iterations in all")
+    fit.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N iterations in all")
     fit.set_defaults(handler=_fit_command)
     export = commands.add_parser(
         "export",

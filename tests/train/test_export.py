@@ -80,3 +80,12 @@ def test_cli_errors_exit_2_with_the_reason(tmp_path, capsys, args, message):
     paths = {"empty": str(tmp_path / "empty"), "out": str(tmp_path / "out")}
     assert main([arg.format(**paths) for arg in args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["0", "-3", "2.5"])
+def test_a_max_steps_below_one_is_refused_before_anything_runs(tmp_path, capsys, steps):
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", "tiny", str(tmp_path), "--out", str(tmp_path / "out"), "--max-steps", steps])
+    assert exited.value.code == 2
+    assert f"{steps!r} is not a whole number of iterations of 1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -112,3 +112,18 @@ def test_ranks_that_see_different_checkpoints_stop_together_saying_why(smear_ima
     assert (f"the ranks disagree on whether {tmp_path}/rank0/checkpoint.pt exists (rank 0: True, rank 1: False); "
             "--out must be a folder that every node shares") in finished.stderr
     assert not (tmp_path / "rank1" / "checkpoint.pt").exists()
+
+
+def test_the_cli_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(smear_images, tmp_path):
+    command = [sys.executable, "-c", "import sys; from reddino_train.cli import main; sys.exit(main(sys.argv[1:]))",
+               "fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "optim.epochs=200"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.csv"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 130, errors
+    assert f"checkpoint in {tmp_path}; the same command resumes it" in errors
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] >= 1
