@@ -193,6 +193,13 @@ def test_a_saved_head_predicts_the_same(tmp_path, smear_table, name):
     )
 
 
+def test_a_head_saved_into_a_missing_folder_names_that_folder(tmp_path, smear_table):
+    head, _ = trained_head(smear_table)
+    with pytest.raises(FileNotFoundError, match=f"No folder {tmp_path / 'heads'} to write head.safetensors in"):
+        head.save(tmp_path / "heads" / "head")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_head_of_another_model_is_refused(tmp_path, smear_table):
     head, _ = trained_head(smear_table)
     head.save(tmp_path / "head")

@@ -7,6 +7,7 @@ Shared by the plugin and ``reddino_train``. Files get the permissions any new fi
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -40,6 +41,9 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
     try:
         for target, write in writers.items():
             target = Path(target)
+            if not target.parent.is_dir():  # else mkstemp names its own temporary file in the error
+                raise FileNotFoundError(errno.ENOENT, f"No folder {target.parent} to write {target.name} in",
+                                        str(target.parent))
             fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=_prefix(target), suffix=".tmp")
             staged.append((temporary, target))
             os.fchmod(fd, 0o666 & ~UMASK)
