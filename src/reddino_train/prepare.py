@@ -68,6 +68,10 @@ class PrepareSettings:
             raise PrepareError(f"mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if (self.size is not None and self.size < 1) or self.patch_size < 1:
             raise PrepareError("size and patch size must be positive numbers of pixels")
+        if not 0 <= self.margin < float("inf"):
+            raise PrepareError(f"margin {self.margin}; give a fraction of the cell's box of 0 or more (0.25: a quarter)")
+        if self.pixel_size_um is not None and not 0 < self.pixel_size_um < float("inf"):
+            raise PrepareError(f"pixel size {self.pixel_size_um} µm; give a positive number")
 
     @property
     def output_size(self) -> int | None:
@@ -138,9 +142,9 @@ def prepare(
 ) -> PrepareReport:
     """Write the training set of ``sources`` to ``out`` (resuming a previous run there)."""
     out = Path(out)
+    smears = find_smears(sources, out)  # before anything is written: a failed start leaves no settings behind
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, settings)
-    smears = find_smears(sources, out)
     done = _read_journal(out)
     report = PrepareReport()
     cut = _cell_samples if settings.mode == "cells" else _patch_samples
