@@ -96,10 +96,13 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
     out.mkdir()
     (out / "cells_summary.csv").write_text("yesterday's")
     assert main([str(smears), "--out", str(out), "--measure-only"]) == 2
-    assert "cells_summary.csv exist; pass --overwrite" in capsys.readouterr().err
+    assert "cells_summary.csv exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "cells_summary.csv").read_text() == "yesterday's" and not (out / "cells.csv").exists()
+    (out / "cells.npz").write_bytes(b"yesterday's embeddings")  # of other cells: would not match the new table
     assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 0
     assert len(read(out / "cells_summary.csv")) == 2
+    assert not (out / "cells.npz").exists()
+    assert "removed the earlier run's cells.npz, which no longer matched" in capsys.readouterr().out
 
     other = tmp_path / "other"
     refusals = [

@@ -63,9 +63,11 @@ def _analyse(args: argparse.Namespace) -> int:
     table = out / "cells.csv"
     embeddings = table.with_suffix(".npz") if args.with_embeddings else None
     targets = [file for file in (table, summary_path(table), embeddings) if file is not None]
-    existing = [str(file) for file in targets if file.exists()]
+    stale = None if embeddings else table.with_suffix(".npz")  # an earlier run's: it would not match the new table
+    existing = [str(file) for file in (*targets, stale) if file is not None and file.exists()]
     if existing and not args.overwrite:
-        raise _Refused(f"{', '.join(existing)} exist; pass --overwrite to replace them, or choose another --out.")
+        raise _Refused(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "
+                       "replace them, or choose another --out.")
     smears = list_smears(args.smears)
     missing = [str(path) for path in smears if not path.is_file()]
     if missing or not smears:
@@ -108,8 +110,12 @@ def _analyse(args: argparse.Namespace) -> int:
     except OSError as error:  # FileExistsError: written by someone else meanwhile
         print(f"reddino-analyse: nothing written: {error}", file=sys.stderr)
         return 1
+    removed = ""
+    if stale is not None and stale.exists():
+        stale.unlink()
+        removed = f"; removed the earlier run's {stale.name}, which no longer matched"
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
-          f"{', '.join(str(file) for file in targets)}")
+          f"{', '.join(str(file) for file in targets)}{removed}")
     if interrupted:
         left = len(smears) - len(done) - len(skipped)
         print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files", file=sys.stderr)
