@@ -95,6 +95,7 @@ def _prepare_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         for path, reason in report.skipped:
             print(f"  {path}: {reason}", file=sys.stderr)
+        return 1  # as reddino-analyse: the rest is written, but not every file
     return 0
 
 

@@ -158,7 +158,7 @@ def prepare(
                     image = _read(smear.path)
                     samples = cut(image, settings)
                 except _Unusable as error:
-                    report.skipped.append((smear.path, str(error)))
+                    report.skipped.append((smear.path, " ".join(str(error).split())))  # one line per file
                     continue
                 _write_smear(out, smear, samples)
                 done.append(smear.key)

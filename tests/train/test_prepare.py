@@ -74,6 +74,7 @@ def test_unreadable_files_are_skipped_and_reported(prepared, sources):
     assert [path for path, _ in report.skipped] == [sources / "broken.jpg"]
     assert "unreadable" in report.skipped[0][1]
     assert (out / "skipped.txt").read_text().startswith(f"{sources / 'broken.jpg'}\tunreadable")
+    assert len((out / "skipped.txt").read_text().splitlines()) == len(report.skipped)  # one line per file
 
 
 def test_rerun_skips_the_smears_done(sources, tmp_path):
@@ -111,7 +112,8 @@ def test_a_bad_start_writes_nothing_and_a_corrected_one_runs(sources, tmp_path, 
     (tmp_path / "empty").mkdir()
     assert main(["prepare", str(tmp_path / "empty"), "--out", str(out), "--size", "32"]) == 2
     assert not out.exists()  # no settings were written that would refuse the corrected run
-    assert main(["prepare", str(sources), "--out", str(out), "--size", "32"]) == 0
+    assert main(["prepare", str(sources), "--out", str(out), "--size", "32"]) == 1  # ran; broken.jpg skipped
+    assert (out / "index.csv").is_file()
 
 
 def test_a_folder_from_before_a_setting_existed_takes_its_default(sources, tmp_path):
@@ -158,11 +160,12 @@ def test_same_stems_in_two_folders_get_distinct_folders(tmp_path):
 def test_cli_prepares_resumes_and_reports(sources, tmp_path, capsys):
     out = str(tmp_path / "cells")
     args = ["prepare", str(sources / "1.jpg"), str(sources / "broken.jpg"), "--out", out, "--size", str(SIZE)]
-    assert main(args) == 0
+    assert main(args) == 1  # a file was skipped
     captured = capsys.readouterr()
     assert "1 smears done now" in captured.out and "broken.jpg" in captured.err
-    assert main(args) == 0
+    assert main(args) == 1  # retried, and skipped again
     assert "0 smears done now (0 images), 1 done before" in capsys.readouterr().out
+    assert main(args[:2] + args[3:]) == 0  # without it: nothing skipped
     assert main([*args[:-1], "48"]) == 2
     assert "other settings" in capsys.readouterr().err
 
