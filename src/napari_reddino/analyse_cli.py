@@ -61,9 +61,10 @@ def _analyse(args: argparse.Namespace) -> int:
     _check_options(args)
     out = Path(args.out)
     table = out / "cells.csv"
-    embeddings = table.with_suffix(".npz") if args.with_embeddings else None
+    npz = table.with_suffix(".npz")
+    embeddings = npz if args.with_embeddings else None
     targets = [file for file in (table, summary_path(table), embeddings) if file is not None]
-    stale = None if embeddings else table.with_suffix(".npz")  # an earlier run's: it would not match the new table
+    stale = None if embeddings else npz  # an earlier run's: it would not match the new table
     existing = [str(file) for file in (*targets, stale) if file is not None and file.exists()]
     if existing and not args.overwrite:
         raise _Refused(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "

@@ -68,12 +68,11 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
             report.unmatched.append(source)
             continue
         cells = [_cells_at(rows, layer) for layer in candidates]
-        found = [int((ids >= 0).sum()) for ids in cells]
-        best = int(np.argmax(found))
+        best = int(np.argmax([(ids >= 0).sum() for ids in cells]))
         matched = cells[best] >= 0
         if not matched.all():
             report.missed[source] = int((~matched).sum())
-        if found[best] == 0:
+        if not matched.any():
             refused.append(f"its {counted(len(rows), 'labelled cell')} from {source!r} "
                            f"{'is' if len(rows) == 1 else 'are'} at no cell's centroid in "
                            f"{' or '.join(repr(layer.name) for layer in candidates)} (was the smear cropped or "

@@ -119,7 +119,7 @@ class ClassList(QWidget):
         self.table.blockSignals(True)
         row = self.table.rowCount()
         self.table.insertRow(row)
-        key = QTableWidgetItem(key_of(row))
+        key = QTableWidgetItem()  # its key and tip: _renumber_keys
         key.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
         key.setBackground(QColor(colour))
         self.table.setItem(row, KEY, key)

@@ -36,7 +36,8 @@ class SmearColours:
         for position, cells in enumerate(pool.layers):
             overlay = viewer.add_labels(
                 pool.rank_image(position), name=f"{cells.name} map colours",
-                scale=cells.scale, translate=cells.translate, opacity=1.0, metadata={MARK: cells.metadata.get("source_image") or cells.name},
+                scale=cells.scale, translate=cells.translate, opacity=1.0,
+                metadata={MARK: cells.metadata.get("source_image") or cells.name},
             )
             overlay.editable = False
             place_above(viewer.layers, overlay, cells)

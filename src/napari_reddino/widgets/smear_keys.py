@@ -15,7 +15,7 @@ LABEL_KEYS_HELP = "use <1>-<9>, <0> to give the selected cells a class (Cell map
 class SmearKeys:
     """Sends the label keys pressed over the given cells layers to ``press``, held weakly: the
     layers may outlive the widget, and once it is gone the next key press gives napari its keys
-    back (napari holds ``_show_help`` weakly too, so its hint returns at the next mode change)."""
+    back (napari holds ``_on_mode`` weakly too, so its hint returns at the next mode change)."""
 
     def __init__(self, viewer, press):
         self._viewer = viewer
@@ -28,12 +28,12 @@ class SmearKeys:
         for layer in self._layers:
             for key in LABEL_KEYS:
                 layer.bind_key(key, self._key(key), overwrite=True)
-            layer.events.mode.connect(self._show_help, position="last")  # after napari writes its own
-            self._show_help(layer=layer)
+            layer.events.mode.connect(self._on_mode, position="last")  # after napari writes its own
+            self._show_help(layer)
 
     def release(self) -> None:
         for layer in self._layers:
-            layer.events.mode.disconnect(self._show_help)
+            layer.events.mode.disconnect(self._on_mode)
             _give_back(layer)
         self._layers = []
 
@@ -47,8 +47,10 @@ class SmearKeys:
                 _give_back(layer)
         return on_layer
 
-    def _show_help(self, event=None, *, layer=None) -> None:
-        layer = layer if layer is not None else event.source
+    def _on_mode(self, event) -> None:
+        self._show_help(event.source)
+
+    def _show_help(self, layer) -> None:
         layer.help = LABEL_KEYS_HELP
         active = self._viewer.layers.selection.active
         if active is not None and active.name == layer.name:  # by name: a plugin's viewer hands out proxies
