@@ -107,9 +107,13 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
     other = tmp_path / "other"
     refusals = [
         ([str(smears), "--out", str(other), "--measure-only", "--head", "h"], "cannot take --head"),
+        ([str(smears), "--out", str(other), "--measure-only", "--model", "reddino-base", "--device", "cpu"],
+         "cannot take --model or --device"),
+        ([str(smears), "--out", str(other), "--model", str(tiny_folder[1])], "nothing it computes would be written"),
         ([str(smears), "--out", str(other), "--measure-only", "--pixel-size-um", "0"], "between 0.01 and 10"),
         ([str(tmp_path / "nothing.jpg"), "--out", str(other), "--measure-only"], "no such file"),
-        ([str(smears), "--out", str(other), "--model", "reddino-tiny"], "cannot load the model 'reddino-tiny'"),
+        ([str(smears), "--out", str(other), "--model", "reddino-tiny", "--with-embeddings"],
+         "cannot load the model 'reddino-tiny'"),
         ([str(smears), "--out", str(out / "cells.csv"), "--measure-only"], "cannot make the output folder"),
         ([str(smears), "--out", str(other), "--model", str(tiny_folder[1]), "--head", str(tmp_path / "none")],
          "cannot use the head"),

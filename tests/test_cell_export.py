@@ -75,6 +75,21 @@ def test_layers_are_stacked_with_every_analysis_column(tmp_path, smear_table):
     assert list(only_measured.columns[-6:]) == [*ANALYSIS_COLUMNS, "model_id"]
 
 
+def test_columns_keep_one_order_whether_the_head_predicted_before_or_after_the_map(tmp_path, smear_table):
+    mapped_first = analysed_layer(smear_table)
+    predicted_first = analysed_layer(smear_table, name="2 cells")
+    late = ["umap_x", "umap_y", "manual_label"]  # as reddino-analyse leaves them: a head, no map
+    features = predicted_first.features
+    predicted_first.features = features[[c for c in features.columns if c not in late]].copy()
+    predicted_first.features["p_target cell"] = np.float32(0.5)
+    for layer in (mapped_first, predicted_first):
+        back = pd.read_csv(export_cells_csv(tmp_path / f"{layer.name}.csv", layer))
+        probabilities = ["p_normal", "p_target cell"] if layer is predicted_first else ["p_normal"]
+        assert list(back.columns[-len(ANALYSIS_COLUMNS) - len(probabilities) - 1:]) == [
+            *ANALYSIS_COLUMNS, *probabilities, "model_id"]
+    assert back["umap_x"].isna().all() and back["manual_label"].isna().all()
+
+
 def test_an_existing_file_is_replaced_only_when_asked(tmp_path, smear_table):
     path = tmp_path / "cells.csv"
     path.write_text("keep me")

@@ -17,6 +17,7 @@ from .cell_export import export_cells_csv, summary_path
 from .wording import counted
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
+DEFAULT_MODEL = "reddino-small"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,12 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("smears", nargs="+", metavar="SMEAR", help="image files, or folders searched for "
                         "png/jpg/jpeg/tif/tiff at any depth")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (made if missing)")
-    parser.add_argument("--model", default="reddino-small", help="reddino-small|base|large, hf_hub:org/name, or a "
-                        "local model folder (default: reddino-small)")
+    parser.add_argument("--model", help="reddino-small|base|large, hf_hub:org/name, or a local model folder "
+                        f"(default: {DEFAULT_MODEL})")
     parser.add_argument("--head", metavar="PATH", help="a head saved by the Cell map widget for this model: "
                         "every cell gets a predicted class and its probabilities, the summary class counts and %%")
     parser.add_argument("--measure-only", action="store_true", help="segment and measure only; no model")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--device", help="auto (CUDA, then MPS, then CPU; the default), cpu, cuda, cuda:1, mps")
     parser.add_argument("--pixel-size-um", type=float, metavar="UM", help="µm per pixel, for sizes in µm")
     parser.add_argument("--with-embeddings", action="store_true", help="also write the embeddings to DIR/cells.npz")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in DIR")
@@ -128,8 +129,15 @@ def _analyse(args: argparse.Namespace) -> int:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    if args.measure_only and (args.head or args.with_embeddings):
-        raise _Refused("--measure-only runs no model, so it cannot take --head or --with-embeddings.")
+    if args.measure_only:
+        model_options = [f"--{name.replace('_', '-')}" for name in ("model", "device", "head", "with_embeddings")
+                         if getattr(args, name)]
+        if model_options:
+            raise _Refused(f"--measure-only runs no model, so it cannot take {' or '.join(model_options)}.")
+    elif not (args.head or args.with_embeddings):
+        raise _Refused("a model run needs --head PATH (to classify every cell) or --with-embeddings (to keep the "
+                       "embeddings in DIR/cells.npz): without either, nothing it computes would be written. "
+                       "Pass --measure-only to segment and measure only.")
     if args.pixel_size_um is not None and not 0.01 <= args.pixel_size_um <= 10:
         raise _Refused(f"--pixel-size-um is µm per pixel, between 0.01 and 10 for a blood smear; got {args.pixel_size_um}.")
 
@@ -142,18 +150,18 @@ def _analysis(args: argparse.Namespace) -> SmearAnalysis:
     from .embedding import load_embedder
     from .models import ModelLoadError
 
+    model = args.model or DEFAULT_MODEL
     try:
-        embedder = load_embedder(args.model, device=args.device)
+        embedder = load_embedder(model, device=args.device or "auto")
     except (ModelLoadError, ValueError) as error:  # DeviceError is a ValueError
-        raise _Refused(f"cannot load the model {args.model!r}: {error}") from error
+        raise _Refused(f"cannot load the model {model!r}: {error}") from error
     head = None
     if args.head:
         try:
             head = CellClassifier.load(args.head, model_id=embedder.model_id)
         except (OSError, ValueError) as error:  # HeadMismatchError is a ValueError
             raise _Refused(f"cannot use the head {args.head}: {error}") from error
-    return SmearAnalysis(embedder=embedder, model=args.model, head=head, pixel_size_um=args.pixel_size_um)
-
+    return SmearAnalysis(embedder=embedder, model=model, head=head, pixel_size_um=args.pixel_size_um)
 
 
 def _advance(bar: tqdm, done: int, total: int) -> None:

@@ -4,10 +4,11 @@ summary counts.
 Columns: ``layer`` (the cells layer's name: with ``label`` the key of a cell, also when two
 layers segment one smear), ``image``, ``label``, then the layer's feature columns in their order (napari's
 ``index``, a copy of ``label``, is left out), the analysis columns of
-:data:`ANALYSIS_COLUMNS` that a layer lacks (empty, so scripts can rely on them), and
-``model_id`` (empty for cells that were not embedded). Layers with different columns are
-stacked on the union of their columns, in order of first appearance; ``p_<class>``
-probabilities appear only when a head has predicted.
+:data:`ANALYSIS_COLUMNS` in that order (empty where a layer lacks them, so scripts can rely on
+them), the ``p_<class>`` probabilities (only when a head has predicted), and ``model_id``
+(empty for cells that were not embedded). Layers with different columns are stacked on the
+union of their columns, in order of first appearance; the order is the same whether a layer
+was mapped before or after a head predicted.
 
 No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata``.
 """
@@ -51,9 +52,10 @@ def cells_table(layers: Sequence) -> pd.DataFrame:
         features["model_id"] = record[2] if record else ""
         parts.append(features)
     table = pd.concat(parts, ignore_index=True, sort=False)
-    middle = [c for c in table.columns if c not in ("layer", "image", "label", "model_id")]
     for column in ANALYSIS_COLUMNS:
         if column not in table:
             table[column] = "" if column.endswith(("label", "class")) else np.nan
-            middle.append(column)
-    return table[["layer", "image", "label", *middle, "model_id"]]
+    probabilities = [c for c in table.columns if c.startswith("p_")]
+    placed = {"layer", "image", "label", "model_id", *ANALYSIS_COLUMNS, *probabilities}
+    own = [c for c in table.columns if c not in placed]
+    return table[["layer", "image", "label", *own, *ANALYSIS_COLUMNS, *probabilities, "model_id"]]
