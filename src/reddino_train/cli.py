@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, config_to_dict, load_config, shipped_configs
@@ -33,6 +35,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (a collapse, changed settings on resume) as one line above the progress bar,
+    not broken into it and followed by the Python source line that raised it."""
+    tqdm.write(f"reddino-train: warning: {message}", file=sys.stderr)
+
+
 def _fit_command(args: argparse.Namespace) -> int:
     from .run_lock import RunFolderError
     from .train import (  # torch and timm load only when training
@@ -43,7 +51,9 @@ def _fit_command(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.recipe, args.overrides)
-        result = fit(cfg, args.data_dir, args.out, max_steps=args.max_steps)
+        with warnings.catch_warnings():  # restores Python's own display afterwards
+            warnings.showwarning = _warning_line
+            result = fit(cfg, args.data_dir, args.out, max_steps=args.max_steps)
     except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError,
             RunFolderError) as error:
         print(f"reddino-train fit: {error}", file=sys.stderr)
@@ -111,14 +121,14 @@ def _eval_command(args: argparse.Namespace) -> int:
         return 2
     feature_sets = ["cls"] * (not args.no_cls) + ["random-init"] * args.random_init
     feature_sets += ["measurements"] * args.with_measurements
-    request = EvalRequest(
-        model=args.model, data=Path(args.data), format=args.format, split=args.split, feature_sets=feature_sets,
-        limit_images=args.limit_images, max_per_class=args.max_per_class, seed=args.seed,
-        pixel_size_um=args.pixel_size_um, device=args.device, architecture=args.architecture,
-        batch_size=args.batch_size, crop_mode=args.crop_mode, crop_scale=args.crop_scale, margin=args.margin,
-        json_out=None if args.json is None else Path(args.json),
-    )
     try:
+        request = EvalRequest(
+            model=args.model, data=Path(args.data), format=args.format, split=args.split, feature_sets=feature_sets,
+            limit_images=args.limit_images, max_per_class=args.max_per_class, seed=args.seed,
+            pixel_size_um=args.pixel_size_um, device=args.device, architecture=args.architecture,
+            batch_size=args.batch_size, crop_mode=args.crop_mode, crop_scale=args.crop_scale, margin=args.margin,
+            json_out=None if args.json is None else Path(args.json),
+        )
         report = run_evaluation(request)
     except (EvalDataError, EvaluationError, ModelLoadError, ValueError) as error:
         # ModelLoadError and ValueError: the plugin's model and device errors (unknown name,

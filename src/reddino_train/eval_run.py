@@ -66,6 +66,17 @@ class EvalRequest:
     json_out: Path | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:  # refused before any smear is segmented or model loaded
+        counts = {"limit_images": self.limit_images, "max_per_class": self.max_per_class,
+                  "batch_size": self.batch_size}
+        for name, value in counts.items():
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: give a whole number of 1 or more")
+        if self.margin is not None and not 0 <= self.margin < float("inf"):
+            raise ValueError(f"--margin {self.margin}: give a fraction of the cell's box of 0 or more")
+        if self.pixel_size_um is not None and not 0 < self.pixel_size_um < float("inf"):
+            raise ValueError(f"--pixel-size-um {self.pixel_size_um}: give a positive number of µm per pixel")
+
     @property
     def crops(self) -> dict:
         """Crop mode, scale and margin, the plugin's defaults filled in."""

@@ -173,19 +173,30 @@ def evaluate(
     }
 
 
+POOLED_NOTE = (
+    "balanced acc.: the mean recall of every class over all folds' predictions pooled; a fold's own score "
+    "averages only the classes among its test cells, so where rare classes fall in few folds the pooled "
+    "score can lie outside the folds' range"
+)
+
+
 def format_table(results: Mapping[str, Mapping[str, Scores]]) -> str:
     """A Markdown table: one row per (features, classifier), the headline scores in columns."""
     lines = [
         "| features | classifier | balanced acc. | (folds: min-max) | accuracy | weighted F1 |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    outside = False
     for features, by_method in results.items():
         for method, scores in by_method.items():
             folds = scores.fold_balanced_accuracy
+            outside |= not min(folds) <= scores.balanced_accuracy <= max(folds)
             lines.append(
                 f"| {features} | {METHOD_NAMES.get(method, method)} | {scores.balanced_accuracy:.4f} | "
                 f"{min(folds):.3f}-{max(folds):.3f} | {scores.accuracy:.4f} | {scores.weighted_f1:.4f} |"
             )
+    if outside:
+        lines.append(POOLED_NOTE)
     return "\n".join(lines)
 
 

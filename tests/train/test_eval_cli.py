@@ -133,6 +133,9 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     (["{missing}", "--data", "{crops}"], "No such model"),
     (["{model}", "--data", "{crops}", "--split", "by-image"], "needs to know each sample's image"),
     (["{model}", "--data", "{crops}", "--with-measurements"], "need smears with point labels"),
+    (["{missing}", "--data", "{crops}", "--limit-images", "0"], "--limit-images 0: give a whole number of 1 or more"),
+    (["{missing}", "--data", "{crops}", "--batch-size", "-4"], "--batch-size -4: give a whole number"),
+    (["{missing}", "--data", "{crops}", "--margin", "-0.5"], "--margin -0.5: give a fraction"),
 ])
 def test_eval_errors_exit_2_with_the_reason(model, crops_by_smear, tmp_path, capsys, args, message):
     paths = {"missing": str(tmp_path / "nope"), "model": str(model), "crops": str(crops_by_smear)}

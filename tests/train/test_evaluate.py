@@ -5,8 +5,10 @@ import pytest
 
 from reddino_train.eval_data import FeatureSet, read_point_labels
 from reddino_train.evaluate import (
+    POOLED_NOTE,
     EvaluationError,
     evaluate,
+    format_table,
     make_folds,
     out_of_fold_predictions,
     score,
@@ -36,6 +38,20 @@ def test_balanced_accuracy_weighs_a_rare_class_like_a_common_one():
     always_zero = np.zeros(10, dtype=int)
     scores = score(targets, always_zero, ["common", "rare"], one_fold(10))
     assert scores.accuracy == pytest.approx(0.9) and scores.balanced_accuracy == pytest.approx(0.5)
+
+
+def test_pooled_balanced_accuracy_below_every_fold_is_explained_under_the_table():
+    # each fold tests the common classes 0 and 1 and one rare class, which is never found:
+    # each fold's score is (1 + 1 + 0) / 3, the pooled one (1 + 1 + 0 + 0) / 4
+    targets = np.array([0, 1, 2, 0, 1, 3])
+    predictions = np.array([0, 1, 0, 0, 1, 0])
+    folds = [(np.array([3, 4, 5]), np.array([0, 1, 2])), (np.array([0, 1, 2]), np.array([3, 4, 5]))]
+    scores = score(targets, predictions, ["a", "b", "c", "d"], folds)
+    assert scores.fold_balanced_accuracy == pytest.approx((2 / 3, 2 / 3))
+    assert scores.balanced_accuracy == pytest.approx(1 / 2)
+    assert POOLED_NOTE in format_table({"cls": {"logreg": scores}})
+    inside = score(targets, targets, ["a", "b", "c", "d"], folds)
+    assert POOLED_NOTE not in format_table({"cls": {"logreg": inside}})
 
 
 def test_knn_uses_cosine_similarity_not_distance():

@@ -245,6 +245,14 @@ def test_collapse_warns_once_the_streak_lasts(smear_images, tmp_path):
     assert all(row["teacher_entropy"] == pytest.approx(math.log(64), abs=1e-4) for row in rows)
 
 
+def test_the_cli_says_a_collapse_in_one_line_of_its_own(smear_images, tmp_path, capsys):
+    assert main(["fit", "tiny", str(smear_images), "--out", str(tmp_path), "--max-steps", "5"]) == 0
+    errors = capsys.readouterr().err
+    said = [line for line in errors.splitlines() if "collapsed" in line]
+    assert len(said) == 1 and said[0].startswith("reddino-train: warning: step 5: the teacher has collapsed (uniform)")
+    assert "CollapseWarning" not in errors and "warnings.warn" not in errors
+
+
 def test_collapse_detector_kinds_and_streaks():
     detector = CollapseDetector(n_prototypes=100, patience=3)
     uniform, healthy = math.log(100) - 0.01, 2.0
