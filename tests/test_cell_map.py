@@ -99,6 +99,12 @@ def test_pooling_refuses_layers_it_cannot_compare(two_smears):
         PooledCells.from_layers([two_smears[0], cells_layer("raw", np.ones((2, 2), np.int32), embed=False)])
     with pytest.raises(PoolingError, match="different models"):
         PooledCells.from_layers([two_smears[0], cells_layer("c", np.ones((2, 2), np.int32), model_id="other")])
+    here = cells_layer("here", np.ones((2, 2), np.int32), model_id="s1@sha256:0123456789abcdef")
+    copied = cells_layer("copied", np.ones((2, 2), np.int32), model_id="s1-final@sha256:0123456789abcdef")
+    assert PooledCells.from_layers([here, copied]).model_id == "s1@sha256:0123456789abcdef"  # the same weights
+    retrained = cells_layer("retrained", np.ones((2, 2), np.int32), model_id="s1@sha256:fedcba9876543210")
+    with pytest.raises(PoolingError, match="different models"):
+        PooledCells.from_layers([here, retrained])
 
 
 def test_embedded_cells_without_a_row_in_the_cell_table_are_refused(two_smears):

@@ -54,7 +54,7 @@ def three_cells():
 
 
 def test_embedder_describes_its_model(embedder, tiny_folder):
-    assert embedder.model_id == str(tiny_folder[1].resolve())
+    assert embedder.model_id.startswith(f"{tiny_folder[1].name}@sha256:")
     assert (embedder.dim, embedder.input_size) == (TINY_DIM, (56, 56))
     assert embedder.device == torch.device("cpu") and embedder.dtype == torch.float32
     np.testing.assert_allclose(embedder.mean, MEAN)

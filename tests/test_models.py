@@ -1,5 +1,6 @@
 """Model registry and loading, through the real loading code, offline, on models made here."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -20,7 +21,8 @@ from _model_fixtures import (  # noqa: F401  (pytest fixtures)
     tiny_vit,
 )
 
-from napari_reddino import bf16_speed
+from napari_reddino import CellClassifier, bf16_speed
+from napari_reddino.cell_classifier import HeadMismatchError
 from napari_reddino.embedding import DeviceError, list_devices, resolve_device, resolve_dtype
 from napari_reddino.models import (
     KNOWN_MODELS,
@@ -28,6 +30,7 @@ from napari_reddino.models import (
     ModelNotAvailableError,
     UnknownModelError,
     _reporting_tqdm,
+    find_model_files,
     load_model,
 )
 
@@ -56,6 +59,29 @@ def test_folder_in_save_for_hf_layout_loads_and_embeds_class_token(tiny_folder):
     # The same folder is what timm itself loads as local-dir:
     reference = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     torch.testing.assert_close(features(loaded, x), class_token_after_norm(reference, x), rtol=0, atol=1e-6)
+
+
+def test_a_local_model_is_named_by_its_weights_so_its_heads_work_wherever_it_is_copied(tiny_folder, tmp_path):
+    _, folder = tiny_folder
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:16]
+    original = load_model(folder).model_id
+    assert original == f"tiny_model@sha256:{digest}"
+    rng = np.random.default_rng(0)
+    head = CellClassifier(["a", "b"], model_id=original).fit(rng.normal(size=(20, TINY_DIM)), ["a", "b"] * 10)
+    head.save(tmp_path / "head")
+
+    copy = shutil.copytree(folder, tmp_path / "colleague" / "s1-final")  # another machine, another name
+    assert load_model(copy).model_id == f"s1-final@sha256:{digest}"
+    assert CellClassifier.load(tmp_path / "head", model_id=load_model(copy).model_id).model_id == original
+    save_folder(tiny_vit(seed=5), folder)  # other weights in the head's own folder: another model
+    retrained = load_model(folder).model_id
+    assert retrained.startswith("tiny_model@sha256:") and retrained != original
+    with pytest.raises(HeadMismatchError, match=f"trained on embeddings of {original}"):
+        CellClassifier.load(tmp_path / "head", model_id=retrained)
+    weights = shutil.copy(copy / "model.safetensors", tmp_path / "bare.safetensors")
+    single = find_model_files(weights, architecture="vit_small_patch14_dinov2").model_id
+    assert single == f"bare.safetensors:vit_small_patch14_dinov2@sha256:{digest}"
+    CellClassifier.load(tmp_path / "head", model_id=single)  # the same weights, as a bare file
 
 
 def test_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):

@@ -6,7 +6,8 @@ drown the table). They live in the cells layer's metadata under one key::
     cells.metadata["reddino_embeddings"] = {
         "label_ids":   int64 array (n,), ascending: the cells' label ids,
         "embeddings":  float32 array (n, dim): row i belongs to label_ids[i],
-        "model_id":    the model's id (Embedder.model_id, e.g. "reddino-small" or a folder),
+        "model_id":    the model's id (Embedder.model_id: "reddino-small", or "s1@sha256:…" for
+                       a local model; see napari_reddino.model_ids),
         "fingerprint": hex digest of the inputs (see :func:`fingerprint`),
         "model", "crop_mode", "crop_scale", "margin", "device": how they were computed, for people.
     }

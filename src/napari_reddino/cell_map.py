@@ -19,6 +19,7 @@ import pandas as pd
 from skimage.measure import points_in_poly
 
 from .cell_embeddings import embeddings_of, stored_fingerprint
+from .model_ids import weights_key
 
 LUT_SIZE = 2**16  # napari draws uint16 labels through a 65,536-colour lookup table on the GPU
 UNLABELLED = ""
@@ -51,10 +52,10 @@ class PooledCells:
                 f"No embeddings on {', '.join(map(repr, missing)) or 'any cells layer'}: "
                 "run Plugins > RedDino > Embed cells first."
             )
-        models = {record[2] for _, record in records}
+        models = {weights_key(record[2]): record[2] for _, record in records}
         if len(models) > 1:
             raise PoolingError(
-                f"The cells layers were embedded with different models ({', '.join(sorted(models))}); "
+                f"The cells layers were embedded with different models ({', '.join(sorted(models.values()))}); "
                 "embed them all with one model to compare them in one map."
             )
         unmeasured = [layer.name for layer, (ids, *_) in records
@@ -77,7 +78,7 @@ class PooledCells:
             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             label_ids=np.concatenate([record[0] for _, record in records]).astype(np.int64),
             embeddings=np.concatenate([record[1] for _, record in records]).astype(np.float32, copy=False),
-            model_id=models.pop(),
+            model_id=records[0][1][2],
             fingerprints=tuple(stored_fingerprint(layer) for layer, _ in records),
         )
 

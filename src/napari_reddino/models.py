@@ -38,6 +38,8 @@ from huggingface_hub.errors import (
 )
 from timm.models import PretrainedCfg
 
+from .model_ids import local_model_id
+
 DownloadProgress = Callable[[str, int, int], None]
 """``(filename, bytes_done, bytes_total)``, called as a download advances."""
 
@@ -171,7 +173,7 @@ def find_model_files(
                 f"architecture={architecture!r} is only for a single weights file; the folder {path} "
                 f"names its architecture in {CONFIG_FILE}."
             )
-        return _folder_files(path, str(path.resolve()))
+        return _folder_files(path)
     if path.is_file():
         return _single_file(path, architecture)
     if name.startswith(LOCAL_PREFIX) or path.suffix in (".safetensors", *PICKLE_SUFFIXES) or os.sep in name:
@@ -284,7 +286,8 @@ def _trained_image_size(state: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _folder_files(folder: Path, model_id: str) -> ModelFiles:
+def _folder_files(folder: Path, model_id: str | None = None) -> ModelFiles:
+    """The files of a Hub snapshot (named ``model_id``) or of a local folder (named by its weights)."""
     config_path = folder / CONFIG_FILE
     weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if not config_path.is_file() or weights is None:
@@ -293,6 +296,7 @@ def _folder_files(folder: Path, model_id: str) -> ModelFiles:
             "(timm.models.save_for_hf writes this layout)."
         )
     architecture, model_args, pretrained_cfg = _read_config(config_path)
+    model_id = model_id or local_model_id(folder.resolve().name, weights)
     return ModelFiles(model_id, weights, architecture, model_args, pretrained_cfg)
 
 
@@ -328,7 +332,7 @@ def _single_file(path: Path, architecture: str | None) -> ModelFiles:
     if not timm.is_model(architecture):
         examples = ", ".join(known.architecture for known in KNOWN_MODELS.values())
         raise UnknownModelError(f"Unknown timm architecture {architecture!r} (RedDino uses {examples}).")
-    return ModelFiles(canonical_id(path, architecture), path, architecture)
+    return ModelFiles(local_model_id(f"{path.name}:{architecture}", path), path, architecture)
 
 
 # --- the Hugging Face Hub ------------------------------------------------------------------
