@@ -319,11 +319,17 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert columns == ["p_ovalocyte", "p_target cell"]
     assert sorted(c for c in cells.features.columns if c.startswith("p_")) == columns
     # A renamed class is renamed in the table, its probability column and the head.
+    widget.save_head(tmp_path / "before_rename")
     widget.class_list.table.item(widget.class_list.classes.index("ovalocyte"), NAME).setText("oval ")
     assert "oval" in widget.class_list.classes  # the name as typed, without the trailing space
     assert "p_oval" in aslan.features and "p_ovalocyte" not in aslan.features
     assert set(aslan.features["manual_label"]) == {"oval"}
     assert widget.classifier.classes == ["target cell", "oval"]
+    # A head saved before the rename predicts the class under its name now, not as a second class.
+    widget.apply_head(tmp_path / "before_rename.safetensors")
+    assert "its 'ovalocyte' is 'oval' now" in widget.status.value
+    assert "ovalocyte" not in widget.class_list.classes and "p_ovalocyte" not in aslan.features
+    assert set(aslan.features["predicted_class"]) <= {"target cell", "oval"} and "p_oval" in aslan.features
 
     # New labels (here: one cell deleted) make the map stale: it is removed and says why.
     aslan.data = np.where(aslan.data == aslan_ids[0], 0, aslan.data)

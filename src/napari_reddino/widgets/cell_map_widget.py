@@ -116,6 +116,7 @@ class CellMapWidget(JobWidget):
         self.xy: np.ndarray | None = None
         self.selected = np.zeros(0, dtype=bool)
         self.classifier: CellClassifier | None = None
+        self._renamed: dict[str, str] = {}  # a class's earlier names -> its name now, for heads saved before
         self._smear_colours: SmearColours | None = None
         self._smear_keys = SmearKeys(napari_viewer, self.press_key)
         self._review: list[int] = []  # points still to review, the least certain last
@@ -435,6 +436,9 @@ class CellMapWidget(JobWidget):
         so no cell keeps a label that the class list no longer has."""
         if self.classifier is not None:
             self.classifier.rename_class(old, new)
+        self._renamed = {earlier: new if now == old else now
+                         for earlier, now in self._renamed.items() if earlier != new}
+        self._renamed[old] = new
         self._replace_class(old, new, ("manual_label", "predicted_class"), {f"p_{old}": f"p_{new}"})
         self.colour_by.reset_choices()
 
@@ -564,11 +568,24 @@ class CellMapWidget(JobWidget):
         except (PoolingError, OSError, ValueError) as error:  # HeadMismatchError is a ValueError
             self._refuse(str(error))
             return
+        renamed = self._carry_renames(classifier)
         for name in classifier.classes:
             self.class_list.add_class(name, classifier.colours.get(name))
         self._predict(classifier, pool, proba)
         mapped = "" if pool is self.pool else " Compute map to see them on the map."
-        self.status.value = f"Head {Path(path).name} applied to {len(pool):,} cells.{mapped}"
+        renamed = f" ({'; '.join(renamed)})" if renamed else ""
+        self.status.value = f"Head {Path(path).name} applied to {len(pool):,} cells{renamed}.{mapped}"
+
+    def _carry_renames(self, classifier: CellClassifier) -> list[str]:
+        """Give the classes of a head saved before a rename their names now (else the old name
+        would come back as a second class); says which, for the status line."""
+        said = []
+        for old in list(classifier.classes):
+            new = self._renamed.get(old)
+            if new is not None and new not in classifier.classes:
+                classifier.rename_class(old, new)
+                said.append(f"its {old!r} is {new!r} now")
+        return said
 
     def export_csv(self, path: str | Path) -> Path | None:
         """Write one row per cell of the map's smears; asks before replacing an existing file."""
