@@ -206,6 +206,10 @@ def test_a_head_of_another_model_is_refused(tmp_path, smear_table):
     with pytest.raises(HeadMismatchError, match="reddino-small.*reddino-base"):
         CellClassifier.load(tmp_path / "head", model_id="reddino-base")
     assert CellClassifier.load(tmp_path / "head").model_id == "reddino-small"  # no model given: no check
+    # saved without a digest (by an earlier version): the name decides
+    assert CellClassifier.load(tmp_path / "head", model_id="reddino-small@sha256:0123456789abcdef").classes
+    with pytest.raises(HeadMismatchError, match="reddino-base@sha256"):
+        CellClassifier.load(tmp_path / "head", model_id="reddino-base@sha256:0123456789abcdef")
 
 
 def test_damaged_or_missing_files_are_refused_by_name(tmp_path, smear_table):

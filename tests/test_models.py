@@ -61,7 +61,7 @@ def test_folder_in_save_for_hf_layout_loads_and_embeds_class_token(tiny_folder):
     torch.testing.assert_close(features(loaded, x), class_token_after_norm(reference, x), rtol=0, atol=1e-6)
 
 
-def test_a_local_model_is_named_by_its_weights_so_its_heads_work_wherever_it_is_copied(tiny_folder, tmp_path):
+def test_a_model_is_named_by_its_weights_so_its_heads_work_wherever_it_is_copied(tiny_folder, tmp_path, hub_cache):
     _, folder = tiny_folder
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:16]
     original = load_model(folder).model_id
@@ -73,6 +73,10 @@ def test_a_local_model_is_named_by_its_weights_so_its_heads_work_wherever_it_is_
     copy = shutil.copytree(folder, tmp_path / "colleague" / "s1-final")  # another machine, another name
     assert load_model(copy).model_id == f"s1-final@sha256:{digest}"
     assert CellClassifier.load(tmp_path / "head", model_id=load_model(copy).model_id).model_id == original
+    publish_to_cache(copy, hub_cache, "lab/rbc-s1")  # pushed to the Hub and downloaded elsewhere
+    pushed = load_model("hf_hub:lab/rbc-s1").model_id
+    assert pushed == f"hf_hub:lab/rbc-s1@sha256:{digest}"
+    CellClassifier.load(tmp_path / "head", model_id=pushed)
     save_folder(tiny_vit(seed=5), folder)  # other weights in the head's own folder: another model
     retrained = load_model(folder).model_id
     assert retrained.startswith("tiny_model@sha256:") and retrained != original
@@ -86,11 +90,12 @@ def test_a_local_model_is_named_by_its_weights_so_its_heads_work_wherever_it_is_
 
 def test_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):
     model = tiny_vit(seed=3)
-    publish_to_cache(save_folder(model, tmp_path / "tiny"), hub_cache, "lab/tiny-rbc")
+    snapshot = publish_to_cache(save_folder(model, tmp_path / "tiny"), hub_cache, "lab/tiny-rbc")
     started = time.perf_counter()
     loaded = load_model("hf_hub:lab/tiny-rbc")
     assert time.perf_counter() - started < 5
-    assert loaded.model_id == "hf_hub:lab/tiny-rbc"
+    digest = hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()[:16]
+    assert loaded.model_id == f"hf_hub:lab/tiny-rbc@sha256:{digest}"
     x = torch.randn(2, 3, 56, 56)
     torch.testing.assert_close(features(loaded, x), class_token_after_norm(model, x), rtol=0, atol=1e-6)
 

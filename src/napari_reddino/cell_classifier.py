@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 
 from .atomic_files import write_files_atomically
 from .cell_embeddings import check_embeddings
-from .model_ids import weights_key
+from .model_ids import same_model
 
 DEFAULT_MEASUREMENTS = (
     "circularity", "eccentricity", "solidity", "central_pallor", "relative_diameter", "red_fraction", "blue_fraction",
@@ -164,12 +164,12 @@ class CellClassifier:
     @classmethod
     def load(cls, path, *, model_id: str | None = None) -> CellClassifier:
         """A saved head; with ``model_id``, refuse (HeadMismatchError) one trained on another model's
-        embeddings (a local model's copy elsewhere is the same model: :mod:`~napari_reddino.model_ids`)."""
+        embeddings (a copy of its model elsewhere is the same model: :mod:`~napari_reddino.model_ids`)."""
         from safetensors.numpy import load
 
         weights_path, about_path = head_paths(path)
         about = _read_about(about_path)
-        if model_id is not None and weights_key(about["model_id"]) != weights_key(model_id):
+        if model_id is not None and not same_model(about["model_id"], model_id):
             raise HeadMismatchError(
                 f"The head {about_path.stem} was trained on embeddings of {about['model_id'] or 'an unnamed model'}, "
                 f"but these cells were embedded with {model_id}. Embed the cells with the head's model, "

@@ -1,11 +1,13 @@
 """How records name the model that made an embedding.
 
-A Hub model is named as the user named it (``reddino-small``, ``hf_hub:org/name``). A local
-model (a folder, or a weights file with its architecture) is named by its file name and a
-digest of its weights, ``s1@sha256:3fa2c91b0d4e5f60``: the same weights keep their identity
-wherever they are copied, so a head trained on them works on a colleague's machine, and a
-folder overwritten with other weights under the same path is a different model. The digest,
-not the name, decides: a renamed copy is still the same model.
+Every model is named as the user named it plus a digest of its weights file:
+``reddino-small@sha256:3fa2c91b0d4e5f60``, ``hf_hub:lab/rbc-s1@sha256:…``, and for a local
+folder (or a weights file with its architecture) its file name, ``s1@sha256:…``. The digest
+decides: the same weights keep their identity wherever they are copied and whatever they are
+called, so a head trained on them works on a colleague's machine, while a folder overwritten
+with other weights, or a Hub model whose authors published new weights, is another model.
+
+Ids written without a digest (by earlier versions) are compared by name.
 
 No torch: the cell map and the head compare ids without loading a model.
 """
@@ -19,7 +21,7 @@ WEIGHTS_MARK = "@sha256:"
 DIGEST_LENGTH = 16  # hex digits: 64 bits, beyond any lab's number of models
 
 
-def local_model_id(name: str, weights: Path) -> str:
+def digested_id(name: str, weights: Path) -> str:
     """``name`` with the digest of the weights file: ViT-L's 1.2 GB take about 0.8 s to hash."""
     with open(weights, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
@@ -27,7 +29,14 @@ def local_model_id(name: str, weights: Path) -> str:
 
 
 def weights_key(model_id: str | None) -> str | None:
-    """What two ids must share to name the same model: a local model's digest, else the id."""
+    """What names the weights: the digest of an id that has one, else the id itself."""
     if model_id and WEIGHTS_MARK in model_id:
         return model_id.rpartition(WEIGHTS_MARK)[2]
     return model_id
+
+
+def same_model(first: str | None, second: str | None) -> bool:
+    """Whether two ids name the same weights: by digest where both have one, else by name."""
+    if first and second and WEIGHTS_MARK in first and WEIGHTS_MARK in second:
+        return weights_key(first) == weights_key(second)
+    return (first or "").partition(WEIGHTS_MARK)[0] == (second or "").partition(WEIGHTS_MARK)[0]

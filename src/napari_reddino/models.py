@@ -38,7 +38,7 @@ from huggingface_hub.errors import (
 )
 from timm.models import PretrainedCfg
 
-from .model_ids import local_model_id
+from .model_ids import digested_id
 
 DownloadProgress = Callable[[str, int, int], None]
 """``(filename, bytes_done, bytes_total)``, called as a download advances."""
@@ -286,8 +286,8 @@ def _trained_image_size(state: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _folder_files(folder: Path, model_id: str | None = None) -> ModelFiles:
-    """The files of a Hub snapshot (named ``model_id``) or of a local folder (named by its weights)."""
+def _folder_files(folder: Path, name: str | None = None) -> ModelFiles:
+    """The files of a Hub snapshot (``name``: the model as the user named it) or of a local folder."""
     config_path = folder / CONFIG_FILE
     weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if not config_path.is_file() or weights is None:
@@ -296,8 +296,8 @@ def _folder_files(folder: Path, model_id: str | None = None) -> ModelFiles:
             "(timm.models.save_for_hf writes this layout)."
         )
     architecture, model_args, pretrained_cfg = _read_config(config_path)
-    model_id = model_id or local_model_id(folder.resolve().name, weights)
-    return ModelFiles(model_id, weights, architecture, model_args, pretrained_cfg)
+    return ModelFiles(digested_id(name or folder.resolve().name, weights), weights, architecture, model_args,
+                      pretrained_cfg)
 
 
 def _read_config(path: Path) -> tuple[str, dict, dict]:
@@ -332,7 +332,7 @@ def _single_file(path: Path, architecture: str | None) -> ModelFiles:
     if not timm.is_model(architecture):
         examples = ", ".join(known.architecture for known in KNOWN_MODELS.values())
         raise UnknownModelError(f"Unknown timm architecture {architecture!r} (RedDino uses {examples}).")
-    return ModelFiles(local_model_id(f"{path.name}:{architecture}", path), path, architecture)
+    return ModelFiles(digested_id(f"{path.name}:{architecture}", path), path, architecture)
 
 
 # --- the Hugging Face Hub ------------------------------------------------------------------
