@@ -300,6 +300,15 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     compute_map(widget, qtbot)
     pool = widget.pool
     assert len(pool) == len(ids) + len(embeddings_of(aslan)[0])
+    # A cell of the first smear is shown above the second, which napari opened over it.
+    images = {layer: viewer.layers[layer.metadata["source_image"]] for layer in (cells, aslan)}
+    widget.canvas.point_clicked.emit(int(np.flatnonzero(pool.layer_index == 0)[0]), False)
+    assert images[cells].visible and cells.visible and not images[aslan].visible and not aslan.visible
+    assert not viewer.layers[f"{aslan.name} map colours"].visible
+    assert widget.status.value == (f"Showing the cell's smear (hid {images[aslan].name!r}, {aslan.name!r}, "
+                                   f"'{aslan.name} map colours', which lay over it).")
+    widget.canvas.point_clicked.emit(int(np.flatnonzero(pool.layer_index == 1)[0]), False)
+    assert images[aslan].visible and aslan.visible and images[cells].visible  # on top: nothing to hide
     widget.select(pool.layer_index == 1)
     aslan_ids = embeddings_of(aslan)[0]
     assert np.all(overlay_alpha(widget, aslan, aslan_ids) > SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)

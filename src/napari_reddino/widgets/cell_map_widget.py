@@ -402,15 +402,20 @@ class CellMapWidget(JobWidget):
     def _on_point_clicked(self, point: int, add: bool) -> None:
         position = int(self.pool.layer_index[point])
         self.select_cell(self.pool.layers[position], int(self.pool.label_ids[point]), add=add)
-        self._show_cell_in_smear(point)
+        if uncovered := self._show_cell_in_smear(point):
+            self.status.value = f"Showing the cell's smear{uncovered}."
 
-    def _show_cell_in_smear(self, point: int) -> None:
+    def _show_cell_in_smear(self, point: int) -> str:
+        """Centre the smear view on the cell of ``point``, on top of any smear that covered it;
+        says which layers were hidden for it ("" when none)."""
         position = int(self.pool.layer_index[point])
         cells = self.pool.layers[position]
+        hidden = self._smear_colours.uncover(position)
         row = cells.features.set_index("label").loc[int(self.pool.label_ids[point])]
         self._viewer.scene.camera.center = tuple(cells.data_to_world([row["centroid_y"], row["centroid_x"]]))
         diameter = float(row["equivalent_diameter_px"]) * float(np.max(cells.scale))
         self._viewer.scene.camera.zoom = max(self._viewer.scene.camera.zoom, MIN_CELL_ON_SCREEN_PX / max(diameter, 1e-6))
+        return f" (hid {', '.join(map(repr, hidden))}, which lay over it)" if hidden else ""
 
     # --- labels and the head --------------------------------------------------------------
 
@@ -533,12 +538,13 @@ class CellMapWidget(JobWidget):
         mask[point] = True
         self.select(mask)
         self.canvas.centre_on(point)
-        self._show_cell_in_smear(point)
+        uncovered = self._show_cell_in_smear(point)
         predicted = self.pool.column("predicted_class", UNLABELLED)[point]
         certainty = self.pool.column("prediction_probability")[point]
         self.status.value = (f"Least certain unlabelled cell: {self.pool.label_ids[point]} of "
-                             f"{self.pool.layers[self.pool.layer_index[point]].name!r}, predicted {predicted!r} "
-                             f"(p = {certainty:.2f}). Press its class's number key, or Review uncertain to skip.")
+                             f"{self.pool.layers[self.pool.layer_index[point]].name!r}{uncovered}, predicted "
+                             f"{predicted!r} (p = {certainty:.2f}). Press its class's number key, or Review "
+                             "uncertain to skip.")
 
     def save_head(self, path: str | Path) -> None:
         """Save the head as ``<name>.safetensors`` + ``<name>.json``; asks before replacing either."""

@@ -7,7 +7,7 @@ The same layers answer which cell a click on a smear hit.
 """
 
 import numpy as np
-from napari.layers import Labels
+from napari.layers import Image, Labels
 from napari.utils.colormaps import CyclicLabelColormap
 
 from ..cell_map import PooledCells, rank_lut
@@ -60,8 +60,35 @@ class SmearColours:
                 return self._pool.layers[position], int(self._pool.label_ids[self._pool.offsets[position] + int(rank) - 1])
         return None
 
+    def uncover(self, position: int) -> list[str]:
+        """Show smear ``position`` (its image, cells and colours) and hide the smears drawn over it:
+        napari opens every smear at the origin, so the second one covers the first, and a cell
+        centred in the first would show the second's pixels. Returns the names of the layers hidden."""
+        cells = self._pool.layers[position]
+        layers = self._viewer.layers
+        image = layers[cells.metadata["source_image"]] if cells.metadata.get("source_image") in layers else None
+        own = [layer for layer in (image, cells, self.layers[position]) if layer is not None and layer in layers]
+        box = np.stack([layer.extent.world for layer in own])
+        low, high = box[:, 0].min(axis=0), box[:, 1].max(axis=0)
+        hidden = []
+        for layer in list(layers)[min(map(layers.index, own)) + 1:]:
+            extent = layer.extent.world
+            covers = np.all(extent[0] < high) and np.all(low < extent[1])
+            if layer not in own and layer.visible and covers and _is_smear_layer(layer):
+                layer.visible = False
+                hidden.append(layer.name)
+        for layer in own:
+            layer.visible = True
+        return hidden
+
     def remove(self) -> None:
         for overlay in self.layers:
             if overlay in self._viewer.layers:
                 self._viewer.layers.remove(overlay)
         self.layers = []
+
+
+def _is_smear_layer(layer) -> bool:
+    """A smear's image, cells or map colours (not, say, a user's points or shapes)."""
+    return isinstance(layer, Image) or (isinstance(layer, Labels) and (
+        is_map_colours(layer) or "label" in layer.features))
