@@ -377,7 +377,41 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
     widget.class_list.remove_current()
     assert "target" not in widget.class_list.classes and "target" not in set(cells.features["manual_label"])
-    assert widget.status.value == f"Class 'target' removed; its {labelled:,} cells are unlabelled."
+    # the head's probabilities were shares among its classes, 'target' one of them: they go with it
+    assert widget.status.value == (f"Class 'target' removed; {labelled:,} cells labelled 'target' are unlabelled; "
+                                   "the predictions of the head, which has 'target' among its classes, are cleared "
+                                   "(train it again without it).")
+    assert widget.classifier is None and "predicted_class" not in cells.features
+    assert not any(column.startswith("p_") for column in cells.features)
+    # A class no cell carries goes without a question.
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: pytest.fail("asked for nothing to lose"))
+    widget.class_list.table.selectRow(widget.class_list.classes.index("teardrop"))
+    widget.class_list.remove_current()
+    assert "teardrop" not in widget.class_list.classes and widget.status.value == "Class 'teardrop' removed."
+
+
+def test_a_closed_map_panel_takes_its_colours_and_keys_and_a_new_one_finds_the_classes(viewer, qtbot,
+                                                                                      tiny_folder):  # noqa: F811
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    widget.class_list.add_class("crenated")
+    widget.select(np.arange(len(widget.pool)) < 3)
+    widget.assign("crenated")
+    widget.select(np.arange(len(widget.pool)) >= len(widget.pool) - 3)
+    widget.assign("normal")
+    assert f"{cells.name} map colours" in viewer.layers and "label eraser" not in cells.help
+
+    viewer.window.remove_dock_widget(dock)  # as its close button does
+    assert [layer.name for layer in viewer.layers] == ["1", cells.name]
+    assert "label eraser" in cells.help  # napari's own keys are back
+    assert (cells.features["manual_label"] == "crenated").sum() == 3  # the work stays on the cells
+
+    _, reopened = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(reopened, qtbot)
+    assert "crenated" in reopened.class_list.classes
+    reopened.train()
+    assert reopened.status.value.startswith("Head trained on 6 labelled cells")
 
 
 def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  # noqa: F811

@@ -168,6 +168,13 @@ def test_cancel_leaves_no_layer(viewer, widget, chula, qtbot):
     assert widget.status.value == "Cancelled; nothing was changed."
 
 
+def test_closing_the_panel_mid_run_cancels_it(viewer, widget, chula, qtbot):
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+        viewer.window.remove_dock_widget(widget)  # as its close button does
+    assert labels_layers(viewer) == []  # nothing lands in the viewer from a panel that is gone
+
+
 def test_a_pixel_size_typed_for_a_smear_stays_with_that_smear(viewer, widget):
     first = viewer.open(CHULA_1)[0]
     second = viewer.add_image(imread(CHULA_1)[::2, ::2], rgb=True, name="half")

@@ -163,7 +163,8 @@ class CellMapWidget(JobWidget):
             self.buttons[text].changed.connect(action)
         self._lay_out_map_widget()
         self._bind_keys()
-        napari_viewer.mouse_drag_callbacks.append(_weakly(self._on_smear_press))
+        self._smear_press = _weakly(self._on_smear_press)
+        napari_viewer.mouse_drag_callbacks.append(self._smear_press)
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
 
     def _lay_out_map_widget(self) -> None:
@@ -245,6 +246,16 @@ class CellMapWidget(JobWidget):
     def _failed_job(self) -> str:
         return "The map"
 
+    def _closed(self) -> None:
+        """The panel is gone: so are its colours over the smears and its keys and clicks on them
+        (the cells keep their labels and predictions, and a reopened panel maps them again)."""
+        super()._closed()
+        self.forget_map()
+        if self._smear_press in self._viewer.mouse_drag_callbacks:
+            self._viewer.mouse_drag_callbacks.remove(self._smear_press)
+        self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        self.canvas.close_view()
+
     def _on_finished(self) -> None:
         worker, xy = self._end_run()
         pool, self._pending = self._pending, None
@@ -288,6 +299,10 @@ class CellMapWidget(JobWidget):
         for cells in pool.layers:  # new labels (a re-segmentation, a brush edit) make the map stale
             cells.events.data.connect(self._on_cells_changed)
             cells.events.paint.connect(self._on_cells_changed)
+        for column in ("manual_label", "predicted_class"):  # classes given before this panel opened
+            for name in pd.unique(pool.column(column, UNLABELLED)):
+                if name != UNLABELLED:
+                    self.class_list.add_class(str(name))
         self.colour_by.reset_choices()
         self.recolour()
 
@@ -463,17 +478,36 @@ class CellMapWidget(JobWidget):
                 cells.features = changed
 
     def _remove_class(self, name: str) -> None:
-        """Remove a class from the list; cells labelled with it lose that label, once confirmed."""
-        labelled = sum(int((cells.features["manual_label"] == name).sum()) for cells in self._viewer.layers
-                       if isinstance(cells, Labels) and "manual_label" in cells.features)
-        if labelled and QMessageBox.question(
-            self, "Remove class?", f"{labelled:,} cells are labelled {name!r}; they will be unlabelled. Remove it?"
+        """Remove a class from the list, once confirmed where cells carry it: cells labelled with it
+        lose that label, and predictions that include it (a head's probabilities are shares among
+        its classes) are cleared, with the head that made them."""
+        cells_layers = [layer for layer in self._viewer.layers if isinstance(layer, Labels) and "label" in layer.features]
+        def carrying(cells, column: str) -> int:
+            return int((cells.features[column] == name).sum()) if column in cells.features else 0
+
+        labelled = sum(carrying(cells, "manual_label") for cells in cells_layers)
+        predicted = [cells for cells in cells_layers
+                     if f"p_{name}" in cells.features or carrying(cells, "predicted_class")]
+        head = self.classifier is not None and name in self.classifier.classes
+        losses = [f"{labelled:,} cells labelled {name!r} will be unlabelled"] if labelled else []
+        if predicted or head:
+            losses.append(f"the predictions of the head, which has {name!r} among its classes, will be cleared "
+                          "(train it again without it)")
+        if losses and QMessageBox.question(
+            self, "Remove class?", f"{'; '.join(losses).capitalize()}. Remove {name!r}?"
         ) != QMessageBox.StandardButton.Yes:
             return
         self._replace_class(name, UNLABELLED, ("manual_label",))
+        for cells in predicted:
+            table = cells.features
+            cells.features = table.drop(columns=[c for c in table.columns if c.startswith("p_")
+                                                 or c in ("predicted_class", "prediction_probability")])
+        if head:
+            self.classifier, self._review, self._uncertain = None, [], np.zeros(0, dtype=int)
         self.class_list.remove(name)
-        if labelled:
-            self.status.value = f"Class {name!r} removed; its {labelled:,} cells are unlabelled."
+        self.colour_by.reset_choices()
+        self.status.value = f"Class {name!r} removed" + (f"; {'; '.join(losses)}." if losses else ".").replace(
+            " will be ", " are ")
 
     def train(self) -> None:
         """Fit the linear head on the labelled cells and predict every cell of the map."""

@@ -10,7 +10,7 @@ from napari.layers import Image
 from napari.qt.threading import thread_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QEvent, Signal
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from ..image_input import ACCEPTED, ImageInputError, check_smear
@@ -81,6 +81,21 @@ class JobWidget(QWidget):
         self.status.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self._run_button.changed.connect(self.run)
         self._cancel_button.changed.connect(self.cancel)
+        self._docked = False
+
+    def event(self, event: QEvent) -> bool:
+        """Closing the dock (napari then takes the widget out of it) calls :meth:`_closed`."""
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._docked = False
+                self._closed()
+        return super().event(event)
+
+    def _closed(self) -> None:
+        """The panel is gone: a run still going is cancelled, so nothing lands in the viewer unseen."""
+        self.cancel()
 
     def run(self) -> None:
         raise NotImplementedError

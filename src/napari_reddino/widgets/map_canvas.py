@@ -87,6 +87,15 @@ class MapCanvas(QWidget):
     def coordinates(self) -> np.ndarray:
         return self.points.data if self.points is not None else np.empty((0, 2))
 
+    def close_view(self) -> None:
+        """Close the map's QtViewer (its vispy canvas and GL context) now, at a quiet moment,
+        rather than whenever Python's garbage collector drops a closed panel: a GL canvas deleted
+        while napari is busy with its own canvas can crash the process."""
+        if self.qt_viewer is not None:
+            self.clear()
+            self.qt_viewer.close()
+            self.qt_viewer.deleteLater()
+
     def clear(self) -> None:
         for layer in (self.points, self.selection):
             if layer is not None:
