@@ -194,6 +194,18 @@ def test_a_model_that_cannot_load_gives_a_clear_error_and_changes_nothing(
     assert widget._run_button.enabled
 
 
+def test_a_model_that_cannot_load_after_segment_first_says_the_cells_were_kept(viewer, widget, hub_cache, qtbot):
+    viewer.add_image(imread(CHULA_1)[:160, :160], rgb=True, name="patch")
+    widget.reset_choices()
+    widget.model_name = "reddino-small"  # offline, not cached
+    with qtbot.assertNotEmitted(widget.embedded):
+        run(widget, qtbot)
+    (cells,) = [layer for layer in viewer.layers if isinstance(layer, Labels)]
+    assert widget.status.value.startswith("Could not load the model; the cells were segmented and kept in "
+                                          "'patch cells'. ")
+    assert cells.name == "patch cells" and len(cells.features) > 0 and embeddings_of(cells) is None
+
+
 def test_a_multiscale_cells_layer_is_refused_with_what_to_do(viewer, widget, qtbot):
     viewer.add_image(imread(CHULA_1)[:64, :64], rgb=True, name="patch")
     labels = np.zeros((64, 64), np.int32)

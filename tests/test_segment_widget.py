@@ -175,7 +175,7 @@ def test_closing_the_panel_mid_run_cancels_it(viewer, widget, chula, qtbot):
     assert labels_layers(viewer) == []  # nothing lands in the viewer from a panel that is gone
 
 
-def test_a_pixel_size_typed_for_a_smear_stays_with_that_smear(viewer, widget):
+def test_a_cell_diameter_and_pixel_size_typed_for_a_smear_stay_with_that_smear(viewer, widget):
     first = viewer.open(CHULA_1)[0]
     second = viewer.add_image(imread(CHULA_1)[::2, ::2], rgb=True, name="half")
     widget.reset_choices()
@@ -191,6 +191,11 @@ def test_a_pixel_size_typed_for_a_smear_stays_with_that_smear(viewer, widget):
     assert (first.metadata["pixel_size_um"], second.metadata["pixel_size_um"]) == (0.25, 0.5)
     widget.pixel_size.value = 0  # back to unknown
     assert first.metadata["pixel_size_um"] is None
+    widget.cell_diameter.value = 32
+    widget.image.value = second
+    assert widget.cell_diameter.value == 0  # auto: 32 px was typed for the first smear, not this one
+    widget.image.value = first
+    assert widget.cell_diameter.value == 32 and first.metadata["cell_diameter_px"] == 32
 
 
 def test_a_long_message_wraps_in_the_panel_without_widening_the_dock(make_napari_viewer, qtbot):

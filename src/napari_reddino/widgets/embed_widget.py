@@ -57,6 +57,7 @@ class _EmbedJob:
     model: str
     crops: dict  # mode, scale and margin, as Embedder.embed takes them
     fingerprint: str
+    segmented: bool = False  # the cells layer was made by this run ("segment first")
 
 
 @dataclass
@@ -299,19 +300,20 @@ class EmbedCellsWidget(JobWidget):
         self.every_smear_done.emit()
 
     def _segment_first(self, layer: Image, pixels: np.ndarray) -> None:
-        """The Segment widget's worker with its defaults (cell size from the pixel size or the image)."""
+        """The Segment widget's worker with the cell size typed there for this smear, else from its
+        pixel size or the image."""
         self._segment_job = _Job(
             image_name=layer.name,
             scale=tuple(layer.scale),
             translate=tuple(layer.translate),
-            cell_diameter=None,
+            cell_diameter=layer.metadata.get("cell_diameter_px") or None,  # typed in Segment cells
             pixel_size_um=layer.metadata.get("pixel_size_um") or None,
             started=time.perf_counter(),
         )
         self.status.value = f"Segmenting {layer.name!r}…"
-        self._start(_segment_and_measure, pixels, None, self._segment_job.pixel_size_um)
+        self._start(_segment_and_measure, pixels, self._segment_job.cell_diameter, self._segment_job.pixel_size_um)
 
-    def _embed(self, image: Image, pixels: np.ndarray, cells: Labels) -> None:
+    def _embed(self, image: Image, pixels: np.ndarray, cells: Labels, *, segmented: bool = False) -> None:
         if cells.multiscale:
             self._refuse(f"{cells.name!r} is a multiscale (pyramid) labels layer; open its full-resolution "
                          "level as a plain labels layer, or segment the image here.")
@@ -349,7 +351,7 @@ class EmbedCellsWidget(JobWidget):
                 notify=show_info,
             )
             return
-        self._embed_job = _EmbedJob(cells, model, crops, current)
+        self._embed_job = _EmbedJob(cells, model, crops, current, segmented)
         self.status.value = f"Loading {model}…"
         labels = labels.copy()  # painting during the run must not change what is embedded
         measured = cells.features["label"].to_numpy() if "label" in cells.features else None
@@ -386,7 +388,9 @@ class EmbedCellsWidget(JobWidget):
             if self._batch is not None:
                 self._batch.stopped = "the model did not load"
             show_error(result.message)
-            self.status.value = f"Could not load the model; nothing was changed. {result.message}"
+            kept = (f"the cells were segmented and kept in {embed_job.cells.name!r}" if embed_job.segmented
+                    else "nothing was changed")
+            self.status.value = f"Could not load the model; {kept}. {result.message}"
         elif result is not None:
             self._store(embed_job, embedder, *result)
         self.finished.emit()
@@ -407,7 +411,7 @@ class EmbedCellsWidget(JobWidget):
         except ImageInputError as error:  # the image changed while it was segmented
             self._refuse(str(error))
             return
-        self._embed(image, pixels, cells)
+        self._embed(image, pixels, cells, segmented=True)
 
     def _store(self, job: _EmbedJob, embedder: Embedder, ids: np.ndarray, embeddings: np.ndarray,
                table: pd.DataFrame | None) -> None:

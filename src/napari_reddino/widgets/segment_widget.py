@@ -69,9 +69,12 @@ class SegmentCellsWidget(JobWidget):
         self.pixel_size.native.setSpecialValueText("unknown")
         self.pixel_size.native.setDecimals(4)
         self._lay_out(Container(widgets=[self.image, self.cell_diameter, self.pixel_size]))
-        self.image.changed.connect(self._prefill_pixel_size)
-        self._prefill_pixel_size(self.image.value)
-        self.pixel_size.changed.connect(self._remember_pixel_size)
+        # Each smear keeps what was typed for it (on its image layer, where Embed cells finds it too)
+        self._per_smear = {self.cell_diameter: "cell_diameter_px", self.pixel_size: "pixel_size_um"}
+        self.image.changed.connect(self._prefill)
+        self._prefill(self.image.value)
+        for box, key in self._per_smear.items():
+            box.changed.connect(lambda value, key=key: self._remember(key, value))
 
     def reset_choices(self, *_) -> None:
         """Follow the viewer's image layers (napari calls this when layers change)."""
@@ -96,17 +99,19 @@ class SegmentCellsWidget(JobWidget):
         self.status.value = f"Segmenting {layer.name!r}…"
         self._start(_segment_and_measure, pixels, self._job.cell_diameter, self._job.pixel_size_um)
 
-    def _prefill_pixel_size(self, layer: Image | None) -> None:
+    def _prefill(self, layer: Image | None) -> None:
+        """Show the chosen smear's own cell diameter and pixel size (auto and unknown if none)."""
         if layer is not None:
-            with self.pixel_size.changed.blocked():  # shown, not typed: the layer's own value stays unrounded
-                self.pixel_size.value = layer.metadata.get("pixel_size_um") or 0.0
+            for box, key in self._per_smear.items():
+                with box.changed.blocked():  # shown, not typed: the layer's own value stays unrounded
+                    box.value = layer.metadata.get(key) or 0.0
 
-    def _remember_pixel_size(self, value: float) -> None:
-        """Keep the pixel size on the image layer: it comes back when the image is chosen again,
+    def _remember(self, key: str, value: float) -> None:
+        """Keep a typed value on the image layer: it comes back when the image is chosen again,
         and Embed cells uses it when it segments that image first."""
         layer = self.image.value
         if layer is not None:
-            layer.metadata["pixel_size_um"] = value or None
+            layer.metadata[key] = value or None
 
     def _on_progress(self, tiles: tuple[int, int]) -> None:
         self._count(*tiles, f"Segmenting {self._job.image_name!r}")
