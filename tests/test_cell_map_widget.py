@@ -199,7 +199,8 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     # Export: written, read back column by column; an existing file is replaced only when confirmed.
     assert widget.with_summary.native.text().endswith("(_summary.csv)")  # the name it writes, as it writes it
     widget.with_embeddings.value = True
-    csv = widget.export_csv(tmp_path / "cells.csv")
+    csv = widget.export_csv(tmp_path / "cells")  # a name typed without .csv gets it
+    assert csv == tmp_path / "cells.csv" and (tmp_path / "cells.npz").is_file()
     back = pd.read_csv(csv, dtype={"image": str})  # "1" (from 1.jpg) would otherwise read as a number
     assert len(back) == len(ids)
     assert list(back["image"].unique()) == [viewer.layers[0].name]
@@ -394,6 +395,8 @@ def test_a_closed_map_panel_takes_its_colours_and_keys_and_a_new_one_finds_the_c
                                                                                       tiny_folder):  # noqa: F811
     cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
     dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    widget.assign("normal")  # before a map: says what to do first
+    assert widget.status.value.startswith("No map yet: Compute map, then select cells")
     compute_map(widget, qtbot)
     widget.class_list.add_class("crenated")
     widget.select(np.arange(len(widget.pool)) < 3)

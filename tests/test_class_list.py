@@ -44,3 +44,18 @@ def test_a_class_moved_up_takes_the_key_of_its_new_row_with_its_colour_and_count
     editor.setText("normocyte")
     classes.move_current(-1)
     assert classes.classes[:2] == ["normocyte", "macrocyte"] and renamed == [("normal cell", "normocyte")]
+
+
+def test_a_name_that_is_empty_or_taken_is_undone_and_says_why(qtbot):
+    classes = ClassList()
+    qtbot.addWidget(classes)
+    said, renamed = [], []
+    classes.refused.connect(said.append)
+    classes.renamed.connect(lambda old, new: renamed.append((old, new)))
+    row = classes.classes.index("macrocyte")
+    classes.table.item(row, 1).setText(" normal ")
+    classes.table.item(row, 1).setText("  ")
+    assert classes.classes[row] == "macrocyte" and classes.table.item(row, 1).text() == "macrocyte"
+    assert said == ["There is already a class 'normal'; 'macrocyte' keeps its name.",
+                    "A class needs a name; 'macrocyte' keeps its name."]
+    assert renamed == []

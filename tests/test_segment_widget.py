@@ -67,7 +67,7 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     assert_one_row_per_cell(cells)
     count = len(cells.features)
     assert 100 <= count <= 140
-    assert widget.status.value.startswith(f"{count} cells found in ")
+    assert widget.status.value.startswith(f"{count:,} cells found in ")
     np.testing.assert_allclose(cells.scale, (0.2, 0.2))
     np.testing.assert_allclose(cells.translate, chula.translate)
     assert cells.contour == 2

@@ -136,6 +136,7 @@ class CellMapWidget(JobWidget):
         self.class_list.changed.connect(self.recolour)
         self.class_list.renamed.connect(self._rename_class)
         self.class_list.remove_requested.connect(self._remove_class)
+        self.class_list.refused.connect(self._say)
         self.colour_by = ComboBox(label="Colour by", choices=self._colour_choices)
         self.colour_by.changed.connect(self.recolour)
         self.centre_on_click = CheckBox(text="Centre the map on a clicked cell", value=True)
@@ -224,7 +225,7 @@ class CellMapWidget(JobWidget):
             return
         self._pending = pool
         self._started = time.perf_counter()
-        self.status.value = f"UMAP of {len(pool):,} cells from {len(pool.layers)} smear(s)…"
+        self.status.value = f"UMAP of {counted(len(pool), 'cell')} from {counted(len(pool.layers), 'smear')}…"
         self._stop_umap = threading.Event()
         self._start(_lay_out, pool.embeddings, self._umap_epoch.emit, self._stop_umap)
 
@@ -245,6 +246,9 @@ class CellMapWidget(JobWidget):
 
     def _failed_job(self) -> str:
         return "The map"
+
+    def _say(self, message: str) -> None:
+        self.status.value = message
 
     def _closed(self) -> None:
         """The panel is gone: so are its colours over the smears and its keys and clicks on them
@@ -436,7 +440,11 @@ class CellMapWidget(JobWidget):
 
     def assign(self, name: str | None) -> None:
         """Give the selected cells class ``name`` ("" clears their label)."""
-        if self.pool is None or name is None:
+        if self.pool is None:
+            self.status.value = "No map yet: Compute map, then select cells on it or in a smear to label them."
+            return
+        if name is None:
+            self.status.value = "Choose a class in the list first."
             return
         if not self.selected.any():
             self.status.value = "No cells selected: lasso them on the map, or click them in the smear."
@@ -628,13 +636,15 @@ class CellMapWidget(JobWidget):
         return said
 
     def export_csv(self, path: str | Path) -> Path | None:
-        """Write one row per cell of the map's smears; asks before replacing an existing file."""
+        """Write one row per cell of the map's smears (to ``path``, ``.csv`` added when it has no
+        suffix); asks before replacing an existing file."""
         if not self._map_is_current():
             return None
         if self.pool is None:
             self._refuse("Compute the map first.", notify=show_info)
             return None
         path = Path(path)
+        path = path if path.suffix else path.with_suffix(".csv")
         embeddings = path.with_suffix(".npz") if self.with_embeddings.value else None
         summary = summary_path(path) if self.with_summary.value else None
         existing = [file for file in (path, embeddings, summary) if file is not None and file.exists()]

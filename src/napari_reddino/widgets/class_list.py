@@ -47,12 +47,17 @@ def key_of(row: int) -> str:
 class ClassList(QWidget):
     changed = Signal()  # a class was added, removed, renamed or recoloured
     renamed = Signal(str, str)  # old name, new name
+    refused = Signal(str)  # why an edit was undone, for the owner's status line
     remove_requested = Signal(str)  # Remove was clicked on this class; the owner decides (remove())
 
     def __init__(self, classes: dict[str, str] = DEFAULT_CLASSES, parent: QWidget | None = None):
         super().__init__(parent)
         self.table = QTableWidget(0, 4)
         self.table.setHorizontalHeaderLabels(["Key", "Class", "Labelled", "Predicted"])
+        for column in (LABELLED, PREDICTED):
+            self.table.horizontalHeaderItem(column).setToolTip(
+                "Every cell of the map, those cut by the image border too (the per-smear table "
+                "counts whole cells only, as at the microscope)")
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(NAME, QHeaderView.ResizeMode.Stretch)  # the name gets the room left
@@ -203,6 +208,8 @@ class ClassList(QWidget):
             self.table.blockSignals(True)
             item.setText(old)  # empty or taken: keep the old name
             self.table.blockSignals(False)
+            self.refused.emit(f"There is already a class {new!r}; {old!r} keeps its name." if new
+                              else f"A class needs a name; {old!r} keeps its name.")
             return
         if item.text() != new:  # the name as used everywhere else: without surrounding spaces
             self.table.blockSignals(True)

@@ -13,6 +13,7 @@ from qtpy.QtCore import Signal
 
 from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
+from ..wording import counted
 from .job_widget import JobWidget, job_worker, place_above
 from .smear_colours import coloured_smear
 
@@ -136,7 +137,7 @@ class SegmentCellsWidget(JobWidget):
             self.status.value = message
             return
         layer = self._show_cells(labels, table, job, cell_diameter)
-        self.status.value = f"{len(table)} cells found in {time.perf_counter() - job.started:.1f} s"
+        self.status.value = f"{counted(len(table), 'cell')} found in {time.perf_counter() - job.started:.1f} s"
         self.segmented.emit(layer)
 
     def _show_cells(self, labels: np.ndarray, table: pd.DataFrame, job: _Job, cell_diameter: float) -> Labels:
