@@ -57,7 +57,7 @@ def test_measure_only_writes_every_cell_and_a_summary_per_smear(smears, tmp_path
     assert "[1/2] 1: " in printed and "[2/2] 26: " in printed and f"{len(cells):,} cells of 2 smears" in printed
 
 
-def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, tiny_folder):  # noqa: F811
+def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, tiny_folder, capsys):  # noqa: F811
     model = str(tiny_folder[1])
     embedder = load_embedder(model, device="cpu")
     image = imread(smears / "1.jpg")
@@ -88,6 +88,12 @@ def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, ti
     assert summary["unclassified"] == 0
     assert summary["pct_normal"] + summary["pct_spherocyte"] == pytest.approx(100)
     assert summary["model_id"] == embedder.model_id
+    assert "unlike" not in capsys.readouterr().err  # the head's own smear
+    aslan = [str(DATA / "aslan_bcd" / "image-1.png"), "--out", str(tmp_path / "aslan"), "--model", model,
+             "--head", str(tmp_path / "head"), "--device", "cpu"]
+    assert main(aslan) == 0
+    assert ("[1/1] image-1: warning: 100% of its cells are unlike the cells the head was trained among"
+            in capsys.readouterr().err)
 
 
 def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_up_front(smears, tmp_path, capsys,

@@ -193,6 +193,26 @@ def test_a_saved_head_predicts_the_same(tmp_path, smear_table, name):
     )
 
 
+def test_cells_unlike_those_the_head_was_trained_among_are_beyond_its_reach(tmp_path, smear_table):
+    head, noise = trained_head(smear_table)
+    # its reach is the 99th percentile of its own cells' distances: one or two of 124 lie beyond
+    assert 1 <= head.beyond_reach(noise, measurements=smear_table).sum() <= 2
+    fresh = np.random.default_rng(1).normal(size=noise.shape)  # other cells like them
+    assert head.beyond_reach(fresh, measurements=smear_table).mean() < 0.1
+    shifted = noise + 4  # another stain moves every embedding
+    assert head.beyond_reach(shifted, measurements=smear_table).all()
+    assert head.predict_proba(shifted, measurements=smear_table).max(axis=1).mean() > 0.5  # yet it answers
+
+    head.save(tmp_path / "head")
+    assert CellClassifier.load(tmp_path / "head").reach == head.reach
+    about = json.loads((tmp_path / "head.json").read_text())
+    (tmp_path / "head.json").write_text(json.dumps({key: value for key, value in about.items() if key != "reach"}))
+    assert not CellClassifier.load(tmp_path / "head").beyond_reach(shifted, measurements=smear_table).any()
+    (tmp_path / "head.json").write_text(json.dumps({**about, "reach": "far"}))
+    with pytest.raises(ValueError, match="reach"):
+        CellClassifier.load(tmp_path / "head")
+
+
 def test_a_head_saved_into_a_missing_folder_names_that_folder(tmp_path, smear_table):
     head, _ = trained_head(smear_table)
     with pytest.raises(FileNotFoundError, match=f"No folder {tmp_path / 'heads'} to write head.safetensors in"):

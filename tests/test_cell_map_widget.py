@@ -288,6 +288,8 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert (tmp_path / "head.json").read_bytes() == about
     aslan = embed(viewer, qtbot, model, ASLAN_1)
     widget.apply_head(tmp_path / "head.safetensors")
+    # trained among Chula cells, it has not seen Aslan's stain: said, for that smear only
+    assert f"Most cells of {aslan.name!r} are unlike the cells the head was trained among" in widget.status.value
     aslan_predicted = aslan.features["predicted_class"]
     assert len(aslan_predicted) == len(embeddings_of(aslan)[0]) and set(aslan_predicted) <= {"normal", "spherocyte"}
     other = CellClassifier(["a", "b"], model_id="someone-else/vit")

@@ -111,4 +111,5 @@ class SmearAnalysis:
             proba = self.head.predict_proba(vectors[rows], measurements=table)
             predictions = prediction_table(self.head.classes, proba).set_axis(table.index)
             cells.features = pd.concat([table, predictions], axis=1)
+            cells.metadata["unlike_head"] = float(self.head.beyond_reach(vectors[rows], measurements=table).mean())
         return cells

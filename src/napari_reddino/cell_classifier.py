@@ -17,7 +17,7 @@ head carries over to smears taken at another magnification or stained a shade da
   B / (R + G + B), which a brighter or dimmer exposure leaves unchanged.
 
 Saved as ``<name>.safetensors`` (weights, bias, feature mean and std) beside ``<name>.json``
-(classes, colours, model id, embedding size, measurement columns); never pickle.
+(classes, colours, model id, embedding size, measurement columns, reach); never pickle.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ WEIGHT_DECAY = 1e-3  # on the class-balanced mean loss over standardised feature
 MAX_ITERATIONS = 500
 FORMAT = "napari-reddino-cell-classifier"
 FORMAT_VERSION = 1
+REACH_PERCENTILE = 99  # of the training cells' distances: beyond it, a cell is unlike them
 _COLOURS = ("mean_red", "mean_green", "mean_blue")
 
 
@@ -66,6 +67,7 @@ class CellClassifier:
         self.measurement_columns: list[str] = []
         self._class_order = list(self.classes)
         self._weight = self._bias = self._mean = self._std = None
+        self.reach: float | None = None  # see beyond_reach; None for heads saved without it
 
     @property
     def fitted(self) -> bool:
@@ -104,7 +106,8 @@ class CellClassifier:
         else:
             columns = list(measurement_columns)
         labelled = names != ""
-        features = np.hstack([embeddings, measurement_features(measurements, columns, len(embeddings))])[labelled]
+        every = np.hstack([embeddings, measurement_features(measurements, columns, len(embeddings))])
+        features = every[labelled]
         mean = features.mean(axis=0)
         std = features.std(axis=0)
         std[std < 1e-6] = 1.0  # a constant feature carries nothing; leave it at zero
@@ -114,10 +117,26 @@ class CellClassifier:
         self.classes, self.embedding_dim, self.measurement_columns = classes, embeddings.shape[1], columns
         self._weight, self._bias = weight, bias
         self._mean, self._std = mean.astype(np.float32), std.astype(np.float32)
+        self.reach = float(np.percentile(self._distance(every), REACH_PERCENTILE))
         return self
 
-    def predict_proba(self, embeddings, *, measurements: pd.DataFrame | None = None) -> np.ndarray:
-        """Class probabilities, float32 (cells x classes), columns in ``classes`` order."""
+    def beyond_reach(self, embeddings, *, measurements: pd.DataFrame | None = None) -> np.ndarray:
+        """Which cells lie farther from the head's labelled cells than 99 % of the cells it was
+        trained among (labelled or not): a smear of another stain, scanner or magnification.
+
+        Its predictions there deserve less trust than their probabilities suggest: a head taught
+        five Chula smears gives every Aslan cell p ≈ 1.00, and on Chula smears whose cells
+        mostly lie beyond it names 9 % of the annotated cells right, against 26 % on the smears
+        within (benchmarks/RESULTS.md, "A head's reach"). The distance is the root mean square
+        of the standardised features. All False for a head saved without its reach."""
+        features = self._features(embeddings, measurements)
+        return np.zeros(len(features), bool) if self.reach is None else self._distance(features) > self.reach
+
+    def _distance(self, features: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.mean(((features - self._mean) / self._std) ** 2, axis=1))
+
+    def _features(self, embeddings, measurements: pd.DataFrame | None) -> np.ndarray:
+        """Embeddings and the head's measurements of each cell, checked against what it was trained on."""
         if not self.fitted:
             raise ValueError("The head is not trained yet: label cells of two classes and train it.")
         embeddings = check_embeddings(embeddings)
@@ -126,7 +145,11 @@ class CellClassifier:
                 f"The head takes {self.embedding_dim}-d embeddings (model {self.model_id or 'unknown'}); "
                 f"these are {embeddings.shape[1]}-d."
             )
-        features = np.hstack([embeddings, measurement_features(measurements, self.measurement_columns, len(embeddings))])
+        return np.hstack([embeddings, measurement_features(measurements, self.measurement_columns, len(embeddings))])
+
+    def predict_proba(self, embeddings, *, measurements: pd.DataFrame | None = None) -> np.ndarray:
+        """Class probabilities, float32 (cells x classes), columns in ``classes`` order."""
+        features = self._features(embeddings, measurements)
         logits = ((features - self._mean) / self._std) @ self._weight.T + self._bias
         logits -= logits.max(axis=1, keepdims=True)
         proba = np.exp(logits)
@@ -157,6 +180,7 @@ class CellClassifier:
             "embedding_dim": self.embedding_dim,
             "measurement_columns": self.measurement_columns,
             "weights_sha256": hashlib.sha256(blob).hexdigest(),  # ties the pair together
+            "reach": self.reach,
         }
         text = (json.dumps(about, indent=2) + "\n").encode()
         write_files_atomically({weights_path: lambda h: h.write(blob), about_path: lambda h: h.write(text)})
@@ -191,6 +215,7 @@ class CellClassifier:
         head = cls(about["classes"], about["colours"], about["model_id"])
         head.embedding_dim, head.measurement_columns = about["embedding_dim"], list(about["measurement_columns"])
         head._weight, head._bias, head._mean, head._std = weight, bias, mean, std
+        head.reach = about.get("reach")
         return head
 
 
@@ -295,6 +320,9 @@ def _read_about(path: Path) -> dict:
              "weights_sha256": str}
     wrong = [f"{key} ({type(about[key]).__name__}, not {kind.__name__})" for key, kind in types.items()
              if not isinstance(about[key], kind) or isinstance(about[key], bool)]
+    reach = about.get("reach")  # heads saved before it have none
+    if reach is not None and (isinstance(reach, bool) or not isinstance(reach, int | float) or not reach > 0):
+        wrong.append(f"reach ({reach!r}, not a positive number)")
     if wrong:
         raise ValueError(f"{path} is not a readable head: wrong types for {', '.join(wrong)} (edited by hand?).")
     return about

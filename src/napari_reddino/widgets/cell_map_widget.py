@@ -24,7 +24,7 @@ import pandas as pd
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
 from napari.layers import Labels
 from napari.utils.colormaps import ensure_colormap
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtGui import QKeySequence, QShortcut
 from qtpy.QtWidgets import (
@@ -612,7 +612,9 @@ class CellMapWidget(JobWidget):
             pool = self.pool if self.pool is not None and set(self.pool.layers) == set(layers) else (
                 PooledCells.from_layers(layers))
             classifier = CellClassifier.load(path, model_id=pool.model_id)
-            proba = classifier.predict_proba(pool.embeddings, measurements=pool.table())
+            table = pool.table()
+            proba = classifier.predict_proba(pool.embeddings, measurements=table)
+            beyond = classifier.beyond_reach(pool.embeddings, measurements=table)
         except (PoolingError, OSError, ValueError) as error:  # HeadMismatchError is a ValueError
             self._refuse(str(error))
             return
@@ -623,6 +625,13 @@ class CellMapWidget(JobWidget):
         mapped = "" if pool is self.pool else " Compute map to see them on the map."
         renamed = f" ({'; '.join(renamed)})" if renamed else ""
         self.status.value = f"Head {Path(path).name} applied to {len(pool):,} cells{renamed}.{mapped}"
+        unlike = [cells.name for position, cells in enumerate(pool.layers) if beyond[pool.span(position)].mean() > 0.5]
+        if unlike:
+            warning = (f"Most cells of {', '.join(map(repr, unlike))} are unlike the cells the head was trained "
+                       "among (another stain, scanner or magnification?): trust its predictions there less "
+                       "than their probabilities suggest, and label some of these cells and train it again.")
+            show_warning(warning)
+            self.status.value += f" {warning}"
 
     def _carry_renames(self, classifier: CellClassifier) -> list[str]:
         """Give the classes of a head saved before a rename their names now (else the old name
