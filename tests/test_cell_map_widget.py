@@ -344,10 +344,15 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert set(aslan.features["predicted_class"]) <= {"target cell", "oval"} and "p_oval" in aslan.features
 
     # New labels (here: one cell deleted) make the map stale: it is removed and says why.
+    as_embedded = aslan.data
     aslan.data = np.where(aslan.data == aslan_ids[0], 0, aslan.data)
     assert widget.pool is None and widget.canvas.points is None
     assert not any(layer.name.endswith("map colours") for layer in viewer.layers)
     assert widget.status.value.startswith(f"The cells of {aslan.name!r} changed")
+    widget.run()  # the deleted cell's embedding describes a cell that is gone: no map until embedded again
+    assert widget.pool is None and widget.status.value.startswith(
+        f"The cells of {aslan.name!r} were painted or segmented again since they were embedded")
+    aslan.data = as_embedded  # (or embed them again)
 
     # So does embedding the cells again (other crops, another model) before a train or an export.
     compute_map(widget, qtbot)
@@ -361,6 +366,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     cells.paint(tuple(table.loc[ids[0], ["centroid_y", "centroid_x"]]), 0)
     assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
     assert "label eraser" in cells.help and "label eraser" in viewer.help  # no map: napari's keys and hint are back
+    cells.undo()  # the painted cell's embedding is current again
     compute_map(widget, qtbot)
     assert widget.pool is not None
     viewer.layers.remove(aslan)

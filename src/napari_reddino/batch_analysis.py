@@ -18,7 +18,7 @@ import pandas as pd
 from skimage.io import imread
 
 from .cell_classifier import prediction_table
-from .cell_embeddings import fingerprint, store_run
+from .cell_embeddings import fingerprint, labels_digest, store_run
 from .measurements import measure_cells
 from .segmentation import segment_cells
 from .steps import Progress
@@ -105,7 +105,7 @@ class SmearAnalysis:
         else:
             ids, vectors = embedder.embed(image, labels, **crops, progress=progress)
         store_run(cells, ids, vectors, embedder=embedder, model=model, crops=crops,
-                  fingerprint=fingerprint(image, labels, model, **crops))
+                  fingerprint=fingerprint(image, labels, model, **crops), labels_digest=labels_digest(labels))
         if self.head is not None and not table.empty:
             rows = np.searchsorted(ids, table["label"].to_numpy())  # both ascending, the same cells
             proba = self.head.predict_proba(vectors[rows], measurements=table)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from skimage.measure import points_in_poly
 
-from .cell_embeddings import embeddings_of, stored_fingerprint
+from .cell_embeddings import embeddings_of, repainted_since_embedded, stored_fingerprint
 from .model_ids import weights_key
 
 LUT_SIZE = 2**16  # napari draws uint16 labels through a 65,536-colour lookup table on the GPU
@@ -57,6 +57,12 @@ class PooledCells:
             raise PoolingError(
                 f"The cells layers were embedded with different models ({', '.join(sorted(models.values()))}); "
                 "embed them all with one model to compare them in one map."
+            )
+        repainted = [layer.name for layer, _ in records if repainted_since_embedded(layer)]
+        if repainted:
+            raise PoolingError(
+                f"The cells of {', '.join(map(repr, repainted))} were painted or segmented again since they were "
+                "embedded: embed them again with Plugins > RedDino > Embed cells, then Compute map."
             )
         unmeasured = [layer.name for layer, (ids, *_) in records
                       if "label" not in layer.features or not np.isin(ids, layer.features["label"]).all()]

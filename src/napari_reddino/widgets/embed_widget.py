@@ -32,6 +32,7 @@ from qtpy.QtWidgets import QComboBox, QFileDialog
 from ..cell_embeddings import (
     embeddings_of,
     fingerprint,
+    labels_digest,
     store_run,
     stored_fingerprint,
 )
@@ -58,6 +59,7 @@ class _EmbedJob:
     crops: dict  # mode, scale and margin, as Embedder.embed takes them
     fingerprint: str
     segmented: bool = False  # the cells layer was made by this run ("segment first")
+    labels_digest: str = ""  # of the labels as embedded (painting during the run changes the layer's)
 
 
 @dataclass
@@ -351,9 +353,9 @@ class EmbedCellsWidget(JobWidget):
                 notify=show_info,
             )
             return
-        self._embed_job = _EmbedJob(cells, model, crops, current, segmented)
-        self.status.value = f"Loading {model}…"
         labels = labels.copy()  # painting during the run must not change what is embedded
+        self._embed_job = _EmbedJob(cells, model, crops, current, segmented, labels_digest(labels))
+        self.status.value = f"Loading {model}…"
         measured = cells.features["label"].to_numpy() if "label" in cells.features else None
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
         self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size)
@@ -424,7 +426,7 @@ class EmbedCellsWidget(JobWidget):
             job.cells.features = table.merge(old[["label", *own]], on="label", how="left") if "label" in old else table
         seconds = time.perf_counter() - self._embed_started
         store_run(job.cells, ids, embeddings, embedder=embedder, model=job.model, crops=job.crops,
-                  fingerprint=job.fingerprint)
+                  fingerprint=job.fingerprint, labels_digest=job.labels_digest)
         shown = Path(job.model).expanduser().name if Path(job.model).expanduser().exists() else job.model
         self.status.value = (
             f"{len(ids):,} cells embedded in {seconds:.1f} s ({len(ids) / max(seconds, 1e-9):,.0f} cells/s) "
