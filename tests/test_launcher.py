@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from npe2 import PluginManager
+from qtpy.QtWidgets import QApplication
 
 from napari_reddino.__main__ import PLUGIN, open_smear_and_widgets, parse_args
 
@@ -25,6 +26,19 @@ def test_opens_the_chosen_sample_and_docks_every_widget(make_napari_viewer):
     assert viewer.layers[0].rgb
     assert "Segment cells (napari-reddino)" in declared_widgets()
     assert declared_widgets() <= set(viewer.window.dock_widgets)
+
+
+def test_segment_and_embed_share_a_tabbed_dock_so_the_window_fits_a_laptop(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    open_smear_and_widgets(viewer, parse_args([]))
+    QApplication.processEvents()  # Qt applies a tabbing on its next pass
+    window, docks = viewer.window._qt_window, viewer.window.dock_widgets
+    segment, embed, cell_map = (docks[f"{name} ({PLUGIN})"].parent() for name in ("Segment cells", "Embed cells",
+                                                                                    "Cell map"))
+    assert window.tabifiedDockWidgets(segment) == [embed]
+    assert cell_map not in window.tabifiedDockWidgets(embed)  # the map keeps a place of its own
+    # 764 px here (stacked, the three panels asked for 1,037 px): a 1366 x 768 laptop screen
+    assert window.minimumSizeHint().height() <= 800
 
 
 def test_opens_a_users_smears_one_layer_each(make_napari_viewer):

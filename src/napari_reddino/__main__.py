@@ -6,6 +6,7 @@ import napari
 from npe2 import PluginManager
 
 PLUGIN = "napari-reddino"
+TABBED = {"Embed cells"}  # a tab beside the widget before it: one after the other, and the map keeps its room
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,7 +23,7 @@ def open_smear_and_widgets(viewer: napari.Viewer, args: argparse.Namespace) -> N
     else:
         viewer.open_sample(PLUGIN, f"{args.sample}-smear")
     for widget in PluginManager.instance().get_manifest(PLUGIN).contributions.widgets:
-        viewer.window.add_plugin_dock_widget(PLUGIN, widget.display_name)
+        viewer.window.add_plugin_dock_widget(PLUGIN, widget.display_name, tabify=widget.display_name in TABBED)
 
 
 def main(argv: list[str] | None = None) -> None:

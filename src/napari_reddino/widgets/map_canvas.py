@@ -24,6 +24,8 @@ LABEL_KEYS = {getattr(Qt.Key, f"Key_{digit}"): str(digit) for digit in range(10)
     Qt.Key.Key_Backspace: "Backspace", Qt.Key.Key_Delete: "Delete"}
 
 
+MIN_HEIGHT = 200  # px: the map stays usable while the panels above it fit a 768 px laptop screen
+
 def map_coordinates(xy: np.ndarray) -> np.ndarray:
     """UMAP (x, y) to napari (row, column), with y pointing up as in a plot."""
     xy = np.asarray(xy, dtype=np.float32)
@@ -81,7 +83,7 @@ class MapCanvas(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(tools)
         layout.addWidget(self.qt_viewer, stretch=1)
-        self.setMinimumHeight(280)
+        self.setMinimumHeight(MIN_HEIGHT)
 
     @property
     def coordinates(self) -> np.ndarray:
