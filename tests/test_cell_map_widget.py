@@ -320,6 +320,10 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     # The head predicted the first smear's map, not this one: review waits for a head on this map.
     widget.review_next()
     assert widget.status.value.startswith("Train the head (or apply a saved one) on this map first")
+    # Applied to this map, review starts with the cells unlike those the head was trained among.
+    widget.apply_head(tmp_path / "head.safetensors")
+    widget.review_next()
+    assert widget.status.value.startswith("Unlabelled cell unlike those the head was trained among: ")
 
     # Retrained on two other classes, every cell carries only the new head's probabilities.
     widget.select(pool.layer_index == 0)

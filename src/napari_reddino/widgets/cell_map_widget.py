@@ -121,6 +121,7 @@ class CellMapWidget(JobWidget):
         self._smear_keys = SmearKeys(napari_viewer, self.press_key)
         self._review: list[int] = []  # points still to review, the least certain last
         self._uncertain = np.zeros(0, dtype=int)
+        self._unlike = np.zeros(0, dtype=bool)  # per point: beyond the reach of the head that predicted it
         self._colours = np.zeros((0, 4), dtype=np.float32)  # every point's colour before dimming
         self._started = 0.0
 
@@ -538,10 +539,13 @@ class CellMapWidget(JobWidget):
         self.status.value = (f"Head trained on {taught:,} labelled cells in {time.perf_counter() - started:.2f} s; "
                              f"every cell has a predicted class.")
 
-    def _predict(self, classifier: CellClassifier, pool: PooledCells, proba: np.ndarray) -> None:
+    def _predict(self, classifier: CellClassifier, pool: PooledCells, proba: np.ndarray,
+                 unlike: np.ndarray | None = None) -> None:
         """Make ``classifier`` the head and write its probabilities ``proba`` for every cell of ``pool``.
 
         A cell's ``p_<class>`` columns are those of this head only: a previous head's are dropped.
+        Review visits the ``unlike`` cells (beyond a saved head's reach) first: their
+        probabilities look sure and are not.
         """
         self.classifier = classifier
         for cells in pool.layers:
@@ -556,7 +560,9 @@ class CellMapWidget(JobWidget):
             return
         # The map's cells may have got new predictions (all of them, or some, from a head applied
         # to other smears too): review follows this head only when it predicted the whole map.
-        self._uncertain = uncertainty_order(proba) if pool is self.pool else np.zeros(0, dtype=int)
+        order = uncertainty_order(proba) if pool is self.pool else np.zeros(0, dtype=int)
+        self._unlike = np.zeros(len(proba), bool) if unlike is None else unlike
+        self._uncertain = np.concatenate([order[self._unlike[order]], order[~self._unlike[order]]])
         self.colour_by.reset_choices()
         self.colour_by.value = PREDICTED
         self.recolour()
@@ -583,7 +589,9 @@ class CellMapWidget(JobWidget):
         uncovered = self._show_cell_in_smear(point)
         predicted = self.pool.column("predicted_class", UNLABELLED)[point]
         certainty = self.pool.column("prediction_probability")[point]
-        self.status.value = (f"Least certain unlabelled cell: {self.pool.label_ids[point]} of "
+        which = ("Unlabelled cell unlike those the head was trained among" if self._unlike[point]
+                 else "Least certain unlabelled cell")
+        self.status.value = (f"{which}: {self.pool.label_ids[point]} of "
                              f"{self.pool.layers[self.pool.layer_index[point]].name!r}{uncovered}, predicted "
                              f"{predicted!r} (p = {certainty:.2f}). Press its class's number key, or Review "
                              "uncertain to skip.")
@@ -621,7 +629,7 @@ class CellMapWidget(JobWidget):
         renamed = self._carry_renames(classifier)
         for name in classifier.classes:
             self.class_list.add_class(name, classifier.colours.get(name))
-        self._predict(classifier, pool, proba)
+        self._predict(classifier, pool, proba, beyond)
         mapped = "" if pool is self.pool else " Compute map to see them on the map."
         renamed = f" ({'; '.join(renamed)})" if renamed else ""
         self.status.value = f"Head {Path(path).name} applied to {len(pool):,} cells{renamed}.{mapped}"
