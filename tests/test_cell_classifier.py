@@ -129,10 +129,15 @@ def test_default_measurements_are_the_scale_free_ones_the_table_allows(smear_tab
 def test_a_renamed_class_keeps_its_weights_and_colour(smear_table):
     head, noise = trained_head(smear_table)
     before = head.predict_proba(noise, measurements=smear_table)
-    head.rename_class("schistocyte", "fragment")
+    head.rename_classes({"schistocyte": "fragment"})
     assert head.classes == ["normal", "fragment"] and head.colours == {"normal": "#00ff00", "fragment": "#ff0000"}
     np.testing.assert_array_equal(head.predict_proba(noise, measurements=smear_table), before)
     assert set(head.predict(noise, measurements=smear_table)) == {"normal", "fragment"}
+    head.class_ids = {"normal": "id-n", "fragment": "id-f"}
+    head.rename_classes({"normal": "fragment", "fragment": "normal"})  # a swap, at once
+    assert head.classes == ["fragment", "normal"] and head.colours == {"fragment": "#00ff00", "normal": "#ff0000"}
+    assert head.class_ids == {"fragment": "id-n", "normal": "id-f"}
+    np.testing.assert_array_equal(head.predict_proba(noise, measurements=smear_table), before)
 
 
 def test_measurements_ignore_magnification_and_exposure(smear_table):

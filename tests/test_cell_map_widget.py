@@ -346,6 +346,16 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert "its 'ovalocyte' is 'oval' now" in widget.status.value
     assert "ovalocyte" not in widget.class_list.classes and "p_ovalocyte" not in aslan.features
     assert set(aslan.features["predicted_class"]) <= {"target cell", "oval"} and "p_oval" in aslan.features
+    # So after two classes swap names (through a spare one): each keeps its own predictions.
+    oval_p = aslan.features["p_oval"].to_numpy()
+    for old, new in (("target cell", "spare"), ("oval", "target cell"), ("spare", "oval")):
+        widget.class_list.table.item(widget.class_list.classes.index(old), NAME).setText(new)
+    widget.apply_head(tmp_path / "before_rename.safetensors")
+    assert "its 'target cell' is 'oval' now; its 'ovalocyte' is 'target cell' now" in widget.status.value
+    np.testing.assert_array_equal(aslan.features["p_target cell"], oval_p)
+    assert not {"spare", "ovalocyte"} & set(widget.class_list.classes)
+    for old, new in (("target cell", "spare"), ("oval", "target cell"), ("spare", "oval")):  # and back
+        widget.class_list.table.item(widget.class_list.classes.index(old), NAME).setText(new)
 
     # New labels (here: one cell deleted) make the map stale: it is removed and says why.
     as_embedded = aslan.data

@@ -17,7 +17,8 @@ head carries over to smears taken at another magnification or stained a shade da
   B / (R + G + B), which a brighter or dimmer exposure leaves unchanged.
 
 Saved as ``<name>.safetensors`` (weights, bias, feature mean and std) beside ``<name>.json``
-(classes, colours, model id, embedding size, measurement columns, reach); never pickle.
+(classes, colours, model id, embedding size, measurement columns, reach, the class list's
+ids of the classes); never pickle.
 """
 
 from __future__ import annotations
@@ -68,17 +69,19 @@ class CellClassifier:
         self._class_order = list(self.classes)
         self._weight = self._bias = self._mean = self._std = None
         self.reach: float | None = None  # see beyond_reach; None for heads saved without it
+        self.class_ids: dict[str, str] = {}  # name -> the class list's id of the class, where known
 
     @property
     def fitted(self) -> bool:
         return self._weight is not None
 
-    def rename_class(self, old: str, new: str) -> None:
-        """Call class ``old`` ``new`` from now on (its weights and colour stay)."""
-        self.classes, self._class_order = ([new if c == old else c for c in names]
+    def rename_classes(self, renames: Mapping[str, str]) -> None:
+        """Call each class ``old`` of ``renames`` by its ``new`` name from now on, all at once (so two
+        classes can swap names); their weights, colours and ids stay."""
+        self.classes, self._class_order = ([renames.get(c, c) for c in names]
                                            for names in (self.classes, self._class_order))
-        if old in self.colours:
-            self.colours[new] = self.colours.pop(old)
+        self.colours, self.class_ids = ({renames.get(name, name): value for name, value in by_name.items()}
+                                        for by_name in (self.colours, self.class_ids))
 
     def fit(self, embeddings, labels, *, measurements: pd.DataFrame | None = None, measurement_columns=None):
         """Train on the rows whose label is a class name ("" or None: unlabelled, ignored).
@@ -181,6 +184,7 @@ class CellClassifier:
             "measurement_columns": self.measurement_columns,
             "weights_sha256": hashlib.sha256(blob).hexdigest(),  # ties the pair together
             "reach": self.reach,
+            "class_ids": {name: self.class_ids[name] for name in self.classes if name in self.class_ids},
         }
         text = (json.dumps(about, indent=2) + "\n").encode()
         write_files_atomically({weights_path: lambda h: h.write(blob), about_path: lambda h: h.write(text)})
@@ -215,7 +219,7 @@ class CellClassifier:
         head = cls(about["classes"], about["colours"], about["model_id"])
         head.embedding_dim, head.measurement_columns = about["embedding_dim"], list(about["measurement_columns"])
         head._weight, head._bias, head._mean, head._std = weight, bias, mean, std
-        head.reach = about.get("reach")
+        head.reach, head.class_ids = about.get("reach"), dict(about.get("class_ids") or {})
         return head
 
 
@@ -320,9 +324,11 @@ def _read_about(path: Path) -> dict:
              "weights_sha256": str}
     wrong = [f"{key} ({type(about[key]).__name__}, not {kind.__name__})" for key, kind in types.items()
              if not isinstance(about[key], kind) or isinstance(about[key], bool)]
-    reach = about.get("reach")  # heads saved before it have none
+    reach, class_ids = about.get("reach"), about.get("class_ids", {})  # heads saved before them have none
     if reach is not None and (isinstance(reach, bool) or not isinstance(reach, int | float) or not reach > 0):
         wrong.append(f"reach ({reach!r}, not a positive number)")
+    if not isinstance(class_ids, dict) or not all(isinstance(v, str) for v in class_ids.values()):
+        wrong.append("class_ids (not a mapping of class names to ids)")
     if wrong:
         raise ValueError(f"{path} is not a readable head: wrong types for {', '.join(wrong)} (edited by hand?).")
     return about

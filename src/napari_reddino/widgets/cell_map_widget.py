@@ -116,7 +116,6 @@ class CellMapWidget(JobWidget):
         self.xy: np.ndarray | None = None
         self.selected = np.zeros(0, dtype=bool)
         self.classifier: CellClassifier | None = None
-        self._renamed: dict[str, str] = {}  # a class's earlier names -> its name now, for heads saved before
         self._smear_colours: SmearColours | None = None
         self._smear_keys = SmearKeys(napari_viewer, self.press_key)
         self._review: list[int] = []  # points still to review, the least certain last
@@ -464,10 +463,7 @@ class CellMapWidget(JobWidget):
         """Rename the class in the head and on every cells layer of the viewer, mapped or not,
         so no cell keeps a label that the class list no longer has."""
         if self.classifier is not None:
-            self.classifier.rename_class(old, new)
-        self._renamed = {earlier: new if now == old else now
-                         for earlier, now in self._renamed.items() if earlier != new}
-        self._renamed[old] = new
+            self.classifier.rename_classes({old: new})
         self._replace_class(old, new, ("manual_label", "predicted_class"), {f"p_{old}": f"p_{new}"})
         self.colour_by.reset_choices()
 
@@ -534,6 +530,7 @@ class CellMapWidget(JobWidget):
         except ValueError as error:
             self._refuse(str(error), notify=show_info)
             return
+        classifier.class_ids = {name: self.class_list.id_of(name) for name in classifier.classes}
         self._predict(classifier, self.pool, classifier.predict_proba(self.pool.embeddings, measurements=table))
         taught = int((labels != UNLABELLED).sum())
         self.status.value = (f"Head trained on {taught:,} labelled cells in {time.perf_counter() - started:.2f} s; "
@@ -628,7 +625,7 @@ class CellMapWidget(JobWidget):
             return
         renamed = self._carry_renames(classifier)
         for name in classifier.classes:
-            self.class_list.add_class(name, classifier.colours.get(name))
+            self.class_list.add_class(name, classifier.colours.get(name), classifier.class_ids.get(name))
         self._predict(classifier, pool, proba, beyond)
         mapped = "" if pool is self.pool else " Compute map to see them on the map."
         renamed = f" ({'; '.join(renamed)})" if renamed else ""
@@ -642,15 +639,18 @@ class CellMapWidget(JobWidget):
             self.status.value += f" {warning}"
 
     def _carry_renames(self, classifier: CellClassifier) -> list[str]:
-        """Give the classes of a head saved before a rename their names now (else the old name
-        would come back as a second class); says which, for the status line."""
-        said = []
-        for old in list(classifier.classes):
-            new = self._renamed.get(old)
-            if new is not None and new not in classifier.classes:
-                classifier.rename_class(old, new)
-                said.append(f"its {old!r} is {new!r} now")
-        return said
+        """Give the classes of a head saved before a rename (in this session: the class list's ids
+        tell) their names now, else an old name would come back as a second class; says which."""
+        renames = {}
+        for old, class_id in classifier.class_ids.items():
+            new = self.class_list.name_of(class_id)
+            if new is not None and new != old:
+                renames[old] = new
+        names = [renames.get(name, name) for name in classifier.classes]
+        if len(set(names)) < len(names):  # a new name is still another class's name in the head
+            return []
+        classifier.rename_classes(renames)
+        return [f"its {old!r} is {new!r} now" for old, new in renames.items()]
 
     def export_csv(self, path: str | Path) -> Path | None:
         """Write one row per cell of the map's smears (to ``path``, ``.csv`` added when it has no

@@ -1,4 +1,11 @@
-"""The editable list of morphology classes: name, colour, key, and how many cells each holds."""
+"""The editable list of morphology classes: name, colour, key, and how many cells each holds.
+
+Each class also has an id that stays with it through renames and moves (``id_of``,
+``name_of``): a head saved in this session records its classes' ids, so applied after a rename,
+even a swap of two names, it predicts each class under the name it has now.
+"""
+
+import uuid
 
 import numpy as np
 from napari.utils.colormaps.standardize_color import transform_color
@@ -113,9 +120,19 @@ class ClassList(QWidget):
         rows = [row for row in range(self.table.rowCount()) if key_of(row) == key]
         return self.table.item(rows[0], NAME).text() if rows else None
 
-    def add_class(self, name: str, colour: str | None = None) -> None:
+    def id_of(self, name: str) -> str | None:
+        rows = [row for row in range(self.table.rowCount()) if self.table.item(row, NAME).text() == name]
+        return self.table.item(rows[0], NAME).data(Qt.ItemDataRole.UserRole) if rows else None
+
+    def name_of(self, class_id: str) -> str | None:
+        """The name now of the class with id ``class_id``; None if no class has it (removed, or of another session)."""
+        names = [self.table.item(row, NAME).text() for row in range(self.table.rowCount())
+                 if self.table.item(row, NAME).data(Qt.ItemDataRole.UserRole) == class_id]
+        return names[0] if names else None
+
+    def add_class(self, name: str, colour: str | None = None, class_id: str | None = None) -> None:
         """Add ``name`` at the end (nothing if it is there); without ``colour``, the first of
-        :data:`NEW_CLASS_COLOURS` no class has yet."""
+        :data:`NEW_CLASS_COLOURS` no class has yet; without ``class_id``, a new id."""
         if name in self.classes:
             return
         if colour is None:
@@ -128,7 +145,9 @@ class ClassList(QWidget):
         key.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
         key.setBackground(QColor(colour))
         self.table.setItem(row, KEY, key)
-        self.table.setItem(row, NAME, QTableWidgetItem(name))
+        item = QTableWidgetItem(name)
+        item.setData(Qt.ItemDataRole.UserRole, class_id or uuid.uuid4().hex)
+        self.table.setItem(row, NAME, item)
         self._names.append(name)
         for column in (LABELLED, PREDICTED):
             count = QTableWidgetItem("0")
