@@ -231,8 +231,13 @@ def test_a_head_of_another_model_is_refused(tmp_path, smear_table):
     with pytest.raises(HeadMismatchError, match="reddino-small.*reddino-base"):
         CellClassifier.load(tmp_path / "head", model_id="reddino-base")
     assert CellClassifier.load(tmp_path / "head").model_id == "reddino-small"  # no model given: no check
-    # saved without a digest (by an earlier version): the name decides
+    # saved without a digest (by an earlier version): the name decides, of a local path its last part
     assert CellClassifier.load(tmp_path / "head", model_id="reddino-small@sha256:0123456789abcdef").classes
+    head.model_id = "/home/lab/models/s1"
+    head.save(tmp_path / "local")
+    assert CellClassifier.load(tmp_path / "local", model_id="s1@sha256:0123456789abcdef").classes
+    with pytest.raises(HeadMismatchError):
+        CellClassifier.load(tmp_path / "local", model_id="s2@sha256:0123456789abcdef")
     with pytest.raises(HeadMismatchError, match="reddino-base@sha256"):
         CellClassifier.load(tmp_path / "head", model_id="reddino-base@sha256:0123456789abcdef")
 

@@ -365,7 +365,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert widget.status.value.startswith(f"The cells of {aslan.name!r} changed")
     widget.run()  # the deleted cell's embedding describes a cell that is gone: no map until embedded again
     assert widget.pool is None and widget.status.value.startswith(
-        f"The cells of {aslan.name!r} were painted or segmented again since they were embedded")
+        f"The cells of {aslan.name!r} were painted since they were embedded")
     aslan.data = as_embedded  # (or embed them again)
 
     # So does embedding the cells again (other crops, another model) before a train or an export.
@@ -402,8 +402,8 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert "target" not in widget.class_list.classes and "target" not in set(cells.features["manual_label"])
     # the head's probabilities were shares among its classes, 'target' one of them: they go with it
     assert widget.status.value == (f"Class 'target' removed; {labelled:,} cells labelled 'target' are unlabelled; "
-                                   "the predictions of the head, which has 'target' among its classes, are cleared "
-                                   "(train it again without it).")
+                                   "the predictions that include 'target' are cleared (train the head again "
+                                   "without it).")
     assert widget.classifier is None and "predicted_class" not in cells.features
     assert not any(column.startswith("p_") for column in cells.features)
     # A class no cell carries goes without a question.

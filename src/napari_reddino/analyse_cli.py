@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .batch_analysis import SmearAnalysis, list_smears, read_smear, smear_names
+from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, summary_path
 from .wording import counted
 
@@ -101,10 +102,9 @@ def _analyse(args: argparse.Namespace) -> int:
         done.append(cells)
         found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
         print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)", flush=True)
-        if cells.metadata.get("unlike_head", 0) > 0.5:
-            print(f"[{number}/{len(smears)}] {name}: warning: {cells.metadata['unlike_head']:.0%} of its cells are "
-                  "unlike the cells the head was trained among (another stain, scanner or magnification?): trust "
-                  "its predictions there less than their probabilities suggest", file=sys.stderr, flush=True)
+        if cells.metadata.get("unlike_head", 0) > MOSTLY_UNLIKE:
+            print(f"[{number}/{len(smears)}] {name}: warning: {cells.metadata['unlike_head']:.0%} of its cells "
+                  f"{UNLIKE_ADVICE}", file=sys.stderr, flush=True)
 
     if not done:
         print("reddino-analyse: no smear was analysed; nothing written", file=sys.stderr)

@@ -45,6 +45,9 @@ MAX_ITERATIONS = 500
 FORMAT = "napari-reddino-cell-classifier"
 FORMAT_VERSION = 1
 REACH_PERCENTILE = 99  # of the training cells' distances: beyond it, a cell is unlike them
+MOSTLY_UNLIKE = 0.5  # share of a smear's cells beyond the reach above which the smear is warned of
+UNLIKE_ADVICE = ("are unlike the cells the head was trained among (another stain, scanner or magnification?): "
+                 "trust its predictions there less than their probabilities suggest")
 _COLOURS = ("mean_red", "mean_green", "mean_blue")
 
 
@@ -124,14 +127,16 @@ class CellClassifier:
         return self
 
     def beyond_reach(self, embeddings, *, measurements: pd.DataFrame | None = None) -> np.ndarray:
-        """Which cells lie farther from the head's labelled cells than 99 % of the cells it was
-        trained among (labelled or not): a smear of another stain, scanner or magnification.
+        """Which cells lie farther from the mean of the head's labelled cells (root mean square of
+        the standardised features) than 99 % of the cells it was trained among, labelled or not:
+        typically the cells of a smear of another stain, scanner or magnification.
 
         Its predictions there deserve less trust than their probabilities suggest: a head taught
         five Chula smears gives every Aslan cell p ≈ 1.00, and on Chula smears whose cells
         mostly lie beyond it names 9 % of the annotated cells right, against 26 % on the smears
-        within (benchmarks/RESULTS.md, "A head's reach"). The distance is the root mean square
-        of the standardised features. All False for a head saved without its reach."""
+        within (benchmarks/RESULTS.md, "A head's reach"). Where more than :data:`MOSTLY_UNLIKE`
+        of a smear's cells lie beyond, the Cell map and ``reddino-analyse`` warn. All False for a
+        head saved without its reach."""
         features = self._features(embeddings, measurements)
         return np.zeros(len(features), bool) if self.reach is None else self._distance(features) > self.reach
 

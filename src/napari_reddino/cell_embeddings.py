@@ -6,9 +6,10 @@ drown the table). They live in the cells layer's metadata under one key::
     cells.metadata["reddino_embeddings"] = {
         "label_ids":   int64 array (n,), ascending: the cells' label ids,
         "embeddings":  float32 array (n, dim): row i belongs to label_ids[i],
-        "model_id":    the model's id (Embedder.model_id: "reddino-small", or "s1@sha256:…" for
-                       a local model; see napari_reddino.model_ids),
+        "model_id":    the model's id (Embedder.model_id: its name and a digest of its weights,
+                       "reddino-small@sha256:…"; see napari_reddino.model_ids),
         "fingerprint": hex digest of the inputs (see :func:`fingerprint`),
+        "labels_digest": hex digest of the labels embedded (see :func:`repainted_since_embedded`),
         "model", "crop_mode", "crop_scale", "margin", "device": how they were computed, for people.
     }
 
@@ -123,7 +124,7 @@ def repainted_since_embedded(layer) -> bool:
     were stored: then some embeddings describe cells that are no longer there."""
     record = getattr(layer, "metadata", {}).get(METADATA_KEY)
     known = record.get("labels_digest") if isinstance(record, dict) else None
-    return known is not None and known != labels_digest(layer.data)
+    return bool(known) and known != labels_digest(layer.data)
 
 
 def stored_fingerprint(layer) -> str | None:

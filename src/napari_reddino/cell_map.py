@@ -19,7 +19,7 @@ import pandas as pd
 from skimage.measure import points_in_poly
 
 from .cell_embeddings import embeddings_of, repainted_since_embedded, stored_fingerprint
-from .model_ids import weights_key
+from .model_ids import same_model
 
 LUT_SIZE = 2**16  # napari draws uint16 labels through a 65,536-colour lookup table on the GPU
 UNLABELLED = ""
@@ -52,17 +52,17 @@ class PooledCells:
                 f"No embeddings on {', '.join(map(repr, missing)) or 'any cells layer'}: "
                 "run Plugins > RedDino > Embed cells first."
             )
-        models = {weights_key(record[2]): record[2] for _, record in records}
-        if len(models) > 1:
+        models = {record[2] for _, record in records}
+        if not all(same_model(records[0][1][2], model) for model in models):
             raise PoolingError(
-                f"The cells layers were embedded with different models ({', '.join(sorted(models.values()))}); "
+                f"The cells layers were embedded with different models ({', '.join(sorted(models))}); "
                 "embed them all with one model to compare them in one map."
             )
         repainted = [layer.name for layer, _ in records if repainted_since_embedded(layer)]
         if repainted:
             raise PoolingError(
-                f"The cells of {', '.join(map(repr, repainted))} were painted or segmented again since they were "
-                "embedded: embed them again with Plugins > RedDino > Embed cells, then Compute map."
+                f"The cells of {', '.join(map(repr, repainted))} were painted since they were embedded, so some "
+                "embeddings describe cells that are gone: embed them again with Plugins > RedDino > Embed cells."
             )
         unmeasured = [layer.name for layer, (ids, *_) in records
                       if "label" not in layer.features or not np.isin(ids, layer.features["label"]).all()]

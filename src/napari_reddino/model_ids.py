@@ -7,7 +7,8 @@ decides: the same weights keep their identity wherever they are copied and whate
 called, so a head trained on them works on a colleague's machine, while a folder overwritten
 with other weights, or a Hub model whose authors published new weights, is another model.
 
-Ids written without a digest (by earlier versions) are compared by name.
+Ids written without a digest (by earlier versions: a Hub name, or a local model's full path)
+are compared by name, a path by its last part.
 
 No torch: the cell map and the head compare ids without loading a model.
 """
@@ -15,7 +16,7 @@ No torch: the cell map and the head compare ids without loading a model.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from pathlib import Path, PurePath
 
 WEIGHTS_MARK = "@sha256:"
 DIGEST_LENGTH = 16  # hex digits: 64 bits, beyond any lab's number of models
@@ -39,4 +40,10 @@ def same_model(first: str | None, second: str | None) -> bool:
     """Whether two ids name the same weights: by digest where both have one, else by name."""
     if first and second and WEIGHTS_MARK in first and WEIGHTS_MARK in second:
         return weights_key(first) == weights_key(second)
-    return (first or "").partition(WEIGHTS_MARK)[0] == (second or "").partition(WEIGHTS_MARK)[0]
+    return _name(first) == _name(second)
+
+
+def _name(model_id: str | None) -> str:
+    """The name part of an id; of an earlier version's local path, its last part."""
+    name = (model_id or "").partition(WEIGHTS_MARK)[0]
+    return PurePath(name).name if PurePath(name).is_absolute() else name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import warnings
 from collections.abc import Sequence
@@ -35,10 +36,14 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning (a collapse, changed settings on resume) as one line above the progress bar,
-    not broken into it and followed by the Python source line that raised it."""
-    tqdm.write(f"reddino-train: warning: {message}", file=sys.stderr)
+def _warning_line(python_show, message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings (a collapse, changed settings on resume) as one line above the progress bar,
+    not broken into it and followed by the Python source line that raised them; other
+    libraries' as Python shows them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        tqdm.write(f"reddino-train: warning: {message}", file=sys.stderr)
+    else:
+        python_show(message, category, filename, lineno, file, line)
 
 
 def _fit_command(args: argparse.Namespace) -> int:
@@ -52,7 +57,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         with warnings.catch_warnings():  # restores Python's own display afterwards
-            warnings.showwarning = _warning_line
+            warnings.showwarning = functools.partial(_warning_line, warnings.showwarning)
             result = fit(cfg, args.data_dir, args.out, max_steps=args.max_steps)
     except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError,
             RunFolderError) as error:

@@ -196,7 +196,7 @@ def format_table(results: Mapping[str, Mapping[str, Scores]]) -> str:
                 f"{min(folds):.3f}-{max(folds):.3f} | {scores.accuracy:.4f} | {scores.weighted_f1:.4f} |"
             )
     if outside:
-        lines.append(POOLED_NOTE)
+        lines += ["", POOLED_NOTE]  # after a blank line: not a row of the table
     return "\n".join(lines)
 
 

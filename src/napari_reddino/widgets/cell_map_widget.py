@@ -5,7 +5,7 @@ UMAP in a worker and shows one point per cell in the map's own canvas. A lasso o
 or a click on a smear selects cells; they are highlighted in both places and the rest are
 dimmed. Number keys (or Assign) give the selection a class; Train fits the linear head on
 the labelled cells and predicts every cell; Review uncertain steps through the least certain
-ones. Everything a cell gets (``umap_x/y``, ``manual_label``, ``predicted_class``,
+ones (after a saved head, first the cells of a smear unlike those it was trained among). Everything a cell gets (``umap_x/y``, ``manual_label``, ``predicted_class``,
 ``prediction_probability``, ``p_<class>``) is a column of its cells layer's ``features``, so
 hovering shows it and Export writes it.
 
@@ -37,7 +37,14 @@ from qtpy.QtWidgets import (
 )
 
 from ..atomic_files import PartlyWrittenError
-from ..cell_classifier import CellClassifier, head_paths, prediction_table, uncertainty_order
+from ..cell_classifier import (
+    MOSTLY_UNLIKE,
+    UNLIKE_ADVICE,
+    CellClassifier,
+    head_paths,
+    prediction_table,
+    uncertainty_order,
+)
 from ..cell_embeddings import embeddings_of, stored_fingerprint
 from ..cell_export import export_cells_csv, summary_path
 from ..cell_map import (
@@ -213,7 +220,11 @@ class CellMapWidget(JobWidget):
             shortcut.activated.connect(lambda key=key: self.press_key(key))
 
     def press_key(self, key: str) -> None:
-        self.assign(UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key))
+        name = UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key)
+        if name is None:
+            self.status.value = f"No class has the key {key}: only the first ten classes have keys (1-9, 0)."
+            return
+        self.assign(name)
 
     # --- the map --------------------------------------------------------------------------
 
@@ -485,8 +496,9 @@ class CellMapWidget(JobWidget):
     def _remove_class(self, name: str) -> None:
         """Remove a class from the list, once confirmed where cells carry it: cells labelled with it
         lose that label, and predictions that include it (a head's probabilities are shares among
-        its classes) are cleared, with the head that made them."""
+        its classes) are cleared, with the panel's head if it has the class."""
         cells_layers = [layer for layer in self._viewer.layers if isinstance(layer, Labels) and "label" in layer.features]
+
         def carrying(cells, column: str) -> int:
             return int((cells.features[column] == name).sum()) if column in cells.features else 0
 
@@ -494,12 +506,18 @@ class CellMapWidget(JobWidget):
         predicted = [cells for cells in cells_layers
                      if f"p_{name}" in cells.features or carrying(cells, "predicted_class")]
         head = self.classifier is not None and name in self.classifier.classes
-        losses = [f"{labelled:,} cells labelled {name!r} will be unlabelled"] if labelled else []
+        will, did = [], []  # what removing it does, asked before and said after
+        if labelled:
+            cells_text = f"{counted(labelled, 'cell')} labelled {name!r}"
+            will.append(f"{cells_text} will be unlabelled")
+            did.append(f"{cells_text} {'is' if labelled == 1 else 'are'} unlabelled")
         if predicted or head:
-            losses.append(f"the predictions of the head, which has {name!r} among its classes, will be cleared "
-                          "(train it again without it)")
-        if losses and QMessageBox.question(
-            self, "Remove class?", f"{'; '.join(losses).capitalize()}. Remove {name!r}?"
+            what = f"the predictions that include {name!r}"
+            will.append(f"{what} will be cleared")
+            did.append(f"{what} are cleared (train the head again without it)")
+        question = "; ".join(will)
+        if will and QMessageBox.question(
+            self, "Remove class?", f"{question[:1].upper()}{question[1:]}. Remove {name!r}?"
         ) != QMessageBox.StandardButton.Yes:
             return
         self._replace_class(name, UNLABELLED, ("manual_label",))
@@ -511,8 +529,7 @@ class CellMapWidget(JobWidget):
             self.classifier, self._review, self._uncertain = None, [], np.zeros(0, dtype=int)
         self.class_list.remove(name)
         self.colour_by.reset_choices()
-        self.status.value = f"Class {name!r} removed" + (f"; {'; '.join(losses)}." if losses else ".").replace(
-            " will be ", " are ")
+        self.status.value = f"Class {name!r} removed" + (f"; {'; '.join(did)}." if did else ".")
 
     def train(self) -> None:
         """Fit the linear head on the labelled cells and predict every cell of the map."""
@@ -541,8 +558,8 @@ class CellMapWidget(JobWidget):
         """Make ``classifier`` the head and write its probabilities ``proba`` for every cell of ``pool``.
 
         A cell's ``p_<class>`` columns are those of this head only: a previous head's are dropped.
-        Review visits the ``unlike`` cells (beyond a saved head's reach) first: their
-        probabilities look sure and are not.
+        Review visits the ``unlike`` cells (beyond a saved head's reach, on a smear it warned of)
+        first: their probabilities look sure and are not.
         """
         self.classifier = classifier
         for cells in pool.layers:
@@ -558,14 +575,15 @@ class CellMapWidget(JobWidget):
         # The map's cells may have got new predictions (all of them, or some, from a head applied
         # to other smears too): review follows this head only when it predicted the whole map.
         order = uncertainty_order(proba) if pool is self.pool else np.zeros(0, dtype=int)
-        self._unlike = np.zeros(len(proba), bool) if unlike is None else unlike
+        self._unlike = np.zeros(len(order), bool) if unlike is None or not len(order) else unlike
         self._uncertain = np.concatenate([order[self._unlike[order]], order[~self._unlike[order]]])
         self.colour_by.reset_choices()
         self.colour_by.value = PREDICTED
         self.recolour()
 
     def review_next(self) -> None:
-        """Select the next least-certain unlabelled cell and show it in its smear and on the map."""
+        """Select the next unlabelled cell to review (see :meth:`_predict`) and show it in its smear
+        and on the map."""
         if self.pool is None or len(self._uncertain) != len(self.pool):
             self._refuse("Train the head (or apply a saved one) on this map first; review steps through its "
                          "least certain cells.", notify=show_info)
@@ -626,15 +644,15 @@ class CellMapWidget(JobWidget):
         renamed = self._carry_renames(classifier)
         for name in classifier.classes:
             self.class_list.add_class(name, classifier.colours.get(name), classifier.class_ids.get(name))
-        self._predict(classifier, pool, proba, beyond)
+        mostly = np.array([beyond[pool.span(position)].mean() > MOSTLY_UNLIKE for position in range(len(pool.layers))])
+        self._predict(classifier, pool, proba, beyond & mostly[pool.layer_index])
         mapped = "" if pool is self.pool else " Compute map to see them on the map."
         renamed = f" ({'; '.join(renamed)})" if renamed else ""
         self.status.value = f"Head {Path(path).name} applied to {len(pool):,} cells{renamed}.{mapped}"
-        unlike = [cells.name for position, cells in enumerate(pool.layers) if beyond[pool.span(position)].mean() > 0.5]
-        if unlike:
-            warning = (f"Most cells of {', '.join(map(repr, unlike))} are unlike the cells the head was trained "
-                       "among (another stain, scanner or magnification?): trust its predictions there less "
-                       "than their probabilities suggest, and label some of these cells and train it again.")
+        if mostly.any():
+            names = ", ".join(repr(cells.name) for cells, warned in zip(pool.layers, mostly) if warned)
+            warning = (f"Most cells of {names} {UNLIKE_ADVICE}. Review uncertain shows them first; label some "
+                       "and train the head again.")
             show_warning(warning)
             self.status.value += f" {warning}"
 

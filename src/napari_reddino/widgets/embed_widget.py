@@ -59,7 +59,7 @@ class _EmbedJob:
     crops: dict  # mode, scale and margin, as Embedder.embed takes them
     fingerprint: str
     segmented: bool = False  # the cells layer was made by this run ("segment first")
-    labels_digest: str = ""  # of the labels as embedded (painting during the run changes the layer's)
+    labels_digest: str | None = None  # of the labels as embedded (painting during the run changes the layer's)
 
 
 @dataclass

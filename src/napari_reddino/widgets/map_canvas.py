@@ -24,7 +24,7 @@ LABEL_KEYS = {getattr(Qt.Key, f"Key_{digit}"): str(digit) for digit in range(10)
     Qt.Key.Key_Backspace: "Backspace", Qt.Key.Key_Delete: "Delete"}
 
 
-MIN_HEIGHT = 200  # px: the map stays usable while the panels above it fit a 768 px laptop screen
+MIN_HEIGHT = 200  # px: usable, and with Segment and Embed tabbed beside it napari's window needs 764 px
 
 def map_coordinates(xy: np.ndarray) -> np.ndarray:
     """UMAP (x, y) to napari (row, column), with y pointing up as in a plot."""

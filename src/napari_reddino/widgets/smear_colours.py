@@ -36,7 +36,7 @@ class SmearColours:
         for position, cells in enumerate(pool.layers):
             overlay = viewer.add_labels(
                 pool.rank_image(position), name=f"{cells.name} map colours",
-                scale=cells.scale, translate=cells.translate, opacity=1.0,
+                scale=cells.scale, translate=cells.translate, opacity=1.0, visible=cells.visible,
                 metadata={MARK: cells.metadata.get("source_image") or cells.name},
             )
             overlay.editable = False
@@ -72,9 +72,10 @@ class SmearColours:
         low, high = box[:, 0].min(axis=0), box[:, 1].max(axis=0)
         hidden = []
         for layer in list(layers)[min(map(layers.index, own)) + 1:]:
+            if layer in own or not layer.visible or not _is_smear_layer(layer) or layer.ndim != len(low):
+                continue
             extent = layer.extent.world
-            covers = np.all(extent[0] < high) and np.all(low < extent[1])
-            if layer not in own and layer.visible and covers and _is_smear_layer(layer):
+            if np.all(extent[0] < high) and np.all(low < extent[1]):  # it covers part of this smear
                 layer.visible = False
                 hidden.append(layer.name)
         for layer in own:
