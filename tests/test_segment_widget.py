@@ -101,6 +101,7 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     kept = cells.data.copy()
     colours = viewer.add_labels(np.zeros_like(kept), name=f"{cells.name} map colours", metadata={MARK: chula.name})
     later = viewer.add_image(chula.data, name="a later smear")
+    widget.image.value = chula  # (opening it chose the later smear)
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
     assert list(viewer.layers) == [chula, cells, colours, result.args[0], later]
@@ -166,6 +167,17 @@ def test_cancel_leaves_no_layer(viewer, widget, chula, qtbot):
 
     assert labels_layers(viewer) == []
     assert widget.status.value == "Cancelled; nothing was changed."
+
+
+def test_the_image_choice_follows_the_smear_selected_in_the_layer_list(viewer, widget):
+    _, embed = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
+    first = viewer.open(CHULA_1)[0]
+    second = viewer.add_image(imread(CHULA_1)[::2, ::2], rgb=True, name="half")
+    assert widget.image.value is second and embed.image.value is second  # the one just opened
+    viewer.layers.selection.active = first
+    assert widget.image.value is first and embed.image.value is first
+    cells = viewer.add_labels(np.zeros((480, 640), np.int32), name="1 cells")  # a cells layer: no image to follow
+    assert viewer.layers.selection.active is cells and widget.image.value is first
 
 
 def test_closing_the_panel_mid_run_cancels_it(viewer, widget, chula, qtbot):

@@ -155,6 +155,7 @@ class EmbedCellsWidget(JobWidget):
         self.image.changed.connect(self._pick_cells)
         self._browse_button.changed.connect(self._browse)
         self._pick_cells(self.image.value)
+        self._follow_image_selection(self.image)
 
     @property
     def model_name(self) -> str:
@@ -164,6 +165,9 @@ class EmbedCellsWidget(JobWidget):
     @model_name.setter
     def model_name(self, name: str) -> None:
         self.model.native.setEditText(str(name))
+
+    def _busy(self) -> bool:
+        return super()._busy() or self._batch is not None
 
     def reset_choices(self, *_) -> None:
         """Follow the viewer's layers (napari calls this when layers change)."""

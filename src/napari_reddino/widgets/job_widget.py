@@ -5,7 +5,7 @@ import functools
 
 import napari
 import numpy as np
-from magicgui.widgets import Container, Label, PushButton
+from magicgui.widgets import ComboBox, Container, Label, PushButton
 from napari.layers import Image
 from napari.qt.threading import thread_worker
 from napari.utils import progress
@@ -96,6 +96,25 @@ class JobWidget(QWidget):
     def _closed(self) -> None:
         """The panel is gone: a run still going is cancelled, so nothing lands in the viewer unseen."""
         self.cancel()
+        if self._follow_active_image in self._viewer.layers.selection.events.active.callbacks:
+            self._viewer.layers.selection.events.active.disconnect(self._follow_active_image)
+
+    def _follow_image_selection(self, image: ComboBox) -> None:
+        """Let ``image`` (the panel's Image choice) follow the image layer selected in the layer
+        list, so moving to another smear there moves every panel to it."""
+        self._image_choice = image
+        self._viewer.layers.selection.events.active.connect(self._follow_active_image)
+
+    def _follow_active_image(self, event) -> None:
+        layer = event.value
+        if isinstance(layer, Image) and not self._busy():
+            self.reset_choices()
+            if layer in self._image_choice.choices:
+                self._image_choice.value = layer
+
+    def _busy(self) -> bool:
+        """Whether a run is using the panel's choices."""
+        return self._worker is not None
 
     def run(self) -> None:
         raise NotImplementedError

@@ -73,6 +73,7 @@ class SegmentCellsWidget(JobWidget):
         # Each smear keeps what was typed for it (on its image layer, where Embed cells finds it too)
         self._per_smear = {self.cell_diameter: "cell_diameter_px", self.pixel_size: "pixel_size_um"}
         self.image.changed.connect(self._prefill)
+        self._follow_image_selection(self.image)
         self._prefill(self.image.value)
         for box, key in self._per_smear.items():
             box.changed.connect(lambda value, key=key: self._remember(key, value))
