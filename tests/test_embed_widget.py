@@ -291,7 +291,9 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
     first = viewer.open(CHULA_1)[0]
     second = viewer.open(CHULA_26)[0]
     own = viewer.add_labels(segment_cells(first.data), name="1 cells", metadata={"source_image": first.name})
-    viewer.layers.selection.active = first  # the panel follows
+    assert widget.image.value is second  # the smear just opened
+    viewer.layers.selection.active = first  # the panel follows the layer list
+    assert widget.image.value is first
     widget.every_smear.value = True
     assert not widget.image.enabled and not widget.cells.enabled
 

@@ -170,12 +170,11 @@ def test_cancel_leaves_no_layer(viewer, widget, chula, qtbot):
 
 
 def test_the_image_choice_follows_the_smear_selected_in_the_layer_list(viewer, widget):
-    _, embed = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
     first = viewer.open(CHULA_1)[0]
     second = viewer.add_image(imread(CHULA_1)[::2, ::2], rgb=True, name="half")
-    assert widget.image.value is second and embed.image.value is second  # the one just opened
+    assert widget.image.value is second  # the one just opened
     viewer.layers.selection.active = first
-    assert widget.image.value is first and embed.image.value is first
+    assert widget.image.value is first
     cells = viewer.add_labels(np.zeros((480, 640), np.int32), name="1 cells")  # a cells layer: no image to follow
     assert viewer.layers.selection.active is cells and widget.image.value is first
 
@@ -185,6 +184,8 @@ def test_closing_the_panel_mid_run_cancels_it(viewer, widget, chula, qtbot):
         widget.run()
         viewer.window.remove_dock_widget(widget)  # as its close button does
     assert labels_layers(viewer) == []  # nothing lands in the viewer from a panel that is gone
+    other = viewer.add_image(chula.data[::2, ::2], rgb=True, name="half")
+    assert viewer.layers.selection.active is other and widget.image.value is chula  # it follows no more
 
 
 def test_a_cell_diameter_and_pixel_size_typed_for_a_smear_stay_with_that_smear(viewer, widget):

@@ -96,8 +96,7 @@ class JobWidget(QWidget):
     def _closed(self) -> None:
         """The panel is gone: a run still going is cancelled, so nothing lands in the viewer unseen."""
         self.cancel()
-        if self._follow_active_image in self._viewer.layers.selection.events.active.callbacks:
-            self._viewer.layers.selection.events.active.disconnect(self._follow_active_image)
+        self._viewer.layers.selection.events.active.disconnect(self._follow_active_image)  # if connected
 
     def _follow_image_selection(self, image: ComboBox) -> None:
         """Let ``image`` (the panel's Image choice) follow the image layer selected in the layer
