@@ -3,12 +3,30 @@
 Mesa's software OpenGL (llvmpipe: virtual and remote displays, machines without a GPU
 driver) loads the system libLLVM into napari's process. torch and torchvision import triton
 on import to see whether it is there; triton carries its own LLVM, and loading it next to
-Mesa's segfaults the whole process. So when a system libLLVM is already mapped and torch is
-not yet imported, triton is marked unavailable and torch runs without it (the plugin never
-uses torch.compile, the only thing that needs triton).
+Mesa's segfaults the whole process. So when a system libLLVM is mapped at the moment torch is
+first imported, triton is marked unavailable and torch runs without it (the plugin never uses
+torch.compile, the only thing that needs triton). The check waits for torch's import, not the
+widgets': a script may import the widgets before napari's window brings OpenGL in.
 """
 
+import importlib.abc
 import sys
+
+
+class _BeforeTorch(importlib.abc.MetaPathFinder):
+    """Runs the check when ``torch`` is looked up, then leaves the import to the usual finders."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            block_triton_if_llvm_loaded()
+        return None
+
+
+def guard_triton() -> None:
+    """Check now, and again when torch is first imported (Linux; once per process)."""
+    if sys.platform.startswith("linux") and not any(isinstance(f, _BeforeTorch) for f in sys.meta_path):
+        block_triton_if_llvm_loaded()
+        sys.meta_path.insert(0, _BeforeTorch())
 
 
 def block_triton_if_llvm_loaded() -> bool:

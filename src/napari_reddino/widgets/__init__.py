@@ -1,5 +1,5 @@
 """The RedDino dock widgets (napari imports them when they are opened, after OpenGL is up)."""
 
-from ..triton_guard import block_triton_if_llvm_loaded
+from ..triton_guard import guard_triton
 
-block_triton_if_llvm_loaded()
+guard_triton()
