@@ -5,7 +5,8 @@ UMAP in a worker and shows one point per cell in the map's own canvas. A lasso o
 or a click on a smear selects cells; they are highlighted in both places and the rest are
 dimmed. Number keys (or Assign) give the selection a class; Train fits the linear head on
 the labelled cells and predicts every cell; Review uncertain steps through the least certain
-ones (after a saved head, first the cells of a smear unlike those it was trained among). Everything a cell gets (``umap_x/y``, ``manual_label``, ``predicted_class``,
+ones (after a saved head, first the cells of a smear unlike those it was trained among).
+Everything a cell gets (``umap_x/y``, ``manual_label``, ``predicted_class``,
 ``prediction_probability``, ``p_<class>``) is a column of its cells layer's ``features``, so
 hovering shows it and Export writes it.
 
@@ -106,6 +107,12 @@ def _weakly(method):
 
 def embedded_cells_layers(viewer) -> list[Labels]:
     return [layer for layer in viewer.layers if isinstance(layer, Labels) and embeddings_of(layer) is not None]
+
+
+def cells_layers(viewer) -> list[Labels]:
+    """Every Labels layer with a cell table (not the map's colour layers), embedded or not."""
+    return [layer for layer in viewer.layers
+            if isinstance(layer, Labels) and not is_map_colours(layer) and "label" in layer.features]
 
 
 class CellMapWidget(JobWidget):
@@ -497,14 +504,13 @@ class CellMapWidget(JobWidget):
         """Remove a class from the list, once confirmed where cells carry it: cells labelled with it
         lose that label, and predictions that include it (a head's probabilities are shares among
         its classes) are cleared, with the panel's head if it has the class."""
-        cells_layers = [layer for layer in self._viewer.layers if isinstance(layer, Labels) and "label" in layer.features]
+        layers = cells_layers(self._viewer)
 
         def carrying(cells, column: str) -> int:
             return int((cells.features[column] == name).sum()) if column in cells.features else 0
 
-        labelled = sum(carrying(cells, "manual_label") for cells in cells_layers)
-        predicted = [cells for cells in cells_layers
-                     if f"p_{name}" in cells.features or carrying(cells, "predicted_class")]
+        labelled = sum(carrying(cells, "manual_label") for cells in layers)
+        predicted = [cells for cells in layers if f"p_{name}" in cells.features or carrying(cells, "predicted_class")]
         head = self.classifier is not None and name in self.classifier.classes
         will, did = [], []  # what removing it does, asked before and said after
         if labelled:
@@ -705,8 +711,7 @@ class CellMapWidget(JobWidget):
     def import_labels(self, path: str | Path) -> None:
         """Give the viewer's cells layers the manual labels of an exported cells CSV (yesterday's
         work, a colleague's), where they are the same cells; a newer label of a cell is kept."""
-        layers = [layer for layer in self._viewer.layers
-                  if isinstance(layer, Labels) and not is_map_colours(layer) and "label" in layer.features]
+        layers = cells_layers(self._viewer)
         try:
             report = import_manual_labels(path, layers)
         except (OSError, ValueError) as error:  # LabelImportError is a ValueError
