@@ -13,8 +13,10 @@ from typing import NamedTuple
 import edt
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.draw import polygon
 from skimage.segmentation import watershed
 
+from .cell_lookup import cell_centres
 from .image_input import otsu_threshold
 from .resampling import resize_linear
 
@@ -37,6 +39,13 @@ CLUMP_SEED_MIN_VOTES = 0.3  # a centre needs this share of the clump's strongest
 VOTING_EDGE_PERCENTILE = 80  # only the strongest 20 % of edges vote
 VOTING_REACH = (0.6, 1.1)  # radii inside an edge where it votes
 RING_GAP = 0.15  # outline gaps up to this many radii are bridged to find a pale centre
+TARGET_SPOT_AREA = (0.08, 0.35)  # a target cell's dark central spot, as a fraction of a cell
+TARGET_RAYS = 32  # directions searched for the rim around a spot
+TARGET_RIM_REACH = 1.1  # radii from the spot's centre within which the rim begins
+TARGET_RIM_SHARE = 0.7  # ... in at least this share of the directions
+TARGET_BAND_SHARE = 0.5  # ... a pale band before it in at least this share
+TARGET_RIM_SPREAD = 0.25  # ... beginning this concentrically (interquartile range, radii)
+TARGET_EDGE_SPREAD = 0.4  # ... and ending, where the slide begins, this concentrically
 NUCLEUS_RATIO_EXCESS = 0.4  # red/green absorbance above the smear's typical red cell
 NUCLEUS_MIN_DENSITY = 0.5  # only judge cells at least half as dense as the typical one
 
@@ -138,6 +147,7 @@ def separate_cells(smoothed: np.ndarray, thresholds: Thresholds, diameter: float
     markers = _seed_every_component(_seeds(distance, radius), components, n)
     labels = _flood(distance, markers, components, n)
     labels = split_clumps(labels, smoothed, distance, radius)
+    labels = join_target_spots(labels, smoothed, thresholds, radius)
     labels = _drop_thin(labels, distance, MIN_HALF_WIDTH * radius)
     labels = _drop_small(labels, MIN_CELL_AREA * cell_area)
     return fill_enclosed_gaps(labels, MAX_PALLOR_AREA * cell_area)
@@ -205,6 +215,92 @@ def split_clumps(labels: np.ndarray, smoothed: np.ndarray, distance: np.ndarray,
     out = labels.copy()
     out[parts > 0] = parts[parts > 0] + sizes.size
     return out
+
+
+def join_target_spots(labels: np.ndarray, smoothed: np.ndarray, thresholds: Thresholds, radius: float) -> np.ndarray:
+    """Join each target cell's central spot to the rim around it: one cell, not a spot and a ring.
+
+    In a target cell (codocyte) the pale band between the dark centre and the dark rim can
+    be as pale as the slide's threshold, so the centre becomes a small segment of its own and
+    the rim a ring or a "C" (open where it is faint). A small segment is a target spot when,
+    looking out from its centre, a rim lies close in most directions, a pale band holding
+    haemoglobin (its palest point denser than the bare slide) separates it from the spot in
+    most of them, and the rim begins and ends at similar distances all round. The cell is the
+    polygon through the rim's outer edge; where the rim runs into a neighbour, is missing or
+    leaves the image, the polygon takes the median radius. It takes the background and the
+    segments lying mostly inside it (the rim's pieces), never the bulk of a neighbour.
+    """
+    sizes = np.bincount(labels.ravel())
+    smallest, largest = (share * np.pi * radius**2 for share in TARGET_SPOT_AREA)
+    spots = np.flatnonzero((sizes >= smallest) & (sizes <= largest))
+    spots = spots[spots > 0]
+    if spots.size == 0:
+        return labels
+    rows, cols = cell_centres(labels)
+    angles = np.linspace(0, 2 * np.pi, TARGET_RAYS, endpoint=False)
+    steps = np.arange(0.5, 1.5 * radius, 0.5)
+    height, width = labels.shape
+    out = labels
+    for spot in spots:
+        ray_rows = np.rint(rows[spot - 1] + np.sin(angles)[:, None] * steps).astype(np.intp)
+        ray_cols = np.rint(cols[spot - 1] + np.cos(angles)[:, None] * steps).astype(np.intp)
+        inside = (ray_rows >= 0) & (ray_rows < height) & (ray_cols >= 0) & (ray_cols < width)
+        ray_rows, ray_cols = np.clip(ray_rows, 0, height - 1), np.clip(ray_cols, 0, width - 1)
+        ray_density = np.where(inside, smoothed[ray_rows, ray_cols], -np.inf)  # beyond the image: slide
+        known = inside[:, np.searchsorted(steps, TARGET_RIM_REACH * radius)]  # not cut off by the image's edge
+        outline = _target_outline(labels[ray_rows, ray_cols], ray_density, known, spot, steps, thresholds, radius)
+        if outline is None:
+            continue
+        if out is labels:
+            out = labels.copy()
+        cell = polygon(rows[spot - 1] + np.sin(angles) * outline, cols[spot - 1] + np.cos(angles) * outline, labels.shape)
+        covered = out[cell]
+        mostly_inside = np.bincount(covered, minlength=sizes.size) * 2 > sizes  # the rim's pieces
+        mostly_inside[0] = True
+        out[cell[0][mostly_inside[covered]], cell[1][mostly_inside[covered]]] = spot
+    return out
+
+
+def _target_outline(
+    ray_labels: np.ndarray,
+    ray_density: np.ndarray,
+    known: np.ndarray,
+    spot: int,
+    steps: np.ndarray,
+    thresholds: Thresholds,
+    radius: float,
+) -> np.ndarray | None:
+    """Radius of the cell's outline along each ray from a spot's centre, or None if no rim surrounds it.
+
+    Shares count only the ``known`` rays, those the image's edge does not cut before the rim.
+    """
+    n_known = int(known.sum())
+    if n_known < known.size / 2:
+        return None  # mostly beyond the image: too little to judge
+    index = np.arange(steps.size)
+    off_spot = ray_labels != spot
+    leaves = np.argmax(off_spot, axis=1)  # first sample beyond the spot
+    dense = (ray_density > thresholds.cell) & off_spot & (index >= leaves[:, None])
+    inner = np.argmax(dense, axis=1)  # first sample of the rim
+    rim = known & dense.any(axis=1) & (steps[inner] <= TARGET_RIM_REACH * radius)
+    banded = rim & (inner > leaves + 1)  # a pale band between spot and rim
+    after_rim = (ray_density <= thresholds.cell) & (index > inner[:, None])
+    ends = rim & after_rim.any(axis=1)
+    if min(rim.sum(), ends.sum()) < TARGET_RIM_SHARE * n_known or banded.sum() < TARGET_BAND_SHARE * n_known:
+        return None
+    palest = [ray_density[k, leaves[k] : inner[k]].min() for k in np.flatnonzero(banded)]
+    if np.median(palest) <= thresholds.slide:
+        return None  # bare slide between a small cell and its neighbours, not a pale band
+    outer = steps[np.argmax(after_rim, axis=1)]
+    if _spread(steps[inner[banded]]) > TARGET_RIM_SPREAD * radius or _spread(outer[ends]) > TARGET_EDGE_SPREAD * radius:
+        return None  # not one ring: neighbouring cells around a small one
+    typical = float(np.median(outer[ends]))
+    return np.where(ends & (outer <= 1.25 * typical), outer, typical)  # further: into a neighbour
+
+
+def _spread(values: np.ndarray) -> float:
+    q1, q3 = np.percentile(values, [25, 75])
+    return float(q3 - q1)
 
 
 def _touching_another(labels: np.ndarray) -> np.ndarray:
