@@ -112,6 +112,20 @@ def test_a_target_cells_spot_joins_its_open_rim(band_density, joined):
         assert labels.max() == 1 and (labels == spot).sum() == pytest.approx(np.pi * 15**2, rel=0.15)
 
 
+@pytest.mark.parametrize(("inside_density", "filled"), [(0.3, True), (0.05, False)])
+def test_a_thin_rimmed_cells_large_pale_inside_is_filled_when_stained(inside_density, filled):
+    # A large hypochromic cell: a 5 px rim around 0.75 cells of pale inside, more than the
+    # 0.6 cells a pale centre may have. Stained, it is the cell's; bare, it is a gap.
+    rows, cols = np.indices((80, 80))
+    radius = np.hypot(rows - 40, cols - 40)
+    density = np.full((80, 80), 0.1)
+    density[radius <= 18] = 1.0
+    density[radius < 13] = inside_density
+    labels = separate_cells(ndi.gaussian_filter(density, 1.0), Thresholds(cell=0.7, faint=0.4, slide=0.1), diameter=30.0)
+    assert labels.max() == 1
+    assert (labels[40, 40] == 1) == filled
+
+
 def faint_ring_smear(centre_density: float) -> np.ndarray:
     """Working-scale density: a slide at 0.1 and a 30 px cell whose rim is at 1.0 on its upper
     half and only 0.55 on its lower half (a faint outline), around a centre of the given density."""

@@ -150,7 +150,7 @@ def separate_cells(smoothed: np.ndarray, thresholds: Thresholds, diameter: float
     labels = join_target_spots(labels, smoothed, thresholds, radius)
     labels = _drop_thin(labels, distance, MIN_HALF_WIDTH * radius)
     labels = _drop_small(labels, MIN_CELL_AREA * cell_area)
-    return fill_enclosed_gaps(labels, MAX_PALLOR_AREA * cell_area)
+    return fill_enclosed_gaps(labels, MAX_PALLOR_AREA * cell_area, (smoothed, thresholds.slide, cell_area))
 
 
 
@@ -391,13 +391,24 @@ def _around_faint_pale_centres(
     return added
 
 
-def fill_enclosed_gaps(labels: np.ndarray, max_area: float) -> np.ndarray:
+def fill_enclosed_gaps(
+    labels: np.ndarray, max_area: float, stained: tuple[np.ndarray, float, float] | None = None
+) -> np.ndarray:
     """Give each background gap smaller than ``max_area`` that only one cell surrounds to that cell.
 
     Such pinholes appear where a sliver inside a cell was dropped (clump-split borders, tiny
     pieces) or an outline was trimmed; left open they add their edge to the cell's perimeter.
+    ``stained`` is (density, slide level, larger area): gaps up to the larger area are filled
+    too when their median density is above the slide's. That is the pale inside of a large
+    thin-rimmed hypochromic or target cell, which holds some haemoglobin; a gap that a clump
+    closes around is bare slide.
     """
-    gaps, small = _enclosed_gaps(labels == 0, max_area)
+    gaps, small = _enclosed_gaps(labels == 0, max_area if stained is None else max(max_area, stained[2]))
+    if stained is not None:
+        large = np.flatnonzero(small & (np.bincount(gaps.ravel(), minlength=small.size) >= max_area))
+        if large.size:
+            density, slide, _ = stained
+            small[large] = np.asarray(ndi.median(density, gaps, large)) > slide
     if not small.any():
         return labels
     labels = labels.copy()
