@@ -13,7 +13,7 @@ from qtpy.QtCore import Qt
 from skimage.io import imread
 
 from napari_reddino import embeddings_of, measure_cells, segment_cells
-from napari_reddino.cell_embeddings import METADATA_KEY, fingerprint, store_embeddings, stored_fingerprint
+from napari_reddino.cell_embeddings import METADATA_KEY, fingerprint, labels_digest, store_embeddings, stored_fingerprint
 from napari_reddino.embedding import clear_embedder_cache, list_devices
 from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
 
@@ -250,8 +250,9 @@ def test_the_fingerprint_follows_image_labels_model_and_crop_settings(tiny_folde
     labels = np.zeros(image.shape[:2], np.int32)
     labels[5:20, 5:20] = 4
     model = str(tiny_folder[1])
-    base = fingerprint(image, labels, model, mode="context", scale="cell", margin=0.25)
-    assert fingerprint(image.copy(), labels.copy(), model, mode="context", scale="cell", margin=0.25) == base
+    digest = labels_digest(labels)
+    base = fingerprint(image, digest, model, mode="context", scale="cell", margin=0.25)
+    assert fingerprint(image.copy(), labels_digest(labels.copy()), model, mode="context", scale="cell", margin=0.25) == base
     brighter = image.copy()
     brighter[40, 70, 1] += 1
     relabelled = labels.copy()
@@ -260,13 +261,13 @@ def test_the_fingerprint_follows_image_labels_model_and_crop_settings(tiny_folde
     other.mkdir()
     assert len({
         base,
-        fingerprint(brighter, labels, model, mode="context", scale="cell", margin=0.25),
-        fingerprint(image, relabelled, model, mode="context", scale="cell", margin=0.25),
-        fingerprint(image, labels, str(other), mode="context", scale="cell", margin=0.25),
-        fingerprint(image, labels, "reddino-small", mode="context", scale="cell", margin=0.25),
-        fingerprint(image, labels, model, mode="masked", scale="cell", margin=0.25),
-        fingerprint(image, labels, model, mode="context", scale="cell", margin=0.5),
-        fingerprint(image, labels, model, mode="context", scale="smear", margin=0.25),
+        fingerprint(brighter, digest, model, mode="context", scale="cell", margin=0.25),
+        fingerprint(image, labels_digest(relabelled), model, mode="context", scale="cell", margin=0.25),
+        fingerprint(image, digest, str(other), mode="context", scale="cell", margin=0.25),
+        fingerprint(image, digest, "reddino-small", mode="context", scale="cell", margin=0.25),
+        fingerprint(image, digest, model, mode="masked", scale="cell", margin=0.25),
+        fingerprint(image, digest, model, mode="context", scale="cell", margin=0.5),
+        fingerprint(image, digest, model, mode="context", scale="smear", margin=0.25),
     }) == 8
 
 

@@ -104,8 +104,9 @@ class SmearAnalysis:
             ids, vectors = np.zeros(0, np.int64), np.zeros((0, embedder.dim), np.float32)
         else:
             ids, vectors = embedder.embed(image, labels, **crops, progress=progress)
+        digest = labels_digest(labels)
         store_run(cells, ids, vectors, embedder=embedder, model=model, crops=crops,
-                  fingerprint=fingerprint(image, labels, model, **crops), labels_digest=labels_digest(labels))
+                  fingerprint=fingerprint(image, digest, model, **crops), labels_digest=digest)
         if self.head is not None and not table.empty:
             rows = np.searchsorted(ids, table["label"].to_numpy())  # both ascending, the same cells
             proba = self.head.predict_proba(vectors[rows], measurements=table)

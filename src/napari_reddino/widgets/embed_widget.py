@@ -342,7 +342,8 @@ class EmbedCellsWidget(JobWidget):
         model = self.model_name
         crops = {"mode": self.crop_mode.value, "scale": self.crop_scale.value, "margin": float(self.margin.value)}
         try:
-            current = fingerprint(pixels, labels, model, **crops)
+            digest = labels_digest(labels)
+            current = fingerprint(pixels, digest, model, **crops)
         except OSError as error:
             if self._batch is not None:
                 self._batch.stopped = "the model cannot be read"
@@ -358,7 +359,7 @@ class EmbedCellsWidget(JobWidget):
             )
             return
         labels = labels.copy()  # painting during the run must not change what is embedded
-        self._embed_job = _EmbedJob(cells, model, crops, current, segmented, labels_digest(labels))
+        self._embed_job = _EmbedJob(cells, model, crops, current, segmented, digest)
         self.status.value = f"Loading {model}…"
         measured = cells.features["label"].to_numpy() if "label" in cells.features else None
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
