@@ -86,16 +86,18 @@ def test_target_cells_are_whole_not_a_spot_and_a_ring():
     assert whole.mean() >= 0.8
 
 
-def target_cell_smear(band_density: float) -> np.ndarray:
-    """Working-scale density: a slide at 0.1 and a 30 px target cell: a dark spot (radius 5),
-    a band of the given density, and a dark rim (radius 10-15) open over its lowest 90 degrees."""
+def target_cell_smear(band_density: float, spot: bool = True) -> np.ndarray:
+    """Working-scale density: a slide at 0.1 and a 30 px cell: a dark spot (radius 5) unless
+    ``spot`` is False, a band of the given density, and a dark rim (radius 10-15) open over its
+    lowest 90 degrees."""
     rows, cols = np.indices((90, 90))
     radius = np.hypot(rows - 45, cols - 45)
     below = np.degrees(np.arctan2(rows - 45, cols - 45))
     density = np.full((90, 90), 0.1)
     density[radius <= 15] = band_density
     density[(radius >= 10) & (radius <= 15) & (np.abs(below - 90) > 45)] = 1.0
-    density[radius <= 5] = 1.0
+    if spot:
+        density[radius <= 5] = 1.0
     return ndi.gaussian_filter(density, 1.0)
 
 
@@ -110,6 +112,18 @@ def test_a_target_cells_spot_joins_its_open_rim(band_density, joined):
     assert (spot == rim) == joined
     if joined:
         assert labels.max() == 1 and (labels == spot).sum() == pytest.approx(np.pi * 15**2, rel=0.15)
+
+
+@pytest.mark.parametrize(("inside_density", "filled"), [(0.3, True), (0.05, False)])
+def test_a_pale_cell_drawn_as_a_c_is_filled_when_stained(inside_density, filled):
+    # Only three quarters of the rim pass the threshold, so the inside is open to the slide.
+    # Stained, it is the cell's; bare, the "C" is a cell with a bite out of it and stays so.
+    labels = separate_cells(target_cell_smear(inside_density, spot=False), Thresholds(cell=0.7, faint=0.4, slide=0.1),
+                            diameter=30.0)
+    assert labels.max() == 1
+    assert (labels[45, 45] == 1) == filled
+    if filled:
+        assert (labels == 1).sum() >= 0.8 * np.pi * 15**2  # all but the slice beyond the open side's chord
 
 
 @pytest.mark.parametrize(("inside_density", "filled"), [(0.3, True), (0.05, False)])

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import edt
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
 from skimage.segmentation import watershed
 
@@ -46,6 +47,11 @@ TARGET_RIM_SHARE = 0.7  # ... in at least this share of the directions
 TARGET_BAND_SHARE = 0.5  # ... a pale band before it in at least this share
 TARGET_RIM_SPREAD = 0.25  # ... beginning this concentrically (interquartile range, radii)
 TARGET_EDGE_SPREAD = 0.4  # ... and ending, where the slide begins, this concentrically
+BAY_CELL_AREA = (0.3, 1.2)  # segments this size (cells) are checked for a stained bay
+BAY_BOX_FILL = 0.72  # ... and fill less of their bounding box (a disk fills 0.785 of it)
+BAY_MIN_AREA = 0.15  # ... of at least this many cells, inside a convex hull of at most
+BAY_MAX_HULL = 1.3  # ... this many cells
+BAY_PALE_PERCENTILE = 25  # ... whose palest quarter is still denser than the bare slide
 NUCLEUS_RATIO_EXCESS = 0.4  # red/green absorbance above the smear's typical red cell
 NUCLEUS_MIN_DENSITY = 0.5  # only judge cells at least half as dense as the typical one
 
@@ -148,6 +154,7 @@ def separate_cells(smoothed: np.ndarray, thresholds: Thresholds, diameter: float
     labels = _flood(distance, markers, components, n)
     labels = split_clumps(labels, smoothed, distance, radius)
     labels = join_target_spots(labels, smoothed, thresholds, radius)
+    labels = fill_stained_bays(labels, smoothed, thresholds, radius)
     labels = _drop_thin(labels, distance, MIN_HALF_WIDTH * radius)
     labels = _drop_small(labels, MIN_CELL_AREA * cell_area)
     return fill_enclosed_gaps(labels, MAX_PALLOR_AREA * cell_area, (smoothed, thresholds.slide, cell_area))
@@ -296,6 +303,53 @@ def _target_outline(
         return None  # not one ring: neighbouring cells around a small one
     typical = float(np.median(outer[ends]))
     return np.where(ends & (outer <= 1.25 * typical), outer, typical)  # further: into a neighbour
+
+
+def fill_stained_bays(labels: np.ndarray, smoothed: np.ndarray, thresholds: Thresholds, radius: float) -> np.ndarray:
+    """Give a cell the stained background inside its convex hull: a pale cell drawn as a "C".
+
+    Where only part of a pale (hypochromic, target) cell's rim passes the threshold, the cell
+    becomes a crescent, a "C" or a spiral, and its pale inside is left as background open to
+    the slide, so no hole fill reaches it. That inside holds haemoglobin: its palest quarter is
+    denser than the bare slide. The notch of a bite or helmet cell, or the slide between two
+    cells, is bare, so those keep their outline. Only cell-sized segments with a sizeable bay
+    are looked at, and their hull (of pixel centres) must stay about one cell.
+    """
+    cell_area = np.pi * radius**2
+    sizes = np.bincount(labels.ravel())
+    smallest, largest = (share * cell_area for share in BAY_CELL_AREA)
+    candidates = np.flatnonzero((sizes >= smallest) & (sizes <= largest))
+    boxes = ndi.find_objects(labels)
+    out = labels
+    for cell in candidates[candidates > 0]:
+        box = boxes[cell - 1]
+        if sizes[cell] > BAY_BOX_FILL * (box[0].stop - box[0].start) * (box[1].stop - box[1].start):
+            continue  # round or nearly: no room for a bay worth the hull
+        inside = labels[box] == cell
+        corners = convex_corners(inside)
+        if corners is None:
+            continue
+        hull = np.zeros_like(inside)
+        hull[polygon(corners[:, 0], corners[:, 1], hull.shape)] = True
+        bay = hull & (labels[box] == 0)
+        if hull.sum() > BAY_MAX_HULL * cell_area or bay.sum() < BAY_MIN_AREA * cell_area:
+            continue
+        if np.percentile(smoothed[box][bay], BAY_PALE_PERCENTILE) <= thresholds.slide:
+            continue
+        if out is labels:
+            out = labels.copy()
+        out[box][bay] = cell
+    return out
+
+
+def convex_corners(mask: np.ndarray) -> np.ndarray | None:
+    """Corners (row, col), in order, of the convex hull of the pixel centres of ``mask``; None
+    for a line of pixels (its own hull). Only outline pixels can be corners, so only they go in."""
+    edge = np.argwhere(mask & ~ndi.binary_erosion(mask))
+    try:
+        return edge[ConvexHull(edge).vertices]
+    except QhullError:
+        return None
 
 
 def _spread(values: np.ndarray) -> float:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import perimeter_crofton
 from skimage.segmentation import find_boundaries
 
-from .cell_separation import distance_to_background
+from .cell_separation import convex_corners, distance_to_background
 from .image_input import check_smear, colour_planes, fit_stain_model
 
 _LENGTHS_PX = ["perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px"]
@@ -139,12 +138,11 @@ def _convex_area(mask: np.ndarray) -> float:
     The hull's corners are pixel centres, so Pick's theorem counts them from its area and the
     pixels on its edges (gcd of each edge's steps), with no per-pixel test.
     """
-    edge = np.argwhere(mask & ~ndi.binary_erosion(mask))
-    try:
-        hull = ConvexHull(edge)
-    except QhullError:  # a line of pixels is its own hull
+    corners = convex_corners(mask)
+    if corners is None:  # a line of pixels is its own hull
         return float(mask.sum())
-    corners = edge[hull.vertices]
-    steps = np.abs(np.diff(np.vstack([corners, corners[:1]]), axis=0))
+    following = np.roll(corners, -1, axis=0)
+    area = abs(float(np.sum(corners[:, 0] * following[:, 1] - following[:, 0] * corners[:, 1]))) / 2
+    steps = np.abs(following - corners)
     on_edges = int(np.gcd(steps[:, 0], steps[:, 1]).sum())
-    return float(round(hull.volume + on_edges / 2 + 1))
+    return float(round(area + on_edges / 2 + 1))
