@@ -331,7 +331,7 @@ def fill_stained_bays(labels: np.ndarray, smoothed: np.ndarray, thresholds: Thre
             continue
         hull = np.zeros_like(inside)
         hull[polygon(corners[:, 0], corners[:, 1], hull.shape)] = True
-        bay = hull & (labels[box] == 0)
+        bay = hull & (out[box] == 0)  # not a bay already given to a neighbour
         if hull.sum() > BAY_MAX_HULL * cell_area or bay.sum() < BAY_MIN_AREA * cell_area:
             continue
         if np.percentile(smoothed[box][bay], BAY_PALE_PERCENTILE) <= thresholds.slide:
