@@ -48,6 +48,7 @@ from .smear_colours import is_map_colours
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
 
 SEGMENT_FIRST = "segment first"
+MODEL_TOOLTIP = "A RedDino model, 'hf_hub:org/name', or a folder with config.json + model.safetensors."
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,10 @@ class EmbedCellsWidget(JobWidget):
             label="Cells", choices=self._cells_choices,
             tooltip="The cells Labels layer; 'segment first' segments the image as the Segment cells widget does.",
         )
-        self.model = ComboBox(
-            label="Model", choices=list(KNOWN_MODELS),
-            tooltip="A RedDino model, 'hf_hub:org/name', or a folder with config.json + model.safetensors.",
-        )
+        self.model = ComboBox(label="Model", choices=list(KNOWN_MODELS), tooltip=MODEL_TOOLTIP)
         self.model.native.setEditable(True)
         self.model.native.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.model.native.editTextChanged.connect(self._show_whole_model_name)
         self._browse_button = PushButton(text="Browse…", tooltip="Choose a local model folder")
         self.device = ComboBox(label="Device", choices=["auto", *(option.name for option in list_devices())])
         self._describe_devices()
@@ -165,6 +164,10 @@ class EmbedCellsWidget(JobWidget):
     @model_name.setter
     def model_name(self, name: str) -> None:
         self.model.native.setEditText(str(name))
+
+    def _show_whole_model_name(self, text: str) -> None:
+        """The box is narrower than a model folder's path: its tooltip holds the whole of it."""
+        self.model.native.setToolTip(f"{text.strip()}\n\n{MODEL_TOOLTIP}" if text.strip() else MODEL_TOOLTIP)
 
     def _busy(self) -> bool:
         return super()._busy() or self._batch is not None
