@@ -74,7 +74,8 @@ def chula(root: Path, limit: int | None) -> dict:
             interior_segments += interior.size
             interior_hits += int(np.isin(cell_of_point, interior).sum())
             count_errors.append(abs(n_segments - len(points)) / len(points))
-    typical = np.median(diameters[0])  # Chula smears share one magnification
+    normal = np.array(diameters[0])
+    typical = np.median(normal[normal > 0]) if (normal > 0).any() else np.nan  # Chula smears share one magnification
     per_class = {
         CHULA_CLASSES[c]: (found[c] / total[c], np.mean(np.array(diameters[c]) >= WHOLE_RATIO * typical), total[c])
         for c in sorted(total)

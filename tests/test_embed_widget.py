@@ -48,12 +48,12 @@ def widget(viewer, tiny_folder):
     return widget
 
 
-def test_a_long_model_path_is_whole_in_the_tooltip_and_ends_in_view(widget, tmp_path):
+def test_a_long_model_path_is_whole_in_the_tooltip(widget, tmp_path):
     path = str(tmp_path / ("a_long_folder_name_" * 5) / "s1")
     widget.model_name = path
     box = widget.model.native
     assert box.toolTip().startswith(path + "\n")  # the box shows only part of it
-    assert box.lineEdit().cursorPosition() == len(path)  # the part shown is the end: the model's folder
+    assert box.lineEdit().cursorPosition() == len(path)  # what the box shows is the end: the model's folder
     widget.model_name = "reddino-small"
     assert box.toolTip().startswith("reddino-small\n") and path not in box.toolTip()
 

@@ -63,14 +63,15 @@ def model_key(model: str | os.PathLike) -> str:
     return canonical_id(model) + (f"@{version}" if version else "")
 
 
-def fingerprint(image, labels_digest: str, model: str | os.PathLike, *, mode: str, scale: str, margin: float) -> str:
+def fingerprint(image, labels_hash: str, model: str | os.PathLike, *, mode: str, scale: str, margin: float) -> str:
     """A digest of everything the embeddings of some labels in ``image`` with ``model`` depend on.
 
-    The labels come as their :func:`labels_digest`, which the run records too: hashed once.
+    The labels come as their :func:`labels_digest` (``labels_hash``), which the run records too:
+    they are hashed once.
     """
     digest = hashlib.blake2b(digest_size=16)
     digest.update(image_digest(image).encode())
-    digest.update(labels_digest.encode())
+    digest.update(labels_hash.encode())
     digest.update(repr((model_key(model), mode, scale, float(margin))).encode())
     return digest.hexdigest()
 

@@ -51,7 +51,7 @@ BAY_CELL_AREA = (0.3, 1.2)  # segments this size (cells) are checked for a stain
 BAY_BOX_FILL = 0.72  # ... and fill less of their bounding box (a disk fills 0.785 of it)
 BAY_MIN_AREA = 0.15  # ... of at least this many cells, inside a convex hull of at most
 BAY_MAX_HULL = 1.3  # ... this many cells
-BAY_PALE_PERCENTILE = 25  # ... whose palest quarter is still denser than the bare slide
+BAY_PALE_PERCENTILE = 25  # ... three quarters of which are denser than the bare slide
 NUCLEUS_RATIO_EXCESS = 0.4  # red/green absorbance above the smear's typical red cell
 NUCLEUS_MIN_DENSITY = 0.5  # only judge cells at least half as dense as the typical one
 
@@ -157,7 +157,8 @@ def separate_cells(smoothed: np.ndarray, thresholds: Thresholds, diameter: float
     labels = fill_stained_bays(labels, smoothed, thresholds, radius)
     labels = _drop_thin(labels, distance, MIN_HALF_WIDTH * radius)
     labels = _drop_small(labels, MIN_CELL_AREA * cell_area)
-    return fill_enclosed_gaps(labels, MAX_PALLOR_AREA * cell_area, (smoothed, thresholds.slide, cell_area))
+    return fill_enclosed_gaps(labels, MAX_PALLOR_AREA * cell_area, stained_density=smoothed, slide=thresholds.slide,
+                              stained_max_area=cell_area)
 
 
 
@@ -254,17 +255,19 @@ def join_target_spots(labels: np.ndarray, smoothed: np.ndarray, thresholds: Thre
         inside = (ray_rows >= 0) & (ray_rows < height) & (ray_cols >= 0) & (ray_cols < width)
         ray_rows, ray_cols = np.clip(ray_rows, 0, height - 1), np.clip(ray_cols, 0, width - 1)
         ray_density = np.where(inside, smoothed[ray_rows, ray_cols], -np.inf)  # beyond the image: slide
-        known = inside[:, np.searchsorted(steps, TARGET_RIM_REACH * radius)]  # not cut off by the image's edge
+        reach = min(int(np.searchsorted(steps, TARGET_RIM_REACH * radius)), steps.size - 1)
+        known = inside[:, reach]  # not cut off by the image's edge
         outline = _target_outline(labels[ray_rows, ray_cols], ray_density, known, spot, steps, thresholds, radius)
         if outline is None:
             continue
         if out is labels:
             out = labels.copy()
         cell = polygon(rows[spot - 1] + np.sin(angles) * outline, cols[spot - 1] + np.cos(angles) * outline, labels.shape)
-        covered = out[cell]
+        covered = labels[cell]
         mostly_inside = np.bincount(covered, minlength=sizes.size) * 2 > sizes  # the rim's pieces
         mostly_inside[0] = True
-        out[cell[0][mostly_inside[covered]], cell[1][mostly_inside[covered]]] = spot
+        take = mostly_inside[covered] & (out[cell] == covered)  # not what an earlier spot took
+        out[cell[0][take], cell[1][take]] = spot
     return out
 
 
@@ -293,7 +296,7 @@ def _target_outline(
     banded = rim & (inner > leaves + 1)  # a pale band between spot and rim
     after_rim = (ray_density <= thresholds.cell) & (index > inner[:, None])
     ends = rim & after_rim.any(axis=1)
-    if min(rim.sum(), ends.sum()) < TARGET_RIM_SHARE * n_known or banded.sum() < TARGET_BAND_SHARE * n_known:
+    if ends.sum() < TARGET_RIM_SHARE * n_known or banded.sum() < TARGET_BAND_SHARE * n_known:  # ends: within rim
         return None
     palest = [ray_density[k, leaves[k] : inner[k]].min() for k in np.flatnonzero(banded)]
     if np.median(palest) <= thresholds.slide:
@@ -310,8 +313,8 @@ def fill_stained_bays(labels: np.ndarray, smoothed: np.ndarray, thresholds: Thre
 
     Where only part of a pale (hypochromic, target) cell's rim passes the threshold, the cell
     becomes a crescent, a "C" or a spiral, and its pale inside is left as background open to
-    the slide, so no hole fill reaches it. That inside holds haemoglobin: its palest quarter is
-    denser than the bare slide. The notch of a bite or helmet cell, or the slide between two
+    the slide, so no hole fill reaches it. That inside holds haemoglobin: three quarters of it
+    (its 25th percentile) are denser than the bare slide. The notch of a bite or helmet cell, or the slide between two
     cells, is bare, so those keep their outline. Only cell-sized segments with a sizeable bay
     are looked at, and their hull (of pixel centres) must stay about one cell.
     """
@@ -329,10 +332,15 @@ def fill_stained_bays(labels: np.ndarray, smoothed: np.ndarray, thresholds: Thre
         corners = convex_corners(inside)
         if corners is None:
             continue
+        hull_area = hull_pixels(corners)
+        if hull_area > BAY_MAX_HULL * cell_area or hull_area - sizes[cell] < BAY_MIN_AREA * cell_area:
+            continue
         hull = np.zeros_like(inside)
         hull[polygon(corners[:, 0], corners[:, 1], hull.shape)] = True
         bay = hull & (out[box] == 0)  # not a bay already given to a neighbour
-        if hull.sum() > BAY_MAX_HULL * cell_area or bay.sum() < BAY_MIN_AREA * cell_area:
+        pieces, _ = ndi.label(bay)
+        bay = np.isin(pieces, pieces[ndi.binary_dilation(inside) & bay])  # touching the cell, not beyond a neighbour
+        if bay.sum() < BAY_MIN_AREA * cell_area:
             continue
         if np.percentile(smoothed[box][bay], BAY_PALE_PERCENTILE) <= thresholds.slide:
             continue
@@ -350,6 +358,18 @@ def convex_corners(mask: np.ndarray) -> np.ndarray | None:
         return edge[ConvexHull(edge).vertices]
     except QhullError:
         return None
+
+
+def hull_pixels(corners: np.ndarray) -> float:
+    """Pixels (centres) inside or on the convex polygon with these integer ``corners``, in order.
+
+    By Pick's theorem, from its area and the pixels on its edges (gcd of each edge's steps),
+    with no per-pixel test.
+    """
+    following = np.roll(corners, -1, axis=0)
+    area = abs(float(np.sum(corners[:, 0] * following[:, 1] - following[:, 0] * corners[:, 1]))) / 2
+    steps = np.abs(following - corners)
+    return float(round(area + int(np.gcd(steps[:, 0], steps[:, 1]).sum()) / 2 + 1))
 
 
 def _spread(values: np.ndarray) -> float:
@@ -446,30 +466,33 @@ def _around_faint_pale_centres(
 
 
 def fill_enclosed_gaps(
-    labels: np.ndarray, max_area: float, stained: tuple[np.ndarray, float, float] | None = None
+    labels: np.ndarray,
+    max_area: float,
+    *,
+    stained_density: np.ndarray | None = None,
+    slide: float = 0.0,
+    stained_max_area: float = 0.0,
 ) -> np.ndarray:
     """Give each background gap smaller than ``max_area`` that only one cell surrounds to that cell.
 
     Such pinholes appear where a sliver inside a cell was dropped (clump-split borders, tiny
     pieces) or an outline was trimmed; left open they add their edge to the cell's perimeter.
-    ``stained`` is (density, slide level, larger area): gaps up to the larger area are filled
-    too when their median density is above the slide's. That is the pale inside of a large
-    thin-rimmed hypochromic or target cell, which holds some haemoglobin; a gap that a clump
-    closes around is bare slide.
+    With ``stained_density``, gaps up to ``stained_max_area`` are filled too when their median
+    density is above ``slide``: the pale inside of a large thin-rimmed hypochromic or target
+    cell holds some haemoglobin, while a gap that a clump closes around is bare slide.
     """
-    gaps, small = _enclosed_gaps(labels == 0, max_area if stained is None else max(max_area, stained[2]))
-    if stained is not None:
-        large = np.flatnonzero(small & (np.bincount(gaps.ravel(), minlength=small.size) >= max_area))
-        if large.size:
-            density, slide, _ = stained
-            small[large] = np.asarray(ndi.median(density, gaps, large)) > slide
+    largest = max_area if stained_density is None else max(max_area, stained_max_area)
+    gaps, small = _enclosed_gaps(labels == 0, largest)
     if not small.any():
         return labels
+    area = np.bincount(gaps.ravel(), minlength=small.size)
     labels = labels.copy()
     boxes = ndi.find_objects(gaps)
     for gap in np.flatnonzero(small):  # few
         box = _padded(boxes[gap - 1], 1)
         inside = gaps[box] == gap
+        if area[gap] >= max_area and not np.median(stained_density[box][inside]) > slide:
+            continue
         around = np.unique(labels[box][ndi.binary_dilation(inside) & ~inside])
         if around.size == 1:
             labels[box][inside] = around[0]

@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 from skimage.measure import perimeter_crofton
 from skimage.segmentation import find_boundaries
 
-from .cell_separation import convex_corners, distance_to_background
+from .cell_separation import convex_corners, distance_to_background, hull_pixels
 from .image_input import check_smear, colour_planes, fit_stain_model
 
 _LENGTHS_PX = ["perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px"]
@@ -133,16 +133,6 @@ def shape_table(labels: np.ndarray) -> pd.DataFrame:
 
 
 def _convex_area(mask: np.ndarray) -> float:
-    """Pixels (centres) inside or on the convex hull of the cell's pixel centres.
-
-    The hull's corners are pixel centres, so Pick's theorem counts them from its area and the
-    pixels on its edges (gcd of each edge's steps), with no per-pixel test.
-    """
+    """Pixels (centres) inside or on the convex hull of the cell's pixel centres."""
     corners = convex_corners(mask)
-    if corners is None:  # a line of pixels is its own hull
-        return float(mask.sum())
-    following = np.roll(corners, -1, axis=0)
-    area = abs(float(np.sum(corners[:, 0] * following[:, 1] - following[:, 0] * corners[:, 1]))) / 2
-    steps = np.abs(following - corners)
-    on_edges = int(np.gcd(steps[:, 0], steps[:, 1]).sum())
-    return float(round(area + on_edges / 2 + 1))
+    return float(mask.sum()) if corners is None else hull_pixels(corners)  # a line of pixels is its own hull

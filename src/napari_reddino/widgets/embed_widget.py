@@ -122,6 +122,7 @@ class EmbedCellsWidget(JobWidget):
         self.model.native.setEditable(True)
         self.model.native.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
         self.model.native.editTextChanged.connect(self._show_whole_model_name)
+        self._show_whole_model_name(self.model_name)
         self._browse_button = PushButton(text="Browse…", tooltip="Choose a local model folder")
         self.device = ComboBox(label="Device", choices=["auto", *(option.name for option in list_devices())])
         self._describe_devices()
