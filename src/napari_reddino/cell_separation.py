@@ -247,22 +247,23 @@ def join_target_spots(labels: np.ndarray, smoothed: np.ndarray, thresholds: Thre
     rows, cols = cell_centres(labels)
     angles = np.linspace(0, 2 * np.pi, TARGET_RAYS, endpoint=False)
     steps = np.arange(0.5, 1.5 * radius, 0.5)
+    reach = min(int(np.searchsorted(steps, TARGET_RIM_REACH * radius)), steps.size - 1)
     height, width = labels.shape
     out = labels
     for spot in spots:
-        ray_rows = np.rint(rows[spot - 1] + np.sin(angles)[:, None] * steps).astype(np.intp)
-        ray_cols = np.rint(cols[spot - 1] + np.cos(angles)[:, None] * steps).astype(np.intp)
+        row, col = rows[spot - 1], cols[spot - 1]
+        ray_rows = np.rint(row + np.sin(angles)[:, None] * steps).astype(np.intp)
+        ray_cols = np.rint(col + np.cos(angles)[:, None] * steps).astype(np.intp)
         inside = (ray_rows >= 0) & (ray_rows < height) & (ray_cols >= 0) & (ray_cols < width)
         ray_rows, ray_cols = np.clip(ray_rows, 0, height - 1), np.clip(ray_cols, 0, width - 1)
         ray_density = np.where(inside, smoothed[ray_rows, ray_cols], -np.inf)  # beyond the image: slide
-        reach = min(int(np.searchsorted(steps, TARGET_RIM_REACH * radius)), steps.size - 1)
         known = inside[:, reach]  # not cut off by the image's edge
         outline = _target_outline(labels[ray_rows, ray_cols], ray_density, known, spot, steps, thresholds, radius)
         if outline is None:
             continue
         if out is labels:
             out = labels.copy()
-        cell = polygon(rows[spot - 1] + np.sin(angles) * outline, cols[spot - 1] + np.cos(angles) * outline, labels.shape)
+        cell = polygon(row + np.sin(angles) * outline, col + np.cos(angles) * outline, labels.shape)
         covered = labels[cell]
         mostly_inside = np.bincount(covered, minlength=sizes.size) * 2 > sizes  # the rim's pieces
         mostly_inside[0] = True
@@ -296,7 +297,8 @@ def _target_outline(
     banded = rim & (inner > leaves + 1)  # a pale band between spot and rim
     after_rim = (ray_density <= thresholds.cell) & (index > inner[:, None])
     ends = rim & after_rim.any(axis=1)
-    if ends.sum() < TARGET_RIM_SHARE * n_known or banded.sum() < TARGET_BAND_SHARE * n_known:  # ends: within rim
+    # A ray that ends has a rim: ``ends`` counts rays with a whole rim.
+    if ends.sum() < TARGET_RIM_SHARE * n_known or banded.sum() < TARGET_BAND_SHARE * n_known:
         return None
     palest = [ray_density[k, leaves[k] : inner[k]].min() for k in np.flatnonzero(banded)]
     if np.median(palest) <= thresholds.slide:
@@ -314,9 +316,10 @@ def fill_stained_bays(labels: np.ndarray, smoothed: np.ndarray, thresholds: Thre
     Where only part of a pale (hypochromic, target) cell's rim passes the threshold, the cell
     becomes a crescent, a "C" or a spiral, and its pale inside is left as background open to
     the slide, so no hole fill reaches it. That inside holds haemoglobin: three quarters of it
-    (its 25th percentile) are denser than the bare slide. The notch of a bite or helmet cell, or the slide between two
-    cells, is bare, so those keep their outline. Only cell-sized segments with a sizeable bay
-    are looked at, and their hull (of pixel centres) must stay about one cell.
+    (its 25th percentile) are denser than the bare slide. The notch of a bite or helmet cell,
+    or the slide between two cells, is bare, so those keep their outline. Only cell-sized
+    segments with a sizeable bay are looked at, and their hull (of pixel centres) must stay
+    about one cell.
     """
     cell_area = np.pi * radius**2
     sizes = np.bincount(labels.ravel())

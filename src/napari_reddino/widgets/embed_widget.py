@@ -345,8 +345,8 @@ class EmbedCellsWidget(JobWidget):
             return
         model = self.model_name
         crops = {"mode": self.crop_mode.value, "scale": self.crop_scale.value, "margin": float(self.margin.value)}
+        digest = labels_digest(labels)
         try:
-            digest = labels_digest(labels)
             current = fingerprint(pixels, digest, model, **crops)
         except OSError as error:
             if self._batch is not None:
