@@ -55,6 +55,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
 
 
+def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipped: list[Path]) -> None:
+    """Analyse the smears in turn, appending each result to ``done`` (or its path to ``skipped``)
+    as soon as it is known, so that an interrupt loses no finished smear."""
+    for number, (path, name) in enumerate(zip(smears, smear_names(smears)), 1):
+        started = time.perf_counter()
+        try:
+            with tqdm(desc=f"embedding {name}", unit=" cells", leave=False, disable=analysis.embedder is None) as bar:
+                cells = analysis(read_smear(path), name, progress=lambda n, total, bar=bar: _advance(bar, n, total))
+        except Exception as error:  # one smear's failure (unreadable, too large, out of memory) skips it alone
+            skipped.append(path)
+            reason = str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
+            print(f"[{number}/{len(smears)}] {path}: skipped: {reason}", file=sys.stderr, flush=True)
+            continue
+        done.append(cells)
+        found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
+        print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)", flush=True)
+        if cells.metadata.get("unlike_head", 0) > MOSTLY_UNLIKE:
+            print(f"[{number}/{len(smears)}] {name}: warning: {cells.metadata['unlike_head']:.0%} of its cells "
+                  f"{UNLIKE_ADVICE}", file=sys.stderr, flush=True)
+
+
 class _Refused(Exception):
     """Nothing can be done with these arguments; said before any smear is read."""
 
@@ -84,27 +105,11 @@ def _analyse(args: argparse.Namespace) -> int:
         raise _Refused(f"the output folder {out} is not writable")
 
     done, skipped = [], []
-    interrupted = False
-    names = smear_names(smears)
-    for number, (path, name) in enumerate(zip(smears, names), 1):
-        started = time.perf_counter()
-        try:
-            with tqdm(desc=f"embedding {name}", unit=" cells", leave=False, disable=analysis.embedder is None) as bar:
-                cells = analysis(read_smear(path), name, progress=lambda n, total, bar=bar: _advance(bar, n, total))
-        except KeyboardInterrupt:
-            interrupted = True
-            break
-        except Exception as error:  # one smear's failure (unreadable, too large, out of memory) skips it alone
-            skipped.append(path)
-            reason = str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
-            print(f"[{number}/{len(smears)}] {path}: skipped: {reason}", file=sys.stderr, flush=True)
-            continue
-        done.append(cells)
-        found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
-        print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)", flush=True)
-        if cells.metadata.get("unlike_head", 0) > MOSTLY_UNLIKE:
-            print(f"[{number}/{len(smears)}] {name}: warning: {cells.metadata['unlike_head']:.0%} of its cells "
-                  f"{UNLIKE_ADVICE}", file=sys.stderr, flush=True)
+    try:  # Ctrl-C during a smear or between two: the smears finished so far are written
+        _analyse_each(analysis, smears, done, skipped)
+        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
 
     if not done:
         print("reddino-analyse: no smear was analysed; nothing written", file=sys.stderr)
