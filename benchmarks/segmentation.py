@@ -1,13 +1,15 @@
 """Segmentation accuracy and speed on the real smears in ../shared/data.
 
 Chula RBC-12: recall of annotated cell centres (a centre counts when it falls inside a
-segmented cell no other centre has claimed), overall and per class; precision on images
-with >= 60 annotations (close to exhaustive). Aslan BCD: RBC box precision / recall / F1 at
+segmented cell no other centre has claimed), overall and per class, and per class the share
+found in a segment at least 0.7 x a normal cell's median diameter (a target cell cut into its
+spot and its rim is found, but not whole); precision on images with >= 60 annotations (close
+to exhaustive). Aslan BCD: RBC box precision / recall / F1 at
 IoU 0.5 and 0.3 (one-to-one matching), count error per image. "Aslan x2" upsamples every
 Aslan smear twice (cells ~110 px across) to check that the default settings follow the
 magnification. Seconds per image are wall-clock for ``segment_cells`` alone.
 
-    python benchmarks/segmentation.py [--data ../shared/data] [--limit N]
+    python benchmarks/segmentation.py [--data ../shared/data] [--limit N] [--skip-chula | --skip-aslan]
 """
 
 from __future__ import annotations
