@@ -172,6 +172,20 @@ def test_a_thin_rimmed_cells_large_pale_inside_is_filled_when_stained(inside_den
     assert (labels[40, 40] == 1) == filled
 
 
+@pytest.mark.parametrize(("inside_density", "filled"), [(0.3, True), (0.05, False)])
+def test_a_cell_cut_by_the_border_keeps_its_pale_centre_when_stained(inside_density, filled):
+    # The image edge cuts a pale cell through its centre: its rim is a "U" whose inside is
+    # open to the edge, never a hole. Stained, the inside is the cell's; bare, it is slide.
+    radius = np.hypot(*(np.indices((60, 80)) - np.array([4, 40])[:, None, None]))
+    density = np.where(radius < 10, inside_density, np.where(radius <= 15, 1.0, 0.1))
+    rim = ((radius >= 10) & (radius <= 15)).astype(np.int32)
+    labels = fill_enclosed_gaps(rim, max_area=0.6 * np.pi * 15**2, stained_density=density, slide=0.1,
+                                stained_max_area=np.pi * 15**2)
+    assert ((labels == 1) == (rim.astype(bool) | (filled & (radius < 10)))).all()
+    # Without the density, only holes are filled: an open gap may be the slide beside a cell.
+    assert (fill_enclosed_gaps(rim, max_area=np.inf) == rim).all()
+
+
 def faint_ring_smear(centre_density: float) -> np.ndarray:
     """Working-scale density: a slide at 0.1 and a 30 px cell whose rim is at 1.0 on its upper
     half and only 0.55 on its lower half (a faint outline), around a centre of the given density."""

@@ -122,18 +122,20 @@ def fill_holes(mask: np.ndarray, max_area: float = np.inf) -> np.ndarray:
 
     Labels the background once instead of scipy's iterative fill: several times faster.
     """
-    gaps, area = _enclosed_gaps(~mask)
+    gaps, area, open_ = _background_gaps(~mask)
+    area[open_] = np.inf
     return mask | (area < max_area)[gaps]
 
 
-def _enclosed_gaps(background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The connected regions of ``background`` (labels) and, per region id, its area in pixels,
-    or infinity where it reaches the image border (and for id 0): those are never filled."""
+def _background_gaps(background: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The connected regions of ``background`` (labels), per region id its area in pixels
+    (infinity for id 0), and whether it reaches the image border."""
     gaps, n = ndi.label(background)
     area = np.bincount(gaps.ravel(), minlength=n + 1).astype(float)
-    area[np.unique(np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]]))] = np.inf
     area[0] = np.inf
-    return gaps, area
+    open_ = np.zeros(n + 1, bool)
+    open_[np.unique(np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]]))] = True
+    return gaps, area, open_
 
 
 def _padded(box: tuple[slice, ...], pad: int) -> tuple[slice, ...]:
@@ -482,11 +484,15 @@ def fill_enclosed_gaps(
     pieces) or an outline was trimmed; left open they add their edge to the cell's perimeter.
     With ``stained_density``, gaps up to ``stained_max_area`` are filled too when their median
     density is above ``slide``: the pale inside of a large thin-rimmed hypochromic or target
-    cell holds some haemoglobin, while a gap that a clump closes around is bare slide.
+    cell holds some haemoglobin, while a gap that a clump closes around is bare slide. So are
+    gaps open to the image border under the same test: the pale centre of a cell that the
+    border cuts, whose rim is a "U" around it (else a "C"-shaped fragment, like a schistocyte).
     """
-    largest = max_area if stained_density is None else max(max_area, stained_max_area)
-    gaps, area = _enclosed_gaps(labels == 0)
-    small = area < largest
+    gaps, area, open_ = _background_gaps(labels == 0)
+    if stained_density is None:
+        small = (area < max_area) & ~open_
+    else:
+        small = area < max(max_area, stained_max_area)
     if not small.any():
         return labels
     labels = labels.copy()
@@ -494,7 +500,7 @@ def fill_enclosed_gaps(
     for gap in np.flatnonzero(small):  # few
         box = _padded(boxes[gap - 1], 1)
         inside = gaps[box] == gap
-        if area[gap] >= max_area and not np.median(stained_density[box][inside]) > slide:
+        if (area[gap] >= max_area or open_[gap]) and not np.median(stained_density[box][inside]) > slide:
             continue
         around = np.unique(labels[box][ndi.binary_dilation(inside) & ~inside])
         if around.size == 1:
