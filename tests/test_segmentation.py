@@ -186,6 +186,15 @@ def test_a_cell_cut_by_the_border_keeps_its_pale_centre_when_stained(inside_dens
     assert (fill_enclosed_gaps(rim, max_area=np.inf) == rim).all()
 
 
+def test_the_corner_beside_a_round_cell_is_not_its_pale_centre():
+    # A round cell cut by two edges encloses the image corner, but the corner lies outside
+    # the cell's hull: it is the slide beside the cell, however dense.
+    disc = (np.hypot(*(np.indices((60, 80)) - 10)) <= 12).astype(np.int32)
+    filled = fill_enclosed_gaps(disc, max_area=0.6 * np.pi * 15**2, stained_density=np.full(disc.shape, 0.3),
+                                slide=0.1, stained_max_area=np.pi * 15**2)
+    assert disc[0, 0] == 0 and (filled == disc).all()
+
+
 def faint_ring_smear(centre_density: float) -> np.ndarray:
     """Working-scale density: a slide at 0.1 and a 30 px cell whose rim is at 1.0 on its upper
     half and only 0.55 on its lower half (a faint outline), around a centre of the given density."""

@@ -52,6 +52,7 @@ BAY_BOX_FILL = 0.72  # ... and fill less of their bounding box (a disk fills 0.7
 BAY_MIN_AREA = 0.15  # ... of at least this many cells, inside a convex hull of at most
 BAY_MAX_HULL = 1.3  # ... this many cells
 BAY_PALE_PERCENTILE = 25  # ... three quarters of which are denser than the bare slide
+GAP_IN_HULL = 0.9  # a gap open to the image border is a cut cell's pale centre when this much lies in its hull
 NUCLEUS_RATIO_EXCESS = 0.4  # red/green absorbance above the smear's typical red cell
 NUCLEUS_MIN_DENSITY = 0.5  # only judge cells at least half as dense as the typical one
 
@@ -485,8 +486,9 @@ def fill_enclosed_gaps(
     With ``stained_density``, gaps up to ``stained_max_area`` are filled too when their median
     density is above ``slide``: the pale inside of a large thin-rimmed hypochromic or target
     cell holds some haemoglobin, while a gap that a clump closes around is bare slide. So are
-    gaps open to the image border under the same test: the pale centre of a cell that the
-    border cuts, whose rim is a "U" around it (else a "C"-shaped fragment, like a schistocyte).
+    gaps open to the image border that lie inside the cell's convex hull: the pale centre of a
+    cell that the border cuts, whose rim is a "U" around it (else a "C"-shaped fragment, like a
+    schistocyte), not the slide in a corner beside a cell.
     """
     gaps, area, open_ = _background_gaps(labels == 0)
     if stained_density is None:
@@ -497,15 +499,32 @@ def fill_enclosed_gaps(
         return labels
     labels = labels.copy()
     boxes = ndi.find_objects(gaps)
+    cell_boxes = ndi.find_objects(labels) if open_[small].any() else []
     for gap in np.flatnonzero(small):  # few
         box = _padded(boxes[gap - 1], 1)
         inside = gaps[box] == gap
         if (area[gap] >= max_area or open_[gap]) and not np.median(stained_density[box][inside]) > slide:
             continue
         around = np.unique(labels[box][ndi.binary_dilation(inside) & ~inside])
-        if around.size == 1:
-            labels[box][inside] = around[0]
+        if around.size != 1:
+            continue
+        if open_[gap] and not _wraps(labels, around[0], gaps, gap, (cell_boxes[around[0] - 1], boxes[gap - 1])):
+            continue
+        labels[box][inside] = around[0]
     return labels
+
+
+def _wraps(labels: np.ndarray, cell: int, gaps: np.ndarray, gap: int, boxes) -> bool:
+    """Whether (nearly) all of ``gap`` lies in the convex hull of ``cell``, its edge included."""
+    box = tuple(slice(min(a.start for a in sides), max(a.stop for a in sides)) for sides in zip(*boxes))
+    corners = convex_corners(labels[box] == cell)
+    if corners is None:
+        return False
+    # A pixel is in the hull when it lies on the same side of every edge (or on one).
+    edges = np.roll(corners, -1, axis=0) - corners
+    offsets = np.argwhere(gaps[box] == gap)[:, None, :] - corners[None]
+    turns = edges[None, :, 0] * offsets[..., 1] - edges[None, :, 1] * offsets[..., 0]
+    return float(((turns >= 0).all(axis=1) | (turns <= 0).all(axis=1)).mean()) >= GAP_IN_HULL
 
 
 def _drop_thin(labels: np.ndarray, distance: np.ndarray, min_half_width: float) -> np.ndarray:
