@@ -298,6 +298,66 @@ def test_cells_from_another_tool_are_measured_when_embedded(viewer, widget, chul
     assert list(features["note"].iloc[:3]) == ["mine", "", "ok"] and features["note"].iloc[3:].isna().all()
 
 
+def test_a_table_keyed_by_napari_index_keeps_its_own_columns(viewer, widget, chula_pixels_and_cells, qtbot):
+    image, labels = chula_pixels_and_cells
+    viewer.add_image(image, rgb=True, name="smear")
+    cells = viewer.add_labels(labels.copy(), name="masks from another tool")
+    ids = label_ids(cells)
+    cells.features = pd.DataFrame({"index": ids[[4, 1]], "note": ["fifth", "second"]})
+    widget.reset_choices()
+    widget.cells.value = cells
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    notes = cells.features.set_index("label")["note"]
+    assert notes[ids[4]] == "fifth" and notes[ids[1]] == "second" and notes.drop(ids[[4, 1]]).isna().all()
+
+
+def test_cells_erased_or_painted_after_segmenting_are_measured_again(viewer, widget, qtbot):
+    image = imread(CHULA_1)
+    viewer.add_image(image, rgb=True, name="1")
+    widget.reset_choices()
+    assert widget.cells.value == SEGMENT_FIRST
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    cells = viewer.layers["1 cells"]
+    assert cells.metadata["measured_labels"] == labels_digest(cells.data)
+    erased, shrunk = (int(i) for i in label_ids(cells)[[3, 10]])
+    data = cells.data.copy()
+    data[data == erased] = 0
+    rows, cols = np.nonzero(data == shrunk)
+    data[rows[rows < np.median(rows)], cols[rows < np.median(rows)]] = 0  # half of it erased
+    cells.data = data
+    widget.cells.value = cells
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    table = cells.features
+    assert erased not in set(table["label"])  # no row for a cell that is gone (it was counted in the summary)
+    np.testing.assert_array_equal(np.sort(table["label"]), embeddings_of(cells)[0])
+    area = table.set_index("label").loc[shrunk, "area_px"]
+    assert area == (data == shrunk).sum()
+
+
+def test_labels_changed_during_the_run_are_not_given_the_old_table(viewer, widget, chula_pixels_and_cells, qtbot):
+    image, labels = chula_pixels_and_cells
+    viewer.add_image(image, rgb=True, name="smear")
+    cells = viewer.add_labels(labels.copy(), name="smear cells", metadata={"source_image": "smear"})
+    widget.reset_choices()
+    widget.cells.value = cells
+    resegmented = pd.DataFrame({"label": [1], "note": ["the new segmentation's"]})
+
+    def segment_again(item) -> None:  # what Segment cells does to the layer while the embedding runs
+        if not isinstance(item, tuple):  # the model is loaded: the embedding starts
+            cells.data = np.where(labels == 1, 1, 0).astype(labels.dtype)
+            cells.features = resegmented
+
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+        widget._worker.yielded.connect(segment_again)
+    assert list(cells.features["note"]) == ["the new segmentation's"] and embeddings_of(cells) is None
+    assert widget.status.value == ("The cells of 'smear cells' changed while they were embedded; nothing was "
+                                   "stored. Embed them again.")
+
+
 def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbot):
     first = viewer.open(CHULA_1)[0]
     second = viewer.open(CHULA_26)[0]

@@ -42,7 +42,7 @@ from ..image_input import ImageInputError
 from ..measurements import measure_cells
 from ..models import KNOWN_MODELS, ModelLoadError
 from .job_widget import JobWidget, job_worker, smear_pixels
-from .segment_widget import _Job, _segment_and_measure, add_cells_layer
+from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer
 from .smear_colours import is_map_colours
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
@@ -84,19 +84,28 @@ class _LoadFailure:
 
 @job_worker
 def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, crops: dict,
-                    measured_ids: np.ndarray | None, pixel_size_um: float | None):
+                    measured: bool, pixel_size_um: float | None):
     """Yields the loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(ids, embeddings,
-    table)``, ``table`` the cells' measurements when a cell is missing from ``measured_ids`` (labels
-    made by another tool, or cells painted after segmenting), else None."""
+    table)``, ``table`` the cells' measurements unless the layer's table was ``measured`` on these
+    very labels (else they were made by another tool, or painted since), then None."""
     try:
         embedder = load_embedder(model, device=device)
     except (ModelLoadError, DeviceError) as error:  # said to the user plainly, without a traceback
         return _LoadFailure(str(error))
     yield embedder
     ids, embeddings = yield from embedder.embed_steps(pixels, labels, **crops)
-    complete = measured_ids is not None and np.isin(ids, measured_ids).all()
-    table = None if complete else measure_cells(labels, pixels, pixel_size_um=pixel_size_um)
+    table = None if measured else measure_cells(labels, pixels, pixel_size_um=pixel_size_um)
     return ids, embeddings, table
+
+
+def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
+    """The fresh measurements, with the columns of the layer's own table that they lack joined by
+    label id (its ``label`` column, else napari's ``index``); a table without ids is replaced."""
+    key = next((column for column in ("label", "index") if column in old), None)
+    if key is None:
+        return table
+    own = [c for c in old.columns if c not in table.columns]
+    return table.merge(old[[key, *own]].rename(columns={key: "label"}), on="label", how="left")
 
 
 class EmbedCellsWidget(JobWidget):
@@ -365,7 +374,7 @@ class EmbedCellsWidget(JobWidget):
         labels = labels.copy()  # painting during the run must not change what is embedded
         self._embed_job = _EmbedJob(cells, model, crops, current, segmented, digest)
         self.status.value = f"Loading {model}…"
-        measured = cells.features["label"].to_numpy() if "label" in cells.features else None
+        measured = cells.metadata.get(MEASURED_LABELS) == digest
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
         self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size)
 
@@ -429,10 +438,13 @@ class EmbedCellsWidget(JobWidget):
         if job.cells not in self._viewer.layers:
             self.status.value = f"{job.cells.name!r} was removed while its cells were embedded; nothing was stored."
             return
+        if labels_digest(job.cells.data) != job.labels_digest:  # segmented again or painted meanwhile
+            self.status.value = (f"The cells of {job.cells.name!r} changed while they were embedded; nothing was "
+                                 "stored. Embed them again.")
+            return
         if table is not None:  # measured now: the layer's own columns (labels, notes) stay with their cells
-            old = job.cells.features
-            own = [c for c in old.columns if c not in table.columns]
-            job.cells.features = table.merge(old[["label", *own]], on="label", how="left") if "label" in old else table
+            job.cells.features = _with_own_columns(table, job.cells.features)
+            job.cells.metadata[MEASURED_LABELS] = job.labels_digest
         seconds = time.perf_counter() - self._embed_started
         store_run(job.cells, ids, embeddings, embedder=embedder, model=job.model, crops=job.crops,
                   fingerprint=job.fingerprint, labels_digest=job.labels_digest)

@@ -11,11 +11,14 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_warning
 from qtpy.QtCore import Signal
 
+from ..cell_embeddings import labels_digest
 from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, place_above
 from .smear_colours import coloured_smear
+
+MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ def add_cells_layer(
         "cell_diameter_px": cell_diameter,
         "cell_diameter_from": _diameter_source(job),
         "pixel_size_um": job.pixel_size_um,
+        MEASURED_LABELS: labels_digest(labels),
     }
     layers = viewer.layers
     earlier = layers[job.layer_name] if job.layer_name in layers else None
