@@ -164,6 +164,9 @@ def test_relative_diameter_is_against_the_whole_cells_of_each_smear():
     np.testing.assert_allclose(relative, [0.5, 1, 1.5, 2, 0.5, 1.5])
     np.testing.assert_allclose(measurement_features(table.drop(columns=["image", "layer"]), ["relative_diameter"], 6)[:, 0],
                                np.array([10, 20, 30, 40, 5, 15]) / 20)  # one smear: median of 10, 20, 30
+    # a table without the border column (cells from another tool's export): every cell counts
+    np.testing.assert_allclose(measurement_features(table[["equivalent_diameter_px"]], ["relative_diameter"], 6)[:, 0],
+                               np.array([10, 20, 30, 40, 5, 15]) / 17.5)
 
 
 def test_prediction_refuses_missing_measurements_and_other_embedding_sizes(smear_table):

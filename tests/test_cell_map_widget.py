@@ -13,7 +13,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QMessageBox, QScrollArea
 
 from napari_reddino import CellClassifier, embeddings_of
-from napari_reddino.cell_embeddings import store_embeddings
+from napari_reddino.cell_embeddings import labels_digest, store_embeddings
 from napari_reddino.cell_map import DIM_FACTOR
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
@@ -368,12 +368,13 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
         f"The cells of {aslan.name!r} were painted since they were embedded")
     aslan.data = as_embedded  # (or embed them again)
 
-    # So does embedding the cells again (other crops, another model) before a train or an export.
+    # So does embedding the cells again (other crops, another model), at once.
     compute_map(widget, qtbot)
     ids_now, vectors, model_id = embeddings_of(cells)
     store_embeddings(cells, ids_now, vectors[:, ::-1], model_id=model_id, fingerprint="re-embedded")
-    widget.train()
     assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
+    store_embeddings(cells, ids_now, vectors, model_id=model_id, fingerprint="embedded again",
+                     labels_digest=labels_digest(cells.data))
 
     # So does painting a cell with the brush, and removing a smear's cells layer.
     compute_map(widget, qtbot)
@@ -383,6 +384,11 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     cells.undo()  # the painted cell's embedding is current again
     compute_map(widget, qtbot)
     assert widget.pool is not None
+    cells.redo()  # napari sends no event for it: the next train finds the change
+    widget.train()
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
+    cells.undo()
+    compute_map(widget, qtbot)
     viewer.layers.remove(aslan)
     assert widget.pool is None and widget.status.value.startswith(f"The cells of {aslan.name!r} changed or were removed")
 

@@ -300,7 +300,7 @@ def _relative_diameter(table: pd.DataFrame) -> np.ndarray:
     diameter = table["equivalent_diameter_px"].astype(float)
     key = next((column for column in ("layer", "image") if column in table), None)
     smear = table[key] if key else pd.Series(0, index=table.index)
-    whole = ~table["touches_border"].astype(bool) if "touches_border" in table else True
+    whole = ~table["touches_border"].astype(bool) if "touches_border" in table else pd.Series(True, index=table.index)
     typical = diameter.where(whole).groupby(smear).transform("median")
     typical = typical.fillna(diameter.groupby(smear).transform("median"))  # every cell touches the border
     return (diameter / typical).to_numpy()

@@ -101,7 +101,7 @@ def store_embeddings(
         "fingerprint": fingerprint,
         **about,
     }
-    layer.metadata[METADATA_KEY] = record
+    layer.metadata = {**layer.metadata, METADATA_KEY: record}  # a new dict: a napari layer tells its listeners
     return record
 
 

@@ -75,7 +75,7 @@ class PooledCells:
         crowded = [layer.name for layer, record in records if len(record[0]) >= LUT_SIZE]
         if crowded:
             raise PoolingError(
-                f"{', '.join(map(repr, crowded))} holds {LUT_SIZE - 1:,} cells or more, more than one "
+                f"{', '.join(map(repr, crowded))} holds more than {LUT_SIZE - 1:,} cells, more than one "
                 "map layer can colour; crop the smear into parts and embed each."
             )
         counts = [len(record[0]) for _, record in records]

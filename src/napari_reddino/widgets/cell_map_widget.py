@@ -46,7 +46,7 @@ from ..cell_classifier import (
     prediction_table,
     uncertainty_order,
 )
-from ..cell_embeddings import embeddings_of, stored_fingerprint
+from ..cell_embeddings import embeddings_of, repainted_since_embedded, stored_fingerprint
 from ..cell_export import export_cells_csv, summary_path
 from ..cell_map import (
     UNLABELLED,
@@ -293,9 +293,11 @@ class CellMapWidget(JobWidget):
         self.finished.emit()
 
     def _changed_since_pooled(self, pool: PooledCells) -> str | None:
-        """The name of a pooled cells layer that was removed or re-embedded since ``pool`` was made."""
+        """The name of a pooled cells layer that was removed, re-embedded or repainted since ``pool``
+        was made (an undo, or a brush stroke while the map was computed, sends no event we hear)."""
         for position, cells in enumerate(pool.layers):
-            if cells not in self._viewer.layers or stored_fingerprint(cells) != pool.fingerprints[position]:
+            if (cells not in self._viewer.layers or stored_fingerprint(cells) != pool.fingerprints[position]
+                    or repainted_since_embedded(cells)):
                 return cells.name
         return None
 
@@ -318,9 +320,10 @@ class CellMapWidget(JobWidget):
         self._smear_colours = SmearColours(self._viewer, pool)
         self._viewer.layers.selection.active = pool.layers[0]
         self._smear_keys.bind(pool.layers)
-        for cells in pool.layers:  # new labels (a re-segmentation, a brush edit) make the map stale
+        for cells in pool.layers:  # new labels (a re-segmentation, a brush edit) or embeddings make the map stale
             cells.events.data.connect(self._on_cells_changed)
             cells.events.paint.connect(self._on_cells_changed)
+            cells.events.metadata.connect(self._on_cells_metadata)
         for column in ("manual_label", "predicted_class"):  # classes given before this panel opened
             for name in pd.unique(pool.column(column, UNLABELLED)):
                 if name != UNLABELLED:
@@ -334,6 +337,7 @@ class CellMapWidget(JobWidget):
             for cells in self.pool.layers:
                 cells.events.data.disconnect(self._on_cells_changed)
                 cells.events.paint.disconnect(self._on_cells_changed)
+                cells.events.metadata.disconnect(self._on_cells_metadata)
             self._smear_keys.release()
         if self._smear_colours is not None:
             self._smear_colours.remove()
@@ -351,6 +355,15 @@ class CellMapWidget(JobWidget):
 
     def _on_cells_changed(self, event) -> None:
         self._map_is_stale(event.source.name)  # the cells layer whose data or paint event this is
+
+    def _on_cells_metadata(self, event) -> None:
+        """Embedded again (another model or crop setting): the map shows the old embeddings."""
+        if self.pool is None:
+            return
+        names = [cells.name for cells in self.pool.layers]  # by name: the pool may hold proxies of the layers
+        cells = event.source
+        if cells.name in names and stored_fingerprint(cells) != self.pool.fingerprints[names.index(cells.name)]:
+            self._map_is_stale(cells.name)
 
     def _map_is_stale(self, name: str) -> None:
         self.forget_map()
@@ -410,7 +423,7 @@ class CellMapWidget(JobWidget):
         self.select(mask)
 
     def select_cell(self, layer: Labels, label: int, *, add: bool = False) -> int | None:
-        """Select the cell ``label`` of ``layer`` (shift-click: add it); return its point, or None."""
+        """Select the cell ``label`` of ``layer`` (shift-click: add it, or take it out when selected); return its point, or None."""
         if self.pool is None or layer not in self.pool.layers:
             return None
         self._review = []  # as for a lasso
