@@ -14,7 +14,7 @@ from skimage.io import imread
 from napari_reddino import measure_cells, segment_cells
 from napari_reddino.atomic_files import PartlyWrittenError
 from napari_reddino.cell_embeddings import store_embeddings
-from napari_reddino.cell_export import export_cells_csv
+from napari_reddino.cell_export import export_cells_csv, summary_path
 from napari_reddino.cell_table import ANALYSIS_COLUMNS
 
 DATA = Path(__file__).parent / "data"
@@ -166,9 +166,11 @@ def test_a_second_file_that_cannot_be_replaced_is_named_with_the_one_that_was(tm
         replace(source, target)
 
     monkeypatch.setattr(os, "replace", refuse_the_npz)
-    with pytest.raises(PartlyWrittenError, match=r"cells.csv was written, but cells.npz could not be replaced "
-                                                 r"\(Permission denied\); it is as it was before"):
-        export_cells_csv(csv, analysed_layer(smear_table), embeddings_path=npz, overwrite=True)
+    with pytest.raises(PartlyWrittenError, match=r"^cells.csv was written, but cells.npz could not be replaced "
+                                                 r"\(Permission denied\); cells.npz and cells_summary.csv are as "
+                                                 r"before$"):
+        export_cells_csv(csv, analysed_layer(smear_table), embeddings_path=npz, summary_path=summary_path(csv),
+                         overwrite=True)
     assert len(pd.read_csv(csv)) == len(smear_table) and npz.read_bytes() == b"locked by another program"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.csv", "cells.npz"]  # no temporary left
 

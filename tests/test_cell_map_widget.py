@@ -1,6 +1,7 @@
 """The Cell map widget end to end in a real viewer: segment, embed (tiny real ViT), UMAP, lasso,
 smear colours, labels, linear head, review, CSV export, head saved and applied to another smear."""
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -239,6 +240,9 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert widget.status.value == "Nothing was written: cells.csv, cells.npz and cells_summary.csv kept as they were."
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
     assert widget.export_csv(csv) == csv
+    widget.with_embeddings.value = False  # the earlier export's .npz would not match the new table: it goes
+    assert widget.export_csv(csv) == csv and not csv.with_suffix(".npz").exists()
+    assert widget.status.value.endswith("; removed the earlier export's cells.npz.")
 
     # Labels cleared by mistake come back from the export; a cell labelled since keeps its label.
     exported = cells.features.set_index("label").loc[ids, "manual_label"].to_numpy()
@@ -286,6 +290,18 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
     widget.save_head(tmp_path / "head.safetensors")  # both files exist: replaced only when confirmed
     assert (tmp_path / "head.json").read_bytes() == about
+    replace = os.replace
+
+    def refuse_the_json(source, target):  # a file held open by another program (Windows)
+        if Path(target).suffix == ".json":
+            raise PermissionError(13, "Permission denied")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refuse_the_json)
+    widget.save_head(tmp_path / "half")
+    assert widget.status.value == ("The head was only partly saved (half.safetensors was written, but half.json "
+                                   "could not be replaced (Permission denied); half.json is as before); save it again.")
+    monkeypatch.setattr(os, "replace", replace)
     aslan = embed(viewer, qtbot, model, ASLAN_1)
     widget.apply_head(tmp_path / "head.safetensors")
     # trained among Chula cells, it has not seen Aslan's stain: said, for that smear only

@@ -23,11 +23,13 @@ os.umask(UMASK)
 class PartlyWrittenError(OSError):
     """Some files of one atomic write were replaced before another could not be."""
 
-    def __init__(self, written: list[Path], failed: Path, error: OSError):
+    def __init__(self, written: list[Path], failed: Path, error: OSError, unchanged: list[Path]):
         names = ", ".join(path.name for path in written)
+        kept = " and ".join(path.name for path in unchanged)
         super().__init__(f"{names} {'was' if len(written) == 1 else 'were'} written, but {failed.name} could not "
-                         f"be replaced ({error.strerror or error}); it is as it was before")
-        self.written, self.failed = written, failed
+                         f"be replaced ({error.strerror or error}); {kept} {'is' if len(unchanged) == 1 else 'are'} "
+                         "as before")
+        self.written, self.failed, self.unchanged = written, failed, unchanged
 
 
 def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[bytes]], object]]) -> None:
@@ -46,8 +48,9 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
                                         str(target.parent))
             fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=_prefix(target), suffix=".tmp")
             staged.append((temporary, target))
-            os.fchmod(fd, 0o666 & ~UMASK)
-            with os.fdopen(fd, "wb") as handle:
+            with os.fdopen(fd, "wb") as handle:  # closed whatever happens next
+                if hasattr(os, "fchmod"):  # not on Windows before Python 3.13, where mkstemp's mode is moot
+                    os.fchmod(handle.fileno(), 0o666 & ~UMASK)
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())  # on disk before the rename: a power cut leaves old or new
@@ -57,7 +60,7 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
                 os.replace(temporary, target)
             except OSError as error:
                 if renamed:
-                    raise PartlyWrittenError(renamed, target, error) from error
+                    raise PartlyWrittenError(renamed, target, error, [path for _, path in staged]) from error
                 raise
             staged.pop(0)
             renamed.append(target)

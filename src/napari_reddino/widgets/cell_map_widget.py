@@ -640,6 +640,9 @@ class CellMapWidget(JobWidget):
             return
         try:
             self.classifier.save(path)
+        except PartlyWrittenError as error:  # its weights without their description: it loads no more
+            self._refuse(f"The head was only partly saved ({error}); save it again.")
+            return
         except (OSError, ValueError) as error:
             self._refuse(f"The head was not saved: {error}")
             return
@@ -701,7 +704,10 @@ class CellMapWidget(JobWidget):
         path = path if path.suffix else path.with_suffix(".csv")
         embeddings = path.with_suffix(".npz") if self.with_embeddings.value else None
         summary = summary_path(path) if self.with_summary.value else None
-        existing = [file for file in (path, embeddings, summary) if file is not None and file.exists()]
+        # An earlier export's embeddings or summary beside the new table would not match it.
+        stale = [file for file, written in ((path.with_suffix(".npz"), embeddings), (summary_path(path), summary))
+                 if written is None and file.exists()]
+        existing = [file for file in (path, embeddings, summary) if file is not None and file.exists()] + stale
         if existing and not self._confirm_overwrite(existing):
             return None
         try:
@@ -718,7 +724,10 @@ class CellMapWidget(JobWidget):
         if unclassified:
             with_summary += (f" (class shares left empty: {counted(unclassified, 'whole cell')} without a class "
                              "yet; train or apply a head)")
-        self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}."
+        for file in stale:
+            file.unlink(missing_ok=True)
+        removed = f"; removed the earlier export's {' and '.join(f.name for f in stale)}" if stale else ""
+        self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}{removed}."
         return written
 
     def import_labels(self, path: str | Path) -> None:
