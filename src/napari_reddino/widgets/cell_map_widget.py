@@ -542,13 +542,18 @@ class CellMapWidget(JobWidget):
         self._replace_class(name, UNLABELLED, ("manual_label",))
         for cells in predicted:
             table = cells.features
-            cells.features = table.drop(columns=[c for c in table.columns if c.startswith("p_")
-                                                 or c in ("predicted_class", "prediction_probability")])
+            cells.features = table.drop(columns=[*self._probability_columns(table),
+                                                 *({"predicted_class", "prediction_probability"} & set(table))])
         if head:
             self.classifier, self._review, self._uncertain = None, [], np.zeros(0, dtype=int)
         self.class_list.remove(name)
         self.colour_by.reset_choices()
         self.status.value = f"Class {name!r} removed" + (f"; {'; '.join(did)}." if did else ".")
+
+    def _probability_columns(self, table: pd.DataFrame, classes=None) -> list[str]:
+        """The ``p_<class>`` columns of ``table`` for ``classes`` (default: the class list's); a
+        layer's own column that happens to begin with ``p_`` is not one of them."""
+        return list(dict.fromkeys(c for c in (f"p_{name}" for name in classes or self.class_list.classes) if c in table))
 
     def train(self) -> None:
         """Fit the linear head on the labelled cells and predict every cell of the map."""
@@ -580,9 +585,10 @@ class CellMapWidget(JobWidget):
         Review visits the ``unlike`` cells (beyond a saved head's reach, on a smear it warned of)
         first: their probabilities look sure and are not.
         """
+        stale_classes = [*self.class_list.classes, *(self.classifier.classes if self.classifier else [])]
         self.classifier = classifier
         for cells in pool.layers:
-            stale = [c for c in cells.features.columns if c.startswith("p_")]
+            stale = self._probability_columns(cells.features, stale_classes)
             if stale:
                 cells.features = cells.features.drop(columns=stale)
         predictions = prediction_table(classifier.classes, proba)
