@@ -231,6 +231,16 @@ def test_dtype_auto_is_bf16_only_where_the_cpu_computes_it_faster_and_names_are_
         resolve_dtype("int8", cpu)
 
 
+@pytest.mark.parametrize(("capability", "auto"), [((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_dtype_auto_on_a_gpu_is_bf16_from_ampere_on(monkeypatch, capability, auto):
+    # A T4 (7.5) or V100 (7.0) reports bf16 as supported (emulated, slowly): it keeps fp32.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert resolve_dtype("auto", torch.device("cuda:1")) == auto
+    assert asked == [torch.device("cuda:1")]  # the chosen GPU's, not the current one's
+
+
 def test_the_bf16_probe_times_this_cpu_once_per_process():
     bf16_speed.cpu_bf16_speedup.cache_clear()
     speedup = bf16_speed.cpu_bf16_speedup()

@@ -21,8 +21,8 @@ PROBE_REPEATS = 8
 
 
 def bf16_saves_time(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere (compute capability 8.0) and later; earlier GPUs emulate it, slowly
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return bool(cpu_bf16_instructions()) and cpu_bf16_speedup() >= MIN_CPU_SPEEDUP
     return False

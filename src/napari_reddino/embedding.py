@@ -115,7 +115,7 @@ DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The compute precision: ``None``/``"auto"`` is bf16 where it saves time (CUDA GPUs; CPUs
+    """The compute precision: ``None``/``"auto"`` is bf16 where it saves time (CUDA GPUs from Ampere on; CPUs
     with AVX512-BF16 or AMX whose bf16 matrix products time faster, see :mod:`.bf16_speed`),
     else fp32.
 
