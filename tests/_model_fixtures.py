@@ -63,17 +63,17 @@ def save_folder(model: torch.nn.Module, folder: Path) -> Path:
     return folder
 
 
-def publish_to_cache(folder: Path, cache: Path, repo_id: str) -> Path:
+def publish_to_cache(folder: Path, cache: Path, repo_id: str, revision: str = REVISION) -> Path:
     """Lay ``folder``'s files out as huggingface_hub caches a download of ``repo_id``.
 
     ``models--org--name/blobs/<sha256>`` holds the content, ``snapshots/<revision>/<file>`` links
     to it and ``refs/main`` names the revision.
     """
     repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / REVISION
+    snapshot = repo / "snapshots" / revision
     for directory in (repo / "blobs", repo / "refs", snapshot):
         directory.mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(REVISION)
+    (repo / "refs" / "main").write_text(revision)
     for file in folder.iterdir():
         blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
         shutil.copyfile(file, blob)

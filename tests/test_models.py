@@ -12,6 +12,7 @@ import timm
 import torch
 from _cpu_precision import CPUS, pretend_cpu
 from _model_fixtures import (  # noqa: F401  (pytest fixtures)
+    REVISION,
     TINY_DIM,
     hub_cache,
     publish_to_cache,
@@ -23,6 +24,7 @@ from _model_fixtures import (  # noqa: F401  (pytest fixtures)
 
 from napari_reddino import CellClassifier, bf16_speed
 from napari_reddino.cell_classifier import HeadMismatchError
+from napari_reddino.cell_embeddings import model_key
 from napari_reddino.embedding import DeviceError, list_devices, resolve_device, resolve_dtype
 from napari_reddino.models import (
     KNOWN_MODELS,
@@ -86,6 +88,16 @@ def test_a_model_is_named_by_its_weights_so_its_heads_work_wherever_it_is_copied
     single = find_model_files(weights, architecture="vit_small_patch14_dinov2").model_id
     assert single == f"bare.safetensors:vit_small_patch14_dinov2@sha256:{digest}"
     CellClassifier.load(tmp_path / "head", model_id=single)  # the same weights, as a bare file
+
+
+def test_a_hub_models_key_follows_the_cached_commit(hub_cache, tmp_path):
+    # Embeddings are recomputed when the cache holds newer weights of the same repo.
+    assert model_key("hf_hub:lab/tiny-rbc") == "hf-hub:lab/tiny-rbc"  # not cached (yet)
+    publish_to_cache(save_folder(tiny_vit(seed=3), tmp_path / "v1"), hub_cache, "lab/tiny-rbc")
+    first = model_key("hf_hub:lab/tiny-rbc")
+    assert first == f"hf-hub:lab/tiny-rbc@{REVISION}"
+    publish_to_cache(save_folder(tiny_vit(seed=4), tmp_path / "v2"), hub_cache, "lab/tiny-rbc", revision="b" * 40)
+    assert model_key("hf_hub:lab/tiny-rbc") == f"hf-hub:lab/tiny-rbc@{'b' * 40}"
 
 
 def test_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):

@@ -19,7 +19,8 @@ label id (``np.searchsorted(label_ids, label)``), never by row order.
 
 The fingerprint digests the image (shape, dtype and all pixels, or a strided sample of at most
 :data:`IMAGE_SAMPLE_ELEMENTS` values for bigger images), the whole label image, the model's
-identity (its canonical id, plus the modification time of a local model) and the crop
+identity (its canonical id, plus the modification time of a local model or the cached commit
+of a Hub model) and the crop
 settings. Embeddings are up to date when the stored fingerprint equals the current one. The
 device and precision are not part of it: switching CPU for GPU does not recompute.
 
@@ -56,10 +57,11 @@ def image_digest(image) -> str:
 
 
 def model_key(model: str | os.PathLike) -> str:
-    """What names a model's weights: its canonical id, plus when a local model last changed."""
-    from .models import canonical_id, local_version  # torch and timm, imported on first use
+    """What names a model's weights: its canonical id, plus when a local model last changed or
+    which commit of a Hub model is cached."""
+    from .models import cached_hub_revision, canonical_id, local_version  # torch and timm, imported on first use
 
-    version = local_version(model)
+    version = local_version(model) or cached_hub_revision(model)
     return canonical_id(model) + (f"@{version}" if version else "")
 
 

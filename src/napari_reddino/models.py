@@ -148,6 +148,16 @@ def local_version(model: str | os.PathLike) -> str | None:
     return f"{newest}:{sum(stat.st_size for stat in stats)}"
 
 
+def cached_hub_revision(model: str | os.PathLike) -> str | None:
+    """The commit of the cached copy of a Hub model (it changes when the cache is refreshed with
+    newer weights); None for local models and Hub models not cached. Reads no file."""
+    if not (hub := hub_id(model)):
+        return None
+    repo_id, _, revision = hub.partition("@")
+    config = _cached(repo_id, CONFIG_FILE, revision or None, HubSettings.from_environment())
+    return config.parent.name if config is not None else None
+
+
 def canonical_id(model: str | os.PathLike, architecture: str | None = None) -> str:
     """The identity of a model name without reading any file: equal ids load equal models."""
     if hub := hub_id(model):
