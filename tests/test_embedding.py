@@ -202,6 +202,9 @@ def test_out_of_memory_halves_the_batch_instead_of_failing(embedder):
     limited = type(embedder)(loaded, device=embedder.device, dtype=embedder.dtype)
     np.testing.assert_allclose(limited.embed(image, labels, batch_size=3)[1], expected, rtol=1e-5, atol=1e-6)
     assert small.batches == [1, 1, 1]
+    small.limit, small.batches = 3, []  # the other program let its memory go: the next smear tries in full
+    np.testing.assert_allclose(limited.embed(image, labels, batch_size=3)[1], expected, rtol=1e-5, atol=1e-6)
+    assert small.batches == [3]
 
 
 def test_real_smear_gives_one_embedding_per_segmented_cell(embedder, real_smear):

@@ -210,6 +210,7 @@ class Embedder:
         if not len(windows):
             return windows.ids, embeddings
         batch = batch_size or self.auto_batch_size()
+        self._fitting_batch = None  # an earlier smear's out-of-memory may have been another program's
         starts = range(0, len(windows), batch)
 
         def cut(start: int) -> torch.Tensor:
@@ -229,7 +230,7 @@ class Embedder:
         """Embeddings (float32, on the device) of normalised model inputs (n, 3, H, W).
 
         On CUDA an out-of-memory error halves the batch instead of failing; the smaller size
-        is kept for later batches.
+        is kept for later batches, until the next image is embedded.
         """
         outputs, start = [], 0
         while start < len(crops):
