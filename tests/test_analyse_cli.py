@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
+from _model_fixtures import TINY_DIM, tiny_folder  # noqa: F401  (fixture)
 from skimage.io import imread, imsave
 
-from napari_reddino import CellClassifier, load_embedder, measure_cells, segment_cells
+from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
 from napari_reddino.analyse_cli import main
-from napari_reddino.batch_analysis import list_smears, smear_names
+from napari_reddino.batch_analysis import SmearAnalysis, list_smears, smear_names
 
 DATA = Path(__file__).parent / "data"
 CHULA = DATA / "chula_rbc12"
@@ -94,6 +94,17 @@ def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, ti
     assert main(aslan) == 0
     assert ("[1/1] image-1: warning: 100% of its cells are unlike the cells the head was trained among"
             in capsys.readouterr().err)
+    assert read(tmp_path / "aslan" / "cells.csv")["model_id"].eq(embedder.model_id).all()
+
+
+def test_without_an_embeddings_file_a_batch_keeps_only_ids_and_model(smears, tiny_folder):  # noqa: F811
+    embedder = load_embedder(str(tiny_folder[1]), device="cpu")
+    image = imread(smears / "1.jpg")
+    kept, light = (SmearAnalysis(embedder=embedder, keep_embeddings=keep)(image, "1") for keep in (True, False))
+    (ids, vectors, model_id), (light_ids, light_vectors, light_model_id) = embeddings_of(kept), embeddings_of(light)
+    np.testing.assert_array_equal(light_ids, ids)
+    assert vectors.shape == (len(ids), TINY_DIM) and light_vectors.shape == (len(ids), 0)
+    assert light_model_id == model_id == embedder.model_id
 
 
 def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_up_front(smears, tmp_path, capsys,

@@ -176,6 +176,18 @@ def test_corrupt_weights_name_the_file(tiny_folder):
         load_model(folder)
 
 
+def test_unreadable_weights_name_the_file(tiny_folder, monkeypatch):
+    # chmod 000 does not stop root (CI): the read fails as a file without read permission fails.
+    _, folder = tiny_folder
+
+    def permission_denied(handle, digest):
+        raise PermissionError(13, "Permission denied", handle.name)
+
+    monkeypatch.setattr(hashlib, "file_digest", permission_denied)
+    with pytest.raises(CheckpointError, match=f"Cannot read the weights {folder / 'model.safetensors'}: Permission"):
+        load_model(folder)
+
+
 def test_weights_of_another_depth_list_missing_and_unexpected_keys(tmp_path):
     folder = save_folder(tiny_vit(), tmp_path / "config_from_depth_2")
     deeper = save_folder(tiny_vit(depth=3), tmp_path / "weights_from_depth_3")

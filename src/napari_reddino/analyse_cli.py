@@ -170,7 +170,8 @@ def _analysis(args: argparse.Namespace) -> SmearAnalysis:
             head = CellClassifier.load(args.head, model_id=embedder.model_id)
         except (OSError, ValueError) as error:  # HeadMismatchError is a ValueError
             raise _Refused(f"cannot use the head {args.head}: {error}") from error
-    return SmearAnalysis(embedder=embedder, model=model, head=head, pixel_size_um=args.pixel_size_um)
+    return SmearAnalysis(embedder=embedder, model=model, head=head, pixel_size_um=args.pixel_size_um,
+                         keep_embeddings=args.with_embeddings)
 
 
 def _advance(bar: tqdm, done: int, total: int) -> None:

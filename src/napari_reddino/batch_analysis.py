@@ -18,7 +18,7 @@ import pandas as pd
 from skimage.io import imread
 
 from .cell_classifier import prediction_table
-from .cell_embeddings import fingerprint, labels_digest, store_run
+from .cell_embeddings import METADATA_KEY, fingerprint, labels_digest, store_run
 from .measurements import measure_cells
 from .segmentation import segment_cells
 from .steps import Progress
@@ -81,13 +81,18 @@ def smear_names(paths: Sequence[Path]) -> list[str]:
 
 class SmearAnalysis:
     """One set of settings for every smear: the pixel size, and optionally a model (an
-    :class:`~napari_reddino.embedding.Embedder` loaded from ``model``) and a head for it."""
+    :class:`~napari_reddino.embedding.Embedder` loaded from ``model``) and a head for it.
+
+    ``keep_embeddings=False`` keeps of each smear's embeddings only their ids and model (the
+    vectors become zero-wide): a long batch that writes no embeddings file then holds a few
+    kilobytes per smear, not megabytes."""
 
     def __init__(self, *, embedder=None, model: str | os.PathLike | None = None, head=None,
-                 pixel_size_um: float | None = None):
+                 pixel_size_um: float | None = None, keep_embeddings: bool = True):
         if head is not None and embedder is None:
             raise ValueError("A head classifies embeddings; give the model it was trained on too.")
         self.embedder, self.model, self.head, self.pixel_size_um = embedder, model, head, pixel_size_um
+        self.keep_embeddings = keep_embeddings
 
     def __call__(self, image, name: str, *, progress: Progress | None = None) -> SmearCells:
         """Segment, measure and (with a model) embed and classify the cells of ``image``."""
@@ -113,4 +118,6 @@ class SmearAnalysis:
             predictions = prediction_table(self.head.classes, proba).set_axis(table.index)
             cells.features = pd.concat([table, predictions], axis=1)
             cells.metadata["unlike_head"] = float(self.head.beyond_reach(vectors[rows], measurements=table).mean())
+        if not self.keep_embeddings:
+            cells.metadata[METADATA_KEY]["embeddings"] = np.zeros((len(ids), 0), np.float32)
         return cells

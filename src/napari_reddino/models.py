@@ -306,7 +306,7 @@ def _folder_files(folder: Path, name: str | None = None) -> ModelFiles:
             "(timm.models.save_for_hf writes this layout)."
         )
     architecture, model_args, pretrained_cfg = _read_config(config_path)
-    return ModelFiles(digested_id(name or folder.resolve().name, weights), weights, architecture, model_args,
+    return ModelFiles(_weights_id(name or folder.resolve().name, weights), weights, architecture, model_args,
                       pretrained_cfg)
 
 
@@ -342,7 +342,16 @@ def _single_file(path: Path, architecture: str | None) -> ModelFiles:
     if not timm.is_model(architecture):
         examples = ", ".join(known.architecture for known in KNOWN_MODELS.values())
         raise UnknownModelError(f"Unknown timm architecture {architecture!r} (RedDino uses {examples}).")
-    return ModelFiles(digested_id(f"{path.name}:{architecture}", path), path, architecture)
+    return ModelFiles(_weights_id(f"{path.name}:{architecture}", path), path, architecture)
+
+
+def _weights_id(name: str, weights: Path) -> str:
+    """:func:`digested_id`, with a file that cannot be read (permissions, a failing disk) as a
+    :class:`CheckpointError` that names it."""
+    try:
+        return digested_id(name, weights)
+    except OSError as error:
+        raise CheckpointError(f"Cannot read the weights {weights}: {error.strerror or error}.") from error
 
 
 # --- the Hugging Face Hub ------------------------------------------------------------------
