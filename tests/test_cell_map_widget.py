@@ -516,3 +516,17 @@ def test_at_its_narrowest_the_panel_shows_every_control_whole_class_names_and_th
     table = widget.class_list.table
     widest_name = max(table.fontMetrics().horizontalAdvance(name) for name in DEFAULT_CLASSES)
     assert table.columnWidth(NAME) > widest_name
+
+
+def test_a_head_whose_renamed_class_took_another_of_its_names_keeps_its_names_and_says_so(viewer):
+    # Saved with target cell and ovalocyte; then target cell was removed and ovalocyte renamed
+    # target cell: the head's own "target cell" is another class than the list's.
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    classes = widget.class_list
+    head = CellClassifier(["target cell", "ovalocyte"])
+    head.class_ids = {name: classes.id_of(name) for name in head.classes}
+    classes.remove("target cell")
+    classes.table.item(classes.classes.index("ovalocyte"), NAME).setText("target cell")
+    assert widget._carry_renames(head) == [
+        "its classes keep their saved names, since 'ovalocyte' is called 'target cell' now, a name the head also has"]
+    assert head.classes == ["target cell", "ovalocyte"]

@@ -59,3 +59,16 @@ def test_a_name_that_is_empty_or_taken_is_undone_and_says_why(qtbot):
     assert said == ["There is already a class 'normal'; 'macrocyte' keeps its name.",
                     "A class needs a name; 'macrocyte' keeps its name."]
     assert renamed == []
+
+
+def test_a_class_added_with_an_id_another_class_holds_gets_its_own(qtbot):
+    # A saved head's class whose id now belongs to another class (removed, its id's class
+    # renamed to the removed one's name): two classes must not share an id, or a rename of one
+    # would be carried to the other.
+    classes = ClassList()
+    qtbot.addWidget(classes)
+    normal = classes.id_of("normal")
+    classes.add_class("discocyte", class_id=normal)
+    assert classes.name_of(normal) == "normal" and classes.id_of("discocyte") not in (None, normal)
+    classes.add_class("echinocyte", class_id="an id of a head saved in another session")
+    assert classes.id_of("echinocyte") == "an id of a head saved in another session"

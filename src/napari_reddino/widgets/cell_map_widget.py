@@ -694,7 +694,8 @@ class CellMapWidget(JobWidget):
                 renames[old] = new
         names = [renames.get(name, name) for name in classifier.classes]
         if len(set(names)) < len(names):  # a new name is still another class's name in the head
-            return []
+            clashes = [f"{old!r} is called {new!r} now" for old, new in renames.items() if new in classifier.classes]
+            return [f"its classes keep their saved names, since {' and '.join(clashes)}, a name the head also has"]
         classifier.rename_classes(renames)
         return [f"its {old!r} is {new!r} now" for old, new in renames.items()]
 

@@ -132,12 +132,15 @@ class ClassList(QWidget):
 
     def add_class(self, name: str, colour: str | None = None, class_id: str | None = None) -> None:
         """Add ``name`` at the end (nothing if it is there); without ``colour``, the first of
-        :data:`NEW_CLASS_COLOURS` no class has yet; without ``class_id``, a new id."""
+        :data:`NEW_CLASS_COLOURS` no class has yet; without ``class_id`` (or with one another
+        class holds: ids name one class each), a new id."""
         if name in self.classes:
             return
         if colour is None:
             taken = set(self.hex_colours.values())
             colour = next((c for c in NEW_CLASS_COLOURS if c not in taken), "#999999")
+        if not class_id or self.name_of(class_id) is not None:
+            class_id = uuid.uuid4().hex
         self.table.blockSignals(True)
         row = self.table.rowCount()
         self.table.insertRow(row)
@@ -146,7 +149,7 @@ class ClassList(QWidget):
         key.setBackground(QColor(colour))
         self.table.setItem(row, KEY, key)
         item = QTableWidgetItem(name)
-        item.setData(Qt.ItemDataRole.UserRole, class_id or uuid.uuid4().hex)
+        item.setData(Qt.ItemDataRole.UserRole, class_id)
         self.table.setItem(row, NAME, item)
         self._names.append(name)
         for column in (LABELLED, PREDICTED):
