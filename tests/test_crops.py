@@ -16,6 +16,8 @@ from napari_reddino.crops import (
     cell_windows,
     smear_home,
 )
+from napari_reddino.image_input import LabelsInputError
+from napari_reddino.measurements import measure_cells
 
 BACKGROUND = (200, 190, 210)
 CELL = (150, 40, 90)
@@ -149,12 +151,14 @@ def test_grayscale_rgba_uint16_and_float_images_give_the_same_crops():
 
 def test_labels_of_another_shape_or_type_are_refused():
     image, labels = smear({1: ((40, 60), 10, CELL)})
-    with pytest.raises(CropInputError, match=r"labels have shape \(100, 119\) but the image is \(100, 120\)"):
+    with pytest.raises(LabelsInputError, match=r"labels have shape \(100, 119\) but the image is \(100, 120\)"):
         cell_crops(image, labels[:, 1:])
-    with pytest.raises(CropInputError, match="integers"):
+    with pytest.raises(LabelsInputError, match="integers"):
         cell_crops(image, labels.astype(float))
-    with pytest.raises(CropInputError, match=r"Label ids go up to 1,000,000,000 in a 100x120 image; number"):
+    with pytest.raises(LabelsInputError, match=r"Label ids go up to 1,000,000,000 in a 100x120 image; number"):
         cell_crops(image, np.where(labels > 0, 10**9, 0))
+    with pytest.raises(LabelsInputError, match="negative"):  # measuring the cells refuses the same labels
+        measure_cells(np.where(labels > 0, -1, 0), image)
     with pytest.raises(CropInputError, match="Unknown crop mode"):
         cell_crops(image, labels, mode="cutout")
     with pytest.raises(CropInputError, match="margin"):

@@ -13,6 +13,7 @@ from skimage.io import imread
 
 from napari_reddino import segment_cells
 from napari_reddino.crops import CropInputError, cell_crops
+from napari_reddino.image_input import LabelsInputError
 from napari_reddino.embedding import EmbeddingCancelled, clear_embedder_cache, load_embedder, resolve_dtype
 from napari_reddino.models import LoadedModel
 
@@ -120,7 +121,7 @@ def test_no_cells_give_an_empty_result_of_the_right_width(embedder):
 
 def test_labels_that_do_not_match_the_image_are_refused(embedder):
     image, labels = three_cells()
-    with pytest.raises(CropInputError, match="labels have shape"):
+    with pytest.raises(LabelsInputError, match="labels have shape"):
         embedder.embed(image, labels[:-1])
 
 

@@ -112,7 +112,7 @@ def test_no_cells_give_an_empty_table_with_the_columns():
 
 
 def test_labels_must_match_the_image():
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="labels have shape"):
         measure_cells(np.zeros((30, 30), np.int32), np.zeros((31, 30, 3), np.uint8))
     with pytest.raises(ValueError, match="integer"):
         measure_cells(np.zeros((30, 30), np.float32), np.zeros((30, 30, 3), np.uint8))

@@ -22,11 +22,37 @@ ACCEPTED = (
 )
 RED_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 _SAMPLE_PIXELS = 250_000
+MAX_SPARSE_LABEL = 2**24  # ids above this and the pixel count are sparse: a slot per id takes GBs
 OPAQUE_DENSITY = 1.0  # optical density of 10 % transmission: darker in every channel is not sample
 
 
 class ImageInputError(ValueError):
     """The array cannot be read as a smear; the message says what is accepted."""
+
+
+class LabelsInputError(ImageInputError):
+    """The array cannot be read as the label image of this smear."""
+
+
+def check_labels(labels, image_shape: tuple[int, ...]) -> np.ndarray:
+    """``labels`` as an integer array of the image's (H, W), or :class:`LabelsInputError`."""
+    array = np.asarray(labels)
+    if array.shape != tuple(image_shape[:2]):
+        raise LabelsInputError(
+            f"The labels have shape {array.shape} but the image is {tuple(image_shape[:2])} (H, W): "
+            "they must be the label image of this smear, pixel for pixel."
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        raise LabelsInputError(f"Labels must be integers (a label image), not {array.dtype}.")
+    if array.size and array.min() < 0:
+        raise LabelsInputError("Labels must not be negative (0 is background, 1, 2, ... are cells).")
+    top = int(array.max(initial=0))
+    if top > max(array.size, MAX_SPARSE_LABEL):
+        raise LabelsInputError(
+            f"Label ids go up to {top:,} in a {array.shape[0]}x{array.shape[1]} image; number the cells "
+            "1, 2, ... first (skimage.segmentation.relabel_sequential keeps their order)."
+        )
+    return array
 
 
 def check_smear(image) -> np.ndarray:

@@ -9,22 +9,9 @@ from skimage.measure import perimeter_crofton
 from skimage.segmentation import find_boundaries
 
 from .cell_separation import convex_corners, distance_to_background, hull_pixels
-from .image_input import check_smear, colour_planes, fit_stain_model
+from .image_input import check_labels, check_smear, colour_planes, fit_stain_model
 
 _LENGTHS_PX = ["perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px"]
-
-
-def check_labels(labels, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Validate a label image (2-D integers, optionally matching an image's height and width)."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"Labels must be a 2-D integer image; got shape {labels.shape}, dtype {labels.dtype}.")
-    if image_shape is not None and labels.shape != tuple(image_shape[:2]):
-        raise ValueError(
-            f"Labels of shape {labels.shape} do not match the image's height and width "
-            f"{tuple(image_shape[:2])}; segment this image again."
-        )
-    return labels
 
 
 def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.DataFrame:
