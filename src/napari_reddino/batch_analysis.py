@@ -9,6 +9,7 @@ No Qt, no napari.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,13 +70,14 @@ def smear_names(paths: Sequence[Path]) -> list[str]:
     def name(path: Path, depth: int) -> str:
         return path.stem if depth == 0 else "/".join(path.parts[-depth - 1:])
 
-    names = []
-    for index, path in enumerate(paths):
-        depth = 0
-        while depth < len(path.parts) - 1 and any(
-                name(other, depth) == name(path, depth) for other in paths[:index] + paths[index + 1:]):
-            depth += 1
-        names.append(name(path, depth))
+    names: list[str | None] = [None] * len(paths)
+    depth = 0
+    while None in names:  # one count per depth: a folder of 10,000 smears takes a moment, not minutes
+        seen = Counter(name(path, depth) for path in paths)
+        for index, path in enumerate(paths):
+            if names[index] is None and (seen[name(path, depth)] == 1 or depth >= len(path.parts) - 1):
+                names[index] = name(path, depth)
+        depth += 1
     return names
 
 
