@@ -418,3 +418,15 @@ def test_a_cancel_stops_every_open_smear_before_the_next(viewer, widget, qtbot):
                                    "embeddings were not changed. Stopped (cancelled) before '26'.")
     assert not [layer for layer in viewer.layers if isinstance(layer, Labels)]
     assert widget._run_button.enabled
+
+
+def test_a_smear_segmented_again_beside_its_labelled_cells_embeds_the_new_ones(viewer, widget, chula_pixels_and_cells):
+    image, labels = chula_pixels_and_cells
+    smear = viewer.add_image(image, rgb=True, name="smear")
+    labelled = viewer.add_labels(labels.copy(), name="smear cells", metadata={"source_image": "smear"})
+    again = viewer.add_labels(labels.copy(), name="smear cells [1]", metadata={"source_image": "smear"})
+    other = viewer.add_image(image[::2, ::2], rgb=True, name="other")
+    widget.reset_choices()
+    widget.image.value = other
+    widget.image.value = smear  # chosen: its cells layer is chosen with it
+    assert widget.cells.value is again and labelled in widget.cells.choices

@@ -227,7 +227,9 @@ class EmbedCellsWidget(JobWidget):
             self.cells.value = self._own_cells(image) or SEGMENT_FIRST
 
     def _own_cells(self, image: Image) -> Labels | None:
-        for layer in self._viewer.layers:
+        """The smear's topmost cells layer: its newest segmentation (a smear segmented again
+        while its cells carry labels keeps the labelled layer below the new one)."""
+        for layer in reversed(self._viewer.layers):
             if isinstance(layer, Labels) and (
                 layer.metadata.get("source_image") == image.name or layer.name == f"{image.name} cells"
             ):
