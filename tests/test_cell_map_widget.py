@@ -459,11 +459,21 @@ def test_a_closed_map_panel_takes_its_colours_and_keys_and_a_new_one_finds_the_c
     assert "label eraser" in cells.help  # napari's own keys are back
     assert (cells.features["manual_label"] == "crenated").sum() == 3  # the work stays on the cells
 
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    widget.train()
+    assert cells.metadata["predicted_classes"] == widget.classifier.classes
+    viewer.window.remove_dock_widget(dock)  # as its close button does
+    # A class of that head that no cell carries is in no list of the next panel, yet its
+    # probabilities go with the head: the layer remembers which head predicted it.
+    cells.features = cells.features.assign(p_retired=0.0)
+    cells.metadata["predicted_classes"].append("retired")
     _, reopened = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
     compute_map(reopened, qtbot)
-    assert "crenated" in reopened.class_list.classes
+    assert "crenated" in reopened.class_list.classes and "retired" not in reopened.class_list.classes
     reopened.train()
     assert reopened.status.value.startswith("Head trained on 6 labelled cells")
+    assert sorted(c for c in cells.features if c.startswith("p_")) == ["p_crenated", "p_normal"]
 
 
 def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  # noqa: F811

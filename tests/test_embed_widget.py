@@ -345,14 +345,16 @@ def test_labels_changed_during_the_run_are_not_given_the_old_table(viewer, widge
     widget.cells.value = cells
     resegmented = pd.DataFrame({"label": [1], "note": ["the new segmentation's"]})
 
+    on_progress = widget._on_progress
+
     def segment_again(item) -> None:  # what Segment cells does to the layer while the embedding runs
         if not isinstance(item, tuple):  # the model is loaded: the embedding starts
             cells.data = np.where(labels == 1, 1, 0).astype(labels.dtype)
             cells.features = resegmented
+        on_progress(item)
 
-    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
-        widget.run()
-        widget._worker.yielded.connect(segment_again)
+    widget._on_progress = segment_again  # the worker's reports reach it from the start
+    run(widget, qtbot)
     assert list(cells.features["note"]) == ["the new segmentation's"] and embeddings_of(cells) is None
     assert widget.status.value == ("The cells of 'smear cells' changed while they were embedded; nothing was "
                                    "stored. Embed them again.")

@@ -98,6 +98,7 @@ def test_a_hub_models_key_follows_the_cached_commit(hub_cache, tmp_path):
     assert first == f"hf-hub:lab/tiny-rbc@{REVISION}"
     publish_to_cache(save_folder(tiny_vit(seed=4), tmp_path / "v2"), hub_cache, "lab/tiny-rbc", revision="b" * 40)
     assert model_key("hf_hub:lab/tiny-rbc") == f"hf-hub:lab/tiny-rbc@{'b' * 40}"
+    assert model_key("hf_hub:my lab/x") == "hf-hub:my lab/x"  # a name the Hub refuses: loading it says so
 
 
 def test_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):

@@ -69,10 +69,10 @@ def fingerprint(image, labels_hash: str, model: str | os.PathLike, *, mode: str,
     """A digest of everything the embeddings of some labels in ``image`` with ``model`` depend on.
 
     The labels come as their :func:`labels_digest` (``labels_hash``), which the run records too:
-    they are hashed once.
+    they are hashed once. ``image`` may come as its :func:`image_digest` too.
     """
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(image_digest(image).encode())
+    digest.update((image if isinstance(image, str) else image_digest(image)).encode())
     digest.update(labels_hash.encode())
     digest.update(repr((model_key(model), mode, scale, float(margin))).encode())
     return digest.hexdigest()

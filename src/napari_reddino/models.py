@@ -154,7 +154,10 @@ def cached_hub_revision(model: str | os.PathLike) -> str | None:
     if not (hub := hub_id(model)):
         return None
     repo_id, _, revision = hub.partition("@")
-    config = _cached(repo_id, CONFIG_FILE, revision or None, HubSettings.from_environment())
+    try:
+        config = _cached(repo_id, CONFIG_FILE, revision or None, HubSettings.from_environment())
+    except ValueError:  # a name the Hub refuses ("my org/x"); loading it says so
+        return None
     return config.parent.name if config is not None else None
 
 

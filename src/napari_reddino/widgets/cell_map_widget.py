@@ -74,6 +74,7 @@ MIN_WIDTH, CLASS_TABLE_MIN_HEIGHT = 420, 260  # px: room for the map and seven c
 SMEAR_TABLE_MIN_HEIGHT = 280  # px: the five measures and three classes
 SMEAR_TABLE_DELAY_MS = 250
 MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size
+PREDICTED_CLASSES = "predicted_classes"  # cells layer metadata: the classes of the head that predicted its cells
 
 
 @job_worker
@@ -542,7 +543,7 @@ class CellMapWidget(JobWidget):
         self._replace_class(name, UNLABELLED, ("manual_label",))
         for cells in predicted:
             table = cells.features
-            cells.features = table.drop(columns=[*self._probability_columns(table),
+            cells.features = table.drop(columns=[*self._probability_columns(cells),
                                                  *({"predicted_class", "prediction_probability"} & set(table))])
         if head:
             self.classifier, self._review, self._uncertain = None, [], np.zeros(0, dtype=int)
@@ -550,10 +551,13 @@ class CellMapWidget(JobWidget):
         self.colour_by.reset_choices()
         self.status.value = f"Class {name!r} removed" + (f"; {'; '.join(did)}." if did else ".")
 
-    def _probability_columns(self, table: pd.DataFrame, classes=None) -> list[str]:
-        """The ``p_<class>`` columns of ``table`` for ``classes`` (default: the class list's); a
-        layer's own column that happens to begin with ``p_`` is not one of them."""
-        return list(dict.fromkeys(c for c in (f"p_{name}" for name in classes or self.class_list.classes) if c in table))
+    def _probability_columns(self, cells: Labels) -> list[str]:
+        """The ``p_<class>`` columns of a cells layer: of the classes of the list, of the head, and
+        of the head that last predicted its cells (in an earlier panel, perhaps); a layer's own
+        column that happens to begin with ``p_`` is not one of them."""
+        classes = [*self.class_list.classes, *(self.classifier.classes if self.classifier else []),
+                   *cells.metadata.get(PREDICTED_CLASSES, [])]
+        return [column for column in dict.fromkeys(f"p_{name}" for name in classes) if column in cells.features]
 
     def train(self) -> None:
         """Fit the linear head on the labelled cells and predict every cell of the map."""
@@ -585,12 +589,12 @@ class CellMapWidget(JobWidget):
         Review visits the ``unlike`` cells (beyond a saved head's reach, on a smear it warned of)
         first: their probabilities look sure and are not.
         """
-        stale_classes = [*self.class_list.classes, *(self.classifier.classes if self.classifier else [])]
-        self.classifier = classifier
         for cells in pool.layers:
-            stale = self._probability_columns(cells.features, stale_classes)
+            stale = self._probability_columns(cells)
             if stale:
                 cells.features = cells.features.drop(columns=stale)
+            cells.metadata[PREDICTED_CLASSES] = list(classifier.classes)
+        self.classifier = classifier
         predictions = prediction_table(classifier.classes, proba)
         pool.write("predicted_class", predictions.pop("predicted_class").to_numpy())
         pool.write_columns({name: column.to_numpy() for name, column in predictions.items()}, empty=np.nan)
@@ -713,7 +717,7 @@ class CellMapWidget(JobWidget):
         summary = summary_path(path) if self.with_summary.value else None
         # An earlier export's embeddings or summary beside the new table would not match it.
         stale = [file for file, written in ((path.with_suffix(".npz"), embeddings), (summary_path(path), summary))
-                 if written is None and file.exists()]
+                 if written is None and file != path and file.exists()]
         existing = [file for file in (path, embeddings, summary) if file is not None and file.exists()] + stale
         if existing and not self._confirm_overwrite(existing):
             return None
@@ -731,9 +735,14 @@ class CellMapWidget(JobWidget):
         if unclassified:
             with_summary += (f" (class shares left empty: {counted(unclassified, 'whole cell')} without a class "
                              "yet; train or apply a head)")
+        removed = ""
         for file in stale:
-            file.unlink(missing_ok=True)
-        removed = f"; removed the earlier export's {' and '.join(f.name for f in stale)}" if stale else ""
+            try:
+                file.unlink(missing_ok=True)
+                removed += f"; removed the earlier export's {file.name}"
+            except OSError as error:  # held open elsewhere (Windows): the new table is written all the same
+                removed += f"; the earlier export's {file.name} could not be removed ({error.strerror or error}) " \
+                           "and does not match it"
         self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}{removed}."
         return written
 

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import QComboBox, QFileDialog
 from ..cell_embeddings import (
     embeddings_of,
     fingerprint,
+    image_digest,
     labels_digest,
     store_run,
     stored_fingerprint,
@@ -58,7 +59,7 @@ class _EmbedJob:
     cells: Labels
     model: str
     crops: dict  # mode, scale and margin, as Embedder.embed takes them
-    fingerprint: str
+    image_digest: str
     segmented: bool = False  # the cells layer was made by this run ("segment first")
     labels_digest: str | None = None  # of the labels as embedded (painting during the run changes the layer's)
 
@@ -84,18 +85,21 @@ class _LoadFailure:
 
 @job_worker
 def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, crops: dict,
-                    measured: bool, pixel_size_um: float | None):
+                    measured: bool, pixel_size_um: float | None, digests: tuple[str, str]):
     """Yields the loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(ids, embeddings,
-    table)``, ``table`` the cells' measurements unless the layer's table was ``measured`` on these
-    very labels (else they were made by another tool, or painted since), then None."""
+    table, fingerprint)``, ``table`` the cells' measurements unless the layer's table was
+    ``measured`` on these very labels (else they were made by another tool, or painted since),
+    then None; ``fingerprint`` of the image and labels ``digests`` with the model as loaded (a
+    Hub model downloaded now is known by its commit only from now on)."""
     try:
         embedder = load_embedder(model, device=device)
     except (ModelLoadError, DeviceError) as error:  # said to the user plainly, without a traceback
         return _LoadFailure(str(error))
+    loaded = fingerprint(*digests, model, **crops)
     yield embedder
     ids, embeddings = yield from embedder.embed_steps(pixels, labels, **crops)
     table = None if measured else measure_cells(labels, pixels, pixel_size_um=pixel_size_um)
-    return ids, embeddings, table
+    return ids, embeddings, table, loaded
 
 
 def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
@@ -356,9 +360,9 @@ class EmbedCellsWidget(JobWidget):
             return
         model = self.model_name
         crops = {"mode": self.crop_mode.value, "scale": self.crop_scale.value, "margin": float(self.margin.value)}
-        digest = labels_digest(labels)
+        digest, image_hash = labels_digest(labels), image_digest(pixels)
         try:
-            current = fingerprint(pixels, digest, model, **crops)
+            current = fingerprint(image_hash, digest, model, **crops)
         except OSError as error:
             if self._batch is not None:
                 self._batch.stopped = "the model cannot be read"
@@ -374,11 +378,12 @@ class EmbedCellsWidget(JobWidget):
             )
             return
         labels = labels.copy()  # painting during the run must not change what is embedded
-        self._embed_job = _EmbedJob(cells, model, crops, current, segmented, digest)
+        self._embed_job = _EmbedJob(cells, model, crops, image_hash, segmented, digest)
         self.status.value = f"Loading {model}…"
-        measured = cells.metadata.get(MEASURED_LABELS) == digest
+        measured = cells.metadata.get(MEASURED_LABELS) == digest and "label" in cells.features
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
-        self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size)
+        self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size,
+                    (image_hash, digest))
 
     def _on_progress(self, item) -> None:
         if isinstance(item, Embedder):  # loaded: the embedding starts now
@@ -436,7 +441,7 @@ class EmbedCellsWidget(JobWidget):
         self._embed(image, pixels, cells, segmented=True)
 
     def _store(self, job: _EmbedJob, embedder: Embedder, ids: np.ndarray, embeddings: np.ndarray,
-               table: pd.DataFrame | None) -> None:
+               table: pd.DataFrame | None, loaded_fingerprint: str) -> None:
         if job.cells not in self._viewer.layers:
             self.status.value = f"{job.cells.name!r} was removed while its cells were embedded; nothing was stored."
             return
@@ -449,7 +454,7 @@ class EmbedCellsWidget(JobWidget):
             job.cells.metadata[MEASURED_LABELS] = job.labels_digest
         seconds = time.perf_counter() - self._embed_started
         store_run(job.cells, ids, embeddings, embedder=embedder, model=job.model, crops=job.crops,
-                  fingerprint=job.fingerprint, labels_digest=job.labels_digest)
+                  fingerprint=loaded_fingerprint, labels_digest=job.labels_digest)
         shown = Path(job.model).expanduser().name if Path(job.model).expanduser().exists() else job.model
         self.status.value = (
             f"{len(ids):,} cells embedded in {seconds:.1f} s ({len(ids) / max(seconds, 1e-9):,.0f} cells/s) "
