@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .batch_analysis import SmearAnalysis, list_smears, read_smear, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
-from .cell_export import export_cells_csv, summary_path
+from .cell_export import export_cells_csv, stale_beside, summary_path
 from .wording import counted
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
@@ -84,11 +84,10 @@ def _analyse(args: argparse.Namespace) -> int:
     _check_options(args)
     out = Path(args.out)
     table = out / "cells.csv"
-    npz = table.with_suffix(".npz")
-    embeddings = npz if args.with_embeddings else None
+    embeddings = table.with_suffix(".npz") if args.with_embeddings else None
     targets = [file for file in (table, summary_path(table), embeddings) if file is not None]
-    stale = None if embeddings else npz  # an earlier run's: it would not match the new table
-    existing = [str(file) for file in (*targets, stale) if file is not None and file.exists()]
+    stale = stale_beside(table, with_embeddings=args.with_embeddings, with_summary=True)
+    existing = [str(file) for file in (*targets, *stale) if file.exists()]
     if existing and not args.overwrite:
         raise _Refused(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "
                        "replace them, or choose another --out.")
@@ -122,9 +121,9 @@ def _analyse(args: argparse.Namespace) -> int:
         print(f"reddino-analyse: nothing written: {error}", file=sys.stderr)
         return 1
     removed = ""
-    if stale is not None and stale.exists():
-        stale.unlink()
-        removed = f"; removed the earlier run's {stale.name}, which no longer matched"
+    for file in stale:
+        file.unlink(missing_ok=True)
+        removed += f"; removed the earlier run's {file.name}, which no longer matched"
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
           f"{', '.join(str(file) for file in targets)}{removed}")
     if interrupted:

@@ -75,6 +75,14 @@ def summary_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}_summary.csv")
 
 
+def stale_beside(path: str | Path, *, with_embeddings: bool, with_summary: bool) -> list[Path]:
+    """The embeddings file and smear summary that an earlier export left beside ``path`` and this
+    one, written without them, would not replace: they would not match its table."""
+    path = Path(path)
+    earlier = ((path.with_suffix(".npz"), with_embeddings), (summary_path(path), with_summary))
+    return [file for file, written in earlier if not written and file != path and file.exists()]
+
+
 def embedding_arrays(layers: Sequence) -> dict[str, np.ndarray]:
     """``layer``, ``image``, ``label``, ``model_id`` and ``embedding`` of the embedded cells, in table order."""
     records = [(layer, embeddings_of(layer)) for layer in layers]

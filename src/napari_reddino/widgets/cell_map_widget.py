@@ -47,7 +47,7 @@ from ..cell_classifier import (
     uncertainty_order,
 )
 from ..cell_embeddings import embeddings_of, repainted_since_embedded, stored_fingerprint
-from ..cell_export import export_cells_csv, summary_path
+from ..cell_export import export_cells_csv, stale_beside, summary_path
 from ..cell_map import (
     UNLABELLED,
     PooledCells,
@@ -357,14 +357,10 @@ class CellMapWidget(JobWidget):
     def _on_cells_changed(self, event) -> None:
         self._map_is_stale(event.source.name)  # the cells layer whose data or paint event this is
 
-    def _on_cells_metadata(self, event) -> None:
+    def _on_cells_metadata(self, _event) -> None:
         """Embedded again (another model or crop setting): the map shows the old embeddings."""
-        if self.pool is None:
-            return
-        names = [cells.name for cells in self.pool.layers]  # by name: the pool may hold proxies of the layers
-        cells = event.source
-        if cells.name in names and stored_fingerprint(cells) != self.pool.fingerprints[names.index(cells.name)]:
-            self._map_is_stale(cells.name)
+        if self.pool is not None and (changed := self._changed_since_pooled(self.pool)):
+            self._map_is_stale(changed)
 
     def _map_is_stale(self, name: str) -> None:
         self.forget_map()
@@ -715,9 +711,7 @@ class CellMapWidget(JobWidget):
         path = path if path.suffix else path.with_suffix(".csv")
         embeddings = path.with_suffix(".npz") if self.with_embeddings.value else None
         summary = summary_path(path) if self.with_summary.value else None
-        # An earlier export's embeddings or summary beside the new table would not match it.
-        stale = [file for file, written in ((path.with_suffix(".npz"), embeddings), (summary_path(path), summary))
-                 if written is None and file != path and file.exists()]
+        stale = stale_beside(path, with_embeddings=embeddings is not None, with_summary=summary is not None)
         existing = [file for file in (path, embeddings, summary) if file is not None and file.exists()] + stale
         if existing and not self._confirm_overwrite(existing):
             return None

@@ -59,7 +59,6 @@ class _EmbedJob:
     cells: Labels
     model: str
     crops: dict  # mode, scale and margin, as Embedder.embed takes them
-    image_digest: str
     segmented: bool = False  # the cells layer was made by this run ("segment first")
     labels_digest: str | None = None  # of the labels as embedded (painting during the run changes the layer's)
 
@@ -378,7 +377,7 @@ class EmbedCellsWidget(JobWidget):
             )
             return
         labels = labels.copy()  # painting during the run must not change what is embedded
-        self._embed_job = _EmbedJob(cells, model, crops, image_hash, segmented, digest)
+        self._embed_job = _EmbedJob(cells, model, crops, segmented, digest)
         self.status.value = f"Loading {model}…"
         measured = cells.metadata.get(MEASURED_LABELS) == digest and "label" in cells.features
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
