@@ -60,10 +60,13 @@ def _rgb8(path: Path) -> Image.Image:
     """An image file as 8-bit RGB. 16-bit and float images are scaled by their bit depth as the
     plugin scales them: PIL's own conversion clips a 16-bit gray smear to white, and keeps only
     the high byte of 16-bit RGB (a 12-bit camera's smear comes out nearly black)."""
-    with Image.open(path) as image:
-        raw = [tile[3][0] if isinstance(tile[3], tuple) else tile[3] for tile in image.tile]  # raw modes
-        if image.mode in _EIGHT_BIT_MODES and not any("16" in str(mode) for mode in raw):
-            return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            raw = [tile[3][0] if isinstance(tile[3], tuple) else tile[3] for tile in image.tile]  # raw modes
+            if image.mode in _EIGHT_BIT_MODES and not any("16" in str(mode) for mode in raw):
+                return image.convert("RGB")
+    except Exception:  # noqa: BLE001  PIL reads fewer TIFFs (float RGB, planar) than skimage: ask it next
+        pass
     from napari_reddino.crops import as_rgb
 
     rgb = as_rgb(read_image(path))

@@ -13,9 +13,9 @@ Two kinds of sample, as PNG files in one folder per smear, ``OUT/<smear>/<n>.png
     ``<n>`` is the tile's number in row-major order.
 
 ``OUT/index.csv`` lists every sample (file, source image, label, centroid, bounding box in
-source pixels). The run is resumable: a smear is recorded in the journal ``OUT/done.txt``
-after its files and its rows (``OUT/<smear>/index.csv``) are written, a re-run skips it, and
-a smear cut short is redone from scratch. ``index.csv`` is assembled from the per-smear rows
+source pixels). The run is resumable: a smear is recorded (folder and source path) in the
+journal ``OUT/done.txt`` after its files and its rows (``OUT/<smear>/index.csv``) are
+written, a re-run skips it, and a smear cut short is redone from scratch. ``index.csv`` is assembled from the per-smear rows
 at the end of every run, interrupted or not. Files that cannot be read are skipped, listed in
 ``OUT/skipped.txt`` and retried on the next run. ``OUT/prepare.json`` keeps the settings, so
 a re-run with other settings cannot mix two kinds of sample in one folder.
@@ -24,6 +24,7 @@ a re-run with other settings cannot mix two kinds of sample in one folder.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -90,7 +91,7 @@ class PrepareReport:
 
 @dataclass(frozen=True)
 class Smear:
-    key: str  # its folder name under OUT, unique among the sources
+    key: str  # its folder name under OUT, unique in OUT
     path: Path
 
 
@@ -104,33 +105,47 @@ class Samples:
     boxes: np.ndarray  # (n, 4) min row, min col, max row, max col (max exclusive)
 
 
-def find_smears(sources: Iterable[str | os.PathLike], out: Path) -> list[Smear]:
+def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str, str] | None = None) -> list[Smear]:
     """Every image file under the sources (files count as themselves), except those in ``out``.
 
-    A smear's key is its file stem; stems found more than once are made unique with the
-    source folder's name and the path below it.
+    A smear's key is its file stem, or, when another smear has that stem already (in this run
+    or in ``done``, the journal's key -> source path), the stem and a hash of its path. A smear
+    in ``done`` keeps its key, so listing other sources on a later run changes no key.
     """
-    found: list[tuple[Path, Path]] = []  # (source root, file)
+    paths: list[Path] = []
     out = out.resolve()
     for source in map(Path, sources):
         if source.is_file():
-            found.append((source.parent, source))
+            paths.append(source)
             continue
         try:
             images = find_images(source)
         except EmptyDatasetError as error:
             raise PrepareError(str(error)) from None
-        found += [(source, path) for path in images if out not in path.resolve().parents]
-    if not found:
+        paths += [path for path in images if out not in path.resolve().parents]
+    if not paths:
         raise PrepareError("no smear images in the sources")
-    stems = [path.stem for _, path in found]
-    smears = []
-    for root, path in found:
-        key = path.stem
-        if stems.count(key) > 1:
-            key = "__".join((root.resolve().name, *path.relative_to(root).parts)).replace(".", "_")
-        smears.append(Smear(key, path))
+    done = done or {}
+    keys = {source: key for key, source in done.items() if source}  # resolved path -> key
+    taken, seen, smears = set(keys.values()), set(), []
+    for path in paths:
+        source = str(path.resolve())
+        if source in seen:
+            continue  # listed twice
+        seen.add(source)
+        if source not in keys:
+            keys[source] = _new_key(path.stem, source, done, taken)
+            taken.add(keys[source])
+        smears.append(Smear(keys[source], path))
     return smears
+
+
+def _new_key(stem: str, source: str, done: dict[str, str], taken: set[str]) -> str:
+    """The stem, unless another smear has it: then the stem and a hash of the resolved path."""
+    # a journal written before sources were recorded names its smears by stem alone
+    if stem not in taken and done.get(stem, "") == "":
+        return stem
+    return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
 
 
 def prepare(
@@ -142,10 +157,10 @@ def prepare(
 ) -> PrepareReport:
     """Write the training set of ``sources`` to ``out`` (resuming a previous run there)."""
     out = Path(out)
-    smears = find_smears(sources, out)  # before anything is written: a failed start leaves no settings behind
+    done = _read_journal(out)
+    smears = find_smears(sources, out, done)  # before anything is written: a failed start leaves no settings behind
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, settings)
-    done = _read_journal(out)
     report = PrepareReport()
     cut = _cell_samples if settings.mode == "cells" else _patch_samples
     try:
@@ -161,8 +176,8 @@ def prepare(
                     report.skipped.append((smear.path, " ".join(str(error).split())))  # one line per file
                     continue
                 _write_smear(out, smear, samples)
-                done.append(smear.key)
-                write_atomic(out / JOURNAL_NAME, "".join(f"{key}\n" for key in done))
+                done[smear.key] = str(smear.path.resolve())  # a smear redone keeps its place
+                write_atomic(out / JOURNAL_NAME, "".join(f"{key}\t{source}\n" for key, source in done.items()))
                 report.written.append(smear.key)
                 report.samples_written += len(samples.names)
                 bar.set_postfix(samples=report.samples_written, skipped=len(report.skipped))
@@ -266,7 +281,7 @@ def _csv_text(rows: list[dict]) -> str:
     return text.getvalue()
 
 
-def _write_index(out: Path, done: list[str]) -> int:
+def _write_index(out: Path, done: dict[str, str]) -> int:
     """``out/index.csv``: the rows of every finished smear, in journal order; returns their number."""
     lines = [",".join(INDEX_COLUMNS) + "\n"]
     for key in done:
@@ -277,9 +292,11 @@ def _write_index(out: Path, done: list[str]) -> int:
     return len(lines) - 1
 
 
-def _read_journal(out: Path) -> list[str]:
+def _read_journal(out: Path) -> dict[str, str]:
+    """Finished smears, key -> resolved source path ("" in a journal from before sources were kept)."""
     path = out / JOURNAL_NAME
-    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []  # names may hold spaces
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []  # names may hold spaces
+    return dict(line.partition("\t")[::2] for line in lines)
 
 
 def _check_settings(out: Path, settings: PrepareSettings) -> None:

@@ -35,7 +35,7 @@ from .config import (
     config_to_dict,
     save_config,
 )
-from .data import ImageFolder, ResumableSampler, collate_crops
+from .data import EmptyDatasetError, ImageFolder, ResumableSampler, collate_crops
 from .distributed import (
     all_gather_objects,
     all_reduce,
@@ -117,9 +117,7 @@ class Trainer:
         self.cfg, self.out, self.device = cfg, out, device
         self.rank, self.world_size = rank(), world_size()
         out.mkdir(parents=True, exist_ok=True)
-        self.dataset = ImageFolder(data_dir, make_multicrop(cfg.crops))
-        _same_on_every_rank("the number of training images", len(self.dataset),
-                            "is the data folder still being filled, or different on each node?")
+        self.dataset = _images_on_every_rank(data_dir, make_multicrop(cfg.crops))
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.student = build_student(cfg).to(device)
         # "auto" times a product on each rank; one precision for all (bf16 only where all chose it)
@@ -304,6 +302,22 @@ class Trainer:
 
 class RanksDisagreeError(RuntimeError):
     """The processes of a distributed run see different data or output folders."""
+
+
+def _images_on_every_rank(data_dir: Path, transform) -> ImageFolder:
+    """The training images, or :class:`EmptyDatasetError` on every rank when any rank has none
+    (that rank alone failing would leave the others waiting for it until the timeout)."""
+    try:
+        dataset, problem = ImageFolder(data_dir, transform), None
+    except EmptyDatasetError as error:
+        dataset, problem = None, str(error)
+    problems = all_gather_objects(problem)
+    failed = [f"rank {index}: {text}" if len(problems) > 1 else text for index, text in enumerate(problems) if text]
+    if failed:
+        raise EmptyDatasetError("; ".join(failed))
+    _same_on_every_rank("the number of training images", len(dataset),
+                        "is the data folder still being filled, or different on each node?")
+    return dataset
 
 
 def _same_on_every_rank(what: str, value, hint: str):

@@ -3,7 +3,7 @@ need a separate process (torchrun, signals).
 
 usage: fit_and_checksum.py DATA_DIR OUT_DIR MAX_STEPS [KEY=VALUE ...]
 
-``{rank}`` in OUT_DIR becomes the rank, as when each node writes to its own disk.
+``{rank}`` in DATA_DIR or OUT_DIR becomes the rank, as when each node has its own disk.
 """
 
 import hashlib
@@ -31,7 +31,7 @@ def checksum(module: torch.nn.Module) -> str:
 if __name__ == "__main__":
     data_dir, out_dir, max_steps, *overrides = sys.argv[1:]
     rank = os.environ.get("RANK", "0")
-    out_dir = out_dir.format(rank=rank)
+    data_dir, out_dir = data_dir.format(rank=rank), out_dir.format(rank=rank)
     torch.set_num_threads(1)
     result = fit(load_config("tiny", overrides), data_dir, out_dir, max_steps=int(max_steps))
     summary = {

@@ -14,7 +14,6 @@ from reddino_train.cli import main
 from reddino_train.prepare import (
     PrepareError,
     PrepareSettings,
-    find_smears,
     prepare,
     read_index,
 )
@@ -57,7 +56,8 @@ def test_cells_become_crops_listed_in_the_index(prepared, sources):
         top, left, bottom, right = (int(row[key]) for key in ("bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"))
         assert 0 < top < bottom < height and 0 < left < right < width  # border cells left out
         assert top <= float(row["centroid_y"]) < bottom and left <= float(row["centroid_x"]) < right
-    assert (out / "done.txt").read_text().split() == ["1", "image-1"]
+    journal = [line.split("\t") for line in (out / "done.txt").read_text().splitlines()]
+    assert journal == [["1", str((sources / "1.jpg").resolve())], ["image-1", str((sources / "image-1.png").resolve())]]
 
 
 def test_the_crop_shows_its_cell(prepared):
@@ -149,12 +149,60 @@ def test_patches_tile_the_smear(sources, tmp_path):
         assert np.array_equal(np.asarray(tile), np.asarray(smear)[0:200, 200:400])
 
 
-def test_same_stems_in_two_folders_get_distinct_folders(tmp_path):
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "1.jpg").write_bytes(b"")
-    keys = [smear.key for smear in find_smears([tmp_path / "a", tmp_path / "b"], tmp_path / "out")]
-    assert keys == ["a__1_jpg", "b__1_jpg"]
+PATCHES = PrepareSettings(mode="patches", patch_size=200)  # no segmentation: quick
+
+
+def _smear_copies(tmp_path, *relative: str) -> list[Path]:
+    paths = [tmp_path / name for name in relative]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DATA / "chula_rbc12" / "1.jpg", path)
+    return paths
+
+
+def _sources_in_index(out) -> list[str]:
+    return [row["source"] for row in read_index(out)]
+
+
+def test_same_stems_in_folders_of_the_same_name_are_both_prepared(tmp_path):
+    first, second = _smear_copies(tmp_path, "lab1/images/1.jpg", "lab2/images/1.jpg")
+    out = tmp_path / "out"
+    report = prepare([first.parent, second.parent], out, PATCHES, progress=False)
+    assert len(report.written) == 2 and report.already_done == [] and report.written[0] == "1"
+    assert sorted(set(_sources_in_index(out))) == [str(first), str(second)]
+    assert report.samples_total == 2 * 6
+
+
+def test_a_later_run_with_another_source_keeps_the_keys_and_rows(tmp_path):
+    first, second = _smear_copies(tmp_path, "a/1.jpg", "b/1.jpg")
+    out = tmp_path / "out"
+    prepare([first.parent], out, PATCHES, progress=False)
+    report = prepare([first.parent, second.parent], out, PATCHES, progress=False)
+    assert report.already_done == ["1"] and len(report.written) == 1 and report.written[0].startswith("1-")
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == sorted(["1", report.written[0]])
+    assert sorted(_sources_in_index(out)) == sorted([str(first)] * 6 + [str(second)] * 6)
+    # and the other way round: the smear already done under the stem keeps it
+    again = prepare([second.parent, first.parent], out, PATCHES, progress=False)
+    assert again.written == [] and sorted(again.already_done) == sorted(["1", report.written[0]])
+
+
+def test_a_smear_whose_folder_was_removed_is_redone_once(tmp_path):
+    (smear,) = _smear_copies(tmp_path, "src/1.jpg")
+    out = tmp_path / "out"
+    prepare([smear], out, PATCHES, progress=False)
+    shutil.rmtree(out / "1")
+    report = prepare([smear], out, PATCHES, progress=False)
+    assert report.written == ["1"] and report.samples_total == 6
+    assert (out / "done.txt").read_text().splitlines() == [f"1\t{smear.resolve()}"]
+    assert prepare([smear, smear.parent], out, PATCHES, progress=False).samples_total == 6  # listed twice: once
+
+
+def test_a_journal_from_before_sources_were_kept_still_counts(tmp_path):
+    (smear,) = _smear_copies(tmp_path, "src/1.jpg")
+    out = tmp_path / "out"
+    prepare([smear], out, PATCHES, progress=False)
+    (out / "done.txt").write_text("1\n")
+    assert prepare([smear], out, PATCHES, progress=False).already_done == ["1"]
 
 
 def test_cli_prepares_resumes_and_reports(sources, tmp_path, capsys):

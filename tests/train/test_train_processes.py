@@ -114,6 +114,14 @@ def test_ranks_that_see_different_checkpoints_stop_together_saying_why(smear_ima
     assert not (tmp_path / "rank1" / "checkpoint.pt").exists()
 
 
+def test_a_data_folder_missing_on_one_node_stops_every_rank_saying_which(smear_images, tmp_path):
+    (tmp_path / "data0").symlink_to(smear_images)  # rank 0's images; rank 1's folder, data1, is missing
+    finished = torchrun_fit(f"{tmp_path}/data{{rank}}", tmp_path / "out", 1, check=False)
+    assert finished.returncode != 0
+    assert f"rank 1: data folder {tmp_path}/data1 does not exist" in finished.stderr
+    assert "rank 0:" not in finished.stderr  # rank 0 has its images and says so by silence
+
+
 def test_the_cli_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(smear_images, tmp_path):
     command = [sys.executable, "-c", "import sys; from reddino_train.cli import main; sys.exit(main(sys.argv[1:]))",
                "fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "optim.epochs=200"]
