@@ -120,8 +120,15 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
     assert len(read(out / "cells_summary.csv")) == 2
     assert not (out / "cells.npz").exists()
     assert "removed the earlier run's cells.npz, which no longer matched" in capsys.readouterr().out
+    (out / "cells_summary.csv").unlink()
+    (out / "cells_summary.csv").mkdir()  # cannot be replaced by a file
+    assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 1
+    assert ("only partly written: cells.csv was written, but cells_summary.csv could not be replaced"
+            in capsys.readouterr().err)
+    (out / "cells_summary.csv").rmdir()
 
     other = tmp_path / "other"
+    (tmp_path / "empty").mkdir()
     refusals = [
         ([str(smears), "--out", str(other), "--measure-only", "--head", "h"], "cannot take --head"),
         ([str(smears), "--out", str(other), "--measure-only", "--model", "reddino-base", "--device", "cpu"],
@@ -129,6 +136,8 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
         ([str(smears), "--out", str(other), "--model", str(tiny_folder[1])], "nothing it computes would be written"),
         ([str(smears), "--out", str(other), "--measure-only", "--pixel-size-um", "0"], "between 0.01 and 10"),
         ([str(tmp_path / "nothing.jpg"), "--out", str(other), "--measure-only"], "no such file"),
+        ([str(smears), str(tmp_path / "empty"), "--out", str(other), "--measure-only"],
+         f"no images (png, jpg, jpeg, tif, tiff) in {tmp_path / 'empty'}"),
         ([str(smears), "--out", str(other), "--model", "reddino-tiny", "--with-embeddings"],
          "cannot load the model 'reddino-tiny'"),
         ([str(smears), "--out", str(out / "cells.csv"), "--measure-only"], "cannot make the output folder"),
@@ -164,6 +173,7 @@ def test_smears_are_listed_and_named_as_napari_names_their_layers(tmp_path):
     assert [path.relative_to(tmp_path).as_posix() for path in found] == [
         "a/1.jpg", "b/1.JPG", "b/2.tif", "c/x/3.png", "d/x/3.jpg", "d/x/3.png"]  # hidden ._ files left out
     assert smear_names(found) == ["a/1.jpg", "b/1.JPG", "2", "c/x/3.png", "x/3.jpg", "d/x/3.png"]
+    assert smear_names([Path("1.jpg"), Path("1.png"), Path("2.png")]) == ["1.jpg", "1.png", "2"]  # run in the folder
 
 
 def test_the_console_command_is_installed():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -173,6 +175,21 @@ def test_a_second_file_that_cannot_be_replaced_is_named_with_the_one_that_was(tm
                          overwrite=True)
     assert len(pd.read_csv(csv)) == len(smear_table) and npz.read_bytes() == b"locked by another program"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.csv", "cells.npz"]  # no temporary left
+
+
+def test_a_file_system_that_refuses_to_sync_folders_still_gets_every_file(tmp_path, smear_table, monkeypatch):
+    csv = tmp_path / "cells.csv"
+    csv.write_text("yesterday's")
+    fsync = os.fsync
+
+    def refuse_folders(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refuse_folders)
+    export_cells_csv(csv, analysed_layer(smear_table), summary_path=summary_path(csv), overwrite=True)
+    assert len(pd.read_csv(csv)) == len(smear_table) and len(pd.read_csv(summary_path(csv))) == 1
 
 
 def test_two_layers_of_one_smear_keep_their_cells_apart_by_layer(tmp_path, smear_table):

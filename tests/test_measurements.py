@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from skimage.draw import disk, ellipse
 from skimage.io import imread
@@ -109,6 +110,10 @@ def test_no_cells_give_an_empty_table_with_the_columns():
     table = measure_cells(np.zeros((30, 30), np.int32), np.full((30, 30, 3), 200, np.uint8))
     assert table.empty
     assert {"label", "index", "area_px", "central_pallor", "touches_border"} <= set(table.columns)
+    labels = np.zeros((30, 30), np.int32)
+    labels[disk((15, 15), 5)] = 1
+    stacked = pd.concat([table, measure_cells(labels, painted(labels))])  # as an export stacks its smears
+    assert all(stacked[f"bbox_{corner}"].dtype == np.int64 for corner in ("min_y", "min_x", "max_y", "max_x"))
 
 
 def test_labels_must_match_the_image():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .atomic_files import PartlyWrittenError
 from .batch_analysis import SmearAnalysis, list_smears, read_smear, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every cell gets a predicted class and its probabilities, the summary class counts and %%")
     parser.add_argument("--measure-only", action="store_true", help="segment and measure only; no model")
     parser.add_argument("--device", help="auto (CUDA, then MPS, then CPU; the default), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--pixel-size-um", type=float, metavar="UM", help="µm per pixel, for sizes in µm")
+    parser.add_argument("--pixel-size-um", type=float, metavar="UM", help="µm per pixel: sizes in µm too, and "
+                        "the segmentation expects cells of 7.5 µm instead of estimating their size per smear")
     parser.add_argument("--with-embeddings", action="store_true", help="also write the embeddings to DIR/cells.npz")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in DIR")
     return parser
@@ -93,8 +95,12 @@ def _analyse(args: argparse.Namespace) -> int:
                        "replace them, or choose another --out.")
     smears = list_smears(args.smears)
     missing = [str(path) for path in smears if not path.is_file()]
-    if missing or not smears:
-        raise _Refused(f"no such file: {', '.join(missing)}" if missing else f"no images in {', '.join(args.smears)}")
+    if missing:
+        raise _Refused(f"no such file: {', '.join(missing)}")
+    found_in = {folder for path in smears for folder in path.resolve().parents}
+    empty = [source for source in args.smears if Path(source).is_dir() and Path(source).resolve() not in found_in]
+    if empty:  # a day's smears would be missing from the report without a word
+        raise _Refused(f"no images (png, jpg, jpeg, tif, tiff) in {', '.join(empty)}")
     analysis = _analysis(args)
     try:  # said now, not after hours of smears
         out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +123,9 @@ def _analyse(args: argparse.Namespace) -> int:
     try:
         export_cells_csv(table, done, embeddings_path=embeddings, summary_path=summary_path(table), classes=classes,
                          overwrite=args.overwrite)
+    except PartlyWrittenError as error:
+        print(f"reddino-analyse: only partly written: {error}; run it again with --overwrite", file=sys.stderr)
+        return 1
     except OSError as error:  # FileExistsError: written by someone else meanwhile
         print(f"reddino-analyse: nothing written: {error}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ Shared by the plugin and ``reddino_train``. Files get the permissions any new fi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
@@ -37,6 +38,7 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
 
     A failing writer leaves every target as it was (and no temporary file behind). Should a
     rename fail after others succeeded, :class:`PartlyWrittenError` names the files replaced.
+    The folders are synced once all are renamed.
     """
     staged: list[tuple[str, Path]] = []
     renamed: list[Path] = []
@@ -64,10 +66,11 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
                 raise
             staged.pop(0)
             renamed.append(target)
-            _sync_folder(target.parent)
     finally:
         for temporary, _ in staged:
             Path(temporary).unlink(missing_ok=True)
+    for folder in dict.fromkeys(target.parent for target in renamed):
+        _sync_folder(folder)
 
 
 def remove_leftovers(target: str | os.PathLike) -> list[tuple[Path, int]]:
@@ -97,11 +100,14 @@ def _prefix(target: Path) -> str:
 
 
 def _sync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX; Windows cannot open a folder for this)."""
+    """Make the renames in ``folder`` durable where the system can (POSIX; not Windows, nor
+    file systems that refuse to sync a folder). Best effort: the files are in place already, so a
+    refusal here must not be reported as a failed write."""
     if os.name != "posix":
         return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

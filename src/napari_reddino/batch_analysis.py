@@ -75,7 +75,8 @@ def smear_names(paths: Sequence[Path]) -> list[str]:
     while None in names:  # one count per depth: a folder of 10,000 smears takes a moment, not minutes
         seen = Counter(name(path, depth) for path in paths)
         for index, path in enumerate(paths):
-            if names[index] is None and (seen[name(path, depth)] == 1 or depth >= len(path.parts) - 1):
+            # the whole path (depth 1 at least: depth 0 drops the suffix) tells any two apart
+            if names[index] is None and (seen[name(path, depth)] == 1 or depth >= max(len(path.parts) - 1, 1)):
                 names[index] = name(path, depth)
         depth += 1
     return names

@@ -91,7 +91,8 @@ def shape_table(labels: np.ndarray) -> pd.DataFrame:
     major_var = (mu_yy + mu_xx) / 2 + spread
     minor_var = np.maximum((mu_yy + mu_xx) / 2 - spread, 0)
     slices = ndi.find_objects(labels)
-    boxes = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in (slices[i - 1] for i in ids)]).reshape(-1, 4)
+    boxes = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in (slices[i - 1] for i in ids)],
+                     dtype=np.int64).reshape(-1, 4)  # int64 with no cells too: concatenated tables keep integer boxes
     perimeter, convex_area = np.zeros(ids.size), np.zeros(ids.size)
     for k, i in enumerate(ids):
         mask = labels[slices[i - 1]] == i
