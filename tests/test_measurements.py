@@ -87,6 +87,24 @@ def test_border_cells_are_flagged():
     assert table["touches_border"].to_dict() == {1: True, 2: False, 3: True}
 
 
+def test_cells_cut_by_a_round_field_stop_are_flagged_and_ink_within_the_field_is_not_an_edge():
+    image = imread(DATA / "chula_rbc12" / "1.jpg")
+    rows, cols = np.indices(image.shape[:2])
+    radius = 0.45 * min(image.shape[:2])
+    from_centre = np.hypot(rows - image.shape[0] / 2, cols - image.shape[1] / 2)
+    image[from_centre > radius] = 0  # the dark surround of an eyepiece photograph
+    image[243:246, 292:306] = 0  # a black ink mark inside the field, across the edge of a central cell
+    labels = segment_cells(image)
+    table = measure_cells(labels, image).set_index("label")
+    reach = np.zeros(labels.max() + 1)
+    np.maximum.at(reach, labels.ravel(), from_centre.ravel())  # how far out each cell goes
+    at_edge, inside = reach[table.index] >= radius - 1.5, reach[table.index] < radius - 3
+    assert at_edge.sum() >= 10 and table["touches_border"][at_edge].all()
+    assert not table["touches_border"][inside].any()
+    inked = labels[244, 306]
+    assert inked > 0 and inked in table.index[inside]
+
+
 def test_grayscale_images_get_a_mean_gray_column():
     labels = np.zeros((60, 60), np.int32)
     labels[disk((30, 30), 10)] = 1

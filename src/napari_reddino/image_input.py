@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from math import ceil
 
 import numpy as np
+from scipy import ndimage as ndi
 
 ACCEPTED = (
     "a 2-D smear: grayscale (H, W), RGB (H, W, 3) or RGBA (H, W, 4), "
@@ -115,6 +116,20 @@ class StainModel:
 
     def density(self, array: np.ndarray) -> np.ndarray:
         return self.combine(self.optical_densities(array))
+
+    def outside_field(self, array: np.ndarray) -> np.ndarray:
+        """Pixels beyond the field of view: not sample (see :meth:`combine`) and joined to the
+        image's edge, as a black frame or the dark surround of a round field stop is; black ink
+        within the field is not outside it."""
+        opaque = np.logical_and.reduce([plane < level / 10**OPAQUE_DENSITY
+                                        for plane, level in zip(channels(array), self.background)])
+        if not opaque.any():
+            return opaque
+        regions, count = ndi.label(opaque)
+        at_edge = np.zeros(count + 1, dtype=bool)
+        at_edge[np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]])] = True
+        at_edge[0] = False
+        return at_edge[regions]
 
     def combine(self, densities: list[np.ndarray]) -> np.ndarray:
         """Red-cell density from per-channel optical densities (see the module docstring).

@@ -21,7 +21,8 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
     centroid and bounding box (pixels; max corner exclusive), area, perimeter, equivalent
     diameter, major and minor axis, eccentricity, circularity (4 pi area / perimeter^2, 1 for a
     disc), solidity, mean colour (``mean_red/green/blue`` or ``mean_gray``), ``central_pallor``
-    and ``touches_border``. With ``pixel_size_um`` the lengths and the area are given in µm too.
+    and ``touches_border`` (cut by the image's border or the edge of the field). With
+    ``pixel_size_um`` the lengths and the area are given in µm too.
     """
     image = check_smear(image)
     labels = check_labels(labels, image.shape)
@@ -34,12 +35,9 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
     names = ["mean_gray"] if len(planes) == 1 else ["mean_red", "mean_green", "mean_blue"]
     for name, plane in zip(names, planes):
         table[name] = ndi.mean(plane, labels, ids) if ids.size else []
-    table["central_pallor"] = central_pallor(labels, fit_stain_model(image).density(image), ids)
-    height, width = labels.shape
-    table["touches_border"] = (
-        (table["bbox_min_y"] == 0) | (table["bbox_min_x"] == 0)
-        | (table["bbox_max_y"] == height) | (table["bbox_max_x"] == width)
-    )
+    stain = fit_stain_model(image)
+    table["central_pallor"] = central_pallor(labels, stain.density(image), ids)
+    table["touches_border"] = cut_by_field_edge(labels, table, stain.outside_field(image))
     if pixel_size_um is not None:
         if not pixel_size_um > 0:
             raise ValueError(f"pixel_size_um must be positive; got {pixel_size_um}.")
@@ -47,6 +45,18 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
         for column in _LENGTHS_PX:
             table[column.replace("_px", "_um")] = table[column] * pixel_size_um
     return table
+
+
+def cut_by_field_edge(labels: np.ndarray, table: pd.DataFrame, outside: np.ndarray) -> np.ndarray:
+    """Per row of ``table``: whether the image's border or the edge of the field (``outside``, a
+    black frame or the dark ring of a field stop) cuts the cell, which then shows only in part."""
+    height, width = labels.shape
+    cut = ((table["bbox_min_y"] == 0) | (table["bbox_min_x"] == 0)
+           | (table["bbox_max_y"] == height) | (table["bbox_max_x"] == width)).to_numpy()
+    if not outside.any():
+        return cut
+    beside = ndi.binary_dilation(outside) & (labels > 0)
+    return cut | np.isin(table["label"].to_numpy(), labels[beside])
 
 
 def central_pallor(labels: np.ndarray, density: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
 """One row per smear: how many red cells, how large and how varied, and what share of them
 falls in each morphology class (the numbers a smear report grades).
 
-Cells touching the image border (``touches_border``; a table without it counts every cell
-as whole) are counted in ``cells`` and left out of everything else, as a person counting at
-the microscope leaves out cut cells: they look smaller and misshapen. A cell's class is its
+Cells cut by the image border or the edge of the field (``touches_border``; a table without
+it counts every cell as whole) are counted in ``cells`` and left out of everything else, as a
+person counting at the microscope leaves out cut cells: they look smaller and misshapen. A cell's class is its
 manual label where it has one, else the head's prediction. Percentages are given only when
 every whole cell has a class (after a head predicted them all): before that they would be
 shares of the hand-picked training examples, not of the smear.
