@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from skimage.draw import disk, ellipse
+from skimage.filters import gaussian
 from skimage.io import imread
 
 from napari_reddino import measure_cells, segment_cells
@@ -76,6 +77,14 @@ def test_central_pallor_tells_a_pale_centre_from_a_full_one():
     table = measure_cells(labels, image).set_index("label")
     assert table.loc[1, "central_pallor"] > 0.4
     assert abs(table.loc[2, "central_pallor"]) < 0.05  # uniform (a spherocyte)
+
+
+@pytest.mark.parametrize("radius", [8, 12, 20])
+def test_a_uniform_cell_has_no_pallor_however_blurred_or_small(radius):
+    labels = np.zeros((80, 80), np.int32)
+    labels[disk((40, 40), radius)] = 1
+    image = gaussian(painted(labels), sigma=1.0, channel_axis=-1, preserve_range=True).astype(np.uint8)
+    assert abs(measure_cells(labels, image)["central_pallor"].iloc[0]) < 0.03
 
 
 def test_border_cells_are_flagged():

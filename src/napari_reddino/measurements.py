@@ -11,6 +11,10 @@ from skimage.segmentation import find_boundaries
 from .cell_separation import convex_corners, distance_to_background, hull_pixels
 from .image_input import check_labels, check_smear, colour_planes, fit_stain_model
 
+# Depth into the cell, as a share of its deepest point: the centre is the inner part, the rim
+# the ring where a discocyte is thickest. The outermost ring is left out of the rim: blur
+# spreads it into the slide, which made a uniformly stained cell look denser in its centre.
+CENTRE, RIM = 0.6, (0.2, 0.4)
 _LENGTHS_PX = ["perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px"]
 
 
@@ -63,7 +67,7 @@ def central_pallor(labels: np.ndarray, density: np.ndarray, ids: np.ndarray) -> 
     """1 - (stain density in a cell's centre / density in its rim), per cell.
 
     About 0 for a uniformly stained cell (spherocyte), 0.3-0.6 for a normal biconcave cell,
-    near 1 for a hypochromic ghost; negative for a target cell's dense centre. Centre and rim
+    near 1 for a hypochromic ghost; lower than normal for a target cell's dense centre. Centre and rim
     are taken from the distance to the cell's own outline, so touching cells do not mix.
     """
     if ids.size == 0:
@@ -73,9 +77,9 @@ def central_pallor(labels: np.ndarray, density: np.ndarray, ids: np.ndarray) -> 
     deepest = np.zeros(int(labels.max()) + 1)
     np.maximum.at(deepest, labels.ravel(), depth.ravel())  # ~15x faster than ndi.maximum
     relative = depth / np.maximum(deepest[labels], 1e-9)
-    centre = ndi.mean(density, np.where(relative >= 0.6, labels, 0), ids)
-    rim = ndi.mean(density, np.where((relative < 0.4) & (labels > 0), labels, 0), ids)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # a cell of a few pixels may have no rim: 0
+        centre = ndi.mean(density, np.where(relative >= CENTRE, labels, 0), ids)
+        rim = ndi.mean(density, np.where((relative >= RIM[0]) & (relative < RIM[1]), labels, 0), ids)
         pallor = 1.0 - np.asarray(centre) / np.asarray(rim)
     return np.nan_to_num(np.clip(pallor, -1.0, 1.0))
 
