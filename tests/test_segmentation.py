@@ -19,6 +19,7 @@ from napari_reddino.cell_separation import (
     distance_to_background,
     fill_enclosed_gaps,
     join_target_spots,
+    rejoin_pieces,
     separate_cells,
 )
 from napari_reddino.cell_size import DEFAULT_DIAMETER_PX, diameter_from_foreground
@@ -217,6 +218,33 @@ def test_a_faint_outline_closes_around_a_stained_pale_centre(centre_density, fou
     assert (labels[40, 40] > 0) == found
     if found:
         assert labels.max() == 1 and (labels == labels[40, 40]).sum() == pytest.approx(np.pi * 15**2, rel=0.15)
+
+
+RADIUS = 15  # px, as at working scale
+CELL_AREA = np.pi * RADIUS**2
+
+
+def _disc(labels: np.ndarray, centre: tuple[int, int], label: int, radius: float = RADIUS) -> None:
+    rows, cols = np.indices(labels.shape)
+    labels[np.hypot(rows - centre[0], cols - centre[1]) <= radius] = label
+
+
+def test_a_piece_cut_off_an_oval_is_given_back_and_neighbours_small_cells_and_border_pieces_are_not():
+    labels = np.zeros((120, 200), np.int32)
+    rows, cols = np.indices(labels.shape)
+    oval = ((rows - 60) / 19) ** 2 + ((cols - 40) / 13) ** 2 <= 1  # an ovalocyte ...
+    labels[oval] = 1
+    labels[oval & (rows > 68)] = 2  # ... with a straight cut across its lower end
+    _disc(labels, (40, 110), 3)
+    _disc(labels, (69, 110), 4)  # two round cells side by side (touching)
+    _disc(labels, (60, 170), 5, radius=0.45 * RADIUS)  # a microspherocyte beside a cell
+    _disc(labels, (60, 150), 6)
+    _disc(labels, (106, 60), 8)  # a cell the border cuts, and the clump split cut again:
+    labels[(labels == 8) & (rows > 112)] = 7  # its piece at the border may be the most of a cell
+    joined = rejoin_pieces(labels, CELL_AREA)
+    assert (joined[oval] == 1).all()  # the piece went back to its cell
+    for label in (3, 4, 5, 6, 7, 8):
+        assert np.array_equal(joined == label, labels == label)
 
 
 @pytest.mark.parametrize(("name", "minimum_f1"), [("image-1.png", 0.8), ("image-10.png", 0.9)])

@@ -53,6 +53,10 @@ BAY_MIN_AREA = 0.15  # ... of at least this many cells, inside a convex hull of 
 BAY_MAX_HULL = 1.3  # ... this many cells
 BAY_PALE_PERCENTILE = 25  # ... three quarters of which are denser than the bare slide
 GAP_IN_HULL = 0.9  # a gap open to the image border is a cut cell's pale centre when this much lies in its hull
+PIECE_AREA = 0.45  # a segment under this many cells may be a piece cut off a neighbour ...
+PIECE_CONTACT = 0.25  # ... when this share of its outline touches that neighbour
+PIECE_UNION_AREA = 1.25  # ... and together they are at most this many cells
+PIECE_SOLIDITY = 0.9  # ... and this convex
 NUCLEUS_RATIO_EXCESS = 0.4  # red/green absorbance above the smear's typical red cell
 NUCLEUS_MIN_DENSITY = 0.5  # only judge cells at least half as dense as the typical one
 
@@ -159,6 +163,7 @@ def separate_cells(smoothed: np.ndarray, thresholds: Thresholds, diameter: float
     labels = join_target_spots(labels, smoothed, thresholds, radius)
     labels = fill_stained_bays(labels, smoothed, thresholds, radius)
     labels = _drop_thin(labels, distance, MIN_HALF_WIDTH * radius)
+    labels = rejoin_pieces(labels, cell_area)
     labels = _drop_small(labels, MIN_CELL_AREA * cell_area)
     return fill_enclosed_gaps(labels, MAX_PALLOR_AREA * cell_area, stained_density=smoothed, slide=thresholds.slide,
                               stained_max_area=cell_area)
@@ -353,6 +358,45 @@ def fill_stained_bays(labels: np.ndarray, smoothed: np.ndarray, thresholds: Thre
         if out is labels:
             out = labels.copy()
         out[box][bay] = cell
+    return out
+
+
+def rejoin_pieces(labels: np.ndarray, cell_area: float) -> np.ndarray:
+    """Give a piece cut off a cell back to it: a segment of under ``PIECE_AREA`` cells whose
+    outline lies largely along one neighbour, when the two together are no larger than a cell
+    and as convex as one: the clump split's straight cuts through an oval or a pale cell. An
+    isolated small cell (a microspherocyte) has no such neighbour, and two cells side by side
+    leave a waist in their union (two small ones pressed flat together may not)."""
+    sizes = np.bincount(labels.ravel())
+    pieces = np.flatnonzero(sizes < PIECE_AREA * cell_area)
+    pieces = pieces[(pieces > 0) & (sizes[pieces] > 0)]
+    if not pieces.size:
+        return labels
+    boxes = ndi.find_objects(labels)
+    out = labels.copy()
+    height, width = labels.shape
+    for piece in pieces:
+        rows, cols = boxes[piece - 1]
+        if rows.start == 0 or cols.start == 0 or rows.stop == height or cols.stop == width:
+            continue  # the rest of a cell the border cuts is beyond it, not beside it
+        box = _padded(boxes[piece - 1], 2)
+        window = out[box]
+        mine = window == piece
+        ring = ndi.binary_dilation(mine) & ~mine
+        around = window[ring]
+        neighbours = np.bincount(around[around > 0])
+        if not neighbours.size:
+            continue
+        cell = int(neighbours.argmax())
+        if neighbours[cell] < PIECE_CONTACT * ring.sum() or sizes[cell] + sizes[piece] > PIECE_UNION_AREA * cell_area:
+            continue
+        joined = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(boxes[piece - 1], boxes[cell - 1]))
+        union = np.isin(out[joined], (piece, cell))
+        corners = convex_corners(union)
+        if corners is not None and union.sum() >= PIECE_SOLIDITY * hull_pixels(corners):
+            out[joined][union] = cell
+            sizes[cell] += sizes[piece]
+            boxes[cell - 1] = joined
     return out
 
 
