@@ -41,7 +41,8 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
         table[name] = ndi.mean(plane, labels, ids) if ids.size else []
     stain = fit_stain_model(image)
     table["central_pallor"] = central_pallor(labels, stain.density(image), ids)
-    table["touches_border"] = cut_by_field_edge(labels, table, stain.outside_field(image))
+    boxes = table[["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].to_numpy()
+    table["touches_border"] = cut_by_field_edge(labels, ids, boxes, stain.outside_field(image))
     if pixel_size_um is not None:
         if not pixel_size_um > 0:
             raise ValueError(f"pixel_size_um must be positive; got {pixel_size_um}.")
@@ -51,16 +52,17 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
     return table
 
 
-def cut_by_field_edge(labels: np.ndarray, table: pd.DataFrame, outside: np.ndarray) -> np.ndarray:
-    """Per row of ``table``: whether the image's border or the edge of the field (``outside``, a
-    black frame or the dark ring of a field stop) cuts the cell, which then shows only in part."""
+def cut_by_field_edge(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """Per cell ``ids`` (bounding ``boxes``: min row, min col, max row, max col, max exclusive):
+    whether the image's border or the edge of the field (``outside``, a black frame or the dark
+    ring of a field stop; :meth:`~.image_input.StainModel.outside_field`) cuts the cell, which
+    then shows only in part."""
     height, width = labels.shape
-    cut = ((table["bbox_min_y"] == 0) | (table["bbox_min_x"] == 0)
-           | (table["bbox_max_y"] == height) | (table["bbox_max_x"] == width)).to_numpy()
+    cut = (boxes[:, 0] == 0) | (boxes[:, 1] == 0) | (boxes[:, 2] == height) | (boxes[:, 3] == width)
     if not outside.any():
         return cut
     beside = ndi.binary_dilation(outside) & (labels > 0)
-    return cut | np.isin(table["label"].to_numpy(), labels[beside])
+    return cut | np.isin(ids, labels[beside])
 
 
 def central_pallor(labels: np.ndarray, density: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ Two kinds of sample, as PNG files in one folder per smear, ``OUT/<smear>/<n>.png
 ``cells``
     one square crop per red cell (segmented with :func:`napari_reddino.segment_cells`, cut
     with :func:`napari_reddino.cell_crops`: the cell's box plus a context margin, resampled to
-    ``size``); cells touching the image border are left out, their crops would be partial.
+    ``size``); cells cut by the image border or the edge of the field are left out, their
+    crops would be partial.
     ``<n>`` is the cell's label id.
 ``patches``
     non-overlapping ``patch_size`` tiles of the smear, as RedDino was trained (resampled to
@@ -205,6 +206,8 @@ def _cell_samples(image: np.ndarray, settings: PrepareSettings) -> Samples:
         segment_cells,
     )
     from napari_reddino.cell_lookup import cell_centres
+    from napari_reddino.image_input import fit_stain_model
+    from napari_reddino.measurements import cut_by_field_edge
 
     try:
         labels = segment_cells(image, pixel_size_um=settings.pixel_size_um)
@@ -217,8 +220,7 @@ def _cell_samples(image: np.ndarray, settings: PrepareSettings) -> Samples:
     boxes = np.array(
         [(s[0].start, s[1].start, s[0].stop, s[1].stop) for s in (slices[i - 1] for i in ids)], dtype=np.int64
     ).reshape(-1, 4)
-    height, width = labels.shape
-    inside = (boxes[:, 0] > 0) & (boxes[:, 1] > 0) & (boxes[:, 2] < height) & (boxes[:, 3] < width)
+    inside = ~cut_by_field_edge(labels, ids, boxes, fit_stain_model(image).outside_field(image))
     rows, cols = cell_centres(labels)
     centroids = np.stack([rows[ids - 1], cols[ids - 1]], axis=1)
     pixels = np.clip(np.rint(crops[inside] * 255), 0, 255).astype(np.uint8)

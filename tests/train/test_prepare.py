@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from skimage.io import imread
 
-from napari_reddino import cell_crops, segment_cells
+from napari_reddino import cell_crops, measure_cells, segment_cells
 from reddino_train.cli import main
 from reddino_train.prepare import (
     PrepareError,
@@ -137,6 +137,19 @@ def test_smear_scale_crops_are_the_plugins_smear_scale_crops(sources, tmp_path):
         with Image.open(out / row["file"]) as written:
             expected = np.rint(crops[np.searchsorted(ids, int(row["label"]))] * 255)
             np.testing.assert_array_equal(np.asarray(written), expected)
+
+
+def test_cells_cut_by_a_round_field_stop_are_left_out_like_border_cells(tmp_path):
+    image = imread(DATA / "chula_rbc12" / "1.jpg")
+    rows, cols = np.indices(image.shape[:2])
+    image[np.hypot(rows - 240, cols - 320) > 216] = 0  # an eyepiece photograph's dark surround
+    (tmp_path / "src").mkdir()
+    Image.fromarray(image).save(tmp_path / "src" / "round.png")
+    prepare([tmp_path / "src"], tmp_path / "out", PrepareSettings(size=SIZE), progress=False)
+    table = measure_cells(segment_cells(image), image)
+    whole = table.loc[~table["touches_border"], "label"].tolist()
+    assert sorted(int(row["label"]) for row in read_index(tmp_path / "out")) == whole
+    assert len(whole) < len(table) - 10  # the field's edge cut some
 
 
 def test_patches_tile_the_smear(sources, tmp_path):
