@@ -53,14 +53,29 @@ def test_separable_classes_are_learned_from_a_few_labels_each():
     np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-6)
 
 
-def test_unlabelled_cells_take_no_part_in_training():
+def test_empty_none_and_missing_labels_all_mean_unlabelled():
     embeddings, labels = separable(seed=1)
-    labels[::2] = ""
-    labels[1::4] = np.nan  # as a pandas column of missing labels holds them
-    trained_on_all = CellClassifier().fit(embeddings, labels)
-    taught = np.array([isinstance(name, str) and name != "" for name in labels])
-    trained_on_labelled = CellClassifier().fit(embeddings[taught], labels[taught])
-    np.testing.assert_array_equal(trained_on_all.predict_proba(embeddings), trained_on_labelled.predict_proba(embeddings))
+    missing = labels.copy()
+    missing[1::6], missing[2::6], missing[3::6] = "", np.nan, None  # np.nan: a pandas column's missing label
+    blank = np.array([name if isinstance(name, str) else "" for name in missing], dtype=object)
+    np.testing.assert_array_equal(CellClassifier().fit(embeddings, missing).predict_proba(embeddings),
+                                  CellClassifier().fit(embeddings, blank).predict_proba(embeddings))
+
+
+def test_two_labels_per_class_among_many_cells_are_not_led_by_chance_agreements():
+    """The features are scaled by every cell: labelled cells that happen to agree on a noise
+    feature must not make it decide (scaled by them alone, 0.74 of these cells were right)."""
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, size=2000)
+    direction = rng.normal(size=384)
+    embeddings = rng.normal(size=(2000, 384)) * rng.uniform(0.2, 2.0, 384)  # unequal spreads, as real ones
+    embeddings = (embeddings + np.outer(truth, 6 * direction / np.linalg.norm(direction))).astype(np.float32)
+    labels = np.full(2000, "", dtype=object)
+    for name, value in (("normal", 0), ("spherocyte", 1)):
+        labels[np.flatnonzero(truth == value)[:2]] = name
+    head = CellClassifier().fit(embeddings, labels)
+    right = head.predict(embeddings) == np.where(truth == 1, "spherocyte", "normal")
+    assert right[labels == ""].mean() > 0.9
 
 
 def test_balancing_moves_the_boundary_towards_the_minority_class():
@@ -243,6 +258,11 @@ def test_a_head_of_another_model_is_refused(tmp_path, smear_table):
         CellClassifier.load(tmp_path / "local", model_id="s2@sha256:0123456789abcdef")
     with pytest.raises(HeadMismatchError, match="reddino-base@sha256"):
         CellClassifier.load(tmp_path / "head", model_id="reddino-base@sha256:0123456789abcdef")
+    head.model_id = None  # trained through the API without naming the model
+    head.save(tmp_path / "unnamed")
+    assert CellClassifier.load(tmp_path / "unnamed").model_id is None
+    with pytest.raises(HeadMismatchError, match="an unnamed model"):
+        CellClassifier.load(tmp_path / "unnamed", model_id="reddino-small")
 
 
 def test_damaged_or_missing_files_are_refused_by_name(tmp_path, smear_table):

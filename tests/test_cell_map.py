@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from napari_reddino.cell_classifier import measurement_features
 from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_map import (
     DIM_FACTOR,
@@ -46,7 +47,7 @@ def test_points_are_cells_of_the_right_layer(two_smears):
     np.testing.assert_array_equal(pool.points_of(0, [70_000]), [1])
     np.testing.assert_array_equal(pool.column("area"), [70.0, 700_000.0, 10.0, 20.0, 30.0])
     table = pool.table()  # each point's row, with its layer: the head compares a cell's size within it
-    assert table["layer"].tolist() == ["a cells"] * 2 + ["b cells"] * 3
+    assert table["layer"].tolist() == [0, 0, 1, 1, 1]  # places, not names: a renamed layer may share a name
     np.testing.assert_array_equal(table["label"], pool.label_ids)
 
     ranks = pool.rank_image(0)
@@ -67,6 +68,24 @@ def test_writes_land_on_the_cells_own_rows(two_smears):
     pool.write("umap_x", np.arange(5.0), empty=np.nan)
     np.testing.assert_array_equal(second.features["umap_x"], [2.0, 3.0, 4.0])
     np.testing.assert_array_equal(pool.table()["umap_x"], np.arange(5.0))
+
+
+def test_labels_are_written_into_a_column_read_back_as_numbers_or_categories(two_smears):
+    first, second = two_smears
+    first.features["manual_label"] = np.nan  # a table read back from a CSV where nobody had labelled yet
+    second.features["manual_label"] = pd.Categorical(["normal", "normal", "normal"])
+    pool = PooledCells.from_layers(two_smears)
+    pool.write("manual_label", "target cell", [1, 3])
+    assert pool.column("manual_label", "").tolist() == ["", "target cell", "normal", "target cell", "normal"]
+
+
+def test_two_layers_of_one_name_keep_their_own_cell_sizes(two_smears):
+    for layer, diameters in zip(two_smears, ([40.0, 20.0], [100.0, 100.0, 100.0])):
+        layer.features["equivalent_diameter_px"] = diameters
+        layer.name = "cells"  # napari keeps names unique when a layer is added, not when it is renamed
+    table = PooledCells.from_layers(two_smears).table()
+    relative = measurement_features(table, ["relative_diameter"], len(table))[:, 0]
+    np.testing.assert_allclose(relative, [40 / 30, 20 / 30, 1, 1, 1])
 
 
 def test_several_columns_are_written_with_one_table_per_layer(two_smears):

@@ -113,10 +113,12 @@ class CellClassifier:
             columns = list(measurement_columns)
         labelled = names != ""
         every = np.hstack([embeddings, measurement_features(measurements, columns, len(embeddings))])
-        features = every[labelled]
-        mean = features.mean(axis=0)
-        std = features.std(axis=0)
+        # Scaled by all the cells, not the few labelled ones: two labelled cells that happen to
+        # agree on a feature would make it a huge, decisive z-score on every other cell.
+        mean = every.mean(axis=0)
+        std = every.std(axis=0)
         std[std < 1e-6] = 1.0  # a constant feature carries nothing; leave it at zero
+        features = every[labelled]
         index = {name: i for i, name in enumerate(classes)}
         targets = np.array([index[name] for name in names[labelled]])
         weight, bias = _train(((features - mean) / std).astype(np.float32), targets, len(classes))
@@ -127,8 +129,8 @@ class CellClassifier:
         return self
 
     def beyond_reach(self, embeddings, *, measurements: pd.DataFrame | None = None) -> np.ndarray:
-        """Which cells lie farther from the mean of the head's labelled cells (root mean square of
-        the standardised features) than 99 % of the cells it was trained among, labelled or not:
+        """Which cells lie farther from the mean of the cells the head was trained among (root
+        mean square of the standardised features) than 99 % of those cells, labelled or not:
         typically the cells of a smear of another stain, scanner or magnification.
 
         Its predictions there deserve less trust than their probabilities suggest: a head taught
@@ -325,10 +327,10 @@ def _read_about(path: Path) -> dict:
         raise ValueError(f"{path} is not a saved napari-reddino head.")
     if about.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is a head of format version {about.get('version')}; this version reads {FORMAT_VERSION}.")
-    types = {"classes": list, "colours": dict, "model_id": str, "embedding_dim": int, "measurement_columns": list,
-             "weights_sha256": str}
-    wrong = [f"{key} ({type(about[key]).__name__}, not {kind.__name__})" for key, kind in types.items()
-             if not isinstance(about[key], kind) or isinstance(about[key], bool)]
+    types = {"classes": list, "colours": dict, "model_id": str | None, "embedding_dim": int,
+             "measurement_columns": list, "weights_sha256": str}
+    wrong = [f"{key} ({type(about[key]).__name__}, not {getattr(kind, '__name__', kind)})"
+             for key, kind in types.items() if not isinstance(about[key], kind) or isinstance(about[key], bool)]
     reach, class_ids = about.get("reach"), about.get("class_ids", {})  # heads saved before them have none
     if reach is not None and (isinstance(reach, bool) or not isinstance(reach, int | float) or not reach > 0):
         wrong.append(f"reach ({reach!r}, not a positive number)")

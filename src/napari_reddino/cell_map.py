@@ -134,11 +134,12 @@ class PooledCells:
         return np.concatenate(parts) if parts else np.empty(0)
 
     def table(self) -> pd.DataFrame:
-        """Every point's row of its layer's features, in point order, with the layer's name as
-        ``layer`` (through which the head compares each cell's size with its own layer's cells)."""
+        """Every point's row of its layer's features, in point order, with the layer's place in the
+        pool as ``layer`` (through which the head compares each cell's size with its own layer's
+        cells; two layers can share a name)."""
         return pd.concat(
             [layer.features.set_index("label").reindex(self.label_ids[self.span(p)]).reset_index()
-             .assign(layer=layer.name) for p, layer in enumerate(self.layers)],
+             .assign(layer=p) for p, layer in enumerate(self.layers)],
             ignore_index=True,
         )
 
@@ -166,6 +167,8 @@ class PooledCells:
             for name, values in columns.items():
                 if name not in table:
                     table[name] = empty
+                elif dtype is object and table[name].dtype != object:
+                    table[name] = table[name].astype(object)  # all-empty read back as numbers, or categories
                 table.iloc[rows, table.columns.get_loc(name)] = values[inside]
             layer.features = table
 
