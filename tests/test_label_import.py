@@ -12,7 +12,13 @@ from skimage.io import imread
 
 from napari_reddino import measure_cells, segment_cells
 from napari_reddino.cell_export import export_cells_csv
-from napari_reddino.label_import import CENTROID_TOLERANCE_PX, LabelImportError, import_manual_labels
+from napari_reddino.label_import import (
+    AREA_RATIO,
+    CENTRE_SHIFT,
+    CENTROID_TOLERANCE_PX,
+    LabelImportError,
+    import_manual_labels,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -76,25 +82,34 @@ def test_a_renamed_layer_of_the_same_smear_takes_its_labels_by_image(smear, tmp_
     assert report.written == {"patient 17": (yesterday.features["manual_label"] != "").sum()}
 
 
-def test_cells_found_again_with_other_settings_get_their_labels_and_the_rest_are_counted(smear, tmp_path):
-    yesterday = labelled(cells_layer(smear))
+def test_cells_found_again_with_other_settings_get_their_labels_and_no_other_cell_does(smear, tmp_path):
+    before_labels, today_labels = segment_cells(smear), segment_cells(smear, cell_diameter=32)
+    yesterday = labelled(SimpleNamespace(name="1 cells", features=measure_cells(before_labels, smear), metadata={}),
+                         every=1)
     export_cells_csv(tmp_path / "cells.csv", yesterday)
-    today = SimpleNamespace(name="1 cells", metadata={},
-                            features=measure_cells(segment_cells(smear, cell_diameter=32), smear))
+    today = SimpleNamespace(name="1 cells", metadata={}, features=measure_cells(today_labels, smear))
     report = import_manual_labels(tmp_path / "cells.csv", today)
 
-    # Each labelled cell of yesterday whose centroid has today's cell within 0.5 px, by brute force.
-    before = yesterday.features[yesterday.features["manual_label"] != ""]
-    gap = np.hypot(*(before[["centroid_x", "centroid_y"]].to_numpy()[:, None, :]
-                     - today.features[["centroid_x", "centroid_y"]].to_numpy()[None]).transpose(2, 0, 1))
-    found = gap.min(axis=1) <= 0.5
-    expected = np.full(len(today.features), "", dtype=object)
-    expected[gap.argmin(axis=1)[found]] = before["manual_label"].to_numpy()[found]
-    assert today.features["manual_label"].tolist() == expected.tolist()
-    assert report.written == {"1 cells": found.sum()} and report.missed == {"1 cells": (~found).sum()}
-    assert 0.7 * len(before) < found.sum() < len(before)  # most come back, though the ids changed
-    renumbered = today.features["label"].to_numpy()[gap.argmin(axis=1)[found]] != before["label"].to_numpy()[found]
-    assert renumbered.mean() > 0.5
+    # The truth from the masks: yesterday's cell, today's cell that overlaps it most, and by how much.
+    both = (before_labels > 0) & (today_labels > 0)
+    pairs, shared = np.unique(np.stack([before_labels[both], today_labels[both]]), axis=1, return_counts=True)
+    iou = shared / (np.bincount(before_labels.ravel())[pairs[0]] + np.bincount(today_labels.ravel())[pairs[1]] - shared)
+    order = np.lexsort((-iou, pairs[0]))
+    first = np.unique(pairs[0][order], return_index=True)[1]
+    truth = pd.DataFrame({"today": pairs[1][order][first], "iou": iou[order][first]}, index=pairs[0][order][first])
+
+    given = today.features.set_index("label")["manual_label"]
+    given = given[given != ""]
+    old = yesterday.features.set_index("label")["manual_label"]
+    same = truth[truth["iou"] >= 0.8]
+    came_back = given.reindex(same["today"]).to_numpy() == old[same.index].to_numpy()
+    assert came_back.mean() > 0.95  # the same cell traced a little differently keeps its label
+    wrong = [cell for cell, label in given.items()
+             if not ((truth["today"] == cell) & (truth["iou"] >= 0.5) & (old.reindex(truth.index) == label)).any()]
+    assert wrong == []  # no label went to another cell
+    assert report.written == {"1 cells": len(given)} and report.missed == {"1 cells": len(old) - len(given)}
+    renumbered = (truth.loc[same.index, "today"].to_numpy() != same.index.to_numpy()).mean()
+    assert renumbered > 0.5  # the ids changed: the labels were found by place
 
 
 def test_a_cell_edited_since_the_export_loses_only_its_own_label(smear, tmp_path):
@@ -110,13 +125,36 @@ def test_a_cell_edited_since_the_export_loses_only_its_own_label(smear, tmp_path
     assert back[4] == "" and (back.drop(4) == yesterday.features.set_index("label")["manual_label"].drop([4, 5])).all()
 
 
+def test_a_cell_traced_a_little_differently_is_found_by_its_box_area_and_centre(smear, tmp_path):
+    yesterday = labelled(cells_layer(smear), every=1)
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    exported = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
+    diameter = np.sqrt(4 * exported["area_px"] / np.pi)
+    exported.loc[0:3, "centroid_x"] += 1.0  # past the centroid tolerance: each is found by the second rule
+    exported.loc[1, "area_px"] *= AREA_RATIO * 1.01  # grown too much to be the same cell
+    exported.loc[2, "centroid_x"] += (CENTRE_SHIFT * 1.05) * diameter[2]  # moved too far
+    exported.loc[3, "bbox_max_x"] += (exported.loc[3, "bbox_max_x"] - exported.loc[3, "bbox_min_x"]) * 0.3
+    exported.to_csv(tmp_path / "edited.csv", index=False)
+    today = cells_layer(smear)
+    report = import_manual_labels(tmp_path / "edited.csv", today)
+    back = today.features["manual_label"]
+    assert back[0] == yesterday.features["manual_label"][0] and list(back[1:4]) == ["", "", ""]
+    assert (back[4:] == yesterday.features["manual_label"][4:]).all() and report.missed == {"1 cells": 3}
+
+    without_boxes = exported.drop(columns=["bbox_min_x", "bbox_max_x"])  # an older or trimmed CSV: centroids only
+    without_boxes.to_csv(tmp_path / "trimmed.csv", index=False)
+    today = cells_layer(smear)
+    report = import_manual_labels(tmp_path / "trimmed.csv", today)
+    assert today.features["manual_label"][0] == "" and report.missed == {"1 cells": 4}
+
+
 def test_cells_found_nowhere_are_refused_and_nothing_is_written(smear, tmp_path):
     yesterday = labelled(cells_layer(smear))
     export_cells_csv(tmp_path / "cells.csv", yesterday)
     shifted = cells_layer(smear[6:])  # the same name, other cells: 6 rows cut off the top
     other_smear = cells_layer(smear, name="2 cells")
     with pytest.raises(LabelImportError, match=r"No label of cells.csv could be given to a cell: its \d+ labelled "
-                                               r"cells from '1 cells' are at no cell's centroid in '1 cells' \(was the "
+                                               r"cells from '1 cells' are at the place of no cell in '1 cells' \(was the "
                                                r"smear cropped or edited since the export\?\)\.$"):
         import_manual_labels(tmp_path / "cells.csv", [shifted])
     assert "manual_label" not in shifted.features
@@ -167,7 +205,7 @@ def test_of_two_layers_of_the_image_the_one_whose_cells_match_takes_the_labels(s
     report = import_manual_labels(tmp_path / "cells.csv", [wrong, right])
     assert report.written == {"1 cells (again)": (yesterday.features["manual_label"] != "").sum()}
     assert report.missed == {} and "manual_label" not in wrong.features
-    with pytest.raises(LabelImportError, match=r"are at no cell's centroid in '1 cells \(other settings\)' \("):
+    with pytest.raises(LabelImportError, match=r"are at the place of no cell in '1 cells \(other settings\)' \("):
         import_manual_labels(tmp_path / "cells.csv", [wrong])
 
 
