@@ -14,6 +14,7 @@ from napari_reddino.crops import (
     background_colour,
     cell_crops,
     cell_windows,
+    crop_checks,
     smear_home,
 )
 from napari_reddino.image_input import LabelsInputError
@@ -185,6 +186,23 @@ def test_real_smear_gives_one_centred_crop_per_cell_in_label_order():
     row0, col0 = 240 - 25, 320 - 25  # label 9: bbox side 51 = window 76.5 at margin .25
     direct = image[row0 + 10 : row0 + 41, col0 + 10 : col0 + 41].astype(np.float32).mean(axis=(0, 1)) / 255
     np.testing.assert_allclose(crops[2][16:40, 16:40].mean(axis=(0, 1)), direct, atol=0.03)
+
+
+def test_a_crops_checks_do_not_depend_on_its_batch_and_move_with_any_pixel():
+    image = imread(files("napari_reddino") / "data" / "chula_rbc12" / "1.jpg")
+    labels = np.zeros(image.shape[:2], np.int32)
+    for label, (centre, radius) in enumerate([((240, 320), 25), ((100, 100), 20), ((400, 600), 30), ((250, 370), 22)], 1):
+        labels[disc(labels.shape, centre, radius)] = label
+    sampler, windows = CropSampler(image, labels, size=(56, 56), mode="masked"), cell_windows(labels)
+    whole = crop_checks(sampler(windows.ids, windows.boxes))
+    assert whole.shape == (4, 2) and len(np.unique(whole, axis=0)) == 4
+    for size in (1, 3):  # other batches pad their windows to other sizes: the same crops, the same checks
+        parts = [crop_checks(sampler(windows.ids[i:i + size], windows.boxes[i:i + size])) for i in range(0, 4, size)]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+    crops = sampler(windows.ids, windows.boxes)
+    crops[2, 1, 30, 30] += 1e-3  # one value of one crop, a little
+    moved = crop_checks(crops)
+    assert (moved[2] != whole[2]).all() and (np.delete(moved, 2, axis=0) == np.delete(whole, 2, axis=0)).all()
 
 
 def test_flipped_views_of_the_smear_and_labels_give_the_crops_of_their_copies():

@@ -15,6 +15,7 @@ from skimage.io import imread
 from napari_reddino import segment_cells
 from napari_reddino.crops import CROP_MODES, CropSampler, cell_windows, smear_home
 from napari_reddino.embedding import clear_embedder_cache, load_embedder
+from napari_reddino.steps import run_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -97,3 +98,20 @@ def test_a_real_out_of_memory_error_halves_the_batch(reddino_small_files, real_s
     assert embedder._fitting_batch is not None and embedder._fitting_batch < 512
     error = np.linalg.norm(capped[:8] - expected, axis=1) / np.linalg.norm(expected, axis=1)
     assert error.max() < 1e-2
+
+
+def test_a_brush_stroke_re_embeds_on_the_gpu_only_the_cells_whose_crops_it_changed(reddino_small_files, real_smear):
+    image, labels = real_smear
+    embedder = load_embedder(reddino_small_files, device="cuda")
+    first = run_steps(embedder.embed_steps(image, labels))
+    painted = labels.copy()
+    cell = first.ids[len(first.ids) // 2]
+    rows, cols = np.nonzero(painted == cell)
+    painted[rows[rows < np.median(rows)], cols[rows < np.median(rows)]] = 0
+    again = run_steps(embedder.embed_steps(image, painted, reuse=first))
+    assert len(first.ids) - 8 <= again.reused < len(first.ids)
+    fresh = run_steps(embedder.embed_steps(image, painted))
+    np.testing.assert_array_equal(again.checks, fresh.checks)  # crops cut on the GPU: the same checks
+    changed = (again.embeddings != first.embeddings).any(axis=1)
+    error = np.linalg.norm(again.embeddings - fresh.embeddings, axis=1) / np.linalg.norm(fresh.embeddings, axis=1)
+    assert changed.sum() == len(first.ids) - again.reused and error.max() < 1e-2

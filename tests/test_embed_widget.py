@@ -13,13 +13,21 @@ from qtpy.QtCore import Qt
 from skimage.io import imread
 
 from napari_reddino import embeddings_of, measure_cells, segment_cells
-from napari_reddino.cell_embeddings import METADATA_KEY, fingerprint, labels_digest, store_embeddings, stored_fingerprint
-from napari_reddino.embedding import clear_embedder_cache, list_devices
+from napari_reddino.cell_embeddings import (
+    METADATA_KEY,
+    fingerprint,
+    labels_digest,
+    repainted_since_embedded,
+    store_embeddings,
+    stored_fingerprint,
+)
+from napari_reddino.embedding import clear_embedder_cache, list_devices, load_embedder
 from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
 
 CHULA_1, CHULA_26 = (Path(__file__).parent / "data" / "chula_rbc12" / f"{n}.jpg" for n in (1, 26))
 RUN_TIMEOUT_MS = 60_000
-DONE = re.compile(r"^([\d,]+) cells embedded in \d+\.\d s \([\d,]+ cells/s\) with tiny_model on cpu$")
+DONE = re.compile(r"^([\d,]+) cells? embedded in \d+\.\d s \([\d,]+ cells/s\) with tiny_model on cpu"
+                  r"(?:; the embeddings of ([\d,]+) unchanged cells? were kept)?$")
 
 
 @pytest.fixture(autouse=True)
@@ -337,7 +345,38 @@ def test_cells_erased_or_painted_after_segmenting_are_measured_again(viewer, wid
     assert area == (data == shrunk).sum()
 
 
-def test_labels_changed_during_the_run_are_not_given_the_old_table(viewer, widget, chula_pixels_and_cells, qtbot):
+def test_a_brush_stroke_re_embeds_only_the_cells_whose_crops_it_changed(viewer, widget, chula_pixels_and_cells, qtbot):
+    image, labels = chula_pixels_and_cells
+    viewer.add_image(image, rgb=True, name="smear")
+    cells = viewer.add_labels(labels.copy(), name="smear cells", metadata={"source_image": "smear"})
+    widget.reset_choices()
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    ids, before, _ = embeddings_of(cells)
+    painted = int(ids[len(ids) // 2])
+    data = cells.data.copy()
+    rows, cols = np.nonzero(data == painted)
+    data[rows[rows < np.median(rows)], cols[rows < np.median(rows)]] = 0  # half of one cell erased
+    cells.data = data
+
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    after_ids, after, _ = embeddings_of(cells)
+    np.testing.assert_array_equal(after_ids, ids)
+    kept = (after == before).all(axis=1)
+    embedded, unchanged = DONE.match(widget.status.value).groups()
+    assert int(embedded) == (~kept).sum() and int(unchanged) == kept.sum()
+    assert painted in ids[~kept] and 1 <= (~kept).sum() <= 6  # the cell, and the neighbours its window shows
+    embedder = load_embedder(widget.model_name, device="cpu")
+    fresh_ids, fresh = embedder.embed(image, data)  # what embedding the painted smear from scratch gives
+    np.testing.assert_allclose(after, fresh, rtol=1e-4, atol=1e-5)
+    moved = np.abs(fresh - before).max(axis=1) > 1e-4
+    np.testing.assert_array_equal(moved, ~kept)  # exactly the cells whose crop changed were embedded again
+
+
+def test_labels_changed_during_the_run_keep_the_embeddings_of_the_cells_as_they_were(
+    viewer, widget, chula_pixels_and_cells, qtbot
+):
     image, labels = chula_pixels_and_cells
     viewer.add_image(image, rgb=True, name="smear")
     cells = viewer.add_labels(labels.copy(), name="smear cells", metadata={"source_image": "smear"})
@@ -355,9 +394,15 @@ def test_labels_changed_during_the_run_are_not_given_the_old_table(viewer, widge
 
     widget._on_progress = segment_again  # the worker's reports reach it from the start
     run(widget, qtbot)
-    assert list(cells.features["note"]) == ["the new segmentation's"] and embeddings_of(cells) is None
-    assert widget.status.value == ("The cells of 'smear cells' changed while they were embedded; nothing was "
-                                   "stored. Embed them again.")
+    assert list(cells.features["note"]) == ["the new segmentation's"]  # not given the old table
+    np.testing.assert_array_equal(embeddings_of(cells)[0], label_ids(Labels(labels)))
+    assert repainted_since_embedded(cells)  # the Cell map refuses them until they are embedded again
+    assert widget.status.value == ("The cells of 'smear cells' changed while they were embedded. The embeddings of "
+                                   "the cells as they were are kept: Run again embeds only the changed ones.")
+    widget._on_progress = on_progress
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert embeddings_of(cells)[0].tolist() == [1] and not repainted_since_embedded(cells)
 
 
 def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbot):

@@ -12,10 +12,12 @@ from _model_fixtures import TINY_DIM, save_folder, tiny_folder, tiny_vit  # noqa
 from skimage.io import imread
 
 from napari_reddino import segment_cells
+from napari_reddino.cell_embeddings import EmbeddedCells
 from napari_reddino.crops import CropInputError, cell_crops
 from napari_reddino.image_input import LabelsInputError
 from napari_reddino.embedding import EmbeddingCancelled, clear_embedder_cache, load_embedder, resolve_dtype
 from napari_reddino.models import LoadedModel
+from napari_reddino.steps import run_steps
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
@@ -98,6 +100,42 @@ def test_embedding_some_cells_gives_their_rows_of_embedding_every_cell(embedder,
     ids, chosen = embedder.embed(image, labels, mode=mode, scale=scale, margin=2.0, ids=[7, 2])
     np.testing.assert_array_equal(ids, [2, 7])
     np.testing.assert_allclose(chosen, every[np.isin(every_id, [2, 7])], rtol=1e-5, atol=1e-6)
+
+
+def count_forwards(embedder) -> list[int]:
+    """The batch sizes that go through ``embedder``'s model from now on."""
+    sizes = []
+    embedder.model.register_forward_pre_hook(lambda _, inputs: sizes.append(len(inputs[0])))
+    return sizes
+
+
+def test_an_earlier_run_lends_its_embeddings_to_cells_whose_crops_are_unchanged(embedder):
+    image, labels = three_cells()
+    first = run_steps(embedder.embed_steps(image, labels))
+    assert first.reused == 0 and first.checks.shape == (3, 2) and len(np.unique(first.checks, axis=0)) == 3
+    forwards = count_forwards(embedder)
+    again = run_steps(embedder.embed_steps(image, labels, reuse=first))
+    assert again.reused == 3 and forwards == []  # nothing changed: the model did not run
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)
+
+    moved = labels.copy()
+    moved[moved == 5] = 0
+    rows, cols = np.nonzero(labels == 5)
+    moved[rows, cols + 3] = 5  # cell 5 painted 3 px to the right: its window moves, the others' do not
+    painted = run_steps(embedder.embed_steps(image, moved, reuse=first))
+    assert painted.reused == 2 and forwards == [1]
+    np.testing.assert_array_equal(painted.embeddings[[0, 2]], first.embeddings[[0, 2]])  # cells 2 and 7
+    np.testing.assert_allclose(painted.embeddings, embedder.embed(image, moved)[1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(painted.embeddings[1], first.embeddings[1], atol=1e-3)
+
+
+def test_an_earlier_run_of_another_model_or_without_its_vectors_lends_nothing(embedder, tmp_path):
+    image, labels = three_cells()
+    first = run_steps(embedder.embed_steps(image, labels))
+    other = load_embedder(save_folder(tiny_vit(seed=1), tmp_path / "other"), device="cpu", dtype="float32")
+    assert run_steps(other.embed_steps(image, labels, reuse=first)).reused == 0
+    dropped = EmbeddedCells(first.ids, first.embeddings[:, :0], first.checks, first.model_id)  # reddino-analyse's
+    assert run_steps(embedder.embed_steps(image, labels, reuse=dropped)).reused == 0
 
 
 def test_asking_for_cells_that_are_not_in_the_labels_names_them(embedder):

@@ -19,10 +19,10 @@ import pandas as pd
 from skimage.io import imread
 
 from .cell_classifier import prediction_table
-from .cell_embeddings import METADATA_KEY, fingerprint, labels_digest, store_run
+from .cell_embeddings import METADATA_KEY, EmbeddedCells, fingerprint, labels_digest, store_run
 from .measurements import measure_cells
 from .segmentation import segment_cells
-from .steps import Progress
+from .steps import Progress, run_steps
 
 SMEAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -109,11 +109,11 @@ class SmearAnalysis:
         embedder, model = self.embedder, self.model or self.embedder.model_id
         crops = {"mode": DEFAULT_CROP_MODE, "scale": DEFAULT_CROP_SCALE, "margin": DEFAULT_MARGIN}
         if table.empty:  # no cells: none to embed, and an empty record so the export can pool it
-            ids, vectors = np.zeros(0, np.int64), np.zeros((0, embedder.dim), np.float32)
+            run = EmbeddedCells(np.zeros(0, np.int64), np.zeros((0, embedder.dim), np.float32), None, embedder.model_id)
         else:
-            ids, vectors = embedder.embed(image, labels, **crops, progress=progress)
-        digest = labels_digest(labels)
-        store_run(cells, ids, vectors, embedder=embedder, model=model, crops=crops,
+            run = run_steps(embedder.embed_steps(image, labels, **crops), progress)
+        ids, vectors, digest = run.ids, run.embeddings, labels_digest(labels)
+        store_run(cells, run, model=model, device=embedder.device, crops=crops,
                   fingerprint=fingerprint(image, digest, model, **crops), labels_digest=digest)
         if self.head is not None and not table.empty:
             rows = np.searchsorted(ids, table["label"].to_numpy())  # both ascending, the same cells

@@ -10,6 +10,8 @@ drown the table). They live in the cells layer's metadata under one key::
                        "reddino-small@sha256:…"; see napari_reddino.model_ids),
         "fingerprint": hex digest of the inputs (see :func:`fingerprint`),
         "labels_digest": hex digest of the labels embedded (see :func:`repainted_since_embedded`),
+        "crop_checks": float32 array (n, 2): each cell's crop as the model saw it, in two numbers
+                       (``crops.crop_checks``), so the next run can keep what it would compute again,
         "model", "crop_mode", "crop_scale", "margin", "device": how they were computed, for people.
     }
 
@@ -22,7 +24,10 @@ The fingerprint digests the image (shape, dtype and all pixels, or a strided sam
 identity (its canonical id, plus the modification time of a local model or the cached commit
 of a Hub model) and the crop
 settings. Embeddings are up to date when the stored fingerprint equals the current one. The
-device and precision are not part of it: switching CPU for GPU does not recompute.
+device and precision are not part of it: switching CPU for GPU does not recompute. When it
+differs, :func:`earlier_run` hands the stored run to ``Embedder.embed_steps(reuse=)``, which
+runs the model only on cells whose crop changed: after a brush stroke, the painted cell and the
+neighbours whose windows it reaches.
 
 No Qt, no napari: ``layer`` is anything with a ``metadata`` dict (a napari Labels layer).
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,6 +48,19 @@ IMAGE_SAMPLE_ELEMENTS = 2**24  # hashed whole below this (16 MB of uint8 takes ~
 def _digest_array(digest, array: np.ndarray) -> None:
     digest.update(repr((array.shape, array.dtype.str)).encode())
     digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+@dataclass(frozen=True)
+class EmbeddedCells:
+    """One embedding run: label ids ascending, their float32 embeddings (n, dim), the
+    ``crops.crop_checks`` of their crops (n, 2; None when not recorded), the model's id, and how
+    many cells kept an earlier embedding because their crop had not changed."""
+
+    ids: np.ndarray
+    embeddings: np.ndarray
+    checks: np.ndarray | None
+    model_id: str
+    reused: int = 0
 
 
 def image_digest(image) -> str:
@@ -107,15 +126,25 @@ def store_embeddings(
     return record
 
 
-def store_run(layer, label_ids: np.ndarray, embeddings: np.ndarray, *, embedder, model: str | os.PathLike,
-              crops: dict, fingerprint: str, labels_digest: str) -> dict:
+def store_run(layer, run: EmbeddedCells, *, model: str | os.PathLike, device, crops: dict, fingerprint: str,
+              labels_digest: str) -> dict:
     """:func:`store_embeddings` with what every embedding run records: the model as it was named,
     the crop settings (``crops``: mode, scale, margin, as ``Embedder.embed`` takes them), the
-    device and the :func:`labels_digest` of the labels embedded. The Embed widget and
-    ``reddino-analyse`` both store through here, so their records match."""
-    return store_embeddings(layer, label_ids, embeddings, model_id=embedder.model_id, fingerprint=fingerprint,
+    device, the :func:`labels_digest` of the labels embedded and the crops' checks. The Embed
+    widget and ``reddino-analyse`` both store through here, so their records match."""
+    return store_embeddings(layer, run.ids, run.embeddings, model_id=run.model_id, fingerprint=fingerprint,
                             model=str(model), crop_mode=crops["mode"], crop_scale=crops["scale"],
-                            margin=crops["margin"], device=str(embedder.device), labels_digest=labels_digest)
+                            margin=crops["margin"], device=str(device), labels_digest=labels_digest,
+                            crop_checks=run.checks)
+
+
+def earlier_run(layer) -> EmbeddedCells | None:
+    """The embedding run stored on ``layer``, for ``Embedder.embed_steps(reuse=)``; None when it
+    has none, or one stored without crop checks (nothing could be reused from it)."""
+    record = getattr(layer, "metadata", {}).get(METADATA_KEY)
+    if not isinstance(record, dict) or record.get("crop_checks") is None:
+        return None
+    return EmbeddedCells(record["label_ids"], record["embeddings"], record["crop_checks"], record["model_id"])
 
 
 def labels_digest(labels) -> str:

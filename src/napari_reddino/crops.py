@@ -28,6 +28,7 @@ out of memory) stays in CPU memory; its crops are cut there and moved, slower bu
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -56,6 +57,7 @@ DEFAULT_MARGIN = 0.25
 _BACKGROUND_SAMPLES = 250_000  # gave the same medians as a million on Chula mosaics, 4x sooner
 _MAX_WINDOW_PIXELS = 2**24  # per batch of crops: 200 MB of float32 RGB
 _SMEAR_SHARE_OF_FREE_MEMORY = 0.25  # a GPU keeps the rest for the model's batches
+_CHECK_SEED = 0x5EED
 
 
 class CropInputError(ValueError):
@@ -311,3 +313,20 @@ def cell_crops(
         return windows.ids, np.zeros((0, *size, 3), dtype=np.float32)
     crops = sampler(windows.ids, windows.boxes)
     return windows.ids, crops.permute(0, 2, 3, 1).numpy()
+
+
+def crop_checks(crops: torch.Tensor) -> np.ndarray:
+    """Two numbers per crop of ``crops`` (n, C, H, W) that move when any of its values moves:
+    a fixed random projection (float32, (n, 2)). A crop is cut the same whatever else is in
+    its batch, so equal checks say the model would see the same input again: a cell whose
+    crop a brush stroke did not reach keeps its embedding (``Embedder.embed_steps(reuse=)``).
+    A change below float rounding could go unseen; it would move the embedding by as little."""
+    flat = crops.reshape(len(crops), -1).float()
+    return (flat @ _projection(flat.shape[1], flat.device)).cpu().numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _projection(length: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(_CHECK_SEED)
+    return torch.randn(length, 2, generator=generator).to(device)
+

@@ -7,7 +7,8 @@
 ascending order with their embeddings: for RedDino the class token after the final norm.
 
 While the model runs on one batch, a worker thread cuts the next, so the model never waits
-for crops. The batch size follows the free memory of the device and halves when a CUDA
+for crops. Given an earlier run of the same model (``reuse=``), a cell whose crop is what it
+was keeps its embedding and only the others go through the model. The batch size follows the free memory of the device and halves when a CUDA
 batch runs out of memory. Work can be cancelled between batches, and
 :meth:`Embedder.embed_steps` is a generator that yields progress, fit for a napari
 ``thread_worker``.
@@ -33,7 +34,9 @@ from .crops import (
     CropScale,
     CropSampler,
     cell_windows,
+    crop_checks,
 )
+from .cell_embeddings import EmbeddedCells
 from .models import (
     DownloadProgress,
     LoadedModel,
@@ -181,9 +184,10 @@ class Embedder:
         steps = self.embed_steps(image, labels, mode=mode, margin=margin, scale=scale, ids=ids,
                                  batch_size=batch_size)
         try:
-            return run_steps(steps, progress, should_stop)
+            run = run_steps(steps, progress, should_stop)
         except StepsCancelled:
             raise EmbeddingCancelled(f"Embedding with {self.model_id} was cancelled.") from None
+        return run.ids, run.embeddings
 
     def embed_steps(
         self,
@@ -195,9 +199,14 @@ class Embedder:
         scale: CropScale = DEFAULT_CROP_SCALE,
         ids=None,
         batch_size: int | None = None,
-    ) -> Generator[tuple[int, int], None, tuple[np.ndarray, np.ndarray]]:
+        reuse: EmbeddedCells | None = None,
+    ) -> Generator[tuple[int, int], None, EmbeddedCells]:
         """Like :meth:`embed`, as a generator: yields ``(done, total)`` after each batch and
-        returns ``(label_ids, embeddings)``. Closing it stops the work after the current batch."""
+        returns an :class:`EmbeddedCells`. Closing it stops the work after the current batch.
+
+        ``reuse``, an earlier run with this model (its weights' id), lends its embedding to each
+        cell of the same label id whose crop has the same checks (``crops.crop_checks``); only
+        the other cells go through the model."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of cells, not {batch_size}.")
         sampler = CropSampler(
@@ -207,24 +216,39 @@ class Embedder:
         if ids is not None:
             windows = windows.of(ids)
         embeddings = np.zeros((len(windows), self.dim), dtype=np.float32)
+        checks = np.zeros((len(windows), 2), dtype=np.float32)
+        if reuse is not None and (reuse.model_id != self.model_id or reuse.checks is None
+                                  or reuse.embeddings.shape[1:] != (self.dim,)):  # vectors dropped, or another model
+            reuse = None
+        reused = 0
         if not len(windows):
-            return windows.ids, embeddings
+            return EmbeddedCells(windows.ids, embeddings, checks, self.model_id)
         batch = batch_size or self.auto_batch_size()
         self._fitting_batch = None  # an earlier smear's out-of-memory may have been another program's
         starts = range(0, len(windows), batch)
 
-        def cut(start: int) -> torch.Tensor:
-            return sampler(windows.ids[start : start + batch], windows.boxes[start : start + batch])
+        def cut(start: int) -> tuple[torch.Tensor, np.ndarray]:
+            crops = sampler(windows.ids[start : start + batch], windows.boxes[start : start + batch])
+            return crops, crop_checks(crops)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reddino-crops") as cutter:
             upcoming = cutter.submit(cut, starts[0])
             for start in starts:
-                crops = upcoming.result()
+                crops, crops_checks = upcoming.result()
                 if start + batch < len(windows):
                     upcoming = cutter.submit(cut, start + batch)
-                embeddings[start : start + len(crops)] = self.embed_crops(crops).cpu().numpy()
+                rows = slice(start, start + len(crops))
+                checks[rows] = crops_checks
+                out, kept = embeddings[rows], _kept(reuse, windows.ids[rows], checks[rows])
+                fresh = kept < 0
+                if not fresh.all():
+                    out[~fresh] = reuse.embeddings[kept[~fresh]]
+                    reused += int((~fresh).sum())
+                if fresh.any():
+                    fresh_crops = crops if fresh.all() else crops[torch.from_numpy(fresh).to(crops.device)]
+                    out[fresh] = self.embed_crops(fresh_crops).cpu().numpy()
                 yield start + len(crops), len(windows)
-        return windows.ids, embeddings
+        return EmbeddedCells(windows.ids, embeddings, checks, self.model_id, reused)
 
     def embed_crops(self, crops: torch.Tensor) -> torch.Tensor:
         """Embeddings (float32, on the device) of normalised model inputs (n, 3, H, W).
@@ -259,6 +283,17 @@ class Embedder:
         cap = _MAX_BATCH.get(self.device.type, 8)
         free = _free_memory(self.device)
         return cap if free is None else int(np.clip(free // 2 // per_image, 1, cap))
+
+
+def _kept(reuse: EmbeddedCells | None, ids: np.ndarray, checks: np.ndarray) -> np.ndarray:
+    """For each cell of ``ids``, its row in ``reuse`` when that run saw the same crop, else -1."""
+    kept = np.full(len(ids), -1)
+    if reuse is None or not len(reuse.ids):
+        return kept
+    rows = np.minimum(np.searchsorted(reuse.ids, ids), len(reuse.ids) - 1)
+    same = (reuse.ids[rows] == ids) & (reuse.checks[rows] == checks).all(axis=1)
+    kept[same] = rows[same]
+    return kept
 
 
 def _free_memory(device: torch.device) -> int | None:

@@ -4,7 +4,10 @@ The embeddings are stored in the cells Labels layer's metadata, keyed by label i
 with a fingerprint of the image, the labels, the model and the crop settings (the layout is
 described in :mod:`napari_reddino.cell_embeddings`). They therefore outlive the widget, and a
 Run whose fingerprint equals the stored one says the embeddings are up to date and does
-nothing. Read them with :func:`embeddings_of`::
+nothing; any other Run runs the model only on cells whose crop changed since the stored run
+(after a brush stroke: the painted cell and the neighbours its window shows). Cells painted
+while they are embedded keep the embeddings of the cells as they were, so the next Run is
+short too; the Cell map refuses them until then. Read them with :func:`embeddings_of`::
 
     label_ids, embeddings, model_id = embeddings_of(viewer.layers["smear cells"])
 
@@ -30,6 +33,8 @@ from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog
 
 from ..cell_embeddings import (
+    EmbeddedCells,
+    earlier_run,
     embeddings_of,
     fingerprint,
     image_digest,
@@ -42,6 +47,7 @@ from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError
 from ..measurements import measure_cells
 from ..models import KNOWN_MODELS, ModelLoadError
+from ..wording import counted
 from .job_widget import JobWidget, job_worker, smear_pixels
 from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer
 from .smear_colours import is_map_colours
@@ -84,21 +90,23 @@ class _LoadFailure:
 
 @job_worker
 def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, crops: dict,
-                    measured: bool, pixel_size_um: float | None, digests: tuple[str, str]):
-    """Yields the loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(ids, embeddings,
-    table, fingerprint)``, ``table`` the cells' measurements unless the layer's table was
-    ``measured`` on these very labels (else they were made by another tool, or painted since),
-    then None; ``fingerprint`` of the image and labels ``digests`` with the model as loaded (a
-    Hub model downloaded now is known by its commit only from now on)."""
+                    measured: bool, pixel_size_um: float | None, digests: tuple[str, str],
+                    reuse: EmbeddedCells | None):
+    """Yields the loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(run, table,
+    fingerprint)``: the :class:`EmbeddedCells` (cells whose crop is as in ``reuse`` keep its
+    embedding), ``table`` the cells' measurements unless the layer's table was ``measured`` on
+    these very labels (else they were made by another tool, or painted since), then None;
+    ``fingerprint`` of the image and labels ``digests`` with the model as loaded (a Hub model
+    downloaded now is known by its commit only from now on)."""
     try:
         embedder = load_embedder(model, device=device)
     except (ModelLoadError, DeviceError) as error:  # said to the user plainly, without a traceback
         return _LoadFailure(str(error))
     loaded = fingerprint(*digests, model, **crops)
     yield embedder
-    ids, embeddings = yield from embedder.embed_steps(pixels, labels, **crops)
+    run = yield from embedder.embed_steps(pixels, labels, **crops, reuse=reuse)
     table = None if measured else measure_cells(labels, pixels, pixel_size_um=pixel_size_um)
-    return ids, embeddings, table, loaded
+    return run, table, loaded
 
 
 def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
@@ -382,7 +390,7 @@ class EmbedCellsWidget(JobWidget):
         measured = cells.metadata.get(MEASURED_LABELS) == digest and "label" in cells.features
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
         self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size,
-                    (image_hash, digest))
+                    (image_hash, digest), earlier_run(cells))
 
     def _on_progress(self, item) -> None:
         if isinstance(item, Embedder):  # loaded: the embedding starts now
@@ -439,24 +447,26 @@ class EmbedCellsWidget(JobWidget):
             return
         self._embed(image, pixels, cells, segmented=True)
 
-    def _store(self, job: _EmbedJob, embedder: Embedder, ids: np.ndarray, embeddings: np.ndarray,
-               table: pd.DataFrame | None, loaded_fingerprint: str) -> None:
+    def _store(self, job: _EmbedJob, embedder: Embedder, run: EmbeddedCells, table: pd.DataFrame | None,
+               loaded_fingerprint: str) -> None:
         if job.cells not in self._viewer.layers:
             self.status.value = f"{job.cells.name!r} was removed while its cells were embedded; nothing was stored."
             return
+        store_run(job.cells, run, model=job.model, device=embedder.device, crops=job.crops,
+                  fingerprint=loaded_fingerprint, labels_digest=job.labels_digest)
         if labels_digest(job.cells.data) != job.labels_digest:  # segmented again or painted meanwhile
-            self.status.value = (f"The cells of {job.cells.name!r} changed while they were embedded; nothing was "
-                                 "stored. Embed them again.")
+            self.status.value = (f"The cells of {job.cells.name!r} changed while they were embedded. The embeddings "
+                                 "of the cells as they were are kept: Run again embeds only the changed ones.")
             return
         if table is not None:  # measured now: the layer's own columns (labels, notes) stay with their cells
             job.cells.features = _with_own_columns(table, job.cells.features)
             job.cells.metadata[MEASURED_LABELS] = job.labels_digest
         seconds = time.perf_counter() - self._embed_started
-        store_run(job.cells, ids, embeddings, embedder=embedder, model=job.model, crops=job.crops,
-                  fingerprint=loaded_fingerprint, labels_digest=job.labels_digest)
+        fresh = len(run.ids) - run.reused
         shown = Path(job.model).expanduser().name if Path(job.model).expanduser().exists() else job.model
+        kept = f"; the embeddings of {counted(run.reused, 'unchanged cell')} were kept" if run.reused else ""
         self.status.value = (
-            f"{len(ids):,} cells embedded in {seconds:.1f} s ({len(ids) / max(seconds, 1e-9):,.0f} cells/s) "
-            f"with {shown} on {embedder.device}"
+            f"{counted(fresh, 'cell')} embedded in {seconds:.1f} s ({fresh / max(seconds, 1e-9):,.0f} cells/s) "
+            f"with {shown} on {embedder.device}{kept}"
         )
         self.embedded.emit(job.cells)
