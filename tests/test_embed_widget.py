@@ -16,6 +16,7 @@ from napari_reddino import embeddings_of, measure_cells, segment_cells
 from napari_reddino.cell_embeddings import (
     METADATA_KEY,
     fingerprint,
+    image_digest,
     labels_digest,
     repainted_since_embedded,
     store_embeddings,
@@ -287,6 +288,18 @@ def test_the_fingerprint_follows_image_labels_model_and_crop_settings(tiny_folde
         fingerprint(image, digest, model, mode="context", scale="cell", margin=0.5),
         fingerprint(image, digest, model, mode="context", scale="smear", margin=0.25),
     }) == 8
+
+
+def test_one_pixel_changed_anywhere_in_a_large_smear_changes_its_digest():
+    smear = np.zeros((3000, 4000, 3), np.uint8)  # 36 M values
+    digests = {image_digest(smear)}
+    for row, col in [(1, 1), (2999, 3999), (1501, 2001)]:
+        edited = smear.copy()
+        edited[row, col, 2] = 1
+        digests.add(image_digest(edited))
+    assert len(digests) == 4
+    assert image_digest(smear.astype(np.uint16)) != image_digest(smear)
+    assert image_digest(smear.reshape(4000, 3000, 3)) != image_digest(smear)
 
 
 def test_cells_from_another_tool_are_measured_when_embedded(viewer, widget, chula_pixels_and_cells, qtbot):

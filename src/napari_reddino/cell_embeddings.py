@@ -19,11 +19,9 @@ So they travel with the layer: closing and reopening a widget finds them, and a 
 takes its embeddings with it. Read them with :func:`embeddings_of`; look a cell up by its
 label id (``np.searchsorted(label_ids, label)``), never by row order.
 
-The fingerprint digests the image (shape, dtype and all pixels, or a strided sample of at most
-:data:`IMAGE_SAMPLE_ELEMENTS` values for bigger images), the whole label image, the model's
-identity (its canonical id, plus the modification time of a local model or the cached commit
-of a Hub model) and the crop
-settings. Embeddings are up to date when the stored fingerprint equals the current one. The
+The fingerprint digests the whole image (shape, dtype and every pixel), the whole label image,
+the model's identity (its canonical id, plus the modification time of a local model or the
+cached commit of a Hub model) and the crop settings. Embeddings are up to date when the stored fingerprint equals the current one. The
 device and precision are not part of it: switching CPU for GPU does not recompute. When it
 differs, :func:`earlier_run` hands the stored run to ``Embedder.embed_steps(reuse=)``, which
 runs the model only on cells whose crop changed: after a brush stroke, the painted cell and the
@@ -35,19 +33,20 @@ No Qt, no napari: ``layer`` is anything with a ``metadata`` dict (a napari Label
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 METADATA_KEY = "reddino_embeddings"
-IMAGE_SAMPLE_ELEMENTS = 2**24  # hashed whole below this (16 MB of uint8 takes ~20 ms)
 
 
-def _digest_array(digest, array: np.ndarray) -> None:
-    digest.update(repr((array.shape, array.dtype.str)).encode())
+def _digest(array: np.ndarray) -> str:
+    """SHA-256 of the shape, dtype and every value of ``array``. Current x86 and ARM CPUs hash
+    SHA-256 in hardware: 80 ms for an 8000 x 6000 RGB smear here, half of BLAKE2b's time."""
+    digest = hashlib.sha256(repr((array.shape, array.dtype.str)).encode())
     digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -64,15 +63,8 @@ class EmbeddedCells:
 
 
 def image_digest(image) -> str:
-    """Shape, dtype and pixels of ``image``; above IMAGE_SAMPLE_ELEMENTS a strided sample of rows and columns."""
-    array = np.asarray(image)
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr(array.shape).encode())
-    if array.size > IMAGE_SAMPLE_ELEMENTS:
-        step = math.ceil(math.sqrt(array.size / IMAGE_SAMPLE_ELEMENTS))
-        array = array[::step, ::step]
-    _digest_array(digest, array)
-    return digest.hexdigest()
+    """A digest of the whole image: shape, dtype and every pixel."""
+    return _digest(np.asarray(image))
 
 
 def model_key(model: str | os.PathLike) -> str:
@@ -148,10 +140,8 @@ def earlier_run(layer) -> EmbeddedCells | None:
 
 
 def labels_digest(labels) -> str:
-    """A digest of the whole label image (about 30 ms for 2400 x 3200 cells' worth)."""
-    digest = hashlib.blake2b(digest_size=16)
-    _digest_array(digest, np.asarray(labels))
-    return digest.hexdigest()
+    """A digest of the whole label image (about 15 ms for 2400 x 3200 int32 labels)."""
+    return _digest(np.asarray(labels))
 
 
 def repainted_since_embedded(layer) -> bool:
