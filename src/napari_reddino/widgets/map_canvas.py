@@ -17,14 +17,13 @@ from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
 from ..cell_map import points_in_polygon
 
-POINT_SIZE_FRACTION = 1 / 50
-MAP_DIM_OPACITY = 0.35  # the points outside a selection, still visible as context  # point diameter relative to the map's extent
+POINT_SIZE_FRACTION = 1 / 50  # point diameter relative to the map's extent
+MAP_DIM_OPACITY = 0.35  # the points outside a selection, still visible as context
 CLICK_RADIUS_POINTS = 1.5  # a click this many point diameters from a point picks it
 LABEL_KEYS = {getattr(Qt.Key, f"Key_{digit}"): str(digit) for digit in range(10)} | {
     Qt.Key.Key_Backspace: "Backspace", Qt.Key.Key_Delete: "Delete"}
-
-
 MIN_HEIGHT = 200  # px: usable, and with Segment and Embed tabbed beside it napari's window needs 764 px
+
 
 def map_coordinates(xy: np.ndarray) -> np.ndarray:
     """UMAP (x, y) to napari (row, column), with y pointing up as in a plot."""
