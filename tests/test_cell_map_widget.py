@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
 from napari.utils.notifications import notification_manager
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QMessageBox, QScrollArea
+from qtpy.QtCore import QPoint, Qt
+from qtpy.QtTest import QTest
+from qtpy.QtWidgets import QDockWidget, QMessageBox, QScrollArea
 
 from napari_reddino import CellClassifier, embeddings_of
 from napari_reddino.cell_embeddings import labels_digest, store_embeddings
@@ -474,6 +475,28 @@ def test_a_closed_map_panel_takes_its_colours_and_keys_and_a_new_one_finds_the_c
     reopened.train()
     assert reopened.status.value.startswith("Head trained on 6 labelled cells")
     assert sorted(c for c in cells.features if c.startswith("p_")) == ["p_crenated", "p_normal"]
+
+
+def test_the_map_panel_can_be_closed_but_not_floated_or_dragged_out(viewer, qtbot, tiny_folder):  # noqa: F811
+    embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    assert dock.features() == QDockWidget.DockWidgetFeature.DockWidgetClosable
+    assert not dock.titleBarWidget().float_button.isVisible()
+    title = dock.titleBarWidget()
+    start = QPoint(title.width() // 2, title.height() // 2)
+    QTest.mousePress(title, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, start)
+    for step in range(1, 20):  # a drag that would take a movable panel out of the window
+        QTest.mouseMove(title, start + QPoint(-20 * step, 10 * step))
+    QTest.mouseRelease(title, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, start + QPoint(-380, 190))
+    QTest.mouseDClick(dock.titleBarWidget(), Qt.MouseButton.LeftButton)
+    qtbot.wait(50)
+    assert not dock.isFloating() and widget.canvas.qt_viewer is not None
+    viewer.window._qt_window.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, dock)  # napari's own move
+    qtbot.wait(50)
+    assert not dock.isFloating() and not dock.titleBarWidget().float_button.isVisible()
+    widget.select(np.arange(len(widget.pool)) < 3)  # the map still draws and selects
+    assert widget.selection_count.value.startswith("3 ")
 
 
 def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  # noqa: F811

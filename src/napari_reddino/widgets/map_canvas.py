@@ -4,6 +4,11 @@ It holds two layers of its own ``ViewerModel``: the "cell map" Points layer (one
 cell, ``features`` = its cells layer and label id) and a "lasso" Shapes layer in which a free-hand
 polygon selects points. A canvas of its own keeps its own camera: zooming into a cell of the
 smear does not throw the map out of view, and the map's points never overlap the smear.
+
+The panel that holds the map can be closed but not floated or dragged elsewhere. Either takes
+the panel out of napari's window for a moment, Qt makes a new OpenGL context for the canvas, and
+vispy draws with the objects of the old one: GL errors on every frame, and under Linux's Mesa a
+crash of napari (vispy issue 1759; napari issue 9464 shows the same for napari's own histogram).
 """
 
 import weakref
@@ -13,7 +18,7 @@ import pandas as pd
 from napari.components import ViewerModel
 from napari.qt import QtViewer
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
-from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QDockWidget, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
 from ..cell_map import points_in_polygon
 
@@ -45,6 +50,20 @@ def _forgetter(canvas: "MapCanvas"):
             canvas.qt_viewer = None
 
     return forget
+
+
+def keep_docked(dock: QDockWidget) -> None:
+    """Let ``dock`` be closed only: not floated, not dragged (see the module docstring), and
+    without napari's float button, which napari makes again with each new title bar."""
+    dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetClosable)
+
+    def hide_float_button(*_) -> None:
+        button = getattr(dock.titleBarWidget(), "float_button", None)
+        if button is not None:
+            button.hide()
+
+    hide_float_button()
+    dock.dockLocationChanged.connect(hide_float_button)  # after napari's own handler, which makes the title bar
 
 
 class MapCanvas(QWidget):
@@ -83,6 +102,14 @@ class MapCanvas(QWidget):
         layout.addLayout(tools)
         layout.addWidget(self.qt_viewer, stretch=1)
         self.setMinimumHeight(MIN_HEIGHT)
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        dock = self.parent()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parent()
+        if dock is not None and dock.features() != QDockWidget.DockWidgetFeature.DockWidgetClosable:
+            keep_docked(dock)
 
     @property
     def coordinates(self) -> np.ndarray:
