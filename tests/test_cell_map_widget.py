@@ -240,11 +240,19 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
     assert widget.export_csv(csv) is None and csv.stat().st_mtime_ns == before
     assert widget.status.value == "Nothing was written: cells.csv, cells.npz and cells_summary.csv kept as they were."
-    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda _, title, text: asked.append(text) or QMessageBox.StandardButton.Yes)
     assert widget.export_csv(csv) == csv
+    assert asked.pop() == "cells.csv, cells.npz and cells_summary.csv exist. Replace?"
     widget.with_embeddings.value = False  # the earlier export's .npz would not match the new table: it goes
     assert widget.export_csv(csv) == csv and not csv.with_suffix(".npz").exists()
+    assert asked.pop() == ("cells.csv and cells_summary.csv exist and will be replaced; cells.npz, from an earlier "
+                           "export, would not match the new table and will be deleted. Go on?")
     assert widget.status.value.endswith("; removed the earlier export's cells.npz.")
+    widget.with_embeddings.value = True
+    dated = widget.export_csv(tmp_path / "Smear 12.03.2024")  # a dot in the name is not a suffix
+    assert dated == tmp_path / "Smear 12.03.2024.csv" and (tmp_path / "Smear 12.03.2024.npz").exists()
+    assert (tmp_path / "Smear 12.03.2024_summary.csv").exists() and asked == []
 
     # Labels cleared by mistake come back from the export; a cell labelled since keeps its label.
     exported = cells.features.set_index("label").loc[ids, "manual_label"].to_numpy()

@@ -17,6 +17,7 @@ see :mod:`.smear_colours`).
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import napari
@@ -700,20 +701,21 @@ class CellMapWidget(JobWidget):
         return [f"its {old!r} is {new!r} now" for old, new in renames.items()]
 
     def export_csv(self, path: str | Path) -> Path | None:
-        """Write one row per cell of the map's smears (to ``path``, ``.csv`` added when it has no
-        suffix); asks before replacing an existing file."""
+        """Write one row per cell of the map's smears (to ``path``, ``.csv`` added unless it ends
+        so); asks before replacing an existing file or deleting an earlier export's side files."""
         if not self._map_is_current():
             return None
         if self.pool is None:
             self._refuse("Compute the map first.", notify=show_info)
             return None
         path = Path(path)
-        path = path if path.suffix else path.with_suffix(".csv")
+        if path.suffix.lower() != ".csv":  # "Smear 12.03.2024" too: its suffix is ".2024"
+            path = path.with_name(f"{path.name}.csv")
         embeddings = path.with_suffix(".npz") if self.with_embeddings.value else None
         summary = summary_path(path) if self.with_summary.value else None
         stale = stale_beside(path, with_embeddings=embeddings is not None, with_summary=summary is not None)
-        existing = [file for file in (path, embeddings, summary) if file is not None and file.exists()] + stale
-        if existing and not self._confirm_overwrite(existing):
+        existing = [file for file in (path, embeddings, summary) if file is not None and file.exists()]
+        if (existing or stale) and not self._confirm_overwrite(existing, stale):
             return None
         try:
             written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, summary_path=summary,
@@ -767,11 +769,19 @@ class CellMapWidget(JobWidget):
                          "those smears)")
         self.status.value = "; ".join(parts) + "."
 
-    def _confirm_overwrite(self, paths: list[Path]) -> bool:
-        names = ", ".join(path.name for path in paths[:-1]) + (" and " if len(paths) > 1 else "") + paths[-1].name
-        answer = QMessageBox.question(self, "Replace?", f"{names} {'exist' if len(paths) > 1 else 'exists'}. Replace?")
-        if answer != QMessageBox.StandardButton.Yes:
-            self.status.value = f"Nothing was written: {names} kept as {'they were' if len(paths) > 1 else 'it was'}."
+    def _confirm_overwrite(self, paths: list[Path], removed: Sequence[Path] = ()) -> bool:
+        """Ask before replacing ``paths`` and deleting ``removed`` (an earlier export's files that
+        would not match the new one); on No, say that all of them were kept."""
+        replaced = f"{_names(paths)} {'exist' if len(paths) > 1 else 'exists'}" if paths else ""
+        if removed:
+            question = ((f"{replaced} and will be replaced; " if replaced else "")
+                        + f"{_names(removed)}, from an earlier export, would not match the new table and will be "
+                        "deleted. Go on?")
+        else:
+            question = f"{replaced}. Replace?"
+        if QMessageBox.question(self, "Replace?", question) != QMessageBox.StandardButton.Yes:
+            kept = [*paths, *removed]
+            self.status.value = f"Nothing was written: {_names(kept)} kept as {'they were' if len(kept) > 1 else 'it was'}."
             return False
         return True
 
@@ -797,4 +807,10 @@ class CellMapWidget(JobWidget):
         )
         if path:
             self.export_csv(path)
+
+
+def _names(paths: Sequence[Path]) -> str:
+    """``a.csv``, ``a.csv and b.npz``, ``a.csv, b.npz and c.csv``."""
+    names = [path.name for path in paths]
+    return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
 
