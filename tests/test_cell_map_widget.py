@@ -325,7 +325,9 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     widget.apply_head(tmp_path / "other.safetensors")
     assert "someone-else/vit" in widget.status.value
 
-    # Both smears in one pooled map; a selection maps back to the right image.
+    # Both smears in one pooled map; a selection maps back to the right image, also once renamed.
+    viewer.layers[aslan.metadata["source_image"]].name = "patient 17"
+    assert aslan.metadata["source_image"] == "patient 17"
     compute_map(widget, qtbot)
     pool = widget.pool
     assert len(pool) == len(ids) + len(embeddings_of(aslan)[0])

@@ -14,6 +14,7 @@ from qtpy.QtCore import QEvent, Signal
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from ..image_input import ACCEPTED, ImageInputError, check_smear
+from .image_renames import follow_image_renames
 
 
 def smear_pixels(layer: Image) -> np.ndarray:
@@ -69,6 +70,7 @@ class JobWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
         self._viewer = napari_viewer
+        follow_image_renames(napari_viewer)
         self._worker = None
         self._result = None
         self._progress: progress | None = None

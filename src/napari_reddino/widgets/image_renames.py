@@ -1,0 +1,40 @@
+"""A cells layer knows its smear by the image layer's name (``metadata["source_image"]``), so a
+renamed image layer (a file name replaced by a patient ID) renames that link in its cells layers.
+
+Without this, the Cell map would not find a renamed smear's image to show a clicked cell in it
+(and would show it over another smear's pixels), Embed cells would not find the image's own
+cells layer, and an export would name the smear by its old name.
+"""
+
+import weakref
+
+from napari.layers import Image
+
+_FOLLOWED: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()  # by id: viewers equal by value
+
+
+def follow_image_renames(viewer) -> None:
+    """Keep ``source_image`` of ``viewer``'s layers in step with its image layers' names (once
+    per viewer, however many widgets ask)."""
+    viewer = getattr(viewer, "__wrapped__", viewer)  # napari hands plugins a proxy, new objects on every access
+    if _FOLLOWED.get(id(viewer)) is viewer:
+        return
+    _FOLLOWED[id(viewer)] = viewer
+    layers = weakref.ref(viewer.layers)  # the connections must not keep a closed viewer alive
+    names: "weakref.WeakKeyDictionary[Image, str]" = weakref.WeakKeyDictionary()
+
+    def renamed(event) -> None:
+        image = event.source
+        old, names[image] = names.get(image), image.name
+        for layer in layers() or ():
+            if old is not None and layer is not image and layer.metadata.get("source_image") == old:
+                layer.metadata = {**layer.metadata, "source_image": image.name}
+
+    def watch(layer) -> None:
+        if isinstance(layer, Image) and layer not in names:
+            names[layer] = layer.name
+            layer.events.name.connect(renamed)
+
+    for layer in viewer.layers:
+        watch(layer)
+    viewer.layers.events.inserted.connect(lambda event: watch(event.value))
