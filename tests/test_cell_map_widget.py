@@ -417,6 +417,14 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
     cells.undo()
     compute_map(widget, qtbot)
+    cells.redo()  # ... and so does the next label, which is not written to a cell that is not as mapped
+    before = cells.features["manual_label"].copy()
+    widget.select(widget.pool.layer_index == 0)
+    widget.assign("normal")
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
+    assert cells.features["manual_label"].equals(before)
+    cells.undo()
+    compute_map(widget, qtbot)
     viewer.layers.remove(aslan)
     assert widget.pool is None and widget.status.value.startswith(f"The cells of {aslan.name!r} changed or were removed")
 

@@ -294,18 +294,21 @@ class CellMapWidget(JobWidget):
             self.status.value = f"Map of {len(xy):,} cells in {time.perf_counter() - self._started:.1f} s."
         self.finished.emit()
 
-    def _changed_since_pooled(self, pool: PooledCells) -> str | None:
-        """The name of a pooled cells layer that was removed, re-embedded or repainted since ``pool``
-        was made (an undo, or a brush stroke while the map was computed, sends no event we hear)."""
-        for position, cells in enumerate(pool.layers):
+    def _changed_since_pooled(self, pool: PooledCells, positions=None) -> str | None:
+        """The name of a pooled cells layer (of those at ``positions``; all by default) that was
+        removed, re-embedded or repainted since ``pool`` was made (an undo, or a brush stroke while
+        the map was computed, sends no event we hear)."""
+        for position in range(len(pool.layers)) if positions is None else positions:
+            cells = pool.layers[position]
             if (cells not in self._viewer.layers or stored_fingerprint(cells) != pool.fingerprints[position]
                     or repainted_since_embedded(cells)):
                 return cells.name
         return None
 
-    def _map_is_current(self) -> bool:
-        """False, after saying so, when the map's cells were re-embedded or removed since it was made."""
-        if self.pool is not None and (changed := self._changed_since_pooled(self.pool)):
+    def _map_is_current(self, positions=None) -> bool:
+        """False, after saying so, when the map's cells (of the layers at ``positions``; all by
+        default) were re-embedded, repainted or removed since it was made."""
+        if self.pool is not None and (changed := self._changed_since_pooled(self.pool, positions)):
             self._map_is_stale(changed)
             self.finished.emit()
             return False
@@ -477,6 +480,8 @@ class CellMapWidget(JobWidget):
             return
         if not self.selected.any():
             self.status.value = "No cells selected: lasso them on the map, or click them in the smear."
+            return
+        if not self._map_is_current(np.unique(self.pool.layer_index[self.selected])):  # an undo since the map
             return
         had_label = self.pool.column("manual_label", UNLABELLED)[self.selected] != UNLABELLED
         count = counted(int(self.selected.sum() if name else had_label.sum()), "cell")
