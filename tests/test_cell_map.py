@@ -79,6 +79,16 @@ def test_labels_are_written_into_a_column_read_back_as_numbers_or_categories(two
     assert pool.column("manual_label", "").tolist() == ["", "target cell", "normal", "target cell", "normal"]
 
 
+def test_a_smear_with_two_cells_layers_in_the_pool_is_named_with_them(two_smears):
+    first, second = two_smears
+    assert PooledCells.from_layers(two_smears).smears_mapped_twice() == {}
+    again = cells_layer("a cells [1]", first.data)  # segmented again beside the labelled layer
+    again.metadata["source_image"] = "a"
+    second.metadata["source_image"] = "b"
+    pool = PooledCells.from_layers([first, second, again])
+    assert pool.smears_mapped_twice() == {"a": ["a cells", "a cells [1]"]}
+
+
 def test_two_layers_of_one_name_keep_their_own_cell_sizes(two_smears):
     for layer, diameters in zip(two_smears, ([40.0, 20.0], [100.0, 100.0, 100.0])):
         layer.features["equivalent_diameter_px"] = diameters

@@ -517,6 +517,21 @@ def test_the_map_panel_can_be_closed_but_not_floated_or_dragged_out(viewer, qtbo
     assert widget.selection_count.value.startswith("3 ")
 
 
+def test_a_smear_mapped_twice_is_named_in_the_status(viewer, qtbot, tiny_folder):  # noqa: F811
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    again = viewer.add_labels(cells.data.copy(), name=f"{cells.name} again", features=cells.features.copy(),
+                              metadata=dict(cells.metadata))  # segmented again, beside the labelled layer
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    assert len(widget.pool) == 2 * len(embeddings_of(cells)[0])
+    assert widget.status.value.endswith(
+        f" The smear '1' is mapped twice ({cells.name!r} and {again.name!r}): its cells count twice in the map, "
+        "the head and the export; remove the layer you do not need (Import labels carries labels across).")
+    viewer.layers.remove(again)
+    compute_map(widget, qtbot)
+    assert widget.status.value.startswith("Map of ") and "twice" not in widget.status.value
+
+
 def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  # noqa: F811
     cells = embed(viewer, qtbot, tiny_folder[1], ASLAN_1)
     embeddings_of(cells)[1][0, 0] = np.nan  # a damaged embedding

@@ -19,6 +19,7 @@ import pandas as pd
 from skimage.measure import points_in_poly
 
 from .cell_embeddings import embeddings_of, repainted_since_embedded, stored_fingerprint
+from .cell_table import image_name
 from .model_ids import same_model
 
 LUT_SIZE = 2**16  # napari draws uint16 labels through a 65,536-colour lookup table on the GPU
@@ -95,6 +96,14 @@ class PooledCells:
     def layer_index(self) -> np.ndarray:
         """(n,) which of ``layers`` each point comes from."""
         return np.repeat(np.arange(len(self.layers)), np.diff(self.offsets))
+
+    def smears_mapped_twice(self) -> dict[str, list[str]]:
+        """The smears with more than one cells layer in the pool (segmented again beside the
+        labelled layer, say), each with its layers' names: their cells are counted twice."""
+        layers_of: dict[str, list[str]] = {}
+        for layer in self.layers:
+            layers_of.setdefault(image_name(layer), []).append(str(layer.name))
+        return {smear: names for smear, names in layers_of.items() if len(names) > 1}
 
     def span(self, position: int) -> slice:
         """The points of ``layers[position]``."""
