@@ -125,6 +125,11 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
 
     outside = ids[~inside]
     row, col = table.loc[outside[0], ["centroid_y", "centroid_x"]]
+    cells.visible = False  # to see the smear's own pixels: a click picks nothing, and says why
+    click(widget._on_smear_press, viewer, (row, col))
+    assert not widget.selected[~inside].any() and widget.status.value == (
+        f"A cell of {cells.name!r} is there, but {cells.name!r} is hidden: show it to pick its cells in the smear.")
+    cells.visible = True
     click(widget._on_smear_press, viewer, (row, col))  # a click on the smear selects that cell...
     np.testing.assert_array_equal(ids[widget.selected], [outside[0]])
     click(widget._on_smear_press, viewer, tuple(table.loc[outside[1], ["centroid_y", "centroid_x"]]), shift=True)

@@ -21,11 +21,11 @@ label id (``np.searchsorted(label_ids, label)``), never by row order.
 
 The fingerprint digests the whole image (shape, dtype and every pixel), the whole label image,
 the model's identity (its canonical id, plus the modification time of a local model or the
-cached commit of a Hub model) and the crop settings. Embeddings are up to date when the stored fingerprint equals the current one. The
-device and precision are not part of it: switching CPU for GPU does not recompute. When it
-differs, :func:`earlier_run` hands the stored run to ``Embedder.embed_steps(reuse=)``, which
-runs the model only on cells whose crop changed: after a brush stroke, the painted cell and the
-neighbours whose windows it reaches.
+cached commit of a Hub model) and the crop settings. Embeddings are up to date when the stored
+fingerprint equals the current one. The device and precision are not part of it: switching CPU
+for GPU does not recompute. When it differs, :func:`earlier_run` hands the stored run to
+``Embedder.embed_steps(reuse=)``, which runs the model only on cells whose crop changed: after a
+brush stroke, the painted cell and the neighbours whose windows it reaches.
 
 No Qt, no napari: ``layer`` is anything with a ``metadata`` dict (a napari Labels layer).
 """

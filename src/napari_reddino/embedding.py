@@ -8,10 +8,10 @@ ascending order with their embeddings: for RedDino the class token after the fin
 
 While the model runs on one batch, a worker thread cuts the next, so the model never waits
 for crops. Given an earlier run of the same model (``reuse=``), a cell whose crop is what it
-was keeps its embedding and only the others go through the model. The batch size follows the free memory of the device and halves when a CUDA
-batch runs out of memory. Work can be cancelled between batches, and
-:meth:`Embedder.embed_steps` is a generator that yields progress, fit for a napari
-``thread_worker``.
+was keeps its embedding and only the others go through the model. The batch size follows the
+free memory of the device and halves when a CUDA batch runs out of memory. Work can be
+cancelled between batches, and :meth:`Embedder.embed_steps` is a generator that yields
+progress, fit for a napari ``thread_worker``.
 """
 
 from __future__ import annotations

@@ -453,6 +453,13 @@ class CellMapWidget(JobWidget):
         hit = self._smear_colours.cell_at(event.position)
         if hit is not None:
             self.select_cell(*hit, add="Shift" in event.modifiers)
+        elif (behind := self._smear_colours.cell_at(event.position, hidden=True)) is not None:
+            cells = behind[0]
+            hidden = [layer.name for layer in (cells, self._smear_colours.layers[self.pool.layers.index(cells)])
+                      if not layer.visible]
+            verb, pronoun = ("are", "them") if len(hidden) > 1 else ("is", "it")
+            self.status.value = (f"A cell of {cells.name!r} is there, but {' and '.join(map(repr, hidden))} {verb} "
+                                 f"hidden: show {pronoun} to pick its cells in the smear.")
 
     def _on_point_clicked(self, point: int, add: bool) -> None:
         position = int(self.pool.layer_index[point])
@@ -790,7 +797,8 @@ class CellMapWidget(JobWidget):
             question = f"{replaced}. Replace?"
         if QMessageBox.question(self, "Replace?", question) != QMessageBox.StandardButton.Yes:
             kept = [*paths, *removed]
-            self.status.value = f"Nothing was written: {_names(kept)} kept as {'they were' if len(kept) > 1 else 'it was'}."
+            self.status.value = (f"Nothing was written: {_names(kept)} kept as "
+                                 f"{'they were' if len(kept) > 1 else 'it was'}.")
             return False
         return True
 

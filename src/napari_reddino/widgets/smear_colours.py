@@ -48,12 +48,12 @@ class SmearColours:
         for position, overlay in enumerate(self.layers):
             overlay.colormap = CyclicLabelColormap(colors=rank_lut(fill[self._pool.span(position)]))
 
-    def cell_at(self, world_position) -> tuple[Labels, int] | None:
+    def cell_at(self, world_position, *, hidden: bool = False) -> tuple[Labels, int] | None:
         """The cells layer and label id of the cell shown at ``world_position``: the top one of
-        the visible smears, or None."""
+        the visible smears (of all smears with ``hidden``), or None."""
         layers = self._viewer.layers
         shown = [p for p, overlay in enumerate(self.layers)
-                 if overlay in layers and overlay.visible and self._pool.layers[p].visible]
+                 if overlay in layers and (hidden or overlay.visible and self._pool.layers[p].visible)]
         for position in sorted(shown, key=lambda p: -layers.index(self.layers[p])):
             rank = self.layers[position].get_value(world_position, world=True)
             if rank:
