@@ -413,6 +413,14 @@ def test_labels_changed_during_the_run_keep_the_embeddings_of_the_cells_as_they_
     assert widget.status.value == ("The cells of 'smear cells' changed while they were embedded. The embeddings of "
                                    "the cells as they were are kept: Run again embeds only the changed ones.")
     widget._on_progress = on_progress
+    cells.data = labels.copy()  # undone: the labels are those embedded, but their table was never measured
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    ids = label_ids(cells)
+    assert DONE.match(widget.status.value).groups() == ("0", f"{len(ids):,}")  # every embedding was kept
+    np.testing.assert_array_equal(np.sort(cells.features["label"]), ids)  # and the cells were measured
+    assert not repainted_since_embedded(cells)
+    cells.data = np.where(labels == 1, 1, 0).astype(labels.dtype)
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
         widget.run()
     assert embeddings_of(cells)[0].tolist() == [1] and not repainted_since_embedded(cells)

@@ -298,21 +298,18 @@ class CellMapWidget(JobWidget):
             self.status.value = f"Map of {len(xy):,} cells in {time.perf_counter() - self._started:.1f} s.{twice}"
         self.finished.emit()
 
-    def _changed_since_pooled(self, pool: PooledCells, positions=None) -> str | None:
-        """The name of a pooled cells layer (of those at ``positions``; all by default) that was
-        removed, re-embedded or repainted since ``pool`` was made (an undo, or a brush stroke while
-        the map was computed, sends no event we hear)."""
-        for position in range(len(pool.layers)) if positions is None else positions:
-            cells = pool.layers[position]
+    def _changed_since_pooled(self, pool: PooledCells) -> str | None:
+        """The name of a pooled cells layer that was removed, re-embedded or repainted since ``pool``
+        was made (a brush stroke while the map was computed sends no event we hear then)."""
+        for position, cells in enumerate(pool.layers):
             if (cells not in self._viewer.layers or stored_fingerprint(cells) != pool.fingerprints[position]
                     or repainted_since_embedded(cells)):
                 return cells.name
         return None
 
-    def _map_is_current(self, positions=None) -> bool:
-        """False, after saying so, when the map's cells (of the layers at ``positions``; all by
-        default) were re-embedded, repainted or removed since it was made."""
-        if self.pool is not None and (changed := self._changed_since_pooled(self.pool, positions)):
+    def _map_is_current(self) -> bool:
+        """False, after saying so, when the map's cells were re-embedded or removed since it was made."""
+        if self.pool is not None and (changed := self._changed_since_pooled(self.pool)):
             self._map_is_stale(changed)
             self.finished.emit()
             return False
@@ -333,6 +330,7 @@ class CellMapWidget(JobWidget):
             cells.events.data.connect(self._on_cells_changed)
             cells.events.paint.connect(self._on_cells_changed)
             cells.events.metadata.connect(self._on_cells_metadata)
+            cells.events.set_data.connect(self._on_cells_refreshed)  # an undo or redo says only this
         for column in ("manual_label", "predicted_class"):  # classes given before this panel opened
             for name in pd.unique(pool.column(column, UNLABELLED)):
                 if name != UNLABELLED:
@@ -347,6 +345,7 @@ class CellMapWidget(JobWidget):
                 cells.events.data.disconnect(self._on_cells_changed)
                 cells.events.paint.disconnect(self._on_cells_changed)
                 cells.events.metadata.disconnect(self._on_cells_metadata)
+                cells.events.set_data.disconnect(self._on_cells_refreshed)
             self._smear_keys.release()
         if self._smear_colours is not None:
             self._smear_colours.remove()
@@ -364,6 +363,11 @@ class CellMapWidget(JobWidget):
 
     def _on_cells_changed(self, event) -> None:
         self._map_is_stale(event.source.name)  # the cells layer whose data or paint event this is
+
+    def _on_cells_refreshed(self, event) -> None:
+        """A cells layer was redrawn: after an undo or redo its cells may not be those mapped."""
+        if repainted_since_embedded(event.source):
+            self._map_is_stale(event.source.name)
 
     def _on_cells_metadata(self, _event) -> None:
         """Embedded again (another model or crop setting): the map shows the old embeddings."""
@@ -491,8 +495,6 @@ class CellMapWidget(JobWidget):
             return
         if not self.selected.any():
             self.status.value = "No cells selected: lasso them on the map, or click them in the smear."
-            return
-        if not self._map_is_current(np.unique(self.pool.layer_index[self.selected])):  # an undo since the map
             return
         had_label = self.pool.column("manual_label", UNLABELLED)[self.selected] != UNLABELLED
         count = counted(int(self.selected.sum() if name else had_label.sum()), "cell")

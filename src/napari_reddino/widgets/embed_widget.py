@@ -452,9 +452,12 @@ class EmbedCellsWidget(JobWidget):
         if job.cells not in self._viewer.layers:
             self.status.value = f"{job.cells.name!r} was removed while its cells were embedded; nothing was stored."
             return
+        changed = labels_digest(job.cells.data) != job.labels_digest  # segmented again or painted meanwhile
+        # Changed: the embeddings are kept for the next run to reuse, but are never up to date, even
+        # if an undo brings the labels back: that run must also measure the cells this one did not.
         store_run(job.cells, run, model=job.model, device=embedder.device, crops=job.crops,
-                  fingerprint=loaded_fingerprint, labels_digest=job.labels_digest)
-        if labels_digest(job.cells.data) != job.labels_digest:  # segmented again or painted meanwhile
+                  fingerprint="" if changed else loaded_fingerprint, labels_digest=job.labels_digest)
+        if changed:
             self.status.value = (f"The cells of {job.cells.name!r} changed while they were embedded. The embeddings "
                                  "of the cells as they were are kept: Run again embeds only the changed ones.")
             return

@@ -1,5 +1,6 @@
-"""A cells layer knows its smear by the image layer's name (``metadata["source_image"]``), so a
-renamed image layer (a file name replaced by a patient ID) renames that link in its cells layers.
+"""A cells layer knows its smear by the image layer's name (``metadata["source_image"]``, and a
+map-colours layer by its own key), so a renamed image layer (a file name replaced by a patient
+ID) renames that link in its layers.
 
 Without this, the Cell map would not find a renamed smear's image to show a clicked cell in it
 (and would show it over another smear's pixels), Embed cells would not find the image's own
@@ -16,6 +17,9 @@ _FOLLOWED: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDiction
 def follow_image_renames(viewer) -> None:
     """Keep ``source_image`` of ``viewer``'s layers in step with its image layers' names (once
     per viewer, however many widgets ask)."""
+    from .smear_colours import MARK  # here: smear_colours imports job_widget, which imports this module
+
+    links = ("source_image", MARK)  # a cells layer's smear; the smear a map-colours layer colours
     viewer = getattr(viewer, "__wrapped__", viewer)  # napari hands plugins a proxy, new objects on every access
     if _FOLLOWED.get(id(viewer)) is viewer:
         return
@@ -27,8 +31,9 @@ def follow_image_renames(viewer) -> None:
         image = event.source
         old, names[image] = names.get(image), image.name
         for layer in layers() or ():
-            if old is not None and layer is not image and layer.metadata.get("source_image") == old:
-                layer.metadata = {**layer.metadata, "source_image": image.name}
+            moved = {key: image.name for key in links if old is not None and layer.metadata.get(key) == old}
+            if moved and layer is not image:
+                layer.metadata = {**layer.metadata, **moved}
 
     def watch(layer) -> None:
         if isinstance(layer, Image) and layer not in names:

@@ -55,7 +55,7 @@ class SmearColours:
         shown = [p for p, overlay in enumerate(self.layers)
                  if overlay in layers and (hidden or overlay.visible and self._pool.layers[p].visible)]
         for position in sorted(shown, key=lambda p: -layers.index(self.layers[p])):
-            rank = self.layers[position].get_value(world_position, world=True)
+            rank = _value_at(self.layers[position], world_position)
             if rank:
                 return self._pool.layers[position], int(self._pool.label_ids[self._pool.offsets[position] + int(rank) - 1])
         return None
@@ -87,6 +87,15 @@ class SmearColours:
             if overlay in self._viewer.layers:
                 self._viewer.layers.remove(overlay)
         self.layers = []
+
+
+def _value_at(labels: Labels, world_position) -> int:
+    """The label at ``world_position``, 0 outside; also of a hidden layer, which napari's
+    ``get_value`` answers with None."""
+    index = np.round(labels.world_to_data(world_position)).astype(int)
+    if np.any(index < 0) or np.any(index >= labels.data.shape):
+        return 0
+    return int(labels.data[tuple(index)])
 
 
 def _is_smear_layer(layer) -> bool:

@@ -1,0 +1,32 @@
+"""follow_image_renames: a renamed image layer stays the smear of its cells and map colours."""
+
+import numpy as np
+from napari.components import ViewerModel
+
+from napari_reddino.widgets.image_renames import follow_image_renames
+from napari_reddino.widgets.smear_colours import MARK
+
+
+def test_a_renamed_image_is_followed_by_its_cells_and_colours_and_no_other_layer():
+    viewer = ViewerModel()
+    follow_image_renames(viewer)
+    follow_image_renames(viewer)  # a second widget asks again: still one link per image
+    image = viewer.add_image(np.zeros((8, 8)), name="scan1")
+    other = viewer.add_image(np.zeros((8, 8)), name="scan2")
+    cells = viewer.add_labels(np.zeros((8, 8), np.int32), name="scan1 cells", metadata={"source_image": "scan1"})
+    colours = viewer.add_labels(np.zeros((8, 8), np.uint16), name="scan1 cells map colours", metadata={MARK: "scan1"})
+    others = viewer.add_labels(np.zeros((8, 8), np.int32), name="scan2 cells", metadata={"source_image": "scan2"})
+    changes = []
+    cells.events.metadata.connect(lambda event: changes.append(event))
+
+    image.name = "P-042"
+    assert cells.metadata == {"source_image": "P-042"} and colours.metadata == {MARK: "P-042"}
+    assert others.metadata == {"source_image": "scan2"} and len(changes) == 1
+    other.name = "P-042"  # taken: napari makes it unique, and its own cells follow that name
+    assert other.name != "P-042" and others.metadata == {"source_image": other.name}
+    assert cells.metadata == {"source_image": "P-042"}
+    viewer.layers.remove(image)
+    late = viewer.add_image(np.zeros((8, 8)), name="scan3")  # added after: followed too
+    cells.metadata = {"source_image": "scan3"}
+    late.name = "P-043"
+    assert cells.metadata == {"source_image": "P-043"}
