@@ -531,7 +531,7 @@ def test_a_smear_mapped_twice_is_named_in_the_status(viewer, qtbot, tiny_folder)
     assert len(widget.pool) == 2 * len(embeddings_of(cells)[0])
     assert widget.status.value.endswith(
         f" The smear '1' is mapped twice ({cells.name!r} and {again.name!r}): its cells count twice in the map, "
-        "the head and the export; remove the layer you do not need (Import labels carries labels across).")
+        "the head and the export; remove the layer you do not need.")
     viewer.layers.remove(again)
     compute_map(widget, qtbot)
     assert widget.status.value.startswith("Map of ") and "twice" not in widget.status.value

@@ -171,6 +171,18 @@ def test_segment_first_adds_the_cells_layer_then_embeds_it(viewer, widget, qtbot
     assert embeddings.shape == (len(ids), TINY_DIM)
     assert DONE.match(widget.status.value)
 
+    # Segmented again once its cells carry labels: a new layer beside, the labels carried over.
+    cells.features = cells.features.assign(manual_label=np.where(np.arange(len(ids)) < 5, "target cell", ""))
+    widget.cells.value = SEGMENT_FIRST
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    again = viewer.layers[result.args[0].name]
+    assert again.name == f"{cells.name} [1]" and not cells.visible
+    np.testing.assert_array_equal(again.data, cells.data)  # the same settings: the same cells, the same ids
+    assert again.features["manual_label"].tolist() == cells.features["manual_label"].tolist()
+    assert notification_manager.records[-1].message == (
+        f"{again.name!r}: 5 labels of {cells.name!r} carried over to the same cells; {cells.name!r} is hidden.")
+
 
 def corrupt_copy(folder: Path, tmp_path: Path) -> str:
     damaged = tmp_path / "damaged_model"

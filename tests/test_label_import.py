@@ -16,7 +16,9 @@ from napari_reddino.label_import import (
     AREA_RATIO,
     CENTRE_SHIFT,
     CENTROID_TOLERANCE_PX,
+    LabelImport,
     LabelImportError,
+    carry_manual_labels,
     import_manual_labels,
 )
 
@@ -123,6 +125,22 @@ def test_a_cell_edited_since_the_export_loses_only_its_own_label(smear, tmp_path
     assert report.missed == {"1 cells": 2} and report.written == {"1 cells": len(yesterday.features) - 2}
     back = today.features.set_index("label")["manual_label"]
     assert back[4] == "" and (back.drop(4) == yesterday.features.set_index("label")["manual_label"].drop([4, 5])).all()
+
+
+def test_labels_carried_from_layer_to_layer_are_those_an_export_and_import_would_give(smear, tmp_path):
+    yesterday = labelled(cells_layer(smear), every=2)
+    yesterday.features.loc[4, "manual_label"] = "  "  # blank: no label
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    imported = SimpleNamespace(name="1 cells [1]", metadata={"source_image": "1"},
+                               features=measure_cells(segment_cells(smear, cell_diameter=32), smear))
+    carried = SimpleNamespace(name="1 cells [1]", metadata={"source_image": "1"}, features=imported.features.copy())
+    by_file = import_manual_labels(tmp_path / "cells.csv", imported)
+    report = carry_manual_labels(yesterday, carried)
+    assert carried.features["manual_label"].tolist() == imported.features["manual_label"].tolist()
+    assert report.written == by_file.written and report.missed == by_file.missed == {"1 cells": report.missed["1 cells"]}
+    assert report.classes == by_file.classes and 0 < report.missed["1 cells"] < report.written["1 cells [1]"]
+    unlabelled = SimpleNamespace(name="x", metadata={}, features=cells_layer(smear).features)
+    assert carry_manual_labels(unlabelled, carried) == LabelImport()  # nothing to carry, nothing said
 
 
 def test_a_cell_traced_a_little_differently_is_found_by_its_box_area_and_centre(smear, tmp_path):

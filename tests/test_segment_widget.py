@@ -104,9 +104,19 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     widget.image.value = chula  # (opening it chose the later smear)
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
-    assert list(viewer.layers) == [chula, cells, colours, result.args[0], later]
-    assert result.args[0].name == "smear (chula) cells [1]"
-    viewer.layers.remove(result.args[0])
+    again = result.args[0]
+    assert list(viewer.layers) == [chula, cells, colours, again, later]
+    assert again.name == "smear (chula) cells [1]"
+    # The same settings find the same cells: the label goes to the new layer's cell at that place,
+    # and the labelled layer is hidden beneath it.
+    first = cells.features.iloc[0]
+    at_place = again.data[int(round(first["centroid_y"])), int(round(first["centroid_x"]))]
+    assert again.features.set_index("label")["manual_label"].to_dict() == {
+        label: "normal" if label == at_place else "" for label in again.features["label"]}
+    assert not cells.visible and widget.status.value.endswith(
+        f"; 1 label of {cells.name!r} carried over to the same cells; {cells.name!r} is hidden")
+    cells.visible = True
+    viewer.layers.remove(again)
     cells.name = "mine"  # renamed while mapped: still its smear's, and so are its map colours
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()

@@ -107,6 +107,30 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
     return report
 
 
+def carry_manual_labels(source, target) -> LabelImport:
+    """Give the cells of ``target`` (a smear segmented again) the manual labels of the same cells
+    in ``source`` (its earlier cells layer), found by place as :func:`import_manual_labels` finds
+    them; a cell of ``target`` that has a label keeps it. ``missed`` counts the labelled cells of
+    ``source`` that are not in ``target`` (split, merged, or cut otherwise)."""
+    table = pd.DataFrame(source.features)
+    report = LabelImport()
+    if "manual_label" not in table or "label" not in table:
+        return report
+    labels = table["manual_label"].astype(object).fillna("").astype(str).str.strip()
+    rows = table[labels != ""].assign(manual_label=labels[labels != ""])
+    if rows.empty:
+        return report
+    ids = _cells_at(rows, target)
+    matched = ids >= 0
+    if not matched.all():
+        report.missed[str(source.name)] = int((~matched).sum())
+    report.written[str(target.name)] = 0
+    if matched.any():
+        _write(target, pd.Series(rows["manual_label"].to_numpy()[matched], index=ids[matched]), report)
+    report.classes = list(dict.fromkeys(rows["manual_label"].to_numpy()[matched]))
+    return report
+
+
 def _read_labelled_rows(path: Path) -> pd.DataFrame:
     """The rows of ``path`` with a manual label: ``layer``, ``image``, integer ``label``, centroid."""
     try:

@@ -293,8 +293,8 @@ class CellMapWidget(JobWidget):
             self.show_map(pool, xy)
             twice = "".join(
                 f" The smear {smear!r} is mapped twice ({' and '.join(map(repr, names))}): its cells count twice in "
-                "the map, the head and the export; remove the layer you do not need (Import labels carries labels "
-                "across)." for smear, names in pool.smears_mapped_twice().items())
+                "the map, the head and the export; remove the layer you do not need."
+                for smear, names in pool.smears_mapped_twice().items())
             self.status.value = f"Map of {len(xy):,} cells in {time.perf_counter() - self._started:.1f} s.{twice}"
         self.finished.emit()
 

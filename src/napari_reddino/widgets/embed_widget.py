@@ -436,7 +436,9 @@ class EmbedCellsWidget(JobWidget):
         if job.image_name not in self._viewer.layers:
             self._refuse(f"{job.image_name!r} was removed while it was segmented; nothing was changed.")
             return
-        cells = add_cells_layer(self._viewer, labels, table, job, cell_diameter)
+        cells, carried = add_cells_layer(self._viewer, labels, table, job, cell_diameter)
+        if carried:
+            show_info(f"{cells.name!r}: {carried}.")
         self.reset_choices()
         self.cells.value = cells
         image = self._viewer.layers[job.image_name]

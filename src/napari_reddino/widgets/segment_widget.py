@@ -12,6 +12,7 @@ from napari.utils.notifications import show_warning
 from qtpy.QtCore import Signal
 
 from ..cell_embeddings import labels_digest
+from ..label_import import carry_manual_labels
 from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
 from ..wording import counted
@@ -140,20 +141,20 @@ class SegmentCellsWidget(JobWidget):
             show_warning(message)
             self.status.value = message
             return
-        layer = self._show_cells(labels, table, job, cell_diameter)
-        self.status.value = f"{counted(len(table), 'cell')} found in {time.perf_counter() - job.started:.1f} s"
+        layer, carried = add_cells_layer(self._viewer, labels, table, job, cell_diameter)
+        found = f"{counted(len(table), 'cell')} found in {time.perf_counter() - job.started:.1f} s"
+        self.status.value = f"{found}; {carried}" if carried else found
         self.segmented.emit(layer)
-
-    def _show_cells(self, labels: np.ndarray, table: pd.DataFrame, job: _Job, cell_diameter: float) -> Labels:
-        return add_cells_layer(self._viewer, labels, table, job, cell_diameter)
 
 
 def add_cells_layer(
     viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.DataFrame, job: _Job, cell_diameter: float
-) -> Labels:
+) -> tuple[Labels, str]:
     """Add the cells layer, or replace the data and table of the one from an earlier run, unless
     that one holds labels the user gave its cells: then the new layer goes beside it, named by
-    napari with a number, and the labelled one is left as it was.
+    napari with a number, and the labelled one is left as it was, hidden, its labels carried over
+    to the same cells of the new one (see :func:`carry_labels`). Returns the layer and what was
+    carried over, in words ("" when nothing was).
 
     Shared by the Segment and Embed widgets, so both make the same cells layer.
     """
@@ -172,7 +173,7 @@ def add_cells_layer(
         layer.features = table
         layer.metadata = metadata
         layer.scale, layer.translate = job.scale, job.translate
-        return layer
+        return layer, carry_labels(viewer, layer, job.image_name)
     layer = viewer.add_labels(
         labels, name=job.layer_name, features=table, metadata=metadata, scale=job.scale, translate=job.translate
     )
@@ -184,7 +185,25 @@ def add_cells_layer(
     own |= {other.name for other in layers if coloured_smear(other) in own | {job.image_name}}
     if own:
         place_above(layers, layer, [other for other in layers if other.name in own][-1])
-    return layer
+    return layer, carry_labels(viewer, layer, job.image_name)
+
+
+def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, image_name: str) -> str:
+    """Give the cells of ``layer`` the manual labels of the same cells (found by place, as Import
+    labels does) in the other cells layers of its smear, the top one first, and hide those: the
+    smear was segmented again, and its labels belong on its new cells. Says what was carried."""
+    sources = [other for other in viewer.layers if isinstance(other, Labels) and other.name != layer.name
+               and not coloured_smear(other) and other.metadata.get("source_image") == image_name
+               and _has_manual_labels(other)]
+    said = []
+    for source in reversed(sources):
+        report = carry_manual_labels(source, layer)
+        carried, missed = report.written.get(str(layer.name), 0), report.missed.get(str(source.name), 0)
+        source.visible = False
+        said.append(f"{counted(carried, 'label')} of {source.name!r} carried over to the same cells"
+                    + (f", {missed:,} not (those cells were split, merged or drawn otherwise)" if missed else "")
+                    + f"; {source.name!r} is hidden")
+    return "; ".join(said)
 
 
 def _has_manual_labels(layer: Labels) -> bool:
