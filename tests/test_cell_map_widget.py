@@ -21,6 +21,7 @@ from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
 from napari_reddino.widgets.cell_map_widget import MANUAL, MIN_WIDTH, PREDICTED, SMEAR_FILL_ALPHA
 from napari_reddino.widgets.class_list import DEFAULT_CLASSES, NAME, NEW_CLASS_COLOURS
+from napari_reddino.widgets.segment_widget import CARRIED_TO
 from napari_reddino.widgets.smear_keys import LABEL_KEYS_HELP
 
 DATA = Path(__file__).parent / "data"
@@ -535,6 +536,36 @@ def test_a_smear_mapped_twice_is_named_in_the_status(viewer, qtbot, tiny_folder)
     viewer.layers.remove(again)
     compute_map(widget, qtbot)
     assert widget.status.value.startswith("Map of ") and "twice" not in widget.status.value
+
+
+def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(viewer, qtbot, tiny_folder):  # noqa: F811
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    cells.visible = False
+    gone = int(widget.pool.label_ids[0])
+    cells.data[cells.data == gone] = 0  # an undo of a hidden layer: napari says nothing
+    widget.select(np.arange(len(widget.pool)) < 3)
+    widget.assign("normal")  # the next label finds it
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
+    assert "normal" not in set(cells.features.get("manual_label", pd.Series(dtype=object)))  # nothing written
+
+    embed_widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")[1]
+    embed_widget.cells.value = cells
+    with qtbot.waitSignal(embed_widget.embedded, timeout=TIMEOUT_MS):
+        embed_widget.run()
+    compute_map(widget, qtbot)
+    cells.visible = False
+    cells.data[cells.data == int(widget.pool.label_ids[0])] = 0
+    widget.canvas.point_clicked.emit(0, False)  # shown again to show the cell: found changed, and said so
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
+
+    with qtbot.waitSignal(embed_widget.embedded, timeout=TIMEOUT_MS):
+        embed_widget.run()
+    compute_map(widget, qtbot)
+    cells.metadata = {**cells.metadata, CARRIED_TO: f"{cells.name} [1]"}  # what Segment cells does
+    assert widget.pool is None and widget.status.value == (
+        f"The cells of {cells.name!r} segmented again as '{cells.name} [1]': embed that layer, then Compute map.")
 
 
 def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  # noqa: F811

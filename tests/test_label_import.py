@@ -141,6 +141,16 @@ def test_labels_carried_from_layer_to_layer_are_those_an_export_and_import_would
     assert report.classes == by_file.classes and 0 < report.missed["1 cells"] < report.written["1 cells [1]"]
     unlabelled = SimpleNamespace(name="x", metadata={}, features=cells_layer(smear).features)
     assert carry_manual_labels(unlabelled, carried) == LabelImport()  # nothing to carry, nothing said
+    # Labels of cells without a place (another tool's table, an unmeasured centroid) are missed.
+    placeless = SimpleNamespace(name="mask", metadata={}, features=pd.DataFrame({"label": [1, 2, 3],
+                                                                                 "manual_label": ["a", "b", ""]}))
+    assert carry_manual_labels(placeless, carried).missed == {"mask": 2}
+    same = labelled(cells_layer(smear), every=1)  # the same cells: every label finds its cell
+    same.features.loc[0, "centroid_x"] = np.nan
+    fresh = cells_layer(smear, name="fresh")
+    report = carry_manual_labels(same, fresh)
+    assert report.missed == {"1 cells": 1} and report.written == {"fresh": len(fresh.features) - 1}
+    assert fresh.features["manual_label"].tolist() == ["", *same.features["manual_label"][1:]]
 
 
 def test_a_cell_traced_a_little_differently_is_found_by_its_box_area_and_centre(smear, tmp_path):

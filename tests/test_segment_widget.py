@@ -95,6 +95,13 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     assert cells.metadata["cell_diameter_from"] == "given"
     assert_one_row_per_cell(cells)
 
+    # Labels of blanks are none: the layer is segmented again in place, and shown if it was hidden.
+    cells.features = cells.features.assign(manual_label=" ")
+    cells.visible = False
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert labels_layers(viewer) == [cells] and cells.visible
+
     # Once its cells carry the user's labels, a cells layer is kept and the new one goes beside it,
     # above the old one's map colours (and below a smear opened later).
     cells.features = cells.features.assign(manual_label=["normal"] + [""] * (len(cells.features) - 1))
@@ -115,14 +122,24 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
         label: "normal" if label == at_place else "" for label in again.features["label"]}
     assert not cells.visible and widget.status.value.endswith(
         f"; 1 label of {cells.name!r} carried over to the same cells; {cells.name!r} is hidden")
+    # Segmented a third time: the labels come from the newer layer only, so one cleared there stays so.
+    again.features = again.features.assign(manual_label=np.where(np.arange(len(again.features)) == 1, "target cell", ""))
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    third = result.args[0]
+    assert set(third.features["manual_label"]) == {"", "target cell"} and not again.visible
+    assert widget.status.value.endswith(f"; 1 label of {again.name!r} carried over to the same cells; "
+                                        f"{again.name!r} is hidden")
+    viewer.layers.remove(third)
+    viewer.layers.remove(again)  # gone: the labels it took are with the first layer again
     cells.visible = True
-    viewer.layers.remove(again)
     cells.name = "mine"  # renamed while mapped: still its smear's, and so are its map colours
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
     assert list(viewer.layers) == [chula, cells, colours, result.args[0], later]
     np.testing.assert_array_equal(cells.data, kept)
     assert list(cells.features["manual_label"][:2]) == ["normal", ""]
+    assert list(result.args[0].features["manual_label"]).count("normal") == 1  # carried from 'mine'
     assert_one_row_per_cell(result.args[0])
 
 

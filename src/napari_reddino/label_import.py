@@ -120,7 +120,11 @@ def carry_manual_labels(source, target) -> LabelImport:
     rows = table[labels != ""].assign(manual_label=labels[labels != ""])
     if rows.empty:
         return report
-    ids = _cells_at(rows, target)
+    ids = np.full(len(rows), -1)
+    if {"centroid_x", "centroid_y"} <= set(rows):  # a cell without a centroid has no place to be found at
+        placed = np.isfinite(rows[["centroid_x", "centroid_y"]].to_numpy(dtype=float)).all(axis=1)
+        if placed.any():
+            ids[placed] = _cells_at(rows[placed], target)
     matched = ids >= 0
     if not matched.all():
         report.missed[str(source.name)] = int((~matched).sum())

@@ -65,6 +65,7 @@ from ..wording import counted
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
+from .segment_widget import CARRIED_TO
 from .smear_colours import SmearColours, is_map_colours
 from .smear_keys import LABEL_KEYS, SmearKeys
 from .smear_table import SmearTable
@@ -369,14 +370,20 @@ class CellMapWidget(JobWidget):
         if repainted_since_embedded(event.source):
             self._map_is_stale(event.source.name)
 
-    def _on_cells_metadata(self, _event) -> None:
-        """Embedded again (another model or crop setting): the map shows the old embeddings."""
-        if self.pool is not None and (changed := self._changed_since_pooled(self.pool)):
+    def _on_cells_metadata(self, event) -> None:
+        """Embedded again (another model or crop setting): the map shows the old embeddings.
+        Segmented again, its labels carried to a new layer: the map shows the old cells."""
+        if self.pool is None:
+            return
+        if newer := event.source.metadata.get(CARRIED_TO):
+            self._map_is_stale(event.source.name, f"segmented again as {newer!r}: embed that layer, then Compute map")
+        elif changed := self._changed_since_pooled(self.pool):
             self._map_is_stale(changed)
 
-    def _map_is_stale(self, name: str) -> None:
+    def _map_is_stale(self, name: str, why: str = "changed or were removed; embed them again, then Compute map"
+                      ) -> None:
         self.forget_map()
-        self.status.value = f"The cells of {name!r} changed or were removed; embed them again, then Compute map."
+        self.status.value = f"The cells of {name!r} {why}."
         self.selection_count.value = "No map yet."
 
     def _colour_choices(self, _widget=None) -> list[str]:
@@ -468,16 +475,18 @@ class CellMapWidget(JobWidget):
     def _on_point_clicked(self, point: int, add: bool) -> None:
         position = int(self.pool.layer_index[point])
         self.select_cell(self.pool.layers[position], int(self.pool.label_ids[point]), add=add)
-        if uncovered := self._show_cell_in_smear(point):
+        uncovered = self._show_cell_in_smear(point)
+        if uncovered and self.pool is not None:  # showing a hidden smear may have shown it changed
             self.status.value = f"Showing the cell's smear{uncovered}."
 
     def _show_cell_in_smear(self, point: int) -> str:
         """Centre the smear view on the cell of ``point``, on top of any smear that covered it;
-        says which layers were hidden for it ("" when none)."""
-        position = int(self.pool.layer_index[point])
+        says which layers were hidden for it ("" when none). Showing a hidden cells layer redraws
+        it, and a layer undone while hidden is then found changed: the map is dropped meanwhile."""
+        position, label = int(self.pool.layer_index[point]), int(self.pool.label_ids[point])
         cells = self.pool.layers[position]
         hidden = self._smear_colours.uncover(position)
-        row = cells.features.set_index("label").loc[int(self.pool.label_ids[point])]
+        row = cells.features.set_index("label").loc[label]
         self._viewer.scene.camera.center = tuple(cells.data_to_world([row["centroid_y"], row["centroid_x"]]))
         diameter = float(row["equivalent_diameter_px"]) * float(np.max(cells.scale))
         self._viewer.scene.camera.zoom = max(self._viewer.scene.camera.zoom, MIN_CELL_ON_SCREEN_PX / max(diameter, 1e-6))
@@ -496,6 +505,11 @@ class CellMapWidget(JobWidget):
         if not self.selected.any():
             self.status.value = "No cells selected: lasso them on the map, or click them in the smear."
             return
+        for position in np.unique(self.pool.layer_index[self.selected]):  # an undo of a hidden layer says nothing
+            cells = self.pool.layers[position]
+            if not cells.visible and repainted_since_embedded(cells):
+                self._map_is_stale(cells.name)
+                return
         had_label = self.pool.column("manual_label", UNLABELLED)[self.selected] != UNLABELLED
         count = counted(int(self.selected.sum() if name else had_label.sum()), "cell")
         self.pool.write("manual_label", name, np.flatnonzero(self.selected))

@@ -12,6 +12,7 @@ from napari.utils.notifications import show_warning
 from qtpy.QtCore import Signal
 
 from ..cell_embeddings import labels_digest
+from ..cell_table import image_name as cell_image_name
 from ..label_import import carry_manual_labels
 from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
@@ -20,6 +21,7 @@ from .job_widget import JobWidget, job_worker, place_above
 from .smear_colours import coloured_smear
 
 MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
+CARRIED_TO = "labels_carried_to"  # metadata: the newer cells layer this one's labels went to
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,7 @@ def add_cells_layer(
         layer.features = table
         layer.metadata = metadata
         layer.scale, layer.translate = job.scale, job.translate
+        layer.visible = True  # it may have been hidden when its labels went to a newer layer
         return layer, carry_labels(viewer, layer, job.image_name)
     layer = viewer.add_labels(
         labels, name=job.layer_name, features=table, metadata=metadata, scale=job.scale, translate=job.translate
@@ -190,22 +193,27 @@ def add_cells_layer(
 
 def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, image_name: str) -> str:
     """Give the cells of ``layer`` the manual labels of the same cells (found by place, as Import
-    labels does) in the other cells layers of its smear, the top one first, and hide those: the
-    smear was segmented again, and its labels belong on its new cells. Says what was carried."""
+    labels does) in the other labelled cells layers of its smear, the top one first, then hide
+    those and mark them (:data:`CARRIED_TO`): the smear was segmented again, and its labels belong
+    on its new cells. A marked layer gives nothing while the layer its labels went to is there,
+    so a label cleared or changed since on that layer stays so. Says what was carried."""
     sources = [other for other in viewer.layers if isinstance(other, Labels) and other.name != layer.name
-               and not coloured_smear(other) and other.metadata.get("source_image") == image_name
+               and not coloured_smear(other) and other.metadata.get(CARRIED_TO) not in viewer.layers
+               and cell_image_name(other) == image_name and other.data.shape == layer.data.shape
                and _has_manual_labels(other)]
     said = []
     for source in reversed(sources):
         report = carry_manual_labels(source, layer)
         carried, missed = report.written.get(str(layer.name), 0), report.missed.get(str(source.name), 0)
         source.visible = False
+        source.metadata = {**source.metadata, CARRIED_TO: layer.name}
         said.append(f"{counted(carried, 'label')} of {source.name!r} carried over to the same cells"
                     + (f", {missed:,} not (those cells were split, merged or drawn otherwise)" if missed else "")
+                    + (f", {counted(report.kept, 'cell')} kept the label of a layer above" if report.kept else "")
                     + f"; {source.name!r} is hidden")
     return "; ".join(said)
 
 
 def _has_manual_labels(layer: Labels) -> bool:
     labels = layer.features.get("manual_label")
-    return labels is not None and bool((labels.fillna("") != "").any())
+    return labels is not None and bool((labels.astype(object).fillna("").astype(str).str.strip() != "").any())
