@@ -19,6 +19,7 @@ from skimage.io import imread, imsave
 from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
 from napari_reddino.analyse_cli import main
 from napari_reddino.batch_analysis import SmearAnalysis, list_smears, smear_names
+from napari_reddino.cell_embeddings import METADATA_KEY, earlier_run
 
 DATA = Path(__file__).parent / "data"
 CHULA = DATA / "chula_rbc12"
@@ -105,6 +106,7 @@ def test_without_an_embeddings_file_a_batch_keeps_only_ids_and_model(smears, tin
     np.testing.assert_array_equal(light_ids, ids)
     assert vectors.shape == (len(ids), TINY_DIM) and light_vectors.shape == (len(ids), 0)
     assert light_model_id == model_id == embedder.model_id
+    assert light.metadata[METADATA_KEY]["crop_checks"] is None and earlier_run(light) is None  # kilobytes a smear
 
 
 def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_up_front(smears, tmp_path, capsys,

@@ -121,6 +121,6 @@ class SmearAnalysis:
             predictions = prediction_table(self.head.classes, proba).set_axis(table.index)
             cells.features = pd.concat([table, predictions], axis=1)
             cells.metadata["unlike_head"] = float(self.head.beyond_reach(vectors[rows], measurements=table).mean())
-        if not self.keep_embeddings:
-            cells.metadata[METADATA_KEY]["embeddings"] = np.zeros((len(ids), 0), np.float32)
+        if not self.keep_embeddings:  # and no crop checks: they serve only to reuse the vectors
+            cells.metadata[METADATA_KEY].update(embeddings=np.zeros((len(ids), 0), np.float32), crop_checks=None)
         return cells
