@@ -109,7 +109,23 @@ def _weakly(method):
 
 
 def embedded_cells_layers(viewer) -> list[Labels]:
-    return [layer for layer in viewer.layers if isinstance(layer, Labels) and embeddings_of(layer) is not None]
+    """The embedded cells layers to map: not one whose labels went to a newer layer of its smear
+    that is still there (segmented again): its cells would count twice."""
+    return [layer for layer in viewer.layers if isinstance(layer, Labels) and embeddings_of(layer) is not None
+            and not segmented_again_as(viewer, layer)]
+
+
+def segmented_again_as(viewer, layer) -> str | None:
+    """The newer cells layer that took ``layer``'s labels (see ``segment_widget.carry_labels``), if it is there."""
+    newer = layer.metadata.get(CARRIED_TO)
+    return newer if newer in viewer.layers else None
+
+
+def left_out(viewer) -> str:
+    """Says which embedded cells layers the map leaves out, and why ("" when none)."""
+    return "".join(f" {layer.name!r} is left out: it was segmented again as {newer!r} (embed that layer to map it)."
+                   for layer in viewer.layers if isinstance(layer, Labels) and embeddings_of(layer) is not None
+                   and (newer := segmented_again_as(viewer, layer)))
 
 
 def cells_layers(viewer) -> list[Labels]:
@@ -242,7 +258,7 @@ class CellMapWidget(JobWidget):
         try:
             pool = PooledCells.from_layers(embedded_cells_layers(self._viewer))
         except PoolingError as error:
-            self._refuse(str(error))
+            self._refuse(f"{error}{left_out(self._viewer)}")
             return
         self._pending = pool
         self._started = time.perf_counter()
@@ -296,7 +312,8 @@ class CellMapWidget(JobWidget):
                 f" The smear {smear!r} is mapped twice ({' and '.join(map(repr, names))}): its cells count twice in "
                 "the map, the head and the export; remove the layer you do not need."
                 for smear, names in pool.smears_mapped_twice().items())
-            self.status.value = f"Map of {len(xy):,} cells in {time.perf_counter() - self._started:.1f} s.{twice}"
+            self.status.value = (f"Map of {len(xy):,} cells in {time.perf_counter() - self._started:.1f} s."
+                                 f"{twice}{left_out(self._viewer)}")
         self.finished.emit()
 
     def _changed_since_pooled(self, pool: PooledCells) -> str | None:
@@ -505,7 +522,7 @@ class CellMapWidget(JobWidget):
         if not self.selected.any():
             self.status.value = "No cells selected: lasso them on the map, or click them in the smear."
             return
-        for position in np.unique(self.pool.layer_index[self.selected]):  # an undo of a hidden layer says nothing
+        for position in np.unique(self.pool.layer_index[self.selected]):  # a hidden layer's undo says nothing
             cells = self.pool.layers[position]
             if not cells.visible and repainted_since_embedded(cells):
                 self._map_is_stale(cells.name)
