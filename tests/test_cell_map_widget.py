@@ -563,18 +563,18 @@ def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(view
     with qtbot.waitSignal(embed_widget.embedded, timeout=TIMEOUT_MS):
         embed_widget.run()
     compute_map(widget, qtbot)
-    embedded = dict(cells.metadata)
-    cells.metadata = {**cells.metadata, CARRIED_TO: f"{cells.name} [1]"}  # what Segment cells does
-    assert widget.pool is None and widget.status.value == (
-        f"The cells of {cells.name!r} segmented again as '{cells.name} [1]': embed that layer, then Compute map.")
-    compute_map(widget, qtbot)  # the newer layer is not there: the labelled one is mapped as before
-    assert [layer.name for layer in widget.pool.layers] == [cells.name]
     again = viewer.add_labels(cells.data.copy(), name=f"{cells.name} [1]", features=cells.features.copy(),
-                              metadata=embedded)  # the smear segmented again, and embedded
+                              metadata=dict(cells.metadata))  # the smear segmented again (and embedded) ...
+    cells.metadata = {**cells.metadata, CARRIED_TO: again.name}  # ... its labels carried, as Segment cells does
+    assert widget.pool is None and widget.status.value == (
+        f"The cells of {cells.name!r} segmented again as {again.name!r}: embed that layer, then Compute map.")
     compute_map(widget, qtbot)
     assert [layer.name for layer in widget.pool.layers] == [again.name]  # its cells are not counted twice
     assert widget.status.value.endswith(f" {cells.name!r} is left out: it was segmented again as {again.name!r} "
                                         "(embed that layer to map it).")
+    viewer.layers.remove(again)
+    compute_map(widget, qtbot)  # the newer layer is gone: the labelled one is mapped as before
+    assert [layer.name for layer in widget.pool.layers] == [cells.name] and "left out" not in widget.status.value
 
 
 def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  # noqa: F811

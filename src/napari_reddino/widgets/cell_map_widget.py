@@ -392,7 +392,7 @@ class CellMapWidget(JobWidget):
         Segmented again, its labels carried to a new layer: the map shows the old cells."""
         if self.pool is None:
             return
-        if newer := event.source.metadata.get(CARRIED_TO):
+        if newer := segmented_again_as(self._viewer, event.source):
             self._map_is_stale(event.source.name, f"segmented again as {newer!r}: embed that layer, then Compute map")
         elif changed := self._changed_since_pooled(self.pool):
             self._map_is_stale(changed)
