@@ -107,6 +107,14 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
     return report
 
 
+def manual_labels(table: pd.DataFrame) -> pd.Series:
+    """The ``manual_label`` column of a cells table as stripped text, "" where a cell has none
+    (also when the table has no such column): blanks are no label."""
+    if "manual_label" not in table:
+        return pd.Series("", index=table.index, dtype=object)
+    return table["manual_label"].astype(object).fillna("").astype(str).str.strip()
+
+
 def carry_manual_labels(source, target) -> LabelImport:
     """Give the cells of ``target`` (a smear segmented again) the manual labels of the same cells
     in ``source`` (its earlier cells layer), found by place as :func:`import_manual_labels` finds
@@ -114,9 +122,9 @@ def carry_manual_labels(source, target) -> LabelImport:
     ``source`` that are not in ``target`` (split, merged, or cut otherwise)."""
     table = pd.DataFrame(source.features)
     report = LabelImport()
-    if "manual_label" not in table or "label" not in table:
+    if "label" not in table:
         return report
-    labels = table["manual_label"].astype(object).fillna("").astype(str).str.strip()
+    labels = manual_labels(table)
     rows = table[labels != ""].assign(manual_label=labels[labels != ""])
     if rows.empty:
         return report

@@ -13,7 +13,7 @@ from qtpy.QtCore import Signal
 
 from ..cell_embeddings import labels_digest
 from ..cell_table import image_name as cell_image_name
-from ..label_import import carry_manual_labels
+from ..label_import import carry_manual_labels, manual_labels
 from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
 from ..wording import counted
@@ -215,5 +215,4 @@ def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, image_name: str) -
 
 
 def _has_manual_labels(layer: Labels) -> bool:
-    labels = layer.features.get("manual_label")
-    return labels is not None and bool((labels.astype(object).fillna("").astype(str).str.strip() != "").any())
+    return bool((manual_labels(layer.features) != "").any())
