@@ -17,10 +17,10 @@ could name another cell. A row's cell is
 
 On 20 Chula smears segmented at 32 px instead of the estimated size, 1,784 of 1,937 cells stayed
 the same cell (their masks overlap by 0.8 or more); the centroid alone found 1,673 of them,
-both rules 1,766, and no row went to another cell. Of the cells found by their boxes, 99 % had
-moved by under 0.053 of their diameter; cropping 6 px off a smear moves its cells by 0.17 of
-theirs, so a cropped smear does not match. The rows of cells that are no
-longer there (split, merged, edited, cut by other settings) are counted as missed, not guessed,
+both rules 1,766, and no row went to another cell (``benchmarks/label_import.py``). Of the
+cells found by their boxes, 99 % had moved by under 0.053 of their diameter; cropping 6 px off a
+smear moves its cells by 0.17 of theirs, so a cropped smear does not match. The rows of cells
+that are no longer there (split, merged, edited, cut by other settings) are counted as missed, not guessed,
 and so is a cell two rows claim. Among several layers of the image the one matching the most
 rows is taken. A CSV layer of which no row matches writes nothing; when nothing matches at all,
 the error says why. A cell that already has another label keeps it (what was labelled since the
