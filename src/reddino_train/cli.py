@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -64,8 +65,11 @@ def _fit_command(args: argparse.Namespace) -> int:
         print(f"reddino-train fit: {error}", file=sys.stderr)
         return 2
     if result.stopped_by_signal:  # not finished: a script or scheduler must see that
+        own_settings = shlex.join(["reddino-train", "fit", str(Path(args.out) / "config.yaml"), args.data_dir,
+                                   "--out", args.out])
         print(f"reddino-train fit: stopped after {result.iterations_done} iterations; checkpoint in {args.out}; "
-              "the same command resumes it", file=sys.stderr)
+              f"the same command resumes it; so does {own_settings}, with the run's own settings",
+              file=sys.stderr)
         return 130
     print(f"reddino-train fit: {result.iterations_done} iterations done; checkpoint in {args.out}")
     return 0
@@ -163,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fit",
         help="pretrain (or resume) a model on a folder of images",
         description="Train with RECIPE (a shipped name or a YAML file) on every image under DATA_DIR, "
-        "resuming from OUT/checkpoint.pt when it exists. Run it under torchrun for several GPUs. "
+        "resuming from OUT/checkpoint.pt when it exists (RECIPE OUT/config.yaml resumes with the run's own settings). "
+        "Run it under torchrun for several GPUs. "
         "SIGTERM or Ctrl-C stops after the current step with a checkpoint (exit status 130).",
     )
     fit.add_argument("recipe", metavar="RECIPE")

@@ -61,6 +61,11 @@ LOG_COLUMNS = (
 )
 
 
+def settings_until(step: int) -> str:
+    """The file that keeps a run's settings when a resume changes them at ``step``."""
+    return f"config-until-step-{step}.yaml"
+
+
 class ResumeSettingsWarning(UserWarning):
     """A run resumed with a config that differs from the one it was started with."""
 
@@ -291,11 +296,14 @@ class Trainer:
             set_rng_state(state["rng"][self.rank])
         if self.rank == 0:
             tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
-            changed = changed_settings(config_from_dict(state["config"]), self.cfg)
-            if changed:
+            own = config_from_dict(state["config"])
+            changed = changed_settings(own, self.cfg)
+            if changed:  # config.yaml is about to take the new settings: keep the run's own
+                kept = self.out / settings_until(self.iteration)
+                save_config(own, kept)
                 warnings.warn(
                     f"resuming {self.out} with settings other than its own, which apply from step "
-                    f"{self.iteration} on: {'; '.join(changed)}",
+                    f"{self.iteration} on: {'; '.join(changed)} (the settings until then are in {kept.name})",
                     ResumeSettingsWarning, stacklevel=2,
                 )
 

@@ -78,8 +78,24 @@ def test_resuming_with_other_settings_names_them(smear_images, tmp_path):
         fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=2)  # same settings: silent
     changed = load_config("tiny", [*TINY, "optim.base_lr=1e-3", "crops.pixel_augmentations_per_crop=1"])
     with pytest.warns(ResumeSettingsWarning, match=r"from step 2 on: optim.base_lr: 0.0002 -> 0.001; "
-                                                   r"crops.pixel_augmentations_per_crop: 4 -> 1$"):
+                                                   r"crops.pixel_augmentations_per_crop: 4 -> 1 \("):
         fit(changed, smear_images, tmp_path, max_steps=3)
+
+
+def test_changed_settings_keep_the_run_s_own_and_its_config_yaml_resumes_with_them(smear_images, tmp_path):
+    started = load_config("tiny", [*TINY, "optim.base_lr=1e-3"])
+    fit(started, smear_images, tmp_path, max_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeSettingsWarning)  # the run's own settings: silent
+        fit(load_config(tmp_path / "config.yaml"), smear_images, tmp_path, max_steps=2)
+    assert not list(tmp_path.glob("config-until-step-*"))
+    changed = load_config("tiny", TINY)  # the recipe without the override the run started with
+    with pytest.warns(ResumeSettingsWarning, match=r"optim.base_lr: 0.001 -> 0.0002 \(the settings until then "
+                                                   r"are in config-until-step-2.yaml\)"):
+        fit(changed, smear_images, tmp_path, max_steps=3)
+    assert load_config(tmp_path / "config-until-step-2.yaml") == started
+    assert load_config(tmp_path / "config.yaml") == changed
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["optim"]["base_lr"] == 2e-4
 
 
 def test_a_resumed_run_takes_the_layerwise_decay_of_its_config_not_of_the_checkpoint(smear_images, tmp_path):

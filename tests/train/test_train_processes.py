@@ -133,5 +133,6 @@ def test_the_cli_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(smear_images
     process.send_signal(signal.SIGINT)
     _, errors = process.communicate(timeout=60)
     assert process.returncode == 130, errors
-    assert f"checkpoint in {tmp_path}; the same command resumes it" in errors
+    assert f"checkpoint in {tmp_path}; the same command resumes it; so does reddino-train fit " \
+           f"{tmp_path}/config.yaml {smear_images} --out {tmp_path}, with the run's own settings" in errors
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] >= 1
