@@ -4,7 +4,8 @@
 
 With ``--model`` (anything load_embedder takes; a Hub name needs the Hub), the Cell map is shown
 too: two Chula smears embedded and mapped, half of their annotated cells labelled with the
-annotators' classes, the head trained, and a lasso drawn around the cells it calls target cells.
+annotators' classes, the head trained, and a lasso drawn around the cells it calls target cells;
+and the gallery of the cells labelled as target cells.
 """
 
 import argparse
@@ -112,6 +113,27 @@ def cell_map_view(model: str, path: Path, panel_path: Path) -> None:
     viewer.close()
 
 
+def gallery_view(model: str, path: Path) -> None:
+    """The gallery docked under the smear, showing the cells of smears 1 and 26 that were given
+    "target cell" by hand (cells a model need not place well to be shown)."""
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1400, 900)
+    for number in (1, 26):
+        open_chula_smear(viewer, number)
+    _, embed = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
+    embed.model_name, embed.device.value = model, "cpu"
+    embed.every_smear.value = True
+    run_and_wait(embed, embed.every_smear_done)
+    _, cell_map = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map", tabify=True)
+    run_and_wait(cell_map)
+    label_like_the_annotators(cell_map)
+    cell_map.select(cell_map.pool.column("manual_label", "") == "target cell")
+    cell_map.show_gallery()
+    QApplication.processEvents()
+    cell_map.gallery.parent().grab().save(str(path))
+    viewer.close()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="embed with this model and also show the Cell map")
@@ -121,3 +143,4 @@ if __name__ == "__main__":
     segmented_view("aslan-smear", DOCS / "segment_aslan.png")
     if args.model:
         cell_map_view(args.model, DOCS / "cell_map.png", DOCS / "cell_map_tables.png")
+        gallery_view(args.model, DOCS / "cell_gallery.png")

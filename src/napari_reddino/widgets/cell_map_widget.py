@@ -62,6 +62,7 @@ from ..smear_summary import summarise_smears
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
 from ..wording import counted
+from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading, shown_points
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
@@ -75,6 +76,7 @@ SMEAR_FILL_ALPHA = 0.55  # class colours over the smear stay see-through
 MIN_WIDTH, CLASS_TABLE_MIN_HEIGHT = 420, 260  # px: room for the map and seven classes at once
 SMEAR_TABLE_MIN_HEIGHT = 280  # px: the five measures and three classes
 SMEAR_TABLE_DELAY_MS = 250
+GALLERY_NAME = "Selected cells"
 MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size
 PREDICTED_CLASSES = "predicted_classes"  # cells layer metadata: the classes of the head that predicted its cells
 
@@ -162,6 +164,10 @@ class CellMapWidget(JobWidget):
         self.canvas.point_clicked.connect(self._on_point_clicked)
         self.class_list = ClassList()
         self.smear_table = SmearTable()
+        self.gallery = CellGallery()
+        self.gallery.cell_clicked.connect(self._on_gallery_click)
+        self.gallery.leave_out.connect(self.leave_out)
+        self._thumbnails: GalleryThumbnails | None = None
         # The table follows labelling a moment after its last key press (41 ms at 50,000 cells,
         # which labelling key by key need not wait for each time).
         self._smear_table_timer = QTimer(self, singleShot=True, interval=SMEAR_TABLE_DELAY_MS)
@@ -185,6 +191,7 @@ class CellMapWidget(JobWidget):
             "Assign": lambda: self.assign(self.class_list.current_class),
             "Clear label": lambda: self.assign(UNLABELLED),
             "Clear selection": lambda: self.select(np.zeros(len(self.selected), dtype=bool)),
+            "Show in gallery": self.show_gallery,
             "Train head": self.train,
             "Review uncertain": self.review_next,
             "Save head…": self._save_head_dialog,
@@ -206,8 +213,8 @@ class CellMapWidget(JobWidget):
         the status line under both."""
         run = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
         controls = Container(widgets=[run, self.colour_by, self.centre_on_click])
-        labelling = Container(widgets=[self.selection_count, self._row("Assign", "Clear label", "Clear selection")],
-                              labels=False)
+        labelling = Container(widgets=[self._row(self.selection_count, "Show in gallery"),
+                                       self._row("Assign", "Clear label", "Clear selection")], labels=False)
         head = Container(
             widgets=[self._row("Train head", "Review uncertain"), self._row("Save head…", "Apply saved head…"),
                      self.with_embeddings, self.with_summary, self._row("Export CSV…", "Import labels…")],
@@ -234,16 +241,19 @@ class CellMapWidget(JobWidget):
         layout.addWidget(self.status.native)  # outside the scroll area: what just happened is always in view
         self.setMinimumWidth(MIN_WIDTH)
 
-    def _row(self, *names: str) -> Container:
-        return Container(widgets=[self.buttons[name] for name in names], layout="horizontal", labels=False)
+    def _row(self, *parts) -> Container:
+        """Widgets and buttons (by name) side by side."""
+        widgets = [self.buttons[part] if isinstance(part, str) else part for part in parts]
+        return Container(widgets=widgets, layout="horizontal", labels=False)
 
     def _bind_keys(self) -> None:
         """Digits assign the class with that key, Backspace/Delete clear; on the map and in this panel
         (and on the map's cells layers, see :class:`.SmearKeys`)."""
         self.canvas.key_pressed.connect(self.press_key)
         for key in LABEL_KEYS:
-            shortcut = QShortcut(QKeySequence(key), self, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
-            shortcut.activated.connect(lambda key=key: self.press_key(key))
+            for panel in (self, self.gallery):
+                shortcut = QShortcut(QKeySequence(key), panel, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
+                shortcut.activated.connect(lambda key=key: self.press_key(key))
 
     def press_key(self, key: str) -> None:
         name = UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key)
@@ -296,6 +306,8 @@ class CellMapWidget(JobWidget):
             self._viewer.mouse_drag_callbacks.remove(self._smear_press)
         self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
         self.canvas.close_view()
+        if self._gallery_docked():
+            self._viewer.window.remove_dock_widget(self.gallery)
 
     def _on_finished(self) -> None:
         worker, xy = self._end_run()
@@ -342,6 +354,7 @@ class CellMapWidget(JobWidget):
         features = {"layer": [pool.layers[i].name for i in pool.layer_index], "label": pool.label_ids}
         self.canvas.show_points(self.xy, features)
         self._smear_colours = SmearColours(self._viewer, pool)
+        self._thumbnails = GalleryThumbnails(self._viewer, pool)
         self._viewer.layers.selection.active = pool.layers[0]
         self._smear_keys.bind(pool.layers)
         for cells in pool.layers:  # new labels (a re-segmentation, a brush edit) or embeddings make the map stale
@@ -374,6 +387,8 @@ class CellMapWidget(JobWidget):
         self.pool, self.xy, self._review = None, None, []
         self._uncertain = np.zeros(0, dtype=int)
         self.selected = np.zeros(0, dtype=bool)
+        self._thumbnails = None
+        self.gallery.show_cells([], "No map yet.")
 
     def _on_layer_removed(self, event) -> None:
         if self.pool is not None and event.value in self.pool.layers:
@@ -441,6 +456,8 @@ class CellMapWidget(JobWidget):
         count = int(self.selected.sum())
         self.selection_count.value = f"{count:,} of {len(self.pool):,} cells selected" if count else (
             f"{len(self.pool):,} cells; lasso or click cells to select")
+        if self._gallery_docked():
+            self._fill_gallery()
 
     # --- selection ------------------------------------------------------------------------
 
@@ -492,6 +509,10 @@ class CellMapWidget(JobWidget):
     def _on_point_clicked(self, point: int, add: bool) -> None:
         position = int(self.pool.layer_index[point])
         self.select_cell(self.pool.layers[position], int(self.pool.label_ids[point]), add=add)
+        self._reveal(point)
+
+    def _reveal(self, point: int) -> None:
+        """Show the cell of ``point`` in its smear, saying which layers that hid."""
         uncovered = self._show_cell_in_smear(point)
         if uncovered and self.pool is not None:  # showing a hidden smear may have shown it changed
             self.status.value = f"Showing the cell's smear{uncovered}."
@@ -508,6 +529,43 @@ class CellMapWidget(JobWidget):
         diameter = float(row["equivalent_diameter_px"]) * float(np.max(cells.scale))
         self._viewer.scene.camera.zoom = max(self._viewer.scene.camera.zoom, MIN_CELL_ON_SCREEN_PX / max(diameter, 1e-6))
         return f" (hid {', '.join(map(repr, hidden))}, which lay over it)" if hidden else ""
+
+    # --- the gallery ----------------------------------------------------------------------
+
+    def show_gallery(self) -> None:
+        """Dock the gallery of the selected cells under the smear (or bring it forward)."""
+        if not self._gallery_docked():
+            self._viewer.window.add_dock_widget(self.gallery, name=GALLERY_NAME, area="bottom")
+        self.gallery.parent().raise_()
+        if self.pool is None:
+            self.gallery.show_cells([], "No map yet: Compute map, then select cells to see them here.")
+        else:
+            self._fill_gallery()
+
+    def _gallery_docked(self) -> bool:
+        return self.gallery.parent() is not None  # napari unparents it when its panel is closed
+
+    def _fill_gallery(self) -> None:
+        points = shown_points(self.selected)
+        cells = self._thumbnails.entries(points, self.class_list.colours)
+        self.gallery.show_cells(cells, gallery_heading(len(points), int(self.selected.sum())))
+
+    def _on_gallery_click(self, point: int) -> None:
+        """Show the cell in its smear and on the map; the selection stays as it is."""
+        if self.pool is None:
+            return
+        if self.centre_on_click.value:
+            self.canvas.centre_on(point)
+        self._reveal(point)
+
+    def leave_out(self, points: list[int]) -> None:
+        """Take ``points`` out of the selection (cells in the gallery that do not belong with the rest)."""
+        if self.pool is None or not points:
+            return
+        self._review = []  # as for a lasso: the user chose the cells
+        mask = self.selected.copy()
+        mask[np.asarray(points, dtype=int)] = False
+        self.select(mask)
 
     # --- labels and the head --------------------------------------------------------------
 

@@ -1,0 +1,177 @@
+"""The selected cells side by side: a panel the Cell map docks under the smear on request.
+
+A lasso on the map picks cells that lie together in RedDino's embedding space; before they get
+a class, the lab wants to see them. In the smears they are scattered (over several smears,
+once pooled); here they sit in one grid, each with its class. Clicking one shows it in its
+smear; cells that do not belong can be left out of the selection before the number key labels
+the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from napari.layers import Image
+from qtpy.QtCore import QSize, Qt, Signal
+from qtpy.QtGui import QIcon, QImage, QPixmap
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QHBoxLayout,
+    QLabel,
+    QListView,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..cell_map import UNLABELLED, PooledCells
+from ..cell_table import image_name
+from ..cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
+from ..wording import counted
+
+POINT_ROLE = Qt.ItemDataRole.UserRole
+MAX_CELLS = 120  # a larger selection is shown as a random sample of this many
+NO_CLASS_OUTLINE = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class GalleryCell:
+    point: int  # the cell's point on the map
+    thumbnail: np.ndarray  # (THUMBNAIL_PX, THUMBNAIL_PX, 3) uint8
+    caption: str
+    tooltip: str
+
+
+def _pixmap(rgb: np.ndarray) -> QPixmap:
+    rgb = np.ascontiguousarray(rgb)
+    height, width = rgb.shape[:2]
+    image = QImage(rgb.data, width, height, 3 * width, QImage.Format.Format_RGB888)
+    return QPixmap.fromImage(image.copy())  # the copy owns its pixels; rgb may go
+
+
+class CellGallery(QWidget):
+    """A grid of cell thumbnails with captions; says which cell was clicked and which to leave out."""
+
+    cell_clicked = Signal(int)  # a point of the map
+    leave_out = Signal(list)  # points to take out of the selection
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heading = QLabel("Select cells on the map or in a smear to see them here.")
+        self.heading.setWordWrap(True)
+        self.grid = QListWidget()
+        self.grid.setViewMode(QListView.ViewMode.IconMode)
+        self.grid.setResizeMode(QListView.ResizeMode.Adjust)
+        self.grid.setMovement(QListView.Movement.Static)
+        self.grid.setUniformItemSizes(True)
+        self.grid.setWordWrap(True)
+        self.grid.setIconSize(QSize(THUMBNAIL_PX, THUMBNAIL_PX))
+        self.grid.setGridSize(QSize(THUMBNAIL_PX + 16, THUMBNAIL_PX + 36))
+        self.grid.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.grid.itemClicked.connect(lambda item: self.cell_clicked.emit(int(item.data(POINT_ROLE))))
+        self.leave_out_button = QPushButton("Leave the highlighted cells out of the selection")
+        self.leave_out_button.setEnabled(False)
+        self.leave_out_button.clicked.connect(lambda: self.leave_out.emit(self.highlighted()))
+        self.grid.itemSelectionChanged.connect(
+            lambda: self.leave_out_button.setEnabled(bool(self.grid.selectedItems())))
+        top = QHBoxLayout()
+        top.addWidget(self.heading, stretch=1)
+        top.addWidget(self.leave_out_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addWidget(self.grid)
+
+    def show_cells(self, cells: list[GalleryCell], heading: str) -> None:
+        """Show ``cells`` in this order under ``heading``; cells shown before stay highlighted."""
+        kept = set(self.highlighted())
+        self.grid.clear()
+        for cell in cells:
+            item = QListWidgetItem(QIcon(_pixmap(cell.thumbnail)), cell.caption)
+            item.setData(POINT_ROLE, cell.point)
+            item.setToolTip(cell.tooltip)
+            item.setTextAlignment(Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop)
+            self.grid.addItem(item)
+            item.setSelected(cell.point in kept)
+        self.heading.setText(heading)
+
+    def points(self) -> list[int]:
+        """The map points shown, in order."""
+        return [int(self.grid.item(row).data(POINT_ROLE)) for row in range(self.grid.count())]
+
+    def highlighted(self) -> list[int]:
+        return sorted(int(item.data(POINT_ROLE)) for item in self.grid.selectedItems())
+
+
+def shown_points(selected: np.ndarray) -> np.ndarray:
+    """The selected points the gallery shows: all, or a fixed random sample of :data:`MAX_CELLS`."""
+    points = np.flatnonzero(selected)
+    if len(points) > MAX_CELLS:
+        points = np.sort(np.random.default_rng(0).choice(points, MAX_CELLS, replace=False))
+    return points
+
+
+def gallery_heading(shown: int, selected: int) -> str:
+    if not selected:
+        return "Select cells on the map or in a smear to see them here."
+    what = (counted(selected, "selected cell") if shown == selected
+            else f"{shown:,} of the {selected:,} selected cells, picked at random")
+    return f"{what}. Click one to show it in its smear; number keys label the whole selection."
+
+
+class GalleryThumbnails:
+    """The gallery's entries for the points of one map, each thumbnail made once per outline colour."""
+
+    def __init__(self, viewer, pool: PooledCells) -> None:
+        self._viewer, self._pool = viewer, pool
+        self._tables = [pd.DataFrame(cells.features).set_index("label") for cells in pool.layers]
+        self._made: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
+
+    def entries(self, points: np.ndarray, palette: dict[str, np.ndarray]) -> list[GalleryCell]:
+        pool = self._pool
+        manual, predicted = pool.column("manual_label", UNLABELLED), pool.column("predicted_class", UNLABELLED)
+        probability = pd.to_numeric(pd.Series(pool.column("prediction_probability")), errors="coerce").to_numpy(float)
+        entries = []
+        for point in map(int, points):
+            position, label = int(pool.layer_index[point]), int(pool.label_ids[point])
+            if manual[point] != UNLABELLED:
+                name, caption, kind = manual[point], str(manual[point]), "manual label"
+            elif predicted[point] != UNLABELLED:
+                name, kind = predicted[point], "predicted class"
+                caption = f"{name} ({probability[point]:.0%})" if np.isfinite(probability[point]) else str(name)
+            else:
+                name, caption, kind = UNLABELLED, "no class", "no class yet"
+            outline = tuple(np.round(palette[name][:3] * 255).astype(int)) if name in palette else NO_CLASS_OUTLINE
+            row = self._tables[position].loc[label]
+            tooltip = (f"{pool.layers[position].name}, cell {label}\n{kind}: {caption}\n"
+                       f"diameter {row['equivalent_diameter_px']:.1f} px")
+            entries.append(GalleryCell(point, self._thumbnail(point, position, label, row, outline), caption, tooltip))
+        return entries
+
+    def _thumbnail(self, point: int, position: int, label: int, row: pd.Series, outline: tuple) -> np.ndarray:
+        key = (point, outline)
+        if key not in self._made:
+            cells = self._pool.layers[position]
+            image = self._image_of(cells)
+            box = row[["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].to_numpy(dtype=float)
+            self._made[key] = cell_thumbnail(
+                None if image is None else _level_0(image), np.asarray(cells.data), label, box,
+                contrast_limits=(0, 1) if image is None else image.contrast_limits, outline=outline,
+            )
+        return self._made[key]
+
+    def _image_of(self, cells) -> Image | None:
+        """The smear under ``cells``, if it is still open and of the same size."""
+        layers = self._viewer.layers
+        name = image_name(cells)
+        image = layers[name] if name in layers else None
+        if isinstance(image, Image) and _level_0(image).shape[:2] == cells.data.shape:
+            return image
+        return None
+
+
+def _level_0(image: Image):
+    return image.data[0] if image.multiscale else image.data

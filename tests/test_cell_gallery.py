@@ -1,0 +1,145 @@
+"""The gallery of selected cells: thumbnails cut from the real smear, and the panel in a real viewer
+beside the Cell map (tiny real ViT, real UMAP)."""
+
+import numpy as np
+from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QImage
+from skimage.io import imread
+from test_cell_map_widget import CHULA_1, compute_map, embed, viewer  # noqa: F401  (fixture)
+
+from napari_reddino import segment_cells
+from napari_reddino.cell_map import UNLABELLED
+from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail, cell_window, display_rgb
+from napari_reddino.widgets.cell_gallery import MAX_CELLS
+from napari_reddino.widgets.cell_map_widget import GALLERY_NAME
+
+
+def test_the_window_is_the_model_crop_s_square_around_the_box():
+    # a 20 x 30 px box: 30 px and a quarter of it on each side make 45 px
+    assert cell_window((10, 20, 30, 50)) == (-3, 12, 45)
+    assert cell_window((10, 20, 30, 50), margin=0) == (5, 20, 30)
+
+
+def test_a_thumbnail_is_the_smear_around_the_cell_with_its_outline_drawn_in():
+    smear = imread(CHULA_1)
+    labels = segment_cells(smear)
+    label = int(labels[labels.shape[0] // 2, :].max())  # a cell on the middle row
+    rows, cols = np.nonzero(labels == label)
+    box = (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)
+    top, left, side = cell_window(box)
+    assert top >= 0 and left >= 0  # inside the smear: every pixel of the window is the smear's
+    thumbnail = cell_thumbnail(smear, labels, label, box, outline=(0, 255, 0), size=side)  # no resampling
+    window = smear[top:top + side, left:left + side, :3]
+    mask = labels[top:top + side, left:left + side] == label
+    edge = mask & ~np.pad(mask, 1)[2:, 1:-1] | mask & ~np.pad(mask, 1)[:-2, 1:-1] \
+        | mask & ~np.pad(mask, 1)[1:-1, 2:] | mask & ~np.pad(mask, 1)[1:-1, :-2]  # 4-neighbour boundary
+    np.testing.assert_array_equal(thumbnail[~edge], window[~edge])
+    assert (thumbnail[edge] == [0, 255, 0]).all()
+    assert edge.sum() >= 0.8 * np.pi * np.sqrt(4 * mask.sum() / np.pi)  # all the way round the cell
+    shown = cell_thumbnail(smear, labels, label, box)
+    assert shown.shape == (THUMBNAIL_PX, THUMBNAIL_PX, 3) and shown.dtype == np.uint8
+
+
+def test_a_thumbnail_at_the_border_is_black_beyond_the_smear_and_grey_without_one():
+    smear = imread(CHULA_1)
+    labels = np.zeros(smear.shape[:2], dtype=np.int32)
+    labels[0:20, 0:20] = 7  # a cell in the corner: its window starts at -5
+    thumbnail = cell_thumbnail(smear, labels, 7, (0, 0, 20, 20), size=30)
+    assert (thumbnail[:5] == 0).all() and (thumbnail[:, :5] == 0).all()
+    np.testing.assert_array_equal(thumbnail[6:24, 6:24], smear[1:19, 1:19, :3])
+    mask_only = cell_thumbnail(None, labels, 7, (0, 0, 20, 20), size=30)
+    assert mask_only[15, 15].tolist() == [160, 160, 160] and mask_only[27, 27].tolist() == [40, 40, 40]
+
+
+def test_display_scales_by_the_contrast_limits_as_napari_draws():
+    gray12 = np.array([[0, 1000, 4095, 5000]], dtype=np.uint16)
+    np.testing.assert_array_equal(display_rgb(gray12, (0, 4095))[0, :, 0], [0, 62, 255, 255])
+    assert display_rgb(gray12, (1000, 2000))[0, 1].tolist() == [0, 0, 0]
+
+
+def icon_pixels(item) -> np.ndarray:
+    image = item.icon().pixmap(THUMBNAIL_PX, THUMBNAIL_PX).toImage().convertToFormat(QImage.Format.Format_RGB888)
+    pointer = image.constBits()
+    pointer.setsize(image.sizeInBytes())
+    rows = np.frombuffer(pointer, np.uint8).reshape(image.height(), image.bytesPerLine())
+    return rows[:, :3 * image.width()].reshape(image.height(), image.width(), 3).copy()  # before image goes
+
+
+def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, qtbot, tiny_folder):  # noqa: F811
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    gallery = widget.gallery
+    widget.select(np.arange(len(widget.pool)) % 10 == 3)
+    chosen = np.flatnonzero(widget.selected)
+    widget.show_gallery()
+    assert GALLERY_NAME in viewer.window.dock_widgets
+    assert gallery.points() == chosen.tolist()
+    assert gallery.heading.text().startswith(f"{len(chosen)} selected cells.")
+    # Each thumbnail is its cell: the smear around it, as the thumbnail function cuts it.
+    table = cells.features.set_index("label")
+    first = int(widget.pool.label_ids[chosen[0]])
+    box = table.loc[first, ["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].to_numpy(float)
+    smear = viewer.layers["1"]
+    expected = cell_thumbnail(smear.data, cells.data, first, box, contrast_limits=smear.contrast_limits)
+    # (Xvfb's 16-bit screen keeps 5-6 bits of each channel of a pixmap, so the icon is within 8 levels.)
+    assert np.abs(icon_pixels(gallery.grid.item(0)).astype(int) - expected).max() <= 8
+    assert np.abs(icon_pixels(gallery.grid.item(1)).astype(int) - expected).mean() > 8  # another cell
+    assert gallery.grid.item(0).text() == "no class"
+
+    # A number key in the gallery labels the whole selection; the captions follow.
+    window = viewer.window._qt_window
+    window.activateWindow()
+    qtbot.waitUntil(window.isActiveWindow)  # shortcuts fire only in the active window
+    gallery.grid.setFocus()
+    qtbot.keyClick(gallery.grid, "1")
+    manual = cells.features.set_index("label")["manual_label"]
+    assert (manual.loc[widget.pool.label_ids[chosen]] == "normal").all()
+    assert [gallery.grid.item(row).text() for row in range(gallery.grid.count())] == ["normal"] * len(chosen)
+
+    # Two cells that do not belong are left out; the rest stay selected and keep their place.
+    gallery.grid.item(1).setSelected(True)
+    gallery.grid.item(3).setSelected(True)
+    gallery.leave_out_button.click()
+    kept = np.delete(chosen, [1, 3])
+    np.testing.assert_array_equal(np.flatnonzero(widget.selected), kept)
+    assert gallery.points() == kept.tolist()
+
+    # A click shows the cell in its smear and leaves the selection as it is.
+    item = gallery.grid.item(2)
+    qtbot.mouseClick(gallery.grid.viewport(), Qt.MouseButton.LeftButton,
+                     pos=gallery.grid.visualItemRect(item).center())
+    label = int(widget.pool.label_ids[kept[2]])
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], table.loc[label, ["centroid_y", "centroid_x"]], atol=1e-3)
+    np.testing.assert_array_equal(np.flatnonzero(widget.selected), kept)
+
+    # A selection larger than the gallery is shown as a sample, said so.
+    widget.select(np.ones(len(widget.pool), dtype=bool))
+    assert len(widget.pool) > MAX_CELLS
+    assert len(gallery.points()) == MAX_CELLS and set(gallery.points()) <= set(range(len(widget.pool)))
+    assert gallery.heading.text().startswith(f"{MAX_CELLS} of the {len(widget.pool)} selected cells, picked at random")
+
+    # Painting the cells drops the map, and the gallery with it; closing the Cell map closes the gallery.
+    cells.paint((5, 5), 1)
+    assert gallery.points() == [] and gallery.heading.text() == "No map yet."
+    viewer.window.remove_dock_widget(dock)
+    assert GALLERY_NAME not in viewer.window.dock_widgets
+
+
+def test_predictions_show_with_their_probability(viewer, qtbot, tiny_folder):  # noqa: F811
+    embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    n = len(widget.pool)
+    widget.select(np.arange(n) < 4)
+    widget.assign("normal")
+    widget.select(np.arange(n) >= n - 4)
+    widget.assign("spherocyte")
+    widget.train()
+    widget.select(np.arange(n) == n // 2)
+    widget.show_gallery()
+    predicted = widget.pool.column("predicted_class", UNLABELLED)[n // 2]
+    probability = widget.pool.column("prediction_probability")[n // 2]
+    assert widget.gallery.grid.item(0).text() == f"{predicted} ({probability:.0%})"
+    assert "predicted class" in widget.gallery.grid.item(0).toolTip()
