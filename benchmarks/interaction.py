@@ -8,6 +8,8 @@ size). The timings go through the real widget in a real napari viewer:
   cell of the smear recoloured) until napari has taken the new colours ("update"), and until
   the Qt event queue is empty ("+ repaint", which under Xvfb is Mesa's software OpenGL);
 - click: a cell selected from the smear, its point highlighted and the map centred on it;
+- lasso with the gallery open: the same, and the gallery showing the new selection (at most 120
+  thumbnails, each cut and outlined anew);
 - UMAP: ``fit_umap`` after the warm-up; head: ``CellClassifier.fit`` on 13 classes.
 
 Run: ``xvfb-run -a python benchmarks/interaction.py`` (``--sizes 1000 10000`` for a quick run).
@@ -78,7 +80,29 @@ def interaction_times(viewer, widget, cells_wanted: int, rng) -> dict:
     widget.show_map(PooledCells.from_layers([cells]), xy)
     settle(app)
 
-    lasso = []
+    lasso = lasso_times(widget, app, rng)
+    clicks = []
+    for label in rng.choice(ids, 5, replace=False):
+        started = time.perf_counter()
+        widget.select_cell(cells, int(label), add=True)
+        update = time.perf_counter() - started
+        clicks.append((update, update + settle(app)))
+    widget.show_gallery()
+    settle(app)
+    with_gallery = lasso_times(widget, app, rng)
+    viewer.window.remove_dock_widget(widget.gallery)
+    return {
+        "cells": len(ids),
+        "smear_px": labels.size,
+        "lasso": np.median(lasso, axis=0),
+        "click": np.median(clicks, axis=0),
+        "lasso_gallery": np.median(with_gallery, axis=0),
+    }
+
+
+def lasso_times(widget, app, rng) -> list[tuple[float, float]]:
+    """(update, update + repaint) of 5 lassos of random size around random centres."""
+    times = []
     for _ in range(5):
         angles = np.linspace(0, 2 * np.pi, 60, endpoint=False)
         centre = rng.normal(size=2) * 0.5
@@ -86,19 +110,8 @@ def interaction_times(viewer, widget, cells_wanted: int, rng) -> dict:
         started = time.perf_counter()
         widget.canvas.select_polygon(polygon)
         update = time.perf_counter() - started
-        lasso.append((update, update + settle(app)))
-    clicks = []
-    for label in rng.choice(ids, 5, replace=False):
-        started = time.perf_counter()
-        widget.select_cell(cells, int(label), add=True)
-        update = time.perf_counter() - started
-        clicks.append((update, update + settle(app)))
-    return {
-        "cells": len(ids),
-        "smear_px": labels.size,
-        "lasso": np.median(lasso, axis=0),
-        "click": np.median(clicks, axis=0),
-    }
+        times.append((update, update + settle(app)))
+    return times
 
 
 def umap_seconds(n: int, rng) -> float:
@@ -139,12 +152,13 @@ def main() -> None:
           f"UMAP warm-up {time.perf_counter() - started:.1f} s")
     viewer = napari.Viewer(show=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
-    print("| cells | smear px | lasso update | lasso + repaint | click update | click + repaint |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| cells | smear px | lasso update | lasso + repaint | click update | click + repaint "
+          "| lasso update, gallery open | + repaint |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         row = interaction_times(viewer, widget, size, rng)
-        print(f"| {row['cells']:,} | {row['smear_px'] / 1e6:.0f} M | {row['lasso'][0] * 1e3:.0f} ms | "
-              f"{row['lasso'][1] * 1e3:.0f} ms | {row['click'][0] * 1e3:.0f} ms | {row['click'][1] * 1e3:.0f} ms |")
+        times = [row[kind][part] * 1e3 for kind in ("lasso", "click", "lasso_gallery") for part in (0, 1)]
+        print(f"| {row['cells']:,} | {row['smear_px'] / 1e6:.0f} M | " + " | ".join(f"{t:.0f} ms" for t in times) + " |")
     print("\n| cells | UMAP (after warm-up) | head fit (13 classes) |\n|---:|---:|---:|")
     for size in args.sizes:
         head = f"{head_seconds(size, rng):.2f} s" if size <= 10_000 else "-"

@@ -134,7 +134,7 @@ class GalleryThumbnails:
         pool = self._pool
         manual, predicted = pool.column("manual_label", UNLABELLED), pool.column("predicted_class", UNLABELLED)
         probability = pd.to_numeric(pd.Series(pool.column("prediction_probability")), errors="coerce").to_numpy(float)
-        entries = []
+        entries, made = [], {}
         for point in map(int, points):
             position, label = int(pool.layer_index[point]), int(pool.label_ids[point])
             if manual[point] != UNLABELLED:
@@ -148,20 +148,22 @@ class GalleryThumbnails:
             row = self._tables[position].loc[label]
             tooltip = (f"{pool.layers[position].name}, cell {label}\n{kind}: {caption}\n"
                        f"diameter {row['equivalent_diameter_px']:.1f} px")
-            entries.append(GalleryCell(point, self._thumbnail(point, position, label, row, outline), caption, tooltip))
+            key = (point, outline)
+            made[key] = self._made.get(key)
+            if made[key] is None:
+                made[key] = self._thumbnail(position, label, row, outline)
+            entries.append(GalleryCell(point, made[key], caption, tooltip))
+        self._made = made  # only those shown: a day of lassos on a large map would pile up otherwise
         return entries
 
-    def _thumbnail(self, point: int, position: int, label: int, row: pd.Series, outline: tuple) -> np.ndarray:
-        key = (point, outline)
-        if key not in self._made:
-            cells = self._pool.layers[position]
-            image = self._image_of(cells)
-            box = row[["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].to_numpy(dtype=float)
-            self._made[key] = cell_thumbnail(
-                None if image is None else _level_0(image), np.asarray(cells.data), label, box,
-                contrast_limits=(0, 1) if image is None else image.contrast_limits, outline=outline,
-            )
-        return self._made[key]
+    def _thumbnail(self, position: int, label: int, row: pd.Series, outline: tuple) -> np.ndarray:
+        cells = self._pool.layers[position]
+        image = self._image_of(cells)
+        box = row[["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].to_numpy(dtype=float)
+        return cell_thumbnail(
+            None if image is None else _level_0(image), np.asarray(cells.data), label, box,
+            contrast_limits=(0, 1) if image is None else image.contrast_limits, outline=outline,
+        )
 
     def _image_of(self, cells) -> Image | None:
         """The smear under ``cells``, if it is still open and of the same size."""
