@@ -239,8 +239,14 @@ def crops_features(
             continue
         paths += found
         classes += [index] * len(found)
+    expected = "expected one folder of images per class, DATA/<class>/*.png"
+    if root.is_dir() and detect_format(root) == "points":
+        expected += " (this folder holds smears with point labels: use --format points)"
     if not paths:
-        raise EvalDataError(f"no crops under {root}; expected one folder of images per class, DATA/<class>/*.png")
+        raise EvalDataError(f"no crops under {root}; {expected}")
+    if len(set(classes)) < 2:
+        raise EvalDataError(f"every crop under {root} is of one class, {class_dirs[classes[0]].name!r}; "
+                            f"{expected}, two classes at least")
     keep = _subsample_per_class(np.array(classes), max_per_class, seed)
     chosen = [(path, target) for path, target, kept in zip(paths, classes, keep) if kept]
     summary = DataSummary()

@@ -76,6 +76,8 @@ class EvalRequest:
             raise ValueError(f"--margin {self.margin}: give a fraction of the cell's box of 0 or more")
         if self.pixel_size_um is not None and not 0 < self.pixel_size_um < float("inf"):
             raise ValueError(f"--pixel-size-um {self.pixel_size_um}: give a positive number of µm per pixel")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed {self.seed}: give a whole number from 0 to {2**32 - 1}")
 
     @property
     def crops(self) -> dict:

@@ -71,10 +71,12 @@ class ResumeSettingsWarning(UserWarning):
 
 
 class TrainingDivergedError(FloatingPointError):
-    def __init__(self, step: int, term: str, value: float) -> None:
+    def __init__(self, step: int, term: str, value: float, checkpoint_step: int | None) -> None:
+        restart = (f"it resumes from the checkpoint of step {checkpoint_step}" if checkpoint_step is not None
+                   else "no checkpoint was saved yet, so it starts again from the beginning")
         super().__init__(
             f"training diverged at step {step}: the {term} loss is {value}. Lower optim.base_lr, "
-            "raise optim.warmup_epochs or lower optim.clip_grad, then resume from the last checkpoint."
+            f"raise optim.warmup_epochs or lower optim.clip_grad, then run again: {restart}."
         )
         self.step, self.term, self.value = step, term, value
 
@@ -140,6 +142,7 @@ class Trainer:
         grid = cfg.crops.global_size // cfg.model.patch_size
         self.mask_generator = BlockMaskGenerator((grid, grid))
         self.iteration = 0
+        self.checkpoint_step: int | None = None  # the step of the checkpoint in the output folder
         self.samples_consumed = 0  # by this rank: where its sampler resumes
         _seed_process(cfg.train.seed + self.rank)  # distinct stochastic depth per rank
         resuming = _same_on_every_rank(f"whether {out / CHECKPOINT_NAME} exists", (out / CHECKPOINT_NAME).exists(),
@@ -214,7 +217,7 @@ class Trainer:
         stats = dict(zip(STATS, means))
         for term in LOSS_TERMS:
             if not np.isfinite(stats[term]):
-                raise TrainingDivergedError(self.iteration + 1, term, stats[term])
+                raise TrainingDivergedError(self.iteration + 1, term, stats[term], self.checkpoint_step)
         weights = {"dino": cfg.loss.dino_weight, "ibot": cfg.loss.ibot_weight, "koleo": cfg.loss.koleo_weight}
         total = sum(weights[name] * term for name, term in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
@@ -284,12 +287,13 @@ class Trainer:
                 "sampler": {"samples_consumed": self.samples_consumed, "world_size": self.world_size},
                 "rng": rng_states,
             })
+        self.checkpoint_step = self.iteration
 
     def _resume(self, state: dict[str, Any]) -> None:
         load_full_state(self.student, self.teacher, self.optimizer, state)
         self.losses.dino.load_state_dict(state["dino_loss"])
         self.losses.ibot.load_state_dict(state["ibot_loss"])
-        self.iteration = state["iteration"]
+        self.iteration = self.checkpoint_step = state["iteration"]
         sampler = state["sampler"]  # the same global stream position on another number of ranks
         self.samples_consumed = sampler["samples_consumed"] * sampler["world_size"] // self.world_size
         if len(state["rng"]) == self.world_size:  # else keep the fresh per-rank seeds

@@ -136,8 +136,16 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     (["{missing}", "--data", "{crops}", "--limit-images", "0"], "--limit-images 0: give a whole number of 1 or more"),
     (["{missing}", "--data", "{crops}", "--batch-size", "-4"], "--batch-size -4: give a whole number"),
     (["{missing}", "--data", "{crops}", "--margin", "-0.5"], "--margin -0.5: give a fraction"),
+    (["{missing}", "--data", "{crops}", "--seed", "-1"], "--seed -1: give a whole number from 0 to 4294967295"),
+    (["{model}", "--data", "{chula}", "--format", "crops"], "no crops under {chula}; expected one folder of images "
+     "per class, DATA/<class>/*.png (this folder holds smears with point labels: use --format points)"),
+    (["{model}", "--data", "{one_class}"], "every crop under {one_class} is of one class, 'smear0'; expected one "
+     "folder of images per class, DATA/<class>/*.png, two classes at least"),
 ])
 def test_eval_errors_exit_2_with_the_reason(model, crops_by_smear, tmp_path, capsys, args, message):
-    paths = {"missing": str(tmp_path / "nope"), "model": str(model), "crops": str(crops_by_smear)}
+    one_class = tmp_path / "one_class"
+    shutil.copytree(next(p for p in sorted(crops_by_smear.iterdir()) if p.is_dir()), one_class / "smear0")
+    paths = {"missing": str(tmp_path / "nope"), "model": str(model), "crops": str(crops_by_smear),
+             "chula": str(CHULA), "one_class": str(one_class)}
     assert main(["eval", *(arg.format(**paths) for arg in args)]) == 2
-    assert message in capsys.readouterr().err
+    assert message.format(**paths) in capsys.readouterr().err

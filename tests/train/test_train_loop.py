@@ -115,7 +115,14 @@ def test_divergence_stops_with_the_step_and_the_term(smear_images, tmp_path):
     with pytest.raises(TrainingDivergedError, match=r"diverged at step (\d+): the (dino|ibot|koleo) loss") as error:
         fit(cfg, smear_images, tmp_path, max_steps=6)
     assert error.value.step == 2 and not math.isfinite(error.value.value)
+    assert str(error.value).endswith("then run again: no checkpoint was saved yet, so it starts again from the "
+                                     "beginning.")
     assert [row["step"] for row in read_log(tmp_path / "log.csv")] == [1]
+    assert not (tmp_path / "checkpoint.pt").exists()
+    fit(load_config("tiny", TINY), smear_images, tmp_path / "saved", max_steps=1)
+    with pytest.raises(TrainingDivergedError) as error, pytest.warns(ResumeSettingsWarning):
+        fit(cfg, smear_images, tmp_path / "saved", max_steps=6)
+    assert str(error.value).endswith("then run again: it resumes from the checkpoint of step 1.")
 
 
 def test_checkpoint_of_another_architecture_is_refused_and_kept(smear_images, tmp_path):
