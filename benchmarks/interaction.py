@@ -67,7 +67,8 @@ def interaction_times(viewer, widget, cells_wanted: int, rng) -> dict:
 
     app = QApplication.instance()
     for layer in list(viewer.layers):
-        viewer.layers.remove(layer)
+        if layer in viewer.layers:  # removing the cells removes their map colours too
+            viewer.layers.remove(layer)
     image, labels, table = tiled_smear(cells_wanted)
     viewer.add_image(image, rgb=True, name="smear")
     cells = viewer.add_labels(labels, name="smear cells", features=table)

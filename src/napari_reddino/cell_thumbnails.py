@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
-from skimage.transform import resize
 
 from .crops import DEFAULT_MARGIN
 
@@ -30,12 +29,37 @@ def cell_window(box: Sequence[float], margin: float = DEFAULT_MARGIN) -> tuple[i
     return top, left, side
 
 
-def _window(array: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
-    """``array[top:top + side, left:left + side]``, zero where the window leaves the array."""
-    height, width = array.shape[:2]
-    inner = np.asarray(array[max(top, 0):min(top + side, height), max(left, 0):min(left + side, width)])
-    pad = [(max(-top, 0), max(top + side - height, 0)), (max(-left, 0), max(left + side - width, 0))]
-    return np.pad(inner, pad + [(0, 0)] * (inner.ndim - 2))
+def _linear_taps(start: int, side: int, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``size`` output pixels spanning source pixels ``start .. start + side``: the two
+    source indices around its centre (clipped into ``0 .. limit - 1``) and their weights, zero for
+    an index outside the source (so the smear fades to black beyond its edge)."""
+    position = start + (np.arange(size) + 0.5) * side / size - 0.5
+    low = np.floor(position).astype(np.intp)
+    above = (position - low).astype(np.float32)
+    indices = np.stack([low, low + 1])
+    weights = np.stack([1 - above, above]) * ((indices >= 0) & (indices < limit))
+    return np.clip(indices, 0, limit - 1), weights
+
+
+def _nearest(start: int, side: int, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The source index nearest each output pixel's centre (clipped) and whether it is inside."""
+    index = np.floor(start + (np.arange(size) + 0.5) * side / size).astype(np.intp)
+    return np.clip(index, 0, limit - 1), (index >= 0) & (index < limit)
+
+
+def _bilinear(image: np.ndarray, top: int, left: int, side: int, size: int) -> np.ndarray:
+    """The ``side``-px square of ``image`` at ``(top, left)`` resampled to ``size`` px, float32:
+    rows, then columns, each a blend of two gathers from the part of the smear under the window."""
+    (rows, row_weights), (cols, col_weights) = (_linear_taps(top, side, size, image.shape[0]),
+                                                _linear_taps(left, side, size, image.shape[1]))
+    under = np.asarray(image[rows.min():rows.max() + 1, cols.min():cols.max() + 1], dtype=np.float32)
+    rows, cols = rows - rows.min(), cols - cols.min()
+    if under.ndim == 3:
+        row_weights, col_weights = row_weights[..., None, None], col_weights[..., None]
+    else:
+        row_weights = row_weights[..., None]
+    blended_rows = under.take(rows[0], axis=0) * row_weights[0] + under.take(rows[1], axis=0) * row_weights[1]
+    return blended_rows.take(cols[0], axis=1) * col_weights[0] + blended_rows.take(cols[1], axis=1) * col_weights[1]
 
 
 def display_rgb(pixels: np.ndarray, contrast_limits: Sequence[float]) -> np.ndarray:
@@ -60,13 +84,12 @@ def cell_thumbnail(
     (pixels outside the smear black), its outline in ``outline``. Without an image (its layer
     was closed), the cell's mask in grey stands in for it."""
     top, left, side = cell_window(box)
-    mask = _window(labels, top, left, side) == label
+    height, width = labels.shape[:2]
+    (rows, row_in), (cols, col_in) = _nearest(top, side, size, height), _nearest(left, side, size, width)
+    mask = (np.asarray(labels[rows[:, None], cols[None, :]]) == label) & row_in[:, None] & col_in[None, :]
     if image is None:
-        rgb = np.where(mask[..., None], np.uint8(160), np.uint8(40)).repeat(3, axis=-1)
+        thumbnail = np.where(mask[..., None], np.uint8(160), np.uint8(40)).repeat(3, axis=-1)
     else:
-        rgb = display_rgb(_window(image, top, left, side), contrast_limits)
-    thumbnail = resize(rgb, (size, size), order=1, preserve_range=True, anti_aliasing=side > size)
-    thumbnail = np.round(thumbnail).astype(np.uint8)
-    mask = resize(mask, (size, size), order=0, preserve_range=True, anti_aliasing=False).astype(bool)
+        thumbnail = display_rgb(_bilinear(image, top, left, side, size), contrast_limits)
     thumbnail[mask & ~ndimage.binary_erosion(mask)] = np.asarray(outline, dtype=np.uint8)[:3]
     return thumbnail

@@ -127,7 +127,8 @@ class GalleryThumbnails:
 
     def __init__(self, viewer, pool: PooledCells) -> None:
         self._viewer, self._pool = viewer, pool
-        self._tables = [pd.DataFrame(cells.features).set_index("label") for cells in pool.layers]
+        self._boxes = np.column_stack([pool.column(f"bbox_{edge}") for edge in ("min_y", "min_x", "max_y", "max_x")])
+        self._diameters = pool.column("equivalent_diameter_px")
         self._made: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
 
     def entries(self, points: np.ndarray, palette: dict[str, np.ndarray]) -> list[GalleryCell]:
@@ -145,21 +146,19 @@ class GalleryThumbnails:
             else:
                 name, caption, kind = UNLABELLED, "no class", "no class yet"
             outline = tuple(np.round(palette[name][:3] * 255).astype(int)) if name in palette else NO_CLASS_OUTLINE
-            row = self._tables[position].loc[label]
             tooltip = (f"{pool.layers[position].name}, cell {label}\n{kind}: {caption}\n"
-                       f"diameter {row['equivalent_diameter_px']:.1f} px")
+                       f"diameter {self._diameters[point]:.1f} px")
             key = (point, outline)
             made[key] = self._made.get(key)
             if made[key] is None:
-                made[key] = self._thumbnail(position, label, row, outline)
+                made[key] = self._thumbnail(position, label, self._boxes[point], outline)
             entries.append(GalleryCell(point, made[key], caption, tooltip))
         self._made = made  # only those shown: a day of lassos on a large map would pile up otherwise
         return entries
 
-    def _thumbnail(self, position: int, label: int, row: pd.Series, outline: tuple) -> np.ndarray:
+    def _thumbnail(self, position: int, label: int, box: np.ndarray, outline: tuple) -> np.ndarray:
         cells = self._pool.layers[position]
         image = self._image_of(cells)
-        box = row[["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].to_numpy(dtype=float)
         return cell_thumbnail(
             None if image is None else _level_0(image), np.asarray(cells.data), label, box,
             contrast_limits=(0, 1) if image is None else image.contrast_limits, outline=outline,
