@@ -48,6 +48,13 @@ def test_a_thumbnail_at_the_border_is_black_beyond_the_smear_and_grey_without_on
     thumbnail = cell_thumbnail(smear, labels, 7, (0, 0, 20, 20), size=30)
     assert (thumbnail[:5] == 0).all() and (thumbnail[:, :5] == 0).all()
     np.testing.assert_array_equal(thumbnail[6:24, 6:24], smear[1:19, 1:19, :3])
+    gray16 = smear[..., 1].astype(np.uint16) * 16  # a 12-bit grayscale camera
+    thumbnail = cell_thumbnail(gray16, labels, 7, (0, 0, 20, 20), contrast_limits=(0, 4095), size=30)
+    np.testing.assert_allclose(thumbnail[6:24, 6:24, 0], smear[1:19, 1:19, 1].astype(float) * 16 / 4095 * 255, atol=0.51)
+    assert (thumbnail[..., 0] == thumbnail[..., 2]).all()
+    halved = cell_thumbnail(smear, labels, 7, (0, 0, 20, 20), size=15)  # each pixel the mean of a 2 x 2 block
+    np.testing.assert_allclose(halved[3:11, 3:11], smear[1:17, 1:17, :3].reshape(8, 2, 8, 2, 3).mean(axis=(1, 3)),
+                               atol=0.51)
     mask_only = cell_thumbnail(None, labels, 7, (0, 0, 20, 20), size=30)
     assert mask_only[15, 15].tolist() == [160, 160, 160] and mask_only[27, 27].tolist() == [40, 40, 40]
 
