@@ -134,7 +134,7 @@ def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, 
     assert GALLERY_NAME not in viewer.window.dock_widgets
 
 
-def test_predictions_show_with_their_probability(viewer, qtbot, tiny_folder):  # noqa: F811
+def test_predictions_show_with_their_probability_and_a_class_is_selected_whole(viewer, qtbot, tiny_folder):  # noqa: F811
     embed(viewer, qtbot, tiny_folder[1], CHULA_1)
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
     compute_map(widget, qtbot)
@@ -150,3 +150,16 @@ def test_predictions_show_with_their_probability(viewer, qtbot, tiny_folder):  #
     probability = widget.pool.column("prediction_probability")[n // 2]
     assert widget.gallery.grid.item(0).text() == f"{predicted} ({probability:.0%})"
     assert "predicted class" in widget.gallery.grid.item(0).toolTip()
+
+    # Select class: the cells labelled so by hand, and the unlabelled ones the head calls so.
+    manual = widget.pool.column("manual_label", UNLABELLED)
+    calls_normal = (manual == UNLABELLED) & (widget.pool.column("predicted_class", UNLABELLED) == "normal")
+    assert 0 < calls_normal.sum() < n - 8  # the head calls some cells normal, not all
+    widget.class_list.table.selectRow(widget.class_list.classes.index("normal"))
+    widget.buttons["Select class"].changed.emit(True)
+    np.testing.assert_array_equal(widget.selected, (manual == "normal") | calls_normal)
+    assert widget.status.value == f"{4 + calls_normal.sum()} cells of 'normal' selected: 4 labelled by hand, " \
+                                  f"{calls_normal.sum()} predicted."
+    assert widget.gallery.points() == np.flatnonzero(widget.selected).tolist()
+    widget.select_class("teardrop")
+    assert not widget.selected.any() and widget.status.value == "No cell is 'teardrop' yet."

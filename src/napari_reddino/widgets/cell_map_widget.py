@@ -191,6 +191,7 @@ class CellMapWidget(JobWidget):
             "Assign": lambda: self.assign(self.class_list.current_class),
             "Clear label": lambda: self.assign(UNLABELLED),
             "Clear selection": lambda: self.select(np.zeros(len(self.selected), dtype=bool)),
+            "Select class": lambda: self.select_class(self.class_list.current_class),
             "Show in gallery": self.show_gallery,
             "Train head": self.train,
             "Review uncertain": self.review_next,
@@ -213,8 +214,8 @@ class CellMapWidget(JobWidget):
         the status line under both."""
         run = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
         controls = Container(widgets=[run, self.colour_by, self.centre_on_click])
-        labelling = Container(widgets=[self._row(self.selection_count, "Show in gallery"),
-                                       self._row("Assign", "Clear label", "Clear selection")], labels=False)
+        labelling = Container(widgets=[self.selection_count, self._row("Assign", "Clear label", "Clear selection"),
+                                       self._row("Select class", "Show in gallery")], labels=False)
         head = Container(
             widgets=[self._row("Train head", "Review uncertain"), self._row("Save head…", "Apply saved head…"),
                      self.with_embeddings, self.with_summary, self._row("Export CSV…", "Import labels…")],
@@ -241,10 +242,8 @@ class CellMapWidget(JobWidget):
         layout.addWidget(self.status.native)  # outside the scroll area: what just happened is always in view
         self.setMinimumWidth(MIN_WIDTH)
 
-    def _row(self, *parts) -> Container:
-        """Widgets and buttons (by name) side by side."""
-        widgets = [self.buttons[part] if isinstance(part, str) else part for part in parts]
-        return Container(widgets=widgets, layout="horizontal", labels=False)
+    def _row(self, *names: str) -> Container:
+        return Container(widgets=[self.buttons[name] for name in names], layout="horizontal", labels=False)
 
     def _bind_keys(self) -> None:
         """Digits assign the class with that key, Backspace/Delete clear; on the map and in this panel
@@ -467,6 +466,24 @@ class CellMapWidget(JobWidget):
             return
         self.selected = np.asarray(mask, dtype=bool).copy()
         self._paint()
+
+    def select_class(self, name: str | None) -> None:
+        """Select every cell of class ``name``: its manual label, else the head's prediction (the
+        class the smear table counts it as)."""
+        if self.pool is None:
+            self.status.value = "No map yet: Compute map, then select the cells of a class."
+            return
+        if name is None:
+            self.status.value = "Choose a class in the list first."
+            return
+        manual = self.pool.column("manual_label", UNLABELLED)
+        by_hand = manual == name
+        by_head = (manual == UNLABELLED) & (self.pool.column("predicted_class", UNLABELLED) == name)
+        self._review = []  # as for a lasso
+        self.select(by_hand | by_head)
+        count = int(by_hand.sum() + by_head.sum())
+        self.status.value = (f"{counted(count, 'cell')} of {name!r} selected: {int(by_hand.sum()):,} labelled by hand, "
+                             f"{int(by_head.sum()):,} predicted." if count else f"No cell is {name!r} yet.")
 
     def _on_lasso(self, mask: np.ndarray) -> None:
         self._review = []  # the user chose cells: labelling them does not jump to a reviewed one
