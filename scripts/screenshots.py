@@ -13,7 +13,7 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from qtpy.QtCore import QEventLoop
+from qtpy.QtCore import QEventLoop, Qt
 from qtpy.QtWidgets import QApplication, QScrollArea, QSplitter
 from scipy.spatial import ConvexHull, QhullError
 from skimage.io import imread
@@ -129,8 +129,10 @@ def gallery_view(model: str, path: Path) -> None:
     label_like_the_annotators(cell_map)
     cell_map.select(cell_map.pool.column("manual_label", "") == "target cell")
     cell_map.show_gallery()
+    dock = cell_map.gallery.parent()
+    dock.parent().resizeDocks([dock], [330], Qt.Orientation.Vertical)  # two rows, as a user would drag it
     QApplication.processEvents()
-    cell_map.gallery.parent().grab().save(str(path))
+    dock.grab().save(str(path))
     viewer.close()
 
 

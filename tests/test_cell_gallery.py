@@ -1,6 +1,9 @@
 """The gallery of selected cells: thumbnails cut from the real smear, and the panel in a real viewer
 beside the Cell map (tiny real ViT, real UMAP)."""
 
+import subprocess
+import sys
+
 import numpy as np
 from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
 from qtpy.QtCore import Qt
@@ -8,17 +11,25 @@ from qtpy.QtGui import QImage
 from skimage.io import imread
 from test_cell_map_widget import CHULA_1, compute_map, embed, viewer  # noqa: F401  (fixture)
 
-from napari_reddino import segment_cells
+from napari_reddino import measure_cells, segment_cells
 from napari_reddino.cell_map import UNLABELLED
-from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail, cell_window, display_rgb
+from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail, display_rgb
+from napari_reddino.crop_windows import cell_windows, square_windows
 from napari_reddino.widgets.cell_gallery import MAX_CELLS
 from napari_reddino.widgets.cell_map_widget import GALLERY_NAME
 
 
-def test_the_window_is_the_model_crop_s_square_around_the_box():
-    # a 20 x 30 px box: 30 px and a quarter of it on each side make 45 px
-    assert cell_window((10, 20, 30, 50)) == (-3, 12, 45)
-    assert cell_window((10, 20, 30, 50), margin=0) == (5, 20, 30)
+def test_the_windows_are_the_model_crops_sized_among_the_smear_s_cells():
+    boxes = np.array([(20, 10, 50, 30), (0, 0, 20, 20), (100, 100, 120, 120)])  # x0, y0, x1, y1
+    # at cell scale a 30 x 20 px box gets 30 px and a quarter of it on each side
+    np.testing.assert_allclose(square_windows(boxes[:1], scale="cell"), [(12.5, -2.5, 57.5, 42.5)])
+    # at smear scale the 20 px cells get 1.25 x the median side (20 px) before the margin: 37.5 px
+    np.testing.assert_allclose(square_windows(boxes)[1:], [(-8.75, -8.75, 28.75, 28.75), (91.25, 91.25, 128.75, 128.75)])
+    smear = imread(CHULA_1)
+    labels = segment_cells(smear)
+    table = measure_cells(labels, smear)
+    bounds = table[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float)
+    np.testing.assert_allclose(square_windows(bounds), cell_windows(labels).boxes)  # what the model sees
 
 
 def test_a_thumbnail_is_the_smear_around_the_cell_with_its_outline_drawn_in():
@@ -26,36 +37,37 @@ def test_a_thumbnail_is_the_smear_around_the_cell_with_its_outline_drawn_in():
     labels = segment_cells(smear)
     label = int(labels[labels.shape[0] // 2, :].max())  # a cell on the middle row
     rows, cols = np.nonzero(labels == label)
-    box = (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)
-    top, left, side = cell_window(box)
+    top, left, side = rows.min() - 10, cols.min() - 10, max(np.ptp(rows), np.ptp(cols)) + 21
     assert top >= 0 and left >= 0  # inside the smear: every pixel of the window is the smear's
-    thumbnail = cell_thumbnail(smear, labels, label, box, outline=(0, 255, 0), size=side)  # no resampling
-    window = smear[top:top + side, left:left + side, :3]
+    window = (left, top, left + side, top + side)
+    thumbnail = cell_thumbnail(smear, labels, label, window, outline=(0, 255, 0), size=side)  # no resampling
+    pixels = smear[top:top + side, left:left + side, :3]
     mask = labels[top:top + side, left:left + side] == label
     edge = mask & ~np.pad(mask, 1)[2:, 1:-1] | mask & ~np.pad(mask, 1)[:-2, 1:-1] \
         | mask & ~np.pad(mask, 1)[1:-1, 2:] | mask & ~np.pad(mask, 1)[1:-1, :-2]  # 4-neighbour boundary
-    np.testing.assert_array_equal(thumbnail[~edge], window[~edge])
+    np.testing.assert_array_equal(thumbnail[~edge], pixels[~edge])
     assert (thumbnail[edge] == [0, 255, 0]).all()
     assert edge.sum() >= 0.8 * np.pi * np.sqrt(4 * mask.sum() / np.pi)  # all the way round the cell
-    shown = cell_thumbnail(smear, labels, label, box)
+    shown = cell_thumbnail(smear, labels, label, window)
     assert shown.shape == (THUMBNAIL_PX, THUMBNAIL_PX, 3) and shown.dtype == np.uint8
 
 
 def test_a_thumbnail_at_the_border_is_black_beyond_the_smear_and_grey_without_one():
     smear = imread(CHULA_1)
     labels = np.zeros(smear.shape[:2], dtype=np.int32)
-    labels[0:20, 0:20] = 7  # a cell in the corner: its window starts at -5
-    thumbnail = cell_thumbnail(smear, labels, 7, (0, 0, 20, 20), size=30)
+    labels[0:20, 0:20] = 7  # a cell in the corner
+    corner = (-5, -5, 25, 25)
+    thumbnail = cell_thumbnail(smear, labels, 7, corner, size=30)
     assert (thumbnail[:5] == 0).all() and (thumbnail[:, :5] == 0).all()
     np.testing.assert_array_equal(thumbnail[6:24, 6:24], smear[1:19, 1:19, :3])
     gray16 = smear[..., 1].astype(np.uint16) * 16  # a 12-bit grayscale camera
-    thumbnail = cell_thumbnail(gray16, labels, 7, (0, 0, 20, 20), contrast_limits=(0, 4095), size=30)
+    thumbnail = cell_thumbnail(gray16, labels, 7, corner, contrast_limits=(0, 4095), size=30)
     np.testing.assert_allclose(thumbnail[6:24, 6:24, 0], smear[1:19, 1:19, 1].astype(float) * 16 / 4095 * 255, atol=0.51)
     assert (thumbnail[..., 0] == thumbnail[..., 2]).all()
-    halved = cell_thumbnail(smear, labels, 7, (0, 0, 20, 20), size=15)  # each pixel the mean of a 2 x 2 block
+    halved = cell_thumbnail(smear, labels, 7, corner, size=15)  # each pixel the mean of a 2 x 2 block
     np.testing.assert_allclose(halved[3:11, 3:11], smear[1:17, 1:17, :3].reshape(8, 2, 8, 2, 3).mean(axis=(1, 3)),
                                atol=0.51)
-    mask_only = cell_thumbnail(None, labels, 7, (0, 0, 20, 20), size=30)
+    mask_only = cell_thumbnail(None, labels, 7, corner, size=30)
     assert mask_only[15, 15].tolist() == [160, 160, 160] and mask_only[27, 27].tolist() == [40, 40, 40]
 
 
@@ -65,12 +77,22 @@ def test_display_scales_by_the_contrast_limits_as_napari_draws():
     assert display_rgb(gray12, (1000, 2000))[0, 1].tolist() == [0, 0, 0]
 
 
+def test_the_cell_map_and_its_gallery_load_without_torch():
+    """Mapping and labelling need no torch: the window geometry lives apart from the crops."""
+    code = "import sys, napari_reddino.widgets.cell_map_widget; print(sorted(set(sys.modules) & {'torch', 'timm'}))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
 def icon_pixels(item) -> np.ndarray:
     image = item.icon().pixmap(THUMBNAIL_PX, THUMBNAIL_PX).toImage().convertToFormat(QImage.Format.Format_RGB888)
     pointer = image.constBits()
     pointer.setsize(image.sizeInBytes())
     rows = np.frombuffer(pointer, np.uint8).reshape(image.height(), image.bytesPerLine())
     return rows[:, :3 * image.width()].reshape(image.height(), image.width(), 3).copy()  # before image goes
+
+
+def click_item(qtbot, grid, row: int, modifier=Qt.KeyboardModifier.NoModifier) -> None:
+    qtbot.mouseClick(grid.viewport(), Qt.MouseButton.LeftButton, modifier, grid.visualItemRect(grid.item(row)).center())
 
 
 def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, qtbot, tiny_folder):  # noqa: F811
@@ -84,12 +106,13 @@ def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, 
     assert GALLERY_NAME in viewer.window.dock_widgets
     assert gallery.points() == chosen.tolist()
     assert gallery.heading.text().startswith(f"{len(chosen)} selected cells.")
-    # Each thumbnail is its cell: the smear around it, as the thumbnail function cuts it.
+    # Each thumbnail is its cell in the window the model's crop had (sized among the smear's cells).
     table = cells.features.set_index("label")
-    first = int(widget.pool.label_ids[chosen[0]])
-    box = table.loc[first, ["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].to_numpy(float)
+    bounds = table.loc[widget.pool.label_ids, ["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]]
+    windows = square_windows(bounds.to_numpy(float))
     smear = viewer.layers["1"]
-    expected = cell_thumbnail(smear.data, cells.data, first, box, contrast_limits=smear.contrast_limits)
+    first = int(widget.pool.label_ids[chosen[0]])
+    expected = cell_thumbnail(smear.data, cells.data, first, windows[chosen[0]], contrast_limits=smear.contrast_limits)
     # (Xvfb's 16-bit screen keeps 5-6 bits of each channel of a pixmap, so the icon is within 8 levels.)
     assert np.abs(icon_pixels(gallery.grid.item(0)).astype(int) - expected).max() <= 8
     assert np.abs(icon_pixels(gallery.grid.item(1)).astype(int) - expected).mean() > 8  # another cell
@@ -105,31 +128,46 @@ def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, 
     assert (manual.loc[widget.pool.label_ids[chosen]] == "normal").all()
     assert [gallery.grid.item(row).text() for row in range(gallery.grid.count())] == ["normal"] * len(chosen)
 
-    # Two cells that do not belong are left out; the rest stay selected and keep their place.
-    gallery.grid.item(1).setSelected(True)
-    gallery.grid.item(3).setSelected(True)
-    gallery.leave_out_button.click()
+    # Ctrl-click highlights without moving the view; Delete leaves the highlighted out (their labels stay).
+    centre = viewer.scene.camera.center
+    click_item(qtbot, gallery.grid, 1, Qt.KeyboardModifier.ControlModifier)
+    click_item(qtbot, gallery.grid, 3, Qt.KeyboardModifier.ControlModifier)
+    assert gallery.highlighted() == [chosen[1], chosen[3]] and viewer.scene.camera.center == centre
+    qtbot.keyClick(gallery.grid, Qt.Key.Key_Delete)
     kept = np.delete(chosen, [1, 3])
     np.testing.assert_array_equal(np.flatnonzero(widget.selected), kept)
     assert gallery.points() == kept.tolist()
+    assert (cells.features.set_index("label").loc[widget.pool.label_ids[chosen], "manual_label"] == "normal").all()
 
-    # A click shows the cell in its smear and leaves the selection as it is.
-    item = gallery.grid.item(2)
-    qtbot.mouseClick(gallery.grid.viewport(), Qt.MouseButton.LeftButton,
-                     pos=gallery.grid.visualItemRect(item).center())
+    # A plain click shows the cell in its smear and leaves the selection as it is.
+    click_item(qtbot, gallery.grid, 2)
     label = int(widget.pool.label_ids[kept[2]])
     np.testing.assert_allclose(viewer.scene.camera.center[-2:], table.loc[label, ["centroid_y", "centroid_x"]], atol=1e-3)
     np.testing.assert_array_equal(np.flatnonzero(widget.selected), kept)
 
-    # A selection larger than the gallery is shown as a sample, said so.
+    # A selection larger than the gallery is shown as a sample, said so; a cell left out of it
+    # changes that one thumbnail, not the sample.
     widget.select(np.ones(len(widget.pool), dtype=bool))
     assert len(widget.pool) > MAX_CELLS
-    assert len(gallery.points()) == MAX_CELLS and set(gallery.points()) <= set(range(len(widget.pool)))
+    sample = gallery.points()
+    assert len(sample) == MAX_CELLS and sample == sorted(sample)
     assert gallery.heading.text().startswith(f"{MAX_CELLS} of the {len(widget.pool)} selected cells, picked at random")
+    widget.leave_out([sample[5]])
+    assert len(gallery.points()) == MAX_CELLS and len(set(gallery.points()) & set(sample)) == MAX_CELLS - 1
 
-    # Painting the cells drops the map, and the gallery with it; closing the Cell map closes the gallery.
+    # Closed with its own button and opened again, it shows the selection; with the smear
+    # closed, each cell's mask stands in for it.
+    viewer.window.remove_dock_widget(gallery)  # as its close button does
+    viewer.layers.remove(smear)
+    widget.show_gallery()
+    assert len(gallery.points()) == MAX_CELLS and set(gallery.points()) <= set(np.flatnonzero(widget.selected))
+    point = gallery.points()[0]
+    grey = cell_thumbnail(None, cells.data, int(widget.pool.label_ids[point]), windows[point])
+    assert np.abs(icon_pixels(gallery.grid.item(0)).astype(int) - grey).max() <= 8
+
+    # Painting the cells drops the map, and the gallery empties; closing the Cell map closes the gallery.
     cells.paint((5, 5), 1)
-    assert gallery.points() == [] and gallery.heading.text() == "No map yet."
+    assert gallery.points() == [] and gallery.heading.text().startswith("No map yet")
     viewer.window.remove_dock_widget(dock)
     assert GALLERY_NAME not in viewer.window.dock_widgets
 

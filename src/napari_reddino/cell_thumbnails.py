@@ -1,10 +1,11 @@
 """Thumbnails of single cells, for the Cell map's gallery of the selected cells.
 
-A thumbnail is the smear as napari shows it (scaled by the image layer's contrast limits)
-in a square window around the cell, with the same context margin as the model's crops, and
-the cell's outline drawn in so that it stands out from the neighbours in its window.
+A thumbnail is the smear as napari shows it (scaled by the image layer's contrast limits) in
+the cell's window (:func:`.crop_windows.square_windows`: at smear scale, one size for every
+cell of a smear, so a microcyte looks small next to a macrocyte), with the cell's outline
+drawn in so that it stands out from the neighbours in its window.
 
-No Qt, no napari.
+No Qt, no napari, no torch.
 """
 
 from __future__ import annotations
@@ -14,22 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .crops import DEFAULT_MARGIN
-
 THUMBNAIL_PX = 96
 
 
-def cell_window(box: Sequence[float], margin: float = DEFAULT_MARGIN) -> tuple[int, int, int]:
-    """``(top, left, side)`` of the square pixel window around a cell's bounding box
-    ``(min_y, min_x, max_y, max_x)`` (max exclusive), ``margin`` of its longer side on each side."""
-    min_y, min_x, max_y, max_x = (float(value) for value in box)
-    side = max(1, round(max(max_y - min_y, max_x - min_x) * (1 + 2 * margin)))
-    top = int(np.floor((min_y + max_y - side) / 2))
-    left = int(np.floor((min_x + max_x - side) / 2))
-    return top, left, side
-
-
-def _linear_taps(start: int, side: int, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+def _linear_taps(start: float, side: float, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """For each of ``size`` output pixels spanning source pixels ``start .. start + side``: the two
     source indices around its centre (clipped into ``0 .. limit - 1``) and their weights, zero for
     an index outside the source (so the smear fades to black beyond its edge)."""
@@ -41,13 +30,13 @@ def _linear_taps(start: int, side: int, size: int, limit: int) -> tuple[np.ndarr
     return np.clip(indices, 0, limit - 1), weights
 
 
-def _nearest(start: int, side: int, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+def _nearest(start: float, side: float, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """The source index nearest each output pixel's centre (clipped) and whether it is inside."""
     index = np.floor(start + (np.arange(size) + 0.5) * side / size).astype(np.intp)
     return np.clip(index, 0, limit - 1), (index >= 0) & (index < limit)
 
 
-def _bilinear(image: np.ndarray, top: int, left: int, side: int, size: int) -> np.ndarray:
+def _bilinear(image: np.ndarray, top: float, left: float, side: float, size: int) -> np.ndarray:
     """The ``side``-px square of ``image`` at ``(top, left)`` resampled to ``size`` px, float32:
     rows, then columns, each a blend of two gathers from the part of the smear under the window."""
     (rows, row_weights), (cols, col_weights) = (_linear_taps(top, side, size, image.shape[0]),
@@ -74,16 +63,17 @@ def cell_thumbnail(
     image: np.ndarray | None,
     labels: np.ndarray,
     label: int,
-    box: Sequence[float],
+    window: Sequence[float],
     *,
     contrast_limits: Sequence[float] = (0, 255),
     outline: Sequence[int] = (255, 255, 255),
     size: int = THUMBNAIL_PX,
 ) -> np.ndarray:
-    """``(size, size, 3)`` uint8: the cell ``label`` of ``labels`` in its window of ``image``
-    (pixels outside the smear black), its outline in ``outline``. Without an image (its layer
-    was closed), the cell's mask in grey stands in for it."""
-    top, left, side = cell_window(box)
+    """``(size, size, 3)`` uint8: the square ``window`` (x0, y0, x1, y1 in pixel edges) of
+    ``image`` (black beyond the smear) with the outline of cell ``label`` of ``labels`` in
+    ``outline``. Without an image (its layer was closed), the cell's mask in grey stands in."""
+    left, top, right, _ = (float(value) for value in window)
+    side = right - left
     height, width = labels.shape[:2]
     (rows, row_in), (cols, col_in) = _nearest(top, side, size, height), _nearest(left, side, size, width)
     mask = (np.asarray(labels[rows[:, None], cols[None, :]]) == label) & row_in[:, None] & col_in[None, :]

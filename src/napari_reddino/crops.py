@@ -36,32 +36,28 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torchvision.ops import roi_align
 
+from .crop_windows import (  # noqa: F401  (re-exported: the crop settings are part of this module's API)
+    CROP_SCALES,
+    DEFAULT_CROP_SCALE,
+    DEFAULT_MARGIN,
+    CellWindows,
+    CropInputError,
+    CropScale,
+    cell_windows,
+)
 from .image_input import check_labels, check_smear, colour_planes
 
 CropMode = Literal["context", "masked"]
 CROP_MODES: tuple[CropMode, ...] = ("context", "masked")
-CropScale = Literal["cell", "smear"]
-CROP_SCALES: tuple[CropScale, ...] = ("cell", "smear")
-# Smear-scale crops classified Chula cells better than cell-scale ones, at random init and
-# pretrained on each (benchmarks/RESULTS.md, "Crop scale").
-DEFAULT_CROP_SCALE: CropScale = "smear"
-# Cells up to this many times the median size show their size in a "smear"-scale crop.
-SMEAR_SCALE_CELLS = 1.25
 # Masked crops classified Chula cells better than context crops for every model that runs here
 # (linear probe and kNN, split by image; benchmarks/RESULTS.md, "Crop mode").
 DEFAULT_CROP_MODE: CropMode = "masked"
-DEFAULT_MARGIN = 0.25
 _BACKGROUND_SAMPLES = 250_000  # gave the same medians as a million on Chula mosaics, 4x sooner
 _MAX_WINDOW_PIXELS = 2**24  # per batch of crops: 200 MB of float32 RGB
 _SMEAR_SHARE_OF_FREE_MEMORY = 0.25  # a GPU keeps the rest for the model's batches
 _CHECK_SEED = 0x5EED
-
-
-class CropInputError(ValueError):
-    """The labels do not fit the image, or a crop setting is invalid."""
 
 
 def as_rgb(image) -> np.ndarray:
@@ -108,49 +104,6 @@ def background_colour(colour: np.ndarray, labels: np.ndarray) -> np.ndarray:
     grid, grid_labels = colour[::step, ::step], labels[::step, ::step]
     pixels = grid[grid_labels == 0] if (grid_labels == 0).any() else grid.reshape(-1, *grid.shape[2:])
     return np.broadcast_to(np.median(pixels, axis=0), (3,)).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class CellWindows:
-    """Label ids in ascending order and their square windows as (x0, y0, x1, y1) pixel edges."""
-
-    ids: np.ndarray
-    boxes: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def of(self, ids) -> CellWindows:
-        """The windows of the cells ``ids`` (in ascending order), sized as among all cells."""
-        wanted = np.unique(np.asarray(ids, dtype=np.int64))
-        missing = np.setdiff1d(wanted, self.ids)
-        if len(missing):
-            shown = ", ".join(str(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise CropInputError(f"No cell has label {shown} ({len(missing)} of the {len(wanted)} asked for).")
-        return CellWindows(wanted, self.boxes[np.searchsorted(self.ids, wanted)])
-
-
-def cell_windows(
-    labels: np.ndarray, margin: float = DEFAULT_MARGIN, scale: CropScale = DEFAULT_CROP_SCALE
-) -> CellWindows:
-    """One square window per label, centred on its bounding box (pixel i spans [i, i + 1))."""
-    if not margin >= 0:
-        raise CropInputError(f"margin must be >= 0 (a fraction of the cell size), not {margin}.")
-    if scale not in CROP_SCALES:
-        raise CropInputError(f"Unknown crop scale {scale!r}; use one of {', '.join(CROP_SCALES)}.")
-    slices = ndimage.find_objects(labels) if labels.size else []
-    ids = np.array([i + 1 for i, found in enumerate(slices) if found is not None], dtype=np.int64)
-    bounds = np.array(
-        [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in slices if s is not None], dtype=np.float64
-    ).reshape(-1, 4)
-    centre_x = (bounds[:, 0] + bounds[:, 2]) / 2
-    centre_y = (bounds[:, 1] + bounds[:, 3]) / 2
-    sides = np.maximum(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1])
-    if scale == "smear" and len(sides):
-        sides = np.maximum(sides, SMEAR_SCALE_CELLS * np.median(sides))
-    half = sides * (0.5 + margin)
-    boxes = np.stack([centre_x - half, centre_y - half, centre_x + half, centre_y + half], axis=1)
-    return CellWindows(ids, boxes)
 
 
 class CropSampler:

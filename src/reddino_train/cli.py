@@ -66,7 +66,7 @@ def _fit_command(args: argparse.Namespace) -> int:
         return 2
     if result.stopped_by_signal:  # not finished: a script or scheduler must see that
         own_settings = shlex.join(["reddino-train", "fit", str(Path(args.out) / "config.yaml"), args.data_dir,
-                                   "--out", args.out])
+                                   "--out", args.out, *(["--max-steps", str(args.max_steps)] if args.max_steps else [])])
         print(f"reddino-train fit: stopped after {result.iterations_done} iterations; checkpoint in {args.out}; "
               f"the same command resumes it; so does {own_settings}, with the run's own settings",
               file=sys.stderr)

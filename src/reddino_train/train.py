@@ -304,7 +304,8 @@ class Trainer:
             changed = changed_settings(own, self.cfg)
             if changed:  # config.yaml is about to take the new settings: keep the run's own
                 kept = self.out / settings_until(self.iteration)
-                save_config(own, kept)
+                if not kept.exists():  # else a resume changed them at this step before and trained no step
+                    save_config(own, kept)
                 warnings.warn(
                     f"resuming {self.out} with settings other than its own, which apply from step "
                     f"{self.iteration} on: {'; '.join(changed)} (the settings until then are in {kept.name})",

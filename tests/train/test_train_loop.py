@@ -96,6 +96,11 @@ def test_changed_settings_keep_the_run_s_own_and_its_config_yaml_resumes_with_th
     assert load_config(tmp_path / "config-until-step-2.yaml") == started
     assert load_config(tmp_path / "config.yaml") == changed
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["optim"]["base_lr"] == 2e-4
+    # Changed at step 3 twice, with no step between: the file keeps the settings steps 1-3 had.
+    for base_lr in ("5e-4", "7e-4"):
+        with pytest.warns(ResumeSettingsWarning, match="config-until-step-3.yaml"):
+            fit(load_config("tiny", [*TINY, f"optim.base_lr={base_lr}"]), smear_images, tmp_path, max_steps=3)
+    assert load_config(tmp_path / "config-until-step-3.yaml") == changed
 
 
 def test_a_resumed_run_takes_the_layerwise_decay_of_its_config_not_of_the_checkpoint(smear_images, tmp_path):

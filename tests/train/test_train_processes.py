@@ -124,7 +124,7 @@ def test_a_data_folder_missing_on_one_node_stops_every_rank_saying_which(smear_i
 
 def test_the_cli_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(smear_images, tmp_path):
     command = [sys.executable, "-c", "import sys; from reddino_train.cli import main; sys.exit(main(sys.argv[1:]))",
-               "fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "optim.epochs=200"]
+               "fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "optim.epochs=200", "--max-steps", "5000"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "log.csv"
     deadline = time.monotonic() + 60
@@ -134,5 +134,6 @@ def test_the_cli_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(smear_images
     _, errors = process.communicate(timeout=60)
     assert process.returncode == 130, errors
     assert f"checkpoint in {tmp_path}; the same command resumes it; so does reddino-train fit " \
-           f"{tmp_path}/config.yaml {smear_images} --out {tmp_path}, with the run's own settings" in errors
+           f"{tmp_path}/config.yaml {smear_images} --out {tmp_path} --max-steps 5000, with the run's own settings" \
+           in errors
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] >= 1

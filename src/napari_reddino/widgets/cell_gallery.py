@@ -18,6 +18,7 @@ from qtpy.QtCore import QSize, Qt, Signal
 from qtpy.QtGui import QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QApplication,
     QHBoxLayout,
     QLabel,
     QListView,
@@ -31,6 +32,7 @@ from qtpy.QtWidgets import (
 from ..cell_map import UNLABELLED, PooledCells
 from ..cell_table import image_name
 from ..cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
+from ..crop_windows import square_windows
 from ..wording import counted
 
 POINT_ROLE = Qt.ItemDataRole.UserRole
@@ -56,8 +58,9 @@ def _pixmap(rgb: np.ndarray) -> QPixmap:
 class CellGallery(QWidget):
     """A grid of cell thumbnails with captions; says which cell was clicked and which to leave out."""
 
-    cell_clicked = Signal(int)  # a point of the map
+    cell_clicked = Signal(int)  # a point of the map (a plain click: Ctrl and Shift only highlight)
     leave_out = Signal(list)  # points to take out of the selection
+    shown = Signal()  # the panel came into view (opened, or its tab brought forward)
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,9 +74,11 @@ class CellGallery(QWidget):
         self.grid.setWordWrap(True)
         self.grid.setIconSize(QSize(THUMBNAIL_PX, THUMBNAIL_PX))
         self.grid.setGridSize(QSize(THUMBNAIL_PX + 16, THUMBNAIL_PX + 36))
+        self.grid.setMinimumHeight(THUMBNAIL_PX + 48)  # a whole row with its captions
         self.grid.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-        self.grid.itemClicked.connect(lambda item: self.cell_clicked.emit(int(item.data(POINT_ROLE))))
-        self.leave_out_button = QPushButton("Leave the highlighted cells out of the selection")
+        self.grid.itemClicked.connect(self._on_click)
+        self.leave_out_button = QPushButton("Leave the highlighted out")
+        self.leave_out_button.setToolTip("Take the highlighted cells out of the selection (Delete)")
         self.leave_out_button.setEnabled(False)
         self.leave_out_button.clicked.connect(lambda: self.leave_out.emit(self.highlighted()))
         self.grid.itemSelectionChanged.connect(
@@ -85,9 +90,20 @@ class CellGallery(QWidget):
         layout.addLayout(top)
         layout.addWidget(self.grid)
 
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        self.shown.emit()
+
+    def _on_click(self, item: QListWidgetItem) -> None:
+        if not QApplication.keyboardModifiers() & (Qt.KeyboardModifier.ControlModifier
+                                                   | Qt.KeyboardModifier.ShiftModifier):
+            self.cell_clicked.emit(int(item.data(POINT_ROLE)))
+
     def show_cells(self, cells: list[GalleryCell], heading: str) -> None:
-        """Show ``cells`` in this order under ``heading``; cells shown before stay highlighted."""
+        """Show ``cells`` in this order under ``heading``; cells shown before stay highlighted,
+        and the grid stays scrolled where it was."""
         kept = set(self.highlighted())
+        scrolled = self.grid.verticalScrollBar().value()
         self.grid.clear()
         for cell in cells:
             item = QListWidgetItem(QIcon(_pixmap(cell.thumbnail)), cell.caption)
@@ -97,6 +113,8 @@ class CellGallery(QWidget):
             self.grid.addItem(item)
             item.setSelected(cell.point in kept)
         self.heading.setText(heading)
+        self.grid.doItemsLayout()  # the scroll range of the new items, before scrolling back
+        self.grid.verticalScrollBar().setValue(scrolled)
 
     def points(self) -> list[int]:
         """The map points shown, in order."""
@@ -106,20 +124,13 @@ class CellGallery(QWidget):
         return sorted(int(item.data(POINT_ROLE)) for item in self.grid.selectedItems())
 
 
-def shown_points(selected: np.ndarray) -> np.ndarray:
-    """The selected points the gallery shows: all, or a fixed random sample of :data:`MAX_CELLS`."""
-    points = np.flatnonzero(selected)
-    if len(points) > MAX_CELLS:
-        points = np.sort(np.random.default_rng(0).choice(points, MAX_CELLS, replace=False))
-    return points
-
-
 def gallery_heading(shown: int, selected: int) -> str:
     if not selected:
         return "Select cells on the map or in a smear to see them here."
     what = (counted(selected, "selected cell") if shown == selected
             else f"{shown:,} of the {selected:,} selected cells, picked at random")
-    return f"{what}. Click one to show it in its smear; number keys label the whole selection."
+    return (f"{what}. Click one to show it in its smear; Ctrl- or Shift-click to highlight, Delete to leave the "
+            "highlighted out of the selection; number keys label the whole selection.")
 
 
 class GalleryThumbnails:
@@ -127,14 +138,27 @@ class GalleryThumbnails:
 
     def __init__(self, viewer, pool: PooledCells) -> None:
         self._viewer, self._pool = viewer, pool
-        self._boxes = np.column_stack([pool.column(f"bbox_{edge}") for edge in ("min_y", "min_x", "max_y", "max_x")])
+        boxes = np.column_stack([pool.column(f"bbox_{edge}") for edge in ("min_x", "min_y", "max_x", "max_y")])
+        self._windows = np.concatenate(  # each smear's cells sized among themselves, as the model's crops
+            [square_windows(boxes[pool.span(position)]) for position in range(len(pool.layers))]).reshape(-1, 4)
         self._diameters = pool.column("equivalent_diameter_px")
-        self._made: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
+        self._sample_order = np.random.default_rng(0).permutation(len(pool))  # one per map: see shown
+        self._made: dict[tuple, np.ndarray] = {}
+
+    def shown(self, selected: np.ndarray) -> np.ndarray:
+        """The selected points the gallery shows, in map order: all, or :data:`MAX_CELLS` of them
+        picked at random once per map, so that a cell left out or added changes one thumbnail,
+        not the whole sample."""
+        points = np.flatnonzero(selected)
+        if len(points) > MAX_CELLS:
+            points = np.sort(points[np.argsort(self._sample_order[points], kind="stable")[:MAX_CELLS]])
+        return points
 
     def entries(self, points: np.ndarray, palette: dict[str, np.ndarray]) -> list[GalleryCell]:
         pool = self._pool
         manual, predicted = pool.column("manual_label", UNLABELLED), pool.column("predicted_class", UNLABELLED)
         probability = pd.to_numeric(pd.Series(pool.column("prediction_probability")), errors="coerce").to_numpy(float)
+        looks = [self._look(cells) for cells in pool.layers]
         entries, made = [], {}
         for point in map(int, points):
             position, label = int(pool.layer_index[point]), int(pool.label_ids[point])
@@ -148,21 +172,22 @@ class GalleryThumbnails:
             outline = tuple(np.round(palette[name][:3] * 255).astype(int)) if name in palette else NO_CLASS_OUTLINE
             tooltip = (f"{pool.layers[position].name}, cell {label}\n{kind}: {caption}\n"
                        f"diameter {self._diameters[point]:.1f} px")
-            key = (point, outline)
+            image, contrast_limits = looks[position]
+            key = (point, outline, id(image), contrast_limits)  # a reopened image or new contrast: cut anew
             made[key] = self._made.get(key)
             if made[key] is None:
-                made[key] = self._thumbnail(position, label, self._boxes[point], outline)
+                made[key] = cell_thumbnail(
+                    None if image is None else _level_0(image), np.asarray(pool.layers[position].data), label,
+                    self._windows[point], contrast_limits=contrast_limits, outline=outline,
+                )
             entries.append(GalleryCell(point, made[key], caption, tooltip))
         self._made = made  # only those shown: a day of lassos on a large map would pile up otherwise
         return entries
 
-    def _thumbnail(self, position: int, label: int, box: np.ndarray, outline: tuple) -> np.ndarray:
-        cells = self._pool.layers[position]
+    def _look(self, cells) -> tuple[Image | None, tuple[float, ...]]:
+        """The smear under ``cells`` and its contrast limits, as napari draws it now."""
         image = self._image_of(cells)
-        return cell_thumbnail(
-            None if image is None else _level_0(image), np.asarray(cells.data), label, box,
-            contrast_limits=(0, 1) if image is None else image.contrast_limits, outline=outline,
-        )
+        return image, (0.0, 1.0) if image is None else tuple(map(float, image.contrast_limits))
 
     def _image_of(self, cells) -> Image | None:
         """The smear under ``cells``, if it is still open and of the same size."""

@@ -62,7 +62,7 @@ from ..smear_summary import summarise_smears
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
 from ..wording import counted
-from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading, shown_points
+from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
@@ -167,6 +167,7 @@ class CellMapWidget(JobWidget):
         self.gallery = CellGallery()
         self.gallery.cell_clicked.connect(self._on_gallery_click)
         self.gallery.leave_out.connect(self.leave_out)
+        self.gallery.shown.connect(self._fill_gallery)
         self._thumbnails: GalleryThumbnails | None = None
         # The table follows labelling a moment after its last key press (41 ms at 50,000 cells,
         # which labelling key by key need not wait for each time).
@@ -249,10 +250,13 @@ class CellMapWidget(JobWidget):
         """Digits assign the class with that key, Backspace/Delete clear; on the map and in this panel
         (and on the map's cells layers, see :class:`.SmearKeys`)."""
         self.canvas.key_pressed.connect(self.press_key)
+        in_panel = Qt.ShortcutContext.WidgetWithChildrenShortcut
         for key in LABEL_KEYS:
-            for panel in (self, self.gallery):
-                shortcut = QShortcut(QKeySequence(key), panel, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
-                shortcut.activated.connect(lambda key=key: self.press_key(key))
+            QShortcut(QKeySequence(key), self, context=in_panel).activated.connect(lambda key=key: self.press_key(key))
+            # In the gallery, Delete and Backspace leave the highlighted cells out rather than clear every label.
+            in_gallery = (lambda key=key: self.press_key(key)) if key.isdigit() else (
+                lambda: self.leave_out(self.gallery.highlighted()))
+            QShortcut(QKeySequence(key), self.gallery, context=in_panel).activated.connect(in_gallery)
 
     def press_key(self, key: str) -> None:
         name = UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key)
@@ -387,7 +391,7 @@ class CellMapWidget(JobWidget):
         self._uncertain = np.zeros(0, dtype=int)
         self.selected = np.zeros(0, dtype=bool)
         self._thumbnails = None
-        self.gallery.show_cells([], "No map yet.")
+        self._fill_gallery()
 
     def _on_layer_removed(self, event) -> None:
         if self.pool is not None and event.value in self.pool.layers:
@@ -455,7 +459,7 @@ class CellMapWidget(JobWidget):
         count = int(self.selected.sum())
         self.selection_count.value = f"{count:,} of {len(self.pool):,} cells selected" if count else (
             f"{len(self.pool):,} cells; lasso or click cells to select")
-        if self._gallery_docked():
+        if self.gallery.isVisible():  # else it fills when shown
             self._fill_gallery()
 
     # --- selection ------------------------------------------------------------------------
@@ -553,17 +557,19 @@ class CellMapWidget(JobWidget):
         """Dock the gallery of the selected cells under the smear (or bring it forward)."""
         if not self._gallery_docked():
             self._viewer.window.add_dock_widget(self.gallery, name=GALLERY_NAME, area="bottom")
-        self.gallery.parent().raise_()
-        if self.pool is None:
-            self.gallery.show_cells([], "No map yet: Compute map, then select cells to see them here.")
-        else:
-            self._fill_gallery()
+        dock = self.gallery.parent()
+        dock.show()  # hidden through napari's Window menu, say
+        dock.raise_()  # the tab in front, when tabbed
+        self._fill_gallery()
 
     def _gallery_docked(self) -> bool:
         return self.gallery.parent() is not None  # napari unparents it when its panel is closed
 
     def _fill_gallery(self) -> None:
-        points = shown_points(self.selected)
+        if self.pool is None:
+            self.gallery.show_cells([], "No map yet: Compute map, then select cells to see them here.")
+            return
+        points = self._thumbnails.shown(self.selected)
         cells = self._thumbnails.entries(points, self.class_list.colours)
         self.gallery.show_cells(cells, gallery_heading(len(points), int(self.selected.sum())))
 
