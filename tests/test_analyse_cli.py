@@ -20,6 +20,9 @@ from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure
 from napari_reddino.analyse_cli import main
 from napari_reddino.batch_analysis import SmearAnalysis, list_smears, smear_names
 from napari_reddino.cell_embeddings import METADATA_KEY, earlier_run
+from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
+from napari_reddino.class_gallery import CAPTION_PX, GAP_PX, ROW_CELLS, class_gallery
+from napari_reddino.crop_windows import square_windows
 
 DATA = Path(__file__).parent / "data"
 CHULA = DATA / "chula_rbc12"
@@ -58,17 +61,24 @@ def test_measure_only_writes_every_cell_and_a_summary_per_smear(smears, tmp_path
     assert "[1/2] 1: " in printed and "[2/2] 26: " in printed and f"{len(cells):,} cells of 2 smears" in printed
 
 
-def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, tiny_folder, capsys):  # noqa: F811
-    model = str(tiny_folder[1])
+def saved_head(smear: Path, model: str, path: Path, classes=("normal", "spherocyte"), colours=None):
+    """A head taught on ``smear`` by roundness alone (round: normal, else spherocyte), saved at
+    ``path``; with what it was taught on: ``(head, embedder, image, labels, table, ids, vectors)``."""
     embedder = load_embedder(model, device="cpu")
-    image = imread(smears / "1.jpg")
+    image = imread(smear)
     labels = segment_cells(image)
     table = measure_cells(labels, image)
     ids, vectors = embedder.embed(image, labels)
     taught = np.where(table["circularity"] > table["circularity"].median(), "normal", "spherocyte")
-    head = CellClassifier(["normal", "spherocyte"], model_id=embedder.model_id)
+    head = CellClassifier(list(classes), colours=colours, model_id=embedder.model_id)
     head.fit(vectors, taught, measurements=table)
-    head.save(tmp_path / "head")
+    head.save(path)
+    return head, embedder, image, labels, table, ids, vectors
+
+
+def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, tiny_folder, capsys):  # noqa: F811
+    model = str(tiny_folder[1])
+    head, embedder, image, labels, table, ids, vectors = saved_head(smears / "1.jpg", model, tmp_path / "head")
 
     out = tmp_path / "out"
     imsave(tmp_path / "empty.png", np.full((200, 300, 3), 235, dtype=np.uint8), check_contrast=False)  # no cells
@@ -96,6 +106,44 @@ def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, ti
     assert ("[1/1] image-1: warning: 100% of its cells are unlike the cells the head was trained among"
             in capsys.readouterr().err)
     assert read(tmp_path / "aslan" / "cells.csv")["model_id"].eq(embedder.model_id).all()
+
+
+def test_galleries_show_each_class_s_cells_most_certain_first(smears, tmp_path, tiny_folder, capsys):  # noqa: F811
+    model = str(tiny_folder[1])
+    head, _, image, labels, *_ = saved_head(smears / "1.jpg", model, tmp_path / "head",
+                                            ["normal", "spherocyte", "schistocyte"], {"normal": "#00ff00"})
+    out = tmp_path / "out"
+    (out / "galleries").mkdir(parents=True)
+    imsave(out / "galleries" / "yesterday.png", np.zeros((4, 4, 3), np.uint8), check_contrast=False)
+    argv = [str(smears), "--out", str(out), "--model", model, "--head", str(tmp_path / "head"), "--device", "cpu",
+            "--galleries"]
+    assert main(argv) == 2 and "galleries (with 1 gallery) exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    assert "galleries of 2 smears in" in capsys.readouterr().out
+    assert sorted(path.name for path in (out / "galleries").iterdir()) == ["1.png", "26.png"]  # yesterday's gone
+
+    # The picture is the API's, and each row shows its class's whole cells, the most certain first.
+    cells = read(out / "cells.csv").query("image == '1'").reset_index(drop=True)
+    picture = class_gallery(image, labels, cells, head.classes, head.colours)
+    np.testing.assert_array_equal(imread(out / "galleries" / "1.png")[..., :3], picture)
+    whole = ~cells["touches_border"].astype(bool)
+    present = [name for name in head.classes if (whole & (cells["predicted_class"] == name)).any()]
+    assert picture.shape == (len(present) * (THUMBNAIL_PX + 2 * GAP_PX), CAPTION_PX + ROW_CELLS * (THUMBNAIL_PX + GAP_PX)
+                             + GAP_PX, 3)
+    windows = square_windows(cells[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float))
+    normal = cells.index[whole & (cells["predicted_class"] == "normal")]
+    assert cells["touches_border"].dtype == bool and 0 < whole.sum() < len(cells) and len(normal) > 0
+    row = present.index("normal") * (THUMBNAIL_PX + 2 * GAP_PX) + GAP_PX
+    thumbnails = [picture[row:row + THUMBNAIL_PX, left:left + THUMBNAIL_PX]
+                  for left in range(CAPTION_PX, CAPTION_PX + ROW_CELLS * (THUMBNAIL_PX + GAP_PX), THUMBNAIL_PX + GAP_PX)]
+    shown = [next(i for i in normal if np.array_equal(
+        thumbnail, cell_thumbnail(image, labels, int(cells.at[i, "label"]), windows[i], outline=(0, 255, 0))))
+        for thumbnail in thumbnails[:min(ROW_CELLS, len(normal))]]
+    certainty = cells.loc[shown, "prediction_probability"].to_numpy()
+    assert len(set(shown)) == len(shown) and np.all(np.diff(certainty) <= 0)
+
+    assert main([str(smears), "--out", str(tmp_path / "x"), "--measure-only", "--galleries"]) == 2
+    assert "--galleries shows the cells of each class a head predicts: give --head PATH too" in capsys.readouterr().err
 
 
 def test_without_an_embeddings_file_a_batch_keeps_only_ids_and_model(smears, tiny_folder):  # noqa: F811

@@ -16,10 +16,12 @@ from .atomic_files import PartlyWrittenError
 from .batch_analysis import SmearAnalysis, list_smears, read_smear, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
+from .class_gallery import ROW_CELLS
 from .wording import counted
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
 DEFAULT_MODEL = "reddino-small"
+GALLERIES = "galleries"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pixel-size-um", type=float, metavar="UM", help="µm per pixel: sizes in µm too, and "
                         "the segmentation expects cells of 7.5 µm instead of estimating their size per smear")
     parser.add_argument("--with-embeddings", action="store_true", help="also write the embeddings to DIR/cells.npz")
+    parser.add_argument("--galleries", action="store_true", help="with --head: also write DIR/galleries/<smear>.png, "
+                        f"per class a row of up to {ROW_CELLS} of the whole cells the head put in it, to check by eye")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in DIR")
     return parser
 
@@ -89,7 +93,10 @@ def _analyse(args: argparse.Namespace) -> int:
     embeddings = table.with_suffix(".npz") if args.with_embeddings else None
     targets = [file for file in (table, summary_path(table), embeddings) if file is not None]
     stale = stale_beside(table, with_embeddings=args.with_embeddings, with_summary=True)
+    galleries = out / GALLERIES if args.galleries else None
+    old_galleries = sorted(galleries.rglob("*.png")) if galleries is not None and galleries.is_dir() else []
     existing = [str(file) for file in (*targets, *stale) if file.exists()]
+    existing += [f"{galleries} (with {counted(len(old_galleries), 'gallery')})"] * bool(old_galleries)
     if existing and not args.overwrite:
         raise _Refused(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "
                        "replace them, or choose another --out.")
@@ -108,6 +115,8 @@ def _analyse(args: argparse.Namespace) -> int:
         raise _Refused(f"cannot make the output folder {out}: {error}") from error
     if not os.access(out, os.W_OK):
         raise _Refused(f"the output folder {out} is not writable")
+    for picture in old_galleries:  # --overwrite: the folder then holds this run's galleries only
+        picture.unlink()
 
     done, skipped = [], []
     try:  # Ctrl-C during a smear or between two: the smears finished so far are written
@@ -133,8 +142,10 @@ def _analyse(args: argparse.Namespace) -> int:
     for file in stale:
         file.unlink(missing_ok=True)
         removed += f"; removed the earlier run's {file.name}, which no longer matched"
+    pictured = sum("gallery" in cells.metadata for cells in done)
+    with_galleries = f"; galleries of {counted(pictured, 'smear')} in {galleries}" if galleries is not None else ""
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
-          f"{', '.join(str(file) for file in targets)}{removed}")
+          f"{', '.join(str(file) for file in targets)}{with_galleries}{removed}")
     if interrupted:
         left = len(smears) - len(done) - len(skipped)
         print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files", file=sys.stderr)
@@ -151,7 +162,9 @@ def _check_options(args: argparse.Namespace) -> None:
                          if getattr(args, name)]
         if model_options:
             raise _Refused(f"--measure-only runs no model, so it cannot take {' or '.join(model_options)}.")
-    elif not (args.head or args.with_embeddings):
+    if args.galleries and not args.head:
+        raise _Refused("--galleries shows the cells of each class a head predicts: give --head PATH too.")
+    if not args.measure_only and not (args.head or args.with_embeddings):
         raise _Refused("a model run needs --head PATH (to classify every cell) or --with-embeddings (to keep the "
                        "embeddings in DIR/cells.npz): without either, nothing it computes would be written. "
                        "Pass --measure-only to segment and measure only.")
@@ -179,7 +192,8 @@ def _analysis(args: argparse.Namespace) -> SmearAnalysis:
         except (OSError, ValueError) as error:  # HeadMismatchError is a ValueError
             raise _Refused(f"cannot use the head {args.head}: {error}") from error
     return SmearAnalysis(embedder=embedder, model=model, head=head, pixel_size_um=args.pixel_size_um,
-                         keep_embeddings=args.with_embeddings)
+                         keep_embeddings=args.with_embeddings, galleries=Path(args.out) / GALLERIES if args.galleries
+                         else None)
 
 
 def _advance(bar: tqdm, done: int, total: int) -> None:

@@ -88,14 +88,19 @@ class SmearAnalysis:
 
     ``keep_embeddings=False`` keeps of each smear's embeddings only their ids and model (the
     vectors become zero-wide): a long batch that writes no embeddings file then holds a few
-    kilobytes per smear, not megabytes."""
+    kilobytes per smear, not megabytes. With a head and ``galleries`` (a folder), each smear's
+    :func:`~napari_reddino.class_gallery.class_gallery` is written there as ``<name>.png``."""
 
     def __init__(self, *, embedder=None, model: str | os.PathLike | None = None, head=None,
-                 pixel_size_um: float | None = None, keep_embeddings: bool = True):
+                 pixel_size_um: float | None = None, keep_embeddings: bool = True,
+                 galleries: str | os.PathLike | None = None):
         if head is not None and embedder is None:
             raise ValueError("A head classifies embeddings; give the model it was trained on too.")
+        if galleries is not None and head is None:
+            raise ValueError("A gallery shows each class the head predicts; give a head too.")
         self.embedder, self.model, self.head, self.pixel_size_um = embedder, model, head, pixel_size_um
         self.keep_embeddings = keep_embeddings
+        self.galleries = None if galleries is None else Path(galleries)
 
     def __call__(self, image, name: str, *, progress: Progress | None = None) -> SmearCells:
         """Segment, measure and (with a model) embed and classify the cells of ``image``."""
@@ -121,6 +126,20 @@ class SmearAnalysis:
             predictions = prediction_table(self.head.classes, proba).set_axis(table.index)
             cells.features = pd.concat([table, predictions], axis=1)
             cells.metadata["unlike_head"] = float(self.head.beyond_reach(vectors[rows], measurements=table).mean())
+            if self.galleries is not None:
+                self._write_gallery(image, labels, cells)
         if not self.keep_embeddings:  # and no crop checks: they serve only to reuse the vectors
             cells.metadata[METADATA_KEY].update(embeddings=np.zeros((len(ids), 0), np.float32), crop_checks=None)
         return cells
+
+    def _write_gallery(self, image, labels: np.ndarray, cells: SmearCells) -> None:
+        from .class_gallery import class_gallery, write_class_gallery
+        from .crops import black_and_white, colour_view
+
+        picture = class_gallery(image, labels, cells.features, self.head.classes, self.head.colours,
+                                contrast_limits=black_and_white(colour_view(np.asarray(image))))
+        if picture is not None:
+            path = self.galleries / f"{cells.metadata['source_image']}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)  # a name may hold folders (smear_names)
+            write_class_gallery(path, picture)
+            cells.metadata["gallery"] = str(path)

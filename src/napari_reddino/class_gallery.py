@@ -1,0 +1,88 @@
+"""One picture per smear of the cells a head put in each class, to check a headless run by eye.
+
+A row per class (the head's order; classes no whole cell got are left out): its name, how many
+of the smear's whole cells it holds, and up to :data:`ROW_CELLS` of them picked at random
+(the most certain first), cut and outlined as the Cell map's gallery shows them, in their
+smear-scale windows so that sizes compare across the row. Cells cut by the image border are
+left out, as the smear summary leaves them out.
+
+No Qt, no napari.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+
+from .atomic_files import write_files_atomically
+from .cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
+from .crop_windows import square_windows
+
+ROW_CELLS = 10
+CAPTION_PX = 210  # the class name and count, left of each row
+GAP_PX = 4
+BACKGROUND = (38, 41, 48)  # napari's dark theme
+TEXT = (230, 230, 230)
+NO_COLOUR = (255, 255, 255)
+
+
+def class_gallery(
+    image: np.ndarray,
+    labels: np.ndarray,
+    table: pd.DataFrame,
+    classes: Sequence[str],
+    colours: Mapping[str, str] | None = None,
+    *,
+    contrast_limits: Sequence[float] = (0, 255),
+    seed: int = 0,
+) -> np.ndarray | None:
+    """(height, width, 3) uint8, or None when no whole cell has a predicted class. ``table`` is
+    the smear's cell table with ``predicted_class`` and ``prediction_probability``;
+    ``colours`` maps a class to its ``#rrggbb`` outline."""
+    if table.empty or "predicted_class" not in table:
+        return None
+    windows = square_windows(table[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float))
+    whole = ~table.get("touches_border", pd.Series(False, index=table.index)).to_numpy(bool)
+    predicted = table["predicted_class"].astype(str).to_numpy()
+    certainty = table["prediction_probability"].to_numpy(float)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in classes:
+        members = np.flatnonzero(whole & (predicted == name))
+        if not len(members):
+            continue
+        shown = rng.choice(members, min(ROW_CELLS, len(members)), replace=False)
+        shown = shown[np.argsort(-certainty[shown], kind="stable")]
+        outline = _rgb(colours.get(name)) if colours else NO_COLOUR
+        thumbnails = [cell_thumbnail(image, labels, int(table["label"].iloc[row]), windows[row],
+                                     contrast_limits=contrast_limits, outline=outline) for row in shown]
+        caption = f"{name}\n{len(members):,} of {int(whole.sum()):,} whole cells ({len(members) / whole.sum():.1%})"
+        rows.append(_row(caption, thumbnails))
+    return np.concatenate(rows) if rows else None
+
+
+def write_class_gallery(path: str | os.PathLike, picture: np.ndarray) -> None:
+    """``picture`` as a PNG at ``path``, written to a temporary file and renamed into place."""
+    # zlib level 1: 108 ms for 13 classes, against 320 ms at PIL's default 6 for a file 13 % smaller
+    write_files_atomically({path: lambda file: Image.fromarray(picture).save(file, format="PNG", compress_level=1)})
+
+
+def _row(caption: str, thumbnails: list[np.ndarray]) -> np.ndarray:
+    height = THUMBNAIL_PX + 2 * GAP_PX
+    row = Image.new("RGB", (CAPTION_PX + ROW_CELLS * (THUMBNAIL_PX + GAP_PX) + GAP_PX, height), BACKGROUND)
+    ImageDraw.Draw(row).multiline_text((GAP_PX * 2, GAP_PX * 2), caption, fill=TEXT,
+                                       font=ImageFont.load_default(size=15), spacing=6)
+    for place, thumbnail in enumerate(thumbnails):
+        row.paste(Image.fromarray(thumbnail), (CAPTION_PX + place * (THUMBNAIL_PX + GAP_PX), GAP_PX))
+    return np.asarray(row)
+
+
+def _rgb(colour: str | None) -> tuple[int, int, int]:
+    if not colour:
+        return NO_COLOUR
+    colour = colour.lstrip("#")
+    return tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))
