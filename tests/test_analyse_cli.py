@@ -142,6 +142,13 @@ def test_galleries_show_each_class_s_cells_most_certain_first(smears, tmp_path, 
     certainty = cells.loc[shown, "prediction_probability"].to_numpy()
     assert len(set(shown)) == len(shown) and np.all(np.diff(certainty) <= 0)
 
+    # A gallery that cannot be written loses the smear nothing but its picture.
+    (out / "galleries" / "1.png").unlink()
+    (out / "galleries" / "1.png").mkdir()  # a folder where the picture goes
+    assert main([*argv, "--overwrite"]) == 0
+    assert "[1/2] 1: warning: no gallery written (" in capsys.readouterr().err
+    assert set(read(out / "cells.csv")["image"]) == {"1", "26"}
+
     assert main([str(smears), "--out", str(tmp_path / "x"), "--measure-only", "--galleries"]) == 2
     assert "--galleries shows the cells of each class a head predicts: give --head PATH too" in capsys.readouterr().err
 

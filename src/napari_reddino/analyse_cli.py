@@ -77,6 +77,9 @@ def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipp
         done.append(cells)
         found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
         print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)", flush=True)
+        if "gallery_failed" in cells.metadata:
+            print(f"[{number}/{len(smears)}] {name}: warning: no gallery written ({cells.metadata['gallery_failed']})",
+                  file=sys.stderr, flush=True)
         if cells.metadata.get("unlike_head", 0) > MOSTLY_UNLIKE:
             print(f"[{number}/{len(smears)}] {name}: warning: {cells.metadata['unlike_head']:.0%} of its cells "
                   f"{UNLIKE_ADVICE}", file=sys.stderr, flush=True)
@@ -94,7 +97,8 @@ def _analyse(args: argparse.Namespace) -> int:
     targets = [file for file in (table, summary_path(table), embeddings) if file is not None]
     stale = stale_beside(table, with_embeddings=args.with_embeddings, with_summary=True)
     galleries = out / GALLERIES if args.galleries else None
-    old_galleries = sorted(galleries.rglob("*.png")) if galleries is not None and galleries.is_dir() else []
+    old_galleries = sorted(path for path in galleries.rglob("*.png") if path.is_file()) if (
+        galleries is not None and galleries.is_dir()) else []
     existing = [str(file) for file in (*targets, *stale) if file.exists()]
     existing += [f"{galleries} (with {counted(len(old_galleries), 'gallery')})"] * bool(old_galleries)
     if existing and not args.overwrite:
@@ -116,7 +120,10 @@ def _analyse(args: argparse.Namespace) -> int:
     if not os.access(out, os.W_OK):
         raise _Refused(f"the output folder {out} is not writable")
     for picture in old_galleries:  # --overwrite: the folder then holds this run's galleries only
-        picture.unlink()
+        try:
+            picture.unlink()
+        except OSError as error:
+            raise _Refused(f"cannot remove the earlier gallery {picture}: {error.strerror or error}") from error
 
     done, skipped = [], []
     try:  # Ctrl-C during a smear or between two: the smears finished so far are written

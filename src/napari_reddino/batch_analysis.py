@@ -140,6 +140,9 @@ class SmearAnalysis:
                                 contrast_limits=black_and_white(colour_view(np.asarray(image))))
         if picture is not None:
             path = self.galleries / f"{cells.metadata['source_image']}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)  # a name may hold folders (smear_names)
-            write_class_gallery(path, picture)
-            cells.metadata["gallery"] = str(path)
+            try:  # the smear's cells stand without their picture
+                path.parent.mkdir(parents=True, exist_ok=True)  # a name may hold folders (smear_names)
+                write_class_gallery(path, picture)
+                cells.metadata["gallery"] = str(path)
+            except OSError as error:
+                cells.metadata["gallery_failed"] = f"{path}: {error.strerror or error}"
