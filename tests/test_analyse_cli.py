@@ -18,10 +18,10 @@ from skimage.io import imread, imsave
 
 from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
 from napari_reddino.analyse_cli import main
-from napari_reddino.batch_analysis import SmearAnalysis, list_smears, smear_names
+from napari_reddino.batch_analysis import SmearAnalysis, gallery_file_name, list_smears, smear_names
 from napari_reddino.cell_embeddings import METADATA_KEY, earlier_run
 from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
-from napari_reddino.class_gallery import CAPTION_PX, GAP_PX, ROW_CELLS, class_gallery
+from napari_reddino.class_gallery import BACKGROUND, GAP_PX, MIN_CAPTION_PX, ROW_CELLS, class_gallery
 from napari_reddino.crop_windows import square_windows
 
 DATA = Path(__file__).parent / "data"
@@ -108,39 +108,65 @@ def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, ti
     assert read(tmp_path / "aslan" / "cells.csv")["model_id"].eq(embedder.model_id).all()
 
 
-def test_galleries_show_each_class_s_cells_most_certain_first(smears, tmp_path, tiny_folder, capsys):  # noqa: F811
+def row_thumbnails(picture: np.ndarray, row: int) -> list[np.ndarray]:
+    """The thumbnail slots of row ``row`` of a class gallery, left to right."""
+    caption_px = picture.shape[1] - ROW_CELLS * (THUMBNAIL_PX + GAP_PX) - GAP_PX
+    assert caption_px >= MIN_CAPTION_PX
+    top = row * (THUMBNAIL_PX + 2 * GAP_PX) + GAP_PX
+    return [picture[top:top + THUMBNAIL_PX, left:left + THUMBNAIL_PX]
+            for left in range(caption_px, caption_px + ROW_CELLS * (THUMBNAIL_PX + GAP_PX), THUMBNAIL_PX + GAP_PX)]
+
+
+def test_a_class_gallery_shows_each_class_s_whole_cells_at_random_the_most_certain_first():
+    image = imread(CHULA / "1.jpg")
+    labels = segment_cells(image)
+    table = measure_cells(labels, image)
+    whole = np.flatnonzero(~table["touches_border"].to_numpy())
+    cut = np.flatnonzero(table["touches_border"].to_numpy())
+    assert len(whole) > 40 and len(cut) > 0
+    table["predicted_class"], table["prediction_probability"] = "", np.linspace(0.3, 0.99, len(table))
+    table.loc[whole[:30], "predicted_class"] = "target cell"  # more than a row holds
+    table.loc[whole[30:33], "predicted_class"] = "spherocyte"
+    table.loc[cut, "predicted_class"] = "schistocyte"  # only cells cut by the border: no row
+    picture = class_gallery(image, labels, table, ["schistocyte", "spherocyte", "target cell", "teardrop"],
+                            {"target cell": "#ff00ff"})
+    assert picture.shape[0] == 2 * (THUMBNAIL_PX + 2 * GAP_PX)  # spherocyte, then target cell
+    windows = square_windows(table[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float))
+
+    def cell_of(thumbnail, candidates, outline) -> int:
+        return next(i for i in candidates if np.array_equal(
+            thumbnail, cell_thumbnail(image, labels, int(table.at[i, "label"]), windows[i], outline=outline)))
+
+    spherocytes = row_thumbnails(picture, 0)
+    assert sorted(cell_of(t, whole[30:33], (255, 255, 255)) for t in spherocytes[:3]) == list(whole[30:33])
+    assert all((t == BACKGROUND).all() for t in spherocytes[3:])  # the rest of the row stays empty
+    targets = [cell_of(t, whole[:30], (255, 0, 255)) for t in row_thumbnails(picture, 1)]
+    certainty = table.loc[targets, "prediction_probability"].to_numpy()
+    assert len(set(targets)) == ROW_CELLS and np.all(np.diff(certainty) < 0)  # the most certain first ...
+    assert set(targets) != set(whole[20:30])  # ... of a random ten, not the ten most certain
+    # A 16-bit smear with its own levels gives the same picture.
+    deep = class_gallery(image.astype(np.uint16) * 257, labels, table, ["spherocyte", "target cell"],
+                         {"target cell": "#ff00ff"}, contrast_limits=(0, 65535))
+    assert np.abs(deep.astype(int) - picture).max() <= 1
+
+
+def test_galleries_are_written_per_smear_and_replace_an_earlier_run_s(smears, tmp_path, tiny_folder, capsys):  # noqa: F811
     model = str(tiny_folder[1])
-    head, _, image, labels, *_ = saved_head(smears / "1.jpg", model, tmp_path / "head",
-                                            ["normal", "spherocyte", "schistocyte"], {"normal": "#00ff00"})
+    head, _, image, labels, *_ = saved_head(smears / "1.jpg", model, tmp_path / "head", colours={"normal": "#00ff00"})
     out = tmp_path / "out"
     (out / "galleries").mkdir(parents=True)
     imsave(out / "galleries" / "yesterday.png", np.zeros((4, 4, 3), np.uint8), check_contrast=False)
     argv = [str(smears), "--out", str(out), "--model", model, "--head", str(tmp_path / "head"), "--device", "cpu",
             "--galleries"]
-    assert main(argv) == 2 and "galleries (with 1 gallery) exists; pass --overwrite" in capsys.readouterr().err
+    assert main(argv) == 2 and "galleries (with 1 picture) exists; pass --overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
-    assert "galleries of 2 smears in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "galleries of 2 smears in" in printed and "removed the earlier run's 1 picture" in printed
     assert sorted(path.name for path in (out / "galleries").iterdir()) == ["1.png", "26.png"]  # yesterday's gone
-
-    # The picture is the API's, and each row shows its class's whole cells, the most certain first.
     cells = read(out / "cells.csv").query("image == '1'").reset_index(drop=True)
-    picture = class_gallery(image, labels, cells, head.classes, head.colours)
-    np.testing.assert_array_equal(imread(out / "galleries" / "1.png")[..., :3], picture)
-    whole = ~cells["touches_border"].astype(bool)
-    present = [name for name in head.classes if (whole & (cells["predicted_class"] == name)).any()]
-    assert picture.shape == (len(present) * (THUMBNAIL_PX + 2 * GAP_PX), CAPTION_PX + ROW_CELLS * (THUMBNAIL_PX + GAP_PX)
-                             + GAP_PX, 3)
-    windows = square_windows(cells[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float))
-    normal = cells.index[whole & (cells["predicted_class"] == "normal")]
-    assert cells["touches_border"].dtype == bool and 0 < whole.sum() < len(cells) and len(normal) > 0
-    row = present.index("normal") * (THUMBNAIL_PX + 2 * GAP_PX) + GAP_PX
-    thumbnails = [picture[row:row + THUMBNAIL_PX, left:left + THUMBNAIL_PX]
-                  for left in range(CAPTION_PX, CAPTION_PX + ROW_CELLS * (THUMBNAIL_PX + GAP_PX), THUMBNAIL_PX + GAP_PX)]
-    shown = [next(i for i in normal if np.array_equal(
-        thumbnail, cell_thumbnail(image, labels, int(cells.at[i, "label"]), windows[i], outline=(0, 255, 0))))
-        for thumbnail in thumbnails[:min(ROW_CELLS, len(normal))]]
-    certainty = cells.loc[shown, "prediction_probability"].to_numpy()
-    assert len(set(shown)) == len(shown) and np.all(np.diff(certainty) <= 0)
+    assert cells["touches_border"].dtype == bool
+    np.testing.assert_array_equal(imread(out / "galleries" / "1.png")[..., :3],
+                                  class_gallery(image, labels, cells, head.classes, head.colours))
 
     # A gallery that cannot be written loses the smear nothing but its picture.
     (out / "galleries" / "1.png").unlink()
@@ -148,9 +174,20 @@ def test_galleries_show_each_class_s_cells_most_certain_first(smears, tmp_path, 
     assert main([*argv, "--overwrite"]) == 0
     assert "[1/2] 1: warning: no gallery written (" in capsys.readouterr().err
     assert set(read(out / "cells.csv")["image"]) == {"1", "26"}
+    (out / "galleries" / "1.png").rmdir()
+
+    # A run without galleries takes the earlier ones away: they show cells its table no longer holds.
+    assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 0
+    assert "removed the earlier run's 1 picture" in capsys.readouterr().out
+    assert list((out / "galleries").iterdir()) == []
 
     assert main([str(smears), "--out", str(tmp_path / "x"), "--measure-only", "--galleries"]) == 2
     assert "--galleries shows the cells of each class a head predicts: give --head PATH too" in capsys.readouterr().err
+
+
+def test_a_gallery_is_named_by_its_smear_inside_the_galleries_folder():
+    assert [gallery_file_name(name) for name in ("26", "day2/26", "../a", "//data/s1.jpg", "Smear 12.03.2024")] == [
+        "26.png", "day2_26.png", "_a.png", "__data_s1.jpg.png", "Smear 12.03.2024.png"]
 
 
 def test_without_an_embeddings_file_a_batch_keeps_only_ids_and_model(smears, tiny_folder):  # noqa: F811

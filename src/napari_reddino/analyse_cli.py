@@ -96,11 +96,10 @@ def _analyse(args: argparse.Namespace) -> int:
     embeddings = table.with_suffix(".npz") if args.with_embeddings else None
     targets = [file for file in (table, summary_path(table), embeddings) if file is not None]
     stale = stale_beside(table, with_embeddings=args.with_embeddings, with_summary=True)
-    galleries = out / GALLERIES if args.galleries else None
-    old_galleries = sorted(path for path in galleries.rglob("*.png") if path.is_file()) if (
-        galleries is not None and galleries.is_dir()) else []
+    galleries = out / GALLERIES
+    old_galleries = sorted(path for path in galleries.rglob("*.png") if path.is_file()) if galleries.is_dir() else []
     existing = [str(file) for file in (*targets, *stale) if file.exists()]
-    existing += [f"{galleries} (with {counted(len(old_galleries), 'gallery')})"] * bool(old_galleries)
+    existing += [f"{galleries} (with {counted(len(old_galleries), 'picture')})"] * bool(old_galleries)
     if existing and not args.overwrite:
         raise _Refused(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "
                        "replace them, or choose another --out.")
@@ -119,11 +118,6 @@ def _analyse(args: argparse.Namespace) -> int:
         raise _Refused(f"cannot make the output folder {out}: {error}") from error
     if not os.access(out, os.W_OK):
         raise _Refused(f"the output folder {out} is not writable")
-    for picture in old_galleries:  # --overwrite: the folder then holds this run's galleries only
-        try:
-            picture.unlink()
-        except OSError as error:
-            raise _Refused(f"cannot remove the earlier gallery {picture}: {error.strerror or error}") from error
 
     done, skipped = [], []
     try:  # Ctrl-C during a smear or between two: the smears finished so far are written
@@ -135,22 +129,25 @@ def _analyse(args: argparse.Namespace) -> int:
     if not done:
         print("reddino-analyse: no smear was analysed; nothing written", file=sys.stderr)
         return INTERRUPTED if interrupted else 1
+    pictured = {Path(cells.metadata["gallery"]) for cells in done if "gallery" in cells.metadata}
+    with_galleries = f"; galleries of {counted(len(pictured), 'smear')} in {galleries}" if args.galleries else ""
     classes = analysis.head.classes if analysis.head is not None else None
     try:
         export_cells_csv(table, done, embeddings_path=embeddings, summary_path=summary_path(table), classes=classes,
                          overwrite=args.overwrite)
     except PartlyWrittenError as error:
-        print(f"reddino-analyse: only partly written: {error}; run it again with --overwrite", file=sys.stderr)
+        print(f"reddino-analyse: only partly written: {error}{with_galleries}; run it again with --overwrite",
+              file=sys.stderr)
         return 1
     except OSError as error:  # FileExistsError: written by someone else meanwhile
-        print(f"reddino-analyse: nothing written: {error}", file=sys.stderr)
+        written = f" (but {with_galleries[2:]})" if pictured else ""
+        print(f"reddino-analyse: nothing written{written}: {error}", file=sys.stderr)
         return 1
     removed = ""
     for file in stale:
         file.unlink(missing_ok=True)
         removed += f"; removed the earlier run's {file.name}, which no longer matched"
-    pictured = sum("gallery" in cells.metadata for cells in done)
-    with_galleries = f"; galleries of {counted(pictured, 'smear')} in {galleries}" if galleries is not None else ""
+    removed += _remove_earlier_galleries([path for path in old_galleries if path not in pictured])
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
           f"{', '.join(str(file) for file in targets)}{with_galleries}{removed}")
     if interrupted:
@@ -161,6 +158,19 @@ def _analyse(args: argparse.Namespace) -> int:
         print(f"reddino-analyse: {len(skipped)} of {counted(len(smears), 'smear')} skipped (see above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _remove_earlier_galleries(pictures: list[Path]) -> str:
+    """Remove an earlier run's galleries that this run did not write again (they show cells the
+    new cells.csv no longer holds); says so for the run's last line."""
+    kept = []
+    for picture in pictures:
+        try:
+            picture.unlink()
+        except OSError:
+            kept.append(picture)
+    said = f"; removed the earlier run's {counted(len(pictures) - len(kept), 'picture')}" * bool(len(pictures) - len(kept))
+    return said + (f"; could not remove {', '.join(map(str, kept))}" if kept else "")
 
 
 def _check_options(args: argparse.Namespace) -> None:

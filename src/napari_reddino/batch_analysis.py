@@ -9,6 +9,7 @@ No Qt, no napari.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -133,16 +134,25 @@ class SmearAnalysis:
         return cells
 
     def _write_gallery(self, image, labels: np.ndarray, cells: SmearCells) -> None:
+        """Write the smear's class gallery; any failure costs the smear its picture only, said in
+        ``metadata["gallery_failed"]``."""
         from .class_gallery import class_gallery, write_class_gallery
         from .crops import black_and_white, colour_view
 
-        picture = class_gallery(image, labels, cells.features, self.head.classes, self.head.colours,
-                                contrast_limits=black_and_white(colour_view(np.asarray(image))))
-        if picture is not None:
-            path = self.galleries / f"{cells.metadata['source_image']}.png"
-            try:  # the smear's cells stand without their picture
-                path.parent.mkdir(parents=True, exist_ok=True)  # a name may hold folders (smear_names)
+        path = self.galleries / gallery_file_name(cells.metadata["source_image"])
+        try:
+            picture = class_gallery(image, labels, cells.features, self.head.classes, self.head.colours,
+                                    contrast_limits=black_and_white(colour_view(np.asarray(image))))
+            if picture is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 write_class_gallery(path, picture)
                 cells.metadata["gallery"] = str(path)
-            except OSError as error:
-                cells.metadata["gallery_failed"] = f"{path}: {error.strerror or error}"
+        except Exception as error:  # noqa: BLE001 (a picture is never worth a smear's results)
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+            cells.metadata["gallery_failed"] = f"{path}: {reason}"
+
+
+def gallery_file_name(smear: str) -> str:
+    """``<smear>.png`` with anything but letters, digits, spaces, ``.``, ``-`` and ``_`` made ``_``: a
+    smear named with its folders (``day2/26``, ``../a``) stays one file inside the folder."""
+    return re.sub(r"[^\w .-]", "_", smear).lstrip(". ") + ".png"

@@ -23,8 +23,9 @@ from .cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
 from .crop_windows import square_windows
 
 ROW_CELLS = 10
-CAPTION_PX = 210  # the class name and count, left of each row
+MIN_CAPTION_PX = 160  # the class name and counts, left of each row: wider when they need it
 GAP_PX = 4
+FONT_PX = 15
 BACKGROUND = (38, 41, 48)  # napari's dark theme
 TEXT = (230, 230, 230)
 NO_COLOUR = (255, 255, 255)
@@ -50,19 +51,25 @@ def class_gallery(
     predicted = table["predicted_class"].astype(str).to_numpy()
     certainty = table["prediction_probability"].to_numpy(float)
     rng = np.random.default_rng(seed)
-    rows = []
+    captions, thumbnails = [], []
     for name in classes:
         members = np.flatnonzero(whole & (predicted == name))
         if not len(members):
             continue
         shown = rng.choice(members, min(ROW_CELLS, len(members)), replace=False)
         shown = shown[np.argsort(-certainty[shown], kind="stable")]
-        outline = _rgb(colours.get(name)) if colours else NO_COLOUR
-        thumbnails = [cell_thumbnail(image, labels, int(table["label"].iloc[row]), windows[row],
-                                     contrast_limits=contrast_limits, outline=outline) for row in shown]
-        caption = f"{name}\n{len(members):,} of {int(whole.sum()):,} whole cells ({len(members) / whole.sum():.1%})"
-        rows.append(_row(caption, thumbnails))
-    return np.concatenate(rows) if rows else None
+        outline = _rgb((colours or {}).get(name))
+        thumbnails.append([cell_thumbnail(image, labels, int(table["label"].iloc[row]), windows[row],
+                                          contrast_limits=contrast_limits, outline=outline) for row in shown])
+        captions.append(f"{name}\n{len(members):,} of {int(whole.sum()):,} whole cells\n"
+                        f"{len(members) / whole.sum():.1%}")
+    if not captions:
+        return None
+    font = ImageFont.load_default(size=FONT_PX)
+    widest = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), text, font=font)[2]
+                 for text in captions)
+    caption_px = max(MIN_CAPTION_PX, int(widest) + 4 * GAP_PX)
+    return np.concatenate([_row(text, row, caption_px, font) for text, row in zip(captions, thumbnails)])
 
 
 def write_class_gallery(path: str | os.PathLike, picture: np.ndarray) -> None:
@@ -71,18 +78,19 @@ def write_class_gallery(path: str | os.PathLike, picture: np.ndarray) -> None:
     write_files_atomically({path: lambda file: Image.fromarray(picture).save(file, format="PNG", compress_level=1)})
 
 
-def _row(caption: str, thumbnails: list[np.ndarray]) -> np.ndarray:
-    height = THUMBNAIL_PX + 2 * GAP_PX
-    row = Image.new("RGB", (CAPTION_PX + ROW_CELLS * (THUMBNAIL_PX + GAP_PX) + GAP_PX, height), BACKGROUND)
-    ImageDraw.Draw(row).multiline_text((GAP_PX * 2, GAP_PX * 2), caption, fill=TEXT,
-                                       font=ImageFont.load_default(size=15), spacing=6)
+def _row(caption: str, thumbnails: list[np.ndarray], caption_px: int, font) -> np.ndarray:
+    row = Image.new("RGB", (caption_px + ROW_CELLS * (THUMBNAIL_PX + GAP_PX) + GAP_PX, THUMBNAIL_PX + 2 * GAP_PX),
+                    BACKGROUND)
+    ImageDraw.Draw(row).multiline_text((2 * GAP_PX, 2 * GAP_PX), caption, fill=TEXT, font=font, spacing=6)
     for place, thumbnail in enumerate(thumbnails):
-        row.paste(Image.fromarray(thumbnail), (CAPTION_PX + place * (THUMBNAIL_PX + GAP_PX), GAP_PX))
+        row.paste(Image.fromarray(thumbnail), (caption_px + place * (THUMBNAIL_PX + GAP_PX), GAP_PX))
     return np.asarray(row)
 
 
 def _rgb(colour: str | None) -> tuple[int, int, int]:
-    if not colour:
+    """``#rrggbb`` as RGB; white for no colour, or one that is not of that form (a hand-edited head)."""
+    digits = (colour or "").lstrip("#")[:6]
+    try:
+        return tuple(int(digits[i:i + 2], 16) for i in (0, 2, 4)) if len(digits) == 6 else NO_COLOUR
+    except ValueError:
         return NO_COLOUR
-    colour = colour.lstrip("#")
-    return tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))

@@ -147,13 +147,15 @@ class Trainer:
         _seed_process(cfg.train.seed + self.rank)  # distinct stochastic depth per rank
         resuming = _same_on_every_rank(f"whether {out / CHECKPOINT_NAME} exists", (out / CHECKPOINT_NAME).exists(),
                                        "--out must be a folder that every node shares")
+        self._settings_pending = False  # changed settings reach config.yaml with their first checkpoint
         if resuming:
             self._resume(load_checkpoint(out / CHECKPOINT_NAME, cfg))
         if self.rank == 0:
             for leftover, size in remove_leftovers(out / CHECKPOINT_NAME):
                 tqdm.write(f"reddino-train: removed {leftover.name} ({size / 2**20:,.0f} MiB), "
                            "a checkpoint whose save was interrupted")
-            save_config(cfg, out / "config.yaml")
+            if not self._settings_pending:  # else a run that fails before its first checkpoint keeps the old
+                save_config(cfg, out / "config.yaml")
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -287,6 +289,9 @@ class Trainer:
                 "sampler": {"samples_consumed": self.samples_consumed, "world_size": self.world_size},
                 "rng": rng_states,
             })
+            if self._settings_pending:
+                save_config(self.cfg, self.out / "config.yaml")
+                self._settings_pending = False
         self.checkpoint_step = self.iteration
 
     def _resume(self, state: dict[str, Any]) -> None:
@@ -302,6 +307,7 @@ class Trainer:
             tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
             own = config_from_dict(state["config"])
             changed = changed_settings(own, self.cfg)
+            self._settings_pending = bool(changed)
             if changed:  # config.yaml is about to take the new settings: keep the run's own
                 kept = self.out / settings_until(self.iteration)
                 if not kept.exists():  # else a resume changed them at this step before and trained no step

@@ -101,6 +101,8 @@ def test_changed_settings_keep_the_run_s_own_and_its_config_yaml_resumes_with_th
         with pytest.warns(ResumeSettingsWarning, match="config-until-step-3.yaml"):
             fit(load_config("tiny", [*TINY, f"optim.base_lr={base_lr}"]), smear_images, tmp_path, max_steps=3)
     assert load_config(tmp_path / "config-until-step-3.yaml") == changed
+    # Neither trained a step nor saved a checkpoint: config.yaml still holds the checkpoint's settings.
+    assert load_config(tmp_path / "config.yaml") == changed
 
 
 def test_a_resumed_run_takes_the_layerwise_decay_of_its_config_not_of_the_checkpoint(smear_images, tmp_path):
