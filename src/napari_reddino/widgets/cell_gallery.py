@@ -134,7 +134,8 @@ def gallery_heading(shown: int, selected: int) -> str:
 
 
 class GalleryThumbnails:
-    """The gallery's entries for the points of one map, each thumbnail made once per outline colour."""
+    """The gallery's entries for the points of one map. A thumbnail is kept while it is shown and
+    cut anew when its outline colour, its smear layer or that layer's contrast changes."""
 
     def __init__(self, viewer, pool: PooledCells) -> None:
         self._viewer, self._pool = viewer, pool
