@@ -248,7 +248,8 @@ class CellMapWidget(JobWidget):
 
     def _bind_keys(self) -> None:
         """Digits assign the class with that key, Backspace/Delete clear; on the map and in this panel
-        (and on the map's cells layers, see :class:`.SmearKeys`)."""
+        (and on the map's cells layers, see :class:`.SmearKeys`). In the gallery digits assign too,
+        and Backspace/Delete leave its highlighted cells out of the selection."""
         self.canvas.key_pressed.connect(self.press_key)
         in_panel = Qt.ShortcutContext.WidgetWithChildrenShortcut
         for key in LABEL_KEYS:
