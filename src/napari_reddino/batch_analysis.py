@@ -90,7 +90,7 @@ class SmearAnalysis:
     ``keep_embeddings=False`` keeps of each smear's embeddings only their ids and model (the
     vectors become zero-wide): a long batch that writes no embeddings file then holds a few
     kilobytes per smear, not megabytes. With a head and ``galleries`` (a folder), each smear's
-    :func:`~napari_reddino.class_gallery.class_gallery` is written there as ``<name>.png``."""
+    :func:`~napari_reddino.class_gallery.class_gallery` is written there (see :func:`gallery_file_name`)."""
 
     def __init__(self, *, embedder=None, model: str | os.PathLike | None = None, head=None,
                  pixel_size_um: float | None = None, keep_embeddings: bool = True,
