@@ -5,10 +5,13 @@
 With ``--model`` (anything load_embedder takes; a Hub name needs the Hub), the Cell map is shown
 too: two Chula smears embedded and mapped, half of their annotated cells labelled with the
 annotators' classes, the head trained, and a lasso drawn around the cells it calls target cells;
-and the gallery of the cells labelled as target cells.
+``reddino-analyse --galleries`` on smear 26 with that head; and the gallery of the cells
+labelled as target cells.
 """
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 
 import napari
@@ -76,9 +79,9 @@ def label_like_the_annotators(cell_map, share: int = 2) -> None:
             cell_map.assign(name)
 
 
-def cell_map_view(model: str, path: Path, panel_path: Path) -> None:
-    """Two Chula smears embedded, mapped, half their annotated cells labelled, the head trained,
-    and the cells it calls target cells lassoed on the map."""
+def cell_map_view(model: str, path: Path, panel_path: Path, head_path: Path) -> None:
+    """Two Chula smears embedded, mapped, half their annotated cells labelled, the head trained
+    (and saved at ``head_path``), and the cells it calls target cells lassoed on the map."""
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1800, 1100)
     for number in (1, 26):
@@ -91,6 +94,7 @@ def cell_map_view(model: str, path: Path, panel_path: Path) -> None:
     run_and_wait(cell_map)
     label_like_the_annotators(cell_map)
     cell_map.train()
+    cell_map.save_head(head_path)
     xy = cell_map.canvas.points.data
     targets = xy[cell_map.pool.column("predicted_class", "") == "target cell"]
     try:
@@ -136,6 +140,18 @@ def gallery_view(model: str, path: Path) -> None:
     viewer.close()
 
 
+def class_gallery_view(model: str, head_path: Path, path: Path) -> None:
+    """reddino-analyse --galleries on Chula smear 26 with the head of the Cell map picture."""
+    from napari_reddino.analyse_cli import main as analyse
+
+    with tempfile.TemporaryDirectory() as out:
+        argv = [str(CHULA / "26.jpg"), "--out", out, "--model", model, "--head", str(head_path), "--device", "cpu",
+                "--pixel-size-um", str(CHULA_PIXEL_SIZE_UM), "--galleries"]
+        if analyse(argv) != 0:
+            raise SystemExit("reddino-analyse failed; see above")
+        shutil.copyfile(Path(out) / "galleries" / "26.png", path)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="embed with this model and also show the Cell map")
@@ -144,5 +160,8 @@ if __name__ == "__main__":
     segmented_view("chula-smear", DOCS / "segment_chula.png")
     segmented_view("aslan-smear", DOCS / "segment_aslan.png")
     if args.model:
-        cell_map_view(args.model, DOCS / "cell_map.png", DOCS / "cell_map_tables.png")
+        with tempfile.TemporaryDirectory() as heads:
+            head = Path(heads) / "chula"
+            cell_map_view(args.model, DOCS / "cell_map.png", DOCS / "cell_map_tables.png", head)
+            class_gallery_view(args.model, head, DOCS / "class_gallery.png")
         gallery_view(args.model, DOCS / "cell_gallery.png")
