@@ -79,11 +79,11 @@ def label_like_the_annotators(cell_map, share: int = 2) -> None:
             cell_map.assign(name)
 
 
-def cell_map_view(model: str, path: Path, panel_path: Path, head_path: Path) -> None:
-    """Two Chula smears embedded, mapped, half their annotated cells labelled, the head trained
-    (and saved at ``head_path``), and the cells it calls target cells lassoed on the map."""
+def labelled_map(model: str, window: tuple[int, int]):
+    """napari with Chula smears 1 and 26 embedded ("Every open smear"), mapped, and half of their
+    annotated cells labelled; returns the viewer and the Cell map widget."""
     viewer = napari.Viewer(show=True)
-    viewer.window.resize(1800, 1100)
+    viewer.window.resize(*window)
     for number in (1, 26):
         open_chula_smear(viewer, number)
     _, embed = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
@@ -93,8 +93,14 @@ def cell_map_view(model: str, path: Path, panel_path: Path, head_path: Path) -> 
     _, cell_map = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map", tabify=True)
     run_and_wait(cell_map)
     label_like_the_annotators(cell_map)
+    return viewer, cell_map
+
+
+def cell_map_view(model: str, path: Path, panel_path: Path, head_path: Path) -> None:
+    """Two Chula smears embedded, mapped, half their annotated cells labelled, the head trained
+    (and saved at ``head_path``), and the cells it calls target cells lassoed on the map."""
+    viewer, cell_map = labelled_map(model, (1800, 1100))
     cell_map.train()
-    cell_map.save_head(head_path)
     xy = cell_map.canvas.points.data
     targets = xy[cell_map.pool.column("predicted_class", "") == "target cell"]
     try:
@@ -114,23 +120,14 @@ def cell_map_view(model: str, path: Path, panel_path: Path, head_path: Path) -> 
     scroll.verticalScrollBar().setValue(scroll.verticalScrollBar().maximum())  # the per-smear table
     QApplication.processEvents()
     scroll.grab().save(str(panel_path))
+    cell_map.save_head(head_path)  # after the pictures: the status line keeps what training said
     viewer.close()
 
 
 def gallery_view(model: str, path: Path) -> None:
     """The gallery docked under the smear, showing the cells of smears 1 and 26 that were given
     "target cell" by hand (cells a model need not place well to be shown)."""
-    viewer = napari.Viewer(show=True)
-    viewer.window.resize(1400, 900)
-    for number in (1, 26):
-        open_chula_smear(viewer, number)
-    _, embed = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
-    embed.model_name, embed.device.value = model, "cpu"
-    embed.every_smear.value = True
-    run_and_wait(embed, embed.every_smear_done)
-    _, cell_map = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map", tabify=True)
-    run_and_wait(cell_map)
-    label_like_the_annotators(cell_map)
+    viewer, cell_map = labelled_map(model, (1400, 900))
     cell_map.select(cell_map.pool.column("manual_label", "") == "target cell")
     cell_map.show_gallery()
     dock = cell_map.gallery.parent()
