@@ -560,8 +560,7 @@ class CellMapWidget(JobWidget):
             self._viewer.window.add_dock_widget(self.gallery, name=GALLERY_NAME, area="bottom")
         dock = self.gallery.parent()
         dock.show()  # hidden through napari's Window menu, say
-        dock.raise_()  # the tab in front, when tabbed
-        self._fill_gallery()
+        dock.raise_()  # the tab in front, when tabbed; coming into view fills it (CellGallery.shown)
 
     def _gallery_docked(self) -> bool:
         return self.gallery.parent() is not None  # napari unparents it when its panel is closed
