@@ -71,6 +71,23 @@ def test_a_thumbnail_at_the_border_is_black_beyond_the_smear_and_grey_without_on
     assert mask_only[15, 15].tolist() == [160, 160, 160] and mask_only[27, 27].tolist() == [40, 40, 40]
 
 
+def test_a_thumbnail_of_a_wide_window_is_the_smear_averaged_not_sampled():
+    smear = imread(CHULA_1)
+    no_cell = np.zeros(smear.shape[:2], dtype=np.int32)
+    top, left = 100, 200  # a window of 4 x 24 px inside the smear: each thumbnail pixel the mean of a 4 x 4 block
+    thumbnail = cell_thumbnail(smear, no_cell, 1, (left, top, left + 96, top + 96), size=24)
+    blocks = smear[top:top + 96, left:left + 96, :3].astype(float).reshape(24, 4, 24, 4, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(thumbnail, blocks, atol=0.51)
+    # Stripes one pixel wide, every third pixel lit: sampled, a thumbnail pixel every 3 px would
+    # land on the same phase of them each time and show a flat 0 or 255, not their mean.
+    stripes = np.zeros((300, 300), dtype=np.uint8)
+    stripes[:, ::3] = 255
+    for side in (90, 105):  # 3 and 3.5 smear pixels a thumbnail pixel
+        shown = cell_thumbnail(stripes, no_cell[:300, :300], 1, (30, 30, 30 + side, 30 + side), size=30)
+        np.testing.assert_allclose(shown.mean(), 85, atol=2)
+        assert shown.std() < 20
+
+
 def test_display_scales_by_the_contrast_limits_as_napari_draws():
     gray12 = np.array([[0, 1000, 4095, 5000]], dtype=np.uint16)
     np.testing.assert_array_equal(display_rgb(gray12, (0, 4095))[0, :, 0], [0, 62, 255, 255])

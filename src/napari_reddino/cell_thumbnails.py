@@ -36,13 +36,45 @@ def _nearest(start: float, side: float, size: int, limit: int) -> tuple[np.ndarr
     return np.clip(index, 0, limit - 1), (index >= 0) & (index < limit)
 
 
-def _bilinear(image: np.ndarray, top: float, left: float, side: float, size: int) -> np.ndarray:
+def _blocks(start: float, side: float, factor: int, limit: int) -> tuple[int, int]:
+    """First and end source pixel of the blocks of ``factor`` pixels under ``start .. start +
+    side`` (and one more either side, for the taps), in step with the window. Blocks wholly
+    outside ``0 .. limit`` are left out, so the span overhangs the source by less than a block."""
+    first, end = int(np.floor(start)) - factor, int(np.ceil(start + side)) + factor
+    first += max(0, -first) // factor * factor
+    end = first + -(-(end - first) // factor) * factor
+    return first, end - max(0, end - limit) // factor * factor
+
+
+def _block_means(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """float32 means of ``factor`` x ``factor`` blocks (the sides are multiples of ``factor``), as
+    strided sums: five times faster than ``np.add.reduceat``."""
+    rows = sum(pixels[offset::factor].astype(np.float32) for offset in range(factor))
+    return sum(rows[:, offset::factor] for offset in range(factor)) / factor**2
+
+
+def _resampled(image: np.ndarray, top: float, left: float, side: float, size: int) -> np.ndarray:
     """The ``side``-px square of ``image`` at ``(top, left)`` resampled to ``size`` px, float32:
-    rows, then columns, each a blend of two gathers from the part of the smear under the window."""
-    (rows, row_weights), (cols, col_weights) = (_linear_taps(top, side, size, image.shape[0]),
-                                                _linear_taps(left, side, size, image.shape[1]))
-    under = np.asarray(image[rows.min():rows.max() + 1, cols.min():cols.max() + 1], dtype=np.float32)
-    rows, cols = rows - rows.min(), cols - cols.min()
+    rows, then columns, each a blend of two gathers. Where a thumbnail pixel spans two or more
+    smear pixels, the smear under the window is first averaged in blocks of that many, so that
+    detail finer than a thumbnail pixel (stain grain, a high-resolution scanner) does not alias."""
+    factor = max(1, int(side // size))
+    height, width = image.shape[:2]
+    (top_row, end_row), (left_col, end_col) = _blocks(top, side, factor, height), _blocks(left, side, factor, width)
+    if top_row >= end_row or left_col >= end_col:  # the window lies beyond the smear
+        return np.zeros((size, size, *image.shape[2:]), dtype=np.float32)
+    under = np.asarray(image[max(top_row, 0):end_row, max(left_col, 0):end_col])
+    if factor > 1:  # a block the smear's edge cuts is filled out with its edge pixels
+        overhang = [(max(0, -top_row), max(0, end_row - height)), (max(0, -left_col), max(0, end_col - width))]
+        if any(map(any, overhang)):
+            under = np.pad(under, overhang + [(0, 0)] * (under.ndim - 2), mode="edge")
+        under = _block_means(under, factor)
+    else:
+        under = under.astype(np.float32)
+    (rows, row_weights), (cols, col_weights) = (
+        _linear_taps((top - top_row) / factor, side / factor, size, under.shape[0]),
+        _linear_taps((left - left_col) / factor, side / factor, size, under.shape[1]),
+    )
     if under.ndim == 3:
         row_weights, col_weights = row_weights[..., None, None], col_weights[..., None]
     else:
@@ -80,6 +112,6 @@ def cell_thumbnail(
     if image is None:
         thumbnail = np.where(mask[..., None], np.uint8(160), np.uint8(40)).repeat(3, axis=-1)
     else:
-        thumbnail = display_rgb(_bilinear(image, top, left, side, size), contrast_limits)
+        thumbnail = display_rgb(_resampled(image, top, left, side, size), contrast_limits)
     thumbnail[mask & ~ndimage.binary_erosion(mask)] = np.asarray(outline, dtype=np.uint8)[:3]
     return thumbnail
