@@ -18,7 +18,7 @@ from skimage.io import imread, imsave
 
 from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
 from napari_reddino.analyse_cli import main
-from napari_reddino.batch_analysis import SmearAnalysis, gallery_file_name, list_smears, smear_names
+from napari_reddino.batch_analysis import GalleryFiles, SmearAnalysis, gallery_file_name, list_smears, smear_names
 from napari_reddino.cell_embeddings import METADATA_KEY, earlier_run
 from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
 from napari_reddino.class_gallery import BACKGROUND, GAP_PX, MIN_CAPTION_PX, ROW_CELLS, class_gallery
@@ -188,6 +188,10 @@ def test_galleries_are_written_per_smear_and_replace_an_earlier_run_s(smears, tm
 def test_a_gallery_is_named_by_its_smear_inside_the_galleries_folder():
     assert [gallery_file_name(name) for name in ("26", "day2/26", "../a", "//data/s1.jpg", "Smear 12.03.2024")] == [
         "26.png", "day2_26.png", "_a.png", "__data_s1.jpg.png", "Smear 12.03.2024.png"]
+    files = GalleryFiles("out/galleries")  # two smears never share a picture, whatever the disk
+    assert [files.path(name).name for name in ("day2/26", "day2_26", "Day2_26", "day2/26", "26")] == [
+        "day2_26.png", "day2_26 (2).png", "Day2_26 (3).png", "day2_26.png", "26.png"]
+    assert files.path("26").parent == Path("out/galleries")
 
 
 def test_without_an_embeddings_file_a_batch_keeps_only_ids_and_model(smears, tiny_folder):  # noqa: F811

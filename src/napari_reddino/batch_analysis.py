@@ -90,7 +90,7 @@ class SmearAnalysis:
     ``keep_embeddings=False`` keeps of each smear's embeddings only their ids and model (the
     vectors become zero-wide): a long batch that writes no embeddings file then holds a few
     kilobytes per smear, not megabytes. With a head and ``galleries`` (a folder), each smear's
-    :func:`~napari_reddino.class_gallery.class_gallery` is written there (see :func:`gallery_file_name`)."""
+    :func:`~napari_reddino.class_gallery.class_gallery` is written there (see :class:`GalleryFiles`)."""
 
     def __init__(self, *, embedder=None, model: str | os.PathLike | None = None, head=None,
                  pixel_size_um: float | None = None, keep_embeddings: bool = True,
@@ -101,7 +101,7 @@ class SmearAnalysis:
             raise ValueError("A gallery shows each class the head predicts; give a head too.")
         self.embedder, self.model, self.head, self.pixel_size_um = embedder, model, head, pixel_size_um
         self.keep_embeddings = keep_embeddings
-        self.galleries = None if galleries is None else Path(galleries)
+        self.galleries = None if galleries is None else GalleryFiles(galleries)
 
     def __call__(self, image, name: str, *, progress: Progress | None = None) -> SmearCells:
         """Segment, measure and (with a model) embed and classify the cells of ``image``."""
@@ -139,7 +139,7 @@ class SmearAnalysis:
         from .class_gallery import class_gallery, write_class_gallery
         from .crops import black_and_white, colour_view
 
-        path = self.galleries / gallery_file_name(cells.metadata["source_image"])
+        path = self.galleries.path(cells.metadata["source_image"])
         try:
             picture = class_gallery(image, labels, cells.features, self.head.classes, self.head.colours,
                                     contrast_limits=black_and_white(colour_view(np.asarray(image))))
@@ -150,6 +150,27 @@ class SmearAnalysis:
         except Exception as error:  # noqa: BLE001 (a picture is never worth a smear's results)
             reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
             cells.metadata["gallery_failed"] = f"{path}: {reason}"
+
+
+class GalleryFiles:
+    """A file in ``folder`` per smear: :func:`gallery_file_name`, with `` (2)``, `` (3)`` ... for a
+    smear whose name flattens to a file name another smear has (``a/b`` and ``a_b``, or ``A`` and
+    ``a`` on a Mac or Windows disk), so that no picture replaces another."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._files: dict[str, str] = {}
+        self._taken: set[str] = set()
+
+    def path(self, smear: str) -> Path:
+        if smear not in self._files:
+            name = stem = gallery_file_name(smear).removesuffix(".png")
+            number = 2
+            while name.casefold() in self._taken:
+                name, number = f"{stem} ({number})", number + 1
+            self._taken.add(name.casefold())
+            self._files[smear] = f"{name}.png"
+        return self.folder / self._files[smear]
 
 
 def gallery_file_name(smear: str) -> str:
