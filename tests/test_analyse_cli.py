@@ -18,10 +18,18 @@ from skimage.io import imread, imsave
 
 from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
 from napari_reddino.analyse_cli import main
-from napari_reddino.batch_analysis import GalleryFiles, SmearAnalysis, gallery_file_name, list_smears, smear_names
+from napari_reddino.batch_analysis import SmearAnalysis, list_smears, smear_names
 from napari_reddino.cell_embeddings import METADATA_KEY, earlier_run
 from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
-from napari_reddino.class_gallery import BACKGROUND, GAP_PX, MIN_CAPTION_PX, ROW_CELLS, class_gallery
+from napari_reddino.class_gallery import (
+    BACKGROUND,
+    GAP_PX,
+    MIN_CAPTION_PX,
+    ROW_CELLS,
+    GalleryFiles,
+    class_gallery,
+    gallery_file_name,
+)
 from napari_reddino.crop_windows import square_windows
 
 DATA = Path(__file__).parent / "data"
@@ -117,7 +125,7 @@ def row_thumbnails(picture: np.ndarray, row: int) -> list[np.ndarray]:
             for left in range(caption_px, caption_px + ROW_CELLS * (THUMBNAIL_PX + GAP_PX), THUMBNAIL_PX + GAP_PX)]
 
 
-def test_a_class_gallery_shows_each_class_s_whole_cells_at_random_the_most_certain_first():
+def test_a_class_gallery_shows_each_class_s_whole_cells_at_random_the_labelled_and_most_certain_first():
     image = imread(CHULA / "1.jpg")
     labels = segment_cells(image)
     table = measure_cells(labels, image)
@@ -148,6 +156,19 @@ def test_a_class_gallery_shows_each_class_s_whole_cells_at_random_the_most_certa
     deep = class_gallery(image.astype(np.uint16) * 257, labels, table, ["spherocyte", "target cell"],
                          {"target cell": "#ff00ff"}, contrast_limits=(0, 65535))
     assert np.abs(deep.astype(int) - picture).max() <= 1
+    # A manual label outranks the prediction, as the smear summary counts, and comes first in its
+    # row; cells labelled by hand alone get a row too.
+    table["manual_label"] = ""
+    table.loc[whole[0], "manual_label"] = "spherocyte"  # predicted a target cell
+    table.loc[whole[40:42], "manual_label"] = "teardrop"  # no prediction
+    labelled = class_gallery(image, labels, table, ["schistocyte", "spherocyte", "target cell", "teardrop"],
+                             {"target cell": "#ff00ff"})
+    assert labelled.shape[0] == 3 * (THUMBNAIL_PX + 2 * GAP_PX)
+    spherocytes = row_thumbnails(labelled, 0)
+    assert cell_of(spherocytes[0], whole[:1], (255, 255, 255)) == whole[0]
+    assert sorted(cell_of(t, whole[30:33], (255, 255, 255)) for t in spherocytes[1:4]) == list(whole[30:33])
+    assert len({cell_of(t, whole[1:30], (255, 0, 255)) for t in row_thumbnails(labelled, 1)}) == ROW_CELLS
+    assert sorted(cell_of(t, whole[40:42], (255, 255, 255)) for t in row_thumbnails(labelled, 2)[:2]) == list(whole[40:42])
 
 
 def test_galleries_are_written_per_smear_and_replace_an_earlier_run_s(smears, tmp_path, tiny_folder, capsys):  # noqa: F811

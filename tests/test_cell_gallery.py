@@ -5,15 +5,18 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QImage
+from qtpy.QtWidgets import QMessageBox
 from skimage.io import imread
-from test_cell_map_widget import CHULA_1, compute_map, embed, viewer  # noqa: F401  (fixture)
+from test_cell_map_widget import ASLAN_1, CHULA_1, compute_map, embed, viewer  # noqa: F401  (fixture)
 
 from napari_reddino import measure_cells, segment_cells
 from napari_reddino.cell_map import UNLABELLED
 from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail, display_rgb
+from napari_reddino.class_gallery import GAP_PX, ROW_CELLS, class_gallery, pictures_in
 from napari_reddino.crop_windows import cell_windows, square_windows
 from napari_reddino.widgets.cell_gallery import MAX_CELLS
 from napari_reddino.widgets.cell_map_widget import GALLERY_NAME
@@ -218,3 +221,40 @@ def test_predictions_show_with_their_probability_and_a_class_is_selected_whole(v
     assert widget.gallery.points() == np.flatnonzero(widget.selected).tolist()
     widget.select_class("teardrop")
     assert not widget.selected.any() and widget.status.value == "No cell is 'teardrop' yet."
+
+
+def test_export_draws_each_smear_s_classes_beside_the_table(viewer, qtbot, tiny_folder, tmp_path, monkeypatch):  # noqa: F811
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    embed(viewer, qtbot, tiny_folder[1], ASLAN_1)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    on_chula = widget.pool.layer_index == list(widget.pool.layers).index(cells)
+    every = np.arange(len(widget.pool))
+    widget.select(on_chula & (every % 5 == 0))
+    widget.assign("normal")
+    widget.select(on_chula & (every % 5 == 1))
+    widget.assign("spherocyte")
+    widget.with_galleries.value = True
+    csv = widget.export_csv(tmp_path / "cells")
+    assert widget.status.value.endswith("; class pictures of 1 smear in cells_galleries; no picture of 'image-1' "
+                                        "(none of its whole cells has a class yet).")
+    # The smear as it is shown, its classes in the list's order and colours.
+    drawn = imread(tmp_path / "cells_galleries" / "1.png")[..., :3]
+    assert drawn.shape[0] == 2 * (THUMBNAIL_PX + 2 * GAP_PX)  # normal, spherocyte
+    smear = viewer.layers["1"]
+    np.testing.assert_array_equal(drawn, class_gallery(smear.data, cells.data, pd.DataFrame(cells.features),
+                                                       widget.class_list.classes, widget.class_list.hex_colours,
+                                                       contrast_limits=smear.contrast_limits))
+    normal = np.array([int(widget.class_list.hex_colours["normal"][i:i + 2], 16) for i in (1, 3, 5)])
+    first = drawn[GAP_PX:GAP_PX + THUMBNAIL_PX, -ROW_CELLS * (THUMBNAIL_PX + GAP_PX):]
+    assert (first == normal).all(axis=-1).sum() > 10 * 30  # ten cells outlined in the colour of "normal"
+
+    # An export without pictures takes the earlier ones away (they show cells as they were), once asked.
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda _, title, text: asked.append(text) or QMessageBox.StandardButton.Yes)
+    widget.with_galleries.value = False
+    assert widget.export_csv(csv) == csv
+    assert asked == ["cells.csv and cells_summary.csv exist and will be replaced; the picture in cells_galleries, "
+                     "from an earlier export, would not match the new table and will be deleted. Go on?"]
+    assert widget.status.value.endswith("; removed the earlier export's 1 picture.")
+    assert pictures_in(tmp_path / "cells_galleries") == []

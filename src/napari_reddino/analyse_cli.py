@@ -16,7 +16,7 @@ from .atomic_files import PartlyWrittenError
 from .batch_analysis import SmearAnalysis, list_smears, read_smear, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
-from .class_gallery import ROW_CELLS
+from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
 from .wording import counted
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
@@ -97,7 +97,7 @@ def _analyse(args: argparse.Namespace) -> int:
     targets = [file for file in (table, summary_path(table), embeddings) if file is not None]
     stale = stale_beside(table, with_embeddings=args.with_embeddings, with_summary=True)
     galleries = out / GALLERIES
-    old_galleries = sorted(path for path in galleries.rglob("*.png") if path.is_file()) if galleries.is_dir() else []
+    old_galleries = pictures_in(galleries)
     existing = [str(file) for file in (*targets, *stale) if file.exists()]
     existing += [f"{galleries} (with {counted(len(old_galleries), 'picture')})"] * bool(old_galleries)
     if existing and not args.overwrite:
@@ -147,7 +147,8 @@ def _analyse(args: argparse.Namespace) -> int:
     for file in stale:
         file.unlink(missing_ok=True)
         removed += f"; removed the earlier run's {file.name}, which no longer matched"
-    removed += _remove_earlier_galleries([path for path in old_galleries if path not in pictured])
+    # they would show cells the new cells.csv no longer holds
+    removed += remove_pictures([path for path in old_galleries if path not in pictured], "the earlier run's")
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
           f"{', '.join(str(file) for file in targets)}{with_galleries}{removed}")
     if interrupted:
@@ -158,19 +159,6 @@ def _analyse(args: argparse.Namespace) -> int:
         print(f"reddino-analyse: {len(skipped)} of {counted(len(smears), 'smear')} skipped (see above)", file=sys.stderr)
         return 1
     return 0
-
-
-def _remove_earlier_galleries(pictures: list[Path]) -> str:
-    """Remove an earlier run's galleries that this run did not write again (they show cells the
-    new cells.csv no longer holds); says so for the run's last line."""
-    kept = []
-    for picture in pictures:
-        try:
-            picture.unlink()
-        except OSError:
-            kept.append(picture)
-    said = f"; removed the earlier run's {counted(len(pictures) - len(kept), 'picture')}" * bool(len(pictures) - len(kept))
-    return said + (f"; could not remove {', '.join(map(str, kept))}" if kept else "")
 
 
 def _check_options(args: argparse.Namespace) -> None:

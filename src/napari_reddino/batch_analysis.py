@@ -9,7 +9,6 @@ No Qt, no napari.
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import pandas as pd
 from skimage.io import imread
 
 from .cell_classifier import prediction_table
+from .class_gallery import GalleryError, GalleryFiles, save_class_gallery
 from .cell_embeddings import METADATA_KEY, EmbeddedCells, fingerprint, labels_digest, store_run
 from .measurements import measure_cells
 from .segmentation import segment_cells
@@ -136,44 +136,14 @@ class SmearAnalysis:
     def _write_gallery(self, image, labels: np.ndarray, cells: SmearCells) -> None:
         """Write the smear's class gallery; any failure costs the smear its picture only, said in
         ``metadata["gallery_failed"]``."""
-        from .class_gallery import class_gallery, write_class_gallery
         from .crops import black_and_white, colour_view
 
         path = self.galleries.path(cells.metadata["source_image"])
         try:
-            picture = class_gallery(image, labels, cells.features, self.head.classes, self.head.colours,
-                                    contrast_limits=black_and_white(colour_view(np.asarray(image))))
-            if picture is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_class_gallery(path, picture)
+            if save_class_gallery(path, image, labels, cells.features, self.head.classes, self.head.colours,
+                                  contrast_limits=black_and_white(colour_view(np.asarray(image)))):
                 cells.metadata["gallery"] = str(path)
-        except Exception as error:  # noqa: BLE001 (a picture is never worth a smear's results)
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
-            cells.metadata["gallery_failed"] = f"{path}: {reason}"
+        except GalleryError as error:
+            cells.metadata["gallery_failed"] = f"{path}: {error}"
 
 
-class GalleryFiles:
-    """A file in ``folder`` per smear: :func:`gallery_file_name`, with `` (2)``, `` (3)`` ... for a
-    smear whose name flattens to a file name another smear has (``a/b`` and ``a_b``, or ``A`` and
-    ``a`` on a Mac or Windows disk), so that no picture replaces another."""
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        self._files: dict[str, str] = {}
-        self._taken: set[str] = set()
-
-    def path(self, smear: str) -> Path:
-        if smear not in self._files:
-            name = stem = gallery_file_name(smear).removesuffix(".png")
-            number = 2
-            while name.casefold() in self._taken:
-                name, number = f"{stem} ({number})", number + 1
-            self._taken.add(name.casefold())
-            self._files[smear] = f"{name}.png"
-        return self.folder / self._files[smear]
-
-
-def gallery_file_name(smear: str) -> str:
-    """``<smear>.png`` with anything but letters, digits, spaces, ``.``, ``-`` and ``_`` made ``_``: a
-    smear named with its folders (``day2/26``, ``../a``) stays one file inside the folder."""
-    return re.sub(r"[^\w .-]", "_", smear).lstrip(". ") + ".png"

@@ -75,6 +75,12 @@ def summary_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}_summary.csv")
 
 
+def galleries_folder(path: str | Path) -> Path:
+    """Where the class galleries of the export ``path`` go: ``cells.csv`` -> ``cells_galleries/``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_galleries")
+
+
 def stale_beside(path: str | Path, *, with_embeddings: bool, with_summary: bool) -> list[Path]:
     """The embeddings file and smear summary that an earlier export left beside ``path`` and this
     one, written without them, would not replace: they would not match its table."""

@@ -1,8 +1,10 @@
-"""One picture per smear of the cells a head put in each class, to check a headless run by eye.
+"""One picture per smear of the cells in each class, to check a run (a headless one above all) by eye.
 
-A row per class (the head's order; classes no whole cell got are left out): its name, how many
-of the smear's whole cells it holds, and up to :data:`ROW_CELLS` of them picked at random
-(the most certain first), cut and outlined as the Cell map's gallery shows them, in their
+A cell's class is the one the smear summary counts it in: its manual label, else the head's
+prediction. A row per class (in the order given; classes no whole cell has are left out): its
+name, how many of the smear's whole cells it holds (and their share, once every whole cell has
+a class), and up to :data:`ROW_CELLS` of them picked at random, the labelled ones and then the
+most certain first, cut and outlined as the Cell map's gallery shows them, in their
 smear-scale windows so that sizes compare across the row. Cells cut by the image border are
 left out, as the smear summary leaves them out.
 
@@ -12,7 +14,9 @@ No Qt, no napari.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic_files import write_files_atomically
 from .cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
 from .crop_windows import square_windows
+from .smear_summary import class_names, class_of_each_cell
+from .wording import counted
 
 ROW_CELLS = 10
 MIN_CAPTION_PX = 160  # the class name and counts, left of each row: wider when they need it
@@ -41,19 +47,23 @@ def class_gallery(
     contrast_limits: Sequence[float] = (0, 255),
     seed: int = 0,
 ) -> np.ndarray | None:
-    """(height, width, 3) uint8, or None when no whole cell has a predicted class. ``table`` is
-    the smear's cell table with ``predicted_class`` and ``prediction_probability``;
-    ``colours`` maps a class to its ``#rrggbb`` outline."""
-    if table.empty or "predicted_class" not in table:
+    """(height, width, 3) uint8, or None when no whole cell has a class. ``table`` is the
+    smear's cell table (with ``manual_label`` and/or ``predicted_class`` and
+    ``prediction_probability``); ``colours`` maps a class to its ``#rrggbb`` outline."""
+    if table.empty:
         return None
     windows = square_windows(table[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float))
     whole = ~table.get("touches_border", pd.Series(False, index=table.index)).to_numpy(bool)
-    predicted = table["predicted_class"].astype(str).to_numpy()
-    certainty = table["prediction_probability"].to_numpy(float)
+    names = class_of_each_cell(table)
+    labelled = class_names(table, "manual_label") != ""
+    probability = pd.to_numeric(table.get("prediction_probability", pd.Series(np.nan, index=table.index)),
+                                errors="coerce").to_numpy(float)
+    certainty = np.where(labelled, np.inf, np.nan_to_num(probability, nan=0.0))
+    every_cell_has_one = bool((names[whole] != "").all())
     rng = np.random.default_rng(seed)
     captions, thumbnails = [], []
     for name in classes:
-        members = np.flatnonzero(whole & (predicted == name))
+        members = np.flatnonzero(whole & (names == name))
         if not len(members):
             continue
         shown = rng.choice(members, min(ROW_CELLS, len(members)), replace=False)
@@ -61,8 +71,8 @@ def class_gallery(
         outline = _rgb((colours or {}).get(name))
         thumbnails.append([cell_thumbnail(image, labels, int(table["label"].iloc[row]), windows[row],
                                           contrast_limits=contrast_limits, outline=outline) for row in shown])
-        captions.append(f"{name}\n{len(members):,} of {int(whole.sum()):,} whole cells\n"
-                        f"{len(members) / whole.sum():.1%}")
+        share = f"\n{len(members) / whole.sum():.1%}" if every_cell_has_one else ""
+        captions.append(f"{name}\n{len(members):,} of {int(whole.sum()):,} whole cells{share}")
     if not captions:
         return None
     font = ImageFont.load_default(size=FONT_PX)
@@ -72,10 +82,74 @@ def class_gallery(
     return np.concatenate([_row(text, row, caption_px, font) for text, row in zip(captions, thumbnails)])
 
 
-def write_class_gallery(path: str | os.PathLike, picture: np.ndarray) -> None:
-    """``picture`` as a PNG at ``path``, written to a temporary file and renamed into place."""
-    # zlib level 1: 108 ms for 13 classes, against 320 ms at PIL's default 6 for a file 13 % smaller
-    write_files_atomically({path: lambda file: Image.fromarray(picture).save(file, format="PNG", compress_level=1)})
+class GalleryError(Exception):
+    """A gallery that could not be drawn or written; the message says why, in words."""
+
+
+def save_class_gallery(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, table: pd.DataFrame,
+                       classes: Sequence[str], colours: Mapping[str, str] | None = None, *,
+                       contrast_limits: Sequence[float] = (0, 255)) -> bool:
+    """Draw :func:`class_gallery` into the PNG ``path`` (its folder made, the file written to a
+    temporary one and renamed into place); False when no whole cell has a class. Any failure
+    raises :class:`GalleryError`, so that a caller keeping a smear's results whatever becomes of
+    its picture catches that alone."""
+    try:
+        picture = class_gallery(image, labels, table, classes, colours, contrast_limits=contrast_limits)
+        if picture is None:
+            return False
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # zlib level 1: 108 ms for 13 classes, against 320 ms at PIL's default 6 for a file 13 % smaller
+        write_files_atomically({path: lambda file: Image.fromarray(picture).save(file, format="PNG", compress_level=1)})
+        return True
+    except Exception as error:  # noqa: BLE001 (the caller decides what a missing picture costs)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+        raise GalleryError(reason) from error
+
+
+class GalleryFiles:
+    """A file in ``folder`` per smear: :func:`gallery_file_name`, with `` (2)``, `` (3)`` ... for a
+    smear whose name flattens to a file name another smear has (``a/b`` and ``a_b``, or ``A`` and
+    ``a`` on a Mac or Windows disk), so that no picture replaces another."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._files: dict[str, str] = {}
+        self._taken: set[str] = set()
+
+    def path(self, smear: str) -> Path:
+        if smear not in self._files:
+            name = stem = gallery_file_name(smear).removesuffix(".png")
+            number = 2
+            while name.casefold() in self._taken:
+                name, number = f"{stem} ({number})", number + 1
+            self._taken.add(name.casefold())
+            self._files[smear] = f"{name}.png"
+        return self.folder / self._files[smear]
+
+
+def gallery_file_name(smear: str) -> str:
+    """``<smear>.png`` with anything but letters, digits, spaces, ``.``, ``-`` and ``_`` made ``_``: a
+    smear named with its folders (``day2/26``, ``../a``) stays one file inside the folder."""
+    return re.sub(r"[^\w .-]", "_", smear).lstrip(". ") + ".png"
+
+
+def pictures_in(folder: str | os.PathLike) -> list[Path]:
+    """The PNG files in ``folder`` and below it (none if it does not exist)."""
+    folder = Path(folder)
+    return sorted(path for path in folder.rglob("*.png") if path.is_file()) if folder.is_dir() else []
+
+
+def remove_pictures(pictures: Sequence[Path], whose: str) -> str:
+    """Remove ``pictures`` (``whose``: "the earlier run's") and say so, for a status line after "; "."""
+    kept = []
+    for picture in pictures:
+        try:
+            picture.unlink()
+        except OSError:
+            kept.append(picture)
+    removed = len(pictures) - len(kept)
+    said = f"; removed {whose} {counted(removed, 'picture')}" if removed else ""
+    return said + (f"; could not remove {', '.join(map(str, kept))}" if kept else "")
 
 
 def _row(caption: str, thumbnails: list[np.ndarray], caption_px: int, font) -> np.ndarray:

@@ -39,7 +39,7 @@ def summarise_smears(cells, classes: Sequence[str] | None = None) -> pd.DataFram
     tables = [cells_table([layer]) for layer in layers]
     whole = [table[~table["touches_border"].astype(bool)] if "touches_border" in table else table
              for table in tables]
-    cell_classes = [_class_of_each_cell(table) for table in whole]
+    cell_classes = [class_of_each_cell(table) for table in whole]
     found = sorted(set().union(*(set(names) for names in cell_classes)) - {""})
     given = list(classes or [])
     columns = given + [name for name in found if name not in given]
@@ -47,13 +47,16 @@ def summarise_smears(cells, classes: Sequence[str] | None = None) -> pd.DataFram
                          for layer, table, whole_cells, names in zip(layers, tables, whole, cell_classes)])
 
 
-def _class_of_each_cell(table: pd.DataFrame) -> np.ndarray:
-    manual = _names(table, "manual_label")
-    return np.where(manual != "", manual, _names(table, "predicted_class"))
+def class_of_each_cell(table: pd.DataFrame) -> np.ndarray:
+    """Each cell's manual label where it has one, else its predicted class; "" for neither."""
+    manual = class_names(table, "manual_label")
+    return np.where(manual != "", manual, class_names(table, "predicted_class"))
 
 
-def _names(table: pd.DataFrame, column: str) -> np.ndarray:
-    """A class column as strings, "" where empty (categorical columns too)."""
+def class_names(table: pd.DataFrame, column: str) -> np.ndarray:
+    """A class column as strings, "" where empty (categorical columns too) or missing."""
+    if column not in table:
+        return np.full(len(table), "", dtype=object)
     return table[column].astype(object).fillna("").astype(str).to_numpy()
 
 
@@ -69,7 +72,7 @@ def _summary_row(layer, table: pd.DataFrame, whole: pd.DataFrame, names: np.ndar
     row["diameter_cv_pct"] = 100 * row["diameter_sd_px"] / row["diameter_mean_px"]
     pallor = _column(whole, "central_pallor")
     row["central_pallor_median"] = float(np.median(pallor)) if len(pallor) else np.nan
-    row["labelled"] = int((_names(whole, "manual_label") != "").sum())
+    row["labelled"] = int((class_names(whole, "manual_label") != "").sum())
     classified = int((names != "").sum())
     row["classified"], row["unclassified"] = classified, len(whole) - classified
     every_cell_classified = classified > 0 and classified == len(whole)

@@ -178,7 +178,7 @@ class GalleryThumbnails:
             made[key] = self._made.get(key)
             if made[key] is None:
                 made[key] = cell_thumbnail(
-                    None if image is None else _level_0(image), np.asarray(pool.layers[position].data), label,
+                    None if image is None else level_0(image), np.asarray(pool.layers[position].data), label,
                     self._windows[point], contrast_limits=contrast_limits, outline=outline,
                 )
             entries.append(GalleryCell(point, made[key], caption, tooltip))
@@ -187,18 +187,19 @@ class GalleryThumbnails:
 
     def _look(self, cells) -> tuple[Image | None, tuple[float, ...]]:
         """The smear under ``cells`` and its contrast limits, as napari draws it now."""
-        image = self._image_of(cells)
+        image = smear_under(self._viewer, cells)
         return image, (0.0, 1.0) if image is None else tuple(map(float, image.contrast_limits))
 
-    def _image_of(self, cells) -> Image | None:
-        """The smear under ``cells``, if it is still open and of the same size."""
-        layers = self._viewer.layers
-        name = image_name(cells)
-        image = layers[name] if name in layers else None
-        if isinstance(image, Image) and _level_0(image).shape[:2] == cells.data.shape:
-            return image
-        return None
+
+def smear_under(viewer, cells) -> Image | None:
+    """The image layer of the smear under ``cells``, if it is still open and of the same size."""
+    name = image_name(cells)
+    image = viewer.layers[name] if name in viewer.layers else None
+    if isinstance(image, Image) and level_0(image).shape[:2] == cells.data.shape:
+        return image
+    return None
 
 
-def _level_0(image: Image):
+def level_0(image: Image):
+    """The full-resolution pixels of an image layer (the first level of a multiscale one)."""
     return image.data[0] if image.multiscale else image.data

@@ -48,7 +48,7 @@ from ..cell_classifier import (
     uncertainty_order,
 )
 from ..cell_embeddings import embeddings_of, repainted_since_embedded, stored_fingerprint
-from ..cell_export import export_cells_csv, stale_beside, summary_path
+from ..cell_export import export_cells_csv, galleries_folder, stale_beside, summary_path
 from ..cell_map import (
     UNLABELLED,
     PooledCells,
@@ -57,12 +57,14 @@ from ..cell_map import (
     emphasise,
     value_colours,
 )
+from ..cell_table import image_name
+from ..class_gallery import GalleryError, GalleryFiles, pictures_in, remove_pictures, save_class_gallery
 from ..label_import import import_manual_labels
 from ..smear_summary import summarise_smears
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
 from ..wording import counted
-from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading
+from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading, level_0, smear_under
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
@@ -186,6 +188,11 @@ class CellMapWidget(JobWidget):
         self.with_summary.text = "Also write a summary per smear (_summary.csv)"  # the constructor drops "_"
         self.with_summary.tooltip = ("Per smear: cells, diameter mean, SD and CV, central pallor, and the count "
                                      "and % of each class (manual label, else prediction), without cut cells")
+        self.with_galleries = CheckBox(value=False)
+        self.with_galleries.text = "Also draw each smear's classes (_galleries)"
+        self.with_galleries.tooltip = (
+            "A picture per smear in a folder beside the table: a row per class (manual label, else prediction) "
+            "with its count, and up to 10 of its cells at random, as reddino-analyse --galleries draws them")
         self._run_button.text = "Compute map"
 
         actions = {
@@ -219,7 +226,8 @@ class CellMapWidget(JobWidget):
                                        self._row("Select class", "Show in gallery")], labels=False)
         head = Container(
             widgets=[self._row("Train head", "Review uncertain"), self._row("Save head…", "Apply saved head…"),
-                     self.with_embeddings, self.with_summary, self._row("Export CSV…", "Import labels…")],
+                     self.with_embeddings, self.with_summary, self.with_galleries,
+                     self._row("Export CSV…", "Import labels…")],
             labels=False,
         )
         self.class_list.table.setMinimumHeight(CLASS_TABLE_MIN_HEIGHT)
@@ -832,7 +840,8 @@ class CellMapWidget(JobWidget):
 
     def export_csv(self, path: str | Path) -> Path | None:
         """Write one row per cell of the map's smears (to ``path``, ``.csv`` added unless it ends
-        so); asks before replacing an existing file or deleting an earlier export's side files."""
+        so), and the files ticked beside it; asks before replacing an existing file or deleting an
+        earlier export's side files."""
         if not self._map_is_current():
             return None
         if self.pool is None:
@@ -843,9 +852,16 @@ class CellMapWidget(JobWidget):
             path = path.with_name(f"{path.name}.csv")
         embeddings = path.with_suffix(".npz") if self.with_embeddings.value else None
         summary = summary_path(path) if self.with_summary.value else None
+        galleries = galleries_folder(path)
+        earlier_pictures = pictures_in(galleries)
         stale = stale_beside(path, with_embeddings=embeddings is not None, with_summary=summary is not None)
-        existing = [file for file in (path, embeddings, summary) if file is not None and file.exists()]
-        if (existing or stale) and not self._confirm_overwrite(existing, stale):
+        replaced: list[Path | str] = [file for file in (path, embeddings, summary) if file is not None and file.exists()]
+        deleted: list[Path | str] = list(stale)
+        if earlier_pictures:  # pictures of the cells as they were: replaced, or deleted
+            pictures = (f"the {len(earlier_pictures):,} pictures" if len(earlier_pictures) > 1 else "the picture") \
+                + f" in {galleries.name}"
+            (replaced if self.with_galleries.value else deleted).append(pictures)
+        if (replaced or deleted) and not self._confirm_overwrite(replaced, deleted):
             return None
         try:
             written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, summary_path=summary,
@@ -861,6 +877,7 @@ class CellMapWidget(JobWidget):
         if unclassified:
             with_summary += (f" (class shares left empty: {counted(unclassified, 'whole cell')} without a class "
                              "yet; train or apply a head)")
+        drawn, drawing = self._draw_galleries(galleries) if self.with_galleries.value else (set(), "")
         removed = ""
         for file in stale:
             try:
@@ -869,8 +886,31 @@ class CellMapWidget(JobWidget):
             except OSError as error:  # held open elsewhere (Windows): the new table is written all the same
                 removed += f"; the earlier export's {file.name} could not be removed ({error.strerror or error}) " \
                            "and does not match it"
-        self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}{removed}."
+        removed += remove_pictures([file for file in earlier_pictures if file not in drawn], "the earlier export's")
+        self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}{drawing}{removed}."
         return written
+
+    def _draw_galleries(self, folder: Path) -> tuple[set[Path], str]:
+        """Draw each mapped smear's class gallery into ``folder``: the pictures written, and what
+        to say of them. A picture that cannot be drawn costs only itself."""
+        files, drawn, missed = GalleryFiles(folder), set(), []
+        for cells in self.pool.layers:
+            smear, name = smear_under(self._viewer, cells), image_name(cells)
+            if smear is None:
+                missed.append(f"{name!r} (its image is closed)")
+                continue
+            path = files.path(name)
+            try:
+                if save_class_gallery(path, level_0(smear), np.asarray(cells.data), pd.DataFrame(cells.features),
+                                      self.class_list.classes, self.class_list.hex_colours,
+                                      contrast_limits=smear.contrast_limits):
+                    drawn.add(path)
+                else:
+                    missed.append(f"{name!r} (none of its whole cells has a class yet)")
+            except GalleryError as error:
+                missed.append(f"{name!r} ({error})")
+        said = f"; class pictures of {counted(len(drawn), 'smear')} in {folder.name}" if drawn else ""
+        return drawn, said + (f"; no picture of {', '.join(missed)}" if missed else "")
 
     def import_labels(self, path: str | Path) -> None:
         """Give the viewer's cells layers the manual labels of an exported cells CSV (yesterday's
@@ -899,7 +939,7 @@ class CellMapWidget(JobWidget):
                          "those smears)")
         self.status.value = "; ".join(parts) + "."
 
-    def _confirm_overwrite(self, paths: list[Path], removed: Sequence[Path] = ()) -> bool:
+    def _confirm_overwrite(self, paths: Sequence[Path | str], removed: Sequence[Path | str] = ()) -> bool:
         """Ask before replacing ``paths`` and deleting ``removed`` (an earlier export's files that
         would not match the new one); on No, say that all of them were kept."""
         replaced = f"{_names(paths)} {'exist' if len(paths) > 1 else 'exists'}" if paths else ""
@@ -940,8 +980,8 @@ class CellMapWidget(JobWidget):
             self.export_csv(path)
 
 
-def _names(paths: Sequence[Path]) -> str:
-    """``a.csv``, ``a.csv and b.npz``, ``a.csv, b.npz and c.csv``."""
-    names = [path.name for path in paths]
+def _names(paths: Sequence[Path | str]) -> str:
+    """``a.csv``, ``a.csv and b.npz``, ``a.csv, b.npz and c.csv`` (a string stands as it is)."""
+    names = [path if isinstance(path, str) else path.name for path in paths]
     return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
 
