@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import timm
-import torch
 from huggingface_hub import HfApi
 from huggingface_hub.errors import (
     HfHubHTTPError,

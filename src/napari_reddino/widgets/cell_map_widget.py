@@ -11,13 +11,12 @@ Everything a cell gets (``umap_x/y``, ``manual_label``, ``predicted_class``,
 hovering shows it and Export writes it.
 
 The smear colours live in one extra Labels layer per cells layer ("<cells> map colours",
-see :mod:`.smear_colours`).
+see :mod:`.smear_colours`); Export CSV and Import labels in :mod:`.map_export`.
 """
 
 import threading
 import time
 import weakref
-from collections.abc import Sequence
 from pathlib import Path
 
 import napari
@@ -48,7 +47,6 @@ from ..cell_classifier import (
     uncertainty_order,
 )
 from ..cell_embeddings import embeddings_of, repainted_since_embedded, stored_fingerprint
-from ..cell_export import export_cells_csv, galleries_folder, stale_beside, summary_path
 from ..cell_map import (
     UNLABELLED,
     PooledCells,
@@ -57,19 +55,17 @@ from ..cell_map import (
     emphasise,
     value_colours,
 )
-from ..cell_table import image_name
-from ..class_gallery import GalleryError, GalleryFiles, pictures_in, remove_pictures, save_class_gallery
-from ..label_import import import_manual_labels
 from ..smear_summary import summarise_smears
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
 from ..wording import counted
-from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading, level_0, smear_under
+from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
+from .map_export import MapExport
 from .segment_widget import CARRIED_TO
-from .smear_colours import SmearColours, is_map_colours
+from .smear_colours import SmearColours, cells_layers
 from .smear_keys import LABEL_KEYS, SmearKeys
 from .smear_table import SmearTable
 
@@ -132,13 +128,7 @@ def left_out(viewer) -> str:
                    and (newer := segmented_again_as(viewer, layer)))
 
 
-def cells_layers(viewer) -> list[Labels]:
-    """Every Labels layer with a cell table (not the map's colour layers), embedded or not."""
-    return [layer for layer in viewer.layers
-            if isinstance(layer, Labels) and not is_map_colours(layer) and "label" in layer.features]
-
-
-class CellMapWidget(JobWidget):
+class CellMapWidget(MapExport, JobWidget):
     """UMAP of the embedded cells, lasso and click selection, labelling, linear head, export."""
 
     _umap_epoch = Signal(int, int)  # (done, total) from the UMAP worker's thread
@@ -183,16 +173,7 @@ class CellMapWidget(JobWidget):
         self.colour_by.changed.connect(self.recolour)
         self.centre_on_click = CheckBox(text="Centre the map on a clicked cell", value=True)
         self.selection_count = Label(value="No map yet.")
-        self.with_embeddings = CheckBox(text="Also write the embeddings (.npz)", value=False)
-        self.with_summary = CheckBox(value=True)
-        self.with_summary.text = "Also write a summary per smear (_summary.csv)"  # the constructor drops "_"
-        self.with_summary.tooltip = ("Per smear: cells, diameter mean, SD and CV, central pallor, and the count "
-                                     "and % of each class (manual label, else prediction), without cut cells")
-        self.with_galleries = CheckBox(value=False)
-        self.with_galleries.text = "Also draw each smear's classes (_galleries)"
-        self.with_galleries.tooltip = (
-            "A picture per smear in a folder beside the table: a row per class (manual label, else prediction) "
-            "with its count, and up to 10 of its cells at random, as reddino-analyse --galleries draws them")
+        self._make_export_options()
         self._run_button.text = "Compute map"
 
         actions = {
@@ -838,124 +819,6 @@ class CellMapWidget(JobWidget):
         classifier.rename_classes(renames)
         return [f"its {old!r} is {new!r} now" for old, new in renames.items()]
 
-    def export_csv(self, path: str | Path) -> Path | None:
-        """Write one row per cell of the map's smears (to ``path``, ``.csv`` added unless it ends
-        so), and the files ticked beside it; asks before replacing an existing file or deleting an
-        earlier export's side files."""
-        if not self._map_is_current():
-            return None
-        if self.pool is None:
-            self._refuse("Compute the map first.", notify=show_info)
-            return None
-        path = Path(path)
-        if path.suffix.lower() != ".csv":  # "Smear 12.03.2024" too: its suffix is ".2024"
-            path = path.with_name(f"{path.name}.csv")
-        embeddings = path.with_suffix(".npz") if self.with_embeddings.value else None
-        summary = summary_path(path) if self.with_summary.value else None
-        galleries = galleries_folder(path)
-        earlier_pictures = pictures_in(galleries)
-        stale = stale_beside(path, with_embeddings=embeddings is not None, with_summary=summary is not None)
-        replaced: list[Path | str] = [file for file in (path, embeddings, summary) if file is not None and file.exists()]
-        deleted: list[Path | str] = list(stale)
-        if earlier_pictures:  # pictures of the cells as they were: replaced, or deleted
-            pictures = (f"the {len(earlier_pictures):,} pictures" if len(earlier_pictures) > 1 else "the picture") \
-                + f" in {galleries.name}"
-            (replaced if self.with_galleries.value else deleted).append(pictures)
-        if (replaced or deleted) and not self._confirm_overwrite(replaced, deleted):
-            return None
-        try:
-            written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, summary_path=summary,
-                                       classes=self.class_list.classes, overwrite=True)
-        except PartlyWrittenError as error:
-            self._refuse(f"Only partly written: {error}.")
-            return None
-        except (OSError, ValueError) as error:
-            self._refuse(f"Nothing was written: {error}")
-            return None
-        with_summary = f", one row per smear to {summary.name}" if summary else ""
-        unclassified = int(pd.read_csv(summary)["unclassified"].sum()) if summary else 0
-        if unclassified:
-            with_summary += (f" (class shares left empty: {counted(unclassified, 'whole cell')} without a class "
-                             "yet; train or apply a head)")
-        drawn, drawing = self._draw_galleries(galleries) if self.with_galleries.value else (set(), "")
-        removed = ""
-        for file in stale:
-            try:
-                file.unlink(missing_ok=True)
-                removed += f"; removed the earlier export's {file.name}"
-            except OSError as error:  # held open elsewhere (Windows): the new table is written all the same
-                removed += f"; the earlier export's {file.name} could not be removed ({error.strerror or error}) " \
-                           "and does not match it"
-        removed += remove_pictures([file for file in earlier_pictures if file not in drawn], "the earlier export's")
-        self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}{drawing}{removed}."
-        return written
-
-    def _draw_galleries(self, folder: Path) -> tuple[set[Path], str]:
-        """Draw each mapped smear's class gallery into ``folder``: the pictures written, and what
-        to say of them. A picture that cannot be drawn costs only itself."""
-        files, drawn, missed = GalleryFiles(folder), set(), []
-        for cells in self.pool.layers:
-            smear, name = smear_under(self._viewer, cells), image_name(cells)
-            if smear is None:
-                missed.append(f"{name!r} (its image is closed)")
-                continue
-            path = files.path(name)
-            try:
-                if save_class_gallery(path, level_0(smear), np.asarray(cells.data), pd.DataFrame(cells.features),
-                                      self.class_list.classes, self.class_list.hex_colours,
-                                      contrast_limits=smear.contrast_limits):
-                    drawn.add(path)
-                else:
-                    missed.append(f"{name!r} (none of its whole cells has a class yet)")
-            except GalleryError as error:
-                missed.append(f"{name!r} ({error})")
-        said = f"; class pictures of {counted(len(drawn), 'smear')} in {folder.name}" if drawn else ""
-        return drawn, said + (f"; no picture of {', '.join(missed)}" if missed else "")
-
-    def import_labels(self, path: str | Path) -> None:
-        """Give the viewer's cells layers the manual labels of an exported cells CSV (yesterday's
-        work, a colleague's), where they are the same cells; a newer label of a cell is kept."""
-        layers = cells_layers(self._viewer)
-        try:
-            report = import_manual_labels(path, layers)
-        except (OSError, ValueError) as error:  # LabelImportError is a ValueError
-            self._refuse(f"No labels were imported: {error}")
-            return
-        for name in report.classes:
-            self.class_list.add_class(name)
-        self.recolour()
-        parts = [f"{counted(sum(report.written.values()), 'label')} imported from {Path(path).name} "
-                 f"onto {', '.join(map(repr, report.written))}"]
-        if report.already:
-            parts.append(f"{counted(report.already, 'cell')} had them already")
-        if report.kept:
-            parts.append(f"{counted(report.kept, 'cell')} labelled otherwise since the export kept that label")
-        if report.missed:
-            missed = " and ".join(f"{counted(count, 'labelled cell')} from {name!r}" for name, count in report.missed.items())
-            parts.append(f"{missed} not imported: no cell is at {'its' if sum(report.missed.values()) == 1 else 'their'} "
-                         "place now (segmented with other settings, or edited since the export)")
-        if report.unmatched:
-            parts.append(f"not imported: the cells from {', '.join(map(repr, report.unmatched))} (open and segment "
-                         "those smears)")
-        self.status.value = "; ".join(parts) + "."
-
-    def _confirm_overwrite(self, paths: Sequence[Path | str], removed: Sequence[Path | str] = ()) -> bool:
-        """Ask before replacing ``paths`` and deleting ``removed`` (an earlier export's files that
-        would not match the new one); on No, say that all of them were kept."""
-        replaced = f"{_names(paths)} {'exist' if len(paths) > 1 else 'exists'}" if paths else ""
-        if removed:
-            question = ((f"{replaced} and will be replaced; " if replaced else "")
-                        + f"{_names(removed)}, from an earlier export, would not match the new table and will be "
-                        "deleted. Go on?")
-        else:
-            question = f"{replaced}. Replace?"
-        if QMessageBox.question(self, "Replace?", question) != QMessageBox.StandardButton.Yes:
-            kept = [*paths, *removed]
-            self.status.value = (f"Nothing was written: {_names(kept)} kept as "
-                                 f"{'they were' if len(kept) > 1 else 'it was'}.")
-            return False
-        return True
-
     def _save_head_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save head", "head.safetensors", "Heads (*.safetensors)",
                                               options=QFileDialog.Option.DontConfirmOverwrite)
@@ -966,22 +829,3 @@ class CellMapWidget(JobWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Apply saved head", "", "Heads (*.safetensors)")
         if path:
             self.apply_head(path)
-
-    def _import_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Import labels from an exported CSV", "", "CSV (*.csv)")
-        if path:
-            self.import_labels(path)
-
-    def _export_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export cells", "cells.csv", "CSV (*.csv)", options=QFileDialog.Option.DontConfirmOverwrite
-        )
-        if path:
-            self.export_csv(path)
-
-
-def _names(paths: Sequence[Path | str]) -> str:
-    """``a.csv``, ``a.csv and b.npz``, ``a.csv, b.npz and c.csv`` (a string stands as it is)."""
-    names = [path if isinstance(path, str) else path.name for path in paths]
-    return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
-

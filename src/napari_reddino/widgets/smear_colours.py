@@ -102,3 +102,9 @@ def _is_smear_layer(layer) -> bool:
     """A smear's image, cells or map colours (not, say, a user's points or shapes)."""
     return isinstance(layer, Image) or (isinstance(layer, Labels) and (
         is_map_colours(layer) or "label" in layer.features))
+
+
+def cells_layers(viewer) -> list[Labels]:
+    """Every Labels layer with a cell table (not the map's colour layers), embedded or not."""
+    return [layer for layer in viewer.layers
+            if isinstance(layer, Labels) and not is_map_colours(layer) and "label" in layer.features]
