@@ -25,6 +25,7 @@ def counted_layer(name: str = "A cells") -> SimpleNamespace:
         "equivalent_diameter_px": [30.0, 35.0, 40.0, 45.0, 50.0, 20.0],
         "equivalent_diameter_um": [6.0, 7.0, 8.0, 9.0, 10.0, 4.0],
         "central_pallor": [0.1, 0.2, 0.3, 0.4, 0.5, -1.0],
+        "outline_shared": [0.0, 0.05, 0.1, 0.3, 0.0, 0.9],
         "touches_border": [False, False, False, False, False, True],
         "manual_label": ["spherocyte", "", "", "", "", "spherocyte"],
         "predicted_class": ["normal", "normal", "spherocyte", "target cell", "", "normal"],
@@ -42,6 +43,7 @@ def test_a_hand_counted_smear():
     assert row["diameter_sd_um"] == pytest.approx(np.sqrt(2.5))  # sample SD of 6..10
     assert row["diameter_cv_pct"] == pytest.approx(100 * np.sqrt(2.5) / 8)
     assert row["central_pallor_median"] == pytest.approx(0.3)
+    assert row["overlapping_pct"] == pytest.approx(40.0)  # cells 3 and 4: a tenth of their outline or more
     # the manual label wins over the prediction; cell 6 touches the border
     assert (row["labelled"], row["classified"], row["unclassified"]) == (1, 5, 0)
     assert (row["n_normal"], row["n_spherocyte"], row["n_schistocyte"], row["n_target cell"]) == (2, 2, 0, 1)
@@ -77,6 +79,7 @@ def test_cells_without_a_pixel_size_labels_or_whole_cells_give_empty_values_not_
     [row] = summarise_smears(SimpleNamespace(name="edge", features=edge, metadata={})).to_dict("records")
     assert (row["cells"], row["whole_cells"]) == (6, 0)
     assert np.isnan(row["diameter_mean_px"]) and np.isnan(row["diameter_cv_pct"]) and np.isnan(row["central_pallor_median"])
+    assert np.isnan(row["overlapping_pct"])
 
 
 def test_a_real_smear_has_red_cells_of_a_red_cells_size():
@@ -87,6 +90,7 @@ def test_a_real_smear_has_red_cells_of_a_red_cells_size():
                      fingerprint="f")
     [row] = summarise_smears(layer).to_dict("records")
     assert row["whole_cells"] == int((~table["touches_border"]).sum()) > 20
+    assert 5 < row["overlapping_pct"] < 50  # a thin part of the smear: most cells stand free
     assert 6.0 < row["diameter_mean_um"] < 9.0  # a red cell is 6-8 µm across (Chula is 0.2 µm/px)
     assert 3 < row["diameter_cv_pct"] < 30
     assert row["model_id"] == "reddino-small"

@@ -30,6 +30,7 @@ def test_shares_appear_once_every_whole_cell_has_a_class(qtbot):
     qtbot.addWidget(table)
     table.show_summary(summarise_smears(layer, classes=["normal", "spherocyte", "schistocyte"]))
     assert table.text("with a class", 0) == "4 of 5"
+    assert table.text("overlapping", 0) == "40 %"  # two of the five whole cells
     assert table.text("spherocyte", 0) == "2"  # a manual label and a prediction; no share yet
     assert table.text("schistocyte", 0) == ""  # no cell has it: no row
     layer.features.loc[4, "predicted_class"] = "normal"

@@ -24,8 +24,8 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
     Columns: ``label`` and ``index`` (the label id, which napari uses to find a cell's row),
     centroid and bounding box (pixels; max corner exclusive), area, perimeter, equivalent
     diameter, major and minor axis, eccentricity, circularity (4 pi area / perimeter^2, 1 for a
-    disc), solidity, mean colour (``mean_red/green/blue`` or ``mean_gray``), ``central_pallor``
-    and ``touches_border`` (cut by the image's border or the edge of the field). With
+    disc), solidity, mean colour (``mean_red/green/blue`` or ``mean_gray``), ``central_pallor``,
+    ``outline_shared`` and ``touches_border`` (cut by the image's border or the edge of the field). With
     ``pixel_size_um`` the lengths and the area are given in µm too.
     """
     image = check_smear(image)
@@ -41,6 +41,7 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
         table[name] = ndi.mean(plane, labels, ids) if ids.size else []
     stain = fit_stain_model(image)
     table["central_pallor"] = central_pallor(labels, stain.density(image), ids)
+    table["outline_shared"] = outline_shared(labels, ids)
     boxes = table[["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].to_numpy()
     table["touches_border"] = cut_by_field_edge(labels, ids, boxes, stain.outside_field(image))
     if pixel_size_um is not None:
@@ -63,6 +64,21 @@ def cut_by_field_edge(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray, ou
         return cut
     beside = ndi.binary_dilation(outside) & (labels > 0)
     return cut | np.isin(ids, labels[beside])
+
+
+def outline_shared(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per cell ``ids``: the share of its outline that borders another cell, counted in pixel
+    edges (the image's border is no outline). 0 for a cell standing free; a cell that overlaps
+    a neighbour was split from it along a chord, a share of 0.1-0.5: its outline there is the
+    cut, not the cell's, so its shape and size say less about it."""
+    count = int(labels.max()) + 1 if labels.size else 1
+    outline, shared = np.zeros(count), np.zeros(count)
+    for after, before in ((labels[1:], labels[:-1]), (labels[:, 1:], labels[:, :-1])):
+        differ = after != before
+        for mine, theirs in ((after[differ], before[differ]), (before[differ], after[differ])):
+            outline += np.bincount(mine, minlength=count)
+            shared += np.bincount(mine, weights=theirs > 0, minlength=count)
+    return np.divide(shared[ids], outline[ids], out=np.zeros(len(ids)), where=outline[ids] > 0)
 
 
 def central_pallor(labels: np.ndarray, density: np.ndarray, ids: np.ndarray) -> np.ndarray:

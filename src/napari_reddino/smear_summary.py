@@ -13,7 +13,10 @@ Columns: ``layer``, ``image`` (two layers of one smear give two rows), ``cells``
 a pixel size), ``diameter_mean_px``, ``diameter_sd_px``, ``diameter_cv_pct`` (the spread of the
 area-equivalent diameter, a measure of anisocytosis; not the analyser's RDW, a spread of
 volumes), ``central_pallor_median`` (the unitless index of ``measure_cells``: 1 - centre /
-rim density), ``labelled`` (manual labels), ``classified``, ``unclassified``, then
+rim density), ``overlapping_pct`` (the share of whole cells with at least
+:data:`OVERLAPPING_OUTLINE` of their outline against another cell: overlapping cells, split
+along a chord, whose shape says less; a crowded field has many), ``labelled`` (manual labels),
+``classified``, ``unclassified``, then
 ``n_<class>`` and ``pct_<class>`` for every class, and ``model_id``. No Qt, no napari: a layer
 is anything with ``name``, ``features`` and ``metadata``.
 """
@@ -26,6 +29,11 @@ import numpy as np
 import pandas as pd
 
 from .cell_table import as_layers, cells_table, image_name
+
+# A cell that only touches another shares a few % of its outline; one overlapping a neighbour
+# is cut from it along a chord. Over the whole cells of 36 Chula smears, outline_shared was 0
+# for 58 %, below 0.1 for 8 %, and 0.1-0.5 for 32 % (most at 0.2-0.3).
+OVERLAPPING_OUTLINE = 0.1
 
 
 def summarise_smears(cells, classes: Sequence[str] | None = None) -> pd.DataFrame:
@@ -72,6 +80,8 @@ def _summary_row(layer, table: pd.DataFrame, whole: pd.DataFrame, names: np.ndar
     row["diameter_cv_pct"] = 100 * row["diameter_sd_px"] / row["diameter_mean_px"]
     pallor = _column(whole, "central_pallor")
     row["central_pallor_median"] = float(np.median(pallor)) if len(pallor) else np.nan
+    shared = _column(whole, "outline_shared")
+    row["overlapping_pct"] = 100 * float((shared >= OVERLAPPING_OUTLINE).mean()) if len(shared) else np.nan
     row["labelled"] = int((class_names(whole, "manual_label") != "").sum())
     classified = int((names != "").sum())
     row["classified"], row["unclassified"] = classified, len(whole) - classified

@@ -72,7 +72,7 @@ from .smear_table import SmearTable
 MANUAL, PREDICTED = "manual label", "predicted class"
 SMEAR_FILL_ALPHA = 0.55  # class colours over the smear stay see-through
 MIN_WIDTH, CLASS_TABLE_MIN_HEIGHT = 420, 260  # px: room for the map and seven classes at once
-SMEAR_TABLE_MIN_HEIGHT = 280  # px: the five measures and three classes
+SMEAR_TABLE_MIN_HEIGHT = 300  # px: the six measures and three classes
 SMEAR_TABLE_DELAY_MS = 250
 GALLERY_NAME = "Selected cells"
 MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size

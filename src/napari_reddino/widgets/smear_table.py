@@ -1,6 +1,6 @@
 """The Cell map's per-smear summary at a glance: one column per smear, one row per number a
-smear report gives (whole cells, diameter, its CV, pallor, then the count and share of each
-class), from :func:`~napari_reddino.smear_summary.summarise_smears`, as the export writes it."""
+smear report gives (whole cells, diameter, its CV, pallor, the share of overlapping cells,
+then the count and share of each class), from :func:`~napari_reddino.smear_summary.summarise_smears`, as the export writes it."""
 
 import numpy as np
 import pandas as pd
@@ -15,8 +15,9 @@ class SmearTable(QTableWidget):
         super().__init__(0, 0)
         self.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.setToolTip("Per smear, without the cells cut by the image border. A class's share "
-                        "appears once every whole cell has a class (train or apply a head).")
+        self.setToolTip("Per smear, without the cells cut by the image border. Overlapping: cells with a tenth "
+                        "or more of their outline against another cell (a crowded field has many; read a thinner "
+                        "part). A class's share appears once every whole cell has a class (train or apply a head).")
 
     def show_summary(self, summary: pd.DataFrame) -> None:
         """Show ``summary`` (as :func:`summarise_smears` gives it); classes that no cell of any
@@ -53,6 +54,7 @@ def _rows(summary: pd.DataFrame, classes: list[str]) -> list[tuple[str, list[str
         _diameter_row(summary),
         ("diameter CV", [_number(cv, "{:.1f} %") for cv in summary["diameter_cv_pct"]]),
         ("central pallor", [_number(value, "{:.2f}") for value in summary["central_pallor_median"]]),
+        ("overlapping", [_number(value, "{:.0f} %") for value in summary["overlapping_pct"]]),
         ("with a class", [f"{done:,} of {whole:,}" for done, whole in zip(summary["classified"], summary["whole_cells"])]),
     ]
     for name in classes:
