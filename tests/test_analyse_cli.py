@@ -200,7 +200,11 @@ def test_galleries_are_written_per_smear_and_replace_an_earlier_run_s(smears, tm
     # A run without galleries takes the earlier ones away: they show cells its table no longer holds.
     assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 0
     assert "removed the earlier run's 1 picture" in capsys.readouterr().out
-    assert list((out / "galleries").iterdir()) == []
+    assert not (out / "galleries").exists()  # emptied, so gone
+
+    (out / "galleries").write_text("not a folder")
+    assert main([*argv, "--overwrite"]) == 2
+    assert "galleries is a file, where the pictures would go; move it, or choose another --out" in capsys.readouterr().err
 
     assert main([str(smears), "--out", str(tmp_path / "x"), "--measure-only", "--galleries"]) == 2
     assert "--galleries shows the cells of each class a head predicts: give --head PATH too" in capsys.readouterr().err

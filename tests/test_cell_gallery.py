@@ -10,7 +10,7 @@ from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QImage
 from qtpy.QtWidgets import QMessageBox
-from skimage.io import imread
+from skimage.io import imread, imsave
 from test_cell_map_widget import ASLAN_1, CHULA_1, compute_map, embed, viewer  # noqa: F401  (fixture)
 
 from napari_reddino import measure_cells, segment_cells
@@ -70,6 +70,10 @@ def test_a_thumbnail_at_the_border_is_black_beyond_the_smear_and_grey_without_on
     halved = cell_thumbnail(smear, labels, 7, corner, size=15)  # each pixel the mean of a 2 x 2 block
     np.testing.assert_allclose(halved[3:11, 3:11], smear[1:17, 1:17, :3].reshape(8, 2, 8, 2, 3).mean(axis=(1, 3)),
                                atol=0.51)
+    unoutlined = cell_thumbnail(smear, labels, 8, corner, size=15)  # no cell 8: no outline over the edge
+    assert (unoutlined[:2] == 0).all() and (unoutlined[:, :2] == 0).all()  # wholly beyond the smear
+    # half beyond it (rows -1 and 0): half as bright as the smear's first row, fading to black
+    np.testing.assert_allclose(unoutlined[2, 3:11], smear[0, 1:17, :3].reshape(8, 2, 3).mean(axis=1) / 2, atol=0.51)
     mask_only = cell_thumbnail(None, labels, 7, corner, size=30)
     assert mask_only[15, 15].tolist() == [160, 160, 160] and mask_only[27, 27].tolist() == [40, 40, 40]
 
@@ -85,10 +89,18 @@ def test_a_thumbnail_of_a_wide_window_is_the_smear_averaged_not_sampled():
     # land on the same phase of them each time and show a flat 0 or 255, not their mean.
     stripes = np.zeros((300, 300), dtype=np.uint8)
     stripes[:, ::3] = 255
-    for side in (90, 105):  # 3 and 3.5 smear pixels a thumbnail pixel
-        shown = cell_thumbnail(stripes, no_cell[:300, :300], 1, (30, 30, 30 + side, 30 + side), size=30)
-        np.testing.assert_allclose(shown.mean(), 85, atol=2)
-        assert shown.std() < 20
+    shown = cell_thumbnail(stripes, no_cell[:300, :300], 1, (30, 30, 120, 120), size=30)
+    np.testing.assert_allclose(shown, 85, atol=0.51)
+    # Every fifth pixel lit, 3.5 smear pixels a thumbnail pixel: each thumbnail pixel should show
+    # the lit share of its 3.5 px (0 to 1/3.5 of 255). Sampled, the mean error was 47 levels.
+    stripes = np.zeros((300, 300), dtype=np.uint8)
+    stripes[:, ::5] = 255
+    shown = cell_thumbnail(stripes, no_cell[:300, :300], 1, (30, 30, 135, 135), size=30)[..., 0].astype(float)
+    edges = 30 + 3.5 * np.arange(31)
+    lit_before = np.concatenate([[0], np.cumsum(np.arange(300) % 5 == 0)])  # lit pixels left of each edge
+    lit_up_to = lit_before[edges.astype(int)] + (edges.astype(int) % 5 == 0) * (edges % 1)
+    area_mean = np.diff(lit_up_to) / 3.5 * 255
+    assert abs(shown.mean() - 51) < 3 and np.abs(shown - area_mean).mean() < 30
 
 
 def test_display_scales_by_the_contrast_limits_as_napari_draws():
@@ -236,7 +248,7 @@ def test_export_draws_each_smear_s_classes_beside_the_table(viewer, qtbot, tiny_
     widget.assign("spherocyte")
     widget.with_galleries.value = True
     csv = widget.export_csv(tmp_path / "cells")
-    assert widget.status.value.endswith("; class pictures of 1 smear in cells_galleries; no picture of 'image-1' "
+    assert widget.status.value.endswith("; 1 class picture in cells_galleries; no picture of 'image-1' "
                                         "(none of its whole cells has a class yet).")
     # The smear as it is shown, its classes in the list's order and colours.
     drawn = imread(tmp_path / "cells_galleries" / "1.png")[..., :3]
@@ -249,12 +261,35 @@ def test_export_draws_each_smear_s_classes_beside_the_table(viewer, qtbot, tiny_
     first = drawn[GAP_PX:GAP_PX + THUMBNAIL_PX, -ROW_CELLS * (THUMBNAIL_PX + GAP_PX):]
     assert (first == normal).all(axis=-1).sum() > 10 * 30  # ten cells outlined in the colour of "normal"
 
-    # An export without pictures takes the earlier ones away (they show cells as they were), once asked.
-    asked = []
-    monkeypatch.setattr(QMessageBox, "question", lambda _, title, text: asked.append(text) or QMessageBox.StandardButton.Yes)
+    # Exported again, the folder is drawn anew, once asked; No keeps everything.
+    answer, asked = QMessageBox.StandardButton.No, []
+    monkeypatch.setattr(QMessageBox, "question", lambda _, title, text: asked.append(text) or answer)
+    before = (tmp_path / "cells_galleries" / "1.png").stat().st_mtime_ns
+    assert widget.export_csv(csv) is None
+    assert asked.pop() == "cells.csv, cells_summary.csv and cells_galleries (1 picture, drawn anew) exist. Replace?"
+    assert (tmp_path / "cells_galleries" / "1.png").stat().st_mtime_ns == before
+    # With its smear closed, a smear's picture is not drawn again, and the old one goes: it would not match.
+    answer = QMessageBox.StandardButton.Yes
+    viewer.layers.remove(smear)
+    assert widget.export_csv(csv) == csv
+    assert widget.status.value.endswith("; no picture of '1' (its image is closed), 'image-1' (none of its whole "
+                                        "cells has a class yet); removed the earlier export's 1 picture.")
+    assert not (tmp_path / "cells_galleries").exists()
+
+    # An export without pictures takes an earlier export's away, once asked.
+    (tmp_path / "cells_galleries").mkdir()
+    imsave(tmp_path / "cells_galleries" / "1.png", drawn, check_contrast=False)
     widget.with_galleries.value = False
     assert widget.export_csv(csv) == csv
-    assert asked == ["cells.csv and cells_summary.csv exist and will be replaced; the picture in cells_galleries, "
-                     "from an earlier export, would not match the new table and will be deleted. Go on?"]
+    assert asked.pop() == ("cells.csv and cells_summary.csv exist and will be replaced; cells_galleries (1 picture), "
+                           "from an earlier export, would not match the new table and will be deleted. Go on?")
     assert widget.status.value.endswith("; removed the earlier export's 1 picture.")
     assert pictures_in(tmp_path / "cells_galleries") == []
+
+    # A file where the pictures would go: refused before anything is written.
+    (tmp_path / "cells_galleries").write_text("notes")
+    widget.with_galleries.value = True
+    before = csv.stat().st_mtime_ns
+    assert widget.export_csv(csv) is None and csv.stat().st_mtime_ns == before
+    assert widget.status.value == ("Nothing was written: cells_galleries is a file, where the pictures would go; "
+                                   "move it, or untick Also draw each smear's classes.")

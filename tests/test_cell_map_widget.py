@@ -523,7 +523,7 @@ def test_the_map_panel_can_be_closed_but_not_floated_or_dragged_out(viewer, qtbo
     assert widget.selection_count.value.startswith("3 ")
 
 
-def test_a_smear_mapped_twice_is_named_in_the_status(viewer, qtbot, tiny_folder):  # noqa: F811
+def test_a_smear_mapped_twice_is_named_in_the_status_and_drawn_twice(viewer, qtbot, tiny_folder, tmp_path):  # noqa: F811
     cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
     again = viewer.add_labels(cells.data.copy(), name=f"{cells.name} again", features=cells.features.copy(),
                               metadata=dict(cells.metadata))  # segmented again, beside the labelled layer
@@ -533,6 +533,11 @@ def test_a_smear_mapped_twice_is_named_in_the_status(viewer, qtbot, tiny_folder)
     assert widget.status.value.endswith(
         f" The smear '1' is mapped twice ({cells.name!r} and {again.name!r}): its cells count twice in the map, "
         "the head and the export; remove the layer you do not need.")
+    widget.select(np.arange(len(widget.pool)) % 3 == 0)
+    widget.assign("normal")
+    widget.with_galleries.value = True
+    widget.export_csv(tmp_path / "cells.csv")  # a picture per layer: neither replaces the other
+    assert sorted(path.name for path in (tmp_path / "cells_galleries").iterdir()) == ["1 cells again.png", "1 cells.png"]
     viewer.layers.remove(again)
     compute_map(widget, qtbot)
     assert widget.status.value.startswith("Map of ") and "twice" not in widget.status.value

@@ -97,6 +97,8 @@ def _analyse(args: argparse.Namespace) -> int:
     targets = [file for file in (table, summary_path(table), embeddings) if file is not None]
     stale = stale_beside(table, with_embeddings=args.with_embeddings, with_summary=True)
     galleries = out / GALLERIES
+    if args.galleries and galleries.exists() and not galleries.is_dir():
+        raise _Refused(f"{galleries} is a file, where the pictures would go; move it, or choose another --out.")
     old_galleries = pictures_in(galleries)
     existing = [str(file) for file in (*targets, *stale) if file.exists()]
     existing += [f"{galleries} (with {counted(len(old_galleries), 'picture')})"] * bool(old_galleries)

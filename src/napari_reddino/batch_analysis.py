@@ -19,8 +19,8 @@ import pandas as pd
 from skimage.io import imread
 
 from .cell_classifier import prediction_table
-from .class_gallery import GalleryError, GalleryFiles, save_class_gallery
 from .cell_embeddings import METADATA_KEY, EmbeddedCells, fingerprint, labels_digest, store_run
+from .class_gallery import GalleryError, GalleryFiles, save_class_gallery
 from .measurements import measure_cells
 from .segmentation import segment_cells
 from .steps import Progress, run_steps

@@ -64,10 +64,10 @@ def _resampled(image: np.ndarray, top: float, left: float, side: float, size: in
     if top_row >= end_row or left_col >= end_col:  # the window lies beyond the smear
         return np.zeros((size, size, *image.shape[2:]), dtype=np.float32)
     under = np.asarray(image[max(top_row, 0):end_row, max(left_col, 0):end_col])
-    if factor > 1:  # a block the smear's edge cuts is filled out with its edge pixels
+    if factor > 1:  # a block the smear's edge cuts is filled out with black, as beyond the smear
         overhang = [(max(0, -top_row), max(0, end_row - height)), (max(0, -left_col), max(0, end_col - width))]
         if any(map(any, overhang)):
-            under = np.pad(under, overhang + [(0, 0)] * (under.ndim - 2), mode="edge")
+            under = np.pad(under, overhang + [(0, 0)] * (under.ndim - 2))
         under = _block_means(under, factor)
     else:
         under = under.astype(np.float32)

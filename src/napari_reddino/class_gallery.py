@@ -134,19 +134,25 @@ def gallery_file_name(smear: str) -> str:
 
 
 def pictures_in(folder: str | os.PathLike) -> list[Path]:
-    """The PNG files in ``folder`` and below it (none if it does not exist)."""
+    """The PNG files in ``folder`` (none if it does not exist; subfolders are not ours)."""
     folder = Path(folder)
-    return sorted(path for path in folder.rglob("*.png") if path.is_file()) if folder.is_dir() else []
+    return sorted(path for path in folder.glob("*.png") if path.is_file()) if folder.is_dir() else []
 
 
 def remove_pictures(pictures: Sequence[Path], whose: str) -> str:
-    """Remove ``pictures`` (``whose``: "the earlier run's") and say so, for a status line after "; "."""
+    """Remove ``pictures`` (``whose``: "the earlier run's"), and their folder if that leaves it
+    empty, and say so, for a status line after "; "."""
     kept = []
     for picture in pictures:
         try:
             picture.unlink()
         except OSError:
             kept.append(picture)
+    for folder in {picture.parent for picture in pictures}:
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
     removed = len(pictures) - len(kept)
     said = f"; removed {whose} {counted(removed, 'picture')}" if removed else ""
     return said + (f"; could not remove {', '.join(map(str, kept))}" if kept else "")

@@ -56,14 +56,20 @@ class MapExport:
         embeddings = path.with_suffix(".npz") if self.with_embeddings.value else None
         summary = summary_path(path) if self.with_summary.value else None
         galleries = galleries_folder(path)
+        if self.with_galleries.value and galleries.exists() and not galleries.is_dir():
+            self._refuse(f"Nothing was written: {galleries.name} is a file, where the pictures would go; move it, or "
+                         "untick Also draw each smear's classes.")
+            return None
         earlier_pictures = pictures_in(galleries)
         stale = stale_beside(path, with_embeddings=embeddings is not None, with_summary=summary is not None)
         replaced: list[Path | str] = [file for file in (path, embeddings, summary) if file is not None and file.exists()]
         deleted: list[Path | str] = list(stale)
-        if earlier_pictures:  # pictures of the cells as they were: replaced, or deleted
-            pictures = (f"the {len(earlier_pictures):,} pictures" if len(earlier_pictures) > 1 else "the picture") \
-                + f" in {galleries.name}"
-            (replaced if self.with_galleries.value else deleted).append(pictures)
+        if earlier_pictures:  # pictures of the cells as they were: the folder is drawn anew, or emptied
+            pictures = f"{galleries.name} ({counted(len(earlier_pictures), 'picture')}"
+            if self.with_galleries.value:
+                replaced.append(f"{pictures}, drawn anew)")
+            else:
+                deleted.append(f"{pictures})")
         if (replaced or deleted) and not self._confirm_overwrite(replaced, deleted):
             return None
         try:
@@ -97,8 +103,10 @@ class MapExport:
         """Draw each mapped smear's class gallery into ``folder``: the pictures written, and what
         to say of them. A picture that cannot be drawn costs only itself."""
         files, drawn, missed = GalleryFiles(folder), set(), []
-        for cells in self.pool.layers:
-            smear, name = smear_under(self._viewer, cells), image_name(cells)
+        smears = [image_name(cells) for cells in self.pool.layers]
+        for cells, smear_name in zip(self.pool.layers, smears):
+            smear = smear_under(self._viewer, cells)
+            name = smear_name if smears.count(smear_name) == 1 else cells.name  # mapped twice: a picture each
             if smear is None:
                 missed.append(f"{name!r} (its image is closed)")
                 continue
@@ -112,7 +120,7 @@ class MapExport:
                     missed.append(f"{name!r} (none of its whole cells has a class yet)")
             except GalleryError as error:
                 missed.append(f"{name!r} ({error})")
-        said = f"; class pictures of {counted(len(drawn), 'smear')} in {folder.name}" if drawn else ""
+        said = f"; {counted(len(drawn), 'class picture')} in {folder.name}" if drawn else ""
         return drawn, said + (f"; no picture of {', '.join(missed)}" if missed else "")
 
     def import_labels(self, path: str | Path) -> None:
