@@ -105,11 +105,6 @@ class Extractor(Protocol):
         """(len(images), dim) features of single-cell images."""
 
 
-def only_cells(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """``labels`` with every cell but ``ids`` set to background."""
-    return np.where(np.isin(labels, ids), labels, 0)
-
-
 class EmbeddingFeatures:
     """A model's CLS embeddings, as the plugin computes them (its crop mode, scale and margin):
     only the annotated cells go through the model, their crops cut as among all cells."""
@@ -147,6 +142,8 @@ class MeasurementFeatures:
     mean colour and central pallor (in pixels and pixel values), without positions, ids or
     flags."""
 
+    VERSION = 2  # part of the feature cache's key; 2: with outline_shared, measured among all cells
+
     @staticmethod
     def is_feature(column: str) -> bool:
         excluded = column in ("label", "index", "touches_border") or column.startswith(("centroid_", "bbox_"))
@@ -155,7 +152,8 @@ class MeasurementFeatures:
     def cells(self, image: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
         from napari_reddino import measure_cells
 
-        table = measure_cells(only_cells(labels, ids), image).set_index("label", drop=False).loc[ids]
+        # among all the smear's cells: a cell's outline_shared depends on its neighbours, annotated or not
+        table = measure_cells(labels, image).set_index("label", drop=False).loc[ids]
         return table[[c for c in table.columns if self.is_feature(c)]].to_numpy(np.float32)
 
     def crops(self, images: Sequence[np.ndarray]) -> np.ndarray:

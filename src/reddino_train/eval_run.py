@@ -222,7 +222,7 @@ def _cache_keys(request: EvalRequest, data_format: Format) -> dict[str, str]:
     return {
         "cls": f"cls|{model}|{data}",
         "random-init": f"random-init|{model}|seed {request.seed}|{data}",
-        "measurements": f"measurements|{data}",
+        "measurements": f"measurements|v{MeasurementFeatures.VERSION}|{data}",
     }
 
 
