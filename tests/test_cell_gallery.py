@@ -149,6 +149,11 @@ def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, 
     assert np.abs(icon_pixels(gallery.grid.item(0)).astype(int) - expected).max() <= 8
     assert np.abs(icon_pixels(gallery.grid.item(1)).astype(int) - expected).mean() > 8  # another cell
     assert gallery.grid.item(0).text() == "no class"
+    # A cell cut from an overlapping neighbour says so when hovered.
+    overlapping = table.loc[widget.pool.label_ids[chosen], "outline_shared"].to_numpy() >= 0.1
+    assert 0 < overlapping.sum() < len(chosen)
+    assert [("overlaps a neighbour" in gallery.grid.item(row).toolTip()) for row in range(len(chosen))] == \
+        overlapping.tolist()
 
     # A number key in the gallery labels the whole selection; the captions follow.
     window = viewer.window._qt_window

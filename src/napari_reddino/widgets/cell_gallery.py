@@ -33,6 +33,7 @@ from ..cell_map import UNLABELLED, PooledCells
 from ..cell_table import image_name
 from ..cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
 from ..crop_windows import square_windows
+from ..smear_summary import OVERLAPPING_OUTLINE
 from ..wording import counted
 
 POINT_ROLE = Qt.ItemDataRole.UserRole
@@ -143,6 +144,7 @@ class GalleryThumbnails:
         self._windows = np.concatenate(  # each smear's cells sized among themselves, as the model's crops
             [square_windows(boxes[pool.span(position)]) for position in range(len(pool.layers))]).reshape(-1, 4)
         self._diameters = pool.column("equivalent_diameter_px")
+        self._outline_shared = pool.column("outline_shared")
         self._sample_order = np.random.default_rng(0).permutation(len(pool))  # one per map: see shown
         self._made: dict[tuple, np.ndarray] = {}
 
@@ -172,7 +174,7 @@ class GalleryThumbnails:
                 name, caption, kind = UNLABELLED, "no class", "no class yet"
             outline = tuple(np.round(palette[name][:3] * 255).astype(int)) if name in palette else NO_CLASS_OUTLINE
             tooltip = (f"{pool.layers[position].name}, cell {label}\n{kind}: {caption}\n"
-                       f"diameter {self._diameters[point]:.1f} px")
+                       f"diameter {self._diameters[point]:.1f} px{_overlap(self._outline_shared[point])}")
             image, contrast_limits = looks[position]
             key = (point, outline, id(image), contrast_limits)  # a reopened image or new contrast: cut anew
             made[key] = self._made.get(key)
@@ -189,6 +191,13 @@ class GalleryThumbnails:
         """The smear under ``cells`` and its contrast limits, as napari draws it now."""
         image = smear_under(self._viewer, cells)
         return image, (0.0, 1.0) if image is None else tuple(map(float, image.contrast_limits))
+
+
+def _overlap(shared: float) -> str:
+    """For a cell's tooltip: whether it overlaps a neighbour (see ``smear_summary.OVERLAPPING_OUTLINE``)."""
+    if not shared >= OVERLAPPING_OUTLINE:  # NaN too: measured before outline_shared existed
+        return ""
+    return f"\noverlaps a neighbour ({shared:.0%} of its outline): its shape there is the cut's"
 
 
 def smear_under(viewer, cells) -> Image | None:
