@@ -139,6 +139,12 @@ def test_default_measurements_are_the_scale_free_ones_the_table_allows(smear_tab
     colour_head = CellClassifier().fit(noise, labels, measurements=smear_table)
     with pytest.raises(ValueError, match="red_fraction, blue_fraction, which some of these cells lack"):
         colour_head.predict_proba(noise, measurements=gray)
+    # Cells measured before outline_shared existed: a new head goes without it, a head with it says why not.
+    older = smear_table.drop(columns="outline_shared")
+    pooled = pd.concat([smear_table, older], ignore_index=True)
+    assert available_measurements(pooled) == [c for c in DEFAULT_MEASUREMENTS if c != "outline_shared"]
+    with pytest.raises(ValueError, match=r"outline_shared, which some of these cells lack.*segment them again"):
+        colour_head.predict_proba(noise, measurements=older)
 
 
 def test_a_renamed_class_keeps_its_weights_and_colour(smear_table):

@@ -18,6 +18,7 @@ from napari_reddino.cell_map import UNLABELLED
 from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail, display_rgb
 from napari_reddino.class_gallery import GAP_PX, ROW_CELLS, class_gallery, pictures_in
 from napari_reddino.crop_windows import cell_windows, square_windows
+from napari_reddino.smear_summary import OVERLAPPING_OUTLINE
 from napari_reddino.widgets.cell_gallery import MAX_CELLS
 from napari_reddino.widgets.cell_map_widget import GALLERY_NAME
 
@@ -150,7 +151,7 @@ def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, 
     assert np.abs(icon_pixels(gallery.grid.item(1)).astype(int) - expected).mean() > 8  # another cell
     assert gallery.grid.item(0).text() == "no class"
     # A cell cut from an overlapping neighbour says so when hovered.
-    overlapping = table.loc[widget.pool.label_ids[chosen], "outline_shared"].to_numpy() >= 0.1
+    overlapping = table.loc[widget.pool.label_ids[chosen], "outline_shared"].to_numpy() >= OVERLAPPING_OUTLINE
     assert 0 < overlapping.sum() < len(chosen)
     assert [("overlaps a neighbour" in gallery.grid.item(row).toolTip()) for row in range(len(chosen))] == \
         overlapping.tolist()

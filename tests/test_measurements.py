@@ -97,19 +97,21 @@ def test_border_cells_are_flagged():
     assert table["touches_border"].to_dict() == {1: True, 2: False, 3: True}
 
 
-def test_the_outline_shared_with_other_cells_is_counted_in_pixel_edges():
-    labels = np.zeros((100, 100), np.int32)
-    labels[10:30, 10:30] = 1  # a square with a whole side against square 2 ...
-    labels[10:30, 30:50] = 2
-    labels[30:40, 40:60] = 3  # ... whose bottom half-side is against square 3
-    labels[disk((75, 75), 12)] = 4  # free-standing
-    labels[70:100, 0:20] = 5  # against the image's border only: that is no outline
-    table = measure_cells(labels, painted(labels)).set_index("label")
-    shared = table["outline_shared"]
-    assert shared[1] == pytest.approx(20 / 80)
-    assert shared[2] == pytest.approx((20 + 10) / 80)
-    assert shared[3] == pytest.approx(10 / 60)
-    assert shared[4] == 0 and shared[5] == 0
+@pytest.mark.parametrize("angle", [0, 10, 22.5, 30, 45])
+def test_the_outline_shared_with_a_neighbour_is_its_share_of_the_outline_at_any_angle(angle):
+    size, radius, cut = 400, 60, 36  # a disc split along a line 0.6 of its radius from its centre
+    rows, cols = np.mgrid[:size, :size] - size / 2
+    along = cols * np.cos(np.deg2rad(angle)) + rows * np.sin(np.deg2rad(angle))
+    disc = rows**2 + cols**2 < radius**2
+    labels = np.zeros((size, size), np.int32)
+    labels[disc & (along < cut)], labels[disc & (along >= cut)] = 1, 2
+    labels[disk((40, 40), 20)] = 3  # free-standing
+    labels[350:, :30] = 4  # against the image's border only: that is no outline
+    chord = 2 * np.sqrt(radius**2 - cut**2)
+    arc = radius * (2 * np.pi - 2 * np.arccos(cut / radius))
+    shared = measure_cells(labels, painted(labels)).set_index("label")["outline_shared"]
+    assert shared[1] == pytest.approx(chord / (chord + arc), rel=0.05)
+    assert shared[3] == 0 and shared[4] == 0
 
 
 def test_cells_cut_by_a_round_field_stop_are_flagged_and_ink_within_the_field_is_not_an_edge():
@@ -178,8 +180,9 @@ def test_real_smear_table_is_sane():
     # Normal discocytes of this smear have pale centres.
     assert table["central_pallor"].median() > 0.1
     assert table["touches_border"].sum() >= 5
-    # Most cells of this thin part of the smear stand free; a cell shares outline exactly when another touches it.
+    # Most cells of this thin part of the smear stand free; a cell shares outline exactly when another
+    # touches it, diagonally too.
     touching = {label for label in table["label"]
-                if np.setdiff1d(labels[ndi.binary_dilation(labels == label)], [0, label]).size}
+                if np.setdiff1d(labels[ndi.binary_dilation(labels == label, np.ones((3, 3)))], [0, label]).size}
     assert set(table.loc[table["outline_shared"] > 0, "label"]) == touching
     assert 0.5 < (table["outline_shared"] == 0).mean() < 0.9

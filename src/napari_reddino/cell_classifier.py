@@ -7,10 +7,9 @@ measurement columns chosen at fit time; :data:`DEFAULT_MEASUREMENTS` are scale-f
 head carries over to smears taken at another magnification or stained a shade darker:
 
 - ``circularity``, ``eccentricity``, ``solidity``, ``central_pallor``, ``outline_shared``
-  from ``measure_cells`` (the last tells a cell cut from an overlapping neighbour, whose
-  outline there is the cut's: balanced accuracy on Chula 0.688 -> 0.699, schistocytes
-  0.545 -> 0.592; benchmarks/RESULTS.md). A table without it (measured by an older version)
-  trains a head without it;
+  from ``measure_cells`` (the last tells a cell split from an overlapping neighbour: balanced
+  accuracy on Chula 0.688 -> 0.699, schistocytes 0.545 -> 0.593; benchmarks/RESULTS.md). A
+  table without it (measured by an older version) trains a head without it;
 - ``relative_diameter``: equivalent diameter over the median of the smear's whole (not
   border-touching) cells. At the default crop scale ("smear") embeddings see a cell's size
   too; at "cell" scale they do not, and larger-than-usual cells keep their own window at
@@ -269,7 +268,8 @@ def measurement_features(table: pd.DataFrame | None, columns: Sequence[str], n_c
     if missing:
         raise ValueError(
             f"The head needs the measurements {', '.join(missing)}, which some of these cells lack: a head "
-            "trained with colour cannot read gray smears, and cells need Segment cells' measurements."
+            "trained with colour cannot read gray smears, and cells need Segment cells' measurements (cells "
+            "measured by an older version lack the newer ones: segment them again)."
         )
     if len(table) != n_cells:
         raise ValueError(f"Measurements of {len(table)} cells for {n_cells} embedded cells.")

@@ -15,6 +15,7 @@ from .image_input import check_labels, check_smear, colour_planes, fit_stain_mod
 # the ring where a discocyte is thickest. The outermost ring is left out of the rim: blur
 # spreads it into the slide, which made a uniformly stained cell look denser in its centre.
 CENTRE, RIM = 0.6, (0.2, 0.4)
+DIAGONAL = 1 / np.sqrt(2)  # a diagonal pixel pair spans sqrt 2 of a row or column pair
 _LENGTHS_PX = ["perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px"]
 
 
@@ -67,17 +68,25 @@ def cut_by_field_edge(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray, ou
 
 
 def outline_shared(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Per cell ``ids``: the share of its outline that borders another cell, counted in pixel
-    edges (the image's border is no outline). 0 for a cell standing free; a cell that overlaps
-    a neighbour was split from it along a chord, a share of 0.1-0.5: its outline there is the
-    cut, not the cell's, so its shape and size say less about it."""
+    """Per cell ``ids``: the share of its outline that borders another cell. 0 for a cell
+    standing free; one that overlaps a neighbour was split from it along a line (mostly
+    0.1-0.5), and its outline there is where the segmentation split them, not the cell's.
+
+    The outline is counted in neighbouring pixel pairs that cross it, across and along both
+    diagonals (weighted 1/sqrt 2), so a contact's share hardly depends on its direction: a disc
+    cut at 0.6 of its radius (exactly 0.265) reads 0.254-0.270 at any angle, where counting only
+    row and column pairs read 0.222-0.286. The image's border is no outline; the edge of the
+    field (a black frame) counts as free outline.
+    """
     count = int(labels.max()) + 1 if labels.size else 1
     outline, shared = np.zeros(count), np.zeros(count)
-    for after, before in ((labels[1:], labels[:-1]), (labels[:, 1:], labels[:, :-1])):
+    neighbours = (((labels[1:], labels[:-1]), 1.0), ((labels[:, 1:], labels[:, :-1]), 1.0),
+                  ((labels[1:, 1:], labels[:-1, :-1]), DIAGONAL), ((labels[1:, :-1], labels[:-1, 1:]), DIAGONAL))
+    for (after, before), weight in neighbours:
         differ = after != before
         for mine, theirs in ((after[differ], before[differ]), (before[differ], after[differ])):
-            outline += np.bincount(mine, minlength=count)
-            shared += np.bincount(mine, weights=theirs > 0, minlength=count)
+            outline += weight * np.bincount(mine, minlength=count)
+            shared += weight * np.bincount(mine, weights=theirs > 0, minlength=count)
     return np.divide(shared[ids], outline[ids], out=np.zeros(len(ids)), where=outline[ids] > 0)
 
 

@@ -139,8 +139,8 @@ class EmbeddingFeatures:
 
 class MeasurementFeatures:
     """The plugin's per-cell measurements (:func:`napari_reddino.measure_cells`): size, shape,
-    mean colour and central pallor (in pixels and pixel values), without positions, ids or
-    flags."""
+    mean colour, central pallor and the outline shared with neighbours (in pixels and pixel
+    values), without positions, ids or flags."""
 
     VERSION = 2  # part of the feature cache's key; 2: with outline_shared, measured among all cells
 

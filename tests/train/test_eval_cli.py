@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from skimage.io import imread
 
-from napari_reddino import cells_at_points, load_embedder, segment_cells
+from napari_reddino import cells_at_points, load_embedder, measure_cells, segment_cells
 from napari_reddino.crops import cell_windows
 from reddino_train.cli import main
 from reddino_train.config import load_config
-from reddino_train.eval_data import read_point_labels
+from reddino_train.eval_data import MeasurementFeatures, read_point_labels
 from reddino_train.export import export_teacher
 from reddino_train.prepare import PrepareSettings, prepare
 from reddino_train.train import fit
@@ -100,6 +100,13 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     inside = windows_inside_image(labels, ids)
     expected = embeddings[np.searchsorted(all_ids, ids)]
     np.testing.assert_allclose(cached["features"][: len(ids)][inside], expected[inside], rtol=1e-4, atol=1e-5)
+    # and their measurements the plugin's, taken among all the smear's cells: a cell's neighbours
+    # share its outline whether or not they were annotated
+    table = measure_cells(labels, image).set_index("label", drop=False).loc[ids]
+    columns = [column for column in table.columns if MeasurementFeatures.is_feature(column)]
+    np.testing.assert_allclose(measurements[: len(ids)], table[columns].to_numpy(np.float32), rtol=1e-5)
+    annotated_only = measure_cells(np.where(np.isin(labels, ids), labels, 0), image).set_index("label").loc[ids]
+    assert (table["outline_shared"] > annotated_only["outline_shared"] + 0.05).sum() >= 3
 
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err

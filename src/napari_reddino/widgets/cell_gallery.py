@@ -197,7 +197,8 @@ def _overlap(shared: float) -> str:
     """For a cell's tooltip: whether it overlaps a neighbour (see ``smear_summary.OVERLAPPING_OUTLINE``)."""
     if not shared >= OVERLAPPING_OUTLINE:  # NaN too: measured before outline_shared existed
         return ""
-    return f"\noverlaps a neighbour ({shared:.0%} of its outline): its shape there is the cut's"
+    return (f"\noverlaps a neighbour: {shared:.0%} of its outline is against it, where the segmentation "
+            "split them")
 
 
 def smear_under(viewer, cells) -> Image | None:

@@ -7,6 +7,8 @@ import pandas as pd
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QHeaderView, QTableWidget, QTableWidgetItem
 
+from ..smear_summary import OVERLAPPING_OUTLINE
+
 
 class SmearTable(QTableWidget):
     """Read-only; :meth:`show_summary` replaces what it shows."""
@@ -15,9 +17,12 @@ class SmearTable(QTableWidget):
         super().__init__(0, 0)
         self.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.setToolTip("Per smear, without the cells cut by the image border. Overlapping: cells with a tenth "
-                        "or more of their outline against another cell (a crowded field has many; read a thinner "
-                        "part). A class's share appears once every whole cell has a class (train or apply a head).")
+        self.setToolTip(
+            "Per smear, without the cells cut by the image border. Overlapping: cells with "
+            f"{OVERLAPPING_OUTLINE:.0%} or more of their outline against another cell, where the segmentation "
+            "split them; their shape says less. Many in a thick part of the smear (read a thinner one), or with "
+            "rouleaux or agglutination, findings in themselves. A class's share appears once every whole cell "
+            "has a class (train or apply a head).")
 
     def show_summary(self, summary: pd.DataFrame) -> None:
         """Show ``summary`` (as :func:`summarise_smears` gives it); classes that no cell of any
