@@ -33,8 +33,9 @@ class MapExport:
         self.with_embeddings = CheckBox(text="Also write the embeddings (.npz)", value=False)
         self.with_summary = CheckBox(value=True)
         self.with_summary.text = "Also write a summary per smear (_summary.csv)"  # the constructor drops "_"
-        self.with_summary.tooltip = ("Per smear: cells, diameter mean, SD and CV, central pallor, and the count "
-                                     "and % of each class (manual label, else prediction), without cut cells")
+        self.with_summary.tooltip = ("Per smear: cells, diameter mean, SD and CV, central pallor, overlapping cells, "
+                                     "and the count and % of each class (manual label, else prediction), without "
+                                     "cut cells")
         self.with_galleries = CheckBox(value=False)
         self.with_galleries.text = "Also draw each smear's classes (_galleries)"
         self.with_galleries.tooltip = (
