@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from chula_head import load
 
 from napari_reddino import measure_cells
 from napari_reddino.cell_classifier import DEFAULT_MEASUREMENTS, CellClassifier
@@ -48,14 +49,9 @@ class RowHead:
 
     def predict(self, rows):
         rows = rows[:, 0]
-        proba = self.head.predict_proba(self.embeddings[rows], measurements=self.table.iloc[rows].reset_index(drop=True))
+        names = self.head.predict(self.embeddings[rows], measurements=self.table.iloc[rows].reset_index(drop=True))
         index = {name: i for i, name in enumerate(self.classes)}
-        return np.array([index[self.head.classes[k]] for k in proba.argmax(axis=1)])
-
-
-def load(json_path: Path, name: str) -> dict:
-    with np.load(json_path.with_name(f"{json_path.stem}.{name}.npz"), allow_pickle=False) as saved:
-        return {key: saved[key] for key in ("features", "targets", "class_names", "groups")}
+        return np.array([index[name] for name in names])
 
 
 def main() -> None:
