@@ -61,13 +61,19 @@ def main() -> None:
     for name, features in variants.items():
         predictions = out_of_fold_predictions(features, targets, folds, lambda _n: HeadAdapter(classes))
         results[name] = score(targets, predictions, classes, folds)
-    print(f"# {len(targets):,} cells of {len(np.unique(reference['groups']))} images, {len(folds)} folds by image\n")
-    print("| head on | balanced accuracy | accuracy | weighted F1 |\n|---|---:|---:|---:|")
+    print_scores(results, "head on", classes, reference["groups"], folds)
+
+
+def print_scores(results: dict, heading: str, classes, groups: np.ndarray, folds) -> None:
+    """Two tables: each variant's balanced accuracy, accuracy and weighted F1; each class's recall."""
+    cells = sum(len(test) for _, test in folds)
+    print(f"# {cells:,} cells of {len(np.unique(groups))} images, {len(folds)} folds by image\n")
+    print(f"| {heading} | balanced accuracy | accuracy | weighted F1 |\n|---|---:|---:|---:|")
     for name, result in results.items():
         print(f"| {name} | {result.balanced_accuracy:.3f} | {result.accuracy:.3f} | {result.weighted_f1:.3f} |")
     print("\n| class | cells | " + " | ".join(results) + " |\n|---|---:|" + "---:|" * len(results))
     for name in classes:
-        support = results["measurements"].per_class[name].support
+        support = next(iter(results.values())).per_class[name].support
         recalls = " | ".join(f"{result.per_class[name].recall:.3f}" for result in results.values())
         print(f"| {name} | {support} | {recalls} |")
 

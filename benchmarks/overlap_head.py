@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from chula_head import load
+from chula_head import load, print_scores
 
 from napari_reddino import measure_cells
 from napari_reddino.cell_classifier import DEFAULT_MEASUREMENTS, CellClassifier
@@ -74,14 +74,7 @@ def main() -> None:
             rows, targets, folds, lambda _n, columns=columns: RowHead(embeddings["features"], table, classes, columns))
         results[name] = score(targets, predictions[name], list(classes), folds)
 
-    print(f"# {len(targets):,} cells of {len(np.unique(measured['groups']))} images, {len(folds)} folds by image\n")
-    print("| ViT + default measurements | balanced accuracy | accuracy | weighted F1 |\n|---|---:|---:|---:|")
-    for name, result in results.items():
-        print(f"| {name} | {result.balanced_accuracy:.3f} | {result.accuracy:.3f} | {result.weighted_f1:.3f} |")
-    print("\n| class | cells | recall " + " | recall ".join(results) + " |\n|---|---:|" + "---:|" * len(results))
-    for name in classes:
-        support = results["with outline_shared"].per_class[name].support
-        print(f"| {name} | {support:,} | " + " | ".join(f"{r.per_class[name].recall:.3f}" for r in results.values()) + " |")
+    print_scores(results, "ViT + default measurements", classes, measured["groups"], folds)
 
     overlapping = table["outline_shared"].to_numpy() >= OVERLAPPING_OUTLINE
     predicted = predictions["with outline_shared"]
