@@ -29,6 +29,7 @@ from napari_reddino.class_gallery import (
     GalleryFiles,
     class_gallery,
     gallery_file_name,
+    row_caption,
 )
 from napari_reddino.crop_windows import square_windows
 
@@ -169,6 +170,12 @@ def test_a_class_gallery_shows_each_class_s_whole_cells_at_random_the_labelled_a
     assert sorted(cell_of(t, whole[30:33], (255, 255, 255)) for t in spherocytes[1:4]) == list(whole[30:33])
     assert len({cell_of(t, whole[1:30], (255, 0, 255)) for t in row_thumbnails(labelled, 1)}) == ROW_CELLS
     assert sorted(cell_of(t, whole[40:42], (255, 255, 255)) for t in row_thumbnails(labelled, 2)[:2]) == list(whole[40:42])
+
+
+def test_a_row_s_caption_gives_the_share_with_its_interval_once_every_whole_cell_has_a_class():
+    assert row_caption("target cell", 5, 1_000, with_share=False) == "target cell\n5 of 1,000 whole cells"
+    assert row_caption("target cell", 5, 100, with_share=True) == (
+        "target cell\n5 of 100 whole cells\n5.0% (95% CI 1.6%-11.3%)")  # Rümke's 1.6-11.3 % for 5 of 100
 
 
 def test_galleries_are_written_per_smear_and_replace_an_earlier_run_s(smears, tmp_path, tiny_folder, capsys):  # noqa: F811

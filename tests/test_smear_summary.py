@@ -8,12 +8,13 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 from skimage.io import imread
 
 from napari_reddino import measure_cells, segment_cells
 from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_export import export_cells_csv
-from napari_reddino.smear_summary import summarise_smears
+from napari_reddino.smear_summary import share_interval, summarise_smears
 
 DATA = Path(__file__).parent / "data"
 
@@ -50,6 +51,30 @@ def test_a_hand_counted_smear():
     assert (row["pct_normal"], row["pct_spherocyte"], row["pct_schistocyte"], row["pct_target cell"]) == (
         40.0, 40.0, 0.0, 20.0)
     assert row["model_id"] == ""
+    # 2 of 5 cells: an exact 95 % interval of 5.3-85.3 % (binomial tails of 2.5 % each)
+    assert (row["pct_normal_low95"], row["pct_normal_high95"]) == pytest.approx((5.27, 85.34), abs=0.01)
+    assert (row["pct_schistocyte_low95"], row["pct_schistocyte_high95"]) == pytest.approx((0.0, 52.18), abs=0.01)
+
+
+@pytest.mark.parametrize(("count", "total", "low", "high"), [
+    (5, 100, 1.64, 11.28),  # Rümke's table for a differential count of 100 cells: 1.6-11.3 %
+    (0, 100, 0.0, 3.62),
+    (50, 100, 39.83, 60.17),
+    (100, 100, 96.38, 100.0),
+])
+def test_a_share_s_interval_is_the_exact_binomial_one(count, total, low, high):
+    assert 100 * np.array(share_interval(count, total)) == pytest.approx((low, high), abs=0.01)
+
+
+def test_each_end_of_the_interval_leaves_two_and_a_half_percent_of_counts_beyond_the_seen_one():
+    for count, total in [(1, 7), (12, 290), (140, 290), (3, 1000), (999, 1000)]:
+        low, high = share_interval(count, total)
+        assert stats.binom.sf(count - 1, total, low) == pytest.approx(0.025, abs=1e-9)  # P(>= count | low)
+        assert stats.binom.cdf(count, total, high) == pytest.approx(0.025, abs=1e-9)  # P(<= count | high)
+    with pytest.raises(ValueError, match="3 of 2"):
+        share_interval(3, 2)
+    with pytest.raises(ValueError, match="0 of 0"):
+        share_interval(0, 0)
 
 
 def test_shares_wait_until_every_whole_cell_has_a_class():
@@ -57,6 +82,7 @@ def test_shares_wait_until_every_whole_cell_has_a_class():
     [row] = summarise_smears(counted_layer(), classes=["normal"]).to_dict("records")  # cell 5 has no class
     assert (row["classified"], row["unclassified"], row["n_normal"]) == (4, 1, 1)
     assert np.isnan(row["pct_normal"]) and np.isnan(row["pct_spherocyte"])
+    assert np.isnan(row["pct_normal_low95"]) and np.isnan(row["pct_normal_high95"])
     categorical = counted_layer()
     categorical.features["manual_label"] = categorical.features["manual_label"].astype("category")
     assert summarise_smears(categorical).loc[0, "n_spherocyte"] == 2
@@ -67,7 +93,10 @@ def test_class_columns_follow_the_given_order_then_the_rest_by_name():
     assert [c for c in table.columns if c.startswith("n_")] == ["n_spherocyte", "n_normal", "n_target cell"]
     assert table["image"].tolist() == ["A", "B"]
     unordered = summarise_smears(counted_layer())
-    assert [c for c in unordered.columns if c.startswith("pct_")] == ["pct_normal", "pct_spherocyte", "pct_target cell"]
+    assert [c for c in unordered.columns if c.startswith(("n_", "pct_"))][:4] == [
+        "n_normal", "pct_normal", "pct_normal_low95", "pct_normal_high95"]
+    assert [c for c in unordered.columns if c.startswith("pct_") and c.count("_") == 1] == [
+        "pct_normal", "pct_spherocyte", "pct_target cell"]
 
 
 def test_cells_without_a_pixel_size_labels_or_whole_cells_give_empty_values_not_errors():

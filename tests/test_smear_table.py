@@ -32,8 +32,11 @@ def test_shares_appear_once_every_whole_cell_has_a_class(qtbot):
     assert table.text("with a class", 0) == "4 of 5"
     assert table.text("overlapping", 0) == "40 %"  # two of the five whole cells
     assert table.text("spherocyte", 0) == "2"  # a manual label and a prediction; no share yet
+    assert table.tip("spherocyte", 0) == ""
     assert table.text("schistocyte", 0) == ""  # no cell has it: no row
     layer.features.loc[4, "predicted_class"] = "normal"
     table.show_summary(summarise_smears(layer, classes=["normal", "spherocyte"]))
     shown = {name: table.text(name, 0) for name in ("normal", "spherocyte", "target cell")}
     assert shown == {"normal": "2 (40.0 %)", "spherocyte": "2 (40.0 %)", "target cell": "1 (20.0 %)"}
+    assert table.tip("target cell", 0).startswith("95 % interval of the share from counting 5 cells: 0.5-71.6 %.")
+    assert table.tip("with a class", 0) == ""

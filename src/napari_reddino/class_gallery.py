@@ -2,8 +2,8 @@
 
 A cell's class is the one the smear summary counts it in: its manual label, else the head's
 prediction. A row per class (in the order given; classes no whole cell has are left out): its
-name, how many of the smear's whole cells it holds (and their share, once every whole cell has
-a class), and up to :data:`ROW_CELLS` of them picked at random, the labelled ones and then the
+name, how many of the smear's whole cells it holds (and their share with its 95 % interval,
+once every whole cell has a class), and up to :data:`ROW_CELLS` of them picked at random, the labelled ones and then the
 most certain first, cut and outlined as the Cell map's gallery shows them, in their
 smear-scale windows so that sizes compare across the row. Cells cut by the image border are
 left out, as the smear summary leaves them out.
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic_files import write_files_atomically
 from .cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
 from .crop_windows import square_windows
-from .smear_summary import class_names, class_of_each_cell
+from .smear_summary import class_names, class_of_each_cell, share_interval
 from .wording import counted
 
 ROW_CELLS = 10
@@ -71,8 +71,7 @@ def class_gallery(
         outline = _rgb((colours or {}).get(name))
         thumbnails.append([cell_thumbnail(image, labels, int(table["label"].iloc[row]), windows[row],
                                           contrast_limits=contrast_limits, outline=outline) for row in shown])
-        share = f"\n{len(members) / whole.sum():.1%}" if every_cell_has_one else ""
-        captions.append(f"{name}\n{len(members):,} of {int(whole.sum()):,} whole cells{share}")
+        captions.append(row_caption(name, len(members), int(whole.sum()), with_share=every_cell_has_one))
     if not captions:
         return None
     font = ImageFont.load_default(size=FONT_PX)
@@ -80,6 +79,16 @@ def class_gallery(
                  for text in captions)
     caption_px = max(MIN_CAPTION_PX, int(widest) + 4 * GAP_PX)
     return np.concatenate([_row(text, row, caption_px, font) for text, row in zip(captions, thumbnails)])
+
+
+def row_caption(name: str, count: int, whole: int, *, with_share: bool) -> str:
+    """A row's caption: the class, its count among the smear's whole cells and, ``with_share``,
+    their share with its 95 % interval from counting alone (:func:`share_interval`)."""
+    caption = f"{name}\n{count:,} of {whole:,} whole cells"
+    if not with_share:
+        return caption
+    low, high = share_interval(count, whole)
+    return f"{caption}\n{count / whole:.1%} (95% CI {low:.1%}-{high:.1%})"
 
 
 class GalleryError(Exception):

@@ -1,6 +1,7 @@
 """The Cell map's per-smear summary at a glance: one column per smear, one row per number a
 smear report gives (whole cells, diameter, its CV, pallor, the share of overlapping cells,
-then the count and share of each class), from :func:`~napari_reddino.smear_summary.summarise_smears`, as the export writes it."""
+then the count and share of each class, the share's 95 % interval in its tooltip), from
+:func:`~napari_reddino.smear_summary.summarise_smears`, as the export writes it."""
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ class SmearTable(QTableWidget):
             f"{OVERLAPPING_OUTLINE:.0%} or more of their outline against another cell, where the segmentation "
             "split them; their shape says less. Many in a thick part of the smear (read a thinner one), or with "
             "rouleaux or agglutination, findings in themselves. A class's share appears once every whole cell "
-            "has a class (train or apply a head).")
+            "has a class (train or apply a head); hover over it for its 95 % interval.")
 
     def show_summary(self, summary: pd.DataFrame) -> None:
         """Show ``summary`` (as :func:`summarise_smears` gives it); classes that no cell of any
@@ -36,10 +37,12 @@ class SmearTable(QTableWidget):
         headers = summary["layer"].astype(str) if names.duplicated().any() else names
         self.setHorizontalHeaderLabels(list(headers))
         self.setVerticalHeaderLabels([name for name, _ in rows])
-        for row, (_, texts) in enumerate(rows):
-            for column, text in enumerate(texts):
+        for row, (name, texts) in enumerate(rows):
+            tips = _share_tips(summary, name) if name in classes else [""] * len(texts)
+            for column, (text, tip) in enumerate(zip(texts, tips)):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                item.setToolTip(tip)
                 self.setItem(row, column, item)
 
     def forget(self) -> None:
@@ -49,8 +52,17 @@ class SmearTable(QTableWidget):
     def text(self, row_name: str, column: int) -> str:
         """What the cell of the row named ``row_name`` and the smear in ``column`` shows ("" when
         there is no such row)."""
+        item = self._item(row_name, column)
+        return item.text() if item else ""
+
+    def tip(self, row_name: str, column: int) -> str:
+        """That cell's tooltip ("" when there is no such row)."""
+        item = self._item(row_name, column)
+        return item.toolTip() if item else ""
+
+    def _item(self, row_name: str, column: int) -> QTableWidgetItem | None:
         rows = [self.verticalHeaderItem(row).text() for row in range(self.rowCount())]
-        return self.item(rows.index(row_name), column).text() if row_name in rows else ""
+        return self.item(rows.index(row_name), column) if row_name in rows else None
 
 
 def _rows(summary: pd.DataFrame, classes: list[str]) -> list[tuple[str, list[str]]]:
@@ -66,6 +78,15 @@ def _rows(summary: pd.DataFrame, classes: list[str]) -> list[tuple[str, list[str
         rows.append((name, [f"{n:,}" if np.isnan(pct) else f"{n:,} ({pct:.1f} %)"
                             for n, pct in zip(summary[f"n_{name}"], summary[f"pct_{name}"])]))
     return rows
+
+
+def _share_tips(summary: pd.DataFrame, name: str) -> list[str]:
+    """Each smear's 95 % interval of the class's share, where it has a share."""
+    return ["" if np.isnan(low) else
+            f"95 % interval of the share from counting {classified:,} cells: {low:.1f}-{high:.1f} %. "
+            "Counting alone: the head's errors come on top."
+            for low, high, classified in zip(summary[f"pct_{name}_low95"], summary[f"pct_{name}_high95"],
+                                             summary["classified"])]
 
 
 def _diameter_row(summary: pd.DataFrame) -> tuple[str, list[str]]:
