@@ -135,12 +135,25 @@ def build_student(cfg: TrainConfig) -> DinoModel:
     return DinoModel(backbone, _head(cfg, "dino", dim), ibot_head)
 
 
-def clip_gradients(student: DinoModel, max_norm: float) -> None:
+def clip_gradients(student: DinoModel, max_norm: float) -> float:
     """DINOv2's clipping: the backbone's and each head's gradient norm on its own, so a spike in
-    a head's gradients does not shrink the backbone's update."""
+    a head's gradients does not shrink the backbone's update (``max_norm`` 0: none). Returns the
+    norm of all the gradients before clipping, which is not finite when any gradient is not:
+    clipping does not catch that, and one such step would turn every weight into NaN."""
+    norms = []
     for part in (student.backbone, student.dino_head, student.ibot_head):
-        if part is not None:
-            torch.nn.utils.clip_grad_norm_(part.parameters(), max_norm)
+        if part is None:
+            continue
+        grads = [param.grad for param in part.parameters() if param.grad is not None]
+        norm = (torch.nn.utils.clip_grad_norm_(part.parameters(), max_norm) if max_norm > 0
+                else torch.nn.utils.get_total_norm(grads))
+        norms.append(_full(norm).float())
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) result as one plain tensor, the same on every rank."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def use_explicit_attention(model: nn.Module) -> None:

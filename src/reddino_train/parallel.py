@@ -61,9 +61,9 @@ def load_full_state(
     """Load full state dicts (as ``full_state`` saved them) into replicated or sharded models."""
     set_model_state_dict(student, state["student"], options=FULL)
     set_model_state_dict(teacher, state["teacher"], options=FULL)
-    # The saved param groups carry the multipliers of the run that saved them; the config's
-    # (layer-wise lr decay, patch-embedding lr) apply from the resumed step on.
-    settings = [{key: group[key] for key in GROUP_SETTINGS} for group in optimizer.param_groups]
+    # The saved param groups carry the multipliers and betas of the run that saved them; the
+    # config's (layer-wise lr decay, patch-embedding lr, AdamW betas) apply from the resumed step on.
+    settings = [{key: group[key] for key in (*GROUP_SETTINGS, "betas")} for group in optimizer.param_groups]
     set_optimizer_state_dict(student, optimizer, state["optimizer"], options=FULL)
     for group, wanted in zip(optimizer.param_groups, settings, strict=True):
         group.update(wanted)

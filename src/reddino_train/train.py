@@ -71,14 +71,17 @@ class ResumeSettingsWarning(UserWarning):
 
 
 class TrainingDivergedError(FloatingPointError):
-    def __init__(self, step: int, term: str, value: float, checkpoint_step: int | None) -> None:
+    """A loss or the gradients stopped being finite; raised before the step changes the weights,
+    so the last checkpoint stays sound."""
+
+    def __init__(self, step: int, what: str, value: float, checkpoint_step: int | None) -> None:
         restart = (f"it resumes from the checkpoint of step {checkpoint_step}" if checkpoint_step is not None
                    else "no checkpoint was saved yet, so it starts again from the beginning")
         super().__init__(
-            f"training diverged at step {step}: the {term} loss is {value}. Lower optim.base_lr, "
+            f"training diverged at step {step}: {what} is {value}. Lower optim.base_lr, "
             f"raise optim.warmup_epochs or lower optim.clip_grad, then run again: {restart}."
         )
-        self.step, self.term, self.value = step, term, value
+        self.step, self.what, self.value = step, what, value
 
 
 @dataclass(frozen=True)
@@ -219,13 +222,16 @@ class Trainer:
         stats = dict(zip(STATS, means))
         for term in LOSS_TERMS:
             if not np.isfinite(stats[term]):
-                raise TrainingDivergedError(self.iteration + 1, term, stats[term], self.checkpoint_step)
+                raise TrainingDivergedError(self.iteration + 1, f"the {term} loss", stats[term], self.checkpoint_step)
         weights = {"dino": cfg.loss.dino_weight, "ibot": cfg.loss.ibot_weight, "koleo": cfg.loss.koleo_weight}
         total = sum(weights[name] * term for name, term in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if cfg.optim.clip_grad > 0:
-            clip_gradients(self.student, cfg.optim.clip_grad)
+        gradient_norm = torch.tensor(clip_gradients(self.student, cfg.optim.clip_grad), device=device)
+        all_reduce(gradient_norm)  # a rank's NaN or inf reaches every rank: all stop, or none
+        if not torch.isfinite(gradient_norm):
+            raise TrainingDivergedError(self.iteration + 1, "the gradient norm", gradient_norm.item(),
+                                        self.checkpoint_step)
         self.optimizer.step()
         update_teacher(self.teacher, self.student, values.teacher_momentum)
         stats["loss"] = sum(weights[name] * stats[name] for name in LOSS_TERMS)

@@ -115,7 +115,8 @@ def test_gradients_are_clipped_per_part_so_a_head_spike_spares_the_backbone():
     for name, param in student.named_parameters():
         param.grad = torch.full_like(param, 1e3 if name.startswith("dino_head") else 1e-4)
     backbone_before = [param.grad.clone() for param in student.backbone.parameters()]
-    clip_gradients(student, 3.0)
+    unclipped = torch.linalg.vector_norm(torch.stack([param.grad.norm() for param in student.parameters()]))
+    assert clip_gradients(student, 3.0) == pytest.approx(float(unclipped), rel=1e-5)  # the norm before clipping
     for param, before in zip(student.backbone.parameters(), backbone_before):
         assert torch.equal(param.grad, before)  # its own norm is far below 3
     head_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.dino_head.parameters()]))

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 
 import pytest
@@ -117,6 +118,15 @@ def test_a_resumed_run_takes_the_layerwise_decay_of_its_config_not_of_the_checkp
     )
 
 
+def test_a_resumed_run_takes_the_adamw_betas_of_its_config_in_every_group(smear_images, tmp_path):
+    fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
+    changed = load_config("tiny", [*TINY, "optim.adamw_betas=[0.5, 0.9]", "optim.layerwise_decay=0.5"])
+    with pytest.warns(ResumeSettingsWarning, match="optim.adamw_betas"):
+        resumed = Trainer(changed, smear_images, tmp_path, torch.device("cpu"))
+    assert {tuple(group["betas"]) for group in resumed.optimizer.param_groups} == {(0.5, 0.9)}
+    assert resumed.optimizer.state  # the moments came back with the checkpoint
+
+
 def test_divergence_stops_with_the_step_and_the_term(smear_images, tmp_path):
     cfg = load_config("tiny", [*TINY, "optim.base_lr=1e35", "optim.warmup_epochs=0"])
     with pytest.raises(TrainingDivergedError, match=r"diverged at step (\d+): the (dino|ibot|koleo) loss") as error:
@@ -130,6 +140,24 @@ def test_divergence_stops_with_the_step_and_the_term(smear_images, tmp_path):
     with pytest.raises(TrainingDivergedError) as error, pytest.warns(ResumeSettingsWarning):
         fit(cfg, smear_images, tmp_path / "saved", max_steps=6)
     assert str(error.value).endswith("then run again: it resumes from the checkpoint of step 1.")
+
+
+@pytest.mark.parametrize("clip_grad", ["3.0", "0"])
+def test_gradients_that_are_not_finite_stop_the_run_before_they_reach_the_weights(smear_images, tmp_path, clip_grad):
+    """A finite loss can still give NaN gradients; clipping does not catch them."""
+    cfg = load_config("tiny", [*TINY, f"optim.clip_grad={clip_grad}"])
+    fit(cfg, smear_images, tmp_path, max_steps=1)
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    trainer = Trainer(cfg, smear_images, tmp_path, torch.device("cpu"))
+    models = {"student": trainer.student, "teacher": trainer.teacher}
+    before = {part: [param.detach().clone() for param in model.parameters()] for part, model in models.items()}
+    trainer.student.backbone.vit.cls_token.register_hook(lambda grad: torch.full_like(grad, math.nan))
+    with pytest.raises(TrainingDivergedError,
+                       match=r"diverged at step 2: the gradient norm is nan\..*checkpoint of step 1\.$"):
+        trainer.train(max_steps=3, stop=threading.Event())
+    for part, model in models.items():
+        assert all(torch.equal(param, old) for param, old in zip(model.parameters(), before[part])), part
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
 
 
 def test_checkpoint_of_another_architecture_is_refused_and_kept(smear_images, tmp_path):
