@@ -55,7 +55,7 @@ class ModelConfig:
     drop_path_rate: float
     drop_path_uniform: bool  # DINOv2's: the rate in every block (false: timm's ramp from 0 to it)
     layerscale: float  # LayerScale init value
-    pretrained: str  # "" random init, "timm" timm's weights for `arch`, else a weights file
+    pretrained: str  # "" random init, "timm" timm's weights for `arch`, else a weights file (timm's or Meta's)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,7 +28,7 @@ def vit_architecture_args(model: ModelConfig, img_size: int) -> dict:
 
 def create_vit(cfg: TrainConfig) -> nn.Module:
     """The training backbone: any input size (global and local crops), stochastic depth, and
-    the weights named by ``model.pretrained``."""
+    timm's weights where ``model.pretrained`` is "timm" (:func:`build_student` loads a file's)."""
     model = cfg.model
     vit = timm.create_model(
         model.arch,
@@ -40,20 +40,22 @@ def create_vit(cfg: TrainConfig) -> nn.Module:
     if model.drop_path_uniform and model.drop_path_rate > 0:
         for block in vit.blocks:
             block.drop_path1, block.drop_path2 = DropPath(model.drop_path_rate), DropPath(model.drop_path_rate)
-    if model.pretrained not in ("", "timm"):
-        load_vit_weights(vit, model.pretrained)
     return vit
 
 
-def load_vit_weights(vit: nn.Module, path: str | Path) -> None:
-    """Load a timm ViT state dict (safetensors, or a tensors-only torch file); the position
-    embedding is resampled when the file was trained at another input size."""
+def load_vit_weights(vit: nn.Module, path: str | Path) -> torch.Tensor | None:
+    """Load a timm or Meta DINOv2 ViT state dict (safetensors, or a tensors-only torch file); the
+    position embedding is resampled when the file was trained at another input size. Returns
+    the file's iBOT mask token where it has one (Meta's checkpoints do), which timm's
+    conversion would drop."""
     path = Path(path)
     if path.suffix == ".safetensors":
         state = safetensors.torch.load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    mask_token = state.pop("mask_token", None)
     vit.load_state_dict(checkpoint_filter_fn(state, vit))
+    return mask_token
 
 
 class MaskableViT(nn.Module):
@@ -130,6 +132,10 @@ def _head(cfg: TrainConfig, which: str, in_dim: int) -> DinoHead:
 
 def build_student(cfg: TrainConfig) -> DinoModel:
     backbone = MaskableViT(create_vit(cfg))
+    if cfg.model.pretrained not in ("", "timm"):
+        mask_token = load_vit_weights(backbone.vit, cfg.model.pretrained)
+        if mask_token is not None:  # Meta's (1, dim): continued training keeps it, as RedDino's did
+            backbone.mask_token.data.copy_(mask_token.reshape(backbone.mask_token.shape))
     dim = backbone.vit.embed_dim
     ibot_head = _head(cfg, "ibot", dim) if cfg.heads.ibot_separate else None
     return DinoModel(backbone, _head(cfg, "dino", dim), ibot_head)

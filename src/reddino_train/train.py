@@ -302,8 +302,10 @@ class Trainer:
 
     def _resume(self, state: dict[str, Any]) -> None:
         load_full_state(self.student, self.teacher, self.optimizer, state)
-        self.losses.dino.load_state_dict(state["dino_loss"])
-        self.losses.ibot.load_state_dict(state["ibot_loss"])
+        own = config_from_dict(state["config"])
+        if own.loss.centering == self.cfg.loss.centering:  # else the other centering starts afresh
+            self.losses.dino.load_state_dict(state["dino_loss"])
+            self.losses.ibot.load_state_dict(state["ibot_loss"])
         self.iteration = self.checkpoint_step = state["iteration"]
         sampler = state["sampler"]  # the same global stream position on another number of ranks
         self.samples_consumed = sampler["samples_consumed"] * sampler["world_size"] // self.world_size
@@ -311,7 +313,6 @@ class Trainer:
             set_rng_state(state["rng"][self.rank])
         if self.rank == 0:
             tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
-            own = config_from_dict(state["config"])
             changed = changed_settings(own, self.cfg)
             self._settings_pending = bool(changed)
             if changed:  # config.yaml is about to take the new settings: keep the run's own

@@ -97,6 +97,12 @@ def test_pretrained_weights_load_from_safetensors_and_torch_files(tmp_path):
         loaded = build_student(load_config("tiny", [f"model.pretrained={tmp_path / name}"]))
         state = loaded.backbone.vit.state_dict()
         assert all(torch.equal(state[key], source[key]) for key in source)
+        assert not loaded.backbone.mask_token.any()  # timm's weights have none: it starts at zero
+    # Meta's DINOv2 checkpoints carry their trained iBOT mask token, shaped (1, dim): it is kept.
+    mask_token = torch.randn(1, source["cls_token"].shape[-1])
+    torch.save({**source, "mask_token": mask_token}, tmp_path / "meta.pth")
+    loaded = build_student(load_config("tiny", [f"model.pretrained={tmp_path / 'meta.pth'}"]))
+    assert torch.equal(loaded.backbone.mask_token, mask_token[0])
 
 
 def test_stochastic_depth_drops_at_the_same_rate_in_every_block_as_dinov2_does():

@@ -118,6 +118,17 @@ def test_a_resumed_run_takes_the_layerwise_decay_of_its_config_not_of_the_checkp
     )
 
 
+@pytest.mark.parametrize(("before", "after"), [("softmax_center", "sinkhorn_knopp"),
+                                                ("sinkhorn_knopp", "softmax_center")])
+def test_a_resumed_run_may_change_its_centering_which_starts_afresh(smear_images, tmp_path, before, after):
+    fit(load_config("tiny", [*TINY, f"loss.centering={before}"]), smear_images, tmp_path, max_steps=1)
+    with pytest.warns(ResumeSettingsWarning, match=f"loss.centering: '{before}' -> '{after}'"):
+        result = fit(load_config("tiny", [*TINY, f"loss.centering={after}"]), smear_images, tmp_path, max_steps=2)
+    assert result.iterations_done == 2
+    centre = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["dino_loss"]
+    assert bool(centre) == (after == "softmax_center")  # Sinkhorn-Knopp keeps no centre
+
+
 def test_a_resumed_run_takes_the_adamw_betas_of_its_config_in_every_group(smear_images, tmp_path):
     fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
     changed = load_config("tiny", [*TINY, "optim.adamw_betas=[0.5, 0.9]", "optim.layerwise_decay=0.5"])
