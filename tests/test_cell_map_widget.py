@@ -541,6 +541,14 @@ def test_a_smear_mapped_twice_is_named_in_the_status_and_drawn_twice(viewer, qtb
     viewer.layers.remove(again)
     compute_map(widget, qtbot)
     assert widget.status.value.startswith("Map of ") and "twice" not in widget.status.value
+    # Deleting the cells and their colours at once: napari removes a selection one layer after
+    # another from a list made before, in no fixed order; the colours must still be there.
+    for layer in [cells, viewer.layers[f"{cells.name} map colours"]]:
+        viewer.layers.remove(layer)
+    assert widget.pool is None
+    viewer.layers.select_all()
+    viewer.layers.remove_selected()
+    qtbot.waitUntil(lambda: len(viewer.layers) == 0)
 
 
 def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(viewer, qtbot, tiny_folder):  # noqa: F811

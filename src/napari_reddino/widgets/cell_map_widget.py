@@ -385,7 +385,12 @@ class CellMapWidget(MapExport, JobWidget):
 
     def _on_layer_removed(self, event) -> None:
         if self.pool is not None and event.value in self.pool.layers:
+            # napari may be removing several selected layers, the colours among them: changing the
+            # layer list inside its removal loop would break it, so the colours go once it is done.
+            colours, self._smear_colours = self._smear_colours, None
             self._map_is_stale(event.value.name)
+            if colours is not None:
+                QTimer.singleShot(0, colours.remove)
 
     def _on_cells_changed(self, event) -> None:
         self._map_is_stale(event.source.name)  # the cells layer whose data or paint event this is
