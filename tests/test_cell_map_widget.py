@@ -576,6 +576,18 @@ def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(view
     with qtbot.waitSignal(embed_widget.embedded, timeout=TIMEOUT_MS):
         embed_widget.run()
     compute_map(widget, qtbot)
+    for name, cell in (("normal", 0), ("spherocyte", 1)):
+        widget.select(np.arange(len(widget.pool)) == cell)
+        widget.assign(name)
+    widget.train()
+    cells.visible = False
+    cells.data[cells.data == int(widget.pool.label_ids[2])] = 0
+    widget.review_next()  # the cell to review is shown in its smear: found changed, the same way
+    assert widget.pool is None and widget.status.value.startswith(f"The cells of {cells.name!r} changed")
+
+    with qtbot.waitSignal(embed_widget.embedded, timeout=TIMEOUT_MS):
+        embed_widget.run()
+    compute_map(widget, qtbot)
     again = viewer.add_labels(cells.data.copy(), name=f"{cells.name} [1]", features=cells.features.copy(),
                               metadata=dict(cells.metadata))  # the smear segmented again (and embedded) ...
     cells.metadata = {**cells.metadata, CARRIED_TO: again.name}  # ... its labels carried, as Segment cells does

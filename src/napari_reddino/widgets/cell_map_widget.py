@@ -752,6 +752,8 @@ class CellMapWidget(MapExport, JobWidget):
         self.select(mask)
         self.canvas.centre_on(point)
         uncovered = self._show_cell_in_smear(point)
+        if self.pool is None:  # its smear, shown again, was found changed: the status says so
+            return
         predicted = self.pool.column("predicted_class", UNLABELLED)[point]
         certainty = self.pool.column("prediction_probability")[point]
         which = ("Unlabelled cell unlike those the head was trained among" if self._unlike[point]

@@ -79,7 +79,8 @@ class SmearColours:
                 layer.visible = False
                 hidden.append(layer.name)
         for layer in own:
-            layer.visible = True
+            if not layer.visible:  # napari redraws a layer on every assignment, even of True
+                layer.visible = True
         return hidden
 
     def remove(self) -> None:
