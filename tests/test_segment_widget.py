@@ -96,11 +96,18 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     assert_one_row_per_cell(cells)
 
     # Labels of blanks are none: the layer is segmented again in place, and shown if it was hidden.
+    # A brush stroke before it is not undone into the new cells.
     cells.features = cells.features.assign(manual_label=" ")
+    y, x = (size // 2 for size in cells.data.shape)
+    cells.data[y - 10:y + 10, x - 10:x + 10] = 0  # erased without a trace: what the stroke paints over
+    cells.paint((y, x), 7)
     cells.visible = False
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS):
         widget.run()
     assert labels_layers(viewer) == [cells] and cells.visible
+    segmented = cells.data.copy()
+    cells.undo()
+    np.testing.assert_array_equal(cells.data, segmented)
 
     # Once its cells carry the user's labels, a cells layer is kept and the new one goes beside it,
     # above the old one's map colours (and below a smear opened later).

@@ -172,6 +172,7 @@ def add_cells_layer(
     if isinstance(earlier, Labels) and not _has_manual_labels(earlier):
         layer = earlier
         layer.data = labels
+        _forget_strokes(layer)
         layer.features = table
         layer.metadata = metadata
         layer.scale, layer.translate = job.scale, job.translate
@@ -189,6 +190,15 @@ def add_cells_layer(
     if own:
         place_above(layers, layer, [other for other in layers if other.name in own][-1])
     return layer, carry_labels(viewer, layer, job.image_name)
+
+
+def _forget_strokes(layer: Labels) -> None:
+    """Empty the layer's undo history: napari keeps it across new data, and an undo would write
+    a brush stroke on the old cells into the new ones. (Making a Labels layer read-only is what
+    empties it.)"""
+    editable = layer.editable
+    layer.editable = False
+    layer.editable = editable
 
 
 def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, image_name: str) -> str:
