@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,8 @@ from skimage.io import imread
 from napari_reddino import embeddings_of, measure_cells, segment_cells
 from napari_reddino.cell_embeddings import (
     METADATA_KEY,
+    EmbeddedCells,
+    changed_embeddings,
     fingerprint,
     image_digest,
     labels_digest,
@@ -28,7 +31,8 @@ from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
 CHULA_1, CHULA_26 = (Path(__file__).parent / "data" / "chula_rbc12" / f"{n}.jpg" for n in (1, 26))
 RUN_TIMEOUT_MS = 60_000
 DONE = re.compile(r"^([\d,]+) cells? embedded in \d+\.\d s \([\d,]+ cells/s\) with tiny_model on cpu"
-                  r"(?:; the embeddings of ([\d,]+) unchanged cells? were kept)?$")
+                  r"(?:; the embeddings of ([\d,]+) unchanged cells? were kept)?"
+                  r"(?:; the head's predictions for ([\d,]+) cells? are cleared \(train or apply it again\))?$")
 
 
 @pytest.fixture(autouse=True)
@@ -378,6 +382,11 @@ def test_a_brush_stroke_re_embeds_only_the_cells_whose_crops_it_changed(viewer, 
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
         widget.run()
     ids, before, _ = embeddings_of(cells)
+    # a head's predictions, as the Cell map writes them
+    predicted = np.where(np.arange(len(ids)) % 2, "normal", "spherocyte")
+    cells.features = cells.features.assign(predicted_class=predicted, prediction_probability=0.9, p_normal=0.5,
+                                           p_spherocyte=0.5, p_value=0.01)  # p_value: a column of the lab's own
+    cells.metadata["predicted_classes"] = ["normal", "spherocyte"]
     painted = int(ids[len(ids) // 2])
     data = cells.data.copy()
     rows, cols = np.nonzero(data == painted)
@@ -389,14 +398,34 @@ def test_a_brush_stroke_re_embeds_only_the_cells_whose_crops_it_changed(viewer, 
     after_ids, after, _ = embeddings_of(cells)
     np.testing.assert_array_equal(after_ids, ids)
     kept = (after == before).all(axis=1)
-    embedded, unchanged = DONE.match(widget.status.value).groups()
-    assert int(embedded) == (~kept).sum() and int(unchanged) == kept.sum()
+    embedded, unchanged, cleared = DONE.match(widget.status.value).groups()
+    assert int(embedded) == (~kept).sum() == int(cleared) and int(unchanged) == kept.sum()
+    # What the head said of the cells embedded again no longer holds; of the others it does.
+    table = cells.features.set_index("label").loc[ids]
+    np.testing.assert_array_equal(table["predicted_class"], np.where(kept, predicted, ""))
+    for column in ("prediction_probability", "p_normal", "p_spherocyte"):
+        np.testing.assert_array_equal(table[column].isna(), ~kept)
+    assert (table["p_value"] == 0.01).all()
     assert painted in ids[~kept] and 1 <= (~kept).sum() <= 6  # the cell, and the neighbours its window shows
     embedder = load_embedder(widget.model_name, device="cpu")
     fresh_ids, fresh = embedder.embed(image, data)  # what embedding the painted smear from scratch gives
     np.testing.assert_allclose(after, fresh, rtol=1e-4, atol=1e-5)
     moved = np.abs(fresh - before).max(axis=1) > 1e-4
     np.testing.assert_array_equal(moved, ~kept)  # exactly the cells whose crop changed were embedded again
+
+
+def test_the_cells_whose_embeddings_changed_are_those_a_new_run_gives_another_vector():
+    layer = SimpleNamespace(name="cells", features=pd.DataFrame({"label": [2, 5, 9]}), metadata={})
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    run = EmbeddedCells(np.array([2, 5, 9, 11]), np.vstack([vectors, np.ones((1, 4), np.float32)]), None, "m")
+    np.testing.assert_array_equal(changed_embeddings(layer, run), [2, 5, 9, 11])  # nothing stored yet
+    store_embeddings(layer, [2, 5, 9], vectors, model_id="m", fingerprint="f")
+    run.embeddings[1, 0] += 1
+    np.testing.assert_array_equal(changed_embeddings(layer, run), [5, 11])  # another vector; a new cell
+    store_embeddings(layer, [2, 5, 9], vectors, model_id="another model", fingerprint="f")
+    np.testing.assert_array_equal(changed_embeddings(layer, run), [2, 5, 9, 11])
+    store_embeddings(layer, [], np.zeros((0, 4)), model_id="m", fingerprint="f")
+    np.testing.assert_array_equal(changed_embeddings(layer, run), [2, 5, 9, 11])
 
 
 def test_labels_changed_during_the_run_keep_the_embeddings_of_the_cells_as_they_were(

@@ -139,6 +139,21 @@ def earlier_run(layer) -> EmbeddedCells | None:
     return EmbeddedCells(record["label_ids"], record["embeddings"], record["crop_checks"], record["model_id"])
 
 
+def changed_embeddings(layer, run: EmbeddedCells) -> np.ndarray:
+    """The label ids of ``run`` whose embedding is not the one stored on ``layer`` (all of them
+    when it has none, of another model, or without vectors): what a head predicted for those
+    cells no longer holds. Call it before storing ``run``."""
+    stored = embeddings_of(layer)
+    if stored is None or stored[2] != run.model_id or stored[1].shape[1:] != run.embeddings.shape[1:]:
+        return np.asarray(run.ids)
+    ids, vectors, _ = stored
+    rows = np.clip(np.searchsorted(ids, run.ids), 0, max(len(ids) - 1, 0))
+    same = np.zeros(len(run.ids), dtype=bool)
+    if len(ids):
+        same = (ids[rows] == run.ids) & np.all(vectors[rows] == run.embeddings, axis=1)
+    return np.asarray(run.ids)[~same]
+
+
 def labels_digest(labels) -> str:
     """A digest of the whole label image (about 15 ms for 2400 x 3200 int32 labels)."""
     return _digest(np.asarray(labels))

@@ -23,6 +23,7 @@ import pandas as pd
 from .cell_embeddings import embeddings_of
 
 ANALYSIS_COLUMNS = ("umap_x", "umap_y", "manual_label", "predicted_class", "prediction_probability")
+PREDICTED_CLASSES = "predicted_classes"  # cells layer metadata: the classes of the head that predicted its cells
 
 
 def as_layers(cells) -> list:
@@ -34,6 +35,25 @@ def image_name(layer) -> str:
     """The smear a cells layer belongs to: ``metadata["source_image"]``, else the layer's name less " cells"."""
     name = layer.metadata.get("source_image")
     return str(name) if name else str(layer.name).removesuffix(" cells")
+
+
+def clear_predictions(layer, ids) -> int:
+    """Take the head's prediction (class, probability, ``p_<class>``) off the cells ``ids`` of
+    ``layer``, whose embeddings changed since; returns how many cells had one."""
+    table = pd.DataFrame(layer.features)
+    if "predicted_class" not in table or "label" not in table:
+        return 0
+    predicted = table["predicted_class"].astype(object).fillna("").astype(str)
+    rows = table["label"].isin(np.asarray(ids)).to_numpy() & (predicted != "").to_numpy()
+    if not rows.any():
+        return 0
+    table["predicted_class"] = predicted.where(~rows, "")
+    probabilities = ["prediction_probability",
+                     *(f"p_{name}" for name in layer.metadata.get(PREDICTED_CLASSES, []))]
+    for column in (c for c in probabilities if c in table):
+        table[column] = pd.to_numeric(table[column], errors="coerce").where(~rows)
+    layer.features = table
+    return int(rows.sum())
 
 
 def cells_table(layers: Sequence) -> pd.DataFrame:

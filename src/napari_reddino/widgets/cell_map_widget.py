@@ -55,6 +55,7 @@ from ..cell_map import (
     emphasise,
     value_colours,
 )
+from ..cell_table import PREDICTED_CLASSES
 from ..smear_summary import summarise_smears
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
@@ -76,7 +77,6 @@ SMEAR_TABLE_MIN_HEIGHT = 300  # px: the six measures and three classes
 SMEAR_TABLE_DELAY_MS = 250
 GALLERY_NAME = "Selected cells"
 MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size
-PREDICTED_CLASSES = "predicted_classes"  # cells layer metadata: the classes of the head that predicted its cells
 
 
 @job_worker

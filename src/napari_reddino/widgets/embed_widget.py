@@ -34,6 +34,7 @@ from qtpy.QtWidgets import QComboBox, QFileDialog
 
 from ..cell_embeddings import (
     EmbeddedCells,
+    changed_embeddings,
     earlier_run,
     embeddings_of,
     fingerprint,
@@ -42,6 +43,7 @@ from ..cell_embeddings import (
     store_run,
     stored_fingerprint,
 )
+from ..cell_table import clear_predictions
 from ..crops import CROP_MODES, CROP_SCALES, DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN
 from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError
@@ -455,10 +457,12 @@ class EmbedCellsWidget(JobWidget):
             self.status.value = f"{job.cells.name!r} was removed while its cells were embedded; nothing was stored."
             return
         changed = labels_digest(job.cells.data) != job.labels_digest  # segmented again or painted meanwhile
+        new_embeddings = changed_embeddings(job.cells, run)
         # Changed: the embeddings are kept for the next run to reuse, but are never up to date, even
         # if an undo brings the labels back: that run must also measure the cells this one did not.
         store_run(job.cells, run, model=job.model, device=embedder.device, crops=job.crops,
                   fingerprint="" if changed else loaded_fingerprint, labels_digest=job.labels_digest)
+        unpredicted = clear_predictions(job.cells, new_embeddings)  # what the head said of them no longer holds
         if changed:
             self.status.value = (f"The cells of {job.cells.name!r} changed while they were embedded. The embeddings "
                                  "of the cells as they were are kept: Run again embeds only the changed ones.")
@@ -470,8 +474,10 @@ class EmbedCellsWidget(JobWidget):
         fresh = len(run.ids) - run.reused
         shown = Path(job.model).expanduser().name if Path(job.model).expanduser().exists() else job.model
         kept = f"; the embeddings of {counted(run.reused, 'unchanged cell')} were kept" if run.reused else ""
+        cleared = (f"; the head's predictions for {counted(unpredicted, 'cell')} are cleared (train or apply it "
+                   "again)" if unpredicted else "")
         self.status.value = (
             f"{counted(fresh, 'cell')} embedded in {seconds:.1f} s ({fresh / max(seconds, 1e-9):,.0f} cells/s) "
-            f"with {shown} on {embedder.device}{kept}"
+            f"with {shown} on {embedder.device}{kept}{cleared}"
         )
         self.embedded.emit(job.cells)
