@@ -160,13 +160,14 @@ def test_segment_first_adds_the_cells_layer_then_embeds_it(viewer, widget, qtbot
 
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
+        image.name = "patient 0042"  # renamed while it is segmented: its cells take the new name
 
     (cells,) = [layer for layer in viewer.layers if isinstance(layer, Labels)]
     # the widget sees the viewer (and its layers) through napari's public-only proxy
     assert result.args[0].name == widget.cells.value.name == cells.name
     # the layer the Segment cells widget makes: same name, metadata, scale and table
-    assert cells.name == f"{image.name} cells"
-    assert cells.metadata["source_image"] == image.name
+    assert cells.name == "patient 0042 cells"
+    assert cells.metadata["source_image"] == "patient 0042"
     assert cells.metadata["cell_diameter_from"] == "pixel size"
     np.testing.assert_allclose(cells.scale, image.scale)
     np.testing.assert_array_equal(cells.features["label"], label_ids(cells))

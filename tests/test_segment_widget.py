@@ -203,6 +203,21 @@ def test_cancel_leaves_no_layer(viewer, widget, chula, qtbot):
     assert widget.status.value == "Cancelled; nothing was changed."
 
 
+def test_a_smear_renamed_while_it_is_segmented_gets_cells_of_its_new_name_and_a_closed_one_none(
+        viewer, widget, chula, qtbot):
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+        chula.name = "patient 0042"  # before the result arrives
+    cells = result.args[0]
+    assert (cells.name, cells.metadata["source_image"]) == ("patient 0042 cells", "patient 0042")
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+        cells.name = "kept"
+        viewer.layers.remove(chula)
+    assert labels_layers(viewer) == [cells] and cells.name == "kept"
+    assert widget.status.value == "'patient 0042' was closed while it was segmented; no cells layer was added."
+
+
 def test_the_image_choice_follows_the_smear_selected_in_the_layer_list(viewer, widget):
     first = viewer.open(CHULA_1)[0]
     second = viewer.add_image(imread(CHULA_1)[::2, ::2], rgb=True, name="half")

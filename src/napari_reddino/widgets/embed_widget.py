@@ -337,7 +337,7 @@ class EmbedCellsWidget(JobWidget):
         """The Segment widget's worker with the cell size typed there for this smear, else from its
         pixel size or the image."""
         self._segment_job = _Job(
-            image_name=layer.name,
+            image=layer,
             scale=tuple(layer.scale),
             translate=tuple(layer.translate),
             cell_diameter=layer.metadata.get("cell_diameter_px") or None,  # typed in Segment cells
@@ -432,11 +432,11 @@ class EmbedCellsWidget(JobWidget):
         self.finished.emit()
 
     def _segmented(self, job: _Job, labels: np.ndarray, table, cell_diameter: float) -> None:
+        if job.image not in self._viewer.layers:
+            self._refuse(f"{job.image_name!r} was removed while it was segmented; nothing was changed.")
+            return
         if table.empty:
             self._refuse(f"No cells found in {job.image_name!r}: is it a blood smear? Try the Segment cells widget.", notify=show_warning)
-            return
-        if job.image_name not in self._viewer.layers:
-            self._refuse(f"{job.image_name!r} was removed while it was segmented; nothing was changed.")
             return
         cells, carried = add_cells_layer(self._viewer, labels, table, job, cell_diameter)
         if carried:

@@ -28,12 +28,16 @@ CARRIED_TO = "labels_carried_to"  # metadata: the newer cells layer this one's l
 class _Job:
     """What a run needs, once its worker returns, to build the cells layer."""
 
-    image_name: str
+    image: Image  # the smear's layer: renamed while it is segmented, its cells take the new name
     scale: tuple[float, ...]
     translate: tuple[float, ...]
     cell_diameter: float | None
     pixel_size_um: float | None
     started: float
+
+    @property
+    def image_name(self) -> str:
+        return self.image.name
 
     @property
     def layer_name(self) -> str:
@@ -97,7 +101,7 @@ class SegmentCellsWidget(JobWidget):
         if pixels is None:
             return
         self._job = _Job(
-            image_name=layer.name,
+            image=layer,
             scale=tuple(layer.scale),
             translate=tuple(layer.translate),
             cell_diameter=self.cell_diameter.value or None,
@@ -138,6 +142,9 @@ class SegmentCellsWidget(JobWidget):
 
     def _show_result(self, labels: np.ndarray, table: pd.DataFrame, cell_diameter: float) -> None:
         job = self._job
+        if job.image not in self._viewer.layers:
+            self.status.value = f"{job.image_name!r} was closed while it was segmented; no cells layer was added."
+            return
         if table.empty:
             message = f"No cells found in {job.image_name!r}: is it a blood smear? Try setting the cell diameter."
             show_warning(message)
