@@ -26,6 +26,7 @@ from napari_reddino.cell_embeddings import (
     stored_fingerprint,
 )
 from napari_reddino.embedding import clear_embedder_cache, list_devices, load_embedder
+from napari_reddino.widgets import embed_widget
 from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
 
 CHULA_1, CHULA_26 = (Path(__file__).parent / "data" / "chula_rbc12" / f"{n}.jpg" for n in (1, 26))
@@ -336,12 +337,15 @@ def test_cells_from_another_tool_are_measured_when_embedded(viewer, widget, chul
     assert list(features["note"].iloc[:3]) == ["mine", "", "ok"] and features["note"].iloc[3:].isna().all()
 
 
-def test_a_table_keyed_by_napari_index_keeps_its_own_columns(viewer, widget, chula_pixels_and_cells, qtbot):
+@pytest.mark.parametrize("key", ["index", "label as text"])
+def test_a_table_keyed_by_napari_index_or_by_label_ids_as_text_keeps_its_own_columns(
+        viewer, widget, chula_pixels_and_cells, qtbot, key):
     image, labels = chula_pixels_and_cells
     viewer.add_image(image, rgb=True, name="smear")
     cells = viewer.add_labels(labels.copy(), name="masks from another tool")
     ids = label_ids(cells)
-    cells.features = pd.DataFrame({"index": ids[[4, 1]], "note": ["fifth", "second"]})
+    keys = ids[[4, 1]] if key == "index" else [str(ids[4]), str(ids[1])]  # as a CSV read without dtypes gives
+    cells.features = pd.DataFrame({key.split()[0]: keys, "note": ["fifth", "second"]})
     widget.reset_choices()
     widget.cells.value = cells
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
@@ -512,6 +516,32 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
     widget.every_smear.value = True
     widget.every_smear.value = False
     assert widget.cells.value is mine
+
+
+def test_a_smear_whose_embeddings_cannot_be_stored_is_named_and_the_next_is_embedded(
+        viewer, widget, qtbot, monkeypatch):
+    for path in (CHULA_1, CHULA_26):
+        viewer.open(path)
+    failing, store = {"1 cells"}, embed_widget.store_run
+
+    def fails_once(layer, *args, **kwargs):  # as an unforeseen error would
+        if layer.name in failing:
+            failing.clear()
+            raise OSError("No space left on device")
+        return store(layer, *args, **kwargs)
+
+    monkeypatch.setattr(embed_widget, "store_run", fails_once)
+    widget.every_smear.value = True
+    with qtbot.waitSignal(widget.every_smear_done, timeout=2 * RUN_TIMEOUT_MS):
+        widget.run()
+    assert widget.status.value.startswith("Every open smear: 1 of 2 embedded (")
+    assert widget.status.value.endswith(
+        "Not embedded: '1': Storing the embeddings failed: OSError: No space left on device")
+    assert widget._run_button.enabled and widget.model.enabled  # the run ended: a new one can start
+    with qtbot.waitSignal(widget.every_smear_done, timeout=2 * RUN_TIMEOUT_MS):
+        widget.run()
+    assert widget.status.value.startswith("Every open smear: 1 of 2 embedded (")  # '1' now
+    assert widget.status.value.endswith("; already up to date: '26'.")
 
 
 def test_a_cancel_stops_every_open_smear_before_the_next(viewer, widget, qtbot):

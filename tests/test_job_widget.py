@@ -20,6 +20,18 @@ def _hits_a_bad_value():
     raise ValueError("not a smear")
 
 
+@job_worker
+def _runs_out_of_memory():
+    yield 1, 2
+    raise MemoryError()  # as numpy raises it, without a message
+
+
+@job_worker
+def _misses_a_column():
+    yield 1, 2
+    raise KeyError("centroid_y")
+
+
 class OneJob(JobWidget):
     """The smallest dock widget: one Run button that starts ``job``."""
 
@@ -47,6 +59,8 @@ class OneJob(JobWidget):
     [
         (_runs_out_of_gpu_memory, "The test job failed: OutOfMemoryError: CUDA out of memory. Tried to allocate"),
         (_hits_a_bad_value, "The test job failed: not a smear"),
+        (_runs_out_of_memory, "The test job failed: MemoryError"),
+        (_misses_a_column, "The test job failed: KeyError: 'centroid_y'"),
     ],
 )
 def test_a_worker_error_ends_the_run_with_its_message_and_run_works_again(make_napari_viewer, qtbot, job, says):

@@ -118,7 +118,8 @@ def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
     if key is None:
         return table
     own = [c for c in old.columns if c not in table.columns]
-    return table.merge(old[[key, *own]].rename(columns={key: "label"}), on="label", how="left")
+    ids = pd.to_numeric(old[key], errors="coerce")  # a table read from a CSV may hold them as text
+    return table.merge(old[own].assign(label=ids.to_numpy()), on="label", how="left")
 
 
 class EmbedCellsWidget(JobWidget):
@@ -415,20 +416,25 @@ class EmbedCellsWidget(JobWidget):
         segment_job, self._segment_job = self._segment_job, None
         embed_job, self._embed_job = self._embed_job, None
         embedder, self._embedder = self._embedder, None
-        if worker.abort_requested:
-            self.status.value = "Cancelled; the embeddings were not changed."
-        elif result is not None and segment_job is not None:
-            self._segmented(segment_job, *result)
-            return  # _segmented goes on to embed, or ends the run
-        elif isinstance(result, _LoadFailure):
-            if self._batch is not None:
-                self._batch.stopped = "the model did not load"
-            show_error(result.message)
-            kept = (f"the cells were segmented and kept in {embed_job.cells.name!r}" if embed_job.segmented
-                    else "nothing was changed")
-            self.status.value = f"Could not load the model; {kept}. {result.message}"
-        elif result is not None:
-            self._store(embed_job, embedder, *result)
+        try:
+            if worker.abort_requested:
+                self.status.value = "Cancelled; the embeddings were not changed."
+            elif result is not None and segment_job is not None:
+                self._segmented(segment_job, *result)
+                return  # _segmented goes on to embed, or ends the run
+            elif isinstance(result, _LoadFailure):
+                if self._batch is not None:
+                    self._batch.stopped = "the model did not load"
+                show_error(result.message)
+                kept = (f"the cells were segmented and kept in {embed_job.cells.name!r}" if embed_job.segmented
+                        else "nothing was changed")
+                self.status.value = f"Could not load the model; {kept}. {result.message}"
+            elif result is not None:
+                self._store(embed_job, embedder, *result)
+        except Exception as error:  # the run still ends (an "every open smear" run goes on), and says why
+            self._on_errored(error, "Storing the embeddings" if segment_job is None else "Adding the cells layer")
+            if self._worker is not None:  # it had gone on to embed: that run ends by itself
+                return
         self.finished.emit()
 
     def _segmented(self, job: _Job, labels: np.ndarray, table, cell_diameter: float) -> None:

@@ -202,10 +202,10 @@ class JobWidget(QWidget):
     def _on_progress(self, item) -> None:
         raise NotImplementedError
 
-    def _on_errored(self, error: Exception) -> None:
+    def _on_errored(self, error: Exception, failed_job: str | None = None) -> None:
         """Say why the run failed, as a notification and in the status line (a worker whose
         ``errored`` signal has a handler does not re-raise the error itself)."""
-        message = f"{self._failed_job()} failed: {error}"
+        message = f"{failed_job or self._failed_job()} failed: {_in_words(error)}"
         show_error(message)
         self.status.value = message
 
@@ -215,3 +215,13 @@ class JobWidget(QWidget):
 
     def _on_finished(self) -> None:
         raise NotImplementedError
+
+
+def _in_words(error: Exception) -> str:
+    """A worker's error for the status line: the message alone where it is meant for the user (a
+    ValueError's, or a reported one's, which names its type already), else with the error's type,
+    which may be all there is (a bare MemoryError)."""
+    text = str(error)
+    if text and isinstance(error, (ValueError, WorkerFailed)):
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
