@@ -150,6 +150,12 @@ def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, 
     assert np.abs(icon_pixels(gallery.grid.item(0)).astype(int) - expected).max() <= 8
     assert np.abs(icon_pixels(gallery.grid.item(1)).astype(int) - expected).mean() > 8  # another cell
     assert gallery.grid.item(0).text() == "no class"
+    # Shown again unchanged, the thumbnails are not cut anew (the plugin's viewer hands out a new
+    # proxy of the smear layer each time: the cache must know it for the same layer).
+    thumbnails = widget._thumbnails
+    again = [cell.thumbnail for cell in thumbnails.entries(chosen, widget.class_list.colours)]
+    assert all(a is b for a, b in zip(again, (cell.thumbnail for cell in thumbnails.entries(
+        chosen, widget.class_list.colours))))
     # A cell cut from an overlapping neighbour says so when hovered.
     overlapping = table.loc[widget.pool.label_ids[chosen], "outline_shared"].to_numpy() >= OVERLAPPING_OUTLINE
     assert 0 < overlapping.sum() < len(chosen)

@@ -176,7 +176,9 @@ class GalleryThumbnails:
             tooltip = (f"{pool.layers[position].name}, cell {label}\n{kind}: {caption}\n"
                        f"diameter {self._diameters[point]:.1f} px{_overlap(self._outline_shared[point])}")
             image, contrast_limits = looks[position]
-            key = (point, outline, id(image), contrast_limits)  # a reopened image or new contrast: cut anew
+            # A reopened image or new contrast: cut anew. The layer itself, not its id: the plugin's
+            # viewer hands out a new proxy of it each time, equal to the others (and hashed alike).
+            key = (point, outline, image, contrast_limits)
             made[key] = self._made.get(key)
             if made[key] is None:
                 made[key] = cell_thumbnail(
