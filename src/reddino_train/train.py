@@ -51,7 +51,7 @@ from .monitor import LOG_NAME, CollapseDetector, CsvLog, entropy
 from .parallel import distribute, full_state, load_full_state
 from .param_groups import apply_schedule, build_param_groups
 from .run_lock import hold_run_folder
-from .schedules import ScheduleValues, build_schedules
+from .schedules import ScheduleValues, build_schedules, scaled_lr
 
 LOSS_TERMS = ("dino", "ibot", "koleo")
 STATS = (*LOSS_TERMS, "teacher_entropy", "teacher_batch_entropy")
@@ -313,6 +313,8 @@ class Trainer:
             set_rng_state(state["rng"][self.rank])
         if self.rank == 0:
             tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
+            if sampler["world_size"] != self.world_size:
+                warnings.warn(self._other_world_size(sampler["world_size"]), ResumeSettingsWarning, stacklevel=2)
             changed = changed_settings(own, self.cfg)
             self._settings_pending = bool(changed)
             if changed:  # config.yaml is about to take the new settings: keep the run's own
@@ -324,6 +326,18 @@ class Trainer:
                     f"{self.iteration} on: {'; '.join(changed)} (the settings until then are in {kept.name})",
                     ResumeSettingsWarning, stacklevel=2,
                 )
+
+
+    def _other_world_size(self, saved: int) -> str:
+        """What resuming on another number of processes changes (DINOv2's rules, which assume one)."""
+        batch = self.cfg.train.batch_size_per_gpu
+        was, now = batch * saved, batch * self.world_size
+        processes = "process" if self.world_size == 1 else "processes"
+        return (f"resuming {self.out} on {self.world_size} {processes} where it ran on {saved}: the global batch "
+                f"goes from {was:,} to {now:,} images, the peak learning rate with its square root "
+                f"({scaled_lr(self.cfg.optim.base_lr, was):.3g} -> {scaled_lr(self.cfg.optim.base_lr, now):.3g}), "
+                f"and each of the {self.schedules.lr.total_iters - self.iteration:,} steps left sees "
+                f"{now / was:.3g} times as many images")
 
 
 class RanksDisagreeError(RuntimeError):

@@ -19,7 +19,7 @@ from reddino_train.config import load_config
 from reddino_train.data import EmptyDatasetError
 from reddino_train.export import export_teacher
 from reddino_train.monitor import CollapseDetector, CollapseWarning, read_log
-from reddino_train.schedules import build_schedules
+from reddino_train.schedules import build_schedules, scaled_lr
 from reddino_train.model import build_student
 from reddino_train.param_groups import build_param_groups
 from reddino_train import run_lock
@@ -127,6 +127,23 @@ def test_a_resumed_run_may_change_its_centering_which_starts_afresh(smear_images
     assert result.iterations_done == 2
     centre = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["dino_loss"]
     assert bool(centre) == (after == "softmax_center")  # Sinkhorn-Knopp keeps no centre
+
+
+def test_resuming_on_another_number_of_processes_says_what_that_changes(smear_images, tmp_path):
+    cfg = load_config("tiny", TINY)
+    fit(cfg, smear_images, tmp_path, max_steps=1)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    checkpoint["sampler"] = {"samples_consumed": 2, "world_size": 2}  # as a run on two processes saves it
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    total = build_schedules(cfg, world_size=1).lr.total_iters
+    was, now = (scaled_lr(cfg.optim.base_lr, 4 * n) for n in (2, 1))
+    with pytest.warns(ResumeSettingsWarning) as warned:
+        resumed = Trainer(cfg, smear_images, tmp_path, torch.device("cpu"))
+    assert str(warned[0].message) == (
+        f"resuming {tmp_path} on 1 process where it ran on 2: the global batch goes from 8 to 4 images, the peak "
+        f"learning rate with its square root ({was:.3g} -> {now:.3g}), and each of the {total - 1:,} steps left "
+        "sees 0.5 times as many images")
+    assert resumed.samples_consumed == 4  # the same place in the global stream of images
 
 
 def test_a_resumed_run_takes_the_adamw_betas_of_its_config_in_every_group(smear_images, tmp_path):
