@@ -128,10 +128,12 @@ class Trainer:
         self.rank, self.world_size = rank(), world_size()
         out.mkdir(parents=True, exist_ok=True)
         self.dataset = _images_on_every_rank(data_dir, make_multicrop(cfg.crops))
+        resuming = _same_on_every_rank(f"whether {out / CHECKPOINT_NAME} exists", (out / CHECKPOINT_NAME).exists(),
+                                       "--out must be a folder that every node shares")
+        state = load_checkpoint(out / CHECKPOINT_NAME, cfg) if resuming else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.student = build_student(cfg).to(device)
-        # "auto" times a product on each rank; one precision for all (bf16 only where all chose it)
-        self.bf16 = all(all_gather_objects(uses_bf16(cfg.train.precision, device)))
+        self.bf16 = self._precision(state)
         if self.bf16 and device.type == "cpu":
             use_explicit_attention(self.student)
         self.teacher = make_teacher(self.student)
@@ -148,17 +150,26 @@ class Trainer:
         self.checkpoint_step: int | None = None  # the step of the checkpoint in the output folder
         self.samples_consumed = 0  # by this rank: where its sampler resumes
         _seed_process(cfg.train.seed + self.rank)  # distinct stochastic depth per rank
-        resuming = _same_on_every_rank(f"whether {out / CHECKPOINT_NAME} exists", (out / CHECKPOINT_NAME).exists(),
-                                       "--out must be a folder that every node shares")
         self._settings_pending = False  # changed settings reach config.yaml with their first checkpoint
-        if resuming:
-            self._resume(load_checkpoint(out / CHECKPOINT_NAME, cfg))
+        if state is not None:
+            self._resume(state)
+            del state  # its tensors are in the models now
         if self.rank == 0:
             for leftover, size in remove_leftovers(out / CHECKPOINT_NAME):
                 tqdm.write(f"reddino-train: removed {leftover.name} ({size / 2**20:,.0f} MiB), "
                            "a checkpoint whose save was interrupted")
             if not self._settings_pending:  # else a run that fails before its first checkpoint keeps the old
                 save_config(cfg, out / "config.yaml")
+
+    def _precision(self, state: dict[str, Any] | None) -> bool:
+        """Whether to train in bf16. "auto" times a product on each rank and takes bf16 only where
+        all chose it; a resumed run on the same kind of device keeps what its start chose, since a
+        second timing on a CPU might choose otherwise."""
+        precision = self.cfg.train.precision
+        saved = (state or {}).get("precision", {})
+        if precision == "auto" and saved.get("device") == self.device.type:
+            return bool(saved["bf16"])
+        return all(all_gather_objects(uses_bf16(precision, self.device)))
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -293,6 +304,7 @@ class Trainer:
                 "dino_loss": self.losses.dino.state_dict(),
                 "ibot_loss": self.losses.ibot.state_dict(),
                 "sampler": {"samples_consumed": self.samples_consumed, "world_size": self.world_size},
+                "precision": {"device": self.device.type, "bf16": self.bf16},
                 "rng": rng_states,
             })
             if self._settings_pending:

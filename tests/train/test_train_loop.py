@@ -382,6 +382,20 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_faster(smear_imag
     assert auto["loss"] == explicit["loss"]
 
 
+def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start_on_the_same_kind_of_device(
+        smear_images, tmp_path, monkeypatch):
+    pretend_cpu(monkeypatch, {"amx_bf16": True}, 3.0)
+    cfg = load_config("tiny", [*TINY, "train.precision=auto"])
+    fit(cfg, smear_images, tmp_path, max_steps=1)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["precision"] == {"device": "cpu", "bf16": True}
+    pretend_cpu(monkeypatch, {"amx_bf16": True}, 0.9)  # timed again now, bf16 would lose
+    assert Trainer(cfg, smear_images, tmp_path, torch.device("cpu")).bf16
+    checkpoint["precision"]["device"] = "cuda"  # started on a GPU: this CPU decides for itself
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    assert not Trainer(cfg, smear_images, tmp_path, torch.device("cpu")).bf16
+
+
 def test_loader_workers_give_the_same_run_as_the_main_process(smear_images, tmp_path):
     for workers in (0, 2):
         fit(load_config("tiny", [*TINY, f"train.num_workers={workers}"]), smear_images, tmp_path / f"w{workers}",
