@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import socket
 import time
 import warnings
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from .distributed import all_gather_objects, rank
+from .distributed import all_gather_objects, rank, world_size
 
 try:
     import fcntl
@@ -58,10 +59,38 @@ def hold_run_folder(out: str | os.PathLike) -> Iterator[None]:
         kind, message = refusal
         raise kind(message)
     try:
+        _check_shared(out)
         yield
     finally:
         if handle is not None:
             handle.close()  # closing releases the lock
+
+
+def _check_shared(out: Path) -> None:
+    """Raise :class:`RunFolderError` on every rank unless every rank sees the file rank 0 writes
+    into ``out``: a folder on each node's own disk would pass every other check on a fresh run
+    and keep the checkpoint on rank 0's node alone, found out only at the resume. The file's
+    name is new each run, so a network file system has no stale answer for it cached."""
+    if world_size() == 1:
+        return
+    path = out / all_gather_objects(f".reddino-train.shared-{secrets.token_hex(6)}")[0]
+    failure = None
+    if rank() == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text("every rank of a reddino-train fit reads this at its start\n")
+        except OSError as error:
+            failure = f"cannot use {out} as the output folder: {error}"
+    failure = all_gather_objects(failure)[0]  # also: rank 0 has written it
+    if failure is not None:
+        raise RunFolderError(failure)
+    seen = all_gather_objects(path.is_file())
+    if rank() == 0:
+        path.unlink()
+    blind = [str(index) for index, sees in enumerate(seen) if not sees]
+    if blind:
+        raise RunFolderError(f"{out} is not one folder shared by every rank: rank {', '.join(blind)} does not see "
+                             "what rank 0 writes there; give --out a folder on a file system that every node mounts")
 
 
 def _lock(out: Path) -> tuple[IO[str] | None, tuple[type, str] | None]:

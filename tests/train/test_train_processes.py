@@ -103,14 +103,13 @@ def test_a_second_run_on_the_folder_is_refused_and_sigterm_ends_the_first_with_a
     assert read_log(log)[-1]["step"] == summary["iterations_done"]
 
 
-def test_ranks_that_see_different_checkpoints_stop_together_saying_why(smear_images, tmp_path):
-    """Each node writing to its own disk: rank 0 finds a checkpoint, rank 1 none."""
-    subprocess.run([sys.executable, str(SCRIPT), str(smear_images), str(tmp_path / "rank0"), "1", *TINY],
-                   check=True, env=ENV, timeout=120, capture_output=True)
+def test_ranks_that_do_not_share_the_output_folder_stop_together_at_the_start_saying_why(smear_images, tmp_path):
+    """Each node writing to its own disk: found before the first step, not at the resume."""
     finished = torchrun_fit(smear_images, f"{tmp_path}/rank{{rank}}", 2, check=False)
     assert finished.returncode != 0
-    assert (f"the ranks disagree on whether {tmp_path}/rank0/checkpoint.pt exists (rank 0: True, rank 1: False); "
-            "--out must be a folder that every node shares") in finished.stderr
+    assert (f"{tmp_path}/rank0 is not one folder shared by every rank: rank 1 does not see what rank 0 writes "
+            "there; give --out a folder on a file system that every node mounts") in finished.stderr
+    assert sorted(path.name for path in (tmp_path / "rank0").iterdir()) == [".reddino-train.lock"]
     assert not (tmp_path / "rank1" / "checkpoint.pt").exists()
 
 
