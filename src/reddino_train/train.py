@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import signal
@@ -367,9 +368,16 @@ def _images_on_every_rank(data_dir: Path, transform) -> ImageFolder:
     failed = [f"rank {index}: {text}" if len(problems) > 1 else text for index, text in enumerate(problems) if text]
     if failed:
         raise EmptyDatasetError("; ".join(failed))
-    _same_on_every_rank("the number of training images", len(dataset),
+    _same_on_every_rank("the training images", _image_list(dataset),
                         "is the data folder still being filled, or different on each node?")
     return dataset
+
+
+def _image_list(dataset: ImageFolder) -> str:
+    """How many images, and a digest of their paths under the data folder: ranks that see as many
+    but other files would otherwise train on different data under one index."""
+    names = "\n".join(path.relative_to(dataset.root).as_posix() for path in dataset.paths)
+    return f"{len(dataset):,} images ({hashlib.sha256(names.encode()).hexdigest()[:8]})"
 
 
 def _same_on_every_rank(what: str, value, hint: str):

@@ -3,6 +3,8 @@ second run refused the folder of one under way."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +121,17 @@ def test_a_data_folder_missing_on_one_node_stops_every_rank_saying_which(smear_i
     assert finished.returncode != 0
     assert f"rank 1: data folder {tmp_path}/data1 does not exist" in finished.stderr
     assert "rank 0:" not in finished.stderr  # rank 0 has its images and says so by silence
+
+
+def test_data_folders_with_as_many_but_other_images_stop_every_rank(smear_images, tmp_path):
+    (tmp_path / "data0").symlink_to(smear_images)
+    other = shutil.copytree(smear_images, tmp_path / "data1")
+    first = sorted(other.rglob("*.png"))[0]
+    first.rename(first.with_name(f"renamed-{first.name}"))  # as many images, one of them another file
+    finished = torchrun_fit(f"{tmp_path}/data{{rank}}", tmp_path / "out", 1, check=False)
+    assert finished.returncode != 0
+    assert re.search(r"the ranks disagree on the training images \(rank 0: 16 images \((\w{8})\), rank 1: 16 "
+                     r"images \((?!\1)\w{8}\)\); is the data folder still being filled", finished.stderr)
 
 
 def test_the_cli_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(smear_images, tmp_path):
