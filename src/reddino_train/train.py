@@ -51,7 +51,7 @@ from .model import DinoModel, build_student, clip_gradients, make_teacher, updat
 from .monitor import LOG_NAME, CollapseDetector, CsvLog, entropy
 from .parallel import distribute, full_state, load_full_state
 from .param_groups import apply_schedule, build_param_groups
-from .run_lock import hold_run_folder
+from .run_lock import RunFolderError, hold_run_folder
 from .schedules import ScheduleValues, build_schedules, scaled_lr
 
 LOSS_TERMS = ("dino", "ibot", "koleo")
@@ -296,22 +296,35 @@ class Trainer:
     def _save(self) -> None:
         rng_states = all_gather_objects(rng_state())
         models = full_state(self.student, self.teacher, self.optimizer)
+        failure = None
         if self.rank == 0:
-            save_checkpoint(self.out / CHECKPOINT_NAME, {
-                "architecture": architecture(self.cfg),
-                "config": config_to_dict(self.cfg),
-                "iteration": self.iteration,
-                **models,
-                "dino_loss": self.losses.dino.state_dict(),
-                "ibot_loss": self.losses.ibot.state_dict(),
-                "sampler": {"samples_consumed": self.samples_consumed, "world_size": self.world_size},
-                "precision": {"device": self.device.type, "bf16": self.bf16},
-                "rng": rng_states,
-            })
-            if self._settings_pending:
-                save_config(self.cfg, self.out / "config.yaml")
-                self._settings_pending = False
+            try:
+                self._write_checkpoint(models, rng_states)
+            except OSError as error:  # a full disk, a folder gone: said on every rank, not rank 0 alone
+                kept = (f"the checkpoint of step {self.checkpoint_step} is kept" if self.checkpoint_step is not None
+                        else "no checkpoint was saved yet")
+                failure = (f"cannot write {self.out / CHECKPOINT_NAME} at step {self.iteration} ({error}); {kept}: "
+                           "make room or mend the folder, then run again")
+        failure = all_gather_objects(failure)[0]
+        if failure is not None:
+            raise RunFolderError(failure)
         self.checkpoint_step = self.iteration
+
+    def _write_checkpoint(self, models: dict[str, Any], rng_states: list) -> None:
+        save_checkpoint(self.out / CHECKPOINT_NAME, {
+            "architecture": architecture(self.cfg),
+            "config": config_to_dict(self.cfg),
+            "iteration": self.iteration,
+            **models,
+            "dino_loss": self.losses.dino.state_dict(),
+            "ibot_loss": self.losses.ibot.state_dict(),
+            "sampler": {"samples_consumed": self.samples_consumed, "world_size": self.world_size},
+            "precision": {"device": self.device.type, "bf16": self.bf16},
+            "rng": rng_states,
+        })
+        if self._settings_pending:
+            save_config(self.cfg, self.out / "config.yaml")
+            self._settings_pending = False
 
     def _resume(self, state: dict[str, Any]) -> None:
         load_full_state(self.student, self.teacher, self.optimizer, state)

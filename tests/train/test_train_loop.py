@@ -229,6 +229,23 @@ def test_a_save_killed_midway_keeps_the_checkpoint_and_the_next_start_removes_it
     assert torch.load(path, weights_only=True)["iteration"] == 2
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_saying_which_is_kept(
+        smear_images, tmp_path, capsys, monkeypatch):
+    main(["fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "--max-steps", "1"])
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def full_disk(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("reddino_train.checkpoint.write_atomic_with", full_disk)
+    capsys.readouterr()
+    assert main(["fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "--max-steps", "2"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"reddino-train fit: cannot write {tmp_path}/checkpoint.pt at step 2 ([Errno 28] No space left on device); "
+        "the checkpoint of step 1 is kept: make room or mend the folder, then run again\n")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
 def test_a_folder_another_run_holds_is_refused_untouched_until_that_run_ends(smear_images, tmp_path, capsys):
     cfg = load_config("tiny", TINY)
     fit(cfg, smear_images, tmp_path, max_steps=1)
