@@ -8,6 +8,7 @@ size). The timings go through the real widget in a real napari viewer:
   cell of the smear recoloured) until napari has taken the new colours ("update"), and until
   the Qt event queue is empty ("+ repaint", which under Xvfb is Mesa's software OpenGL);
 - click: a cell selected from the smear, its point highlighted and the map centred on it;
+- map click: a point clicked on the map, its cell shown and centred in the smear;
 - lasso with the gallery open: the same, and the gallery showing the new selection (at most 120
   thumbnails, each cut and outlined anew);
 - UMAP: ``fit_umap`` after the warm-up; head: ``CellClassifier.fit`` on 13 classes.
@@ -88,6 +89,12 @@ def interaction_times(viewer, widget, cells_wanted: int, rng) -> dict:
         widget.select_cell(cells, int(label), add=True)
         update = time.perf_counter() - started
         clicks.append((update, update + settle(app)))
+    map_clicks = []
+    for point in rng.choice(len(ids), 5, replace=False):
+        started = time.perf_counter()
+        widget.canvas.point_clicked.emit(int(point), False)
+        update = time.perf_counter() - started
+        map_clicks.append((update, update + settle(app)))
     widget.show_gallery()
     settle(app)
     with_gallery = lasso_times(widget, app, rng)
@@ -97,6 +104,7 @@ def interaction_times(viewer, widget, cells_wanted: int, rng) -> dict:
         "smear_px": labels.size,
         "lasso": np.median(lasso, axis=0),
         "click": np.median(clicks, axis=0),
+        "map_click": np.median(map_clicks, axis=0),
         "lasso_gallery": np.median(with_gallery, axis=0),
     }
 
@@ -154,11 +162,11 @@ def main() -> None:
     viewer = napari.Viewer(show=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
     print("| cells | smear px | lasso update | lasso + repaint | click update | click + repaint "
-          "| lasso update, gallery open | + repaint |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| map click update | + repaint | lasso update, gallery open | + repaint |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         row = interaction_times(viewer, widget, size, rng)
-        times = [row[kind][part] * 1e3 for kind in ("lasso", "click", "lasso_gallery") for part in (0, 1)]
+        times = [row[kind][part] * 1e3 for kind in ("lasso", "click", "map_click", "lasso_gallery") for part in (0, 1)]
         print(f"| {row['cells']:,} | {row['smear_px'] / 1e6:.0f} M | " + " | ".join(f"{t:.0f} ms" for t in times) + " |")
     print("\n| cells | UMAP (after warm-up) | head fit (13 classes) |\n|---:|---:|---:|")
     for size in args.sizes:
