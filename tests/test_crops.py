@@ -150,6 +150,23 @@ def test_grayscale_rgba_uint16_and_float_images_give_the_same_crops():
     np.testing.assert_allclose(gray_crops, np.repeat(reference[..., 1:2], 3, axis=-1), atol=1e-6)
 
 
+def test_a_hot_pixel_or_a_flat_field_overshoot_does_not_rescale_the_smear():
+    """The levels in use are read from all but the brightest and darkest 0.1 % of the pixels."""
+    image, labels = smear({1: ((40, 60), 10, CELL), 2: ((70, 30), 12, NEIGHBOUR)})
+    _, reference = cell_crops(image, labels, 32)
+    hot = image / 255.0
+    hot[5, 5] = 1.01  # outside both cells' windows; read as 255 levels, it dimmed them 255-fold
+    np.testing.assert_allclose(cell_crops(hot, labels, 32)[1], reference, atol=1e-6)
+    twelve_bit = image.astype(np.uint16) * 16 + 15
+    _, twelve_bit_crops = cell_crops(twelve_bit, labels, 32)
+    twelve_bit[5, 5] = 4096  # one value past 12 bits: read as 13 bits, it halved every crop
+    np.testing.assert_allclose(cell_crops(twelve_bit, labels, 32)[1], twelve_bit_crops, atol=1e-6)
+    flat_fielded = image / 200.0  # the background at (1.0, 0.95, 1.05): still levels of 0 to 1
+    np.testing.assert_allclose(as_rgb(flat_fielded), np.clip(flat_fielded, 0, 1), atol=1e-7)
+    crops = cell_crops(flat_fielded, labels, 32)[1]
+    assert crops.max() < 1.001 and np.abs(crops - reference * 255 / 200).max() < 0.06  # the blue overshoot clipped
+
+
 def test_labels_of_another_shape_or_type_are_refused():
     image, labels = smear({1: ((40, 60), 10, CELL)})
     with pytest.raises(LabelsInputError, match=r"labels have shape \(100, 119\) but the image is \(100, 120\)"):

@@ -55,6 +55,7 @@ CROP_MODES: tuple[CropMode, ...] = ("context", "masked")
 # (linear probe and kNN, split by image; benchmarks/RESULTS.md, "Crop mode").
 DEFAULT_CROP_MODE: CropMode = "masked"
 _BACKGROUND_SAMPLES = 250_000  # gave the same medians as a million on Chula mosaics, 4x sooner
+_LEVEL_PERCENTILE = 0.1  # % of the sampled pixels allowed beyond the levels an encoding uses
 _MAX_WINDOW_PIXELS = 2**24  # per batch of crops: 200 MB of float32 RGB
 _SMEAR_SHARE_OF_FREE_MEMORY = 0.25  # a GPU keeps the rest for the model's batches
 _CHECK_SEED = 0x5EED
@@ -63,9 +64,8 @@ _CHECK_SEED = 0x5EED
 def as_rgb(image) -> np.ndarray:
     """Any accepted smear (grayscale, RGB, RGBA; integer or float) as float32 RGB in [0, 1].
 
-    The model saw 8-bit photographs divided by 255. Wider integers are divided by the largest
-    value of the bit depth in use (12-bit cameras store in uint16); floats already in [0, 1]
-    are kept, floats up to 255 are divided by 255, anything else is stretched to [0, 1].
+    The model saw 8-bit photographs divided by 255. Other encodings are read as
+    :func:`black_and_white` says, and what lies beyond its black and white is clipped.
     """
     array = check_smear(image)
     planes = colour_planes(array)
@@ -74,6 +74,8 @@ def as_rgb(image) -> np.ndarray:
     if (black, white) != (0.0, 1.0):
         rgb -= np.float32(black)
         rgb *= np.float32(1.0 / (white - black))
+    if array.dtype != np.uint8:
+        np.clip(rgb, 0.0, 1.0, out=rgb)
     return rgb
 
 
@@ -83,25 +85,37 @@ def colour_view(array: np.ndarray) -> np.ndarray:
 
 
 def black_and_white(colour: np.ndarray) -> tuple[float, float]:
-    """The pixel values that stand for black and white in this image's encoding (see :func:`as_rgb`)."""
+    """The pixel values that stand for black and white in this image's encoding.
+
+    8-bit: 0 and 255. Wider integers: 0 and the largest value of the bit depth in use (12-bit
+    cameras store in uint16). Floats: 0 and 1 when they lie about there (a flat-field
+    correction overshoots 1), 0 and 255 when they look like 8-bit levels, else their range.
+    The levels in use are read from the brightest and darkest :data:`_LEVEL_PERCENTILE` of the
+    pixels, not the extremes: one hot pixel must not halve the brightness of every crop.
+    """
     if colour.dtype == np.uint8:
         return 0.0, 255.0
-    high = float(colour.max())
+    sample = _grid(colour, colour.shape[0] * colour.shape[1])
+    low, high = (float(value) for value in np.percentile(sample, [_LEVEL_PERCENTILE, 100 - _LEVEL_PERCENTILE]))
     if np.issubdtype(colour.dtype, np.integer):
         return 0.0, float(2 ** math.ceil(math.log2(max(high, 1.0) + 1)) - 1)
-    low = float(colour.min())
-    if low >= 0 and high <= 1:
+    if low >= -0.5 and high <= 1.5:
         return 0.0, 1.0
-    if low >= 0 and high <= 255:
+    if low >= -1 and high <= 300:
         return 0.0, 255.0
     return low, max(high, low + 1e-12)
+
+
+def _grid(array: np.ndarray, size: int) -> np.ndarray:
+    """Every n-th row and column of ``array``: a regular grid of about :data:`_BACKGROUND_SAMPLES` pixels."""
+    step = max(1, math.isqrt(size // _BACKGROUND_SAMPLES))
+    return array[::step, ::step]
 
 
 def background_colour(colour: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Median colour (RGB, in the image's own levels) of the unlabelled pixels (of all pixels when
     every pixel is labelled), from a regular grid of at most about a quarter million pixels."""
-    step = max(1, math.isqrt(labels.size // _BACKGROUND_SAMPLES))
-    grid, grid_labels = colour[::step, ::step], labels[::step, ::step]
+    grid, grid_labels = _grid(colour, labels.size), _grid(labels, labels.size)
     pixels = grid[grid_labels == 0] if (grid_labels == 0).any() else grid.reshape(-1, *grid.shape[2:])
     return np.broadcast_to(np.median(pixels, axis=0), (3,)).astype(np.float32)
 
@@ -142,9 +156,13 @@ class CropSampler:
         # padding and blanking are multiplications by 0, and roi_align's zeros outside its
         # input are background too.
         mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
+        # Levels beyond black and white (see black_and_white) are clipped; 8-bit has none.
+        self._clips = colour.dtype != np.uint8
         normalisation = _Normalisation(
             gain=torch.tensor(gain),
             shift=torch.from_numpy(-black * gain - background),
+            low=torch.from_numpy(-background),
+            high=torch.from_numpy(1 - background),
             # (shifted + background - mean) / std == shifted * scale + offset
             scale=1.0 / std_t,
             offset=(torch.from_numpy(background).view(1, 3, 1, 1) - mean_t) / std_t,
@@ -196,7 +214,10 @@ class CropSampler:
         if pixels.ndim == 3:
             pixels = pixels[..., None]
         norm = self._normalisation
-        windows = (pixels.float() * norm.gain + norm.shift) * keep[..., None]
+        windows = pixels.float() * norm.gain + norm.shift
+        if self._clips:
+            windows = torch.maximum(torch.minimum(windows, norm.high), norm.low)
+        windows = windows * keep[..., None]
         local = torch.as_tensor(boxes - np.tile(corner, 2), dtype=torch.float32, device=self.home)
         indexed = torch.cat([torch.arange(len(local), device=self.home, dtype=torch.float32)[:, None], local], 1)
         channels_first = windows.permute(0, 3, 1, 2).contiguous()
@@ -207,10 +228,13 @@ class CropSampler:
 @dataclass(frozen=True, eq=False)  # tensors do not compare to a bool
 class _Normalisation:
     """How a smear pixel becomes a model input: ``pixel * gain + shift`` in its window (0 is the
-    smear's background colour), then ``* scale + offset`` after resampling."""
+    smear's background colour) kept within ``low`` and ``high`` (black and white), then
+    ``* scale + offset`` after resampling."""
 
     gain: torch.Tensor
     shift: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor
 
