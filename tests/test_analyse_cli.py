@@ -306,6 +306,18 @@ def test_smears_are_listed_and_named_as_napari_names_their_layers(tmp_path):
     assert smear_names([Path("1.jpg"), Path("1.png"), Path("2.png")]) == ["1.jpg", "1.png", "2"]  # run in the folder
 
 
+def test_the_pictures_of_earlier_runs_and_exports_are_not_taken_for_smears(tmp_path):
+    day = tmp_path / "day1"
+    for relative in ("1.jpg", "run1/cells.csv", "run1/galleries/1.png", "mine.csv", "mine_galleries/1.png",
+                     "run2/old.png", "galleries/2.jpg", "x_galleries/3.jpg"):  # the last two: no table beside
+        (day / relative).parent.mkdir(parents=True, exist_ok=True)
+        (day / relative).write_bytes(b"")
+    found = list_smears([day], leave_out=day / "run2")  # this run's output folder
+    assert [path.relative_to(day).as_posix() for path in found] == ["1.jpg", "galleries/2.jpg", "x_galleries/3.jpg"]
+    assert [path.name for path in list_smears([day], leave_out=day)] == ["1.jpg", "2.jpg", "old.png", "3.jpg"]
+    assert list_smears([day / "run1" / "galleries"]) == sorted((day / "run1" / "galleries").iterdir())  # asked for
+
+
 def test_the_console_command_is_installed():
     finished = subprocess.run([Path(sys.executable).with_name("reddino-analyse"), "--help"], capture_output=True,
                               text=True, check=True)

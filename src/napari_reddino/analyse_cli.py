@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .atomic_files import PartlyWrittenError
-from .batch_analysis import SmearAnalysis, list_smears, read_smear, smear_names
+from .batch_analysis import GALLERIES, SmearAnalysis, list_smears, read_smear, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
@@ -21,7 +21,6 @@ from .wording import counted
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
 DEFAULT_MODEL = "reddino-small"
-GALLERIES = "galleries"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +104,7 @@ def _analyse(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         raise _Refused(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "
                        "replace them, or choose another --out.")
-    smears = list_smears(args.smears)
+    smears = list_smears(args.smears, leave_out=out)
     missing = [str(path) for path in smears if not path.is_file()]
     if missing:
         raise _Refused(f"no such file: {', '.join(missing)}")

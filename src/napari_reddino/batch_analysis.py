@@ -26,6 +26,7 @@ from .segmentation import segment_cells
 from .steps import Progress, run_steps
 
 SMEAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+GALLERIES = "galleries"  # reddino-analyse's folder of class galleries, beside its cells.csv
 
 
 @dataclass
@@ -37,13 +38,23 @@ class SmearCells:
     metadata: dict = field(default_factory=dict)
 
 
-def list_smears(sources: Sequence[str | os.PathLike]) -> list[Path]:
-    """Every smear named: files as given, folders searched for images (any depth, sorted)."""
+def list_smears(sources: Sequence[str | os.PathLike], *, leave_out: str | os.PathLike | None = None) -> list[Path]:
+    """Every smear named: files as given, folders searched for images (any depth, sorted), but
+    not in a folder below them that is ``leave_out`` (this run's output folder) or holds the
+    class galleries an earlier export or run drew beside its table (:func:`is_gallery_folder`):
+    those pictures are no smears."""
+    skipped = Path(leave_out).resolve() if leave_out is not None else None
+
+    def is_smear(path: Path, source: Path) -> bool:
+        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in SMEAR_SUFFIXES:
+            return False
+        between = [source / folder for folder in path.relative_to(source).parents[:-1]]
+        return not any(folder.resolve() == skipped or is_gallery_folder(folder) for folder in between)
+
     found = []
     for source in map(Path, sources):
         if source.is_dir():
-            found.extend(sorted(path for path in source.rglob("*") if path.is_file() and not path.name.startswith(".")
-                                and path.suffix.lower() in SMEAR_SUFFIXES))
+            found.extend(sorted(path for path in source.rglob("*") if is_smear(path, source)))
         else:
             found.append(source)
     unique, seen = [], set()
@@ -52,6 +63,13 @@ def list_smears(sources: Sequence[str | os.PathLike]) -> list[Path]:
             seen.add(path.resolve())
             unique.append(path)
     return unique
+
+
+def is_gallery_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds the class galleries of a table beside it: ``galleries/`` beside a
+    ``reddino-analyse`` run's ``cells.csv``, or ``<name>_galleries/`` beside an export's ``<name>.csv``."""
+    table = "cells" if folder.name == GALLERIES else folder.name.removesuffix("_galleries")
+    return table != folder.name and (folder.parent / f"{table}.csv").is_file()
 
 
 def read_smear(path: str | os.PathLike) -> np.ndarray:
