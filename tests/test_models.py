@@ -1,12 +1,15 @@
 """Model registry and loading, through the real loading code, offline, on models made here."""
 
 import hashlib
+import http.server
 import json
 import math
 import shutil
+import threading
 import time
 
 import numpy as np
+import huggingface_hub
 import pytest
 import timm
 import torch
@@ -158,6 +161,39 @@ def test_unreachable_hub_fails_within_a_second_without_retrying(hub_cache, monke
     with pytest.raises(ModelNotAvailableError, match="cannot connect to 127.0.0.1:9"):
         load_model("hf_hub:lab/never-downloaded")
     assert time.perf_counter() - started < 1.5
+
+
+@pytest.fixture
+def hub_without_files(hub_cache, monkeypatch):
+    """A local stand-in for the Hub that has the repo but none of the files asked for."""
+
+    class NoSuchFile(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("X-Error-Message", "Entry not found")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchFile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, when it was imported
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    yield
+    server.shutdown()
+
+
+def test_a_hub_repo_without_a_timm_config_is_refused_saying_so(hub_without_files):
+    with pytest.raises(CheckpointError, match=r"Hugging Face repo lab/not-timm has no config.json, so it is no timm "):
+        load_model("hf_hub:lab/not-timm")
 
 
 def test_download_progress_reports_bytes_even_with_progress_bars_disabled():

@@ -400,7 +400,11 @@ def _hub_snapshot(hub_id: str, name: str, download_progress: DownloadProgress | 
             f"{CONFIG_FILE} and {WEIGHT_FILES[0]} from https://huggingface.co/{repo_id} in a folder and "
             f"load that folder (Embed cells: Browse…; Python: load_embedder('/path/to/folder'))."
         )
-    config = _download(repo_id, CONFIG_FILE, revision, settings, download_progress)
+    try:
+        config = _download(repo_id, CONFIG_FILE, revision, settings, download_progress)
+    except EntryNotFoundError as error:
+        raise CheckpointError(f"Hugging Face repo {repo_id} has no {CONFIG_FILE}, so it is no timm model (timm's "
+                              "config says which network its weights fit).") from error
     for weights_name in WEIGHT_FILES:
         try:
             _download(repo_id, weights_name, revision, settings, download_progress)
