@@ -237,9 +237,18 @@ def test_cells_unlike_those_the_head_was_trained_among_are_beyond_its_reach(tmp_
     about = json.loads((tmp_path / "head.json").read_text())
     (tmp_path / "head.json").write_text(json.dumps({key: value for key, value in about.items() if key != "reach"}))
     assert not CellClassifier.load(tmp_path / "head").beyond_reach(shifted, measurements=smear_table).any()
-    (tmp_path / "head.json").write_text(json.dumps({**about, "reach": "far"}))
-    with pytest.raises(ValueError, match="reach"):
-        CellClassifier.load(tmp_path / "head")
+    for wrong in ("far", -1.0):
+        (tmp_path / "head.json").write_text(json.dumps({**about, "reach": wrong}))
+        with pytest.raises(ValueError, match="reach"):
+            CellClassifier.load(tmp_path / "head")
+
+
+def test_a_head_fitted_among_cells_all_alike_saves_and_loads(tmp_path):
+    """A model that gives every cell one vector (a broken or dummy one) leaves a reach of 0."""
+    head = CellClassifier(["normal", "spherocyte"]).fit(np.ones((20, 8), np.float32), ["normal", "spherocyte"] * 10)
+    assert head.reach == 0
+    head.save(tmp_path / "head")
+    assert CellClassifier.load(tmp_path / "head").reach == 0
 
 
 def test_a_head_saved_into_a_missing_folder_names_that_folder(tmp_path, smear_table):

@@ -337,8 +337,8 @@ def _read_about(path: Path) -> dict:
     wrong = [f"{key} ({type(about[key]).__name__}, not {getattr(kind, '__name__', kind)})"
              for key, kind in types.items() if not isinstance(about[key], kind) or isinstance(about[key], bool)]
     reach, class_ids = about.get("reach"), about.get("class_ids", {})  # heads saved before them have none
-    if reach is not None and (isinstance(reach, bool) or not isinstance(reach, int | float) or not reach > 0):
-        wrong.append(f"reach ({reach!r}, not a positive number)")
+    if reach is not None and (isinstance(reach, bool) or not isinstance(reach, int | float) or not reach >= 0):
+        wrong.append(f"reach ({reach!r}, not a number of at least 0)")  # 0: its cells all alike
     if not isinstance(class_ids, dict) or not all(isinstance(v, str) for v in class_ids.values()):
         wrong.append("class_ids (not a mapping of class names to ids)")
     if wrong:
