@@ -189,7 +189,8 @@ def find_model_files(
         return _folder_files(path)
     if path.is_file():
         return _single_file(path, architecture)
-    if name.startswith(LOCAL_PREFIX) or path.suffix in (".safetensors", *PICKLE_SUFFIXES) or os.sep in name:
+    if name.startswith(LOCAL_PREFIX) or path.suffix in (".safetensors", *PICKLE_SUFFIXES) or any(
+            sep in name for sep in (os.sep, os.altsep) if sep):  # Windows takes C:/models/s1 too
         raise UnknownModelError(f"No such model file or folder: {path}. ({describe_names()})")
     raise UnknownModelError(f"Unknown model {name!r}: {describe_names()}.")
 
