@@ -249,6 +249,22 @@ def test_a_csv_from_before_the_layer_column_is_read_by_image(smear, tmp_path):
     assert report.classes == ["spherocyte", "target cell", "NA"]
 
 
+def test_a_csv_saved_again_by_a_spreadsheet_in_another_locale_gives_its_labels(smear, tmp_path):
+    yesterday = labelled(cells_layer(smear))
+    yesterday.features["manual_label"] = yesterday.features["manual_label"].replace("target cell", "Schießscheibe")
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    assert (tmp_path / "cells.csv").read_bytes().startswith(b"\xef\xbb\xbflayer,")  # Excel reads it as UTF-8
+    table = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
+    assert table.columns[0] == "layer" and "Schießscheibe" in set(table["manual_label"])
+    # German Excel's "CSV (Trennzeichen-getrennt)": Windows-1252, fields split by ;, decimal commas
+    table.to_csv(tmp_path / "excel.csv", index=False, sep=";", decimal=",", encoding="cp1252")
+    assert b";" in (tmp_path / "excel.csv").read_bytes()[:100] and b"\xdf" in (tmp_path / "excel.csv").read_bytes()
+    today = cells_layer(smear)
+    report = import_manual_labels(tmp_path / "excel.csv", today)
+    assert today.features["manual_label"].tolist() == yesterday.features["manual_label"].tolist()
+    assert report.classes == ["spherocyte", "Schießscheibe", "NA"]
+
+
 @pytest.mark.parametrize("content, says", [
     ("layer,image,label,manual_label,centroid_x,centroid_y\n1 cells,1,abc,normal,10,10\n1 cells,1,2,,x,1\n",
      r"cells.csv has 1 labelled row without a whole-number label or a centroid \(lines 2\)"),

@@ -46,7 +46,8 @@ def export_cells_csv(path, cells, *, embeddings_path=None, summary_path=None, cl
     path = Path(path)
     writers: dict[Path, Callable[[IO[bytes]], object]] = {}
     table = cells_table(layers)
-    writers[path] = lambda handle: _float32_as_float64(table).to_csv(handle, index=False)
+    # With the byte-order mark, Excel reads class names beyond ASCII (Stomatozyt, drépanocyte) as written.
+    writers[path] = lambda handle: _float32_as_float64(table).to_csv(handle, index=False, encoding="utf-8-sig")
     if embeddings_path is not None:
         embeddings_path = Path(embeddings_path)
         if embeddings_path.suffix != ".npz":
@@ -60,7 +61,7 @@ def export_cells_csv(path, cells, *, embeddings_path=None, summary_path=None, cl
         if summary_path.resolve() in {target.resolve() for target in writers}:
             raise ValueError(f"The summary would overwrite the export's other file {summary_path.name}; name it apart.")
         summary = summarise_smears(layers, classes)
-        writers[summary_path] = lambda handle: summary.to_csv(handle, index=False)
+        writers[summary_path] = lambda handle: summary.to_csv(handle, index=False, encoding="utf-8-sig")
     if not overwrite:
         for target in writers:
             if target.exists():
