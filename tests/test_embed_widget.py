@@ -427,7 +427,9 @@ def test_the_cells_whose_embeddings_changed_are_those_a_new_run_gives_another_ve
     store_embeddings(layer, [2, 5, 9], vectors, model_id="m", fingerprint="f")
     run.embeddings[1, 0] += 1
     np.testing.assert_array_equal(changed_embeddings(layer, run), [5, 11])  # another vector; a new cell
-    store_embeddings(layer, [2, 5, 9], vectors, model_id="another model", fingerprint="f")
+    store_embeddings(layer, [2, 5, 9], vectors, model_id="the same weights by another name", fingerprint="f")
+    np.testing.assert_array_equal(changed_embeddings(layer, run), [5, 11])  # the vectors decide
+    store_embeddings(layer, [2, 5, 9], vectors[:, :2], model_id="m", fingerprint="f")  # of another size
     np.testing.assert_array_equal(changed_embeddings(layer, run), [2, 5, 9, 11])
     store_embeddings(layer, [], np.zeros((0, 4)), model_id="m", fingerprint="f")
     np.testing.assert_array_equal(changed_embeddings(layer, run), [2, 5, 9, 11])

@@ -1,6 +1,7 @@
 """Embedding cells with a tiny real ViT loaded through load_embedder."""
 
 import gc
+import shutil
 import threading
 import weakref
 from importlib.resources import files
@@ -129,9 +130,13 @@ def test_an_earlier_run_lends_its_embeddings_to_cells_whose_crops_are_unchanged(
     assert not np.allclose(painted.embeddings[1], first.embeddings[1], atol=1e-3)
 
 
-def test_an_earlier_run_of_another_model_or_without_its_vectors_lends_nothing(embedder, tmp_path):
+def test_an_earlier_run_of_another_model_or_without_its_vectors_lends_nothing(embedder, tiny_folder, tmp_path):
     image, labels = three_cells()
     first = run_steps(embedder.embed_steps(image, labels))
+    copied = load_embedder(shutil.copytree(tiny_folder[1], tmp_path / "a colleague's copy"), device="cpu",
+                           dtype="float32")
+    assert copied.model_id != first.model_id  # the same weights by another name lend everything
+    assert run_steps(copied.embed_steps(image, labels, reuse=first)).reused == 3
     other = load_embedder(save_folder(tiny_vit(seed=1), tmp_path / "other"), device="cpu", dtype="float32")
     assert run_steps(other.embed_steps(image, labels, reuse=first)).reused == 0
     dropped = EmbeddedCells(first.ids, first.embeddings[:, :0], first.checks, first.model_id)  # reddino-analyse's

@@ -141,10 +141,10 @@ def earlier_run(layer) -> EmbeddedCells | None:
 
 def changed_embeddings(layer, run: EmbeddedCells) -> np.ndarray:
     """The label ids of ``run`` whose embedding is not the one stored on ``layer`` (all of them
-    when it has none, of another model, or without vectors): what a head predicted for those
-    cells no longer holds. Call it before storing ``run``."""
+    when it has none, or none of that size): what a head predicted for those cells no longer
+    holds. The vectors decide, not the model's name. Call it before storing ``run``."""
     stored = embeddings_of(layer)
-    if stored is None or stored[2] != run.model_id or stored[1].shape[1:] != run.embeddings.shape[1:]:
+    if stored is None or stored[1].shape[1:] != run.embeddings.shape[1:]:
         return np.asarray(run.ids)
     ids, vectors, _ = stored
     rows = np.clip(np.searchsorted(ids, run.ids), 0, max(len(ids) - 1, 0))

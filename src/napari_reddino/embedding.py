@@ -45,6 +45,7 @@ from .models import (
     local_version,
 )
 from .bf16_speed import bf16_saves_time
+from .model_ids import same_model
 from .steps import Progress, StepsCancelled, run_steps
 
 # Peak activation memory of one image in a ViT forward, as a multiple of its input tensor's
@@ -217,7 +218,7 @@ class Embedder:
             windows = windows.of(ids)
         embeddings = np.zeros((len(windows), self.dim), dtype=np.float32)
         checks = np.zeros((len(windows), 2), dtype=np.float32)
-        if reuse is not None and (reuse.model_id != self.model_id or reuse.checks is None
+        if reuse is not None and (not same_model(reuse.model_id, self.model_id) or reuse.checks is None
                                   or reuse.embeddings.shape[1:] != (self.dim,)):  # vectors dropped, or another model
             reuse = None
         reused = 0
