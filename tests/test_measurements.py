@@ -12,7 +12,7 @@ from skimage.draw import disk, ellipse
 from skimage.filters import gaussian
 from skimage.io import imread
 
-from napari_reddino import measure_cells, segment_cells
+from napari_reddino import measure_cells, measurements, segment_cells
 
 DATA = Path(__file__).parent / "data"
 SLIDE = (225, 230, 228)
@@ -186,3 +186,12 @@ def test_real_smear_table_is_sane():
                 if np.setdiff1d(labels[ndi.binary_dilation(labels == label, np.ones((3, 3)))], [0, label]).size}
     assert set(table.loc[table["outline_shared"] > 0, "label"]) == touching
     assert 0.5 < (table["outline_shared"] == 0).mean() < 0.9
+
+
+def test_a_smear_summed_in_many_strips_gives_the_table_of_one(monkeypatch):
+    """Large smears are summed strip by strip; where the strips join must not show."""
+    image = imread(DATA / "chula_rbc12" / "1.jpg")
+    labels = segment_cells(image)
+    whole = measure_cells(labels, image)
+    monkeypatch.setattr(measurements, "STRIP_PIXELS", 7 * image.shape[1] + 5)  # 7 rows: cells span many strips
+    pd.testing.assert_frame_equal(measure_cells(labels, image), whole, rtol=1e-12)

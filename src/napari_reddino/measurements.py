@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from skimage.measure import perimeter_crofton
-from skimage.segmentation import find_boundaries
 
 from .cell_separation import convex_corners, distance_to_background, hull_pixels
-from .image_input import check_labels, check_smear, colour_planes, fit_stain_model
+from .image_input import channels, check_labels, check_smear, fit_stain_model
 
 # Depth into the cell, as a share of its deepest point: the centre is the inner part, the rim
 # the ring where a discocyte is thickest. The outermost ring is left out of the rim: blur
@@ -17,6 +18,7 @@ from .image_input import check_labels, check_smear, colour_planes, fit_stain_mod
 CENTRE, RIM = 0.6, (0.2, 0.4)
 DIAGONAL = 1 / np.sqrt(2)  # a diagonal pixel pair spans sqrt 2 of a row or column pair
 _LENGTHS_PX = ["perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px"]
+STRIP_PIXELS = 2**20  # pixels per strip of rows whose per-cell sums are taken at once
 
 
 def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.DataFrame:
@@ -36,12 +38,14 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
     perimeter = table["perimeter_px"].to_numpy()
     circularity = np.divide(4 * np.pi * table["area_px"].to_numpy(), perimeter**2, out=np.zeros(ids.size), where=perimeter > 0)
     table["circularity"] = np.minimum(circularity, 1.0)
-    planes = colour_planes(image)
+    planes = channels(image)  # views: the sums take each strip's values as they are
     names = ["mean_gray"] if len(planes) == 1 else ["mean_red", "mean_green", "mean_blue"]
-    for name, plane in zip(names, planes):
-        table[name] = ndi.mean(plane, labels, ids) if ids.size else []
+    area = table["area_px"].to_numpy()
+    sums = sums_per_cell(labels, lambda rows: [plane[rows] for plane in planes])
+    for name, total in zip(names, sums):
+        table[name] = total[ids] / area
     stain = fit_stain_model(image)
-    table["central_pallor"] = central_pallor(labels, stain.density(image), ids)
+    table["central_pallor"] = central_pallor(labels, lambda rows: stain.density(image[rows]), ids)
     table["outline_shared"] = outline_shared(labels, ids)
     boxes = table[["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].to_numpy()
     table["touches_border"] = cut_by_field_edge(labels, ids, boxes, stain.outside_field(image))
@@ -90,8 +94,9 @@ def outline_shared(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.divide(shared[ids], outline[ids], out=np.zeros(len(ids)), where=outline[ids] > 0)
 
 
-def central_pallor(labels: np.ndarray, density: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """1 - (stain density in a cell's centre / density in its rim), per cell.
+def central_pallor(labels: np.ndarray, density_of: Callable[[slice], np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """1 - (stain density in a cell's centre / density in its rim), per cell; ``density_of(rows)``
+    gives the density of a slice of the image's rows.
 
     About 0 for a uniformly stained cell (spherocyte), 0.3-0.6 for a normal biconcave cell,
     near 1 for a hypochromic ghost; lower than normal for a target cell's dense centre. Centre and rim
@@ -99,35 +104,76 @@ def central_pallor(labels: np.ndarray, density: np.ndarray, ids: np.ndarray) -> 
     """
     if ids.size == 0:
         return np.zeros(0)
-    interior = (labels > 0) & ~find_boundaries(labels, mode="inner")
+    interior = _interior(labels)
     depth = distance_to_background(interior)
+    del interior
     deepest = np.zeros(int(labels.max()) + 1)
-    np.maximum.at(deepest, labels.ravel(), depth.ravel())  # ~15x faster than ndi.maximum
-    relative = depth / np.maximum(deepest[labels], 1e-9)
+    boxes = ndi.find_objects(labels)
+    for i in ids:  # in each cell's box: np.maximum.at over the image took 2.5 s at 48 M pixels
+        box = boxes[i - 1]
+        deepest[i] = depth[box][labels[box] == i].max()
+
+    def centre_and_rim(rows: slice) -> list[np.ndarray]:
+        cells = labels[rows]
+        relative = depth[rows] / np.maximum(deepest[cells], 1e-9)
+        density = density_of(rows)
+        centre, rim = relative >= CENTRE, (relative >= RIM[0]) & (relative < RIM[1])
+        return [density * centre, centre, density * rim, rim]
+
+    centre_sum, centre_count, rim_sum, rim_count = (total[ids] for total in sums_per_cell(labels, centre_and_rim))
     with np.errstate(divide="ignore", invalid="ignore"):  # a cell of a few pixels may have no rim: 0
-        centre = ndi.mean(density, np.where(relative >= CENTRE, labels, 0), ids)
-        rim = ndi.mean(density, np.where((relative >= RIM[0]) & (relative < RIM[1]), labels, 0), ids)
-        pallor = 1.0 - np.asarray(centre) / np.asarray(rim)
+        pallor = 1.0 - (centre_sum / centre_count) / (rim_sum / rim_count)
     return np.nan_to_num(np.clip(pallor, -1.0, 1.0))
+
+
+def _interior(labels: np.ndarray) -> np.ndarray:
+    """Cell pixels whose four neighbours belong to the same cell (beyond the image's border
+    counts as the same): ``find_boundaries(mode="inner")``'s complement, from four comparisons
+    instead of two grey-level filters (2.7 s at 48 M pixels)."""
+    interior = labels > 0
+    interior[1:] &= labels[1:] == labels[:-1]
+    interior[:-1] &= labels[:-1] == labels[1:]
+    interior[:, 1:] &= labels[:, 1:] == labels[:, :-1]
+    interior[:, :-1] &= labels[:, :-1] == labels[:, 1:]
+    return interior
+
+
+def sums_per_cell(labels: np.ndarray, values_of: Callable[[slice], list[np.ndarray]]) -> list[np.ndarray]:
+    """Per label id, the sum over its pixels of each array ``values_of(rows)`` gives for a slice of
+    rows (arrays of that strip's shape, or broadcast to it). Strip by strip, so that no value
+    ever spans the whole image: its memory stays that of a strip, and a large smear no slower
+    per pixel than a small one."""
+    height, width = labels.shape
+    count = int(labels.max(initial=0)) + 1
+    step = max(1, STRIP_PIXELS // max(width, 1))
+    totals: list[np.ndarray] | None = None
+    for top in range(0, height, step):
+        rows = slice(top, min(top + step, height))
+        cells = labels[rows].ravel()
+        shape = labels[rows].shape
+        parts = [np.bincount(cells, weights=np.broadcast_to(values, shape).ravel(), minlength=count)
+                 for values in values_of(rows)]
+        totals = parts if totals is None else [total + part for total, part in zip(totals, parts)]
+    return totals or []
 
 
 def shape_table(labels: np.ndarray) -> pd.DataFrame:
     """Position, size and shape columns, from image moments computed for all cells at once."""
-    rows, cols = np.indices(labels.shape, sparse=True)
-    flat = labels.ravel()
-    count = np.bincount(flat, minlength=int(labels.max()) + 1).astype(float)
+    count = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1).astype(float)
     ids = np.flatnonzero(count)
     ids = ids[ids > 0]
+    cols = np.arange(labels.shape[1], dtype=np.float64)
 
-    def per_cell(values) -> np.ndarray:
-        sums = np.bincount(flat, weights=np.broadcast_to(values, labels.shape).ravel(), minlength=count.size)
-        return sums[ids] / count[ids]
+    def moments(rows: slice) -> list[np.ndarray]:
+        row = np.arange(rows.start, rows.stop, dtype=np.float64)[:, None]
+        return [row, cols, row * row, cols * cols, row * cols]
 
-    cy, cx = per_cell(rows), per_cell(cols)
+    sy, sx, syy, sxx, sxy = (total[ids] / count[ids] for total in sums_per_cell(labels, moments))
+    cy, cx = sy, sx
     # Central second moments (+1/12: a pixel is a unit square, not a point).
-    mu_yy = per_cell(rows.astype(float) ** 2) - cy**2 + 1 / 12
-    mu_xx = per_cell(cols.astype(float) ** 2) - cx**2 + 1 / 12
-    mu_xy = per_cell(rows * cols) - cy * cx
+    mu_yy = syy - cy**2 + 1 / 12
+    mu_xx = sxx - cx**2 + 1 / 12
+    mu_xy = sxy - cy * cx
     spread = np.sqrt(((mu_yy - mu_xx) / 2) ** 2 + mu_xy**2)
     major_var = (mu_yy + mu_xx) / 2 + spread
     minor_var = np.maximum((mu_yy + mu_xx) / 2 - spread, 0)
