@@ -11,6 +11,7 @@ from scipy import ndimage as ndi
 from skimage.draw import disk, ellipse
 from skimage.filters import gaussian
 from skimage.io import imread
+from skimage.segmentation import find_boundaries
 
 from napari_reddino import measure_cells, measurements, segment_cells
 
@@ -195,3 +196,12 @@ def test_a_smear_summed_in_many_strips_gives_the_table_of_one(monkeypatch):
     whole = measure_cells(labels, image)
     monkeypatch.setattr(measurements, "STRIP_PIXELS", 7 * image.shape[1] + 5)  # 7 rows: cells span many strips
     pd.testing.assert_frame_equal(measure_cells(labels, image), whole, rtol=1e-12)
+
+
+def test_a_cells_interior_is_what_lies_inside_its_inner_boundary():
+    """measurements' own four comparisons against skimage's find_boundaries, on random cells."""
+    rng = np.random.default_rng(3)
+    labels = ndi.zoom(rng.integers(0, 6, (12, 15)), 4, order=0).astype(np.int32)  # blocks touching the border
+    labels[rng.random(labels.shape) < 0.05] = 0
+    expected = (labels > 0) & ~find_boundaries(labels, mode="inner")
+    np.testing.assert_array_equal(measurements._interior(labels), expected)
