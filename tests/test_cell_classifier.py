@@ -202,6 +202,24 @@ def test_prediction_refuses_missing_measurements_and_other_embedding_sizes(smear
         head.predict_proba(noise[:, :5], measurements=smear_table)
 
 
+def test_held_out_recall_is_each_class_s_share_named_right_when_left_out_of_training():
+    embeddings, truth = separable(per_class=20)
+    head = CellClassifier(["normal", "spherocyte", "target cell"]).fit(embeddings, truth)
+    assert head.held_out_recall(embeddings, truth) == {"normal": 1.0, "spherocyte": 1.0, "target cell": 1.0}
+    # Spherocytes and target cells made alike: left out, half of them or so are taken for the other.
+    alike = embeddings.copy()
+    alike[truth == "target cell"] = alike[truth == "spherocyte"] + np.random.default_rng(1).normal(
+        scale=0.1, size=(20, alike.shape[1]))
+    head.fit(alike, truth)
+    recall = head.held_out_recall(alike, truth)
+    assert recall["normal"] == 1.0 and recall["spherocyte"] + recall["target cell"] < 1.5
+    assert recall == head.held_out_recall(alike, truth)  # the same folds every time
+    few = truth.copy()
+    few[np.flatnonzero(truth == "target cell")[1:]] = ""  # one labelled target cell: nothing to leave out
+    head.fit(embeddings, few)
+    assert head.held_out_recall(embeddings, few) is None
+
+
 def trained_head(smear_table) -> tuple[CellClassifier, np.ndarray]:
     noise = np.random.default_rng(0).normal(size=(len(smear_table), 8))
     labels = np.where(smear_table["circularity"] > 0.8, "normal", "schistocyte").astype(object)

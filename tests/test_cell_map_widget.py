@@ -2,6 +2,7 @@
 smear colours, labels, linear head, review, CSV export, head saved and applied to another smear."""
 
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,6 +177,9 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     cells.features = cells.features.assign(p_value=0.05)  # a column of the lab's own, not a class's probability
     widget.train()
     assert widget.colour_by.value == PREDICTED
+    assert re.search(r"every cell has a predicted class\. On labelled cells left out of its training in turn, it "
+                     r"named \d+% right \(mean over classes; weakest: (normal|spherocyte), \d+%\)\.$",
+                     widget.status.value)
     predicted = cells.features.set_index("label").loc[ids]
     assert set(predicted["predicted_class"]) <= {"normal", "spherocyte"}
     probabilities = predicted[["p_normal", "p_spherocyte"]].to_numpy()

@@ -128,6 +128,15 @@ def left_out(viewer) -> str:
                    and (newer := segmented_again_as(viewer, layer)))
 
 
+def held_out_words(recall: dict[str, float] | None) -> str:
+    """What :meth:`CellClassifier.held_out_recall` found, in a sentence for the status line."""
+    if recall is None:
+        return "Label two cells or more of each class to see how it does on cells it was not trained on."
+    weakest = min(recall, key=recall.get)
+    return (f"On labelled cells left out of its training in turn, it named {np.mean(list(recall.values())):.0%} "
+            f"right (mean over classes; weakest: {weakest}, {recall[weakest]:.0%}).")
+
+
 class CellMapWidget(MapExport, JobWidget):
     """UMAP of the embedded cells, lasso and click selection, labelling, linear head, export."""
 
@@ -699,8 +708,10 @@ class CellMapWidget(MapExport, JobWidget):
         classifier.class_ids = {name: self.class_list.id_of(name) for name in classifier.classes}
         self._predict(classifier, self.pool, classifier.predict_proba(self.pool.embeddings, measurements=table))
         taught = int((labels != UNLABELLED).sum())
-        self.status.value = (f"Head trained on {taught:,} labelled cells in {time.perf_counter() - started:.2f} s; "
-                             f"every cell has a predicted class.")
+        seconds = time.perf_counter() - started
+        recall = classifier.held_out_recall(self.pool.embeddings, labels, measurements=table)
+        self.status.value = (f"Head trained on {taught:,} labelled cells in {seconds:.2f} s; every cell has a "
+                             f"predicted class. {held_out_words(recall)}")
 
     def _predict(self, classifier: CellClassifier, pool: PooledCells, proba: np.ndarray,
                  unlike: np.ndarray | None = None) -> None:
