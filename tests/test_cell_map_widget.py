@@ -178,7 +178,8 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     widget.train()
     assert widget.colour_by.value == PREDICTED
     assert re.search(r"every cell has a predicted class\. On labelled cells left out of its training in turn, it "
-                     r"named \d+% right \(mean over classes; weakest: (normal|spherocyte), \d+%\)\.$",
+                     r"named \d+% right \(mean over classes; weakest: (normal|spherocyte), \d+%\); expect less on "
+                     r"other smears\.$",
                      widget.status.value)
     predicted = cells.features.set_index("label").loc[ids]
     assert set(predicted["predicted_class"]) <= {"normal", "spherocyte"}

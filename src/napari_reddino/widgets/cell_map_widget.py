@@ -134,7 +134,7 @@ def held_out_words(recall: dict[str, float] | None) -> str:
         return "Label two cells or more of each class to see how it does on cells it was not trained on."
     weakest = min(recall, key=recall.get)
     return (f"On labelled cells left out of its training in turn, it named {np.mean(list(recall.values())):.0%} "
-            f"right (mean over classes; weakest: {weakest}, {recall[weakest]:.0%}).")
+            f"right (mean over classes; weakest: {weakest}, {recall[weakest]:.0%}); expect less on other smears.")
 
 
 class CellMapWidget(MapExport, JobWidget):
