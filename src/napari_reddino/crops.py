@@ -47,7 +47,7 @@ from .crop_windows import (  # noqa: F401  (re-exported: the crop settings are p
     CropScale,
     cell_windows,
 )
-from .image_input import check_labels, check_smear, colour_planes
+from .image_input import check_labels, check_smear, colour_planes, subsample
 
 CropMode = Literal["context", "masked"]
 CROP_MODES: tuple[CropMode, ...] = ("context", "masked")
@@ -90,12 +90,13 @@ def black_and_white(colour: np.ndarray) -> tuple[float, float]:
     8-bit: 0 and 255. Wider integers: 0 and the largest value of the bit depth in use (12-bit
     cameras store in uint16). Floats: 0 and 1 when they lie about there (a flat-field
     correction overshoots 1), 0 and 255 when they look like 8-bit levels, else their range.
-    The levels in use are read from the brightest and darkest :data:`_LEVEL_PERCENTILE` of the
-    pixels, not the extremes: one hot pixel must not halve the brightness of every crop.
+    The levels in use are read from all but the brightest and darkest :data:`_LEVEL_PERCENTILE`
+    of a grid of pixels (``image_input.subsample``), not from the extremes: one hot pixel must not
+    halve the brightness of every crop.
     """
     if colour.dtype == np.uint8:
         return 0.0, 255.0
-    sample = _grid(colour, colour.shape[0] * colour.shape[1])
+    sample = subsample(colour)
     low, high = (float(value) for value in np.percentile(sample, [_LEVEL_PERCENTILE, 100 - _LEVEL_PERCENTILE]))
     if np.issubdtype(colour.dtype, np.integer):
         return 0.0, float(2 ** math.ceil(math.log2(max(high, 1.0) + 1)) - 1)
@@ -106,16 +107,11 @@ def black_and_white(colour: np.ndarray) -> tuple[float, float]:
     return low, max(high, low + 1e-12)
 
 
-def _grid(array: np.ndarray, size: int) -> np.ndarray:
-    """Every n-th row and column of ``array``: a regular grid of about :data:`_BACKGROUND_SAMPLES` pixels."""
-    step = max(1, math.isqrt(size // _BACKGROUND_SAMPLES))
-    return array[::step, ::step]
-
-
 def background_colour(colour: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Median colour (RGB, in the image's own levels) of the unlabelled pixels (of all pixels when
     every pixel is labelled), from a regular grid of at most about a quarter million pixels."""
-    grid, grid_labels = _grid(colour, labels.size), _grid(labels, labels.size)
+    step = max(1, math.isqrt(labels.size // _BACKGROUND_SAMPLES))
+    grid, grid_labels = colour[::step, ::step], labels[::step, ::step]
     pixels = grid[grid_labels == 0] if (grid_labels == 0).any() else grid.reshape(-1, *grid.shape[2:])
     return np.broadcast_to(np.median(pixels, axis=0), (3,)).astype(np.float32)
 
