@@ -31,6 +31,7 @@ No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,25 +144,26 @@ def carry_manual_labels(source, target) -> LabelImport:
     return report
 
 
-def _spreadsheet_dialect(path: Path) -> dict:
-    """How to read ``path`` as a spreadsheet may have saved it: UTF-8 (with or without the mark
-    Excel adds), else Windows' Western encoding (Excel's plain "CSV"); and where a locale that
-    writes decimal commas saved it, ``;`` between fields and ``,`` in numbers."""
+def _spreadsheet_text(path: Path) -> tuple[io.StringIO, dict]:
+    """The text of ``path`` and how to split it, as a spreadsheet may have saved it: UTF-8 (with
+    or without the mark Excel adds), else Windows' Western encoding (Excel's plain "CSV"); and
+    where a locale that writes decimal commas saved it, ``;`` between fields and ``,`` in numbers."""
     raw = path.read_bytes()
     try:
-        text, encoding = raw.decode("utf-8-sig"), "utf-8-sig"
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        text, encoding = raw.decode("cp1252", errors="replace"), "cp1252"
+        text = raw.decode("cp1252")
     header = text.split("\n", 1)[0]
     semicolons = header.count(";") > header.count(",")
-    return {"encoding": encoding, "sep": ";" if semicolons else ",", "decimal": "," if semicolons else "."}
+    return io.StringIO(text), {"sep": ";" if semicolons else ",", "decimal": "," if semicolons else "."}
 
 
 def _read_labelled_rows(path: Path) -> pd.DataFrame:
     """The rows of ``path`` with a manual label: ``layer``, ``image``, integer ``label``, centroid."""
     try:
-        table = pd.read_csv(path, dtype={"layer": str, "image": str, "manual_label": str}, keep_default_na=False,
-                            **_spreadsheet_dialect(path))
+        text, dialect = _spreadsheet_text(path)
+        table = pd.read_csv(text, dtype={"layer": str, "image": str, "manual_label": str}, keep_default_na=False,
+                            **dialect)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise LabelImportError(f"{path.name} is not a readable CSV ({error}).") from error
     if "whole_cells" in table:
