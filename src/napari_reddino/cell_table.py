@@ -37,17 +37,24 @@ def image_name(layer) -> str:
     return str(name) if name else str(layer.name).removesuffix(" cells")
 
 
+def class_names(table: pd.DataFrame, column: str) -> np.ndarray:
+    """A class column as strings, "" where empty (categorical columns too) or missing."""
+    if column not in table:
+        return np.full(len(table), "", dtype=object)
+    return table[column].astype(object).fillna("").astype(str).to_numpy()
+
+
 def clear_predictions(layer, ids) -> int:
     """Take the head's prediction (class, probability, ``p_<class>``) off the cells ``ids`` of
     ``layer``, whose embeddings changed since; returns how many cells had one."""
     table = pd.DataFrame(layer.features)
     if "predicted_class" not in table or "label" not in table:
         return 0
-    predicted = table["predicted_class"].astype(object).fillna("").astype(str)
-    rows = table["label"].isin(np.asarray(ids)).to_numpy() & (predicted != "").to_numpy()
+    predicted = class_names(table, "predicted_class")
+    rows = table["label"].isin(np.asarray(ids)).to_numpy() & (predicted != "")
     if not rows.any():
         return 0
-    table["predicted_class"] = predicted.where(~rows, "")
+    table["predicted_class"] = np.where(rows, "", predicted)
     probabilities = ["prediction_probability",
                      *(f"p_{name}" for name in layer.metadata.get(PREDICTED_CLASSES, []))]
     for column in (c for c in probabilities if c in table):

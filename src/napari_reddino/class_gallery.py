@@ -23,9 +23,10 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from .atomic_files import write_files_atomically
+from .cell_table import class_names
 from .cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
 from .crop_windows import square_windows
-from .smear_summary import class_names, class_of_each_cell, share_interval
+from .smear_summary import class_of_each_cell, share_interval
 from .wording import counted
 
 ROW_CELLS = 10

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .cell_table import as_layers, cells_table, image_name
+from .cell_table import as_layers, cells_table, class_names, image_name
 
 # A cell that only touches another shares a few % of its outline; one overlapping a neighbour
 # is split from it along a line. Over the whole cells of 36 Chula smears, outline_shared was 0
@@ -62,13 +62,6 @@ def class_of_each_cell(table: pd.DataFrame) -> np.ndarray:
     """Each cell's manual label where it has one, else its predicted class; "" for neither."""
     manual = class_names(table, "manual_label")
     return np.where(manual != "", manual, class_names(table, "predicted_class"))
-
-
-def class_names(table: pd.DataFrame, column: str) -> np.ndarray:
-    """A class column as strings, "" where empty (categorical columns too) or missing."""
-    if column not in table:
-        return np.full(len(table), "", dtype=object)
-    return table[column].astype(object).fillna("").astype(str).to_numpy()
 
 
 def _summary_row(layer, table: pd.DataFrame, whole: pd.DataFrame, names: np.ndarray, classes: list[str]) -> dict:
