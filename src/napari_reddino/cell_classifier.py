@@ -99,7 +99,7 @@ class CellClassifier:
         cells, labelled or not: ``relative_diameter`` compares a cell with all cells of its smear.
         ``measurement_columns=None`` takes the :data:`DEFAULT_MEASUREMENTS` the table allows.
         """
-        names = np.array(["" if pd.isna(label) else str(label) for label in labels], dtype=object)
+        names = _label_names(labels)
         named = set(names) - {""}
         unknown = sorted(named - set(self._class_order)) if self._class_order else []
         if unknown:
@@ -179,7 +179,7 @@ class CellClassifier:
         the labels went to whole clusters of the map at once, since those cells are alike."""
         from sklearn.model_selection import StratifiedKFold
 
-        names = np.array(["" if pd.isna(label) else str(label) for label in labels], dtype=object)
+        names = _label_names(labels)
         labelled = np.isin(names, self.classes)
         targets = np.array([self.classes.index(name) for name in names[labelled]], dtype=np.int64)
         counts = np.bincount(targets, minlength=len(self.classes))
@@ -368,6 +368,11 @@ def _read_about(path: Path) -> dict:
     if wrong:
         raise ValueError(f"{path} is not a readable head: wrong types for {', '.join(wrong)} (edited by hand?).")
     return about
+
+
+def _label_names(labels) -> np.ndarray:
+    """Labels as class names, "" for unlabelled (None, NaN or "")."""
+    return np.array(["" if pd.isna(label) else str(label) for label in labels], dtype=object)
 
 
 def _train(features: np.ndarray, targets: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
