@@ -14,7 +14,9 @@ counts the classes of each smear with at least ``MIN_CELLS`` annotated cells in 
   predicts among the test fold's smears pooled, or within the smear alone (needs no labels).
 
 Prints each way's total variation distance from the annotators' shares (mean and median over
-smears), balanced accuracy and accuracy, then each class's mean share error.
+smears), balanced accuracy and accuracy, then each class's mean share error, then each class's
+mean share in the smears where the annotators found it abundant (at least ``ABUNDANT_TIMES`` its
+mean share and at least ``ABUNDANT_SHARE``): the smears a lab most needs counted right.
 
     python benchmarks/class_shares.py /work/runs/eval29/chula.json
 """
@@ -32,6 +34,7 @@ from napari_reddino.cell_classifier import DEFAULT_MEASUREMENTS
 from reddino_train.evaluate import make_folds
 
 MIN_CELLS = 30
+ABUNDANT_TIMES, ABUNDANT_SHARE = 3, 0.10
 
 
 def out_of_fold_probabilities(eval_json: Path):
@@ -99,6 +102,13 @@ def main() -> None:
     for index, name in enumerate(classes):
         mean_errors = " | ".join(f"{100 * errors[way][:, index].mean():+.1f}" for way in shown)
         print(f"| {name} | {100 * truth[:, index].mean():.1f} % | {mean_errors} |")
+    print("\n| class | smears where abundant | annotated share there | " + " | ".join(shown) + " |\n|---|---:|---:|"
+          + "---:|" * len(shown))
+    for index, name in enumerate(classes):
+        abundant = truth[:, index] >= max(ABUNDANT_TIMES * truth[:, index].mean(), ABUNDANT_SHARE)
+        if abundant.any():
+            counted = " | ".join(f"{100 * (truth + errors[way])[abundant, index].mean():.1f} %" for way in shown)
+            print(f"| {name} | {abundant.sum()} | {100 * truth[abundant, index].mean():.1f} % | {counted} |")
 
 
 if __name__ == "__main__":
