@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from napari.utils.colormaps import ensure_colormap
 
 from napari_reddino.cell_classifier import measurement_features
 from napari_reddino.cell_embeddings import store_embeddings
@@ -17,6 +18,7 @@ from napari_reddino.cell_map import (
     emphasise,
     points_in_polygon,
     rank_lut,
+    value_colours,
 )
 
 
@@ -158,3 +160,13 @@ def test_polygon_selection_and_colours():
     dimmed = emphasise(colours, np.array([True, False, False]))
     np.testing.assert_allclose(dimmed[:, 3], [1.0, MUTED[3] * DIM_FACTOR, MUTED[3] * DIM_FACTOR])
     np.testing.assert_array_equal(emphasise(colours, np.zeros(3, bool)), colours)
+
+
+def test_a_measurement_is_coloured_between_its_2nd_and_98th_percentile():
+    viridis = ensure_colormap("viridis")
+    values = np.r_[np.arange(101.0), np.nan]  # percentiles 2 and 98 are the values 2 and 98
+    colours = value_colours(values, viridis)
+    np.testing.assert_allclose(colours[[0, 2, 50, 98, 100]], viridis.map(np.array([0, 0, 0.5, 1, 1])), atol=1e-6)
+    np.testing.assert_array_equal(colours[-1], MUTED)  # not measured: grey, like an unlabelled cell
+    np.testing.assert_allclose(value_colours(np.full(3, 7.0), viridis), viridis.map(np.zeros(3)))  # all alike
+    np.testing.assert_array_equal(value_colours(np.full(2, np.nan), viridis), [MUTED, MUTED])

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from _model_fixtures import tiny_folder  # noqa: F401  (fixture)
+from napari.utils.colormaps import ensure_colormap
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import QPoint, Qt
 from qtpy.QtTest import QTest
@@ -17,7 +18,7 @@ from qtpy.QtWidgets import QDockWidget, QMessageBox, QScrollArea
 
 from napari_reddino import CellClassifier, embeddings_of
 from napari_reddino.cell_embeddings import labels_digest, store_embeddings
-from napari_reddino.cell_map import DIM_FACTOR
+from napari_reddino.cell_map import DIM_FACTOR, value_colours
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
 from napari_reddino.widgets.cell_map_widget import MANUAL, MIN_WIDTH, PREDICTED, SMEAR_FILL_ALPHA
@@ -213,7 +214,8 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
 
     # Colour by a measurement.
     widget.colour_by.value = "circularity"
-    assert not np.allclose(points.face_color[:, :3], points.face_color[0, :3])
+    np.testing.assert_allclose(points.face_color, value_colours(widget.pool.column("circularity"),
+                                                               ensure_colormap("viridis")), atol=1e-6)
 
     # Export: written, read back column by column; an existing file is replaced only when confirmed.
     assert widget.with_summary.native.text().endswith("(_summary.csv)")  # the name it writes, as it writes it
@@ -344,6 +346,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     # Both smears in one pooled map; a selection maps back to the right image, also once renamed.
     viewer.layers[aslan.metadata["source_image"]].name = "patient 17"
     assert aslan.metadata["source_image"] == "patient 17"
+    widget.colour_by.value = "circularity"
     compute_map(widget, qtbot)
     pool = widget.pool
     assert len(pool) == len(ids) + len(embeddings_of(aslan)[0])
@@ -360,7 +363,9 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     aslan_ids = embeddings_of(aslan)[0]
     assert np.all(overlay_alpha(widget, aslan, aslan_ids) > SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
     assert np.all(overlay_alpha(widget, cells, ids) <= SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
-    assert widget.colour_by.value in (MANUAL, PREDICTED, "circularity")
+    assert widget.colour_by.value == "circularity"  # the colouring chosen before stays with the new map
+    np.testing.assert_allclose(widget.canvas.points.face_color, value_colours(
+        widget.pool.column("circularity"), ensure_colormap("viridis")), atol=1e-6)
     # The head predicted the first smear's map, not this one: review waits for a head on this map.
     widget.review_next()
     assert widget.status.value.startswith("Train the head (or apply a saved one) on this map first")

@@ -108,6 +108,7 @@ def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
     assert model_id.startswith(f"{Path(widget.model_name).name}@sha256:")
     assert DONE.match(widget.status.value).group(1) == f"{len(ids):,}"
     assert not any(str(column).startswith("emb") for column in cells.features.columns)
+    assert_embedded_with_settings(widget, image, cells)
 
     # Unchanged: nothing is recomputed, also from a fresh widget (the embeddings live on the layer).
     stored = cells.metadata[METADATA_KEY]["embeddings"]
@@ -141,6 +142,7 @@ def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
         widget.run()
     assert cells.metadata[METADATA_KEY]["crop_mode"] == "masked"
+    assert_embedded_with_settings(widget, image, cells)
 
     # So is another crop scale; at smear scale each crop shows its cell's size, so the cells'
     # embeddings differ from those at cell scale.
@@ -151,6 +153,16 @@ def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
     record = cells.metadata[METADATA_KEY]
     assert (record["crop_mode"], record["crop_scale"]) == ("masked", "smear")
     assert not np.allclose(record["embeddings"], masked, atol=1e-3)
+    assert_embedded_with_settings(widget, image, cells)
+
+
+def assert_embedded_with_settings(widget, image, cells) -> None:
+    """The cells' stored embeddings are what the API gives with the widget's crop settings."""
+    ids, embeddings, _ = embeddings_of(cells)
+    expected_ids, expected = load_embedder(widget.model_name, device="cpu").embed(
+        image, cells.data, mode=widget.crop_mode.value, scale=widget.crop_scale.value, margin=widget.margin.value)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(embeddings, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_segment_first_adds_the_cells_layer_then_embeds_it(viewer, widget, qtbot):

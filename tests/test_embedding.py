@@ -218,9 +218,11 @@ def test_models_are_cached_per_model_device_and_dtype_and_reloaded_when_changed(
 def test_bfloat16_stays_within_one_percent_of_float32(tiny_folder, real_smear):
     image, labels = real_smear
     fp32 = load_embedder(tiny_folder[1], device="cpu", dtype="float32").embed(image, labels)[1]
-    bf16 = load_embedder(tiny_folder[1], device="cpu", dtype="bfloat16").embed(image, labels)[1]
+    embedder = load_embedder(tiny_folder[1], device="cpu", dtype="bfloat16")
+    assert embedder.dtype == torch.bfloat16
+    bf16 = embedder.embed(image, labels)[1]
     error = np.linalg.norm(bf16 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
-    assert error.max() < 1e-2
+    assert 1e-4 < error.max() < 1e-2  # it did run in bf16 (the error is not nil), and within one percent
 
 
 class RunsOutOfMemoryAbove(torch.nn.Module):
