@@ -8,6 +8,7 @@ from napari.layers import Labels
 from napari.utils.notifications import NotificationSeverity, notification_manager
 from skimage.io import imread
 
+from napari_reddino import estimate_cell_diameter, segment_cells
 from napari_reddino.widgets.smear_colours import MARK
 
 DATA = Path(__file__).parent / "data"
@@ -102,9 +103,14 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     cells.data[y - 10:y + 10, x - 10:x + 10] = 0  # erased without a trace: what the stroke paints over
     cells.paint((y, x), 7)
     cells.visible = False
+    widget.cell_diameter.value = widget.pixel_size.value = 0  # auto and unknown: the size is estimated
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS):
         widget.run()
     assert labels_layers(viewer) == [cells] and cells.visible
+    assert cells.metadata["cell_diameter_from"] == "estimated from the image"
+    assert cells.metadata["cell_diameter_px"] == estimate_cell_diameter(chula.data)
+    assert "area_um2" not in cells.features
+    np.testing.assert_array_equal(cells.data, segment_cells(chula.data))  # as the API segments it
     segmented = cells.data.copy()
     cells.undo()
     np.testing.assert_array_equal(cells.data, segmented)
