@@ -14,14 +14,14 @@ from napari.utils.colormaps import ensure_colormap
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import QPoint, Qt
 from qtpy.QtTest import QTest
-from qtpy.QtWidgets import QDockWidget, QMessageBox, QScrollArea
+from qtpy.QtWidgets import QDockWidget, QFileDialog, QMessageBox, QScrollArea
 
 from napari_reddino import CellClassifier, embeddings_of
 from napari_reddino.cell_embeddings import labels_digest, store_embeddings
 from napari_reddino.cell_map import DIM_FACTOR, value_colours
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
-from napari_reddino.widgets.cell_map_widget import MANUAL, MIN_WIDTH, PREDICTED, SMEAR_FILL_ALPHA
+from napari_reddino.widgets.cell_map_widget import GALLERY_NAME, MANUAL, MIN_WIDTH, PREDICTED, SMEAR_FILL_ALPHA
 from napari_reddino.widgets.class_list import DEFAULT_CLASSES, NAME, NEW_CLASS_COLOURS
 from napari_reddino.widgets.segment_widget import CARRIED_TO
 from napari_reddino.widgets.smear_keys import LABEL_KEYS_HELP
@@ -680,3 +680,63 @@ def test_a_head_whose_renamed_class_took_another_of_its_names_keeps_its_names_an
     assert widget._carry_renames(head) == [
         "its classes keep their saved names, since 'ovalocyte' is called 'target cell' now, a name the head also has"]
     assert head.classes == ["target cell", "ovalocyte"]
+
+
+def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_path, monkeypatch):  # noqa: F811
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    n = len(widget.pool)
+    classes = widget.class_list
+
+    def press(name: str, current_class: str | None = None) -> None:
+        if current_class is not None:
+            classes.table.setCurrentCell(classes.classes.index(current_class), NAME)
+        widget.buttons[name].native.click()
+
+    def manual() -> np.ndarray:
+        return widget.pool.column("manual_label", "")
+
+    x = widget.canvas.points.data[:, 1]
+    left = x < np.median(x)
+    widget.select(left)
+    press("Assign", "normal")
+    widget.select(~left)
+    press("Assign", "spherocyte")
+    np.testing.assert_array_equal(manual(), np.where(left, "normal", "spherocyte"))
+    widget.select(np.arange(n) == 0)
+    press("Clear label")
+    assert manual()[0] == "" and (manual()[1:] != "").all()
+    press("Clear selection")
+    assert not widget.selected.any()
+
+    press("Train head")
+    predicted = widget.pool.column("predicted_class", "")
+    assert set(predicted) <= {"normal", "spherocyte"} and (predicted != "").all()
+    press("Review uncertain")
+    assert np.flatnonzero(widget.selected).tolist() == [0]  # the one unlabelled cell
+    press("Select class", "spherocyte")
+    np.testing.assert_array_equal(widget.selected, np.where(manual() != "", manual(), predicted) == "spherocyte")
+    press("Show in gallery")
+    assert GALLERY_NAME in viewer.window.dock_widgets and widget.gallery.points() == np.flatnonzero(
+        widget.selected).tolist()
+
+    # The file buttons ask for a name, then write or read that file.
+    def answer(name: str) -> None:
+        chosen = (str(tmp_path / name), "")
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: chosen)
+        monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: chosen)
+
+    answer("head.safetensors")
+    press("Save head…")
+    assert (tmp_path / "head.safetensors").is_file() and (tmp_path / "head.json").is_file()
+    cells.features = cells.features.drop(columns=["predicted_class"])
+    press("Apply saved head…")
+    np.testing.assert_array_equal(widget.pool.column("predicted_class", ""), predicted)
+    answer("cells.csv")
+    press("Export CSV…")
+    exported = pd.read_csv(tmp_path / "cells.csv", keep_default_na=False)
+    np.testing.assert_array_equal(exported["manual_label"], manual())
+    cells.features = cells.features.assign(manual_label="")
+    press("Import labels…")
+    np.testing.assert_array_equal(manual(), exported["manual_label"])
