@@ -84,13 +84,20 @@ def test_a_two_process_checkpoint_resumes_in_one_process_where_the_data_left_off
     assert [row["step"] for row in read_log(tmp_path / "log.csv")] == [1, 2, 3, 4, 5, 6]
 
 
+def wait_for_steps(process: subprocess.Popen, log: Path, steps: int, timeout_s: float = 120) -> None:
+    """Wait until the run of ``process`` has logged ``steps`` steps; fail if it ends or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while not (log.exists() and len(log.read_text().splitlines()) > steps):
+        assert process.poll() is None, f"the run ended (exit status {process.returncode}) before step {steps}"
+        assert time.monotonic() < deadline, f"the run made no {steps} steps in {timeout_s:.0f} s"
+        time.sleep(0.1)
+
+
 def test_a_second_run_on_the_folder_is_refused_and_sigterm_ends_the_first_with_a_checkpoint(smear_images, tmp_path):
     command = [sys.executable, str(SCRIPT), str(smear_images), str(tmp_path), "1000", *TINY, "optim.epochs=200"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "log.csv"
-    deadline = time.monotonic() + 60
-    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_steps(process, log, 2)  # the run holds the folder and trains
     second = torchrun_fit(smear_images, tmp_path, 2000, check=False)  # refused on both ranks, the run goes on
     assert second.returncode != 0
     assert second.stderr.count(f"{tmp_path} is in use by another reddino-train fit (pid {process.pid} on ") >= 2
@@ -138,10 +145,7 @@ def test_the_cli_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(smear_images
     command = [sys.executable, "-c", "import sys; from reddino_train.cli import main; sys.exit(main(sys.argv[1:]))",
                "fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "optim.epochs=200", "--max-steps", "5000"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "log.csv"
-    deadline = time.monotonic() + 60
-    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_steps(process, tmp_path / "log.csv", 1)  # its stop handler is in place before its first step
     process.send_signal(signal.SIGINT)
     _, errors = process.communicate(timeout=60)
     assert process.returncode == 130, errors
