@@ -289,9 +289,7 @@ def test_unavailable_devices_are_listed_disabled_with_the_reason(widget):
         index = combo.findText(option.name)
         assert combo.model().item(index).isEnabled() == option.available
         assert combo.itemData(index, Qt.ItemDataRole.ToolTipRole) == option.detail
-    cuda = next(option for option in options if option.name.startswith("cuda"))
-    if not cuda.available:  # this CPU machine
-        assert not combo.model().item(combo.findText("cuda")).isEnabled()
+    assert any(option.name.startswith("cuda") for option in options)  # listed, usable or not
 
 
 def test_the_fingerprint_follows_image_labels_model_and_crop_settings(tiny_folder, tmp_path):
