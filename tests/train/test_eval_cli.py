@@ -156,3 +156,27 @@ def test_eval_errors_exit_2_with_the_reason(model, crops_by_smear, tmp_path, cap
              "chula": str(CHULA), "one_class": str(one_class)}
     assert main(["eval", *(arg.format(**paths) for arg in args)]) == 2
     assert message.format(**paths) in capsys.readouterr().err
+
+
+def test_eval_subsamples_images_and_cells_and_caches_by_those_settings(model, tmp_path, capsys):
+    """--limit-images, --max-per-class, --seed and --pixel-size-um each choose other cells (or
+    other outlines), so each is part of the cache's key."""
+    out = tmp_path / "few.json"
+    args = ["eval", str(model), "--data", str(CHULA), "--no-cls", "--with-measurements", "--limit-images", "1",
+            "--max-per-class", "5", "--split", "5-fold", "--json", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["data_summary"]["images"] == 1 and set(report["results"]) == {"measurements"}
+    matched = read_point_labels(CHULA / "1.txt")[1]
+    supports = {name: c["support"] for name, c in report["results"]["measurements"]["logreg"]["per_class"].items()}
+    assert all(0 < support <= 5 for support in supports.values()) and report["samples"] == sum(supports.values())
+    assert max(np.unique(matched, return_counts=True)[1]) > 5  # so some class was cut down to 5
+    first = np.load(tmp_path / "few.measurements.npz")["features"]
+    capsys.readouterr()
+    assert main([*args, "--overwrite"]) == 0
+    assert "features from the cache: measurements" in capsys.readouterr().out
+
+    for changed in (["--seed", "1"], ["--pixel-size-um", "0.25"]):
+        assert main([*args, *changed, "--overwrite"]) == 0
+        assert "features from the cache" not in capsys.readouterr().out, changed
+        assert not np.array_equal(np.load(tmp_path / "few.measurements.npz")["features"], first), changed

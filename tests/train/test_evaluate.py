@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reddino_train.eval_data import FeatureSet, read_point_labels
+from reddino_train.eval_data import FeatureSet, _subsample_per_class, read_point_labels
 from reddino_train.evaluate import (
     POOLED_NOTE,
     EvaluationError,
@@ -141,3 +141,12 @@ def test_point_labels_read_as_rows_and_columns(tmp_path):
     path.write_text("594 95 0\n601 151 4\n\n")
     points, classes = read_point_labels(path)
     assert points.tolist() == [[95, 594], [151, 601]] and classes.tolist() == [0, 4]
+
+
+def test_at_most_so_many_cells_of_each_class_are_kept_the_same_ones_for_a_seed():
+    classes = np.array(["a"] * 10 + ["b"] * 3 + ["c"] * 6)
+    keep = _subsample_per_class(classes, 4, seed=0)
+    assert {name: int(keep[classes == name].sum()) for name in "abc"} == {"a": 4, "b": 3, "c": 4}
+    np.testing.assert_array_equal(_subsample_per_class(classes, 4, seed=0), keep)
+    assert not np.array_equal(_subsample_per_class(classes, 4, seed=1), keep)
+    assert _subsample_per_class(classes, None, seed=0).all()
