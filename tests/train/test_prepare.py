@@ -127,16 +127,25 @@ def test_a_folder_from_before_a_setting_existed_takes_its_default(sources, tmp_p
         prepare([sources], out, PrepareSettings(size=SIZE, crop_scale="smear"), progress=False)
 
 
-def test_smear_scale_crops_are_the_plugins_smear_scale_crops(sources, tmp_path):
+@pytest.mark.parametrize("options, crops, pixel_size_um", [
+    ([], {"mode": "context", "scale": "cell"}, None),
+    (["--crop-scale", "smear"], {"mode": "context", "scale": "smear"}, None),
+    (["--crop-mode", "masked"], {"mode": "masked", "scale": "cell"}, None),
+    (["--pixel-size-um", "0.2", "--margin", "0.5"], {"mode": "context", "scale": "cell", "margin": 0.5}, 0.2),
+])
+def test_every_crop_is_the_plugins_crop_of_that_cell(sources, tmp_path, options, crops, pixel_size_um):
     out = tmp_path / "cells"
-    assert main(["prepare", str(sources / "1.jpg"), "--out", str(out), "--size", str(SIZE), "--crop-scale", "smear"]) == 0
-    assert json.loads((out / "prepare.json").read_text())["crop_scale"] == "smear"
+    assert main(["prepare", str(sources / "1.jpg"), "--out", str(out), "--size", str(SIZE), *options]) == 0
+    saved = json.loads((out / "prepare.json").read_text())
+    assert (saved["crop_mode"], saved["crop_scale"]) == (crops["mode"], crops["scale"])
     image = imread(sources / "1.jpg")
-    ids, crops = cell_crops(image, segment_cells(image), SIZE, mode="context", scale="smear")
-    for row in read_index(out)[:5]:
+    ids, expected = cell_crops(image, segment_cells(image, pixel_size_um=pixel_size_um), SIZE, **crops)
+    rows = read_index(out)
+    assert len(rows) > 80
+    for row in rows:
+        crop = expected[np.searchsorted(ids, int(row["label"]))]
         with Image.open(out / row["file"]) as written:
-            expected = np.rint(crops[np.searchsorted(ids, int(row["label"]))] * 255)
-            np.testing.assert_array_equal(np.asarray(written), expected)
+            np.testing.assert_array_equal(np.asarray(written), np.rint(crop * 255))
 
 
 def test_cells_cut_by_a_round_field_stop_are_left_out_like_border_cells(tmp_path):
