@@ -6,11 +6,12 @@ import errno
 import os
 import stat
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from _layers import labels_layer
+from napari.layers import Labels
 from skimage.io import imread
 
 from napari_reddino import measure_cells, segment_cells
@@ -28,7 +29,7 @@ def smear_table() -> pd.DataFrame:
     return measure_cells(segment_cells(image), image)
 
 
-def analysed_layer(table: pd.DataFrame, name: str = "1 cells", **metadata) -> SimpleNamespace:
+def analysed_layer(table: pd.DataFrame, name: str = "1 cells", **metadata) -> Labels:
     """A cells layer as the map widget leaves it: measured, embedded, mapped, labelled, predicted."""
     rng = np.random.default_rng(0)
     n = len(table)
@@ -39,7 +40,7 @@ def analysed_layer(table: pd.DataFrame, name: str = "1 cells", **metadata) -> Si
     features["predicted_class"] = np.where(np.arange(n) % 2 == 0, "target cell", "normal")
     features["prediction_probability"] = rng.uniform(0.5, 1, size=n).astype(np.float32)
     features["p_normal"] = rng.uniform(size=n).astype(np.float32)
-    layer = SimpleNamespace(name=name, features=features, metadata=dict(metadata))
+    layer = labels_layer(features, name, **metadata)
     ids = np.sort(table["label"].to_numpy())  # embeddings are stored in ascending label order
     store_embeddings(layer, ids, rng.normal(size=(n, 16)), model_id="reddino-small", fingerprint="f")
     return layer
@@ -66,7 +67,7 @@ def test_the_csv_reads_back_column_by_column(tmp_path, smear_table):
 
 def test_layers_are_stacked_with_every_analysis_column(tmp_path, smear_table):
     mapped = analysed_layer(smear_table, source_image="smear 1.jpg")
-    measured_only = SimpleNamespace(name="26 cells", features=smear_table.head(5), metadata={})
+    measured_only = labels_layer(smear_table.head(5), "26 cells")
     back = pd.read_csv(export_cells_csv(tmp_path / "cells.csv", [mapped, measured_only]))
     assert len(back) == len(smear_table) + 5
     assert back["image"].tolist() == ["smear 1.jpg"] * len(smear_table) + ["26"] * 5
@@ -149,7 +150,7 @@ def test_embeddings_go_out_in_csv_order_with_their_ids(tmp_path, smear_table):
 
 
 def test_embeddings_need_every_layer_embedded_and_an_npz_name(tmp_path, smear_table):
-    bare = SimpleNamespace(name="26 cells", features=smear_table, metadata={})
+    bare = labels_layer(smear_table, "26 cells")
     with pytest.raises(ValueError, match="'26 cells'"):
         export_cells_csv(tmp_path / "cells.csv", [analysed_layer(smear_table), bare], embeddings_path=tmp_path / "e.npz")
     with pytest.raises(ValueError, match=".npz"):

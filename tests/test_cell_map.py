@@ -1,10 +1,10 @@
 """The pooled cell map without Qt: which point is which cell, selections, colours, feature writes."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from _layers import labels_layer
 from napari.utils.colormaps import ensure_colormap
 
 from napari_reddino.cell_classifier import measurement_features
@@ -24,7 +24,7 @@ from napari_reddino.cell_map import (
 
 def cells_layer(name: str, labels: np.ndarray, *, model_id="m", dim=4, embed=True):
     ids = np.unique(labels[labels > 0]).astype(np.int64)
-    layer = SimpleNamespace(name=name, data=labels, metadata={}, features=pd.DataFrame({"label": ids, "area": ids * 10.0}))
+    layer = labels_layer(pd.DataFrame({"label": ids, "area": ids * 10.0}), name, labels)
     if embed:
         store_embeddings(layer, ids, np.arange(len(ids) * dim, dtype=np.float32).reshape(-1, dim),
                          model_id=model_id, fingerprint="f")
@@ -102,21 +102,9 @@ def test_two_layers_of_one_name_keep_their_own_cell_sizes(two_smears):
 
 def test_several_columns_are_written_with_one_table_per_layer(two_smears):
     replaced = {}
-
-    class Counted:  # a cells layer that counts how often its table is replaced
-        def __init__(self, layer):
-            self.name, self.data, self.metadata, self._features = layer.name, layer.data, layer.metadata, layer.features
-
-        @property
-        def features(self):
-            return self._features
-
-        @features.setter
-        def features(self, table):
-            replaced[self.name] = replaced.get(self.name, 0) + 1
-            self._features = table
-
-    first, second = (Counted(layer) for layer in two_smears)
+    first, second = two_smears
+    for layer in two_smears:  # count how often each layer's table is replaced
+        layer.events.features.connect(lambda event, name=layer.name: replaced.update({name: replaced.get(name, 0) + 1}))
     pool = PooledCells.from_layers([first, second])
     pool.write_columns({"p_a": [0.25, 0.75], "p_b": [0.75, 0.25], "prediction_probability": 0.75}, [1, 4], empty=np.nan)
     assert replaced == {"a cells": 1, "b cells": 1}

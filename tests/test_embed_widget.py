@@ -2,7 +2,6 @@
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -430,7 +429,7 @@ def test_a_brush_stroke_re_embeds_only_the_cells_whose_crops_it_changed(viewer, 
 
 
 def test_the_cells_whose_embeddings_changed_are_those_a_new_run_gives_another_vector():
-    layer = SimpleNamespace(name="cells", features=pd.DataFrame({"label": [2, 5, 9]}), metadata={})
+    layer = Labels(np.zeros((1, 1), np.int32), name="cells", features=pd.DataFrame({"label": [2, 5, 9]}))
     vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
     run = EmbeddedCells(np.array([2, 5, 9, 11]), np.vstack([vectors, np.ones((1, 4), np.float32)]), None, "m")
     np.testing.assert_array_equal(changed_embeddings(layer, run), [2, 5, 9, 11])  # nothing stored yet

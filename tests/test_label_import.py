@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from _layers import labels_layer
+from napari.layers import Labels
 from skimage.io import imread
 
 from napari_reddino import measure_cells, segment_cells
@@ -30,17 +31,18 @@ def smear() -> np.ndarray:
     return imread(DATA / "chula_rbc12" / "1.jpg")
 
 
-def cells_layer(smear: np.ndarray, name: str = "1 cells", **metadata) -> SimpleNamespace:
+def cells_layer(smear: np.ndarray, name: str = "1 cells", **metadata) -> Labels:
     """A freshly segmented and measured cells layer, as Segment cells leaves it."""
-    return SimpleNamespace(name=name, features=measure_cells(segment_cells(smear), smear), metadata=metadata)
+    labels = segment_cells(smear)
+    return labels_layer(measure_cells(labels, smear), name, labels, **metadata)
 
 
-def labelled(layer: SimpleNamespace, every: int = 3) -> SimpleNamespace:
+def labelled(layer: Labels, every: int = 3) -> Labels:
     """``layer`` with every ``every``-th cell labelled, the classes taking turns."""
     classes = np.array(["spherocyte", "target cell", "NA"], dtype=object)  # "NA" is a class, not a missing value
     n = len(layer.features)
     manual = np.where(np.arange(n) % every == 0, classes[np.arange(n) // every % 3], "")
-    return SimpleNamespace(name=layer.name, features=layer.features.assign(manual_label=manual), metadata=layer.metadata)
+    return labels_layer(layer.features.assign(manual_label=manual), layer.name, layer.data, **layer.metadata)
 
 
 def test_labels_come_back_onto_the_smear_segmented_again(smear, tmp_path):
@@ -86,10 +88,9 @@ def test_a_renamed_layer_of_the_same_smear_takes_its_labels_by_image(smear, tmp_
 
 def test_cells_found_again_with_other_settings_get_their_labels_and_no_other_cell_does(smear, tmp_path):
     before_labels, today_labels = segment_cells(smear), segment_cells(smear, cell_diameter=32)
-    yesterday = labelled(SimpleNamespace(name="1 cells", features=measure_cells(before_labels, smear), metadata={}),
-                         every=1)
+    yesterday = labelled(labels_layer(measure_cells(before_labels, smear), "1 cells", before_labels), every=1)
     export_cells_csv(tmp_path / "cells.csv", yesterday)
-    today = SimpleNamespace(name="1 cells", metadata={}, features=measure_cells(today_labels, smear))
+    today = labels_layer(measure_cells(today_labels, smear), "1 cells", today_labels)
     report = import_manual_labels(tmp_path / "cells.csv", today)
 
     # The truth from the masks: yesterday's cell, today's cell that overlaps it most, and by how much.
@@ -120,7 +121,7 @@ def test_a_cell_edited_since_the_export_loses_only_its_own_label(smear, tmp_path
     labels = segment_cells(smear)
     merged = labels.copy()
     merged[merged == 5] = 4  # two cells painted into one
-    today = SimpleNamespace(name="1 cells", metadata={}, features=measure_cells(merged, smear))
+    today = labels_layer(measure_cells(merged, smear), "1 cells", merged)
     report = import_manual_labels(tmp_path / "cells.csv", today)
     assert report.missed == {"1 cells": 2} and report.written == {"1 cells": len(yesterday.features) - 2}
     back = today.features.set_index("label")["manual_label"]
@@ -131,19 +132,18 @@ def test_labels_carried_from_layer_to_layer_are_those_an_export_and_import_would
     yesterday = labelled(cells_layer(smear), every=2)
     yesterday.features.loc[4, "manual_label"] = "  "  # blank: no label
     export_cells_csv(tmp_path / "cells.csv", yesterday)
-    imported = SimpleNamespace(name="1 cells [1]", metadata={"source_image": "1"},
-                               features=measure_cells(segment_cells(smear, cell_diameter=32), smear))
-    carried = SimpleNamespace(name="1 cells [1]", metadata={"source_image": "1"}, features=imported.features.copy())
+    again = segment_cells(smear, cell_diameter=32)
+    imported = labels_layer(measure_cells(again, smear), "1 cells [1]", again, source_image="1")
+    carried = labels_layer(imported.features.copy(), "1 cells [1]", again, source_image="1")
     by_file = import_manual_labels(tmp_path / "cells.csv", imported)
     report = carry_manual_labels(yesterday, carried)
     assert carried.features["manual_label"].tolist() == imported.features["manual_label"].tolist()
     assert report.written == by_file.written and report.missed == by_file.missed == {"1 cells": report.missed["1 cells"]}
     assert report.classes == by_file.classes and 0 < report.missed["1 cells"] < report.written["1 cells [1]"]
-    unlabelled = SimpleNamespace(name="x", metadata={}, features=cells_layer(smear).features)
+    unlabelled = cells_layer(smear, "x")
     assert carry_manual_labels(unlabelled, carried) == LabelImport()  # nothing to carry, nothing said
     # Labels of cells without a place (another tool's table, an unmeasured centroid) are missed.
-    placeless = SimpleNamespace(name="mask", metadata={}, features=pd.DataFrame({"label": [1, 2, 3],
-                                                                                 "manual_label": ["a", "b", ""]}))
+    placeless = labels_layer(pd.DataFrame({"label": [1, 2, 3], "manual_label": ["a", "b", ""]}), "mask")
     assert carry_manual_labels(placeless, carried).missed == {"mask": 2}
     same = labelled(cells_layer(smear), every=1)  # the same cells: every label finds its cell
     same.features.loc[0, "centroid_x"] = np.nan

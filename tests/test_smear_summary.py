@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from _layers import labels_layer
+from napari.layers import Labels
 from scipy import stats
 from skimage.io import imread
 
@@ -19,7 +20,7 @@ from napari_reddino.smear_summary import share_interval, summarise_smears
 DATA = Path(__file__).parent / "data"
 
 
-def counted_layer(name: str = "A cells") -> SimpleNamespace:
+def counted_layer(name: str = "A cells") -> Labels:
     """Six cells worked out by hand: the last touches the border and counts only in ``cells``."""
     features = pd.DataFrame({
         "label": [1, 2, 3, 4, 5, 6],
@@ -31,7 +32,7 @@ def counted_layer(name: str = "A cells") -> SimpleNamespace:
         "manual_label": ["spherocyte", "", "", "", "", "spherocyte"],
         "predicted_class": ["normal", "normal", "spherocyte", "target cell", "", "normal"],
     })
-    return SimpleNamespace(name=name, features=features, metadata={})
+    return labels_layer(features, name)
 
 
 def test_a_hand_counted_smear():
@@ -101,11 +102,11 @@ def test_class_columns_follow_the_given_order_then_the_rest_by_name():
 
 def test_cells_without_a_pixel_size_labels_or_whole_cells_give_empty_values_not_errors():
     features = counted_layer().features.drop(columns=["equivalent_diameter_um", "manual_label", "predicted_class"])
-    [row] = summarise_smears(SimpleNamespace(name="bare", features=features, metadata={})).to_dict("records")
+    [row] = summarise_smears(labels_layer(features, "bare")).to_dict("records")
     assert np.isnan(row["diameter_mean_um"]) and row["diameter_mean_px"] == pytest.approx(40.0)
     assert (row["labelled"], row["classified"]) == (0, 0) and np.isnan(row["pixel_size_um"])
     edge = features.assign(touches_border=True)
-    [row] = summarise_smears(SimpleNamespace(name="edge", features=edge, metadata={})).to_dict("records")
+    [row] = summarise_smears(labels_layer(edge, "edge")).to_dict("records")
     assert (row["cells"], row["whole_cells"]) == (6, 0)
     assert np.isnan(row["diameter_mean_px"]) and np.isnan(row["diameter_cv_pct"]) and np.isnan(row["central_pallor_median"])
     assert np.isnan(row["overlapping_pct"])
@@ -114,7 +115,7 @@ def test_cells_without_a_pixel_size_labels_or_whole_cells_give_empty_values_not_
 def test_a_real_smear_has_red_cells_of_a_red_cells_size():
     image = imread(DATA / "chula_rbc12" / "1.jpg")
     table = measure_cells(segment_cells(image, pixel_size_um=0.2), image, pixel_size_um=0.2)
-    layer = SimpleNamespace(name="1 cells", features=table, metadata={})
+    layer = labels_layer(table)
     store_embeddings(layer, np.sort(table["label"].to_numpy()), np.zeros((len(table), 4)), model_id="reddino-small",
                      fingerprint="f")
     [row] = summarise_smears(layer).to_dict("records")
