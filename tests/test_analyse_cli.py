@@ -237,6 +237,22 @@ def test_without_an_embeddings_file_a_batch_keeps_only_ids_and_model(smears, tin
     assert light.metadata[METADATA_KEY]["crop_checks"] is None and earlier_run(light) is None  # kilobytes a smear
 
 
+def test_a_batch_crops_the_cells_as_its_head_s_were_cropped(smears, tiny_folder):  # noqa: F811
+    embedder = load_embedder(str(tiny_folder[1]), device="cpu")
+    head = CellClassifier(["a", "b"], model_id=embedder.model_id, crops={"mode": "context", "scale": "cell", "margin": 0.5})
+    head.fit(np.random.default_rng(0).normal(size=(20, TINY_DIM)), ["a", "b"] * 10)
+    image = imread(smears / "1.jpg")
+    cells = SmearAnalysis(embedder=embedder, head=head)(image, "1")
+    record = cells.metadata[METADATA_KEY]
+    assert (record["crop_mode"], record["crop_scale"], record["margin"]) == ("context", "cell", 0.5)
+    ids, expected = embedder.embed(image, segment_cells(image), mode="context", scale="cell", margin=0.5)
+    np.testing.assert_array_equal(record["label_ids"], ids)
+    np.testing.assert_allclose(record["embeddings"], expected, rtol=1e-5, atol=1e-6)
+    head.crops = None  # a head saved before heads recorded their crops: the defaults, as before
+    record = SmearAnalysis(embedder=embedder, head=head)(image, "1").metadata[METADATA_KEY]
+    assert (record["crop_mode"], record["crop_scale"], record["margin"]) == ("masked", "smear", 0.25)
+
+
 def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_up_front(smears, tmp_path, capsys,
                                                                                         tiny_folder):  # noqa: F811
     out = tmp_path / "out"

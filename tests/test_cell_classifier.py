@@ -298,6 +298,26 @@ def test_a_head_of_another_model_is_refused(tmp_path, smear_table):
         CellClassifier.load(tmp_path / "unnamed", model_id="reddino-small")
 
 
+def test_a_head_of_cells_cropped_otherwise_is_refused(tmp_path, smear_table):
+    head, _ = trained_head(smear_table)
+    head.crops = {"mode": "context", "scale": "cell", "margin": 0.25}
+    head.save(tmp_path / "head")
+    assert CellClassifier.load(tmp_path / "head").crops == head.crops
+    assert CellClassifier.load(tmp_path / "head", crops=dict(head.crops)).classes == head.classes
+    with pytest.raises(HeadMismatchError, match=r"from context crops at cell scale, margin 0.25, but these cells were "
+                                                r"embedded from masked crops at smear scale, margin 0.25\. Embed them"):
+        CellClassifier.load(tmp_path / "head", crops={"mode": "masked", "scale": "smear", "margin": 0.25})
+    with pytest.raises(HeadMismatchError, match="margin 0.5"):
+        CellClassifier.load(tmp_path / "head", crops=head.crops | {"margin": 0.5})
+    head.crops = None  # trained through the API, or saved before heads recorded their crops: not checked
+    head.save(tmp_path / "older")
+    assert CellClassifier.load(tmp_path / "older", crops={"mode": "masked", "scale": "smear", "margin": 0.25}).classes
+    about = head_paths(tmp_path / "older")[1]
+    about.write_text(json.dumps(json.loads(about.read_text()) | {"crops": {"mode": "masked"}}))
+    with pytest.raises(ValueError, match=r"wrong types for crops \(not a mode, scale and margin\)"):
+        CellClassifier.load(tmp_path / "older")
+
+
 def test_damaged_or_missing_files_are_refused_by_name(tmp_path, smear_table):
     head, _ = trained_head(smear_table)
     head.save(tmp_path / "head")

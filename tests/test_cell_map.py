@@ -8,7 +8,7 @@ from _layers import labels_layer
 from napari.utils.colormaps import ensure_colormap
 
 from napari_reddino.cell_classifier import measurement_features
-from napari_reddino.cell_embeddings import store_embeddings
+from napari_reddino.cell_embeddings import METADATA_KEY, store_embeddings
 from napari_reddino.cell_map import (
     DIM_FACTOR,
     MUTED,
@@ -111,6 +111,19 @@ def test_several_columns_are_written_with_one_table_per_layer(two_smears):
     np.testing.assert_array_equal(first.features["p_a"], [np.nan, 0.25])
     np.testing.assert_array_equal(second.features["p_b"], [np.nan, np.nan, 0.25])
     np.testing.assert_array_equal(pool.table()["prediction_probability"], [np.nan, 0.75, np.nan, np.nan, 0.75])
+
+
+def test_pooling_refuses_layers_whose_cells_were_cropped_otherwise(two_smears):
+    first, second = two_smears
+    for layer, crops in ((first, ("masked", "smear", 0.25)), (second, ("context", "cell", 0.25))):
+        layer.metadata[METADATA_KEY].update(crop_mode=crops[0], crop_scale=crops[1], margin=crops[2])
+    with pytest.raises(PoolingError, match="'a cells': masked crops at smear scale, margin 0.25; 'b cells': context "
+                                           "crops at cell scale, margin 0.25"):
+        PooledCells.from_layers(two_smears)
+    second.metadata[METADATA_KEY].update(crop_mode="masked", crop_scale="smear")
+    assert PooledCells.from_layers(two_smears).crops == {"mode": "masked", "scale": "smear", "margin": 0.25}
+    del second.metadata[METADATA_KEY]["crop_mode"]  # not recorded: no objection
+    assert PooledCells.from_layers(two_smears).crops == {"mode": "masked", "scale": "smear", "margin": 0.25}
 
 
 def test_pooling_refuses_layers_it_cannot_compare(two_smears):

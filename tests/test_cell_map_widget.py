@@ -1,6 +1,7 @@
 """The Cell map widget end to end in a real viewer: segment, embed (tiny real ViT), UMAP, lasso,
 smear colours, labels, linear head, review, CSV export, head saved and applied to another smear."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -729,10 +730,19 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
 
     answer("head.safetensors")
     press("Save head…")
-    assert (tmp_path / "head.safetensors").is_file() and (tmp_path / "head.json").is_file()
+    assert (tmp_path / "head.safetensors").is_file()
+    about = json.loads((tmp_path / "head.json").read_text())
+    assert about["crops"] == {"mode": "masked", "scale": "smear", "margin": 0.25}  # as the cells were cut
     cells.features = cells.features.drop(columns=["predicted_class"])
     press("Apply saved head…")
     np.testing.assert_array_equal(widget.pool.column("predicted_class", ""), predicted)
+    # A head trained on cells cut otherwise is refused: the same model sees those crops otherwise.
+    (tmp_path / "context.safetensors").write_bytes((tmp_path / "head.safetensors").read_bytes())
+    (tmp_path / "context.json").write_text(json.dumps(about | {"crops": about["crops"] | {"mode": "context"}}))
+    answer("context.safetensors")
+    press("Apply saved head…")
+    assert widget.status.value.startswith("The head context was trained on cells embedded from context crops at "
+                                          "smear scale, margin 0.25, but these cells were embedded from masked")
     answer("cells.csv")
     press("Export CSV…")
     exported = pd.read_csv(tmp_path / "cells.csv", keep_default_na=False)

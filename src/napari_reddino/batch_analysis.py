@@ -103,7 +103,9 @@ def smear_names(paths: Sequence[Path]) -> list[str]:
 
 class SmearAnalysis:
     """One set of settings for every smear: the pixel size, and optionally a model (an
-    :class:`~napari_reddino.embedding.Embedder` loaded from ``model``) and a head for it.
+    :class:`~napari_reddino.embedding.Embedder` loaded from ``model``) and a head for it. Cells
+    are cropped as the head's were (as the Embed widget's defaults without a head, or with a
+    head saved before heads recorded their crops).
 
     ``keep_embeddings=False`` keeps of each smear's embeddings only their ids and model (the
     vectors become zero-wide): a long batch that writes no embeddings file then holds a few
@@ -132,6 +134,8 @@ class SmearAnalysis:
 
         embedder, model = self.embedder, self.model or self.embedder.model_id
         crops = {"mode": DEFAULT_CROP_MODE, "scale": DEFAULT_CROP_SCALE, "margin": DEFAULT_MARGIN}
+        if self.head is not None and self.head.crops is not None:  # cut as the cells it learnt from
+            crops = dict(self.head.crops)
         if table.empty:  # no cells: none to embed, and an empty record so the export can pool it
             run = EmbeddedCells(np.zeros(0, np.int64), np.zeros((0, embedder.dim), np.float32), None, embedder.model_id)
         else:

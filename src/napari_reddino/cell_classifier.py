@@ -20,8 +20,8 @@ head carries over to smears taken at another magnification or stained a shade da
   B / (R + G + B), which a brighter or dimmer exposure leaves unchanged.
 
 Saved as ``<name>.safetensors`` (weights, bias, feature mean and std) beside ``<name>.json``
-(classes, colours, model id, embedding size, measurement columns, reach, the class list's
-ids of the classes); never pickle.
+(classes, colours, model id, crop settings, embedding size, measurement columns, reach, the
+class list's ids of the classes); never pickle.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
 from .atomic_files import write_files_atomically
-from .cell_embeddings import check_embeddings
+from .cell_embeddings import check_embeddings, crops_in_words
 from .model_ids import same_model
 
 DEFAULT_MEASUREMENTS = (
@@ -57,7 +57,7 @@ _COLOURS = ("mean_red", "mean_green", "mean_blue")
 
 
 class HeadMismatchError(ValueError):
-    """A saved head was trained on embeddings of another model than the cells'."""
+    """A saved head was trained on embeddings of another model, or of other crops, than the cells'."""
 
 
 class CellClassifier:
@@ -68,10 +68,14 @@ class CellClassifier:
         classes: Sequence[str] | None = None,
         colours: Mapping[str, str] | None = None,
         model_id: str | None = None,
+        crops: Mapping | None = None,
     ):
         self.classes: list[str] = list(classes or [])
         self.colours: dict[str, str] = dict(colours or {})
         self.model_id = model_id
+        # how the cells it learns from were cropped (mode, scale, margin): the same model sees a
+        # masked crop at smear scale otherwise than a context crop at cell scale
+        self.crops = None if crops is None else dict(crops)
         self.embedding_dim: int | None = None
         self.measurement_columns: list[str] = []
         self._class_order = list(self.classes)
@@ -215,6 +219,7 @@ class CellClassifier:
             "classes": self.classes,
             "colours": {name: self.colours[name] for name in self.classes if name in self.colours},
             "model_id": self.model_id,
+            "crops": self.crops,
             "embedding_dim": self.embedding_dim,
             "measurement_columns": self.measurement_columns,
             "weights_sha256": hashlib.sha256(blob).hexdigest(),  # ties the pair together
@@ -225,9 +230,10 @@ class CellClassifier:
         write_files_atomically({weights_path: lambda h: h.write(blob), about_path: lambda h: h.write(text)})
 
     @classmethod
-    def load(cls, path, *, model_id: str | None = None) -> CellClassifier:
+    def load(cls, path, *, model_id: str | None = None, crops: Mapping | None = None) -> CellClassifier:
         """A saved head; with ``model_id``, refuse (HeadMismatchError) one trained on another model's
-        embeddings (a copy of its model elsewhere is the same model: :mod:`~napari_reddino.model_ids`)."""
+        embeddings (a copy of its model elsewhere is the same model: :mod:`~napari_reddino.model_ids`);
+        with ``crops`` (mode, scale, margin), one trained on cells cropped otherwise."""
         from safetensors.numpy import load
 
         weights_path, about_path = head_paths(path)
@@ -237,6 +243,12 @@ class CellClassifier:
                 f"The head {about_path.stem} was trained on embeddings of {about['model_id'] or 'an unnamed model'}, "
                 f"but these cells were embedded with {model_id}. Embed the cells with the head's model, "
                 "or train a new head on these cells."
+            )
+        if crops is not None and about.get("crops") is not None and dict(crops) != about["crops"]:
+            raise HeadMismatchError(
+                f"The head {about_path.stem} was trained on cells embedded from {crops_in_words(about['crops'])}, "
+                f"but these cells were embedded from {crops_in_words(crops)}. Embed them with the head's Crop, "
+                "Scale and Margin, or train a new head on these cells."
             )
         blob = weights_path.read_bytes()
         if hashlib.sha256(blob).hexdigest() != about["weights_sha256"]:
@@ -251,7 +263,7 @@ class CellClassifier:
         shapes = [a.shape for a in (weight, bias, mean, std)]
         if shapes != [(n_classes, n_features), (n_classes,), (n_features,), (n_features,)]:
             raise ValueError(f"{weights_path} holds arrays of the wrong shape for {about_path.name}.")
-        head = cls(about["classes"], about["colours"], about["model_id"])
+        head = cls(about["classes"], about["colours"], about["model_id"], about.get("crops"))
         head.embedding_dim, head.measurement_columns = about["embedding_dim"], list(about["measurement_columns"])
         head._weight, head._bias, head._mean, head._std = weight, bias, mean, std
         head.reach, head.class_ids = about.get("reach"), dict(about.get("class_ids") or {})
@@ -365,6 +377,11 @@ def _read_about(path: Path) -> dict:
         wrong.append(f"reach ({reach!r}, not a number of at least 0)")  # 0: its cells all alike
     if not isinstance(class_ids, dict) or not all(isinstance(v, str) for v in class_ids.values()):
         wrong.append("class_ids (not a mapping of class names to ids)")
+    crops = about.get("crops")  # heads saved before it have none
+    if crops is not None and not (isinstance(crops, dict) and crops.keys() == {"mode", "scale", "margin"}
+                                  and isinstance(crops["mode"], str) and isinstance(crops["scale"], str)
+                                  and isinstance(crops["margin"], int | float) and not isinstance(crops["margin"], bool)):
+        wrong.append("crops (not a mode, scale and margin)")
     if wrong:
         raise ValueError(f"{path} is not a readable head: wrong types for {', '.join(wrong)} (edited by hand?).")
     return about

@@ -12,7 +12,8 @@ drown the table). They live in the cells layer's metadata under one key::
         "labels_digest": hex digest of the labels embedded (see :func:`repainted_since_embedded`),
         "crop_checks": float32 array (n, 2): each cell's crop as the model saw it, in two numbers
                        (``crops.crop_checks``), so the next run can keep what it would compute again,
-        "model", "crop_mode", "crop_scale", "margin", "device": how they were computed, for people.
+        "crop_mode", "crop_scale", "margin": how each cell was cropped (:func:`crop_settings`),
+        "model", "device": how they were computed, for people.
     }
 
 So they travel with the layer: closing and reopening a widget finds them, and a layer removed
@@ -128,6 +129,20 @@ def store_run(layer, run: EmbeddedCells, *, model: str | os.PathLike, device, cr
                             model=str(model), crop_mode=crops["mode"], crop_scale=crops["scale"],
                             margin=crops["margin"], device=str(device), labels_digest=labels_digest,
                             crop_checks=run.checks)
+
+
+def crop_settings(layer) -> dict | None:
+    """How the cells of ``layer`` were cropped for their embeddings (``mode``, ``scale``,
+    ``margin``, as ``Embedder.embed`` takes them), or None where that was not recorded."""
+    record = getattr(layer, "metadata", {}).get(METADATA_KEY)
+    if not isinstance(record, dict) or not {"crop_mode", "crop_scale", "margin"} <= record.keys():
+        return None
+    return {"mode": str(record["crop_mode"]), "scale": str(record["crop_scale"]), "margin": float(record["margin"])}
+
+
+def crops_in_words(crops: dict) -> str:
+    """``masked crops at smear scale, margin 0.25``: crop settings as the widgets name them."""
+    return f"{crops['mode']} crops at {crops['scale']} scale, margin {crops['margin']:g}"
 
 
 def earlier_run(layer) -> EmbeddedCells | None:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from skimage.measure import points_in_poly
 
-from .cell_embeddings import embeddings_of, repainted_since_embedded, stored_fingerprint
+from .cell_embeddings import crop_settings, crops_in_words, embeddings_of, repainted_since_embedded, stored_fingerprint
 from .cell_table import image_name
 from .model_ids import same_model
 
@@ -29,7 +29,7 @@ DIM_FACTOR = 0.2  # alpha of the cells outside a selection, relative to their ow
 
 
 class PoolingError(ValueError):
-    """The chosen cells layers cannot share one map (no embeddings, or different models)."""
+    """The chosen cells layers cannot share one map (no embeddings, or different models or crops)."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,11 @@ class PooledCells:
     embeddings: np.ndarray  # (n, dim) float32
     model_id: str
     fingerprints: tuple  # each layer's stored_fingerprint when pooled: a re-embedding changes it
+    crops: dict | None = None  # the crop settings of every layer's embeddings, where recorded
 
     @classmethod
     def from_layers(cls, layers: Sequence) -> PooledCells:
-        """Pool the embedded cells of ``layers``; all must be embedded with the same model."""
+        """Pool the embedded cells of ``layers``; all must be embedded with the same model and crops."""
         records = [(layer, embeddings_of(layer)) for layer in layers]
         missing = [layer.name for layer, record in records if record is None]
         if missing or not records:
@@ -58,6 +59,14 @@ class PooledCells:
             raise PoolingError(
                 f"The cells layers were embedded with different models ({', '.join(sorted(models))}); "
                 "embed them all with one model to compare them in one map."
+            )
+        crops = [(layer.name, settings) for layer, _ in records if (settings := crop_settings(layer)) is not None]
+        if len({tuple(settings.values()) for _, settings in crops}) > 1:
+            raise PoolingError(
+                "The cells layers were embedded from differently cut crops ("
+                + "; ".join(f"{name!r}: {crops_in_words(settings)}" for name, settings in crops)
+                + "), which a map would tell apart before their shapes: embed them all with one Crop, Scale and "
+                "Margin to compare them in one map."
             )
         repainted = [layer.name for layer, _ in records if repainted_since_embedded(layer)]
         if repainted:
@@ -87,6 +96,7 @@ class PooledCells:
             embeddings=np.concatenate([record[1] for _, record in records]).astype(np.float32, copy=False),
             model_id=records[0][1][2],
             fingerprints=tuple(stored_fingerprint(layer) for layer, _ in records),
+            crops=crops[0][1] if crops else None,
         )
 
     def __len__(self) -> int:

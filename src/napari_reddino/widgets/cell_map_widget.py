@@ -699,7 +699,8 @@ class CellMapWidget(MapExport, JobWidget):
         started = time.perf_counter()
         table = self.pool.table()
         labels = table["manual_label"].fillna(UNLABELLED).to_numpy() if "manual_label" in table else None
-        classifier = CellClassifier(self.class_list.classes, self.class_list.hex_colours, model_id=self.pool.model_id)
+        classifier = CellClassifier(self.class_list.classes, self.class_list.hex_colours, model_id=self.pool.model_id,
+                                    crops=self.pool.crops)
         try:
             classifier.fit(self.pool.embeddings, labels if labels is not None else [], measurements=table)
         except ValueError as error:
@@ -800,7 +801,7 @@ class CellMapWidget(MapExport, JobWidget):
         try:
             pool = self.pool if self.pool is not None and set(self.pool.layers) == set(layers) else (
                 PooledCells.from_layers(layers))
-            classifier = CellClassifier.load(path, model_id=pool.model_id)
+            classifier = CellClassifier.load(path, model_id=pool.model_id, crops=pool.crops)
             table = pool.table()
             proba = classifier.predict_proba(pool.embeddings, measurements=table)
             beyond = classifier.beyond_reach(pool.embeddings, measurements=table)
