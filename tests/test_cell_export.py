@@ -15,7 +15,7 @@ from napari.layers import Labels
 from skimage.io import imread
 
 from napari_reddino import measure_cells, segment_cells
-from napari_reddino.atomic_files import PartlyWrittenError
+from napari_reddino.atomic_files import NotReplacedError, PartlyWrittenError
 from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_export import export_cells_csv, summary_path
 from napari_reddino.cell_table import ANALYSIS_COLUMNS
@@ -176,6 +176,24 @@ def test_a_second_file_that_cannot_be_replaced_is_named_with_the_one_that_was(tm
                          overwrite=True)
     assert len(pd.read_csv(csv)) == len(smear_table) and npz.read_bytes() == b"locked by another program"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.csv", "cells.npz"]  # no temporary left
+
+
+def test_a_first_file_that_cannot_be_replaced_is_named_and_nothing_changes(tmp_path, smear_table, monkeypatch):
+    csv = tmp_path / "cells.csv"
+    csv.write_text("open in a spreadsheet")
+    replace = os.replace
+
+    def refuse_the_csv(source, target):
+        if Path(target) == csv:
+            raise PermissionError(13, "Permission denied", source, None, target)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refuse_the_csv)
+    with pytest.raises(NotReplacedError, match=r"^cells.csv could not be replaced \(Permission denied\); it is as "
+                                               r"before$") as error:  # the target named, not the temporary file
+        export_cells_csv(csv, analysed_layer(smear_table), overwrite=True)
+    assert error.value.errno == 13 and error.value.filename == str(csv)
+    assert csv.read_text() == "open in a spreadsheet" and os.listdir(tmp_path) == ["cells.csv"]
 
 
 def test_a_file_system_that_refuses_to_sync_folders_still_gets_every_file(tmp_path, smear_table, monkeypatch):

@@ -747,6 +747,20 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     press("Export CSV…")
     exported = pd.read_csv(tmp_path / "cells.csv", keep_default_na=False)
     np.testing.assert_array_equal(exported["manual_label"], manual())
+    replace = os.replace
+
+    def locked(source, target):  # cells.csv open in a spreadsheet, on Windows
+        if Path(target).name == "cells.csv":
+            raise PermissionError(13, "Permission denied")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", locked)
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    press("Export CSV…")
+    assert widget.status.value == ("Nothing was written: cells.csv could not be replaced (Permission denied); it is "
+                                   "as before. If it is open in another program (a spreadsheet, say), close it "
+                                   "there and try again.")
+    monkeypatch.setattr(os, "replace", replace)
     cells.features = cells.features.assign(manual_label="")
     press("Import labels…")
     np.testing.assert_array_equal(manual(), exported["manual_label"])

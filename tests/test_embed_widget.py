@@ -213,7 +213,8 @@ def corrupt_copy(folder: Path, tmp_path: Path) -> str:
     "model, says",
     [
         ("reddino-small", "Model 'reddino-small' (Hugging Face repo Snarcy/RedDino-small) is not in the local cache"),
-        ("no-such-model", "Unknown model 'no-such-model': known models: reddino-small"),
+        ("no-such-model", "No model 'no-such-model': it is neither a known model nor a model folder on this "
+         "computer. Choose reddino-small, reddino-base, reddino-large in the list"),
         (corrupt_copy, "(damaged or not a weights file)"),
         (lambda folder, _: str(folder / "model.safetensors"), "widget takes a model folder with config.json"),
     ],

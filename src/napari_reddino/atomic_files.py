@@ -33,11 +33,23 @@ class PartlyWrittenError(OSError):
         self.written, self.failed, self.unchanged = written, failed, unchanged
 
 
+class NotReplacedError(OSError):
+    """The first target could not be replaced (held open by another program, say): nothing changed."""
+
+    def __init__(self, target: Path, error: OSError):
+        super().__init__(error.errno, error.strerror, str(target))
+        self.message = f"{target.name} could not be replaced ({error.strerror or error}); it is as before"
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[bytes]], object]]) -> None:
     """Write each file with its ``writer(binary_handle)`` beside its target, then rename them all.
 
-    A failing writer leaves every target as it was (and no temporary file behind). Should a
-    rename fail after others succeeded, :class:`PartlyWrittenError` names the files replaced.
+    A failing writer leaves every target as it was (and no temporary file behind). A first rename
+    that fails raises :class:`NotReplacedError`; should a rename fail after others succeeded,
+    :class:`PartlyWrittenError` names the files replaced.
     The folders are synced once all are renamed.
     """
     staged: list[tuple[str, Path]] = []
@@ -63,7 +75,7 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
             except OSError as error:
                 if renamed:
                     raise PartlyWrittenError(renamed, target, error, [path for _, path in staged]) from error
-                raise
+                raise NotReplacedError(target, error) from error  # named by its target, not the temporary file
             staged.pop(0)
             renamed.append(target)
     finally:

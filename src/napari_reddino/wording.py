@@ -1,6 +1,10 @@
-"""Counts in the sentences users read."""
+"""Counts, and advice, in the sentences users read."""
 
 
 def counted(n: int, noun: str) -> str:
     """``counted(1, "cell")`` is "1 cell", ``counted(1200, "cell")`` is "1,200 cells"."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+# after a file that could not be replaced: the usual cause on Windows, where an open file is locked
+OPEN_ELSEWHERE = " If it is open in another program (a spreadsheet, say), close it there and try again."

@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..atomic_files import PartlyWrittenError
+from ..atomic_files import NotReplacedError, PartlyWrittenError
 from ..cell_classifier import (
     MOSTLY_UNLIKE,
     UNLIKE_ADVICE,
@@ -59,7 +59,7 @@ from ..cell_table import PREDICTED_CLASSES
 from ..smear_summary import summarise_smears
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
-from ..wording import counted
+from ..wording import OPEN_ELSEWHERE, counted
 from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
@@ -789,7 +789,8 @@ class CellMapWidget(MapExport, JobWidget):
             self._refuse(f"The head was only partly saved ({error}); save it again.")
             return
         except (OSError, ValueError) as error:
-            self._refuse(f"The head was not saved: {error}")
+            self._refuse(f"The head was not saved: {error}."
+                         + (OPEN_ELSEWHERE if isinstance(error, NotReplacedError) else ""))
             return
         self.status.value = f"Head saved to {path}."
 

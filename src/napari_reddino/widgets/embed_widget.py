@@ -48,7 +48,7 @@ from ..crops import CROP_MODES, CROP_SCALES, DEFAULT_CROP_MODE, DEFAULT_CROP_SCA
 from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError
 from ..measurements import measure_cells
-from ..models import KNOWN_MODELS, ModelLoadError
+from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, smear_pixels
 from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer
@@ -102,6 +102,12 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     downloaded now is known by its commit only from now on)."""
     try:
         embedder = load_embedder(model, device=device)
+    except UnknownModelError as error:  # the library's message names its API; say what this widget offers
+        if Path(model).expanduser().is_file():
+            return _LoadFailure(str(error))  # a bare weights file: that message names the folder needed
+        return _LoadFailure(f"No model {model!r}: it is neither a known model nor a model folder on this computer. "
+                            f"Choose {', '.join(KNOWN_MODELS)} in the list, type hf_hub:org/name for a model on the "
+                            "Hugging Face Hub, or use Browse… for a model folder (config.json + model.safetensors).")
     except (ModelLoadError, DeviceError) as error:  # said to the user plainly, without a traceback
         return _LoadFailure(str(error))
     loaded = fingerprint(*digests, model, **crops)

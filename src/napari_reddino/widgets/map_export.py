@@ -16,12 +16,12 @@ from magicgui.widgets import CheckBox
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QFileDialog, QMessageBox
 
-from ..atomic_files import PartlyWrittenError
+from ..atomic_files import NotReplacedError, PartlyWrittenError
 from ..cell_export import export_cells_csv, galleries_folder, stale_beside, summary_path
 from ..cell_table import image_name
 from ..class_gallery import GalleryError, GalleryFiles, pictures_in, remove_pictures, save_class_gallery
 from ..label_import import import_manual_labels
-from ..wording import counted
+from ..wording import OPEN_ELSEWHERE, counted
 from .cell_gallery import level_0, smear_under
 from .smear_colours import cells_layers
 
@@ -77,10 +77,10 @@ class MapExport:
             written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, summary_path=summary,
                                        classes=self.class_list.classes, overwrite=True)
         except PartlyWrittenError as error:
-            self._refuse(f"Only partly written: {error}.")
+            self._refuse(f"Only partly written: {error}.{OPEN_ELSEWHERE}")
             return None
         except (OSError, ValueError) as error:
-            self._refuse(f"Nothing was written: {error}")
+            self._refuse(f"Nothing was written: {error}" + (f".{OPEN_ELSEWHERE}" if isinstance(error, NotReplacedError) else ""))
             return None
         with_summary = f", one row per smear to {summary.name}" if summary else ""
         unclassified = int(pd.read_csv(summary)["unclassified"].sum()) if summary else 0
