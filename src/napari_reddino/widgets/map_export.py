@@ -80,7 +80,8 @@ class MapExport:
             self._refuse(f"Only partly written: {error}.{OPEN_ELSEWHERE}")
             return None
         except (OSError, ValueError) as error:
-            self._refuse(f"Nothing was written: {error}" + (f".{OPEN_ELSEWHERE}" if isinstance(error, NotReplacedError) else ""))
+            advice = f".{OPEN_ELSEWHERE}" if isinstance(error, NotReplacedError) else ""
+            self._refuse(f"Nothing was written: {error}{advice}")
             return None
         with_summary = f", one row per smear to {summary.name}" if summary else ""
         unclassified = int(pd.read_csv(summary)["unclassified"].sum()) if summary else 0
