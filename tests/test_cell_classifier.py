@@ -24,6 +24,7 @@ from napari_reddino.cell_classifier import (
     measurement_features,
     uncertainty_order,
 )
+from napari_reddino.model_ids import readable_ids
 
 DATA = Path(__file__).parent / "data"
 
@@ -289,13 +290,20 @@ def test_a_head_of_another_model_is_refused(tmp_path, smear_table):
     assert CellClassifier.load(tmp_path / "local", model_id="s1@sha256:0123456789abcdef").classes
     with pytest.raises(HeadMismatchError):
         CellClassifier.load(tmp_path / "local", model_id="s2@sha256:0123456789abcdef")
-    with pytest.raises(HeadMismatchError, match="reddino-base@sha256"):
-        CellClassifier.load(tmp_path / "head", model_id="reddino-base@sha256:0123456789abcdef")
+    with pytest.raises(HeadMismatchError, match="of reddino-small, but these cells were embedded with reddino-base\\."):
+        CellClassifier.load(tmp_path / "head", model_id="reddino-base@sha256:0123456789abcdef")  # the names suffice
     head.model_id = None  # trained through the API without naming the model
     head.save(tmp_path / "unnamed")
     assert CellClassifier.load(tmp_path / "unnamed").model_id is None
     with pytest.raises(HeadMismatchError, match="an unnamed model"):
         CellClassifier.load(tmp_path / "unnamed", model_id="reddino-small")
+
+
+def test_model_ids_are_shown_by_name_unless_only_their_weights_differ():
+    small, other = "reddino-small@sha256:" + "a" * 16, "reddino-small@sha256:" + "b" * 16
+    assert readable_ids([small, "s1@sha256:" + "c" * 16, None]) == ["reddino-small", "s1", "an unnamed model"]
+    assert readable_ids([small, other]) == [small, other]  # the same name: the digests tell them apart
+    assert readable_ids(["/home/lab/models/s1"]) == ["s1"]  # an earlier version's path
 
 
 def test_a_head_of_cells_cropped_otherwise_is_refused(tmp_path, smear_table):

@@ -741,7 +741,7 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     (tmp_path / "context.json").write_text(json.dumps(about | {"crops": about["crops"] | {"mode": "context"}}))
     answer("context.safetensors")
     press("Apply saved head…")
-    assert widget.status.value.startswith("The head context was trained on cells embedded from context crops at "
+    assert widget.status.value.startswith("The head 'context' was trained on cells embedded from context crops at "
                                           "smear scale, margin 0.25, but these cells were embedded from masked")
     answer("cells.csv")
     press("Export CSV…")

@@ -114,7 +114,8 @@ def test_embeds_a_segmented_smear_once_and_again_only_when_the_labels_change(
     with qtbot.assertNotEmitted(widget.embedded):
         run(widget, qtbot)
     assert widget.status.value == (
-        f"The {len(ids):,} embeddings of 'smear cells' ({model_id}) are up to date; nothing to do."
+        f"The embeddings of the {len(ids):,} cells of 'smear cells' ({Path(widget.model_name).name}) are already "
+        "up to date; nothing to do."
     )
     reopened = EmbedCellsWidget(viewer)
     reopened.model_name, reopened.device.value = widget.model_name, "cpu"

@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from .atomic_files import write_files_atomically
 from .cell_embeddings import check_embeddings, crops_in_words
-from .model_ids import same_model
+from .model_ids import readable_ids, same_model
 
 DEFAULT_MEASUREMENTS = (
     "circularity", "eccentricity", "solidity", "central_pallor", "outline_shared", "relative_diameter", "red_fraction",
@@ -239,14 +239,15 @@ class CellClassifier:
         weights_path, about_path = head_paths(path)
         about = _read_about(about_path)
         if model_id is not None and not same_model(about["model_id"], model_id):
+            theirs, ours = readable_ids([about["model_id"], model_id])
             raise HeadMismatchError(
-                f"The head {about_path.stem} was trained on embeddings of {about['model_id'] or 'an unnamed model'}, "
-                f"but these cells were embedded with {model_id}. Embed the cells with the head's model, "
+                f"The head {about_path.stem!r} was trained on embeddings of {theirs}, "
+                f"but these cells were embedded with {ours}. Embed the cells with the head's model, "
                 "or train a new head on these cells."
             )
         if crops is not None and about.get("crops") is not None and dict(crops) != about["crops"]:
             raise HeadMismatchError(
-                f"The head {about_path.stem} was trained on cells embedded from {crops_in_words(about['crops'])}, "
+                f"The head {about_path.stem!r} was trained on cells embedded from {crops_in_words(about['crops'])}, "
                 f"but these cells were embedded from {crops_in_words(crops)}. Embed them with the head's Crop, "
                 "Scale and Margin, or train a new head on these cells."
             )

@@ -20,7 +20,7 @@ from skimage.measure import points_in_poly
 
 from .cell_embeddings import crop_settings, crops_in_words, embeddings_of, repainted_since_embedded, stored_fingerprint
 from .cell_table import image_name
-from .model_ids import same_model
+from .model_ids import readable_ids, same_model
 
 LUT_SIZE = 2**16  # napari draws uint16 labels through a 65,536-colour lookup table on the GPU
 UNLABELLED = ""
@@ -57,7 +57,7 @@ class PooledCells:
         models = {record[2] for _, record in records}
         if not all(same_model(records[0][1][2], model) for model in models):
             raise PoolingError(
-                f"The cells layers were embedded with different models ({', '.join(sorted(models))}); "
+                f"The cells layers were embedded with different models ({', '.join(readable_ids(sorted(models)))}); "
                 "embed them all with one model to compare them in one map."
             )
         crops = [(layer.name, settings) for layer, _ in records if (settings := crop_settings(layer)) is not None]

@@ -43,6 +43,15 @@ def same_model(first: str | None, second: str | None) -> bool:
     return _name(first) == _name(second)
 
 
+def readable_ids(model_ids: list[str | None]) -> list[str]:
+    """The ids as messages show them: by their names, unless two differ only in their weights'
+    digests (then in full, since that is what differs)."""
+    names = [_name(model_id) or "an unnamed model" for model_id in model_ids]
+    if len(set(names)) == len(set(model_ids)):
+        return names
+    return [model_id or "an unnamed model" for model_id in model_ids]
+
+
 def _name(model_id: str | None) -> str:
     """The name part of an id; of an earlier version's local path, its last part."""
     name = (model_id or "").partition(WEIGHTS_MARK)[0]

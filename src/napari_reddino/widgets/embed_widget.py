@@ -48,6 +48,7 @@ from ..crops import CROP_MODES, CROP_SCALES, DEFAULT_CROP_MODE, DEFAULT_CROP_SCA
 from ..embedding import DeviceError, Embedder, list_devices, load_embedder
 from ..image_input import ImageInputError
 from ..measurements import measure_cells
+from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, smear_pixels
@@ -389,7 +390,8 @@ class EmbedCellsWidget(JobWidget):
                 self._batch.up_to_date.append(image.name)
             ids, _, model_id = embeddings_of(cells)
             self._refuse(
-                f"The {len(ids):,} embeddings of {cells.name!r} ({model_id}) are up to date; nothing to do.",
+                f"The embeddings of the {counted(len(ids), 'cell')} of {cells.name!r} ({readable_ids([model_id])[0]}) "
+                "are already up to date; nothing to do.",
                 notify=show_info,
             )
             return
