@@ -22,7 +22,14 @@ from napari_reddino.cell_embeddings import labels_digest, store_embeddings
 from napari_reddino.cell_map import DIM_FACTOR, value_colours
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
-from napari_reddino.widgets.cell_map_widget import GALLERY_NAME, MANUAL, MIN_WIDTH, PREDICTED, SMEAR_FILL_ALPHA
+from napari_reddino.widgets.cell_map_widget import (
+    GALLERY_NAME,
+    MANUAL,
+    MIN_WIDTH,
+    PREDICTED,
+    SMEAR_FILL_ALPHA,
+    held_out_words,
+)
 from napari_reddino.widgets.class_list import DEFAULT_CLASSES, NAME, NEW_CLASS_COLOURS
 from napari_reddino.widgets.segment_widget import CARRIED_TO
 from napari_reddino.widgets.smear_keys import LABEL_KEYS_HELP
@@ -443,7 +450,8 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     cells.undo()
     compute_map(widget, qtbot)
     viewer.layers.remove(aslan)
-    assert widget.pool is None and widget.status.value.startswith(f"The cells of {aslan.name!r} changed or were removed")
+    assert widget.pool is None and widget.status.value == (f"The cells of {aslan.name!r} were removed; Compute map to "
+                                                           "map the smears still open.")
 
     # Without a map, a renamed class is renamed on the cells layers all the same.
     widget.class_list.table.item(widget.class_list.classes.index("target cell"), NAME).setText("target")
@@ -764,3 +772,12 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     cells.features = cells.features.assign(manual_label="")
     press("Import labels…")
     np.testing.assert_array_equal(manual(), exported["manual_label"])
+
+
+def test_the_held_out_check_names_the_classes_that_need_a_second_labelled_cell():
+    labels = np.array(["normal", "normal", "teardrop", "", "schistocyte"], dtype=object)
+    assert held_out_words(None, labels) == ("Label a second cell of 'schistocyte', 'teardrop' to see how the head does "
+                                            "on cells it was not trained on.")
+    assert held_out_words({"normal": 0.9, "teardrop": 0.5}, labels) == (
+        "On labelled cells left out of its training in turn, it named 70% right (mean over classes; weakest: "
+        "teardrop, 50%); expect less on other smears.")

@@ -72,3 +72,19 @@ def test_a_class_added_with_an_id_another_class_holds_gets_its_own(qtbot):
     assert classes.name_of(normal) == "normal" and classes.id_of("discocyte") not in (None, normal)
     classes.add_class("echinocyte", class_id="an id of a head saved in another session")
     assert classes.id_of("echinocyte") == "an id of a head saved in another session"
+
+
+def test_the_last_class_stays_and_says_why(qtbot):
+    classes = ClassList({"normal": "#ffffff", "spherocyte": "#ff0000"})
+    qtbot.addWidget(classes)
+    said, asked = [], []
+    classes.refused.connect(said.append)
+    classes.remove_requested.connect(asked.append)
+    classes.table.selectRow(1)
+    classes.remove_current()
+    assert asked == ["spherocyte"] and said == []  # the owner is asked (and removes it)
+    classes.remove("spherocyte")
+    classes.table.selectRow(0)
+    classes.remove_current()
+    assert asked == ["spherocyte"] and classes.classes == ["normal"]
+    assert said == ["The last class stays: add another class before removing this one."]

@@ -505,12 +505,12 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
         ids, embeddings, _ = embeddings_of(cells)
         np.testing.assert_array_equal(ids, label_ids(cells))
         counts.append(len(ids))
-    assert widget.status.value == f"Every open smear: 2 of 2 embedded ({sum(counts):,} cells)."
+    assert widget.status.value == f"Every open smear: 2 of 2 smears embedded now ({sum(counts):,} cells)."
     assert widget.model.enabled and widget.margin.enabled  # frozen for the run only
 
     with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
         widget.run()  # nothing changed: each is up to date
-    assert widget.status.value == "Every open smear: 0 of 2 embedded (0 cells); already up to date: '1', '26'."
+    assert widget.status.value == "Every open smear was already up to date: '1', '26'."
 
     assert widget.image.value is first and widget.cells.value is own  # its own cells layer, not the last one made
     widget.every_smear.value = False  # back to one smear
@@ -547,13 +547,13 @@ def test_a_smear_whose_embeddings_cannot_be_stored_is_named_and_the_next_is_embe
     widget.every_smear.value = True
     with qtbot.waitSignal(widget.every_smear_done, timeout=2 * RUN_TIMEOUT_MS):
         widget.run()
-    assert widget.status.value.startswith("Every open smear: 1 of 2 embedded (")
+    assert widget.status.value.startswith("Every open smear: 1 of 2 smears embedded now (")
     assert widget.status.value.endswith(
         "Not embedded: '1': Storing the embeddings failed: OSError: No space left on device")
     assert widget._run_button.enabled and widget.model.enabled  # the run ended: a new one can start
     with qtbot.waitSignal(widget.every_smear_done, timeout=2 * RUN_TIMEOUT_MS):
         widget.run()
-    assert widget.status.value.startswith("Every open smear: 1 of 2 embedded (")  # '1' now
+    assert widget.status.value.startswith("Every open smear: 1 of 2 smears embedded now (")  # '1' now
     assert widget.status.value.endswith("; already up to date: '26'.")
 
 
@@ -567,7 +567,7 @@ def test_a_cancel_stops_every_open_smear_before_the_next(viewer, widget, qtbot):
         widget.run()
         widget.cancel()
 
-    assert widget.status.value == ("Every open smear: 0 of 2 embedded (0 cells). Not embedded: '1': Cancelled; the "
+    assert widget.status.value == ("Every open smear: 0 of 2 smears embedded now (0 cells). Not embedded: '1': Cancelled; the "
                                    "embeddings were not changed. Stopped (cancelled) before '26'.")
     assert not [layer for layer in viewer.layers if isinstance(layer, Labels)]
     assert widget._run_button.enabled

@@ -184,7 +184,7 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
     if broken.any():
         lines = ", ".join(str(index + 2) for index in table.index[broken][:5])
         raise LabelImportError(f"{path.name} has {counted(int(broken.sum()), 'labelled row')} without a "
-                               f"whole-number label or a centroid (lines {lines}{', ...' if broken.sum() > 5 else ''}).")
+                               f"whole-number cell id ('label' column) or a centroid (lines {lines}{', ...' if broken.sum() > 5 else ''}).")
     table["label"] = table["label"].astype(np.int64)
     if "layer" not in table:
         table["layer"] = table["image"] + " cells"

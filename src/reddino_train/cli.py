@@ -83,8 +83,8 @@ def _export_command(args: argparse.Namespace) -> int:
     except (FileExistsError, FileNotFoundError, CheckpointError) as error:
         print(f"reddino-train export: {error}", file=sys.stderr)
         return 2
-    print(f'reddino-train export: wrote {folder}; load it with timm.create_model("local-dir:{folder}", '
-          "pretrained=True)")
+    print(f"reddino-train export: wrote {folder}; use it in napari (Embed cells > Browse…), with "
+          f"reddino-analyse --model {folder}, or in Python as load_embedder({str(folder)!r})")
     if args.push_to_hub:
         try:
             url = push_to_hub(folder, args.push_to_hub, private=args.private)

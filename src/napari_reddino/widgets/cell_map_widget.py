@@ -128,10 +128,25 @@ def left_out(viewer) -> str:
                    and (newer := segmented_again_as(viewer, layer)))
 
 
-def held_out_words(recall: dict[str, float] | None) -> str:
-    """What :meth:`CellClassifier.held_out_recall` found, in a sentence for the status line."""
+BUTTON_TIPS = {  # the head is this panel's classifier; the tips say so where it first appears
+    "Train head": "Train the head, a simple classifier, on the labelled cells: it learns their classes from "
+                  "the embeddings and measurements and predicts a class for every other cell.",
+    "Review uncertain": "Select the unlabelled cell the head is least sure of; label it, or press again to skip.",
+    "Save head…": "Save the trained head (two files, .safetensors and .json) to apply it to other smears later, "
+                  "here or with reddino-analyse --head.",
+    "Apply saved head…": "Predict every embedded cell of the open smears with a saved head.",
+    "Show in gallery": "Show the selected cells side by side under the smear.",
+    "Select class": "Select every cell of the class chosen in the list (its label, else its prediction).",
+}
+
+
+def held_out_words(recall: dict[str, float] | None, labels) -> str:
+    """What :meth:`CellClassifier.held_out_recall` found on the cells' ``labels``, in a sentence
+    for the status line."""
     if recall is None:
-        return "Label two cells or more of each class to see how it does on cells it was not trained on."
+        classes, counts = np.unique([label for label in labels if label != UNLABELLED], return_counts=True)
+        alone = ", ".join(repr(str(name)) for name in classes[counts < 2])
+        return f"Label a second cell of {alone} to see how the head does on cells it was not trained on."
     weakest = min(recall, key=recall.get)
     return (f"On labelled cells left out of its training in turn, it named {np.mean(list(recall.values())):.0%} "
             f"right (mean over classes; weakest: {weakest}, {recall[weakest]:.0%}); expect less on other smears.")
@@ -198,7 +213,7 @@ class CellMapWidget(MapExport, JobWidget):
             "Export CSV…": self._export_dialog,
             "Import labels…": self._import_dialog,
         }
-        self.buttons = {text: PushButton(text=text) for text in actions}
+        self.buttons = {text: PushButton(text=text, tooltip=BUTTON_TIPS.get(text)) for text in actions}
         for text, action in actions.items():
             self.buttons[text].changed.connect(action)
         self._lay_out_map_widget()
@@ -260,7 +275,9 @@ class CellMapWidget(MapExport, JobWidget):
     def press_key(self, key: str) -> None:
         name = UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key)
         if name is None:
-            self.status.value = f"No class has the key {key}: only the first ten classes have keys (1-9, 0)."
+            n = len(self.class_list.classes)
+            self.status.value = (f"No class has the key {key}: only the first ten classes have keys (1-9, 0)."
+                                 if n >= 10 else f"No class has the key {key}: the list holds {counted(n, 'class')}.")
             return
         self.assign(name)
 
@@ -326,7 +343,7 @@ class CellMapWidget(MapExport, JobWidget):
                 f" The smear {smear!r} is mapped twice ({' and '.join(map(repr, names))}): its cells count twice in "
                 "the map, the head and the export; remove the layer you do not need."
                 for smear, names in pool.smears_mapped_twice().items())
-            self.status.value = (f"Map of {len(xy):,} cells in {time.perf_counter() - self._started:.1f} s."
+            self.status.value = (f"Map of {counted(len(xy), 'cell')} in {time.perf_counter() - self._started:.1f} s."
                                  f"{twice}{left_out(self._viewer)}")
         self.finished.emit()
 
@@ -397,7 +414,7 @@ class CellMapWidget(MapExport, JobWidget):
             # napari may be removing several selected layers, the colours among them: changing the
             # layer list inside its removal loop would break it, so the colours go once it is done.
             colours, self._smear_colours = self._smear_colours, None
-            self._map_is_stale(event.value.name)
+            self._map_is_stale(event.value.name, "were removed; Compute map to map the smears still open")
             if colours is not None:
                 QTimer.singleShot(0, colours.remove)
 
@@ -419,8 +436,7 @@ class CellMapWidget(MapExport, JobWidget):
         elif changed := self._changed_since_pooled(self.pool):
             self._map_is_stale(changed)
 
-    def _map_is_stale(self, name: str, why: str = "changed or were removed; embed them again, then Compute map"
-                      ) -> None:
+    def _map_is_stale(self, name: str, why: str = "changed; embed them again, then Compute map") -> None:
         self.forget_map()
         self.status.value = f"The cells of {name!r} {why}."
         self.selection_count.value = "No map yet."
@@ -462,7 +478,7 @@ class CellMapWidget(MapExport, JobWidget):
         self._smear_colours.paint(emphasise(self._colours, self.selected) * [1, 1, 1, SMEAR_FILL_ALPHA])
         count = int(self.selected.sum())
         self.selection_count.value = f"{count:,} of {len(self.pool):,} cells selected" if count else (
-            f"{len(self.pool):,} cells; lasso or click cells to select")
+            f"{counted(len(self.pool), 'cell')}; lasso or click cells to select")
         if self.gallery.isVisible():  # else it fills when shown
             self._fill_gallery()
 
@@ -712,7 +728,7 @@ class CellMapWidget(MapExport, JobWidget):
         seconds = time.perf_counter() - started
         recall = classifier.held_out_recall(self.pool.embeddings, labels, measurements=table)
         self.status.value = (f"Head trained on {taught:,} labelled cells in {seconds:.2f} s; every cell has a "
-                             f"predicted class. {held_out_words(recall)}")
+                             f"predicted class. {held_out_words(recall, labels)}")
 
     def _predict(self, classifier: CellClassifier, pool: PooledCells, proba: np.ndarray,
                  unlike: np.ndarray | None = None) -> None:
@@ -770,10 +786,10 @@ class CellMapWidget(MapExport, JobWidget):
         certainty = self.pool.column("prediction_probability")[point]
         which = ("Unlabelled cell unlike those the head was trained among" if self._unlike[point]
                  else "Least certain unlabelled cell")
-        self.status.value = (f"{which}: {self.pool.label_ids[point]} of "
+        self.status.value = (f"{which}: cell {self.pool.label_ids[point]} of "
                              f"{self.pool.layers[self.pool.layer_index[point]].name!r}{uncovered}, predicted "
-                             f"{predicted!r} (p = {certainty:.2f}). Press its class's number key, or Review "
-                             "uncertain to skip.")
+                             f"{predicted!r} ({certainty:.0%} probability). Press its class's number key, or Review "
+                             "uncertain to skip it.")
 
     def save_head(self, path: str | Path) -> None:
         """Save the head as ``<name>.safetensors`` + ``<name>.json``; asks before replacing either."""
@@ -816,7 +832,7 @@ class CellMapWidget(MapExport, JobWidget):
         self._predict(classifier, pool, proba, beyond & mostly[pool.layer_index])
         mapped = "" if pool is self.pool else " Compute map to see them on the map."
         renamed = f" ({'; '.join(renamed)})" if renamed else ""
-        self.status.value = f"Head {Path(path).name} applied to {len(pool):,} cells{renamed}.{mapped}"
+        self.status.value = f"Head {Path(path).name} applied to {counted(len(pool), 'cell')}{renamed}.{mapped}"
         if mostly.any():
             names = ", ".join(repr(cells.name) for cells, warned in zip(pool.layers, mostly) if warned)
             warning = (f"Most cells of {names} {UNLIKE_ADVICE}. Review uncertain shows them first; label some "

@@ -163,7 +163,9 @@ class ClassList(QWidget):
     def remove_current(self) -> None:
         """Ask to remove the selected class (the last one stays): see :attr:`remove_requested`."""
         row = self.table.currentRow()
-        if row >= 0 and self.table.rowCount() > 1:
+        if row >= 0 and self.table.rowCount() == 1:
+            self.refused.emit("The last class stays: add another class before removing this one.")
+        elif row >= 0:
             self.remove_requested.emit(self._names[row])
 
     def move_current(self, step: int) -> None:

@@ -146,7 +146,7 @@ class EmbedCellsWidget(JobWidget):
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.cells = ComboBox(
             label="Cells", choices=self._cells_choices,
-            tooltip="The cells Labels layer; 'segment first' segments the image as the Segment cells widget does.",
+            tooltip="The cells layer; 'segment first' segments the image as the Segment cells widget does.",
         )
         self.model = ComboBox(label="Model", choices=list(KNOWN_MODELS), tooltip=MODEL_TOOLTIP)
         self.model.native.setEditable(True)
@@ -162,8 +162,9 @@ class EmbedCellsWidget(JobWidget):
         )
         self.crop_scale = ComboBox(
             label="Scale", choices=list(CROP_SCALES), value=DEFAULT_CROP_SCALE,
-            tooltip="cell: each crop sized to its cell; smear: one crop size for the whole smear, so a crop shows "
-            "its cell's size next to the others (micro- and macrocytes).",
+            tooltip="cell: each crop sized to its cell; smear: most cells share one crop size (that of a cell 1.25 "
+            "times the median), so a crop shows its cell's size next to the others (micro- and macrocytes); "
+            "larger cells get a larger crop.",
         )
         self.margin = FloatSpinBox(
             label="Margin", value=DEFAULT_MARGIN, min=0, max=2, step=0.05,
@@ -332,8 +333,13 @@ class EmbedCellsWidget(JobWidget):
         self.reset_choices()  # the run added cells layers: the chosen image's own comes first again
         self._pick_cells(self.image.value)
         cells = sum(batch.embedded.values())
-        up_to_date = f"; already up to date: {', '.join(map(repr, batch.up_to_date))}" if batch.up_to_date else ""
-        summary = [f"Every open smear: {len(batch.embedded)} of {batch.total} embedded ({cells:,} cells){up_to_date}."]
+        current = ", ".join(map(repr, batch.up_to_date))
+        if len(batch.up_to_date) == batch.total:
+            summary = [f"Every open smear was already up to date: {current}."]
+        else:
+            up_to_date = f"; already up to date: {current}" if batch.up_to_date else ""
+            summary = [f"Every open smear: {len(batch.embedded)} of {counted(batch.total, 'smear')} embedded now "
+                       f"({counted(cells, 'cell')}){up_to_date}."]
         if batch.not_embedded:
             summary.append("Not embedded: " + "; ".join(batch.not_embedded))
         if batch.waiting:
@@ -358,7 +364,7 @@ class EmbedCellsWidget(JobWidget):
     def _embed(self, image: Image, pixels: np.ndarray, cells: Labels, *, segmented: bool = False) -> None:
         if cells.multiscale:
             self._refuse(f"{cells.name!r} is a multiscale (pyramid) labels layer; open its full-resolution "
-                         "level as a plain labels layer, or segment the image here.")
+                         "level as a plain labels layer, or choose 'segment first' under Cells.")
             return
         source = cells.metadata.get("source_image")
         if source != image.name and source in self._viewer.layers:
@@ -447,7 +453,7 @@ class EmbedCellsWidget(JobWidget):
 
     def _segmented(self, job: _Job, labels: np.ndarray, table, cell_diameter: float) -> None:
         if job.image not in self._viewer.layers:
-            self._refuse(f"{job.image_name!r} was removed while it was segmented; nothing was changed.")
+            self._refuse(f"{job.image_name!r} was closed while it was segmented; nothing was changed.")
             return
         if table.empty:
             self._refuse(f"No cells found in {job.image_name!r}: is it a blood smear? Try the Segment cells widget.", notify=show_warning)

@@ -98,7 +98,7 @@ class MapExport:
                 removed += f"; the earlier export's {file.name} could not be removed ({error.strerror or error}) " \
                            "and does not match it"
         removed += remove_pictures([file for file in earlier_pictures if file not in drawn], "the earlier export's")
-        self.status.value = f"{len(self.pool):,} cells written to {written}{with_summary}{drawing}{removed}."
+        self.status.value = f"{counted(len(self.pool), 'cell')} written to {written}{with_summary}{drawing}{removed}."
         return written
 
     def _draw_galleries(self, folder: Path) -> tuple[set[Path], str]:

@@ -70,7 +70,8 @@ class SegmentCellsWidget(JobWidget):
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.cell_diameter = FloatSpinBox(
             label="Cell diameter (px)", min=0, max=1000, step=1,
-            tooltip="Typical red-cell diameter in pixels; auto (0) estimates it from the image.",
+            tooltip="Typical red-cell diameter in pixels. Auto (0): 7.5 µm at the pixel size below where one is "
+                    "given, else estimated from the image.",
         )
         self.pixel_size = FloatSpinBox(
             label="Pixel size (µm)", min=0, max=100, step=0.01,

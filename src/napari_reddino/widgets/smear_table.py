@@ -21,9 +21,10 @@ class SmearTable(QTableWidget):
         self.setToolTip(
             "Per smear, without the cells cut by the image border. Overlapping: cells with "
             f"{OVERLAPPING_OUTLINE:.0%} or more of their outline against another cell, where the segmentation "
-            "split them; their shape says less. Many in a thick part of the smear (read a thinner one), or with "
-            "rouleaux or agglutination, findings in themselves. A class's share appears once every whole cell "
-            "has a class (train or apply a head); hover over it for its 95 % interval.")
+            "split them; their shape says less. Many overlapping cells point to a thick part of the smear (read a "
+            "thinner one), or to rouleaux or agglutination, findings in themselves. Central pallor: the median of "
+            "1 - centre density / rim density (0: no pale centre; higher: paler). A class's share appears once "
+            "every whole cell has a class (train or apply a head); hover over it for its 95 % interval.")
 
     def show_summary(self, summary: pd.DataFrame) -> None:
         """Show ``summary`` (as :func:`summarise_smears` gives it); classes that no cell of any
