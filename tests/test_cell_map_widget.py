@@ -495,7 +495,7 @@ def test_a_closed_map_panel_takes_its_colours_and_keys_and_a_new_one_finds_the_c
     for name in list(DEFAULT_CLASSES)[8:]:  # eight and crenated left: the key 0 has no class
         widget.class_list.remove(name)
     widget.press_key("0")
-    assert widget.status.value == "No class has the key 0: only the first ten classes have keys (1-9, 0)."
+    assert widget.status.value == "No class has the key 0: the list holds 9 classes."
     assert f"{cells.name} map colours" in viewer.layers and "label eraser" not in cells.help
 
     viewer.window.remove_dock_widget(dock)  # as its close button does

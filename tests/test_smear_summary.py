@@ -16,6 +16,7 @@ from napari_reddino import measure_cells, segment_cells
 from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_export import export_cells_csv
 from napari_reddino.smear_summary import share_interval, summarise_smears
+from napari_reddino.wording import counted
 
 DATA = Path(__file__).parent / "data"
 
@@ -139,3 +140,8 @@ def test_the_export_writes_the_summary_beside_the_cells_and_refuses_to_replace_i
     assert summary.read_text() == "keep me" and not cells.exists()
     with pytest.raises(ValueError, match="overwrite the export's other file cells.csv"):
         export_cells_csv(cells, counted_layer(), summary_path=cells, overwrite=True)
+
+
+def test_counts_in_sentences_take_the_plural_their_noun_needs():
+    assert [counted(n, "cell") for n in (0, 1, 2, 1200)] == ["0 cells", "1 cell", "2 cells", "1,200 cells"]
+    assert [counted(n, "class") for n in (1, 9)] == ["1 class", "9 classes"]

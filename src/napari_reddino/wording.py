@@ -2,8 +2,9 @@
 
 
 def counted(n: int, noun: str) -> str:
-    """``counted(1, "cell")`` is "1 cell", ``counted(1200, "cell")`` is "1,200 cells"."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+    """``counted(1, "cell")`` is "1 cell", ``counted(1200, "cell")`` is "1,200 cells",
+    ``counted(2, "class")`` is "2 classes"."""
+    return f"{n:,} {noun}{'' if n == 1 else 'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
 
 
 # after a file that could not be replaced: the usual cause on Windows, where an open file is locked

@@ -37,7 +37,7 @@ def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsy
     assert main(["fit", "tiny", str(smear_images), "--out", run, *TINY, "--max-steps", "1"]) == 0
     assert "1 iterations done" in capsys.readouterr().out
     assert main(["export", run, "--out", model]) == 0
-    assert f'local-dir:{model}' in capsys.readouterr().out
+    assert f"use it in napari (Embed cells > Browse…), with reddino-analyse --model {model}" in capsys.readouterr().out
     weights = (tmp_path / "model" / "model.safetensors").read_bytes()
     assert main(["export", run, "--out", model]) == 2
     assert "--overwrite" in capsys.readouterr().err
