@@ -169,7 +169,8 @@ def test_blank_image_gives_a_notice_and_no_layer(viewer, widget, qtbot):
 
 BAD_LAYERS = {
     "two channels": ((np.arange(64 * 64 * 2) % 251).astype(np.uint8).reshape(64, 64, 2), "(64, 64, 2)"),
-    "stack": ((np.arange(3 * 64 * 64) % 251).astype(np.uint8).reshape(3, 64, 64), "(3, 64, 64)"),
+    "stack": ((np.arange(3 * 64 * 64) % 251).astype(np.uint8).reshape(3, 64, 64),
+              "(3, 64, 64) is a 3-D stack of planes in napari, not one smear (a colour photo stored channel by channel?"),
     "nan": (np.where(np.eye(64, dtype=bool), np.nan, 0.5).astype(np.float32), "NaN"),
 }
 

@@ -31,7 +31,8 @@ def smear_pixels(layer: Image) -> np.ndarray:
     if layer.ndim != 2:
         raise ImageInputError(
             f"{layer.name!r} of shape {layer.data.shape} is a {layer.ndim}-D stack of planes in napari, "
-            f"not one smear; expected {ACCEPTED}."
+            "not one smear (a colour photo stored channel by channel? save it again as an ordinary PNG, JPEG "
+            f"or TIFF and open that); expected {ACCEPTED}."
         )
     return check_smear(layer.data)
 
