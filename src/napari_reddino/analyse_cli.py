@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("smears", nargs="+", metavar="SMEAR", help="image files, or folders searched for "
                         "png/jpg/jpeg/tif/tiff at any depth")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (made if missing)")
-    parser.add_argument("--model", help="reddino-small|base|large, hf_hub:org/name, or a local model folder "
-                        f"(default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", help="reddino-small, reddino-base or reddino-large, hf_hub:org/name, or a local "
+                        f"model folder (default: {DEFAULT_MODEL})")
     parser.add_argument("--head", metavar="PATH", help="a head saved by the Cell map widget for this model: "
                         "every cell gets a predicted class and its probabilities, the summary class counts and %%")
     parser.add_argument("--measure-only", action="store_true", help="segment and measure only; no model")

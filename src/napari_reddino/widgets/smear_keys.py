@@ -9,7 +9,7 @@ what the keys do instead, in every mode, and napari's keys and hint come back wi
 import weakref
 
 LABEL_KEYS = (*"1234567890", "Backspace", "Delete")  # a class's key assigns it; the last two clear
-LABEL_KEYS_HELP = "use <1>-<9>, <0> to give the selected cells a class (Cell map), <Backspace> to clear it"
+LABEL_KEYS_HELP = "use <1>-<9>, <0> to give the selected cells a class (Cell map), <Backspace> or <Delete> to clear it"
 
 
 class SmearKeys:
