@@ -773,6 +773,18 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     press("Import labels…")
     np.testing.assert_array_equal(manual(), exported["manual_label"])
 
+    # A run that ends while Replace? is asked (its dialog runs Qt's events) takes the map away.
+    def map_gone_then_yes(*args, **kwargs):
+        widget.forget_map()
+        return QMessageBox.StandardButton.Yes
+
+    monkeypatch.setattr(QMessageBox, "question", map_gone_then_yes)
+    written = (tmp_path / "cells.csv").read_bytes()
+    press("Export CSV…")
+    assert widget.status.value == ("Nothing was written: the map's cells changed while the question was open; "
+                                   "Compute map, then export again.")
+    assert (tmp_path / "cells.csv").read_bytes() == written
+
 
 def test_the_held_out_check_names_the_classes_that_need_a_second_labelled_cell():
     labels = np.array(["normal", "normal", "teardrop", "", "schistocyte"], dtype=object)

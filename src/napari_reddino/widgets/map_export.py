@@ -71,7 +71,12 @@ class MapExport:
                 replaced.append(f"{pictures}, drawn anew)")
             else:
                 deleted.append(f"{pictures})")
+        pool = self.pool
         if (replaced or deleted) and not self._confirm_overwrite(replaced, deleted):
+            return None
+        if pool is not self.pool or not self._map_is_current():  # a run ended while the question was open
+            self._refuse("Nothing was written: the map's cells changed while the question was open; Compute map, "
+                         "then export again.")
             return None
         try:
             written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, summary_path=summary,
