@@ -583,3 +583,28 @@ def test_a_smear_segmented_again_beside_its_labelled_cells_embeds_the_new_ones(v
     widget.image.value = other
     widget.image.value = smear  # chosen: its cells layer is chosen with it
     assert widget.cells.value is again and labelled in widget.cells.choices
+
+
+def test_the_settings_hold_for_the_whole_run_and_an_error_before_it_starts_ends_it(viewer, widget, qtbot,
+                                                                                  monkeypatch):
+    for path in (CHULA_1, CHULA_26):
+        viewer.open(path)
+    widget.reset_choices()
+    settings = (widget.model, widget.device, widget.crop_mode, widget.crop_scale, widget.margin, widget.every_smear)
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()  # segments first, then embeds with the settings of when Run was pressed
+        assert not any(setting.enabled for setting in settings)
+    assert all(setting.enabled for setting in settings)
+
+    def out_of_memory(image):
+        raise MemoryError()
+
+    monkeypatch.setattr(embed_widget, "image_digest", out_of_memory)  # before the worker starts
+    widget.every_smear.value = True
+    with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    # '1' is segmented first and fails on to embed; '26' (embedded above) fails as its run begins
+    assert widget.status.value == ("Every open smear: 0 of 2 smears embedded now (0 cells). Not embedded: '1': Adding "
+                                   "the cells layer failed: MemoryError; '26': Embedding failed: MemoryError")
+    assert widget._batch is None and all(setting.enabled for setting in settings)
+    assert widget._run_button.enabled

@@ -218,23 +218,19 @@ class EmbedCellsWidget(JobWidget):
         if not self.model_name:
             self._refuse("Choose a model: reddino-small, -base, -large, hf_hub:org/name or a local folder.")
             return
+        self._freeze_settings(True)  # a smear segmented first is embedded with the settings of now
         if self.every_smear.value:
             images = self._image_layers()
             if not images:
                 self._refuse("Open a smear first: File > Open, or File > Open Sample > RedDino.")
                 return
             self._batch = _Batch(waiting=images, total=len(images))
-            self._freeze_settings(True)
             self._run_next_smear()
             return
         layer = self.image.value
         pixels = self._chosen_smear(layer)
-        if pixels is None:
-            return
-        if self.cells.value == SEGMENT_FIRST:
-            self._segment_first(layer, pixels)
-        else:
-            self._embed(layer, pixels, self.cells.value)
+        if pixels is not None:
+            self._begin(layer, pixels, None if self.cells.value == SEGMENT_FIRST else self.cells.value)
 
     # --- choices ---------------------------------------------------------------------------
 
@@ -301,13 +297,24 @@ class EmbedCellsWidget(JobWidget):
             self._refuse(f"{image.name!r} was closed before its turn.", notify=show_info)
             return
         pixels = self._chosen_smear(image)
-        if pixels is None:
-            return
-        cells = self._own_cells(image)
-        if cells is None:
-            self._segment_first(image, pixels)
-        else:
-            self._embed(image, pixels, cells)
+        if pixels is not None:
+            self._begin(image, pixels, self._own_cells(image))
+
+    def _begin(self, image: Image, pixels: np.ndarray, cells: Labels | None) -> None:
+        """Segment first (``cells`` None), or embed ``cells``; an error before the worker starts
+        ends the run and says why, rather than leave the panel's settings frozen."""
+        try:
+            if cells is None:
+                self._segment_first(image, pixels)
+            else:
+                self._embed(image, pixels, cells)
+        except Exception as error:
+            if self._worker is not None:
+                raise
+            if self._batch is not None:
+                self._batch.stopped = "an error"
+            self._on_errored(error, "Embedding")
+            self.finished.emit()
 
     def _on_embedded(self, cells: Labels) -> None:
         if self._batch is not None:
@@ -317,7 +324,10 @@ class EmbedCellsWidget(JobWidget):
     def _after_run(self) -> None:
         """Note how the smear of an "every open smear" run ended; go on to the next, or sum up."""
         batch = self._batch
-        if batch is None or batch.current is None:
+        if batch is None:
+            self._freeze_settings(False)  # the end of a one-smear run
+            return
+        if batch.current is None:
             return
         if not batch.current_embedded and batch.current.name not in batch.up_to_date:
             batch.not_embedded.append(f"{batch.current.name!r}: {self.status.value}")
