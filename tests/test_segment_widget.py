@@ -96,6 +96,13 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     assert cells.metadata["cell_diameter_from"] == "given"
     assert_one_row_per_cell(cells)
 
+    # A renamed smear is segmented again into its own cells layer, found by its link, not its name.
+    chula.name = "patient 17"
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert labels_layers(viewer) == [cells] and cells.metadata["source_image"] == "patient 17"
+    chula.name = "smear (chula)"
+
     # Labels of blanks are none: the layer is segmented again in place, and shown if it was hidden.
     # A brush stroke before it is not undone into the new cells.
     cells.features = cells.features.assign(manual_label=" ")

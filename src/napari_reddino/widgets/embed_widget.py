@@ -53,7 +53,7 @@ from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, smear_pixels
 from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer
-from .smear_colours import is_map_colours
+from .smear_colours import is_map_colours, own_cells
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
 
@@ -245,14 +245,7 @@ class EmbedCellsWidget(JobWidget):
             self.cells.value = self._own_cells(image) or SEGMENT_FIRST
 
     def _own_cells(self, image: Image) -> Labels | None:
-        """The smear's topmost cells layer: its newest segmentation (a smear segmented again
-        while its cells carry labels keeps the labelled layer below the new one)."""
-        for layer in reversed(self._viewer.layers):
-            if isinstance(layer, Labels) and (
-                layer.metadata.get("source_image") == image.name or layer.name == f"{image.name} cells"
-            ):
-                return layer
-        return None
+        return own_cells(self._viewer.layers, image.name)
 
     def _on_every_smear(self, every: bool) -> None:
         self.image.enabled = self.cells.enabled = not every

@@ -18,7 +18,7 @@ from ..measurements import measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, place_above
-from .smear_colours import coloured_smear
+from .smear_colours import coloured_smear, own_cells
 
 MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
 CARRIED_TO = "labels_carried_to"  # metadata: the newer cells layer this one's labels went to
@@ -176,8 +176,8 @@ def add_cells_layer(
         MEASURED_LABELS: labels_digest(labels),
     }
     layers = viewer.layers
-    earlier = layers[job.layer_name] if job.layer_name in layers else None
-    if isinstance(earlier, Labels) and not _has_manual_labels(earlier):
+    earlier = own_cells(layers, job.image_name)  # by its link to the smear: a renamed smear keeps its cells
+    if earlier is not None and not _has_manual_labels(earlier):
         layer = earlier
         layer.data = labels
         _forget_strokes(layer)

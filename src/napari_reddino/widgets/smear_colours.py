@@ -109,3 +109,14 @@ def cells_layers(viewer) -> list[Labels]:
     """Every Labels layer with a cell table (not the map's colour layers), embedded or not."""
     return [layer for layer in viewer.layers
             if isinstance(layer, Labels) and not is_map_colours(layer) and "label" in layer.features]
+
+
+def own_cells(layers, image_name: str) -> Labels | None:
+    """The smear's topmost cells layer, its newest segmentation (a smear segmented again while its
+    cells carry labels keeps the labelled layer below the new one), found by the link its cells
+    layers keep to it (``source_image``, which follows a renamed smear), else by name."""
+    for layer in reversed(layers):
+        if isinstance(layer, Labels) and not is_map_colours(layer) and (
+                layer.metadata.get("source_image") == image_name or layer.name == f"{image_name} cells"):
+            return layer
+    return None
