@@ -449,9 +449,17 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert widget.pool is not None
     cells.undo()
     compute_map(widget, qtbot)
+    viewer.layers.remove(f"{aslan.name} map colours")  # taken for clutter: the map goes, saying how to get it back
+    assert widget.pool is None and widget.status.value == (f"The cells of {aslan.name!r} lost their map colours (that "
+                                                           "layer was removed); Compute map to show the map again.")
+    qtbot.wait(10)
+    assert [layer.name for layer in viewer.layers if layer.name.endswith("map colours")] == []
+    compute_map(widget, qtbot)
     viewer.layers.remove(aslan)
     assert widget.pool is None and widget.status.value == (f"The cells of {aslan.name!r} were removed; Compute map to "
                                                            "map the smears still open.")
+    qtbot.wait(10)
+    assert [layer.name for layer in viewer.layers if layer.name.endswith("map colours")] == []  # the others' too
 
     # Without a map, a renamed class is renamed on the cells layers all the same.
     widget.class_list.table.item(widget.class_list.classes.index("target cell"), NAME).setText("target")

@@ -410,13 +410,23 @@ class CellMapWidget(MapExport, JobWidget):
         self._fill_gallery()
 
     def _on_layer_removed(self, event) -> None:
-        if self.pool is not None and event.value in self.pool.layers:
-            # napari may be removing several selected layers, the colours among them: changing the
-            # layer list inside its removal loop would break it, so the colours go once it is done.
-            colours, self._smear_colours = self._smear_colours, None
-            self._map_is_stale(event.value.name, "were removed; Compute map to map the smears still open")
-            if colours is not None:
-                QTimer.singleShot(0, colours.remove)
+        """A mapped cells layer or one of the map's colour layers was removed: the map goes."""
+        colours, removed = self._smear_colours, event.value
+        if self.pool is None:
+            return
+        if removed in self.pool.layers:
+            name, why = removed.name, "were removed; Compute map to map the smears still open"
+        elif colours is not None and removed in colours.layers:
+            name = self.pool.layers[colours.layers.index(removed)].name
+            why = "lost their map colours (that layer was removed); Compute map to show the map again"
+        else:
+            return
+        # napari may be removing several selected layers, the colours among them: changing the
+        # layer list inside its removal loop would break it, so the colours go once it is done.
+        self._smear_colours = None
+        self._map_is_stale(name, why)
+        if colours is not None:  # a lambda: PyQt holds a bound method weakly, and nothing else holds colours
+            QTimer.singleShot(0, lambda: colours.remove())
 
     def _on_cells_changed(self, event) -> None:
         self._map_is_stale(event.source.name)  # the cells layer whose data or paint event this is
