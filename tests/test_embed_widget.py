@@ -608,3 +608,30 @@ def test_the_settings_hold_for_the_whole_run_and_an_error_before_it_starts_ends_
                                    "the cells layer failed: MemoryError; '26': Embedding failed: MemoryError")
     assert widget._batch is None and all(setting.enabled for setting in settings)
     assert widget._run_button.enabled
+
+
+def test_cells_of_a_closed_image_are_not_taken_for_those_of_another_image_of_its_name(viewer, widget, qtbot):
+    (first,) = viewer.open(CHULA_1)
+    widget.reset_choices()
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as done:
+        widget.run()  # segments first
+    old = done.args[0]
+    old.features = old.features.assign(manual_label="normal")
+    stored = old.metadata[METADATA_KEY]
+    viewer.layers.remove(first)
+    other = viewer.add_image(imread(CHULA_26), rgb=True, name="1")  # another smear, its name and size
+    assert other.data.shape == first.data.shape
+    widget.reset_choices()
+    widget.image.value, widget.cells.value = other, old
+    run(widget, qtbot)
+    assert widget.status.value == ("'1 cells' was segmented from another image called '1' (its pixels differ: closed, "
+                                   "and another opened under its name?); choose 'segment first' under Cells.")
+    assert old.metadata[METADATA_KEY] is stored
+
+    widget.every_smear.value = True  # takes it for a smear without cells: segmented first, beside
+    with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    new = viewer.layers["1 cells [1]"]
+    np.testing.assert_array_equal(new.data, segment_cells(imread(CHULA_26)))
+    assert embeddings_of(new) is not None and "manual_label" not in new.features  # no labels of the other smear
+    assert old.visible and old.metadata[METADATA_KEY] is stored and (old.features["manual_label"] == "normal").all()

@@ -52,7 +52,7 @@ from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, smear_pixels
-from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer
+from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer, of_image
 from .smear_colours import is_map_colours, own_cells
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
@@ -291,12 +291,15 @@ class EmbedCellsWidget(JobWidget):
             return
         pixels = self._chosen_smear(image)
         if pixels is not None:
-            self._begin(image, pixels, self._own_cells(image))
+            self._begin(image, pixels, self._own_cells(image), own=True)
 
-    def _begin(self, image: Image, pixels: np.ndarray, cells: Labels | None) -> None:
+    def _begin(self, image: Image, pixels: np.ndarray, cells: Labels | None, *, own: bool = False) -> None:
         """Segment first (``cells`` None), or embed ``cells``; an error before the worker starts
-        ends the run and says why, rather than leave the panel's settings frozen."""
+        ends the run and says why, rather than leave the panel's settings frozen. ``own``: the
+        cells were found for the image, which segments first where they are of another image."""
         try:
+            if own and cells is not None and not of_image(cells, image_digest(pixels)):
+                cells = None  # the cells of a closed image of the same name
             if cells is None:
                 self._segment_first(image, pixels)
             else:
@@ -387,6 +390,10 @@ class EmbedCellsWidget(JobWidget):
         model = self.model_name
         crops = {"mode": self.crop_mode.value, "scale": self.crop_scale.value, "margin": float(self.margin.value)}
         digest, image_hash = labels_digest(labels), image_digest(pixels)
+        if not of_image(cells, image_hash):
+            self._refuse(f"{cells.name!r} was segmented from another image called {image.name!r} (its pixels differ: "
+                         "closed, and another opened under its name?); choose 'segment first' under Cells.")
+            return
         try:
             current = fingerprint(image_hash, digest, model, **crops)
         except OSError as error:
@@ -454,14 +461,14 @@ class EmbedCellsWidget(JobWidget):
                 return
         self.finished.emit()
 
-    def _segmented(self, job: _Job, labels: np.ndarray, table, cell_diameter: float) -> None:
+    def _segmented(self, job: _Job, labels: np.ndarray, table, cell_diameter: float, image_hash: str) -> None:
         if job.image not in self._viewer.layers:
             self._refuse(f"{job.image_name!r} was closed while it was segmented; nothing was changed.")
             return
         if table.empty:
             self._refuse(f"No cells found in {job.image_name!r}: is it a blood smear? Try the Segment cells widget.", notify=show_warning)
             return
-        cells, carried = add_cells_layer(self._viewer, labels, table, job, cell_diameter)
+        cells, carried = add_cells_layer(self._viewer, labels, table, job, cell_diameter, image_hash)
         if carried:
             show_info(f"{cells.name!r}: {carried}.")
         self.reset_choices()

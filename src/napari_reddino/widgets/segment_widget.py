@@ -11,7 +11,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_warning
 from qtpy.QtCore import Signal
 
-from ..cell_embeddings import labels_digest
+from ..cell_embeddings import image_digest, labels_digest
 from ..cell_table import image_name as cell_image_name
 from ..label_import import carry_manual_labels, manual_labels
 from ..measurements import measure_cells
@@ -21,6 +21,7 @@ from .job_widget import JobWidget, job_worker, place_above
 from .smear_colours import coloured_smear, own_cells
 
 MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
+SOURCE_DIGEST = "source_image_digest"  # metadata: digest of the pixels the cells were segmented from
 CARRIED_TO = "labels_carried_to"  # metadata: the newer cells layer this one's labels went to
 
 
@@ -49,7 +50,7 @@ def _segment_and_measure(pixels: np.ndarray, cell_diameter: float | None, pixel_
     if cell_diameter is None:
         cell_diameter = RBC_DIAMETER_UM / pixel_size_um if pixel_size_um else estimate_cell_diameter(pixels)
     labels = yield from iter_segment_cells(pixels, cell_diameter=cell_diameter)
-    return labels, measure_cells(labels, pixels, pixel_size_um=pixel_size_um), cell_diameter
+    return labels, measure_cells(labels, pixels, pixel_size_um=pixel_size_um), cell_diameter, image_digest(pixels)
 
 
 def _diameter_source(job: _Job) -> str:
@@ -141,7 +142,7 @@ class SegmentCellsWidget(JobWidget):
             self._show_result(*result)
         self.finished.emit()
 
-    def _show_result(self, labels: np.ndarray, table: pd.DataFrame, cell_diameter: float) -> None:
+    def _show_result(self, labels: np.ndarray, table: pd.DataFrame, cell_diameter: float, image_hash: str) -> None:
         job = self._job
         if job.image not in self._viewer.layers:
             self.status.value = f"{job.image_name!r} was closed while it was segmented; no cells layer was added."
@@ -151,15 +152,14 @@ class SegmentCellsWidget(JobWidget):
             show_warning(message)
             self.status.value = message
             return
-        layer, carried = add_cells_layer(self._viewer, labels, table, job, cell_diameter)
+        layer, carried = add_cells_layer(self._viewer, labels, table, job, cell_diameter, image_hash)
         found = f"{counted(len(table), 'cell')} found in {time.perf_counter() - job.started:.1f} s"
         self.status.value = f"{found}; {carried}" if carried else found
         self.segmented.emit(layer)
 
 
-def add_cells_layer(
-    viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.DataFrame, job: _Job, cell_diameter: float
-) -> tuple[Labels, str]:
+def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.DataFrame, job: _Job,
+                    cell_diameter: float, image_hash: str) -> tuple[Labels, str]:
     """Add the cells layer, or replace the data and table of the one from an earlier run, unless
     that one holds labels the user gave its cells: then the new layer goes beside it, named by
     napari with a number, and the labelled one is left as it was, hidden, its labels carried over
@@ -170,6 +170,7 @@ def add_cells_layer(
     """
     metadata = {
         "source_image": job.image_name,
+        SOURCE_DIGEST: image_hash,  # an image of the same name with other pixels is another smear
         "cell_diameter_px": cell_diameter,
         "cell_diameter_from": _diameter_source(job),
         "pixel_size_um": job.pixel_size_um,
@@ -177,7 +178,7 @@ def add_cells_layer(
     }
     layers = viewer.layers
     earlier = own_cells(layers, job.image_name)  # by its link to the smear: a renamed smear keeps its cells
-    if earlier is not None and not _has_manual_labels(earlier):
+    if earlier is not None and not _has_manual_labels(earlier) and of_image(earlier, image_hash):
         layer = earlier
         layer.data = labels
         _forget_strokes(layer)
@@ -185,7 +186,7 @@ def add_cells_layer(
         layer.metadata = metadata
         layer.scale, layer.translate = job.scale, job.translate
         layer.visible = True  # it may have been hidden when its labels went to a newer layer
-        return layer, carry_labels(viewer, layer, job.image_name)
+        return layer, carry_labels(viewer, layer, job.image_name, image_hash)
     layer = viewer.add_labels(
         labels, name=job.layer_name, features=table, metadata=metadata, scale=job.scale, translate=job.translate
     )
@@ -197,7 +198,13 @@ def add_cells_layer(
     own |= {other.name for other in layers if coloured_smear(other) in own | {job.image_name}}
     if own:
         place_above(layers, layer, [other for other in layers if other.name in own][-1])
-    return layer, carry_labels(viewer, layer, job.image_name)
+    return layer, carry_labels(viewer, layer, job.image_name, image_hash)
+
+
+def of_image(cells: Labels, image_hash: str) -> bool:
+    """Whether ``cells`` were segmented from the image of digest ``image_hash`` (as far as is
+    known: layers from other tools and from before the digest was kept count as its own)."""
+    return cells.metadata.get(SOURCE_DIGEST) in (None, image_hash)
 
 
 def _forget_strokes(layer: Labels) -> None:
@@ -209,7 +216,7 @@ def _forget_strokes(layer: Labels) -> None:
     layer.editable = editable
 
 
-def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, image_name: str) -> str:
+def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, image_name: str, image_hash: str) -> str:
     """Give the cells of ``layer`` the manual labels of the same cells (found by place, as Import
     labels does) in the other labelled cells layers of its smear, the top one first, then hide
     those and mark them (:data:`CARRIED_TO`): the smear was segmented again, and its labels belong
@@ -218,7 +225,7 @@ def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, image_name: str) -
     sources = [other for other in viewer.layers if isinstance(other, Labels) and other.name != layer.name
                and not coloured_smear(other) and other.metadata.get(CARRIED_TO) not in viewer.layers
                and cell_image_name(other) == image_name and other.data.shape == layer.data.shape
-               and _has_manual_labels(other)]
+               and of_image(other, image_hash) and _has_manual_labels(other)]
     said = []
     for source in reversed(sources):
         report = carry_manual_labels(source, layer)
