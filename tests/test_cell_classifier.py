@@ -326,10 +326,25 @@ def test_a_head_of_cells_cropped_otherwise_is_refused(tmp_path, smear_table):
         CellClassifier.load(tmp_path / "older")
 
 
+def test_a_string_where_a_list_belongs_and_labels_of_another_count_are_refused(smear_table):
+    head, embeddings = trained_head(smear_table)
+    labels = np.where(np.arange(len(embeddings)) % 2, "normal", "spherocyte")
+    with pytest.raises(ValueError, match=f"{len(embeddings) - 1} labels for {len(embeddings)} embedded cells"):
+        head.held_out_recall(embeddings, labels[1:], measurements=smear_table)
+    with pytest.raises(TypeError, match="labels must be one class name per cell, not the one string 'ab'"):
+        CellClassifier().fit(embeddings[:2], "ab")
+    with pytest.raises(TypeError, match=r"not the one string 'circularity' \(write \['circularity'\]\)"):
+        CellClassifier().fit(embeddings, labels, measurements=smear_table, measurement_columns="circularity")
+
+
 def test_damaged_or_missing_files_are_refused_by_name(tmp_path, smear_table):
     head, _ = trained_head(smear_table)
     head.save(tmp_path / "head")
     weights, about = head_paths(tmp_path / "head")
+    weights.rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"head.json is there but not head.safetensors, the head's weights \(a "
+                                                r"head is the pair; copy both\)"):
+        CellClassifier.load(about)
     weights.write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="head.safetensors"):
         CellClassifier.load(weights)

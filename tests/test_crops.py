@@ -181,6 +181,13 @@ def test_labels_of_another_shape_or_type_are_refused():
         cell_crops(image, labels, mode="cutout")
     with pytest.raises(CropInputError, match="margin"):
         cell_crops(image, labels, margin=-0.1)
+    with pytest.raises(CropInputError, match=r"margin must be from 0 to 4, a fraction of the cell's size on each "
+                                             r"side \(0.25: a quarter\), not 100"):
+        cell_crops(image, labels, margin=100)  # read as pixels: windows 200 cells wide, gigabytes for two cells
+    for size in (-3, 0, (32,), 2.5, True):
+        with pytest.raises(CropInputError, match="size must be a positive whole number of pixels or"):
+            cell_crops(image, labels, size)
+    assert cell_crops(image, labels, (8, 12))[1].shape == (1, 8, 12, 3)
 
 
 def test_no_cells_give_no_crops():

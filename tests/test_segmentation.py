@@ -23,6 +23,7 @@ from napari_reddino.cell_separation import (
     separate_cells,
 )
 from napari_reddino.cell_size import DEFAULT_DIAMETER_PX, diameter_from_foreground
+from napari_reddino.image_input import LabelsInputError
 from napari_reddino.segmentation import _calibrate
 
 DATA = Path(__file__).parent / "data"
@@ -374,6 +375,22 @@ def test_bad_parameters_are_refused():
         segment_cells(image, cell_diameter=-3)
     with pytest.raises(ValueError, match="pixel_size_um"):
         segment_cells(image, pixel_size_um=0)
+    for diameter in (float("inf"), "38", True, [38]):
+        with pytest.raises(ValueError, match="cell_diameter must be a positive number of pixels"):
+            segment_cells(image, cell_diameter=diameter)
+    with pytest.raises(ValueError, match=r"With a pixel size of 2e-07 µm, a red cell would be 37,500,000 px across, "
+                                         r"more than the whole 640x480 image: is the pixel size in micrometres"):
+        segment_cells(image, pixel_size_um=2e-7)  # metres typed for micrometres
+
+
+@pytest.mark.parametrize("signed", [np.int16, np.float32])
+def test_negative_pixels_are_refused_not_read_as_one_giant_cell(signed):
+    image, _ = chula(1)
+    shifted = image.astype(signed) - 128
+    with pytest.raises(ImageInputError, match=rf"negative pixel values \(down to {int(image.min()) - 128}\); expected "
+                                              "intensities from 0"):
+        segment_cells(shifted)
+    assert segment_cells(shifted + 128).max() > 100  # the same values from 0 up segment as usual
 
 
 def test_large_smears_are_tiled_without_seams(monkeypatch):
@@ -422,3 +439,11 @@ def test_cells_at_points_is_one_to_one():
     points = [(5, 5), (3, 3), (14, 14), (0, 19), (40, 40)]
     # (5,5) is nearer cell 3's centre than (3,3), so it keeps the cell; outside points get 0.
     assert cells_at_points(labels, points).tolist() == [3, 0, 5, 0, 0]
+    assert cells_at_points(labels, np.zeros((0, 2))).tolist() == []
+    with pytest.raises(ValueError, match=r"points must be \(N, 2\) rows of \(row, col\); got an array of shape "
+                                         r"\(2, 3\) \(from a 3-D napari points layer, keep the last two columns\)"):
+        cells_at_points(labels, [[0, 5, 5], [0, 14, 14]])  # read as pairs, they gave 3 answers for 2 points
+    with pytest.raises(LabelsInputError, match="negative"):
+        cells_at_points(-labels, points)
+    with pytest.raises(LabelsInputError, match=r"Label ids go up to 1,099,511,627,776 in a 20x20 image"):
+        cells_at_points(np.where(labels > 0, 2**40, 0), points)  # not an 8 TiB count of ids

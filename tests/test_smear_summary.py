@@ -145,3 +145,14 @@ def test_the_export_writes_the_summary_beside_the_cells_and_refuses_to_replace_i
 def test_counts_in_sentences_take_the_plural_their_noun_needs():
     assert [counted(n, "cell") for n in (0, 1, 2, 1200)] == ["0 cells", "1 cell", "2 cells", "1,200 cells"]
     assert [counted(n, "class") for n in (1, 9)] == ["1 class", "9 classes"]
+
+
+def test_a_table_or_a_string_where_layers_or_classes_belong_is_refused():
+    layer = counted_layer()
+    with pytest.raises(TypeError, match=r"not the one string 'normal' \(write \['normal'\]\)"):
+        summarise_smears(layer, classes="normal")  # it counted classes n, o, r, m, a, l
+    with pytest.raises(TypeError, match=r"cells must be a cells layer \(a napari Labels layer with a cell table\) or a "
+                                        r"list of them, not a DataFrame \(a table from measure_cells goes on a layer"):
+        summarise_smears(layer.features)
+    with pytest.raises(TypeError, match="not a ndarray"):
+        export_cells_csv("never.csv", np.zeros((4, 4), np.int32))

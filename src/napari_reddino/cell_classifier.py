@@ -103,6 +103,9 @@ class CellClassifier:
         cells, labelled or not: ``relative_diameter`` compares a cell with all cells of its smear.
         ``measurement_columns=None`` takes the :data:`DEFAULT_MEASUREMENTS` the table allows.
         """
+        if isinstance(measurement_columns, str):
+            raise TypeError(f"measurement_columns must be a list of column names, not the one string "
+                            f"{measurement_columns!r} (write [{measurement_columns!r}]).")
         names = _label_names(labels)
         named = set(names) - {""}
         unknown = sorted(named - set(self._class_order)) if self._class_order else []
@@ -184,6 +187,9 @@ class CellClassifier:
         from sklearn.model_selection import StratifiedKFold
 
         names = _label_names(labels)
+        embeddings = check_embeddings(embeddings)
+        if len(names) != len(embeddings):
+            raise ValueError(f"{len(names)} labels for {len(embeddings)} embedded cells.")
         labelled = np.isin(names, self.classes)
         targets = np.array([self.classes.index(name) for name in names[labelled]], dtype=np.int64)
         counts = np.bincount(targets, minlength=len(self.classes))
@@ -251,7 +257,11 @@ class CellClassifier:
                 f"but these cells were embedded from {crops_in_words(crops)}. Embed them with the head's Crop, "
                 "Scale and Margin, or train a new head on these cells."
             )
-        blob = weights_path.read_bytes()
+        try:
+            blob = weights_path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{about_path.name} is there but not {weights_path.name}, the head's weights "
+                                    "(a head is the pair; copy both).") from None
         if hashlib.sha256(blob).hexdigest() != about["weights_sha256"]:
             raise ValueError(f"{weights_path} does not belong to {about_path.name} (saved separately, or damaged).")
         try:
@@ -390,6 +400,8 @@ def _read_about(path: Path) -> dict:
 
 def _label_names(labels) -> np.ndarray:
     """Labels as class names, "" for unlabelled (None, NaN or "")."""
+    if isinstance(labels, str):
+        raise TypeError(f"labels must be one class name per cell, not the one string {labels!r}.")
     return np.array(["" if pd.isna(label) else str(label) for label in labels], dtype=object)
 
 

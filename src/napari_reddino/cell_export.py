@@ -62,6 +62,9 @@ def export_cells_csv(path, cells, *, embeddings_path=None, summary_path=None, cl
             raise ValueError(f"The summary would overwrite the export's other file {summary_path.name}; name it apart.")
         summary = summarise_smears(layers, classes)
         writers[summary_path] = lambda handle: summary.to_csv(handle, index=False, encoding="utf-8-sig")
+    for target in writers:  # refused before any file is written: a folder is never replaced
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "That is a folder; name a file to write", str(target))
     if not overwrite:
         for target in writers:
             if target.exists():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .image_input import check_labels
+
 
 def cells_at_points(labels: np.ndarray, points) -> np.ndarray:
     """Label id under each (row, col) point; 0 for background, outside, or a cell claimed twice.
@@ -11,7 +13,14 @@ def cells_at_points(labels: np.ndarray, points) -> np.ndarray:
     When several points fall in one cell, the point nearest that cell's centroid keeps it,
     so a split-free merge of two annotated cells counts as one hit, not two.
     """
-    points = np.asarray(points, dtype=float).reshape(-1, 2)
+    labels = np.asarray(labels)
+    labels = check_labels(labels, labels.shape)
+    points = np.asarray(points, dtype=float)
+    if points.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"points must be (N, 2) rows of (row, col); got an array of shape {points.shape} "
+                         "(from a 3-D napari points layer, keep the last two columns).")
     rows, cols = np.round(points).astype(int).T
     inside = (rows >= 0) & (rows < labels.shape[0]) & (cols >= 0) & (cols < labels.shape[1])
     ids = np.zeros(len(points), dtype=np.int64)

@@ -28,7 +28,12 @@ PREDICTED_CLASSES = "predicted_classes"  # cells layer metadata: the classes of 
 
 def as_layers(cells) -> list:
     """``cells`` as a list of layers: one layer (anything with ``features``) or an iterable of them."""
-    return [cells] if hasattr(cells, "features") else list(cells)
+    layers = [cells] if hasattr(cells, "features") else list(cells) if hasattr(cells, "__iter__") else [cells]
+    if isinstance(cells, str | pd.DataFrame | np.ndarray) or not all(hasattr(layer, "features") for layer in layers):
+        raise TypeError(f"cells must be a cells layer (a napari Labels layer with a cell table) or a list of them, "
+                        f"not a {type(cells).__name__} (a table from measure_cells goes on a layer first: "
+                        "napari.layers.Labels(labels, features=table, name=...)).")
+    return layers
 
 
 def image_name(layer) -> str:

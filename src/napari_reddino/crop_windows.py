@@ -21,6 +21,7 @@ DEFAULT_CROP_SCALE: CropScale = "smear"
 # Cells up to this many times the median size show their size in a "smear"-scale crop.
 SMEAR_SCALE_CELLS = 1.25
 DEFAULT_MARGIN = 0.25
+MAX_MARGIN = 4.0  # a window 9 times the cell's side: beyond it a crop is mostly its neighbours
 
 
 class CropInputError(ValueError):
@@ -51,8 +52,9 @@ def cell_windows(
     labels: np.ndarray, margin: float = DEFAULT_MARGIN, scale: CropScale = DEFAULT_CROP_SCALE
 ) -> CellWindows:
     """One square window per label, centred on its bounding box (pixel i spans [i, i + 1))."""
-    if not margin >= 0:
-        raise CropInputError(f"margin must be >= 0 (a fraction of the cell size), not {margin}.")
+    if not 0 <= margin <= MAX_MARGIN:
+        raise CropInputError(f"margin must be from 0 to {MAX_MARGIN:g}, a fraction of the cell's size on each side "
+                             f"(0.25: a quarter), not {margin}.")
     if scale not in CROP_SCALES:
         raise CropInputError(f"Unknown crop scale {scale!r}; use one of {', '.join(CROP_SCALES)}.")
     slices = ndimage.find_objects(labels) if labels.size else []

@@ -279,13 +279,22 @@ def cell_crops(
     scale: CropScale = DEFAULT_CROP_SCALE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(label_ids, crops)``: what the model sees for each cell, as float32 RGB (n, H, W, 3) in [0, 1]."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = crop_size(size)
     sampler = CropSampler(image, labels, size=size, mode=mode)
     windows = cell_windows(np.asarray(labels), margin, scale)
     if not len(windows):
         return windows.ids, np.zeros((0, *size, 3), dtype=np.float32)
     crops = sampler(windows.ids, windows.boxes)
     return windows.ids, crops.permute(0, 2, 3, 1).numpy()
+
+
+def crop_size(size) -> tuple[int, int]:
+    """``size`` (an int, or (height, width)) as (height, width) of whole positive pixels, or CropInputError."""
+    pair = (size, size) if isinstance(size, int | np.integer) else tuple(np.ravel(size))
+    if len(pair) != 2 or not all(isinstance(side, int | np.integer) and not isinstance(side, bool) and side > 0
+                                 for side in pair):
+        raise CropInputError(f"size must be a positive whole number of pixels or (height, width); got {size!r}.")
+    return int(pair[0]), int(pair[1])
 
 
 def crop_checks(crops: torch.Tensor) -> np.ndarray:

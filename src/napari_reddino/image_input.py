@@ -75,6 +75,11 @@ def check_smear(image) -> np.ndarray:
         raise ImageInputError(
             "The image contains NaN or infinite pixels; replace them (numpy.nan_to_num) first."
         )
+    if array.dtype.kind in "if" and array.min() < 0:  # a difference image, or signed data
+        raise ImageInputError(
+            f"The image has negative pixel values (down to {array.min():g}); expected intensities from 0 (black) "
+            "up. Rescale it, or clip it (numpy.clip(image, 0, None)) if the negatives are noise."
+        )
     return array
 
 

@@ -46,6 +46,8 @@ def summarise_smears(cells, classes: Sequence[str] | None = None) -> pd.DataFram
     states too); classes the cells carry beyond them follow, by name. Without it: the classes
     the cells carry, by name.
     """
+    if isinstance(classes, str):
+        raise TypeError(f"classes must be a list of class names, not the one string {classes!r} (write [{classes!r}]).")
     layers = as_layers(cells)
     tables = [cells_table([layer]) for layer in layers]
     whole = [table[~table["touches_border"].astype(bool)] if "touches_border" in table else table

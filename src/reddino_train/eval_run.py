@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_reddino.crop_windows import MAX_MARGIN
+
 from .eval_data import (
     DataSummary,
     EmbeddingFeatures,
@@ -72,8 +74,8 @@ class EvalRequest:
         for name, value in counts.items():
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: give a whole number of 1 or more")
-        if self.margin is not None and not 0 <= self.margin < float("inf"):
-            raise ValueError(f"--margin {self.margin}: give a fraction of the cell's box of 0 or more")
+        if self.margin is not None and not 0 <= self.margin <= MAX_MARGIN:
+            raise ValueError(f"--margin {self.margin}: give a fraction of the cell's box from 0 to {MAX_MARGIN:g}")
         if self.pixel_size_um is not None and not 0 < self.pixel_size_um < float("inf"):
             raise ValueError(f"--pixel-size-um {self.pixel_size_um}: give a positive number of µm per pixel")
         if not 0 <= self.seed < 2**32:

@@ -40,6 +40,8 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from napari_reddino.crop_windows import MAX_MARGIN
+
 from .data import EmptyDatasetError, UnreadableImageError, find_images, read_image
 from .files import write_atomic
 
@@ -70,8 +72,9 @@ class PrepareSettings:
             raise PrepareError(f"mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if (self.size is not None and self.size < 1) or self.patch_size < 1:
             raise PrepareError("size and patch size must be positive numbers of pixels")
-        if not 0 <= self.margin < float("inf"):
-            raise PrepareError(f"margin {self.margin}; give a fraction of the cell's box of 0 or more (0.25: a quarter)")
+        if not 0 <= self.margin <= MAX_MARGIN:
+            raise PrepareError(f"margin {self.margin}; give a fraction of the cell's box from 0 to {MAX_MARGIN:g} "
+                               "(0.25: a quarter)")
         if self.pixel_size_um is not None and not 0 < self.pixel_size_um < float("inf"):
             raise PrepareError(f"pixel size {self.pixel_size_um} µm; give a positive number")
 

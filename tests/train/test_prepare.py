@@ -108,7 +108,7 @@ def test_other_settings_in_the_same_folder_are_refused(prepared, sources):
 def test_a_bad_start_writes_nothing_and_a_corrected_one_runs(sources, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["prepare", str(sources), "--out", str(out), "--margin", "-1", "--size", "32"]) == 2
-    assert "margin -1.0; give a fraction of the cell's box of 0 or more" in capsys.readouterr().err
+    assert "margin -1.0; give a fraction of the cell's box from 0 to 4" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["prepare", str(tmp_path / "empty"), "--out", str(out), "--size", "32"]) == 2
     assert not out.exists()  # no settings were written that would refuse the corrected run
