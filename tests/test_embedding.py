@@ -149,11 +149,15 @@ def test_asking_for_cells_that_are_not_in_the_labels_names_them(embedder):
         embedder.embed(image, labels, ids=[2, 3, 4])
     with pytest.raises(CropInputError, match=r"No cell has label 9 \(1 of the 2 asked for\)"):
         embedder.embed(image, labels, ids=[7, 9])  # above the largest label
+    with pytest.raises(CropInputError, match="ids must be whole label ids, not float64 values"):
+        embedder.embed(image, labels, ids=[2.5, 7])  # not cut to cell 2
+    np.testing.assert_array_equal(embedder.embed(image, labels, ids=[7, 2, 7])[0], [2, 7])  # each cell once
 
 
-def test_a_batch_size_below_one_is_refused_with_the_reason(embedder):
-    with pytest.raises(ValueError, match="batch_size must be a positive number of cells, not 0"):
-        embedder.embed(*three_cells(), batch_size=0)
+def test_a_batch_size_below_one_or_not_whole_is_refused_with_the_reason(embedder):
+    for size in (0, 1.5, "8"):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive whole number of cells, not {size!r}"):
+            embedder.embed(*three_cells(), batch_size=size)
 
 
 def test_no_cells_give_an_empty_result_of_the_right_width(embedder):

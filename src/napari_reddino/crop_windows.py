@@ -39,8 +39,11 @@ class CellWindows:
         return len(self.ids)
 
     def of(self, ids) -> CellWindows:
-        """The windows of the cells ``ids`` (in ascending order), sized as among all cells."""
-        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        """The windows of the cells ``ids`` (in ascending order, each once), sized as among all cells."""
+        asked = np.asarray(ids)
+        if asked.size and not np.issubdtype(asked.dtype, np.integer):
+            raise CropInputError(f"ids must be whole label ids, not {asked.dtype} values.")
+        wanted = np.unique(asked.astype(np.int64))
         missing = np.setdiff1d(wanted, self.ids)
         if len(missing):
             shown = ", ".join(str(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")

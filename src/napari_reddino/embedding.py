@@ -208,8 +208,9 @@ class Embedder:
         ``reuse``, an earlier run with this model (its weights' id), lends its embedding to each
         cell of the same label id whose crop has the same checks (``crops.crop_checks``); only
         the other cells go through the model."""
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive number of cells, not {batch_size}.")
+        if batch_size is not None and (not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive whole number of cells, not {batch_size!r}.")
         sampler = CropSampler(
             image, labels, size=self.input_size, mode=mode, device=self.device, mean=self.mean, std=self.std
         )
