@@ -254,6 +254,7 @@ def test_a_batch_crops_the_cells_as_its_head_s_were_cropped(smears, tiny_folder)
 
 
 def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_up_front(smears, tmp_path, capsys,
+                                                                                        monkeypatch,
                                                                                         tiny_folder):  # noqa: F811
     out = tmp_path / "out"
     out.mkdir()
@@ -267,11 +268,23 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
     assert not (out / "cells.npz").exists()
     assert "removed the earlier run's cells.npz, which no longer matched" in capsys.readouterr().out
     (out / "cells_summary.csv").unlink()
-    (out / "cells_summary.csv").mkdir()  # cannot be replaced by a file
-    assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 1
-    assert ("only partly written: cells.csv was written, but cells_summary.csv could not be replaced"
-            in capsys.readouterr().err)
+    (out / "cells_summary.csv").mkdir()  # cannot be replaced by a file: said before any smear is read
+    assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 2
+    captured = capsys.readouterr()
+    assert f"{out / 'cells_summary.csv'} is a folder, where a table would go" in captured.err and not captured.out
     (out / "cells_summary.csv").rmdir()
+    replace = os.replace
+
+    def held_open(source, target):  # the summary open in a spreadsheet, on Windows
+        if Path(target).name == "cells_summary.csv":
+            raise PermissionError(13, "Permission denied")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", held_open)
+    assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 1
+    assert ("only partly written: cells.csv was written, but cells_summary.csv could not be replaced (Permission "
+            "denied)" in capsys.readouterr().err)
+    monkeypatch.setattr(os, "replace", replace)
 
     other = tmp_path / "other"
     (tmp_path / "empty").mkdir()

@@ -98,6 +98,10 @@ def _analyse(args: argparse.Namespace) -> int:
     galleries = out / GALLERIES
     if args.galleries and galleries.exists() and not galleries.is_dir():
         raise _Refused(f"{galleries} is a file, where the pictures would go; move it, or choose another --out.")
+    folders = [str(file) for file in targets if file.is_dir()]
+    if folders:
+        raise _Refused(f"{', '.join(folders)} {'is a folder' if len(folders) == 1 else 'are folders'}, where a "
+                       "table would go; move it, or choose another --out.")
     old_galleries = pictures_in(galleries)
     existing = [str(file) for file in (*targets, *stale) if file.exists()]
     existing += [f"{galleries} (with {counted(len(old_galleries), 'picture')})"] * bool(old_galleries)

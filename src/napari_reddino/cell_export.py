@@ -64,7 +64,7 @@ def export_cells_csv(path, cells, *, embeddings_path=None, summary_path=None, cl
         writers[summary_path] = lambda handle: summary.to_csv(handle, index=False, encoding="utf-8-sig")
     for target in writers:  # refused before any file is written: a folder is never replaced
         if target.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "That is a folder; name a file to write", str(target))
+            raise IsADirectoryError(f"{target} is a folder; name a file to write.")
     if not overwrite:
         for target in writers:
             if target.exists():
