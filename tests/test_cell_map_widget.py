@@ -730,6 +730,7 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     press("Train head")
     predicted = widget.pool.column("predicted_class", "")
     assert set(predicted) <= {"normal", "spherocyte"} and (predicted != "").all()
+    assert "Not used" not in widget.status.value  # every measurement of the head was there
     press("Review uncertain")
     assert np.flatnonzero(widget.selected).tolist() == [0]  # the one unlabelled cell
     press("Select class", "spherocyte")
@@ -737,6 +738,15 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     press("Show in gallery")
     assert GALLERY_NAME in viewer.window.dock_widgets and widget.gallery.points() == np.flatnonzero(
         widget.selected).tolist()
+
+    # A measurement some cells lack is left out of the head, and the status says which.
+    complete = cells.features
+    cells.features = complete.assign(circularity=complete["circularity"].where(complete.index != 3))
+    press("Train head")
+    assert widget.status.value.endswith("Not used: circularity, which some of the cells lack (a gray smear has no "
+                                        "colour; cells measured by an older version lack the newer measurements).")
+    cells.features = complete
+    press("Train head")
 
     # The file buttons ask for a name, then write or read that file.
     def answer(name: str) -> None:

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 
 from ..atomic_files import NotReplacedError, PartlyWrittenError
 from ..cell_classifier import (
+    DEFAULT_MEASUREMENTS,
     MOSTLY_UNLIKE,
     UNLIKE_ADVICE,
     CellClassifier,
@@ -737,8 +738,11 @@ class CellMapWidget(MapExport, JobWidget):
         taught = int((labels != UNLABELLED).sum())
         seconds = time.perf_counter() - started
         recall = classifier.held_out_recall(self.pool.embeddings, labels, measurements=table)
+        unused = [name for name in DEFAULT_MEASUREMENTS if name not in classifier.measurement_columns]
+        unused = (f" Not used: {', '.join(unused)}, which some of the cells lack (a gray smear has no colour; cells "
+                  "measured by an older version lack the newer measurements)." if unused else "")
         self.status.value = (f"Head trained on {taught:,} labelled cells in {seconds:.2f} s; every cell has a "
-                             f"predicted class. {held_out_words(recall, labels)}")
+                             f"predicted class. {held_out_words(recall, labels)}{unused}")
 
     def _predict(self, classifier: CellClassifier, pool: PooledCells, proba: np.ndarray,
                  unlike: np.ndarray | None = None) -> None:
