@@ -20,14 +20,16 @@ if command -v apt-get >/dev/null 2>&1; then
 fi
 
 PYTHON=${PYTHON:-python3}
-# Debian and Ubuntu ship venv's pip (ensurepip) apart, as pythonX.Y-venv.
-if ! "$PYTHON" -c "import ensurepip" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "python$version-venv"
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # no .venv yet, or one without pip
+  # Debian and Ubuntu ship venv's pip (ensurepip) apart, as pythonX.Y-venv.
+  if ! "$PYTHON" -c "import ensurepip" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "python$version-venv"
+  fi
+  # a working .venv gets pip; only one that a failed first run left broken is made again
+  .venv/bin/python -m ensurepip -q >/dev/null 2>&1 || { rm -rf .venv; "$PYTHON" -m venv .venv; }
 fi
-# A .venv left without pip by a failed first run is made again.
-.venv/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf .venv; "$PYTHON" -m venv .venv; }
 .venv/bin/python -m pip install -q --upgrade pip
 # torch and torchvision are pinned together: other releases pull several GB or break torchvision.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" timm -e ".[test]"

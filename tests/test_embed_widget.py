@@ -624,8 +624,9 @@ def test_cells_of_a_closed_image_are_not_taken_for_those_of_another_image_of_its
     widget.reset_choices()
     widget.image.value, widget.cells.value = other, old
     run(widget, qtbot)
-    assert widget.status.value == ("'1 cells' was segmented from another image called '1' (its pixels differ: closed, "
-                                   "and another opened under its name?); choose 'segment first' under Cells.")
+    assert widget.status.value == ("'1 cells' was segmented from another image called '1' (its pixels differ from "
+                                   "those of '1': closed, and another opened under its name?); choose 'segment first' "
+                                   "under Cells.")
     assert old.metadata[METADATA_KEY] is stored
 
     widget.every_smear.value = True  # takes it for a smear without cells: segmented first, beside
@@ -635,3 +636,16 @@ def test_cells_of_a_closed_image_are_not_taken_for_those_of_another_image_of_its
     np.testing.assert_array_equal(new.data, segment_cells(imread(CHULA_26)))
     assert embeddings_of(new) is not None and "manual_label" not in new.features  # no labels of the other smear
     assert old.visible and old.metadata[METADATA_KEY] is stored and (old.features["manual_label"] == "normal").all()
+
+    # The same layer with its pixels edited in place (a background correction) stays that smear:
+    # segmented again, the labels of its cells come across.
+    new.features = new.features.assign(manual_label="spherocyte")
+    other.data = np.clip(other.data.astype(np.int16) + 3, 0, 255).astype(np.uint8)
+    widget.every_smear.value = False
+    widget.reset_choices()
+    widget.image.value, widget.cells.value = other, SEGMENT_FIRST
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as done:
+        widget.run()
+    newest = done.args[0]
+    assert newest.name == "1 cells [2]" and (newest.features["manual_label"] == "spherocyte").mean() > 0.9
+    assert not new.visible  # its labels went to the newest layer

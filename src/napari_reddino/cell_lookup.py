@@ -18,9 +18,10 @@ def cells_at_points(labels: np.ndarray, points) -> np.ndarray:
     points = np.asarray(points, dtype=float)
     if points.size == 0:
         return np.zeros(0, dtype=np.int64)
+    points = np.atleast_2d(points)  # one (row, col) point
     if points.ndim != 2 or points.shape[1] != 2:
-        raise ValueError(f"points must be (N, 2) rows of (row, col); got an array of shape {points.shape} "
-                         "(from a 3-D napari points layer, keep the last two columns).")
+        hint = " (from a 3-D napari points layer, keep the last two columns)" if points.shape[-1] == 3 else ""
+        raise ValueError(f"points must be (N, 2) rows of (row, col); got an array of shape {points.shape}{hint}.")
     rows, cols = np.round(points).astype(int).T
     inside = (rows >= 0) & (rows < labels.shape[0]) & (cols >= 0) & (cols < labels.shape[1])
     ids = np.zeros(len(points), dtype=np.int64)

@@ -25,6 +25,7 @@ RED_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 _SAMPLE_PIXELS = 250_000
 MAX_SPARSE_LABEL = 2**24  # ids above this and the pixel count are sparse: a slot per id takes GBs
 OPAQUE_DENSITY = 1.0  # optical density of 10 % transmission: darker in every channel is not sample
+NEGATIVE_SHARE = 0.001  # of the pixels, below 0: more is signed data, not noise around black
 
 
 class ImageInputError(ValueError):
@@ -75,10 +76,10 @@ def check_smear(image) -> np.ndarray:
         raise ImageInputError(
             "The image contains NaN or infinite pixels; replace them (numpy.nan_to_num) first."
         )
-    if array.dtype.kind in "if" and array.min() < 0:  # a difference image, or signed data
-        raise ImageInputError(
-            f"The image has negative pixel values (down to {array.min():g}); expected intensities from 0 (black) "
-            "up. Rescale it, or clip it (numpy.clip(image, 0, None)) if the negatives are noise."
+    if array.dtype.kind in "if" and (negative := float(np.mean(subsample(array) < 0))) > NEGATIVE_SHARE:
+        raise ImageInputError(  # a difference image, or signed data; a few noisy pixels below 0 are clipped
+            f"{negative:.1%} of the image's pixels are negative (down to {array.min():g}); expected intensities "
+            "from 0 (black) up: rescale it, or clip it (numpy.clip(image, 0, None)) if the negatives are noise."
         )
     return array
 

@@ -298,7 +298,7 @@ class EmbedCellsWidget(JobWidget):
         ends the run and says why, rather than leave the panel's settings frozen. ``own``: the
         cells were found for the image, which segments first where they are of another image."""
         try:
-            if own and cells is not None and not of_image(cells, image_digest(pixels)):
+            if own and cells is not None and not of_image(cells, image, lambda: image_digest(pixels)):
                 cells = None  # the cells of a closed image of the same name
             if cells is None:
                 self._segment_first(image, pixels)
@@ -390,9 +390,11 @@ class EmbedCellsWidget(JobWidget):
         model = self.model_name
         crops = {"mode": self.crop_mode.value, "scale": self.crop_scale.value, "margin": float(self.margin.value)}
         digest, image_hash = labels_digest(labels), image_digest(pixels)
-        if not of_image(cells, image_hash):
-            self._refuse(f"{cells.name!r} was segmented from another image called {image.name!r} (its pixels differ: "
-                         "closed, and another opened under its name?); choose 'segment first' under Cells.")
+        if not of_image(cells, image, image_hash):
+            source = cells.metadata.get("source_image")
+            why = "closed, and another opened under its name?" if source == image.name else "another smear"
+            self._refuse(f"{cells.name!r} was segmented from another image called {source!r} (its pixels differ "
+                         f"from those of {image.name!r}: {why}); choose 'segment first' under Cells.")
             return
         try:
             current = fingerprint(image_hash, digest, model, **crops)

@@ -1,6 +1,7 @@
 """Plugins > RedDino > Segment cells: an image layer in, a cells Labels layer with its table out."""
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import napari
@@ -22,6 +23,7 @@ from .smear_colours import coloured_smear, own_cells
 
 MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
 SOURCE_DIGEST = "source_image_digest"  # metadata: digest of the pixels the cells were segmented from
+SOURCE_LAYER = "source_image_layer"  # metadata: napari's unique id of the image layer they came from
 CARRIED_TO = "labels_carried_to"  # metadata: the newer cells layer this one's labels went to
 
 
@@ -47,9 +49,14 @@ class _Job:
 
 @job_worker
 def _segment_and_measure(pixels: np.ndarray, cell_diameter: float | None, pixel_size_um: float | None):
-    if cell_diameter is None:
-        cell_diameter = RBC_DIAMETER_UM / pixel_size_um if pixel_size_um else estimate_cell_diameter(pixels)
-    labels = yield from iter_segment_cells(pixels, cell_diameter=cell_diameter)
+    if cell_diameter is not None:
+        sizing = {"cell_diameter": cell_diameter}
+    elif pixel_size_um:  # given so, a size that cannot be is refused in terms of the pixel size
+        sizing, cell_diameter = {"pixel_size_um": pixel_size_um}, RBC_DIAMETER_UM / pixel_size_um
+    else:
+        cell_diameter = estimate_cell_diameter(pixels)  # estimated once, and recorded
+        sizing = {"cell_diameter": cell_diameter}
+    labels = yield from iter_segment_cells(pixels, **sizing)
     return labels, measure_cells(labels, pixels, pixel_size_um=pixel_size_um), cell_diameter, image_digest(pixels)
 
 
@@ -170,7 +177,8 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     """
     metadata = {
         "source_image": job.image_name,
-        SOURCE_DIGEST: image_hash,  # an image of the same name with other pixels is another smear
+        SOURCE_DIGEST: image_hash,  # another image of the same name, with other pixels, is another smear
+        SOURCE_LAYER: str(job.image.unique_id),  # ... but the same layer, its pixels edited, is the same
         "cell_diameter_px": cell_diameter,
         "cell_diameter_from": _diameter_source(job),
         "pixel_size_um": job.pixel_size_um,
@@ -178,7 +186,7 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     }
     layers = viewer.layers
     earlier = own_cells(layers, job.image_name)  # by its link to the smear: a renamed smear keeps its cells
-    if earlier is not None and not _has_manual_labels(earlier) and of_image(earlier, image_hash):
+    if earlier is not None and not _has_manual_labels(earlier) and of_image(earlier, job.image, image_hash):
         layer = earlier
         layer.data = labels
         _forget_strokes(layer)
@@ -186,7 +194,7 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
         layer.metadata = metadata
         layer.scale, layer.translate = job.scale, job.translate
         layer.visible = True  # it may have been hidden when its labels went to a newer layer
-        return layer, carry_labels(viewer, layer, job.image_name, image_hash)
+        return layer, carry_labels(viewer, layer, job, image_hash)
     layer = viewer.add_labels(
         labels, name=job.layer_name, features=table, metadata=metadata, scale=job.scale, translate=job.translate
     )
@@ -198,13 +206,18 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     own |= {other.name for other in layers if coloured_smear(other) in own | {job.image_name}}
     if own:
         place_above(layers, layer, [other for other in layers if other.name in own][-1])
-    return layer, carry_labels(viewer, layer, job.image_name, image_hash)
+    return layer, carry_labels(viewer, layer, job, image_hash)
 
 
-def of_image(cells: Labels, image_hash: str) -> bool:
-    """Whether ``cells`` were segmented from the image of digest ``image_hash`` (as far as is
-    known: layers from other tools and from before the digest was kept count as its own)."""
-    return cells.metadata.get(SOURCE_DIGEST) in (None, image_hash)
+def of_image(cells: Labels, image: Image, image_hash: str | Callable[[], str]) -> bool:
+    """Whether ``cells`` were segmented from ``image``: that very layer (its pixels edited since
+    or not), or one with the same pixels (the file opened again). Layers from other tools, or
+    from before this was recorded, count as its own. ``image_hash`` is the image's
+    :func:`image_digest`, or a function that gives it, asked only where it decides."""
+    digest = cells.metadata.get(SOURCE_DIGEST)
+    if digest is None or cells.metadata.get(SOURCE_LAYER) == str(image.unique_id):
+        return True
+    return digest == (image_hash() if callable(image_hash) else image_hash)
 
 
 def _forget_strokes(layer: Labels) -> None:
@@ -216,7 +229,7 @@ def _forget_strokes(layer: Labels) -> None:
     layer.editable = editable
 
 
-def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, image_name: str, image_hash: str) -> str:
+def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, job: _Job, image_hash: str) -> str:
     """Give the cells of ``layer`` the manual labels of the same cells (found by place, as Import
     labels does) in the other labelled cells layers of its smear, the top one first, then hide
     those and mark them (:data:`CARRIED_TO`): the smear was segmented again, and its labels belong
@@ -224,8 +237,8 @@ def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, image_name: str, i
     so a label cleared or changed since on that layer stays so. Says what was carried."""
     sources = [other for other in viewer.layers if isinstance(other, Labels) and other.name != layer.name
                and not coloured_smear(other) and other.metadata.get(CARRIED_TO) not in viewer.layers
-               and cell_image_name(other) == image_name and other.data.shape == layer.data.shape
-               and of_image(other, image_hash) and _has_manual_labels(other)]
+               and cell_image_name(other) == job.image_name and other.data.shape == layer.data.shape
+               and of_image(other, job.image, image_hash) and _has_manual_labels(other)]
     said = []
     for source in reversed(sources):
         report = carry_manual_labels(source, layer)
