@@ -187,8 +187,7 @@ class CellClassifier:
         from sklearn.model_selection import StratifiedKFold
 
         names = _label_names(labels)
-        embeddings = check_embeddings(embeddings)
-        if len(names) != len(embeddings):
+        if len(names) != len(embeddings):  # the embeddings themselves are checked with the features
             raise ValueError(f"{len(names)} labels for {len(embeddings)} embedded cells.")
         labelled = np.isin(names, self.classes)
         targets = np.array([self.classes.index(name) for name in names[labelled]], dtype=np.int64)
