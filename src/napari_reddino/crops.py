@@ -47,7 +47,7 @@ from .crop_windows import (  # noqa: F401  (re-exported: the crop settings are p
     CropScale,
     cell_windows,
 )
-from .image_input import check_labels, check_smear, colour_planes, subsample
+from .image_input import check_labels, check_smear, colour_planes, is_positive, subsample
 
 CropMode = Literal["context", "masked"]
 CROP_MODES: tuple[CropMode, ...] = ("context", "masked")
@@ -291,8 +291,7 @@ def cell_crops(
 def crop_size(size) -> tuple[int, int]:
     """``size`` (an int, or (height, width)) as (height, width) of whole positive pixels, or CropInputError."""
     pair = (size, size) if isinstance(size, int | np.integer) else tuple(np.ravel(size))
-    if len(pair) != 2 or not all(isinstance(side, int | np.integer) and not isinstance(side, bool) and side > 0
-                                 for side in pair):
+    if len(pair) != 2 or not all(is_positive(side, whole=True) for side in pair):
         raise CropInputError(f"size must be a positive whole number of pixels or (height, width); got {size!r}.")
     return int(pair[0]), int(pair[1])
 

@@ -45,6 +45,7 @@ from .models import (
     local_version,
 )
 from .bf16_speed import bf16_saves_time
+from .image_input import is_positive
 from .model_ids import same_model
 from .steps import Progress, StepsCancelled, run_steps
 
@@ -208,8 +209,7 @@ class Embedder:
         ``reuse``, an earlier run with this model (its weights' id), lends its embedding to each
         cell of the same label id whose crop has the same checks (``crops.crop_checks``); only
         the other cells go through the model."""
-        if batch_size is not None and (not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool)
-                                       or batch_size < 1):
+        if batch_size is not None and not is_positive(batch_size, whole=True):
             raise ValueError(f"batch_size must be a positive whole number of cells, not {batch_size!r}.")
         sampler = CropSampler(
             image, labels, size=self.input_size, mode=mode, device=self.device, mean=self.mean, std=self.std

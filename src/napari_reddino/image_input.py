@@ -57,6 +57,12 @@ def check_labels(labels, image_shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
+def is_positive(value, *, whole: bool = False) -> bool:
+    """Whether ``value`` is a finite number above 0 (a whole one with ``whole``); not a bool or a string."""
+    kinds = (int, np.integer) if whole else (int, float, np.integer, np.floating)
+    return isinstance(value, kinds) and not isinstance(value, bool | np.bool_) and 0 < value < float("inf")
+
+
 def check_smear(image) -> np.ndarray:
     """Validate ``image`` and return it as an ndarray, or raise :class:`ImageInputError`."""
     array = np.asarray(image)

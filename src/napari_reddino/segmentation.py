@@ -29,7 +29,7 @@ from .cell_separation import (
     smooth_density,
 )
 from .cell_size import diameter_from_foreground
-from .image_input import StainModel, check_smear, fit_stain_model
+from .image_input import StainModel, check_smear, fit_stain_model, is_positive
 from .resampling import resize_linear, resize_nearest
 from .steps import Progress, run_steps
 
@@ -112,11 +112,6 @@ def estimate_cell_diameter(image) -> float:
     return _estimate_diameter(fit_stain_model(array).density(window))
 
 
-def _positive_number(value) -> bool:
-    return (isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
-            and 0 < value < float("inf"))
-
-
 def _calibrate(
     array: np.ndarray, cell_diameter: float | None, pixel_size_um: float | None
 ) -> tuple[Calibration, np.ndarray | None]:
@@ -125,21 +120,21 @@ def _calibrate(
     Also returns the smoothed working-scale density when the window was the whole image,
     so a small smear is converted once, not twice.
     """
-    if cell_diameter is not None and not _positive_number(cell_diameter):
+    if cell_diameter is not None and not is_positive(cell_diameter):
         raise ValueError(f"cell_diameter must be a positive number of pixels; got {cell_diameter!r}.")
-    if pixel_size_um is not None and not _positive_number(pixel_size_um):
+    if pixel_size_um is not None and not is_positive(pixel_size_um):
         raise ValueError(f"pixel_size_um must be a positive number of micrometres; got {pixel_size_um!r}.")
-    stain = fit_stain_model(array)
-    window = array[_central_window(array.shape[0]), _central_window(array.shape[1])]
-    whole = window.shape[:2] == array.shape[:2]
-    density = stain.density(window)
     if cell_diameter is None and pixel_size_um is not None:
         cell_diameter = RBC_DIAMETER_UM / pixel_size_um
-    if cell_diameter is not None and cell_diameter > max(array.shape[:2]):
+    if cell_diameter is not None and cell_diameter > max(array.shape[:2]):  # refused before any work
         given = f"a pixel size of {pixel_size_um:g} µm" if pixel_size_um is not None else "this cell diameter"
         raise ValueError(f"With {given}, a red cell would be {cell_diameter:,.0f} px across, more than the whole "
                          f"{array.shape[1]}x{array.shape[0]} image: is the pixel size in micrometres (about 0.1-0.5 "
                          "for a smear under a 40-100x objective)?")
+    stain = fit_stain_model(array)
+    window = array[_central_window(array.shape[0]), _central_window(array.shape[1])]
+    whole = window.shape[:2] == array.shape[:2]
+    density = stain.density(window)
     if cell_diameter is None:
         cell_diameter = _estimate_diameter(density)
     scale = min(1.0, WORKING_DIAMETER_PX / cell_diameter)
