@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..atomic_files import NotReplacedError, PartlyWrittenError
+from ..atomic_files import PartlyWrittenError
 from ..cell_classifier import (
     DEFAULT_MEASUREMENTS,
     MOSTLY_UNLIKE,
@@ -60,12 +60,12 @@ from ..cell_table import PREDICTED_CLASSES
 from ..smear_summary import summarise_smears
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
-from ..wording import OPEN_ELSEWHERE, counted
+from ..wording import counted
 from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading
 from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
-from .map_export import MapExport
+from .map_export import MapExport, not_written
 from .segment_widget import CARRIED_TO
 from .smear_colours import SmearColours, cells_layers
 from .smear_keys import LABEL_KEYS, SmearKeys
@@ -819,8 +819,7 @@ class CellMapWidget(MapExport, JobWidget):
             self._refuse(f"The head was only partly saved ({error}); save it again.")
             return
         except (OSError, ValueError) as error:
-            self._refuse(f"The head was not saved: {error}."
-                         + (OPEN_ELSEWHERE if isinstance(error, NotReplacedError) else ""))
+            self._refuse(f"The head was not saved: {not_written(error)}")
             return
         self.status.value = f"Head saved to {path}."
 

@@ -85,8 +85,7 @@ class MapExport:
             self._refuse(f"Only partly written: {error}.{OPEN_ELSEWHERE}")
             return None
         except (OSError, ValueError) as error:
-            advice = f".{OPEN_ELSEWHERE}" if isinstance(error, NotReplacedError) else ""
-            self._refuse(f"Nothing was written: {error}{advice}")
+            self._refuse(f"Nothing was written: {not_written(error)}")
             return None
         with_summary = f", one row per smear to {summary.name}" if summary else ""
         unclassified = int(pd.read_csv(summary)["unclassified"].sum()) if summary else 0
@@ -185,6 +184,11 @@ class MapExport:
         )
         if path:
             self.export_csv(path)
+
+
+def not_written(error: Exception) -> str:
+    """Why a file was not written, as one sentence, with what to do where another program holds it."""
+    return str(error).rstrip(".") + "." + (OPEN_ELSEWHERE if isinstance(error, NotReplacedError) else "")
 
 
 def _names(paths: Sequence[Path | str]) -> str:
