@@ -759,6 +759,8 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     assert (tmp_path / "head.safetensors").is_file()
     about = json.loads((tmp_path / "head.json").read_text())
     assert about["crops"] == {"mode": "masked", "scale": "smear", "margin": 0.25}  # as the cells were cut
+    widget.save_head(tmp_path / "gone" / "head")
+    assert widget.status.value == f"The head was not saved: No folder {tmp_path / 'gone'} to write head.safetensors in."
     cells.features = cells.features.drop(columns=["predicted_class"])
     press("Apply saved head…")
     np.testing.assert_array_equal(widget.pool.column("predicted_class", ""), predicted)

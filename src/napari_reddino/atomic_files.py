@@ -8,7 +8,6 @@ Shared by the plugin and ``reddino_train``. Files get the permissions any new fi
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import os
 import re
@@ -58,8 +57,7 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
         for target, write in writers.items():
             target = Path(target)
             if not target.parent.is_dir():  # else mkstemp names its own temporary file in the error
-                raise FileNotFoundError(errno.ENOENT, f"No folder {target.parent} to write {target.name} in",
-                                        str(target.parent))
+                raise FileNotFoundError(f"No folder {target.parent} to write {target.name} in")
             fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=_prefix(target), suffix=".tmp")
             staged.append((temporary, target))
             with os.fdopen(fd, "wb") as handle:  # closed whatever happens next
