@@ -353,7 +353,6 @@ class Trainer:
                     ResumeSettingsWarning, stacklevel=2,
                 )
 
-
     def _other_world_size(self, saved: int) -> str:
         """What resuming on another number of processes changes (DINOv2's rules, which assume one)."""
         batch = self.cfg.train.batch_size_per_gpu
