@@ -21,6 +21,7 @@ from napari_reddino.crop_windows import cell_windows, square_windows
 from napari_reddino.smear_summary import OVERLAPPING_OUTLINE
 from napari_reddino.widgets.cell_gallery import MAX_CELLS
 from napari_reddino.widgets.cell_map_widget import GALLERY_NAME
+from napari_reddino.widgets.smear_links import SOURCE_LAYER
 
 
 def test_the_windows_are_the_model_crops_sized_among_the_smear_s_cells():
@@ -208,6 +209,16 @@ def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, 
     point = gallery.points()[0]
     grey = cell_thumbnail(None, cells.data, int(widget.pool.label_ids[point]), windows[point])
     assert np.abs(icon_pixels(gallery.grid.item(0)).astype(int) - grey).max() <= 8
+    # Another image opened under its name (a second camera's "Image001") is not its smear: the masks
+    # stay. Its own pixels opened again are, and the cells link to that layer from then on.
+    other = viewer.add_image(smear.data[::-1], name="1", rgb=smear.rgb)
+    assert np.abs(icon_pixels(gallery.grid.item(0)).astype(int) - grey).max() <= 8
+    viewer.layers.remove(other)
+    again = viewer.add_image(smear.data, name="1", rgb=smear.rgb)  # the open gallery shows it at once
+    cut = cell_thumbnail(again.data, cells.data, int(widget.pool.label_ids[point]), windows[point],
+                         contrast_limits=again.contrast_limits)
+    assert np.abs(icon_pixels(gallery.grid.item(0)).astype(int) - cut).max() <= 8
+    assert cells.metadata[SOURCE_LAYER] == str(again.unique_id)
 
     # Painting the cells drops the map, and the gallery empties; closing the Cell map closes the gallery.
     cells.paint((5, 5), 1)

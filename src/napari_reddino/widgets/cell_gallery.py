@@ -30,11 +30,11 @@ from qtpy.QtWidgets import (
 )
 
 from ..cell_map import UNLABELLED, PooledCells
-from ..cell_table import image_name
 from ..cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
 from ..crop_windows import square_windows
 from ..smear_summary import OVERLAPPING_OUTLINE
 from ..wording import counted
+from .smear_links import level_0, smear_under
 
 POINT_ROLE = Qt.ItemDataRole.UserRole
 MAX_CELLS = 120  # a larger selection is shown as a random sample of this many
@@ -203,15 +203,3 @@ def _overlap(shared: float) -> str:
             "split them")
 
 
-def smear_under(viewer, cells) -> Image | None:
-    """The image layer of the smear under ``cells``, if it is still open and of the same size."""
-    name = image_name(cells)
-    image = viewer.layers[name] if name in viewer.layers else None
-    if isinstance(image, Image) and level_0(image).shape[:2] == cells.data.shape:
-        return image
-    return None
-
-
-def level_0(image: Image):
-    """The full-resolution pixels of an image layer (the first level of a multiscale one)."""
-    return image.data[0] if image.multiscale else image.data

@@ -23,7 +23,7 @@ import napari
 import numpy as np
 import pandas as pd
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
-from napari.layers import Labels
+from napari.layers import Image, Labels
 from napari.utils.colormaps import ensure_colormap
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import Qt, QTimer, Signal
@@ -222,6 +222,8 @@ class CellMapWidget(MapExport, JobWidget):
         self._smear_press = _weakly(self._on_smear_press)
         napari_viewer.mouse_drag_callbacks.append(self._smear_press)
         napari_viewer.layers.events.removed.connect(self._on_layer_removed)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self._on_image_opened_or_closed)
 
     def _lay_out_map_widget(self) -> None:
         """The map on top; below it, in a scroll area, the controls, the class list and the head;
@@ -325,6 +327,8 @@ class CellMapWidget(MapExport, JobWidget):
         if self._smear_press in self._viewer.mouse_drag_callbacks:
             self._viewer.mouse_drag_callbacks.remove(self._smear_press)
         self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        for event in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
+            event.disconnect(self._on_image_opened_or_closed)
         self.canvas.close_view()
         if self._gallery_docked():
             self._viewer.window.remove_dock_widget(self.gallery)
@@ -428,6 +432,11 @@ class CellMapWidget(MapExport, JobWidget):
         self._map_is_stale(name, why)
         if colours is not None:  # a lambda: PyQt holds a bound method weakly, and nothing else holds colours
             QTimer.singleShot(0, lambda: colours.remove())
+
+    def _on_image_opened_or_closed(self, event) -> None:
+        """The gallery shows a smear's pixels while it is open, each cell's mask otherwise."""
+        if isinstance(event.value, Image) and self.pool is not None and self.gallery.isVisible():
+            self._fill_gallery()
 
     def _on_cells_changed(self, event) -> None:
         self._map_is_stale(event.source.name)  # the cells layer whose data or paint event this is

@@ -52,8 +52,9 @@ from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, smear_pixels
-from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer, of_image
+from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer
 from .smear_colours import is_map_colours, own_cells
+from .smear_links import of_image
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
 

@@ -22,8 +22,8 @@ from ..cell_table import image_name
 from ..class_gallery import GalleryError, GalleryFiles, pictures_in, remove_pictures, save_class_gallery
 from ..label_import import import_manual_labels
 from ..wording import OPEN_ELSEWHERE, counted
-from .cell_gallery import level_0, smear_under
 from .smear_colours import cells_layers
+from .smear_links import level_0, smear_under
 
 
 class MapExport:

@@ -1,7 +1,6 @@
 """Plugins > RedDino > Segment cells: an image layer in, a cells Labels layer with its table out."""
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import napari
@@ -20,10 +19,9 @@ from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, place_above
 from .smear_colours import coloured_smear, own_cells
+from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, of_image
 
 MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
-SOURCE_DIGEST = "source_image_digest"  # metadata: digest of the pixels the cells were segmented from
-SOURCE_LAYER = "source_image_layer"  # metadata: napari's unique id of the image layer they came from
 CARRIED_TO = "labels_carried_to"  # metadata: the newer cells layer this one's labels went to
 
 
@@ -207,17 +205,6 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     if own:
         place_above(layers, layer, [other for other in layers if other.name in own][-1])
     return layer, carry_labels(viewer, layer, job, image_hash)
-
-
-def of_image(cells: Labels, image: Image, image_hash: str | Callable[[], str]) -> bool:
-    """Whether ``cells`` were segmented from ``image``: that very layer (its pixels edited since
-    or not), or one with the same pixels (the file opened again). Layers from other tools, or
-    from before this was recorded, count as its own. ``image_hash`` is the image's
-    :func:`image_digest`, or a function that gives it, asked only where it decides."""
-    digest = cells.metadata.get(SOURCE_DIGEST)
-    if digest is None or cells.metadata.get(SOURCE_LAYER) == str(image.unique_id):
-        return True
-    return digest == (image_hash() if callable(image_hash) else image_hash)
 
 
 def _forget_strokes(layer: Labels) -> None:

@@ -12,6 +12,7 @@ from napari.utils.colormaps import CyclicLabelColormap
 
 from ..cell_map import PooledCells, rank_lut
 from .job_widget import place_above
+from .smear_links import smear_under
 
 MARK = "reddino_map_colours"  # metadata key of a colour layer (it holds map ranks, not cells): see coloured_smear
 
@@ -66,8 +67,7 @@ class SmearColours:
         centred in the first would show the second's pixels. Returns the names of the layers hidden."""
         cells = self._pool.layers[position]
         layers = self._viewer.layers
-        image = layers[cells.metadata["source_image"]] if cells.metadata.get("source_image") in layers else None
-        own = [layer for layer in (image, cells, self.layers[position]) if layer is not None and layer in layers]
+        own = [layer for layer in (smear_under(self._viewer, cells), cells, self.layers[position]) if layer is not None and layer in layers]
         box = np.stack([layer.extent.world for layer in own])
         low, high = box[:, 0].min(axis=0), box[:, 1].max(axis=0)
         hidden = []
