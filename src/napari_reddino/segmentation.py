@@ -124,13 +124,18 @@ def _calibrate(
         raise ValueError(f"cell_diameter must be a positive number of pixels; got {cell_diameter!r}.")
     if pixel_size_um is not None and not is_positive(pixel_size_um):
         raise ValueError(f"pixel_size_um must be a positive number of micrometres; got {pixel_size_um!r}.")
-    if cell_diameter is None and pixel_size_um is not None:
+    from_pixel_size = cell_diameter is None and pixel_size_um is not None  # a typed diameter wins
+    if from_pixel_size:
         cell_diameter = RBC_DIAMETER_UM / pixel_size_um
     if cell_diameter is not None and cell_diameter > max(array.shape[:2]):  # refused before any work
-        given = f"a pixel size of {pixel_size_um:g} µm" if pixel_size_um is not None else "this cell diameter"
-        raise ValueError(f"With {given}, a red cell would be {cell_diameter:,.0f} px across, more than the whole "
-                         f"{array.shape[1]}x{array.shape[0]} image: is the pixel size in micrometres (about 0.1-0.5 "
-                         "for a smear under a 40-100x objective)?")
+        image = f"the whole {array.shape[1]}x{array.shape[0]} image"
+        raise ValueError(
+            f"With a pixel size of {pixel_size_um:g} µm, a red cell would be {cell_diameter:,.0f} px across, more "
+            f"than {image}: is the pixel size in micrometres (about 0.1-0.5 for a smear under a 40-100x objective)?"
+            if from_pixel_size else
+            f"A cell diameter of {cell_diameter:,.0f} px is more than {image}: the diameter is in pixels (a red "
+            "cell is about 7.5 µm across)."
+        )
     stain = fit_stain_model(array)
     window = array[_central_window(array.shape[0]), _central_window(array.shape[1])]
     whole = window.shape[:2] == array.shape[:2]
