@@ -1,5 +1,7 @@
 """What every dock widget's run machinery must do whatever its worker raises."""
 
+import threading
+
 import pytest
 import torch
 from magicgui.widgets import Container
@@ -71,3 +73,40 @@ def test_a_worker_error_ends_the_run_with_its_message_and_run_works_again(make_n
         assert widget.status.value.startswith(says)
         assert widget._run_button.enabled and not widget._cancel_button.enabled
         assert widget._progress is None
+
+
+def test_a_run_waits_for_the_step_a_closed_panel_s_run_is_in(make_napari_viewer, qtbot):
+    # A UMAP layout or a download cannot stop midway: closing its panel lets that step end. A run
+    # started meanwhile (the panel opened again) waits for it instead of running beside it.
+    viewer, release, log = make_napari_viewer(), threading.Event(), []
+
+    @job_worker
+    def one_long_step():
+        log.append("long step started")
+        yield 0, 1
+        release.wait(10)
+        log.append("long step ended")
+        yield 1, 1
+
+    @job_worker
+    def quick():
+        log.append("second run started")
+        yield 1, 1
+
+    first = OneJob(viewer, one_long_step)
+    viewer.window.add_dock_widget(first)
+    first.run()
+    qtbot.waitUntil(lambda: log == ["long step started"])
+    viewer.window.remove_dock_widget(first)  # as its close button does
+    second = OneJob(viewer, quick)
+    viewer.window.add_dock_widget(second)
+    second.run()
+    qtbot.wait(300)
+    assert log == ["long step started"] and second.status.value.endswith("(waiting for the run of a closed panel to stop)")
+    with qtbot.waitSignal(second.finished, timeout=10_000):
+        release.set()
+    assert log == ["long step started", "long step ended", "second run started"]
+    assert second._run_button.enabled  # and a third run starts at once
+    with qtbot.waitSignal(second.finished, timeout=10_000):
+        second.run()
+    assert log[-1] == "second run started" and len(log) == 4

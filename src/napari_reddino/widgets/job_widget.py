@@ -16,6 +16,11 @@ from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 from ..image_input import ACCEPTED, ImageInputError, check_smear
 from .image_renames import follow_image_renames
 
+# Runs of closed panels finish the step they are in (a UMAP layout or a download cannot stop
+# midway); a run started meanwhile waits for them rather than halve their speed and its own.
+_finishing: set = set()
+_waiting: list = []
+
 
 def smear_pixels(layer: Image) -> np.ndarray:
     """The layer's pixels as one 2-D smear, or :class:`ImageInputError`.
@@ -98,6 +103,10 @@ class JobWidget(QWidget):
 
     def _closed(self) -> None:
         """The panel is gone: a run still going is cancelled, so nothing lands in the viewer unseen."""
+        if self._worker is not None and self._worker not in _waiting:  # one waiting starts, sees the cancel, ends
+            worker = self._worker
+            _finishing.add(worker)
+            worker.finished.connect(lambda: _start_waiting(worker))
         self.cancel()
         self._viewer.layers.selection.events.active.disconnect(self._follow_active_image)  # if connected
 
@@ -160,6 +169,7 @@ class JobWidget(QWidget):
         self._cancel_button.enabled = True
         self._worker = worker_function(
             *args,
+            _start_thread=False,
             _connect={
                 "yielded": self._on_progress,
                 "returned": self._on_returned,
@@ -167,6 +177,11 @@ class JobWidget(QWidget):
                 "finished": self._on_finished,
             },
         )
+        if _finishing:
+            _waiting.append(self._worker)
+            self.status.value += " (waiting for the run of a closed panel to stop)"
+        else:
+            self._worker.start()
 
     def _count(self, done: int, total: int, description: str) -> None:
         if self._progress is None:
@@ -216,6 +231,16 @@ class JobWidget(QWidget):
 
     def _on_finished(self) -> None:
         raise NotImplementedError
+
+
+def _start_waiting(finished) -> None:
+    """``finished``, a closed panel's run, ended: once none is left, the runs waiting for them start."""
+    _finishing.discard(finished)
+    if not _finishing:
+        starting = list(_waiting)
+        _waiting.clear()
+        for worker in starting:
+            worker.start()
 
 
 def _in_words(error: Exception) -> str:
