@@ -165,6 +165,16 @@ class TrainConfig:
         for key in ("batch_size_per_gpu", "iterations_per_epoch", "log_every", "checkpoint_every"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self.train, key)} must be at least 1")
+        if self.optim.epochs < 1:
+            raise ConfigError(f"optim.epochs={self.optim.epochs} must be at least 1")
+        for key, value in (("train.seed", self.train.seed), ("train.num_workers", self.train.num_workers),
+                           ("optim.clip_grad", self.optim.clip_grad)):
+            if value < 0:
+                raise ConfigError(f"{key}={value} must be 0 or more" + " (0: no clipping)" * (key == "optim.clip_grad"))
+        for key, value in (("loss.student_temp", self.loss.student_temp), ("teacher.temp", self.teacher.temp),
+                           ("teacher.warmup_temp", self.teacher.warmup_temp)):
+            if not value > 0:  # the softmax divides by it
+                raise ConfigError(f"{key}={value} must be above 0")
         crops = self.crops
         if len(set(crops.pixel_augmentations)) != len(crops.pixel_augmentations):
             raise ConfigError(f"crops.pixel_augmentations={list(crops.pixel_augmentations)} names one twice")

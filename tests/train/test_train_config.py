@@ -125,6 +125,18 @@ def test_bad_values_are_errors():
     for key in ("log_every", "checkpoint_every", "batch_size_per_gpu"):
         with pytest.raises(ConfigError, match=rf"train.{key}=0 must be at least 1"):
             load_config("tiny", [f"train.{key}=0"])
+    # Each of these once passed the check and failed later: at step 1, as NaN taken for a diverged
+    # run, or as "0 iterations done".
+    for override, says in (("train.seed=-1", "train.seed=-1 must be 0 or more"),
+                           ("train.num_workers=-2", "train.num_workers=-2 must be 0 or more"),
+                           ("optim.clip_grad=-1.0", r"optim.clip_grad=-1.0 must be 0 or more \(0: no clipping\)"),
+                           ("optim.epochs=0", "optim.epochs=0 must be at least 1"),
+                           ("teacher.temp=0", "teacher.temp=0.0 must be above 0"),
+                           ("teacher.warmup_temp=-0.04", "teacher.warmup_temp=-0.04 must be above 0"),
+                           ("loss.student_temp=0", "loss.student_temp=0.0 must be above 0")):
+        with pytest.raises(ConfigError, match=rf"^{says}$"):
+            load_config("tiny", [override])
+    assert load_config("tiny", ["optim.clip_grad=0", "train.num_workers=0", "train.seed=0"]).optim.clip_grad == 0
 
 
 def test_pixel_augmentation_pool_is_checked():
