@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import threading
 import urllib.parse
@@ -257,10 +258,22 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as error:  # each reader raises its own error types for damaged files
-        raise CheckpointError(f"Cannot read weights from {path} (damaged or not a weights file): {error}") from error
+        raise CheckpointError(f"Cannot read weights from {path} (damaged or not a weights file): "
+                              f"{why_unreadable(error)}") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict (parameter name -> tensor).")
     return state
+
+
+def why_unreadable(error: Exception) -> str:
+    """Why torch or safetensors could not read a file, in one line. torch's refusal of a pickle
+    that holds more than tensors comes with advice to load it unsafely, which is never done
+    here: only its own reason is kept."""
+    text = str(error)
+    refusal = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if refusal:
+        return f"not tensors alone ({refusal.group(1).strip()})"
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, architecture: str) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from napari_reddino.models import why_unreadable
 
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_text, config_to_dict
 from .files import write_atomic_with
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -31,7 +32,7 @@ _REQUIRED = ("architecture", "config", "iteration", "student", "teacher")
 
 def architecture(cfg: TrainConfig) -> dict[str, Any]:
     """What fixes the shapes of the saved weights; a resume must match it exactly."""
-    return {
+    return _weighed({
         "arch": cfg.model.arch,
         "depth": cfg.model.depth,
         "patch_size": cfg.model.patch_size,
@@ -39,13 +40,23 @@ def architecture(cfg: TrainConfig) -> dict[str, Any]:
         "num_heads": cfg.model.num_heads,
         "global_size": cfg.crops.global_size,
         "heads": config_to_dict(cfg.heads),
-    }
+    })
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` next to ``path`` and rename it into place, so a crash mid-write
-    leaves the previous checkpoint intact."""
-    write_atomic_with(path, lambda handle: torch.save(state, handle))
+def _weighed(saved: dict[str, Any]) -> dict[str, Any]:
+    """An architecture without the iBOT head's settings where the DINO head serves iBOT too:
+    that head has no weights, so its settings cannot make a checkpoint misfit."""
+    heads = dict(saved.get("heads") or {})
+    if not heads.get("ibot_separate", True):
+        heads.pop("ibot", None)
+    return {**saved, "heads": heads}
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], *, config: tuple[Path, TrainConfig] | None = None) -> None:
+    """Write ``state`` next to ``path`` and rename it into place, so a crash mid-write leaves
+    the previous checkpoint intact; ``config`` (path, settings) is renamed into place with it."""
+    texts = {} if config is None else {config[0]: config_text(config[1])}
+    write_atomic_with(path, lambda handle: torch.save(state, handle), texts=texts)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -54,8 +65,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path} cannot be read (damaged or cut short: {reason}). {advice}") from error
+        raise CheckpointError(f"{path} cannot be read (damaged or cut short: {why_unreadable(error)}). {advice}") \
+            from error
     missing = [key for key in _REQUIRED if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(
@@ -67,7 +78,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Read a checkpoint and check it was made for the architecture of ``cfg``."""
     state = read_checkpoint(path)
-    saved, wanted = state["architecture"], architecture(cfg)
+    saved, wanted = _weighed(state["architecture"]), architecture(cfg)
     if saved != wanted:
         differences = ", ".join(
             f"{key}: checkpoint {saved.get(key)!r} vs config {wanted[key]!r}"

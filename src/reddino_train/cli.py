@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shlex
 import sys
 import warnings
@@ -48,6 +49,8 @@ def _warning_line(python_show, message, category, filename, lineno, file=None, l
 
 
 def _fit_command(args: argparse.Namespace) -> int:
+    from napari_reddino.wording import counted
+
     from .run_lock import RunFolderError
     from .train import (  # torch and timm load only when training
         RanksDisagreeError,
@@ -61,18 +64,29 @@ def _fit_command(args: argparse.Namespace) -> int:
             warnings.showwarning = functools.partial(_warning_line, warnings.showwarning)
             result = fit(cfg, args.data_dir, args.out, max_steps=args.max_steps)
     except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError,
-            RunFolderError) as error:
-        print(f"reddino-train fit: {error}", file=sys.stderr)
+            RunFolderError) as error:  # raised alike on every rank: said once
+        _say(f"reddino-train fit: {error}", file=sys.stderr)
         return 2
     if result.stopped_by_signal:  # not finished: a script or scheduler must see that
         own_settings = shlex.join(["reddino-train", "fit", str(Path(args.out) / "config.yaml"), args.data_dir,
                                    "--out", args.out, *(["--max-steps", str(args.max_steps)] if args.max_steps else [])])
-        print(f"reddino-train fit: stopped after {result.iterations_done} iterations; checkpoint in {args.out}; "
-              f"the same command resumes it; so does {own_settings}, with the run's own settings",
-              file=sys.stderr)
+        _say(f"reddino-train fit: stopped after {counted(result.iterations_done, 'iteration')}; checkpoint in {args.out}; "
+             f"the same command resumes it; so does {own_settings}, with the run's own settings", file=sys.stderr)
         return 130
-    print(f"reddino-train fit: {result.iterations_done} iterations done; checkpoint in {args.out}")
+    if result.iterations_this_run == 0:  # a finished run started again (a scheduler's requeue, a reused --out)
+        further = "optim.epochs or --max-steps" if args.max_steps else "optim.epochs"
+        _say(f"reddino-train fit: {args.out} holds a run already at iteration {result.iterations_done}, where this "
+             f"one was to end: nothing to do. To train it further, raise {further}; to start afresh, give another "
+             "--out")
+        return 0
+    _say(f"reddino-train fit: {counted(result.iterations_done, 'iteration')} done; checkpoint in {args.out}")
     return 0
+
+
+def _say(message: str, file=None) -> None:
+    """Print on rank 0 alone: under torchrun each rank ends ``fit`` with the same outcome."""
+    if os.environ.get("RANK", "0") == "0":  # torchrun's; the process group has been closed by now
+        print(message, file=file)
 
 
 def _export_command(args: argparse.Namespace) -> int:

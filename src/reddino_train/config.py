@@ -270,7 +270,12 @@ def config_to_dict(cfg: Any) -> Any:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config atomically; ``load_config(path)`` reads it back unchanged."""
-    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_atomic(path, config_text(cfg))
+
+
+def config_text(cfg: TrainConfig) -> str:
+    """The resolved config as YAML."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
 def _resolve(source: str | os.PathLike, relative_to: Path | None = None) -> Path:

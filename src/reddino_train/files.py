@@ -5,7 +5,7 @@ the whole new one, never half of it."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -16,13 +16,18 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     write_atomic_with(path, lambda handle: handle.write(payload))
 
 
-def write_atomic_with(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
-    """Replace ``path`` with what ``write(binary_handle)`` writes, in one rename."""
+def write_atomic_with(path: str | os.PathLike, write: Callable[[IO[bytes]], object], *,
+                      texts: Mapping[str | os.PathLike, str] | None = None) -> None:
+    """Replace ``path`` with what ``write(binary_handle)`` writes, in one rename; each of ``texts``
+    (path: text) is written alongside and renamed right after it, not a whole write later."""
     # Imported on first write: the plugin's package takes a second or two to import, which
     # `reddino-train config` (no writes) should not pay.
     from napari_reddino.atomic_files import write_files_atomically
 
-    write_files_atomically({path: write})
+    writers = {path: write}
+    for other, text in (texts or {}).items():
+        writers[other] = lambda handle, payload=text.encode(): handle.write(payload)
+    write_files_atomically(writers)
 
 
 def remove_leftovers(path: str | os.PathLike) -> list[tuple[Path, int]]:

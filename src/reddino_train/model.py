@@ -6,13 +6,15 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import timm
 import torch
 from timm.layers import DropPath
 from timm.models.vision_transformer import checkpoint_filter_fn
+from napari_reddino.models import CheckpointError as WeightsFileError
+from napari_reddino.models import load_strict, read_weights
 from torch import nn
 
+from .checkpoint import CheckpointError
 from .config import ModelConfig, TrainConfig
 from .heads import DinoHead
 
@@ -26,13 +28,13 @@ def vit_architecture_args(model: ModelConfig, img_size: int) -> dict:
     return args
 
 
-def create_vit(cfg: TrainConfig) -> nn.Module:
+def create_vit(cfg: TrainConfig, *, with_weights: bool = True) -> nn.Module:
     """The training backbone: any input size (global and local crops), stochastic depth, and
     timm's weights where ``model.pretrained`` is "timm" (:func:`build_student` loads a file's)."""
     model = cfg.model
     vit = timm.create_model(
         model.arch,
-        pretrained=model.pretrained == "timm",
+        pretrained=with_weights and model.pretrained == "timm",
         dynamic_img_size=True,
         drop_path_rate=model.drop_path_rate,
         **vit_architecture_args(model, cfg.crops.global_size),
@@ -47,15 +49,27 @@ def load_vit_weights(vit: nn.Module, path: str | Path) -> torch.Tensor | None:
     """Load a timm or Meta DINOv2 ViT state dict (safetensors, or a tensors-only torch file); the
     position embedding is resampled when the file was trained at another input size. Returns
     the file's iBOT mask token where it has one (Meta's checkpoints do), which timm's
-    conversion would drop."""
+    conversion drops: it is also what tells timm that the file is in Meta's layout."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        state = safetensors.torch.load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    mask_token = state.pop("mask_token", None)
-    vit.load_state_dict(checkpoint_filter_fn(state, vit))
+    if not path.is_file():
+        raise PretrainedWeightsError(f"model.pretrained={path}: there is no such file (give a .safetensors or .pth of "
+                                     "ViT weights, \"timm\" for timm's weights of model.arch, or \"\" for random ones)")
+    try:
+        state = read_weights(path)
+        mask_token = state.get("mask_token")
+        load_strict(vit, checkpoint_filter_fn(state, vit), path, described(vit))
+    except WeightsFileError as error:
+        raise PretrainedWeightsError(f"model.pretrained: {error}") from error
     return mask_token
+
+
+class PretrainedWeightsError(CheckpointError):
+    """A ``model.pretrained`` file that cannot be read or does not fit the configured ViT."""
+
+
+def described(vit: nn.Module) -> str:
+    """The ViT in words, for a file that does not fit it: "a ViT of 2 blocks, width 384, patch 14"."""
+    return f"a ViT of {len(vit.blocks)} blocks, width {vit.embed_dim}, patch {vit.patch_embed.patch_size[0]}"
 
 
 class MaskableViT(nn.Module):
@@ -130,9 +144,11 @@ def _head(cfg: TrainConfig, which: str, in_dim: int) -> DinoHead:
     return DinoHead(in_dim, head.n_prototypes, head.hidden_dim, head.bottleneck_dim, head.n_layers)
 
 
-def build_student(cfg: TrainConfig) -> DinoModel:
-    backbone = MaskableViT(create_vit(cfg))
-    if cfg.model.pretrained not in ("", "timm"):
+def build_student(cfg: TrainConfig, *, with_weights: bool = True) -> DinoModel:
+    """The student, with ``model.pretrained``'s weights unless ``with_weights`` is false (a
+    resume, whose checkpoint has them: the file may be gone by then)."""
+    backbone = MaskableViT(create_vit(cfg, with_weights=with_weights))
+    if with_weights and cfg.model.pretrained not in ("", "timm"):
         mask_token = load_vit_weights(backbone.vit, cfg.model.pretrained)
         if mask_token is not None:  # Meta's (1, dim): continued training keeps it, as RedDino's did
             backbone.mask_token.data.copy_(mask_token.reshape(backbone.mask_token.shape))

@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -89,6 +90,7 @@ class TrainingDivergedError(FloatingPointError):
 class FitResult:
     iterations_done: int
     stopped_by_signal: bool
+    iterations_this_run: int  # 0: the run in the folder had already reached its end
     student: DinoModel
     teacher: DinoModel
 
@@ -116,24 +118,30 @@ def fit(
     current step with a checkpoint. Under torchrun every rank calls ``fit``. A folder another
     run is writing to is refused with :class:`~reddino_train.run_lock.RunFolderBusyError`."""
     out = Path(out_dir)
-    with distributed_session() as device, hold_run_folder(out), _stop_requests() as stop:
-        return Trainer(cfg, Path(data_dir), out, device).train(max_steps, stop)
+    with distributed_session() as device:
+        images = _images_on_every_rank(Path(data_dir), make_multicrop(cfg.crops))  # a typo makes no --out
+        with hold_run_folder(out):
+            trainer = Trainer(cfg, images, out, device)
+            with _stop_requests() as stop:  # not before: a stalled start must stay interruptible
+                return trainer.train(max_steps, stop)
 
 
 class Trainer:
     """One rank's training state (models, optimiser, losses, schedules, data position) and its
     loop; :func:`fit` is the way to use it, benchmarks drive :meth:`step` directly."""
 
-    def __init__(self, cfg: TrainConfig, data_dir: Path, out: Path, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, data: Path | ImageFolder, out: Path, device: torch.device) -> None:
+        """``data``: the folder of training images, or those images already listed."""
         self.cfg, self.out, self.device = cfg, out, device
         self.rank, self.world_size = rank(), world_size()
         out.mkdir(parents=True, exist_ok=True)
-        self.dataset = _images_on_every_rank(data_dir, make_multicrop(cfg.crops))
+        self.dataset = data if isinstance(data, ImageFolder) else _images_on_every_rank(
+            data, make_multicrop(cfg.crops))
         resuming = _same_on_every_rank(f"whether {out / CHECKPOINT_NAME} exists", (out / CHECKPOINT_NAME).exists(),
                                        "--out must be a folder that every node shares")
         state = load_checkpoint(out / CHECKPOINT_NAME, cfg) if resuming else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.student = build_student(cfg).to(device)
+        self.student = build_student(cfg, with_weights=state is None).to(device)  # a resume has its own
         self.bf16 = self._precision(state)
         if self.bf16 and device.type == "cpu":
             use_explicit_attention(self.student)
@@ -180,7 +188,7 @@ class Trainer:
         log = CsvLog(self.out / LOG_NAME, LOG_COLUMNS, self.iteration) if self.rank == 0 else None
         collapse = CollapseDetector(self.cfg.heads.dino.n_prototypes)
         batches = self._batches()
-        stopped = False
+        stopped, first = False, self.iteration
         last_log = (self.iteration, time.perf_counter())
         with tqdm(total=end, initial=self.iteration, disable=self.rank != 0, desc="reddino-train") as bar:
             while self.iteration < end and not stopped:
@@ -195,13 +203,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                     if log is not None:
                         log.write(row)
-                    collapse.update(self.iteration, stats["teacher_entropy"], stats["teacher_batch_entropy"])
+                    if self.rank == 0:  # global statistics: every rank would warn alike
+                        collapse.update(self.iteration, stats["teacher_entropy"], stats["teacher_batch_entropy"])
                     last_log = (self.iteration, time.perf_counter())
                 if self.iteration % train.checkpoint_every == 0 or self.iteration == end or stopped:
                     self._save()
         if stopped and self.rank == 0:
             tqdm.write(f"reddino-train: stopped by signal after step {self.iteration}; checkpoint saved")
-        return FitResult(self.iteration, stopped, self.student, self.teacher)
+        return FitResult(self.iteration, stopped, self.iteration - first, self.student, self.teacher)
 
     def step(self, batch: dict[str, torch.Tensor], values: ScheduleValues, stop: threading.Event):
         """One optimisation step; returns the global-mean statistics and whether any rank
@@ -311,6 +320,7 @@ class Trainer:
         self.checkpoint_step = self.iteration
 
     def _write_checkpoint(self, models: dict[str, Any], rng_states: list) -> None:
+        settings = (self.out / "config.yaml", self.cfg) if self._settings_pending else None
         save_checkpoint(self.out / CHECKPOINT_NAME, {
             "architecture": architecture(self.cfg),
             "config": config_to_dict(self.cfg),
@@ -321,10 +331,9 @@ class Trainer:
             "sampler": {"samples_consumed": self.samples_consumed, "world_size": self.world_size},
             "precision": {"device": self.device.type, "bf16": self.bf16},
             "rng": rng_states,
-        })
-        if self._settings_pending:
-            save_config(self.cfg, self.out / "config.yaml")
-            self._settings_pending = False
+            "images": _image_list(self.dataset),
+        }, config=settings)
+        self._settings_pending = False
 
     def _resume(self, state: dict[str, Any]) -> None:
         load_full_state(self.student, self.teacher, self.optimizer, state)
@@ -341,6 +350,12 @@ class Trainer:
             tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
             if sampler["world_size"] != self.world_size:
                 warnings.warn(self._other_world_size(sampler["world_size"]), ResumeSettingsWarning, stacklevel=2)
+            images = _image_list(self.dataset)
+            if state.get("images", images) != images:  # checkpoints before it was recorded: not checked
+                warnings.warn(
+                    f"resuming {self.out} on other images than it trained on ({state['images']} then, {images} now): "
+                    "the data order from here on is not the run's own, and some images of this epoch may come "
+                    "twice or not at all", ResumeSettingsWarning, stacklevel=2)
             changed = changed_settings(own, self.cfg)
             self._settings_pending = bool(changed)
             if changed:  # config.yaml is about to take the new settings: keep the run's own
@@ -425,14 +440,27 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 @contextlib.contextmanager
 def _stop_requests() -> Iterator[threading.Event]:
-    """An event set by SIGTERM or SIGINT while training (main thread only)."""
+    """An event set by SIGTERM or SIGINT while training (main thread only). The first signal asks
+    for a checkpoint after the current step; a second one gets Python's own handling (Ctrl-C
+    raises KeyboardInterrupt there and then), for a step that hangs."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request_stop(signum, _frame) -> None:
+        stop.set()
+        restore()
+        if rank() == 0:
+            tqdm.write(f"reddino-train: {signal.Signals(signum).name}: stopping after this step with a checkpoint; "
+                       "a second signal stops at once, without one", file=sys.stderr)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore()

@@ -105,6 +105,24 @@ def test_pretrained_weights_load_from_safetensors_and_torch_files(tmp_path):
     assert torch.equal(loaded.backbone.mask_token, mask_token[0])
 
 
+def test_meta_s_layout_of_a_model_with_registers_is_converted_to_timm_s(tmp_path):
+    # Meta's files keep the registers apart and a class-token slot in the position embedding;
+    # timm converts them when it sees the mask token, which must still be there when it looks.
+    registers = "model.arch=vit_small_patch14_reg4_dinov2"
+    torch.manual_seed(1)
+    timm_layout = build_student(load_config("tiny", [registers])).backbone.vit.state_dict()
+    meta_layout = {key: value for key, value in timm_layout.items() if key not in ("reg_token", "pos_embed")}
+    meta_layout |= {"register_tokens": timm_layout["reg_token"], "mask_token": torch.randn(1, 384),
+                    "pos_embed": torch.cat([torch.zeros(1, 1, 384), timm_layout["pos_embed"]], dim=1)}
+    torch.save(meta_layout, tmp_path / "meta_reg4.pth")
+    torch.manual_seed(2)
+    loaded = build_student(load_config("tiny", [registers, f"model.pretrained={tmp_path / 'meta_reg4.pth'}"]))
+    state = loaded.backbone.vit.state_dict()
+    assert state.keys() == timm_layout.keys()
+    assert all(torch.equal(state[key], timm_layout[key]) for key in timm_layout)
+    assert torch.equal(loaded.backbone.mask_token, meta_layout["mask_token"][0])
+
+
 def test_stochastic_depth_drops_at_the_same_rate_in_every_block_as_dinov2_does():
     uniform = create_vit(load_config("tiny", ["model.drop_path_rate=0.2", "model.depth=3"]))
     assert [(block.drop_path1.drop_prob, block.drop_path2.drop_prob) for block in uniform.blocks] == [(0.2, 0.2)] * 3

@@ -1,12 +1,14 @@
 import errno
 import math
 import os
-import signal
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 
 import pytest
@@ -24,7 +26,7 @@ from reddino_train.model import build_student
 from reddino_train.param_groups import build_param_groups
 from reddino_train import run_lock
 from reddino_train.run_lock import LOCK_NAME, RunFolderBusyError, RunFolderError
-from reddino_train.train import LOG_COLUMNS, ResumeSettingsWarning, Trainer, TrainingDivergedError, fit
+from reddino_train.train import LOG_COLUMNS, ResumeSettingsWarning, Trainer, TrainingDivergedError, _stop_requests, fit
 
 # LayerScale 1 lets the images reach the CLS token of the randomly initialised tiny model
 # (with DINOv2's 1e-5 every image gives the same teacher output: a uniform collapse).
@@ -194,6 +196,14 @@ def test_checkpoint_of_another_architecture_is_refused_and_kept(smear_images, tm
     with pytest.raises(CheckpointMismatchError, match=r"another architecture \(depth: checkpoint 2 vs config 1\)"):
         fit(load_config("tiny", [*TINY, "model.depth=1"]), smear_images, tmp_path, max_steps=2)
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+    # The iBOT head's settings count only where it is separate: else it has no weights.
+    unused = "heads.ibot.n_prototypes=32"
+    with pytest.warns(ResumeSettingsWarning, match="heads.ibot.n_prototypes: 64 -> 32"):
+        assert fit(load_config("tiny", [*TINY, unused]), smear_images, tmp_path, max_steps=2).iterations_done == 2
+    fit(load_config("tiny", [*TINY, "heads.ibot_separate=true"]), smear_images, tmp_path / "separate", max_steps=1)
+    with pytest.raises(CheckpointMismatchError, match=r"heads: checkpoint .*'ibot': \{'n_prototypes': 64"):
+        fit(load_config("tiny", [*TINY, "heads.ibot_separate=true", unused]), smear_images, tmp_path / "separate",
+            max_steps=2)
 
 
 def test_a_save_killed_midway_keeps_the_checkpoint_and_the_next_start_removes_its_leftover(
@@ -234,7 +244,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_saying_which_is_kept(
     main(["fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "--max-steps", "1"])
     saved = (tmp_path / "checkpoint.pt").read_bytes()
 
-    def full_disk(path, write):
+    def full_disk(path, write, texts=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("reddino_train.checkpoint.write_atomic_with", full_disk)
@@ -338,6 +348,53 @@ def test_empty_data_folder_is_a_clear_error(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(EmptyDatasetError, match="no images under"):
         fit(load_config("tiny"), tmp_path / "data", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # a mistyped data folder leaves no output folder behind
+
+
+def test_resuming_on_other_images_says_so(smear_images, tmp_path):
+    fit(load_config("tiny", TINY), smear_images, tmp_path / "run", max_steps=1)
+    fewer = shutil.copytree(smear_images, tmp_path / "fewer")
+    sorted(fewer.rglob("*.png"))[0].unlink()  # prepare run again into the folder, say
+    moved = shutil.copytree(smear_images, tmp_path / "moved")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeSettingsWarning)  # the same images elsewhere: silent
+        fit(load_config("tiny", TINY), moved, tmp_path / "run", max_steps=2)
+    with pytest.warns(ResumeSettingsWarning, match=r"on other images than it trained on \(16 images \(\w{8}\) then, "
+                                                   r"15 images \(\w{8}\) now\): the data order from here on"):
+        fit(load_config("tiny", TINY), fewer, tmp_path / "run", max_steps=3)
+
+
+@pytest.mark.parametrize(("weights", "says"), [
+    (lambda path: None, "there is no such file"),
+    (lambda path: path.write_bytes(b"not weights"), r"Cannot read weights from .* \(damaged or not a weights file\): "
+                                                    r"not tensors alone \(Unsupported operand"),
+    (lambda path: torch.save(build_student(load_config("tiny", ["model.depth=3"])).backbone.vit.state_dict(), path),
+     r"do not fit a ViT of 2 blocks, width 384, patch 14: unexpected keys \(14\): blocks.2."),
+])
+def test_pretrained_weights_that_cannot_be_used_are_a_clear_error(smear_images, tmp_path, weights, says):
+    weights(tmp_path / "weights.pth")
+    with pytest.raises(CheckpointError, match=rf"^model.pretrained.*{says}"):
+        fit(load_config("tiny", [f"model.pretrained={tmp_path / 'weights.pth'}"]), smear_images, tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_a_resume_needs_no_pretrained_weights_file_any_more(smear_images, tmp_path):
+    # The file may be gone by then (a scratch disk purged): the checkpoint holds the weights.
+    torch.save(build_student(load_config("tiny")).backbone.vit.state_dict(), tmp_path / "start.pth")
+    cfg = load_config("tiny", [*TINY, f"model.pretrained={tmp_path / 'start.pth'}"])
+    fit(cfg, smear_images, tmp_path / "run", max_steps=1)
+    (tmp_path / "start.pth").unlink()
+    assert fit(cfg, smear_images, tmp_path / "run", max_steps=2).iterations_done == 2
+
+
+def test_a_second_signal_is_python_s_own_for_a_step_that_hangs():
+    with _stop_requests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.wait(5)  # the first asks for a checkpoint after the step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the step that hangs: the second signal ends it at once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_collapse_warns_once_the_streak_lasts(smear_images, tmp_path):
