@@ -295,7 +295,7 @@ def test_export_draws_each_smear_s_classes_beside_the_table(viewer, qtbot, tiny_
     answer = QMessageBox.StandardButton.Yes
     viewer.layers.remove(smear)
     assert widget.export_csv(csv) == csv
-    assert widget.status.value.endswith("; no picture of '1' (its image is closed), 'image-1' (none of its whole "
+    assert widget.status.value.endswith("; no picture of '1' (its image is not open), 'image-1' (none of its whole "
                                         "cells has a class yet); removed the earlier export's 1 picture.")
     assert not (tmp_path / "cells_galleries").exists()
 

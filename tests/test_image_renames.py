@@ -5,6 +5,7 @@ from napari.components import ViewerModel
 
 from napari_reddino.widgets.image_renames import follow_image_renames
 from napari_reddino.widgets.smear_colours import MARK
+from napari_reddino.widgets.smear_links import SOURCE_LAYER
 
 
 def test_a_renamed_image_is_followed_by_its_cells_and_colours_and_no_other_layer():
@@ -30,3 +31,21 @@ def test_a_renamed_image_is_followed_by_its_cells_and_colours_and_no_other_layer
     cells.metadata = {"source_image": "scan3"}
     late.name = "P-043"
     assert cells.metadata == {"source_image": "P-043"}
+
+
+def test_the_cells_of_a_closed_image_stay_when_another_of_its_name_is_renamed():
+    # Two cameras both write "Image001": the first one's cells keep naming it, so that its file,
+    # opened again, is their smear; renaming the second camera's image leaves them be.
+    viewer = ViewerModel()
+    follow_image_renames(viewer)
+    first = viewer.add_image(np.zeros((8, 8)), name="Image001")
+    cells = viewer.add_labels(np.zeros((8, 8), np.int32), name="Image001 cells",
+                              metadata={"source_image": "Image001", SOURCE_LAYER: str(first.unique_id)})
+    viewer.layers.remove(first)
+    second = viewer.add_image(np.ones((8, 8)), name="Image001")
+    second.name = "camera B"
+    assert cells.metadata["source_image"] == "Image001"
+    first.name = "camera A"  # its own image, renamed (opened again, say): followed
+    viewer.layers.append(first)
+    first.name = "camera A2"
+    assert cells.metadata["source_image"] == "camera A2"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from magicgui.widgets import Container
 
-from napari_reddino.widgets.job_widget import JobWidget, job_worker
+from napari_reddino.widgets.job_widget import WAITING, JobWidget, job_worker
 
 
 @job_worker
@@ -102,10 +102,15 @@ def test_a_run_waits_for_the_step_a_closed_panel_s_run_is_in(make_napari_viewer,
     viewer.window.add_dock_widget(second)
     second.run()
     qtbot.wait(300)
-    assert log == ["long step started"] and second.status.value.endswith("(waiting for the run of a closed panel to stop)")
+    assert log == ["long step started"] and second.status.value.endswith(WAITING)
+    with qtbot.waitSignal(second.finished, timeout=10_000):  # a waiting run cancels at once
+        second.cancel()
+    assert log == ["long step started"] and second._run_button.enabled
+    second.run()
     with qtbot.waitSignal(second.finished, timeout=10_000):
         release.set()
     assert log == ["long step started", "long step ended", "second run started"]
+    assert not second.status.value.endswith(WAITING)
     assert second._run_button.enabled  # and a third run starts at once
     with qtbot.waitSignal(second.finished, timeout=10_000):
         second.run()

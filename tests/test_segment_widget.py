@@ -172,6 +172,10 @@ def test_blank_image_gives_a_notice_and_no_layer(viewer, widget, qtbot):
     notice = "No cells found in 'blank': is it a blood smear? Try setting the cell diameter."
     assert widget.status.value == notice
     assert notification_manager.records[-1].message == notice
+    # Smaller than the diameter it gives when nothing stands out: not a diameter the user typed.
+    viewer.add_image(np.full((24, 24, 3), 230, np.uint8), rgb=True, name="tiny blank")
+    run(widget, qtbot)
+    assert widget.status.value == "No cells found in 'tiny blank': is it a blood smear? Try setting the cell diameter."
 
 
 BAD_LAYERS = {

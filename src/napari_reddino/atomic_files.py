@@ -29,7 +29,7 @@ class PartlyWrittenError(OSError):
         super().__init__(f"{names} {'was' if len(written) == 1 else 'were'} written, but {failed.name} could not "
                          f"be replaced ({error.strerror or error}); {kept} {'is' if len(unchanged) == 1 else 'are'} "
                          "as before")
-        self.written, self.failed, self.unchanged = written, failed, unchanged
+        self.written, self.failed, self.error, self.unchanged = written, failed, error, unchanged
 
 
 class NotReplacedError(OSError):

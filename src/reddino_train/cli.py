@@ -63,9 +63,12 @@ def _fit_command(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():  # restores Python's own display afterwards
             warnings.showwarning = functools.partial(_warning_line, warnings.showwarning)
             result = fit(cfg, args.data_dir, args.out, max_steps=args.max_steps)
-    except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError,
-            RunFolderError) as error:  # raised alike on every rank: said once
-        _say(f"reddino-train fit: {error}", file=sys.stderr)
+    except (ConfigError, EmptyDatasetError, TrainingDivergedError, RanksDisagreeError, RunFolderError) as error:
+        _say(f"reddino-train fit: {error}", file=sys.stderr)  # raised alike on every rank: said once
+        return 2
+    except CheckpointError as error:  # a file read by each rank: one may fail alone (a node without it)
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"reddino-train fit: {rank}{error}", file=sys.stderr)
         return 2
     if result.stopped_by_signal:  # not finished: a script or scheduler must see that
         own_settings = shlex.join(["reddino-train", "fit", str(Path(args.out) / "config.yaml"), args.data_dir,
@@ -74,10 +77,10 @@ def _fit_command(args: argparse.Namespace) -> int:
              f"the same command resumes it; so does {own_settings}, with the run's own settings", file=sys.stderr)
         return 130
     if result.iterations_this_run == 0:  # a finished run started again (a scheduler's requeue, a reused --out)
-        further = "optim.epochs or --max-steps" if args.max_steps else "optim.epochs"
-        _say(f"reddino-train fit: {args.out} holds a run already at iteration {result.iterations_done}, where this "
-             f"one was to end: nothing to do. To train it further, raise {further}; to start afresh, give another "
-             "--out")
+        limit, raise_it = (f"--max-steps {args.max_steps}", "--max-steps") \
+            if args.max_steps and result.iterations_done >= args.max_steps else ("the end of its schedule", "optim.epochs")
+        _say(f"reddino-train fit: {args.out} holds a run already at iteration {result.iterations_done}, {limit}: "
+             f"nothing to do. To train it further, raise {raise_it}; to start afresh, give another --out")
         return 0
     _say(f"reddino-train fit: {counted(result.iterations_done, 'iteration')} done; checkpoint in {args.out}")
     return 0

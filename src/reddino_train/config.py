@@ -106,7 +106,7 @@ class OptimConfig:
     warmup_epochs: float
     weight_decay: float
     weight_decay_end: float
-    clip_grad: float
+    clip_grad: float  # per part (backbone, each head); 0 or less: no clipping
     freeze_last_layer_epochs: float
     layerwise_decay: float
     patch_embed_lr_mult: float
@@ -167,12 +167,13 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={getattr(self.train, key)} must be at least 1")
         if self.optim.epochs < 1:
             raise ConfigError(f"optim.epochs={self.optim.epochs} must be at least 1")
-        for key, value in (("train.seed", self.train.seed), ("train.num_workers", self.train.num_workers),
-                           ("optim.clip_grad", self.optim.clip_grad)):
+        for key, value in (("train.seed", self.train.seed), ("train.num_workers", self.train.num_workers)):
             if value < 0:
-                raise ConfigError(f"{key}={value} must be 0 or more" + " (0: no clipping)" * (key == "optim.clip_grad"))
-        for key, value in (("loss.student_temp", self.loss.student_temp), ("teacher.temp", self.teacher.temp),
-                           ("teacher.warmup_temp", self.teacher.warmup_temp)):
+                raise ConfigError(f"{key}={value} must be 0 or more")
+        temperatures = [("loss.student_temp", self.loss.student_temp), ("teacher.temp", self.teacher.temp)]
+        if self.teacher.warmup_temp_epochs > 0:  # else never used
+            temperatures.append(("teacher.warmup_temp", self.teacher.warmup_temp))
+        for key, value in temperatures:
             if not value > 0:  # the softmax divides by it
                 raise ConfigError(f"{key}={value} must be above 0")
         crops = self.crops

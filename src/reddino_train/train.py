@@ -7,7 +7,6 @@ import hashlib
 import os
 import random
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from napari_reddino.atomic_files import PartlyWrittenError
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -309,6 +309,10 @@ class Trainer:
         if self.rank == 0:
             try:
                 self._write_checkpoint(models, rng_states)
+            except PartlyWrittenError as error:  # the checkpoint is in place; config.yaml is tried again next time
+                warnings.warn(f"the checkpoint of step {self.iteration} is saved, but {error.failed.name} could not be "
+                              f"replaced ({error.error.strerror or error.error}); it is written again with the next "
+                              "checkpoint", RuntimeWarning, stacklevel=2)
             except OSError as error:  # a full disk, a folder gone: said on every rank, not rank 0 alone
                 kept = (f"the checkpoint of step {self.checkpoint_step} is kept" if self.checkpoint_step is not None
                         else "no checkpoint was saved yet")
@@ -440,27 +444,26 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 @contextlib.contextmanager
 def _stop_requests() -> Iterator[threading.Event]:
-    """An event set by SIGTERM or SIGINT while training (main thread only). The first signal asks
-    for a checkpoint after the current step; a second one gets Python's own handling (Ctrl-C
-    raises KeyboardInterrupt there and then), for a step that hangs."""
+    """An event set by SIGTERM or SIGINT while training (main thread only): a checkpoint after
+    the current step. A second Ctrl-C raises KeyboardInterrupt there and then, for a step that
+    hangs; SIGTERM never does, as a scheduler's preemption and torchrun's agent each send one."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def request_stop(signum, _frame) -> None:
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt
+        if not stop.is_set() and rank() == 0:  # os.write: the signal may land inside a write to stderr
+            again = "; Ctrl-C again stops at once, without one" if signum == signal.SIGINT else ""
+            os.write(2, f"reddino-train: {signal.Signals(signum).name}: stopping after this step with a "
+                        f"checkpoint{again}\n".encode())
         stop.set()
-        restore()
-        if rank() == 0:
-            tqdm.write(f"reddino-train: {signal.Signals(signum).name}: stopping after this step with a checkpoint; "
-                       "a second signal stops at once, without one", file=sys.stderr)
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop
     finally:
-        restore()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

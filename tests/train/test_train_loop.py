@@ -256,6 +256,28 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_saying_which_is_kept(
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
 
 
+def test_a_config_yaml_that_cannot_be_replaced_is_written_with_the_next_checkpoint(smear_images, tmp_path, monkeypatch):
+    fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
+    changed = load_config("tiny", [*TINY, "optim.base_lr=1e-3"])
+    replace = os.replace
+
+    def held_open(source, target):  # config.yaml open in an editor on Windows, say
+        if str(target).endswith("config.yaml"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        replace(source, target)
+
+    monkeypatch.setattr("napari_reddino.atomic_files.os.replace", held_open)
+    with pytest.warns(RuntimeWarning, match=r"the checkpoint of step 2 is saved, but config.yaml could not be replaced "
+                                            r"\(Permission denied\); it is written again with the next checkpoint"):
+        with pytest.warns(ResumeSettingsWarning):
+            fit(changed, smear_images, tmp_path, max_steps=2)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] == 2
+    assert load_config(tmp_path / "config.yaml") == load_config("tiny", TINY)
+    monkeypatch.setattr("napari_reddino.atomic_files.os.replace", replace)
+    fit(changed, smear_images, tmp_path, max_steps=3)
+    assert load_config(tmp_path / "config.yaml") == changed
+
+
 def test_a_folder_another_run_holds_is_refused_untouched_until_that_run_ends(smear_images, tmp_path, capsys):
     cfg = load_config("tiny", TINY)
     fit(cfg, smear_images, tmp_path, max_steps=1)
@@ -387,14 +409,22 @@ def test_a_resume_needs_no_pretrained_weights_file_any_more(smear_images, tmp_pa
     assert fit(cfg, smear_images, tmp_path / "run", max_steps=2).iterations_done == 2
 
 
-def test_a_second_signal_is_python_s_own_for_a_step_that_hangs():
+def test_a_second_ctrl_c_stops_a_step_that_hangs_and_a_second_sigterm_does_not(capfd):
+    with _stop_requests() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5)  # a checkpoint after the step
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's agent passes the scheduler's on: the same request
+        time.sleep(0.1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert capfd.readouterr().err == "reddino-train: SIGTERM: stopping after this step with a checkpoint\n"
     with _stop_requests() as stop:
         os.kill(os.getpid(), signal.SIGINT)
-        assert stop.wait(5)  # the first asks for a checkpoint after the step
+        assert stop.wait(5)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)  # the step that hangs: the second signal ends it at once
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            time.sleep(5)  # the step that hangs: the second Ctrl-C ends it at once
+    assert capfd.readouterr().err == ("reddino-train: SIGINT: stopping after this step with a checkpoint; Ctrl-C "
+                                      "again stops at once, without one\n")
 
 
 def test_collapse_warns_once_the_streak_lasts(smear_images, tmp_path):

@@ -149,7 +149,7 @@ def test_the_cli_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(smear_images
     process.send_signal(signal.SIGINT)
     _, errors = process.communicate(timeout=60)
     assert process.returncode == 130, errors
-    assert "SIGINT: stopping after this step with a checkpoint; a second signal stops at once, without one" in errors
+    assert "SIGINT: stopping after this step with a checkpoint; Ctrl-C again stops at once, without one" in errors
     assert f"checkpoint in {tmp_path}; the same command resumes it; so does reddino-train fit " \
            f"{tmp_path}/config.yaml {smear_images} --out {tmp_path} --max-steps 5000, with the run's own settings" \
            in errors

@@ -11,6 +11,8 @@ import weakref
 
 from napari.layers import Image
 
+from .smear_links import SOURCE_LAYER
+
 _FOLLOWED: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()  # by id: viewers equal by value
 
 
@@ -31,6 +33,8 @@ def follow_image_renames(viewer) -> None:
         image = event.source
         old, names[image] = names.get(image), image.name
         for layer in layers() or ():
+            if layer.metadata.get(SOURCE_LAYER, str(image.unique_id)) != str(image.unique_id):
+                continue  # the cells of another image once open under that name (a second camera's file)
             moved = {key: image.name for key in links if old is not None and layer.metadata.get(key) == old}
             if moved and layer is not image:
                 layer.metadata = {**layer.metadata, **moved}

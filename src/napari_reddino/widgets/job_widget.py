@@ -20,6 +20,7 @@ from .image_renames import follow_image_renames
 # midway); a run started meanwhile waits for them rather than halve their speed and its own.
 _finishing: set = set()
 _waiting: list = []
+WAITING = " (waiting for the run of a closed panel to stop)"
 
 
 def smear_pixels(layer: Image) -> np.ndarray:
@@ -107,6 +108,8 @@ class JobWidget(QWidget):
             worker = self._worker
             _finishing.add(worker)
             worker.finished.connect(lambda: _start_waiting(worker))
+            if not worker.is_running:  # it ended just now, its finished signal on the way before this connection
+                _start_waiting(worker)
         self.cancel()
         self._viewer.layers.selection.events.active.disconnect(self._follow_active_image)  # if connected
 
@@ -134,6 +137,9 @@ class JobWidget(QWidget):
         """Stop at the worker's next step; what is already in the viewer stays as it was."""
         if self._worker is not None:
             self._worker.quit()
+            if self._worker in _waiting:  # started now, it sees the request at once and ends
+                _waiting.remove(self._worker)
+                self._worker.start()
             self._cancel_button.enabled = False
             self.status.value = "Cancelling…"
 
@@ -179,9 +185,14 @@ class JobWidget(QWidget):
         )
         if _finishing:
             _waiting.append(self._worker)
-            self.status.value += " (waiting for the run of a closed panel to stop)"
+            self.status.value += WAITING
+            self._worker.started.connect(self._wait_over)
         else:
             self._worker.start()
+
+    def _wait_over(self) -> None:
+        if self.status.value.endswith(WAITING):
+            self.status.value = self.status.value.removesuffix(WAITING)
 
     def _count(self, done: int, total: int, description: str) -> None:
         if self._progress is None:

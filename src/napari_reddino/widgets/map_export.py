@@ -114,7 +114,7 @@ class MapExport:
             smear = smear_under(self._viewer, cells)
             name = smear_name if smears.count(smear_name) == 1 else cells.name  # mapped twice: a picture each
             if smear is None:
-                missed.append(f"{name!r} (its image is closed)")
+                missed.append(f"{name!r} (its image is not open)")
                 continue
             path = files.path(name)
             try:

@@ -53,7 +53,8 @@ def _segment_and_measure(pixels: np.ndarray, cell_diameter: float | None, pixel_
         sizing, cell_diameter = {"pixel_size_um": pixel_size_um}, RBC_DIAMETER_UM / pixel_size_um
     else:
         cell_diameter = estimate_cell_diameter(pixels)  # estimated once, and recorded
-        sizing = {"cell_diameter": cell_diameter}
+        # ... unless larger than a tiny image, where estimating again costs nothing and is not a typed size
+        sizing = {"cell_diameter": cell_diameter} if cell_diameter <= max(pixels.shape[:2]) else {}
     labels = yield from iter_segment_cells(pixels, **sizing)
     return labels, measure_cells(labels, pixels, pixel_size_um=pixel_size_um), cell_diameter, image_digest(pixels)
 
