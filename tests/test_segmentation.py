@@ -346,6 +346,32 @@ def test_uniform_and_blank_images_give_no_cells():
         assert labels.shape == blank.shape[:2] and labels.max() == 0
 
 
+def test_a_blank_field_with_camera_noise_gives_no_cells():
+    # Bare slide under a camera, evenly lit: its grain once gave about 300 "cells".
+    rng = np.random.default_rng(0)
+    for light, grain in ((230, 1.0), (230, 2.0), (180, 5.0), (60, 3.0)):
+        field = np.clip(np.round(light + rng.normal(0, grain, (480, 640)))[..., None].repeat(3, -1), 0, 255)
+        assert segment_cells(field.astype(np.uint8)).max() == 0
+    assert segment_cells(rng.normal(0.8, 0.01, (480, 640))).max() == 0  # a float gray field
+    image, _ = chula(1)  # the same grain over a smear leaves its cells
+    grainy = np.clip(image + rng.normal(0, 5.0, image.shape), 0, 255).astype(np.uint8)
+    assert abs(int(segment_cells(grainy).max()) - int(segment_cells(image).max())) <= 5
+
+
+def test_a_smear_whose_centre_is_bare_slide_is_calibrated_where_its_cells_are():
+    # A slide scan with a gap in its middle: calibrated on the centre, its noise once gave 2,705
+    # "cells" around the 123 of the smear.
+    image, _ = chula(1)
+    rng = np.random.default_rng(0)
+    slide = np.median(image.reshape(-1, 3), axis=0)
+    scan = np.clip(slide + rng.normal(0, 2.0, (1600, 3200, 3)), 0, 255).astype(np.uint8)
+    scan[100:580, 100:740] = image
+    labels = segment_cells(scan)
+    alone = segment_cells(image)
+    assert abs(int(labels.max()) - int(alone.max())) <= 5 and not labels[600:, 800:].any()
+    assert estimate_cell_diameter(scan) == pytest.approx(estimate_cell_diameter(image), rel=0.1)
+
+
 @pytest.mark.parametrize(
     ("bad", "words"),
     [

@@ -25,6 +25,10 @@ WORKING_DIAMETER_PX = 30.0
 SMOOTHING_SIGMA = 1.0
 CONTRAST_FRACTION = 0.3  # threshold at least this far from background towards cell level
 NOISE_SIGMAS = 3.0  # ... and this many background standard deviations above background
+# Least optical density between cells and bare slide for anything to count as cells: stained red
+# cells show 0.037 and more (all 559 Chula and Aslan smears), a blank field's camera grain 0.001-0.01
+# (benchmarks/blank_fields.py).
+MIN_CELL_CONTRAST = 0.015
 FAINT_LEVEL = 0.5  # a faint outline: this far from background towards the cell threshold
 MAX_PALLOR_AREA = 0.6  # holes up to this fraction of a cell are its pale centre
 MIN_PALLOR_AREA = 0.02  # ... and, inside a faint outline, at least this fraction
@@ -101,15 +105,31 @@ class Thresholds(NamedTuple):
 
 
 def foreground_thresholds(smoothed: np.ndarray) -> Thresholds | None:
-    """Where cells begin in smoothed density; None when the image holds no contrast at all."""
-    if float(smoothed.max()) - float(smoothed.min()) < 1e-4:
+    """Where cells begin in smoothed density; None when nothing stands out from the slide as
+    much as a stained cell does (a blank field, whose noise would otherwise be split into cells)."""
+    split = _otsu_split(smoothed)
+    if split is None or split[2] - split[1] < MIN_CELL_CONTRAST:
         return None
-    otsu = otsu_threshold(smoothed)
-    background, cells = smoothed[smoothed <= otsu], smoothed[smoothed > otsu]
-    low, high = float(background.mean()), float(cells.mean())
+    otsu, low, high = split
+    background = smoothed[smoothed <= otsu]
     noise_floor = min(low + NOISE_SIGMAS * float(background.std()), otsu)
     cell = max(low + CONTRAST_FRACTION * (high - low), noise_floor)
     return Thresholds(cell, low + FAINT_LEVEL * (cell - low), low)
+
+
+def cell_contrast(smoothed: np.ndarray) -> float:
+    """How far the denser of the two levels Otsu splits smoothed density into lies above the
+    other (0 for a flat image): the optical density of the cells over the slide."""
+    split = _otsu_split(smoothed)
+    return 0.0 if split is None else split[2] - split[1]
+
+
+def _otsu_split(smoothed: np.ndarray) -> tuple[float, float, float] | None:
+    """Otsu's threshold and the mean densities below and above it; None for a flat image."""
+    if float(smoothed.max()) - float(smoothed.min()) < 1e-4:
+        return None
+    otsu = otsu_threshold(smoothed)
+    return otsu, float(smoothed[smoothed <= otsu].mean()), float(smoothed[smoothed > otsu].mean())
 
 
 def distance_to_background(mask: np.ndarray) -> np.ndarray:

@@ -19,8 +19,10 @@ from scipy import ndimage as ndi
 
 from .cell_lookup import cell_centres
 from .cell_separation import (
+    MIN_CELL_CONTRAST,
     WORKING_DIAMETER_PX,
     Thresholds,
+    cell_contrast,
     drop_nuclei,
     fill_enclosed_gaps,
     flatten_background,
@@ -108,8 +110,7 @@ def estimate_cell_diameter(image) -> float:
     Pass the result on as ``cell_diameter`` to record it and not estimate twice.
     """
     array = check_smear(image)
-    window = array[_central_window(array.shape[0]), _central_window(array.shape[1])]
-    return _estimate_diameter(fit_stain_model(array).density(window))
+    return _estimate_diameter(_calibration_density(array, fit_stain_model(array)))
 
 
 def _calibrate(
@@ -137,9 +138,8 @@ def _calibrate(
             "cell is about 7.5 µm across)."
         )
     stain = fit_stain_model(array)
-    window = array[_central_window(array.shape[0]), _central_window(array.shape[1])]
-    whole = window.shape[:2] == array.shape[:2]
-    density = stain.density(window)
+    density = _calibration_density(array, stain)
+    whole = density.shape == array.shape[:2]
     if cell_diameter is None:
         cell_diameter = _estimate_diameter(density)
     scale = min(1.0, WORKING_DIAMETER_PX / cell_diameter)
@@ -148,17 +148,41 @@ def _calibrate(
     return calibration, smoothed if whole else None
 
 
+def _calibration_density(array: np.ndarray, stain: StainModel) -> np.ndarray:
+    """Density of the window a smear is calibrated on: the central one, or where that holds no
+    cell (bare slide: a gap in a slide scan), the window of a 3x3 grid that shows the most."""
+    density = stain.density(array[_central_window(array.shape[0]), _central_window(array.shape[1])])
+    if density.shape == array.shape[:2] or cell_contrast(_half_resolution(density)) >= MIN_CELL_CONTRAST:
+        return density
+    windows = [(rows, cols) for rows in _grid_windows(array.shape[0]) for cols in _grid_windows(array.shape[1])]
+    return max((stain.density(array[rows, cols]) for rows, cols in windows),
+               key=lambda window: cell_contrast(_half_resolution(window)))
+
+
+def _grid_windows(length: int) -> list[slice]:
+    """Calibration windows centred at 1/6, 3/6 and 5/6 of ``length`` (one where it is shorter)."""
+    starts = {min(max(0, round(length * sixths / 6) - CALIBRATION_SIZE // 2), max(0, length - CALIBRATION_SIZE))
+              for sixths in (1, 3, 5)}
+    return [slice(start, start + CALIBRATION_SIZE) for start in sorted(starts)]
+
+
 def _estimate_diameter(density: np.ndarray) -> float:
-    """Cell diameter from the foreground at half resolution (2x2 means): 4x less work."""
-    height, width = (density.shape[0] // 2) * 2, (density.shape[1] // 2) * 2
-    if min(height, width) < 2:
+    """Cell diameter from the foreground of the density at :func:`_half_resolution`."""
+    if min(density.shape) < 2:
         return WORKING_DIAMETER_PX
-    half = 0.25 * sum(density[i:height:2, j:width:2] for i in (0, 1) for j in (0, 1))
-    smoothed = ndi.gaussian_filter(half, 1.0)
+    smoothed = _half_resolution(density)
     thresholds = foreground_thresholds(smoothed)
     if thresholds is None:
         return WORKING_DIAMETER_PX
     return 2 * diameter_from_foreground(smoothed > thresholds.cell)
+
+
+def _half_resolution(density: np.ndarray) -> np.ndarray:
+    """Density in 2x2 means, smoothed a little: enough to size and find cells, 4x less work."""
+    height, width = (density.shape[0] // 2) * 2, (density.shape[1] // 2) * 2
+    if min(height, width) < 2:
+        return ndi.gaussian_filter(density, 1.0)
+    return ndi.gaussian_filter(0.25 * sum(density[i:height:2, j:width:2] for i in (0, 1) for j in (0, 1)), 1.0)
 
 
 def _central_window(length: int) -> slice:
