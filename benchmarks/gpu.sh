@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs an NVIDIA GPU, in one call of a lent GPU machine (at most 9 minutes):
 # the CUDA tests, embedding cells/s for ViT-S/B/L against the model card loop, and
-# pretraining steps/s and model FLOP utilisation for ViT-S and ViT-L.
+# pretraining steps/s and model FLOP utilisation for ViT-S and ViT-L (and ViT-L's memory with
+# activation checkpointing).
 #
 #     bash benchmarks/gpu.sh --fetch-wheels   # first, here: wheels of what that machine lacks, in .whl/
 #     bash benchmarks/gpu.sh                  # there, with .whl carried; logs in $OUT or /tmp/gpu-checks
@@ -52,3 +53,5 @@ step embedding 240 python3 benchmarks/embedding.py --device cuda --sizes small b
     --cells 4000 --chunk 0 --card-cells 256 --smears 'tests/data/chula_rbc12/*.jpg'
 step training_vits14 80 python3 benchmarks/training.py --device cuda --model vits14 --json "$out/training_vits14.json"
 step training_vitl14 80 python3 benchmarks/training.py --device cuda --model vitl14 --json "$out/training_vitl14.json"
+step training_vitl14_checkpointed 60 python3 benchmarks/training.py --device cuda --model vitl14 --steps 8 --warmup 2 \
+    --json "$out/training_vitl14_checkpointed.json" train.activation_checkpointing=true

@@ -183,6 +183,7 @@ def run_step_benchmark(args: argparse.Namespace) -> dict:
         "model": args.model, "recipe": recipe, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "precision": "bf16" if trainer.bf16 else "fp32", "batch_per_gpu": per_gpu,  # what "auto" became
+        "activation_checkpointing": "on" if cfg.train.activation_checkpointing else "off",
         "global_size": cfg.crops.global_size, "local_crops": f"{cfg.crops.local_number} x {cfg.crops.local_size}",
         "prototypes": cfg.heads.dino.n_prototypes, "steps": args.steps,
         "seconds_per_step": seconds, "steps_per_s": 1 / seconds, "images_per_s_per_gpu": per_gpu / seconds,
@@ -195,12 +196,14 @@ def run_step_benchmark(args: argparse.Namespace) -> dict:
 
 def step_table(row: dict) -> str:
     mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+    memory = "-" if row["max_memory_gib"] is None else f"{row['max_memory_gib']:.1f}"
     return "\n".join([
-        "| model | device | precision | batch/GPU | steps/s | images/s/GPU | GFLOP/step | TFLOP/s | MFU |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
-        (f"| {row['model']} | {row['device_name']} | {row['precision']} | {row['batch_per_gpu']} | "
-        f"{row['steps_per_s']:.3f} | {row['images_per_s_per_gpu']:.1f} | {1000 * row['tflop_per_step']:.1f} | "
-        f"{row['achieved_tflops']:.3g} | {mfu} |"),
+        "| model | device | precision | activation checkpointing | batch/GPU | steps/s | images/s/GPU | GFLOP/step "
+        "| TFLOP/s | MFU | peak GiB |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        (f"| {row['model']} | {row['device_name']} | {row['precision']} | {row['activation_checkpointing']} | "
+         f"{row['batch_per_gpu']} | {row['steps_per_s']:.3f} | {row['images_per_s_per_gpu']:.1f} | "
+         f"{1000 * row['tflop_per_step']:.1f} | {row['achieved_tflops']:.3g} | {mfu} | {memory} |"),
     ])
 
 

@@ -135,6 +135,7 @@ class LoopConfig:
     log_every: int  # iterations between rows of log.csv
     checkpoint_every: int  # iterations between periodic checkpoints
     parallel: Parallel  # under torchrun: replicate (ddp) or shard (fsdp, FSDP2) the models
+    activation_checkpointing: bool  # the student's blocks recompute their activations in the backward pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +229,8 @@ def _with_keys_added_later(data: Mapping[str, Any]) -> Mapping[str, Any]:
         }
     if isinstance(model, Mapping) and "drop_path_uniform" not in model:
         data["model"] = {"drop_path_uniform": False, **model}  # timm's ramp was all there was
+    if isinstance(data.get("train"), Mapping) and "activation_checkpointing" not in data["train"]:
+        data["train"] = {**data["train"], "activation_checkpointing": False}
     return data
 
 

@@ -13,6 +13,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from napari_reddino.models import CheckpointError as WeightsFileError
 from napari_reddino.models import load_strict, read_weights
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import CheckpointError
 from .config import ModelConfig, TrainConfig
@@ -73,12 +74,18 @@ def described(vit: nn.Module) -> str:
 
 
 class MaskableViT(nn.Module):
-    """A timm ViT whose masked patch embeddings are replaced by a learned mask token (iBOT)."""
+    """A timm ViT whose masked patch embeddings are replaced by a learned mask token (iBOT).
 
-    def __init__(self, vit: nn.Module) -> None:
+    With ``checkpointing``, each block keeps only its input for the backward pass and computes
+    the rest again there: activation memory falls from one per block to one, for a second
+    forward pass of the blocks (the dropped paths replay, as torch's checkpoint restores the RNG).
+    """
+
+    def __init__(self, vit: nn.Module, *, checkpointing: bool = False) -> None:
         super().__init__()
         self.vit = vit
         self.mask_token = nn.Parameter(torch.zeros(vit.embed_dim))
+        self.checkpointing = checkpointing
 
     @property
     def n_prefix_tokens(self) -> int:
@@ -94,7 +101,12 @@ class MaskableViT(nn.Module):
         if masks is not None:
             x = torch.where(masks.view(x.shape[:-1]).unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
-        return vit.norm(vit.blocks(x))
+        if self.checkpointing and torch.is_grad_enabled():  # the teacher's passes keep no activations anyway
+            for block in vit.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = vit.blocks(x)
+        return vit.norm(x)
 
 
 @dataclass
@@ -147,7 +159,8 @@ def _head(cfg: TrainConfig, which: str, in_dim: int) -> DinoHead:
 def build_student(cfg: TrainConfig, *, with_weights: bool = True) -> DinoModel:
     """The student, with ``model.pretrained``'s weights unless ``with_weights`` is false (a
     resume, whose checkpoint has them: the file may be gone by then)."""
-    backbone = MaskableViT(create_vit(cfg, with_weights=with_weights))
+    backbone = MaskableViT(create_vit(cfg, with_weights=with_weights),
+                           checkpointing=cfg.train.activation_checkpointing)
     if with_weights and cfg.model.pretrained not in ("", "timm"):
         mask_token = load_vit_weights(backbone.vit, cfg.model.pretrained)
         if mask_token is not None:  # Meta's (1, dim): continued training keeps it, as RedDino's did

@@ -123,6 +123,29 @@ def test_meta_s_layout_of_a_model_with_registers_is_converted_to_timm_s(tmp_path
     assert torch.equal(loaded.backbone.mask_token, meta_layout["mask_token"][0])
 
 
+def test_activation_checkpointing_keeps_a_fraction_for_the_backward_pass_and_gives_the_same_gradients():
+    images = torch.randn(8, 3, 56, 56)
+    kept, gradients = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        student = build_student(load_config("tiny", ["model.depth=4", "model.drop_path_rate=0.3",
+                                                     f"train.activation_checkpointing={str(checkpointing).lower()}"]))
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            tokens = student.backbone(images)
+        kept[checkpointing] = sum(sizes)
+        tokens.square().mean().backward()
+        gradients[checkpointing] = {name: p.grad for name, p in student.backbone.named_parameters() if p.grad is not None}
+    assert kept[True] < 0.2 * kept[False]
+    saved = config_to_dict(load_config("tiny"))
+    del saved["train"]["activation_checkpointing"]  # a run saved before the key existed kept every activation
+    assert config_from_dict(saved).train.activation_checkpointing is False
+    assert gradients[True].keys() == gradients[False].keys()
+    for name, gradient in gradients[False].items():
+        torch.testing.assert_close(gradients[True][name], gradient, rtol=1e-5, atol=1e-7)
+
+
 def test_stochastic_depth_drops_at_the_same_rate_in_every_block_as_dinov2_does():
     uniform = create_vit(load_config("tiny", ["model.drop_path_rate=0.2", "model.depth=3"]))
     assert [(block.drop_path1.drop_prob, block.drop_path2.drop_prob) for block in uniform.blocks] == [(0.2, 0.2)] * 3

@@ -74,6 +74,21 @@ def test_resumed_run_repeats_the_uninterrupted_one_exactly(smear_images, tmp_pat
         assert torch.equal(tensor, resumed.teacher.state_dict()[name]), name
 
 
+def test_activation_checkpointing_trains_the_same_run(smear_images, tmp_path):
+    # Recomputed in the backward pass, the blocks give the same gradients; stochastic depth too,
+    # as the recomputation replays the random numbers the forward pass drew.
+    runs = {}
+    for checkpointing in ("false", "true"):
+        cfg = load_config("tiny", [*TINY, "model.drop_path_rate=0.2", f"train.activation_checkpointing={checkpointing}"])
+        runs[checkpointing] = fit(cfg, smear_images, tmp_path / checkpointing, max_steps=3)
+    assert runs["true"].student.backbone.checkpointing and not runs["false"].student.backbone.checkpointing
+    plain, checkpointed = (read_log(tmp_path / name / "log.csv") for name in ("false", "true"))
+    for before, after in zip(plain, checkpointed):
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-6)
+    for name, tensor in runs["false"].teacher.state_dict().items():
+        torch.testing.assert_close(runs["true"].teacher.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
 def test_resuming_with_other_settings_names_them(smear_images, tmp_path):
     fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
     with warnings.catch_warnings():
