@@ -134,6 +134,7 @@ class LoopConfig:
     precision: Precision  # bf16: forward passes under autocast; auto: bf16 where timed faster
     log_every: int  # iterations between rows of log.csv
     checkpoint_every: int  # iterations between periodic checkpoints
+    checkpoint_minutes: float  # also one when this long has passed since the last (0: steps alone decide)
     parallel: Parallel  # under torchrun: replicate (ddp) or shard (fsdp, FSDP2) the models
     activation_checkpointing: bool  # the student's blocks recompute their activations in the backward pass
 
@@ -168,7 +169,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={getattr(self.train, key)} must be at least 1")
         if self.optim.epochs < 1:
             raise ConfigError(f"optim.epochs={self.optim.epochs} must be at least 1")
-        for key, value in (("train.seed", self.train.seed), ("train.num_workers", self.train.num_workers)):
+        for key, value in (("train.seed", self.train.seed), ("train.num_workers", self.train.num_workers),
+                           ("train.checkpoint_minutes", self.train.checkpoint_minutes)):
             if value < 0:
                 raise ConfigError(f"{key}={value} must be 0 or more")
         temperatures = [("loss.student_temp", self.loss.student_temp), ("teacher.temp", self.teacher.temp)]
@@ -229,8 +231,8 @@ def _with_keys_added_later(data: Mapping[str, Any]) -> Mapping[str, Any]:
         }
     if isinstance(model, Mapping) and "drop_path_uniform" not in model:
         data["model"] = {"drop_path_uniform": False, **model}  # timm's ramp was all there was
-    if isinstance(data.get("train"), Mapping) and "activation_checkpointing" not in data["train"]:
-        data["train"] = {**data["train"], "activation_checkpointing": False}
+    if isinstance(data.get("train"), Mapping):
+        data["train"] = {"activation_checkpointing": False, "checkpoint_minutes": 0.0, **data["train"]}
     return data
 
 

@@ -189,11 +189,13 @@ class Trainer:
         collapse = CollapseDetector(self.cfg.heads.dino.n_prototypes)
         batches = self._batches()
         stopped, first = False, self.iteration
+        saved_at = time.monotonic()
         last_log = (self.iteration, time.perf_counter())
         with tqdm(total=end, initial=self.iteration, disable=self.rank != 0, desc="reddino-train") as bar:
             while self.iteration < end and not stopped:
                 values = self.schedules.at(self.iteration)
-                stats, stopped = self.step(next(batches), values, stop)
+                save_due = 0 < train.checkpoint_minutes * 60 <= time.monotonic() - saved_at
+                stats, stopped, save_due = self.step(next(batches), values, stop, save_due)
                 self.iteration += 1
                 self.samples_consumed += train.batch_size_per_gpu
                 bar.update()
@@ -206,15 +208,17 @@ class Trainer:
                     if self.rank == 0:  # global statistics: every rank would warn alike
                         collapse.update(self.iteration, stats["teacher_entropy"], stats["teacher_batch_entropy"])
                     last_log = (self.iteration, time.perf_counter())
-                if self.iteration % train.checkpoint_every == 0 or self.iteration == end or stopped:
+                if self.iteration % train.checkpoint_every == 0 or self.iteration == end or stopped or save_due:
                     self._save()
+                    saved_at = time.monotonic()
         if stopped and self.rank == 0:
             tqdm.write(f"reddino-train: stopped by signal after step {self.iteration}; checkpoint saved")
         return FitResult(self.iteration, stopped, self.iteration - first, self.student, self.teacher)
 
-    def step(self, batch: dict[str, torch.Tensor], values: ScheduleValues, stop: threading.Event):
-        """One optimisation step; returns the global-mean statistics and whether any rank
-        asked to stop."""
+    def step(self, batch: dict[str, torch.Tensor], values: ScheduleValues, stop: threading.Event,
+             save_due: bool = False) -> tuple[dict[str, float], bool, bool]:
+        """One optimisation step; returns the global-mean statistics, whether any rank asked to
+        stop, and whether any found a checkpoint due (``save_due``: ranks' clocks differ)."""
         cfg, device = self.cfg, self.device
         apply_schedule(self.optimizer, values.lr, values.weight_decay, values.last_layer_lr)
         global_crops = batch["global_crops"].to(device, non_blocking=True)
@@ -237,9 +241,10 @@ class Trainer:
             entropy(teacher_probs).mean(),
             entropy(teacher_probs.flatten(0, 1).mean(dim=0)),
             torch.tensor(float(stop.is_set()), device=device),
+            torch.tensor(float(save_due), device=device),
         ])
         all_reduce(reduced)
-        *means, stop_votes = (reduced / self.world_size).tolist()
+        *means, stop_votes, save_votes = (reduced / self.world_size).tolist()
         stats = dict(zip(STATS, means))
         for term in LOSS_TERMS:
             if not np.isfinite(stats[term]):
@@ -256,7 +261,7 @@ class Trainer:
         self.optimizer.step()
         update_teacher(self.teacher, self.student, values.teacher_momentum)
         stats["loss"] = sum(weights[name] * stats[name] for name in LOSS_TERMS)
-        return stats, stop_votes > 0
+        return stats, stop_votes > 0, save_votes > 0
 
     def _log_row(self, stats: dict[str, float], values: ScheduleValues, images_per_s: float) -> dict[str, float]:
         return {

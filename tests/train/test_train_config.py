@@ -129,6 +129,7 @@ def test_bad_values_are_errors():
     # run, or as "0 iterations done".
     for override, says in (("train.seed=-1", "train.seed=-1 must be 0 or more"),
                            ("train.num_workers=-2", "train.num_workers=-2 must be 0 or more"),
+                           ("train.checkpoint_minutes=-5", r"train.checkpoint_minutes=-5.0 must be 0 or more"),
                            ("optim.epochs=0", "optim.epochs=0 must be at least 1"),
                            ("teacher.temp=0", "teacher.temp=0.0 must be above 0"),
                            ("teacher.warmup_temp=-0.04", "teacher.warmup_temp=-0.04 must be above 0"),

@@ -89,6 +89,18 @@ def test_activation_checkpointing_trains_the_same_run(smear_images, tmp_path):
         torch.testing.assert_close(runs["true"].teacher.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("minutes", "saved_at"), [(0, [3]), (1e-7, [1, 2, 3])])
+def test_checkpoint_minutes_saves_when_that_long_has_passed_since_the_last(smear_images, tmp_path, monkeypatch,
+                                                                           minutes, saved_at):
+    # A cluster's time limit is in minutes, not steps. 1e-7 minutes (6 µs) pass in every step here.
+    saves = []
+    save = Trainer._save
+    monkeypatch.setattr(Trainer, "_save", lambda trainer: (saves.append(trainer.iteration), save(trainer)))
+    cfg = load_config("tiny", [*TINY, "train.checkpoint_every=1000", f"train.checkpoint_minutes={minutes}"])
+    fit(cfg, smear_images, tmp_path, max_steps=3)
+    assert saves == saved_at
+
+
 def test_resuming_with_other_settings_names_them(smear_images, tmp_path):
     fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
     with warnings.catch_warnings():
