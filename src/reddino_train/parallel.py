@@ -28,6 +28,8 @@ from .param_groups import GROUP_SETTINGS
 
 FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL = StateDictOptions(full_state_dict=True)
+FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+WEIGHTS = ("student", "teacher", "optimizer")  # the entries of a checkpoint only rank 0 reads
 
 
 def distribute(student: DinoModel, teacher: DinoModel, parallel: Parallel, device: torch.device) -> torch.nn.Module:
@@ -58,12 +60,15 @@ def full_state(student: DinoModel, teacher: DinoModel, optimizer: torch.optim.Op
 def load_full_state(
     student: DinoModel, teacher: DinoModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
-    """Load full state dicts (as ``full_state`` saved them) into replicated or sharded models."""
-    set_model_state_dict(student, state["student"], options=FULL)
-    set_model_state_dict(teacher, state["teacher"], options=FULL)
+    """Load full state dicts (as ``full_state`` saved them) into replicated or sharded models.
+    Under torchrun only rank 0 has them (the other ranks' are empty): it sends each tensor to
+    the others, who keep their shard."""
+    options = FULL if world_size() == 1 else FROM_RANK0
+    set_model_state_dict(student, state["student"], options=options)
+    set_model_state_dict(teacher, state["teacher"], options=options)
     # The saved param groups carry the multipliers and betas of the run that saved them; the
     # config's (layer-wise lr decay, patch-embedding lr, AdamW betas) apply from the resumed step on.
     settings = [{key: group[key] for key in (*GROUP_SETTINGS, "betas")} for group in optimizer.param_groups]
-    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=FULL)
+    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=options)
     for group, wanted in zip(optimizer.param_groups, settings, strict=True):
         group.update(wanted)

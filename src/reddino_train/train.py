@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .augment import make_multicrop
 from .checkpoint import (
     CHECKPOINT_NAME,
+    CheckpointError,
     architecture,
     load_checkpoint,
     rng_state,
@@ -50,7 +51,7 @@ from .losses import DinoClsLoss, IbotPatchLoss, koleo_loss
 from .masking import BlockMaskGenerator, sample_masks
 from .model import DinoModel, build_student, clip_gradients, make_teacher, update_teacher, use_explicit_attention
 from .monitor import LOG_NAME, CollapseDetector, CsvLog, entropy
-from .parallel import distribute, full_state, load_full_state
+from .parallel import WEIGHTS, distribute, full_state, load_full_state
 from .param_groups import apply_schedule, build_param_groups
 from .run_lock import RunFolderError, hold_run_folder
 from .schedules import ScheduleValues, build_schedules, scaled_lr
@@ -139,7 +140,7 @@ class Trainer:
             data, make_multicrop(cfg.crops))
         resuming = _same_on_every_rank(f"whether {out / CHECKPOINT_NAME} exists", (out / CHECKPOINT_NAME).exists(),
                                        "--out must be a folder that every node shares")
-        state = load_checkpoint(out / CHECKPOINT_NAME, cfg) if resuming else None
+        state = _checkpoint_from_rank0(out / CHECKPOINT_NAME, cfg) if resuming else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.student = build_student(cfg, with_weights=state is None).to(device)  # a resume has its own
         self.bf16 = self._precision(state)
@@ -387,6 +388,27 @@ class Trainer:
                 f"({scaled_lr(self.cfg.optim.base_lr, was):.3g} -> {scaled_lr(self.cfg.optim.base_lr, now):.3g}), "
                 f"and each of the {self.schedules.lr.total_iters - self.iteration:,} steps left sees "
                 f"{now / was:.3g} times as many images")
+
+
+def _checkpoint_from_rank0(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """The checkpoint to resume from, read by rank 0 alone: a ViT-L's holds gigabytes, which
+    every rank reading it would multiply, in memory and on the shared disk. The other ranks get
+    its small entries here, and empty weights, which :func:`load_full_state` fills from rank 0."""
+    state, failure = None, None
+    if rank() == 0:
+        try:
+            state = load_checkpoint(path, cfg)
+        except CheckpointError as error:  # said on every rank, which would otherwise wait for rank 0
+            failure = (type(error), str(error))
+    failure = all_gather_objects(failure)[0]
+    if failure is not None:
+        kind, message = failure
+        raise kind(message)
+    if world_size() == 1:
+        return state
+    small = all_gather_objects({key: value for key, value in state.items() if key not in WEIGHTS}
+                               if rank() == 0 else None)[0]
+    return state if rank() == 0 else {**small, **{key: {} for key in WEIGHTS}}
 
 
 class RanksDisagreeError(RuntimeError):

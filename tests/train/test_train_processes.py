@@ -32,7 +32,9 @@ def torchrun_fit(data_dir: Path, out_dir: Path | str, steps: int, *overrides: st
 
 @pytest.fixture(scope="module")
 def ddp_run(smear_images, tmp_path_factory) -> Path:
-    return torchrun_fit(smear_images, tmp_path_factory.mktemp("ddp"), 4)
+    out_dir = tmp_path_factory.mktemp("ddp")
+    torchrun_fit(smear_images, out_dir, 3)
+    return torchrun_fit(smear_images, out_dir, 4)  # resumes at 3: rank 0 reads the checkpoint, rank 1 is sent it
 
 
 @pytest.fixture(scope="module")
