@@ -182,7 +182,7 @@ def run_step_benchmark(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "recipe": recipe, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
-        "precision": "bf16" if trainer.bf16 else "fp32", "batch_per_gpu": per_gpu,  # what "auto" became
+        "precision": trainer.precision, "batch_per_gpu": per_gpu,  # what "auto" became
         "activation_checkpointing": "on" if cfg.train.activation_checkpointing else "off",
         "global_size": cfg.crops.global_size, "local_crops": f"{cfg.crops.local_number} x {cfg.crops.local_size}",
         "prototypes": cfg.heads.dino.n_prototypes, "steps": args.steps,

@@ -37,7 +37,7 @@ POOL_BEFORE_IT_WAS_CONFIGURABLE = (
     "posterize", "solarize", "invert", "channel_permutation", "grayscale",
 )
 DRAWS_BEFORE_IT_WAS_CONFIGURABLE = 4
-Precision = Literal["fp32", "bf16", "auto"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Parallel = Literal["ddp", "fsdp"]
 
 
@@ -131,7 +131,7 @@ class LoopConfig:
     iterations_per_epoch: int  # an "epoch" is a fixed number of iterations, as in DINOv2
     seed: int
     num_workers: int
-    precision: Precision  # bf16: forward passes under autocast; auto: bf16 where timed faster
+    precision: Precision  # bf16 or fp16 (loss scaled): forward passes under autocast; auto: train.precision_for
     log_every: int  # iterations between rows of log.csv
     checkpoint_every: int  # iterations between periodic checkpoints
     checkpoint_minutes: float  # also one when this long has passed since the last (0: steps alone decide)

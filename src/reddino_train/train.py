@@ -56,6 +56,8 @@ from .param_groups import apply_schedule, build_param_groups
 from .run_lock import RunFolderError, hold_run_folder
 from .schedules import ScheduleValues, build_schedules, scaled_lr
 
+AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_LOSS_SCALE = 2.0**-16  # fp16 steps that overflow even here have diverged, not run out of range
 LOSS_TERMS = ("dino", "ibot", "koleo")
 STATS = (*LOSS_TERMS, "teacher_entropy", "teacher_batch_entropy")
 LOG_COLUMNS = (
@@ -143,9 +145,11 @@ class Trainer:
         state = _checkpoint_from_rank0(out / CHECKPOINT_NAME, cfg) if resuming else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.student = build_student(cfg, with_weights=state is None).to(device)  # a resume has its own
-        self.bf16 = self._precision(state)
-        if self.bf16 and device.type == "cpu":
+        self.precision = self._precision(state)
+        if self.precision != "fp32" and device.type == "cpu":
             use_explicit_attention(self.student)
+        # fp16 needs its loss scaled, else small gradients round to 0; disabled, the scaler passes everything through
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.teacher = make_teacher(self.student)
         self.distributed_student = distribute(self.student, self.teacher, cfg.train.parallel, device)
         self.losses = Losses.from_config(cfg)
@@ -171,15 +175,16 @@ class Trainer:
             if not self._settings_pending:  # else a run that fails before its first checkpoint keeps the old
                 save_config(cfg, out / "config.yaml")
 
-    def _precision(self, state: dict[str, Any] | None) -> bool:
-        """Whether to train in bf16. "auto" times a product on each rank and takes bf16 only where
-        all chose it; a resumed run on the same kind of device keeps what its start chose, since a
-        second timing on a CPU might choose otherwise."""
+    def _precision(self, state: dict[str, Any] | None) -> str:
+        """"fp32", "bf16" or "fp16". "auto" decides on each rank (:func:`precision_for`), and fp32
+        where the ranks differ; a resumed run on the same kind of device keeps what its start
+        chose, since a second timing on a CPU might choose otherwise."""
         precision = self.cfg.train.precision
         saved = (state or {}).get("precision", {})
         if precision == "auto" and saved.get("device") == self.device.type:
-            return bool(saved["bf16"])
-        return all(all_gather_objects(uses_bf16(precision, self.device)))
+            return saved.get("dtype") or ("bf16" if saved["bf16"] else "fp32")  # the latter: saved before fp16
+        chosen = all_gather_objects(precision_for(precision, self.device))
+        return chosen[0] if len(set(chosen)) == 1 else "fp32"
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -225,7 +230,7 @@ class Trainer:
         global_crops = batch["global_crops"].to(device, non_blocking=True)
         local_crops = batch["local_crops"].to(device, non_blocking=True)
         masks = self._masks(len(global_crops)).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(device.type, dtype=AUTOCAST[self.precision], enabled=self.precision != "fp32"):
             teacher_cls, teacher_patches = self.teacher.targets(global_crops, masks)
             student = self.distributed_student(global_crops, local_crops, masks)
         batch_size = len(global_crops) // 2
@@ -253,13 +258,20 @@ class Trainer:
         weights = {"dino": cfg.loss.dino_weight, "ibot": cfg.loss.ibot_weight, "koleo": cfg.loss.koleo_weight}
         total = sum(weights[name] * term for name, term in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         gradient_norm = torch.tensor(clip_gradients(self.student, cfg.optim.clip_grad), device=device)
         all_reduce(gradient_norm)  # a rank's NaN or inf reaches every rank: all stop, or none
-        if not torch.isfinite(gradient_norm):
+        if torch.isfinite(gradient_norm):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.scaler.is_enabled() and self.scaler.get_scale() > MIN_LOSS_SCALE:
+            # fp16 overflowed at this loss scale: every rank skips the step and halves it alike
+            # (each rank's scaler saw only its own shard of the gradients)
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        else:
             raise TrainingDivergedError(self.iteration + 1, "the gradient norm", gradient_norm.item(),
                                         self.checkpoint_step)
-        self.optimizer.step()
         update_teacher(self.teacher, self.student, values.teacher_momentum)
         stats["loss"] = sum(weights[name] * stats[name] for name in LOSS_TERMS)
         return stats, stop_votes > 0, save_votes > 0
@@ -339,7 +351,8 @@ class Trainer:
             "dino_loss": self.losses.dino.state_dict(),
             "ibot_loss": self.losses.ibot.state_dict(),
             "sampler": {"samples_consumed": self.samples_consumed, "world_size": self.world_size},
-            "precision": {"device": self.device.type, "bf16": self.bf16},
+            "precision": {"device": self.device.type, "dtype": self.precision, "bf16": self.precision == "bf16"},
+            "loss_scale": self.scaler.state_dict(),
             "rng": rng_states,
             "images": _image_list(self.dataset),
         }, config=settings)
@@ -352,6 +365,8 @@ class Trainer:
             self.losses.dino.load_state_dict(state["dino_loss"])
             self.losses.ibot.load_state_dict(state["ibot_loss"])
         self.iteration = self.checkpoint_step = state["iteration"]
+        if self.scaler.is_enabled() and state.get("loss_scale"):  # else a fresh scale finds its level again
+            self.scaler.load_state_dict(state["loss_scale"])
         sampler = state["sampler"]  # the same global stream position on another number of ranks
         self.samples_consumed = sampler["samples_consumed"] * sampler["world_size"] // self.world_size
         if len(state["rng"]) == self.world_size:  # else keep the fresh per-rank seeds
@@ -447,13 +462,16 @@ def _same_on_every_rank(what: str, value, hint: str):
     return value
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """``auto``: bf16 where it saves time (CUDA; CPUs whose bf16 matrix products time faster)."""
-    if precision == "auto":
-        from napari_reddino.bf16_speed import bf16_saves_time
+def precision_for(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 where it saves time (CUDA GPUs from Ampere on; CPUs whose bf16 matrix
+    products time faster); fp16 on older CUDA GPUs, as DINOv2 itself trained; fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    from napari_reddino.bf16_speed import bf16_saves_time
 
-        return bf16_saves_time(device)
-    return precision == "bf16"
+    if bf16_saves_time(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "fp32"
 
 
 def _seed_process(seed: int) -> None:

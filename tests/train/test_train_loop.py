@@ -26,7 +26,15 @@ from reddino_train.model import build_student
 from reddino_train.param_groups import build_param_groups
 from reddino_train import run_lock
 from reddino_train.run_lock import LOCK_NAME, RunFolderBusyError, RunFolderError
-from reddino_train.train import LOG_COLUMNS, ResumeSettingsWarning, Trainer, TrainingDivergedError, _stop_requests, fit
+from reddino_train.train import (
+    LOG_COLUMNS,
+    MIN_LOSS_SCALE,
+    ResumeSettingsWarning,
+    Trainer,
+    TrainingDivergedError,
+    _stop_requests,
+    fit,
+)
 
 # LayerScale 1 lets the images reach the CLS token of the randomly initialised tiny model
 # (with DINOv2's 1e-5 every image gives the same teacher output: a uniform collapse).
@@ -215,6 +223,20 @@ def test_gradients_that_are_not_finite_stop_the_run_before_they_reach_the_weight
     for part, model in models.items():
         assert all(torch.equal(param, old) for param, old in zip(model.parameters(), before[part])), part
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
+def test_fp16_skips_a_step_that_overflows_but_stops_where_no_loss_scale_helps(smear_images, tmp_path):
+    cfg = load_config("tiny", [*TINY, "train.precision=fp16"])
+    fit(cfg, smear_images, tmp_path, max_steps=1)
+    trainer = Trainer(cfg, smear_images, tmp_path, torch.device("cpu"))
+    before = [param.detach().clone() for param in trainer.student.parameters()]
+    trainer.student.backbone.vit.cls_token.register_hook(lambda grad: torch.full_like(grad, math.inf))
+    trainer.scaler.load_state_dict({**trainer.scaler.state_dict(), "scale": MIN_LOSS_SCALE * 2})  # backed off already
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step 3: the gradient norm is inf\..*checkpoint of "
+                                                    r"step 1\.$"):
+        trainer.train(max_steps=5, stop=threading.Event())  # step 2 is skipped at half the scale; step 3 stops
+    assert trainer.scaler.get_scale() == MIN_LOSS_SCALE
+    assert all(torch.equal(param, old) for param, old in zip(trainer.student.parameters(), before))
 
 
 def test_checkpoint_of_another_architecture_is_refused_and_kept(smear_images, tmp_path):
@@ -519,12 +541,32 @@ def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start_on_the_same_k
     cfg = load_config("tiny", [*TINY, "train.precision=auto"])
     fit(cfg, smear_images, tmp_path, max_steps=1)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert checkpoint["precision"] == {"device": "cpu", "bf16": True}
+    assert checkpoint["precision"] == {"device": "cpu", "dtype": "bf16", "bf16": True}
     pretend_cpu(monkeypatch, {"amx_bf16": True}, 0.9)  # timed again now, bf16 would lose
-    assert Trainer(cfg, smear_images, tmp_path, torch.device("cpu")).bf16
+    assert Trainer(cfg, smear_images, tmp_path, torch.device("cpu")).precision == "bf16"
+    del checkpoint["precision"]["dtype"]  # saved before fp16 existed
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    assert Trainer(cfg, smear_images, tmp_path, torch.device("cpu")).precision == "bf16"
     checkpoint["precision"]["device"] = "cuda"  # started on a GPU: this CPU decides for itself
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
-    assert not Trainer(cfg, smear_images, tmp_path, torch.device("cpu")).bf16
+    assert Trainer(cfg, smear_images, tmp_path, torch.device("cpu")).precision == "fp32"
+
+
+def test_fp16_trains_with_a_loss_scale_that_backs_off_on_overflow_and_resumes(smear_images, tmp_path):
+    # fp16 as DINOv2 trained (and GPUs before Ampere can): the loss is scaled so small gradients
+    # survive, and a step that overflows at the scale is skipped on every rank, the scale halved.
+    for precision in ("fp16", "fp32"):  # the whole tiny schedule: the first steps find the scale
+        fit(load_config("tiny", [*TINY, f"train.precision={precision}"]), smear_images, tmp_path / precision)
+    saved = torch.load(tmp_path / "fp16/checkpoint.pt", weights_only=True)
+    assert saved["precision"]["dtype"] == "fp16" and saved["iteration"] == 10
+    # Started at 2**16, where the first steps overflow: it backed off, then the last steps were taken.
+    assert saved["loss_scale"]["scale"] < 2.0**16 and saved["loss_scale"]["_growth_tracker"] >= 1
+    rows, reference = read_log(tmp_path / "fp16/log.csv"), read_log(tmp_path / "fp32/log.csv")
+    assert [row["loss"] for row in rows] == pytest.approx([row["loss"] for row in reference], rel=5e-2)
+    resumed = Trainer(load_config("tiny", [*TINY, "train.precision=fp16"]), smear_images, tmp_path / "fp16",
+                      torch.device("cpu"))
+    assert resumed.scaler.get_scale() == saved["loss_scale"]["scale"]
+    assert torch.load(tmp_path / "fp32/checkpoint.pt", weights_only=True)["loss_scale"] == {}
 
 
 def test_loader_workers_give_the_same_run_as_the_main_process(smear_images, tmp_path):
