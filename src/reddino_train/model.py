@@ -135,7 +135,7 @@ class DinoModel(nn.Module):
             cls_tokens = torch.cat([cls_tokens, self.backbone(local_crops)[:, 0]])
         return StudentOutputs(
             cls_logits=self.dino_head(cls_tokens),
-            global_cls_tokens=tokens[:, 0],
+            global_cls_tokens=tokens[:, 0].clone(),  # not a view: FSDP warns about returning one
             patch_logits=self._ibot_logits(tokens, masks),
         )
 
