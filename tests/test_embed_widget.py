@@ -484,6 +484,23 @@ def test_labels_changed_during_the_run_keep_the_embeddings_of_the_cells_as_they_
         widget.run()
     assert embeddings_of(cells)[0].tolist() == [1] and not repainted_since_embedded(cells)
 
+    # A brush stroke in the layer itself (painted in place, not replaced) while the run goes on.
+    cells.data = labels.copy()
+    erased = 2
+    row, col = np.argwhere(labels == erased).mean(axis=0).round().astype(int)
+    cells.brush_size = 200  # the whole cell
+
+    def erase_a_cell(item) -> None:
+        if not isinstance(item, tuple):  # the model is loaded: the worker has the labels it embeds
+            cells.paint((row, col), 0)
+        on_progress(item)
+
+    widget._on_progress = erase_a_cell
+    run(widget, qtbot)
+    widget._on_progress = on_progress
+    assert erased not in label_ids(cells) and erased in embeddings_of(cells)[0]  # the cells as they were
+    assert repainted_since_embedded(cells) and widget.status.value.startswith("The cells of 'smear cells' changed")
+
 
 def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbot):
     first = viewer.open(CHULA_1)[0]

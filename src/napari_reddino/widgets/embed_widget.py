@@ -101,7 +101,13 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     embedding), ``table`` the cells' measurements unless the layer's table was ``measured`` on
     these very labels (else they were made by another tool, or painted since), then None;
     ``fingerprint`` of the image and labels ``digests`` with the model as loaded (a Hub model
-    downloaded now is known by its commit only from now on)."""
+    downloaded now is known by its commit only from now on).
+
+    ``labels`` are the layer's own: copied first thing, here rather than on the GUI thread (2.3 s
+    for 133 Mpx), so that painting during the run does not change what is embedded. A stroke
+    made before the copy is done gives labels other than those ``digests`` names, which storing
+    the run finds, as it finds a stroke made later."""
+    labels = labels.copy()
     try:
         embedder = load_embedder(model, device=device)
     except UnknownModelError as error:  # the library's message names its API; say what this widget offers
@@ -414,7 +420,6 @@ class EmbedCellsWidget(JobWidget):
                 notify=show_info,
             )
             return
-        labels = labels.copy()  # painting during the run must not change what is embedded
         self._embed_job = _EmbedJob(cells, model, crops, segmented, digest)
         self.status.value = f"Loading {model}…"
         measured = cells.metadata.get(MEASURED_LABELS) == digest and "label" in cells.features
