@@ -293,7 +293,15 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
         ([str(smears), "--out", str(other), "--measure-only", "--model", "reddino-base", "--device", "cpu"],
          "cannot take --model or --device"),
         ([str(smears), "--out", str(other), "--model", str(tiny_folder[1])], "nothing it computes would be written"),
-        ([str(smears), "--out", str(other), "--measure-only", "--pixel-size-um", "0"], "between 0.01 and 10"),
+        ([str(smears), "--out", str(other), "--measure-only", "--pixel-size-um", "0"],
+         "--pixel-size-um 0: The pixel size must be a positive number of micrometres"),
+        ([str(smears), "--out", str(other), "--measure-only", "--pixel-size-um", "2e-7"],
+         "is it in micrometres, not metres or millimetres?"),
+        # A camera's sensor pixel, not divided by the objective: 3,124 "cells" in Chula 1, which has 123.
+        ([str(smears), "--out", str(other), "--measure-only", "--pixel-size-um", "3.45"],
+         "--pixel-size-um 3.45: At 3.45 µm per pixel a red cell would be 2.2 px across, too few to segment or embed "
+         "(at most 1.5 µm per pixel). Is it the camera sensor's pixel size? Divide it by the objective's "
+         "magnification: at 100x, 3.45 µm is 0.0345 µm per pixel."),
         ([str(tmp_path / "nothing.jpg"), "--out", str(other), "--measure-only"], "no such file"),
         ([str(smears), str(tmp_path / "empty"), "--out", str(other), "--measure-only"],
          f"no images (png, jpg, jpeg, tif, tiff) in {tmp_path / 'empty'}"),

@@ -407,6 +407,8 @@ def test_bad_parameters_are_refused():
     with pytest.raises(ValueError, match=r"With a pixel size of 2e-07 µm, a red cell would be 37,500,000 px across, "
                                          r"more than the whole 640x480 image: is the pixel size in micrometres"):
         segment_cells(image, pixel_size_um=2e-7)  # metres typed for micrometres
+    with pytest.raises(ValueError, match=r"^At 3.45 µm per pixel a red cell would be 2.2 px across"):
+        segment_cells(image, pixel_size_um=3.45)  # the camera's sensor pixel, not divided by the objective's 100x
     # Both typed: the diameter is what segmenting uses, so the message is about the diameter.
     with pytest.raises(ValueError, match=r"^A cell diameter of 900 px is more than the whole 640x480 image: the "
                                          r"diameter is in pixels"):

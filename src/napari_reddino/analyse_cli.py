@@ -17,6 +17,7 @@ from .batch_analysis import GALLERIES, SmearAnalysis, list_smears, read_smear, s
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
+from .segmentation import pixel_size_refusal
 from .wording import counted
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
@@ -178,8 +179,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise _Refused("a model run needs --head PATH (to classify every cell) or --with-embeddings (to keep the "
                        "embeddings in DIR/cells.npz): without either, nothing it computes would be written. "
                        "Pass --measure-only to segment and measure only.")
-    if args.pixel_size_um is not None and not 0.01 <= args.pixel_size_um <= 10:
-        raise _Refused(f"--pixel-size-um is µm per pixel, between 0.01 and 10 for a blood smear; got {args.pixel_size_um}.")
+    if args.pixel_size_um is not None and (refusal := pixel_size_refusal(args.pixel_size_um)):
+        raise _Refused(f"--pixel-size-um {args.pixel_size_um:g}: {refusal}")
 
 
 def _analysis(args: argparse.Namespace) -> SmearAnalysis:

@@ -36,6 +36,9 @@ from .resampling import resize_linear, resize_nearest
 from .steps import Progress, run_steps
 
 RBC_DIAMETER_UM = 7.5  # a normal red cell; turns a pixel size into an expected diameter
+MIN_CELL_PX = 5.0  # a red cell fewer pixels across can be neither segmented nor embedded
+MAX_PIXEL_SIZE_UM = RBC_DIAMETER_UM / MIN_CELL_PX
+MIN_PIXEL_SIZE_UM = 0.01  # finer than a light microscope samples: a size in metres or millimetres
 CALIBRATION_SIZE = 1024  # px side of the central window used to calibrate large smears
 TILE_CORE = 1536  # px side of a tile's core at working scale, at most
 TILE_MARGIN_DIAMETERS = 1.5
@@ -104,6 +107,25 @@ def iter_segment_cells(
     return labels
 
 
+def pixel_size_refusal(pixel_size_um) -> str | None:
+    """Why ``pixel_size_um`` cannot be a smear's micrometres per pixel, as a sentence; None if it can be."""
+    if not is_positive(pixel_size_um):
+        return f"The pixel size must be a positive number of micrometres; got {pixel_size_um!r}."
+    if pixel_size_um < MIN_PIXEL_SIZE_UM:
+        return (f"{pixel_size_um:g} µm per pixel is finer than a light microscope images (at least "
+                f"{MIN_PIXEL_SIZE_UM:g}): is it in micrometres, not metres or millimetres?")
+    return too_coarse(pixel_size_um) if pixel_size_um > MAX_PIXEL_SIZE_UM else None
+
+
+def too_coarse(pixel_size_um: float) -> str:
+    """Why a pixel size above :data:`MAX_PIXEL_SIZE_UM` is refused: most often it is the camera
+    sensor's (3.45 or 6.5 µm), not yet divided by the objective's magnification."""
+    return (f"At {pixel_size_um:g} µm per pixel a red cell would be {RBC_DIAMETER_UM / pixel_size_um:.1f} px across, "
+            f"too few to segment or embed (at most {MAX_PIXEL_SIZE_UM:g} µm per pixel). Is it the camera sensor's pixel "
+            f"size? Divide it by the objective's magnification: at 100x, {pixel_size_um:g} µm is "
+            f"{pixel_size_um / 100:.4g} µm per pixel.")
+
+
 def estimate_cell_diameter(image) -> float:
     """Typical red-cell diameter (px) of a smear, as :func:`segment_cells` estimates it.
 
@@ -125,6 +147,8 @@ def _calibrate(
         raise ValueError(f"cell_diameter must be a positive number of pixels; got {cell_diameter!r}.")
     if pixel_size_um is not None and not is_positive(pixel_size_um):
         raise ValueError(f"pixel_size_um must be a positive number of micrometres; got {pixel_size_um!r}.")
+    if pixel_size_um is not None and pixel_size_um > MAX_PIXEL_SIZE_UM:
+        raise ValueError(too_coarse(pixel_size_um))
     from_pixel_size = cell_diameter is None and pixel_size_um is not None  # a typed diameter wins
     if from_pixel_size:
         cell_diameter = RBC_DIAMETER_UM / pixel_size_um

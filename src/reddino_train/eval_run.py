@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_reddino.crop_windows import MAX_MARGIN
+from napari_reddino.segmentation import pixel_size_refusal
 
 from .eval_data import (
     DataSummary,
@@ -76,8 +77,8 @@ class EvalRequest:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: give a whole number of 1 or more")
         if self.margin is not None and not 0 <= self.margin <= MAX_MARGIN:
             raise ValueError(f"--margin {self.margin}: give a fraction of the cell's box from 0 to {MAX_MARGIN:g}")
-        if self.pixel_size_um is not None and not 0 < self.pixel_size_um < float("inf"):
-            raise ValueError(f"--pixel-size-um {self.pixel_size_um}: give a positive number of µm per pixel")
+        if self.pixel_size_um is not None and (refusal := pixel_size_refusal(self.pixel_size_um)):
+            raise ValueError(f"--pixel-size-um {self.pixel_size_um:g}: {refusal}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"--seed {self.seed}: give a whole number from 0 to {2**32 - 1}")
 

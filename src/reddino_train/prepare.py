@@ -41,6 +41,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from napari_reddino.crop_windows import MAX_MARGIN
+from napari_reddino.segmentation import pixel_size_refusal
 
 from .data import EmptyDatasetError, UnreadableImageError, find_images, read_image
 from .files import write_atomic
@@ -75,8 +76,8 @@ class PrepareSettings:
         if not 0 <= self.margin <= MAX_MARGIN:
             raise PrepareError(f"margin {self.margin}; give a fraction of the cell's box from 0 to {MAX_MARGIN:g} "
                                "(0.25: a quarter)")
-        if self.pixel_size_um is not None and not 0 < self.pixel_size_um < float("inf"):
-            raise PrepareError(f"pixel size {self.pixel_size_um} µm; give a positive number")
+        if self.pixel_size_um is not None and (refusal := pixel_size_refusal(self.pixel_size_um)):
+            raise PrepareError(f"--pixel-size-um {self.pixel_size_um:g}: {refusal}")
 
     @property
     def output_size(self) -> int | None:
