@@ -165,7 +165,7 @@ def prepare(
     done = _read_journal(out)
     smears = find_smears(sources, out, done)  # before anything is written: a failed start leaves no settings behind
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, settings)
+    _check_settings(out, settings, bool(done))
     report = PrepareReport()
     cut = _cell_samples if settings.mode == "cells" else _patch_samples
     try:
@@ -204,18 +204,14 @@ def _read(path: Path) -> np.ndarray:
 
 
 def _cell_samples(image: np.ndarray, settings: PrepareSettings) -> Samples:
-    from napari_reddino import (  # torch loads here
-        ImageInputError,
-        cell_crops,
-        segment_cells,
-    )
+    from napari_reddino import cell_crops, segment_cells  # torch loads here
     from napari_reddino.cell_lookup import cell_centres
     from napari_reddino.image_input import fit_stain_model
     from napari_reddino.measurements import cut_by_field_edge
 
     try:
         labels = segment_cells(image, pixel_size_um=settings.pixel_size_um)
-    except ImageInputError as error:
+    except ValueError as error:  # ImageInputError, or a cell larger than this image at this pixel size
         raise _Unusable(str(error)) from None
     ids, crops = cell_crops(
         image, labels, settings.output_size, mode=settings.crop_mode, margin=settings.margin, scale=settings.crop_scale
@@ -305,10 +301,12 @@ def _read_journal(out: Path) -> dict[str, str]:
     return dict(line.partition("\t")[::2] for line in lines)
 
 
-def _check_settings(out: Path, settings: PrepareSettings) -> None:
+def _check_settings(out: Path, settings: PrepareSettings, any_done: bool) -> None:
+    """Record the settings of a new folder, or refuse others than those its smears were cut with
+    (a folder none was written to yet, as a run stopped at its first smear leaves, takes new ones)."""
     path = out / SETTINGS_NAME
     wanted = asdict(settings)
-    if path.is_file():
+    if path.is_file() and any_done:
         # a setting added since the folder was made had its default then
         saved = asdict(PrepareSettings()) | json.loads(path.read_text())
         if saved != wanted:

@@ -247,3 +247,24 @@ def test_a_smear_with_a_space_in_its_name_counts_as_done_on_the_next_run(tmp_pat
     first = prepare([source.parent], tmp_path / "cells", PrepareSettings(size=SIZE), progress=False)
     again = prepare([source.parent], tmp_path / "cells", PrepareSettings(size=SIZE), progress=False)
     assert (first.written, again.written, again.already_done) == (["Slide 1"], [], ["Slide 1"])
+
+
+def test_a_smear_too_small_for_the_pixel_size_is_skipped_and_the_rest_prepared(sources, tmp_path):
+    # At 0.2 µm per pixel a red cell is 38 px across: a 30 px thumbnail cannot hold one.
+    mixed = shutil.copytree(sources, tmp_path / "mixed")
+    Image.fromarray(imread(sources / "1.jpg")[:30, :30]).save(mixed / "a-thumbnail.png")
+    report = prepare([mixed], tmp_path / "cells", PrepareSettings(size=SIZE, pixel_size_um=0.2), progress=False)
+    assert sorted(report.written) == ["1", "image-1"]
+    reasons = dict(report.skipped)
+    assert reasons[mixed / "a-thumbnail.png"].startswith("With a pixel size of 0.2 µm, a red cell would be 38 px")
+
+
+def test_settings_are_fixed_by_the_first_smear_written_not_by_a_run_that_wrote_none(sources, tmp_path):
+    out = tmp_path / "cells"
+    only_broken = tmp_path / "broken"
+    only_broken.mkdir()
+    shutil.copy(sources / "broken.jpg", only_broken)
+    assert prepare([only_broken], out, PrepareSettings(size=48), progress=False).written == []
+    assert prepare([sources], out, PrepareSettings(size=SIZE), progress=False).written  # other settings: taken
+    with pytest.raises(PrepareError, match="other settings.*size: 32 -> 48"):
+        prepare([sources], out, PrepareSettings(size=48), progress=False)
