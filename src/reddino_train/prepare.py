@@ -49,6 +49,7 @@ from .files import write_atomic
 Mode = Literal["cells", "patches"]
 MODES: tuple[Mode, ...] = ("cells", "patches")
 INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME = "index.csv", "done.txt", "skipped.txt", "prepare.json"
+MAX_SIZE, MAX_PATCH = 2048, 8192  # px: a crop's side, a patch's side
 INDEX_COLUMNS = (
     "file", "source", "label", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x",
 )
@@ -73,6 +74,9 @@ class PrepareSettings:
             raise PrepareError(f"mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if (self.size is not None and self.size < 1) or self.patch_size < 1:
             raise PrepareError("size and patch size must be positive numbers of pixels")
+        for option, value, largest in (("--size", self.size, MAX_SIZE), ("--patch-size", self.patch_size, MAX_PATCH)):
+            if value is not None and value > largest:  # a crop of 100,000 px asked for 14.7 TB
+                raise PrepareError(f"{option} {value} px; give at most {largest:,} (RedDino's crops are 224)")
         if not 0 <= self.margin <= MAX_MARGIN:
             raise PrepareError(f"margin {self.margin}; give a fraction of the cell's box from 0 to {MAX_MARGIN:g} "
                                "(0.25: a quarter)")
@@ -236,6 +240,8 @@ def _patch_samples(image: np.ndarray, settings: PrepareSettings) -> Samples:
         raise _Unusable(str(error)) from None
     side = settings.patch_size
     rows, cols = rgb.shape[0] // side, rgb.shape[1] // side
+    if not rows * cols:
+        raise _Unusable(f"{rgb.shape[1]}x{rgb.shape[0]} px holds no {side} px patch")
     tops, lefts = (grid.ravel() * side for grid in np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"))
     boxes = np.stack([tops, lefts, tops + side, lefts + side], axis=1).reshape(-1, 4)
     rgb8 = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)

@@ -109,6 +109,8 @@ def test_a_bad_start_writes_nothing_and_a_corrected_one_runs(sources, tmp_path, 
     out = tmp_path / "out"
     assert main(["prepare", str(sources), "--out", str(out), "--margin", "-1", "--size", "32"]) == 2
     assert "margin -1.0; give a fraction of the cell's box from 0 to 4" in capsys.readouterr().err
+    assert main(["prepare", str(sources), "--out", str(out), "--size", "100000"]) == 2  # once asked for 14.7 TB
+    assert "--size 100000 px; give at most 2,048 (RedDino's crops are 224)" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["prepare", str(tmp_path / "empty"), "--out", str(out), "--size", "32"]) == 2
     assert not out.exists()  # no settings were written that would refuse the corrected run
@@ -169,6 +171,9 @@ def test_patches_tile_the_smear(sources, tmp_path):
     assert [(int(r["bbox_min_y"]), int(r["bbox_min_x"])) for r in rows[:4]] == [(0, 0), (0, 200), (0, 400), (200, 0)]
     with Image.open(out / rows[1]["file"]) as tile, Image.open(sources / "1.jpg") as smear:
         assert np.array_equal(np.asarray(tile), np.asarray(smear)[0:200, 200:400])
+    larger = prepare([sources / "1.jpg"], tmp_path / "large", PrepareSettings(mode="patches", patch_size=500),
+                     progress=False)  # 480 px high: no patch fits, which is said, not left at "0 images"
+    assert larger.written == [] and larger.skipped == [(sources / "1.jpg", "640x480 px holds no 500 px patch")]
 
 
 PATCHES = PrepareSettings(mode="patches", patch_size=200)  # no segmentation: quick
