@@ -100,6 +100,10 @@ def _export_command(args: argparse.Namespace) -> int:
     except (FileExistsError, FileNotFoundError, CheckpointError) as error:
         print(f"reddino-train export: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a read-only or full disk
+        print(f"reddino-train export: cannot write {args.out} ({error.strerror or error}); nothing was exported",
+              file=sys.stderr)
+        return 2
     print(f"reddino-train export: wrote {folder}; use it in napari (Embed cells > Browse…), with "
           f"reddino-analyse --model {folder}, or in Python as load_embedder({str(folder)!r})")
     if args.push_to_hub:
@@ -124,6 +128,10 @@ def _prepare_command(args: argparse.Namespace) -> int:
     except PrepareError as error:
         print(f"reddino-train prepare: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a read-only or full disk, --out naming a file; the smears done so far are kept
+        print(f"reddino-train prepare: cannot write in {args.out} ({error.strerror or error}); the smears done "
+              "before are kept, and the same command goes on from there", file=sys.stderr)
+        return 2
     print(f"reddino-train prepare: {len(report.written)} smears done now ({report.samples_written} images), "
           f"{len(report.already_done)} done before; {report.samples_total} images listed in {args.out}/index.csv")
     if report.skipped:
@@ -142,8 +150,12 @@ def _eval_command(args: argparse.Namespace) -> int:
     from .eval_run import EvalRequest, run_evaluation
     from .evaluate import EvaluationError
 
-    if args.json is not None and Path(args.json).exists() and not args.overwrite:
-        print(f"reddino-train eval: {args.json} exists; pass --overwrite to replace it", file=sys.stderr)
+    if args.json is not None and (refusal := _json_refusal(Path(args.json), args.overwrite)):
+        print(f"reddino-train eval: {refusal}", file=sys.stderr)  # before the work, not after it
+        return 2
+    if args.no_cls and not (args.random_init or args.with_measurements):
+        print("reddino-train eval: --no-cls leaves nothing to evaluate: add --random-init or --with-measurements",
+              file=sys.stderr)
         return 2
     feature_sets = ["cls"] * (not args.no_cls) + ["random-init"] * args.random_init
     feature_sets += ["measurements"] * args.with_measurements
@@ -165,6 +177,27 @@ def _eval_command(args: argparse.Namespace) -> int:
     if args.json is not None:
         print(f"\nreddino-train eval: wrote {args.json}")
     return 0
+
+
+def _json_refusal(path: Path, overwrite: bool) -> str | None:
+    """Why ``--json PATH`` cannot be written, found before the evaluation runs; None if it can be."""
+    if path.is_dir():
+        return f"{path} is a folder; give --json a file name, such as {path / 'eval.json'}"
+    if path.exists() and not overwrite:
+        return f"{path} exists; pass --overwrite to replace it"
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        return f"no folder {folder} to write {path.name} in"
+    if not os.access(folder, os.W_OK):
+        return f"cannot write in {folder} (permission denied); give --json a file in a folder you can write to"
+    return None
+
+
+INTERRUPTED = {  # what a second run does after Ctrl-C, per command
+    "prepare": "; the smears done so far are kept, and the same command goes on from there",
+    "fit": " without a checkpoint at this step; the same command resumes from the last one",
+    "export": "; nothing was exported",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,4 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:  # fit's first Ctrl-C is its own (a checkpoint); this is a second, or another command
+        print(f"\nreddino-train {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+        return 130

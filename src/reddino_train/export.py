@@ -40,14 +40,14 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"no {CHECKPOINT_NAME} in {run_dir}; is it a reddino-train output folder?")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; replace it with --overwrite (Python: overwrite=True)")
     if run_dir.resolve().is_relative_to(out_dir.resolve()):
         raise FileExistsError(f"{out_dir} holds the run {run_dir}; export to another folder, replacing it "
                               "would delete the run")
-    if out_dir.exists() and not _is_export(out_dir):
-        raise FileExistsError(f"{out_dir} is not an earlier export (a folder of {' and '.join(EXPORT_FILES)} "
-                              "alone), so it is not replaced; export to a new folder")
+    if out_dir.exists() and not _is_export(out_dir):  # before the advice to overwrite, which would not help
+        raise FileExistsError(f"{out_dir} exists and is not an earlier export (a folder of "
+                              f"{' and '.join(EXPORT_FILES)} alone), so it is not replaced; export to a new folder")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; replace it with --overwrite (Python: overwrite=True)")
     state = read_checkpoint(checkpoint_path)
     cfg = config_from_dict(state["config"], source=str(checkpoint_path))
     vit = timm.create_model(cfg.model.arch, **vit_architecture_args(cfg.model, cfg.crops.global_size))

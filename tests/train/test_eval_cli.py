@@ -148,6 +148,12 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
      "per class, DATA/<class>/*.png (this folder holds smears with point labels: use --format points)"),
     (["{model}", "--data", "{one_class}"], "every crop under {one_class} is of one class, 'smear0'; expected one "
      "folder of images per class, DATA/<class>/*.png, two classes at least"),
+    # found before the evaluation, not after it (the table was lost, a cache file left behind)
+    (["{missing}", "--data", "{crops}", "--json", "{one_class}", "--overwrite"],
+     "{one_class} is a folder; give --json a file name, such as {one_class}/eval.json"),
+    (["{missing}", "--data", "{crops}", "--json", "{missing}/eval.json"], "no folder {missing} to write eval.json in"),
+    (["{missing}", "--data", "{crops}", "--no-cls"], "--no-cls leaves nothing to evaluate: add --random-init or "
+     "--with-measurements"),
 ])
 def test_eval_errors_exit_2_with_the_reason(model, crops_by_smear, tmp_path, capsys, args, message):
     one_class = tmp_path / "one_class"

@@ -1,3 +1,4 @@
+import errno
 import json
 
 import huggingface_hub
@@ -57,8 +58,11 @@ def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsy
     smears = tmp_path / "smears"  # a mistyped --out: a folder that is no export is never replaced
     smears.mkdir()
     (smears / "1.jpg").write_bytes(b"a smear")
-    assert main(["export", run, "--out", str(smears), "--overwrite"]) == 2
-    assert "is not an earlier export (a folder of config.json and model.safetensors alone)" in capsys.readouterr().err
+    for overwrite in ([], ["--overwrite"]):  # without --overwrite, no advice to pass it: it would not help
+        assert main(["export", run, "--out", str(smears), *overwrite]) == 2
+        said = capsys.readouterr().err
+        assert "exists and is not an earlier export (a folder of config.json and model.safetensors alone)" in said
+        assert "replace it with --overwrite" not in said
     assert (smears / "1.jpg").read_bytes() == b"a smear"
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["export", run, "--out", str(tmp_path / "notes.txt"), "--overwrite"]) == 2
@@ -96,3 +100,17 @@ def test_a_max_steps_below_one_is_refused_before_anything_runs(tmp_path, capsys,
     assert exited.value.code == 2
     assert f"{steps!r} is not a whole number of iterations of 1 or more" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_folder_that_cannot_be_written_is_said_in_a_sentence(smear_images, tmp_path, capsys, monkeypatch):
+    run = str(tmp_path / "run")
+    assert main(["fit", "tiny", str(smear_images), "--out", run, *TINY, "--max-steps", "1"]) == 0
+
+    def read_only(**_):  # a folder of someone else's, mounted read-only (root writes anyway, so it is made so)
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("reddino_train.export.tempfile.mkdtemp", read_only)
+    capsys.readouterr()
+    assert main(["export", run, "--out", str(tmp_path / "model")]) == 2
+    assert capsys.readouterr().err == (f"reddino-train export: cannot write {tmp_path / 'model'} (Permission "
+                                       "denied); nothing was exported\n")

@@ -273,3 +273,18 @@ def test_settings_are_fixed_by_the_first_smear_written_not_by_a_run_that_wrote_n
     assert prepare([sources], out, PrepareSettings(size=SIZE), progress=False).written  # other settings: taken
     with pytest.raises(PrepareError, match="other settings.*size: 32 -> 48"):
         prepare([sources], out, PrepareSettings(size=48), progress=False)
+
+
+def test_an_output_that_cannot_be_written_and_ctrl_c_are_said_in_a_sentence(sources, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("mine")
+    assert main(["prepare", str(sources), "--out", str(tmp_path / "a-file"), "--size", "32"]) == 2
+    assert capsys.readouterr().err.startswith(f"reddino-train prepare: cannot write in {tmp_path / 'a-file'} (File "
+                                              "exists); the smears done before are kept")
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("reddino_train.prepare.prepare", interrupted)
+    assert main(["prepare", str(sources), "--out", str(tmp_path / "out"), "--size", "32"]) == 130
+    assert capsys.readouterr().err == ("\nreddino-train prepare: interrupted; the smears done so far are kept, and the "
+                                       "same command goes on from there\n")
