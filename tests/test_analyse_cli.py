@@ -18,7 +18,7 @@ from skimage.io import imread, imsave
 
 from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
 from napari_reddino.analyse_cli import main
-from napari_reddino.batch_analysis import SmearAnalysis, list_smears, smear_names
+from napari_reddino.batch_analysis import SmearAnalysis, list_smears, read_smear, smear_names
 from napari_reddino.cell_embeddings import METADATA_KEY, earlier_run
 from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
 from napari_reddino.class_gallery import (
@@ -329,6 +329,17 @@ def test_an_unreadable_smear_is_skipped_and_the_others_are_written(smears, tmp_p
     summary = read(out / "cells_summary.csv")
     assert summary["image"].tolist() == ["1", "26", "empty"]  # in path order: day2/26.jpg before empty.png
     assert summary.set_index("image").loc["empty", "cells"] == 0
+
+
+def test_a_cmyk_jpeg_is_read_as_the_rgb_smear_it_shows(tmp_path):
+    # From a print workflow: read as stored, its C, M, Y, K planes passed for R, G, B and alpha (1 cell found).
+    from PIL import Image
+
+    smear = imread(CHULA / "1.jpg")
+    Image.fromarray(smear).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    pixels = read_smear(tmp_path / "cmyk.jpg")
+    assert pixels.shape == smear.shape and np.abs(pixels.astype(int) - smear).mean() < 3
+    assert abs(int(segment_cells(pixels).max()) - int(segment_cells(smear).max())) <= 5
 
 
 def test_smears_are_listed_and_named_as_napari_names_their_layers(tmp_path):

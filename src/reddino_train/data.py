@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from skimage.io import imread
 from torch.utils.data import Dataset, Sampler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -30,7 +29,7 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     """Image files under ``root``, recursively, in a stable (sorted) order."""
     root = Path(root)
     if not root.is_dir():
-        raise EmptyDatasetError(f"data folder {root} does not exist")
+        raise EmptyDatasetError(not_a_folder(root))
     images = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise EmptyDatasetError(
@@ -39,18 +38,26 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return images
 
 
+def not_a_folder(root: Path) -> str:
+    """What is wrong with a data folder that is not one."""
+    return f"data folder {root} " + ("is a file, not a folder of images" if root.exists() else "does not exist")
+
+
 class UnreadableImageError(ValueError):
     """An image file that cannot be decoded."""
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """The pixels of an image file as skimage reads them (any bit depth, TIFF included)."""
+    """The pixels of an image file as the plugin reads a smear (any bit depth, TIFF included)."""
+    from napari_reddino.batch_analysis import read_smear
+
     try:
-        return np.asarray(imread(path))
+        return np.asarray(read_smear(path))
     # decoders of untrusted files raise many kinds of error (OSError, ValueError, SyntaxError
     # from PIL's PNG parser, struct.error, ...): each means "unreadable", nothing more
     except Exception as error:  # noqa: BLE001
-        raise UnreadableImageError(f"unreadable: {type(error).__name__}: {error}") from None
+        said = str(error) if isinstance(error, OSError) and str(error) else f"{type(error).__name__}: {error}"
+        raise UnreadableImageError(f"unreadable: {said}") from None
 
 
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}

@@ -38,6 +38,7 @@ from .data import (
     EmptyDatasetError,
     UnreadableImageError,
     find_images,
+    not_a_folder,
     read_image,
 )
 from .files import write_atomic_with
@@ -190,7 +191,7 @@ def detect_format(root: str | os.PathLike) -> Format:
     an image), else ``crops``."""
     root = Path(root)
     if not root.is_dir():
-        raise EvalDataError(f"data folder {root} does not exist")
+        raise EvalDataError(not_a_folder(root))
     images = (path for path in root.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
     has_labels = (root / LABEL_FOLDER).is_dir() or any(path.with_suffix(".txt").is_file() for path in images)
     return "points" if has_labels else "crops"

@@ -40,6 +40,8 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
         ImageFolder(tmp_path, transform=lambda image: image)
     with pytest.raises(EmptyDatasetError, match="does not exist"):
         find_images(tmp_path / "missing")
+    with pytest.raises(EmptyDatasetError, match=r"notes.txt is a file, not a folder of images$"):
+        find_images(tmp_path / "notes.txt")
 
 
 def test_unreadable_image_is_reported_and_replaced_by_the_next(smear_images, tmp_path, caplog):
