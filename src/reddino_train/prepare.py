@@ -131,7 +131,11 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
             images = find_images(source)
         except EmptyDatasetError as error:
             raise PrepareError(str(error)) from None
-        paths += [path for path in images if out not in path.resolve().parents]
+        inside = [path for path in images if out in path.resolve().parents]
+        paths += [path for path in images if path not in inside]
+        if inside and len(inside) == len(images):
+            raise PrepareError(f"every image under {source} lies inside the output folder {out}, where the crops go "
+                               "(and which is never read as smears): give --out a folder outside the smears' folder")
     if not paths:
         raise PrepareError("no smear images in the sources")
     done = done or {}

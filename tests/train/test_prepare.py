@@ -288,3 +288,10 @@ def test_an_output_that_cannot_be_written_and_ctrl_c_are_said_in_a_sentence(sour
     assert main(["prepare", str(sources), "--out", str(tmp_path / "out"), "--size", "32"]) == 130
     assert capsys.readouterr().err == ("\nreddino-train prepare: interrupted; the smears done so far are kept, and the "
                                        "same command goes on from there\n")
+
+
+def test_smears_inside_the_output_folder_are_said_to_be_there(sources, tmp_path):
+    folder = shutil.copytree(sources, tmp_path / "smears")
+    with pytest.raises(PrepareError, match=rf"^every image under {folder} lies inside the output folder {folder}, "
+                                           "where the crops go"):
+        prepare([folder], folder, PATCHES, progress=False)
