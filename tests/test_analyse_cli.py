@@ -17,6 +17,7 @@ from _model_fixtures import TINY_DIM, tiny_folder  # noqa: F401  (fixture)
 from skimage.io import imread, imsave
 
 from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
+from napari_reddino import analyse_cli
 from napari_reddino.analyse_cli import main
 from napari_reddino.batch_analysis import SmearAnalysis, list_smears, read_smear, smear_names
 from napari_reddino.cell_embeddings import METADATA_KEY, earlier_run
@@ -285,6 +286,19 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
     assert ("only partly written: cells.csv was written, but cells_summary.csv could not be replaced (Permission "
             "denied)" in capsys.readouterr().err)
     monkeypatch.setattr(os, "replace", replace)
+    fresh = tmp_path / "fresh"
+    export = analyse_cli.export_cells_csv
+
+    def another_run_wrote_meanwhile(table, *args, **kwargs):  # two runs given the same --out
+        Path(table).write_text("the other run's")
+        return export(table, *args, **kwargs)
+
+    monkeypatch.setattr(analyse_cli, "export_cells_csv", another_run_wrote_meanwhile)
+    assert main([str(smears), "--out", str(fresh), "--measure-only"]) == 1
+    assert capsys.readouterr().err == (f"reddino-analyse: nothing written: {fresh / 'cells.csv'} appeared while this "
+                                       "run went on (another run writing to the same folder?); run it again with "
+                                       "--overwrite to replace it\n")
+    monkeypatch.setattr(analyse_cli, "export_cells_csv", export)
 
     other = tmp_path / "other"
     (tmp_path / "empty").mkdir()
@@ -307,6 +321,8 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
          f"no images (png, jpg, jpeg, tif, tiff) in {tmp_path / 'empty'}"),
         ([str(smears), "--out", str(other), "--model", "reddino-tiny", "--with-embeddings"],
          "cannot load the model 'reddino-tiny'"),
+        ([str(smears), "--out", str(other), "--model", str(tiny_folder[1] / "model.safetensors"), "--with-embeddings"],
+         "model.safetensors is a weights file; give the model folder (config.json and model.safetensors"),
         ([str(smears), "--out", str(out / "cells.csv"), "--measure-only"], "cannot make the output folder"),
         ([str(smears), "--out", str(other), "--model", str(tiny_folder[1]), "--head", str(tmp_path / "none")],
          "cannot use the head"),

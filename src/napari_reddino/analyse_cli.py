@@ -145,7 +145,12 @@ def _analyse(args: argparse.Namespace) -> int:
         print(f"reddino-analyse: only partly written: {error}{with_galleries}; run it again with --overwrite",
               file=sys.stderr)
         return 1
-    except OSError as error:  # FileExistsError: written by someone else meanwhile
+    except FileExistsError as error:  # written by another run meanwhile
+        written = f" (but {with_galleries[2:]})" if pictured else ""
+        print(f"reddino-analyse: nothing written{written}: {error.filename} appeared while this run went on (another "
+              "run writing to the same folder?); run it again with --overwrite to replace it", file=sys.stderr)
+        return 1
+    except OSError as error:
         written = f" (but {with_galleries[2:]})" if pictured else ""
         print(f"reddino-analyse: nothing written{written}: {error}", file=sys.stderr)
         return 1
@@ -192,6 +197,9 @@ def _analysis(args: argparse.Namespace) -> SmearAnalysis:
     from .models import ModelLoadError
 
     model = args.model or DEFAULT_MODEL
+    if Path(model).expanduser().is_file():  # the library's message for one names its Python argument
+        raise _Refused(f"--model {model} is a weights file; give the model folder (config.json and "
+                       "model.safetensors, as reddino-train export writes it) or a Hub name")
     try:
         embedder = load_embedder(model, device=args.device or "auto")
     except (ModelLoadError, ValueError) as error:  # DeviceError is a ValueError
