@@ -185,11 +185,11 @@ def _json_refusal(path: Path, overwrite: bool) -> str | None:
         return f"{path} is a folder; give --json a file name, such as {path / 'eval.json'}"
     if path.exists() and not overwrite:
         return f"{path} exists; pass --overwrite to replace it"
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        return f"no folder {folder} to write {path.name} in"
-    if not os.access(folder, os.W_OK):
-        return f"cannot write in {folder} (permission denied); give --json a file in a folder you can write to"
+    folder = path.parent  # made if missing: what exists of it must be writable
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        return f"cannot write in {folder}; give --json a file in a folder you can write to"
     return None
 
 

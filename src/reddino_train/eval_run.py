@@ -19,6 +19,7 @@ import numpy as np
 
 from napari_reddino.crop_windows import MAX_MARGIN
 from napari_reddino.segmentation import pixel_size_refusal
+from napari_reddino.wording import counted
 
 from .eval_data import (
     DataSummary,
@@ -154,7 +155,14 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
         request.json_out.parent.mkdir(parents=True, exist_ok=True)
     sets, summary, cached = _feature_sets(request, data_format)
     first = next(iter(sets.values()))
-    folds = make_folds(first.targets, split, first.groups, request.seed)
+    try:
+        folds = make_folds(first.targets, split, first.groups, request.seed)
+    except EvaluationError as error:  # too few images or cells: say which files were not read, if any
+        if summary is not None and summary.skipped:
+            unread = "; ".join(f"{path} ({reason})" for path, reason in summary.skipped)
+            raise EvaluationError(f"{error} ({counted(len(summary.skipped), 'file')} could not be read: {unread})") \
+                from error
+        raise
     results = {
         name: evaluate(sets[name].features, sets[name].targets, sets[name].class_names, folds, METHODS[name])
         for name in request.feature_sets

@@ -151,15 +151,17 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     # found before the evaluation, not after it (the table was lost, a cache file left behind)
     (["{missing}", "--data", "{crops}", "--json", "{one_class}", "--overwrite"],
      "{one_class} is a folder; give --json a file name, such as {one_class}/eval.json"),
-    (["{missing}", "--data", "{crops}", "--json", "{missing}/eval.json"], "no folder {missing} to write eval.json in"),
+    (["{missing}", "--data", "{crops}", "--json", "{notes}/eval.json"], "cannot write in {notes}; give --json a "
+     "file in a folder you can write to"),
     (["{missing}", "--data", "{crops}", "--no-cls"], "--no-cls leaves nothing to evaluate: add --random-init or "
      "--with-measurements"),
 ])
 def test_eval_errors_exit_2_with_the_reason(model, crops_by_smear, tmp_path, capsys, args, message):
     one_class = tmp_path / "one_class"
     shutil.copytree(next(p for p in sorted(crops_by_smear.iterdir()) if p.is_dir()), one_class / "smear0")
+    (tmp_path / "notes.txt").write_text("a file, where --json wants a folder")
     paths = {"missing": str(tmp_path / "nope"), "model": str(model), "crops": str(crops_by_smear),
-             "chula": str(CHULA), "one_class": str(one_class)}
+             "chula": str(CHULA), "one_class": str(one_class), "notes": str(tmp_path / "notes.txt")}
     assert main(["eval", *(arg.format(**paths) for arg in args)]) == 2
     assert message.format(**paths) in capsys.readouterr().err
 
@@ -186,3 +188,11 @@ def test_eval_subsamples_images_and_cells_and_caches_by_those_settings(model, tm
         assert main([*args, *changed, "--overwrite"]) == 0
         assert "features from the cache" not in capsys.readouterr().out, changed
         assert not np.array_equal(np.load(tmp_path / "few.measurements.npz")["features"], first), changed
+
+
+def test_a_split_short_of_images_names_the_files_it_could_not_read(model, tmp_path, capsys):
+    data = shutil.copytree(CHULA, tmp_path / "chula")
+    (data / "26.jpg").write_bytes((CHULA / "26.jpg").read_bytes()[:2000])  # cut short in a copy
+    assert main(["eval", str(model), "--data", str(data)]) == 2
+    said = capsys.readouterr().err
+    assert "(1 file could not be read: " in said and f"{data / '26.jpg'} (unreadable" in said
