@@ -52,6 +52,6 @@ step cuda_tests 100 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= 
 step embedding 240 python3 benchmarks/embedding.py --device cuda --sizes small base large \
     --cells 4000 --chunk 0 --card-cells 256 --smears 'tests/data/chula_rbc12/*.jpg'
 step training_vits14 80 python3 benchmarks/training.py --device cuda --model vits14 --json "$out/training_vits14.json"
-step training_vitl14 80 python3 benchmarks/training.py --device cuda --model vitl14 --json "$out/training_vitl14.json"
-step training_vitl14_checkpointed 60 python3 benchmarks/training.py --device cuda --model vitl14 --steps 8 --warmup 2 \
+step training_vitl14 70 python3 benchmarks/training.py --device cuda --model vitl14 --json "$out/training_vitl14.json"
+step training_vitl14_checkpointed 50 python3 benchmarks/training.py --device cuda --model vitl14 --steps 8 --warmup 2 \
     --json "$out/training_vitl14_checkpointed.json" train.activation_checkpointing=true
