@@ -20,7 +20,7 @@ from napari_reddino.cell_separation import MIN_CELL_CONTRAST, cell_contrast
 from napari_reddino.image_input import check_smear, fit_stain_model
 from napari_reddino.segmentation import (
     WORKING_DIAMETER_PX,
-    _calibration_density,
+    _calibration_window,
     _estimate_diameter,
     _working_density,
 )
@@ -32,8 +32,8 @@ FIELDS = [(230, 1.0), (230, 2.0), (180, 5.0), (128, 10.0), (60, 3.0)]  # slide l
 def contrast(image: np.ndarray) -> float:
     """The contrast segmenting compares with the floor: that of its working-scale density."""
     array = check_smear(image)
-    density = _calibration_density(array, fit_stain_model(array))
-    diameter = _estimate_diameter(density)
+    density, half = _calibration_window(array, fit_stain_model(array))
+    diameter = _estimate_diameter(half)
     scale = min(1.0, WORKING_DIAMETER_PX / diameter)
     return cell_contrast(_working_density(density, scale, diameter * scale))
 

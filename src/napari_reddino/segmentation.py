@@ -132,7 +132,7 @@ def estimate_cell_diameter(image) -> float:
     Pass the result on as ``cell_diameter`` to record it and not estimate twice.
     """
     array = check_smear(image)
-    return _estimate_diameter(_calibration_density(array, fit_stain_model(array)))
+    return _estimate_diameter(_calibration_window(array, fit_stain_model(array))[1])
 
 
 def _calibrate(
@@ -162,25 +162,27 @@ def _calibrate(
             "cell is about 7.5 µm across)."
         )
     stain = fit_stain_model(array)
-    density = _calibration_density(array, stain)
+    density, half = _calibration_window(array, stain)
     whole = density.shape == array.shape[:2]
     if cell_diameter is None:
-        cell_diameter = _estimate_diameter(density)
+        cell_diameter = _estimate_diameter(half)
     scale = min(1.0, WORKING_DIAMETER_PX / cell_diameter)
     smoothed = _working_density(density, scale, cell_diameter * scale)
     calibration = Calibration(stain, float(cell_diameter), scale, foreground_thresholds(smoothed))
     return calibration, smoothed if whole else None
 
 
-def _calibration_density(array: np.ndarray, stain: StainModel) -> np.ndarray:
-    """Density of the window a smear is calibrated on: the central one, or where that holds no
-    cell (bare slide: a gap in a slide scan), the window of a 3x3 grid that shows the most."""
+def _calibration_window(array: np.ndarray, stain: StainModel) -> tuple[np.ndarray, np.ndarray | None]:
+    """The density of the window a smear is calibrated on, and that density at
+    :func:`_half_resolution`: the central window, or where that holds no cell (bare slide: a gap
+    in a slide scan), the window of a 3x3 grid that shows the most."""
     density = stain.density(array[_central_window(array.shape[0]), _central_window(array.shape[1])])
-    if density.shape == array.shape[:2] or cell_contrast(_half_resolution(density)) >= MIN_CELL_CONTRAST:
-        return density
+    half = _half_resolution(density)
+    if density.shape == array.shape[:2] or half is None or cell_contrast(half) >= MIN_CELL_CONTRAST:
+        return density, half
     windows = [(rows, cols) for rows in _grid_windows(array.shape[0]) for cols in _grid_windows(array.shape[1])]
-    return max((stain.density(array[rows, cols]) for rows, cols in windows),
-               key=lambda window: cell_contrast(_half_resolution(window)))
+    densities = (stain.density(array[rows, cols]) for rows, cols in windows)
+    return max(((window, _half_resolution(window)) for window in densities), key=lambda pair: cell_contrast(pair[1]))
 
 
 def _grid_windows(length: int) -> list[slice]:
@@ -190,22 +192,22 @@ def _grid_windows(length: int) -> list[slice]:
     return [slice(start, start + CALIBRATION_SIZE) for start in sorted(starts)]
 
 
-def _estimate_diameter(density: np.ndarray) -> float:
-    """Cell diameter from the foreground of the density at :func:`_half_resolution`."""
-    if min(density.shape) < 2:
+def _estimate_diameter(smoothed: np.ndarray | None) -> float:
+    """Cell diameter from the foreground of a density at :func:`_half_resolution`."""
+    if smoothed is None:
         return WORKING_DIAMETER_PX
-    smoothed = _half_resolution(density)
     thresholds = foreground_thresholds(smoothed)
     if thresholds is None:
         return WORKING_DIAMETER_PX
     return 2 * diameter_from_foreground(smoothed > thresholds.cell)
 
 
-def _half_resolution(density: np.ndarray) -> np.ndarray:
-    """Density in 2x2 means, smoothed a little: enough to size and find cells, 4x less work."""
+def _half_resolution(density: np.ndarray) -> np.ndarray | None:
+    """Density in 2x2 means, smoothed a little: enough to size and find cells, 4x less work (None
+    for a density under 2 px a side)."""
     height, width = (density.shape[0] // 2) * 2, (density.shape[1] // 2) * 2
     if min(height, width) < 2:
-        return ndi.gaussian_filter(density, 1.0)
+        return None
     return ndi.gaussian_filter(0.25 * sum(density[i:height:2, j:width:2] for i in (0, 1) for j in (0, 1)), 1.0)
 
 
