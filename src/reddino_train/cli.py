@@ -51,6 +51,7 @@ def _warning_line(python_show, message, category, filename, lineno, file=None, l
 def _fit_command(args: argparse.Namespace) -> int:
     from napari_reddino.wording import counted
 
+    from .model import PretrainedWeightsError
     from .run_lock import RunFolderError
     from .train import (  # torch and timm load only when training
         RanksDisagreeError,
@@ -63,12 +64,13 @@ def _fit_command(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():  # restores Python's own display afterwards
             warnings.showwarning = functools.partial(_warning_line, warnings.showwarning)
             result = fit(cfg, args.data_dir, args.out, max_steps=args.max_steps)
-    except (ConfigError, EmptyDatasetError, TrainingDivergedError, RanksDisagreeError, RunFolderError) as error:
-        _say(f"reddino-train fit: {error}", file=sys.stderr)  # raised alike on every rank: said once
-        return 2
-    except CheckpointError as error:  # a file read by each rank: one may fail alone (a node without it)
+    except PretrainedWeightsError as error:  # read by each rank: one may fail alone (a node without the file)
         rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"reddino-train fit: {rank}{error}", file=sys.stderr)
+        return 2
+    except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError,
+            RunFolderError) as error:
+        _say(f"reddino-train fit: {error}", file=sys.stderr)  # raised alike on every rank: said once
         return 2
     if result.stopped_by_signal:  # not finished: a script or scheduler must see that
         own_settings = shlex.join(["reddino-train", "fit", str(Path(args.out) / "config.yaml"), args.data_dir,

@@ -6,6 +6,8 @@ run that resumes (or uses another number of loader workers) sees exactly the sam
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -95,6 +97,14 @@ class ImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @functools.cached_property
+    def listing(self) -> str:
+        """How many images, and a digest of their paths under the root: ranks that see as many
+        but other files would otherwise train on different data under one index, and a resume
+        on other images would not know it."""
+        names = "\n".join(path.relative_to(self.root).as_posix() for path in self.paths)
+        return f"{len(self):,} images ({hashlib.sha256(names.encode()).hexdigest()[:8]})"
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
 import signal
@@ -354,7 +353,7 @@ class Trainer:
             "precision": {"device": self.device.type, "dtype": self.precision, "bf16": self.precision == "bf16"},
             "loss_scale": self.scaler.state_dict(),
             "rng": rng_states,
-            "images": _image_list(self.dataset),
+            "images": self.dataset.listing,
         }, config=settings)
         self._settings_pending = False
 
@@ -375,7 +374,7 @@ class Trainer:
             tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
             if sampler["world_size"] != self.world_size:
                 warnings.warn(self._other_world_size(sampler["world_size"]), ResumeSettingsWarning, stacklevel=2)
-            images = _image_list(self.dataset)
+            images = self.dataset.listing
             if state.get("images", images) != images:  # checkpoints before it was recorded: not checked
                 warnings.warn(
                     f"resuming {self.out} on other images than it trained on ({state['images']} then, {images} now): "
@@ -441,16 +440,9 @@ def _images_on_every_rank(data_dir: Path, transform) -> ImageFolder:
     failed = [f"rank {index}: {text}" if len(problems) > 1 else text for index, text in enumerate(problems) if text]
     if failed:
         raise EmptyDatasetError("; ".join(failed))
-    _same_on_every_rank("the training images", _image_list(dataset),
+    _same_on_every_rank("the training images", dataset.listing,
                         "is the data folder still being filled, or different on each node?")
     return dataset
-
-
-def _image_list(dataset: ImageFolder) -> str:
-    """How many images, and a digest of their paths under the data folder: ranks that see as many
-    but other files would otherwise train on different data under one index."""
-    names = "\n".join(path.relative_to(dataset.root).as_posix() for path in dataset.paths)
-    return f"{len(dataset):,} images ({hashlib.sha256(names.encode()).hexdigest()[:8]})"
 
 
 def _same_on_every_rank(what: str, value, hint: str):
