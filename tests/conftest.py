@@ -1,5 +1,8 @@
 """Fixtures shared across test modules."""
 
+import sys
+import time
+
 import pytest
 
 from napari_reddino.umap_layout import warm_up_umap
@@ -13,3 +16,23 @@ def umap_compiled() -> None:
     for it inside a GUI timeout failed on CI.
     """
     warm_up_umap().join()
+
+
+@pytest.fixture(autouse=True)
+def no_run_left_waiting():
+    """A closed panel's run still finishing holds every later run (job_widget's module state):
+    one that never ends would turn one failure into a session of timeouts. Each test leaves none."""
+    yield
+    job_widget = sys.modules.get("napari_reddino.widgets.job_widget")
+    if job_widget is None or not (job_widget._finishing or job_widget._waiting):
+        return
+    from qtpy.QtWidgets import QApplication
+
+    deadline = time.monotonic() + 15
+    while job_widget._finishing and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    left = (len(job_widget._finishing), len(job_widget._waiting))
+    job_widget._finishing.clear()
+    job_widget._waiting.clear()
+    assert left == (0, 0), f"{left[0]} closed panels' runs still running, {left[1]} runs waiting for them"

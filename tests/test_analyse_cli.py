@@ -298,6 +298,7 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
     assert capsys.readouterr().err == (f"reddino-analyse: nothing written: {fresh / 'cells.csv'} appeared while this "
                                        "run went on (another run writing to the same folder?); run it again with "
                                        "--overwrite to replace it\n")
+    assert (fresh / "cells.csv").read_text() == "the other run's" and not (fresh / "cells_summary.csv").exists()
     monkeypatch.setattr(analyse_cli, "export_cells_csv", export)
 
     other = tmp_path / "other"

@@ -1,6 +1,7 @@
 """The Embed cells widget, docked through the manifest, with a tiny real ViT loaded by load_embedder."""
 
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from napari_reddino.cell_embeddings import (
     store_embeddings,
     stored_fingerprint,
 )
-from napari_reddino.embedding import clear_embedder_cache, list_devices, load_embedder
+from napari_reddino.embedding import Embedder, clear_embedder_cache, list_devices, load_embedder
 from napari_reddino.widgets import embed_widget
 from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
 
@@ -447,7 +448,7 @@ def test_the_cells_whose_embeddings_changed_are_those_a_new_run_gives_another_ve
 
 
 def test_labels_changed_during_the_run_keep_the_embeddings_of_the_cells_as_they_were(
-    viewer, widget, chula_pixels_and_cells, qtbot
+    viewer, widget, chula_pixels_and_cells, qtbot, monkeypatch
 ):
     image, labels = chula_pixels_and_cells
     viewer.add_image(image, rgb=True, name="smear")
@@ -490,11 +491,19 @@ def test_labels_changed_during_the_run_keep_the_embeddings_of_the_cells_as_they_
     row, col = np.argwhere(labels == erased).mean(axis=0).round().astype(int)
     cells.brush_size = 200  # the whole cell
 
+    painted, embed_steps = threading.Event(), Embedder.embed_steps
+
+    def after_the_stroke(embedder, *args, **kwargs):  # the worker embeds only once the stroke is made
+        painted.wait(10)
+        return (yield from embed_steps(embedder, *args, **kwargs))
+
     def erase_a_cell(item) -> None:
         if not isinstance(item, tuple):  # the model is loaded: the worker has the labels it embeds
             cells.paint((row, col), 0)
+            painted.set()
         on_progress(item)
 
+    monkeypatch.setattr(Embedder, "embed_steps", after_the_stroke)
     widget._on_progress = erase_a_cell
     run(widget, qtbot)
     widget._on_progress = on_progress
