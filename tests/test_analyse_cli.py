@@ -19,7 +19,7 @@ from skimage.io import imread, imsave
 from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
 from napari_reddino import analyse_cli
 from napari_reddino.analyse_cli import main
-from napari_reddino.batch_analysis import SmearAnalysis, list_smears, read_smear, smear_names
+from napari_reddino.batch_analysis import SmearAnalysis, list_smears, smear_names
 from napari_reddino.cell_embeddings import METADATA_KEY, earlier_run
 from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
 from napari_reddino.class_gallery import (
@@ -33,6 +33,7 @@ from napari_reddino.class_gallery import (
     row_caption,
 )
 from napari_reddino.crop_windows import square_windows
+from napari_reddino.image_input import read_smear
 
 DATA = Path(__file__).parent / "data"
 CHULA = DATA / "chula_rbc12"

@@ -13,10 +13,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .atomic_files import PartlyWrittenError
-from .batch_analysis import GALLERIES, SmearAnalysis, list_smears, read_smear, smear_names
+from .batch_analysis import GALLERIES, SmearAnalysis, list_smears, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
+from .image_input import read_smear
 from .segmentation import pixel_size_refusal
 from .wording import counted
 

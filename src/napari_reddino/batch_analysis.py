@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from skimage.io import imread
 
 from .cell_classifier import prediction_table
 from .cell_embeddings import METADATA_KEY, EmbeddedCells, fingerprint, labels_digest, store_run
@@ -71,26 +69,6 @@ def is_gallery_folder(folder: Path) -> bool:
     ``reddino-analyse`` run's ``cells.csv``, or ``<name>_galleries/`` beside an export's ``<name>.csv``."""
     table = "cells" if folder.name == GALLERIES else folder.name.removesuffix("_galleries")
     return table != folder.name and (folder.parent / f"{table}.csv").is_file()
-
-
-def read_smear(path: str | os.PathLike) -> np.ndarray:
-    """The pixels of the image file ``path``; a file that is no image says so in a sentence
-    (imageio's own message suggests installing video plugins). A CMYK JPEG (from a print
-    workflow) comes as RGB: read as it is stored, its ink planes would pass for RGB and alpha."""
-    try:
-        image = imread(path)
-    except (FileNotFoundError, PermissionError):
-        raise
-    except Image.DecompressionBombError as error:
-        raise OSError("more pixels than Pillow reads (its guard against decompression bombs, about 179 million): "
-                      "cut the scan into fields, with QuPath or vips say, and analyse those") from error
-    except (OSError, ValueError) as error:
-        raise OSError("not an image that can be read (PNG, JPEG or TIFF), or a damaged one") from error
-    if image.ndim == 3 and image.shape[-1] == 4:
-        with Image.open(path) as stored:
-            if stored.mode == "CMYK":
-                return np.asarray(stored.convert("RGB"))
-    return image
 
 
 def smear_names(paths: Sequence[Path]) -> list[str]:

@@ -11,6 +11,7 @@ pink, lilac and grey-stained smears differ.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from math import ceil
 
@@ -88,6 +89,29 @@ def check_smear(image) -> np.ndarray:
             "from 0 (black) up: rescale it, or clip it (numpy.clip(image, 0, None)) if the negatives are noise."
         )
     return array
+
+
+def read_smear(path: str | os.PathLike) -> np.ndarray:
+    """The pixels of the image file ``path``; a file that is no image says so in a sentence
+    (imageio's own message suggests installing video plugins). A CMYK JPEG (from a print
+    workflow) comes as RGB: read as it is stored, its ink planes would pass for RGB and alpha."""
+    from PIL import Image  # on first read: the widgets, which import this module, read no files
+    from skimage.io import imread
+
+    try:
+        image = imread(path)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Image.DecompressionBombError as error:
+        raise OSError("more pixels than Pillow reads (its guard against decompression bombs, about 179 million): "
+                      "cut the scan into fields, with QuPath or vips say, and analyse those") from error
+    except (OSError, ValueError) as error:
+        raise OSError("not an image that can be read (PNG, JPEG or TIFF), or a damaged one") from error
+    if image.ndim == 3 and image.shape[-1] == 4:
+        with Image.open(path) as stored:
+            if stored.mode == "CMYK":
+                return np.asarray(stored.convert("RGB"))
+    return image
 
 
 def channels(array: np.ndarray) -> list[np.ndarray]:

@@ -51,7 +51,7 @@ class UnreadableImageError(ValueError):
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """The pixels of an image file as the plugin reads a smear (any bit depth, TIFF included)."""
-    from napari_reddino.batch_analysis import read_smear
+    from napari_reddino.image_input import read_smear
 
     try:
         return np.asarray(read_smear(path))
