@@ -16,7 +16,10 @@ random network's blocks nearly no-ops and its reduced-precision error look tiny)
     python benchmarks/embedding.py                     # CPU, ViT-S, 48 cells in chunks of 16
     python benchmarks/embedding.py --sizes small base --cells 96
     python benchmarks/embedding.py --device cuda --sizes small base large --cells 4000 --chunk 0 \
-        --card-cells 256 --smears 'tests/data/chula_rbc12/*.jpg'   # what benchmarks/gpu.sh runs
+        --card-cells 256 --smears 'tests/data/chula_rbc12/*.jpg' --compile  # what benchmarks/gpu.sh runs
+
+``--compile`` adds ``load_embedder(compile=True)`` beside the plain Embedder, and prints how
+long its first call (the compiler) took.
 """
 
 from __future__ import annotations
@@ -189,15 +192,25 @@ def benchmark_size(size: str, parts, args, folder: Path) -> list[dict]:
         CARD_LOOPS[1]: lambda part: model_card_loop(card_model, [part], no_grad=True),
         ours: lambda part: embed_all(embedder, [part], args.batch_size),
     }
+    timed_embedders = {ours: embedder}  # their forward is timed, to tell the time outside it
+    if args.compile:
+        compiled = load_embedder(folder / size, device=args.device, dtype=args.dtype, compile=True)
+        seconds, _ = timed(lambda part: embed_all(compiled, [part], args.batch_size), parts[0], embedder.device)
+        print(f"ViT-{size[0].upper()}/14: the compiled Embedder's first call took {seconds:.1f} s "
+              f"({'compiled' if compiled.compiled else 'compiling failed: ran uncompiled'})", flush=True)
+        name = f"{ours[:-1]}, compiled)"
+        methods[name] = lambda part: embed_all(compiled, [part], args.batch_size)
+        timed_embedders[name] = compiled
     if embedder is not fp32:  # the reduced precision against fp32, in the same run
         methods["Embedder.embed (float32)"] = lambda part: embed_all(fp32, [part], args.batch_size)
     if args.skip_autograd_loop:
         del methods[CARD_LOOPS[0]]
     card_parts = first_cells(parts, args.card_cells)
     parts_of = {name: card_parts if name in CARD_LOOPS else parts for name in methods}
-    timer = ForwardTimer(embedder.model, embedder.device)  # times the forward of ``ours`` only
-    embed_all(embedder, parts[:1], args.batch_size)  # warm up allocators and kernels
-    timer.take()
+    timers = {name: ForwardTimer(e.network, e.device) for name, e in timed_embedders.items()}
+    for name, timed_embedder in timed_embedders.items():
+        embed_all(timed_embedder, parts[:1], args.batch_size)  # warm up allocators and kernels
+        timers[name].take()
     best = {name: [(np.inf, 0.0, None)] * len(parts) for name in methods}  # (seconds, in forward, result)
     for round_ in range(args.rounds):
         for index in range(len(parts)):
@@ -205,7 +218,7 @@ def benchmark_size(size: str, parts, args, folder: Path) -> list[dict]:
             shift = (round_ + index) % len(names)  # vary which method runs first
             for name in names[shift:] + names[:shift]:
                 seconds, result = timed(methods[name], parts_of[name][index], embedder.device)
-                inside = timer.take()
+                inside = timers[name].take() if name in timers else 0.0
                 if seconds < best[name][index][0]:
                     best[name][index] = (seconds, inside, result)
     cells = {name: sum(cell_count(part) for part in parts_of[name]) for name in methods}
@@ -223,8 +236,8 @@ def benchmark_size(size: str, parts, args, folder: Path) -> list[dict]:
                 cells=cells[name],
                 cells_per_s=rates[name],
                 speedup={base: rates[name] / rates[base] for base in CARD_LOOPS if base in rates},
-                outside=1 - in_forward / seconds[name] if name == ours else np.nan,
-                error=relative_error(results[ours], reference) if name == ours else np.nan,
+                outside=1 - in_forward / seconds[name] if name in timers else np.nan,
+                error=relative_error(results[name], reference) if name in timers else np.nan,
                 card_difference=np.median(  # the first cells are the same cells in every method
                     np.linalg.norm(results[name] - results[ours][: cells[name]], axis=1)
                     / np.linalg.norm(results[ours][: cells[name]], axis=1)
@@ -234,12 +247,14 @@ def benchmark_size(size: str, parts, args, folder: Path) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], device: str) -> None:
-    print(
-        "| model | method | cells | cells/s | vs card loop | vs card loop + no_grad | time outside forward "
-        "| max rel. error vs fp32 | median rel. diff. vs Embedder |"
-    )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+TABLE_HEAD = (
+    "| model | method | cells | cells/s | vs card loop | vs card loop + no_grad | time outside forward "
+    "| max rel. error vs fp32 | median rel. diff. vs Embedder |\n"
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
+
+
+def print_rows(rows: list[dict]) -> None:
     for row in rows:
         outside = "" if np.isnan(row["outside"]) else f"{row['outside']:.1%}"
         error = "" if np.isnan(row["error"]) else f"{row['error']:.1e}"
@@ -247,8 +262,11 @@ def print_table(rows: list[dict], device: str) -> None:
         speedups = " | ".join("" if ratio is None else f"{ratio:.2f}x" for ratio in speedups)
         print(
             f"| {row['model']} | {row['method']} | {row['cells']} | {row['cells_per_s']:.2f} | {speedups} | "
-            f"{outside} | {error} | {row['card_difference']:.1e} |"
+            f"{outside} | {error} | {row['card_difference']:.1e} |", flush=True
         )
+
+
+def print_machine(device: str) -> None:
     print(f"\ndevice: {device}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if device.startswith("cpu"):
         instructions = ", ".join(cpu_bf16_instructions()) or "none"
@@ -270,15 +288,17 @@ def main() -> None:
     parser.add_argument("--card-cells", type=int, default=None,
                         help="run the model card loops on the first N cells only (their cells/s is theirs)")
     parser.add_argument("--skip-autograd-loop", action="store_true", help="leave out the slowest method")
+    parser.add_argument("--compile", action="store_true", help="also time load_embedder(compile=True)")
     args = parser.parse_args()
     image, labels = mosaic_smear(args.smears, args.cells)
     parts = chunks(image, labels, args.chunk)
-    rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for size in args.sizes:
-            rows += benchmark_size(size, parts, args, Path(folder))
+        for size in args.sizes:  # each size's rows as soon as they are in: a time limit keeps the others
+            rows = benchmark_size(size, parts, args, Path(folder))
+            print(TABLE_HEAD, flush=True)
+            print_rows(rows)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print_table(rows, f"{args.device} ({name})")
+    print_machine(f"{args.device} ({name})")
     print(f"Cutting set-up for all {len(np.unique(labels)) - 1} cells of the {image.shape[1]}x{image.shape[0]} "
           f"mosaic (windows, smear and labels to the device): {set_up_seconds(image, labels, args.device):.3f} s")
 

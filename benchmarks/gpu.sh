@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Every check that needs an NVIDIA GPU, in one call of a lent GPU machine (at most 9 minutes):
+# Every check that needs an NVIDIA GPU, in one call of a lent GPU machine (at most 9.5 minutes):
 # the CUDA tests, embedding cells/s for ViT-S/B/L against the model card loop, and
 # pretraining steps/s and model FLOP utilisation for ViT-S and ViT-L (and ViT-L's memory with
 # activation checkpointing).
 #
 #     bash benchmarks/gpu.sh --fetch-wheels   # first, here: wheels of what that machine lacks, in .whl/
 #     bash benchmarks/gpu.sh                  # there, with .whl carried; logs in $OUT or /tmp/gpu-checks
+#     bash benchmarks/gpu.sh embedding training_vits14   # only the steps named
+#     EMBED_SIZES=small bash benchmarks/gpu.sh embedding   # and only ViT-S
 #
 # Such a machine has python3 (3.12) with torch, torchvision, timm, scikit-image, pandas and
 # pytest, but not edt, this package, napari or ../shared/data, and reaches no package index:
@@ -35,9 +37,11 @@ if ! python3 -c 'import edt' 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
+wanted=" $* "
 step() {  # step NAME SECONDS COMMAND...: run, keep the log, go on whatever it returns
     local name=$1 limit=$2
     shift 2
+    if [ -n "${wanted// /}" ] && [[ "$wanted" != *" $name "* ]]; then return; fi
     echo "## $name"
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
     echo "## $name: exit ${PIPESTATUS[0]}"
@@ -48,10 +52,10 @@ python3 -c 'import sys, torch, torchvision, timm; print(sys.version.split()[0], 
     torchvision.__version__, timm.__version__, torch.cuda.get_device_name())'
 
 # -o filterwarnings=: pyproject's filters name pydantic, which such a machine need not have.
-step cuda_tests 100 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= tests/test_cuda.py
-step embedding 240 python3 benchmarks/embedding.py --device cuda --sizes small base large \
-    --cells 4000 --chunk 0 --card-cells 256 --smears 'tests/data/chula_rbc12/*.jpg'
+step cuda_tests 45 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= tests/test_cuda.py
 step training_vits14 80 python3 benchmarks/training.py --device cuda --model vits14 --json "$out/training_vits14.json"
-step training_vitl14 70 python3 benchmarks/training.py --device cuda --model vitl14 --json "$out/training_vitl14.json"
-step training_vitl14_checkpointed 50 python3 benchmarks/training.py --device cuda --model vitl14 --steps 8 --warmup 2 \
+step embedding 300 python3 benchmarks/embedding.py --device cuda --sizes ${EMBED_SIZES:-small large base} \
+    --cells 4000 --chunk 0 --card-cells 256 --rounds 2 --smears 'tests/data/chula_rbc12/*.jpg' --compile
+step training_vitl14 65 python3 benchmarks/training.py --device cuda --model vitl14 --json "$out/training_vitl14.json"
+step training_vitl14_checkpointed 45 python3 benchmarks/training.py --device cuda --model vitl14 --steps 8 --warmup 2 \
     --json "$out/training_vitl14_checkpointed.json" train.activation_checkpointing=true

@@ -3,6 +3,7 @@
 import gc
 import shutil
 import threading
+import warnings
 import weakref
 from importlib.resources import files
 
@@ -227,6 +228,37 @@ def test_bfloat16_stays_within_one_percent_of_float32(tiny_folder, real_smear):
     bf16 = embedder.embed(image, labels)[1]
     error = np.linalg.norm(bf16 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
     assert 1e-4 < error.max() < 1e-2  # it did run in bf16 (the error is not nil), and within one percent
+
+
+def test_a_compiled_model_embeds_as_the_model_does_compiled_once_for_every_batch_size(tiny_folder, real_smear):
+    image, labels = real_smear
+    expected = load_embedder(tiny_folder[1], device="cpu", dtype="float32").embed(image, labels)[1]
+    compiled = load_embedder(tiny_folder[1], device="cpu", dtype="float32", compile=True)
+    assert compiled.compiled and repr(compiled).endswith(", compiled)")
+    torch._dynamo.reset()  # nothing compiled by an earlier test
+    torch._dynamo.utils.counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # running uncompiled would warn
+        for batch_size in (8, 5, 1):  # each with a last, shorter batch; 1 is padded to 2
+            np.testing.assert_allclose(compiled.embed(image, labels, batch_size=batch_size)[1], expected,
+                                       rtol=1e-4, atol=1e-5)
+    assert compiled.compiled and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_model_the_compiler_fails_on_runs_uncompiled_with_a_warning(tiny_folder, monkeypatch):
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/no/such/c++",))  # a machine without a C++ compiler
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    torch._dynamo.reset()
+    image, labels = three_cells()
+    expected = load_embedder(tiny_folder[1], device="cpu", dtype="float32").embed(image, labels)[1]
+    compiled = load_embedder(tiny_folder[1], device="cpu", dtype="float32", compile=True)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"could not compile .* it runs uncompiled"):
+            found = compiled.embed(image, labels)[1]
+    finally:
+        torch._dynamo.reset()  # the failed compile leaves nothing for later tests
+    assert not compiled.compiled
+    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-6)
 
 
 class RunsOutOfMemoryAbove(torch.nn.Module):

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every cell gets a predicted class and its probabilities, the summary class counts and %%")
     parser.add_argument("--measure-only", action="store_true", help="segment and measure only; no model")
     parser.add_argument("--device", help="auto (CUDA, then MPS, then CPU; the default), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile: on a GPU "
+                        "1.2-1.3x the cells/s, after 20-30 s of compiling; worth it past some 100,000s of cells")
     parser.add_argument("--pixel-size-um", type=float, metavar="UM", help="µm per pixel: sizes in µm too, and "
                         "the segmentation expects cells of 7.5 µm instead of estimating their size per smear")
     parser.add_argument("--with-embeddings", action="store_true", help="also write the embeddings to DIR/cells.npz")
@@ -175,7 +177,7 @@ def _analyse(args: argparse.Namespace) -> int:
 
 def _check_options(args: argparse.Namespace) -> None:
     if args.measure_only:
-        model_options = [f"--{name.replace('_', '-')}" for name in ("model", "device", "head", "with_embeddings")
+        model_options = [f"--{name.replace('_', '-')}" for name in ("model", "device", "compile", "head", "with_embeddings")
                          if getattr(args, name)]
         if model_options:
             raise _Refused(f"--measure-only runs no model, so it cannot take {' or '.join(model_options)}.")
@@ -202,9 +204,12 @@ def _analysis(args: argparse.Namespace) -> SmearAnalysis:
         raise _Refused(f"--model {model} is a weights file; give the model folder (config.json and "
                        "model.safetensors, as reddino-train export writes it) or a Hub name")
     try:
-        embedder = load_embedder(model, device=args.device or "auto")
+        embedder = load_embedder(model, device=args.device or "auto", compile=args.compile)
     except (ModelLoadError, ValueError) as error:  # DeviceError is a ValueError
         raise _Refused(f"cannot load the model {model!r}: {error}") from error
+    if embedder.compiled:
+        print("reddino-analyse: torch.compile compiles the model during the first smear (20-30 s on a GPU)",
+              file=sys.stderr, flush=True)
     head = None
     if args.head:
         try:

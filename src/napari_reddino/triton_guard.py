@@ -4,9 +4,10 @@ Mesa's software OpenGL (llvmpipe: virtual and remote displays, machines without 
 driver) loads the system libLLVM into napari's process. torch and torchvision import triton
 on import to see whether it is there; triton carries its own LLVM, and loading it next to
 Mesa's segfaults the whole process. So when a system libLLVM is mapped at the moment torch is
-first imported, triton is marked unavailable and torch runs without it (the plugin never uses
-torch.compile, the only thing that needs triton). The check waits for torch's import, not the
-widgets': a script may import the widgets before napari's window brings OpenGL in.
+first imported, triton is marked unavailable and torch runs without it (the widgets never use
+torch.compile, the only thing that needs triton; the Python API and reddino-analyse offer it).
+The check waits for torch's import, not the widgets': a script may import the widgets before
+napari's window brings OpenGL in.
 """
 
 import importlib.abc

@@ -24,7 +24,10 @@ class PrototypeLayer(nn.Module):
         nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, F.normalize(self.weight, dim=1)) * self.gain
+        # The gain scales the weights, not the output: under bf16 autocast the output stays bf16
+        # rather than becoming float32 (iBOT's masked patches x 131,072 prototypes: 10 GiB, and
+        # as much again in the backward pass, in RedDino's ViT-S recipe).
+        return F.linear(x, F.normalize(self.weight, dim=1) * self.gain[:, None])
 
 
 class DinoHead(nn.Module):

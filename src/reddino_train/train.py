@@ -234,11 +234,11 @@ class Trainer:
             student = self.distributed_student(global_crops, local_crops, masks)
         batch_size = len(global_crops) // 2
         teacher_probs = self.losses.dino.teacher_probs(teacher_cls.view(2, batch_size, -1), values.teacher_temp)
+        patch_probs = self.losses.ibot.teacher_probs(teacher_patches, values.teacher_temp)
+        del teacher_patches  # masked patches x prototypes: 5 GiB in RedDino's ViT-S recipe
         terms = {
             "dino": self.losses.dino(student.cls_logits.view(-1, batch_size, teacher_probs.shape[-1]), teacher_probs),
-            "ibot": self.losses.ibot(
-                student.patch_logits, self.losses.ibot.teacher_probs(teacher_patches, values.teacher_temp), masks
-            ),
+            "ibot": self.losses.ibot(student.patch_logits, patch_probs, masks),
             "koleo": sum(koleo_loss(tokens) for tokens in student.global_cls_tokens.chunk(2)),
         }
         reduced = torch.stack([

@@ -16,6 +16,8 @@ from reddino_train.losses import (
     make_teacher_targets,
     sinkhorn_knopp,
 )
+import reddino_train.losses.soft_cross_entropy as soft_cross_entropy_module
+from reddino_train.losses.soft_cross_entropy import soft_cross_entropy
 
 LN2, LN3 = math.log(2), math.log(3)
 # With student temperature 0.1, logits [0.1 ln 2, 0, 0] give softmax [1/2, 1/4, 1/4]:
@@ -50,6 +52,26 @@ def test_ibot_loss_weighs_each_crop_equally():
     expected = ((LN2 + LN3) / 2 + 1.5 * LN2 + 0.0) / 3
     loss = IbotPatchLoss(3, student_temp=0.1)(student, teacher, masks)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_cross_entropy_in_chunks_matches_log_softmax(monkeypatch, dtype):
+    # 1000 float32 elements a chunk: the 37 rows of 300 prototypes go in 13 chunks of 3 rows
+    monkeypatch.setattr(soft_cross_entropy_module, "_CHUNK_ELEMENTS", 1000)
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(37, 300, generator=generator)).to(dtype).requires_grad_()
+    targets = 0.9 * torch.softmax(torch.randn(37, 300, generator=generator) / 0.05, dim=-1)  # rows sum to 0.9
+    weights = torch.rand(37, generator=generator)
+    unchanged = logits.detach().clone()
+    expected = -(targets * torch.log_softmax(logits.float() / 0.1, dim=-1)).sum(dim=-1)
+    (expected * weights).sum().backward()
+    expected_grad, logits.grad = logits.grad, None
+    losses = soft_cross_entropy(logits, targets, 0.1)
+    (losses * weights).sum().backward()
+    torch.testing.assert_close(losses, expected.detach(), rtol=1e-6, atol=1e-5)
+    assert logits.grad.dtype == dtype
+    torch.testing.assert_close(logits.grad.float(), expected_grad.float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits.detach(), unchanged)  # float32 logits are not scaled in place
 
 
 def test_koleo_uses_each_point_nearest_neighbour():
@@ -94,6 +116,9 @@ def test_sinkhorn_knopp_balances_prototypes():
     torch.testing.assert_close(probs.sum(dim=0), torch.full((4,), 12 / 4), atol=1e-4, rtol=0)
     # adding a constant to every logit changes nothing, and huge logits do not overflow
     torch.testing.assert_close(sinkhorn_knopp(logits + 1000.0, temp=0.1), sinkhorn_knopp(logits, temp=0.1))
+    unchanged = logits.clone()
+    sinkhorn_knopp(logits, temp=0.1)
+    assert torch.equal(logits, unchanged)  # worked on a copy
     uniform = sinkhorn_knopp(torch.zeros(3, 5), temp=0.04)
     torch.testing.assert_close(uniform, torch.full((3, 5), 0.2))
 

@@ -168,3 +168,22 @@ def test_gradients_are_clipped_per_part_so_a_head_spike_spares_the_backbone():
         assert torch.equal(param.grad, before)  # its own norm is far below 3
     head_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.dino_head.parameters()]))
     assert head_norm == pytest.approx(3.0, rel=1e-4)
+
+
+def test_prototype_logits_are_cosines_times_gains_and_stay_in_the_autocast_dtype():
+    from reddino_train.heads import PrototypeLayer
+
+    torch.manual_seed(0)
+    layer = PrototypeLayer(8, 64)
+    torch.nn.init.uniform_(layer.gain, 0.5, 2.0)
+    x = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    prototypes = layer.weight / layer.weight.norm(dim=1, keepdim=True)
+    expected = (x @ prototypes.T) * layer.gain  # cosine to each prototype, times its gain
+    torch.testing.assert_close(layer(x), expected)
+    layer(x).sum().backward()  # each gain's gradient: the sum of its cosines
+    torch.testing.assert_close(layer.gain.grad, (x @ prototypes.T).sum(dim=0).detach())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer(x)
+    # not float32: a float32 copy of iBOT's 21,000 x 131,072 logits (RedDino's ViT-S recipe) is 10 GiB
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), expected.detach(), rtol=2e-2, atol=2e-2)

@@ -4,8 +4,8 @@ predicts the teacher's targets for those patches of the unmasked crop."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .soft_cross_entropy import soft_cross_entropy
 from .teacher_targets import StudentTeacherLoss
 
 
@@ -24,8 +24,7 @@ class IbotPatchLoss(StudentTeacherLoss):
         count as zero in the mean, as in DINOv2. masks: (crops, patches) bool; the logits and
         targets hold one row per True entry in row-major order (``tokens[masks]``).
         """
-        log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
-        patch_loss = -(teacher_probs * log_probs).sum(dim=-1)
+        patch_loss = soft_cross_entropy(student_logits, teacher_probs, self.student_temp)
         crop_of_patch = masks.nonzero()[:, 0]
         n_masked = masks.sum(dim=1).clamp_min(1)
         return (patch_loss / n_masked[crop_of_patch]).sum() / len(masks)

@@ -30,7 +30,7 @@ class SoftmaxCentering(nn.Module):
         """Targets for ``teacher_logits`` (rows x prototypes) with the current centre, then
         fold this batch's mean into the centre for the next step."""
         logits = teacher_logits.float()
-        probs = F.softmax((logits - self.center) / temp, dim=-1)
+        probs = F.softmax((logits - self.center).div_(temp), dim=-1)
         totals = all_reduce(torch.cat([logits.sum(dim=0), logits.new_tensor([len(logits)])]))
         count = totals[-1]
         if count > 0:
@@ -43,21 +43,22 @@ class SoftmaxCentering(nn.Module):
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
     """Rows x prototypes assignment whose rows each sum to 1 and whose prototypes share the
     global batch about equally (exactly in the limit of many iterations)."""
-    logits = teacher_logits.float()
-    n_rows = all_reduce(logits.new_tensor(float(len(logits))))
+    # One float32 copy, worked on in place: iBOT's rows x prototypes are gigabytes.
+    q = teacher_logits.to(torch.float32, copy=True)
+    n_rows = all_reduce(q.new_tensor(float(len(q))))
     if n_rows == 0:
-        return logits.clone()
+        return q
     # A global shift leaves the result unchanged (each step rescales) and keeps exp finite.
-    local_max = logits.max() if len(logits) else logits.new_tensor(float("-inf"))
+    local_max = q.max() if len(q) else q.new_tensor(float("-inf"))
     shift = all_reduce(local_max.clone(), op=dist.ReduceOp.MAX)
-    q = torch.exp((logits - shift) / temp)
+    q.sub_(shift).div_(temp).exp_()
     n_prototypes = q.shape[1]
     tiny = torch.finfo(q.dtype).tiny
     for _ in range(n_iterations):
         prototype_mass = all_reduce(q.sum(dim=0, keepdim=True))
         q /= prototype_mass.clamp_min(tiny) * n_prototypes
         q /= q.sum(dim=1, keepdim=True).clamp_min(tiny) * n_rows
-    return q * n_rows
+    return q.mul_(n_rows)
 
 
 class SinkhornKnopp(nn.Module):
