@@ -230,6 +230,11 @@ def test_bfloat16_stays_within_one_percent_of_float32(tiny_folder, real_smear):
     assert 1e-4 < error.max() < 1e-2  # it did run in bf16 (the error is not nil), and within one percent
 
 
+needs_a_cxx_compiler = pytest.mark.skipif(not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
+                                          reason="torch.compile on a CPU needs a C++ compiler")
+
+
+@needs_a_cxx_compiler
 def test_a_compiled_model_embeds_as_the_model_does_compiled_once_for_every_batch_size(tiny_folder, real_smear):
     image, labels = real_smear
     expected = load_embedder(tiny_folder[1], device="cpu", dtype="float32").embed(image, labels)[1]
@@ -245,6 +250,7 @@ def test_a_compiled_model_embeds_as_the_model_does_compiled_once_for_every_batch
     assert compiled.compiled and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@needs_a_cxx_compiler
 def test_a_model_the_compiler_fails_on_runs_uncompiled_with_a_warning(tiny_folder, monkeypatch):
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/no/such/c++",))  # a machine without a C++ compiler
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
@@ -259,6 +265,55 @@ def test_a_model_the_compiler_fails_on_runs_uncompiled_with_a_warning(tiny_folde
         torch._dynamo.reset()  # the failed compile leaves nothing for later tests
     assert not compiled.compiled
     np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_a_cxx_compiler
+def test_the_model_s_own_errors_come_through_the_compiled_path_and_it_stays_compiled(tiny_folder):
+    compiled = load_embedder(tiny_folder[1], device="cpu", dtype="float32", compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not compile": the model itself refuses these inputs
+        with pytest.raises(RuntimeError, match="channels"):
+            compiled.embed_crops(torch.zeros(2, 4, 56, 56))  # four channels, where the patch embedding takes three
+    assert compiled.compiled
+
+
+class OutOfMemoryInTheCompiler(torch.nn.Module):
+    """What a compiled network raises when the compiler runs out of CUDA memory above two images:
+    the out-of-memory error wrapped in the compiler's own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        if len(x) > 2:
+            try:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            except torch.cuda.OutOfMemoryError as error:
+                raise RuntimeError("backend compiler failed") from error
+        return self.model(x)
+
+
+def test_out_of_memory_in_the_compiler_halves_the_batch_as_it_does_uncompiled(embedder, tiny_folder):
+    crops = torch.randn(4, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    expected = embedder.embed_crops(crops).numpy()
+    compiled = load_embedder(tiny_folder[1], device="cpu", dtype="float32", compile=True)
+    compiled.network = OutOfMemoryInTheCompiler(compiled.model)
+    np.testing.assert_allclose(compiled.embed_crops(crops).numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert compiled._fitting_batch == 2 and compiled.compiled  # halved to two images, still compiled
+
+
+def test_a_compiled_and_a_plain_embedder_share_weights_and_go_together_when_the_files_change(tiny_folder):
+    model, folder = tiny_folder
+    plain = load_embedder(folder, device="cpu", dtype="float32")
+    compiled = load_embedder(folder, device="cpu", dtype="float32", compile=True)
+    assert compiled is not plain and compiled.model is plain.model and compiled.compiled and not plain.compiled
+    assert load_embedder(folder, device="cpu", dtype="float32", compile=True) is compiled
+    compiled, plain = weakref.ref(compiled), weakref.ref(plain)
+    save_folder(tiny_vit(seed=2), folder)
+    load_embedder(folder, device="cpu", dtype="float32")  # the new weights, uncompiled
+    gc.collect()
+    assert compiled() is None and plain() is None  # neither kept the old weights
 
 
 class RunsOutOfMemoryAbove(torch.nn.Module):

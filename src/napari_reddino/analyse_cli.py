@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--measure-only", action="store_true", help="segment and measure only; no model")
     parser.add_argument("--device", help="auto (CUDA, then MPS, then CPU; the default), cpu, cuda, cuda:1, mps")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile: on a GPU "
-                        "1.2-1.3x the cells/s, after 20-30 s of compiling; worth it past some 100,000s of cells")
+                        "1.2-1.3x the cells/s, after 20-32 s of compiling; worth it past some 100,000s of cells")
     parser.add_argument("--pixel-size-um", type=float, metavar="UM", help="µm per pixel: sizes in µm too, and "
                         "the segmentation expects cells of 7.5 µm instead of estimating their size per smear")
     parser.add_argument("--with-embeddings", action="store_true", help="also write the embeddings to DIR/cells.npz")
@@ -208,7 +208,7 @@ def _analysis(args: argparse.Namespace) -> SmearAnalysis:
     except (ModelLoadError, ValueError) as error:  # DeviceError is a ValueError
         raise _Refused(f"cannot load the model {model!r}: {error}") from error
     if embedder.compiled:
-        print("reddino-analyse: torch.compile compiles the model during the first smear (20-30 s on a GPU)",
+        print("reddino-analyse: torch.compile compiles the model during the first smear (20-32 s on an H100)",
               file=sys.stderr, flush=True)
     head = None
     if args.head:

@@ -298,17 +298,18 @@ class Embedder:
     def _run_compiled(self, inputs: torch.Tensor) -> torch.Tensor:
         """The compiled network on ``inputs``, compiled once for any batch size; where the
         compiler fails (no C++ compiler, no triton), a warning and the model as it is."""
-        torch._dynamo.mark_dynamic(inputs, 0)
+        torch._dynamo.maybe_mark_dynamic(inputs, 0)
         try:
             return self.network(inputs)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as error:  # the model's own errors come back from the plain run below
+        except Exception as error:
+            if (out_of_memory := _out_of_memory_in(error)) is not None:
+                raise out_of_memory from None  # the batch halves, as uncompiled
+            outputs = self.model(inputs)  # the model's own errors come from here, and compiling stays on
             reason = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
             warnings.warn(f"torch.compile could not compile {self.model_id} ({type(error).__name__}: {reason}); "
                           "it runs uncompiled.", RuntimeWarning, stacklevel=2)
             self.network = self.model
-            return self.model(inputs)
+            return outputs
 
     def auto_batch_size(self) -> int:
         """Cells per batch: what half the free device memory holds, up to a per-device cap."""
@@ -317,6 +318,17 @@ class Embedder:
         cap = _MAX_BATCH.get(self.device.type, 8)
         free = _free_memory(self.device)
         return cap if free is None else int(np.clip(free // 2 // per_image, 1, cap))
+
+
+def _out_of_memory_in(error: BaseException) -> torch.cuda.OutOfMemoryError | None:
+    """The CUDA out-of-memory error ``error`` is or wraps (the compiler wraps its own), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _kept(reuse: EmbeddedCells | None, ids: np.ndarray, checks: np.ndarray) -> np.ndarray:
@@ -371,9 +383,11 @@ def load_embedder(
     key = (canonical_id(model, architecture), local_version(model), str(torch_device), torch_dtype, bool(compile))
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
-            loaded = load_model(model, architecture=architecture, download_progress=download_progress)
-            for stale in [k for k in _EMBEDDERS if k[0] == key[0] and k[2:] == key[2:]]:
+            for stale in [k for k in _EMBEDDERS if k[0] == key[0] and k[1] != key[1] and k[2:4] == key[2:4]]:
                 del _EMBEDDERS[stale]  # an older version of the same files: free its memory
+            twin = _EMBEDDERS.get((*key[:4], not key[4]))  # the same weights, (un)compiled: share them
+            loaded = (LoadedModel(twin.model_id, twin.model, twin.input_size, twin.mean, twin.std) if twin else
+                      load_model(model, architecture=architecture, download_progress=download_progress))
             _EMBEDDERS[key] = Embedder(loaded, device=torch_device, dtype=torch_dtype, compile=bool(compile))
         return _EMBEDDERS[key]
 

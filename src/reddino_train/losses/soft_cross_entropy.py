@@ -11,6 +11,7 @@ of about 1 GiB of float32 and keep only their inputs, which the step holds anywa
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _CHUNK_ELEMENTS = 2**28  # float32 elements worked on at once: 1 GiB
 
@@ -41,6 +42,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
         return losses
 
     @staticmethod
+    @once_differentiable  # its gradient is computed without autograd
     def backward(ctx, grad_losses: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         # d/d logits of the row's loss: (softmax(logits / temp) * sum(targets) - targets) / temp
         logits, targets = ctx.saved_tensors
