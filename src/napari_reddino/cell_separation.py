@@ -29,6 +29,12 @@ NOISE_SIGMAS = 3.0  # ... and this many background standard deviations above bac
 # cells show 0.037 and more (all 559 Chula and Aslan smears), a blank field's camera grain 0.001-0.01
 # (benchmarks/blank_fields.py).
 MIN_CELL_CONTRAST = 0.015
+# Otsu's split of pure camera grain keeps 0.64 of the variance between its two halves (2/pi, a
+# normal distribution's). 4 of the 559 smears keep as little (0.57-0.66), but show a contrast of
+# 0.077 or more, where a field of grain 20 at mid-grey shows 0.031 (benchmarks/blank_fields.py).
+# So a split no more two-levelled than grain must show this much contrast too.
+GRAIN_SEPARATION = 0.66
+MIN_GRAIN_LIKE_CONTRAST = 0.05
 FAINT_LEVEL = 0.5  # a faint outline: this far from background towards the cell threshold
 MAX_PALLOR_AREA = 0.6  # holes up to this fraction of a cell are its pale centre
 MIN_PALLOR_AREA = 0.02  # ... and, inside a faint outline, at least this fraction
@@ -108,13 +114,38 @@ def foreground_thresholds(smoothed: np.ndarray) -> Thresholds | None:
     """Where cells begin in smoothed density; None when nothing stands out from the slide as
     much as a stained cell does (a blank field, whose noise would otherwise be split into cells)."""
     split = _otsu_split(smoothed)
-    if split is None or split[2] - split[1] < MIN_CELL_CONTRAST:
+    if not _shows_cells(smoothed, split):
         return None
     otsu, low, high = split
     background = smoothed[smoothed <= otsu]
     noise_floor = min(low + NOISE_SIGMAS * float(background.std()), otsu)
     cell = max(low + CONTRAST_FRACTION * (high - low), noise_floor)
     return Thresholds(cell, low + FAINT_LEVEL * (cell - low), low)
+
+
+def shows_cells(smoothed: np.ndarray) -> bool:
+    """Whether smoothed density holds anything that stands out from the slide as cells do."""
+    return _shows_cells(smoothed, _otsu_split(smoothed))
+
+
+def _shows_cells(smoothed: np.ndarray, split: tuple[float, float, float] | None) -> bool:
+    if split is None or split[2] - split[1] < MIN_CELL_CONTRAST:
+        return False
+    return split[2] - split[1] >= MIN_GRAIN_LIKE_CONTRAST or _separation(smoothed, split) >= GRAIN_SEPARATION
+
+
+def split_separation(smoothed: np.ndarray) -> float:
+    """The share of smoothed density's variance that lies between Otsu's two levels: 2/pi for
+    camera grain alone, nearer 1 the more clearly a smear shows two levels (slide and cells)."""
+    return _separation(smoothed, _otsu_split(smoothed))
+
+
+def _separation(smoothed: np.ndarray, split: tuple[float, float, float] | None) -> float:
+    if split is None:
+        return 0.0
+    otsu, low, high = split
+    share = float((smoothed > otsu).mean())
+    return share * (1 - share) * (high - low) ** 2 / float(smoothed.var())
 
 
 def cell_contrast(smoothed: np.ndarray) -> float:

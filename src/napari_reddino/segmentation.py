@@ -19,7 +19,6 @@ from scipy import ndimage as ndi
 
 from .cell_lookup import cell_centres
 from .cell_separation import (
-    MIN_CELL_CONTRAST,
     WORKING_DIAMETER_PX,
     Thresholds,
     cell_contrast,
@@ -28,6 +27,7 @@ from .cell_separation import (
     flatten_background,
     foreground_thresholds,
     separate_cells,
+    shows_cells,
     smooth_density,
 )
 from .cell_size import diameter_from_foreground
@@ -178,7 +178,7 @@ def _calibration_window(array: np.ndarray, stain: StainModel) -> tuple[np.ndarra
     in a slide scan), the window of a 3x3 grid that shows the most."""
     density = stain.density(array[_central_window(array.shape[0]), _central_window(array.shape[1])])
     half = _half_resolution(density)
-    if density.shape == array.shape[:2] or half is None or cell_contrast(half) >= MIN_CELL_CONTRAST:
+    if density.shape == array.shape[:2] or half is None or shows_cells(half):
         return density, half
     windows = [(rows, cols) for rows in _grid_windows(array.shape[0]) for cols in _grid_windows(array.shape[1])]
     densities = (stain.density(array[rows, cols]) for rows, cols in windows)
