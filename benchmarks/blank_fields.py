@@ -71,7 +71,8 @@ def main() -> None:
         share = np.array([split_separation(density) for density in densities])
         grain_like = contrast[share < GRAIN_SEPARATION]
         print(f"| {name} | {len(densities)} | {contrast.min():.4f} | {np.percentile(contrast, 1):.4f} | "
-              f"{np.median(contrast):.4f} | {share.min():.3f} | {np.percentile(share, 1):.3f} | {np.median(share):.3f} | "
+              f"{np.median(contrast):.4f} | {share.min():.3f} | {np.percentile(share, 1):.3f} | "
+              f"{np.median(share):.3f} | "
               f"{f'{grain_like.min():.4f}' if len(grain_like) else '-'} | "
               f"{sum(not shows_cells(density) for density in densities)} |")
     print("\n| bare slide field (640x480) | contrast | share between levels | cells found |")
@@ -82,6 +83,7 @@ def main() -> None:
         density = working_density(image)
         print(f"| level {level}, grain {grain:g}, corners {vignetting:.0%} darker | {cell_contrast(density):.4f} | "
               f"{split_separation(density):.3f} | {int(segment_cells(image).max())} |")
+
 
 if __name__ == "__main__":
     main()

@@ -177,8 +177,8 @@ def _analyse(args: argparse.Namespace) -> int:
 
 def _check_options(args: argparse.Namespace) -> None:
     if args.measure_only:
-        model_options = [f"--{name.replace('_', '-')}" for name in ("model", "device", "compile", "head", "with_embeddings")
-                         if getattr(args, name)]
+        model_options = [f"--{name.replace('_', '-')}"
+                         for name in ("model", "device", "compile", "head", "with_embeddings") if getattr(args, name)]
         if model_options:
             raise _Refused(f"--measure-only runs no model, so it cannot take {' or '.join(model_options)}.")
     if args.galleries and not args.head:
