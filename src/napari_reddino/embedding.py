@@ -364,7 +364,7 @@ def load_embedder(
     download_progress: DownloadProgress | None = None,
     compile: bool = False,
 ) -> Embedder:
-    """Load ``model`` (or reuse it, cached per model, device and dtype) as an :class:`Embedder`.
+    """Load ``model`` (or reuse it, cached per model, device, dtype and compile) as an :class:`Embedder`.
 
     ``model``: ``"reddino-small"``, ``"reddino-base"``, ``"reddino-large"``; ``"hf_hub:org/name"``
     (optionally ``@revision``); a folder with ``config.json`` + ``model.safetensors``; or a
