@@ -43,7 +43,7 @@ from torchvision import transforms
 
 from napari_reddino import segment_cells
 from napari_reddino.bf16_speed import bf16_saves_time, cpu_bf16_instructions, cpu_bf16_speedup
-from napari_reddino.crops import DEFAULT_MARGIN, CropSampler, cell_windows
+from napari_reddino.crops import DEFAULT_MARGIN, cell_windows, prepare_crops
 from napari_reddino.embedding import Embedder, load_embedder
 
 SMEARS = "/work/shared/data/chula_rbc12/Dataset/*.jpg"
@@ -308,8 +308,7 @@ def set_up_seconds(image: np.ndarray, labels: np.ndarray, device: str) -> float:
     best = np.inf
     for _ in range(3):
         started = time.perf_counter()
-        cell_windows(labels)
-        CropSampler(image, labels, size=(224, 224), device=device)
+        prepare_crops(image, labels, size=(224, 224), device=device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)

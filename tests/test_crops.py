@@ -7,6 +7,8 @@ import pytest
 import torch
 from skimage.io import imread
 
+from napari_reddino import crop_windows, segment_cells
+from napari_reddino.crop_windows import bounding_boxes
 from napari_reddino.crops import (
     CropInputError,
     CropSampler,
@@ -101,6 +103,22 @@ def test_smear_scale_crops_show_how_big_each_cell_is():
     window = 1.5 * 1.25 * 21  # the median box is 21 px
     expected = [(labels == label).sum() / window**2 for label in (1, 2)]
     np.testing.assert_allclose([is_cell(crop).mean() for crop in by_smear[:2]], expected, rtol=0.03)
+
+
+@pytest.mark.parametrize("threads", [1, 5])
+def test_bounding_boxes_of_a_real_smear_are_each_cells_extent_however_many_bands_find_them(monkeypatch, threads):
+    labels = segment_cells(imread(files("napari_reddino") / "data" / "chula_rbc12" / "1.jpg"))
+    labels[3:470, 630:633] = labels.max() + 1  # one cell across every band
+    labels[labels == 7] = 0  # an id missing in the middle
+    monkeypatch.setattr(crop_windows, "_threads", lambda: threads)
+    monkeypatch.setattr(crop_windows, "_BAND_PIXELS", 2**14)  # a 640 x 480 smear in five bands
+    ids, boxes = bounding_boxes(labels)
+    expected_ids = np.unique(labels[labels > 0])
+    np.testing.assert_array_equal(ids, expected_ids)
+    for label, box in zip(ids, boxes, strict=True):
+        rows, cols = np.nonzero(labels == label)
+        np.testing.assert_array_equal(box, [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+    assert len(ids) > 50 and 7 not in ids
 
 
 def test_an_unknown_crop_scale_is_refused_with_the_known_ones():
@@ -218,14 +236,14 @@ def test_a_crops_checks_do_not_depend_on_its_batch_and_move_with_any_pixel():
     for label, (centre, radius) in enumerate([((240, 320), 25), ((100, 100), 20), ((400, 600), 30), ((250, 370), 22)], 1):
         labels[disc(labels.shape, centre, radius)] = label
     sampler, windows = CropSampler(image, labels, size=(56, 56), mode="masked"), cell_windows(labels)
-    whole = crop_checks(sampler(windows.ids, windows.boxes))
+    whole = crop_checks(sampler(windows.ids, windows.boxes)).numpy()
     assert whole.shape == (4, 2) and len(np.unique(whole, axis=0)) == 4
     for size in (1, 3):  # other batches pad their windows to other sizes: the same crops, the same checks
-        parts = [crop_checks(sampler(windows.ids[i:i + size], windows.boxes[i:i + size])) for i in range(0, 4, size)]
+        parts = [crop_checks(sampler(windows.ids[i:i + size], windows.boxes[i:i + size])).numpy() for i in range(0, 4, size)]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
     crops = sampler(windows.ids, windows.boxes)
     crops[2, 1, 30, 30] += 1e-3  # one value of one crop, a little
-    moved = crop_checks(crops)
+    moved = crop_checks(crops).numpy()
     assert (moved[2] != whole[2]).all() and (np.delete(moved, 2, axis=0) == np.delete(whole, 2, axis=0)).all()
 
 

@@ -251,15 +251,16 @@ def test_a_compiled_model_embeds_as_the_model_does_compiled_once_for_every_batch
 
 
 @needs_a_cxx_compiler
-def test_a_model_the_compiler_fails_on_runs_uncompiled_with_a_warning(tiny_folder, monkeypatch):
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/no/such/c++",))  # a machine without a C++ compiler
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+def test_a_model_the_compiler_fails_on_runs_uncompiled_with_a_warning(tiny_folder):
+    # a machine without a C++ compiler (config.patch, not monkeypatch: that leaves the cache
+    # setting deleted, and every later compile in the process fails)
+    no_compiler = torch._inductor.config.patch({"cpp.cxx": ("/no/such/c++",), "fx_graph_cache": False})
     torch._dynamo.reset()
     image, labels = three_cells()
     expected = load_embedder(tiny_folder[1], device="cpu", dtype="float32").embed(image, labels)[1]
     compiled = load_embedder(tiny_folder[1], device="cpu", dtype="float32", compile=True)
     try:
-        with pytest.warns(RuntimeWarning, match=r"could not compile .* it runs uncompiled"):
+        with no_compiler, pytest.warns(RuntimeWarning, match=r"could not compile .* it runs uncompiled"):
             found = compiled.embed(image, labels)[1]
     finally:
         torch._dynamo.reset()  # the failed compile leaves nothing for later tests

@@ -7,6 +7,8 @@ cuts its thumbnails from the same windows, so a cell looks there as the model sa
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +24,8 @@ DEFAULT_CROP_SCALE: CropScale = "smear"
 SMEAR_SCALE_CELLS = 1.25
 DEFAULT_MARGIN = 0.25
 MAX_MARGIN = 4.0  # a window 9 times the cell's side: beyond it a crop is mostly its neighbours
+_BAND_PIXELS = 2**20  # fewer pixels per thread gain less than starting it costs
+_PIXELS_PER_LISTED_ID = 100  # a band lists every id (30 ns each) and reads its pixels (3 ns each)
 
 
 class CropInputError(ValueError):
@@ -55,17 +59,56 @@ def cell_windows(
     labels: np.ndarray, margin: float = DEFAULT_MARGIN, scale: CropScale = DEFAULT_CROP_SCALE
 ) -> CellWindows:
     """One square window per label, centred on its bounding box (pixel i spans [i, i + 1))."""
+    check_crop_settings(margin, scale)
+    ids, bounds = bounding_boxes(labels)
+    return CellWindows(ids, square_windows(bounds, margin, scale))
+
+
+def check_crop_settings(margin: float, scale: CropScale) -> None:
+    """Raise :class:`CropInputError` unless ``margin`` and ``scale`` are ones :func:`cell_windows` takes."""
     if not 0 <= margin <= MAX_MARGIN:
         raise CropInputError(f"margin must be from 0 to {MAX_MARGIN:g}, a fraction of the cell's size on each side "
                              f"(0.25: a quarter), not {margin}.")
     if scale not in CROP_SCALES:
         raise CropInputError(f"Unknown crop scale {scale!r}; use one of {', '.join(CROP_SCALES)}.")
-    slices = ndimage.find_objects(labels) if labels.size else []
-    ids = np.array([i + 1 for i, found in enumerate(slices) if found is not None], dtype=np.int64)
-    bounds = np.array(
-        [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in slices if s is not None], dtype=np.float64
-    ).reshape(-1, 4)
-    return CellWindows(ids, square_windows(bounds, margin, scale))
+
+
+def bounding_boxes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The label ids present (int64, ascending) and their boxes (x0, y0, x1, y1, max exclusive).
+
+    ``find_objects`` runs on bands of rows in threads (it lets go of the GIL): an 11-megapixel
+    label image of 4,000 cells took 30 ms in one and 18 ms in two here; a GPU's set-up waits
+    for it. Each band lists every id up to the largest, so sparse ids keep to one band.
+    """
+    labels = np.asarray(labels)
+    if not labels.size:
+        return np.zeros(0, np.int64), np.zeros((0, 4), np.float64)
+    top = int(labels.max())
+    count = min(_threads(), labels.size // _BAND_PIXELS, labels.size // (_PIXELS_PER_LISTED_ID * max(top, 1)))
+    bands = np.array_split(np.arange(labels.shape[0]), max(count, 1))
+    with ThreadPoolExecutor(len(bands), thread_name_prefix="reddino-boxes") as pool:
+        found = pool.map(lambda rows: ndimage.find_objects(labels[rows[0] : rows[-1] + 1], top), bands)
+        parts = [_listed_boxes(slices, rows[0]) for rows, slices in zip(bands, found, strict=True)]
+    ids, edges = (np.concatenate(column) for column in zip(*parts, strict=True))
+    if len(bands) > 1:  # a cell across bands has a box in each: take their union
+        order = np.argsort(ids, kind="stable")
+        ids, edges = ids[order], edges[order]
+        firsts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        ids = ids[firsts]
+        edges = np.hstack([np.minimum.reduceat(edges[:, :2], firsts), np.maximum.reduceat(edges[:, 2:], firsts)])
+    return ids, edges.astype(np.float64)
+
+
+def _listed_boxes(slices: list, row_offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ids and (x0, y0, x1, y1) boxes of ``find_objects``'s list of one band starting at ``row_offset``."""
+    ids = np.array([i + 1 for i, box in enumerate(slices) if box is not None], dtype=np.int64)
+    edges = np.array([(box[1].start, box[0].start, box[1].stop, box[0].stop) for box in slices if box is not None],
+                     dtype=np.int64).reshape(-1, 4)
+    return ids, edges + [0, row_offset, 0, row_offset]
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def square_windows(bounds: np.ndarray, margin: float = DEFAULT_MARGIN, scale: CropScale = DEFAULT_CROP_SCALE

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -46,6 +47,7 @@ from .crop_windows import (  # noqa: F401  (re-exported: the crop settings are p
     CropInputError,
     CropScale,
     cell_windows,
+    check_crop_settings,
 )
 from .image_input import check_labels, check_smear, colour_planes, is_positive, subsample
 
@@ -146,7 +148,7 @@ class CropSampler:
         # The smear travels to the device as it is (8-bit stays 8-bit: a quarter of float32's
         # bytes, and no pass over the whole image here); only the windows become float.
         pixels = colour if colour.dtype == np.uint8 else colour.astype(np.float32)
-        label_type = np.int32 if labels.max(initial=0) < 2**31 else np.int64
+        label_type = next(kind for kind in (np.int16, np.int32, np.int64) if labels.max(initial=0) <= np.iinfo(kind).max)
         labels = labels.astype(label_type, copy=False) if mode == "masked" else None
         # Pixels become (pixel - black) * gain - background: 0 is the background colour, so
         # padding and blanking are multiplications by 0, and roi_align's zeros outside its
@@ -280,12 +282,25 @@ def cell_crops(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(label_ids, crops)``: what the model sees for each cell, as float32 RGB (n, H, W, 3) in [0, 1]."""
     size = crop_size(size)
-    sampler = CropSampler(image, labels, size=size, mode=mode)
-    windows = cell_windows(np.asarray(labels), margin, scale)
+    windows, sampler = prepare_crops(image, labels, size=size, mode=mode, margin=margin, scale=scale)
     if not len(windows):
         return windows.ids, np.zeros((0, *size, 3), dtype=np.float32)
     crops = sampler(windows.ids, windows.boxes)
     return windows.ids, crops.permute(0, 2, 3, 1).numpy()
+
+
+def prepare_crops(image, labels, *, size: tuple[int, int], mode: CropMode = DEFAULT_CROP_MODE,
+                  margin: float = DEFAULT_MARGIN, scale: CropScale = DEFAULT_CROP_SCALE,
+                  device: torch.device | str = "cpu", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                  ) -> tuple[CellWindows, CropSampler]:
+    """Every cell's window, and a :class:`CropSampler` holding the smear on ``device``: what
+    cutting needs before its first crop. The windows are found in a thread while the smear goes
+    to the device (both let go of the GIL)."""
+    check_crop_settings(margin, scale)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reddino-windows") as finder:
+        finding = finder.submit(cell_windows, np.asarray(labels), margin, scale)
+        sampler = CropSampler(image, labels, size=size, mode=mode, device=device, mean=mean, std=std)
+        return finding.result(), sampler
 
 
 def crop_size(size) -> tuple[int, int]:
@@ -296,14 +311,14 @@ def crop_size(size) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def crop_checks(crops: torch.Tensor) -> np.ndarray:
+def crop_checks(crops: torch.Tensor) -> torch.Tensor:
     """Two numbers per crop of ``crops`` (n, C, H, W) that move when any of its values moves:
-    a fixed random projection (float32, (n, 2)). A crop is cut the same whatever else is in
+    a fixed random projection (float32, (n, 2), on the crops' device). A crop is cut the same whatever else is in
     its batch, so equal checks say the model would see the same input again: a cell whose
     crop a brush stroke did not reach keeps its embedding (``Embedder.embed_steps(reuse=)``).
     A change below float rounding could go unseen; it would move the embedding by as little."""
     flat = crops.reshape(len(crops), -1).float()
-    return (flat @ _projection(flat.shape[1], flat.device)).cpu().numpy()
+    return flat @ _projection(flat.shape[1], flat.device)
 
 
 @functools.lru_cache(maxsize=4)

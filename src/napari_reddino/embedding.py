@@ -7,7 +7,7 @@
 ascending order with their embeddings: for RedDino the class token after the final norm.
 
 While the model runs on one batch, a worker thread cuts the next, so the model never waits
-for crops. Given an earlier run of the same model (``reuse=``), a cell whose crop is what it
+for crops; on a GPU, a batch's embeddings come back to the CPU while the next batch runs. Given an earlier run of the same model (``reuse=``), a cell whose crop is what it
 was keeps its embedding and only the others go through the model. The batch size follows the
 free memory of the device and halves when a CUDA batch runs out of memory. Work can be
 cancelled between batches, and :meth:`Embedder.embed_steps` is a generator that yields
@@ -22,9 +22,11 @@ leave it off (it needs triton, which :mod:`.triton_guard` may keep out of napari
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import warnings
+from collections import deque
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -39,9 +41,8 @@ from .crops import (
     DEFAULT_MARGIN,
     CropMode,
     CropScale,
-    CropSampler,
-    cell_windows,
     crop_checks,
+    prepare_crops,
 )
 from .cell_embeddings import EmbeddedCells
 from .models import (
@@ -224,46 +225,52 @@ class Embedder:
         the other cells go through the model."""
         if batch_size is not None and not is_positive(batch_size, whole=True):
             raise ValueError(f"batch_size must be a positive whole number of cells, not {batch_size!r}.")
-        sampler = CropSampler(
-            image, labels, size=self.input_size, mode=mode, device=self.device, mean=self.mean, std=self.std
-        )
-        windows = cell_windows(np.asarray(labels), margin, scale)
+        windows, sampler = prepare_crops(image, labels, size=self.input_size, mode=mode, margin=margin, scale=scale,
+                                         device=self.device, mean=self.mean, std=self.std)
         if ids is not None:
             windows = windows.of(ids)
-        embeddings = np.zeros((len(windows), self.dim), dtype=np.float32)
-        checks = np.zeros((len(windows), 2), dtype=np.float32)
         if reuse is not None and (not same_model(reuse.model_id, self.model_id) or reuse.checks is None
                                   or reuse.embeddings.shape[1:] != (self.dim,)):  # vectors dropped, or another model
             reuse = None
-        reused = 0
+        embedded = EmbeddedCells(windows.ids, np.zeros((len(windows), self.dim), dtype=np.float32),
+                                 np.zeros((len(windows), 2), dtype=np.float32), self.model_id)
         if not len(windows):
-            return EmbeddedCells(windows.ids, embeddings, checks, self.model_id)
+            return embedded
         batch = batch_size or self.auto_batch_size()
         self._fitting_batch = None  # an earlier smear's out-of-memory may have been another program's
-        starts = range(0, len(windows), batch)
 
-        def cut(start: int) -> tuple[torch.Tensor, np.ndarray]:
+        def cut(start: int) -> tuple[torch.Tensor, torch.Tensor]:
             crops = sampler(windows.ids[start : start + batch], windows.boxes[start : start + batch])
             return crops, crop_checks(crops)
 
+        # On a GPU, a batch's results come back while the next one runs: waiting for them at once
+        # would leave the GPU idle until the CPU had queued the next batch's work.
+        lag = 1 if self.device.type == "cuda" else 0
+        on_the_way: deque[_BatchResults] = deque()
+        reused = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reddino-crops") as cutter:
-            upcoming = cutter.submit(cut, starts[0])
-            for start in starts:
-                crops, crops_checks = upcoming.result()
+            upcoming = cutter.submit(cut, 0)
+            for start in range(0, len(windows), batch):
+                crops, checks = upcoming.result()
                 if start + batch < len(windows):
                     upcoming = cutter.submit(cut, start + batch)
                 rows = slice(start, start + len(crops))
-                checks[rows] = crops_checks
-                out, kept = embeddings[rows], _kept(reuse, windows.ids[rows], checks[rows])
-                fresh = kept < 0
-                if not fresh.all():
-                    out[~fresh] = reuse.embeddings[kept[~fresh]]
+                fresh = None  # every cell
+                if reuse is not None:  # which cells the model must see depends on the checks: wait for them
+                    embedded.checks[rows] = checks.cpu().numpy()
+                    kept = _kept(reuse, windows.ids[rows], embedded.checks[rows])
+                    fresh = kept < 0
+                    embedded.embeddings[rows][~fresh] = reuse.embeddings[kept[~fresh]]
                     reused += int((~fresh).sum())
-                if fresh.any():
-                    fresh_crops = crops if fresh.all() else crops[torch.from_numpy(fresh).to(crops.device)]
-                    out[fresh] = self.embed_crops(fresh_crops).cpu().numpy()
-                yield start + len(crops), len(windows)
-        return EmbeddedCells(windows.ids, embeddings, checks, self.model_id, reused)
+                    if not fresh.all():
+                        crops = crops[torch.from_numpy(fresh).to(crops.device)]
+                vectors = self.embed_crops(crops) if len(crops) else None
+                on_the_way.append(_BatchResults(rows, fresh, vectors, checks, self.device))
+                while len(on_the_way) > lag:
+                    yield on_the_way.popleft().land(embedded), len(windows)
+            while on_the_way:
+                yield on_the_way.popleft().land(embedded), len(windows)
+        return dataclasses.replace(embedded, reused=reused)
 
     def embed_crops(self, crops: torch.Tensor) -> torch.Tensor:
         """Embeddings (float32, on the device) of normalised model inputs (n, 3, H, W).
@@ -329,6 +336,31 @@ def _out_of_memory_in(error: BaseException) -> torch.cuda.OutOfMemoryError | Non
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+class _BatchResults:
+    """One batch's embeddings and crop checks on their way to the CPU: on CUDA the copies are
+    queued behind the model and :meth:`land` waits for them."""
+
+    def __init__(self, rows: slice, fresh: np.ndarray | None, vectors: torch.Tensor | None, checks: torch.Tensor,
+                 device: torch.device):
+        self.rows, self.fresh = rows, fresh
+        # non-blocking copies from a GPU land in pinned memory, which the copy engine writes on its own
+        self.vectors = vectors.to("cpu", non_blocking=vectors.is_cuda) if vectors is not None else None
+        self.checks = checks.to("cpu", non_blocking=checks.is_cuda)
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        if self.copied is not None:
+            self.copied.record(torch.cuda.current_stream(device))
+
+    def land(self, embedded: EmbeddedCells) -> int:
+        """Write the results into ``embedded``'s rows; returns how many cells are done after them."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        embedded.checks[self.rows] = self.checks.numpy()
+        if self.vectors is not None:
+            out = embedded.embeddings[self.rows]
+            out[slice(None) if self.fresh is None else self.fresh] = self.vectors.numpy()
+        return self.rows.stop
 
 
 def _kept(reuse: EmbeddedCells | None, ids: np.ndarray, checks: np.ndarray) -> np.ndarray:
