@@ -42,7 +42,7 @@ from timm.models import save_for_hf
 from torchvision import transforms
 
 from napari_reddino import segment_cells
-from napari_reddino.bf16_speed import bf16_saves_time, cpu_bf16_instructions, cpu_bf16_speedup
+from napari_reddino.precision_speed import bf16_saves_time, cpu_bf16_instructions, cpu_bf16_speedup
 from napari_reddino.crops import DEFAULT_MARGIN, cell_windows, prepare_crops
 from napari_reddino.embedding import Embedder, load_embedder
 

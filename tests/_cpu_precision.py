@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from napari_reddino import bf16_speed
+from napari_reddino import precision_speed
 
 
 def pretend_cpu(monkeypatch, cpu_features, bf16_speedup):
@@ -14,8 +14,8 @@ def pretend_cpu(monkeypatch, cpu_features, bf16_speedup):
         assert bf16_speedup is not None, "timed bf16 on a CPU without bf16 instructions"
         return bf16_speedup
 
-    monkeypatch.setattr(bf16_speed, "cpu_features", lambda: cpu_features)
-    monkeypatch.setattr(bf16_speed, "cpu_bf16_speedup", speedup)
+    monkeypatch.setattr(precision_speed, "cpu_features", lambda: cpu_features)
+    monkeypatch.setattr(precision_speed, "cpu_bf16_speedup", speedup)
 
 
 CPUS = [  # instruction sets, bf16 speedup, what "auto" picks

@@ -4,12 +4,13 @@ Skipped where there is no CUDA device (as on CI); ``benchmarks/gpu.sh`` runs the
 GPU machine.
 """
 
+import warnings
 from importlib.resources import files
 
 import numpy as np
 import pytest
 import torch
-from _model_fixtures import reddino_small_files  # noqa: F401  (fixture)
+from _model_fixtures import reddino_small_files, save_folder, tiny_vit  # noqa: F401  (fixture)
 from skimage.io import imread
 
 from napari_reddino import segment_cells
@@ -92,6 +93,25 @@ def test_gpu_batches_report_every_cell_once_in_order_and_give_what_one_batch_giv
     stops = iter([False, False, True])
     with pytest.raises(EmbeddingCancelled):
         embedder.embed(image, labels, batch_size=16, should_stop=lambda: next(stops))
+
+
+def test_a_model_that_overflows_float16_goes_on_in_float32_with_a_warning(tmp_path, real_smear):
+    image, labels = real_smear
+    quiet = save_folder(tiny_vit(), tmp_path / "quiet")
+    loud_model = tiny_vit()
+    with torch.no_grad():
+        loud_model.patch_embed.proj.weight.mul_(1e5)  # patch features near 1e5: float16 ends at 65,504
+    loud = save_folder(loud_model, tmp_path / "loud")
+    for folder in (quiet, loud):
+        expected = load_embedder(folder, device="cuda", dtype="float32").embed(image, labels)[1]
+        half = load_embedder(folder, device="cuda", dtype="float16")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = half.embed(image, labels)[1]
+        overflowed = [str(w.message) for w in caught if "overflowed float16" in str(w.message)]
+        assert len(overflowed) == (folder == loud) and half.dtype == (torch.float32 if folder == loud else torch.float16)
+        error = np.linalg.norm(found - expected, axis=1) / np.linalg.norm(expected, axis=1)
+        assert error.max() < (1e-5 if folder == loud else 1e-2)
 
 
 def test_a_real_out_of_memory_error_halves_the_batch(reddino_small_files, real_smear):

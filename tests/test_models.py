@@ -26,7 +26,7 @@ from _model_fixtures import (  # noqa: F401  (pytest fixtures)
     tiny_vit,
 )
 
-from napari_reddino import CellClassifier, bf16_speed
+from napari_reddino import CellClassifier, precision_speed
 from napari_reddino.cell_classifier import HeadMismatchError
 from napari_reddino.cell_embeddings import model_key
 from napari_reddino.embedding import DeviceError, list_devices, resolve_device, resolve_dtype
@@ -39,6 +39,7 @@ from napari_reddino.models import (
     find_model_files,
     load_model,
 )
+from reddino_train.train import precision_for
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -258,6 +259,18 @@ def test_weights_of_another_width_report_the_shapes(tmp_path):
         load_model(folder)
 
 
+def test_weights_with_nan_or_inf_are_refused_naming_the_file_and_the_tensors(tmp_path):
+    model = tiny_vit()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.weight[3, 4] = float("nan")
+        model.norm.bias[0] = float("inf")
+    folder = save_folder(model, tmp_path / "diverged")
+    with pytest.raises(CheckpointError, match=r"hold NaN or infinite values, in 2 tensors") as error:
+        load_model(folder)
+    assert str(folder / "model.safetensors") in str(error.value)
+    assert "blocks.1.mlp.fc2.weight" in str(error.value) and "norm.bias" in str(error.value)
+
+
 def test_config_naming_an_unknown_architecture_is_refused(tiny_folder):
     _, folder = tiny_folder
     config = json.loads((folder / "config.json").read_text())
@@ -307,22 +320,33 @@ def test_dtype_auto_is_bf16_only_where_the_cpu_computes_it_faster_and_names_are_
         resolve_dtype("int8", cpu)
 
 
-@pytest.mark.parametrize(("capability", "auto"), [((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
-def test_dtype_auto_on_a_gpu_is_bf16_from_ampere_on(monkeypatch, capability, auto):
-    # A T4 (7.5) or V100 (7.0) reports bf16 as supported (emulated, slowly): it keeps fp32.
+GPUS = [  # compute capability, what "auto" picks for embedding and for training
+    ((6, 1), torch.float32, "fp32"),  # a GTX 1080: fp16 at a 64th of fp32
+    ((6, 0), torch.float16, "fp16"),  # a P100
+    ((7, 0), torch.float16, "fp16"),  # a V100
+    ((7, 5), torch.float16, "fp16"),  # a T4: reports bf16 as supported, but emulates it slowly
+    ((8, 0), torch.bfloat16, "bf16"),
+    ((9, 0), torch.bfloat16, "bf16"),
+]
+
+
+@pytest.mark.parametrize(("capability", "auto", "training"), GPUS)
+def test_dtype_auto_on_a_gpu_is_bf16_from_ampere_on_and_fp16_where_it_is_fast_before(
+        monkeypatch, capability, auto, training):
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
     assert resolve_dtype("auto", torch.device("cuda:1")) == auto
-    assert asked == [torch.device("cuda:1")]  # the chosen GPU's, not the current one's
+    assert precision_for("auto", torch.device("cuda:1")) == training
+    assert set(asked) == {torch.device("cuda:1")}  # the chosen GPU's, not the current one's
 
 
 def test_the_bf16_probe_times_this_cpu_once_per_process():
-    bf16_speed.cpu_bf16_speedup.cache_clear()
-    speedup = bf16_speed.cpu_bf16_speedup()
+    precision_speed.cpu_bf16_speedup.cache_clear()
+    speedup = precision_speed.cpu_bf16_speedup()
     assert math.isfinite(speedup) and speedup > 0
-    assert bf16_speed.cpu_bf16_speedup() == speedup
-    assert bf16_speed.cpu_bf16_speedup.cache_info().misses == 1
+    assert precision_speed.cpu_bf16_speedup() == speedup
+    assert precision_speed.cpu_bf16_speedup.cache_info().misses == 1
 
 
 def test_known_models_are_the_three_reddino_sizes():

@@ -456,14 +456,15 @@ def _same_on_every_rank(what: str, value, hint: str):
 
 def precision_for(precision: str, device: torch.device) -> str:
     """``auto``: bf16 where it saves time (CUDA GPUs from Ampere on; CPUs whose bf16 matrix
-    products time faster); fp16 on older CUDA GPUs, as DINOv2 itself trained; fp32 elsewhere."""
+    products time faster); fp16 on older CUDA GPUs with fast fp16 (Volta, Turing, the P100), as
+    DINOv2 itself trained; fp32 elsewhere."""
     if precision != "auto":
         return precision
-    from napari_reddino.bf16_speed import bf16_saves_time
+    from napari_reddino.precision_speed import bf16_saves_time, fp16_saves_time
 
     if bf16_saves_time(device):
         return "bf16"
-    return "fp16" if device.type == "cuda" else "fp32"
+    return "fp16" if fp16_saves_time(device) else "fp32"
 
 
 def _seed_process(seed: int) -> None:

@@ -1,6 +1,9 @@
-"""Whether bfloat16 autocast saves time on a device: what "auto" precision means.
+"""Whether bfloat16 or float16 autocast saves time on a device: what "auto" precision means.
 
-CUDA GPUs since Ampere compute bf16 in hardware. On a CPU the instruction set does not settle
+CUDA GPUs since Ampere compute bf16 in hardware. Volta and Turing (a V100, a T4, an RTX 20x0)
+emulate bf16 slowly but have fp16 tensor cores: about 8x their fp32 rate on a T4 (65 against
+8 TFLOPS, NVIDIA's data sheet), and the P100 computes fp16 at twice fp32; the other Pascal
+cards at a 64th of it. On a CPU the instruction set does not settle
 it: a Zen 4 machine with AVX512-BF16 embedded 1.6x as many cells per second in bf16 (ViT-S),
 while a Sapphire Rapids virtual machine that reports AVX512-BF16 but no AMX multiplied bf16
 matrices at half its fp32 speed (benchmarks/RESULTS.md). So where a CPU has bf16 instructions
@@ -26,6 +29,14 @@ def bf16_saves_time(device: torch.device) -> bool:
     if device.type == "cpu":
         return bool(cpu_bf16_instructions()) and cpu_bf16_speedup() >= MIN_CPU_SPEEDUP
     return False
+
+
+def fp16_saves_time(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU that computes float16 faster than float32."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    capability = torch.cuda.get_device_capability(device)
+    return capability == (6, 0) or capability[0] >= 7
 
 
 def cpu_bf16_instructions() -> list[str]:
