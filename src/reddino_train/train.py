@@ -50,7 +50,7 @@ from .losses import DinoClsLoss, IbotPatchLoss, koleo_loss
 from .masking import BlockMaskGenerator, sample_masks
 from .model import DinoModel, build_student, clip_gradients, make_teacher, update_teacher, use_explicit_attention
 from .monitor import LOG_NAME, CollapseDetector, CsvLog, entropy
-from .parallel import WEIGHTS, distribute, full_state, load_full_state
+from .parallel import WEIGHTS, distribute, full_state, load_full_state, release_gathered
 from .param_groups import apply_schedule, build_param_groups
 from .run_lock import RunFolderError, hold_run_folder
 from .schedules import ScheduleValues, build_schedules, scaled_lr
@@ -258,6 +258,7 @@ class Trainer:
         total = sum(weights[name] * term for name, term in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        release_gathered(self.student)
         self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         gradient_norm = torch.tensor(clip_gradients(self.student, cfg.optim.clip_grad), device=device)
         all_reduce(gradient_norm)  # a rank's NaN or inf reaches every rank: all stop, or none
