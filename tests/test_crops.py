@@ -112,13 +112,33 @@ def test_bounding_boxes_of_a_real_smear_are_each_cells_extent_however_many_bands
     labels[labels == 7] = 0  # an id missing in the middle
     monkeypatch.setattr(crop_windows, "_threads", lambda: threads)
     monkeypatch.setattr(crop_windows, "_BAND_PIXELS", 2**14)  # a 640 x 480 smear in five bands
+    bands = []
+    find_objects = crop_windows.ndimage.find_objects
+    monkeypatch.setattr(crop_windows.ndimage, "find_objects", lambda band, top: bands.append(band.shape) or
+                        find_objects(band, top))
     ids, boxes = bounding_boxes(labels)
+    assert len(bands) == threads and sum(rows for rows, _ in bands) == labels.shape[0]
     expected_ids = np.unique(labels[labels > 0])
     np.testing.assert_array_equal(ids, expected_ids)
     for label, box in zip(ids, boxes, strict=True):
         rows, cols = np.nonzero(labels == label)
         np.testing.assert_array_equal(box, [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
     assert len(ids) > 50 and 7 not in ids
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (480, 640), (1, 2**15), (3, 2**15)])
+def test_bounding_boxes_of_no_cells_or_of_a_strip_need_no_band_of_their_own(monkeypatch, shape):
+    monkeypatch.setattr(crop_windows, "_threads", lambda: 8)
+    monkeypatch.setattr(crop_windows, "_BAND_PIXELS", 2**10)
+    empty = np.zeros(shape, np.int32)
+    ids, boxes = bounding_boxes(empty)
+    assert ids.shape == (0,) and boxes.shape == (0, 4)
+    if empty.size:
+        strip = empty.copy()
+        strip[0, 5:9], strip[-1, -1] = 3, 1
+        ids, boxes = bounding_boxes(strip)
+        np.testing.assert_array_equal(ids, [1, 3])
+        np.testing.assert_array_equal(boxes, [[shape[1] - 1, shape[0] - 1, shape[1], shape[0]], [5, 0, 9, 1]])
 
 
 def test_an_unknown_crop_scale_is_refused_with_the_known_ones():

@@ -81,10 +81,10 @@ def bounding_boxes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for it. Each band lists every id up to the largest, so sparse ids keep to one band.
     """
     labels = np.asarray(labels)
-    if not labels.size:
+    top = int(labels.max(initial=0))
+    if not top:
         return np.zeros(0, np.int64), np.zeros((0, 4), np.float64)
-    top = int(labels.max())
-    count = min(_threads(), labels.size // _BAND_PIXELS, labels.size // (_PIXELS_PER_LISTED_ID * max(top, 1)))
+    count = min(_threads(), labels.shape[0], labels.size // _BAND_PIXELS, labels.size // (_PIXELS_PER_LISTED_ID * top))
     bands = np.array_split(np.arange(labels.shape[0]), max(count, 1))
     with ThreadPoolExecutor(len(bands), thread_name_prefix="reddino-boxes") as pool:
         found = pool.map(lambda rows: ndimage.find_objects(labels[rows[0] : rows[-1] + 1], top), bands)

@@ -148,8 +148,8 @@ class CropSampler:
         # The smear travels to the device as it is (8-bit stays 8-bit: a quarter of float32's
         # bytes, and no pass over the whole image here); only the windows become float.
         pixels = colour if colour.dtype == np.uint8 else colour.astype(np.float32)
-        label_type = next(kind for kind in (np.int16, np.int32, np.int64) if labels.max(initial=0) <= np.iinfo(kind).max)
-        labels = labels.astype(label_type, copy=False) if mode == "masked" else None
+        top = int(labels.max(initial=0))
+        label_bytes = labels.size * np.dtype(_label_type(top, self.device)).itemsize if mode == "masked" else 0
         # Pixels become (pixel - black) * gain - background: 0 is the background colour, so
         # padding and blanking are multiplications by 0, and roi_align's zeros outside its
         # input are background too.
@@ -165,7 +165,8 @@ class CropSampler:
             scale=1.0 / std_t,
             offset=(torch.from_numpy(background).view(1, 3, 1, 1) - mean_t) / std_t,
         )
-        self.home = smear_home(self.device, pixels.nbytes + (labels.nbytes if labels is not None else 0))
+        self.home = smear_home(self.device, pixels.nbytes + label_bytes)
+        labels = labels.astype(_label_type(top, self.home), copy=False) if mode == "masked" else None
         try:
             self._keep_on(self.home, pixels, labels, normalisation)
         except torch.cuda.OutOfMemoryError:
@@ -249,6 +250,15 @@ def smear_home(device: torch.device, nbytes: int) -> torch.device:
     return device if nbytes <= _SMEAR_SHARE_OF_FREE_MEMORY * free else torch.device("cpu")
 
 
+def _label_type(top: int, home: torch.device) -> type:
+    """The integer type labels up to ``top`` are kept in on ``home``: on a GPU the smallest (int16
+    halves the upload of int32), in CPU memory int32 or int64, which segmentation gives, so
+    they are shared, not copied."""
+    if top < 2**15 and home.type != "cpu":
+        return np.int16
+    return np.int32 if top < 2**31 else np.int64
+
+
 def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """``array`` as a tensor on ``device``; on the CPU it shares the array's memory, which is
     only read, so a read-only array (napari's, a memory map) needs no copy."""
@@ -297,8 +307,9 @@ def prepare_crops(image, labels, *, size: tuple[int, int], mode: CropMode = DEFA
     cutting needs before its first crop. The windows are found in a thread while the smear goes
     to the device (both let go of the GIL)."""
     check_crop_settings(margin, scale)
+    labels = check_labels(labels, check_smear(image).shape)  # before the thread: sparse ids are refused, not listed
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reddino-windows") as finder:
-        finding = finder.submit(cell_windows, np.asarray(labels), margin, scale)
+        finding = finder.submit(cell_windows, labels, margin, scale)
         sampler = CropSampler(image, labels, size=size, mode=mode, device=device, mean=mean, std=std)
         return finding.result(), sampler
 

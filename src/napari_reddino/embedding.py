@@ -7,7 +7,8 @@
 ascending order with their embeddings: for RedDino the class token after the final norm.
 
 While the model runs on one batch, a worker thread cuts the next, so the model never waits
-for crops; on a GPU, a batch's embeddings come back to the CPU while the next batch runs. Given an earlier run of the same model (``reuse=``), a cell whose crop is what it
+for crops; on a GPU, a batch's embeddings come back to the CPU while the next batch runs
+(in float16 each batch is first checked for overflow, which waits for it). Given an earlier run of the same model (``reuse=``), a cell whose crop is what it
 was keeps its embedding and only the others go through the model. The batch size follows the
 free memory of the device and halves when a CUDA batch runs out of memory. Work can be
 cancelled between batches, and :meth:`Embedder.embed_steps` is a generator that yields
@@ -198,7 +199,8 @@ class Embedder:
         (windows sized, neighbours blanked and padding coloured from all of ``labels``).
 
         ``should_stop`` (e.g. ``threading.Event().is_set``) is asked before every batch; when it
-        answers true, :class:`EmbeddingCancelled` is raised.
+        answers true, :class:`EmbeddingCancelled` is raised (on a GPU, after the batch under way
+        and the one queued behind it).
         """
         steps = self.embed_steps(image, labels, mode=mode, margin=margin, scale=scale, ids=ids,
                                  batch_size=batch_size)
@@ -221,7 +223,8 @@ class Embedder:
         reuse: EmbeddedCells | None = None,
     ) -> Generator[tuple[int, int], None, EmbeddedCells]:
         """Like :meth:`embed`, as a generator: yields ``(done, total)`` after each batch and
-        returns an :class:`EmbeddedCells`. Closing it stops the work after the current batch.
+        returns an :class:`EmbeddedCells`. Closing it stops the work after the current batch (on
+        a GPU, whose results come one batch late, after the next one too).
 
         ``reuse``, an earlier run with this model (its weights' id), lends its embedding to each
         cell of the same label id whose crop has the same checks (``crops.crop_checks``); only
@@ -242,12 +245,17 @@ class Embedder:
         batch = batch_size or self.auto_batch_size()
         self._fitting_batch = None  # an earlier smear's out-of-memory may have been another program's
 
+        # the cutting thread queues its work where this thread queues the model's, so one waits for the other
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
         def cut(start: int) -> tuple[torch.Tensor, torch.Tensor]:
-            crops = sampler(windows.ids[start : start + batch], windows.boxes[start : start + batch])
-            return crops, crop_checks(crops)
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                crops = sampler(windows.ids[start : start + batch], windows.boxes[start : start + batch])
+                return crops, crop_checks(crops)
 
         # On a GPU, a batch's results come back while the next one runs: waiting for them at once
-        # would leave the GPU idle until the CPU had queued the next batch's work.
+        # would leave the GPU idle until the CPU had queued the next batch's work. (In float16
+        # each batch is checked for overflow, and with reuse= its checks are needed, at once.)
         lag = 1 if self.device.type == "cuda" else 0
         on_the_way: deque[_BatchResults] = deque()
         reused = 0
@@ -298,15 +306,15 @@ class Embedder:
         return torch.cat(outputs)
 
     def _forward(self, crops: torch.Tensor) -> torch.Tensor:
-        reduced = self.dtype != torch.float32
-        autocast = torch.autocast(self.device.type, dtype=self.dtype) if reduced else nullcontext()
+        dtype = self.dtype  # another thread may switch it (float16 overflowed) while this one runs
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         inputs = crops.to(self.device, non_blocking=True).contiguous()
         count = len(inputs)
         if self.compiled and count == 1:  # torch.compile treats a batch of one apart: pad, not compile again
             inputs = torch.cat([inputs, inputs])  # here, not under inference_mode: that would recompile too
         with torch.inference_mode(), autocast:
             outputs = (self._run_compiled(inputs) if self.compiled else self.model(inputs))[:count].float()
-        if self.dtype == torch.float16 and not torch.isfinite(outputs).all():  # waits for the GPU: fp16 only
+        if dtype == torch.float16 and not torch.isfinite(outputs).all():  # waits for the GPU: fp16 only
             warnings.warn(f"{self.model_id} overflowed float16 on {self.device}; it runs in float32 from here on.",
                           RuntimeWarning, stacklevel=2)
             self.dtype = torch.float32
@@ -414,8 +422,9 @@ def load_embedder(
     ``.safetensors`` file with ``architecture`` set to its timm name, e.g.
     ``load_embedder("w.safetensors", architecture="vit_small_patch14_dinov2")``.
     ``device``: ``"auto"`` (CUDA, then Apple MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-    ``dtype``: ``None``/``"auto"`` (bf16 where it saves time: CUDA, CPUs timed faster; else fp32),
-    ``"float32"``, ``"bfloat16"``, ``"float16"``.
+    ``dtype``: ``None``/``"auto"`` (bf16 where it saves time: CUDA from Ampere on, CPUs timed
+    faster; fp16 on older GPUs with fast fp16; else fp32), ``"float32"``, ``"bfloat16"``,
+    ``"float16"`` (a model that overflows it goes on in float32, with a warning).
     ``download_progress(filename, bytes_done, bytes_total)`` follows a download, if one is needed.
     ``compile``: run the model through ``torch.compile`` (see the module's docstring); the
     first batch then waits for the compiler.

@@ -294,16 +294,16 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: P
     ]
     if problems:
         raise CheckpointError(f"The weights in {path} do not fit {architecture}: " + "; ".join(problems))
-    not_finite = [name for name, tensor in state.items() if not _all_finite(tensor)]
-    if not_finite:  # else every embedding would be NaN, and the map and the classifier fail far from here
-        raise CheckpointError(
-            f"The weights in {path} hold NaN or infinite values, in {len(not_finite)} tensors "
-            f"({', '.join(not_finite[:5])}{', ...' if len(not_finite) > 5 else ''}): the file is damaged, "
-            "or the training run that wrote it diverged."
-        )
     # assign=True keeps the file's tensors (no copy, and fills a meta-built module); in the
     # module's dtype, so fp16 or bf16 files still give an fp32 model.
     state = {name: tensor.to(expected[name].dtype) for name, tensor in state.items()}
+    not_finite = [name for name, tensor in state.items() if not _all_finite(tensor)]
+    if not_finite:  # else every embedding would be NaN, and the map and the classifier fail far from here
+        raise CheckpointError(
+            f"The weights in {path} hold NaN or infinite values (in the model's precision), in "
+            f"{len(not_finite)} tensors ({', '.join(not_finite[:5])}{', ...' if len(not_finite) > 5 else ''}): "
+            "the file is damaged, or the training run that wrote it diverged."
+        )
     module.load_state_dict(state, strict=True, assign=True)
 
 
