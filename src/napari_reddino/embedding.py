@@ -17,7 +17,7 @@ progress, fit for a napari ``thread_worker``.
 ``compile=True`` runs the model through ``torch.compile``, which fuses the elementwise work
 between its matrix products: on an H100, 1.2-1.3x the cells/s of ViT-S, B and L, after 20-32 s
 of compiling in the first batch (benchmarks/RESULTS.md, "On an H100"); on a CPU, no gain. It
-pays past some hundreds of thousands of cells, as in ``reddino-analyse --compile``; the widgets
+pays past about a million ViT-S cells or 300,000 ViT-L cells, as in ``reddino-analyse --compile``; the widgets
 leave it off (it needs triton, which :mod:`.triton_guard` may keep out of napari).
 """
 
