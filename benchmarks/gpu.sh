@@ -2,7 +2,7 @@
 # Every check that needs an NVIDIA GPU, in one call of a lent GPU machine (at most 9.5 minutes):
 # the CUDA tests, embedding cells/s for ViT-S/B/L against the model card loop, and
 # pretraining steps/s and model FLOP utilisation for ViT-S and ViT-L (and ViT-L's memory with
-# activation checkpointing).
+# activation checkpointing), and the Sinkhorn-Knopp targets at the ViT-S recipe's iBOT size.
 #
 #     bash benchmarks/gpu.sh --fetch-wheels   # first, here: wheels of what that machine lacks, in .whl/
 #     bash benchmarks/gpu.sh                  # there, with .whl carried; logs in $OUT or /tmp/gpu-checks
@@ -56,6 +56,7 @@ step cuda_tests 45 python3 -m pytest -q -p no:cacheprovider -o filterwarnings= t
 step training_vits14 80 python3 benchmarks/training.py --device cuda --model vits14 --json "$out/training_vits14.json"
 step embedding 300 python3 benchmarks/embedding.py --device cuda --sizes ${EMBED_SIZES:-small large base} \
     --cells 4000 --chunk 0 --card-cells 256 --rounds 2 --smears 'tests/data/chula_rbc12/*.jpg' --compile
+step sinkhorn 15 python3 benchmarks/sinkhorn.py --device cuda --rows 21000 --repeats 3
 step training_vitl14 65 python3 benchmarks/training.py --device cuda --model vitl14 --json "$out/training_vitl14.json"
 step training_vitl14_checkpointed 45 python3 benchmarks/training.py --device cuda --model vitl14 --steps 8 --warmup 2 \
     --json "$out/training_vitl14_checkpointed.json" train.activation_checkpointing=true
