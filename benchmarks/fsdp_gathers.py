@@ -35,7 +35,7 @@ def count_in_this_rank(recipe: str, data: str, out: str, steps: int, overrides: 
 
     def counting(fsdp_params, *args, **kwargs):
         counted["gathers"] += 1
-        counted["bytes"] += sum(p.sharded_param.numel() * p.sharded_param.element_size() for p in fsdp_params)
+        counted["bytes"] += sum(p.sharded_param.to_local().nbytes for p in fsdp_params)  # this rank's shards
         return gather(fsdp_params, *args, **kwargs)
 
     param_group.foreach_all_gather = counting

@@ -258,7 +258,7 @@ class Trainer:
         total = sum(weights[name] * term for name, term in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        release_gathered(self.student)
+        release_gathered(self.student)  # before clipping: the gathered weights' gradients are in the shards
         self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         gradient_norm = torch.tensor(clip_gradients(self.student, cfg.optim.clip_grad), device=device)
         all_reduce(gradient_norm)  # a rank's NaN or inf reaches every rank: all stop, or none

@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
 from torch.distributed.tensor import DTensor
 
 from reddino_train.config import load_config
@@ -28,14 +29,30 @@ def checksum(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def count_all_gathers() -> list[int]:
+    """A counter of the all-gathers FSDP issues from now on (one per group of weights gathered)."""
+    count = [0]
+    gather = param_group.foreach_all_gather
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return gather(*args, **kwargs)
+
+    param_group.foreach_all_gather = counting
+    return count
+
+
 if __name__ == "__main__":
     data_dir, out_dir, max_steps, *overrides = sys.argv[1:]
     rank = os.environ.get("RANK", "0")
     data_dir, out_dir = data_dir.format(rank=rank), out_dir.format(rank=rank)
     torch.set_num_threads(1)
+    gathers = count_all_gathers()
     result = fit(load_config("tiny", overrides), data_dir, out_dir, max_steps=int(max_steps))
     summary = {
         "iterations_done": result.iterations_done,
+        "iterations_this_run": result.iterations_this_run,
+        "fsdp_all_gathers": gathers[0],
         "stopped_by_signal": result.stopped_by_signal,
         "student": checksum(result.student),
         "teacher": checksum(result.teacher),

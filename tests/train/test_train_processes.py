@@ -64,6 +64,10 @@ def test_fsdp_shards_and_resumes_yet_trains_like_ddp(ddp_run, fsdp_run):
         assert ddp[model].keys() == fsdp[model].keys()
         for name, tensor in ddp[model].items():
             assert torch.allclose(fsdp[model][name], tensor, rtol=1e-4, atol=1e-5), (model, name)
+    # each step gathers the teacher's 2 blocks and root once, and the student's once, though its
+    # blocks run twice (global, local crops) before the backward pass; resharding after each use
+    # gathered them four times (12 per step)
+    assert rank0["fsdp_all_gathers"] == 6 * rank0["iterations_this_run"] and rank0["iterations_this_run"] == 1
     ddp_log, fsdp_log = read_log(ddp_run / "log.csv"), read_log(fsdp_run / "log.csv")
     assert [row["step"] for row in fsdp_log] == [1, 2, 3, 4]
     assert [row["loss"] for row in fsdp_log] == pytest.approx([row["loss"] for row in ddp_log], rel=1e-5)
