@@ -324,10 +324,11 @@ def crop_size(size) -> tuple[int, int]:
 
 def crop_checks(crops: torch.Tensor) -> torch.Tensor:
     """Two numbers per crop of ``crops`` (n, C, H, W) that move when any of its values moves:
-    a fixed random projection (float32, (n, 2), on the crops' device). A crop is cut the same whatever else is in
-    its batch, so equal checks say the model would see the same input again: a cell whose
-    crop a brush stroke did not reach keeps its embedding (``Embedder.embed_steps(reuse=)``).
-    A change below float rounding could go unseen; it would move the embedding by as little."""
+    a fixed random projection (float32, (n, 2), on the crops' device). A crop is cut the same
+    whatever else is in its batch, so equal checks say the model would see the same input
+    again: a cell whose crop a brush stroke did not reach keeps its embedding
+    (``Embedder.embed_steps(reuse=)``). A change below float rounding could go unseen; it would
+    move the embedding by as little."""
     flat = crops.reshape(len(crops), -1).float()
     return flat @ _projection(flat.shape[1], flat.device)
 

@@ -7,9 +7,10 @@
 ascending order with their embeddings: for RedDino the class token after the final norm.
 
 While the model runs on one batch, a worker thread cuts the next, so the model never waits
-for crops; on a GPU, a batch's embeddings come back to the CPU while the next batch runs
-(in float16 each batch is first checked for overflow, which waits for it). Given an earlier run of the same model (``reuse=``), a cell whose crop is what it
-was keeps its embedding and only the others go through the model. The batch size follows the
+for crops; on a GPU, a batch's embeddings come back to the CPU while the next batch runs (in
+float16 each batch is first checked for overflow, which waits for it). Given an earlier run of
+the same model (``reuse=``), a cell whose crop is what it was keeps its embedding and only the
+others go through the model. The batch size follows the
 free memory of the device and halves when a CUDA batch runs out of memory. Work can be
 cancelled between batches, and :meth:`Embedder.embed_steps` is a generator that yields
 progress, fit for a napari ``thread_worker``.
@@ -17,8 +18,9 @@ progress, fit for a napari ``thread_worker``.
 ``compile=True`` runs the model through ``torch.compile``, which fuses the elementwise work
 between its matrix products: on an H100, 1.2-1.3x the cells/s of ViT-S, B and L, after 20-32 s
 of compiling in the first batch (benchmarks/RESULTS.md, "On an H100"); on a CPU, no gain. It
-pays past about a million ViT-S cells or 300,000 ViT-L cells, as in ``reddino-analyse --compile``; the widgets
-leave it off (it needs triton, which :mod:`.triton_guard` may keep out of napari).
+pays past about a million ViT-S cells or 300,000 ViT-L cells, as in ``reddino-analyse
+--compile``; the widgets leave it off (it needs triton, which :mod:`.triton_guard` may keep out
+of napari).
 """
 
 from __future__ import annotations
