@@ -55,7 +55,7 @@ from .models import (
     load_model,
     local_version,
 )
-from .precision_speed import bf16_saves_time, fp16_saves_time
+from .precision_speed import auto_dtype
 from .image_input import is_positive
 from .model_ids import same_model
 from .steps import Progress, StepsCancelled, run_steps
@@ -141,9 +141,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     without bf16 instructions 1.9x fewer, and on a Sapphire Rapids VM without AMX 1.6x fewer.
     """
     if dtype is None or dtype == "auto":
-        if bf16_saves_time(device):
-            return torch.bfloat16
-        return torch.float16 if fp16_saves_time(device) else torch.float32
+        return auto_dtype(device)
     if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPE_NAMES:

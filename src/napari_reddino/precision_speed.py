@@ -1,14 +1,14 @@
-"""Whether bfloat16 or float16 autocast saves time on a device: what "auto" precision means.
+"""Whether bfloat16 or float16 autocast saves time on a device: what "auto" precision means,
+for embedding (``dtype="auto"``) and training (``train.precision=auto``) alike.
 
 CUDA GPUs since Ampere compute bf16 in hardware. Volta and Turing (a V100, a T4, an RTX 20x0)
 emulate bf16 slowly but have fp16 tensor cores: about 8x their fp32 rate on a T4 (65 against
 8 TFLOPS, NVIDIA's data sheet), and the P100 computes fp16 at twice fp32; the other Pascal
-cards at a 64th of it. On a CPU the instruction set does not settle
-it: a Zen 4 machine with AVX512-BF16 embedded 1.6x as many cells per second in bf16 (ViT-S),
-while a Sapphire Rapids virtual machine that reports AVX512-BF16 but no AMX multiplied bf16
-matrices at half its fp32 speed (benchmarks/RESULTS.md). So where a CPU has bf16 instructions
-a ViT-sized matrix product is timed once per process in both precisions, and bf16 is chosen
-only where it clearly wins.
+cards at a 64th of it. On a CPU the instruction set does not settle it: a Zen 4 machine with
+AVX512-BF16 embedded 1.6x as many cells per second in bf16 (ViT-S), while a Sapphire Rapids
+virtual machine that reports AVX512-BF16 but no AMX multiplied bf16 matrices at half its fp32
+speed (benchmarks/RESULTS.md). So where a CPU has bf16 instructions a ViT-sized matrix product
+is timed once per process in both precisions, and bf16 is chosen only where it clearly wins.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ import torch
 CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 MIN_CPU_SPEEDUP = 1.15  # a smaller gain is not worth bf16's rounding
 PROBE_REPEATS = 8
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where it saves time, else fp16 where that does, else fp32."""
+    if bf16_saves_time(device):
+        return torch.bfloat16
+    return torch.float16 if fp16_saves_time(device) else torch.float32
 
 
 def bf16_saves_time(device: torch.device) -> bool:

@@ -461,11 +461,9 @@ def precision_for(precision: str, device: torch.device) -> str:
     DINOv2 itself trained; fp32 elsewhere."""
     if precision != "auto":
         return precision
-    from napari_reddino.precision_speed import bf16_saves_time, fp16_saves_time
+    from napari_reddino.precision_speed import auto_dtype
 
-    if bf16_saves_time(device):
-        return "bf16"
-    return "fp16" if fp16_saves_time(device) else "fp32"
+    return next(name for name, dtype in AUTOCAST.items() if dtype == auto_dtype(device))
 
 
 def _seed_process(seed: int) -> None:
