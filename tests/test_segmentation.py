@@ -17,6 +17,7 @@ from napari_reddino import ImageInputError, cells_at_points, estimate_cell_diame
 from napari_reddino.cell_separation import (
     Thresholds,
     distance_to_background,
+    edge_steepness,
     fill_enclosed_gaps,
     join_target_spots,
     rejoin_pieces,
@@ -346,6 +347,13 @@ def test_uniform_and_blank_images_give_no_cells():
         assert labels.shape == blank.shape[:2] and labels.max() == 0
 
 
+@pytest.mark.parametrize("shape", [(1, 100, 3), (2, 100, 3), (100, 2), (2, 2, 3)])
+def test_strips_too_thin_for_a_cell_give_no_cells(shape):
+    noise = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    labels = segment_cells(noise)
+    assert labels.shape == shape[:2] and labels.max() == 0
+
+
 def test_a_blank_field_with_camera_noise_gives_no_cells():
     # Bare slide under a camera, evenly lit: its grain once gave about 300 "cells", and a very
     # noisy camera's (10 and 20 levels at mid-grey) stood out as much as the palest smear does.
@@ -357,6 +365,37 @@ def test_a_blank_field_with_camera_noise_gives_no_cells():
     image, _ = chula(1)  # the same grain over a smear leaves its cells
     grainy = np.clip(image + rng.normal(0, 5.0, image.shape), 0, 255).astype(np.uint8)
     assert abs(int(segment_cells(grainy).max()) - int(segment_cells(image).max())) <= 5
+
+
+def vignetted(light: np.ndarray, corners_darker: float) -> np.ndarray:
+    """``light`` (rows x cols x 3) falling off smoothly to ``corners_darker`` less in the corners."""
+    rows, cols = np.mgrid[: light.shape[0], : light.shape[1]]
+    reach = ((2 * rows / light.shape[0] - 1) ** 2 + (2 * cols / light.shape[1] - 1) ** 2) / 2  # 1 in the corners
+    return np.clip(np.round(light * (1 - corners_darker * reach)[..., None]), 0, 255).astype(np.uint8)
+
+
+def test_a_vignetted_blank_field_gives_no_cells():
+    # Light falling off towards the corners passes the contrast floors; its darker corners once
+    # came out as 17-30 large "cells". Otsu's outline runs across a smooth slope there, not along edges.
+    rng = np.random.default_rng(0)
+    for light, grain, corners_darker in ((200, 2.0, 0.15), (230, 1.0, 0.1), (128, 5.0, 0.2), (230, 10.0, 0.35)):
+        field = vignetted(light + rng.normal(0, grain, (480, 640, 3)), corners_darker)
+        assert segment_cells(field).max() == 0
+
+
+def test_a_vignetted_smear_keeps_its_cells():
+    image, centres = chula(1)
+    labels = segment_cells(vignetted(image.astype(float), 0.35))
+    assert recall(labels, centres) >= 0.93
+    assert abs(int(labels.max()) - int(segment_cells(image).max())) <= 3
+
+
+def test_edge_steepness_is_zero_on_a_slope_and_high_on_a_cells_edge():
+    slope = np.tile(np.linspace(0.0, 0.3, 200), (150, 1))  # climbs evenly: as steep at the split as anywhere
+    assert edge_steepness(slope) == pytest.approx(0.0, abs=1e-6)
+    disc = np.zeros((150, 200))
+    disc[np.hypot(*np.mgrid[-75:75, -100:100]) < 15] = 0.3  # a cell 30 px across, as at working scale
+    assert edge_steepness(ndi.gaussian_filter(disc, 1.0)) > 0.15
 
 
 def test_a_smear_whose_centre_is_bare_slide_is_calibrated_where_its_cells_are():

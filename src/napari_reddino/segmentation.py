@@ -168,7 +168,7 @@ def _calibrate(
         cell_diameter = _estimate_diameter(half)
     scale = min(1.0, WORKING_DIAMETER_PX / cell_diameter)
     smoothed = _working_density(density, scale, cell_diameter * scale)
-    calibration = Calibration(stain, float(cell_diameter), scale, foreground_thresholds(smoothed))
+    calibration = Calibration(stain, float(cell_diameter), scale, foreground_thresholds(smoothed, working_scale=True))
     return calibration, smoothed if whole else None
 
 
