@@ -110,8 +110,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for level, grain, vignetting in FIELDS:
         image = field(level, grain, vignetting, rng)
-        print(f"| level {level}, grain {grain:g}, corners {vignetting:.0%} darker | {measures(working_density(image))} | "
-              f"{int(segment_cells(image).max())} |")
+        name = f"level {level}, grain {grain:g}, corners {vignetting:.0%} darker"
+        print(f"| {name} | {measures(working_density(image))} | {int(segment_cells(image).max())} |")
 
 
 if __name__ == "__main__":
