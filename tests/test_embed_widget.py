@@ -427,7 +427,9 @@ def test_a_brush_stroke_re_embeds_only_the_cells_whose_crops_it_changed(viewer, 
     embedder = load_embedder(widget.model_name, device="cpu")
     fresh_ids, fresh = embedder.embed(image, data)  # what embedding the painted smear from scratch gives
     np.testing.assert_allclose(after, fresh, rtol=1e-4, atol=1e-5)
-    moved = np.abs(fresh - before).max(axis=1) > 1e-4
+    # An unchanged crop embeds to the same vector (0 apart here); one changed by a few pixels at its
+    # window's edge moves the tiny model's vector by as little as 5e-5.
+    moved = np.abs(fresh - before).max(axis=1) > 1e-6
     np.testing.assert_array_equal(moved, ~kept)  # exactly the cells whose crop changed were embedded again
 
 
