@@ -12,6 +12,8 @@ drown the table). They live in the cells layer's metadata under one key::
         "labels_digest": hex digest of the labels embedded (see :func:`repainted_since_embedded`),
         "crop_checks": float32 array (n, 2): each cell's crop as the model saw it, in two numbers
                        (``crops.crop_checks``), so the next run can keep what it would compute again,
+        "crop_background": float32 array (3,): the colour blanked and padded pixels took, which the
+                       next run keeps while its own lies within a level or two (a stroke moves it),
         "crop_mode", "crop_scale", "margin": how each cell was cropped (:func:`crop_settings`),
         "model", "device": how they were computed, for people.
     }
@@ -53,14 +55,16 @@ def _digest(array: np.ndarray) -> str:
 @dataclass(frozen=True)
 class EmbeddedCells:
     """One embedding run: label ids ascending, their float32 embeddings (n, dim), the
-    ``crops.crop_checks`` of their crops (n, 2; None when not recorded), the model's id, and how
-    many cells kept an earlier embedding because their crop had not changed."""
+    ``crops.crop_checks`` of their crops (n, 2; None when not recorded), the model's id, how
+    many cells kept an earlier embedding because their crop had not changed, and the colour the
+    crops' blanked and padded pixels took (RGB in the image's levels; None when not recorded)."""
 
     ids: np.ndarray
     embeddings: np.ndarray
     checks: np.ndarray | None
     model_id: str
     reused: int = 0
+    background: np.ndarray | None = None
 
 
 def image_digest(image) -> str:
@@ -128,7 +132,7 @@ def store_run(layer, run: EmbeddedCells, *, model: str | os.PathLike, device, cr
     return store_embeddings(layer, run.ids, run.embeddings, model_id=run.model_id, fingerprint=fingerprint,
                             model=str(model), crop_mode=crops["mode"], crop_scale=crops["scale"],
                             margin=crops["margin"], device=str(device), labels_digest=labels_digest,
-                            crop_checks=run.checks)
+                            crop_checks=run.checks, crop_background=run.background)
 
 
 def crop_settings(layer) -> dict | None:
@@ -151,7 +155,8 @@ def earlier_run(layer) -> EmbeddedCells | None:
     record = getattr(layer, "metadata", {}).get(METADATA_KEY)
     if not isinstance(record, dict) or record.get("crop_checks") is None:
         return None
-    return EmbeddedCells(record["label_ids"], record["embeddings"], record["crop_checks"], record["model_id"])
+    return EmbeddedCells(record["label_ids"], record["embeddings"], record["crop_checks"], record["model_id"],
+                         background=record.get("crop_background"))
 
 
 def changed_embeddings(layer, run: EmbeddedCells) -> np.ndarray:

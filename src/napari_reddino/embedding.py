@@ -228,18 +228,21 @@ class Embedder:
 
         ``reuse``, an earlier run with this model (its weights' id), lends its embedding to each
         cell of the same label id whose crop has the same checks (``crops.crop_checks``); only
-        the other cells go through the model."""
+        the other cells go through the model. Its background colour is kept where the smear's
+        own is within a level or two of it (see :class:`~napari_reddino.crops.CropSampler`)."""
         if batch_size is not None and not is_positive(batch_size, whole=True):
             raise ValueError(f"batch_size must be a positive whole number of cells, not {batch_size!r}.")
-        windows, sampler = prepare_crops(image, labels, size=self.input_size, mode=mode, margin=margin, scale=scale,
-                                         device=self.device, mean=self.mean, std=self.std)
-        if ids is not None:
-            windows = windows.of(ids)
         if reuse is not None and (not same_model(reuse.model_id, self.model_id) or reuse.checks is None
                                   or reuse.embeddings.shape[1:] != (self.dim,)):  # vectors dropped, or another model
             reuse = None
+        windows, sampler = prepare_crops(image, labels, size=self.input_size, mode=mode, margin=margin, scale=scale,
+                                         device=self.device, mean=self.mean, std=self.std,
+                                         earlier_background=reuse.background if reuse is not None else None)
+        if ids is not None:
+            windows = windows.of(ids)
         embedded = EmbeddedCells(windows.ids, np.zeros((len(windows), self.dim), dtype=np.float32),
-                                 np.zeros((len(windows), 2), dtype=np.float32), self.model_id)
+                                 np.zeros((len(windows), 2), dtype=np.float32), self.model_id,
+                                 background=sampler.background)
         if not len(windows):
             return embedded
         batch = batch_size or self.auto_batch_size()
