@@ -157,6 +157,18 @@ def test_masked_mode_blanks_the_neighbour_exactly_as_if_it_was_not_there():
     np.testing.assert_allclose(masked[0], reference[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.int64, ">i4"])
+def test_labels_of_any_integer_type_give_the_same_crops_and_int32_or_int64_ones_are_not_copied(dtype):
+    image, labels = smear({3: ((40, 60), 10, CELL), 5: ((40, 80), 8, NEIGHBOUR)})
+    typed = labels.astype(dtype)
+    sampler = CropSampler(image, typed, size=(56, 56), mode="masked")
+    windows = cell_windows(typed, margin=0.5, scale="cell")
+    reference = CropSampler(image, labels, size=(56, 56), mode="masked")(windows.ids, windows.boxes)
+    np.testing.assert_array_equal(sampler(windows.ids, windows.boxes).numpy(), reference.numpy())
+    # a napari layer's int64 labels of a 133-megapixel smear would be another 530 MB as int32
+    assert np.shares_memory(sampler._labels.numpy(), typed) == (np.dtype(dtype) in (np.int32, np.int64))
+
+
 def test_crops_at_the_border_are_padded_with_background_not_shifted():
     image, labels = smear({1: ((50, 11), 10, CELL)})  # 1 px from the left edge
     # the same cell 30 px further from the edge, on a wider background

@@ -271,6 +271,15 @@ def test_weights_with_nan_or_inf_are_refused_naming_the_file_and_the_tensors(tmp
     assert "blocks.1.mlp.fc2.weight" in str(error.value) and "norm.bias" in str(error.value)
 
 
+def test_float64_weights_beyond_float32s_range_are_refused_once_cast(tmp_path):
+    model = tiny_vit().double()
+    with torch.no_grad():
+        model.norm.weight[0] = 1e39  # finite as float64, infinite in the float32 model
+    folder = save_folder(model, tmp_path / "float64")
+    with pytest.raises(CheckpointError, match=r"\(in the model's precision\), in 1 tensor \(norm\.weight\)"):
+        load_model(folder)
+
+
 def test_config_naming_an_unknown_architecture_is_refused(tiny_folder):
     _, folder = tiny_folder
     config = json.loads((folder / "config.json").read_text())

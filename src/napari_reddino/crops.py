@@ -162,7 +162,7 @@ class CropSampler:
         # bytes, and no pass over the whole image here); only the windows become float.
         pixels = colour if colour.dtype == np.uint8 else colour.astype(np.float32)
         top = int(labels.max(initial=0))
-        label_bytes = labels.size * np.dtype(_label_type(top, self.device)).itemsize if mode == "masked" else 0
+        label_bytes = labels.size * _label_type(labels, top, self.device).itemsize if mode == "masked" else 0
         # Pixels become (pixel - black) * gain - background: 0 is the background colour, so
         # padding and blanking are multiplications by 0, and roi_align's zeros outside its
         # input are background too.
@@ -179,7 +179,7 @@ class CropSampler:
             offset=(torch.from_numpy(background).view(1, 3, 1, 1) - mean_t) / std_t,
         )
         self.home = smear_home(self.device, pixels.nbytes + label_bytes)
-        labels = labels.astype(_label_type(top, self.home), copy=False) if mode == "masked" else None
+        labels = labels.astype(_label_type(labels, top, self.home), copy=False) if mode == "masked" else None
         try:
             self._keep_on(self.home, pixels, labels, normalisation)
         except torch.cuda.OutOfMemoryError:
@@ -263,13 +263,15 @@ def smear_home(device: torch.device, nbytes: int) -> torch.device:
     return device if nbytes <= _SMEAR_SHARE_OF_FREE_MEMORY * free else torch.device("cpu")
 
 
-def _label_type(top: int, home: torch.device) -> type:
-    """The integer type labels up to ``top`` are kept in on ``home``: on a GPU the smallest (int16
-    halves the upload of int32), in CPU memory int32 or int64, which segmentation gives, so
-    they are shared, not copied."""
+def _label_type(labels: np.ndarray, top: int, home: torch.device) -> np.dtype:
+    """The integer type ``labels``, of ids up to ``top``, are kept in on ``home``: on a GPU the
+    smallest (int16 halves the upload of int32); in CPU memory their own when it is int32 or
+    int64 (segmentation's and napari's), so they are shared, not copied; else int32 or int64."""
     if top < 2**15 and home.type != "cpu":
-        return np.int16
-    return np.int32 if top < 2**31 else np.int64
+        return np.dtype(np.int16)
+    if home.type == "cpu" and labels.dtype in (np.int32, np.int64):
+        return labels.dtype
+    return np.dtype(np.int32 if top < 2**31 else np.int64)
 
 
 def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -198,9 +198,9 @@ class Embedder:
         ``ids`` embeds only those cells; their crops are the same as when every cell is embedded
         (windows sized, neighbours blanked and padding coloured from all of ``labels``).
 
-        ``should_stop`` (e.g. ``threading.Event().is_set``) is asked before every batch; when it
-        answers true, :class:`EmbeddingCancelled` is raised (on a GPU, after the batch under way
-        and the one queued behind it).
+        ``should_stop`` (e.g. ``threading.Event().is_set``) is asked each time a batch's
+        embeddings are in; when it answers true, :class:`EmbeddingCancelled` is raised. On a GPU
+        they come in one batch late, while the next batch runs, so that one finishes first.
         """
         steps = self.embed_steps(image, labels, mode=mode, margin=margin, scale=scale, ids=ids,
                                  batch_size=batch_size)

@@ -463,7 +463,8 @@ def precision_for(precision: str, device: torch.device) -> str:
         return precision
     from napari_reddino.precision_speed import auto_dtype
 
-    return next(name for name, dtype in AUTOCAST.items() if dtype == auto_dtype(device))
+    fastest = auto_dtype(device)
+    return next(name for name, dtype in AUTOCAST.items() if dtype == fastest)
 
 
 def _seed_process(seed: int) -> None:
