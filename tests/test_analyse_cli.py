@@ -259,6 +259,24 @@ def test_a_batch_crops_the_cells_as_its_head_s_were_cropped(smears, tiny_folder)
     assert (record["crop_mode"], record["crop_scale"], record["margin"]) == ("masked", "smear", 0.25)
 
 
+def test_an_earlier_table_that_cannot_be_removed_is_named_not_a_traceback(smears, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cells.npz").write_bytes(b"yesterday's embeddings")
+    unlink = Path.unlink
+
+    def held_open(path, missing_ok=False):  # as Windows refuses a file another program has open
+        if path.name == "cells.npz":
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", held_open)
+    assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 1
+    assert len(read(out / "cells_summary.csv")) == 2  # the new tables are written all the same
+    err = capsys.readouterr().err
+    assert f"could not remove the earlier run's {out / 'cells.npz'} (Permission denied)" in err and "Traceback" not in err
+
+
 def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_up_front(smears, tmp_path, capsys,
                                                                                         monkeypatch,
                                                                                         tiny_folder):  # noqa: F811
@@ -392,6 +410,34 @@ def test_the_console_command_is_installed():
     finished = subprocess.run([Path(sys.executable).with_name("reddino-analyse"), "--help"], capture_output=True,
                               text=True, check=True)
     assert "--head PATH" in finished.stdout
+
+
+class _CtrlCInFinaliser:
+    """Presses Ctrl-C while Python finalises it, as when a progress bar is collected: the
+    KeyboardInterrupt is raised inside ``__del__``, where Python prints it and goes on."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # the handler runs between two of these
+            pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one
+def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    for number in range(3):
+        shutil.copy(CHULA / "1.jpg", folder / f"{number}.jpg")
+
+    def read_and_press_ctrl_c(path):
+        _CtrlCInFinaliser()  # gone at once
+        return read_smear(path)
+
+    monkeypatch.setattr(analyse_cli, "read_smear", read_and_press_ctrl_c)
+    assert main([str(folder), "--out", str(tmp_path / "out"), "--measure-only"]) == 130
+    assert "interrupted; 2 smears not reached" in capsys.readouterr().err
+    assert read(tmp_path / "out" / "cells_summary.csv")["image"].tolist() == ["0"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
 
 
 def test_ctrl_c_writes_the_smears_finished_so_far(tmp_path):

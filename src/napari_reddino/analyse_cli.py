@@ -4,10 +4,13 @@ in the Cell map widget), written as the widget's export: ``cells.csv`` and ``cel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -65,14 +68,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
 
 
-def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipped: list[Path]) -> None:
+@contextlib.contextmanager
+def _remembered_ctrl_c() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt as ever, and is also set on the event yielded: one raised
+    inside a finaliser (a progress bar's ``__del__``) is printed and swallowed, and the run would
+    go on to the last smear. Only the main thread can take over the signal; elsewhere the event
+    stays unset."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+
+    def on_ctrl_c(signum, frame):
+        pressed.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipped: list[Path],
+                  ctrl_c: threading.Event) -> None:
     """Analyse the smears in turn, appending each result to ``done`` (or its path to ``skipped``)
-    as soon as it is known, so that an interrupt loses no finished smear."""
+    as soon as it is known, so that an interrupt loses no finished smear. A ``ctrl_c`` whose
+    KeyboardInterrupt was swallowed is raised again before the next smear and the next batch."""
+
+    def progress(bar: tqdm, done_cells: int, total: int) -> None:
+        if ctrl_c.is_set():
+            raise KeyboardInterrupt
+        _advance(bar, done_cells, total)
+
     for number, (path, name) in enumerate(zip(smears, smear_names(smears)), 1):
+        if ctrl_c.is_set():
+            raise KeyboardInterrupt
         started = time.perf_counter()
         try:
             with tqdm(desc=f"embedding {name}", unit=" cells", leave=False, disable=analysis.embedder is None) as bar:
-                cells = analysis(read_smear(path), name, progress=lambda n, total, bar=bar: _advance(bar, n, total))
+                cells = analysis(read_smear(path), name, progress=lambda n, total, bar=bar: progress(bar, n, total))
         except Exception as error:  # one smear's failure (unreadable, too large, out of memory) skips it alone
             skipped.append(path)
             reason = str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
@@ -130,11 +165,12 @@ def _analyse(args: argparse.Namespace) -> int:
         raise _Refused(f"the output folder {out} is not writable")
 
     done, skipped = [], []
-    try:  # Ctrl-C during a smear or between two: the smears finished so far are written
-        _analyse_each(analysis, smears, done, skipped)
-        interrupted = False
-    except KeyboardInterrupt:
-        interrupted = True
+    with _remembered_ctrl_c() as ctrl_c:
+        try:  # Ctrl-C during a smear or between two: the smears finished so far are written
+            _analyse_each(analysis, smears, done, skipped, ctrl_c)
+        except KeyboardInterrupt:
+            pass
+    interrupted = ctrl_c.is_set() or len(done) + len(skipped) < len(smears)
 
     if not done:
         print("reddino-analyse: no smear was analysed; nothing written", file=sys.stderr)
@@ -158,14 +194,21 @@ def _analyse(args: argparse.Namespace) -> int:
         written = f" (but {with_galleries[2:]})" if pictured else ""
         print(f"reddino-analyse: nothing written{written}: {error}", file=sys.stderr)
         return 1
-    removed = ""
+    removed, kept = "", []
     for file in stale:
-        file.unlink(missing_ok=True)
+        try:
+            file.unlink(missing_ok=True)
+        except OSError as error:  # held open elsewhere, or the folder's permissions
+            kept.append(f"{file} ({error.strerror or error})")
+            continue
         removed += f"; removed the earlier run's {file.name}, which no longer matched"
     # they would show cells the new cells.csv no longer holds
     removed += remove_pictures([path for path in old_galleries if path not in pictured], "the earlier run's")
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
           f"{', '.join(str(file) for file in targets)}{with_galleries}{removed}")
+    if kept:
+        print(f"reddino-analyse: could not remove the earlier run's {', '.join(kept)}, which no longer matches the "
+              "new tables; delete it by hand", file=sys.stderr)
     if interrupted:
         left = len(smears) - len(done) - len(skipped)
         print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files", file=sys.stderr)
@@ -173,7 +216,7 @@ def _analyse(args: argparse.Namespace) -> int:
     if skipped:
         print(f"reddino-analyse: {len(skipped)} of {counted(len(smears), 'smear')} skipped (see above)", file=sys.stderr)
         return 1
-    return 0
+    return 1 if kept else 0
 
 
 def _check_options(args: argparse.Namespace) -> None:
