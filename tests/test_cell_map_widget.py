@@ -19,6 +19,7 @@ from qtpy.QtWidgets import QDockWidget, QFileDialog, QMessageBox, QScrollArea
 
 from napari_reddino import CellClassifier, embeddings_of
 from napari_reddino.cell_embeddings import labels_digest, store_embeddings
+from napari_reddino.cell_table import clear_predictions
 from napari_reddino.cell_map import DIM_FACTOR, value_colours
 from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
@@ -398,6 +399,9 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert "p_oval" in aslan.features and "p_ovalocyte" not in aslan.features
     assert set(aslan.features["manual_label"]) == {"oval"}
     assert widget.classifier.classes == ["target cell", "oval"]
+    # A cell embedded again loses the head's probabilities under the class's new name too.
+    assert clear_predictions(aslan, aslan_ids[:1]) == 1
+    assert aslan.features.set_index("label").loc[aslan_ids[0], ["p_oval", "p_target cell"]].isna().all()
     # A head saved before the rename predicts the class under its name now, not as a second class.
     widget.apply_head(tmp_path / "before_rename.safetensors")
     assert "its 'ovalocyte' is 'oval' now" in widget.status.value

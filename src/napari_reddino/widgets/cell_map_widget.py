@@ -663,6 +663,10 @@ class CellMapWidget(MapExport, JobWidget):
         if self.classifier is not None:
             self.classifier.rename_classes({old: new})
         self._replace_class(old, new, ("manual_label", "predicted_class"), {f"p_{old}": f"p_{new}"})
+        for cells in self._viewer.layers:  # which p_ columns a head wrote: cleared with its predictions
+            predicted = cells.metadata.get(PREDICTED_CLASSES, []) if isinstance(cells, Labels) else []
+            if old in predicted:
+                cells.metadata[PREDICTED_CLASSES] = [new if name == old else name for name in predicted]
         self.colour_by.reset_choices()
 
     def _replace_class(self, old: str, new: str, columns: tuple[str, ...], renamed_columns=None) -> None:
