@@ -621,7 +621,7 @@ def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(view
     compute_map(widget, qtbot)
     again = viewer.add_labels(cells.data.copy(), name=f"{cells.name} [1]", features=cells.features.copy(),
                               metadata=dict(cells.metadata))  # the smear segmented again (and embedded) ...
-    cells.metadata = {**cells.metadata, CARRIED_TO: again.name}  # ... its labels carried, as Segment cells does
+    cells.metadata = {**cells.metadata, CARRIED_TO: str(again.unique_id)}  # ... its labels carried, as Segment does
     assert widget.pool is None and widget.status.value == (
         f"The cells of {cells.name!r} segmented again as {again.name!r}: embed that layer, then Compute map.")
     compute_map(widget, qtbot)

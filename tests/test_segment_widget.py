@@ -10,6 +10,7 @@ from skimage.io import imread
 
 from napari_reddino import estimate_cell_diameter, segment_cells
 from napari_reddino.widgets.smear_colours import MARK
+from napari_reddino.widgets.segment_widget import carried_to
 
 DATA = Path(__file__).parent / "data"
 CHULA_1 = DATA / "chula_rbc12" / "1.jpg"
@@ -152,6 +153,17 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
                                         f"{again.name!r} is hidden")
     viewer.layers.remove(third)
     viewer.layers.remove(again)  # gone: the labels it took are with the first layer again
+    cells.visible = True
+    # Segmented again, the new layer takes the removed one's name; the labels come over all the same.
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    fourth = result.args[0]
+    assert fourth.name == again.name and not cells.visible
+    assert list(fourth.features["manual_label"]).count("normal") == 1
+    fourth.name = "patient 7"  # renamed: the layer whose labels it took is still left behind
+    assert carried_to(viewer, cells).unique_id == fourth.unique_id
+    viewer.layers.remove(fourth)
+    assert carried_to(viewer, cells) is None
     cells.visible = True
     cells.name = "mine"  # renamed while mapped: still its smear's, and so are its map colours
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:

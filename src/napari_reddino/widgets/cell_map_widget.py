@@ -66,7 +66,7 @@ from .class_list import ClassList
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
 from .map_export import MapExport, not_written
-from .segment_widget import CARRIED_TO
+from .segment_widget import carried_to
 from .smear_colours import SmearColours, cells_layers
 from .smear_keys import LABEL_KEYS, SmearKeys
 from .smear_table import SmearTable
@@ -117,9 +117,10 @@ def embedded_cells_layers(viewer) -> list[Labels]:
 
 
 def segmented_again_as(viewer, layer) -> str | None:
-    """The newer cells layer that took ``layer``'s labels (see ``segment_widget.carry_labels``), if it is there."""
-    newer = layer.metadata.get(CARRIED_TO)
-    return newer if newer in viewer.layers else None
+    """The name of the newer cells layer that took ``layer``'s labels (see
+    ``segment_widget.carry_labels``), if it is there."""
+    newer = carried_to(viewer, layer)
+    return None if newer is None else newer.name
 
 
 def left_out(viewer) -> str:

@@ -22,6 +22,7 @@ from ..cell_table import image_name
 from ..class_gallery import GalleryError, GalleryFiles, pictures_in, remove_pictures, save_class_gallery
 from ..label_import import import_manual_labels
 from ..wording import OPEN_ELSEWHERE, counted
+from .segment_widget import carried_to
 from .smear_colours import cells_layers
 from .smear_links import level_0, smear_under
 
@@ -132,7 +133,8 @@ class MapExport:
     def import_labels(self, path: str | Path) -> None:
         """Give the viewer's cells layers the manual labels of an exported cells CSV (yesterday's
         work, a colleague's), where they are the same cells; a newer label of a cell is kept."""
-        layers = cells_layers(self._viewer)
+        # not onto a layer whose labels went to a newer segmentation of its smear (it is hidden)
+        layers = [layer for layer in cells_layers(self._viewer) if carried_to(self._viewer, layer) is None]
         try:
             report = import_manual_labels(path, layers)
         except (OSError, ValueError) as error:  # LabelImportError is a ValueError

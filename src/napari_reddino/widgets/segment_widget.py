@@ -22,7 +22,9 @@ from .smear_colours import coloured_smear, own_cells
 from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, of_image
 
 MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
-CARRIED_TO = "labels_carried_to"  # metadata: the newer cells layer this one's labels went to
+# metadata: the unique_id of the newer cells layer this one's labels went to (not its name: the
+# user may rename it, and napari hands a removed layer's name to the next layer)
+CARRIED_TO = "labels_carried_to"
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,7 @@ def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, job: _Job, image_h
     on its new cells. A marked layer gives nothing while the layer its labels went to is there,
     so a label cleared or changed since on that layer stays so. Says what was carried."""
     sources = [other for other in viewer.layers if isinstance(other, Labels) and other.name != layer.name
-               and not coloured_smear(other) and other.metadata.get(CARRIED_TO) not in viewer.layers
+               and not coloured_smear(other) and carried_to(viewer, other) is None
                and cell_image_name(other) == job.image_name and other.data.shape == layer.data.shape
                and of_image(other, job.image, image_hash) and _has_manual_labels(other)]
     said = []
@@ -232,12 +234,18 @@ def carry_labels(viewer: napari.viewer.Viewer, layer: Labels, job: _Job, image_h
         report = carry_manual_labels(source, layer)
         carried, missed = report.written.get(str(layer.name), 0), report.missed.get(str(source.name), 0)
         source.visible = False
-        source.metadata = {**source.metadata, CARRIED_TO: layer.name}
+        source.metadata = {**source.metadata, CARRIED_TO: str(layer.unique_id)}
         said.append(f"{counted(carried, 'label')} of {source.name!r} carried over to the same cells"
                     + (f", {missed:,} not (those cells were split, merged or drawn otherwise)" if missed else "")
                     + (f", {counted(report.kept, 'cell')} kept the label of a layer above" if report.kept else "")
                     + f"; {source.name!r} is hidden")
     return "; ".join(said)
+
+
+def carried_to(viewer: napari.viewer.Viewer, layer: Labels) -> Labels | None:
+    """The newer cells layer that took ``layer``'s labels (:func:`carry_labels`), while it is open."""
+    mark = layer.metadata.get(CARRIED_TO)
+    return next((other for other in viewer.layers if mark is not None and str(other.unique_id) == mark), None)
 
 
 def _has_manual_labels(layer: Labels) -> bool:
