@@ -345,6 +345,11 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert f"Most cells of {aslan.name!r} are unlike the cells the head was trained among" in widget.status.value
     aslan_predicted = aslan.features["predicted_class"]
     assert len(aslan_predicted) == len(embeddings_of(aslan)[0]) and set(aslan_predicted) <= {"normal", "spherocyte"}
+    # Exported now, the map (Chula's smear only) is written, and the smear classified outside it is named.
+    widget.export_csv(tmp_path / "the_map_only.csv")
+    assert widget.status.value.endswith(f" {aslan.name!r} is not in it: classified, but not in the map (Compute map, "
+                                        "then export again).")
+    assert set(pd.read_csv(tmp_path / "the_map_only.csv", dtype={"layer": str})["layer"]) == {cells.name}
     other = CellClassifier(["a", "b"], model_id="someone-else/vit")
     rng = np.random.default_rng(0)
     other.fit(rng.normal(size=(20, embeddings_of(cells)[1].shape[1])), np.repeat(["a", "b"], 10))

@@ -2,10 +2,11 @@
 
 Columns: those of :func:`napari_reddino.cell_table.cells_table`.
 
-``pandas.read_csv`` reads the file back unchanged: floats are written in full (float32 values
-as their exact float64 value), booleans as ``True``/``False``; an unlabelled cell's empty
-``manual_label`` reads back as NaN (``fillna("")`` restores it), and an image named like a
-number ("1" from ``1.jpg``) as a number unless read with ``dtype={"image": str}``.
+Floats are written in full (float32 values as their exact float64 value), booleans as
+``True``/``False``. Read it back with ``pd.read_csv(path, dtype={"image": str},
+keep_default_na=False, na_values=[""])``: plain ``read_csv`` reads an image named like a number
+("1" from ``1.jpg``) as a number and a class named ``NA``, ``N/A`` or ``None`` as missing, like
+an unlabelled cell's empty ``manual_label``.
 
 The embeddings file is an ``.npz`` (no pickle; ``np.load(path)`` reads it) of ``layer``,
 ``image``, ``label``, ``model_id`` (one per cell) and ``embedding`` (float32, cells x dim), in the CSV's

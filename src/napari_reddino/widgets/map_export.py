@@ -103,8 +103,21 @@ class MapExport:
                 removed += f"; the earlier export's {file.name} could not be removed ({error.strerror or error}) " \
                            "and does not match it"
         removed += remove_pictures([file for file in earlier_pictures if file not in drawn], "the earlier export's")
-        self.status.value = f"{counted(len(self.pool), 'cell')} written to {written}{with_summary}{drawing}{removed}."
+        self.status.value = (f"{counted(len(self.pool), 'cell')} written to {written}{with_summary}{drawing}{removed}."
+                             + self._classified_outside_map())
         return written
+
+    def _classified_outside_map(self) -> str:
+        """Names the open smears a head classified that the map, and so the export, leaves out."""
+        def classified(layer) -> bool:
+            return "predicted_class" in layer.features and (layer.features["predicted_class"].fillna("") != "").any()
+
+        outside = [layer.name for layer in cells_layers(self._viewer)
+                   if layer not in self.pool.layers and carried_to(self._viewer, layer) is None and classified(layer)]
+        if not outside:
+            return ""
+        return (f" {', '.join(map(repr, outside))} {'is' if len(outside) == 1 else 'are'} not in it: classified, but "
+                "not in the map (Compute map, then export again).")
 
     def _draw_galleries(self, folder: Path) -> tuple[set[Path], str]:
         """Draw each mapped smear's class gallery into ``folder``: the pictures written, and what
