@@ -587,7 +587,8 @@ def test_a_smear_mapped_twice_is_named_in_the_status_and_drawn_twice(viewer, qtb
     qtbot.waitUntil(lambda: len(viewer.layers) == 0)
 
 
-def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(viewer, qtbot, tiny_folder):  # noqa: F811
+def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(viewer, qtbot, tiny_folder,  # noqa: F811
+                                                                            tmp_path):
     cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
     compute_map(widget, qtbot)
@@ -624,6 +625,7 @@ def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(view
     with qtbot.waitSignal(embed_widget.embedded, timeout=TIMEOUT_MS):
         embed_widget.run()
     compute_map(widget, qtbot)
+    exported = widget.export_csv(tmp_path / "before.csv")  # labelled, before the smear is segmented again
     again = viewer.add_labels(cells.data.copy(), name=f"{cells.name} [1]", features=cells.features.copy(),
                               metadata=dict(cells.metadata))  # the smear segmented again (and embedded) ...
     cells.metadata = {**cells.metadata, CARRIED_TO: str(again.unique_id)}  # ... its labels carried, as Segment does
@@ -633,6 +635,13 @@ def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(view
     assert [layer.name for layer in widget.pool.layers] == [again.name]  # its cells are not counted twice
     assert widget.status.value.endswith(f" {cells.name!r} is left out: it was segmented again as {again.name!r} "
                                         "(embed that layer to map it).")
+    # The export's labels go to the newer layer of the smear, not to the hidden one of its name.
+    labelled = cells.features["manual_label"].copy()
+    again.features = again.features.assign(manual_label="")
+    widget.import_labels(exported)
+    assert widget.status.value.startswith(f"2 labels imported from before.csv onto {again.name!r}")
+    pd.testing.assert_series_equal(again.features["manual_label"], labelled)
+    pd.testing.assert_series_equal(cells.features["manual_label"], labelled)
     viewer.layers.remove(again)
     compute_map(widget, qtbot)  # the newer layer is gone: the labelled one is mapped as before
     assert [layer.name for layer in widget.pool.layers] == [cells.name] and "left out" not in widget.status.value
