@@ -18,7 +18,7 @@ from qtpy.QtWidgets import QFileDialog, QMessageBox
 
 from ..atomic_files import NotReplacedError, PartlyWrittenError
 from ..cell_export import export_cells_csv, galleries_folder, stale_beside, summary_path
-from ..cell_table import image_name
+from ..cell_table import class_names, image_name
 from ..class_gallery import GalleryError, GalleryFiles, pictures_in, remove_pictures, save_class_gallery
 from ..label_import import import_manual_labels
 from ..wording import OPEN_ELSEWHERE, counted
@@ -109,11 +109,9 @@ class MapExport:
 
     def _classified_outside_map(self) -> str:
         """Names the open smears a head classified that the map, and so the export, leaves out."""
-        def classified(layer) -> bool:
-            return "predicted_class" in layer.features and (layer.features["predicted_class"].fillna("") != "").any()
-
         outside = [layer.name for layer in cells_layers(self._viewer)
-                   if layer not in self.pool.layers and carried_to(self._viewer, layer) is None and classified(layer)]
+                   if layer not in self.pool.layers and carried_to(self._viewer, layer) is None
+                   and (class_names(layer.features, "predicted_class") != "").any()]
         if not outside:
             return ""
         return (f" {', '.join(map(repr, outside))} {'is' if len(outside) == 1 else 'are'} not in it: classified, but "
