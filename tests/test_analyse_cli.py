@@ -100,6 +100,8 @@ def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, ti
     cells = read(out / "cells.csv")
     assert set(cells["image"]) == {"1"}
     proba = head.predict_proba(vectors, measurements=table)
+    np.testing.assert_array_equal(cells["label"], ids)  # each row's probabilities below are its own cell's
+    np.testing.assert_allclose(cells[["area_px", "circularity"]], table[["area_px", "circularity"]], rtol=1e-6)
     np.testing.assert_allclose(cells[["p_normal", "p_spherocyte"]], proba, rtol=1e-5, atol=1e-6)
     assert cells["predicted_class"].tolist() == np.asarray(head.classes)[proba.argmax(axis=1)].tolist()
     with np.load(out / "cells.npz") as saved:

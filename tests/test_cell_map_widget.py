@@ -345,10 +345,21 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert f"Most cells of {aslan.name!r} are unlike the cells the head was trained among" in widget.status.value
     aslan_predicted = aslan.features["predicted_class"]
     assert len(aslan_predicted) == len(embeddings_of(aslan)[0]) and set(aslan_predicted) <= {"normal", "spherocyte"}
-    # Exported now, the map (Chula's smear only) is written, and the smear classified outside it is named.
+    # Exported now, the map's smear (Chula's) is written with its map positions, the smear the head
+    # classified outside the map without.
+    widget.export_csv(tmp_path / "classified.csv")
+    assert widget.status.value.endswith(f" {aslan.name!r} has no map positions: classified by the head, but not in "
+                                        "the map.")
+    exported = pd.read_csv(tmp_path / "classified.csv", dtype={"layer": str}, keep_default_na=False, na_values=[""])
+    assert exported["layer"].value_counts().to_dict() == {cells.name: len(ids), aslan.name: len(aslan.features)}
+    on_aslan = (exported["layer"] == aslan.name).to_numpy()
+    assert exported.loc[on_aslan, "umap_x"].isna().all() and exported.loc[~on_aslan, "umap_x"].notna().all()
+    np.testing.assert_array_equal(exported.loc[on_aslan, "predicted_class"], aslan.features["predicted_class"])
+    # Trained again on the map, the head has not classified Aslan's smear: left out, and said why.
+    widget.train()
     widget.export_csv(tmp_path / "the_map_only.csv")
-    assert widget.status.value.endswith(f" {aslan.name!r} is not in it: classified, but not in the map (Compute map, "
-                                        "then export again).")
+    assert widget.status.value.endswith(f" {aslan.name!r} is not in it: classified by an earlier head (apply the "
+                                        "head to it again).")
     assert set(pd.read_csv(tmp_path / "the_map_only.csv", dtype={"layer": str})["layer"]) == {cells.name}
     other = CellClassifier(["a", "b"], model_id="someone-else/vit")
     rng = np.random.default_rng(0)
@@ -432,6 +443,12 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     widget.run()  # the deleted cell's embedding describes a cell that is gone: no map until embedded again
     assert widget.pool is None and widget.status.value.startswith(
         f"The cells of {aslan.name!r} were painted since they were embedded")
+    # Without a map, Export writes the smears the head classified, but not one painted since.
+    widget.export_csv(tmp_path / "no_map.csv")
+    assert widget.status.value.endswith(f" {aslan.name!r} is not in it: painted since it was classified (embed it "
+                                        "and apply the head again).")
+    exported = pd.read_csv(tmp_path / "no_map.csv", dtype={"layer": str}, keep_default_na=False, na_values=[""])
+    assert exported["layer"].tolist() == [cells.name] * len(cells.features) and exported["umap_x"].isna().all()
     aslan.data = as_embedded  # (or embed them again)
 
     # So does embedding the cells again (other crops, another model), at once.
@@ -720,6 +737,9 @@ def test_a_head_whose_renamed_class_took_another_of_its_names_keeps_its_names_an
 def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_path, monkeypatch):  # noqa: F811
     cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    widget.export_csv(tmp_path / "cells.csv")  # no map, no head: nothing to write yet
+    assert widget.status.value == ("Compute the map first, or apply a saved head: Export writes the map's smears and "
+                                   "those the head classified.") and not (tmp_path / "cells.csv").exists()
     compute_map(widget, qtbot)
     n = len(widget.pool)
     classes = widget.class_list

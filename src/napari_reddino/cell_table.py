@@ -24,6 +24,7 @@ from .cell_embeddings import embeddings_of
 
 ANALYSIS_COLUMNS = ("umap_x", "umap_y", "manual_label", "predicted_class", "prediction_probability")
 PREDICTED_CLASSES = "predicted_classes"  # cells layer metadata: the classes of the head that predicted its cells
+PREDICTED_BY = "predicted_by"  # cells layer metadata: a token of the Cell map panel's head that predicted its cells
 
 
 def as_layers(cells) -> list:

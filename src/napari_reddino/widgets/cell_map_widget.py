@@ -16,6 +16,7 @@ see :mod:`.smear_colours`); Export CSV and Import labels in :mod:`.map_export`.
 
 import threading
 import time
+import uuid
 import weakref
 from pathlib import Path
 
@@ -56,7 +57,7 @@ from ..cell_map import (
     emphasise,
     value_colours,
 )
-from ..cell_table import PREDICTED_CLASSES
+from ..cell_table import PREDICTED_BY, PREDICTED_CLASSES
 from ..smear_summary import summarise_smears
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
@@ -169,6 +170,7 @@ class CellMapWidget(MapExport, JobWidget):
         self.xy: np.ndarray | None = None
         self.selected = np.zeros(0, dtype=bool)
         self.classifier: CellClassifier | None = None
+        self.head_token: str | None = None  # marks the cells layers this head predicted (PREDICTED_BY)
         self._smear_colours: SmearColours | None = None
         self._smear_keys = SmearKeys(napari_viewer, self.press_key)
         self._review: list[int] = []  # points still to review, the least certain last
@@ -717,7 +719,7 @@ class CellMapWidget(MapExport, JobWidget):
             cells.features = table.drop(columns=[*self._probability_columns(cells),
                                                  *({"predicted_class", "prediction_probability"} & set(table))])
         if head:
-            self.classifier, self._review, self._uncertain = None, [], np.zeros(0, dtype=int)
+            self.classifier, self.head_token, self._review, self._uncertain = None, None, [], np.zeros(0, dtype=int)
         self.class_list.remove(name)
         self.colour_by.reset_choices()
         self.status.value = f"Class {name!r} removed" + (f"; {'; '.join(did)}." if did else ".")
@@ -766,12 +768,14 @@ class CellMapWidget(MapExport, JobWidget):
         Review visits the ``unlike`` cells (beyond a saved head's reach, on a smear it warned of)
         first: their probabilities look sure and are not.
         """
+        token = uuid.uuid4().hex
         for cells in pool.layers:
             stale = self._probability_columns(cells)
             if stale:
                 cells.features = cells.features.drop(columns=stale)
             cells.metadata[PREDICTED_CLASSES] = list(classifier.classes)
-        self.classifier = classifier
+            cells.metadata[PREDICTED_BY] = token
+        self.classifier, self.head_token = classifier, token
         predictions = prediction_table(classifier.classes, proba)
         pool.write("predicted_class", predictions.pop("predicted_class").to_numpy())
         pool.write_columns({name: column.to_numpy() for name, column in predictions.items()}, empty=np.nan)

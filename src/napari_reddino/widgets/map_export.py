@@ -9,6 +9,7 @@ A mixin of :class:`.cell_map_widget.CellMapWidget`: it reads the widget's ``pool
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,8 @@ from qtpy.QtWidgets import QFileDialog, QMessageBox
 
 from ..atomic_files import NotReplacedError, PartlyWrittenError
 from ..cell_export import export_cells_csv, galleries_folder, stale_beside, summary_path
-from ..cell_table import class_names, image_name
+from ..cell_embeddings import repainted_since_embedded
+from ..cell_table import PREDICTED_BY, class_names, image_name
 from ..class_gallery import GalleryError, GalleryFiles, pictures_in, remove_pictures, save_class_gallery
 from ..label_import import import_manual_labels
 from ..wording import OPEN_ELSEWHERE, counted
@@ -44,13 +46,15 @@ class MapExport:
             "with its count, and up to 10 of its cells at random, as reddino-analyse --galleries draws them")
 
     def export_csv(self, path: str | Path) -> Path | None:
-        """Write one row per cell of the map's smears (to ``path``, ``.csv`` added unless it ends
+        """Write one row per cell of the map's smears and of the other open smears the panel's
+        head classified (those without map positions) to ``path`` (``.csv`` added unless it ends
         so), and the files ticked beside it; asks before replacing an existing file or deleting an
         earlier export's side files."""
         if not self._map_is_current():
             return None
-        if self.pool is None:
-            self._refuse("Compute the map first.", notify=show_info)
+        if self.pool is None and not self._classified_beside_map()[0]:
+            self._refuse("Compute the map first, or apply a saved head: Export writes the map's smears and those "
+                         "the head classified.", notify=show_info)
             return None
         path = Path(path)
         if path.suffix.lower() != ".csv":  # "Smear 12.03.2024" too: its suffix is ".2024"
@@ -79,8 +83,13 @@ class MapExport:
             self._refuse("Nothing was written: the map's cells changed while the question was open; Compute map, "
                          "then export again.")
             return None
+        mapped = list(self.pool.layers) if self.pool is not None else []
+        beside, left_out = self._classified_beside_map()
+        if not mapped and not beside:  # the head went while the question was open
+            self._refuse("Nothing was written: no smear is mapped or classified now.")
+            return None
         try:
-            written = export_cells_csv(path, list(self.pool.layers), embeddings_path=embeddings, summary_path=summary,
+            written = export_cells_csv(path, [*mapped, *map(without_map_positions, beside)], embeddings_path=embeddings, summary_path=summary,
                                        classes=self.class_list.classes, overwrite=True)
         except PartlyWrittenError as error:
             self._refuse(f"Only partly written: {error}.{OPEN_ELSEWHERE}")
@@ -93,7 +102,7 @@ class MapExport:
         if unclassified:
             with_summary += (f" (class shares left empty: {counted(unclassified, 'whole cell')} without a class "
                              "yet; train or apply a head)")
-        drawn, drawing = self._draw_galleries(galleries) if self.with_galleries.value else (set(), "")
+        drawn, drawing = self._draw_galleries(galleries, [*mapped, *beside]) if self.with_galleries.value else (set(), "")
         removed = ""
         for file in stale:
             try:
@@ -103,26 +112,40 @@ class MapExport:
                 removed += f"; the earlier export's {file.name} could not be removed ({error.strerror or error}) " \
                            "and does not match it"
         removed += remove_pictures([file for file in earlier_pictures if file not in drawn], "the earlier export's")
-        self.status.value = (f"{counted(len(self.pool), 'cell')} written to {written}{with_summary}{drawing}{removed}."
-                             + self._classified_outside_map())
+        cells = sum(len(layer.features) for layer in [*mapped, *beside])
+        unmapped = (f" {_quoted(beside)} {'has' if len(beside) == 1 else 'have'} no map positions: classified by the "
+                    "head, but not in the map." if beside and mapped else "")
+        self.status.value = f"{counted(cells, 'cell')} written to {written}{with_summary}{drawing}{removed}.{unmapped}{left_out}"
         return written
 
-    def _classified_outside_map(self) -> str:
-        """Names the open smears a head classified that the map, and so the export, leaves out."""
-        outside = [layer.name for layer in cells_layers(self._viewer)
-                   if layer not in self.pool.layers and carried_to(self._viewer, layer) is None
-                   and (class_names(layer.features, "predicted_class") != "").any()]
-        if not outside:
-            return ""
-        return (f" {', '.join(map(repr, outside))} {'is' if len(outside) == 1 else 'are'} not in it: classified, but "
-                "not in the map (Compute map, then export again).")
+    def _classified_beside_map(self) -> tuple[list, str]:
+        """The open smears outside the map that the panel's head classified, which the export
+        writes too, and a sentence naming the classified smears it leaves out, and why."""
+        mapped = self.pool.layers if self.pool is not None else []
+        beside, earlier_head, painted = [], [], []
+        for layer in cells_layers(self._viewer):
+            if (layer in mapped or carried_to(self._viewer, layer) is not None
+                    or not (class_names(layer.features, "predicted_class") != "").any()):
+                continue
+            if self.head_token is None or layer.metadata.get(PREDICTED_BY) != self.head_token:
+                earlier_head.append(layer)
+            elif repainted_since_embedded(layer):
+                painted.append(layer)
+            else:
+                beside.append(layer)
+        said = ""
+        for left, why in ((earlier_head, "classified by an earlier head (apply the head to it again)"),
+                          (painted, "painted since it was classified (embed it and apply the head again)")):
+            if left:
+                said += f" {_quoted(left)} {'is' if len(left) == 1 else 'are'} not in it: {why}."
+        return beside, said
 
-    def _draw_galleries(self, folder: Path) -> tuple[set[Path], str]:
-        """Draw each mapped smear's class gallery into ``folder``: the pictures written, and what
-        to say of them. A picture that cannot be drawn costs only itself."""
+    def _draw_galleries(self, folder: Path, layers: Sequence) -> tuple[set[Path], str]:
+        """Draw the class gallery of each smear of ``layers`` into ``folder``: the pictures written,
+        and what to say of them. A picture that cannot be drawn costs only itself."""
         files, drawn, missed = GalleryFiles(folder), set(), []
-        smears = [image_name(cells) for cells in self.pool.layers]
-        for cells, smear_name in zip(self.pool.layers, smears):
+        smears = [image_name(cells) for cells in layers]
+        for cells, smear_name in zip(layers, smears):
             smear = smear_under(self._viewer, cells)
             name = smear_name if smears.count(smear_name) == 1 else cells.name  # mapped twice: a picture each
             if smear is None:
@@ -202,6 +225,16 @@ class MapExport:
 def not_written(error: Exception) -> str:
     """Why a file was not written, as one sentence, with what to do where another program holds it."""
     return str(error).rstrip(".") + "." + (OPEN_ELSEWHERE if isinstance(error, NotReplacedError) else "")
+
+
+def without_map_positions(layer) -> SimpleNamespace:
+    """``layer`` as the export reads it, less the positions an earlier map gave its cells."""
+    features = pd.DataFrame(layer.features).drop(columns=["umap_x", "umap_y"], errors="ignore")
+    return SimpleNamespace(name=layer.name, features=features, metadata=layer.metadata)
+
+
+def _quoted(layers: Sequence) -> str:
+    return ", ".join(repr(layer.name) for layer in layers)
 
 
 def _names(paths: Sequence[Path | str]) -> str:
