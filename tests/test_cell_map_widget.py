@@ -25,7 +25,6 @@ from napari_reddino.embedding import clear_embedder_cache
 from napari_reddino.umap_layout import N_EPOCHS
 from napari_reddino.widgets.cell_map_widget import (
     GALLERY_NAME,
-    MANUAL,
     MIN_WIDTH,
     PREDICTED,
     SMEAR_FILL_ALPHA,
