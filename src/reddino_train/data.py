@@ -28,11 +28,13 @@ class EmptyDatasetError(ValueError):
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """Image files under ``root``, recursively, in a stable (sorted) order."""
+    """Image files under ``root``, recursively, in a stable (sorted) order; hidden ones (a name
+    starting with ".", or in such a folder: macOS's ``._`` copies, ``.ipynb_checkpoints``) left out."""
     root = Path(root)
     if not root.is_dir():
         raise EmptyDatasetError(not_a_folder(root))
-    images = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES
+                    and not any(part.startswith(".") for part in path.relative_to(root).parts))
     if not images:
         raise EmptyDatasetError(
             f"no images under {root}; expected files ending in {', '.join(IMAGE_SUFFIXES)}"

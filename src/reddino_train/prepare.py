@@ -16,8 +16,9 @@ Two kinds of sample, as PNG files in one folder per smear, ``OUT/<smear>/<n>.png
 ``OUT/index.csv`` lists every sample (file, source image, label, centroid, bounding box in
 source pixels). The run is resumable: a smear is recorded (folder and source path) in the
 journal ``OUT/done.txt`` after its files and its rows (``OUT/<smear>/index.csv``) are
-written, a re-run skips it, and a smear cut short is redone from scratch. ``index.csv`` is assembled from the per-smear rows
-at the end of every run, interrupted or not. Files that cannot be read are skipped, listed in
+written, a re-run skips it, and a smear cut short is redone from scratch (each smear's folder
+is built as ``OUT/.partial-<smear>`` and renamed into place whole). ``index.csv`` is assembled
+from the per-smear rows at the end of every run, interrupted or not. Files that cannot be read are skipped, listed in
 ``OUT/skipped.txt`` and retried on the next run. ``OUT/prepare.json`` keeps the settings, so
 a re-run with other settings cannot mix two kinds of sample in one folder.
 """
@@ -29,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,6 +51,7 @@ from .files import write_atomic
 Mode = Literal["cells", "patches"]
 MODES: tuple[Mode, ...] = ("cells", "patches")
 INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME = "index.csv", "done.txt", "skipped.txt", "prepare.json"
+PARTIAL = ".partial-"  # OUT/.partial-<smear>: a smear's folder while it is written
 MAX_SIZE, MAX_PATCH = 2048, 8192  # px: a crop's side, a patch's side
 INDEX_COLUMNS = (
     "file", "source", "label", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x",
@@ -140,7 +143,7 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
         raise PrepareError("no smear images in the sources")
     done = done or {}
     keys = {source: key for key, source in done.items() if source}  # resolved path -> key
-    taken, seen, smears = set(keys.values()), set(), []
+    taken, seen, smears = {key.casefold() for key in keys.values()}, set(), []
     for path in paths:
         source = str(path.resolve())
         if source in seen:
@@ -148,17 +151,33 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
         seen.add(source)
         if source not in keys:
             keys[source] = _new_key(path.stem, source, done, taken)
-            taken.add(keys[source])
+            taken.add(keys[source].casefold())
         smears.append(Smear(keys[source], path))
     return smears
 
 
 def _new_key(stem: str, source: str, done: dict[str, str], taken: set[str]) -> str:
-    """The stem, unless another smear has it: then the stem and a hash of the resolved path."""
+    """The stem, unless it cannot name a folder of its own in OUT (".", "..", a hidden name, one
+    of prepare's files) or another smear has it, letter case aside (many file systems ignore it;
+    ``taken`` is case-folded): then the stem, less leading dots, and a hash of the resolved path."""
     # a journal written before sources were recorded names its smears by stem alone
-    if stem not in taken and done.get(stem, "") == "":
+    own_files = {name.casefold() for name in (INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME)}
+    plain = stem.lstrip(".")
+    if plain == stem and stem.casefold() not in taken | own_files and done.get(stem, "") == "":
         return stem
-    return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+    return f"{plain or 'smear'}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+
+
+def _not_written_by_prepare(out: Path, smears: Sequence[Smear], done: dict[str, str]) -> list[Path]:
+    """The paths in ``out`` where a smear's folder would go that hold something prepare does not
+    write there (a file, a folder of one's own): they would be replaced, so they are refused."""
+    def prepares(folder: Path) -> bool:
+        return folder.is_dir() and all(
+            entry.is_file() and (entry.name == INDEX_NAME or re.fullmatch(r"\d+\.png", entry.name))
+            for entry in folder.iterdir())
+
+    return [out / smear.key for smear in smears
+            if smear.key not in done and (out / smear.key).exists() and not prepares(out / smear.key)]
 
 
 def prepare(
@@ -172,6 +191,11 @@ def prepare(
     out = Path(out)
     done = _read_journal(out)
     smears = find_smears(sources, out, done)  # before anything is written: a failed start leaves no settings behind
+    if foreign := _not_written_by_prepare(out, smears, done):
+        raise PrepareError(f"{', '.join(map(str, foreign[:3]))}{' and others' if len(foreign) > 3 else ''} "
+                           f"{'is' if len(foreign) == 1 else 'are'} where the crops of a smear go, and "
+                           f"{'holds' if len(foreign) == 1 else 'hold'} files that prepare did not write; move "
+                           f"{'it' if len(foreign) == 1 else 'them'}, or give --out an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, settings, bool(done))
     report = PrepareReport()
@@ -263,14 +287,14 @@ def _resized(tile: np.ndarray, size: int) -> np.ndarray:
 
 
 def _write_smear(out: Path, smear: Smear, samples: Samples) -> None:
-    """The smear's images and rows, in a folder emptied first (a cut-short run may have left
-    some)."""
-    folder = out / smear.key
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir()
+    """The smear's images and rows, written in ``OUT/.partial-<smear>`` (what a cut-short run left
+    there goes first) and then renamed to its folder, which it replaces."""
+    folder, partial = out / smear.key, out / f"{PARTIAL}{smear.key}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
     for name, pixels in zip(samples.names, samples.images):
-        Image.fromarray(pixels).save(folder / f"{name}.png")
+        Image.fromarray(pixels).save(partial / f"{name}.png")
     rows = [
         {
             "file": f"{smear.key}/{name}.png",
@@ -282,7 +306,10 @@ def _write_smear(out: Path, smear: Smear, samples: Samples) -> None:
         }
         for name, centroid, box in zip(samples.names, samples.centroids, samples.boxes)
     ]
-    write_atomic(folder / INDEX_NAME, _csv_text(rows))
+    write_atomic(partial / INDEX_NAME, _csv_text(rows))
+    if folder.exists():  # its own, from a run cut short before its journal line (checked up front)
+        shutil.rmtree(folder)
+    partial.rename(folder)
 
 
 def _csv_text(rows: list[dict]) -> str:

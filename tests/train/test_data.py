@@ -28,6 +28,9 @@ def test_find_images_recurses_sorted_and_ignores_other_files(smear_images, tmp_p
     (root / "notes.txt").write_text("not an image")
     (root / "smear0" / "deep").mkdir()
     (root / "smear0" / "deep" / "UPPER.TIF").write_bytes(b"")
+    (root / "smear0" / "._UPPER.TIF").write_bytes(b"")  # macOS's copy of its attributes
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "smear.png").write_bytes(b"")
     images = find_images(root)
     assert len(images) == 17
     assert images == sorted(images)

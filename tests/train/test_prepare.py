@@ -93,10 +93,39 @@ def test_a_smear_cut_short_is_redone(sources, tmp_path):
     out = tmp_path / "cells"
     prepare([sources / "1.jpg"], out, PrepareSettings(size=SIZE), progress=False)
     (out / "done.txt").write_text("")  # as if killed before the journal was written
-    (out / "1" / "stale.png").write_bytes(b"left over")
+    (out / "1" / "99999.png").write_bytes(b"left over")
+    (out / ".partial-1").mkdir()  # and a second smear's folder half written
+    (out / ".partial-1" / "3.png").write_bytes(b"half")
     report = prepare([sources / "1.jpg"], out, PrepareSettings(size=SIZE), progress=False)
-    assert report.written == ["1"] and not (out / "1" / "stale.png").exists()
-    assert len(read_index(out)) == report.samples_written
+    assert report.written == ["1"] and not (out / "1" / "99999.png").exists()
+    assert len(read_index(out)) == report.samples_written == len(list((out / "1").glob("*.png")))
+    assert sorted(path.name for path in out.iterdir()) == ["1", "done.txt", "index.csv", "prepare.json", "skipped.txt"]
+
+
+def test_a_folder_prepare_did_not_write_is_never_replaced(tmp_path):
+    (smear,) = _smear_copies(tmp_path, "src/1.jpg")
+    out = tmp_path / "out"
+    (out / "1").mkdir(parents=True)  # a folder of one's own, of a smear's name, in a reused --out
+    (out / "1" / "notes.txt").write_text("mine")
+    with pytest.raises(PrepareError, match=r"out/1 is where the crops of a smear go, and holds files that prepare "
+                                           r"did not write; move it, or give --out an empty folder"):
+        prepare([smear], out, PATCHES, progress=False)
+    assert [path.name for path in out.iterdir()] == ["1"] and (out / "1" / "notes.txt").read_text() == "mine"
+
+
+def test_smears_whose_names_cannot_name_a_folder_of_their_own_get_one(tmp_path):
+    # "..png" and "...png" would name OUT and its parent; "done.txt.png" the journal; "A.png" and
+    # "a.png" one folder where letter case does not count (macOS, Windows)
+    names = ["src/..png", "src/...png", "src/done.txt.png", "src/A.png", "src/a.png"]
+    smears = _smear_copies(tmp_path, *names)
+    out = tmp_path / "run" / "out"
+    report = prepare(smears, out, PATCHES, progress=False)
+    assert len(report.written) == len(names) and report.skipped == []
+    keys = {key.casefold() for key in report.written}
+    assert len(keys) == len(names) and not any(key.startswith(".") for key in keys)
+    assert {"a", "done.txt"} & keys == {"a"}
+    assert sorted(set(_sources_in_index(out))) == sorted(str(smear) for smear in smears)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["out"]
 
 
 def test_other_settings_in_the_same_folder_are_refused(prepared, sources):
