@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from reddino_train.augment import (
     RBC_PIXEL_POOL,
@@ -27,6 +28,34 @@ def test_multicrop_shapes(augmentation):
     assert [tuple(c.shape) for c in views["local_crops"]] == [(3, 28, 28)] * crops.local_number
     for crop in views["global_crops"] + views["local_crops"]:
         assert crop.dtype == torch.float32 and torch.isfinite(crop).all()
+
+
+def parts(transform, p: float = 1.0):
+    """Each transform inside ``transform`` (Compose and RandomApply opened) and how often it runs."""
+    if isinstance(transform, v2.Compose | v2.RandomApply):
+        for part in transform.transforms:
+            yield from parts(part, p * getattr(transform, "p", 1.0))
+    else:
+        yield transform, p * getattr(transform, "p", 1.0)
+
+
+def chances(transform) -> dict[str, float]:
+    return {type(part).__name__: p for part, p in parts(transform)}
+
+
+def test_dinov2_crops_are_augmented_as_dinov2_trained():
+    # DINOv2's GaussianBlur(p) applies its blur with probability 1 - p: global crop 1 (p=1.0) is
+    # never blurred, global crop 2 (p=0.1) nine times in ten, local crops (p=0.5) half the time.
+    multicrop = make_multicrop(dataclasses.replace(load_config("tiny").crops, augmentation="dinov2"))
+    shared = {"RandomResizedCrop": 1.0, "RandomHorizontalFlip": 0.5, "ColorJitter": 0.8, "RandomGrayscale": 0.2,
+              "Normalize": 1.0}
+    first, second = map(chances, multicrop.global_transforms)
+    assert first == shared
+    assert second == shared | {"GaussianBlur": 0.9, "RandomSolarize": 0.2}
+    assert chances(multicrop.local_transform) == shared | {"GaussianBlur": 0.5}
+    jitter = next(part for part, _ in parts(multicrop.local_transform) if isinstance(part, v2.ColorJitter))
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2),
+                                                                                (-0.1, 0.1))
 
 
 def test_random_subset_applies_n_distinct_transforms_with_probability_p():

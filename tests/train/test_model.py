@@ -36,12 +36,25 @@ def test_student_outputs_follow_crops_and_masks():
     student = build_student(cfg)
     masks = torch.zeros(4, 16, dtype=torch.bool)
     masks[1, :5] = masks[3, 7:9] = True
-    out = student(torch.randn(4, 3, 56, 56), torch.randn(6, 3, 28, 28), masks)
+    global_crops, local_crops = torch.randn(4, 3, 56, 56), torch.randn(6, 3, 28, 28)
+    out = student(global_crops, local_crops, masks)
     assert out.cls_logits.shape == (4 + 6, 64)
     assert out.global_cls_tokens.shape == (4, 384)
     assert out.patch_logits.shape == (7, 64)
-    teacher_cls, teacher_patches = make_teacher(student).targets(torch.randn(4, 3, 56, 56), masks)
-    assert teacher_cls.shape == (4, 64) and teacher_patches.shape == (7, 64)
+    # The global crops' CLS first, in their order, then the local crops': the DINO loss pairs views
+    # by position. iBOT's logits are those of the masked patches, seen masked.
+    backbone, head, prefix = student.backbone, student.dino_head, student.backbone.n_prefix_tokens
+    with torch.no_grad():
+        tokens = backbone(global_crops, masks)
+        torch.testing.assert_close(out.cls_logits[:4], head(tokens[:, 0]))
+        torch.testing.assert_close(out.cls_logits[4:], head(backbone(local_crops)[:, 0]))
+        torch.testing.assert_close(out.global_cls_tokens, tokens[:, 0])
+        torch.testing.assert_close(out.patch_logits, head(tokens[:, prefix:][masks]))
+        teacher_cls, teacher_patches = make_teacher(student).targets(global_crops, masks)
+        unmasked = backbone(global_crops)  # the teacher sees the whole crops
+        torch.testing.assert_close(teacher_cls, head(unmasked[:, 0]))
+        torch.testing.assert_close(teacher_patches, head(unmasked[:, prefix:][masks]))
+    assert (teacher_patches - out.patch_logits).abs().max() > 1e-3
 
 
 def test_separate_ibot_head_has_its_own_prototypes():

@@ -22,10 +22,12 @@ from reddino_train.config import load_config
 from reddino_train.data import EmptyDatasetError
 from reddino_train.export import export_teacher
 from reddino_train.monitor import CollapseDetector, CollapseWarning, read_log
-from reddino_train.schedules import build_schedules, scaled_lr
+from reddino_train.losses import koleo_loss
+from reddino_train.schedules import ScheduleValues, build_schedules, scaled_lr
 from reddino_train.model import build_student
 from reddino_train.param_groups import build_param_groups
 from reddino_train import run_lock
+from reddino_train import train as train_module
 from reddino_train.run_lock import LOCK_NAME, RunFolderBusyError, RunFolderError
 from reddino_train.train import (
     LOG_COLUMNS,
@@ -67,6 +69,38 @@ def test_a_few_steps_log_every_column_with_finite_losses(smear_images, tmp_path)
     assert checkpoint["iteration"] == 3
     assert checkpoint["sampler"] == {"samples_consumed": 3 * 4, "world_size": 1}
     assert (tmp_path / "config.yaml").is_file()
+
+
+def test_a_step_trains_with_the_schedule_values_it_is_given(smear_images, tmp_path, monkeypatch):
+    """lr, weight decay, teacher temperature and momentum reach the optimiser, the losses and
+    the teacher; the loss minimised is the one logged; KoLeo sees each view's images apart."""
+    trainer = Trainer(load_config("tiny", TINY), smear_images, tmp_path, torch.device("cpu"))
+    values = ScheduleValues(lr=3e-4, last_layer_lr=5e-5, weight_decay=0.07, teacher_momentum=0.75, teacher_temp=0.035)
+    temperatures, koleo_rows, minimised = [], [], []
+    for loss in (trainer.losses.dino, trainer.losses.ibot):
+        probs = loss.teacher_probs
+        monkeypatch.setattr(loss, "teacher_probs", lambda *args, probs=probs: temperatures.append(args[-1]) or probs(*args))
+    monkeypatch.setattr(train_module, "koleo_loss", lambda tokens: koleo_rows.append(tokens.detach()) or koleo_loss(tokens))
+    scale = trainer.scaler.scale
+    monkeypatch.setattr(trainer.scaler, "scale", lambda total: minimised.append(total.item()) or scale(total))
+    teacher_before = [param.detach().clone() for param in trainer.teacher.parameters()]
+    batch = next(trainer._batches())
+    stats, stopped, _ = trainer.step(batch, values, threading.Event())
+
+    assert not stopped and temperatures == [values.teacher_temp] * 2
+    assert minimised == [pytest.approx(stats["loss"], rel=1e-6)]  # dino + ibot + 0.1 koleo, as logged
+    assert stats["ibot"] > 0 and stats["dino"] > 0
+    groups = trainer.optimizer.param_groups
+    assert {group["is_last_layer"] for group in groups} == {True, False}
+    for group in groups:
+        lr = values.last_layer_lr if group["is_last_layer"] else values.lr
+        assert group["lr"] == pytest.approx(lr * group["lr_multiplier"], rel=1e-12)
+        assert group["weight_decay"] == pytest.approx(values.weight_decay * group["wd_multiplier"], rel=1e-12)
+    for before, teacher, student in zip(teacher_before, trainer.teacher.parameters(), trainer.student.parameters()):
+        torch.testing.assert_close(teacher, torch.lerp(before, student.detach(), 1 - values.teacher_momentum))
+    batch_size = len(batch["global_crops"]) // 2
+    assert [len(rows) for rows in koleo_rows] == [batch_size, batch_size]  # the two views apart
+    assert not torch.equal(koleo_rows[0], koleo_rows[1])
 
 
 def test_resumed_run_repeats_the_uninterrupted_one_exactly(smear_images, tmp_path):
