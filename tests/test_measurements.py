@@ -66,8 +66,13 @@ def test_micrometre_columns_follow_the_pixel_size():
     for name in ("perimeter", "equivalent_diameter", "major_axis", "minor_axis"):
         assert row[f"{name}_um"] == pytest.approx(row[f"{name}_px"] * 0.25)
     assert "area_um2" not in measure_cells(labels, painted(labels)).columns
-    with pytest.raises(ValueError, match="pixel_size_um"):
-        measure_cells(labels, painted(labels), pixel_size_um=-1)
+    for wrong in (-1, True, "0.25", float("inf")):
+        with pytest.raises(ValueError, match=r"^The pixel size must be a positive number of micrometres; got "):
+            measure_cells(labels, painted(labels), pixel_size_um=wrong)
+    with pytest.raises(ValueError, match=r"^At 250 µm per pixel a red cell would be 0.03 px across"):
+        measure_cells(labels, painted(labels), pixel_size_um=250)  # nanometres typed for micrometres
+    with pytest.raises(ValueError, match=r"^2.5e-07 µm per pixel is finer than a light microscope images"):
+        measure_cells(labels, painted(labels), pixel_size_um=2.5e-7)  # metres typed for micrometres
 
 
 def test_central_pallor_tells_a_pale_centre_from_a_full_one():
@@ -90,12 +95,15 @@ def test_a_uniform_cell_has_no_pallor_however_blurred_or_small(radius):
 
 
 def test_border_cells_are_flagged():
-    labels = np.zeros((100, 100), np.int32)
-    labels[disk((0, 50), 15, shape=labels.shape)] = 1
+    labels = np.zeros((100, 120), np.int32)  # not square: height and width are not mixed up
+    labels[disk((0, 50), 15, shape=labels.shape)] = 1  # top
     labels[disk((50, 50), 15)] = 2
-    labels[disk((70, 99), 10, shape=labels.shape)] = 3
+    labels[disk((70, 119), 10, shape=labels.shape)] = 3  # right
+    labels[disk((99, 60), 8, shape=labels.shape)] = 4  # bottom
+    labels[disk((30, 0), 8, shape=labels.shape)] = 5  # left
+    labels[disk((85, 101), 8)] = 6  # near the right edge (one px from it) without touching it
     table = measure_cells(labels, painted(labels)).set_index("label")
-    assert table["touches_border"].to_dict() == {1: True, 2: False, 3: True}
+    assert table["touches_border"].to_dict() == {1: True, 2: False, 3: True, 4: True, 5: True, 6: False}
 
 
 @pytest.mark.parametrize("angle", [0, 10, 22.5, 30, 45])

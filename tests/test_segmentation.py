@@ -429,10 +429,10 @@ def test_bad_images_are_refused_with_what_is_accepted(bad, words):
     assert "RGB" in str(error.value) or "NaN" in str(error.value)
 
 
-def test_a_tiny_cell_diameter_is_segmented():
-    # 2 px cells: the rim search around a spot is one step long (it once ran off its end).
+def test_the_smallest_cell_diameter_allowed_is_segmented():
+    # 5 px cells: the rim search around a spot is one step long (at 2 px it once ran off its end).
     image, _ = chula(1)
-    assert segment_cells(image, cell_diameter=2.0).max() > 0
+    assert segment_cells(image, cell_diameter=5.0).max() > 0
 
 
 def test_bad_parameters_are_refused():
@@ -453,6 +453,12 @@ def test_bad_parameters_are_refused():
     with pytest.raises(ValueError, match=r"^A cell diameter of 900 px is more than the whole 640x480 image: the "
                                          r"diameter is in pixels"):
         segment_cells(image, cell_diameter=900, pixel_size_um=0.2)
+    # µm typed for px: thousands of specks, before; now refused.
+    with pytest.raises(ValueError, match=r"^A cell diameter of 0.3 px is too small to segment or embed \(at least "
+                                         r"5 px\): the diameter is in pixels, not micrometres"):
+        segment_cells(image, cell_diameter=0.3)
+    with pytest.raises(ValueError, match=r"^At 200 µm per pixel a red cell would be 0.037 px across"):
+        segment_cells(image, pixel_size_um=200)
 
 
 @pytest.mark.parametrize("signed", [np.int16, np.float32])

@@ -11,6 +11,7 @@ from skimage.measure import perimeter_crofton
 
 from .cell_separation import convex_corners, distance_to_background, hull_pixels
 from .image_input import channels, check_labels, check_smear, fit_stain_model
+from .segmentation import pixel_size_refusal
 
 # Depth into the cell, as a share of its deepest point: the centre is the inner part, the rim
 # the ring where a discocyte is thickest. The outermost ring is left out of the rim: blur
@@ -31,6 +32,8 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
     ``outline_shared`` and ``touches_border`` (cut by the image's border or the edge of the field). With
     ``pixel_size_um`` the lengths and the area are given in µm too.
     """
+    if pixel_size_um is not None and (refusal := pixel_size_refusal(pixel_size_um)):
+        raise ValueError(refusal)
     image = check_smear(image)
     labels = check_labels(labels, image.shape)
     table = shape_table(labels)
@@ -50,8 +53,6 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
     table["outline_shared"] = outline_shared(labels, ids)
     table["touches_border"] = cut_by_field_edge(labels, ids, boxes, stain.outside_field(image))
     if pixel_size_um is not None:
-        if not pixel_size_um > 0:
-            raise ValueError(f"pixel_size_um must be positive; got {pixel_size_um}.")
         table["area_um2"] = table["area_px"] * pixel_size_um**2
         for column in _LENGTHS_PX:
             table[column.replace("_px", "_um")] = table[column] * pixel_size_um

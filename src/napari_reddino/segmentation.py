@@ -99,8 +99,10 @@ def iter_segment_cells(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending = [pool.submit(_segment_tile, array, tile, calibration) for tile in tiles]
         try:
-            for done, (tile, future) in enumerate(zip(tiles, pending), start=1):
+            for done, tile in enumerate(tiles, start=1):
+                future, pending[done - 1] = pending[done - 1], None  # a pasted tile's labels are let go
                 next_id = tile.paste(future.result(), labels, next_id)
+                del future
                 yield done, len(tiles)
         finally:  # closed early (cancelled): drop queued tiles, do not wait for them
             pool.shutdown(wait=False, cancel_futures=True)
@@ -120,7 +122,7 @@ def pixel_size_refusal(pixel_size_um) -> str | None:
 def too_coarse(pixel_size_um: float) -> str:
     """Why a pixel size above :data:`MAX_PIXEL_SIZE_UM` is refused: most often it is the camera
     sensor's (3.45 or 6.5 µm), not yet divided by the objective's magnification."""
-    return (f"At {pixel_size_um:g} µm per pixel a red cell would be {RBC_DIAMETER_UM / pixel_size_um:.1f} px across, "
+    return (f"At {pixel_size_um:g} µm per pixel a red cell would be {RBC_DIAMETER_UM / pixel_size_um:.2g} px across, "
             f"too few to segment or embed (at most {MAX_PIXEL_SIZE_UM:g} µm per pixel). Is it the camera sensor's pixel "
             f"size? Divide it by the objective's magnification: at 100x, {pixel_size_um:g} µm is "
             f"{pixel_size_um / 100:.4g} µm per pixel.")
@@ -145,6 +147,10 @@ def _calibrate(
     """
     if cell_diameter is not None and not is_positive(cell_diameter):
         raise ValueError(f"cell_diameter must be a positive number of pixels; got {cell_diameter!r}.")
+    if cell_diameter is not None and cell_diameter < MIN_CELL_PX:
+        raise ValueError(f"A cell diameter of {cell_diameter:g} px is too small to segment or embed (at least "
+                         f"{MIN_CELL_PX:g} px): the diameter is in pixels, not micrometres (a red cell is about "
+                         f"{RBC_DIAMETER_UM:g} µm across).")
     if pixel_size_um is not None and not is_positive(pixel_size_um):
         raise ValueError(f"pixel_size_um must be a positive number of micrometres; got {pixel_size_um!r}.")
     if pixel_size_um is not None and pixel_size_um > MAX_PIXEL_SIZE_UM:
