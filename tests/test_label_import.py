@@ -158,22 +158,23 @@ def test_a_cell_traced_a_little_differently_is_found_by_its_box_area_and_centre(
     export_cells_csv(tmp_path / "cells.csv", yesterday)
     exported = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
     diameter = np.sqrt(4 * exported["area_px"] / np.pi)
-    exported.loc[0:3, "centroid_x"] += 1.0  # past the centroid tolerance: each is found by the second rule
+    exported.loc[0:4, "centroid_x"] += 1.0  # past the centroid tolerance: each is found by the second rule
     exported.loc[1, "area_px"] *= AREA_RATIO * 1.01  # grown too much to be the same cell
     exported.loc[2, "centroid_x"] += (CENTRE_SHIFT * 1.05) * diameter[2]  # moved too far
     exported.loc[3, "bbox_max_x"] += (exported.loc[3, "bbox_max_x"] - exported.loc[3, "bbox_min_x"]) * 0.3
+    exported.loc[4, "area_px"] /= AREA_RATIO * 1.01  # shrunk too much
     exported.to_csv(tmp_path / "edited.csv", index=False)
     today = cells_layer(smear)
     report = import_manual_labels(tmp_path / "edited.csv", today)
     back = today.features["manual_label"]
-    assert back[0] == yesterday.features["manual_label"][0] and list(back[1:4]) == ["", "", ""]
-    assert (back[4:] == yesterday.features["manual_label"][4:]).all() and report.missed == {"1 cells": 3}
+    assert back[0] == yesterday.features["manual_label"][0] and list(back[1:5]) == ["", "", "", ""]
+    assert (back[5:] == yesterday.features["manual_label"][5:]).all() and report.missed == {"1 cells": 4}
 
     without_boxes = exported.drop(columns=["bbox_min_x", "bbox_max_x"])  # an older or trimmed CSV: centroids only
     without_boxes.to_csv(tmp_path / "trimmed.csv", index=False)
     today = cells_layer(smear)
     report = import_manual_labels(tmp_path / "trimmed.csv", today)
-    assert today.features["manual_label"][0] == "" and report.missed == {"1 cells": 4}
+    assert today.features["manual_label"][0] == "" and report.missed == {"1 cells": 5}
 
 
 def test_cells_found_nowhere_are_refused_and_nothing_is_written(smear, tmp_path):
