@@ -368,7 +368,7 @@ def test_a_table_keyed_by_napari_index_or_by_label_ids_as_text_keeps_its_own_col
 
 def test_cells_erased_or_painted_after_segmenting_are_measured_again(viewer, widget, qtbot):
     image = imread(CHULA_1)
-    viewer.add_image(image, rgb=True, name="1")
+    viewer.add_image(image, rgb=True, name="1", metadata={"pixel_size_um": 0.2})
     widget.reset_choices()
     assert widget.cells.value == SEGMENT_FIRST
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
@@ -389,6 +389,10 @@ def test_cells_erased_or_painted_after_segmenting_are_measured_again(viewer, wid
     np.testing.assert_array_equal(np.sort(table["label"]), embeddings_of(cells)[0])
     area = table.set_index("label").loc[shrunk, "area_px"]
     assert area == (data == shrunk).sum()
+    # in µm too, at the smear's pixel size: not the cell's size before the stroke
+    row = table.set_index("label").loc[shrunk]
+    assert row["area_um2"] == pytest.approx(area * 0.2**2)
+    assert row["equivalent_diameter_um"] == pytest.approx(row["equivalent_diameter_px"] * 0.2)
 
 
 def test_a_brush_stroke_re_embeds_only_the_cells_whose_crops_it_changed(viewer, widget, chula_pixels_and_cells, qtbot):
@@ -618,7 +622,8 @@ def test_the_settings_hold_for_the_whole_run_and_an_error_before_it_starts_ends_
     for path in (CHULA_1, CHULA_26):
         viewer.open(path)
     widget.reset_choices()
-    settings = (widget.model, widget.device, widget.crop_mode, widget.crop_scale, widget.margin, widget.every_smear)
+    settings = (widget.model, widget._browse_button, widget.device, widget.crop_mode, widget.crop_scale, widget.margin,
+                widget.every_smear)
     with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
         widget.run()  # segments first, then embeds with the settings of when Run was pressed
         assert not any(setting.enabled for setting in settings)

@@ -5,7 +5,8 @@ from napari.components import ViewerModel
 
 from napari_reddino.widgets.image_renames import follow_image_renames
 from napari_reddino.widgets.smear_colours import MARK
-from napari_reddino.widgets.smear_links import SOURCE_LAYER
+from napari_reddino.cell_embeddings import image_digest
+from napari_reddino.widgets.smear_links import SOURCE_DIGEST, SOURCE_LAYER
 
 
 def test_a_renamed_image_is_followed_by_its_cells_and_colours_and_no_other_layer():
@@ -49,3 +50,22 @@ def test_the_cells_of_a_closed_image_stay_when_another_of_its_name_is_renamed():
     viewer.layers.append(first)
     first.name = "camera A2"
     assert cells.metadata["source_image"] == "camera A2"
+
+
+def test_the_cells_of_a_smear_opened_again_follow_it_when_it_is_renamed_at_once():
+    # Segmented, closed, opened again (a new layer, the same pixels) and renamed before any panel
+    # looked at it: the cells follow the name; those of another camera's "Image001" do not.
+    viewer = ViewerModel()
+    follow_image_renames(viewer)
+    pixels, others = np.arange(64.0).reshape(8, 8), np.ones((8, 8))
+    first = viewer.add_image(pixels, name="Image001")
+    link = {"source_image": "Image001", SOURCE_DIGEST: image_digest(pixels), SOURCE_LAYER: str(first.unique_id)}
+    cells = viewer.add_labels(np.zeros((8, 8), np.int32), name="Image001 cells", metadata=link)
+    viewer.layers.remove(first)
+    stranger = viewer.add_image(others, name="Image001")
+    stranger.name = "camera B"
+    assert cells.metadata["source_image"] == "Image001"
+    viewer.layers.remove(stranger)
+    again = viewer.add_image(pixels.copy(), name="Image001")
+    again.name = "P-7"
+    assert cells.metadata["source_image"] == "P-7" and cells.metadata[SOURCE_LAYER] == str(again.unique_id)

@@ -1,5 +1,6 @@
 """The Segment cells widget, docked through the manifest in a real viewer, on real smears."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,18 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     assert list(cells.features["manual_label"][:2]) == ["normal", ""]
     assert list(result.args[0].features["manual_label"]).count("normal") == 1  # carried from 'mine'
     assert_one_row_per_cell(result.args[0])
+    # Segmented otherwise (cells twice as large expected: some are merged), the labels of cells not
+    # found again stay behind on the hidden layer, and the status says how many.
+    labelled = result.args[0]
+    labelled.features = labelled.features.assign(manual_label="normal")
+    widget.cell_diameter.value = 2 * labelled.metadata["cell_diameter_px"]
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    said = re.search(r"; ([\d,]+) labels? of '[^']+' carried over to the same cells, ([\d,]+) not \(those cells "
+                     r"were split, merged or drawn otherwise\); '[^']+' is hidden$", widget.status.value)
+    carried, missed = (int(number.replace(",", "")) for number in said.groups())
+    assert missed > 0 and carried + missed == len(labelled.features)
+    assert (result.args[0].features["manual_label"] == "normal").sum() == carried and not labelled.visible
 
 
 def test_blank_image_gives_a_notice_and_no_layer(viewer, widget, qtbot):

@@ -7,11 +7,13 @@ Without this, the Cell map would not find a renamed smear's image to show a clic
 cells layer, and an export would name the smear by its old name.
 """
 
+import functools
 import weakref
 
 from napari.layers import Image
 
-from .smear_links import SOURCE_LAYER
+from ..cell_embeddings import image_digest
+from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, level_0, of_image
 
 _FOLLOWED: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()  # by id: viewers equal by value
 
@@ -32,11 +34,10 @@ def follow_image_renames(viewer) -> None:
     def renamed(event) -> None:
         image = event.source
         old, names[image] = names.get(image), image.name
+        digest = functools.cache(lambda: image_digest(level_0(image)))  # hashed only where it decides
         for layer in layers() or ():
-            if layer.metadata.get(SOURCE_LAYER, str(image.unique_id)) != str(image.unique_id):
-                continue  # the cells of another image once open under that name (a second camera's file)
             moved = {key: image.name for key in links if old is not None and layer.metadata.get(key) == old}
-            if moved and layer is not image:
+            if moved and layer is not image and _segmented_from(layer, image, digest):
                 layer.metadata = {**layer.metadata, **moved}
 
     def watch(layer) -> None:
@@ -47,3 +48,14 @@ def follow_image_renames(viewer) -> None:
     for layer in viewer.layers:
         watch(layer)
     viewer.layers.events.inserted.connect(lambda event: watch(event.value))
+
+
+def _segmented_from(layer, image: Image, digest) -> bool:
+    """Whether ``layer`` belongs to ``image``: it names no image layer, or this one, or one now
+    closed whose pixels ``image`` holds (the file opened again, and renamed before any panel
+    looked at it); not the cells of another image once open under that name (a second camera's
+    file)."""
+    known = layer.metadata.get(SOURCE_LAYER)
+    if known is None or known == str(image.unique_id):
+        return True
+    return layer.metadata.get(SOURCE_DIGEST) is not None and of_image(layer, image, digest)
