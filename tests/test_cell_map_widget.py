@@ -15,7 +15,8 @@ from napari.utils.colormaps import ensure_colormap
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import QPoint, Qt
 from qtpy.QtTest import QTest
-from qtpy.QtWidgets import QDockWidget, QFileDialog, QMessageBox, QScrollArea
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import QColorDialog, QDockWidget, QFileDialog, QMessageBox, QScrollArea
 
 from napari_reddino import CellClassifier, embeddings_of
 from napari_reddino.cell_embeddings import labels_digest, store_embeddings
@@ -30,7 +31,7 @@ from napari_reddino.widgets.cell_map_widget import (
     SMEAR_FILL_ALPHA,
     held_out_words,
 )
-from napari_reddino.widgets.class_list import DEFAULT_CLASSES, NAME, NEW_CLASS_COLOURS
+from napari_reddino.widgets.class_list import DEFAULT_CLASSES, KEY, NAME, NEW_CLASS_COLOURS
 from napari_reddino.widgets.segment_widget import CARRIED_TO
 from napari_reddino.widgets.smear_keys import LABEL_KEYS_HELP
 
@@ -763,6 +764,15 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     assert manual()[0] == "" and (manual()[1:] != "").all()
     press("Clear selection")
     assert not widget.selected.any()
+    # A class's colour, chosen by double-clicking its key, colours its cells on the map and in exports.
+    widget.colour_by.value = "manual label"
+    monkeypatch.setattr(QColorDialog, "getColor", lambda *args, **kwargs: QColor("#123456"))
+    classes.table.cellDoubleClicked.emit(classes.classes.index("spherocyte"), KEY)
+    assert classes.hex_colours["spherocyte"] == "#123456"
+    faces, chosen = widget.canvas.points.face_color, np.array([0x12, 0x34, 0x56, 0xFF]) / 255
+    spherocytes = manual() == "spherocyte"
+    np.testing.assert_allclose(faces[spherocytes], np.tile(chosen, (spherocytes.sum(), 1)), atol=1e-6)
+    assert not np.isclose(faces[~spherocytes], chosen, atol=1e-3).all(axis=1).any()
 
     press("Train head")
     predicted = widget.pool.column("predicted_class", "")
