@@ -7,6 +7,10 @@ from napari_reddino.smear_summary import summarise_smears
 from napari_reddino.widgets.smear_table import SmearTable
 
 
+def headers(table: SmearTable) -> list[str]:
+    return [table.horizontalHeaderItem(column).text() for column in range(table.columnCount())]
+
+
 def test_each_smear_is_shown_in_micrometres_where_its_pixel_size_is_known(qtbot):
     known, unknown = counted_layer("A cells"), counted_layer("B cells")
     unknown.features = unknown.features.drop(columns="equivalent_diameter_um")
@@ -15,6 +19,14 @@ def test_each_smear_is_shown_in_micrometres_where_its_pixel_size_is_known(qtbot)
 
     table.show_summary(summarise_smears([known, known]))
     assert table.text("diameter (µm)", 0) == f"8.00 ± {np.std([6, 7, 8, 9, 10], ddof=1):.2f}"  # whole cells only
+    assert headers(table) == ["A cells", "A cells"]  # one smear twice: its layers name the columns
+    assert table.text("whole cells", 1) == "5"
+    assert table.text("diameter CV", 0) == f"{100 * np.sqrt(2.5) / 8:.1f} %" == "19.8 %"
+    assert table.text("central pallor", 0) == "0.30"  # the median of the whole cells' 0.1 ... 0.5
+    other = counted_layer("B cells")
+    other.features = other.features.assign(central_pallor=[0.05, 0.05, 0.2, 0.6, 0.6, 0.9])
+    table.show_summary(summarise_smears([known, other]))
+    assert headers(table) == ["A", "B"] and table.text("central pallor", 1) == "0.20"
 
     table.show_summary(summarise_smears([known, unknown]))
     assert table.text("diameter", 0) == f"8.00 ± {np.std([6, 7, 8, 9, 10], ddof=1):.2f} µm"
