@@ -172,12 +172,19 @@ def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, 
     manual = cells.features.set_index("label")["manual_label"]
     assert (manual.loc[widget.pool.label_ids[chosen]] == "normal").all()
     assert [gallery.grid.item(row).text() for row in range(gallery.grid.count())] == ["normal"] * len(chosen)
+    # ... and the outlines: each thumbnail is cut again in its class's colour
+    normal = tuple(np.round(widget.class_list.colours["normal"][:3] * 255).astype(int))
+    outlined = cell_thumbnail(smear.data, cells.data, first, windows[chosen[0]], contrast_limits=smear.contrast_limits,
+                              outline=normal)
+    assert np.abs(icon_pixels(gallery.grid.item(0)).astype(int) - outlined).max() <= 8
 
     # Ctrl-click highlights without moving the view; Delete leaves the highlighted out (their labels stay).
     centre = viewer.scene.camera.center
     click_item(qtbot, gallery.grid, 1, Qt.KeyboardModifier.ControlModifier)
     click_item(qtbot, gallery.grid, 3, Qt.KeyboardModifier.ControlModifier)
     assert gallery.highlighted() == [chosen[1], chosen[3]] and viewer.scene.camera.center == centre
+    widget.recolour()  # the gallery is filled again (a label, a colour): the highlighted stay so
+    assert gallery.highlighted() == [chosen[1], chosen[3]]
     qtbot.keyClick(gallery.grid, Qt.Key.Key_Delete)
     kept = np.delete(chosen, [1, 3])
     np.testing.assert_array_equal(np.flatnonzero(widget.selected), kept)
