@@ -303,6 +303,23 @@ def test_a_cell_diameter_and_pixel_size_typed_for_a_smear_stay_with_that_smear(v
     assert widget.cell_diameter.value == 32 and first.metadata["cell_diameter_px"] == 32
 
 
+def test_a_smear_s_own_pixel_size_is_used_unrounded(viewer, widget, qtbot):
+    smear = viewer.add_image(imread(CHULA_1), rgb=True, name="1", metadata={"pixel_size_um": 0.12345})
+    widget.reset_choices()
+    widget.image.value = smear
+    assert widget.pixel_size.value == pytest.approx(0.1235)  # shown to four places
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    cells = result.args[0]
+    assert cells.metadata["pixel_size_um"] == 0.12345
+    row = cells.features.iloc[0]
+    assert row["equivalent_diameter_um"] == pytest.approx(row["equivalent_diameter_px"] * 0.12345, rel=1e-12)
+    widget.pixel_size.value = 0.2  # typed: that one
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    assert result.args[0].metadata["pixel_size_um"] == pytest.approx(0.2)
+
+
 def test_a_long_message_wraps_in_the_panel_without_widening_the_dock(make_napari_viewer, qtbot):
     shown = make_napari_viewer(show=True)
     shown.window.resize(1280, 800)

@@ -114,8 +114,8 @@ class SegmentCellsWidget(JobWidget):
             image=layer,
             scale=tuple(layer.scale),
             translate=tuple(layer.translate),
-            cell_diameter=self.cell_diameter.value or None,
-            pixel_size_um=self.pixel_size.value or None,
+            cell_diameter=self._setting(self.cell_diameter, layer),
+            pixel_size_um=self._setting(self.pixel_size, layer),
             started=time.perf_counter(),
         )
         self.status.value = f"Segmenting {layer.name!r}…"
@@ -127,6 +127,14 @@ class SegmentCellsWidget(JobWidget):
             for box, key in self._per_smear.items():
                 with box.changed.blocked():  # shown, not typed: the layer's own value stays unrounded
                     box.value = layer.metadata.get(key) or 0.0
+
+    def _setting(self, box: FloatSpinBox, layer: Image) -> float | None:
+        """What ``box`` says for ``layer``: the smear's own value where the box shows it rounded
+        (0.12345 µm shows as 0.1235), else the box's; None for auto or unknown."""
+        own = layer.metadata.get(self._per_smear[box])
+        if own and round(own, box.native.decimals()) == box.value:
+            return own
+        return box.value or None
 
     def _remember(self, key: str, value: float) -> None:
         """Keep a typed value on the image layer: it comes back when the image is chosen again,
