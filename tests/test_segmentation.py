@@ -280,6 +280,17 @@ def test_one_default_follows_the_magnification():
     assert recall(labels, np.column_stack([centres[:, :2] * 2.5, centres[:, 2]])) >= 0.93
 
 
+@pytest.mark.parametrize("scale", [0.3, 0.2])
+def test_cells_too_small_to_size_at_half_resolution_are_sized_at_full_resolution(scale):
+    # 11 and 7.4 px cells: sized at half resolution, gaps blurred shut between them made the
+    # estimate 80 and 67 px, and the smear 5 and 3 "cells".
+    image, centres = chula(1)
+    small = (rescale(image, scale, order=1, channel_axis=-1, anti_aliasing=True) * 255).astype(np.uint8)
+    diameter = _calibrate(image, None, None)[0].cell_diameter * scale
+    assert estimate_cell_diameter(small) == pytest.approx(diameter, rel=0.15)
+    assert recall(segment_cells(small), np.column_stack([centres[:, :2] * scale, centres[:, 2]])) >= 0.9
+
+
 def test_pixel_size_and_diameter_override_the_estimate():
     image, centres = chula(1)
     assert _calibrate(image, None, 0.2)[0].cell_diameter == pytest.approx(7.5 / 0.2)

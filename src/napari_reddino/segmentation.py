@@ -30,7 +30,7 @@ from .cell_separation import (
     shows_cells,
     smooth_density,
 )
-from .cell_size import diameter_from_foreground
+from .cell_size import diameter_from_foreground, too_small_to_size
 from .image_input import StainModel, check_smear, fit_stain_model, is_positive
 from .resampling import resize_linear, resize_nearest
 from .steps import Progress, run_steps
@@ -39,6 +39,7 @@ RBC_DIAMETER_UM = 7.5  # a normal red cell; turns a pixel size into an expected 
 MIN_CELL_PX = 5.0  # a red cell fewer pixels across can be neither segmented nor embedded
 MAX_PIXEL_SIZE_UM = RBC_DIAMETER_UM / MIN_CELL_PX
 MIN_PIXEL_SIZE_UM = 0.01  # finer than a light microscope samples: a size in metres or millimetres
+FULL_RESOLUTION_SIGMA = 0.5  # px: smoothing of the density where cells are sized at full resolution
 CALIBRATION_SIZE = 1024  # px side of the central window used to calibrate large smears
 TILE_CORE = 1536  # px side of a tile's core at working scale, at most
 TILE_MARGIN_DIAMETERS = 1.5
@@ -134,7 +135,7 @@ def estimate_cell_diameter(image) -> float:
     Pass the result on as ``cell_diameter`` to record it and not estimate twice.
     """
     array = check_smear(image)
-    return _estimate_diameter(_calibration_window(array, fit_stain_model(array))[1])
+    return _estimate_diameter(*_calibration_window(array, fit_stain_model(array))[::-1])
 
 
 def _calibrate(
@@ -171,7 +172,7 @@ def _calibrate(
     density, half = _calibration_window(array, stain)
     whole = density.shape == array.shape[:2]
     if cell_diameter is None:
-        cell_diameter = _estimate_diameter(half)
+        cell_diameter = _estimate_diameter(half, density)
     scale = min(1.0, WORKING_DIAMETER_PX / cell_diameter)
     smoothed = _working_density(density, scale, cell_diameter * scale)
     calibration = Calibration(stain, float(cell_diameter), scale, foreground_thresholds(smoothed, working_scale=True))
@@ -198,14 +199,20 @@ def _grid_windows(length: int) -> list[slice]:
     return [slice(start, start + CALIBRATION_SIZE) for start in sorted(starts)]
 
 
-def _estimate_diameter(smoothed: np.ndarray | None) -> float:
-    """Cell diameter from the foreground of a density at :func:`_half_resolution`."""
+def _estimate_diameter(smoothed: np.ndarray | None, density: np.ndarray | None = None) -> float:
+    """Cell diameter from the foreground of a density at :func:`_half_resolution`, or, where
+    the cells are too small to size there (under about 12 px), of ``density`` itself."""
     if smoothed is None:
         return WORKING_DIAMETER_PX
     thresholds = foreground_thresholds(smoothed)
     if thresholds is None:
         return WORKING_DIAMETER_PX
-    return 2 * diameter_from_foreground(smoothed > thresholds.cell)
+    foreground = smoothed > thresholds.cell
+    if density is not None and too_small_to_size(foreground):
+        full = ndi.gaussian_filter(density, FULL_RESOLUTION_SIGMA)
+        if (full_thresholds := foreground_thresholds(full)) is not None:
+            return diameter_from_foreground(full > full_thresholds.cell)
+    return 2 * diameter_from_foreground(foreground)
 
 
 def _half_resolution(density: np.ndarray) -> np.ndarray | None:
