@@ -3,9 +3,9 @@
 Fill every closed outline of the foreground (pale-centred cells become discs), take the
 distance-transform maxima (one per cell, also for touching cells) and return twice their
 area-weighted median: small maxima on ragged edges and debris weigh little, so one default
-works from 20 px cells to 150 px cells (and, sized at full resolution, from 7 px). Maxima under :data:`MIN_DIAMETER_PX` do not count;
-where most maxima lie under it, the cells themselves are too small to size at that resolution
-(:func:`too_small_to_size`).
+works from 20 px cells to 150 px cells. Maxima under :data:`MIN_DIAMETER_PX` do not count; where
+most maxima lie under it, the cells themselves are too small to size at that resolution
+(:func:`too_small_to_size`), and segmentation sizes them at full resolution instead (from 7 px).
 """
 
 from __future__ import annotations
