@@ -13,7 +13,14 @@ from skimage.measure import regionprops
 from skimage.transform import rescale
 
 import napari_reddino.segmentation as segmentation
-from napari_reddino import ImageInputError, cells_at_points, estimate_cell_diameter, iter_segment_cells, segment_cells
+from napari_reddino import (
+    ImageInputError,
+    cells_at_points,
+    estimate_cell_diameter,
+    iter_segment_cells,
+    measure_cells,
+    segment_cells,
+)
 from napari_reddino.cell_separation import (
     Thresholds,
     distance_to_background,
@@ -289,6 +296,21 @@ def test_cells_too_small_to_size_at_half_resolution_are_sized_at_full_resolution
     diameter = _calibrate(image, None, None)[0].cell_diameter * scale
     assert estimate_cell_diameter(small) == pytest.approx(diameter, rel=0.15)
     assert recall(segment_cells(small), np.column_stack([centres[:, :2] * scale, centres[:, 2]])) >= 0.9
+
+
+def test_a_crop_of_one_cell_is_sized_by_that_cell_not_by_its_cut_neighbours():
+    # 60 x 60 px around a free cell: the border-cut pieces of its neighbours sized 5 of 10 such
+    # crops at 17-28 px (the cells are 37), and the cell came out in 2-4 pieces.
+    image, _ = chula(1)
+    labels = segment_cells(image)
+    table = measure_cells(labels, image)
+    free = table[~table["touches_border"] & (table["outline_shared"] < 0.02) & (table["area_px"] > 0.5 * table[
+        "area_px"].median()) & table["centroid_y"].between(30, 449) & table["centroid_x"].between(30, 609)]
+    assert len(free) >= 8
+    for cell in free.head(8).itertuples():
+        row, col = int(cell.centroid_y), int(cell.centroid_x)
+        crop = segment_cells(image[row - 30:row + 30, col - 30:col + 30])
+        assert (crop == crop[30, 30]).sum() == pytest.approx(cell.area_px, rel=0.1), cell.label
 
 
 def test_pixel_size_and_diameter_override_the_estimate():

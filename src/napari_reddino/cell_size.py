@@ -20,6 +20,7 @@ MIN_DIAMETER_PX = 6.0
 # Maxima under the floor over those above it: 1.29 at most in the 559 smears of both datasets,
 # 2.1 and more where cells are too small to size (Chula smear 1 at 11 px, sized at half resolution)
 SMALL_MAXIMA_RATIO = 1.6
+FEW_CELLS = 10  # maxima that count: 20 at least in every real smear (Aslan's 256 px fields)
 
 
 def diameter_from_foreground(foreground: np.ndarray) -> float:
@@ -41,11 +42,19 @@ def too_small_to_size(foreground: np.ndarray) -> bool:
 
 def _maxima(foreground: np.ndarray) -> tuple[np.ndarray, int]:
     """The radii of the distance maxima that count (sorted), and how many lie under them (1 px
-    and more: a single pixel's maximum is noise)."""
+    and more: a single pixel's maximum is noise). Where fewer than :data:`FEW_CELLS` count (a
+    crop of a cell or two), only those whose disc the image holds whole, if any: the pieces of
+    neighbours the border cuts would decide the size otherwise."""
     filled = fill_holes(foreground)
     if filled.all():  # e.g. a dark frame around the smear encloses everything: no cells to measure
         return np.zeros(0, np.float32), 0
     distance = distance_to_background(filled)
     maxima = distance == ndi.maximum_filter(distance, size=7)
     counted = maxima & (distance > MIN_DIAMETER_PX / 2)
-    return np.sort(distance[counted]), int((maxima & (distance > 1) & ~counted).sum())
+    rows, cols = np.nonzero(counted)
+    radii = distance[rows, cols]
+    if radii.size < FEW_CELLS:
+        height, width = foreground.shape
+        whole = (np.minimum(rows, height - 1 - rows) >= radii) & (np.minimum(cols, width - 1 - cols) >= radii)
+        radii = radii[whole] if whole.any() else radii
+    return np.sort(radii), int((maxima & (distance > 1) & ~counted).sum())
