@@ -89,7 +89,8 @@ class MapExport:
             self._refuse("Nothing was written: no smear is mapped or classified now.")
             return None
         try:
-            written = export_cells_csv(path, [*mapped, *map(without_map_positions, beside)], embeddings_path=embeddings, summary_path=summary,
+            written = export_cells_csv(path, [*mapped, *map(without_map_positions, beside)],
+                                       embeddings_path=embeddings, summary_path=summary,
                                        classes=self.class_list.classes, overwrite=True)
         except PartlyWrittenError as error:
             self._refuse(f"Only partly written: {error}.{OPEN_ELSEWHERE}")
@@ -102,7 +103,8 @@ class MapExport:
         if unclassified:
             with_summary += (f" (class shares left empty: {counted(unclassified, 'whole cell')} without a class "
                              "yet; train or apply a head)")
-        drawn, drawing = self._draw_galleries(galleries, [*mapped, *beside]) if self.with_galleries.value else (set(), "")
+        drawn, drawing = (self._draw_galleries(galleries, [*mapped, *beside]) if self.with_galleries.value
+                          else (set(), ""))
         removed = ""
         for file in stale:
             try:
@@ -115,7 +117,8 @@ class MapExport:
         cells = sum(len(layer.features) for layer in [*mapped, *beside])
         unmapped = (f" {_quoted(beside)} {'has' if len(beside) == 1 else 'have'} no map positions: classified by the "
                     "head, but not in the map." if beside and mapped else "")
-        self.status.value = f"{counted(cells, 'cell')} written to {written}{with_summary}{drawing}{removed}.{unmapped}{left_out}"
+        self.status.value = (f"{counted(cells, 'cell')} written to {written}{with_summary}{drawing}{removed}."
+                             f"{unmapped}{left_out}")
         return written
 
     def _classified_beside_map(self) -> tuple[list, str]:
