@@ -79,6 +79,9 @@ def test_labels_are_written_into_a_column_read_back_as_numbers_or_categories(two
     pool = PooledCells.from_layers(two_smears)
     pool.write("manual_label", "target cell", [1, 3])
     assert pool.column("manual_label", "").tolist() == ["", "target cell", "normal", "target cell", "normal"]
+    # read before any write: a category column with blanks (its fillna takes only its categories)
+    second.features["manual_label"] = pd.Categorical(["normal", None, "normal"])
+    assert PooledCells.from_layers(two_smears).column("manual_label", "").tolist()[2:] == ["normal", "", "normal"]
 
 
 def test_a_smear_with_two_cells_layers_in_the_pool_is_named_with_them(two_smears):

@@ -147,7 +147,10 @@ class PooledCells:
             ids = self.label_ids[self.span(position)]
             table = layer.features
             if name in table and "label" in table:
-                parts.append(table.set_index("label")[name].reindex(ids).fillna(default).to_numpy())
+                values = table.set_index("label")[name]
+                if isinstance(values.dtype, pd.CategoricalDtype):  # its fillna takes only its own categories
+                    values = values.astype(object)
+                parts.append(values.reindex(ids).fillna(default).to_numpy())
             else:
                 parts.append(np.full(len(ids), default, dtype=object if isinstance(default, str) else float))
         return np.concatenate(parts) if parts else np.empty(0)

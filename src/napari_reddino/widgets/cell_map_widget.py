@@ -57,7 +57,7 @@ from ..cell_map import (
     emphasise,
     value_colours,
 )
-from ..cell_table import PREDICTED_BY, PREDICTED_CLASSES
+from ..cell_table import PREDICTED_BY, PREDICTED_CLASSES, class_names
 from ..smear_summary import summarise_smears
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
@@ -741,7 +741,7 @@ class CellMapWidget(MapExport, JobWidget):
             return
         started = time.perf_counter()
         table = self.pool.table()
-        labels = table["manual_label"].fillna(UNLABELLED).to_numpy() if "manual_label" in table else None
+        labels = class_names(table, "manual_label") if "manual_label" in table else None
         classifier = CellClassifier(self.class_list.classes, self.class_list.hex_colours, model_id=self.pool.model_id,
                                     crops=self.pool.crops)
         try:
