@@ -394,6 +394,8 @@ def test_smears_are_listed_and_named_as_napari_names_their_layers(tmp_path):
         "a/1.jpg", "b/1.JPG", "b/2.tif", "c/x/3.png", "d/x/3.jpg", "d/x/3.png"]  # hidden ._ files left out
     assert smear_names(found) == ["a/1.jpg", "b/1.JPG", "2", "c/x/3.png", "x/3.jpg", "d/x/3.png"]
     assert smear_names([Path("1.jpg"), Path("1.png"), Path("2.png")]) == ["1.jpg", "1.png", "2"]  # run in the folder
+    # one's file name is another's stem: numbered as napari numbers a taken layer name
+    assert smear_names([Path("1.jpg"), Path("1.png"), Path("1.jpg.png")]) == ["1.jpg", "1.png", "1.jpg [1]"]
 
 
 def test_the_pictures_of_earlier_runs_and_exports_are_not_taken_for_smears(tmp_path):

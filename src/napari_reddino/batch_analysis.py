@@ -86,7 +86,17 @@ def smear_names(paths: Sequence[Path]) -> list[str]:
             if names[index] is None and (seen[name(path, depth)] == 1 or depth >= max(len(path.parts) - 1, 1)):
                 names[index] = name(path, depth)
         depth += 1
-    return names
+    # One smear's file name can be another's stem (1.jpg beside 1.jpg.png): the later gets " [1]", as
+    # napari numbers a layer whose name is taken.
+    unique: list[str] = []
+    taken: set[str] = set()
+    for given in names:
+        candidate, number = given, 1
+        while candidate in taken:
+            candidate, number = f"{given} [{number}]", number + 1
+        unique.append(candidate)
+        taken.add(candidate)
+    return unique
 
 
 class SmearAnalysis:
