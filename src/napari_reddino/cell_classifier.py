@@ -179,8 +179,9 @@ class CellClassifier:
 
     def held_out_recall(self, embeddings, labels, *, measurements: pd.DataFrame | None = None,
                         seed: int = 0) -> dict[str, float] | None:
-        """Each class's recall on labelled cells the head did not see: refitted (with its own
-        scaling) without each of up to :data:`HELD_OUT_FOLDS` stratified parts of the labelled
+        """Each class's recall on labelled cells the head did not see: refitted (on the head's
+        scaling, which every cell it was fitted among shares, labelled or not, as in :meth:`fit`)
+        without each of up to :data:`HELD_OUT_FOLDS` stratified parts of the labelled
         cells in turn, the share of a class's cells left out that it named right. None when a
         class has fewer than two labelled cells. Takes what :meth:`fit` took; optimistic where
         the labels went to whole clusters of the map at once, since those cells are alike."""
