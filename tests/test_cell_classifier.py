@@ -172,6 +172,12 @@ def test_measurements_ignore_magnification_and_exposure(smear_table):
     )
 
 
+def test_colour_fractions_are_each_channel_s_share_of_the_cell_s_mean_colour():
+    table = pd.DataFrame({"mean_red": [100.0, 30.0, 0.0], "mean_green": [50.0, 30.0, 0.0], "mean_blue": [50.0, 60.0, 0.0]})
+    values = measurement_features(table, ["red_fraction", "blue_fraction"], 3)
+    np.testing.assert_allclose(values, [[0.5, 0.25], [0.25, 0.5], [1 / 3, 1 / 3]])  # black: no colour, a third each
+
+
 def test_relative_diameter_is_against_the_whole_cells_of_each_smear():
     table = pd.DataFrame({
         "image": ["a", "a", "a", "a", "b", "b"],
@@ -197,8 +203,9 @@ def test_prediction_refuses_missing_measurements_and_other_embedding_sizes(smear
     head = CellClassifier().fit(noise, labels, measurements=smear_table)
     with pytest.raises(ValueError, match="central_pallor"):
         head.predict_proba(noise, measurements=smear_table.drop(columns="central_pallor"))
-    with pytest.raises(ValueError, match="relative_diameter"):
-        head.predict_proba(noise)
+    with pytest.raises(ValueError, match=r"trained on measurements too \(.*relative_diameter.*\): pass the cells' "
+                                         r"table from measure_cells as measurements=\.$"):
+        head.predict_proba(noise)  # forgotten: not taken for a gray smear
     with pytest.raises(ValueError, match="8-d"):
         head.predict_proba(noise[:, :5], measurements=smear_table)
 
@@ -360,6 +367,10 @@ def test_damaged_or_missing_files_are_refused_by_name(tmp_path, smear_table):
     with pytest.raises(ValueError, match="head.safetensors"):
         CellClassifier.load(weights)
     fields = json.loads(about.read_text())
+    for classes in (["normal", "normal"], ["normal", 3], ["normal", " "]):  # edited by hand
+        about.write_text(json.dumps(fields | {"classes": classes}))
+        with pytest.raises(ValueError, match=r"wrong types for classes \(not distinct names\)"):
+            CellClassifier.load(weights)
     about.write_text(json.dumps(fields | {"weights_sha256": hashlib.sha256(b"\x00" * 64).hexdigest()}))
     with pytest.raises(ValueError, match="head.safetensors is not a readable head"):
         CellClassifier.load(weights)

@@ -149,6 +149,19 @@ def test_embeddings_go_out_in_csv_order_with_their_ids(tmp_path, smear_table):
             np.testing.assert_array_equal(saved["embedding"][rows], expected)
 
 
+def test_a_cell_without_an_embedding_is_in_the_csv_but_not_in_the_embeddings(tmp_path, smear_table):
+    layer = analysed_layer(smear_table)
+    record = layer.metadata["reddino_embeddings"]
+    ids, vectors = record["label_ids"], record["embeddings"]
+    kept = np.arange(len(ids)) != 5  # a cell drawn by hand since Embed cells ran, among the others' ids
+    store_embeddings(layer, ids[kept], vectors[kept], model_id="reddino-small", fingerprint="f")
+    export_cells_csv(tmp_path / "cells.csv", layer, embeddings_path=tmp_path / "cells.npz")
+    assert pd.read_csv(tmp_path / "cells.csv")["label"].tolist() == smear_table["label"].tolist()
+    with np.load(tmp_path / "cells.npz") as saved:
+        np.testing.assert_array_equal(saved["label"], ids[kept])  # no vector borrowed from the next cell for it
+        np.testing.assert_array_equal(saved["embedding"], vectors[kept].astype(np.float32))
+
+
 def test_embeddings_need_every_layer_embedded_and_an_npz_name(tmp_path, smear_table):
     bare = labels_layer(smear_table, "26 cells")
     with pytest.raises(ValueError, match="'26 cells'"):

@@ -311,7 +311,10 @@ def measurement_features(table: pd.DataFrame | None, columns: Sequence[str], n_c
     """float64 (cells x columns): each column of ``table`` or derived from it (see the module doc)."""
     if not columns:
         return np.zeros((n_cells, 0))
-    missing = list(columns) if table is None else _missing(table, columns)
+    if table is None:
+        raise ValueError(f"The head was trained on measurements too ({', '.join(columns)}): pass the cells' "
+                         "table from measure_cells as measurements=.")
+    missing = _missing(table, columns)
     if missing:
         raise ValueError(
             f"The head needs the measurements {', '.join(missing)}, which some of these cells lack: a head "
@@ -388,6 +391,9 @@ def _read_about(path: Path) -> dict:
         wrong.append(f"reach ({reach!r}, not a number of at least 0)")  # 0: its cells all alike
     if not isinstance(class_ids, dict) or not all(isinstance(v, str) for v in class_ids.values()):
         wrong.append("class_ids (not a mapping of class names to ids)")
+    classes = about["classes"] if isinstance(about["classes"], list) else []
+    if not all(isinstance(name, str) and name.strip() for name in classes) or len(set(classes)) < len(classes):
+        wrong.append("classes (not distinct names)")
     crops = about.get("crops")  # heads saved before it have none
     if crops is not None and not (isinstance(crops, dict) and crops.keys() == {"mode", "scale", "margin"}
                                   and isinstance(crops["mode"], str) and isinstance(crops["scale"], str)
