@@ -130,3 +130,18 @@ def test_warm_up_starts_one_daemon_thread_per_process(monkeypatch):
     assert warm_up_umap() is thread
     thread.join(5)
     assert ran == [thread.name]
+
+
+def test_large_maps_get_the_neighbours_the_exact_search_finds(umap_compiled):
+    # Maps above EXACT_KNN_MAX cells take NNDescent's neighbours: the same rows, by the same distance.
+    x = umap_layout._unit_rows(np.random.default_rng(3).normal(size=(600, 16)))
+    exact_rows, exact_distances = umap_layout._knn(x, 15, 0)
+    rows, distances = umap_layout._nndescent_knn(x, 15, 0)
+    assert (rows.shape, rows.dtype, distances.dtype) == ((600, 15), exact_rows.dtype, exact_distances.dtype)
+    assert (rows[:, 0] == np.arange(600)).all() and (distances[:, 0] == 0).all()  # each row itself, first
+    found = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(rows, exact_rows)])
+    assert found > 0.95
+    for row in range(0, 600, 37):
+        exact = dict(zip(exact_rows[row], exact_distances[row]))
+        shared = [column for column, neighbour in enumerate(rows[row]) if neighbour in exact]
+        np.testing.assert_allclose(distances[row, shared], [exact[rows[row, c]] for c in shared], atol=1e-4)
