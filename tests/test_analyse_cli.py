@@ -23,6 +23,7 @@ from napari_reddino.analyse_cli import main
 from napari_reddino.batch_analysis import SmearAnalysis, list_smears, smear_names
 from napari_reddino.cell_embeddings import METADATA_KEY, earlier_run
 from napari_reddino.cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
+from napari_reddino import class_gallery as class_gallery_module
 from napari_reddino.class_gallery import (
     BACKGROUND,
     GAP_PX,
@@ -134,7 +135,7 @@ def row_thumbnails(picture: np.ndarray, row: int) -> list[np.ndarray]:
             for left in range(caption_px, caption_px + ROW_CELLS * (THUMBNAIL_PX + GAP_PX), THUMBNAIL_PX + GAP_PX)]
 
 
-def test_a_class_gallery_shows_each_class_s_whole_cells_at_random_the_labelled_and_most_certain_first():
+def test_a_class_gallery_shows_each_class_s_whole_cells_at_random_the_labelled_and_most_certain_first(monkeypatch):
     image = imread(CHULA / "1.jpg")
     labels = segment_cells(image)
     table = measure_cells(labels, image)
@@ -145,9 +146,15 @@ def test_a_class_gallery_shows_each_class_s_whole_cells_at_random_the_labelled_a
     table.loc[whole[:30], "predicted_class"] = "target cell"  # more than a row holds
     table.loc[whole[30:33], "predicted_class"] = "spherocyte"
     table.loc[cut, "predicted_class"] = "schistocyte"  # only cells cut by the border: no row
+    captions = []
+    monkeypatch.setattr(class_gallery_module, "row_caption", lambda *args, **kwargs: captions.append(
+        (args, kwargs)) or row_caption(*args, **kwargs))
     picture = class_gallery(image, labels, table, ["schistocyte", "spherocyte", "target cell", "teardrop"],
                             {"target cell": "#ff00ff"})
     assert picture.shape[0] == 2 * (THUMBNAIL_PX + 2 * GAP_PX)  # spherocyte, then target cell
+    # counted among the whole cells only; no share while some whole cells have no class
+    assert captions == [(("spherocyte", 3, len(whole)), {"with_share": False}),
+                        (("target cell", 30, len(whole)), {"with_share": False})]
     windows = square_windows(table[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float))
 
     def cell_of(thumbnail, candidates, outline) -> int:
@@ -178,6 +185,12 @@ def test_a_class_gallery_shows_each_class_s_whole_cells_at_random_the_labelled_a
     assert sorted(cell_of(t, whole[30:33], (255, 255, 255)) for t in spherocytes[1:4]) == list(whole[30:33])
     assert len({cell_of(t, whole[1:30], (255, 0, 255)) for t in row_thumbnails(labelled, 1)}) == ROW_CELLS
     assert sorted(cell_of(t, whole[40:42], (255, 255, 255)) for t in row_thumbnails(labelled, 2)[:2]) == list(whole[40:42])
+    # Once every whole cell has a class, each row gives its share; the rows count every whole cell once.
+    captions.clear()
+    table.loc[whole, "predicted_class"] = table.loc[whole, "predicted_class"].replace("", "target cell")
+    class_gallery(image, labels, table, ["schistocyte", "spherocyte", "target cell", "teardrop"])
+    assert [kwargs for _, kwargs in captions] == [{"with_share": True}] * 3
+    assert sum(args[1] for args, _ in captions) == len(whole) == captions[0][0][2]
 
 
 def test_a_row_s_caption_gives_the_share_with_its_interval_once_every_whole_cell_has_a_class():
