@@ -5,7 +5,7 @@ distance-transform maxima (one per cell, also for touching cells) and return twi
 area-weighted median: small maxima on ragged edges and debris weigh little, so one default
 works from 20 px cells to 150 px cells. Maxima under :data:`MIN_DIAMETER_PX` do not count; where
 most maxima lie under it, the cells themselves are too small to size at that resolution
-(:func:`too_small_to_size`), and segmentation sizes them at full resolution instead (from 7 px).
+(:func:`sized_foreground`), and segmentation sizes them at full resolution instead (from 7 px).
 """
 
 from __future__ import annotations
@@ -25,19 +25,20 @@ FEW_CELLS = 10  # maxima that count: 20 at least in every real smear (Aslan's 25
 
 def diameter_from_foreground(foreground: np.ndarray) -> float:
     """Typical cell diameter (px) of a foreground mask; the default when nothing is there."""
-    radii, _ = _maxima(foreground)
-    if radii.size == 0:
-        return DEFAULT_DIAMETER_PX
-    weight = np.cumsum(radii**2)
-    return float(2 * radii[np.searchsorted(weight, weight[-1] / 2)])
+    return sized_foreground(foreground)[0]
 
 
-def too_small_to_size(foreground: np.ndarray) -> bool:
-    """Whether most distance maxima of ``foreground`` lie under the smallest radius that counts
-    (more than :data:`SMALL_MAXIMA_RATIO` times those above it): the cells are under about
-    :data:`MIN_DIAMETER_PX` across here, and only gaps blurred shut between them would be sized."""
+def sized_foreground(foreground: np.ndarray) -> tuple[float, bool]:
+    """:func:`diameter_from_foreground`, and whether the cells are too small to size at this
+    resolution: most distance maxima lie under the smallest radius that counts (more than
+    :data:`SMALL_MAXIMA_RATIO` times those above it), so the cells are under about
+    :data:`MIN_DIAMETER_PX` across here, and only gaps blurred shut between them were sized."""
     radii, small = _maxima(foreground)
-    return small > SMALL_MAXIMA_RATIO * radii.size
+    too_small = small > SMALL_MAXIMA_RATIO * radii.size
+    if radii.size == 0:
+        return DEFAULT_DIAMETER_PX, too_small
+    weight = np.cumsum(radii**2)
+    return float(2 * radii[np.searchsorted(weight, weight[-1] / 2)]), too_small
 
 
 def _maxima(foreground: np.ndarray) -> tuple[np.ndarray, int]:

@@ -30,7 +30,7 @@ from .cell_separation import (
     shows_cells,
     smooth_density,
 )
-from .cell_size import diameter_from_foreground, too_small_to_size
+from .cell_size import diameter_from_foreground, sized_foreground
 from .image_input import StainModel, check_smear, fit_stain_model, is_positive
 from .resampling import resize_linear, resize_nearest
 from .steps import Progress, run_steps
@@ -207,12 +207,12 @@ def _estimate_diameter(smoothed: np.ndarray | None, density: np.ndarray | None =
     thresholds = foreground_thresholds(smoothed)
     if thresholds is None:
         return WORKING_DIAMETER_PX
-    foreground = smoothed > thresholds.cell
-    if density is not None and too_small_to_size(foreground):
+    diameter, too_small = sized_foreground(smoothed > thresholds.cell)
+    if density is not None and too_small:
         full = ndi.gaussian_filter(density, FULL_RESOLUTION_SIGMA)
         if (full_thresholds := foreground_thresholds(full)) is not None:
             return diameter_from_foreground(full > full_thresholds.cell)
-    return 2 * diameter_from_foreground(foreground)
+    return 2 * diameter
 
 
 def _half_resolution(density: np.ndarray) -> np.ndarray | None:

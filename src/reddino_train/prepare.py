@@ -18,8 +18,8 @@ source pixels). The run is resumable: a smear is recorded (folder and source pat
 journal ``OUT/done.txt`` after its files and its rows (``OUT/<smear>/index.csv``) are
 written, a re-run skips it, and a smear cut short is redone from scratch (each smear's folder
 is built as ``OUT/.partial-<smear>`` and renamed into place whole). ``index.csv`` is assembled
-from the per-smear rows at the end of every run, interrupted or not. Files that cannot be read are skipped, listed in
-``OUT/skipped.txt`` and retried on the next run. ``OUT/prepare.json`` keeps the settings, so
+from the per-smear rows at the end of every run, interrupted or not. Files that cannot be read
+are skipped, listed in ``OUT/skipped.txt`` and retried on the next run. ``OUT/prepare.json`` keeps the settings, so
 a re-run with other settings cannot mix two kinds of sample in one folder.
 """
 
