@@ -40,6 +40,7 @@ from huggingface_hub.errors import (
 from timm.models import PretrainedCfg
 
 from .model_ids import digested_id
+from .wording import counted
 
 DownloadProgress = Callable[[str, int, int], None]
 """``(filename, bytes_done, bytes_total)``, called as a download advances."""
@@ -301,8 +302,7 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: P
     if not_finite:  # else every embedding would be NaN, and the map and the classifier fail far from here
         raise CheckpointError(
             f"The weights in {path} hold NaN or infinite values (in the model's precision), in "
-            f"{len(not_finite)} tensor{'s' if len(not_finite) > 1 else ''} "
-            f"({', '.join(not_finite[:5])}{', ...' if len(not_finite) > 5 else ''}): "
+            f"{counted(len(not_finite), 'tensor')} ({', '.join(not_finite[:5])}{', ...' if len(not_finite) > 5 else ''}): "
             "the file is damaged, or the training run that wrote it diverged."
         )
     module.load_state_dict(state, strict=True, assign=True)
