@@ -82,6 +82,8 @@ def test_labels_are_written_into_a_column_read_back_as_numbers_or_categories(two
     # read before any write: a category column with blanks (its fillna takes only its categories)
     second.features["manual_label"] = pd.Categorical(["normal", None, "normal"])
     assert PooledCells.from_layers(two_smears).column("manual_label", "").tolist()[2:] == ["normal", "", "normal"]
+    second.features["manual_label"] = [" normal", "  ", "normal "]  # blanks are no label; spaces are not a class
+    assert PooledCells.from_layers(two_smears).column("manual_label", "").tolist()[2:] == ["normal", "", "normal"]
 
 
 def test_a_smear_with_two_cells_layers_in_the_pool_is_named_with_them(two_smears):

@@ -90,6 +90,16 @@ def test_shares_wait_until_every_whole_cell_has_a_class():
     assert summarise_smears(categorical).loc[0, "n_spherocyte"] == 2
 
 
+def test_a_table_read_back_from_a_csv_counts_as_the_layer_it_came_from():
+    """Blank labels are no label, an empty ``touches_border`` is not a cut, "False" as text is False."""
+    layer = counted_layer()
+    layer.features["manual_label"] = ["spherocyte", "  ", "", " ", "", "spherocyte"]
+    layer.features["touches_border"] = pd.Series(["False", None, "False", np.nan, "false", "True"], dtype=object)
+    [row] = summarise_smears(layer).to_dict("records")
+    assert (row["whole_cells"], row["labelled"], row["classified"]) == (5, 1, 4)
+    assert (row["n_normal"], row["n_spherocyte"], row["n_target cell"]) == (1, 2, 1)
+
+
 def test_class_columns_follow_the_given_order_then_the_rest_by_name():
     table = summarise_smears([counted_layer("A cells"), counted_layer("B cells")], classes=["spherocyte"])
     assert [c for c in table.columns if c.startswith("n_")] == ["n_spherocyte", "n_normal", "n_target cell"]

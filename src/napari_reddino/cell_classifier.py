@@ -38,6 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from .atomic_files import write_files_atomically
 from .cell_embeddings import check_embeddings, crops_in_words
+from .cell_table import whole_cells
 from .model_ids import readable_ids, same_model
 
 DEFAULT_MEASUREMENTS = (
@@ -357,7 +358,7 @@ def _relative_diameter(table: pd.DataFrame) -> np.ndarray:
     diameter = table["equivalent_diameter_px"].astype(float)
     key = next((column for column in ("layer", "image") if column in table), None)
     smear = table[key] if key else pd.Series(0, index=table.index)
-    whole = ~table["touches_border"].astype(bool) if "touches_border" in table else pd.Series(True, index=table.index)
+    whole = whole_cells(table)
     typical = diameter.where(whole).groupby(smear).transform("median")
     typical = typical.fillna(diameter.groupby(smear).transform("median"))  # every cell touches the border
     return (diameter / typical).to_numpy()

@@ -141,7 +141,8 @@ class PooledCells:
         return ranks[np.clip(labels, 0, None)]
 
     def column(self, name: str, default=np.nan) -> np.ndarray:
-        """One feature column for every point, in point order (``default`` where a layer lacks it)."""
+        """One feature column for every point, in point order (``default`` where a layer lacks it).
+        With a text ``default`` the column is a class column: stripped text, ``default`` where blank."""
         parts = []
         for position, layer in enumerate(self.layers):
             ids = self.label_ids[self.span(position)]
@@ -150,7 +151,10 @@ class PooledCells:
                 values = table.set_index("label")[name]
                 if isinstance(values.dtype, pd.CategoricalDtype):  # its fillna takes only its own categories
                     values = values.astype(object)
-                parts.append(values.reindex(ids).fillna(default).to_numpy())
+                values = values.reindex(ids).fillna(default)
+                if isinstance(default, str):
+                    values = values.astype(str).str.strip().replace("", default)
+                parts.append(values.to_numpy())
             else:
                 parts.append(np.full(len(ids), default, dtype=object if isinstance(default, str) else float))
         return np.concatenate(parts) if parts else np.empty(0)

@@ -44,10 +44,21 @@ def image_name(layer) -> str:
 
 
 def class_names(table: pd.DataFrame, column: str) -> np.ndarray:
-    """A class column as strings, "" where empty (categorical columns too) or missing."""
+    """A class column as stripped strings, "" where empty, blank (a label of spaces is no
+    label) or missing; categorical columns too."""
     if column not in table:
         return np.full(len(table), "", dtype=object)
-    return table[column].astype(object).fillna("").astype(str).to_numpy()
+    return table[column].astype(object).fillna("").astype(str).str.strip().to_numpy()
+
+
+def whole_cells(table: pd.DataFrame) -> np.ndarray:
+    """True for each cell not cut by the image's border or the field's edge. A table without
+    ``touches_border``, or a cell with no value in it (a CSV's empty field), counts as whole;
+    "True"/"False" read back from a CSV as text count as what they say."""
+    if "touches_border" not in table:
+        return np.ones(len(table), dtype=bool)
+    cut = table["touches_border"].astype(object).replace({"True": True, "False": False, "true": True, "false": False})
+    return ~cut.where(cut.notna(), False).astype(bool).to_numpy()
 
 
 def clear_predictions(layer, ids) -> int:

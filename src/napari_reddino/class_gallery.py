@@ -23,7 +23,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from .atomic_files import write_files_atomically
-from .cell_table import class_names
+from .cell_table import class_names, whole_cells
 from .cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
 from .crop_windows import square_windows
 from .smear_summary import class_of_each_cell, share_interval
@@ -54,7 +54,7 @@ def class_gallery(
     if table.empty:
         return None
     windows = square_windows(table[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float))
-    whole = ~table.get("touches_border", pd.Series(False, index=table.index)).to_numpy(bool)
+    whole = whole_cells(table)
     names = class_of_each_cell(table)
     labelled = class_names(table, "manual_label") != ""
     probability = pd.to_numeric(table.get("prediction_probability", pd.Series(np.nan, index=table.index)),

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from .cell_table import as_layers, image_name
+from .cell_table import as_layers, class_names, image_name
 from .wording import counted
 
 CENTROID_TOLERANCE_PX = 0.5
@@ -111,9 +111,7 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
 def manual_labels(table: pd.DataFrame) -> pd.Series:
     """The ``manual_label`` column of a cells table as stripped text, "" where a cell has none
     (also when the table has no such column): blanks are no label."""
-    if "manual_label" not in table:
-        return pd.Series("", index=table.index, dtype=object)
-    return table["manual_label"].astype(object).fillna("").astype(str).str.strip()
+    return pd.Series(class_names(table, "manual_label"), index=table.index, dtype=object)
 
 
 def carry_manual_labels(source, target) -> LabelImport:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .cell_table import as_layers, cells_table, class_names, image_name
+from .cell_table import as_layers, cells_table, class_names, image_name, whole_cells
 
 # A cell that only touches another shares a few % of its outline; one overlapping a neighbour
 # is split from it along a line. Over the whole cells of 36 Chula smears, outline_shared was 0
@@ -50,8 +50,7 @@ def summarise_smears(cells, classes: Sequence[str] | None = None) -> pd.DataFram
         raise TypeError(f"classes must be a list of class names, not the one string {classes!r} (write [{classes!r}]).")
     layers = as_layers(cells)
     tables = [cells_table([layer]) for layer in layers]
-    whole = [table[~table["touches_border"].astype(bool)] if "touches_border" in table else table
-             for table in tables]
+    whole = [table[whole_cells(table)] for table in tables]
     cell_classes = [class_of_each_cell(table) for table in whole]
     found = sorted(set().union(*(set(names) for names in cell_classes)) - {""})
     given = list(classes or [])
