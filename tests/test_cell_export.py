@@ -156,7 +156,10 @@ def test_a_cell_without_an_embedding_is_in_the_csv_but_not_in_the_embeddings(tmp
     kept = np.arange(len(ids)) != 5  # a cell drawn by hand since Embed cells ran, among the others' ids
     store_embeddings(layer, ids[kept], vectors[kept], model_id="reddino-small", fingerprint="f")
     export_cells_csv(tmp_path / "cells.csv", layer, embeddings_path=tmp_path / "cells.npz")
-    assert pd.read_csv(tmp_path / "cells.csv")["label"].tolist() == smear_table["label"].tolist()
+    written = pd.read_csv(tmp_path / "cells.csv", keep_default_na=False)
+    assert written["label"].tolist() == smear_table["label"].tolist()
+    embedded = written["label"].isin(ids[kept])
+    assert set(written.loc[embedded, "model_id"]) == {"reddino-small"} and written.loc[~embedded, "model_id"].tolist() == [""]
     with np.load(tmp_path / "cells.npz") as saved:
         np.testing.assert_array_equal(saved["label"], ids[kept])  # no vector borrowed from the next cell for it
         np.testing.assert_array_equal(saved["embedding"], vectors[kept].astype(np.float32))

@@ -4,7 +4,7 @@ import numpy as np
 from napari.components import ViewerModel
 
 from napari_reddino.widgets.image_renames import follow_image_renames
-from napari_reddino.widgets.smear_colours import MARK
+from napari_reddino.widgets.smear_colours import MARK, own_cells
 from napari_reddino.cell_embeddings import image_digest
 from napari_reddino.widgets.smear_links import SOURCE_DIGEST, SOURCE_LAYER
 
@@ -69,3 +69,12 @@ def test_the_cells_of_a_smear_opened_again_follow_it_when_it_is_renamed_at_once(
     again = viewer.add_image(pixels.copy(), name="Image001")
     again.name = "P-7"
     assert cells.metadata["source_image"] == "P-7" and cells.metadata[SOURCE_LAYER] == str(again.unique_id)
+
+
+def test_a_smear_s_own_cells_are_found_by_their_link_before_a_name_that_another_smear_s_cells_took():
+    viewer = ViewerModel()
+    linked = viewer.add_labels(np.zeros((8, 8), np.int32), name="renamed by hand", metadata={"source_image": "scan1"})
+    viewer.add_labels(np.zeros((8, 8), np.int32), name="scan1 cells", metadata={"source_image": "scan2"})
+    assert own_cells(viewer.layers, "scan1") is linked
+    unlinked = viewer.add_labels(np.zeros((8, 8), np.int32), name="scan3 cells")  # painted by hand: by name
+    assert own_cells(viewer.layers, "scan3") is unlinked and own_cells(viewer.layers, "scan2").name == "scan1 cells"

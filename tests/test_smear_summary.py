@@ -94,7 +94,7 @@ def test_a_table_read_back_from_a_csv_counts_as_the_layer_it_came_from():
     """Blank labels are no label, an empty ``touches_border`` is not a cut, "False" as text is False."""
     layer = counted_layer()
     layer.features["manual_label"] = ["spherocyte", "  ", "", " ", "", "spherocyte"]
-    layer.features["touches_border"] = pd.Series(["False", None, "False", np.nan, "false", "True"], dtype=object)
+    layer.features["touches_border"] = pd.Series(["False", None, "FALSE", np.nan, "0", "TRUE"], dtype=object)
     [row] = summarise_smears(layer).to_dict("records")
     assert (row["whole_cells"], row["labelled"], row["classified"]) == (5, 1, 4)
     assert (row["n_normal"], row["n_spherocyte"], row["n_target cell"]) == (1, 2, 1)

@@ -54,11 +54,16 @@ def class_names(table: pd.DataFrame, column: str) -> np.ndarray:
 def whole_cells(table: pd.DataFrame) -> np.ndarray:
     """True for each cell not cut by the image's border or the field's edge. A table without
     ``touches_border``, or a cell with no value in it (a CSV's empty field), counts as whole;
-    "True"/"False" read back from a CSV as text count as what they say."""
+    text read back from a CSV or a spreadsheet ("FALSE", "true", "0") counts as what it says."""
     if "touches_border" not in table:
         return np.ones(len(table), dtype=bool)
-    cut = table["touches_border"].astype(object).replace({"True": True, "False": False, "true": True, "false": False})
-    return ~cut.where(cut.notna(), False).astype(bool).to_numpy()
+    return ~np.array([_is_cut(value) for value in table["touches_border"]], dtype=bool)
+
+
+def _is_cut(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1")
+    return bool(pd.notna(value) and value)
 
 
 def clear_predictions(layer, ids) -> int:
@@ -93,7 +98,7 @@ def cells_table(layers: Sequence) -> pd.DataFrame:
         features = features.drop(columns=["layer", "image", "model_id"], errors="ignore")
         features.insert(0, "layer", str(layer.name))
         features.insert(1, "image", image_name(layer))
-        features["model_id"] = record[2] if record else ""
+        features["model_id"] = np.where(features["label"].isin(record[0]), record[2], "") if record else ""
         parts.append(features)
     table = pd.concat(parts, ignore_index=True, sort=False)
     for column in ANALYSIS_COLUMNS:

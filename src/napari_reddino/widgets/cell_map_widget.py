@@ -124,6 +124,10 @@ def segmented_again_as(viewer, layer) -> str | None:
     return None if newer is None else newer.name
 
 
+PLACE_COLUMNS = ("centroid_x", "centroid_y", "equivalent_diameter_px", "bbox_min_x", "bbox_min_y", "bbox_max_x",
+                 "bbox_max_y")  # what showing a cell in its smear and in the gallery reads
+
+
 def left_out(viewer) -> str:
     """Says which embedded cells layers the map leaves out, and why ("" when none)."""
     return "".join(f" {layer.name!r} is left out: it was segmented again as {newer!r} (embed that layer to map it)."
@@ -295,6 +299,12 @@ class CellMapWidget(MapExport, JobWidget):
         except PoolingError as error:
             self._refuse(f"{error}{left_out(self._viewer)}")
             return
+        unplaced = [layer.name for layer in pool.layers if not set(PLACE_COLUMNS) <= set(layer.features)]
+        if unplaced:
+            self._refuse(f"The cells of {', '.join(map(repr, unplaced))} have no measurements to show them by (centre, "
+                         "size, box): measure them first (Embed cells measures the cells it embeds; in Python, "
+                         "napari_reddino.measure_cells).")
+            return
         self._pending = pool
         self._started = time.perf_counter()
         self.status.value = f"UMAP of {counted(len(pool), 'cell')} from {counted(len(pool.layers), 'smear')}…"
@@ -416,6 +426,7 @@ class CellMapWidget(MapExport, JobWidget):
         self.selected = np.zeros(0, dtype=bool)
         self._thumbnails = None
         self._fill_gallery()
+        self.class_list.set_counts(None, None)  # they counted the map's cells
 
     def _on_layer_removed(self, event) -> None:
         """A mapped cells layer or one of the map's colour layers was removed: the map goes."""
@@ -465,10 +476,11 @@ class CellMapWidget(MapExport, JobWidget):
         self.selection_count.value = "No map yet."
 
     def _colour_choices(self, _widget=None) -> list[str]:
-        numeric = []
-        if self.pool is not None:
-            table = self.pool.layers[0].features
-            numeric = [c for c in table.columns if c not in ("label", "index") and table[c].dtype.kind in "fiu"]
+        """The classes, then the measurements of any mapped smear (a gray smear lacks the colour
+        ones; its cells are uncoloured by them), numbers wherever a smear has them."""
+        tables = [layer.features for layer in self.pool.layers] if self.pool is not None else []
+        columns = dict.fromkeys(c for table in tables for c in table.columns if c not in ("label", "index"))
+        numeric = [c for c in columns if all(table[c].dtype.kind in "fiu" for table in tables if c in table)]
         return [MANUAL, PREDICTED, *numeric]
 
     def point_colours(self) -> np.ndarray:
@@ -682,8 +694,8 @@ class CellMapWidget(MapExport, JobWidget):
             table = cells.features
             changed = table.rename(columns=renamed_columns or {})
             for column in columns:
-                if column in changed:
-                    changed[column] = changed[column].where(changed[column] != old, new)
+                if column in changed:  # as text: a categorical column takes no new class
+                    changed[column] = changed[column].astype(object).where(class_names(changed, column) != old, new)
             if not changed.equals(table):
                 cells.features = changed
 
@@ -694,7 +706,7 @@ class CellMapWidget(MapExport, JobWidget):
         layers = cells_layers(self._viewer)
 
         def carrying(cells, column: str) -> int:
-            return int((cells.features[column] == name).sum()) if column in cells.features else 0
+            return int((class_names(cells.features, column) == name).sum())
 
         labelled = sum(carrying(cells, "manual_label") for cells in layers)
         predicted = [cells for cells in layers if f"p_{name}" in cells.features or carrying(cells, "predicted_class")]

@@ -153,7 +153,7 @@ class ClassList(QWidget):
         self.table.setItem(row, NAME, item)
         self._names.append(name)
         for column in (LABELLED, PREDICTED):
-            count = QTableWidgetItem("0")
+            count = QTableWidgetItem("")  # blank until a map counts
             count.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
             self.table.setItem(row, column, count)
         self._renumber_keys()
@@ -197,11 +197,12 @@ class ClassList(QWidget):
         self.table.item(self.classes.index(name), KEY).setBackground(QColor(colour))
         self.changed.emit()
 
-    def set_counts(self, labelled: dict[str, int], predicted: dict[str, int]) -> None:
+    def set_counts(self, labelled: dict[str, int] | None, predicted: dict[str, int] | None) -> None:
+        """Each class's cells in the map, labelled and predicted; blank for None (no map)."""
         self.table.blockSignals(True)
         for row, name in enumerate(self.classes):
-            self.table.item(row, LABELLED).setText(str(labelled.get(name, 0)))
-            self.table.item(row, PREDICTED).setText(str(predicted.get(name, 0)))
+            for column, counts in ((LABELLED, labelled), (PREDICTED, predicted)):
+                self.table.item(row, column).setText("" if counts is None else str(counts.get(name, 0)))
         self.table.blockSignals(False)
 
     def _renumber_keys(self) -> None:

@@ -50,15 +50,18 @@ class SmearColours:
             overlay.colormap = CyclicLabelColormap(colors=rank_lut(fill[self._pool.span(position)]))
 
     def cell_at(self, world_position, *, hidden: bool = False) -> tuple[Labels, int] | None:
-        """The cells layer and label id of the cell shown at ``world_position``: the top one of
-        the visible smears (of all smears with ``hidden``), or None."""
+        """The cells layer and label id of the cell shown at ``world_position`` in the top one of
+        the visible smears (of all smears with ``hidden``) that lie there, or None. The top smear's
+        background answers None: a cell of a smear under it is covered by its image."""
         layers = self._viewer.layers
         shown = [p for p, overlay in enumerate(self.layers)
                  if overlay in layers and (hidden or overlay.visible and self._pool.layers[p].visible)]
         for position in sorted(shown, key=lambda p: -layers.index(self.layers[p])):
             rank = _value_at(self.layers[position], world_position)
-            if rank:
-                return self._pool.layers[position], int(self._pool.label_ids[self._pool.offsets[position] + int(rank) - 1])
+            if rank == 0:  # this smear's background, over any smear below
+                return None
+            if rank is not None:
+                return self._pool.layers[position], int(self._pool.label_ids[self._pool.offsets[position] + rank - 1])
         return None
 
     def uncover(self, position: int) -> list[str]:
@@ -90,12 +93,12 @@ class SmearColours:
         self.layers = []
 
 
-def _value_at(labels: Labels, world_position) -> int:
-    """The label at ``world_position``, 0 outside; also of a hidden layer, which napari's
-    ``get_value`` answers with None."""
+def _value_at(labels: Labels, world_position) -> int | None:
+    """The label at ``world_position``, None outside the layer; also of a hidden layer, which
+    napari's ``get_value`` answers with None."""
     index = np.round(labels.world_to_data(world_position)).astype(int)
     if np.any(index < 0) or np.any(index >= labels.data.shape):
-        return 0
+        return None
     return int(labels.data[tuple(index)])
 
 
@@ -114,9 +117,9 @@ def cells_layers(viewer) -> list[Labels]:
 def own_cells(layers, image_name: str) -> Labels | None:
     """The smear's topmost cells layer, its newest segmentation (a smear segmented again while its
     cells carry labels keeps the labelled layer below the new one), found by the link its cells
-    layers keep to it (``source_image``, which follows a renamed smear), else by name."""
-    for layer in reversed(layers):
-        if isinstance(layer, Labels) and not is_map_colours(layer) and (
-                layer.metadata.get("source_image") == image_name or layer.name == f"{image_name} cells"):
-            return layer
-    return None
+    layers keep to it (``source_image``, which follows a renamed smear), else, for cells layers
+    with no such link, by name."""
+    cells = [layer for layer in reversed(layers) if isinstance(layer, Labels) and not is_map_colours(layer)]
+    linked = next((layer for layer in cells if layer.metadata.get("source_image") == image_name), None)
+    return linked or next((layer for layer in cells if not layer.metadata.get("source_image")
+                           and layer.name == f"{image_name} cells"), None)
