@@ -8,6 +8,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import checkpoint_filter_fn
 from napari_reddino.models import CheckpointError as WeightsFileError
@@ -17,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import CheckpointError
 from .config import ModelConfig, TrainConfig
-from .heads import DinoHead
+from .heads import DinoHead, teacher_logits_dtype
 
 
 def vit_architecture_args(model: ModelConfig, img_size: int) -> dict:
@@ -100,13 +101,42 @@ class MaskableViT(nn.Module):
         x = vit.patch_embed(images)  # (batch, rows, cols, dim) with dynamic_img_size
         if masks is not None:
             x = torch.where(masks.view(x.shape[:-1]).unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        x = vit.norm_pre(vit.patch_drop(self._pos_embed(x)))
         if self.checkpointing and torch.is_grad_enabled():  # the teacher's passes keep no activations anyway
             for block in vit.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
         else:
             x = vit.blocks(x)
         return vit.norm(x)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, rows, cols, dim) patches -> (batch, tokens, dim) with the prefix tokens and the
+        position embedding, resized as DINOv2 resizes it for a grid other than the trained one
+        (the local crops): timm's resize differs (antialiased, to the size rather than by scale)."""
+        vit = self.vit
+        batch, rows, cols, dim = x.shape
+        if vit.pos_embed is None or (rows, cols) == tuple(vit.patch_embed.grid_size):
+            return vit._pos_embed(x)
+        n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        position = dinov2_resized_pos_embed(vit.pos_embed, (rows, cols), vit.patch_embed.grid_size, n_prefix)
+        prefix = [token.expand(batch, -1, -1) for token in (vit.cls_token, vit.reg_token) if token is not None]
+        x = x.reshape(batch, rows * cols, dim)
+        x = torch.cat([*prefix, x + position], 1) if vit.no_embed_class else torch.cat([*prefix, x], 1) + position
+        return vit.pos_drop(x)
+
+
+POS_EMBED_OFFSET = 0.1  # DINOv2's interpolate_offset: the scale is (new + 0.1) / old
+
+
+def dinov2_resized_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], trained_grid, n_prefix: int) -> torch.Tensor:
+    """DINOv2's resize of a (1, n_prefix + patches, dim) position embedding to ``grid``: bicubic
+    by the scale (new + 0.1) / old, without antialiasing, in float32; the prefix entries as they are."""
+    prefix, patches = pos_embed[:, :n_prefix], pos_embed[:, n_prefix:]
+    dim = patches.shape[-1]
+    patches = patches.float().reshape(1, *trained_grid, dim).permute(0, 3, 1, 2)
+    scale = tuple((new + POS_EMBED_OFFSET) / old for new, old in zip(grid, trained_grid, strict=True))
+    patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
+    return torch.cat([prefix, patches.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)], 1)
 
 
 @dataclass
@@ -144,11 +174,12 @@ class DinoModel(nn.Module):
         """Teacher logits of the unmasked global crops: CLS (2 * batch, prototypes) and the
         patches the student sees masked (masked patches, prototypes)."""
         tokens = self.backbone(global_crops)
-        return self.dino_head(tokens[:, 0]), self._ibot_logits(tokens, masks)
+        dtype = teacher_logits_dtype(global_crops.device)
+        return self.dino_head(tokens[:, 0], dtype), self._ibot_logits(tokens, masks, dtype)
 
-    def _ibot_logits(self, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def _ibot_logits(self, tokens: torch.Tensor, masks: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         patches = tokens[:, self.backbone.n_prefix_tokens :][masks]
-        return (self.ibot_head or self.dino_head)(patches)
+        return (self.ibot_head or self.dino_head)(patches, dtype)
 
 
 def _head(cfg: TrainConfig, which: str, in_dim: int) -> DinoHead:

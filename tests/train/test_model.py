@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import safetensors.torch
 import torch
@@ -200,3 +202,60 @@ def test_prototype_logits_are_cosines_times_gains_and_stay_in_the_autocast_dtype
     # not float32: a float32 copy of iBOT's 21,000 x 131,072 logits (RedDino's ViT-S recipe) is 10 GiB
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), expected.detach(), rtol=2e-2, atol=2e-2)
+    # The directions start as nn.Linear's (as DINOv2's do): uniform within 1/sqrt(256) at a bottleneck of 256.
+    directions = PrototypeLayer(256, 4096).weight.detach()
+    assert directions.abs().max() <= 1 / 16
+    assert directions.std().item() == pytest.approx(1 / (16 * math.sqrt(3)), rel=0.01)
+
+
+def test_under_bf16_the_teacher_s_logits_are_float32_on_a_cpu_and_the_student_s_stay_bf16():
+    torch.manual_seed(0)
+    student = build_student(load_config("tiny", TINY))
+    teacher = make_teacher(student)
+    crops, masks = torch.randn(4, 3, 56, 56), torch.zeros(4, 16, dtype=torch.bool)
+    masks[0, :6] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cls, patches = teacher.targets(crops, masks)
+        out = student(crops, torch.randn(4, 3, 28, 28), masks)
+    assert cls.dtype == patches.dtype == torch.float32 and patches.shape == (6, 64)
+    assert out.cls_logits.dtype == out.patch_logits.dtype == torch.bfloat16
+    with torch.no_grad():
+        exact_cls, _ = teacher.targets(crops, masks)
+    torch.testing.assert_close(cls, exact_cls, rtol=0.05, atol=0.05)  # the backbone ran in bf16
+
+
+def bicubic_row(at: float, size: int = 16) -> float:
+    """The row-index field (row r holds r) of ``size`` rows, read at ``at`` with Keys' cubic
+    kernel of a = -0.75 over the 4 nearest rows, edge rows repeated beyond the grid."""
+    def weight(t: float, a: float = -0.75) -> float:
+        t = abs(t)
+        return (a + 2) * t**3 - (a + 3) * t**2 + 1 if t <= 1 else a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+
+    base = math.floor(at)
+    return sum(weight(at - row) * min(max(row, 0), size - 1) for row in range(base - 1, base + 3))
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_local_crops_take_the_position_embedding_as_dinov2_resizes_it(arch):
+    """DINOv2 resizes the 16x16 grid of a 224-px crop to the 7x7 of a 98-px one by the scale
+    7.1/16, bicubic (torch's, a = -0.75), not antialiased: output row i samples the old rows at
+    (i + 0.5) * 16 / 7.1 - 0.5 (16/7 without the offset), and alternating rows keep their
+    contrast (antialiasing would average them away)."""
+    backbone = build_student(load_config("tiny", [f"model.arch={arch}", "crops.global_size=224",
+                                                  "crops.local_size=98"])).backbone
+    vit = backbone.vit
+    first_patch = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    row = torch.arange(16.0).repeat_interleave(16)
+    with torch.no_grad():
+        vit.pos_embed[0, first_patch:, 0] = row
+        vit.pos_embed[0, first_patch:, 1] = (-1.0) ** row
+        tokens = backbone._pos_embed(torch.zeros(2, 7, 7, 384))
+    assert tokens.shape == (2, vit.num_prefix_tokens + 49, 384)
+    patches = tokens[0, vit.num_prefix_tokens:].reshape(7, 7, 384)
+    torch.testing.assert_close(patches[:, 3, 0], torch.tensor([bicubic_row((i + 0.5) * 16 / 7.1 - 0.5) for i in range(7)]))
+    assert patches[1:6, 3, 1].abs().mean() > 0.5
+    class_position = torch.zeros(384) if vit.no_embed_class else vit.pos_embed[0, 0]
+    torch.testing.assert_close(tokens[1, 0], vit.cls_token[0, 0] + class_position)
+    with torch.no_grad():  # at the trained grid, the embedding as it is
+        torch.testing.assert_close(backbone._pos_embed(torch.zeros(1, 16, 16, 384))[0, vit.num_prefix_tokens:],
+                                   vit.pos_embed[0, first_patch:])
