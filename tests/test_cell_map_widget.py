@@ -34,6 +34,7 @@ from napari_reddino.widgets.cell_map_widget import (
 from napari_reddino.widgets.class_list import DEFAULT_CLASSES, KEY, LABELLED, NAME, NEW_CLASS_COLOURS
 from napari_reddino.widgets.segment_widget import CARRIED_TO
 from napari_reddino.widgets.smear_keys import LABEL_KEYS_HELP
+from napari_reddino.wording import counted
 
 DATA = Path(__file__).parent / "data"
 CHULA_1 = DATA / "chula_rbc12" / "1.jpg"
@@ -783,6 +784,29 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     press("Assign", "normal")
     widget.select(~left)
     press("Assign", "spherocyte")
+    np.testing.assert_array_equal(manual(), np.where(left, "normal", "spherocyte"))
+    press("Undo label")  # takes the two labellings back, the newest first, then has nothing left
+    np.testing.assert_array_equal(manual(), np.where(left, "normal", ""))
+    press("Undo label")
+    assert (manual() == "").all() and widget.status.value == "Undone: " + counted(int(left.sum()), "cell") + (
+        " have their labels of before again.")
+    press("Undo label")
+    assert widget.status.value.startswith("Nothing to undo")
+    widget.select(left)
+    press("Assign", "normal")
+    widget.select(~left)
+    press("Assign", "spherocyte")
+    widget.select(np.arange(n) == 0)
+    press("Clear label")
+    assert manual()[0] == "" and (manual()[1:] != "").all()
+    qtbot.keyClick(widget.canvas.qt_viewer.canvas.native, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    np.testing.assert_array_equal(manual(), np.where(left, "normal", "spherocyte"))  # Ctrl+Z on the map
+    assert widget.status.value == "Undone: 1 cell has its label of before again."
+    widget.select(np.ones(n, dtype=bool))
+    press("Assign", "spherocyte")
+    assert widget.status.value == (f"{n} cells labelled 'spherocyte' ({left.sum()} of them had another label; "
+                                   "Undo label takes this back).")
+    press("Undo label")
     np.testing.assert_array_equal(manual(), np.where(left, "normal", "spherocyte"))
     widget.select(np.arange(n) == 0)
     press("Clear label")

@@ -78,6 +78,7 @@ MIN_WIDTH, CLASS_TABLE_MIN_HEIGHT = 420, 260  # px: room for the map and seven c
 SMEAR_TABLE_MIN_HEIGHT = 300  # px: the six measures and three classes
 SMEAR_TABLE_DELAY_MS = 250
 GALLERY_NAME = "Selected cells"
+UNDO_STEPS = 100  # labellings that Undo label can take back
 MIN_CELL_ON_SCREEN_PX = 80  # a cell shown from the map is zoomed to at least this size
 
 
@@ -143,6 +144,8 @@ BUTTON_TIPS = {  # the head is this panel's classifier; the tips say so where it
                   "here or with reddino-analyse --head.",
     "Apply saved head…": "Predict every embedded cell of the open smears with a saved head.",
     "Show in gallery": "Show the selected cells side by side under the smear.",
+    "Undo label": "Give the cells of the last Assign, Clear label or key press the labels they had before "
+                  "(Ctrl+Z on the map or in this panel; as often as you like, up to 100 steps back).",
     "Select class": "Select every cell of the class chosen in the list (its label, else its prediction).",
 }
 
@@ -178,6 +181,7 @@ class CellMapWidget(MapExport, JobWidget):
         self._smear_colours: SmearColours | None = None
         self._smear_keys = SmearKeys(napari_viewer, self.press_key)
         self._review: list[int] = []  # points still to review, the least certain last
+        self._label_undo: list[tuple[np.ndarray, np.ndarray]] = []  # (points, their labels before), newest last
         self._uncertain = np.zeros(0, dtype=int)
         self._unlike = np.zeros(0, dtype=bool)  # per point: beyond the reach of the head that predicted it
         self._colours = np.zeros((0, 4), dtype=np.float32)  # every point's colour before dimming
@@ -211,6 +215,7 @@ class CellMapWidget(MapExport, JobWidget):
         actions = {
             "Assign": lambda: self.assign(self.class_list.current_class),
             "Clear label": lambda: self.assign(UNLABELLED),
+            "Undo label": self.undo_label,
             "Clear selection": lambda: self.select(np.zeros(len(self.selected), dtype=bool)),
             "Select class": lambda: self.select_class(self.class_list.current_class),
             "Show in gallery": self.show_gallery,
@@ -237,8 +242,8 @@ class CellMapWidget(MapExport, JobWidget):
         the status line under both."""
         run = Container(widgets=[self._run_button, self._cancel_button], layout="horizontal", labels=False)
         controls = Container(widgets=[run, self.colour_by, self.centre_on_click])
-        labelling = Container(widgets=[self.selection_count, self._row("Assign", "Clear label", "Clear selection"),
-                                       self._row("Select class", "Show in gallery")], labels=False)
+        labelling = Container(widgets=[self.selection_count, self._row("Assign", "Clear label", "Undo label"),
+                                       self._row("Clear selection", "Select class", "Show in gallery")], labels=False)
         head = Container(
             widgets=[self._row("Train head", "Review uncertain"), self._row("Save head…", "Apply saved head…"),
                      self.with_embeddings, self.with_summary, self.with_galleries,
@@ -274,7 +279,9 @@ class CellMapWidget(MapExport, JobWidget):
         (and on the map's cells layers, see :class:`.SmearKeys`). In the gallery digits assign too,
         and Backspace/Delete leave its highlighted cells out of the selection."""
         self.canvas.key_pressed.connect(self.press_key)
+        self.canvas.undo_pressed.connect(self.undo_label)
         in_panel = Qt.ShortcutContext.WidgetWithChildrenShortcut
+        QShortcut(QKeySequence.StandardKey.Undo, self, context=in_panel).activated.connect(self.undo_label)
         for key in LABEL_KEYS:
             QShortcut(QKeySequence(key), self, context=in_panel).activated.connect(lambda key=key: self.press_key(key))
             # In the gallery, Delete and Backspace leave the highlighted cells out rather than clear every label.
@@ -422,6 +429,7 @@ class CellMapWidget(MapExport, JobWidget):
         self._smear_table_timer.stop()
         self.smear_table.forget()
         self.pool, self.xy, self._review = None, None, []
+        self._label_undo.clear()
         self._uncertain = np.zeros(0, dtype=int)
         self.selected = np.zeros(0, dtype=bool)
         self._thumbnails = None
@@ -662,21 +670,45 @@ class CellMapWidget(MapExport, JobWidget):
             if not cells.visible and repainted_since_embedded(cells):
                 self._map_is_stale(cells.name)
                 return
-        had_label = self.pool.column("manual_label", UNLABELLED)[self.selected] != UNLABELLED
-        count = counted(int(self.selected.sum() if name else had_label.sum()), "cell")
-        self.pool.write("manual_label", name, np.flatnonzero(self.selected))
-        done = f"{count} labelled {name!r}." if name else f"Label cleared from {count}."
+        points = np.flatnonzero(self.selected)
+        before = self.pool.column("manual_label", UNLABELLED)[points]
+        changed = before != name
+        if name:
+            others = int((changed & (before != UNLABELLED)).sum())
+            done = f"{counted(len(points), 'cell')} labelled {name!r}" + (
+                f" ({others} of them had another label; Undo label takes this back)." if others else ".")
+        else:
+            done = f"Label cleared from {counted(int((before != UNLABELLED).sum()), 'cell')}."
+        if changed.any():
+            self._label_undo = [*self._label_undo[-UNDO_STEPS + 1:], (points[changed], before[changed])]
+        self.pool.write("manual_label", name, points)
         self.recolour()
         self.status.value = done
         if self._review:  # labelling a reviewed cell moves on to the next one
             self.review_next()
             self.status.value = f"{done} {self.status.value}"
 
+    def undo_label(self) -> None:
+        """Give the cells of the last labelling that changed labels (Assign, Clear label, a key)
+        the labels they had before it."""
+        if not self._label_undo:
+            self.status.value = "Nothing to undo: no labels were given or cleared on this map since it was computed."
+            return
+        if not self._map_is_current():
+            return
+        points, before = self._label_undo.pop()
+        for label in pd.unique(before):
+            self.pool.write("manual_label", label, points[before == label])
+        self.recolour()
+        verb = "has its label" if len(points) == 1 else "have their labels"
+        self.status.value = f"Undone: {counted(len(points), 'cell')} {verb} of before again."
+
     def _rename_class(self, old: str, new: str) -> None:
         """Rename the class in the head and on every cells layer of the viewer, mapped or not,
         so no cell keeps a label that the class list no longer has."""
         if self.classifier is not None:
             self.classifier.rename_classes({old: new})
+        self._label_undo.clear()  # it would bring back the old name
         self._replace_class(old, new, ("manual_label", "predicted_class"), {f"p_{old}": f"p_{new}"})
         for cells in self._viewer.layers:  # which p_ columns a head wrote: cleared with its predictions
             predicted = cells.metadata.get(PREDICTED_CLASSES, []) if isinstance(cells, Labels) else []
@@ -726,6 +758,7 @@ class CellMapWidget(MapExport, JobWidget):
         ) != QMessageBox.StandardButton.Yes:
             return
         self._replace_class(name, UNLABELLED, ("manual_label",))
+        self._label_undo.clear()  # it would bring back the class
         for cells in predicted:
             table = cells.features
             cells.features = table.drop(columns=[*self._probability_columns(cells),

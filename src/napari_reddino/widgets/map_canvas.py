@@ -18,6 +18,7 @@ import pandas as pd
 from napari.components import ViewerModel
 from napari.qt import QtViewer
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from qtpy.QtGui import QKeySequence
 from qtpy.QtWidgets import QDockWidget, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
 from ..cell_map import points_in_polygon
@@ -72,6 +73,7 @@ class MapCanvas(QWidget):
     lassoed = Signal(object)  # bool mask over the points inside the drawn polygon
     point_clicked = Signal(int, bool)  # point index, whether shift was held
     key_pressed = Signal(str)  # a digit, Backspace or Delete typed on the map
+    undo_pressed = Signal()  # Ctrl+Z (the platform's Undo) on the map
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -169,8 +171,14 @@ class MapCanvas(QWidget):
         return self.qt_viewer.screenshot(flash=False)
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:
-        """Digits, Backspace and Delete on the map are labelling keys, not napari's layer-mode keys."""
+        """Digits, Backspace and Delete on the map are labelling keys, not napari's layer-mode keys;
+        Undo undoes a labelling."""
         if event.type() in (QEvent.Type.ShortcutOverride, QEvent.Type.KeyPress):
+            if event.matches(QKeySequence.StandardKey.Undo):
+                if event.type() == QEvent.Type.KeyPress:
+                    self.undo_pressed.emit()
+                event.accept()
+                return True
             key = LABEL_KEYS.get(event.key())
             if key is not None and not event.modifiers():
                 if event.type() == QEvent.Type.KeyPress:

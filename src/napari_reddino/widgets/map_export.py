@@ -177,6 +177,7 @@ class MapExport:
         except (OSError, ValueError) as error:  # LabelImportError is a ValueError
             self._refuse(f"No labels were imported: {error}")
             return
+        self._label_undo.clear()  # an undo would write over the labels imported since
         for name in report.classes:
             self.class_list.add_class(name)
         self.recolour()
