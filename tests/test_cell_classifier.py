@@ -146,6 +146,12 @@ def test_default_measurements_are_the_scale_free_ones_the_table_allows(smear_tab
     assert available_measurements(pooled) == [c for c in DEFAULT_MEASUREMENTS if c != "outline_shared"]
     with pytest.raises(ValueError, match=r"outline_shared, which some of these cells lack.*segment them again"):
         colour_head.predict_proba(noise, measurements=older)
+    # An infinite value would make every logit NaN, and argmax would quietly name the first class.
+    infinite = smear_table.assign(circularity=smear_table["circularity"].where(smear_table.index != 2, np.inf))
+    with pytest.raises(ValueError, match="The measurements circularity have missing or infinite values"):
+        colour_head.predict_proba(noise, measurements=infinite)
+    with pytest.raises(ValueError, match=f"Measurements of {len(smear_table) - 1} cells for {len(smear_table)} embedded"):
+        colour_head.predict_proba(noise, measurements=smear_table.iloc[1:])
 
 
 def test_a_renamed_class_keeps_its_weights_and_colour(smear_table):
@@ -364,13 +370,31 @@ def test_damaged_or_missing_files_are_refused_by_name(tmp_path, smear_table):
                                                 r"head is the pair; copy both\)"):
         CellClassifier.load(about)
     weights.write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match="head.safetensors"):
+    with pytest.raises(ValueError, match="head.safetensors does not belong to head.json"):
         CellClassifier.load(weights)
+    other, noise = trained_head(smear_table)
+    other.fit(noise[::-1], other.predict(noise, measurements=smear_table), measurements=smear_table)  # other weights
+    other.save(tmp_path / "other_head")
+    weights.write_bytes(head_paths(tmp_path / "other_head")[0].read_bytes())  # the pair mixed up, same shapes
+    with pytest.raises(ValueError, match="head.safetensors does not belong to head.json"):
+        CellClassifier.load(weights)
+    (tmp_path / "elsewhere.safetensors").replace(weights)
     fields = json.loads(about.read_text())
+    about.write_text(json.dumps(fields | {"classes": [*fields["classes"], "extra"]}))  # edited by hand
+    with pytest.raises(ValueError, match="holds arrays of the wrong shape for head.json"):
+        CellClassifier.load(weights)
+    later = {key: value for key, value in fields.items() if key != "colours"} | {"version": 99}
+    about.write_text(json.dumps(later))  # a later version, which may name its keys otherwise
+    with pytest.raises(ValueError, match="is a head of format version 99; this version reads 1"):
+        CellClassifier.load(weights)
+    about.write_text(json.dumps(later | {"version": fields["version"]}))
+    with pytest.raises(ValueError, match="is not a saved napari-reddino head: it lacks colours"):
+        CellClassifier.load(weights)
     for classes in (["normal", "normal"], ["normal", 3], ["normal", " "]):  # edited by hand
         about.write_text(json.dumps(fields | {"classes": classes}))
         with pytest.raises(ValueError, match=r"wrong types for classes \(not distinct names\)"):
             CellClassifier.load(weights)
+    weights.write_bytes(b"\x00" * 64)
     about.write_text(json.dumps(fields | {"weights_sha256": hashlib.sha256(b"\x00" * 64).hexdigest()}))
     with pytest.raises(ValueError, match="head.safetensors is not a readable head"):
         CellClassifier.load(weights)

@@ -171,6 +171,11 @@ def test_embeddings_need_every_layer_embedded_and_an_npz_name(tmp_path, smear_ta
         export_cells_csv(tmp_path / "cells.csv", [analysed_layer(smear_table), bare], embeddings_path=tmp_path / "e.npz")
     with pytest.raises(ValueError, match=".npz"):
         export_cells_csv(tmp_path / "cells.csv", analysed_layer(smear_table), embeddings_path=tmp_path / "e.npy")
+    wider = analysed_layer(smear_table)
+    ids = wider.metadata["reddino_embeddings"]["label_ids"]
+    store_embeddings(wider, ids, np.zeros((len(ids), 768), np.float32), model_id="reddino-base", fingerprint="f")
+    with pytest.raises(ValueError, match=r"embeddings differ in size \(\[16, 768\]\)"):
+        export_cells_csv(tmp_path / "cells.csv", [analysed_layer(smear_table), wider], embeddings_path=tmp_path / "e.npz")
     assert os.listdir(tmp_path) == []
 
 

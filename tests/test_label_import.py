@@ -210,9 +210,14 @@ def test_a_cell_at_the_tolerance_is_found_one_claimed_twice_or_unmeasured_is_not
     assert report.missed == {"1 cells": 3} and report.written == {"1 cells": len(today.features) - 3}
     exported.loc[5, "centroid_y"] = np.inf
     exported.to_csv(tmp_path / "inf.csv", index=False)
-    with pytest.raises(LabelImportError, match=r"inf.csv has 1 labelled row without a whole-number cell id "
-                                               r"\('label' column\) or a centroid \(lines 7\)"):
+    with pytest.raises(LabelImportError, match=r"inf.csv has 1 labelled row without a centroid \(lines 7\)"):
         import_manual_labels(tmp_path / "inf.csv", today)
+    # Rows go to cells by place: a CSV from another tool, without label ids, gives the same labels.
+    exported.drop(index=[1, 2, 5], columns="label").to_csv(tmp_path / "no_ids.csv", index=False)
+    fresh = cells_layer(smear)
+    import_manual_labels(tmp_path / "no_ids.csv", fresh)
+    np.testing.assert_array_equal(fresh.features["manual_label"].drop(index=[1, 2, 5]),
+                                  yesterday.features["manual_label"].drop(index=[1, 2, 5]))
 
 
 def test_a_layer_whose_cells_moved_is_counted_and_the_others_get_their_labels(smear, tmp_path):
@@ -267,8 +272,8 @@ def test_a_csv_saved_again_by_a_spreadsheet_in_another_locale_gives_its_labels(s
 
 
 @pytest.mark.parametrize("content, says", [
-    ("layer,image,label,manual_label,centroid_x,centroid_y\n1 cells,1,abc,normal,10,10\n1 cells,1,2,,x,1\n",
-     r"cells.csv has 1 labelled row without a whole-number cell id \('label' column\) or a centroid \(lines 2\)"),
+    ("layer,image,manual_label,centroid_x,centroid_y\n1 cells,1,normal,10,abc\n\n1 cells,1,,x,1\n1 cells,1,a,x,1\n",
+     r"cells.csv has 2 labelled rows without a centroid \(lines 2, 5\)"),  # the blank line 3 counts too
     ("layer,image,cells,whole_cells\n1 cells,1,3,2\n", "is a smear summary; import the cells CSV written beside it"),
     ("layer,image,label,centroid_x\n1 cells,1,1,10\n", "lacks the columns manual_label, centroid_y"),
     ("layer,image,label,manual_label,centroid_x,centroid_y\n1 cells,1,1,,10,10\n", "holds no manual labels"),

@@ -115,6 +115,7 @@ def test_cells_without_a_pixel_size_labels_or_whole_cells_give_empty_values_not_
     features = counted_layer().features.drop(columns=["equivalent_diameter_um", "manual_label", "predicted_class"])
     [row] = summarise_smears(labels_layer(features, "bare")).to_dict("records")
     assert np.isnan(row["diameter_mean_um"]) and row["diameter_mean_px"] == pytest.approx(40.0)
+    assert row["diameter_cv_pct"] == pytest.approx(100 * np.std([30, 35, 40, 45, 50], ddof=1) / 40)  # in pixels
     assert (row["labelled"], row["classified"]) == (0, 0) and np.isnan(row["pixel_size_um"])
     edge = features.assign(touches_border=True)
     [row] = summarise_smears(labels_layer(edge, "edge")).to_dict("records")

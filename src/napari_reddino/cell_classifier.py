@@ -378,11 +378,13 @@ def _read_about(path: Path) -> dict:
         raise FileNotFoundError(f"No saved head at {path} (a head is a .json beside a .safetensors file).") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not a saved head: it is not valid JSON ({error}).") from error
-    keys = {"classes", "colours", "model_id", "embedding_dim", "measurement_columns", "weights_sha256"}
-    if not isinstance(about, dict) or about.get("format") != FORMAT or not keys <= about.keys():
+    if not isinstance(about, dict) or about.get("format") != FORMAT:
         raise ValueError(f"{path} is not a saved napari-reddino head.")
-    if about.get("version") != FORMAT_VERSION:
+    if about.get("version") != FORMAT_VERSION:  # before the keys: another version may name them otherwise
         raise ValueError(f"{path} is a head of format version {about.get('version')}; this version reads {FORMAT_VERSION}.")
+    keys = {"classes", "colours", "model_id", "embedding_dim", "measurement_columns", "weights_sha256"}
+    if not keys <= about.keys():
+        raise ValueError(f"{path} is not a saved napari-reddino head: it lacks {', '.join(sorted(keys - about.keys()))}.")
     types = {"classes": list, "colours": dict, "model_id": str | None, "embedding_dim": int,
              "measurement_columns": list, "weights_sha256": str}
     wrong = [f"{key} ({type(about[key]).__name__}, not {getattr(kind, '__name__', kind)})"

@@ -48,7 +48,7 @@ AREA_RATIO = 1.25  # either way: 0.8 to 1.25 times the row's area
 CENTRE_SHIFT = 0.06  # of the row's equivalent diameter
 _NEIGHBOURS = 8  # cells whose boxes are compared with a row's
 _BOX = ["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]
-_NEEDED = ("label", "manual_label", "centroid_x", "centroid_y")
+_NEEDED = ("manual_label", "centroid_x", "centroid_y")  # rows go to cells by place, not by label id
 
 
 class LabelImportError(ValueError):
@@ -157,11 +157,11 @@ def _spreadsheet_text(path: Path) -> tuple[io.StringIO, dict]:
 
 
 def _read_labelled_rows(path: Path) -> pd.DataFrame:
-    """The rows of ``path`` with a manual label: ``layer``, ``image``, integer ``label``, centroid."""
+    """The rows of ``path`` with a manual label: ``layer``, ``image``, centroid (and the rest)."""
     try:
         text, dialect = _spreadsheet_text(path)
         table = pd.read_csv(text, dtype={"layer": str, "image": str, "manual_label": str}, keep_default_na=False,
-                            **dialect)
+                            skip_blank_lines=False, **dialect)  # blank lines kept: an error's line numbers stay right
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise LabelImportError(f"{path.name} is not a readable CSV ({error}).") from error
     if "whole_cells" in table:
@@ -176,14 +176,13 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
     table = table[table["manual_label"] != ""].copy()
     if table.empty:
         raise LabelImportError(f"{path.name} holds no manual labels.")
-    for column in ("label", "centroid_x", "centroid_y"):
+    for column in ("centroid_x", "centroid_y"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
-    broken = ~np.isfinite(table[["label", "centroid_x", "centroid_y"]]).all(axis=1) | (table["label"] % 1 != 0)
+    broken = ~np.isfinite(table[["centroid_x", "centroid_y"]]).all(axis=1)
     if broken.any():
         lines = ", ".join(str(index + 2) for index in table.index[broken][:5])
         raise LabelImportError(f"{path.name} has {counted(int(broken.sum()), 'labelled row')} without a "
-                               f"whole-number cell id ('label' column) or a centroid (lines {lines}{', ...' if broken.sum() > 5 else ''}).")
-    table["label"] = table["label"].astype(np.int64)
+                               f"centroid (lines {lines}{', ...' if broken.sum() > 5 else ''}).")
     if "layer" not in table:
         table["layer"] = table["image"] + " cells"
     if "image" not in table:
