@@ -56,6 +56,13 @@ def test_dinov2_crops_are_augmented_as_dinov2_trained():
     jitter = next(part for part, _ in parts(multicrop.local_transform) if isinstance(part, v2.ColorJitter))
     assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2),
                                                                                 (-0.1, 0.1))
+    # and DINOv2's parameters: bicubic crops of its scales, a 9-px blur of sigma 0.1-2, solarize at 128
+    second_parts = {type(part).__name__: part for part, _ in parts(multicrop.global_transforms[1])}
+    crop = second_parts["RandomResizedCrop"]
+    assert (crop.interpolation, crop.antialias, crop.size) == (v2.InterpolationMode.BICUBIC, True, (56, 56))
+    blur = second_parts["GaussianBlur"]
+    assert (blur.kernel_size, blur.sigma) == ((9, 9), [0.1, 2.0])
+    assert second_parts["RandomSolarize"].threshold == 128
 
 
 def test_random_subset_applies_n_distinct_transforms_with_probability_p():

@@ -48,7 +48,7 @@ def test_last_layer_stays_frozen_for_the_first_iterations():
 
 
 def test_param_group_multipliers():
-    backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, depth=3)
+    backbone = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, depth=3)
     backbone.mask_token = nn.Parameter(torch.zeros(1, 384))
     student = nn.ModuleDict({"backbone": backbone, "head": DinoHead(384, 16, 32, 8)})
     teacher_only = nn.Linear(2, 2).requires_grad_(False)
@@ -63,6 +63,7 @@ def test_param_group_multipliers():
     expected = {  # name: (lr multiplier, weight decay multiplier, last layer)
         "backbone.cls_token": (0.0625, 1.0, False),
         "backbone.pos_embed": (0.0625, 1.0, False),
+        "backbone.reg_token": (0.0625, 1.0, False),  # the registers are embeddings too
         "backbone.mask_token": (0.0625, 1.0, False),
         "backbone.patch_embed.proj.weight": (0.0125, 1.0, False),
         "backbone.patch_embed.proj.bias": (0.0125, 0.0, False),

@@ -106,6 +106,10 @@ def test_sinkhorn_knopp_by_hand():
     torch.testing.assert_close(one, torch.tensor([[3 / 5, 2 / 5], [1 / 3, 2 / 3]]))
     two = sinkhorn_knopp(logits, temp=1.0, n_iterations=2)
     torch.testing.assert_close(two, torch.tensor([[12 / 19, 7 / 19], [4 / 11, 7 / 11]]))
+    three = sinkhorn_knopp(logits, temp=1.0, n_iterations=3)  # DINOv2's count, the default here and in training
+    assert not torch.allclose(three, two)
+    torch.testing.assert_close(sinkhorn_knopp(logits, temp=1.0), three, rtol=0, atol=0)
+    torch.testing.assert_close(make_teacher_targets("sinkhorn_knopp", 2, 0.9)(logits, 1.0), three, rtol=0, atol=0)
 
 
 def test_sinkhorn_knopp_balances_prototypes():

@@ -51,3 +51,17 @@ def test_batch_masks_probability_extremes_and_seed():
     assert everything.sum(dim=1).tolist() == [8] * 6
     first, again = (sample_masks(generator, 6, (0.1, 0.5), 0.5, np.random.default_rng(9)) for _ in range(2))
     assert first.equal(again)
+
+
+def test_blocks_lie_both_ways_as_well_as_square():
+    """DINOv2 draws each rectangle's aspect ratio log-uniformly from [0.3, 1/0.3]: masks of one
+    rectangle of 6 patches come tall (3 x 2) and wide (2 x 3): square blocks could not make them."""
+    generator, rng = BlockMaskGenerator((16, 16)), np.random.default_rng(0)
+    shapes = []
+    for _ in range(200):
+        rows, cols = np.nonzero(generator(6, rng))
+        height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+        if height * width == 6:  # one whole rectangle
+            shapes.append(height / width)
+    tall, wide = sum(shape > 1 for shape in shapes), sum(shape < 1 for shape in shapes)
+    assert tall >= 20 and wide >= 20

@@ -27,6 +27,7 @@ def test_masked_patches_see_only_the_mask_token():
     everything = torch.ones(2, 16, dtype=torch.bool)
     masked = student.backbone(images, everything)
     assert torch.allclose(masked[0], masked[1], atol=1e-5)  # the two images became the same input
+    assert (masked[0, 1] - masked[0, 2]).abs().max() > 1e-3  # masked patches keep their places (mask, then position)
     unmasked = student.backbone(images)
     assert (unmasked[0] - unmasked[1]).abs().max() > 0.1
     assert unmasked.shape == (2, 1 + 16, 384)

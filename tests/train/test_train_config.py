@@ -30,6 +30,10 @@ def test_dinov2_default_recipe_numbers():
     assert (cfg.heads.dino.hidden_dim, cfg.heads.dino.n_layers) == (2048, 3)
     assert cfg.heads.ibot_separate is False
     assert (cfg.loss.koleo_weight, cfg.loss.ibot_weight, cfg.loss.centering) == (0.1, 1.0, "softmax_center")
+    assert (cfg.loss.dino_weight, cfg.loss.student_temp, cfg.loss.center_momentum) == (1.0, 0.1, 0.9)
+    m = cfg.model
+    assert (m.drop_path_rate, m.drop_path_uniform, m.layerscale, m.patch_size) == (0.3, True, 1e-5, 14)
+    assert (cfg.crops.local_size, cfg.optim.adamw_betas) == (98, (0.9, 0.999))  # 96 in Meta's, a multiple of 14 here
     assert (cfg.masking.sample_probability, cfg.masking.ratio_min_max) == (0.5, (0.1, 0.5))
     assert (cfg.teacher.momentum, cfg.teacher.final_momentum) == (0.992, 1.0)
     assert (cfg.teacher.warmup_temp, cfg.teacher.temp, cfg.teacher.warmup_temp_epochs) == (0.04, 0.07, 30)

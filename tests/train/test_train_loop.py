@@ -73,8 +73,11 @@ def test_a_few_steps_log_every_column_with_finite_losses(smear_images, tmp_path)
 
 def test_a_step_trains_with_the_schedule_values_it_is_given(smear_images, tmp_path, monkeypatch):
     """lr, weight decay, teacher temperature and momentum reach the optimiser, the losses and
-    the teacher; the loss minimised is the one logged; KoLeo sees each view's images apart."""
-    trainer = Trainer(load_config("tiny", TINY), smear_images, tmp_path, torch.device("cpu"))
+    the teacher; the loss minimised is the one logged, each term with its own weight; KoLeo sees
+    each view's images apart and adds the two (DINOv2's sum, not their mean); masks differ from
+    step to step and from rank to rank."""
+    trainer = Trainer(load_config("tiny", [*TINY, "loss.dino_weight=0.7", "loss.ibot_weight=1.3"]), smear_images,
+                      tmp_path, torch.device("cpu"))
     values = ScheduleValues(lr=3e-4, last_layer_lr=5e-5, weight_decay=0.07, teacher_momentum=0.75, teacher_temp=0.035)
     temperatures, koleo_rows, minimised = [], [], []
     for loss in (trainer.losses.dino, trainer.losses.ibot):
@@ -88,7 +91,8 @@ def test_a_step_trains_with_the_schedule_values_it_is_given(smear_images, tmp_pa
     stats, stopped, _ = trainer.step(batch, values, threading.Event())
 
     assert not stopped and temperatures == [values.teacher_temp] * 2
-    assert minimised == [pytest.approx(stats["loss"], rel=1e-6)]  # dino + ibot + 0.1 koleo, as logged
+    assert minimised == [pytest.approx(stats["loss"], rel=1e-6)]  # as logged
+    assert stats["loss"] == pytest.approx(0.7 * stats["dino"] + 1.3 * stats["ibot"] + 0.1 * stats["koleo"], rel=1e-6)
     assert stats["ibot"] > 0 and stats["dino"] > 0
     groups = trainer.optimizer.param_groups
     assert {group["is_last_layer"] for group in groups} == {True, False}
@@ -101,6 +105,13 @@ def test_a_step_trains_with_the_schedule_values_it_is_given(smear_images, tmp_pa
     batch_size = len(batch["global_crops"]) // 2
     assert [len(rows) for rows in koleo_rows] == [batch_size, batch_size]  # the two views apart
     assert not torch.equal(koleo_rows[0], koleo_rows[1])
+    assert stats["koleo"] == pytest.approx(sum(koleo_loss(rows).item() for rows in koleo_rows), rel=1e-5)
+    masks = trainer._masks(16)
+    assert masks.any() and torch.equal(masks, trainer._masks(16))  # drawn again for a resumed step
+    trainer.iteration += 1
+    assert not torch.equal(masks, trainer._masks(16))
+    trainer.iteration, trainer.rank = trainer.iteration - 1, 1
+    assert not torch.equal(masks, trainer._masks(16))
 
 
 def test_resumed_run_repeats_the_uninterrupted_one_exactly(smear_images, tmp_path):
