@@ -11,6 +11,7 @@ from napari_reddino.cell_classifier import measurement_features
 from napari_reddino.cell_embeddings import METADATA_KEY, store_embeddings
 from napari_reddino.cell_map import (
     DIM_FACTOR,
+    LUT_SIZE,
     MUTED,
     PooledCells,
     PoolingError,
@@ -176,3 +177,20 @@ def test_a_measurement_is_coloured_between_its_2nd_and_98th_percentile():
     np.testing.assert_array_equal(colours[-1], MUTED)  # not measured: grey, like an unlabelled cell
     np.testing.assert_allclose(value_colours(np.full(3, 7.0), viridis), viridis.map(np.zeros(3)))  # all alike
     np.testing.assert_array_equal(value_colours(np.full(2, np.nan), viridis), [MUTED, MUTED])
+
+
+def test_a_layer_of_more_cells_than_one_colour_table_holds_is_refused_and_one_less_is_coloured():
+    most = LUT_SIZE - 1  # row 0 of the table is the background
+    for n, fits in ((most, True), (most + 1, False)):
+        labels = np.zeros(256 * 257, dtype=np.int32)
+        labels[:n] = np.arange(1, n + 1)
+        layer = cells_layer(f"{n} cells", labels.reshape(256, 257), dim=1)
+        if not fits:
+            with pytest.raises(PoolingError, match=r"'65536 cells' holds more than 65,535 cells"):
+                PooledCells.from_layers([layer])
+            continue
+        pool = PooledCells.from_layers([layer])
+        ranks = pool.rank_image(0).ravel()
+        np.testing.assert_array_equal(ranks[:n], np.arange(1, n + 1))  # every cell its own row of the table
+        lut = rank_lut(np.tile([1.0, 0.0, 0.0, 1.0], (n, 1)))
+        assert lut[ranks[n - 1], 3] == 1.0 and lut[0, 3] == 0.0
