@@ -18,7 +18,7 @@ from napari_reddino import measure_cells, segment_cells
 from napari_reddino.atomic_files import NotReplacedError, PartlyWrittenError
 from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_export import export_cells_csv, summary_path
-from napari_reddino.cell_table import ANALYSIS_COLUMNS
+from napari_reddino.cell_table import ANALYSIS_COLUMNS, PREDICTED_CLASSES
 
 DATA = Path(__file__).parent / "data"
 
@@ -91,6 +91,13 @@ def test_columns_keep_one_order_whether_the_head_predicted_before_or_after_the_m
         assert list(back.columns[-len(ANALYSIS_COLUMNS) - len(probabilities) - 1:]) == [
             *ANALYSIS_COLUMNS, *probabilities, "model_id"]
     assert back["umap_x"].isna().all() and back["manual_label"].isna().all()
+    # A lab's own column that starts with p_ stays among the layer's columns when the head's
+    # classes are known; the head's probabilities go last.
+    mapped_first.features = mapped_first.features.assign(p_value=0.01)
+    mapped_first.metadata[PREDICTED_CLASSES] = ["normal", "target cell"]
+    back = pd.read_csv(export_cells_csv(tmp_path / "own_p.csv", mapped_first))
+    assert list(back.columns[-len(ANALYSIS_COLUMNS) - 2:]) == [*ANALYSIS_COLUMNS, "p_normal", "model_id"]
+    assert list(back.columns).index("p_value") < list(back.columns).index("umap_x")
 
 
 def test_an_existing_file_is_replaced_only_when_asked(tmp_path, smear_table):

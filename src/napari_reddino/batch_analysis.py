@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .cell_classifier import prediction_table
+from .cell_table import PREDICTED_CLASSES
 from .cell_embeddings import METADATA_KEY, EmbeddedCells, fingerprint, labels_digest, store_run
 from .class_gallery import GalleryError, GalleryFiles, save_class_gallery
 from .measurements import measure_cells
@@ -146,6 +147,7 @@ class SmearAnalysis:
             proba = self.head.predict_proba(vectors[rows], measurements=table)
             predictions = prediction_table(self.head.classes, proba).set_axis(table.index)
             cells.features = pd.concat([table, predictions], axis=1)
+            cells.metadata[PREDICTED_CLASSES] = list(self.head.classes)
             cells.metadata["unlike_head"] = float(self.head.beyond_reach(vectors[rows], measurements=table).mean())
             if self.galleries is not None:
                 self._write_gallery(image, labels, cells)

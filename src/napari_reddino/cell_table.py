@@ -5,7 +5,8 @@ Columns: ``layer`` (the cells layer's name: with ``label`` the key of a cell, al
 layers segment one smear), ``image``, ``label``, then the layer's feature columns in their order (napari's
 ``index``, a copy of ``label``, is left out), the analysis columns of
 :data:`ANALYSIS_COLUMNS` in that order (empty where a layer lacks them, so scripts can rely on
-them), the ``p_<class>`` probabilities (only when a head has predicted), and ``model_id``
+them), the head's ``p_<class>`` probabilities (only when a head has predicted; a layer's own
+``p_value`` stays with its columns), and ``model_id``
 (empty for cells that were not embedded). Layers with different columns are stacked on the
 union of their columns, in order of first appearance; the order is the same whether a layer
 was mapped before or after a head predicted.
@@ -85,9 +86,17 @@ def clear_predictions(layer, ids) -> int:
     return int(rows.sum())
 
 
+def _probability_columns(layer, features: pd.DataFrame) -> list[str]:
+    """The head's ``p_<class>`` columns of a layer: of the classes its metadata names when a head
+    predicted there (a lab's own ``p_value`` is not one), else every ``p_`` column."""
+    classes = layer.metadata.get(PREDICTED_CLASSES)
+    named = [f"p_{name}" for name in classes] if classes is not None else list(features.columns)
+    return [column for column in named if column.startswith("p_") and column in features]
+
+
 def cells_table(layers: Sequence) -> pd.DataFrame:
     """The rows the CSV holds, one per cell of each layer, in the layers' feature order."""
-    parts = []
+    parts, probabilities = [], []
     for layer in layers:
         features = pd.DataFrame(layer.features)
         if "label" not in features:
@@ -100,11 +109,12 @@ def cells_table(layers: Sequence) -> pd.DataFrame:
         features.insert(1, "image", image_name(layer))
         features["model_id"] = np.where(features["label"].isin(record[0]), record[2], "") if record else ""
         parts.append(features)
+        probabilities += _probability_columns(layer, features)
     table = pd.concat(parts, ignore_index=True, sort=False)
     for column in ANALYSIS_COLUMNS:
         if column not in table:
             table[column] = "" if column.endswith(("label", "class")) else np.nan
-    probabilities = [c for c in table.columns if c.startswith("p_")]
+    probabilities = list(dict.fromkeys(probabilities))
     placed = {"layer", "image", "label", "model_id", *ANALYSIS_COLUMNS, *probabilities}
     own = [c for c in table.columns if c not in placed]
     return table[["layer", "image", "label", *own, *ANALYSIS_COLUMNS, *probabilities, "model_id"]]
