@@ -73,8 +73,7 @@ def _rgb8(path: Path) -> Image.Image:
     the high byte of 16-bit RGB (a 12-bit camera's smear comes out nearly black)."""
     try:
         with Image.open(path) as image:
-            raw = [tile[3][0] if isinstance(tile[3], tuple) else tile[3] for tile in image.tile]  # raw modes
-            if image.mode in _EIGHT_BIT_MODES and not any("16" in str(mode) for mode in raw):
+            if _eight_bit(image):
                 return image.convert("RGB")
     except Exception:  # noqa: BLE001  PIL reads fewer TIFFs (float RGB, planar) than skimage: ask it next
         pass
@@ -82,6 +81,17 @@ def _rgb8(path: Path) -> Image.Image:
 
     rgb = as_rgb(read_image(path))
     return Image.fromarray(np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8))
+
+
+def _eight_bit(image: Image.Image) -> bool:
+    """Whether PIL decodes ``image`` as what it holds: 8 bits a sample. A TIFF says its depth in
+    BitsPerSample (PIL calls a planar 16-bit RGB TIFF "RGB" and decodes it wrongly); other
+    formats in their raw modes ("I;16" and the like)."""
+    bits = getattr(image, "tag_v2", {}).get(258, 8)  # TIFF BitsPerSample
+    if any(depth > 8 for depth in (bits if isinstance(bits, tuple) else (bits,))):
+        return False
+    raw = [tile[3][0] if isinstance(tile[3], tuple) else tile[3] for tile in image.tile]
+    return image.mode in _EIGHT_BIT_MODES and not any("16" in str(mode) for mode in raw)
 
 
 class ImageFolder(Dataset):

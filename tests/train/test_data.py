@@ -74,14 +74,17 @@ def test_a_twelve_bit_smear_in_sixteen_bit_files_trains_as_its_eight_bit_self(sm
     np.testing.assert_allclose(np.asarray(image), rgb8, atol=1)  # PIL's own conversion: all 255
 
 
-@pytest.mark.parametrize("layout", ["float RGB", "planar RGB"])
+@pytest.mark.parametrize("layout", ["float RGB", "planar RGB", "planar 16-bit RGB"])
 def test_a_tiff_that_pil_cannot_open_trains_as_the_plugin_reads_it(smear_images, tmp_path, layout):
     rgb8 = np.asarray(Image.open(find_images(smear_images)[0]).convert("RGB"))
     (tmp_path / "data").mkdir()
     if layout == "float RGB":
         tifffile.imwrite(tmp_path / "data" / "smear.tif", rgb8.astype(np.float32) / 255, photometric="rgb")
-    else:
+    elif layout == "planar RGB":
         tifffile.imwrite(tmp_path / "data" / "smear.tif", rgb8, photometric="rgb", planarconfig="separate")
+    else:  # PIL opens it as "RGB" and decodes it wrongly
+        tifffile.imwrite(tmp_path / "data" / "smear.tif", rgb8.astype(np.uint16) * 16 + 15, photometric="rgb",
+                         planarconfig="separate")
     image = ImageFolder(tmp_path / "data", transform=lambda image: image)[(0, 0)]
     np.testing.assert_allclose(np.asarray(image), rgb8, atol=1)
 
