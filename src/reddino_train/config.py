@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -151,6 +152,26 @@ class TrainConfig:
     train: LoopConfig
 
     def __post_init__(self) -> None:
+        counts = [("model.patch_size", self.model.patch_size), ("crops.global_size", self.crops.global_size),
+                  ("crops.local_size", self.crops.local_size)]
+        for which in ("dino", "ibot"):
+            head = getattr(self.heads, which)
+            counts += [(f"heads.{which}.{name}", getattr(head, name))
+                       for name in ("n_prototypes", "hidden_dim", "bottleneck_dim", "n_layers")]
+        for key, value in counts:
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be at least 1")
+        if self.crops.local_number < 0:
+            raise ConfigError(f"crops.local_number={self.crops.local_number} must be 0 or more")
+        not_finite = [f"{key}={value}" for key, value in _leaves(config_to_dict(self)).items()
+                      if isinstance(value, float) and not math.isfinite(value)]
+        if not_finite:
+            raise ConfigError(f"{', '.join(not_finite)}: each must be a finite number")
+        import timm  # here, not at the top: reading a config needs no torch
+
+        if not timm.is_model(self.model.arch):
+            raise ConfigError(f"model.arch={self.model.arch!r} is not a timm architecture (the recipes use "
+                              "vit_small_patch14_dinov2 and its base, large and _reg4_ kin)")
         for key, size in (("crops.global_size", self.crops.global_size),
                           ("crops.local_size", self.crops.local_size)):
             if size % self.model.patch_size:
@@ -261,8 +282,19 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
             node = node.setdefault(section, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override")
-        node[leaf] = yaml.safe_load(text)
+        try:
+            node[leaf] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: its value is not valid YAML ({_yaml_problem(error)})") from None
     return nested
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """YAML's complaint on one line: what and where (its own message spans several)."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def config_to_dict(cfg: Any) -> Any:
@@ -301,7 +333,10 @@ def _resolve(source: str | os.PathLike, relative_to: Path | None = None) -> Path
 def _read_recipe(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"config {path} inherits from itself via {BASE_KEY}:")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
     base = data.pop(BASE_KEY, None)

@@ -137,7 +137,18 @@ def test_bad_values_are_errors():
                            ("optim.epochs=0", "optim.epochs=0 must be at least 1"),
                            ("teacher.temp=0", "teacher.temp=0.0 must be above 0"),
                            ("teacher.warmup_temp=-0.04", "teacher.warmup_temp=-0.04 must be above 0"),
-                           ("loss.student_temp=0", "loss.student_temp=0.0 must be above 0")):
+                           ("loss.student_temp=0", "loss.student_temp=0.0 must be above 0"),
+                           ("model.patch_size=0", "model.patch_size=0 must be at least 1"),
+                           ("crops.global_size=0", "crops.global_size=0 must be at least 1"),
+                           ("crops.local_number=-1", "crops.local_number=-1 must be 0 or more"),
+                           ("heads.ibot.n_layers=0", "heads.ibot.n_layers=0 must be at least 1"),
+                           ("heads.dino.n_prototypes=0", "heads.dino.n_prototypes=0 must be at least 1"),
+                           ("optim.base_lr=.nan", r"optim.base_lr=nan: each must be a finite number"),
+                           ("loss.koleo_weight=.inf", r"loss.koleo_weight=inf: each must be a finite number"),
+                           ("model.arch=vit_smal_patch14_dinov2",
+                            r"model.arch='vit_smal_patch14_dinov2' is not a timm architecture \(.*\)"),
+                           ("optim.base_lr=[", r"override 'optim.base_lr=\[': its value is not valid YAML \(expected "
+                                               r"the node content, but found '<stream end>' at line 1, column 2\)")):
         with pytest.raises(ConfigError, match=rf"^{says}$"):
             load_config("tiny", [override])
     assert load_config("tiny", ["train.num_workers=0", "train.seed=0"]).train.seed == 0
@@ -185,6 +196,13 @@ def test_user_recipe_inherits_and_round_trips(tmp_path):
     save_config(cfg, saved)
     assert load_config(saved) == cfg
     assert config_to_dict(cfg)["masking"]["ratio_min_max"] == [0.1, 0.5]
+
+
+def test_a_recipe_that_is_not_yaml_says_where(tmp_path):
+    (tmp_path / "broken.yaml").write_text("base: tiny\noptim:\n  base_lr: [1e-3\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML: expected ',' or '\]', but got '<stream end>' "
+                                          r"at line 4, column 1"):
+        load_config(tmp_path / "broken.yaml")
 
 
 def test_incomplete_and_cyclic_recipes(tmp_path):
