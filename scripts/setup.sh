@@ -2,6 +2,10 @@
 # Set up napari-reddino from a fresh machine: system libraries for Qt under X11/Xvfb,
 # a virtual environment in .venv, pinned torch, and the package with its test extra.
 # Idempotent: a second run only checks that everything is there.
+#   PYTHON=python3.12 bash scripts/setup.sh   the interpreter for .venv (3.11 or newer; default python3)
+#   TORCH_INDEX=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
+#                                             torch from that index: the CPU build, 0.2 GB instead of
+#                                             PyPI's CUDA build with its 4 GB of NVIDIA libraries
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,21 +19,33 @@ if command -v apt-get >/dev/null 2>&1; then
   if [ -n "$missing" ]; then
     $sudo apt-get update -qq
     # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
   fi
 fi
 
 PYTHON=${PYTHON:-python3}
+too_old() { ! "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
+if too_old "$PYTHON"; then
+  echo "napari-reddino needs Python 3.11 or newer; $PYTHON is $("$PYTHON" --version 2>&1 || echo missing)." >&2
+  echo "On Ubuntu 22.04: sudo apt install python3.11 python3.11-venv, then run this again with PYTHON=python3.11." >&2
+  exit 1
+fi
+if [ -e .venv ] && too_old .venv/bin/python; then  # made by an older python3 on a first try
+  rm -rf .venv
+fi
 if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # no .venv yet, or one without pip
   # Debian and Ubuntu ship venv's pip (ensurepip) apart, as pythonX.Y-venv.
   if ! "$PYTHON" -c "import ensurepip" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "python$version-venv"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "python$version-venv"
   fi
   # a working .venv gets pip; only one that a failed first run left broken is made again
   .venv/bin/python -m ensurepip -q >/dev/null 2>&1 || { rm -rf .venv; "$PYTHON" -m venv .venv; }
 fi
 .venv/bin/python -m pip install -q --upgrade pip
+if [ -n "${TORCH_INDEX:-}" ]; then
+  .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" --index-url "$TORCH_INDEX"
+fi
 # torch and torchvision are pinned together: other releases pull several GB or break torchvision.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" timm -e ".[test]"

@@ -29,8 +29,9 @@ def test_manifest_is_valid_in_this_install():
 
 def test_built_wheel_ships_a_valid_manifest(tmp_path):
     # Build from a copy of the checkout: an in-tree build would write build/ into the repository,
-    # where a concurrent test run could trip over it. symlinks=True keeps the package's
-    # napari.yaml a link to the root one, as in the repository.
+    # where a concurrent test run could trip over it. symlinks=True keeps the root napari.yaml a
+    # link to the package's, as in the repository (the package's is the file: a Windows checkout
+    # turns links into text).
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*NOT_BUILT))
     pip = ("-m", "pip", "--disable-pip-version-check")

@@ -15,7 +15,7 @@ import yaml
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, config_to_dict, load_config, shipped_configs
+from .config import CONFIG_NAME, ConfigError, config_to_dict, load_config, shipped_configs
 from .data import EmptyDatasetError
 
 
@@ -73,7 +73,7 @@ def _fit_command(args: argparse.Namespace) -> int:
         _say(f"reddino-train fit: {error}", file=sys.stderr)  # raised alike on every rank: said once
         return 2
     if result.stopped_by_signal:  # not finished: a script or scheduler must see that
-        own_settings = shlex.join(["reddino-train", "fit", str(Path(args.out) / "config.yaml"), args.data_dir,
+        own_settings = shlex.join(["reddino-train", "fit", str(Path(args.out) / CONFIG_NAME), args.data_dir,
                                    "--out", args.out, *(["--max-steps", str(args.max_steps)] if args.max_steps else [])])
         _say(f"reddino-train fit: stopped after {counted(result.iterations_done, 'iteration')}; checkpoint in {args.out}; "
              f"the same command resumes it; so does {own_settings}, with the run's own settings", file=sys.stderr)
@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("run_dir", metavar="RUN")
     export.add_argument("--out", required=True, metavar="DIR")
-    export.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace DIR if it is an earlier export (any other folder is refused)")
     export.add_argument("--push-to-hub", metavar="REPO", help="then upload DIR to this Hub model repo (org/name)")
     export.add_argument("--private", action="store_true", help="create the Hub repo as private")
     export.set_defaults(handler=_export_command)
@@ -267,7 +268,8 @@ def _add_prepare_parser(commands) -> None:
     prepare.add_argument("--margin", type=float, default=0.25,
                          help="context around a cell, a fraction of its box's longer side (default 0.25, as the plugin)")
     prepare.add_argument("--crop-mode", choices=("context", "masked"), default="context",
-                         help="masked: other cells' pixels set to the background colour")
+                         help="masked: other cells' pixels set to the background colour (default context; the "
+                              "plugin's default is masked crops at smear scale: pass both to train on what it embeds)")
     prepare.add_argument("--crop-scale", choices=("cell", "smear"), default="cell",
                          help=f"{_CROP_SCALE_HELP} (default cell)")
     prepare.add_argument("--pixel-size-um", type=float, metavar="UM",
@@ -278,10 +280,12 @@ def _add_prepare_parser(commands) -> None:
 def _add_eval_parser(commands) -> None:
     evaluate = commands.add_parser(
         "eval",
-        help="score a model's frozen features on labelled cells (kNN k=1/20, logistic regression)",
+        help="score a model's frozen features on labelled cells (kNN k=1/20 and DINOv2's weighted vote, "
+             "logistic regression)",
         description="The RedDino paper's protocol on any model the plugin loads (reddino-small, hf_hub:org/name, "
         "a folder from 'reddino-train export', or a .safetensors file with --architecture): frozen CLS "
-        "features at the model's input size, in fp32 on every machine; kNN k=1 and k=20 (cosine) and "
+        "features at the model's input size, in fp32 on every machine; kNN k=1 and k=20 (cosine; k=20 also "
+        "with DINOv2's vote weighted by exp(similarity / 0.07)) and "
         "logistic regression (standardised, balanced class weights) in 5-fold stratified CV or folds "
         "grouped by image; balanced accuracy, accuracy, weighted F1 and per-class recall. DATA is a folder "
         "of crops by class (DATA/<class>/*.png) or smears with Chula-format point labels (Dataset/<n>.jpg + "

@@ -42,6 +42,9 @@ Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Parallel = Literal["ddp", "fsdp"]
 
 
+CONFIG_NAME = "config.yaml"  # the resolved config, in a run's output folder
+
+
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
 
@@ -304,6 +307,15 @@ def config_to_dict(cfg: Any) -> Any:
     if isinstance(cfg, tuple):
         return [config_to_dict(item) for item in cfg]
     return cfg
+
+
+def is_training_config(path: str | os.PathLike) -> bool:
+    """Whether ``path`` reads as a run's config.yaml (a mapping with the sections of one)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and {field.name for field in dataclasses.fields(TrainConfig)} <= data.keys()
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

@@ -41,6 +41,15 @@ class CsvLog:
             os.fsync(handle.fileno())
 
 
+def is_training_log(path: Path) -> bool:
+    """Whether ``path`` is a CSV whose first column is ``step``, as every log.csv has been."""
+    try:
+        with Path(path).open(newline="") as handle:
+            return next(csv.reader(handle), [""])[0] == "step"
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
 def read_log(path: Path) -> list[dict[str, float]]:
     with Path(path).open(newline="") as handle:
         return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]

@@ -8,7 +8,13 @@ refused on every one of its ranks before it touches the folder.
 The lock is a POSIX record lock (``lockf``), not ``flock``: an ``flock`` is shared with forked
 children, so the data loader's workers would keep the folder locked after a killed run; a
 record lock belongs to the process alone and the kernel drops it when that process ends,
-however it ends. It also works across the nodes of a shared NFS folder.
+however it ends. Across nodes it guards only where the shared file system passes locks on
+(NFS with its lock manager); an NFS mount with ``nolock`` or Lustre's ``localflock`` lock
+each node apart, and a second run started on another node is not stopped there.
+
+A fresh run (no checkpoint in the folder) replaces ``config.yaml`` and ``log.csv``: a folder
+that holds anything else, or a ``log.csv`` that is no training log, is refused, as
+``prepare`` and ``export`` refuse theirs.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from .checkpoint import CHECKPOINT_NAME
+from .config import CONFIG_NAME, is_training_config
 from .distributed import all_gather_objects, rank, world_size
+from .monitor import LOG_NAME, is_training_log
 
 try:
     import fcntl
@@ -49,9 +58,10 @@ def hold_run_folder(out: str | os.PathLike) -> Iterator[None]:
     rank enters; only rank 0 locks."""
     out = Path(out)
     handle, refusal = None, None
-    if rank() == 0 and fcntl is not None:
+    if rank() == 0:
         try:
-            handle, refusal = _lock(out)
+            handle, refusal = _lock(out) if fcntl is not None else (None, None)
+            refusal = refusal or _not_a_run_folder(out)
         except OSError as error:  # a read-only folder, --out naming a file
             refusal = (RunFolderError, f"cannot use {out} as the output folder: {error}")
     refusal = all_gather_objects(refusal)[0]  # rank 0's answer, on every rank
@@ -64,6 +74,23 @@ def hold_run_folder(out: str | os.PathLike) -> Iterator[None]:
     finally:
         if handle is not None:
             handle.close()  # closing releases the lock
+
+
+def _not_a_run_folder(out: Path) -> tuple[type, str] | None:
+    """Why a fresh run must not write into ``out`` (see the module docstring), or None."""
+    if not out.is_dir() or (out / CHECKPOINT_NAME).exists():
+        return None
+    foreign = sorted(path.name for path in out.iterdir()
+                     if not path.name.startswith(".") and path.name not in (CONFIG_NAME, LOG_NAME))
+    if (out / CONFIG_NAME).is_file() and not is_training_config(out / CONFIG_NAME):
+        foreign.append(f"{CONFIG_NAME}, which is no training config")
+    if (out / LOG_NAME).is_file() and not is_training_log(out / LOG_NAME):
+        foreign.append(f"{LOG_NAME}, which is no training log")
+    if not foreign:
+        return None
+    return RunFolderError, (f"{out} holds files that no training run wrote ({'; '.join(foreign[:5])}"
+                            f"{'; ...' if len(foreign) > 5 else ''}): give --out a new or empty folder "
+                            "(or the folder of a run to resume it)")
 
 
 def _check_shared(out: Path) -> None:

@@ -31,6 +31,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import (
+    CONFIG_NAME,
     TrainConfig,
     changed_settings,
     config_from_dict,
@@ -172,7 +173,7 @@ class Trainer:
                 tqdm.write(f"reddino-train: removed {leftover.name} ({size / 2**20:,.0f} MiB), "
                            "a checkpoint whose save was interrupted")
             if not self._settings_pending:  # else a run that fails before its first checkpoint keeps the old
-                save_config(cfg, out / "config.yaml")
+                save_config(cfg, out / CONFIG_NAME)
 
     def _precision(self, state: dict[str, Any] | None) -> str:
         """"fp32", "bf16" or "fp16". "auto" decides on each rank (:func:`precision_for`), and fp32
@@ -342,7 +343,7 @@ class Trainer:
         self.checkpoint_step = self.iteration
 
     def _write_checkpoint(self, models: dict[str, Any], rng_states: list) -> None:
-        settings = (self.out / "config.yaml", self.cfg) if self._settings_pending else None
+        settings = (self.out / CONFIG_NAME, self.cfg) if self._settings_pending else None
         save_checkpoint(self.out / CHECKPOINT_NAME, {
             "architecture": architecture(self.cfg),
             "config": config_to_dict(self.cfg),
@@ -432,9 +433,11 @@ class RanksDisagreeError(RuntimeError):
 
 def _images_on_every_rank(data_dir: Path, transform) -> ImageFolder:
     """The training images, or :class:`EmptyDatasetError` on every rank when any rank has none
-    (that rank alone failing would leave the others waiting for it until the timeout)."""
+    (that rank alone failing would leave the others waiting for it until the timeout). One image
+    is read here: a folder of unreadable files fails now, not in each loader worker."""
     try:
         dataset, problem = ImageFolder(data_dir, transform), None
+        dataset[(0, 0)]
     except EmptyDatasetError as error:
         dataset, problem = None, str(error)
     problems = all_gather_objects(problem)

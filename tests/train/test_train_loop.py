@@ -18,7 +18,7 @@ from _cpu_precision import CPUS, pretend_cpu
 
 from reddino_train.checkpoint import CheckpointError, CheckpointMismatchError
 from reddino_train.cli import main
-from reddino_train.config import load_config
+from reddino_train.config import load_config, save_config
 from reddino_train.data import EmptyDatasetError
 from reddino_train.export import export_teacher
 from reddino_train.monitor import CollapseDetector, CollapseWarning, read_log
@@ -433,6 +433,23 @@ def test_an_output_folder_that_cannot_be_made_is_refused(smear_images, tmp_path)
         fit(load_config("tiny", TINY), smear_images, tmp_path / "a file", max_steps=1)
 
 
+def test_a_fresh_run_refuses_a_folder_of_other_files_and_takes_one_of_its_own(smear_images, tmp_path):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "thesis.docx").write_bytes(b"years of work")
+    (out / "config.yaml").write_text("someone else's settings\n")
+    (out / "log.csv").write_text("date,glucose\n2026-12-01,5.1\n")
+    with pytest.raises(RunFolderError, match=r"home holds files that no training run wrote \(thesis.docx; config.yaml, "
+                                             r"which is no training config; log.csv, which is no training log\): give"):
+        fit(load_config("tiny", TINY), smear_images, out, max_steps=1)
+    assert (out / "config.yaml").read_text() == "someone else's settings\n"
+    (out / "thesis.docx").unlink()
+    save_config(load_config("tiny"), out / "config.yaml")  # a run that stopped before its first checkpoint
+    (out / "log.csv").write_text("step,loss\n1,9.5\n")
+    assert fit(load_config("tiny", TINY), smear_images, out, max_steps=1).iterations_done == 1
+    assert [row["step"] for row in read_log(out / "log.csv")] == [1]
+
+
 def test_a_file_system_without_locks_trains_with_a_warning(smear_images, tmp_path, monkeypatch):
     def no_locks(handle, operation):
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
@@ -472,6 +489,11 @@ def test_empty_data_folder_is_a_clear_error(tmp_path):
     with pytest.raises(EmptyDatasetError, match="no images under"):
         fit(load_config("tiny"), tmp_path / "data", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # a mistyped data folder leaves no output folder behind
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "data" / name).write_bytes(b"not an image")  # a download that failed, say
+    with pytest.raises(EmptyDatasetError, match="none of the 2 images under .* is readable"):  # not in a worker
+        fit(load_config("tiny", ["train.num_workers=2"]), tmp_path / "data", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_resuming_on_other_images_says_so(smear_images, tmp_path):
