@@ -35,10 +35,16 @@ class CsvLog:
         os.replace(tmp, path)
 
     def write(self, row: dict[str, float]) -> None:
-        with self.path.open("a", newline="") as handle:
-            csv.DictWriter(handle, self.columns).writerow({key: repr(value) for key, value in row.items()})
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Append ``row``; a row that cannot be written (a full disk) is warned of and lost, not
+        raised: rank 0 alone writes the log, and its error would stop the run on one rank only."""
+        try:
+            with self.path.open("a", newline="") as handle:
+                csv.DictWriter(handle, self.columns).writerow({key: repr(value) for key, value in row.items()})
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            warnings.warn(f"step {row.get('step')} is not in {self.path} ({error.strerror or error}); "
+                          "training goes on", RuntimeWarning, stacklevel=2)
 
 
 def is_training_log(path: Path) -> bool:

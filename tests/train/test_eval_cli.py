@@ -126,13 +126,15 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     assert not np.allclose(features[inside], expected[inside], atol=1e-3)
 
     # at cell scale in context mode only the annotated cells are embedded: the plugin's features
-    # wherever a window stays inside the image (outside, the padding's colour may differ a little)
-    cell_out = tmp_path / "cell.json"
+    # wherever a window stays inside the image (outside, the padding's colour may differ a little);
+    # into the same --json, the cache of the smear-scale crops is not taken for them
     args = ["eval", str(model), "--data", str(CHULA), "--crop-mode", "context", "--crop-scale", "cell"]
-    assert main([*args, "--json", str(cell_out)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--json", str(context_out), "--overwrite"]) == 0
+    assert "features from the cache: cls" not in capsys.readouterr().out
     cell_ids, by_cell = embedder.embed(image, labels, mode="context", scale="cell")
     inside = windows_inside_image(labels, ids, scale="cell")
-    features = np.load(tmp_path / "cell.cls.npz")["features"][: len(ids)]
+    features = np.load(tmp_path / "context.cls.npz")["features"][: len(ids)]
     np.testing.assert_allclose(features[inside], by_cell[np.searchsorted(cell_ids, ids)][inside], rtol=1e-4, atol=1e-5)
 
 

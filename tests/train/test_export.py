@@ -1,5 +1,7 @@
 import errno
 import json
+import os
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -114,3 +116,22 @@ def test_an_export_folder_that_cannot_be_written_is_said_in_a_sentence(smear_ima
     assert main(["export", run, "--out", str(tmp_path / "model")]) == 2
     assert capsys.readouterr().err == (f"reddino-train export: cannot write {tmp_path / 'model'} (Permission "
                                        "denied); nothing was exported\n")
+
+
+def test_an_overwrite_that_fails_at_the_last_step_keeps_the_earlier_export(smear_images, tmp_path, monkeypatch):
+    run, model = tmp_path / "run", tmp_path / "model"
+    fit(load_config("tiny", TINY), smear_images, run, max_steps=1)
+    export_teacher(run, model)
+    before = {path.name: path.read_bytes() for path in model.iterdir()}
+    replace = os.replace
+
+    def new_one_refused(source, target):  # the new export cannot take the old one's place
+        if Path(target) == model and ".old." not in str(source):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", new_one_refused)
+    with pytest.raises(PermissionError):
+        export_teacher(run, model, overwrite=True)
+    assert {path.name: path.read_bytes() for path in model.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "run"]  # nothing left aside

@@ -652,3 +652,19 @@ def test_loader_workers_give_the_same_run_as_the_main_process(smear_images, tmp_
             max_steps=2)
     in_main, in_workers = read_log(tmp_path / "w0/log.csv"), read_log(tmp_path / "w2/log.csv")
     assert [row["loss"] for row in in_main] == [row["loss"] for row in in_workers]
+
+
+def test_a_log_row_that_cannot_be_written_is_warned_of_and_training_goes_on(smear_images, tmp_path, monkeypatch):
+    fsync, rows = os.fsync, []
+
+    def disk_full_at_the_second_row(descriptor):
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith("log.csv"):
+            rows.append(descriptor)
+            if len(rows) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", disk_full_at_the_second_row)
+    with pytest.warns(RuntimeWarning, match=r"step 2 is not in .*log.csv \(No space left on device\); training goes on"):
+        result = fit(load_config("tiny", [*TINY, "train.log_every=1"]), smear_images, tmp_path, max_steps=3)
+    assert result.iterations_done == 3 and (tmp_path / "checkpoint.pt").is_file()
