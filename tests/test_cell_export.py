@@ -98,6 +98,9 @@ def test_columns_keep_one_order_whether_the_head_predicted_before_or_after_the_m
     back = pd.read_csv(export_cells_csv(tmp_path / "own_p.csv", mapped_first))
     assert list(back.columns[-len(ANALYSIS_COLUMNS) - 2:]) == [*ANALYSIS_COLUMNS, "p_normal", "model_id"]
     assert list(back.columns).index("p_value") < list(back.columns).index("umap_x")
+    unpredicted = labels_layer(smear_table.assign(p_value=0.01), "never predicted")
+    back = pd.read_csv(export_cells_csv(tmp_path / "unpredicted.csv", unpredicted))
+    assert list(back.columns[-len(ANALYSIS_COLUMNS) - 2:]) == ["p_value", *ANALYSIS_COLUMNS, "model_id"]
 
 
 def test_an_existing_file_is_replaced_only_when_asked(tmp_path, smear_table):

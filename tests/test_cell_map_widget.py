@@ -396,10 +396,14 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     # A click on the top smear's background picks nothing, not the covered cell of the smear below.
     below = cells.features.set_index("label").loc[ids, ["centroid_y", "centroid_x"]].to_numpy()
     covered = [(y, x) for y, x in below if y < aslan.data.shape[0] and x < aslan.data.shape[1]
-               and aslan.data[round(y), round(x)] == 0]
+               and aslan.data[round(y), round(x)] == 0 and cells.data[round(y), round(x)] != 0]
     before = widget.selected.copy()
     click(widget._on_smear_press, viewer, covered[0])
     np.testing.assert_array_equal(widget.selected, before)
+    images[aslan].visible = False  # the smear below shows through the top one's background: its cell is picked
+    click(widget._on_smear_press, viewer, covered[0])
+    assert pool.layer_index[widget.selected].tolist() == [0]
+    images[aslan].visible = True
     widget.select(pool.layer_index == 1)
     aslan_ids = embeddings_of(aslan)[0]
     assert np.all(overlay_alpha(widget, aslan, aslan_ids) > SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)

@@ -274,6 +274,8 @@ def test_a_csv_saved_again_by_a_spreadsheet_in_another_locale_gives_its_labels(s
 @pytest.mark.parametrize("content, says", [
     ("layer,image,manual_label,centroid_x,centroid_y\n1 cells,1,normal,10,abc\n\n1 cells,1,,x,1\n1 cells,1,a,x,1\n",
      r"cells.csv has 2 labelled rows without a centroid \(lines 2, 5\)"),  # the blank line 3 counts too
+    ("\n\nlayer,image,manual_label,centroid_x,centroid_y\n1 cells,1,normal,x,1\n",
+     r"cells.csv has 1 labelled row without a centroid \(lines 4\)"),  # blank lines before the header too
     ("layer,image,cells,whole_cells\n1 cells,1,3,2\n", "is a smear summary; import the cells CSV written beside it"),
     ("layer,image,label,centroid_x\n1 cells,1,1,10\n", "lacks the columns manual_label, centroid_y"),
     ("layer,image,label,manual_label,centroid_x,centroid_y\n1 cells,1,1,,10,10\n", "holds no manual labels"),

@@ -88,10 +88,12 @@ def clear_predictions(layer, ids) -> int:
 
 def _probability_columns(layer, features: pd.DataFrame) -> list[str]:
     """The head's ``p_<class>`` columns of a layer: of the classes its metadata names when a head
-    predicted there (a lab's own ``p_value`` is not one), else every ``p_`` column."""
+    predicted there (a lab's own ``p_value`` is not one); without that record, every ``p_``
+    column of a layer with predictions (a table a script gave them), none of one without."""
     classes = layer.metadata.get(PREDICTED_CLASSES)
-    named = [f"p_{name}" for name in classes] if classes is not None else list(features.columns)
-    return [column for column in named if column.startswith("p_") and column in features]
+    if classes is not None:
+        return [f"p_{name}" for name in classes if f"p_{name}" in features]
+    return [column for column in features.columns if column.startswith("p_")] if "predicted_class" in features else []
 
 
 def cells_table(layers: Sequence) -> pd.DataFrame:

@@ -142,26 +142,31 @@ def carry_manual_labels(source, target) -> LabelImport:
     return report
 
 
-def _spreadsheet_text(path: Path) -> tuple[io.StringIO, dict]:
-    """The text of ``path`` and how to split it, as a spreadsheet may have saved it: UTF-8 (with
-    or without the mark Excel adds), else Windows' Western encoding (Excel's plain "CSV"); and
-    where a locale that writes decimal commas saved it, ``;`` between fields and ``,`` in numbers."""
+def _spreadsheet_text(path: Path) -> tuple[io.StringIO, dict, int]:
+    """The text of ``path`` from its header on, how to split it, and how many blank lines came
+    before the header, as a spreadsheet may have saved it: UTF-8 (with or without the mark Excel
+    adds), else Windows' Western encoding (Excel's plain "CSV"); and where a locale that writes
+    decimal commas saved it, ``;`` between fields and ``,`` in numbers."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         text = raw.decode("cp1252")
-    header = text.split("\n", 1)[0]
+    lines = text.split("\n")
+    blank = next((index for index, line in enumerate(lines) if line.strip()), len(lines))
+    header = lines[blank] if blank < len(lines) else ""
     semicolons = header.count(";") > header.count(",")
-    return io.StringIO(text), {"sep": ";" if semicolons else ",", "decimal": "," if semicolons else "."}
+    dialect = {"sep": ";" if semicolons else ",", "decimal": "," if semicolons else "."}
+    return io.StringIO("\n".join(lines[blank:])), dialect, blank
 
 
 def _read_labelled_rows(path: Path) -> pd.DataFrame:
     """The rows of ``path`` with a manual label: ``layer``, ``image``, centroid (and the rest)."""
     try:
-        text, dialect = _spreadsheet_text(path)
+        text, dialect, blank = _spreadsheet_text(path)
+        # blank lines kept as rows (empty, so unlabelled): an error's line numbers stay right
         table = pd.read_csv(text, dtype={"layer": str, "image": str, "manual_label": str}, keep_default_na=False,
-                            skip_blank_lines=False, **dialect)  # blank lines kept: an error's line numbers stay right
+                            skip_blank_lines=False, **dialect)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise LabelImportError(f"{path.name} is not a readable CSV ({error}).") from error
     if "whole_cells" in table:
@@ -180,7 +185,7 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
         table[column] = pd.to_numeric(table[column], errors="coerce")
     broken = ~np.isfinite(table[["centroid_x", "centroid_y"]]).all(axis=1)
     if broken.any():
-        lines = ", ".join(str(index + 2) for index in table.index[broken][:5])
+        lines = ", ".join(str(blank + index + 2) for index in table.index[broken][:5])
         raise LabelImportError(f"{path.name} has {counted(int(broken.sum()), 'labelled row')} without a "
                                f"centroid (lines {lines}{', ...' if broken.sum() > 5 else ''}).")
     if "layer" not in table:

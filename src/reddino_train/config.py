@@ -43,6 +43,7 @@ Parallel = Literal["ddp", "fsdp"]
 
 
 CONFIG_NAME = "config.yaml"  # the resolved config, in a run's output folder
+MAY_BE_INFINITE = ("optim.clip_grad", "train.checkpoint_minutes")  # .inf: never (a saved config may say so)
 
 
 class ConfigError(ValueError):
@@ -167,14 +168,10 @@ class TrainConfig:
         if self.crops.local_number < 0:
             raise ConfigError(f"crops.local_number={self.crops.local_number} must be 0 or more")
         not_finite = [f"{key}={value}" for key, value in _leaves(config_to_dict(self)).items()
-                      if isinstance(value, float) and not math.isfinite(value)]
+                      if isinstance(value, float) and not math.isfinite(value)
+                      and not (value == math.inf and key in MAY_BE_INFINITE)]
         if not_finite:
             raise ConfigError(f"{', '.join(not_finite)}: each must be a finite number")
-        import timm  # here, not at the top: reading a config needs no torch
-
-        if not timm.is_model(self.model.arch):
-            raise ConfigError(f"model.arch={self.model.arch!r} is not a timm architecture (the recipes use "
-                              "vit_small_patch14_dinov2 and its base, large and _reg4_ kin)")
         for key, size in (("crops.global_size", self.crops.global_size),
                           ("crops.local_size", self.crops.local_size)):
             if size % self.model.patch_size:
@@ -211,6 +208,16 @@ class TrainConfig:
                 f"crops.pixel_augmentations_per_crop={crops.pixel_augmentations_per_crop} must "
                 f"lie between 0 and the {len(crops.pixel_augmentations)} pixel_augmentations"
             )
+
+
+def check_architecture(cfg: TrainConfig) -> None:
+    """:class:`ConfigError` unless timm knows ``model.arch``: checked before a run makes its
+    folder (not with the rest: importing timm takes seconds, and reading a config needs none)."""
+    import timm
+
+    if not timm.is_model(cfg.model.arch):
+        raise ConfigError(f"model.arch={cfg.model.arch!r} is not a timm architecture (the recipes use "
+                          "vit_small_patch14_dinov2 and its base, large and _reg4_ kin)")
 
 
 def shipped_configs() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -35,14 +36,20 @@ class CsvLog:
         os.replace(tmp, path)
 
     def write(self, row: dict[str, float]) -> None:
-        """Append ``row``; a row that cannot be written (a full disk) is warned of and lost, not
-        raised: rank 0 alone writes the log, and its error would stop the run on one rank only."""
+        """Append ``row``; a row that cannot be written (a full disk) is warned of and left out,
+        not raised: rank 0 alone writes the log, and its error would stop the run on one rank only.
+        What part of it reached the file is cut off again, so the next row starts a line."""
+        size = None
         try:
             with self.path.open("a", newline="") as handle:
+                size = handle.tell()
                 csv.DictWriter(handle, self.columns).writerow({key: repr(value) for key, value in row.items()})
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as error:
+            if size is not None:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, size)
             warnings.warn(f"step {row.get('step')} is not in {self.path} ({error.strerror or error}); "
                           "training goes on", RuntimeWarning, stacklevel=2)
 
@@ -51,7 +58,8 @@ def is_training_log(path: Path) -> bool:
     """Whether ``path`` is a CSV whose first column is ``step``, as every log.csv has been."""
     try:
         with Path(path).open(newline="") as handle:
-            return next(csv.reader(handle), [""])[0] == "step"
+            header = next(csv.reader(handle), None)
+        return bool(header) and header[0] == "step"
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
 

@@ -13,8 +13,9 @@ however it ends. Across nodes it guards only where the shared file system passes
 each node apart, and a second run started on another node is not stopped there.
 
 A fresh run (no checkpoint in the folder) replaces ``config.yaml`` and ``log.csv``: a folder
-that holds anything else, or a ``log.csv`` that is no training log, is refused, as
-``prepare`` and ``export`` refuse theirs.
+that holds anything else (but hidden files and a job's ``*.out``, ``*.err`` and ``*.log``), or
+a ``config.yaml`` or ``log.csv`` that is no run's, is refused, as ``prepare`` and ``export``
+refuse theirs.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ except ImportError:  # Windows: no record locks; runs there are not guarded
     fcntl = None
 
 LOCK_NAME = ".reddino-train.lock"
+JOB_LOG_SUFFIXES = (".out", ".err", ".log")  # a job script's own logs (slurm-123.out, tee'd output) may come first
 
 
 class RunFolderError(RuntimeError):
@@ -59,13 +61,16 @@ def hold_run_folder(out: str | os.PathLike) -> Iterator[None]:
     out = Path(out)
     handle, refusal = None, None
     if rank() == 0:
-        try:
-            handle, refusal = _lock(out) if fcntl is not None else (None, None)
-            refusal = refusal or _not_a_run_folder(out)
+        try:  # the folder's files first: a refused folder gets no lock file
+            refusal = _not_a_run_folder(out)
+            if refusal is None and fcntl is not None:
+                handle, refusal = _lock(out)
         except OSError as error:  # a read-only folder, --out naming a file
             refusal = (RunFolderError, f"cannot use {out} as the output folder: {error}")
     refusal = all_gather_objects(refusal)[0]  # rank 0's answer, on every rank
     if refusal is not None:
+        if handle is not None:
+            handle.close()
         kind, message = refusal
         raise kind(message)
     try:
@@ -80,8 +85,8 @@ def _not_a_run_folder(out: Path) -> tuple[type, str] | None:
     """Why a fresh run must not write into ``out`` (see the module docstring), or None."""
     if not out.is_dir() or (out / CHECKPOINT_NAME).exists():
         return None
-    foreign = sorted(path.name for path in out.iterdir()
-                     if not path.name.startswith(".") and path.name not in (CONFIG_NAME, LOG_NAME))
+    foreign = sorted(path.name for path in out.iterdir() if not path.name.startswith(".")
+                     and path.name not in (CONFIG_NAME, LOG_NAME) and not path.name.endswith(JOB_LOG_SUFFIXES))
     if (out / CONFIG_NAME).is_file() and not is_training_config(out / CONFIG_NAME):
         foreign.append(f"{CONFIG_NAME}, which is no training config")
     if (out / LOG_NAME).is_file() and not is_training_log(out / LOG_NAME):

@@ -33,6 +33,7 @@ from .checkpoint import (
 from .config import (
     CONFIG_NAME,
     TrainConfig,
+    check_architecture,
     changed_settings,
     config_from_dict,
     config_to_dict,
@@ -121,6 +122,7 @@ def fit(
     current step with a checkpoint. Under torchrun every rank calls ``fit``. A folder another
     run is writing to is refused with :class:`~reddino_train.run_lock.RunFolderBusyError`."""
     out = Path(out_dir)
+    check_architecture(cfg)
     with distributed_session() as device:
         images = _images_on_every_rank(Path(data_dir), make_multicrop(cfg.crops))  # a typo makes no --out
         with hold_run_folder(out):
@@ -433,17 +435,21 @@ class RanksDisagreeError(RuntimeError):
 
 def _images_on_every_rank(data_dir: Path, transform) -> ImageFolder:
     """The training images, or :class:`EmptyDatasetError` on every rank when any rank has none
-    (that rank alone failing would leave the others waiting for it until the timeout). One image
-    is read here: a folder of unreadable files fails now, not in each loader worker."""
+    (that rank alone failing would leave the others waiting for it until the timeout), and a
+    RuntimeError when reading the first image failed otherwise. That image is read here: a
+    folder of unreadable files fails now, not in each loader worker."""
     try:
         dataset, problem = ImageFolder(data_dir, transform), None
         dataset[(0, 0)]
-    except EmptyDatasetError as error:
-        dataset, problem = None, str(error)
+    except Exception as error:  # noqa: BLE001  (any of them, said on every rank: see above)
+        dataset, problem = None, (isinstance(error, EmptyDatasetError), str(error) or type(error).__name__)
     problems = all_gather_objects(problem)
-    failed = [f"rank {index}: {text}" if len(problems) > 1 else text for index, text in enumerate(problems) if text]
+    failed = [(index, problem) for index, problem in enumerate(problems) if problem is not None]
     if failed:
-        raise EmptyDatasetError("; ".join(failed))
+        said = "; ".join(f"rank {index}: {text}" if len(problems) > 1 else text for index, (_, text) in failed)
+        if all(empty for _, (empty, _) in failed):
+            raise EmptyDatasetError(said)
+        raise RuntimeError(f"reading the first training image failed: {said}")
     _same_on_every_rank("the training images", dataset.listing,
                         "is the data folder still being filled, or different on each node?")
     return dataset

@@ -86,6 +86,8 @@ def test_a_failed_push_to_the_hub_says_why_and_keeps_the_export(smear_images, tm
 @pytest.mark.parametrize("args, message", [
     (["fit", "tiny", "{empty}", "--out", "{out}"], "no images under"),
     (["fit", "tiny", "{empty}", "--out", "{out}", "crops.size=3"], "unknown key crops.size"),
+    (["fit", "tiny", "{empty}", "--out", "{out}", "model.arch=vit_smal_patch14_dinov2"],
+     "model.arch='vit_smal_patch14_dinov2' is not a timm architecture"),
     (["export", "{empty}", "--out", "{out}"], "no checkpoint.pt"),
 ])
 def test_cli_errors_exit_2_with_the_reason(tmp_path, capsys, args, message):
@@ -93,6 +95,7 @@ def test_cli_errors_exit_2_with_the_reason(tmp_path, capsys, args, message):
     paths = {"empty": str(tmp_path / "empty"), "out": str(tmp_path / "out")}
     assert main([arg.format(**paths) for arg in args]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("steps", ["0", "-3", "2.5"])

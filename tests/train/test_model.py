@@ -225,6 +225,20 @@ def test_under_bf16_the_teacher_s_logits_are_float32_on_a_cpu_and_the_student_s_
     torch.testing.assert_close(cls, exact_cls, rtol=0.05, atol=0.05)  # the backbone ran in bf16
 
 
+@pytest.mark.parametrize(("device", "autocast", "expected"), [
+    ("cuda", torch.bfloat16, torch.float16),  # DINOv2's: as fine as fp16, as small as bf16
+    ("cpu", torch.bfloat16, torch.float32),
+    ("cuda", torch.float16, None),  # already fp16
+    ("cuda", None, None),  # fp32 training
+])
+def test_the_teacher_s_logits_dtype_follows_the_device_and_the_autocast(monkeypatch, device, autocast, expected):
+    from reddino_train.heads import teacher_logits_dtype
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type: autocast is not None)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: autocast or torch.float32)
+    assert teacher_logits_dtype(torch.device(device)) == expected
+
+
 def bicubic_row(at: float, size: int = 16) -> float:
     """The row-index field (row r holds r) of ``size`` rows, read at ``at`` with Keys' cubic
     kernel of a = -0.75 over the 4 nearest rows, edge rows repeated beyond the grid."""

@@ -443,7 +443,12 @@ def test_a_fresh_run_refuses_a_folder_of_other_files_and_takes_one_of_its_own(sm
                                              r"which is no training config; log.csv, which is no training log\): give"):
         fit(load_config("tiny", TINY), smear_images, out, max_steps=1)
     assert (out / "config.yaml").read_text() == "someone else's settings\n"
+    assert sorted(path.name for path in out.iterdir()) == ["config.yaml", "log.csv", "thesis.docx"]  # no lock file
+    (out / "log.csv").write_text("\nstep,loss\n")  # a blank first line: no log either, and no crash
+    with pytest.raises(RunFolderError, match=r"log.csv, which is no training log"):
+        fit(load_config("tiny", TINY), smear_images, out, max_steps=1)
     (out / "thesis.docx").unlink()
+    (out / "slurm-4711.out").write_text("job 4711 on node07\n")  # a job script's own log is welcome
     save_config(load_config("tiny"), out / "config.yaml")  # a run that stopped before its first checkpoint
     (out / "log.csv").write_text("step,loss\n1,9.5\n")
     assert fit(load_config("tiny", TINY), smear_images, out, max_steps=1).iterations_done == 1

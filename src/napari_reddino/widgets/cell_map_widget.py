@@ -692,7 +692,8 @@ class CellMapWidget(MapExport, JobWidget):
         """Give the cells of the last labelling that changed labels (Assign, Clear label, a key)
         the labels they had before it."""
         if not self._label_undo:
-            self.status.value = "Nothing to undo: no labels were given or cleared on this map since it was computed."
+            self.status.value = ("Nothing to undo: no labels were given or cleared on this map since it was computed "
+                                 "(or since a class was renamed or removed, or labels were imported).")
             return
         if not self._map_is_current():
             return
@@ -726,8 +727,9 @@ class CellMapWidget(MapExport, JobWidget):
             table = cells.features
             changed = table.rename(columns=renamed_columns or {})
             for column in columns:
-                if column in changed:  # as text: a categorical column takes no new class
-                    changed[column] = changed[column].astype(object).where(class_names(changed, column) != old, new)
+                carrying = class_names(changed, column) == old
+                if carrying.any():  # as text: a categorical column takes no new class
+                    changed[column] = changed[column].astype(object).where(~carrying, new)
             if not changed.equals(table):
                 cells.features = changed
 

@@ -52,14 +52,17 @@ class SmearColours:
     def cell_at(self, world_position, *, hidden: bool = False) -> tuple[Labels, int] | None:
         """The cells layer and label id of the cell shown at ``world_position`` in the top one of
         the visible smears (of all smears with ``hidden``) that lie there, or None. The top smear's
-        background answers None: a cell of a smear under it is covered by its image."""
+        background answers None while its image is shown: that covers the smears under it."""
         layers = self._viewer.layers
         shown = [p for p, overlay in enumerate(self.layers)
                  if overlay in layers and (hidden or overlay.visible and self._pool.layers[p].visible)]
         for position in sorted(shown, key=lambda p: -layers.index(self.layers[p])):
             rank = _value_at(self.layers[position], world_position)
-            if rank == 0:  # this smear's background, over any smear below
-                return None
+            if rank == 0:  # this smear's background: over any smear below, unless its image is hidden
+                image = smear_under(self._viewer, self._pool.layers[position])
+                if image is not None and image.visible:
+                    return None
+                continue
             if rank is not None:
                 return self._pool.layers[position], int(self._pool.label_ids[self._pool.offsets[position] + rank - 1])
         return None
