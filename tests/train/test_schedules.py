@@ -48,6 +48,13 @@ def test_dinov2_default_schedules():
     assert schedules.at(temp_warmup // 2).teacher_temp == pytest.approx(0.055)
     assert schedules.at(freeze - 1).last_layer_lr == 0.0
     assert schedules.at(freeze).last_layer_lr == schedules.at(freeze).lr > 0
+    # cosine, not straight, between the ends: a quarter of the way, (1 - cos(pi / 4)) / 2 = 14.6 % of the change
+    quarter = total // 4
+    assert schedules.at(quarter).weight_decay == pytest.approx(0.04 + 0.36 * (1 - math.cos(math.pi / 4)) / 2, abs=1e-4)
+    assert schedules.at(quarter).teacher_momentum == pytest.approx(0.992 + 0.008 * (1 - math.cos(math.pi / 4)) / 2,
+                                                                   abs=1e-6)
+    halfway = warmup + (total - warmup) // 2
+    assert schedules.at(halfway).lr == pytest.approx((4e-3 + 1e-6) / 2, rel=1e-3)
 
 
 def test_reddino_schedules():
