@@ -145,7 +145,7 @@ BUTTON_TIPS = {  # the head is this panel's classifier; the tips say so where it
     "Apply saved head…": "Predict every embedded cell of the open smears with a saved head.",
     "Show in gallery": "Show the selected cells side by side under the smear.",
     "Undo label": "Give the cells of the last Assign, Clear label or key press the labels they had before "
-                  "(Ctrl+Z on the map or in this panel; as often as you like, up to 100 steps back).",
+                  f"(Ctrl+Z on the map or in this panel; up to {UNDO_STEPS} steps back).",
     "Select class": "Select every cell of the class chosen in the list (its label, else its prediction).",
 }
 

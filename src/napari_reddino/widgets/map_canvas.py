@@ -2,8 +2,9 @@
 
 It holds three layers of its own ``ViewerModel``: the "cell map" Points layer (one point per
 cell, ``features`` = its cells layer and label id), the "selected cells" Points layer that rings
-the selection, and a "lasso" Shapes layer in which a free-hand polygon selects points. A canvas of its own keeps its own camera: zooming into a cell of the
-smear does not throw the map out of view, and the map's points never overlap the smear.
+the selection, and a "lasso" Shapes layer in which a free-hand polygon selects points. A canvas
+of its own keeps its own camera: zooming into a cell of the smear does not throw the map out of
+view, and the map's points never overlap the smear.
 
 The panel that holds the map can be closed but not floated or dragged elsewhere. Either takes
 the panel out of napari's window for a moment, Qt makes a new OpenGL context for the canvas, and
