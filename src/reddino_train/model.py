@@ -128,7 +128,9 @@ class MaskableViT(nn.Module):
 POS_EMBED_OFFSET = 0.1  # DINOv2's interpolate_offset: the scale is (new + 0.1) / old
 
 
-def dinov2_resized_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], trained_grid, n_prefix: int) -> torch.Tensor:
+def dinov2_resized_pos_embed(
+    pos_embed: torch.Tensor, grid: tuple[int, int], trained_grid, n_prefix: int
+) -> torch.Tensor:
     """DINOv2's resize of a (1, n_prefix + patches, dim) position embedding to ``grid``: bicubic
     by the scale (new + 0.1) / old, without antialiasing, in float32; the prefix entries as they are."""
     prefix, patches = pos_embed[:, :n_prefix], pos_embed[:, n_prefix:]
