@@ -4,6 +4,7 @@ head, against the same steps run one by one through the Python API."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -328,15 +329,20 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
     export = analyse_cli.export_cells_csv
 
     def another_run_wrote_meanwhile(table, *args, **kwargs):  # two runs given the same --out
-        Path(table).write_text("the other run's")
+        if Path(table).name == "cells.csv":
+            Path(table).write_text("the other run's")
         return export(table, *args, **kwargs)
 
     monkeypatch.setattr(analyse_cli, "export_cells_csv", another_run_wrote_meanwhile)
     assert main([str(smears), "--out", str(fresh), "--measure-only"]) == 1
-    assert capsys.readouterr().err == (f"reddino-analyse: nothing written: {fresh / 'cells.csv'} appeared while this "
-                                       "run went on (another run writing to the same folder?); run it again with "
-                                       "--overwrite to replace it\n")
+    captured = capsys.readouterr()
+    assert captured.err == (f"reddino-analyse: {fresh / 'cells.csv'} appeared while this run went on (another run "
+                            "writing to the same folder?); this run's files get a timestamped name instead\n")
     assert (fresh / "cells.csv").read_text() == "the other run's" and not (fresh / "cells_summary.csv").exists()
+    aside = [path.name for path in sorted(fresh.iterdir()) if path.name != "cells.csv"]
+    assert len(aside) == 2 and re.fullmatch(r"cells-\d{8}-\d{6}\.csv", aside[0]), aside
+    assert aside[1] == aside[0].replace(".csv", "_summary.csv") and aside[0] in captured.out
+    assert len(read(fresh / aside[0])) == len(read(out / "cells.csv")) and len(read(fresh / aside[1])) == 2
     monkeypatch.setattr(analyse_cli, "export_cells_csv", export)
 
     other = tmp_path / "other"

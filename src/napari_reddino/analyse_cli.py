@@ -132,8 +132,7 @@ def _analyse(args: argparse.Namespace) -> int:
     _check_options(args)
     out = Path(args.out)
     table = out / "cells.csv"
-    embeddings = table.with_suffix(".npz") if args.with_embeddings else None
-    targets = [file for file in (table, summary_path(table), embeddings) if file is not None]
+    targets = _export_files(table, args.with_embeddings)
     stale = stale_beside(table, with_embeddings=args.with_embeddings, with_summary=True)
     galleries = out / GALLERIES
     if args.galleries and galleries.exists() and not galleries.is_dir():
@@ -179,16 +178,10 @@ def _analyse(args: argparse.Namespace) -> int:
     with_galleries = f"; galleries of {counted(len(pictured), 'smear')} in {galleries}" if args.galleries else ""
     classes = analysis.head.classes if analysis.head is not None else None
     try:
-        export_cells_csv(table, done, embeddings_path=embeddings, summary_path=summary_path(table), classes=classes,
-                         overwrite=args.overwrite)
+        targets = _export(table, done, classes, args)
     except PartlyWrittenError as error:
         print(f"reddino-analyse: only partly written: {error}{with_galleries}; run it again with --overwrite",
               file=sys.stderr)
-        return 1
-    except FileExistsError as error:  # written by another run meanwhile
-        written = f" (but {with_galleries[2:]})" if pictured else ""
-        print(f"reddino-analyse: nothing written{written}: {error.filename} appeared while this run went on (another "
-              "run writing to the same folder?); run it again with --overwrite to replace it", file=sys.stderr)
         return 1
     except OSError as error:
         written = f" (but {with_galleries[2:]})" if pictured else ""
@@ -216,7 +209,32 @@ def _analyse(args: argparse.Namespace) -> int:
     if skipped:
         print(f"reddino-analyse: {len(skipped)} of {counted(len(smears), 'smear')} skipped (see above)", file=sys.stderr)
         return 1
-    return 1 if kept else 0
+    return 1 if kept or targets[0] != table else 0  # a script reading DIR/cells.csv would read the other run's
+
+
+def _export_files(table: Path, with_embeddings: bool) -> list[Path]:
+    """The table, its smear summary and, when kept, its embeddings."""
+    return [table, summary_path(table), *[table.with_suffix(".npz")] * with_embeddings]
+
+
+def _export(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace) -> list[Path]:
+    """Write the export and return its files. When another run wrote one of them after this run's
+    start (two runs given the same --out), this run's files go beside them under a timestamped
+    name rather than losing hours of smears."""
+    try:
+        return _write(table, done, classes, args)
+    except FileExistsError as error:
+        print(f"reddino-analyse: {error.filename} appeared while this run went on (another run writing to the same "
+              "folder?); this run's files get a timestamped name instead", file=sys.stderr, flush=True)
+        return _write(table.with_name(f"{table.stem}-{time.strftime('%Y%m%d-%H%M%S')}{table.suffix}"), done, classes,
+                      args)
+
+
+def _write(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace) -> list[Path]:
+    files = _export_files(table, args.with_embeddings)
+    export_cells_csv(table, done, summary_path=files[1], embeddings_path=files[2] if args.with_embeddings else None,
+                     classes=classes, overwrite=args.overwrite)
+    return files
 
 
 def _check_options(args: argparse.Namespace) -> None:
