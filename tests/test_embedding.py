@@ -1,6 +1,7 @@
 """Embedding cells with a tiny real ViT loaded through load_embedder."""
 
 import gc
+import os
 import shutil
 import threading
 import warnings
@@ -10,7 +11,14 @@ from importlib.resources import files
 import numpy as np
 import pytest
 import torch
-from _model_fixtures import TINY_DIM, save_folder, tiny_folder, tiny_vit  # noqa: F401  (fixtures)
+from _model_fixtures import (  # noqa: F401  (fixtures)
+    TINY_DIM,
+    hub_cache,
+    publish_to_cache,
+    save_folder,
+    tiny_folder,
+    tiny_vit,
+)
 from skimage.io import imread
 
 from napari_reddino import segment_cells
@@ -250,6 +258,21 @@ def test_models_are_cached_per_model_device_and_dtype_and_reloaded_when_changed(
     assert third is not second
     image, labels = three_cells()
     assert not np.allclose(third.embed(image, labels)[1], second.embed(image, labels)[1])
+    older = save_folder(tiny_vit(seed=3), tmp_path / "older") / "model.safetensors"
+    before = (folder / "model.safetensors").stat()
+    os.utime(older, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))  # a checkpoint from a day earlier
+    shutil.copy2(older, folder / "model.safetensors")  # cp -p: the same size, an older time, the same inode
+    fourth = load_embedder(folder, device="cpu", dtype="float32")
+    assert fourth is not third and fourth.model_id != third.model_id
+
+
+def test_a_hub_model_is_loaded_again_when_the_cache_holds_a_newer_commit(hub_cache, tmp_path):
+    publish_to_cache(save_folder(tiny_vit(seed=3), tmp_path / "v1"), hub_cache, "lab/tiny-rbc")
+    first = load_embedder("hf_hub:lab/tiny-rbc", device="cpu", dtype="float32")
+    assert load_embedder("hf_hub:lab/tiny-rbc", device="cpu", dtype="float32") is first
+    publish_to_cache(save_folder(tiny_vit(seed=4), tmp_path / "v2"), hub_cache, "lab/tiny-rbc", revision="b" * 40)
+    second = load_embedder("hf_hub:lab/tiny-rbc", device="cpu", dtype="float32")
+    assert second is not first and second.model_id != first.model_id
 
 
 def test_bfloat16_stays_within_one_percent_of_float32(tiny_folder, real_smear):

@@ -212,6 +212,17 @@ def test_a_hub_repo_without_a_timm_config_is_refused_saying_so(hub_without_files
         load_model("hf_hub:lab/not-timm")
 
 
+@pytest.mark.parametrize("proxies", [{"HTTPS_PROXY": "http://127.0.0.1:9"},  # only for https: the endpoint is http
+                                     {"HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1"}])  # a mirror
+def test_the_hub_is_reached_as_huggingface_hub_reaches_it_past_proxies_it_does_not_use(hub_without_files, proxies,
+                                                                                         monkeypatch, connections):
+    for name, value in proxies.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(CheckpointError, match="has no config.json"):  # the stand-in answered: not "cannot connect"
+        load_model("hf_hub:lab/not-timm")
+    assert ("127.0.0.1", 9) not in connections
+
+
 def test_download_progress_reports_bytes_even_with_progress_bars_disabled():
     seen = []
     bar_class = _reporting_tqdm("model.safetensors", lambda *update: seen.append(update))

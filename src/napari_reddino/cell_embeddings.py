@@ -75,9 +75,9 @@ def image_digest(image) -> str:
 def model_key(model: str | os.PathLike) -> str:
     """What names a model's weights: its canonical id, plus when a local model last changed or
     which commit of a Hub model is cached."""
-    from .models import cached_hub_revision, canonical_id, local_version  # torch and timm, imported on first use
+    from .models import canonical_id, model_version  # torch and timm, imported on first use
 
-    version = local_version(model) or cached_hub_revision(model)
+    version = model_version(model)
     return canonical_id(model) + (f"@{version}" if version else "")
 
 

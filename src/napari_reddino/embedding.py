@@ -53,7 +53,7 @@ from .models import (
     LoadedModel,
     canonical_id,
     load_model,
-    local_version,
+    model_version,
 )
 from .precision_speed import auto_dtype
 from .image_input import is_positive
@@ -400,7 +400,22 @@ def _free_memory(device: torch.device) -> int | None:
     """Free bytes on ``device``, or None where that cannot be asked."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu" and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+    if device.type == "cpu":
+        return _available_ram()
+    return None
+
+
+def _available_ram() -> int | None:
+    """Memory that can be had without swapping: Linux's MemAvailable, which counts the page cache
+    a workstation fills (MemFree does not), or the free pages elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return None
 
@@ -435,14 +450,15 @@ def load_embedder(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    key = (canonical_id(model, architecture), local_version(model), str(torch_device), torch_dtype, bool(compile))
+    key = (canonical_id(model, architecture), model_version(model), str(torch_device), torch_dtype, bool(compile))
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
-            for stale in [k for k in _EMBEDDERS if k[0] == key[0] and k[1] != key[1] and k[2:4] == key[2:4]]:
-                del _EMBEDDERS[stale]  # an older version of the same files: free its memory
             twin = _EMBEDDERS.get((*key[:4], not key[4]))  # the same weights, (un)compiled: share them
             loaded = (LoadedModel(twin.model_id, twin.model, twin.input_size, twin.mean, twin.std) if twin else
                       load_model(model, architecture=architecture, download_progress=download_progress))
+            key = (key[0], model_version(model), *key[2:])  # a Hub model downloaded just now is cached now
+            for stale in [k for k in _EMBEDDERS if k[0] == key[0] and k[1] != key[1] and k[2:4] == key[2:4]]:
+                del _EMBEDDERS[stale]  # an older version of the same files (or Hub commit): free its memory
             _EMBEDDERS[key] = Embedder(loaded, device=torch_device, dtype=torch_dtype, compile=bool(compile))
         return _EMBEDDERS[key]
 

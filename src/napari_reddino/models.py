@@ -16,6 +16,7 @@ strictly, so a wrong or damaged file fails with the file's name and what did not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -137,17 +138,25 @@ def local_version(model: str | os.PathLike) -> str | None:
     """A stamp that changes when a local model's files change; None for Hub models and missing paths.
 
     It reads every file of a model folder: a file rewritten in place (as ``save_for_hf`` and
-    safetensors' ``save_file`` do) leaves the folder's own modification time as it was.
+    safetensors' ``save_file`` do) leaves the folder's own modification time as it was, and one
+    copied in with its times kept (``cp -p``, ``rsync -t``, ``unzip``) keeps the size and
+    modification time of a twin checkpoint, but not its inode change time.
     """
     if hub_id(model):
         return None
     path = local_path(model)
     if not path.exists():
         return None
-    files = [path] if path.is_file() else [file for file in path.iterdir() if file.is_file()]
-    stats = [file.stat() for file in files]
-    newest = max([path.stat().st_mtime_ns, *(stat.st_mtime_ns for stat in stats)])
-    return f"{newest}:{sum(stat.st_size for stat in stats)}"
+    files = [path] if path.is_file() else sorted(file for file in path.iterdir() if file.is_file())
+    stats = [(file.name, file.stat()) for file in files]
+    parts = [(name, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) for name, stat in stats]
+    return hashlib.blake2b(repr((path.stat().st_mtime_ns, parts)).encode(), digest_size=8).hexdigest()
+
+
+def model_version(model: str | os.PathLike) -> str | None:
+    """When a local model last changed on disk, or which commit of a Hub model is cached: None
+    for a Hub model not cached yet."""
+    return local_version(model) or cached_hub_revision(model)
 
 
 def cached_hub_revision(model: str | os.PathLike) -> str | None:
@@ -451,8 +460,11 @@ def _cached(repo_id: str, filename: str, revision: str | None, settings: HubSett
 
 
 def _hub_unreachable_reason(endpoint: str) -> str | None:
-    """None if the Hub (or the configured HTTPS proxy) accepts a connection within a second."""
-    target = urllib.request.getproxies().get("https") or endpoint
+    """None if the Hub (or the proxy that the environment sets for it) accepts a connection within a second."""
+    proxies = urllib.request.getproxies()
+    hub = urllib.parse.urlsplit(endpoint)
+    bypassed = urllib.request.proxy_bypass(hub.hostname or "")  # NO_PROXY: an in-house mirror, say
+    target = endpoint if bypassed else proxies.get(hub.scheme) or proxies.get("all") or endpoint
     url = urllib.parse.urlsplit(target if "://" in target else f"http://{target}")
     host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
     outcome: list[BaseException | None] = []
