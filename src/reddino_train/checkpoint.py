@@ -6,7 +6,7 @@ from __future__ import annotations
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ def architecture(cfg: TrainConfig) -> dict[str, Any]:
         "embed_dim": cfg.model.embed_dim,
         "num_heads": cfg.model.num_heads,
         "global_size": cfg.crops.global_size,
+        "layerscale": bool(cfg.model.layerscale),  # timm makes no LayerScale weights for 0
         "heads": config_to_dict(cfg.heads),
     })
 
@@ -56,7 +57,35 @@ def save_checkpoint(path: Path, state: dict[str, Any], *, config: tuple[Path, Tr
     """Write ``state`` next to ``path`` and rename it into place, so a crash mid-write leaves
     the previous checkpoint intact; ``config`` (path, settings) is renamed into place with it."""
     texts = {} if config is None else {config[0]: config_text(config[1])}
-    write_atomic_with(path, lambda handle: torch.save(state, handle), texts=texts)
+
+    def write(handle: IO[bytes]) -> None:
+        file = _RemembersWriteErrors(handle)
+        try:
+            torch.save(state, file)
+        except RuntimeError as error:  # torch's writer reports a full disk as "unexpected pos"
+            if file.error is None:
+                raise
+            raise file.error from error
+
+    write_atomic_with(path, write, texts=texts)
+
+
+class _RemembersWriteErrors:
+    """A binary file whose writes keep the OSError they raise (ENOSPC, EFBIG), which
+    ``torch.save`` would otherwise turn into a RuntimeError that no longer says why."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -79,6 +108,8 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Read a checkpoint and check it was made for the architecture of ``cfg``."""
     state = read_checkpoint(path)
     saved, wanted = _weighed(state["architecture"]), architecture(cfg)
+    # recorded since LayerScale could be left out; an earlier checkpoint's weights say whether it had one
+    saved.setdefault("layerscale", any(name.endswith(".ls1.gamma") for name in state["student"]))
     if saved != wanted:
         differences = ", ".join(
             f"{key}: checkpoint {saved.get(key)!r} vs config {wanted[key]!r}"

@@ -51,6 +51,7 @@ def _warning_line(python_show, message, category, filename, lineno, file=None, l
 def _fit_command(args: argparse.Namespace) -> int:
     from napari_reddino.wording import counted
 
+    from .distributed import LaunchError
     from .model import PretrainedWeightsError
     from .run_lock import RunFolderError
     from .train import (  # torch and timm load only when training
@@ -69,7 +70,7 @@ def _fit_command(args: argparse.Namespace) -> int:
         print(f"reddino-train fit: {rank}{error}", file=sys.stderr)
         return 2
     except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError,
-            RunFolderError) as error:
+            RunFolderError, LaunchError) as error:
         _say(f"reddino-train fit: {error}", file=sys.stderr)  # raised alike on every rank: said once
         return 2
     if result.stopped_by_signal:  # not finished: a script or scheduler must see that

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,7 +32,7 @@ def distributed_session() -> Iterator[torch.device]:
     to it (gloo otherwise aborts at exit now and then).
     """
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", local_gpu(os.environ, torch.cuda.device_count())) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if "RANK" not in os.environ or is_distributed():
@@ -44,6 +44,28 @@ def distributed_session() -> Iterator[torch.device]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+class LaunchError(RuntimeError):
+    """The launcher's environment does not say which GPU this process is to use."""
+
+
+def local_gpu(environ: Mapping[str, str], gpu_count: int) -> int:
+    """The index of this process's GPU: ``LOCAL_RANK`` among the GPUs it sees, or the only one
+    it sees (a scheduler that shows each task its own GPU, ``srun --gpus-per-task=1``)."""
+    local = environ.get("LOCAL_RANK")
+    if gpu_count <= 1:
+        return 0
+    if local is None:
+        if int(environ.get("WORLD_SIZE", "1")) > 1:
+            raise LaunchError(f"RANK is set but LOCAL_RANK is not, so every process of a node would take its first "
+                              f"of {gpu_count} GPUs: launch with torchrun, or set LOCAL_RANK (under SLURM, "
+                              "LOCAL_RANK=$SLURM_LOCALID)")
+        return 0
+    if not 0 <= int(local) < gpu_count:
+        raise LaunchError(f"LOCAL_RANK is {local} but this process sees {gpu_count} GPUs (0-{gpu_count - 1}): "
+                          "start as many processes per node as it has GPUs (torchrun --nproc-per-node)")
+    return int(local)
 
 
 def all_gather_objects(item: Any) -> list[Any]:

@@ -142,8 +142,8 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         self.dataset = data if isinstance(data, ImageFolder) else _images_on_every_rank(
             data, make_multicrop(cfg.crops))
-        resuming = _same_on_every_rank(f"whether {out / CHECKPOINT_NAME} exists", (out / CHECKPOINT_NAME).exists(),
-                                       "--out must be a folder that every node shares")
+        # rank 0's answer: another node's NFS client may not see a checkpoint just written yet
+        resuming = all_gather_objects((out / CHECKPOINT_NAME).exists() if self.rank == 0 else None)[0]
         state = _checkpoint_from_rank0(out / CHECKPOINT_NAME, cfg) if resuming else None
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.student = build_student(cfg, with_weights=state is None).to(device)  # a resume has its own
@@ -272,6 +272,8 @@ class Trainer:
             # fp16 overflowed at this loss scale: every rank skips the step and halves it alike
             # (each rank's scaler saw only its own shard of the gradients)
             self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            if (growth := getattr(self.scaler, "_growth_tracker", None)) is not None:
+                growth.zero_()  # as torch's own back-off does: the scale grows again only after growth_interval steps
         else:
             raise TrainingDivergedError(self.iteration + 1, "the gradient norm", gradient_norm.item(),
                                         self.checkpoint_step)
@@ -377,7 +379,8 @@ class Trainer:
         if self.rank == 0:
             tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
             if sampler["world_size"] != self.world_size:
-                warnings.warn(self._other_world_size(sampler["world_size"]), ResumeSettingsWarning, stacklevel=2)
+                warnings.warn(self._other_world_size(sampler["world_size"], own.train.batch_size_per_gpu),
+                              ResumeSettingsWarning, stacklevel=2)
             images = self.dataset.listing
             if state.get("images", images) != images:  # checkpoints before it was recorded: not checked
                 warnings.warn(
@@ -396,10 +399,9 @@ class Trainer:
                     ResumeSettingsWarning, stacklevel=2,
                 )
 
-    def _other_world_size(self, saved: int) -> str:
+    def _other_world_size(self, saved: int, saved_batch: int) -> str:
         """What resuming on another number of processes changes (DINOv2's rules, which assume one)."""
-        batch = self.cfg.train.batch_size_per_gpu
-        was, now = batch * saved, batch * self.world_size
+        was, now = saved_batch * saved, self.cfg.train.batch_size_per_gpu * self.world_size
         processes = "process" if self.world_size == 1 else "processes"
         return (f"resuming {self.out} on {self.world_size} {processes} where it ran on {saved}: the global batch "
                 f"goes from {was:,} to {now:,} images, the peak learning rate with its square root "

@@ -1,4 +1,5 @@
 import errno
+import io
 import math
 import os
 import re
@@ -233,6 +234,10 @@ def test_resuming_on_another_number_of_processes_says_what_that_changes(smear_im
         f"learning rate with its square root ({was:.3g} -> {now:.3g}), and each of the {total - 1:,} steps left "
         "sees 0.5 times as many images")
     assert resumed.samples_consumed == 4  # the same place in the global stream of images
+    halved = load_config("tiny", [*TINY, "train.batch_size_per_gpu=8"])  # 2 x 4 images become 1 x 8
+    with pytest.warns(ResumeSettingsWarning) as warned:
+        Trainer(halved, smear_images, tmp_path, torch.device("cpu"))
+    assert "the global batch goes from 8 to 8 images" in "\n".join(str(warning.message) for warning in warned)
 
 
 def test_a_resumed_run_takes_the_adamw_betas_of_its_config_in_every_group(smear_images, tmp_path):
@@ -283,11 +288,13 @@ def test_fp16_skips_a_step_that_overflows_but_stops_where_no_loss_scale_helps(sm
     trainer = Trainer(cfg, smear_images, tmp_path, torch.device("cpu"))
     before = [param.detach().clone() for param in trainer.student.parameters()]
     trainer.student.backbone.vit.cls_token.register_hook(lambda grad: torch.full_like(grad, math.inf))
-    trainer.scaler.load_state_dict({**trainer.scaler.state_dict(), "scale": MIN_LOSS_SCALE * 2})  # backed off already
+    # backed off already, and 1,999 steps into the 2,000 after which the scale would double
+    trainer.scaler.load_state_dict({**trainer.scaler.state_dict(), "scale": MIN_LOSS_SCALE * 2, "_growth_tracker": 1999})
     with pytest.raises(TrainingDivergedError, match=r"diverged at step 3: the gradient norm is inf\..*checkpoint of "
                                                     r"step 1\.$"):
         trainer.train(max_steps=5, stop=threading.Event())  # step 2 is skipped at half the scale; step 3 stops
     assert trainer.scaler.get_scale() == MIN_LOSS_SCALE
+    assert trainer.scaler.state_dict()["_growth_tracker"] == 0  # the skipped step started the count again
     assert all(torch.equal(param, old) for param, old in zip(trainer.student.parameters(), before))
 
 
@@ -297,6 +304,14 @@ def test_checkpoint_of_another_architecture_is_refused_and_kept(smear_images, tm
     with pytest.raises(CheckpointMismatchError, match=r"another architecture \(depth: checkpoint 2 vs config 1\)"):
         fit(load_config("tiny", [*TINY, "model.depth=1"]), smear_images, tmp_path, max_steps=2)
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+    with pytest.raises(CheckpointMismatchError, match=r"\(layerscale: checkpoint True vs config False\)"):
+        fit(load_config("tiny", [*TINY, "model.layerscale=0"]), smear_images, tmp_path, max_steps=2)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["architecture"]["layerscale"]  # saved before LayerScale's presence was recorded: its weights say
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"\(layerscale: checkpoint True vs config False\)"):
+        fit(load_config("tiny", [*TINY, "model.layerscale=0"]), smear_images, tmp_path, max_steps=2)
+    assert fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=2).iterations_done == 2
     # The iBOT head's settings count only where it is separate: else it has no weights.
     unused = "heads.ibot.n_prototypes=32"
     with pytest.warns(ResumeSettingsWarning, match="heads.ibot.n_prototypes: 64 -> 32"):
@@ -345,8 +360,15 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_saying_which_is_kept(
     main(["fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "--max-steps", "1"])
     saved = (tmp_path / "checkpoint.pt").read_bytes()
 
-    def full_disk(path, write, texts=None):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_disk(path, write, texts=None):  # torch.save's own writer meets the error, as on a real disk
+        write(io.BufferedWriter(FullDisk()))
 
     monkeypatch.setattr("reddino_train.checkpoint.write_atomic_with", full_disk)
     capsys.readouterr()

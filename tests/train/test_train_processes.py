@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reddino_train.distributed import LaunchError, local_gpu
 from reddino_train.monitor import read_log
 
 SCRIPT = Path(__file__).with_name("fit_and_checksum.py")
@@ -161,3 +162,14 @@ def test_the_cli_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(smear_images
            f"{tmp_path}/config.yaml {smear_images} --out {tmp_path} --max-steps 5000, with the run's own settings" \
            in errors
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] >= 1
+
+
+def test_each_process_takes_its_own_gpu_or_says_why_it_cannot():
+    assert local_gpu({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}, gpu_count=4) == 1
+    assert local_gpu({"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8"}, gpu_count=1) == 0  # srun --gpus-per-task=1
+    assert local_gpu({}, gpu_count=4) == 0  # one process, no launcher
+    with pytest.raises(LaunchError, match=r"LOCAL_RANK is not, so every process of a node would take its first of 4"):
+        local_gpu({"RANK": "3", "WORLD_SIZE": "8"}, gpu_count=4)
+    with pytest.raises(LaunchError, match=r"LOCAL_RANK is 4 but this process sees 4 GPUs \(0-3\)"):
+        local_gpu({"RANK": "4", "LOCAL_RANK": "4", "WORLD_SIZE": "8"}, gpu_count=4)
+
