@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
+from skimage.measure import label as measure_label
 from skimage.segmentation import watershed
 
 from .cell_lookup import cell_centres
@@ -705,6 +706,23 @@ def _seeds(distance: np.ndarray, radius: float) -> np.ndarray:
 
 def _drop_small(labels: np.ndarray, min_area: float) -> np.ndarray:
     return keep_segments(labels, np.bincount(labels.ravel()) >= min_area)
+
+
+def largest_pieces(labels: np.ndarray) -> np.ndarray:
+    """Each cell as its largest 4-connected piece: specks cut off by an outline's trim, or left
+    beyond a target cell's rim, would count in its area and stretch its perimeter."""
+    pieces = measure_label(labels, connectivity=1)  # each cell's pixels apart from its neighbours'
+    if pieces.max() == np.count_nonzero(np.bincount(labels.ravel())[1:]):  # one piece a cell: nothing to drop
+        return labels
+    sizes = np.bincount(pieces.ravel())
+    owner = np.zeros(sizes.size, labels.dtype)
+    owner[pieces.ravel()] = labels.ravel()
+    largest = np.zeros(int(labels.max()) + 1, np.intp)
+    by_size = np.argsort(sizes[1:], kind="stable") + 1
+    largest[owner[by_size]] = by_size  # the last, largest piece of each cell wins
+    keep = np.zeros(sizes.size, bool)
+    keep[largest[largest > 0]] = True
+    return np.where(keep[pieces], labels, 0).astype(labels.dtype)
 
 
 def keep_segments(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:

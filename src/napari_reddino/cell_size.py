@@ -34,7 +34,8 @@ def sized_foreground(foreground: np.ndarray) -> tuple[float, bool]:
     :data:`SMALL_MAXIMA_RATIO` times those above it), so the cells are under about
     :data:`MIN_DIAMETER_PX` across here, and only gaps blurred shut between them were sized."""
     radii, small = _maxima(foreground)
-    too_small = small > SMALL_MAXIMA_RATIO * radii.size
+    # in a crop of a cell or two, the corners of neighbours the border cuts are small maxima too
+    too_small = small > SMALL_MAXIMA_RATIO * max(radii.size, FEW_CELLS)
     if radii.size == 0:
         return DEFAULT_DIAMETER_PX, too_small
     weight = np.cumsum(radii**2)

@@ -16,6 +16,7 @@ from math import ceil
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.segmentation import expand_labels
 
 from .cell_lookup import cell_centres
 from .cell_separation import (
@@ -26,6 +27,8 @@ from .cell_separation import (
     fill_enclosed_gaps,
     flatten_background,
     foreground_thresholds,
+    keep_segments,
+    largest_pieces,
     separate_cells,
     shows_cells,
     smooth_density,
@@ -43,6 +46,7 @@ FULL_RESOLUTION_SIGMA = 0.5  # px: smoothing of the density where cells are size
 CALIBRATION_SIZE = 1024  # px side of the central window used to calibrate large smears
 TILE_CORE = 1536  # px side of a tile's core at working scale, at most
 TILE_MARGIN_DIAMETERS = 1.5
+SEEN_TWICE = 4  # a cell losing more than 1/4 of itself to another tile's cell was that cell again
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ def iter_segment_cells(
                 yield done, len(tiles)
         finally:  # closed early (cancelled): drop queued tiles, do not wait for them
             pool.shutdown(wait=False, cancel_futures=True)
-    return labels
+    present = np.bincount(labels.ravel(), minlength=next_id) > 0
+    return labels if present[1:].all() else keep_segments(labels, present)  # ids 1..n again
 
 
 def pixel_size_refusal(pixel_size_um) -> str | None:
@@ -152,10 +157,8 @@ def _calibrate(
         raise ValueError(f"A cell diameter of {cell_diameter:g} px is too small to segment or embed (at least "
                          f"{MIN_CELL_PX:g} px): the diameter is in pixels, not micrometres (a red cell is about "
                          f"{RBC_DIAMETER_UM:g} µm across).")
-    if pixel_size_um is not None and not is_positive(pixel_size_um):
-        raise ValueError(f"pixel_size_um must be a positive number of micrometres; got {pixel_size_um!r}.")
-    if pixel_size_um is not None and pixel_size_um > MAX_PIXEL_SIZE_UM:
-        raise ValueError(too_coarse(pixel_size_um))
+    if pixel_size_um is not None and (refusal := pixel_size_refusal(pixel_size_um)):
+        raise ValueError(refusal)
     from_pixel_size = cell_diameter is None and pixel_size_um is not None  # a typed diameter wins
     if from_pixel_size:
         cell_diameter = RBC_DIAMETER_UM / pixel_size_um
@@ -234,7 +237,10 @@ def _rescale(plane: np.ndarray, scale: float) -> np.ndarray:
     if scale >= 1.0:
         return plane
     shape = (max(1, round(plane.shape[0] * scale)), max(1, round(plane.shape[1] * scale)))
-    box = ndi.uniform_filter(plane, size=max(1, round(1 / scale)))
+    size = max(1, round(1 / scale))
+    box = ndi.uniform_filter(plane, size=size)
+    if size % 2 == 0:  # an even box reaches one pixel further up and left: with its mirror it is centred
+        box = 0.5 * (box + ndi.uniform_filter(plane, size=size, origin=-1))
     return resize_linear(box, shape)
 
 
@@ -246,7 +252,13 @@ class Tile:
     window: tuple[slice, slice]
 
     def paste(self, tile_labels: np.ndarray, labels: np.ndarray, next_id: int) -> int:
-        """Write the cells centred in the core into ``labels``; return the next free id."""
+        """Write the cells centred in the core into ``labels``; return the next free id.
+
+        Two tiles can outline a cell on their seam a little apart, each centring it in its own
+        core: the later outline replaces the earlier, whose rest goes too, not left as a speck
+        of a cell (an earlier cell losing more than 1/4 of itself here was that cell again).
+        The ids of cells so removed are left unused: :func:`iter_segment_cells` renumbers.
+        """
         n = int(tile_labels.max())
         if n == 0:
             return next_id
@@ -261,7 +273,12 @@ class Tile:
         relabel[1:][keep] = np.arange(next_id, next_id + int(keep.sum()), dtype=np.int32)
         region = labels[self.window]
         new = relabel[tile_labels]
-        region[new > 0] = new[new > 0]
+        ours = new > 0
+        earlier = region.copy()
+        lost = np.bincount(earlier[ours], minlength=next_id) * SEEN_TWICE > np.bincount(earlier.ravel(), minlength=next_id)
+        lost[0] = False
+        region[ours] = new[ours]
+        region[lost[earlier] & ~ours] = 0
         return next_id + int(keep.sum())
 
 
@@ -297,15 +314,17 @@ def _upsample_labels(
 ) -> np.ndarray:
     """Labels back at input scale with smooth outlines, not working-scale staircases.
 
-    Ids come from the nearest working-scale pixel; along the outline facing the slide, the
-    interpolated density decides (same threshold), so areas and perimeters are measured on the
-    cell, not on blocks of up to 1/scale pixels. Filled pale centres are left as they are.
+    Ids come from the nearest working-scale pixel; within 1/scale pixels of the slide, the
+    interpolated density decides (same threshold) both ways, trimming the blocks' corners and
+    filling their notches, so areas, perimeters and circularity are measured on the cell, and
+    the same at any magnification. Filled pale centres are left as they are.
     """
     labels = resize_nearest(labels, shape)
     fine = resize_linear(smoothed, shape) > calibration.thresholds.cell
     reach = ceil(1 / calibration.scale)
     near_slide = ndi.binary_dilation(labels == 0, iterations=reach)
-    labels[near_slide & ~fine] = 0
+    grown = expand_labels(labels, reach)
+    labels[near_slide] = np.where(fine[near_slide], grown[near_slide], 0)
     return fill_enclosed_gaps(labels, (2 * reach) ** 2)  # pinholes trimmed inside an outline
 
 
@@ -313,6 +332,7 @@ def _separate_at_input_scale(smoothed: np.ndarray, window: np.ndarray, calibrati
     labels = separate_cells(smoothed, calibration.thresholds, calibration.working_diameter)
     if calibration.scale < 1.0:
         labels = _upsample_labels(labels, smoothed, window.shape[:2], calibration)
+    labels = largest_pieces(labels)
     if window.ndim == 3:
         # Colour per cell needs thousands of pixels, not all: every other row and column.
         red, green, _ = calibration.stain.optical_densities(window[::2, ::2])
