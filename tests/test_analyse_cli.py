@@ -403,6 +403,19 @@ def test_a_cmyk_jpeg_is_read_as_the_rgb_smear_it_shows(tmp_path):
     assert abs(int(segment_cells(pixels).max()) - int(segment_cells(smear).max())) <= 5
 
 
+def test_a_gray_smear_stored_with_alpha_or_one_channel_is_read_as_its_gray_plane(tmp_path):
+    import tifffile
+    from PIL import Image
+
+    gray = imread(CHULA / "1.jpg")[..., 1]
+    Image.fromarray(gray).convert("LA").save(tmp_path / "la.png")
+    tifffile.imwrite(tmp_path / "one.tif", gray[..., None])
+    for name in ("la.png", "one.tif"):
+        pixels = read_smear(tmp_path / name)
+        np.testing.assert_array_equal(pixels, gray)
+        assert segment_cells(pixels).max() > 100
+
+
 def test_smears_are_listed_and_named_as_napari_names_their_layers(tmp_path):
     for relative in ("a/1.jpg", "b/1.JPG", "b/2.tif", "b/notes.txt", "b/._2.tif", "c/x/3.png", "d/x/3.png", "d/x/3.jpg"):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)

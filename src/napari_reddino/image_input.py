@@ -94,7 +94,8 @@ def check_smear(image) -> np.ndarray:
 def read_smear(path: str | os.PathLike) -> np.ndarray:
     """The pixels of the image file ``path``; a file that is no image says so in a sentence
     (imageio's own message suggests installing video plugins). A CMYK JPEG (from a print
-    workflow) comes as RGB: read as it is stored, its ink planes would pass for RGB and alpha."""
+    workflow) comes as RGB: read as it is stored, its ink planes would pass for RGB and alpha.
+    A gray file stored with one channel, or with alpha, comes as one gray plane."""
     from PIL import Image  # on first read: the widgets, which import this module, read no files
     from skimage.io import imread
 
@@ -111,6 +112,8 @@ def read_smear(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as stored:
             if stored.mode == "CMYK":
                 return np.asarray(stored.convert("RGB"))
+    if image.ndim == 3 and image.shape[-1] in (1, 2):  # gray, or gray and alpha (a PNG's "LA")
+        return image[..., 0]
     return image
 
 
