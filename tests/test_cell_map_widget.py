@@ -579,6 +579,23 @@ def test_a_closed_map_panel_takes_its_colours_and_keys_and_a_new_one_finds_the_c
     assert sorted(c for c in cells.features if c.startswith("p_")) == ["p_crenated", "p_normal"]
 
 
+def test_a_reopened_map_panel_keeps_the_names_order_keys_colours_and_ids_of_its_classes(viewer):
+    # It started from the default list: key 1 labelled with a class the lab had renamed away.
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    widget.class_list.table.item(0, NAME).setText("discocyte")  # as typed over "normal"
+    widget.class_list.table.selectRow(3)
+    widget.class_list.move_current(-1)  # spherocyte up, to key 3
+    widget.class_list.set_colour("discocyte", "#123456")
+    widget.class_list.remove("other")
+    ids = widget.class_list.ids
+    viewer.window.remove_dock_widget(dock)
+    _, reopened = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    assert reopened.class_list.classes[:4] == ["discocyte", "macrocyte", "spherocyte", "microcyte"]
+    assert reopened.class_list.class_for_key("1") == "discocyte" and "other" not in reopened.class_list.classes
+    assert reopened.class_list.hex_colours["discocyte"] == "#123456"
+    assert reopened.class_list.ids == ids  # a head saved before still names its classes as they are now
+
+
 def test_the_map_panel_can_be_closed_but_not_floated_or_dragged_out(viewer, qtbot, tiny_folder):  # noqa: F811
     embed(viewer, qtbot, tiny_folder[1], CHULA_1)
     dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")

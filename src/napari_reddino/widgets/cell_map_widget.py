@@ -63,7 +63,7 @@ from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
 from ..wording import counted
 from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading
-from .class_list import ClassList
+from .class_list import DEFAULT_CLASSES, ClassList, remember_classes, remembered_classes
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
 from .map_export import MapExport, not_written
@@ -190,7 +190,7 @@ class CellMapWidget(MapExport, JobWidget):
         self.canvas = MapCanvas()
         self.canvas.lassoed.connect(self._on_lasso)
         self.canvas.point_clicked.connect(self._on_point_clicked)
-        self.class_list = ClassList()
+        self.class_list = ClassList(*(remembered_classes(napari_viewer) or (DEFAULT_CLASSES,)))
         self.smear_table = SmearTable()
         self.gallery = CellGallery()
         self.gallery.cell_clicked.connect(self._on_gallery_click)
@@ -202,6 +202,7 @@ class CellMapWidget(MapExport, JobWidget):
         self._smear_table_timer = QTimer(self, singleShot=True, interval=SMEAR_TABLE_DELAY_MS)
         self._smear_table_timer.timeout.connect(self._show_smear_table)
         self.class_list.changed.connect(self.recolour)
+        self.class_list.changed.connect(lambda: remember_classes(self._viewer, self.class_list))
         self.class_list.renamed.connect(self._rename_class)
         self.class_list.remove_requested.connect(self._remove_class)
         self.class_list.refused.connect(self._say)

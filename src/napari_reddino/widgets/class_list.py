@@ -6,6 +6,8 @@ even a swap of two names, it predicts each class under the name it has now.
 """
 
 import uuid
+import weakref
+from collections.abc import Mapping
 
 import numpy as np
 from napari.utils.colormaps.standardize_color import transform_color
@@ -46,6 +48,23 @@ KEY, NAME, LABELLED, PREDICTED = range(4)
 KEY_TIP = "Double-click to change the colour"
 
 
+# The last list of each viewer's Cell map: a panel closed and opened again keeps its classes' names,
+# order (so their keys), colours and ids. By id: viewers compare equal by value.
+_REMEMBERED: dict[int, tuple[weakref.ref, dict[str, str], dict[str, str]]] = {}
+
+
+def remember_classes(viewer, class_list: "ClassList") -> None:
+    viewer = getattr(viewer, "__wrapped__", viewer)  # napari hands plugins a proxy, new objects on every access
+    _REMEMBERED[id(viewer)] = (weakref.ref(viewer), class_list.hex_colours, class_list.ids)
+
+
+def remembered_classes(viewer) -> tuple[dict[str, str], dict[str, str]] | None:
+    """The colours and ids of the classes ``viewer``'s last Cell map listed, in its order; None if none did."""
+    viewer = getattr(viewer, "__wrapped__", viewer)
+    viewer_of, colours, ids = _REMEMBERED.get(id(viewer), (lambda: None, {}, {}))
+    return (colours, ids) if viewer_of() is viewer else None
+
+
 def key_of(row: int) -> str:
     """Keys 1-9 then 0 assign the first ten classes."""
     return str((row + 1) % 10) if row < 10 else ""
@@ -57,7 +76,9 @@ class ClassList(QWidget):
     refused = Signal(str)  # why an edit was undone, for the owner's status line
     remove_requested = Signal(str)  # Remove was clicked on this class; the owner decides (remove())
 
-    def __init__(self, classes: dict[str, str] = DEFAULT_CLASSES, parent: QWidget | None = None):
+    def __init__(self, classes: Mapping[str, str] = DEFAULT_CLASSES, ids: Mapping[str, str] | None = None,
+                 parent: QWidget | None = None):
+        """``classes``: name and colour of each class, in order; ``ids``: their ids, where known."""
         super().__init__(parent)
         self.table = QTableWidget(0, 4)
         self.table.setHorizontalHeaderLabels(["Key", "Class", "Labelled", "Predicted"])
@@ -75,7 +96,7 @@ class ClassList(QWidget):
         self.table.cellDoubleClicked.connect(self._on_double_click)
         self.table.itemChanged.connect(self._on_item_changed)
         for name, colour in classes.items():
-            self.add_class(name, colour)
+            self.add_class(name, colour, (ids or {}).get(name))
         self.table.selectRow(0)
 
         add, remove = QPushButton("Add class"), QPushButton("Remove class")
@@ -110,6 +131,11 @@ class ClassList(QWidget):
     def colours(self) -> dict[str, np.ndarray]:
         """RGBA (float32) of every class, by name."""
         return {name: transform_color(colour)[0] for name, colour in self.hex_colours.items()}
+
+    @property
+    def ids(self) -> dict[str, str]:
+        """Every class's id, by name."""
+        return {name: self.id_of(name) for name in self.classes}
 
     @property
     def current_class(self) -> str | None:
