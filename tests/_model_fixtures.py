@@ -8,11 +8,16 @@ them through its ordinary path with ``HF_HUB_OFFLINE=1``.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import shutil
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import safetensors.torch
 import timm
@@ -111,3 +116,46 @@ def reddino_small_files(tmp_path_factory) -> Path:
 def tiny_folder(tmp_path) -> tuple[torch.nn.Module, Path]:
     model = tiny_vit()
     return model, save_folder(model, tmp_path / "tiny_model")
+
+
+@pytest.fixture
+def serving_hub(hub_cache, monkeypatch) -> Iterator[Callable[[str, Path], None]]:
+    """A local stand-in for the Hugging Face Hub, online, with an empty cache: the loading code
+    downloads from it as from the Hub. ``serving_hub(repo_id, folder)`` publishes a folder's
+    files; a file it does not hold is answered as the Hub answers one (404, EntryNotFound)."""
+    repos: dict[str, dict[str, bytes]] = {}
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self._answer(with_body=False)
+
+        def do_GET(self):
+            self._answer(with_body=True)
+
+        def _answer(self, with_body: bool) -> None:
+            parts = urllib.parse.urlsplit(self.path).path.strip("/").split("/")  # org/name/resolve/revision/file
+            content = repos.get("/".join(parts[:2]), {}).get("/".join(parts[4:]))
+            self.send_response(404 if content is None else 200)
+            if content is None:
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("X-Error-Message", "Entry not found")
+            else:
+                self.send_header("X-Repo-Commit", REVISION)
+                self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+            self.send_header("Content-Length", str(len(content or b"")))
+            self.end_headers()
+            if with_body and content:
+                self.wfile.write(content)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, when it was imported
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    yield lambda repo_id, folder: repos.update({repo_id: {file.name: file.read_bytes() for file in folder.iterdir()}})
+    server.shutdown()

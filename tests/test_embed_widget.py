@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _model_fixtures import TINY_DIM, hub_cache, tiny_folder  # noqa: F401  (fixtures)
+from _model_fixtures import TINY_DIM, hub_cache, serving_hub, tiny_folder  # noqa: F401  (fixtures)
 from napari.layers import Labels
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt
@@ -255,6 +255,36 @@ def test_a_model_that_cannot_load_after_segment_first_says_the_cells_were_kept(v
     assert widget.status.value.startswith("Could not load the model; the cells were segmented and kept in "
                                           "'patch cells'. ")
     assert cells.name == "patch cells" and len(cells.features) > 0 and embeddings_of(cells) is None
+
+
+def test_a_model_downloaded_on_first_use_shows_how_far_the_download_has_come(viewer, widget, serving_hub, tiny_folder,
+                                                                            qtbot, monkeypatch):  # noqa: F811
+    serving_hub("lab/tiny-rbc", tiny_folder[1])
+    image = imread(CHULA_1)[:96, :96]
+    labels = np.zeros(image.shape[:2], np.int32)
+    labels[10:30, 10:30], labels[50:70, 40:60] = 3, 8
+    viewer.add_image(image, rgb=True, name="patch")
+    cells = viewer.add_labels(labels, name="patch cells")
+    widget.reset_choices()
+    widget.model_name = "hf_hub:lab/tiny-rbc"
+    received, said, bars, show = [], [], [], widget._show_download
+
+    def shown(download):  # what the panel was told, and showed
+        received.append(download.filename)
+        show(download)
+        said.append(widget.status.value)
+        bars.append(widget._progress and widget._progress.desc)
+
+    monkeypatch.setattr(widget, "_show_download", shown)
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    size = (tiny_folder[1] / "model.safetensors").stat().st_size / 2**20
+    assert received == ["config.json", "model.safetensors"]
+    assert f"Downloading hf_hub:lab/tiny-rbc: model.safetensors, {size:,.2f} of {size:,.2f} MB…" in said
+    assert {"Downloading config.json", "Downloading model.safetensors"} & set(bars)
+    assert widget.status.value.startswith("2 cells embedded in ") and widget.status.value.endswith(
+        " with hf_hub:lab/tiny-rbc on cpu")
+    assert embeddings_of(cells)[2].startswith("hf_hub:lab/tiny-rbc@sha256:")
 
 
 def test_a_multiscale_cells_layer_is_refused_with_what_to_do(viewer, widget, qtbot):

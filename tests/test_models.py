@@ -1,16 +1,13 @@
 """Model registry and loading, through the real loading code, offline, on models made here."""
 
 import hashlib
-import http.server
 import json
 import math
 import shutil
 import socket
-import threading
 import time
 
 import numpy as np
-import huggingface_hub
 import pytest
 import timm
 import torch
@@ -22,6 +19,7 @@ from _model_fixtures import (  # noqa: F401  (pytest fixtures)
     publish_to_cache,
     reddino_small_files,
     save_folder,
+    serving_hub,
     tiny_folder,
     tiny_vit,
 )
@@ -29,7 +27,14 @@ from _model_fixtures import (  # noqa: F401  (pytest fixtures)
 from napari_reddino import CellClassifier, precision_speed
 from napari_reddino.cell_classifier import HeadMismatchError
 from napari_reddino.cell_embeddings import model_key
-from napari_reddino.embedding import DeviceError, list_devices, resolve_device, resolve_dtype
+from napari_reddino.embedding import (
+    DeviceError,
+    clear_embedder_cache,
+    iter_load_embedder,
+    list_devices,
+    resolve_device,
+    resolve_dtype,
+)
 from napari_reddino.models import (
     KNOWN_MODELS,
     CheckpointError,
@@ -179,48 +184,40 @@ def test_unreachable_hub_fails_at_once_without_retrying(hub_cache, monkeypatch, 
     assert time.perf_counter() - started < 5 and connections == [("127.0.0.1", 9)]
 
 
-@pytest.fixture
-def hub_without_files(hub_cache, monkeypatch):
-    """A local stand-in for the Hub that has the repo but none of the files asked for."""
-
-    class NoSuchFile(http.server.BaseHTTPRequestHandler):
-        def do_HEAD(self):
-            self.send_response(404)
-            self.send_header("X-Error-Code", "EntryNotFound")
-            self.send_header("X-Error-Message", "Entry not found")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_HEAD
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchFile)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, when it was imported
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(proxy, raising=False)
-    yield
-    server.shutdown()
-
-
-def test_a_hub_repo_without_a_timm_config_is_refused_saying_so(hub_without_files):
+def test_a_hub_repo_without_a_timm_config_is_refused_saying_so(serving_hub):  # noqa: F811
     with pytest.raises(CheckpointError, match=r"Hugging Face repo lab/not-timm has no config.json, so it is no timm "):
         load_model("hf_hub:lab/not-timm")
 
 
 @pytest.mark.parametrize("proxies", [{"HTTPS_PROXY": "http://127.0.0.1:9"},  # only for https: the endpoint is http
                                      {"HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1"}])  # a mirror
-def test_the_hub_is_reached_as_huggingface_hub_reaches_it_past_proxies_it_does_not_use(hub_without_files, proxies,
+def test_the_hub_is_reached_as_huggingface_hub_reaches_it_past_proxies_it_does_not_use(serving_hub, proxies,
                                                                                          monkeypatch, connections):
     for name, value in proxies.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(CheckpointError, match="has no config.json"):  # the stand-in answered: not "cannot connect"
         load_model("hf_hub:lab/not-timm")
     assert ("127.0.0.1", 9) not in connections
+
+
+def test_a_hub_model_downloads_once_saying_how_far_it_has_come_then_loads_from_the_cache(
+        serving_hub, tiny_folder, hub_cache):  # noqa: F811
+    serving_hub("lab/tiny-rbc", tiny_folder[1])
+    steps = iter_load_embedder("hf_hub:lab/tiny-rbc", device="cpu", dtype="float32")
+    reports = []
+    with pytest.raises(StopIteration) as finished:
+        while True:
+            reports.append(next(steps))
+    embedder = finished.value.value
+    last = {report.filename: report for report in reports}
+    size = (tiny_folder[1] / "model.safetensors").stat().st_size
+    assert set(last) == {"config.json", "model.safetensors"}
+    assert (last["model.safetensors"].done, last["model.safetensors"].total) == (size, size)
+    digest = hashlib.sha256((tiny_folder[1] / "model.safetensors").read_bytes()).hexdigest()[:16]
+    assert embedder.model_id == f"hf_hub:lab/tiny-rbc@sha256:{digest}"
+    assert (hub_cache / "models--lab--tiny-rbc" / "snapshots" / REVISION / "model.safetensors").is_file()
+    clear_embedder_cache()
+    assert list(iter_load_embedder("hf_hub:lab/tiny-rbc", device="cpu", dtype="float32")) == []  # from the cache
 
 
 def test_download_progress_reports_bytes_even_with_progress_bars_disabled():

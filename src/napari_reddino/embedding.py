@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import threading
 import warnings
 from collections import deque
@@ -461,6 +462,54 @@ def load_embedder(
                 del _EMBEDDERS[stale]  # an older version of the same files (or Hub commit): free its memory
             _EMBEDDERS[key] = Embedder(loaded, device=torch_device, dtype=torch_dtype, compile=bool(compile))
         return _EMBEDDERS[key]
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """How far the download of one of a model's files has come, in bytes."""
+
+    filename: str
+    done: int
+    total: int
+
+
+class DownloadCancelled(Exception):
+    """The loading was given up during a download (see :func:`iter_load_embedder`)."""
+
+
+def iter_load_embedder(model: str | os.PathLike = "reddino-small", **options) -> Generator[Downloaded, None, Embedder]:
+    """:func:`load_embedder` (same ``options``, but for ``download_progress``) as a generator:
+    yields :class:`Downloaded` while a model file downloads and returns the :class:`Embedder`.
+
+    Closing it stops a download at its next chunk (huggingface_hub takes the file up there next
+    time); a model being read from disk is left to finish, and cached, in the background.
+    """
+    updates: queue.SimpleQueue[Downloaded | None] = queue.SimpleQueue()
+    given_up = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def report(filename: str, done: int, total: int) -> None:
+        if given_up.is_set():
+            raise DownloadCancelled(f"the download of {filename} was cancelled")
+        updates.put(Downloaded(filename, done, total))
+
+    def load() -> None:
+        try:
+            outcome["embedder"] = load_embedder(model, download_progress=report, **options)
+        except BaseException as error:  # noqa: BLE001  (raised again below, in the caller's thread)
+            outcome["error"] = error
+        finally:
+            updates.put(None)
+
+    threading.Thread(target=load, name="reddino-model-load", daemon=True).start()
+    try:
+        while (update := updates.get()) is not None:
+            yield update
+    finally:
+        given_up.set()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["embedder"]
 
 
 def clear_embedder_cache() -> None:

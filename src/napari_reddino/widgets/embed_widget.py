@@ -45,7 +45,7 @@ from ..cell_embeddings import (
 )
 from ..cell_table import clear_predictions
 from ..crops import CROP_MODES, CROP_SCALES, DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN
-from ..embedding import DeviceError, Embedder, list_devices, load_embedder
+from ..embedding import DeviceError, Downloaded, Embedder, iter_load_embedder, list_devices
 from ..image_input import ImageInputError
 from ..measurements import measure_cells
 from ..model_ids import readable_ids
@@ -96,7 +96,8 @@ class _LoadFailure:
 def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, crops: dict,
                     measured: bool, pixel_size_um: float | None, digests: tuple[str, str],
                     reuse: EmbeddedCells | None):
-    """Yields the loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(run, table,
+    """Yields :class:`Downloaded` while the model downloads, the loaded :class:`Embedder`, then
+    ``(done, total)`` cells; returns ``(run, table,
     fingerprint)``: the :class:`EmbeddedCells` (cells whose crop is as in ``reuse`` keep its
     embedding), ``table`` the cells' measurements unless the layer's table was ``measured`` on
     these very labels (else they were made by another tool, or painted since), then None;
@@ -109,7 +110,7 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     the run finds, as it finds a stroke made later."""
     labels = labels.copy()
     try:
-        embedder = load_embedder(model, device=device)
+        embedder = yield from iter_load_embedder(model, device=device)  # yields Downloaded while it downloads
     except UnknownModelError as error:  # the library's message names its API; say what this widget offers
         if Path(model).expanduser().is_file():
             return _LoadFailure(str(error))  # a bare weights file: that message names the folder needed
@@ -428,7 +429,11 @@ class EmbedCellsWidget(JobWidget):
                     (image_hash, digest), earlier_run(cells))
 
     def _on_progress(self, item) -> None:
+        if isinstance(item, Downloaded):
+            self._show_download(item)
+            return
         if isinstance(item, Embedder):  # loaded: the embedding starts now
+            self._close_bar()  # the download's, if there was one
             self._embedder, self._embed_started = item, time.perf_counter()
             self.status.value = f"Embedding {self._embed_job.cells.name!r} with {self._embed_job.model} on {item.device}…"
             return
@@ -438,6 +443,17 @@ class EmbedCellsWidget(JobWidget):
         if self._embed_job is not None:
             rate = done / max(time.perf_counter() - self._embed_started, 1e-9)
             self.status.value = f"Embedding {self._embed_job.cells.name!r}: {done:,} of {total:,} cells ({rate:,.0f} cells/s)…"
+
+    def _show_download(self, download: Downloaded) -> None:
+        """A bar per file, in MB: the first use of reddino-large downloads 1.2 GB."""
+        description = f"Downloading {download.filename}"
+        if self._progress is not None and self._progress.desc != description:
+            self._close_bar()
+        megabytes = 2**20
+        # said first: making the bar runs Qt events, in which the next report may be shown
+        self.status.value = (f"Downloading {self._embed_job.model}: {download.filename}, {download.done / megabytes:,.2f} "
+                             f"of {download.total / megabytes:,.2f} MB…")
+        self._count(download.done // megabytes, max(1, -(-download.total // megabytes)), description)
 
     def _failed_job(self) -> str:
         return "Embedding" if self._embed_job is not None else "Segmentation"

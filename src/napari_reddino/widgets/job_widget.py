@@ -219,12 +219,15 @@ class JobWidget(QWidget):
         """Close the bar and re-enable Run; return ``(worker, result)`` of the run that ended."""
         worker, self._worker = self._worker, None
         result, self._result = self._result, None
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
+        self._close_bar()
         self._run_button.enabled = True
         self._cancel_button.enabled = False
         return worker, result
+
+    def _close_bar(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
 
     def _on_progress(self, item) -> None:
         raise NotImplementedError
