@@ -26,7 +26,7 @@ from napari_reddino.cell_embeddings import (
     stored_fingerprint,
 )
 from napari_reddino.embedding import Embedder, clear_embedder_cache, list_devices, load_embedder
-from napari_reddino.widgets import embed_widget
+from napari_reddino.widgets import embed_widget, job_widget
 from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
 
 CHULA_1, CHULA_26 = (Path(__file__).parent / "data" / "chula_rbc12" / f"{n}.jpg" for n in (1, 26))
@@ -255,6 +255,21 @@ def test_a_model_that_cannot_load_after_segment_first_says_the_cells_were_kept(v
     assert widget.status.value.startswith("Could not load the model; the cells were segmented and kept in "
                                           "'patch cells'. ")
     assert cells.name == "patch cells" and len(cells.features) > 0 and embeddings_of(cells) is None
+
+
+def test_a_reopened_panel_shows_the_model_and_crops_its_smear_was_embedded_with(viewer, widget, tiny_folder, qtbot):
+    viewer.open(CHULA_1)
+    widget.reset_choices()
+    widget.crop_mode.value, widget.crop_scale.value, widget.margin.value = "context", "cell", 0.4
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()  # segments first
+    viewer.window.remove_dock_widget("all")
+    _, reopened = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
+    assert reopened.model_name == str(tiny_folder[1])
+    assert (reopened.crop_mode.value, reopened.crop_scale.value, reopened.margin.value) == ("context", "cell", 0.4)
+    reopened.device.value = "cpu"
+    run(reopened, qtbot)
+    assert reopened.status.value.endswith("are already up to date; nothing to do.")
 
 
 def test_a_model_downloaded_on_first_use_shows_how_far_the_download_has_come(viewer, widget, serving_hub, tiny_folder,
@@ -611,7 +626,7 @@ def test_a_smear_whose_embeddings_cannot_be_stored_is_named_and_the_next_is_embe
         widget.run()
     assert widget.status.value.startswith("Every open smear: 1 of 2 smears embedded now (")
     assert widget.status.value.endswith(
-        "Not embedded: '1': Storing the embeddings failed: OSError: No space left on device")
+        "Not embedded: '1': Storing the embeddings failed: OSError: No space left on device.")
     assert widget._run_button.enabled and widget.model.enabled  # the run ended: a new one can start
     with qtbot.waitSignal(widget.every_smear_done, timeout=2 * RUN_TIMEOUT_MS):
         widget.run()
@@ -668,9 +683,19 @@ def test_the_settings_hold_for_the_whole_run_and_an_error_before_it_starts_ends_
         widget.run()
     # '1' is segmented first and fails on to embed; '26' (embedded above) fails as its run begins
     assert widget.status.value == ("Every open smear: 0 of 2 smears embedded now (0 cells). Not embedded: '1': Adding "
-                                   "the cells layer failed: MemoryError; '26': Embedding failed: MemoryError")
+                                   "the cells layer failed: MemoryError; '26': Embedding failed: MemoryError.")
     assert widget._batch is None and all(setting.enabled for setting in settings)
     assert widget._run_button.enabled
+
+    def unreadable(layer):  # a lazy (dask, zarr) smear whose read fails
+        raise OSError("the network drive is gone")
+
+    monkeypatch.setattr(job_widget, "smear_pixels", unreadable)
+    with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert widget.status.value == ("Every open smear: 0 of 2 smears embedded now (0 cells). Not embedded: '1': Embedding "
+                                   "failed: OSError: the network drive is gone. Stopped (an error) before '26'.")
+    assert widget._batch is None and all(setting.enabled for setting in settings) and widget._run_button.enabled
 
 
 def test_cells_of_a_closed_image_are_not_taken_for_those_of_another_image_of_its_name(viewer, widget, qtbot):

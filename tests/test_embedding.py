@@ -21,7 +21,7 @@ from _model_fixtures import (  # noqa: F401  (fixtures)
 )
 from skimage.io import imread
 
-from napari_reddino import segment_cells
+from napari_reddino import embedding, segment_cells
 from napari_reddino.cell_embeddings import EmbeddedCells
 from napari_reddino.crops import CropInputError, background_colour, cell_crops, prepare_crops
 from napari_reddino.image_input import LabelsInputError
@@ -273,6 +273,20 @@ def test_a_hub_model_is_loaded_again_when_the_cache_holds_a_newer_commit(hub_cac
     publish_to_cache(save_folder(tiny_vit(seed=4), tmp_path / "v2"), hub_cache, "lab/tiny-rbc", revision="b" * 40)
     second = load_embedder("hf_hub:lab/tiny-rbc", device="cpu", dtype="float32")
     assert second is not first and second.model_id != first.model_id
+
+
+def test_a_batch_holds_what_half_the_free_memory_holds_up_to_the_device_s_cap(tiny_folder, monkeypatch):
+    embedder = load_embedder(tiny_folder[1], device="cpu", dtype="float32")
+    free = {}
+    monkeypatch.setattr(embedding, "_free_memory", lambda device: free["bytes"])
+    sizes = {}
+    for free["bytes"] in (None, 0, 10**6, 10**7, 10**8, 10**12):
+        sizes[free["bytes"]] = embedder.auto_batch_size()
+    assert sizes[None] == sizes[10**12] == embedding._MAX_BATCH["cpu"]  # unknown, or plenty: the cap
+    assert sizes[0] == sizes[10**6] == 1  # never none
+    assert sizes[10**6] <= sizes[10**7] <= sizes[10**8] <= sizes[10**12]
+    per_image = embedder.input_size[0] * embedder.input_size[1] * 3 * 4 * embedding._ACTIVATION_FACTOR
+    assert sizes[10**7] == max(1, min(10**7 // 2 // per_image, 8))  # half the free memory, the rest for the model
 
 
 def test_bfloat16_stays_within_one_percent_of_float32(tiny_folder, real_smear):

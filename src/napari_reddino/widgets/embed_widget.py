@@ -33,8 +33,10 @@ from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog
 
 from ..cell_embeddings import (
+    METADATA_KEY,
     EmbeddedCells,
     changed_embeddings,
+    crop_settings,
     earlier_run,
     embeddings_of,
     fingerprint,
@@ -70,7 +72,6 @@ class _EmbedJob:
     model: str
     crops: dict  # mode, scale and margin, as Embedder.embed takes them
     segmented: bool = False  # the cells layer was made by this run ("segment first")
-    labels_digest: str | None = None  # of the labels as embedded (painting during the run changes the layer's)
 
 
 @dataclass
@@ -97,18 +98,21 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
                     measured: bool, pixel_size_um: float | None, digests: tuple[str, str],
                     reuse: EmbeddedCells | None):
     """Yields :class:`Downloaded` while the model downloads, the loaded :class:`Embedder`, then
-    ``(done, total)`` cells; returns ``(run, table,
-    fingerprint)``: the :class:`EmbeddedCells` (cells whose crop is as in ``reuse`` keep its
-    embedding), ``table`` the cells' measurements unless the layer's table was ``measured`` on
-    these very labels (else they were made by another tool, or painted since), then None;
-    ``fingerprint`` of the image and labels ``digests`` with the model as loaded (a Hub model
-    downloaded now is known by its commit only from now on).
+    ``(done, total)`` cells; returns ``(run, table, fingerprint, embedded)``: the
+    :class:`EmbeddedCells` (cells whose crop is as in ``reuse`` keep its embedding), ``table``
+    the cells' measurements unless the layer's table was ``measured`` on these very labels (else
+    they were made by another tool, or painted since), then None; ``fingerprint`` of the image
+    and labels with the model as loaded (a Hub model downloaded now is known by its commit only
+    from now on); ``embedded``, the :func:`labels_digest` of the labels embedded.
 
     ``labels`` are the layer's own: copied first thing, here rather than on the GUI thread (2.3 s
     for 133 Mpx), so that painting during the run does not change what is embedded. A stroke
-    made before the copy is done gives labels other than those ``digests`` names, which storing
-    the run finds, as it finds a stroke made later."""
+    made between Run and the copy makes the copy's digest differ from the one ``digests`` holds
+    (image, labels at Run): the copy's is the one that counts, even if the stroke is undone."""
     labels = labels.copy()
+    image_hash, digest = digests
+    if (embedded := labels_digest(labels)) != digest:  # painted since Run: these labels are measured too
+        measured, digest = False, embedded
     try:
         embedder = yield from iter_load_embedder(model, device=device)  # yields Downloaded while it downloads
     except UnknownModelError as error:  # the library's message names its API; say what this widget offers
@@ -119,11 +123,11 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
                             "Hugging Face Hub, or use Browse… for a model folder (config.json + model.safetensors).")
     except (ModelLoadError, DeviceError) as error:  # said to the user plainly, without a traceback
         return _LoadFailure(str(error))
-    loaded = fingerprint(*digests, model, **crops)
+    loaded = fingerprint(image_hash, digest, model, **crops)
     yield embedder
     run = yield from embedder.embed_steps(pixels, labels, **crops, reuse=reuse)
     table = None if measured else measure_cells(labels, pixels, pixel_size_um=pixel_size_um)
-    return run, table, loaded
+    return run, table, loaded, digest
 
 
 def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
@@ -194,6 +198,7 @@ class EmbedCellsWidget(JobWidget):
         self.image.changed.connect(self._pick_cells)
         self._browse_button.changed.connect(self._browse)
         self._pick_cells(self.image.value)
+        self._take_settings_of(self.cells.value)
         self._follow_image_selection(self.image)
 
     @property
@@ -235,10 +240,7 @@ class EmbedCellsWidget(JobWidget):
             self._batch = _Batch(waiting=images, total=len(images))
             self._run_next_smear()
             return
-        layer = self.image.value
-        pixels = self._chosen_smear(layer)
-        if pixels is not None:
-            self._begin(layer, pixels, None if self.cells.value == SEGMENT_FIRST else self.cells.value)
+        self._begin(self.image.value, None if self.cells.value == SEGMENT_FIRST else self.cells.value)
 
     # --- choices ---------------------------------------------------------------------------
 
@@ -251,6 +253,16 @@ class EmbedCellsWidget(JobWidget):
         """The image's own cells layer (made by the Segment widget), else 'segment first'."""
         if image is not None:
             self.cells.value = self._own_cells(image) or SEGMENT_FIRST
+
+    def _take_settings_of(self, cells) -> None:
+        """A panel opened again shows the model and crops its smear was embedded with: Run with
+        the defaults would embed every cell again, and clear the head's predictions."""
+        record = cells.metadata.get(METADATA_KEY) if isinstance(cells, Labels) else None
+        crops = crop_settings(cells) if record else None
+        if not crops or crops["mode"] not in CROP_MODES or crops["scale"] not in CROP_SCALES:
+            return
+        self.model_name = record.get("model") or self.model_name
+        self.crop_mode.value, self.crop_scale.value, self.margin.value = crops["mode"], crops["scale"], crops["margin"]
 
     def _own_cells(self, image: Image) -> Labels | None:
         return own_cells(self._viewer.layers, image.name)
@@ -297,15 +309,16 @@ class EmbedCellsWidget(JobWidget):
         if image not in self._viewer.layers:
             self._refuse(f"{image.name!r} was closed before its turn.", notify=show_info)
             return
-        pixels = self._chosen_smear(image)
-        if pixels is not None:
-            self._begin(image, pixels, self._own_cells(image), own=True)
+        self._begin(image, self._own_cells(image), own=True)
 
-    def _begin(self, image: Image, pixels: np.ndarray, cells: Labels | None, *, own: bool = False) -> None:
-        """Segment first (``cells`` None), or embed ``cells``; an error before the worker starts
-        ends the run and says why, rather than leave the panel's settings frozen. ``own``: the
-        cells were found for the image, which segments first where they are of another image."""
+    def _begin(self, image: Image | None, cells: Labels | None, *, own: bool = False) -> None:
+        """Segment ``image`` first (``cells`` None), or embed ``cells``; an error before the
+        worker starts (reading the smear's pixels too) ends the run and says why, rather than
+        leave the panel's settings frozen. ``own``: the cells were found for the image, which
+        segments first where they are of another image."""
         try:
+            if (pixels := self._chosen_smear(image)) is None:
+                return  # refused, saying why
             if own and cells is not None and not of_image(cells, image, lambda: image_digest(pixels)):
                 cells = None  # the cells of a closed image of the same name
             if cells is None:
@@ -355,7 +368,7 @@ class EmbedCellsWidget(JobWidget):
             summary = [f"Every open smear: {len(batch.embedded)} of {counted(batch.total, 'smear')} embedded now "
                        f"({counted(cells, 'cell')}){up_to_date}."]
         if batch.not_embedded:
-            summary.append("Not embedded: " + "; ".join(batch.not_embedded))
+            summary.append("Not embedded: " + "; ".join(batch.not_embedded).rstrip(".") + ".")
         if batch.waiting:
             summary.append(f"Stopped ({batch.stopped}) before {', '.join(repr(image.name) for image in batch.waiting)}.")
         self.status.value = " ".join(summary)
@@ -421,7 +434,7 @@ class EmbedCellsWidget(JobWidget):
                 notify=show_info,
             )
             return
-        self._embed_job = _EmbedJob(cells, model, crops, segmented, digest)
+        self._embed_job = _EmbedJob(cells, model, crops, segmented)
         self.status.value = f"Loading {model}…"
         measured = cells.metadata.get(MEASURED_LABELS) == digest and "label" in cells.features
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
@@ -506,16 +519,16 @@ class EmbedCellsWidget(JobWidget):
         self._embed(image, pixels, cells, segmented=True)
 
     def _store(self, job: _EmbedJob, embedder: Embedder, run: EmbeddedCells, table: pd.DataFrame | None,
-               loaded_fingerprint: str) -> None:
+               loaded_fingerprint: str, embedded: str) -> None:
         if job.cells not in self._viewer.layers:
             self.status.value = f"{job.cells.name!r} was removed while its cells were embedded; nothing was stored."
             return
-        changed = labels_digest(job.cells.data) != job.labels_digest  # segmented again or painted meanwhile
+        changed = labels_digest(job.cells.data) != embedded  # segmented again or painted meanwhile
         new_embeddings = changed_embeddings(job.cells, run)
         # Changed: the embeddings are kept for the next run to reuse, but are never up to date, even
         # if an undo brings the labels back: that run must also measure the cells this one did not.
         store_run(job.cells, run, model=job.model, device=embedder.device, crops=job.crops,
-                  fingerprint="" if changed else loaded_fingerprint, labels_digest=job.labels_digest)
+                  fingerprint="" if changed else loaded_fingerprint, labels_digest=embedded)
         unpredicted = clear_predictions(job.cells, new_embeddings)  # what the head said of them no longer holds
         if changed:
             self.status.value = (f"The cells of {job.cells.name!r} changed while they were embedded. The embeddings "
@@ -523,7 +536,7 @@ class EmbedCellsWidget(JobWidget):
             return
         if table is not None:  # measured now: the layer's own columns (labels, notes) stay with their cells
             job.cells.features = _with_own_columns(table, job.cells.features)
-            job.cells.metadata[MEASURED_LABELS] = job.labels_digest
+            job.cells.metadata[MEASURED_LABELS] = embedded
         seconds = time.perf_counter() - self._embed_started
         fresh = len(run.ids) - run.reused
         shown = Path(job.model).expanduser().name if Path(job.model).expanduser().exists() else job.model

@@ -152,10 +152,15 @@ class SegmentCellsWidget(JobWidget):
     def _on_finished(self) -> None:
         """Show the outcome once the worker is done, so a new run can start from any signal."""
         worker, result = self._end_run()
-        if worker.abort_requested:  # also when cancelled while the result was on its way
-            self.status.value = "Cancelled; nothing was changed."
-        elif result is not None:
-            self._show_result(*result)
+        try:
+            if worker.abort_requested:  # also when cancelled while the result was on its way
+                self.status.value = "Cancelled; nothing was changed."
+            elif result is not None:
+                self._show_result(*result)
+        except Exception as error:  # adding the layer failed: said, and the panel stays usable
+            self._on_errored(error, "Adding the cells layer")
+        finally:
+            self._job = None  # it holds the smear: a closed smear's pixels are let go
         self.finished.emit()
 
     def _show_result(self, labels: np.ndarray, table: pd.DataFrame, cell_diameter: float, image_hash: str) -> None:
