@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -121,9 +122,11 @@ def tiny_folder(tmp_path) -> tuple[torch.nn.Module, Path]:
 @pytest.fixture
 def serving_hub(hub_cache, monkeypatch) -> Iterator[Callable[[str, Path], None]]:
     """A local stand-in for the Hugging Face Hub, online, with an empty cache: the loading code
-    downloads from it as from the Hub. ``serving_hub(repo_id, folder)`` publishes a folder's
-    files; a file it does not hold is answered as the Hub answers one (404, EntryNotFound)."""
+    downloads from it as from the Hub. ``serving_hub(repo_id, folder, pause=0)`` publishes a
+    folder's files, sent a MiB at a time with ``pause`` seconds between; a file it does not hold
+    is answered as the Hub answers one (404, EntryNotFound)."""
     repos: dict[str, dict[str, bytes]] = {}
+    pauses: dict[str, float] = {}
 
     class Hub(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):
@@ -144,8 +147,12 @@ def serving_hub(hub_cache, monkeypatch) -> Iterator[Callable[[str, Path], None]]
                 self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
             self.send_header("Content-Length", str(len(content or b"")))
             self.end_headers()
-            if with_body and content:
-                self.wfile.write(content)
+            for start in range(0, len(content or b"") if with_body else 0, 2**20):
+                time.sleep(pauses["/".join(parts[:2])] * (start > 0))
+                try:
+                    self.wfile.write(content[start:start + 2**20])
+                except (BrokenPipeError, ConnectionResetError):  # the download was given up
+                    return
 
         def log_message(self, *args):
             pass
@@ -157,5 +164,8 @@ def serving_hub(hub_cache, monkeypatch) -> Iterator[Callable[[str, Path], None]]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)
-    yield lambda repo_id, folder: repos.update({repo_id: {file.name: file.read_bytes() for file in folder.iterdir()}})
+    def publish(repo_id: str, folder: Path, pause: float = 0.0) -> None:
+        repos[repo_id], pauses[repo_id] = {file.name: file.read_bytes() for file in folder.iterdir()}, pause
+
+    yield publish
     server.shutdown()

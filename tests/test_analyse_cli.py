@@ -340,7 +340,7 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
                             "writing to the same folder?); this run's files get a timestamped name instead\n")
     assert (fresh / "cells.csv").read_text() == "the other run's" and not (fresh / "cells_summary.csv").exists()
     aside = [path.name for path in sorted(fresh.iterdir()) if path.name != "cells.csv"]
-    assert len(aside) == 2 and re.fullmatch(r"cells-\d{8}-\d{6}\.csv", aside[0]), aside
+    assert len(aside) == 2 and re.fullmatch(rf"cells-\d{{8}}-\d{{6}}-{os.getpid()}\.csv", aside[0]), aside
     assert aside[1] == aside[0].replace(".csv", "_summary.csv") and aside[0] in captured.out
     assert len(read(fresh / aside[0])) == len(read(out / "cells.csv")) and len(read(fresh / aside[1])) == 2
     monkeypatch.setattr(analyse_cli, "export_cells_csv", export)

@@ -258,10 +258,11 @@ def test_models_are_cached_per_model_device_and_dtype_and_reloaded_when_changed(
     assert third is not second
     image, labels = three_cells()
     assert not np.allclose(third.embed(image, labels)[1], second.embed(image, labels)[1])
-    older = save_folder(tiny_vit(seed=3), tmp_path / "older") / "model.safetensors"
+    twin = save_folder(tiny_vit(seed=3), tmp_path / "twin") / "model.safetensors"
     before = (folder / "model.safetensors").stat()
-    os.utime(older, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))  # a checkpoint from a day earlier
-    shutil.copy2(older, folder / "model.safetensors")  # cp -p: the same size, an older time, the same inode
+    os.utime(twin, ns=(before.st_atime_ns, before.st_mtime_ns))  # saved in the same instant, of the same size
+    shutil.copy2(twin, folder / "model.safetensors")  # cp -p: size and time as before, only the inode's ctime moves
+    assert (folder / "model.safetensors").stat().st_mtime_ns == before.st_mtime_ns
     fourth = load_embedder(folder, device="cpu", dtype="float32")
     assert fourth is not third and fourth.model_id != third.model_id
 

@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import socket
+import threading
 import time
 
 import numpy as np
@@ -209,6 +210,7 @@ def test_a_hub_model_downloads_once_saying_how_far_it_has_come_then_loads_from_t
         while True:
             reports.append(next(steps))
     embedder = finished.value.value
+    reports = [report for report in reports if report is not None]  # None: still loading
     last = {report.filename: report for report in reports}
     size = (tiny_folder[1] / "model.safetensors").stat().st_size
     assert set(last) == {"config.json", "model.safetensors"}
@@ -217,7 +219,25 @@ def test_a_hub_model_downloads_once_saying_how_far_it_has_come_then_loads_from_t
     assert embedder.model_id == f"hf_hub:lab/tiny-rbc@sha256:{digest}"
     assert (hub_cache / "models--lab--tiny-rbc" / "snapshots" / REVISION / "model.safetensors").is_file()
     clear_embedder_cache()
-    assert list(iter_load_embedder("hf_hub:lab/tiny-rbc", device="cpu", dtype="float32")) == []  # from the cache
+    loaded_again = iter_load_embedder("hf_hub:lab/tiny-rbc", device="cpu", dtype="float32")
+    assert not [step for step in loaded_again if step is not None]  # from the cache: no download
+
+
+def test_a_download_given_up_stops_at_its_next_chunk_and_leaves_no_model_in_the_cache(
+        serving_hub, tiny_folder, hub_cache, tmp_path):  # noqa: F811
+    folder = tmp_path / "large"
+    folder.mkdir()
+    shutil.copy(tiny_folder[1] / "config.json", folder)
+    (folder / "model.safetensors").write_bytes(bytes(30 * 2**20))  # never read: the download stops first
+    serving_hub("lab/large-rbc", folder, pause=0.05)  # 30 MiB in 1.5 s
+    steps = iter_load_embedder("hf_hub:lab/large-rbc", device="cpu")
+    first = next(step for step in steps if step is not None and step.filename == "model.safetensors")
+    assert 0 < first.done < first.total == 30 * 2**20
+    steps.close()
+    for loader in [thread for thread in threading.enumerate() if thread.name == "reddino-model-load"]:
+        loader.join(timeout=10)
+        assert not loader.is_alive()
+    assert not list(hub_cache.glob("models--lab--large-rbc/snapshots/*/model.safetensors"))
 
 
 def test_download_progress_reports_bytes_even_with_progress_bars_disabled():

@@ -226,8 +226,8 @@ def _export(table: Path, done: list, classes: list[str] | None, args: argparse.N
     except FileExistsError as error:
         print(f"reddino-analyse: {error.filename} appeared while this run went on (another run writing to the same "
               "folder?); this run's files get a timestamped name instead", file=sys.stderr, flush=True)
-        return _write(table.with_name(f"{table.stem}-{time.strftime('%Y%m%d-%H%M%S')}{table.suffix}"), done, classes,
-                      args)
+        aside = table.with_name(f"{table.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{table.suffix}")
+        return _write(aside, done, classes, args)  # the process id: two runs may collide in one second
 
 
 def _write(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace) -> list[Path]:

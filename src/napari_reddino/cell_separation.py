@@ -717,11 +717,10 @@ def largest_pieces(labels: np.ndarray) -> np.ndarray:
     sizes = np.bincount(pieces.ravel())
     owner = np.zeros(sizes.size, labels.dtype)
     owner[pieces.ravel()] = labels.ravel()
-    largest = np.zeros(int(labels.max()) + 1, np.intp)
-    by_size = np.argsort(sizes[1:], kind="stable") + 1
-    largest[owner[by_size]] = by_size  # the last, largest piece of each cell wins
+    order = np.lexsort((sizes[1:], owner[1:])) + 1  # by cell, then by size
+    largest = order[np.append(owner[order][1:] != owner[order][:-1], True)]  # each cell's last piece
     keep = np.zeros(sizes.size, bool)
-    keep[largest[largest > 0]] = True
+    keep[largest] = True
     return np.where(keep[pieces], labels, 0).astype(labels.dtype)
 
 

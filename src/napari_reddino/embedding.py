@@ -35,6 +35,7 @@ from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,6 +68,7 @@ _ACTIVATION_FACTOR = 64
 # Larger CPU batches were no faster (ViT-S, 2 cores; benchmarks/embedding.py) and report
 # progress less often.
 _MAX_BATCH = {"cuda": 512, "mps": 64, "cpu": 8}
+LOAD_POLL_S = 0.2  # iter_load_embedder yields at least this often
 
 
 # --- devices and precision -----------------------------------------------------------------
@@ -408,17 +410,31 @@ def _free_memory(device: torch.device) -> int | None:
 
 def _available_ram() -> int | None:
     """Memory that can be had without swapping: Linux's MemAvailable, which counts the page cache
-    a workstation fills (MemFree does not), or the free pages elsewhere."""
+    a workstation fills (MemFree does not), within the job's own limit where a container or a
+    SLURM job sets one (cgroup v2); elsewhere the free pages."""
+    available = [_meminfo_available(), _cgroup_room()]
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names and available[0] is None:
+        available.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    known = [value for value in available if value is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return None
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _cgroup_room() -> int | None:
+    """What this process's cgroup (v2) may still use; None without a limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(0, int(limit) - used)
 
 
 _EMBEDDERS: dict[tuple, Embedder] = {}
@@ -457,7 +473,8 @@ def load_embedder(
             twin = _EMBEDDERS.get((*key[:4], not key[4]))  # the same weights, (un)compiled: share them
             loaded = (LoadedModel(twin.model_id, twin.model, twin.input_size, twin.mean, twin.std) if twin else
                       load_model(model, architecture=architecture, download_progress=download_progress))
-            key = (key[0], model_version(model), *key[2:])  # a Hub model downloaded just now is cached now
+            if key[1] is None:  # a Hub model downloaded just now: known by its commit from now on
+                key = (key[0], model_version(model), *key[2:])
             for stale in [k for k in _EMBEDDERS if k[0] == key[0] and k[1] != key[1] and k[2:4] == key[2:4]]:
                 del _EMBEDDERS[stale]  # an older version of the same files (or Hub commit): free its memory
             _EMBEDDERS[key] = Embedder(loaded, device=torch_device, dtype=torch_dtype, compile=bool(compile))
@@ -477,19 +494,24 @@ class DownloadCancelled(Exception):
     """The loading was given up during a download (see :func:`iter_load_embedder`)."""
 
 
-def iter_load_embedder(model: str | os.PathLike = "reddino-small", **options) -> Generator[Downloaded, None, Embedder]:
+def iter_load_embedder(model: str | os.PathLike = "reddino-small", *, stop: threading.Event | None = None,
+                       **options) -> Generator[Downloaded | None, None, Embedder]:
     """:func:`load_embedder` (same ``options``, but for ``download_progress``) as a generator:
-    yields :class:`Downloaded` while a model file downloads and returns the :class:`Embedder`.
+    yields :class:`Downloaded` while a model file downloads, and None every
+    :data:`LOAD_POLL_S` otherwise, so that a caller who can stop only between two yields (a
+    napari worker) stops at once; returns the :class:`Embedder`.
 
-    Closing it stops a download at its next chunk (huggingface_hub takes the file up there next
-    time); a model being read from disk is left to finish, and cached, in the background.
+    Setting ``stop``, or closing the generator, stops a plain download at its next chunk (10
+    MiB); nothing of it reaches the cache. A model being read from disk, or
+    downloaded through the Hub's Xet storage (whose progress callbacks cannot stop it), goes on in
+    the background and is cached for the next call.
     """
     updates: queue.SimpleQueue[Downloaded | None] = queue.SimpleQueue()
-    given_up = threading.Event()
+    stop = stop or threading.Event()
     outcome: dict[str, object] = {}
 
     def report(filename: str, done: int, total: int) -> None:
-        if given_up.is_set():
+        if stop.is_set():
             raise DownloadCancelled(f"the download of {filename} was cancelled")
         updates.put(Downloaded(filename, done, total))
 
@@ -503,10 +525,17 @@ def iter_load_embedder(model: str | os.PathLike = "reddino-small", **options) ->
 
     threading.Thread(target=load, name="reddino-model-load", daemon=True).start()
     try:
-        while (update := updates.get()) is not None:
+        while True:
+            try:
+                update = updates.get(timeout=LOAD_POLL_S)
+            except queue.Empty:
+                yield None
+                continue
+            if update is None:
+                break
             yield update
     finally:
-        given_up.set()
+        stop.set()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["embedder"]

@@ -108,13 +108,15 @@ def read_smear(path: str | os.PathLike) -> np.ndarray:
                       "cut the scan into fields, with QuPath or vips say, and analyse those") from error
     except (OSError, ValueError) as error:
         raise OSError("not an image that can be read (PNG, JPEG or TIFF), or a damaged one") from error
-    if image.ndim == 3 and image.shape[-1] == 4:
+    if image.ndim == 3 and image.shape[-1] in (2, 4):
         with Image.open(path) as stored:
-            if stored.mode == "CMYK":
+            mode = stored.mode
+        if mode == "CMYK":
+            with Image.open(path) as stored:
                 return np.asarray(stored.convert("RGB"))
-    if image.ndim == 3 and image.shape[-1] in (1, 2):  # gray, or gray and alpha (a PNG's "LA")
-        return image[..., 0]
-    return image
+        if mode in ("LA", "La"):  # gray and alpha: the gray plane (another 2-channel image is refused as such)
+            return np.ascontiguousarray(image[..., 0])
+    return image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
 
 
 def channels(array: np.ndarray) -> list[np.ndarray]:

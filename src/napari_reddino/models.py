@@ -524,4 +524,12 @@ def _reporting_tqdm(filename: str, report: DownloadProgress) -> type:
             report(filename, self.bytes_done, int(self.total or 0))
             return super().update(n)
 
+        # With these, huggingface_hub counts a Xet download's network bytes on this one bar too
+        # rather than opening a second: the bytes written to the file are the ones reported.
+        def update_transfer(self, n: float | None = 1) -> None:
+            pass
+
+        def set_transfer_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+            pass
+
     return ReportingTqdm

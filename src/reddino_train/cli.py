@@ -65,19 +65,21 @@ def _fit_command(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():  # restores Python's own display afterwards
             warnings.showwarning = functools.partial(_warning_line, warnings.showwarning)
             result = fit(cfg, args.data_dir, args.out, max_steps=args.max_steps)
-    except PretrainedWeightsError as error:  # read by each rank: one may fail alone (a node without the file)
+    except (PretrainedWeightsError, LaunchError) as error:  # each rank's own: one may fail alone (a node without
+        # the file, a rank beyond the node's GPUs)
         rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"reddino-train fit: {rank}{error}", file=sys.stderr)
         return 2
     except (ConfigError, EmptyDatasetError, CheckpointError, TrainingDivergedError, RanksDisagreeError,
-            RunFolderError, LaunchError) as error:
+            RunFolderError) as error:
         _say(f"reddino-train fit: {error}", file=sys.stderr)  # raised alike on every rank: said once
         return 2
     if result.stopped_by_signal:  # not finished: a script or scheduler must see that
         own_settings = shlex.join(["reddino-train", "fit", str(Path(args.out) / CONFIG_NAME), args.data_dir,
                                    "--out", args.out, *(["--max-steps", str(args.max_steps)] if args.max_steps else [])])
+        own = f"; so does {own_settings}, with the run's own settings" if result.config_current else ""
         _say(f"reddino-train fit: stopped after {counted(result.iterations_done, 'iteration')}; checkpoint in {args.out}; "
-             f"the same command resumes it; so does {own_settings}, with the run's own settings", file=sys.stderr)
+             f"the same command resumes it{own}", file=sys.stderr)
         return 130
     if result.iterations_this_run == 0:  # a finished run started again (a scheduler's requeue, a reused --out)
         limit, raise_it = (f"--max-steps {args.max_steps}", "--max-steps") \

@@ -97,6 +97,7 @@ class FitResult:
     iterations_this_run: int  # 0: the run in the folder had already reached its end
     student: DinoModel
     teacher: DinoModel
+    config_current: bool = True  # False: a save stopped short of config.yaml, which holds older settings
 
 
 @dataclass
@@ -221,7 +222,8 @@ class Trainer:
                     saved_at = time.monotonic()
         if stopped and self.rank == 0:
             tqdm.write(f"reddino-train: stopped by signal after step {self.iteration}; checkpoint saved")
-        return FitResult(self.iteration, stopped, self.iteration - first, self.student, self.teacher)
+        return FitResult(self.iteration, stopped, self.iteration - first, self.student, self.teacher,
+                         config_current=not self._settings_pending)
 
     def step(self, batch: dict[str, torch.Tensor], values: ScheduleValues, stop: threading.Event,
              save_due: bool = False) -> tuple[dict[str, float], bool, bool]:
@@ -378,9 +380,9 @@ class Trainer:
             set_rng_state(state["rng"][self.rank])
         if self.rank == 0:
             tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
-            if sampler["world_size"] != self.world_size:
-                warnings.warn(self._other_world_size(sampler["world_size"], own.train.batch_size_per_gpu),
-                              ResumeSettingsWarning, stacklevel=2)
+            was = sampler["world_size"] * own.train.batch_size_per_gpu
+            if was != self.world_size * self.cfg.train.batch_size_per_gpu:  # the global batch changes
+                warnings.warn(self._other_world_size(sampler["world_size"], was), ResumeSettingsWarning, stacklevel=2)
             images = self.dataset.listing
             if state.get("images", images) != images:  # checkpoints before it was recorded: not checked
                 warnings.warn(
@@ -399,9 +401,10 @@ class Trainer:
                     ResumeSettingsWarning, stacklevel=2,
                 )
 
-    def _other_world_size(self, saved: int, saved_batch: int) -> str:
-        """What resuming on another number of processes changes (DINOv2's rules, which assume one)."""
-        was, now = saved_batch * saved, self.cfg.train.batch_size_per_gpu * self.world_size
+    def _other_world_size(self, saved: int, was: int) -> str:
+        """What resuming on another number of processes, and so with another global batch (``was``
+        before), changes: DINOv2's rules, which assume one."""
+        now = self.cfg.train.batch_size_per_gpu * self.world_size
         processes = "process" if self.world_size == 1 else "processes"
         return (f"resuming {self.out} on {self.world_size} {processes} where it ran on {saved}: the global batch "
                 f"goes from {was:,} to {now:,} images, the peak learning rate with its square root "
@@ -432,7 +435,7 @@ def _checkpoint_from_rank0(path: Path, cfg: TrainConfig) -> dict[str, Any]:
 
 
 class RanksDisagreeError(RuntimeError):
-    """The processes of a distributed run see different data or output folders."""
+    """The processes of a distributed run see different training images."""
 
 
 def _images_on_every_rank(data_dir: Path, transform) -> ImageFolder:

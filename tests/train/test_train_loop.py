@@ -237,7 +237,8 @@ def test_resuming_on_another_number_of_processes_says_what_that_changes(smear_im
     halved = load_config("tiny", [*TINY, "train.batch_size_per_gpu=8"])  # 2 x 4 images become 1 x 8
     with pytest.warns(ResumeSettingsWarning) as warned:
         Trainer(halved, smear_images, tmp_path, torch.device("cpu"))
-    assert "the global batch goes from 8 to 8 images" in "\n".join(str(warning.message) for warning in warned)
+    said = "\n".join(str(warning.message) for warning in warned)
+    assert "train.batch_size_per_gpu: 4 -> 8" in said and "global batch" not in said  # the same 8 images a step
 
 
 def test_a_resumed_run_takes_the_adamw_betas_of_its_config_in_every_group(smear_images, tmp_path):
@@ -398,6 +399,17 @@ def test_a_config_yaml_that_cannot_be_replaced_is_written_with_the_next_checkpoi
         with pytest.warns(ResumeSettingsWarning):
             fit(changed, smear_images, tmp_path, max_steps=3)  # the same run saves again at step 3
     assert refused and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] == 3
+    assert load_config(tmp_path / "config.yaml") == changed
+
+    def config_held_open(source, target):
+        if str(target).endswith("config.yaml"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        replace(source, target)
+
+    monkeypatch.setattr("napari_reddino.atomic_files.os.replace", config_held_open)
+    with pytest.warns(RuntimeWarning, match="config.yaml could not be replaced"), pytest.warns(ResumeSettingsWarning):
+        result = fit(load_config("tiny", [*every_step, "optim.base_lr=2e-3"]), smear_images, tmp_path, max_steps=4)
+    assert not result.config_current  # the CLI then names no command that would resume with config.yaml's settings
     assert load_config(tmp_path / "config.yaml") == changed
 
 

@@ -19,6 +19,7 @@ up at the end; a cancel or a model that does not load stops the rest. The model 
 cannot be loaded is reported and changes nothing.
 """
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,8 +97,10 @@ class _LoadFailure:
 @job_worker
 def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, crops: dict,
                     measured: bool, pixel_size_um: float | None, digests: tuple[str, str],
-                    reuse: EmbeddedCells | None):
-    """Yields :class:`Downloaded` while the model downloads, the loaded :class:`Embedder`, then
+                    reuse: EmbeddedCells | None, stop_download: threading.Event):
+    """Yields :class:`Downloaded` while the model downloads (None while it loads: Cancel is
+    looked at between two yields; ``stop_download``, which Cancel sets, stops a download), the
+    loaded :class:`Embedder`, then
     ``(done, total)`` cells; returns ``(run, table, fingerprint, embedded)``: the
     :class:`EmbeddedCells` (cells whose crop is as in ``reuse`` keep its embedding), ``table``
     the cells' measurements unless the layer's table was ``measured`` on these very labels (else
@@ -114,7 +117,7 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     if (embedded := labels_digest(labels)) != digest:  # painted since Run: these labels are measured too
         measured, digest = False, embedded
     try:
-        embedder = yield from iter_load_embedder(model, device=device)  # yields Downloaded while it downloads
+        embedder = yield from iter_load_embedder(model, device=device, stop=stop_download)
     except UnknownModelError as error:  # the library's message names its API; say what this widget offers
         if Path(model).expanduser().is_file():
             return _LoadFailure(str(error))  # a bare weights file: that message names the folder needed
@@ -154,6 +157,7 @@ class EmbedCellsWidget(JobWidget):
         self._embedder: Embedder | None = None
         self._embed_started = 0.0
         self._batch: _Batch | None = None
+        self._stop_download = threading.Event()  # the running run's: Cancel sets it
 
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.cells = ComboBox(
@@ -259,7 +263,8 @@ class EmbedCellsWidget(JobWidget):
         the defaults would embed every cell again, and clear the head's predictions."""
         record = cells.metadata.get(METADATA_KEY) if isinstance(cells, Labels) else None
         crops = crop_settings(cells) if record else None
-        if not crops or crops["mode"] not in CROP_MODES or crops["scale"] not in CROP_SCALES:
+        if (not crops or crops["mode"] not in CROP_MODES or crops["scale"] not in CROP_SCALES
+                or not self.margin.min <= crops["margin"] <= self.margin.max):  # the API takes wider margins
             return
         self.model_name = record.get("model") or self.model_name
         self.crop_mode.value, self.crop_scale.value, self.margin.value = crops["mode"], crops["scale"], crops["margin"]
@@ -296,6 +301,7 @@ class EmbedCellsWidget(JobWidget):
     def cancel(self) -> None:
         if self._batch is not None:
             self._batch.stopped = "cancelled"
+        self._stop_download.set()  # the worker stops at its next yield; the download in its own thread too
         super().cancel()
 
     def _run_next_smear(self) -> None:
@@ -438,10 +444,13 @@ class EmbedCellsWidget(JobWidget):
         self.status.value = f"Loading {model}…"
         measured = cells.metadata.get(MEASURED_LABELS) == digest and "label" in cells.features
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
+        self._stop_download = threading.Event()
         self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size,
-                    (image_hash, digest), earlier_run(cells))
+                    (image_hash, digest), earlier_run(cells), self._stop_download)
 
     def _on_progress(self, item) -> None:
+        if item is None:  # the model is still loading
+            return
         if isinstance(item, Downloaded):
             self._show_download(item)
             return
