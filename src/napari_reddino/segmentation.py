@@ -46,6 +46,7 @@ FULL_RESOLUTION_SIGMA = 0.5  # px: smoothing of the density where cells are size
 CALIBRATION_SIZE = 1024  # px side of the central window used to calibrate large smears
 TILE_CORE = 1536  # px side of a tile's core at working scale, at most
 TILE_MARGIN_DIAMETERS = 1.5
+RENUMBER_ROWS = 512
 SEEN_TWICE = 4  # a cell losing more than 1/4 of itself to another tile's cell was that cell again
 
 
@@ -100,19 +101,25 @@ def iter_segment_cells(
         labels = _separate_at_input_scale(smoothed_whole, array, calibration)
         yield 1, 1
         return labels
-    next_id = 1
+    next_id, gone = 1, []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending = [pool.submit(_segment_tile, array, tile, calibration) for tile in tiles]
         try:
             for done, tile in enumerate(tiles, start=1):
                 future, pending[done - 1] = pending[done - 1], None  # a pasted tile's labels are let go
-                next_id = tile.paste(future.result(), labels, next_id)
+                next_id, removed = tile.paste(future.result(), labels, next_id)
+                gone.extend(removed)
                 del future
                 yield done, len(tiles)
         finally:  # closed early (cancelled): drop queued tiles, do not wait for them
             pool.shutdown(wait=False, cancel_futures=True)
-    present = np.bincount(labels.ravel(), minlength=next_id) > 0
-    return labels if present[1:].all() else keep_segments(labels, present)  # ids 1..n again
+    if gone:  # ids 1..n again, a strip at a time (a whole-image copy is 4 bytes a pixel more)
+        keep = np.ones(next_id, bool)
+        keep[gone] = False
+        relabel = keep_segments(np.arange(next_id, dtype=np.int32), keep)
+        for start in range(0, labels.shape[0], RENUMBER_ROWS):
+            labels[start:start + RENUMBER_ROWS] = relabel[labels[start:start + RENUMBER_ROWS]]
+    return labels
 
 
 def pixel_size_refusal(pixel_size_um) -> str | None:
@@ -251,17 +258,19 @@ class Tile:
     core: tuple[slice, slice]
     window: tuple[slice, slice]
 
-    def paste(self, tile_labels: np.ndarray, labels: np.ndarray, next_id: int) -> int:
-        """Write the cells centred in the core into ``labels``; return the next free id.
+    def paste(self, tile_labels: np.ndarray, labels: np.ndarray, next_id: int) -> tuple[int, np.ndarray]:
+        """Write the cells centred in the core into ``labels``; return the next free id, and the
+        ids of earlier cells this removed.
 
         Two tiles can outline a cell on their seam a little apart, each centring it in its own
         core: the later outline replaces the earlier, whose rest goes too, not left as a speck
         of a cell (an earlier cell losing more than 1/4 of itself here was that cell again).
-        The ids of cells so removed are left unused: :func:`iter_segment_cells` renumbers.
+        Their pixels in this window are cleared here, any beyond it when :func:`iter_segment_cells`
+        renumbers the cells.
         """
         n = int(tile_labels.max())
         if n == 0:
-            return next_id
+            return next_id, np.zeros(0, np.intp)
         rows, cols = cell_centres(tile_labels)
         rows += self.window[0].start
         cols += self.window[1].start
@@ -279,7 +288,7 @@ class Tile:
         lost[0] = False
         region[ours] = new[ours]
         region[lost[earlier] & ~ours] = 0
-        return next_id + int(keep.sum())
+        return next_id + int(keep.sum()), np.flatnonzero(lost)  # their rest beyond the window goes too
 
 
 def plan_tiles(shape: tuple[int, int], calibration: Calibration) -> Iterator[Tile]:
