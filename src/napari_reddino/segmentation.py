@@ -264,7 +264,8 @@ class Tile:
 
         Two tiles can outline a cell on their seam a little apart, each centring it in its own
         core: the later outline replaces the earlier, whose rest goes too, not left as a speck
-        of a cell (an earlier cell losing more than 1/4 of itself here was that cell again).
+        of a cell (an earlier cell losing more than 1/4 of itself here was that cell again); a
+        cell losing less keeps its largest piece.
         Their pixels in this window are cleared here, any beyond it when :func:`iter_segment_cells`
         renumbers the cells.
         """
@@ -288,6 +289,11 @@ class Tile:
         lost[0] = False
         region[ours] = new[ours]
         region[lost[earlier] & ~ours] = 0
+        cut = np.bincount(earlier[ours], minlength=next_id + int(keep.sum())) > 0  # kept, but cut by a new outline
+        cut[0] = False
+        if cut.any():
+            trimmed = np.where(cut[region], region, 0)
+            region[(trimmed > 0) & (largest_pieces(trimmed) == 0)] = 0  # the bits cut off them
         return next_id + int(keep.sum()), np.flatnonzero(lost)  # their rest beyond the window goes too
 
 
