@@ -279,22 +279,24 @@ class Tile:
             (rows >= self.core[0].start) & (rows < self.core[0].stop)
             & (cols >= self.core[1].start) & (cols < self.core[1].stop)
         )
+        end = next_id + int(keep.sum())
         relabel = np.zeros(n + 1, np.int32)
-        relabel[1:][keep] = np.arange(next_id, next_id + int(keep.sum()), dtype=np.int32)
+        relabel[1:][keep] = np.arange(next_id, end, dtype=np.int32)
         region = labels[self.window]
         new = relabel[tile_labels]
         ours = new > 0
-        earlier = region.copy()
-        lost = np.bincount(earlier[ours], minlength=next_id) * SEEN_TWICE > np.bincount(earlier.ravel(), minlength=next_id)
+        taken = np.bincount(region[ours], minlength=end)  # of each earlier cell, by the new outlines
+        lost = taken[:next_id] * SEEN_TWICE > np.bincount(region.ravel(), minlength=next_id)
         lost[0] = False
+        cleared = lost[region] & ~ours
         region[ours] = new[ours]
-        region[lost[earlier] & ~ours] = 0
-        cut = np.bincount(earlier[ours], minlength=next_id + int(keep.sum())) > 0  # kept, but cut by a new outline
+        region[cleared] = 0
+        cut = taken > 0  # kept (the lost have no pixel left here), but a new outline cut through them
         cut[0] = False
         if cut.any():
             trimmed = np.where(cut[region], region, 0)
             region[(trimmed > 0) & (largest_pieces(trimmed) == 0)] = 0  # the bits cut off them
-        return next_id + int(keep.sum()), np.flatnonzero(lost)  # their rest beyond the window goes too
+        return end, np.flatnonzero(lost)  # their rest beyond the window goes too
 
 
 def plan_tiles(shape: tuple[int, int], calibration: Calibration) -> Iterator[Tile]:
