@@ -100,8 +100,8 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
                     reuse: EmbeddedCells | None, stop_download: threading.Event):
     """Yields :class:`Downloaded` while the model downloads (None while it loads: Cancel is
     looked at between two yields; ``stop_download``, which Cancel sets, stops a download), the
-    loaded :class:`Embedder`, then
-    ``(done, total)`` cells; returns ``(run, table, fingerprint, embedded)``: the
+    loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(run, table, fingerprint,
+    embedded)``: the
     :class:`EmbeddedCells` (cells whose crop is as in ``reuse`` keep its embedding), ``table``
     the cells' measurements unless the layer's table was ``measured`` on these very labels (else
     they were made by another tool, or painted since), then None; ``fingerprint`` of the image
