@@ -501,10 +501,10 @@ def iter_load_embedder(model: str | os.PathLike = "reddino-small", *, stop: thre
     :data:`LOAD_POLL_S` otherwise, so that a caller who can stop only between two yields (a
     napari worker) stops at once; returns the :class:`Embedder`.
 
-    Setting ``stop``, or closing the generator, stops a plain download at its next chunk (10
-    MiB); nothing of it reaches the cache. A model being read from disk, or
-    downloaded through the Hub's Xet storage (whose progress callbacks cannot stop it), goes on in
-    the background and is cached for the next call.
+    Setting ``stop``, or closing the generator, stops a plain download at its next chunk
+    (10 MiB); nothing of it reaches the cache. A model being read from disk, or downloaded
+    through the Hub's Xet storage (whose progress callbacks may not stop it), goes on in the
+    background and is cached for the next call.
     """
     updates: queue.SimpleQueue[Downloaded | None] = queue.SimpleQueue()
     stop = stop or threading.Event()
