@@ -721,7 +721,7 @@ def largest_pieces(labels: np.ndarray) -> np.ndarray:
     largest = order[np.append(owner[order][1:] != owner[order][:-1], True)]  # each cell's last piece
     keep = np.zeros(sizes.size, bool)
     keep[largest] = True
-    return np.where(keep[pieces], labels, 0).astype(labels.dtype)
+    return np.where(keep[pieces], labels, 0).astype(labels.dtype, copy=False)
 
 
 def keep_segments(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
