@@ -381,7 +381,9 @@ class Trainer:
         if self.rank == 0:
             tqdm.write(f"reddino-train: resumed from {self.out / CHECKPOINT_NAME} at step {self.iteration}")
             was = sampler["world_size"] * own.train.batch_size_per_gpu
-            if was != self.world_size * self.cfg.train.batch_size_per_gpu:  # the global batch changes
+            # another number of processes, and so another global batch (another batch per GPU alone
+            # is named with the other changed settings)
+            if sampler["world_size"] != self.world_size and was != self.world_size * self.cfg.train.batch_size_per_gpu:
                 warnings.warn(self._other_world_size(sampler["world_size"], was), ResumeSettingsWarning, stacklevel=2)
             images = self.dataset.listing
             if state.get("images", images) != images:  # checkpoints before it was recorded: not checked
