@@ -51,6 +51,13 @@ def test_opens_a_users_smears_one_layer_each(make_napari_viewer):
     assert all(layer.rgb and layer.data.shape == (480, 640, 3) for layer in viewer.layers)
 
 
+def test_a_smear_that_does_not_exist_is_refused_before_napari_opens(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--image", str(CHULA_1), str(tmp_path / "missing.png")])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: no such file: {tmp_path / 'missing.png'}\n")
+
+
 def test_defaults_to_the_chula_sample():
     assert parse_args([]).sample == "chula"
 

@@ -1,6 +1,7 @@
 """``python -m napari_reddino``: napari with a sample smear (or yours) and every RedDino widget docked."""
 
 import argparse
+from pathlib import Path
 
 import napari
 from npe2 import PluginManager
@@ -14,7 +15,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--sample", choices=("chula", "aslan"), default="chula", help="bundled smear to open (default: chula)")
     source.add_argument("--image", metavar="PATH", nargs="+", help="open these smears (one layer each) instead of a sample")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    missing = [path for path in args.image or () if not Path(path).expanduser().exists()]
+    if missing:  # said before napari's window opens, not as napari's traceback
+        parser.error(f"no such file: {', '.join(missing)}")
+    return args
 
 
 def open_smear_and_widgets(viewer: napari.Viewer, args: argparse.Namespace) -> None:
