@@ -579,6 +579,18 @@ def test_a_closed_map_panel_takes_its_colours_and_keys_and_a_new_one_finds_the_c
     assert sorted(c for c in cells.features if c.startswith("p_")) == ["p_crenated", "p_normal"]
 
 
+def test_a_refusal_while_the_map_is_computed_does_not_end_the_run(viewer, qtbot, tiny_folder):  # noqa: F811
+    # A script waiting for `finished` after run() went on before the map was there.
+    embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS):
+        widget.run()
+        with qtbot.assertNotEmitted(widget.finished, wait=0):
+            widget.train()
+        assert widget.status.value == "Compute the map first."
+    assert widget.pool is not None and widget.xy is not None
+
+
 def test_a_reopened_map_panel_keeps_the_names_order_keys_colours_and_ids_of_its_classes(viewer):
     # It started from the default list: key 1 labelled with a class the lab had renamed away.
     dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")

@@ -165,9 +165,12 @@ class JobWidget(QWidget):
         return [layer for layer in self._viewer.layers if isinstance(layer, Image)]
 
     def _refuse(self, message: str, *, notify=show_error) -> None:
+        """Say why not; a run that ends here ends now (``finished``). A refusal of something
+        else while a run goes on (Train head during a UMAP) ends nothing."""
         notify(message)
         self.status.value = message
-        self.finished.emit()
+        if self._worker is None:
+            self.finished.emit()
 
     def _start(self, worker_function, *args) -> None:
         """Run ``worker_function(*args)`` (made by :func:`job_worker`) with this widget's handlers."""
