@@ -120,6 +120,41 @@ def test_a_second_run_on_the_folder_is_refused_and_sigterm_ends_the_first_with_a
     assert read_log(log)[-1]["step"] == summary["iterations_done"]
 
 
+def workers(launcher: subprocess.Popen) -> dict[int, int]:
+    """The pids of the workers that torchrun (``launcher``) started, by rank. They run in
+    sessions of their own, so a signal to the launcher's group does not reach them."""
+    ranks = {}
+    for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if item)
+        ranks[int(environ[b"RANK"])] = int(pid)
+    return ranks
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_one_checkpoint(smear_images, tmp_path):
+    """A scheduler may signal one node's processes before another's: the ranks must still agree."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(SCRIPT), str(smear_images), str(tmp_path), "1000", *TINY, "optim.epochs=200"]
+    launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_steps(launcher, tmp_path / "log.csv", 2)
+    ranks = workers(launcher)
+    try:
+        os.kill(ranks[1], signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=60)
+    finally:  # a rank left waiting for the other would otherwise outlive the test
+        if launcher.poll() is None:
+            for pid in ranks.values():
+                os.kill(pid, signal.SIGKILL)
+            launcher.kill()
+    assert launcher.returncode == 0, output
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["stopped_by_signal"] and rank1["stopped_by_signal"]
+    assert rank0["iterations_done"] == rank1["iterations_done"] < 1000
+    assert rank0["student"] == rank1["student"] and rank0["teacher"] == rank1["teacher"]
+    assert f"stopped by signal after step {rank0['iterations_done']}" in output
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] == rank0["iterations_done"]
+    assert read_log(tmp_path / "log.csv")[-1]["step"] == rank0["iterations_done"]
+
+
 def test_ranks_that_do_not_share_the_output_folder_stop_together_at_the_start_saying_why(smear_images, tmp_path):
     """Each node writing to its own disk: found before the first step, not at the resume."""
     finished = torchrun_fit(smear_images, f"{tmp_path}/rank{{rank}}", 2, check=False)
