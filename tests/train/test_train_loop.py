@@ -115,6 +115,37 @@ def test_a_step_trains_with_the_schedule_values_it_is_given(smear_images, tmp_pa
     assert not torch.equal(masks, trainer._masks(16))
 
 
+@pytest.mark.parametrize("local_number", [2, 0])  # 0: RedDino's recipe, where only the global views meet
+def test_the_dino_term_pairs_each_student_crop_with_the_other_teacher_views_and_koleo_sees_the_backbone(
+    smear_images, tmp_path, monkeypatch, local_number
+):
+    """The step's DINO term recomputed apart from the loss code, from what the teacher and the
+    student output: each student crop against the teacher's softmax of every global view that
+    is not its own, averaged over the batch, then over those pairs."""
+    cfg = load_config("tiny", [*TINY, f"crops.local_number={local_number}"])
+    trainer = Trainer(cfg, smear_images, tmp_path, torch.device("cpu"))
+    seen, koleo_rows = {}, []
+    targets, student = trainer.teacher.targets, trainer.distributed_student
+    monkeypatch.setattr(trainer.teacher, "targets", lambda *args: seen.setdefault("teacher", targets(*args)))
+    monkeypatch.setattr(trainer, "distributed_student", lambda *args: seen.setdefault("student", student(*args)))
+    monkeypatch.setattr(train_module, "koleo_loss", lambda tokens: koleo_rows.append(tokens.detach()) or koleo_loss(tokens))
+    values = ScheduleValues(lr=1e-4, last_layer_lr=1e-4, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+    stats, _, _ = trainer.step(next(trainer._batches()), values, threading.Event())
+
+    teacher_cls = seen["teacher"][0].detach().float()
+    batch_size = len(teacher_cls) // 2
+    teacher = torch.softmax(teacher_cls / values.teacher_temp, dim=-1).view(2, batch_size, -1)  # the centre starts at 0
+    student_log = torch.log_softmax(seen["student"].cls_logits.detach().float() / cfg.loss.student_temp, dim=-1)
+    student_log = student_log.view(-1, batch_size, teacher.shape[-1])
+    assert len(student_log) == 2 + local_number
+    pairs = [(s, t) for s in range(len(student_log)) for t in range(2) if s != t]
+    expected = sum(-(teacher[t] * student_log[s]).sum(dim=-1).mean() for s, t in pairs) / len(pairs)
+    assert stats["dino"] == pytest.approx(expected.item(), rel=1e-5)
+    backbone_cls = seen["student"].global_cls_tokens.detach()
+    assert backbone_cls.shape[1] == trainer.student.backbone.vit.embed_dim
+    assert torch.equal(torch.cat(koleo_rows), backbone_cls)
+
+
 def test_resumed_run_repeats_the_uninterrupted_one_exactly(smear_images, tmp_path):
     cfg = load_config("tiny", TINY)
     straight = fit(cfg, smear_images, tmp_path / "straight", max_steps=6)
