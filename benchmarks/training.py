@@ -6,7 +6,7 @@ gloo DDP ranks of 1 thread under torchrun. Rates come from ``log.csv`` (one row 
 images/s of all ranks), median over the steps after ``--warmup``.
 
 GPU (``--device cuda --model vits14|vitb14|vitl14``): one training step of the model's
-RedDino recipe (random init; 224 px global and 98 px local crops; bf16 autocast) driven on
+RedDino recipe (random init; 224 px global crops, no local crop; bf16 autocast) driven on
 synthetic batches already on the GPU, so the number is the model's, not the data loader's.
 FLOPs of one whole step (student forward + backward, teacher forward, heads, losses) are
 counted with ``torch.utils.flop_counter.FlopCounterMode``; model FLOP utilisation = FLOPs
