@@ -861,6 +861,17 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     click(widget.canvas._on_press, widget.canvas.model, tuple(first), drag=True)  # a pan
     assert np.flatnonzero(widget.selected).tolist() == [0, 1]
     press("Clear selection")
+    # Zoomed far in, points are drawn at most 40 px wide: a click picks within 1.5 of those, as seen.
+    points = widget.canvas.points.data
+    gaps = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.diag(np.full(n, np.inf))
+    lone = int(np.argmax(gaps.min(axis=1)))  # the point farthest from its nearest neighbour
+    size = float(np.mean(widget.canvas.points.size))
+    widget.canvas.model.camera.zoom = zoom = max(80 / size, 200 / gaps[lone].min())  # drawn at 40 px
+    click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [80 / zoom, 0]))  # 80 px off
+    assert not widget.selected.any()
+    click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [50 / zoom, 0]))  # 50 px off
+    assert np.flatnonzero(widget.selected).tolist() == [lone]
+    press("Clear selection")
     # A class's colour, chosen by double-clicking its key, colours its cells on the map and in exports.
     widget.colour_by.value = "manual label"
     monkeypatch.setattr(QColorDialog, "getColor", lambda *args, **kwargs: QColor("#123456"))

@@ -26,7 +26,8 @@ from ..cell_map import points_in_polygon
 
 POINT_SIZE_FRACTION = 1 / 50  # point diameter relative to the map's extent
 MAP_DIM_OPACITY = 0.35  # the points outside a selection, still visible as context
-CLICK_RADIUS_POINTS = 1.5  # a click this many point diameters from a point picks it
+CLICK_RADIUS_POINTS = 1.5  # a click this many drawn point diameters from a point picks it
+DRAWN_SIZE_LIMITS = (4, 40)  # px on screen: a point's diameter at any zoom
 LABEL_KEYS = {getattr(Qt.Key, f"Key_{digit}"): str(digit) for digit in range(10)} | {
     Qt.Key.Key_Backspace: "Backspace", Qt.Key.Key_Delete: "Delete"}
 MIN_HEIGHT = 200  # px: usable, and with Segment and Embed tabbed beside it napari's window needs 764 px
@@ -138,7 +139,7 @@ class MapCanvas(QWidget):
         data = map_coordinates(xy)
         extent = float(np.ptp(data, axis=0).max()) if len(data) > 1 else 1.0
         self.clear()
-        style = {"size": max(extent, 1e-6) * POINT_SIZE_FRACTION, "canvas_size_limits": (4, 40)}
+        style = {"size": max(extent, 1e-6) * POINT_SIZE_FRACTION, "canvas_size_limits": DRAWN_SIZE_LIMITS}
         self.points = self.model.add_points(data, name="cell map", features=features, border_width=0, **style)
         self.selection = self.model.add_points(
             np.empty((0, 2)), name="selected cells", face_color="transparent", border_width=0.3,
@@ -216,5 +217,7 @@ class MapCanvas(QWidget):
             return  # a drag pans the map
         distances = np.linalg.norm(self.coordinates - np.asarray(event.position)[-2:], axis=1)
         nearest = int(np.argmin(distances))
-        if distances[nearest] <= CLICK_RADIUS_POINTS * float(np.mean(self.points.size)):
+        zoom = self.model.camera.zoom  # screen px per map unit; the points are drawn within limits
+        drawn = np.clip(float(np.mean(self.points.size)) * zoom, *DRAWN_SIZE_LIMITS)
+        if distances[nearest] * zoom <= CLICK_RADIUS_POINTS * drawn:
             self.point_clicked.emit(nearest, "Shift" in event.modifiers)
