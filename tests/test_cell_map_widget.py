@@ -901,6 +901,8 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     classes.table.item(classes.classes.index("spherocyte"), NAME).setText("sphero")
     np.testing.assert_array_equal(manual() == "sphero", spherocytes)
     classes.table.item(classes.classes.index("sphero"), NAME).setText("spherocyte")
+    press("Undo label")  # the labellings before a rename named classes by their old names
+    assert widget.status.value.startswith("Nothing to undo")
 
     # A measurement some cells lack is left out of the head, and the status says which.
     complete = cells.features
@@ -952,9 +954,18 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
                                    "as before. If it is open in another program (a spreadsheet, say), close it "
                                    "there and try again.")
     monkeypatch.setattr(os, "replace", replace)
+    widget.select(np.arange(n) == 0)
+    press("Assign", "normal")
     cells.features = cells.features.assign(manual_label="")
     press("Import labels…")
     np.testing.assert_array_equal(manual(), exported["manual_label"])
+    press("Undo label")  # would write the labels of before the import over the imported ones
+    assert widget.status.value.startswith("Nothing to undo")
+    press("Assign", "normal")
+    compute_map(widget, qtbot)
+    press("Undo label")  # a new map's point numbers may be other cells
+    assert widget.status.value.startswith("Nothing to undo")
+    np.testing.assert_array_equal(manual(), np.where(np.arange(n) == 0, "normal", exported["manual_label"]))
 
     # A run that ends while Replace? is asked (its dialog runs Qt's events) takes the map away.
     def map_gone_then_yes(*args, **kwargs):

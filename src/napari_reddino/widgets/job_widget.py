@@ -169,6 +169,10 @@ class JobWidget(QWidget):
         else while a run goes on (Train head during a UMAP) ends nothing."""
         notify(message)
         self.status.value = message
+        self._refused()
+
+    def _refused(self) -> None:
+        """A request was refused: that ends a run only where none goes on."""
         if self._worker is None:
             self.finished.emit()
 
