@@ -73,6 +73,25 @@ def test_writes_land_on_the_cells_own_rows(two_smears):
     np.testing.assert_array_equal(pool.table()["umap_x"], np.arange(5.0))
 
 
+def test_cells_are_found_by_label_id_in_a_table_of_another_order_with_a_cell_not_embedded():
+    labels = np.zeros((4, 4), dtype=np.int32)
+    labels[0, :2], labels[1, :2], labels[2, :2], labels[3, :2] = 2, 5, 9, 11
+    table = pd.DataFrame({"label": [11, 9, 2, 5], "area": [110.0, 90.0, 20.0, 50.0],
+                          "manual_label": ["x", "", "", "b"]})
+    layer = labels_layer(table, "cells", labels)
+    store_embeddings(layer, np.array([2, 5, 9]), np.eye(3, 4, dtype=np.float32), model_id="m", fingerprint="f")
+    pool = PooledCells.from_layers([layer])
+    np.testing.assert_array_equal(pool.label_ids, [2, 5, 9])  # cell 11 has no embedding, so no point
+    np.testing.assert_array_equal(pool.column("area"), [20.0, 50.0, 90.0])
+    assert pool.column("manual_label", "").tolist() == ["", "b", ""]
+    assert pool.table()["label"].tolist() == [2, 5, 9] and pool.table()["area"].tolist() == [20.0, 50.0, 90.0]
+    np.testing.assert_array_equal(pool.points_of(0, [9, 2, 11]), [2, 0])
+    pool.write("manual_label", "z", [0])
+    assert dict(zip(layer.features["label"], layer.features["manual_label"])) == {11: "x", 9: "", 2: "z", 5: "b"}
+    ranks = pool.rank_image(0)
+    assert ranks[0, 0] == 1 and ranks[2, 0] == 3 and ranks[3, 0] == 0  # cell 11 is not on the map
+
+
 def test_labels_are_written_into_a_column_read_back_as_numbers_or_categories(two_smears):
     first, second = two_smears
     first.features["manual_label"] = np.nan  # a table read back from a CSV where nobody had labelled yet
