@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _model_fixtures import TINY_DIM, tiny_folder  # noqa: F401  (fixture)
+from _model_fixtures import TINY_DIM, hub_cache, publish_to_cache, tiny_folder  # noqa: F401  (fixtures)
 from skimage.io import imread, imsave
 
 from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
@@ -125,6 +125,21 @@ def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, ti
     assert "[1/1] image-1: warning: 100% of its cells are unlike the cells the head was trained among" in err
     assert "torch.compile compiles the model during the first smear" in err
     assert read(tmp_path / "aslan" / "cells.csv")["model_id"].eq(embedder.model_id).all()
+
+
+def test_without_model_a_head_s_hub_model_embeds_the_cells_and_a_local_one_must_be_given(
+    smears, tmp_path, tiny_folder, hub_cache, capsys  # noqa: F811
+):
+    publish_to_cache(tiny_folder[1], hub_cache, "lab/rbc-tiny")
+    embedder = saved_head(smears / "1.jpg", "hf_hub:lab/rbc-tiny", tmp_path / "hub-head")[1]
+    run = [str(smears / "1.jpg"), "--device", "cpu", "--head"]
+    assert main([*run, str(tmp_path / "hub-head"), "--out", str(tmp_path / "out")]) == 0
+    assert "the head learnt from hf_hub:lab/rbc-tiny; its cells are embedded with it" in capsys.readouterr().out
+    assert read(tmp_path / "out" / "cells.csv")["model_id"].eq(embedder.model_id).all()
+    saved_head(smears / "1.jpg", str(tiny_folder[1]), tmp_path / "local-head")
+    assert main([*run, str(tmp_path / "local-head"), "--out", str(tmp_path / "local")]) == 2
+    assert (f"the head {tmp_path / 'local-head'} learnt from the local model 'tiny_model'; give its folder with "
+            "--model") in capsys.readouterr().err
 
 
 def row_thumbnails(picture: np.ndarray, row: int) -> list[np.ndarray]:
@@ -315,15 +330,30 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
     (out / "cells_summary.csv").rmdir()
     replace = os.replace
 
-    def held_open(source, target):  # the summary open in a spreadsheet, on Windows
-        if Path(target).name == "cells_summary.csv":
-            raise PermissionError(13, "Permission denied")
-        replace(source, target)
+    def held_open(name: str):  # open in a spreadsheet, on Windows: it cannot be replaced
+        def replace_unless_held(source, target):
+            if Path(target).name == name:
+                raise PermissionError(13, "Permission denied")
+            replace(source, target)
+        return replace_unless_held
 
-    monkeypatch.setattr(os, "replace", held_open)
+    monkeypatch.setattr(os, "replace", held_open("cells_summary.csv"))
     assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 1
-    assert ("only partly written: cells.csv was written, but cells_summary.csv could not be replaced (Permission "
-            "denied)" in capsys.readouterr().err)
+    captured = capsys.readouterr()  # the run's work is kept: the whole set, beside the held file
+    assert captured.err == ("reddino-analyse: cells.csv was written, but cells_summary.csv could not be replaced "
+                            "(Permission denied); cells_summary.csv is as before, so they no longer match (one open "
+                            "in another program?); this run's files get a timestamped name instead\n")
+    aside = sorted(path.name for path in out.glob("cells-*"))
+    assert len(aside) == 2 and aside[1] == aside[0].replace(".csv", "_summary.csv") and aside[0] in captured.out
+    assert len(read(out / aside[1])) == 2 and len(read(out / aside[0])) == len(read(out / "cells.csv"))
+    for path in out.glob("cells-*"):
+        path.unlink()
+    monkeypatch.setattr(os, "replace", held_open("cells.csv"))
+    assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 1
+    assert capsys.readouterr().err == ("reddino-analyse: cells.csv could not be replaced (Permission denied); it is as "
+                                       "before (open in another program?); this run's files get a timestamped name "
+                                       "instead\n")
+    assert len(list(out.glob("cells-*"))) == 2
     monkeypatch.setattr(os, "replace", replace)
     fresh = tmp_path / "fresh"
     export = analyse_cli.export_cells_csv
@@ -369,6 +399,10 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
         ([str(smears), "--out", str(other), "--model", str(tiny_folder[1] / "model.safetensors"), "--with-embeddings"],
          "model.safetensors is a weights file; give the model folder (config.json and model.safetensors"),
         ([str(smears), "--out", str(out / "cells.csv"), "--measure-only"], "cannot make the output folder"),
+        # said before a model is loaded (or downloaded): this one would be refused as unknown
+        ([str(smears), "--out", str(out / "cells.csv" / "deeper"), "--model", "reddino-tiny", "--with-embeddings"],
+         f"cannot make the output folder {out / 'cells.csv' / 'deeper'}: {out / 'cells.csv'} is a file"),
+        ([str(smears), "--out", str(other), "--measure-only", "--with-embeddings"], "cannot take --with-embeddings"),
         ([str(smears), "--out", str(other), "--model", str(tiny_folder[1]), "--head", str(tmp_path / "none")],
          "cannot use the head"),
     ]
@@ -390,6 +424,8 @@ def test_an_unreadable_smear_is_skipped_and_the_others_are_written(smears, tmp_p
     summary = read(out / "cells_summary.csv")
     assert summary["image"].tolist() == ["1", "26", "empty"]  # in path order: day2/26.jpg before empty.png
     assert summary.set_index("image").loc["empty", "cells"] == 0
+    assert main([str(smears / "broken.png"), "--out", str(tmp_path / "none"), "--measure-only"]) == 1  # not success
+    assert "no smear was analysed; nothing written" in capsys.readouterr().err
 
 
 def test_a_cmyk_jpeg_is_read_as_the_rgb_smear_it_shows(tmp_path):
@@ -414,6 +450,14 @@ def test_a_gray_smear_stored_with_alpha_or_one_channel_is_read_as_its_gray_plane
         pixels = read_smear(tmp_path / name)
         np.testing.assert_array_equal(pixels, gray)
         assert segment_cells(pixels).max() > 100
+
+
+@pytest.mark.parametrize(("name", "content"), [("tiny.jpg", b"\xff\xd8\xff"), ("tiny.png", b"\x89P"),
+                                               ("text.png", b"not a png at all, but a note")])
+def test_a_file_that_is_no_image_is_said_to_be_one_however_short(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)  # Pillow fails on a few bytes with SyntaxError or struct.error
+    with pytest.raises(OSError, match=r"^not an image that can be read \(PNG, JPEG or TIFF\), or a damaged one$"):
+        read_smear(tmp_path / name)
 
 
 def test_smears_are_listed_and_named_as_napari_names_their_layers(tmp_path):

@@ -258,8 +258,10 @@ def test_a_csv_from_before_the_layer_column_is_read_by_image(smear, tmp_path):
 def test_a_csv_saved_again_by_a_spreadsheet_in_another_locale_gives_its_labels(smear, tmp_path):
     yesterday = labelled(cells_layer(smear))
     yesterday.features["manual_label"] = yesterday.features["manual_label"].replace("target cell", "Schießscheibe")
-    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    export_cells_csv(tmp_path / "cells.csv", yesterday, summary_path=tmp_path / "summary.csv")
     assert (tmp_path / "cells.csv").read_bytes().startswith(b"\xef\xbb\xbflayer,")  # Excel reads it as UTF-8
+    summary = (tmp_path / "summary.csv").read_bytes()  # its class columns are named too: n_Schießscheibe
+    assert summary.startswith(b"\xef\xbb\xbf") and "n_Schießscheibe".encode() in summary
     table = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
     assert table.columns[0] == "layer" and "Schießscheibe" in set(table["manual_label"])
     # German Excel's "CSV (Trennzeichen-getrennt)": Windows-1252, fields split by ;, decimal commas

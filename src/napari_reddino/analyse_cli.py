@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .atomic_files import PartlyWrittenError
+from .atomic_files import NotReplacedError, PartlyWrittenError
 from .batch_analysis import GALLERIES, SmearAnalysis, list_smears, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "png/jpg/jpeg/tif/tiff at any depth")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (made if missing)")
     parser.add_argument("--model", help="reddino-small, reddino-base or reddino-large, hf_hub:org/name, or a local "
-                        f"model folder (default: {DEFAULT_MODEL})")
+                        f"model folder (default: the --head's model if on the Hub, else {DEFAULT_MODEL})")
     parser.add_argument("--head", metavar="PATH", help="a head saved by the Cell map widget for this model: "
                         "every cell gets a predicted class and its probabilities, the summary class counts and %%")
     parser.add_argument("--measure-only", action="store_true", help="segment and measure only; no model")
@@ -155,13 +155,12 @@ def _analyse(args: argparse.Namespace) -> int:
     empty = [source for source in args.smears if Path(source).is_dir() and Path(source).resolve() not in found_in]
     if empty:  # a day's smears would be missing from the report without a word
         raise _Refused(f"no images (png, jpg, jpeg, tif, tiff) in {', '.join(empty)}")
+    _check_output_folder(out)  # before the model, which may download for minutes
     analysis = _analysis(args)
     try:  # said now, not after hours of smears
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise _Refused(f"cannot make the output folder {out}: {error}") from error
-    if not os.access(out, os.W_OK):
-        raise _Refused(f"the output folder {out} is not writable")
 
     done, skipped = [], []
     with _remembered_ctrl_c() as ctrl_c:
@@ -212,22 +211,37 @@ def _analyse(args: argparse.Namespace) -> int:
     return 1 if kept or targets[0] != table else 0  # a script reading DIR/cells.csv would read the other run's
 
 
+def _check_output_folder(out: Path) -> None:
+    """Refuse an output folder that could not be made or written in, without making it yet."""
+    nearest = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    if not nearest.is_dir():
+        raise _Refused(f"cannot make the output folder {out}: {nearest} is a file")
+    if not os.access(nearest, os.W_OK):
+        raise _Refused(f"the output folder {out} is not writable" if nearest == out else
+                       f"cannot make the output folder {out}: {nearest} is not writable")
+
+
 def _export_files(table: Path, with_embeddings: bool) -> list[Path]:
     """The table, its smear summary and, when kept, its embeddings."""
     return [table, summary_path(table), *[table.with_suffix(".npz")] * with_embeddings]
 
 
 def _export(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace) -> list[Path]:
-    """Write the export and return its files. When another run wrote one of them after this run's
-    start (two runs given the same --out), this run's files go beside them under a timestamped
-    name rather than losing hours of smears."""
+    """Write the export and return its files. When one of them cannot be written where it goes
+    (another run, given the same --out, wrote it after this run's start; a spreadsheet holds the
+    old one open), this run's files go beside them under a timestamped name rather than losing
+    hours of smears."""
     try:
         return _write(table, done, classes, args)
     except FileExistsError as error:
-        print(f"reddino-analyse: {error.filename} appeared while this run went on (another run writing to the same "
-              "folder?); this run's files get a timestamped name instead", file=sys.stderr, flush=True)
-        aside = table.with_name(f"{table.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{table.suffix}")
-        return _write(aside, done, classes, args)  # the process id: two runs may collide in one second
+        why = f"{error.filename} appeared while this run went on (another run writing to the same folder?)"
+    except NotReplacedError as error:
+        why = f"{error} (open in another program?)"
+    except PartlyWrittenError as error:
+        why = f"{error}, so they no longer match (one open in another program?)"
+    print(f"reddino-analyse: {why}; this run's files get a timestamped name instead", file=sys.stderr, flush=True)
+    aside = table.with_name(f"{table.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{table.suffix}")
+    return _write(aside, done, classes, args)  # the process id: two runs may collide in one second
 
 
 def _write(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace) -> list[Path]:
@@ -261,7 +275,7 @@ def _analysis(args: argparse.Namespace) -> SmearAnalysis:
     from .embedding import load_embedder
     from .models import ModelLoadError
 
-    model = args.model or DEFAULT_MODEL
+    model = args.model or _model_of_head(args.head) or DEFAULT_MODEL
     if Path(model).expanduser().is_file():  # the library's message for one names its Python argument
         raise _Refused(f"--model {model} is a weights file; give the model folder (config.json and "
                        "model.safetensors, as reddino-train export writes it) or a Hub name")
@@ -281,6 +295,24 @@ def _analysis(args: argparse.Namespace) -> SmearAnalysis:
     return SmearAnalysis(embedder=embedder, model=model, head=head, pixel_size_um=args.pixel_size_um,
                          keep_embeddings=args.with_embeddings, galleries=Path(args.out) / GALLERIES if args.galleries
                          else None)
+
+
+def _model_of_head(head: str | None) -> str | None:
+    """The Hub model a saved head learnt from: without --model, the cells are embedded with it.
+    A local model's folder is not in the head (only its name), so it must be given."""
+    from .cell_classifier import saved_head_model
+    from .models import hub_id
+
+    try:
+        model = saved_head_model(head) if head else None
+    except (OSError, ValueError):
+        return None  # refused with the head's own message once the model is loaded
+    if model is None:
+        return None
+    if hub_id(model) or (Path(model).is_absolute() and Path(model).is_dir()):  # the latter: an older head's id
+        print(f"reddino-analyse: the head learnt from {model}; its cells are embedded with it", flush=True)
+        return model
+    raise _Refused(f"the head {head} learnt from the local model {Path(model).name!r}; give its folder with --model")
 
 
 def _advance(bar: tqdm, done: int, total: int) -> None:

@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits
 from .atomic_files import write_files_atomically
 from .cell_embeddings import check_embeddings, crops_in_words
 from .cell_table import whole_cells
-from .model_ids import readable_ids, same_model
+from .model_ids import named_as, readable_ids, same_model
 
 DEFAULT_MEASUREMENTS = (
     "circularity", "eccentricity", "solidity", "central_pallor", "outline_shared", "relative_diameter", "red_fraction",
@@ -301,6 +301,11 @@ def head_paths(path) -> tuple[Path, Path]:
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     return Path(f"{stem}.safetensors"), Path(f"{stem}.json")
+
+
+def saved_head_model(path) -> str | None:
+    """The model a saved head learnt the embeddings of, as it was named (without its digest)."""
+    return named_as(_read_about(head_paths(path)[1])["model_id"])
 
 
 def available_measurements(table: pd.DataFrame) -> list[str]:

@@ -3,10 +3,11 @@
 Columns: those of :func:`napari_reddino.cell_table.cells_table`.
 
 Floats are written in full (float32 values as their exact float64 value), booleans as
-``True``/``False``. Read it back with ``pd.read_csv(path, dtype={"image": str},
-keep_default_na=False, na_values=[""])``: plain ``read_csv`` reads an image named like a number
-("1" from ``1.jpg``) as a number and a class named ``NA``, ``N/A`` or ``None`` as missing, like
-an unlabelled cell's empty ``manual_label``.
+``True``/``False``. Read it back with ``pd.read_csv(path, dtype={"layer": str, "image": str,
+"manual_label": str, "predicted_class": str}, keep_default_na=False, na_values=[""])``: plain
+``read_csv`` reads an image or classes named like numbers ("1" from ``1.jpg``; classes coded
+1, 2, 3) as numbers and a class named ``NA``, ``N/A`` or ``None`` as missing, like an
+unlabelled cell's empty ``manual_label``.
 
 The embeddings file is an ``.npz`` (no pickle; ``np.load(path)`` reads it) of ``layer``,
 ``image``, ``label``, ``model_id`` (one per cell) and ``embedding`` (float32, cells x dim), in the CSV's

@@ -12,6 +12,7 @@ pink, lilac and grey-stained smears differ.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from math import ceil
 
@@ -106,7 +107,7 @@ def read_smear(path: str | os.PathLike) -> np.ndarray:
     except Image.DecompressionBombError as error:
         raise OSError("more pixels than Pillow reads (its guard against decompression bombs, about 179 million): "
                       "cut the scan into fields, with QuPath or vips say, and analyse those") from error
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SyntaxError, struct.error) as error:  # the latter two: Pillow on a few bytes
         raise OSError("not an image that can be read (PNG, JPEG or TIFF), or a damaged one") from error
     if image.ndim == 3 and image.shape[-1] in (2, 4):
         with Image.open(path) as stored:

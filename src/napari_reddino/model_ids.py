@@ -36,6 +36,11 @@ def weights_key(model_id: str | None) -> str | None:
     return model_id
 
 
+def named_as(model_id: str | None) -> str | None:
+    """The name the user gave the model of ``model_id``, without its digest."""
+    return (model_id or "").partition(WEIGHTS_MARK)[0] or None
+
+
 def same_model(first: str | None, second: str | None) -> bool:
     """Whether two ids name the same weights: by digest where both have one, else by name."""
     if first and second and WEIGHTS_MARK in first and WEIGHTS_MARK in second:
@@ -54,5 +59,5 @@ def readable_ids(model_ids: list[str | None]) -> list[str]:
 
 def _name(model_id: str | None) -> str:
     """The name part of an id; of an earlier version's local path, its last part."""
-    name = (model_id or "").partition(WEIGHTS_MARK)[0]
+    name = named_as(model_id) or ""
     return PurePath(name).name if PurePath(name).is_absolute() else name
