@@ -581,7 +581,7 @@ def test_a_closed_map_panel_takes_its_colours_and_keys_and_a_new_one_finds_the_c
 
 def test_a_refusal_while_the_map_is_computed_does_not_end_the_run(viewer, qtbot, tiny_folder):  # noqa: F811
     # A script waiting for `finished` after run() went on before the map was there.
-    embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
     with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS):
         widget.run()
@@ -589,6 +589,14 @@ def test_a_refusal_while_the_map_is_computed_does_not_end_the_run(viewer, qtbot,
             widget.train()
         assert widget.status.value == "Compute the map first."
     assert widget.pool is not None and widget.xy is not None
+    # Nor when the shown map is found stale (a cell erased in place, which sends no event) meanwhile.
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS):
+        widget.run()
+        cells.data[cells.data == widget.pool.label_ids[0]] = 0
+        with qtbot.assertNotEmitted(widget.finished, wait=0):
+            widget.train()
+        assert widget.status.value == f"The cells of {cells.name!r} changed; embed them again, then Compute map."
+    assert widget.pool is None
 
 
 def test_a_reopened_map_panel_keeps_the_names_order_keys_colours_and_ids_of_its_classes(viewer):
@@ -870,6 +878,13 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [80 / zoom, 0]))  # 80 px off
     assert not widget.selected.any()
     click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [50 / zoom, 0]))  # 50 px off
+    assert np.flatnonzero(widget.selected).tolist() == [lone]
+    press("Clear selection")
+    # On a HiDPI screen (2 device px per px) the limit is 40 device px: 20 px, so a click picks within 30.
+    monkeypatch.setattr(type(widget.canvas.qt_viewer), "devicePixelRatioF", lambda self: 2.0)
+    click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [40 / zoom, 0]))
+    assert not widget.selected.any()
+    click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [25 / zoom, 0]))
     assert np.flatnonzero(widget.selected).tolist() == [lone]
     press("Clear selection")
     # A class's colour, chosen by double-clicking its key, colours its cells on the map and in exports.

@@ -386,7 +386,7 @@ class CellMapWidget(MapExport, JobWidget):
         """False, after saying so, when the map's cells were re-embedded or removed since it was made."""
         if self.pool is not None and (changed := self._changed_since_pooled(self.pool)):
             self._map_is_stale(changed)
-            self.finished.emit()
+            self._refused()
             return False
         return True
 

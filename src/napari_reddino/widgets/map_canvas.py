@@ -27,7 +27,7 @@ from ..cell_map import points_in_polygon
 POINT_SIZE_FRACTION = 1 / 50  # point diameter relative to the map's extent
 MAP_DIM_OPACITY = 0.35  # the points outside a selection, still visible as context
 CLICK_RADIUS_POINTS = 1.5  # a click this many drawn point diameters from a point picks it
-DRAWN_SIZE_LIMITS = (4, 40)  # px on screen: a point's diameter at any zoom
+DRAWN_SIZE_LIMITS = (4, 40)  # a point's diameter at any zoom, in device pixels (half as many logical on HiDPI)
 LABEL_KEYS = {getattr(Qt.Key, f"Key_{digit}"): str(digit) for digit in range(10)} | {
     Qt.Key.Key_Backspace: "Backspace", Qt.Key.Key_Delete: "Delete"}
 MIN_HEIGHT = 200  # px: usable, and with Segment and Embed tabbed beside it napari's window needs 764 px
@@ -217,7 +217,8 @@ class MapCanvas(QWidget):
             return  # a drag pans the map
         distances = np.linalg.norm(self.coordinates - np.asarray(event.position)[-2:], axis=1)
         nearest = int(np.argmin(distances))
-        zoom = self.model.camera.zoom  # screen px per map unit; the points are drawn within limits
-        drawn = np.clip(float(np.mean(self.points.size)) * zoom, *DRAWN_SIZE_LIMITS)
+        zoom = self.model.camera.zoom  # logical screen px per map unit
+        ratio = self.qt_viewer.devicePixelRatioF() if self.qt_viewer is not None else 1.0  # vispy clamps in device px
+        drawn = np.clip(float(np.mean(self.points.size)) * zoom * ratio, *DRAWN_SIZE_LIMITS) / ratio
         if distances[nearest] * zoom <= CLICK_RADIUS_POINTS * drawn:
             self.point_clicked.emit(nearest, "Shift" in event.modifiers)
