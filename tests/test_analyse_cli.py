@@ -348,12 +348,15 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
     assert len(read(out / aside[1])) == 2 and len(read(out / aside[0])) == len(read(out / "cells.csv"))
     for path in out.glob("cells-*"):
         path.unlink()
+    (out / "cells.npz").write_bytes(b"the embeddings of the cells.csv there")
     monkeypatch.setattr(os, "replace", held_open("cells.csv"))
     assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 1
     assert capsys.readouterr().err == ("reddino-analyse: cells.csv could not be replaced (Permission denied); it is as "
                                        "before (open in another program?); this run's files get a timestamped name "
                                        "instead\n")
     assert len(list(out.glob("cells-*"))) == 2
+    assert (out / "cells.npz").read_bytes() == b"the embeddings of the cells.csv there"  # it still matches
+    (out / "cells.npz").unlink()
     monkeypatch.setattr(os, "replace", replace)
     fresh = tmp_path / "fresh"
     export = analyse_cli.export_cells_csv
@@ -403,6 +406,8 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
         ([str(smears), "--out", str(out / "cells.csv" / "deeper"), "--model", "reddino-tiny", "--with-embeddings"],
          f"cannot make the output folder {out / 'cells.csv' / 'deeper'}: {out / 'cells.csv'} is a file"),
         ([str(smears), "--out", str(other), "--measure-only", "--with-embeddings"], "cannot take --with-embeddings"),
+        # without --model: refused before the default model is loaded (or looked for offline)
+        ([str(smears), "--out", str(other), "--head", str(tmp_path / "none")], "cannot use the head"),
         ([str(smears), "--out", str(other), "--model", str(tiny_folder[1]), "--head", str(tmp_path / "none")],
          "cannot use the head"),
     ]

@@ -187,6 +187,8 @@ def _analyse(args: argparse.Namespace) -> int:
         print(f"reddino-analyse: nothing written{written}: {error}", file=sys.stderr)
         return 1
     removed, kept = "", []
+    if targets[0] != table:  # written aside: the files of the earlier run still belong to the table left there
+        stale, old_galleries = [], []
     for file in stale:
         try:
             file.unlink(missing_ok=True)
@@ -213,7 +215,9 @@ def _analyse(args: argparse.Namespace) -> int:
 
 def _check_output_folder(out: Path) -> None:
     """Refuse an output folder that could not be made or written in, without making it yet."""
-    nearest = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    nearest = next((folder for folder in (out, *out.absolute().parents) if folder.exists()), None)
+    if nearest is None:  # an unmapped drive, a share that is offline
+        raise _Refused(f"cannot make the output folder {out}: {out.absolute().anchor} is not there")
     if not nearest.is_dir():
         raise _Refused(f"cannot make the output folder {out}: {nearest} is a file")
     if not os.access(nearest, os.W_OK):
@@ -305,8 +309,8 @@ def _model_of_head(head: str | None) -> str | None:
 
     try:
         model = saved_head_model(head) if head else None
-    except (OSError, ValueError):
-        return None  # refused with the head's own message once the model is loaded
+    except (OSError, ValueError) as error:  # before any model is loaded (or downloaded) in vain
+        raise _Refused(f"cannot use the head {head}: {error}") from error
     if model is None:
         return None
     if hub_id(model) or (Path(model).is_absolute() and Path(model).is_dir()):  # the latter: an older head's id
