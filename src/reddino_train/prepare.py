@@ -62,6 +62,10 @@ class PrepareError(ValueError):
     """Settings or folders that cannot make a training set."""
 
 
+ONLY_IN_MODE = {"patch_size": "patches", "margin": "cells", "crop_mode": "cells", "crop_scale": "cells",
+                "pixel_size_um": "cells"}  # the settings that only one mode uses
+
+
 @dataclass(frozen=True)
 class PrepareSettings:
     mode: Mode = "cells"
@@ -75,6 +79,12 @@ class PrepareSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise PrepareError(f"mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        defaults = PrepareSettings.__dataclass_fields__
+        unused = [f"--{name.replace('_', '-')}" for name, mode in ONLY_IN_MODE.items()
+                  if mode != self.mode and getattr(self, name) != defaults[name].default]
+        if unused:  # it would do nothing, yet a later run giving it otherwise would be refused
+            raise PrepareError(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} for --mode "
+                               f"{'patches' if self.mode == 'cells' else 'cells'} only, not for --mode {self.mode}")
         if (self.size is not None and self.size < 1) or self.patch_size < 1:
             raise PrepareError("size and patch size must be positive numbers of pixels")
         for option, value, largest in (("--size", self.size, MAX_SIZE), ("--patch-size", self.patch_size, MAX_PATCH)):
@@ -344,8 +354,12 @@ def _check_settings(out: Path, settings: PrepareSettings, any_done: bool) -> Non
     path = out / SETTINGS_NAME
     wanted = asdict(settings)
     if path.is_file() and any_done:
-        # a setting added since the folder was made had its default then
+        # a setting added since the folder was made had its default then; one the mode does not use
+        # (which earlier versions took and ignored) is no difference
         saved = asdict(PrepareSettings()) | json.loads(path.read_text())
+        for name, mode in ONLY_IN_MODE.items():
+            if mode != settings.mode:
+                saved[name] = wanted[name]
         if saved != wanted:
             changed = ", ".join(f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items()
                                 if saved.get(key) != value)

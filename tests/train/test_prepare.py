@@ -203,6 +203,17 @@ def test_patches_tile_the_smear(sources, tmp_path):
     larger = prepare([sources / "1.jpg"], tmp_path / "large", PrepareSettings(mode="patches", patch_size=500),
                      progress=False)  # 480 px high: no patch fits, which is said, not left at "0 images"
     assert larger.written == [] and larger.skipped == [(sources / "1.jpg", "640x480 px holds no 500 px patch")]
+    # An option of the other mode would do nothing (and later refuse a run that gave it otherwise).
+    assert main(["prepare", str(sources), "--out", str(tmp_path / "x"), "--mode", "patches", "--crop-mode", "masked",
+                 "--pixel-size-um", "0.2"]) == 2
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(PrepareError, match="^--patch-size is for --mode patches only, not for --mode cells$"):
+        PrepareSettings(patch_size=200)
+    # A folder whose settings recorded such an option, as earlier versions did, resumes.
+    saved = json.loads((out / "prepare.json").read_text())
+    (out / "prepare.json").write_text(json.dumps(saved | {"margin": 0.5, "crop_mode": "masked"}))
+    assert prepare([sources / "1.jpg"], out, PrepareSettings(mode="patches", patch_size=200),
+                   progress=False).already_done == ["1"]
 
 
 PATCHES = PrepareSettings(mode="patches", patch_size=200)  # no segmentation: quick
