@@ -123,6 +123,7 @@ def _export_command(args: argparse.Namespace) -> int:
 
 def _prepare_command(args: argparse.Namespace) -> int:
     from .prepare import PrepareError, PrepareSettings, prepare
+    from .run_lock import RunFolderBusyError
 
     try:
         settings = PrepareSettings(
@@ -130,7 +131,7 @@ def _prepare_command(args: argparse.Namespace) -> int:
             crop_mode=args.crop_mode, crop_scale=args.crop_scale, pixel_size_um=args.pixel_size_um,
         )
         report = prepare(args.sources, args.out, settings)
-    except PrepareError as error:
+    except (PrepareError, RunFolderBusyError) as error:
         print(f"reddino-train prepare: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a read-only or full disk, --out naming a file; the smears done so far are kept

@@ -20,7 +20,9 @@ written, a re-run skips it, and a smear cut short is redone from scratch (each s
 is built as ``OUT/.partial-<smear>`` and renamed into place whole). ``index.csv`` is assembled
 from the per-smear rows at the end of every run, interrupted or not. Files that cannot be read
 are skipped, listed in ``OUT/skipped.txt`` and retried on the next run. ``OUT/prepare.json`` keeps the settings, so
-a re-run with other settings cannot mix two kinds of sample in one folder.
+a re-run with other settings cannot mix two kinds of sample in one folder. One prepare at a time
+writes to a folder (``OUT/.reddino-prepare.lock``, as :mod:`~reddino_train.run_lock` holds a
+training run's); a second is refused until the first ends.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from napari_reddino.segmentation import pixel_size_refusal
 
 from .data import EmptyDatasetError, UnreadableImageError, find_images, read_image
 from .files import write_atomic
+from .run_lock import hold_prepare_folder
 
 Mode = Literal["cells", "patches"]
 MODES: tuple[Mode, ...] = ("cells", "patches")
@@ -207,6 +210,15 @@ def prepare(
                            f"{'holds' if len(foreign) == 1 else 'hold'} files that prepare did not write; move "
                            f"{'it' if len(foreign) == 1 else 'them'}, or give --out an empty folder")
     out.mkdir(parents=True, exist_ok=True)
+    with hold_prepare_folder(out):
+        return _prepare_held(sources, out, settings, progress)
+
+
+def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: PrepareSettings,
+                  progress: bool) -> PrepareReport:
+    """:func:`prepare` once no other prepare writes to ``out``: the journal is read again."""
+    done = _read_journal(out)
+    smears = find_smears(sources, out, done)
     _check_settings(out, settings, bool(done))
     report = PrepareReport()
     cut = _cell_samples if settings.mode == "cells" else _patch_samples

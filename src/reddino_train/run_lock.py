@@ -42,6 +42,7 @@ except ImportError:  # Windows: no record locks; runs there are not guarded
     fcntl = None
 
 LOCK_NAME = ".reddino-train.lock"
+PREPARE_LOCK_NAME = ".reddino-prepare.lock"
 JOB_LOG_SUFFIXES = (".out", ".err", ".log")  # a job script's own logs (slurm-123.out, tee'd output) may come first
 
 
@@ -125,10 +126,27 @@ def _check_shared(out: Path) -> None:
                              "what rank 0 writes there; give --out a folder on a file system that every node mounts")
 
 
-def _lock(out: Path) -> tuple[IO[str] | None, tuple[type, str] | None]:
+@contextmanager
+def hold_prepare_folder(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one ``prepare``, or raise :class:`RunFolderBusyError`. Two given one
+    ``--out`` (a SLURM array's jobs, one per slide folder) would each read the journal, then
+    replace each other's smears of the same name and each other's journal lines."""
+    handle, refusal = _lock(out, PREPARE_LOCK_NAME, "reddino-train prepare") if fcntl is not None else (None, None)
+    if refusal is not None:
+        kind, message = refusal
+        raise kind(message)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _lock(out: Path, name: str = LOCK_NAME, program: str = "reddino-train fit",
+          ) -> tuple[IO[str] | None, tuple[type, str] | None]:
     """The open, locked lock file, or None and why the run must not go on (None: it may, unguarded)."""
     out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_NAME, "a+")
+    handle = open(out / name, "a+")
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -136,7 +154,7 @@ def _lock(out: Path) -> tuple[IO[str] | None, tuple[type, str] | None]:
         holder = handle.read().strip() or "a process that has not yet said which"
         handle.close()
         if error.errno in (errno.EACCES, errno.EAGAIN):
-            return None, (RunFolderBusyError, f"{out} is in use by another reddino-train fit ({holder}); "
+            return None, (RunFolderBusyError, f"{out} is in use by another {program} ({holder}); "
                                               "wait for it to end, or give this run another --out")
         # a file system without locks (Lustre mounted without them)
         warnings.warn(f"cannot lock {out} ({error.strerror}); nothing stops a second run from writing to this "

@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +102,8 @@ def test_a_smear_cut_short_is_redone(sources, tmp_path):
     report = prepare([sources / "1.jpg"], out, PrepareSettings(size=SIZE), progress=False)
     assert report.written == ["1"] and not (out / "1" / "99999.png").exists()
     assert len(read_index(out)) == report.samples_written == len(list((out / "1").glob("*.png")))
-    assert sorted(path.name for path in out.iterdir()) == ["1", "done.txt", "index.csv", "prepare.json", "skipped.txt"]
+    assert sorted(path.name for path in out.iterdir()) == [".reddino-prepare.lock", "1", "done.txt", "index.csv",
+                                                           "prepare.json", "skipped.txt"]  # .partial-1 is gone
 
 
 def test_a_folder_prepare_did_not_write_is_never_replaced(tmp_path):
@@ -335,3 +339,25 @@ def test_smears_inside_the_output_folder_are_said_to_be_there(sources, tmp_path)
     with pytest.raises(PrepareError, match=rf"^every image under {folder} lies inside the output folder {folder}, "
                                            "where the crops go"):
         prepare([folder], folder, PATCHES, progress=False)
+
+
+def test_a_second_prepare_on_the_folder_is_refused_until_the_first_ends(sources, tmp_path, capsys):
+    # A SLURM array's jobs given one --out each read the journal, then replaced each other's smears.
+    out = tmp_path / "patches"
+    holder = textwrap.dedent("""
+        import sys, time
+        from pathlib import Path
+        from reddino_train.run_lock import hold_prepare_folder
+        with hold_prepare_folder(Path(sys.argv[1])):
+            print("holding", flush=True)
+            time.sleep(120)
+    """)
+    command = ["prepare", str(sources / "1.jpg"), "--out", str(out), "--mode", "patches", "--patch-size", "200"]
+    with subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout.readline() == "holding\n"
+        assert main(command) == 2
+        assert (f"{out} is in use by another reddino-train prepare (pid {child.pid} on "
+                in capsys.readouterr().err)
+        assert [path.name for path in out.iterdir()] == [".reddino-prepare.lock"]
+        child.kill()
+    assert main(command) == 0 and len(read_index(out)) == 6
