@@ -151,6 +151,7 @@ def _prepare_command(args: argparse.Namespace) -> int:
 
 def _eval_command(args: argparse.Namespace) -> int:
     from napari_reddino.models import ModelLoadError
+    from napari_reddino.wording import counted
 
     from .eval_data import EvalDataError
     from .eval_run import EvalRequest, run_evaluation
@@ -182,6 +183,10 @@ def _eval_command(args: argparse.Namespace) -> int:
     print(report.text())
     if args.json is not None:
         print(f"\nreddino-train eval: wrote {args.json}")
+    if report.summary is not None and report.summary.skipped:  # as prepare and reddino-analyse: a script must see it
+        print(f"reddino-train eval: {counted(len(report.summary.skipped), 'file')} could not be read (see above); the "
+              "scores leave them out", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -134,7 +134,7 @@ class EvalReport:
             lines.append(f"{summary.images} smears; {summary.matched} of {summary.points} point labels "
                          "matched to a segmented cell")
         if self.summary is not None and self.summary.skipped:
-            lines.append(f"skipped {len(self.summary.skipped)} unreadable files: "
+            lines.append(f"skipped {counted(len(self.summary.skipped), 'unreadable file')}: "
                          + "; ".join(f"{path} ({reason})" for path, reason in self.summary.skipped))
         if self.cached:
             lines.append(f"features from the cache: {', '.join(self.cached)}")
@@ -151,6 +151,12 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
         raise EvaluationError("a split by image needs to know each sample's image: use points data, or --split 5-fold")
     if data_format == "crops" and "measurements" in request.feature_sets:
         raise EvalDataError("measurements need smears with point labels (--format points), not crops")
+    smear_options = {"limit_images": request.limit_images, "pixel_size_um": request.pixel_size_um,
+                     "crop_mode": request.crop_mode, "crop_scale": request.crop_scale, "margin": request.margin}
+    if data_format == "crops" and (given := [name for name, value in smear_options.items() if value is not None]):
+        options = " and ".join(f"--{name.replace('_', '-')}" for name in given)  # none would change a crop
+        raise EvalDataError(f"{options} {'is' if len(given) == 1 else 'are'} for smears with point labels "
+                            "(--format points); crops are taken as they are (--max-per-class limits them)")
     if request.json_out is not None:
         request.json_out.parent.mkdir(parents=True, exist_ok=True)
     sets, summary, cached = _feature_sets(request, data_format)

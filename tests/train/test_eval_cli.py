@@ -142,6 +142,9 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     (["{missing}", "--data", "{crops}"], "No such model"),
     (["{model}", "--data", "{crops}", "--split", "by-image"], "needs to know each sample's image"),
     (["{model}", "--data", "{crops}", "--with-measurements"], "need smears with point labels"),
+    (["{model}", "--data", "{crops}", "--limit-images", "3", "--crop-mode", "masked"],
+     "--limit-images and --crop-mode are for smears with point labels (--format points); crops are taken as they "
+     "are (--max-per-class limits them)"),
     (["{missing}", "--data", "{crops}", "--limit-images", "0"], "--limit-images 0: give a whole number of 1 or more"),
     (["{missing}", "--data", "{crops}", "--batch-size", "-4"], "--batch-size -4: give a whole number"),
     (["{missing}", "--data", "{crops}", "--margin", "-0.5"], "--margin -0.5: give a fraction"),
@@ -198,3 +201,8 @@ def test_a_split_short_of_images_names_the_files_it_could_not_read(model, tmp_pa
     assert main(["eval", str(model), "--data", str(data)]) == 2
     said = capsys.readouterr().err
     assert "(1 file could not be read: " in said and f"{data / '26.jpg'} (unreadable" in said
+    # Scores from the smears that were read: given, but not as a success (a script must see it).
+    assert main(["eval", str(model), "--data", str(data), "--no-cls", "--with-measurements", "--split", "5-fold"]) == 1
+    said = capsys.readouterr()
+    assert "reddino-train eval: 1 file could not be read (see above); the scores leave them out" in said.err
+    assert f"skipped 1 unreadable file: {data / '26.jpg'} (unreadable" in said.out
