@@ -100,9 +100,13 @@ def _say(message: str, file=None) -> None:
 def _export_command(args: argparse.Namespace) -> int:
     from .export import PushError, export_teacher, push_to_hub
 
+    if args.private and not args.push_to_hub:
+        print("reddino-train export: --private is for --push-to-hub (a folder on disk is as private as its disk)",
+              file=sys.stderr)
+        return 2
     try:
         folder = export_teacher(args.run_dir, args.out, overwrite=args.overwrite)
-    except (FileExistsError, FileNotFoundError, CheckpointError) as error:
+    except (FileExistsError, FileNotFoundError, CheckpointError, ConfigError) as error:  # the last: a newer run's
         print(f"reddino-train export: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a read-only or full disk

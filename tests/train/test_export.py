@@ -69,6 +69,14 @@ def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsy
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["export", run, "--out", str(tmp_path / "notes.txt"), "--overwrite"]) == 2
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    capsys.readouterr()
+    newer = tmp_path / "newer"  # a run of a later version, with a setting this one does not know
+    newer.mkdir()
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    checkpoint["config"]["model"]["future_option"] = 1
+    torch.save(checkpoint, newer / "checkpoint.pt")
+    assert main(["export", str(newer), "--out", str(tmp_path / "newer-model")]) == 2
+    assert "unknown key model.future_option" in capsys.readouterr().err
 
 
 def test_a_failed_push_to_the_hub_says_why_and_keeps_the_export(smear_images, tmp_path, capsys, monkeypatch):
@@ -89,6 +97,7 @@ def test_a_failed_push_to_the_hub_says_why_and_keeps_the_export(smear_images, tm
     (["fit", "tiny", "{empty}", "--out", "{out}", "model.arch=vit_smal_patch14_dinov2"],
      "model.arch='vit_smal_patch14_dinov2' is not a timm architecture"),
     (["export", "{empty}", "--out", "{out}"], "no checkpoint.pt"),
+    (["export", "{empty}", "--out", "{out}", "--private"], "--private is for --push-to-hub"),
 ])
 def test_cli_errors_exit_2_with_the_reason(tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
