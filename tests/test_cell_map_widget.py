@@ -596,7 +596,8 @@ def test_a_refusal_while_the_map_is_computed_does_not_end_the_run(viewer, qtbot,
         with qtbot.assertNotEmitted(widget.finished, wait=0):
             widget.train()
         assert widget.status.value == f"The cells of {cells.name!r} changed; embed them again, then Compute map."
-    assert widget.pool is None
+    assert widget.pool is None  # nor is the new map shown: it was laid out from the cells as they were
+    assert widget.status.value == f"The cells of {cells.name!r} changed while the map was computed; compute it again."
 
 
 def test_a_reopened_map_panel_keeps_the_names_order_keys_colours_and_ids_of_its_classes(viewer):

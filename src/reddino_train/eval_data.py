@@ -227,17 +227,10 @@ def crops_features(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[dict[str, FeatureSet], DataSummary]:
-    """Features of ``root/<class>/*`` crops; classes in sorted order of their folder names."""
+    """Features of ``root/<class>/*`` crops; classes in sorted order of their folder names. Crops
+    laid out as ``root/<class>/<smear>/*`` carry their smear as their group (a split by image)."""
     root = Path(root)
-    class_dirs = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
-    paths, classes = [], []
-    for index, folder in enumerate(class_dirs):
-        try:
-            found = find_images(folder)
-        except EmptyDatasetError:
-            continue
-        paths += found
-        classes += [index] * len(found)
+    paths, classes, class_dirs = _crop_files(root)
     expected = "expected one folder of images per class, DATA/<class>/*.png"
     if root.is_dir() and detect_format(root) == "points":
         expected += " (this folder holds smears with point labels: use --format points)"
@@ -250,13 +243,14 @@ def crops_features(
     chosen = [(path, target) for path, target, kept in zip(paths, classes, keep) if kept]
     summary = DataSummary()
     parts: dict[str, list[np.ndarray]] = {name: [] for name in extractors}
-    targets = []
+    targets, groups = [], []
     for start in _progress(range(0, len(chosen), CROPS_PER_READ), f"crops (x{CROPS_PER_READ})", progress):
         images = []
         for path, target in chosen[start : start + CROPS_PER_READ]:
             try:
                 images.append(read_image(path))
                 targets.append(target)
+                groups.append(crop_group(path, class_dirs[target]))
             except UnreadableImageError as error:
                 summary.skipped.append((path, str(error)))
         for name, extractor in extractors.items():
@@ -267,7 +261,34 @@ def crops_features(
     present = sorted(set(targets))
     names = tuple(class_dirs[c].name for c in present)
     remapped = np.searchsorted(present, targets).astype(np.int64)
-    return {name: FeatureSet(np.concatenate(parts[name]), remapped, names) for name in extractors}, summary
+    grouped = np.array(groups) if None not in groups else None
+    return {name: FeatureSet(np.concatenate(parts[name]), remapped, names, grouped) for name in extractors}, summary
+
+
+def _crop_files(root: Path) -> tuple[list[Path], list[int], list[Path]]:
+    """The crops under ``root``, each one's class (an index into the class folders), and the class folders."""
+    class_dirs = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
+    paths, classes = [], []
+    for index, folder in enumerate(class_dirs):
+        try:
+            found = find_images(folder)
+        except EmptyDatasetError:
+            continue
+        paths += found
+        classes += [index] * len(found)
+    return paths, classes, class_dirs
+
+
+def crop_group(path: Path, class_dir: Path) -> str | None:
+    """The smear of a crop at ``<class>/<smear>/...``; None for one directly in its class folder."""
+    parts = path.relative_to(class_dir).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def crops_are_grouped(root: str | os.PathLike) -> bool:
+    """Whether every crop under ``root`` lies in a smear's folder inside its class folder."""
+    paths, classes, class_dirs = _crop_files(Path(root))
+    return bool(paths) and all(crop_group(path, class_dirs[c]) is not None for path, c in zip(paths, classes))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from .eval_data import (
     FeatureSet,
     Format,
     MeasurementFeatures,
+    crops_are_grouped,
     crops_features,
     data_key,
     detect_format,
@@ -146,9 +147,11 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
     if unknown or not request.feature_sets:
         raise ValueError(f"feature sets {sorted(unknown)}; choose from {', '.join(FEATURE_SETS)}")
     data_format = request.format or detect_format(request.data)
-    split = request.split or ("by-image" if data_format == "points" else "5-fold")
-    if data_format == "crops" and split == "by-image":
-        raise EvaluationError("a split by image needs to know each sample's image: use points data, or --split 5-fold")
+    grouped = data_format == "points" or crops_are_grouped(request.data)
+    split = request.split or ("by-image" if grouped else "5-fold")
+    if split == "by-image" and not grouped:
+        raise EvaluationError("a split by image needs to know each sample's image: use points data, crops laid out "
+                              "as DATA/<class>/<smear>/*.png, or --split 5-fold")
     if data_format == "crops" and "measurements" in request.feature_sets:
         raise EvalDataError("measurements need smears with point labels (--format points), not crops")
     smear_options = {"limit_images": request.limit_images, "pixel_size_um": request.pixel_size_um,

@@ -14,13 +14,14 @@ Two kinds of sample, as PNG files in one folder per smear, ``OUT/<smear>/<n>.png
     ``<n>`` is the tile's number in row-major order.
 
 ``OUT/index.csv`` lists every sample (file, source image, label, centroid, bounding box in
-source pixels). The run is resumable: a smear is recorded (folder and source path) in the
-journal ``OUT/done.txt`` after its files and its rows (``OUT/<smear>/index.csv``) are
-written, a re-run skips it, and a smear cut short is redone from scratch (each smear's folder
-is built as ``OUT/.partial-<smear>`` and renamed into place whole). ``index.csv`` is assembled
-from the per-smear rows at the end of every run, interrupted or not. Files that cannot be read
-are skipped, listed in ``OUT/skipped.txt`` and retried on the next run. ``OUT/prepare.json`` keeps the settings, so
-a re-run with other settings cannot mix two kinds of sample in one folder. One prepare at a time
+source pixels). The run is resumable: a smear is recorded (folder, source path and a digest of
+the file) in the journal ``OUT/done.txt`` after its files and its rows (``OUT/<smear>/index.csv``)
+are written, a re-run skips it (also where its folder was renamed or moved since), and a smear
+cut short is redone from scratch (each smear's folder is built as ``OUT/.partial-<smear>`` and
+renamed into place whole). ``index.csv`` is assembled from the per-smear rows at the end of
+every run, interrupted or not. Files that cannot be read are skipped, listed in
+``OUT/skipped.txt`` and retried on the next run. ``OUT/prepare.json`` keeps the settings, so a
+re-run with other settings cannot mix two kinds of sample in one folder. One prepare at a time
 writes to a folder (``OUT/.reddino-prepare.lock``, as :mod:`~reddino_train.run_lock` holds a
 training run's); a second is refused until the first ends.
 """
@@ -54,6 +55,7 @@ from .run_lock import hold_prepare_folder
 Mode = Literal["cells", "patches"]
 MODES: tuple[Mode, ...] = ("cells", "patches")
 INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME = "index.csv", "done.txt", "skipped.txt", "prepare.json"
+TAB, DIGEST_PREFIX, DIGEST_SPAN = "\t", "sha1:", 64 * 1024  # journal lines: key, source path, content digest
 PARTIAL = ".partial-"  # OUT/.partial-<smear>: a smear's folder while it is written
 MAX_SIZE, MAX_PATCH = 2048, 8192  # px: a crop's side, a patch's side
 INDEX_COLUMNS = (
@@ -130,12 +132,15 @@ class Samples:
     boxes: np.ndarray  # (n, 4) min row, min col, max row, max col (max exclusive)
 
 
-def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str, str] | None = None) -> list[Smear]:
+def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str, str] | None = None,
+                contents: dict[str, str] | None = None) -> list[Smear]:
     """Every image file under the sources (files count as themselves), except those in ``out``.
 
     A smear's key is its file stem, or, when another smear has that stem already (in this run
     or in ``done``, the journal's key -> source path), the stem and a hash of its path. A smear
-    in ``done`` keeps its key, so listing other sources on a later run changes no key.
+    in ``done`` keeps its key, so listing other sources on a later run changes no key; so does
+    one whose folder moved (renamed, mounted elsewhere), found by its file name and ``contents``
+    digest (the journal's key -> :func:`content_digest`) where its recorded path is gone.
     """
     paths: list[Path] = []
     out = out.resolve()
@@ -154,8 +159,10 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
                                "(and which is never read as smears): give --out a folder outside the smears' folder")
     if not paths:
         raise PrepareError("no smear images in the sources")
-    done = done or {}
+    done, contents = done or {}, contents or {}
     keys = {source: key for key, source in done.items() if source}  # resolved path -> key
+    moved = {(Path(done[key]).name, digest): key for key, digest in contents.items()
+             if done.get(key) and not Path(done[key]).exists()}
     taken, seen, smears = {key.casefold() for key in keys.values()}, set(), []
     for path in paths:
         source = str(path.resolve())
@@ -163,7 +170,8 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
             continue  # listed twice
         seen.add(source)
         if source not in keys:
-            keys[source] = _new_key(path.stem, source, done, taken)
+            found = moved.pop((path.name, content_digest(path)), None) if moved else None  # read when a smear is gone
+            keys[source] = found or _new_key(path.stem, source, done, taken)
             taken.add(keys[source].casefold())
         smears.append(Smear(keys[source], path))
     return smears
@@ -202,8 +210,8 @@ def prepare(
 ) -> PrepareReport:
     """Write the training set of ``sources`` to ``out`` (resuming a previous run there)."""
     out = Path(out)
-    done = _read_journal(out)
-    smears = find_smears(sources, out, done)  # before anything is written: a failed start leaves no settings behind
+    done, contents = _read_journal(out)
+    smears = find_smears(sources, out, done, contents)  # before anything is written: a failed start leaves nothing
     if foreign := _not_written_by_prepare(out, smears, done):
         raise PrepareError(f"{', '.join(map(str, foreign[:3]))}{' and others' if len(foreign) > 3 else ''} "
                            f"{'is' if len(foreign) == 1 else 'are'} where the crops of a smear go, and "
@@ -217,8 +225,8 @@ def prepare(
 def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: PrepareSettings,
                   progress: bool) -> PrepareReport:
     """:func:`prepare` once no other prepare writes to ``out``: the journal is read again."""
-    done = _read_journal(out)
-    smears = find_smears(sources, out, done)
+    done, contents = _read_journal(out)
+    smears = find_smears(sources, out, done, contents)
     _check_settings(out, settings, bool(done))
     report = PrepareReport()
     cut = _cell_samples if settings.mode == "cells" else _patch_samples
@@ -236,7 +244,10 @@ def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: Pre
                     continue
                 _write_smear(out, smear, samples)
                 done[smear.key] = str(smear.path.resolve())  # a smear redone keeps its place
-                write_atomic(out / JOURNAL_NAME, "".join(f"{key}\t{source}\n" for key, source in done.items()))
+                contents[smear.key] = content_digest(smear.path)
+                write_atomic(out / JOURNAL_NAME, "".join(
+                    f"{key}\t{source}{f'{TAB}{contents[key]}' if key in contents else ''}\n"
+                    for key, source in done.items()))
                 report.written.append(smear.key)
                 report.samples_written += len(samples.names)
                 bar.set_postfix(samples=report.samples_written, skipped=len(report.skipped))
@@ -353,11 +364,32 @@ def _write_index(out: Path, done: dict[str, str]) -> int:
     return len(lines) - 1
 
 
-def _read_journal(out: Path) -> dict[str, str]:
-    """Finished smears, key -> resolved source path ("" in a journal from before sources were kept)."""
+def _read_journal(out: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Finished smears: key -> resolved source path ("" in a journal from before sources were
+    kept), and key -> content digest (none in a journal from before digests were kept)."""
     path = out / JOURNAL_NAME
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []  # names may hold spaces
-    return dict(line.partition("\t")[::2] for line in lines)
+    done, contents = {}, {}
+    for line in lines:
+        key, _, source = line.partition(TAB)
+        before, _, digest = source.rpartition(TAB)
+        if digest.startswith(DIGEST_PREFIX):
+            source, contents[key] = before, digest
+        done[key] = source
+    return done, contents
+
+
+def content_digest(path: Path) -> str:
+    """A digest of a smear file's size and its first and last 64 KiB: the same file wherever it
+    is moved or copied, read in a moment however large the smear."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        digest.update(str(size).encode())
+        digest.update(handle.read(DIGEST_SPAN))
+        handle.seek(max(size - DIGEST_SPAN, 0))
+        digest.update(handle.read(DIGEST_SPAN))
+    return f"{DIGEST_PREFIX}{digest.hexdigest()[:16]}"
 
 
 def _check_settings(out: Path, settings: PrepareSettings, any_done: bool) -> None:

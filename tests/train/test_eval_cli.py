@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 from skimage.io import imread
 
 from napari_reddino import cells_at_points, load_embedder, measure_cells, segment_cells
@@ -61,6 +62,46 @@ def test_eval_on_crops_by_class(model, crops_by_smear, tmp_path, capsys):
     assert cached["features"].shape == (n_crops, 384)
     random = np.load(tmp_path / "crops.random-init.npz")["features"]
     assert not np.allclose(random, cached["features"])
+
+
+def test_crops_in_a_folder_per_smear_are_split_by_smear(model, crops_by_smear, tmp_path, capsys):
+    # Split by cell, a classifier could tell a test crop's smear from its train crops of that smear.
+    grouped = tmp_path / "grouped"
+    for smear in ("1", "image-1"):
+        crops = sorted((crops_by_smear / smear).glob("*.png"))
+        for half, part in (("a", crops[::2]), ("b", crops[1::2])):  # <class>/<smear>/<crop>.png
+            (grouped / smear / f"{smear}-{half}").mkdir(parents=True)
+            for crop in part:
+                shutil.copy(crop, grouped / smear / f"{smear}-{half}" / crop.name)
+    out = tmp_path / "grouped.json"
+    assert main(["eval", str(model), "--data", str(grouped), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["split"], report["folds"]) == ("by-image", 4)  # the default where the smears are known
+    assert report["samples"] == len(list(crops_by_smear.rglob("*.png")))
+    assert np.load(tmp_path / "grouped.cls.npz")["groups"].tolist().count("1-a") == len(
+        list((grouped / "1" / "1-a").glob("*.png")))
+    shutil.copy(next((grouped / "1" / "1-a").glob("*.png")), grouped / "1" / "loose.png")  # one crop of no smear
+    assert main(["eval", str(model), "--data", str(grouped), "--split", "by-image"]) == 2
+    assert "crops laid out as DATA/<class>/<smear>/*.png" in capsys.readouterr().err
+
+
+def test_cached_features_are_used_only_for_the_same_model_and_the_same_files(model, crops_by_smear, tmp_path,
+                                                                             capsys):
+    other = shutil.copytree(model, tmp_path / "other")  # the same architecture, other weights
+    weights = safetensors.torch.load_file(other / "model.safetensors")
+    safetensors.torch.save_file({name: tensor + 0.01 for name, tensor in weights.items()}, other / "model.safetensors")
+    data = shutil.copytree(crops_by_smear, tmp_path / "crops")
+
+    def cached(model_folder: Path) -> bool:
+        assert main(["eval", str(model_folder), "--data", str(data), "--json", str(tmp_path / "e.json"),
+                     "--overwrite", "--max-per-class", "10"]) == 0
+        return "features from the cache: cls" in capsys.readouterr().out
+
+    assert not cached(model) and cached(model)
+    assert not cached(other) and cached(other)
+    first = sorted(data.rglob("*.png"))[0]
+    first.write_bytes(sorted(data.rglob("*.png"))[-1].read_bytes())  # a crop replaced by another
+    assert not cached(other)
 
 
 def windows_inside_image(labels, ids, **crops):

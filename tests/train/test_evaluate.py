@@ -104,6 +104,16 @@ def test_logistic_regression_separates_separable_classes():
     assert results["logreg"].accuracy == 1.0 and results["logreg"].fold_balanced_accuracy == (1.0,) * 5
 
 
+def test_logistic_regression_standardises_features_of_any_scale():
+    """Measurements mix units (area in px^2, circularity near 1): fitted raw, the L2 penalty keeps
+    the weight of a feature in small units too small to use it."""
+    rng = np.random.default_rng(0)
+    targets = np.repeat([0, 1], 50)
+    features = np.column_stack([1e-4 * (rng.normal(size=100) + 4 * targets), 1e3 * rng.normal(size=100)])
+    results = evaluate(features, targets, ["a", "b"], make_folds(targets, "5-fold", seed=0))
+    assert results["logreg"].balanced_accuracy > 0.95
+
+
 def test_logistic_regression_weighs_a_rare_class_as_much_as_a_common_one():
     """180 cells of N(0, 1) and 20 of N(1.5, 1): classes weighed equally put the boundary near
     0.75, where 77 % of the rare class lies above it; weighed by count it moves to about 2.2

@@ -17,6 +17,7 @@ from reddino_train.cli import main
 from reddino_train.prepare import (
     PrepareError,
     PrepareSettings,
+    content_digest,
     prepare,
     read_index,
 )
@@ -60,7 +61,8 @@ def test_cells_become_crops_listed_in_the_index(prepared, sources):
         assert 0 < top < bottom < height and 0 < left < right < width  # border cells left out
         assert top <= float(row["centroid_y"]) < bottom and left <= float(row["centroid_x"]) < right
     journal = [line.split("\t") for line in (out / "done.txt").read_text().splitlines()]
-    assert journal == [["1", str((sources / "1.jpg").resolve())], ["image-1", str((sources / "image-1.png").resolve())]]
+    assert journal == [["1", str((sources / "1.jpg").resolve()), content_digest(sources / "1.jpg")],
+                       ["image-1", str((sources / "image-1.png").resolve()), content_digest(sources / "image-1.png")]]
 
 
 def test_the_crop_shows_its_cell(prepared):
@@ -264,7 +266,7 @@ def test_a_smear_whose_folder_was_removed_is_redone_once(tmp_path):
     shutil.rmtree(out / "1")
     report = prepare([smear], out, PATCHES, progress=False)
     assert report.written == ["1"] and report.samples_total == 6
-    assert (out / "done.txt").read_text().splitlines() == [f"1\t{smear.resolve()}"]
+    assert (out / "done.txt").read_text().splitlines() == [f"1\t{smear.resolve()}\t{content_digest(smear)}"]
     assert prepare([smear, smear.parent], out, PATCHES, progress=False).samples_total == 6  # listed twice: once
 
 
@@ -361,3 +363,33 @@ def test_a_second_prepare_on_the_folder_is_refused_until_the_first_ends(sources,
         assert [path.name for path in out.iterdir()] == [".reddino-prepare.lock"]
         child.kill()
     assert main(command) == 0 and len(read_index(out)) == 6
+
+
+def test_smears_whose_folder_was_renamed_count_as_done_under_their_keys(tmp_path):
+    # Found by path alone, every smear was cut again under a new key, and trained on twice.
+    (tmp_path / "old").mkdir()
+    for name in ("1.jpg", "26.jpg"):
+        shutil.copy(DATA / "chula_rbc12" / name, tmp_path / "old" / name)
+    out = tmp_path / "patches"
+    prepare([tmp_path / "old"], out, PATCHES, progress=False)
+    rows = read_index(out)
+    (tmp_path / "old").rename(tmp_path / "new")
+    report = prepare([tmp_path / "new"], out, PATCHES, progress=False)
+    assert report.written == [] and sorted(report.already_done) == ["1", "26"]
+    assert read_index(out) == rows and sorted(path.name for path in out.iterdir() if path.is_dir()) == ["1", "26"]
+    shutil.copy(DATA / "chula_rbc12" / "1.jpg", tmp_path / "new" / "1 again.jpg")  # a copy beside its original
+    assert prepare([tmp_path / "new"], out, PATCHES, progress=False).written == ["1 again"]
+
+
+def test_sizes_default_to_224_px_cells_and_tiles_as_cut_and_a_relative_source_is_the_same_smear(
+    tmp_path, monkeypatch
+):
+    (smear,) = _smear_copies(tmp_path, "src/1.jpg")
+    monkeypatch.chdir(tmp_path)
+    cells = prepare([Path("src/1.jpg")], tmp_path / "cells", PrepareSettings(), progress=False)
+    with Image.open(tmp_path / "cells" / read_index(tmp_path / "cells")[0]["file"]) as crop:
+        assert crop.size == (224, 224)  # RedDino's input
+    assert prepare([smear], tmp_path / "cells", PrepareSettings(), progress=False).already_done == cells.written
+    prepare([smear], tmp_path / "small", PrepareSettings(mode="patches", patch_size=200, size=100), progress=False)
+    with Image.open(tmp_path / "small" / read_index(tmp_path / "small")[0]["file"]) as tile:
+        assert tile.size == (100, 100)
