@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _compiler import needs_a_cxx_compiler
 from _model_fixtures import TINY_DIM, hub_cache, publish_to_cache, tiny_folder  # noqa: F401  (fixtures)
 from skimage.io import imread, imsave
 
@@ -117,14 +118,25 @@ def test_a_saved_head_classifies_every_cell_as_the_api_does(smears, tmp_path, ti
     assert summary["model_id"] == embedder.model_id
     assert "unlike" not in capsys.readouterr().err  # the head's own smear
     aslan = [str(DATA / "aslan_bcd" / "image-1.png"), "--out", str(tmp_path / "aslan"), "--model", model,
-             "--head", str(tmp_path / "head"), "--device", "cpu", "--compile"]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="torch.compile could not compile")  # no running uncompiled
-        assert main(aslan) == 0
+             "--head", str(tmp_path / "head"), "--device", "cpu"]
+    assert main(aslan) == 0
     err = capsys.readouterr().err
     assert "[1/1] image-1: warning: 100% of its cells are unlike the cells the head was trained among" in err
-    assert "torch.compile compiles the model during the first smear" in err
     assert read(tmp_path / "aslan" / "cells.csv")["model_id"].eq(embedder.model_id).all()
+
+
+@needs_a_cxx_compiler
+def test_compile_runs_the_model_compiled_and_says_the_first_smear_waits(smears, tmp_path, tiny_folder,
+                                                                        capsys):  # noqa: F811
+    model = str(tiny_folder[1])
+    embedder = saved_head(smears / "1.jpg", model, tmp_path / "head")[1]
+    argv = [str(smears / "1.jpg"), "--out", str(tmp_path / "out"), "--model", model, "--head", str(tmp_path / "head"),
+            "--device", "cpu", "--compile"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile could not compile")  # no running uncompiled
+        assert main(argv) == 0
+    assert "torch.compile compiles the model during the first smear" in capsys.readouterr().err
+    assert read(tmp_path / "out" / "cells.csv")["model_id"].eq(embedder.model_id).all()
 
 
 def test_without_model_a_head_s_hub_model_embeds_the_cells_and_a_local_one_must_be_given(
@@ -338,7 +350,9 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
         return replace_unless_held
 
     monkeypatch.setattr(os, "replace", held_open("cells_summary.csv"))
+    (out / "cells.npz").write_bytes(b"the embeddings of the cells.csv replaced now")
     assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 1
+    assert not (out / "cells.npz").exists()  # it matched the old table, which is gone
     captured = capsys.readouterr()  # the run's work is kept: the whole set, beside the held file
     assert captured.err == ("reddino-analyse: cells.csv was written, but cells_summary.csv could not be replaced "
                             "(Permission denied); cells_summary.csv is as before, so they no longer match (one open "

@@ -177,7 +177,7 @@ def _analyse(args: argparse.Namespace) -> int:
     with_galleries = f"; galleries of {counted(len(pictured), 'smear')} in {galleries}" if args.galleries else ""
     classes = analysis.head.classes if analysis.head is not None else None
     try:
-        targets = _export(table, done, classes, args)
+        targets, table_is_ours = _export(table, done, classes, args)
     except PartlyWrittenError as error:
         print(f"reddino-analyse: only partly written: {error}{with_galleries}; run it again with --overwrite",
               file=sys.stderr)
@@ -187,7 +187,7 @@ def _analyse(args: argparse.Namespace) -> int:
         print(f"reddino-analyse: nothing written{written}: {error}", file=sys.stderr)
         return 1
     removed, kept = "", []
-    if targets[0] != table:  # written aside: the files of the earlier run still belong to the table left there
+    if not table_is_ours:  # the earlier run's files still belong to the table left there
         stale, old_galleries = [], []
     for file in stale:
         try:
@@ -230,22 +230,23 @@ def _export_files(table: Path, with_embeddings: bool) -> list[Path]:
     return [table, summary_path(table), *[table.with_suffix(".npz")] * with_embeddings]
 
 
-def _export(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace) -> list[Path]:
-    """Write the export and return its files. When one of them cannot be written where it goes
-    (another run, given the same --out, wrote it after this run's start; a spreadsheet holds the
-    old one open), this run's files go beside them under a timestamped name rather than losing
-    hours of smears."""
+def _export(table: Path, done: list, classes: list[str] | None,
+            args: argparse.Namespace) -> tuple[list[Path], bool]:
+    """Write the export; return its files and whether ``table`` is now this run's. When one of
+    them cannot be written where it goes (another run, given the same --out, wrote it after this
+    run's start; a spreadsheet holds the old one open), this run's files go beside them under a
+    timestamped name rather than losing hours of smears."""
     try:
-        return _write(table, done, classes, args)
+        return _write(table, done, classes, args), True
     except FileExistsError as error:
-        why = f"{error.filename} appeared while this run went on (another run writing to the same folder?)"
+        why, ours = f"{error.filename} appeared while this run went on (another run writing to the same folder?)", False
     except NotReplacedError as error:
-        why = f"{error} (open in another program?)"
+        why, ours = f"{error} (open in another program?)", False
     except PartlyWrittenError as error:
-        why = f"{error}, so they no longer match (one open in another program?)"
+        why, ours = f"{error}, so they no longer match (one open in another program?)", table in error.written
     print(f"reddino-analyse: {why}; this run's files get a timestamped name instead", file=sys.stderr, flush=True)
     aside = table.with_name(f"{table.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{table.suffix}")
-    return _write(aside, done, classes, args)  # the process id: two runs may collide in one second
+    return _write(aside, done, classes, args), ours  # the process id: two runs may collide in one second
 
 
 def _write(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace) -> list[Path]:

@@ -286,9 +286,17 @@ def crop_group(path: Path, class_dir: Path) -> str | None:
 
 
 def crops_are_grouped(root: str | os.PathLike) -> bool:
-    """Whether every crop under ``root`` lies in a smear's folder inside its class folder."""
+    """Whether every crop under ``root`` lies in a smear's folder inside its class folder, and the
+    smears cut across classes: folders that each hold one class (``<class>/<class>_crops/``) are
+    no smears, and a split by them would test every class on a classifier that never saw it."""
     paths, classes, class_dirs = _crop_files(Path(root))
-    return bool(paths) and all(crop_group(path, class_dirs[c]) is not None for path, c in zip(paths, classes))
+    groups = [crop_group(path, class_dirs[c]) for path, c in zip(paths, classes)]
+    if not paths or None in groups:
+        return False
+    classes_of: dict[str, set[int]] = {}
+    for group, c in zip(groups, classes):
+        classes_of.setdefault(group, set()).add(c)
+    return any(len(held) > 1 for held in classes_of.values())
 
 
 @dataclass(frozen=True)

@@ -147,11 +147,11 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
     if unknown or not request.feature_sets:
         raise ValueError(f"feature sets {sorted(unknown)}; choose from {', '.join(FEATURE_SETS)}")
     data_format = request.format or detect_format(request.data)
-    grouped = data_format == "points" or crops_are_grouped(request.data)
-    split = request.split or ("by-image" if grouped else "5-fold")
-    if split == "by-image" and not grouped:
+    split = request.split or ("by-image" if data_format == "points" else "5-fold")
+    if data_format == "crops" and split == "by-image" and not crops_are_grouped(request.data):
         raise EvaluationError("a split by image needs to know each sample's image: use points data, crops laid out "
-                              "as DATA/<class>/<smear>/*.png, or --split 5-fold")
+                              "as DATA/<class>/<smear>/*.png (with smears that hold cells of several classes), or "
+                              "--split 5-fold")
     if data_format == "crops" and "measurements" in request.feature_sets:
         raise EvalDataError("measurements need smears with point labels (--format points), not crops")
     smear_options = {"limit_images": request.limit_images, "pixel_size_um": request.pixel_size_um,
@@ -237,6 +237,8 @@ def _cache_keys(request: EvalRequest, data_format: Format) -> dict[str, str]:
 
     data = data_key(request.data, format=data_format, limit_images=request.limit_images,
                     max_per_class=request.max_per_class, seed=request.seed, pixel_size_um=request.pixel_size_um)
+    if data_format == "crops":
+        data += "|with smears"  # cached before crops carried their smear: read again
     crops = ":".join(str(value) for value in request.crops.values())
     model = f"{model_key(request.model)}:{request.architecture}:{crops}"
     return {

@@ -14,9 +14,10 @@ Two kinds of sample, as PNG files in one folder per smear, ``OUT/<smear>/<n>.png
     ``<n>`` is the tile's number in row-major order.
 
 ``OUT/index.csv`` lists every sample (file, source image, label, centroid, bounding box in
-source pixels). The run is resumable: a smear is recorded (folder, source path and a digest of
-the file) in the journal ``OUT/done.txt`` after its files and its rows (``OUT/<smear>/index.csv``)
-are written, a re-run skips it (also where its folder was renamed or moved since), and a smear
+source pixels). The run is resumable: a smear is recorded (folder and source path) in the
+journal ``OUT/done.txt``, and a digest of its file in ``OUT/digests.txt``, after its files and its
+rows (``OUT/<smear>/index.csv``) are written; a re-run skips it (also where its folder was
+renamed or moved since, found by file name and digest), and a smear
 cut short is redone from scratch (each smear's folder is built as ``OUT/.partial-<smear>`` and
 renamed into place whole). ``index.csv`` is assembled from the per-smear rows at the end of
 every run, interrupted or not. Files that cannot be read are skipped, listed in
@@ -55,7 +56,8 @@ from .run_lock import hold_prepare_folder
 Mode = Literal["cells", "patches"]
 MODES: tuple[Mode, ...] = ("cells", "patches")
 INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME = "index.csv", "done.txt", "skipped.txt", "prepare.json"
-TAB, DIGEST_PREFIX, DIGEST_SPAN = "\t", "sha1:", 64 * 1024  # journal lines: key, source path, content digest
+DIGESTS_NAME = "digests.txt"  # key and content digest per smear: beside the journal, which older versions read
+DIGEST_SPAN = 64 * 1024
 PARTIAL = ".partial-"  # OUT/.partial-<smear>: a smear's folder while it is written
 MAX_SIZE, MAX_PATCH = 2048, 8192  # px: a crop's side, a patch's side
 INDEX_COLUMNS = (
@@ -170,7 +172,7 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
             continue  # listed twice
         seen.add(source)
         if source not in keys:
-            found = moved.pop((path.name, content_digest(path)), None) if moved else None  # read when a smear is gone
+            found = moved.pop((path.name, _digest_or_none(path)), None) if moved else None  # when a smear is gone
             keys[source] = found or _new_key(path.stem, source, done, taken)
             taken.add(keys[source].casefold())
         smears.append(Smear(keys[source], path))
@@ -182,11 +184,25 @@ def _new_key(stem: str, source: str, done: dict[str, str], taken: set[str]) -> s
     of prepare's files) or another smear has it, letter case aside (many file systems ignore it;
     ``taken`` is case-folded): then the stem, less leading dots, and a hash of the resolved path."""
     # a journal written before sources were recorded names its smears by stem alone
-    own_files = {name.casefold() for name in (INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME)}
+    own_files = {name.casefold() for name in (INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME, DIGESTS_NAME)}
     plain = stem.lstrip(".")
     if plain == stem and stem.casefold() not in taken | own_files and done.get(stem, "") == "":
         return stem
     return f"{plain or 'smear'}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+
+
+def _smears_to_write(sources: Sequence[str | os.PathLike], out: Path,
+                     ) -> tuple[dict[str, str], dict[str, str], list[Smear]]:
+    """The journal (finished smears' sources and digests) and the smears, or :class:`PrepareError`
+    where a smear's folder would replace files prepare did not write."""
+    done, contents = _read_journal(out)
+    smears = find_smears(sources, out, done, contents)
+    if foreign := _not_written_by_prepare(out, smears, done):
+        raise PrepareError(f"{', '.join(map(str, foreign[:3]))}{' and others' if len(foreign) > 3 else ''} "
+                           f"{'is' if len(foreign) == 1 else 'are'} where the crops of a smear go, and "
+                           f"{'holds' if len(foreign) == 1 else 'hold'} files that prepare did not write; move "
+                           f"{'it' if len(foreign) == 1 else 'them'}, or give --out an empty folder")
+    return done, contents, smears
 
 
 def _not_written_by_prepare(out: Path, smears: Sequence[Smear], done: dict[str, str]) -> list[Path]:
@@ -210,13 +226,7 @@ def prepare(
 ) -> PrepareReport:
     """Write the training set of ``sources`` to ``out`` (resuming a previous run there)."""
     out = Path(out)
-    done, contents = _read_journal(out)
-    smears = find_smears(sources, out, done, contents)  # before anything is written: a failed start leaves nothing
-    if foreign := _not_written_by_prepare(out, smears, done):
-        raise PrepareError(f"{', '.join(map(str, foreign[:3]))}{' and others' if len(foreign) > 3 else ''} "
-                           f"{'is' if len(foreign) == 1 else 'are'} where the crops of a smear go, and "
-                           f"{'holds' if len(foreign) == 1 else 'hold'} files that prepare did not write; move "
-                           f"{'it' if len(foreign) == 1 else 'them'}, or give --out an empty folder")
+    _smears_to_write(sources, out)  # before anything is written: a failed start leaves nothing
     out.mkdir(parents=True, exist_ok=True)
     with hold_prepare_folder(out):
         return _prepare_held(sources, out, settings, progress)
@@ -225,8 +235,12 @@ def prepare(
 def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: PrepareSettings,
                   progress: bool) -> PrepareReport:
     """:func:`prepare` once no other prepare writes to ``out``: the journal is read again."""
-    done, contents = _read_journal(out)
-    smears = find_smears(sources, out, done, contents)
+    done, contents, smears = _smears_to_write(sources, out)
+    moved = {smear.key: str(smear.path.resolve()) for smear in smears
+             if done.get(smear.key) and done[smear.key] != str(smear.path.resolve())}
+    if moved:  # found by name and digest: known by their new paths from now on
+        done.update(moved)
+        _write_journal(out, done)
     _check_settings(out, settings, bool(done))
     report = PrepareReport()
     cut = _cell_samples if settings.mode == "cells" else _patch_samples
@@ -244,10 +258,10 @@ def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: Pre
                     continue
                 _write_smear(out, smear, samples)
                 done[smear.key] = str(smear.path.resolve())  # a smear redone keeps its place
-                contents[smear.key] = content_digest(smear.path)
-                write_atomic(out / JOURNAL_NAME, "".join(
-                    f"{key}\t{source}{f'{TAB}{contents[key]}' if key in contents else ''}\n"
-                    for key, source in done.items()))
+                if (digest := _digest_or_none(smear.path)) is not None:
+                    contents[smear.key] = digest
+                    write_atomic(out / DIGESTS_NAME, "".join(f"{key}\t{value}\n" for key, value in contents.items()))
+                _write_journal(out, done)
                 report.written.append(smear.key)
                 report.samples_written += len(samples.names)
                 bar.set_postfix(samples=report.samples_written, skipped=len(report.skipped))
@@ -364,19 +378,28 @@ def _write_index(out: Path, done: dict[str, str]) -> int:
     return len(lines) - 1
 
 
+def _write_journal(out: Path, done: dict[str, str]) -> None:
+    write_atomic(out / JOURNAL_NAME, "".join(f"{key}\t{source}\n" for key, source in done.items()))
+
+
 def _read_journal(out: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Finished smears: key -> resolved source path ("" in a journal from before sources were
     kept), and key -> content digest (none in a journal from before digests were kept)."""
     path = out / JOURNAL_NAME
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []  # names may hold spaces
-    done, contents = {}, {}
-    for line in lines:
-        key, _, source = line.partition(TAB)
-        before, _, digest = source.rpartition(TAB)
-        if digest.startswith(DIGEST_PREFIX):
-            source, contents[key] = before, digest
-        done[key] = source
+    done = dict(line.partition("\t")[::2] for line in lines)
+    digests = out / DIGESTS_NAME
+    lines = digests.read_text(encoding="utf-8").splitlines() if digests.is_file() else []
+    contents = {key: digest for key, _, digest in (line.rpartition("\t") for line in lines) if key in done}
     return done, contents
+
+
+def _digest_or_none(path: Path) -> str | None:
+    """:func:`content_digest`, or None for a file that cannot be read (skipped when it is cut)."""
+    try:
+        return content_digest(path)
+    except OSError:
+        return None
 
 
 def content_digest(path: Path) -> str:
@@ -389,7 +412,7 @@ def content_digest(path: Path) -> str:
         digest.update(handle.read(DIGEST_SPAN))
         handle.seek(max(size - DIGEST_SPAN, 0))
         digest.update(handle.read(DIGEST_SPAN))
-    return f"{DIGEST_PREFIX}{digest.hexdigest()[:16]}"
+    return digest.hexdigest()[:16]
 
 
 def _check_settings(out: Path, settings: PrepareSettings, any_done: bool) -> None:

@@ -64,25 +64,31 @@ def test_eval_on_crops_by_class(model, crops_by_smear, tmp_path, capsys):
     assert not np.allclose(random, cached["features"])
 
 
-def test_crops_in_a_folder_per_smear_are_split_by_smear(model, crops_by_smear, tmp_path, capsys):
-    # Split by cell, a classifier could tell a test crop's smear from its train crops of that smear.
+def test_crops_in_a_folder_per_smear_can_be_split_by_smear(model, crops_by_smear, tmp_path, capsys):
+    # Split by cell, a classifier can tell a test crop's smear from its train crops of that smear.
     grouped = tmp_path / "grouped"
     for smear in ("1", "image-1"):
         crops = sorted((crops_by_smear / smear).glob("*.png"))
-        for half, part in (("a", crops[::2]), ("b", crops[1::2])):  # <class>/<smear>/<crop>.png
-            (grouped / smear / f"{smear}-{half}").mkdir(parents=True)
+        for label, part in (("x", crops[::2]), ("y", crops[1::2])):  # <class>/<smear>/<crop>.png
+            (grouped / label / smear).mkdir(parents=True)
             for crop in part:
-                shutil.copy(crop, grouped / smear / f"{smear}-{half}" / crop.name)
+                shutil.copy(crop, grouped / label / smear / crop.name)
     out = tmp_path / "grouped.json"
-    assert main(["eval", str(model), "--data", str(grouped), "--json", str(out)]) == 0
+    assert main(["eval", str(model), "--data", str(grouped), "--json", str(out), "--max-per-class", "20"]) == 0
+    assert json.loads(out.read_text())["split"] == "5-fold"  # the default, as before
+    assert main(["eval", str(model), "--data", str(grouped), "--json", str(out), "--max-per-class", "20",
+                 "--split", "by-image", "--overwrite"]) == 0
     report = json.loads(out.read_text())
-    assert (report["split"], report["folds"]) == ("by-image", 4)  # the default where the smears are known
-    assert report["samples"] == len(list(crops_by_smear.rglob("*.png")))
-    assert np.load(tmp_path / "grouped.cls.npz")["groups"].tolist().count("1-a") == len(
-        list((grouped / "1" / "1-a").glob("*.png")))
-    shutil.copy(next((grouped / "1" / "1-a").glob("*.png")), grouped / "1" / "loose.png")  # one crop of no smear
-    assert main(["eval", str(model), "--data", str(grouped), "--split", "by-image"]) == 2
-    assert "crops laid out as DATA/<class>/<smear>/*.png" in capsys.readouterr().err
+    assert (report["split"], report["folds"]) == ("by-image", 2)  # two smears
+    groups = np.load(tmp_path / "grouped.cls.npz")["groups"]
+    assert sorted(set(groups)) == ["1", "image-1"] and len(groups) == report["samples"]
+    refused = "a split by image needs to know each sample's image"
+    (grouped / "x" / "loose.png").write_bytes(next((grouped / "x" / "1").glob("*.png")).read_bytes())
+    assert main(["eval", str(model), "--data", str(grouped), "--split", "by-image"]) == 2  # a crop of no smear
+    assert refused in capsys.readouterr().err
+    assert main(["eval", str(model), "--data", str(crops_by_smear.parent), "--format", "crops", "--split",
+                 "by-image"]) == 2  # one folder per class, each "smear" of one class: no smears
+    assert refused in capsys.readouterr().err
 
 
 def test_cached_features_are_used_only_for_the_same_model_and_the_same_files(model, crops_by_smear, tmp_path,

@@ -61,8 +61,9 @@ def test_cells_become_crops_listed_in_the_index(prepared, sources):
         assert 0 < top < bottom < height and 0 < left < right < width  # border cells left out
         assert top <= float(row["centroid_y"]) < bottom and left <= float(row["centroid_x"]) < right
     journal = [line.split("\t") for line in (out / "done.txt").read_text().splitlines()]
-    assert journal == [["1", str((sources / "1.jpg").resolve()), content_digest(sources / "1.jpg")],
-                       ["image-1", str((sources / "image-1.png").resolve()), content_digest(sources / "image-1.png")]]
+    assert journal == [["1", str((sources / "1.jpg").resolve())], ["image-1", str((sources / "image-1.png").resolve())]]
+    digests = [line.split("\t") for line in (out / "digests.txt").read_text().splitlines()]
+    assert digests == [["1", content_digest(sources / "1.jpg")], ["image-1", content_digest(sources / "image-1.png")]]
 
 
 def test_the_crop_shows_its_cell(prepared):
@@ -104,8 +105,8 @@ def test_a_smear_cut_short_is_redone(sources, tmp_path):
     report = prepare([sources / "1.jpg"], out, PrepareSettings(size=SIZE), progress=False)
     assert report.written == ["1"] and not (out / "1" / "99999.png").exists()
     assert len(read_index(out)) == report.samples_written == len(list((out / "1").glob("*.png")))
-    assert sorted(path.name for path in out.iterdir()) == [".reddino-prepare.lock", "1", "done.txt", "index.csv",
-                                                           "prepare.json", "skipped.txt"]  # .partial-1 is gone
+    assert sorted(path.name for path in out.iterdir()) == [".reddino-prepare.lock", "1", "digests.txt", "done.txt",
+                                                           "index.csv", "prepare.json", "skipped.txt"]  # no .partial-1
 
 
 def test_a_folder_prepare_did_not_write_is_never_replaced(tmp_path):
@@ -266,7 +267,7 @@ def test_a_smear_whose_folder_was_removed_is_redone_once(tmp_path):
     shutil.rmtree(out / "1")
     report = prepare([smear], out, PATCHES, progress=False)
     assert report.written == ["1"] and report.samples_total == 6
-    assert (out / "done.txt").read_text().splitlines() == [f"1\t{smear.resolve()}\t{content_digest(smear)}"]
+    assert (out / "done.txt").read_text().splitlines() == [f"1\t{smear.resolve()}"]
     assert prepare([smear, smear.parent], out, PATCHES, progress=False).samples_total == 6  # listed twice: once
 
 
@@ -379,6 +380,15 @@ def test_smears_whose_folder_was_renamed_count_as_done_under_their_keys(tmp_path
     assert read_index(out) == rows and sorted(path.name for path in out.iterdir() if path.is_dir()) == ["1", "26"]
     shutil.copy(DATA / "chula_rbc12" / "1.jpg", tmp_path / "new" / "1 again.jpg")  # a copy beside its original
     assert prepare([tmp_path / "new"], out, PATCHES, progress=False).written == ["1 again"]
+    (tmp_path / "other").mkdir()  # a copy of the same name, its original still where it was
+    shutil.copy(DATA / "chula_rbc12" / "26.jpg", tmp_path / "other" / "26.jpg")
+    assert prepare([tmp_path / "other"], out, PATCHES, progress=False).written[0].startswith("26-")
+    # An older version's journal lines are as they were; this one's digests lie beside them.
+    (tmp_path / "new").rename(tmp_path / "moved again")
+    (tmp_path / "moved again" / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")  # unreadable: skipped, no stop
+    report = prepare([tmp_path / "moved again"], out, PATCHES, progress=False)
+    assert report.written == [] and sorted(report.already_done) == ["1", "1 again", "26"]
+    assert [path for path, _ in report.skipped] == [tmp_path / "moved again" / "broken.jpg"]
 
 
 def test_sizes_default_to_224_px_cells_and_tiles_as_cut_and_a_relative_source_is_the_same_smear(
