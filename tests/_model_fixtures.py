@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib
 import json
 import os
 import shutil
@@ -94,6 +95,16 @@ def vit_small_224_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
 
 
+PROXY_VARIABLES = [name for kind in ("HTTP", "HTTPS", "ALL", "NO")
+                   for name in (f"{kind}_PROXY", f"{kind.lower()}_proxy")]
+
+
+def without_proxies(monkeypatch) -> None:
+    """No proxy settings of the machine's (urllib prefers the lower-case ones to a test's own)."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch) -> Path:
     """An empty Hugging Face cache, offline, as the loading code will find it."""
@@ -162,8 +173,13 @@ def serving_hub(hub_cache, monkeypatch) -> Iterator[Callable[[str, Path], None]]
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, when it was imported
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(proxy, raising=False)
+    without_proxies(monkeypatch)
+    # huggingface_hub fetches its list of agent harnesses from huggingface.co once per process
+    # (through an https proxy, where one is set): known empty, as offline, so tests see only the stand-in
+    agents = importlib.import_module("huggingface_hub.utils._detect_agent")
+    if hasattr(agents, "_registry"):
+        monkeypatch.setattr(agents, "_registry", {"standardEnvVars": [], "harnesses": {}})
+
     def publish(repo_id: str, folder: Path, pause: float = 0.0) -> None:
         repos[repo_id], pauses[repo_id] = {file.name: file.read_bytes() for file in folder.iterdir()}, pause
 

@@ -19,6 +19,16 @@ def umap_compiled() -> None:
 
 
 @pytest.fixture(autouse=True)
+def fp32_on_every_cpu(monkeypatch):
+    """ "auto" precision is fp32 in every test, as on this machine, unless a test pretends to be
+    another CPU: on one with native bf16 it times bf16 faster and picks it, and comparisons of
+    embeddings made in batches of other sizes no longer hold to 1e-4."""
+    from napari_reddino import precision_speed
+
+    monkeypatch.setattr(precision_speed, "cpu_features", lambda: {})
+
+
+@pytest.fixture(autouse=True)
 def no_run_left_waiting():
     """A closed panel's run still finishing holds every later run (job_widget's module state):
     one that never ends would turn one failure into a session of timeouts. Each test leaves none."""

@@ -11,6 +11,7 @@ from importlib.resources import files
 import numpy as np
 import pytest
 import torch
+from _compiler import needs_a_cxx_compiler
 from _model_fixtures import (  # noqa: F401  (fixtures)
     TINY_DIM,
     hub_cache,
@@ -298,10 +299,6 @@ def test_bfloat16_stays_within_one_percent_of_float32(tiny_folder, real_smear):
     bf16 = embedder.embed(image, labels)[1]
     error = np.linalg.norm(bf16 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
     assert 1e-4 < error.max() < 1e-2  # it did run in bf16 (the error is not nil), and within one percent
-
-
-needs_a_cxx_compiler = pytest.mark.skipif(not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
-                                          reason="torch.compile on a CPU needs a C++ compiler")
 
 
 @needs_a_cxx_compiler

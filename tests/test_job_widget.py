@@ -84,7 +84,7 @@ def test_a_run_waits_for_the_step_a_closed_panel_s_run_is_in(make_napari_viewer,
     def one_long_step():
         log.append("long step started")
         yield 0, 1
-        release.wait(10)
+        release.wait(120)  # set by the test at once; the bound only ends a failed test's thread
         log.append("long step ended")
         yield 1, 1
 

@@ -23,6 +23,7 @@ from _model_fixtures import (  # noqa: F401  (pytest fixtures)
     serving_hub,
     tiny_folder,
     tiny_vit,
+    without_proxies,
 )
 
 from napari_reddino import CellClassifier, precision_speed
@@ -177,8 +178,7 @@ def test_offline_and_not_cached_fails_at_once_saying_what_to_do(hub_cache, conne
 def test_unreachable_hub_fails_at_once_without_retrying(hub_cache, monkeypatch, connections):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
-    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(proxy, raising=False)
+    without_proxies(monkeypatch)
     started = time.perf_counter()
     with pytest.raises(ModelNotAvailableError, match="cannot connect to 127.0.0.1:9"):
         load_model("hf_hub:lab/never-downloaded")

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from reddino_train.distributed import LaunchError, local_gpu
 from reddino_train.monitor import read_log
 
 SCRIPT = Path(__file__).with_name("fit_and_checksum.py")
+TIMEOUT_S = 300  # a run of a few steps takes 20-30 s here; CI machines can be twice as slow, and busy
 TINY = ["model.layerscale=1.0", "loss.centering=softmax_center", "loss.koleo_weight=0.1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -27,8 +30,28 @@ def torchrun_fit(data_dir: Path, out_dir: Path | str, steps: int, *overrides: st
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(SCRIPT), str(data_dir), str(out_dir), str(steps), *TINY, *overrides,
     ]
-    finished = subprocess.run(command, check=check, env=ENV, timeout=120, capture_output=True, text=True)
+    launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with ended_at_exit(launcher, torchrun=True):
+        finished = subprocess.CompletedProcess(command, None, *launcher.communicate(timeout=TIMEOUT_S))
+    finished.returncode = launcher.returncode
+    if check:
+        finished.check_returncode()
     return out_dir if check else finished
+
+
+@contextmanager
+def ended_at_exit(process: subprocess.Popen, *, torchrun: bool = False) -> Iterator[subprocess.Popen]:
+    """Kill ``process`` if it still runs when the block ends (a failed test), with its ranks under
+    torchrun, which run in sessions of their own: a run left training would slow every later test."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            for pid in workers(process).values() if torchrun else ():
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +106,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_where_the_data_left_off
     for name in ("checkpoint.pt", "log.csv"):
         (tmp_path / name).write_bytes((run / name).read_bytes())
     subprocess.run([sys.executable, str(SCRIPT), str(smear_images), str(tmp_path), "6", *TINY],
-                   check=True, env=ENV, timeout=120, capture_output=True)
+                   check=True, env=ENV, timeout=TIMEOUT_S, capture_output=True)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["iteration"] == 6
     # The two ranks took 4 batches of 4 from one shared order; one process goes on after those 32.
@@ -92,7 +115,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_where_the_data_left_off
     assert [row["step"] for row in read_log(tmp_path / "log.csv")] == [1, 2, 3, 4, 5, 6]
 
 
-def wait_for_steps(process: subprocess.Popen, log: Path, steps: int, timeout_s: float = 120) -> None:
+def wait_for_steps(process: subprocess.Popen, log: Path, steps: int, timeout_s: float = TIMEOUT_S) -> None:
     """Wait until the run of ``process`` has logged ``steps`` steps; fail if it ends or takes too long."""
     deadline = time.monotonic() + timeout_s
     while not (log.exists() and len(log.read_text().splitlines()) > steps):
@@ -105,12 +128,13 @@ def test_a_second_run_on_the_folder_is_refused_and_sigterm_ends_the_first_with_a
     command = [sys.executable, str(SCRIPT), str(smear_images), str(tmp_path), "1000", *TINY, "optim.epochs=200"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "log.csv"
-    wait_for_steps(process, log, 2)  # the run holds the folder and trains
-    second = torchrun_fit(smear_images, tmp_path, 2000, check=False)  # refused on both ranks, the run goes on
-    assert second.returncode != 0
-    assert second.stderr.count(f"{tmp_path} is in use by another reddino-train fit (pid {process.pid} on ") >= 2
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
+    with ended_at_exit(process):
+        wait_for_steps(process, log, 2)  # the run holds the folder and trains
+        second = torchrun_fit(smear_images, tmp_path, 2000, check=False)  # refused on both ranks, the run goes on
+        assert second.returncode != 0
+        assert second.stderr.count(f"{tmp_path} is in use by another reddino-train fit (pid {process.pid} on ") >= 2
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=TIMEOUT_S)
     assert process.returncode == 0, output
     summary = json.loads((tmp_path / "rank0.json").read_text())
     assert summary["stopped_by_signal"] and 2 <= summary["iterations_done"] < 1000
@@ -125,8 +149,13 @@ def workers(launcher: subprocess.Popen) -> dict[int, int]:
     sessions of their own, so a signal to the launcher's group does not reach them."""
     ranks = {}
     for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
-        environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if item)
-        ranks[int(environ[b"RANK"])] = int(pid)
+        try:
+            entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        environ = dict(entry.split(b"=", 1) for entry in entries if b"=" in entry)
+        if b"RANK" in environ:  # an ended worker (a zombie) shows no environment
+            ranks[int(environ[b"RANK"])] = int(pid)
     return ranks
 
 
@@ -135,16 +164,10 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_one_check
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(SCRIPT), str(smear_images), str(tmp_path), "1000", *TINY, "optim.epochs=200"]
     launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_steps(launcher, tmp_path / "log.csv", 2)
-    ranks = workers(launcher)
-    try:
-        os.kill(ranks[1], signal.SIGTERM)
-        output, _ = launcher.communicate(timeout=60)
-    finally:  # a rank left waiting for the other would otherwise outlive the test
-        if launcher.poll() is None:
-            for pid in ranks.values():
-                os.kill(pid, signal.SIGKILL)
-            launcher.kill()
+    with ended_at_exit(launcher, torchrun=True):  # a rank left waiting for the other would outlive the test
+        wait_for_steps(launcher, tmp_path / "log.csv", 2)
+        os.kill(workers(launcher)[1], signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=TIMEOUT_S)
     assert launcher.returncode == 0, output
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank0["stopped_by_signal"] and rank1["stopped_by_signal"]
@@ -188,9 +211,10 @@ def test_the_cli_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(smear_images
     command = [sys.executable, "-c", "import sys; from reddino_train.cli import main; sys.exit(main(sys.argv[1:]))",
                "fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "optim.epochs=200", "--max-steps", "5000"]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_steps(process, tmp_path / "log.csv", 1)  # its stop handler is in place before its first step
-    process.send_signal(signal.SIGINT)
-    _, errors = process.communicate(timeout=60)
+    with ended_at_exit(process):
+        wait_for_steps(process, tmp_path / "log.csv", 1)  # its stop handler is in place before its first step
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=TIMEOUT_S)
     assert process.returncode == 130, errors
     assert "SIGINT: stopping after this step with a checkpoint; Ctrl-C again stops at once, without one" in errors
     assert f"checkpoint in {tmp_path}; the same command resumes it; so does reddino-train fit " \
