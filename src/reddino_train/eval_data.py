@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -65,6 +66,7 @@ class FeatureSet:
     targets: np.ndarray  # (n,) int64, indices into class_names
     class_names: tuple[str, ...]
     groups: np.ndarray | None = None  # (n,) the image each sample comes from (points data)
+    summary: DataSummary | None = None  # what reading the data found (files it could not read)
 
     def save(self, path: Path, key: str) -> None:
         """Write to an .npz file (atomically) tagged with ``key``, what the features depend on."""
@@ -72,6 +74,8 @@ class FeatureSet:
                   "key": np.array(key)}
         if self.groups is not None:
             arrays["groups"] = self.groups
+        if self.summary is not None:
+            arrays["summary"] = np.array(json.dumps(self.summary.to_dict()))
         write_atomic_with(path, lambda handle: np.savez(handle, **arrays))
 
     @classmethod
@@ -82,7 +86,8 @@ class FeatureSet:
                 if str(saved["key"]) != key:
                     return None
                 groups = saved.get("groups")
-                return cls(saved["features"], saved["targets"], tuple(saved["class_names"].tolist()), groups)
+                summary = DataSummary.from_dict(json.loads(str(saved["summary"]))) if "summary" in saved else None
+                return cls(saved["features"], saved["targets"], tuple(saved["class_names"].tolist()), groups, summary)
         except (OSError, KeyError, ValueError):
             return None
 
@@ -93,6 +98,14 @@ class DataSummary:
     points: int = 0  # point labels considered (points data)
     matched: int = 0  # of which matched to a segmented cell
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "points": self.points, "matched": self.matched,
+                "skipped": [[str(path), reason] for path, reason in self.skipped]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DataSummary:
+        return cls(data["images"], data["points"], data["matched"], [(Path(path), why) for path, why in data["skipped"]])
 
 
 # --- feature extractors ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +101,7 @@ class EvalReport:
     n_folds: int
     results: dict[str, dict[str, Scores]]
     class_counts: dict[str, int]
-    summary: DataSummary | None  # None when every feature set came from the cache
+    summary: DataSummary | None  # None when every feature set came from a cache older than summaries
     cached: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -118,10 +118,7 @@ class EvalReport:
             "max_per_class": request.max_per_class,
             "seed": request.seed,
             "crops": request.crops if self.format == "points" else None,
-            "data_summary": None if self.summary is None else {
-                "images": self.summary.images, "points": self.summary.points, "matched": self.summary.matched,
-                "skipped": [[str(path), reason] for path, reason in self.summary.skipped],
-            },
+            "data_summary": None if self.summary is None else self.summary.to_dict(),
             "results": {name: {m: s.to_dict() for m, s in by.items()} for name, by in self.results.items()},
         }
 
@@ -208,9 +205,11 @@ def _feature_sets(request: EvalRequest, data_format: Format) -> tuple[dict[str, 
                 progress=request.progress,
             )
         for name, features in computed.items():
-            sets[name] = features
+            sets[name] = features = replace(features, summary=summary)
             if name in keys:
                 features.save(_cache_path(request.json_out, name), keys[name])
+    else:  # all from the cache: what reading the data found then (files it could not read) still holds
+        summary = next((sets[name].summary for name in request.feature_sets if sets[name].summary), None)
     return {name: sets[name] for name in request.feature_sets}, summary, cached
 
 

@@ -248,8 +248,13 @@ def test_a_split_short_of_images_names_the_files_it_could_not_read(model, tmp_pa
     assert main(["eval", str(model), "--data", str(data)]) == 2
     said = capsys.readouterr().err
     assert "(1 file could not be read: " in said and f"{data / '26.jpg'} (unreadable" in said
-    # Scores from the smears that were read: given, but not as a success (a script must see it).
-    assert main(["eval", str(model), "--data", str(data), "--no-cls", "--with-measurements", "--split", "5-fold"]) == 1
-    said = capsys.readouterr()
-    assert "reddino-train eval: 1 file could not be read (see above); the scores leave them out" in said.err
-    assert f"skipped 1 unreadable file: {data / '26.jpg'} (unreadable" in said.out
+    # Scores from the smears that were read: given, but not as a success (a script must see it),
+    # also when a re-run takes the features from the cache.
+    run = ["eval", str(model), "--data", str(data), "--no-cls", "--with-measurements", "--split", "5-fold",
+           "--json", str(tmp_path / "eval.json"), "--overwrite"]
+    for cached in (False, True):
+        assert main(run) == 1
+        said = capsys.readouterr()
+        assert ("features from the cache: measurements" in said.out) == cached
+        assert "reddino-train eval: 1 file could not be read (see above); the scores leave them out" in said.err
+        assert f"skipped 1 unreadable file: {data / '26.jpg'} (unreadable" in said.out
