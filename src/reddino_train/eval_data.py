@@ -105,7 +105,8 @@ class DataSummary:
 
     @classmethod
     def from_dict(cls, data: dict) -> DataSummary:
-        return cls(data["images"], data["points"], data["matched"], [(Path(path), why) for path, why in data["skipped"]])
+        skipped = [(Path(path), reason) for path, reason in data["skipped"]]
+        return cls(data["images"], data["points"], data["matched"], skipped)
 
 
 # --- feature extractors ---------------------------------------------------------------------

@@ -15,16 +15,16 @@ Two kinds of sample, as PNG files in one folder per smear, ``OUT/<smear>/<n>.png
 
 ``OUT/index.csv`` lists every sample (file, source image, label, centroid, bounding box in
 source pixels). The run is resumable: a smear is recorded (folder and source path) in the
-journal ``OUT/done.txt``, and a digest of its file in ``OUT/digests.txt``, after its files and its
-rows (``OUT/<smear>/index.csv``) are written; a re-run skips it (also where its folder was
-renamed or moved since, found by file name and digest), and a smear
-cut short is redone from scratch (each smear's folder is built as ``OUT/.partial-<smear>`` and
-renamed into place whole). ``index.csv`` is assembled from the per-smear rows at the end of
-every run, interrupted or not. Files that cannot be read are skipped, listed in
-``OUT/skipped.txt`` and retried on the next run. ``OUT/prepare.json`` keeps the settings, so a
-re-run with other settings cannot mix two kinds of sample in one folder. One prepare at a time
-writes to a folder (``OUT/.reddino-prepare.lock``, as :mod:`~reddino_train.run_lock` holds a
-training run's); a second is refused until the first ends.
+journal ``OUT/done.txt``, and a digest of its file in ``OUT/digests.txt``, after its files and
+its rows (``OUT/<smear>/index.csv``) are written; a re-run skips it (also where its folder was
+renamed or moved since, found by file name and digest), and a smear cut short is redone from
+scratch (each smear's folder is built as ``OUT/.partial-<smear>`` and renamed into place whole).
+``index.csv`` is assembled from the per-smear rows at the end of every run, interrupted or not.
+Files that cannot be read are skipped, listed in ``OUT/skipped.txt`` and retried on the next
+run. ``OUT/prepare.json`` keeps the settings, so a re-run with other settings cannot mix two
+kinds of sample in one folder. One prepare at a time writes to a folder
+(``OUT/.reddino-prepare.lock``, as :mod:`~reddino_train.run_lock` holds a training run's); a
+second is refused until the first ends.
 """
 
 from __future__ import annotations
