@@ -887,6 +887,14 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [25 / zoom, 0]))
     assert np.flatnonzero(widget.selected).tolist() == [lone]
     press("Clear selection")
+    # Zoomed far out, points are drawn at least 4 device px wide: a click 3.5 px off, beyond 1.5 times
+    # the 2 px they would be, still picks one.
+    monkeypatch.setattr(type(widget.canvas.qt_viewer), "devicePixelRatioF", lambda self: 1.0)
+    widget.canvas.model.camera.zoom = zoom = 2 / size
+    assert gaps[lone].min() * zoom > 7  # no other point within 3.5 px of the click
+    click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [3.5 / zoom, 0]))
+    assert np.flatnonzero(widget.selected).tolist() == [lone]
+    press("Clear selection")
     # A class's colour, chosen by double-clicking its key, colours its cells on the map and in exports.
     widget.colour_by.value = "manual label"
     monkeypatch.setattr(QColorDialog, "getColor", lambda *args, **kwargs: QColor("#123456"))
