@@ -214,14 +214,14 @@ class CropSampler:
         corner = np.floor(boxes[:, :2]).astype(np.int64) - 1
         side = int(np.ceil((boxes[:, 2:] - corner).max())) + 2
         steps = torch.arange(side, device=self.home)
-        cols = torch.as_tensor(corner[:, 0], device=self.home)[:, None] + steps
-        rows = torch.as_tensor(corner[:, 1], device=self.home)[:, None] + steps
+        cols = self._sent(corner[:, 0])[:, None] + steps
+        rows = self._sent(corner[:, 1])[:, None] + steps
         height, width = self._pixels.shape[:2]
         keep = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
         rows, cols = rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]
         if self._labels is not None:
             under = self._labels[rows, cols]
-            keep &= (under == 0) | (under == torch.as_tensor(ids, device=self.home)[:, None, None])
+            keep &= (under == 0) | (under == self._sent(ids)[:, None, None])
         pixels = self._pixels[rows, cols]  # (n, side, side) gray or (n, side, side, 3)
         if pixels.ndim == 3:
             pixels = pixels[..., None]
@@ -230,11 +230,20 @@ class CropSampler:
         if self._clips:
             windows = torch.maximum(torch.minimum(windows, norm.high), norm.low)
         windows = windows * keep[..., None]
-        local = torch.as_tensor(boxes - np.tile(corner, 2), dtype=torch.float32, device=self.home)
+        local = self._sent((boxes - np.tile(corner, 2)).astype(np.float32))
         indexed = torch.cat([torch.arange(len(local), device=self.home, dtype=torch.float32)[:, None], local], 1)
         channels_first = windows.permute(0, 3, 1, 2).contiguous()
         crops = roi_align(channels_first, indexed, self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         return crops * norm.scale + norm.offset
+
+    def _sent(self, array: np.ndarray) -> torch.Tensor:
+        """A batch's few numbers (window corners, ids) on :attr:`home`. A GPU gets them from
+        pinned memory without waiting: a copy from pageable memory waits for the model's batch
+        queued before it on the stream, and the GPU would idle while the rest of the cut is queued."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.home.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.home, non_blocking=True)  # the pinned block is kept until copied
 
 
 @dataclass(frozen=True, eq=False)  # tensors do not compare to a bool
@@ -259,8 +268,15 @@ def smear_home(device: torch.device, nbytes: int) -> torch.device:
     is a GPU that it would fill beyond a quarter of its free memory; then the CPU."""
     if device.type != "cuda":
         return device
-    free = torch.cuda.mem_get_info(device)[0]
-    return device if nbytes <= _SMEAR_SHARE_OF_FREE_MEMORY * free else torch.device("cpu")
+    return device if nbytes <= _SMEAR_SHARE_OF_FREE_MEMORY * cuda_free_bytes(device) else torch.device("cpu")
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """Bytes the GPU ``device`` can still give this process: free on the card, and what
+    PyTorch's allocator holds unused from earlier work (the card counts that as taken, so after
+    one smear the next would get smaller batches and might be cut on the CPU)."""
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + unused
 
 
 def _label_type(labels: np.ndarray, top: int, home: torch.device) -> np.dtype:

@@ -47,6 +47,7 @@ from .crops import (
     CropMode,
     CropScale,
     crop_checks,
+    cuda_free_bytes,
     prepare_crops,
 )
 from .cell_embeddings import EmbeddedCells
@@ -402,7 +403,7 @@ def _kept(reuse: EmbeddedCells | None, ids: np.ndarray, checks: np.ndarray) -> n
 def _free_memory(device: torch.device) -> int | None:
     """Free bytes on ``device``, or None where that cannot be asked."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return cuda_free_bytes(device)
     if device.type == "cpu":
         return _available_ram()
     return None
