@@ -316,6 +316,23 @@ def test_a_multiscale_cells_layer_is_refused_with_what_to_do(viewer, widget, qtb
     assert embeddings_of(cells) is None and widget._run_button.enabled
 
 
+def test_a_pixel_size_that_cannot_be_is_refused_before_the_model_loads(viewer, widget, chula_pixels_and_cells, qtbot):
+    """Cells from another tool are measured after embedding: at the camera's pixel pitch, say so first."""
+    image, labels = chula_pixels_and_cells
+    smear = viewer.add_image(image, rgb=True, name="smear", metadata={"pixel_size_um": 3.45})
+    cells = viewer.add_labels(labels.copy(), name="masks from another tool")
+    widget.reset_choices()
+    widget.cells.value = cells
+    with qtbot.waitSignal(widget.finished, timeout=5_000):
+        widget.run()
+    assert widget.status.value.startswith("'smear': At 3.45 µm per pixel a red cell would be 2.2 px across")
+    assert widget._worker is None and embeddings_of(cells) is None and "area_um2" not in cells.features
+    smear.metadata["pixel_size_um"] = 0.1
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert "area_um2" in cells.features
+
+
 def test_no_cells_gives_a_notice_and_nothing_else(viewer, widget, qtbot):
     viewer.add_image(imread(CHULA_1)[:64, :64], rgb=True, name="patch")
     cells = viewer.add_labels(np.zeros((64, 64), np.int32), name="patch cells")

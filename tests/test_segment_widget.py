@@ -303,6 +303,14 @@ def test_a_cell_diameter_and_pixel_size_typed_for_a_smear_stay_with_that_smear(v
     assert widget.cell_diameter.value == 32 and first.metadata["cell_diameter_px"] == 32
 
 
+def test_a_pixel_size_that_cannot_be_is_refused_before_segmenting_even_with_a_typed_diameter(viewer, widget,
+                                                                                            chula):
+    widget.cell_diameter.value, widget.pixel_size.value = 40, 3.45  # the camera's pixel pitch
+    widget.run()
+    assert widget.status.value.startswith("At 3.45 µm per pixel a red cell would be 2.2 px across")
+    assert widget._worker is None and not labels_layers(viewer)
+
+
 def test_a_smear_s_own_pixel_size_is_used_unrounded(viewer, widget, qtbot):
     smear = viewer.add_image(imread(CHULA_1), rgb=True, name="1", metadata={"pixel_size_um": 0.12345})
     widget.reset_choices()

@@ -55,7 +55,7 @@ from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, smear_pixels
-from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer
+from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer, unusable_pixel_size
 from .smear_colours import is_map_colours, own_cells
 from .smear_links import of_image
 
@@ -383,12 +383,16 @@ class EmbedCellsWidget(JobWidget):
     def _segment_first(self, layer: Image, pixels: np.ndarray) -> None:
         """The Segment widget's worker with the cell size typed there for this smear, else from its
         pixel size or the image."""
+        pixel_size_um = layer.metadata.get("pixel_size_um") or None
+        if why := unusable_pixel_size(pixel_size_um):
+            self._refuse(f"{layer.name!r}: {why}")
+            return
         self._segment_job = _Job(
             image=layer,
             scale=tuple(layer.scale),
             translate=tuple(layer.translate),
             cell_diameter=layer.metadata.get("cell_diameter_px") or None,  # typed in Segment cells
-            pixel_size_um=layer.metadata.get("pixel_size_um") or None,
+            pixel_size_um=pixel_size_um,
             started=time.perf_counter(),
         )
         self.status.value = f"Segmenting {layer.name!r}…"
@@ -440,10 +444,13 @@ class EmbedCellsWidget(JobWidget):
                 notify=show_info,
             )
             return
-        self._embed_job = _EmbedJob(cells, model, crops, segmented)
-        self.status.value = f"Loading {model}…"
         measured = cells.metadata.get(MEASURED_LABELS) == digest and "label" in cells.features
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
+        if not measured and (why := unusable_pixel_size(pixel_size)):  # the cells are measured after embedding
+            self._refuse(f"{image.name!r}: {why}")
+            return
+        self._embed_job = _EmbedJob(cells, model, crops, segmented)
+        self.status.value = f"Loading {model}…"
         self._stop_download = threading.Event()
         self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size,
                     (image_hash, digest), earlier_run(cells), self._stop_download)

@@ -15,7 +15,7 @@ from ..cell_embeddings import image_digest, labels_digest
 from ..cell_table import image_name as cell_image_name
 from ..label_import import carry_manual_labels, manual_labels
 from ..measurements import measure_cells
-from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells
+from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells, pixel_size_refusal
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, place_above
 from .smear_colours import coloured_smear, own_cells
@@ -59,6 +59,12 @@ def _segment_and_measure(pixels: np.ndarray, cell_diameter: float | None, pixel_
         sizing = {"cell_diameter": cell_diameter} if cell_diameter <= max(pixels.shape[:2]) else {}
     labels = yield from iter_segment_cells(pixels, **sizing)
     return labels, measure_cells(labels, pixels, pixel_size_um=pixel_size_um), cell_diameter, image_digest(pixels)
+
+
+def unusable_pixel_size(pixel_size_um: float | None) -> str | None:
+    """Why a smear's recorded pixel size (None: unknown) cannot be used, before any work that
+    would measure with it, or None."""
+    return pixel_size_refusal(pixel_size_um) if pixel_size_um else None
 
 
 def _diameter_source(job: _Job) -> str:
@@ -110,12 +116,16 @@ class SegmentCellsWidget(JobWidget):
         pixels = self._chosen_smear(layer)
         if pixels is None:
             return
+        pixel_size_um = self._setting(self.pixel_size, layer)
+        if why := unusable_pixel_size(pixel_size_um):
+            self._refuse(why)
+            return
         self._job = _Job(
             image=layer,
             scale=tuple(layer.scale),
             translate=tuple(layer.translate),
             cell_diameter=self._setting(self.cell_diameter, layer),
-            pixel_size_um=self._setting(self.pixel_size, layer),
+            pixel_size_um=pixel_size_um,
             started=time.perf_counter(),
         )
         self.status.value = f"Segmenting {layer.name!r}…"
