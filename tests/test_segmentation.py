@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -581,13 +582,26 @@ def test_cells_two_tiles_outline_apart_are_kept_once_in_one_piece(monkeypatch):
     assert np.bincount(labels.ravel())[1:].min() > 100
 
 
-def test_iteration_can_be_cancelled_between_tiles(monkeypatch):
+def test_iteration_can_be_cancelled_between_tiles_without_waiting_for_the_tiles_running(monkeypatch):
     image, _ = chula(1)
     monkeypatch.setattr(segmentation, "TILE_CORE", 200)
-    steps = iter_segment_cells(np.concatenate([image, image], 0))
+    planned, plan, segment_tile = [], segmentation.plan_tiles, segmentation._segment_tile
+    monkeypatch.setattr(segmentation, "plan_tiles", lambda *args: planned.extend(plan(*args)) or iter(planned))
+    released = threading.Event()  # every tile but the first runs until then (a large smear's second of work)
+
+    def held(array, tile, calibration):
+        if tile is not planned[0]:
+            released.wait(60)
+        return segment_tile(array, tile, calibration)
+
+    monkeypatch.setattr(segmentation, "_segment_tile", held)
+    threading.Timer(20, released.set).start()  # should closing wait for the held tiles, it ends then
+    steps = iter_segment_cells(np.concatenate([image, image], 0), workers=2)
     done, total = next(steps)
     assert done == 1 and total > 2
-    steps.close()  # what a napari worker's quit does; must not hang or raise
+    steps.close()  # what a napari worker's quit does, on napari's main thread
+    assert not released.is_set()  # it returned while two tiles were still running
+    released.set()
 
 
 def test_cells_at_points_is_one_to_one():

@@ -102,17 +102,17 @@ def iter_segment_cells(
         yield 1, 1
         return labels
     next_id, gone = 1, []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending = [pool.submit(_segment_tile, array, tile, calibration) for tile in tiles]
-        try:
-            for done, tile in enumerate(tiles, start=1):
-                future, pending[done - 1] = pending[done - 1], None  # a pasted tile's labels are let go
-                next_id, removed = tile.paste(future.result(), labels, next_id)
-                gone.extend(removed)
-                del future
-                yield done, len(tiles)
-        finally:  # closed early (cancelled): drop queued tiles, do not wait for them
-            pool.shutdown(wait=False, cancel_futures=True)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))  # not a with block: its exit waits for running tiles
+    pending = [pool.submit(_segment_tile, array, tile, calibration) for tile in tiles]
+    try:
+        for done, tile in enumerate(tiles, start=1):
+            future, pending[done - 1] = pending[done - 1], None  # a pasted tile's labels are let go
+            next_id, removed = tile.paste(future.result(), labels, next_id)
+            gone.extend(removed)
+            del future
+            yield done, len(tiles)
+    finally:  # closed early (cancelled): drop queued tiles, and do not wait for those running
+        pool.shutdown(wait=False, cancel_futures=True)
     if gone:  # ids 1..n again, a strip at a time (a whole-image copy is 4 bytes a pixel more)
         keep = np.ones(next_id, bool)
         keep[gone] = False
