@@ -58,6 +58,8 @@ def test_a_name_that_is_empty_or_taken_is_undone_and_says_why(qtbot):
     assert classes.classes[row] == "macrocyte" and classes.table.item(row, 1).text() == "macrocyte"
     assert said == ["There is already a class 'normal'; 'macrocyte' keeps its name.",
                     "A class needs a name; 'macrocyte' keeps its name."]
+    classes.table.item(row, 1).setText("macrocyte ")  # its own name with a space: no rename (which clears Undo label)
+    assert classes.table.item(row, 1).text() == "macrocyte" and len(said) == 2
     assert renamed == []
 
 

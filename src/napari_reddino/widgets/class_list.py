@@ -266,6 +266,8 @@ class ClassList(QWidget):
             self.table.blockSignals(True)
             item.setText(new)
             self.table.blockSignals(False)
+        if new == old:  # only spaces were added: nothing is renamed
+            return
         self._names[row] = new
         self.renamed.emit(old, new)
         self.changed.emit()
