@@ -106,11 +106,11 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     chula.name = "smear (chula)"
 
     # Labels of blanks are none: the layer is segmented again in place, and shown if it was hidden.
-    # A brush stroke before it is not undone into the new cells.
+    # A brush stroke taken back before it cannot be redone into the new cells.
     cells.features = cells.features.assign(manual_label=" ")
     y, x = (size // 2 for size in cells.data.shape)
-    cells.data[y - 10:y + 10, x - 10:x + 10] = 0  # erased without a trace: what the stroke paints over
     cells.paint((y, x), 7)
+    cells.undo()
     cells.visible = False
     widget.cell_diameter.value = widget.pixel_size.value = 0  # auto and unknown: the size is estimated
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS):
@@ -121,6 +121,7 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     assert "area_um2" not in cells.features
     np.testing.assert_array_equal(cells.data, segment_cells(chula.data))  # as the API segments it
     segmented = cells.data.copy()
+    cells.redo()
     cells.undo()
     np.testing.assert_array_equal(cells.data, segmented)
 
@@ -301,6 +302,26 @@ def test_a_cell_diameter_and_pixel_size_typed_for_a_smear_stay_with_that_smear(v
     assert widget.cell_diameter.value == 0  # auto: 32 px was typed for the first smear, not this one
     widget.image.value = first
     assert widget.cell_diameter.value == 32 and first.metadata["cell_diameter_px"] == 32
+
+
+def test_cells_edited_by_hand_are_kept_beside_those_of_a_new_segmentation(viewer, widget, chula, qtbot):
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    (cells,) = labels_layers(viewer)
+    cells.paint(tuple(size // 2 for size in cells.data.shape), 7)  # a brush stroke: a cell split or merged
+    edited = cells.data.copy()
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    again = result.args[0]
+    assert labels_layers(viewer) == [cells, again] and again.name == f"{cells.name} [1]"
+    np.testing.assert_array_equal(cells.data, edited)
+    assert again.visible and not cells.visible
+    assert widget.status.value.endswith(f"; {cells.name!r}, its cells edited by hand since they were segmented, "
+                                        "is kept as it was, hidden")
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS):  # the new layer, as segmented, is replaced
+        widget.run()
+    assert labels_layers(viewer) == [cells, again] and not cells.visible
+    np.testing.assert_array_equal(cells.data, edited)
 
 
 def test_a_pixel_size_that_cannot_be_is_refused_before_segmenting_even_with_a_typed_diameter(viewer, widget,

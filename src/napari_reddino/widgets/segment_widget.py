@@ -22,6 +22,7 @@ from .smear_colours import coloured_smear, own_cells
 from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, of_image
 
 MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
+SEGMENTED_LABELS = "segmented_labels"  # metadata: digest of the labels as segmentation gave them
 # metadata: the unique_id of the newer cells layer this one's labels went to (not its name: the
 # user may rename it, and napari hands a removed layer's name to the next layer)
 CARRIED_TO = "labels_carried_to"
@@ -192,10 +193,10 @@ class SegmentCellsWidget(JobWidget):
 def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.DataFrame, job: _Job,
                     cell_diameter: float, image_hash: str) -> tuple[Labels, str]:
     """Add the cells layer, or replace the data and table of the one from an earlier run, unless
-    that one holds labels the user gave its cells: then the new layer goes beside it, named by
-    napari with a number, and the labelled one is left as it was, hidden, its labels carried over
-    to the same cells of the new one (see :func:`carry_labels`). Returns the layer and what was
-    carried over, in words ("" when nothing was).
+    that one holds labels the user gave its cells or cells edited by hand: then the new layer goes
+    beside it, named by napari with a number, and the earlier one is left as it was, hidden, its
+    labels carried over to the same cells of the new one (see :func:`carry_labels`). Returns the
+    layer and what was carried over or kept, in words ("" when nothing was).
 
     Shared by the Segment and Embed widgets, so both make the same cells layer.
     """
@@ -207,10 +208,13 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
         "cell_diameter_from": _diameter_source(job),
         "pixel_size_um": job.pixel_size_um,
         MEASURED_LABELS: labels_digest(labels),
+        SEGMENTED_LABELS: labels_digest(labels),
     }
     layers = viewer.layers
     earlier = own_cells(layers, job.image_name)  # by its link to the smear: a renamed smear keeps its cells
-    if earlier is not None and not _has_manual_labels(earlier) and of_image(earlier, job.image, image_hash):
+    same_smear = earlier is not None and of_image(earlier, job.image, image_hash)
+    edited = same_smear and _edited_by_hand(earlier)
+    if same_smear and not _has_manual_labels(earlier) and not edited:
         layer = earlier
         layer.data = labels
         _forget_strokes(layer)
@@ -230,7 +234,19 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     own |= {other.name for other in layers if coloured_smear(other) in own | {job.image_name}}
     if own:
         place_above(layers, layer, [other for other in layers if other.name in own][-1])
-    return layer, carry_labels(viewer, layer, job, image_hash)
+    carried = carry_labels(viewer, layer, job, image_hash)
+    if edited and earlier.visible:  # not hidden by carrying its labels: it had none
+        earlier.visible = False
+        kept = f"{earlier.name!r}, its cells edited by hand since they were segmented, is kept as it was, hidden"
+        return layer, f"{carried}; {kept}" if carried else kept
+    return layer, carried
+
+
+def _edited_by_hand(layer: Labels) -> bool:
+    """Whether the cells of ``layer`` were painted, erased, split or merged since segmentation
+    gave them (a layer of an older version knows only the labels it was measured on)."""
+    segmented = layer.metadata.get(SEGMENTED_LABELS, layer.metadata.get(MEASURED_LABELS))
+    return segmented is not None and segmented != labels_digest(np.asarray(layer.data))
 
 
 def _forget_strokes(layer: Labels) -> None:
