@@ -874,7 +874,7 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     gaps = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.diag(np.full(n, np.inf))
     lone = int(np.argmax(gaps.min(axis=1)))  # the point farthest from its nearest neighbour
     size = float(np.mean(widget.canvas.points.size))
-    widget.canvas.model.camera.zoom = zoom = max(80 / size, 200 / gaps[lone].min())  # drawn at 40 px
+    widget.canvas.model.scene.camera.zoom = zoom = max(80 / size, 200 / gaps[lone].min())  # drawn at 40 px
     click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [80 / zoom, 0]))  # 80 px off
     assert not widget.selected.any()
     click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [50 / zoom, 0]))  # 50 px off
@@ -890,7 +890,7 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
     # Zoomed far out, points are drawn at least 4 device px wide: a click 3.5 px off, beyond 1.5 times
     # the 2 px they would be, still picks one.
     monkeypatch.setattr(type(widget.canvas.qt_viewer), "devicePixelRatioF", lambda self: 1.0)
-    widget.canvas.model.camera.zoom = zoom = 2 / size
+    widget.canvas.model.scene.camera.zoom = zoom = 2 / size
     assert gaps[lone].min() * zoom > 7  # no other point within 3.5 px of the click
     click(widget.canvas._on_press, widget.canvas.model, tuple(points[lone] + [3.5 / zoom, 0]))
     assert np.flatnonzero(widget.selected).tolist() == [lone]

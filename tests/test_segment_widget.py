@@ -324,6 +324,19 @@ def test_cells_edited_by_hand_are_kept_beside_those_of_a_new_segmentation(viewer
     np.testing.assert_array_equal(cells.data, edited)
 
 
+def test_cells_lie_on_their_smear_however_it_is_placed_in_the_world(viewer, widget, qtbot):
+    smear = viewer.add_image(imread(CHULA_1), rgb=True, name="tilted", scale=(0.2, 0.2), translate=(5, 7),
+                             rotate=10, shear=[0.1], units=("um", "um"))  # as some slide readers open one
+    widget.reset_choices()
+    widget.image.value = smear
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    cells = result.args[0]
+    for world in [(10.0, 10.0), (40.0, 60.0)]:
+        np.testing.assert_allclose(cells.world_to_data(world), smear.world_to_data(world), atol=1e-9)
+    assert cells.units == smear.units
+
+
 def test_a_pixel_size_that_cannot_be_is_refused_before_segmenting_even_with_a_typed_diameter(viewer, widget,
                                                                                             chula):
     widget.cell_diameter.value, widget.pixel_size.value = 40, 3.45  # the camera's pixel pitch

@@ -57,7 +57,7 @@ from ..wording import counted
 from .job_widget import JobWidget, job_worker, smear_pixels
 from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer, unusable_pixel_size
 from .smear_colours import is_map_colours, own_cells
-from .smear_links import of_image
+from .smear_links import of_image, placement
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
 
@@ -389,8 +389,7 @@ class EmbedCellsWidget(JobWidget):
             return
         self._segment_job = _Job(
             image=layer,
-            scale=tuple(layer.scale),
-            translate=tuple(layer.translate),
+            placement=placement(layer),
             cell_diameter=layer.metadata.get("cell_diameter_px") or None,  # typed in Segment cells
             pixel_size_um=pixel_size_um,
             started=time.perf_counter(),

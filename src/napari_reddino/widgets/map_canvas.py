@@ -217,7 +217,7 @@ class MapCanvas(QWidget):
             return  # a drag pans the map
         distances = np.linalg.norm(self.coordinates - np.asarray(event.position)[-2:], axis=1)
         nearest = int(np.argmin(distances))
-        zoom = self.model.camera.zoom  # logical screen px per map unit
+        zoom = self.model.scene.camera.zoom  # logical screen px per map unit
         ratio = self.qt_viewer.devicePixelRatioF() if self.qt_viewer is not None else 1.0  # vispy clamps in device px
         drawn = np.clip(float(np.mean(self.points.size)) * zoom * ratio, *DRAWN_SIZE_LIMITS) / ratio
         if distances[nearest] * zoom <= CLICK_RADIUS_POINTS * drawn:

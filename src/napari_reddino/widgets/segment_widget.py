@@ -19,7 +19,7 @@ from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, place_above
 from .smear_colours import coloured_smear, own_cells
-from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, of_image
+from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, of_image, placement
 
 MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
 SEGMENTED_LABELS = "segmented_labels"  # metadata: digest of the labels as segmentation gave them
@@ -33,8 +33,7 @@ class _Job:
     """What a run needs, once its worker returns, to build the cells layer."""
 
     image: Image  # the smear's layer: renamed while it is segmented, its cells take the new name
-    scale: tuple[float, ...]
-    translate: tuple[float, ...]
+    placement: dict  # where the smear lay in the world when it was segmented (smear_links.placement)
     cell_diameter: float | None
     pixel_size_um: float | None
     started: float
@@ -123,8 +122,7 @@ class SegmentCellsWidget(JobWidget):
             return
         self._job = _Job(
             image=layer,
-            scale=tuple(layer.scale),
-            translate=tuple(layer.translate),
+            placement=placement(layer),
             cell_diameter=self._setting(self.cell_diameter, layer),
             pixel_size_um=pixel_size_um,
             started=time.perf_counter(),
@@ -220,11 +218,12 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
         _forget_strokes(layer)
         layer.features = table
         layer.metadata = metadata
-        layer.scale, layer.translate = job.scale, job.translate
+        for key, value in job.placement.items():
+            setattr(layer, key, value)
         layer.visible = True  # it may have been hidden when its labels went to a newer layer
         return layer, carry_labels(viewer, layer, job, image_hash)
     layer = viewer.add_labels(
-        labels, name=job.layer_name, features=table, metadata=metadata, scale=job.scale, translate=job.translate
+        labels, name=job.layer_name, features=table, metadata=metadata, **job.placement
     )
     layer.contour = 2
     # Right above its smear, its earlier cells and their map colours, not over the other smears.

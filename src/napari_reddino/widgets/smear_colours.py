@@ -12,7 +12,7 @@ from napari.utils.colormaps import CyclicLabelColormap
 
 from ..cell_map import PooledCells, rank_lut
 from .job_widget import place_above
-from .smear_links import smear_under
+from .smear_links import placement, smear_under
 
 MARK = "reddino_map_colours"  # metadata key of a colour layer (it holds map ranks, not cells): see coloured_smear
 
@@ -37,7 +37,7 @@ class SmearColours:
         for position, cells in enumerate(pool.layers):
             overlay = viewer.add_labels(
                 pool.rank_image(position), name=f"{cells.name} map colours",
-                scale=cells.scale, translate=cells.translate, opacity=1.0, visible=cells.visible,
+                **placement(cells), opacity=1.0, visible=cells.visible,
                 metadata={MARK: cells.metadata.get("source_image") or cells.name},
             )
             overlay.editable = False

@@ -48,3 +48,10 @@ def smear_under(viewer, cells) -> Image | None:
 def level_0(image: Image):
     """The full-resolution pixels of an image layer (the first level of a multiscale one)."""
     return image.data[0] if image.multiscale else image.data
+
+
+def placement(layer) -> dict:
+    """Where ``layer`` lies in the world (scale, translate, rotation, shear, affine and units), as
+    keyword arguments of a new layer, so cells drawn over their smear sit on its pixels."""
+    return {"scale": tuple(layer.scale), "translate": tuple(layer.translate), "rotate": layer.rotate,
+            "shear": layer.shear, "affine": layer.affine.affine_matrix, "units": layer.units}
