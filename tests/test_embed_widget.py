@@ -605,6 +605,13 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
     with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
         widget.run()  # nothing changed: each is up to date
     assert widget.status.value == "Every open smear was already up to date: '1', '26'."
+    erased = own.data[own.data.shape[0] // 2, own.data.shape[1] // 2] or counts[0]
+    own.data[own.data == erased] = 0  # one cell erased: only the cells whose crops it reached are embedded
+    with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    fresh = int(re.fullmatch(r"Every open smear: 1 of 2 smears embedded now \((\d+) cells?\); already up to date: '26'\.",
+                             widget.status.value)[1])
+    assert 0 < fresh < counts[0] - 1
 
     assert widget.image.value is first and widget.cells.value is own  # its own cells layer, not the last one made
     widget.every_smear.value = False  # back to one smear

@@ -83,7 +83,7 @@ class _Batch:
     total: int
     current: Image | None = None
     current_embedded: bool = False
-    embedded: dict[str, int] = field(default_factory=dict)  # image name: cells embedded
+    embedded: dict[str, int] = field(default_factory=dict)  # image name: cells embedded (not those kept)
     up_to_date: list[str] = field(default_factory=list)  # images whose embeddings were already current
     not_embedded: list[str] = field(default_factory=list)  # "<image>: <why>"
     stopped: str | None = None  # why the smears still waiting were not run
@@ -197,7 +197,6 @@ class EmbedCellsWidget(JobWidget):
         self.every_smear.changed.connect(self._on_every_smear)
         self._lay_out(Container(widgets=[self.image, self.cells, self.every_smear, model_row, self.device,
                                          *crop_settings]))
-        self.embedded.connect(self._on_embedded)
         self.finished.connect(self._after_run)
         self.image.changed.connect(self._pick_cells)
         self._browse_button.changed.connect(self._browse)
@@ -338,11 +337,6 @@ class EmbedCellsWidget(JobWidget):
                 self._batch.stopped = "an error"
             self._on_errored(error, "Embedding")
             self.finished.emit()
-
-    def _on_embedded(self, cells: Labels) -> None:
-        if self._batch is not None:
-            self._batch.current_embedded = True
-            self._batch.embedded[self._batch.current.name] = len(embeddings_of(cells)[0])
 
     def _after_run(self) -> None:
         """Note how the smear of an "every open smear" run ended; go on to the next, or sum up."""
@@ -554,6 +548,9 @@ class EmbedCellsWidget(JobWidget):
             job.cells.metadata[MEASURED_LABELS] = embedded
         seconds = time.perf_counter() - self._embed_started
         fresh = len(run.ids) - run.reused
+        if self._batch is not None:
+            self._batch.current_embedded = True
+            self._batch.embedded[self._batch.current.name] = fresh
         shown = Path(job.model).expanduser().name if Path(job.model).expanduser().exists() else job.model
         kept = f"; the embeddings of {counted(run.reused, 'unchanged cell')} were kept" if run.reused else ""
         cleared = (f"; the head's predictions for {counted(unpredicted, 'cell')} are cleared (train or apply it "
