@@ -84,8 +84,10 @@ def _fit_command(args: argparse.Namespace) -> int:
     if result.iterations_this_run == 0:  # a finished run started again (a scheduler's requeue, a reused --out)
         limit, raise_it = (f"--max-steps {args.max_steps}", "--max-steps") \
             if args.max_steps and result.iterations_done >= args.max_steps else ("the end of its schedule", "optim.epochs")
+        stretched = (" (every schedule then stretches to the new length: the learning rate jumps back up its "
+                     "cosine, with no warm-up)") if raise_it == "optim.epochs" else ""
         _say(f"reddino-train fit: {args.out} holds a run already at iteration {result.iterations_done}, {limit}: "
-             f"nothing to do. To train it further, raise {raise_it}; to start afresh, give another --out")
+             f"nothing to do. To train it further, raise {raise_it}{stretched}; to start afresh, give another --out")
         return 0
     _say(f"reddino-train fit: {counted(result.iterations_done, 'iteration')} done; checkpoint in {args.out}")
     return 0

@@ -63,6 +63,20 @@ class Schedules:
         )
 
 
+SCHEDULE_NAMES = {"lr": "learning rate", "last_layer_lr": "last layer's learning rate", "weight_decay": "weight decay",
+                  "teacher_momentum": "teacher momentum", "teacher_temp": "teacher temperature"}
+
+
+def schedule_jumps(before: Schedules, after: Schedules, iteration: int) -> list[str]:
+    """Each schedule whose value at ``iteration`` differs between ``before`` and ``after``, as
+    "name old -> new": where a run resumes with other settings, the jump it takes there (more
+    epochs stretch every cosine anew, so a finished run's learning rate rises again)."""
+    old, new = before.at(iteration), after.at(iteration)
+    return [f"{SCHEDULE_NAMES[field.name]} {getattr(old, field.name):.4g} -> {getattr(new, field.name):.4g}"
+            for field in dataclasses.fields(old)
+            if not math.isclose(getattr(old, field.name), getattr(new, field.name), rel_tol=1e-6, abs_tol=1e-12)]
+
+
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     """DINOv2's rule: ``base_lr`` is for a global batch of 1024 and scales with its square root."""
     return base_lr * math.sqrt(global_batch_size / LR_REFERENCE_BATCH)

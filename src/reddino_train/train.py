@@ -55,7 +55,7 @@ from .monitor import LOG_NAME, CollapseDetector, CsvLog, entropy
 from .parallel import WEIGHTS, distribute, full_state, load_full_state, release_gathered
 from .param_groups import apply_schedule, build_param_groups
 from .run_lock import RunFolderError, hold_run_folder
-from .schedules import ScheduleValues, build_schedules, scaled_lr
+from .schedules import ScheduleValues, build_schedules, scaled_lr, schedule_jumps
 
 AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_LOSS_SCALE = 2.0**-16  # fp16 steps that overflow even here have diverged, not run out of range
@@ -397,9 +397,11 @@ class Trainer:
                 kept = self.out / settings_until(self.iteration)
                 if not kept.exists():  # else a resume changed them at this step before and trained no step
                     save_config(own, kept)
+                jumps = schedule_jumps(build_schedules(own, self.world_size), self.schedules, self.iteration)
                 warnings.warn(
                     f"resuming {self.out} with settings other than its own, which apply from step "
-                    f"{self.iteration} on: {'; '.join(changed)} (the settings until then are in {kept.name})",
+                    f"{self.iteration} on: {'; '.join(changed)} (the settings until then are in {kept.name})"
+                    + (f"; at this step the schedules jump: {', '.join(jumps)}" if jumps else ""),
                     ResumeSettingsWarning, stacklevel=2,
                 )
 

@@ -45,7 +45,8 @@ def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsy
            "--max-steps; to start afresh, give another --out" in capsys.readouterr().out
     assert main(["fit", "tiny", str(smear_images), "--out", run, *TINY, "optim.epochs=1", "train.iterations_per_epoch=1"]) == 0
     assert f"{run} holds a run already at iteration 1, the end of its schedule: nothing to do. To train it further, " \
-           "raise optim.epochs;" in capsys.readouterr().out
+           "raise optim.epochs (every schedule then stretches to the new length: the learning rate jumps back up its " \
+           "cosine, with no warm-up);" in capsys.readouterr().out
     assert main(["export", run, "--out", model]) == 0
     assert f"use it in napari (Embed cells > Browse…), with reddino-analyse --model {model}" in capsys.readouterr().out
     weights = (tmp_path / "model" / "model.safetensors").read_bytes()

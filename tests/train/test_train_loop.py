@@ -204,6 +204,25 @@ def test_resuming_with_other_settings_names_them(smear_images, tmp_path):
         fit(changed, smear_images, tmp_path, max_steps=3)
 
 
+def test_a_finished_run_given_more_epochs_says_how_far_its_schedules_jump(smear_images, tmp_path):
+    short = ["optim.epochs=1", "train.iterations_per_epoch=2", "optim.warmup_epochs=0", "teacher.warmup_temp_epochs=0"]
+    fit(load_config("tiny", [*TINY, *short]), smear_images, tmp_path, max_steps=2)  # at its schedules' end
+    longer = load_config("tiny", [*TINY, *short, "optim.epochs=2"])
+    optim, teacher = longer.optim, longer.teacher
+
+    def at_step_2_of_4(start, end):  # a half cosine over steps 0-3: weight (1 + cos(2 pi / 3)) / 2 = 1/4 on start
+        return start / 4 + end * 3 / 4
+
+    lr = at_step_2_of_4(scaled_lr(optim.base_lr, longer.train.batch_size_per_gpu), optim.min_lr)
+    wd = at_step_2_of_4(optim.weight_decay, optim.weight_decay_end)
+    momentum = at_step_2_of_4(teacher.momentum, teacher.final_momentum)
+    with pytest.warns(ResumeSettingsWarning, match=re.escape(
+            f"at this step the schedules jump: learning rate {optim.min_lr:.4g} -> {lr:.4g}, last layer's learning "
+            f"rate {optim.min_lr:.4g} -> {lr:.4g}, weight decay {optim.weight_decay_end:.4g} -> {wd:.4g}, teacher "
+            f"momentum {teacher.final_momentum:.4g} -> {momentum:.4g}") + "$"):
+        fit(longer, smear_images, tmp_path, max_steps=3)
+
+
 def test_changed_settings_keep_the_run_s_own_and_its_config_yaml_resumes_with_them(smear_images, tmp_path):
     started = load_config("tiny", [*TINY, "optim.base_lr=1e-3"])
     fit(started, smear_images, tmp_path, max_steps=1)
