@@ -43,6 +43,12 @@ Parallel = Literal["ddp", "fsdp"]
 
 
 CONFIG_NAME = "config.yaml"  # the resolved config, in a run's output folder
+SETTINGS_UNTIL = "config-until-step-*.yaml"  # a run's settings before a resume changed them (a glob)
+
+
+def settings_until(step: int) -> str:
+    """The file that keeps a run's settings when a resume changes them at ``step``."""
+    return SETTINGS_UNTIL.replace("*", str(step))
 MAY_BE_INFINITE = ("optim.clip_grad", "train.checkpoint_minutes")  # .inf: never (a saved config may say so)
 
 

@@ -54,6 +54,10 @@ def local_gpu(environ: Mapping[str, str], gpu_count: int) -> int:
     """The index of this process's GPU: ``LOCAL_RANK`` among the GPUs it sees, or the only one
     it sees (a scheduler that shows each task its own GPU, ``srun --gpus-per-task=1``)."""
     local = environ.get("LOCAL_RANK")
+    sharing = int(environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this node
+    if gpu_count == 1 and sharing > 1:  # NCCL would stop at "Duplicate GPU detected"
+        raise LaunchError(f"torchrun started {sharing} processes on this node, but each sees one GPU, the same one: "
+                          "give --nproc-per-node the number of GPUs the node has (nvidia-smi -L lists them)")
     if gpu_count <= 1:
         return 0
     if local is None:

@@ -12,10 +12,11 @@ however it ends. Across nodes it guards only where the shared file system passes
 (NFS with its lock manager); an NFS mount with ``nolock`` or Lustre's ``localflock`` lock
 each node apart, and a second run started on another node is not stopped there.
 
-A fresh run (no checkpoint in the folder) replaces ``config.yaml`` and ``log.csv``: a folder
-that holds anything else (but hidden files and a job's ``*.out``, ``*.err`` and ``*.log``), or
-a ``config.yaml`` or ``log.csv`` that is no run's, is refused, as ``prepare`` and ``export``
-refuse theirs.
+A fresh run (no checkpoint in the folder) replaces ``config.yaml`` and ``log.csv`` and removes
+``config-until-step-*.yaml`` (an earlier run's, its checkpoint moved away to start afresh): a
+folder that holds anything else (but hidden files and a job's ``*.out``, ``*.err`` and
+``*.log``), or a ``config.yaml`` or ``log.csv`` that is no run's, is refused, as ``prepare``
+and ``export`` refuse theirs.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import IO
 
 from .checkpoint import CHECKPOINT_NAME
-from .config import CONFIG_NAME, is_training_config
+from .config import CONFIG_NAME, SETTINGS_UNTIL, is_training_config
 from .distributed import all_gather_objects, rank, world_size
 from .monitor import LOG_NAME, is_training_log
 
@@ -87,7 +89,8 @@ def _not_a_run_folder(out: Path) -> tuple[type, str] | None:
     if not out.is_dir() or (out / CHECKPOINT_NAME).exists():
         return None
     foreign = sorted(path.name for path in out.iterdir() if not path.name.startswith(".")
-                     and path.name not in (CONFIG_NAME, LOG_NAME) and not path.name.endswith(JOB_LOG_SUFFIXES))
+                     and path.name not in (CONFIG_NAME, LOG_NAME) and not fnmatch(path.name, SETTINGS_UNTIL)
+                     and not path.name.endswith(JOB_LOG_SUFFIXES))
     if (out / CONFIG_NAME).is_file() and not is_training_config(out / CONFIG_NAME):
         foreign.append(f"{CONFIG_NAME}, which is no training config")
     if (out / LOG_NAME).is_file() and not is_training_log(out / LOG_NAME):
@@ -154,8 +157,11 @@ def _lock(out: Path, name: str = LOCK_NAME, program: str = "reddino-train fit",
         holder = handle.read().strip() or "a process that has not yet said which"
         handle.close()
         if error.errno in (errno.EACCES, errno.EAGAIN):
+            # NFSv3 keeps a dead node's lock until that node boots again: the run can go on elsewhere
+            moved = (f"; if that process is gone with its node, copy {CHECKPOINT_NAME}, {CONFIG_NAME} and {LOG_NAME} "
+                     "into a new --out to resume there") if name == LOCK_NAME else ""
             return None, (RunFolderBusyError, f"{out} is in use by another {program} ({holder}); "
-                                              "wait for it to end, or give this run another --out")
+                                              f"wait for it to end, or give this run another --out{moved}")
         # a file system without locks (Lustre mounted without them)
         warnings.warn(f"cannot lock {out} ({error.strerror}); nothing stops a second run from writing to this "
                       "folder at the same time", RuntimeWarning, stacklevel=4)

@@ -32,12 +32,14 @@ from .checkpoint import (
 )
 from .config import (
     CONFIG_NAME,
+    SETTINGS_UNTIL,
     TrainConfig,
     check_architecture,
     changed_settings,
     config_from_dict,
     config_to_dict,
     save_config,
+    settings_until,
 )
 from .data import EmptyDatasetError, ImageFolder, ResumableSampler, collate_crops
 from .distributed import (
@@ -65,11 +67,6 @@ LOG_COLUMNS = (
     "step", "loss", *LOSS_TERMS, "lr", "last_layer_lr", "weight_decay", "teacher_momentum",
     "teacher_temp", "teacher_entropy", "teacher_batch_entropy", "student_teacher_kl", "images_per_s",
 )
-
-
-def settings_until(step: int) -> str:
-    """The file that keeps a run's settings when a resume changes them at ``step``."""
-    return f"config-until-step-{step}.yaml"
 
 
 class ResumeSettingsWarning(UserWarning):
@@ -168,15 +165,31 @@ class Trainer:
         self.samples_consumed = 0  # by this rank: where its sampler resumes
         _seed_process(cfg.train.seed + self.rank)  # distinct stochastic depth per rank
         self._settings_pending = False  # changed settings reach config.yaml with their first checkpoint
+        fresh = state is None
         if state is not None:
             self._resume(state)
             del state  # its tensors are in the models now
+        failure, self._log = None, None
         if self.rank == 0:
-            for leftover, size in remove_leftovers(out / CHECKPOINT_NAME):
-                tqdm.write(f"reddino-train: removed {leftover.name} ({size / 2**20:,.0f} MiB), "
-                           "a checkpoint whose save was interrupted")
-            if not self._settings_pending:  # else a run that fails before its first checkpoint keeps the old
-                save_config(cfg, out / CONFIG_NAME)
+            try:
+                self._tidy_folder(fresh)
+                self._log = CsvLog(out / LOG_NAME, LOG_COLUMNS, self.iteration)  # log.csv cut back to the checkpoint
+            except OSError as error:  # a full disk or a quota: said on every rank, not rank 0 alone
+                failure = f"cannot write to the output folder {out} ({error}); make room or mend it, then run again"
+        failure = all_gather_objects(failure)[0]
+        if failure is not None:
+            raise RunFolderError(failure)
+
+    def _tidy_folder(self, fresh: bool) -> None:
+        """Rank 0, before the first step: remove an interrupted save's leftovers (and, for a fresh
+        run, settings files of an earlier run that are no longer true), and write config.yaml."""
+        for leftover, size in remove_leftovers(self.out / CHECKPOINT_NAME):
+            tqdm.write(f"reddino-train: removed {leftover.name} ({size / 2**20:,.0f} MiB), "
+                       "a checkpoint whose save was interrupted")
+        for stale in sorted(self.out.glob(SETTINGS_UNTIL)) if fresh else ():
+            stale.unlink()  # the settings of a run whose checkpoint was moved away to start afresh
+        if not self._settings_pending:  # else a run that fails before its first checkpoint keeps the old
+            save_config(self.cfg, self.out / CONFIG_NAME)
 
     def _precision(self, state: dict[str, Any] | None) -> str:
         """"fp32", "bf16" or "fp16". "auto" decides on each rank (:func:`precision_for`), and fp32
@@ -194,7 +207,7 @@ class Trainer:
     def train(self, max_steps: int | None, stop: threading.Event) -> FitResult:
         train = self.cfg.train
         end = self.schedules.lr.total_iters if max_steps is None else min(self.schedules.lr.total_iters, max_steps)
-        log = CsvLog(self.out / LOG_NAME, LOG_COLUMNS, self.iteration) if self.rank == 0 else None
+        log = self._log
         collapse = CollapseDetector(self.cfg.heads.dino.n_prototypes)
         batches = self._batches()
         stopped, first = False, self.iteration

@@ -244,6 +244,10 @@ def test_changed_settings_keep_the_run_s_own_and_its_config_yaml_resumes_with_th
     assert load_config(tmp_path / "config-until-step-3.yaml") == changed
     # Neither trained a step nor saved a checkpoint: config.yaml still holds the checkpoint's settings.
     assert load_config(tmp_path / "config.yaml") == changed
+    # The checkpoint moved away to start afresh: a new run takes the folder, and the old settings go.
+    (tmp_path / "checkpoint.pt").unlink()
+    fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
+    assert not list(tmp_path.glob("config-until-step-*")) and load_config(tmp_path / "config.yaml") == changed
 
 
 def test_a_resumed_run_takes_the_layerwise_decay_of_its_config_not_of_the_checkpoint(smear_images, tmp_path):
@@ -430,6 +434,22 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_saying_which_is_kept(
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
 
 
+def test_a_folder_that_cannot_be_written_at_the_start_stops_the_run_saying_so(smear_images, tmp_path, capsys,
+                                                                              monkeypatch):
+    main(["fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "--max-steps", "1"])
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def full_disk(*args, **kwargs):  # log.csv, cut back to the checkpoint's step, cannot be written again
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module, "CsvLog", full_disk)
+    capsys.readouterr()
+    assert main(["fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "--max-steps", "2"]) == 2
+    assert capsys.readouterr().err == (f"reddino-train fit: cannot write to the output folder {tmp_path} ([Errno 28] "
+                                       "No space left on device); make room or mend it, then run again\n")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
 def test_a_config_yaml_that_cannot_be_replaced_is_written_with_the_next_checkpoint(smear_images, tmp_path, monkeypatch):
     every_step = [*TINY, "train.checkpoint_every=1"]
     fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=1)
@@ -477,7 +497,9 @@ def test_a_folder_another_run_holds_is_refused_untouched_until_that_run_ends(sme
     with subprocess.Popen([sys.executable, "-c", other_run, str(tmp_path)], stdout=subprocess.PIPE, text=True) as child:
         assert child.stdout.readline() == "holding\n"
         refusal = (rf"{re.escape(str(tmp_path))} is in use by another reddino-train fit \(pid {child.pid} on \S+, "
-                   r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\); wait for it to end, or give this run another --out")
+                   r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\); wait for it to end, or give this run another --out; "
+                   r"if that process is gone with its node, copy checkpoint.pt, config.yaml and log.csv into a new "
+                   r"--out to resume there$")
         with pytest.raises(RunFolderBusyError, match=refusal):
             fit(cfg, smear_images, tmp_path, max_steps=2)
         assert main(["fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "--max-steps", "2"]) == 2

@@ -231,4 +231,8 @@ def test_each_process_takes_its_own_gpu_or_says_why_it_cannot():
         local_gpu({"RANK": "3", "WORLD_SIZE": "8"}, gpu_count=4)
     with pytest.raises(LaunchError, match=r"LOCAL_RANK is 4 but this process sees 4 GPUs \(0-3\)"):
         local_gpu({"RANK": "4", "LOCAL_RANK": "4", "WORLD_SIZE": "8"}, gpu_count=4)
+    for local_rank in ("0", "1"):  # torchrun --nproc-per-node 2 on a node with one GPU: every process refuses
+        with pytest.raises(LaunchError, match=r"^torchrun started 2 processes on this node, but each sees one GPU"):
+            local_gpu({"RANK": local_rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
+                      gpu_count=1)
 
