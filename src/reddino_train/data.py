@@ -10,7 +10,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +94,30 @@ def _eight_bit(image: Image.Image) -> bool:
     return image.mode in _EIGHT_BIT_MODES and not any("16" in str(mode) for mode in raw)
 
 
+class PackedPaths(Sequence[Path]):
+    """File paths kept as one bytes string and an array of where each ends (56 bytes for a
+    path of 48 characters). A data loader's forked workers only read them, so their memory stays
+    shared with the main process. A list of Path objects is written to by every read (reference
+    counts, a cached string and hash), and over a long run each of dozens of workers would come
+    to hold its own copy: 452 bytes a path, over half a gigabyte per worker for RedDino's 1.25
+    million images (measured with tracemalloc, Python 3.11)."""
+
+    def __init__(self, paths: Iterable[Path]) -> None:
+        encoded = [os.fsencode(path) for path in paths]
+        self._ends = np.cumsum([len(name) for name in encoded], dtype=np.int64)
+        self._names = b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[each] for each in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # negative indices count from the end; beyond it, IndexError
+        start = int(self._ends[index - 1]) if index else 0
+        return Path(os.fsdecode(self._names[start : int(self._ends[index])]))
+
+
 class ImageFolder(Dataset):
     """Images under ``root`` as transformed RGB images, indexed by (image index, sample seed).
 
@@ -103,7 +127,7 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str | os.PathLike, transform: Callable) -> None:
         self.root = Path(root)
-        self.paths = find_images(root)
+        self.paths = PackedPaths(find_images(root))
         self.transform = transform
         self.skipped: set[Path] = set()
 

@@ -12,6 +12,7 @@ from reddino_train.config import load_config
 from reddino_train.data import (
     EmptyDatasetError,
     ImageFolder,
+    PackedPaths,
     ResumableSampler,
     collate_crops,
     find_images,
@@ -45,6 +46,18 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
         find_images(tmp_path / "missing")
     with pytest.raises(EmptyDatasetError, match=r"notes.txt is a file, not a folder of images$"):
         find_images(tmp_path / "notes.txt")
+
+
+def test_the_image_paths_come_back_as_found_from_one_bytes_string(tmp_path):
+    for name in ["a.png", "ü é/b.tif", "z.jpg", b"raw\xff.png".decode(errors="surrogateescape")]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
+    found = find_images(tmp_path)
+    paths = ImageFolder(tmp_path, transform=lambda image: image).paths
+    assert isinstance(paths, PackedPaths) and list(paths) == found and len(paths) == 4
+    assert paths[-1] == found[-1] and paths[1:3] == found[1:3]
+    with pytest.raises(IndexError):
+        paths[4]
 
 
 def test_unreadable_image_is_reported_and_replaced_by_the_next(smear_images, tmp_path, caplog):
