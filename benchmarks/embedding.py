@@ -293,9 +293,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time load_embedder(compile=True)")
     args = parser.parse_args()
     # float32 means IEEE float32 in the reference: cuDNN's default runs the patch embedding's
-    # convolution in TF32 on Ampere and later, an error of its own next to bfloat16's
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    # convolution in TF32 on Ampere and later, an error of its own next to bfloat16's. (The
+    # legacy flag: setting the newer per-backend ones makes torch.compile's reads of it raise.)
+    torch.backends.cudnn.allow_tf32 = False
     image, labels = mosaic_smear(args.smears, args.cells)
     parts = chunks(image, labels, args.chunk)
     with tempfile.TemporaryDirectory() as folder:

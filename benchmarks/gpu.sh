@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check that needs an NVIDIA GPU, in one call of a lent GPU machine (about 9.5 minutes; the
-# steps run most needed first, so a call cut short at 10 minutes loses the last training figures):
+# steps run most needed first, so a call cut short at 10 minutes loses only the last steps):
 # the CUDA tests, embedding cells/s for ViT-S/B/L against the model card loop, and
 # pretraining steps/s and model FLOP utilisation for ViT-S and ViT-L (and ViT-L's memory with
 # activation checkpointing), the Sinkhorn-Knopp targets at the ViT-S recipe's iBOT size, and a
@@ -29,8 +29,8 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
 fi
 
 out=${OUT:-/tmp/gpu-checks}
-json=$(mktemp -d)  # one JSON per training step, merged into $out/training.json at the end
-mkdir -p "$out"
+json="$out/training-steps"  # one JSON per training step, merged into $out/training.json at the end
+mkdir -p "$json"  # in $out: a call cut short keeps the steps that ran
 exec > >(tee -a "$out/gpu.log") 2>&1  # every step's output in one file, as it comes
 tee_pid=$!
 if compgen -G ".whl/*.whl" >/dev/null; then

@@ -309,8 +309,23 @@ def test_running_out_of_memory_while_cutting_cuts_in_halves():
     assert halved.cuts == [1, 1, 1]
 
 
+@pytest.mark.parametrize("mode", ["masked", "context"])
+def test_crops_for_a_device_neither_cpu_nor_cuda_are_cut_there(mode):
+    """Apple's MPS keeps the smear as CUDA does; "meta" stands in for it (shapes, no values)."""
+    image, labels = smear({1: ((20, 20), 8, CELL), 2: ((50, 60), 9, CELL)})
+    windows = cell_windows(labels)
+    crops = CropSampler(image, labels, size=(24, 24), mode=mode, device="meta")(windows.ids, windows.boxes)
+    assert crops.device.type == "meta" and crops.shape == (2, 3, 24, 24)
+
+
 def test_a_smear_stays_on_a_gpu_only_within_a_quarter_of_its_free_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4_000, 8_000))  # free, total bytes
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
     cuda = torch.device("cuda")
     assert smear_home(cuda, 1_000) == cuda and smear_home(cuda, 1_001) == torch.device("cpu")
+    # after an earlier smear, what PyTorch's allocator keeps unused counts as free too
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1_000)
+    assert smear_home(cuda, 1_500) == cuda and smear_home(cuda, 1_501) == torch.device("cpu")
     assert smear_home(torch.device("cpu"), 10**12) == torch.device("cpu")

@@ -325,7 +325,7 @@ def test_a_pixel_size_that_cannot_be_is_refused_before_the_model_loads(viewer, w
     widget.cells.value = cells
     with qtbot.waitSignal(widget.finished, timeout=5_000):
         widget.run()
-    assert widget.status.value.startswith("'smear': At 3.45 µm per pixel a red cell would be 2.2 px across")
+    assert widget.status.value.startswith("At 3.45 µm per pixel a red cell would be 2.2 px across")
     assert widget._worker is None and embeddings_of(cells) is None and "area_um2" not in cells.features
     smear.metadata["pixel_size_um"] = 0.1
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
@@ -609,9 +609,10 @@ def test_every_open_smear_is_embedded_in_turn_and_summed_up(viewer, widget, qtbo
     own.data[own.data == erased] = 0  # one cell erased: only the cells whose crops it reached are embedded
     with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
         widget.run()
-    fresh = int(re.fullmatch(r"Every open smear: 1 of 2 smears embedded now \((\d+) cells?\); already up to date: '26'\.",
-                             widget.status.value)[1])
-    assert 0 < fresh < counts[0] - 1
+    summary = re.fullmatch(r"Every open smear: 1 of 2 smears embedded now \((\d+) cells?, and ([\d,]+) kept unchanged\); "
+                           r"already up to date: '26'\.", widget.status.value)
+    fresh, kept = int(summary[1]), int(summary[2].replace(",", ""))
+    assert 0 < fresh < counts[0] - 1 and fresh + kept == counts[0] - 1
 
     assert widget.image.value is first and widget.cells.value is own  # its own cells layer, not the last one made
     widget.every_smear.value = False  # back to one smear

@@ -11,7 +11,8 @@ from skimage.io import imread
 
 from napari_reddino import estimate_cell_diameter, segment_cells
 from napari_reddino.widgets.smear_colours import MARK
-from napari_reddino.widgets.segment_widget import carried_to
+from napari_reddino.cell_embeddings import labels_digest
+from napari_reddino.widgets.segment_widget import MEASURED_LABELS, carried_to
 
 DATA = Path(__file__).parent / "data"
 CHULA_1 = DATA / "chula_rbc12" / "1.jpg"
@@ -310,6 +311,7 @@ def test_cells_edited_by_hand_are_kept_beside_those_of_a_new_segmentation(viewer
     (cells,) = labels_layers(viewer)
     cells.paint(tuple(size // 2 for size in cells.data.shape), 7)  # a brush stroke: a cell split or merged
     edited = cells.data.copy()
+    cells.metadata[MEASURED_LABELS] = labels_digest(edited)  # as Embed cells records, measuring the edited cells
     with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
     again = result.args[0]
@@ -326,15 +328,19 @@ def test_cells_edited_by_hand_are_kept_beside_those_of_a_new_segmentation(viewer
 
 def test_cells_lie_on_their_smear_however_it_is_placed_in_the_world(viewer, widget, qtbot):
     smear = viewer.add_image(imread(CHULA_1), rgb=True, name="tilted", scale=(0.2, 0.2), translate=(5, 7),
-                             rotate=10, shear=[0.1], units=("um", "um"))  # as some slide readers open one
+                             rotate=10, shear=[0.1], affine=[[1, 0, 3], [0, 0.9, -2], [0, 0, 1]],
+                             units=("um", "um"))  # as some slide readers open one
     widget.reset_choices()
     widget.image.value = smear
-    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
-        widget.run()
-    cells = result.args[0]
-    for world in [(10.0, 10.0), (40.0, 60.0)]:
-        np.testing.assert_allclose(cells.world_to_data(world), smear.world_to_data(world), atol=1e-9)
-    assert cells.units == smear.units
+    for turn in (10, -25):  # segmented, then turned and segmented again: the same layer follows
+        smear.rotate = turn
+        with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+            widget.run()
+        cells = result.args[0]
+        assert labels_layers(viewer) == [cells]
+        for world in [(10.0, 10.0), (40.0, 60.0)]:
+            np.testing.assert_allclose(cells.world_to_data(world), smear.world_to_data(world), atol=1e-9)
+        assert cells.units == smear.units
 
 
 def test_a_pixel_size_that_cannot_be_is_refused_before_segmenting_even_with_a_typed_diameter(viewer, widget,

@@ -242,7 +242,7 @@ class CropSampler:
         queued before it on the stream, and the GPU would idle while the rest of the cut is queued."""
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         if self.home.type != "cuda":
-            return tensor
+            return tensor.to(self.home)  # no copy on the CPU
         return tensor.pin_memory().to(self.home, non_blocking=True)  # the pinned block is kept until copied
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -43,12 +44,18 @@ Parallel = Literal["ddp", "fsdp"]
 
 
 CONFIG_NAME = "config.yaml"  # the resolved config, in a run's output folder
-SETTINGS_UNTIL = "config-until-step-*.yaml"  # a run's settings before a resume changed them (a glob)
 
 
 def settings_until(step: int) -> str:
     """The file that keeps a run's settings when a resume changes them at ``step``."""
-    return SETTINGS_UNTIL.replace("*", str(step))
+    return f"config-until-step-{step}.yaml"
+
+
+def run_settings_files(folder: Path) -> list[Path]:
+    """The files in ``folder`` that :func:`settings_until` named and a run wrote (not a copy of one
+    under another name, nor another file of that name)."""
+    return sorted(path for path in folder.glob("config-until-step-*.yaml")
+                  if re.fullmatch(r"config-until-step-\d+\.yaml", path.name) and is_training_config(path))
 MAY_BE_INFINITE = ("optim.clip_grad", "train.checkpoint_minutes")  # .inf: never (a saved config may say so)
 
 

@@ -140,7 +140,8 @@ class ImageFolder(Dataset):
         but other files would otherwise train on different data under one index, and a resume
         on other images would not know it."""
         names = "\n".join(path.relative_to(self.root).as_posix() for path in self.paths)
-        return f"{len(self):,} images ({hashlib.sha256(names.encode()).hexdigest()[:8]})"
+        digest = hashlib.sha256(names.encode(errors="surrogateescape")).hexdigest()  # names as the disk holds them
+        return f"{len(self):,} images ({digest[:8]})"
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item

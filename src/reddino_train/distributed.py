@@ -55,7 +55,9 @@ def local_gpu(environ: Mapping[str, str], gpu_count: int) -> int:
     it sees (a scheduler that shows each task its own GPU, ``srun --gpus-per-task=1``)."""
     local = environ.get("LOCAL_RANK")
     sharing = int(environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this node
-    if gpu_count == 1 and sharing > 1:  # NCCL would stop at "Duplicate GPU detected"
+    # each sees the node's one GPU (NCCL would stop at "Duplicate GPU detected"), unless a wrapper
+    # showed each its own (CUDA_VISIBLE_DEVICES=$LOCAL_RANK)
+    if gpu_count == 1 and sharing > 1 and "CUDA_VISIBLE_DEVICES" not in environ:
         raise LaunchError(f"torchrun started {sharing} processes on this node, but each sees one GPU, the same one: "
                           "give --nproc-per-node the number of GPUs the node has (nvidia-smi -L lists them)")
     if gpu_count <= 1:

@@ -29,12 +29,11 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import IO
 
 from .checkpoint import CHECKPOINT_NAME
-from .config import CONFIG_NAME, SETTINGS_UNTIL, is_training_config
+from .config import CONFIG_NAME, is_training_config, run_settings_files
 from .distributed import all_gather_objects, rank, world_size
 from .monitor import LOG_NAME, is_training_log
 
@@ -88,9 +87,9 @@ def _not_a_run_folder(out: Path) -> tuple[type, str] | None:
     """Why a fresh run must not write into ``out`` (see the module docstring), or None."""
     if not out.is_dir() or (out / CHECKPOINT_NAME).exists():
         return None
+    own = {CONFIG_NAME, LOG_NAME, *(path.name for path in run_settings_files(out))}
     foreign = sorted(path.name for path in out.iterdir() if not path.name.startswith(".")
-                     and path.name not in (CONFIG_NAME, LOG_NAME) and not fnmatch(path.name, SETTINGS_UNTIL)
-                     and not path.name.endswith(JOB_LOG_SUFFIXES))
+                     and path.name not in own and not path.name.endswith(JOB_LOG_SUFFIXES))
     if (out / CONFIG_NAME).is_file() and not is_training_config(out / CONFIG_NAME):
         foreign.append(f"{CONFIG_NAME}, which is no training config")
     if (out / LOG_NAME).is_file() and not is_training_log(out / LOG_NAME):

@@ -32,12 +32,12 @@ from .checkpoint import (
 )
 from .config import (
     CONFIG_NAME,
-    SETTINGS_UNTIL,
     TrainConfig,
     check_architecture,
     changed_settings,
     config_from_dict,
     config_to_dict,
+    run_settings_files,
     save_config,
     settings_until,
 )
@@ -165,6 +165,7 @@ class Trainer:
         self.samples_consumed = 0  # by this rank: where its sampler resumes
         _seed_process(cfg.train.seed + self.rank)  # distinct stochastic depth per rank
         self._settings_pending = False  # changed settings reach config.yaml with their first checkpoint
+        self._run_settings: tuple[TrainConfig, Path] | None = None  # the run's own, to keep before they change
         fresh = state is None
         if state is not None:
             self._resume(state)
@@ -182,12 +183,16 @@ class Trainer:
 
     def _tidy_folder(self, fresh: bool) -> None:
         """Rank 0, before the first step: remove an interrupted save's leftovers (and, for a fresh
-        run, settings files of an earlier run that are no longer true), and write config.yaml."""
+        run, settings files of an earlier run that are no longer true), keep the run's own settings
+        where a resume changes them, and write config.yaml."""
         for leftover, size in remove_leftovers(self.out / CHECKPOINT_NAME):
             tqdm.write(f"reddino-train: removed {leftover.name} ({size / 2**20:,.0f} MiB), "
                        "a checkpoint whose save was interrupted")
-        for stale in sorted(self.out.glob(SETTINGS_UNTIL)) if fresh else ():
-            stale.unlink()  # the settings of a run whose checkpoint was moved away to start afresh
+        for stale in run_settings_files(self.out) if fresh else ():  # of a run whose checkpoint was moved away
+            stale.unlink()
+            tqdm.write(f"reddino-train: removed {stale.name}, the settings of the run this folder held before")
+        if self._run_settings is not None:
+            save_config(*self._run_settings)
         if not self._settings_pending:  # else a run that fails before its first checkpoint keeps the old
             save_config(self.cfg, self.out / CONFIG_NAME)
 
@@ -409,8 +414,9 @@ class Trainer:
             if changed:  # config.yaml is about to take the new settings: keep the run's own
                 kept = self.out / settings_until(self.iteration)
                 if not kept.exists():  # else a resume changed them at this step before and trained no step
-                    save_config(own, kept)
-                jumps = schedule_jumps(build_schedules(own, self.world_size), self.schedules, self.iteration)
+                    self._run_settings = (own, kept)  # written with the folder's other files
+                run_schedules = build_schedules(own, sampler["world_size"])  # as the run had them
+                jumps = schedule_jumps(run_schedules, self.schedules, self.iteration)
                 warnings.warn(
                     f"resuming {self.out} with settings other than its own, which apply from step "
                     f"{self.iteration} on: {'; '.join(changed)} (the settings until then are in {kept.name})"

@@ -53,8 +53,10 @@ def test_the_image_paths_come_back_as_found_from_one_bytes_string(tmp_path):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
     found = find_images(tmp_path)
-    paths = ImageFolder(tmp_path, transform=lambda image: image).paths
+    dataset = ImageFolder(tmp_path, transform=lambda image: image)
+    paths = dataset.paths
     assert isinstance(paths, PackedPaths) and list(paths) == found and len(paths) == 4
+    assert dataset.listing.startswith("4 images (")  # a name that is not UTF-8 is recorded as it is
     assert paths[-1] == found[-1] and paths[1:3] == found[1:3]
     with pytest.raises(IndexError):
         paths[4]

@@ -244,10 +244,15 @@ def test_changed_settings_keep_the_run_s_own_and_its_config_yaml_resumes_with_th
     assert load_config(tmp_path / "config-until-step-3.yaml") == changed
     # Neither trained a step nor saved a checkpoint: config.yaml still holds the checkpoint's settings.
     assert load_config(tmp_path / "config.yaml") == changed
-    # The checkpoint moved away to start afresh: a new run takes the folder, and the old settings go.
+    # The checkpoint moved away to start afresh: a new run takes the folder, and the old settings go,
+    # but not a file that only has their name.
     (tmp_path / "checkpoint.pt").unlink()
     fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
     assert not list(tmp_path.glob("config-until-step-*")) and load_config(tmp_path / "config.yaml") == changed
+    (tmp_path / "checkpoint.pt").unlink()
+    (tmp_path / "config-until-step-9.yaml").write_text("my notes\n")
+    with pytest.raises(RunFolderError, match=r"holds files that no training run wrote \(config-until-step-9.yaml\)"):
+        fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
 
 
 def test_a_resumed_run_takes_the_layerwise_decay_of_its_config_not_of_the_checkpoint(smear_images, tmp_path):

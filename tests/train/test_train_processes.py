@@ -235,4 +235,7 @@ def test_each_process_takes_its_own_gpu_or_says_why_it_cannot():
         with pytest.raises(LaunchError, match=r"^torchrun started 2 processes on this node, but each sees one GPU"):
             local_gpu({"RANK": local_rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
                       gpu_count=1)
+    # ... unless a wrapper shows each its own: torchrun ... bash -c 'CUDA_VISIBLE_DEVICES=$LOCAL_RANK python ...'
+    assert local_gpu({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                      "CUDA_VISIBLE_DEVICES": "1"}, gpu_count=1) == 0
 

@@ -84,6 +84,7 @@ class _Batch:
     current: Image | None = None
     current_embedded: bool = False
     embedded: dict[str, int] = field(default_factory=dict)  # image name: cells embedded (not those kept)
+    kept: int = 0  # cells whose embeddings were kept, their crops unchanged
     up_to_date: list[str] = field(default_factory=list)  # images whose embeddings were already current
     not_embedded: list[str] = field(default_factory=list)  # "<image>: <why>"
     stopped: str | None = None  # why the smears still waiting were not run
@@ -365,8 +366,9 @@ class EmbedCellsWidget(JobWidget):
             summary = [f"Every open smear was already up to date: {current}."]
         else:
             up_to_date = f"; already up to date: {current}" if batch.up_to_date else ""
+            kept = f", and {batch.kept:,} kept unchanged" if batch.kept else ""
             summary = [f"Every open smear: {len(batch.embedded)} of {counted(batch.total, 'smear')} embedded now "
-                       f"({counted(cells, 'cell')}){up_to_date}."]
+                       f"({counted(cells, 'cell')}{kept}){up_to_date}."]
         if batch.not_embedded:
             summary.append("Not embedded: " + "; ".join(batch.not_embedded).rstrip(".") + ".")
         if batch.waiting:
@@ -379,7 +381,7 @@ class EmbedCellsWidget(JobWidget):
         pixel size or the image."""
         pixel_size_um = layer.metadata.get("pixel_size_um") or None
         if why := unusable_pixel_size(pixel_size_um):
-            self._refuse(f"{layer.name!r}: {why}")
+            self._refuse(why)  # an "every open smear" run names the smear in its summary
             return
         self._segment_job = _Job(
             image=layer,
@@ -440,7 +442,7 @@ class EmbedCellsWidget(JobWidget):
         measured = cells.metadata.get(MEASURED_LABELS) == digest and "label" in cells.features
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
         if not measured and (why := unusable_pixel_size(pixel_size)):  # the cells are measured after embedding
-            self._refuse(f"{image.name!r}: {why}")
+            self._refuse(why)
             return
         self._embed_job = _EmbedJob(cells, model, crops, segmented)
         self.status.value = f"Loading {model}…"
@@ -551,6 +553,7 @@ class EmbedCellsWidget(JobWidget):
         if self._batch is not None:
             self._batch.current_embedded = True
             self._batch.embedded[self._batch.current.name] = fresh
+            self._batch.kept += run.reused
         shown = Path(job.model).expanduser().name if Path(job.model).expanduser().exists() else job.model
         kept = f"; the embeddings of {counted(run.reused, 'unchanged cell')} were kept" if run.reused else ""
         cleared = (f"; the head's predictions for {counted(unpredicted, 'cell')} are cleared (train or apply it "
