@@ -12,6 +12,7 @@ from napari_reddino.crop_windows import bounding_boxes
 from napari_reddino.crops import (
     CropInputError,
     CropSampler,
+    _label_type,
     as_rgb,
     background_colour,
     cell_crops,
@@ -307,6 +308,14 @@ def test_running_out_of_memory_while_cutting_cuts_in_halves():
     halved = OutOfMemoryAbove(image, labels, size=(24, 24), limit=1)
     np.testing.assert_array_equal(halved(windows.ids, windows.boxes), whole)
     assert halved.cuts == [1, 1, 1]
+
+
+def test_labels_go_to_a_gpu_as_int16_only_while_their_ids_fit():
+    labels, cuda, cpu = np.zeros((4, 4), np.int32), torch.device("cuda"), torch.device("cpu")
+    assert _label_type(labels, 2**15 - 1, cuda) == np.int16
+    assert _label_type(labels, 2**15, cuda) == np.int32  # as int16, 32,768 would be -32,768: another cell
+    assert _label_type(labels, 2**31, cuda) == np.int64
+    assert _label_type(labels, 7, cpu) == np.int32 and _label_type(labels.astype(np.uint16), 7, cpu) == np.int32
 
 
 @pytest.mark.parametrize("mode", ["masked", "context"])
