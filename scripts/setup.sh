@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up napari-reddino from a fresh machine: system libraries for Qt under X11/Xvfb,
 # a virtual environment in .venv, pinned torch, and the package with its test extra.
-# Idempotent: a second run only checks that everything is there.
+# Idempotent: a second run only checks that everything is there, and needs no network.
 #   PYTHON=python3.12 bash scripts/setup.sh   the interpreter for .venv (3.11 or newer; default python3)
 #   TORCH_INDEX=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
 #                                             torch from that index: the CPU build, 0.2 GB instead of
@@ -43,9 +43,17 @@ if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # no .venv yet, or
   # a working .venv gets pip; only one that a failed first run left broken is made again
   .venv/bin/python -m ensurepip -q >/dev/null 2>&1 || { rm -rf .venv; "$PYTHON" -m venv .venv; }
 fi
+# Installed before from this very pyproject.toml and script, and it imports: nothing to fetch.
+# (napari.sh runs this at every launch, also on a lab PC without internet.)
+stamp="$(cat pyproject.toml scripts/setup.sh | cksum) ${TORCH_INDEX:-}"
+if [ "$(cat .venv/.reddino-installed 2>/dev/null)" = "$stamp" ] &&
+   .venv/bin/python -c "import napari, napari_reddino, timm, torch, torchvision" >/dev/null 2>&1; then
+  exit 0
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 if [ -n "${TORCH_INDEX:-}" ]; then
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" --index-url "$TORCH_INDEX"
 fi
 # torch and torchvision are pinned together: other releases pull several GB or break torchvision.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" timm -e ".[test]"
+echo "$stamp" > .venv/.reddino-installed
