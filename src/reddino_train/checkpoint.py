@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,6 +18,7 @@ from .config import TrainConfig, config_text, config_to_dict
 from .files import write_atomic_with
 
 CHECKPOINT_NAME = "checkpoint.pt"
+_KEPT = re.compile(r"checkpoint-(\d+)\.pt")  # an earlier checkpoint kept beside it (train.keep_checkpoints)
 
 
 class CheckpointError(RuntimeError):
@@ -86,6 +89,36 @@ class _RemembersWriteErrors:
 
     def flush(self) -> None:
         self.handle.flush()
+
+
+def kept_checkpoints(folder: Path) -> list[Path]:
+    """The earlier checkpoints kept in ``folder``, the oldest step first."""
+    return sorted((path for path in folder.glob("checkpoint-*.pt") if _KEPT.fullmatch(path.name)), key=_step)
+
+
+def keep_earlier(path: Path, step: int, keep: int) -> list[Path]:
+    """Before a newer checkpoint replaces ``path`` (that of ``step``): keep it as
+    ``checkpoint-<step>.pt`` while ``keep`` (the newest included) allows, and delete the oldest
+    of those beyond. A hard link, so nothing is copied and ``path`` is never missing; a teacher
+    that collapsed can be taken back to a step before it (copy that file to ``path``). Kept ones
+    of later steps than ``step`` are of the steps gone back from: they go, and are returned."""
+    abandoned = [old for old in kept_checkpoints(path.parent) if _step(old) > step]
+    for old in abandoned:
+        old.unlink()
+    for stale in path.parent.glob(".checkpoint-*.pt.link"):  # a link a killed run did not rename yet
+        stale.unlink()
+    if keep > 1 and path.exists():
+        kept, linked = path.with_name(f"checkpoint-{step}.pt"), path.with_name(f".checkpoint-{step}.pt.link")
+        os.link(path, linked)  # OSError where the file system has no hard links
+        os.replace(linked, kept)  # over one of this step gone back from
+    earlier = kept_checkpoints(path.parent)
+    for old in earlier[: max(len(earlier) - (keep - 1), 0)]:
+        old.unlink()
+    return abandoned
+
+
+def _step(kept: Path) -> int:
+    return int(_KEPT.fullmatch(kept.name)[1])
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

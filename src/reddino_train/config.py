@@ -153,6 +153,7 @@ class LoopConfig:
     log_every: int  # iterations between rows of log.csv
     checkpoint_every: int  # iterations between periodic checkpoints
     checkpoint_minutes: float  # also one when this long has passed since the last (0: steps alone decide)
+    keep_checkpoints: int  # checkpoint.pt and this many less one earlier ones, as checkpoint-<step>.pt
     parallel: Parallel  # under torchrun: replicate (ddp) or shard (fsdp, FSDP2) the models
     activation_checkpointing: bool  # the student's blocks recompute their activations in the backward pass
 
@@ -198,7 +199,7 @@ class TrainConfig:
                 raise ConfigError(f"{key}=({low}, {high}) must satisfy 0 <= min <= max <= 1")
         if not 0 <= self.masking.sample_probability <= 1:
             raise ConfigError("masking.sample_probability must lie in [0, 1]")
-        for key in ("batch_size_per_gpu", "iterations_per_epoch", "log_every", "checkpoint_every"):
+        for key in ("batch_size_per_gpu", "iterations_per_epoch", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self.train, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self.train, key)} must be at least 1")
         if self.optim.epochs < 1:
@@ -276,7 +277,8 @@ def _with_keys_added_later(data: Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(model, Mapping) and "drop_path_uniform" not in model:
         data["model"] = {"drop_path_uniform": False, **model}  # timm's ramp was all there was
     if isinstance(data.get("train"), Mapping):
-        data["train"] = {"activation_checkpointing": False, "checkpoint_minutes": 0.0, **data["train"]}
+        data["train"] = {"activation_checkpointing": False, "checkpoint_minutes": 0.0, "keep_checkpoints": 1,
+                         **data["train"]}
     return data
 
 

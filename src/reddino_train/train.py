@@ -25,6 +25,7 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     architecture,
+    keep_earlier,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -368,6 +369,14 @@ class Trainer:
 
     def _write_checkpoint(self, models: dict[str, Any], rng_states: list) -> None:
         settings = (self.out / CONFIG_NAME, self.cfg) if self._settings_pending else None
+        if self.checkpoint_step is not None:
+            try:
+                for gone in keep_earlier(self.out / CHECKPOINT_NAME, self.checkpoint_step, self.cfg.train.keep_checkpoints):
+                    tqdm.write(f"reddino-train: removed {gone.name}, kept from before the run went back to step "
+                               f"{self.checkpoint_step}")
+            except OSError as error:  # vfat or a CIFS share without hard links: the run goes on without them
+                warnings.warn(f"cannot keep the checkpoint of step {self.checkpoint_step} beside the new one "
+                              f"({error.strerror or error}); only the newest is kept", RuntimeWarning, stacklevel=2)
         save_checkpoint(self.out / CHECKPOINT_NAME, {
             "architecture": architecture(self.cfg),
             "config": config_to_dict(self.cfg),

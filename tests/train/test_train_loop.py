@@ -415,6 +415,42 @@ def test_a_save_killed_midway_keeps_the_checkpoint_and_the_next_start_removes_it
     assert torch.load(path, weights_only=True)["iteration"] == 2
 
 
+def test_earlier_checkpoints_are_kept_as_asked_and_one_can_be_gone_back_to(smear_images, tmp_path, monkeypatch,
+                                                                             capsys):
+    every_step = [*TINY, "train.checkpoint_every=1", "train.keep_checkpoints=3"]
+    fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=5)
+
+    def steps(*names):
+        return [torch.load(tmp_path / name, weights_only=True)["iteration"] for name in names]
+
+    assert sorted(path.name for path in tmp_path.glob("checkpoint*.pt")) == [
+        "checkpoint-3.pt", "checkpoint-4.pt", "checkpoint.pt"]
+    assert steps("checkpoint-3.pt", "checkpoint-4.pt", "checkpoint.pt") == [3, 4, 5]
+    # Gone back to step 3 (the teacher collapsed after it): the run goes on from there, and the
+    # steps it went back from are no longer kept.
+    shutil.copyfile(tmp_path / "checkpoint-3.pt", tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+    result = fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=5)
+    assert result.iterations_this_run == 2 and steps("checkpoint-3.pt", "checkpoint-4.pt", "checkpoint.pt") == [3, 4, 5]
+    assert "reddino-train: removed checkpoint-4.pt, kept from before the run went back to step 3\n" in (
+        capsys.readouterr().out)
+    # Fewer kept from here on: the oldest go at the next save.
+    fit(load_config("tiny", [*every_step, "train.keep_checkpoints=1"]), smear_images, tmp_path, max_steps=6)
+    assert [path.name for path in tmp_path.glob("checkpoint*.pt")] == ["checkpoint.pt"]
+    # Where the file system has no hard links, the run goes on with its newest checkpoint alone.
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError(errno.EPERM, "Operation not permitted")))
+    with pytest.warns(RuntimeWarning, match=r"cannot keep the checkpoint of step 6 beside the new one \(Operation not "
+                                             r"permitted\); only the newest is kept"):
+        fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=7)
+    assert steps("checkpoint.pt") == [7]
+    # Its checkpoint.pt moved away, a folder of earlier ones is not taken for a fresh run's.
+    shutil.copyfile(tmp_path / "checkpoint.pt", tmp_path / "checkpoint-7.pt")
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(RunFolderError, match=r"holds earlier checkpoints of a run \(checkpoint-7.pt\) but no "
+                                             r"checkpoint.pt: copy the one to go on from to checkpoint.pt"):
+        fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=8)
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_saying_which_is_kept(
         smear_images, tmp_path, capsys, monkeypatch):
     main(["fit", "tiny", str(smear_images), "--out", str(tmp_path), *TINY, "--max-steps", "1"])
