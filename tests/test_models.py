@@ -75,6 +75,18 @@ def test_folder_in_save_for_hf_layout_loads_and_embeds_class_token(tiny_folder):
     torch.testing.assert_close(features(loaded, x), class_token_after_norm(reference, x), rtol=0, atol=1e-6)
 
 
+def test_a_config_whose_input_size_disagrees_with_the_network_s_is_cut_at_the_network_s(tiny_folder):
+    """Older save_for_hf exports kept the source model's input size beside the img_size they built."""
+    model, folder = tiny_folder
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["input_size"] = [3, 112, 112]
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load_model(folder)
+    assert loaded.input_size == (56, 56)
+    x = torch.randn(2, 3, *loaded.input_size)
+    torch.testing.assert_close(features(loaded, x), class_token_after_norm(model, x), rtol=0, atol=1e-6)
+
+
 def test_a_model_is_named_by_its_weights_so_its_heads_work_wherever_it_is_copied(tiny_folder, tmp_path, hub_cache):
     _, folder = tiny_folder
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:16]

@@ -234,10 +234,21 @@ def load_model(
     return LoadedModel(
         model_id=files.model_id,
         module=module,
-        input_size=tuple(data["input_size"][1:]),
+        input_size=_built_input_size(module, tuple(data["input_size"][1:])),
         mean=tuple(float(v) for v in data["mean"]),
         std=tuple(float(v) for v in data["std"]),
     )
+
+
+def _built_input_size(module: torch.nn.Module, configured: tuple[int, int]) -> tuple[int, int]:
+    """The input size the network was built for: a config's ``model_args.img_size`` can differ
+    from its ``pretrained_cfg.input_size`` (older exports kept the source model's), and a ViT of
+    fixed size refuses any other."""
+    patch_embed = getattr(module, "patch_embed", None)
+    built = getattr(patch_embed, "img_size", None)
+    if built is None or getattr(patch_embed, "dynamic_img_size", False):
+        return configured
+    return tuple(int(side) for side in built)
 
 
 def _build(files: ModelFiles, trained_size: int | None, device: str) -> torch.nn.Module:
