@@ -4,6 +4,7 @@ pretrained=True)`` or from the Hub after a push."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -67,6 +68,7 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
             model_config={"pretrained_cfg": {"tag": EXPORT_TAG}},
             data_config={"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 1.0},
         )
+        _without_licence(staging / "config.json")
         for file in staging.iterdir():  # safetensors writes 0600: the lab could not load the weights
             os.chmod(file, 0o666 & ~UMASK)
         _replace_folder(staging, out_dir)
@@ -74,6 +76,15 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _without_licence(config_path: Path) -> None:
+    """Drop the licence that save_for_hf copies from timm's DINOv2 config (Apache-2.0): the trained
+    weights' terms follow from the weights the run started from (RedDino's are cc-by-nc-4.0) and
+    its images, which only the user knows."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("pretrained_cfg", {}).pop("license", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # as timm writes it
 
 
 def _is_export(folder: Path) -> bool:

@@ -25,6 +25,7 @@ def test_export_loads_in_timm_with_the_teachers_features(smear_images, tmp_path)
     assert config["pretrained_cfg"]["input_size"] == [3, 56, 56]
     assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
     assert config["pretrained_cfg"]["std"] == [0.229, 0.224, 0.225]
+    assert "license" not in config["pretrained_cfg"]  # not timm's Apache-2.0: the weights' terms are the user's
     assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert {path.stat().st_mode & 0o777 for path in folder.iterdir()} == {0o666 & ~UMASK}  # the lab can read it
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
