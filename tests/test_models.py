@@ -1,6 +1,7 @@
 """Model registry and loading, through the real loading code, offline, on models made here."""
 
 import hashlib
+import http.server
 import json
 import math
 import shutil
@@ -195,6 +196,67 @@ def test_unreachable_hub_fails_at_once_without_retrying(hub_cache, monkeypatch, 
     with pytest.raises(ModelNotAvailableError, match="cannot connect to 127.0.0.1:9"):
         load_model("hf_hub:lab/never-downloaded")
     assert time.perf_counter() - started < 5 and connections == [("127.0.0.1", 9)]
+
+
+class CaptivePortal(http.server.BaseHTTPRequestHandler):
+    """A hospital network's log-in page, served for every address until one logs in."""
+
+    def do_HEAD(self):
+        self._page(with_body=False)
+
+    def do_GET(self):
+        self._page(with_body=True)
+
+    def _page(self, with_body: bool) -> None:
+        page = b"<html><body>Log in to the hospital network</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        if with_body:
+            self.wfile.write(page)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_network_that_answers_for_the_hub_with_a_log_in_page_is_named_with_what_to_do(serving_hub,  # noqa: F811
+                                                                                        monkeypatch):
+    portal = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CaptivePortal)
+    threading.Thread(target=portal.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{portal.server_address[1]}")
+    try:
+        with pytest.raises(ModelNotAvailableError, match=r"^Model 'hf_hub:lab/rbc' \(Hugging Face repo lab/rbc\) is not "
+                                                         r"in the local cache .* cannot be downloaded: the download of "
+                                                         r"config.json failed \(\w+: .+\)\. .*Browse…") as raised:
+            load_model("hf_hub:lab/rbc")
+    finally:
+        portal.shutdown()
+    assert "missing the 'X-Repo-Commit' header" in str(raised.value)  # huggingface_hub's own words on why
+
+
+class ProxyWantingALogIn(http.server.BaseHTTPRequestHandler):
+    def do_CONNECT(self):
+        self.send_response(407)
+        self.send_header("Proxy-Authenticate", 'Basic realm="hospital"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_proxy_that_wants_a_log_in_is_named_with_what_to_do(serving_hub, monkeypatch):  # noqa: F811
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ProxyWantingALogIn)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")  # answers: the probe passes
+    try:
+        with pytest.raises(ModelNotAvailableError, match=r"cannot be downloaded: the download of config.json failed "
+                                                         r"\(\w*ProxyError: .*407.*\)\. .*Browse…"):
+            load_model("hf_hub:lab/rbc")
+    finally:
+        proxy.shutdown()
 
 
 def test_a_hub_repo_without_a_timm_config_is_refused_saying_so(serving_hub):  # noqa: F811

@@ -52,6 +52,7 @@ from .crops import (
 )
 from .cell_embeddings import EmbeddedCells
 from .models import (
+    DownloadCancelled,
     DownloadProgress,
     LoadedModel,
     canonical_id,
@@ -489,10 +490,6 @@ class Downloaded:
     filename: str
     done: int
     total: int
-
-
-class DownloadCancelled(Exception):
-    """The loading was given up during a download (see :func:`iter_load_embedder`)."""
 
 
 def iter_load_embedder(model: str | os.PathLike = "reddino-small", *, stop: threading.Event | None = None,

@@ -84,6 +84,10 @@ class ModelNotAvailableError(ModelLoadError):
     """The model is not in the local cache and cannot be downloaded now."""
 
 
+class DownloadCancelled(Exception):
+    """The loading was given up during a download (see ``embedding.iter_load_embedder``)."""
+
+
 class CheckpointError(ModelLoadError):
     """A weights or config file is unreadable or does not fit its architecture."""
 
@@ -444,25 +448,28 @@ def _hub_snapshot(hub_id: str, name: str, download_progress: DownloadProgress | 
         return config.parent
     unreachable = "HF_HUB_OFFLINE is set" if settings.offline else _hub_unreachable_reason(settings.endpoint)
     if unreachable:
-        raise ModelNotAvailableError(
-            f"Model {name!r} (Hugging Face repo {repo_id}) is not in the local cache {settings.cache_dir} "
-            f"and cannot be downloaded: {unreachable}. Download it once on a machine with internet "
-            f"(it is then cached), copy that cache folder here (or set HF_HUB_CACHE to it), or put "
-            f"{CONFIG_FILE} and {WEIGHT_FILES[0]} from https://huggingface.co/{repo_id} in a folder and "
-            f"load that folder (Embed cells: Browse…; Python: load_embedder('/path/to/folder'))."
-        )
+        raise ModelNotAvailableError(_not_downloadable(name, repo_id, settings, unreachable))
     try:
-        config = _download(repo_id, CONFIG_FILE, revision, settings, download_progress)
+        config = _download(repo_id, CONFIG_FILE, revision, settings, download_progress, name)
     except EntryNotFoundError as error:
         raise CheckpointError(f"Hugging Face repo {repo_id} has no {CONFIG_FILE}, so it is no timm model (timm's "
                               "config says which network its weights fit).") from error
     for weights_name in WEIGHT_FILES:
         try:
-            _download(repo_id, weights_name, revision, settings, download_progress)
+            _download(repo_id, weights_name, revision, settings, download_progress, name)
             return config.parent
         except EntryNotFoundError:
             continue
     raise CheckpointError(f"Hugging Face repo {repo_id} has none of {', '.join(WEIGHT_FILES)}.")
+
+
+def _not_downloadable(name: str, repo_id: str, settings: HubSettings, why: str) -> str:
+    """Why a model that is not cached cannot be had, and the ways to it without a download."""
+    return (f"Model {name!r} (Hugging Face repo {repo_id}) is not in the local cache {settings.cache_dir} "
+            f"and cannot be downloaded: {why}. Download it once on a machine with internet "
+            f"(it is then cached), copy that cache folder here (or set HF_HUB_CACHE to it), or put "
+            f"{CONFIG_FILE} and {WEIGHT_FILES[0]} from https://huggingface.co/{repo_id} in a folder and "
+            f"load that folder (Embed cells: Browse…; Python: load_embedder('/path/to/folder')).")
 
 
 def _cached(repo_id: str, filename: str, revision: str | None, settings: HubSettings) -> Path | None:
@@ -501,6 +508,7 @@ def _download(
     revision: str | None,
     settings: HubSettings,
     download_progress: DownloadProgress | None,
+    name: str,
 ) -> Path:
     try:
         return Path(
@@ -515,10 +523,23 @@ def _download(
         )
     except EntryNotFoundError as error:
         if isinstance(error, LocalEntryNotFoundError):  # a network failure after the probe
-            raise ModelNotAvailableError(f"Download of {filename} from {repo_id} failed: {error}") from error
+            raise ModelNotAvailableError(_download_failed(name, repo_id, filename, settings, error)) from error
         raise
     except HfHubHTTPError as error:
         raise ModelNotAvailableError(f"Cannot download {filename} from Hugging Face repo {repo_id}: {error}") from error
+    except DownloadCancelled:
+        raise
+    except PermissionError as error:  # a cache folder shared read-only, or another user's
+        raise ModelNotAvailableError(
+            f"Cannot write the model cache {settings.cache_dir} ({error.strerror}: {error.filename}): set HF_HUB_CACHE "
+            "to a folder you can write, then load the model again.") from error
+    except Exception as error:  # a proxy that asks for a login, a connection dropped
+        raise ModelNotAvailableError(_download_failed(name, repo_id, filename, settings, error)) from error
+
+
+def _download_failed(name: str, repo_id: str, filename: str, settings: HubSettings, error: Exception) -> str:
+    why = str(error).strip() or "no message"
+    return _not_downloadable(name, repo_id, settings, f"the download of {filename} failed ({type(error).__name__}: {why})")
 
 
 def _reporting_tqdm(filename: str, report: DownloadProgress) -> type:
