@@ -35,6 +35,7 @@ from napari_reddino.embedding import (
     clear_embedder_cache,
     iter_load_embedder,
     list_devices,
+    load_embedder,
     resolve_device,
     resolve_dtype,
 )
@@ -312,6 +313,22 @@ def test_a_download_given_up_stops_at_its_next_chunk_and_leaves_no_model_in_the_
         loader.join(timeout=10)
         assert not loader.is_alive()
     assert not list(hub_cache.glob("models--lab--large-rbc/snapshots/*/model.safetensors"))
+
+
+def test_a_model_downloading_holds_up_no_other_model_s_load(serving_hub, tiny_folder, tmp_path):  # noqa: F811
+    folder = tmp_path / "large"
+    folder.mkdir()
+    shutil.copy(tiny_folder[1] / "config.json", folder)
+    (folder / "model.safetensors").write_bytes(bytes(30 * 2**20))  # never read: the download is given up
+    serving_hub("lab/large-rbc", folder, pause=0.2)  # 30 MiB in 6 s
+    slow = iter_load_embedder("hf_hub:lab/large-rbc", device="cpu")
+    next(step for step in slow if step is not None and step.filename == "model.safetensors")
+    local = load_embedder(tiny_folder[1], device="cpu", dtype="float32")  # a folder on this computer
+    downloading = [thread for thread in threading.enumerate() if thread.name == "reddino-model-load"]
+    assert local.model_id.startswith("tiny_model@") and any(thread.is_alive() for thread in downloading)
+    slow.close()
+    for loader in downloading:
+        loader.join(timeout=10)
 
 
 def test_download_progress_reports_bytes_even_with_progress_bars_disabled():

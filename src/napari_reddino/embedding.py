@@ -440,7 +440,8 @@ def _cgroup_room() -> int | None:
 
 
 _EMBEDDERS: dict[tuple, Embedder] = {}
-_EMBEDDERS_LOCK = threading.Lock()
+_EMBEDDERS_LOCK = threading.Lock()  # held only to read or change _EMBEDDERS
+_LOADING: dict[str, threading.Lock] = {}  # one per model: a model loads once, and others load meanwhile
 
 
 def load_embedder(
@@ -469,18 +470,26 @@ def load_embedder(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    key = (canonical_id(model, architecture), model_version(model), str(torch_device), torch_dtype, bool(compile))
+    name = canonical_id(model, architecture)
     with _EMBEDDERS_LOCK:
-        if key not in _EMBEDDERS:
-            twin = _EMBEDDERS.get((*key[:4], not key[4]))  # the same weights, (un)compiled: share them
-            loaded = (LoadedModel(twin.model_id, twin.model, twin.input_size, twin.mean, twin.std) if twin else
-                      load_model(model, architecture=architecture, download_progress=download_progress))
-            if key[1] is None:  # a Hub model downloaded just now: known by its commit from now on
-                key = (key[0], model_version(model), *key[2:])
+        loading = _LOADING.setdefault(name, threading.Lock())
+    with loading:  # a download of another model (minutes, or one cancelled that Xet goes on with) holds no one up
+        # read after waiting: a Hub model that another call downloaded meanwhile is known by its commit now
+        key = (name, model_version(model), str(torch_device), torch_dtype, bool(compile))
+        with _EMBEDDERS_LOCK:
+            found, twin = _EMBEDDERS.get(key), _EMBEDDERS.get((*key[:4], not key[4]))
+        if found is not None:
+            return found
+        loaded = (LoadedModel(twin.model_id, twin.model, twin.input_size, twin.mean, twin.std) if twin else
+                  load_model(model, architecture=architecture, download_progress=download_progress))
+        if key[1] is None:  # a Hub model downloaded just now: known by its commit from now on
+            key = (key[0], model_version(model), *key[2:])
+        embedder = Embedder(loaded, device=torch_device, dtype=torch_dtype, compile=bool(compile))
+        with _EMBEDDERS_LOCK:
             for stale in [k for k in _EMBEDDERS if k[0] == key[0] and k[1] != key[1] and k[2:4] == key[2:4]]:
                 del _EMBEDDERS[stale]  # an older version of the same files (or Hub commit): free its memory
-            _EMBEDDERS[key] = Embedder(loaded, device=torch_device, dtype=torch_dtype, compile=bool(compile))
-        return _EMBEDDERS[key]
+            _EMBEDDERS[key] = embedder
+        return embedder
 
 
 @dataclass(frozen=True)
