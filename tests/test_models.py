@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import json
 import math
+import re
 import shutil
 import socket
 import threading
@@ -346,6 +347,16 @@ def test_corrupt_weights_name_the_file(tiny_folder):
     weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
     with pytest.raises(CheckpointError, match=str(weights)):
         load_model(folder)
+
+
+def test_damaged_weights_in_the_hub_cache_say_which_folder_to_delete(hub_cache, tiny_folder):  # noqa: F811
+    snapshot = publish_to_cache(tiny_folder[1], hub_cache, "lab/tiny-rbc")
+    blob = (snapshot / "model.safetensors").resolve()
+    blob.write_bytes(blob.read_bytes()[:1000])  # a download cut short
+    repo = hub_cache / "models--lab--tiny-rbc"
+    with pytest.raises(CheckpointError, match=re.escape(f"It is the Hugging Face cache's copy: delete the folder {repo} "
+                                                        "and load the model again to download it anew.")):
+        load_model("hf_hub:lab/tiny-rbc")
 
 
 def test_unreadable_weights_name_the_file(tiny_folder, monkeypatch):

@@ -284,10 +284,20 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as error:  # each reader raises its own error types for damaged files
         raise CheckpointError(f"Cannot read weights from {path} (damaged or not a weights file): "
-                              f"{why_unreadable(error)}") from error
+                              f"{why_unreadable(error)}.{_fresh_hub_copy(path)}") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict (parameter name -> tensor).")
     return state
+
+
+def _fresh_hub_copy(path: Path) -> str:
+    """How to replace ``path`` where it is a Hugging Face cache's copy of a download: the cache
+    keeps the damaged blob, and deleting the snapshot's file alone links it again."""
+    parts = path.parts
+    if "snapshots" not in parts[:-1] or not parts[parts.index("snapshots") - 1].startswith("models--"):
+        return ""
+    repo = Path(*parts[: parts.index("snapshots")])
+    return f" It is the Hugging Face cache's copy: delete the folder {repo} and load the model again to download it anew."
 
 
 def why_unreadable(error: Exception) -> str:
