@@ -349,6 +349,15 @@ def test_corrupt_weights_name_the_file(tiny_folder):
         load_model(folder)
 
 
+def test_a_hub_model_s_folder_of_a_copied_cache_loads_as_that_hub_model(hub_cache, tiny_folder, tmp_path):  # noqa: F811
+    publish_to_cache(tiny_folder[1], hub_cache, "lab/tiny-rbc")
+    from_hub = load_model("hf_hub:lab/tiny-rbc")
+    copied = shutil.copytree(hub_cache / "models--lab--tiny-rbc", tmp_path / "usb stick" / "models--lab--tiny-rbc",
+                             symlinks=True)
+    browsed = load_model(copied)  # Embed cells: Browse… to the model's own folder of the cache
+    assert browsed.model_id == from_hub.model_id and browsed.model_id.startswith("hf_hub:lab/tiny-rbc@sha256:")
+
+
 def test_damaged_weights_in_the_hub_cache_say_which_folder_to_delete(hub_cache, tiny_folder):  # noqa: F811
     snapshot = publish_to_cache(tiny_folder[1], hub_cache, "lab/tiny-rbc")
     blob = (snapshot / "model.safetensors").resolve()

@@ -201,6 +201,8 @@ def find_model_files(
                 f"architecture={architecture!r} is only for a single weights file; the folder {path} "
                 f"names its architecture in {CONFIG_FILE}."
             )
+        if (snapshot := _cached_snapshot(path)) is not None:  # a Hub model's folder of a copied cache
+            return _folder_files(snapshot, f"hf_hub:{path.name.removeprefix('models--').replace('--', '/', 1)}")
         return _folder_files(path)
     if path.is_file():
         return _single_file(path, architecture)
@@ -208,6 +210,16 @@ def find_model_files(
             sep in name for sep in (os.sep, os.altsep) if sep):  # Windows takes C:/models/s1 too
         raise UnknownModelError(f"No such model file or folder: {path}. ({describe_names()})")
     raise UnknownModelError(f"Unknown model {name!r}: {describe_names()}.")
+
+
+def _cached_snapshot(folder: Path) -> Path | None:
+    """The snapshot that ``folder``, a Hugging Face cache's ``models--org--name``, holds for
+    its main branch; None for any other folder."""
+    main = folder / "refs" / "main"
+    if not folder.name.startswith("models--") or not main.is_file():
+        return None
+    snapshot = folder / "snapshots" / main.read_text(encoding="utf-8").strip()
+    return snapshot if snapshot.is_dir() else None
 
 
 def load_model(
