@@ -45,8 +45,10 @@ if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # no .venv yet, or
 fi
 # Installed before from this very pyproject.toml and script, and it imports: nothing to fetch.
 # (napari.sh runs this at every launch, also on a lab PC without internet.)
-stamp="$(cat pyproject.toml scripts/setup.sh | cksum) ${TORCH_INDEX:-}"
-if [ "$(cat .venv/.reddino-installed 2>/dev/null)" = "$stamp" ] &&
+# A TORCH_INDEX given once (the CPU build) need not be given at every launch.
+stamp="$(cat pyproject.toml scripts/setup.sh | cksum)"
+if [ "$(sed -n 1p .venv/.reddino-installed 2>/dev/null)" = "$stamp" ] &&
+   { [ -z "${TORCH_INDEX:-}" ] || [ "$(sed -n 2p .venv/.reddino-installed)" = "$TORCH_INDEX" ]; } &&
    .venv/bin/python -c "import napari, napari_reddino, timm, torch, torchvision" >/dev/null 2>&1; then
   exit 0
 fi
@@ -56,4 +58,4 @@ if [ -n "${TORCH_INDEX:-}" ]; then
 fi
 # torch and torchvision are pinned together: other releases pull several GB or break torchvision.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" timm -e ".[test]"
-echo "$stamp" > .venv/.reddino-installed
+printf '%s\n%s\n' "$stamp" "${TORCH_INDEX:-}" > .venv/.reddino-installed

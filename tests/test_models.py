@@ -48,6 +48,7 @@ from napari_reddino.models import (
     _reporting_tqdm,
     find_model_files,
     load_model,
+    model_version,
 )
 from reddino_train.train import precision_for
 
@@ -88,6 +89,12 @@ def test_a_config_whose_input_size_disagrees_with_the_network_s_is_cut_at_the_ne
     assert loaded.input_size == (56, 56)
     x = torch.randn(2, 3, *loaded.input_size)
     torch.testing.assert_close(features(loaded, x), class_token_after_norm(model, x), rtol=0, atol=1e-6)
+    # A network that takes any size is cut at the size its config asks for.
+    flexible = save_folder(tiny_vit(dynamic_img_size=True), tiny_folder[1].parent / "flexible")
+    config = json.loads((flexible / "config.json").read_text())
+    config["pretrained_cfg"]["input_size"] = [3, 112, 112]
+    (flexible / "config.json").write_text(json.dumps(config))
+    assert load_model(flexible).input_size == (112, 112)
 
 
 def test_a_model_is_named_by_its_weights_so_its_heads_work_wherever_it_is_copied(tiny_folder, tmp_path, hub_cache):
@@ -201,7 +208,10 @@ def test_unreachable_hub_fails_at_once_without_retrying(hub_cache, monkeypatch, 
 
 
 class CaptivePortal(http.server.BaseHTTPRequestHandler):
-    """A hospital network's log-in page, served for every address until one logs in."""
+    """A hospital network's log-in page, served for every address until one logs in (or, with
+    ``status`` 403, its proxy's refusal)."""
+
+    status = 200
 
     def do_HEAD(self):
         self._page(with_body=False)
@@ -211,7 +221,7 @@ class CaptivePortal(http.server.BaseHTTPRequestHandler):
 
     def _page(self, with_body: bool) -> None:
         page = b"<html><body>Log in to the hospital network</body></html>"
-        self.send_response(200)
+        self.send_response(self.status)
         self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(page)))
         self.end_headers()
@@ -222,9 +232,10 @@ class CaptivePortal(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.parametrize(("status", "said"), [(200, "missing the 'X-Repo-Commit' header"), (403, "403 Forbidden")])
 def test_a_network_that_answers_for_the_hub_with_a_log_in_page_is_named_with_what_to_do(serving_hub,  # noqa: F811
-                                                                                        monkeypatch):
-    portal = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CaptivePortal)
+                                                                                        monkeypatch, status, said):
+    portal = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Portal", (CaptivePortal,), {"status": status}))
     threading.Thread(target=portal.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{portal.server_address[1]}")
     try:
@@ -234,7 +245,7 @@ def test_a_network_that_answers_for_the_hub_with_a_log_in_page_is_named_with_wha
             load_model("hf_hub:lab/rbc")
     finally:
         portal.shutdown()
-    assert "missing the 'X-Repo-Commit' header" in str(raised.value)  # huggingface_hub's own words on why
+    assert said in str(raised.value)  # huggingface_hub's own words on why
 
 
 class ProxyWantingALogIn(http.server.BaseHTTPRequestHandler):
@@ -356,6 +367,15 @@ def test_a_hub_model_s_folder_of_a_copied_cache_loads_as_that_hub_model(hub_cach
                              symlinks=True)
     browsed = load_model(copied)  # Embed cells: Browse… to the model's own folder of the cache
     assert browsed.model_id == from_hub.model_id and browsed.model_id.startswith("hf_hub:lab/tiny-rbc@sha256:")
+    # A newer commit copied in is another version of the model; a cache without a main branch
+    # (a tag downloaded) loads its newest whole snapshot.
+    version = model_version(copied)
+    newer = save_folder(tiny_vit(seed=5), tmp_path / "newer")
+    publish_to_cache(newer, copied.parent, "lab/tiny-rbc", revision="b" * 40)
+    assert model_version(copied) != version
+    assert load_model(copied).model_id != browsed.model_id
+    (copied / "refs" / "main").unlink()
+    assert load_model(copied).model_id.startswith("hf_hub:lab/tiny-rbc@sha256:")
 
 
 def test_damaged_weights_in_the_hub_cache_say_which_folder_to_delete(hub_cache, tiny_folder):  # noqa: F811

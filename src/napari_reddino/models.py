@@ -16,6 +16,7 @@ strictly, so a wrong or damaged file fails with the file's name and what did not
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -33,11 +34,7 @@ import huggingface_hub
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-)
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from timm.models import PretrainedCfg
 
 from .model_ids import digested_id
@@ -151,6 +148,7 @@ def local_version(model: str | os.PathLike) -> str | None:
     path = local_path(model)
     if not path.exists():
         return None
+    path = (_cached_snapshot(path) or path) if path.is_dir() else path  # a copied cache: its snapshot's files
     files = [path] if path.is_file() else sorted(file for file in path.iterdir() if file.is_file())
     stats = [(file.name, file.stat()) for file in files]
     parts = [(name, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) for name, stat in stats]
@@ -213,13 +211,17 @@ def find_model_files(
 
 
 def _cached_snapshot(folder: Path) -> Path | None:
-    """The snapshot that ``folder``, a Hugging Face cache's ``models--org--name``, holds for
-    its main branch; None for any other folder."""
-    main = folder / "refs" / "main"
-    if not folder.name.startswith("models--") or not main.is_file():
+    """The snapshot with a whole model that ``folder``, a Hugging Face cache's
+    ``models--org--name``, holds: its main branch's, else the newest (a download of a tag or a
+    commit, or one given up, leaves no whole main); None for any other folder."""
+    if not folder.name.startswith("models--") or not (folder / "snapshots").is_dir():
         return None
-    snapshot = folder / "snapshots" / main.read_text(encoding="utf-8").strip()
-    return snapshot if snapshot.is_dir() else None
+    main = folder / "refs" / "main"
+    named = [folder / "snapshots" / main.read_text(encoding="utf-8").strip()] if main.is_file() else []
+    others = sorted((folder / "snapshots").iterdir(), key=lambda snapshot: snapshot.stat().st_mtime, reverse=True)
+    whole = [snapshot for snapshot in (*named, *others) if snapshot.is_dir() and (snapshot / CONFIG_FILE).is_file()
+             and any((snapshot / weights).is_file() for weights in WEIGHT_FILES)]
+    return whole[0] if whole else None
 
 
 def load_model(
@@ -262,8 +264,8 @@ def _built_input_size(module: torch.nn.Module, configured: tuple[int, int]) -> t
     fixed size refuses any other."""
     patch_embed = getattr(module, "patch_embed", None)
     built = getattr(patch_embed, "img_size", None)
-    if built is None or getattr(patch_embed, "dynamic_img_size", False):
-        return configured
+    if built is None or getattr(module, "dynamic_img_size", False) or not getattr(patch_embed, "strict_img_size", True):
+        return configured  # it takes any size: the one its config asks for
     return tuple(int(side) for side in built)
 
 
@@ -306,9 +308,12 @@ def _fresh_hub_copy(path: Path) -> str:
     """How to replace ``path`` where it is a Hugging Face cache's copy of a download: the cache
     keeps the damaged blob, and deleting the snapshot's file alone links it again."""
     parts = path.parts
-    if "snapshots" not in parts[:-1] or not parts[parts.index("snapshots") - 1].startswith("models--"):
+    at = len(parts) - 1 - parts[::-1].index("snapshots") if "snapshots" in parts[:-1] else 0
+    if at < 1 or not parts[at - 1].startswith("models--"):
         return ""
-    repo = Path(*parts[: parts.index("snapshots")])
+    repo = Path(*parts[:at])
+    if repo.parent.resolve() != HubSettings.from_environment().cache_dir.resolve():  # a copy loaded with Browse…
+        return f" It is a copy of a Hugging Face cache's {repo.name}: copy that folder here again from a whole cache."
     return f" It is the Hugging Face cache's copy: delete the folder {repo} and load the model again to download it anew."
 
 
@@ -547,20 +552,26 @@ def _download(
         if isinstance(error, LocalEntryNotFoundError):  # a network failure after the probe
             raise ModelNotAvailableError(_download_failed(name, repo_id, filename, settings, error)) from error
         raise
-    except HfHubHTTPError as error:
-        raise ModelNotAvailableError(f"Cannot download {filename} from Hugging Face repo {repo_id}: {error}") from error
     except DownloadCancelled:
         raise
-    except PermissionError as error:  # a cache folder shared read-only, or another user's
+    except OSError as error:
+        if error.errno not in _CACHE_WRITE_ERRORS:
+            raise ModelNotAvailableError(_download_failed(name, repo_id, filename, settings, error)) from error
         raise ModelNotAvailableError(
-            f"Cannot write the model cache {settings.cache_dir} ({error.strerror}: {error.filename}): set HF_HUB_CACHE "
-            "to a folder you can write, then load the model again.") from error
-    except Exception as error:  # a proxy that asks for a login, a connection dropped
+            f"Cannot write the model cache {settings.cache_dir} ({error.strerror}: {error.filename}): make room there, "
+            "or set HF_HUB_CACHE to a folder you can write that has room, then load the model again.") from error
+    except Exception as error:  # an HTTP error (a proxy's 403, the Hub down), one that wants a log-in, a connection dropped
         raise ModelNotAvailableError(_download_failed(name, repo_id, filename, settings, error)) from error
 
 
+# a cache folder shared read-only or another user's, a full disk or quota
+_CACHE_WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
 def _download_failed(name: str, repo_id: str, filename: str, settings: HubSettings, error: Exception) -> str:
-    why = str(error).strip() or "no message"
+    if isinstance(error, LocalEntryNotFoundError) and (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__  # what huggingface_hub met (a 403, a reset), not its summary
+    why = (str(error).strip() or "no message").splitlines()[0]
     return _not_downloadable(name, repo_id, settings, f"the download of {filename} failed ({type(error).__name__}: {why})")
 
 

@@ -18,7 +18,8 @@ from .config import TrainConfig, config_text, config_to_dict
 from .files import write_atomic_with
 
 CHECKPOINT_NAME = "checkpoint.pt"
-_KEPT = re.compile(r"checkpoint-(\d+)\.pt")  # an earlier checkpoint kept beside it (train.keep_checkpoints)
+KEPT_FOLDER = "earlier-checkpoints"  # train.keep_checkpoints: step-<N>.pt, hard links; no user file lives here
+_KEPT = re.compile(r"step-(\d+)\.pt")
 
 
 class CheckpointError(RuntimeError):
@@ -92,28 +93,38 @@ class _RemembersWriteErrors:
 
 
 def kept_checkpoints(folder: Path) -> list[Path]:
-    """The earlier checkpoints kept in ``folder``, the oldest step first."""
-    return sorted((path for path in folder.glob("checkpoint-*.pt") if _KEPT.fullmatch(path.name)), key=_step)
+    """The earlier checkpoints kept in the run folder ``folder``, the oldest step first."""
+    kept = folder / KEPT_FOLDER
+    return sorted((path for path in kept.glob("step-*.pt") if _KEPT.fullmatch(path.name)), key=_step)
 
 
 def keep_earlier(path: Path, step: int, keep: int) -> list[Path]:
     """Before a newer checkpoint replaces ``path`` (that of ``step``): keep it as
-    ``checkpoint-<step>.pt`` while ``keep`` (the newest included) allows, and delete the oldest
-    of those beyond. A hard link, so nothing is copied and ``path`` is never missing; a teacher
-    that collapsed can be taken back to a step before it (copy that file to ``path``). Kept ones
-    of later steps than ``step`` are of the steps gone back from: they go, and are returned."""
+    ``earlier-checkpoints/step-<step>.pt`` while ``keep`` (the newest included) allows, and
+    delete the oldest kept beyond. A hard link, so nothing is copied and ``path`` is never
+    missing; a teacher that collapsed can be taken back to a step before it (copy that file to
+    ``path``). Kept ones of later steps than ``step`` are of the steps gone back from: they go,
+    and are returned. Where the file system has no hard links, OSError, after the trimming."""
     abandoned = [old for old in kept_checkpoints(path.parent) if _step(old) > step]
     for old in abandoned:
         old.unlink()
-    for stale in path.parent.glob(".checkpoint-*.pt.link"):  # a link a killed run did not rename yet
+    folder = path.parent / KEPT_FOLDER
+    for stale in folder.glob(".step-*.pt.link"):  # a link a killed run did not rename yet
         stale.unlink()
+    unlinkable = None
     if keep > 1 and path.exists():
-        kept, linked = path.with_name(f"checkpoint-{step}.pt"), path.with_name(f".checkpoint-{step}.pt.link")
-        os.link(path, linked)  # OSError where the file system has no hard links
-        os.replace(linked, kept)  # over one of this step gone back from
+        folder.mkdir(exist_ok=True)
+        linked = folder / f".step-{step}.pt.link"
+        try:
+            os.link(path, linked)
+            os.replace(linked, folder / f"step-{step}.pt")  # over one of this step gone back from
+        except OSError as error:
+            unlinkable = error
     earlier = kept_checkpoints(path.parent)
     for old in earlier[: max(len(earlier) - (keep - 1), 0)]:
         old.unlink()
+    if unlinkable is not None:
+        raise unlinkable
     return abandoned
 
 

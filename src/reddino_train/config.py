@@ -153,7 +153,7 @@ class LoopConfig:
     log_every: int  # iterations between rows of log.csv
     checkpoint_every: int  # iterations between periodic checkpoints
     checkpoint_minutes: float  # also one when this long has passed since the last (0: steps alone decide)
-    keep_checkpoints: int  # checkpoint.pt and this many less one earlier ones, as checkpoint-<step>.pt
+    keep_checkpoints: int  # checkpoint.pt and this many less one earlier ones, as earlier-checkpoints/step-<N>.pt
     parallel: Parallel  # under torchrun: replicate (ddp) or shard (fsdp, FSDP2) the models
     activation_checkpointing: bool  # the student's blocks recompute their activations in the backward pass
 
@@ -282,10 +282,17 @@ def _with_keys_added_later(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return data
 
 
+# What a folder keeps, not how the run trains: a run from before it existed, resumed with a recipe
+# that sets it, has not changed its settings.
+NOT_TRAINING_SETTINGS = ("train.keep_checkpoints",)
+
+
 def changed_settings(before: TrainConfig, after: TrainConfig) -> list[str]:
-    """``["optim.epochs: 10 -> 20", ...]``: the leaf keys whose values differ."""
+    """``["optim.epochs: 10 -> 20", ...]``: the leaf keys whose values differ (but those of
+    :data:`NOT_TRAINING_SETTINGS`)."""
     old, new = _leaves(config_to_dict(before)), _leaves(config_to_dict(after))
-    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in old if old[key] != new[key]]
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in old
+            if old[key] != new[key] and key not in NOT_TRAINING_SETTINGS]
 
 
 def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from .checkpoint import CHECKPOINT_NAME, kept_checkpoints
+from .checkpoint import CHECKPOINT_NAME, KEPT_FOLDER, kept_checkpoints
 from .config import CONFIG_NAME, is_training_config, run_settings_files
 from .distributed import all_gather_objects, rank, world_size
 from .monitor import LOG_NAME, is_training_log
@@ -88,10 +88,10 @@ def _not_a_run_folder(out: Path) -> tuple[type, str] | None:
     if not out.is_dir() or (out / CHECKPOINT_NAME).exists():
         return None
     if earlier := kept_checkpoints(out):  # a run's, its checkpoint.pt moved or lost
-        return RunFolderError, (f"{out} holds earlier checkpoints of a run ({', '.join(path.name for path in earlier)}) "
-                                f"but no {CHECKPOINT_NAME}: copy the one to go on from to {CHECKPOINT_NAME} to resume "
-                                "there, or give --out a new folder")
-    own = {CONFIG_NAME, LOG_NAME, *(path.name for path in run_settings_files(out))}
+        names = ", ".join(f"{KEPT_FOLDER}/{path.name}" for path in earlier)
+        return RunFolderError, (f"{out} holds earlier checkpoints of a run ({names}) but no {CHECKPOINT_NAME}: copy "
+                                f"the one to go on from to {CHECKPOINT_NAME} to resume there, or give --out a new folder")
+    own = {CONFIG_NAME, LOG_NAME, KEPT_FOLDER, *(path.name for path in run_settings_files(out))}
     foreign = sorted(path.name for path in out.iterdir() if not path.name.startswith(".")
                      and path.name not in own and not path.name.endswith(JOB_LOG_SUFFIXES))
     if (out / CONFIG_NAME).is_file() and not is_training_config(out / CONFIG_NAME):

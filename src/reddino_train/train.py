@@ -23,9 +23,11 @@ from tqdm import tqdm
 from .augment import make_multicrop
 from .checkpoint import (
     CHECKPOINT_NAME,
+    KEPT_FOLDER,
     CheckpointError,
     architecture,
     keep_earlier,
+    kept_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -167,6 +169,7 @@ class Trainer:
         _seed_process(cfg.train.seed + self.rank)  # distinct stochastic depth per rank
         self._settings_pending = False  # changed settings reach config.yaml with their first checkpoint
         self._run_settings: tuple[TrainConfig, Path] | None = None  # the run's own, to keep before they change
+        self._said_unkept = False  # that earlier checkpoints cannot be kept (said once a run)
         fresh = state is None
         if state is not None:
             self._resume(state)
@@ -360,8 +363,9 @@ class Trainer:
             except OSError as error:  # a full disk, a folder gone: said on every rank, not rank 0 alone
                 kept = (f"the checkpoint of step {self.checkpoint_step} is kept" if self.checkpoint_step is not None
                         else "no checkpoint was saved yet")
+                room = f" ({KEPT_FOLDER} holds earlier ones that can go)" if kept_checkpoints(self.out) else ""
                 failure = (f"cannot write {self.out / CHECKPOINT_NAME} at step {self.iteration} ({error}); {kept}: "
-                           "make room or mend the folder, then run again")
+                           f"make room{room} or mend the folder, then run again")
         failure = all_gather_objects(failure)[0]
         if failure is not None:
             raise RunFolderError(failure)
@@ -372,11 +376,14 @@ class Trainer:
         if self.checkpoint_step is not None:
             try:
                 for gone in keep_earlier(self.out / CHECKPOINT_NAME, self.checkpoint_step, self.cfg.train.keep_checkpoints):
-                    tqdm.write(f"reddino-train: removed {gone.name}, kept from before the run went back to step "
-                               f"{self.checkpoint_step}")
-            except OSError as error:  # vfat or a CIFS share without hard links: the run goes on without them
-                warnings.warn(f"cannot keep the checkpoint of step {self.checkpoint_step} beside the new one "
-                              f"({error.strerror or error}); only the newest is kept", RuntimeWarning, stacklevel=2)
+                    tqdm.write(f"reddino-train: removed {KEPT_FOLDER}/{gone.name}, kept from before the run went "
+                               f"back to step {self.checkpoint_step}")
+            except OSError as error:  # vfat, s3fs or a CIFS share without hard links: the run goes on without them
+                if not self._said_unkept:
+                    warnings.warn(f"cannot keep earlier checkpoints in {KEPT_FOLDER} ({error.strerror or error}): "
+                                  f"from step {self.checkpoint_step} on, {CHECKPOINT_NAME} alone is kept",
+                                  RuntimeWarning, stacklevel=2)
+                    self._said_unkept = True
         save_checkpoint(self.out / CHECKPOINT_NAME, {
             "architecture": architecture(self.cfg),
             "config": config_to_dict(self.cfg),

@@ -418,37 +418,45 @@ def test_a_save_killed_midway_keeps_the_checkpoint_and_the_next_start_removes_it
 def test_earlier_checkpoints_are_kept_as_asked_and_one_can_be_gone_back_to(smear_images, tmp_path, monkeypatch,
                                                                              capsys):
     every_step = [*TINY, "train.checkpoint_every=1", "train.keep_checkpoints=3"]
+    backup = tmp_path / "checkpoint-50000.pt"  # the user's own copy, by a name like the ones kept
+    fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=1)
+    shutil.copyfile(tmp_path / "checkpoint.pt", backup)
     fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=5)
+    kept = tmp_path / "earlier-checkpoints"
 
-    def steps(*names):
-        return [torch.load(tmp_path / name, weights_only=True)["iteration"] for name in names]
+    def steps(*paths):
+        return [torch.load(path, weights_only=True)["iteration"] for path in paths]
 
-    assert sorted(path.name for path in tmp_path.glob("checkpoint*.pt")) == [
-        "checkpoint-3.pt", "checkpoint-4.pt", "checkpoint.pt"]
-    assert steps("checkpoint-3.pt", "checkpoint-4.pt", "checkpoint.pt") == [3, 4, 5]
+    assert sorted(path.name for path in kept.iterdir()) == ["step-3.pt", "step-4.pt"] and backup.is_file()
+    assert steps(kept / "step-3.pt", kept / "step-4.pt", tmp_path / "checkpoint.pt") == [3, 4, 5]
     # Gone back to step 3 (the teacher collapsed after it): the run goes on from there, and the
     # steps it went back from are no longer kept.
-    shutil.copyfile(tmp_path / "checkpoint-3.pt", tmp_path / "checkpoint.pt")
+    shutil.copyfile(kept / "step-3.pt", tmp_path / "checkpoint.pt")
     capsys.readouterr()
     result = fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=5)
-    assert result.iterations_this_run == 2 and steps("checkpoint-3.pt", "checkpoint-4.pt", "checkpoint.pt") == [3, 4, 5]
-    assert "reddino-train: removed checkpoint-4.pt, kept from before the run went back to step 3\n" in (
-        capsys.readouterr().out)
-    # Fewer kept from here on: the oldest go at the next save.
-    fit(load_config("tiny", [*every_step, "train.keep_checkpoints=1"]), smear_images, tmp_path, max_steps=6)
-    assert [path.name for path in tmp_path.glob("checkpoint*.pt")] == ["checkpoint.pt"]
-    # Where the file system has no hard links, the run goes on with its newest checkpoint alone.
+    assert result.iterations_this_run == 2 and steps(kept / "step-3.pt", kept / "step-4.pt") == [3, 4]
+    assert capsys.readouterr().out.count("reddino-train: removed earlier-checkpoints/") == 1  # step-4.pt, once
+    # Fewer kept from here on: the oldest go at the next save; the user's copy stays. What a folder
+    # keeps is no setting of the training: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeSettingsWarning)
+        fit(load_config("tiny", [*every_step, "train.keep_checkpoints=1"]), smear_images, tmp_path, max_steps=6)
+    assert not list(kept.iterdir()) and backup.is_file()
+    # Where the file system has no hard links, the run says so once and goes on with its newest checkpoint.
     monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError(errno.EPERM, "Operation not permitted")))
-    with pytest.warns(RuntimeWarning, match=r"cannot keep the checkpoint of step 6 beside the new one \(Operation not "
-                                             r"permitted\); only the newest is kept"):
-        fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=7)
-    assert steps("checkpoint.pt") == [7]
-    # Its checkpoint.pt moved away, a folder of earlier ones is not taken for a fresh run's.
-    shutil.copyfile(tmp_path / "checkpoint.pt", tmp_path / "checkpoint-7.pt")
-    (tmp_path / "checkpoint.pt").unlink()
-    with pytest.raises(RunFolderError, match=r"holds earlier checkpoints of a run \(checkpoint-7.pt\) but no "
-                                             r"checkpoint.pt: copy the one to go on from to checkpoint.pt"):
+    with pytest.warns(RuntimeWarning, match=r"cannot keep earlier checkpoints in earlier-checkpoints \(Operation not "
+                                             r"permitted\): from step 6 on, checkpoint.pt alone is kept") as warned:
         fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=8)
+    assert len([warning for warning in warned if "cannot keep" in str(warning.message)]) == 1
+    assert steps(tmp_path / "checkpoint.pt") == [8] and not list(kept.iterdir())
+    # Its checkpoint.pt moved away, a folder of earlier ones is not taken for a fresh run's.
+    monkeypatch.undo()
+    os.link(tmp_path / "checkpoint.pt", kept / "step-8.pt")
+    (tmp_path / "checkpoint.pt").unlink()
+    backup.unlink()
+    with pytest.raises(RunFolderError, match=r"holds earlier checkpoints of a run \(earlier-checkpoints/step-8.pt\) "
+                                             r"but no checkpoint.pt: copy the one to go on from to checkpoint.pt"):
+        fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=9)
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_saying_which_is_kept(
