@@ -554,13 +554,12 @@ def _download(
         raise
     except DownloadCancelled:
         raise
-    except OSError as error:
-        if error.errno not in _CACHE_WRITE_ERRORS:
-            raise ModelNotAvailableError(_download_failed(name, repo_id, filename, settings, error)) from error
-        raise ModelNotAvailableError(
-            f"Cannot write the model cache {settings.cache_dir} ({error.strerror}: {error.filename}): make room there, "
-            "or set HF_HUB_CACHE to a folder you can write that has room, then load the model again.") from error
     except Exception as error:  # an HTTP error (a proxy's 403, the Hub down), one that wants a log-in, a connection dropped
+        if isinstance(error, OSError) and error.errno in _CACHE_WRITE_ERRORS:
+            raise ModelNotAvailableError(
+                f"Cannot write the model cache {settings.cache_dir} ({error.strerror}: {error.filename}): make room "
+                "there, or set HF_HUB_CACHE to a folder you can write that has room, then load the model again."
+            ) from error
         raise ModelNotAvailableError(_download_failed(name, repo_id, filename, settings, error)) from error
 
 
