@@ -833,6 +833,17 @@ def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_pa
         " have their labels of before again.")
     press("Undo label")
     assert widget.status.value.startswith("Nothing to undo")
+    # Up to 100 labellings back, as the tooltip says: of 101, all but the first are taken back.
+    widget.select(np.arange(n) == 0)
+    cycle = classes.classes[:3]
+    for step in range(101):
+        press("Assign", cycle[step % 3])
+    for _ in range(100):
+        press("Undo label")
+    assert widget.status.value.startswith("Undone: ")
+    assert manual()[0] == cycle[0] and (manual()[1:] == "").all()
+    press("Undo label")
+    assert widget.status.value.startswith("Nothing to undo")
     widget.select(left)
     press("Assign", "normal")
     widget.select(~left)
