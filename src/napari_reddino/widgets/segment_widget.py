@@ -198,6 +198,7 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
 
     Shared by the Segment and Embed widgets, so both make the same cells layer.
     """
+    digest = labels_digest(labels)  # a pass over the whole label image: once
     metadata = {
         "source_image": job.image_name,
         SOURCE_DIGEST: image_hash,  # another image of the same name, with other pixels, is another smear
@@ -205,8 +206,8 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
         "cell_diameter_px": cell_diameter,
         "cell_diameter_from": _diameter_source(job),
         "pixel_size_um": job.pixel_size_um,
-        MEASURED_LABELS: labels_digest(labels),
-        SEGMENTED_LABELS: labels_digest(labels),
+        MEASURED_LABELS: digest,
+        SEGMENTED_LABELS: digest,
     }
     layers = viewer.layers
     earlier = own_cells(layers, job.image_name)  # by its link to the smear: a renamed smear keeps its cells
