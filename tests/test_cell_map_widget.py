@@ -470,8 +470,8 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
         f"The cells of {aslan.name!r} were painted since they were embedded")
     # Without a map, Export writes the smears the head classified, but not one painted since.
     widget.export_csv(tmp_path / "no_map.csv")
-    assert widget.status.value.endswith(f" {aslan.name!r} is not in it: painted since it was classified (embed it "
-                                        "and apply the head again).")
+    assert widget.status.value.endswith(f" {aslan.name!r} is not in it: painted, or its smear edited, since it was "
+                                        "classified (embed it and apply the head again).")
     exported = pd.read_csv(tmp_path / "no_map.csv", dtype={"layer": str}, keep_default_na=False, na_values=[""])
     assert exported["layer"].tolist() == [cells.name] * len(cells.features) and exported["umap_x"].isna().all()
     aslan.data = as_embedded  # (or embed them again)
@@ -725,6 +725,40 @@ def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(view
     viewer.layers.remove(again)
     compute_map(widget, qtbot)  # the newer layer is gone: the labelled one is mapped as before
     assert [layer.name for layer in widget.pool.layers] == [cells.name] and "left out" not in widget.status.value
+
+
+def test_a_smear_whose_pixels_changed_since_embedding_is_embedded_again_before_it_is_mapped_or_classified(
+        viewer, qtbot, tiny_folder, tmp_path):  # noqa: F811
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    image = viewer.layers[cells.metadata["source_image"]]
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    for name, cell in (("normal", 0), ("spherocyte", 1)):
+        widget.select(np.arange(len(widget.pool)) == cell)
+        widget.assign(name)
+    image.data[:] = 255 - image.data  # a correction applied in place: napari hears of no change
+    widget.train()
+    stale = (f"The smear under {cells.name!r} changed since its cells were embedded (pixels edited in place?), so "
+             "the embeddings describe the old pixels: embed it again with Plugins > RedDino > Embed cells, then "
+             "Compute map.")
+    assert widget.status.value == stale and widget.pool is None and widget.classifier is None
+    assert "predicted_class" not in cells.features
+    assert cells.features.set_index("label")["manual_label"].value_counts().to_dict() == {
+        "": len(cells.features) - 2, "normal": 1, "spherocyte": 1}  # the labels given stay
+    widget.run()
+    assert widget.status.value == stale and widget.pool is None
+    widget.export_csv(tmp_path / "cells.csv")
+    assert not (tmp_path / "cells.csv").exists()
+
+    embed_widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")[1]
+    embed_widget.cells.value = cells
+    before = embeddings_of(cells)[1].copy()
+    with qtbot.waitSignal(embed_widget.embedded, timeout=TIMEOUT_MS):
+        embed_widget.run()
+    assert not np.allclose(embeddings_of(cells)[1], before)  # the model saw the new pixels
+    compute_map(widget, qtbot)
+    widget.train()
+    assert widget.classifier is not None and (cells.features["predicted_class"] != "").all()
 
 
 def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  # noqa: F811

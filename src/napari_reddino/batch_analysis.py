@@ -19,7 +19,7 @@ import pandas as pd
 
 from .cell_classifier import prediction_table
 from .cell_table import PREDICTED_CLASSES
-from .cell_embeddings import METADATA_KEY, EmbeddedCells, fingerprint, labels_digest, store_run
+from .cell_embeddings import METADATA_KEY, EmbeddedCells, fingerprint, image_digest, labels_digest, store_run
 from .class_gallery import GalleryError, GalleryFiles, save_class_gallery
 from .measurements import measure_cells
 from .segmentation import segment_cells
@@ -139,9 +139,10 @@ class SmearAnalysis:
             run = EmbeddedCells(np.zeros(0, np.int64), np.zeros((0, embedder.dim), np.float32), None, embedder.model_id)
         else:
             run = run_steps(embedder.embed_steps(image, labels, **crops), progress)
-        ids, vectors, digest = run.ids, run.embeddings, labels_digest(labels)
+        ids, vectors, digest, image_hash = run.ids, run.embeddings, labels_digest(labels), image_digest(image)
         store_run(cells, run, model=model, device=embedder.device, crops=crops,
-                  fingerprint=fingerprint(image, digest, model, **crops), labels_digest=digest)
+                  fingerprint=fingerprint(image_hash, digest, model, **crops), labels_digest=digest,
+                  image_hash=image_hash)
         if self.head is not None and not table.empty:
             rows = np.searchsorted(ids, table["label"].to_numpy())  # both ascending, the same cells
             proba = self.head.predict_proba(vectors[rows], measurements=table)

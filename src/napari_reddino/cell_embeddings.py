@@ -10,6 +10,7 @@ drown the table). They live in the cells layer's metadata under one key::
                        "reddino-small@sha256:…"; see napari_reddino.model_ids),
         "fingerprint": hex digest of the inputs (see :func:`fingerprint`),
         "labels_digest": hex digest of the labels embedded (see :func:`repainted_since_embedded`),
+        "image_digest": hex digest of the smear's pixels embedded (see :func:`image_changed_since_embedded`),
         "crop_checks": float32 array (n, 2): each cell's crop as the model saw it, in two numbers
                        (``crops.crop_checks``), so the next run can keep what it would compute again,
         "crop_background": float32 array (3,): the colour blanked and padded pixels took, which the
@@ -124,15 +125,16 @@ def store_embeddings(
 
 
 def store_run(layer, run: EmbeddedCells, *, model: str | os.PathLike, device, crops: dict, fingerprint: str,
-              labels_digest: str) -> dict:
+              labels_digest: str, image_hash: str) -> dict:
     """:func:`store_embeddings` with what every embedding run records: the model as it was named,
     the crop settings (``crops``: mode, scale, margin, as ``Embedder.embed`` takes them), the
-    device, the :func:`labels_digest` of the labels embedded and the crops' checks. The Embed
-    widget and ``reddino-analyse`` both store through here, so their records match."""
+    device, the :func:`labels_digest` of the labels and the :func:`image_digest` of the pixels
+    embedded, and the crops' checks. The Embed widget and ``reddino-analyse`` both store through
+    here, so their records match."""
     return store_embeddings(layer, run.ids, run.embeddings, model_id=run.model_id, fingerprint=fingerprint,
                             model=str(model), crop_mode=crops["mode"], crop_scale=crops["scale"],
                             margin=crops["margin"], device=str(device), labels_digest=labels_digest,
-                            crop_checks=run.checks, crop_background=run.background)
+                            image_digest=image_hash, crop_checks=run.checks, crop_background=run.background)
 
 
 def crop_settings(layer) -> dict | None:
@@ -185,6 +187,15 @@ def repainted_since_embedded(layer) -> bool:
     record = getattr(layer, "metadata", {}).get(METADATA_KEY)
     known = record.get("labels_digest") if isinstance(record, dict) else None
     return bool(known) and known != labels_digest(layer.data)
+
+
+def image_changed_since_embedded(layer, pixels) -> bool:
+    """Whether ``pixels``, the smear under ``layer``, changed since its cells were embedded (a
+    correction applied to the image in place): then the embeddings describe the old pixels.
+    Records from before the image digest was kept cannot tell, and say no."""
+    record = getattr(layer, "metadata", {}).get(METADATA_KEY)
+    known = record.get("image_digest") if isinstance(record, dict) else None
+    return bool(known) and known != image_digest(pixels)
 
 
 def stored_fingerprint(layer) -> str | None:

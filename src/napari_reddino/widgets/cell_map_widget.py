@@ -48,7 +48,7 @@ from ..cell_classifier import (
     prediction_table,
     uncertainty_order,
 )
-from ..cell_embeddings import embeddings_of, repainted_since_embedded, stored_fingerprint
+from ..cell_embeddings import embeddings_of, image_changed_since_embedded, repainted_since_embedded, stored_fingerprint
 from ..cell_map import (
     UNLABELLED,
     PooledCells,
@@ -70,6 +70,7 @@ from .map_export import MapExport, not_written
 from .segment_widget import carried_to
 from .smear_colours import SmearColours, cells_layers
 from .smear_keys import LABEL_KEYS, SmearKeys
+from .smear_links import level_0, smear_under
 from .smear_table import SmearTable
 
 MANUAL, PREDICTED = "manual label", "predicted class"
@@ -303,7 +304,7 @@ class CellMapWidget(MapExport, JobWidget):
 
     def run(self) -> None:
         try:
-            pool = PooledCells.from_layers(embedded_cells_layers(self._viewer))
+            pool = self._pooled(embedded_cells_layers(self._viewer))
         except PoolingError as error:
             self._refuse(f"{error}{left_out(self._viewer)}")
             return
@@ -318,6 +319,27 @@ class CellMapWidget(MapExport, JobWidget):
         self.status.value = f"UMAP of {counted(len(pool), 'cell')} from {counted(len(pool.layers), 'smear')}…"
         self._stop_umap = threading.Event()
         self._start(_lay_out, pool.embeddings, self._umap_epoch.emit, self._stop_umap)
+
+    def _pooled(self, layers) -> PooledCells:
+        """:meth:`PooledCells.from_layers`, refusing cells whose open smear's pixels changed since
+        they were embedded (a correction applied to the image in place): their embeddings describe
+        pixels that are gone. Hashing costs about 80 ms a 48 Mpx smear."""
+        pool = PooledCells.from_layers(layers)
+        if said := self._smears_changed(pool.layers):
+            raise PoolingError(said)
+        return pool
+
+    def _smears_changed(self, layers) -> str:
+        """What to say of the ``layers`` whose open smear's pixels changed since their cells were
+        embedded; "" when none did."""
+        changed = [cells.name for cells in layers if (smear := smear_under(self._viewer, cells)) is not None
+                   and image_changed_since_embedded(cells, level_0(smear))]
+        if not changed:
+            return ""
+        one = len(changed) == 1
+        return (f"The smear{'' if one else 's'} under {', '.join(map(repr, changed))} changed since {'its' if one else 'their'} "
+                "cells were embedded (pixels edited in place?), so the embeddings describe the old pixels: embed "
+                f"{'it' if one else 'them'} again with Plugins > RedDino > Embed cells, then Compute map.")
 
     def cancel(self) -> None:
         """Stop before the layout; a layout under way cannot be stopped (umap has no hook for it)
@@ -382,11 +404,18 @@ class CellMapWidget(MapExport, JobWidget):
                 return cells.name
         return None
 
-    def _map_is_current(self) -> bool:
-        """False, after saying so, when the map's cells were re-embedded or removed since it was made."""
+    def _map_is_current(self, *, pixels: bool = False) -> bool:
+        """False, after saying so, when the map's cells were re-embedded or removed since it was
+        made, or (``pixels``, for training and exporting) their smears' pixels changed since they
+        were embedded: that hashes every smear, too slow for each label given."""
         if self.pool is not None and (changed := self._changed_since_pooled(self.pool)):
             self._map_is_stale(changed)
             self._refused()
+            return False
+        if pixels and self.pool is not None and (said := self._smears_changed(self.pool.layers)):
+            self.forget_map()
+            self.selection_count.value = "No map yet."
+            self._refuse(said)
             return False
         return True
 
@@ -782,7 +811,7 @@ class CellMapWidget(MapExport, JobWidget):
 
     def train(self) -> None:
         """Fit the linear head on the labelled cells and predict every cell of the map."""
-        if not self._map_is_current():
+        if not self._map_is_current(pixels=True):
             return
         if self.pool is None:
             self._refuse("Compute the map first.", notify=show_info)
@@ -891,12 +920,12 @@ class CellMapWidget(MapExport, JobWidget):
 
     def apply_head(self, path: str | Path) -> None:
         """Load a saved head and predict every embedded cell in the viewer with it (one click)."""
-        if not self._map_is_current():
+        if not self._map_is_current(pixels=True):
             return
         layers = embedded_cells_layers(self._viewer)
         try:
             pool = self.pool if self.pool is not None and set(self.pool.layers) == set(layers) else (
-                PooledCells.from_layers(layers))
+                self._pooled(layers))
             classifier = CellClassifier.load(path, model_id=pool.model_id, crops=pool.crops)
             table = pool.table()
             proba = classifier.predict_proba(pool.embeddings, measurements=table)

@@ -72,6 +72,7 @@ class _EmbedJob:
     cells: Labels
     model: str
     crops: dict  # mode, scale and margin, as Embedder.embed takes them
+    image_hash: str  # the image_digest of the pixels embedded
     segmented: bool = False  # the cells layer was made by this run ("segment first")
 
 
@@ -444,7 +445,7 @@ class EmbedCellsWidget(JobWidget):
         if not measured and (why := unusable_pixel_size(pixel_size)):  # the cells are measured after embedding
             self._refuse(why)
             return
-        self._embed_job = _EmbedJob(cells, model, crops, segmented)
+        self._embed_job = _EmbedJob(cells, model, crops, image_hash, segmented)
         self.status.value = f"Loading {model}…"
         self._stop_download = threading.Event()
         self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size,
@@ -539,7 +540,7 @@ class EmbedCellsWidget(JobWidget):
         # Changed: the embeddings are kept for the next run to reuse, but are never up to date, even
         # if an undo brings the labels back: that run must also measure the cells this one did not.
         store_run(job.cells, run, model=job.model, device=embedder.device, crops=job.crops,
-                  fingerprint="" if changed else loaded_fingerprint, labels_digest=embedded)
+                  fingerprint="" if changed else loaded_fingerprint, labels_digest=embedded, image_hash=job.image_hash)
         unpredicted = clear_predictions(job.cells, new_embeddings)  # what the head said of them no longer holds
         if changed:
             self.status.value = (f"The cells of {job.cells.name!r} changed while they were embedded. The embeddings "

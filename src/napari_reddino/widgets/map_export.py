@@ -3,8 +3,8 @@ a summary per smear, a picture per smear of its classes), and manual labels read
 such a CSV.
 
 A mixin of :class:`.cell_map_widget.CellMapWidget`: it reads the widget's ``pool``,
-``class_list``, ``status`` and viewer, and calls its ``_map_is_current``, ``_refuse`` and
-``recolour``.
+``class_list``, ``status`` and viewer, and calls its ``_map_is_current``, ``_smears_changed``,
+``_refuse`` and ``recolour``.
 """
 
 from collections.abc import Sequence
@@ -50,7 +50,7 @@ class MapExport:
         head classified (those without map positions) to ``path`` (``.csv`` added unless it ends
         so), and the files ticked beside it; asks before replacing an existing file or deleting an
         earlier export's side files."""
-        if not self._map_is_current():
+        if not self._map_is_current(pixels=True):
             return None
         if self.pool is None and not self._classified_beside_map()[0]:
             self._refuse("Compute the map first, or apply a saved head: Export writes the map's smears and those "
@@ -132,13 +132,14 @@ class MapExport:
                 continue
             if self.head_token is None or layer.metadata.get(PREDICTED_BY) != self.head_token:
                 earlier_head.append(layer)
-            elif repainted_since_embedded(layer):
+            elif repainted_since_embedded(layer) or self._smears_changed([layer]):
                 painted.append(layer)
             else:
                 beside.append(layer)
         said = ""
         for left, why in ((earlier_head, "classified by an earlier head (apply the head to it again)"),
-                          (painted, "painted since it was classified (embed it and apply the head again)")):
+                          (painted, "painted, or its smear edited, since it was classified (embed it and apply the "
+                                  "head again)")):
             if left:
                 said += f" {_quoted(left)} {'is' if len(left) == 1 else 'are'} not in it: {why}."
         return beside, said
