@@ -582,6 +582,31 @@ def test_cells_two_tiles_outline_apart_are_kept_once_in_one_piece(monkeypatch):
     assert np.bincount(labels.ravel())[1:].min() > 100
 
 
+def test_a_seam_cell_each_tile_centres_in_the_other_tiles_core_is_kept_once():
+    rows, cols = np.mgrid[:100, :100]
+    left = segmentation.Tile((slice(0, 100), slice(0, 50)), (slice(0, 100), slice(0, 80)), seam_reach=10)
+    right = segmentation.Tile((slice(0, 100), slice(50, 100)), (slice(0, 100), slice(20, 100)), seam_reach=10)
+    labels = np.zeros((100, 100), np.int32)
+    # The left tile outlines the cell centred at column 51 (in the right core), the right one at 49.
+    for tile, centre in ((left, 51), (right, 49)):
+        disk = ((rows - 50) ** 2 + (cols - centre) ** 2 < 15 ** 2).astype(np.int32)
+        next_id, gone = tile.paste(disk[tile.window], labels, int(labels.max()) + 1)
+        assert not len(gone)
+    assert np.unique(labels).tolist() == [0, 1] and (labels == 1).sum() > 650  # kept by the right tile
+    # A cell one tile keeps in its own core is not kept again by its neighbour.
+    labels[:] = 0
+    for tile, centre in ((left, 49), (right, 49)):
+        disk = ((rows - 50) ** 2 + (cols - centre) ** 2 < 15 ** 2).astype(np.int32)
+        tile.paste(disk[tile.window], labels, int(labels.max()) + 1)
+    assert np.unique(labels).tolist() == [0, 1]
+    # Beyond the reach, a cell is left to the tile whose core holds it.
+    far = np.zeros((100, 80), np.int32)
+    far[40:60, 55:75] = 1  # centred at column 64: 14 px into the right core
+    labels[:] = 0
+    left.paste(far, labels, 1)
+    assert not labels.any()
+
+
 def test_iteration_can_be_cancelled_between_tiles_without_waiting_for_the_tiles_running(monkeypatch):
     image, _ = chula(1)
     monkeypatch.setattr(segmentation, "TILE_CORE", 200)

@@ -46,6 +46,7 @@ FULL_RESOLUTION_SIGMA = 0.5  # px: smoothing of the density where cells are size
 CALIBRATION_SIZE = 1024  # px side of the central window used to calibrate large smears
 TILE_CORE = 1536  # px side of a tile's core at working scale, at most
 TILE_MARGIN_DIAMETERS = 1.5
+SEAM_REACH_DIAMETERS = 0.5  # a seam cell's centre as two tiles see it lies closer than this to the seam
 RENUMBER_ROWS = 512
 SEEN_TWICE = 4  # a cell losing more than 1/4 of itself to another tile's cell was that cell again
 
@@ -253,10 +254,15 @@ def _rescale(plane: np.ndarray, scale: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Tile:
-    """A core (cells whose centre lies here are kept) inside a padded read window."""
+    """A core (cells whose centre lies here are kept) inside a padded read window.
+
+    Two tiles can each centre a cell on their seam in the other's core; so a cell centred
+    within ``seam_reach`` px of the core is kept too where most of it is still unlabelled.
+    """
 
     core: tuple[slice, slice]
     window: tuple[slice, slice]
+    seam_reach: int = 0
 
     def paste(self, tile_labels: np.ndarray, labels: np.ndarray, next_id: int) -> tuple[int, np.ndarray]:
         """Write the cells centred in the core into ``labels``; return the next free id, and the
@@ -275,14 +281,15 @@ class Tile:
         rows, cols = cell_centres(tile_labels)
         rows += self.window[0].start
         cols += self.window[1].start
-        keep = (
-            (rows >= self.core[0].start) & (rows < self.core[0].stop)
-            & (cols >= self.core[1].start) & (cols < self.core[1].stop)
-        )
+        region = labels[self.window]
+        keep = self._centred(rows, cols, 0)
+        if self.seam_reach and not keep.all():
+            unclaimed = np.bincount(tile_labels[region == 0], minlength=n + 1)[1:] * 2 > (
+                np.bincount(tile_labels.ravel(), minlength=n + 1)[1:])
+            keep |= self._centred(rows, cols, self.seam_reach) & unclaimed
         end = next_id + int(keep.sum())
         relabel = np.zeros(n + 1, np.int32)
         relabel[1:][keep] = np.arange(next_id, end, dtype=np.int32)
-        region = labels[self.window]
         new = relabel[tile_labels]
         ours = new > 0
         taken = np.bincount(region[ours], minlength=end)  # of each earlier cell, by the new outlines
@@ -298,6 +305,11 @@ class Tile:
             region[(trimmed > 0) & (largest_pieces(trimmed) == 0)] = 0  # the bits cut off them
         return end, np.flatnonzero(lost)  # their rest beyond the window goes too
 
+    def _centred(self, rows: np.ndarray, cols: np.ndarray, reach: int) -> np.ndarray:
+        """Which centres lie in the core grown by ``reach`` px."""
+        (top, bottom), (left, right) = ((s.start - reach, s.stop + reach) for s in self.core)
+        return (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+
 
 def plan_tiles(shape: tuple[int, int], calibration: Calibration) -> Iterator[Tile]:
     """Equal tiles covering the image, cores of at most ``TILE_CORE`` working-scale px,
@@ -312,7 +324,7 @@ def plan_tiles(shape: tuple[int, int], calibration: Calibration) -> Iterator[Til
             window = tuple(
                 slice(max(0, s.start - margin), min(length, s.stop + margin)) for s, length in zip(core, shape)
             )
-            yield Tile(core, window)
+            yield Tile(core, window, seam_reach=ceil(SEAM_REACH_DIAMETERS * calibration.cell_diameter))
 
 
 def _segment_tile(array: np.ndarray, tile: Tile, calibration: Calibration) -> np.ndarray:
