@@ -321,6 +321,27 @@ def test_cells_too_small_to_size_at_half_resolution_are_sized_at_full_resolution
     assert recall(segment_cells(small), np.column_stack([centres[:, :2] * scale, centres[:, 2]])) >= 0.9
 
 
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_a_sparse_field_of_cells_too_small_to_size_at_half_resolution_keeps_them(count):
+    # Fewer than ten 7 px cells on bare slide: no maximum counted at half resolution, and the
+    # estimate fell back to twice the default, 80 px, which shrank the cells away (0 found).
+    image, _ = chula(1)
+    small = (rescale(image, 0.2, order=1, channel_axis=-1, anti_aliasing=True) * 255).astype(np.uint8)
+    labels = segment_cells(small)
+    table = measure_cells(labels, small)
+    free = table[~table["touches_border"] & (table["outline_shared"] == 0) & table["centroid_y"].between(
+        12, small.shape[0] - 12) & table["centroid_x"].between(12, small.shape[1] - 12)].head(count)
+    slide = np.median(small[labels == 0], axis=0).astype(np.uint8)
+    field = np.empty((300, 300, 3), np.uint8)
+    field[:] = slide
+    for k, cell in enumerate(free.itertuples()):  # each cell alone, on the bare slide
+        window = np.s_[int(cell.centroid_y) - 10:int(cell.centroid_y) + 10, int(cell.centroid_x) - 10:int(cell.centroid_x) + 10]
+        field[40 + 60 * k:60 + 60 * k, 40:60] = np.where((labels[window] == cell.label)[..., None], small[window], slide)
+    assert len(free) == count
+    assert estimate_cell_diameter(field) == pytest.approx(free["equivalent_diameter_px"].median(), rel=0.3)
+    assert segment_cells(field).max() == count
+
+
 def test_a_crop_of_one_cell_is_sized_by_that_cell_not_by_its_cut_neighbours():
     # 60 x 60 px around a free cell: the border-cut pieces of its neighbours sized 5 of 10 such
     # crops at 17-28 px (the cells are 37), and the cell came out in 2-4 pieces.

@@ -34,8 +34,9 @@ def sized_foreground(foreground: np.ndarray) -> tuple[float, bool]:
     :data:`SMALL_MAXIMA_RATIO` times those above it), so the cells are under about
     :data:`MIN_DIAMETER_PX` across here, and only gaps blurred shut between them were sized."""
     radii, small = _maxima(foreground)
-    # in a crop of a cell or two, the corners of neighbours the border cuts are small maxima too
-    too_small = small > SMALL_MAXIMA_RATIO * max(radii.size, FEW_CELLS)
+    # in a crop of a cell or two, the corners of neighbours the border cuts are small maxima too;
+    # where none counts, any maxima at all are cells too small (a sparse field at low power)
+    too_small = small > SMALL_MAXIMA_RATIO * max(radii.size, FEW_CELLS) or (radii.size == 0 and small > 0)
     if radii.size == 0:
         return DEFAULT_DIAMETER_PX, too_small
     weight = np.cumsum(radii**2)
