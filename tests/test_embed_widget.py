@@ -437,9 +437,12 @@ def test_cells_erased_or_painted_after_segmenting_are_measured_again(viewer, wid
         widget.run()
     cells = viewer.layers["1 cells"]
     assert cells.metadata["measured_labels"] == labels_digest(cells.data)
-    erased, shrunk = (int(i) for i in label_ids(cells)[[3, 10]])
+    erased, shrunk, last = (int(i) for i in label_ids(cells)[[3, 10, -1]])
+    labelled = {erased: "schistocyte", shrunk: "spherocyte", last: "target cell"}
+    cells.features = cells.features.assign(manual_label=cells.features["label"].map(labelled).fillna(""))
     data = cells.data.copy()
-    data[data == erased] = 0
+    data[data == last] = 0  # the last cell erased, and a cell painted where the erased one was ...
+    data[data == erased] = last  # ... under the id napari gives a new cell: the largest plus one
     rows, cols = np.nonzero(data == shrunk)
     data[rows[rows < np.median(rows)], cols[rows < np.median(rows)]] = 0  # half of it erased
     cells.data = data
@@ -448,6 +451,11 @@ def test_cells_erased_or_painted_after_segmenting_are_measured_again(viewer, wid
         widget.run()
     table = cells.features
     assert erased not in set(table["label"])  # no row for a cell that is gone (it was counted in the summary)
+    # The half-erased cell keeps its label; the new cell does not take the label of the cell whose id it took.
+    assert table.set_index("label")["manual_label"].fillna("").to_dict() == {
+        **{label: "" for label in table["label"]}, shrunk: "spherocyte"}
+    assert widget.status.value.endswith("; 2 manual labels went with their cells (erased, merged, or their ids given "
+                                        "to cells painted elsewhere)")
     np.testing.assert_array_equal(np.sort(table["label"]), embeddings_of(cells)[0])
     area = table.set_index("label").loc[shrunk, "area_px"]
     assert area == (data == shrunk).sum()

@@ -46,7 +46,7 @@ from ..cell_embeddings import (
     store_run,
     stored_fingerprint,
 )
-from ..cell_table import clear_predictions
+from ..cell_table import class_names, clear_predictions
 from ..crops import CROP_MODES, CROP_SCALES, DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN
 from ..embedding import DeviceError, Downloaded, Embedder, iter_load_embedder, list_devices
 from ..image_input import ImageInputError
@@ -135,15 +135,30 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     return run, table, loaded, digest
 
 
-def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
+def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """The fresh measurements, with the columns of the layer's own table that they lack joined by
-    label id (its ``label`` column, else napari's ``index``); a table without ids is replaced."""
+    label id (its ``label`` column, else napari's ``index``); a table without ids is replaced.
+
+    An id whose measured cell was centred outside the box of its cell now (grown by a quarter on
+    each side: a cell half erased stays itself) is not joined: napari gives a newly painted cell
+    the id after the largest, which an erased cell may have had, and its label would go to the
+    new cell. Also returns how many manual labels were not carried: their cells erased, merged
+    into others, or so given away."""
     key = next((column for column in ("label", "index") if column in old), None)
     if key is None:
-        return table
+        return table, 0
     own = [c for c in old.columns if c not in table.columns]
-    ids = pd.to_numeric(old[key], errors="coerce")  # a table read from a CSV may hold them as text
-    return table.merge(old[own].assign(label=ids.to_numpy()), on="label", how="left")
+    ids = pd.to_numeric(old[key], errors="coerce").to_numpy()  # a table read from a CSV may hold them as text
+    rows = np.clip(np.searchsorted(table["label"].to_numpy(), ids), 0, max(len(table) - 1, 0))
+    same = np.zeros(len(old), bool) if table.empty else table["label"].to_numpy()[rows] == ids
+    if {"centroid_y", "centroid_x"} <= set(old) and not table.empty:
+        for axis in ("y", "x"):
+            centre = pd.to_numeric(old[f"centroid_{axis}"], errors="coerce").to_numpy()
+            low, high = (table[f"bbox_{end}_{axis}"].to_numpy()[rows] for end in ("min", "max"))
+            reach = (high - low) / 4 + 0.5
+            same &= ~((centre < low - reach) | (centre > high - 1 + reach))  # unknown places count as the same
+    lost = int(((class_names(old, "manual_label") != "") & ~same).sum())
+    return table.merge(old.loc[same, own].assign(label=ids[same]), on="label", how="left"), lost
 
 
 class EmbedCellsWidget(JobWidget):
@@ -546,8 +561,9 @@ class EmbedCellsWidget(JobWidget):
             self.status.value = (f"The cells of {job.cells.name!r} changed while they were embedded. The embeddings "
                                  "of the cells as they were are kept: Run again embeds only the changed ones.")
             return
+        unlabelled = 0
         if table is not None:  # measured now: the layer's own columns (labels, notes) stay with their cells
-            job.cells.features = _with_own_columns(table, job.cells.features)
+            job.cells.features, unlabelled = _with_own_columns(table, job.cells.features)
             job.cells.metadata[MEASURED_LABELS] = embedded
         seconds = time.perf_counter() - self._embed_started
         fresh = len(run.ids) - run.reused
@@ -559,6 +575,9 @@ class EmbedCellsWidget(JobWidget):
         kept = f"; the embeddings of {counted(run.reused, 'unchanged cell')} were kept" if run.reused else ""
         cleared = (f"; the head's predictions for {counted(unpredicted, 'cell')} are cleared (train or apply it "
                    "again)" if unpredicted else "")
+        if unlabelled:
+            cleared += (f"; {counted(unlabelled, 'manual label')} went with {'its cell' if unlabelled == 1 else 'their cells'} "
+                        "(erased, merged, or their ids given to cells painted elsewhere)")
         self.status.value = (
             f"{counted(fresh, 'cell')} embedded in {seconds:.1f} s ({fresh / max(seconds, 1e-9):,.0f} cells/s) "
             f"with {shown} on {embedder.device}{kept}{cleared}"
