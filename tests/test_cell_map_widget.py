@@ -352,6 +352,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     widget.apply_head(tmp_path / "head.safetensors")
     # trained among Chula cells, it has not seen Aslan's stain: said, for that smear only
     assert f"Most cells of {aslan.name!r} are unlike the cells the head was trained among" in widget.status.value
+    assert "Compute map: then Review uncertain shows them first" in widget.status.value  # it is not on the map yet
     aslan_predicted = aslan.features["predicted_class"]
     assert len(aslan_predicted) == len(embeddings_of(aslan)[0]) and set(aslan_predicted) <= {"normal", "spherocyte"}
     # Exported now, the map's smear (Chula's) is written with its map positions, the smear the head
@@ -421,6 +422,11 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert widget.status.value.startswith("Train the head (or apply a saved one) on this map first")
     # Applied to this map, review starts with the cells unlike those the head was trained among.
     widget.apply_head(tmp_path / "head.safetensors")
+    widget.review_next()
+    assert widget.status.value.startswith("Unlabelled cell unlike those the head was trained among: ")
+    # A map computed after the head predicted its cells is reviewed the same way, without applying it again.
+    compute_map(widget, qtbot)
+    pool = widget.pool
     widget.review_next()
     assert widget.status.value.startswith("Unlabelled cell unlike those the head was trained among: ")
 

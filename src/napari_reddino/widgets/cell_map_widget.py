@@ -185,6 +185,7 @@ class CellMapWidget(MapExport, JobWidget):
         self._label_undo: list[tuple[np.ndarray, np.ndarray]] = []  # (points, their labels before), newest last
         self._uncertain = np.zeros(0, dtype=int)
         self._unlike = np.zeros(0, dtype=bool)  # per point: beyond the reach of the head that predicted it
+        self._head_applied = False  # the head was loaded from a file: its review shows unlike cells first
         self._colours = np.zeros((0, 4), dtype=np.float32)  # every point's colour before dimming
         self._started = 0.0
 
@@ -440,8 +441,19 @@ class CellMapWidget(MapExport, JobWidget):
             for name in pd.unique(pool.column(column, UNLABELLED)):
                 if name != UNLABELLED:
                     self.class_list.add_class(str(name))
+        self._review_head_on_map()
         self.colour_by.reset_choices()
         self.recolour()
+
+    def _review_head_on_map(self) -> None:
+        """Review the panel's head on a new map where it predicted every cell (applied before the
+        map was computed, or computed again): in the order its probabilities give."""
+        head, pool = self.classifier, self.pool
+        if head is None or any(cells.metadata.get(PREDICTED_BY) != self.head_token for cells in pool.layers):
+            return
+        proba = np.column_stack([pool.column(f"p_{name}") for name in head.classes])
+        if np.isfinite(proba).all():  # else some cells were embedded again since
+            self._order_review(proba, self._unlike_cells(head, pool)[0] if self._head_applied else None)
 
     def forget_map(self) -> None:
         """Remove the map's points and smear colours; the cells keep their labels and predictions."""
@@ -856,17 +868,34 @@ class CellMapWidget(MapExport, JobWidget):
         predictions = prediction_table(classifier.classes, proba)
         pool.write("predicted_class", predictions.pop("predicted_class").to_numpy())
         pool.write_columns({name: column.to_numpy() for name, column in predictions.items()}, empty=np.nan)
-        self._review = []
+        self._review, self._head_applied = [], unlike is not None
         if self.pool is None:
             return
         # The map's cells may have got new predictions (all of them, or some, from a head applied
         # to other smears too): review follows this head only when it predicted the whole map.
-        order = uncertainty_order(proba) if pool is self.pool else np.zeros(0, dtype=int)
-        self._unlike = np.zeros(len(order), bool) if unlike is None or not len(order) else unlike
-        self._uncertain = np.concatenate([order[self._unlike[order]], order[~self._unlike[order]]])
+        if pool is self.pool:
+            self._order_review(proba, unlike)
+        else:
+            self._uncertain, self._unlike = np.zeros(0, dtype=int), np.zeros(0, dtype=bool)
         self.colour_by.reset_choices()
         self.colour_by.value = PREDICTED
         self.recolour()
+
+    def _order_review(self, proba: np.ndarray, unlike: np.ndarray | None) -> None:
+        """Review the map's cells from the least certain, the ``unlike`` ones first."""
+        order = uncertainty_order(proba)
+        self._unlike = np.zeros(len(order), bool) if unlike is None else unlike
+        self._uncertain = np.concatenate([order[self._unlike[order]], order[~self._unlike[order]]])
+
+    @staticmethod
+    def _unlike_cells(classifier: CellClassifier, pool: PooledCells,
+                      beyond: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The cells beyond the head's reach on the smears most of whose cells are (those a review
+        shows first), and which smears those are. ``beyond``: each cell beyond reach, if known."""
+        if beyond is None:
+            beyond = classifier.beyond_reach(pool.embeddings, measurements=pool.table())
+        mostly = np.array([beyond[pool.span(position)].mean() > MOSTLY_UNLIKE for position in range(len(pool.layers))])
+        return beyond & mostly[pool.layer_index], mostly
 
     def review_next(self) -> None:
         """Select the next unlabelled cell to review (see :meth:`_predict`) and show it in its smear
@@ -936,14 +965,15 @@ class CellMapWidget(MapExport, JobWidget):
         renamed = self._carry_renames(classifier)
         for name in classifier.classes:
             self.class_list.add_class(name, classifier.colours.get(name), classifier.class_ids.get(name))
-        mostly = np.array([beyond[pool.span(position)].mean() > MOSTLY_UNLIKE for position in range(len(pool.layers))])
-        self._predict(classifier, pool, proba, beyond & mostly[pool.layer_index])
+        unlike, mostly = self._unlike_cells(classifier, pool, beyond)
+        self._predict(classifier, pool, proba, unlike)
         mapped = "" if pool is self.pool else " Compute map to see them on the map."
         renamed = f" ({'; '.join(renamed)})" if renamed else ""
         self.status.value = f"Head {Path(path).name} applied to {counted(len(pool), 'cell')}{renamed}.{mapped}"
         if mostly.any():
             names = ", ".join(repr(cells.name) for cells, warned in zip(pool.layers, mostly) if warned)
-            warning = (f"Most cells of {names} {UNLIKE_ADVICE}. Review uncertain shows them first; label some "
+            review = "Review uncertain" if pool is self.pool else "Compute map: then Review uncertain"
+            warning = (f"Most cells of {names} {UNLIKE_ADVICE}. {review} shows them first; label some "
                        "and train the head again.")
             show_warning(warning)
             self.status.value += f" {warning}"
