@@ -231,6 +231,29 @@ def test_a_layer_whose_cells_moved_is_counted_and_the_others_get_their_labels(sm
     assert report.written == {"1 cells": (first.features["manual_label"] != "").sum()}
 
 
+def test_labels_of_another_smear_of_the_same_name_are_not_written_where_a_few_of_its_cells_fall_on_cells(
+        smear, tmp_path):
+    # Two cameras both write "Image001": Chula smear 1's labels put onto smear 26 found a cell at
+    # the place of 1 of 124 rows, and gave that unrelated cell its label.
+    yesterday = labelled(cells_layer(smear), every=1)
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    other = cells_layer(imread(DATA / "chula_rbc12" / "26.jpg"))
+    assert other.name == yesterday.name
+    with pytest.raises(LabelImportError, match=rf"^No label of cells.csv could be given to a cell: only [1-9]\d* of its "
+                                               rf"{len(yesterday.features)} labelled cells from '1 cells' (is|are) at "
+                                               r"the place of a cell in '1 cells': is it another smear of that name\?\.$"):
+        import_manual_labels(tmp_path / "cells.csv", other)
+    assert "manual_label" not in other.features
+    # Beside a layer that takes its labels, it is reported, and nothing of it written.
+    second = labelled(cells_layer(smear, name="2 cells"))
+    export_cells_csv(tmp_path / "two.csv", [yesterday, second])
+    today = cells_layer(smear, name="2 cells")
+    report = import_manual_labels(tmp_path / "two.csv", [other, today])
+    assert report.foreign == {"1 cells": "1 cells"} and report.missed == {"1 cells": len(yesterday.features)}
+    assert report.written == {"2 cells": (second.features["manual_label"] != "").sum()}
+    assert "manual_label" not in other.features
+
+
 def test_of_two_layers_of_the_image_the_one_whose_cells_match_takes_the_labels(smear, tmp_path):
     yesterday = labelled(cells_layer(smear))
     export_cells_csv(tmp_path / "cells.csv", yesterday)

@@ -22,7 +22,7 @@ from ..cell_export import export_cells_csv, galleries_folder, stale_beside, summ
 from ..cell_embeddings import repainted_since_embedded
 from ..cell_table import PREDICTED_BY, class_names, image_name
 from ..class_gallery import GalleryError, GalleryFiles, pictures_in, remove_pictures, save_class_gallery
-from ..label_import import import_manual_labels
+from ..label_import import FOREIGN, import_manual_labels
 from ..wording import OPEN_ELSEWHERE, counted
 from .segment_widget import carried_to
 from .smear_colours import cells_layers
@@ -188,10 +188,14 @@ class MapExport:
             parts.append(f"{counted(report.already, 'cell')} had them already")
         if report.kept:
             parts.append(f"{counted(report.kept, 'cell')} labelled otherwise since the export kept that label")
-        if report.missed:
-            missed = " and ".join(f"{counted(count, 'labelled cell')} from {name!r}" for name, count in report.missed.items())
-            parts.append(f"{missed} not imported: no cell is at {'its' if sum(report.missed.values()) == 1 else 'their'} "
+        gone = {name: count for name, count in report.missed.items() if name not in report.foreign}
+        if gone:
+            missed = " and ".join(f"{counted(count, 'labelled cell')} from {name!r}" for name, count in gone.items())
+            parts.append(f"{missed} not imported: no cell is at {'its' if sum(gone.values()) == 1 else 'their'} "
                          "place now (segmented with other settings, or edited since the export)")
+        for name, layer in report.foreign.items():
+            parts.append(f"none of the {counted(report.missed[name], 'label')} from {name!r} imported: too few of its "
+                         f"cells are at the place of a cell in {layer!r} ({FOREIGN})")
         if report.unmatched:
             parts.append(f"not imported: the cells from {', '.join(map(repr, report.unmatched))} (open and segment "
                          "those smears)")
