@@ -384,6 +384,10 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     widget.colour_by.value = "circularity"
     compute_map(widget, qtbot)
     pool = widget.pool
+    # Its smears carry two heads' predictions (the one applied to Aslan's, the one trained since): said on export.
+    widget.export_csv(tmp_path / "two_heads.csv")
+    assert widget.status.value.endswith(f" {aslan.name!r} carries the predictions of an earlier head: train or apply "
+                                        "the head again to classify every smear with one.")
     assert len(pool) == len(ids) + len(embeddings_of(aslan)[0])
     # A cell of the first smear is shown above the second, which napari opened over it.
     images = {layer: viewer.layers[layer.metadata["source_image"]] for layer in (cells, aslan)}

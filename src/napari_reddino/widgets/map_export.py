@@ -117,6 +117,11 @@ class MapExport:
         cells = sum(len(layer.features) for layer in [*mapped, *beside])
         unmapped = (f" {_quoted(beside)} {'has' if len(beside) == 1 else 'have'} no map positions: classified by the "
                     "head, but not in the map." if beside and mapped else "")
+        earlier = [layer for layer in mapped if (class_names(layer.features, "predicted_class") != "").any()
+                   and (self.head_token is None or layer.metadata.get(PREDICTED_BY) != self.head_token)]
+        if earlier and len(earlier) < len(mapped):  # the summary's class shares would mix two heads
+            unmapped += (f" {_quoted(earlier)} {'carries' if len(earlier) == 1 else 'carry'} the predictions of an "
+                         "earlier head: train or apply the head again to classify every smear with one.")
         self.status.value = (f"{counted(cells, 'cell')} written to {written}{with_summary}{drawing}{removed}."
                              f"{unmapped}{left_out}")
         return written
