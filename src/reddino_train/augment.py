@@ -10,9 +10,14 @@ facebookresearch/dinov3 issue 286).
 ``rbc``: RedDino's scheme in torchvision terms. Blood cells have no preferred orientation, so
 every crop gets a uniformly random flip/quarter-turn (one of the 8 symmetries of the square),
 and each crop draws ``crops.pixel_augmentations_per_crop`` pixel augmentations from the
-``crops.pixel_augmentations`` pool, each applied with probability 0.85. RedDino drew 4 from
-33 Albumentations transforms; the full pool here holds the torchvision ones that cover the
-same kinds (colour, contrast, blur, sharpness, histogram, channel, tone).
+``crops.pixel_augmentations`` pool, each applied with probability 0.85. RedDino drew 4 of 33
+Albumentations transforms (Snarci/RedDino, train/dinov2/data/augmentations.py); 13 of its
+kinds have a match here, with Albumentations' default strengths where this module makes them
+(noise, downscale, gamma, RGB shift, channel dropout). The other 20 (weather, glass, motion and
+median blurs, emboss, CLAHE, FancyPCA, tone curves, ringing, ISO noise, JPEG at quality 99) do
+not; so the RedDino recipes draw 2 of the 13, which fires each kind in 13 % of crops, near
+RedDino's 4/33 x 0.85 = 10 %. ``autocontrast`` and ``grayscale`` are no RedDino kinds: a grey
+crop teaches the model to ignore the stain colour that tells hypochromic cells apart.
 """
 
 from __future__ import annotations
@@ -121,6 +126,70 @@ def _dinov2_multicrop(crops: CropsConfig) -> MultiCrop:
     return MultiCrop((first, second), local, crops.local_number)
 
 
+class GaussianNoise(nn.Module):
+    """Zero-mean Gaussian noise on every pixel and channel, its variance drawn from
+    ``variance`` (8-bit levels squared; Albumentations' GaussNoise default)."""
+
+    def __init__(self, variance: tuple[float, float] = (10.0, 50.0)) -> None:
+        super().__init__()
+        self.variance = variance
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        low, high = self.variance
+        sigma = (low + (high - low) * torch.rand(())).sqrt()
+        return (image.float() + sigma * torch.randn(image.shape)).round_().clamp_(0, 255).to(image.dtype)
+
+
+class Downscale(nn.Module):
+    """Down to ``scale`` of the size and back, nearest neighbour both ways: a coarser camera
+    (Albumentations' Downscale default)."""
+
+    def __init__(self, scale: float = 0.25) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        size = list(image.shape[-2:])
+        small = [max(1, round(side * self.scale)) for side in size]
+        nearest = v2.InterpolationMode.NEAREST
+        return v2.functional.resize(v2.functional.resize(image, small, interpolation=nearest), size,
+                                    interpolation=nearest)
+
+
+class RandomGamma(nn.Module):
+    """Gamma drawn from ``gamma`` (Albumentations' RandomGamma default, 80-120 %)."""
+
+    def __init__(self, gamma: tuple[float, float] = (0.8, 1.2)) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        low, high = self.gamma
+        return v2.functional.adjust_gamma(image, float(low + (high - low) * torch.rand(())))
+
+
+class RGBShift(nn.Module):
+    """Each channel shifted by its own whole number of levels within ``limit`` either way
+    (Albumentations' RGBShift default)."""
+
+    def __init__(self, limit: int = 20) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        shift = torch.randint(-self.limit, self.limit + 1, (image.shape[-3], 1, 1))
+        return (image.to(torch.int16) + shift).clamp_(0, 255).to(image.dtype)
+
+
+class ChannelDropout(nn.Module):
+    """One channel, drawn at random, set to 0 (Albumentations' ChannelDropout default)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        image = image.clone()
+        image[..., int(torch.randint(image.shape[-3], ())), :, :] = 0
+        return image
+
+
 RBC_PIXEL_POOL: dict[str, Callable[[], Transform]] = {
     "colour_jitter": lambda: v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
     "blur": lambda: v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0)),
@@ -132,6 +201,11 @@ RBC_PIXEL_POOL: dict[str, Callable[[], Transform]] = {
     "invert": lambda: v2.RandomInvert(p=1.0),
     "channel_permutation": lambda: v2.RandomChannelPermutation(),
     "grayscale": lambda: v2.RandomGrayscale(p=1.0),
+    "channel_dropout": ChannelDropout,
+    "gaussian_noise": GaussianNoise,
+    "downscale": Downscale,
+    "gamma": RandomGamma,
+    "rgb_shift": RGBShift,
 }
 
 

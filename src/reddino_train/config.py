@@ -32,8 +32,9 @@ Augmentation = Literal["dinov2", "rbc"]
 PixelAugmentation = Literal[
     "colour_jitter", "blur", "sharpness", "autocontrast", "equalize",
     "posterize", "solarize", "invert", "channel_permutation", "grayscale",
+    "channel_dropout", "gaussian_noise", "downscale", "gamma", "rgb_shift",
 ]
-# what every config drew from before the pool was configurable (RedDino's: 4 of these 10)
+# what every config drew from before the pool was configurable (4 of these 10)
 POOL_BEFORE_IT_WAS_CONFIGURABLE = (
     "colour_jitter", "blur", "sharpness", "autocontrast", "equalize",
     "posterize", "solarize", "invert", "channel_permutation", "grayscale",

@@ -8,10 +8,16 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from reddino_train.augment import (
+    RBC_PIXEL_AUGMENTATION_PROBABILITY,
     RBC_PIXEL_POOL,
+    ChannelDropout,
+    Downscale,
+    GaussianNoise,
     Normalize,
+    RandomGamma,
     RandomSquareSymmetry,
     RandomSubset,
+    RGBShift,
     geometry,
     make_multicrop,
 )
@@ -132,3 +138,70 @@ def test_rbc_pixel_augmentations_come_from_the_configured_pool():
     colours = _crop_colours(greys)
     assert len(colours) == 2  # kept (p 0.15) or made grey (p 0.85), nothing else
     assert _crop_colours(geometry_only) < colours
+
+
+def _grey(level: int, size: int = 32) -> torch.Tensor:
+    return torch.full((3, size, size), level, dtype=torch.uint8)
+
+
+def test_gaussian_noise_has_albumentations_default_variance_and_no_bias():
+    torch.manual_seed(0)
+    sds = [GaussianNoise()(_grey(128)).float().std().item() for _ in range(200)]
+    assert 10**0.5 - 0.3 < min(sds) and max(sds) < 50**0.5 + 0.3 and np.std(sds) > 0.8  # drawn, not fixed
+    noisy = GaussianNoise()(_grey(128, 256))
+    assert noisy.dtype == torch.uint8 and abs(noisy.float().mean().item() - 128) < 0.2
+    assert GaussianNoise()(_grey(255)).max() == 255  # clipped, not wrapped round to black
+
+
+def test_downscale_keeps_the_size_and_gives_blocks_of_four_pixels():
+    image = torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    coarse = Downscale()(image)
+    assert coarse.shape == image.shape and coarse.dtype == torch.uint8
+    blocks = coarse.reshape(3, 4, 4, 6, 4).permute(0, 1, 3, 2, 4).reshape(3, 4, 6, 16)
+    assert (blocks == blocks[..., :1]).all() and not coarse.equal(image)
+
+
+def test_gamma_stays_within_80_to_120_percent():
+    torch.manual_seed(0)
+    mids = {RandomGamma()(_grey(128))[0, 0, 0].item() for _ in range(200)}
+    assert len(mids) > 20 and min(mids) >= int(255 * (128 / 255) ** 1.2) and max(mids) <= round(255 * (128 / 255) ** 0.8)
+
+
+def test_rgb_shift_moves_each_channel_by_its_own_whole_shift_within_20_levels():
+    torch.manual_seed(0)
+    shifts = set()
+    for _ in range(100):
+        shifted = RGBShift()(_grey(128)).to(torch.int16) - 128
+        assert (shifted == shifted[:, :1, :1]).all() and shifted.abs().max() <= 20
+        shifts.add(tuple(shifted[:, 0, 0].tolist()))
+    assert len(shifts) > 90 and len({shift[0] for shift in shifts}) > 25
+    assert RGBShift()(_grey(250)).max() <= 255 and RGBShift()(_grey(250)).dtype == torch.uint8
+
+
+def test_channel_dropout_blacks_out_one_channel_and_leaves_the_input():
+    torch.manual_seed(0)
+    image = _grey(90)
+    dropped = [int(torch.nonzero(ChannelDropout()(image).amax(dim=(1, 2)) == 0).item()) for _ in range(300)]
+    assert sorted(set(dropped)) == [0, 1, 2] and image.eq(90).all()
+
+
+def test_the_reddino_recipe_draws_its_kinds_about_as_often_as_reddino_and_never_greys_a_crop():
+    crops = load_config("reddino-vits14").crops
+    assert "grayscale" not in crops.pixel_augmentations and "autocontrast" not in crops.pixel_augmentations
+    # RedDino fired each of its 33 kinds in 4/33 x 0.85 of crops
+    rate = crops.pixel_augmentations_per_crop / len(crops.pixel_augmentations) * RBC_PIXEL_AUGMENTATION_PROBABILITY
+    assert 4 / 33 * 0.85 <= rate < 0.15
+    fired = np.zeros(len(crops.pixel_augmentations))
+
+    def counter(index):
+        def count(image):
+            fired[index] += 1
+            return image
+        return count
+
+    pixels = RandomSubset([counter(i) for i in range(len(fired))], crops.pixel_augmentations_per_crop,
+                          RBC_PIXEL_AUGMENTATION_PROBABILITY)
+    torch.manual_seed(0)
+    for _ in range(4000):
+        pixels(torch.zeros(()))
+    assert np.all(np.abs(fired / 4000 - rate) < 0.025)  # 4.7 standard errors
