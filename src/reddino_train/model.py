@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +35,13 @@ def create_vit(cfg: TrainConfig, *, with_weights: bool = True) -> nn.Module:
     """The training backbone: any input size (global and local crops), stochastic depth, and
     timm's weights where ``model.pretrained`` is "timm" (:func:`build_student` loads a file's)."""
     model = cfg.model
-    vit = timm.create_model(
-        model.arch,
-        pretrained=with_weights and model.pretrained == "timm",
-        dynamic_img_size=True,
-        drop_path_rate=model.drop_path_rate,
-        **vit_architecture_args(model, cfg.crops.global_size),
-    )
+    args = vit_architecture_args(model, cfg.crops.global_size)
+    vit = timm.create_model(model.arch, dynamic_img_size=True, drop_path_rate=model.drop_path_rate, **args)
+    if with_weights and model.pretrained == "timm":
+        # At its own input size (518 px for DINOv2's), not resampled by timm, which antialiases.
+        trained = timm.create_model(model.arch, pretrained=True, **{k: v for k, v in args.items() if k != "img_size"})
+        vit.load_state_dict(_position_embedding_fitted(trained.state_dict(), vit))
+        del trained
     if model.drop_path_uniform and model.drop_path_rate > 0:
         for block in vit.blocks:
             block.drop_path1, block.drop_path2 = DropPath(model.drop_path_rate), DropPath(model.drop_path_rate)
@@ -59,10 +60,30 @@ def load_vit_weights(vit: nn.Module, path: str | Path) -> torch.Tensor | None:
     try:
         state = read_weights(path)
         mask_token = state.get("mask_token")
-        load_strict(vit, checkpoint_filter_fn(state, vit), path, described(vit))
+        load_strict(vit, checkpoint_filter_fn(_position_embedding_fitted(state, vit), vit), path, described(vit))
     except WeightsFileError as error:
         raise PretrainedWeightsError(f"model.pretrained: {error}") from error
     return mask_token
+
+
+def _position_embedding_fitted(state: dict, vit: nn.Module) -> dict:
+    """``state`` with a position embedding trained at another input size resized to ``vit``'s
+    grid as DINOv2 resizes it (:func:`dinov2_resized_pos_embed`), as DINOv2 and RedDino began
+    training at 224 px from weights trained at 518; timm's loader would antialias it, blurring
+    the start. Its class (and register) slots, if any, stay as they are."""
+    position = state.get("pos_embed")
+    grid = tuple(vit.patch_embed.grid_size)
+    if position is None or position.ndim != 3:
+        return state
+    for prefix in range(min(position.shape[1], 1 + vit.num_prefix_tokens) + 1):  # Meta's files keep a class slot
+        side = math.isqrt(position.shape[1] - prefix)
+        if side * side == position.shape[1] - prefix and side > 0:
+            break
+    else:
+        return state  # not a square grid: timm's loader says what does not fit
+    if (side, side) == grid:
+        return state
+    return {**state, "pos_embed": dinov2_resized_pos_embed(position, grid, (side, side), prefix)}
 
 
 class PretrainedWeightsError(CheckpointError):

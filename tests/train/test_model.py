@@ -1,18 +1,24 @@
 import math
 
+import huggingface_hub.constants
 import pytest
 import safetensors.torch
+import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 
+from _model_fixtures import hub_cache, publish_to_cache  # noqa: F401  (fixture)
 from reddino_train.config import load_config
 from reddino_train.config import config_from_dict, config_to_dict
 from reddino_train.model import (
     build_student,
     clip_gradients,
     create_vit,
+    dinov2_resized_pos_embed,
     make_teacher,
     update_teacher,
     use_explicit_attention,
+    vit_architecture_args,
 )
 
 # LayerScale 1 so the blocks, not just the embeddings, shape the outputs of the tiny model
@@ -119,6 +125,42 @@ def test_pretrained_weights_load_from_safetensors_and_torch_files(tmp_path):
     torch.save({**source, "mask_token": mask_token}, tmp_path / "meta.pth")
     loaded = build_student(load_config("tiny", [f"model.pretrained={tmp_path / 'meta.pth'}"]))
     assert torch.equal(loaded.backbone.mask_token, mask_token[0])
+
+
+def test_weights_trained_at_another_size_start_from_dinov2_s_resize_of_their_position_embedding(tmp_path):
+    # DINOv2 and RedDino began training at 224 px from weights trained at 518, resizing the
+    # position embedding bicubically by (16 + 0.1) / 37 without antialiasing; timm's loader antialiases.
+    cfg = load_config("tiny")
+    torch.manual_seed(1)
+    larger = timm.create_model(cfg.model.arch, **vit_architecture_args(cfg.model, 2 * cfg.crops.global_size))
+    source = larger.state_dict()
+    safetensors.torch.save_file(source, tmp_path / "larger.safetensors")
+    torch.save({**source, "mask_token": torch.zeros(1, source["cls_token"].shape[-1])}, tmp_path / "meta.pth")
+    for name in ("larger.safetensors", "meta.pth"):
+        vit = build_student(load_config("tiny", [f"model.pretrained={tmp_path / name}"])).backbone.vit
+        grid = tuple(vit.patch_embed.grid_size)
+        assert grid == (4, 4) and tuple(larger.patch_embed.grid_size) == (8, 8)
+        assert torch.equal(vit.pos_embed, dinov2_resized_pos_embed(source["pos_embed"], grid, (8, 8), 1))
+        antialiased = resample_abs_pos_embed(source["pos_embed"], list(grid), num_prefix_tokens=1, antialias=True)
+        assert (vit.pos_embed - antialiased).abs().max() > 1e-3
+        assert torch.equal(vit.blocks[0].attn.qkv.weight, source["blocks.0.attn.qkv.weight"])
+
+
+def test_timm_s_weights_are_taken_at_their_own_size_and_resized_as_dinov2_does(hub_cache, tmp_path, monkeypatch):
+    # timm's DINOv2 weights (518 px, 37 x 37 patches), from a Hugging Face cache as timm downloads them.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))  # read at import, as HF_HUB_CACHE is
+    cfg = load_config("tiny", ["model.pretrained=timm"])
+    torch.manual_seed(3)
+    published = timm.create_model(cfg.model.arch, **{key: value for key, value in vit_architecture_args(
+        cfg.model, 0).items() if key != "img_size"})
+    assert tuple(published.patch_embed.grid_size) == (37, 37)
+    source = published.state_dict()
+    (tmp_path / "published").mkdir()
+    safetensors.torch.save_file(source, tmp_path / "published" / "model.safetensors")
+    publish_to_cache(tmp_path / "published", hub_cache, timm.models.get_pretrained_cfg(cfg.model.arch).hf_hub_id)
+    vit = build_student(cfg).backbone.vit
+    assert torch.equal(vit.pos_embed, dinov2_resized_pos_embed(source["pos_embed"], (4, 4), (37, 37), 1))
+    assert torch.equal(vit.blocks[1].mlp.fc2.weight, source["blocks.1.mlp.fc2.weight"])
 
 
 def test_meta_s_layout_of_a_model_with_registers_is_converted_to_timm_s(tmp_path):
