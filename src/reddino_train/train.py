@@ -72,6 +72,14 @@ LOG_COLUMNS = (
 )
 
 
+# RedDino's recipe halves the DINO term because its code, without local crops, divided the two
+# global pairs by four; with local crops DINOv2's objective weighs it 1.
+HALF_DINO_WITH_LOCAL_CROPS = (
+    "loss.dino_weight={} with {} local crops: the RedDino recipes halve the DINO term only because they have "
+    "none (RedDino's code divided its two global pairs by four); with local crops DINOv2's objective weighs it 1, "
+    "so set loss.dino_weight=1 unless you mean to weaken it against iBOT")
+
+
 class ResumeSettingsWarning(UserWarning):
     """A run resumed with a config that differs from the one it was started with."""
 
@@ -125,6 +133,8 @@ def fit(
     out = Path(out_dir)
     check_architecture(cfg)
     with distributed_session() as device:
+        if cfg.crops.local_number > 0 and cfg.loss.dino_weight != 1.0 and rank() == 0:
+            warnings.warn(HALF_DINO_WITH_LOCAL_CROPS.format(cfg.loss.dino_weight, cfg.crops.local_number), stacklevel=2)
         images = _images_on_every_rank(Path(data_dir), make_multicrop(cfg.crops))  # a typo makes no --out
         with hold_run_folder(out):
             trainer = Trainer(cfg, images, out, device)

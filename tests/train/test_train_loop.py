@@ -46,6 +46,16 @@ from reddino_train.train import (
 TINY = ["model.layerscale=1.0", "loss.centering=softmax_center", "loss.koleo_weight=0.1"]
 
 
+def test_a_halved_dino_term_with_local_crops_is_warned_of(smear_images, tmp_path):
+    # RedDino's 0.5 stands in for its code's division of the global pairs; with local crops it halves DINO.
+    with pytest.warns(UserWarning, match=r"^loss.dino_weight=0.5 with 2 local crops: the RedDino recipes halve"):
+        fit(load_config("tiny", [*TINY, "loss.dino_weight=0.5"]), smear_images, tmp_path / "halved", max_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fit(load_config("tiny", [*TINY, "loss.dino_weight=0.5", "crops.local_number=0"]), smear_images,
+            tmp_path / "reddino", max_steps=1)
+
+
 def test_a_few_steps_log_every_column_with_finite_losses(smear_images, tmp_path):
     cfg = load_config("tiny", TINY)
     with warnings.catch_warnings():
