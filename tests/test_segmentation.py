@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from napari_reddino.cell_separation import (
 )
 from napari_reddino.cell_size import DEFAULT_DIAMETER_PX, diameter_from_foreground
 from napari_reddino.image_input import LabelsInputError
-from napari_reddino.segmentation import _calibrate
+from napari_reddino.segmentation import WORKING_DIAMETER_PX, _calibrate
 
 DATA = Path(__file__).parent / "data"
 
@@ -601,6 +602,24 @@ def test_cells_two_tiles_outline_apart_are_kept_once_in_one_piece(monkeypatch):
     assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))
     assert all(ndi.label(labels[box] == cell)[1] == 1 for cell, box in enumerate(ndi.find_objects(labels), start=1))
     assert np.bincount(labels.ravel())[1:].min() > 100
+
+
+@pytest.mark.parametrize("diameter", [36.0, 144.0, 400.0])
+def test_tiles_cover_the_smear_once_in_cores_bounded_at_working_and_at_input_scale(diameter):
+    # Much of a tile's work is at input scale: at 100x (cells of 144-400 px) a core of 1536
+    # working pixels was 7,000-20,000 input pixels a side, gigabytes a tile.
+    calibration = dataclasses.replace(_calibrate(chula(1)[0], None, None)[0], cell_diameter=diameter,
+                                      scale=min(1.0, WORKING_DIAMETER_PX / diameter))
+    shape = (12000, 16000)
+    tiles = list(segmentation.plan_tiles(shape, calibration))
+    sides = [core.stop - core.start for tile in tiles for core in tile.core]
+    assert max(sides) <= min(segmentation.TILE_CORE / calibration.scale, segmentation.TILE_CORE_INPUT)
+    assert max(sides) <= 2048
+    covered = np.zeros(shape, np.uint8)
+    for tile in tiles:
+        covered[tile.core] += 1
+        assert all(window.start <= core.start and core.stop <= window.stop for core, window in zip(tile.core, tile.window))
+    assert (covered == 1).all()
 
 
 def test_a_seam_cell_each_tile_centres_in_the_other_tiles_core_is_kept_once():

@@ -45,6 +45,7 @@ MIN_PIXEL_SIZE_UM = 0.01  # finer than a light microscope samples: a size in met
 FULL_RESOLUTION_SIGMA = 0.5  # px: smoothing of the density where cells are sized at full resolution
 CALIBRATION_SIZE = 1024  # px side of the central window used to calibrate large smears
 TILE_CORE = 1536  # px side of a tile's core at working scale, at most
+TILE_CORE_INPUT = 2048  # ... and in input pixels: much of a tile's work is at input scale (about 36 bytes a pixel)
 TILE_MARGIN_DIAMETERS = 1.5
 SEAM_REACH_DIAMETERS = 0.5  # a seam cell's centre as two tiles see it lies closer than this to the seam
 RENUMBER_ROWS = 512
@@ -314,7 +315,7 @@ class Tile:
 def plan_tiles(shape: tuple[int, int], calibration: Calibration) -> Iterator[Tile]:
     """Equal tiles covering the image, cores of at most ``TILE_CORE`` working-scale px,
     margins of 1.5 cells (equal, so parallel workers finish together)."""
-    longest = max(1, int(TILE_CORE / calibration.scale))
+    longest = max(1, min(int(TILE_CORE / calibration.scale), TILE_CORE_INPUT))
     margin = ceil(TILE_MARGIN_DIAMETERS * calibration.cell_diameter)
     counts = [max(1, ceil(length / longest)) for length in shape]
     steps = [ceil(length / count) for length, count in zip(shape, counts)]
