@@ -205,3 +205,13 @@ def test_the_reddino_recipe_draws_its_kinds_about_as_often_as_reddino_and_never_
     for _ in range(4000):
         pixels(torch.zeros(()))
     assert np.all(np.abs(fired / 4000 - rate) < 0.025)  # 4.7 standard errors
+
+
+def test_rbc_crops_take_every_symmetry_of_the_square():
+    image = (torch.arange(56 * 56).reshape(1, 56, 56) * 7 % 251).to(torch.uint8).expand(3, -1, -1)
+    crops = dataclasses.replace(load_config("tiny").crops, pixel_augmentations=(), pixel_augmentations_per_crop=0,
+                                global_scale=(1.0, 1.0))  # the whole image, only turned and flipped
+    multicrop = make_multicrop(crops)
+    torch.manual_seed(0)
+    seen = {tuple(multicrop(image)["global_crops"][0][0].flatten().tolist()) for _ in range(120)}
+    assert len(seen) == 8

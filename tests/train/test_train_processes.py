@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from reddino_train.config import load_config
 from reddino_train.distributed import LaunchError, local_gpu
 from reddino_train.monitor import read_log
+from reddino_train.schedules import build_schedules
 
 SCRIPT = Path(__file__).with_name("fit_and_checksum.py")
 TIMEOUT_S = 300  # a run of a few steps takes 20-30 s here; CI machines can be twice as slow, and busy
@@ -77,7 +79,13 @@ def test_two_gloo_ranks_keep_student_and_teacher_identical(ddp_run):
     assert checkpoint["sampler"] == {"samples_consumed": 4 * 4, "world_size": 2}
     assert len(checkpoint["rng"]) == 2
     assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
-    assert [row["step"] for row in read_log(ddp_run / "log.csv")] == [1, 2, 3, 4]
+    rows = read_log(ddp_run / "log.csv")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    # The learning rate is scaled to the global batch of both ranks (DINOv2's square-root rule).
+    cfg = load_config("tiny", TINY)
+    two, one = build_schedules(cfg, world_size=2), build_schedules(cfg, world_size=1)
+    assert [row["lr"] for row in rows] == [two.at(step - 1).lr for step in (1, 2, 3, 4)]
+    assert two.at(3).lr == pytest.approx(2**0.5 * one.at(3).lr) and one.at(3).lr > 0
 
 
 def test_fsdp_shards_and_resumes_yet_trains_like_ddp(ddp_run, fsdp_run):
