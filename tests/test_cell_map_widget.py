@@ -738,7 +738,7 @@ def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(view
 
 
 def test_a_smear_whose_pixels_changed_since_embedding_is_embedded_again_before_it_is_mapped_or_classified(
-        viewer, qtbot, tiny_folder, tmp_path):  # noqa: F811
+        viewer, qtbot, tiny_folder, tmp_path, monkeypatch):  # noqa: F811
     cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
     image = viewer.layers[cells.metadata["source_image"]]
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
@@ -769,6 +769,15 @@ def test_a_smear_whose_pixels_changed_since_embedding_is_embedded_again_before_i
     compute_map(widget, qtbot)
     widget.train()
     assert widget.classifier is not None and (cells.features["predicted_class"] != "").all()
+
+    # A class removed while the map is shown takes Undo label's history along: an undo would bring it back.
+    widget.select(np.arange(len(widget.pool)) == 2)
+    widget.assign("spherocyte")
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    widget.class_list.table.selectRow(widget.class_list.classes.index("spherocyte"))
+    widget.class_list.remove_current()
+    widget.undo_label()
+    assert widget.status.value.startswith("Nothing to undo") and "spherocyte" not in set(cells.features["manual_label"])
 
 
 def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  # noqa: F811
