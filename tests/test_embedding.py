@@ -268,6 +268,18 @@ def test_models_are_cached_per_model_device_and_dtype_and_reloaded_when_changed(
     assert fourth is not third and fourth.model_id != third.model_id
 
 
+def test_the_three_models_used_last_stay_loaded_and_an_older_one_is_let_go(tmp_path):
+    folders = [save_folder(tiny_vit(seed=seed), tmp_path / f"m{seed}") for seed in range(4)]
+    loaded = [load_embedder(folder, device="cpu", dtype="float32") for folder in folders[:3]]
+    assert load_embedder(folders[0], device="cpu", dtype="float32") is loaded[0]  # used again: now the newest
+    load_embedder(folders[3], device="cpu", dtype="float32")  # a fourth: the one used longest ago goes
+    assert load_embedder(folders[0], device="cpu", dtype="float32") is loaded[0]
+    assert load_embedder(folders[2], device="cpu", dtype="float32") is loaded[2]
+    gone = weakref.ref(loaded.pop(1))
+    gc.collect()
+    assert gone() is None  # not held by the cache any more
+
+
 def test_a_hub_model_is_loaded_again_when_the_cache_holds_a_newer_commit(hub_cache, tmp_path):
     publish_to_cache(save_folder(tiny_vit(seed=3), tmp_path / "v1"), hub_cache, "lab/tiny-rbc")
     first = load_embedder("hf_hub:lab/tiny-rbc", device="cpu", dtype="float32")

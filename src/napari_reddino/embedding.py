@@ -30,7 +30,7 @@ import os
 import queue
 import threading
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -439,7 +439,10 @@ def _cgroup_room() -> int | None:
     return None if limit == "max" else max(0, int(limit) - used)
 
 
-_EMBEDDERS: dict[tuple, Embedder] = {}
+# The models used last, kept loaded: RedDino small, base and large side by side, not every
+# checkpoint a lab compares (a ViT-L is 1.2 GB in float32), which a job holding one keeps anyway.
+CACHED_EMBEDDERS = 3
+_EMBEDDERS: OrderedDict[tuple, Embedder] = OrderedDict()  # least recently used first
 _EMBEDDERS_LOCK = threading.Lock()  # held only to read or change _EMBEDDERS
 _LOADING: dict[str, threading.Lock] = {}  # one per model: a model loads once, and others load meanwhile
 
@@ -478,6 +481,8 @@ def load_embedder(
         key = (name, model_version(model), str(torch_device), torch_dtype, bool(compile))
         with _EMBEDDERS_LOCK:
             found, twin = _EMBEDDERS.get(key), _EMBEDDERS.get((*key[:4], not key[4]))
+            if found is not None:
+                _EMBEDDERS.move_to_end(key)
         if found is not None:
             return found
         loaded = (LoadedModel(twin.model_id, twin.model, twin.input_size, twin.mean, twin.std) if twin else
@@ -489,6 +494,8 @@ def load_embedder(
             for stale in [k for k in _EMBEDDERS if k[0] == key[0] and k[1] != key[1] and k[2:4] == key[2:4]]:
                 del _EMBEDDERS[stale]  # an older version of the same files (or Hub commit): free its memory
             _EMBEDDERS[key] = embedder
+            while len(_EMBEDDERS) > CACHED_EMBEDDERS:
+                _EMBEDDERS.popitem(last=False)
         return embedder
 
 
