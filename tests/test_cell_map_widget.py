@@ -751,7 +751,8 @@ def test_a_smear_whose_pixels_changed_since_embedding_is_embedded_again_before_i
     stale = (f"The smear under {cells.name!r} changed since its cells were embedded (pixels edited in place?), so "
              "the embeddings describe the old pixels: embed it again with Plugins > RedDino > Embed cells, then "
              "Compute map.")
-    assert widget.status.value == stale and widget.pool is None and widget.classifier is None
+    assert widget.status.value == f"{stale} The map is removed until then."
+    assert widget.pool is None and widget.classifier is None
     assert "predicted_class" not in cells.features
     assert cells.features.set_index("label")["manual_label"].value_counts().to_dict() == {
         "": len(cells.features) - 2, "normal": 1, "spherocyte": 1}  # the labels given stay
@@ -759,13 +760,22 @@ def test_a_smear_whose_pixels_changed_since_embedding_is_embedded_again_before_i
     assert widget.status.value == stale and widget.pool is None
     widget.export_csv(tmp_path / "cells.csv")
     assert not (tmp_path / "cells.csv").exists()
+    head = CellClassifier(["normal", "spherocyte"], model_id=embeddings_of(cells)[2])
+    head.fit(embeddings_of(cells)[1][:2], ["normal", "spherocyte"])
+    head.save(tmp_path / "head")
+    widget.apply_head(tmp_path / "head.safetensors")  # without a map: the same refusal, with its own next step
+    assert widget.status.value == stale.replace("then Compute map.", "then apply the head again.")
+    assert "predicted_class" not in cells.features
 
     embed_widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")[1]
     embed_widget.cells.value = cells
-    before = embeddings_of(cells)[1].copy()
+    before, red = embeddings_of(cells)[1].copy(), cells.features["mean_red"].to_numpy()
     with qtbot.waitSignal(embed_widget.embedded, timeout=TIMEOUT_MS):
         embed_widget.run()
     assert not np.allclose(embeddings_of(cells)[1], before)  # the model saw the new pixels
+    np.testing.assert_allclose(cells.features["mean_red"], 255 - red, rtol=1e-5)  # and so did the measurements
+    assert cells.features.set_index("label")["manual_label"].value_counts().to_dict() == {
+        "": len(cells.features) - 2, "normal": 1, "spherocyte": 1}
     compute_map(widget, qtbot)
     widget.train()
     assert widget.classifier is not None and (cells.features["predicted_class"] != "").all()

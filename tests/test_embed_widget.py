@@ -770,3 +770,16 @@ def test_cells_of_a_closed_image_are_not_taken_for_those_of_another_image_of_its
     newest = done.args[0]
     assert newest.name == "1 cells [2]" and (newest.features["manual_label"] == "spherocyte").mean() > 0.9
     assert not new.visible  # its labels went to the newest layer
+
+
+def test_own_columns_of_a_table_edited_in_a_spreadsheet_stay_with_their_cells(chula_pixels_and_cells):
+    # Ids as text and centroids left empty (a CSV edited and read back): the labels stay by id.
+    image, labels = chula_pixels_and_cells
+    fresh = measure_cells(labels, image)
+    ids = fresh["label"].to_numpy()[:3]
+    old = pd.DataFrame({"label": [str(i) for i in ids], "centroid_y": np.nan, "centroid_x": [np.nan, 5.0, np.nan],
+                        "manual_label": ["normal", "spherocyte", "target cell"]})
+    table, lost = embed_widget._with_own_columns(fresh, old)
+    given = table.set_index("label")["manual_label"]
+    assert given[ids[0]] == "normal" and given[ids[2]] == "target cell" and lost == 1  # the one placed elsewhere goes
+    assert given.drop(ids[[0, 2]]).isna().all()

@@ -241,7 +241,8 @@ def test_labels_of_another_smear_of_the_same_name_are_not_written_where_a_few_of
     assert other.name == yesterday.name
     with pytest.raises(LabelImportError, match=rf"^No label of cells.csv could be given to a cell: only [1-9]\d* of its "
                                                rf"{len(yesterday.features)} labelled cells from '1 cells' (is|are) at "
-                                               r"the place of a cell in '1 cells': is it another smear of that name\?\.$"):
+                                               r"the place of a cell in '1 cells' \(another smear of that name, or one "
+                                               r"segmented with very different settings\)\.$"):
         import_manual_labels(tmp_path / "cells.csv", other)
     assert "manual_label" not in other.features
     # Beside a layer that takes its labels, it is reported, and nothing of it written.
@@ -252,6 +253,16 @@ def test_labels_of_another_smear_of_the_same_name_are_not_written_where_a_few_of
     assert report.foreign == {"1 cells": "1 cells"} and report.missed == {"1 cells": len(yesterday.features)}
     assert report.written == {"2 cells": (second.features["manual_label"] != "").sum()}
     assert "manual_label" not in other.features
+    # Of a few labelled rows the share tells nothing: the ones that match are written.
+    few = yesterday.features.assign(manual_label=np.where(np.arange(len(yesterday.features)) < 4, "normal", ""))
+    export_cells_csv(tmp_path / "few.csv", labels_layer(few, yesterday.name, yesterday.data))
+    moved = pd.read_csv(tmp_path / "few.csv", dtype={"image": str}, keep_default_na=False)
+    moved.loc[[1, 2, 3], "centroid_x"] += 20  # three of the four cells were cut otherwise since
+    moved.loc[[1, 2, 3], ["bbox_min_x", "bbox_max_x"]] += 20
+    moved.to_csv(tmp_path / "few.csv", index=False)
+    again = cells_layer(smear)
+    report = import_manual_labels(tmp_path / "few.csv", again)
+    assert report.written == {"1 cells": 1} and report.missed == {"1 cells": 3} and not report.foreign
 
 
 def test_of_two_layers_of_the_image_the_one_whose_cells_match_takes_the_labels(smear, tmp_path):

@@ -22,10 +22,11 @@ cells found by their boxes, 99 % had moved by under 0.053 of their diameter; cro
 smear moves its cells by 0.17 of theirs, so a cropped smear does not match. The rows of cells
 that are no longer there (split, merged, edited, cut by other settings) are counted as missed, not guessed,
 and so is a cell two rows claim. Among several layers of the image the one matching the most
-rows is taken. A CSV layer of which no row matches writes nothing, nor does one of which fewer
-than :data:`MIN_MATCHED_SHARE` match: another smear that two cameras both named "Image001" still
-puts a cell, now and then, at the place of one of its rows (1 of 124 labelled rows of Chula smear
-1 found a cell of smear 26). When nothing is written at all, the error says why. A cell that already has another label keeps it (what was labelled since the
+rows is taken. A CSV layer of which no row matches writes nothing, nor does one of at least
+:data:`FEW_ROWS` labelled rows of which fewer than :data:`MIN_MATCHED_SHARE` match: another smear
+that two cameras both named "Image001" still puts a cell, now and then, at the place of one of its
+rows (1 of 124 labelled rows of Chula smear 1 found a cell of smear 26). When nothing is written
+at all, the error says why. A cell that already has another label keeps it (what was labelled since the
 export is newer). Labels are written only after every layer of the CSV was matched.
 
 No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata``.
@@ -50,11 +51,12 @@ AREA_RATIO = 1.25  # either way: 0.8 to 1.25 times the row's area
 CENTRE_SHIFT = 0.06  # of the row's equivalent diameter
 _NEIGHBOURS = 8  # cells whose boxes are compared with a row's
 MIN_MATCHED_SHARE = 0.5  # of a CSV layer's labelled rows; segmenting again with other settings keeps 0.92
+FEW_ROWS = 10  # ... judged only from this many rows on: of a few, chance decides the share
 _BOX = ["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]
 _NEEDED = ("manual_label", "centroid_x", "centroid_y")  # rows go to cells by place, not by label id
 
 
-FOREIGN = "is it another smear of that name?"
+FOREIGN = "another smear of that name, or one segmented with very different settings"
 
 
 class LabelImportError(ValueError):
@@ -103,11 +105,11 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
                            f"{' or '.join(repr(layer.name) for layer in candidates)} (was the smear cropped or "
                            "edited since the export?)")
             continue
-        if matched.mean() < MIN_MATCHED_SHARE:
+        if len(rows) >= FEW_ROWS and matched.mean() < MIN_MATCHED_SHARE:
             report.missed[source], report.foreign[source] = len(rows), str(candidates[best].name)
             refused.append(f"only {matched.sum()} of its {counted(len(rows), 'labelled cell')} from {source!r} "
                            f"{'is' if matched.sum() == 1 else 'are'} at the place of a cell in "
-                           f"{str(candidates[best].name)!r}: {FOREIGN}")
+                           f"{str(candidates[best].name)!r} ({FOREIGN})")
             continue
         plans.append((candidates[best], pd.Series(rows["manual_label"].to_numpy()[matched], index=cells[best][matched])))
     if not plans:

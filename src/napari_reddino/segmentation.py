@@ -257,8 +257,10 @@ def _rescale(plane: np.ndarray, scale: float) -> np.ndarray:
 class Tile:
     """A core (cells whose centre lies here are kept) inside a padded read window.
 
-    Two tiles can each centre a cell on their seam in the other's core; so a cell centred
-    within ``seam_reach`` px of the core is kept too where most of it is still unlabelled.
+    Two tiles can each centre a cell on their seam in the other's core, and neither keeps it;
+    so a cell centred within ``seam_reach`` px of the core, in the core of a tile pasted before
+    (tiles go row by row: above this one, or left of it), is kept too where most of it is still
+    unlabelled: that tile did not keep it.
     """
 
     core: tuple[slice, slice]
@@ -287,7 +289,9 @@ class Tile:
         if self.seam_reach and not keep.all():
             unclaimed = np.bincount(tile_labels[region == 0], minlength=n + 1)[1:] * 2 > (
                 np.bincount(tile_labels.ravel(), minlength=n + 1)[1:])
-            keep |= self._centred(rows, cols, self.seam_reach) & unclaimed
+            (top, bottom), left = (self.core[0].start, self.core[0].stop), self.core[1].start
+            pasted_before = (rows < top) | ((rows < bottom) & (cols < left))
+            keep |= self._centred(rows, cols, self.seam_reach) & pasted_before & unclaimed
         end = next_id + int(keep.sum())
         relabel = np.zeros(n + 1, np.int32)
         relabel[1:][keep] = np.arange(next_id, end, dtype=np.int32)

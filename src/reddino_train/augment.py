@@ -17,7 +17,8 @@ kinds have a match here, with Albumentations' default strengths where this modul
 median blurs, emboss, CLAHE, FancyPCA, tone curves, ringing, ISO noise, JPEG at quality 99) do
 not; so the RedDino recipes draw 2 of the 13, which fires each kind in 13 % of crops, near
 RedDino's 4/33 x 0.85 = 10 %. ``autocontrast`` and ``grayscale`` are no RedDino kinds: a grey
-crop teaches the model to ignore the stain colour that tells hypochromic cells apart.
+crop teaches the model to ignore the stain colour that tells hypochromic cells apart (the
+``reddino-cpu-small`` recipe keeps grayscale, as it was benchmarked).
 """
 
 from __future__ import annotations

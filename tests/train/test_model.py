@@ -127,21 +127,24 @@ def test_pretrained_weights_load_from_safetensors_and_torch_files(tmp_path):
     assert torch.equal(loaded.backbone.mask_token, mask_token[0])
 
 
-def test_weights_trained_at_another_size_start_from_dinov2_s_resize_of_their_position_embedding(tmp_path):
+@pytest.mark.parametrize("arch", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_weights_trained_at_another_size_start_from_dinov2_s_resize_of_their_position_embedding(tmp_path, arch):
     # DINOv2 and RedDino began training at 224 px from weights trained at 518, resizing the
     # position embedding bicubically by (16 + 0.1) / 37 without antialiasing; timm's loader antialiases.
-    cfg = load_config("tiny")
+    # (timm's register models keep no class slot in it.)
+    cfg = load_config("tiny", [f"model.arch={arch}"])
     torch.manual_seed(1)
     larger = timm.create_model(cfg.model.arch, **vit_architecture_args(cfg.model, 2 * cfg.crops.global_size))
     source = larger.state_dict()
+    prefix = 0 if larger.no_embed_class else 1
     safetensors.torch.save_file(source, tmp_path / "larger.safetensors")
     torch.save({**source, "mask_token": torch.zeros(1, source["cls_token"].shape[-1])}, tmp_path / "meta.pth")
-    for name in ("larger.safetensors", "meta.pth"):
-        vit = build_student(load_config("tiny", [f"model.pretrained={tmp_path / name}"])).backbone.vit
+    for name in ("larger.safetensors", "meta.pth") if prefix else ("larger.safetensors",):
+        vit = build_student(load_config("tiny", [f"model.arch={arch}", f"model.pretrained={tmp_path / name}"])).backbone.vit
         grid = tuple(vit.patch_embed.grid_size)
         assert grid == (4, 4) and tuple(larger.patch_embed.grid_size) == (8, 8)
-        assert torch.equal(vit.pos_embed, dinov2_resized_pos_embed(source["pos_embed"], grid, (8, 8), 1))
-        antialiased = resample_abs_pos_embed(source["pos_embed"], list(grid), num_prefix_tokens=1, antialias=True)
+        assert torch.equal(vit.pos_embed, dinov2_resized_pos_embed(source["pos_embed"], grid, (8, 8), prefix))
+        antialiased = resample_abs_pos_embed(source["pos_embed"], list(grid), num_prefix_tokens=prefix, antialias=True)
         assert (vit.pos_embed - antialiased).abs().max() > 1e-3
         assert torch.equal(vit.blocks[0].attn.qkv.weight, source["blocks.0.attn.qkv.weight"])
 

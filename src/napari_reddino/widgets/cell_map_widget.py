@@ -321,26 +321,27 @@ class CellMapWidget(MapExport, JobWidget):
         self._stop_umap = threading.Event()
         self._start(_lay_out, pool.embeddings, self._umap_epoch.emit, self._stop_umap)
 
-    def _pooled(self, layers) -> PooledCells:
+    def _pooled(self, layers, then: str = "Compute map") -> PooledCells:
         """:meth:`PooledCells.from_layers`, refusing cells whose open smear's pixels changed since
         they were embedded (a correction applied to the image in place): their embeddings describe
-        pixels that are gone. Hashing costs about 80 ms a 48 Mpx smear."""
+        pixels that are gone. ``then``: what to do after embedding them again."""
         pool = PooledCells.from_layers(layers)
-        if said := self._smears_changed(pool.layers):
+        if said := self._smears_changed(pool.layers, then):
             raise PoolingError(said)
         return pool
 
-    def _smears_changed(self, layers) -> str:
+    def _smears_changed(self, layers, then: str = "Compute map") -> str:
         """What to say of the ``layers`` whose open smear's pixels changed since their cells were
-        embedded; "" when none did."""
+        embedded; "" when none did. Smears in memory are hashed (about 80 ms a 48 Mpx smear); one
+        read lazily from disk (dask, zarr) is not edited in place, and not read whole for this."""
         changed = [cells.name for cells in layers if (smear := smear_under(self._viewer, cells)) is not None
-                   and image_changed_since_embedded(cells, level_0(smear))]
+                   and isinstance(pixels := level_0(smear), np.ndarray) and image_changed_since_embedded(cells, pixels)]
         if not changed:
             return ""
         one = len(changed) == 1
         return (f"The smear{'' if one else 's'} under {', '.join(map(repr, changed))} changed since {'its' if one else 'their'} "
                 "cells were embedded (pixels edited in place?), so the embeddings describe the old pixels: embed "
-                f"{'it' if one else 'them'} again with Plugins > RedDino > Embed cells, then Compute map.")
+                f"{'it' if one else 'them'} again with Plugins > RedDino > Embed cells, then {then}.")
 
     def cancel(self) -> None:
         """Stop before the layout; a layout under way cannot be stopped (umap has no hook for it)
@@ -416,7 +417,7 @@ class CellMapWidget(MapExport, JobWidget):
         if pixels and self.pool is not None and (said := self._smears_changed(self.pool.layers)):
             self.forget_map()
             self.selection_count.value = "No map yet."
-            self._refuse(said)
+            self._refuse(f"{said} The map is removed until then.")
             return False
         return True
 
@@ -954,7 +955,7 @@ class CellMapWidget(MapExport, JobWidget):
         layers = embedded_cells_layers(self._viewer)
         try:
             pool = self.pool if self.pool is not None and set(self.pool.layers) == set(layers) else (
-                self._pooled(layers))
+                self._pooled(layers, then="apply the head again"))
             classifier = CellClassifier.load(path, model_id=pool.model_id, crops=pool.crops)
             table = pool.table()
             proba = classifier.predict_proba(pool.embeddings, measurements=table)

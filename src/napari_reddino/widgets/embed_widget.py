@@ -55,7 +55,15 @@ from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, smear_pixels
-from .segment_widget import MEASURED_LABELS, _Job, _segment_and_measure, add_cells_layer, unusable_pixel_size
+from .segment_widget import (
+    MEASURED_IMAGE,
+    MEASURED_LABELS,
+    _Job,
+    _segment_and_measure,
+    add_cells_layer,
+    measured_on,
+    unusable_pixel_size,
+)
 from .smear_colours import is_map_colours, own_cells
 from .smear_links import of_image, placement
 
@@ -105,7 +113,7 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(run, table, fingerprint,
     embedded)``: the
     :class:`EmbeddedCells` (cells whose crop is as in ``reuse`` keep its embedding), ``table``
-    the cells' measurements unless the layer's table was ``measured`` on these very labels (else
+    the cells' measurements unless the layer's table was ``measured`` on these very labels and pixels (else
     they were made by another tool, or painted since), then None; ``fingerprint`` of the image
     and labels with the model as loaded (a Hub model downloaded now is known by its commit only
     from now on); ``embedded``, the :func:`labels_digest` of the labels embedded.
@@ -455,7 +463,7 @@ class EmbedCellsWidget(JobWidget):
                 notify=show_info,
             )
             return
-        measured = cells.metadata.get(MEASURED_LABELS) == digest and "label" in cells.features
+        measured = measured_on(cells, digest, image_hash)
         pixel_size = cells.metadata.get("pixel_size_um") or image.metadata.get("pixel_size_um") or None
         if not measured and (why := unusable_pixel_size(pixel_size)):  # the cells are measured after embedding
             self._refuse(why)
@@ -564,7 +572,7 @@ class EmbedCellsWidget(JobWidget):
         unlabelled = 0
         if table is not None:  # measured now: the layer's own columns (labels, notes) stay with their cells
             job.cells.features, unlabelled = _with_own_columns(table, job.cells.features)
-            job.cells.metadata[MEASURED_LABELS] = embedded
+            job.cells.metadata[MEASURED_LABELS], job.cells.metadata[MEASURED_IMAGE] = embedded, job.image_hash
         seconds = time.perf_counter() - self._embed_started
         fresh = len(run.ids) - run.reused
         if self._batch is not None:

@@ -22,6 +22,7 @@ from .smear_colours import coloured_smear, own_cells
 from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, of_image, placement
 
 MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
+MEASURED_IMAGE = "measured_image"  # ... and of the pixels (colour, pallor); SOURCE_DIGEST in layers from before it
 SEGMENTED_LABELS = "segmented_labels"  # metadata: digest of the labels as segmentation gave them
 # metadata: the unique_id of the newer cells layer this one's labels went to (not its name: the
 # user may rename it, and napari hands a removed layer's name to the next layer)
@@ -188,6 +189,13 @@ class SegmentCellsWidget(JobWidget):
         self.segmented.emit(layer)
 
 
+def measured_on(cells, labels_hash: str, image_hash: str) -> bool:
+    """Whether the table of ``cells`` was measured on these labels and pixels (their digests)."""
+    metadata = cells.metadata
+    measured_image = metadata.get(MEASURED_IMAGE, metadata.get(SOURCE_DIGEST, image_hash))
+    return metadata.get(MEASURED_LABELS) == labels_hash and measured_image == image_hash and "label" in cells.features
+
+
 def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.DataFrame, job: _Job,
                     cell_diameter: float, image_hash: str) -> tuple[Labels, str]:
     """Add the cells layer, or replace the data and table of the one from an earlier run, unless
@@ -207,6 +215,7 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
         "cell_diameter_from": _diameter_source(job),
         "pixel_size_um": job.pixel_size_um,
         MEASURED_LABELS: digest,
+        MEASURED_IMAGE: image_hash,
         SEGMENTED_LABELS: digest,
     }
     layers = viewer.layers
