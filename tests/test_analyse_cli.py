@@ -443,7 +443,7 @@ def test_an_unreadable_smear_is_skipped_and_the_others_are_written(smears, tmp_p
     summary = read(out / "cells_summary.csv")
     assert summary["image"].tolist() == ["1", "26", "empty"]  # in path order: day2/26.jpg before empty.png
     assert summary.set_index("image").loc["empty", "cells"] == 0
-    assert main([str(smears / "broken.png"), "--out", str(tmp_path / "none"), "--measure-only"]) == 1  # not success
+    assert main([str(smears / "broken.png"), "--out", str(tmp_path / "none"), "--measure-only"]) == 3  # nothing written
     assert "no smear was analysed; nothing written" in capsys.readouterr().err
 
 
@@ -539,7 +539,8 @@ def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, monkeyp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
 
 
-def test_ctrl_c_writes_the_smears_finished_so_far(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler's time limit, timeout
+def test_ctrl_c_or_sigterm_writes_the_smears_finished_so_far(tmp_path, stop):
     folder = tmp_path / "smears"
     folder.mkdir()
     for number in range(20):
@@ -550,10 +551,38 @@ def test_ctrl_c_writes_the_smears_finished_so_far(tmp_path):
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as run:
         first = run.stdout.readline()
         assert first.startswith("[1/20] 00: ")
-        run.send_signal(signal.SIGINT)
+        run.send_signal(stop)
         printed, errors = run.communicate(timeout=60)
-    assert run.returncode == 130, errors
+    assert run.returncode == 128 + stop, errors
     finished = 1 + sum(line.startswith("[") for line in printed.splitlines())
     assert 1 <= finished < 20
     assert f"interrupted; {20 - finished} smear" in errors
     assert read(out / "cells_summary.csv")["image"].tolist() == [f"{n:02d}" for n in range(finished)]
+
+
+def test_a_file_name_that_is_not_utf8_is_analysed_under_an_escaped_name(tmp_path, capsys):
+    # A Windows microscope's share mounted without UTF-8: "café" in Latin-1 took the whole night's results.
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    shutil.copy(CHULA / "1.jpg", folder / os.fsdecode(b"caf\xe9.jpg"))
+    shutil.copy(CHULA / "26.jpg", folder / "26.jpg")
+    out = tmp_path / "out"
+    assert main([str(folder), "--out", str(out), "--measure-only"]) == 0
+    assert read(out / "cells_summary.csv")["image"].tolist() == ["26", "caf\\xe9"]
+    assert "caf\\xe9: " in capsys.readouterr().out
+
+
+def test_the_columns_keep_their_order_whether_a_gray_or_a_colour_smear_comes_first(tmp_path):
+    orders = []
+    for first in ("gray", "colour"):
+        folder = tmp_path / first / "smears"
+        folder.mkdir(parents=True)
+        smear = imread(CHULA / "1.jpg")
+        imsave(folder / f"a_{first}.png", smear[..., 1] if first == "gray" else smear, check_contrast=False)
+        imsave(folder / f"b_{first}.png", smear if first == "gray" else smear[..., 1], check_contrast=False)
+        assert main([str(folder), "--out", str(tmp_path / first / "out"), "--measure-only"]) == 0
+        orders.append(list(read(tmp_path / first / "out" / "cells.csv").columns))
+    assert orders[0] == orders[1]
+    colours = [orders[0].index(name) for name in ("mean_red", "mean_green", "mean_blue", "mean_gray", "central_pallor")]
+    assert colours == sorted(colours) and colours[-1] - colours[0] == 4
+

@@ -14,6 +14,7 @@ from skimage.io import imread
 from skimage.segmentation import find_boundaries
 
 from napari_reddino import measure_cells, measurements, segment_cells
+from napari_reddino.measurements import MEASUREMENT_COLUMNS
 
 DATA = Path(__file__).parent / "data"
 SLIDE = (225, 230, 228)
@@ -213,3 +214,11 @@ def test_a_cells_interior_is_what_lies_inside_its_inner_boundary():
     labels[rng.random(labels.shape) < 0.05] = 0
     expected = (labels > 0) & ~find_boundaries(labels, mode="inner")
     np.testing.assert_array_equal(measurements._interior(labels), expected)
+
+
+def test_measure_cells_writes_its_columns_in_the_export_s_order():
+    smear = imread(DATA / "chula_rbc12" / "1.jpg")
+    labels = segment_cells(smear)
+    for image, pixel_size in ((smear, 0.2), (smear[..., 1], None)):
+        columns = list(measure_cells(labels, image, pixel_size_um=pixel_size).columns)
+        assert columns == [column for column in MEASUREMENT_COLUMNS if column in columns]

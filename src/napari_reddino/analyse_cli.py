@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .atomic_files import NotReplacedError, PartlyWrittenError
-from .batch_analysis import GALLERIES, SmearAnalysis, list_smears, smear_names
+from .batch_analysis import GALLERIES, SmearAnalysis, list_smears, shown, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
@@ -24,7 +25,8 @@ from .image_input import read_smear
 from .segmentation import pixel_size_refusal
 from .wording import counted
 
-INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
+INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (143 for SIGTERM)
+NOTHING_WRITTEN = 3  # no smear analysed, or the files could not be written: the results in DIR are not this run's
 DEFAULT_MODEL = "reddino-small"
 
 
@@ -68,41 +70,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
 
 
+class _StopRequest(threading.Event):
+    """Set by Ctrl-C or SIGTERM (a scheduler's time limit, ``timeout``), with the signal's number."""
+
+    signum: int = signal.SIGINT
+
+
 @contextlib.contextmanager
-def _remembered_ctrl_c() -> Iterator[threading.Event]:
-    """Ctrl-C raises KeyboardInterrupt as ever, and is also set on the event yielded: one raised
+def _remembered_stop() -> Iterator[_StopRequest]:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, and also set the request yielded: one raised
     inside a finaliser (a progress bar's ``__del__``) is printed and swallowed, and the run would
-    go on to the last smear. Only the main thread can take over the signal; elsewhere the event
-    stays unset."""
-    pressed = threading.Event()
+    go on to the last smear. Only the main thread can take over the signals; elsewhere the
+    request stays unset."""
+    request = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield pressed
+        yield request
         return
 
-    def on_ctrl_c(signum, frame):
-        pressed.set()
+    def on_signal(signum, frame):
+        request.signum = signum
+        request.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield pressed
+        yield request
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipped: list[Path],
-                  ctrl_c: threading.Event) -> None:
+                  stop: _StopRequest) -> None:
     """Analyse the smears in turn, appending each result to ``done`` (or its path to ``skipped``)
-    as soon as it is known, so that an interrupt loses no finished smear. A ``ctrl_c`` whose
+    as soon as it is known, so that an interrupt loses no finished smear. A ``stop`` whose
     KeyboardInterrupt was swallowed is raised again before the next smear and the next batch."""
 
     def progress(bar: tqdm, done_cells: int, total: int) -> None:
-        if ctrl_c.is_set():
+        if stop.is_set():
             raise KeyboardInterrupt
         _advance(bar, done_cells, total)
 
     for number, (path, name) in enumerate(zip(smears, smear_names(smears)), 1):
-        if ctrl_c.is_set():
+        if stop.is_set():
             raise KeyboardInterrupt
         started = time.perf_counter()
         try:
@@ -111,7 +121,7 @@ def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipp
         except Exception as error:  # one smear's failure (unreadable, too large, out of memory) skips it alone
             skipped.append(path)
             reason = str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
-            print(f"[{number}/{len(smears)}] {path}: skipped: {reason}", file=sys.stderr, flush=True)
+            print(f"[{number}/{len(smears)}] {shown(path)}: skipped: {reason}", file=sys.stderr, flush=True)
             continue
         done.append(cells)
         found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
@@ -148,7 +158,7 @@ def _analyse(args: argparse.Namespace) -> int:
         raise _Refused(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "
                        "replace them, or choose another --out.")
     smears = list_smears(args.smears, leave_out=out)
-    missing = [str(path) for path in smears if not path.is_file()]
+    missing = [shown(path) for path in smears if not path.is_file()]
     if missing:
         raise _Refused(f"no such file: {', '.join(missing)}")
     found_in = {folder for path in smears for folder in path.resolve().parents}
@@ -159,20 +169,23 @@ def _analyse(args: argparse.Namespace) -> int:
     analysis = _analysis(args)
     try:  # said now, not after hours of smears
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # os.access cannot tell for ACLs, network shares, Windows
+            pass
     except OSError as error:
-        raise _Refused(f"cannot make the output folder {out}: {error}") from error
+        raise _Refused(f"cannot write in the output folder {out}: {error}") from error
 
     done, skipped = [], []
-    with _remembered_ctrl_c() as ctrl_c:
-        try:  # Ctrl-C during a smear or between two: the smears finished so far are written
-            _analyse_each(analysis, smears, done, skipped, ctrl_c)
+    with _remembered_stop() as stop:
+        try:  # Ctrl-C or SIGTERM during a smear or between two: the smears finished so far are written
+            _analyse_each(analysis, smears, done, skipped, stop)
         except KeyboardInterrupt:
             pass
-    interrupted = ctrl_c.is_set() or len(done) + len(skipped) < len(smears)
+    interrupted = stop.is_set() or len(done) + len(skipped) < len(smears)
+    stopped = 128 + stop.signum  # 130 for Ctrl-C, as the shell gives, 143 for SIGTERM
 
     if not done:
         print("reddino-analyse: no smear was analysed; nothing written", file=sys.stderr)
-        return INTERRUPTED if interrupted else 1
+        return stopped if interrupted else NOTHING_WRITTEN
     pictured = {Path(cells.metadata["gallery"]) for cells in done if "gallery" in cells.metadata}
     with_galleries = f"; galleries of {counted(len(pictured), 'smear')} in {galleries}" if args.galleries else ""
     classes = analysis.head.classes if analysis.head is not None else None
@@ -182,10 +195,10 @@ def _analyse(args: argparse.Namespace) -> int:
         print(f"reddino-analyse: only partly written: {error}{with_galleries}; run it again with --overwrite",
               file=sys.stderr)
         return 1
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a name no encoder takes, a table that does not fit
         written = f" (but {with_galleries[2:]})" if pictured else ""
         print(f"reddino-analyse: nothing written{written}: {error}", file=sys.stderr)
-        return 1
+        return NOTHING_WRITTEN
     removed, kept = "", []
     if not table_is_ours:  # the earlier run's files still belong to the table left there
         stale, old_galleries = [], []
@@ -206,7 +219,7 @@ def _analyse(args: argparse.Namespace) -> int:
     if interrupted:
         left = len(smears) - len(done) - len(skipped)
         print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files", file=sys.stderr)
-        return INTERRUPTED
+        return stopped
     if skipped:
         print(f"reddino-analyse: {len(skipped)} of {counted(len(smears), 'smear')} skipped (see above)", file=sys.stderr)
         return 1

@@ -72,11 +72,19 @@ def is_gallery_folder(folder: Path) -> bool:
     return table != folder.name and (folder.parent / f"{table}.csv").is_file()
 
 
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as text every output takes: the bytes of a name that are not UTF-8 (a Windows
+    share mounted without it: ``caf\\xe9.jpg``) escaped, not kept as lone surrogates, which no
+    CSV or terminal encodes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def smear_names(paths: Sequence[Path]) -> list[str]:
     """A name per smear: its file name without suffix, as napari names the image layer; where
-    two smears would share it, their file names with as many of their folders as tell them apart."""
+    two smears would share it, their file names with as many of their folders as tell them apart
+    (each :func:`shown`)."""
     def name(path: Path, depth: int) -> str:
-        return path.stem if depth == 0 else "/".join(path.parts[-depth - 1:])
+        return shown(path.stem if depth == 0 else "/".join(path.parts[-depth - 1:]))
 
     names: list[str | None] = [None] * len(paths)
     depth = 0

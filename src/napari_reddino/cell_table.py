@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .cell_embeddings import embeddings_of
+from .measurements import MEASUREMENT_COLUMNS
 
 ANALYSIS_COLUMNS = ("umap_x", "umap_y", "manual_label", "predicted_class", "prediction_probability")
 PREDICTED_CLASSES = "predicted_classes"  # cells layer metadata: the classes of the head that predicted its cells
@@ -118,5 +119,6 @@ def cells_table(layers: Sequence) -> pd.DataFrame:
             table[column] = "" if column.endswith(("label", "class")) else np.nan
     probabilities = list(dict.fromkeys(probabilities))
     placed = {"layer", "image", "label", "model_id", *ANALYSIS_COLUMNS, *probabilities}
-    own = [c for c in table.columns if c not in placed]
+    rank = {column: position for position, column in enumerate(MEASUREMENT_COLUMNS)}
+    own = sorted((c for c in table.columns if c not in placed), key=lambda c: rank.get(c, len(rank)))  # stable
     return table[["layer", "image", "label", *own, *ANALYSIS_COLUMNS, *probabilities, "model_id"]]

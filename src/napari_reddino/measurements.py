@@ -20,6 +20,15 @@ CENTRE, RIM = 0.6, (0.2, 0.4)
 DIAGONAL = 1 / np.sqrt(2)  # a diagonal pixel pair spans sqrt 2 of a row or column pair
 _LENGTHS_PX = ["perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px"]
 STRIP_PIXELS = 2**20  # pixels per strip of rows whose per-cell sums are taken at once
+# Every column measure_cells writes, in its order (colour or gray, µm or not): an export of
+# colour and gray smears keeps this order whichever comes first.
+MEASUREMENT_COLUMNS = (
+    "label", "index", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x",
+    "area_px", "perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px", "eccentricity",
+    "solidity", "circularity", "mean_red", "mean_green", "mean_blue", "mean_gray", "central_pallor",
+    "outline_shared", "touches_border", "area_um2", "perimeter_um", "equivalent_diameter_um", "major_axis_um",
+    "minor_axis_um",
+)
 
 
 def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.DataFrame:
