@@ -72,8 +72,15 @@ def test_measure_only_writes_every_cell_and_a_summary_per_smear(smears, tmp_path
     assert summary["image"].tolist() == ["1", "26"]
     assert summary["cells"].tolist() == [(cells["image"] == "1").sum(), (cells["image"] == "26").sum()]
     assert summary["diameter_mean_um"].between(6, 9).all()  # red cells at 0.2 µm/px
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "[1/2] 1: " in printed and "[2/2] 26: " in printed and f"{len(cells):,} cells of 2 smears" in printed
+    assert "warning" not in captured.err  # 0.2 µm is their pixel size
+    # Another microscope's pixel size cuts the cells into pieces, whose mean size still looks right: said.
+    assert main([str(smears / "1.jpg"), "--out", str(tmp_path / "wrong"), "--measure-only",
+                 "--pixel-size-um", "0.5"]) == 0
+    assert re.search(r"\[1/1\] 1: warning: its cells look 3\d px across, where --pixel-size-um 0.5 makes a 7.5 µm "
+                     r"cell 15 px: is it this smear's pixel size", capsys.readouterr().err)
 
 
 def saved_head(smear: Path, model: str, path: Path, classes=("normal", "spherocyte"), colours=None):

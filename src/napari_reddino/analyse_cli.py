@@ -22,7 +22,7 @@ from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
 from .image_input import read_smear
-from .segmentation import pixel_size_refusal
+from .segmentation import RBC_DIAMETER_UM, pixel_size_refusal
 from .wording import counted
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (143 for SIGTERM)
@@ -126,6 +126,12 @@ def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipp
         done.append(cells)
         found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
         print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)", flush=True)
+        if "cells_look_px" in cells.metadata:
+            expected = RBC_DIAMETER_UM / analysis.pixel_size_um
+            print(f"[{number}/{len(smears)}] {name}: warning: its cells look {cells.metadata['cells_look_px']:.0f} px "
+                  f"across, where --pixel-size-um {analysis.pixel_size_um:g} makes a 7.5 µm cell {expected:.0f} px: "
+                  "is it this smear's pixel size (another microscope or objective)? A wrong one cuts cells into "
+                  "pieces or merges them", file=sys.stderr, flush=True)
         if "gallery_failed" in cells.metadata:
             print(f"[{number}/{len(smears)}] {name}: warning: no gallery written ({cells.metadata['gallery_failed']})",
                   file=sys.stderr, flush=True)

@@ -22,11 +22,15 @@ from .cell_table import PREDICTED_CLASSES
 from .cell_embeddings import METADATA_KEY, EmbeddedCells, fingerprint, image_digest, labels_digest, store_run
 from .class_gallery import GalleryError, GalleryFiles, save_class_gallery
 from .measurements import measure_cells
-from .segmentation import segment_cells
+from .segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, segment_cells
 from .steps import Progress, run_steps
 
 SMEAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 GALLERIES = "galleries"  # reddino-analyse's folder of class galleries, beside its cells.csv
+# Cells that look this many times larger or smaller than a given pixel size makes 7.5 µm cells
+# (estimates lie within 15 % on real smears): the pixel size is another microscope's or objective's.
+PIXEL_SIZE_DOUBT = 1.5
+SIZED_FROM_CELLS = 10  # cells found at least, for the look of a smear's cells to count
 
 
 @dataclass
@@ -135,6 +139,10 @@ class SmearAnalysis:
         labels = segment_cells(image, pixel_size_um=self.pixel_size_um)
         table = measure_cells(labels, image, pixel_size_um=self.pixel_size_um)
         cells = SmearCells(f"{name} cells", table, {"source_image": name, "pixel_size_um": self.pixel_size_um})
+        if self.pixel_size_um is not None and len(table) >= SIZED_FROM_CELLS:
+            seen, expected = estimate_cell_diameter(image), RBC_DIAMETER_UM / self.pixel_size_um
+            if not 1 / PIXEL_SIZE_DOUBT <= seen / expected <= PIXEL_SIZE_DOUBT:
+                cells.metadata["cells_look_px"] = seen  # said by the caller: a wrong size cuts cells into pieces
         if self.embedder is None:
             return cells
         from .crops import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN  # torch, only to embed
