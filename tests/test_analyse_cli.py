@@ -500,6 +500,20 @@ def test_smears_are_listed_and_named_as_napari_names_their_layers(tmp_path):
     assert smear_names([Path("1.jpg"), Path("1.png"), Path("1.jpg.png")]) == ["1.jpg", "1.png", "1.jpg [1]"]
 
 
+def test_linked_folders_are_searched_once_and_hidden_and_nas_folders_not(tmp_path):
+    day, scope = tmp_path / "day", tmp_path / "scope2"
+    for relative in ("day/1.jpg", "day/.Trash-1000/files/old.jpg", "day/@eaDir/1.jpg/SYNOPHOTO_THUMB_XL.jpg",
+                     "day/.snapshot/hourly/1.jpg", "scope2/2.jpg"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    (day / "scope2").symlink_to(scope, target_is_directory=True)  # a second microscope's share, linked in
+    (scope / "back").symlink_to(day, target_is_directory=True)  # and a link back up: no loop
+    unreadable = []
+    found = list_smears([day], unreadable=unreadable)
+    assert [path.relative_to(day).as_posix() for path in found] == ["1.jpg", "scope2/2.jpg"] and unreadable == []
+    assert [path.name for path in list_smears([day / ".snapshot"])] == ["1.jpg"]  # asked for by name
+
+
 def test_the_pictures_of_earlier_runs_and_exports_are_not_taken_for_smears(tmp_path):
     day = tmp_path / "day1"
     for relative in ("1.jpg", "run1/cells.csv", "run1/galleries/1.png", "mine.csv", "mine_galleries/1.png",

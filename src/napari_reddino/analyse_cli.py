@@ -163,7 +163,11 @@ def _analyse(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         raise _Refused(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "
                        "replace them, or choose another --out.")
-    smears = list_smears(args.smears, leave_out=out)
+    unreadable: list[Path] = []
+    smears = list_smears(args.smears, leave_out=out, unreadable=unreadable)
+    for folder in unreadable:  # permissions, a share that dropped: said now, and in the exit status
+        print(f"reddino-analyse: warning: cannot read the folder {shown(folder)}; its smears are left out",
+              file=sys.stderr, flush=True)
     missing = [shown(path) for path in smears if not path.is_file()]
     if missing:
         raise _Refused(f"no such file: {', '.join(missing)}")
@@ -228,6 +232,9 @@ def _analyse(args: argparse.Namespace) -> int:
         return stopped
     if skipped:
         print(f"reddino-analyse: {len(skipped)} of {counted(len(smears), 'smear')} skipped (see above)", file=sys.stderr)
+        return 1
+    if unreadable:
+        print(f"reddino-analyse: {counted(len(unreadable), 'folder')} could not be read (see above)", file=sys.stderr)
         return 1
     return 1 if kept or targets[0] != table else 0  # a script reading DIR/cells.csv would read the other run's
 

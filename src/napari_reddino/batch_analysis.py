@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,11 +42,14 @@ class SmearCells:
     metadata: dict = field(default_factory=dict)
 
 
-def list_smears(sources: Sequence[str | os.PathLike], *, leave_out: str | os.PathLike | None = None) -> list[Path]:
-    """Every smear named: files as given, folders searched for images (any depth, sorted), but
-    not in a folder below them that is ``leave_out`` (this run's output folder) or holds the
-    class galleries an earlier export or run drew beside its table (:func:`is_gallery_folder`):
-    those pictures are no smears."""
+def list_smears(sources: Sequence[str | os.PathLike], *, leave_out: str | os.PathLike | None = None,
+                unreadable: list[Path] | None = None) -> list[Path]:
+    """Every smear named: files as given, folders searched for images (any depth, through linked
+    folders, sorted), but not in a folder below them that is hidden (``.Trash-1000``,
+    ``.snapshot``) or a NAS's own (``@eaDir``), is ``leave_out`` (this run's output folder) or
+    holds the class galleries an earlier export or run drew beside its table
+    (:func:`is_gallery_folder`): those pictures are no smears. Folders that cannot be read are
+    appended to ``unreadable``, where given."""
     skipped = Path(leave_out).resolve() if leave_out is not None else None
 
     def is_smear(path: Path, source: Path) -> bool:
@@ -58,7 +61,7 @@ def list_smears(sources: Sequence[str | os.PathLike], *, leave_out: str | os.Pat
     found = []
     for source in map(Path, sources):
         if source.is_dir():
-            found.extend(sorted(path for path in source.rglob("*") if is_smear(path, source)))
+            found.extend(sorted(path for path in _files_under(source, unreadable) if is_smear(path, source)))
         else:
             found.append(source)
     unique, seen = [], set()
@@ -67,6 +70,23 @@ def list_smears(sources: Sequence[str | os.PathLike], *, leave_out: str | os.Pat
             seen.add(path.resolve())
             unique.append(path)
     return unique
+
+
+def _files_under(folder: Path, unreadable: list[Path] | None) -> Iterator[Path]:
+    """The files at any depth under ``folder``, through linked folders (each real folder once: a
+    link back up is no loop), not in hidden or ``@`` folders."""
+    seen = set()
+
+    def cannot_read(error: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append(Path(error.filename))
+
+    for top, folders, files in os.walk(folder, onerror=cannot_read, followlinks=True):
+        real = os.path.realpath(top)
+        folders[:] = [] if real in seen else [name for name in folders if not name.startswith((".", "@"))]
+        if real not in seen:
+            seen.add(real)
+            yield from (Path(top) / name for name in files)
 
 
 def is_gallery_folder(folder: Path) -> bool:
