@@ -70,6 +70,10 @@ def test_measure_only_writes_every_cell_and_a_summary_per_smear(smears, tmp_path
         np.testing.assert_allclose(mine["equivalent_diameter_um"], expected["equivalent_diameter_um"])
     summary = read(out / "cells_summary.csv")
     assert summary["image"].tolist() == ["1", "26"]
+    # the file as the run was given it: a name alone is no key across runs (another day2/26.jpg renames it)
+    assert summary["source_path"].tolist() == [str(smears / "1.jpg"), str(smears / "day2" / "26.jpg")]
+    assert list(cells.columns[:4]) == ["layer", "image", "source_path", "label"]
+    assert cells.groupby("image")["source_path"].nunique().eq(1).all()
     assert summary["cells"].tolist() == [(cells["image"] == "1").sum(), (cells["image"] == "26").sum()]
     assert summary["diameter_mean_um"].between(6, 9).all()  # red cells at 0.2 µm/px
     captured = capsys.readouterr()

@@ -20,6 +20,7 @@ from .atomic_files import NotReplacedError, PartlyWrittenError
 from .batch_analysis import GALLERIES, SmearAnalysis, list_smears, shown, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
+from .cell_table import SOURCE_PATH
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
 from .image_input import read_smear
 from .segmentation import RBC_DIAMETER_UM, pixel_size_refusal
@@ -123,6 +124,7 @@ def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipp
             reason = str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
             print(f"[{number}/{len(smears)}] {shown(path)}: skipped: {reason}", file=sys.stderr, flush=True)
             continue
+        cells.metadata[SOURCE_PATH] = shown(path)
         done.append(cells)
         found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
         print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)", flush=True)

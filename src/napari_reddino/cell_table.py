@@ -24,6 +24,8 @@ import pandas as pd
 from .cell_embeddings import embeddings_of
 from .measurements import MEASUREMENT_COLUMNS
 
+SOURCE_PATH = "source_path"  # metadata and column: the smear's file (reddino-analyse), its name alone being
+# no key: "26" in one run is "day1/26.jpg" in another that also holds a day2/26.jpg
 ANALYSIS_COLUMNS = ("umap_x", "umap_y", "manual_label", "predicted_class", "prediction_probability")
 PREDICTED_CLASSES = "predicted_classes"  # cells layer metadata: the classes of the head that predicted its cells
 PREDICTED_BY = "predicted_by"  # cells layer metadata: a token of the Cell map panel's head that predicted its cells
@@ -107,9 +109,11 @@ def cells_table(layers: Sequence) -> pd.DataFrame:
         if "index" in features and features["index"].equals(features["label"]):
             features = features.drop(columns="index")
         record = embeddings_of(layer)
-        features = features.drop(columns=["layer", "image", "model_id"], errors="ignore")
+        features = features.drop(columns=["layer", "image", SOURCE_PATH, "model_id"], errors="ignore")
         features.insert(0, "layer", str(layer.name))
         features.insert(1, "image", image_name(layer))
+        if SOURCE_PATH in layer.metadata:  # reddino-analyse's smears: the file, as the run was given it
+            features.insert(2, SOURCE_PATH, str(layer.metadata[SOURCE_PATH]))
         features["model_id"] = np.where(features["label"].isin(record[0]), record[2], "") if record else ""
         parts.append(features)
         probabilities += _probability_columns(layer, features)
@@ -118,7 +122,8 @@ def cells_table(layers: Sequence) -> pd.DataFrame:
         if column not in table:
             table[column] = "" if column.endswith(("label", "class")) else np.nan
     probabilities = list(dict.fromkeys(probabilities))
-    placed = {"layer", "image", "label", "model_id", *ANALYSIS_COLUMNS, *probabilities}
+    placed = {"layer", "image", SOURCE_PATH, "label", "model_id", *ANALYSIS_COLUMNS, *probabilities}
     rank = {column: position for position, column in enumerate(MEASUREMENT_COLUMNS)}
     own = sorted((c for c in table.columns if c not in placed), key=lambda c: rank.get(c, len(rank)))  # stable
-    return table[["layer", "image", "label", *own, *ANALYSIS_COLUMNS, *probabilities, "model_id"]]
+    source = [SOURCE_PATH] if SOURCE_PATH in table else []
+    return table[["layer", "image", *source, "label", *own, *ANALYSIS_COLUMNS, *probabilities, "model_id"]]

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .cell_table import as_layers, cells_table, class_names, image_name, whole_cells
+from .cell_table import SOURCE_PATH, as_layers, cells_table, class_names, image_name, whole_cells
 
 # A cell that only touches another shares a few % of its outline; one overlapping a neighbour
 # is split from it along a line. Over the whole cells of 36 Chula smears, outline_shared was 0
@@ -66,8 +66,10 @@ def class_of_each_cell(table: pd.DataFrame) -> np.ndarray:
 
 
 def _summary_row(layer, table: pd.DataFrame, whole: pd.DataFrame, names: np.ndarray, classes: list[str]) -> dict:
-    row: dict[str, object] = {"layer": str(layer.name), "image": image_name(layer), "cells": len(table),
-                              "whole_cells": len(whole)}
+    row: dict[str, object] = {"layer": str(layer.name), "image": image_name(layer)}
+    if SOURCE_PATH in layer.metadata:
+        row[SOURCE_PATH] = str(layer.metadata[SOURCE_PATH])
+    row |= {"cells": len(table), "whole_cells": len(whole)}
     diameter_px = _column(whole, "equivalent_diameter_px")
     diameter_um = _column(whole, "equivalent_diameter_um")
     ratio = _column(whole, "equivalent_diameter_um", per="equivalent_diameter_px")
