@@ -507,15 +507,29 @@ def test_smears_are_listed_and_named_as_napari_names_their_layers(tmp_path):
 def test_linked_folders_are_searched_once_and_hidden_and_nas_folders_not(tmp_path):
     day, scope = tmp_path / "day", tmp_path / "scope2"
     for relative in ("day/1.jpg", "day/.Trash-1000/files/old.jpg", "day/@eaDir/1.jpg/SYNOPHOTO_THUMB_XL.jpg",
-                     "day/.snapshot/hourly/1.jpg", "scope2/2.jpg"):
+                     "day/.snapshot/hourly/1.jpg", "day/#snapshot/1.jpg", "day/#recycle/1.jpg", "day/lost+found/x.jpg",
+                     "day/$RECYCLE.BIN/x.jpg", "day/d/3.jpg", "scope2/2.jpg"):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(b"")
     (day / "scope2").symlink_to(scope, target_is_directory=True)  # a second microscope's share, linked in
     (scope / "back").symlink_to(day, target_is_directory=True)  # and a link back up: no loop
+    (day / "a").mkdir()
+    (day / "a" / "shortcut").symlink_to(day / "d", target_is_directory=True)  # found first, yet d keeps its own path
     unreadable = []
     found = list_smears([day], unreadable=unreadable)
-    assert [path.relative_to(day).as_posix() for path in found] == ["1.jpg", "scope2/2.jpg"] and unreadable == []
+    assert [path.relative_to(day).as_posix() for path in found] == ["1.jpg", "d/3.jpg", "scope2/2.jpg"]
+    assert unreadable == []
     assert [path.name for path in list_smears([day / ".snapshot"])] == ["1.jpg"]  # asked for by name
+
+
+def test_a_folder_whose_smears_all_lie_in_a_linked_folder_is_analysed(tmp_path):
+    day, scope = tmp_path / "day", tmp_path / "scope"
+    day.mkdir()
+    scope.mkdir()
+    shutil.copy(CHULA / "1.jpg", scope / "1.jpg")
+    (day / "scope").symlink_to(scope, target_is_directory=True)
+    assert main([str(day), "--out", str(tmp_path / "out"), "--measure-only"]) == 0
+    assert read(tmp_path / "out" / "cells_summary.csv")["source_path"].tolist() == [str(day / "scope" / "1.jpg")]
 
 
 def test_the_pictures_of_earlier_runs_and_exports_are_not_taken_for_smears(tmp_path):
@@ -611,3 +625,18 @@ def test_the_columns_keep_their_order_whether_a_gray_or_a_colour_smear_comes_fir
     colours = [orders[0].index(name) for name in ("mean_red", "mean_green", "mean_blue", "mean_gray", "central_pallor")]
     assert colours == sorted(colours) and colours[-1] - colours[0] == 4
 
+
+
+def test_a_sigterm_while_the_files_are_written_waits_for_them(smears, tmp_path, monkeypatch, capsys):
+    export = analyse_cli.export_cells_csv
+
+    def terminated_meanwhile(*args, **kwargs):  # a scheduler's time limit, just after the last smear
+        os.kill(os.getpid(), signal.SIGTERM)
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(analyse_cli, "export_cells_csv", terminated_meanwhile)
+    out = tmp_path / "out"
+    assert main([str(smears), "--out", str(out), "--measure-only"]) == 128 + signal.SIGTERM
+    assert "interrupted after the last smear; the files are whole" in capsys.readouterr().err
+    assert read(out / "cells_summary.csv")["image"].tolist() == ["1", "26"] and len(read(out / "cells.csv")) > 200
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the signal is the system's again

@@ -72,9 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class _StopRequest(threading.Event):
-    """Set by Ctrl-C or SIGTERM (a scheduler's time limit, ``timeout``), with the signal's number."""
+    """Set by Ctrl-C or SIGTERM (a scheduler's time limit), with the signal's number. While
+    ``raising``, the signal also raises KeyboardInterrupt; after it, while the files are
+    written, it is only noted: a write cut short would leave a new table beside an old summary."""
 
     signum: int = signal.SIGINT
+    raising: bool = True
+
+    @property
+    def status(self) -> int:
+        """The exit status of a run it stopped: 130 for Ctrl-C, as the shell gives, 143 for SIGTERM."""
+        return 128 + self.signum
 
 
 @contextlib.contextmanager
@@ -91,7 +99,8 @@ def _remembered_stop() -> Iterator[_StopRequest]:
     def on_signal(signum, frame):
         request.signum = signum
         request.set()
-        raise KeyboardInterrupt
+        if request.raising:
+            raise KeyboardInterrupt
 
     previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -124,7 +133,7 @@ def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipp
             reason = str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
             print(f"[{number}/{len(smears)}] {shown(path)}: skipped: {reason}", file=sys.stderr, flush=True)
             continue
-        cells.metadata[SOURCE_PATH] = shown(path)
+        cells.metadata[SOURCE_PATH] = shown(path.absolute())  # the same key from whatever folder it ran in
         done.append(cells)
         found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
         print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)", flush=True)
@@ -173,10 +182,13 @@ def _analyse(args: argparse.Namespace) -> int:
     missing = [shown(path) for path in smears if not path.is_file()]
     if missing:
         raise _Refused(f"no such file: {', '.join(missing)}")
-    found_in = {folder for path in smears for folder in path.resolve().parents}
-    empty = [source for source in args.smears if Path(source).is_dir() and Path(source).resolve() not in found_in]
+    found_in = {folder for path in smears for folder in (*path.parents, *path.resolve().parents)}  # through links too
+    empty = [source for source in args.smears if Path(source).is_dir() and Path(source) not in found_in
+             and Path(source).resolve() not in found_in]
     if empty:  # a day's smears would be missing from the report without a word
-        raise _Refused(f"no images (png, jpg, jpeg, tif, tiff) in {', '.join(empty)}")
+        cannot = {shown(folder) for folder in unreadable}
+        raise _Refused("; ".join(f"cannot read the folder {shown(source)}" if shown(source) in cannot else
+                                 f"no images (png, jpg, jpeg, tif, tiff) in {shown(source)}" for source in empty))
     _check_output_folder(out)  # before the model, which may download for minutes
     analysis = _analysis(args)
     try:  # said now, not after hours of smears
@@ -192,12 +204,23 @@ def _analyse(args: argparse.Namespace) -> int:
             _analyse_each(analysis, smears, done, skipped, stop)
         except KeyboardInterrupt:
             pass
-    interrupted = stop.is_set() or len(done) + len(skipped) < len(smears)
-    stopped = 128 + stop.signum  # 130 for Ctrl-C, as the shell gives, 143 for SIGTERM
+        stop.raising = False
+        return _write_results(args, analysis, smears, (done, skipped, unreadable), (stale, old_galleries), stop)
 
+
+def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: list[Path],
+                   outcome: tuple[list, list[Path], list[Path]], earlier: tuple[list[Path], list[Path]],
+                   stop: _StopRequest) -> int:
+    """Write the smears done and say what became of the others (skipped, in folders that could
+    not be read, not reached); remove the ``earlier`` run's files that no longer match (its stale
+    tables, its pictures). Returns the exit status."""
+    done, skipped, unreadable = outcome
+    stale, old_galleries = earlier
+    table, galleries = Path(args.out) / "cells.csv", Path(args.out) / GALLERIES
+    left = len(smears) - len(done) - len(skipped)  # not reached
     if not done:
         print("reddino-analyse: no smear was analysed; nothing written", file=sys.stderr)
-        return stopped if interrupted else NOTHING_WRITTEN
+        return stop.status if stop.is_set() or left else NOTHING_WRITTEN
     pictured = {Path(cells.metadata["gallery"]) for cells in done if "gallery" in cells.metadata}
     with_galleries = f"; galleries of {counted(len(pictured), 'smear')} in {galleries}" if args.galleries else ""
     classes = analysis.head.classes if analysis.head is not None else None
@@ -224,14 +247,16 @@ def _analyse(args: argparse.Namespace) -> int:
     # they would show cells the new cells.csv no longer holds
     removed += remove_pictures([path for path in old_galleries if path not in pictured], "the earlier run's")
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
-          f"{', '.join(str(file) for file in targets)}{with_galleries}{removed}")
+          f"{', '.join(shown(file) for file in targets)}{with_galleries}{removed}")
     if kept:
         print(f"reddino-analyse: could not remove the earlier run's {', '.join(kept)}, which no longer matches the "
               "new tables; delete it by hand", file=sys.stderr)
-    if interrupted:
-        left = len(smears) - len(done) - len(skipped)
+    if left:
         print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files", file=sys.stderr)
-        return stopped
+        return stop.status
+    if stop.is_set():  # asked to stop while the files were written: they were finished first
+        print("reddino-analyse: interrupted after the last smear; the files are whole", file=sys.stderr)
+        return stop.status
     if skipped:
         print(f"reddino-analyse: {len(skipped)} of {counted(len(smears), 'smear')} skipped (see above)", file=sys.stderr)
         return 1

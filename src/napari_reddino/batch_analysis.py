@@ -30,7 +30,6 @@ GALLERIES = "galleries"  # reddino-analyse's folder of class galleries, beside i
 # Cells that look this many times larger or smaller than a given pixel size makes 7.5 µm cells
 # (estimates lie within 15 % on real smears): the pixel size is another microscope's or objective's.
 PIXEL_SIZE_DOUBT = 1.5
-SIZED_FROM_CELLS = 10  # cells found at least, for the look of a smear's cells to count
 
 
 @dataclass
@@ -72,21 +71,35 @@ def list_smears(sources: Sequence[str | os.PathLike], *, leave_out: str | os.Pat
     return unique
 
 
+# Folders of copies and system files: snapshots, recycle bins, a NAS's thumbnails (@eaDir), and
+# those an ordinary user cannot read (lost+found, System Volume Information) that would fail every run.
+_NOT_SMEAR_FOLDERS = (".", "@", "#", "~snapshot", "$RECYCLE.BIN", "System Volume Information", "lost+found")
+
+
 def _files_under(folder: Path, unreadable: list[Path] | None) -> Iterator[Path]:
-    """The files at any depth under ``folder``, through linked folders (each real folder once: a
-    link back up is no loop), not in hidden or ``@`` folders."""
-    seen = set()
+    """The files at any depth under ``folder`` (sorted within each folder), through linked
+    folders: each real folder once, and by its own path where it lies under ``folder`` too (links
+    are followed after the folders themselves). Not in folders of :data:`_NOT_SMEAR_FOLDERS`."""
+    seen, links = set(), []
 
     def cannot_read(error: OSError) -> None:
         if unreadable is not None:
             unreadable.append(Path(error.filename))
 
-    for top, folders, files in os.walk(folder, onerror=cannot_read, followlinks=True):
-        real = os.path.realpath(top)
-        folders[:] = [] if real in seen else [name for name in folders if not name.startswith((".", "@"))]
-        if real not in seen:
+    def walk(top: str | Path) -> Iterator[Path]:
+        for here, folders, files in os.walk(top, onerror=cannot_read):
+            real = os.path.realpath(here)
+            if real in seen:
+                folders[:] = []
+                continue
             seen.add(real)
-            yield from (Path(top) / name for name in files)
+            folders[:] = sorted(name for name in folders if not name.startswith(_NOT_SMEAR_FOLDERS))
+            links.extend(os.path.join(here, name) for name in folders if os.path.islink(os.path.join(here, name)))
+            yield from (Path(here) / name for name in sorted(files))
+
+    yield from walk(folder)
+    while links:  # os.walk lists a linked folder but does not enter it
+        yield from walk(links.pop(0))
 
 
 def is_gallery_folder(folder: Path) -> bool:
@@ -159,7 +172,7 @@ class SmearAnalysis:
         labels = segment_cells(image, pixel_size_um=self.pixel_size_um)
         table = measure_cells(labels, image, pixel_size_um=self.pixel_size_um)
         cells = SmearCells(f"{name} cells", table, {"source_image": name, "pixel_size_um": self.pixel_size_um})
-        if self.pixel_size_um is not None and len(table) >= SIZED_FROM_CELLS:
+        if self.pixel_size_um is not None and len(table):  # a wrong size may have merged them into a few
             seen, expected = estimate_cell_diameter(image), RBC_DIAMETER_UM / self.pixel_size_um
             if not 1 / PIXEL_SIZE_DOUBT <= seen / expected <= PIXEL_SIZE_DOUBT:
                 cells.metadata["cells_look_px"] = seen  # said by the caller: a wrong size cuts cells into pieces

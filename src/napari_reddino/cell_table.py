@@ -109,10 +109,11 @@ def cells_table(layers: Sequence) -> pd.DataFrame:
         if "index" in features and features["index"].equals(features["label"]):
             features = features.drop(columns="index")
         record = embeddings_of(layer)
-        features = features.drop(columns=["layer", "image", SOURCE_PATH, "model_id"], errors="ignore")
+        features = features.drop(columns=["layer", "image", "model_id"], errors="ignore")
         features.insert(0, "layer", str(layer.name))
         features.insert(1, "image", image_name(layer))
-        if SOURCE_PATH in layer.metadata:  # reddino-analyse's smears: the file, as the run was given it
+        if SOURCE_PATH in layer.metadata:  # reddino-analyse's smears: the file
+            features = features.drop(columns=SOURCE_PATH, errors="ignore")
             features.insert(2, SOURCE_PATH, str(layer.metadata[SOURCE_PATH]))
         features["model_id"] = np.where(features["label"].isin(record[0]), record[2], "") if record else ""
         parts.append(features)

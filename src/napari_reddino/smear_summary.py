@@ -55,8 +55,11 @@ def summarise_smears(cells, classes: Sequence[str] | None = None) -> pd.DataFram
     found = sorted(set().union(*(set(names) for names in cell_classes)) - {""})
     given = list(classes or [])
     columns = given + [name for name in found if name not in given]
-    return pd.DataFrame([_summary_row(layer, table, whole_cells, names, columns)
-                         for layer, table, whole_cells, names in zip(layers, tables, whole, cell_classes)])
+    summary = pd.DataFrame([_summary_row(layer, table, whole_cells, names, columns)
+                            for layer, table, whole_cells, names in zip(layers, tables, whole, cell_classes)])
+    if SOURCE_PATH in summary:  # beside the image name, whichever layer had it first
+        summary.insert(2, SOURCE_PATH, summary.pop(SOURCE_PATH))
+    return summary
 
 
 def class_of_each_cell(table: pd.DataFrame) -> np.ndarray:
