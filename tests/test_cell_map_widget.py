@@ -804,6 +804,24 @@ def test_a_map_that_fails_says_why_and_ends_once(viewer, qtbot, tiny_folder):  #
     assert widget.pool is None and widget._pending is None and widget._run_button.enabled
 
 
+def test_a_smear_read_lazily_is_not_hashed_whole_and_one_in_memory_is(viewer):
+    import dask.array as da
+
+    pixels = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    ids = np.arange(1, 5)
+    for name, data in (("lazy", da.from_array(pixels, chunks=(30, 40, 3))), ("in memory", pixels)):
+        viewer.add_image(data, name=name, rgb=True)
+        cells = viewer.add_labels(np.repeat(np.repeat(ids.reshape(2, 2), 30, 0), 40, 1).astype(np.int32),
+                                  name=f"{name} cells", metadata={"source_image": name})
+        store_embeddings(cells, ids, np.ones((4, 8), np.float32), model_id="m", fingerprint="f",
+                         image_digest="the pixels before an edit")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    layers = [viewer.layers["lazy cells"], viewer.layers["in memory cells"]]
+    # A dask or zarr smear is read from disk, not edited in place: reading it whole at each Train
+    # and Export would freeze the panel. One in memory is hashed, and found changed.
+    assert widget._smears_changed(layers).startswith("The smear under 'in memory cells' changed since")
+
+
 def test_a_map_cancelled_during_its_layout_is_dropped_and_the_next_one_is_shown(viewer, qtbot):
     n = 5_000
     ids = np.arange(1, n + 1)

@@ -2,8 +2,10 @@
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from napari.layers import Labels
 from napari.utils.notifications import NotificationSeverity, notification_manager
@@ -12,7 +14,8 @@ from skimage.io import imread
 from napari_reddino import estimate_cell_diameter, segment_cells
 from napari_reddino.widgets.smear_colours import MARK
 from napari_reddino.cell_embeddings import labels_digest
-from napari_reddino.widgets.segment_widget import MEASURED_LABELS, carried_to
+from napari_reddino.widgets.segment_widget import MEASURED_IMAGE, MEASURED_LABELS, carried_to, measured_on
+from napari_reddino.widgets.smear_links import SOURCE_DIGEST
 
 DATA = Path(__file__).parent / "data"
 CHULA_1 = DATA / "chula_rbc12" / "1.jpg"
@@ -379,3 +382,16 @@ def test_a_long_message_wraps_in_the_panel_without_widening_the_dock(make_napari
     assert widget.width() == width
     widget.status.value = "118 cells found in 0.8 s"
     qtbot.waitUntil(lambda: widget.status.native.height() < 2 * widget.status.native.fontMetrics().height())  # 1 line
+
+
+def test_a_table_counts_as_measured_on_the_labels_and_pixels_its_layer_records():
+    table = pd.DataFrame({"label": [1, 2]})
+    layer = SimpleNamespace(features=table, metadata={MEASURED_LABELS: "labels", MEASURED_IMAGE: "pixels"})
+    assert measured_on(layer, "labels", "pixels")
+    assert not measured_on(layer, "labels", "pixels edited in place") and not measured_on(layer, "painted", "pixels")
+    # Layers from before the pixels were recorded: those they were segmented (and measured) from.
+    earlier = SimpleNamespace(features=table, metadata={MEASURED_LABELS: "labels", SOURCE_DIGEST: "pixels"})
+    assert measured_on(earlier, "labels", "pixels") and not measured_on(earlier, "labels", "corrected")
+    unknown = SimpleNamespace(features=table, metadata={MEASURED_LABELS: "labels"})  # another tool's
+    assert measured_on(unknown, "labels", "pixels")
+    assert not measured_on(SimpleNamespace(features=pd.DataFrame(), metadata=layer.metadata), "labels", "pixels")
