@@ -131,9 +131,7 @@ class GaussianNoise(nn.Module):
     """Zero-mean Gaussian noise on every pixel and channel, its variance drawn from
     ``variance`` (8-bit levels squared; Albumentations' GaussNoise default)."""
 
-    def __init__(self, variance: tuple[float, float] = (10.0, 50.0)) -> None:
-        super().__init__()
-        self.variance = variance
+    variance = (10.0, 50.0)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         low, high = self.variance
@@ -145,9 +143,7 @@ class Downscale(nn.Module):
     """Down to ``scale`` of the size and back, nearest neighbour both ways: a coarser camera
     (Albumentations' Downscale default)."""
 
-    def __init__(self, scale: float = 0.25) -> None:
-        super().__init__()
-        self.scale = scale
+    scale = 0.25
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         size = list(image.shape[-2:])
@@ -160,9 +156,7 @@ class Downscale(nn.Module):
 class RandomGamma(nn.Module):
     """Gamma drawn from ``gamma`` (Albumentations' RandomGamma default, 80-120 %)."""
 
-    def __init__(self, gamma: tuple[float, float] = (0.8, 1.2)) -> None:
-        super().__init__()
-        self.gamma = gamma
+    gamma = (0.8, 1.2)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         low, high = self.gamma
@@ -173,9 +167,7 @@ class RGBShift(nn.Module):
     """Each channel shifted by its own whole number of levels within ``limit`` either way
     (Albumentations' RGBShift default)."""
 
-    def __init__(self, limit: int = 20) -> None:
-        super().__init__()
-        self.limit = limit
+    limit = 20
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         shift = torch.randint(-self.limit, self.limit + 1, (image.shape[-3], 1, 1))
