@@ -144,7 +144,9 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
     if unknown or not request.feature_sets:
         raise ValueError(f"feature sets {sorted(unknown)}; choose from {', '.join(FEATURE_SETS)}")
     data_format = request.format or detect_format(request.data)
-    split = request.split or ("by-image" if data_format == "points" else "5-fold")
+    # crops laid out by smear are split by smear unless asked otherwise: split by cell, a test crop's
+    # smear is in the training folds, and a classifier scores by telling smears apart
+    split = request.split or ("by-image" if data_format == "points" or crops_are_grouped(request.data) else "5-fold")
     if data_format == "crops" and split == "by-image" and not crops_are_grouped(request.data):
         raise EvaluationError("a split by image needs to know each sample's image: use points data, crops laid out "
                               "as DATA/<class>/<smear>/*.png (with smears that hold cells of several classes), or "

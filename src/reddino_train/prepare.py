@@ -141,8 +141,9 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
     A smear's key is its file stem, or, when another smear has that stem already (in this run
     or in ``done``, the journal's key -> source path), the stem and a hash of its path. A smear
     in ``done`` keeps its key, so listing other sources on a later run changes no key; so does
-    one whose folder moved (renamed, mounted elsewhere), found by its file name and ``contents``
-    digest (the journal's key -> :func:`content_digest`) where its recorded path is gone.
+    one whose folder moved or was copied (renamed, mounted elsewhere, copied to scratch), found
+    by its file name and ``contents`` digest (the journal's key -> :func:`content_digest`) where
+    its recorded path is not among the sources.
     """
     paths: list[Path] = []
     out = out.resolve()
@@ -154,7 +155,7 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
             images = find_images(source)
         except EmptyDatasetError as error:
             raise PrepareError(str(error)) from None
-        inside = [path for path in images if out in path.resolve().parents]
+        inside = {path for path in images if out in path.resolve().parents}  # a set: resumed, OUT holds 1 M crops
         paths += [path for path in images if path not in inside]
         if inside and len(inside) == len(images):
             raise PrepareError(f"every image under {source} lies inside the output folder {out}, where the crops go "
@@ -163,8 +164,11 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
         raise PrepareError("no smear images in the sources")
     done, contents = done or {}, contents or {}
     keys = {source: key for key, source in done.items() if source}  # resolved path -> key
+    # moved, or copied (to a cluster's scratch) and listed instead of the original: known by name
+    # and content, not cut a second time (an original listed beside its copy is a smear of its own)
+    listed = {str(path.resolve()) for path in paths}
     moved = {(Path(done[key]).name, digest): key for key, digest in contents.items()
-             if done.get(key) and not Path(done[key]).exists()}
+             if done.get(key) and done[key] not in listed}
     taken, seen, smears = {key.casefold() for key in keys.values()}, set(), []
     for path in paths:
         source = str(path.resolve())
@@ -172,7 +176,7 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
             continue  # listed twice
         seen.add(source)
         if source not in keys:
-            found = moved.pop((path.name, _digest_or_none(path)), None) if moved else None  # when a smear is gone
+            found = moved.pop((path.name, _digest_or_none(path)), None) if moved else None
             keys[source] = found or _new_key(path.stem, source, done, taken)
             taken.add(keys[source].casefold())
         smears.append(Smear(keys[source], path))
@@ -255,6 +259,9 @@ def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: Pre
                     samples = cut(image, settings)
                 except _Unusable as error:
                     report.skipped.append((smear.path, " ".join(str(error).split())))  # one line per file
+                    continue
+                except MemoryError:  # a huge field: the others go on, and a re-run does not die on it again
+                    report.skipped.append((smear.path, "out of memory (too large a field at this --size?)"))
                     continue
                 _write_smear(out, smear, samples)
                 done[smear.key] = str(smear.path.resolve())  # a smear redone keeps its place

@@ -74,12 +74,13 @@ def test_crops_in_a_folder_per_smear_can_be_split_by_smear(model, crops_by_smear
             for crop in part:
                 shutil.copy(crop, grouped / label / smear / crop.name)
     out = tmp_path / "grouped.json"
-    assert main(["eval", str(model), "--data", str(grouped), "--json", str(out), "--max-per-class", "20"]) == 0
-    assert json.loads(out.read_text())["split"] == "5-fold"  # the default, as before
     assert main(["eval", str(model), "--data", str(grouped), "--json", str(out), "--max-per-class", "20",
-                 "--split", "by-image", "--overwrite"]) == 0
+                 "--split", "5-fold"]) == 0
+    assert json.loads(out.read_text())["split"] == "5-fold"  # when asked for
+    assert main(["eval", str(model), "--data", str(grouped), "--json", str(out), "--max-per-class", "20",
+                 "--overwrite"]) == 0
     report = json.loads(out.read_text())
-    assert (report["split"], report["folds"]) == ("by-image", 2)  # two smears
+    assert (report["split"], report["folds"]) == ("by-image", 2)  # by default: two smears
     groups = np.load(tmp_path / "grouped.cls.npz")["groups"]
     assert sorted(set(groups)) == ["1", "image-1"] and len(groups) == report["samples"]
     refused = "a split by image needs to know each sample's image"
