@@ -190,7 +190,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     if args.json is not None:
         print(f"\nreddino-train eval: wrote {args.json}")
     if report.summary is not None and report.summary.skipped:  # as prepare and reddino-analyse: a script must see it
-        print(f"reddino-train eval: {counted(len(report.summary.skipped), 'file')} could not be read (see above); the "
+        print(f"reddino-train eval: {counted(len(report.summary.skipped), 'file')} could not be read or segmented (see above); the "
               "scores leave them out", file=sys.stderr)
         return 1
     return 0

@@ -377,7 +377,7 @@ def points_features(
     segmented); a smear's points are matched all together, so a drawn point keeps the cell it
     would have in a full run.
     """
-    from napari_reddino import ImageInputError, cells_at_points, segment_cells
+    from napari_reddino import cells_at_points, segment_cells
 
     root = Path(root)
     smears = point_label_files(root, limit_images)
@@ -394,7 +394,7 @@ def points_features(
         try:
             image = read_image(smear.image)
             labels = segment_cells(image, pixel_size_um=pixel_size_um)
-        except (UnreadableImageError, ImageInputError) as error:
+        except (UnreadableImageError, ValueError) as error:  # ImageInputError, or a cell larger than this image
             summary.skipped.append((smear.image, str(error)))
             continue
         summary.images += 1

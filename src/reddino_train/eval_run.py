@@ -132,7 +132,7 @@ class EvalReport:
             lines.append(f"{summary.images} smears; {summary.matched} of {summary.points} point labels "
                          "matched to a segmented cell")
         if self.summary is not None and self.summary.skipped:
-            lines.append(f"skipped {counted(len(self.summary.skipped), 'unreadable file')}: "
+            lines.append(f"skipped {counted(len(self.summary.skipped), 'file')}: "
                          + "; ".join(f"{path} ({reason})" for path, reason in self.summary.skipped))
         if self.cached:
             lines.append(f"features from the cache: {', '.join(self.cached)}")
@@ -168,7 +168,7 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
     except EvaluationError as error:  # too few images or cells: say which files were not read, if any
         if summary is not None and summary.skipped:
             unread = "; ".join(f"{path} ({reason})" for path, reason in summary.skipped)
-            raise EvaluationError(f"{error} ({counted(len(summary.skipped), 'file')} could not be read: {unread})") \
+            raise EvaluationError(f"{error} ({counted(len(summary.skipped), 'file')} could not be read or segmented: {unread})") \
                 from error
         raise
     results = {

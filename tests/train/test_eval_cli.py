@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.torch
+from PIL import Image
 from skimage.io import imread
 
 from napari_reddino import cells_at_points, load_embedder, measure_cells, segment_cells
@@ -248,7 +249,7 @@ def test_a_split_short_of_images_names_the_files_it_could_not_read(model, tmp_pa
     (data / "26.jpg").write_bytes((CHULA / "26.jpg").read_bytes()[:2000])  # cut short in a copy
     assert main(["eval", str(model), "--data", str(data)]) == 2
     said = capsys.readouterr().err
-    assert "(1 file could not be read: " in said and f"{data / '26.jpg'} (unreadable" in said
+    assert "(1 file could not be read or segmented: " in said and f"{data / '26.jpg'} (unreadable" in said
     # Scores from the smears that were read: given, but not as a success (a script must see it),
     # also when a re-run takes the features from the cache.
     run = ["eval", str(model), "--data", str(data), "--no-cls", "--with-measurements", "--split", "5-fold",
@@ -257,5 +258,12 @@ def test_a_split_short_of_images_names_the_files_it_could_not_read(model, tmp_pa
         assert main(run) == 1
         said = capsys.readouterr()
         assert ("features from the cache: measurements" in said.out) == cached
-        assert "reddino-train eval: 1 file could not be read (see above); the scores leave them out" in said.err
-        assert f"skipped 1 unreadable file: {data / '26.jpg'} (unreadable" in said.out
+        assert "reddino-train eval: 1 file could not be read or segmented (see above); the scores leave them out" in said.err
+        assert f"skipped 1 file: {data / '26.jpg'} (unreadable" in said.out
+    # A field too small for the pixel size given is left out the same way, not the end of the run.
+    (data / "26.jpg").write_bytes((CHULA / "26.jpg").read_bytes())
+    Image.open(CHULA / "1.jpg").crop((0, 0, 30, 30)).save(data / "1.jpg")
+    assert main(["eval", str(model), "--data", str(data), "--no-cls", "--with-measurements", "--pixel-size-um", "0.2",
+                 "--split", "5-fold"]) == 1  # scored on the other smear, and said
+    said = capsys.readouterr()
+    assert f"skipped 1 file: {data / '1.jpg'} (With a pixel size of 0.2 µm, a red cell would be 38 px across" in said.out
