@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a run's teacher backbone as a timm model folder for the plugin",
         description="Write the teacher backbone of RUN/checkpoint.pt to DIR in timm's save_for_hf layout.",
     )
-    export.add_argument("run_dir", metavar="RUN")
+    export.add_argument("run_dir", metavar="RUN", help="a run folder (its checkpoint.pt), or one of its checkpoint "
+                        "files, such as RUN/earlier-checkpoints/step-3000.pt")
     export.add_argument("--out", required=True, metavar="DIR")
     export.add_argument("--overwrite", action="store_true",
                         help="replace DIR if it is an earlier export (any other folder is refused)")

@@ -27,26 +27,30 @@ from .config import config_from_dict
 from .model import vit_architecture_args
 
 TEACHER_BACKBONE_PREFIX = "backbone.vit."
-EXPORT_FILES = ("config.json", "model.safetensors")  # what save_for_hf writes, and all an export holds
+EXPORT_FILES = ("config.json", "model.safetensors")  # what save_for_hf writes
+MODEL_CARD_FILES = ("README.md", ".gitattributes")  # the user's, for the Hub: kept when an export is replaced
 EXPORT_TAG = "reddino-train"  # replaces timm's tag of the weights a run may have started from
 
 
 def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the teacher backbone of ``run_dir/checkpoint.pt`` to ``out_dir``.
+    """Write the teacher backbone of ``run_dir/checkpoint.pt`` (or of the checkpoint file
+    ``run_dir``: one the run kept, ``earlier-checkpoints/step-<N>.pt``) to ``out_dir``.
 
     The folder is built beside ``out_dir`` and renamed into place, so a failed export never
-    leaves a half-written model; an existing ``out_dir`` is replaced only with ``overwrite``.
+    leaves a half-written model; an existing ``out_dir`` is replaced only with ``overwrite``,
+    keeping the model card written into it (``README.md``).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    checkpoint_path = run_dir / CHECKPOINT_NAME
+    checkpoint_path = run_dir if run_dir.is_file() else run_dir / CHECKPOINT_NAME
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"no {CHECKPOINT_NAME} in {run_dir}; is it a reddino-train output folder?")
-    if run_dir.resolve().is_relative_to(out_dir.resolve()):
+    if checkpoint_path.resolve().is_relative_to(out_dir.resolve()):
         raise FileExistsError(f"{out_dir} holds the run {run_dir}; export to another folder, replacing it "
                               "would delete the run")
     if out_dir.exists() and not _is_export(out_dir):  # before the advice to overwrite, which would not help
         raise FileExistsError(f"{out_dir} exists and is not an earlier export (a folder of "
-                              f"{' and '.join(EXPORT_FILES)} alone), so it is not replaced; export to a new folder")
+                              f"{' and '.join(EXPORT_FILES)}, with at most a model card), so it is not replaced; export to "
+                              "a new folder")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; replace it with --overwrite (Python: overwrite=True)")
     state = read_checkpoint(checkpoint_path)
@@ -71,6 +75,9 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
         _without_licence(staging / "config.json")
         for file in staging.iterdir():  # safetensors writes 0600: the lab could not load the weights
             os.chmod(file, 0o666 & ~UMASK)
+        for name in MODEL_CARD_FILES:
+            if (out_dir / name).is_file():
+                shutil.copy2(out_dir / name, staging / name)
         _replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -88,7 +95,8 @@ def _without_licence(config_path: Path) -> None:
 
 
 def _is_export(folder: Path) -> bool:
-    return folder.is_dir() and sorted(path.name for path in folder.iterdir()) == sorted(EXPORT_FILES)
+    names = {path.name for path in folder.iterdir()} if folder.is_dir() else set()
+    return set(EXPORT_FILES) <= names <= {*EXPORT_FILES, *MODEL_CARD_FILES}
 
 
 def _replace_folder(new: Path, target: Path) -> None:

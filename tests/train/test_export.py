@@ -65,7 +65,7 @@ def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsy
     for overwrite in ([], ["--overwrite"]):  # without --overwrite, no advice to pass it: it would not help
         assert main(["export", run, "--out", str(smears), *overwrite]) == 2
         said = capsys.readouterr().err
-        assert "exists and is not an earlier export (a folder of config.json and model.safetensors alone)" in said
+        assert "exists and is not an earlier export (a folder of config.json and model.safetensors, with at most a model card)" in said
         assert "replace it with --overwrite" not in said
     assert (smears / "1.jpg").read_bytes() == b"a smear"
     (tmp_path / "notes.txt").write_text("mine")
@@ -149,3 +149,18 @@ def test_an_overwrite_that_fails_at_the_last_step_keeps_the_earlier_export(smear
         export_teacher(run, model, overwrite=True)
     assert {path.name: path.read_bytes() for path in model.iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "run"]  # nothing left aside
+
+
+def test_a_kept_checkpoint_exports_and_a_model_card_stays_across_overwrite(smear_images, tmp_path):
+    cfg = load_config("tiny", [*TINY, "train.keep_checkpoints=2", "train.checkpoint_every=1"])
+    fit(cfg, smear_images, tmp_path / "run", max_steps=2)
+    kept = tmp_path / "run" / "earlier-checkpoints" / "step-1.pt"
+    assert kept.is_file()
+    earlier = export_teacher(kept, tmp_path / "step1")  # the best of the evaluated checkpoints, not the last
+    latest = export_teacher(tmp_path / "run", tmp_path / "latest")
+    assert (earlier / "model.safetensors").read_bytes() != (latest / "model.safetensors").read_bytes()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["iteration"] == 2  # left as it was
+    (latest / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\nOur lab's RBC model.\n")
+    export_teacher(kept, latest, overwrite=True)  # the card written for the Hub stays
+    assert (latest / "README.md").read_text().endswith("Our lab's RBC model.\n")
+    assert (latest / "model.safetensors").read_bytes() == (earlier / "model.safetensors").read_bytes()
