@@ -73,6 +73,9 @@ ONLY_IN_MODE = {"patch_size": "patches", "margin": "cells", "crop_mode": "cells"
                 "pixel_size_um": "cells"}  # the settings that only one mode uses
 
 
+DEFAULT_CELL_SIZE = 224  # px: RedDino's crops
+
+
 @dataclass(frozen=True)
 class PrepareSettings:
     mode: Mode = "cells"
@@ -106,7 +109,7 @@ class PrepareSettings:
     @property
     def output_size(self) -> int | None:
         """Side of the written images; None keeps the tiles as they are."""
-        return self.size if self.size is not None or self.mode == "patches" else 224
+        return self.size if self.size is not None or self.mode == "patches" else DEFAULT_CELL_SIZE
 
 
 @dataclass
@@ -434,6 +437,7 @@ def _check_settings(out: Path, settings: PrepareSettings, any_done: bool) -> Non
         for name, mode in ONLY_IN_MODE.items():
             if mode != settings.mode:
                 saved[name] = wanted[name]
+        saved, wanted = _as_cut(saved), _as_cut(wanted)
         if saved != wanted:
             changed = ", ".join(f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items()
                                 if saved.get(key) != value)
@@ -443,6 +447,17 @@ def _check_settings(out: Path, settings: PrepareSettings, any_done: bool) -> Non
             )
     else:
         write_atomic(path, json.dumps(wanted, indent=2) + "\n")
+
+
+def _as_cut(settings: dict) -> dict:
+    """``settings`` with the default size spelt out (224 for cells; a patch's own for tiles):
+    ``--size 224`` cuts what no ``--size`` did."""
+    size = settings["size"]
+    if size is None and settings["mode"] == "cells":
+        size = DEFAULT_CELL_SIZE
+    if settings["mode"] == "patches" and size == settings["patch_size"]:
+        size = None
+    return {**settings, "size": size}
 
 
 def read_index(out: str | os.PathLike) -> list[dict[str, str]]:

@@ -141,6 +141,15 @@ def test_other_settings_in_the_same_folder_are_refused(prepared, sources):
         prepare([sources], out, PrepareSettings(size=48), progress=False)
 
 
+def test_a_default_size_given_by_its_number_is_the_same_setting(tmp_path):
+    (smear,) = _smear_copies(tmp_path, "src/1.jpg")
+    prepare([smear], tmp_path / "tiles", PATCHES, progress=False)  # tiles as cut: 200 px
+    spelt_out = PrepareSettings(mode="patches", patch_size=200, size=200)
+    assert prepare([smear], tmp_path / "tiles", spelt_out, progress=False).already_done == ["1"]
+    with pytest.raises(PrepareError, match=r"size: None -> 100"):
+        prepare([smear], tmp_path / "tiles", PrepareSettings(mode="patches", patch_size=200, size=100), progress=False)
+
+
 def test_a_bad_start_writes_nothing_and_a_corrected_one_runs(sources, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["prepare", str(sources), "--out", str(out), "--margin", "-1", "--size", "32"]) == 2
