@@ -321,12 +321,33 @@ class PointLabels:
 
 
 def read_point_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(points (n, 2) as row, col; class ids (n,))`` from an ``x y class_id`` file."""
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-    if any(len(row) < 3 for row in rows):
-        raise ValueError(f"{path}: every line must read 'x y class_id'")
-    values = np.array([row[:3] for row in rows], dtype=np.float64).reshape(-1, 3)
-    return values[:, [1, 0]], values[:, 2].astype(np.int64)
+    """``(points (n, 2) as row, col; class ids (n,))`` from an ``x y class_id`` file: one line a
+    cell; blank lines, ``#`` comments and a first line of names (``x y class_id``) are passed
+    over, and a byte-order mark (Windows Notepad's) too. A line that is none of these, a class
+    id that is no whole number of 0 or more or a position that is no finite number is refused
+    with its file and line."""
+    values = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields or (number == 1 and not _numbers(fields[:1])):
+            continue  # blank, a comment, or the column names
+        if len(fields) < 3 or not _numbers(fields[:3]):
+            raise ValueError(f"{path}, line {number}: {line.strip()!r} is not 'x y class_id'")
+        x, y, class_id = map(float, fields[:3])
+        if not (np.isfinite([x, y]).all() and class_id >= 0 and class_id == int(class_id)):
+            raise ValueError(f"{path}, line {number}: {line.strip()!r} needs a finite x and y and a class id that is "
+                             "a whole number from 0")
+        values.append((y, x, class_id))
+    table = np.array(values, dtype=np.float64).reshape(-1, 3)
+    return table[:, :2], table[:, 2].astype(np.int64)
+
+
+def _numbers(fields: list[str]) -> bool:
+    try:
+        [float(field) for field in fields]
+    except ValueError:
+        return False
+    return True
 
 
 def point_label_files(root: str | os.PathLike, limit_images: int | None = None) -> list[PointLabels]:

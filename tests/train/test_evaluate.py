@@ -163,6 +163,20 @@ def test_point_labels_read_as_rows_and_columns(tmp_path):
     path.write_text("594 95 0\n601 151 4\n\n")
     points, classes = read_point_labels(path)
     assert points.tolist() == [[95, 594], [151, 601]] and classes.tolist() == [0, 4]
+    # As Notepad saves it (a byte-order mark, CRLF), with column names and a comment: the same cells.
+    path.write_bytes("\ufeffx y class_id\r\n594 95 0  # a target cell?\r\n# checked twice\r\n601 151 4\r\n".encode())
+    again = read_point_labels(path)
+    assert again[0].tolist() == points.tolist() and again[1].tolist() == classes.tolist()
+
+
+@pytest.mark.parametrize("line, says", [("594 95", "is not 'x y class_id'"), ("594 95 3.7", "a whole number from 0"),
+                                        ("594 95 -1", "a whole number from 0"), ("nan 95 1", "a finite x and y"),
+                                        ("594 ninety 1", "is not 'x y class_id'")])
+def test_a_point_label_line_that_cannot_be_a_cell_is_refused_with_its_file_and_line(tmp_path, line, says):
+    path = tmp_path / "1.txt"
+    path.write_text(f"601 151 4\n{line}\n")
+    with pytest.raises(ValueError, match=rf"1.txt, line 2: '{line}' .*{says}"):
+        read_point_labels(path)
 
 
 def test_at_most_so_many_cells_of_each_class_are_kept_the_same_ones_for_a_seed():
