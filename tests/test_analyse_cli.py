@@ -508,7 +508,7 @@ def test_linked_folders_are_searched_once_and_hidden_and_nas_folders_not(tmp_pat
     day, scope = tmp_path / "day", tmp_path / "scope2"
     for relative in ("day/1.jpg", "day/.Trash-1000/files/old.jpg", "day/@eaDir/1.jpg/SYNOPHOTO_THUMB_XL.jpg",
                      "day/.snapshot/hourly/1.jpg", "day/#snapshot/1.jpg", "day/#recycle/1.jpg", "day/lost+found/x.jpg",
-                     "day/$RECYCLE.BIN/x.jpg", "day/d/3.jpg", "scope2/2.jpg"):
+                     "day/$Recycle.Bin/x.jpg", "day/d/3.jpg", "day/#12 patient/4.jpg", "scope2/2.jpg"):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(b"")
     (day / "scope2").symlink_to(scope, target_is_directory=True)  # a second microscope's share, linked in
@@ -517,7 +517,8 @@ def test_linked_folders_are_searched_once_and_hidden_and_nas_folders_not(tmp_pat
     (day / "a" / "shortcut").symlink_to(day / "d", target_is_directory=True)  # found first, yet d keeps its own path
     unreadable = []
     found = list_smears([day], unreadable=unreadable)
-    assert [path.relative_to(day).as_posix() for path in found] == ["1.jpg", "d/3.jpg", "scope2/2.jpg"]
+    assert [path.relative_to(day).as_posix() for path in found] == ["#12 patient/4.jpg", "1.jpg", "d/3.jpg",
+                                                                    "scope2/2.jpg"]  # a lab's own # folder is read
     assert unreadable == []
     assert [path.name for path in list_smears([day / ".snapshot"])] == ["1.jpg"]  # asked for by name
 

@@ -97,10 +97,12 @@ def _remembered_stop() -> Iterator[_StopRequest]:
         return
 
     def on_signal(signum, frame):
+        again = request.is_set()
         request.signum = signum
         request.set()
-        if request.raising:
+        if request.raising or again:  # a second one stops a write stuck on a share that went away
             raise KeyboardInterrupt
+        print("reddino-analyse: finishing the files first (again to stop at once)", file=sys.stderr, flush=True)
 
     previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -133,7 +135,7 @@ def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipp
             reason = str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
             print(f"[{number}/{len(smears)}] {shown(path)}: skipped: {reason}", file=sys.stderr, flush=True)
             continue
-        cells.metadata[SOURCE_PATH] = shown(path.absolute())  # the same key from whatever folder it ran in
+        cells.metadata[SOURCE_PATH] = shown(os.path.abspath(path))  # the same key from whatever folder it ran in
         done.append(cells)
         found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
         print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)", flush=True)
@@ -186,8 +188,8 @@ def _analyse(args: argparse.Namespace) -> int:
     empty = [source for source in args.smears if Path(source).is_dir() and Path(source) not in found_in
              and Path(source).resolve() not in found_in]
     if empty:  # a day's smears would be missing from the report without a word
-        cannot = {shown(folder) for folder in unreadable}
-        raise _Refused("; ".join(f"cannot read the folder {shown(source)}" if shown(source) in cannot else
+        cannot = set(unreadable)
+        raise _Refused("; ".join(f"cannot read the folder {shown(source)}" if Path(source) in cannot else
                                  f"no images (png, jpg, jpeg, tif, tiff) in {shown(source)}" for source in empty))
     _check_output_folder(out)  # before the model, which may download for minutes
     analysis = _analysis(args)
@@ -204,7 +206,8 @@ def _analyse(args: argparse.Namespace) -> int:
             _analyse_each(analysis, smears, done, skipped, stop)
         except KeyboardInterrupt:
             pass
-        stop.raising = False
+        finally:
+            stop.raising = False
         return _write_results(args, analysis, smears, (done, skipped, unreadable), (stale, old_galleries), stop)
 
 

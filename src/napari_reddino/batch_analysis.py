@@ -22,7 +22,7 @@ from .cell_table import PREDICTED_CLASSES
 from .cell_embeddings import METADATA_KEY, EmbeddedCells, fingerprint, image_digest, labels_digest, store_run
 from .class_gallery import GalleryError, GalleryFiles, save_class_gallery
 from .measurements import measure_cells
-from .segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, segment_cells
+from .segmentation import RBC_DIAMETER_UM, WORKING_DIAMETER_PX, estimate_cell_diameter, segment_cells
 from .steps import Progress, run_steps
 
 SMEAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -71,15 +71,17 @@ def list_smears(sources: Sequence[str | os.PathLike], *, leave_out: str | os.Pat
     return unique
 
 
-# Folders of copies and system files: snapshots, recycle bins, a NAS's thumbnails (@eaDir), and
-# those an ordinary user cannot read (lost+found, System Volume Information) that would fail every run.
-_NOT_SMEAR_FOLDERS = (".", "@", "#", "~snapshot", "$RECYCLE.BIN", "System Volume Information", "lost+found")
+# Folders of copies and system files (any letter case): snapshots, recycle bins, a NAS's
+# thumbnails, and those an ordinary user cannot read, which would fail every run. Hidden folders too.
+_NOT_SMEAR_FOLDERS = {"@eadir", "@recycle", "@recently-snapshot", "#recycle", "#snapshot", "~snapshot",
+                      "$recycle.bin", "system volume information", "lost+found"}
 
 
 def _files_under(folder: Path, unreadable: list[Path] | None) -> Iterator[Path]:
     """The files at any depth under ``folder`` (sorted within each folder), through linked
     folders: each real folder once, and by its own path where it lies under ``folder`` too (links
-    are followed after the folders themselves). Not in folders of :data:`_NOT_SMEAR_FOLDERS`."""
+    are followed after the folders themselves). Not in hidden folders or those of
+    :data:`_NOT_SMEAR_FOLDERS`."""
     seen, links = set(), []
 
     def cannot_read(error: OSError) -> None:
@@ -93,7 +95,8 @@ def _files_under(folder: Path, unreadable: list[Path] | None) -> Iterator[Path]:
                 folders[:] = []
                 continue
             seen.add(real)
-            folders[:] = sorted(name for name in folders if not name.startswith(_NOT_SMEAR_FOLDERS))
+            folders[:] = sorted(name for name in folders
+                                if not name.startswith(".") and name.casefold() not in _NOT_SMEAR_FOLDERS)
             links.extend(os.path.join(here, name) for name in folders if os.path.islink(os.path.join(here, name)))
             yield from (Path(here) / name for name in sorted(files))
 
@@ -174,7 +177,8 @@ class SmearAnalysis:
         cells = SmearCells(f"{name} cells", table, {"source_image": name, "pixel_size_um": self.pixel_size_um})
         if self.pixel_size_um is not None and len(table):  # a wrong size may have merged them into a few
             seen, expected = estimate_cell_diameter(image), RBC_DIAMETER_UM / self.pixel_size_um
-            if not 1 / PIXEL_SIZE_DOUBT <= seen / expected <= PIXEL_SIZE_DOUBT:
+            # (the estimator's own default says it found nothing to size)
+            if seen != WORKING_DIAMETER_PX and not 1 / PIXEL_SIZE_DOUBT <= seen / expected <= PIXEL_SIZE_DOUBT:
                 cells.metadata["cells_look_px"] = seen  # said by the caller: a wrong size cuts cells into pieces
         if self.embedder is None:
             return cells

@@ -326,15 +326,19 @@ def read_point_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
     over, and a byte-order mark (Windows Notepad's) too. A line that is none of these, a class
     id that is no whole number of 0 or more or a position that is no finite number is refused
     with its file and line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 or ASCII text (saved as 'Unicode', UTF-16?); save it as UTF-8") from None
     values = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         fields = line.split("#", 1)[0].split()
-        if not fields or (number == 1 and not _numbers(fields[:1])):
+        if not fields or (number == 1 and not any(_numbers([field]) for field in fields[:3])):
             continue  # blank, a comment, or the column names
         if len(fields) < 3 or not _numbers(fields[:3]):
             raise ValueError(f"{path}, line {number}: {line.strip()!r} is not 'x y class_id'")
         x, y, class_id = map(float, fields[:3])
-        if not (np.isfinite([x, y]).all() and class_id >= 0 and class_id == int(class_id)):
+        if not (np.isfinite([x, y, class_id]).all() and 0 <= class_id < 2**31 and class_id == int(class_id)):
             raise ValueError(f"{path}, line {number}: {line.strip()!r} needs a finite x and y and a class id that is "
                              "a whole number from 0")
         values.append((y, x, class_id))

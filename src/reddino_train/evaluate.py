@@ -89,7 +89,8 @@ def make_folds(targets: np.ndarray, split: Split, groups: np.ndarray | None = No
             raise EvaluationError("a split by image needs to know each sample's image (points data)")
         n_groups = len(np.unique(groups))
         if n_groups < 2:
-            raise EvaluationError("a split by image needs samples from at least two images")
+            raise EvaluationError("a split by image needs samples from at least two images (smears); with one, "
+                                  "--split 5-fold splits its cells")
         splitter = StratifiedGroupKFold(min(N_FOLDS, n_groups), shuffle=True, random_state=seed)
     else:
         raise EvaluationError(f"split {split!r}; choose one of {', '.join(SPLITS)}")

@@ -41,7 +41,9 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
     keeping the model card written into it (``README.md``).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    checkpoint_path = run_dir if run_dir.is_file() else run_dir / CHECKPOINT_NAME
+    checkpoint_path = run_dir if run_dir.is_file() or run_dir.suffix == ".pt" else run_dir / CHECKPOINT_NAME
+    if checkpoint_path == run_dir and not run_dir.is_file():
+        raise FileNotFoundError(f"no checkpoint file {run_dir}")
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"no {CHECKPOINT_NAME} in {run_dir}; is it a reddino-train output folder?")
     if checkpoint_path.resolve().is_relative_to(out_dir.resolve()):

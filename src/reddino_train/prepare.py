@@ -30,6 +30,7 @@ second is refused until the first ends.
 from __future__ import annotations
 
 import csv
+import filecmp
 import hashlib
 import io
 import json
@@ -179,7 +180,12 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
             continue  # listed twice
         seen.add(source)
         if source not in keys:
-            found = moved.pop((path.name, _digest_or_none(path)), None) if moved else None
+            match = (path.name, _digest_or_none(path)) if moved else None
+            found = moved.get(match)
+            if found and Path(done[found]).exists() and not filecmp.cmp(done[found], path, shallow=False):
+                found = None  # the digest spans the ends of the file: a copy must match it whole
+            if found:
+                del moved[match]
             keys[source] = found or _new_key(path.stem, source, done, taken)
             taken.add(keys[source].casefold())
         smears.append(Smear(keys[source], path))
@@ -243,12 +249,12 @@ def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: Pre
                   progress: bool) -> PrepareReport:
     """:func:`prepare` once no other prepare writes to ``out``: the journal is read again."""
     done, contents, smears = _smears_to_write(sources, out)
+    _check_settings(out, settings, bool(done))  # first: a refused run leaves the journal as it was
     moved = {smear.key: str(smear.path.resolve()) for smear in smears
              if done.get(smear.key) and done[smear.key] != str(smear.path.resolve())}
     if moved:  # found by name and digest: known by their new paths from now on
         done.update(moved)
         _write_journal(out, done)
-    _check_settings(out, settings, bool(done))
     report = PrepareReport()
     cut = _cell_samples if settings.mode == "cells" else _patch_samples
     try:

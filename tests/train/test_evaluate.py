@@ -171,11 +171,17 @@ def test_point_labels_read_as_rows_and_columns(tmp_path):
 
 @pytest.mark.parametrize("line, says", [("594 95", "is not 'x y class_id'"), ("594 95 3.7", "a whole number from 0"),
                                         ("594 95 -1", "a whole number from 0"), ("nan 95 1", "a finite x and y"),
-                                        ("594 ninety 1", "is not 'x y class_id'")])
-def test_a_point_label_line_that_cannot_be_a_cell_is_refused_with_its_file_and_line(tmp_path, line, says):
+                                        ("594 95 inf", "a whole number from 0"), ("594 95 1e30", "a whole number"),
+                                        ("594 ninety 1", "is not 'x y class_id'"), ("x 95 1", "is not 'x y")])
+@pytest.mark.parametrize("line_number", [1, 2])
+def test_a_point_label_line_that_cannot_be_a_cell_is_refused_with_its_file_and_line(tmp_path, line, says,
+                                                                                     line_number):
     path = tmp_path / "1.txt"
-    path.write_text(f"601 151 4\n{line}\n")
-    with pytest.raises(ValueError, match=rf"1.txt, line 2: '{line}' .*{says}"):
+    path.write_text(f"{line}\n601 151 4\n" if line_number == 1 else f"601 151 4\n{line}\n")
+    with pytest.raises(ValueError, match=rf"1.txt, line {line_number}: '{line}' .*{says}"):
+        read_point_labels(path)
+    path.write_text("594 95 0\n", encoding="utf-16")  # Notepad's "Unicode"
+    with pytest.raises(ValueError, match=r"1.txt is not UTF-8 or ASCII text \(saved as 'Unicode', UTF-16\?\)"):
         read_point_labels(path)
 
 

@@ -401,6 +401,22 @@ def test_smears_whose_folder_was_renamed_count_as_done_under_their_keys(tmp_path
     assert [path for path, _ in report.skipped] == [tmp_path / "moved again" / "broken.jpg"]
 
 
+def test_a_file_of_the_same_name_whose_ends_match_is_no_copy_unless_it_matches_whole(tmp_path):
+    # The digest reads the first and last 64 KiB: day 2's smear of day 1's name, size and borders is no copy.
+    (tmp_path / "day1").mkdir()
+    noise = np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "day1" / "1.png", compress_level=0)
+    out = tmp_path / "tiles"
+    prepare([tmp_path / "day1"], out, PATCHES, progress=False)
+    data = bytearray((tmp_path / "day1" / "1.png").read_bytes())
+    assert len(data) > 4 * 65536
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "day2").mkdir()
+    (tmp_path / "day2" / "1.png").write_bytes(bytes(data))
+    report = prepare([tmp_path / "day2"], out, PATCHES, progress=False)
+    assert report.already_done == [] and len(report.written) + len(report.skipped) == 1
+
+
 def test_sizes_default_to_224_px_cells_and_tiles_as_cut_and_a_relative_source_is_the_same_smear(
     tmp_path, monkeypatch
 ):
