@@ -14,6 +14,7 @@ from skimage.io import imread
 
 from napari_reddino import cell_crops, measure_cells, segment_cells
 from reddino_train.cli import main
+import reddino_train.prepare as prepare_module
 from reddino_train.prepare import (
     PrepareError,
     PrepareSettings,
@@ -426,6 +427,23 @@ def test_sizes_default_to_224_px_cells_and_tiles_as_cut_and_a_relative_source_is
     with Image.open(tmp_path / "cells" / read_index(tmp_path / "cells")[0]["file"]) as crop:
         assert crop.size == (224, 224)  # RedDino's input
     assert prepare([smear], tmp_path / "cells", PrepareSettings(), progress=False).already_done == cells.written
+    # the default given by its number is the same setting
+    assert prepare([smear], tmp_path / "cells", PrepareSettings(size=224), progress=False).already_done == cells.written
     prepare([smear], tmp_path / "small", PrepareSettings(mode="patches", patch_size=200, size=100), progress=False)
     with Image.open(tmp_path / "small" / read_index(tmp_path / "small")[0]["file"]) as tile:
         assert tile.size == (100, 100)
+
+
+def test_a_field_too_large_for_memory_is_skipped_and_the_others_are_cut(tmp_path, monkeypatch):
+    first, second = _smear_copies(tmp_path, "src/1.jpg", "src/2.jpg")
+    cut, calls = prepare_module._patch_samples, []
+
+    def out_of_memory_on_the_first(image, settings):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError
+        return cut(image, settings)
+
+    monkeypatch.setattr(prepare_module, "_patch_samples", out_of_memory_on_the_first)
+    report = prepare([tmp_path / "src"], tmp_path / "tiles", PATCHES, progress=False)
+    assert report.written == ["2"] and report.skipped == [(first, "out of memory (too large a field at this --size?)")]
