@@ -181,11 +181,16 @@ def labels_digest(labels) -> str:
     return _digest(np.asarray(labels))
 
 
+def _recorded(layer, key: str):
+    """``key`` of the embedding record on ``layer``; None where it has no record, or none of that key."""
+    record = getattr(layer, "metadata", {}).get(METADATA_KEY)
+    return record.get(key) if isinstance(record, dict) else None
+
+
 def repainted_since_embedded(layer) -> bool:
     """Whether the labels of ``layer`` changed (painted, segmented again) since its embeddings
     were stored: then some embeddings describe cells that are no longer there."""
-    record = getattr(layer, "metadata", {}).get(METADATA_KEY)
-    known = record.get("labels_digest") if isinstance(record, dict) else None
+    known = _recorded(layer, "labels_digest")
     return bool(known) and known != labels_digest(layer.data)
 
 
@@ -193,15 +198,13 @@ def image_changed_since_embedded(layer, pixels) -> bool:
     """Whether ``pixels``, the smear under ``layer``, changed since its cells were embedded (a
     correction applied to the image in place): then the embeddings describe the old pixels.
     Records from before the image digest was kept cannot tell, and say no."""
-    record = getattr(layer, "metadata", {}).get(METADATA_KEY)
-    known = record.get("image_digest") if isinstance(record, dict) else None
+    known = _recorded(layer, "image_digest")
     return bool(known) and known != image_digest(pixels)
 
 
 def stored_fingerprint(layer) -> str | None:
     """The fingerprint of the embeddings on ``layer``, or None when it has none."""
-    record = getattr(layer, "metadata", {}).get(METADATA_KEY)
-    return record.get("fingerprint") if isinstance(record, dict) else None
+    return _recorded(layer, "fingerprint")
 
 
 def embeddings_of(layer) -> tuple[np.ndarray, np.ndarray, str] | None:
