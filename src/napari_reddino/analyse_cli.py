@@ -12,18 +12,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .atomic_files import NotReplacedError, PartlyWrittenError
-from .batch_analysis import GALLERIES, SmearAnalysis, list_smears, shown, smear_names
+from .batch_analysis import GALLERIES, SmearAnalysis, SmearCells, list_smears, shown, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
 from .cell_table import SOURCE_PATH
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
 from .image_input import read_smear
 from .segmentation import RBC_DIAMETER_UM, pixel_size_refusal
+from .smear_parts import PARTS, SmearParts
 from .wording import counted
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (143 for SIGTERM)
@@ -112,45 +114,108 @@ def _remembered_stop() -> Iterator[_StopRequest]:
             signal.signal(number, handler)
 
 
-def _analyse_each(analysis: SmearAnalysis, smears: list[Path], done: list, skipped: list[Path],
-                  stop: _StopRequest) -> None:
-    """Analyse the smears in turn, appending each result to ``done`` (or its path to ``skipped``)
-    as soon as it is known, so that an interrupt loses no finished smear. A ``stop`` whose
-    KeyboardInterrupt was swallowed is raised again before the next smear and the next batch."""
+@dataclass
+class _Outcome:
+    """What became of the smears, filled in as the run goes, so that an interrupt loses none:
+    their results (``done``), those skipped, the folders that could not be read, and how many
+    of ``done`` are also kept in ``parts`` (``saving`` until a part could not be saved)."""
+
+    parts: SmearParts
+    unreadable: list[Path]
+    done: list[SmearCells] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    kept: int = 0
+    saving: bool = True
+
+
+def _analyse_each(analysis: SmearAnalysis, smears: list[Path], outcome: _Outcome, stop: _StopRequest) -> None:
+    """Analyse the smears in turn (or read back those an earlier, unfinished run analysed with
+    the same settings), each result appended to ``outcome`` as soon as it is known and kept as
+    a part. A ``stop`` whose KeyboardInterrupt was swallowed is raised again before the next
+    smear and the next batch."""
 
     def progress(bar: tqdm, done_cells: int, total: int) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         _advance(bar, done_cells, total)
 
-    for number, (path, name) in enumerate(zip(smears, smear_names(smears)), 1):
+    names = smear_names(smears)
+    _say_earlier_parts(outcome.parts, smears, names)
+    for number, (path, name) in enumerate(zip(smears, names), 1):
         if stop.is_set():
             raise KeyboardInterrupt
-        started = time.perf_counter()
+        started, earlier = time.perf_counter(), None
         try:
-            with tqdm(desc=f"embedding {name}", unit=" cells", leave=False, disable=analysis.embedder is None) as bar:
-                cells = analysis(read_smear(path), name, progress=lambda n, total, bar=bar: progress(bar, n, total))
+            key = outcome.parts.key(path, name)
+            earlier = _earlier_part(analysis, outcome.parts, key, f"[{number}/{len(smears)}] {name}")
+            if earlier is None:
+                with tqdm(desc=f"embedding {name}", unit=" cells", leave=False,
+                          disable=analysis.embedder is None) as bar:
+                    cells = analysis(read_smear(path), name,
+                                     progress=lambda n, total, bar=bar: progress(bar, n, total))
+                cells.metadata[SOURCE_PATH] = shown(os.path.abspath(path))  # the same key from whatever folder
+            else:
+                cells = earlier
         except Exception as error:  # one smear's failure (unreadable, too large, out of memory) skips it alone
-            skipped.append(path)
+            outcome.skipped.append(path)
             reason = str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
             print(f"[{number}/{len(smears)}] {shown(path)}: skipped: {reason}", file=sys.stderr, flush=True)
             continue
-        cells.metadata[SOURCE_PATH] = shown(os.path.abspath(path))  # the same key from whatever folder it ran in
-        done.append(cells)
+        outcome.done.append(cells)
+        if earlier is None and outcome.saving:
+            _keep_part(outcome, key, cells)
+        outcome.kept += earlier is not None or outcome.saving
         found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
-        print(f"[{number}/{len(smears)}] {name}: {found} ({time.perf_counter() - started:.1f} s)", flush=True)
-        if "cells_look_px" in cells.metadata:
-            expected = RBC_DIAMETER_UM / analysis.pixel_size_um
-            print(f"[{number}/{len(smears)}] {name}: warning: its cells look {cells.metadata['cells_look_px']:.0f} px "
-                  f"across, where --pixel-size-um {analysis.pixel_size_um:g} makes a 7.5 µm cell {expected:.0f} px: "
-                  "is it this smear's pixel size (another microscope or objective)? A wrong one cuts cells into "
-                  "pieces or merges them", file=sys.stderr, flush=True)
-        if "gallery_failed" in cells.metadata:
-            print(f"[{number}/{len(smears)}] {name}: warning: no gallery written ({cells.metadata['gallery_failed']})",
-                  file=sys.stderr, flush=True)
-        if cells.metadata.get("unlike_head", 0) > MOSTLY_UNLIKE:
-            print(f"[{number}/{len(smears)}] {name}: warning: {cells.metadata['unlike_head']:.0%} of its cells "
-                  f"{UNLIKE_ADVICE}", file=sys.stderr, flush=True)
+        when = "analysed by the earlier run" if earlier is not None else f"{time.perf_counter() - started:.1f} s"
+        print(f"[{number}/{len(smears)}] {name}: {found} ({when})", flush=True)
+        _warn_of(cells, f"[{number}/{len(smears)}] {name}", analysis)
+
+
+def _say_earlier_parts(parts: SmearParts, smears: list[Path], names: list[str]) -> None:
+    """Say how many smears an earlier, unfinished run in this folder analysed with these settings."""
+    found = 0
+    for path, name in zip(smears, names):
+        with contextlib.suppress(OSError):  # a smear gone since it was listed: skipped in its turn
+            found += parts.has(parts.key(path, name))
+    if found:
+        print(f"reddino-analyse: {found} of {counted(len(smears), 'smear')} {'was' if found == 1 else 'were'} analysed "
+              f"by an earlier run that did not finish; their results are read back from {shown(parts.folder)}, not "
+              "analysed again", flush=True)
+
+
+def _earlier_part(analysis: SmearAnalysis, parts: SmearParts, key: str, smear: str) -> SmearCells | None:
+    """The smear's results saved under ``key`` by an earlier run, where they stand for this run's."""
+    try:
+        earlier = parts.load(key)
+    except ValueError as error:  # analysed again, and the part replaced
+        print(f"{smear}: warning: {error}; analysed again", file=sys.stderr, flush=True)
+        return None
+    return earlier if earlier is not None and analysis.reusable(earlier) else None
+
+
+def _keep_part(outcome: _Outcome, key: str, cells: SmearCells) -> None:
+    """Save the smear's results as a part; where that fails, say so and save no more."""
+    try:
+        outcome.parts.save(key, cells)
+    except (OSError, TypeError, ValueError) as error:
+        print(f"reddino-analyse: warning: cannot keep the smears' results as they finish ({error}); should the run "
+              "be cut short, the smears from this one on are analysed again", file=sys.stderr, flush=True)
+        outcome.saving = False
+
+
+def _warn_of(cells: SmearCells, smear: str, analysis: SmearAnalysis) -> None:
+    """Say what looks wrong with a smear's results: the pixel size, the gallery, the head."""
+    if "cells_look_px" in cells.metadata:
+        expected = RBC_DIAMETER_UM / analysis.pixel_size_um
+        print(f"{smear}: warning: its cells look {cells.metadata['cells_look_px']:.0f} px "
+              f"across, where --pixel-size-um {analysis.pixel_size_um:g} makes a 7.5 µm cell {expected:.0f} px: "
+              "is it this smear's pixel size (another microscope or objective)? A wrong one cuts cells into "
+              "pieces or merges them", file=sys.stderr, flush=True)
+    if "gallery_failed" in cells.metadata:
+        print(f"{smear}: warning: no gallery written ({cells.metadata['gallery_failed']})", file=sys.stderr, flush=True)
+    if cells.metadata.get("unlike_head", 0) > MOSTLY_UNLIKE:
+        print(f"{smear}: warning: {cells.metadata['unlike_head']:.0%} of its cells {UNLIKE_ADVICE}",
+              file=sys.stderr, flush=True)
 
 
 class _Refused(Exception):
@@ -200,29 +265,33 @@ def _analyse(args: argparse.Namespace) -> int:
     except OSError as error:
         raise _Refused(f"cannot write in the output folder {out}: {error}") from error
 
-    done, skipped = [], []
+    outcome = _Outcome(SmearParts(out / PARTS, analysis.settings()), unreadable)
     with _remembered_stop() as stop:
         try:  # Ctrl-C or SIGTERM during a smear or between two: the smears finished so far are written
-            _analyse_each(analysis, smears, done, skipped, stop)
+            _analyse_each(analysis, smears, outcome, stop)
         except KeyboardInterrupt:
             pass
         finally:
             stop.raising = False
-        return _write_results(args, analysis, smears, (done, skipped, unreadable), (stale, old_galleries), stop)
+        return _write_results(args, analysis, smears, outcome, (stale, old_galleries), stop)
 
 
-def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: list[Path],
-                   outcome: tuple[list, list[Path], list[Path]], earlier: tuple[list[Path], list[Path]],
-                   stop: _StopRequest) -> int:
+def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: list[Path], outcome: _Outcome,
+                   earlier: tuple[list[Path], list[Path]], stop: _StopRequest) -> int:
     """Write the smears done and say what became of the others (skipped, in folders that could
     not be read, not reached); remove the ``earlier`` run's files that no longer match (its stale
-    tables, its pictures). Returns the exit status."""
-    done, skipped, unreadable = outcome
+    tables, its pictures), and the parts once every smear is in the files. Returns the exit status."""
+    done, skipped, unreadable = outcome.done, outcome.skipped, outcome.unreadable
     stale, old_galleries = earlier
     table, galleries = Path(args.out) / "cells.csv", Path(args.out) / GALLERIES
     left = len(smears) - len(done) - len(skipped)  # not reached
+    again = f"the same command{' with --overwrite' * (not args.overwrite)}"
+    read_back = (f": {counted(outcome.kept, 'smear')} analysed {'is' if outcome.kept == 1 else 'are'} kept in "
+                 f"{shown(outcome.parts.folder)}, to be read back rather than analysed again" if outcome.kept else "")
     if not done:
         print("reddino-analyse: no smear was analysed; nothing written", file=sys.stderr)
+        if not left:
+            outcome.parts.clear()
         return stop.status if stop.is_set() or left else NOTHING_WRITTEN
     pictured = {Path(cells.metadata["gallery"]) for cells in done if "gallery" in cells.metadata}
     with_galleries = f"; galleries of {counted(len(pictured), 'smear')} in {galleries}" if args.galleries else ""
@@ -230,13 +299,16 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
     try:
         targets, table_is_ours = _export(table, done, classes, args)
     except PartlyWrittenError as error:
-        print(f"reddino-analyse: only partly written: {error}{with_galleries}; run it again with --overwrite",
-              file=sys.stderr)
+        print(f"reddino-analyse: only partly written: {error}{with_galleries}; run it again with --overwrite"
+              f"{read_back}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as error:  # ValueError: a name no encoder takes, a table that does not fit
         written = f" (but {with_galleries[2:]})" if pictured else ""
-        print(f"reddino-analyse: nothing written{written}: {error}", file=sys.stderr)
+        mend = f"; run {again} once that is mended{read_back}" if read_back else ""
+        print(f"reddino-analyse: nothing written{written}: {error}{mend}", file=sys.stderr)
         return NOTHING_WRITTEN
+    if not left:  # every smear's results are in the files now
+        outcome.parts.clear()
     removed, kept = "", []
     if not table_is_ours:  # the earlier run's files still belong to the table left there
         stale, old_galleries = [], []
@@ -255,7 +327,9 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         print(f"reddino-analyse: could not remove the earlier run's {', '.join(kept)}, which no longer matches the "
               "new tables; delete it by hand", file=sys.stderr)
     if left:
-        print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files", file=sys.stderr)
+        print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files"
+              f"{f'; run {again} to go on{read_back}' if read_back else ''}",
+              file=sys.stderr)
         return stop.status
     if stop.is_set():  # asked to stop while the files were written: they were finished first
         print("reddino-analyse: interrupted after the last smear; the files are whole", file=sys.stderr)

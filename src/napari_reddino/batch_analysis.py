@@ -209,6 +209,33 @@ class SmearAnalysis:
             cells.metadata[METADATA_KEY].update(embeddings=np.zeros((len(ids), 0), np.float32), crop_checks=None)
         return cells
 
+    def settings(self) -> dict:
+        """What every smear's results follow from besides its pixels (JSON-able): an earlier run's
+        results for a smear stand for this run's only under equal settings."""
+        from . import __version__  # the segmentation and measurements of another version differ
+
+        model = None
+        if self.embedder is not None:
+            embedder = self.embedder
+            model = {"named": str(self.model or embedder.model_id), "id": embedder.model_id,
+                     "device": str(embedder.device), "dtype": str(embedder.dtype), "compiled": embedder.compiled}
+        return {"version": __version__, "pixel_size_um": self.pixel_size_um, "model": model,
+                "head": None if self.head is None else self.head.digest(), "keep_embeddings": self.keep_embeddings,
+                "galleries": None if self.galleries is None else os.path.abspath(self.galleries.folder)}
+
+    def reusable(self, cells: SmearCells) -> bool:
+        """Whether ``cells``, analysed under equal :meth:`settings` by an earlier run, stand for
+        this run's analysis of their smear: the class gallery drawn then (where galleries are drawn)
+        is still there under the name this run gives it. Call it in the smears' order, as the
+        analysis itself: it takes the gallery's name, so that no later smear's picture takes it."""
+        if self.galleries is None or cells.features.empty:  # an empty smear draws none
+            return True
+        path = self.galleries.path(cells.metadata["source_image"])
+        drawn = cells.metadata.get("gallery")
+        if "gallery_failed" in cells.metadata:  # a full disk, say: drawn again
+            return False
+        return drawn is None or (drawn == str(path) and path.is_file())
+
     def _write_gallery(self, image, labels: np.ndarray, cells: SmearCells) -> None:
         """Write the smear's class gallery; any failure costs the smear its picture only, said in
         ``metadata["gallery_failed"]``."""

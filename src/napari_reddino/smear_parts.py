@@ -1,0 +1,163 @@
+"""Each smear's results of a ``reddino-analyse`` run, saved as the smear finishes, so that a run
+cut short (a power cut, an out-of-memory kill, a scheduler's time limit, a full disk at the
+end) goes on where it stopped: the same command reads back the smears already analysed instead
+of analysing them again.
+
+A part is keyed by the run's settings and by the smear's file (its path, size and modification
+time) and name, so a smear that changed, or a run with another model, head or pixel size,
+analyses it afresh. A part is an ``.npz`` without pickle: the cell table's columns and the
+metadata's arrays as arrays, the rest of the metadata as JSON. Read back, it equals what was
+saved, dtypes included, so a resumed run writes the files an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .atomic_files import write_files_atomically
+from .batch_analysis import SmearCells
+
+PARTS = ".reddino-analyse-parts"  # inside --out: hidden, so the search for smears leaves it out
+# a part, and what a write of one killed before its rename left (atomic_files' temporary name)
+_OURS = re.compile(r"[0-9a-f]{40}\.npz|\.[0-9a-f]{40}\.npz\.[a-z0-9_]{8}\.tmp")
+_ARRAY, _SCALAR = "\0array", "\0scalar"  # JSON stand-ins for the metadata's numpy arrays and scalars
+
+
+class SmearParts:
+    """The folder of one output folder's parts, for runs with ``settings`` (JSON-able: what the
+    results follow from besides each smear's file)."""
+
+    def __init__(self, folder: str | os.PathLike, settings: dict):
+        self.folder = Path(folder)
+        self.settings = settings
+
+    def key(self, path: Path, name: str) -> str:
+        """The key of the smear ``path`` named ``name`` in this run, as JSON text (ASCII: a file
+        name that is not UTF-8 is escaped). Take it before reading the smear: a file replaced while
+        it is analysed then keys the part to the older file, and is analysed again."""
+        stat = path.stat()
+        return json.dumps({"settings": self.settings, "file": os.path.abspath(path), "size": stat.st_size,
+                           "modified_ns": stat.st_mtime_ns, "name": name}, sort_keys=True)
+
+    def has(self, key: str) -> bool:
+        return self._file(key).is_file()
+
+    def load(self, key: str) -> SmearCells | None:
+        """The cells saved under ``key``, or None where there are none. Raises ValueError for a
+        part that cannot be read."""
+        file = self._file(key)
+        try:
+            with np.load(file, allow_pickle=False) as saved:
+                arrays = {key: saved[key] for key in saved.files}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a damaged disk, a file cut short
+            raise ValueError(f"{file} cannot be read ({error})") from error
+        try:
+            if str(arrays.pop("key")) != key:
+                raise ValueError("it was saved for another smear")
+            about = json.loads(str(arrays.pop("about")))
+            features = _table(about["columns"], about["index"], arrays)
+            metadata = _from_json(about["metadata"], arrays)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{file} is not a part of this run ({error})") from error
+        return SmearCells(about["name"], features, metadata)
+
+    def save(self, key: str, cells: SmearCells) -> None:
+        """Save ``cells`` under ``key``, atomically. Raises OSError where it cannot be written, TypeError or
+        ValueError for a value it cannot keep exactly."""
+        arrays: dict[str, np.ndarray] = {}
+        columns = [_column(f"column{number}", series, arrays) for number, (_, series) in
+                   enumerate(cells.features.items())]
+        index = cells.features.index
+        about = {"name": cells.name, "columns": columns, "metadata": _to_json(cells.metadata, arrays),
+                 "index": None if index.equals(pd.RangeIndex(len(index))) else _array(index.to_numpy(), arrays)}
+        arrays["key"] = np.array(key)
+        arrays["about"] = np.array(json.dumps(about))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_files_atomically({self._file(key): lambda handle: np.savez(handle, **arrays)})
+
+    def clear(self) -> None:
+        """Remove the parts (and what a killed write left of one), then the folder if that left it empty."""
+        if not self.folder.is_dir():
+            return
+        for file in self.folder.iterdir():
+            if _OURS.fullmatch(file.name):
+                file.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:  # someone's own files in it
+            pass
+
+    def _file(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.npz"
+
+
+def _column(key: str, series: pd.Series, arrays: dict[str, np.ndarray]) -> dict:
+    """Put a table column into ``arrays``: numbers and booleans as they are, text as text with a
+    mask of its missing values."""
+    about = {"name": series.name, "dtype": str(series.dtype), "key": key}
+    if isinstance(series.dtype, np.dtype) and series.dtype.kind in "biuf":
+        arrays[key] = series.to_numpy()
+        return about
+    missing = series.isna().to_numpy()
+    values = series.to_numpy(dtype=object)
+    if not all(isinstance(value, str) for value in values[~missing]):
+        raise TypeError(f"the column {series.name!r} holds {series.dtype} values that are not text")
+    arrays[key] = np.array(["" if gone else value for value, gone in zip(values, missing)], dtype=str)
+    arrays[f"{key}_missing"] = missing
+    return about
+
+
+def _table(columns: list[dict], index, arrays: dict[str, np.ndarray]) -> pd.DataFrame:
+    series = {}
+    for about in columns:
+        values = arrays[about["key"]]
+        if f"{about['key']}_missing" in arrays:  # text
+            values = np.where(arrays[f"{about['key']}_missing"], None, values.astype(object))
+        series[about["name"]] = pd.Series(values, dtype=about["dtype"])
+    table = pd.DataFrame(series, columns=[about["name"] for about in columns])
+    if index is not None:
+        table.index = pd.Index(_from_json(index, arrays))
+    return table
+
+
+def _array(value, arrays: dict[str, np.ndarray]) -> dict:
+    key = f"meta{len(arrays)}"
+    arrays[key] = np.asarray(value)
+    return {_SCALAR if isinstance(value, np.generic) else _ARRAY: key}
+
+
+def _to_json(value, arrays: dict[str, np.ndarray]):
+    """``value`` as JSON, its numpy arrays and scalars moved into ``arrays``."""
+    if isinstance(value, np.ndarray | np.generic):
+        return _array(value, arrays)
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError("metadata keys must be text")
+        return {key: _to_json(item, arrays) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_to_json(item, arrays) for item in value]
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    raise TypeError(f"cannot keep a {type(value).__name__} exactly")  # a tuple would come back a list
+
+
+def _from_json(value, arrays: dict[str, np.ndarray]):
+    if isinstance(value, dict):
+        if value.keys() == {_ARRAY}:
+            return arrays[value[_ARRAY]]
+        if value.keys() == {_SCALAR}:
+            return arrays[value[_SCALAR]][()]
+        return {key: _from_json(item, arrays) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json(item, arrays) for item in value]
+    return value

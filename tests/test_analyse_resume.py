@@ -1,0 +1,180 @@
+"""reddino-analyse cut short (Ctrl-C, a kill, a full disk) goes on where it stopped: each smear's
+results are kept as a part when it finishes, and the same command reads them back, writing
+the files an uninterrupted run writes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from _model_fixtures import hub_cache, publish_to_cache, tiny_folder  # noqa: F401  (fixtures)
+from skimage.io import imread
+from test_analyse_cli import CHULA, DATA, read, saved_head
+
+from napari_reddino import analyse_cli, load_embedder
+from napari_reddino.analyse_cli import main
+from napari_reddino.batch_analysis import SmearAnalysis
+from napari_reddino.cell_classifier import CellClassifier
+from napari_reddino.cell_embeddings import METADATA_KEY
+from napari_reddino.image_input import read_smear
+from napari_reddino.smear_parts import PARTS, SmearParts
+
+
+def smear_folder(tmp_path: Path) -> Path:
+    """Three smears: two Chula smears (one in a sub-folder) and an Aslan one."""
+    folder = tmp_path / "smears"
+    (folder / "day2").mkdir(parents=True)
+    shutil.copy(CHULA / "1.jpg", folder / "1.jpg")
+    shutil.copy(CHULA / "26.jpg", folder / "day2" / "26.jpg")
+    shutil.copy(DATA / "aslan_bcd" / "image-1.png", folder / "image-1.png")
+    return folder
+
+
+def reading(monkeypatch, *, stop_at: int | None = None) -> list[str]:
+    """The names of the smears the run reads, in order; with ``stop_at``, Ctrl-C as it reads that one."""
+    read_names: list[str] = []
+
+    def read_or_stop(path):
+        read_names.append(path.name)
+        if len(read_names) == stop_at:
+            raise KeyboardInterrupt
+        return read_smear(path)
+
+    monkeypatch.setattr(analyse_cli, "read_smear", read_or_stop)
+    return read_names
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_an_interrupted_run_goes_on_from_its_parts_and_writes_what_a_whole_run_writes(
+        tmp_path, tiny_folder, monkeypatch, capsys):  # noqa: F811
+    smears, model = smear_folder(tmp_path), str(tiny_folder[1])
+    saved_head(smears / "1.jpg", model, tmp_path / "head")
+    argv = [str(smears), "--model", model, "--head", str(tmp_path / "head"), "--device", "cpu", "--with-embeddings",
+            "--galleries"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = files_under(tmp_path / "whole")
+    assert {"cells.csv", "cells_summary.csv", "cells.npz", "galleries/1.png", "galleries/26.png"} <= whole.keys()
+
+    out = tmp_path / "out"
+    read_names = reading(monkeypatch, stop_at=3)
+    assert main([*argv, "--out", str(out)]) == 130
+    assert read_names == ["1.jpg", "26.jpg", "image-1.png"]
+    assert (f"interrupted; 1 smear not reached, not in the files; run the same command with --overwrite to go on: "
+            f"2 smears analysed are kept in {out / PARTS}, to be read back") in capsys.readouterr().err
+    assert len(list((out / PARTS).glob("*.npz"))) == 2
+    (out / "galleries" / "1.png").unlink()  # a smear whose picture is gone is analysed again, to draw it
+
+    read_names = reading(monkeypatch)
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0
+    assert read_names == ["1.jpg", "image-1.png"]
+    printed = capsys.readouterr().out
+    assert "2 of 3 smears were analysed by an earlier run that did not finish" in printed
+    assert "[2/3] 26: 140 cells (analysed by the earlier run)" in printed
+    assert files_under(out) == whole  # the tables, embeddings and pictures byte for byte; the parts gone
+
+
+def test_a_killed_run_leaves_its_parts_and_the_next_run_reads_them_back(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    for number in range(12):
+        shutil.copy(CHULA / ("1.jpg", "26.jpg")[number % 2], folder / f"{number:02d}.jpg")
+    argv = [str(folder), "--measure-only", "--pixel-size-um", "0.2"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+
+    out = tmp_path / "out"
+    command = [Path(sys.executable).with_name("reddino-analyse"), *argv, "--out", str(out)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as run:
+        while not run.stdout.readline().startswith("[3/12] "):
+            assert run.poll() is None
+        run.send_signal(signal.SIGKILL)  # an out-of-memory kill, a power cut: nothing written at the end
+        run.communicate(timeout=60)
+    assert not (out / "cells.csv").exists()
+    kept = len(list((out / PARTS).glob("*.npz")))
+    assert 3 <= kept < 12
+
+    capsys.readouterr()
+    read_names = reading(monkeypatch)
+    assert main([*argv, "--out", str(out)]) == 0
+    assert read_names == [f"{number:02d}.jpg" for number in range(kept, 12)]
+    assert f"{kept} of 12 smears were analysed by an earlier run that did not finish" in capsys.readouterr().out
+    assert files_under(out) == files_under(tmp_path / "whole") and not (out / PARTS).exists()
+
+
+def test_a_part_reads_back_equal_dtypes_and_all_and_only_for_its_file_name_and_settings(tmp_path, tiny_folder):  # noqa: F811
+    embedder = load_embedder(str(tiny_folder[1]), device="cpu")
+    head, *_ = saved_head(CHULA / "1.jpg", str(tiny_folder[1]), tmp_path / "head")
+    smear = tmp_path / "1.jpg"
+    shutil.copy(CHULA / "1.jpg", smear)
+    analysis = SmearAnalysis(embedder=embedder, head=head, pixel_size_um=0.2)
+    cells = analysis(imread(smear), "1")
+    cells.metadata["cells_look_px"] = np.float64(33.5)  # a numpy scalar comes back one
+    parts = SmearParts(tmp_path / "out" / PARTS, analysis.settings())
+    key = parts.key(smear, "1")
+    parts.save(key, cells)
+
+    back = parts.load(key)
+    assert back.name == "1 cells"
+    pd.testing.assert_frame_equal(back.features, cells.features, check_exact=True)  # float32 and str columns too
+    assert list(back.features.dtypes) == list(cells.features.dtypes)
+    assert type(back.metadata["cells_look_px"]) is np.float64 and back.metadata["cells_look_px"] == 33.5
+    record, saved = back.metadata[METADATA_KEY], cells.metadata[METADATA_KEY]
+    assert record.keys() == saved.keys()
+    for name, value in saved.items():
+        if isinstance(value, np.ndarray):
+            assert record[name].dtype == value.dtype
+            np.testing.assert_array_equal(record[name], value)
+        else:
+            assert record[name] == value and type(record[name]) is type(value)
+    assert {name: value for name, value in back.metadata.items() if name != METADATA_KEY} == \
+        {name: value for name, value in cells.metadata.items() if name != METADATA_KEY}
+
+    # Another name, other settings, or the file changed since: none of them is this smear's part.
+    assert not parts.has(parts.key(smear, "day2/1"))
+    loaded_again = CellClassifier.load(tmp_path / "head", model_id=embedder.model_id)
+    assert loaded_again.digest() == head.digest()  # the next run's head, read from its file
+    for other in (SmearAnalysis(embedder=embedder, head=head, pixel_size_um=0.25),
+                  SmearAnalysis(embedder=embedder, head=head, pixel_size_um=0.2, keep_embeddings=False),
+                  SmearAnalysis(embedder=embedder, pixel_size_um=0.2)):
+        assert not SmearParts(parts.folder, other.settings()).has(SmearParts(parts.folder, other.settings()).key(smear, "1"))
+    assert SmearParts(parts.folder, SmearAnalysis(embedder=embedder, head=loaded_again, pixel_size_um=0.2)
+                      .settings()).has(key)
+    os.utime(smear, ns=(smear.stat().st_atime_ns, smear.stat().st_mtime_ns + 1))  # copied over, or edited
+    assert parts.key(smear, "1") != key and not parts.has(parts.key(smear, "1"))
+
+    # A part damaged on disk, or put in another's place, is said to be, naming its file.
+    (file,) = parts.folder.glob("*.npz")
+    foreign = parts.key(CHULA / "26.jpg", "26")
+    shutil.copy(file, parts._file(foreign))
+    with pytest.raises(ValueError, match="it was saved for another smear"):
+        parts.load(foreign)
+    file.write_bytes(file.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{file.name} cannot be read"):
+        parts.load(key)
+
+    (parts.folder / "notes.txt").write_text("a lab member's own file")
+    (parts.folder / f".{file.name}.abcd_123.tmp").write_bytes(b"half a part")  # a write killed before its rename
+    parts.clear()
+    assert [path.name for path in parts.folder.iterdir()] == ["notes.txt"]
+
+
+def test_parts_that_cannot_be_kept_cost_the_run_nothing_but_its_resumption(tmp_path, capsys):
+    smears = smear_folder(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / PARTS).write_text("a file where the parts would go")
+    assert main([str(smears), "--out", str(out), "--measure-only"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("warning: cannot keep the smears' results as they finish (") == 1
+    assert "should the run be cut short, the smears from this one on are analysed again" in captured.err
+    assert read(out / "cells_summary.csv")["image"].tolist() == ["1", "26", "image-1"]
+    assert (out / PARTS).read_text() == "a file where the parts would go"
