@@ -123,6 +123,34 @@ def test_a_two_process_checkpoint_resumes_in_one_process_where_the_data_left_off
     assert [row["step"] for row in read_log(tmp_path / "log.csv")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_checkpoint_resumes_under_the_other_parallel_mode_as_under_its_own(ddp_run, fsdp_run, smear_images,
+                                                                             tmp_path):
+    """A run moved from replicated (ddp) to sharded (fsdp) models, or back, when the model
+    outgrows a GPU or a smaller cluster has more memory per GPU: both checkpoints hold whole
+    tensors, so the next steps train as if the mode had never changed."""
+    continued = {}
+    for source, parallel in ((ddp_run, "ddp"), (ddp_run, "fsdp"), (fsdp_run, "ddp")):
+        out_dir = tmp_path / f"{source.name}-{parallel}"
+        out_dir.mkdir()
+        for name in ("checkpoint.pt", "log.csv"):
+            (out_dir / name).write_bytes((source / name).read_bytes())
+        torchrun_fit(smear_images, out_dir, 6, f"train.parallel={parallel}")
+        assert json.loads((out_dir / "rank0.json").read_text())["iterations_this_run"] == 2
+        continued[source.name, parallel] = out_dir
+    reference = torch.load(continued[ddp_run.name, "ddp"] / "checkpoint.pt", weights_only=True)
+    reference_log = read_log(continued[ddp_run.name, "ddp"] / "log.csv")
+    for run in (continued[ddp_run.name, "fsdp"], continued[fsdp_run.name, "ddp"]):
+        checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+        assert checkpoint["iteration"] == 6
+        assert checkpoint["sampler"] == reference["sampler"]
+        for model in ("student", "teacher"):
+            for name, tensor in reference[model].items():
+                assert torch.allclose(checkpoint[model][name], tensor, rtol=1e-4, atol=1e-5), (run.name, model, name)
+        log = read_log(run / "log.csv")
+        assert [row["step"] for row in log] == [1, 2, 3, 4, 5, 6]
+        assert [row["loss"] for row in log] == pytest.approx([row["loss"] for row in reference_log], rel=1e-5)
+
+
 def wait_for_steps(process: subprocess.Popen, log: Path, steps: int, timeout_s: float = TIMEOUT_S) -> None:
     """Wait until the run of ``process`` has logged ``steps`` steps; fail if it ends or takes too long."""
     deadline = time.monotonic() + timeout_s
