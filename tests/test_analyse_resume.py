@@ -4,6 +4,7 @@ the files an uninterrupted run writes."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -28,10 +29,11 @@ from napari_reddino.smear_parts import PARTS, SmearParts
 
 
 def smear_folder(tmp_path: Path) -> Path:
-    """Three smears: two Chula smears (one in a sub-folder) and an Aslan one."""
+    """Four smears: three Chula smears (one in a sub-folder) and an Aslan one."""
     folder = tmp_path / "smears"
     (folder / "day2").mkdir(parents=True)
     shutil.copy(CHULA / "1.jpg", folder / "1.jpg")
+    shutil.copy(CHULA / "26.jpg", folder / "b.jpg")
     shutil.copy(CHULA / "26.jpg", folder / "day2" / "26.jpg")
     shutil.copy(DATA / "aslan_bcd" / "image-1.png", folder / "image-1.png")
     return folder
@@ -63,27 +65,35 @@ def test_an_interrupted_run_goes_on_from_its_parts_and_writes_what_a_whole_run_w
             "--galleries"]
     assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
     whole = files_under(tmp_path / "whole")
-    assert {"cells.csv", "cells_summary.csv", "cells.npz", "galleries/1.png", "galleries/26.png"} <= whole.keys()
+    assert {"cells.csv", "cells_summary.csv", "cells.npz", "galleries/1.png", "galleries/b.png"} <= whole.keys()
 
     out = tmp_path / "out"
-    read_names = reading(monkeypatch, stop_at=3)
+    (out / "galleries" / "1.png").mkdir(parents=True)  # its picture cannot be drawn (a full disk, say)
+    read_names = reading(monkeypatch, stop_at=4)
     assert main([*argv, "--out", str(out)]) == 130
-    assert read_names == ["1.jpg", "26.jpg", "image-1.png"]
-    assert (f"interrupted; 1 smear not reached, not in the files; run the same command with --overwrite to go on: "
-            f"2 smears analysed are kept in {out / PARTS}, to be read back") in capsys.readouterr().err
-    assert len(list((out / PARTS).glob("*.npz"))) == 2
-    (out / "galleries" / "1.png").unlink()  # a smear whose picture is gone is analysed again, to draw it
+    assert read_names == ["1.jpg", "b.jpg", "26.jpg", "image-1.png"]
+    err = capsys.readouterr().err
+    assert "[1/4] 1: warning: no gallery written (" in err
+    assert (f"interrupted; 1 smear not reached, not in the files; run the same command to go on: 3 smears analysed "
+            f"are kept in {out / PARTS}, to be read back") in err
+    assert len(list((out / PARTS).glob("*.npz"))) == 3
+    (out / "galleries" / "1.png").rmdir()
+    (out / "galleries" / "b.png").unlink()  # a smear whose picture is gone is analysed again, to draw it
 
     read_names = reading(monkeypatch)
-    assert main([*argv, "--out", str(out), "--overwrite"]) == 0
-    assert read_names == ["1.jpg", "image-1.png"]
+    assert main([*argv, "--out", str(out)]) == 0  # its own files, which it replaces without --overwrite
+    assert read_names == ["1.jpg", "b.jpg", "image-1.png"]
     printed = capsys.readouterr().out
-    assert "2 of 3 smears were analysed by an earlier run that did not finish" in printed
-    assert "[2/3] 26: 140 cells (analysed by the earlier run)" in printed
+    assert "3 of 4 smears were analysed by an earlier run that did not finish" in printed
+    assert "[3/4] 26: 140 cells (analysed by the earlier run)" in printed
     assert files_under(out) == whole  # the tables, embeddings and pictures byte for byte; the parts gone
 
+    # Files another run wrote, or that were changed since, are not the resumed run's to replace.
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "exist; pass --overwrite to replace them" in capsys.readouterr().err
 
-def test_a_killed_run_leaves_its_parts_and_the_next_run_reads_them_back(tmp_path, monkeypatch, capsys):
+
+def test_a_killed_run_leaves_its_parts_and_the_next_runs_read_them_back(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "smears"
     folder.mkdir()
     for number in range(12):
@@ -100,14 +110,61 @@ def test_a_killed_run_leaves_its_parts_and_the_next_run_reads_them_back(tmp_path
         run.communicate(timeout=60)
     assert not (out / "cells.csv").exists()
     kept = len(list((out / PARTS).glob("*.npz")))
-    assert 3 <= kept < 12
+    assert 2 <= kept < 10  # the third is kept just after its line
+    argv += ["--out", str(out)]
 
     capsys.readouterr()
+    read_names = reading(monkeypatch, stop_at=2)  # cut short again, after one more smear
+    assert main(argv) == 130
+    assert read_names == [f"{number:02d}.jpg" for number in range(kept, kept + 2)]
+    captured = capsys.readouterr()
+    assert f"{kept} of 12 smears were analysed by an earlier run that did not finish" in captured.out
+    assert f"run the same command to go on: {kept + 1} smears analysed are kept" in captured.err
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(analyse_cli, "export_cells_csv", disk_full)
     read_names = reading(monkeypatch)
-    assert main([*argv, "--out", str(out)]) == 0
-    assert read_names == [f"{number:02d}.jpg" for number in range(kept, 12)]
-    assert f"{kept} of 12 smears were analysed by an earlier run that did not finish" in capsys.readouterr().out
+    assert main(argv) == 3  # the night's smears analysed, and the disk full at the end
+    assert read_names == [f"{number:02d}.jpg" for number in range(kept + 1, 12)]
+    assert ("nothing written: [Errno 28] No space left on device; run the same command once that is mended: "
+            "12 smears analysed are kept") in capsys.readouterr().err
+
+    monkeypatch.undo()
+    read_names = reading(monkeypatch)
+    assert main(argv) == 0
+    assert read_names == []
     assert files_under(out) == files_under(tmp_path / "whole") and not (out / PARTS).exists()
+
+
+def test_a_skipped_smear_is_tried_again_alone_and_parts_of_other_settings_are_said_and_removed(
+        tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    shutil.copy(CHULA / "1.jpg", folder / "1.jpg")
+    (folder / "2.jpg").write_bytes((CHULA / "26.jpg").read_bytes()[:5000])  # still being copied in
+    out = tmp_path / "out"
+    argv = [str(folder), "--out", str(out), "--measure-only"]
+    assert main(argv) == 1
+    assert ("1 of 2 smears skipped (see above); run the same command to try them again: 1 smear analysed is kept in "
+            f"{out / PARTS}") in capsys.readouterr().err
+
+    shutil.copy(CHULA / "26.jpg", folder / "2.jpg")
+    read_names = reading(monkeypatch)
+    assert main(argv) == 0
+    assert read_names == ["2.jpg"] and not (out / PARTS).exists()
+    assert read(out / "cells_summary.csv")["image"].tolist() == ["1", "2"]
+
+    (folder / "2.jpg").write_bytes(b"")
+    assert main([*argv, "--overwrite"]) == 1
+    capsys.readouterr()
+    shutil.copy(CHULA / "26.jpg", folder / "2.jpg")
+    read_names = reading(monkeypatch)
+    assert main([*argv, "--overwrite", "--pixel-size-um", "0.2"]) == 0  # another setting: nothing to read back
+    assert read_names == ["1.jpg", "2.jpg"] and not (out / PARTS).exists()
+    assert (f"{out / PARTS} also holds 1 smear analysed with other settings (model, device, precision, head, pixel "
+            "size, code) or since changed; they are not used, and are removed once") in capsys.readouterr().out
 
 
 def test_a_part_reads_back_equal_dtypes_and_all_and_only_for_its_file_name_and_settings(tmp_path, tiny_folder):  # noqa: F811
@@ -148,6 +205,13 @@ def test_a_part_reads_back_equal_dtypes_and_all_and_only_for_its_file_name_and_s
         assert not SmearParts(parts.folder, other.settings()).has(SmearParts(parts.folder, other.settings()).key(smear, "1"))
     assert SmearParts(parts.folder, SmearAnalysis(embedder=embedder, head=loaded_again, pixel_size_um=0.2)
                       .settings()).has(key)
+    renamed, recoloured = (CellClassifier.load(tmp_path / "head") for _ in range(2))
+    renamed.rename_classes({"normal": "discocyte"})  # the same weights: other names in the table
+    recoloured.colours["normal"] = "#123456"  # other colours in the pictures
+    assert len({head.digest(), renamed.digest(), recoloured.digest()}) == 3
+    in_fp32, in_bf16 = (load_embedder(str(tiny_folder[1]), device="cpu", dtype=dtype) for dtype in ("float32",
+                                                                                                 "bfloat16"))
+    assert SmearAnalysis(embedder=in_bf16).settings() != SmearAnalysis(embedder=in_fp32).settings()
     os.utime(smear, ns=(smear.stat().st_atime_ns, smear.stat().st_mtime_ns + 1))  # copied over, or edited
     assert parts.key(smear, "1") != key and not parts.has(parts.key(smear, "1"))
 
@@ -174,7 +238,8 @@ def test_parts_that_cannot_be_kept_cost_the_run_nothing_but_its_resumption(tmp_p
     (out / PARTS).write_text("a file where the parts would go")
     assert main([str(smears), "--out", str(out), "--measure-only"]) == 0
     captured = capsys.readouterr()
-    assert captured.err.count("warning: cannot keep the smears' results as they finish (") == 1
+    assert captured.err.count(f"warning: cannot keep the smears' results as they finish in {out / PARTS} (") == 1
+    assert "cannot be read" not in captured.err  # no part to read there: nothing to warn of per smear
     assert "should the run be cut short, the smears from this one on are analysed again" in captured.err
-    assert read(out / "cells_summary.csv")["image"].tolist() == ["1", "26", "image-1"]
+    assert read(out / "cells_summary.csv")["image"].tolist() == ["1", "b", "26", "image-1"]
     assert (out / PARTS).read_text() == "a file where the parts would go"

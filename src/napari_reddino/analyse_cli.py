@@ -25,7 +25,7 @@ from .cell_table import SOURCE_PATH
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
 from .image_input import read_smear
 from .segmentation import RBC_DIAMETER_UM, pixel_size_refusal
-from .smear_parts import PARTS, SmearParts
+from .smear_parts import PARTS, WRITTEN, SmearParts
 from .wording import counted
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (143 for SIGTERM)
@@ -162,44 +162,50 @@ def _analyse_each(analysis: SmearAnalysis, smears: list[Path], outcome: _Outcome
             print(f"[{number}/{len(smears)}] {shown(path)}: skipped: {reason}", file=sys.stderr, flush=True)
             continue
         outcome.done.append(cells)
-        if earlier is None and outcome.saving:
-            _keep_part(outcome, key, cells)
-        outcome.kept += earlier is not None or outcome.saving
         found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
         when = "analysed by the earlier run" if earlier is not None else f"{time.perf_counter() - started:.1f} s"
         print(f"[{number}/{len(smears)}] {name}: {found} ({when})", flush=True)
         _warn_of(cells, f"[{number}/{len(smears)}] {name}", analysis)
+        if earlier is None and outcome.saving:
+            _keep_part(outcome, key, cells)
+        outcome.kept += earlier is not None or outcome.saving
 
 
 def _say_earlier_parts(parts: SmearParts, smears: list[Path], names: list[str]) -> None:
-    """Say how many smears an earlier, unfinished run in this folder analysed with these settings."""
+    """Say how many smears an earlier, unfinished run in this folder analysed with these settings,
+    and how many parts it holds of other smears or settings."""
     found = 0
     for path, name in zip(smears, names):
         with contextlib.suppress(OSError):  # a smear gone since it was listed: skipped in its turn
             found += parts.has(parts.key(path, name))
     if found:
         print(f"reddino-analyse: {found} of {counted(len(smears), 'smear')} {'was' if found == 1 else 'were'} analysed "
-              f"by an earlier run that did not finish; their results are read back from {shown(parts.folder)}, not "
-              "analysed again", flush=True)
+              f"by an earlier run that did not finish; their results are read back from {shown(parts.folder)} "
+              "where still whole, not analysed again", flush=True)
+    if (others := parts.count() - found) > 0:  # a busy CPU may choose another precision: worth knowing why
+        print(f"reddino-analyse: {shown(parts.folder)} also holds {counted(others, 'smear')} analysed with other "
+              "settings (model, device, precision, head, pixel size, code) or since changed; they are not used, and "
+              "are removed once every smear of this run is in its files", flush=True)
 
 
 def _earlier_part(analysis: SmearAnalysis, parts: SmearParts, key: str, smear: str) -> SmearCells | None:
     """The smear's results saved under ``key`` by an earlier run, where they stand for this run's."""
     try:
         earlier = parts.load(key)
-    except ValueError as error:  # analysed again, and the part replaced
+        return earlier if earlier is not None and analysis.reusable(earlier) else None
+    except Exception as error:  # analysed again, and the part replaced
         print(f"{smear}: warning: {error}; analysed again", file=sys.stderr, flush=True)
         return None
-    return earlier if earlier is not None and analysis.reusable(earlier) else None
 
 
 def _keep_part(outcome: _Outcome, key: str, cells: SmearCells) -> None:
     """Save the smear's results as a part; where that fails, say so and save no more."""
     try:
         outcome.parts.save(key, cells)
-    except (OSError, TypeError, ValueError) as error:
-        print(f"reddino-analyse: warning: cannot keep the smears' results as they finish ({error}); should the run "
-              "be cut short, the smears from this one on are analysed again", file=sys.stderr, flush=True)
+    except Exception as error:  # a full disk, a file where the folder goes: the run itself goes on
+        print(f"reddino-analyse: warning: cannot keep the smears' results as they finish in "
+              f"{shown(outcome.parts.folder)} ({error}); should the run be cut short, the smears from this one on "
+              "are analysed again", file=sys.stderr, flush=True)
         outcome.saving = False
 
 
@@ -236,11 +242,17 @@ def _analyse(args: argparse.Namespace) -> int:
         raise _Refused(f"{', '.join(folders)} {'is a folder' if len(folders) == 1 else 'are folders'}, where a "
                        "table would go; move it, or choose another --out.")
     old_galleries = pictures_in(galleries)
-    existing = [str(file) for file in (*targets, *stale) if file.exists()]
+    in_the_way = [file for file in (*targets, *stale) if file.exists()]
+    existing = [str(file) for file in in_the_way]
     existing += [f"{galleries} (with {counted(len(old_galleries), 'picture')})"] * bool(old_galleries)
+    refusal = None
     if existing and not args.overwrite:
-        raise _Refused(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "
-                       "replace them, or choose another --out.")
+        refusal = _Refused(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite to "
+                           "replace them, or choose another --out." + (f" (The smears that an unfinished run kept in "
+                           f"{out / PARTS} are read back where its settings match, not analysed again.)" if
+                           (out / PARTS).is_dir() else ""))
+        if not (out / PARTS / WRITTEN).is_file():  # else: the files may be that run's, to be told with its settings
+            raise refusal
     unreadable: list[Path] = []
     smears = list_smears(args.smears, leave_out=out, unreadable=unreadable)
     for folder in unreadable:  # permissions, a share that dropped: said now, and in the exit status
@@ -265,7 +277,12 @@ def _analyse(args: argparse.Namespace) -> int:
     except OSError as error:
         raise _Refused(f"cannot write in the output folder {out}: {error}") from error
 
-    outcome = _Outcome(SmearParts(out / PARTS, analysis.settings()), unreadable)
+    parts = SmearParts(out / PARTS, analysis.settings())
+    if refusal is not None:
+        if not parts.wrote([*in_the_way, *old_galleries]):
+            raise refusal
+        args.overwrite = True  # they are the files of the run this one resumes: nothing in them is not in its parts
+    outcome = _Outcome(parts, unreadable)
     with _remembered_stop() as stop:
         try:  # Ctrl-C or SIGTERM during a smear or between two: the smears finished so far are written
             _analyse_each(analysis, smears, outcome, stop)
@@ -280,7 +297,8 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
                    earlier: tuple[list[Path], list[Path]], stop: _StopRequest) -> int:
     """Write the smears done and say what became of the others (skipped, in folders that could
     not be read, not reached); remove the ``earlier`` run's files that no longer match (its stale
-    tables, its pictures), and the parts once every smear is in the files. Returns the exit status."""
+    tables, its pictures), and the parts once every smear is in the files (else note the files
+    written, which the same command may then replace). Returns the exit status."""
     done, skipped, unreadable = outcome.done, outcome.skipped, outcome.unreadable
     stale, old_galleries = earlier
     table, galleries = Path(args.out) / "cells.csv", Path(args.out) / GALLERIES
@@ -290,8 +308,6 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
                  f"{shown(outcome.parts.folder)}, to be read back rather than analysed again" if outcome.kept else "")
     if not done:
         print("reddino-analyse: no smear was analysed; nothing written", file=sys.stderr)
-        if not left:
-            outcome.parts.clear()
         return stop.status if stop.is_set() or left else NOTHING_WRITTEN
     pictured = {Path(cells.metadata["gallery"]) for cells in done if "gallery" in cells.metadata}
     with_galleries = f"; galleries of {counted(len(pictured), 'smear')} in {galleries}" if args.galleries else ""
@@ -307,8 +323,10 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         mend = f"; run {again} once that is mended{read_back}" if read_back else ""
         print(f"reddino-analyse: nothing written{written}: {error}{mend}", file=sys.stderr)
         return NOTHING_WRITTEN
-    if not left:  # every smear's results are in the files now
-        outcome.parts.clear()
+    if not (left or skipped or unreadable):  # every smear's results are in the files now
+        _clear_parts(outcome.parts)
+    elif outcome.kept and table_is_ours and _note_written(outcome.parts, [*targets, *pictured]):
+        again = "the same command"  # which may replace these files: they hold nothing its parts do not
     removed, kept = "", []
     if not table_is_ours:  # the earlier run's files still belong to the table left there
         stale, old_galleries = [], []
@@ -328,19 +346,38 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
               "new tables; delete it by hand", file=sys.stderr)
     if left:
         print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files"
-              f"{f'; run {again} to go on{read_back}' if read_back else ''}",
-              file=sys.stderr)
+              f"{f'; run {again} to go on{read_back}' if read_back else ''}", file=sys.stderr)
         return stop.status
     if stop.is_set():  # asked to stop while the files were written: they were finished first
         print("reddino-analyse: interrupted after the last smear; the files are whole", file=sys.stderr)
         return stop.status
     if skipped:
-        print(f"reddino-analyse: {len(skipped)} of {counted(len(smears), 'smear')} skipped (see above)", file=sys.stderr)
+        print(f"reddino-analyse: {len(skipped)} of {counted(len(smears), 'smear')} skipped (see above)"
+              f"{f'; run {again} to try them again{read_back}' if read_back else ''}", file=sys.stderr)
         return 1
     if unreadable:
-        print(f"reddino-analyse: {counted(len(unreadable), 'folder')} could not be read (see above)", file=sys.stderr)
+        print(f"reddino-analyse: {counted(len(unreadable), 'folder')} could not be read (see above)"
+              f"{f'; run {again} once they can be{read_back}' if read_back else ''}", file=sys.stderr)
         return 1
     return 1 if kept or targets[0] != table else 0  # a script reading DIR/cells.csv would read the other run's
+
+
+def _clear_parts(parts: SmearParts) -> None:
+    """Remove the parts; where that fails, the files are written all the same: said, not raised."""
+    try:
+        parts.clear()
+    except OSError as error:  # a colleague's run made the folder; a virus scanner holds a part open
+        print(f"reddino-analyse: warning: could not remove {shown(parts.folder)} ({error.strerror or error}), whose "
+              "smears are all in the files now; delete it by hand", file=sys.stderr, flush=True)
+
+
+def _note_written(parts: SmearParts, files: list[Path]) -> bool:
+    """Note the files this unfinished run wrote beside its parts; False where that fails."""
+    try:
+        parts.note_written(files)
+    except OSError:  # then the same command needs --overwrite, as before the parts
+        return False
+    return True
 
 
 def _check_output_folder(out: Path) -> None:

@@ -8,6 +8,10 @@ No Qt, no napari.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -212,14 +216,12 @@ class SmearAnalysis:
     def settings(self) -> dict:
         """What every smear's results follow from besides its pixels (JSON-able): an earlier run's
         results for a smear stand for this run's only under equal settings."""
-        from . import __version__  # the segmentation and measurements of another version differ
-
         model = None
         if self.embedder is not None:
             embedder = self.embedder
             model = {"named": str(self.model or embedder.model_id), "id": embedder.model_id,
                      "device": str(embedder.device), "dtype": str(embedder.dtype), "compiled": embedder.compiled}
-        return {"version": __version__, "pixel_size_um": self.pixel_size_um, "model": model,
+        return {"code": code_digest(), "pixel_size_um": self.pixel_size_um, "model": model,
                 "head": None if self.head is None else self.head.digest(), "keep_embeddings": self.keep_embeddings,
                 "galleries": None if self.galleries is None else os.path.abspath(self.galleries.folder)}
 
@@ -231,10 +233,15 @@ class SmearAnalysis:
         if self.galleries is None or cells.features.empty:  # an empty smear draws none
             return True
         path = self.galleries.path(cells.metadata["source_image"])
-        drawn = cells.metadata.get("gallery")
         if "gallery_failed" in cells.metadata:  # a full disk, say: drawn again
             return False
-        return drawn is None or (drawn == str(path) and path.is_file())
+        if "gallery" not in cells.metadata:  # no whole cell to show
+            return True
+        try:  # not replaced since (by another run's picture of this smear)
+            drawn = cells.metadata["gallery"], cells.metadata.get("gallery_identity")
+            return drawn == (str(path), file_identity(path))
+        except OSError:
+            return False
 
     def _write_gallery(self, image, labels: np.ndarray, cells: SmearCells) -> None:
         """Write the smear's class gallery; any failure costs the smear its picture only, said in
@@ -246,7 +253,26 @@ class SmearAnalysis:
             if save_class_gallery(path, image, labels, cells.features, self.head.classes, self.head.colours,
                                   contrast_limits=black_and_white(colour_view(np.asarray(image)))):
                 cells.metadata["gallery"] = str(path)
+                cells.metadata["gallery_identity"] = file_identity(path)
         except GalleryError as error:
             cells.metadata["gallery_failed"] = f"{path}: {error}"
 
 
+def file_identity(path: Path) -> list[int]:
+    """A file's size and modification time: what a copy over it or an edit changes."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+@functools.cache
+def code_digest() -> str:
+    """A hash of this package's code and the versions of the libraries its results follow from:
+    results of other code (an update between two runs) are not those of this code."""
+    digest = hashlib.sha256()
+    package = Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    for library in ("numpy", "pandas", "scipy", "scikit-image", "torch", "timm", "pillow", "tifffile"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            digest.update(f"{library}=={importlib.metadata.version(library)}".encode())
+    return digest.hexdigest()

@@ -4,10 +4,13 @@ end) goes on where it stopped: the same command reads back the smears already an
 of analysing them again.
 
 A part is keyed by the run's settings and by the smear's file (its path, size and modification
-time) and name, so a smear that changed, or a run with another model, head or pixel size,
+time) and name, so a smear that changed, or a run with another model, head, pixel size or code,
 analyses it afresh. A part is an ``.npz`` without pickle: the cell table's columns and the
 metadata's arrays as arrays, the rest of the metadata as JSON. Read back, it equals what was
 saved, dtypes included, so a resumed run writes the files an uninterrupted one would.
+
+A run that wrote its files before it was cut short also notes them (:data:`WRITTEN`): the same
+command may replace them without ``--overwrite``, for they hold nothing its parts do not.
 """
 
 from __future__ import annotations
@@ -16,18 +19,20 @@ import hashlib
 import json
 import os
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .atomic_files import write_files_atomically
-from .batch_analysis import SmearCells
+from .batch_analysis import SmearCells, file_identity
 
 PARTS = ".reddino-analyse-parts"  # inside --out: hidden, so the search for smears leaves it out
-# a part, and what a write of one killed before its rename left (atomic_files' temporary name)
-_OURS = re.compile(r"[0-9a-f]{40}\.npz|\.[0-9a-f]{40}\.npz\.[a-z0-9_]{8}\.tmp")
+WRITTEN = "written.json"  # in PARTS: the files the unfinished run wrote, as it wrote them, and its settings
+PART_FORMAT = 1  # in every key: a part of another layout is no part of this run
+_PART = re.compile(r"[0-9a-f]{40}\.npz")
+# a part, the note of files written, and what a write of either killed before its rename left
+_OURS = re.compile(rf"{_PART.pattern}|{re.escape(WRITTEN)}|\.({_PART.pattern}|{re.escape(WRITTEN)})\.[a-z0-9_]{{8}}\.tmp")
 _ARRAY, _SCALAR = "\0array", "\0scalar"  # JSON stand-ins for the metadata's numpy arrays and scalars
 
 
@@ -43,12 +48,15 @@ class SmearParts:
         """The key of the smear ``path`` named ``name`` in this run, as JSON text (ASCII: a file
         name that is not UTF-8 is escaped). Take it before reading the smear: a file replaced while
         it is analysed then keys the part to the older file, and is analysed again."""
-        stat = path.stat()
-        return json.dumps({"settings": self.settings, "file": os.path.abspath(path), "size": stat.st_size,
-                           "modified_ns": stat.st_mtime_ns, "name": name}, sort_keys=True)
+        return json.dumps({"format": PART_FORMAT, "settings": self.settings, "file": os.path.abspath(path),
+                           "identity": file_identity(path), "name": name}, sort_keys=True)
 
     def has(self, key: str) -> bool:
         return self._file(key).is_file()
+
+    def count(self) -> int:
+        """How many parts the folder holds, of any smear or settings."""
+        return sum(1 for file in self.folder.iterdir() if _PART.fullmatch(file.name)) if self.folder.is_dir() else 0
 
     def load(self, key: str) -> SmearCells | None:
         """The cells saved under ``key``, or None where there are none. Raises ValueError for a
@@ -57,9 +65,9 @@ class SmearParts:
         try:
             with np.load(file, allow_pickle=False) as saved:
                 arrays = {key: saved[key] for key in saved.files}
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # the latter: a file where the folder would be
             return None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a damaged disk, a file cut short
+        except Exception as error:  # a damaged disk, a file cut short: zipfile and numpy raise all kinds
             raise ValueError(f"{file} cannot be read ({error})") from error
         try:
             if str(arrays.pop("key")) != key:
@@ -84,6 +92,23 @@ class SmearParts:
         arrays["about"] = np.array(json.dumps(about))
         self.folder.mkdir(parents=True, exist_ok=True)
         write_files_atomically({self._file(key): lambda handle: np.savez(handle, **arrays)})
+
+    def note_written(self, files: list[Path]) -> None:
+        """Note that this run, unfinished, wrote ``files`` (each as it is now) with its settings."""
+        about = {"settings": self.settings, "files": {os.path.abspath(file): file_identity(file) for file in files}}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_files_atomically({self.folder / WRITTEN: lambda handle: handle.write(json.dumps(about).encode())})
+
+    def wrote(self, files: list[Path]) -> bool:
+        """Whether an unfinished run with these settings wrote each of ``files``, which none
+        changed since."""
+        try:
+            about = json.loads((self.folder / WRITTEN).read_text())
+            noted = about["files"]
+            return (about["settings"] == json.loads(json.dumps(self.settings))
+                    and all(noted.get(os.path.abspath(file)) == file_identity(file) for file in files))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or not ours
+            return False
 
     def clear(self) -> None:
         """Remove the parts (and what a killed write left of one), then the folder if that left it empty."""
