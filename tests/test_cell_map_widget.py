@@ -168,6 +168,12 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     click(widget._on_smear_press, viewer, tuple(table.loc[outside[2], ["centroid_y", "centroid_x"]]))
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, "1")  # napari's: the eraser
     assert cells.features.set_index("label").loc[outside[2], "manual_label"] == "normal"
+    # Ctrl+Z there undoes that label, not a brush stroke from before the map (which would take it away).
+    painted = cells.data.copy()
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    assert cells.features.set_index("label").loc[outside[2], "manual_label"] == ""
+    assert widget.pool is not None and np.array_equal(cells.data, painted)
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, "1")
     assert cells.mode == "pan_zoom"
     assert viewer.layers.selection.active.name == cells.name
     assert cells.help == viewer.help == LABEL_KEYS_HELP  # the status bar's hint says what the keys do now ...
@@ -675,6 +681,24 @@ def test_a_smear_mapped_twice_is_named_in_the_status_and_drawn_twice(viewer, qtb
     viewer.layers.select_all()
     viewer.layers.remove_selected()
     qtbot.waitUntil(lambda: len(viewer.layers) == 0)
+
+
+def test_a_click_on_a_smear_not_on_the_map_picks_no_cell_of_a_mapped_smear_under_it(viewer, qtbot, tiny_folder):  # noqa: F811
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    (aslan,) = viewer.open(ASLAN_1)  # napari opens it over the mapped smear; its cells are not embedded yet
+    centres = cells.features[["centroid_y", "centroid_x"]].to_numpy()
+    y, x = next((y, x) for y, x in centres if y < aslan.data.shape[0] and x < aslan.data.shape[1])
+    under = int(cells.data[round(y), round(x)])
+    assert under != 0
+    click(widget._on_smear_press, viewer, (y, x))
+    assert not widget.selected.any()
+    assert widget.status.value == (f"{aslan.name!r} is not on the map: embed its cells and Compute map to pick them "
+                                   "here, or hide it to pick the cells of the smear under it.")
+    aslan.visible = False  # the mapped smear shows again: its cell is picked
+    click(widget._on_smear_press, viewer, (y, x))
+    assert widget.pool.label_ids[widget.selected].tolist() == [under]
 
 
 def test_a_smear_changed_while_hidden_or_segmented_again_takes_the_map_away(viewer, qtbot, tiny_folder,  # noqa: F811

@@ -10,7 +10,7 @@ import pytest
 from _model_fixtures import TINY_DIM, hub_cache, serving_hub, tiny_folder  # noqa: F401  (fixtures)
 from napari.layers import Labels
 from napari.utils.notifications import notification_manager
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from skimage.io import imread
 
 from napari_reddino import embeddings_of, measure_cells, segment_cells
@@ -25,9 +25,11 @@ from napari_reddino.cell_embeddings import (
     store_embeddings,
     stored_fingerprint,
 )
+from napari_reddino.cell_table import image_name
 from napari_reddino.embedding import Embedder, clear_embedder_cache, list_devices, load_embedder
 from napari_reddino.widgets import embed_widget, job_widget
 from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
+from napari_reddino.widgets.smear_colours import own_cells
 
 CHULA_1, CHULA_26 = (Path(__file__).parent / "data" / "chula_rbc12" / f"{n}.jpg" for n in (1, 26))
 RUN_TIMEOUT_MS = 60_000
@@ -394,7 +396,8 @@ def test_one_pixel_changed_anywhere_in_a_large_smear_changes_its_digest():
     assert image_digest(smear.reshape(4000, 3000, 3)) != image_digest(smear)
 
 
-def test_cells_from_another_tool_are_measured_when_embedded(viewer, widget, chula_pixels_and_cells, qtbot):
+def test_cells_from_another_tool_are_measured_and_tied_to_their_smear_when_embedded(viewer, widget,
+                                                                                   chula_pixels_and_cells, qtbot, capsys):
     image, labels = chula_pixels_and_cells
     viewer.add_image(image, rgb=True, name="smear")
     cells = viewer.add_labels(labels.copy(), name="masks from another tool")
@@ -409,6 +412,39 @@ def test_cells_from_another_tool_are_measured_when_embedded(viewer, widget, chul
     pd.testing.assert_frame_equal(features[expected.columns], expected)
     np.testing.assert_array_equal(np.sort(features["label"]), embeddings_of(cells)[0])
     assert list(features["note"].iloc[:3]) == ["mine", "", "ok"] and features["note"].iloc[3:].isna().all()
+    # Now the smear's cells: exported, mapped and found by "every open smear" as those of 'smear', also renamed.
+    assert own_cells(viewer.layers, "smear") is cells and image_name(cells) == "smear"
+    viewer.layers["smear"].name = "patient 3"
+    assert image_name(cells) == "patient 3"
+    # Segmenting the smear again never replaces a lab's own masks: a new layer beside, they are kept, hidden.
+    widget.cells.value = SEGMENT_FIRST
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    assert result.args[0].name == "patient 3 cells" and not cells.visible
+    np.testing.assert_array_equal(cells.data, labels)
+    assert "'masks from another tool', segmented by another tool, is kept as it was, hidden" in capsys.readouterr().out
+
+
+def test_a_run_whose_storing_failed_midway_is_not_taken_for_up_to_date(viewer, widget, chula_pixels_and_cells, qtbot,
+                                                                        monkeypatch):
+    image, labels = chula_pixels_and_cells
+    viewer.add_image(image, rgb=True, name="smear")
+    cells = viewer.add_labels(labels.copy(), name="masks from another tool")
+    widget.reset_choices()
+    widget.cells.value = cells
+    merge = embed_widget._with_own_columns
+
+    def out_of_memory(*args, **kwargs):  # as an unforeseen error would, after the embeddings are stored
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(embed_widget, "_with_own_columns", out_of_memory)
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert "Storing the embeddings failed" in widget.status.value and "area_px" not in cells.features
+    monkeypatch.setattr(embed_widget, "_with_own_columns", merge)
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()  # measured and stored this time, not "already up to date"
+    pd.testing.assert_frame_equal(cells.features[["label", "area_px"]], measure_cells(labels, image)[["label", "area_px"]])
 
 
 @pytest.mark.parametrize("key", ["index", "label as text"])
@@ -505,6 +541,43 @@ def test_a_brush_stroke_re_embeds_only_the_cells_whose_crops_it_changed(viewer, 
     # window's edge moves the tiny model's vector by as little as 5e-5.
     moved = np.abs(fresh - before).max(axis=1) > 1e-6
     np.testing.assert_array_equal(moved, ~kept)  # exactly the cells whose crop changed were embedded again
+
+
+def test_a_cell_reshaped_inside_its_crop_keeps_its_embedding_but_not_the_head_s_prediction(
+        viewer, widget, chula_pixels_and_cells, qtbot):
+    image, labels = chula_pixels_and_cells
+    viewer.add_image(image, rgb=True, name="smear")
+    cells = viewer.add_labels(labels.copy(), name="smear cells", metadata={"source_image": "smear"})
+    widget.reset_choices()
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    ids, before, _ = embeddings_of(cells)
+    cells.features = cells.features.assign(predicted_class="normal", prediction_probability=0.9, p_normal=0.9)
+    cells.metadata["predicted_classes"] = ["normal"]
+    # A hole punched inside one cell (its pallor taken for background, say): the same box and, as
+    # the hole shows the smear's own pixels, the same crop and embedding; but its area, solidity and
+    # circularity, which the head reads, changed. (Neighbours whose windows show the hole, where
+    # the cell was masked before, are embedded again.)
+    table = cells.features.set_index("label")
+    holed = next(label for label in ids if np.all(labels[(y := round(table.loc[label, "centroid_y"])) - 3:y + 4,
+                                                         (x := round(table.loc[label, "centroid_x"])) - 3:x + 4] == label))
+    y, x = round(table.loc[holed, "centroid_y"]), round(table.loc[holed, "centroid_x"])
+    data = cells.data.copy()
+    data[y - 1:y + 2, x - 1:x + 2] = 0
+    cells.data = data
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    after_ids, after_vectors, _ = embeddings_of(cells)
+    np.testing.assert_array_equal(after_ids, ids)
+    moved = (after_vectors != before).any(axis=1)
+    assert not moved[ids == holed].any()
+    embedded, unchanged, cleared = DONE.match(widget.status.value).groups()
+    assert (int(embedded), int(unchanged), int(cleared)) == (moved.sum(), len(ids) - moved.sum(), moved.sum() + 1)
+    after = cells.features.set_index("label").loc[ids]
+    assert after.loc[holed, "area_px"] == table.loc[holed, "area_px"] - 9
+    stale = moved | (ids == holed)
+    np.testing.assert_array_equal(after["predicted_class"], np.where(stale, "", "normal"))
+    np.testing.assert_array_equal(after["p_normal"].isna(), stale)
 
 
 def test_the_cells_whose_embeddings_changed_are_those_a_new_run_gives_another_vector():
@@ -681,6 +754,22 @@ def test_a_cancel_stops_every_open_smear_before_the_next(viewer, widget, qtbot):
                                    "embeddings were not changed. Stopped (cancelled) before '26'.")
     assert not [layer for layer in viewer.layers if isinstance(layer, Labels)]
     assert widget._run_button.enabled
+
+
+def test_a_cancel_after_segment_first_says_the_cells_were_kept_not_embedded(viewer, widget, qtbot):
+    viewer.open(CHULA_1)
+    widget.reset_choices()
+
+    def cancel_once_the_cells_are_added(event):
+        if isinstance(event.value, Labels):  # as a user would, while the cells are embedded
+            QTimer.singleShot(0, widget.cancel)
+
+    viewer.layers.events.inserted.connect(cancel_once_the_cells_are_added)
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    (cells,) = [layer for layer in viewer.layers if isinstance(layer, Labels)]
+    assert widget.status.value == f"Cancelled; the cells were segmented and kept in {cells.name!r}, not embedded."
+    assert embeddings_of(cells) is None
 
 
 def test_a_smear_segmented_again_beside_its_labelled_cells_embeds_the_new_ones(viewer, widget, chula_pixels_and_cells):

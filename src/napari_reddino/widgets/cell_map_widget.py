@@ -69,7 +69,7 @@ from .map_canvas import MapCanvas
 from .map_export import MapExport, not_written
 from .segment_widget import carried_to
 from .smear_colours import SmearColours, cells_layers
-from .smear_keys import LABEL_KEYS, SmearKeys
+from .smear_keys import LABEL_KEYS, UNDO_KEY, SmearKeys
 from .smear_links import level_0, smear_under
 from .smear_table import SmearTable
 
@@ -146,7 +146,7 @@ BUTTON_TIPS = {  # the head is this panel's classifier; the tips say so where it
     "Apply saved head…": "Predict every embedded cell of the open smears with a saved head.",
     "Show in gallery": "Show the selected cells side by side under the smear.",
     "Undo label": "Give the cells of the last Assign, Clear label or key press the labels they had before "
-                  f"(Ctrl+Z on the map or in this panel; up to {UNDO_STEPS} steps back).",
+                  f"(Ctrl+Z on the map, in this panel or over its smears; up to {UNDO_STEPS} steps back).",
     "Select class": "Select every cell of the class chosen in the list (its label, else its prediction).",
 }
 
@@ -293,6 +293,9 @@ class CellMapWidget(MapExport, JobWidget):
             QShortcut(QKeySequence(key), self.gallery, context=in_panel).activated.connect(in_gallery)
 
     def press_key(self, key: str) -> None:
+        if key == UNDO_KEY:
+            self.undo_label()
+            return
         name = UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key)
         if name is None:
             n = len(self.class_list.classes)
@@ -625,6 +628,9 @@ class CellMapWidget(MapExport, JobWidget):
         hit = self._smear_colours.cell_at(event.position)
         if hit is not None:
             self.select_cell(*hit, add="Shift" in event.modifiers)
+        elif (unmapped := self._smear_colours.unmapped_on_top(event.position)) is not None:
+            self.status.value = (f"{unmapped.name!r} is not on the map: embed its cells and Compute map to pick "
+                                 "them here, or hide it to pick the cells of the smear under it.")
         elif (behind := self._smear_colours.cell_at(event.position, hidden=True)) is not None:
             cells = behind[0]
             hidden = [layer.name for layer in (cells, self._smear_colours.layers[self.pool.layers.index(cells)])

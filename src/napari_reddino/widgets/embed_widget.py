@@ -50,7 +50,7 @@ from ..cell_table import class_names, clear_predictions
 from ..crops import CROP_MODES, CROP_SCALES, DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN
 from ..embedding import DeviceError, Downloaded, Embedder, iter_load_embedder, list_devices
 from ..image_input import ImageInputError
-from ..measurements import measure_cells
+from ..measurements import MEASUREMENT_COLUMNS, measure_cells
 from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError
 from ..wording import counted
@@ -58,6 +58,7 @@ from .job_widget import JobWidget, job_worker, smear_pixels
 from .segment_widget import (
     MEASURED_IMAGE,
     MEASURED_LABELS,
+    SEGMENTED_ELSEWHERE,
     _Job,
     _segment_and_measure,
     add_cells_layer,
@@ -65,7 +66,7 @@ from .segment_widget import (
     unusable_pixel_size,
 )
 from .smear_colours import is_map_colours, own_cells
-from .smear_links import of_image, placement
+from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, of_image, placement
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
 
@@ -82,6 +83,7 @@ class _EmbedJob:
     crops: dict  # mode, scale and margin, as Embedder.embed takes them
     image_hash: str  # the image_digest of the pixels embedded
     segmented: bool = False  # the cells layer was made by this run ("segment first")
+    image: Image | None = None  # the smear's layer
 
 
 @dataclass
@@ -167,6 +169,33 @@ def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> tuple[pd.DataFr
             same &= ~((centre < low - reach) | (centre > high - 1 + reach))  # unknown places count as the same
     lost = int(((class_names(old, "manual_label") != "") & ~same).sum())
     return table.merge(old.loc[same, own].assign(label=ids[same]), on="label", how="left"), lost
+
+
+def _tie_to_smear(cells: Labels, image: Image, image_hash: str) -> None:
+    """Tie cells another tool segmented (Cellpose masks, say) to the smear they were embedded
+    from, as Segment cells ties its own: the map, the export, the gallery and "every open smear"
+    then take them for that smear's cells, and a smear renamed keeps them. Segmenting the smear
+    again never replaces them (:data:`SEGMENTED_ELSEWHERE`)."""
+    cells.metadata = {**cells.metadata, "source_image": image.name, SOURCE_DIGEST: image_hash,
+                      SOURCE_LAYER: str(image.unique_id), SEGMENTED_ELSEWHERE: True}
+
+
+def _remeasured(table: pd.DataFrame, old: pd.DataFrame) -> np.ndarray:
+    """The label ids of ``table`` whose measurements differ from those ``old`` holds for them (a
+    ring filled in, an edge mended within the cell's box): a crop may not change with them, but a
+    head that reads measurements predicts from them too."""
+    if "label" not in old:
+        return np.zeros(0, np.int64)
+    # in pixels: the µm columns follow from them and the pixel size, which alone changes no cell
+    columns = [column for column in MEASUREMENT_COLUMNS if column in table and column in old
+               and column not in ("label", "index") and not column.endswith(("_um", "_um2"))]
+    ids = pd.to_numeric(old["label"], errors="coerce")  # a table read from a CSV may hold them as text
+    before = old.assign(label=ids).drop_duplicates("label").set_index("label").reindex(table["label"])
+    differ = np.zeros(len(table), bool)
+    for column in columns:
+        new, was = table[column].to_numpy(float), pd.to_numeric(before[column], errors="coerce").to_numpy(float)
+        differ |= ~np.isclose(new, was, rtol=1e-9, atol=0, equal_nan=True)
+    return table["label"].to_numpy()[differ]
 
 
 class EmbedCellsWidget(JobWidget):
@@ -468,7 +497,7 @@ class EmbedCellsWidget(JobWidget):
         if not measured and (why := unusable_pixel_size(pixel_size)):  # the cells are measured after embedding
             self._refuse(why)
             return
-        self._embed_job = _EmbedJob(cells, model, crops, image_hash, segmented)
+        self._embed_job = _EmbedJob(cells, model, crops, image_hash, segmented, image)
         self.status.value = f"Loading {model}…"
         self._stop_download = threading.Event()
         self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size,
@@ -514,7 +543,9 @@ class EmbedCellsWidget(JobWidget):
         embedder, self._embedder = self._embedder, None
         try:
             if worker.abort_requested:
-                self.status.value = "Cancelled; the embeddings were not changed."
+                self.status.value = ("Cancelled; the cells were segmented and kept in "
+                                     f"{embed_job.cells.name!r}, not embedded." if embed_job is not None and
+                                     embed_job.segmented else "Cancelled; the embeddings were not changed.")
             elif result is not None and segment_job is not None:
                 self._segmented(segment_job, *result)
                 return  # _segmented goes on to embed, or ends the run
@@ -559,12 +590,16 @@ class EmbedCellsWidget(JobWidget):
             self.status.value = f"{job.cells.name!r} was removed while its cells were embedded; nothing was stored."
             return
         changed = labels_digest(job.cells.data) != embedded  # segmented again or painted meanwhile
-        new_embeddings = changed_embeddings(job.cells, run)
+        # what the head said of these cells no longer holds: their crops, or the measurements it also reads, changed
+        unpredicted = changed_embeddings(job.cells, run)
+        if table is not None and not changed:
+            unpredicted = np.union1d(unpredicted, _remeasured(table, job.cells.features))
+        # Up to date only once all is stored: a failure on the way leaves a run that measures and stores again.
         # Changed: the embeddings are kept for the next run to reuse, but are never up to date, even
         # if an undo brings the labels back: that run must also measure the cells this one did not.
         store_run(job.cells, run, model=job.model, device=embedder.device, crops=job.crops,
-                  fingerprint="" if changed else loaded_fingerprint, labels_digest=embedded, image_hash=job.image_hash)
-        unpredicted = clear_predictions(job.cells, new_embeddings)  # what the head said of them no longer holds
+                  fingerprint="", labels_digest=embedded, image_hash=job.image_hash)
+        unpredicted = clear_predictions(job.cells, unpredicted)
         if changed:
             self.status.value = (f"The cells of {job.cells.name!r} changed while they were embedded. The embeddings "
                                  "of the cells as they were are kept: Run again embeds only the changed ones.")
@@ -573,6 +608,10 @@ class EmbedCellsWidget(JobWidget):
         if table is not None:  # measured now: the layer's own columns (labels, notes) stay with their cells
             job.cells.features, unlabelled = _with_own_columns(table, job.cells.features)
             job.cells.metadata[MEASURED_LABELS], job.cells.metadata[MEASURED_IMAGE] = embedded, job.image_hash
+        if not job.cells.metadata.get("source_image") and job.image in self._viewer.layers:
+            _tie_to_smear(job.cells, job.image, job.image_hash)
+        store_run(job.cells, run, model=job.model, device=embedder.device, crops=job.crops,
+                  fingerprint=loaded_fingerprint, labels_digest=embedded, image_hash=job.image_hash)
         seconds = time.perf_counter() - self._embed_started
         fresh = len(run.ids) - run.reused
         if self._batch is not None:

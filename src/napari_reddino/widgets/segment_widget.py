@@ -24,6 +24,7 @@ from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, of_image, placement
 MEASURED_LABELS = "measured_labels"  # metadata: digest of the labels the layer's table was measured on
 MEASURED_IMAGE = "measured_image"  # ... and of the pixels (colour, pallor); SOURCE_DIGEST in layers from before it
 SEGMENTED_LABELS = "segmented_labels"  # metadata: digest of the labels as segmentation gave them
+SEGMENTED_ELSEWHERE = "segmented_elsewhere"  # metadata: cells of another tool, tied to their smear when embedded
 # metadata: the unique_id of the newer cells layer this one's labels went to (not its name: the
 # user may rename it, and napari hands a removed layer's name to the next layer)
 CARRIED_TO = "labels_carried_to"
@@ -221,7 +222,8 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     layers = viewer.layers
     earlier = own_cells(layers, job.image_name)  # by its link to the smear: a renamed smear keeps its cells
     same_smear = earlier is not None and of_image(earlier, job.image, image_hash)
-    edited = same_smear and _edited_by_hand(earlier)
+    elsewhere = same_smear and bool(earlier.metadata.get(SEGMENTED_ELSEWHERE))  # a lab's own masks: never replaced
+    edited = same_smear and (elsewhere or _edited_by_hand(earlier))
     if same_smear and not _has_manual_labels(earlier) and not edited:
         layer = earlier
         layer.data = labels
@@ -246,7 +248,8 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     carried = carry_labels(viewer, layer, job, image_hash)
     if edited and earlier.visible:  # not hidden by carrying its labels: it had none
         earlier.visible = False
-        kept = f"{earlier.name!r}, its cells edited by hand since they were segmented, is kept as it was, hidden"
+        how = "segmented by another tool" if elsewhere else "its cells edited by hand since they were segmented"
+        kept = f"{earlier.name!r}, {how}, is kept as it was, hidden"
         return layer, f"{carried}; {kept}" if carried else kept
     return layer, carried
 

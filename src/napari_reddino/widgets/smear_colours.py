@@ -12,7 +12,7 @@ from napari.utils.colormaps import CyclicLabelColormap
 
 from ..cell_map import PooledCells, rank_lut
 from .job_widget import place_above
-from .smear_links import placement, smear_under
+from .smear_links import level_0, placement, smear_under
 
 MARK = "reddino_map_colours"  # metadata key of a colour layer (it holds map ranks, not cells): see coloured_smear
 
@@ -52,8 +52,11 @@ class SmearColours:
     def cell_at(self, world_position, *, hidden: bool = False) -> tuple[Labels, int] | None:
         """The cells layer and label id of the cell shown at ``world_position`` in the top one of
         the visible smears (of all smears with ``hidden``) that lie there, or None. The top smear's
-        background answers None while its image is shown: that covers the smears under it."""
+        background answers None while its image is shown: that covers the smears under it; so does
+        a smear not on the map (see :meth:`unmapped_on_top`)."""
         layers = self._viewer.layers
+        if not hidden and self.unmapped_on_top(world_position) is not None:
+            return None
         shown = [p for p, overlay in enumerate(self.layers)
                  if overlay in layers and (hidden or overlay.visible and self._pool.layers[p].visible)]
         for position in sorted(shown, key=lambda p: -layers.index(self.layers[p])):
@@ -65,6 +68,19 @@ class SmearColours:
                 continue
             if rank is not None:
                 return self._pool.layers[position], int(self._pool.label_ids[self._pool.offsets[position] + rank - 1])
+        return None
+
+    def unmapped_on_top(self, world_position) -> Image | Labels | None:
+        """The smear layer (image or cells) drawn on top at ``world_position`` where it is not on
+        the map: napari opens a new smear over the mapped ones, and a click on its cells must not
+        pick the hidden cell of a mapped smear under it."""
+        layers = self._viewer.layers
+        # by name, unique in a viewer: a plugin's viewer hands out proxies of its layers, not the layers
+        mapped = {layer.name for layer in (*self.layers, *self._pool.layers)}
+        mapped |= {image.name for cells in self._pool.layers if (image := smear_under(self._viewer, cells)) is not None}
+        for layer in reversed(layers):
+            if layer.visible and _is_smear_layer(layer) and _pixel_at(layer, world_position) is not None:
+                return None if layer.name in mapped else layer
         return None
 
     def uncover(self, position: int) -> list[str]:
@@ -99,10 +115,16 @@ class SmearColours:
 def _value_at(labels: Labels, world_position) -> int | None:
     """The label at ``world_position``, None outside the layer; also of a hidden layer, which
     napari's ``get_value`` answers with None."""
-    index = np.round(labels.world_to_data(world_position)).astype(int)
-    if np.any(index < 0) or np.any(index >= labels.data.shape):
-        return None
-    return int(labels.data[tuple(index)])
+    pixel = _pixel_at(labels, world_position)
+    return None if pixel is None else int(labels.data[pixel])
+
+
+def _pixel_at(layer, world_position) -> tuple[int, ...] | None:
+    """The index of the pixel of ``layer`` (an image's first level, less its colour axis) at
+    ``world_position``; None outside the layer."""
+    shape = (level_0(layer) if isinstance(layer, Image) else layer.data).shape[:layer.ndim]
+    index = np.round(layer.world_to_data(world_position)).astype(int)
+    return tuple(index) if np.all(index >= 0) and np.all(index < shape) else None
 
 
 def _is_smear_layer(layer) -> bool:

@@ -2,14 +2,20 @@
 
 While a map is shown, 1-9, 0 (a class each) and Backspace/Delete (clear) also work over the
 map's cells layers: napari's own keys there (1 eraser, 2 brush, ...) would otherwise turn a
-labelling key press into a tool that edits the cells. The layers' hint in the status bar says
-what the keys do instead, in every mode, and napari's keys and hint come back with the map's end.
+labelling key press into a tool that edits the cells. So does Ctrl+Z (undo the last labelling):
+napari's paint undo there could only undo a stroke made before the map (a stroke takes the map
+away, and these keys with it), which would take the map away too. The layers' hint in the
+status bar says what the keys do instead, in every mode, and napari's keys and hint come back
+with the map's end.
 """
 
 import weakref
 
 LABEL_KEYS = (*"1234567890", "Backspace", "Delete")  # a class's key assigns it; the last two clear
-LABEL_KEYS_HELP = "use <1>-<9>, <0> to give the selected cells a class (Cell map), <Backspace> or <Delete> to clear it"
+UNDO_KEY = "Control-Z"  # napari's Control: Cmd on a Mac
+_BOUND = (*LABEL_KEYS, UNDO_KEY)
+LABEL_KEYS_HELP = ("use <1>-<9>, <0> to give the selected cells a class (Cell map), <Backspace> or <Delete> to clear "
+                   "it, <Ctrl+Z> to undo that")
 
 
 class SmearKeys:
@@ -26,7 +32,7 @@ class SmearKeys:
         self.release()
         self._layers = list(layers)
         for layer in self._layers:
-            for key in LABEL_KEYS:
+            for key in _BOUND:
                 layer.bind_key(key, self._key(key), overwrite=True)
             layer.events.mode.connect(self._on_mode, position="last")  # after napari writes its own
             self._show_help(layer)
@@ -59,6 +65,6 @@ class SmearKeys:
 
 def _give_back(layer) -> None:
     """napari's keys on ``layer`` and, through a mode event, its own hint."""
-    for key in LABEL_KEYS:
+    for key in _BOUND:
         layer.bind_key(key, None)
     layer.events.mode(mode=layer.mode)
