@@ -168,12 +168,6 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     click(widget._on_smear_press, viewer, tuple(table.loc[outside[2], ["centroid_y", "centroid_x"]]))
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, "1")  # napari's: the eraser
     assert cells.features.set_index("label").loc[outside[2], "manual_label"] == "normal"
-    # Ctrl+Z there undoes that label, not a brush stroke from before the map (which would take it away).
-    painted = cells.data.copy()
-    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
-    assert cells.features.set_index("label").loc[outside[2], "manual_label"] == ""
-    assert widget.pool is not None and np.array_equal(cells.data, painted)
-    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, "1")
     assert cells.mode == "pan_zoom"
     assert viewer.layers.selection.active.name == cells.name
     assert cells.help == viewer.help == LABEL_KEYS_HELP  # the status bar's hint says what the keys do now ...
@@ -681,6 +675,33 @@ def test_a_smear_mapped_twice_is_named_in_the_status_and_drawn_twice(viewer, qtb
     viewer.layers.select_all()
     viewer.layers.remove_selected()
     qtbot.waitUntil(lambda: len(viewer.layers) == 0)
+
+
+def test_ctrl_z_over_a_mapped_smear_undoes_the_last_label_and_without_a_map_a_stroke(viewer, qtbot, tiny_folder):  # noqa: F811
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    cells.paint(tuple(cells.features[["centroid_y", "centroid_x"]].iloc[0]), 0)  # a stroke, before the map
+    painted = cells.data.copy()
+    _, embed_panel = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
+    embed_panel.cells.value = cells
+    with qtbot.waitSignal(embed_panel.embedded, timeout=TIMEOUT_MS):
+        embed_panel.run()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
+    widget.select(np.arange(len(widget.pool)) < 3)
+    widget.assign("normal")
+    canvas, ctrl = viewer.window._qt_viewer.canvas.native, Qt.KeyboardModifier.ControlModifier
+    assert viewer.layers.selection.active.name == cells.name
+    qtbot.keyClick(canvas, Qt.Key.Key_Z, ctrl)  # the label, not the stroke from before the map
+    assert (cells.features["manual_label"] == "").all() and widget.pool is not None
+    np.testing.assert_array_equal(cells.data, painted)
+    qtbot.keyClick(canvas, Qt.Key.Key_Z, ctrl | Qt.KeyboardModifier.ShiftModifier)  # nor napari's redo
+    assert widget.status.value.startswith("Ctrl+Shift+Z does nothing over the mapped smears")
+    assert widget.pool is not None
+    # A new stroke takes the map away, and gives napari its keys back: Ctrl+Z undoes that stroke.
+    cells.paint(tuple(cells.features[["centroid_y", "centroid_x"]].iloc[5]), 0)
+    assert widget.pool is None
+    qtbot.keyClick(canvas, Qt.Key.Key_Z, ctrl)
+    np.testing.assert_array_equal(cells.data, painted)
 
 
 def test_a_click_on_a_smear_not_on_the_map_picks_no_cell_of_a_mapped_smear_under_it(viewer, qtbot, tiny_folder):  # noqa: F811

@@ -30,6 +30,7 @@ from napari_reddino.embedding import Embedder, clear_embedder_cache, list_device
 from napari_reddino.widgets import embed_widget, job_widget
 from napari_reddino.widgets.embed_widget import SEGMENT_FIRST, EmbedCellsWidget
 from napari_reddino.widgets.smear_colours import own_cells
+from napari_reddino.widgets.smear_links import SOURCE_DIGEST
 
 CHULA_1, CHULA_26 = (Path(__file__).parent / "data" / "chula_rbc12" / f"{n}.jpg" for n in (1, 26))
 RUN_TIMEOUT_MS = 60_000
@@ -397,7 +398,7 @@ def test_one_pixel_changed_anywhere_in_a_large_smear_changes_its_digest():
 
 
 def test_cells_from_another_tool_are_measured_and_tied_to_their_smear_when_embedded(viewer, widget,
-                                                                                   chula_pixels_and_cells, qtbot, capsys):
+                                                                                   chula_pixels_and_cells, qtbot):
     image, labels = chula_pixels_and_cells
     viewer.add_image(image, rgb=True, name="smear")
     cells = viewer.add_labels(labels.copy(), name="masks from another tool")
@@ -416,13 +417,20 @@ def test_cells_from_another_tool_are_measured_and_tied_to_their_smear_when_embed
     assert own_cells(viewer.layers, "smear") is cells and image_name(cells) == "smear"
     viewer.layers["smear"].name = "patient 3"
     assert image_name(cells) == "patient 3"
-    # Segmenting the smear again never replaces a lab's own masks: a new layer beside, they are kept, hidden.
+    # Segmenting the smear again never replaces a lab's own masks: the new cells go beside them.
     widget.cells.value = SEGMENT_FIRST
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
-    assert result.args[0].name == "patient 3 cells" and not cells.visible
+    assert result.args[0].name == "patient 3 cells" and own_cells(viewer.layers, "patient 3").name == "patient 3 cells"
     np.testing.assert_array_equal(cells.data, labels)
-    assert "'masks from another tool', segmented by another tool, is kept as it was, hidden" in capsys.readouterr().out
+    # Embedded from another smear (one camera's smears are all of a size), they belong to that one: the
+    # tie is the last embedding's, and can be mended so.
+    other = viewer.add_image(image[::-1].copy(), rgb=True, name="other")
+    widget.image.value, widget.cells.value = other, cells
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert widget.status.value.endswith("; 'masks from another tool' belongs to 'other' now, no longer to 'patient 3'")
+    assert image_name(cells) == "other" and cells.metadata[SOURCE_DIGEST] == image_digest(other.data)
 
 
 def test_a_run_whose_storing_failed_midway_is_not_taken_for_up_to_date(viewer, widget, chula_pixels_and_cells, qtbot,

@@ -193,6 +193,17 @@ def test_segments_the_chula_smear_into_a_hoverable_cells_layer(viewer, widget, c
     assert (result.args[0].features["manual_label"] == "normal").sum() == carried and not labelled.visible
 
 
+def test_masks_a_lab_saved_under_the_smear_s_cells_name_are_kept_beside_a_new_segmentation(viewer, widget, chula,
+                                                                                             qtbot):
+    masks = np.zeros(chula.data.shape[:2], np.int32)
+    masks[100:140, 100:140] = 1  # opened from "chula-smear cells.tif": no record of being segmented here
+    theirs = viewer.add_labels(masks.copy(), name=f"{chula.name} cells")
+    run(widget, qtbot)
+    (new,) = [layer for layer in labels_layers(viewer) if layer.name != theirs.name]
+    assert new.metadata["source_image"] == chula.name and len(new.features) > 100
+    np.testing.assert_array_equal(theirs.data, masks)
+
+
 def test_blank_image_gives_a_notice_and_no_layer(viewer, widget, qtbot):
     viewer.add_image(np.full((256, 256, 3), 230, np.uint8), rgb=True, name="blank")
 

@@ -69,7 +69,7 @@ from .map_canvas import MapCanvas
 from .map_export import MapExport, not_written
 from .segment_widget import carried_to
 from .smear_colours import SmearColours, cells_layers
-from .smear_keys import LABEL_KEYS, UNDO_KEY, SmearKeys
+from .smear_keys import LABEL_KEYS, REDO_KEY, UNDO_KEY, SmearKeys
 from .smear_links import level_0, smear_under
 from .smear_table import SmearTable
 
@@ -295,6 +295,10 @@ class CellMapWidget(MapExport, JobWidget):
     def press_key(self, key: str) -> None:
         if key == UNDO_KEY:
             self.undo_label()
+            return
+        if key == REDO_KEY:
+            self.status.value = ("Ctrl+Shift+Z does nothing over the mapped smears: napari's paint redo there would "
+                                 "bring back a stroke from before the map and take the map away.")
             return
         name = UNLABELLED if key in ("Backspace", "Delete") else self.class_list.class_for_key(key)
         if name is None:
@@ -625,12 +629,14 @@ class CellMapWidget(MapExport, JobWidget):
         yield
         if event.type == "mouse_move" or self._smear_colours is None:  # a drag, or the map went meanwhile
             return
-        hit = self._smear_colours.cell_at(event.position)
-        if hit is not None:
+        if (unmapped := self._smear_colours.unmapped_on_top(event.position)) is not None:
+            newer = carried_to(self._viewer, unmapped) if isinstance(unmapped, Labels) else None
+            self.status.value = (f"{unmapped.name!r} is not on the map: " + (
+                f"its labels went to {newer.name!r} when the smear was segmented again; hide it to pick the cells "
+                "under it." if newer is not None else "embed its cells and Compute map to pick them here, or hide "
+                "it to pick the cells of the smear under it."))
+        elif (hit := self._smear_colours.cell_at(event.position)) is not None:
             self.select_cell(*hit, add="Shift" in event.modifiers)
-        elif (unmapped := self._smear_colours.unmapped_on_top(event.position)) is not None:
-            self.status.value = (f"{unmapped.name!r} is not on the map: embed its cells and Compute map to pick "
-                                 "them here, or hide it to pick the cells of the smear under it.")
         elif (behind := self._smear_colours.cell_at(event.position, hidden=True)) is not None:
             cells = behind[0]
             hidden = [layer.name for layer in (cells, self._smear_colours.layers[self.pool.layers.index(cells)])

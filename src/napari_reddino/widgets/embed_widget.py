@@ -175,7 +175,8 @@ def _tie_to_smear(cells: Labels, image: Image, image_hash: str) -> None:
     """Tie cells another tool segmented (Cellpose masks, say) to the smear they were embedded
     from, as Segment cells ties its own: the map, the export, the gallery and "every open smear"
     then take them for that smear's cells, and a smear renamed keeps them. Segmenting the smear
-    again never replaces them (:data:`SEGMENTED_ELSEWHERE`)."""
+    again never replaces them (:data:`SEGMENTED_ELSEWHERE`), and embedding them from another
+    smear ties them to that one: the tie is the last embedding's, not a segmentation's."""
     cells.metadata = {**cells.metadata, "source_image": image.name, SOURCE_DIGEST: image_hash,
                       SOURCE_LAYER: str(image.unique_id), SEGMENTED_ELSEWHERE: True}
 
@@ -187,8 +188,10 @@ def _remeasured(table: pd.DataFrame, old: pd.DataFrame) -> np.ndarray:
     if "label" not in old:
         return np.zeros(0, np.int64)
     # in pixels: the µm columns follow from them and the pixel size, which alone changes no cell
+    # and numbers: a table edited in a spreadsheet may hold them as text, which would differ everywhere
     columns = [column for column in MEASUREMENT_COLUMNS if column in table and column in old
-               and column not in ("label", "index") and not column.endswith(("_um", "_um2"))]
+               and column not in ("label", "index") and not column.endswith(("_um", "_um2"))
+               and pd.api.types.is_numeric_dtype(old[column])]
     ids = pd.to_numeric(old["label"], errors="coerce")  # a table read from a CSV may hold them as text
     before = old.assign(label=ids).drop_duplicates("label").set_index("label").reindex(table["label"])
     differ = np.zeros(len(table), bool)
@@ -452,7 +455,8 @@ class EmbedCellsWidget(JobWidget):
                          "level as a plain labels layer, or choose 'segment first' under Cells.")
             return
         source = cells.metadata.get("source_image")
-        if source != image.name and source in self._viewer.layers:
+        elsewhere = bool(cells.metadata.get(SEGMENTED_ELSEWHERE))  # another tool's cells: tied to the smear embedded
+        if source != image.name and source in self._viewer.layers and not elsewhere:
             self._refuse(f"The cells layer {cells.name!r} was segmented from {source!r}, not from {image.name!r}; "
                          "choose its own cells layer, or 'segment first'.")
             return
@@ -469,8 +473,7 @@ class EmbedCellsWidget(JobWidget):
         model = self.model_name
         crops = {"mode": self.crop_mode.value, "scale": self.crop_scale.value, "margin": float(self.margin.value)}
         digest, image_hash = labels_digest(labels), image_digest(pixels)
-        if not of_image(cells, image, image_hash):
-            source = cells.metadata.get("source_image")
+        if not elsewhere and not of_image(cells, image, image_hash):
             why = "closed, and another opened under its name?" if source == image.name else "another smear"
             self._refuse(f"{cells.name!r} was segmented from another image called {source!r} (its pixels differ "
                          f"from those of {image.name!r}: {why}); choose 'segment first' under Cells.")
@@ -608,8 +611,12 @@ class EmbedCellsWidget(JobWidget):
         if table is not None:  # measured now: the layer's own columns (labels, notes) stay with their cells
             job.cells.features, unlabelled = _with_own_columns(table, job.cells.features)
             job.cells.metadata[MEASURED_LABELS], job.cells.metadata[MEASURED_IMAGE] = embedded, job.image_hash
-        if not job.cells.metadata.get("source_image") and job.image in self._viewer.layers:
+        tied = ""
+        was = job.cells.metadata.get("source_image")
+        if (not was or job.cells.metadata.get(SEGMENTED_ELSEWHERE)) and job.image in self._viewer.layers:
             _tie_to_smear(job.cells, job.image, job.image_hash)
+            if was and was != job.image.name:
+                tied = f"; {job.cells.name!r} belongs to {job.image.name!r} now, no longer to {was!r}"
         store_run(job.cells, run, model=job.model, device=embedder.device, crops=job.crops,
                   fingerprint=loaded_fingerprint, labels_digest=embedded, image_hash=job.image_hash)
         seconds = time.perf_counter() - self._embed_started
@@ -627,6 +634,6 @@ class EmbedCellsWidget(JobWidget):
                         "(erased, merged, or their ids given to cells painted elsewhere)")
         self.status.value = (
             f"{counted(fresh, 'cell')} embedded in {seconds:.1f} s ({fresh / max(seconds, 1e-9):,.0f} cells/s) "
-            f"with {shown} on {embedder.device}{kept}{cleared}"
+            f"with {shown} on {embedder.device}{kept}{cleared}{tied}"
         )
         self.embedded.emit(job.cells)

@@ -220,10 +220,11 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
         SEGMENTED_LABELS: digest,
     }
     layers = viewer.layers
-    earlier = own_cells(layers, job.image_name)  # by its link to the smear: a renamed smear keeps its cells
+    # by its link to the smear (a renamed smear keeps its cells); never another tool's cells, nor a layer
+    # that has no record of being segmented here (masks a lab saved as "<smear> cells.tif"): they go on beside
+    earlier = own_cells([layer for layer in layers if _segmented_here(layer)], job.image_name)
     same_smear = earlier is not None and of_image(earlier, job.image, image_hash)
-    elsewhere = same_smear and bool(earlier.metadata.get(SEGMENTED_ELSEWHERE))  # a lab's own masks: never replaced
-    edited = same_smear and (elsewhere or _edited_by_hand(earlier))
+    edited = same_smear and _edited_by_hand(earlier)
     if same_smear and not _has_manual_labels(earlier) and not edited:
         layer = earlier
         layer.data = labels
@@ -248,10 +249,15 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     carried = carry_labels(viewer, layer, job, image_hash)
     if edited and earlier.visible:  # not hidden by carrying its labels: it had none
         earlier.visible = False
-        how = "segmented by another tool" if elsewhere else "its cells edited by hand since they were segmented"
-        kept = f"{earlier.name!r}, {how}, is kept as it was, hidden"
+        kept = f"{earlier.name!r}, its cells edited by hand since they were segmented, is kept as it was, hidden"
         return layer, f"{carried}; {kept}" if carried else kept
     return layer, carried
+
+
+def _segmented_here(layer) -> bool:
+    """Whether ``layer`` holds cells segmented by this plugin (it records the labels it gave)."""
+    metadata = layer.metadata
+    return not metadata.get(SEGMENTED_ELSEWHERE) and (SEGMENTED_LABELS in metadata or MEASURED_LABELS in metadata)
 
 
 def _edited_by_hand(layer: Labels) -> bool:

@@ -52,11 +52,9 @@ class SmearColours:
     def cell_at(self, world_position, *, hidden: bool = False) -> tuple[Labels, int] | None:
         """The cells layer and label id of the cell shown at ``world_position`` in the top one of
         the visible smears (of all smears with ``hidden``) that lie there, or None. The top smear's
-        background answers None while its image is shown: that covers the smears under it; so does
-        a smear not on the map (see :meth:`unmapped_on_top`)."""
+        background answers None while its image is shown: that covers the smears under it. Ask
+        :meth:`unmapped_on_top` first: a smear not on the map covers them too."""
         layers = self._viewer.layers
-        if not hidden and self.unmapped_on_top(world_position) is not None:
-            return None
         shown = [p for p, overlay in enumerate(self.layers)
                  if overlay in layers and (hidden or overlay.visible and self._pool.layers[p].visible)]
         for position in sorted(shown, key=lambda p: -layers.index(self.layers[p])):

@@ -13,7 +13,8 @@ import weakref
 
 LABEL_KEYS = (*"1234567890", "Backspace", "Delete")  # a class's key assigns it; the last two clear
 UNDO_KEY = "Control-Z"  # napari's Control: Cmd on a Mac
-_BOUND = (*LABEL_KEYS, UNDO_KEY)
+REDO_KEY = "Control-Shift-Z"  # napari's paint redo, as out of place there as its undo: said, not done
+_BOUND = (*LABEL_KEYS, UNDO_KEY, REDO_KEY)
 LABEL_KEYS_HELP = ("use <1>-<9>, <0> to give the selected cells a class (Cell map), <Backspace> or <Delete> to clear "
                    "it, <Ctrl+Z> to undo that")
 
