@@ -78,10 +78,13 @@ def test_an_interrupted_run_goes_on_from_its_parts_and_writes_what_a_whole_run_w
             f"are kept in {out / PARTS}, to be read back") in err
     assert len(list((out / PARTS).glob("*.npz"))) == 3
     (out / "galleries" / "1.png").rmdir()
-    (out / "galleries" / "b.png").unlink()  # a smear whose picture is gone is analysed again, to draw it
+    # a smear whose picture was replaced since (by another run's, here) is analysed again, to draw it
+    (out / "galleries" / "b.png").write_bytes(whole["galleries/image-1.png"])
 
+    assert main([*argv, "--out", str(out)]) == 2  # that picture is no longer the cut-short run's to replace
+    assert "galleries (with 2 pictures) exist; pass --overwrite to replace them" in capsys.readouterr().err
     read_names = reading(monkeypatch)
-    assert main([*argv, "--out", str(out)]) == 0  # its own files, which it replaces without --overwrite
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0
     assert read_names == ["1.jpg", "b.jpg", "image-1.png"]
     printed = capsys.readouterr().out
     assert "3 of 4 smears were analysed by an earlier run that did not finish" in printed
@@ -138,7 +141,7 @@ def test_a_killed_run_leaves_its_parts_and_the_next_runs_read_them_back(tmp_path
     assert files_under(out) == files_under(tmp_path / "whole") and not (out / PARTS).exists()
 
 
-def test_a_skipped_smear_is_tried_again_alone_and_parts_of_other_settings_are_said_and_removed(
+def test_a_skipped_smear_is_tried_again_alone_and_other_runs_files_and_parts_are_not_taken(
         tmp_path, monkeypatch, capsys):
     folder = tmp_path / "smears"
     folder.mkdir()
@@ -150,21 +153,27 @@ def test_a_skipped_smear_is_tried_again_alone_and_parts_of_other_settings_are_sa
     assert ("1 of 2 smears skipped (see above); run the same command to try them again: 1 smear analysed is kept in "
             f"{out / PARTS}") in capsys.readouterr().err
 
+    # Another day's smears in that folder, or a table edited since: the files are not that run's to replace.
+    (tmp_path / "day2").mkdir()
+    shutil.copy(CHULA / "26.jpg", tmp_path / "day2" / "3.jpg")
+    assert main([str(tmp_path / "day2"), "--out", str(out), "--measure-only"]) == 2
+    assert "exist; pass --overwrite to replace them" in capsys.readouterr().err
+    assert main([*argv, "--pixel-size-um", "0.2"]) == 2  # nor those of a run with other settings
+    os.utime(out / "cells.csv", ns=(0, (out / "cells.csv").stat().st_mtime_ns + 1))
+    assert main(argv) == 2
+    capsys.readouterr()
+
+    # Other settings, the smear still broken: the new parts replace those of the old settings.
+    assert main([*argv, "--overwrite", "--pixel-size-um", "0.2"]) == 1
+    assert (f"{out / PARTS} also holds 1 smear analysed with other settings (model, device, precision, head, pixel "
+            "size, code) or since changed; they are not used") in capsys.readouterr().out
+    assert len(list((out / PARTS).glob("*.npz"))) == 1
+
     shutil.copy(CHULA / "26.jpg", folder / "2.jpg")
     read_names = reading(monkeypatch)
-    assert main(argv) == 0
+    assert main([*argv, "--pixel-size-um", "0.2"]) == 0
     assert read_names == ["2.jpg"] and not (out / PARTS).exists()
     assert read(out / "cells_summary.csv")["image"].tolist() == ["1", "2"]
-
-    (folder / "2.jpg").write_bytes(b"")
-    assert main([*argv, "--overwrite"]) == 1
-    capsys.readouterr()
-    shutil.copy(CHULA / "26.jpg", folder / "2.jpg")
-    read_names = reading(monkeypatch)
-    assert main([*argv, "--overwrite", "--pixel-size-um", "0.2"]) == 0  # another setting: nothing to read back
-    assert read_names == ["1.jpg", "2.jpg"] and not (out / PARTS).exists()
-    assert (f"{out / PARTS} also holds 1 smear analysed with other settings (model, device, precision, head, pixel "
-            "size, code) or since changed; they are not used, and are removed once") in capsys.readouterr().out
 
 
 def test_a_part_reads_back_equal_dtypes_and_all_and_only_for_its_file_name_and_settings(tmp_path, tiny_folder):  # noqa: F811

@@ -509,13 +509,19 @@ def test_cells_erased_or_painted_after_segmenting_are_measured_again(viewer, wid
     assert row["equivalent_diameter_um"] == pytest.approx(row["equivalent_diameter_px"] * 0.2)
 
 
-def test_a_brush_stroke_re_embeds_only_the_cells_whose_crops_it_changed(viewer, widget, chula_pixels_and_cells, qtbot):
-    image, labels = chula_pixels_and_cells
+def embedded_smear(viewer, widget, qtbot, image, labels) -> Labels:
+    """The smear and its cells opened as "smear" and "smear cells", and the cells embedded."""
     viewer.add_image(image, rgb=True, name="smear")
     cells = viewer.add_labels(labels.copy(), name="smear cells", metadata={"source_image": "smear"})
     widget.reset_choices()
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
         widget.run()
+    return cells
+
+
+def test_a_brush_stroke_re_embeds_only_the_cells_whose_crops_it_changed(viewer, widget, chula_pixels_and_cells, qtbot):
+    image, labels = chula_pixels_and_cells
+    cells = embedded_smear(viewer, widget, qtbot, image, labels)
     ids, before, _ = embeddings_of(cells)
     # a head's predictions, as the Cell map writes them
     predicted = np.where(np.arange(len(ids)) % 2, "normal", "spherocyte")
@@ -554,11 +560,7 @@ def test_a_brush_stroke_re_embeds_only_the_cells_whose_crops_it_changed(viewer, 
 def test_a_cell_reshaped_inside_its_crop_keeps_its_embedding_but_not_the_head_s_prediction(
         viewer, widget, chula_pixels_and_cells, qtbot):
     image, labels = chula_pixels_and_cells
-    viewer.add_image(image, rgb=True, name="smear")
-    cells = viewer.add_labels(labels.copy(), name="smear cells", metadata={"source_image": "smear"})
-    widget.reset_choices()
-    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
-        widget.run()
+    cells = embedded_smear(viewer, widget, qtbot, image, labels)
     ids, before, _ = embeddings_of(cells)
     cells.features = cells.features.assign(predicted_class="normal", prediction_probability=0.9, p_normal=0.9)
     cells.metadata["predicted_classes"] = ["normal"]

@@ -25,7 +25,7 @@ from .cell_table import SOURCE_PATH
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
 from .image_input import read_smear
 from .segmentation import RBC_DIAMETER_UM, pixel_size_refusal
-from .smear_parts import PARTS, WRITTEN, SmearParts
+from .smear_parts import PARTS, SmearParts, note_covers, read_note
 from .wording import counted
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (143 for SIGTERM)
@@ -122,8 +122,10 @@ class _Outcome:
 
     parts: SmearParts
     unreadable: list[Path]
+    note: dict | None = None  # of the files the cut-short run wrote, which this one may replace
     done: list[SmearCells] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # the parts of this run's smears
     kept: int = 0
     saving: bool = True
 
@@ -162,6 +164,7 @@ def _analyse_each(analysis: SmearAnalysis, smears: list[Path], outcome: _Outcome
             print(f"[{number}/{len(smears)}] {shown(path)}: skipped: {reason}", file=sys.stderr, flush=True)
             continue
         outcome.done.append(cells)
+        outcome.keys.append(key)
         found = counted(len(cells.features), "cell") if len(cells.features) else "no cells found (is it a blood smear?)"
         when = "analysed by the earlier run" if earlier is not None else f"{time.perf_counter() - started:.1f} s"
         print(f"[{number}/{len(smears)}] {name}: {found} ({when})", flush=True)
@@ -251,8 +254,6 @@ def _analyse(args: argparse.Namespace) -> int:
                            "replace them, or choose another --out." + (f" (The smears that an unfinished run kept in "
                            f"{out / PARTS} are read back where its settings match, not analysed again.)" if
                            (out / PARTS).is_dir() else ""))
-        if not (out / PARTS / WRITTEN).is_file():  # else: the files may be that run's, to be told with its settings
-            raise refusal
     unreadable: list[Path] = []
     smears = list_smears(args.smears, leave_out=out, unreadable=unreadable)
     for folder in unreadable:  # permissions, a share that dropped: said now, and in the exit status
@@ -268,6 +269,11 @@ def _analyse(args: argparse.Namespace) -> int:
         cannot = set(unreadable)
         raise _Refused("; ".join(f"cannot read the folder {shown(source)}" if Path(source) in cannot else
                                  f"no images (png, jpg, jpeg, tif, tiff) in {shown(source)}" for source in empty))
+    note = None
+    if refusal is not None:  # unless they are the files of the cut-short run this one goes on with
+        note = read_note(out / PARTS)
+        if note is None or not note_covers(note, [*in_the_way, *old_galleries], smears):
+            raise refusal
     _check_output_folder(out)  # before the model, which may download for minutes
     analysis = _analysis(args)
     try:  # said now, not after hours of smears
@@ -278,11 +284,9 @@ def _analyse(args: argparse.Namespace) -> int:
         raise _Refused(f"cannot write in the output folder {out}: {error}") from error
 
     parts = SmearParts(out / PARTS, analysis.settings())
-    if refusal is not None:
-        if not parts.wrote([*in_the_way, *old_galleries]):
-            raise refusal
-        args.overwrite = True  # they are the files of the run this one resumes: nothing in them is not in its parts
-    outcome = _Outcome(parts, unreadable)
+    if note is not None and not parts.same_settings(note):  # then they are another run's results
+        raise refusal
+    outcome = _Outcome(parts, unreadable, note)
     with _remembered_stop() as stop:
         try:  # Ctrl-C or SIGTERM during a smear or between two: the smears finished so far are written
             _analyse_each(analysis, smears, outcome, stop)
@@ -312,8 +316,13 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
     pictured = {Path(cells.metadata["gallery"]) for cells in done if "gallery" in cells.metadata}
     with_galleries = f"; galleries of {counted(len(pictured), 'smear')} in {galleries}" if args.galleries else ""
     classes = analysis.head.classes if analysis.head is not None else None
+    # the cut-short run's files, which this one may replace: only if none changed since this run began
+    replace = args.overwrite or (outcome.note is not None and note_covers(
+        outcome.note, [file for file in _export_files(table, args.with_embeddings) if file.exists()]))
+    if replace:  # so the next run may too, whatever becomes of this one's files
+        again = "the same command"
     try:
-        targets, table_is_ours = _export(table, done, classes, args)
+        targets, table_is_ours = _export(table, done, classes, args, replace)
     except PartlyWrittenError as error:
         print(f"reddino-analyse: only partly written: {error}{with_galleries}; run it again with --overwrite"
               f"{read_back}", file=sys.stderr)
@@ -325,8 +334,8 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         return NOTHING_WRITTEN
     if not (left or skipped or unreadable):  # every smear's results are in the files now
         _clear_parts(outcome.parts)
-    elif outcome.kept and table_is_ours and _note_written(outcome.parts, [*targets, *pictured]):
-        again = "the same command"  # which may replace these files: they hold nothing its parts do not
+    elif not left:  # those of other smears or settings would pile up
+        _clear_parts(outcome.parts, keep=outcome.keys)
     removed, kept = "", []
     if not table_is_ours:  # the earlier run's files still belong to the table left there
         stale, old_galleries = [], []
@@ -339,6 +348,9 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         removed += f"; removed the earlier run's {file.name}, which no longer matched"
     # they would show cells the new cells.csv no longer holds
     removed += remove_pictures([path for path in old_galleries if path not in pictured], "the earlier run's")
+    if (left or skipped or unreadable) and outcome.kept and table_is_ours and not kept and _note_written(
+            outcome.parts, [*targets, *pictured], smears):
+        again = "the same command"  # which may replace these files: they hold nothing its parts do not
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
           f"{', '.join(shown(file) for file in targets)}{with_galleries}{removed}")
     if kept:
@@ -362,19 +374,24 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
     return 1 if kept or targets[0] != table else 0  # a script reading DIR/cells.csv would read the other run's
 
 
-def _clear_parts(parts: SmearParts) -> None:
-    """Remove the parts; where that fails, the files are written all the same: said, not raised."""
+def _clear_parts(parts: SmearParts, *, keep: list[str] | None = None) -> None:
+    """Remove the parts (but those under ``keep``); where that fails, the files are written all the
+    same: said, not raised."""
     try:
-        parts.clear()
+        if keep is None:
+            parts.clear()
+        else:
+            parts.keep_only(keep)
     except OSError as error:  # a colleague's run made the folder; a virus scanner holds a part open
-        print(f"reddino-analyse: warning: could not remove {shown(parts.folder)} ({error.strerror or error}), whose "
-              "smears are all in the files now; delete it by hand", file=sys.stderr, flush=True)
+        if keep is None:
+            print(f"reddino-analyse: warning: could not remove {shown(parts.folder)} ({error.strerror or error}), "
+                  "whose smears are all in the files now; delete it by hand", file=sys.stderr, flush=True)
 
 
-def _note_written(parts: SmearParts, files: list[Path]) -> bool:
-    """Note the files this unfinished run wrote beside its parts; False where that fails."""
+def _note_written(parts: SmearParts, files: list[Path], smears: list[Path]) -> bool:
+    """Note the files this unfinished run wrote of ``smears`` beside its parts; False where that fails."""
     try:
-        parts.note_written(files)
+        parts.note_written(files, smears)
     except OSError:  # then the same command needs --overwrite, as before the parts
         return False
     return True
@@ -397,14 +414,14 @@ def _export_files(table: Path, with_embeddings: bool) -> list[Path]:
     return [table, summary_path(table), *[table.with_suffix(".npz")] * with_embeddings]
 
 
-def _export(table: Path, done: list, classes: list[str] | None,
-            args: argparse.Namespace) -> tuple[list[Path], bool]:
+def _export(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace,
+            overwrite: bool) -> tuple[list[Path], bool]:
     """Write the export; return its files and whether ``table`` is now this run's. When one of
     them cannot be written where it goes (another run, given the same --out, wrote it after this
     run's start; a spreadsheet holds the old one open), this run's files go beside them under a
     timestamped name rather than losing hours of smears."""
     try:
-        return _write(table, done, classes, args), True
+        return _write(table, done, classes, args, overwrite), True
     except FileExistsError as error:
         why, ours = f"{error.filename} appeared while this run went on (another run writing to the same folder?)", False
     except NotReplacedError as error:
@@ -413,13 +430,14 @@ def _export(table: Path, done: list, classes: list[str] | None,
         why, ours = f"{error}, so they no longer match (one open in another program?)", table in error.written
     print(f"reddino-analyse: {why}; this run's files get a timestamped name instead", file=sys.stderr, flush=True)
     aside = table.with_name(f"{table.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{table.suffix}")
-    return _write(aside, done, classes, args), ours  # the process id: two runs may collide in one second
+    return _write(aside, done, classes, args, overwrite), ours  # the process id: two runs may collide in one second
 
 
-def _write(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace) -> list[Path]:
+def _write(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace,
+           overwrite: bool) -> list[Path]:
     files = _export_files(table, args.with_embeddings)
     export_cells_csv(table, done, summary_path=files[1], embeddings_path=files[2] if args.with_embeddings else None,
-                     classes=classes, overwrite=args.overwrite)
+                     classes=classes, overwrite=overwrite)
     return files
 
 

@@ -270,9 +270,12 @@ def code_digest() -> str:
     results of other code (an update between two runs) are not those of this code."""
     digest = hashlib.sha256()
     package = Path(__file__).parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    for library in ("numpy", "pandas", "scipy", "scikit-image", "torch", "timm", "pillow", "tifffile"):
+    for path in sorted(package.rglob("*.py")):  # not the widgets, which no batch runs
+        inside = path.relative_to(package)
+        if inside.parts[0] != "widgets" and not path.name.startswith(".") and path.is_file():  # no editor's lock
+            digest.update(inside.as_posix().encode() + b"\0" + path.read_bytes())
+    for library in ("numpy", "pandas", "scipy", "scikit-image", "edt", "imageio", "pillow", "tifffile", "torch",
+                    "torchvision", "timm"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             digest.update(f"{library}=={importlib.metadata.version(library)}".encode())
     return digest.hexdigest()

@@ -52,11 +52,17 @@ class SmearParts:
                            "identity": file_identity(path), "name": name}, sort_keys=True)
 
     def has(self, key: str) -> bool:
-        return self._file(key).is_file()
+        try:
+            return self._file(key).is_file()
+        except OSError:  # a folder this user cannot read: as good as none
+            return False
 
     def count(self) -> int:
         """How many parts the folder holds, of any smear or settings."""
-        return sum(1 for file in self.folder.iterdir() if _PART.fullmatch(file.name)) if self.folder.is_dir() else 0
+        try:
+            return sum(1 for file in self.folder.iterdir() if _PART.fullmatch(file.name))
+        except OSError:  # none there, or none this user can read
+            return 0
 
     def load(self, key: str) -> SmearCells | None:
         """The cells saved under ``key``, or None where there are none. Raises ValueError for a
@@ -93,22 +99,23 @@ class SmearParts:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_files_atomically({self._file(key): lambda handle: np.savez(handle, **arrays)})
 
-    def note_written(self, files: list[Path]) -> None:
-        """Note that this run, unfinished, wrote ``files`` (each as it is now) with its settings."""
-        about = {"settings": self.settings, "files": {os.path.abspath(file): file_identity(file) for file in files}}
+    def note_written(self, files: list[Path], smears: list[Path]) -> None:
+        """Note that this run, unfinished, wrote ``files`` (each as it is now) of ``smears`` with its settings."""
+        about = {"settings": self.settings, "files": {os.path.abspath(file): file_identity(file) for file in files},
+                 "smears": [os.path.abspath(smear) for smear in smears]}
         self.folder.mkdir(parents=True, exist_ok=True)
         write_files_atomically({self.folder / WRITTEN: lambda handle: handle.write(json.dumps(about).encode())})
 
-    def wrote(self, files: list[Path]) -> bool:
-        """Whether an unfinished run with these settings wrote each of ``files``, which none
-        changed since."""
-        try:
-            about = json.loads((self.folder / WRITTEN).read_text())
-            noted = about["files"]
-            return (about["settings"] == json.loads(json.dumps(self.settings))
-                    and all(noted.get(os.path.abspath(file)) == file_identity(file) for file in files))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or not ours
-            return False
+    def same_settings(self, note: dict) -> bool:
+        """Whether the run that wrote ``note`` (:func:`read_note`) had these settings."""
+        return note.get("settings") == json.loads(json.dumps(self.settings))
+
+    def keep_only(self, keys: list[str]) -> None:
+        """Remove the parts of other smears or settings than ``keys``' (and what killed writes left)."""
+        wanted = {self._file(key).name for key in keys}
+        for file in self.folder.iterdir():
+            if _OURS.fullmatch(file.name) and file.name not in wanted and file.name != WRITTEN:
+                file.unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Remove the parts (and what a killed write left of one), then the folder if that left it empty."""
@@ -124,6 +131,28 @@ class SmearParts:
 
     def _file(self, key: str) -> Path:
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.npz"
+
+
+def read_note(folder: str | os.PathLike) -> dict | None:
+    """The note of the files an unfinished run wrote (:meth:`SmearParts.note_written`) in the
+    parts folder ``folder``, or None where there is none that can be read."""
+    try:
+        note = json.loads((Path(folder) / WRITTEN).read_text())
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) and isinstance(note.get("files"), dict) else None
+
+
+def note_covers(note: dict, files: list[Path], smears: list[Path] | None = None) -> bool:
+    """Whether ``note`` lists each of ``files`` as it is now (none changed since it was written)
+    and, given ``smears``, only smears among them: another day's smears in the same folder are
+    another run's files."""
+    try:
+        if smears is not None and not set(note.get("smears", [None])) <= {os.path.abspath(s) for s in smears}:
+            return False
+        return all(note["files"].get(os.path.abspath(file)) == file_identity(file) for file in files)
+    except (OSError, TypeError):
+        return False
 
 
 def _column(key: str, series: pd.Series, arrays: dict[str, np.ndarray]) -> dict:
