@@ -159,6 +159,8 @@ def test_a_skipped_smear_is_tried_again_alone_and_other_runs_files_and_parts_are
     assert main([str(tmp_path / "day2"), "--out", str(out), "--measure-only"]) == 2
     assert "exist; pass --overwrite to replace them" in capsys.readouterr().err
     assert main([*argv, "--pixel-size-um", "0.2"]) == 2  # nor those of a run with other settings
+    assert ("written by an unfinished run with other settings (model, device, precision, head, pixel size or code), "
+            "whose kept smears this run cannot read back") in capsys.readouterr().err
     os.utime(out / "cells.csv", ns=(0, (out / "cells.csv").stat().st_mtime_ns + 1))
     assert main(argv) == 2
     capsys.readouterr()

@@ -128,6 +128,7 @@ class _Outcome:
     keys: list[str] = field(default_factory=list)  # the parts of this run's smears
     kept: int = 0
     saving: bool = True
+    unkeyed: bool = False  # a smear was skipped before its key was taken (its file could not be read)
 
 
 def _analyse_each(analysis: SmearAnalysis, smears: list[Path], outcome: _Outcome, stop: _StopRequest) -> None:
@@ -146,7 +147,7 @@ def _analyse_each(analysis: SmearAnalysis, smears: list[Path], outcome: _Outcome
     for number, (path, name) in enumerate(zip(smears, names), 1):
         if stop.is_set():
             raise KeyboardInterrupt
-        started, earlier = time.perf_counter(), None
+        started, earlier, key = time.perf_counter(), None, None
         try:
             key = outcome.parts.key(path, name)
             earlier = _earlier_part(analysis, outcome.parts, key, f"[{number}/{len(smears)}] {name}")
@@ -160,6 +161,7 @@ def _analyse_each(analysis: SmearAnalysis, smears: list[Path], outcome: _Outcome
                 cells = earlier
         except Exception as error:  # one smear's failure (unreadable, too large, out of memory) skips it alone
             outcome.skipped.append(path)
+            outcome.unkeyed |= key is None  # its earlier part, if any, cannot be told from another's
             reason = str(error) if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {error}"
             print(f"[{number}/{len(smears)}] {shown(path)}: skipped: {reason}", file=sys.stderr, flush=True)
             continue
@@ -284,8 +286,11 @@ def _analyse(args: argparse.Namespace) -> int:
         raise _Refused(f"cannot write in the output folder {out}: {error}") from error
 
     parts = SmearParts(out / PARTS, analysis.settings())
-    if note is not None and not parts.same_settings(note):  # then they are another run's results
-        raise refusal
+    if note is not None and not parts.same_settings(note):  # a busy CPU may time another precision
+        raise _Refused(f"{', '.join(existing)} {'was' if len(existing) == 1 else 'were'} written by an unfinished run "
+                       "with other settings (model, device, precision, head, pixel size or code), whose kept smears "
+                       "this run cannot read back: give that run's model, head, --pixel-size-um and --device to go "
+                       "on with it, or pass --overwrite to start afresh.")
     outcome = _Outcome(parts, unreadable, note)
     with _remembered_stop() as stop:
         try:  # Ctrl-C or SIGTERM during a smear or between two: the smears finished so far are written
@@ -319,8 +324,6 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
     # the cut-short run's files, which this one may replace: only if none changed since this run began
     replace = args.overwrite or (outcome.note is not None and note_covers(
         outcome.note, [file for file in _export_files(table, args.with_embeddings) if file.exists()]))
-    if replace:  # so the next run may too, whatever becomes of this one's files
-        again = "the same command"
     try:
         targets, table_is_ours = _export(table, done, classes, args, replace)
     except PartlyWrittenError as error:
@@ -329,12 +332,13 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         return 1
     except (OSError, ValueError) as error:  # ValueError: a name no encoder takes, a table that does not fit
         written = f" (but {with_galleries[2:]})" if pictured else ""
+        again = "the same command" if replace else again  # the files as they were: the note still holds
         mend = f"; run {again} once that is mended{read_back}" if read_back else ""
         print(f"reddino-analyse: nothing written{written}: {error}{mend}", file=sys.stderr)
         return NOTHING_WRITTEN
     if not (left or skipped or unreadable):  # every smear's results are in the files now
         _clear_parts(outcome.parts)
-    elif not left:  # those of other smears or settings would pile up
+    elif not (left or unreadable or outcome.unkeyed):  # those of other smears or settings would pile up
         _clear_parts(outcome.parts, keep=outcome.keys)
     removed, kept = "", []
     if not table_is_ours:  # the earlier run's files still belong to the table left there
@@ -348,8 +352,9 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         removed += f"; removed the earlier run's {file.name}, which no longer matched"
     # they would show cells the new cells.csv no longer holds
     removed += remove_pictures([path for path in old_galleries if path not in pictured], "the earlier run's")
-    if (left or skipped or unreadable) and outcome.kept and table_is_ours and not kept and _note_written(
-            outcome.parts, [*targets, *pictured], smears):
+    # every smear in the files kept as a part too, and the files where the next run looks for them
+    if ((left or skipped or unreadable) and outcome.kept == len(done) and targets[0] == table and not kept
+            and _note_written(outcome.parts, [*targets, *pictured], smears)):
         again = "the same command"  # which may replace these files: they hold nothing its parts do not
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
           f"{', '.join(shown(file) for file in targets)}{with_galleries}{removed}")
