@@ -312,6 +312,7 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
     stale, old_galleries = earlier
     table, galleries = Path(args.out) / "cells.csv", Path(args.out) / GALLERIES
     left = len(smears) - len(done) - len(skipped)  # not reached
+    unfinished = bool(left or skipped or unreadable)  # some smear is not in the files
     again = f"the same command{' with --overwrite' * (not args.overwrite)}"
     read_back = (f": {counted(outcome.kept, 'smear')} analysed {'is' if outcome.kept == 1 else 'are'} kept in "
                  f"{shown(outcome.parts.folder)}, to be read back rather than analysed again" if outcome.kept else "")
@@ -336,7 +337,7 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         mend = f"; run {again} once that is mended{read_back}" if read_back else ""
         print(f"reddino-analyse: nothing written{written}: {error}{mend}", file=sys.stderr)
         return NOTHING_WRITTEN
-    if not (left or skipped or unreadable):  # every smear's results are in the files now
+    if not unfinished:  # every smear's results are in the files now
         _clear_parts(outcome.parts)
     elif not (left or unreadable or outcome.unkeyed):  # those of other smears or settings would pile up
         _clear_parts(outcome.parts, keep=outcome.keys)
@@ -353,7 +354,7 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
     # they would show cells the new cells.csv no longer holds
     removed += remove_pictures([path for path in old_galleries if path not in pictured], "the earlier run's")
     # every smear in the files kept as a part too, and the files where the next run looks for them
-    if ((left or skipped or unreadable) and outcome.kept == len(done) and targets[0] == table and not kept
+    if (unfinished and outcome.kept == len(done) and targets[0] == table and not kept
             and _note_written(outcome.parts, [*targets, *pictured], smears)):
         again = "the same command"  # which may replace these files: they hold nothing its parts do not
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "

@@ -70,7 +70,7 @@ class SmearParts:
         file = self._file(key)
         try:
             with np.load(file, allow_pickle=False) as saved:
-                arrays = {key: saved[key] for key in saved.files}
+                arrays = {name: saved[name] for name in saved.files}
         except (FileNotFoundError, NotADirectoryError):  # the latter: a file where the folder would be
             return None
         except Exception as error:  # a damaged disk, a file cut short: zipfile and numpy raise all kinds
@@ -111,23 +111,24 @@ class SmearParts:
         return note.get("settings") == json.loads(json.dumps(self.settings))
 
     def keep_only(self, keys: list[str]) -> None:
-        """Remove the parts of other smears or settings than ``keys``' (and what killed writes left)."""
-        wanted = {self._file(key).name for key in keys}
-        for file in self.folder.iterdir():
-            if _OURS.fullmatch(file.name) and file.name not in wanted and file.name != WRITTEN:
-                file.unlink(missing_ok=True)
+        """Remove the parts of other smears or settings than ``keys``' (and what killed writes
+        left); the note stays."""
+        self._remove({self._file(key).name for key in keys} | {WRITTEN})
 
     def clear(self) -> None:
-        """Remove the parts (and what a killed write left of one), then the folder if that left it empty."""
+        """Remove the parts, the note (and what killed writes left), then the folder if that left it empty."""
         if not self.folder.is_dir():
             return
-        for file in self.folder.iterdir():
-            if _OURS.fullmatch(file.name):
-                file.unlink(missing_ok=True)
+        self._remove(set())
         try:
             self.folder.rmdir()
         except OSError:  # someone's own files in it
             pass
+
+    def _remove(self, kept: set[str]) -> None:
+        for file in self.folder.iterdir():
+            if _OURS.fullmatch(file.name) and file.name not in kept:
+                file.unlink(missing_ok=True)
 
     def _file(self, key: str) -> Path:
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.npz"
