@@ -5,6 +5,7 @@ the files an uninterrupted run writes."""
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from test_analyse_cli import CHULA, DATA, read, saved_head
 
 from napari_reddino import analyse_cli, load_embedder
 from napari_reddino.analyse_cli import main
-from napari_reddino.batch_analysis import SmearAnalysis
+from napari_reddino.batch_analysis import SmearAnalysis, code_digest
 from napari_reddino.cell_classifier import CellClassifier
 from napari_reddino.cell_embeddings import METADATA_KEY
 from napari_reddino.image_input import read_smear
@@ -254,3 +255,52 @@ def test_parts_that_cannot_be_kept_cost_the_run_nothing_but_its_resumption(tmp_p
     assert "should the run be cut short, the smears from this one on are analysed again" in captured.err
     assert read(out / "cells_summary.csv")["image"].tolist() == ["1", "b", "26", "image-1"]
     assert (out / PARTS).read_text() == "a file where the parts would go"
+
+
+def test_parts_of_other_library_versions_are_not_read_back(tmp_path, monkeypatch):
+    analysis = SmearAnalysis(pixel_size_um=0.2)
+    smear = CHULA / "1.jpg"
+    parts = SmearParts(tmp_path / PARTS, analysis.settings())
+    key = parts.key(smear, "1")
+    parts.save(key, analysis(imread(smear), "1"))
+    version = importlib.metadata.version
+
+    def updated(library: str) -> str:  # scikit-image updated between the two runs: other cells
+        return "99.0" if library == "scikit-image" else version(library)
+
+    monkeypatch.setattr(importlib.metadata, "version", updated)
+    code_digest.cache_clear()  # taken once a process: no library changes under a running one
+    try:
+        updated_run = SmearParts(parts.folder, analysis.settings())
+        assert not updated_run.has(updated_run.key(smear, "1"))
+    finally:
+        monkeypatch.undo()
+        code_digest.cache_clear()
+    assert SmearParts(parts.folder, analysis.settings()).has(key)
+
+
+def test_files_of_the_cut_short_run_changed_while_its_resumption_ran_are_kept(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    shutil.copy(CHULA / "1.jpg", folder / "1.jpg")
+    (folder / "2.jpg").write_bytes((CHULA / "26.jpg").read_bytes()[:5000])  # still being copied in
+    out = tmp_path / "out"
+    argv = [str(folder), "--out", str(out), "--measure-only"]
+    assert main(argv) == 1
+    shutil.copy(CHULA / "26.jpg", folder / "2.jpg")
+    edited = (out / "cells.csv").read_text() + "a colleague's line\n"
+    read_names = reading(monkeypatch)
+
+    def edit_as_it_reads(path):  # a colleague edits the table while the smear is analysed
+        (out / "cells.csv").write_text(edited)
+        return read_names.append(path.name) or read_smear(path)
+
+    monkeypatch.setattr(analyse_cli, "read_smear", edit_as_it_reads)
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert read_names == ["2.jpg"]
+    assert (f"{out / 'cells.csv'} changed while this run went on (edited, or another run writing to the same "
+            "folder?); this run's files get a timestamped name instead") in capsys.readouterr().err
+    assert (out / "cells.csv").read_text() == edited
+    (aside,) = [path for path in out.glob("cells-*.csv") if not path.stem.endswith("_summary")]
+    assert read(aside.with_name(aside.stem + "_summary.csv"))["image"].tolist() == ["1", "2"]

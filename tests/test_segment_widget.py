@@ -14,7 +14,8 @@ from skimage.io import imread
 from napari_reddino import estimate_cell_diameter, segment_cells
 from napari_reddino.widgets.smear_colours import MARK
 from napari_reddino.cell_embeddings import labels_digest
-from napari_reddino.widgets.segment_widget import MEASURED_IMAGE, MEASURED_LABELS, carried_to, measured_on
+from napari_reddino.widgets.segment_widget import (MEASURED_IMAGE, MEASURED_LABELS, SEGMENTED_LABELS, carried_to,
+                                                   measured_on)
 from napari_reddino.widgets.smear_links import SOURCE_DIGEST
 
 DATA = Path(__file__).parent / "data"
@@ -202,6 +203,23 @@ def test_masks_a_lab_saved_under_the_smear_s_cells_name_are_kept_beside_a_new_se
     (new,) = [layer for layer in labels_layers(viewer) if layer.name != theirs.name]
     assert new.metadata["source_image"] == chula.name and len(new.features) > 100
     np.testing.assert_array_equal(theirs.data, masks)
+
+
+def test_cells_of_an_older_version_are_replaced_unless_edited_since_they_were_measured(viewer, widget, chula, qtbot):
+    run(widget, qtbot)
+    (cells,) = labels_layers(viewer)
+    del cells.metadata[SEGMENTED_LABELS]  # an older version recorded only the labels it measured
+    run(widget, qtbot)
+    assert labels_layers(viewer) == [cells] and SEGMENTED_LABELS in cells.metadata  # replaced in place
+
+    del cells.metadata[SEGMENTED_LABELS]
+    painted = cells.data.copy()
+    painted[:12, :12] = painted.max() + 1  # a cell drawn by hand since it was measured
+    cells.data = painted
+    run(widget, qtbot)
+    (new,) = [layer for layer in labels_layers(viewer) if layer is not cells]
+    np.testing.assert_array_equal(cells.data, painted)
+    assert not cells.visible and new.visible and "edited by hand since they were segmented" in widget.status.value
 
 
 def test_blank_image_gives_a_notice_and_no_layer(viewer, widget, qtbot):

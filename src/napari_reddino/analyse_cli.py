@@ -326,7 +326,7 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
     replace = args.overwrite or (outcome.note is not None and note_covers(
         outcome.note, [file for file in _export_files(table, args.with_embeddings) if file.exists()]))
     try:
-        targets, table_is_ours = _export(table, done, classes, args, replace)
+        targets, table_is_ours = _export(table, done, classes, args, replace, outcome.note)
     except PartlyWrittenError as error:
         print(f"reddino-analyse: only partly written: {error}{with_galleries}; run it again with --overwrite"
               f"{read_back}", file=sys.stderr)
@@ -421,15 +421,18 @@ def _export_files(table: Path, with_embeddings: bool) -> list[Path]:
 
 
 def _export(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace,
-            overwrite: bool) -> tuple[list[Path], bool]:
+            overwrite: bool, note: dict | None) -> tuple[list[Path], bool]:
     """Write the export; return its files and whether ``table`` is now this run's. When one of
     them cannot be written where it goes (another run, given the same --out, wrote it after this
-    run's start; a spreadsheet holds the old one open), this run's files go beside them under a
-    timestamped name rather than losing hours of smears."""
+    run's start; a file of the cut-short run this one goes on with, ``note``, was edited since; a
+    spreadsheet holds the old one open), this run's files go beside them under a timestamped name
+    rather than losing hours of smears."""
     try:
         return _write(table, done, classes, args, overwrite), True
     except FileExistsError as error:
-        why, ours = f"{error.filename} appeared while this run went on (another run writing to the same folder?)", False
+        noted = note is not None and os.path.abspath(error.filename) in note["files"]
+        why = f"{error.filename} {'changed' if noted else 'appeared'} while this run went on"
+        why, ours = f"{why} ({'edited, or ' * noted}another run writing to the same folder?)", False
     except NotReplacedError as error:
         why, ours = f"{error} (open in another program?)", False
     except PartlyWrittenError as error:
