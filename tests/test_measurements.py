@@ -161,6 +161,17 @@ def test_rows_follow_label_ids_not_their_order():
     assert table.set_index("label").loc[9, "centroid_x"] == pytest.approx(30)
 
 
+def test_sparse_label_ids_are_measured_as_numbered_ones_and_keep_their_ids():
+    image = imread(DATA / "chula_rbc12" / "1.jpg")
+    labels = segment_cells(image)
+    dense = measure_cells(labels, image)
+    sparse_ids = np.r_[0, 2**24 - 3 * labels.max() + 3 * np.arange(labels.max())]  # tiles numbered apart
+    sparse = measure_cells(sparse_ids[labels], image)
+    assert sparse["label"].tolist() == sparse_ids[1:].tolist() and sparse["label"].dtype == np.int64
+    pd.testing.assert_frame_equal(sparse.drop(columns=["label", "index"]), dense.drop(columns=["label", "index"]))
+    assert (sparse["index"] == sparse["label"]).all()
+
+
 def test_no_cells_give_an_empty_table_with_the_columns():
     table = measure_cells(np.zeros((30, 30), np.int32), np.full((30, 30, 3), 200, np.uint8))
     assert table.empty

@@ -44,7 +44,7 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
     if pixel_size_um is not None and (refusal := pixel_size_refusal(pixel_size_um)):
         raise ValueError(refusal)
     image = check_smear(image)
-    labels = check_labels(labels, image.shape)
+    labels, ids_of = _numbered_densely(check_labels(labels, image.shape))
     table = shape_table(labels)
     ids = table["label"].to_numpy()
     perimeter = table["perimeter_px"].to_numpy()
@@ -65,7 +65,20 @@ def measure_cells(labels, image, *, pixel_size_um: float | None = None) -> pd.Da
         table["area_um2"] = table["area_px"] * pixel_size_um**2
         for column in _LENGTHS_PX:
             table[column.replace("_px", "_um")] = table[column] * pixel_size_um
+    if ids_of is not None:
+        table["label"] = table["index"] = ids_of[table["label"].to_numpy()]
     return table
+
+
+def _numbered_densely(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``labels`` as they are, or, where their ids are sparse (masks of tiles numbered apart, or
+    with most cells deleted), renumbered 1, 2, ... with the ids the new numbers stand for: the
+    per-cell sums hold a slot per id up to the largest, which at ids near 2**24 took 0.8 GB and
+    2 s for a smear of 124 cells."""
+    if int(labels.max(initial=0)) <= labels.size // 8:  # the slots weigh less than the labels themselves
+        return labels, None
+    ids = np.union1d([0], labels)
+    return np.searchsorted(ids, labels).astype(np.int32), ids.astype(np.int64)
 
 
 def cut_by_field_edge(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray, outside: np.ndarray) -> np.ndarray:
