@@ -561,8 +561,21 @@ class _CtrlCInFinaliser:
             pass
 
 
+@pytest.fixture
+def terminal_ctrl_c():
+    """Ctrl-C as Python takes it in a terminal, however the tests were started (a job a script
+    sent to the background ignores it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one
-def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, monkeypatch, capsys):
+def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, monkeypatch, capsys, terminal_ctrl_c):
     folder = tmp_path / "smears"
     folder.mkdir()
     for number in range(3):
@@ -588,7 +601,8 @@ def test_ctrl_c_or_sigterm_writes_the_smears_finished_so_far(tmp_path, stop):
     out = tmp_path / "out"
     command = [Path(sys.executable).with_name("reddino-analyse"), str(folder), "--out", str(out), "--measure-only"]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # as in CI: the CLI flushes
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as run:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          preexec_fn=ctrl_c_as_in_a_terminal) as run:
         first = run.stdout.readline()
         assert first.startswith("[1/20] 00: ")
         run.send_signal(stop)
@@ -598,6 +612,26 @@ def test_ctrl_c_or_sigterm_writes_the_smears_finished_so_far(tmp_path, stop):
     assert 1 <= finished < 20
     assert f"interrupted; {20 - finished} smear" in errors
     assert read(out / "cells_summary.csv")["image"].tolist() == [f"{n:02d}" for n in range(finished)]
+
+
+def test_a_run_a_script_sent_to_the_background_goes_on_through_ctrl_c(tmp_path):
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    for number in range(3):
+        shutil.copy(CHULA / "1.jpg", folder / f"{number}.jpg")
+    out = tmp_path / "out"
+    command = [Path(sys.executable).with_name("reddino-analyse"), str(folder), "--out", str(out), "--measure-only"]
+
+    def sent_to_the_background():  # as a shell starts "reddino-analyse ... &" in a script
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=sent_to_the_background) as run:
+        assert run.stdout.readline().startswith("[1/3] 0: ")
+        run.send_signal(signal.SIGINT)  # Ctrl-C pressed in the script's terminal
+        printed, errors = run.communicate(timeout=60)
+    assert run.returncode == 0, errors
+    assert read(out / "cells_summary.csv")["image"].tolist() == ["0", "1", "2"]
 
 
 def test_a_file_name_that_is_not_utf8_is_analysed_under_an_escaped_name(tmp_path, capsys):

@@ -92,7 +92,8 @@ def _remembered_stop() -> Iterator[_StopRequest]:
     """Ctrl-C and SIGTERM raise KeyboardInterrupt, and also set the request yielded: one raised
     inside a finaliser (a progress bar's ``__del__``) is printed and swallowed, and the run would
     go on to the last smear. Only the main thread can take over the signals; elsewhere the
-    request stays unset."""
+    request stays unset. A signal ignored when the run began (Ctrl-C in a job a script sent to
+    the background with ``&``) stays ignored, as the shell meant it to."""
     request = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -106,7 +107,8 @@ def _remembered_stop() -> Iterator[_StopRequest]:
             raise KeyboardInterrupt
         print("reddino-analyse: finishing the files first (again to stop at once)", file=sys.stderr, flush=True)
 
-    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         yield request
     finally:
