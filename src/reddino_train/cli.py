@@ -313,7 +313,7 @@ def _add_eval_parser(commands) -> None:
                           help="layout of DATA (default: points when it has label files, else crops)")
     evaluate.add_argument("--split", choices=("by-image", "5-fold"),
                           help="folds grouped by smear (default for points, and for crops laid out "
-                               "DATA/<class>/<smear>/) or 5-fold stratified (default for other crops)")
+                               "DATA/<class>/<smear or patient>/) or 5-fold stratified (default for other crops)")
     evaluate.add_argument("--random-init", action="store_true",
                           help="also score MODEL's architecture with random weights (the baseline)")
     evaluate.add_argument("--with-measurements", action="store_true",

@@ -300,17 +300,22 @@ def crop_group(path: Path, class_dir: Path) -> str | None:
 
 
 def crops_are_grouped(root: str | os.PathLike) -> bool:
-    """Whether every crop under ``root`` lies in a smear's folder inside its class folder, and the
-    smears cut across classes: folders that each hold one class (``<class>/<class>_crops/``) are
-    no smears, and a split by them would test every class on a classifier that never saw it."""
+    """Whether every crop under ``root`` lies in a smear's (or a patient's) folder inside its
+    class folder, and a split by those folders keeps every class in training: some folder holds
+    several classes, or every class has two folders or more (``<class>/<patient>/``). A folder
+    per class (``<class>/<class>_crops/``) is no smear: a split by it would test each class on a
+    classifier that never saw it."""
     paths, classes, class_dirs = _crop_files(Path(root))
     groups = [crop_group(path, class_dirs[c]) for path, c in zip(paths, classes)]
     if not paths or None in groups:
         return False
     classes_of: dict[str, set[int]] = {}
+    folders_of: dict[int, set[str]] = {}
     for group, c in zip(groups, classes):
         classes_of.setdefault(group, set()).add(c)
-    return any(len(held) > 1 for held in classes_of.values())
+        folders_of.setdefault(c, set()).add(group)
+    return (any(len(held) > 1 for held in classes_of.values())
+            or len(folders_of) > 1 and all(len(folders) > 1 for folders in folders_of.values()))
 
 
 @dataclass(frozen=True)

@@ -149,8 +149,8 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
     split = request.split or ("by-image" if data_format == "points" or crops_are_grouped(request.data) else "5-fold")
     if data_format == "crops" and split == "by-image" and not crops_are_grouped(request.data):
         raise EvaluationError("a split by image needs to know each sample's image: use points data, crops laid out "
-                              "as DATA/<class>/<smear>/*.png (with smears that hold cells of several classes), or "
-                              "--split 5-fold")
+                              "as DATA/<class>/<smear>/*.png (each class from two smears or more, or smears that hold cells of "
+                              "several classes), or --split 5-fold")
     if data_format == "crops" and "measurements" in request.feature_sets:
         raise EvalDataError("measurements need smears with point labels (--format points), not crops")
     smear_options = {"limit_images": request.limit_images, "pixel_size_um": request.pixel_size_um,

@@ -92,6 +92,21 @@ def test_crops_in_a_folder_per_smear_can_be_split_by_smear(model, crops_by_smear
                  "by-image"]) == 2  # one folder per class, each "smear" of one class: no smears
     assert refused in capsys.readouterr().err
 
+    # A folder per patient, each of one class: split by patient, so no patient's stain gives its class away.
+    patients = tmp_path / "patients"
+    for label, smear in (("x", "1"), ("y", "image-1")):
+        crops = sorted((crops_by_smear / smear).glob("*.png"))[:24]
+        for patient, part in ((f"{label}-a", crops[::2]), (f"{label}-b", crops[1::2])):
+            (patients / label / patient).mkdir(parents=True)
+            for crop in part:
+                shutil.copy(crop, patients / label / patient / crop.name)
+    assert main(["eval", str(model), "--data", str(patients), "--json", str(out), "--overwrite"]) == 0
+    report = json.loads(out.read_text())
+    assert (report["split"], report["folds"]) == ("by-image", 4)
+    shutil.rmtree(patients / "y" / "y-b")  # one class from one patient only: a fold would never train on it
+    assert main(["eval", str(model), "--data", str(patients), "--split", "by-image"]) == 2
+    assert refused in capsys.readouterr().err
+
 
 def test_cached_features_are_used_only_for_the_same_model_and_the_same_files(model, crops_by_smear, tmp_path,
                                                                              capsys):
