@@ -143,13 +143,24 @@ class EmbeddingFeatures:
         out = []
         for start in range(0, len(images), batch):
             inputs = []
-            for image in images[start : start + batch]:  # one window: the whole image
+            for image in images[start : start + batch]:
                 height, width = image.shape[:2]
-                sampler = CropSampler(image, np.ones((height, width), np.int32), size=embedder.input_size,
-                                      device=embedder.device, mean=embedder.mean, std=embedder.std)
-                inputs.append(sampler(np.array([1]), np.array([[0.0, 0.0, width, height]])))
+                inside = np.zeros((height, width), np.int32)  # unlabelled, the outermost pixels give the
+                inside[1:-1, 1:-1] = 1  # slide's colour, which pads the window beyond the crop
+                sampler = CropSampler(image, inside, size=embedder.input_size, device=embedder.device,
+                                      mean=embedder.mean, std=embedder.std, mode="context")
+                inputs.append(sampler(np.array([1]), square_around(height, width)))
             out.append(embedder.embed_crops(torch.cat(inputs)).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
+
+
+def square_around(height: int, width: int) -> np.ndarray:
+    """The square window (x0, y0, x1, y1) centred on an image, its side the longer one: the
+    plugin's windows are square, and a crop resampled to a square input whole would squash a
+    cell elongated along its longer side towards round."""
+    side = max(height, width)
+    left, top = (width - side) / 2, (height - side) / 2
+    return np.array([[left, top, left + side, top + side]])
 
 
 class MeasurementFeatures:

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import safetensors.torch
 from PIL import Image
+from skimage.draw import ellipse
 from skimage.io import imread
 
 from napari_reddino import cells_at_points, load_embedder, measure_cells, segment_cells
 from napari_reddino.crops import cell_windows
 from reddino_train.cli import main
 from reddino_train.config import load_config
-from reddino_train.eval_data import MeasurementFeatures, read_point_labels
+from reddino_train.eval_data import EmbeddingFeatures, MeasurementFeatures, read_point_labels
 from reddino_train.export import export_teacher
 from reddino_train.prepare import PrepareSettings, prepare
 from reddino_train.train import fit
@@ -63,6 +64,18 @@ def test_eval_on_crops_by_class(model, crops_by_smear, tmp_path, capsys):
     assert cached["features"].shape == (n_crops, 384)
     random = np.load(tmp_path / "crops.random-init.npz")["features"]
     assert not np.allclose(random, cached["features"])
+
+
+def test_a_crop_that_is_not_square_is_seen_whole_on_its_slide_not_squashed(model):
+    features = EmbeddingFeatures(load_embedder(str(model), device="cpu"), mode="masked", scale="cell", margin=0.25)
+    wide = np.full((24, 60, 3), (225, 230, 228), np.uint8)  # a bounding-box crop of an elliptocyte
+    wide[ellipse(12, 30, 9, 22)] = (200, 110, 130)
+    square = np.full((60, 60, 3), (225, 230, 228), np.uint8)
+    square[18:42] = wide  # the same cell, on more of its slide
+    embeddings = features.crops([wide, square, wide.transpose(1, 0, 2), square.transpose(1, 0, 2)])
+    np.testing.assert_allclose(embeddings[0], embeddings[1], atol=1e-4)
+    np.testing.assert_allclose(embeddings[2], embeddings[3], atol=1e-4)
+    assert not np.allclose(embeddings[0], embeddings[2], atol=1e-3)  # the model sees which way it lies
 
 
 def test_crops_in_a_folder_per_smear_can_be_split_by_smear(model, crops_by_smear, tmp_path, capsys):
