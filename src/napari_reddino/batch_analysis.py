@@ -28,6 +28,7 @@ from .class_gallery import GalleryError, GalleryFiles, save_class_gallery
 from .measurements import measure_cells
 from .segmentation import RBC_DIAMETER_UM, WORKING_DIAMETER_PX, estimate_cell_diameter, segment_cells
 from .steps import Progress, run_steps
+from .wording import shown
 
 SMEAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 GALLERIES = "galleries"  # reddino-analyse's folder of class galleries, beside its cells.csv
@@ -114,13 +115,6 @@ def is_gallery_folder(folder: Path) -> bool:
     ``reddino-analyse`` run's ``cells.csv``, or ``<name>_galleries/`` beside an export's ``<name>.csv``."""
     table = "cells" if folder.name == GALLERIES else folder.name.removesuffix("_galleries")
     return table != folder.name and (folder.parent / f"{table}.csv").is_file()
-
-
-def shown(path: str | os.PathLike) -> str:
-    """``path`` as text every output takes: the bytes of a name that are not UTF-8 (a Windows
-    share mounted without it: ``caf\\xe9.jpg``) escaped, not kept as lone surrogates, which no
-    CSV or terminal encodes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def smear_names(paths: Sequence[Path]) -> list[str]:

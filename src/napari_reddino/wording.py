@@ -1,4 +1,9 @@
-"""Counts, and advice, in the sentences users read."""
+"""Counts, paths and advice, in the sentences users read."""
+
+import os
+import re
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def counted(n: int, noun: str) -> str:
@@ -9,3 +14,11 @@ def counted(n: int, noun: str) -> str:
 
 # after a file that could not be replaced: the usual cause on Windows, where an open file is locked
 OPEN_ELSEWHERE = " If it is open in another program (a spreadsheet, say), close it there and try again."
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as text every output takes, on one line: the bytes of a name that are not UTF-8
+    (a Windows share mounted without it: ``caf\\xe9.jpg``) escaped, not kept as lone surrogates,
+    which no CSV or terminal encodes, and so are tabs and line breaks (``a\\tb.jpg``)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda found: found[0].encode("unicode_escape").decode(), text)

@@ -132,9 +132,10 @@ def _step(kept: Path) -> int:
     return int(_KEPT.fullmatch(kept.name)[1])
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A reddino-train checkpoint's contents, or :class:`CheckpointError` saying why not."""
-    advice = "It was left untouched; restore a backup, or move it away to start afresh."
+def read_checkpoint(path: Path, advice: str = "It was left untouched; restore a backup, or move it away to start "
+                    "afresh.") -> dict[str, Any]:
+    """A reddino-train checkpoint's contents, or :class:`CheckpointError` saying why not, and
+    then ``advice`` (the default suits a run that would resume from it)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:

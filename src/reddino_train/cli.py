@@ -128,6 +128,8 @@ def _export_command(args: argparse.Namespace) -> int:
 
 
 def _prepare_command(args: argparse.Namespace) -> int:
+    from napari_reddino.wording import shown
+
     from .prepare import PrepareError, PrepareSettings, prepare
     from .run_lock import RunFolderBusyError
 
@@ -141,8 +143,11 @@ def _prepare_command(args: argparse.Namespace) -> int:
         print(f"reddino-train prepare: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a read-only or full disk, --out naming a file; the smears done so far are kept
-        print(f"reddino-train prepare: cannot write in {args.out} ({error.strerror or error}); the smears done "
-              "before are kept, and the same command goes on from there", file=sys.stderr)
+        out, where = Path(args.out).resolve(), Path(error.filename).resolve() if error.filename else None
+        what = (f"cannot read {shown(where)}" if where is not None and where != out and out not in where.parents
+                else f"cannot write in {args.out}")  # a source that went away (a share dropped)
+        print(f"reddino-train prepare: {what} ({error.strerror or error}); the smears done before are kept, and "
+              "the same command goes on from there", file=sys.stderr)
         return 2
     print(f"reddino-train prepare: {len(report.written)} smears done now ({report.samples_written} images), "
           f"{len(report.already_done)} done before; {report.samples_total} images listed in {args.out}/index.csv")
@@ -150,7 +155,7 @@ def _prepare_command(args: argparse.Namespace) -> int:
         print(f"reddino-train prepare: skipped {len(report.skipped)} files (listed in {args.out}/skipped.txt):",
               file=sys.stderr)
         for path, reason in report.skipped:
-            print(f"  {path}: {reason}", file=sys.stderr)
+            print(f"  {shown(path)}: {reason}", file=sys.stderr)
         return 1  # as reddino-analyse: the rest is written, but not every file
     return 0
 

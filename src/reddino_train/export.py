@@ -22,7 +22,7 @@ from timm.models import save_for_hf
 from napari_reddino.atomic_files import UMASK
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoint import CHECKPOINT_NAME, read_checkpoint
+from .checkpoint import CHECKPOINT_NAME, kept_checkpoints, read_checkpoint
 from .config import config_from_dict
 from .model import vit_architecture_args
 
@@ -55,7 +55,10 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
                               "a new folder")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; replace it with --overwrite (Python: overwrite=True)")
-    state = read_checkpoint(checkpoint_path)
+    kept = kept_checkpoints(checkpoint_path.parent)
+    state = read_checkpoint(checkpoint_path, "It was left untouched; " + (
+        f"export the newest checkpoint the run kept before it, {kept[-1]}, or restore a backup." if kept else
+        "restore a backup."))
     cfg = config_from_dict(state["config"], source=str(checkpoint_path))
     vit = timm.create_model(cfg.model.arch, **vit_architecture_args(cfg.model, cfg.crops.global_size))
     vit.load_state_dict({

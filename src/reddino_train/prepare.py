@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from napari_reddino.crop_windows import MAX_MARGIN
 from napari_reddino.segmentation import pixel_size_refusal
+from napari_reddino.wording import shown
 
 from .data import EmptyDatasetError, UnreadableImageError, find_images, read_image
 from .files import write_atomic
@@ -59,6 +60,7 @@ MODES: tuple[Mode, ...] = ("cells", "patches")
 INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME = "index.csv", "done.txt", "skipped.txt", "prepare.json"
 DIGESTS_NAME = "digests.txt"  # key and content digest per smear: beside the journal, which older versions read
 DIGEST_SPAN = 64 * 1024
+_UNWRITABLE = re.compile("[\x00-\x1f\x7f\udc80-\udcff]")  # control characters; bytes that are not UTF-8
 PARTIAL = ".partial-"  # OUT/.partial-<smear>: a smear's folder while it is written
 MAX_SIZE, MAX_PATCH = 2048, 8192  # px: a crop's side, a patch's side
 INDEX_COLUMNS = (
@@ -194,14 +196,16 @@ def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str,
 
 def _new_key(stem: str, source: str, done: dict[str, str], taken: set[str]) -> str:
     """The stem, unless it cannot name a folder of its own in OUT (".", "..", a hidden name, one
-    of prepare's files) or another smear has it, letter case aside (many file systems ignore it;
-    ``taken`` is case-folded): then the stem, less leading dots, and a hash of the resolved path."""
+    of prepare's files, a tab, a line break or bytes that are not UTF-8, which no index or journal
+    line holds) or another smear has it, letter case aside (many file systems ignore it; ``taken``
+    is case-folded): then the stem, less leading dots and such characters, and a hash of the
+    resolved path."""
     # a journal written before sources were recorded names its smears by stem alone
     own_files = {name.casefold() for name in (INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME, DIGESTS_NAME)}
-    plain = stem.lstrip(".")
+    plain = _UNWRITABLE.sub("_", stem).lstrip(".")
     if plain == stem and stem.casefold() not in taken | own_files and done.get(stem, "") == "":
         return stem
-    return f"{plain or 'smear'}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+    return f"{plain or 'smear'}-{hashlib.sha1(source.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
 def _smears_to_write(sources: Sequence[str | os.PathLike], out: Path,
@@ -264,6 +268,9 @@ def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: Pre
                     report.already_done.append(smear.key)
                     continue
                 try:
+                    if any(mark in str(smear.path.resolve()) for mark in "\n\r"):
+                        raise _Unusable("its path holds a line break, which the journal of smears done cannot "
+                                        "hold; rename it")
                     image = _read(smear.path)
                     samples = cut(image, settings)
                 except _Unusable as error:
@@ -283,7 +290,7 @@ def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: Pre
                 bar.set_postfix(samples=report.samples_written, skipped=len(report.skipped))
     finally:
         report.samples_total = _write_index(out, done)
-        write_atomic(out / SKIPPED_NAME, "".join(f"{path}\t{reason}\n" for path, reason in report.skipped))
+        write_atomic(out / SKIPPED_NAME, "".join(f"{shown(path)}\t{reason}\n" for path, reason in report.skipped))
     return report
 
 
@@ -361,7 +368,7 @@ def _write_smear(out: Path, smear: Smear, samples: Samples) -> None:
     rows = [
         {
             "file": f"{smear.key}/{name}.png",
-            "source": str(smear.path),
+            "source": shown(smear.path),
             "label": name,
             "centroid_y": round(float(centroid[0]), 2),
             "centroid_x": round(float(centroid[1]), 2),
@@ -395,14 +402,17 @@ def _write_index(out: Path, done: dict[str, str]) -> int:
 
 
 def _write_journal(out: Path, done: dict[str, str]) -> None:
-    write_atomic(out / JOURNAL_NAME, "".join(f"{key}\t{source}\n" for key, source in done.items()))
+    """One ``key<TAB>source`` line a smear; a source's bytes that are not UTF-8 are kept as they
+    are, so it reads back as the path it is."""
+    lines = "".join(f"{key}\t{source}\n" for key, source in done.items())
+    write_atomic(out / JOURNAL_NAME, lines.encode("utf-8", "surrogateescape"))
 
 
 def _read_journal(out: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Finished smears: key -> resolved source path ("" in a journal from before sources were
     kept), and key -> content digest (none in a journal from before digests were kept)."""
     path = out / JOURNAL_NAME
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []  # names may hold spaces
+    lines = path.read_text("utf-8", "surrogateescape").splitlines() if path.is_file() else []  # names may hold spaces
     done = dict(line.partition("\t")[::2] for line in lines)
     digests = out / DIGESTS_NAME
     lines = digests.read_text(encoding="utf-8").splitlines() if digests.is_file() else []

@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import huggingface_hub
@@ -8,6 +9,7 @@ import pytest
 import timm
 import torch
 
+from reddino_train.checkpoint import CheckpointError
 from reddino_train.cli import main
 from reddino_train.config import load_config
 from napari_reddino.atomic_files import UMASK
@@ -164,3 +166,9 @@ def test_a_kept_checkpoint_exports_and_a_model_card_stays_across_overwrite(smear
     export_teacher(kept, latest, overwrite=True)  # the card written for the Hub stays
     assert (latest / "README.md").read_text().endswith("Our lab's RBC model.\n")
     assert (latest / "model.safetensors").read_bytes() == (earlier / "model.safetensors").read_bytes()
+
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # cut short: a full disk as it was saved
+    with pytest.raises(CheckpointError, match=rf"cannot be read \(damaged or cut short: .*\)\. It was left untouched; "
+                       rf"export the newest checkpoint the run kept before it, {re.escape(str(kept))}, or restore"):
+        export_teacher(tmp_path / "run", tmp_path / "cut")
