@@ -215,3 +215,15 @@ def test_rbc_crops_take_every_symmetry_of_the_square():
     torch.manual_seed(0)
     seen = {tuple(multicrop(image)["global_crops"][0][0].flatten().tolist()) for _ in range(120)}
     assert len(seen) == 8
+
+
+@pytest.mark.parametrize("augmentation, symmetry", [("dinov2", v2.RandomHorizontalFlip), ("rbc", RandomSquareSymmetry)])
+def test_global_and_local_crops_take_their_own_scales_and_symmetries(augmentation, symmetry):
+    crops = dataclasses.replace(load_config("tiny").crops, augmentation=augmentation, global_scale=(0.4, 1.0),
+                                local_scale=(0.06, 0.3))
+    multicrop = make_multicrop(crops)
+    kinds = [(transform, crops.global_size, crops.global_scale) for transform in multicrop.global_transforms]
+    for transform, size, scale in [*kinds, (multicrop.local_transform, crops.local_size, crops.local_scale)]:
+        found = {type(part): part for part, _ in parts(transform)}
+        assert found[v2.RandomResizedCrop].scale == scale and found[v2.RandomResizedCrop].size == (size, size)
+        assert symmetry in found  # RedDino's: every flip and quarter turn, local crops too
