@@ -32,7 +32,7 @@ from napari_reddino.cell_separation import (
     rejoin_pieces,
     separate_cells,
 )
-from napari_reddino.cell_size import DEFAULT_DIAMETER_PX, diameter_from_foreground
+from napari_reddino.cell_size import DEFAULT_DIAMETER_PX, sized_foreground
 from napari_reddino.image_input import LabelsInputError
 from napari_reddino.segmentation import WORKING_DIAMETER_PX, _calibrate
 
@@ -322,6 +322,25 @@ def test_cells_too_small_to_size_at_half_resolution_are_sized_at_full_resolution
     assert recall(segment_cells(small), np.column_stack([centres[:, :2] * scale, centres[:, 2]])) >= 0.9
 
 
+@pytest.mark.parametrize("smear, scale", [(1, 0.4), (26, 0.5), (26, 0.2)])
+def test_a_crowded_field_of_small_cells_is_sized_by_its_cells_not_the_gaps_between_them(smear, scale):
+    # A lower-power objective sees more cells, and smaller: the smear mirrored 3x3 and shrunk.
+    # Gaps between crowded cells of 8-20 px blur shut at half resolution, and the discs they
+    # filled made the estimate 52-198 px: the smear came out as a few dozen "cells".
+    image, _ = chula(smear)
+    row = np.concatenate([image, image[:, ::-1], image], axis=1)
+    field = (rescale(np.concatenate([row, row[::-1], row]), scale, order=1, channel_axis=-1,
+                     anti_aliasing=True) * 255).astype(np.uint8)
+    diameter = _calibrate(image, None, None)[0].cell_diameter * scale
+    assert estimate_cell_diameter(field) == pytest.approx(diameter, rel=0.3)
+
+
+def test_the_grain_of_a_dark_noisy_bare_field_is_not_sized_as_small_cells():
+    grain = np.random.default_rng(0).normal(60, 20, (480, 640))  # no foreground at half resolution
+    field = np.repeat(np.clip(np.round(grain), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    assert estimate_cell_diameter(field) == WORKING_DIAMETER_PX
+
+
 @pytest.mark.parametrize("count", [1, 2, 4])
 def test_a_sparse_field_of_cells_too_small_to_size_at_half_resolution_keeps_them(count):
     # Fewer than ten 7 px cells on bare slide: no maximum counted at half resolution, and the
@@ -397,7 +416,7 @@ def test_a_black_frame_around_the_field_does_not_hide_the_cells():
 def test_distances_of_a_mask_without_background_reach_the_border():
     distance = distance_to_background(np.ones((5, 7), bool))
     assert np.isfinite(distance).all() and distance[2, 3] == 3.0
-    assert diameter_from_foreground(np.ones((50, 50), bool)) == DEFAULT_DIAMETER_PX
+    assert sized_foreground(np.ones((50, 50), bool)).diameter == DEFAULT_DIAMETER_PX
 
 
 def test_pinholes_inside_one_cell_are_filled_and_other_gaps_kept():

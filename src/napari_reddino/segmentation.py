@@ -33,7 +33,7 @@ from .cell_separation import (
     shows_cells,
     smooth_density,
 )
-from .cell_size import diameter_from_foreground, sized_foreground
+from .cell_size import sized_foreground
 from .image_input import StainModel, check_smear, fit_stain_model, is_positive
 from .resampling import resize_linear, resize_nearest
 from .steps import Progress, run_steps
@@ -43,6 +43,7 @@ MIN_CELL_PX = 5.0  # a red cell fewer pixels across can be neither segmented nor
 MAX_PIXEL_SIZE_UM = RBC_DIAMETER_UM / MIN_CELL_PX
 MIN_PIXEL_SIZE_UM = 0.01  # finer than a light microscope samples: a size in metres or millimetres
 FULL_RESOLUTION_SIGMA = 0.5  # px: smoothing of the density where cells are sized at full resolution
+FULL_RESOLUTION_SMALLER = 1.25  # ... and how much smaller they must come out there to be taken
 CALIBRATION_SIZE = 1024  # px side of the central window used to calibrate large smears
 TILE_CORE = 1536  # px side of a tile's core at working scale, at most
 TILE_CORE_INPUT = 2048  # ... and in input pixels: much of a tile's work is at input scale (about 36 bytes a pixel)
@@ -213,18 +214,23 @@ def _grid_windows(length: int) -> list[slice]:
 
 def _estimate_diameter(smoothed: np.ndarray | None, density: np.ndarray | None = None) -> float:
     """Cell diameter from the foreground of a density at :func:`_half_resolution`, or, where
-    the cells are too small to size there (under about 12 px), of ``density`` itself."""
+    the cells are too small to size there (under about 12 px) or sized near the smallest size
+    that counts (under about 28 px: crowded, the gaps between them blur shut), of ``density``
+    itself when that finds them smaller by more than :data:`FULL_RESOLUTION_SMALLER`."""
     if smoothed is None:
         return WORKING_DIAMETER_PX
     thresholds = foreground_thresholds(smoothed)
-    if thresholds is None:
-        return WORKING_DIAMETER_PX
-    diameter, too_small = sized_foreground(smoothed > thresholds.cell)
-    if density is not None and too_small:
-        full = ndi.gaussian_filter(density, FULL_RESOLUTION_SIGMA)
-        if (full_thresholds := foreground_thresholds(full)) is not None:
-            return diameter_from_foreground(full > full_thresholds.cell)
-    return 2 * diameter
+    half = None if thresholds is None else sized_foreground(smoothed > thresholds.cell)
+    if density is not None and (half is None or half.too_small or half.near_floor):
+        full_density = ndi.gaussian_filter(density, FULL_RESOLUTION_SIGMA)
+        if (full_thresholds := foreground_thresholds(full_density)) is not None:
+            full = sized_foreground(full_density > full_thresholds.cell)
+            if half is not None and half.too_small:
+                return full.diameter
+            # no foreground at half resolution, or sized near the floor: by cells full resolution finds, not grain
+            if not full.too_small and (half is None or full.diameter * FULL_RESOLUTION_SMALLER < 2 * half.diameter):
+                return full.diameter
+    return WORKING_DIAMETER_PX if half is None else 2 * half.diameter
 
 
 def _half_resolution(density: np.ndarray) -> np.ndarray | None:
