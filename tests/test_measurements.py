@@ -58,6 +58,16 @@ def test_an_ellipse_has_its_axes_and_eccentricity():
     assert row["circularity"] < 0.9
 
 
+def test_a_thin_strip_has_the_axes_of_its_pixels_as_unit_squares():
+    # The ellipse of a w x l rectangle's second moments has axes 4 / sqrt(12) times its sides:
+    # a pixel is a square, not a point (as point moments, a 2 px strip would be 2.0 across).
+    labels = np.zeros((30, 60), np.int32)
+    labels[10:12, 5:55] = 1
+    row = measure_cells(labels, painted(labels)).iloc[0]
+    assert row["minor_axis_px"] == pytest.approx(2 * 4 / np.sqrt(12), rel=1e-9)
+    assert row["major_axis_px"] == pytest.approx(50 * 4 / np.sqrt(12), rel=1e-9)
+
+
 def test_micrometre_columns_follow_the_pixel_size():
     labels = np.zeros((100, 100), np.int32)
     labels[disk((50, 50), 20)] = 1

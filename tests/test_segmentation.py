@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -674,8 +675,10 @@ def test_iteration_can_be_cancelled_between_tiles_without_waiting_for_the_tiles_
     planned, plan, segment_tile = [], segmentation.plan_tiles, segmentation._segment_tile
     monkeypatch.setattr(segmentation, "plan_tiles", lambda *args: planned.extend(plan(*args)) or iter(planned))
     released = threading.Event()  # every tile but the first runs until then (a large smear's second of work)
+    started = []
 
     def held(array, tile, calibration):
+        started.append(tile)
         if tile is not planned[0]:
             released.wait(60)
         return segment_tile(array, tile, calibration)
@@ -688,6 +691,8 @@ def test_iteration_can_be_cancelled_between_tiles_without_waiting_for_the_tiles_
     steps.close()  # what a napari worker's quit does, on napari's main thread
     assert not released.is_set()  # it returned while two tiles were still running
     released.set()
+    time.sleep(2)  # time for a dozen more tiles, were the queued ones not dropped
+    assert len(started) == 3 < total
 
 
 def test_cells_at_points_is_one_to_one():
