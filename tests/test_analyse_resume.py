@@ -288,19 +288,20 @@ def test_files_of_the_cut_short_run_changed_while_its_resumption_ran_are_kept(tm
     argv = [str(folder), "--out", str(out), "--measure-only"]
     assert main(argv) == 1
     shutil.copy(CHULA / "26.jpg", folder / "2.jpg")
-    edited = (out / "cells.csv").read_text() + "a colleague's line\n"
+    summary = out / "cells_summary.csv"
+    edited = summary.read_text() + "a colleague's line\n"
     read_names = reading(monkeypatch)
 
-    def edit_as_it_reads(path):  # a colleague edits the table while the smear is analysed
-        (out / "cells.csv").write_text(edited)
+    def edit_as_it_reads(path):  # a colleague edits the summary while the smear is analysed
+        summary.write_text(edited)
         return read_names.append(path.name) or read_smear(path)
 
     monkeypatch.setattr(analyse_cli, "read_smear", edit_as_it_reads)
     capsys.readouterr()
     assert main(argv) == 1
     assert read_names == ["2.jpg"]
-    assert (f"{out / 'cells.csv'} changed while this run went on (edited, or another run writing to the same "
+    assert (f"{summary} changed while this run went on (edited, or another run writing to the same "
             "folder?); this run's files get a timestamped name instead") in capsys.readouterr().err
-    assert (out / "cells.csv").read_text() == edited
+    assert summary.read_text() == edited
     (aside,) = [path for path in out.glob("cells-*.csv") if not path.stem.endswith("_summary")]
     assert read(aside.with_name(aside.stem + "_summary.csv"))["image"].tolist() == ["1", "2"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,20 @@ def test_sparse_label_ids_are_measured_as_numbered_ones_and_keep_their_ids():
     assert sparse["label"].tolist() == sparse_ids[1:].tolist() and sparse["label"].dtype == np.int64
     pd.testing.assert_frame_equal(sparse.drop(columns=["label", "index"]), dense.drop(columns=["label", "index"]))
     assert (sparse["index"] == sparse["label"]).all()
+
+
+def test_sparse_label_ids_take_no_slot_per_id():
+    labels = np.zeros((120, 120), np.int32)
+    for k, centre in enumerate([(30, 30), (30, 90), (90, 60)]):
+        labels[disk(centre, 20)] = 2**24 - 10 + k  # a slot per id up to there: 134 MB an array
+    image = painted(labels)
+    tracemalloc.start()
+    try:
+        table = measure_cells(labels, image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert table["label"].tolist() == [2**24 - 10, 2**24 - 9, 2**24 - 8] and peak < 20 * 2**20
 
 
 def test_no_cells_give_an_empty_table_with_the_columns():

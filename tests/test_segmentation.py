@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import ndimage as ndi
+from skimage.draw import disk
 from skimage.io import imread
 from skimage.measure import regionprops
 from skimage.transform import rescale
@@ -334,6 +335,13 @@ def test_a_crowded_field_of_small_cells_is_sized_by_its_cells_not_the_gaps_betwe
                      anti_aliasing=True) * 255).astype(np.uint8)
     diameter = _calibrate(image, None, None)[0].cell_diameter * scale
     assert estimate_cell_diameter(field) == pytest.approx(diameter, rel=0.3)
+
+
+def test_a_crop_of_one_cell_beside_two_platelets_is_sized_by_the_cell():
+    crop = np.zeros((200, 200), bool)  # at 100x: a few maxima, none of them an outlier
+    for centre, radius in (((100, 100), 40), ((20, 20), 8), ((180, 20), 8)):
+        crop[disk(centre, radius)] = True
+    assert sized_foreground(crop).diameter == pytest.approx(80, abs=2)
 
 
 def test_the_grain_of_a_dark_noisy_bare_field_is_not_sized_as_small_cells():

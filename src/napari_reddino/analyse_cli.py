@@ -432,9 +432,10 @@ def _export(table: Path, done: list, classes: list[str] | None, args: argparse.N
     try:
         return _write(table, done, classes, args, overwrite), True
     except FileExistsError as error:
-        noted = note is not None and os.path.abspath(error.filename) in note["files"]
-        why = f"{error.filename} {'changed' if noted else 'appeared'} while this run went on"
-        why, ours = f"{why} ({'edited, or ' * noted}another run writing to the same folder?)", False
+        changed, appeared = _came_meanwhile(_export_files(table, args.with_embeddings), note)
+        said = [f"{', '.join(changed)} changed"] * bool(changed) + [f"{', '.join(appeared)} appeared"] * bool(appeared)
+        why = f"{' and '.join(said) or f'{error.filename} appeared'} while this run went on"
+        why, ours = f"{why} ({'edited, or ' * bool(changed)}another run writing to the same folder?)", False
     except NotReplacedError as error:
         why, ours = f"{error} (open in another program?)", False
     except PartlyWrittenError as error:
@@ -442,6 +443,15 @@ def _export(table: Path, done: list, classes: list[str] | None, args: argparse.N
     print(f"reddino-analyse: {why}; this run's files get a timestamped name instead", file=sys.stderr, flush=True)
     aside = table.with_name(f"{table.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{table.suffix}")
     return _write(aside, done, classes, args, overwrite), ours  # the process id: two runs may collide in one second
+
+
+def _came_meanwhile(files: list[Path], note: dict | None) -> tuple[list[str], list[str]]:
+    """Those of ``files`` that the note of the cut-short run this one goes on with lists and that
+    changed since, and those there that it does not list (all of them, without a note)."""
+    there = [file for file in files if file.exists()]
+    noted = [file for file in there if note is not None and os.path.abspath(file) in note["files"]]
+    return ([str(file) for file in noted if not note_covers(note, [file])],
+            [str(file) for file in there if file not in noted])
 
 
 def _write(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace,

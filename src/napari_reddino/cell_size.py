@@ -25,7 +25,7 @@ MIN_DIAMETER_PX = 6.0
 # 2.1 and more where cells are too small to size (Chula smear 1 at 11 px, sized at half resolution)
 SMALL_MAXIMA_RATIO = 1.6
 FEW_CELLS = 10  # maxima that count: 20 at least in every real smear (Aslan's 256 px fields)
-OUTLIER_RADII = 4.0  # maxima over this many times the median one do not count: no real smear has any
+OUTLIER_RADII = 4.0  # maxima over this many times the median one do not count (in fields of many): no real smear has any
 # a median maximum under this radius (px) sizes only the larger of cells 2 * NEAR_FLOOR_RADIUS across or less
 NEAR_FLOOR_RADIUS = 7.0
 
@@ -41,9 +41,9 @@ class Sizing:
 
 def sized_foreground(foreground: np.ndarray) -> Sizing:
     """The typical cell diameter (px) of a foreground mask (the default when nothing is there),
-    and whether the cells are too small to size at this resolution (most distance maxima lie under the smallest radius that counts, more than
-    :data:`SMALL_MAXIMA_RATIO` times those above it) or near it (the median maximum under
-    :data:`NEAR_FLOOR_RADIUS`)."""
+    and whether the cells are too small to size at this resolution (most distance maxima lie
+    under the smallest radius that counts, more than :data:`SMALL_MAXIMA_RATIO` times those
+    above it) or near it (the median maximum under :data:`NEAR_FLOOR_RADIUS`)."""
     radii, small = _maxima(foreground)
     # in a crop of a cell or two, the corners of neighbours the border cuts are small maxima too;
     # where none counts, any maxima at all are cells too small (a sparse field at low power)
@@ -51,7 +51,8 @@ def sized_foreground(foreground: np.ndarray) -> Sizing:
     if radii.size == 0:
         return Sizing(DEFAULT_DIAMETER_PX, too_small, too_small)
     typical = float(np.median(radii))
-    radii = radii[radii <= OUTLIER_RADII * typical]
+    if radii.size >= FEW_CELLS:  # a crop's one cell beside two platelets is no outlier
+        radii = radii[radii <= OUTLIER_RADII * typical]
     weight = np.cumsum(radii**2)
     return Sizing(float(2 * radii[np.searchsorted(weight, weight[-1] / 2)]), too_small, typical < NEAR_FLOOR_RADIUS)
 

@@ -1,9 +1,6 @@
 """Counts, paths and advice, in the sentences users read."""
 
 import os
-import re
-
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def counted(n: int, noun: str) -> str:
@@ -17,8 +14,7 @@ OPEN_ELSEWHERE = " If it is open in another program (a spreadsheet, say), close 
 
 
 def shown(path: str | os.PathLike) -> str:
-    """``path`` as text every output takes, on one line: the bytes of a name that are not UTF-8
-    (a Windows share mounted without it: ``caf\\xe9.jpg``) escaped, not kept as lone surrogates,
-    which no CSV or terminal encodes, and so are tabs and line breaks (``a\\tb.jpg``)."""
-    text = os.fsencode(path).decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda found: found[0].encode("unicode_escape").decode(), text)
+    """``path`` as text every output takes: the bytes of a name that are not UTF-8 (a Windows
+    share mounted without it: ``caf\\xe9.jpg``) escaped, not kept as lone surrogates, which no
+    CSV or terminal encodes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -130,7 +130,7 @@ def _export_command(args: argparse.Namespace) -> int:
 def _prepare_command(args: argparse.Namespace) -> int:
     from napari_reddino.wording import shown
 
-    from .prepare import PrepareError, PrepareSettings, prepare
+    from .prepare import PrepareError, PrepareSettings, on_one_line, prepare
     from .run_lock import RunFolderBusyError
 
     try:
@@ -144,8 +144,8 @@ def _prepare_command(args: argparse.Namespace) -> int:
         return 2
     except OSError as error:  # a read-only or full disk, --out naming a file; the smears done so far are kept
         out, where = Path(args.out).resolve(), Path(error.filename).resolve() if error.filename else None
-        what = (f"cannot read {shown(where)}" if where is not None and where != out and out not in where.parents
-                else f"cannot write in {args.out}")  # a source that went away (a share dropped)
+        outside = where is not None and where != out and out not in where.parents and where not in out.parents
+        what = f"cannot read {shown(where)}" if outside else f"cannot write in {args.out}"  # a source gone (a share)
         print(f"reddino-train prepare: {what} ({error.strerror or error}); the smears done before are kept, and "
               "the same command goes on from there", file=sys.stderr)
         return 2
@@ -155,7 +155,7 @@ def _prepare_command(args: argparse.Namespace) -> int:
         print(f"reddino-train prepare: skipped {len(report.skipped)} files (listed in {args.out}/skipped.txt):",
               file=sys.stderr)
         for path, reason in report.skipped:
-            print(f"  {shown(path)}: {reason}", file=sys.stderr)
+            print(f"  {on_one_line(path)}: {reason}", file=sys.stderr)
         return 1  # as reddino-analyse: the rest is written, but not every file
     return 0
 

@@ -239,7 +239,7 @@ def _cache_keys(request: EvalRequest, data_format: Format) -> dict[str, str]:
     data = data_key(request.data, format=data_format, limit_images=request.limit_images,
                     max_per_class=request.max_per_class, seed=request.seed, pixel_size_um=request.pixel_size_um)
     if data_format == "crops":
-        data += "|with smears"  # cached before crops carried their smear: read again
+        data += "|with smears|square windows"  # cached before crops carried their smear, or were squashed: read again
     crops = ":".join(str(value) for value in request.crops.values())
     model = f"{model_key(request.model)}:{request.architecture}:{crops}"
     return {

@@ -22,7 +22,7 @@ from timm.models import save_for_hf
 from napari_reddino.atomic_files import UMASK
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoint import CHECKPOINT_NAME, kept_checkpoints, read_checkpoint
+from .checkpoint import CHECKPOINT_NAME, KEPT_FOLDER, kept_checkpoints, read_checkpoint
 from .config import config_from_dict
 from .model import vit_architecture_args
 
@@ -55,9 +55,11 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
                               "a new folder")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; replace it with --overwrite (Python: overwrite=True)")
-    kept = kept_checkpoints(checkpoint_path.parent)
+    folder = checkpoint_path.parent  # the run's, or its earlier-checkpoints/ where a kept one was given
+    run = folder.parent if folder.name == KEPT_FOLDER else folder
+    kept = [path for path in kept_checkpoints(run) if path.resolve() != checkpoint_path.resolve()]
     state = read_checkpoint(checkpoint_path, "It was left untouched; " + (
-        f"export the newest checkpoint the run kept before it, {kept[-1]}, or restore a backup." if kept else
+        f"export another checkpoint the run kept, such as the newest, {kept[-1]}, or restore a backup." if kept else
         "restore a backup."))
     cfg = config_from_dict(state["config"], source=str(checkpoint_path))
     vit = timm.create_model(cfg.model.arch, **vit_architecture_args(cfg.model, cfg.crops.global_size))

@@ -60,7 +60,8 @@ MODES: tuple[Mode, ...] = ("cells", "patches")
 INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME = "index.csv", "done.txt", "skipped.txt", "prepare.json"
 DIGESTS_NAME = "digests.txt"  # key and content digest per smear: beside the journal, which older versions read
 DIGEST_SPAN = 64 * 1024
-_UNWRITABLE = re.compile("[\x00-\x1f\x7f\udc80-\udcff]")  # control characters; bytes that are not UTF-8
+# control characters and what else splits a line (Python's splitlines); bytes that are not UTF-8
+_UNWRITABLE = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029\udc80-\udcff]")
 PARTIAL = ".partial-"  # OUT/.partial-<smear>: a smear's folder while it is written
 MAX_SIZE, MAX_PATCH = 2048, 8192  # px: a crop's side, a patch's side
 INDEX_COLUMNS = (
@@ -268,7 +269,7 @@ def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: Pre
                     report.already_done.append(smear.key)
                     continue
                 try:
-                    if any(mark in str(smear.path.resolve()) for mark in "\n\r"):
+                    if len(f"{smear.path.resolve()}.".splitlines()) > 1:  # "." : a break at the end splits too
                         raise _Unusable("its path holds a line break, which the journal of smears done cannot "
                                         "hold; rename it")
                     image = _read(smear.path)
@@ -290,7 +291,7 @@ def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: Pre
                 bar.set_postfix(samples=report.samples_written, skipped=len(report.skipped))
     finally:
         report.samples_total = _write_index(out, done)
-        write_atomic(out / SKIPPED_NAME, "".join(f"{shown(path)}\t{reason}\n" for path, reason in report.skipped))
+        write_atomic(out / SKIPPED_NAME, "".join(f"{on_one_line(path)}\t{reason}\n" for path, reason in report.skipped))
     return report
 
 
@@ -380,6 +381,12 @@ def _write_smear(out: Path, smear: Smear, samples: Samples) -> None:
     if folder.exists():  # its own, from a run cut short before its journal line (checked up front)
         shutil.rmtree(folder)
     partial.rename(folder)
+
+
+def on_one_line(path: str | os.PathLike) -> str:
+    """``path`` as one field of a line: :func:`~napari_reddino.wording.shown`, and its tabs,
+    line breaks and other control characters escaped (``a\\tb.png``)."""
+    return _UNWRITABLE.sub(lambda found: found[0].encode("unicode_escape").decode(), shown(path))
 
 
 def _csv_text(rows: list[dict]) -> str:

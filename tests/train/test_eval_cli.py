@@ -69,7 +69,7 @@ def test_eval_on_crops_by_class(model, crops_by_smear, tmp_path, capsys):
 def test_a_crop_that_is_not_square_is_seen_whole_on_its_slide_not_squashed(model):
     features = EmbeddingFeatures(load_embedder(str(model), device="cpu"), mode="masked", scale="cell", margin=0.25)
     wide = np.full((24, 60, 3), (225, 230, 228), np.uint8)  # a bounding-box crop of an elliptocyte
-    wide[ellipse(12, 30, 9, 22)] = (200, 110, 130)
+    wide[ellipse(12, 30, 11, 28, shape=wide.shape[:2])] = (200, 110, 130)  # most of its pixels: no slide colour
     square = np.full((60, 60, 3), (225, 230, 228), np.uint8)
     square[18:42] = wide  # the same cell, on more of its slide
     embeddings = features.crops([wide, square, wide.transpose(1, 0, 2), square.transpose(1, 0, 2)])

@@ -170,5 +170,8 @@ def test_a_kept_checkpoint_exports_and_a_model_card_stays_across_overwrite(smear
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # cut short: a full disk as it was saved
     with pytest.raises(CheckpointError, match=rf"cannot be read \(damaged or cut short: .*\)\. It was left untouched; "
-                       rf"export the newest checkpoint the run kept before it, {re.escape(str(kept))}, or restore"):
+                       rf"export another checkpoint the run kept, such as the newest, {re.escape(str(kept))}, or "):
         export_teacher(tmp_path / "run", tmp_path / "cut")
+    kept.write_bytes(kept.read_bytes()[:1000])  # the kept one damaged too: none other to name
+    with pytest.raises(CheckpointError, match=r"It was left untouched; restore a backup\.$"):
+        export_teacher(kept, tmp_path / "cut")

@@ -251,9 +251,9 @@ def _sources_in_index(out) -> list[str]:
 
 
 def test_names_no_journal_line_holds_as_they_are_are_prepared_or_skipped_with_the_reason(tmp_path, capsys):
-    # "café" in Latin-1 from a Windows share, a tab and a line break in a name: each stopped the run
+    # "café" in Latin-1 from a Windows share, a tab and line breaks in a name: each stopped the run
     latin, tab, line_break = os.fsdecode(b"src/caf\xe9.jpg"), "src/a\tb.jpg", "src/c\nd.jpg"
-    smears = _smear_copies(tmp_path, latin, tab, line_break, "src/e.jpg")
+    smears = _smear_copies(tmp_path, latin, tab, line_break, "src/e.jpg", "src/f\x85g.jpg")
     out = tmp_path / "out"
     argv = ["prepare", str(tmp_path / "src"), "--out", str(out), "--mode", "patches", "--patch-size", "200"]
     assert main(argv) == 1
@@ -261,15 +261,15 @@ def test_names_no_journal_line_holds_as_they_are_are_prepared_or_skipped_with_th
     assert f"  {tmp_path / 'src' / 'c'}\\nd.jpg: its path holds a line break" in err  # on one line
     report = prepare([tmp_path / "src"], out, PATCHES, progress=False)
     keys = sorted(report.already_done)
-    assert len(keys) == 3 and report.written == [] and [path for path, _ in report.skipped] == [smears[2]]
+    assert len(keys) == 3 and report.written == [] and [path for path, _ in report.skipped] == [smears[2], smears[4]]
     assert keys[0].startswith("a_b-") and keys[1].startswith("caf_-") and keys[2] == "e"
     rows = read_index(out)  # UTF-8 throughout: a spreadsheet or pandas reads it
     assert report.samples_total == len(rows) == 3 * len(list((out / "e").glob("*.png")))
-    assert {row["source"] for row in rows} == {str(tmp_path / "src" / name) for name in ("caf\\xe9.jpg", "a\\tb.jpg",
+    assert {row["source"] for row in rows} == {str(tmp_path / "src" / name) for name in ("caf\\xe9.jpg", "a\tb.jpg",
                                                                                          "e.jpg")}
-    assert (out / "skipped.txt").read_text(encoding="utf-8") == (f"{tmp_path / 'src' / 'c'}\\nd.jpg\tits path holds "
-                                                                 "a line break, which the journal of smears done "
-                                                                 "cannot hold; rename it\n")
+    why = "its path holds a line break, which the journal of smears done cannot hold; rename it"
+    assert (out / "skipped.txt").read_text(encoding="utf-8") == (f"{tmp_path / 'src' / 'c'}\\nd.jpg\t{why}\n"
+                                                                 f"{tmp_path / 'src' / 'f'}\\x85g.jpg\t{why}\n")
 
 
 def test_same_stems_in_folders_of_the_same_name_are_both_prepared(tmp_path):
@@ -362,13 +362,18 @@ def test_an_output_that_cannot_be_written_and_ctrl_c_are_said_in_a_sentence(sour
     assert capsys.readouterr().err.startswith(f"reddino-train prepare: cannot write in {tmp_path / 'a-file'} (File "
                                               "exists); the smears done before are kept")
 
-    def share_dropped(*_, **__):  # a smear's share gone while it was compared with its copy
-        raise OSError(errno.EIO, "Input/output error", str(sources / "1.jpg"))
+    out = tmp_path / "project" / "out"
+    for failed, said in ((sources / "1.jpg", f"cannot read {sources / '1.jpg'}"),  # a smear's share gone meanwhile
+                         (out / ".partial-1", f"cannot write in {out}"),
+                         (tmp_path / "project", f"cannot write in {out}")):  # a parent of OUT that cannot be made
 
-    monkeypatch.setattr(prepare_module, "prepare", share_dropped)
-    assert main(["prepare", str(sources), "--out", str(tmp_path / "out"), "--size", "32"]) == 2
-    assert capsys.readouterr().err.startswith(f"reddino-train prepare: cannot read {sources / '1.jpg'} (Input/output "
-                                              "error); the smears done before are kept")
+        def failing(*_, **__):
+            raise OSError(errno.EIO, "Input/output error", str(failed))
+
+        monkeypatch.setattr(prepare_module, "prepare", failing)
+        assert main(["prepare", str(sources), "--out", str(out), "--size", "32"]) == 2
+        assert capsys.readouterr().err.startswith(f"reddino-train prepare: {said} (Input/output error); the smears "
+                                                  "done before are kept")
     monkeypatch.undo()
 
     def interrupted(*_, **__):
