@@ -592,14 +592,20 @@ def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, monkeyp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler's time limit, timeout
-def test_ctrl_c_or_sigterm_writes_the_smears_finished_so_far(tmp_path, stop):
+def analyse_copies(tmp_path: Path, count: int, name: str) -> tuple[Path, list]:
+    """The output folder and the reddino-analyse command of ``count`` copies of a smear (file
+    names ``name.format(number)``), measured only."""
     folder = tmp_path / "smears"
     folder.mkdir()
-    for number in range(20):
-        shutil.copy(CHULA / "1.jpg", folder / f"{number:02d}.jpg")
+    for number in range(count):
+        shutil.copy(CHULA / "1.jpg", folder / name.format(number))
     out = tmp_path / "out"
-    command = [Path(sys.executable).with_name("reddino-analyse"), str(folder), "--out", str(out), "--measure-only"]
+    return out, [Path(sys.executable).with_name("reddino-analyse"), str(folder), "--out", str(out), "--measure-only"]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler's time limit, timeout
+def test_ctrl_c_or_sigterm_writes_the_smears_finished_so_far(tmp_path, stop):
+    out, command = analyse_copies(tmp_path, 20, "{:02d}.jpg")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # as in CI: the CLI flushes
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           preexec_fn=ctrl_c_as_in_a_terminal) as run:
@@ -615,12 +621,7 @@ def test_ctrl_c_or_sigterm_writes_the_smears_finished_so_far(tmp_path, stop):
 
 
 def test_a_run_a_script_sent_to_the_background_goes_on_through_ctrl_c(tmp_path):
-    folder = tmp_path / "smears"
-    folder.mkdir()
-    for number in range(3):
-        shutil.copy(CHULA / "1.jpg", folder / f"{number}.jpg")
-    out = tmp_path / "out"
-    command = [Path(sys.executable).with_name("reddino-analyse"), str(folder), "--out", str(out), "--measure-only"]
+    out, command = analyse_copies(tmp_path, 3, "{}.jpg")
 
     def sent_to_the_background():  # as a shell starts "reddino-analyse ... &" in a script
         signal.signal(signal.SIGINT, signal.SIG_IGN)

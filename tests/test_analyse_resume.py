@@ -58,6 +58,19 @@ def files_under(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+def one_smear_still_copied_in(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """The smears' folder, the output folder and the arguments of a run that measured one of its
+    two smears and skipped the other, its file cut short."""
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    shutil.copy(CHULA / "1.jpg", folder / "1.jpg")
+    (folder / "2.jpg").write_bytes((CHULA / "26.jpg").read_bytes()[:5000])  # still being copied in
+    out = tmp_path / "out"
+    argv = [str(folder), "--out", str(out), "--measure-only"]
+    assert main(argv) == 1
+    return folder, out, argv
+
+
 def test_an_interrupted_run_goes_on_from_its_parts_and_writes_what_a_whole_run_writes(
         tmp_path, tiny_folder, monkeypatch, capsys):  # noqa: F811
     smears, model = smear_folder(tmp_path), str(tiny_folder[1])
@@ -144,13 +157,7 @@ def test_a_killed_run_leaves_its_parts_and_the_next_runs_read_them_back(tmp_path
 
 def test_a_skipped_smear_is_tried_again_alone_and_other_runs_files_and_parts_are_not_taken(
         tmp_path, monkeypatch, capsys):
-    folder = tmp_path / "smears"
-    folder.mkdir()
-    shutil.copy(CHULA / "1.jpg", folder / "1.jpg")
-    (folder / "2.jpg").write_bytes((CHULA / "26.jpg").read_bytes()[:5000])  # still being copied in
-    out = tmp_path / "out"
-    argv = [str(folder), "--out", str(out), "--measure-only"]
-    assert main(argv) == 1
+    folder, out, argv = one_smear_still_copied_in(tmp_path)
     assert ("1 of 2 smears skipped (see above); run the same command to try them again: 1 smear analysed is kept in "
             f"{out / PARTS}") in capsys.readouterr().err
 
@@ -280,13 +287,7 @@ def test_parts_of_other_library_versions_are_not_read_back(tmp_path, monkeypatch
 
 
 def test_files_of_the_cut_short_run_changed_while_its_resumption_ran_are_kept(tmp_path, monkeypatch, capsys):
-    folder = tmp_path / "smears"
-    folder.mkdir()
-    shutil.copy(CHULA / "1.jpg", folder / "1.jpg")
-    (folder / "2.jpg").write_bytes((CHULA / "26.jpg").read_bytes()[:5000])  # still being copied in
-    out = tmp_path / "out"
-    argv = [str(folder), "--out", str(out), "--measure-only"]
-    assert main(argv) == 1
+    folder, out, argv = one_smear_still_copied_in(tmp_path)
     shutil.copy(CHULA / "26.jpg", folder / "2.jpg")
     summary = out / "cells_summary.csv"
     edited = summary.read_text() + "a colleague's line\n"
