@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -712,6 +713,14 @@ def test_cells_at_points_is_one_to_one():
     assert cells_at_points(labels, points).tolist() == [3, 0, 5, 0, 0]
     assert cells_at_points(labels, np.zeros((0, 2))).tolist() == []
     assert cells_at_points(labels, [14, 14]).tolist() == [5]  # one point
+    sparse = np.where(labels > 0, labels + 2**24 - 8, 0)  # a lab's masks, numbered by tile
+    tracemalloc.start()
+    try:
+        assert cells_at_points(sparse, [*points, (2, 2), (17, 11), (11, 11)]).tolist() == [
+            2**24 - 5, 0, 2**24 - 3, 0, 0, 0, 0, 0]  # (14, 14) stays nearest cell 5's centre, (13.5, 13.5)
+        assert tracemalloc.get_traced_memory()[1] < 2**20  # no slot per id up to 2**24
+    finally:
+        tracemalloc.stop()
     with pytest.raises(ValueError, match=r"points must be \(N, 2\) rows of \(row, col\); got an array of shape "
                                          r"\(2, 3\) \(from a 3-D napari points layer, keep the last two columns\)"):
         cells_at_points(labels, [[0, 5, 5], [0, 14, 14]])  # read as pairs, they gave 3 answers for 2 points

@@ -29,8 +29,7 @@ def cells_at_points(labels: np.ndarray, points) -> np.ndarray:
     claimed = np.unique(ids[ids > 0])
     if claimed.size == 0:
         return ids
-    rows, cols = cell_centres(labels)
-    centre_of = {cell: np.array([rows[cell - 1], cols[cell - 1]]) for cell in claimed.tolist()}
+    centre_of = _centres_of(labels, claimed)
     best: dict[int, int] = {}
     for i in np.flatnonzero(ids):
         distance = np.hypot(*(points[i] - centre_of[ids[i]]))
@@ -41,6 +40,22 @@ def cells_at_points(labels: np.ndarray, points) -> np.ndarray:
     keep = np.fromiter(best.values(), dtype=int)
     unique[keep] = ids[keep]
     return unique
+
+
+def _centres_of(labels: np.ndarray, cells: np.ndarray) -> dict[int, np.ndarray]:
+    """The centroid (row, col) of each of ``cells`` (ascending ids): sums over their pixels
+    only, so a lab's sparse ids (up to 2**24) cost no slot per id."""
+    top = int(labels.max())
+    if top <= labels.size:  # ids numbered 1, 2, ...: a table of them is quicker than a search
+        member = np.zeros(top + 1, bool)
+        member[cells] = True
+        rows, cols = np.nonzero(member[labels])
+    else:
+        rows, cols = np.nonzero(np.isin(labels, cells))
+    which = np.searchsorted(cells, labels[rows, cols])
+    count = np.bincount(which, minlength=cells.size)
+    centres = np.stack([np.bincount(which, rows, cells.size), np.bincount(which, cols, cells.size)], axis=1)
+    return {cell: centre / size for cell, centre, size in zip(cells.tolist(), centres, count)}
 
 
 def cell_centres(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
