@@ -128,8 +128,6 @@ def _export_command(args: argparse.Namespace) -> int:
 
 
 def _prepare_command(args: argparse.Namespace) -> int:
-    from napari_reddino.wording import shown
-
     from .prepare import PrepareError, PrepareSettings, on_one_line, prepare
     from .run_lock import RunFolderBusyError
 
@@ -145,7 +143,7 @@ def _prepare_command(args: argparse.Namespace) -> int:
     except OSError as error:  # a read-only or full disk, --out naming a file; the smears done so far are kept
         out, where = Path(args.out).resolve(), Path(error.filename).resolve() if error.filename else None
         outside = where is not None and where != out and out not in where.parents and where not in out.parents
-        what = f"cannot read {shown(where)}" if outside else f"cannot write in {args.out}"  # a source gone (a share)
+        what = f"cannot read {on_one_line(where)}" if outside else f"cannot write in {args.out}"  # a source gone (a share)
         print(f"reddino-train prepare: {what} ({error.strerror or error}); the smears done before are kept, and "
               "the same command goes on from there", file=sys.stderr)
         return 2
