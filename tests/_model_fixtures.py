@@ -70,6 +70,16 @@ def save_folder(model: torch.nn.Module, folder: Path) -> Path:
     return folder
 
 
+def record_crops(folder: Path, crops) -> Path:
+    """``folder``'s config.json with the training crops recorded, where and as ``reddino-train
+    export`` records them (``tests/train/test_export.py`` checks that it does)."""
+    from napari_reddino.models import CROPS_KEY
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, CROPS_KEY: crops}, indent=2))
+    return folder
+
+
 def publish_to_cache(folder: Path, cache: Path, repo_id: str, revision: str = REVISION) -> Path:
     """Lay ``folder``'s files out as huggingface_hub caches a download of ``repo_id``.
 

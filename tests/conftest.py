@@ -1,5 +1,6 @@
 """Fixtures shared across test modules."""
 
+import signal
 import sys
 import time
 
@@ -16,6 +17,15 @@ def umap_compiled() -> None:
     for it inside a GUI timeout failed on CI.
     """
     warm_up_umap().join()
+
+
+@pytest.fixture
+def terminal_ctrl_c():
+    """Ctrl-C as Python takes it in a terminal, however the tests were started (a job a script
+    sent to the background ignores it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from _compiler import needs_a_cxx_compiler
-from _model_fixtures import TINY_DIM, hub_cache, publish_to_cache, tiny_folder  # noqa: F401  (fixtures)
+from _model_fixtures import TINY_DIM, hub_cache, publish_to_cache, record_crops, tiny_folder  # noqa: F401  (fixtures)
 from skimage.io import imread, imsave
 
 from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
@@ -313,6 +313,22 @@ def test_a_batch_crops_the_cells_as_its_head_s_were_cropped(smears, tiny_folder)
     assert (record["crop_mode"], record["crop_scale"], record["margin"]) == ("masked", "smear", 0.25)
 
 
+def test_a_batch_crops_the_cells_as_its_model_s_training_cells_were_cut_unless_its_head_says(smears, tiny_folder,
+                                                                                              tmp_path):  # noqa: F811
+    cut = {"mode": "context", "scale": "smear", "margin": 0.75}
+    trained = record_crops(shutil.copytree(tiny_folder[1], tmp_path / "trained"), cut)
+    embedder = load_embedder(str(trained), device="cpu")
+    image = imread(smears / "1.jpg")
+    record = SmearAnalysis(embedder=embedder)(image, "1").metadata[METADATA_KEY]
+    assert {"mode": record["crop_mode"], "scale": record["crop_scale"], "margin": record["margin"]} == cut
+    _, expected = embedder.embed(image, segment_cells(image), **cut)
+    np.testing.assert_allclose(record["embeddings"], expected, rtol=1e-5, atol=1e-6)
+    head = CellClassifier(["a", "b"], model_id=embedder.model_id, crops={"mode": "masked", "scale": "cell", "margin": 0.5})
+    head.fit(np.random.default_rng(0).normal(size=(20, TINY_DIM)), ["a", "b"] * 10)
+    record = SmearAnalysis(embedder=embedder, head=head)(image, "1").metadata[METADATA_KEY]
+    assert (record["crop_mode"], record["crop_scale"], record["margin"]) == ("masked", "cell", 0.5)
+
+
 def test_an_earlier_table_that_cannot_be_removed_is_named_not_a_traceback(smears, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
@@ -559,15 +575,6 @@ class _CtrlCInFinaliser:
         os.kill(os.getpid(), signal.SIGINT)
         for _ in range(100):  # the handler runs between two of these
             pass
-
-
-@pytest.fixture
-def terminal_ctrl_c():
-    """Ctrl-C as Python takes it in a terminal, however the tests were started (a job a script
-    sent to the background ignores it)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 def ctrl_c_as_in_a_terminal() -> None:

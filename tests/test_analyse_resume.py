@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _model_fixtures import hub_cache, publish_to_cache, tiny_folder  # noqa: F401  (fixtures)
+from _model_fixtures import hub_cache, publish_to_cache, record_crops, tiny_folder  # noqa: F401  (fixtures)
 from skimage.io import imread
 from test_analyse_cli import CHULA, DATA, read, saved_head
 
@@ -231,6 +231,11 @@ def test_a_part_reads_back_equal_dtypes_and_all_and_only_for_its_file_name_and_s
     in_fp32, in_bf16 = (load_embedder(str(tiny_folder[1]), device="cpu", dtype=dtype) for dtype in ("float32",
                                                                                                  "bfloat16"))
     assert SmearAnalysis(embedder=in_bf16).settings() != SmearAnalysis(embedder=in_fp32).settings()
+    # the model's record of its training crops edited in its config: the same weights, cut otherwise
+    record_crops(tiny_folder[1], {"mode": "context", "scale": "cell", "margin": 0.5})
+    recorded = load_embedder(str(tiny_folder[1]), device="cpu", dtype="float32")
+    assert recorded.model_id == in_fp32.model_id
+    assert SmearAnalysis(embedder=recorded).settings() != SmearAnalysis(embedder=in_fp32).settings()
     os.utime(smear, ns=(smear.stat().st_atime_ns, smear.stat().st_mtime_ns + 1))  # copied over, or edited
     assert parts.key(smear, "1") != key and not parts.has(parts.key(smear, "1"))
 

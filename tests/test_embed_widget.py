@@ -1,13 +1,14 @@
 """The Embed cells widget, docked through the manifest, with a tiny real ViT loaded by load_embedder."""
 
 import re
+import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from _model_fixtures import TINY_DIM, hub_cache, serving_hub, tiny_folder  # noqa: F401  (fixtures)
+from _model_fixtures import TINY_DIM, hub_cache, record_crops, serving_hub, tiny_folder  # noqa: F401  (fixtures)
 from napari.layers import Labels
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt, QTimer
@@ -18,6 +19,7 @@ from napari_reddino.cell_embeddings import (
     METADATA_KEY,
     EmbeddedCells,
     changed_embeddings,
+    crop_settings,
     fingerprint,
     image_digest,
     labels_digest,
@@ -273,6 +275,90 @@ def test_a_reopened_panel_shows_the_model_and_crops_its_smear_was_embedded_with(
     reopened.device.value = "cpu"
     run(reopened, qtbot)
     assert reopened.status.value.endswith("are already up to date; nothing to do.")
+
+
+def shown_crops(widget) -> dict:
+    return {"mode": widget.crop_mode.value, "scale": widget.crop_scale.value, "margin": widget.margin.value}
+
+
+def test_a_model_that_records_its_training_crops_sets_the_panel_s_crops_and_its_cells_are_cut_so(
+        viewer, widget, tiny_folder, tmp_path, qtbot):
+    crops = {"mode": "context", "scale": "cell", "margin": 2.125}  # wider than most, and finer than the box shows
+    trained = record_crops(shutil.copytree(tiny_folder[1], tmp_path / "trained"), crops)
+    box = widget.model.native
+    box.setEditText(str(trained))  # typed: nothing is read at each keystroke (a folder on the way may record others)
+    assert shown_crops(widget) == {"mode": "masked", "scale": "smear", "margin": 0.25}
+    box.lineEdit().editingFinished.emit()  # Enter, or the focus leaves the box
+    assert shown_crops(widget) == {**crops, "margin": 2.13}
+    assert widget.status.value == f"{str(trained)!r} was trained on context crops at cell scale, margin 2.125: its " \
+                                  "cells are cut so."
+    widget.model_name = str(tiny_folder[1])  # records none: the defaults again
+    assert shown_crops(widget) == {"mode": "masked", "scale": "smear", "margin": 0.25}
+    assert widget.status.value == f"{str(tiny_folder[1])!r} records no training crops: back to the default masked " \
+                                  "crops at smear scale, margin 0.25."
+    widget.model_name = str(trained)
+    widget.margin.value = 0.5  # changed by hand: kept when the model changes, and what was said of the other goes
+    widget.model_name = str(tiny_folder[1])
+    assert shown_crops(widget) == {**crops, "margin": 0.5} and widget.status.value == ""
+    widget.crop_mode.value = "masked"  # and the next model without a record leaves them too
+    widget.model_name = "reddino-small"
+    assert shown_crops(widget) == {**crops, "mode": "masked", "margin": 0.5}
+    damaged = record_crops(shutil.copytree(tiny_folder[1], tmp_path / "damaged"), "context")
+    widget.model_name = str(damaged)  # Run says what is wrong with it
+    assert shown_crops(widget) == {**crops, "mode": "masked", "margin": 0.5}
+    widget.model_name = str(trained)
+    viewer.open(CHULA_1)
+    widget.reset_choices()
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as embedded:
+        widget.run()  # segments first
+    cells = embedded.args[0]
+    assert crop_settings(cells) == crops  # the record's margin, not the box's rounding of it
+    run(widget, qtbot)
+    assert widget.status.value.endswith("are already up to date; nothing to do.")
+    # a panel opened again on cells embedded otherwise than the model's record shows how they were
+    widget.crop_scale.value = "smear"  # the margin still the record's, as the box has not changed
+    run(widget, qtbot)
+    assert crop_settings(cells) == {**crops, "scale": "smear"}
+    viewer.window.remove_dock_widget("all")
+    _, reopened = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
+    assert shown_crops(reopened) == {**crops, "scale": "smear", "margin": 2.13} and reopened.status.value == ""
+    # the model exported again into its folder, from a run on other cuts: Run reads its record again
+    reopened.model_name, reopened.model_name, reopened.device.value = "reddino-small", str(trained), "cpu"
+    record_crops(trained, {"mode": "masked", "scale": "cell", "margin": 1.0})
+    with qtbot.waitSignal(reopened.embedded, timeout=RUN_TIMEOUT_MS):
+        reopened.run()
+    assert crop_settings(cells) == {"mode": "masked", "scale": "cell", "margin": 1.0} == shown_crops(reopened)
+
+
+def test_a_hub_model_downloaded_on_first_use_cuts_cells_as_its_record_says_unless_other_crops_were_chosen(
+        viewer, widget, serving_hub, tiny_folder, tmp_path, qtbot):  # noqa: F811
+    crops = {"mode": "context", "scale": "cell", "margin": 0.5}
+    serving_hub("lab/trained", record_crops(shutil.copytree(tiny_folder[1], tmp_path / "trained"), crops))
+    image = imread(CHULA_1)[:96, :96]
+    labels = np.zeros(image.shape[:2], np.int32)
+    labels[10:30, 10:30], labels[50:70, 40:60] = 3, 8
+    viewer.add_image(image, rgb=True, name="patch")
+    cells = viewer.add_labels(labels, name="patch cells")
+    widget.reset_choices()
+    widget.model_name = "hf_hub:lab/trained"  # not downloaded: its record is not known yet
+    assert shown_crops(widget) == {"mode": "masked", "scale": "smear", "margin": 0.25}
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert crop_settings(cells) == crops == shown_crops(widget)
+    assert "with hf_hub:lab/trained on cpu; cut as it was trained: context crops at cell scale, margin 0.5" \
+        in widget.status.value
+    widget.model_name = "reddino-small"  # records none: the defaults again
+    assert shown_crops(widget) == {"mode": "masked", "scale": "smear", "margin": 0.25}
+    widget.model_name = "hf_hub:lab/trained"  # downloaded now: its record is read when it is chosen
+    assert shown_crops(widget) == crops
+    run(widget, qtbot)
+    assert widget.status.value.endswith("are already up to date; nothing to do.")
+    serving_hub("lab/other", tmp_path / "trained")
+    widget.model_name = "hf_hub:lab/other"
+    widget.margin.value = 0.3  # chosen over whatever the model may record
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert crop_settings(cells) == {"mode": "masked", "scale": "smear", "margin": 0.3} == shown_crops(widget)
 
 
 def test_a_model_downloaded_on_first_use_shows_how_far_the_download_has_come(viewer, widget, serving_hub, tiny_folder,

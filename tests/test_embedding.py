@@ -16,6 +16,7 @@ from _model_fixtures import (  # noqa: F401  (fixtures)
     TINY_DIM,
     hub_cache,
     publish_to_cache,
+    record_crops,
     save_folder,
     tiny_folder,
     tiny_vit,
@@ -27,7 +28,7 @@ from napari_reddino.cell_embeddings import EmbeddedCells
 from napari_reddino.crops import CropInputError, background_colour, cell_crops, prepare_crops
 from napari_reddino.image_input import LabelsInputError
 from napari_reddino.embedding import EmbeddingCancelled, clear_embedder_cache, load_embedder, resolve_dtype
-from napari_reddino.models import LoadedModel
+from napari_reddino.models import CheckpointError, LoadedModel, trained_crops
 from napari_reddino.steps import run_steps
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -86,6 +87,45 @@ def test_embeddings_are_the_class_token_of_each_cells_crop_in_label_order(embedd
     with torch.inference_mode():
         expected = tiny_folder[0].forward_features(inputs)[:, 0].numpy()
     np.testing.assert_allclose(embeddings, expected, rtol=1e-4, atol=1e-5)
+
+
+TRAINED = {"mode": "context", "scale": "cell", "margin": 0.5}
+
+
+def test_a_model_that_records_its_training_crops_cuts_cells_so_unless_told_otherwise(tiny_folder, hub_cache):
+    image, labels = three_cells()
+    plain = load_embedder(tiny_folder[1], device="cpu", dtype="float32")
+    assert trained_crops(tiny_folder[1]) is None and plain.trained_crops is None
+    assert plain.crops == {"mode": "masked", "scale": "smear", "margin": 0.25}  # the plugin's defaults
+    defaults = plain.embed(image, labels)[1]
+    as_trained = plain.embed(image, labels, **TRAINED)[1]
+    assert not np.allclose(defaults, as_trained, atol=1e-3)  # the settings matter for these cells
+    folder = record_crops(shutil.copytree(tiny_folder[1], hub_cache.parent / "trained"), TRAINED)
+    assert trained_crops(folder) == TRAINED
+    embedder = load_embedder(folder, device="cpu", dtype="float32")
+    assert embedder.trained_crops == embedder.crops == TRAINED
+    assert load_embedder(folder, device="cpu", dtype="float32", compile=True).crops == TRAINED  # its twin's record
+    np.testing.assert_allclose(embedder.embed(image, labels)[1], as_trained, rtol=1e-5, atol=1e-6)
+    # each setting given wins over the record, the others still come from it
+    np.testing.assert_allclose(embedder.embed(image, labels, mode="masked")[1],
+                               plain.embed(image, labels, mode="masked", scale="cell", margin=0.5)[1], rtol=1e-5, atol=1e-6)
+    # a Hub model's record is read from the cache, offline, without its weights
+    publish_to_cache(folder, hub_cache, "lab/trained")
+    assert trained_crops("hf_hub:lab/trained") == TRAINED
+    assert trained_crops(hub_cache / "models--lab--trained") == TRAINED  # that cache's folder, copied and browsed to
+    assert trained_crops("hf_hub:lab/not-downloaded") is None and trained_crops("hf_hub:not a repo") is None
+
+
+@pytest.mark.parametrize("record", [
+    {"mode": "blurred", "scale": "cell", "margin": 0.5}, {"mode": "context", "scale": "cell", "margin": 9},
+    {"mode": "context", "scale": "cell"}, {"mode": "context", "scale": "cell", "margin": True}, "context",
+])
+def test_a_training_crops_record_that_is_not_one_names_the_file_and_is_not_passed_over(tiny_folder, record):
+    record_crops(tiny_folder[1], record)
+    for read in (trained_crops, load_embedder):
+        with pytest.raises(CheckpointError, match=rf"{tiny_folder[1] / 'config.json'} records the model's training "
+                                                  r"crops as reddino_crops=.*remove reddino_crops"):
+            read(tiny_folder[1])
 
 
 def test_same_input_gives_identical_embeddings_and_batching_does_not_matter(embedder):

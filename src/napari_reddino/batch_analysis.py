@@ -149,8 +149,9 @@ def smear_names(paths: Sequence[Path]) -> list[str]:
 class SmearAnalysis:
     """One set of settings for every smear: the pixel size, and optionally a model (an
     :class:`~napari_reddino.embedding.Embedder` loaded from ``model``) and a head for it. Cells
-    are cropped as the head's were (as the Embed widget's defaults without a head, or with a
-    head saved before heads recorded their crops).
+    are cropped as the head's were; without a head (or with one saved before heads recorded
+    their crops), as the model's training cells were, where its config says (``reddino-train
+    export``), else with the Embed widget's defaults.
 
     ``keep_embeddings=False`` keeps of each smear's embeddings only their ids and model (the
     vectors become zero-wide): a long batch that writes no embeddings file then holds a few
@@ -180,12 +181,7 @@ class SmearAnalysis:
                 cells.metadata["cells_look_px"] = seen  # said by the caller: a wrong size cuts cells into pieces
         if self.embedder is None:
             return cells
-        from .crops import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN  # torch, only to embed
-
-        embedder, model = self.embedder, self.model or self.embedder.model_id
-        crops = {"mode": DEFAULT_CROP_MODE, "scale": DEFAULT_CROP_SCALE, "margin": DEFAULT_MARGIN}
-        if self.head is not None and self.head.crops is not None:  # cut as the cells it learnt from
-            crops = dict(self.head.crops)
+        embedder, model, crops = self.embedder, self.model or self.embedder.model_id, self.crops()
         if table.empty:  # no cells: none to embed, and an empty record so the export can pool it
             run = EmbeddedCells(np.zeros(0, np.int64), np.zeros((0, embedder.dim), np.float32), None, embedder.model_id)
         else:
@@ -207,6 +203,13 @@ class SmearAnalysis:
             cells.metadata[METADATA_KEY].update(embeddings=np.zeros((len(ids), 0), np.float32), crop_checks=None)
         return cells
 
+    def crops(self) -> dict:
+        """How the cells are cut for the model: as the head's were cut (the cells it learnt
+        from), else as the model's training cells were, where its config says, else by default."""
+        if self.head is not None and self.head.crops is not None:
+            return dict(self.head.crops)
+        return self.embedder.crops
+
     def settings(self) -> dict:
         """What every smear's results follow from besides its pixels (JSON-able): an earlier run's
         results for a smear stand for this run's only under equal settings."""
@@ -214,7 +217,8 @@ class SmearAnalysis:
         if self.embedder is not None:
             embedder = self.embedder
             model = {"named": str(self.model or embedder.model_id), "id": embedder.model_id,
-                     "device": str(embedder.device), "dtype": str(embedder.dtype), "compiled": embedder.compiled}
+                     "device": str(embedder.device), "dtype": str(embedder.dtype), "compiled": embedder.compiled,
+                     "crops": self.crops()}  # a config's record edited leaves the weights' id as it was
         return {"code": code_digest(), "pixel_size_um": self.pixel_size_um, "model": model,
                 "head": None if self.head is None else self.head.digest(), "keep_embeddings": self.keep_embeddings,
                 "galleries": None if self.galleries is None else os.path.abspath(self.galleries.folder)}

@@ -39,6 +39,7 @@ from threadpoolctl import threadpool_limits
 from .atomic_files import write_files_atomically
 from .cell_embeddings import check_embeddings, crops_in_words
 from .cell_table import whole_cells
+from .crop_windows import valid_crops
 from .model_ids import named_as, readable_ids, same_model
 
 DEFAULT_MEASUREMENTS = (
@@ -416,9 +417,7 @@ def _read_about(path: Path) -> dict:
     if not all(isinstance(name, str) and name.strip() for name in classes) or len(set(classes)) < len(classes):
         wrong.append("classes (not distinct names)")
     crops = about.get("crops")  # heads saved before it have none
-    if crops is not None and not (isinstance(crops, dict) and crops.keys() == {"mode", "scale", "margin"}
-                                  and isinstance(crops["mode"], str) and isinstance(crops["scale"], str)
-                                  and isinstance(crops["margin"], int | float) and not isinstance(crops["margin"], bool)):
+    if crops is not None and valid_crops(crops) is None:
         wrong.append("crops (not a mode, scale and margin)")
     if wrong:
         raise ValueError(f"{path} is not a readable head: wrong types for {', '.join(wrong)} (edited by hand?).")

@@ -1,4 +1,5 @@
-"""Where each cell's square window lies: the geometry of the model's crops, without torch.
+"""The crop settings (mode, scale, margin) and where each cell's square window lies: the
+geometry of the model's crops, without torch.
 
 A window is centred on the cell's bounding box, ``1 + 2 * margin`` times a side that depends
 on the crop scale (see :mod:`.crops` for what the scales are for). The Cell map's gallery
@@ -15,6 +16,11 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+CropMode = Literal["context", "masked"]
+CROP_MODES: tuple[CropMode, ...] = ("context", "masked")
+# Masked crops classified Chula cells better than context crops for every model that runs here
+# (linear probe and kNN, split by image; benchmarks/RESULTS.md, "Crop mode").
+DEFAULT_CROP_MODE: CropMode = "masked"
 CropScale = Literal["cell", "smear"]
 CROP_SCALES: tuple[CropScale, ...] = ("cell", "smear")
 # Smear-scale crops classified Chula cells better than cell-scale ones, at random init and
@@ -71,6 +77,28 @@ def check_crop_settings(margin: float, scale: CropScale) -> None:
                              f"(0.25: a quarter), not {margin}.")
     if scale not in CROP_SCALES:
         raise CropInputError(f"Unknown crop scale {scale!r}; use one of {', '.join(CROP_SCALES)}.")
+
+
+def chosen_crops(mode: CropMode | None = None, scale: CropScale | None = None, margin: float | None = None, *,
+                 trained: dict | None = None) -> dict:
+    """Crop mode, scale and margin, as :meth:`~napari_reddino.Embedder.embed` takes them: each as
+    given, else as the model's training cells were cut (``trained``, where its config records
+    them: :func:`~napari_reddino.models.trained_crops`), else the plugin's default."""
+    fallback = trained or {"mode": DEFAULT_CROP_MODE, "scale": DEFAULT_CROP_SCALE, "margin": DEFAULT_MARGIN}
+    return {"mode": fallback["mode"] if mode is None else mode, "scale": fallback["scale"] if scale is None else scale,
+            "margin": fallback["margin"] if margin is None else margin}
+
+
+def valid_crops(crops) -> dict | None:
+    """``crops`` read from a file, as a mode, scale and margin the crops take (the margin a float);
+    None where it is not one."""
+    if not isinstance(crops, dict) or crops.keys() != {"mode", "scale", "margin"}:
+        return None
+    margin = crops["margin"]
+    if (crops["mode"] not in CROP_MODES or crops["scale"] not in CROP_SCALES or isinstance(margin, bool)
+            or not isinstance(margin, int | float) or not 0 <= margin <= MAX_MARGIN):
+        return None
+    return {"mode": crops["mode"], "scale": crops["scale"], "margin": float(margin)}
 
 
 def bounding_boxes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

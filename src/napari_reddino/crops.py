@@ -33,29 +33,26 @@ import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Literal
 
 import numpy as np
 import torch
 from torchvision.ops import roi_align
 
 from .crop_windows import (  # noqa: F401  (re-exported: the crop settings are part of this module's API)
+    CROP_MODES,
     CROP_SCALES,
+    DEFAULT_CROP_MODE,
     DEFAULT_CROP_SCALE,
     DEFAULT_MARGIN,
     CellWindows,
     CropInputError,
+    CropMode,
     CropScale,
     cell_windows,
     check_crop_settings,
 )
 from .image_input import check_labels, check_smear, colour_planes, is_positive, subsample
 
-CropMode = Literal["context", "masked"]
-CROP_MODES: tuple[CropMode, ...] = ("context", "masked")
-# Masked crops classified Chula cells better than context crops for every model that runs here
-# (linear probe and kNN, split by image; benchmarks/RESULTS.md, "Crop mode").
-DEFAULT_CROP_MODE: CropMode = "masked"
 _BACKGROUND_SAMPLES = 250_000  # gave the same medians as a million on Chula mosaics, 4x sooner
 # An earlier run's background colour is kept while the smear's own lies this close to it (a share
 # of black to white: 2.5 levels of 8 bits). A brush stroke changes which pixels are unlabelled and

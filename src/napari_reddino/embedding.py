@@ -4,7 +4,9 @@
 :func:`load_embedder` loads a model once per (model, device, dtype) and returns an
 :class:`Embedder`. ``Embedder.embed(image, labels)`` cuts one crop per cell (see
 :mod:`napari_reddino.crops`), runs the model in batches and returns the label ids in
-ascending order with their embeddings: for RedDino the class token after the final norm.
+ascending order with their embeddings: for RedDino the class token after the final norm. A
+model exported by ``reddino-train`` records how the cells it trained on were cut, and its cells
+are cut so unless asked otherwise (``Embedder.crops``); other models get the plugin's defaults.
 
 While the model runs on one batch, a worker thread cuts the next, so the model never waits
 for crops; on a GPU, a batch's embeddings come back to the CPU while the next batch runs (in
@@ -40,12 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .crop_windows import CropMode, CropScale, chosen_crops
 from .crops import (
-    DEFAULT_CROP_MODE,
-    DEFAULT_CROP_SCALE,
-    DEFAULT_MARGIN,
-    CropMode,
-    CropScale,
     crop_checks,
     cuda_free_bytes,
     prepare_crops,
@@ -168,6 +166,7 @@ class Embedder:
         self.model_id = loaded.model_id
         self.input_size = loaded.input_size
         self.mean, self.std = loaded.mean, loaded.std
+        self.trained_crops = loaded.crops  # how its training cells were cut, where its config records it
         self.device, self.dtype = device, dtype
         self.model = loaded.module.to(device)
         self.dim = int(self.model.num_features)
@@ -182,6 +181,12 @@ class Embedder:
         )
 
     @property
+    def crops(self) -> dict:
+        """The crop mode, scale and margin :meth:`embed` cuts cells with when given none: those
+        the model's training cells were cut with (``trained_crops``), else the plugin's defaults."""
+        return chosen_crops(trained=self.trained_crops)
+
+    @property
     def compiled(self) -> bool:
         return self.network is not self.model
 
@@ -190,15 +195,18 @@ class Embedder:
         image,
         labels,
         *,
-        mode: CropMode = DEFAULT_CROP_MODE,
-        margin: float = DEFAULT_MARGIN,
-        scale: CropScale = DEFAULT_CROP_SCALE,
+        mode: CropMode | None = None,
+        margin: float | None = None,
+        scale: CropScale | None = None,
         ids=None,
         batch_size: int | None = None,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(label_ids, embeddings)``: int64 ids ascending, float32 (n_cells, dim) in the same order.
+
+        ``mode``, ``margin`` and ``scale`` left out are taken from :attr:`crops`: as the model's
+        training cells were cut, where its config says, else the plugin's defaults.
 
         ``ids`` embeds only those cells; their crops are the same as when every cell is embedded
         (windows sized, neighbours blanked and padding coloured from all of ``labels``).
@@ -220,9 +228,9 @@ class Embedder:
         image,
         labels,
         *,
-        mode: CropMode = DEFAULT_CROP_MODE,
-        margin: float = DEFAULT_MARGIN,
-        scale: CropScale = DEFAULT_CROP_SCALE,
+        mode: CropMode | None = None,
+        margin: float | None = None,
+        scale: CropScale | None = None,
         ids=None,
         batch_size: int | None = None,
         reuse: EmbeddedCells | None = None,
@@ -240,7 +248,8 @@ class Embedder:
         if reuse is not None and (not same_model(reuse.model_id, self.model_id) or reuse.checks is None
                                   or reuse.embeddings.shape[1:] != (self.dim,)):  # vectors dropped, or another model
             reuse = None
-        windows, sampler = prepare_crops(image, labels, size=self.input_size, mode=mode, margin=margin, scale=scale,
+        crops = chosen_crops(mode, scale, margin, trained=self.trained_crops)
+        windows, sampler = prepare_crops(image, labels, size=self.input_size, **crops,
                                          device=self.device, mean=self.mean, std=self.std,
                                          earlier_background=reuse.background if reuse is not None else None)
         if ids is not None:
@@ -485,7 +494,8 @@ def load_embedder(
                 _EMBEDDERS.move_to_end(key)
         if found is not None:
             return found
-        loaded = (LoadedModel(twin.model_id, twin.model, twin.input_size, twin.mean, twin.std) if twin else
+        loaded = (LoadedModel(twin.model_id, twin.model, twin.input_size, twin.mean, twin.std, twin.trained_crops)
+                  if twin else
                   load_model(model, architecture=architecture, download_progress=download_progress))
         if key[1] is None:  # a Hub model downloaded just now: known by its commit from now on
             key = (key[0], model_version(model), *key[2:])

@@ -10,6 +10,9 @@ they are there. Only when they are missing does loading go online, after a one-s
 that the Hub (or the proxy) answers at all: huggingface_hub itself retries an unreachable
 host for about 20 seconds before it gives up, which reads as a frozen plugin.
 
+A folder's ``config.json`` may also record how the cells the model trained on were cropped
+(:data:`CROPS_KEY`, written by ``reddino-train export``); :func:`trained_crops` reads it alone.
+
 Weights are read only with safetensors or ``torch.load(weights_only=True)`` and loaded
 strictly, so a wrong or damaged file fails with the file's name and what did not fit.
 """
@@ -37,6 +40,7 @@ import torch
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from timm.models import PretrainedCfg
 
+from .crop_windows import CROP_MODES, CROP_SCALES, MAX_MARGIN, valid_crops
 from .model_ids import digested_id
 from .wording import counted
 
@@ -63,6 +67,9 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 HUB_PREFIXES = ("hf_hub:", "hf-hub:")
 LOCAL_PREFIX = "local-dir:"
 CONFIG_FILE = "config.json"
+# config.json's record of how the cells a model trained on were cropped (mode, scale, margin), as
+# reddino-train export writes it: embedding cells cut otherwise than it learnt from costs accuracy
+CROPS_KEY = "reddino_crops"
 # In the order they are preferred; pickled weights are read with torch.load(weights_only=True).
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
@@ -98,6 +105,7 @@ class ModelFiles:
     architecture: str
     model_args: dict = field(default_factory=dict)
     pretrained_cfg: dict | None = None
+    crops: dict | None = None  # the crop settings its training cells were cut with, where recorded
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,7 @@ class LoadedModel:
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crops: dict | None = None  # as ModelFiles.crops
 
 
 def describe_names() -> str:
@@ -255,6 +264,7 @@ def load_model(
         input_size=_built_input_size(module, tuple(data["input_size"][1:])),
         mean=tuple(float(v) for v in data["mean"]),
         std=tuple(float(v) for v in data["std"]),
+        crops=files.crops,
     )
 
 
@@ -390,13 +400,31 @@ def _folder_files(folder: Path, name: str | None = None) -> ModelFiles:
             f"{folder} is not a model folder: it needs {CONFIG_FILE} and one of {', '.join(WEIGHT_FILES)} "
             "(timm.models.save_for_hf writes this layout)."
         )
-    architecture, model_args, pretrained_cfg = _read_config(config_path)
+    architecture, model_args, pretrained_cfg, crops = _read_config(config_path)
     return ModelFiles(_weights_id(name or folder.resolve().name, weights), weights, architecture, model_args,
-                      pretrained_cfg)
+                      pretrained_cfg, crops)
 
 
-def _read_config(path: Path) -> tuple[str, dict, dict]:
-    """(architecture, model_args, pretrained_cfg) from a timm Hub config, current or legacy layout."""
+def trained_crops(model: str | os.PathLike) -> dict | None:
+    """The crop settings (mode, scale, margin) that ``model``'s config.json records its training
+    cells were cut with, read without its weights and without going online: None for a model that
+    records none (RedDino's own, a bare weights file) and for a Hub model not downloaded yet.
+    A config that cannot be read raises :class:`CheckpointError`."""
+    if hub := hub_id(model):
+        repo_id, _, revision = hub.partition("@")
+        try:
+            config = _cached(repo_id, CONFIG_FILE, revision or None, HubSettings.from_environment())
+        except ValueError:  # a name the Hub refuses; loading it says so
+            return None
+    else:
+        path = local_path(model)
+        config = (_cached_snapshot(path) or path) / CONFIG_FILE if path.is_dir() else None
+    return _read_config(config)[3] if config is not None and config.is_file() else None
+
+
+def _read_config(path: Path) -> tuple[str, dict, dict, dict | None]:
+    """(architecture, model_args, pretrained_cfg, crops) from a timm Hub config, current or legacy
+    layout; ``crops`` as :func:`trained_crops` gives them."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
         if "pretrained_cfg" in config:
@@ -414,7 +442,20 @@ def _read_config(path: Path) -> tuple[str, dict, dict]:
     known_fields = PretrainedCfg.__dataclass_fields__
     pretrained_cfg = {key: value for key, value in pretrained_cfg.items() if key in known_fields}
     pretrained_cfg["architecture"] = architecture
-    return architecture, dict(config.get("model_args", {})), pretrained_cfg
+    return architecture, dict(config.get("model_args", {})), pretrained_cfg, _recorded_crops(config, path)
+
+
+def _recorded_crops(config: dict, path: Path) -> dict | None:
+    """The crop settings under :data:`CROPS_KEY`, or None; a record that is not one is refused
+    rather than passed over, which would cut the cells otherwise than the model learnt, unseen."""
+    if (crops := config.get(CROPS_KEY)) is None:
+        return None
+    if (valid := valid_crops(crops)) is None:
+        raise CheckpointError(
+            f"{path} records the model's training crops as {CROPS_KEY}={json.dumps(crops)}, which is not a crop "
+            f"mode ({' or '.join(CROP_MODES)}), scale ({' or '.join(CROP_SCALES)}) and margin (0 to {MAX_MARGIN:g}); "
+            f"mend it, or remove {CROPS_KEY} to cut cells as the plugin does by default.")
+    return valid
 
 
 def _single_file(path: Path, architecture: str | None) -> ModelFiles:

@@ -100,6 +100,10 @@ def _say(message: str, file=None) -> None:
 
 
 def _export_command(args: argparse.Namespace) -> int:
+    from napari_reddino.cell_embeddings import crops_in_words
+    from napari_reddino.crop_windows import chosen_crops
+    from napari_reddino.models import trained_crops
+
     from .export import PushError, export_teacher, push_to_hub
 
     if args.private and not args.push_to_hub:
@@ -117,6 +121,12 @@ def _export_command(args: argparse.Namespace) -> int:
         return 2
     print(f"reddino-train export: wrote {folder}; use it in napari (Embed cells > Browse…), with "
           f"reddino-analyse --model {folder}, or in Python as load_embedder({str(folder)!r})")
+    crops = trained_crops(folder)
+    print(f"reddino-train export: it trained on {crops_in_words(crops)} (reddino-train prepare), and cells are cut so "
+          "for it unless told otherwise" if crops else
+          "reddino-train export: it records no crop settings (its training images were not all cut alike by "
+          "reddino-train prepare --mode cells, or the run is older than the record), so cells are cut for it as for "
+          f"RedDino: {crops_in_words(chosen_crops())}")
     if args.push_to_hub:
         try:
             url = push_to_hub(folder, args.push_to_hub, private=args.private)
@@ -266,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CROP_SCALE_HELP = ("cell: each window sized to its cell; smear: one window size for the whole smear "
                     "(that of a cell 1.25x the median), so a crop shows its cell's size")
+_TRAINED_CROPS = "as MODEL's training cells were cut, where its config records it (reddino-train export), else the plugin's"
 
 
 def _add_prepare_parser(commands) -> None:
@@ -287,8 +298,9 @@ def _add_prepare_parser(commands) -> None:
     prepare.add_argument("--margin", type=float, default=0.25,
                          help="context around a cell, a fraction of its box's longer side (default 0.25, as the plugin)")
     prepare.add_argument("--crop-mode", choices=("context", "masked"), default="context",
-                         help="masked: other cells' pixels set to the background colour (default context; the "
-                              "plugin's default is masked crops at smear scale: pass both to train on what it embeds)")
+                         help="masked: other cells' pixels set to the background colour (default context). A model "
+                              "trained on DIR and exported records the crop mode, scale and margin, and the plugin, "
+                              "reddino-analyse and eval cut cells so for it")
     prepare.add_argument("--crop-scale", choices=("cell", "smear"), default="cell",
                          help=f"{_CROP_SCALE_HELP} (default cell)")
     prepare.add_argument("--pixel-size-um", type=float, metavar="UM",
@@ -335,10 +347,11 @@ def _add_eval_parser(commands) -> None:
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="cells per forward pass (default: automatic)")
     evaluate.add_argument("--crop-mode", choices=("context", "masked"),
                           help="cells with their neighbours blanked (masked) or with their surroundings (context); "
-                          "default: the plugin's (masked)")
+                          f"default: {_TRAINED_CROPS} (masked)")
     evaluate.add_argument("--crop-scale", choices=("cell", "smear"),
-                          help=f"{_CROP_SCALE_HELP}; default: the plugin's")
-    evaluate.add_argument("--margin", type=float, metavar="F", help="context around a cell's box (default: the plugin's)")
+                          help=f"{_CROP_SCALE_HELP}; default: {_TRAINED_CROPS}")
+    evaluate.add_argument("--margin", type=float, metavar="F",
+                          help=f"context around a cell's box (default: {_TRAINED_CROPS})")
     evaluate.set_defaults(handler=_eval_command)
 
 

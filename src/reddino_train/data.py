@@ -109,6 +109,15 @@ class PackedPaths(Sequence[Path]):
     def __len__(self) -> int:
         return len(self._ends)
 
+    def folders(self) -> set[str]:
+        """The folders the files lie in, read from the packed bytes: a Path made for each of 1.25
+        million files would take 6 s, on the rank the others wait for."""
+        names, separator, folders, start = self._names, os.fsencode(os.sep), set(), 0
+        for end in self._ends.tolist():
+            folders.add(names[start:max(names.rfind(separator, start, end), start)])
+            start = end
+        return {os.fsdecode(folder) for folder in folders}
+
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[each] for each in range(*index.indices(len(self)))]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_reddino.crop_windows import MAX_MARGIN
+from napari_reddino.cell_embeddings import crops_in_words
+from napari_reddino.crop_windows import MAX_MARGIN, chosen_crops
 from napari_reddino.segmentation import pixel_size_refusal
 from napari_reddino.wording import counted
 
@@ -86,11 +87,12 @@ class EvalRequest:
 
     @property
     def crops(self) -> dict:
-        """Crop mode, scale and margin, the plugin's defaults filled in."""
-        from napari_reddino.crops import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN
+        """Crop mode, scale and margin: as given, else as the model's training cells were cut
+        (where its config records it, as ``reddino-train export`` writes), else the plugin's defaults."""
+        from napari_reddino.models import trained_crops  # torch: only once a model is asked about
 
-        return {"mode": self.crop_mode or DEFAULT_CROP_MODE, "scale": self.crop_scale or DEFAULT_CROP_SCALE,
-                "margin": DEFAULT_MARGIN if self.margin is None else self.margin}
+        trained = None if self.architecture else trained_crops(self.model)  # a bare weights file records none
+        return chosen_crops(self.crop_mode, self.crop_scale, self.margin, trained=trained)
 
 
 @dataclass
@@ -130,7 +132,7 @@ class EvalReport:
         if self.summary is not None and self.format == "points":
             summary = self.summary
             lines.append(f"{summary.images} smears; {summary.matched} of {summary.points} point labels "
-                         "matched to a segmented cell")
+                         f"matched to a segmented cell; {crops_in_words(self.request.crops)}")
         if self.summary is not None and self.summary.skipped:
             lines.append(f"skipped {counted(len(self.summary.skipped), 'file')}: "
                          + "; ".join(f"{path} ({reason})" for path, reason in self.summary.skipped))
@@ -186,7 +188,11 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
 def _feature_sets(request: EvalRequest, data_format: Format) -> tuple[dict[str, FeatureSet], DataSummary | None,
                                                                        list[str]]:
     """Every requested feature set, from the cache where it is there, the rest in one pass."""
+    from napari_reddino.models import model_version
+
     keys = _cache_keys(request, data_format) if request.json_out is not None else {}
+    # a Hub model downloaded by this run is known by its commit, and tells how its cells are cut, only then
+    downloading = model_version(request.model) is None
     sets: dict[str, FeatureSet] = {}
     for name, key in keys.items():
         if (loaded := FeatureSet.load(_cache_path(request.json_out, name), key)) is not None:
@@ -206,6 +212,8 @@ def _feature_sets(request: EvalRequest, data_format: Format) -> tuple[dict[str, 
                 request.data, extractors, max_per_class=request.max_per_class, seed=request.seed,
                 progress=request.progress,
             )
+        if keys and downloading:  # (a model changed meanwhile keeps the keys of what was read)
+            keys = _cache_keys(request, data_format)
         for name, features in computed.items():
             sets[name] = features = replace(features, summary=summary)
             if name in keys:
@@ -224,7 +232,7 @@ def _extractors(request: EvalRequest, names: Sequence[str]) -> dict:
         # numbers (and its feature cache) must not depend on which CPU ran it
         embedder = load_embedder(request.model, device=request.device, dtype="float32",
                                  architecture=request.architecture)
-    crops = request.crops
+    crops = request.crops  # after the load: a Hub model downloaded now tells how its training cells were cut only now
     builders = {
         "cls": lambda: EmbeddingFeatures(embedder, request.batch_size, **crops),
         "random-init": lambda: EmbeddingFeatures(random_init(embedder, request.seed), request.batch_size, **crops),

@@ -1,6 +1,8 @@
 """Export a run's teacher backbone for the plugin: timm's ``save_for_hf`` layout
 (config.json + model.safetensors), loadable with ``timm.create_model("local-dir:DIR",
-pretrained=True)`` or from the Hub after a push."""
+pretrained=True)`` or from the Hub after a push. Where the run trained on the cell crops of
+``reddino-train prepare``, config.json also records how they were cut
+(:data:`napari_reddino.models.CROPS_KEY`), and the plugin cuts cells alike for the model."""
 
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from huggingface_hub.errors import (
 from timm.models import save_for_hf
 
 from napari_reddino.atomic_files import UMASK
+from napari_reddino.crop_windows import valid_crops
+from napari_reddino.models import CROPS_KEY
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .checkpoint import CHECKPOINT_NAME, KEPT_FOLDER, kept_checkpoints, read_checkpoint
+from .checkpoint import CHECKPOINT_NAME, KEPT_FOLDER, CheckpointError, kept_checkpoints, read_checkpoint
 from .config import config_from_dict
 from .model import vit_architecture_args
 
@@ -62,6 +66,10 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
         f"export another checkpoint the run kept, such as the newest, {kept[-1]}, or restore a backup." if kept else
         "restore a backup."))
     cfg = config_from_dict(state["config"], source=str(checkpoint_path))
+    crops = state.get("crops")  # checkpoints before it was recorded: none
+    if crops is not None and (crops := valid_crops(crops)) is None:  # else a model that no tool would load
+        raise CheckpointError(f"{checkpoint_path} records the crops of its training cells as {state['crops']!r}, which "
+                              "is not a crop mode, scale and margin (edited?); nothing was exported")
     vit = timm.create_model(cfg.model.arch, **vit_architecture_args(cfg.model, cfg.crops.global_size))
     vit.load_state_dict({
         name.removeprefix(TEACHER_BACKBONE_PREFIX): tensor
@@ -76,7 +84,8 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
             vit.eval(),
             staging,
             safe_serialization=True,
-            model_config={"pretrained_cfg": {"tag": EXPORT_TAG}},
+            # how prepare cut the training cells, for the plugin to cut cells alike (runs on other images: none)
+            model_config={"pretrained_cfg": {"tag": EXPORT_TAG}, **({CROPS_KEY: crops} if crops else {})},
             data_config={"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 1.0},
         )
         _without_licence(staging / "config.json")

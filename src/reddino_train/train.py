@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from napari_reddino.atomic_files import PartlyWrittenError
+from napari_reddino.cell_embeddings import crops_in_words
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -44,6 +45,7 @@ from .config import (
     save_config,
     settings_until,
 )
+from .crop_record import training_crops
 from .data import EmptyDatasetError, ImageFolder, ResumableSampler, collate_crops
 from .distributed import (
     all_gather_objects,
@@ -153,6 +155,8 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         self.dataset = data if isinstance(data, ImageFolder) else _images_on_every_rank(
             data, make_multicrop(cfg.crops))
+        # how prepare cut the images, which the checkpoints (rank 0's) carry to the exported model
+        self.trained_crops = training_crops(self.dataset.paths.folders()) if self.rank == 0 else None
         # rank 0's answer: another node's NFS client may not see a checkpoint just written yet
         resuming = all_gather_objects((out / CHECKPOINT_NAME).exists() if self.rank == 0 else None)[0]
         state = _checkpoint_from_rank0(out / CHECKPOINT_NAME, cfg) if resuming else None
@@ -406,6 +410,7 @@ class Trainer:
             "loss_scale": self.scaler.state_dict(),
             "rng": rng_states,
             "images": self.dataset.listing,
+            "crops": self.trained_crops,
         }, config=settings)
         self._settings_pending = False
 
@@ -430,6 +435,7 @@ class Trainer:
             if sampler["world_size"] != self.world_size and was != self.world_size * self.cfg.train.batch_size_per_gpu:
                 warnings.warn(self._other_world_size(sampler["world_size"], was), ResumeSettingsWarning, stacklevel=2)
             images = self.dataset.listing
+            self._keep_crops_record(state, same_images=state.get("images", images) == images)
             if state.get("images", images) != images:  # checkpoints before it was recorded: not checked
                 warnings.warn(
                     f"resuming {self.out} on other images than it trained on ({state['images']} then, {images} now): "
@@ -449,6 +455,23 @@ class Trainer:
                     + (f"; at this step the schedules jump: {', '.join(jumps)}" if jumps else ""),
                     ResumeSettingsWarning, stacklevel=2,
                 )
+
+    def _keep_crops_record(self, state: dict[str, Any], same_images: bool) -> None:
+        """Rank 0, resuming: the record of how the training cells were cut holds on for the same
+        images copied without prepare's files (to a node's scratch disk, say), then or now; images
+        cut otherwise than until now record none, as a run on images cut several ways does."""
+        was = state.get("crops", self.trained_crops)  # checkpoints before the record: the images' own
+        if was == self.trained_crops:
+            return
+        if same_images and None in (was, self.trained_crops):  # prepare's files were out of sight then or now
+            self.trained_crops = was or self.trained_crops
+            return
+        ways = [crops_in_words(crops) if crops else "not by reddino-train prepare --mode cells"
+                for crops in (was, self.trained_crops)]
+        warnings.warn(f"resuming {self.out} on images cut otherwise than until step {self.iteration} ({ways[0]} "
+                      f"then, {ways[1]} now): the model records no crop settings, so the plugin cuts cells for it "
+                      "with its defaults", ResumeSettingsWarning, stacklevel=2)
+        self.trained_crops = None
 
     def _other_world_size(self, saved: int, was: int) -> str:
         """What resuming on another number of processes, and so with another global batch (``was``

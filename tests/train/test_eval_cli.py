@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.torch
+from _model_fixtures import hub_cache, record_crops, serving_hub  # noqa: F401  (fixtures)
 from PIL import Image
 from skimage.draw import ellipse
 from skimage.io import imread
@@ -140,6 +141,27 @@ def test_cached_features_are_used_only_for_the_same_model_and_the_same_files(mod
     assert not cached(other)
 
 
+def test_a_hub_model_downloaded_by_eval_cuts_cells_as_its_record_says_and_caches_them_so(
+        model, tmp_path, capsys, serving_hub):
+    crops = {"mode": "context", "scale": "cell", "margin": 0.5}
+    serving_hub("lab/trained", record_crops(shutil.copytree(model, tmp_path / "trained"), crops))
+    args = ["eval", "hf_hub:lab/trained", "--data", str(CHULA), "--limit-images", "1", "--split", "5-fold", "--json",
+            str(tmp_path / "e.json")]
+    assert main(args) == 0  # its config is read only once downloaded
+    assert json.loads((tmp_path / "e.json").read_text())["crops"] == crops
+    image = imread(CHULA / "1.jpg")
+    labels = segment_cells(image)
+    ids = cells_at_points(labels, read_point_labels(CHULA / "1.txt")[0])
+    ids = ids[ids > 0]
+    all_ids, expected = load_embedder(str(tmp_path / "trained"), device="cpu", dtype="float32").embed(image, labels)
+    inside = windows_inside_image(labels, ids, scale="cell", margin=0.5)
+    features = np.load(tmp_path / "e.cls.npz")["features"][: len(ids)]
+    np.testing.assert_allclose(features[inside], expected[np.searchsorted(all_ids, ids)][inside], rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    assert main([*args, "--overwrite"]) == 0  # cached under the model's commit and its crops
+    assert "features from the cache: cls" in capsys.readouterr().out
+
+
 def windows_inside_image(labels, ids, **crops):
     """Whether each cell's window (the plugin's, with these crop settings) lies inside the smear."""
     windows = cell_windows(labels, **crops)
@@ -213,6 +235,16 @@ def test_eval_on_chula_points_split_by_image(model, tmp_path, capsys):
     inside = windows_inside_image(labels, ids, scale="cell")
     features = np.load(tmp_path / "context.cls.npz")["features"][: len(ids)]
     np.testing.assert_allclose(features[inside], by_cell[np.searchsorted(cell_ids, ids)][inside], rtol=1e-4, atol=1e-5)
+
+    # a model that records how its training cells were cut is evaluated on cells cut so: the
+    # features of the context crops at cell scale just computed
+    trained = record_crops(shutil.copytree(model, tmp_path / "trained"), {"mode": "context", "scale": "cell",
+                                                                         "margin": 0.25})
+    assert main(["eval", str(trained), "--data", str(CHULA), "--json", str(tmp_path / "trained.json")]) == 0
+    assert "matched to a segmented cell; context crops at cell scale, margin 0.25" in capsys.readouterr().out
+    assert json.loads((tmp_path / "trained.json").read_text())["crops"] == {"mode": "context", "scale": "cell",
+                                                                            "margin": 0.25}
+    np.testing.assert_array_equal(np.load(tmp_path / "trained.cls.npz")["features"][: len(ids)], features)
 
 
 @pytest.mark.parametrize("args, message", [

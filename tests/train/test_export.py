@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -9,6 +10,7 @@ import pytest
 import timm
 import torch
 
+from napari_reddino import load_embedder
 from reddino_train.checkpoint import CheckpointError
 from reddino_train.cli import main
 from reddino_train.config import load_config
@@ -17,6 +19,7 @@ from reddino_train.export import export_teacher
 from reddino_train.train import fit
 
 TINY = ["model.layerscale=1.0"]
+DATA = Path(__file__).parents[1] / "data"
 
 
 def test_export_loads_in_timm_with_the_teachers_features(smear_images, tmp_path):
@@ -28,6 +31,7 @@ def test_export_loads_in_timm_with_the_teachers_features(smear_images, tmp_path)
     assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
     assert config["pretrained_cfg"]["std"] == [0.229, 0.224, 0.225]
     assert "license" not in config["pretrained_cfg"]  # not timm's Apache-2.0: the weights' terms are the user's
+    assert "reddino_crops" not in config  # crops of the test's own, not cut by prepare
     assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert {path.stat().st_mode & 0o777 for path in folder.iterdir()} == {0o666 & ~UMASK}  # the lab can read it
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
@@ -51,7 +55,11 @@ def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsy
            "raise optim.epochs (every schedule then stretches to the new length: the learning rate jumps back up its " \
            "cosine, with no warm-up);" in capsys.readouterr().out
     assert main(["export", run, "--out", model]) == 0
-    assert f"use it in napari (Embed cells > Browse…), with reddino-analyse --model {model}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"use it in napari (Embed cells > Browse…), with reddino-analyse --model {model}" in said
+    assert ("it records no crop settings (its training images were not all cut alike by reddino-train prepare --mode "
+            "cells, or the run is older than the record), so cells are cut for it as for RedDino: masked crops at "
+            "smear scale, margin 0.25") in said
     weights = (tmp_path / "model" / "model.safetensors").read_bytes()
     assert main(["export", run, "--out", model]) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -81,6 +89,32 @@ def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsy
     torch.save(checkpoint, newer / "checkpoint.pt")
     assert main(["export", str(newer), "--out", str(tmp_path / "newer-model")]) == 2
     assert "unknown key model.future_option" in capsys.readouterr().err
+
+
+def test_a_run_on_prepared_cells_exports_how_they_were_cut_and_the_plugin_cuts_cells_so(tmp_path, capsys):
+    smears, cells, run, model = (tmp_path / name for name in ("smears", "cells", "run", "model"))
+    smears.mkdir()
+    shutil.copy(DATA / "chula_rbc12" / "1.jpg", smears)
+    cut = ["--crop-mode", "masked", "--crop-scale", "smear", "--margin", "0.5"]
+    assert main(["prepare", str(smears), "--out", str(cells), "--size", "56", *cut]) == 0
+    assert main(["fit", "tiny", str(cells), "--out", str(run), *TINY, "--max-steps", "1"]) == 0
+    masked = {"mode": "masked", "scale": "smear", "margin": 0.5}
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["crops"] == masked
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(model)]) == 0
+    assert ("it trained on masked crops at smear scale, margin 0.5 (reddino-train prepare), and cells are cut so for "
+            "it unless told otherwise") in capsys.readouterr().out
+    assert json.loads((model / "config.json").read_text())["reddino_crops"] == masked
+    assert load_embedder(model, device="cpu", dtype="float32").crops == masked
+    timm.create_model(f"local-dir:{model}", pretrained=True)  # timm passes the record over
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["crops"]["margin"] = "wide"  # edited: no export that no tool would load
+    torch.save(state, run / "checkpoint.pt")
+    assert main(["export", str(run), "--out", str(tmp_path / "edited")]) == 2
+    said = capsys.readouterr().err
+    assert "records the crops of its training cells as {" in said and "'margin': 'wide'" in said
+    assert "which is not a crop mode, scale and margin (edited?); nothing was exported" in said
+    assert not (tmp_path / "edited").exists()
 
 
 def test_a_failed_push_to_the_hub_says_why_and_keeps_the_export(smear_images, tmp_path, capsys, monkeypatch):

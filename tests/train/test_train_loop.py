@@ -702,7 +702,7 @@ def test_a_resume_needs_no_pretrained_weights_file_any_more(smear_images, tmp_pa
     assert fit(cfg, smear_images, tmp_path / "run", max_steps=2).iterations_done == 2
 
 
-def test_a_second_ctrl_c_stops_a_step_that_hangs_and_a_second_sigterm_does_not(capfd):
+def test_a_second_ctrl_c_stops_a_step_that_hangs_and_a_second_sigterm_does_not(capfd, terminal_ctrl_c):
     with _stop_requests() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.wait(5)  # a checkpoint after the step

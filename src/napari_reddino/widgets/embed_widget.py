@@ -16,7 +16,8 @@ adds the cells layer exactly as that widget does, then embeds its cells. "Every 
 does this for each image layer in turn (its own cells layer, else segmented first) and sums
 up at the end; a cancel or a model that does not load stops the rest. The model is loaded
 (cached per model, device and dtype) and the cells embedded in one worker; a model that
-cannot be loaded is reported and changes nothing.
+cannot be loaded is reported and changes nothing. Choosing a model whose config records how
+its training cells were cut (``reddino-train export`` writes it) sets the crop settings to those.
 """
 
 import threading
@@ -38,6 +39,7 @@ from ..cell_embeddings import (
     EmbeddedCells,
     changed_embeddings,
     crop_settings,
+    crops_in_words,
     earlier_run,
     embeddings_of,
     fingerprint,
@@ -47,12 +49,21 @@ from ..cell_embeddings import (
     stored_fingerprint,
 )
 from ..cell_table import class_names, clear_predictions
-from ..crops import CROP_MODES, CROP_SCALES, DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN
+from ..crop_windows import (
+    CROP_MODES,
+    CROP_SCALES,
+    DEFAULT_CROP_MODE,
+    DEFAULT_CROP_SCALE,
+    DEFAULT_MARGIN,
+    MAX_MARGIN,
+    chosen_crops,
+    valid_crops,
+)
 from ..embedding import DeviceError, Downloaded, Embedder, iter_load_embedder, list_devices
 from ..image_input import ImageInputError
 from ..measurements import MEASUREMENT_COLUMNS, measure_cells
 from ..model_ids import readable_ids
-from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError
+from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError, cached_hub_revision, hub_id, trained_crops
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, smear_pixels
 from .segment_widget import (
@@ -80,7 +91,6 @@ class _EmbedJob:
 
     cells: Labels
     model: str
-    crops: dict  # mode, scale and margin, as Embedder.embed takes them
     image_hash: str  # the image_digest of the pixels embedded
     segmented: bool = False  # the cells layer was made by this run ("segment first")
     image: Image | None = None  # the smear's layer
@@ -107,18 +117,20 @@ class _LoadFailure:
 
 
 @job_worker
-def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, crops: dict,
+def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndarray, crops: dict | None,
                     measured: bool, pixel_size_um: float | None, digests: tuple[str, str],
                     reuse: EmbeddedCells | None, stop_download: threading.Event):
     """Yields :class:`Downloaded` while the model downloads (None while it loads: Cancel is
     looked at between two yields; ``stop_download``, which Cancel sets, stops a download), the
     loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(run, table, fingerprint,
-    embedded)``: the
+    embedded, crops)``: the
     :class:`EmbeddedCells` (cells whose crop is as in ``reuse`` keep its embedding), ``table``
     the cells' measurements unless the layer's table was ``measured`` on these very labels and pixels (else
     they were made by another tool, or painted since), then None; ``fingerprint`` of the image
     and labels with the model as loaded (a Hub model downloaded now is known by its commit only
-    from now on); ``embedded``, the :func:`labels_digest` of the labels embedded.
+    from now on); ``embedded``, the :func:`labels_digest` of the labels embedded; ``crops``, those
+    the cells were cut with: as given, or None for the loaded model's :attr:`Embedder.crops` (a Hub
+    model downloaded now tells how its training cells were cut only now).
 
     ``labels`` are the layer's own: copied first thing, here rather than on the GUI thread (2.3 s
     for 133 Mpx), so that painting during the run does not change what is embedded. A stroke
@@ -138,11 +150,12 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
                             "Hugging Face Hub, or use Browse… for a model folder (config.json + model.safetensors).")
     except (ModelLoadError, DeviceError) as error:  # said to the user plainly, without a traceback
         return _LoadFailure(str(error))
+    crops = embedder.crops if crops is None else crops
     loaded = fingerprint(image_hash, digest, model, **crops)
     yield embedder
     run = yield from embedder.embed_steps(pixels, labels, **crops, reuse=reuse)
     table = None if measured else measure_cells(labels, pixels, pixel_size_um=pixel_size_um)
-    return run, table, loaded, digest
+    return run, table, loaded, digest, crops
 
 
 def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -226,6 +239,13 @@ class EmbedCellsWidget(JobWidget):
         self.model.native.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
         self.model.native.editTextChanged.connect(self._show_whole_model_name)
         self._show_whole_model_name(self.model_name)
+        self._crops_of_model: dict | None = None  # the chosen model's record of its training crops
+        self._exact_margin: tuple[float, float] | None = None  # a margin put in the panel, and as its box shows it
+        self._crops_chosen, self._showing = False, False  # the crops shown were chosen (by hand, or for a stored run)
+        self._model_read, self._crops_said = self.model_name, ""  # the model whose record was read; what was said of it
+        for chosen in (self.model.native.textActivated, self.model.native.currentIndexChanged,
+                       self.model.native.lineEdit().editingFinished):  # not each keystroke of a path typed
+            chosen.connect(self._model_chosen)
         self._browse_button = PushButton(text="Browse…", tooltip="Choose a local model folder")
         self.device = ComboBox(label="Device", choices=["auto", *(option.name for option in list_devices())])
         self._describe_devices()
@@ -240,13 +260,15 @@ class EmbedCellsWidget(JobWidget):
             "larger cells get a larger crop.",
         )
         self.margin = FloatSpinBox(
-            label="Margin", value=DEFAULT_MARGIN, min=0, max=2, step=0.05,
+            label="Margin", value=DEFAULT_MARGIN, min=0, max=MAX_MARGIN, step=0.05,
             tooltip="Room around each cell in its crop, as a share of the cell's size on each side.",
         )
         model_row = Container(widgets=[self.model, self._browse_button], layout="horizontal", labels=False)
         model_row.label = "Model"
         model_row.margins = (0, 0, 0, 0)
         crop_settings = [self.crop_mode, self.crop_scale, self.margin]
+        for setting in crop_settings:
+            setting.changed.connect(self._crops_changed)
         self.every_smear = CheckBox(
             text="Every open smear", value=False,
             tooltip="Embed each image layer in turn: its own cells layer, or segmented first when it has none.",
@@ -269,6 +291,7 @@ class EmbedCellsWidget(JobWidget):
     @model_name.setter
     def model_name(self, name: str) -> None:
         self.model.native.setEditText(str(name))
+        self._model_chosen()
 
     def _show_whole_model_name(self, text: str) -> None:
         """The box is narrower than a model folder's path: its tooltip holds the whole of it."""
@@ -291,6 +314,7 @@ class EmbedCellsWidget(JobWidget):
         if not self.model_name:
             self._refuse("Choose a model: reddino-small, -base, -large, hf_hub:org/name or a local folder.")
             return
+        self._model_chosen(at_run=True)  # a model exported again, or its config downloaded since, may record others
         self._freeze_settings(True)  # a smear segmented first is embedded with the settings of now
         if self.every_smear.value:
             images = self._image_layers()
@@ -319,11 +343,64 @@ class EmbedCellsWidget(JobWidget):
         the defaults would embed every cell again, and clear the head's predictions."""
         record = cells.metadata.get(METADATA_KEY) if isinstance(cells, Labels) else None
         crops = crop_settings(cells) if record else None
-        if (not crops or crops["mode"] not in CROP_MODES or crops["scale"] not in CROP_SCALES
-                or not self.margin.min <= crops["margin"] <= self.margin.max):  # the API takes wider margins
+        if not crops or valid_crops(crops) is None:
             return
         self.model_name = record.get("model") or self.model_name
-        self.crop_mode.value, self.crop_scale.value, self.margin.value = crops["mode"], crops["scale"], crops["margin"]
+        self._show_crops(crops, chosen=True)
+        if crops != self._crops_of_model:  # not the model's own, which its choice may have just said
+            self._say_of_crops("")
+
+    def _model_chosen(self, *_, at_run: bool = False) -> None:
+        """A model whose config records how its training cells were cut (``reddino-train
+        export``) sets the crop settings to those; choosing one that records none then brings back
+        the defaults, unless the crops were chosen meanwhile. ``at_run``: read the record again, and
+        take it unless the crops were chosen."""
+        name = self.model_name
+        if name == self._model_read and not at_run:
+            return
+        self._model_read = name
+        try:
+            trained = trained_crops(name) if name else None
+        except (ModelLoadError, OSError):  # Run says what is wrong with the model
+            trained = None
+        said = ""
+        if trained is not None and not (at_run and self._crops_chosen):
+            self._show_crops(trained)
+            said = f"{name!r} was trained on {crops_in_words(trained)}: its cells are cut so."
+        elif trained is None and self._crops_of_model is not None and not self._crops_chosen:
+            self._show_crops(chosen_crops())
+            said = f"{name!r} records no training crops: back to the default {crops_in_words(chosen_crops())}."
+        self._crops_of_model = trained
+        self._say_of_crops(said)
+
+    def _say_of_crops(self, said: str) -> None:
+        """Say what a model's choice did to the crops, in place of what an earlier choice said."""
+        if said or self.status.value == self._crops_said:
+            self.status.value = self._crops_said = said
+
+    def _shown_crops(self) -> dict:
+        """The crop settings as the panel shows them, as ``Embedder.embed`` takes them, with the
+        margin a model's record or a stored run put there while the box shows it still (it rounds
+        a margin of 0.125 to 0.13)."""
+        margin = float(self.margin.value)
+        if self._exact_margin is not None and self._exact_margin[1] == margin:
+            margin = self._exact_margin[0]
+        return {"mode": self.crop_mode.value, "scale": self.crop_scale.value, "margin": margin}
+
+    def _show_crops(self, crops: dict, *, chosen: bool = False) -> None:
+        """Put ``crops`` in the panel; ``chosen``: as someone chose them (a stored run's), which a
+        model's record read at Run does not replace."""
+        self._showing = True
+        try:
+            self.crop_mode.value, self.crop_scale.value, self.margin.value = crops["mode"], crops["scale"], crops["margin"]
+        finally:
+            self._showing = False
+        self._exact_margin = (float(crops["margin"]), float(self.margin.value))
+        self._crops_chosen = chosen
+
+    def _crops_changed(self, *_) -> None:
+        if not self._showing:
+            self._crops_chosen = True
 
     def _own_cells(self, image: Image) -> Labels | None:
         return own_cells(self._viewer.layers, image.name)
@@ -471,7 +548,7 @@ class EmbedCellsWidget(JobWidget):
             self._refuse(f"No cells in {cells.name!r} to embed.", notify=show_warning)
             return
         model = self.model_name
-        crops = {"mode": self.crop_mode.value, "scale": self.crop_scale.value, "margin": float(self.margin.value)}
+        crops = self._shown_crops()
         digest, image_hash = labels_digest(labels), image_digest(pixels)
         if not elsewhere and not of_image(cells, image, image_hash):
             why = "closed, and another opened under its name?" if source == image.name else "another smear"
@@ -500,11 +577,17 @@ class EmbedCellsWidget(JobWidget):
         if not measured and (why := unusable_pixel_size(pixel_size)):  # the cells are measured after embedding
             self._refuse(why)
             return
-        self._embed_job = _EmbedJob(cells, model, crops, image_hash, segmented, image)
+        self._embed_job = _EmbedJob(cells, model, image_hash, segmented, image)
         self.status.value = f"Loading {model}…"
         self._stop_download = threading.Event()
-        self._start(_load_and_embed, model, self.device.value, pixels, labels, crops, measured, pixel_size,
+        self._start(_load_and_embed, model, self.device.value, pixels, labels,
+                    None if self._record_unread(model) else crops, measured, pixel_size,
                     (image_hash, digest), earlier_run(cells), self._stop_download)
+
+    def _record_unread(self, model: str) -> bool:
+        """Whether ``model`` is a Hub model not downloaded yet, whose config (read once it is)
+        may record how its training cells were cut, and no one chose the crops the panel shows."""
+        return not self._crops_chosen and hub_id(model) is not None and cached_hub_revision(model) is None
 
     def _on_progress(self, item) -> None:
         if item is None:  # the model is still loading
@@ -588,7 +671,12 @@ class EmbedCellsWidget(JobWidget):
         self._embed(image, pixels, cells, segmented=True)
 
     def _store(self, job: _EmbedJob, embedder: Embedder, run: EmbeddedCells, table: pd.DataFrame | None,
-               loaded_fingerprint: str, embedded: str) -> None:
+               loaded_fingerprint: str, embedded: str, crops: dict) -> None:
+        cut = ""
+        if crops != self._shown_crops():  # a Hub model just downloaded records its training crops: shown from now on
+            self._show_crops(crops)
+            self._crops_of_model = crops
+            cut = f"; cut as it was trained: {crops_in_words(crops)}"
         if job.cells not in self._viewer.layers:
             self.status.value = f"{job.cells.name!r} was removed while its cells were embedded; nothing was stored."
             return
@@ -600,7 +688,7 @@ class EmbedCellsWidget(JobWidget):
         # Up to date only once all is stored: a failure on the way leaves a run that measures and stores again.
         # Changed: the embeddings are kept for the next run to reuse, but are never up to date, even
         # if an undo brings the labels back: that run must also measure the cells this one did not.
-        store_run(job.cells, run, model=job.model, device=embedder.device, crops=job.crops,
+        store_run(job.cells, run, model=job.model, device=embedder.device, crops=crops,
                   fingerprint="", labels_digest=embedded, image_hash=job.image_hash)
         unpredicted = clear_predictions(job.cells, unpredicted)
         if changed:
@@ -617,7 +705,7 @@ class EmbedCellsWidget(JobWidget):
             _tie_to_smear(job.cells, job.image, job.image_hash)
             if was and was != job.image.name:
                 tied = f"; {job.cells.name!r} belongs to {job.image.name!r} now, no longer to {was!r}"
-        store_run(job.cells, run, model=job.model, device=embedder.device, crops=job.crops,
+        store_run(job.cells, run, model=job.model, device=embedder.device, crops=crops,
                   fingerprint=loaded_fingerprint, labels_digest=embedded, image_hash=job.image_hash)
         seconds = time.perf_counter() - self._embed_started
         fresh = len(run.ids) - run.reused
@@ -634,6 +722,6 @@ class EmbedCellsWidget(JobWidget):
                         "(erased, merged, or their ids given to cells painted elsewhere)")
         self.status.value = (
             f"{counted(fresh, 'cell')} embedded in {seconds:.1f} s ({fresh / max(seconds, 1e-9):,.0f} cells/s) "
-            f"with {shown} on {embedder.device}{kept}{cleared}{tied}"
+            f"with {shown} on {embedder.device}{cut}{kept}{cleared}{tied}"
         )
         self.embedded.emit(job.cells)
