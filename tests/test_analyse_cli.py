@@ -211,6 +211,13 @@ def test_a_class_gallery_shows_each_class_s_whole_cells_at_random_the_labelled_a
     deep = class_gallery(image.astype(np.uint16) * 257, labels, table, ["spherocyte", "target cell"],
                          {"target cell": "#ff00ff"}, contrast_limits=(0, 65535))
     assert np.abs(deep.astype(int) - picture).max() <= 1
+    # Cells embedded at cell scale with a wider margin are shown in those windows, as the model saw them.
+    at_cell_scale = class_gallery(image, labels, table, ["spherocyte"], crops={"mode": "context", "scale": "cell",
+                                                                               "margin": 0.5})
+    windows = square_windows(table[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float), 0.5, "cell")
+    assert sorted(cell_of(t, whole[30:33], (255, 255, 255)) for t in row_thumbnails(at_cell_scale, 0)[:3]) == \
+        list(whole[30:33])
+    windows = square_windows(table[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float))
     # A manual label outranks the prediction, as the smear summary counts, and comes first in its
     # row; cells labelled by hand alone get a row too.
     table["manual_label"] = ""

@@ -130,7 +130,7 @@ def click_item(qtbot, grid, row: int, modifier=Qt.KeyboardModifier.NoModifier) -
 
 
 def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, qtbot, tiny_folder):  # noqa: F811
-    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1, crops=("masked", "cell", 0.5))
     dock, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
     compute_map(widget, qtbot)
     gallery = widget.gallery
@@ -140,10 +140,10 @@ def test_the_gallery_shows_the_selection_labels_it_and_leaves_cells_out(viewer, 
     assert GALLERY_NAME in viewer.window.dock_widgets
     assert gallery.points() == chosen.tolist()
     assert gallery.heading.text().startswith(f"{len(chosen)} selected cells.")
-    # Each thumbnail is its cell in the window the model's crop had (sized among the smear's cells).
+    # Each thumbnail is its cell in the window the model's crop had (here sized to the cell, with a wide margin).
     table = cells.features.set_index("label")
     bounds = table.loc[widget.pool.label_ids, ["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]]
-    windows = square_windows(bounds.to_numpy(float))
+    windows = square_windows(bounds.to_numpy(float), 0.5, "cell")
     smear = viewer.layers["1"]
     first = int(widget.pool.label_ids[chosen[0]])
     expected = cell_thumbnail(smear.data, cells.data, first, windows[chosen[0]], contrast_limits=smear.contrast_limits)

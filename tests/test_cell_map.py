@@ -21,6 +21,7 @@ from napari_reddino.cell_map import (
     rank_lut,
     value_colours,
 )
+from napari_reddino.cell_table import SOURCE_DIGEST
 
 
 def cells_layer(name: str, labels: np.ndarray, *, model_id="m", dim=4, embed=True):
@@ -114,6 +115,11 @@ def test_a_smear_with_two_cells_layers_in_the_pool_is_named_with_them(two_smears
     second.metadata["source_image"] = "b"
     pool = PooledCells.from_layers([first, second, again])
     assert pool.smears_mapped_twice() == {"a": ["a cells", "a cells [1]"]}
+    # two cameras' files of one name, told apart by their pixels: two smears, each mapped once
+    first.metadata[SOURCE_DIGEST], again.metadata[SOURCE_DIGEST] = "pixels of camera A", "pixels of camera B"
+    assert PooledCells.from_layers([first, second, again]).smears_mapped_twice() == {}
+    again.metadata[SOURCE_DIGEST] = "pixels of camera A"
+    assert PooledCells.from_layers([first, second, again]).smears_mapped_twice() == {"a": ["a cells", "a cells [1]"]}
 
 
 def test_two_layers_of_one_name_keep_their_own_cell_sizes(two_smears):
@@ -145,7 +151,10 @@ def test_pooling_refuses_layers_whose_cells_were_cropped_otherwise(two_smears):
     with pytest.raises(PoolingError, match="'a cells': masked crops at smear scale, margin 0.25; 'b cells': context "
                                            "crops at cell scale, margin 0.25"):
         PooledCells.from_layers(two_smears)
-    second.metadata[METADATA_KEY].update(crop_mode="masked", crop_scale="smear")
+    second.metadata[METADATA_KEY].update(crop_mode="masked", crop_scale="smear", margin=0.5)
+    with pytest.raises(PoolingError, match="'b cells': masked crops at smear scale, margin 0.5"):
+        PooledCells.from_layers(two_smears)
+    second.metadata[METADATA_KEY].update(margin=0.25)
     assert PooledCells.from_layers(two_smears).crops == {"mode": "masked", "scale": "smear", "margin": 0.25}
     del second.metadata[METADATA_KEY]["crop_mode"]  # not recorded: no objection
     assert PooledCells.from_layers(two_smears).crops == {"mode": "masked", "scale": "smear", "margin": 0.25}

@@ -49,14 +49,17 @@ def viewer(make_napari_viewer, umap_compiled):
     clear_embedder_cache()
 
 
-def embed(viewer, qtbot, model: Path, image_path: Path):
-    """Open a smear and run Embed cells with "segment first", as a user does; return the cells layer."""
+def embed(viewer, qtbot, model: Path, image_path: Path, crops: tuple | None = None):
+    """Open a smear and run Embed cells with "segment first", as a user does (with ``crops``, its
+    Crop, Scale and Margin set so); return the cells layer."""
     (image,) = viewer.open(image_path)
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Embed cells")
     widget.reset_choices()
     widget.image.value = image
     widget.reset_choices()
     widget.model_name, widget.device.value = str(model), "cpu"
+    if crops is not None:
+        widget.crop_mode.value, widget.crop_scale.value, widget.margin.value = crops
     with qtbot.waitSignal(widget.embedded, timeout=TIMEOUT_MS) as done:
         widget.run()
     return done.args[0]
@@ -330,8 +333,11 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert shot.ndim == 3 and shot[..., :3].std() > 5
     assert len(np.unique(shot[..., :3].reshape(-1, 3), axis=0)) > 10
 
-    # The head is saved, then applied in one call to a second smear; a head of another model is refused.
+    # The head is saved, with the colours the list has now, then applied in one call to a second
+    # smear; a head of another model is refused.
+    widget.class_list.set_colour("spherocyte", "#12ab34")
     widget.save_head(tmp_path / "head")
+    assert CellClassifier.load(tmp_path / "head").colours["spherocyte"] == "#12ab34"
     about = (tmp_path / "head.json").read_bytes()
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
     widget.save_head(tmp_path / "head.safetensors")  # both files exist: replaced only when confirmed

@@ -249,7 +249,7 @@ class SmearAnalysis:
         path = self.galleries.path(cells.metadata["source_image"])
         try:
             if save_class_gallery(path, image, labels, cells.features, self.head.classes, self.head.colours,
-                                  contrast_limits=black_and_white(colour_view(np.asarray(image)))):
+                                  contrast_limits=black_and_white(colour_view(np.asarray(image))), crops=self.crops()):
                 cells.metadata["gallery"] = str(path)
                 cells.metadata["gallery_identity"] = file_identity(path)
         except GalleryError as error:

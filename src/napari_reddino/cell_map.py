@@ -19,7 +19,7 @@ import pandas as pd
 from skimage.measure import points_in_poly
 
 from .cell_embeddings import crop_settings, crops_in_words, embeddings_of, repainted_since_embedded, stored_fingerprint
-from .cell_table import image_name
+from .cell_table import SOURCE_DIGEST, image_name
 from .model_ids import readable_ids, same_model
 
 LUT_SIZE = 2**16  # napari draws uint16 labels through a 65,536-colour lookup table on the GPU
@@ -109,11 +109,12 @@ class PooledCells:
 
     def smears_mapped_twice(self) -> dict[str, list[str]]:
         """The smears with more than one cells layer in the pool (segmented again beside the
-        labelled layer, say), each with its layers' names: their cells are counted twice."""
-        layers_of: dict[str, list[str]] = {}
+        labelled layer, say), each with its layers' names: their cells are counted twice. Layers
+        of two smears of one name (two cameras' "Image001") are told apart by their pixels' digest."""
+        layers_of: dict[tuple[str, str | None], list[str]] = {}
         for layer in self.layers:
-            layers_of.setdefault(image_name(layer), []).append(str(layer.name))
-        return {smear: names for smear, names in layers_of.items() if len(names) > 1}
+            layers_of.setdefault((image_name(layer), layer.metadata.get(SOURCE_DIGEST)), []).append(str(layer.name))
+        return {smear: names for (smear, _), names in layers_of.items() if len(names) > 1}
 
     def span(self, position: int) -> slice:
         """The points of ``layers[position]``."""

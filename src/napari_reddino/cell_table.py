@@ -41,6 +41,9 @@ def as_layers(cells) -> list:
     return layers
 
 
+SOURCE_DIGEST = "source_image_digest"  # metadata: digest of the pixels the cells were segmented from
+
+
 def image_name(layer) -> str:
     """The smear a cells layer belongs to: ``metadata["source_image"]``, else the layer's name less " cells"."""
     name = layer.metadata.get("source_image")

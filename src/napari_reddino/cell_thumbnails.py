@@ -1,9 +1,9 @@
 """Thumbnails of single cells, for the Cell map's gallery of the selected cells.
 
 A thumbnail is the smear as napari shows it (scaled by the image layer's contrast limits) in
-the cell's window (:func:`.crop_windows.square_windows`: at smear scale, one size for every
-cell of a smear, so a microcyte looks small next to a macrocyte), with the cell's outline
-drawn in so that it stands out from the neighbours in its window.
+the cell's window as the model's crop had it (:func:`.crop_windows.square_windows`: at smear
+scale, one size for every cell of a smear, so a microcyte looks small next to a macrocyte),
+with the cell's outline drawn in so that it stands out from the neighbours in its window.
 
 No Qt, no napari, no torch.
 """

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic_files import write_files_atomically
 from .cell_table import class_names, whole_cells
 from .cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
-from .crop_windows import square_windows
+from .crop_windows import chosen_crops, square_windows
 from .smear_summary import class_of_each_cell, share_interval
 from .wording import counted
 
@@ -46,14 +46,19 @@ def class_gallery(
     colours: Mapping[str, str] | None = None,
     *,
     contrast_limits: Sequence[float] = (0, 255),
+    crops: Mapping | None = None,
     seed: int = 0,
 ) -> np.ndarray | None:
     """(height, width, 3) uint8, or None when no whole cell has a class. ``table`` is the
     smear's cell table (with ``manual_label`` and/or ``predicted_class`` and
-    ``prediction_probability``); ``colours`` maps a class to its ``#rrggbb`` outline."""
+    ``prediction_probability``); ``colours`` maps a class to its ``#rrggbb`` outline; ``crops``
+    (the scale and margin the cells were embedded with; the defaults where None) sizes each
+    cell's window as the model's."""
     if table.empty:
         return None
-    windows = square_windows(table[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float))
+    crops = chosen_crops(trained=crops)
+    windows = square_windows(table[["bbox_min_x", "bbox_min_y", "bbox_max_x", "bbox_max_y"]].to_numpy(float),
+                             crops["margin"], crops["scale"])
     whole = whole_cells(table)
     names = class_of_each_cell(table)
     labelled = class_names(table, "manual_label") != ""
@@ -98,13 +103,13 @@ class GalleryError(Exception):
 
 def save_class_gallery(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, table: pd.DataFrame,
                        classes: Sequence[str], colours: Mapping[str, str] | None = None, *,
-                       contrast_limits: Sequence[float] = (0, 255)) -> bool:
+                       contrast_limits: Sequence[float] = (0, 255), crops: Mapping | None = None) -> bool:
     """Draw :func:`class_gallery` into the PNG ``path`` (its folder made, the file written to a
     temporary one and renamed into place); False when no whole cell has a class. Any failure
     raises :class:`GalleryError`, so that a caller keeping a smear's results whatever becomes of
     its picture catches that alone."""
     try:
-        picture = class_gallery(image, labels, table, classes, colours, contrast_limits=contrast_limits)
+        picture = class_gallery(image, labels, table, classes, colours, contrast_limits=contrast_limits, crops=crops)
         if picture is None:
             return False
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ from qtpy.QtWidgets import (
 
 from ..cell_map import UNLABELLED, PooledCells
 from ..cell_thumbnails import THUMBNAIL_PX, cell_thumbnail
-from ..crop_windows import square_windows
+from ..cell_embeddings import crop_settings
+from ..crop_windows import chosen_crops, square_windows
 from ..smear_summary import OVERLAPPING_OUTLINE
 from ..wording import counted
 from .smear_links import level_0, smear_under
@@ -142,7 +143,9 @@ class GalleryThumbnails:
         self._viewer, self._pool = viewer, pool
         boxes = np.column_stack([pool.column(f"bbox_{edge}") for edge in ("min_x", "min_y", "max_x", "max_y")])
         self._windows = np.concatenate(  # each smear's cells sized among themselves, as the model's crops
-            [square_windows(boxes[pool.span(position)]) for position in range(len(pool.layers))]).reshape(-1, 4)
+            [square_windows(boxes[pool.span(position)], crops["margin"], crops["scale"])
+             for position, crops in enumerate(chosen_crops(trained=crop_settings(layer)) for layer in pool.layers)]
+        ).reshape(-1, 4)
         self._diameters = pool.column("equivalent_diameter_px")
         self._outline_shared = pool.column("outline_shared")
         self._sample_order = np.random.default_rng(0).permutation(len(pool))  # one per map: see shown

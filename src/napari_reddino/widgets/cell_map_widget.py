@@ -950,6 +950,8 @@ class CellMapWidget(MapExport, JobWidget):
         existing = [file for file in head_paths(path) if file.exists()]
         if existing and not self._confirm_overwrite(existing):
             return
+        listed = self.class_list.hex_colours  # recoloured since it was trained: its galleries draw them so
+        self.classifier.colours = {name: listed.get(name, colour) for name, colour in self.classifier.colours.items()}
         try:
             self.classifier.save(path)
         except PartlyWrittenError as error:  # its weights without their description: it loads no more

@@ -19,7 +19,7 @@ from qtpy.QtWidgets import QFileDialog, QMessageBox
 
 from ..atomic_files import NotReplacedError, PartlyWrittenError
 from ..cell_export import export_cells_csv, galleries_folder, stale_beside, summary_path
-from ..cell_embeddings import repainted_since_embedded
+from ..cell_embeddings import crop_settings, repainted_since_embedded
 from ..cell_table import PREDICTED_BY, class_names, image_name
 from ..class_gallery import GalleryError, GalleryFiles, pictures_in, remove_pictures, save_class_gallery
 from ..label_import import FOREIGN, import_manual_labels
@@ -164,7 +164,7 @@ class MapExport:
             try:
                 if save_class_gallery(path, level_0(smear), np.asarray(cells.data), pd.DataFrame(cells.features),
                                       self.class_list.classes, self.class_list.hex_colours,
-                                      contrast_limits=smear.contrast_limits):
+                                      contrast_limits=smear.contrast_limits, crops=crop_settings(cells)):
                     drawn.add(path)
                 else:
                     missed.append(f"{name!r} (none of its whole cells has a class yet)")

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from napari.layers import Image
 
 from ..cell_embeddings import image_digest
-from ..cell_table import image_name
+from ..cell_table import SOURCE_DIGEST, image_name
 
-SOURCE_DIGEST = "source_image_digest"  # metadata: digest of the pixels the cells were segmented from
 SOURCE_LAYER = "source_image_layer"  # metadata: napari's unique id of the image layer they came from
 
 
