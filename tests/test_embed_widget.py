@@ -281,6 +281,17 @@ def shown_crops(widget) -> dict:
     return {"mode": widget.crop_mode.value, "scale": widget.crop_scale.value, "margin": widget.margin.value}
 
 
+def two_square_cells(viewer, widget) -> Labels:
+    """A corner of a smear with two square cells, offered to the panel: quick to embed."""
+    image = imread(CHULA_1)[:96, :96]
+    labels = np.zeros(image.shape[:2], np.int32)
+    labels[10:30, 10:30], labels[50:70, 40:60] = 3, 8
+    viewer.add_image(image, rgb=True, name="patch")
+    cells = viewer.add_labels(labels, name="patch cells")
+    widget.reset_choices()
+    return cells
+
+
 def test_a_model_that_records_its_training_crops_sets_the_panel_s_crops_and_its_cells_are_cut_so(
         viewer, widget, tiny_folder, tmp_path, qtbot):
     crops = {"mode": "context", "scale": "cell", "margin": 2.125}  # wider than most, and finer than the box shows
@@ -334,12 +345,7 @@ def test_a_hub_model_downloaded_on_first_use_cuts_cells_as_its_record_says_unles
         viewer, widget, serving_hub, tiny_folder, tmp_path, qtbot):  # noqa: F811
     crops = {"mode": "context", "scale": "cell", "margin": 0.5}
     serving_hub("lab/trained", record_crops(shutil.copytree(tiny_folder[1], tmp_path / "trained"), crops))
-    image = imread(CHULA_1)[:96, :96]
-    labels = np.zeros(image.shape[:2], np.int32)
-    labels[10:30, 10:30], labels[50:70, 40:60] = 3, 8
-    viewer.add_image(image, rgb=True, name="patch")
-    cells = viewer.add_labels(labels, name="patch cells")
-    widget.reset_choices()
+    cells = two_square_cells(viewer, widget)
     widget.model_name = "hf_hub:lab/trained"  # not downloaded: its record is not known yet
     assert shown_crops(widget) == {"mode": "masked", "scale": "smear", "margin": 0.25}
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
@@ -364,12 +370,7 @@ def test_a_hub_model_downloaded_on_first_use_cuts_cells_as_its_record_says_unles
 def test_a_model_downloaded_on_first_use_shows_how_far_the_download_has_come(viewer, widget, serving_hub, tiny_folder,
                                                                             qtbot, monkeypatch):  # noqa: F811
     serving_hub("lab/tiny-rbc", tiny_folder[1])
-    image = imread(CHULA_1)[:96, :96]
-    labels = np.zeros(image.shape[:2], np.int32)
-    labels[10:30, 10:30], labels[50:70, 40:60] = 3, 8
-    viewer.add_image(image, rgb=True, name="patch")
-    cells = viewer.add_labels(labels, name="patch cells")
-    widget.reset_choices()
+    cells = two_square_cells(viewer, widget)
     widget.model_name = "hf_hub:lab/tiny-rbc"
     received, said, bars, show = [], [], [], widget._show_download
 

@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CROP_SCALE_HELP = ("cell: each window sized to its cell; smear: one window size for the whole smear "
                     "(that of a cell 1.25x the median), so a crop shows its cell's size")
+_FOLDERS_CROPS = "the folder's where it holds smears already, else the plugin's:"
 _TRAINED_CROPS = "as MODEL's training cells were cut, where its config records it (reddino-train export), else the plugin's"
 
 
@@ -297,12 +298,12 @@ def _add_prepare_parser(commands) -> None:
     prepare.add_argument("--patch-size", type=int, default=224, metavar="N", help="tile side in smear px (patches)")
     prepare.add_argument("--margin", type=float, default=0.25,
                          help="context around a cell, a fraction of its box's longer side (default 0.25, as the plugin)")
-    prepare.add_argument("--crop-mode", choices=("context", "masked"), default="context",
-                         help="masked: other cells' pixels set to the background colour (default context). A model "
-                              "trained on DIR and exported records the crop mode, scale and margin, and the plugin, "
-                              "reddino-analyse and eval cut cells so for it")
-    prepare.add_argument("--crop-scale", choices=("cell", "smear"), default="cell",
-                         help=f"{_CROP_SCALE_HELP} (default cell)")
+    prepare.add_argument("--crop-mode", choices=("context", "masked"),
+                         help="masked: other cells' pixels set to the background colour; context: kept (default: "
+                              f"{_FOLDERS_CROPS} masked). A model trained on DIR and exported records the crop mode, "
+                              "scale and margin, and the plugin, reddino-analyse and eval cut cells so for it")
+    prepare.add_argument("--crop-scale", choices=("cell", "smear"),
+                         help=f"{_CROP_SCALE_HELP} (default: {_FOLDERS_CROPS} smear)")
     prepare.add_argument("--pixel-size-um", type=float, metavar="UM",
                          help="pixel size, to fix the expected cell size instead of estimating it per smear")
     prepare.set_defaults(handler=_prepare_command)

@@ -13,13 +13,12 @@ import json
 import os
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict
 from pathlib import Path
 
 from napari_reddino.cell_embeddings import crops_in_words
 from napari_reddino.crop_windows import valid_crops
 
-from .prepare import INDEX_NAME, SETTINGS_NAME, PrepareSettings
+from .prepare import INDEX_NAME, saved_settings
 
 PATCHES = "smear patches"  # what a folder of --mode patches holds
 UNPREPARED = "images not cut by reddino-train prepare"
@@ -46,8 +45,8 @@ def _cut_in(smear: Path) -> dict | str:
     """How prepare cut the images of the folder ``smear``, as its output's prepare.json says."""
     if not (smear / INDEX_NAME).is_file():
         return UNPREPARED  # a folder of the user's own, even inside prepare's output
-    try:  # a setting added since the folder was made had its default then
-        settings = asdict(PrepareSettings()) | json.loads((smear.parent / SETTINGS_NAME).read_text(encoding="utf-8"))
+    try:
+        settings = saved_settings(smear.parent)
     except (OSError, ValueError, TypeError):
         return UNPREPARED  # none, or not prepare's: nothing it says can be trusted
     if settings["mode"] == "patches":

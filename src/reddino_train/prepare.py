@@ -5,7 +5,8 @@ Two kinds of sample, as PNG files in one folder per smear, ``OUT/<smear>/<n>.png
 ``cells``
     one square crop per red cell (segmented with :func:`napari_reddino.segment_cells`, cut
     with :func:`napari_reddino.cell_crops`: the cell's box plus a context margin, resampled to
-    ``size``); cells cut by the image border or the edge of the field are left out, their
+    ``size``, by default as the plugin cuts cells to embed them: neighbours blanked, one window
+    size per smear); cells cut by the image border or the edge of the field are left out, their
     crops would be partial.
     ``<n>`` is the cell's label id.
 ``patches``
@@ -38,7 +39,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -47,7 +48,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from napari_reddino.crop_windows import MAX_MARGIN
+from napari_reddino.crop_windows import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, MAX_MARGIN
 from napari_reddino.segmentation import pixel_size_refusal
 from napari_reddino.wording import shown
 
@@ -78,6 +79,9 @@ ONLY_IN_MODE = {"patch_size": "patches", "margin": "cells", "crop_mode": "cells"
 
 
 DEFAULT_CELL_SIZE = 224  # px: RedDino's crops
+# what a folder was cut with where its prepare.json lacks a crop setting (written before it
+# existed), and the defaults until 2026-12-07, when prepare took the plugin's
+CROPS_BEFORE = {"crop_mode": "context", "crop_scale": "cell"}
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,9 @@ class PrepareSettings:
     size: int | None = None  # output side in px; None: 224 for cells, patch_size for patches
     patch_size: int = 224
     margin: float = 0.25  # context around a cell, as a fraction of its box's longer side
-    crop_mode: Literal["context", "masked"] = "context"
-    crop_scale: Literal["cell", "smear"] = "cell"  # window per cell, or one per smear (cell size shows)
+    # None: the folder's where it holds smears already, else the plugin's (masked, smear)
+    crop_mode: Literal["context", "masked"] | None = None
+    crop_scale: Literal["cell", "smear"] | None = None  # window per cell, or one per smear (cell size shows)
     pixel_size_um: float | None = None  # fixes the expected cell size for segmentation
 
     def __post_init__(self) -> None:
@@ -254,6 +259,7 @@ def _prepare_held(sources: Sequence[str | os.PathLike], out: Path, settings: Pre
                   progress: bool) -> PrepareReport:
     """:func:`prepare` once no other prepare writes to ``out``: the journal is read again."""
     done, contents, smears = _smears_to_write(sources, out)
+    settings = _settled(out, settings, bool(done))
     _check_settings(out, settings, bool(done))  # first: a refused run leaves the journal as it was
     moved = {smear.key: str(smear.path.resolve()) for smear in smears
              if done.get(smear.key) and done[smear.key] != str(smear.path.resolve())}
@@ -448,6 +454,26 @@ def content_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def saved_settings(out: Path) -> dict:
+    """The settings ``out/prepare.json`` records, those added since it was written as they were
+    then; an error where it cannot be read."""
+    saved = json.loads((out / SETTINGS_NAME).read_text(encoding="utf-8"))
+    if not isinstance(saved, dict):
+        raise ValueError(f"{out / SETTINGS_NAME} holds no settings")
+    return asdict(PrepareSettings()) | CROPS_BEFORE | saved
+
+
+def _settled(out: Path, settings: PrepareSettings, any_done: bool) -> PrepareSettings:
+    """``settings`` with a crop setting left out (None) as the folder's, where it holds smears cut
+    already (a run resumed after an upgrade goes on as it began), else as the plugin cuts cells."""
+    if settings.mode != "cells":
+        return settings
+    saved = saved_settings(out) if any_done and (out / SETTINGS_NAME).is_file() else {}
+    plugin = {"crop_mode": DEFAULT_CROP_MODE, "crop_scale": DEFAULT_CROP_SCALE}
+    return replace(settings, **{name: saved.get(name) or plugin[name] for name in plugin
+                                if getattr(settings, name) is None})
+
+
 def _check_settings(out: Path, settings: PrepareSettings, any_done: bool) -> None:
     """Record the settings of a new folder, or refuse others than those its smears were cut with
     (a folder none was written to yet, as a run stopped at its first smear leaves, takes new ones)."""
@@ -456,7 +482,7 @@ def _check_settings(out: Path, settings: PrepareSettings, any_done: bool) -> Non
     if path.is_file() and any_done:
         # a setting added since the folder was made had its default then; one the mode does not use
         # (which earlier versions took and ignored) is no difference
-        saved = asdict(PrepareSettings()) | json.loads(path.read_text())
+        saved = saved_settings(out)
         for name, mode in ONLY_IN_MODE.items():
             if mode != settings.mode:
                 saved[name] = wanted[name]

@@ -17,13 +17,15 @@ from reddino_train.data import PackedPaths, find_images
 from reddino_train.prepare import INDEX_NAME, SETTINGS_NAME, PrepareSettings
 from reddino_train.train import ResumeSettingsWarning, fit
 
-CONTEXT = {"mode": "context", "scale": "cell", "margin": 0.25}  # prepare's defaults
+CONTEXT = {"mode": "context", "scale": "cell", "margin": 0.25}  # prepared_folder's (prepare's until 2026-12-07)
 MASKED = {"mode": "masked", "scale": "smear", "margin": 0.5}
 
 
 def prepared_folder(out: Path, smears: int = 2, **settings) -> Path:
     """``out`` laid out as prepare leaves it (``<smear>/<n>.png`` and ``<smear>/index.csv``, and
-    prepare.json), with tiny crops."""
+    prepare.json), with tiny crops; cells cut as :data:`CONTEXT` unless ``settings`` say otherwise."""
+    if settings.get("mode", "cells") == "cells":
+        settings = {"crop_mode": "context", "crop_scale": "cell", **settings}
     for smear in range(smears):
         (out / f"smear{smear}").mkdir(parents=True)
         for cell in (1, 2):

@@ -177,11 +177,28 @@ def test_a_folder_from_before_a_setting_existed_takes_its_default(sources, tmp_p
         prepare([sources], out, PrepareSettings(size=SIZE, crop_scale="smear"), progress=False)
 
 
+def test_a_folder_cut_with_the_defaults_of_before_resumes_as_it_began_and_a_new_one_takes_the_plugins(sources,
+                                                                                                    tmp_path):
+    out = tmp_path / "cells"
+    prepare([sources / "1.jpg"], out, PrepareSettings(size=SIZE, crop_mode="context", crop_scale="cell"),
+            progress=False)  # what no option gave until 2026-12-07
+    report = prepare([sources], out, PrepareSettings(size=SIZE), progress=False)  # resumed after an upgrade
+    assert report.already_done == ["1"] and report.written == ["image-1"]
+    assert (json.loads((out / "prepare.json").read_text())["crop_mode"],
+            json.loads((out / "prepare.json").read_text())["crop_scale"]) == ("context", "cell")
+    with pytest.raises(PrepareError, match="crop_mode: 'context' -> 'masked'"):
+        prepare([sources], out, PrepareSettings(size=SIZE, crop_mode="masked"), progress=False)
+    fresh = tmp_path / "fresh"
+    prepare([sources / "1.jpg"], fresh, PrepareSettings(size=SIZE), progress=False)
+    saved = json.loads((fresh / "prepare.json").read_text())
+    assert (saved["crop_mode"], saved["crop_scale"]) == ("masked", "smear")
+
+
 @pytest.mark.parametrize("options, crops, pixel_size_um", [
-    ([], {"mode": "context", "scale": "cell"}, None),
-    (["--crop-scale", "smear"], {"mode": "context", "scale": "smear"}, None),
-    (["--crop-mode", "masked"], {"mode": "masked", "scale": "cell"}, None),
-    (["--pixel-size-um", "0.2", "--margin", "0.5"], {"mode": "context", "scale": "cell", "margin": 0.5}, 0.2),
+    ([], {"mode": "masked", "scale": "smear"}, None),  # as the plugin cuts cells
+    (["--crop-scale", "cell"], {"mode": "masked", "scale": "cell"}, None),
+    (["--crop-mode", "context"], {"mode": "context", "scale": "smear"}, None),
+    (["--pixel-size-um", "0.2", "--margin", "0.5"], {"mode": "masked", "scale": "smear", "margin": 0.5}, 0.2),
 ])
 def test_every_crop_is_the_plugins_crop_of_that_cell(sources, tmp_path, options, crops, pixel_size_um):
     out = tmp_path / "cells"
