@@ -28,6 +28,7 @@ from napari_reddino.models import CROPS_KEY
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import CHECKPOINT_NAME, KEPT_FOLDER, CheckpointError, kept_checkpoints, read_checkpoint
 from .config import config_from_dict
+from .crop_record import SEVERAL
 from .model import vit_architecture_args
 
 TEACHER_BACKBONE_PREFIX = "backbone.vit."
@@ -67,7 +68,9 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
         "restore a backup."))
     cfg = config_from_dict(state["config"], source=str(checkpoint_path))
     crops = state.get("crops")  # checkpoints before it was recorded: none
-    if crops is not None and (crops := valid_crops(crops)) is None:  # else a model that no tool would load
+    if crops == SEVERAL:  # a run on images cut several ways
+        crops = None
+    elif crops is not None and (crops := valid_crops(crops)) is None:  # else a model that no tool would load
         raise CheckpointError(f"{checkpoint_path} records the crops of its training cells as {state['crops']!r}, which "
                               "is not a crop mode, scale and margin (edited?); nothing was exported")
     vit = timm.create_model(cfg.model.arch, **vit_architecture_args(cfg.model, cfg.crops.global_size))

@@ -45,7 +45,7 @@ from .config import (
     save_config,
     settings_until,
 )
-from .crop_record import training_crops
+from .crop_record import SEVERAL, training_crops
 from .data import EmptyDatasetError, ImageFolder, ResumableSampler, collate_crops
 from .distributed import (
     all_gather_objects,
@@ -463,6 +463,9 @@ class Trainer:
         was = state.get("crops", self.trained_crops)  # checkpoints before the record: the images' own
         if was == self.trained_crops:
             return
+        if SEVERAL in (was, self.trained_crops):  # said when it was found
+            self.trained_crops = SEVERAL
+            return
         if same_images and None in (was, self.trained_crops):  # prepare's files were out of sight then or now
             self.trained_crops = was or self.trained_crops
             return
@@ -471,7 +474,7 @@ class Trainer:
         warnings.warn(f"resuming {self.out} on images cut otherwise than until step {self.iteration} ({ways[0]} "
                       f"then, {ways[1]} now): the model records no crop settings, so the plugin cuts cells for it "
                       "with its defaults", ResumeSettingsWarning, stacklevel=2)
-        self.trained_crops = None
+        self.trained_crops = SEVERAL
 
     def _other_world_size(self, saved: int, was: int) -> str:
         """What resuming on another number of processes, and so with another global batch (``was``

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from reddino_train.config import load_config
-from reddino_train.crop_record import training_crops
+from reddino_train.crop_record import SEVERAL, training_crops
+from reddino_train.export import export_teacher
 from reddino_train.data import PackedPaths, find_images
 from reddino_train.prepare import INDEX_NAME, SETTINGS_NAME, PrepareSettings
 from reddino_train.train import ResumeSettingsWarning, fit
@@ -58,22 +59,22 @@ def test_a_prepare_folder_of_an_older_version_has_the_defaults_of_then(tmp_path)
     assert crops_of(out) == {"mode": "masked", "scale": "cell", "margin": 0.25}
 
 
-def test_images_cut_in_several_ways_record_none_and_say_which_ways(tmp_path):
+def test_images_cut_in_several_ways_record_so_and_say_which_ways(tmp_path):
     root = tmp_path / "mixed"
     prepared_folder(root / "a")
     prepared_folder(root / "b", crop_mode="masked", crop_scale="smear", margin=0.5)
     with pytest.warns(RuntimeWarning, match=r"cut in 2 ways \(context crops at cell scale, margin 0.25; masked crops "
                                             r"at smear scale, margin 0.5\): the model records no crop settings"):
-        assert crops_of(root) is None
+        assert crops_of(root) == SEVERAL
     shutil.rmtree(root / "b")
     Image.new("RGB", (4, 4)).save(root / "mine.png")  # a crop of the user's own beside them
     with pytest.warns(RuntimeWarning, match="images not cut by reddino-train prepare"):
-        assert crops_of(root) is None
+        assert crops_of(root) == SEVERAL
     (root / "mine.png").unlink()
     (root / "a" / "extra").mkdir()  # a folder of the user's own inside prepare's output
     Image.new("RGB", (4, 4)).save(root / "a" / "extra" / "mine.png")
     with pytest.warns(RuntimeWarning, match="images not cut by reddino-train prepare"):
-        assert crops_of(root) is None
+        assert crops_of(root) == SEVERAL
 
 
 def test_patches_and_images_not_cut_by_prepare_record_none_without_a_warning(tmp_path):
@@ -111,19 +112,25 @@ def test_a_resume_keeps_the_record_on_a_copy_of_the_images_and_drops_it_for_imag
                                                    r"cell scale, margin 0.25 then, masked crops at cell scale, margin "
                                                    r"0.25 now\): the model records no crop settings"):
         fit(tiny, masked, run, max_steps=3)
-    assert recorded() is None
+    assert recorded() == SEVERAL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeSettingsWarning)  # said once
+        fit(tiny, masked, run, max_steps=4)  # on those images from now on: trained on both still
+    assert recorded() == SEVERAL
+    export_teacher(run, tmp_path / "model")
+    assert "reddino_crops" not in json.loads((tmp_path / "model" / "config.json").read_text())
     other = tmp_path / "other" / "smear0"  # other images, of the user's own: not cut as the record says
     other.mkdir(parents=True)
     Image.new("RGB", (64, 64)).save(other / "1.png")
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     torch.save({**state, "crops": CONTEXT}, run / "checkpoint.pt")
     with pytest.warns(ResumeSettingsWarning) as said:
-        fit(tiny, other.parent, run, max_steps=4)
+        fit(tiny, other.parent, run, max_steps=5)
     assert {"on other images than it trained on", "(context crops at cell scale, margin 0.25 then, not by reddino-train "
             "prepare --mode cells now): the model records no crop settings"} <= {
         part for warning in said for part in re.findall(r"on other images than it trained on|\(context.*settings",
                                                          str(warning.message))}
-    assert recorded() is None
+    assert recorded() == SEVERAL
 
 
 def test_a_resume_of_a_run_older_than_the_record_or_begun_on_a_staged_copy_takes_the_images_record(tmp_path):

@@ -142,7 +142,7 @@ def test_cached_features_are_used_only_for_the_same_model_and_the_same_files(mod
 
 
 def test_a_hub_model_downloaded_by_eval_cuts_cells_as_its_record_says_and_caches_them_so(
-        model, tmp_path, capsys, serving_hub):
+        model, tmp_path, capsys, serving_hub):  # noqa: F811
     crops = {"mode": "context", "scale": "cell", "margin": 0.5}
     serving_hub("lab/trained", record_crops(shutil.copytree(model, tmp_path / "trained"), crops))
     args = ["eval", "hf_hub:lab/trained", "--data", str(CHULA), "--limit-images", "1", "--split", "5-fold", "--json",

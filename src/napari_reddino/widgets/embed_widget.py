@@ -17,7 +17,8 @@ does this for each image layer in turn (its own cells layer, else segmented firs
 up at the end; a cancel or a model that does not load stops the rest. The model is loaded
 (cached per model, device and dtype) and the cells embedded in one worker; a model that
 cannot be loaded is reported and changes nothing. Choosing a model whose config records how
-its training cells were cut (``reddino-train export`` writes it) sets the crop settings to those.
+its training cells were cut (``reddino-train export`` writes it) sets the crop settings to those;
+Run reads the record again and takes it where no one chose the crops shown.
 """
 
 import threading
