@@ -68,7 +68,7 @@ HUB_PREFIXES = ("hf_hub:", "hf-hub:")
 LOCAL_PREFIX = "local-dir:"
 CONFIG_FILE = "config.json"
 # config.json's record of how the cells a model trained on were cropped (mode, scale, margin), as
-# reddino-train export writes it: embedding cells cut otherwise than it learnt from costs accuracy
+# reddino-train export writes it: the plugin cuts cells for the model so unless told otherwise
 CROPS_KEY = "reddino_crops"
 # In the order they are preferred; pickled weights are read with torch.load(weights_only=True).
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
