@@ -919,18 +919,21 @@ def test_at_its_narrowest_the_panel_shows_every_control_whole_class_names_and_th
     qtbot.waitUntil(lambda: all(control.native.width() >= control.native.sizeHint().width() for control in controls))
 
 
-def test_a_head_whose_renamed_class_took_another_of_its_names_keeps_its_names_and_says_so(viewer):
+def test_a_head_class_whose_name_another_of_its_classes_took_comes_back_under_a_name_of_its_own(viewer):
     # Saved with target cell and ovalocyte; then target cell was removed and ovalocyte renamed
     # target cell: the head's own "target cell" is another class than the list's.
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
     classes = widget.class_list
-    head = CellClassifier(["target cell", "ovalocyte"])
+    head = CellClassifier(["target cell", "ovalocyte", "normal"])
     head.class_ids = {name: classes.id_of(name) for name in head.classes}
+    ovalocyte = classes.id_of("ovalocyte")
     classes.remove("target cell")
     classes.table.item(classes.classes.index("ovalocyte"), NAME).setText("target cell")
-    assert widget._carry_renames(head) == [
-        "its classes keep their saved names, since 'ovalocyte' is called 'target cell' now, a name the head also has"]
-    assert head.classes == ["target cell", "ovalocyte"]
+    classes.add_class("target cell (head)")  # a name the lab gave a class of its own
+    assert widget._carry_renames(head) == ["its 'ovalocyte' is 'target cell' now",
+                                           "its own 'target cell' is 'target cell (head 2)'"]
+    assert head.classes == ["target cell (head 2)", "target cell", "normal"]
+    assert head.class_ids["target cell"] == ovalocyte
 
 
 def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_path, monkeypatch):  # noqa: F811

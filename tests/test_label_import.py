@@ -265,6 +265,55 @@ def test_labels_of_another_smear_of_the_same_name_are_not_written_where_a_few_of
     assert report.written == {"1 cells": 1} and report.missed == {"1 cells": 3} and not report.foreign
 
 
+@pytest.mark.parametrize("every", [1, 40])  # 124 labelled cells of smear 1, then 4 (fewer than FEW_ROWS)
+def test_two_smears_of_one_name_opened_again_in_the_other_order_each_take_their_own_labels(smear, tmp_path, every):
+    # napari names the second image "1 [1]"; opened again in the other order, the names swap.
+    other_smear = imread(DATA / "chula_rbc12" / "26.jpg")
+    first = labelled(cells_layer(smear, source_image="1"), every=every)
+    second = labelled(cells_layer(other_smear, name="1 [1] cells", source_image="1 [1]"), every=every)
+    export_cells_csv(tmp_path / "cells.csv", [first, second])
+    now_second = cells_layer(smear, name="1 [1] cells", source_image="1 [1]")
+    now_first = cells_layer(other_smear, source_image="1")
+    report = import_manual_labels(tmp_path / "cells.csv", [now_first, now_second])
+    assert report.missed == {} and not report.foreign
+    for before, now in ((first, now_second), (second, now_first)):
+        assert (now.features["manual_label"] == before.features["manual_label"]).all()
+        assert report.written[now.name] == (before.features["manual_label"] != "").sum()
+
+
+def test_of_layers_matching_equally_each_csv_layer_takes_the_one_of_its_name(smear, tmp_path):
+    # The same smear segmented the same way twice, labelled differently in each layer.
+    mine = labelled(cells_layer(smear, source_image="1"), every=1)
+    yours = labelled(cells_layer(smear, name="1 cells (yours)", source_image="1"), every=2)
+    export_cells_csv(tmp_path / "cells.csv", [mine, yours])
+    now_yours = cells_layer(smear, name="1 cells (yours)", source_image="1")
+    now_mine = cells_layer(smear, source_image="1")
+    import_manual_labels(tmp_path / "cells.csv", [now_yours, now_mine])
+    assert (now_mine.features["manual_label"] == mine.features["manual_label"]).all()
+    assert (now_yours.features["manual_label"] == yours.features["manual_label"]).all()
+
+
+@pytest.mark.parametrize(("rows", "taken"), [(9, True), (10, False)])
+def test_the_share_of_matching_rows_is_judged_from_few_rows_on(smear, tmp_path, rows, taken):
+    yesterday = cells_layer(smear)
+    n = len(yesterday.features)
+    export_cells_csv(tmp_path / "cells.csv", labels_layer(
+        yesterday.features.assign(manual_label=np.where(np.arange(n) < rows, "normal", "")), yesterday.name,
+        yesterday.data))
+    table = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
+    moved = table.index[4:rows]  # 4 rows still match: 0.44 of 9, 0.4 of 10
+    table.loc[moved, ["centroid_x", "bbox_min_x", "bbox_max_x"]] += 20
+    table.to_csv(tmp_path / "cells.csv", index=False)
+    again = cells_layer(smear)
+    if taken:
+        report = import_manual_labels(tmp_path / "cells.csv", again)
+        assert report.written == {"1 cells": 4} and report.missed == {"1 cells": rows - 4}
+    else:
+        with pytest.raises(LabelImportError, match=r"only 4 of its 10 labelled cells from '1 cells' are at the place"):
+            import_manual_labels(tmp_path / "cells.csv", again)
+        assert "manual_label" not in again.features
+
+
 def test_of_two_layers_of_the_image_the_one_whose_cells_match_takes_the_labels(smear, tmp_path):
     yesterday = labelled(cells_layer(smear))
     export_cells_csv(tmp_path / "cells.csv", yesterday)

@@ -2,8 +2,10 @@
 goes on tomorrow, or hands its labels to a colleague.
 
 The labelled rows of each layer of the CSV (its ``layer`` column; a CSV from before that column
-is read by ``image``) go to the given layer of that name, else to one of the given layers of
-that image not named in the CSV (a renamed layer). A row goes to a cell by where it is, whatever
+is read by ``image``) go to one of the given layers of that name or of that image, napari's " [1]"
+aside (a renamed layer; two smears of one name opened again in the other order swap "26" and
+"26 [1]"): the one matching the most rows, of equal ones the layer of that name, and never one
+layer for two CSV layers. A row goes to a cell by where it is, whatever
 its label id: segmenting again with other settings renumbers the cells (on Chula smear 1, a cell
 diameter of 32 px instead of the estimated 36 px kept only 18 of 124 ids), and a label id alone
 could name another cell. A row's cell is
@@ -21,8 +23,7 @@ both rules 1,766, and no row went to another cell (``benchmarks/label_import.py`
 cells found by their boxes, 99 % had moved by under 0.053 of their diameter; cropping 6 px off a
 smear moves its cells by 0.17 of theirs, so a cropped smear does not match. The rows of cells
 that are no longer there (split, merged, edited, cut by other settings) are counted as missed, not guessed,
-and so is a cell two rows claim. Among several layers of the image the one matching the most
-rows is taken. A CSV layer of which no row matches writes nothing, nor does one of at least
+and so is a cell two rows claim. A CSV layer of which no row matches writes nothing, nor does one of at least
 :data:`FEW_ROWS` labelled rows of which fewer than :data:`MIN_MATCHED_SHARE` match: another smear
 that two cameras both named "Image001" still puts a cell, now and then, at the place of one of its
 rows (1 of 124 labelled rows of Chula smear 1 found a cell of smear 26). When nothing is written
@@ -35,6 +36,7 @@ No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,7 @@ _NEIGHBOURS = 8  # cells whose boxes are compared with a row's
 MIN_MATCHED_SHARE = 0.5  # of a CSV layer's labelled rows; segmenting again with other settings keeps 0.92
 FEW_ROWS = 10  # ... judged only from this many rows on: of a few, chance decides the share
 _BOX = ["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]
+_NAPARI_NUMBER = re.compile(r" \[\d+\]$")  # napari's suffix to a name taken already
 _NEEDED = ("manual_label", "centroid_x", "centroid_y")  # rows go to cells by place, not by label id
 
 
@@ -83,35 +86,36 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
     layers = as_layers(cells)
     table = _read_labelled_rows(path)
     report = LabelImport()
-    named_in_csv = set(table["layer"])
+    sources = [(str(source), rows) for source, rows in table.groupby("layer", sort=False)]
+    found = {(s, k): _cells_at(rows, layer) for s, (source, rows) in enumerate(sources)
+             for k, layer in enumerate(layers) if _may_hold(layer, source, rows)}
+    chosen = _best_pairs(found, [source for source, _ in sources], layers)
     plans, refused = [], []
-    for source, rows in table.groupby("layer", sort=False):
-        taken = [id(layer) for layer, _ in plans]
-        candidates = [layer for layer in layers if str(layer.name) == source] or [
-            layer for layer in layers
-            if image_name(layer) == rows["image"].iloc[0] and str(layer.name) not in named_in_csv]
-        candidates = [layer for layer in candidates if id(layer) not in taken]
-        if not candidates:
+    for s, (source, rows) in enumerate(sources):
+        if s in chosen:
+            ids = found[s, chosen[s]]
+            matched = ids >= 0
+            if not matched.all():
+                report.missed[source] = int((~matched).sum())
+            plans.append((layers[chosen[s]], pd.Series(rows["manual_label"].to_numpy()[matched], index=ids[matched])))
+            continue
+        free = [k for t, k in found if t == s and k not in chosen.values()]
+        if not free:
             report.unmatched.append(source)
             continue
-        cells = [_cells_at(rows, layer) for layer in candidates]
-        best = int(np.argmax([(ids >= 0).sum() for ids in cells]))
-        matched = cells[best] >= 0
-        if not matched.all():
-            report.missed[source] = int((~matched).sum())
-        if not matched.any():
+        best = max(free, key=lambda k: (found[s, k] >= 0).sum())
+        report.missed[source] = len(rows)
+        matched = int((found[s, best] >= 0).sum())
+        if not matched:
             refused.append(f"its {counted(len(rows), 'labelled cell')} from {source!r} "
                            f"{'is' if len(rows) == 1 else 'are'} at the place of no cell in "
-                           f"{' or '.join(repr(layer.name) for layer in candidates)} (was the smear cropped or "
+                           f"{' or '.join(repr(layers[k].name) for k in free)} (was the smear cropped or "
                            "edited since the export?)")
             continue
-        if len(rows) >= FEW_ROWS and matched.mean() < MIN_MATCHED_SHARE:
-            report.missed[source], report.foreign[source] = len(rows), str(candidates[best].name)
-            refused.append(f"only {matched.sum()} of its {counted(len(rows), 'labelled cell')} from {source!r} "
-                           f"{'is' if matched.sum() == 1 else 'are'} at the place of a cell in "
-                           f"{str(candidates[best].name)!r} ({FOREIGN})")
-            continue
-        plans.append((candidates[best], pd.Series(rows["manual_label"].to_numpy()[matched], index=cells[best][matched])))
+        report.foreign[source] = str(layers[best].name)
+        refused.append(f"only {matched} of its {counted(len(rows), 'labelled cell')} from {source!r} "
+                       f"{'is' if matched == 1 else 'are'} at the place of a cell in "
+                       f"{str(layers[best].name)!r} ({FOREIGN})")
     if not plans:
         reasons = refused + ([f"the cells from {', '.join(map(repr, report.unmatched))} are of smears with no cells "
                               f"layer among {', '.join(repr(layer.name) for layer in layers) or 'none'} (open and "
@@ -121,6 +125,35 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
         _write(layer, labels, report)
     report.classes = list(dict.fromkeys(label for _, labels in plans for label in labels))
     return report
+
+
+def _may_hold(layer, source: str, rows: pd.DataFrame) -> bool:
+    """Whether ``layer`` may be where the CSV's layer ``source`` was: its name, or a layer of the
+    same smear by its image's name, less the " [1]" napari gives a second image of one name
+    (two smears "26" and "26 [1]" opened again in the other order swap those names)."""
+    return str(layer.name) == source or _unnumbered(image_name(layer)) == _unnumbered(rows["image"].iloc[0])
+
+
+def _unnumbered(name: str) -> str:
+    return _NAPARI_NUMBER.sub("", str(name))
+
+
+def _best_pairs(found: dict[tuple[int, int], np.ndarray], sources: list[str], layers: list) -> dict[int, int]:
+    """For each CSV layer (by index) the given layer (by index) its rows go to: the pairs matching
+    the most rows first, of equal ones the layer of the CSV layer's name; never a layer to two
+    CSV layers, nor a pair of which no row, or (of :data:`FEW_ROWS` rows or more) fewer than
+    :data:`MIN_MATCHED_SHARE`, matched."""
+    def rank(pair):
+        matched = int((found[pair] >= 0).sum())
+        return -matched, str(layers[pair[1]].name) != sources[pair[0]], pair
+
+    chosen: dict[int, int] = {}
+    for s, k in sorted(found, key=rank):
+        matched = found[s, k] >= 0
+        plausible = matched.any() and (len(matched) < FEW_ROWS or matched.mean() >= MIN_MATCHED_SHARE)
+        if plausible and s not in chosen and k not in chosen.values():
+            chosen[s] = k
+    return chosen
 
 
 def manual_labels(table: pd.DataFrame) -> pd.Series:

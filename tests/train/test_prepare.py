@@ -112,6 +112,23 @@ def test_a_smear_cut_short_is_redone(sources, tmp_path):
                                                            "index.csv", "prepare.json", "skipped.txt"]  # no .partial-1
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc")
+def test_every_crop_is_on_disk_before_its_smear_counts_as_done(sources, tmp_path, monkeypatch):
+    # A power cut after the journal line must not leave empty crops that no re-run cuts again.
+    synced, real_fsync = [], os.fsync
+
+    def recorded_fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    out = tmp_path / "cells"
+    prepare([sources / "1.jpg"], out, PrepareSettings(size=SIZE), progress=False)
+    crops = sorted(path.name for path in (out / "1").glob("*.png"))
+    assert len(crops) > 20
+    assert sorted(path.name for path in synced if path.parent.name == ".partial-1" and path.suffix == ".png") == crops
+
+
 def test_a_folder_prepare_did_not_write_is_never_replaced(tmp_path):
     (smear,) = _smear_copies(tmp_path, "src/1.jpg")
     out = tmp_path / "out"

@@ -995,18 +995,27 @@ class CellMapWidget(MapExport, JobWidget):
 
     def _carry_renames(self, classifier: CellClassifier) -> list[str]:
         """Give the classes of a head saved before a rename (in this session: the class list's ids
-        tell) their names now, else an old name would come back as a second class; says which."""
+        tell) their names now, else an old name would come back as a second class; says which. A
+        class of the head whose name another of its classes has now (it was removed, the other
+        renamed so) comes back as "<name> (head)": under its old name it would pass its predictions
+        off as the other's."""
         renames = {}
         for old, class_id in classifier.class_ids.items():
             new = self.class_list.name_of(class_id)
             if new is not None and new != old:
                 renames[old] = new
-        names = [renames.get(name, name) for name in classifier.classes]
-        if len(set(names)) < len(names):  # a new name is still another class's name in the head
-            clashes = [f"{old!r} is called {new!r} now" for old, new in renames.items() if new in classifier.classes]
-            return [f"its classes keep their saved names, since {' and '.join(clashes)}, a name the head also has"]
+        said = [f"its {old!r} is {new!r} now" for old, new in renames.items()]
+        in_use = {*classifier.classes, *self.class_list.classes, *renames.values()}
+        for name in [name for name in classifier.classes if name in renames.values() and name not in renames]:
+            candidate, number = f"{name} (head)", 1
+            while candidate in in_use:
+                number += 1
+                candidate = f"{name} (head {number})"
+            renames[name] = candidate
+            in_use.add(candidate)
+            said.append(f"its own {name!r} is {candidate!r}")
         classifier.rename_classes(renames)
-        return [f"its {old!r} is {new!r} now" for old, new in renames.items()]
+        return said
 
     def _save_head_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save head", "head.safetensors", "Heads (*.safetensors)",
