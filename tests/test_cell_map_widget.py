@@ -327,6 +327,18 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert widget.class_list.classes[-1] == "acanthocyte"
     colours = widget.class_list.hex_colours
     assert colours["acanthocyte"] == NEW_CLASS_COLOURS[0] not in [colours[name] for name in DEFAULT_CLASSES]
+    # Labels of the smear opened second yesterday ("1 [1]") come to it opened first today, and say so;
+    # with those of the smear opened first beside them, the layer of that name takes its own.
+    image = cells.metadata["source_image"]
+    second = colleague.assign(layer=f"{image} [1] cells", image=f"{image} [1]")
+    second.to_csv(tmp_path / "second.csv", index=False)
+    widget.import_labels(tmp_path / "second.csv")
+    assert f"; those from '{image} [1] cells' onto {cells.name!r};" in widget.status.value
+    pd.concat([second, colleague]).to_csv(tmp_path / "both.csv", index=False)
+    widget.import_labels(tmp_path / "both.csv")
+    assert widget.status.value.endswith(f"; not imported: the labels from '{image} [1] cells', whose cells are in "
+                                        f"{cells.name!r} too, which took those from {cells.name!r} (open the smear "
+                                        "again for both).")
 
     # The map's own canvas is docked and shows the points.
     shot = widget.canvas.screenshot()
@@ -919,21 +931,38 @@ def test_at_its_narrowest_the_panel_shows_every_control_whole_class_names_and_th
     qtbot.waitUntil(lambda: all(control.native.width() >= control.native.sizeHint().width() for control in controls))
 
 
-def test_a_head_class_whose_name_another_of_its_classes_took_comes_back_under_a_name_of_its_own(viewer):
-    # Saved with target cell and ovalocyte; then target cell was removed and ovalocyte renamed
-    # target cell: the head's own "target cell" is another class than the list's.
+def test_a_head_class_whose_name_another_class_took_comes_back_under_a_name_of_its_own(viewer, qtbot, tiny_folder,  # noqa: F811
+                                                                                        tmp_path):
+    cells = embed(viewer, qtbot, tiny_folder[1], CHULA_1)
     _, widget = viewer.window.add_plugin_dock_widget("napari-reddino", "Cell map")
+    compute_map(widget, qtbot)
     classes = widget.class_list
-    head = CellClassifier(["target cell", "ovalocyte", "normal"])
-    head.class_ids = {name: classes.id_of(name) for name in head.classes}
-    ovalocyte = classes.id_of("ovalocyte")
+    x = widget.canvas.points.data[:, 1]
+    left = x < np.median(x)
+    for name, chosen in (("target cell", left), ("ovalocyte", ~left)):
+        widget.select(chosen)
+        widget.assign(name)
+    widget.train()
+    widget.save_head(tmp_path / "head")
+    trained = cells.features[["p_target cell", "p_ovalocyte"]].to_numpy()
+    head_ids = {name: classes.id_of(name) for name in ("target cell", "ovalocyte")}
+    # Target cell removed; stomatocyte (not in the head) renamed target cell: the head's own
+    # target cell is another class than the list's.
     classes.remove("target cell")
-    classes.table.item(classes.classes.index("ovalocyte"), NAME).setText("target cell")
-    classes.add_class("target cell (head)")  # a name the lab gave a class of its own
-    assert widget._carry_renames(head) == ["its 'ovalocyte' is 'target cell' now",
-                                           "its own 'target cell' is 'target cell (head 2)'"]
-    assert head.classes == ["target cell (head 2)", "target cell", "normal"]
-    assert head.class_ids["target cell"] == ovalocyte
+    stomatocyte = classes.id_of("stomatocyte")
+    classes.table.item(classes.classes.index("stomatocyte"), NAME).setText("target cell")
+    for own in ("target cell (head)", "target cell (head 2)"):  # names the lab gave classes of its own
+        classes.add_class(own)
+    for said in ("its own 'target cell' is 'target cell (head 3)'",  # applied again, it finds its class so named
+                 "its 'target cell' is 'target cell (head 3)' now"):
+        widget.apply_head(tmp_path / "head.safetensors")
+        assert said in widget.status.value
+        assert classes.id_of("target cell (head 3)") == head_ids["target cell"]
+        assert classes.id_of("target cell") == stomatocyte and classes.id_of("ovalocyte") == head_ids["ovalocyte"]
+        np.testing.assert_allclose(cells.features[["p_target cell (head 3)", "p_ovalocyte"]], trained, atol=1e-6)
+        assert "p_target cell" not in cells.features
+        assert set(cells.features["predicted_class"]) <= {"target cell (head 3)", "ovalocyte"}
+        assert len(classes.classes) == len(DEFAULT_CLASSES) + 2  # no (head 4) on the second apply
 
 
 def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_path, monkeypatch):  # noqa: F811

@@ -281,6 +281,54 @@ def test_two_smears_of_one_name_opened_again_in_the_other_order_each_take_their_
         assert report.written[now.name] == (before.features["manual_label"] != "").sum()
 
 
+def test_a_few_labels_of_another_smear_numbered_by_napari_are_not_written_where_some_fall_on_cells(smear, tmp_path):
+    # "1 [1]" was another smear; only "1" is open today. Two of its three rows happen to lie on cells.
+    other = labelled(cells_layer(smear, name="1 [1] cells", source_image="1 [1]"), every=1)
+    export_cells_csv(tmp_path / "cells.csv", other)
+    table = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str, "layer": str}, keep_default_na=False)
+    table = table.iloc[:3].copy()
+    table.loc[table.index[2], ["centroid_x", "bbox_min_x", "bbox_max_x"]] += 20
+    table.to_csv(tmp_path / "cells.csv", index=False)
+    today = cells_layer(smear, source_image="1")
+    with pytest.raises(LabelImportError, match=r"only 2 of its 3 labelled cells from '1 \[1\] cells' are at the "
+                                               r"place of a cell in '1 cells' \(another smear"):
+        import_manual_labels(tmp_path / "cells.csv", today)
+    # Three of three are no chance: the smear it was, opened today without its number.
+    table.loc[table.index[2], ["centroid_x", "bbox_min_x", "bbox_max_x"]] -= 20
+    table.to_csv(tmp_path / "cells.csv", index=False)
+    report = import_manual_labels(tmp_path / "cells.csv", today)
+    assert report.onto == {"1 [1] cells": "1 cells"} and report.written == {"1 cells": 3}
+
+
+def test_a_layer_numbered_by_napari_that_matches_convincingly_beats_a_chance_match_of_the_csv_layer_s_name(
+        smear, tmp_path):
+    yesterday = labelled(cells_layer(smear, source_image="1"), every=40)  # 4 labelled cells
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    labelled_ids = yesterday.features["label"][yesterday.features["manual_label"] != ""].to_numpy()
+    chance = cells_layer(smear, source_image="1")  # named as in the CSV, but only one of the four cells is there
+    moved = chance.features["label"].isin(labelled_ids[1:])
+    chance.features = chance.features.assign(
+        centroid_x=chance.features["centroid_x"] + 20 * moved, bbox_min_x=chance.features["bbox_min_x"] + 20 * moved,
+        bbox_max_x=chance.features["bbox_max_x"] + 20 * moved)
+    same = cells_layer(smear, name="1 [1] cells", source_image="1 [1]")
+    report = import_manual_labels(tmp_path / "cells.csv", [chance, same])
+    assert report.onto == {"1 cells": "1 [1] cells"} and report.written == {"1 [1] cells": 4}
+    assert "manual_label" not in chance.features
+
+
+def test_one_layer_takes_the_labels_of_one_csv_layer_of_its_smear_and_the_other_is_said_taken(smear, tmp_path):
+    # One smear opened twice yesterday ("1" and "1 [1]"), labelled in both; today opened once.
+    first = labelled(cells_layer(smear, source_image="1"), every=12)
+    second = labelled(cells_layer(smear, name="1 [1] cells", source_image="1 [1]"), every=10)
+    assert (first.features["manual_label"] != "").sum() < (second.features["manual_label"] != "").sum()
+    export_cells_csv(tmp_path / "cells.csv", [second, first])
+    today = cells_layer(smear, source_image="1")
+    report = import_manual_labels(tmp_path / "cells.csv", today)
+    assert report.onto == {"1 cells": "1 cells"} and report.taken == {"1 [1] cells": "1 cells"}
+    assert (today.features["manual_label"] == first.features["manual_label"]).all()
+    assert not report.unmatched and not report.missed and not report.foreign
+
+
 def test_of_layers_matching_equally_each_csv_layer_takes_the_one_of_its_name(smear, tmp_path):
     # The same smear segmented the same way twice, labelled differently in each layer.
     mine = labelled(cells_layer(smear, source_image="1"), every=1)
@@ -293,23 +341,22 @@ def test_of_layers_matching_equally_each_csv_layer_takes_the_one_of_its_name(sme
     assert (now_yours.features["manual_label"] == yours.features["manual_label"]).all()
 
 
-@pytest.mark.parametrize(("rows", "taken"), [(9, True), (10, False)])
-def test_the_share_of_matching_rows_is_judged_from_few_rows_on(smear, tmp_path, rows, taken):
+@pytest.mark.parametrize(("rows", "still"), [(9, 4), (10, 4), (10, 5)])
+def test_the_share_of_matching_rows_is_judged_from_few_rows_on(smear, tmp_path, rows, still):
     yesterday = cells_layer(smear)
     n = len(yesterday.features)
     export_cells_csv(tmp_path / "cells.csv", labels_layer(
         yesterday.features.assign(manual_label=np.where(np.arange(n) < rows, "normal", "")), yesterday.name,
         yesterday.data))
     table = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
-    moved = table.index[4:rows]  # 4 rows still match: 0.44 of 9, 0.4 of 10
-    table.loc[moved, ["centroid_x", "bbox_min_x", "bbox_max_x"]] += 20
+    table.loc[table.index[still:rows], ["centroid_x", "bbox_min_x", "bbox_max_x"]] += 20  # cut otherwise since
     table.to_csv(tmp_path / "cells.csv", index=False)
     again = cells_layer(smear)
-    if taken:
+    if rows < 10 or still / rows >= 0.5:  # of 9 rows any match counts; of 10, half of them must
         report = import_manual_labels(tmp_path / "cells.csv", again)
-        assert report.written == {"1 cells": 4} and report.missed == {"1 cells": rows - 4}
+        assert report.written == {"1 cells": still} and report.missed == {"1 cells": rows - still}
     else:
-        with pytest.raises(LabelImportError, match=r"only 4 of its 10 labelled cells from '1 cells' are at the place"):
+        with pytest.raises(LabelImportError, match=rf"only {still} of its {rows} labelled cells from '1 cells' are at"):
             import_manual_labels(tmp_path / "cells.csv", again)
         assert "manual_label" not in again.features
 

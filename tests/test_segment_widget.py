@@ -1,6 +1,8 @@
 """The Segment cells widget, docked through the manifest in a real viewer, on real smears."""
 
+import gc
 import re
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -293,6 +295,19 @@ def test_a_smear_renamed_while_it_is_segmented_gets_cells_of_its_new_name_and_a_
         viewer.layers.remove(chula)
     assert labels_layers(viewer) == [cells] and cells.name == "kept"
     assert widget.status.value == "'patient 0042' was closed while it was segmented; no cells layer was added."
+
+
+def test_a_smear_closed_while_it_is_segmented_is_let_go_of(viewer, widget, qtbot):
+    # A lab closes smear after smear; the panel must not keep the last one's pixels.
+    image = viewer.add_image(imread(CHULA_1)[:300, :300].copy(), name="closed")
+    pixels = weakref.ref(image.data)
+    widget.image.value = image
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+        viewer.layers.remove(image)
+    del image
+    gc.collect()
+    assert pixels() is None and labels_layers(viewer) == []
 
 
 def test_the_image_choice_follows_the_smear_selected_in_the_layer_list(viewer, widget):

@@ -2,11 +2,13 @@
 goes on tomorrow, or hands its labels to a colleague.
 
 The labelled rows of each layer of the CSV (its ``layer`` column; a CSV from before that column
-is read by ``image``) go to one of the given layers of that name or of that image, napari's " [1]"
-aside (a renamed layer; two smears of one name opened again in the other order swap "26" and
-"26 [1]"): the one matching the most rows, of equal ones the layer of that name, and never one
-layer for two CSV layers. A row goes to a cell by where it is, whatever
-its label id: segmenting again with other settings renumbers the cells (on Chula smear 1, a cell
+is read by ``image``) go to one of the given layers of that name or of that image (a renamed
+layer), or of that image with napari's " [1]" aside (two smears of one name opened again in the
+other order swap "26" and "26 [1]"). A layer whose cells match the rows convincingly (at least
+:data:`CONVINCING_MATCHES` rows and :data:`MIN_MATCHED_SHARE` of them) goes first, of those the
+layer of that name, then the larger share of rows matched; one layer never takes two CSV layers'
+labels (the second is reported as ``taken``). A row goes to a cell by where it is, whatever its
+label id: segmenting again with other settings renumbers the cells (on Chula smear 1, a cell
 diameter of 32 px instead of the estimated 36 px kept only 18 of 124 ids), and a label id alone
 could name another cell. A row's cell is
 
@@ -24,9 +26,10 @@ cells found by their boxes, 99 % had moved by under 0.053 of their diameter; cro
 smear moves its cells by 0.17 of theirs, so a cropped smear does not match. The rows of cells
 that are no longer there (split, merged, edited, cut by other settings) are counted as missed, not guessed,
 and so is a cell two rows claim. A CSV layer of which no row matches writes nothing, nor does one of at least
-:data:`FEW_ROWS` labelled rows of which fewer than :data:`MIN_MATCHED_SHARE` match: another smear
-that two cameras both named "Image001" still puts a cell, now and then, at the place of one of its
-rows (1 of 124 labelled rows of Chula smear 1 found a cell of smear 26). When nothing is written
+:data:`FEW_ROWS` labelled rows of which fewer than :data:`MIN_MATCHED_SHARE` match, nor one onto a
+layer of its image only with napari's number aside unless convincing: another smear that two
+cameras both named "Image001" still puts a cell, now and then, at the place of one of its rows
+(1 of 124 labelled rows of Chula smear 1 found a cell of smear 26). When nothing is written
 at all, the error says why. A cell that already has another label keeps it (what was labelled since the
 export is newer). Labels are written only after every layer of the CSV was matched.
 
@@ -54,6 +57,7 @@ CENTRE_SHIFT = 0.06  # of the row's equivalent diameter
 _NEIGHBOURS = 8  # cells whose boxes are compared with a row's
 MIN_MATCHED_SHARE = 0.5  # of a CSV layer's labelled rows; segmenting again with other settings keeps 0.92
 FEW_ROWS = 10  # ... judged only from this many rows on: of a few, chance decides the share
+CONVINCING_MATCHES = 3  # rows that found their cell: by chance 1 row in 124 finds one (module docstring)
 _BOX = ["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]
 _NAPARI_NUMBER = re.compile(r" \[\d+\]$")  # napari's suffix to a name taken already
 _NEEDED = ("manual_label", "centroid_x", "centroid_y")  # rows go to cells by place, not by label id
@@ -77,6 +81,8 @@ class LabelImport:
     missed: dict[str, int] = field(default_factory=dict)  # CSV layer: its labelled rows with no cell at their place
     unmatched: list[str] = field(default_factory=list)  # CSV layers with labels that no given layer took
     foreign: dict[str, str] = field(default_factory=dict)  # CSV layer: the layer too few of its rows matched
+    onto: dict[str, str] = field(default_factory=dict)  # CSV layer: the layer its labels went to
+    taken: dict[str, str] = field(default_factory=dict)  # CSV layer: its layer, which took another CSV layer's labels
 
 
 def import_manual_labels(path: str | Path, cells) -> LabelImport:
@@ -87,9 +93,14 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
     table = _read_labelled_rows(path)
     report = LabelImport()
     sources = [(str(source), rows) for source, rows in table.groupby("layer", sort=False)]
-    found = {(s, k): _cells_at(rows, layer) for s, (source, rows) in enumerate(sources)
-             for k, layer in enumerate(layers) if _may_hold(layer, source, rows)}
-    chosen = _best_pairs(found, [source for source, _ in sources], layers)
+    found = {}  # (CSV layer, given layer), by index: the label id of each row's cell there, or -1
+    kin = {}  # ... and whether that layer has the CSV layer's name or image name, not only napari's number aside
+    for s, (source, rows) in enumerate(sources):
+        for k, layer in enumerate(layers):
+            named = str(layer.name) == source or image_name(layer) == rows["image"].iloc[0]
+            if named or _unnumbered(image_name(layer)) == _unnumbered(rows["image"].iloc[0]):
+                found[s, k], kin[s, k] = _cells_at(rows, layer), named
+    chosen = _best_pairs(found, kin, [source for source, _ in sources], layers)
     plans, refused = [], []
     for s, (source, rows) in enumerate(sources):
         if s in chosen:
@@ -97,25 +108,29 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
             matched = ids >= 0
             if not matched.all():
                 report.missed[source] = int((~matched).sum())
+            report.onto[source] = str(layers[chosen[s]].name)
             plans.append((layers[chosen[s]], pd.Series(rows["manual_label"].to_numpy()[matched], index=ids[matched])))
             continue
-        free = [k for t, k in found if t == s and k not in chosen.values()]
-        if not free:
+        candidates = sorted((k for t, k in found if t == s), key=lambda k: -(found[s, k] >= 0).sum())
+        free = [k for k in candidates if k not in chosen.values()]
+        if not candidates:
             report.unmatched.append(source)
             continue
-        best = max(free, key=lambda k: (found[s, k] >= 0).sum())
+        if not free or _convincing(found[s, candidates[0]] >= 0):  # its smear's layer holds another's labels
+            report.taken[source] = str(layers[candidates[0]].name)
+            continue
         report.missed[source] = len(rows)
-        matched = int((found[s, best] >= 0).sum())
+        matched = int((found[s, free[0]] >= 0).sum())
         if not matched:
             refused.append(f"its {counted(len(rows), 'labelled cell')} from {source!r} "
                            f"{'is' if len(rows) == 1 else 'are'} at the place of no cell in "
                            f"{' or '.join(repr(layers[k].name) for k in free)} (was the smear cropped or "
                            "edited since the export?)")
             continue
-        report.foreign[source] = str(layers[best].name)
+        report.foreign[source] = str(layers[free[0]].name)
         refused.append(f"only {matched} of its {counted(len(rows), 'labelled cell')} from {source!r} "
                        f"{'is' if matched == 1 else 'are'} at the place of a cell in "
-                       f"{str(layers[best].name)!r} ({FOREIGN})")
+                       f"{str(layers[free[0]].name)!r} ({FOREIGN})")
     if not plans:
         reasons = refused + ([f"the cells from {', '.join(map(repr, report.unmatched))} are of smears with no cells "
                               f"layer among {', '.join(repr(layer.name) for layer in layers) or 'none'} (open and "
@@ -127,30 +142,32 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
     return report
 
 
-def _may_hold(layer, source: str, rows: pd.DataFrame) -> bool:
-    """Whether ``layer`` may be where the CSV's layer ``source`` was: its name, or a layer of the
-    same smear by its image's name, less the " [1]" napari gives a second image of one name
-    (two smears "26" and "26 [1]" opened again in the other order swap those names)."""
-    return str(layer.name) == source or _unnumbered(image_name(layer)) == _unnumbered(rows["image"].iloc[0])
-
-
 def _unnumbered(name: str) -> str:
+    """An image's name less the " [1]" napari gives a second image of one name: two smears "26"
+    and "26 [1]" opened again in the other order swap those names."""
     return _NAPARI_NUMBER.sub("", str(name))
 
 
-def _best_pairs(found: dict[tuple[int, int], np.ndarray], sources: list[str], layers: list) -> dict[int, int]:
-    """For each CSV layer (by index) the given layer (by index) its rows go to: the pairs matching
-    the most rows first, of equal ones the layer of the CSV layer's name; never a layer to two
-    CSV layers, nor a pair of which no row, or (of :data:`FEW_ROWS` rows or more) fewer than
-    :data:`MIN_MATCHED_SHARE`, matched."""
+def _convincing(matched: np.ndarray) -> bool:
+    """Whether rows of which ``matched`` found their cell are of that smear beyond doubt."""
+    return matched.sum() >= CONVINCING_MATCHES and matched.mean() >= MIN_MATCHED_SHARE
+
+
+def _best_pairs(found: dict[tuple[int, int], np.ndarray], kin: dict[tuple[int, int], bool], sources: list[str],
+                layers: list) -> dict[int, int]:
+    """For each CSV layer (by index) the given layer (by index) its rows go to: convincing pairs
+    first, of those the layer of the CSV layer's name, then the larger share of rows matched.
+    Never a layer to two CSV layers, nor a pair whose match could be chance: none matched, or
+    it is not convincing while the CSV layer has :data:`FEW_ROWS` rows or more, or the layer is of
+    its smear only with napari's number aside."""
     def rank(pair):
-        matched = int((found[pair] >= 0).sum())
-        return -matched, str(layers[pair[1]].name) != sources[pair[0]], pair
+        matched = found[pair] >= 0
+        return not _convincing(matched), str(layers[pair[1]].name) != sources[pair[0]], -matched.mean(), pair
 
     chosen: dict[int, int] = {}
     for s, k in sorted(found, key=rank):
         matched = found[s, k] >= 0
-        plausible = matched.any() and (len(matched) < FEW_ROWS or matched.mean() >= MIN_MATCHED_SHARE)
+        plausible = _convincing(matched) or (matched.any() and kin[s, k] and len(matched) < FEW_ROWS)
         if plausible and s not in chosen and k not in chosen.values():
             chosen[s] = k
     return chosen

@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -64,6 +65,7 @@ DIGEST_SPAN = 64 * 1024
 # control characters and what else splits a line (Python's splitlines); bytes that are not UTF-8
 _UNWRITABLE = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029\udc80-\udcff]")
 PARTIAL = ".partial-"  # OUT/.partial-<smear>: a smear's folder while it is written
+SYNC_THREADS = 8  # crops synced at once
 MAX_SIZE, MAX_PATCH = 2048, 8192  # px: a crop's side, a patch's side
 INDEX_COLUMNS = (
     "file", "source", "label", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x",
@@ -367,18 +369,15 @@ def _write_smear(out: Path, smear: Smear, samples: Samples) -> None:
     """The smear's images and rows, written in ``OUT/.partial-<smear>`` (what a cut-short run left
     there goes first) and then renamed to its folder, which it replaces. Each image is on disk
     before the rename (and so before the journal's line): else a power cut could leave a smear
-    journalled as done with empty images, which no re-run would cut again. It cost 0-6 % of
-    prepare's time here, about its run-to-run spread (benchmarks/RESULTS.md, "Crops on disk
-    before their journal line")."""
+    journalled as done with empty images, which no re-run would cut again."""
     folder, partial = out / smear.key, out / f"{PARTIAL}{smear.key}"
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
-    for name, pixels in zip(samples.names, samples.images):
-        with open(partial / f"{name}.png", "wb") as handle:
-            Image.fromarray(pixels).save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
+    files = [partial / f"{name}.png" for name in samples.names]
+    for file, pixels in zip(files, samples.images):
+        Image.fromarray(pixels).save(file)
+    _sync(files)
     rows = [
         {
             "file": f"{smear.key}/{name}.png",
@@ -394,6 +393,18 @@ def _write_smear(out: Path, smear: Smear, samples: Samples) -> None:
     if folder.exists():  # its own, from a run cut short before its journal line (checked up front)
         shutil.rmtree(folder)
     partial.rename(folder)
+
+
+def _sync(files: list[Path]) -> None:
+    """Put ``files`` on disk, several at a time: where each sync is a round trip to a server
+    (NFS, Lustre) they overlap. On this machine's disk it cost 0-6 % of prepare's time, about
+    its run-to-run spread (benchmarks/RESULTS.md, "Crops on disk before their journal line")."""
+    def sync(file: Path) -> None:
+        with open(file, "rb+") as handle:  # Windows syncs only a file open for writing
+            os.fsync(handle.fileno())
+
+    with ThreadPoolExecutor(SYNC_THREADS) as pool:
+        list(pool.map(sync, files))
 
 
 def on_one_line(path: str | os.PathLike) -> str:

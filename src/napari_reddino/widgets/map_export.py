@@ -189,6 +189,9 @@ class MapExport:
         self.recolour()
         parts = [f"{counted(sum(report.written.values()), 'label')} imported from {Path(path).name} "
                  f"onto {', '.join(map(repr, report.written))}"]
+        moved = [f"those from {source!r} onto {layer!r}" for source, layer in report.onto.items() if source != layer]
+        if moved:
+            parts.append(" and ".join(moved))
         if report.already:
             parts.append(f"{counted(report.already, 'cell')} had them already")
         if report.kept:
@@ -201,6 +204,10 @@ class MapExport:
         for name, layer in report.foreign.items():
             parts.append(f"none of the {counted(report.missed[name], 'label')} from {name!r} imported: too few of its "
                          f"cells are at the place of a cell in {layer!r} ({FOREIGN})")
+        for name, layer in report.taken.items():
+            other = next(source for source, onto in report.onto.items() if onto == layer)
+            parts.append(f"not imported: the labels from {name!r}, whose cells are in {layer!r} too, which took those "
+                         f"from {other!r} (open the smear again for both)")
         if report.unmatched:
             parts.append(f"not imported: the cells from {', '.join(map(repr, report.unmatched))} (open and segment "
                          "those smears)")
