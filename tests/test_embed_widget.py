@@ -208,6 +208,56 @@ def test_segment_first_adds_the_cells_layer_then_embeds_it(viewer, widget, qtbot
         f"{again.name!r}: 5 labels of {cells.name!r} carried over to the same cells; {cells.name!r} is hidden.")
 
 
+def test_a_smear_segmented_again_keeps_what_its_cells_carried_or_the_embeddings_of_cells_that_stayed(
+        viewer, widget, qtbot):
+    (image,) = viewer.open_sample("napari-reddino", "chula-smear")
+    widget.reset_choices()
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    cells = result.args[0]
+    ids, stored, _ = embeddings_of(cells)
+    predicted = np.where(np.arange(len(ids)) % 2, "target cell", "normal")
+    cells.features = cells.features.assign(predicted_class=predicted, note="lab's own")
+    _, segment = viewer.window.add_plugin_dock_widget("napari-reddino", "Segment cells")
+    segment.image.value = image
+
+    def segment_again() -> None:
+        with qtbot.waitSignal(segment.finished, timeout=RUN_TIMEOUT_MS):
+            segment.run()
+
+    segment_again()  # the same settings: the same cells
+    assert [layer for layer in viewer.layers if isinstance(layer, Labels)] == [cells]
+    assert cells.features["predicted_class"].tolist() == predicted.tolist() and set(cells.features["note"]) == {"lab's own"}
+    assert embeddings_of(cells)[1] is stored
+    widget.run()
+    assert widget.status.value.endswith("are already up to date; nothing to do.")
+    area = cells.features["area_um2"].to_numpy()
+    segment.cell_diameter.value, segment.pixel_size.value = 37.5, 0.25  # the same cells, measured at another size
+    segment_again()
+    np.testing.assert_allclose(cells.features["area_um2"], area * 1.25 ** 2)
+    assert cells.features["predicted_class"].tolist() == predicted.tolist() and embeddings_of(cells)[1] is stored
+    segment.cell_diameter.value = 30  # other cells: their measurements, and the head's predictions, go
+    segment_again()
+    assert "predicted_class" not in cells.features and "note" not in cells.features
+    assert segment.status.value.endswith("; the head's predictions were cleared: the cells changed (embed them and "
+                                         "apply the head again)")
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert_embedded_with_settings(widget, image.data, cells)
+
+
+def test_a_smear_selected_while_another_is_embedded_is_chosen_when_the_run_ends(viewer, widget, qtbot):
+    (image,) = viewer.open_sample("napari-reddino", "chula-smear")
+    other = viewer.add_image(image.data[::2, ::2], rgb=True, name="next smear")
+    viewer.layers.selection.active = image
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()  # segments first, then embeds
+        viewer.layers.selection.active = other
+        assert widget.image.value is image
+    assert result.args[0].metadata["source_image"] == image.name
+    assert widget.image.value is other and widget.cells.value == SEGMENT_FIRST  # the next smear has no cells yet
+
+
 def corrupt_copy(folder: Path, tmp_path: Path) -> str:
     damaged = tmp_path / "damaged_model"
     damaged.mkdir()

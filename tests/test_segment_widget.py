@@ -320,6 +320,20 @@ def test_the_image_choice_follows_the_smear_selected_in_the_layer_list(viewer, w
     assert viewer.layers.selection.active is cells and widget.image.value is first
 
 
+def test_a_smear_selected_while_another_is_segmented_is_chosen_when_the_run_ends(viewer, widget, chula, qtbot):
+    other = viewer.add_image(imread(CHULA_1)[::2, ::2], rgb=True, name="next smear")
+    viewer.layers.selection.active = chula
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+        viewer.layers.selection.active = other  # the run goes on with the smear it began with
+        assert widget.image.value is chula
+    assert result.args[0].metadata["source_image"] == chula.name
+    assert widget.image.value is other and widget.status.value.startswith(f"{len(result.args[0].features)} cells found "
+                                                                           f"in {chula.name!r} in ")
+    widget.pixel_size.value = 0.4  # typed for the smear now chosen
+    assert other.metadata["pixel_size_um"] == 0.4 and chula.metadata["pixel_size_um"] == pytest.approx(0.2)
+
+
 def test_closing_the_panel_mid_run_cancels_it(viewer, widget, chula, qtbot):
     with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
         widget.run()

@@ -478,6 +478,7 @@ class EmbedCellsWidget(JobWidget):
         batch = self._batch
         if batch is None:
             self._freeze_settings(False)  # the end of a one-smear run
+            self._take_image_selected_meanwhile()
             return
         if batch.current is None:
             return
@@ -494,6 +495,7 @@ class EmbedCellsWidget(JobWidget):
         self._freeze_settings(False)
         self.reset_choices()  # the run added cells layers: the chosen image's own comes first again
         self._pick_cells(self.image.value)
+        self._take_image_selected_meanwhile()
         cells = sum(batch.embedded.values())
         current = ", ".join(map(repr, batch.up_to_date))
         if len(batch.up_to_date) == batch.total:

@@ -91,6 +91,7 @@ class JobWidget(QWidget):
         self._run_button.changed.connect(self.run)
         self._cancel_button.changed.connect(self.cancel)
         self._docked = False
+        self._selected_meanwhile: Image | None = None  # see _take_image_selected_meanwhile
 
     def event(self, event: QEvent) -> bool:
         """Closing the dock (napari then takes the widget out of it) calls :meth:`_closed`."""
@@ -121,10 +122,24 @@ class JobWidget(QWidget):
 
     def _follow_active_image(self, event) -> None:
         layer = event.value
-        if isinstance(layer, Image) and not self._busy():
-            self.reset_choices()
-            if layer in self._image_choice.choices:
-                self._image_choice.value = layer
+        if not isinstance(layer, Image):
+            return
+        if self._busy():  # the run uses the choice: the smear selected is taken when it ends
+            self._selected_meanwhile = layer
+            return
+        self._choose_image(layer)
+
+    def _choose_image(self, layer: Image) -> None:
+        self.reset_choices()
+        if layer in self._image_choice.choices:
+            self._image_choice.value = layer
+
+    def _take_image_selected_meanwhile(self) -> None:
+        """At the end of a run, choose the smear selected in the layer list while it ran (else
+        a pixel size typed next would go to the smear just segmented)."""
+        layer, self._selected_meanwhile = self._selected_meanwhile, None
+        if layer is not None and layer in self._viewer.layers:
+            self._choose_image(layer)
 
     def _busy(self) -> bool:
         """Whether a run is using the panel's choices."""

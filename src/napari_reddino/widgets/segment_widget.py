@@ -12,6 +12,7 @@ from napari.utils.notifications import show_warning
 from qtpy.QtCore import Signal
 
 from ..cell_embeddings import image_digest, labels_digest
+from ..cell_table import class_names
 from ..cell_table import image_name as cell_image_name
 from ..label_import import carry_manual_labels, manual_labels
 from ..measurements import measure_cells
@@ -172,6 +173,7 @@ class SegmentCellsWidget(JobWidget):
             self._on_errored(error, "Adding the cells layer")
         finally:
             self._job = None  # it holds the smear: a closed smear's pixels are let go
+        self._take_image_selected_meanwhile()
         self.finished.emit()
 
     def _show_result(self, labels: np.ndarray, table: pd.DataFrame, cell_diameter: float, image_hash: str) -> None:
@@ -185,7 +187,7 @@ class SegmentCellsWidget(JobWidget):
             self.status.value = message
             return
         layer, carried = add_cells_layer(self._viewer, labels, table, job, cell_diameter, image_hash)
-        found = f"{counted(len(table), 'cell')} found in {time.perf_counter() - job.started:.1f} s"
+        found = f"{counted(len(table), 'cell')} found in {job.image_name!r} in {time.perf_counter() - job.started:.1f} s"
         self.status.value = f"{found}; {carried}" if carried else found
         self.segmented.emit(layer)
 
@@ -226,15 +228,25 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     same_smear = earlier is not None and of_image(earlier, job.image, image_hash)
     edited = same_smear and _edited_by_hand(earlier)
     if same_smear and not _has_manual_labels(earlier) and not edited:
-        layer = earlier
+        layer, before = earlier, pd.DataFrame(earlier.features)
+        same_cells = (earlier.metadata.get(SEGMENTED_LABELS) == digest and "label" in before
+                      and earlier.metadata.get(MEASURED_IMAGE) == image_hash)
         layer.data = labels
         _forget_strokes(layer)
-        layer.features = table
-        layer.metadata = metadata
+        if same_cells:  # measured anew (another pixel size), but its embeddings, predictions and columns hold
+            kept = ["label", *(column for column in before.columns if column not in table.columns)]
+            layer.features = table.merge(before[kept], on="label", how="left")
+            layer.metadata = {**{key: value for key, value in layer.metadata.items() if key != CARRIED_TO}, **metadata}
+        else:
+            layer.features, layer.metadata = table, metadata
         for key, value in job.placement.items():
             setattr(layer, key, value)
         layer.visible = True  # it may have been hidden when its labels went to a newer layer
-        return layer, carry_labels(viewer, layer, job, image_hash)
+        carried = carry_labels(viewer, layer, job, image_hash)
+        if not same_cells and "predicted_class" in before and (class_names(before, "predicted_class") != "").any():
+            cleared = "the head's predictions were cleared: the cells changed (embed them and apply the head again)"
+            carried = f"{carried}; {cleared}" if carried else cleared
+        return layer, carried
     layer = viewer.add_labels(
         labels, name=job.layer_name, features=table, metadata=metadata, **job.placement
     )
