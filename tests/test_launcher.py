@@ -1,10 +1,12 @@
 """``python -m napari_reddino``: the smear it opens and the widgets it docks."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from napari.utils.notifications import notification_manager
 from npe2 import PluginManager
 from qtpy.QtWidgets import QApplication
 
@@ -51,6 +53,25 @@ def test_opens_a_users_smears_one_layer_each(make_napari_viewer):
     assert all(layer.rgb and layer.data.shape == (480, 640, 3) for layer in viewer.layers)
 
 
+def test_smears_napari_cannot_read_are_said_and_the_others_open_with_the_widgets(make_napari_viewer, tmp_path,
+                                                                                 monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(CHULA_1, tmp_path / "my smear.jpg")
+    (tmp_path / "cut.jpg").write_bytes(CHULA_26.read_bytes()[:2000])  # a copy that stopped half-way
+    (tmp_path / "slide.svs").write_bytes(b"II*\x00not a tiff a reader can use")
+    viewer = make_napari_viewer()
+    shown = len(notification_manager.records)
+    open_smear_and_widgets(viewer, parse_args(["--image", "~/my smear.jpg", str(tmp_path / "cut.jpg"),
+                                               str(tmp_path / "slide.svs")]))
+    assert [layer.name for layer in viewer.layers] == ["my smear"]
+    assert declared_widgets() <= set(viewer.window.dock_widgets)
+    (said,) = [record.message for record in notification_manager.records[shown:]]
+    assert said.startswith(f"napari could not open {tmp_path / 'cut.jpg'} (") and f"; {tmp_path / 'slide.svs'} (" in said
+    assert said.endswith("Smears open as PNG, JPEG or TIFF files: save them as one of those (a slide scanner's file "
+                         "as a TIFF region).")
+    assert said in capsys.readouterr().err
+
+
 def test_a_smear_that_does_not_exist_is_refused_before_napari_opens(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         parse_args(["--image", str(CHULA_1), str(tmp_path / "missing.png")])
@@ -62,14 +83,15 @@ def test_defaults_to_the_chula_sample():
     assert parse_args([]).sample == "chula"
 
 
-@pytest.mark.parametrize("first", ["", "import napari_reddino.widgets.segment_widget\n"],
-                         ids=["widgets-imported-by-napari", "widgets-imported-before-the-window"])
+@pytest.mark.parametrize("first", ["", "import napari_reddino.widgets.segment_widget\n", "import torch\n"],
+                         ids=["widgets-imported-by-napari", "widgets-imported-before-the-window",
+                              "torch-imported-before-the-window"])
 def test_docking_the_embed_widget_after_opengl_is_up_does_not_crash(first):
     """A fresh napari with a visible (software-GL) window, then the torch-importing widget.
 
     Mesa's llvmpipe puts libLLVM in the process; without the triton guard, torchvision's import
     of triton loads a second LLVM and the process dies with a segmentation fault. Also when a
-    script imported the widgets before the window (and its OpenGL) was there.
+    script imported the widgets, or torch, before the window (and its OpenGL) was there.
     """
     script = (
         first +

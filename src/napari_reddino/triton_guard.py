@@ -2,37 +2,37 @@
 
 Mesa's software OpenGL (llvmpipe: virtual and remote displays, machines without a GPU
 driver) loads the system libLLVM into napari's process. torch and torchvision import triton
-on import to see whether it is there; triton carries its own LLVM, and loading it next to
-Mesa's segfaults the whole process. So when a system libLLVM is mapped at the moment torch is
-first imported, triton is marked unavailable and torch runs without it (the widgets never use
-torch.compile, the only thing that needs triton; the Python API and reddino-analyse offer it).
-The check waits for torch's import, not the widgets': a script may import the widgets before
-napari's window brings OpenGL in.
+to see whether it is there (torch._dynamo, which torchvision's ops import); triton carries its
+own LLVM, and loading it next to Mesa's segfaults the whole process. So when a system libLLVM
+is mapped at the moment triton would be imported, the import fails as if triton were not
+installed and torch runs without it (the widgets never use torch.compile, the only thing that
+needs triton; the Python API and reddino-analyse offer it). The check waits for triton's
+import itself: torch may have been imported before napari's window brought OpenGL in (a
+notebook that imported torch first), and torchvision after.
 """
 
 import importlib.abc
 import sys
 
 
-class _BeforeTorch(importlib.abc.MetaPathFinder):
-    """Runs the check when ``torch`` is looked up, then leaves the import to the usual finders."""
+class _BeforeTriton(importlib.abc.MetaPathFinder):
+    """Runs the check when ``triton`` is first looked up; where it blocks, the import fails."""
 
     def find_spec(self, name, path=None, target=None):
-        if name == "torch":
-            block_triton_if_llvm_loaded()
+        if name == "triton" and block_triton_if_llvm_loaded():
+            raise ModuleNotFoundError("triton is kept out of a process that holds Mesa's LLVM", name="triton")
         return None
 
 
 def guard_triton() -> None:
-    """Check now, and again when torch is first imported (Linux; once per process)."""
-    if sys.platform.startswith("linux") and not any(isinstance(f, _BeforeTorch) for f in sys.meta_path):
-        block_triton_if_llvm_loaded()
-        sys.meta_path.insert(0, _BeforeTorch())
+    """Check when triton is first imported (Linux; once per process)."""
+    if sys.platform.startswith("linux") and not any(isinstance(f, _BeforeTriton) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BeforeTriton())
 
 
 def block_triton_if_llvm_loaded() -> bool:
     """True when triton was blocked because a libLLVM is already in this (Linux) process."""
-    if "torch" in sys.modules or "triton" in sys.modules or not sys.platform.startswith("linux"):
+    if "triton" in sys.modules or not sys.platform.startswith("linux"):
         return False
     try:
         with open("/proc/self/maps") as maps:
@@ -40,5 +40,5 @@ def block_triton_if_llvm_loaded() -> bool:
     except OSError:
         return False
     if llvm_loaded:
-        sys.modules["triton"] = None  # `import triton` now raises ImportError
+        sys.modules["triton"] = None  # a later `import triton` raises ImportError at once
     return llvm_loaded
