@@ -618,7 +618,7 @@ def test_cells_erased_or_painted_after_segmenting_are_measured_again(viewer, wid
         widget.run()
     cells = viewer.layers["1 cells"]
     assert cells.metadata["measured_labels"] == labels_digest(cells.data)
-    erased, shrunk, last = (int(i) for i in label_ids(cells)[[3, 10, -1]])
+    erased, shrunk, split, last = (int(i) for i in label_ids(cells)[[3, 10, 20, -1]])
     labelled = {erased: "schistocyte", shrunk: "spherocyte", last: "target cell"}
     cells.features = cells.features.assign(manual_label=cells.features["label"].map(labelled).fillna(""))
     data = cells.data.copy()
@@ -626,6 +626,9 @@ def test_cells_erased_or_painted_after_segmenting_are_measured_again(viewer, wid
     data[data == erased] = last  # ... under the id napari gives a new cell: the largest plus one
     rows, cols = np.nonzero(data == shrunk)
     data[rows[rows < np.median(rows)], cols[rows < np.median(rows)]] = 0  # half of it erased
+    rows, cols = np.nonzero(data == split)
+    middle = int(np.median(rows))
+    data[middle - 1:middle + 2][data[middle - 1:middle + 2] == split] = 0  # erased across: two pieces, one id
     cells.data = data
     widget.cells.value = cells
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
@@ -635,8 +638,9 @@ def test_cells_erased_or_painted_after_segmenting_are_measured_again(viewer, wid
     # The half-erased cell keeps its label; the new cell does not take the label of the cell whose id it took.
     assert table.set_index("label")["manual_label"].fillna("").to_dict() == {
         **{label: "" for label in table["label"]}, shrunk: "spherocyte"}
-    assert widget.status.value.endswith("; 2 manual labels went with their cells (erased, merged, or their ids given "
-                                        "to cells painted elsewhere)")
+    assert widget.status.value.endswith(f"; 2 manual labels went with their cells (erased, merged, or their ids given "
+                                        f"to cells painted elsewhere); 1 cell ({split}) is in pieces apart, measured "
+                                        "and cut as one (erased across?): give each piece a label of its own")
     np.testing.assert_array_equal(np.sort(table["label"]), embeddings_of(cells)[0])
     area = table.set_index("label").loc[shrunk, "area_px"]
     assert area == (data == shrunk).sum()

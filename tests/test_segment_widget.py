@@ -244,6 +244,8 @@ BAD_LAYERS = {
     "stack": ((np.arange(3 * 64 * 64) % 251).astype(np.uint8).reshape(3, 64, 64),
               "(3, 64, 64) is a 3-D stack of planes in napari, not one smear (a colour photo stored channel by channel?"),
     "nan": (np.where(np.eye(64, dtype=bool), np.nan, 0.5).astype(np.float32), "NaN"),
+    "small colour": (np.full((24, 160, 3), 200, np.uint8), "(24, 160, 3) is shown by napari as 24 planes of 160 x 3, "
+                     "not in colour: napari takes an image for colour only when both its sides exceed 30 px."),
 }
 
 
@@ -262,7 +264,7 @@ def test_bad_images_give_a_clear_error_and_leave_the_cells_layer_untouched(viewe
         run(widget, qtbot)
 
         assert detail in widget.status.value
-        assert "RGB (H, W, 3)" in widget.status.value or "NaN" in widget.status.value
+        assert "RGB (H, W, 3)" in widget.status.value or name in ("nan", "small colour")
         notification = notification_manager.records[-1]
         assert notification.severity == NotificationSeverity.ERROR
         assert notification.message == widget.status.value

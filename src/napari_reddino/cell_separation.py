@@ -711,17 +711,31 @@ def _drop_small(labels: np.ndarray, min_area: float) -> np.ndarray:
 def largest_pieces(labels: np.ndarray) -> np.ndarray:
     """Each cell as its largest 4-connected piece: specks cut off by an outline's trim, or left
     beyond a target cell's rim, would count in its area and stretch its perimeter."""
-    pieces = measure_label(labels, connectivity=1)  # each cell's pixels apart from its neighbours'
+    pieces, owner = _pieces(labels)
     if pieces.max() == np.count_nonzero(np.bincount(labels.ravel())[1:]):  # one piece a cell: nothing to drop
         return labels
     sizes = np.bincount(pieces.ravel())
-    owner = np.zeros(sizes.size, labels.dtype)
-    owner[pieces.ravel()] = labels.ravel()
     order = np.lexsort((sizes[1:], owner[1:])) + 1  # by cell, then by size
     largest = order[np.append(owner[order][1:] != owner[order][:-1], True)]  # each cell's last piece
     keep = np.zeros(sizes.size, bool)
     keep[largest] = True
     return np.where(keep[pieces], labels, 0).astype(labels.dtype, copy=False)
+
+
+def cells_in_pieces(labels: np.ndarray) -> np.ndarray:
+    """The ids of the cells in more than one 4-connected piece, as an eraser stroke across a cell
+    leaves it: measured and cut as one cell, though the lab meant two."""
+    _, owner = _pieces(labels)
+    ids, counts = np.unique(owner[1:], return_counts=True)
+    return ids[counts > 1]
+
+
+def _pieces(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's 4-connected pieces, apart from its neighbours', and the cell of each piece."""
+    pieces = measure_label(labels, connectivity=1)
+    owner = np.zeros(int(pieces.max()) + 1, labels.dtype)
+    owner[pieces.ravel()] = labels.ravel()
+    return pieces, owner
 
 
 def keep_segments(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:

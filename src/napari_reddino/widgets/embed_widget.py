@@ -62,6 +62,7 @@ from ..crop_windows import (
 )
 from ..embedding import DeviceError, Downloaded, Embedder, iter_load_embedder, list_devices
 from ..image_input import ImageInputError
+from ..cell_separation import cells_in_pieces
 from ..measurements import MEASUREMENT_COLUMNS, measure_cells
 from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError, cached_hub_revision, hub_id, trained_crops
@@ -156,7 +157,8 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     yield embedder
     run = yield from embedder.embed_steps(pixels, labels, **crops, reuse=reuse)
     table = None if measured else measure_cells(labels, pixels, pixel_size_um=pixel_size_um)
-    return run, table, loaded, digest, crops
+    split = np.zeros(0, np.int64) if measured else cells_in_pieces(labels)  # edited by hand since segmented
+    return run, table, loaded, digest, crops, split
 
 
 def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -674,7 +676,7 @@ class EmbedCellsWidget(JobWidget):
         self._embed(image, pixels, cells, segmented=True)
 
     def _store(self, job: _EmbedJob, embedder: Embedder, run: EmbeddedCells, table: pd.DataFrame | None,
-               loaded_fingerprint: str, embedded: str, crops: dict) -> None:
+               loaded_fingerprint: str, embedded: str, crops: dict, split: np.ndarray) -> None:
         cut = ""
         if crops != self._shown_crops():  # a Hub model just downloaded records its training crops: shown from now on
             self._show_crops(crops)
@@ -723,6 +725,10 @@ class EmbedCellsWidget(JobWidget):
         if unlabelled:
             cleared += (f"; {counted(unlabelled, 'manual label')} went with {'its cell' if unlabelled == 1 else 'their cells'} "
                         "(erased, merged, or their ids given to cells painted elsewhere)")
+        if len(split):
+            named = ", ".join(map(str, split[:5])) + (", ..." if len(split) > 5 else "")
+            cleared += (f"; {counted(len(split), 'cell')} ({named}) {'is' if len(split) == 1 else 'are'} in pieces apart, "
+                        "measured and cut as one (erased across?): give each piece a label of its own")
         self.status.value = (
             f"{counted(fresh, 'cell')} embedded in {seconds:.1f} s ({fresh / max(seconds, 1e-9):,.0f} cells/s) "
             f"with {shown} on {embedder.device}{cut}{kept}{cleared}{tied}"

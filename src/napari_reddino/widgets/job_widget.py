@@ -32,7 +32,16 @@ def smear_pixels(layer: Image) -> np.ndarray:
     if layer.multiscale:
         raise ImageInputError(
             f"{layer.name!r} is a multiscale (pyramid) image; open its full-resolution level "
-            f"as a plain image layer; expected {ACCEPTED}."
+            "as a plain image layer (for a slide scan, save the region to analyse as a TIFF, in QuPath with "
+            f"File > Export images, and open that); expected {ACCEPTED}."
+        )
+    shape = layer.data.shape
+    if layer.ndim == 3 and not layer.rgb and shape[-1] in (3, 4):
+        raise ImageInputError(
+            f"{layer.name!r} of shape {shape} is shown by napari as {shape[0]} planes of {shape[1]} x "
+            f"{shape[2]}, not in colour: napari takes an image for colour only when both its sides exceed "
+            "30 px. Pad it to 31 px or more, or add it from napari's console with "
+            "viewer.add_image(data, rgb=True)."
         )
     if layer.ndim != 2:
         raise ImageInputError(
