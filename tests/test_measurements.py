@@ -106,6 +106,19 @@ def test_a_uniform_cell_has_no_pallor_however_blurred_or_small(radius):
     assert abs(measure_cells(labels, image)["central_pallor"].iloc[0]) < 0.03
 
 
+def test_cells_of_a_few_painted_pixels_get_finite_measurements():
+    # A dot and a one-pixel stroke painted by hand have no centre or rim: a NaN would keep every
+    # head from training or predicting on a map that holds them.
+    labels = np.zeros((40, 40), np.int32)
+    labels[10, 10], labels[20, 5:15], labels[30:32, 30:32] = 1, 2, 3
+    image = np.full((40, 40, 3), 220, np.uint8)
+    image[labels > 0] = (200, 120, 140)
+    table = measure_cells(labels, image)
+    numbers = table.select_dtypes("number")
+    assert np.isfinite(numbers.to_numpy()).all()
+    assert (table["central_pallor"] == 0).all()
+
+
 def test_border_cells_are_flagged():
     labels = np.zeros((100, 120), np.int32)  # not square: height and width are not mixed up
     labels[disk((0, 50), 15, shape=labels.shape)] = 1  # top
