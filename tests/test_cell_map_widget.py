@@ -4,6 +4,8 @@ smear colours, labels, linear head, review, CSV export, head saved and applied t
 import json
 import os
 import re
+import shutil
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -963,6 +965,18 @@ def test_a_head_class_whose_name_another_class_took_comes_back_under_a_name_of_i
         assert "p_target cell" not in cells.features
         assert set(cells.features["predicted_class"]) <= {"target cell (head 3)", "ovalocyte"}
         assert len(classes.classes) == len(DEFAULT_CLASSES) + 2  # no (head 4) on the second apply
+    # A head of another session (ids this list never had) with a class the list lacks: applied
+    # twice, its classes are the list's of their names, and the new one joins the list once.
+    about = json.loads((tmp_path / "head.json").read_text())
+    about.update(classes=["normal", "acanthocyte"], colours={},
+                 class_ids={"normal": uuid.uuid4().hex, "acanthocyte": uuid.uuid4().hex})
+    (tmp_path / "colleague.json").write_text(json.dumps(about))
+    shutil.copy(tmp_path / "head.safetensors", tmp_path / "colleague.safetensors")
+    for _ in range(2):
+        widget.apply_head(tmp_path / "colleague.safetensors")
+        assert "(head" not in widget.status.value.split(" applied to ")[1]
+        assert "normal (head)" not in classes.classes and classes.classes.count("acanthocyte") == 1
+        assert set(cells.features["predicted_class"]) <= {"normal", "acanthocyte"}
 
 
 def test_every_button_does_what_its_name_says(viewer, qtbot, tiny_folder, tmp_path, monkeypatch):  # noqa: F811

@@ -232,10 +232,29 @@ def test_a_smear_segmented_again_keeps_what_its_cells_carried_or_the_embeddings_
     widget.run()
     assert widget.status.value.endswith("are already up to date; nothing to do.")
     area = cells.features["area_um2"].to_numpy()
-    segment.cell_diameter.value, segment.pixel_size.value = 37.5, 0.25  # the same cells, measured at another size
-    segment_again()
+    segment.cell_diameter.value, segment.pixel_size.value = 37.5, 0.25  # the same cells, measured at another size:
+    segment_again()  # a head may read their sizes, and the lab's columns may say them
     np.testing.assert_allclose(cells.features["area_um2"], area * 1.25 ** 2)
-    assert cells.features["predicted_class"].tolist() == predicted.tolist() and embeddings_of(cells)[1] is stored
+    assert "predicted_class" not in cells.features and "note" not in cells.features
+    assert segment.status.value.endswith("; the head's predictions were cleared: the cells were measured at another "
+                                         "pixel size (apply the head again)")
+    assert embeddings_of(cells)[1] is stored  # cut from the same pixels: still theirs
+    segment.pixel_size.value = 0  # unknown now: no size in µm is left from before
+    segment_again()
+    assert not any(column.endswith("_um") or column.endswith("_um2") for column in cells.features.columns)
+    assert embeddings_of(cells)[1] is stored
+    cells.features = cells.features.assign(predicted_class=predicted)
+    # A cell erased, the cells embedded (and measured) so, the stroke taken back: the table is of other labels.
+    centre = cells.features.set_index("label").loc[ids[5], ["centroid_y", "centroid_x"]].to_numpy()
+    cells.brush_size = 60
+    cells.paint(tuple(centre.round().astype(int)), 0)
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+    assert "predicted_class" in cells.features
+    cells.undo()
+    segment_again()
+    assert "predicted_class" not in cells.features
+    cells.features = cells.features.assign(predicted_class=predicted)
     segment.cell_diameter.value = 30  # other cells: their measurements, and the head's predictions, go
     segment_again()
     assert "predicted_class" not in cells.features and "note" not in cells.features

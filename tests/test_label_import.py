@@ -241,7 +241,8 @@ def test_labels_of_another_smear_of_the_same_name_are_not_written_where_a_few_of
     assert other.name == yesterday.name
     with pytest.raises(LabelImportError, match=rf"^No label of cells.csv could be given to a cell: only [1-9]\d* of its "
                                                rf"{len(yesterday.features)} labelled cells from '1 cells' (is|are) at "
-                                               r"the place of a cell in '1 cells' \(another smear of that name, or one "
+                                               r"the place of a cell in '1 cells', too few to tell that it is that smear "
+                                               r"\(another smear of that name, or one "
                                                r"segmented with very different settings\)\.$"):
         import_manual_labels(tmp_path / "cells.csv", other)
     assert "manual_label" not in other.features
@@ -291,8 +292,16 @@ def test_a_few_labels_of_another_smear_numbered_by_napari_are_not_written_where_
     table.to_csv(tmp_path / "cells.csv", index=False)
     today = cells_layer(smear, source_image="1")
     with pytest.raises(LabelImportError, match=r"only 2 of its 3 labelled cells from '1 \[1\] cells' are at the "
-                                               r"place of a cell in '1 cells' \(another smear"):
+                                               r"place of a cell in '1 cells', too few to tell that it is that smear "
+                                               r"\(another smear"):
         import_manual_labels(tmp_path / "cells.csv", today)
+    table.iloc[:2].to_csv(tmp_path / "two.csv", index=False)  # of two labelled cells, both must be there
+    assert import_manual_labels(tmp_path / "two.csv", today).written == {"1 cells": 2}
+    today = cells_layer(smear, source_image="1")
+    table.iloc[:1].to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(LabelImportError, match=r"its 1 labelled cell from '1 \[1\] cells' is at the place of a cell "
+                                               r"in '1 cells', too few to tell"):
+        import_manual_labels(tmp_path / "one.csv", today)
     # Three of three are no chance: the smear it was, opened today without its number.
     table.loc[table.index[2], ["centroid_x", "bbox_min_x", "bbox_max_x"]] -= 20
     table.to_csv(tmp_path / "cells.csv", index=False)
@@ -314,6 +323,16 @@ def test_a_layer_numbered_by_napari_that_matches_convincingly_beats_a_chance_mat
     report = import_manual_labels(tmp_path / "cells.csv", [chance, same])
     assert report.onto == {"1 cells": "1 [1] cells"} and report.written == {"1 [1] cells": 4}
     assert "manual_label" not in chance.features
+
+
+def test_labels_of_a_smear_of_the_same_name_that_is_not_open_are_said_to_need_it_opened(smear, tmp_path):
+    # Two cameras' "1": the CSV holds both; today only the first is open.
+    first = labelled(cells_layer(smear, source_image="1"))
+    second = labelled(cells_layer(imread(DATA / "chula_rbc12" / "26.jpg"), name="1 [1] cells", source_image="1 [1]"))
+    export_cells_csv(tmp_path / "cells.csv", [first, second])
+    report = import_manual_labels(tmp_path / "cells.csv", cells_layer(smear, source_image="1"))
+    assert report.onto == {"1 cells": "1 cells"} and report.unmatched == ["1 [1] cells"]
+    assert not report.taken and not report.foreign
 
 
 def test_one_layer_takes_the_labels_of_one_csv_layer_of_its_smear_and_the_other_is_said_taken(smear, tmp_path):

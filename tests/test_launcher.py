@@ -83,9 +83,10 @@ def test_defaults_to_the_chula_sample():
     assert parse_args([]).sample == "chula"
 
 
-@pytest.mark.parametrize("first", ["", "import napari_reddino.widgets.segment_widget\n", "import torch\n"],
+@pytest.mark.parametrize("first", ["", "import napari_reddino.widgets.segment_widget\n", "import torch\n",
+                                   "import napari_reddino.widgets.segment_widget\nimport torch\n"],
                          ids=["widgets-imported-by-napari", "widgets-imported-before-the-window",
-                              "torch-imported-before-the-window"])
+                              "torch-imported-before-the-window", "both-imported-before-the-window"])
 def test_docking_the_embed_widget_after_opengl_is_up_does_not_crash(first):
     """A fresh napari with a visible (software-GL) window, then the torch-importing widget.
 
@@ -98,6 +99,8 @@ def test_docking_the_embed_widget_after_opengl_is_up_does_not_crash(first):
         "import napari\n"
         "viewer = napari.Viewer(show=True)\n"
         "viewer.open_sample('napari-reddino', 'chula-smear')\n"
+        "import importlib.util\n"
+        "importlib.util.find_spec('triton')\n"  # as torch.cuda's set-up asks: a spec or None, never an error
         "viewer.window.add_plugin_dock_widget('napari-reddino', 'Embed cells')\n"
         "import torch, sys\n"
         "print('docked', torch.ones(2).sum().item(), sys.modules.get('triton', 'loaded') is None)\n"

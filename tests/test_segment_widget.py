@@ -334,6 +334,14 @@ def test_a_smear_selected_while_another_is_segmented_is_chosen_when_the_run_ends
                                                                            f"in {chula.name!r} in ")
     widget.pixel_size.value = 0.4  # typed for the smear now chosen
     assert other.metadata["pixel_size_um"] == 0.4 and chula.metadata["pixel_size_um"] == pytest.approx(0.2)
+    # Chosen in the panel after a selection in the layer list, during a run: the panel's choice stays.
+    third = viewer.add_image(imread(CHULA_1)[::3, ::3], rgb=True, name="third smear")
+    widget.image.value = chula
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+        viewer.layers.selection.active = other
+        widget.image.value = third
+    assert widget.image.value is third
 
 
 def test_closing_the_panel_mid_run_cancels_it(viewer, widget, chula, qtbot):

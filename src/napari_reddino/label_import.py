@@ -113,11 +113,11 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
             continue
         candidates = sorted((k for t, k in found if t == s), key=lambda k: -(found[s, k] >= 0).sum())
         free = [k for k in candidates if k not in chosen.values()]
-        if not candidates:
-            report.unmatched.append(source)
-            continue
-        if not free or _convincing(found[s, candidates[0]] >= 0):  # its smear's layer holds another's labels
+        if candidates and _convincing(found[s, candidates[0]] >= 0):  # its smear's layer took another's labels
             report.taken[source] = str(layers[candidates[0]].name)
+            continue
+        if not free:  # none, or those of other smears of its name, which took their own labels
+            report.unmatched.append(source)
             continue
         report.missed[source] = len(rows)
         matched = int((found[s, free[0]] >= 0).sum())
@@ -128,9 +128,10 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
                            "edited since the export?)")
             continue
         report.foreign[source] = str(layers[free[0]].name)
-        refused.append(f"only {matched} of its {counted(len(rows), 'labelled cell')} from {source!r} "
+        some = "its" if matched == len(rows) else f"only {matched} of its"
+        refused.append(f"{some} {counted(len(rows), 'labelled cell')} from {source!r} "
                        f"{'is' if matched == 1 else 'are'} at the place of a cell in "
-                       f"{str(layers[free[0]].name)!r} ({FOREIGN})")
+                       f"{str(layers[free[0]].name)!r}, too few to tell that it is that smear ({FOREIGN})")
     if not plans:
         reasons = refused + ([f"the cells from {', '.join(map(repr, report.unmatched))} are of smears with no cells "
                               f"layer among {', '.join(repr(layer.name) for layer in layers) or 'none'} (open and "
@@ -149,8 +150,10 @@ def _unnumbered(name: str) -> str:
 
 
 def _convincing(matched: np.ndarray) -> bool:
-    """Whether rows of which ``matched`` found their cell are of that smear beyond doubt."""
-    return matched.sum() >= CONVINCING_MATCHES and matched.mean() >= MIN_MATCHED_SHARE
+    """Whether rows of which ``matched`` found their cell are of that smear beyond doubt: at
+    least :data:`CONVINCING_MATCHES` and :data:`MIN_MATCHED_SHARE` of them, or both of two."""
+    found = int(matched.sum())
+    return matched.mean() >= MIN_MATCHED_SHARE and (found >= CONVINCING_MATCHES or found == len(matched) == 2)
 
 
 def _best_pairs(found: dict[tuple[int, int], np.ndarray], kin: dict[tuple[int, int], bool], sources: list[str],

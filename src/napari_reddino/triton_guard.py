@@ -12,28 +12,40 @@ notebook that imported torch first), and torchvision after.
 """
 
 import importlib.abc
+import importlib.machinery
 import sys
 
 
 class _BeforeTriton(importlib.abc.MetaPathFinder):
-    """Runs the check when ``triton`` is first looked up; where it blocks, the import fails."""
+    """Runs the check when ``triton`` is first looked up; where it blocks, importing it fails as
+    if it were not installed. (Found, not None: ``importlib.util.find_spec`` callers such as
+    torch.cuda's lazy set-up expect a spec or None, not an error, and import it only to use it.)"""
 
     def find_spec(self, name, path=None, target=None):
         if name == "triton" and block_triton_if_llvm_loaded():
-            raise ModuleNotFoundError("triton is kept out of a process that holds Mesa's LLVM", name="triton")
+            return importlib.machinery.ModuleSpec(name, _Refused())
         return None
 
 
+class _Refused(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ModuleNotFoundError("triton is kept out of a process that holds Mesa's LLVM", name=spec.name)
+
+    def exec_module(self, module) -> None:
+        """Never reached: :meth:`create_module` refuses."""
+
+
 def guard_triton() -> None:
-    """Check when triton is first imported (Linux; once per process)."""
+    """Check now, and again when triton is first looked up (Linux; once per process)."""
     if sys.platform.startswith("linux") and not any(isinstance(f, _BeforeTriton) for f in sys.meta_path):
+        block_triton_if_llvm_loaded()
         sys.meta_path.insert(0, _BeforeTriton())
 
 
 def block_triton_if_llvm_loaded() -> bool:
     """True when triton was blocked because a libLLVM is already in this (Linux) process."""
     if "triton" in sys.modules or not sys.platform.startswith("linux"):
-        return False
+        return sys.modules.get("triton", True) is None  # blocked already
     try:
         with open("/proc/self/maps") as maps:
             llvm_loaded = any("libLLVM" in line for line in maps)

@@ -996,23 +996,22 @@ class CellMapWidget(MapExport, JobWidget):
     def _carry_renames(self, classifier: CellClassifier) -> list[str]:
         """Give the classes of a head saved before a rename (in this session: the class list's ids
         tell) their names now, else an old name would come back as a second class; says which. A
-        class of the head whose name another class has now (it was removed, the other renamed so)
-        comes back as "<name> (head)": under its old name it would pass its predictions off as the
-        other's. Of a head from another session (none of its ids in the list) names are all there is."""
+        class of the head whose name another class has now (it was removed, the other renamed or
+        added so) comes back as "<name> (head)": under its old name it would pass its predictions
+        off as the other's. Of a head from another session (ids the list never had) names are all
+        there is."""
         renames = {}
         for old, class_id in classifier.class_ids.items():
             new = self.class_list.name_of(class_id)
             if new is not None and new != old:
                 renames[old] = new
         said = [f"its {old!r} is {new!r} now" for old, new in renames.items()]
-        of_this_session = any(self.class_list.name_of(class_id) is not None for class_id in classifier.class_ids.values())
 
         def taken(name: str) -> bool:
             if name in renames:
                 return False
-            own_id = classifier.class_ids.get(name)
-            return name in renames.values() or (of_this_session and own_id is not None
-                                                and self.class_list.id_of(name) not in (None, own_id))
+            removed = classifier.class_ids.get(name) in self.class_list.removed_ids
+            return name in renames.values() or (removed and self.class_list.id_of(name) is not None)
 
         in_use = {*classifier.classes, *self.class_list.classes, *renames.values()}
         for name in [name for name in classifier.classes if taken(name)]:

@@ -93,6 +93,7 @@ class ClassList(QWidget):
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self._names: list[str] = []  # what the names were before an edit
+        self.removed_ids: set[str] = set()  # of the classes removed: a head's class of one is no class of the list
         self.table.cellDoubleClicked.connect(self._on_double_click)
         self.table.itemChanged.connect(self._on_item_changed)
         for name, colour in classes.items():
@@ -214,6 +215,7 @@ class ClassList(QWidget):
 
     def remove(self, name: str) -> None:
         row = self._names.index(name)
+        self.removed_ids.add(self.table.item(row, NAME).data(Qt.ItemDataRole.UserRole))
         self.table.removeRow(row)
         del self._names[row]
         self._renumber_keys()

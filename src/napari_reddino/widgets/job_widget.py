@@ -128,6 +128,11 @@ class JobWidget(QWidget):
         list, so moving to another smear there moves every panel to it."""
         self._image_choice = image
         self._viewer.layers.selection.events.active.connect(self._follow_active_image)
+        image.changed.connect(self._image_chosen)
+
+    def _image_chosen(self) -> None:
+        if self._busy():  # chosen in the panel during a run: a smear selected before in the layer list yields
+            self._selected_meanwhile = None
 
     def _follow_active_image(self, event) -> None:
         layer = event.value

@@ -203,7 +203,7 @@ class MapExport:
                          "place now (segmented with other settings, or edited since the export)")
         for name, layer in report.foreign.items():
             parts.append(f"none of the {counted(report.missed[name], 'label')} from {name!r} imported: too few of its "
-                         f"cells are at the place of a cell in {layer!r} ({FOREIGN})")
+                         f"cells are at the place of a cell in {layer!r} to tell that it is that smear ({FOREIGN})")
         for name, layer in report.taken.items():
             other = next(source for source, onto in report.onto.items() if onto == layer)
             parts.append(f"not imported: the labels from {name!r}, whose cells are in {layer!r} too, which took those "

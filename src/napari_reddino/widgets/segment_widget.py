@@ -11,11 +11,11 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_warning
 from qtpy.QtCore import Signal
 
-from ..cell_embeddings import image_digest, labels_digest
+from ..cell_embeddings import METADATA_KEY, image_digest, labels_digest
 from ..cell_table import class_names
 from ..cell_table import image_name as cell_image_name
 from ..label_import import carry_manual_labels, manual_labels
-from ..measurements import measure_cells
+from ..measurements import MEASUREMENT_COLUMNS, measure_cells
 from ..segmentation import RBC_DIAMETER_UM, estimate_cell_diameter, iter_segment_cells, pixel_size_refusal
 from ..wording import counted
 from .job_widget import JobWidget, job_worker, place_above
@@ -228,23 +228,29 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     same_smear = earlier is not None and of_image(earlier, job.image, image_hash)
     edited = same_smear and _edited_by_hand(earlier)
     if same_smear and not _has_manual_labels(earlier) and not edited:
-        layer, before = earlier, pd.DataFrame(earlier.features)
-        same_cells = (earlier.metadata.get(SEGMENTED_LABELS) == digest and "label" in before
-                      and earlier.metadata.get(MEASURED_IMAGE) == image_hash)
+        layer, before, was = earlier, pd.DataFrame(earlier.features), earlier.metadata
+        # the labels and pixels its table and embeddings were made from: both hold
+        same_cells = all(was.get(key) == value for key, value in (
+            (SEGMENTED_LABELS, digest), (MEASURED_LABELS, digest), (MEASURED_IMAGE, image_hash))) and "label" in before
+        # ... and measured at the same pixel size: so does what the head predicted from them, and the lab's columns
+        measured_alike = same_cells and was.get("pixel_size_um") == job.pixel_size_um
         layer.data = labels
         _forget_strokes(layer)
-        if same_cells:  # measured anew (another pixel size), but its embeddings, predictions and columns hold
-            kept = ["label", *(column for column in before.columns if column not in table.columns)]
+        if measured_alike:
+            kept = ["label", *(column for column in before.columns if column not in MEASUREMENT_COLUMNS)]
             layer.features = table.merge(before[kept], on="label", how="left")
-            layer.metadata = {**{key: value for key, value in layer.metadata.items() if key != CARRIED_TO}, **metadata}
+            layer.metadata = {**{key: value for key, value in was.items() if key != CARRIED_TO}, **metadata}
         else:
-            layer.features, layer.metadata = table, metadata
+            layer.features = table
+            layer.metadata = {**metadata, METADATA_KEY: was[METADATA_KEY]} if same_cells and METADATA_KEY in was else metadata
         for key, value in job.placement.items():
             setattr(layer, key, value)
         layer.visible = True  # it may have been hidden when its labels went to a newer layer
         carried = carry_labels(viewer, layer, job, image_hash)
-        if not same_cells and "predicted_class" in before and (class_names(before, "predicted_class") != "").any():
-            cleared = "the head's predictions were cleared: the cells changed (embed them and apply the head again)"
+        if not measured_alike and "predicted_class" in before and (class_names(before, "predicted_class") != "").any():
+            cleared = "the head's predictions were cleared: " + (
+                "the cells were measured at another pixel size (apply the head again)" if same_cells
+                else "the cells changed (embed them and apply the head again)")
             carried = f"{carried}; {cleared}" if carried else cleared
         return layer, carried
     layer = viewer.add_labels(
