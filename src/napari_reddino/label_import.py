@@ -5,9 +5,9 @@ The labelled rows of each layer of the CSV (its ``layer`` column; a CSV from bef
 is read by ``image``) go to one of the given layers of that name or of that image (a renamed
 layer), or of that image with napari's " [1]" aside (two smears of one name opened again in the
 other order swap "26" and "26 [1]"). A layer whose cells match the rows convincingly (at least
-:data:`CONVINCING_MATCHES` rows and :data:`MIN_MATCHED_SHARE` of them) goes first, of those the
-layer of that name, then the larger share of rows matched; one layer never takes two CSV layers'
-labels (the second is reported as ``taken``). A row goes to a cell by where it is, whatever its
+:data:`CONVINCING_MATCHES` rows and :data:`MIN_MATCHED_SHARE` of them, or both of two) goes
+first, of those the layer of that name, then the larger share of rows matched; one layer never
+takes two CSV layers' labels (the second is reported as ``taken``). A row goes to a cell by where it is, whatever its
 label id: segmenting again with other settings renumbers the cells (on Chula smear 1, a cell
 diameter of 32 px instead of the estimated 36 px kept only 18 of 124 ids), and a label id alone
 could name another cell. A row's cell is
