@@ -48,7 +48,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from .cell_table import as_layers, class_names, image_name
-from .wording import counted
+from .wording import counted, first_few
 
 CENTROID_TOLERANCE_PX = 0.5
 BOX_IOU = 0.8
@@ -253,9 +253,9 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
         table[column] = pd.to_numeric(table[column], errors="coerce")
     broken = ~np.isfinite(table[["centroid_x", "centroid_y"]]).all(axis=1)
     if broken.any():
-        lines = ", ".join(str(blank + index + 2) for index in table.index[broken][:5])
+        lines = first_few(blank + index + 2 for index in table.index[broken])
         raise LabelImportError(f"{path.name} has {counted(int(broken.sum()), 'labelled row')} without a "
-                               f"centroid (lines {lines}{', ...' if broken.sum() > 5 else ''}).")
+                               f"centroid (lines {lines}).")
     if "layer" not in table:
         table["layer"] = table["image"] + " cells"
     if "image" not in table:

@@ -42,7 +42,7 @@ from timm.models import PretrainedCfg
 
 from .crop_windows import CROP_MODES, CROP_SCALES, MAX_MARGIN, valid_crops
 from .model_ids import digested_id
-from .wording import counted
+from .wording import counted, first_few
 
 DownloadProgress = Callable[[str, int, int], None]
 """``(filename, bytes_done, bytes_total)``, called as a download advances."""
@@ -350,7 +350,7 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: P
     ]
     found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatch": wrong_shape}
     problems = [
-        f"{label} ({len(items)}): {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
+        f"{label} ({len(items)}): {first_few(items)}"
         for label, items in found.items()
         if items
     ]
@@ -363,7 +363,7 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: P
     if not_finite:  # else every embedding would be NaN, and the map and the classifier fail far from here
         raise CheckpointError(
             f"The weights in {path} hold NaN or infinite values (in the model's precision), in "
-            f"{counted(len(not_finite), 'tensor')} ({', '.join(not_finite[:5])}{', ...' if len(not_finite) > 5 else ''}): "
+            f"{counted(len(not_finite), 'tensor')} ({first_few(not_finite)}): "
             "the file is damaged, or the training run that wrote it diverged."
         )
     module.load_state_dict(state, strict=True, assign=True)

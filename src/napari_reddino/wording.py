@@ -9,6 +9,12 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
 
 
+def first_few(items, shown: int = 5) -> str:
+    """The first ``shown`` of ``items`` joined by commas, then ", ..." where there were more."""
+    items = [str(item) for item in items]
+    return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")
+
+
 # after a file that could not be replaced: the usual cause on Windows, where an open file is locked
 OPEN_ELSEWHERE = " If it is open in another program (a spreadsheet, say), close it there and try again."
 

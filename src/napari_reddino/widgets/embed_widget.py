@@ -66,7 +66,7 @@ from ..cell_separation import cells_in_pieces
 from ..measurements import MEASUREMENT_COLUMNS, measure_cells
 from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError, cached_hub_revision, hub_id, trained_crops
-from ..wording import counted
+from ..wording import counted, first_few
 from .job_widget import JobWidget, job_worker, smear_pixels
 from .segment_widget import (
     MEASURED_IMAGE,
@@ -726,8 +726,7 @@ class EmbedCellsWidget(JobWidget):
             cleared += (f"; {counted(unlabelled, 'manual label')} went with {'its cell' if unlabelled == 1 else 'their cells'} "
                         "(erased, merged, or their ids given to cells painted elsewhere)")
         if len(split):
-            named = ", ".join(map(str, split[:5])) + (", ..." if len(split) > 5 else "")
-            cleared += (f"; {counted(len(split), 'cell')} ({named}) {'is' if len(split) == 1 else 'are'} in pieces apart, "
+            cleared += (f"; {counted(len(split), 'cell')} ({first_few(split)}) {'is' if len(split) == 1 else 'are'} in pieces apart, "
                         "measured and cut as one (erased across?): give each piece a label of its own")
         self.status.value = (
             f"{counted(fresh, 'cell')} embedded in {seconds:.1f} s ({fresh / max(seconds, 1e-9):,.0f} cells/s) "
