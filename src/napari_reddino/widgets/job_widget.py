@@ -152,7 +152,7 @@ class JobWidget(QWidget):
         """At the end of a run, choose the smear selected in the layer list while it ran (else
         a pixel size typed next would go to the smear just segmented)."""
         layer, self._selected_meanwhile = self._selected_meanwhile, None
-        if layer is not None and layer in self._viewer.layers:
+        if layer is not None:  # closed since: not among the choices, so not chosen
             self._choose_image(layer)
 
     def _busy(self) -> bool:
