@@ -422,6 +422,35 @@ def test_a_csv_saved_again_by_a_spreadsheet_in_another_locale_gives_its_labels(s
     assert report.classes == ["spherocyte", "Schießscheibe", "NA"]
 
 
+@pytest.mark.parametrize("saved_as", ["semicolons", "unicode text"])
+def test_a_spreadsheet_s_csv_with_empty_cells_gives_its_labels(smear, tmp_path, saved_as):
+    # One empty cell makes a column text; its numbers keep their decimal commas then, and must
+    # still read as numbers (before, every labelled row was said to lack a centroid).
+    yesterday = labelled(cells_layer(smear))
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    table = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
+    unlabelled = table.index[table["manual_label"] == ""]
+    text = table.copy()
+    for column in ("centroid_x", "area_px", "bbox_min_x"):  # one cell emptied where no label is
+        text[column] = [str(value).replace(".", ",") for value in table[column]]
+        text.loc[unlabelled[0], column] = ""
+    if saved_as == "semicolons":  # German Excel: ; between fields, decimal commas, rows cleared at the end
+        text.to_csv(tmp_path / "excel.csv", index=False, sep=";", decimal=",", encoding="cp1252")
+        with open(tmp_path / "excel.csv", "a", encoding="cp1252") as file:
+            file.write(";" * (len(text.columns) - 1) + "\n" + ";" * (len(text.columns) - 1) + "\n")
+    else:  # Excel's "Unicode Text": UTF-16 with its mark, tabs, the locale's decimal commas
+        text.to_csv(tmp_path / "excel.csv", index=False, sep="\t", decimal=",", encoding="utf-16")
+    saved = (tmp_path / "excel.csv").read_bytes().decode("utf-16" if saved_as == "unicode text" else "cp1252")
+    sep = ";" if saved_as == "semicolons" else "\t"
+    header, first = (line.split(sep) for line in saved.splitlines()[:2])
+    assert [first[header.index(column)] for column in ("centroid_x", "centroid_y")] == [
+        f"{table.loc[0, column]}".replace(".", ",") for column in ("centroid_x", "centroid_y")]
+    today = cells_layer(smear)
+    report = import_manual_labels(tmp_path / "excel.csv", today)
+    assert today.features["manual_label"].tolist() == yesterday.features["manual_label"].tolist()
+    assert report.classes == ["spherocyte", "target cell", "NA"]
+
+
 @pytest.mark.parametrize("content, says", [
     ("layer,image,manual_label,centroid_x,centroid_y\n1 cells,1,normal,10,abc\n\n1 cells,1,,x,1\n1 cells,1,a,x,1\n",
      r"cells.csv has 2 labelled rows without a centroid \(lines 2, 5\)"),  # the blank line 3 counts too

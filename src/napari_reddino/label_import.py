@@ -38,6 +38,7 @@ No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 from dataclasses import dataclass, field
@@ -213,19 +214,22 @@ def carry_manual_labels(source, target) -> LabelImport:
 def _spreadsheet_text(path: Path) -> tuple[io.StringIO, dict, int]:
     """The text of ``path`` from its header on, how to split it, and how many blank lines came
     before the header, as a spreadsheet may have saved it: UTF-8 (with or without the mark Excel
-    adds), else Windows' Western encoding (Excel's plain "CSV"); and where a locale that writes
-    decimal commas saved it, ``;`` between fields and ``,`` in numbers."""
+    adds), UTF-16 with its mark (Excel's "Unicode Text"), else Windows' Western encoding (Excel's
+    plain "CSV"); fields split by ``,``, or by ``;`` or tabs where those split the header (a
+    locale that writes decimal commas; Unicode Text)."""
     raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("cp1252")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = raw.decode("utf-16")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252")
     lines = text.split("\n")
     blank = next((index for index, line in enumerate(lines) if line.strip()), len(lines))
     header = lines[blank] if blank < len(lines) else ""
-    semicolons = header.count(";") > header.count(",")
-    dialect = {"sep": ";" if semicolons else ",", "decimal": "," if semicolons else "."}
-    return io.StringIO("\n".join(lines[blank:])), dialect, blank
+    sep = max(",;\t", key=header.count)  # the first of equals: "," for a header of one column
+    return io.StringIO("\n".join(lines[blank:])), {"sep": sep}, blank
 
 
 def _read_labelled_rows(path: Path) -> pd.DataFrame:
@@ -249,8 +253,9 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
     table = table[table["manual_label"] != ""].copy()
     if table.empty:
         raise LabelImportError(f"{path.name} holds no manual labels.")
-    for column in ("centroid_x", "centroid_y"):
-        table[column] = pd.to_numeric(table[column], errors="coerce")
+    for column in ("centroid_x", "centroid_y", *_BOX, "area_px"):
+        if column in table:
+            table[column] = _numbers(table[column])
     broken = ~np.isfinite(table[["centroid_x", "centroid_y"]]).all(axis=1)
     if broken.any():
         lines = first_few(blank + index + 2 for index in table.index[broken])
@@ -261,6 +266,15 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
     if "image" not in table:
         table["image"] = table["layer"].str.removesuffix(" cells")
     return table
+
+
+def _numbers(column: pd.Series) -> pd.Series:
+    """A column as numbers, NaN where empty or unreadable. Text with a decimal comma, as a locale
+    that writes them saved it, reads as its number: read as text, for one empty cell of the column
+    makes the whole of it text, or because the fields were split by tabs."""
+    if not pd.api.types.is_numeric_dtype(column):
+        column = column.astype(str).str.replace(",", ".", regex=False)
+    return pd.to_numeric(column, errors="coerce")
 
 
 def _cells_at(rows: pd.DataFrame, layer) -> np.ndarray:
@@ -294,9 +308,9 @@ def _same_outline(rows: pd.DataFrame, features: pd.DataFrame, labels: np.ndarray
     :data:`BOX_IOU`, with an area within :data:`AREA_RATIO` and its centroid within
     :data:`CENTRE_SHIFT`; else -1. Boxes that overlap by 0.8 have nearby centres, so only the
     :data:`_NEIGHBOURS` nearest box centres are compared."""
-    theirs = rows[_BOX].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    theirs = rows[_BOX].to_numpy(dtype=float)
     ours = features[_BOX].to_numpy(dtype=float)
-    their_area = pd.to_numeric(rows["area_px"], errors="coerce").to_numpy(dtype=float)
+    their_area = rows["area_px"].to_numpy(dtype=float)
     their_centre = rows[["centroid_x", "centroid_y"]].to_numpy(dtype=float)
     our_area = features["area_px"].to_numpy(dtype=float)
     our_centre = features[["centroid_x", "centroid_y"]].to_numpy(dtype=float)
