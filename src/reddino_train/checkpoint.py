@@ -132,26 +132,41 @@ def _step(kept: Path) -> int:
     return int(_KEPT.fullmatch(kept.name)[1])
 
 
-def read_checkpoint(path: Path, advice: str = "It was left untouched; restore a backup, or move it away to start "
-                    "afresh.") -> dict[str, Any]:
-    """A reddino-train checkpoint's contents, or :class:`CheckpointError` saying why not, and
-    then ``advice`` (the default suits a run that would resume from it)."""
+def read_checkpoint(path: Path, advice: str) -> dict[str, Any]:
+    """A reddino-train checkpoint's contents, or :class:`CheckpointError` saying why not, then
+    that the file was left untouched and ``advice``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
-        raise CheckpointError(f"{path} cannot be read (damaged or cut short: {why_unreadable(error)}). {advice}") \
-            from error
+        if path.suffix != ".pt" and not _begins_as_torch_file(path):  # a config.yaml given for the checkpoint
+            raise CheckpointError(f"{path} is not a checkpoint (no file torch saved); give a run folder or a "
+                                  f"{CHECKPOINT_NAME} of one.") from error
+        raise CheckpointError(f"{path} cannot be read (damaged or cut short: {why_unreadable(error)}). It was "
+                              f"left untouched; {advice}") from error
     missing = [key for key in _REQUIRED if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(
-            f"{path} is not a reddino-train checkpoint (it has no {', '.join(missing)}). {advice}"
+            f"{path} is not a reddino-train checkpoint (it has no {', '.join(missing)}). It was left untouched; "
+            f"{advice}"
         )
     return state
 
 
+def _begins_as_torch_file(path: Path) -> bool:
+    """Whether ``path`` begins as torch.save's files do (a zip archive; before torch 1.6, a pickle)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(2) in (b"PK", b"\x80\x02")
+    except OSError:
+        return True  # unreadable: its own error says so
+
+
 def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Read a checkpoint and check it was made for the architecture of ``cfg``."""
-    state = read_checkpoint(path)
+    kept = kept_checkpoints(path.parent)
+    state = read_checkpoint(path, (
+        f"copy the newest checkpoint the run kept, {kept[-1]}, over it to resume from step {_step(kept[-1]):,}, "
+        "or restore a backup." if kept else "restore a backup, or move it away to start afresh."))
     saved, wanted = _weighed(state["architecture"]), architecture(cfg)
     # recorded since LayerScale could be left out; an earlier checkpoint's weights say whether it had one
     saved.setdefault("layerscale", any(name.endswith(".ls1.gamma") for name in state["student"]))

@@ -6,6 +6,7 @@ import argparse
 import functools
 import os
 import shlex
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -367,8 +368,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # A scheduler's SIGTERM (a time limit, preemption) stops as Ctrl-C does: prepare writes its index,
+    # export removes its half-written folder. fit's training loop has its own, which saves a checkpoint.
+    before = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.handler(args)
     except KeyboardInterrupt:  # fit's first Ctrl-C is its own (a checkpoint); this is a second, or another command
         print(f"\nreddino-train {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

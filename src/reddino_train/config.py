@@ -209,6 +209,7 @@ class TrainConfig:
                            ("train.checkpoint_minutes", self.train.checkpoint_minutes)):
             if value < 0:
                 raise ConfigError(f"{key}={value} must be 0 or more")
+        _check_ranges(self)
         temperatures = [("loss.student_temp", self.loss.student_temp), ("teacher.temp", self.teacher.temp)]
         if self.teacher.warmup_temp_epochs > 0:  # else never used
             temperatures.append(("teacher.warmup_temp", self.teacher.warmup_temp))
@@ -223,6 +224,31 @@ class TrainConfig:
                 f"crops.pixel_augmentations_per_crop={crops.pixel_augmentations_per_crop} must "
                 f"lie between 0 and the {len(crops.pixel_augmentations)} pixel_augmentations"
             )
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """:class:`ConfigError` for a rate, weight or momentum outside the range it has a meaning
+    in: a teacher momentum of 1.5, say, would train on, the teacher running away from the student."""
+    optim, loss, teacher = cfg.optim, cfg.loss, cfg.teacher
+    fractions = [("teacher.momentum", teacher.momentum), ("teacher.final_momentum", teacher.final_momentum),
+                 ("loss.center_momentum", loss.center_momentum), ("model.drop_path_rate", cfg.model.drop_path_rate),
+                 *((f"optim.adamw_betas[{index}]", beta) for index, beta in enumerate(optim.adamw_betas))]
+    for key, value in fractions:
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key}={value} must lie between 0 and 1")
+    if not 0 < optim.layerwise_decay <= 1:
+        raise ConfigError(f"optim.layerwise_decay={optim.layerwise_decay} must lie above 0 and at most 1 (1: none)")
+    if not optim.patch_embed_lr_mult > 0:
+        raise ConfigError(f"optim.patch_embed_lr_mult={optim.patch_embed_lr_mult} must be above 0")
+    for key, value in (("optim.base_lr", optim.base_lr), ("optim.min_lr", optim.min_lr),
+                       ("optim.weight_decay", optim.weight_decay), ("optim.weight_decay_end", optim.weight_decay_end),
+                       ("optim.warmup_epochs", optim.warmup_epochs),
+                       ("optim.freeze_last_layer_epochs", optim.freeze_last_layer_epochs),
+                       ("teacher.warmup_temp_epochs", teacher.warmup_temp_epochs),
+                       ("loss.dino_weight", loss.dino_weight), ("loss.ibot_weight", loss.ibot_weight),
+                       ("loss.koleo_weight", loss.koleo_weight), ("model.layerscale", cfg.model.layerscale)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be 0 or more")
 
 
 def check_architecture(cfg: TrainConfig) -> None:
@@ -372,11 +398,26 @@ def _resolve(source: str | os.PathLike, relative_to: Path | None = None) -> Path
     )
 
 
+class _EachKeyOnce(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping: PyYAML would keep the
+    last, and a section written twice would lose the first one's settings without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(problem=f"{key!r} is written twice in one section",
+                                                        problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_recipe(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"config {path} inherits from itself via {BASE_KEY}:")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_EachKeyOnce) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
@@ -466,4 +507,6 @@ def _coerce_scalar(value: Any, tp: type, key: str) -> Any:
         tp in (bool, str) and isinstance(value, tp)
     ):
         return value
+    elif tp is str and value is None:  # `model.pretrained=""`, its quotes taken by the shell, or an empty key
+        return ""
     raise ConfigError(f"{key}={value!r}; expected {tp.__name__}")

@@ -63,7 +63,7 @@ def export_teacher(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overw
     folder = checkpoint_path.parent  # the run's, or its earlier-checkpoints/ where a kept one was given
     run = folder.parent if folder.name == KEPT_FOLDER else folder
     kept = [path for path in kept_checkpoints(run) if path.resolve() != checkpoint_path.resolve()]
-    state = read_checkpoint(checkpoint_path, "It was left untouched; " + (
+    state = read_checkpoint(checkpoint_path, (
         f"export another checkpoint the run kept, such as the newest, {kept[-1]}, or restore a backup." if kept else
         "restore a backup."))
     cfg = config_from_dict(state["config"], source=str(checkpoint_path))

@@ -10,7 +10,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -417,6 +417,14 @@ class Trainer:
     def _resume(self, state: dict[str, Any]) -> None:
         load_full_state(self.student, self.teacher, self.optimizer, state)
         own = config_from_dict(state["config"])
+        given = self.cfg.model.pretrained
+        if given != own.model.pretrained:  # not read: config.yaml and the checkpoints keep what the run began from
+            self.cfg = replace(self.cfg, model=replace(self.cfg.model, pretrained=own.model.pretrained))
+            if self.rank == 0:
+                began = f"model.pretrained={own.model.pretrained!r}" if own.model.pretrained else "random weights"
+                warnings.warn(f"resuming {self.out}: model.pretrained={given!r} is not read, the run goes on from its "
+                              f"checkpoint's weights (it began from {began}, as its config.yaml keeps saying)",
+                              ResumeSettingsWarning, stacklevel=2)
         if own.loss.centering == self.cfg.loss.centering:  # else the other centering starts afresh
             self.losses.dino.load_state_dict(state["dino_loss"])
             self.losses.ibot.load_state_dict(state["ibot_loss"])

@@ -6,6 +6,8 @@ bit-for-bit repeatable between runs of a test.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,27 @@ def smear_images(tmp_path_factory) -> Path:
             suffix = ".png" if tile % 2 else ".jpg"
             image.crop(box).save(folder / f"{source.stem}_{tile}{suffix}")
     return root
+
+
+@pytest.fixture
+def terminate_after(monkeypatch):
+    """``terminate_after(module, name, call=1)``: the ``call``-th call of ``module.name``, once
+    done, sends this process SIGTERM, as a scheduler's time limit would. Until the test ends,
+    SIGTERM is otherwise ignored: a command that does not handle it goes on (and its test fails)
+    instead of ending the whole test run."""
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def arm(module, name: str, call: int = 1) -> None:
+        real, calls = getattr(module, name), []
+
+        def then_terminated(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls.append(name)
+            if len(calls) == call:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return result
+
+        monkeypatch.setattr(module, name, then_terminated)
+
+    yield arm
+    signal.signal(signal.SIGTERM, before)

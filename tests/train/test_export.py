@@ -15,6 +15,7 @@ from reddino_train.checkpoint import CheckpointError
 from reddino_train.cli import main
 from reddino_train.config import load_config
 from napari_reddino.atomic_files import UMASK
+import reddino_train.export as export_module
 from reddino_train.export import export_teacher
 from reddino_train.train import fit
 
@@ -89,6 +90,14 @@ def test_cli_fits_exports_and_refuses_to_overwrite(smear_images, tmp_path, capsy
     torch.save(checkpoint, newer / "checkpoint.pt")
     assert main(["export", str(newer), "--out", str(tmp_path / "newer-model")]) == 2
     assert "unknown key model.future_option" in capsys.readouterr().err
+
+
+def test_sigterm_during_an_export_leaves_no_half_written_folder(smear_images, tmp_path, capsys, terminate_after):
+    fit(load_config("tiny", TINY), smear_images, tmp_path / "run", max_steps=1)
+    terminate_after(export_module, "save_for_hf")  # a scheduler's time limit, the model written but not in place
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 130
+    assert capsys.readouterr().err.endswith("\nreddino-train export: interrupted; nothing was exported\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # no staging folder left beside it
 
 
 def test_a_run_on_prepared_cells_exports_how_they_were_cut_and_the_plugin_cuts_cells_so(tmp_path, capsys):

@@ -419,6 +419,19 @@ def test_an_output_that_cannot_be_written_and_ctrl_c_are_said_in_a_sentence(sour
                                        "same command goes on from there\n")
 
 
+def test_sigterm_stops_prepare_as_ctrl_c_does_with_the_index_of_the_smears_done(sources, tmp_path, capsys,
+                                                                                 terminate_after):
+    # A scheduler's time limit: the smear done is journalled and indexed, the next one is not.
+    terminate_after(prepare_module, "_sync", call=2)  # as the second smear's crops are written
+    out = tmp_path / "out"
+    assert main(["prepare", str(sources), "--out", str(out), "--size", "32"]) == 130
+    assert capsys.readouterr().err.endswith("\nreddino-train prepare: interrupted; the smears done so far are kept, "
+                                            "and the same command goes on from there\n")
+    assert {Path(row["source"]).name for row in read_index(out)} == {"1.jpg"}
+    assert main(["prepare", str(sources), "--out", str(out), "--size", "32"]) == 1  # broken.jpg: skipped
+    assert {Path(row["source"]).name for row in read_index(out)} == {"1.jpg", "image-1.png"}
+
+
 def test_smears_inside_the_output_folder_are_said_to_be_there(sources, tmp_path):
     folder = shutil.copytree(sources, tmp_path / "smears")
     with pytest.raises(PrepareError, match=rf"^every image under {folder} lies inside the output folder {folder}, "

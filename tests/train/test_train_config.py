@@ -153,6 +153,18 @@ def test_bad_values_are_errors():
                            ("heads.dino.n_prototypes=0", "heads.dino.n_prototypes=0 must be at least 1"),
                            ("optim.base_lr=.nan", r"optim.base_lr=nan: each must be a finite number"),
                            ("loss.koleo_weight=.inf", r"loss.koleo_weight=inf: each must be a finite number"),
+                           ("teacher.momentum=1.5", r"teacher.momentum=1.5 must lie between 0 and 1"),
+                           ("teacher.final_momentum=-1", r"teacher.final_momentum=-1.0 must lie between 0 and 1"),
+                           ("loss.center_momentum=2", r"loss.center_momentum=2.0 must lie between 0 and 1"),
+                           ("optim.adamw_betas=[0.9, 1.5]", r"optim.adamw_betas\[1\]=1.5 must lie between 0 and 1"),
+                           ("optim.base_lr=-1e-3", r"optim.base_lr=-0.001 must be 0 or more"),
+                           ("optim.weight_decay_end=-0.1", r"optim.weight_decay_end=-0.1 must be 0 or more"),
+                           ("loss.koleo_weight=-0.1", r"loss.koleo_weight=-0.1 must be 0 or more"),
+                           ("optim.layerwise_decay=9", r"optim.layerwise_decay=9.0 must lie above 0 and at most 1 "
+                                                       r"\(1: none\)"),
+                           ("optim.layerwise_decay=0", r"optim.layerwise_decay=0.0 must lie above 0 and at most 1 "
+                                                       r"\(1: none\)"),
+                           ("optim.patch_embed_lr_mult=0", r"optim.patch_embed_lr_mult=0.0 must be above 0"),
                            ("optim.base_lr=[", r"override 'optim.base_lr=\[': its value is not valid YAML \(expected "
                                                r"the node content, but found '<stream end>' at line 1, column 2\)")):
         with pytest.raises(ConfigError, match=rf"^{says}$"):
@@ -163,6 +175,10 @@ def test_bad_values_are_errors():
     typo = load_config("tiny", ["model.arch=vit_smal_patch14_dinov2"])  # read without timm; refused before a run
     with pytest.raises(ConfigError, match=r"model.arch='vit_smal_patch14_dinov2' is not a timm architecture"):
         check_architecture(typo)
+    # the ends of the ranges: a teacher that no longer moves, no layer-wise decay, no weight decay
+    edges = load_config("tiny", ["teacher.final_momentum=1", "optim.layerwise_decay=1", "optim.weight_decay=0",
+                                 "model.layerscale=0", "teacher.momentum=0"])
+    assert (edges.teacher.final_momentum, edges.optim.layerwise_decay, edges.optim.weight_decay) == (1, 1, 0)
     # An unused warm-up temperature is not checked: saved runs with one of 0 resume as before.
     assert load_config("tiny", ["teacher.warmup_temp_epochs=0", "teacher.warmup_temp=0"]).teacher.warmup_temp == 0
 
@@ -218,6 +234,30 @@ def test_a_recipe_that_is_not_yaml_says_where(tmp_path):
     with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML: expected ',' or '\]', but got '<stream end>' "
                                           r"at line 4, column 1"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_a_section_or_key_written_twice_in_a_recipe_is_refused_where_it_is(tmp_path):
+    # YAML keeps the last of two: the first section's learning rate would be lost without a word.
+    (tmp_path / "twice.yaml").write_text("base: tiny\noptim: {base_lr: 1.0e-3}\ntrain: {num_workers: 0}\n"
+                                         "optim: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML: 'optim' is written twice in one section at "
+                                          r"line 4, column 1"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "key.yaml").write_text("base: tiny\noptim:\n  epochs: 3\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match=r"'epochs' is written twice in one section at line 4, column 3"):
+        load_config(tmp_path / "key.yaml")
+    # A key of one name in two sections is not twice, nor is one that a YAML merge key (<<) brings and the
+    # section sets again (set, it wins, as YAML has it)
+    (tmp_path / "merged.yaml").write_text("base: tiny\nteacher: {temp: 0.05}\n"
+                                          "loss:\n  <<: {student_temp: 0.05, koleo_weight: 0.2}\n  student_temp: 0.06\n")
+    merged = load_config(tmp_path / "merged.yaml")
+    assert (merged.teacher.temp, merged.loss.student_temp, merged.loss.koleo_weight) == (0.05, 0.06, 0.2)
+
+
+def test_an_empty_value_for_a_text_key_is_empty_text():
+    # `model.pretrained=""` reaches the program as `model.pretrained=`: random weights, as the README says
+    assert load_config("reddino-vits14", ['model.pretrained=']).model.pretrained == ""
+    assert load_config("tiny", ["model.depth="]).model.depth is None  # a number's empty value stays "none"
 
 
 def test_incomplete_and_cyclic_recipes(tmp_path):

@@ -214,6 +214,21 @@ def test_resuming_with_other_settings_names_them(smear_images, tmp_path):
         fit(changed, smear_images, tmp_path, max_steps=3)
 
 
+def test_a_resume_given_other_starting_weights_says_they_are_not_read_and_keeps_its_own_record(smear_images,
+                                                                                                 tmp_path):
+    # The checkpoint holds the weights: recording model.pretrained=timm would misstate how the run began.
+    fit(load_config("tiny", TINY), smear_images, tmp_path, max_steps=1)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        fit(load_config("tiny", [*TINY, "model.pretrained=timm"]), smear_images, tmp_path, max_steps=2)
+    assert [str(warning.message) for warning in warned if warning.category is ResumeSettingsWarning] == [
+        f"resuming {tmp_path}: model.pretrained='timm' is not read, the run goes on from its checkpoint's weights (it "
+        "began from random weights, as its config.yaml keeps saying)"]
+    assert load_config(tmp_path / "config.yaml") == load_config("tiny", TINY)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["model"]["pretrained"] == ""
+    assert not list(tmp_path.glob("config-until-step-*"))
+
+
 def test_a_finished_run_given_more_epochs_says_how_far_its_schedules_jump(smear_images, tmp_path):
     short = ["optim.epochs=1", "train.iterations_per_epoch=2", "optim.warmup_epochs=0", "teacher.warmup_temp_epochs=0"]
     fit(load_config("tiny", [*TINY, *short]), smear_images, tmp_path, max_steps=2)  # at its schedules' end
@@ -652,6 +667,28 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_by_name_and_kept(smear_image
     with pytest.raises(CheckpointError, match=says):
         export_teacher(tmp_path, tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
+
+
+def test_a_damaged_checkpoint_beside_kept_ones_names_the_newest_to_go_on_from(smear_images, tmp_path):
+    every_step = [*TINY, "train.checkpoint_every=1", "train.keep_checkpoints=3"]
+    fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=3)
+    path, newest = tmp_path / "checkpoint.pt", tmp_path / "earlier-checkpoints" / "step-2.pt"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"left untouched; copy the newest checkpoint the run kept, {newest}, over it to resume from step 2, or "
+            "restore a backup.") + "$"):
+        fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=4)
+    shutil.copyfile(newest, path)  # as it says
+    assert fit(load_config("tiny", every_step), smear_images, tmp_path, max_steps=4).iterations_this_run == 2
+    # what is plainly no checkpoint is not called damaged
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path / 'config.yaml'} is not a checkpoint (no file torch saved); give a run folder or a "
+            "checkpoint.pt of one.") + "$"):
+        export_teacher(tmp_path / "config.yaml", tmp_path / "exported")
+    backup = tmp_path / "checkpoint.pt.bak"  # by any name, a checkpoint cut short is one
+    backup.write_bytes(newest.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(backup))} cannot be read \(damaged or cut short: "):
+        export_teacher(backup, tmp_path / "exported")
 
 
 def test_empty_data_folder_is_a_clear_error(tmp_path):
