@@ -5,6 +5,8 @@ import threading
 import pytest
 import torch
 from magicgui.widgets import Container
+from napari.utils import progress
+from qtpy.QtCore import QThreadPool
 
 from napari_reddino.widgets.job_widget import WAITING, JobWidget, job_worker
 
@@ -115,3 +117,45 @@ def test_a_run_waits_for_the_step_a_closed_panel_s_run_is_in(make_napari_viewer,
     with qtbot.waitSignal(second.finished, timeout=10_000):
         second.run()
     assert log[-1] == "second run started" and len(log) == 4
+
+
+def _until_the_thread_ends() -> None:
+    """Wait, running no Qt events, until the workers' threads are done: their signals
+    (``yielded``, ``finished``) then all wait in the queue, as when the GUI was busy as they ended."""
+    assert QThreadPool.globalInstance().waitForDone(10_000), "a worker's thread did not end"
+
+
+def test_a_panel_closed_as_its_run_ends_lets_later_runs_start(make_napari_viewer, qtbot):
+    # The run's finished signal was sent before closing the panel connected to it: a run started
+    # later must not wait for it forever.
+    viewer, log = make_napari_viewer(), []
+
+    @job_worker
+    def short():
+        log.append("ran")
+        yield 1, 1
+
+    first = OneJob(viewer, short)
+    viewer.window.add_dock_widget(first)
+    first.run()
+    _until_the_thread_ends()
+    viewer.window.remove_dock_widget(first)
+    second = OneJob(viewer, short)
+    viewer.window.add_dock_widget(second)
+    with qtbot.waitSignal(second.finished, timeout=10_000):
+        second.run()
+    assert log == ["ran", "ran"] and not second.status.value.endswith(WAITING)
+
+
+def test_a_run_that_ends_while_its_progress_bar_is_made_leaves_no_bar(make_napari_viewer, qtbot):
+    # Making a napari progress bar runs Qt events: the run's end, handled among them, must not be
+    # followed by a bar that nothing closes any more.
+    viewer = make_napari_viewer()
+    widget = OneJob(viewer, _hits_a_bad_value)
+    viewer.window.add_dock_widget(widget)
+    open_bars = len(progress._all_instances)
+    with qtbot.waitSignal(widget.finished, timeout=10_000):
+        widget.run()
+        _until_the_thread_ends()
+    assert widget.status.value == "The test job failed: not a smear"
+    assert widget._progress is None and len(progress._all_instances) == open_bars

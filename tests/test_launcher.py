@@ -5,12 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from napari.utils.notifications import notification_manager
 from npe2 import PluginManager
+from PIL import Image
 from qtpy.QtWidgets import QApplication
 
 from napari_reddino.__main__ import PLUGIN, open_smear_and_widgets, parse_args
+from napari_reddino.image_input import read_smear
+from napari_reddino.widgets.job_widget import smear_pixels
 
 CHULA_1, CHULA_26 = (Path(__file__).parent / "data" / "chula_rbc12" / f"{n}.jpg" for n in (1, 26))
 
@@ -51,6 +55,23 @@ def test_opens_a_users_smears_one_layer_each(make_napari_viewer):
 
     assert [layer.name for layer in viewer.layers] == ["26", "1"]
     assert all(layer.rgb and layer.data.shape == (480, 640, 3) for layer in viewer.layers)
+
+
+def test_a_cmyk_jpeg_and_a_gray_png_with_alpha_open_as_the_smears_they_are(make_napari_viewer, tmp_path):
+    # napari's reader shows a CMYK file's inks as RGB and alpha, and gray with alpha as two planes
+    with Image.open(CHULA_1) as photo:
+        photo.convert("CMYK").save(tmp_path / "print.jpg")
+        photo.convert("LA").save(tmp_path / "gray.png")
+    viewer = make_napari_viewer()
+    open_smear_and_widgets(viewer, parse_args(["--image", str(tmp_path / "print.jpg"), str(tmp_path / "gray.png"),
+                                               str(CHULA_26)]))
+    cmyk, gray, plain = viewer.layers
+    assert (cmyk.name, gray.name, plain.name) == ("print", "gray", "26")
+    assert cmyk.rgb and smear_pixels(cmyk).shape == (480, 640, 3)
+    np.testing.assert_array_equal(cmyk.data, read_smear(tmp_path / "print.jpg"))
+    assert not gray.rgb and smear_pixels(gray).shape == (480, 640)
+    np.testing.assert_array_equal(gray.data, np.asarray(Image.open(CHULA_1).convert("L")))
+    assert plain.rgb and plain.data.shape == (480, 640, 3)
 
 
 def test_smears_napari_cannot_read_are_said_and_the_others_open_with_the_widgets(make_napari_viewer, tmp_path,

@@ -10,14 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from napari.layers import Labels
+from PIL import Image
 from napari.utils.notifications import NotificationSeverity, notification_manager
 from skimage.io import imread
 
 from napari_reddino import estimate_cell_diameter, segment_cells
 from napari_reddino.widgets.smear_colours import MARK
 from napari_reddino.cell_embeddings import labels_digest
-from napari_reddino.widgets.segment_widget import (MEASURED_IMAGE, MEASURED_LABELS, SEGMENTED_LABELS, carried_to,
-                                                   measured_on)
+from napari_reddino.widgets.segment_widget import (CARRIED_TO, MEASURED_IMAGE, MEASURED_LABELS, SEGMENTED_LABELS,
+                                                   carried_to, measured_on)
 from napari_reddino.widgets.smear_links import SOURCE_DIGEST
 
 DATA = Path(__file__).parent / "data"
@@ -207,6 +208,19 @@ def test_masks_a_lab_saved_under_the_smear_s_cells_name_are_kept_beside_a_new_se
     np.testing.assert_array_equal(theirs.data, masks)
 
 
+def test_labelled_masks_of_another_size_under_the_smear_s_name_give_no_labels_and_stay_shown(viewer, widget, chula,
+                                                                                             qtbot):
+    # A lab's masks of the smear at half its size, labelled: no cell of theirs lies where the new
+    # cells are, so nothing is carried and their layer stays as it was.
+    masks = np.zeros((chula.data.shape[0] // 2, chula.data.shape[1] // 2), np.int32)
+    masks[50:70, 50:70] = 1
+    theirs = viewer.add_labels(masks, name=f"{chula.name} cells", features={"label": [1], "manual_label": ["normal"]})
+    run(widget, qtbot)
+    (new,) = [layer for layer in labels_layers(viewer) if layer.name != theirs.name]
+    assert theirs.visible and "carried over" not in widget.status.value
+    assert "manual_label" not in new.features and CARRIED_TO not in theirs.metadata
+
+
 def test_cells_of_an_older_version_are_replaced_unless_edited_since_they_were_measured(viewer, widget, chula, qtbot):
     run(widget, qtbot)
     (cells,) = labels_layers(viewer)
@@ -240,7 +254,9 @@ def test_blank_image_gives_a_notice_and_no_layer(viewer, widget, qtbot):
 
 
 BAD_LAYERS = {
-    "two channels": ((np.arange(64 * 64 * 2) % 251).astype(np.uint8).reshape(64, 64, 2), "(64, 64, 2)"),
+    "two channels": ((np.arange(64 * 64 * 2) % 251).astype(np.uint8).reshape(64, 64, 2),
+                     "'two channels' of shape (64, 64, 2) looks like a gray image with alpha, which napari shows as 64 "
+                     'planes. Open it with `python -m napari_reddino --image "FILE"`'),
     "stack": ((np.arange(3 * 64 * 64) % 251).astype(np.uint8).reshape(3, 64, 64),
               "(3, 64, 64) is a 3-D stack of planes in napari, not one smear (a colour photo stored channel by channel?"),
     "nan": (np.where(np.eye(64, dtype=bool), np.nan, 0.5).astype(np.float32), "NaN"),
@@ -264,7 +280,7 @@ def test_bad_images_give_a_clear_error_and_leave_the_cells_layer_untouched(viewe
         run(widget, qtbot)
 
         assert detail in widget.status.value
-        assert "RGB (H, W, 3)" in widget.status.value or name in ("nan", "small colour")
+        assert "RGB (H, W, 3)" in widget.status.value or name in ("nan", "small colour", "two channels")
         notification = notification_manager.records[-1]
         assert notification.severity == NotificationSeverity.ERROR
         assert notification.message == widget.status.value
@@ -273,6 +289,29 @@ def test_bad_images_give_a_clear_error_and_leave_the_cells_layer_untouched(viewe
     np.testing.assert_array_equal(cells.data, data)
     assert cells.features.equals(features)
     assert cells.metadata == metadata
+
+
+def test_files_napari_opens_as_their_stored_planes_are_refused_with_the_way_to_open_them(viewer, widget, chula,
+                                                                                         qtbot, tmp_path):
+    # A CMYK JPEG's inks pass for RGB and alpha (42 cells found instead of 124); gray with alpha is two planes.
+    with Image.open(DATA / "chula_rbc12" / "1.jpg") as photo:
+        photo.convert("CMYK").save(tmp_path / "print.jpg")
+        photo.convert("LA").save(tmp_path / "gray.png")
+    (cmyk,) = viewer.open(tmp_path / "print.jpg")
+    (gray,) = viewer.open(tmp_path / "gray.png")
+    for layer, says in ((cmyk, f"'print' is a CMYK JPEG (a print workflow's), whose four inks napari shows as red, "
+                               f"green, blue and alpha. Open it with `python -m napari_reddino --image "
+                               f"\"{tmp_path / 'print.jpg'}\"`, which reads it as the smear it is"),
+                        (gray, "'gray' of shape (480, 640, 2) looks like a gray image with alpha, which napari shows "
+                               f"as 480 planes. Open it with `python -m napari_reddino --image "
+                               f"\"{tmp_path / 'gray.png'}\"`")):
+        widget.image.value = layer
+        run(widget, qtbot)
+        assert widget.status.value.startswith(says)
+    assert labels_layers(viewer) == []
+    widget.image.value = viewer.add_image(np.asarray(Image.open(tmp_path / "print.jpg")), name="inks", rgb=True)
+    run(widget, qtbot)  # the same pixels from no file: taken as RGBA (nothing says otherwise)
+    assert len(labels_layers(viewer)) == 1
 
 
 def test_cancel_leaves_no_layer(viewer, widget, chula, qtbot):

@@ -2,6 +2,7 @@
 and a napari progress bar made at the first step (no busy animation while nothing is counted)."""
 
 import functools
+from pathlib import Path
 
 import napari
 import numpy as np
@@ -23,6 +24,10 @@ _waiting: list = []
 WAITING = " (waiting for the run of a closed panel to stop)"
 
 
+_OPEN_AS_SMEAR = ("Open it with `python -m napari_reddino --image \"{}\"`, which reads it as the smear it is, or "
+                  "save it as an ordinary RGB PNG, JPEG or TIFF.")
+
+
 def smear_pixels(layer: Image) -> np.ndarray:
     """The layer's pixels as one 2-D smear, or :class:`ImageInputError`.
 
@@ -42,6 +47,17 @@ def smear_pixels(layer: Image) -> np.ndarray:
             f"{shape[2]}, not in colour: napari takes an image for colour only when both its sides exceed "
             "30 px. Pad it to 31 px or more, or add it from napari's console with "
             "viewer.add_image(data, rgb=True)."
+        )
+    source = Path(layer.source.path or "")
+    if layer.rgb and shape[-1] == 4 and source.suffix.lower() in (".jpg", ".jpeg"):  # JPEG has no alpha: inks
+        raise ImageInputError(
+            f"{layer.name!r} is a CMYK JPEG (a print workflow's), whose four inks napari shows as red, green, blue "
+            f"and alpha. {_OPEN_AS_SMEAR.format(source)}"
+        )
+    if layer.ndim == 3 and not layer.rgb and shape[-1] == 2:
+        raise ImageInputError(
+            f"{layer.name!r} of shape {shape} looks like a gray image with alpha, which napari shows as {shape[0]} "
+            f"planes. {_OPEN_AS_SMEAR.format(source if source.name else 'FILE')}"
         )
     if layer.ndim != 2:
         raise ImageInputError(
