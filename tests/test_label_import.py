@@ -24,6 +24,7 @@ from napari_reddino.label_import import (
 )
 
 DATA = Path(__file__).parent / "data"
+BOX = ("bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,14 @@ def test_labels_carried_from_layer_to_layer_are_those_an_export_and_import_would
     assert carried.features["manual_label"].tolist() == imported.features["manual_label"].tolist()
     assert report.written == by_file.written and report.missed == by_file.missed == {"1 cells": report.missed["1 cells"]}
     assert report.classes == by_file.classes and 0 < report.missed["1 cells"] < report.written["1 cells [1]"]
+    # A layer whose boxes and areas are text (a lab's table), one of them empty, gives what it can.
+    boxed = labels_layer(yesterday.features.astype({column: str for column in (*BOX, "area_px")}), "1 cells",
+                         yesterday.data)
+    boxed.features.loc[boxed.features["manual_label"].str.strip() != "", "bbox_min_x"] = ""
+    again_carried = labels_layer(imported.features.drop(columns="manual_label"), "1 cells [1]", again,
+                                 source_image="1")
+    by_centroid = carry_manual_labels(boxed, again_carried)
+    assert 0 < by_centroid.written["1 cells [1]"] < report.written["1 cells [1]"]  # the boxes' finds are gone
     unlabelled = cells_layer(smear, "x")
     assert carry_manual_labels(unlabelled, carried) == LabelImport()  # nothing to carry, nothing said
     # Labels of cells without a place (another tool's table, an unmeasured centroid) are missed.
@@ -422,8 +431,9 @@ def test_a_csv_saved_again_by_a_spreadsheet_in_another_locale_gives_its_labels(s
     assert report.classes == ["spherocyte", "Schießscheibe", "NA"]
 
 
-@pytest.mark.parametrize("saved_as", ["semicolons", "unicode text"])
-def test_a_spreadsheet_s_csv_with_empty_cells_gives_its_labels(smear, tmp_path, saved_as):
+@pytest.mark.parametrize(("saved_as", "point"), [("semicolons", ","), ("unicode text", ","), ("unicode text", ".")],
+                         ids=["semicolons", "unicode-text", "unicode-text-english"])
+def test_a_spreadsheet_s_csv_with_empty_cells_gives_its_labels(smear, tmp_path, saved_as, point):
     # One empty cell makes a column text; its numbers keep their decimal commas then, and must
     # still read as numbers (before, every labelled row was said to lack a centroid).
     yesterday = labelled(cells_layer(smear))
@@ -432,19 +442,19 @@ def test_a_spreadsheet_s_csv_with_empty_cells_gives_its_labels(smear, tmp_path, 
     unlabelled = table.index[table["manual_label"] == ""]
     text = table.copy()
     for column in ("centroid_x", "area_px", "bbox_min_x"):  # one cell emptied where no label is
-        text[column] = [str(value).replace(".", ",") for value in table[column]]
+        text[column] = [str(value).replace(".", point) for value in table[column]]
         text.loc[unlabelled[0], column] = ""
     if saved_as == "semicolons":  # German Excel: ; between fields, decimal commas, rows cleared at the end
-        text.to_csv(tmp_path / "excel.csv", index=False, sep=";", decimal=",", encoding="cp1252")
+        text.to_csv(tmp_path / "excel.csv", index=False, sep=";", decimal=point, encoding="cp1252")
         with open(tmp_path / "excel.csv", "a", encoding="cp1252") as file:
             file.write(";" * (len(text.columns) - 1) + "\n" + ";" * (len(text.columns) - 1) + "\n")
-    else:  # Excel's "Unicode Text": UTF-16 with its mark, tabs, the locale's decimal commas
-        text.to_csv(tmp_path / "excel.csv", index=False, sep="\t", decimal=",", encoding="utf-16")
+    else:  # Excel's "Unicode Text": UTF-16 with its mark, tabs, the locale's decimal mark
+        text.to_csv(tmp_path / "excel.csv", index=False, sep="\t", decimal=point, encoding="utf-16")
     saved = (tmp_path / "excel.csv").read_bytes().decode("utf-16" if saved_as == "unicode text" else "cp1252")
     sep = ";" if saved_as == "semicolons" else "\t"
     header, first = (line.split(sep) for line in saved.splitlines()[:2])
     assert [first[header.index(column)] for column in ("centroid_x", "centroid_y")] == [
-        f"{table.loc[0, column]}".replace(".", ",") for column in ("centroid_x", "centroid_y")]
+        f"{table.loc[0, column]}".replace(".", point) for column in ("centroid_x", "centroid_y")]
     today = cells_layer(smear)
     report = import_manual_labels(tmp_path / "excel.csv", today)
     assert today.features["manual_label"].tolist() == yesterday.features["manual_label"].tolist()
@@ -456,6 +466,12 @@ def test_a_spreadsheet_s_csv_with_empty_cells_gives_its_labels(smear, tmp_path, 
      r"cells.csv has 2 labelled rows without a centroid \(lines 2, 5\)"),  # the blank line 3 counts too
     ("\n\nlayer,image,manual_label,centroid_x,centroid_y\n1 cells,1,normal,x,1\n",
      r"cells.csv has 1 labelled row without a centroid \(lines 4\)"),  # blank lines before the header too
+    ('layer,image,manual_label,centroid_x,centroid_y\n1 cells,1,normal,"1,234",56\n',
+     r"cells.csv has 1 labelled row without a centroid \(lines 2\)"),  # a thousand, not 1.234: commas split fields
+    ("layer\timage\tmanual_label\tcentroid_x\tcentroid_y\n1 cells\t1\tnormal\t1,234\t56.5\n",
+     r"cells.csv has 1 labelled row without a centroid \(lines 2\)"),  # tabs, decimal points: a thousand again
+    ("layer;image;manual_label;centroid_x;centroid_y\n1 cells;1;normal;1.234,5;56,5\n",
+     r"cells.csv has 1 labelled row without a centroid \(lines 2\)"),  # a thousands point: no number we can be sure of
     ("layer,image,cells,whole_cells\n1 cells,1,3,2\n", "is a smear summary; import the cells CSV written beside it"),
     ("layer,image,label,centroid_x\n1 cells,1,1,10\n", "lacks the columns manual_label, centroid_y"),
     ("layer,image,label,manual_label,centroid_x,centroid_y\n1 cells,1,1,,10,10\n", "holds no manual labels"),

@@ -254,9 +254,7 @@ def test_blank_image_gives_a_notice_and_no_layer(viewer, widget, qtbot):
 
 
 BAD_LAYERS = {
-    "two channels": ((np.arange(64 * 64 * 2) % 251).astype(np.uint8).reshape(64, 64, 2),
-                     "'two channels' of shape (64, 64, 2) looks like a gray image with alpha, which napari shows as 64 "
-                     'planes. Open it with `python -m napari_reddino --image "FILE"`'),
+    "two channels": ((np.arange(64 * 64 * 2) % 251).astype(np.uint8).reshape(64, 64, 2), "(64, 64, 2)"),
     "stack": ((np.arange(3 * 64 * 64) % 251).astype(np.uint8).reshape(3, 64, 64),
               "(3, 64, 64) is a 3-D stack of planes in napari, not one smear (a colour photo stored channel by channel?"),
     "nan": (np.where(np.eye(64, dtype=bool), np.nan, 0.5).astype(np.float32), "NaN"),
@@ -280,7 +278,7 @@ def test_bad_images_give_a_clear_error_and_leave_the_cells_layer_untouched(viewe
         run(widget, qtbot)
 
         assert detail in widget.status.value
-        assert "RGB (H, W, 3)" in widget.status.value or name in ("nan", "small colour", "two channels")
+        assert "RGB (H, W, 3)" in widget.status.value or name in ("nan", "small colour")
         notification = notification_manager.records[-1]
         assert notification.severity == NotificationSeverity.ERROR
         assert notification.message == widget.status.value
@@ -293,24 +291,24 @@ def test_bad_images_give_a_clear_error_and_leave_the_cells_layer_untouched(viewe
 
 def test_files_napari_opens_as_their_stored_planes_are_refused_with_the_way_to_open_them(viewer, widget, chula,
                                                                                          qtbot, tmp_path):
-    # A CMYK JPEG's inks pass for RGB and alpha (42 cells found instead of 124); gray with alpha is two planes.
+    # A CMYK file's inks pass for RGB and alpha (42 cells found instead of 124); gray with alpha is two planes.
     with Image.open(DATA / "chula_rbc12" / "1.jpg") as photo:
         photo.convert("CMYK").save(tmp_path / "print.jpg")
+        photo.convert("CMYK").save(tmp_path / "print.tif")
         photo.convert("LA").save(tmp_path / "gray.png")
-    (cmyk,) = viewer.open(tmp_path / "print.jpg")
-    (gray,) = viewer.open(tmp_path / "gray.png")
-    for layer, says in ((cmyk, f"'print' is a CMYK JPEG (a print workflow's), whose four inks napari shows as red, "
-                               f"green, blue and alpha. Open it with `python -m napari_reddino --image "
-                               f"\"{tmp_path / 'print.jpg'}\"`, which reads it as the smear it is"),
-                        (gray, "'gray' of shape (480, 640, 2) looks like a gray image with alpha, which napari shows "
-                               f"as 480 planes. Open it with `python -m napari_reddino --image "
-                               f"\"{tmp_path / 'gray.png'}\"`")):
+    for name in ("print.jpg", "print.tif", "gray.png"):
+        (layer,) = viewer.open(tmp_path / name)
         widget.image.value = layer
         run(widget, qtbot)
-        assert widget.status.value.startswith(says)
+        kind = ("is a CMYK image (a print workflow's), whose four inks napari shows as red, green, blue and alpha"
+                if name.startswith("print") else "of shape (480, 640, 2) is a gray image with alpha, which napari "
+                                                  "shows as 480 planes")
+        assert widget.status.value.startswith(f"{layer.name!r} {kind}. Open it with `python -m napari_reddino "
+                                              f"--image \"{tmp_path / name}\"`, which reads it as the smear it is")
     assert labels_layers(viewer) == []
+    # The same pixels from no such file: the layer says nothing otherwise, so they are taken as RGBA.
     widget.image.value = viewer.add_image(np.asarray(Image.open(tmp_path / "print.jpg")), name="inks", rgb=True)
-    run(widget, qtbot)  # the same pixels from no file: taken as RGBA (nothing says otherwise)
+    run(widget, qtbot)
     assert len(labels_layers(viewer)) == 1
 
 

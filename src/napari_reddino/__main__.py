@@ -8,7 +8,7 @@ import napari
 from napari.utils.notifications import show_error
 from npe2 import PluginManager
 
-from .image_input import read_smear
+from .image_input import CMYK, GRAY_ALPHA, read_smear, stored_mode
 
 PLUGIN = "napari-reddino"
 TABBED = {"Embed cells"}  # a tab beside the widget before it: one after the other, and the map keeps its room
@@ -34,7 +34,7 @@ def open_smear_and_widgets(viewer: napari.Viewer, args: argparse.Namespace) -> N
     unread = []
     for path in args.image or ():
         try:
-            if _stored_as_planes(path):
+            if stored_mode(path) in CMYK + GRAY_ALPHA:  # napari's reader would show their stored planes
                 viewer.add_image(read_smear(path), name=Path(path).stem)
             else:
                 viewer.open(path, stack=False)
@@ -49,19 +49,6 @@ def open_smear_and_widgets(viewer: napari.Viewer, args: argparse.Namespace) -> N
                    f"{'it' if len(unread) == 1 else 'them'} as one of those (a slide scanner's file as a TIFF region).")
         print(message, file=sys.stderr)
         show_error(message)
-
-
-def _stored_as_planes(path: str) -> bool:
-    """Whether ``path`` is a CMYK JPEG or a gray PNG with alpha, whose planes napari's reader shows
-    as they are stored (inks taken for RGB; two gray planes): :func:`read_smear` reads them as a
-    smear, as reddino-analyse does."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.mode in ("CMYK", "LA", "La")
-    except (OSError, ValueError, Image.DecompressionBombError):  # not for Pillow: napari's readers try it
-        return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,12 +112,27 @@ def read_smear(path: str | os.PathLike) -> np.ndarray:
     if image.ndim == 3 and image.shape[-1] in (2, 4):
         with Image.open(path) as stored:
             mode = stored.mode
-        if mode == "CMYK":
+        if mode in CMYK:
             with Image.open(path) as stored:
                 return np.asarray(stored.convert("RGB"))
-        if mode in ("LA", "La"):  # gray and alpha: the gray plane (another 2-channel image is refused as such)
+        if mode in GRAY_ALPHA:  # gray and alpha: the gray plane (another 2-channel image is refused as such)
             return np.ascontiguousarray(image[..., 0])
     return image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+
+
+CMYK, GRAY_ALPHA = ("CMYK",), ("LA", "La")  # Pillow's modes of files napari's reader shows as stored planes
+
+
+def stored_mode(path: str | os.PathLike) -> str | None:
+    """Pillow's mode of the image file ``path`` ("RGB", "CMYK", "LA", ...; read from its header),
+    or None where Pillow cannot tell."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def channels(array: np.ndarray) -> list[np.ndarray]:

@@ -211,7 +211,7 @@ def carry_manual_labels(source, target) -> LabelImport:
     return report
 
 
-def _spreadsheet_text(path: Path) -> tuple[io.StringIO, dict, int]:
+def _spreadsheet_text(path: Path) -> tuple[io.StringIO, str, int]:
     """The text of ``path`` from its header on, how to split it, and how many blank lines came
     before the header, as a spreadsheet may have saved it: UTF-8 (with or without the mark Excel
     adds), UTF-16 with its mark (Excel's "Unicode Text"), else Windows' Western encoding (Excel's
@@ -229,16 +229,16 @@ def _spreadsheet_text(path: Path) -> tuple[io.StringIO, dict, int]:
     blank = next((index for index, line in enumerate(lines) if line.strip()), len(lines))
     header = lines[blank] if blank < len(lines) else ""
     sep = max(",;\t", key=header.count)  # the first of equals: "," for a header of one column
-    return io.StringIO("\n".join(lines[blank:])), {"sep": sep}, blank
+    return io.StringIO("\n".join(lines[blank:])), sep, blank
 
 
 def _read_labelled_rows(path: Path) -> pd.DataFrame:
     """The rows of ``path`` with a manual label: ``layer``, ``image``, centroid (and the rest)."""
     try:
-        text, dialect, blank = _spreadsheet_text(path)
+        text, sep, blank = _spreadsheet_text(path)
         # blank lines kept as rows (empty, so unlabelled): an error's line numbers stay right
         table = pd.read_csv(text, dtype={"layer": str, "image": str, "manual_label": str}, keep_default_na=False,
-                            skip_blank_lines=False, **dialect)
+                            skip_blank_lines=False, sep=sep)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise LabelImportError(f"{path.name} is not a readable CSV ({error}).") from error
     if "whole_cells" in table:
@@ -253,9 +253,10 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
     table = table[table["manual_label"] != ""].copy()
     if table.empty:
         raise LabelImportError(f"{path.name} holds no manual labels.")
+    decimal_comma = _decimal_comma(table, sep)
     for column in ("centroid_x", "centroid_y", *_BOX, "area_px"):
         if column in table:
-            table[column] = _numbers(table[column])
+            table[column] = _numbers(table[column], decimal_comma)
     broken = ~np.isfinite(table[["centroid_x", "centroid_y"]]).all(axis=1)
     if broken.any():
         lines = first_few(blank + index + 2 for index in table.index[broken])
@@ -268,11 +269,22 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
     return table
 
 
-def _numbers(column: pd.Series) -> pd.Series:
-    """A column as numbers, NaN where empty or unreadable. Text with a decimal comma, as a locale
-    that writes them saved it, reads as its number: read as text, for one empty cell of the column
-    makes the whole of it text, or because the fields were split by tabs."""
-    if not pd.api.types.is_numeric_dtype(column):
+def _decimal_comma(table: pd.DataFrame, sep: str) -> bool:
+    """Whether the numbers of ``table`` (read as text) write their decimals after a comma, as a
+    locale that does saved them: fields split by ``;``, or by tabs (Unicode Text) with no centroid
+    written with a point. Never where commas split the fields: "1,234" is then a thousand."""
+    if sep == ",":
+        return False
+    if sep == ";":
+        return True
+    centroids = table[["centroid_x", "centroid_y"]].astype(str)
+    return not centroids.apply(lambda column: column.str.contains(".", regex=False)).any(axis=None)
+
+
+def _numbers(column: pd.Series, decimal_comma: bool) -> pd.Series:
+    """A column as numbers, NaN where empty or unreadable. With ``decimal_comma``, text such as
+    "338,52" reads as its number: read as text, for one empty cell makes the whole column text."""
+    if decimal_comma and not pd.api.types.is_numeric_dtype(column):  # "1.234,5" gives "1.234.5": no number
         column = column.astype(str).str.replace(",", ".", regex=False)
     return pd.to_numeric(column, errors="coerce")
 
@@ -308,9 +320,9 @@ def _same_outline(rows: pd.DataFrame, features: pd.DataFrame, labels: np.ndarray
     :data:`BOX_IOU`, with an area within :data:`AREA_RATIO` and its centroid within
     :data:`CENTRE_SHIFT`; else -1. Boxes that overlap by 0.8 have nearby centres, so only the
     :data:`_NEIGHBOURS` nearest box centres are compared."""
-    theirs = rows[_BOX].to_numpy(dtype=float)
+    theirs = rows[_BOX].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)  # a lab's layer: maybe text
     ours = features[_BOX].to_numpy(dtype=float)
-    their_area = rows["area_px"].to_numpy(dtype=float)
+    their_area = pd.to_numeric(rows["area_px"], errors="coerce").to_numpy(dtype=float)
     their_centre = rows[["centroid_x", "centroid_y"]].to_numpy(dtype=float)
     our_area = features["area_px"].to_numpy(dtype=float)
     our_centre = features[["centroid_x", "centroid_y"]].to_numpy(dtype=float)

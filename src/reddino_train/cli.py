@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -369,15 +370,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     # A scheduler's SIGTERM (a time limit, preemption) stops as Ctrl-C does: prepare writes its index,
-    # export removes its half-written folder. fit's training loop has its own, which saves a checkpoint.
-    before = signal.signal(signal.SIGTERM, _interrupt)
+    # export removes its half-written folder. Not fit's: its training loop has its own, which saves a
+    # checkpoint, and one after it (torchrun's agent's, at the end) must not read as an interruption.
+    # Python handles signals in its main thread alone.
+    catch = args.command != "fit" and threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _interrupt) if catch else None
     try:
         return args.handler(args)
     except KeyboardInterrupt:  # fit's first Ctrl-C is its own (a checkpoint); this is a second, or another command
         print(f"\nreddino-train {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, before)
+        if catch:
+            signal.signal(signal.SIGTERM, before)
 
 
 def _interrupt(signum, frame) -> None:

@@ -209,7 +209,6 @@ class TrainConfig:
                            ("train.checkpoint_minutes", self.train.checkpoint_minutes)):
             if value < 0:
                 raise ConfigError(f"{key}={value} must be 0 or more")
-        _check_ranges(self)
         temperatures = [("loss.student_temp", self.loss.student_temp), ("teacher.temp", self.teacher.temp)]
         if self.teacher.warmup_temp_epochs > 0:  # else never used
             temperatures.append(("teacher.warmup_temp", self.teacher.warmup_temp))
@@ -228,7 +227,9 @@ class TrainConfig:
 
 def _check_ranges(cfg: TrainConfig) -> None:
     """:class:`ConfigError` for a rate, weight or momentum outside the range it has a meaning
-    in: a teacher momentum of 1.5, say, would train on, the teacher running away from the student."""
+    in: a teacher momentum of 1.5, say, would train on, the teacher running away from the student.
+    Checked where a recipe and overrides are read, not in a run's saved settings: a run an earlier
+    version trained with such a value still exports."""
     optim, loss, teacher = cfg.optim, cfg.loss, cfg.teacher
     fractions = [("teacher.momentum", teacher.momentum), ("teacher.final_momentum", teacher.final_momentum),
                  ("loss.center_momentum", loss.center_momentum), ("model.drop_path_rate", cfg.model.drop_path_rate),
@@ -236,11 +237,10 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key, value in fractions:
         if not 0 <= value <= 1:
             raise ConfigError(f"{key}={value} must lie between 0 and 1")
-    if not 0 < optim.layerwise_decay <= 1:
-        raise ConfigError(f"optim.layerwise_decay={optim.layerwise_decay} must lie above 0 and at most 1 (1: none)")
-    if not optim.patch_embed_lr_mult > 0:
-        raise ConfigError(f"optim.patch_embed_lr_mult={optim.patch_embed_lr_mult} must be above 0")
-    for key, value in (("optim.base_lr", optim.base_lr), ("optim.min_lr", optim.min_lr),
+    if not 0 <= optim.layerwise_decay <= 1:
+        raise ConfigError(f"optim.layerwise_decay={optim.layerwise_decay} must lie between 0 (the heads alone "
+                          "learn) and 1 (no decay)")
+    for key, value in (("optim.patch_embed_lr_mult", optim.patch_embed_lr_mult), ("optim.base_lr", optim.base_lr), ("optim.min_lr", optim.min_lr),
                        ("optim.weight_decay", optim.weight_decay), ("optim.weight_decay_end", optim.weight_decay_end),
                        ("optim.warmup_epochs", optim.warmup_epochs),
                        ("optim.freeze_last_layer_epochs", optim.freeze_last_layer_epochs),
@@ -282,7 +282,9 @@ def load_config(source: str | os.PathLike, overrides: Iterable[str] = ()) -> Tra
     data = _read_recipe(_resolve(source), seen=())
     override_data = parse_overrides(overrides)
     _check_keys(override_data, TrainConfig, "", "overrides")
-    return _build(TrainConfig, _with_keys_added_later(_merge(data, override_data)), "")
+    cfg = _build(TrainConfig, _with_keys_added_later(_merge(data, override_data)), "")
+    _check_ranges(cfg)
+    return cfg
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "a saved config") -> TrainConfig:
@@ -406,7 +408,7 @@ class _EachKeyOnce(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key in seen:
+            if key in seen and key != "<<":  # merge keys: PyYAML merges every one, losing nothing
                 raise yaml.constructor.ConstructorError(problem=f"{key!r} is written twice in one section",
                                                         problem_mark=key_node.start_mark)
             seen.add(key)

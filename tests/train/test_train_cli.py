@@ -1,3 +1,5 @@
+import threading
+
 import yaml
 
 from reddino_train.cli import main
@@ -22,3 +24,12 @@ def test_config_error_exits_2_with_the_valid_keys(capsys):
     assert main(["config", "tiny", "crops.size=3"]) == 2
     error = capsys.readouterr().err
     assert "unknown key crops.size" in error and "crops.global_size" in error
+
+
+def test_a_command_run_from_another_thread_than_the_main_one_runs(capsys):
+    # a notebook's or a GUI's worker thread: Python takes signal handlers in its main thread alone
+    returned = []
+    worker = threading.Thread(target=lambda: returned.append(main(["config", "tiny"])))
+    worker.start()
+    worker.join(60)
+    assert returned == [0] and "arch: vit_small_patch14_dinov2" in capsys.readouterr().out

@@ -160,11 +160,11 @@ def test_bad_values_are_errors():
                            ("optim.base_lr=-1e-3", r"optim.base_lr=-0.001 must be 0 or more"),
                            ("optim.weight_decay_end=-0.1", r"optim.weight_decay_end=-0.1 must be 0 or more"),
                            ("loss.koleo_weight=-0.1", r"loss.koleo_weight=-0.1 must be 0 or more"),
-                           ("optim.layerwise_decay=9", r"optim.layerwise_decay=9.0 must lie above 0 and at most 1 "
-                                                       r"\(1: none\)"),
-                           ("optim.layerwise_decay=0", r"optim.layerwise_decay=0.0 must lie above 0 and at most 1 "
-                                                       r"\(1: none\)"),
-                           ("optim.patch_embed_lr_mult=0", r"optim.patch_embed_lr_mult=0.0 must be above 0"),
+                           ("optim.layerwise_decay=9", r"optim.layerwise_decay=9.0 must lie between 0 \(the heads "
+                                                       r"alone learn\) and 1 \(no decay\)"),
+                           ("optim.layerwise_decay=-0.1", r"optim.layerwise_decay=-0.1 must lie between 0 \(the heads "
+                                                          r"alone learn\) and 1 \(no decay\)"),
+                           ("optim.patch_embed_lr_mult=-1", r"optim.patch_embed_lr_mult=-1.0 must be 0 or more"),
                            ("optim.base_lr=[", r"override 'optim.base_lr=\[': its value is not valid YAML \(expected "
                                                r"the node content, but found '<stream end>' at line 1, column 2\)")):
         with pytest.raises(ConfigError, match=rf"^{says}$"):
@@ -175,10 +175,16 @@ def test_bad_values_are_errors():
     typo = load_config("tiny", ["model.arch=vit_smal_patch14_dinov2"])  # read without timm; refused before a run
     with pytest.raises(ConfigError, match=r"model.arch='vit_smal_patch14_dinov2' is not a timm architecture"):
         check_architecture(typo)
-    # the ends of the ranges: a teacher that no longer moves, no layer-wise decay, no weight decay
+    # the ends of the ranges: a teacher that no longer moves, no layer-wise decay, no weight decay, the
+    # heads alone learning, a frozen patch embedding
     edges = load_config("tiny", ["teacher.final_momentum=1", "optim.layerwise_decay=1", "optim.weight_decay=0",
-                                 "model.layerscale=0", "teacher.momentum=0"])
+                                 "model.layerscale=0", "teacher.momentum=0", "optim.patch_embed_lr_mult=0"])
     assert (edges.teacher.final_momentum, edges.optim.layerwise_decay, edges.optim.weight_decay) == (1, 1, 0)
+    assert load_config("tiny", ["optim.layerwise_decay=0"]).optim.layerwise_decay == 0
+    # A run an earlier version trained with a value out of range still reads (and so exports).
+    saved = config_to_dict(load_config("tiny"))
+    saved["optim"]["layerwise_decay"] = 1.5
+    assert config_from_dict(saved).optim.layerwise_decay == 1.5
     # An unused warm-up temperature is not checked: saved runs with one of 0 resume as before.
     assert load_config("tiny", ["teacher.warmup_temp_epochs=0", "teacher.warmup_temp=0"]).teacher.warmup_temp == 0
 
@@ -247,11 +253,13 @@ def test_a_section_or_key_written_twice_in_a_recipe_is_refused_where_it_is(tmp_p
     with pytest.raises(ConfigError, match=r"'epochs' is written twice in one section at line 4, column 3"):
         load_config(tmp_path / "key.yaml")
     # A key of one name in two sections is not twice, nor is one that a YAML merge key (<<) brings and the
-    # section sets again (set, it wins, as YAML has it)
+    # section sets again (set, it wins, as YAML has it), nor two merge keys (PyYAML merges both)
     (tmp_path / "merged.yaml").write_text("base: tiny\nteacher: {temp: 0.05}\n"
-                                          "loss:\n  <<: {student_temp: 0.05, koleo_weight: 0.2}\n  student_temp: 0.06\n")
+                                          "loss:\n  <<: {student_temp: 0.05, koleo_weight: 0.2}\n  <<: {dino_weight: 0.5}\n"
+                                          "  student_temp: 0.06\n")
     merged = load_config(tmp_path / "merged.yaml")
-    assert (merged.teacher.temp, merged.loss.student_temp, merged.loss.koleo_weight) == (0.05, 0.06, 0.2)
+    assert (merged.teacher.temp, merged.loss.student_temp, merged.loss.koleo_weight, merged.loss.dino_weight) == (
+        0.05, 0.06, 0.2, 0.5)
 
 
 def test_an_empty_value_for_a_text_key_is_empty_text():

@@ -2,7 +2,6 @@
 and a napari progress bar made at the first step (no busy animation while nothing is counted)."""
 
 import functools
-from pathlib import Path
 
 import napari
 import numpy as np
@@ -14,7 +13,7 @@ from napari.utils.notifications import show_error
 from qtpy.QtCore import QEvent, Signal
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
-from ..image_input import ACCEPTED, ImageInputError, check_smear
+from ..image_input import ACCEPTED, CMYK, GRAY_ALPHA, ImageInputError, check_smear, stored_mode
 from .image_renames import follow_image_renames
 
 # Runs of closed panels finish the step they are in (a UMAP layout or a download cannot stop
@@ -48,16 +47,17 @@ def smear_pixels(layer: Image) -> np.ndarray:
             "30 px. Pad it to 31 px or more, or add it from napari's console with "
             "viewer.add_image(data, rgb=True)."
         )
-    source = Path(layer.source.path or "")
-    if layer.rgb and shape[-1] == 4 and source.suffix.lower() in (".jpg", ".jpeg"):  # JPEG has no alpha: inks
+    source = layer.source.path
+    mode = stored_mode(source) if source and len(shape) == 3 and shape[-1] in (2, 4) else None
+    if layer.rgb and mode in CMYK:
         raise ImageInputError(
-            f"{layer.name!r} is a CMYK JPEG (a print workflow's), whose four inks napari shows as red, green, blue "
+            f"{layer.name!r} is a CMYK image (a print workflow's), whose four inks napari shows as red, green, blue "
             f"and alpha. {_OPEN_AS_SMEAR.format(source)}"
         )
-    if layer.ndim == 3 and not layer.rgb and shape[-1] == 2:
+    if not layer.rgb and mode in GRAY_ALPHA:
         raise ImageInputError(
-            f"{layer.name!r} of shape {shape} looks like a gray image with alpha, which napari shows as {shape[0]} "
-            f"planes. {_OPEN_AS_SMEAR.format(source if source.name else 'FILE')}"
+            f"{layer.name!r} of shape {shape} is a gray image with alpha, which napari shows as {shape[0]} planes. "
+            f"{_OPEN_AS_SMEAR.format(source)}"
         )
     if layer.ndim != 2:
         raise ImageInputError(
