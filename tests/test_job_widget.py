@@ -58,6 +58,25 @@ class OneJob(JobWidget):
         self.finished.emit()
 
 
+def _logging(entry: str, log: list):
+    """A job of one step that adds ``entry`` to ``log``."""
+
+    @job_worker
+    def job():
+        log.append(entry)
+        yield 1, 1
+
+    return job
+
+
+def _run_docked(viewer, job) -> OneJob:
+    """A panel of ``job``, docked in ``viewer``, its run started."""
+    widget = OneJob(viewer, job)
+    viewer.window.add_dock_widget(widget)
+    widget.run()
+    return widget
+
+
 @pytest.mark.parametrize(
     ("job", "says"),
     [
@@ -90,14 +109,8 @@ def test_a_run_waits_for_the_step_a_closed_panel_s_run_is_in(make_napari_viewer,
         log.append("long step ended")
         yield 1, 1
 
-    @job_worker
-    def quick():
-        log.append("second run started")
-        yield 1, 1
-
-    first = OneJob(viewer, one_long_step)
-    viewer.window.add_dock_widget(first)
-    first.run()
+    quick = _logging("second run started", log)
+    first = _run_docked(viewer, one_long_step)
     qtbot.waitUntil(lambda: log == ["long step started"])
     viewer.window.remove_dock_widget(first)  # as its close button does
     second = OneJob(viewer, quick)
@@ -129,15 +142,8 @@ def test_a_panel_closed_as_its_run_ends_lets_later_runs_start(make_napari_viewer
     # The run's finished signal was sent before closing the panel connected to it: a run started
     # later must not wait for it forever.
     viewer, log = make_napari_viewer(), []
-
-    @job_worker
-    def short():
-        log.append("ran")
-        yield 1, 1
-
-    first = OneJob(viewer, short)
-    viewer.window.add_dock_widget(first)
-    first.run()
+    short = _logging("ran", log)
+    first = _run_docked(viewer, short)
     _until_the_thread_ends()
     viewer.window.remove_dock_widget(first)
     second = OneJob(viewer, short)
