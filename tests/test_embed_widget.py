@@ -461,6 +461,22 @@ def test_a_model_downloaded_on_first_use_shows_how_far_the_download_has_come(vie
     assert embeddings_of(cells)[2].startswith("hf_hub:lab/tiny-rbc@sha256:")
 
 
+def test_a_slide_pyramid_is_embedded_from_its_full_resolution(viewer, widget, chula_pixels_and_cells, qtbot):
+    image, labels = chula_pixels_and_cells
+    embedded = []
+    for name, data in (("slide", [image, image[::2, ::2]]), ("plain", image)):
+        smear = viewer.add_image(data, multiscale=name == "slide", rgb=True, name=name)
+        cells = viewer.add_labels(labels.copy(), name=f"{name} cells", metadata={"source_image": name})
+        widget.reset_choices()
+        widget.image.value, widget.cells.value = smear, cells
+        run(widget, qtbot)
+        assert DONE.match(widget.status.value)
+        embedded.append(embeddings_of(cells))
+    (pyramid_ids, from_pyramid, _), (ids, from_plain, _) = embedded
+    np.testing.assert_array_equal(pyramid_ids, ids)
+    np.testing.assert_array_equal(from_pyramid, from_plain)
+
+
 def test_a_multiscale_cells_layer_is_refused_with_what_to_do(viewer, widget, qtbot):
     viewer.add_image(imread(CHULA_1)[:64, :64], rgb=True, name="patch")
     labels = np.zeros((64, 64), np.int32)

@@ -268,17 +268,20 @@ def test_bad_images_give_a_clear_error_and_leave_the_cells_layer_untouched(viewe
         widget.run()
     (cells,) = labels_layers(viewer)
     data, features, metadata = cells.data.copy(), cells.features.copy(), dict(cells.metadata)
-    viewer.add_image([chula.data, chula.data[::2, ::2]], multiscale=True, rgb=True, name="pyramid")
+    huge = np.broadcast_to(np.uint8(200), (20_000, 16_000, 3))  # 320 Mpx, of no memory: never read whole
+    viewer.add_image([huge, huge[::64, ::64]], multiscale=True, rgb=True, name="pyramid")
     for name, (pixels, _) in BAD_LAYERS.items():
         viewer.add_image(pixels, name=name)
-    expected = {name: detail for name, (_, detail) in BAD_LAYERS.items()} | {"pyramid": "multiscale"}
+    expected = {name: detail for name, (_, detail) in BAD_LAYERS.items()} | {
+        "pyramid": "'pyramid' is a slide pyramid whose full resolution, 16,000 x 20,000 px (320 Mpx), is more than the "
+                   "widgets read at once (268 Mpx): save the region to analyse as a TIFF"}
 
     for name, detail in expected.items():
         widget.image.value = viewer.layers[name]
         run(widget, qtbot)
 
         assert detail in widget.status.value
-        assert "RGB (H, W, 3)" in widget.status.value or name in ("nan", "small colour")
+        assert "RGB (H, W, 3)" in widget.status.value or name in ("nan", "small colour", "pyramid")
         notification = notification_manager.records[-1]
         assert notification.severity == NotificationSeverity.ERROR
         assert notification.message == widget.status.value
@@ -310,6 +313,19 @@ def test_files_napari_opens_as_their_stored_planes_are_refused_with_the_way_to_o
     widget.image.value = viewer.add_image(np.asarray(Image.open(tmp_path / "print.jpg")), name="inks", rgb=True)
     run(widget, qtbot)
     assert len(labels_layers(viewer)) == 1
+
+
+def test_a_slide_pyramid_is_segmented_at_full_resolution_with_its_cells_on_its_pixels(viewer, widget, chula, qtbot):
+    # as a reader of pyramidal TIFFs opens one: levels halving, in micrometres, a little off the origin
+    pyramid = viewer.add_image([chula.data, chula.data[::2, ::2], chula.data[::4, ::4]], multiscale=True, rgb=True,
+                               name="slide", scale=(0.25, 0.25), translate=(100.0, 50.0))
+    widget.image.value = pyramid
+    with qtbot.waitSignal(widget.segmented, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    cells = result.args[0]
+    np.testing.assert_array_equal(cells.data, segment_cells(chula.data))
+    assert tuple(cells.scale) == (0.25, 0.25) and tuple(cells.translate) == (100.0, 50.0)
+    assert widget.status.value.startswith(f"{len(cells.features)} cells found in 'slide'")
 
 
 def test_cancel_leaves_no_layer(viewer, widget, chula, qtbot):

@@ -15,6 +15,7 @@ from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from ..image_input import ACCEPTED, CMYK, GRAY_ALPHA, ImageInputError, check_smear, stored_mode
 from .image_renames import follow_image_renames
+from .smear_links import level_0
 
 # Runs of closed panels finish the step they are in (a UMAP layout or a download cannot stop
 # midway); a run started meanwhile waits for them rather than halve their speed and its own.
@@ -23,6 +24,8 @@ _waiting: list = []
 WAITING = " (waiting for the run of a closed panel to stop)"
 
 
+# A pyramid's full resolution is read whole: 0.8 GB of RGB pixels and 1 GB of labels at this size.
+MAX_PYRAMID_PIXELS = 2**28
 _OPEN_AS_SMEAR = ("Open it with `python -m napari_reddino --image \"{}\"`, which reads it as the smear it is, or "
                   "save it as an ordinary RGB PNG, JPEG or TIFF.")
 
@@ -31,15 +34,17 @@ def smear_pixels(layer: Image) -> np.ndarray:
     """The layer's pixels as one 2-D smear, or :class:`ImageInputError`.
 
     napari's ``rgb`` flag, not the array's shape, says whether a last axis of 3 or 4 is colour:
-    a layer napari shows as a stack of planes is refused, whatever its channel count.
+    a layer napari shows as a stack of planes is refused, whatever its channel count. Of a slide
+    pyramid, the full resolution, read whole where it is at most :data:`MAX_PYRAMID_PIXELS`.
     """
-    if layer.multiscale:
+    data = level_0(layer)
+    if layer.multiscale and (pixels := data.shape[0] * data.shape[1]) > MAX_PYRAMID_PIXELS:
         raise ImageInputError(
-            f"{layer.name!r} is a multiscale (pyramid) image; open its full-resolution level "
-            "as a plain image layer (for a slide scan, save the region to analyse as a TIFF, in QuPath with "
-            f"File > Export images, and open that); expected {ACCEPTED}."
+            f"{layer.name!r} is a slide pyramid whose full resolution, {data.shape[1]:,} x {data.shape[0]:,} px "
+            f"({pixels / 1e6:,.0f} Mpx), is more than the widgets read at once ({MAX_PYRAMID_PIXELS / 1e6:,.0f} "
+            "Mpx): save the region to analyse as a TIFF (in QuPath, File > Export images) and open that."
         )
-    shape = layer.data.shape
+    shape = data.shape
     if layer.ndim == 3 and not layer.rgb and shape[-1] in (3, 4):
         raise ImageInputError(
             f"{layer.name!r} of shape {shape} is shown by napari as {shape[0]} planes of {shape[1]} x "
@@ -61,11 +66,11 @@ def smear_pixels(layer: Image) -> np.ndarray:
         )
     if layer.ndim != 2:
         raise ImageInputError(
-            f"{layer.name!r} of shape {layer.data.shape} is a {layer.ndim}-D stack of planes in napari, "
+            f"{layer.name!r} of shape {shape} is a {layer.ndim}-D stack of planes in napari, "
             "not one smear (a colour photo stored channel by channel? save it again as an ordinary PNG, JPEG "
             f"or TIFF and open that); expected {ACCEPTED}."
         )
-    return check_smear(layer.data)
+    return check_smear(data)
 
 
 class WorkerFailed(Exception):
