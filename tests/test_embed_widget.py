@@ -477,6 +477,31 @@ def test_a_slide_pyramid_is_embedded_from_its_full_resolution(viewer, widget, ch
     np.testing.assert_array_equal(from_pyramid, from_plain)
 
 
+class ReadCounted:
+    """An array read from disk, as a reader's lazy pyramid level is: counts the times it is read whole."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.reads = array, 0
+        self.shape, self.dtype, self.ndim, self.size = array.shape, array.dtype, array.ndim, array.size
+
+    def __getitem__(self, key):
+        return self.array[key]
+
+    def __array__(self, dtype=None, copy=None):
+        self.reads += 1
+        return self.array
+
+
+def test_a_lazy_pyramid_segmented_first_is_read_once_to_segment_and_embed(viewer, widget, qtbot):
+    full = ReadCounted(imread(CHULA_1))
+    pyramid = viewer.add_image([full, full.array[::2, ::2]], multiscale=True, rgb=True, name="slide")
+    widget.reset_choices()
+    widget.image.value, widget.cells.value = pyramid, SEGMENT_FIRST
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    assert full.reads == 1 and embeddings_of(viewer.layers[result.args[0].name]) is not None
+
+
 def test_a_multiscale_cells_layer_is_refused_with_what_to_do(viewer, widget, qtbot):
     viewer.add_image(imread(CHULA_1)[:64, :64], rgb=True, name="patch")
     labels = np.zeros((64, 64), np.int32)

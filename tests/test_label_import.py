@@ -219,7 +219,7 @@ def test_a_cell_at_the_tolerance_is_found_one_claimed_twice_or_unmeasured_is_not
     assert report.missed == {"1 cells": 3} and report.written == {"1 cells": len(today.features) - 3}
     exported.loc[5, "centroid_y"] = np.inf
     exported.to_csv(tmp_path / "inf.csv", index=False)
-    with pytest.raises(LabelImportError, match=r"inf.csv has 1 labelled row without a centroid \(lines 7\)"):
+    with pytest.raises(LabelImportError, match=r"inf.csv has 1 labelled row without a readable centroid \(lines 7\)"):
         import_manual_labels(tmp_path / "inf.csv", today)
     # Rows go to cells by place: a CSV from another tool, without label ids, gives the same labels.
     exported.drop(index=[1, 2, 5], columns="label").to_csv(tmp_path / "no_ids.csv", index=False)
@@ -431,8 +431,9 @@ def test_a_csv_saved_again_by_a_spreadsheet_in_another_locale_gives_its_labels(s
     assert report.classes == ["spherocyte", "Schießscheibe", "NA"]
 
 
-@pytest.mark.parametrize(("saved_as", "point"), [("semicolons", ","), ("unicode text", ","), ("unicode text", ".")],
-                         ids=["semicolons", "unicode-text", "unicode-text-english"])
+@pytest.mark.parametrize(("saved_as", "point"), [("semicolons", ","), ("unicode text", ","), ("unicode text", "."),
+                                               ("commas", ",")],
+                         ids=["semicolons", "unicode-text", "unicode-text-english", "commas-quoting-decimal-commas"])
 def test_a_spreadsheet_s_csv_with_empty_cells_gives_its_labels(smear, tmp_path, saved_as, point):
     # One empty cell makes a column text; its numbers keep their decimal commas then, and must
     # still read as numbers (before, every labelled row was said to lack a centroid).
@@ -444,34 +445,45 @@ def test_a_spreadsheet_s_csv_with_empty_cells_gives_its_labels(smear, tmp_path, 
     for column in ("centroid_x", "area_px", "bbox_min_x"):  # one cell emptied where no label is
         text[column] = [str(value).replace(".", point) for value in table[column]]
         text.loc[unlabelled[0], column] = ""
-    if saved_as == "semicolons":  # German Excel: ; between fields, decimal commas, rows cleared at the end
-        text.to_csv(tmp_path / "excel.csv", index=False, sep=";", decimal=point, encoding="cp1252")
-        with open(tmp_path / "excel.csv", "a", encoding="cp1252") as file:
+    sep, encoding = {"semicolons": (";", "cp1252"), "unicode text": ("\t", "utf-16"), "commas": (",", "utf-8")}[saved_as]
+    # German Excel: ; between fields, rows cleared at the end; Excel's "Unicode Text": UTF-16 with its mark,
+    # tabs, the locale's decimal mark; LibreOffice where commas are decimal: commas between fields all the same
+    text.to_csv(tmp_path / "saved.csv", index=False, sep=sep, decimal=point, encoding=encoding)
+    if saved_as == "semicolons":
+        with open(tmp_path / "saved.csv", "a", encoding=encoding) as file:
             file.write(";" * (len(text.columns) - 1) + "\n" + ";" * (len(text.columns) - 1) + "\n")
-    else:  # Excel's "Unicode Text": UTF-16 with its mark, tabs, the locale's decimal mark
-        text.to_csv(tmp_path / "excel.csv", index=False, sep="\t", decimal=point, encoding="utf-16")
-    saved = (tmp_path / "excel.csv").read_bytes().decode("utf-16" if saved_as == "unicode text" else "cp1252")
-    sep = ";" if saved_as == "semicolons" else "\t"
-    header, first = (line.split(sep) for line in saved.splitlines()[:2])
-    assert [first[header.index(column)] for column in ("centroid_x", "centroid_y")] == [
+    saved = pd.read_csv(tmp_path / "saved.csv", sep=sep, encoding=encoding, dtype=str, keep_default_na=False)
+    assert [saved.loc[0, column] for column in ("centroid_x", "centroid_y")] == [
         f"{table.loc[0, column]}".replace(".", point) for column in ("centroid_x", "centroid_y")]
     today = cells_layer(smear)
-    report = import_manual_labels(tmp_path / "excel.csv", today)
+    report = import_manual_labels(tmp_path / "saved.csv", today)
     assert today.features["manual_label"].tolist() == yesterday.features["manual_label"].tolist()
     assert report.classes == ["spherocyte", "target cell", "NA"]
 
 
+def test_three_decimals_after_a_comma_are_decimals_where_semicolons_split_the_fields(smear, tmp_path):
+    # Excel shows (and saves) what the column's format shows: "338,521" is no thousand in a ;-split file
+    yesterday = labelled(cells_layer(smear))
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    table = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
+    table.to_csv(tmp_path / "excel.csv", index=False, sep=";", decimal=",", float_format="%.3f")
+    assert ";338,521;" in (tmp_path / "excel.csv").read_text()  # Chula smear 1's first cell
+    today = cells_layer(smear)
+    import_manual_labels(tmp_path / "excel.csv", today)
+    assert today.features["manual_label"].tolist() == yesterday.features["manual_label"].tolist()
+
+
 @pytest.mark.parametrize("content, says", [
     ("layer,image,manual_label,centroid_x,centroid_y\n1 cells,1,normal,10,abc\n\n1 cells,1,,x,1\n1 cells,1,a,x,1\n",
-     r"cells.csv has 2 labelled rows without a centroid \(lines 2, 5\)"),  # the blank line 3 counts too
+     r"cells.csv has 2 labelled rows without a readable centroid \(lines 2, 5\)"),  # the blank line 3 counts too
     ("\n\nlayer,image,manual_label,centroid_x,centroid_y\n1 cells,1,normal,x,1\n",
-     r"cells.csv has 1 labelled row without a centroid \(lines 4\)"),  # blank lines before the header too
+     r"cells.csv has 1 labelled row without a readable centroid \(lines 4\)"),  # blank lines before the header too
     ('layer,image,manual_label,centroid_x,centroid_y\n1 cells,1,normal,"1,234",56\n',
-     r"cells.csv has 1 labelled row without a centroid \(lines 2\)"),  # a thousand, not 1.234: commas split fields
+     r"cells.csv has 1 labelled row without a readable centroid \(lines 2\)"),  # a thousand, not 1.234: commas split fields
     ("layer\timage\tmanual_label\tcentroid_x\tcentroid_y\n1 cells\t1\tnormal\t1,234\t56.5\n",
-     r"cells.csv has 1 labelled row without a centroid \(lines 2\)"),  # tabs, decimal points: a thousand again
+     r"cells.csv has 1 labelled row without a readable centroid \(lines 2\)"),  # tabs, decimal points: a thousand again
     ("layer;image;manual_label;centroid_x;centroid_y\n1 cells;1;normal;1.234,5;56,5\n",
-     r"cells.csv has 1 labelled row without a centroid \(lines 2\)"),  # a thousands point: no number we can be sure of
+     r"cells.csv has 1 labelled row without a readable centroid \(lines 2\)"),  # a thousands point: no number we can be sure of
     ("layer,image,cells,whole_cells\n1 cells,1,3,2\n", "is a smear summary; import the cells CSV written beside it"),
     ("layer,image,label,centroid_x\n1 cells,1,1,10\n", "lacks the columns manual_label, centroid_y"),
     ("layer,image,label,manual_label,centroid_x,centroid_y\n1 cells,1,1,,10,10\n", "holds no manual labels"),

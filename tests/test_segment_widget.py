@@ -270,11 +270,14 @@ def test_bad_images_give_a_clear_error_and_leave_the_cells_layer_untouched(viewe
     data, features, metadata = cells.data.copy(), cells.features.copy(), dict(cells.metadata)
     huge = np.broadcast_to(np.uint8(200), (20_000, 16_000, 3))  # 320 Mpx, of no memory: never read whole
     viewer.add_image([huge, huge[::64, ::64]], multiscale=True, rgb=True, name="pyramid")
+    planes = np.broadcast_to(np.uint8(200), (3, 20_000, 16_000))
+    viewer.add_image([planes, planes[:, ::64, ::64]], multiscale=True, name="pyramid of planes")
     for name, (pixels, _) in BAD_LAYERS.items():
         viewer.add_image(pixels, name=name)
     expected = {name: detail for name, (_, detail) in BAD_LAYERS.items()} | {
-        "pyramid": "'pyramid' is a slide pyramid whose full resolution, 16,000 x 20,000 px (320 Mpx), is more than the "
-                   "widgets read at once (268 Mpx): save the region to analyse as a TIFF"}
+        "pyramid": "'pyramid' is a slide pyramid whose full resolution, 16,000 x 20,000 px (320,000,000 pixels), is "
+                   "more than the widgets read at once (268,435,456 pixels): save the region to analyse as a TIFF",
+        "pyramid of planes": "(3, 20000, 16000) is a 3-D stack of planes in napari, not one smear"}
 
     for name, detail in expected.items():
         widget.image.value = viewer.layers[name]

@@ -124,15 +124,18 @@ CMYK, GRAY_ALPHA = ("CMYK",), ("LA", "La")  # Pillow's modes of files napari's r
 
 
 def stored_mode(path: str | os.PathLike) -> str | None:
-    """Pillow's mode of the image file ``path`` ("RGB", "CMYK", "LA", ...; read from its header),
-    or None where Pillow cannot tell."""
+    """Pillow's mode of the image file ``path`` ("RGB", "CMYK", "LA", ...; read from its header,
+    whatever its size), or None where Pillow cannot tell."""
     from PIL import Image
 
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a header is no decompression bomb
     try:
         with Image.open(path) as image:
             return image.mode
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError):
         return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def channels(array: np.ndarray) -> list[np.ndarray]:

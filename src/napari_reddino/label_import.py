@@ -253,15 +253,14 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
     table = table[table["manual_label"] != ""].copy()
     if table.empty:
         raise LabelImportError(f"{path.name} holds no manual labels.")
-    decimal_comma = _decimal_comma(table, sep)
     for column in ("centroid_x", "centroid_y", *_BOX, "area_px"):
         if column in table:
-            table[column] = _numbers(table[column], decimal_comma)
+            table[column] = _numbers(table[column], sep)
     broken = ~np.isfinite(table[["centroid_x", "centroid_y"]]).all(axis=1)
     if broken.any():
         lines = first_few(blank + index + 2 for index in table.index[broken])
         raise LabelImportError(f"{path.name} has {counted(int(broken.sum()), 'labelled row')} without a "
-                               f"centroid (lines {lines}).")
+                               f"readable centroid (lines {lines}).")
     if "layer" not in table:
         table["layer"] = table["image"] + " cells"
     if "image" not in table:
@@ -269,24 +268,18 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
     return table
 
 
-def _decimal_comma(table: pd.DataFrame, sep: str) -> bool:
-    """Whether the numbers of ``table`` (read as text) write their decimals after a comma, as a
-    locale that does saved them: fields split by ``;``, or by tabs (Unicode Text) with no centroid
-    written with a point. Never where commas split the fields: "1,234" is then a thousand."""
-    if sep == ",":
-        return False
-    if sep == ";":
-        return True
-    centroids = table[["centroid_x", "centroid_y"]].astype(str)
-    return not centroids.apply(lambda column: column.str.contains(".", regex=False)).any(axis=None)
-
-
-def _numbers(column: pd.Series, decimal_comma: bool) -> pd.Series:
-    """A column as numbers, NaN where empty or unreadable. With ``decimal_comma``, text such as
-    "338,52" reads as its number: read as text, for one empty cell makes the whole column text."""
-    if decimal_comma and not pd.api.types.is_numeric_dtype(column):  # "1.234,5" gives "1.234.5": no number
-        column = column.astype(str).str.replace(",", ".", regex=False)
-    return pd.to_numeric(column, errors="coerce")
+def _numbers(column: pd.Series, sep: str) -> pd.Series:
+    """A column as numbers, NaN where empty or unreadable. Numbers read as text (one empty cell
+    makes a column text) whose decimals follow a comma, as a locale that writes them saved them,
+    read as numbers: always where ``;`` splits the fields, else where a comma in the column is
+    followed by other than three digits (as no thousands separator is); "1,234" alone stays
+    unreadable, a thousand or one and a bit."""
+    if pd.api.types.is_numeric_dtype(column):
+        return column
+    text = column.astype(str).str.strip()
+    if sep == ";" or text.str.fullmatch(r"-?\d*,(\d{1,2}|\d{4,})").any():
+        text = text.str.replace(",", ".", regex=False)  # "1.234,5" gives "1.234.5": no number
+    return pd.to_numeric(text, errors="coerce")
 
 
 def _cells_at(rows: pd.DataFrame, layer) -> np.ndarray:

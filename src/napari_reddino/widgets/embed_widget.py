@@ -79,7 +79,7 @@ from .segment_widget import (
     unusable_pixel_size,
 )
 from .smear_colours import is_map_colours, own_cells
-from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, of_image, placement
+from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, level_0, of_image, placement
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
 
@@ -226,6 +226,7 @@ class EmbedCellsWidget(JobWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
         self._segment_job: _Job | None = None
+        self._segmented_pixels: tuple | None = None  # (the layer's full-resolution data, its pixels) as segmented
         self._embed_job: _EmbedJob | None = None
         self._embedder: Embedder | None = None
         self._embed_started = 0.0
@@ -521,6 +522,7 @@ class EmbedCellsWidget(JobWidget):
         if why := unusable_pixel_size(pixel_size_um):
             self._refuse(why)  # an "every open smear" run names the smear in its summary
             return
+        self._segmented_pixels = (level_0(layer), pixels)  # a pyramid's, read lazily, is not read again to embed
         self._segment_job = _Job(
             image=layer,
             placement=placement(layer),
@@ -630,6 +632,7 @@ class EmbedCellsWidget(JobWidget):
         """Show the outcome once the worker is done; after segmenting, go on to embed."""
         worker, result = self._end_run()
         segment_job, self._segment_job = self._segment_job, None
+        segmented_pixels, self._segmented_pixels = self._segmented_pixels, None
         embed_job, self._embed_job = self._embed_job, None
         embedder, self._embedder = self._embedder, None
         try:
@@ -638,7 +641,7 @@ class EmbedCellsWidget(JobWidget):
                                      f"{embed_job.cells.name!r}, not embedded." if embed_job is not None and
                                      embed_job.segmented else "Cancelled; the embeddings were not changed.")
             elif result is not None and segment_job is not None:
-                self._segmented(segment_job, *result)
+                self._segmented(segment_job, segmented_pixels, *result)
                 return  # _segmented goes on to embed, or ends the run
             elif isinstance(result, _LoadFailure):
                 if self._batch is not None:
@@ -655,7 +658,8 @@ class EmbedCellsWidget(JobWidget):
                 return
         self.finished.emit()
 
-    def _segmented(self, job: _Job, labels: np.ndarray, table, cell_diameter: float, image_hash: str) -> None:
+    def _segmented(self, job: _Job, segmented_pixels: tuple, labels: np.ndarray, table, cell_diameter: float,
+                   image_hash: str) -> None:
         if job.image not in self._viewer.layers:
             self._refuse(f"{job.image_name!r} was closed while it was segmented; nothing was changed.")
             return
@@ -668,11 +672,13 @@ class EmbedCellsWidget(JobWidget):
         self.reset_choices()
         self.cells.value = cells
         image = self._viewer.layers[job.image_name]
-        try:
-            pixels = smear_pixels(image)
-        except ImageInputError as error:  # the image changed while it was segmented
-            self._refuse(str(error))
-            return
+        source, pixels = segmented_pixels
+        if level_0(image) is not source:  # its data replaced while it was segmented
+            try:
+                pixels = smear_pixels(image)
+            except ImageInputError as error:
+                self._refuse(str(error))
+                return
         self._embed(image, pixels, cells, segmented=True)
 
     def _store(self, job: _EmbedJob, embedder: Embedder, run: EmbeddedCells, table: pd.DataFrame | None,

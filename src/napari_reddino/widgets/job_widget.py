@@ -38,12 +38,6 @@ def smear_pixels(layer: Image) -> np.ndarray:
     pyramid, the full resolution, read whole where it is at most :data:`MAX_PYRAMID_PIXELS`.
     """
     data = level_0(layer)
-    if layer.multiscale and (pixels := data.shape[0] * data.shape[1]) > MAX_PYRAMID_PIXELS:
-        raise ImageInputError(
-            f"{layer.name!r} is a slide pyramid whose full resolution, {data.shape[1]:,} x {data.shape[0]:,} px "
-            f"({pixels / 1e6:,.0f} Mpx), is more than the widgets read at once ({MAX_PYRAMID_PIXELS / 1e6:,.0f} "
-            "Mpx): save the region to analyse as a TIFF (in QuPath, File > Export images) and open that."
-        )
     shape = data.shape
     if layer.ndim == 3 and not layer.rgb and shape[-1] in (3, 4):
         raise ImageInputError(
@@ -69,6 +63,12 @@ def smear_pixels(layer: Image) -> np.ndarray:
             f"{layer.name!r} of shape {shape} is a {layer.ndim}-D stack of planes in napari, "
             "not one smear (a colour photo stored channel by channel? save it again as an ordinary PNG, JPEG "
             f"or TIFF and open that); expected {ACCEPTED}."
+        )
+    if layer.multiscale and (pixels := shape[0] * shape[1]) > MAX_PYRAMID_PIXELS:
+        raise ImageInputError(
+            f"{layer.name!r} is a slide pyramid whose full resolution, {shape[1]:,} x {shape[0]:,} px ({pixels:,} "
+            f"pixels), is more than the widgets read at once ({MAX_PYRAMID_PIXELS:,} pixels): save the region to "
+            "analyse as a TIFF (in QuPath, File > Export images) and open that."
         )
     return check_smear(data)
 
