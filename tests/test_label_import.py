@@ -46,6 +46,21 @@ def labelled(layer: Labels, every: int = 3) -> Labels:
     return labels_layer(layer.features.assign(manual_label=manual), layer.name, layer.data, **layer.metadata)
 
 
+def exported_rows(smear: np.ndarray, tmp_path: Path) -> tuple[Labels, pd.DataFrame]:
+    """Yesterday's labelled cells and their exported CSV as a spreadsheet reads it back."""
+    yesterday = labelled(cells_layer(smear))
+    export_cells_csv(tmp_path / "cells.csv", yesterday)
+    return yesterday, pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
+
+
+def imported_as_yesterday(path: Path, smear: np.ndarray, yesterday: Labels) -> LabelImport:
+    """Import ``path`` onto the smear segmented today, which must then hold yesterday's labels."""
+    today = cells_layer(smear)
+    report = import_manual_labels(path, today)
+    assert today.features["manual_label"].tolist() == yesterday.features["manual_label"].tolist()
+    return report
+
+
 def test_labels_come_back_onto_the_smear_segmented_again(smear, tmp_path):
     yesterday = labelled(cells_layer(smear))
     export_cells_csv(tmp_path / "cells.csv", yesterday)
@@ -402,15 +417,11 @@ def test_of_two_layers_of_the_image_the_one_whose_cells_match_takes_the_labels(s
 
 
 def test_a_csv_from_before_the_layer_column_is_read_by_image(smear, tmp_path):
-    yesterday = labelled(cells_layer(smear))
-    export_cells_csv(tmp_path / "cells.csv", yesterday)
-    old = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False).drop(columns="layer")
+    yesterday, old = exported_rows(smear, tmp_path)
+    old = old.drop(columns="layer")
     old["manual_label"] = " " + old["manual_label"] + " "  # stray spaces, as in a hand-edited file
     old.to_csv(tmp_path / "old.csv", index=False)
-    today = cells_layer(smear)
-    report = import_manual_labels(tmp_path / "old.csv", today)
-    assert today.features["manual_label"].tolist() == yesterday.features["manual_label"].tolist()
-    assert report.classes == ["spherocyte", "target cell", "NA"]
+    assert imported_as_yesterday(tmp_path / "old.csv", smear, yesterday).classes == ["spherocyte", "target cell", "NA"]
 
 
 def test_a_csv_saved_again_by_a_spreadsheet_in_another_locale_gives_its_labels(smear, tmp_path):
@@ -437,9 +448,7 @@ def test_a_csv_saved_again_by_a_spreadsheet_in_another_locale_gives_its_labels(s
 def test_a_spreadsheet_s_csv_with_empty_cells_gives_its_labels(smear, tmp_path, saved_as, point):
     # One empty cell makes a column text; its numbers keep their decimal commas then, and must
     # still read as numbers (before, every labelled row was said to lack a centroid).
-    yesterday = labelled(cells_layer(smear))
-    export_cells_csv(tmp_path / "cells.csv", yesterday)
-    table = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
+    yesterday, table = exported_rows(smear, tmp_path)
     unlabelled = table.index[table["manual_label"] == ""]
     text = table.copy()
     for column in ("centroid_x", "area_px", "bbox_min_x"):  # one cell emptied where no label is
@@ -455,22 +464,16 @@ def test_a_spreadsheet_s_csv_with_empty_cells_gives_its_labels(smear, tmp_path, 
     saved = pd.read_csv(tmp_path / "saved.csv", sep=sep, encoding=encoding, dtype=str, keep_default_na=False)
     assert [saved.loc[0, column] for column in ("centroid_x", "centroid_y")] == [
         f"{table.loc[0, column]}".replace(".", point) for column in ("centroid_x", "centroid_y")]
-    today = cells_layer(smear)
-    report = import_manual_labels(tmp_path / "saved.csv", today)
-    assert today.features["manual_label"].tolist() == yesterday.features["manual_label"].tolist()
-    assert report.classes == ["spherocyte", "target cell", "NA"]
+    assert imported_as_yesterday(tmp_path / "saved.csv", smear, yesterday).classes == ["spherocyte", "target cell",
+                                                                                       "NA"]
 
 
 def test_three_decimals_after_a_comma_are_decimals_where_semicolons_split_the_fields(smear, tmp_path):
     # Excel shows (and saves) what the column's format shows: "338,521" is no thousand in a ;-split file
-    yesterday = labelled(cells_layer(smear))
-    export_cells_csv(tmp_path / "cells.csv", yesterday)
-    table = pd.read_csv(tmp_path / "cells.csv", dtype={"image": str}, keep_default_na=False)
+    yesterday, table = exported_rows(smear, tmp_path)
     table.to_csv(tmp_path / "excel.csv", index=False, sep=";", decimal=",", float_format="%.3f")
     assert ";338,521;" in (tmp_path / "excel.csv").read_text()  # Chula smear 1's first cell
-    today = cells_layer(smear)
-    import_manual_labels(tmp_path / "excel.csv", today)
-    assert today.features["manual_label"].tolist() == yesterday.features["manual_label"].tolist()
+    imported_as_yesterday(tmp_path / "excel.csv", smear, yesterday)
 
 
 @pytest.mark.parametrize("content, says", [
