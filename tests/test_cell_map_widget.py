@@ -329,6 +329,21 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     assert widget.class_list.classes[-1] == "acanthocyte"
     colours = widget.class_list.hex_colours
     assert colours["acanthocyte"] == NEW_CLASS_COLOURS[0] not in [colours[name] for name in DEFAULT_CLASSES]
+    # Saved by Excel's plain CSV (Windows' Western letters): "drépanocyte ✓" came back as "drépanocyte ?"
+    colleague.loc[unlabelled, "manual_label"] = "drépanocyte ✓".encode("cp1252", "replace").decode("cp1252")
+    colleague.to_csv(tmp_path / "excel.csv", index=False, encoding="cp1252")
+    cells.features.loc[cells.features["label"] == colleague.loc[unlabelled, "label"], "manual_label"] = ""
+    widget.import_labels(tmp_path / "excel.csv")
+    assert widget.status.value.endswith("; new class 'drépanocyte ?': where a '?' stands for a letter the spreadsheet "
+                                        "could not save (Excel's plain CSV keeps Western letters only), rename it in "
+                                        "the class list, and save as CSV UTF-8 next time.")
+    widget.import_labels(tmp_path / "excel.csv")  # in the list now: said once
+    assert "'?'" not in widget.status.value
+    cells.features.loc[cells.features["label"] == colleague.loc[unlabelled, "label"], "manual_label"] = ""
+    colleague.loc[unlabelled, "manual_label"] = "schistocyte?"  # a class of a doubt, in a file of every letter
+    colleague.to_csv(tmp_path / "unsure.csv", index=False, encoding="utf-8")
+    widget.import_labels(tmp_path / "unsure.csv")
+    assert "schistocyte?" in widget.class_list.classes and "'?'" not in widget.status.value
     # Labels of the smear opened second yesterday ("1 [1]") come to it opened first today, and say so;
     # with those of the smear opened first beside them, the layer of that name takes its own.
     image = cells.metadata["source_image"]

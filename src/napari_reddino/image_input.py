@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from math import ceil
 
@@ -130,8 +131,10 @@ def stored_mode(path: str | os.PathLike) -> str | None:
 
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a header is no decompression bomb
     try:
-        with Image.open(path) as image:
-            return image.mode
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a damaged header's: napari's reader says what it finds
+            with Image.open(path) as image:
+                return image.mode
     except (OSError, ValueError):
         return None
     finally:

@@ -84,6 +84,7 @@ class LabelImport:
     foreign: dict[str, str] = field(default_factory=dict)  # CSV layer: the layer too few of its rows matched
     onto: dict[str, str] = field(default_factory=dict)  # CSV layer: the layer its labels went to
     taken: dict[str, str] = field(default_factory=dict)  # CSV layer: its layer, which took another CSV layer's labels
+    western: bool = False  # the file was in Windows' Western encoding: letters beyond it were lost as "?"
 
 
 def import_manual_labels(path: str | Path, cells) -> LabelImport:
@@ -91,8 +92,8 @@ def import_manual_labels(path: str | Path, cells) -> LabelImport:
     exported cells CSV ``path``; see the module docstring for the rules."""
     path = Path(path)
     layers = as_layers(cells)
-    table = _read_labelled_rows(path)
-    report = LabelImport()
+    table, western = _read_labelled_rows(path)
+    report = LabelImport(western=western)
     sources = [(str(source), rows) for source, rows in table.groupby("layer", sort=False)]
     found = {}  # (CSV layer, given layer), by index: the label id of each row's cell there, or -1
     kin = {}  # ... and whether that layer has the CSV layer's name or image name, not only napari's number aside
@@ -211,31 +212,32 @@ def carry_manual_labels(source, target) -> LabelImport:
     return report
 
 
-def _spreadsheet_text(path: Path) -> tuple[io.StringIO, str, int]:
+def _spreadsheet_text(path: Path) -> tuple[io.StringIO, str, int, bool]:
     """The text of ``path`` from its header on, how to split it, and how many blank lines came
     before the header, as a spreadsheet may have saved it: UTF-8 (with or without the mark Excel
     adds), UTF-16 with its mark (Excel's "Unicode Text"), else Windows' Western encoding (Excel's
-    plain "CSV"); fields split by ``,``, or by ``;`` or tabs where those split the header (a
-    locale that writes decimal commas; Unicode Text)."""
-    raw = path.read_bytes()
+    plain "CSV"; then True last); fields split by ``,``, or by ``;`` or tabs where those split the
+    header (a locale that writes decimal commas; Unicode Text)."""
+    raw, western = path.read_bytes(), False
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         text = raw.decode("utf-16")
     else:
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
-            text = raw.decode("cp1252")
+            text, western = raw.decode("cp1252"), True
     lines = text.split("\n")
     blank = next((index for index, line in enumerate(lines) if line.strip()), len(lines))
     header = lines[blank] if blank < len(lines) else ""
     sep = max(",;\t", key=header.count)  # the first of equals: "," for a header of one column
-    return io.StringIO("\n".join(lines[blank:])), sep, blank
+    return io.StringIO("\n".join(lines[blank:])), sep, blank, western
 
 
-def _read_labelled_rows(path: Path) -> pd.DataFrame:
-    """The rows of ``path`` with a manual label: ``layer``, ``image``, centroid (and the rest)."""
+def _read_labelled_rows(path: Path) -> tuple[pd.DataFrame, bool]:
+    """The rows of ``path`` with a manual label (``layer``, ``image``, centroid and the rest), and
+    whether the file was in Windows' Western encoding."""
     try:
-        text, sep, blank = _spreadsheet_text(path)
+        text, sep, blank, western = _spreadsheet_text(path)
         # blank lines kept as rows (empty, so unlabelled): an error's line numbers stay right
         table = pd.read_csv(text, dtype={"layer": str, "image": str, "manual_label": str}, keep_default_na=False,
                             skip_blank_lines=False, sep=sep)
@@ -265,7 +267,7 @@ def _read_labelled_rows(path: Path) -> pd.DataFrame:
         table["layer"] = table["image"] + " cells"
     if "image" not in table:
         table["image"] = table["layer"].str.removesuffix(" cells")
-    return table
+    return table, western
 
 
 def _numbers(column: pd.Series, sep: str) -> pd.Series:

@@ -184,6 +184,8 @@ class MapExport:
             self._refuse(f"No labels were imported: {error}")
             return
         self._label_undo.clear()  # an undo would write over the labels imported since
+        garbled = [name for name in report.classes if report.western and "?" in name
+                   and name not in self.class_list.classes]
         for name in report.classes:
             self.class_list.add_class(name)
         self.recolour()
@@ -211,6 +213,10 @@ class MapExport:
         if report.unmatched:
             parts.append(f"not imported: the cells from {', '.join(map(repr, report.unmatched))} (open and segment "
                          "those smears)")
+        if garbled:
+            parts.append(f"new class{'es' if len(garbled) > 1 else ''} {', '.join(map(repr, garbled))}: where a '?' "
+                         "stands for a letter the spreadsheet could not save (Excel's plain CSV keeps Western letters "
+                         "only), rename it in the class list, and save as CSV UTF-8 next time")
         self.status.value = "; ".join(parts) + "."
 
     def _confirm_overwrite(self, paths: Sequence[Path | str], removed: Sequence[Path | str] = ()) -> bool:
