@@ -90,6 +90,20 @@ def test_shares_wait_until_every_whole_cell_has_a_class():
     assert summarise_smears(categorical).loc[0, "n_spherocyte"] == 2
 
 
+def test_a_class_the_predicting_head_does_not_know_gets_a_count_but_no_share():
+    # 0 % of a class the head could not name is no measurement: the lab would read "absent, below 60 %"
+    layer = counted_layer()
+    layer.features["predicted_class"] = ["normal", "normal", "spherocyte", "target cell", "normal", "normal"]
+    layer.metadata["predicted_classes"] = ["normal", "spherocyte", "target cell"]
+    [row] = summarise_smears(layer, classes=["normal", "spherocyte", "target cell", "stomatocyte"]).to_dict("records")
+    assert (row["n_stomatocyte"], row["pct_normal"], row["pct_spherocyte"]) == (0, 40.0, 40.0)  # cell 1 by hand
+    assert np.isnan([row["pct_stomatocyte"], row["pct_stomatocyte_low95"], row["pct_stomatocyte_high95"]]).all()
+    # every whole cell labelled by hand: any class could have been named, and 0 % is a count
+    layer.features["manual_label"] = ["normal", "normal", "spherocyte", "target cell", "normal", ""]
+    [row] = summarise_smears(layer, classes=["stomatocyte"]).to_dict("records")
+    assert (row["pct_stomatocyte"], row["pct_stomatocyte_low95"]) == (0.0, 0.0) and row["pct_stomatocyte_high95"] > 0
+
+
 def test_a_table_read_back_from_a_csv_counts_as_the_layer_it_came_from():
     """Blank labels are no label, an empty ``touches_border`` is not a cut, "False" as text is False."""
     layer = counted_layer()

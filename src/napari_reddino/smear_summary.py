@@ -6,7 +6,9 @@ it counts every cell as whole) are counted in ``cells`` and left out of everythi
 person counting at the microscope leaves out cut cells: they look smaller and misshapen. A cell's class is its
 manual label where it has one, else the head's prediction. Percentages are given only when
 every whole cell has a class (after a head predicted them all): before that they would be
-shares of the hand-picked training examples, not of the smear.
+shares of the hand-picked training examples, not of the smear. Nor for a class that the head
+which predicted some of them does not know (``predicted_classes`` in the layer's metadata): it
+could not name such a cell, so 0 % would be no measurement, only its count (a floor) is given.
 
 Columns: ``layer``, ``image`` (two layers of one smear give two rows), ``cells``,
 ``whole_cells``, ``pixel_size_um`` and ``diameter_mean_um``, ``diameter_sd_um`` (empty without
@@ -30,7 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .cell_table import SOURCE_PATH, as_layers, cells_table, class_names, image_name, whole_cells
+from .cell_table import PREDICTED_CLASSES, SOURCE_PATH, as_layers, cells_table, class_names, image_name, whole_cells
 
 # A cell that only touches another shares a few % of its outline; one overlapping a neighbour
 # is split from it along a line. Over the whole cells of 36 Chula smears, outline_shared was 0
@@ -88,11 +90,15 @@ def _summary_row(layer, table: pd.DataFrame, whole: pd.DataFrame, names: np.ndar
     classified = int((names != "").sum())
     row["classified"], row["unclassified"] = classified, len(whole) - classified
     every_cell_classified = classified > 0 and classified == len(whole)
+    head_classes = layer.metadata.get(PREDICTED_CLASSES)  # None: a table from before it was recorded
+    predicted_some = (class_names(whole, "manual_label") == "").any()
     for name in classes:
         count = int((names == name).sum())
         row[f"n_{name}"] = count
-        row[f"pct_{name}"] = 100 * count / classified if every_cell_classified else np.nan
-        low, high = share_interval(count, classified) if every_cell_classified else (np.nan, np.nan)
+        measured = every_cell_classified and not (predicted_some and head_classes is not None
+                                                  and name not in head_classes)
+        row[f"pct_{name}"] = 100 * count / classified if measured else np.nan
+        low, high = share_interval(count, classified) if measured else (np.nan, np.nan)
         row[f"pct_{name}_low95"], row[f"pct_{name}_high95"] = 100 * low, 100 * high
     models = sorted(set(table["model_id"].astype(str)) - {""})
     row["model_id"] = ";".join(models)
