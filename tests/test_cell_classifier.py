@@ -408,3 +408,11 @@ def test_damaged_or_missing_files_are_refused_by_name(tmp_path, smear_table):
 def test_review_order_starts_with_the_smallest_margin():
     proba = np.array([[0.9, 0.1, 0.0], [0.5, 0.45, 0.05], [0.4, 0.3, 0.3], [0.6, 0.4, 0.0], [0.3, 0.4, 0.3]])
     assert uncertainty_order(proba).tolist() == [1, 2, 4, 3, 0]  # margins .8 .05 .1 .2 .1; ties keep row order
+
+
+def test_a_head_on_micrometre_measurements_says_a_smear_without_a_pixel_size_needs_one():
+    table = pd.DataFrame({"circularity": [0.9, 0.8]})  # cells of a smear segmented without a pixel size
+    with pytest.raises(ValueError, match=r"^The head needs the measurements area_um2, which some of these cells lack: "
+                                         r"area_um2 needs the smear's pixel size \(give it at Segment cells, or as "
+                                         r"pixel_size_um=\); "):
+        measurement_features(table, ["area_um2", "circularity"], 2)

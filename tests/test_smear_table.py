@@ -1,6 +1,7 @@
 """The Cell map's per-smear table, from summarise_smears of hand-counted smears."""
 
 import numpy as np
+import pandas as pd
 from test_smear_summary import counted_layer
 
 from napari_reddino.smear_summary import summarise_smears
@@ -52,3 +53,16 @@ def test_shares_appear_once_every_whole_cell_has_a_class(qtbot):
     assert shown == {"normal": "2 (40.0 %)", "spherocyte": "2 (40.0 %)", "target cell": "1 (20.0 %)"}
     assert table.tip("target cell", 0).startswith("95 % interval of the share from counting 5 cells: 0.5-71.6 %.")
     assert table.tip("with a class", 0) == ""
+
+
+def test_a_share_under_a_twentieth_of_a_percent_is_not_shown_as_none(qtbot):
+    layer = counted_layer()
+    features = layer.features.iloc[:5]
+    many = features.loc[[1] * 2999].assign(label=range(10, 3009), manual_label="", predicted_class="normal")
+    layer.features = pd.concat([features.iloc[[0]].assign(manual_label="spherocyte"), many], ignore_index=True)
+    table = SmearTable()
+    qtbot.addWidget(table)
+    table.show_summary(summarise_smears(layer, classes=["normal", "spherocyte"]))
+    assert table.text("spherocyte", 0) == "1 (<0.1 %)"  # 1 of 3,000: 0.03 %, which one decimal shows as 0.0
+    assert table.tip("spherocyte", 0).startswith("95 % interval of the share from counting 3,000 cells: <0.1-0.2 %.")
+    assert table.text("normal", 0) == "2,999 (>99.9 %)"  # nor the others' as all

@@ -336,10 +336,13 @@ def measurement_features(table: pd.DataFrame | None, columns: Sequence[str], n_c
                          "table from measure_cells as measurements=.")
     missing = _missing(table, columns)
     if missing:
+        in_um = [name for name in missing if "_um" in name]
         raise ValueError(
-            f"The head needs the measurements {', '.join(missing)}, which some of these cells lack: a head "
-            "trained with colour cannot read gray smears, and cells need Segment cells' measurements (cells "
-            "measured by an older version lack the newer ones: segment them again)."
+            f"The head needs the measurements {', '.join(missing)}, which some of these cells lack: "
+            + (f"{', '.join(in_um)} need{'s' if len(in_um) == 1 else ''} the smear's pixel size (give it at Segment "
+               "cells, or as pixel_size_um=); " if in_um else "")
+            + "a head trained with colour cannot read gray smears, and cells need Segment cells' measurements "
+            "(cells measured by an older version lack the newer ones: segment them again)."
         )
     if len(table) != n_cells:
         raise ValueError(f"Measurements of {len(table)} cells for {n_cells} embedded cells.")

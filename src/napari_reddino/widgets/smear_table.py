@@ -76,15 +76,23 @@ def _rows(summary: pd.DataFrame, classes: list[str]) -> list[tuple[str, list[str
         ("with a class", [f"{done:,} of {whole:,}" for done, whole in zip(summary["classified"], summary["whole_cells"])]),
     ]
     for name in classes:
-        rows.append((name, [f"{n:,}" if np.isnan(pct) else f"{n:,} ({pct:.1f} %)"
+        rows.append((name, [f"{n:,}" if np.isnan(pct) else f"{n:,} ({_percent(pct)} %)"
                             for n, pct in zip(summary[f"n_{name}"], summary[f"pct_{name}"])]))
     return rows
+
+
+def _percent(value: float) -> str:
+    """A percentage to one decimal, "<0.1" where one above 0 would show as 0.0 (1 cell of 3,000),
+    and ">99.9" where one below 100 would show as 100.0."""
+    if 0 < value < 0.05:
+        return "<0.1"
+    return ">99.9" if 99.95 <= value < 100 else f"{value:.1f}"
 
 
 def _share_tips(summary: pd.DataFrame, name: str) -> list[str]:
     """Each smear's 95 % interval of the class's share, where it has a share."""
     return ["" if np.isnan(low) else
-            f"95 % interval of the share from counting {classified:,} cells: {low:.1f}-{high:.1f} %. "
+            f"95 % interval of the share from counting {classified:,} cells: {_percent(low)}-{_percent(high)} %. "
             "Counting alone: the head's errors come on top."
             for low, high, classified in zip(summary[f"pct_{name}_low95"], summary[f"pct_{name}_high95"],
                                              summary["classified"])]
