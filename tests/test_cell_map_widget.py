@@ -215,13 +215,17 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     is_spherocyte = predicted["predicted_class"].to_numpy() == "spherocyte"
     np.testing.assert_allclose(points.face_color[is_spherocyte], np.tile(spherocyte_rgba, (is_spherocyte.sum(), 1)))
 
-    # Review uncertain: the least certain unlabelled cell first; labelling it moves on.
+    # Review uncertain: the least certain unlabelled cell first, of those the border does not cut (the
+    # cut ones count in no share: they come last); labelling it moves on.
     widget.review_next()
     unlabelled = predicted["manual_label"].to_numpy() == ""
+    cut = predicted["touches_border"].to_numpy(dtype=bool)
     first = np.flatnonzero(widget.selected)
-    assert len(first) == 1 and unlabelled[first[0]]
+    assert len(first) == 1 and unlabelled[first[0]] and not cut[first[0]]
     margin = np.abs(probabilities[:, 0] - probabilities[:, 1])
-    assert margin[first[0]] == pytest.approx(margin[unlabelled].min(), abs=1e-6)
+    assert margin[first[0]] == pytest.approx(margin[unlabelled & ~cut].min(), abs=1e-6)
+    queue = widget._review[::-1]  # what comes next, in order
+    assert cut[queue].tolist() == sorted(cut[queue].tolist()) and cut[queue].sum() == (unlabelled & cut).sum() > 0
     widget.assign("spherocyte")
     assert cells.features.set_index("label").loc[ids[first[0]], "manual_label"] == "spherocyte"
     (second,) = np.flatnonzero(widget.selected)

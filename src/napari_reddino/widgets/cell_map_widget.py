@@ -57,7 +57,7 @@ from ..cell_map import (
     emphasise,
     value_colours,
 )
-from ..cell_table import PREDICTED_BY, PREDICTED_CLASSES, class_names
+from ..cell_table import PREDICTED_BY, PREDICTED_CLASSES, class_names, whole_cells
 from ..smear_summary import summarise_smears
 from ..steps import Progress, StepsCancelled
 from ..umap_layout import fit_umap, warm_up_umap
@@ -920,8 +920,10 @@ class CellMapWidget(MapExport, JobWidget):
         labelled = self.pool.column("manual_label", UNLABELLED) != UNLABELLED
         while self._review and labelled[self._review[-1]]:  # labelled since the queue was made (an import)
             self._review.pop()
-        if not self._review:
-            self._review = [int(i) for i in self._uncertain if not labelled[i]][::-1]
+        if not self._review:  # cells cut by the border last: they count in no share, and look misshapen
+            whole = whole_cells(pd.DataFrame({"touches_border": self.pool.column("touches_border", False)}))
+            queue = [int(i) for i in self._uncertain if not labelled[i]]
+            self._review = ([i for i in queue if whole[i]] + [i for i in queue if not whole[i]])[::-1]
         if not self._review:
             self.status.value = "Every cell is labelled; nothing to review."
             return
