@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from _model_fixtures import hub_cache, publish_to_cache, record_crops, tiny_folder  # noqa: F401  (fixtures)
 from skimage.io import imread
 from test_analyse_cli import CHULA, DATA, read, saved_head
 
-from napari_reddino import analyse_cli, load_embedder
+from napari_reddino import analyse_cli, embedding, load_embedder
 from napari_reddino.analyse_cli import main
 from napari_reddino.batch_analysis import SmearAnalysis, code_digest
 from napari_reddino.cell_classifier import CellClassifier
@@ -108,6 +109,27 @@ def test_an_interrupted_run_goes_on_from_its_parts_and_writes_what_a_whole_run_w
     # Files another run wrote, or that were changed since, are not the resumed run's to replace.
     assert main([*argv, "--out", str(out)]) == 2
     assert "exist; pass --overwrite to replace them" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_the_precision_of_the_run_it_goes_on_with(tmp_path, tiny_folder, monkeypatch,
+                                                                       capsys):  # noqa: F811
+    # "auto" times bf16 against fp32 in each process; on a busy CPU the second timing may choose the
+    # other, and every smear of the cut-short run was analysed again (or, its files written, refused).
+    smears = tmp_path / "smears"
+    smears.mkdir()
+    for name in ("1.jpg", "26.jpg"):
+        shutil.copy(CHULA / name, smears / name)
+    argv = [str(smears), "--model", str(tiny_folder[1]), "--device", "cpu", "--with-embeddings", "--out",
+            str(tmp_path / "out")]
+    reading(monkeypatch, stop_at=2)
+    assert main(argv) == 130
+    (was,) = {SmearParts(tmp_path / "out" / PARTS, {}).newest_settings()["model"]["dtype"]}
+    other = torch.bfloat16 if was == "torch.float32" else torch.float32
+    monkeypatch.setattr(embedding, "auto_dtype", lambda device: other)  # this time the timing says otherwise
+    read_names = reading(monkeypatch)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert read_names == ["26.jpg"] and "1 of 2 smears was analysed by an earlier run" in capsys.readouterr().out
 
 
 def test_a_killed_run_leaves_its_parts_and_the_next_runs_read_them_back(tmp_path, monkeypatch, capsys):

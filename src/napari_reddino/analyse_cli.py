@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -280,6 +281,9 @@ def _analyse(args: argparse.Namespace) -> int:
             raise refusal
     _check_output_folder(out)  # before the model, which may download for minutes
     analysis = _analysis(args)
+    earlier = (note or {}).get("settings") or SmearParts(out / PARTS, {}).newest_settings()
+    if (dtype := _precision_to_keep(analysis.settings(), earlier)) is not None:
+        analysis = _analysis(args, dtype=dtype)
     try:  # said now, not after hours of smears
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):  # os.access cannot tell for ACLs, network shares, Windows
@@ -478,8 +482,22 @@ def _check_options(args: argparse.Namespace) -> None:
         raise _Refused(f"--pixel-size-um {args.pixel_size_um:g}: {refusal}")
 
 
-def _analysis(args: argparse.Namespace) -> SmearAnalysis:
-    """The settings for every smear, with the model and head loaded (or refused) up front."""
+def _precision_to_keep(settings: dict, earlier: dict | None) -> str | None:
+    """The precision of the ``earlier`` run on this output folder (its settings), where that
+    alone differs from this run's ``settings``: timed again on a busy CPU, "auto" may choose the
+    other, and the earlier run's smears would be analysed again (or, its files written, refused)."""
+    if not earlier or not settings.get("model") or not isinstance(earlier.get("model"), dict):
+        return None
+    was = earlier["model"].get("dtype")
+    same_but_precision = {**earlier, "model": {**earlier["model"], "dtype": settings["model"]["dtype"]}}
+    if was == settings["model"]["dtype"] or same_but_precision != json.loads(json.dumps(settings)):
+        return None
+    return str(was).removeprefix("torch.")
+
+
+def _analysis(args: argparse.Namespace, dtype: str = "auto") -> SmearAnalysis:
+    """The settings for every smear, with the model and head loaded (or refused) up front, in
+    ``dtype`` (see :func:`~napari_reddino.embedding.resolve_dtype`)."""
     if args.measure_only:
         return SmearAnalysis(pixel_size_um=args.pixel_size_um)
     from .cell_classifier import CellClassifier  # torch and timm load only when a model runs
@@ -491,7 +509,7 @@ def _analysis(args: argparse.Namespace) -> SmearAnalysis:
         raise _Refused(f"--model {model} is a weights file; give the model folder (config.json and "
                        "model.safetensors, as reddino-train export writes it) or a Hub name")
     try:
-        embedder = load_embedder(model, device=args.device or "auto", compile=args.compile)
+        embedder = load_embedder(model, device=args.device or "auto", dtype=dtype, compile=args.compile)
     except (ModelLoadError, ValueError) as error:  # DeviceError is a ValueError
         raise _Refused(f"cannot load the model {model!r}: {error}") from error
     if embedder.compiled:

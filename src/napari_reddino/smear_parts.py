@@ -99,6 +99,19 @@ class SmearParts:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_files_atomically({self._file(key): lambda handle: np.savez(handle, **arrays)})
 
+    def newest_settings(self) -> dict | None:
+        """The settings of the part saved last (of the run cut short, mostly), or None where none
+        can be read: a resume on a busy CPU keeps that run's precision rather than time it again."""
+        try:
+            newest = max((file for file in self.folder.iterdir() if _PART.fullmatch(file.name)),
+                         key=lambda file: file.stat().st_mtime_ns, default=None)
+            if newest is None:
+                return None
+            with np.load(newest, allow_pickle=False) as saved:  # the key alone is read
+                return json.loads(str(saved["key"]))["settings"]
+        except Exception:  # noqa: BLE001  (a part cut short or of another layout: none to follow)
+            return None
+
     def note_written(self, files: list[Path], smears: list[Path]) -> None:
         """Note that this run, unfinished, wrote ``files`` (each as it is now) of ``smears`` with its settings."""
         about = {"settings": self.settings, "files": {os.path.abspath(file): file_identity(file) for file in files},
