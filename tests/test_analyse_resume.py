@@ -132,6 +132,30 @@ def test_a_resumed_run_keeps_the_precision_of_the_run_it_goes_on_with(tmp_path, 
     assert read_names == ["26.jpg"] and "1 of 2 smears was analysed by an earlier run" in capsys.readouterr().out
 
 
+def test_a_run_whose_files_went_aside_leaves_the_parts_and_note_of_a_run_cut_short_meanwhile(tmp_path, monkeypatch,
+                                                                                              capsys):
+    smears, other = smear_folder(tmp_path), tmp_path / "other"
+    other.mkdir()
+    shutil.copy(CHULA / "1.jpg", other / "x.jpg")
+    out = tmp_path / "out"
+    cut_short = [str(smears), "--out", str(out), "--measure-only"]
+
+    def meanwhile(path):  # as the second run reads its smear, the first is cut short beside it
+        with monkeypatch.context() as inner:
+            reading(inner, stop_at=3)
+            assert main(cut_short) == 130
+        return read_smear(path)
+
+    monkeypatch.setattr(analyse_cli, "read_smear", meanwhile)
+    assert main([str(other), "--out", str(out), "--measure-only"]) == 1  # its files went aside
+    assert len(list(out.glob("cells-*_summary.csv"))) == 1 and (out / PARTS / "written.json").is_file()
+    read_names = reading(monkeypatch)
+    capsys.readouterr()
+    assert main(cut_short) == 0  # the first run goes on where it stopped
+    assert read_names == ["26.jpg", "image-1.png"] and "2 of 4 smears were analysed by an earlier run" in \
+        capsys.readouterr().out
+
+
 def test_a_killed_run_leaves_its_parts_and_the_next_runs_read_them_back(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "smears"
     folder.mkdir()

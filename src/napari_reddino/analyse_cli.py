@@ -343,7 +343,11 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         mend = f"; run {again} once that is mended{read_back}" if read_back else ""
         print(f"reddino-analyse: nothing written{written}: {error}{mend}", file=sys.stderr)
         return NOTHING_WRITTEN
-    if not unfinished:  # every smear's results are in the files now
+    if targets[0] != table:  # beside another run's files: the parts and note there may be that run's
+        if not unfinished:
+            with contextlib.suppress(OSError):  # else they wait for a run that finishes to clear them
+                outcome.parts.remove(outcome.keys)
+    elif not unfinished:  # every smear's results are in the files now
         _clear_parts(outcome.parts)
     elif not (left or unreadable or outcome.unkeyed):  # those of other smears or settings would pile up
         _clear_parts(outcome.parts, keep=outcome.keys)

@@ -128,6 +128,11 @@ class SmearParts:
         left); the note stays."""
         self._remove({self._file(key).name for key in keys} | {WRITTEN})
 
+    def remove(self, keys: list[str]) -> None:
+        """Remove the parts of ``keys`` alone: another run's parts and note in the folder stay."""
+        for key in keys:
+            self._file(key).unlink(missing_ok=True)
+
     def clear(self) -> None:
         """Remove the parts, the note (and what killed writes left), then the folder if that left it empty."""
         if not self.folder.is_dir():
