@@ -189,24 +189,37 @@ def test_embeddings_need_every_layer_embedded_and_an_npz_name(tmp_path, smear_ta
     assert os.listdir(tmp_path) == []
 
 
-def test_a_second_file_that_cannot_be_replaced_is_named_with_the_one_that_was(tmp_path, smear_table, monkeypatch):
-    csv, npz = tmp_path / "cells.csv", tmp_path / "cells.npz"
-    npz.write_bytes(b"locked by another program")
+def test_a_file_that_cannot_be_replaced_leaves_the_table_and_summary_as_they_were(tmp_path, smear_table,
+                                                                                  monkeypatch):
+    # A summary open in a spreadsheet: the new table must not stand beside the old summary.
+    csv, npz, summary = tmp_path / "cells.csv", tmp_path / "cells.npz", tmp_path / "cells_summary.csv"
+    export_cells_csv(csv, analysed_layer(smear_table), embeddings_path=npz, summary_path=summary)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     replace = os.replace
 
-    def refuse_the_npz(source, target):
-        if Path(target) == npz:
+    def refuse_the_summary(source, target):
+        if Path(target).name == summary.name:
             raise PermissionError(13, "Permission denied")
         replace(source, target)
 
-    monkeypatch.setattr(os, "replace", refuse_the_npz)
-    with pytest.raises(PartlyWrittenError, match=r"^cells.csv was written, but cells.npz could not be replaced "
-                                                 r"\(Permission denied\); cells.npz and cells_summary.csv are as "
+    monkeypatch.setattr(os, "replace", refuse_the_summary)
+    fewer = analysed_layer(smear_table.iloc[:5])
+    with pytest.raises(NotReplacedError, match=r"^cells_summary.csv could not be replaced \(Permission denied\); it "
+                                               r"and cells.csv and cells.npz, put back, are as before$"):
+        export_cells_csv(csv, fewer, embeddings_path=npz, summary_path=summary, overwrite=True)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before  # no temporary left either
+    (tmp_path / "new").mkdir()  # files that were not there before are removed again
+    with pytest.raises(NotReplacedError, match="put back, are as before$"):
+        export_cells_csv(tmp_path / "new" / "cells.csv", fewer, summary_path=tmp_path / "new" / "cells_summary.csv")
+    assert list((tmp_path / "new").iterdir()) == []
+    # Where the file system makes no hard links, what was replaced stays so, and is said.
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
+    with pytest.raises(PartlyWrittenError, match=r"^cells.csv, cells.npz were written, but cells_summary.csv could "
+                                                 r"not be replaced \(Permission denied\); cells_summary.csv is as "
                                                  r"before$"):
-        export_cells_csv(csv, analysed_layer(smear_table), embeddings_path=npz, summary_path=summary_path(csv),
-                         overwrite=True)
-    assert len(pd.read_csv(csv)) == len(smear_table) and npz.read_bytes() == b"locked by another program"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.csv", "cells.npz"]  # no temporary left
+        export_cells_csv(csv, fewer, embeddings_path=npz, summary_path=summary, overwrite=True)
+    assert len(pd.read_csv(csv)) == 5 and summary.read_bytes() == before["cells_summary.csv"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([*before, "new"])
 
 
 def test_a_folder_where_a_file_would_go_is_refused_before_anything_is_written(tmp_path, smear_table):

@@ -33,26 +33,34 @@ class PartlyWrittenError(OSError):
 
 
 class NotReplacedError(OSError):
-    """The first target could not be replaced (held open by another program, say): nothing changed."""
+    """A target could not be replaced (held open by another program, say): nothing changed (the
+    targets replaced before it, ``put_back``, were put back as they were)."""
 
-    def __init__(self, target: Path, error: OSError):
+    def __init__(self, target: Path, error: OSError, put_back: list[Path] = ()):
         super().__init__(error.errno, error.strerror, str(target))
-        self.message = f"{target.name} could not be replaced ({error.strerror or error}); it is as before"
+        back = f" and {' and '.join(path.name for path in put_back)}, put back," if put_back else ""
+        self.message = (f"{target.name} could not be replaced ({error.strerror or error}); it{back} "
+                        f"{'are' if put_back else 'is'} as before")
 
     def __str__(self) -> str:
         return self.message
 
 
-def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[bytes]], object]]) -> None:
+def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[bytes]], object]], *,
+                           all_or_none: bool = False) -> None:
     """Write each file with its ``writer(binary_handle)`` beside its target, then rename them all.
 
     A failing writer leaves every target as it was (and no temporary file behind). A first rename
     that fails raises :class:`NotReplacedError`; should a rename fail after others succeeded,
-    :class:`PartlyWrittenError` names the files replaced.
+    :class:`PartlyWrittenError` names the files replaced, or, ``all_or_none``, those are put back
+    as they were (from hard links to the old files; where the file system has none, they stay
+    replaced) and :class:`NotReplacedError` says so: files that belong together (a table and its
+    summary, one of them open in a spreadsheet) never mix two writes.
     The folders are synced once all are renamed.
     """
     staged: list[tuple[str, Path]] = []
     renamed: list[Path] = []
+    olds: dict[Path, Path | None | bool] = {}  # all_or_none: each target renamed, a link to its old file (None: new)
     try:
         for target, write in writers.items():
             target = Path(target)
@@ -69,18 +77,57 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
         while staged:
             temporary, target = staged[0]
             try:
+                if all_or_none and len(staged) > 1:  # not the last: a later one may fail
+                    olds[target] = _linked_aside(target)
                 os.replace(temporary, target)
             except OSError as error:
-                if renamed:
+                if renamed and not (all_or_none and _put_back(renamed, olds)):
                     raise PartlyWrittenError(renamed, target, error, [path for _, path in staged]) from error
-                raise NotReplacedError(target, error) from error  # named by its target, not the temporary file
+                # named by its target, not the temporary file
+                raise NotReplacedError(target, error, renamed if all_or_none else []) from error
             staged.pop(0)
             renamed.append(target)
     finally:
         for temporary, _ in staged:
             Path(temporary).unlink(missing_ok=True)
+        for old in olds.values():
+            if isinstance(old, Path):
+                old.unlink(missing_ok=True)
     for folder in dict.fromkeys(target.parent for target in renamed):
         _sync_folder(folder)
+
+
+def _linked_aside(target: Path) -> Path | None | bool:
+    """A hard link to ``target``'s file under a temporary name, which keeps the old file whole
+    once ``target`` is replaced; None where there is no file, False where the file system makes
+    no hard links (then it could not be put back)."""
+    if not target.exists():
+        return None
+    try:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=_prefix(target), suffix=".tmp")
+        os.close(fd)
+        os.unlink(name)
+        os.link(target, name)
+    except OSError:
+        return False
+    return Path(name)
+
+
+def _put_back(renamed: list[Path], olds: dict[Path, Path | None | bool]) -> bool:
+    """Put the targets ``renamed`` back as they were before this write; False where one cannot be."""
+    if any(olds[target] is False for target in renamed):
+        return False
+    try:
+        for target in reversed(renamed):
+            old = olds[target]
+            if old is None:
+                target.unlink()
+            else:
+                os.replace(old, target)
+            olds[target] = None  # put back: no link left to remove
+    except OSError:
+        return False
+    return True
 
 
 def remove_leftovers(target: str | os.PathLike) -> list[tuple[Path, int]]:
