@@ -559,6 +559,7 @@ def test_a_folder_whose_smears_all_lie_in_a_linked_folder_is_analysed(tmp_path):
 def test_the_pictures_of_earlier_runs_and_exports_are_not_taken_for_smears(tmp_path):
     day = tmp_path / "day1"
     for relative in ("1.jpg", "run1/cells.csv", "run1/galleries/1.png", "mine.csv", "mine_galleries/1.png",
+                     "run3/.reddino-analyse-parts/a.npz", "run3/galleries/4.png",  # a run killed before its table
                      "run2/old.png", "galleries/2.jpg", "x_galleries/3.jpg"):  # the last two: no table beside
         (day / relative).parent.mkdir(parents=True, exist_ok=True)
         (day / relative).write_bytes(b"")

@@ -23,11 +23,11 @@ from test_analyse_cli import CHULA, DATA, read, saved_head
 
 from napari_reddino import analyse_cli, embedding, load_embedder
 from napari_reddino.analyse_cli import main
-from napari_reddino.batch_analysis import SmearAnalysis, code_digest
+from napari_reddino.batch_analysis import PARTS, SmearAnalysis, code_digest
 from napari_reddino.cell_classifier import CellClassifier
 from napari_reddino.cell_embeddings import METADATA_KEY
 from napari_reddino.image_input import read_smear
-from napari_reddino.smear_parts import PARTS, SmearParts
+from napari_reddino.smear_parts import SmearParts
 
 
 def smear_folder(tmp_path: Path) -> Path:

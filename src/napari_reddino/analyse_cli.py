@@ -19,14 +19,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .atomic_files import NotReplacedError, PartlyWrittenError
-from .batch_analysis import GALLERIES, SmearAnalysis, SmearCells, list_smears, smear_names
+from .batch_analysis import GALLERIES, PARTS, SmearAnalysis, SmearCells, list_smears, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
 from .cell_table import SOURCE_PATH
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
 from .image_input import read_smear
 from .segmentation import RBC_DIAMETER_UM, pixel_size_refusal
-from .smear_parts import PARTS, SmearParts, note_covers, read_note
+from .smear_parts import SmearParts, note_covers, read_note
 from .wording import counted, shown
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (143 for SIGTERM)

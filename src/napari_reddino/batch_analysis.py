@@ -32,6 +32,7 @@ from .wording import shown
 
 SMEAR_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 GALLERIES = "galleries"  # reddino-analyse's folder of class galleries, beside its cells.csv
+PARTS = ".reddino-analyse-parts"  # its smears' results as they finish (smear_parts), hidden from the search for smears
 # Cells that look this many times larger or smaller than a given pixel size makes 7.5 µm cells
 # (estimates lie within 15 % on real smears): the pixel size is another microscope's or objective's.
 PIXEL_SIZE_DOUBT = 1.5
@@ -112,9 +113,13 @@ def _files_under(folder: Path, unreadable: list[Path] | None) -> Iterator[Path]:
 
 def is_gallery_folder(folder: Path) -> bool:
     """Whether ``folder`` holds the class galleries of a table beside it: ``galleries/`` beside a
-    ``reddino-analyse`` run's ``cells.csv``, or ``<name>_galleries/`` beside an export's ``<name>.csv``."""
+    ``reddino-analyse`` run's ``cells.csv`` (or its parts, of a run killed before it wrote one),
+    or ``<name>_galleries/`` beside an export's ``<name>.csv``."""
     table = "cells" if folder.name == GALLERIES else folder.name.removesuffix("_galleries")
-    return table != folder.name and (folder.parent / f"{table}.csv").is_file()
+    if table == folder.name:
+        return False
+    return (folder.parent / f"{table}.csv").is_file() or (folder.name == GALLERIES
+                                                          and (folder.parent / PARTS).is_dir())
 
 
 def smear_names(paths: Sequence[Path]) -> list[str]:

@@ -27,8 +27,7 @@ import pandas as pd
 from .atomic_files import write_files_atomically
 from .batch_analysis import SmearCells, file_identity
 
-PARTS = ".reddino-analyse-parts"  # inside --out: hidden, so the search for smears leaves it out
-WRITTEN = "written.json"  # in PARTS: the files the unfinished run wrote, as it wrote them, and its settings
+WRITTEN = "written.json"  # in the parts folder (batch_analysis.PARTS): the files the unfinished run wrote, as it wrote them, and its settings
 PART_FORMAT = 1  # in every key: a part of another layout is no part of this run
 _PART = re.compile(r"[0-9a-f]{40}\.npz")
 # a part, the note of files written, and what a write of either killed before its rename left
