@@ -384,13 +384,16 @@ def test_existing_results_are_kept_unless_overwrite_and_bad_options_are_refused_
         return replace_unless_held
 
     monkeypatch.setattr(os, "replace", held_open("cells_summary.csv"))
-    (out / "cells.npz").write_bytes(b"the embeddings of the cells.csv replaced now")
+    (out / "cells.npz").write_bytes(b"the embeddings of the cells.csv there")
+    table = (out / "cells.csv").read_bytes()
     assert main([str(smears), "--out", str(out), "--measure-only", "--overwrite"]) == 1
-    assert not (out / "cells.npz").exists()  # it matched the old table, which is gone
+    # the table replaced first is put back: it never stands beside another run's summary
+    assert (out / "cells.csv").read_bytes() == table
+    assert (out / "cells.npz").read_bytes() == b"the embeddings of the cells.csv there"  # it still matches
     captured = capsys.readouterr()  # the run's work is kept: the whole set, beside the held file
-    assert captured.err == ("reddino-analyse: cells.csv was written, but cells_summary.csv could not be replaced "
-                            "(Permission denied); cells_summary.csv is as before, so they no longer match (one open "
-                            "in another program?); this run's files get a timestamped name instead\n")
+    assert captured.err == ("reddino-analyse: cells_summary.csv could not be replaced (Permission denied); it and "
+                            "cells.csv, put back, are as before (open in another program?); this run's files get a "
+                            "timestamped name instead\n")
     aside = sorted(path.name for path in out.glob("cells-*"))
     assert len(aside) == 2 and aside[1] == aside[0].replace(".csv", "_summary.csv") and aside[0] in captured.out
     assert len(read(out / aside[1])) == 2 and len(read(out / aside[0])) == len(read(out / "cells.csv"))

@@ -128,18 +128,23 @@ class SmearParts:
         self._remove({self._file(key).name for key in keys} | {WRITTEN})
 
     def remove(self, keys: list[str]) -> None:
-        """Remove the parts of ``keys`` alone: another run's parts and note in the folder stay."""
+        """Remove the parts of ``keys`` alone (another run's parts and note stay), then the folder
+        if that left it empty."""
         for key in keys:
             self._file(key).unlink(missing_ok=True)
+        self._remove_folder()
 
     def clear(self) -> None:
         """Remove the parts, the note (and what killed writes left), then the folder if that left it empty."""
         if not self.folder.is_dir():
             return
         self._remove(set())
+        self._remove_folder()
+
+    def _remove_folder(self) -> None:
         try:
             self.folder.rmdir()
-        except OSError:  # someone's own files in it
+        except OSError:  # not empty (another run's parts, someone's own files), or gone
             pass
 
     def _remove(self, kept: set[str]) -> None:
