@@ -14,7 +14,7 @@ from _layers import labels_layer
 from napari.layers import Labels
 from skimage.io import imread
 
-from napari_reddino import measure_cells, segment_cells
+from napari_reddino import cell_export, measure_cells, segment_cells
 from napari_reddino.atomic_files import NotReplacedError, PartlyWrittenError
 from napari_reddino.cell_embeddings import store_embeddings
 from napari_reddino.cell_export import export_cells_csv, summary_path
@@ -210,7 +210,8 @@ def test_a_file_that_cannot_be_replaced_leaves_the_table_and_summary_as_they_wer
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before  # no temporary left either
     (tmp_path / "new").mkdir()  # files that were not there before are removed again
     with pytest.raises(NotReplacedError, match="put back, are as before$"):
-        export_cells_csv(tmp_path / "new" / "cells.csv", fewer, summary_path=tmp_path / "new" / "cells_summary.csv")
+        export_cells_csv(tmp_path / "new" / "cells.csv", fewer, summary_path=tmp_path / "new" / "cells_summary.csv",
+                         overwrite=True)
     assert list((tmp_path / "new").iterdir()) == []
     # Where the file system makes no hard links, what was replaced stays so, and is said.
     monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
@@ -220,6 +221,22 @@ def test_a_file_that_cannot_be_replaced_leaves_the_table_and_summary_as_they_wer
         export_cells_csv(csv, fewer, embeddings_path=npz, summary_path=summary, overwrite=True)
     assert len(pd.read_csv(csv)) == 5 and summary.read_bytes() == before["cells_summary.csv"]
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([*before, "new"])
+
+
+def test_a_summary_written_meanwhile_by_another_run_is_not_replaced(tmp_path, smear_table, monkeypatch):
+    # Two reddino-analyse runs given one folder, finishing at once: the check before the write passed for both.
+    csv, summary = tmp_path / "cells.csv", tmp_path / "cells_summary.csv"
+    as_table = cell_export._float32_as_float64
+
+    def while_another_run_finishes(table):
+        summary.write_text("the other run's")
+        return as_table(table)
+
+    monkeypatch.setattr(cell_export, "_float32_as_float64", while_another_run_finishes)
+    with pytest.raises(FileExistsError):
+        export_cells_csv(csv, analysed_layer(smear_table), summary_path=summary)
+    assert summary.read_text() == "the other run's" and sorted(path.name for path in tmp_path.iterdir()) == [
+        "cells_summary.csv"]
 
 
 def test_a_folder_where_a_file_would_go_is_refused_before_anything_is_written(tmp_path, smear_table):

@@ -8,6 +8,7 @@ Shared by the plugin and ``reddino_train``. Files get the permissions any new fi
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -47,7 +48,7 @@ class NotReplacedError(OSError):
 
 
 def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[bytes]], object]], *,
-                           all_or_none: bool = False) -> None:
+                           all_or_none: bool = False, replace: bool = True) -> None:
     """Write each file with its ``writer(binary_handle)`` beside its target, then rename them all.
 
     A failing writer leaves every target as it was (and no temporary file behind). A first rename
@@ -55,7 +56,10 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
     :class:`PartlyWrittenError` names the files replaced, or, ``all_or_none``, those are put back
     as they were (from hard links to the old files; where the file system has none, they stay
     replaced) and :class:`NotReplacedError` says so: files that belong together (a table and its
-    summary, one of them open in a spreadsheet) never mix two writes.
+    summary, one of them open in a spreadsheet) never mix two writes. Without ``replace``, a target
+    that another process made while these were written is not replaced: FileExistsError (after the
+    others were put back, ``all_or_none``), where a check beforehand would have let them overwrite
+    each other.
     The folders are synced once all are renamed.
     """
     staged: list[tuple[str, Path]] = []
@@ -79,10 +83,15 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
             try:
                 if all_or_none and len(staged) > 1:  # not the last: a later one may fail
                     olds[target] = _linked_aside(target)
-                os.replace(temporary, target)
+                if replace:
+                    os.replace(temporary, target)
+                else:
+                    _publish_new(temporary, target)
             except OSError as error:
                 if renamed and not (all_or_none and _put_back(renamed, olds)):
                     raise PartlyWrittenError(renamed, target, error, [path for _, path in staged]) from error
+                if isinstance(error, FileExistsError):
+                    raise
                 # named by its target, not the temporary file
                 raise NotReplacedError(target, error, renamed if all_or_none else []) from error
             staged.pop(0)
@@ -95,6 +104,23 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
                 old.unlink(missing_ok=True)
     for folder in dict.fromkeys(target.parent for target in renamed):
         _sync_folder(folder)
+
+
+def _publish_new(temporary: str, target: Path) -> None:
+    """Give ``temporary`` the name ``target`` unless that is taken (FileExistsError): a hard link
+    fails there, where a rename would replace. Without hard links, a check just before."""
+    try:
+        os.link(temporary, target)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links
+        if not target.exists():
+            os.replace(temporary, target)
+            return
+    else:
+        os.unlink(temporary)
+        return
+    raise FileExistsError(errno.EEXIST, "File exists (written meanwhile by another process)", str(target))
 
 
 def _linked_aside(target: Path) -> Path | None | bool:

@@ -71,7 +71,8 @@ def export_cells_csv(path, cells, *, embeddings_path=None, summary_path=None, cl
         for target in writers:
             if target.exists():
                 raise FileExistsError(errno.EEXIST, "File exists; pass overwrite=True to replace it", str(target))
-    write_files_atomically(writers, all_or_none=True)  # a table never beside another write's summary
+    # a table never beside another write's summary; without overwrite, never over one written meanwhile
+    write_files_atomically(writers, all_or_none=True, replace=overwrite)
     return path
 
 
