@@ -509,6 +509,8 @@ def _analysis(args: argparse.Namespace, dtype: str = "auto") -> SmearAnalysis:
     from .models import ModelLoadError
 
     model = args.model or _model_of_head(args.head) or DEFAULT_MODEL
+    if args.model and args.head:
+        _check_head_model(args.head, args.model)
     if Path(model).expanduser().is_file():  # the library's message for one names its Python argument
         raise _Refused(f"--model {model} is a weights file; give the model folder (config.json and "
                        "model.safetensors, as reddino-train export writes it) or a Hub name")
@@ -528,6 +530,23 @@ def _analysis(args: argparse.Namespace, dtype: str = "auto") -> SmearAnalysis:
     return SmearAnalysis(embedder=embedder, model=model, head=head, pixel_size_um=args.pixel_size_um,
                          keep_embeddings=args.with_embeddings, galleries=Path(args.out) / GALLERIES if args.galleries
                          else None)
+
+
+def _check_head_model(head: str, model: str) -> None:
+    """Refuse, before ``model`` loads (or downloads for minutes), a head that learnt from another
+    Hub model, or from a local one where a Hub one is given (or the reverse). Two local folders are
+    compared once the model is loaded, by its weights."""
+    from .cell_classifier import saved_head_model
+    from .models import canonical_id, hub_id
+
+    try:
+        learnt = saved_head_model(head)
+    except (OSError, ValueError) as error:
+        raise _Refused(f"cannot use the head {head}: {error}") from error
+    if learnt is None or not (hub_id(learnt) or hub_id(model)) or canonical_id(learnt) == canonical_id(model):
+        return
+    raise _Refused(f"the head {head} learnt from {learnt}, not from --model {model}: leave --model out to embed the "
+                   "cells with the head's model, or train a head on this one")
 
 
 def _model_of_head(head: str | None) -> str | None:
