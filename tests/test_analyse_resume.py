@@ -156,6 +156,25 @@ def test_a_run_whose_files_went_aside_leaves_the_parts_and_note_of_a_run_cut_sho
         capsys.readouterr().out
 
 
+def test_sigterm_while_the_model_loads_says_nothing_was_written(tmp_path, tiny_folder, monkeypatch,
+                                                                capsys):  # noqa: F811
+    load = embedding.load_embedder  # imported by the command as it loads the model
+
+    def terminated_while_loading(*args, **kwargs):  # a scheduler's time limit during a download, say
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(embedding, "load_embedder", terminated_while_loading)
+    before = signal.signal(signal.SIGTERM, lambda *_: None)  # unhandled, the run goes on (and the test fails)
+    try:
+        assert main([str(CHULA / "1.jpg"), "--model", str(tiny_folder[1]), "--device", "cpu", "--with-embeddings",
+                     "--out", str(tmp_path / "out")]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err == "reddino-analyse: interrupted; nothing written\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_killed_run_leaves_its_parts_and_the_next_runs_read_them_back(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "smears"
     folder.mkdir()

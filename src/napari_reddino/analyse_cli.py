@@ -64,14 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _analyse(args)
-    except _Refused as refusal:
-        print(f"reddino-analyse: {refusal}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # while the model loads, before any smear: nothing to write
-        print("reddino-analyse: interrupted; nothing written", file=sys.stderr)
-        return INTERRUPTED
+    with _remembered_stop() as stop:  # SIGTERM too, while the model loads (the smears take it over)
+        try:
+            return _analyse(args)
+        except _Refused as refusal:
+            print(f"reddino-analyse: {refusal}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # while the model loads, before any smear: nothing to write
+            print("reddino-analyse: interrupted; nothing written", file=sys.stderr)
+            return stop.status if stop.is_set() else INTERRUPTED
 
 
 class _StopRequest(threading.Event):
