@@ -210,8 +210,12 @@ def test_a_killed_run_leaves_its_parts_and_the_next_runs_read_them_back(tmp_path
     read_names = reading(monkeypatch)
     assert main(argv) == 3  # the night's smears analysed, and the disk full at the end
     assert read_names == [f"{number:02d}.jpg" for number in range(kept + 1, 12)]
-    assert ("nothing written: [Errno 28] No space left on device; run the same command once that is mended: "
-            "12 smears analysed are kept") in capsys.readouterr().err
+    assert (f"nothing written in {out}: [Errno 28] No space left on device; run the same command once that is "
+            "mended: 12 smears analysed are kept") in capsys.readouterr().err
+    first = tmp_path / "first"  # a first run: no file to overwrite, so no --overwrite to pass
+    assert main([str(folder / "00.jpg"), "--measure-only", "--out", str(first)]) == 3
+    assert (f"nothing written in {first}: [Errno 28] No space left on device; run the same command once that is "
+            "mended: 1 smear analysed is kept") in capsys.readouterr().err
 
     monkeypatch.undo()
     read_names = reading(monkeypatch)

@@ -340,9 +340,11 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         return 1
     except (OSError, ValueError) as error:  # ValueError: a name no encoder takes, a table that does not fit
         written = f" (but {with_galleries[2:]})" if pictured else ""
-        again = "the same command" if replace else again  # the files as they were: the note still holds
+        there = any(file.exists() for file in _export_files(table, args.with_embeddings))
+        # the files as they were: the note still holds; none there (a first run): nothing to overwrite
+        again = "the same command" if replace or not there else again
         mend = f"; run {again} once that is mended{read_back}" if read_back else ""
-        print(f"reddino-analyse: nothing written{written}: {error}{mend}", file=sys.stderr)
+        print(f"reddino-analyse: nothing written in {shown(table.parent)}{written}: {error}{mend}", file=sys.stderr)
         return NOTHING_WRITTEN
     if targets[0] != table:  # beside another run's files: the parts and note there may be that run's
         if not unfinished:
