@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from _compiler import needs_a_cxx_compiler
 from _model_fixtures import TINY_DIM, hub_cache, publish_to_cache, record_crops, tiny_folder  # noqa: F401  (fixtures)
+from PIL import Image
 from skimage.io import imread, imsave
 
 from napari_reddino import CellClassifier, embeddings_of, load_embedder, measure_cells, segment_cells
@@ -490,6 +491,18 @@ def test_an_unreadable_smear_is_skipped_and_the_others_are_written(smears, tmp_p
     assert summary.set_index("image").loc["empty", "cells"] == 0
     assert main([str(smears / "broken.png"), "--out", str(tmp_path / "none"), "--measure-only"]) == 3  # nothing written
     assert "no smear was analysed; nothing written" in capsys.readouterr().err
+
+
+def test_a_thumbnail_s_cells_are_said_to_be_too_few_pixels_across(tmp_path, capsys):
+    with Image.open(CHULA / "26.jpg") as photo:  # a 160 x 120 copy of a 640 x 480 smear: cells of 10 px
+        photo.resize((160, 120)).save(tmp_path / "thumb.png")
+    shutil.copy(CHULA / "26.jpg", tmp_path / "full.jpg")
+    assert main([str(tmp_path / "thumb.png"), str(tmp_path / "full.jpg"), "--out", str(tmp_path / "out"),
+                 "--measure-only"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "px across (a thumbnail" in line]
+    assert len(warned) == 1 and re.fullmatch(r"\[1/2\] thumb: warning: its cells are only \d\d? px across \(a "
+                                             r"thumbnail, or a low magnification\?\): shapes, sizes and classes read "
+                                             r"from so few pixels are coarse; analyse the full-size image", warned[0])
 
 
 def test_a_cmyk_jpeg_is_read_as_the_rgb_smear_it_shows(tmp_path):

@@ -29,6 +29,9 @@ from .segmentation import RBC_DIAMETER_UM, pixel_size_refusal
 from .smear_parts import SmearParts, note_covers, read_note
 from .wording import counted, shown
 
+# Red cells fewer pixels across than this (Chula's are 36 px, a 20x objective's about 15): a thumbnail
+# of 160 x 120 px gave 10 px cells and 5 % normal cells where its full-size image gave 59 %.
+SMALL_CELLS_PX = 15
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (143 for SIGTERM)
 NOTHING_WRITTEN = 3  # no smear analysed, or the files could not be written: the results in DIR are not this run's
 DEFAULT_MODEL = "reddino-small"
@@ -226,6 +229,11 @@ def _warn_of(cells: SmearCells, smear: str, analysis: SmearAnalysis) -> None:
               f"across, where --pixel-size-um {analysis.pixel_size_um:g} makes a 7.5 µm cell {expected:.0f} px: "
               "is it this smear's pixel size (another microscope or objective)? A wrong one cuts cells into "
               "pieces or merges them", file=sys.stderr, flush=True)
+    diameters = cells.features.get("equivalent_diameter_px")
+    if diameters is not None and len(diameters) and (median := float(diameters.median())) < SMALL_CELLS_PX:
+        print(f"{smear}: warning: its cells are only {median:.0f} px across (a thumbnail, or a low magnification?): "
+              "shapes, sizes and classes read from so few pixels are coarse; analyse the full-size image",
+              file=sys.stderr, flush=True)
     if "gallery_failed" in cells.metadata:
         print(f"{smear}: warning: no gallery written ({cells.metadata['gallery_failed']})", file=sys.stderr, flush=True)
     if cells.metadata.get("unlike_head", 0) > MOSTLY_UNLIKE:
