@@ -29,8 +29,8 @@ from .segmentation import RBC_DIAMETER_UM, pixel_size_refusal
 from .smear_parts import SmearParts, note_covers, read_note
 from .wording import counted, shown
 
-# Red cells fewer pixels across than this (Chula's are 36 px, a 20x objective's about 15): a thumbnail
-# of 160 x 120 px gave 10 px cells and 5 % normal cells where its full-size image gave 59 %.
+# Red cells fewer pixels across than this (Chula's are 36 px, a 20x objective's about 15) show too
+# little of their shape: a 160 x 120 px thumbnail of a Chula smear has cells of 10 px.
 SMALL_CELLS_PX = 15
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (143 for SIGTERM)
 NOTHING_WRITTEN = 3  # no smear analysed, or the files could not be written: the results in DIR are not this run's
