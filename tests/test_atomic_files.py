@@ -1,10 +1,11 @@
 """write_files_atomically: files that belong together are replaced together, or not at all."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-from napari_reddino.atomic_files import write_files_atomically
+from napari_reddino.atomic_files import NotReplacedError, PartlyWrittenError, write_files_atomically
 
 
 def test_a_file_written_meanwhile_by_another_process_is_not_replaced_and_the_others_are_taken_back(tmp_path):
@@ -27,3 +28,63 @@ def test_a_file_written_meanwhile_by_another_process_is_not_replaced_and_the_oth
     assert table.read_bytes() == b"new"
     write_files_atomically({table: lambda handle: handle.write(b"newer")})  # replace: the default
     assert table.read_bytes() == b"newer"
+
+
+def three_files(folder: Path) -> dict:
+    """The writers of a table, its embeddings and its summary; each file exists with "old" in it."""
+    names = ("cells.csv", "cells.npz", "cells_summary.csv")
+    for name in names:
+        (folder / name).write_bytes(b"old")
+    return {folder / name: (lambda handle: handle.write(b"new")) for name in names}
+
+
+def refusing(monkeypatch, *refused: tuple[str, str], error: BaseException = PermissionError(13, "Permission denied")):
+    """``os.replace`` raising ``error`` for each (source's end, target's name) of ``refused``."""
+    replace = os.replace
+
+    def replace_unless_refused(source, target):
+        if any(str(source).endswith(end) and Path(target).name == name for end, name in refused):
+            raise error
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_unless_refused)
+
+
+def test_a_put_back_that_fails_half_way_names_only_the_files_still_new(tmp_path, monkeypatch):
+    writers = three_files(tmp_path)
+    replace, refused = os.replace, []
+
+    def summary_held_then_the_table_too(source, target):  # the table opened by the time it is put back
+        if Path(target).name == "cells_summary.csv" or (Path(target).name == "cells.csv" and refused):
+            refused.append(Path(target).name)
+            raise PermissionError(13, "Permission denied")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", summary_held_then_the_table_too)
+    with pytest.raises(PartlyWrittenError, match=r"^cells.csv was written, but cells_summary.csv could not be replaced "
+                                                 r"\(Permission denied\); cells.npz and cells_summary.csv are as before$"):
+        write_files_atomically(writers, all_or_none=True)
+    assert [(tmp_path / name).read_bytes() for name in ("cells.csv", "cells.npz", "cells_summary.csv")] == [
+        b"new", b"old", b"old"]
+
+
+def test_ctrl_c_between_the_renames_puts_back_what_was_replaced(tmp_path, monkeypatch):
+    writers = three_files(tmp_path)
+    refusing(monkeypatch, (".tmp", "cells_summary.csv"), error=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        write_files_atomically(writers, all_or_none=True)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == {
+        "cells.csv": b"old", "cells.npz": b"old", "cells_summary.csv": b"old"}
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_hide_what_failed(tmp_path, monkeypatch):
+    # On Windows the link to a file open in a spreadsheet cannot be deleted at once.
+    writers = three_files(tmp_path)
+    refusing(monkeypatch, (".tmp", "cells.npz"))
+    unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(
+        PermissionError(32, "in use")) if self.name.startswith(".cells.npz.") else unlink(self, missing_ok))
+    with pytest.raises(NotReplacedError, match=r"^cells.npz could not be replaced \(Permission denied\); it and "
+                                               r"cells.csv, put back, are as before$"):
+        write_files_atomically(writers, all_or_none=True)
+    assert (tmp_path / "cells.csv").read_bytes() == b"old"

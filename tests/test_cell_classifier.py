@@ -416,3 +416,6 @@ def test_a_head_on_micrometre_measurements_says_a_smear_without_a_pixel_size_nee
                                          r"area_um2 needs the smear's pixel size \(give it at Segment cells, or as "
                                          r"pixel_size_um=\); "):
         measurement_features(table, ["area_um2", "circularity"], 2)
+    measured_then = table.assign(equivalent_diameter_um=[7.0, 7.5])  # a pixel size given: not what is missing
+    with pytest.raises(ValueError, match=r"lack: a head trained with colour cannot read gray smears"):
+        measurement_features(measured_then, ["area_um2", "circularity"], 2)

@@ -292,6 +292,7 @@ def _analyse(args: argparse.Namespace) -> int:
     analysis = _analysis(args)
     earlier = (note or {}).get("settings") or SmearParts(out / PARTS, {}).newest_settings()
     if (dtype := _precision_to_keep(analysis.settings(), earlier)) is not None:
+        print(f"reddino-analyse: in {dtype}, as the earlier run on {shown(out)}, to go on with its smears", flush=True)
         analysis = _analysis(args, dtype=dtype)
     try:  # said now, not after hours of smears
         out.mkdir(parents=True, exist_ok=True)
@@ -545,16 +546,17 @@ def _analysis(args: argparse.Namespace, dtype: str = "auto") -> SmearAnalysis:
 
 def _check_head_model(head: str, model: str) -> None:
     """Refuse, before ``model`` loads (or downloads for minutes), a head that learnt from another
-    Hub model, or from a local one where a Hub one is given (or the reverse). Two local folders are
-    compared once the model is loaded, by its weights."""
+    Hub repository than the Hub model given. A local folder (a copy of the Hub model's files, on a
+    machine offline) and another revision are compared once loaded, by their weights."""
     from .cell_classifier import saved_head_model
-    from .models import canonical_id, hub_id
+    from .models import hub_id
 
     try:
         learnt = saved_head_model(head)
     except (OSError, ValueError) as error:
         raise _Refused(f"cannot use the head {head}: {error}") from error
-    if learnt is None or not (hub_id(learnt) or hub_id(model)) or canonical_id(learnt) == canonical_id(model):
+    repositories = [(hub_id(name) or "").partition("@")[0].lower() for name in (learnt or "", model)]
+    if "" in repositories or repositories[0] == repositories[1]:
         return
     raise _Refused(f"the head {head} learnt from {learnt}, not from --model {model}: leave --model out to embed the "
                    "cells with the head's model, or train a head on this one")

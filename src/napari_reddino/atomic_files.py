@@ -87,21 +87,24 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
                     os.replace(temporary, target)
                 else:
                     _publish_new(temporary, target)
-            except OSError as error:
-                if renamed and not (all_or_none and _put_back(renamed, olds)):
-                    raise PartlyWrittenError(renamed, target, error, [path for _, path in staged]) from error
+            except BaseException as error:  # Ctrl-C too: what was replaced is put back all the same
+                new = _put_back(renamed, olds) if all_or_none else renamed
+                if not isinstance(error, OSError):
+                    raise
+                if new:
+                    back = [path for path in renamed if path not in new]
+                    raise PartlyWrittenError(new, target, error, [*back, *(path for _, path in staged)]) from error
                 if isinstance(error, FileExistsError):
                     raise
                 # named by its target, not the temporary file
                 raise NotReplacedError(target, error, renamed if all_or_none else []) from error
             staged.pop(0)
             renamed.append(target)
-    finally:
-        for temporary, _ in staged:
-            Path(temporary).unlink(missing_ok=True)
-        for old in olds.values():
-            if isinstance(old, Path):
-                old.unlink(missing_ok=True)
+    finally:  # leftovers that cannot go (held open on Windows) must not hide what happened
+        for leftover in [*(temporary for temporary, _ in staged), *(old for old in olds.values()
+                                                                      if isinstance(old, Path))]:
+            with contextlib.suppress(OSError):
+                Path(leftover).unlink(missing_ok=True)
     for folder in dict.fromkeys(target.parent for target in renamed):
         _sync_folder(folder)
 
@@ -139,21 +142,24 @@ def _linked_aside(target: Path) -> Path | None | bool:
     return Path(name)
 
 
-def _put_back(renamed: list[Path], olds: dict[Path, Path | None | bool]) -> bool:
-    """Put the targets ``renamed`` back as they were before this write; False where one cannot be."""
+def _put_back(renamed: list[Path], olds: dict[Path, Path | None | bool]) -> list[Path]:
+    """Put the targets ``renamed`` back as they were before this write; return those still new
+    (all of them where one has no old file kept: the files must not mix two writes either way)."""
     if any(olds[target] is False for target in renamed):
-        return False
-    try:
-        for target in reversed(renamed):
-            old = olds[target]
+        return list(renamed)
+    new = []
+    for target in reversed(renamed):
+        old = olds[target]
+        try:
             if old is None:
                 target.unlink()
             else:
                 os.replace(old, target)
-            olds[target] = None  # put back: no link left to remove
-    except OSError:
-        return False
-    return True
+        except OSError:
+            new.append(target)
+            continue
+        olds[target] = None  # put back: no link left to remove
+    return [target for target in renamed if target in new]
 
 
 def remove_leftovers(target: str | os.PathLike) -> list[tuple[Path, int]]:

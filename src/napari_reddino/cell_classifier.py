@@ -336,7 +336,8 @@ def measurement_features(table: pd.DataFrame | None, columns: Sequence[str], n_c
                          "table from measure_cells as measurements=.")
     missing = _missing(table, columns)
     if missing:
-        in_um = [name for name in missing if "_um" in name]
+        # where the table has µm columns, the pixel size was given: an older measuring lacks the newer ones
+        in_um = [name for name in missing if "_um" in name] if not any("_um" in name for name in table) else []
         raise ValueError(
             f"The head needs the measurements {', '.join(missing)}, which some of these cells lack: "
             + (f"{', '.join(in_um)} need{'s' if len(in_um) == 1 else ''} the smear's pixel size (give it at Segment "
