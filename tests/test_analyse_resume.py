@@ -131,7 +131,8 @@ def test_a_resumed_run_keeps_the_precision_of_the_run_it_goes_on_with(tmp_path, 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert read_names == ["26.jpg"] and "1 of 2 smears was analysed by an earlier run" in printed
-    assert f"reddino-analyse: in {was.removeprefix('torch.')}, as the earlier run on {tmp_path / 'out'}, to go on" in printed
+    kept = was.removeprefix("torch.")
+    assert f"reddino-analyse: in {kept}, as the earlier run on {tmp_path / 'out'}, to go on" in printed
 
 
 def test_a_run_whose_files_went_aside_leaves_the_parts_and_note_of_a_run_cut_short_meanwhile(tmp_path, monkeypatch,

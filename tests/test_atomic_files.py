@@ -61,8 +61,9 @@ def test_a_put_back_that_fails_half_way_names_only_the_files_still_new(tmp_path,
         replace(source, target)
 
     monkeypatch.setattr(os, "replace", summary_held_then_the_table_too)
-    with pytest.raises(PartlyWrittenError, match=r"^cells.csv was written, but cells_summary.csv could not be replaced "
-                                                 r"\(Permission denied\); cells.npz and cells_summary.csv are as before$"):
+    with pytest.raises(PartlyWrittenError, match=r"^cells.csv was written, but cells_summary.csv could not be "
+                                                 r"replaced \(Permission denied\); cells.npz and cells_summary.csv "
+                                                 r"are as before$"):
         write_files_atomically(writers, all_or_none=True)
     assert [(tmp_path / name).read_bytes() for name in ("cells.csv", "cells.npz", "cells_summary.csv")] == [
         b"new", b"old", b"old"]
