@@ -27,7 +27,7 @@ from napari_reddino.batch_analysis import PARTS, SmearAnalysis, code_digest
 from napari_reddino.cell_classifier import CellClassifier
 from napari_reddino.cell_embeddings import METADATA_KEY
 from napari_reddino.image_input import read_smear
-from napari_reddino.smear_parts import SmearParts
+from napari_reddino.smear_parts import SmearParts, newest_part_settings
 
 
 def smear_folder(tmp_path: Path) -> Path:
@@ -123,7 +123,7 @@ def test_a_resumed_run_keeps_the_precision_of_the_run_it_goes_on_with(tmp_path, 
             str(tmp_path / "out")]
     reading(monkeypatch, stop_at=2)
     assert main(argv) == 130
-    (was,) = {SmearParts(tmp_path / "out" / PARTS, {}).newest_settings()["model"]["dtype"]}
+    was = newest_part_settings(tmp_path / "out" / PARTS)["model"]["dtype"]
     other = torch.bfloat16 if was == "torch.float32" else torch.float32
     monkeypatch.setattr(embedding, "auto_dtype", lambda device: other)  # this time the timing says otherwise
     read_names = reading(monkeypatch)

@@ -26,7 +26,7 @@ from .cell_table import SOURCE_PATH
 from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
 from .image_input import read_smear
 from .segmentation import RBC_DIAMETER_UM, pixel_size_refusal
-from .smear_parts import SmearParts, note_covers, read_note
+from .smear_parts import SmearParts, newest_part_settings, note_covers, read_note
 from .wording import counted, shown
 
 # Red cells fewer pixels across than this (Chula's are 36 px, a 20x objective's about 15) show too
@@ -290,7 +290,7 @@ def _analyse(args: argparse.Namespace) -> int:
             raise refusal
     _check_output_folder(out)  # before the model, which may download for minutes
     analysis = _analysis(args)
-    earlier = (note or {}).get("settings") or SmearParts(out / PARTS, {}).newest_settings()
+    earlier = (note or {}).get("settings") or newest_part_settings(out / PARTS)
     if (dtype := _precision_to_keep(analysis.settings(), earlier)) is not None:
         print(f"reddino-analyse: in {dtype}, as the earlier run on {shown(out)}, to go on with its smears", flush=True)
         analysis = _analysis(args, dtype=dtype)

@@ -213,11 +213,11 @@ def carry_manual_labels(source, target) -> LabelImport:
 
 
 def _spreadsheet_text(path: Path) -> tuple[io.StringIO, str, int, bool]:
-    """The text of ``path`` from its header on, how to split it, and how many blank lines came
-    before the header, as a spreadsheet may have saved it: UTF-8 (with or without the mark Excel
-    adds), UTF-16 with its mark (Excel's "Unicode Text"), else Windows' Western encoding (Excel's
-    plain "CSV"; then True last); fields split by ``,``, or by ``;`` or tabs where those split the
-    header (a locale that writes decimal commas; Unicode Text)."""
+    """The text of ``path`` from its header on, how to split it, how many blank lines came before
+    the header, and whether it was in Windows' Western encoding, as a spreadsheet may have saved
+    it: UTF-8 (with or without the mark Excel adds), UTF-16 with its mark (Excel's "Unicode
+    Text"), else the Western encoding (Excel's plain "CSV"); fields split by ``,``, or by ``;`` or
+    tabs where those split the header (a locale that writes decimal commas; Unicode Text)."""
     raw, western = path.read_bytes(), False
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         text = raw.decode("utf-16")

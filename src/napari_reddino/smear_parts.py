@@ -27,7 +27,8 @@ import pandas as pd
 from .atomic_files import write_files_atomically
 from .batch_analysis import SmearCells, file_identity
 
-WRITTEN = "written.json"  # in the parts folder (batch_analysis.PARTS): the files the unfinished run wrote, as it wrote them, and its settings
+# in the parts folder (batch_analysis.PARTS): the files the unfinished run wrote, as it wrote them, and its settings
+WRITTEN = "written.json"
 PART_FORMAT = 1  # in every key: a part of another layout is no part of this run
 _PART = re.compile(r"[0-9a-f]{40}\.npz")
 # a part, the note of files written, and what a write of either killed before its rename left
@@ -98,19 +99,6 @@ class SmearParts:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_files_atomically({self._file(key): lambda handle: np.savez(handle, **arrays)})
 
-    def newest_settings(self) -> dict | None:
-        """The settings of the part saved last (of the run cut short, mostly), or None where none
-        can be read: a resume on a busy CPU keeps that run's precision rather than time it again."""
-        try:
-            newest = max((file for file in self.folder.iterdir() if _PART.fullmatch(file.name)),
-                         key=lambda file: file.stat().st_mtime_ns, default=None)
-            if newest is None:
-                return None
-            with np.load(newest, allow_pickle=False) as saved:  # the key alone is read
-                return json.loads(str(saved["key"]))["settings"]
-        except Exception:  # noqa: BLE001  (a part cut short or of another layout: none to follow)
-            return None
-
     def note_written(self, files: list[Path], smears: list[Path]) -> None:
         """Note that this run, unfinished, wrote ``files`` (each as it is now) of ``smears`` with its settings."""
         about = {"settings": self.settings, "files": {os.path.abspath(file): file_identity(file) for file in files},
@@ -164,6 +152,21 @@ def read_note(folder: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
     return note if isinstance(note, dict) and isinstance(note.get("files"), dict) else None
+
+
+def newest_part_settings(folder: str | os.PathLike) -> dict | None:
+    """The settings of the part saved last in the parts folder ``folder`` (of the run cut short,
+    mostly), or None where none can be read: a resume on a busy CPU keeps that run's precision
+    rather than time it again."""
+    try:
+        newest = max((file for file in Path(folder).iterdir() if _PART.fullmatch(file.name)),
+                     key=lambda file: file.stat().st_mtime_ns, default=None)
+        if newest is None:
+            return None
+        with np.load(newest, allow_pickle=False) as saved:  # the key alone is read
+            return json.loads(str(saved["key"]))["settings"]
+    except Exception:  # noqa: BLE001  (a part cut short or of another layout: none to follow)
+        return None
 
 
 def note_covers(note: dict, files: list[Path], smears: list[Path] | None = None) -> bool:

@@ -240,7 +240,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
     if not 0 <= optim.layerwise_decay <= 1:
         raise ConfigError(f"optim.layerwise_decay={optim.layerwise_decay} must lie between 0 (the heads alone "
                           "learn) and 1 (no decay)")
-    for key, value in (("optim.patch_embed_lr_mult", optim.patch_embed_lr_mult), ("optim.base_lr", optim.base_lr), ("optim.min_lr", optim.min_lr),
+    for key, value in (("optim.patch_embed_lr_mult", optim.patch_embed_lr_mult), ("optim.base_lr", optim.base_lr),
+                       ("optim.min_lr", optim.min_lr),
                        ("optim.weight_decay", optim.weight_decay), ("optim.weight_decay_end", optim.weight_decay_end),
                        ("optim.warmup_epochs", optim.warmup_epochs),
                        ("optim.freeze_last_layer_epochs", optim.freeze_last_layer_epochs),
