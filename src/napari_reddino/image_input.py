@@ -111,8 +111,7 @@ def read_smear(path: str | os.PathLike) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, struct.error) as error:  # the latter two: Pillow on a few bytes
         raise OSError("not an image that can be read (PNG, JPEG or TIFF), or a damaged one") from error
     if image.ndim == 3 and image.shape[-1] in (2, 4):
-        with Image.open(path) as stored:
-            mode = stored.mode
+        mode = stored_mode(path)
         if mode in CMYK:
             with Image.open(path) as stored:
                 return np.asarray(stored.convert("RGB"))
