@@ -17,8 +17,8 @@ from skimage.io import imread
 from napari_reddino import estimate_cell_diameter, segment_cells
 from napari_reddino.widgets.smear_colours import MARK
 from napari_reddino.cell_embeddings import labels_digest
-from napari_reddino.widgets.segment_widget import (CARRIED_TO, MEASURED_IMAGE, MEASURED_LABELS, SEGMENTED_LABELS,
-                                                   carried_to, measured_on)
+from napari_reddino.widgets.cells_layer import (CARRIED_TO, MEASURED_IMAGE, MEASURED_LABELS, SEGMENTED_LABELS,
+                                                 carried_to, measured_on)
 from napari_reddino.widgets.smear_links import SOURCE_DIGEST
 
 DATA = Path(__file__).parent / "data"

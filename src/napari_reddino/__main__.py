@@ -9,6 +9,7 @@ from napari.utils.notifications import show_error
 from npe2 import PluginManager
 
 from .image_input import CMYK, GRAY_ALPHA, read_smear, stored_mode
+from .sample_data import SAMPLES
 
 PLUGIN = "napari-reddino"
 TABBED = {"Embed cells"}  # a tab beside the widget before it: one after the other, and the map keeps its room
@@ -17,7 +18,7 @@ TABBED = {"Embed cells"}  # a tab beside the widget before it: one after the oth
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m napari_reddino", description="Open napari with a blood smear and every RedDino widget docked.")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--sample", choices=("chula", "aslan"), default="chula", help="bundled smear to open (default: chula)")
+    source.add_argument("--sample", choices=tuple(SAMPLES), default="chula", help="bundled smear to open (default: chula)")
     source.add_argument("--image", metavar="PATH", nargs="+", help="open these smears (one layer each) instead of a sample")
     args = parser.parse_args(argv)
     missing = [path for path in args.image or () if not Path(path).expanduser().exists()]

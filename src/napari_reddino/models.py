@@ -37,7 +37,7 @@ import huggingface_hub
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 from timm.models import PretrainedCfg
 
 from .crop_windows import CROP_MODES, CROP_SCALES, MAX_MARGIN, valid_crops
@@ -147,7 +147,7 @@ def local_path(model: str | os.PathLike) -> Path:
 def local_version(model: str | os.PathLike) -> str | None:
     """A stamp that changes when a local model's files change; None for Hub models and missing paths.
 
-    It reads every file of a model folder: a file rewritten in place (as ``save_for_hf`` and
+    It looks at every file of a model folder (its inode, size and times): a file rewritten in place (as ``save_for_hf`` and
     safetensors' ``save_file`` do) leaves the folder's own modification time as it was, and one
     copied in with its times kept (``cp -p``, ``rsync -t``, ``unzip``) keeps the size and
     modification time of a twin checkpoint, but not its inode change time.
@@ -157,7 +157,7 @@ def local_version(model: str | os.PathLike) -> str | None:
     path = local_path(model)
     if not path.exists():
         return None
-    path = (_cached_snapshot(path) or path) if path.is_dir() else path  # a copied cache: its snapshot's files
+    path = _model_folder(path) if path.is_dir() else path
     files = [path] if path.is_file() else sorted(file for file in path.iterdir() if file.is_file())
     stats = [(file.name, file.stat()) for file in files]
     parts = [(name, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) for name, stat in stats]
@@ -173,14 +173,19 @@ def model_version(model: str | os.PathLike) -> str | None:
 def cached_hub_revision(model: str | os.PathLike) -> str | None:
     """The commit of the cached copy of a Hub model (it changes when the cache is refreshed with
     newer weights); None for local models and Hub models not cached. Reads no file."""
+    config = _cached_hub_config(model)
+    return config.parent.name if config is not None else None
+
+
+def _cached_hub_config(model: str | os.PathLike) -> Path | None:
+    """The cached config.json of a Hub model; None for local models and Hub models not cached."""
     if not (hub := hub_id(model)):
         return None
     repo_id, _, revision = hub.partition("@")
     try:
-        config = _cached(repo_id, CONFIG_FILE, revision or None, HubSettings.from_environment())
+        return _cached(repo_id, CONFIG_FILE, revision or None, HubSettings.from_environment())
     except ValueError:  # a name the Hub refuses ("my org/x"); loading it says so
         return None
-    return config.parent.name if config is not None else None
 
 
 def canonical_id(model: str | os.PathLike, architecture: str | None = None) -> str:
@@ -217,6 +222,12 @@ def find_model_files(
             sep in name for sep in (os.sep, os.altsep) if sep):  # Windows takes C:/models/s1 too
         raise UnknownModelError(f"No such model file or folder: {path}. ({describe_names()})")
     raise UnknownModelError(f"Unknown model {name!r}: {describe_names()}.")
+
+
+def _model_folder(folder: Path) -> Path:
+    """The folder with a model's files: ``folder``, or the snapshot inside it where it is a copied
+    Hugging Face cache's ``models--org--name``."""
+    return _cached_snapshot(folder) or folder
 
 
 def _cached_snapshot(folder: Path) -> Path | None:
@@ -410,15 +421,11 @@ def trained_crops(model: str | os.PathLike) -> dict | None:
     cells were cut with, read without its weights and without going online: None for a model that
     records none (RedDino's own, a bare weights file) and for a Hub model not downloaded yet.
     A config that cannot be read raises :class:`CheckpointError`."""
-    if hub := hub_id(model):
-        repo_id, _, revision = hub.partition("@")
-        try:
-            config = _cached(repo_id, CONFIG_FILE, revision or None, HubSettings.from_environment())
-        except ValueError:  # a name the Hub refuses; loading it says so
-            return None
+    if hub_id(model):
+        config = _cached_hub_config(model)
     else:
         path = local_path(model)
-        config = (_cached_snapshot(path) or path) / CONFIG_FILE if path.is_dir() else None
+        config = _model_folder(path) / CONFIG_FILE if path.is_dir() else None
     return _read_config(config)[3] if config is not None and config.is_file() else None
 
 
@@ -510,6 +517,11 @@ def _hub_snapshot(hub_id: str, name: str, download_progress: DownloadProgress | 
     """The snapshot folder holding ``config.json`` and the weights of ``hub_id`` (``org/name[@rev]``)."""
     repo_id, _, revision = hub_id.partition("@")
     revision = revision or None
+    try:
+        huggingface_hub.utils.validate_repo_id(repo_id)
+    except HFValidationError as error:  # "hf_hub:my org/x": the Hub's own error names its Python argument
+        raise UnknownModelError(f"{name!r} is no Hugging Face Hub model name: {repo_id!r} may hold only letters, "
+                                "digits, '-', '_' and '.', as 'org/name'.") from error
     settings = HubSettings.from_environment()
     config = _cached(repo_id, CONFIG_FILE, revision, settings)
     if config is not None and any(_cached(repo_id, w, revision, settings) for w in WEIGHT_FILES):

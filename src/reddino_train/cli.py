@@ -16,9 +16,13 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from napari_reddino.crop_windows import CROP_MODES, CROP_SCALES, DEFAULT_MARGIN
+
 from .checkpoint import CheckpointError
 from .config import CONFIG_NAME, ConfigError, config_to_dict, load_config, shipped_configs
 from .data import EmptyDatasetError
+from .eval_data import FORMATS
+from .prepare import MODES
 
 
 def _config_command(args: argparse.Namespace) -> int:
@@ -294,17 +298,18 @@ def _add_prepare_parser(commands) -> None:
     )
     prepare.add_argument("sources", nargs="+", metavar="SRC")
     prepare.add_argument("--out", required=True, metavar="DIR")
-    prepare.add_argument("--mode", choices=("cells", "patches"), default="cells")
+    prepare.add_argument("--mode", choices=MODES, default="cells")
     prepare.add_argument("--size", type=int, metavar="N",
                          help="side of the written images in px (default: 224 for cells; patches keep their size)")
     prepare.add_argument("--patch-size", type=int, default=224, metavar="N", help="tile side in smear px (patches)")
-    prepare.add_argument("--margin", type=float, default=0.25,
-                         help="context around a cell, a fraction of its box's longer side (default 0.25, as the plugin)")
-    prepare.add_argument("--crop-mode", choices=("context", "masked"),
+    prepare.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                         help=f"context around a cell, a fraction of its box's longer side (default {DEFAULT_MARGIN}, "
+                              "as the plugin)")
+    prepare.add_argument("--crop-mode", choices=CROP_MODES,
                          help="masked: other cells' pixels set to the background colour; context: kept (default: "
                               f"{_FOLDERS_CROPS} masked). A model trained on DIR and exported records the crop mode, "
                               "scale and margin, and the plugin, reddino-analyse and eval cut cells so for it")
-    prepare.add_argument("--crop-scale", choices=("cell", "smear"),
+    prepare.add_argument("--crop-scale", choices=CROP_SCALES,
                          help=f"{_CROP_SCALE_HELP} (default: {_FOLDERS_CROPS} smear)")
     prepare.add_argument("--pixel-size-um", type=float, metavar="UM",
                          help="pixel size, to fix the expected cell size instead of estimating it per smear")
@@ -327,7 +332,7 @@ def _add_eval_parser(commands) -> None:
     )
     evaluate.add_argument("model", metavar="MODEL")
     evaluate.add_argument("--data", required=True, metavar="PATH")
-    evaluate.add_argument("--format", choices=("crops", "points"),
+    evaluate.add_argument("--format", choices=FORMATS,
                           help="layout of DATA (default: points when it has label files, else crops)")
     evaluate.add_argument("--split", choices=("by-image", "5-fold"),
                           help="folds grouped by smear (default for points, and for crops laid out "
@@ -348,10 +353,10 @@ def _add_eval_parser(commands) -> None:
     evaluate.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:1, mps")
     evaluate.add_argument("--architecture", metavar="ARCH", help="timm architecture of a bare .safetensors MODEL")
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="cells per forward pass (default: automatic)")
-    evaluate.add_argument("--crop-mode", choices=("context", "masked"),
+    evaluate.add_argument("--crop-mode", choices=CROP_MODES,
                           help="cells with their neighbours blanked (masked) or with their surroundings (context); "
                           f"default: {_TRAINED_CROPS} (masked)")
-    evaluate.add_argument("--crop-scale", choices=("cell", "smear"),
+    evaluate.add_argument("--crop-scale", choices=CROP_SCALES,
                           help=f"{_CROP_SCALE_HELP}; default: {_TRAINED_CROPS}")
     evaluate.add_argument("--margin", type=float, metavar="F",
                           help=f"context around a cell's box (default: {_TRAINED_CROPS})")

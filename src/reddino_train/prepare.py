@@ -49,7 +49,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from napari_reddino.crop_windows import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, MAX_MARGIN
+from napari_reddino.crop_windows import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN, MAX_MARGIN, CropMode, CropScale
 from napari_reddino.segmentation import pixel_size_refusal
 from napari_reddino.wording import shown
 
@@ -91,10 +91,10 @@ class PrepareSettings:
     mode: Mode = "cells"
     size: int | None = None  # output side in px; None: 224 for cells, patch_size for patches
     patch_size: int = 224
-    margin: float = 0.25  # context around a cell, as a fraction of its box's longer side
+    margin: float = DEFAULT_MARGIN  # context around a cell, as a fraction of its box's longer side
     # None: the folder's where it holds smears already, else the plugin's (masked, smear)
-    crop_mode: Literal["context", "masked"] | None = None
-    crop_scale: Literal["cell", "smear"] | None = None  # window per cell, or one per smear (cell size shows)
+    crop_mode: CropMode | None = None
+    crop_scale: CropScale | None = None  # window per cell, or one per smear (cell size shows)
     pixel_size_um: float | None = None  # fixes the expected cell size for segmentation
 
     def __post_init__(self) -> None:

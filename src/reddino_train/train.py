@@ -543,13 +543,12 @@ def _images_on_every_rank(data_dir: Path, transform) -> ImageFolder:
     return dataset
 
 
-def _same_on_every_rank(what: str, value, hint: str):
-    """``value``, or :class:`RanksDisagreeError` on every rank when another rank has another."""
+def _same_on_every_rank(what: str, value, hint: str) -> None:
+    """:class:`RanksDisagreeError` on every rank when another rank has another ``value``."""
     values = all_gather_objects(value)
     if any(other != values[0] for other in values):
         seen = ", ".join(f"rank {index}: {other}" for index, other in enumerate(values))
         raise RanksDisagreeError(f"the ranks disagree on {what} ({seen}); {hint}")
-    return value
 
 
 def precision_for(precision: str, device: torch.device) -> str:

@@ -67,7 +67,7 @@ from .class_list import DEFAULT_CLASSES, ClassList, remember_classes, remembered
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
 from .map_export import MapExport, not_written
-from .segment_widget import carried_to
+from .cells_layer import carried_to
 from .smear_colours import SmearColours, cells_layers
 from .smear_keys import LABEL_KEYS, REDO_KEY, UNDO_KEY, SmearKeys
 from .smear_links import level_0, smear_under
@@ -121,7 +121,7 @@ def embedded_cells_layers(viewer) -> list[Labels]:
 
 def segmented_again_as(viewer, layer) -> str | None:
     """The name of the newer cells layer that took ``layer``'s labels (see
-    ``segment_widget.carry_labels``), if it is there."""
+    ``cells_layer.carry_labels``), if it is there."""
     newer = carried_to(viewer, layer)
     return None if newer is None else newer.name
 

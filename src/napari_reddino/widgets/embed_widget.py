@@ -57,6 +57,7 @@ from ..crop_windows import (
     DEFAULT_CROP_SCALE,
     DEFAULT_MARGIN,
     MAX_MARGIN,
+    SMEAR_SCALE_CELLS,
     chosen_crops,
     valid_crops,
 )
@@ -68,18 +69,18 @@ from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError, cached_hub_revision, hub_id, trained_crops
 from ..wording import counted, first_few
 from .job_widget import JobWidget, job_worker, smear_pixels
-from .segment_widget import (
+from .cells_layer import (
     MEASURED_IMAGE,
     MEASURED_LABELS,
     SEGMENTED_ELSEWHERE,
-    _Job,
-    _segment_and_measure,
+    SegmentJob,
     add_cells_layer,
     measured_on,
+    segment_and_measure,
     unusable_pixel_size,
 )
 from .smear_colours import is_map_colours, own_cells
-from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, level_0, of_image, placement
+from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, level_0, of_image
 
 __all__ = ["EmbedCellsWidget", "embeddings_of"]
 
@@ -94,8 +95,8 @@ class _EmbedJob:
     cells: Labels
     model: str
     image_hash: str  # the image_digest of the pixels embedded
-    segmented: bool = False  # the cells layer was made by this run ("segment first")
-    image: Image | None = None  # the smear's layer
+    image: Image  # the smear's layer
+    segmented: bool  # the cells layer was made by this run ("segment first")
 
 
 @dataclass
@@ -125,14 +126,16 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     """Yields :class:`Downloaded` while the model downloads (None while it loads: Cancel is
     looked at between two yields; ``stop_download``, which Cancel sets, stops a download), the
     loaded :class:`Embedder`, then ``(done, total)`` cells; returns ``(run, table, fingerprint,
-    embedded, crops)``: the
+    embedded, crops, split)``: the
     :class:`EmbeddedCells` (cells whose crop is as in ``reuse`` keep its embedding), ``table``
     the cells' measurements unless the layer's table was ``measured`` on these very labels and pixels (else
     they were made by another tool, or painted since), then None; ``fingerprint`` of the image
     and labels with the model as loaded (a Hub model downloaded now is known by its commit only
     from now on); ``embedded``, the :func:`labels_digest` of the labels embedded; ``crops``, those
     the cells were cut with: as given, or None for the loaded model's :attr:`Embedder.crops` (a Hub
-    model downloaded now tells how its training cells were cut only now).
+    model downloaded now tells how its training cells were cut only now); ``split``, the ids of
+    cells left in pieces by hand (an eraser across one), looked for only where the labels are
+    measured again (painted since they were measured).
 
     ``labels`` are the layer's own: copied first thing, here rather than on the GUI thread (2.3 s
     for 133 Mpx), so that painting during the run does not change what is embedded. A stroke
@@ -225,7 +228,7 @@ class EmbedCellsWidget(JobWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
-        self._segment_job: _Job | None = None
+        self._segment_job: SegmentJob | None = None
         self._segmented_pixels: tuple | None = None  # (the layer's full-resolution data, its pixels) as segmented
         self._embed_job: _EmbedJob | None = None
         self._embedder: Embedder | None = None
@@ -259,8 +262,8 @@ class EmbedCellsWidget(JobWidget):
         )
         self.crop_scale = ComboBox(
             label="Scale", choices=list(CROP_SCALES), value=DEFAULT_CROP_SCALE,
-            tooltip="cell: each crop sized to its cell; smear: most cells share one crop size (that of a cell 1.25 "
-            "times the median), so a crop shows its cell's size next to the others (micro- and macrocytes); "
+            tooltip="cell: each crop sized to its cell; smear: most cells share one crop size (that of a cell "
+            f"{SMEAR_SCALE_CELLS} times the median), so a crop shows its cell's size next to the others (micro- and macrocytes); "
             "larger cells get a larger crop.",
         )
         self.margin = FloatSpinBox(
@@ -523,15 +526,10 @@ class EmbedCellsWidget(JobWidget):
             self._refuse(why)  # an "every open smear" run names the smear in its summary
             return
         self._segmented_pixels = (level_0(layer), pixels)  # a pyramid's, read lazily, is not read again to embed
-        self._segment_job = _Job(
-            image=layer,
-            placement=placement(layer),
-            cell_diameter=layer.metadata.get("cell_diameter_px") or None,  # typed in Segment cells
-            pixel_size_um=pixel_size_um,
-            started=time.perf_counter(),
-        )
+        # the cell diameter typed in Segment cells for this smear
+        self._segment_job = SegmentJob.of(layer, layer.metadata.get("cell_diameter_px") or None, pixel_size_um)
         self.status.value = f"Segmenting {layer.name!r}…"
-        self._start(_segment_and_measure, pixels, self._segment_job.cell_diameter, self._segment_job.pixel_size_um)
+        self._start(segment_and_measure, pixels, self._segment_job.cell_diameter, self._segment_job.pixel_size_um)
 
     def _embed(self, image: Image, pixels: np.ndarray, cells: Labels, *, segmented: bool = False) -> None:
         if cells.multiscale:
@@ -584,7 +582,7 @@ class EmbedCellsWidget(JobWidget):
         if not measured and (why := unusable_pixel_size(pixel_size)):  # the cells are measured after embedding
             self._refuse(why)
             return
-        self._embed_job = _EmbedJob(cells, model, image_hash, segmented, image)
+        self._embed_job = _EmbedJob(cells, model, image_hash, image, segmented)
         self.status.value = f"Loading {model}…"
         self._stop_download = threading.Event()
         self._start(_load_and_embed, model, self.device.value, pixels, labels,
@@ -658,7 +656,7 @@ class EmbedCellsWidget(JobWidget):
                 return
         self.finished.emit()
 
-    def _segmented(self, job: _Job, segmented_pixels: tuple, labels: np.ndarray, table, cell_diameter: float,
+    def _segmented(self, job: SegmentJob, segmented_pixels: tuple, labels: np.ndarray, table, cell_diameter: float,
                    image_hash: str) -> None:
         if job.image not in self._viewer.layers:
             self._refuse(f"{job.image_name!r} was closed while it was segmented; nothing was changed.")

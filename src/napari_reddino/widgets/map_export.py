@@ -24,7 +24,7 @@ from ..cell_table import PREDICTED_BY, class_names, image_name
 from ..class_gallery import GalleryError, GalleryFiles, pictures_in, remove_pictures, save_class_gallery
 from ..label_import import FOREIGN, import_manual_labels
 from ..wording import OPEN_ELSEWHERE, counted
-from .segment_widget import carried_to
+from .cells_layer import carried_to
 from .smear_colours import cells_layers
 from .smear_links import level_0, smear_under
 
