@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 from skimage.io import imread
+from torchvision.ops import roi_align
 
 from napari_reddino import crop_windows, segment_cells
+from napari_reddino import crops as crops_module
 from napari_reddino.crop_windows import bounding_boxes
 from napari_reddino.crops import (
     CropInputError,
@@ -216,6 +218,17 @@ def test_a_hot_pixel_or_a_flat_field_overshoot_does_not_rescale_the_smear():
     np.testing.assert_allclose(as_rgb(flat_fielded), np.clip(flat_fielded, 0, 1), atol=1e-7)
     crops = cell_crops(flat_fielded, labels, 32)[1]
     assert crops.max() < 1.001 and np.abs(crops - reference * 255 / 200).max() < 0.06  # the blue overshoot clipped
+    vignetted = image / 255.0
+    vignetted[:2] = 1.6  # an over-corrected edge, 1.7 % of the pixels: read as 255 levels, every crop went black
+    np.testing.assert_allclose(cell_crops(vignetted, labels, 32)[1], reference, atol=1e-6)
+
+
+def test_a_cameras_counts_saved_as_float_read_as_the_same_counts_in_integers():
+    image, labels = smear({1: ((40, 60), 10, CELL), 2: ((70, 30), 12, NEIGHBOUR)})
+    counts = image.astype(np.uint16) * 257  # 16-bit levels, not stretched to their own range
+    _, reference = cell_crops(image, labels, 32)
+    np.testing.assert_allclose(cell_crops(counts.astype(np.float32), labels, 32)[1], reference, atol=1e-6)
+    np.testing.assert_array_equal(cell_crops(counts.astype(np.float32), labels, 32)[1], cell_crops(counts, labels, 32)[1])
 
 
 def test_labels_of_another_shape_or_type_are_refused():
@@ -235,6 +248,9 @@ def test_labels_of_another_shape_or_type_are_refused():
     with pytest.raises(CropInputError, match=r"margin must be from 0 to 4, a fraction of the cell's size on each "
                                              r"side \(0.25: a quarter\), not 100"):
         cell_crops(image, labels, margin=100)  # read as pixels: windows 200 cells wide, gigabytes for two cells
+    for margin in ("0.25", True, np.array([0.2, 0.3])):  # a typed text, a flag, an array: said, not a TypeError
+        with pytest.raises(CropInputError, match="margin must be from 0 to 4"):
+            cell_crops(image, labels, margin=margin)
     for size in (-3, 0, (32,), 2.5, True):
         with pytest.raises(CropInputError, match="size must be a positive whole number of pixels or"):
             cell_crops(image, labels, size)
@@ -338,3 +354,28 @@ def test_a_smear_stays_on_a_gpu_only_within_a_quarter_of_its_free_memory(monkeyp
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1_000)
     assert smear_home(cuda, 1_500) == cuda and smear_home(cuda, 1_501) == torch.device("cpu")
     assert smear_home(torch.device("cpu"), 10**12) == torch.device("cpu")
+
+
+def test_a_label_over_the_whole_smear_is_read_thinned_and_cut_alone(monkeypatch):
+    """One label the size of the image (a foreground mask given as labels) made a window copy of
+    gigabytes, at margin 4 more than the machine had; it is read at every stride-th pixel, cut
+    apart from the cells beside it, whose crops do not change."""
+    image = imread(files("napari_reddino") / "data" / "chula_rbc12" / "1.jpg")
+    labels = np.ones(image.shape[:2], np.int32)
+    labels[100:120, 100:120], labels[300:320, 400:420] = 2, 3
+    windows = []
+
+    def recording_roi_align(window, *args, **kwargs):
+        windows.append(window.shape[-1])
+        return roi_align(window, *args, **kwargs)
+
+    monkeypatch.setattr(crops_module, "roi_align", recording_roi_align)
+    ids, _ = cell_crops(image, labels, 32, mode="context", margin=4)  # a window 9 smears wide
+    assert ids.tolist() == [1, 2, 3] and max(windows) <= 8 * 32 and len(windows) == 2  # the mask alone, then the cells
+    _, thinned = cell_crops(image, labels, 32, mode="context", margin=1)
+    monkeypatch.setattr(crops_module, "_THINNING_SIDES", 10**6)  # every window read whole
+    windows.clear()
+    _, whole = cell_crops(image, labels, 32, mode="context", margin=1)
+    assert max(windows) > 3 * 640
+    np.testing.assert_array_equal(thinned[1:], whole[1:])
+    assert np.abs(thinned[0] - whole[0]).mean() < 0.02  # the same picture, averaged over fewer samples

@@ -455,6 +455,12 @@ def test_unknown_name_lists_the_known_ones():
         assert name in str(error.value)
 
 
+def test_a_hub_name_the_hub_refuses_is_said_as_the_model_name_it_is(hub_cache):
+    with pytest.raises(UnknownModelError, match=r"'hf_hub:my org/x' is no Hugging Face Hub model name: 'my org/x' "
+                                                r"may hold only letters"):
+        load_model("hf_hub:my org/x")
+
+
 def test_missing_path_is_reported_as_such(tmp_path):
     with pytest.raises(UnknownModelError, match="No such model file or folder"):
         load_model(tmp_path / "nothing.safetensors", architecture="vit_small_patch14_dinov2")

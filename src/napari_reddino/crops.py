@@ -61,6 +61,7 @@ _BACKGROUND_SAMPLES = 250_000  # gave the same medians as a million on Chula mos
 _BACKGROUND_STEADINESS = 0.01
 _LEVEL_PERCENTILE = 0.1  # % of the sampled pixels allowed beyond the levels an encoding uses
 _MAX_WINDOW_PIXELS = 2**24  # per batch of crops: 200 MB of float32 RGB
+_THINNING_SIDES = 8  # a window more than this many crop sides across is read thinned (CropSampler._cut)
 _SMEAR_SHARE_OF_FREE_MEMORY = 0.25  # a GPU keeps the rest for the model's batches
 _CHECK_SEED = 0x5EED
 
@@ -92,19 +93,21 @@ def black_and_white(colour: np.ndarray) -> tuple[float, float]:
     """The pixel values that stand for black and white in this image's encoding.
 
     8-bit: 0 and 255. Wider integers: 0 and the largest value of the bit depth in use (12-bit
-    cameras store in uint16). Floats: 0 and 1 when they lie about there (a flat-field
-    correction overshoots 1), 0 and 255 when they look like 8-bit levels, else their range.
-    The levels in use are read from all but the brightest and darkest :data:`_LEVEL_PERCENTILE`
-    of a grid of pixels (``image_input.subsample``), not from the extremes: one hot pixel must not
-    halve the brightness of every crop.
+    cameras store in uint16), as are whole-numbered floats beyond 8-bit levels (a camera's
+    counts saved as float). Other floats: 0 and 1 when most lie there (the median; a flat-field
+    correction overshoots 1 at a vignetted edge, which is clipped), 0 and 255 when they look like
+    8-bit levels, else their range. The levels in use are read from all but the brightest and
+    darkest :data:`_LEVEL_PERCENTILE` of a grid of pixels (``image_input.subsample``), not from
+    the extremes: one hot pixel must not halve the brightness of every crop.
     """
     if colour.dtype == np.uint8:
         return 0.0, 255.0
     sample = subsample(colour)
     low, high = (float(value) for value in np.percentile(sample, [_LEVEL_PERCENTILE, 100 - _LEVEL_PERCENTILE]))
-    if np.issubdtype(colour.dtype, np.integer):
+    counts = np.issubdtype(colour.dtype, np.integer) or (low >= 0 and high > 300 and np.all(sample == np.round(sample)))
+    if counts:
         return 0.0, float(2 ** math.ceil(math.log2(max(high, 1.0) + 1)) - 1)
-    if low >= -0.5 and high <= 1.5:
+    if low >= -0.5 and (high <= 1.5 or np.median(sample) <= 1.0):
         return 0.0, 1.0
     if low >= -1 and high <= 300:
         return 0.0, 255.0
@@ -147,6 +150,7 @@ class CropSampler:
         colour = colour_view(check_smear(image))
         labels = check_labels(labels, colour.shape)
         self.size, self.mode, self.device = tuple(size), mode, torch.device(device)
+        self._thinned_above = _THINNING_SIDES * max(self.size)
         black, white = black_and_white(colour)
         gain = np.float32(1.0 / (white - black))
         self.background = background_colour(colour, labels)  # RGB, the image's levels
@@ -192,7 +196,8 @@ class CropSampler:
 
     def __call__(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
         """Crops of the cells ``ids`` in ``boxes`` (x0, y0, x1, y1): float32 (n, 3, H, W) on :attr:`home`."""
-        parts = [self._cut_in_memory(ids[part], boxes[part]) for part in _parts_within(boxes, _MAX_WINDOW_PIXELS)]
+        parts = [self._cut_in_memory(ids[part], boxes[part])
+                 for part in _parts_within(boxes, _MAX_WINDOW_PIXELS, alone_above=self._thinned_above - 8)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _cut_in_memory(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
@@ -210,7 +215,12 @@ class CropSampler:
         # one pixel more on each side than the window, for the bilinear neighbours of its edge
         corner = np.floor(boxes[:, :2]).astype(np.int64) - 1
         side = int(np.ceil((boxes[:, 2:] - corner).max())) + 2
-        steps = torch.arange(side, device=self.home)
+        # A window far larger than the crop (one label over the whole smear: a mask, not cells) is
+        # read at every stride-th pixel, the middle one of each stride x stride block: its copy
+        # stays within (_THINNING_SIDES x the crop side)^2 pixels, where whole it took gigabytes.
+        # Such a window is cut alone (see _parts_within), so no other crop changes.
+        stride = max(1, math.ceil(side / self._thinned_above))
+        steps = torch.arange(math.ceil(side / stride), device=self.home) * stride + stride // 2
         cols = self._sent(corner[:, 0])[:, None] + steps
         rows = self._sent(corner[:, 1])[:, None] + steps
         height, width = self._pixels.shape[:2]
@@ -227,7 +237,10 @@ class CropSampler:
         if self._clips:
             windows = torch.maximum(torch.minimum(windows, norm.high), norm.low)
         windows = windows * keep[..., None]
-        local = self._sent((boxes - np.tile(corner, 2)).astype(np.float32))
+        local = boxes - np.tile(corner, 2)
+        if stride > 1:  # in pixels of the thinned window, whose pixel j is the window's j * stride + stride // 2
+            local = (local - stride // 2 - 0.5) / stride + 0.5
+        local = self._sent(local.astype(np.float32))
         indexed = torch.cat([torch.arange(len(local), device=self.home, dtype=torch.float32)[:, None], local], 1)
         channels_first = windows.permute(0, 3, 1, 2).contiguous()
         crops = roi_align(channels_first, indexed, self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
@@ -297,13 +310,15 @@ def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(array).to(device)
 
 
-def _parts_within(boxes: np.ndarray, max_pixels: int) -> list[slice]:
-    """Consecutive runs of windows whose padded copies hold at most ``max_pixels`` together."""
+def _parts_within(boxes: np.ndarray, max_pixels: int, alone_above: float = math.inf) -> list[slice]:
+    """Consecutive runs of windows whose padded copies hold at most ``max_pixels`` together; a
+    window of a side over ``alone_above`` pixels is a part of its own."""
     sides = np.ceil(boxes[:, 2] - boxes[:, 0]) + 3
     parts, start, largest = [], 0, 0.0
     for index, side in enumerate(sides):
         largest = max(largest, side)
-        if index > start and (index - start + 1) * largest**2 > max_pixels:
+        alone = side > alone_above or (index > 0 and sides[index - 1] > alone_above)
+        if index > start and ((index - start + 1) * largest**2 > max_pixels or alone):
             parts.append(slice(start, index))
             start, largest = index, side
     return [*parts, slice(start, len(sides))]
