@@ -31,10 +31,10 @@ from napari_reddino.widgets.cell_map_widget import (
     MIN_WIDTH,
     PREDICTED,
     SMEAR_FILL_ALPHA,
-    held_out_words,
 )
-from napari_reddino.widgets.class_list import DEFAULT_CLASSES, KEY, LABELLED, NAME, NEW_CLASS_COLOURS
 from napari_reddino.widgets.cells_layer import CARRIED_TO
+from napari_reddino.widgets.class_list import DEFAULT_CLASSES, KEY, LABELLED, NAME, NEW_CLASS_COLOURS
+from napari_reddino.widgets.map_head import held_out_words
 from napari_reddino.widgets.smear_keys import LABEL_KEYS_HELP
 from napari_reddino.wording import counted
 

@@ -27,6 +27,7 @@ from .class_gallery import ROW_CELLS, pictures_in, remove_pictures
 from .image_input import read_smear
 from .segmentation import RBC_DIAMETER_UM, pixel_size_refusal
 from .smear_parts import SmearParts, newest_part_settings, note_covers, read_note
+from .stop_signals import handling_signals
 from .wording import counted, shown
 
 # Red cells fewer pixels across than this (Chula's are 36 px, a 20x objective's about 15) show too
@@ -96,13 +97,9 @@ class _StopRequest(threading.Event):
 def _remembered_stop() -> Iterator[_StopRequest]:
     """Ctrl-C and SIGTERM raise KeyboardInterrupt, and also set the request yielded: one raised
     inside a finaliser (a progress bar's ``__del__``) is printed and swallowed, and the run would
-    go on to the last smear. Only the main thread can take over the signals; elsewhere the
-    request stays unset. A signal ignored when the run began (Ctrl-C in a job a script sent to
-    the background with ``&``) stays ignored, as the shell meant it to."""
+    go on to the last smear. Outside the main thread the request stays unset; a signal ignored
+    when the run began stays ignored (:func:`~napari_reddino.stop_signals.handling_signals`)."""
     request = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
 
     def on_signal(signum, frame):
         again = request.is_set()
@@ -112,13 +109,8 @@ def _remembered_stop() -> Iterator[_StopRequest]:
             raise KeyboardInterrupt
         print("reddino-analyse: finishing the files first (again to stop at once)", file=sys.stderr, flush=True)
 
-    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(number) is not signal.SIG_IGN}
-    try:
+    with handling_signals(on_signal):
         yield request
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 @dataclass
@@ -363,26 +355,26 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         _clear_parts(outcome.parts)
     elif not (left or unreadable or outcome.unkeyed):  # those of other smears or settings would pile up
         _clear_parts(outcome.parts, keep=outcome.keys)
-    removed, kept = "", []
+    removed, not_removed = "", []
     if not table_is_ours:  # the earlier run's files still belong to the table left there
         stale, old_galleries = [], []
     for file in stale:
         try:
             file.unlink(missing_ok=True)
         except OSError as error:  # held open elsewhere, or the folder's permissions
-            kept.append(f"{file} ({error.strerror or error})")
+            not_removed.append(f"{file} ({error.strerror or error})")
             continue
         removed += f"; removed the earlier run's {file.name}, which no longer matched"
     # they would show cells the new cells.csv no longer holds
     removed += remove_pictures([path for path in old_galleries if path not in pictured], "the earlier run's")
     # every smear in the files kept as a part too, and the files where the next run looks for them
-    if (unfinished and outcome.kept == len(done) and targets[0] == table and not kept
+    if (unfinished and outcome.kept == len(done) and targets[0] == table and not not_removed
             and _note_written(outcome.parts, [*targets, *pictured], smears)):
         again = "the same command"  # which may replace these files: they hold nothing its parts do not
     print(f"reddino-analyse: {sum(len(c.features) for c in done):,} cells of {counted(len(done), 'smear')} written to "
           f"{', '.join(shown(file) for file in targets)}{with_galleries}{removed}")
-    if kept:
-        print(f"reddino-analyse: could not remove the earlier run's {', '.join(kept)}, which no longer matches the "
+    if not_removed:
+        print(f"reddino-analyse: could not remove the earlier run's {', '.join(not_removed)}, which no longer matches the "
               "new tables; delete it by hand", file=sys.stderr)
     if left:
         print(f"reddino-analyse: interrupted; {counted(left, 'smear')} not reached, not in the files"
@@ -399,7 +391,7 @@ def _write_results(args: argparse.Namespace, analysis: SmearAnalysis, smears: li
         print(f"reddino-analyse: {counted(len(unreadable), 'folder')} could not be read (see above)"
               f"{f'; run {again} once they can be{read_back}' if read_back else ''}", file=sys.stderr)
         return 1
-    return 1 if kept or targets[0] != table else 0  # a script reading DIR/cells.csv would read the other run's
+    return 1 if not_removed or targets[0] != table else 0  # a script reading DIR/cells.csv would read the other run's
 
 
 def _clear_parts(parts: SmearParts, *, keep: list[str] | None = None) -> None:
@@ -538,23 +530,33 @@ def _analysis(args: argparse.Namespace, dtype: str = "auto") -> SmearAnalysis:
         try:
             head = CellClassifier.load(args.head, model_id=embedder.model_id)
         except (OSError, ValueError) as error:  # HeadMismatchError is a ValueError
-            raise _Refused(f"cannot use the head {args.head}: {error}") from error
+            raise _head_refused(args.head, error) from error
     return SmearAnalysis(embedder=embedder, model=model, head=head, pixel_size_um=args.pixel_size_um,
                          keep_embeddings=args.with_embeddings, galleries=Path(args.out) / GALLERIES if args.galleries
                          else None)
+
+
+def _head_refused(head: str, error: Exception) -> _Refused:
+    return _Refused(f"cannot use the head {head}: {error}")
+
+
+def _learnt_from(head: str) -> str | None:
+    """The model the saved ``head`` learnt from, read before any model loads (or downloads) in vain."""
+    from .cell_classifier import saved_head_model
+
+    try:
+        return saved_head_model(head)
+    except (OSError, ValueError) as error:
+        raise _head_refused(head, error) from error
 
 
 def _check_head_model(head: str, model: str) -> None:
     """Refuse, before ``model`` loads (or downloads for minutes), a head that learnt from another
     Hub repository than the Hub model given. A local folder (a copy of the Hub model's files, on a
     machine offline) and another revision are compared once loaded, by their weights."""
-    from .cell_classifier import saved_head_model
     from .models import hub_id
 
-    try:
-        learnt = saved_head_model(head)
-    except (OSError, ValueError) as error:
-        raise _Refused(f"cannot use the head {head}: {error}") from error
+    learnt = _learnt_from(head)
     repositories = [(hub_id(name) or "").partition("@")[0].lower() for name in (learnt or "", model)]
     if "" in repositories or repositories[0] == repositories[1]:
         return
@@ -565,13 +567,9 @@ def _check_head_model(head: str, model: str) -> None:
 def _model_of_head(head: str | None) -> str | None:
     """The Hub model a saved head learnt from: without --model, the cells are embedded with it.
     A local model's folder is not in the head (only its name), so it must be given."""
-    from .cell_classifier import saved_head_model
     from .models import hub_id
 
-    try:
-        model = saved_head_model(head) if head else None
-    except (OSError, ValueError) as error:  # before any model is loaded (or downloaded) in vain
-        raise _Refused(f"cannot use the head {head}: {error}") from error
+    model = _learnt_from(head) if head else None
     if model is None:
         return None
     if hub_id(model) or (Path(model).is_absolute() and Path(model).is_dir()):  # the latter: an older head's id

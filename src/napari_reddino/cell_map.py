@@ -24,6 +24,7 @@ from .model_ids import readable_ids, same_model
 
 LUT_SIZE = 2**16  # napari draws uint16 labels through a 65,536-colour lookup table on the GPU
 UNLABELLED = ""
+MANUAL, PREDICTED = "manual label", "predicted class"  # the two class columns, as Colour by names them
 MUTED = np.array([0.6, 0.6, 0.6, 0.35], dtype=np.float32)  # cells without a class
 DIM_FACTOR = 0.2  # alpha of the cells outside a selection, relative to their own
 

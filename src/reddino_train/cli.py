@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import shlex
 import signal
 import sys
-import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +17,7 @@ import yaml
 from tqdm import tqdm
 
 from napari_reddino.crop_windows import CROP_MODES, CROP_SCALES, DEFAULT_MARGIN
+from napari_reddino.stop_signals import handling_signals
 
 from .checkpoint import CheckpointError
 from .config import CONFIG_NAME, ConfigError, config_to_dict, load_config, shipped_configs
@@ -377,17 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A scheduler's SIGTERM (a time limit, preemption) stops as Ctrl-C does: prepare writes its index,
     # export removes its half-written folder. Not fit's: its training loop has its own, which saves a
     # checkpoint, and one after it (torchrun's agent's, at the end) must not read as an interruption.
-    # Python handles signals in its main thread alone.
-    catch = args.command != "fit" and threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _interrupt) if catch else None
-    try:
-        return args.handler(args)
-    except KeyboardInterrupt:  # fit's first Ctrl-C is its own (a checkpoint); this is a second, or another command
-        print(f"\nreddino-train {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
-        return 130
-    finally:
-        if catch:
-            signal.signal(signal.SIGTERM, before)
+    sigterm_interrupts = handling_signals(_interrupt, (signal.SIGTERM,), keep_ignored=False)
+    with contextlib.nullcontext() if args.command == "fit" else sigterm_interrupts:
+        try:
+            return args.handler(args)
+        except KeyboardInterrupt:  # fit's first Ctrl-C is its own (a checkpoint); this is a second, or another command
+            print(f"\nreddino-train {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+            return 130
 
 
 def _interrupt(signum, frame) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from napari_reddino.atomic_files import PartlyWrittenError
 from napari_reddino.cell_embeddings import crops_in_words
+from napari_reddino.stop_signals import handling_signals
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -582,9 +583,6 @@ def _stop_requests() -> Iterator[threading.Event]:
     the current step. A second Ctrl-C raises KeyboardInterrupt there and then, for a step that
     hangs; SIGTERM never does, as a scheduler's preemption and torchrun's agent each send one."""
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
 
     def request_stop(signum, _frame) -> None:
         if signum == signal.SIGINT and stop.is_set():
@@ -595,9 +593,5 @@ def _stop_requests() -> Iterator[threading.Event]:
                         f"checkpoint{again}\n".encode())
         stop.set()
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with handling_signals(request_stop, keep_ignored=False):
         yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

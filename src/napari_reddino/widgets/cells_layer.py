@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from napari.layers import Image, Labels
 
-from ..cell_embeddings import METADATA_KEY, image_digest, labels_digest
+from ..cell_embeddings import METADATA_KEY, embeddings_of, image_digest, labels_digest
 from ..cell_table import class_names
 from ..cell_table import image_name as cell_image_name
 from ..label_import import carry_manual_labels, manual_labels
@@ -214,3 +214,24 @@ def carried_to(viewer: napari.viewer.Viewer, layer: Labels) -> Labels | None:
 
 def _has_manual_labels(layer: Labels) -> bool:
     return bool((manual_labels(layer.features) != "").any())
+
+
+def embedded_cells_layers(viewer) -> list[Labels]:
+    """The embedded cells layers to map: not one whose labels went to a newer layer of its smear
+    that is still there (segmented again): its cells would count twice."""
+    return [layer for layer in viewer.layers if isinstance(layer, Labels) and embeddings_of(layer) is not None
+            and not segmented_again_as(viewer, layer)]
+
+
+def segmented_again_as(viewer, layer) -> str | None:
+    """The name of the newer cells layer that took ``layer``'s labels (see :func:`carry_labels`),
+    if it is there."""
+    newer = carried_to(viewer, layer)
+    return None if newer is None else newer.name
+
+
+def left_out_words(viewer) -> str:
+    """Says which embedded cells layers the map leaves out, and why ("" when none)."""
+    return "".join(f" {layer.name!r} is left out: it was segmented again as {newer!r} (embed that layer to map it)."
+                   for layer in viewer.layers if isinstance(layer, Labels) and embeddings_of(layer) is not None
+                   and (newer := segmented_again_as(viewer, layer)))
