@@ -637,16 +637,16 @@ def test_a_run_whose_storing_failed_midway_is_not_taken_for_up_to_date(viewer, w
     cells = viewer.add_labels(labels.copy(), name="masks from another tool")
     widget.reset_choices()
     widget.cells.value = cells
-    merge = embed_widget._with_own_columns
+    merge = embed_widget.with_own_columns
 
     def out_of_memory(*args, **kwargs):  # as an unforeseen error would, after the embeddings are stored
         raise MemoryError("out of memory")
 
-    monkeypatch.setattr(embed_widget, "_with_own_columns", out_of_memory)
+    monkeypatch.setattr(embed_widget, "with_own_columns", out_of_memory)
     with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
         widget.run()
     assert "Storing the embeddings failed" in widget.status.value and "area_px" not in cells.features
-    monkeypatch.setattr(embed_widget, "_with_own_columns", merge)
+    monkeypatch.setattr(embed_widget, "with_own_columns", merge)
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS):
         widget.run()  # measured and stored this time, not "already up to date"
     pd.testing.assert_frame_equal(cells.features[["label", "area_px"]], measure_cells(labels, image)[["label", "area_px"]])
@@ -1079,7 +1079,7 @@ def test_own_columns_of_a_table_edited_in_a_spreadsheet_stay_with_their_cells(ch
     ids = fresh["label"].to_numpy()[:3]
     old = pd.DataFrame({"label": [str(i) for i in ids], "centroid_y": np.nan, "centroid_x": [np.nan, 5.0, np.nan],
                         "manual_label": ["normal", "spherocyte", "target cell"]})
-    table, lost = embed_widget._with_own_columns(fresh, old)
+    table, lost = embed_widget.with_own_columns(fresh, old)
     given = table.set_index("label")["manual_label"]
     assert given[ids[0]] == "normal" and given[ids[2]] == "target cell" and lost == 1  # the one placed elsewhere goes
     assert given.drop(ids[[0, 2]]).isna().all()

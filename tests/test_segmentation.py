@@ -28,7 +28,6 @@ from napari_reddino import (
 )
 from napari_reddino.cell_separation import (
     Thresholds,
-    distance_to_background,
     edge_steepness,
     fill_enclosed_gaps,
     join_target_spots,
@@ -37,6 +36,7 @@ from napari_reddino.cell_separation import (
 )
 from napari_reddino.cell_size import DEFAULT_DIAMETER_PX, sized_foreground
 from napari_reddino.image_input import LabelsInputError
+from napari_reddino.label_geometry import distance_to_background
 from napari_reddino.segmentation import WORKING_DIAMETER_PX, _calibrate
 
 DATA = Path(__file__).parent / "data"

@@ -1,8 +1,9 @@
-"""Cells from a density image at working scale: threshold, fill pallor, split touching cells.
+"""Cells from a density image: threshold, fill pallor, split touching cells, clean up.
 
-Everything here works on images shrunk so that a red cell is about ``WORKING_DIAMETER_PX``
-across (smears whose cells are smaller stay as they are), which makes every size parameter a
-fraction of the cell radius and the running time independent of magnification above that.
+Every size parameter is a fraction of the cell radius. Segmentation thresholds and splits on
+images shrunk so that a red cell is about ``WORKING_DIAMETER_PX`` across (smears whose cells
+are smaller stay as they are), which makes the running time independent of magnification above
+that; the clean-ups (gaps inside an outline, nuclei) then run on the labels at input scale.
 """
 
 from __future__ import annotations
@@ -10,16 +11,22 @@ from __future__ import annotations
 from math import ceil
 from typing import NamedTuple
 
-import edt
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
-from skimage.measure import label as measure_label
 from skimage.segmentation import watershed
 
 from .cell_lookup import cell_centres
 from .image_input import otsu_threshold
+from .label_geometry import (
+    background_gaps,
+    convex_corners,
+    distance_to_background,
+    fill_holes,
+    hull_pixels,
+    keep_segments,
+    padded,
+)
 from .resampling import resize_linear
 
 WORKING_DIAMETER_PX = 30.0
@@ -195,42 +202,6 @@ def _otsu_split(smoothed: np.ndarray) -> tuple[float, float, float] | None:
     return otsu, float(smoothed[smoothed <= otsu].mean()), float(smoothed[smoothed > otsu].mean())
 
 
-def distance_to_background(mask: np.ndarray) -> np.ndarray:
-    """Euclidean distance (float32) from each foreground pixel to the nearest background pixel.
-
-    Exact, like ``scipy.ndimage.distance_transform_edt``, and about 3x faster (no feature
-    transform); one thread, since tiles already run in parallel. A mask with no background
-    at all measures to the image border (``edt`` would give infinity).
-    """
-    return edt.edt(mask, black_border=bool(mask.all()), parallel=1)
-
-
-def fill_holes(mask: np.ndarray, max_area: float = np.inf) -> np.ndarray:
-    """Fill holes smaller than ``max_area`` (pale cell centres), not gaps between cells.
-
-    Labels the background once instead of scipy's iterative fill: several times faster.
-    """
-    gaps, area, open_ = _background_gaps(~mask)
-    area[open_] = np.inf
-    return mask | (area < max_area)[gaps]
-
-
-def _background_gaps(background: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The connected regions of ``background`` (labels), per region id its area in pixels
-    (infinity for id 0), and whether it reaches the image border."""
-    gaps, n = ndi.label(background)
-    area = np.bincount(gaps.ravel(), minlength=n + 1).astype(float)
-    area[0] = np.inf
-    open_ = np.zeros(n + 1, bool)
-    open_[np.unique(np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]]))] = True
-    return gaps, area, open_
-
-
-def _padded(box: tuple[slice, ...], pad: int) -> tuple[slice, ...]:
-    """``box`` (from ``ndimage.find_objects``) grown by ``pad`` pixels on every side, clipped at 0."""
-    return tuple(slice(max(0, side.start - pad), side.stop + pad) for side in box)
-
-
 def separate_cells(smoothed: np.ndarray, thresholds: Thresholds, diameter: float) -> np.ndarray:
     """Label image of the cells in one working-scale tile (ids 1..n, 0 background)."""
     radius = diameter / 2
@@ -250,7 +221,6 @@ def separate_cells(smoothed: np.ndarray, thresholds: Thresholds, diameter: float
     labels = _drop_small(labels, MIN_CELL_AREA * cell_area)
     return fill_enclosed_gaps(labels, MAX_PALLOR_AREA * cell_area, stained_density=smoothed, slide=thresholds.slide,
                               stained_max_area=cell_area)
-
 
 
 def radial_votes(smoothed: np.ndarray, radius: float, voters: np.ndarray) -> np.ndarray:
@@ -462,7 +432,7 @@ def rejoin_pieces(labels: np.ndarray, cell_area: float) -> np.ndarray:
         rows, cols = boxes[piece - 1]
         if rows.start == 0 or cols.start == 0 or rows.stop == height or cols.stop == width:
             continue  # the rest of a cell the border cuts is beyond it, not beside it
-        box = _padded(boxes[piece - 1], 2)
+        box = padded(boxes[piece - 1], 2)
         window = out[box]
         mine = window == piece
         ring = ndi.binary_dilation(mine) & ~mine
@@ -481,28 +451,6 @@ def rejoin_pieces(labels: np.ndarray, cell_area: float) -> np.ndarray:
             sizes[cell] += sizes[piece]
             boxes[cell - 1] = joined
     return out
-
-
-def convex_corners(mask: np.ndarray) -> np.ndarray | None:
-    """Corners (row, col), in order, of the convex hull of the pixel centres of ``mask``; None
-    for a line of pixels (its own hull). Only outline pixels can be corners, so only they go in."""
-    edge = np.argwhere(mask & ~ndi.binary_erosion(mask))
-    try:
-        return edge[ConvexHull(edge).vertices]
-    except QhullError:
-        return None
-
-
-def hull_pixels(corners: np.ndarray) -> float:
-    """Pixels (centres) inside or on the convex polygon with these integer ``corners``, in order.
-
-    By Pick's theorem, from its area and the pixels on its edges (gcd of each edge's steps),
-    with no per-pixel test.
-    """
-    following = np.roll(corners, -1, axis=0)
-    area = abs(float(np.sum(corners[:, 0] * following[:, 1] - following[:, 0] * corners[:, 1]))) / 2
-    steps = np.abs(following - corners)
-    return float(round(area + int(np.gcd(steps[:, 0], steps[:, 1]).sum()) / 2 + 1))
 
 
 def _spread(values: np.ndarray) -> float:
@@ -583,7 +531,7 @@ def _around_faint_pale_centres(
     added = np.zeros_like(pale)
     boxes = ndi.find_objects(holes)
     for hole in np.flatnonzero(area[1:] >= MIN_PALLOR_AREA * cell_area) + 1:
-        box = _padded(boxes[hole - 1], reach)
+        box = padded(boxes[hole - 1], reach)
         hole_pixels = holes[box] == hole
         if np.median(smoothed[box][hole_pixels]) <= thresholds.slide:
             continue
@@ -617,7 +565,7 @@ def fill_enclosed_gaps(
     cell that the border cuts, whose rim is a "U" around it (else a "C"-shaped fragment, like a
     schistocyte), not the slide in a corner beside a cell.
     """
-    gaps, area, open_ = _background_gaps(labels == 0)
+    gaps, area, open_ = background_gaps(labels == 0)
     if stained_density is None:
         small = (area < max_area) & ~open_
     else:
@@ -628,7 +576,7 @@ def fill_enclosed_gaps(
     boxes = ndi.find_objects(gaps)
     cell_boxes = ndi.find_objects(labels) if open_[small].any() else []
     for gap in np.flatnonzero(small):  # few
-        box = _padded(boxes[gap - 1], 1)
+        box = padded(boxes[gap - 1], 1)
         inside = gaps[box] == gap
         if (area[gap] >= max_area or open_[gap]) and not np.median(stained_density[box][inside]) > slide:
             continue
@@ -708,40 +656,3 @@ def _drop_small(labels: np.ndarray, min_area: float) -> np.ndarray:
     return keep_segments(labels, np.bincount(labels.ravel()) >= min_area)
 
 
-def largest_pieces(labels: np.ndarray) -> np.ndarray:
-    """Each cell as its largest 4-connected piece: specks cut off by an outline's trim, or left
-    beyond a target cell's rim, would count in its area and stretch its perimeter."""
-    pieces, owner = _pieces(labels)
-    if pieces.max() == np.count_nonzero(np.bincount(labels.ravel())[1:]):  # one piece a cell: nothing to drop
-        return labels
-    sizes = np.bincount(pieces.ravel())
-    order = np.lexsort((sizes[1:], owner[1:])) + 1  # by cell, then by size
-    largest = order[np.append(owner[order][1:] != owner[order][:-1], True)]  # each cell's last piece
-    keep = np.zeros(sizes.size, bool)
-    keep[largest] = True
-    return np.where(keep[pieces], labels, 0).astype(labels.dtype, copy=False)
-
-
-def cells_in_pieces(labels: np.ndarray) -> np.ndarray:
-    """The ids of the cells in more than one 4-connected piece, as an eraser stroke across a cell
-    leaves it: measured and cut as one cell, though the lab meant two."""
-    _, owner = _pieces(labels)
-    ids, counts = np.unique(owner[1:], return_counts=True)
-    return ids[counts > 1]
-
-
-def _pieces(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each cell's 4-connected pieces, apart from its neighbours', and the cell of each piece."""
-    pieces = measure_label(labels, connectivity=1)
-    owner = np.zeros(int(pieces.max()) + 1, labels.dtype)
-    owner[pieces.ravel()] = labels.ravel()
-    return pieces, owner
-
-
-def keep_segments(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Labels with only the ids where ``keep[id]`` is true, renumbered 1..k in order."""
-    keep = keep.copy()
-    keep[0] = False
-    relabel = np.zeros(keep.size, np.int32)
-    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return relabel[labels]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from .cell_separation import distance_to_background, fill_holes
+from .label_geometry import distance_to_background, fill_holes
 
 DEFAULT_DIAMETER_PX = 40.0
 MIN_DIAMETER_PX = 6.0

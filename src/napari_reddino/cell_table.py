@@ -11,7 +11,9 @@ them), the head's ``p_<class>`` probabilities (only when a head has predicted; a
 union of their columns, in order of first appearance; the order is the same whether a layer
 was mapped before or after a head predicted.
 
-No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata``.
+No Qt, no napari: a layer is anything with ``name``, ``features`` and ``metadata``. Also how a
+layer's own table meets fresh measurements of its cells (Embed cells measures cells painted
+since they were measured).
 """
 
 from __future__ import annotations
@@ -131,3 +133,49 @@ def cells_table(layers: Sequence) -> pd.DataFrame:
     own = sorted((c for c in table.columns if c not in placed), key=lambda c: rank.get(c, len(rank)))  # stable
     source = [SOURCE_PATH] if SOURCE_PATH in table else []
     return table[["layer", "image", *source, "label", *own, *ANALYSIS_COLUMNS, *probabilities, "model_id"]]
+
+
+def with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The fresh measurements, with the columns of the layer's own table that they lack joined by
+    label id (its ``label`` column, else napari's ``index``); a table without ids is replaced.
+
+    An id whose measured cell was centred outside the box of its cell now (grown by a quarter on
+    each side: a cell half erased stays itself) is not joined: napari gives a newly painted cell
+    the id after the largest, which an erased cell may have had, and its label would go to the
+    new cell. Also returns how many manual labels were not carried: their cells erased, merged
+    into others, or so given away."""
+    key = next((column for column in ("label", "index") if column in old), None)
+    if key is None:
+        return table, 0
+    own = [c for c in old.columns if c not in table.columns]
+    ids = pd.to_numeric(old[key], errors="coerce").to_numpy()  # a table read from a CSV may hold them as text
+    rows = np.clip(np.searchsorted(table["label"].to_numpy(), ids), 0, max(len(table) - 1, 0))
+    same = np.zeros(len(old), bool) if table.empty else table["label"].to_numpy()[rows] == ids
+    if {"centroid_y", "centroid_x"} <= set(old) and not table.empty:
+        for axis in ("y", "x"):
+            centre = pd.to_numeric(old[f"centroid_{axis}"], errors="coerce").to_numpy()
+            low, high = (table[f"bbox_{end}_{axis}"].to_numpy()[rows] for end in ("min", "max"))
+            reach = (high - low) / 4 + 0.5
+            same &= ~((centre < low - reach) | (centre > high - 1 + reach))  # unknown places count as the same
+    lost = int(((class_names(old, "manual_label") != "") & ~same).sum())
+    return table.merge(old.loc[same, own].assign(label=ids[same]), on="label", how="left"), lost
+
+
+def remeasured(table: pd.DataFrame, old: pd.DataFrame) -> np.ndarray:
+    """The label ids of ``table`` whose measurements differ from those ``old`` holds for them (a
+    ring filled in, an edge mended within the cell's box): a crop may not change with them, but a
+    head that reads measurements predicts from them too."""
+    if "label" not in old:
+        return np.zeros(0, np.int64)
+    # in pixels: the µm columns follow from them and the pixel size, which alone changes no cell
+    # and numbers: a table edited in a spreadsheet may hold them as text, which would differ everywhere
+    columns = [column for column in MEASUREMENT_COLUMNS if column in table and column in old
+               and column not in ("label", "index") and not column.endswith(("_um", "_um2"))
+               and pd.api.types.is_numeric_dtype(old[column])]
+    ids = pd.to_numeric(old["label"], errors="coerce")  # a table read from a CSV may hold them as text
+    before = old.assign(label=ids).drop_duplicates("label").set_index("label").reindex(table["label"])
+    differ = np.zeros(len(table), bool)
+    for column in columns:
+        new, was = table[column].to_numpy(float), pd.to_numeric(before[column], errors="coerce").to_numpy(float)
+        differ |= ~np.isclose(new, was, rtol=1e-9, atol=0, equal_nan=True)
+    return table["label"].to_numpy()[differ]

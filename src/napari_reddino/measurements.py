@@ -9,8 +9,8 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage.measure import perimeter_crofton
 
-from .cell_separation import convex_corners, distance_to_background, hull_pixels
 from .image_input import channels, check_labels, check_smear, fit_stain_model
+from .label_geometry import convex_corners, distance_to_background, hull_pixels
 from .segmentation import pixel_size_refusal
 
 # Depth into the cell, as a share of its deepest point: the centre is the inner part, the rim

@@ -27,14 +27,13 @@ from .cell_separation import (
     fill_enclosed_gaps,
     flatten_background,
     foreground_thresholds,
-    keep_segments,
-    largest_pieces,
     separate_cells,
     shows_cells,
     smooth_density,
 )
 from .cell_size import sized_foreground
 from .image_input import StainModel, check_smear, fit_stain_model, is_positive
+from .label_geometry import keep_segments, largest_pieces
 from .resampling import resize_linear, resize_nearest
 from .steps import Progress, run_steps
 

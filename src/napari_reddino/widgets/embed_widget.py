@@ -49,7 +49,7 @@ from ..cell_embeddings import (
     store_run,
     stored_fingerprint,
 )
-from ..cell_table import class_names, clear_predictions
+from ..cell_table import clear_predictions, remeasured, with_own_columns
 from ..crop_windows import (
     CROP_MODES,
     CROP_SCALES,
@@ -63,8 +63,8 @@ from ..crop_windows import (
 )
 from ..embedding import DeviceError, Downloaded, Embedder, iter_load_embedder, list_devices
 from ..image_input import ImageInputError
-from ..cell_separation import cells_in_pieces
-from ..measurements import MEASUREMENT_COLUMNS, measure_cells
+from ..label_geometry import cells_in_pieces
+from ..measurements import measure_cells
 from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError, cached_hub_revision, hub_id, trained_crops
 from ..wording import counted, first_few
@@ -164,32 +164,6 @@ def _load_and_embed(model: str, device: str, pixels: np.ndarray, labels: np.ndar
     return run, table, loaded, digest, crops, split
 
 
-def _with_own_columns(table: pd.DataFrame, old: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """The fresh measurements, with the columns of the layer's own table that they lack joined by
-    label id (its ``label`` column, else napari's ``index``); a table without ids is replaced.
-
-    An id whose measured cell was centred outside the box of its cell now (grown by a quarter on
-    each side: a cell half erased stays itself) is not joined: napari gives a newly painted cell
-    the id after the largest, which an erased cell may have had, and its label would go to the
-    new cell. Also returns how many manual labels were not carried: their cells erased, merged
-    into others, or so given away."""
-    key = next((column for column in ("label", "index") if column in old), None)
-    if key is None:
-        return table, 0
-    own = [c for c in old.columns if c not in table.columns]
-    ids = pd.to_numeric(old[key], errors="coerce").to_numpy()  # a table read from a CSV may hold them as text
-    rows = np.clip(np.searchsorted(table["label"].to_numpy(), ids), 0, max(len(table) - 1, 0))
-    same = np.zeros(len(old), bool) if table.empty else table["label"].to_numpy()[rows] == ids
-    if {"centroid_y", "centroid_x"} <= set(old) and not table.empty:
-        for axis in ("y", "x"):
-            centre = pd.to_numeric(old[f"centroid_{axis}"], errors="coerce").to_numpy()
-            low, high = (table[f"bbox_{end}_{axis}"].to_numpy()[rows] for end in ("min", "max"))
-            reach = (high - low) / 4 + 0.5
-            same &= ~((centre < low - reach) | (centre > high - 1 + reach))  # unknown places count as the same
-    lost = int(((class_names(old, "manual_label") != "") & ~same).sum())
-    return table.merge(old.loc[same, own].assign(label=ids[same]), on="label", how="left"), lost
-
-
 def _tie_to_smear(cells: Labels, image: Image, image_hash: str) -> None:
     """Tie cells another tool segmented (Cellpose masks, say) to the smear they were embedded
     from, as Segment cells ties its own: the map, the export, the gallery and "every open smear"
@@ -198,26 +172,6 @@ def _tie_to_smear(cells: Labels, image: Image, image_hash: str) -> None:
     smear ties them to that one: the tie is the last embedding's, not a segmentation's."""
     cells.metadata = {**cells.metadata, "source_image": image.name, SOURCE_DIGEST: image_hash,
                       SOURCE_LAYER: str(image.unique_id), SEGMENTED_ELSEWHERE: True}
-
-
-def _remeasured(table: pd.DataFrame, old: pd.DataFrame) -> np.ndarray:
-    """The label ids of ``table`` whose measurements differ from those ``old`` holds for them (a
-    ring filled in, an edge mended within the cell's box): a crop may not change with them, but a
-    head that reads measurements predicts from them too."""
-    if "label" not in old:
-        return np.zeros(0, np.int64)
-    # in pixels: the µm columns follow from them and the pixel size, which alone changes no cell
-    # and numbers: a table edited in a spreadsheet may hold them as text, which would differ everywhere
-    columns = [column for column in MEASUREMENT_COLUMNS if column in table and column in old
-               and column not in ("label", "index") and not column.endswith(("_um", "_um2"))
-               and pd.api.types.is_numeric_dtype(old[column])]
-    ids = pd.to_numeric(old["label"], errors="coerce")  # a table read from a CSV may hold them as text
-    before = old.assign(label=ids).drop_duplicates("label").set_index("label").reindex(table["label"])
-    differ = np.zeros(len(table), bool)
-    for column in columns:
-        new, was = table[column].to_numpy(float), pd.to_numeric(before[column], errors="coerce").to_numpy(float)
-        differ |= ~np.isclose(new, was, rtol=1e-9, atol=0, equal_nan=True)
-    return table["label"].to_numpy()[differ]
 
 
 class EmbedCellsWidget(JobWidget):
@@ -693,7 +647,7 @@ class EmbedCellsWidget(JobWidget):
         # what the head said of these cells no longer holds: their crops, or the measurements it also reads, changed
         unpredicted = changed_embeddings(job.cells, run)
         if table is not None and not changed:
-            unpredicted = np.union1d(unpredicted, _remeasured(table, job.cells.features))
+            unpredicted = np.union1d(unpredicted, remeasured(table, job.cells.features))
         # Up to date only once all is stored: a failure on the way leaves a run that measures and stores again.
         # Changed: the embeddings are kept for the next run to reuse, but are never up to date, even
         # if an undo brings the labels back: that run must also measure the cells this one did not.
@@ -706,7 +660,7 @@ class EmbedCellsWidget(JobWidget):
             return
         unlabelled = 0
         if table is not None:  # measured now: the layer's own columns (labels, notes) stay with their cells
-            job.cells.features, unlabelled = _with_own_columns(table, job.cells.features)
+            job.cells.features, unlabelled = with_own_columns(table, job.cells.features)
             job.cells.metadata[MEASURED_LABELS], job.cells.metadata[MEASURED_IMAGE] = embedded, job.image_hash
         tied = ""
         was = job.cells.metadata.get("source_image")
