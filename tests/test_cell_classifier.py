@@ -405,6 +405,29 @@ def test_damaged_or_missing_files_are_refused_by_name(tmp_path, smear_table):
         CellClassifier.load(tmp_path / "other")
 
 
+def test_a_head_whose_json_lists_its_classes_in_another_order_is_refused(tmp_path, smear_table):
+    """The weights file keeps the order of its classes and measurements (its sha256 is in the
+    .json): two classes swapped by hand in the .json would swap their predictions silently."""
+    head, noise = trained_head(smear_table)
+    head.save(tmp_path / "head")
+    weights, about = head_paths(tmp_path / "head")
+    fields = json.loads(about.read_text())
+    first, second, *rest = fields["classes"]
+    about.write_text(json.dumps(fields | {"classes": [second, first, *rest]}))
+    with pytest.raises(ValueError, match=rf"head.json lists the classes \['{second}', '{first}'.*but head.safetensors "
+                                         rf"was saved for \['{first}', '{second}'.*edited by hand\?\): rename classes"):
+        CellClassifier.load(weights)
+    about.write_text(json.dumps(fields | {"classes": ["renamed", second, *rest]}))  # renamed in place: its row kept
+    renamed = CellClassifier.load(weights)
+    np.testing.assert_array_equal(renamed.predict_proba(noise, measurements=smear_table),
+                                  head.predict_proba(noise, measurements=smear_table))
+    assert renamed.classes[0] == "renamed"
+    columns = fields["measurement_columns"]
+    about.write_text(json.dumps(fields | {"measurement_columns": columns[::-1]}))
+    with pytest.raises(ValueError, match="head.json lists the measurements .* but head.safetensors was saved for"):
+        CellClassifier.load(weights)
+
+
 def test_review_order_starts_with_the_smallest_margin():
     proba = np.array([[0.9, 0.1, 0.0], [0.5, 0.45, 0.05], [0.4, 0.3, 0.3], [0.6, 0.4, 0.0], [0.3, 0.4, 0.3]])
     assert uncertainty_order(proba).tolist() == [1, 2, 4, 3, 0]  # margins .8 .05 .1 .2 .1; ties keep row order

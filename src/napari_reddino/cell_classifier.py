@@ -232,7 +232,10 @@ class CellClassifier:
         weights_path, about_path = head_paths(path)
         blob = save(
             {"weight": self._weight, "bias": self._bias, "feature_mean": self._mean, "feature_std": self._std},
-            metadata={"format": FORMAT},
+            # the rows' classes and the columns' measurements, inside the weights (which weights_sha256
+            # ties to the .json): a .json whose lists were reordered by hand would swap the results
+            metadata={"format": FORMAT, "classes": json.dumps(self.classes),
+                      "measurement_columns": json.dumps(self.measurement_columns)},
         )
         about = {
             "format": FORMAT,
@@ -285,6 +288,7 @@ class CellClassifier:
             mean, std = tensors["feature_mean"], tensors["feature_std"]
         except Exception as error:
             raise ValueError(f"{weights_path} is not a readable head ({error}).") from error
+        _check_order(weights_path, about_path, _stored_lists(blob), about)
         n_classes, n_features = len(about["classes"]), about["embedding_dim"] + len(about["measurement_columns"])
         shapes = [a.shape for a in (weight, bias, mean, std)]
         if shapes != [(n_classes, n_features), (n_classes,), (n_features,), (n_features,)]:
@@ -392,6 +396,34 @@ def _fraction(channel: str):
         total = table[list(_COLOURS)].to_numpy(float).sum(axis=1)
         return np.divide(table[f"mean_{channel}"].to_numpy(float), total, out=np.full(len(table), 1 / 3), where=total > 0)
     return chromaticity
+
+
+def _stored_lists(blob: bytes) -> dict:
+    """The class and measurement lists a head's weights were saved with (its safetensors header's
+    metadata); none in heads saved before they were kept there, or in a header that cannot be read."""
+    try:
+        size = int.from_bytes(blob[:8], "little")
+        metadata = json.loads(blob[8:8 + size]).get("__metadata__") or {}
+        return {key: json.loads(metadata[key]) for key in ("classes", "measurement_columns") if key in metadata}
+    except (ValueError, AttributeError, TypeError):  # the shape check that follows says it is unreadable
+        return {}
+
+
+def _check_order(weights_path: Path, about_path: Path, stored: dict, about: dict) -> None:
+    """Refuse a .json whose classes or measurements are in another order than the rows and
+    columns of the weights: each class would get another's probability, silently. A class
+    renamed in place (to a name the weights do not know) keeps its row, and is read so."""
+    classes = stored.get("classes")
+    moved = classes is not None and any(name in classes and classes.index(name) != row
+                                        for row, name in enumerate(about["classes"]))
+    if moved:  # a class more or fewer: the shape check after this says so
+        raise ValueError(f"{about_path.name} lists the classes {about['classes']}, but {weights_path.name} was saved for "
+                         f"{classes}, in that order (edited by hand?): rename classes in the Cell map panel, then "
+                         "save the head again.")
+    columns = stored.get("measurement_columns")
+    if columns is not None and columns != about["measurement_columns"]:
+        raise ValueError(f"{about_path.name} lists the measurements {about['measurement_columns']}, but "
+                         f"{weights_path.name} was saved for {columns} (edited by hand?).")
 
 
 def _read_about(path: Path) -> dict:
