@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .atomic_files import NotReplacedError, PartlyWrittenError
+from .atomic_files import NotReplacedError, PartlyWrittenError, remove_leftovers
 from .batch_analysis import GALLERIES, PARTS, SmearAnalysis, SmearCells, list_smears, smear_names
 from .cell_classifier import MOSTLY_UNLIKE, UNLIKE_ADVICE
 from .cell_export import export_cells_csv, stale_beside, summary_path
@@ -33,6 +33,7 @@ from .wording import counted, shown
 # Red cells fewer pixels across than this (Chula's are 36 px, a 20x objective's about 15) show too
 # little of their shape: a 160 x 120 px thumbnail of a Chula smear has cells of 10 px.
 SMALL_CELLS_PX = 15
+LEFTOVER_AGE_S = 3600  # a temporary file of the results this old is a killed run's (a write takes seconds)
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (143 for SIGTERM)
 NOTHING_WRITTEN = 3  # no smear analysed, or the files could not be written: the results in DIR are not this run's
 DEFAULT_MODEL = "reddino-small"
@@ -469,6 +470,10 @@ def _came_meanwhile(files: list[Path], note: dict | None) -> tuple[list[str], li
 def _write(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace,
            overwrite: bool) -> list[Path]:
     files = _export_files(table, args.with_embeddings)
+    for file in _export_files(table, True):  # another run may be writing them: only those an hour old
+        for leftover, size in remove_leftovers(file, older_than_s=LEFTOVER_AGE_S):
+            print(f"reddino-analyse: removed {shown(leftover)} ({size / 2**20:,.1f} MB), left by a run killed while it "
+                  f"wrote {file.name}", file=sys.stderr, flush=True)
     export_cells_csv(table, done, summary_path=files[1], embeddings_path=files[2] if args.with_embeddings else None,
                      classes=classes, overwrite=overwrite)
     return files

@@ -13,6 +13,7 @@ import glob
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
@@ -162,11 +163,12 @@ def _put_back(renamed: list[Path], olds: dict[Path, Path | None | bool]) -> list
     return [target for target in renamed if target in new]
 
 
-def remove_leftovers(target: str | os.PathLike) -> list[tuple[Path, int]]:
+def remove_leftovers(target: str | os.PathLike, *, older_than_s: float = 0.0) -> list[tuple[Path, int]]:
     """Delete the temporary files of writes of ``target`` that a killed process left behind.
 
     Returns each removed file with its size. Only for a writer that knows no other process
-    writes ``target`` now (a training run's rank 0 for its own checkpoint).
+    writes ``target`` now (a training run's rank 0 for its own checkpoint), or with
+    ``older_than_s``: only files last written longer ago than a write of ``target`` takes.
     """
     target = Path(target)
     # exactly mkstemp's names for this target: its prefix, 8 random characters, the suffix
@@ -176,7 +178,10 @@ def remove_leftovers(target: str | os.PathLike) -> list[tuple[Path, int]]:
         try:
             if not ours.fullmatch(leftover.name) or not leftover.is_file() or leftover.is_symlink():
                 continue
-            size = leftover.stat().st_size
+            stat = leftover.stat()
+            if time.time() - stat.st_mtime <= older_than_s:  # perhaps being written
+                continue
+            size = stat.st_size
             leftover.unlink()
         except FileNotFoundError:  # gone since the listing
             continue
