@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _layers import LazyLevel
 from _model_fixtures import TINY_DIM, hub_cache, record_crops, serving_hub, tiny_folder  # noqa: F401  (fixtures)
 from napari.layers import Labels
 from napari.utils.notifications import notification_manager
@@ -477,29 +478,16 @@ def test_a_slide_pyramid_is_embedded_from_its_full_resolution(viewer, widget, ch
     np.testing.assert_array_equal(from_pyramid, from_plain)
 
 
-class ReadCounted:
-    """An array read from disk, as a reader's lazy pyramid level is: counts the times it is read whole."""
-
-    def __init__(self, array: np.ndarray):
-        self.array, self.reads = array, 0
-        self.shape, self.dtype, self.ndim, self.size = array.shape, array.dtype, array.ndim, array.size
-
-    def __getitem__(self, key):
-        return self.array[key]
-
-    def __array__(self, dtype=None, copy=None):
-        self.reads += 1
-        return self.array
-
-
-def test_a_lazy_pyramid_segmented_first_is_read_once_to_segment_and_embed(viewer, widget, qtbot):
-    full = ReadCounted(imread(CHULA_1))
+def test_a_lazy_pyramid_segmented_first_is_read_once_off_napari_s_thread_to_segment_and_embed(viewer, widget, qtbot):
+    full = LazyLevel(imread(CHULA_1))
     pyramid = viewer.add_image([full, full.array[::2, ::2]], multiscale=True, rgb=True, name="slide")
     widget.reset_choices()
     widget.image.value, widget.cells.value = pyramid, SEGMENT_FIRST
     with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
         widget.run()
-    assert full.reads == 1 and embeddings_of(viewer.layers[result.args[0].name]) is not None
+        assert widget.status.value == "Reading 'slide'…"
+    assert len(full.read_in) == 1 and full.read_in[0] is not threading.main_thread()  # napari went on drawing
+    assert embeddings_of(viewer.layers[result.args[0].name]) is not None
 
 
 def test_a_multiscale_cells_layer_is_refused_with_what_to_do(viewer, widget, qtbot):

@@ -2,6 +2,7 @@
 
 import gc
 import re
+import threading
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,8 @@ from napari.layers import Labels
 from PIL import Image
 from napari.utils.notifications import NotificationSeverity, notification_manager
 from skimage.io import imread
+
+from _layers import LazyLevel
 
 from napari_reddino import estimate_cell_diameter, segment_cells
 from napari_reddino.widgets.smear_colours import MARK
@@ -519,3 +522,28 @@ def test_a_table_counts_as_measured_on_the_labels_and_pixels_its_layer_records()
     unknown = SimpleNamespace(features=table, metadata={MEASURED_LABELS: "labels"})  # another tool's
     assert measured_on(unknown, "labels", "pixels")
     assert not measured_on(SimpleNamespace(features=pd.DataFrame(), metadata=layer.metadata), "labels", "pixels")
+
+
+def test_a_lazy_pyramid_is_read_in_a_worker_that_cancel_stops_and_whose_failure_is_said(viewer, widget, chula, qtbot):
+    """A level read from disk (dask, zarr) is read off napari's thread: 4 s at 268 Mpx froze the window."""
+    gate = threading.Event()
+    held = LazyLevel(chula.data, gate=gate)
+    viewer.add_image([held, chula.data[::2, ::2]], multiscale=True, rgb=True, name="slide")
+    widget.reset_choices()
+    widget.image.value = viewer.layers["slide"]
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+        assert widget.status.value == "Reading 'slide'…" and not widget._run_button.enabled
+        qtbot.waitUntil(lambda: len(held.read_in) == 1)  # napari answers while the read waits
+        widget.cancel()
+        gate.set()
+    assert widget.status.value == "Cancelled; nothing was changed." and widget._run_button.enabled
+    assert held.read_in[0] is not threading.main_thread() and labels_layers(viewer) == []
+    viewer.layers.remove("slide")
+    viewer.add_image([LazyLevel(chula.data, error=OSError("the share went away")), chula.data[::2, ::2]],
+                     multiscale=True, rgb=True, name="slide")
+    widget.reset_choices()
+    widget.image.value = viewer.layers["slide"]
+    run(widget, qtbot)
+    assert widget.status.value == "Segmentation failed: OSError: the share went away" and labels_layers(viewer) == []
+    assert widget._run_button.enabled

@@ -21,6 +21,7 @@ its training cells were cut (``reddino-train export`` writes it) sets the crop s
 Run reads the record again and takes it where no one chose the crops shown.
 """
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -412,13 +413,17 @@ class EmbedCellsWidget(JobWidget):
         self._begin(image, self._own_cells(image), own=True)
 
     def _begin(self, image: Image | None, cells: Labels | None, *, own: bool = False) -> None:
-        """Segment ``image`` first (``cells`` None), or embed ``cells``; an error before the
-        worker starts (reading the smear's pixels too) ends the run and says why, rather than
-        leave the panel's settings frozen. ``own``: the cells were found for the image, which
-        segments first where they are of another image."""
+        """Segment ``image`` first (``cells`` None), or embed ``cells``, once its pixels are read
+        (:meth:`_read_smear`); an error before the worker starts (reading the smear's pixels too)
+        ends the run and says why, rather than leave the panel's settings frozen. ``own``: the
+        cells were found for the image, which segments first where they are of another image."""
         try:
-            if (pixels := self._chosen_smear(image)) is None:
-                return  # refused, saying why
+            self._read_smear(image, functools.partial(self._begin_with, image, cells, own), self._failed_to_begin)
+        except Exception as error:
+            self._failed_to_begin(error)
+
+    def _begin_with(self, image: Image, cells: Labels | None, own: bool, pixels: np.ndarray) -> None:
+        try:
             if own and cells is not None and not of_image(cells, image, lambda: image_digest(pixels)):
                 cells = None  # the cells of a closed image of the same name
             if cells is None:
@@ -426,12 +431,15 @@ class EmbedCellsWidget(JobWidget):
             else:
                 self._embed(image, pixels, cells)
         except Exception as error:
-            if self._worker is not None:
-                raise
-            if self._batch is not None:
-                self._batch.stopped = "an error"
-            self._on_errored(error, "Embedding")
-            self.finished.emit()
+            self._failed_to_begin(error)
+
+    def _failed_to_begin(self, error: Exception) -> None:
+        if self._worker is not None:  # it started: its own handlers end the run
+            raise error
+        if self._batch is not None:
+            self._batch.stopped = "an error"
+        self._on_errored(error, "Embedding")
+        self.finished.emit()
 
     def _after_run(self) -> None:
         """Note how the smear of an "every open smear" run ended; go on to the next, or sum up."""

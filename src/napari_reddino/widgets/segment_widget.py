@@ -55,16 +55,23 @@ class SegmentCellsWidget(JobWidget):
         if self._worker is not None:  # one run at a time (the Run button is disabled meanwhile)
             return
         layer = self.image.value
-        pixels = self._chosen_smear(layer)
-        if pixels is None:
-            return
-        pixel_size_um = self._setting(self.pixel_size, layer)
-        if why := unusable_pixel_size(pixel_size_um):
+        sizes = (None, None) if layer is None else (self._setting(self.cell_diameter, layer),
+                                                    self._setting(self.pixel_size, layer))
+        if why := unusable_pixel_size(sizes[1]):
             self._refuse(why)
             return
-        self._job = SegmentJob.of(layer, self._setting(self.cell_diameter, layer), pixel_size_um)
+        self._read_smear(layer, lambda pixels: self._segment(layer, pixels, *sizes), self._read_failed)
+
+    def _segment(self, layer: Image, pixels: np.ndarray, cell_diameter: float | None,
+                 pixel_size_um: float | None) -> None:
+        self._job = SegmentJob.of(layer, cell_diameter, pixel_size_um)
         self.status.value = f"Segmenting {layer.name!r}…"
-        self._start(segment_and_measure, pixels, self._job.cell_diameter, self._job.pixel_size_um)
+        self._start(segment_and_measure, pixels, cell_diameter, pixel_size_um)
+
+    def _read_failed(self, error: Exception) -> None:
+        self._on_errored(error)
+        self._take_image_selected_meanwhile()
+        self.finished.emit()
 
     def _prefill(self, layer: Image | None) -> None:
         """Show the chosen smear's own cell diameter and pixel size (auto and unknown if none)."""
