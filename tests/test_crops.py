@@ -221,6 +221,12 @@ def test_a_hot_pixel_or_a_flat_field_overshoot_does_not_rescale_the_smear():
     vignetted = image / 255.0
     vignetted[:2] = 1.6  # an over-corrected edge, 1.7 % of the pixels: read as 255 levels, every crop went black
     np.testing.assert_allclose(cell_crops(vignetted, labels, 32)[1], reference, atol=1e-6)
+    canvas = np.zeros((200, 240, 3))  # a stitched scan on a black canvas, as 32-bit float 0-255: still 0-255
+    canvas[50:150, 60:180] = image
+    padded = np.zeros(canvas.shape[:2], labels.dtype)
+    padded[50:150, 60:180] = labels
+    np.testing.assert_allclose(cell_crops(canvas, padded, 32)[1], cell_crops(canvas.astype(np.uint8), padded, 32)[1],
+                               atol=1e-6)
 
 
 def test_a_cameras_counts_saved_as_float_read_as_the_same_counts_in_integers():
@@ -229,6 +235,9 @@ def test_a_cameras_counts_saved_as_float_read_as_the_same_counts_in_integers():
     _, reference = cell_crops(image, labels, 32)
     np.testing.assert_allclose(cell_crops(counts.astype(np.float32), labels, 32)[1], reference, atol=1e-6)
     np.testing.assert_array_equal(cell_crops(counts.astype(np.float32), labels, 32)[1], cell_crops(counts, labels, 32)[1])
+    nudged = counts.astype(np.float32)
+    nudged[::7, ::7, 0] += 0.5  # a few pixels interpolated (hot pixels mended): still a camera's counts
+    np.testing.assert_allclose(cell_crops(nudged, labels, 32)[1], reference, atol=1e-4)
 
 
 def test_labels_of_another_shape_or_type_are_refused():
@@ -251,6 +260,8 @@ def test_labels_of_another_shape_or_type_are_refused():
     for margin in ("0.25", True, np.array([0.2, 0.3])):  # a typed text, a flag, an array: said, not a TypeError
         with pytest.raises(CropInputError, match="margin must be from 0 to 4"):
             cell_crops(image, labels, margin=margin)
+    np.testing.assert_array_equal(cell_crops(image, labels, 16, margin=np.array(0.5))[1],
+                                  cell_crops(image, labels, 16, margin=0.5)[1])  # a number in a 0-d array is one
     for size in (-3, 0, (32,), 2.5, True):
         with pytest.raises(CropInputError, match="size must be a positive whole number of pixels or"):
             cell_crops(image, labels, size)
@@ -370,10 +381,11 @@ def test_a_label_over_the_whole_smear_is_read_thinned_and_cut_alone(monkeypatch)
         return roi_align(window, *args, **kwargs)
 
     monkeypatch.setattr(crops_module, "roi_align", recording_roi_align)
-    ids, _ = cell_crops(image, labels, 32, mode="context", margin=4)  # a window 9 smears wide
-    assert ids.tolist() == [1, 2, 3] and max(windows) <= 8 * 32 and len(windows) == 2  # the mask alone, then the cells
+    ids, _ = cell_crops(image, labels, 32, mode="context", margin=4)  # a window 9 smears wide, 33 Mpx
+    assert ids.tolist() == [1, 2, 3] and max(windows) <= 4096 and len(windows) == 2  # the mask alone, then the cells
+    monkeypatch.setattr(crops_module, "_THINNED_ABOVE_PX", 256)  # to compare with a window read whole
     _, thinned = cell_crops(image, labels, 32, mode="context", margin=1)
-    monkeypatch.setattr(crops_module, "_THINNING_SIDES", 10**6)  # every window read whole
+    monkeypatch.setattr(crops_module, "_THINNED_ABOVE_PX", 10**6)  # every window read whole
     windows.clear()
     _, whole = cell_crops(image, labels, 32, mode="context", margin=1)
     assert max(windows) > 3 * 640

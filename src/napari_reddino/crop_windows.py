@@ -8,7 +8,7 @@ cuts its thumbnails from the same windows, so a cell looks there as the model sa
 
 from __future__ import annotations
 
-import numbers
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,8 +73,12 @@ def cell_windows(
 
 def check_crop_settings(margin: float, scale: CropScale) -> None:
     """Raise :class:`CropInputError` unless ``margin`` and ``scale`` are ones :func:`cell_windows` takes."""
-    number = isinstance(margin, numbers.Real) and not isinstance(margin, bool)
-    if not number or not 0 <= margin <= MAX_MARGIN:
+    number = not isinstance(margin, bool | np.bool_ | str | bytes) and np.ndim(margin) == 0  # a 0-d array too
+    try:
+        value = float(margin) if number else math.nan
+    except (TypeError, ValueError):
+        number, value = False, math.nan
+    if not 0 <= value <= MAX_MARGIN:
         raise CropInputError(f"margin must be from 0 to {MAX_MARGIN:g}, a fraction of the cell's size on each side "
                              f"(0.25: a quarter), not {margin if number else repr(margin)}.")
     if scale not in CROP_SCALES:

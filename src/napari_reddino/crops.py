@@ -61,7 +61,8 @@ _BACKGROUND_SAMPLES = 250_000  # gave the same medians as a million on Chula mos
 _BACKGROUND_STEADINESS = 0.01
 _LEVEL_PERCENTILE = 0.1  # % of the sampled pixels allowed beyond the levels an encoding uses
 _MAX_WINDOW_PIXELS = 2**24  # per batch of crops: 200 MB of float32 RGB
-_THINNING_SIDES = 8  # a window more than this many crop sides across is read thinned (CropSampler._cut)
+_THINNED_ABOVE_PX = math.isqrt(_MAX_WINDOW_PIXELS)  # a window wider than this is read thinned (CropSampler._cut)
+_WHOLE_SHARE = 0.99  # of a float image's pixels whole numbers: a camera's counts (a few hot pixels interpolated)
 _SMEAR_SHARE_OF_FREE_MEMORY = 0.25  # a GPU keeps the rest for the model's batches
 _CHECK_SEED = 0x5EED
 
@@ -93,10 +94,11 @@ def black_and_white(colour: np.ndarray) -> tuple[float, float]:
     """The pixel values that stand for black and white in this image's encoding.
 
     8-bit: 0 and 255. Wider integers: 0 and the largest value of the bit depth in use (12-bit
-    cameras store in uint16), as are whole-numbered floats beyond 8-bit levels (a camera's
-    counts saved as float). Other floats: 0 and 1 when most lie there (the median; a flat-field
-    correction overshoots 1 at a vignetted edge, which is clipped), 0 and 255 when they look like
-    8-bit levels, else their range. The levels in use are read from all but the brightest and
+    cameras store in uint16), as are floats beyond 8-bit levels that are (nearly all) whole
+    numbers (a camera's counts saved as float). Other floats: 0 and 1 when nine in ten lie there
+    (a flat-field correction overshoots 1 at a vignetted edge, which is clipped; a smear on a black
+    canvas has many at 0 whatever its levels), 0 and 255 when they look like 8-bit levels, else
+    their range. The levels in use are read from all but the brightest and
     darkest :data:`_LEVEL_PERCENTILE` of a grid of pixels (``image_input.subsample``), not from
     the extremes: one hot pixel must not halve the brightness of every crop.
     """
@@ -104,10 +106,11 @@ def black_and_white(colour: np.ndarray) -> tuple[float, float]:
         return 0.0, 255.0
     sample = subsample(colour)
     low, high = (float(value) for value in np.percentile(sample, [_LEVEL_PERCENTILE, 100 - _LEVEL_PERCENTILE]))
-    counts = np.issubdtype(colour.dtype, np.integer) or (low >= 0 and high > 300 and np.all(sample == np.round(sample)))
+    counts = np.issubdtype(colour.dtype, np.integer) or (
+        low >= 0 and high > 300 and np.mean(sample == np.round(sample)) >= _WHOLE_SHARE)
     if counts:
         return 0.0, float(2 ** math.ceil(math.log2(max(high, 1.0) + 1)) - 1)
-    if low >= -0.5 and (high <= 1.5 or np.median(sample) <= 1.0):
+    if low >= -0.5 and np.percentile(sample, 90) <= 1.5:
         return 0.0, 1.0
     if low >= -1 and high <= 300:
         return 0.0, 255.0
@@ -150,7 +153,6 @@ class CropSampler:
         colour = colour_view(check_smear(image))
         labels = check_labels(labels, colour.shape)
         self.size, self.mode, self.device = tuple(size), mode, torch.device(device)
-        self._thinned_above = _THINNING_SIDES * max(self.size)
         black, white = black_and_white(colour)
         gain = np.float32(1.0 / (white - black))
         self.background = background_colour(colour, labels)  # RGB, the image's levels
@@ -197,7 +199,7 @@ class CropSampler:
     def __call__(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
         """Crops of the cells ``ids`` in ``boxes`` (x0, y0, x1, y1): float32 (n, 3, H, W) on :attr:`home`."""
         parts = [self._cut_in_memory(ids[part], boxes[part])
-                 for part in _parts_within(boxes, _MAX_WINDOW_PIXELS, alone_above=self._thinned_above - 8)]
+                 for part in _parts_within(boxes, _MAX_WINDOW_PIXELS, alone_above=_THINNED_ABOVE_PX - 8)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _cut_in_memory(self, ids: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
@@ -215,11 +217,12 @@ class CropSampler:
         # one pixel more on each side than the window, for the bilinear neighbours of its edge
         corner = np.floor(boxes[:, :2]).astype(np.int64) - 1
         side = int(np.ceil((boxes[:, 2:] - corner).max())) + 2
-        # A window far larger than the crop (one label over the whole smear: a mask, not cells) is
-        # read at every stride-th pixel, the middle one of each stride x stride block: its copy
-        # stays within (_THINNING_SIDES x the crop side)^2 pixels, where whole it took gigabytes.
-        # Such a window is cut alone (see _parts_within), so no other crop changes.
-        stride = max(1, math.ceil(side / self._thinned_above))
+        # A window wider than _THINNED_ABOVE_PX (one label over the whole smear: a mask, not cells)
+        # is read at every stride-th pixel, the middle one of each stride x stride block: its copy
+        # stays within a batch's _MAX_WINDOW_PIXELS, where whole it took gigabytes (at margin 4,
+        # more than the machine had). Such a window is cut alone (see _parts_within), so no
+        # other crop changes.
+        stride = max(1, math.ceil(side / _THINNED_ABOVE_PX))
         steps = torch.arange(math.ceil(side / stride), device=self.home) * stride + stride // 2
         cols = self._sent(corner[:, 0])[:, None] + steps
         rows = self._sent(corner[:, 1])[:, None] + steps

@@ -520,8 +520,7 @@ def _hub_snapshot(hub_id: str, name: str, download_progress: DownloadProgress | 
     try:
         huggingface_hub.utils.validate_repo_id(repo_id)
     except HFValidationError as error:  # "hf_hub:my org/x": the Hub's own error names its Python argument
-        raise UnknownModelError(f"{name!r} is no Hugging Face Hub model name: {repo_id!r} may hold only letters, "
-                                "digits, '-', '_' and '.', as 'org/name'.") from error
+        raise UnknownModelError(f"{name!r} is no Hugging Face Hub model name (org/name): {error}") from error
     settings = HubSettings.from_environment()
     config = _cached(repo_id, CONFIG_FILE, revision, settings)
     if config is not None and any(_cached(repo_id, w, revision, settings) for w in WEIGHT_FILES):

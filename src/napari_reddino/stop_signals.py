@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 @contextlib.contextmanager
 def handling_signals(handler: Callable, signals=(signal.SIGINT, signal.SIGTERM), *,
                      keep_ignored: bool = True) -> Iterator[bool]:
-    """Call ``handler(signum, frame)`` for ``signals`` inside the block; the handlers there were
-    come back after it. Only the main thread can take over signals: elsewhere nothing changes,
+    """Call ``handler(signum, frame)`` for ``signals`` inside the block, and put the earlier
+    handlers back after it. Only the main thread can take over signals: elsewhere nothing changes,
     and the block gets False. ``keep_ignored``: a signal ignored when the block begins (Ctrl-C
     in a job a script sent to the background with ``&``) stays ignored, as the shell meant it to."""
     if threading.current_thread() is not threading.main_thread():

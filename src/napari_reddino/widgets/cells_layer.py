@@ -95,9 +95,7 @@ def add_cells_layer(viewer: napari.viewer.Viewer, labels: np.ndarray, table: pd.
     that one holds labels the user gave its cells or cells edited by hand: then the new layer goes
     beside it, named by napari with a number, and the earlier one is left as it was, hidden, its
     labels carried over to the same cells of the new one (see :func:`carry_labels`). Returns the
-    layer and what was carried over or kept, in words ("" when nothing was).
-
-    """
+    layer and what was carried over or kept, in words ("" when nothing was)."""
     digest = labels_digest(labels)  # a pass over the whole label image: once
     metadata = {
         "source_image": job.image_name,
