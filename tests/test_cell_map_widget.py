@@ -166,6 +166,10 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     np.testing.assert_array_equal(ids[widget.selected], [outside[0]])
     click(widget._on_smear_press, viewer, second_cell, shift=True)
     np.testing.assert_array_equal(ids[widget.selected], outside[:2])
+    keypad = Qt.KeyboardModifier.KeypadModifier  # a technologist's counting keys: once napari's lasso modes
+    qtbot.keyClick(widget.canvas.qt_viewer.canvas.native, Qt.Key.Key_2, keypad)
+    assert list(cells.features.set_index("label")["manual_label"].loc[outside[:2]]) == ["macrocyte", "macrocyte"]
+    assert widget.canvas.lasso.mode == "pan_zoom"  # (a vertex mode there, and clicks on the map picked nothing)
     qtbot.keyClick(widget.canvas.qt_viewer.canvas.native, "1")  # key 1 = the first class, "normal"
     manual = cells.features.set_index("label")["manual_label"]
     assert list(manual.loc[outside[:2]]) == ["normal", "normal"]
@@ -578,14 +582,19 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     # the head's probabilities were shares among its classes, 'target' one of them: they go with it
     assert widget.status.value == (f"Class 'target' removed; {labelled:,} cells labelled 'target' are unlabelled; "
                                    "the predictions that include 'target' are cleared (train the head again "
-                                   "without it).")
+                                   "without it); the classes below it moved up a key: 5 is 'stomatocyte' now.")
     assert widget.classifier is None and "predicted_class" not in cells.features
     assert [column for column in cells.features if column.startswith("p_")] == ["p_value"]
     # A class no cell carries goes without a question.
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: pytest.fail("asked for nothing to lose"))
     widget.class_list.table.selectRow(widget.class_list.classes.index("teardrop"))
     widget.class_list.remove_current()
-    assert "teardrop" not in widget.class_list.classes and widget.status.value == "Class 'teardrop' removed."
+    assert "teardrop" not in widget.class_list.classes and widget.status.value == (
+        "Class 'teardrop' removed; the classes below it moved up a key: 7 is 'burr cell' now.")
+    widget.class_list.table.selectRow(len(widget.class_list.classes) - 1)  # the last: no key moves
+    removed = widget.class_list.classes[-1]
+    widget.class_list.remove_current()
+    assert widget.status.value == f"Class {removed!r} removed."
 
 
 def test_a_closed_map_panel_takes_its_colours_and_keys_and_a_new_one_finds_the_classes(viewer, qtbot,

@@ -1,8 +1,12 @@
 """The class list of the Cell map: keys follow the rows, and a class moved up gets a key."""
 
+import numpy as np
 from qtpy.QtWidgets import QApplication, QLineEdit
 
-from napari_reddino.widgets.class_list import DEFAULT_CLASSES, KEY, LABELLED, ClassList
+from napari_reddino.cell_map import MUTED
+from napari_reddino.widgets.class_list import DEFAULT_CLASSES, KEY, LABELLED, NEW_CLASS_COLOURS, ClassList
+
+MUTED_HEX = "#" + "".join(f"{round(channel * 255):02x}" for channel in MUTED[:3])
 
 
 def test_a_class_moved_up_takes_the_key_of_its_new_row_with_its_colour_and_counts(qtbot):
@@ -61,6 +65,12 @@ def test_a_name_that_is_empty_or_taken_is_undone_and_says_why(qtbot):
     classes.table.item(row, 1).setText("macrocyte ")  # its own name with a space: no rename (which clears Undo label)
     assert classes.table.item(row, 1).text() == "macrocyte" and len(said) == 2
     assert renamed == []
+    classes.table.item(row, 1).setText("Normal")  # a colleague's spelling: one class's cells split in two
+    assert classes.classes[row] == "macrocyte" and said[-1] == (
+        "There is already a class 'normal' ('Normal' in another case); 'macrocyte' keeps its name.")
+    normal = classes.classes.index("normal")
+    classes.table.item(normal, 1).setText("Normal")  # a class's own name in another case is a rename
+    assert classes.classes[normal] == "Normal" and renamed == [("normal", "Normal")]
 
 
 def test_a_class_added_with_an_id_another_class_holds_gets_its_own(qtbot):
@@ -90,3 +100,29 @@ def test_the_last_class_stays_and_says_why(qtbot):
     classes.remove_current()
     assert asked == ["spherocyte"] and classes.classes == ["normal"]
     assert said == ["The last class stays: add another class before removing this one."]
+
+
+def _lab(colour: str):
+    from skimage.color import rgb2lab
+
+    return rgb2lab(np.array([[[int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]]]))[0, 0]
+
+
+def test_class_colours_stay_apart_from_each_other_the_unlabelled_grey_and_the_map(qtbot):
+    """"other" was the grey of unlabelled cells and schistocytes black on the map's black: both
+    vanished; some colours of added classes were 7 (CIEDE2000) from a default's."""
+    from skimage.color import deltaE_ciede2000
+
+    classes = ClassList()
+    qtbot.addWidget(classes)
+    for number in range(40):  # past the palette: round the hue circle, never grey
+        classes.add_class(f"added {number}")
+    colours = list(classes.hex_colours.values())
+    assert len(set(colours)) == len(colours) == len(DEFAULT_CLASSES) + 40
+    grey_and_map = [MUTED_HEX, "#000000", "#ffffff"]  # unlabelled cells; the map's background and selection ring
+    palette = [*DEFAULT_CLASSES.values(), *NEW_CLASS_COLOURS]
+    for index, colour in enumerate(palette):
+        others = palette[:index] + palette[index + 1:] + grey_and_map
+        assert min(deltaE_ciede2000(_lab(colour), _lab(other)) for other in others) > 12, colour
+    for colour in colours[len(palette):]:
+        assert min(deltaE_ciede2000(_lab(colour), _lab(other)) for other in grey_and_map) > 12, colour

@@ -539,7 +539,15 @@ def test_a_lazy_pyramid_is_read_in_a_worker_that_cancel_stops_and_whose_failure_
         gate.set()
     assert widget.status.value == "Cancelled; nothing was changed." and widget._run_button.enabled
     assert held.read_in[0] is not threading.main_thread() and labels_layers(viewer) == []
-    viewer.layers.remove("slide")
+    gate.clear()
+    held.read_in.clear()
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+        qtbot.waitUntil(lambda: len(held.read_in) == 1)
+        viewer.layers.remove("slide")  # closed while read: not segmented for minutes in vain
+        gate.set()
+    assert widget.status.value == "'slide' was closed while it was read; nothing was changed."
+    assert labels_layers(viewer) == [] and widget._run_button.enabled
     viewer.add_image([LazyLevel(chula.data, error=OSError("the share went away")), chula.data[::2, ::2]],
                      multiscale=True, rgb=True, name="slide")
     widget.reset_choices()

@@ -54,7 +54,7 @@ from ..umap_layout import fit_umap, warm_up_umap
 from ..wording import counted
 from .cell_gallery import CellGallery, GalleryThumbnails, gallery_heading
 from .cells_layer import carried_to, embedded_cells_layers, left_out_words, segmented_again_as
-from .class_list import DEFAULT_CLASSES, ClassList, remember_classes, remembered_classes
+from .class_list import DEFAULT_CLASSES, ClassList, key_of, remember_classes, remembered_classes
 from .job_widget import JobWidget, job_worker
 from .map_canvas import MapCanvas
 from .map_export import MapExport
@@ -779,6 +779,9 @@ class CellMapWidget(MapHead, MapExport, JobWidget):
                                                  *({"predicted_class", "prediction_probability"} & set(table))])
         if head:
             self.classifier, self.head_token, self._review, self._uncertain = None, None, [], np.zeros(0, dtype=int)
+        key = key_of(self.class_list.classes.index(name))
         self.class_list.remove(name)
         self.colour_by.reset_choices()
+        if key and (now := self.class_list.class_for_key(key)) is not None:  # a key pressed from habit labels it
+            did.append(f"the classes below it moved up a key: {key} is {now!r} now")
         self.status.value = f"Class {name!r} removed" + (f"; {'; '.join(did)}." if did else ".")

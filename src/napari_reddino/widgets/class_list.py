@@ -5,6 +5,8 @@ Each class also has an id that stays with it through renames and moves (``id_of`
 even a swap of two names, it predicts each class under the name it has now.
 """
 
+import colorsys
+import itertools
 import uuid
 import weakref
 from collections.abc import Mapping
@@ -24,7 +26,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-# The Chula RBC-12 classes a hematology lab names most often, with colours far apart.
+# The Chula RBC-12 classes a hematology lab names most often, with colours far apart (CIEDE2000
+# 15 or more), from the grey of unlabelled cells, and from the map's black and its white ring.
 DEFAULT_CLASSES = {
     "normal": "#4daf4a",
     "macrocyte": "#377eb8",
@@ -35,15 +38,15 @@ DEFAULT_CLASSES = {
     "ovalocyte": "#f781bf",
     "teardrop": "#a65628",
     "burr cell": "#ffff33",
-    "schistocyte": "#000000",
+    "schistocyte": "#20b2aa",
     "hypochromia": "#b2df8a",
     "elliptocyte": "#fb9a99",
-    "other": "#999999",
+    "other": "#e6ab02",
 }
-# For classes added later (a new class, a colleague's labels, a saved head's): apart from the
-# defaults, from each other, and from the grey of unlabelled cells; then grey.
-NEW_CLASS_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#17becf", "#8c564b",
-                     "#bcbd22", "#9edae5", "#c5b0d5", "#ffbb78")
+# For classes added later (a new class, a colleague's labels, a saved head's), each the farthest
+# (CIEDE2000) from those before it and the defaults: 12.6 or more apart; then round the hue circle.
+NEW_CLASS_COLOURS = ("#00ffff", "#ff00ff", "#c5b0d5", "#7b68ee", "#e7298a", "#bcbd22", "#00ff7f", "#7fffd4",
+                     "#ffbb78", "#ff6347", "#adff2f", "#1b9e77")
 KEY, NAME, LABELLED, PREDICTED = range(4)
 KEY_TIP = "Double-click to change the colour"
 
@@ -68,6 +71,14 @@ def remembered_classes(viewer) -> tuple[dict[str, str], dict[str, str]] | None:
 def key_of(row: int) -> str:
     """Keys 1-9 then 0 assign the first ten classes."""
     return str((row + 1) % 10) if row < 10 else ""
+
+
+def _hue_circle():
+    """Saturated colours a golden angle apart round the hue circle, never grey: for a class list
+    longer than the palettes."""
+    for step in itertools.count():
+        red, green, blue = colorsys.hsv_to_rgb(step * 0.618034 % 1, 0.75, 0.95)
+        yield f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
 
 
 class ClassList(QWidget):
@@ -165,7 +176,7 @@ class ClassList(QWidget):
             return
         if colour is None:
             taken = set(self.hex_colours.values())
-            colour = next((c for c in NEW_CLASS_COLOURS if c not in taken), "#999999")
+            colour = next(c for c in itertools.chain(NEW_CLASS_COLOURS, _hue_circle()) if c not in taken)
         if not class_id or self.name_of(class_id) is not None:
             class_id = uuid.uuid4().hex
         self.table.blockSignals(True)
@@ -257,12 +268,16 @@ class ClassList(QWidget):
             return
         row, new = item.row(), item.text().strip()
         old = self._names[row]
-        if not new or new in self._names[:row] + self._names[row + 1 :]:
+        # another class's name in another case ("Normal" beside "normal") would split its cells in two
+        taken = next((name for name in self._names[:row] + self._names[row + 1 :] if name.casefold() == new.casefold()),
+                     None)
+        if not new or taken is not None:
             self.table.blockSignals(True)
             item.setText(old)  # empty or taken: keep the old name
             self.table.blockSignals(False)
-            self.refused.emit(f"There is already a class {new!r}; {old!r} keeps its name." if new
-                              else f"A class needs a name; {old!r} keeps its name.")
+            self.refused.emit(f"A class needs a name; {old!r} keeps its name." if not new else
+                              f"There is already a class {taken!r}; {old!r} keeps its name." if taken == new else
+                              f"There is already a class {taken!r} ({new!r} in another case); {old!r} keeps its name.")
             return
         if item.text() != new:  # the name as used everywhere else: without surrounding spaces
             self.table.blockSignals(True)

@@ -84,7 +84,7 @@ def smear_source(layer: Image):
 class _Reading(NamedTuple):
     """A smear being read in a worker before a run (:meth:`JobWidget._read_smear`)."""
 
-    name: str
+    layer: Image
     then: Callable[[np.ndarray], None]
     failed: Callable[[Exception], None]
     error: Exception | None = None
@@ -243,13 +243,13 @@ class JobWidget(QWidget):
         if pixels is not None:
             then(pixels)
             return
-        self._reading = _Reading(layer.name, then, failed)
+        self._reading = _Reading(layer, then, failed)
         self.status.value = f"Reading {layer.name!r}…"
         self._start(_read_whole, data, handlers={"yielded": self._on_read_progress, "errored": self._on_read_failed,
                                                  "finished": self._on_read})
 
     def _on_read_progress(self, step: tuple[int, int]) -> None:
-        self._count(*step, f"Reading {self._reading.name!r}")
+        self._count(*step, f"Reading {self._reading.layer.name!r}")
 
     def _on_read_failed(self, error: Exception) -> None:
         self._reading = self._reading._replace(error=error)
@@ -257,8 +257,10 @@ class JobWidget(QWidget):
     def _on_read(self) -> None:
         worker, pixels = self._end_run()
         reading, self._reading = self._reading, None
-        if worker.abort_requested:
-            self.status.value = "Cancelled; nothing was changed."
+        closed = reading.layer not in self._viewer.layers
+        if worker.abort_requested or closed:  # closed: not segmented for minutes in vain
+            self.status.value = (f"{reading.layer.name!r} was closed while it was read; nothing was changed." if closed
+                                 else "Cancelled; nothing was changed.")
             self._take_image_selected_meanwhile()
             self.finished.emit()
         elif reading.error is not None:
@@ -304,12 +306,12 @@ class JobWidget(QWidget):
         if self._progress is None:
             if self._making_bar:  # a report handled while the bar is made: the next one counts
                 return
-            self._making_bar = True
+            self._making_bar, worker = True, self._worker
             try:
                 bar = progress(total=total, desc=description)
             finally:
                 self._making_bar = False
-            if self._worker is None:  # making the bar ran Qt events, and the run ended in them
+            if self._worker is not worker:  # making the bar ran Qt events, and the run (or its read) ended in them
                 bar.close()
                 return
             self._progress = bar

@@ -173,8 +173,8 @@ class MapCanvas(QWidget):
         return self.qt_viewer.screenshot(flash=False)
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:
-        """Digits, Backspace and Delete on the map are labelling keys, not napari's layer-mode keys;
-        Undo undoes a labelling."""
+        """Digits (the number row's or the keypad's), Backspace and Delete on the map are labelling
+        keys, not napari's layer-mode keys; Undo undoes a labelling."""
         if event.type() in (QEvent.Type.ShortcutOverride, QEvent.Type.KeyPress):
             if event.matches(QKeySequence.StandardKey.Undo):
                 if event.type() == QEvent.Type.KeyPress:
@@ -182,7 +182,7 @@ class MapCanvas(QWidget):
                 event.accept()
                 return True
             key = LABEL_KEYS.get(event.key())
-            if key is not None and not event.modifiers():
+            if key is not None and not event.modifiers() & ~Qt.KeyboardModifier.KeypadModifier:
                 if event.type() == QEvent.Type.KeyPress:
                     self.key_pressed.emit(key)
                 event.accept()
