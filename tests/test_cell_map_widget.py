@@ -177,6 +177,12 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     click(widget._on_smear_press, viewer, tuple(table.loc[outside[2], ["centroid_y", "centroid_x"]]))
     qtbot.keyClick(viewer.window._qt_viewer.canvas.native, "1")  # napari's: the eraser
     assert cells.features.set_index("label").loc[outside[2], "manual_label"] == "normal"
+    viewer.layers.selection.active = viewer.layers[f"{cells.name} map colours"]  # its colours chosen in the list
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, "2")
+    assert cells.features.set_index("label").loc[outside[2], "manual_label"] == "macrocyte"
+    assert viewer.help == LABEL_KEYS_HELP
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, "1")
+    viewer.layers.selection.active = cells
     assert cells.mode == "pan_zoom"
     assert viewer.layers.selection.active.name == cells.name
     assert cells.help == viewer.help == LABEL_KEYS_HELP  # the status bar's hint says what the keys do now ...

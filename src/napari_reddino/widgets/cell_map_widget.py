@@ -396,7 +396,7 @@ class CellMapWidget(MapHead, MapExport, JobWidget):
         self._smear_colours = SmearColours(self._viewer, pool)
         self._thumbnails = GalleryThumbnails(self._viewer, pool)
         self._viewer.layers.selection.active = pool.layers[0]
-        self._smear_keys.bind(pool.layers)
+        self._smear_keys.bind([*pool.layers, *self._smear_colours.layers])  # the colours' too, when made active
         for cells in pool.layers:  # new labels (a re-segmentation, a brush edit) or embeddings make the map stale
             cells.events.data.connect(self._on_cells_changed)
             cells.events.paint.connect(self._on_cells_changed)
