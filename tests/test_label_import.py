@@ -76,6 +76,17 @@ def test_labels_come_back_onto_the_smear_segmented_again(smear, tmp_path):
     assert (again.written, again.already) == ({"1 cells": 0}, report.written["1 cells"])
 
 
+def test_a_label_in_another_case_than_a_class_of_the_list_takes_its_spelling(smear, tmp_path):
+    """A colleague's "Spherocyte" beside the list's "spherocyte" would be a class of its own, its
+    cells counted apart."""
+    export_cells_csv(tmp_path / "cells.csv", labelled(cells_layer(smear)))
+    today = cells_layer(smear)
+    report = import_manual_labels(tmp_path / "cells.csv", today, classes=["normal", "Spherocyte", "TARGET CELL"])
+    assert report.respelled == {"spherocyte": "Spherocyte", "target cell": "TARGET CELL"}
+    assert report.classes == ["Spherocyte", "TARGET CELL", "NA"]
+    assert set(today.features["manual_label"]) == {"", "Spherocyte", "TARGET CELL", "NA"}
+
+
 def test_a_label_given_since_the_export_is_kept(smear, tmp_path):
     yesterday = labelled(cells_layer(smear))
     export_cells_csv(tmp_path / "cells.csv", yesterday)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import codecs
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,15 +86,23 @@ class LabelImport:
     onto: dict[str, str] = field(default_factory=dict)  # CSV layer: the layer its labels went to
     taken: dict[str, str] = field(default_factory=dict)  # CSV layer: its layer, which took another CSV layer's labels
     western: bool = False  # the file was in Windows' Western encoding: letters beyond it were lost as "?"
+    respelled: dict[str, str] = field(default_factory=dict)  # a label as written: the class it was taken for
 
 
-def import_manual_labels(path: str | Path, cells) -> LabelImport:
+def import_manual_labels(path: str | Path, cells, classes: Sequence[str] = ()) -> LabelImport:
     """Give the cells of ``cells`` (one cells layer or a list of them) the manual labels of the
-    exported cells CSV ``path``; see the module docstring for the rules."""
+    exported cells CSV ``path``; see the module docstring for the rules. A label that is one of
+    ``classes`` (the class list's) in another case takes its spelling: a colleague's "Normal"
+    would be a class of its own beside "normal", its cells counted apart."""
     path = Path(path)
     layers = as_layers(cells)
     table, western = _read_labelled_rows(path)
     report = LabelImport(western=western)
+    spelled = {name.casefold(): name for name in classes}
+    for label in table["manual_label"].unique():
+        if (name := spelled.get(str(label).casefold(), label)) != label:
+            report.respelled[label] = name
+    table["manual_label"] = table["manual_label"].replace(report.respelled)
     sources = [(str(source), rows) for source, rows in table.groupby("layer", sort=False)]
     found = {}  # (CSV layer, given layer), by index: the label id of each row's cell there, or -1
     kin = {}  # ... and whether that layer has the CSV layer's name or image name, not only napari's number aside

@@ -179,7 +179,7 @@ class MapExport:
         # not onto a layer whose labels went to a newer segmentation of its smear (it is hidden)
         layers = [layer for layer in cells_layers(self._viewer) if carried_to(self._viewer, layer) is None]
         try:
-            report = import_manual_labels(path, layers)
+            report = import_manual_labels(path, layers, self.class_list.classes)
         except (OSError, ValueError) as error:  # LabelImportError is a ValueError
             self._refuse(f"No labels were imported: {error}")
             return
@@ -213,6 +213,9 @@ class MapExport:
         if report.unmatched:
             parts.append(f"not imported: the cells from {', '.join(map(repr, report.unmatched))} (open and segment "
                          "those smears)")
+        if report.respelled:
+            parts.append("labels in another case taken for the class list's: " + ", ".join(
+                f"{label!r} as {name!r}" for label, name in report.respelled.items()))
         if garbled:
             parts.append(f"new class{'es' if len(garbled) > 1 else ''} {', '.join(map(repr, garbled))}: where a '?' "
                          "stands for a letter the spreadsheet could not save (Excel's plain CSV keeps Western letters "
