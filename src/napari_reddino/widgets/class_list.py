@@ -93,10 +93,12 @@ class ClassList(QWidget):
         super().__init__(parent)
         self.table = QTableWidget(0, 4)
         self.table.setHorizontalHeaderLabels(["Key", "Class", "Labelled", "Predicted"])
-        for column in (LABELLED, PREDICTED):
-            self.table.horizontalHeaderItem(column).setToolTip(
-                "Every cell of the map, those cut by the image border too (the per-smear table "
-                "counts whole cells only, as at the microscope)")
+        every_cell = ("every cell of the map, those cut by the image border too (the per-smear table counts whole "
+                      "cells only, as at the microscope)")
+        self.table.horizontalHeaderItem(LABELLED).setToolTip(f"Cells labelled with this class by hand: {every_cell}")
+        self.table.horizontalHeaderItem(PREDICTED).setToolTip(
+            f"Cells the head predicts to be of this class, those labelled by hand too (the per-smear table and Select "
+            f"class take a cell's label, else its prediction): {every_cell}")
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(NAME, QHeaderView.ResizeMode.Stretch)  # the name gets the room left
