@@ -717,17 +717,17 @@ def test_a_sigterm_while_the_files_are_written_waits_for_them(smears, tmp_path, 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the signal is the system's again
 
 
-def test_a_killed_runs_temporary_results_are_removed_once_an_hour_old(smears, tmp_path, capsys):
+def test_a_killed_runs_temporary_results_are_removed_once_a_day_old(smears, tmp_path, capsys):
     """A run killed while it wrote its results (kill -9, a node lost) left hidden temporary files,
     an embeddings file's as large as the results, that no run removed. Another run writing beside
-    it now is left alone: only a file last written an hour ago is a dead run's."""
+    it now is left alone: only a file unchanged for a day is a dead run's."""
     out = tmp_path / "out"
     out.mkdir()
     old, fresh = out / ".cells.csv.k1ll3d00.tmp", out / ".cells_summary.csv.wr1t1ng0.tmp"
     old.write_bytes(b"x" * 2**20)
     fresh.write_text("being written")
-    hour_ago = time.time() - 3601
-    os.utime(old, (hour_ago, hour_ago))
+    day_ago = time.time() - 24 * 3600 - 1
+    os.utime(old, (day_ago, day_ago))
     assert main([str(smears), "--out", str(out), "--measure-only"]) == 0
     assert not old.exists() and fresh.exists()
     assert f"removed {old} (1.0 MB), left by a run killed while it wrote cells.csv" in capsys.readouterr().err

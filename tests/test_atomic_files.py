@@ -1,11 +1,12 @@
 """write_files_atomically: files that belong together are replaced together, or not at all."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from napari_reddino.atomic_files import NotReplacedError, PartlyWrittenError, write_files_atomically
+from napari_reddino.atomic_files import NotReplacedError, PartlyWrittenError, remove_leftovers, write_files_atomically
 
 
 def test_a_file_written_meanwhile_by_another_process_is_not_replaced_and_the_others_are_taken_back(tmp_path):
@@ -89,3 +90,26 @@ def test_a_leftover_that_cannot_be_removed_does_not_hide_what_failed(tmp_path, m
                                                r"cells.csv, put back, are as before$"):
         write_files_atomically(writers, all_or_none=True)
     assert (tmp_path / "cells.csv").read_bytes() == b"old"
+
+
+def test_the_old_files_a_write_keeps_to_put_back_are_no_killed_runs_leftovers(tmp_path, monkeypatch):
+    """Another run cleaning a killed run's temporary files while this one publishes: the hard
+    links to the old files keep those files' times, so they were taken for a dead run's and
+    deleted, and a failed write could not put the old files back (a new table beside an old summary)."""
+    writers = three_files(tmp_path)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in writers:
+        os.utime(path, (two_days_ago, two_days_ago))
+    replace, removed = os.replace, []
+
+    def another_run_cleaning_meanwhile(source, target):
+        if Path(target).name == "cells_summary.csv":  # the table and embeddings replaced by now
+            removed.extend(leftover for path in writers for leftover in remove_leftovers(path, older_than_s=3600))
+            raise PermissionError(13, "Permission denied")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", another_run_cleaning_meanwhile)
+    with pytest.raises(NotReplacedError, match="put back, are as before"):
+        write_files_atomically(writers, all_or_none=True)
+    assert removed == [] and {path.name: path.read_bytes() for path in tmp_path.iterdir()} == {
+        "cells.csv": b"old", "cells.npz": b"old", "cells_summary.csv": b"old"}

@@ -490,6 +490,34 @@ def test_a_lazy_pyramid_segmented_first_is_read_once_off_napari_s_thread_to_segm
     assert embeddings_of(viewer.layers[result.args[0].name]) is not None
 
 
+def test_cells_removed_or_a_failed_read_while_a_lazy_pyramid_is_read_end_the_run(viewer, widget, qtbot):
+    gate = threading.Event()
+    level = LazyLevel(imread(CHULA_1), gate=gate)
+    gate.set()
+    pyramid = viewer.add_image([level, level.array[::2, ::2]], multiscale=True, rgb=True, name="slide")
+    widget.reset_choices()
+    widget.image.value, widget.cells.value = pyramid, SEGMENT_FIRST
+    with qtbot.waitSignal(widget.embedded, timeout=RUN_TIMEOUT_MS) as result:
+        widget.run()
+    cells = viewer.layers[result.args[0].name]
+    gate.clear()
+    level.read_in.clear()
+    widget.reset_choices()
+    widget.image.value, widget.cells.value = pyramid, cells
+    with qtbot.waitSignal(widget.finished, timeout=RUN_TIMEOUT_MS):
+        widget.run()
+        qtbot.waitUntil(lambda: len(level.read_in) == 1)
+        viewer.layers.remove(cells)  # no model loaded and embedded for minutes in vain
+        gate.set()
+    assert widget.status.value == f"{cells.name!r} was removed while 'slide' was read; nothing was changed."
+    level.error = OSError("the share went away")
+    widget.reset_choices()
+    widget.image.value, widget.cells.value = pyramid, SEGMENT_FIRST
+    run(widget, qtbot)
+    assert widget.status.value == "Embedding failed: OSError: the share went away" and widget._run_button.enabled
+    assert all(setting.enabled for setting in (widget.model, widget.crop_mode, widget.every_smear))
+
+
 def test_a_multiscale_cells_layer_is_refused_with_what_to_do(viewer, widget, qtbot):
     viewer.add_image(imread(CHULA_1)[:64, :64], rgb=True, name="patch")
     labels = np.zeros((64, 64), np.int32)

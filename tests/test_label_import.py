@@ -85,6 +85,9 @@ def test_a_label_in_another_case_than_a_class_of_the_list_takes_its_spelling(sme
     assert report.respelled == {"spherocyte": "Spherocyte", "target cell": "TARGET CELL"}
     assert report.classes == ["Spherocyte", "TARGET CELL", "NA"]
     assert set(today.features["manual_label"]) == {"", "Spherocyte", "TARGET CELL", "NA"}
+    again = cells_layer(smear)  # a list holding both spellings already: a label spelled as one of them stays so
+    report = import_manual_labels(tmp_path / "cells.csv", again, classes=["spherocyte", "Spherocyte"])
+    assert report.respelled == {} and "spherocyte" in set(again.features["manual_label"])
 
 
 def test_a_label_given_since_the_export_is_kept(smear, tmp_path):

@@ -33,7 +33,9 @@ from .wording import counted, shown
 # Red cells fewer pixels across than this (Chula's are 36 px, a 20x objective's about 15) show too
 # little of their shape: a 160 x 120 px thumbnail of a Chula smear has cells of 10 px.
 SMALL_CELLS_PX = 15
-LEFTOVER_AGE_S = 3600  # a temporary file of the results this old is a killed run's (a write takes seconds)
+# A temporary file of the results unchanged this long is a killed run's: a write takes seconds, or
+# minutes for a large embeddings file on a slow share, and the files of one write are staged in turn.
+LEFTOVER_AGE_S = 24 * 3600
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C (143 for SIGTERM)
 NOTHING_WRITTEN = 3  # no smear analysed, or the files could not be written: the results in DIR are not this run's
 DEFAULT_MODEL = "reddino-small"

@@ -134,7 +134,9 @@ def _linked_aside(target: Path) -> Path | None | bool:
     if not target.exists():
         return None
     try:
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=_prefix(target), suffix=".tmp")
+        # ".old", not ".tmp": a hard link keeps the old file's times, and remove_leftovers judges
+        # a .tmp file by its age
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=_prefix(target), suffix=".old")
         os.close(fd)
         os.unlink(name)
         os.link(target, name)
@@ -168,7 +170,7 @@ def remove_leftovers(target: str | os.PathLike, *, older_than_s: float = 0.0) ->
 
     Returns each removed file with its size. Only for a writer that knows no other process
     writes ``target`` now (a training run's rank 0 for its own checkpoint), or with
-    ``older_than_s``: only files last written longer ago than a write of ``target`` takes.
+    ``older_than_s``: only files last written longer ago than any write of ``target`` takes. (The old files a write keeps to put back are named ``.old``, not these.)
     """
     target = Path(target)
     # exactly mkstemp's names for this target: its prefix, 8 random characters, the suffix
@@ -179,7 +181,7 @@ def remove_leftovers(target: str | os.PathLike, *, older_than_s: float = 0.0) ->
             if not ours.fullmatch(leftover.name) or not leftover.is_file() or leftover.is_symlink():
                 continue
             stat = leftover.stat()
-            if time.time() - stat.st_mtime <= older_than_s:  # perhaps being written
+            if older_than_s and time.time() - stat.st_mtime <= older_than_s:  # perhaps being written
                 continue
             size = stat.st_size
             leftover.unlink()

@@ -100,7 +100,7 @@ def import_manual_labels(path: str | Path, cells, classes: Sequence[str] = ()) -
     report = LabelImport(western=western)
     spelled = {name.casefold(): name for name in classes}
     for label in table["manual_label"].unique():
-        if (name := spelled.get(str(label).casefold(), label)) != label:
+        if label not in classes and (name := spelled.get(str(label).casefold(), label)) != label:
             report.respelled[label] = name
     table["manual_label"] = table["manual_label"].replace(report.respelled)
     sources = [(str(source), rows) for source, rows in table.groupby("layer", sort=False)]

@@ -423,6 +423,9 @@ class EmbedCellsWidget(JobWidget):
             self._failed_to_begin(error)
 
     def _begin_with(self, image: Image, cells: Labels | None, own: bool, pixels: np.ndarray) -> None:
+        if cells is not None and cells not in self._viewer.layers:  # while a slide's level was read
+            self._refuse(f"{cells.name!r} was removed while {image.name!r} was read; nothing was changed.")
+            return
         try:
             if own and cells is not None and not of_image(cells, image, lambda: image_digest(pixels)):
                 cells = None  # the cells of a closed image of the same name
