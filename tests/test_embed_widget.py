@@ -1036,10 +1036,10 @@ def test_the_settings_hold_for_the_whole_run_and_an_error_before_it_starts_ends_
     assert widget._batch is None and all(setting.enabled for setting in settings)
     assert widget._run_button.enabled
 
-    def unreadable(layer):  # a lazy (dask, zarr) smear whose read fails
+    def unreadable(pixels):  # a memory-mapped smear whose read fails
         raise OSError("the network drive is gone")
 
-    monkeypatch.setattr(job_widget, "smear_pixels", unreadable)
+    monkeypatch.setattr(job_widget, "check_smear", unreadable)
     with qtbot.waitSignal(widget.every_smear_done, timeout=RUN_TIMEOUT_MS):
         widget.run()
     assert widget.status.value == ("Every open smear: 0 of 2 smears embedded now (0 cells). Not embedded: '1': Embedding "

@@ -236,7 +236,7 @@ class JobWidget(QWidget):
             return
         try:
             data = smear_source(layer)
-            pixels = smear_pixels(layer) if isinstance(data, np.ndarray) else None
+            pixels = check_smear(data) if isinstance(data, np.ndarray) else None
         except ImageInputError as error:
             self._refuse(str(error))
             return
