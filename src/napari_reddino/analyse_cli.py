@@ -472,7 +472,7 @@ def _came_meanwhile(files: list[Path], note: dict | None) -> tuple[list[str], li
 def _write(table: Path, done: list, classes: list[str] | None, args: argparse.Namespace,
            overwrite: bool) -> list[Path]:
     files = _export_files(table, args.with_embeddings)
-    for file in _export_files(table, True):  # another run may be writing them: only those an hour old
+    for file in _export_files(table, True):  # another run may be writing them: only those a day unchanged
         for leftover, size in remove_leftovers(file, older_than_s=LEFTOVER_AGE_S):
             print(f"reddino-analyse: removed {shown(leftover)} ({size / 2**20:,.1f} MB), left by a run killed while it "
                   f"wrote {file.name}", file=sys.stderr, flush=True)
