@@ -113,3 +113,26 @@ def test_the_old_files_a_write_keeps_to_put_back_are_no_killed_runs_leftovers(tm
         write_files_atomically(writers, all_or_none=True)
     assert removed == [] and {path.name: path.read_bytes() for path in tmp_path.iterdir()} == {
         "cells.csv": b"old", "cells.npz": b"old", "cells_summary.csv": b"old"}
+
+
+def test_a_second_ctrl_c_while_putting_back_keeps_the_old_files_not_yet_back(tmp_path, monkeypatch):
+    """They stay beside their targets as hidden .old files to recover from (and are a killed
+    run's leftovers to a later clean-up), rather than deleted with the folder left mixed."""
+    writers = three_files(tmp_path)
+    replace = os.replace
+
+    def summary_held_then_ctrl_c(source, target):
+        if str(source).endswith(".tmp") and Path(target).name == "cells_summary.csv":
+            raise PermissionError(13, "Permission denied")
+        if str(source).endswith(".old"):
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", summary_held_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        write_files_atomically(writers, all_or_none=True)
+    kept = sorted(path.name.split(".")[1] + "." + path.name.split(".")[2] for path in tmp_path.glob(".*.old"))
+    assert kept == ["cells.csv", "cells.npz"] and all(path.read_bytes() == b"old" for path in tmp_path.glob(".*.old"))
+    monkeypatch.setattr(os, "replace", replace)
+    swept = [leftover.name for target in writers for leftover, _ in remove_leftovers(target)]
+    assert len(swept) == 2 and not list(tmp_path.glob(".*"))  # a killed run's, to a clean-up that knows no other

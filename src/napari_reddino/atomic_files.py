@@ -89,7 +89,11 @@ def write_files_atomically(writers: Mapping[str | os.PathLike, Callable[[IO[byte
                 else:
                     _publish_new(temporary, target)
             except BaseException as error:  # Ctrl-C too: what was replaced is put back all the same
-                new = _put_back(renamed, olds) if all_or_none else renamed
+                try:
+                    new = _put_back(renamed, olds) if all_or_none else renamed
+                except BaseException:  # a second Ctrl-C meanwhile: the old files not yet back stay, as .old
+                    olds.clear()
+                    raise
                 if not isinstance(error, OSError):
                     raise
                 if new:
@@ -166,22 +170,28 @@ def _put_back(renamed: list[Path], olds: dict[Path, Path | None | bool]) -> list
 
 
 def remove_leftovers(target: str | os.PathLike, *, older_than_s: float = 0.0) -> list[tuple[Path, int]]:
-    """Delete the temporary files of writes of ``target`` that a killed process left behind.
+    """Delete the files of writes of ``target`` that a killed process left behind: the new
+    file it wrote (``.tmp``) and the old one it kept to put back (``.old``, with all_or_none).
 
     Returns each removed file with its size. Only for a writer that knows no other process
     writes ``target`` now (a training run's rank 0 for its own checkpoint), or with
-    ``older_than_s``: only files last written longer ago than any write of ``target`` takes. (The old files a write keeps to put back are named ``.old``, not these.)
+    ``older_than_s``: only files untouched for longer than any write of ``target`` takes. An
+    ``.old`` file is a hard link, which keeps the old file's modification time: its age is that
+    of the link (its inode's change time), and where that is not known (Windows) it stays.
     """
     target = Path(target)
     # exactly mkstemp's names for this target: its prefix, 8 random characters, the suffix
-    ours = re.compile(re.escape(_prefix(target)) + r"[a-z0-9_]{8}\.tmp")
+    ours = re.compile(re.escape(_prefix(target)) + r"[a-z0-9_]{8}\.(tmp|old)")
     removed = []
-    for leftover in target.parent.glob(f"{glob.escape(_prefix(target))}*.tmp"):
+    for leftover in target.parent.glob(f"{glob.escape(_prefix(target))}*"):
         try:
-            if not ours.fullmatch(leftover.name) or not leftover.is_file() or leftover.is_symlink():
+            if not (match := ours.fullmatch(leftover.name)) or not leftover.is_file() or leftover.is_symlink():
                 continue
             stat = leftover.stat()
-            if older_than_s and time.time() - stat.st_mtime <= older_than_s:  # perhaps being written
+            if match[1] == "old" and older_than_s and os.name == "nt":  # st_ctime: the file's creation there
+                continue
+            changed = stat.st_ctime if match[1] == "old" else stat.st_mtime
+            if older_than_s and time.time() - changed <= older_than_s:  # perhaps being written
                 continue
             size = stat.st_size
             leftover.unlink()
