@@ -69,7 +69,6 @@ from ..measurements import measure_cells
 from ..model_ids import readable_ids
 from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError, cached_hub_revision, hub_id, trained_crops
 from ..wording import counted, first_few
-from .job_widget import JobWidget, job_worker, smear_pixels
 from .cells_layer import (
     MEASURED_IMAGE,
     MEASURED_LABELS,
@@ -80,6 +79,7 @@ from .cells_layer import (
     segment_and_measure,
     unusable_pixel_size,
 )
+from .job_widget import JobWidget, job_worker, smear_pixels
 from .smear_colours import is_map_colours, own_cells
 from .smear_links import SOURCE_DIGEST, SOURCE_LAYER, level_0, of_image
 
