@@ -105,12 +105,13 @@ def black_and_white(colour: np.ndarray) -> tuple[float, float]:
     if colour.dtype == np.uint8:
         return 0.0, 255.0
     sample = subsample(colour)
-    low, high = (float(value) for value in np.percentile(sample, [_LEVEL_PERCENTILE, 100 - _LEVEL_PERCENTILE]))
+    low, nine_in_ten, high = (float(value) for value in
+                              np.percentile(sample, [_LEVEL_PERCENTILE, 90, 100 - _LEVEL_PERCENTILE]))
     counts = np.issubdtype(colour.dtype, np.integer) or (
         low >= 0 and high > 300 and np.mean(sample == np.round(sample)) >= _WHOLE_SHARE)
     if counts:
         return 0.0, float(2 ** math.ceil(math.log2(max(high, 1.0) + 1)) - 1)
-    if low >= -0.5 and np.percentile(sample, 90) <= 1.5:
+    if low >= -0.5 and nine_in_ten <= 1.5:
         return 0.0, 1.0
     if low >= -1 and high <= 300:
         return 0.0, 255.0
