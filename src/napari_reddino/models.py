@@ -147,10 +147,11 @@ def local_path(model: str | os.PathLike) -> Path:
 def local_version(model: str | os.PathLike) -> str | None:
     """A stamp that changes when a local model's files change; None for Hub models and missing paths.
 
-    It looks at every file of a model folder (its inode, size and times): a file rewritten in place (as ``save_for_hf`` and
-    safetensors' ``save_file`` do) leaves the folder's own modification time as it was, and one
-    copied in with its times kept (``cp -p``, ``rsync -t``, ``unzip``) keeps the size and
-    modification time of a twin checkpoint, but not its inode change time.
+    It looks at every file of a model folder (its inode, size and times): a file rewritten in
+    place (as ``save_for_hf`` and safetensors' ``save_file`` do) leaves the folder's own
+    modification time as it was, and one copied in with its times kept (``cp -p``, ``rsync -t``,
+    ``unzip``) keeps the size and modification time of a twin checkpoint, but not its inode
+    change time.
     """
     if hub_id(model):
         return None

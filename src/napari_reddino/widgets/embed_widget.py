@@ -218,7 +218,8 @@ class EmbedCellsWidget(JobWidget):
         self.crop_scale = ComboBox(
             label="Scale", choices=list(CROP_SCALES), value=DEFAULT_CROP_SCALE,
             tooltip="cell: each crop sized to its cell; smear: most cells share one crop size (that of a cell "
-            f"{SMEAR_SCALE_CELLS} times the median), so a crop shows its cell's size next to the others (micro- and macrocytes); "
+            f"{SMEAR_SCALE_CELLS} times the median), so a crop shows its cell's size next to the others (micro- and "
+            "macrocytes); "
             "larger cells get a larger crop.",
         )
         self.margin = FloatSpinBox(
