@@ -28,7 +28,8 @@ from napari_reddino.cell_embeddings import EmbeddedCells
 from napari_reddino.crops import CropInputError, background_colour, cell_crops, prepare_crops
 from napari_reddino.image_input import LabelsInputError
 from napari_reddino.embedding import EmbeddingCancelled, clear_embedder_cache, load_embedder, resolve_dtype
-from napari_reddino.models import CheckpointError, LoadedModel, trained_crops
+from napari_reddino.model_errors import CheckpointError
+from napari_reddino.models import LoadedModel, trained_crops
 from napari_reddino.steps import run_steps
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])

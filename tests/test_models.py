@@ -40,12 +40,10 @@ from napari_reddino.embedding import (
     resolve_device,
     resolve_dtype,
 )
+from napari_reddino.hub_files import _reporting_tqdm
+from napari_reddino.model_errors import CheckpointError, ModelNotAvailableError, UnknownModelError
 from napari_reddino.models import (
     KNOWN_MODELS,
-    CheckpointError,
-    ModelNotAvailableError,
-    UnknownModelError,
-    _reporting_tqdm,
     find_model_files,
     load_model,
     model_version,

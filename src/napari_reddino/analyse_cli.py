@@ -517,7 +517,7 @@ def _analysis(args: argparse.Namespace, dtype: str = "auto") -> SmearAnalysis:
         return SmearAnalysis(pixel_size_um=args.pixel_size_um)
     from .cell_classifier import CellClassifier  # torch and timm load only when a model runs
     from .embedding import load_embedder
-    from .models import ModelLoadError
+    from .model_errors import ModelLoadError
 
     model = args.model or _model_of_head(args.head) or DEFAULT_MODEL
     if args.model and args.head:

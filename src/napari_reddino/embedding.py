@@ -49,9 +49,9 @@ from .crops import (
     prepare_crops,
 )
 from .cell_embeddings import EmbeddedCells
+from .hub_files import DownloadProgress
+from .model_errors import DownloadCancelled
 from .models import (
-    DownloadCancelled,
-    DownloadProgress,
     LoadedModel,
     canonical_id,
     load_model,

@@ -176,7 +176,7 @@ def _prepare_command(args: argparse.Namespace) -> int:
 
 
 def _eval_command(args: argparse.Namespace) -> int:
-    from napari_reddino.models import ModelLoadError
+    from napari_reddino.model_errors import ModelLoadError
     from napari_reddino.wording import counted
 
     from .eval_data import EvalDataError

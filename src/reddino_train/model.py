@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import checkpoint_filter_fn
-from napari_reddino.models import CheckpointError as WeightsFileError
+from napari_reddino.model_errors import CheckpointError as WeightsFileError
 from napari_reddino.models import load_strict, read_weights
 from torch import nn
 from torch.utils.checkpoint import checkpoint

@@ -67,7 +67,8 @@ from ..image_input import ImageInputError
 from ..label_geometry import cells_in_pieces
 from ..measurements import measure_cells
 from ..model_ids import readable_ids
-from ..models import KNOWN_MODELS, ModelLoadError, UnknownModelError, cached_hub_revision, hub_id, trained_crops
+from ..model_errors import ModelLoadError, UnknownModelError
+from ..models import KNOWN_MODELS, cached_hub_revision, hub_id, trained_crops
 from ..wording import counted, first_few
 from .cells_layer import (
     MEASURED_IMAGE,
