@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,7 @@ class FeatureSet:
                 groups = saved.get("groups")
                 summary = DataSummary.from_dict(json.loads(str(saved["summary"]))) if "summary" in saved else None
                 return cls(saved["features"], saved["targets"], tuple(saved["class_names"].tolist()), groups, summary)
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # BadZipFile: a file cut short
             return None
 
 
@@ -212,13 +213,15 @@ def random_init(embedder, seed: int = 0):
 
 
 def detect_format(root: str | os.PathLike) -> Format:
-    """``points`` when the folder holds Chula-style label files (``Label/`` or a ``.txt`` beside
-    an image), else ``crops``."""
+    """``points`` when the folder holds Chula-style label files (``Label/``, a ``.txt`` beside an
+    image, or ``../Label/<n>.txt`` for Chula's ``Dataset/`` itself), else ``crops``."""
     root = Path(root)
     if not root.is_dir():
         raise EvalDataError(not_a_folder(root))
     images = (path for path in root.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
-    has_labels = (root / LABEL_FOLDER).is_dir() or any(path.with_suffix(".txt").is_file() for path in images)
+    has_labels = (root / LABEL_FOLDER).is_dir() or any(  # Chula's Dataset/ itself, with ../Label/<n>.txt
+        path.with_suffix(".txt").is_file() or (root.parent / LABEL_FOLDER / f"{path.stem}.txt").is_file()
+        for path in images)
     return "points" if has_labels else "crops"
 
 
@@ -462,12 +465,14 @@ def points_features(
 
 
 def data_key(root: str | os.PathLike, **settings) -> str:
-    """A digest of the files under ``root`` (names, sizes, modification times) and the settings."""
+    """A digest of the images and label files under ``root`` (names, sizes, modification times)
+    and the settings; other files do not count, such as the results and feature caches of an
+    evaluation whose ``--json`` lies in the data folder, which would otherwise change the key."""
     digest = hashlib.blake2b(digest_size=8)
     root = Path(root).resolve()
     digest.update(repr((str(root), sorted(settings.items()))).encode())
     for path in sorted(root.rglob("*")):
-        if path.is_file():
+        if path.suffix.lower() in (*IMAGE_SUFFIXES, ".txt") and path.is_file():
             stat = path.stat()
             digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()

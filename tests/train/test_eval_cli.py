@@ -327,3 +327,23 @@ def test_a_split_short_of_images_names_the_files_it_could_not_read(model, tmp_pa
                  "--split", "5-fold"]) == 1  # scored on the other smear, and said
     said = capsys.readouterr()
     assert f"skipped 1 file: {data / '1.jpg'} (With a pixel size of 0.2 µm, a red cell would be 38 px across" in said.out
+
+
+def test_chula_dataset_folder_is_read_as_points_and_a_json_inside_it_keeps_its_cache(model, tmp_path, capsys):
+    """--data Chula/Dataset (labels in ../Label) is the points layout, and results and caches
+    written into the data folder do not make the next run's cache stale; a cache cut short is
+    computed again."""
+    dataset, labels = tmp_path / "chula" / "Dataset", tmp_path / "chula" / "Label"
+    dataset.mkdir(parents=True), labels.mkdir()
+    shutil.copy(CHULA / "1.jpg", dataset), shutil.copy(CHULA / "1.txt", labels)
+    args = ["eval", str(model), "--data", str(dataset), "--no-cls", "--with-measurements", "--split", "5-fold",
+            "--json", str(dataset / "eval.json"), "--overwrite"]
+    assert main(args) == 0
+    assert json.loads((dataset / "eval.json").read_text())["format"] == "points"
+    assert "features from the cache" not in capsys.readouterr().out
+    assert main(args) == 0
+    assert "features from the cache: measurements" in capsys.readouterr().out
+    cache = dataset / "eval.measurements.npz"
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    assert main(args) == 0
+    assert "features from the cache" not in capsys.readouterr().out
