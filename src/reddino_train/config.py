@@ -312,9 +312,12 @@ def _with_keys_added_later(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return data
 
 
-# What a folder keeps, not how the run trains: a run from before it existed, resumed with a recipe
-# that sets it, has not changed its settings.
-NOT_TRAINING_SETTINGS = ("train.keep_checkpoints",)
+# How a run is looked after, not how it trains: a resume that changes them (more loader workers on
+# another node, a checkpoint every 30 minutes before a scheduler's limit, a recipe that sets
+# keep_checkpoints resuming a run from before it existed) has not changed the run's settings.
+# The loader workers change no crop (each sample's augmentations are seeded by its position).
+NOT_TRAINING_SETTINGS = ("train.keep_checkpoints", "train.num_workers", "train.log_every", "train.checkpoint_every",
+                         "train.checkpoint_minutes")
 
 
 def changed_settings(before: TrainConfig, after: TrainConfig) -> list[str]:

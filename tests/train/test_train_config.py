@@ -7,6 +7,7 @@ import yaml
 from reddino_train.config import (
     ConfigError,
     TrainConfig,
+    changed_settings,
     check_architecture,
     config_from_dict,
     config_to_dict,
@@ -287,3 +288,14 @@ def test_cpu_small_recipe_builds_its_narrow_vit():
     vit = build_student(load_config("reddino-cpu-small")).backbone.vit
     assert vit.patch_embed.patch_size == (8, 8) and vit.embed_dim == 192 and len(vit.blocks) == 6
     assert vit.blocks[0].attn.num_heads == 3 and vit.patch_embed.grid_size == (6, 6)
+
+
+def test_a_resume_that_changes_how_the_run_is_looked_after_changes_none_of_its_settings():
+    """Loader workers, log rows and checkpoint times differ from node to node and scheduler to
+    scheduler; a change to them is no change to the training, named in no warning."""
+    run = load_config("tiny")
+    looked_after = load_config("tiny", ["train.num_workers=4", "train.log_every=5", "train.checkpoint_every=7",
+                                        "train.checkpoint_minutes=30", "train.keep_checkpoints=2"])
+    assert changed_settings(run, looked_after) == []
+    assert changed_settings(run, load_config("tiny", ["train.num_workers=4", "train.batch_size_per_gpu=3"])) == [
+        f"train.batch_size_per_gpu: {run.train.batch_size_per_gpu} -> 3"]
