@@ -2,19 +2,22 @@
 
 from importlib import import_module
 
-from .cell_embeddings import embeddings_of
-from .cell_export import export_cells_csv
-from .cell_lookup import cells_at_points
-from .image_input import ImageInputError
-from .label_import import import_manual_labels
-from .measurements import measure_cells
-from .segmentation import estimate_cell_diameter, iter_segment_cells, segment_cells
-from .smear_summary import summarise_smears
-
 __version__ = "0.1.0"
 
-# Imported on first use: they pull in torch or umap, which segmentation alone does not need.
+# Each imported on first use, so that a command that needs one part of the package (reddino-train,
+# reddino-analyse --help, a widget) does not wait for the others: torch and umap above all, but
+# pandas and scipy.stats too (a second between them).
 _LAZY = {
+    "ImageInputError": "image_input",
+    "cells_at_points": "cell_lookup",
+    "embeddings_of": "cell_embeddings",
+    "estimate_cell_diameter": "segmentation",
+    "export_cells_csv": "cell_export",
+    "import_manual_labels": "label_import",
+    "iter_segment_cells": "segmentation",
+    "measure_cells": "measurements",
+    "segment_cells": "segmentation",
+    "summarise_smears": "smear_summary",
     "Embedder": "embedding",
     "load_embedder": "embedding",
     "list_devices": "embedding",
@@ -23,7 +26,7 @@ _LAZY = {
     "CellClassifier": "cell_classifier",
 }
 
-__all__ = [  # noqa: RUF022  (eager names, then the lazy ones)
+__all__ = [  # noqa: RUF022  (those without torch or umap first)
     "ImageInputError",
     "cells_at_points",
     "embeddings_of",
@@ -41,10 +44,14 @@ __all__ = [  # noqa: RUF022  (eager names, then the lazy ones)
     "fit_umap",
     "CellClassifier",
 ]
-assert set(_LAZY) <= set(__all__)
+assert set(_LAZY) == set(__all__)
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -19,11 +19,8 @@ from tqdm import tqdm
 from napari_reddino.crop_windows import CROP_MODES, CROP_SCALES, DEFAULT_MARGIN
 from napari_reddino.stop_signals import handling_signals
 
-from .checkpoint import CheckpointError
+from .choices import FORMATS, MODES
 from .config import CONFIG_NAME, ConfigError, config_to_dict, load_config, shipped_configs
-from .data import EmptyDatasetError
-from .eval_data import FORMATS
-from .prepare import MODES
 
 
 def _config_command(args: argparse.Namespace) -> int:
@@ -58,6 +55,8 @@ def _warning_line(python_show, message, category, filename, lineno, file=None, l
 def _fit_command(args: argparse.Namespace) -> int:
     from napari_reddino.wording import counted
 
+    from .checkpoint import CheckpointError
+    from .data import EmptyDatasetError
     from .distributed import LaunchError
     from .model import PretrainedWeightsError
     from .run_lock import RunFolderError
@@ -111,6 +110,7 @@ def _export_command(args: argparse.Namespace) -> int:
     from napari_reddino.crop_windows import chosen_crops
     from napari_reddino.models import trained_crops
 
+    from .checkpoint import CheckpointError
     from .export import PushError, export_teacher, push_to_hub
 
     if args.private and not args.push_to_hub:

@@ -30,7 +30,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -43,10 +43,9 @@ from .data import (
     not_a_folder,
     read_image,
 )
+from .choices import Format
 from .files import write_atomic_with
 
-Format = Literal["crops", "points"]
-FORMATS: tuple[Format, ...] = ("crops", "points")
 CHULA_CLASSES = (
     "normal", "macrocyte", "microcyte", "spherocyte", "target cell", "stomatocyte", "ovalocyte",
     "teardrop", "burr cell", "schistocyte", "uncategorised", "hypochromia", "elliptocyte",

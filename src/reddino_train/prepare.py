@@ -42,7 +42,6 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -53,12 +52,11 @@ from napari_reddino.crop_windows import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, D
 from napari_reddino.segmentation import pixel_size_refusal
 from napari_reddino.wording import shown
 
+from .choices import MODES, Mode
 from .data import EmptyDatasetError, UnreadableImageError, find_images, read_image
 from .files import write_atomic
 from .run_lock import hold_prepare_folder
 
-Mode = Literal["cells", "patches"]
-MODES: tuple[Mode, ...] = ("cells", "patches")
 INDEX_NAME, JOURNAL_NAME, SKIPPED_NAME, SETTINGS_NAME = "index.csv", "done.txt", "skipped.txt", "prepare.json"
 DIGESTS_NAME = "digests.txt"  # key and content digest per smear: beside the journal, which older versions read
 DIGEST_SPAN = 64 * 1024

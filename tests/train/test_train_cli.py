@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import threading
 
 import yaml
@@ -33,3 +35,11 @@ def test_a_command_run_from_another_thread_than_the_main_one_runs(capsys):
     worker.start()
     worker.join(60)
     assert returned == [0] and "arch: vit_small_patch14_dinov2" in capsys.readouterr().out
+
+
+def test_the_command_line_is_built_without_torch_or_pandas():
+    """reddino-train config and every --help start at once: torch, timm, pandas and scipy.stats
+    (about five seconds together on a 2-core machine) load only in the commands that use them."""
+    code = ("import sys; from reddino_train.cli import build_parser; build_parser(); "
+            "print(sorted(set(sys.modules) & {'torch', 'timm', 'pandas', 'scipy.stats'}))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
