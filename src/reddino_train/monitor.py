@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from napari_reddino.wording import counted
 
 LOG_NAME = "log.csv"
 
@@ -24,13 +25,11 @@ class CsvLog:
 
     def __init__(self, path: Path, columns: Sequence[str], resume_step: int) -> None:
         self.path, self.columns = path, list(columns)
-        kept = []
-        if path.exists():
-            with path.open(newline="") as handle:
-                kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+        kept = _whole_rows(path, resume_step) if path.exists() else []
         tmp = path.with_name(f".{path.name}.tmp")
         with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, self.columns)
+            # a column an older version logged and this one does not is left out; a new one is empty
+            writer = csv.DictWriter(handle, self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
         os.replace(tmp, path)
@@ -52,6 +51,42 @@ class CsvLog:
                     os.truncate(self.path, size)
             warnings.warn(f"step {row.get('step')} is not in {self.path} ({error.strerror or error}); "
                           "training goes on", RuntimeWarning, stacklevel=2)
+
+
+def _whole_rows(path: Path, resume_step: int) -> list[dict[str, str]]:
+    """The rows of an earlier log up to ``resume_step`` that are whole: a row cut short by a kill
+    or a power cut, or holding damaged bytes, is left out (with a warning), not the run."""
+    kept, damaged = [], 0
+    with path.open(newline="", errors="replace") as handle:
+        reader = csv.DictReader(handle)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:  # a field past the csv module's size limit (bytes of no line): the reader goes on
+                damaged += 1
+                continue
+            step = row.get("step") or ""
+            if not step.isdigit() or not all(map(_number_or_empty, row.values())):
+                damaged += 1  # too few fields (None), too many (a list of the rest) or one that is no number
+            elif int(step) <= resume_step:
+                kept.append(row)
+    if damaged:
+        warnings.warn(f"left out {counted(damaged, 'damaged row')} of {path} (cut short, or with bytes that are no "
+                      "text)", RuntimeWarning, stacklevel=3)
+    return kept
+
+
+def _number_or_empty(value: str | list | None) -> bool:
+    """A value a row of the log holds: a number, or nothing (a column added since the row was logged)."""
+    if value == "":
+        return True
+    try:
+        float(value)  # "nan" too: a metric that had none at that step
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def is_training_log(path: Path) -> bool:

@@ -22,7 +22,7 @@ from reddino_train.cli import main
 from reddino_train.config import load_config, save_config
 from reddino_train.data import EmptyDatasetError
 from reddino_train.export import export_teacher
-from reddino_train.monitor import CollapseDetector, CollapseWarning, read_log
+from reddino_train.monitor import CollapseDetector, CollapseWarning, CsvLog, read_log
 from reddino_train.losses import koleo_loss
 from reddino_train.schedules import ScheduleValues, build_schedules, scaled_lr
 from reddino_train.model import build_student
@@ -879,3 +879,14 @@ def test_a_log_row_that_cannot_be_written_is_warned_of_and_training_goes_on(smea
     with pytest.warns(RuntimeWarning, match=r"step 2 is not in .*log.csv \(No space left on device\); training goes on"):
         result = fit(load_config("tiny", [*TINY, "train.log_every=1"]), smear_images, tmp_path, max_steps=3)
     assert result.iterations_done == 3 and (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_a_log_with_damaged_rows_is_cut_back_to_its_whole_ones_on_resume(tmp_path):
+    """A row cut short by a kill, one with a NUL byte, one with too many fields, and a column an
+    older version logged: the run resumes with the whole rows up to its checkpoint."""
+    path = tmp_path / "log.csv"
+    path.write_bytes(b"step,loss,old_column\n1,0.5,9\n2,0.4,9\n3,0.\x003,9\n4,0.2,9,9\n5,0.1,9\n6,0.05,9\n5")
+    with pytest.warns(RuntimeWarning, match=r"left out 3 damaged rows of .*log.csv \(cut short"):
+        log = CsvLog(path, ["step", "loss", "entropy"], resume_step=5)
+    log.write({"step": 6, "loss": 0.25, "entropy": 1.5})
+    assert path.read_text().splitlines() == ["step,loss,entropy", "1,0.5,", "2,0.4,", "5,0.1,", "6,0.25,1.5"]
