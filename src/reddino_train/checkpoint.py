@@ -36,7 +36,7 @@ _REQUIRED = ("architecture", "config", "iteration", "student", "teacher")
 
 def architecture(cfg: TrainConfig) -> dict[str, Any]:
     """What fixes the shapes of the saved weights; a resume must match it exactly."""
-    return _weighed({
+    return _architecture_that_fits({
         "arch": cfg.model.arch,
         "depth": cfg.model.depth,
         "patch_size": cfg.model.patch_size,
@@ -48,7 +48,7 @@ def architecture(cfg: TrainConfig) -> dict[str, Any]:
     })
 
 
-def _weighed(saved: dict[str, Any]) -> dict[str, Any]:
+def _architecture_that_fits(saved: dict[str, Any]) -> dict[str, Any]:
     """An architecture without the iBOT head's settings where the DINO head serves iBOT too:
     that head has no weights, so its settings cannot make a checkpoint misfit."""
     heads = dict(saved.get("heads") or {})
@@ -167,7 +167,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     state = read_checkpoint(path, (
         f"copy the newest checkpoint the run kept, {kept[-1]}, over it to resume from step {_step(kept[-1]):,}, "
         "or restore a backup." if kept else "restore a backup, or move it away to start afresh."))
-    saved, wanted = _weighed(state["architecture"]), architecture(cfg)
+    saved, wanted = _architecture_that_fits(state["architecture"]), architecture(cfg)
     # recorded since LayerScale could be left out; an earlier checkpoint's weights say whether it had one
     saved.setdefault("layerscale", any(name.endswith(".ls1.gamma") for name in state["student"]))
     if saved != wanted:

@@ -36,7 +36,7 @@ def _config_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def _iterations(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of iterations of 1 or more")
     return int(text)
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("data_dir", metavar="DATA_DIR")
     fit.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     fit.add_argument("--out", required=True, metavar="DIR", help="output folder: config.yaml, log.csv, checkpoint.pt")
-    fit.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N iterations in all")
+    fit.add_argument("--max-steps", type=_iterations, metavar="N", help="stop after N iterations in all")
     fit.set_defaults(handler=_fit_command)
     export = commands.add_parser(
         "export",

@@ -129,8 +129,8 @@ class PackedPaths(Sequence[Path]):
 class ImageFolder(Dataset):
     """Images under ``root`` as transformed RGB images, indexed by (image index, sample seed).
 
-    A file that cannot be read is reported once (logging warning) and replaced by the next
-    readable image, so one corrupt file in a million does not stop a run.
+    A file that cannot be read is reported once by each loader process that meets it (a logging
+    warning) and replaced by the next readable image, so one corrupt file in a million does not stop a run.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable) -> None:

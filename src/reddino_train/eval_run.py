@@ -57,7 +57,7 @@ class EvalRequest:
     model: str
     data: Path
     format: Format | None = None  # None: detected from the folder
-    split: Split | None = None  # None: by image for points, 5-fold for crops
+    split: Split | None = None  # None: by image for points and crops laid out by smear, else 5-fold
     feature_sets: Sequence[str] = ("cls",)
     limit_images: int | None = None
     max_per_class: int | None = None
@@ -66,9 +66,11 @@ class EvalRequest:
     device: str = "auto"
     architecture: str | None = None  # for a bare .safetensors file
     batch_size: int | None = None
-    crop_mode: str | None = None  # how cells become model inputs; None: the plugin's default
-    crop_scale: str | None = None  # window per cell or per smear; None: the plugin's default
-    margin: float | None = None  # None: the plugin's default
+    # how cells become model inputs; each None: as the model's training cells were cut where its
+    # config records it, else the plugin's default (see ``crops``)
+    crop_mode: str | None = None
+    crop_scale: str | None = None  # window per cell or per smear
+    margin: float | None = None
     json_out: Path | None = None
     progress: bool = True
 

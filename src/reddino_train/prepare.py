@@ -148,7 +148,8 @@ class Samples:
 
 def find_smears(sources: Iterable[str | os.PathLike], out: Path, done: dict[str, str] | None = None,
                 contents: dict[str, str] | None = None) -> list[Smear]:
-    """Every image file under the sources (files count as themselves), except those in ``out``.
+    """Every image file under the sources (files given count as themselves, wherever they lie),
+    except those found in ``out``.
 
     A smear's key is its file stem, or, when another smear has that stem already (in this run
     or in ``done``, the journal's key -> source path), the stem and a hash of its path. A smear

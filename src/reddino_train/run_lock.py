@@ -52,7 +52,7 @@ class RunFolderError(RuntimeError):
 
 
 class RunFolderBusyError(RunFolderError):
-    """Another training run is writing to the output folder."""
+    """Another run (of fit, or of prepare for its folder) is writing to the output folder."""
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """Per-iteration schedules of DINOv2 pretraining: learning rate (and the last layer's),
 weight decay, teacher EMA momentum and teacher temperature.
 
-Schedules are pure functions of the iteration, so resuming needs nothing but the iteration.
+Schedules are pure functions of the iteration (the peak learning rate also of the global batch,
+and so of the number of processes), so resuming needs nothing but the iteration.
 """
 
 from __future__ import annotations

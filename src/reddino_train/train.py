@@ -1,4 +1,4 @@
-"""The DINOv2 training loop: one process, or one per rank under torchrun with DDP."""
+"""The DINOv2 training loop: one process, or one per rank under torchrun (DDP or FSDP2)."""
 
 from __future__ import annotations
 
