@@ -28,24 +28,15 @@ from skimage.measure import regionprops
 from skimage.transform import rescale
 
 from napari_reddino import cells_at_points, segment_cells
+from reddino_train.eval_data import CHULA_CLASSES, read_point_labels
 
 WHOLE_RATIO = 0.7  # a found cell this share of a normal cell's median diameter, or more, is taken as whole
-CHULA_CLASSES = [
-    "normal", "macrocyte", "microcyte", "spherocyte", "target cell", "stomatocyte", "ovalocyte",
-    "teardrop", "burr cell", "schistocyte", "uncategorised", "hypochromia", "elliptocyte",
-]
 
 
 def timed_segment(image) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
     labels = segment_cells(image)
     return labels, time.perf_counter() - start
-
-
-def read_chula_points(path: Path) -> np.ndarray:
-    if path.stat().st_size == 0:
-        return np.zeros((0, 3), int)
-    return np.loadtxt(path, dtype=int, ndmin=2)
 
 
 def chula(root: Path, limit: int | None) -> dict:
@@ -55,14 +46,14 @@ def chula(root: Path, limit: int | None) -> dict:
     seconds, count_errors = [], []
     hits, segments, interior_hits, interior_segments = 0, 0, 0, 0
     for path in images:
-        points = read_chula_points(root / "Label" / f"{path.stem}.txt")
+        points, classes = read_point_labels(root / "Label" / f"{path.stem}.txt")
         labels, dt = timed_segment(imread(path))
         seconds.append(dt)
         if len(points) == 0:
             continue
-        cell_of_point = cells_at_points(labels, points[:, [1, 0]])
+        cell_of_point = cells_at_points(labels, points)
         diameter = np.sqrt(np.bincount(labels.ravel()) * 4 / np.pi)
-        for cls, cell in zip(points[:, 2], cell_of_point):
+        for cls, cell in zip(classes, cell_of_point):
             total[cls] += 1
             found[cls] += int(cell > 0)
             diameters[cls].append(diameter[cell] if cell > 0 else 0.0)

@@ -22,6 +22,7 @@ from napari_reddino.crop_windows import valid_crops
 from .prepare import INDEX_NAME, saved_settings
 
 SEVERAL = "cut several ways"  # a run's record where its images were: no record, whatever it trains on later
+NO_RECORD = "the model records no crop settings, so the plugin cuts cells for it with its defaults"
 PATCHES = "smear patches"  # what a folder of --mode patches holds
 UNPREPARED = "images not cut by reddino-train prepare"
 
@@ -38,8 +39,8 @@ def training_crops(folders: Iterable[str | os.PathLike]) -> dict | str | None:
         return cut[0] if isinstance(cut[0], dict) else None
     if any(isinstance(way, dict) for way in cut):
         said = "; ".join(crops_in_words(way) if isinstance(way, dict) else way for way in cut)
-        warnings.warn(f"the training images were cut in {len(cut)} ways ({said}): the model records no crop "
-                      "settings, so the plugin cuts cells for it with its defaults", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"the training images were cut in {len(cut)} ways ({said}): {NO_RECORD}", RuntimeWarning,
+                      stacklevel=2)
         return SEVERAL
     return None
 

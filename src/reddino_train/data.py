@@ -79,8 +79,12 @@ def _rgb8(path: Path) -> Image.Image:
         pass
     from napari_reddino.crops import as_rgb
 
-    rgb = as_rgb(read_image(path))
-    return Image.fromarray(np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8))
+    return Image.fromarray(to_eight_bit(as_rgb(read_image(path))))
+
+
+def to_eight_bit(unit: np.ndarray) -> np.ndarray:
+    """Values in 0-1 (the plugin's crops and images) as the nearest of 256 levels."""
+    return np.clip(np.rint(unit * 255), 0, 255).astype(np.uint8)
 
 
 def _eight_bit(image: Image.Image) -> bool:

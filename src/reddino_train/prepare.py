@@ -53,7 +53,7 @@ from napari_reddino.segmentation import pixel_size_refusal
 from napari_reddino.wording import shown
 
 from .choices import MODES, Mode
-from .data import EmptyDatasetError, UnreadableImageError, find_images, read_image
+from .data import EmptyDatasetError, UnreadableImageError, find_images, read_image, to_eight_bit
 from .files import write_atomic
 from .run_lock import hold_prepare_folder
 
@@ -333,7 +333,7 @@ def _cell_samples(image: np.ndarray, settings: PrepareSettings) -> Samples:
     inside = ~cut_by_field_edge(labels, ids, boxes, fit_stain_model(image).outside_field(image))
     rows, cols = cell_centres(labels)
     centroids = np.stack([rows[ids - 1], cols[ids - 1]], axis=1)
-    pixels = np.clip(np.rint(crops[inside] * 255), 0, 255).astype(np.uint8)
+    pixels = to_eight_bit(crops[inside])
     return Samples(ids[inside].tolist(), pixels, centroids[inside], boxes[inside])
 
 
@@ -350,7 +350,7 @@ def _patch_samples(image: np.ndarray, settings: PrepareSettings) -> Samples:
         raise _Unusable(f"{rgb.shape[1]}x{rgb.shape[0]} px holds no {side} px patch")
     tops, lefts = (grid.ravel() * side for grid in np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"))
     boxes = np.stack([tops, lefts, tops + side, lefts + side], axis=1).reshape(-1, 4)
-    rgb8 = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
+    rgb8 = to_eight_bit(rgb)
     size = settings.output_size or side
     tiles = [rgb8[top : top + side, left : left + side] for top, left in boxes[:, :2]]
     if size != side:

@@ -46,7 +46,7 @@ from .config import (
     save_config,
     settings_until,
 )
-from .crop_record import SEVERAL, training_crops
+from .crop_record import NO_RECORD, SEVERAL, training_crops
 from .data import EmptyDatasetError, ImageFolder, ResumableSampler, collate_crops
 from .distributed import (
     all_gather_objects,
@@ -481,8 +481,7 @@ class Trainer:
         ways = [crops_in_words(crops) if crops else "not by reddino-train prepare --mode cells"
                 for crops in (was, self.trained_crops)]
         warnings.warn(f"resuming {self.out} on images cut otherwise than until step {self.iteration} ({ways[0]} "
-                      f"then, {ways[1]} now): the model records no crop settings, so the plugin cuts cells for it "
-                      "with its defaults", ResumeSettingsWarning, stacklevel=2)
+                      f"then, {ways[1]} now): {NO_RECORD}", ResumeSettingsWarning, stacklevel=2)
         self.trained_crops = SEVERAL
 
     def _other_world_size(self, saved: int, was: int) -> str:
