@@ -83,6 +83,15 @@ def all_gather_objects(item: Any) -> list[Any]:
     return items
 
 
+def raise_rank0_failure(failure: Exception | None) -> None:
+    """Raise rank 0's ``failure`` (an error it met; None where it met none, and on the other ranks)
+    on every rank, which would otherwise wait for rank 0 at their next collective, for ever."""
+    failure = all_gather_objects(None if failure is None else (type(failure), str(failure)))[0]
+    if failure is not None:
+        kind, message = failure
+        raise kind(message)
+
+
 def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
     """Reduce ``tensor`` in place across ranks (no-op on one process) and return it."""
     if is_distributed():

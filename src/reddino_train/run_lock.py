@@ -34,7 +34,7 @@ from typing import IO
 
 from .checkpoint import CHECKPOINT_NAME, KEPT_FOLDER, kept_checkpoints
 from .config import CONFIG_NAME, is_training_config, run_settings_files
-from .distributed import all_gather_objects, rank, world_size
+from .distributed import all_gather_objects, raise_rank0_failure, rank, world_size
 from .monitor import LOG_NAME, is_training_log
 
 try:
@@ -119,10 +119,8 @@ def _check_shared(out: Path) -> None:
             out.mkdir(parents=True, exist_ok=True)
             path.write_text("every rank of a reddino-train fit reads this at its start\n")
         except OSError as error:
-            failure = f"cannot use {out} as the output folder: {error}"
-    failure = all_gather_objects(failure)[0]  # also: rank 0 has written it
-    if failure is not None:
-        raise RunFolderError(failure)
+            failure = RunFolderError(f"cannot use {out} as the output folder: {error}")
+    raise_rank0_failure(failure)  # also: rank 0 has written it
     seen = all_gather_objects(path.is_file())
     if rank() == 0:
         path.unlink()

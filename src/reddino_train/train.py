@@ -52,6 +52,7 @@ from .distributed import (
     all_gather_objects,
     all_reduce,
     distributed_session,
+    raise_rank0_failure,
     rank,
     world_size,
 )
@@ -195,10 +196,9 @@ class Trainer:
                 self._tidy_folder(fresh)
                 self._log = CsvLog(out / LOG_NAME, LOG_COLUMNS, self.iteration)  # log.csv cut back to the checkpoint
             except OSError as error:  # a full disk or a quota: said on every rank, not rank 0 alone
-                failure = f"cannot write to the output folder {out} ({error}); make room or mend it, then run again"
-        failure = all_gather_objects(failure)[0]
-        if failure is not None:
-            raise RunFolderError(failure)
+                failure = RunFolderError(f"cannot write to the output folder {out} ({error}); make room or mend it, "
+                                         "then run again")
+        raise_rank0_failure(failure)
 
     def _tidy_folder(self, fresh: bool) -> None:
         """Rank 0, before the first step: remove an interrupted save's leftovers (and, for a fresh
@@ -379,11 +379,9 @@ class Trainer:
                 kept = (f"the checkpoint of step {self.checkpoint_step} is kept" if self.checkpoint_step is not None
                         else "no checkpoint was saved yet")
                 room = f" ({KEPT_FOLDER} holds earlier ones that can go)" if kept_checkpoints(self.out) else ""
-                failure = (f"cannot write {self.out / CHECKPOINT_NAME} at step {self.iteration} ({error}); {kept}: "
-                           f"make room{room} or mend the folder, then run again")
-        failure = all_gather_objects(failure)[0]
-        if failure is not None:
-            raise RunFolderError(failure)
+                failure = RunFolderError(f"cannot write {self.out / CHECKPOINT_NAME} at step {self.iteration} "
+                                         f"({error}); {kept}: make room{room} or mend the folder, then run again")
+        raise_rank0_failure(failure)
         self.checkpoint_step = self.iteration
 
     def _write_checkpoint(self, models: dict[str, Any], rng_states: list) -> None:
@@ -504,12 +502,9 @@ def _checkpoint_from_rank0(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     if rank() == 0:
         try:
             state = load_checkpoint(path, cfg)
-        except CheckpointError as error:  # said on every rank, which would otherwise wait for rank 0
-            failure = (type(error), str(error))
-    failure = all_gather_objects(failure)[0]
-    if failure is not None:
-        kind, message = failure
-        raise kind(message)
+        except CheckpointError as error:  # said on every rank
+            failure = error
+    raise_rank0_failure(failure)
     if world_size() == 1:
         return state
     small = all_gather_objects({key: value for key, value in state.items() if key not in WEIGHTS}
