@@ -73,14 +73,9 @@ def cell_windows(
 
 def check_crop_settings(margin: float, scale: CropScale) -> None:
     """Raise :class:`CropInputError` unless ``margin`` and ``scale`` are ones :func:`cell_windows` takes."""
-    number = not isinstance(margin, bool | np.bool_ | str | bytes) and np.ndim(margin) == 0  # a 0-d array too
-    try:
-        value = float(margin) if number else math.nan
-    except (TypeError, ValueError):
-        number, value = False, math.nan
-    if not 0 <= value <= MAX_MARGIN:
-        raise CropInputError(f"margin must be from 0 to {MAX_MARGIN:g}, a fraction of the cell's size on each side "
-                             f"(0.25: a quarter), not {margin if number else repr(margin)}.")
+    if refusal := margin_refusal(margin):
+        shown = margin if isinstance(margin, int | float) and not isinstance(margin, bool) else repr(margin)
+        raise CropInputError(f"margin {shown}: {refusal}.")
     if scale not in CROP_SCALES:
         raise CropInputError(f"Unknown crop scale {scale!r}; use one of {', '.join(CROP_SCALES)}.")
 
@@ -95,14 +90,27 @@ def chosen_crops(mode: CropMode | None = None, scale: CropScale | None = None, m
             "margin": fallback["margin"] if margin is None else margin}
 
 
+def margin_refusal(margin: object) -> str | None:
+    """Why ``margin`` is no crop margin, in words for any message (the API's, a command's option's,
+    a file's); None where it is one: a real number from 0 to :data:`MAX_MARGIN` (a 0-d array too,
+    but no flag, text or array of several)."""
+    number = not isinstance(margin, bool | np.bool_ | str | bytes) and np.ndim(margin) == 0
+    try:
+        value = float(margin) if number else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if 0 <= value <= MAX_MARGIN:
+        return None
+    return f"give a fraction of the cell's box on each side, from 0 to {MAX_MARGIN:g} (0.25: a quarter)"
+
+
 def valid_crops(crops) -> dict | None:
     """``crops`` read from a file, as a mode, scale and margin the crops take (the margin a float);
     None where it is not one."""
     if not isinstance(crops, dict) or crops.keys() != {"mode", "scale", "margin"}:
         return None
     margin = crops["margin"]
-    if (crops["mode"] not in CROP_MODES or crops["scale"] not in CROP_SCALES or isinstance(margin, bool)
-            or not isinstance(margin, int | float) or not 0 <= margin <= MAX_MARGIN):
+    if crops["mode"] not in CROP_MODES or crops["scale"] not in CROP_SCALES or margin_refusal(margin):
         return None
     return {"mode": crops["mode"], "scale": crops["scale"], "margin": float(margin)}
 

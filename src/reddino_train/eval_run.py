@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_reddino.cell_embeddings import crops_in_words
-from napari_reddino.crop_windows import MAX_MARGIN, chosen_crops
+from napari_reddino.crop_windows import chosen_crops, margin_refusal
 from napari_reddino.segmentation import pixel_size_refusal
 from napari_reddino.wording import counted
 
@@ -80,8 +80,8 @@ class EvalRequest:
         for name, value in counts.items():
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: give a whole number of 1 or more")
-        if self.margin is not None and not 0 <= self.margin <= MAX_MARGIN:
-            raise ValueError(f"--margin {self.margin}: give a fraction of the cell's box from 0 to {MAX_MARGIN:g}")
+        if self.margin is not None and (refusal := margin_refusal(self.margin)):
+            raise ValueError(f"--margin {self.margin}: {refusal}")
         if self.pixel_size_um is not None and (refusal := pixel_size_refusal(self.pixel_size_um)):
             raise ValueError(f"--pixel-size-um {self.pixel_size_um:g}: {refusal}")
         if not 0 <= self.seed < 2**32:

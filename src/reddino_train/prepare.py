@@ -48,7 +48,14 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from napari_reddino.crop_windows import DEFAULT_CROP_MODE, DEFAULT_CROP_SCALE, DEFAULT_MARGIN, MAX_MARGIN, CropMode, CropScale
+from napari_reddino.crop_windows import (
+    DEFAULT_CROP_MODE,
+    DEFAULT_CROP_SCALE,
+    DEFAULT_MARGIN,
+    CropMode,
+    CropScale,
+    margin_refusal,
+)
 from napari_reddino.segmentation import pixel_size_refusal
 from napari_reddino.wording import shown
 
@@ -109,9 +116,8 @@ class PrepareSettings:
         for option, value, largest in (("--size", self.size, MAX_SIZE), ("--patch-size", self.patch_size, MAX_PATCH)):
             if value is not None and value > largest:  # a crop of 100,000 px asked for 14.7 TB
                 raise PrepareError(f"{option} {value} px; give at most {largest:,} (RedDino's crops are 224)")
-        if not 0 <= self.margin <= MAX_MARGIN:
-            raise PrepareError(f"margin {self.margin}; give a fraction of the cell's box from 0 to {MAX_MARGIN:g} "
-                               "(0.25: a quarter)")
+        if refusal := margin_refusal(self.margin):
+            raise PrepareError(f"--margin {self.margin}: {refusal}")
         if self.pixel_size_um is not None and (refusal := pixel_size_refusal(self.pixel_size_um)):
             raise PrepareError(f"--pixel-size-um {self.pixel_size_um:g}: {refusal}")
 

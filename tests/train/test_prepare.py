@@ -173,7 +173,7 @@ def test_a_default_size_given_by_its_number_is_the_same_setting(tmp_path):
 def test_a_bad_start_writes_nothing_and_a_corrected_one_runs(sources, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["prepare", str(sources), "--out", str(out), "--margin", "-1", "--size", "32"]) == 2
-    assert "margin -1.0; give a fraction of the cell's box from 0 to 4" in capsys.readouterr().err
+    assert "--margin -1.0: give a fraction of the cell's box on each side, from 0 to 4" in capsys.readouterr().err
     assert main(["prepare", str(sources), "--out", str(out), "--size", "100000"]) == 2  # once asked for 14.7 TB
     assert "--size 100000 px; give at most 2,048 (RedDino's crops are 224)" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
