@@ -257,7 +257,8 @@ def test_labels_of_another_shape_or_type_are_refused():
     with pytest.raises(CropInputError, match=r"margin 100: give a fraction of the cell's box on each side, from 0 to "
                                              r"4 \(0.25: a quarter\)"):
         cell_crops(image, labels, margin=100)  # read as pixels: windows 200 cells wide, gigabytes for two cells
-    for margin in ("0.25", True, np.array([0.2, 0.3])):  # a typed text, a flag, an array: said, not a TypeError
+    for margin in ("0.25", True, np.array([0.2, 0.3]), 10**400):  # a typed text, a flag, an array, an integer past
+        # float's range: said, not a TypeError or an OverflowError
         with pytest.raises(CropInputError, match="from 0 to 4"):
             cell_crops(image, labels, margin=margin)
     np.testing.assert_array_equal(cell_crops(image, labels, 16, margin=np.array(0.5))[1],

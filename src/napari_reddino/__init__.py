@@ -4,9 +4,9 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-# Each imported on first use, so that a command that needs one part of the package (reddino-train,
-# reddino-analyse --help, a widget) does not wait for the others: torch and umap above all, but
-# pandas and scipy.stats too (a second between them).
+# Each imported on first use, so that what needs one part of the package (reddino-train's command
+# line, a widget) does not wait for the others: torch and umap above all, but pandas and
+# scipy.stats too (a second between them).
 _LAZY = {
     "ImageInputError": "image_input",
     "cells_at_points": "cell_lookup",

@@ -97,7 +97,7 @@ def margin_refusal(margin: object) -> str | None:
     number = not isinstance(margin, bool | np.bool_ | str | bytes) and np.ndim(margin) == 0
     try:
         value = float(margin) if number else math.nan
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # the last: an integer past float's range
         value = math.nan
     if 0 <= value <= MAX_MARGIN:
         return None

@@ -85,7 +85,8 @@ def all_gather_objects(item: Any) -> list[Any]:
 
 def raise_rank0_failure(failure: Exception | None) -> None:
     """Raise rank 0's ``failure`` (an error it met; None where it met none, and on the other ranks)
-    on every rank, which would otherwise wait for rank 0 at their next collective, for ever."""
+    on every rank, which would otherwise wait for rank 0 at their next collective, for ever. The
+    error is made again from its type and message, so it must be one that takes its message alone."""
     failure = all_gather_objects(None if failure is None else (type(failure), str(failure)))[0]
     if failure is not None:
         kind, message = failure

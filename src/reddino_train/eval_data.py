@@ -88,7 +88,7 @@ class FeatureSet:
                 groups = saved.get("groups")
                 summary = DataSummary.from_dict(json.loads(str(saved["summary"]))) if "summary" in saved else None
                 return cls(saved["features"], saved["targets"], tuple(saved["class_names"].tolist()), groups, summary)
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # BadZipFile: a file cut short
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # the last two: a file cut short
             return None
 
 
@@ -464,14 +464,17 @@ def points_features(
 
 
 def data_key(root: str | os.PathLike, **settings) -> str:
-    """A digest of the images and label files under ``root`` (names, sizes, modification times)
-    and the settings; other files do not count, such as the results and feature caches of an
-    evaluation whose ``--json`` lies in the data folder, which would otherwise change the key."""
+    """A digest of the images and label files under ``root`` (names, sizes, modification times),
+    and in the ``Label/`` beside it (Chula's ``Dataset/`` given as the data), and the settings;
+    other files do not count, such as the results and feature caches of an evaluation whose
+    ``--json`` lies in the data folder, which would otherwise change the key."""
     digest = hashlib.blake2b(digest_size=8)
     root = Path(root).resolve()
     digest.update(repr((str(root), sorted(settings.items()))).encode())
-    for path in sorted(root.rglob("*")):
+    beside = root.parent / LABEL_FOLDER
+    labels_beside = sorted(beside.glob("*.txt")) if settings.get("format") == "points" and beside.is_dir() else []
+    for path in [*sorted(root.rglob("*")), *labels_beside]:
         if path.suffix.lower() in (*IMAGE_SUFFIXES, ".txt") and path.is_file():
             stat = path.stat()
-            digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{path.relative_to(root.parent)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()

@@ -331,8 +331,8 @@ def test_a_split_short_of_images_names_the_files_it_could_not_read(model, tmp_pa
 
 def test_chula_dataset_folder_is_read_as_points_and_a_json_inside_it_keeps_its_cache(model, tmp_path, capsys):
     """--data Chula/Dataset (labels in ../Label) is the points layout, and results and caches
-    written into the data folder do not make the next run's cache stale; a cache cut short is
-    computed again."""
+    written into the data folder do not make the next run's cache stale, while a label changed in
+    ../Label does; a cache cut short, or empty, is computed again."""
     dataset, labels = tmp_path / "chula" / "Dataset", tmp_path / "chula" / "Label"
     dataset.mkdir(parents=True), labels.mkdir()
     shutil.copy(CHULA / "1.jpg", dataset), shutil.copy(CHULA / "1.txt", labels)
@@ -344,6 +344,10 @@ def test_chula_dataset_folder_is_read_as_points_and_a_json_inside_it_keeps_its_c
     assert main(args) == 0
     assert "features from the cache: measurements" in capsys.readouterr().out
     cache = dataset / "eval.measurements.npz"
-    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    for cut_short in (cache.read_bytes()[: cache.stat().st_size // 2], b""):
+        cache.write_bytes(cut_short)
+        assert main(args) == 0
+        assert "features from the cache" not in capsys.readouterr().out
+    (labels / "1.txt").write_text((labels / "1.txt").read_text().replace(" 0\n", " 1\n", 1))  # a label mended
     assert main(args) == 0
     assert "features from the cache" not in capsys.readouterr().out
