@@ -131,9 +131,11 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     alpha = overlay_alpha(widget, cells, ids)
     np.testing.assert_allclose(alpha[inside], SMEAR_FILL_ALPHA, rtol=1e-5)
     assert np.all(alpha[~inside] <= SMEAR_FILL_ALPHA * DIM_FACTOR + 1e-6)
-    # ...and so does the map: the selected points ringed, the rest faded.
+    # ...and so does the map: the selected points ringed, in their own colours at full strength,
+    # the rest faded.
     np.testing.assert_array_equal(widget.canvas.selection.data, points.data[inside])
-    assert points.opacity < 0.5
+    np.testing.assert_array_equal(widget.canvas.selection.face_color, points.face_color[inside])
+    assert points.opacity < 0.5 and widget.canvas.selection.opacity == 1
 
     # Labels: by button for the lasso, by number key for a clicked cell.
     widget.class_list.table.selectRow(widget.class_list.classes.index("spherocyte"))
@@ -253,6 +255,7 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     widget.colour_by.value = "circularity"
     np.testing.assert_allclose(points.face_color, value_colours(widget.pool.column("circularity"),
                                                                ensure_colormap("viridis")), atol=1e-6)
+    np.testing.assert_array_equal(widget.canvas.selection.face_color, points.face_color[widget.selected])  # in step
 
     # Export: written, read back column by column; an existing file is replaced only when confirmed.
     assert widget.with_summary.native.text().endswith("(_summary.csv)")  # the name it writes, as it writes it

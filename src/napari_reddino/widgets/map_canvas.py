@@ -151,19 +151,24 @@ class MapCanvas(QWidget):
         self.model.layers.selection.active = self.lasso
 
     def set_colours(self, colours: np.ndarray) -> None:
-        """Face colour of every point (a full Points update: only when the colours change)."""
+        """Face colour of every point (a full Points update: only when the colours change; the
+        selection's rings take theirs when it is shown again)."""
         if self.points is not None:
             self.points.face_color = colours
 
     def show_selection(self, selected: np.ndarray) -> None:
-        """Ring the selected points in white and fade the map's colours (one opacity, not n colours).
+        """Ring the selected points in white, in their own colours at full strength, and fade the
+        rest of the map (one opacity, not n colours).
 
         napari rebuilds every point of a layer on any per-point change (~0.1 s at 50,000 points), so
-        a selection only replaces the rings' positions and the big layer's opacity.
+        a selection only replaces the small layer of rings (positions and colours: 13 ms for 36,000
+        selected points) and the big layer's opacity.
         """
         if self.points is None:
             return
         self.selection.data = self.points.data[selected]
+        if selected.any():  # napari takes no colours for no points (it warns, and whitens them)
+            self.selection.face_color = self.points.face_color[selected]
         self.points.opacity = MAP_DIM_OPACITY if selected.any() else 1.0
 
     def centre_on(self, index: int) -> None:
