@@ -4,7 +4,7 @@
 
 With ``--model`` (anything load_embedder takes; a Hub name needs the Hub), the Cell map is shown
 too: two Chula smears embedded and mapped, half of their annotated cells labelled with the
-annotators' classes, the head trained, and a lasso drawn around the cells it calls target cells;
+annotators' classes, the head trained, and its target cells selected with Select class;
 ``reddino-analyse --galleries`` on smear 26 with that head; and the gallery of the cells
 labelled as target cells.
 """
@@ -16,9 +16,8 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from qtpy.QtCore import QEventLoop, Qt
+from qtpy.QtCore import QEventLoop, QPoint, Qt
 from qtpy.QtWidgets import QApplication, QScrollArea, QSplitter
-from scipy.spatial import ConvexHull, QhullError
 from skimage.io import imread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,17 +97,12 @@ def labelled_map(model: str, window: tuple[int, int]):
 
 def cell_map_view(model: str, path: Path, panel_path: Path, head_path: Path) -> None:
     """Two Chula smears embedded, mapped, half their annotated cells labelled, the head trained
-    (and saved at ``head_path``), and the cells it calls target cells lassoed on the map."""
+    (and saved at ``head_path``), and its target cells selected (their label, else their
+    prediction), as Select class does."""
     viewer, cell_map = labelled_map(model, (1800, 1100))
     cell_map.train()
-    xy = cell_map.canvas.points.data
-    targets = xy[cell_map.pool.column("predicted_class", "") == "target cell"]
-    try:
-        hull = ConvexHull(targets)
-    except (QhullError, ValueError) as error:  # fewer than 3 target cells, or all on one line
-        raise SystemExit(f"The head predicts {len(targets)} target cells, too few to lasso (or all in a line): use a "
-                         "model that separates them (RedDino, or a longer reddino-train run).") from error
-    cell_map.canvas.select_polygon(targets[hull.vertices])
+    cell_map.select_class("target cell")
+    cell_map.class_list.table.clearSelection()  # a chosen row's highlight would hide its colour
     for layer in viewer.layers:  # smear 26 with its map colours
         layer.visible = "26" in layer.name and not layer.name.endswith(" cells")
     viewer.layers.selection.active = next(layer for layer in viewer.layers if layer.visible and "map" in layer.name)
@@ -116,8 +110,10 @@ def cell_map_view(model: str, path: Path, panel_path: Path, head_path: Path) -> 
     viewer.reset_view()
     QApplication.processEvents()
     viewer.screenshot(str(path), canvas_only=False)
+    cell_map.findChild(QSplitter).setSizes([150, 850])  # the per-smear table from its header, then the buttons
+    QApplication.processEvents()
     scroll = cell_map.findChild(QScrollArea)
-    scroll.verticalScrollBar().setValue(scroll.verticalScrollBar().maximum())  # the per-smear table
+    scroll.verticalScrollBar().setValue(cell_map.smear_table.mapTo(scroll.widget(), QPoint(0, 0)).y())
     QApplication.processEvents()
     scroll.grab().save(str(panel_path))
     cell_map.save_head(head_path)  # after the pictures: the status line keeps what training said
