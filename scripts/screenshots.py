@@ -102,6 +102,9 @@ def cell_map_view(model: str, path: Path, panel_path: Path, head_path: Path) -> 
     viewer, cell_map = labelled_map(model, (1800, 1100))
     cell_map.train()
     cell_map.select_class("target cell")
+    if not cell_map.selected.any():
+        raise SystemExit("No cell is a target cell, by hand or by the head: use a model that separates them "
+                         "(RedDino, or a longer reddino-train run).")
     cell_map.class_list.table.clearSelection()  # a chosen row's highlight would hide its colour
     for layer in viewer.layers:  # smear 26 with its map colours
         layer.visible = "26" in layer.name and not layer.name.endswith(" cells")
@@ -116,7 +119,7 @@ def cell_map_view(model: str, path: Path, panel_path: Path, head_path: Path) -> 
     scroll.verticalScrollBar().setValue(cell_map.smear_table.mapTo(scroll.widget(), QPoint(0, 0)).y())
     QApplication.processEvents()
     scroll.grab().save(str(panel_path))
-    cell_map.save_head(head_path)  # after the pictures: the status line keeps what training said
+    cell_map.save_head(head_path)
     viewer.close()
 
 

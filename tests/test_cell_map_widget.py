@@ -134,7 +134,8 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     # ...and so does the map: the selected points ringed, in their own colours at full strength,
     # the rest faded.
     np.testing.assert_array_equal(widget.canvas.selection.data, points.data[inside])
-    np.testing.assert_array_equal(widget.canvas.selection.face_color, points.face_color[inside])
+    np.testing.assert_array_equal(widget.canvas.selection.face_color[:, :3], points.face_color[inside, :3])
+    assert np.all(widget.canvas.selection.face_color[:, 3] == 1) and (points.face_color[inside, 3] < 1).any()
     assert points.opacity < 0.5 and widget.canvas.selection.opacity == 1
 
     # Labels: by button for the lasso, by number key for a clicked cell.
@@ -255,7 +256,8 @@ def test_the_whole_journey_on_real_smears(viewer, qtbot, tiny_folder, tmp_path, 
     widget.colour_by.value = "circularity"
     np.testing.assert_allclose(points.face_color, value_colours(widget.pool.column("circularity"),
                                                                ensure_colormap("viridis")), atol=1e-6)
-    np.testing.assert_array_equal(widget.canvas.selection.face_color, points.face_color[widget.selected])  # in step
+    np.testing.assert_array_equal(widget.canvas.selection.face_color[:, :3],
+                                  points.face_color[widget.selected, :3])  # in step
 
     # Export: written, read back column by column; an existing file is replaced only when confirmed.
     assert widget.with_summary.native.text().endswith("(_summary.csv)")  # the name it writes, as it writes it

@@ -157,18 +157,20 @@ class MapCanvas(QWidget):
             self.points.face_color = colours
 
     def show_selection(self, selected: np.ndarray) -> None:
-        """Ring the selected points in white, in their own colours at full strength, and fade the
-        rest of the map (one opacity, not n colours).
+        """Ring the selected points in white, filled with their own colours made opaque (an
+        unlabelled cell's grey too, as the smears show a selection), and fade the rest of the map
+        (one opacity, not n colours).
 
         napari rebuilds every point of a layer on any per-point change (~0.1 s at 50,000 points), so
-        a selection only replaces the small layer of rings (positions and colours: 13 ms for 36,000
-        selected points) and the big layer's opacity.
+        a selection replaces only the layer of rings (positions, then colours: 10-55 ms more than
+        the positions alone for 5-100 % of 52,000 points; benchmarks/RESULTS.md) and the big
+        layer's opacity.
         """
         if self.points is None:
             return
         self.selection.data = self.points.data[selected]
         if selected.any():  # napari takes no colours for no points (it warns, and whitens them)
-            self.selection.face_color = self.points.face_color[selected]
+            self.selection.face_color = self.points.face_color[selected] * [1, 1, 1, 0] + [0, 0, 0, 1]
         self.points.opacity = MAP_DIM_OPACITY if selected.any() else 1.0
 
     def centre_on(self, index: int) -> None:
